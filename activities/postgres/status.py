@@ -1,0 +1,90 @@
+"""Reading a PostgreSQL node's replication state: role, timeline, LSNs, lag.
+
+Plain functions, used by the health activities on a regional worker and by
+``eagle-dr status`` on an operator's machine alike.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from pydantic import BaseModel
+
+from eagle_dr.config import PostgresConfig
+
+
+class ReplicaLink(BaseModel):
+    application_name: str
+    state: str | None
+    sync_state: str | None
+    sent_lsn: str | None
+    replay_lsn: str | None
+    lag_bytes: int | None
+    replay_lag_seconds: float | None
+    slot_name: str | None = None
+
+
+class PgStatus(BaseModel):
+    reachable: bool
+    error: str | None = None
+    role: str | None = None  # "primary" | "standby"
+    timeline: int | None = None
+    # primary: current write LSN; standby: last replayed LSN
+    lsn: str | None = None
+    receive_lsn: str | None = None
+    # standby side: who it streams from and in what state
+    upstream: str | None = None
+    receiver_status: str | None = None
+    replay_delay_seconds: float | None = None
+    # primary side: its standbys
+    replicas: list[ReplicaLink] = []
+    read_only: bool | None = None
+
+
+def connect(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None) -> psycopg.Connection:
+    return psycopg.connect(cfg.dsn(dbname), connect_timeout=max(1, int(timeout)), autocommit=True)
+
+
+_PRIMARY_SQL = """
+select pg_current_wal_lsn()::text,
+       ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int,
+       current_setting('default_transaction_read_only') = 'on'
+"""
+
+_REPLICAS_SQL = """
+select r.application_name, r.state, r.sync_state, r.sent_lsn::text, r.replay_lsn::text,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn)::bigint,
+       extract(epoch from r.replay_lag)::float8,
+       s.slot_name
+from pg_stat_replication r
+left join pg_replication_slots s on s.active_pid = r.pid
+order by r.application_name
+"""
+
+_STANDBY_SQL = """
+select pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text,
+       extract(epoch from clock_timestamp() - pg_last_xact_replay_timestamp())::float8,
+       (select status from pg_stat_wal_receiver),
+       (select received_tli from pg_stat_wal_receiver),
+       (select sender_host || ':' || sender_port from pg_stat_wal_receiver),
+       (select timeline_id from pg_control_checkpoint())
+"""
+
+
+def pg_status(cfg: PostgresConfig, timeout: float = 3.0) -> PgStatus:
+    try:
+        with connect(cfg, timeout) as conn:
+            conn.execute(f"set statement_timeout = {int(timeout * 1000)}")
+            in_recovery = conn.execute("select pg_is_in_recovery()").fetchone()[0]
+            if not in_recovery:
+                lsn, tli, ro = conn.execute(_PRIMARY_SQL).fetchone()
+                replicas = [
+                    ReplicaLink(application_name=r[0], state=r[1], sync_state=r[2], sent_lsn=r[3], replay_lsn=r[4],
+                                lag_bytes=r[5], replay_lag_seconds=r[6], slot_name=r[7])
+                    for r in conn.execute(_REPLICAS_SQL).fetchall()
+                ]
+                return PgStatus(reachable=True, role="primary", timeline=tli, lsn=lsn, replicas=replicas, read_only=ro)
+            replay, receive, delay, status, rtli, upstream, ctli = conn.execute(_STANDBY_SQL).fetchone()
+            return PgStatus(reachable=True, role="standby", timeline=rtli or ctli, lsn=replay, receive_lsn=receive,
+                            upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True)
+    except psycopg.Error as e:
+        return PgStatus(reachable=False, error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)

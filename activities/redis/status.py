@@ -1,0 +1,74 @@
+"""Reading Redis replication state and what the Sentinels believe."""
+
+from __future__ import annotations
+
+import redis
+from pydantic import BaseModel
+
+from eagle_dr.config import Endpoint, RedisConfig
+
+
+class RedisStatus(BaseModel):
+    reachable: bool
+    error: str | None = None
+    role: str | None = None  # "master" | "slave"
+    offset: int | None = None
+    replid: str | None = None
+    master: str | None = None
+    link_status: str | None = None
+    connected_replicas: int | None = None
+
+
+class SentinelView(BaseModel):
+    address: str
+    reachable: bool
+    error: str | None = None
+    master: str | None = None
+    other_sentinels: int | None = None
+    quorum_ok: bool | None = None
+    quorum_message: str | None = None
+
+
+def client(cfg: RedisConfig, timeout: float = 3.0) -> redis.Redis:
+    return redis.Redis(host=cfg.host, port=cfg.port, password=cfg.password.resolve() if cfg.password else None,
+                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
+
+
+def sentinel_client(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) -> redis.Redis:
+    # The lab's Sentinels share the data nodes' password; production may differ, which is
+    # a config field to add when a deployment needs it.
+    return redis.Redis(host=sentinel.host, port=sentinel.port,
+                       password=cfg.password.resolve() if cfg.password else None,
+                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
+
+
+def redis_status(cfg: RedisConfig, timeout: float = 3.0) -> RedisStatus:
+    try:
+        info = client(cfg, timeout).info("replication")
+    except (redis.RedisError, OSError) as e:
+        return RedisStatus(reachable=False, error=str(e) or type(e).__name__)
+    role = info.get("role")
+    master = f"{info['master_host']}:{info['master_port']}" if role == "slave" else None
+    offset = info.get("master_repl_offset") if role == "master" else info.get("slave_repl_offset")
+    return RedisStatus(reachable=True, role=role, offset=offset, replid=info.get("master_replid"), master=master,
+                       link_status=info.get("master_link_status"), connected_replicas=info.get("connected_slaves"))
+
+
+def sentinel_view(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) -> SentinelView:
+    addr = str(sentinel)
+    try:
+        c = sentinel_client(cfg, sentinel, timeout)
+        master = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", cfg.master_name)
+        info = c.execute_command("SENTINEL", "MASTER", cfg.master_name)
+        if isinstance(info, list):
+            info = dict(zip(info[::2], info[1::2]))
+        try:
+            msg = c.execute_command("SENTINEL", "CKQUORUM", cfg.master_name)
+            ok = True
+        except redis.ResponseError as e:
+            msg, ok = str(e), False
+    except (redis.RedisError, OSError) as e:
+        return SentinelView(address=addr, reachable=False, error=str(e) or type(e).__name__)
+    return SentinelView(address=addr, reachable=True, master=f"{master[0]}:{master[1]}" if master else None,
+                        other_sentinels=int(info.get("num-other-sentinels", 0)), quorum_ok=ok,
+                        quorum_message=msg if isinstance(msg, str) else str(msg))

@@ -1,0 +1,1 @@
+"""eagle-dr: cross-region disaster recovery for the Eagle Alert System on Temporal."""

@@ -1,0 +1,453 @@
+"""The region configuration: one pydantic model, validated in one place.
+
+Everything eagle-dr does is driven by this file (``config/eagle-dr.yaml`` in the lab).
+A bad file is refused as a whole with an error naming the file, the field path and the
+problem, so nothing starts on a half-understood topology.
+
+Secrets never appear here as values: only as references (an environment variable name or
+a file path) that activities resolve at the moment they connect.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "eagle-dr.yaml"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """'500ms', '30s', '5m', '1h', '30d', or a bare number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"malformed duration {value!r}")
+    if isinstance(value, (int, float)):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    raise ValueError(f"malformed duration {value!r} (expected a number and one of ms, s, m, h, d, e.g. '30s')")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Strict):
+    """Where a secret lives. Resolved inside activities, never carried in Temporal history."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SecretRef":
+        if not self.env and not self.file:
+            raise ValueError("a secret reference needs 'env' or 'file'")
+        return self
+
+    def resolve(self) -> str:
+        if self.env and os.environ.get(self.env):
+            return os.environ[self.env]
+        if self.file:
+            try:
+                return Path(self.file).read_text().strip()
+            except OSError as e:
+                raise SecretUnavailable(f"secret file {self.file}: {e.strerror}") from e
+        raise SecretUnavailable(f"environment variable {self.env} is not set")
+
+
+class SecretUnavailable(RuntimeError):
+    pass
+
+
+class Endpoint(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class PostgresConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    database: str = "eagle"
+    user: str = "postgres"
+    password: SecretRef | None = None
+    replication_user: str = "replicator"
+    # Physical slot this region's node uses when it streams from the other region.
+    slot: str | None = None
+
+    def dsn(self, dbname: str | None = None) -> str:
+        parts = [f"host={self.host}", f"port={self.port}", f"dbname={dbname or self.database}", f"user={self.user}"]
+        if self.password is not None:
+            parts.append(f"password={self.password.resolve()}")
+        return " ".join(parts)
+
+
+class RedisConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    password: SecretRef | None = None
+    master_name: str = "eagle-cache"
+    sentinels: list[Endpoint] = Field(default_factory=list)
+
+
+class S3Config(_Strict):
+    bucket: str = Field(min_length=3, max_length=63)
+    endpoint_url: str | None = None
+    region_name: str = "us-east-1"
+    access_key: SecretRef | None = None
+    secret_key: SecretRef | None = None
+
+
+class KubernetesConfig(_Strict):
+    context: str | None = None
+    # Plain HTTP API server (kmock in tests); unset means kubeconfig/in-cluster.
+    api_url: str | None = None
+    namespace: str = "eagle-alert"
+    selector: str = "app.kubernetes.io/component=microservice"
+    config_map: str = "multi-region-config"
+
+
+class DnsConfig(_Strict):
+    zone: str
+    record: str
+    value: str
+    ttl: int = Field(default=60, ge=1)
+    set_identifier: str | None = None
+
+
+class TemporalRegionConfig(_Strict):
+    task_queue: str
+
+
+class RegionConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    role: Literal["primary", "secondary"]
+    priority: int = Field(default=100, ge=0)
+    postgres: PostgresConfig
+    redis: RedisConfig
+    s3: S3Config
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    dns: DnsConfig | None = None
+    temporal: TemporalRegionConfig
+
+
+class HealthConfig(_Strict):
+    timeout: Duration = timedelta(seconds=30)
+    interval: Duration = timedelta(seconds=10)
+    failure_threshold: int = 3
+
+    @field_validator("timeout", "interval")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("must be greater than 0")
+        return v
+
+    @field_validator("failure_threshold")
+    @classmethod
+    def _threshold(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be greater than 0, got {v}")
+        return v
+
+
+class Objective(_Strict):
+    rto: Duration | None = None
+    rpo: Duration | None = None
+
+
+class ObjectivesConfig(_Strict):
+    critical: Objective = Objective(rto=timedelta(minutes=5), rpo=timedelta(seconds=30))
+    non_critical: Objective = Objective(rto=timedelta(minutes=15), rpo=timedelta(minutes=5))
+    cache: Objective = Objective(rpo=timedelta(minutes=15))
+    full_recovery: Duration = timedelta(minutes=30)
+
+
+ConflictStrategy = Literal[
+    "last-write-wins",
+    "merge-with-priority",
+    "source-priority",
+    "immutable-append-only",
+    "freshness-priority",
+]
+
+
+class TableConflictConfig(_Strict):
+    strategy: ConflictStrategy
+    key: list[str] = Field(default_factory=lambda: ["id"], min_length=1)
+    timestamp_column: str = "updated_at"
+    # merge-with-priority: field -> regions in order of preference.
+    field_priority: dict[str, list[str]] = Field(default_factory=dict)
+    # source-priority: the region whose version wins.
+    source_region: str | None = None
+    # freshness-priority: versions older than this are stale.
+    ttl: Duration | None = None
+
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> "TableConflictConfig":
+        if self.strategy == "source-priority" and not self.source_region:
+            raise ValueError("strategy 'source-priority' needs 'source_region'")
+        if self.strategy == "merge-with-priority" and not self.field_priority:
+            raise ValueError("strategy 'merge-with-priority' needs 'field_priority'")
+        if self.strategy == "freshness-priority" and self.ttl is None:
+            raise ValueError("strategy 'freshness-priority' needs 'ttl'")
+        return self
+
+
+class BackupConfig(_Strict):
+    every: Duration = timedelta(minutes=15)
+    retention: Duration = timedelta(days=30)
+
+
+class TemporalConfig(_Strict):
+    control_task_queue: str = "eagle-dr-control"
+    ui_url: str = "http://127.0.0.1:8233"
+
+
+class DevServerConfig(_Strict):
+    grpc_port: int = 7233
+    ui_port: int = 8233
+    http_port: int = 7243
+    metrics_port: int = 7244
+
+
+class LabConfig(_Strict):
+    """Ports and places of the local two-region lab. Ignored outside the lab."""
+
+    state_dir: str = ".eagle-dr"
+    os_user: str = "eagle-dr"
+    s3_port: int = 18333
+    s3_base_port: int = 18320
+    # Where each Sentinel runs: a region name, or 'witness' for the tie-breaker that
+    # survives the loss of either region.
+    sentinel_placement: list[str] = Field(default_factory=lambda: ["us-east-1", "us-west-2", "witness"])
+    app_writes_per_second: float = Field(default=20, gt=0)
+    dev_server: DevServerConfig = DevServerConfig()
+
+
+class EagleConfig(_Strict):
+    service: str = "eagle-alert"
+    regions: list[RegionConfig] = Field(min_length=2)
+    health: HealthConfig = HealthConfig()
+    objectives: ObjectivesConfig = ObjectivesConfig()
+    conflicts: dict[str, TableConflictConfig] = Field(default_factory=dict)
+    backup: BackupConfig = BackupConfig()
+    temporal: TemporalConfig = TemporalConfig()
+    lab: LabConfig = LabConfig()
+
+    @model_validator(mode="after")
+    def _topology(self) -> "EagleConfig":
+        names = [r.name for r in self.regions]
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                raise _FieldError(("regions", i, "name"), f"duplicate region {n!r}")
+            seen.add(n)
+        primaries = [r.name for r in self.regions if r.role == "primary"]
+        if not primaries:
+            raise _FieldError(("regions",), "no region has role 'primary'")
+        if len(primaries) > 1:
+            raise _FieldError(("regions",), f"more than one primary: {', '.join(primaries)}")
+        queues: dict[str, str] = {}
+        for i, r in enumerate(self.regions):
+            q = r.temporal.task_queue
+            if q in queues or q == self.temporal.control_task_queue:
+                raise _FieldError(("regions", i, "temporal", "task_queue"), f"task queue {q!r} is used twice")
+            queues[q] = r.name
+        for table, t in self.conflicts.items():
+            if t.source_region and t.source_region not in seen:
+                raise _FieldError(("conflicts", table, "source_region"), f"unknown region {t.source_region!r}")
+            for fld, order in t.field_priority.items():
+                for reg in order:
+                    if reg not in seen:
+                        raise _FieldError(("conflicts", table, "field_priority", fld), f"unknown region {reg!r}")
+        for i, place in enumerate(self.lab.sentinel_placement):
+            if place != "witness" and place not in seen:
+                raise _FieldError(("lab", "sentinel_placement", i), f"unknown region {place!r}")
+        return self
+
+    # -- lookups used everywhere -------------------------------------------------------------
+
+    @property
+    def primary(self) -> RegionConfig:
+        return next(r for r in self.regions if r.role == "primary")
+
+    @property
+    def secondary(self) -> RegionConfig:
+        return next(r for r in self.regions if r.role != "primary")
+
+    def region(self, name: str) -> RegionConfig:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise UnknownRegion(name, [r.name for r in self.regions])
+
+    def other(self, name: str) -> RegionConfig:
+        self.region(name)
+        return next(r for r in self.regions if r.name != name)
+
+    @property
+    def region_names(self) -> list[str]:
+        return [r.name for r in self.regions]
+
+
+class UnknownRegion(ValueError):
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"unknown region {name!r} (known: {', '.join(known)})")
+        self.name = name
+
+
+class _FieldError(ValueError):
+    """Raised from model validators so the error can name the exact field path."""
+
+    def __init__(self, loc: tuple, msg: str):
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used. ``problems`` is a list of (field path, message)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {path}: {msg}" if path else f"{source}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+_ENV_OVERRIDES = ("PRIMARY_REGION", "SECONDARY_REGION", "NAMESPACE", "RTO_TARGET", "RPO_TARGET")
+
+
+def _apply_env(raw: dict, env: dict[str, str], source: str) -> dict:
+    """The seed's environment overrides, applied to the raw document before validation."""
+    regions = raw.get("regions")
+    if not isinstance(regions, list):
+        return raw
+    names = [r.get("name") for r in regions if isinstance(r, dict)]
+    primary, secondary = env.get("PRIMARY_REGION"), env.get("SECONDARY_REGION")
+    for var, val in (("PRIMARY_REGION", primary), ("SECONDARY_REGION", secondary)):
+        if val and val not in names:
+            raise ConfigError(source, [(f"env {var}", f"unknown region {val!r} (known: {', '.join(map(str, names))})")])
+    if primary and secondary and primary == secondary:
+        raise ConfigError(source, [("env SECONDARY_REGION", f"same region as PRIMARY_REGION ({primary!r})")])
+    if primary or secondary:
+        for r in regions:
+            if not isinstance(r, dict):
+                continue
+            if primary:
+                r["role"] = "primary" if r.get("name") == primary else "secondary"
+            elif r.get("name") == secondary:
+                r["role"] = "secondary"
+    if env.get("NAMESPACE"):
+        for r in regions:
+            if isinstance(r, dict):
+                r.setdefault("kubernetes", {})["namespace"] = env["NAMESPACE"]
+    crit = raw.setdefault("objectives", {}).setdefault("critical", {})
+    if isinstance(crit, dict):
+        if env.get("RTO_TARGET"):
+            crit["rto"] = env["RTO_TARGET"]
+        if env.get("RPO_TARGET"):
+            crit["rpo"] = env["RPO_TARGET"]
+    return raw
+
+
+def parse_config(raw: Any, source: str = "<config>", env: dict[str, str] | None = None) -> EagleConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("", "the document must be a mapping")])
+    env = dict(os.environ) if env is None else env
+    raw = _apply_env(raw, {k: env[k] for k in _ENV_OVERRIDES if k in env}, source)
+    try:
+        return EagleConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            ctx_err = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_err, _FieldError):
+                problems.append((_path(ctx_err.loc), ctx_err.msg))
+                continue
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            problems.append((_path(loc), msg))
+        raise ConfigError(source, problems) from None
+
+
+def _resolve_paths(raw: Any, base: Path, state_dir: str) -> Any:
+    """Relative secret-file paths are relative to the config file; ``{state_dir}`` names the
+    lab's state directory, so the lab's generated secrets follow it wherever it is put."""
+    if isinstance(raw, dict):
+        out = {}
+        for k, v in raw.items():
+            if k == "file" and isinstance(v, str):
+                v = v.replace("{state_dir}", state_dir)
+                out[k] = v if os.path.isabs(v) else str((base / v).resolve())
+            else:
+                out[k] = _resolve_paths(v, base, state_dir)
+        return out
+    if isinstance(raw, list):
+        return [_resolve_paths(v, base, state_dir) for v in raw]
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> EagleConfig:
+    """Load, apply env overrides, validate. ``EAGLE_DR_CONFIG`` names the file when ``path`` is None."""
+    env_map = dict(os.environ) if env is None else env
+    p = Path(path or env_map.get("EAGLE_DR_CONFIG") or DEFAULT_CONFIG)
+    source = str(p)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(source, [("", f"cannot read file: {e.strerror}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [("", f"{where}malformed YAML: {getattr(e, 'problem', e)}")]) from None
+    base = p.resolve().parent
+    if isinstance(raw, dict):
+        lab = raw.setdefault("lab", {})
+        if isinstance(lab, dict):
+            state = env_map.get("EAGLE_DR_STATE_DIR") or lab.get("state_dir") or LabConfig().state_dir
+            lab["state_dir"] = str((base / state).resolve()) if not os.path.isabs(state) else state
+            raw = _resolve_paths(raw, base, lab["state_dir"])
+    return parse_config(raw, source, env_map)

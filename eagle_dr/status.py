@@ -1,0 +1,179 @@
+"""``eagle-dr status``: the whole topology on one screen, like ``patronictl list``.
+
+Probes every region directly from where the operator stands (not through the workers, so
+it still works when the workers or Temporal are down) and asks Temporal who is polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from datetime import datetime, timezone
+
+from pydantic import BaseModel
+
+from activities.postgres.status import PgStatus, pg_status
+from activities.redis.status import RedisStatus, SentinelView, redis_status, sentinel_view
+from activities.routing import LabRouter
+from eagle_dr.config import EagleConfig
+
+# A live worker re-polls at least every ~70 s (long poll); older than this means gone.
+POLLER_FRESH_SECONDS = 90
+
+
+class WorkerView(BaseModel):
+    task_queue: str
+    region: str
+    polling: bool
+    pollers: list[str] = []
+    last_seen_seconds: float | None = None
+    error: str | None = None
+
+
+class RegionView(BaseModel):
+    name: str
+    configured_role: str
+    postgres: PgStatus
+    redis: RedisStatus
+
+
+class TopologyStatus(BaseModel):
+    service: str
+    active_region: str | None
+    regions: list[RegionView]
+    sentinels: list[SentinelView]
+    workers: list[WorkerView]
+    temporal_address: str
+    temporal_ui: str
+    temporal_ui_reachable: bool
+
+    @property
+    def primaries(self) -> list[str]:
+        return [r.name for r in self.regions if r.postgres.role == "primary"]
+
+
+async def _pollers(address: str, queues: list[tuple[str, str, bool]]) -> list[WorkerView]:
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    from eagle_dr.temporal import connect
+
+    try:
+        client = await asyncio.wait_for(connect(address), 5)
+    except Exception as e:  # noqa: BLE001 - Temporal down is a status, not a crash
+        return [WorkerView(task_queue=q, region=r, polling=False, error=f"temporal: {e}") for q, r, _ in queues]
+    now = datetime.now(timezone.utc)
+    out = []
+    for queue, region, is_workflow in queues:
+        kind = TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW if is_workflow else TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+        try:
+            resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+                namespace=client.namespace, task_queue=TaskQueue(name=queue), task_queue_type=kind))
+        except Exception as e:  # noqa: BLE001
+            out.append(WorkerView(task_queue=queue, region=region, polling=False, error=str(e)))
+            continue
+        ages = {p.identity: (now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds() for p in resp.pollers}
+        fresh = {i: a for i, a in ages.items() if a <= POLLER_FRESH_SECONDS}
+        out.append(WorkerView(task_queue=queue, region=region, polling=bool(fresh), pollers=sorted(fresh),
+                              last_seen_seconds=min(ages.values()) if ages else None))
+    return out
+
+
+def _ui_reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/api/v1/settings", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
+    address = temporal_address or f"127.0.0.1:{cfg.lab.dev_server.grpc_port}"
+    regions = [RegionView(name=r.name, configured_role=r.role, postgres=pg_status(r.postgres, 2),
+                          redis=redis_status(r.redis, 2)) for r in cfg.regions]
+    seen, sentinels = set(), []
+    for r in cfg.regions:
+        for ep in r.redis.sentinels:
+            if str(ep) not in seen:
+                seen.add(str(ep))
+                sentinels.append(sentinel_view(r.redis, ep, 2))
+    queues = [(r.temporal.task_queue, r.name, False) for r in cfg.regions]
+    queues.append((cfg.temporal.control_task_queue, "control", True))
+    workers = asyncio.run(_pollers(address, queues))
+    return TopologyStatus(service=cfg.service, active_region=LabRouter(cfg.lab.state_dir).active_region(),
+                          regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
+                          temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=_ui_reachable(cfg.temporal.ui_url))
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render(st: TopologyStatus) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{st.service}[/]  active region: [bold cyan]{st.active_region or '?'}[/]  "
+                  f"temporal: {st.temporal_address}  UI: {st.temporal_ui} "
+                  f"({'[green]up[/]' if st.temporal_ui_reachable else '[red]down[/]'})")
+    if len(st.primaries) > 1:
+        console.print(f"[bold red]SPLIT BRAIN: writable PostgreSQL primaries in {', '.join(st.primaries)}[/]")
+
+    t = Table(title="PostgreSQL", title_justify="left")
+    for col in ("region", "role", "timeline", "lsn", "replication", "lag", "note"):
+        t.add_column(col)
+    for r in st.regions:
+        p = r.postgres
+        if not p.reachable:
+            t.add_row(r.name, "[red]DOWN[/]", "-", "-", "-", "-", p.error or "")
+            continue
+        if p.role == "primary":
+            links = ", ".join(f"{x.application_name}: {x.state}" for x in p.replicas) or "[yellow]no standby[/]"
+            lag = ", ".join(f"{_fmt_bytes(x.lag_bytes)} / {x.replay_lag_seconds or 0:.3f}s" for x in p.replicas) or "-"
+            role = "[green]primary[/]" + (" (read-only)" if p.read_only else "")
+        else:
+            links = f"from {p.upstream or '?'}: {p.receiver_status or '[red]not streaming[/]'}"
+            lag = f"replay delay {p.replay_delay_seconds:.1f}s" if p.replay_delay_seconds is not None else "-"
+            role = "standby"
+        t.add_row(r.name, role, str(p.timeline or "-"), p.lsn or "-", links, lag, "")
+    console.print(t)
+
+    t = Table(title="Redis", title_justify="left")
+    for col in ("region", "role", "offset", "master / replicas", "link"):
+        t.add_column(col)
+    for r in st.regions:
+        x = r.redis
+        if not x.reachable:
+            t.add_row(r.name, "[red]DOWN[/]", "-", x.error or "", "-")
+        elif x.role == "master":
+            t.add_row(r.name, "[green]master[/]", str(x.offset), f"{x.connected_replicas} replica(s)", "-")
+        else:
+            t.add_row(r.name, "replica", str(x.offset), f"of {x.master}", x.link_status or "-")
+    console.print(t)
+
+    t = Table(title="Sentinels", title_justify="left")
+    for col in ("sentinel", "master", "peers", "quorum"):
+        t.add_column(col)
+    for s in st.sentinels:
+        if not s.reachable:
+            t.add_row(s.address, "[red]DOWN[/]", "-", s.error or "")
+        else:
+            q = "[green]OK[/]" if s.quorum_ok else f"[red]{s.quorum_message}[/]"
+            t.add_row(s.address, s.master or "-", str(s.other_sentinels), q)
+    console.print(t)
+
+    t = Table(title="Workers", title_justify="left")
+    for col in ("task queue", "region", "polling", "pollers"):
+        t.add_column(col)
+    for w in st.workers:
+        state = "[green]yes[/]" if w.polling else f"[red]no[/] {w.error or ''}"
+        t.add_row(w.task_queue, w.region, state, ", ".join(w.pollers) or "-")
+    console.print(t)

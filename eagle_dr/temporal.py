@@ -1,0 +1,62 @@
+"""How eagle-dr talks to Temporal: one place for the connection, the data converter and
+the custom search attributes.
+
+Connection settings come from ``temporalio.envconfig`` (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE,
+TEMPORAL_API_KEY, TEMPORAL_TLS*, TEMPORAL_PROFILE, the shared temporal.toml), so the same code
+runs against the lab's dev server, a self-hosted cluster or Temporal Cloud.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+
+from temporalio.common import SearchAttributeKey
+
+# Custom search attributes: what an operator filters on in the UI
+# (e.g. `DrRunbook = "failover" AND DrOutcome = "failed"`).
+DR_RUNBOOK = SearchAttributeKey.for_keyword("DrRunbook")
+DR_SERVICE = SearchAttributeKey.for_keyword("DrService")
+DR_SOURCE_REGION = SearchAttributeKey.for_keyword("DrSourceRegion")
+DR_TARGET_REGION = SearchAttributeKey.for_keyword("DrTargetRegion")
+DR_TRIGGER = SearchAttributeKey.for_keyword("DrTrigger")
+DR_OUTCOME = SearchAttributeKey.for_keyword("DrOutcome")
+DR_EPOCH = SearchAttributeKey.for_int("DrEpoch")
+
+SEARCH_ATTRIBUTES = [DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER, DR_OUTCOME, DR_EPOCH]
+
+
+def search_attribute_flags() -> list[str]:
+    """``--search-attribute Name=Type`` arguments for ``temporal server start-dev``."""
+    types = {"KEYWORD": "Keyword", "INT": "Int", "TEXT": "Text", "BOOL": "Bool", "FLOAT": "Double"}
+    out = []
+    for key in SEARCH_ATTRIBUTES:
+        out += ["--search-attribute", f"{key.name}={types[key.indexed_value_type.name.removeprefix('INDEXED_VALUE_TYPE_')]}"]
+    return out
+
+
+def find_bin(name: str) -> str | None:
+    """The '-bin' wheels drop their executable into the environment's scripts directory."""
+    p = os.path.join(sysconfig.get_path("scripts"), name)
+    return p if os.path.exists(p) else shutil.which(name)
+
+
+def connect_config(default_address: str | None = None) -> dict:
+    from temporalio.envconfig import ClientConfig
+
+    cfg = ClientConfig.load_client_connect_config()
+    if default_address:
+        cfg.setdefault("target_host", default_address)
+    return cfg
+
+
+async def connect(default_address: str | None = None, **kwargs):
+    """A client with the pydantic data converter, configured from the environment."""
+    from temporalio.client import Client
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    cfg = connect_config(default_address)
+    cfg.update(kwargs)
+    cfg.setdefault("data_converter", pydantic_data_converter)
+    return await Client.connect(**cfg)

@@ -1,0 +1,282 @@
+"""The local two-region lab: real servers on 127.0.0.1, one state directory.
+
+Region A (the configured primary) runs the PostgreSQL primary and the Redis master;
+region B runs a streaming standby and a Redis replica. Three Sentinels (quorum 2) are
+placed per ``lab.sentinel_placement``; one S3 server holds a bucket per region. Each region
+has its own eagle-dr worker process; a control worker runs the runbooks; the sample app
+writes traffic to the active region.
+
+``kill_region`` is a real outage (kill -9); ``heal_region`` restarts what was killed
+exactly as it was, without repairing replication: that is the runbooks' job.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from activities.routing import LabRouter
+from eagle_dr.config import EagleConfig
+from lab import binaries
+from lab.osuser import LabUser, ensure_lab_user, make_dir
+from lab.postgres import PostgresNode
+from lab.processes import is_running, kill_tree, read_pid, spawn, wait_for
+from lab.redis import RedisNode, SentinelNode
+from lab.s3 import S3Server
+
+SECRETS = ("redis-password", "s3-access-key", "s3-secret-key")
+
+
+@dataclass
+class ProcessState:
+    name: str
+    region: str
+    pid: int | None
+    running: bool
+
+
+@dataclass
+class LabStatus:
+    state_dir: str
+    processes: list[ProcessState] = field(default_factory=list)
+
+    def running(self, name: str) -> bool:
+        return any(p.running for p in self.processes if p.name == name)
+
+
+class Lab:
+    def __init__(self, cfg: EagleConfig, config_path: str | None = None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.state = Path(cfg.lab.state_dir)
+        self._user: LabUser | None = None
+
+    # -- places --------------------------------------------------------------------------------
+
+    @property
+    def user(self) -> LabUser:
+        if self._user is None:
+            self._user = ensure_lab_user(self.cfg.lab.os_user)
+        return self._user
+
+    def region_dir(self, region: str) -> Path:
+        return self.state / "regions" / region
+
+    def postgres(self, region: str) -> PostgresNode:
+        r = self.cfg.region(region)
+        d = self.region_dir(region)
+        return PostgresNode(r.postgres, d / "pgdata", d / "run", self.user, region)
+
+    def secret(self, name: str) -> str:
+        return (self.state / "secrets" / name).read_text().strip()
+
+    def redis(self, region: str) -> RedisNode:
+        r = self.cfg.region(region)
+        return RedisNode(r.redis.host, r.redis.port, self.region_dir(region) / "redis", self.user,
+                         self.secret("redis-password"), region)
+
+    def sentinels(self) -> list[tuple[str, SentinelNode]]:
+        """(placement, node) for each Sentinel; addresses come from the primary's config."""
+        r = self.cfg.primary.redis
+        out = []
+        for i, (place, ep) in enumerate(zip(self.cfg.lab.sentinel_placement, r.sentinels), start=1):
+            node = SentinelNode(ep.host, ep.port, self.state / "sentinels" / str(i), self.user,
+                                self.secret("redis-password"), f"sentinel-{i}")
+            out.append((place, node))
+        return out
+
+    def s3(self) -> S3Server:
+        return S3Server(self.cfg.lab.s3_port, self.cfg.lab.s3_base_port, self.state / "s3", self.user,
+                        self.secret("s3-access-key"), self.secret("s3-secret-key"))
+
+    @property
+    def router(self) -> LabRouter:
+        return LabRouter(self.state)
+
+    def worker_pidfile(self, region: str | None) -> Path:
+        return self.state / "workers" / f"{region or 'control'}.pid"
+
+    # -- bring-up --------------------------------------------------------------------------------
+
+    def _ensure_secrets(self) -> None:
+        d = make_dir(self.state / "secrets", self.user, 0o700)
+        for name in SECRETS:
+            p = d / name
+            if not p.exists():
+                p.write_text(secrets.token_urlsafe(24) + "\n")
+                os.chmod(p, 0o600)
+                self.user.own(p)
+
+    def up_servers(self) -> None:
+        """PostgreSQL, Redis, Sentinels, S3: everything but Temporal, workers and traffic."""
+        binaries.ensure("postgres", "redis-server", "redis-sentinel")
+        make_dir(self.state, self.user, 0o755)
+        self._ensure_secrets()
+        a, b = self.cfg.primary, self.cfg.secondary
+        for r in (a, b):
+            make_dir(self.region_dir(r.name), self.user, 0o755)
+        pa, pb = self.postgres(a.name), self.postgres(b.name)
+        if (pa.data_dir / "PG_VERSION").exists() and (pb.data_dir / "PG_VERSION").exists():
+            # An existing lab: bring back what is down, as it was (never re-clone).
+            pa.start()
+            pb.start()
+        else:
+            pa.init_primary()
+            pb.clone_standby_of(pa)
+        ra, rb = self.redis(a.name), self.redis(b.name)
+        ra.start()
+        rb.start(replica_of=(a.redis.host, a.redis.port))
+        for _place, s in self.sentinels():
+            if not s.conf.exists():
+                s.write_config(a.redis.master_name, (a.redis.host, a.redis.port), quorum=2, down_after_ms=5000)
+            s.start()
+        s3 = self.s3()
+        s3.start()
+        for r in self.cfg.regions:
+            s3.ensure_bucket(r.s3.bucket)
+        if self.router.active_region() is None:
+            self.router.set_active_region(a.name, epoch=0)
+
+    def wait_replication(self, timeout: float = 60) -> None:
+        """Until the standby streams and the Redis replica is linked and the Sentinels see each other."""
+        from activities.postgres.status import pg_status
+        from activities.redis.status import redis_status, sentinel_view
+
+        a, b = self.cfg.primary, self.cfg.secondary
+
+        def streaming() -> bool:
+            st = pg_status(a.postgres)
+            return st.role == "primary" and any(x.state == "streaming" for x in st.replicas)
+
+        wait_for(streaming, timeout, f"{b.name} PostgreSQL to stream from {a.name}")
+        wait_for(lambda: redis_status(b.redis).link_status == "up", timeout, f"{b.name} Redis replica link")
+        wait_for(lambda: all((v := sentinel_view(a.redis, ep)).quorum_ok and v.other_sentinels == len(a.redis.sentinels) - 1
+                             for ep in a.redis.sentinels), timeout, "Sentinels to discover each other", 0.5)
+
+    def start_worker(self, region: str | None) -> int:
+        pidfile = self.worker_pidfile(region)
+        pid = read_pid(pidfile)
+        if is_running(pid):
+            return pid  # type: ignore[return-value]
+        argv = [sys.executable, "-m", "eagle_dr.cli"] + (["--config", self.config_path] if self.config_path else [])
+        argv += ["worker"] + (["--region", region] if region else ["--control"])
+        env = {**os.environ, "EAGLE_DR_STATE_DIR": str(self.state), "EAGLE_DR_LOG_FORMAT": "json"}
+        return spawn(argv, pidfile=pidfile, logfile=self.state / "workers" / f"{region or 'control'}.log", env=env)
+
+    def start_workers(self) -> None:
+        for r in self.cfg.regions:
+            self.start_worker(r.name)
+        self.start_worker(None)
+
+    def start_app(self) -> int:
+        pidfile = self.state / "app" / "app.pid"
+        pid = read_pid(pidfile)
+        if is_running(pid):
+            return pid  # type: ignore[return-value]
+        argv = [sys.executable, "-m", "lab.app"] + (["--config", self.config_path] if self.config_path else [])
+        env = {**os.environ, "EAGLE_DR_STATE_DIR": str(self.state), "EAGLE_DR_LOG_FORMAT": "json"}
+        return spawn(argv, pidfile=pidfile, logfile=self.state / "app" / "app.log", env=env)
+
+    def stop_app(self) -> None:
+        pid = read_pid(self.state / "app" / "app.pid")
+        if is_running(pid):
+            kill_tree(pid, sig=15)
+            wait_for(lambda: not is_running(pid), 15, "sample app to stop")
+
+    # -- outages ---------------------------------------------------------------------------------
+
+    def kill_region(self, region: str) -> list[str]:
+        """kill -9 the region's PostgreSQL, Redis, Sentinels placed there, and its worker."""
+        self.cfg.region(region)
+        killed = []
+        if self.postgres(region).kill():
+            killed.append("postgres")
+        if self.redis(region).kill():
+            killed.append("redis")
+        for place, s in self.sentinels():
+            if place == region and s.kill():
+                killed.append(s.name)
+        if kill_tree(read_pid(self.worker_pidfile(region))):
+            killed.append("worker")
+        return killed
+
+    def heal_region(self, region: str) -> list[str]:
+        """Restart what kill_region stopped, with its configuration unchanged."""
+        self.cfg.region(region)
+        started = []
+        pg = self.postgres(region)
+        if not pg.running():
+            pg.start()
+            started.append("postgres")
+        rd = self.redis(region)
+        if not rd.running():
+            rd.start()
+            started.append("redis")
+        for place, s in self.sentinels():
+            if place == region and not s.running():
+                s.start()
+                started.append(s.name)
+        if not is_running(read_pid(self.worker_pidfile(region))):
+            self.start_worker(region)
+            started.append("worker")
+        return started
+
+    # -- teardown and status ---------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Stop every lab process (workers and app first, so they don't log storms of errors)."""
+        stopped = []
+        self.stop_app()
+        for region in [*self.cfg.region_names, None]:
+            pid = read_pid(self.worker_pidfile(region))
+            if is_running(pid):
+                kill_tree(pid, sig=15)
+                try:
+                    wait_for(lambda: not is_running(pid), 20, "worker to stop")
+                except Exception:
+                    kill_tree(pid)
+                stopped.append(f"worker-{region or 'control'}")
+        for _place, s in self.sentinels() if (self.state / "secrets").exists() else []:
+            if s.kill():
+                stopped.append(s.name)
+        for r in self.cfg.regions:
+            if (self.state / "secrets").exists() and self.redis(r.name).kill():
+                stopped.append(f"redis-{r.name}")
+            pg = self.postgres(r.name)
+            if pg.running():
+                pg.stop("fast")
+                if pg.running():
+                    pg.kill()
+                stopped.append(f"postgres-{r.name}")
+        if (self.state / "secrets").exists():
+            s3 = self.s3()
+            if s3.running():
+                s3.stop()
+                stopped.append("s3")
+        return stopped
+
+    def status(self) -> LabStatus:
+        st = LabStatus(state_dir=str(self.state))
+        have_secrets = (self.state / "secrets").exists()
+        for r in self.cfg.regions:
+            pg = self.postgres(r.name)
+            st.processes.append(ProcessState("postgres", r.name, pg.pid, pg.running()))
+            if have_secrets:
+                rd = self.redis(r.name)
+                st.processes.append(ProcessState("redis", r.name, rd.pid, rd.running()))
+            wp = read_pid(self.worker_pidfile(r.name))
+            st.processes.append(ProcessState("worker", r.name, wp, is_running(wp)))
+        if have_secrets:
+            for place, s in self.sentinels():
+                st.processes.append(ProcessState(s.name, place, s.pid, s.running()))
+            s3 = self.s3()
+            st.processes.append(ProcessState("s3", "shared", s3.pid, s3.running()))
+        cp = read_pid(self.worker_pidfile(None))
+        st.processes.append(ProcessState("worker", "control", cp, is_running(cp)))
+        ap = read_pid(self.state / "app" / "app.pid")
+        st.processes.append(ProcessState("sample-app", "shared", ap, is_running(ap)))
+        return st
+

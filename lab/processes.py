@@ -1,0 +1,136 @@
+"""Starting, finding and killing the lab's server processes.
+
+The lab's servers outlive the command that started them (``eagle-dr lab up`` returns), so
+every process is tracked by a pid file. A killed process may linger as a zombie until the
+machine's init reaps it, and PostgreSQL refuses to start while its old postmaster pid is
+still in the process table, so kills wait until the pid is really gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from lab.osuser import LabUser
+
+
+class LabProcessError(RuntimeError):
+    pass
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().split("\n", 1)[0].strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_running(pid: int | None) -> bool:
+    """True for a live process; a zombie counts as dead."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(entry))
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{p}") and is_running(p) for p in pids) and not any(
+            os.path.exists(f"/proc/{p}") for p in pids
+        ):
+            return
+        time.sleep(0.05)
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
+    if any(is_running(p) for p in alive):
+        raise LabProcessError(f"processes still running after {timeout}s: {alive}")
+    # Zombies not yet reaped by init: harmless for everything but a PostgreSQL restart,
+    # which checks the old postmaster pid; callers that restart PostgreSQL remove the pid file.
+
+
+def kill_tree(pid: int | None, sig: int = signal.SIGKILL, timeout: float = 15.0) -> list[int]:
+    """Kill a process and its direct children at once, like a host losing power.
+
+    PostgreSQL backends call setsid(), so killing the process group misses them: the
+    postmaster and its ``ps --ppid`` children must be signalled together."""
+    if not pid or not is_running(pid):
+        return []
+    victims = [pid, *children(pid)]
+    for p in victims:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    if sig == signal.SIGKILL:
+        wait_gone(victims, timeout)
+    return victims
+
+
+def spawn(
+    argv: list[str],
+    *,
+    pidfile: Path,
+    logfile: Path,
+    user: LabUser | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> int:
+    """Start a long-lived process detached from the caller and return its pid.
+
+    A short-lived shell backgrounds the server and exits, so the server is re-parented to
+    init, which reaps it when it is killed; had the caller stayed its parent, a killed
+    server would stay a zombie for the caller's whole life."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pidfile.with_suffix(".spawn")
+    script = f"{shlex.join(argv)} </dev/null >>{shlex.quote(str(logfile))} 2>&1 & echo $! > {shlex.quote(str(tmp))}"
+    if user:
+        user.own(logfile, pidfile.parent)
+    subprocess.run(
+        ["sh", "-c", script], check=True, start_new_session=True, env=env, cwd=cwd,
+        **(user.popen_kwargs() if user else {}),
+    )
+    pid = int(tmp.read_text().strip())
+    tmp.unlink()
+    pidfile.write_text(f"{pid}\n")
+    return pid
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``check`` until it returns a truthy value; raise with ``what`` on deadline."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as e:  # the thing we wait for is not up yet
+            last_exc = e
+        time.sleep(interval)
+    detail = f": {last_exc}" if last_exc else ""
+    raise LabProcessError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")

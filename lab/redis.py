@@ -1,0 +1,113 @@
+"""The lab's Redis: a master in one region, a replica in the other, three Sentinels.
+
+AUTH is on everywhere (``requirepass``/``masterauth``, Sentinel ``auth-pass``), with the
+password read from the lab's secret file, so the runbooks' secret handling is exercised.
+Persistence is off, as for a cache, which is exactly why a restarted old master must not
+simply rejoin (it comes back empty): that is the runbooks' business, not the lab's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import redis
+
+from lab import binaries
+from lab.osuser import LabUser, make_dir
+from lab.processes import is_running, kill_tree, read_pid, wait_for
+
+
+def _write_private(path: Path, text: str, user: LabUser) -> None:
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    user.own(path)
+
+
+class RedisNode:
+    def __init__(self, host: str, port: int, directory: Path, user: LabUser, password: str, name: str):
+        self.host, self.port, self.dir, self.user, self.password, self.name = host, port, directory, user, password, name
+        self.conf = directory / "redis.conf"
+        self.pidfile = directory / "redis.pid"
+
+    @property
+    def pid(self) -> int | None:
+        return read_pid(self.pidfile)
+
+    def running(self) -> bool:
+        return is_running(self.pid)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=3,
+                           socket_connect_timeout=3, decode_responses=True)
+
+    def write_config(self, replica_of: tuple[str, int] | None) -> None:
+        make_dir(self.dir, self.user, 0o700)
+        lines = [
+            f"bind {self.host}", f"port {self.port}", "daemonize yes", f"pidfile {self.pidfile}",
+            f"logfile {self.dir / 'redis.log'}", f"dir {self.dir}", 'save ""', "appendonly no",
+            f"requirepass {self.password}", f"masterauth {self.password}",
+            # Full resyncs otherwise wait 5 s for more replicas to join.
+            "repl-diskless-sync-delay 0", "protected-mode no",
+        ]
+        if replica_of:
+            lines.append(f"replicaof {replica_of[0]} {replica_of[1]}")
+        _write_private(self.conf, "\n".join(lines) + "\n", self.user)
+
+    def start(self, replica_of: tuple[str, int] | None = None) -> None:
+        """Start with the config already written; ``replica_of`` only applies to a new config."""
+        if self.running():
+            return
+        if not self.conf.exists():
+            self.write_config(replica_of)
+        subprocess.run([binaries.ensure("redis-server")["redis-server"], str(self.conf)], check=True,
+                       capture_output=True, **self.user.popen_kwargs())
+        wait_for(lambda: self.client().ping(), 20, f"redis {self.name} on port {self.port}")
+
+    def kill(self) -> list[int]:
+        return kill_tree(self.pid)
+
+
+class SentinelNode:
+    def __init__(self, host: str, port: int, directory: Path, user: LabUser, password: str, name: str):
+        self.host, self.port, self.dir, self.user, self.password, self.name = host, port, directory, user, password, name
+        self.conf = directory / "sentinel.conf"
+        self.pidfile = directory / "sentinel.pid"
+
+    @property
+    def pid(self) -> int | None:
+        return read_pid(self.pidfile)
+
+    def running(self) -> bool:
+        return is_running(self.pid)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=3,
+                           socket_connect_timeout=3, decode_responses=True)
+
+    def write_config(self, master_name: str, master: tuple[str, int], quorum: int, down_after_ms: int) -> None:
+        make_dir(self.dir, self.user, 0o700)
+        lines = [
+            f"bind {self.host}", f"port {self.port}", "daemonize yes", f"pidfile {self.pidfile}",
+            f"logfile {self.dir / 'sentinel.log'}", f"dir {self.dir}", f"requirepass {self.password}",
+            f"sentinel monitor {master_name} {master[0]} {master[1]} {quorum}",
+            f"sentinel auth-pass {master_name} {self.password}",
+            f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
+            f"sentinel failover-timeout {master_name} 10000",
+            f"sentinel parallel-syncs {master_name} 1",
+            # Sentinels authenticate to each other with the same password.
+            f"sentinel sentinel-pass {self.password}",
+        ]
+        # Sentinel rewrites its own config file, so it must be writable by the lab user.
+        _write_private(self.conf, "\n".join(lines) + "\n", self.user)
+
+    def start(self) -> None:
+        if self.running():
+            return
+        subprocess.run([binaries.ensure("redis-sentinel")["redis-sentinel"], str(self.conf)], check=True,
+                       capture_output=True, **self.user.popen_kwargs())
+        wait_for(lambda: self.client().ping(), 20, f"sentinel {self.name} on port {self.port}")
+
+    def kill(self) -> list[int]:
+        return kill_tree(self.pid)

@@ -1,0 +1,71 @@
+"""Running a worker process: ``eagle-dr worker --region R`` or ``eagle-dr worker --control``.
+
+SIGTERM drains: the worker stops polling, lets running activities finish (up to the
+graceful timeout) and exits 0. SIGINT is handled the same way because background
+processes started from scripts inherit SIGINT as ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from eagle_dr import logs
+from eagle_dr.config import EagleConfig
+from eagle_dr.temporal import connect
+from workers.registry import WORKFLOWS, control_activities, regional_activities
+
+PASSTHROUGH = ("pydantic", "structlog", "eagle_dr", "activities", "annotated_types", "pydantic_core")
+
+
+def sandbox_runner() -> SandboxedWorkflowRunner:
+    return SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
+
+
+def build_worker(client, cfg: EagleConfig, region: str | None, executor: ThreadPoolExecutor) -> Worker:
+    if region:
+        queue = cfg.region(region).temporal.task_queue
+        return Worker(client, task_queue=queue, activities=regional_activities(cfg), activity_executor=executor,
+                      graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@{region}/{os.getpid()}")
+    return Worker(client, task_queue=cfg.temporal.control_task_queue, workflows=WORKFLOWS,
+                  activities=control_activities(cfg), activity_executor=executor, workflow_runner=sandbox_runner(),
+                  graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@control/{os.getpid()}")
+
+
+async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None) -> None:
+    log = logs.get("worker")
+    client = await connect(f"127.0.0.1:{cfg.lab.dev_server.grpc_port}")
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        worker = build_worker(client, cfg, region, executor)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: (log.info("worker.stopping", signal=s.name),
+                                                        asyncio.ensure_future(worker.shutdown())))
+        if pidfile:
+            with open(pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        log.info("worker.started", task_queue=worker.task_queue, region=region or "control",
+                 namespace=client.namespace)
+        await worker.run()
+        log.info("worker.stopped", task_queue=worker.task_queue)
+
+
+def main(cfg: EagleConfig, region: str | None, pidfile: str | None = None) -> None:
+    logs.configure("worker-" + (region or "control"))
+    code = 0
+    try:
+        asyncio.run(serve(cfg, region, pidfile))
+    except Exception as e:  # noqa: BLE001 - reported, then a non-zero exit
+        logs.get("worker").error("worker.failed", error=str(e))
+        code = 1
+    # The SDK can crash at interpreter exit (sdk-python#300); leave without running finalizers.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
