@@ -230,7 +230,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 def main() -> None:
     code = 0
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns the exit code of a ctx.exit() instead of raising.
+        rv = app(standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         code = e.exit_code
     except SystemExit as e:

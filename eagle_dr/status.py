@@ -18,6 +18,8 @@ from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig
 
 # A live worker re-polls at least every ~70 s (long poll); older than this means gone.
+# DescribeTaskQueue reports the root partition's pollers only: on a cluster with several
+# partitions per queue a live worker can be missed for a while (the lab runs one partition).
 POLLER_FRESH_SECONDS = 90
 
 
@@ -88,7 +90,7 @@ def _ui_reachable(url: str) -> bool:
         return False
 
 
-def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
+async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
     address = temporal_address or f"127.0.0.1:{cfg.lab.dev_server.grpc_port}"
     regions = [RegionView(name=r.name, configured_role=r.role, postgres=pg_status(r.postgres, 2),
                           redis=redis_status(r.redis, 2)) for r in cfg.regions]
@@ -100,10 +102,14 @@ def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologySt
                 sentinels.append(sentinel_view(r.redis, ep, 2))
     queues = [(r.temporal.task_queue, r.name, False) for r in cfg.regions]
     queues.append((cfg.temporal.control_task_queue, "control", True))
-    workers = asyncio.run(_pollers(address, queues))
+    workers = await _pollers(address, queues)
     return TopologyStatus(service=cfg.service, active_region=LabRouter(cfg.lab.state_dir).active_region(),
                           regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
                           temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=_ui_reachable(cfg.temporal.ui_url))
+
+
+def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
+    return asyncio.run(gather(cfg, temporal_address))
 
 
 def _fmt_bytes(n: int | None) -> str:

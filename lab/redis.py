@@ -52,7 +52,10 @@ class RedisNode:
             "repl-diskless-sync-delay 0", "protected-mode no",
         ]
         if replica_of:
-            lines.append(f"replicaof {replica_of[0]} {replica_of[1]}")
+            # Promotion across regions is the DR runbook's decision (fenced, epoch-stamped,
+            # in step with PostgreSQL), not Sentinel's: priority 0 keeps Sentinel from
+            # promoting this replica on its own. The runbook raises it when it promotes.
+            lines += [f"replicaof {replica_of[0]} {replica_of[1]}", "replica-priority 0"]
         _write_private(self.conf, "\n".join(lines) + "\n", self.user)
 
     def start(self, replica_of: tuple[str, int] | None = None) -> None:

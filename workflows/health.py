@@ -9,25 +9,28 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, RegionHealth
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE
+    from workflows.validation import RawInput, invalid, validated
 
 
 class RegionTarget(BaseModel):
-    name: str
-    task_queue: str
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    task_queue: str = Field(min_length=1)
 
 
 class HealthCheckInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     service: str = "eagle-alert"
     regions: list[RegionTarget]
-    probe_timeout_seconds: float = 30
+    probe_timeout_seconds: float = Field(default=30, gt=0, le=600)
 
 
 class RegionVerdict(BaseModel):
@@ -48,10 +51,10 @@ class HealthCheckResult(BaseModel):
 @workflow.defn
 class HealthCheckWorkflow:
     @workflow.run
-    async def run(self, inp: HealthCheckInput) -> HealthCheckResult:
+    async def run(self, raw: RawInput) -> HealthCheckResult:
+        inp = validated(HealthCheckInput, raw)
         if not inp.regions:
-            raise ApplicationError("regions: at least one region is required", non_retryable=True,
-                                   type="InvalidInput")
+            raise invalid("regions", "at least one region is required")
         workflow.upsert_search_attributes([DR_RUNBOOK.value_set("health-check"), DR_SERVICE.value_set(inp.service)])
         verdicts = []
         for target in inp.regions:

@@ -1,0 +1,45 @@
+# eagle-dr: everything a fresh Debian machine with only Python needs goes through here.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SYSTEM_PACKAGES := postgresql redis-server redis-sentinel prometheus-alertmanager
+BENCH_PACKAGES  := patroni etcd-server
+
+.PHONY: setup system venv lab lab-down status test bench clean
+
+setup: system venv
+
+# Debian packages for the lab's real servers (installed only when missing; needs root).
+system:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 2; fi; \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+lab: setup
+	$(BIN)/eagle-dr lab up
+
+lab-down:
+	$(BIN)/eagle-dr lab down
+
+status:
+	$(BIN)/eagle-dr status
+
+# pytest exits 5 when it collects nothing; that must not pass silently as green, nor
+# fail the run as if a test had failed: it is reported.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+clean: lab-down
+	rm -rf .eagle-dr

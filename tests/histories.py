@@ -1,0 +1,26 @@
+"""Recorded workflow histories for replay tests.
+
+Histories are recorded from real runs against the lab (set EAGLE_DR_RECORD_HISTORIES=1 and
+run the suite); the committed JSON files are then replayed by test_replay.py against the
+current workflow code, so a change that breaks determinism for runs already in flight
+fails the suite.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HISTORY_DIR = Path(__file__).with_name("histories")
+
+
+async def record(handle, name: str) -> None:
+    if os.environ.get("EAGLE_DR_RECORD_HISTORIES") != "1":
+        return
+    history = await handle.fetch_history()
+    HISTORY_DIR.mkdir(exist_ok=True)
+    (HISTORY_DIR / f"{name}.json").write_text(history.to_json())
+
+
+def recorded() -> list[Path]:
+    return sorted(HISTORY_DIR.glob("*.json"))

@@ -1,0 +1,203 @@
+"""The two-region lab on real servers: replication, Redis/Sentinel, S3, workers, status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import botocore.exceptions
+import psycopg
+import pytest
+
+from activities.postgres.status import pg_status
+from activities.redis.status import client as redis_client
+from activities.redis.status import redis_status, sentinel_view
+from eagle_dr.status import collect, gather
+from lab.processes import wait_for
+from tests.histories import record
+
+
+
+def test_streaming_replication_carries_a_row(lab):
+    a, b = lab.cfg.primary, lab.cfg.secondary
+    marker = uuid.uuid4().hex
+    row_id = int(uuid.uuid4().int % 10**12) + 10**13
+    with psycopg.connect(a.postgres.dsn(), autocommit=True) as conn:
+        conn.execute("insert into alerts (id, region, payload) values (%s, %s, %s)",
+                     (row_id, a.name, json.dumps({"marker": marker})))
+
+    def replicated():
+        with psycopg.connect(b.postgres.dsn(), autocommit=True) as conn:
+            return conn.execute("select payload->>'marker' from alerts where id = %s", (row_id,)).fetchone()
+
+    assert wait_for(replicated, 15, "the row on the standby")[0] == marker
+    with psycopg.connect(b.postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select pg_is_in_recovery()").fetchone()[0] is True
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("insert into alerts (id, region) values (%s, 'x')", (row_id + 1,))
+
+
+def test_primary_reports_slot_and_lag(lab):
+    st = pg_status(lab.cfg.primary.postgres)
+    assert st.role == "primary"
+    link = next(x for x in st.replicas if x.application_name == lab.cfg.secondary.name)
+    assert link.state == "streaming"
+    assert link.slot_name == lab.cfg.secondary.postgres.slot
+    assert link.lag_bytes is not None and link.lag_bytes >= 0
+    standby = pg_status(lab.cfg.secondary.postgres)
+    assert standby.role == "standby" and standby.receiver_status == "streaming"
+    assert standby.timeline == st.timeline
+
+
+def test_postgres_settings_needed_by_runbooks(lab):
+    with psycopg.connect(lab.cfg.primary.postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("show wal_log_hints").fetchone()[0] == "on"
+        assert conn.execute("show wal_level").fetchone()[0] == "replica"
+
+
+def test_redis_replica_sees_key_and_auth_is_required(lab):
+    a, b = lab.cfg.primary, lab.cfg.secondary
+    key, value = f"test:{uuid.uuid4().hex}", uuid.uuid4().hex
+    redis_client(a.redis).set(key, value)
+    assert wait_for(lambda: redis_client(b.redis).get(key) == value, 15, "the key on the replica")
+    assert redis_status(a.redis).role == "master"
+    assert redis_status(b.redis).role == "slave"
+    import redis
+
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=a.redis.host, port=a.redis.port).ping()
+
+
+def test_sentinels_report_master_with_quorum(lab):
+    a = lab.cfg.primary
+    views = [sentinel_view(a.redis, ep) for ep in a.redis.sentinels]
+    assert len(views) == 3
+    for v in views:
+        assert v.reachable, v.error
+        assert v.master == f"{a.redis.host}:{a.redis.port}"
+        assert v.other_sentinels == 2
+        assert v.quorum_ok, v.quorum_message
+
+
+def test_s3_buckets_exist_and_signatures_are_checked(lab):
+    s3 = lab.s3()
+    names = {b["Name"] for b in s3.client().list_buckets()["Buckets"]}
+    assert {r.s3.bucket for r in lab.cfg.regions} <= names
+    bucket = lab.cfg.primary.s3.bucket
+    s3.client().put_object(Bucket=bucket, Key="probe.txt", Body=b"eagle")
+    assert s3.client().get_object(Bucket=bucket, Key="probe.txt")["Body"].read() == b"eagle"
+    import boto3
+
+    wrong = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
+                         aws_secret_access_key="not-the-secret", region_name="us-east-1")
+    with pytest.raises(botocore.exceptions.ClientError):
+        wrong.list_objects_v2(Bucket=bucket)
+
+
+async def test_health_workflow_runs_on_regional_workers(lab, client):
+    from workflows.health import HealthCheckInput, HealthCheckWorkflow, RegionTarget
+
+    inp = HealthCheckInput(regions=[RegionTarget(name=r.name, task_queue=r.temporal.task_queue)
+                                    for r in lab.cfg.regions])
+    handle = await client.start_workflow(HealthCheckWorkflow.run, inp, id=f"health-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    result = await handle.result()
+    await record(handle, "health_check-healthy")
+    by_region = {v.region: v for v in result.regions}
+    for r in lab.cfg.regions:
+        v = by_region[r.name]
+        assert v.healthy, v.reason
+        # The probe ran on that region's own worker.
+        assert v.detail.worker.endswith(r.temporal.task_queue)
+    assert by_region[lab.cfg.primary.name].detail.postgres.role == "primary"
+    assert by_region[lab.cfg.secondary.name].detail.postgres.role == "standby"
+
+
+def test_status_shows_topology(lab):
+    st = collect(lab.cfg, temporal_address=f"127.0.0.1:{lab.cfg.lab.dev_server.grpc_port}")
+    roles = {r.name: (r.postgres.role, r.redis.role) for r in st.regions}
+    assert roles == {lab.cfg.primary.name: ("primary", "master"), lab.cfg.secondary.name: ("standby", "slave")}
+    assert st.active_region == lab.cfg.primary.name
+    assert all(s.quorum_ok for s in st.sentinels)
+    polling = {w.region: w.polling for w in st.workers}
+    assert polling == {lab.cfg.primary.name: True, lab.cfg.secondary.name: True, "control": True}
+    assert st.temporal_ui_reachable
+
+
+def test_status_cli_json(lab, lab_config_path):
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path), "status", "--json"],
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "COLUMNS": "300",
+                                                            "EAGLE_DR_STATE_DIR": lab.cfg.lab.state_dir})
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [x["postgres"]["role"] for x in doc["regions"]] == ["primary", "standby"]
+    assert doc["regions"][0]["postgres"]["replicas"][0]["state"] == "streaming"
+
+
+def test_cli_rejects_unknown_region(lab, lab_config_path):
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path), "lab",
+                        "kill-region", "eu-north-7"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "COLUMNS": "300", "EAGLE_DR_STATE_DIR": lab.cfg.lab.state_dir})
+    assert r.returncode == 2
+    assert "unknown region 'eu-north-7'" in r.stderr
+    assert lab.postgres(lab.cfg.primary.name).running()
+
+
+def test_sample_app_writes_to_the_active_region_and_follows_it(lab):
+    from lab.app import SampleApp
+
+    app = SampleApp(lab.cfg)
+    a, b = lab.cfg.primary.name, lab.cfg.secondary.name
+    first = app.write_one(app.log.next_id())
+    app.log.append(first)
+    assert first.ok and first.region == a
+    lab.router.set_active_region(b)
+    try:
+        # B is a read-only standby: the app follows routing there and its write is refused.
+        moved = app.write_one(app.log.next_id())
+        app.log.append(moved)
+        assert not moved.ok and moved.region == b and "read-only" in moved.error
+    finally:
+        lab.router.set_active_region(a)
+    back = app.write_one(app.log.next_id())
+    app.log.append(back)
+    assert back.ok and back.region == a
+    assert {first.id, back.id} <= set(app.log.acknowledged())
+    assert moved.id not in app.log.acknowledged()
+    with psycopg.connect(lab.cfg.primary.postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select count(*) from alerts where id = any(%s)", ([first.id, back.id],)).fetchone()[0] == 2
+
+
+async def test_zz_kill_region_then_status_then_heal(lab, client):
+    """Last in the module: a real outage of the primary region, and the lab's own recovery."""
+    from workflows.health import HealthCheckInput, HealthCheckWorkflow, RegionTarget
+
+    a, b = lab.cfg.primary, lab.cfg.secondary
+    killed = lab.kill_region(a.name)
+    assert {"postgres", "redis", "worker"} <= set(killed)
+    st = await gather(lab.cfg)
+    view = {r.name: r for r in st.regions}
+    assert not view[a.name].postgres.reachable and not view[a.name].redis.reachable
+    # Nothing was promoted by the lab: B is still a standby, its Redis still a replica.
+    assert view[b.name].postgres.role == "standby"
+    assert view[b.name].redis.role == "slave"
+    assert [p for p in lab.status().processes if p.region == a.name and p.running] == []
+
+    # A's worker is gone, so a probe bound to A's queue times out on schedule-to-start
+    # and the check reports A instead of hanging.
+    inp = HealthCheckInput(regions=[RegionTarget(name=r.name, task_queue=r.temporal.task_queue)
+                                    for r in lab.cfg.regions], probe_timeout_seconds=3)
+    handle = await client.start_workflow(HealthCheckWorkflow.run, inp, id=f"health-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    result = await handle.result()
+    await record(handle, "health_check-region_down")
+    verdicts = {v.region: v for v in result.regions}
+    assert not verdicts[a.name].healthy and "worker did not answer" in verdicts[a.name].reason
+    assert verdicts[b.name].healthy
+
+    started = lab.heal_region(a.name)
+    assert {"postgres", "redis", "worker"} <= set(started)
+    lab.wait_replication()
+    assert pg_status(a.postgres).role == "primary"
