@@ -199,6 +199,14 @@ def lab_heal(region: str):
     out.print(f"restarted in {region}: {', '.join(started) or 'nothing was down'}")
 
 
+@lab_app.command("rebuild-standby")
+def lab_rebuild(region: str):
+    """Throw REGION's data away and re-clone it as a standby of the current primary (lab only)."""
+    lab = _lab()
+    source = lab.rebuild_standby(_region(lab.cfg, region))
+    out.print(f"{region} rebuilt as a standby of {source}")
+
+
 # -- workers and status -----------------------------------------------------------------------------
 
 
@@ -225,6 +233,192 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         out.print_json(st.model_dump_json())
     else:
         render(st)
+
+
+# -- runbooks -------------------------------------------------------------------------------------
+
+
+def _client(c: EagleConfig):
+    from eagle_dr.temporal import connect
+
+    return connect(f"127.0.0.1:{c.lab.dev_server.grpc_port}")
+
+
+def _ui_link(c: EagleConfig, handle) -> str:
+    return f"{c.temporal.ui_url}/namespaces/{handle._client.namespace}/workflows/{handle.id}"
+
+
+async def _follow(handle, c: EagleConfig) -> object:
+    """Live step list in the terminal until the workflow ends; returns its result."""
+    import asyncio
+
+    from rich.live import Live
+    from rich.table import Table
+
+    def table(p) -> Table:
+        t = Table(title=f"{p.runbook} {p.service}: {p.source_region or '?'} -> {p.target_region}"
+                  + (f"  epoch {p.epoch}" if p.epoch is not None else "")
+                  + ("  [bold yellow]AWAITING APPROVAL: eagle-dr approve " + handle.id + "[/]"
+                     if p.awaiting_approval else ""), title_justify="left")
+        for col in ("step", "status", "s", "detail"):
+            t.add_column(col)
+        for s in p.steps:
+            colour = {"done": "green", "failed": "red", "running": "yellow"}.get(s.status, "white")
+            t.add_row(s.name, f"[{colour}]{s.status}[/]", f"{s.seconds:.2f}" if s.seconds is not None else "",
+                      s.detail)
+        return t
+
+    result_task = asyncio.ensure_future(handle.result())
+    with Live(console=out, refresh_per_second=4) as live:
+        while not result_task.done():
+            try:
+                live.update(table(await handle.query("progress")))
+            except Exception:  # noqa: BLE001 - not started yet, or finished between calls
+                pass
+            await asyncio.wait([result_task], timeout=0.5)
+        try:
+            live.update(table(await handle.query("progress")))
+        except Exception:  # noqa: BLE001
+            pass
+    return result_task.result()
+
+
+def _report(r) -> None:
+    out.print(f"[bold]{r.runbook}[/] {r.service} {r.source_region} -> {r.target_region}: "
+              f"[{'green' if r.outcome == 'succeeded' else 'red'}]{r.outcome}[/] (epoch {r.epoch}, "
+              f"approval {r.approval.outcome}{' by ' + r.approval.approver if r.approval.approver else ''})")
+    rto, rpo = r.rto, r.rpo
+    out.print(f"  RTO {rto.total_s:.2f}s (target {rto.target_s:.0f}s: {'met' if rto.met else 'MISSED'}) = detection->"
+              f"decision {rto.detection_to_decision_s:.2f}s + decision->writable {rto.decision_to_writable_s:.2f}s + "
+              f"writable->serving {rto.writable_to_serving_s:.2f}s"
+              + (f"; clients saw {rto.client_outage_s:.2f}s" if rto.client_outage_s is not None else ""))
+    out.print(f"  RPO: WAL lost {rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else 'unknown'} bytes "
+              f"({rpo.wal_basis}); Redis offset gap {rpo.redis_offset_gap}; acknowledged writes lost "
+              f"{rpo.acknowledged_writes_lost if rpo.acknowledged_writes_lost is not None else 'n/a'}"
+              + (f" of {rpo.acknowledged_writes_total}" if rpo.acknowledged_writes_total else "")
+              + (f" (target {rpo.target_s:.0f}s: {'met' if rpo.met else 'MISSED'})" if rpo.met is not None else ""))
+    for n in r.notes:
+        out.print(f"  [yellow]note:[/] {n}")
+
+
+def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], approval: bool,
+          approval_timeout: float, default_action: str, measure: bool) -> None:
+    import asyncio
+
+    from eagle_dr.launch import AlreadyInProgress, start_move
+    from workflows.models import ApprovalPolicy, FailoverInput, SwitchoverInput, Trigger
+
+    c = cfg()
+    _region(c, to)
+    policy = ApprovalPolicy(required=approval, timeout_seconds=approval_timeout, default_action=default_action)
+    common = dict(service=c.service, target_region=to, reason=reason, trigger=Trigger.manual, approval=policy,
+                  measure_client_impact=measure)
+    if kind == "failover":
+        inp = FailoverInput(**common, force=force, **({"max_lag_bytes": max_lag} if max_lag is not None else {}))
+    else:
+        inp = SwitchoverInput(**common, **({"max_lag_bytes": max_lag} if max_lag is not None else {}))
+
+    async def run():
+        client = await _client(c)
+        try:
+            handle = await start_move(client, c, inp)
+        except AlreadyInProgress as e:
+            _fail(str(e), 3)
+        out.print(f"{kind} started: {_ui_link(c, handle)}")
+        _report(await _follow(handle, c))
+
+    try:
+        asyncio.run(run())
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed runbook is reported, not a traceback
+        cause = getattr(e, "cause", None)
+        _fail(f"{kind} failed: {getattr(cause, 'message', None) or cause or e}", 1)
+
+
+@app.command()
+def failover(to: str = typer.Option(..., "--to", help="Region to promote."),
+             reason: str = typer.Option("", "--reason"), force: bool = typer.Option(False, "--force",
+             help="Fail over even if the standby lags more than --max-lag-bytes (data loss)."),
+             max_lag_bytes: Optional[int] = typer.Option(None, "--max-lag-bytes"),
+             approval: bool = typer.Option(False, "--require-approval/--no-approval"),
+             approval_timeout: float = typer.Option(900, "--approval-timeout"),
+             default_action: str = typer.Option("abort", "--approval-default"),
+             measure: bool = typer.Option(False, "--measure-clients", help="Lab: count lost acknowledged writes.")):
+    """Unplanned failover to REGION (fence, promote, re-route, verify, measure)."""
+    _move("failover", to, reason, force, max_lag_bytes, approval, approval_timeout, default_action, measure)
+
+
+@app.command()
+def switchover(to: str = typer.Option(..., "--to"), reason: str = typer.Option("", "--reason"),
+               max_lag_bytes: Optional[int] = typer.Option(None, "--max-lag-bytes"),
+               approval: bool = typer.Option(False, "--require-approval/--no-approval"),
+               approval_timeout: float = typer.Option(900, "--approval-timeout"),
+               default_action: str = typer.Option("abort", "--approval-default"),
+               measure: bool = typer.Option(False, "--measure-clients")):
+    """Planned switchover to REGION with zero data loss."""
+    _move("switchover", to, reason, False, max_lag_bytes, approval, approval_timeout, default_action, measure)
+
+
+@app.command()
+def approve(workflow_id: str, approver: str = typer.Option(os.environ.get("USER", "operator"), "--as"),
+            reject: bool = typer.Option(False, "--reject"), comment: str = typer.Option("", "--comment")):
+    """Approve (or --reject) a runbook waiting at its approval gate."""
+    import asyncio
+
+    from workflows.models import ApprovalDecision
+
+    c = cfg()
+
+    async def run():
+        client = await _client(c)
+        handle = client.get_workflow_handle(workflow_id)
+        return await handle.execute_update("approve", ApprovalDecision(
+            approver=approver, decision="reject" if reject else "approve", comment=comment))
+
+    try:
+        out.print(asyncio.run(run()))
+    except Exception as e:  # noqa: BLE001
+        _fail(f"approval not accepted: {getattr(e, 'message', None) or e}", 1)
+
+
+@app.command()
+def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
+    """The DR drill on the lab: switchover, real outage, detection, failover, report."""
+    import asyncio
+
+    from eagle_dr.launch import AlreadyInProgress, start_drill
+    from workflows.drill import DrillInput
+
+    c = cfg()
+    if switchover_to:
+        _region(c, switchover_to)
+
+    async def run():
+        client = await _client(c)
+        try:
+            handle = await start_drill(client, c, DrillInput(service=c.service, switchover_to=switchover_to))
+        except AlreadyInProgress as e:
+            _fail(str(e), 3)
+        out.print(f"drill started: {_ui_link(c, handle)}")
+        report = await _follow(handle, c)
+        out.rule("DR drill report")
+        _report(report.switchover)
+        out.print(f"outage: killed {', '.join(report.killed)} in {report.outage_region}; detected after "
+                  f"{report.detection_seconds:.1f}s")
+        _report(report.failover)
+        for n in report.notes:
+            out.print(f"[yellow]note:[/] {n}")
+        out.print(f"Temporal UI: {_ui_link(c, handle)} (children: {c.temporal.ui_url}/namespaces/"
+                  f"{client.namespace}/workflows?query=DrTrigger%3D%22drill%22)")
+
+    try:
+        asyncio.run(run())
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001
+        cause = getattr(e, "cause", None)
+        _fail(f"drill failed: {getattr(cause, 'message', None) or cause or e}", 1)
 
 
 def main() -> None:

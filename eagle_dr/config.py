@@ -99,6 +99,16 @@ class PostgresConfig(_Strict):
     replication_user: str = "replicator"
     # Physical slot this region's node uses when it streams from the other region.
     slot: str | None = None
+    # Local to the region's worker: what pg_ctl, pg_rewind and friends act on.
+    data_dir: str | None = None
+    socket_dir: str | None = None
+    bin_dir: str | None = None
+    # The OS user that owns data_dir; server commands run as this user when the worker is root.
+    os_user: str | None = None
+
+    @property
+    def slot_name(self) -> str:
+        return self.slot or f"slot_{self.host.replace('.', '_')}_{self.port}"
 
     def dsn(self, dbname: str | None = None) -> str:
         parts = [f"host={self.host}", f"port={self.port}", f"dbname={dbname or self.database}", f"user={self.user}"]
@@ -224,6 +234,16 @@ class BackupConfig(_Strict):
     retention: Duration = timedelta(days=30)
 
 
+class RoutingConfig(_Strict):
+    """Which routing mechanisms a runbook moves. The lab's file is what the sample app follows."""
+
+    lab_file: bool = False
+    kubernetes: bool = False
+    dns: bool = False
+    # Route 53 API endpoint (a moto server in tests); unset means AWS.
+    dns_endpoint_url: str | None = None
+
+
 class TemporalConfig(_Strict):
     control_task_queue: str = "eagle-dr-control"
     ui_url: str = "http://127.0.0.1:8233"
@@ -257,6 +277,7 @@ class EagleConfig(_Strict):
     objectives: ObjectivesConfig = ObjectivesConfig()
     conflicts: dict[str, TableConflictConfig] = Field(default_factory=dict)
     backup: BackupConfig = BackupConfig()
+    routing: RoutingConfig = RoutingConfig()
     temporal: TemporalConfig = TemporalConfig()
     lab: LabConfig = LabConfig()
 
@@ -413,13 +434,15 @@ def parse_config(raw: Any, source: str = "<config>", env: dict[str, str] | None 
 
 def _resolve_paths(raw: Any, base: Path, state_dir: str) -> Any:
     """Relative secret-file paths are relative to the config file; ``{state_dir}`` names the
-    lab's state directory, so the lab's generated secrets follow it wherever it is put."""
+    lab's state directory, so the lab's secrets and data directories follow it wherever it is put."""
     if isinstance(raw, dict):
         out = {}
         for k, v in raw.items():
             if k == "file" and isinstance(v, str):
                 v = v.replace("{state_dir}", state_dir)
                 out[k] = v if os.path.isabs(v) else str((base / v).resolve())
+            elif k in ("data_dir", "socket_dir") and isinstance(v, str):
+                out[k] = v.replace("{state_dir}", state_dir)
             else:
                 out[k] = _resolve_paths(v, base, state_dir)
         return out

@@ -68,7 +68,9 @@ class Lab:
     def postgres(self, region: str) -> PostgresNode:
         r = self.cfg.region(region)
         d = self.region_dir(region)
-        return PostgresNode(r.postgres, d / "pgdata", d / "run", self.user, region)
+        data = Path(r.postgres.data_dir) if r.postgres.data_dir else d / "pgdata"
+        run = Path(r.postgres.socket_dir) if r.postgres.socket_dir else d / "run"
+        return PostgresNode(r.postgres, data, run, self.user, region)
 
     def secret(self, name: str) -> str:
         return (self.state / "secrets" / name).read_text().strip()
@@ -141,20 +143,29 @@ class Lab:
             self.router.set_active_region(a.name, epoch=0)
 
     def wait_replication(self, timeout: float = 60) -> None:
-        """Until the standby streams and the Redis replica is linked and the Sentinels see each other."""
+        """Until the standby streams, the Redis replica is linked and the Sentinels see each
+        other, whichever region the runbooks have made primary."""
         from activities.postgres.status import pg_status
         from activities.redis.status import redis_status, sentinel_view
 
-        a, b = self.cfg.primary, self.cfg.secondary
+        regions = self.cfg.regions
 
         def streaming() -> bool:
-            st = pg_status(a.postgres)
-            return st.role == "primary" and any(x.state == "streaming" for x in st.replicas)
+            for r in regions:
+                st = pg_status(r.postgres)
+                if st.role == "primary" and any(x.state == "streaming" for x in st.replicas):
+                    return True
+            return False
 
-        wait_for(streaming, timeout, f"{b.name} PostgreSQL to stream from {a.name}")
-        wait_for(lambda: redis_status(b.redis).link_status == "up", timeout, f"{b.name} Redis replica link")
-        wait_for(lambda: all((v := sentinel_view(a.redis, ep)).quorum_ok and v.other_sentinels == len(a.redis.sentinels) - 1
-                             for ep in a.redis.sentinels), timeout, "Sentinels to discover each other", 0.5)
+        def linked() -> bool:
+            return any(redis_status(r.redis).link_status == "up" for r in regions)
+
+        wait_for(streaming, timeout, "a PostgreSQL standby to stream from the primary")
+        wait_for(linked, timeout, "the Redis replica link")
+        sentinels = regions[0].redis.sentinels
+        wait_for(lambda: all((v := sentinel_view(regions[0].redis, ep)).quorum_ok and
+                             v.other_sentinels == len(sentinels) - 1 for ep in sentinels),
+                 timeout, "Sentinels to discover each other", 0.5)
 
     def start_worker(self, region: str | None) -> int:
         pidfile = self.worker_pidfile(region)
@@ -223,6 +234,38 @@ class Lab:
             self.start_worker(region)
             started.append("worker")
         return started
+
+    def rebuild_standby(self, region: str) -> str:
+        """Re-clone the region's PostgreSQL from the current primary and re-attach its Redis.
+
+        A lab shortcut that throws the region's data away (failback, which keeps what it can,
+        is the runbook for production)."""
+        import shutil
+
+        from activities.postgres.status import pg_status
+
+        other = self.cfg.other(region)
+        if pg_status(other.postgres).role != "primary":
+            raise RuntimeError(f"{other.name} is not a primary; nothing to rebuild {region} from")
+        pg = self.postgres(region)
+        if pg.running():
+            pg.kill()
+        shutil.rmtree(pg.data_dir, ignore_errors=True)
+        pg.clone_standby_of(self.postgres(other.name))
+        rd = self.redis(region)
+        rd.write_config(replica_of=(other.redis.host, other.redis.port))
+        if rd.running():
+            rd.kill()
+        rd.start()
+        for place, s in self.sentinels():
+            if place == region and not s.running():
+                s.start()
+        # A Sentinel that was down while the master moved still watches the old one.
+        from activities.redis.failover import repoint_sentinels
+
+        repoint_sentinels(other.redis, other.redis)
+        self.start_worker(region)
+        return other.name
 
     # -- teardown and status ---------------------------------------------------------------------
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import psycopg
 
+from activities.postgres.ctl import PgCtl
 from eagle_dr.config import PostgresConfig
 from lab import binaries
 from lab.osuser import LabUser, make_dir
-from lab.processes import is_running, kill_tree, read_pid
+from lab.processes import kill_tree
 
 SERVER_SETTINGS = """
 # --- eagle-dr lab ---
@@ -45,46 +46,33 @@ SCHEMA = Path(__file__).with_name("schema.sql")
 
 
 class PostgresNode:
-    """One region's PostgreSQL instance, managed through pg_ctl as the lab user."""
+    """One region's PostgreSQL instance: bootstrap here, process control in PgCtl."""
 
     def __init__(self, cfg: PostgresConfig, data_dir: Path, run_dir: Path, user: LabUser, name: str):
-        self.cfg = cfg
+        # The runbooks find the node through its config, so the lab insists on the same paths.
+        self.cfg = cfg.model_copy(update={"data_dir": str(data_dir), "socket_dir": str(run_dir),
+                                          "os_user": cfg.os_user or user.name})
         self.data_dir = data_dir
         self.run_dir = run_dir
         self.user = user
         self.name = name
-        self.log = data_dir.parent / "postgresql.log"
-
-    # -- process control ------------------------------------------------------------------
+        self.ctl = PgCtl(self.cfg)
 
     def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(argv, capture_output=True, text=True, **self.user.popen_kwargs(), **kw)
 
     @property
     def pid(self) -> int | None:
-        return read_pid(self.data_dir / "postmaster.pid")
+        return self.ctl.pid
 
     def running(self) -> bool:
-        return is_running(self.pid)
+        return self.ctl.running()
 
     def start(self) -> None:
-        if self.running():
-            return
-        # A kill -9 leaves postmaster.pid behind; PostgreSQL refuses to start while that pid
-        # is still in the process table (an unreaped zombie counts), and we know it is dead.
-        stale = self.data_dir / "postmaster.pid"
-        if stale.exists():
-            stale.unlink()
-        r = self._run([binaries.pg("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", "60",
-                       "-o", f"-p {self.cfg.port} -k {self.run_dir}", "start"])
-        if r.returncode != 0:
-            tail = self.log.read_text()[-1500:] if self.log.exists() else ""
-            raise RuntimeError(f"{self.name}: pg_ctl start failed: {r.stdout}{r.stderr}\n{tail}")
+        self.ctl.start()
 
     def stop(self, mode: str = "fast") -> None:
-        if not self.running():
-            return
-        self._run([binaries.pg("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop"])
+        self.ctl.stop(mode)
 
     def kill(self) -> list[int]:
         return kill_tree(self.pid)

@@ -1,23 +1,47 @@
 """What each kind of worker runs.
 
 Regional workers run the activities that touch their own region's disks and processes;
-the control worker runs the workflows (the runbooks) and the activities that touch no
-region in particular (DNS, ...). A runbook reaches a region by scheduling on its queue.
+the control worker runs the workflows (the runbooks) and the activities that only talk to
+APIs (Redis and PostgreSQL over the network, Kubernetes, DNS, the lab's routing). A
+runbook reaches a region by scheduling on that region's queue.
 """
 
 from __future__ import annotations
 
 from activities.health import HealthActivities
+from activities.lab_hooks import LabHooks
+from activities.postgres.activities import PostgresActivities
+from activities.redis.activities import RedisActivities
+from activities.topology import TopologyActivities
+from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
+from workflows.drill import DrillWorkflow
+from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
+from workflows.switchover import SwitchoverWorkflow
 
-WORKFLOWS = [HealthCheckWorkflow]
+WORKFLOWS = [HealthCheckWorkflow, FailoverWorkflow, SwitchoverWorkflow, DrillWorkflow]
+
+
+def _methods(obj, *names: str) -> list:
+    return [getattr(obj, n) for n in names]
+
+
+def _postgres(cfg: EagleConfig) -> list:
+    return _methods(PostgresActivities(cfg), "postgres_status", "read_epoch", "fence_postgres", "unfence_postgres",
+                    "promote_postgres", "record_epoch", "wait_replayed", "rejoin_as_standby")
 
 
 def regional_activities(cfg: EagleConfig) -> list:
-    health = HealthActivities(cfg)
-    return [health.probe_region]
+    return [HealthActivities(cfg).probe_region, *_postgres(cfg)]
 
 
-def control_activities(cfg: EagleConfig) -> list:
-    return []
+def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:
+    acts = [TopologyActivities(cfg).describe_topology, *_postgres(cfg),
+            *_methods(RedisActivities(cfg), "fence_redis", "unfence_redis", "promote_redis", "switchover_redis",
+                      "demote_redis"),
+            *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",
+                      "verify_service")]
+    if cfg.routing.lab_file:
+        acts += _methods(LabHooks(cfg, config_path), "kill_region", "count_missing_acked_writes", "client_outage")
+    return acts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import redis
 from pydantic import BaseModel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from eagle_dr.config import Endpoint, RedisConfig
 
@@ -29,9 +31,14 @@ class SentinelView(BaseModel):
     quorum_message: str | None = None
 
 
+# redis-py retries 10 times by default: a dead region would take many timeouts to report.
+NO_RETRY = Retry(NoBackoff(), 0)
+
+
 def client(cfg: RedisConfig, timeout: float = 3.0) -> redis.Redis:
     return redis.Redis(host=cfg.host, port=cfg.port, password=cfg.password.resolve() if cfg.password else None,
-                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
+                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
+                       retry=NO_RETRY)
 
 
 def sentinel_client(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) -> redis.Redis:
@@ -39,7 +46,8 @@ def sentinel_client(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) 
     # a config field to add when a deployment needs it.
     return redis.Redis(host=sentinel.host, port=sentinel.port,
                        password=cfg.password.resolve() if cfg.password else None,
-                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
+                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
+                       retry=NO_RETRY)
 
 
 def redis_status(cfg: RedisConfig, timeout: float = 3.0) -> RedisStatus:

@@ -1,0 +1,103 @@
+"""PostgreSQL activities: each one short, idempotent and named for the one action it takes.
+
+Region-bound ones (fence by stopping, rejoin) run on that region's task queue because they
+act on its data directory; the others only need a network path to the node.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.postgres import epoch as epochs
+from activities.postgres.fence import PgFence, fence_read_only, fence_stop, unfence
+from activities.postgres.promote import Promotion, promote
+from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, wait_replayed_past
+from activities.postgres.status import PgStatus, pg_status
+from eagle_dr.config import EagleConfig
+
+
+class EpochRequest(BaseModel):
+    region: str
+    epoch: int
+
+
+class FenceRequest(BaseModel):
+    region: str
+    epoch: int
+    # "stop" needs the region's own worker; "read_only" works over the network.
+    method: str = "stop"
+
+
+class ReplayRequest(BaseModel):
+    region: str
+    lsn: str
+    timeout_seconds: float = 300
+
+
+class RejoinRequest(BaseModel):
+    region: str
+    primary_region: str
+    timeout_seconds: float = 300
+
+
+def _heartbeat(details) -> None:
+    activity.heartbeat(details)
+
+
+class PostgresActivities:
+    def __init__(self, cfg: EagleConfig):
+        self.cfg = cfg
+
+    def _pg(self, region: str):
+        return self.cfg.region(region).postgres
+
+    @activity.defn
+    def postgres_status(self, region: str) -> PgStatus:
+        return pg_status(self._pg(region), min(self.cfg.health.timeout.total_seconds(), 10))
+
+    @activity.defn
+    def read_epoch(self, region: str) -> epochs.EpochRecord:
+        return epochs.read_epoch(self._pg(region), self.cfg.service)
+
+    @activity.defn
+    def fence_postgres(self, req: FenceRequest) -> PgFence:
+        pg = self._pg(req.region)
+        if req.method == "stop":
+            return fence_stop(pg)
+        return fence_read_only(pg)
+
+    @activity.defn
+    def unfence_postgres(self, region: str) -> None:
+        unfence(self._pg(region))
+
+    @activity.defn
+    def promote_postgres(self, req: EpochRequest) -> Promotion:
+        """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
+        pg = self._pg(req.region)
+        current = epochs.read_epoch(pg, self.cfg.service)
+        info = activity.info()
+        if current.epoch > req.epoch or (current.epoch == req.epoch and current.workflow_id != info.workflow_id):
+            raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {current.epoch} "
+                                   f"from {current.workflow_id}", type="StaleEpoch", non_retryable=True)
+        return promote(pg, timeout_s=120, heartbeat=_heartbeat)
+
+    @activity.defn
+    def record_epoch(self, req: EpochRequest) -> epochs.EpochRecord:
+        info = activity.info()
+        try:
+            return epochs.advance_epoch(self._pg(req.region), self.cfg.service, req.epoch, req.region,
+                                        info.workflow_id, info.workflow_run_id)
+        except epochs.StaleEpoch as e:
+            raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
+
+    @activity.defn
+    def wait_replayed(self, req: ReplayRequest) -> Replayed:
+        return wait_replayed_past(self._pg(req.region), req.lsn, req.timeout_seconds, heartbeat=_heartbeat)
+
+    @activity.defn
+    def rejoin_as_standby(self, req: RejoinRequest) -> Rejoined:
+        old = self.cfg.region(req.region)
+        return rejoin_as_standby(old.postgres, self._pg(req.primary_region), application_name=old.name,
+                                 slot=old.postgres.slot_name, timeout_s=req.timeout_seconds, heartbeat=_heartbeat)

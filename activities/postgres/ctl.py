@@ -1,0 +1,130 @@
+"""Starting and stopping a region's PostgreSQL with pg_ctl, as the data directory's owner.
+
+Only a worker in the same region (same host in the lab) can do this: these calls act on
+``data_dir``, not on a network address.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from eagle_dr.config import PostgresConfig
+
+
+class PgCtlError(RuntimeError):
+    pass
+
+
+def bin_dir(cfg: PostgresConfig) -> str:
+    if cfg.bin_dir:
+        return cfg.bin_dir
+    # Debian keeps server binaries in /usr/lib/postgresql/<major>/bin, off PATH.
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return os.path.dirname(found[-1])
+    p = shutil.which("pg_ctl")
+    if not p:
+        raise PgCtlError("PostgreSQL server binaries not found (Debian package 'postgresql')")
+    return os.path.dirname(p)
+
+
+class PgCtl:
+    def __init__(self, cfg: PostgresConfig):
+        if not cfg.data_dir:
+            raise PgCtlError(f"postgres {cfg.host}:{cfg.port}: data_dir is not configured")
+        self.cfg = cfg
+        self.data_dir = Path(cfg.data_dir)
+        self.log = self.data_dir.parent / "postgresql.log"
+
+    def tool(self, name: str) -> str:
+        return os.path.join(bin_dir(self.cfg), name)
+
+    def run(self, argv: list[str], check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+        kw = {}
+        if os.geteuid() == 0 and self.cfg.os_user:
+            kw = {"user": self.cfg.os_user, "extra_groups": []}
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+        if check and r.returncode != 0:
+            raise PgCtlError(f"{os.path.basename(argv[0])} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+        return r
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        pid = self.pid
+        if not pid:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    def start(self, timeout: int = 120) -> None:
+        if self.running():
+            return
+        # A kill -9 leaves postmaster.pid behind; PostgreSQL refuses to start while that pid
+        # is still in the process table (an unreaped zombie counts), and it is known dead here.
+        stale = self.data_dir / "postmaster.pid"
+        if stale.exists():
+            stale.unlink()
+        # The socket lock file names the dead postmaster too.
+        if self.cfg.socket_dir:
+            for name in (f".s.PGSQL.{self.cfg.port}.lock", f".s.PGSQL.{self.cfg.port}"):
+                p = Path(self.cfg.socket_dir) / name
+                if p.exists():
+                    p.unlink()
+        opts = f"-p {self.cfg.port}" + (f" -k {self.cfg.socket_dir}" if self.cfg.socket_dir else "")
+        r = self.run([self.tool("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", str(timeout),
+                      "-o", opts, "start"], timeout=timeout + 30)
+        if r.returncode != 0:
+            tail = self.log.read_text()[-1200:] if self.log.exists() else ""
+            raise PgCtlError(f"pg_ctl start failed: {r.stdout}{r.stderr}\n{tail}")
+
+    def stop(self, mode: str = "fast", timeout: int = 120) -> None:
+        if not self.running():
+            return
+        r = self.run([self.tool("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(timeout), "stop"],
+                     timeout=timeout + 30)
+        if r.returncode != 0 and self.running():
+            raise PgCtlError(f"pg_ctl stop failed: {r.stderr.strip()}")
+
+    def controldata(self) -> dict[str, str]:
+        r = self.run([self.tool("pg_controldata"), "-D", str(self.data_dir)], check=True)
+        out = {}
+        for line in r.stdout.splitlines():
+            k, _, v = line.partition(":")
+            out[k.strip()] = v.strip()
+        return out
+
+    def write_standby_config(self, primary: PostgresConfig, application_name: str, slot: str) -> None:
+        """standby.signal plus a postgresql.auto.conf that holds only what a standby needs.
+
+        The file is rewritten, not appended to: after a switchover it still carries the
+        ALTER SYSTEM read-only fence, and after pg_rewind it is a copy of the source's."""
+        conninfo = (f"host={primary.host} port={primary.port} user={primary.replication_user} "
+                    f"application_name={application_name}")
+        auto = self.data_dir / "postgresql.auto.conf"
+        text = ("# Written by eagle-dr when this node became a standby.\n"
+                f"primary_conninfo = '{conninfo}'\n"
+                f"primary_slot_name = '{slot}'\n")
+        signal = self.data_dir / "standby.signal"
+        # Owned by the data directory's owner, so the server can read (and ALTER SYSTEM rewrite) them.
+        self._write_as_owner(auto, text)
+        self._write_as_owner(signal, "")
+
+    def _write_as_owner(self, path: Path, text: str) -> None:
+        path.write_text(text)
+        os.chmod(path, 0o600)
+        if os.geteuid() == 0 and self.cfg.os_user:
+            st = self.data_dir.stat()
+            os.chown(path, st.st_uid, st.st_gid)

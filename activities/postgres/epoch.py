@@ -1,0 +1,103 @@
+"""The DR epoch: a fencing token that only ever goes up, stored in the database itself.
+
+Every failover or switchover takes the next epoch and writes it into the new primary as
+soon as it is writable. The row replicates to the standby, so whichever node survives
+knows the latest epoch. Side-effecting steps carry their run's epoch and refuse to act
+when a higher one is already recorded: a stale activity from a superseded run (retried
+after a long partition, say) can never move anything back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import psycopg
+from pydantic import BaseModel
+
+from activities.postgres.status import connect
+from eagle_dr.config import PostgresConfig
+
+SCHEMA = """
+create schema if not exists eagle_dr;
+create table if not exists eagle_dr.dr_epoch (
+    service     text primary key,
+    epoch       bigint not null,
+    region      text not null,
+    workflow_id text not null,
+    run_id      text not null,
+    updated_at  timestamptz not null default clock_timestamp()
+);
+create table if not exists eagle_dr.dr_epoch_history (
+    service     text not null,
+    epoch       bigint not null,
+    region      text not null,
+    workflow_id text not null,
+    run_id      text not null,
+    recorded_at timestamptz not null default clock_timestamp(),
+    primary key (service, epoch)
+);
+"""
+
+
+class EpochRecord(BaseModel):
+    service: str
+    epoch: int
+    region: str | None = None
+    workflow_id: str | None = None
+    run_id: str | None = None
+    updated_at: datetime | None = None
+
+
+class StaleEpoch(RuntimeError):
+    """A newer runbook already holds a higher epoch."""
+
+
+def read_epoch(cfg: PostgresConfig, service: str) -> EpochRecord:
+    """Works on a standby too (the table replicates); 0 when no runbook ever ran."""
+    with connect(cfg) as conn:
+        if not conn.execute("select to_regclass('eagle_dr.dr_epoch') is not null").fetchone()[0]:
+            return EpochRecord(service=service, epoch=0)
+        return read_epoch_in(conn, service)
+
+
+def advance_epoch(cfg: PostgresConfig, service: str, epoch: int, region: str, workflow_id: str,
+                  run_id: str) -> EpochRecord:
+    """Record ``epoch`` on the (writable) primary. Idempotent for the same run; refuses to go back."""
+    with connect(cfg) as conn:
+        conn.execute(SCHEMA)
+        with conn.transaction():
+            row = conn.execute("select epoch, workflow_id from eagle_dr.dr_epoch where service = %s for update",
+                               (service,)).fetchone()
+            if row is not None:
+                if row[0] > epoch or (row[0] == epoch and row[1] != workflow_id):
+                    raise StaleEpoch(f"{service}: epoch {row[0]} is already held by {row[1]}; refusing epoch {epoch}")
+                if row[0] == epoch:
+                    return read_epoch_in(conn, service)
+            conn.execute(
+                "insert into eagle_dr.dr_epoch (service, epoch, region, workflow_id, run_id) values (%s,%s,%s,%s,%s) "
+                "on conflict (service) do update set epoch = excluded.epoch, region = excluded.region, "
+                "workflow_id = excluded.workflow_id, run_id = excluded.run_id, updated_at = clock_timestamp()",
+                (service, epoch, region, workflow_id, run_id))
+            conn.execute("insert into eagle_dr.dr_epoch_history (service, epoch, region, workflow_id, run_id) "
+                         "values (%s,%s,%s,%s,%s) on conflict do nothing",
+                         (service, epoch, region, workflow_id, run_id))
+        return read_epoch_in(conn, service)
+
+
+def read_epoch_in(conn: psycopg.Connection, service: str) -> EpochRecord:
+    row = conn.execute("select epoch, region, workflow_id, run_id, updated_at from eagle_dr.dr_epoch "
+                       "where service = %s", (service,)).fetchone()
+    if row is None:
+        return EpochRecord(service=service, epoch=0)
+    return EpochRecord(service=service, epoch=row[0], region=row[1], workflow_id=row[2], run_id=row[3],
+                       updated_at=row[4])
+
+
+def epoch_history(cfg: PostgresConfig, service: str) -> list[EpochRecord]:
+    with connect(cfg) as conn:
+        if not conn.execute("select to_regclass('eagle_dr.dr_epoch_history') is not null").fetchone()[0]:
+            return []
+        rows = conn.execute("select epoch, region, workflow_id, run_id, recorded_at from eagle_dr.dr_epoch_history "
+                            "where service = %s order by epoch", (service,)).fetchall()
+    return [EpochRecord(service=service, epoch=r[0], region=r[1], workflow_id=r[2], run_id=r[3], updated_at=r[4])
+            for r in rows]

@@ -1,0 +1,91 @@
+"""Standby-side operations: waiting for replay, and turning an old primary into a standby."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+from pydantic import BaseModel
+
+from activities.postgres.ctl import PgCtl
+from activities.postgres.lsn import lsn_to_int
+from activities.postgres.status import connect, pg_status
+from eagle_dr.config import PostgresConfig
+
+
+class Replayed(BaseModel):
+    target_lsn: str
+    replay_lsn: str
+
+
+def wait_replayed_past(cfg: PostgresConfig, lsn: str, timeout_s: float, heartbeat=None) -> Replayed:
+    """Until the standby has replayed the record that starts at ``lsn`` (strictly past it).
+
+    Used with the old primary's shutdown checkpoint: once that record is replayed, every
+    transaction the old primary ever committed is on the standby."""
+    target = lsn_to_int(lsn)
+    deadline = time.monotonic() + timeout_s
+    replay = None
+    while time.monotonic() < deadline:
+        try:
+            with connect(cfg, 2) as conn:
+                replay = conn.execute("select pg_last_wal_replay_lsn()::text").fetchone()[0]
+        except psycopg.Error:
+            replay = None
+        if replay and lsn_to_int(replay) > target:
+            return Replayed(target_lsn=lsn, replay_lsn=replay)
+        if heartbeat:
+            heartbeat({"target_lsn": lsn, "replay_lsn": replay})
+        time.sleep(0.02)
+    raise TimeoutError(f"standby {cfg.host}:{cfg.port} replayed {replay}, not past {lsn}, after {timeout_s:.0f}s")
+
+
+class Rejoined(BaseModel):
+    already_standby: bool
+    upstream: str | None
+    slot: str
+
+
+def ensure_slot(primary: PostgresConfig, slot: str) -> bool:
+    with connect(primary) as conn:
+        if conn.execute("select 1 from pg_replication_slots where slot_name = %s", (slot,)).fetchone():
+            return False
+        conn.execute("select pg_create_physical_replication_slot(%s)", (slot,))
+        return True
+
+
+def _streaming_from(cfg: PostgresConfig, primary: PostgresConfig) -> bool:
+    st = pg_status(cfg, 2)
+    return st.role == "standby" and st.receiver_status == "streaming" and \
+        st.upstream == f"{primary.host}:{primary.port}"
+
+
+def rejoin_as_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str,
+                      timeout_s: float = 120, heartbeat=None) -> Rejoined:
+    """Make a cleanly stopped old primary stream from the new one (no rewind needed after a
+    switchover: its shutdown checkpoint precedes the fork). Idempotent."""
+    ctl = PgCtl(old)
+    ensure_slot(primary, slot)
+    if ctl.running() and _streaming_from(old, primary):
+        return Rejoined(already_standby=True, upstream=f"{primary.host}:{primary.port}", slot=slot)
+    ctl.stop("fast")
+    ctl.write_standby_config(primary, application_name, slot)
+    ctl.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _streaming_from(old, primary):
+            _drop_inactive_slots(old)
+            return Rejoined(already_standby=False, upstream=f"{primary.host}:{primary.port}", slot=slot)
+        if heartbeat:
+            heartbeat({"waiting": "streaming"})
+        time.sleep(0.1)
+    raise TimeoutError(f"{old.host}:{old.port} did not start streaming from {primary.host}:{primary.port}")
+
+
+def _drop_inactive_slots(cfg: PostgresConfig) -> None:
+    """Slots the node served as a primary would pin WAL on it forever as a standby."""
+    try:
+        with connect(cfg) as conn:
+            conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where not active")
+    except psycopg.Error:
+        pass  # best effort: a leftover slot costs disk, not correctness

@@ -1,0 +1,397 @@
+"""Moving the Redis master between regions: promote, fence, demote, switchover, re-point Sentinels.
+
+Cross-region promotion is the runbook's decision, not Sentinel's: replicas run with
+``replica-priority 0`` so Sentinel never promotes them, and the runbook re-points the
+Sentinels once it has moved the master itself (promptly: see ``repoint_sentinels``).
+
+Every function is safe to run twice (Temporal retries activities) and takes ``RedisConfig``
+objects, resolving the password inside: no secret travels in arguments or results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import redis
+from pydantic import BaseModel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from eagle_dr.config import Endpoint, RedisConfig
+
+log = logging.getLogger(__name__)
+
+_ERRORS = (redis.RedisError, OSError)
+_INT_FIELDS = {"master_port", "connected_slaves", "master_repl_offset", "second_repl_offset", "slave_repl_offset",
+               "slave_priority", "slave_read_only", "master_last_io_seconds_ago", "master_sync_in_progress"}
+
+
+class SwitchoverError(RuntimeError):
+    """The topology does not allow a planned switchover (the runbook must decide)."""
+
+
+class RedisSplitBrain(SwitchoverError):
+    """Both nodes are masters and the old one took writes after the fork: demoting it would lose them."""
+
+
+class SentinelQuorum(BaseModel):
+    total: int
+    reachable: int
+    has_majority: bool
+    # Sentinel address -> the master address it reports (None: it does not monitor master_name).
+    masters: dict[str, str | None]
+    unreachable: list[str]
+    # The master a majority of *all* configured Sentinels report, if there is one.
+    agreed_master: str | None = None
+
+
+class RedisPromotion(BaseModel):
+    address: str
+    already_master: bool
+    # Replication offset the new history forks from (second_repl_offset - 1): what it had received.
+    offset: int
+    master_repl_offset: int
+    replid_before: str | None = None
+    replid: str
+    # Equals the old master's replid after a promotion: ties the fork offset to the old history.
+    replid2: str
+    link_status_before: str | None = None
+
+
+class RedisFence(BaseModel):
+    address: str
+    reachable: bool
+    paused: bool = False
+    role: str | None = None
+    offset: int | None = None
+    replid: str | None = None
+    error: str | None = None
+
+
+class RedisSwitchover(BaseModel):
+    old: str
+    new: str
+    already_done: bool
+    # old's master_repl_offset once writes were paused: nothing acknowledged lies beyond it.
+    old_offset: int | None = None
+    new_offset_at_pause: int | None = None
+    behind_bytes: int | None = None
+    promoted_offset: int | None = None
+    lost_bytes: int | None = None
+    replid: str | None = None
+    replid2: str | None = None
+
+
+def _addr(cfg: RedisConfig | Endpoint) -> str:
+    return f"{cfg.host}:{cfg.port}"
+
+
+def _password(cfg: RedisConfig) -> str | None:
+    return cfg.password.resolve() if cfg.password else None
+
+
+def _connect(host: str, port: int, password: str | None, timeout: float) -> redis.Redis:
+    # redis-py >= 6 retries connection errors and timeouts 10 times by default: a down node
+    # would take seconds (blackholed: minutes) instead of `timeout`, and retried writes can
+    # apply twice. Temporal's retry policy is the only retry layer here.
+    c = redis.Redis(host=host, port=port, password=password, socket_timeout=timeout,
+                    socket_connect_timeout=timeout, decode_responses=True, retry=Retry(NoBackoff(), 0))
+    c.set_response_callback("INFO", lambda response, **_: response)  # see _repl
+    return c
+
+
+def _node(cfg: RedisConfig, timeout: float = 3.0) -> redis.Redis:
+    return _connect(cfg.host, cfg.port, _password(cfg), timeout)
+
+
+def _sentinel(cfg: RedisConfig, sentinel: Endpoint, timeout: float) -> redis.Redis:
+    # As in status.sentinel_client: the Sentinels' requirepass is the data password.
+    return _connect(sentinel.host, sentinel.port, _password(cfg), timeout)
+
+
+def _repl(c: redis.Redis) -> dict[str, Any]:
+    # Parsed here, not by redis-py: its INFO parser turns numeric-looking values into numbers,
+    # so the unset master_replid2 ("000...0", 40 zeros) comes back as the int 0.
+    raw = c.execute_command("INFO", "replication")
+    info: dict[str, Any] = {}
+    for line in raw.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not key.startswith("#"):
+            info[key] = int(value) if key in _INT_FIELDS else value
+    return info
+
+
+def _upstream(info: dict[str, Any]) -> str | None:
+    return f"{info['master_host']}:{info['master_port']}" if info.get("role") == "slave" else None
+
+
+def _offset(info: dict[str, Any]) -> int:
+    return info["master_repl_offset"] if info["role"] == "master" else info.get("slave_repl_offset", 0)
+
+
+def _fork_offset(info: dict[str, Any]) -> int | None:
+    """Offset a promoted node's history forked at; None if it never was promoted."""
+    second = info.get("second_repl_offset", -1)
+    return second - 1 if second > 0 else None
+
+
+def offset_gap(old_offset: int | None, promoted_offset: int) -> int | None:
+    """Bytes of the old master's replication stream the promoted node never received (RPO)."""
+    if old_offset is None:
+        return None
+    return max(0, old_offset - promoted_offset)
+
+
+# -- Sentinels -------------------------------------------------------------------------------------
+
+
+def sentinel_quorum(cfg: RedisConfig, timeout: float = 2.0) -> SentinelQuorum:
+    masters: dict[str, str | None] = {}
+    unreachable: list[str] = []
+    for ep in cfg.sentinels:
+        try:
+            got = _sentinel(cfg, ep, timeout).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", cfg.master_name)
+        except _ERRORS as e:
+            log.warning("sentinel %s unreachable: %s", ep, e)
+            unreachable.append(str(ep))
+            continue
+        masters[str(ep)] = f"{got[0]}:{got[1]}" if got else None
+    total, reachable = len(cfg.sentinels), len(masters)
+    majority = total // 2 + 1
+    counts: dict[str, int] = {}
+    for m in masters.values():
+        if m:
+            counts[m] = counts.get(m, 0) + 1
+    agreed = next((m for m, n in counts.items() if n >= majority), None)
+    return SentinelQuorum(total=total, reachable=reachable, has_majority=total > 0 and reachable >= majority,
+                          masters=masters, unreachable=unreachable, agreed_master=agreed)
+
+
+def repoint_sentinels(cfg: RedisConfig, master: RedisConfig, quorum: int = 2, down_after_ms: int = 5000,
+                      failover_timeout_ms: int = 10000, timeout: float = 2.0) -> list[str]:
+    """Make every reachable Sentinel monitor ``master`` as ``cfg.master_name``; returns those re-pointed.
+
+    Unreachable Sentinels are logged and skipped: they keep their old view until a later run
+    reaches them, so call this again when one comes back.
+
+    Run it right after ``promote``: a Sentinel that still monitors a live old master (even a
+    fenced one) sees the promoted node as a replica gone rogue and sends it REPLICAOF back to
+    the old master (+convert-to-slave, 18 s after promotion in the lab with down-after 30 s),
+    which wipes everything written to it since.
+    """
+    settings = ["auth-pass", _password(master)] if master.password else []
+    settings += ["down-after-milliseconds", str(down_after_ms), "failover-timeout", str(failover_timeout_ms),
+                 "quorum", str(quorum)]
+    changed: list[str] = []
+    for ep in cfg.sentinels:
+        try:
+            s = _sentinel(cfg, ep, timeout)
+            try:
+                raw = s.execute_command("SENTINEL", "MASTER", cfg.master_name)
+                current = dict(zip(raw[::2], raw[1::2])) if isinstance(raw, list) else raw
+            except redis.ResponseError as e:
+                if "no such master" not in str(e).lower():
+                    raise
+                current = None
+            same = current is not None and (current["ip"], int(current["port"])) == (master.host, master.port)
+            if not same:
+                # MONITOR refuses a name that is already monitored; REMOVE+MONITOR also drops
+                # the Sentinel's stale replica/peer lists, which it rediscovers from the new master.
+                if current is not None:
+                    s.execute_command("SENTINEL", "REMOVE", cfg.master_name)
+                s.execute_command("SENTINEL", "MONITOR", cfg.master_name, master.host, master.port, quorum)
+            # Re-asserted even when the address matches: a retry after a MONITOR whose SET was
+            # lost would otherwise leave the Sentinel without auth-pass. SET resets no state.
+            s.execute_command("SENTINEL", "SET", cfg.master_name, *settings)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            log.warning("sentinel %s unreachable, not re-pointed: %s", ep, e)
+            continue
+        if not same:
+            changed.append(str(ep))
+    return changed
+
+
+# -- data nodes ------------------------------------------------------------------------------------
+
+
+def promote(target: RedisConfig) -> RedisPromotion:
+    c = _node(target)
+    before = _repl(c)
+    already = before["role"] == "master"
+    if not already:
+        c.replicaof("NO", "ONE")
+    c.config_set("replica-priority", 100)
+    after = _repl(c)
+    fork = _fork_offset(after)
+    return RedisPromotion(
+        address=_addr(target), already_master=already,
+        offset=fork if fork is not None else after["master_repl_offset"],
+        master_repl_offset=after["master_repl_offset"],
+        replid_before=None if already else before.get("master_replid"),
+        replid=after["master_replid"], replid2=after["master_replid2"],
+        link_status_before=before.get("master_link_status"),
+    )
+
+
+def fence(old: RedisConfig, pause_ms: int, timeout: float = 2.0) -> RedisFence:
+    """Hold writes on a master without touching its data, so its keys can still be captured later.
+
+    The pause ends by itself after ``pause_ms`` (CLIENT PAUSE has no "forever"), so the runbook
+    must demote the node, or fence again, before it runs out. A replica is left unpaused: it
+    takes no writes, and pausing it would stall its replication stream.
+    """
+    try:
+        c = _node(old, timeout)
+        info = _repl(c)
+        paused = info["role"] == "master"
+        if paused:
+            # A later pause never shortens an earlier one: Redis keeps the furthest end time.
+            c.client_pause(int(pause_ms), all=False)
+        c.config_set("replica-priority", 0)
+        info = _repl(c)
+    except _ERRORS as e:
+        return RedisFence(address=_addr(old), reachable=False, error=str(e) or type(e).__name__)
+    return RedisFence(address=_addr(old), reachable=True, paused=paused, role=info["role"], offset=_offset(info),
+                      replid=info.get("master_replid"))
+
+
+def unfence(node: RedisConfig, timeout: float = 2.0) -> RedisFence:
+    try:
+        c = _node(node, timeout)
+        c.client_unpause()
+        info = _repl(c)
+    except _ERRORS as e:
+        return RedisFence(address=_addr(node), reachable=False, error=str(e) or type(e).__name__)
+    return RedisFence(address=_addr(node), reachable=True, paused=False, role=info["role"], offset=_offset(info),
+                      replid=info.get("master_replid"))
+
+
+def _replicate_from(c: redis.Redis, master: RedisConfig) -> None:
+    if master.password:
+        c.config_set("masterauth", _password(master))
+    c.replicaof(master.host, master.port)
+    c.config_set("replica-priority", 0)
+
+
+def _discarded_bytes(node: dict[str, Any], master: dict[str, Any]) -> int | None:
+    """What the node holds beyond the master's history (lost when it resyncs); None if unrelated."""
+    fork = _fork_offset(master)
+    if node["master_replid"] == master.get("master_replid2") and fork is not None:
+        return max(0, node["master_repl_offset"] - fork)
+    if node["master_replid"] == master["master_replid"]:
+        return max(0, node["master_repl_offset"] - master["master_repl_offset"])
+    return None
+
+
+def demote(node: RedisConfig, master: RedisConfig) -> dict:
+    """Make ``node`` a replica of ``master``, then release any fence so its clients get READONLY.
+
+    Returns address, master, already_replica, discarded_bytes (bytes of ``node``'s stream that
+    ``master`` never had and the resync drops; None when the histories are unrelated and a
+    full resync replaces everything), link_status (right after the command; poll for "up").
+    """
+    c = _node(node)
+    info = _repl(c)
+    already = _upstream(info) == _addr(master)
+    discarded: int | None = 0
+    if not already:
+        discarded = _discarded_bytes(info, _repl(_node(master)))
+        _replicate_from(c, master)
+    else:
+        c.config_set("replica-priority", 0)
+    # After REPLICAOF: clients held by a fence re-run their writes and get READONLY, not success.
+    c.client_unpause()
+    return {"address": _addr(node), "master": _addr(master), "already_replica": already,
+            "discarded_bytes": discarded, "link_status": _repl(c).get("master_link_status")}
+
+
+def switchover(old: RedisConfig, new: RedisConfig, timeout_s: float = 30,
+               heartbeat: Callable[..., Any] | None = None) -> RedisSwitchover:
+    """Planned move of the master from ``old`` to ``new`` losing no acknowledged write.
+
+    Writes on ``old`` are paused, ``new`` catches up to old's offset, ``new`` is promoted and
+    ``old`` follows it, then old's clients are released (they get READONLY and must follow
+    routing). A retry after a crash between promotion and demotion finishes the job if old
+    took no write since the fork, and raises RedisSplitBrain if it did.
+    """
+    o, n = _node(old), _node(new)
+    oi, ni = _repl(o), _repl(n)
+    old_addr, new_addr = _addr(old), _addr(new)
+
+    if ni["role"] == "master" and _upstream(oi) == new_addr:
+        n.config_set("replica-priority", 100)
+        o.config_set("replica-priority", 0)
+        o.client_unpause()
+        return RedisSwitchover(old=old_addr, new=new_addr, already_done=True, promoted_offset=_fork_offset(ni),
+                               replid=ni["master_replid"], replid2=ni["master_replid2"])
+
+    resuming = ni["role"] == "master" and oi["role"] == "master"
+    if not resuming:
+        if _upstream(ni) != old_addr:
+            raise SwitchoverError(f"{new_addr} is {ni['role']} of {_upstream(ni)}, not a replica of {old_addr}")
+        if oi["role"] != "master":
+            raise SwitchoverError(f"{old_addr} is not a master (role {oi['role']})")
+        if ni.get("master_link_status") != "up":
+            # Pausing writes for a replica that cannot catch up would only cost availability.
+            raise SwitchoverError(f"{new_addr} replication link is {ni.get('master_link_status')}")
+
+    # The pause must outlast the whole operation; if this worker dies it still ends by itself.
+    o.client_pause(int(timeout_s * 1000) + 5000, all=False)
+    promoted = demoted = False
+    try:
+        oi = _repl(o)
+        old_offset = oi["master_repl_offset"]
+        ni = _repl(n)
+        new_at_pause = None if resuming else _offset(ni)
+        if resuming:
+            fork = _fork_offset(ni)
+            if ni.get("master_replid2") != oi["master_replid"] or fork is None:
+                raise RedisSplitBrain(f"{old_addr} and {new_addr} are both masters with unrelated histories")
+            if old_offset > fork:
+                # Could be client writes or only Sentinel hellos (PUBLISH is replicated): the
+                # stream does not say which, so the runbook decides (demote() reports the bytes).
+                raise RedisSplitBrain(f"{old_addr} and {new_addr} are both masters and {old_addr} has "
+                                      f"{old_offset - fork} bytes beyond the fork: demoting it would drop them")
+            promoted = True
+        else:
+            # old_offset is read once: every acknowledged write lies at or below it, and what
+            # can still advance it while paused (replication PINGs) reaches the replica as well.
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if heartbeat:
+                    heartbeat({"phase": "catch-up", "target": old_offset, "replica": new_at_pause})
+                ni = _repl(n)
+                if ni.get("master_replid") != oi["master_replid"] or _upstream(ni) != old_addr:
+                    raise SwitchoverError(f"{new_addr} stopped replicating from {old_addr} during the switchover")
+                current = _offset(ni)
+                if current >= old_offset:
+                    break
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{new_addr} at offset {current} did not reach {old_offset} "
+                                       f"within {timeout_s}s")
+                time.sleep(0.01)
+            promoted = True  # from here on, a failed REPLICAOF NO ONE may still have been applied
+            n.replicaof("NO", "ONE")
+            n.config_set("replica-priority", 100)
+        _replicate_from(o, new)
+        demoted = True
+    finally:
+        # Release old's clients unless that would make two writable masters: if new may be
+        # promoted but old is still master, the pause (which ends by itself) is the only fence.
+        if demoted or not promoted:
+            try:
+                o.client_unpause()
+            except _ERRORS:
+                if demoted:
+                    raise
+                log.warning("could not unpause %s; its pause ends by itself", old_addr)
+    ni = _repl(n)
+    fork = _fork_offset(ni)
+    return RedisSwitchover(
+        old=old_addr, new=new_addr, already_done=False, old_offset=old_offset, new_offset_at_pause=new_at_pause,
+        behind_bytes=None if new_at_pause is None else max(0, old_offset - new_at_pause), promoted_offset=fork,
+        lost_bytes=offset_gap(old_offset, fork) if fork is not None else None,
+        replid=ni["master_replid"], replid2=ni["master_replid2"],
+    )

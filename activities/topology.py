@@ -1,0 +1,52 @@
+"""What a runbook needs to know about the configuration, read on the control worker.
+
+Workflows cannot read files (determinism), so the config reaches them through this one
+activity; its result is in history and a replay sees the same topology.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from temporalio import activity
+
+from eagle_dr.config import EagleConfig
+
+
+class RegionInfo(BaseModel):
+    name: str
+    task_queue: str
+    configured_role: str
+    priority: int
+
+
+class Topology(BaseModel):
+    service: str
+    regions: list[RegionInfo]
+    control_task_queue: str
+    rto_target_seconds: float | None
+    rpo_target_seconds: float | None
+    cache_rpo_target_seconds: float | None
+    lab: bool
+
+    def region(self, name: str) -> RegionInfo | None:
+        return next((r for r in self.regions if r.name == name), None)
+
+    def other(self, name: str) -> RegionInfo:
+        return next(r for r in self.regions if r.name != name)
+
+
+class TopologyActivities:
+    def __init__(self, cfg: EagleConfig):
+        self.cfg = cfg
+
+    @activity.defn
+    def describe_topology(self) -> Topology:
+        o = self.cfg.objectives
+        secs = lambda d: d.total_seconds() if d is not None else None  # noqa: E731
+        return Topology(
+            service=self.cfg.service,
+            regions=[RegionInfo(name=r.name, task_queue=r.temporal.task_queue, configured_role=r.role,
+                                priority=r.priority) for r in self.cfg.regions],
+            control_task_queue=self.cfg.temporal.control_task_queue,
+            rto_target_seconds=secs(o.critical.rto), rpo_target_seconds=secs(o.critical.rpo),
+            cache_rpo_target_seconds=secs(o.cache.rpo), lab=self.cfg.routing.lab_file)

@@ -1,0 +1,153 @@
+"""Inputs and results of the runbooks: one typed object in, one report out.
+
+Inputs are what an operator types into the Temporal UI (one JSON object), so every field
+has a default where one is sensible, and unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Trigger(str, Enum):
+    manual = "manual"
+    automatic = "automatic"
+    alert = "alert"
+    drill = "drill"
+    schedule = "schedule"
+
+
+class DefaultAction(str, Enum):
+    abort = "abort"
+    proceed = "proceed"
+
+
+class ApprovalPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    required: bool = False
+    timeout_seconds: float = Field(default=900, gt=0, le=7 * 24 * 3600)
+    default_action: DefaultAction = DefaultAction.abort
+    # Drills approve themselves and say so in the report.
+    auto_approve_as: str | None = None
+
+
+class ApprovalDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    approver: str = Field(min_length=1, max_length=200)
+    decision: str
+    comment: str = Field(default="", max_length=2000)
+
+    @field_validator("decision")
+    @classmethod
+    def _decision(cls, v: str) -> str:
+        if v not in ("approve", "reject"):
+            raise ValueError("must be 'approve' or 'reject'")
+        return v
+
+
+class ApprovalRecord(BaseModel):
+    required: bool
+    outcome: str  # approved | rejected | timed-out-proceed | timed-out-abort | auto-approved | not-required
+    approver: str | None = None
+    comment: str | None = None
+    at: datetime | None = None
+
+
+class MoveInput(BaseModel):
+    """What failover and switchover both take."""
+
+    model_config = ConfigDict(extra="forbid")
+    service: str = Field(default="eagle-alert", min_length=1)
+    target_region: str = Field(min_length=1)
+    reason: str = Field(default="", max_length=2000)
+    trigger: Trigger = Trigger.manual
+    approval: ApprovalPolicy = ApprovalPolicy()
+    # When the problem was first seen (alert startsAt); RTO counts from here. Default: start.
+    detected_at: datetime | None = None
+    # Lab only: read the sample app's log to count lost acknowledged writes exactly.
+    measure_client_impact: bool = False
+
+
+class FailoverInput(MoveInput):
+    max_lag_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    force: bool = False
+
+
+class SwitchoverInput(MoveInput):
+    max_lag_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    catch_up_timeout_seconds: float = Field(default=300, gt=0)
+
+
+class StepRecord(BaseModel):
+    name: str
+    status: str = "pending"  # pending | running | done | skipped | failed
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    detail: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class Rto(BaseModel):
+    detected_at: datetime
+    decided_at: datetime | None = None
+    promotion_started_at: datetime | None = None
+    writable_at: datetime | None = None
+    serving_at: datetime | None = None
+    detection_to_decision_s: float | None = None
+    decision_to_writable_s: float | None = None
+    writable_to_serving_s: float | None = None
+    total_s: float | None = None
+    # The outage as the lab's clients saw it (last good write -> first good write).
+    client_outage_s: float | None = None
+    target_s: float | None = None
+    met: bool | None = None
+
+
+class Rpo(BaseModel):
+    lost_wal_bytes: int | None = None
+    wal_basis: str = ""
+    redis_offset_gap: int | None = None
+    acknowledged_writes_lost: int | None = None
+    acknowledged_writes_total: int | None = None
+    # How far back the lost writes reach: newest acknowledged write - oldest lost one.
+    loss_window_s: float | None = None
+    target_s: float | None = None
+    met: bool | None = None
+
+
+class Progress(BaseModel):
+    runbook: str
+    service: str
+    source_region: str | None
+    target_region: str
+    epoch: int | None
+    steps: list[StepRecord]
+    awaiting_approval: bool = False
+    outcome: str | None = None
+
+
+class RunbookResult(BaseModel):
+    runbook: str
+    workflow_id: str
+    run_id: str
+    service: str
+    source_region: str
+    target_region: str
+    epoch: int
+    outcome: str  # succeeded | degraded | aborted | failed
+    trigger: Trigger
+    reason: str
+    approval: ApprovalRecord
+    steps: list[StepRecord]
+    rto: Rto
+    rpo: Rpo
+    source_fenced: str | None = None
+    notes: list[str] = []
