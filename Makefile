@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SYSTEM_PACKAGES := postgresql redis-server redis-sentinel prometheus-alertmanager
 BENCH_PACKAGES  := patroni etcd-server
 
-.PHONY: setup system venv lab lab-down status test bench clean
+.PHONY: setup system venv lab lab-down drill status test bench clean
 
 setup: system venv
 
@@ -28,6 +28,12 @@ $(VENV)/.installed: pyproject.toml
 
 lab: setup
 	$(BIN)/eagle-dr lab up
+
+# The whole DR drill on a fresh lab: switchover, a real outage, detection, failover, report.
+drill: setup
+	$(BIN)/eagle-dr lab reset
+	$(BIN)/eagle-dr lab up
+	$(BIN)/eagle-dr drill
 
 lab-down:
 	$(BIN)/eagle-dr lab down

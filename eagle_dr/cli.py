@@ -170,6 +170,13 @@ def lab_down(keep_temporal: bool = typer.Option(False, "--keep-temporal")):
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
+@lab_app.command("reset")
+def lab_reset():
+    """Stop the lab and discard its data (Temporal history is kept)."""
+    _lab().reset()
+    out.print("lab reset: the next `eagle-dr lab up` starts from a fresh primary and standby")
+
+
 @lab_app.command("status")
 def lab_status(as_json: bool = typer.Option(False, "--json")):
     """Which lab processes run."""
@@ -255,6 +262,8 @@ async def _follow(handle, c: EagleConfig) -> object:
     from rich.live import Live
     from rich.table import Table
 
+    from workflows.models import Progress
+
     def table(p) -> Table:
         t = Table(title=f"{p.runbook} {p.service}: {p.source_region or '?'} -> {p.target_region}"
                   + (f"  epoch {p.epoch}" if p.epoch is not None else "")
@@ -272,12 +281,12 @@ async def _follow(handle, c: EagleConfig) -> object:
     with Live(console=out, refresh_per_second=4) as live:
         while not result_task.done():
             try:
-                live.update(table(await handle.query("progress")))
+                live.update(table(await handle.query("progress", result_type=Progress)))
             except Exception:  # noqa: BLE001 - not started yet, or finished between calls
                 pass
             await asyncio.wait([result_task], timeout=0.5)
         try:
-            live.update(table(await handle.query("progress")))
+            live.update(table(await handle.query("progress", result_type=Progress)))
         except Exception:  # noqa: BLE001
             pass
     return result_task.result()

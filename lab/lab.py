@@ -267,6 +267,19 @@ class Lab:
         self.start_worker(region)
         return other.name
 
+    def reset(self) -> None:
+        """Stop the lab and throw away its regions' data and the app's log (secrets,
+        Temporal history and search attributes stay): the next ``up`` starts clean."""
+        import shutil
+
+        self.down()
+        for path in (self.state / "regions", self.state / "sentinels", self.state / "app", self.state / "s3",
+                     self.state / "routing.json"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
     # -- teardown and status ---------------------------------------------------------------------
 
     def down(self) -> list[str]:

@@ -120,11 +120,7 @@ class FailoverWorkflow(Runbook):
         async with self.step("approval") as st:
             approval = await self.gate(inp.approval, f"fail over {inp.service} to {target}")
             st.detail = approval.outcome + (f" by {approval.approver}" if approval.approver else "")
-            if approval.outcome in ("rejected", "timed-out-abort"):
-                self.finish("aborted")
-                raise ApplicationError(f"failover aborted: approval {approval.outcome}"
-                                       + (f" by {approval.approver}: {approval.comment}" if approval.approver else ""),
-                                       type="Aborted", non_retryable=True)
+            self.stop_unless_approved(approval)
         decided_at = workflow.now()
 
         async with self.step("fence old primary") as st:

@@ -125,6 +125,13 @@ class Runbook:
         if self.awaiting_approval and self.decision is None:
             self.decision = decision
 
+    def stop_unless_approved(self, approval: ApprovalRecord) -> None:
+        if approval.outcome in ("rejected", "timed-out-abort"):
+            self.finish("aborted")
+            who = f" by {approval.approver}: {approval.comment}" if approval.approver else ""
+            raise ApplicationError(f"{self.runbook} aborted: approval {approval.outcome}{who}", type="Aborted",
+                                   non_retryable=True)
+
     async def gate(self, policy: ApprovalPolicy, what: str) -> ApprovalRecord:
         if not policy.required:
             return ApprovalRecord(required=False, outcome="not-required")

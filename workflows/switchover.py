@@ -93,10 +93,7 @@ class SwitchoverWorkflow(Runbook):
         async with self.step("approval") as st:
             approval = await self.gate(inp.approval, f"switch {inp.service} over to {target}")
             st.detail = approval.outcome + (f" by {approval.approver}" if approval.approver else "")
-            if approval.outcome in ("rejected", "timed-out-abort"):
-                self.finish("aborted")
-                raise ApplicationError(f"switchover aborted: approval {approval.outcome}", type="Aborted",
-                                       non_retryable=True)
+            self.stop_unless_approved(approval)
         decided_at = workflow.now()
 
         async with self.step("stop writes on old primary") as st:

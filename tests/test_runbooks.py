@@ -1,0 +1,311 @@
+"""Failover, switchover and the drill, on the real lab.
+
+The tests run in file order and each leaves the lab in a known topology for the next:
+guards and approvals change nothing; the approved switchover moves the primary to B; the
+forced failover brings it back to A; the unplanned failover moves it to B after a real
+outage of A; the crash test switches back to A; the drill ends with A primary, B down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import psycopg
+import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+
+from activities.postgres.epoch import epoch_history, read_epoch
+from activities.postgres.promote import promote
+from activities.postgres.status import pg_status
+from activities.redis.status import redis_status
+from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
+from lab.app import write_log
+from lab.processes import children, read_pid
+from tests.histories import record
+from workflows.drill import DrillInput
+from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, Progress, SwitchoverInput
+from workflows.switchover import SwitchoverWorkflow
+
+
+def _names(lab):
+    return lab.cfg.primary.name, lab.cfg.secondary.name
+
+
+def _primary(lab) -> str:
+    return next(r.name for r in lab.cfg.regions if pg_status(r.postgres).role == "primary")
+
+
+async def _until(pred, timeout: float, what: str, interval: float = 0.05):
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = await pred()
+        if v:
+            return v
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _progress(handle):
+    try:
+        return await handle.query("progress", result_type=Progress)
+    except Exception:  # noqa: BLE001 - not started yet
+        return None
+
+
+def _startup_pid(lab, region: str) -> int:
+    """The standby's startup (WAL replay) process: SIGSTOP it to make replay lag."""
+    for pid in children(lab.postgres(region).pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"startup" in f.read():
+                    return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no startup process under {region}'s postmaster")
+
+
+def _write_bulk(lab, region: str, rows: int = 4000) -> None:
+    base = 10**12 + int(uuid.uuid4().int % 10**9) * 10**4
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("insert into alerts (id, region, payload) select g, %s, jsonb_build_object('pad', repeat('x', 400)) "
+                     "from generate_series(%s::bigint, %s::bigint) g", (region, base, base + rows))
+
+
+def _lag_bytes(lab, primary: str) -> int:
+    st = pg_status(lab.cfg.region(primary).postgres)
+    return max((x.lag_bytes or 0) for x in st.replicas) if st.replicas else 0
+
+
+async def _fails_with(client, lab, wf: str, raw) -> ApplicationError:
+    with pytest.raises(WorkflowFailureError) as e:
+        await client.execute_workflow(wf, raw, id=f"test-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    assert isinstance(e.value.cause, ApplicationError), e.value.cause
+    assert e.value.cause.non_retryable
+    return e.value.cause
+
+
+# -- guards: nothing changes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, field, reason", [
+    ({"target_region": "eu-north-9"}, "target_region", "unknown region 'eu-north-9'"),
+    ({"target_region": "us-east-1"}, "target_region", "already the primary"),
+    ({"target_region": "us-west-2", "max_lag_bytes": "lots"}, "max_lag_bytes", "valid integer"),
+    ({"target_region": "us-west-2", "trigger": "panic"}, "trigger", "Input should be"),
+    ({"target": "us-west-2"}, "target_region", "Field required"),
+])
+async def test_bad_runbook_input_fails_at_once(lab, client, raw, field, reason):
+    err = await _fails_with(client, lab, "FailoverWorkflow", raw)
+    assert err.type == "InvalidInput" and field in err.message and reason in err.message, err.message
+    assert _primary(lab) == lab.cfg.primary.name
+
+
+async def test_lag_guard_refuses_failover(lab, client):
+    a, b = _names(lab)
+    startup = _startup_pid(lab, b)
+    os.kill(startup, signal.SIGSTOP)
+    try:
+        _write_bulk(lab, a)
+        assert _lag_bytes(lab, a) > 4096
+        before = read_epoch(lab.cfg.region(a).postgres, lab.cfg.service).epoch
+        err = await _fails_with(client, lab, "FailoverWorkflow", {"target_region": b, "max_lag_bytes": 4096})
+        assert err.type == "LagTooHigh" and "exceeds max_lag_bytes 4096" in err.message and "force" in err.message
+        assert _primary(lab) == a and pg_status(lab.cfg.region(b).postgres).role == "standby"
+        assert read_epoch(lab.cfg.region(a).postgres, lab.cfg.service).epoch == before
+    finally:
+        os.kill(startup, signal.SIGCONT)
+
+
+async def test_second_request_is_rejected_then_approval_rejects(lab, client):
+    a, b = _names(lab)
+    inp = SwitchoverInput(service=lab.cfg.service, target_region=b,
+                          approval=ApprovalPolicy(required=True, timeout_seconds=600))
+    handle = await start_move(client, lab.cfg, inp)
+    await _until(lambda: _awaiting(handle), 30, "the approval gate")
+    with pytest.raises(AlreadyInProgress) as e:
+        await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b))
+    assert e.value.workflow_id == handle.id and f"already in progress: {handle.id}" in str(e.value)
+    await handle.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="bob", decision="reject",
+                                                                             comment="not during peak"))
+    with pytest.raises(WorkflowFailureError) as f:
+        await handle.result()
+    assert "approval rejected by bob: not during peak" in f.value.cause.message
+    await record(handle, "switchover-rejected")
+    assert _primary(lab) == a
+
+
+async def _awaiting(handle):
+    p = await _progress(handle)
+    return p is not None and p.awaiting_approval
+
+
+async def test_approval_timeout_takes_the_default_action(lab, client):
+    _, b = _names(lab)
+    inp = SwitchoverInput(service=lab.cfg.service, target_region=b,
+                          approval=ApprovalPolicy(required=True, timeout_seconds=1, default_action="abort"))
+    handle = await start_move(client, lab.cfg, inp)
+    with pytest.raises(WorkflowFailureError) as e:
+        await handle.result()
+    assert "timed-out-abort" in e.value.cause.message
+    assert _primary(lab) == lab.cfg.primary.name
+
+
+# -- moves ---------------------------------------------------------------------------------------------
+
+
+async def test_switchover_under_load_loses_nothing(lab, client):
+    a, b = _names(lab)
+    lab.start_app()
+    try:
+        await _until(_async(lambda: len(write_log(lab.cfg).acknowledged()) > 20), 30, "sample app traffic")
+        inp = SwitchoverInput(service=lab.cfg.service, target_region=b, measure_client_impact=True,
+                              approval=ApprovalPolicy(required=True, timeout_seconds=600))
+        handle = await start_move(client, lab.cfg, inp)
+        await _until(lambda: _awaiting(handle), 30, "the approval gate")
+        await handle.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="alice", decision="approve",
+                                                                                 comment="drill window"))
+        result = await handle.result()
+        await record(handle, "switchover-approved")
+        # The app follows routing to B and keeps writing there.
+        marker = len(write_log(lab.cfg).acknowledged())
+        await _until(_async(lambda: any(w.ok and w.region == b for w in write_log(lab.cfg).entries()[marker - 1:])),
+                     30, "acknowledged writes in the new region")
+    finally:
+        lab.stop_app()
+    assert result.outcome == "succeeded", result
+    assert result.approval.outcome == "approved" and result.approval.approver == "alice"
+    assert result.rpo.acknowledged_writes_lost == 0 and result.rpo.acknowledged_writes_total > 20
+    # Independently of the runbook: every acknowledged id is on the new primary.
+    acked = write_log(lab.cfg).acknowledged()
+    with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
+        present = conn.execute("select count(*) from alerts where id = any(%s)", (acked,)).fetchone()[0]
+    assert present == len(acked)
+    assert pg_status(lab.cfg.region(b).postgres).role == "primary"
+    old = pg_status(lab.cfg.region(a).postgres)
+    assert old.role == "standby" and old.receiver_status == "streaming"
+    assert redis_status(lab.cfg.region(b).redis).role == "master"
+    assert redis_status(lab.cfg.region(a).redis).role == "slave"
+    assert lab.router.active_region() == b
+    assert [s.status for s in result.steps] == ["done"] * len(result.steps)
+
+
+def _async(fn):
+    async def run():
+        return fn()
+    return run
+
+
+async def test_forced_failover_past_the_lag_guard(lab, client):
+    a, b = _names(lab)
+    assert _primary(lab) == b
+    startup = _startup_pid(lab, a)
+    os.kill(startup, signal.SIGSTOP)
+    try:
+        _write_bulk(lab, b)
+        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=a,
+                                                                 max_lag_bytes=1, force=True, reason="forced test"))
+
+        async def promoting():
+            p = await _progress(handle)
+            return p is not None and any(s.name == "promote" for s in p.steps)
+
+        await _until(promoting, 60, "the promote step")
+    finally:
+        os.kill(startup, signal.SIGCONT)
+    result = await handle.result()
+    await record(handle, "failover-forced")
+    assert result.outcome == "succeeded"
+    assert any("forced past lag guard" in n for n in result.notes)
+    assert result.source_fenced == "stop"
+    assert pg_status(lab.cfg.region(a).postgres).role == "primary"
+    assert not pg_status(lab.cfg.region(b).postgres).reachable  # fenced by stopping it
+    lab.rebuild_standby(b)
+    lab.wait_replication()
+
+
+async def test_unplanned_failover_after_region_loss(lab, client):
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    lab.start_app()
+    try:
+        await _until(_async(lambda: len(write_log(lab.cfg).acknowledged()) > 20), 30, "sample app traffic")
+        killed = lab.kill_region(a)
+        assert {"postgres", "redis", "worker"} <= set(killed)
+        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                                 trigger="alert", reason="region lost",
+                                                                 measure_client_impact=True))
+        result = await handle.result()
+        await record(handle, "failover-unplanned")
+        marker = len(write_log(lab.cfg).entries())
+        await _until(_async(lambda: any(w.ok and w.region == b for w in write_log(lab.cfg).entries()[marker:])),
+                     30, "the app writing in the new region")
+    finally:
+        lab.stop_app()
+    assert result.outcome == "succeeded", result
+    assert pg_status(lab.cfg.region(b).postgres).role == "primary"
+    assert redis_status(lab.cfg.region(b).redis).role == "master"
+    assert lab.router.active_region() == b
+    assert result.source_fenced is None  # the old region was dead: recorded as unfenced
+    assert any("NOT fenced" in n for n in result.notes)
+    # The RPO the runbook reports is what is actually missing.
+    entries = write_log(lab.cfg).entries()
+    acked_before = [w.id for w in entries if w.ok and w.region == a]
+    with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
+        present = conn.execute("select count(*) from alerts where id = any(%s)", (acked_before,)).fetchone()[0]
+    assert result.rpo.acknowledged_writes_lost == len(acked_before) - present
+    assert result.rto.total_s is not None and result.rto.met
+    lab.rebuild_standby(a)
+    lab.wait_replication()
+
+
+async def test_control_worker_killed_during_promotion(lab, client):
+    a, b = _names(lab)
+    assert _primary(lab) == b
+    timeline_before = pg_status(lab.cfg.region(a).postgres).timeline
+    epoch_before = read_epoch(lab.cfg.region(b).postgres, lab.cfg.service).epoch
+    handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))
+
+    async def promoting():
+        p = await _progress(handle)
+        return p is not None and p.steps and p.steps[-1].name == "promote"
+
+    await _until(promoting, 60, "the promote step", interval=0.01)
+    control_pid = read_pid(lab.worker_pidfile(None))
+    os.kill(control_pid, signal.SIGKILL)
+    lab.start_worker(None)
+    result = await handle.result()
+    await record(handle, "switchover-control-crash")
+    assert result.outcome == "succeeded"
+    st = pg_status(lab.cfg.region(a).postgres)
+    assert st.role == "primary" and st.timeline == timeline_before + 1  # promoted exactly once
+    history = [e for e in epoch_history(lab.cfg.region(a).postgres, lab.cfg.service) if e.epoch > epoch_before]
+    assert [(e.epoch, e.workflow_id) for e in history] == [(epoch_before + 1, handle.id)]
+    # Promoting a node that is already primary is a no-op success.
+    assert promote(lab.cfg.region(a).postgres, timeout_s=10).already_primary
+
+
+async def test_drill(lab, client):
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    lab.start_app()
+    try:
+        await _until(_async(lambda: len(write_log(lab.cfg).acknowledged()) > 10), 30, "sample app traffic")
+        handle = await start_drill(client, lab.cfg, DrillInput(service=lab.cfg.service))
+        report = await handle.result()
+        await record(handle, "drill")
+    finally:
+        lab.stop_app()
+    assert report.primary_before == a and report.outage_region == b
+    assert report.switchover.outcome == "succeeded" and report.switchover.rpo.acknowledged_writes_lost == 0
+    assert report.switchover.approval.outcome == "auto-approved"
+    assert report.failover.outcome == "succeeded"
+    assert report.failover.rpo.acknowledged_writes_lost is not None
+    assert pg_status(lab.cfg.region(a).postgres).role == "primary"
+    assert not pg_status(lab.cfg.region(b).postgres).reachable
+    assert lab.router.active_region() == a
