@@ -47,5 +47,11 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
+# Not a test: timings beside Patroni + etcd measured in the same run (Debian packages).
+bench: setup
+	@for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	$(BIN)/python -m bench.failover --runs $${RUNS:-5}
+
 clean: lab-down
 	rm -rf .eagle-dr

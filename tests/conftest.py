@@ -13,40 +13,109 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import yaml
 
-from eagle_dr.config import DEFAULT_CONFIG, EagleConfig, load_config
+from eagle_dr.config import EagleConfig, load_config
+from lab.ports import write_shifted_config
 
 # Below the ephemeral range (32768+), where outgoing connections could take a listen port.
 PORT_SHIFT = 2000
-_PORT_KEYS = {"port", "s3_port", "s3_base_port", "grpc_port", "ui_port", "http_port", "metrics_port"}
-
-
-def _shift(doc, shift: int):
-    if isinstance(doc, dict):
-        out = {}
-        for k, v in doc.items():
-            if k in _PORT_KEYS and isinstance(v, int):
-                out[k] = v + shift
-            elif k in ("endpoint_url", "ui_url") and isinstance(v, str):
-                host, _, port = v.rpartition(":")
-                out[k] = f"{host}:{int(port) + shift}"
-            else:
-                out[k] = _shift(v, shift)
-        return out
-    if isinstance(doc, list):
-        return [_shift(v, shift) for v in doc]
-    return doc
 
 
 def write_test_config(directory: Path, shift: int = PORT_SHIFT, **overrides) -> Path:
-    doc = _shift(yaml.safe_load(DEFAULT_CONFIG.read_text()), shift)
-    doc["lab"]["state_dir"] = str(directory / "state")
-    for key, value in overrides.items():
-        doc[key] = value
-    path = directory / "eagle-dr.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return write_shifted_config(directory, shift, **overrides)
+
+
+TEST_LAB_DIR = Path(__file__).resolve().parent.parent / ".eagle-dr-test"
+
+
+def _stop_leftovers(d: Path) -> None:
+    """A test run killed before its teardown leaves servers behind: stop them by their pid files."""
+    cfg_path = d / "eagle-dr.yaml"
+    if not cfg_path.exists():
+        return
+    from eagle_dr.devserver import DevServer
+    from lab.lab import Lab
+
+    cfg = load_config(cfg_path, env={})
+    Lab(cfg).down()
+    DevServer(cfg).down()
+
+
+@pytest.fixture(scope="session")
+def lab_dir():
+    """A fixed place, so the next run can find and stop what a killed run left behind."""
+    d = TEST_LAB_DIR
+    _stop_leftovers(d)
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    # The lab's servers run as an unprivileged user that must reach the state directory.
+    os.chmod(d, 0o755)
+    yield d
+
+
+@pytest.fixture(scope="session")
+def lab_config_path(lab_dir) -> Path:
+    return write_test_config(lab_dir)
+
+
+@pytest.fixture(scope="session")
+def lab_cfg(lab_config_path) -> EagleConfig:
+    return load_config(lab_config_path, env={})
+
+
+@pytest.fixture(scope="session")
+def dev_server(lab_cfg):
+    from eagle_dr.devserver import DevServer
+
+    ds = DevServer(lab_cfg)
+    ds.up()
+    yield ds
+    ds.down()
+
+
+@pytest.fixture(scope="session")
+def lab(lab_cfg, lab_config_path, dev_server):
+    """PostgreSQL A->B, Redis + 3 Sentinels, SeaweedFS, regional and control workers."""
+    from lab.lab import Lab
+
+    lab = Lab(lab_cfg, str(lab_config_path))
+    try:
+        lab.up_servers()
+        lab.wait_replication()
+        lab.start_workers()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def client(dev_server):
+    from eagle_dr.temporal import connect
+
+    return await connect(target_host=dev_server.address)
+
+
+# -- the SDK's crash at interpreter exit (sdk-python#300): leave with pytest's own status ----
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[0])
+# Below the ephemeral range (32768+), where outgoing connections could take a listen port.
+PORT_SHIFT = 2000
+
+
+def write_test_config(directory: Path, shift: int = PORT_SHIFT, **overrides) -> Path:
+    return write_shifted_config(directory, shift, **overrides)
 
 
 TEST_LAB_DIR = Path(__file__).resolve().parent.parent / ".eagle-dr-test"

@@ -3,7 +3,8 @@
 The tests run in file order and each leaves the lab in a known topology for the next:
 guards and approvals change nothing; the approved switchover moves the primary to B; the
 forced failover brings it back to A; the unplanned failover moves it to B after a real
-outage of A; the crash test switches back to A; the drill ends with A primary, B down.
+outage of A; the crash test switches back to A; the monitor detects A's loss and fails
+over to B; the drill then switches to A, kills it and fails back to B.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from activities.postgres.status import pg_status
 from activities.redis.status import redis_status
 from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
 from lab.app import write_log
-from lab.processes import children, read_pid
+from lab.processes import children, kill_tree, read_pid
 from tests.histories import record
 from workflows.drill import DrillInput
+from workflows.monitor import MonitorInput, MonitorWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, Progress, SwitchoverInput
 from workflows.switchover import SwitchoverWorkflow
 
@@ -276,8 +278,7 @@ async def test_control_worker_killed_during_promotion(lab, client):
         return p is not None and p.steps and p.steps[-1].name == "promote"
 
     await _until(promoting, 60, "the promote step", interval=0.01)
-    control_pid = read_pid(lab.worker_pidfile(None))
-    os.kill(control_pid, signal.SIGKILL)
+    assert kill_tree(read_pid(lab.worker_pidfile(None)))  # kill -9, and wait until it is gone
     lab.start_worker(None)
     result = await handle.result()
     await record(handle, "switchover-control-crash")
@@ -290,8 +291,33 @@ async def test_control_worker_killed_during_promotion(lab, client):
     assert promote(lab.cfg.region(a).postgres, timeout_s=10).already_primary
 
 
-async def test_drill(lab, client):
+async def test_monitor_detects_region_loss_and_fails_over(lab, client):
     a, b = _names(lab)
+    assert _primary(lab) == a
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=3,
+                                          auto_failover=True, stop_after_failover=True),
+        id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+
+    async def watching():
+        p = await _progress(handle)
+        return p is not None and p.target_region == a
+
+    await _until(watching, 30, "the monitor to watch the primary")
+    lab.kill_region(a)
+    report = await handle.result()
+    await record(handle, "monitor-auto-failover")
+    assert report.watched_region == a
+    assert report.first_failure_at <= report.detected_at
+    assert report.failover.outcome == "succeeded" and report.failover.trigger == "automatic"
+    assert report.failover.rto.detected_at == report.first_failure_at
+    assert pg_status(lab.cfg.region(b).postgres).role == "primary"
+    lab.rebuild_standby(a)
+    lab.wait_replication()
+
+
+async def test_drill(lab, client):
+    b, a = _names(lab)  # after the monitor's failover B is primary: the drill moves to A and back
     assert _primary(lab) == a
     lab.start_app()
     try:

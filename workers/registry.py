@@ -18,9 +18,10 @@ from eagle_dr.config import EagleConfig
 from workflows.drill import DrillWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
+from workflows.monitor import MonitorWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
-WORKFLOWS = [HealthCheckWorkflow, FailoverWorkflow, SwitchoverWorkflow, DrillWorkflow]
+WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, DrillWorkflow]
 
 
 def _methods(obj, *names: str) -> list:

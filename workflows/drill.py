@@ -113,7 +113,8 @@ class DrillWorkflow(Runbook):
             failover: RunbookResult = await workflow.execute_child_workflow(
                 FailoverWorkflow.run, FailoverInput(service=inp.service, target_region=a, trigger=Trigger.drill,
                                                     reason=f"DR drill: region {b} killed", approval=auto,
-                                                    detected_at=outage_at, measure_client_impact=True),
+                                                    detected_at=outage_at, measure_client_impact=True,
+                                                    source_known_down=True),
                 id=move_id(inp.service), task_queue=control,
                 static_summary=f"Drill: failover {inp.service} {b} -> {a}")
             st.detail = f"{failover.outcome}; RTO {failover.rto.total_s:.1f}s"

@@ -89,12 +89,15 @@ class FailoverWorkflow(Runbook):
                 raise ApplicationError(f"target {target} Redis is unreachable: {t_health.redis.error}",
                                        type="TargetUnhealthy", non_retryable=True)
             s_health = None
-            try:
-                # A dead region's worker never picks this up: give it a few seconds, then move on.
-                s_health = await self.act(HealthActivities.probe_region, source, queue=sq, timeout=15,
-                                          schedule_to_start=5, attempts=1)
-            except ActivityError:
-                notes.append(f"source region {source} worker did not answer the preflight probe")
+            if inp.source_known_down:
+                notes.append(f"source region {source} was declared down by failed health probes")
+            else:
+                try:
+                    # A dead region's worker never picks this up: give it a few seconds, then move on.
+                    s_health = await self.act(HealthActivities.probe_region, source, queue=sq, timeout=15,
+                                              schedule_to_start=5, attempts=1)
+                except ActivityError:
+                    notes.append(f"source region {source} worker did not answer the preflight probe")
             source_lsn = s_health.postgres.lsn if s_health and s_health.postgres.role == "primary" else None
             if source_lsn:
                 lag = lsn_diff(source_lsn, t_health.postgres.lsn)

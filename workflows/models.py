@@ -74,6 +74,9 @@ class MoveInput(BaseModel):
 class FailoverInput(MoveInput):
     max_lag_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
     force: bool = False
+    # Set by the monitor (and the drill) after failed probes: don't spend the preflight's
+    # few seconds asking the dead region's worker again; fencing still tries the network.
+    source_known_down: bool = False
 
 
 class SwitchoverInput(MoveInput):

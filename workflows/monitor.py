@@ -1,0 +1,124 @@
+"""Health monitoring: watch the primary region and, when allowed, fail over by itself.
+
+Every ``interval`` the primary region's own worker probes its PostgreSQL. A probe that
+fails, or that no worker picks up within the interval (the region's worker is gone with
+it), counts as a failure; ``failure_threshold`` failures in a row declare the region
+down. Then, with ``auto_failover``, the monitor starts the failover runbook (same
+single-flight id as a human would) with ``detected_at`` set to the first failed probe;
+without it, it records the outage in its search attributes and details for alerting.
+
+The loop continues as new every ``iterations_per_run`` probes to keep history short.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.health import HealthActivities
+    from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
+    from workflows.drill import move_id
+    from workflows.failover import FailoverWorkflow, load_topology
+    from workflows.models import FailoverInput, RunbookResult, Trigger
+    from workflows.runbook import Runbook
+    from workflows.validation import RawInput, validated
+
+
+class MonitorInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    service: str = "eagle-alert"
+    interval_seconds: float = Field(default=10, gt=0, le=3600)
+    failure_threshold: int = Field(default=3, ge=1, le=100)
+    auto_failover: bool = False
+    max_lag_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    # Stop after one automatic failover (benchmarks, drills) instead of watching the new primary.
+    stop_after_failover: bool = False
+    iterations_per_run: int = Field(default=500, ge=1)
+    primary_region: str | None = None
+
+
+class MonitorReport(BaseModel):
+    service: str
+    watched_region: str
+    first_failure_at: datetime | None = None
+    detected_at: datetime | None = None
+    failover: RunbookResult | None = None
+
+
+@workflow.defn
+class MonitorWorkflow(Runbook):
+    runbook = "monitor"
+
+    @workflow.run
+    async def run(self, raw: RawInput) -> MonitorReport:
+        inp = validated(MonitorInput, raw)
+        control = workflow.info().task_queue
+        self.service = inp.service
+        workflow.upsert_search_attributes([DR_RUNBOOK.value_set("monitor"), DR_SERVICE.value_set(inp.service),
+                                           DR_TRIGGER.value_set("automatic" if inp.auto_failover else "schedule")])
+        topo = await load_topology(self, control)
+        primary = inp.primary_region or await self._find_primary(topo)
+        self.target_region = primary
+        interval = timedelta(seconds=inp.interval_seconds)
+        failures, first_failure = 0, None
+        for _ in range(inp.iterations_per_run):
+            started = workflow.now()
+            ok, why = await self._probe(topo.region(primary).task_queue, primary, inp.interval_seconds)
+            if ok:
+                failures, first_failure = 0, None
+            else:
+                failures += 1
+                first_failure = first_failure or started
+                workflow.set_current_details(f"{primary}: {failures}/{inp.failure_threshold} failed probes ({why})")
+            if failures >= inp.failure_threshold:
+                return await self._region_down(inp, topo, primary, first_failure)
+            elapsed = workflow.now() - started
+            if elapsed < interval:
+                await workflow.sleep(interval - elapsed)
+        workflow.continue_as_new(inp.model_copy(update={"primary_region": primary}))
+
+    async def _find_primary(self, topo) -> str:
+        for r in topo.regions:
+            try:
+                health = await self.act(HealthActivities.probe_region, r.name, queue=r.task_queue, timeout=30,
+                                        schedule_to_start=30, attempts=2)
+            except ActivityError:
+                continue
+            if health.postgres.role == "primary":
+                return r.name
+        return next(r.name for r in topo.regions if r.configured_role == "primary")
+
+    async def _probe(self, queue: str, region: str, budget: float) -> tuple[bool, str]:
+        try:
+            health = await self.act(HealthActivities.probe_region, region, queue=queue, timeout=budget,
+                                    schedule_to_start=budget, attempts=1)
+        except ActivityError as e:
+            return False, f"worker did not answer: {e.cause or e}"
+        if health.postgres.role != "primary":
+            return False, health.postgres.error or f"postgres is {health.postgres.role}"
+        return True, ""
+
+    async def _region_down(self, inp: MonitorInput, topo, primary: str, first_failure) -> MonitorReport:
+        detected = workflow.now()
+        report = MonitorReport(service=inp.service, watched_region=primary, first_failure_at=first_failure,
+                               detected_at=detected)
+        if not inp.auto_failover:
+            workflow.upsert_search_attributes([DR_OUTCOME.value_set("primary-down")])
+            workflow.set_current_details(f"**{primary} is DOWN** since {first_failure}; automatic failover is off")
+            return report
+        target = topo.other(primary).name
+        workflow.set_current_details(f"**{primary} is DOWN**: failing over to {target}")
+        report.failover = await workflow.execute_child_workflow(
+            FailoverWorkflow.run, FailoverInput(service=inp.service, target_region=target, trigger=Trigger.automatic,
+                                                reason=f"{primary} failed {inp.failure_threshold} health probes",
+                                                detected_at=first_failure, max_lag_bytes=inp.max_lag_bytes,
+                                                source_known_down=True),
+            id=move_id(inp.service), task_queue=workflow.info().task_queue,
+            static_summary=f"automatic failover {inp.service} {primary} -> {target}")
+        if inp.stop_after_failover:
+            return report
+        workflow.continue_as_new(inp.model_copy(update={"primary_region": target}))
