@@ -41,6 +41,12 @@ class Outage(BaseModel):
     at: datetime
 
 
+class AckedRequest(BaseModel):
+    region: str
+    # Only writes acknowledged from here on (None: all of them).
+    since: datetime | None = None
+
+
 class MarkRequest(BaseModel):
     since: datetime
     region: str
@@ -63,11 +69,13 @@ class LabHooks:
         return Outage(region=region, killed=self._lab().kill_region(region), at=at)
 
     @activity.defn
-    def count_missing_acked_writes(self, region: str) -> AckedWrites:
+    def count_missing_acked_writes(self, req: AckedRequest) -> AckedWrites:
         """Acknowledged ids (the app's fsync'd log) absent from ``region``'s database."""
         from lab.app import write_log
 
-        entries = [w for w in write_log(self.cfg).entries() if w.ok]
+        region = req.region
+        since = req.since.timestamp() if req.since else 0.0
+        entries = [w for w in write_log(self.cfg).entries() if w.ok and w.t >= since]
         acked = [w.id for w in entries]
         if not acked:
             return AckedWrites(region=region, acknowledged=0, missing=0)

@@ -25,11 +25,15 @@ def _write_private(path: Path, text: str, user: LabUser) -> None:
     user.own(path)
 
 
-class RedisNode:
+class _RedisProcess:
+    """What a Redis data node and a Sentinel share: a daemonized redis binary, a pid file, AUTH."""
+
+    conf_name = pid_name = ""
+
     def __init__(self, host: str, port: int, directory: Path, user: LabUser, password: str, name: str):
         self.host, self.port, self.dir, self.user, self.password, self.name = host, port, directory, user, password, name
-        self.conf = directory / "redis.conf"
-        self.pidfile = directory / "redis.pid"
+        self.conf = directory / self.conf_name
+        self.pidfile = directory / self.pid_name
 
     @property
     def pid(self) -> int | None:
@@ -41,6 +45,18 @@ class RedisNode:
     def client(self) -> redis.Redis:
         return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=3,
                            socket_connect_timeout=3, decode_responses=True)
+
+    def _launch(self, binary: str) -> None:
+        subprocess.run([binaries.ensure(binary)[binary], str(self.conf)], check=True, capture_output=True,
+                       **self.user.popen_kwargs())
+        wait_for(lambda: self.client().ping(), 20, f"{self.name} on port {self.port}")
+
+    def kill(self) -> list[int]:
+        return kill_tree(self.pid)
+
+
+class RedisNode(_RedisProcess):
+    conf_name, pid_name = "redis.conf", "redis.pid"
 
     def write_config(self, replica_of: tuple[str, int] | None) -> None:
         make_dir(self.dir, self.user, 0o700)
@@ -64,30 +80,11 @@ class RedisNode:
             return
         if not self.conf.exists():
             self.write_config(replica_of)
-        subprocess.run([binaries.ensure("redis-server")["redis-server"], str(self.conf)], check=True,
-                       capture_output=True, **self.user.popen_kwargs())
-        wait_for(lambda: self.client().ping(), 20, f"redis {self.name} on port {self.port}")
-
-    def kill(self) -> list[int]:
-        return kill_tree(self.pid)
+        self._launch("redis-server")
 
 
-class SentinelNode:
-    def __init__(self, host: str, port: int, directory: Path, user: LabUser, password: str, name: str):
-        self.host, self.port, self.dir, self.user, self.password, self.name = host, port, directory, user, password, name
-        self.conf = directory / "sentinel.conf"
-        self.pidfile = directory / "sentinel.pid"
-
-    @property
-    def pid(self) -> int | None:
-        return read_pid(self.pidfile)
-
-    def running(self) -> bool:
-        return is_running(self.pid)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=3,
-                           socket_connect_timeout=3, decode_responses=True)
+class SentinelNode(_RedisProcess):
+    conf_name, pid_name = "sentinel.conf", "sentinel.pid"
 
     def write_config(self, master_name: str, master: tuple[str, int], quorum: int, down_after_ms: int) -> None:
         make_dir(self.dir, self.user, 0o700)
@@ -108,9 +105,4 @@ class SentinelNode:
     def start(self) -> None:
         if self.running():
             return
-        subprocess.run([binaries.ensure("redis-sentinel")["redis-sentinel"], str(self.conf)], check=True,
-                       capture_output=True, **self.user.popen_kwargs())
-        wait_for(lambda: self.client().ping(), 20, f"sentinel {self.name} on port {self.port}")
-
-    def kill(self) -> list[int]:
-        return kill_tree(self.pid)
+        self._launch("redis-sentinel")

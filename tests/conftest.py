@@ -6,13 +6,17 @@ state directory, so it never collides with a developer's running ``make lab``.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from moto.server import ThreadedMotoServer
 
 from eagle_dr.config import EagleConfig, load_config
 from lab.ports import write_shifted_config
@@ -88,97 +92,32 @@ def lab(lab_cfg, lab_config_path, dev_server):
         lab.down()
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def client(dev_server):
-    from eagle_dr.temporal import connect
-
-    return await connect(target_host=dev_server.address)
+# -- moto: the Route 53 API over HTTP --------------------------------------------------------------
 
 
-# -- the SDK's crash at interpreter exit (sdk-python#300): leave with pytest's own status ----
-
-_exit_status: list[int] = []
-
-
-def pytest_sessionfinish(session, exitstatus):
-    _exit_status.append(int(exitstatus))
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config):
-    if _exit_status:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_exit_status[0])
-# Below the ephemeral range (32768+), where outgoing connections could take a listen port.
-PORT_SHIFT = 2000
-
-
-def write_test_config(directory: Path, shift: int = PORT_SHIFT, **overrides) -> Path:
-    return write_shifted_config(directory, shift, **overrides)
-
-
-TEST_LAB_DIR = Path(__file__).resolve().parent.parent / ".eagle-dr-test"
-
-
-def _stop_leftovers(d: Path) -> None:
-    """A test run killed before its teardown leaves servers behind: stop them by their pid files."""
-    cfg_path = d / "eagle-dr.yaml"
-    if not cfg_path.exists():
-        return
-    from eagle_dr.devserver import DevServer
-    from lab.lab import Lab
-
-    cfg = load_config(cfg_path, env={})
-    Lab(cfg).down()
-    DevServer(cfg).down()
+def _free_port(ports: range) -> int:
+    # ThreadedMotoServer.start() waits forever if its bind fails, so find a port it can take.
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            return port
+    raise OSError(errno.EADDRINUSE, f"no free port in {ports}")
 
 
 @pytest.fixture(scope="session")
-def lab_dir():
-    """A fixed place, so the next run can find and stop what a killed run left behind."""
-    d = TEST_LAB_DIR
-    _stop_leftovers(d)
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
-    # The lab's servers run as an unprivileged user that must reach the state directory.
-    os.chmod(d, 0o755)
-    yield d
-
-
-@pytest.fixture(scope="session")
-def lab_config_path(lab_dir) -> Path:
-    return write_test_config(lab_dir)
-
-
-@pytest.fixture(scope="session")
-def lab_cfg(lab_config_path) -> EagleConfig:
-    return load_config(lab_config_path, env={})
-
-
-@pytest.fixture(scope="session")
-def dev_server(lab_cfg):
-    from eagle_dr.devserver import DevServer
-
-    ds = DevServer(lab_cfg)
-    ds.up()
-    yield ds
-    ds.down()
-
-
-@pytest.fixture(scope="session")
-def lab(lab_cfg, lab_config_path, dev_server):
-    """PostgreSQL A->B, Redis + 3 Sentinels, SeaweedFS, regional and control workers."""
-    from lab.lab import Lab
-
-    lab = Lab(lab_cfg, str(lab_config_path))
+def moto_url() -> Iterator[str]:
+    port = _free_port(range(19600, 19700))
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
     try:
-        lab.up_servers()
-        lab.wait_replication()
-        lab.start_workers()
-        yield lab
+        yield f"http://127.0.0.1:{port}"
     finally:
-        lab.down()
+        server.stop()
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

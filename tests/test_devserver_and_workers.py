@@ -11,7 +11,6 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 
 from eagle_dr.status import gather
 from eagle_dr.temporal import SEARCH_ATTRIBUTES
-from lab.processes import wait_for
 
 
 def test_second_up_reports_the_running_server(dev_server):

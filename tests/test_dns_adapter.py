@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import errno
-import socket
-from collections.abc import Iterator
 
 import boto3
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
 
 from activities.dns import Route53Failover, ZoneMissing
 
@@ -17,31 +13,6 @@ ZONE = "eagle.example"
 RECORD = "api"
 EAST, WEST = "us-east-1", "us-west-2"
 EAST_IP, WEST_IP = "192.0.2.10", "198.51.100.20"
-
-
-def _free_port(ports: range) -> int:
-    # ThreadedMotoServer.start() waits forever if its bind fails, so find a port it can take.
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    continue
-                raise
-            return port
-    raise OSError(errno.EADDRINUSE, f"no free port in {ports}")
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    port = _free_port(range(19600, 19700))
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -27,7 +29,7 @@ from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
 from lab.app import write_log
 from lab.processes import children, kill_tree, read_pid
 from tests.histories import record
-from workflows.drill import DrillInput
+from workflows.drill import DrillInput, move_id
 from workflows.monitor import MonitorInput, MonitorWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, Progress, SwitchoverInput
 from workflows.switchover import SwitchoverWorkflow
@@ -155,6 +157,28 @@ async def test_approval_timeout_takes_the_default_action(lab, client):
     with pytest.raises(WorkflowFailureError) as e:
         await handle.result()
     assert "timed-out-abort" in e.value.cause.message
+    assert _primary(lab) == lab.cfg.primary.name
+
+
+async def test_cli_switchover_waits_for_approval_and_cli_rejects(lab, client, lab_config_path):
+    _, b = _names(lab)
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "EAGLE_DR_STATE_DIR": lab.cfg.lab.state_dir}
+    cli = [sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path)]
+    proc = subprocess.Popen(cli + ["switchover", "--to", b, "--require-approval", "--reason", "cli test"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        handle = client.get_workflow_handle(move_id(lab.cfg.service))
+        await _until(lambda: _awaiting(handle), 60, "the CLI's switchover to wait for approval", interval=0.2)
+        r = subprocess.run(cli + ["approve", handle.id, "--as", "carol", "--reject", "--comment", "freeze"],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "rejected by carol" in r.stdout
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out
+    assert "switchover started" in out and "approval rejected by carol: freeze" in out.replace("\n", " ")
     assert _primary(lab) == lab.cfg.primary.name
 
 

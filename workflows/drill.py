@@ -20,7 +20,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
     from activities.lab_hooks import LabHooks
-    from workflows.failover import FailoverWorkflow, load_topology
+    from workflows.failover import FailoverWorkflow
     from workflows.models import ApprovalPolicy, FailoverInput, RunbookResult, SwitchoverInput, Trigger
     from workflows.runbook import Runbook
     from workflows.switchover import SwitchoverWorkflow
@@ -62,13 +62,8 @@ class DrillWorkflow(Runbook):
         inp = validated(DrillInput, raw)
         control = workflow.info().task_queue
         self.service = inp.service
-        topo = await load_topology(self, control)
-        primary = None
-        for r in topo.regions:
-            health = await self.act(HealthActivities.probe_region, r.name, queue=r.task_queue, timeout=30,
-                                    schedule_to_start=30, attempts=2)
-            if health.postgres.role == "primary":
-                primary = r.name
+        topo = await self.topology()
+        primary = await self.find_primary(topo)
         if primary is None:
             raise invalid("(lab)", "no region has a PostgreSQL primary; bring the lab up first")
         b = inp.switchover_to or topo.other(primary).name

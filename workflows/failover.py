@@ -23,35 +23,15 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, RegionHealth
-    from activities.lab_hooks import LabHooks, MarkRequest
     from activities.postgres.activities import EpochRequest, FenceRequest, PostgresActivities
     from activities.postgres.fence import PgFence
     from activities.postgres.lsn import lsn_diff
     from activities.redis import failover as redis_failover
     from activities.redis.activities import RedisActivities
-    from activities.topology import Topology, TopologyActivities
     from activities.traffic import RouteRequest, TrafficActivities
-    from eagle_dr.temporal import DR_EPOCH, DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
     from workflows.models import FailoverInput, Rpo, Rto, RunbookResult
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, invalid, validated
-
-
-async def load_topology(rb: Runbook, control_queue: str) -> Topology:
-    return await rb.act(TopologyActivities.describe_topology, queue=control_queue, timeout=30)
-
-
-def check_target(topo: Topology, target: str) -> tuple[str, str]:
-    """(source, target) names, or a non-retryable error naming the field."""
-    if topo.region(target) is None:
-        raise invalid("target_region", f"unknown region {target!r} (known: {', '.join(r.name for r in topo.regions)})")
-    return topo.other(target).name, target
-
-
-def tag(runbook: str, inp, source: str) -> None:
-    workflow.upsert_search_attributes([
-        DR_RUNBOOK.value_set(runbook), DR_SERVICE.value_set(inp.service), DR_SOURCE_REGION.value_set(source),
-        DR_TARGET_REGION.value_set(inp.target_region), DR_TRIGGER.value_set(inp.trigger.value)])
 
 
 @workflow.defn
@@ -68,11 +48,9 @@ class FailoverWorkflow(Runbook):
         notes: list[str] = []
 
         async with self.step("preflight") as st:
-            topo = await load_topology(self, control)
-            source, target = check_target(topo, inp.target_region)
-            self.source_region = source
-            tag(self.runbook, inp, source)
-            tq, sq = topo.region(target).task_queue, topo.region(source).task_queue
+            where = await self.place(inp)
+            topo, source, target, tq, sq = where.topology, where.source, where.target, where.target_queue, \
+                where.source_queue
             try:
                 t_health: RegionHealth = await self.act(HealthActivities.probe_region, target, queue=tq, timeout=30,
                                                         schedule_to_start=30, attempts=2)
@@ -114,16 +92,8 @@ class FailoverWorkflow(Runbook):
                         {"lag_bytes": lag, "max_lag_bytes": inp.max_lag_bytes}, type="LagTooHigh", non_retryable=True)
                 notes.append(f"forced past lag guard: {lag} > {inp.max_lag_bytes} bytes")
 
-        async with self.step("take DR epoch") as st:
-            current = await self.act(PostgresActivities.read_epoch, target, queue=tq, timeout=30)
-            self.epoch = current.epoch + 1
-            workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
-            st.detail = f"epoch {current.epoch} -> {self.epoch}"
-
-        async with self.step("approval") as st:
-            approval = await self.gate(inp.approval, f"fail over {inp.service} to {target}")
-            st.detail = approval.outcome + (f" by {approval.approver}" if approval.approver else "")
-            self.stop_unless_approved(approval)
+        previous = await self.take_epoch(target, tq)
+        approval = await self.approval(inp.approval, f"fail over {inp.service} to {target}")
         decided_at = workflow.now()
 
         async with self.step("fence old primary") as st:
@@ -176,12 +146,7 @@ class FailoverWorkflow(Runbook):
                                  "old primary unreachable: lost WAL is measured at failback (pg_waldump)"),
                       redis_offset_gap=_gap(r_fence, redis.promotion), target_s=topo.rpo_target_seconds)
             if inp.measure_client_impact:
-                acked = await self.act(LabHooks.count_missing_acked_writes, target, queue=control, timeout=60)
-                rpo.acknowledged_writes_lost, rpo.acknowledged_writes_total = acked.missing, acked.acknowledged
-                rpo.loss_window_s = acked.loss_window_s
-                outage = await self.act(LabHooks.client_outage, MarkRequest(since=detected_at, region=target),
-                                        queue=control, timeout=60)
-                rto.client_outage_s = outage.outage_seconds
+                await self.measure_clients(rto, rpo, target, previous, outage_since=detected_at)
             finish_measurement(rto, rpo)
             st.detail = f"RTO {rto.total_s:.1f}s (target {rto.target_s}s, {'met' if rto.met else 'MISSED'})"
 

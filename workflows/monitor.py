@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
     from workflows.drill import move_id
-    from workflows.failover import FailoverWorkflow, load_topology
+    from workflows.failover import FailoverWorkflow
     from workflows.models import FailoverInput, RunbookResult, Trigger
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
@@ -56,12 +56,12 @@ class MonitorWorkflow(Runbook):
     @workflow.run
     async def run(self, raw: RawInput) -> MonitorReport:
         inp = validated(MonitorInput, raw)
-        control = workflow.info().task_queue
         self.service = inp.service
         workflow.upsert_search_attributes([DR_RUNBOOK.value_set("monitor"), DR_SERVICE.value_set(inp.service),
                                            DR_TRIGGER.value_set("automatic" if inp.auto_failover else "schedule")])
-        topo = await load_topology(self, control)
-        primary = inp.primary_region or await self._find_primary(topo)
+        topo = await self.topology()
+        primary = inp.primary_region or await self.find_primary(topo) or \
+            next(r.name for r in topo.regions if r.configured_role == "primary")
         self.target_region = primary
         interval = timedelta(seconds=inp.interval_seconds)
         failures, first_failure = 0, None
@@ -80,17 +80,6 @@ class MonitorWorkflow(Runbook):
             if elapsed < interval:
                 await workflow.sleep(interval - elapsed)
         workflow.continue_as_new(inp.model_copy(update={"primary_region": primary}))
-
-    async def _find_primary(self, topo) -> str:
-        for r in topo.regions:
-            try:
-                health = await self.act(HealthActivities.probe_region, r.name, queue=r.task_queue, timeout=30,
-                                        schedule_to_start=30, attempts=2)
-            except ActivityError:
-                continue
-            if health.postgres.role == "primary":
-                return r.name
-        return next(r.name for r in topo.regions if r.configured_role == "primary")
 
     async def _probe(self, queue: str, region: str, budget: float) -> tuple[bool, str]:
         try:

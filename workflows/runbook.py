@@ -9,28 +9,57 @@ duration.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from eagle_dr.temporal import DR_OUTCOME
+    from activities.health import HealthActivities
+    from activities.lab_hooks import AckedRequest, LabHooks, MarkRequest
+    from activities.postgres.activities import PostgresActivities
+    from activities.postgres.epoch import EpochRecord
+    from activities.topology import Topology, TopologyActivities
+    from eagle_dr.temporal import (
+        DR_EPOCH,
+        DR_OUTCOME,
+        DR_RUNBOOK,
+        DR_SERVICE,
+        DR_SOURCE_REGION,
+        DR_TARGET_REGION,
+        DR_TRIGGER,
+    )
     from workflows.models import (
         ApprovalDecision,
         ApprovalPolicy,
         ApprovalRecord,
         DefaultAction,
+        MoveInput,
         Progress,
+        Rpo,
+        Rto,
         StepRecord,
     )
+    from workflows.validation import invalid
 
 # Retries for steps that talk to a live system: quick at first, capped, then give up and
 # let the runbook decide (compensate, or report) instead of hammering a dead region.
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2,
                     maximum_interval=timedelta(seconds=10), maximum_attempts=5,
                     non_retryable_error_types=["StaleEpoch", "InvalidInput"])
+
+
+@dataclass
+class Placement:
+    """Where a move goes: from which region, to which, and their workers' task queues."""
+
+    topology: Topology
+    source: str
+    target: str
+    source_queue: str
+    target_queue: str
 
 
 class Runbook:
@@ -105,12 +134,73 @@ class Runbook:
             heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
             summary=summary)
 
+    # -- steps every move takes ---------------------------------------------------------------------
+
+    async def topology(self) -> Topology:
+        return await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
+
+    async def place(self, inp: MoveInput) -> Placement:
+        """Check the target against the configured regions and tag the run for the UI."""
+        topo = await self.topology()
+        if topo.region(inp.target_region) is None:
+            raise invalid("target_region", f"unknown region {inp.target_region!r} "
+                                           f"(known: {', '.join(r.name for r in topo.regions)})")
+        source = topo.other(inp.target_region).name
+        self.source_region = source
+        workflow.upsert_search_attributes([
+            DR_RUNBOOK.value_set(self.runbook), DR_SERVICE.value_set(inp.service), DR_SOURCE_REGION.value_set(source),
+            DR_TARGET_REGION.value_set(inp.target_region), DR_TRIGGER.value_set(inp.trigger.value)])
+        return Placement(topo, source, inp.target_region, topo.region(source).task_queue,
+                         topo.region(inp.target_region).task_queue)
+
+    async def take_epoch(self, region: str, queue: str) -> EpochRecord:
+        """The next DR epoch after the one ``region`` records; returns the current record."""
+        async with self.step("take DR epoch") as st:
+            current = await self.act(PostgresActivities.read_epoch, region, queue=queue, timeout=30)
+            self.epoch = current.epoch + 1
+            workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
+            st.detail = f"epoch {current.epoch} -> {self.epoch}"
+        return current
+
+    async def approval(self, policy: ApprovalPolicy, what: str) -> ApprovalRecord:
+        async with self.step("approval") as st:
+            approval = await self.gate(policy, what)
+            st.detail = approval.outcome + (f" by {approval.approver}" if approval.approver else "")
+            self.stop_unless_approved(approval)
+        return approval
+
+    async def measure_clients(self, rto: Rto, rpo: Rpo, target: str, previous: EpochRecord, outage_since) -> list[str]:
+        """Lab only: the sample app's own log turns RTO and RPO into counts. Writes judged by
+        the previous move (acknowledged before its epoch was recorded) are not counted again."""
+        control = workflow.info().task_queue
+        acked = await self.act(LabHooks.count_missing_acked_writes,
+                               AckedRequest(region=target, since=previous.updated_at), queue=control, timeout=60)
+        rpo.acknowledged_writes_lost, rpo.acknowledged_writes_total = acked.missing, acked.acknowledged
+        rpo.loss_window_s = acked.loss_window_s
+        outage = await self.act(LabHooks.client_outage, MarkRequest(since=outage_since, region=target),
+                                queue=control, timeout=60)
+        rto.client_outage_s = outage.outage_seconds
+        return [f"{acked.missing} acknowledged writes missing in {target}: {acked.missing_sample}"] \
+            if acked.missing else []
+
+    async def find_primary(self, topo: Topology) -> str | None:
+        """Which region's PostgreSQL is primary now, as each region's own worker sees it."""
+        for r in topo.regions:
+            try:
+                health = await self.act(HealthActivities.probe_region, r.name, queue=r.task_queue, timeout=30,
+                                        schedule_to_start=30, attempts=2)
+            except ActivityError:
+                continue
+            if health.postgres.role == "primary":
+                return r.name
+        return None
+
     # -- the approval gate ----------------------------------------------------------------------
 
     @workflow.update
     async def approve(self, decision: ApprovalDecision) -> str:
         self.decision = decision
-        return f"{decision.decision}d by {decision.approver}"
+        return f"{'approved' if decision.decision == 'approve' else 'rejected'} by {decision.approver}"
 
     @approve.validator
     def _validate_approve(self, decision: ApprovalDecision) -> None:

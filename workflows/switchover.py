@@ -20,7 +20,6 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
-    from activities.lab_hooks import LabHooks, MarkRequest
     from activities.postgres.activities import (
         EpochRequest,
         FenceRequest,
@@ -31,8 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.lsn import lsn_diff
     from activities.redis.activities import RedisActivities, RedisMoveRequest
     from activities.traffic import RouteRequest, TrafficActivities
-    from eagle_dr.temporal import DR_EPOCH
-    from workflows.failover import check_target, finish_measurement, load_topology, tag
+    from workflows.failover import finish_measurement
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, invalid, validated
@@ -52,11 +50,9 @@ class SwitchoverWorkflow(Runbook):
         notes: list[str] = []
 
         async with self.step("preflight") as st:
-            topo = await load_topology(self, control)
-            source, target = check_target(topo, inp.target_region)
-            self.source_region = source
-            tag(self.runbook, inp, source)
-            tq, sq = topo.region(target).task_queue, topo.region(source).task_queue
+            where = await self.place(inp)
+            topo, source, target, tq, sq = where.topology, where.source, where.target, where.target_queue, \
+                where.source_queue
             try:
                 t_health = await self.act(HealthActivities.probe_region, target, queue=tq, timeout=30,
                                           schedule_to_start=30, attempts=2)
@@ -84,16 +80,8 @@ class SwitchoverWorkflow(Runbook):
                                        "the write pause would last too long; wait for the standby to catch up",
                                        type="LagTooHigh", non_retryable=True)
 
-        async with self.step("take DR epoch") as st:
-            current = await self.act(PostgresActivities.read_epoch, source, queue=sq, timeout=30)
-            self.epoch = current.epoch + 1
-            workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
-            st.detail = f"epoch {current.epoch} -> {self.epoch}"
-
-        async with self.step("approval") as st:
-            approval = await self.gate(inp.approval, f"switch {inp.service} over to {target}")
-            st.detail = approval.outcome + (f" by {approval.approver}" if approval.approver else "")
-            self.stop_unless_approved(approval)
+        previous = await self.take_epoch(source, sq)
+        approval = await self.approval(inp.approval, f"switch {inp.service} over to {target}")
         decided_at = workflow.now()
 
         async with self.step("stop writes on old primary") as st:
@@ -141,15 +129,7 @@ class SwitchoverWorkflow(Runbook):
             rpo = Rpo(lost_wal_bytes=0, wal_basis="standby replayed past the old primary's shutdown checkpoint",
                       redis_offset_gap=redis.lost_bytes, target_s=topo.rpo_target_seconds)
             if inp.measure_client_impact:
-                acked = await self.act(LabHooks.count_missing_acked_writes, target, queue=control, timeout=60)
-                rpo.acknowledged_writes_lost, rpo.acknowledged_writes_total = acked.missing, acked.acknowledged
-                rpo.loss_window_s = acked.loss_window_s
-                outage = await self.act(LabHooks.client_outage, MarkRequest(since=decided_at, region=target),
-                                        queue=control, timeout=60)
-                rto.client_outage_s = outage.outage_seconds
-                if acked.missing:
-                    notes.append(f"{acked.missing} acknowledged writes missing after a planned switchover: "
-                                 f"{acked.missing_sample}")
+                notes += await self.measure_clients(rto, rpo, target, previous, outage_since=decided_at)
             finish_measurement(rto, rpo)
             st.detail = f"write unavailability {rto.client_outage_s}s; acked writes lost " \
                         f"{rpo.acknowledged_writes_lost}"
