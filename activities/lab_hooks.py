@@ -69,6 +69,12 @@ class LabHooks:
         return Outage(region=region, killed=self._lab().kill_region(region), at=at)
 
     @activity.defn
+    def heal_region(self, region: str) -> list[str]:
+        """The lost region's machines come back: its processes restart as they were (an old
+        primary comes back writable, exactly the danger failback's fencing is there for)."""
+        return self._lab().heal_region(region)
+
+    @activity.defn
     def count_missing_acked_writes(self, req: AckedRequest) -> AckedWrites:
         """Acknowledged ids (the app's fsync'd log) absent from ``region``'s database."""
         from lab.app import write_log

@@ -38,6 +38,10 @@ state = _State()
 def _root(config: Optional[str] = typer.Option(None, "--config", "-c", envvar="EAGLE_DR_CONFIG",
                                                 help="Region config file (default: config/eagle-dr.yaml).")):
     state.config_path = config
+    if config:
+        # Processes started from here (the lab's workers, a healed region's worker started by
+        # a runbook) must read the same file.
+        os.environ["EAGLE_DR_CONFIG"] = os.path.abspath(config)
 
 
 def _fail(message: str, code: int = 2) -> None:

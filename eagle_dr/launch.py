@@ -10,7 +10,8 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from eagle_dr.config import EagleConfig
 from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_TARGET_REGION, DR_TRIGGER
-from workflows.drill import DrillInput, DrillWorkflow, move_id
+from workflows.drill import DrillInput, DrillWorkflow
+from workflows.runbook import move_id
 from workflows.failover import FailoverWorkflow
 from workflows.models import FailoverInput, MoveInput, SwitchoverInput
 from workflows.switchover import SwitchoverWorkflow

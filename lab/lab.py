@@ -50,7 +50,7 @@ class LabStatus:
 class Lab:
     def __init__(self, cfg: EagleConfig, config_path: str | None = None):
         self.cfg = cfg
-        self.config_path = config_path
+        self.config_path = config_path or os.environ.get("EAGLE_DR_CONFIG")
         self.state = Path(cfg.lab.state_dir)
         self._user: LabUser | None = None
 

@@ -29,7 +29,8 @@ from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
 from lab.app import write_log
 from lab.processes import children, kill_tree, read_pid
 from tests.histories import record
-from workflows.drill import DrillInput, move_id
+from workflows.drill import DrillInput
+from workflows.runbook import move_id
 from workflows.monitor import MonitorInput, MonitorWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, Progress, SwitchoverInput
 from workflows.switchover import SwitchoverWorkflow
@@ -356,6 +357,87 @@ async def test_drill(lab, client):
     assert report.switchover.approval.outcome == "auto-approved"
     assert report.failover.outcome == "succeeded"
     assert report.failover.rpo.acknowledged_writes_lost is not None
+    # The killed region came back and failback rebuilt it: the topology the drill started from.
+    assert report.failback is not None and report.failback.rewind.method in ("pg_rewind", "pg_basebackup")
     assert pg_status(lab.cfg.region(a).postgres).role == "primary"
-    assert not pg_status(lab.cfg.region(b).postgres).reachable
+    st = pg_status(lab.cfg.region(b).postgres)
+    assert st.role == "standby" and st.receiver_status == "streaming"
     assert lab.router.active_region() == a
+
+
+def _walreceiver_pid(lab, region: str) -> int:
+    for pid in children(lab.postgres(region).pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"walreceiver" in f.read():
+                    return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no walreceiver under {region}'s postmaster")
+
+
+async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, client):
+    """Fork with divergent writes on both sides, then failback: nothing is silently lost."""
+    from workflows.failback import FailbackInput, FailbackWorkflow
+
+    old = _primary(lab)
+    new = lab.cfg.other(old).name
+    only_old, both = 9_000_000_001, 9_000_000_002
+    with psycopg.connect(lab.cfg.region(old).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("insert into alerts (id, region, payload) values (%s, 'seed', '{}')", (both,))
+    await _until(_async(lambda: _lag_bytes(lab, old) == 0), 30, "the standby to catch up")
+    # The standby stops receiving: what the old primary commits now never reaches it.
+    receiver = _walreceiver_pid(lab, new)
+    os.kill(receiver, signal.SIGSTOP)
+    with psycopg.connect(lab.cfg.region(old).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("insert into alerts (id, region, payload) values (%s, %s, '{\"side\": \"old\"}')",
+                     (only_old, old))
+        conn.execute("update alerts set payload = '{\"side\": \"old\"}' where id = %s", (both,))
+    lab.kill_region(old)
+    startup_before = _startup_pid(lab, new)
+    os.kill(receiver, signal.SIGKILL)  # with what it buffered: those bytes must stay unreceived
+
+    def restarted() -> bool:
+        # A killed walreceiver makes the standby restart all its processes: wait for the new
+        # startup process and for the standby to answer again.
+        try:
+            return _startup_pid(lab, new) != startup_before and \
+                pg_status(lab.cfg.region(new).postgres).role == "standby"
+        except AssertionError:
+            return False
+
+    await _until(_async(restarted), 60, "the standby to restart and accept connections")
+    failover = await (await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=new,
+                                                                      reason="fork test"))).result()
+    assert failover.outcome == "succeeded"
+    with psycopg.connect(lab.cfg.region(new).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select count(*) from alerts where id = %s", (only_old,)).fetchone()[0] == 0
+        conn.execute("update alerts set payload = '{\"side\": \"new\"}' where id = %s", (both,))
+    lab.heal_region(old)  # the old primary comes back, writable and diverged
+
+    handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(
+        service=lab.cfg.service, region=old, measure_client_impact=True), id=f"failback-{uuid.uuid4()}",
+        task_queue=lab.cfg.temporal.control_task_queue)
+    report = await handle.result()
+    await record(handle, "failback")
+    assert report.divergence.lost.lost_commits >= 2
+    # pg_rewind, or pg_basebackup with the reason rewind could not be used: never silently.
+    assert (report.rewind.method == "pg_rewind" and report.rewind.fallback_reason is None) or \
+        (report.rewind.method == "pg_basebackup" and report.rewind.fallback_reason), report.rewind
+    alerts = next(t for t in report.reconciliation.tables if t.table == "alerts")
+    assert alerts.conflicts >= 1 and alerts.inserted >= 1
+    assert report.switchover.outcome == "succeeded" and report.switchover.rpo.acknowledged_writes_lost == 0
+    # Back to the original topology, with the old primary's post-fork insert kept and the
+    # conflicting update resolved last-write-wins (the newer update, made on `new`, wins).
+    assert _primary(lab) == old
+    st = pg_status(lab.cfg.region(new).postgres)
+    assert st.role == "standby" and st.receiver_status == "streaming"
+    with psycopg.connect(lab.cfg.region(old).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select region from alerts where id = %s", (only_old,)).fetchone()[0] == old
+        assert conn.execute("select payload->>'side' from alerts where id = %s", (both,)).fetchone()[0] == "new"
+        audit = conn.execute("select count(*) from eagle_dr.conflict_audit where table_name = 'alerts' "
+                             "and workflow_id = %s and conflict and primary_key->>'id' = %s",
+                             (handle.id, str(both))).fetchone()[0]
+        conflicts = conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s and conflict",
+                                 (handle.id,)).fetchone()[0]
+    assert audit == 1 and conflicts == alerts.conflicts

@@ -8,6 +8,7 @@ runbook reaches a region by scheduling on that region's queue.
 
 from __future__ import annotations
 
+from activities.failback import FailbackActivities
 from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
 from activities.postgres.activities import PostgresActivities
@@ -16,12 +17,14 @@ from activities.topology import TopologyActivities
 from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
 from workflows.drill import DrillWorkflow
+from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
 from workflows.monitor import MonitorWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
-WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, DrillWorkflow]
+WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
+             DrillWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -34,7 +37,9 @@ def _postgres(cfg: EagleConfig) -> list:
 
 
 def regional_activities(cfg: EagleConfig) -> list:
-    return [HealthActivities(cfg).probe_region, *_postgres(cfg)]
+    return [HealthActivities(cfg).probe_region, *_postgres(cfg),
+            *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
+                      "preserve_redis_and_rejoin")]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:
@@ -44,5 +49,6 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
             *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",
                       "verify_service")]
     if cfg.routing.lab_file:
-        acts += _methods(LabHooks(cfg, config_path), "kill_region", "count_missing_acked_writes", "client_outage")
+        acts += _methods(LabHooks(cfg, config_path), "kill_region", "heal_region", "count_missing_acked_writes",
+                         "client_outage")
     return acts

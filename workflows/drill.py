@@ -20,9 +20,10 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
     from activities.lab_hooks import LabHooks
+    from workflows.failback import FailbackInput, FailbackReport, FailbackWorkflow
     from workflows.failover import FailoverWorkflow
     from workflows.models import ApprovalPolicy, FailoverInput, RunbookResult, SwitchoverInput, Trigger
-    from workflows.runbook import Runbook
+    from workflows.runbook import Runbook, move_id
     from workflows.switchover import SwitchoverWorkflow
     from workflows.validation import RawInput, invalid, validated
 
@@ -34,6 +35,8 @@ class DrillInput(BaseModel):
     switchover_to: str | None = None
     probe_interval_seconds: float = Field(default=1.0, gt=0, le=60)
     failure_threshold: int = Field(default=3, ge=1, le=20)
+    # Bring the killed region back as a standby at the end (the original topology again).
+    failback: bool = True
 
 
 class DrillReport(BaseModel):
@@ -45,12 +48,8 @@ class DrillReport(BaseModel):
     killed: list[str]
     detection_seconds: float
     failover: RunbookResult
+    failback: "FailbackReport | None" = None
     notes: list[str] = []
-
-
-def move_id(service: str) -> str:
-    """One failover/switchover per service at a time: they share this workflow id."""
-    return f"dr-move-{service}"
 
 
 @workflow.defn
@@ -114,7 +113,20 @@ class DrillWorkflow(Runbook):
                 static_summary=f"Drill: failover {inp.service} {b} -> {a}")
             st.detail = f"{failover.outcome}; RTO {failover.rto.total_s:.1f}s"
 
-        self.finish("succeeded" if switchover.outcome == failover.outcome == "succeeded" else "degraded")
+        failback = None
+        if inp.failback:
+            async with self.step(f"{b} comes back; failback rebuilds it as a standby") as st:
+                await self.act(LabHooks.heal_region, b, queue=control, timeout=120, attempts=2)
+                failback = await workflow.execute_child_workflow(
+                    FailbackWorkflow.run, FailbackInput(service=inp.service, region=b, trigger=Trigger.drill,
+                                                        reason="DR drill: failback", switch_back=False),
+                    id=f"dr-failback-{inp.service}", task_queue=control,
+                    static_summary=f"Drill: failback {inp.service} region {b}")
+                st.detail = f"{failback.rewind.method}; {failback.divergence.lost.lost_commits} commits after the fork"
+
+        outcomes = {switchover.outcome, failover.outcome} | ({"succeeded"} if failback else set())
+        self.finish("succeeded" if outcomes == {"succeeded"} else "degraded")
         return DrillReport(service=inp.service, primary_before=a, primary_after=a, switchover=switchover,
                            outage_region=b, killed=killed, detection_seconds=detection, failover=failover,
-                           notes=[f"region {b} is left down on purpose: failback rebuilds it as a standby"])
+                           failback=failback,
+                           notes=[] if failback else [f"region {b} is left down: failback rebuilds it as a standby"])

@@ -21,10 +21,9 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
-    from workflows.drill import move_id
     from workflows.failover import FailoverWorkflow
     from workflows.models import FailoverInput, RunbookResult, Trigger
-    from workflows.runbook import Runbook
+    from workflows.runbook import Runbook, move_id
     from workflows.validation import RawInput, validated
 
 

@@ -51,6 +51,11 @@ RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2
                     non_retryable_error_types=["StaleEpoch", "InvalidInput"])
 
 
+def move_id(service: str) -> str:
+    """One failover/switchover per service at a time: they share this workflow id."""
+    return f"dr-move-{service}"
+
+
 @dataclass
 class Placement:
     """Where a move goes: from which region, to which, and their workers' task queues."""

@@ -69,7 +69,7 @@ class PgCtl:
         except (OSError, IndexError):
             return False
 
-    def start(self, timeout: int = 120) -> None:
+    def start(self, timeout: int = 120, extra: str = "") -> None:
         if self.running():
             return
         # A kill -9 leaves postmaster.pid behind; PostgreSQL refuses to start while that pid
@@ -83,12 +83,22 @@ class PgCtl:
                 p = Path(self.cfg.socket_dir) / name
                 if p.exists():
                     p.unlink()
-        opts = f"-p {self.cfg.port}" + (f" -k {self.cfg.socket_dir}" if self.cfg.socket_dir else "")
+        opts = f"-p {self.cfg.port}" + (f" -k {self.cfg.socket_dir}" if self.cfg.socket_dir else "") + \
+            (f" {extra}" if extra else "")
         r = self.run([self.tool("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", str(timeout),
                       "-o", opts, "start"], timeout=timeout + 30)
         if r.returncode != 0:
             tail = self.log.read_text()[-1200:] if self.log.exists() else ""
             raise PgCtlError(f"pg_ctl start failed: {r.stdout}{r.stderr}\n{tail}")
+
+    def start_isolated(self, timeout: int = 120) -> None:
+        """Start read-only and reachable only through its Unix socket: to read a fenced old
+        primary's data without letting any client write to it."""
+        if self.running():
+            raise PgCtlError("refusing an isolated start: the server is already running")
+        if not self.cfg.socket_dir:
+            raise PgCtlError("an isolated start needs socket_dir")
+        self.start(timeout, extra="-c listen_addresses='' -c default_transaction_read_only=on")
 
     def stop(self, mode: str = "fast", timeout: int = 120) -> None:
         if not self.running():

@@ -35,9 +35,9 @@ class SentinelView(BaseModel):
 NO_RETRY = Retry(NoBackoff(), 0)
 
 
-def client(cfg: RedisConfig, timeout: float = 3.0) -> redis.Redis:
+def client(cfg: RedisConfig, timeout: float = 3.0, decode: bool = True) -> redis.Redis:
     return redis.Redis(host=cfg.host, port=cfg.port, password=cfg.password.resolve() if cfg.password else None,
-                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
+                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=decode,
                        retry=NO_RETRY)
 
 

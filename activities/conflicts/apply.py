@@ -1,0 +1,249 @@
+"""Applying the loser's post-fork changes to the survivor, set-based, in one transaction.
+
+The loser's changed rows and deleted keys are COPYed into a temp table, every key is decided
+by one SELECT that re-implements ``engine.resolve`` in SQL (a test checks both agree key by
+key), and the outcome is written with one DELETE ... USING, one INSERT ... ON CONFLICT DO
+UPDATE and one INSERT into the audit table: no statement per row, so 100k keys take seconds.
+
+Choices worth knowing:
+
+* Every decision is audited, not only conflicts: one ``eagle_dr.conflict_audit`` row per key
+  the loser sent, with ``conflict`` telling both-sides-changed keys from the rest. Re-applying
+  a loser's write is as consequential as settling a conflict, and the audit then answers
+  "what happened to each row the old primary wrote?" on its own.
+* The loser's deletions carry no time (the caller only knows the keys), so in a conflict any
+  survivor update made after the fork beats them; see ``engine.order``.
+* Rows are written with ``session_replication_role = replica`` so the tables' ``updated_at``
+  trigger keeps the winning version's timestamp: restamping it with "now" would make an old
+  version look like the newest write to every later comparison (and to a re-run). This needs
+  the superuser the DR runbooks already connect as. It also skips foreign-key triggers, the
+  way logical replication applies rows.
+* The target table is locked against writes (SHARE ROW EXCLUSIVE, reads go on) for the few
+  seconds of the run: a decision is only right for the survivor row it was made against.
+* Idempotent: a re-run decides against the already-resolved rows, which the engine's
+  idempotence law turns into keep_survivor (nothing is written), and the audit's unique
+  (workflow_id, table_name, primary_key) with ON CONFLICT DO NOTHING keeps one row per decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+from pydantic import BaseModel
+
+from activities.conflicts.resolve_sql import META, RESERVED_PREFIXES, Column, DecideQuery
+from eagle_dr.config import TableConflictConfig
+
+AUDIT_DDL = """
+create schema if not exists eagle_dr;
+create table if not exists eagle_dr.conflict_audit (
+    id               bigserial primary key,
+    "timestamp"      timestamptz not null default clock_timestamp(),
+    workflow_id      text not null,
+    run_id           text not null,
+    table_name       text not null,
+    primary_key      jsonb not null,
+    strategy         text not null,
+    conflict         boolean not null,
+    survivor_version jsonb,
+    loser_version    jsonb,
+    result           jsonb,
+    action           text not null,
+    winner_region    text,
+    approved_by      text,
+    reason           text not null
+);
+create unique index if not exists conflict_audit_decision
+    on eagle_dr.conflict_audit (workflow_id, table_name, primary_key);
+create index if not exists conflict_audit_timestamp on eagle_dr.conflict_audit ("timestamp");
+"""
+
+_LOSER_TMP = sql.Identifier("_eagle_dr_loser")
+_RESOLVED_TMP = sql.Identifier("_eagle_dr_resolved")
+
+
+class ApplySummary(BaseModel):
+    """Keys by outcome (inserted + updated + deleted + kept + flagged = keys sent); ``conflicts``
+    counts keys both sides changed, whatever their outcome; ``audit_rows`` the rows this run added."""
+
+    table: str
+    strategy: str
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    kept: int = 0
+    flagged: int = 0
+    conflicts: int = 0
+    audit_rows: int = 0
+
+
+def ensure_audit_table(conn: psycopg.Connection) -> None:
+    with conn.transaction():
+        # Two first runs at once would race on CREATE ... IF NOT EXISTS (a unique violation in pg_type).
+        conn.execute("select pg_advisory_xact_lock(hashtext('eagle_dr.conflict_audit'))")
+        conn.execute(AUDIT_DDL)
+
+
+def _table_ident(table: str) -> sql.Identifier:
+    return sql.Identifier(*table.split("."))
+
+
+def _columns(conn: psycopg.Connection, table: str) -> list[Column]:
+    cur = conn.cursor(row_factory=tuple_row)
+    rows = cur.execute(
+        "select a.attname, a.atttypid::int, format_type(a.atttypid, a.atttypmod) from pg_attribute a"
+        " where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''"
+        " order by a.attnum",
+        (_table_ident(table).as_string(conn),),
+    ).fetchall()
+    return [Column(*r) for r in rows]
+
+
+def _check_inputs(
+    cfg: TableConflictConfig, columns: list[Column], loser_rows: Sequence[Mapping[str, Any]],
+    deleted_keys: Sequence[Sequence[Any]], loser_region: str, survivor_region: str,
+    fork_time: datetime, now: datetime,
+) -> None:
+    names = {c.name for c in columns}
+    if loser_region == survivor_region:
+        raise ValueError(f"loser and survivor are the same region ({loser_region!r})")
+    for t in (fork_time, now):
+        if t.tzinfo is None:
+            raise ValueError("fork_time and now must be timezone-aware")
+    needed = [*cfg.key, cfg.timestamp_column, *cfg.field_priority]
+    if missing := [n for n in needed if n not in names]:
+        raise ValueError(f"columns {missing} from the conflict config are not in the table")
+    if reserved := [n for n in names if n.startswith(RESERVED_PREFIXES)]:
+        raise ValueError(f"columns {reserved} use a prefix reserved for conflict resolution")
+    seen: set[tuple] = set()
+    for row in loser_rows:
+        if row.keys() != names:
+            raise ValueError(f"loser row {dict(row)!r} does not have exactly the table's columns {sorted(names)}")
+        seen.add(tuple(row[k] for k in cfg.key))
+    if len(seen) != len(loser_rows):
+        raise ValueError("the loser rows repeat a key")
+    for key in deleted_keys:
+        if len(key) != len(cfg.key):
+            raise ValueError(f"deleted key {tuple(key)!r} does not match the key columns {cfg.key}")
+        if tuple(key) in seen:
+            raise ValueError(f"key {tuple(key)!r} is both a loser row and a deleted key")
+        seen.add(tuple(key))
+    if len(seen) != len(loser_rows) + len(deleted_keys):
+        raise ValueError("the deleted keys repeat a key")
+
+
+def _load_loser(
+    conn: psycopg.Connection, target: sql.Identifier, columns: list[Column], cfg: TableConflictConfig,
+    loser_rows: Sequence[Mapping[str, Any]], deleted_keys: Sequence[Sequence[Any]],
+) -> None:
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+    conn.execute(sql.SQL("drop table if exists {}").format(_LOSER_TMP))
+    # CREATE TABLE AS copies the column types but not NOT NULL: a deleted key has only its key.
+    conn.execute(sql.SQL("create temp table {} on commit drop as select {}, false as _e_deleted from {} with no data")
+                 .format(_LOSER_TMP, cols, target))
+    key_pos = [next(i for i, c in enumerate(columns) if c.name == k) for k in cfg.key]
+    cur = conn.cursor()
+    with cur.copy(sql.SQL("copy {} ({}, _e_deleted) from stdin").format(_LOSER_TMP, cols)) as copy:
+        # By type, not by Python class: a dict must go out as the column's jsonb.
+        copy.set_types([c.oid for c in columns] + ["bool"])
+        for row in loser_rows:
+            copy.write_row([row[c.name] for c in columns] + [False])
+        for key in deleted_keys:
+            values: list[Any] = [None] * len(columns)
+            for pos, value in zip(key_pos, key):
+                values[pos] = value
+            copy.write_row(values + [True])
+    # Temp tables are never auto-analyzed; without statistics the join below can go nested-loop.
+    conn.execute(sql.SQL("analyze {}").format(_LOSER_TMP))
+
+
+def _count(cur: psycopg.Cursor, summary: ApplySummary) -> None:
+    q = sql.SQL("select _e_action, count(*), count(*) filter (where _e_conflict) from {} group by 1")
+    field = {"insert_loser": "inserted", "apply_loser": "updated", "merge": "updated", "delete": "deleted",
+             "flag": "flagged", "keep_survivor": "kept"}
+    for action, n, conflicts in cur.execute(q.format(_RESOLVED_TMP)).fetchall():
+        setattr(summary, field[action], getattr(summary, field[action]) + n)
+        summary.conflicts += conflicts
+
+
+def _write(cur: psycopg.Cursor, target: sql.Identifier, names: list[str], key: list[str]) -> None:
+    key_match = sql.SQL(" and ").join(sql.SQL("t.{0} = r.{0}").format(sql.Identifier(k)) for k in key)
+    cur.execute(sql.SQL("delete from {} t using {} r where r._e_action = 'delete' and {}")
+                .format(target, _RESOLVED_TMP, key_match))
+    non_key = [n for n in names if n not in key]
+    on_conflict = sql.SQL("do nothing")
+    if non_key:
+        on_conflict = sql.SQL("do update set {}").format(sql.SQL(", ").join(
+            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(n)) for n in non_key))
+    cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    cur.execute(sql.SQL(
+        "insert into {target} ({cols}) select {cols} from {resolved}"
+        " where _e_action in ('insert_loser', 'apply_loser', 'merge')"
+        " on conflict ({key}) {on_conflict}"
+    ).format(target=target, cols=cols, resolved=_RESOLVED_TMP,
+             key=sql.SQL(", ").join(sql.Identifier(k) for k in key), on_conflict=on_conflict))
+
+
+def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run_id: str,
+           approved_by: str | None) -> int:
+    cur.execute(sql.SQL("""
+        insert into eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key, strategy, conflict,
+            survivor_version, loser_version, result, action, winner_region, approved_by, reason)
+        select {wf}, {run}, {table}, _e_pk, {strategy}, _e_conflict, _e_s_json, _e_l_json,
+               case when _e_r_present then to_jsonb(r) - {meta}::text[] end,
+               _e_action, _e_winner, {approved_by}, _e_reason
+        from {resolved} r
+        -- An anti-join first: a re-run finds every key audited, and a speculative insert
+        -- per row is far slower than one hash join. ON CONFLICT still guards concurrent runs.
+        where not exists (select 1 from eagle_dr.conflict_audit a
+                          where a.workflow_id = {wf} and a.table_name = {table} and a.primary_key = r._e_pk)
+        on conflict (workflow_id, table_name, primary_key) do nothing
+    """).format(wf=sql.Literal(workflow_id), run=sql.Literal(run_id), table=sql.Literal(table),
+                strategy=sql.Literal(strategy), meta=sql.Literal(META),
+                approved_by=sql.Literal(approved_by), resolved=_RESOLVED_TMP))
+    return cur.rowcount
+
+
+def apply_resolutions(
+    conn: psycopg.Connection,
+    table: str,
+    cfg: TableConflictConfig,
+    loser_rows: Sequence[Mapping[str, Any]],
+    deleted_keys: Sequence[Sequence[Any]],
+    loser_region: str,
+    survivor_region: str,
+    region_priority: Mapping[str, int],
+    fork_time: datetime,
+    now: datetime,
+    workflow_id: str,
+    run_id: str,
+    approved_by: str | None = None,
+) -> ApplySummary:
+    """Resolve the loser's changed rows and deleted keys against ``table`` on the survivor
+    (``conn``) and apply the outcome, all in one transaction (a savepoint if one is open)."""
+    columns = _columns(conn, table)
+    _check_inputs(cfg, columns, loser_rows, deleted_keys, loser_region, survivor_region, fork_time, now)
+    target = _table_ident(table)
+    summary = ApplySummary(table=table, strategy=cfg.strategy)
+    cur = conn.cursor(row_factory=tuple_row)
+    ensure_audit_table(conn)
+    with conn.transaction():
+        # Restored at the end: SET LOCAL in a savepoint would outlive it in the caller's transaction.
+        previous_role = cur.execute("select current_setting('session_replication_role')").fetchone()[0]
+        cur.execute("set local session_replication_role = replica")
+        cur.execute(sql.SQL("lock table {} in share row exclusive mode").format(target))
+        _load_loser(conn, target, columns, cfg, loser_rows, deleted_keys)
+        query = DecideQuery(columns, cfg, survivor_region, loser_region, region_priority, fork_time, now).select(
+            target, _LOSER_TMP)
+        cur.execute(sql.SQL("drop table if exists {}").format(_RESOLVED_TMP))
+        cur.execute(sql.SQL("create temp table {} on commit drop as {}").format(_RESOLVED_TMP, query))
+        _count(cur, summary)
+        _write(cur, target, [c.name for c in columns], cfg.key)
+        summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by)
+        cur.execute(sql.SQL("set local session_replication_role = {}").format(sql.Literal(previous_role)))
+    return summary

@@ -1,0 +1,132 @@
+"""Failback activities: run on the returning region's worker (they act on its data directory
+and its Redis dump), reaching the current primary over the network."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel
+from temporalio import activity
+
+from activities.conflicts.apply import apply_resolutions
+from activities.postgres.ctl import PgCtl
+from activities.postgres.fence import fence_stop
+from activities.postgres.rewind import (
+    EXTRACTION_MARGIN,
+    ForkPoint,
+    LostWal,
+    Rewound,
+    fork_point,
+    lost_wal,
+    read_old_primary,
+    rewind_to_standby,
+)
+from activities.postgres.status import connect
+from activities.redis.failback import RedisFailback, preserve_and_rejoin
+from eagle_dr.config import EagleConfig
+
+
+class FailbackRequest(BaseModel):
+    region: str  # the region coming back
+    primary_region: str
+    approved_by: str | None = None
+
+
+class Divergence(BaseModel):
+    fork: ForkPoint
+    lost: LostWal
+
+
+class TableReconciliation(BaseModel):
+    table: str
+    strategy: str
+    loser_rows: int
+    deleted_keys: int
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    kept: int = 0
+    flagged: int = 0
+    conflicts: int = 0
+    audit_rows: int = 0
+
+
+class Reconciliation(BaseModel):
+    since: datetime | None
+    tables: list[TableReconciliation]
+
+
+class FailbackActivities:
+    def __init__(self, cfg: EagleConfig):
+        self.cfg = cfg
+
+    def _pg(self, region: str):
+        return self.cfg.region(region).postgres
+
+    @activity.defn
+    def measure_divergence(self, req: FailbackRequest) -> Divergence:
+        """Stop the old primary (it may have come back writable) and read what it wrote after
+        the fork from its WAL: the failover's true RPO, known only now."""
+        fence_stop(self._pg(req.region))
+        fork = fork_point(self._pg(req.primary_region))
+        return Divergence(fork=fork, lost=lost_wal(self._pg(req.region), fork))
+
+    @activity.defn
+    def reconcile_diverged_rows(self, req: FailbackRequest) -> Reconciliation:
+        """The old primary's post-fork rows, resolved per table strategy, applied to the primary
+        in set-based SQL with an audit row per conflict. Idempotent per workflow run."""
+        old, primary = self._pg(req.region), self._pg(req.primary_region)
+        ctl = PgCtl(old)
+        ctl.stop("fast")
+        fork = fork_point(primary)
+        lost = lost_wal(old, fork)
+        if lost.lost_commits == 0:
+            return Reconciliation(since=None, tables=[])
+        fork_time = lost.last_commit_before_fork_at or lost.first_lost_commit_at
+        since = fork_time - EXTRACTION_MARGIN
+        tables = {t: c.key for t, c in self.cfg.conflicts.items()}
+        rows, old_keys = read_old_primary(old, tables, since,
+                                          {t: c.timestamp_column for t, c in self.cfg.conflicts.items()})
+        info = activity.info()
+        priority = {r.name: r.priority for r in self.cfg.regions}
+        out = []
+        with connect(primary, 10) as conn:
+            for table in tables:
+                tcfg = self.cfg.conflicts[table]
+                if table not in rows:
+                    continue
+                deleted = _deleted_on_old(conn, table, tcfg.key, tcfg.timestamp_column, fork_time,
+                                          old_keys.get(table, set()))
+                summary = apply_resolutions(
+                    conn, table, tcfg, rows[table], deleted, loser_region=req.region,
+                    survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
+                    now=datetime.now(timezone.utc), workflow_id=info.workflow_id, run_id=info.workflow_run_id,
+                    approved_by=req.approved_by)
+                out.append(TableReconciliation(table=table, strategy=tcfg.strategy, loser_rows=len(rows[table]),
+                                               deleted_keys=len(deleted), **summary.model_dump(
+                                                   include={"inserted", "updated", "deleted", "kept", "flagged",
+                                                            "conflicts", "audit_rows"})))
+                activity.heartbeat({"table": table})
+        return Reconciliation(since=since, tables=out)
+
+    @activity.defn
+    def rewind_old_primary(self, req: FailbackRequest) -> Rewound:
+        old = self.cfg.region(req.region)
+        return rewind_to_standby(old.postgres, self._pg(req.primary_region), application_name=old.name,
+                                 slot=old.postgres.slot_name, heartbeat=activity.heartbeat)
+
+    @activity.defn
+    def preserve_redis_and_rejoin(self, req: FailbackRequest) -> RedisFailback:
+        old = self.cfg.region(req.region)
+        key = f"failback/{activity.info().workflow_id}/redis-{old.name}.rdb"
+        return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key,
+                                   heartbeat=activity.heartbeat)
+
+
+def _deleted_on_old(conn, table: str, key: list[str], ts_col: str, fork_time: datetime,
+                    old_keys: set[tuple]) -> list[tuple]:
+    """Rows the primary has unchanged since before the fork but the old primary lacks:
+    the old primary deleted them after the fork."""
+    cols = ", ".join(f'"{k}"' for k in key)
+    rows = conn.execute(f'select {cols} from "{table}" where "{ts_col}" <= %s', (fork_time,)).fetchall()
+    return [tuple(r) for r in rows if tuple(r) not in old_keys]

@@ -1,0 +1,102 @@
+"""Before an old Redis master rejoins as a replica: keep what only it holds.
+
+Re-parenting discards the old master's dataset (a full resync). So first: an RDB snapshot
+of it goes to the region's S3 bucket, then every key the new master lacks is copied over
+(DUMP/RESTORE, never replacing a key the new master has), and only then REPLICAOF.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+from pydantic import BaseModel
+
+from activities import s3
+from activities.redis import failover
+from activities.redis.status import client as redis_client
+from eagle_dr.config import RedisConfig, S3Config
+
+
+class RedisFailback(BaseModel):
+    reachable: bool
+    snapshot: str | None = None  # s3://bucket/key
+    keys_on_old: int = 0
+    unique_keys: int = 0
+    migrated_keys: int = 0
+    unique_sample: list[str] = []
+    rejoined: bool = False
+    error: str | None = None
+
+
+def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: float = 120, heartbeat=None) -> str:
+    """BGSAVE, wait, upload the RDB file (the worker runs beside this Redis: same disk)."""
+    c = redis_client(old, 10)
+    last = c.lastsave()
+    try:
+        c.bgsave()
+    except redis.ResponseError as e:
+        if "already in progress" not in str(e):
+            raise
+    deadline = time.monotonic() + timeout_s
+    while c.lastsave() == last:
+        if time.monotonic() > deadline:
+            raise TimeoutError("BGSAVE did not finish")
+        if heartbeat:
+            heartbeat({"waiting": "BGSAVE"})
+        time.sleep(0.1)
+    directory = c.config_get("dir")["dir"]
+    name = c.config_get("dbfilename")["dbfilename"]
+    s3.client(bucket).upload_file(str(Path(directory) / name), bucket.bucket, key)
+    return f"s3://{bucket.bucket}/{key}"
+
+
+def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500) -> tuple[int, list[str], int]:
+    """(keys on old, keys only old has, migrated): copies keys the new master lacks."""
+    src, dst = redis_client(old, 10), redis_client(master, 10)
+    raw_src = redis_client(old, 10, decode=False)  # DUMP payloads are binary
+    unique: list[str] = []
+    migrated = 0
+    keys = list(src.scan_iter(count=batch))
+    total = len(keys)
+    for i in range(0, len(keys), batch):
+        chunk = keys[i:i + batch]
+        pipe = dst.pipeline(transaction=False)
+        for k in chunk:
+            pipe.exists(k)
+        missing = [k for k, there in zip(chunk, pipe.execute()) if not there]
+        unique += missing
+        for k in missing:
+            dumped, ttl = raw_src.dump(k), src.pttl(k)
+            if dumped is None:
+                continue  # expired meanwhile
+            try:
+                dst.restore(k, max(ttl, 0), dumped)
+                migrated += 1
+            except redis.ResponseError as e:
+                if "BUSYKEY" not in str(e):
+                    raise
+    return total, unique, migrated
+
+
+def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config, snapshot_key: str,
+                        heartbeat=None) -> RedisFailback:
+    try:
+        redis_client(old, 3).ping()
+    except (redis.RedisError, OSError) as e:
+        # Nothing to keep: a restarted cache without persistence comes back empty.
+        return RedisFailback(reachable=False, error=str(e))
+    info = redis_client(old, 3).info("replication")
+    if info.get("role") == "slave" and f"{info.get('master_host')}:{info.get('master_port')}" == \
+            f"{master.host}:{master.port}":
+        return RedisFailback(reachable=True, rejoined=True)
+    snap = snapshot_to_s3(old, bucket, snapshot_key, heartbeat=heartbeat)
+    total, unique, migrated = migrate_unique_keys(old, master)
+    failover.demote(old, master)
+    try:
+        redis_client(old, 3).config_rewrite()  # so a restart keeps it a replica
+    except redis.RedisError:
+        pass
+    return RedisFailback(reachable=True, snapshot=snap, keys_on_old=total, unique_keys=len(unique),
+                         migrated_keys=migrated, unique_sample=unique[:20], rejoined=True)

@@ -1,0 +1,362 @@
+"""Applying resolutions to a real PostgreSQL 15 (port 17850, run as the lab's OS user).
+
+The SQL decides every key itself; these tests hold it to the pure engine: same final rows,
+same action, winner, conflict flag and reason for every key, for every strategy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from activities.conflicts.apply import ApplySummary, apply_resolutions
+from activities.conflicts.engine import Resolution, apply_to, resolve_changes
+from eagle_dr.config import DEFAULT_CONFIG, PostgresConfig, TableConflictConfig, load_config
+from lab.osuser import ensure_lab_user
+from lab.postgres import PostgresNode
+
+PORT = 17850
+# Fixed, so a run killed before its teardown is cleaned up by the next one.
+BASE = Path(tempfile.gettempdir()) / "eagle-dr-test-conflicts"
+
+CFG = load_config(DEFAULT_CONFIG, env={})
+TABLES: dict[str, TableConflictConfig] = dict(CFG.conflicts)
+PRIORITY = {r.name: r.priority for r in CFG.regions}
+# A failover: the old primary (us-east-1) lost, the promoted us-west-2 survives.
+SURVIVOR, LOSER = "us-west-2", "us-east-1"
+
+T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
+FORK = T0 + timedelta(hours=2)
+NOW = FORK + timedelta(minutes=30)  # metrics_snapshots' 5m ttl: fresh from FORK+25m
+
+
+def at(minute: float) -> datetime:
+    return FORK + timedelta(minutes=minute)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresNode]:
+    node = PostgresNode(PostgresConfig(port=PORT), BASE / "data", BASE / "run", ensure_lab_user("eagle-dr"),
+                        "conflicts")
+    if node.running():
+        node.stop("immediate")
+    shutil.rmtree(BASE, ignore_errors=True)
+    BASE.mkdir(parents=True)
+    # The server runs as the unprivileged lab user when we are root: it must enter the directory.
+    os.chmod(BASE, 0o755)
+    try:
+        node.init_primary()
+        yield node
+    finally:
+        try:
+            node.stop("fast")
+        except Exception:
+            node.kill()
+        shutil.rmtree(BASE, ignore_errors=True)
+
+
+@pytest.fixture
+def db(pg: PostgresNode) -> Iterator[psycopg.Connection]:
+    with pg.connect(row_factory=dict_row) as conn:
+        conn.execute("truncate alerts, alert_rules, subscriptions, audit_log, metrics_snapshots")
+        conn.execute("drop table if exists eagle_dr.conflict_audit")
+        yield conn
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+# Two contents per table that differ in every non-key column.
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "alerts": ({"region": SURVIVOR, "payload": {"side": "s"}, "created_at": T0},
+               {"region": LOSER, "payload": {"side": "l", "n": [1, 2]}, "created_at": T0 + timedelta(seconds=1)}),
+    "alert_rules": ({"name": "s", "threshold": Decimal("10"), "enabled": True},
+                    {"name": "l", "threshold": Decimal("20.5"), "enabled": False}),
+    "subscriptions": ({"user_id": "u-s", "channel": "sms"}, {"user_id": "u-l", "channel": "email"}),
+    "audit_log": ({"actor": "s", "action": "login"}, {"actor": "l", "action": "logout"}),
+    "metrics_snapshots": ({"metric": "cpu", "value": 1.0}, {"metric": "mem", "value": 2.5}),
+}
+
+
+def row(table: str, key: int, ts: datetime, variant: int | dict[str, Any]) -> dict[str, Any]:
+    fields = VARIANTS[table][variant] if isinstance(variant, int) else variant
+    return {"id": key, **fields, "updated_at": ts}
+
+
+def seed(conn: psycopg.Connection, table: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    q = sql.SQL("insert into {} ({}) values ({})").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, cols)),
+        sql.SQL(", ").join(sql.Placeholder() * len(cols)))
+    with conn.cursor() as cur:
+        cur.executemany(q, [[Jsonb(r[c]) if isinstance(r[c], (dict, list)) else r[c] for c in cols] for r in rows])
+
+
+def table_rows(conn: psycopg.Connection, table: str) -> dict[tuple, dict[str, Any]]:
+    rows = conn.execute(sql.SQL("select * from {} order by id").format(sql.Identifier(table)))
+    return {(r["id"],): r for r in rows}
+
+
+def audit(conn: psycopg.Connection, table: str | None = None) -> dict[tuple, dict[str, Any]]:
+    rows = conn.execute("select * from eagle_dr.conflict_audit where %s::text is null or table_name = %s"
+                        " order by id", (table, table)).fetchall()
+    out = {}
+    for r in rows:
+        key = (r["primary_key"]["id"],)
+        assert key not in out, f"two audit rows for {key}"
+        out[key] = r
+    return out
+
+
+def run_both(conn, table: str, loser_rows, deleted, cfg: TableConflictConfig | None = None,
+             workflow_id: str = "wf-1", run_id: str = "run-1") -> tuple[ApplySummary, list[Resolution], dict]:
+    """Apply in SQL; resolve the same inputs in the engine; return both and the table before."""
+    cfg = cfg or TABLES[table]
+    before = table_rows(conn, table)
+    expected = resolve_changes(cfg, before, loser_rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW)
+    summary = apply_resolutions(conn, table, cfg, loser_rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW,
+                                workflow_id, run_id, approved_by="oncall@example")
+    return summary, expected, before
+
+
+def assert_agrees(conn, table: str, summary: ApplySummary, expected: list[Resolution], before: dict) -> None:
+    assert table_rows(conn, table) == apply_to(before, expected)
+    got = audit(conn, table)
+    assert sorted(got) == [r.key for r in expected]
+    for r in expected:
+        a = got[r.key]
+        assert (a["action"], a["conflict"], a["winner_region"], a["reason"]) == \
+               (r.action, r.conflict, r.winner_region, r.reason), r
+        assert (a["result"] is None) == (r.result is None)
+    counts = {a: sum(1 for r in expected if r.action == a) for a in
+              ("insert_loser", "apply_loser", "merge", "delete", "keep_survivor", "flag")}
+    assert (summary.inserted, summary.updated, summary.deleted, summary.kept, summary.flagged) == (
+        counts["insert_loser"], counts["apply_loser"] + counts["merge"], counts["delete"],
+        counts["keep_survivor"], counts["flag"])
+    assert summary.conflicts == sum(r.conflict for r in expected)
+    assert summary.audit_rows == len(expected)
+
+
+# -- one scenario per strategy, with the outcome written out ---------------------------------
+
+# key: (survivor (minute, variant) or None, loser (minute, variant) / "deleted" / None)
+SCENARIO: dict[int, tuple[tuple[float, int] | None, tuple[float, int] | str | None]] = {
+    1: ((-60, 0), (10, 1)),     # only the loser updated a pre-fork row
+    2: ((20, 0), (10, 1)),      # both updated, survivor later
+    3: ((10, 0), (20, 1)),      # both updated, loser later
+    4: ((15, 0), (15, 1)),      # both updated at the same instant
+    5: (None, (5, 1)),          # inserted on the loser
+    6: ((5, 0), None),          # inserted on the survivor (the loser never sent it)
+    7: ((-60, 0), "deleted"),   # the loser deleted a pre-fork row
+    8: ((5, 0), "deleted"),     # the loser deleted what the survivor updated
+    9: ((12, 0), (8, 1)),       # both inserted the same key
+    10: ((-60, 0), None),       # nobody touched it
+    11: ((10, 0), (28, 1)),     # survivor stale, loser fresh (ttl 5m)
+    12: ((7, 1), (7, 1)),       # same version on both sides
+}
+CONFLICTS = {2, 3, 4, 8, 9, 11}
+# us-east-1 (the loser) has priority 1: it wins the tie of key 4 under last-write-wins.
+EXPECTED_ACTIONS = {
+    "alerts": {1: "apply_loser", 2: "keep_survivor", 3: "apply_loser", 4: "apply_loser", 5: "insert_loser",
+               7: "delete", 8: "keep_survivor", 9: "keep_survivor", 11: "apply_loser", 12: "keep_survivor"},
+    "alert_rules": {1: "apply_loser", 2: "merge", 3: "merge", 4: "merge", 5: "insert_loser", 7: "delete",
+                    8: "keep_survivor", 9: "merge", 11: "merge", 12: "keep_survivor"},
+    "subscriptions": {1: "apply_loser", 2: "apply_loser", 3: "apply_loser", 4: "apply_loser", 5: "insert_loser",
+                      7: "delete", 8: "delete", 9: "apply_loser", 11: "apply_loser", 12: "keep_survivor"},
+    "audit_log": {1: "flag", 2: "flag", 3: "flag", 4: "flag", 5: "insert_loser", 7: "flag", 8: "flag",
+                  9: "flag", 11: "flag", 12: "keep_survivor"},
+    "metrics_snapshots": {1: "apply_loser", 2: "keep_survivor", 3: "apply_loser", 4: "apply_loser",
+                          5: "insert_loser", 7: "delete", 8: "keep_survivor", 9: "keep_survivor",
+                          11: "apply_loser", 12: "keep_survivor"},
+}
+
+
+def scenario_inputs(table: str) -> tuple[list[dict], list[dict], list[tuple]]:
+    survivor, loser, deleted = [], [], []
+    for key, (s, l) in SCENARIO.items():
+        if s is not None:
+            survivor.append(row(table, key, at(s[0]), s[1]))
+        if l == "deleted":
+            deleted.append((key,))
+        elif l is not None:
+            loser.append(row(table, key, at(l[0]), l[1]))
+    return survivor, loser, deleted
+
+
+@pytest.mark.parametrize("table", list(EXPECTED_ACTIONS))
+def test_scenario(db, table):
+    survivor, loser, deleted = scenario_inputs(table)
+    seed(db, table, survivor)
+    summary, expected, before = run_both(db, table, loser, deleted)
+
+    got = audit(db, table)
+    assert {k[0]: a["action"] for k, a in got.items()} == EXPECTED_ACTIONS[table]
+    assert_agrees(db, table, summary, expected, before)
+    after = table_rows(db, table)
+    # Untouched and survivor-only rows are not even looked at.
+    for key in (6, 10):
+        assert after[(key,)] == before[(key,)] and (key,) not in got
+
+    # Exactly one audit row per conflicting key, carrying both versions and the result.
+    conflicted = {k[0] for k, a in got.items() if a["conflict"]}
+    assert conflicted == CONFLICTS
+    for key in CONFLICTS:
+        a = got[(key,)]
+        assert a["survivor_version"]["id"] == key
+        assert a["loser_version"] == (None if key == 8 else {**a["loser_version"], "id": key})
+        assert (a["result"] is None) == ((key,) not in after)
+        if a["result"] is not None:
+            assert datetime.fromisoformat(a["result"]["updated_at"]) == after[(key,)]["updated_at"]
+        assert (a["workflow_id"], a["run_id"], a["strategy"], a["approved_by"]) == (
+            "wf-1", "run-1", TABLES[table].strategy, "oncall@example")
+
+
+def test_scenario_merged_rows(db):
+    survivor, loser, deleted = scenario_inputs("alert_rules")
+    seed(db, "alert_rules", survivor)
+    run_both(db, "alert_rules", loser, deleted)
+    after = table_rows(db, "alert_rules")
+    # threshold from us-east-1 (the loser), enabled from us-west-2, the rest from the later row.
+    assert after[(2,)] == {"id": 2, "name": "s", "threshold": Decimal("20.5"), "enabled": True, "updated_at": at(20)}
+    assert after[(3,)] == {"id": 3, "name": "l", "threshold": Decimal("20.5"), "enabled": True, "updated_at": at(20)}
+
+
+def test_timestamps_of_the_winning_version_are_kept_and_the_trigger_still_works(db):
+    seed(db, "alerts", [row("alerts", 1, at(-60), 0)])
+    run_both(db, "alerts", [row("alerts", 1, at(10), 1)], [])
+    assert table_rows(db, "alerts")[(1,)]["updated_at"] == at(10)
+    db.execute("update alerts set payload = '{}' where id = 1")
+    assert table_rows(db, "alerts")[(1,)]["updated_at"] > at(10)
+
+
+# -- SQL == engine on random inputs, every strategy ------------------------------------------
+
+CHOICES: dict[str, dict[str, list[Any]]] = {
+    "alerts": {"region": [LOSER, SURVIVOR], "payload": [{"v": 1}, {"v": 2}, {"v": 1, "w": [1, None]}],
+               "created_at": [T0, FORK]},
+    "alert_rules": {"name": ["cpu", "mem"], "threshold": [Decimal("80"), Decimal("95.5"), None],
+                    "enabled": [True, False]},
+    "subscriptions": {"user_id": ["u1", "u2"], "channel": ["email", "sms"]},
+    "audit_log": {"actor": ["alice", "bob"], "action": ["login", "logout"]},
+    "metrics_snapshots": {"metric": ["cpu", "mem"], "value": [0.5, 1.25, None]},
+}
+OLD = [-120, -1, 0]                # at or before the fork: unchanged since
+NEW = [0.001, 10, 20, 25, 26, 29]  # after it; 25 (the edge), 26, 29 are fresh for the 5m ttl
+
+
+def random_inputs(rng: random.Random, table: str, n: int) -> tuple[list[dict], list[dict], list[tuple]]:
+    def content() -> dict[str, Any]:
+        return {c: rng.choice(vals) for c, vals in CHOICES[table].items()}
+
+    survivor, loser, deleted = [], [], []
+    for key in range(1, n + 1):
+        s = rng.choice(["absent", "old", "new", "new"])
+        srow = None if s == "absent" else row(table, key, at(rng.choice(OLD if s == "old" else NEW)), content())
+        if srow:
+            survivor.append(srow)
+        l = rng.choice(["none", "new", "new", "new", "same", "deleted", "old"])
+        if l == "deleted":
+            deleted.append((key,))
+        elif l == "same" and srow:
+            loser.append(dict(srow))
+        elif l in ("new", "old", "same"):
+            lrow = row(table, key, at(rng.choice(NEW if l != "old" else OLD)), content())
+            if srow and rng.random() < 0.3:
+                # Same instant on both sides, so the region priority has to break the tie.
+                lrow["updated_at"] = srow["updated_at"]
+            loser.append(lrow)
+    return survivor, loser, deleted
+
+
+@pytest.mark.parametrize("table", list(CHOICES))
+def test_sql_agrees_with_the_engine_on_random_inputs(db, table):
+    rng = random.Random(f"conflicts-{table}")
+    for strategy_cfg in _configs_for(table):
+        db.execute(sql.SQL("truncate {}").format(sql.Identifier(table)))
+        db.execute("drop table if exists eagle_dr.conflict_audit")
+        survivor, loser, deleted = random_inputs(rng, table, 400)
+        seed(db, table, survivor)
+        summary, expected, before = run_both(db, table, loser, deleted, strategy_cfg)
+        assert_agrees(db, table, summary, expected, before)
+        assert {r.action for r in expected} >= {"keep_survivor", "insert_loser"}
+
+
+def _configs_for(table: str) -> list[TableConflictConfig]:
+    """The shipped config for the table, plus every other strategy that fits its columns."""
+    fields = [c for c in CHOICES[table] if c != "created_at"][:2]
+    return [
+        TABLES[table],
+        TableConflictConfig(strategy="last-write-wins"),
+        TableConflictConfig(strategy="merge-with-priority",
+                            field_priority={fields[0]: [LOSER, SURVIVOR], fields[1]: [SURVIVOR, LOSER]}),
+        TableConflictConfig(strategy="source-priority", source_region=SURVIVOR),
+        TableConflictConfig(strategy="source-priority", source_region=LOSER),
+        TableConflictConfig(strategy="immutable-append-only"),
+        TableConflictConfig(strategy="freshness-priority", ttl=timedelta(minutes=5)),
+    ]
+
+
+# -- idempotence -----------------------------------------------------------------------------
+
+
+def _xmins(conn, table: str) -> dict[int, str]:
+    q = sql.SQL("select id, xmin::text as x from {}").format(sql.Identifier(table))
+    return {r["id"]: r["x"] for r in conn.execute(q)}
+
+
+@pytest.mark.parametrize("table", list(EXPECTED_ACTIONS))
+def test_applying_twice_changes_nothing(db, table):
+    survivor, loser, deleted = scenario_inputs(table)
+    seed(db, table, survivor)
+    first, _, _ = run_both(db, table, loser, deleted)
+    rows, xmins, audit_rows = table_rows(db, table), _xmins(db, table), audit(db, table)
+
+    again, _, _ = run_both(db, table, loser, deleted)
+    assert (again.inserted, again.updated, again.deleted, again.audit_rows) == (0, 0, 0, 0)
+    assert again.flagged == first.flagged
+    assert table_rows(db, table) == rows
+    assert _xmins(db, table) == xmins  # not even rewritten with the same values
+    assert audit(db, table) == audit_rows
+
+
+def test_runs_inside_the_callers_transaction_and_restores_triggers(db):
+    seed(db, "alerts", [row("alerts", 1, at(-60), 0)])
+    with db.transaction():
+        apply_resolutions(db, "alerts", TABLES["alerts"], [row("alerts", 1, at(10), 1)], [], LOSER, SURVIVOR,
+                          PRIORITY, FORK, NOW, "wf-tx", "run-1")
+        assert db.execute("show session_replication_role").fetchone()["session_replication_role"] == "origin"
+    assert len(audit(db)) == 1
+
+
+def test_refuses_inputs_it_cannot_decide(db):
+    cfg = TABLES["alerts"]
+
+    def go(loser, deleted, **kw):
+        args = dict(loser_region=LOSER, survivor_region=SURVIVOR)
+        args.update(kw)
+        apply_resolutions(db, "alerts", cfg, loser, deleted, args["loser_region"], args["survivor_region"],
+                          PRIORITY, FORK, NOW, "wf-bad", "run-1")
+
+    good = row("alerts", 1, at(10), 1)
+    with pytest.raises(ValueError, match="repeat"):
+        go([good, dict(good)], [])
+    with pytest.raises(ValueError, match="both"):
+        go([good], [(1,)])
+    with pytest.raises(ValueError, match="exactly the table's columns"):
+        go([{"id": 2, "updated_at": at(1)}], [])
+    with pytest.raises(ValueError, match="same region"):
+        go([good], [], survivor_region=LOSER)

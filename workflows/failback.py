@@ -1,0 +1,149 @@
+"""Failback: bring the region lost in a failover back, keep what it alone had, and (by
+default) make it primary again with a zero-loss switchover.
+
+ 1. preflight: the other region is primary; both regions' workers answer;
+ 2. approval, when the policy asks;
+ 3. stop the old primary (it may have come back writable) and read from its WAL what it
+    committed after the fork: the failover's real RPO;
+ 4. reconcile: its post-fork rows are resolved per table strategy and applied to the
+    primary, every conflict audited (nothing acknowledged is silently dropped);
+ 5. pg_rewind it onto the primary's timeline (pg_basebackup when rewind is impossible,
+    and why), stream through its slot;
+ 6. Redis: snapshot the old master to S3, copy the keys only it has, then re-attach it;
+ 7. wait until it has caught up, then switch over back (a child SwitchoverWorkflow).
+Every step is idempotent: a worker killed mid-rewind retries the step and finishes.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.failback import Divergence, FailbackActivities, FailbackRequest, Reconciliation
+    from activities.health import HealthActivities
+    from activities.postgres.rewind import Rewound
+    from activities.redis.failback import RedisFailback
+    from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
+    from workflows.models import ApprovalPolicy, RunbookResult, SwitchoverInput, Trigger
+    from workflows.runbook import Runbook, move_id
+    from workflows.switchover import SwitchoverWorkflow
+    from workflows.validation import RawInput, invalid, validated
+
+
+class FailbackInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    service: str = "eagle-alert"
+    region: str = Field(min_length=1, description="the region to bring back")
+    reason: str = ""
+    trigger: Trigger = Trigger.manual
+    approval: ApprovalPolicy = ApprovalPolicy()
+    switch_back: bool = True
+    max_catch_up_lag_bytes: int = Field(default=1024 * 1024, ge=0)
+    catch_up_timeout_seconds: float = Field(default=600, gt=0)
+    measure_client_impact: bool = False
+
+
+class FailbackReport(BaseModel):
+    service: str
+    region: str
+    primary_before: str
+    divergence: Divergence
+    reconciliation: Reconciliation
+    rewind: Rewound
+    redis: RedisFailback
+    switchover: RunbookResult | None = None
+    steps: list = []
+    notes: list[str] = []
+
+
+@workflow.defn
+class FailbackWorkflow(Runbook):
+    runbook = "failback"
+
+    @workflow.run
+    async def run(self, raw: RawInput) -> FailbackReport:
+        inp = validated(FailbackInput, raw)
+        self.service, self.target_region = inp.service, inp.region
+        notes: list[str] = []
+
+        async with self.step("preflight") as st:
+            topo = await self.topology()
+            if topo.region(inp.region) is None:
+                raise invalid("region", f"unknown region {inp.region!r} "
+                                        f"(known: {', '.join(r.name for r in topo.regions)})")
+            primary = topo.other(inp.region).name
+            self.source_region = primary
+            pq, oq = topo.region(primary).task_queue, topo.region(inp.region).task_queue
+            workflow.upsert_search_attributes([
+                DR_RUNBOOK.value_set(self.runbook), DR_SERVICE.value_set(inp.service),
+                DR_SOURCE_REGION.value_set(primary), DR_TARGET_REGION.value_set(inp.region),
+                DR_TRIGGER.value_set(inp.trigger.value)])
+            try:
+                p_health = await self.act(HealthActivities.probe_region, primary, queue=pq, timeout=30,
+                                          schedule_to_start=30, attempts=2)
+                await self.act(HealthActivities.probe_region, inp.region, queue=oq, timeout=30,
+                               schedule_to_start=30, attempts=2)
+            except ActivityError as e:
+                raise ApplicationError(f"failback needs both regions' workers: {e.cause or e}",
+                                       type="RegionUnhealthy", non_retryable=True) from None
+            if p_health.postgres.role != "primary":
+                raise invalid("region", f"{primary} is not the primary ({p_health.postgres.role}); "
+                                        f"nothing to fail back to")
+            st.detail = f"{primary} is primary; {inp.region}'s worker answers"
+
+        approval = await self.approval(inp.approval, f"fail {inp.service} back to {inp.region}")
+        req = FailbackRequest(region=inp.region, primary_region=primary, approved_by=approval.approver)
+
+        async with self.step("measure what the old primary wrote after the fork") as st:
+            divergence = await self.act(FailbackActivities.measure_divergence, req, queue=oq, timeout=300,
+                                        heartbeat=60)
+            lost = divergence.lost
+            st.detail = f"fork at {lost.fork_lsn}: {lost.lost_commits} commits, {lost.lost_bytes} bytes after it"
+
+        async with self.step("reconcile diverged rows") as st:
+            reconciliation = await self.act(FailbackActivities.reconcile_diverged_rows, req, queue=oq,
+                                            timeout=3600, heartbeat=120)
+            n = sum(t.inserted + t.updated + t.deleted for t in reconciliation.tables)
+            c = sum(t.conflicts for t in reconciliation.tables)
+            f = sum(t.flagged for t in reconciliation.tables)
+            st.detail = f"{n} rows applied to {primary}, {c} conflicts resolved, {f} flagged for a human"
+            if f:
+                notes.append(f"{f} changes were rejected by immutable-append-only tables: see eagle_dr.conflict_audit")
+
+        async with self.step("rewind old primary into a standby") as st:
+            rewound = await self.act(FailbackActivities.rewind_old_primary, req, queue=oq, timeout=3600,
+                                     heartbeat=60)
+            st.detail = f"{rewound.method} in {rewound.seconds:.1f}s" + \
+                (f" (pg_rewind impossible: {rewound.fallback_reason})" if rewound.fallback_reason else "")
+            if rewound.fallback_reason:
+                notes.append(f"pg_rewind was impossible ({rewound.fallback_reason}); rebuilt with pg_basebackup")
+
+        async with self.step("preserve and re-attach Redis") as st:
+            redis = await self.act(FailbackActivities.preserve_redis_and_rejoin, req, queue=oq, timeout=600,
+                                   heartbeat=60)
+            st.detail = (f"snapshot {redis.snapshot}; {redis.unique_keys} keys only it had, "
+                         f"{redis.migrated_keys} copied to {primary}") if redis.reachable else \
+                "old Redis unreachable: nothing to keep (no persistence)"
+
+        switchover = None
+        if inp.switch_back:
+            async with self.step(f"switch over back to {inp.region}") as st:
+                switchover = await workflow.execute_child_workflow(
+                    SwitchoverWorkflow.run, SwitchoverInput(
+                        service=inp.service, target_region=inp.region, trigger=inp.trigger,
+                        reason=f"failback to {inp.region}", max_lag_bytes=inp.max_catch_up_lag_bytes,
+                        catch_up_timeout_seconds=inp.catch_up_timeout_seconds,
+                        approval=ApprovalPolicy(required=True, auto_approve_as=f"failback ({approval.outcome})"),
+                        measure_client_impact=inp.measure_client_impact),
+                    id=move_id(inp.service), task_queue=workflow.info().task_queue,
+                    static_summary=f"failback switchover {inp.service} {primary} -> {inp.region}",
+                    execution_timeout=timedelta(hours=2))
+                st.detail = f"{switchover.outcome}; acked writes lost {switchover.rpo.acknowledged_writes_lost}"
+        self.finish("succeeded" if switchover is None or switchover.outcome == "succeeded" else "degraded")
+        return FailbackReport(service=inp.service, region=inp.region, primary_before=primary, divergence=divergence,
+                              reconciliation=reconciliation, rewind=rewound, redis=redis, switchover=switchover,
+                              steps=self.steps, notes=notes)
