@@ -420,6 +420,8 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
         out.print(f"outage: killed {', '.join(report.killed)} in {report.outage_region}; detected after "
                   f"{report.detection_seconds:.1f}s")
         _report(report.failover)
+        if report.failback:
+            _failback_report(report.failback)
         for n in report.notes:
             out.print(f"[yellow]note:[/] {n}")
         out.print(f"Temporal UI: {_ui_link(c, handle)} (children: {c.temporal.ui_url}/namespaces/"
@@ -432,6 +434,58 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
     except Exception as e:  # noqa: BLE001
         cause = getattr(e, "cause", None)
         _fail(f"drill failed: {getattr(cause, 'message', None) or cause or e}", 1)
+
+
+def _failback_report(f) -> None:
+    lost = f.divergence.lost
+    out.print(f"[bold]failback[/] of {f.region} (primary {f.primary_before}): fork at {lost.fork_lsn}; the old "
+              f"primary had {lost.lost_commits} commits / {lost.lost_bytes} bytes after it")
+    for t in f.reconciliation.tables:
+        out.print(f"  {t.table} ({t.strategy}): {t.loser_rows} post-fork rows, {t.inserted} inserted, {t.updated} "
+                  f"updated, {t.deleted} deleted, {t.conflicts} conflicts, {t.flagged} flagged (eagle_dr.conflict_audit)")
+    out.print(f"  PostgreSQL: {f.rewind.method} in {f.rewind.seconds:.1f}s"
+              + (f" (pg_rewind impossible: {f.rewind.fallback_reason})" if f.rewind.fallback_reason else ""))
+    r = f.redis
+    out.print(f"  Redis: snapshot {r.snapshot}, {r.unique_keys} keys only it had, {r.migrated_keys} copied"
+              if r.reachable else "  Redis: old master unreachable, nothing to keep")
+    if f.switchover:
+        _report(f.switchover)
+    for n in f.notes:
+        out.print(f"  [yellow]note:[/] {n}")
+
+
+@app.command()
+def failback(region: str = typer.Option(..., "--region", help="The region to bring back."),
+             switch_back: bool = typer.Option(True, "--switch-back/--standby-only",
+                                              help="Make it primary again after it caught up."),
+             approval: bool = typer.Option(False, "--require-approval/--no-approval")):
+    """Bring a failed-over region back: keep its post-fork writes, rewind, re-attach, switch back."""
+    import asyncio
+
+    from temporalio.common import WorkflowIDConflictPolicy
+
+    from workflows.failback import FailbackInput, FailbackWorkflow
+    from workflows.models import ApprovalPolicy
+
+    c = cfg()
+    _region(c, region)
+
+    async def run():
+        client = await _client(c)
+        handle = await client.start_workflow(
+            FailbackWorkflow.run, FailbackInput(service=c.service, region=region, switch_back=switch_back,
+                                                approval=ApprovalPolicy(required=approval)),
+            id=f"dr-failback-{c.service}", task_queue=c.temporal.control_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            static_summary=f"failback {c.service} region {region}")
+        out.print(f"failback started: {_ui_link(c, handle)}")
+        _failback_report(await _follow(handle, c))
+
+    try:
+        asyncio.run(run())
+    except Exception as e:  # noqa: BLE001
+        cause = getattr(e, "cause", None)
+        _fail(f"failback failed: {getattr(cause, 'message', None) or cause or e}", 1)
 
 
 def main() -> None:
