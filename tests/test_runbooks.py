@@ -358,7 +358,7 @@ async def test_drill(lab, client):
     assert report.failover.outcome == "succeeded"
     assert report.failover.rpo.acknowledged_writes_lost is not None
     # The killed region came back and failback rebuilt it: the topology the drill started from.
-    assert report.failback is not None and report.failback.rewind.method in ("pg_rewind", "pg_basebackup")
+    assert report.failback is not None and report.failback.rewind.method == "pg_rewind", report.failback.rewind
     assert pg_status(lab.cfg.region(a).postgres).role == "primary"
     st = pg_status(lab.cfg.region(b).postgres)
     assert st.role == "standby" and st.receiver_status == "streaming"
@@ -421,9 +421,7 @@ async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, cli
     report = await handle.result()
     await record(handle, "failback")
     assert report.divergence.lost.lost_commits >= 2
-    # pg_rewind, or pg_basebackup with the reason rewind could not be used: never silently.
-    assert (report.rewind.method == "pg_rewind" and report.rewind.fallback_reason is None) or \
-        (report.rewind.method == "pg_basebackup" and report.rewind.fallback_reason), report.rewind
+    assert report.rewind.method == "pg_rewind" and report.rewind.fallback_reason is None, report.rewind
     alerts = next(t for t in report.reconciliation.tables if t.table == "alerts")
     assert alerts.conflicts >= 1 and alerts.inserted >= 1
     assert report.switchover.outcome == "succeeded" and report.switchover.rpo.acknowledged_writes_lost == 0

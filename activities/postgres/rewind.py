@@ -132,6 +132,11 @@ def rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_
         return Rewound(method="already-standby", seconds=0.0, upstream=upstream)
     ctl.stop("fast")
     ensure_slot(primary, slot)
+    # A freshly promoted primary's control file still names its pre-promotion timeline until
+    # its first checkpoint completes; pg_rewind reads it from there and would stamp the
+    # target with a minimum recovery point on the wrong timeline (Patroni checkpoints too).
+    with connect(primary) as conn:
+        conn.execute("checkpoint")
     source = f"host={primary.host} port={primary.port} user={primary.user} dbname=postgres"
     r = _run_heartbeating(ctl, [ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"],
                           heartbeat)
