@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pydantic import BaseModel
 from temporalio import activity
 
-from activities.conflicts.apply import apply_resolutions
+from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
 from activities.postgres.rewind import (
@@ -37,18 +37,9 @@ class Divergence(BaseModel):
     lost: LostWal
 
 
-class TableReconciliation(BaseModel):
-    table: str
-    strategy: str
+class TableReconciliation(ApplySummary):
     loser_rows: int
     deleted_keys: int
-    inserted: int = 0
-    updated: int = 0
-    deleted: int = 0
-    kept: int = 0
-    flagged: int = 0
-    conflicts: int = 0
-    audit_rows: int = 0
 
 
 class Reconciliation(BaseModel):
@@ -102,10 +93,8 @@ class FailbackActivities:
                     survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
                     now=datetime.now(timezone.utc), workflow_id=info.workflow_id, run_id=info.workflow_run_id,
                     approved_by=req.approved_by)
-                out.append(TableReconciliation(table=table, strategy=tcfg.strategy, loser_rows=len(rows[table]),
-                                               deleted_keys=len(deleted), **summary.model_dump(
-                                                   include={"inserted", "updated", "deleted", "kept", "flagged",
-                                                            "conflicts", "audit_rows"})))
+                out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(rows[table]),
+                                               deleted_keys=len(deleted)))
                 activity.heartbeat({"table": table})
         return Reconciliation(since=since, tables=out)
 

@@ -63,16 +63,21 @@ async def _progress(handle):
         return None
 
 
-def _startup_pid(lab, region: str) -> int:
-    """The standby's startup (WAL replay) process: SIGSTOP it to make replay lag."""
+def _aux_pid(lab, region: str, name: bytes) -> int:
+    """A child of the region's postmaster by its title (b"startup", b"walreceiver")."""
     for pid in children(lab.postgres(region).pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"startup" in f.read():
+                if name in f.read():
                     return pid
         except OSError:
             continue
-    raise AssertionError(f"no startup process under {region}'s postmaster")
+    raise AssertionError(f"no {name.decode()} process under {region}'s postmaster")
+
+
+def _startup_pid(lab, region: str) -> int:
+    """The standby's startup (WAL replay) process: SIGSTOP it to make replay lag."""
+    return _aux_pid(lab, region, b"startup")
 
 
 def _write_bulk(lab, region: str, rows: int = 4000) -> None:
@@ -365,17 +370,6 @@ async def test_drill(lab, client):
     assert lab.router.active_region() == a
 
 
-def _walreceiver_pid(lab, region: str) -> int:
-    for pid in children(lab.postgres(region).pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"walreceiver" in f.read():
-                    return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no walreceiver under {region}'s postmaster")
-
-
 async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, client):
     """Fork with divergent writes on both sides, then failback: nothing is silently lost."""
     from workflows.failback import FailbackInput, FailbackWorkflow
@@ -387,7 +381,7 @@ async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, cli
         conn.execute("insert into alerts (id, region, payload) values (%s, 'seed', '{}')", (both,))
     await _until(_async(lambda: _lag_bytes(lab, old) == 0), 30, "the standby to catch up")
     # The standby stops receiving: what the old primary commits now never reaches it.
-    receiver = _walreceiver_pid(lab, new)
+    receiver = _aux_pid(lab, new, b"walreceiver")
     os.kill(receiver, signal.SIGSTOP)
     with psycopg.connect(lab.cfg.region(old).postgres.dsn(), autocommit=True) as conn:
         conn.execute("insert into alerts (id, region, payload) values (%s, %s, '{\"side\": \"old\"}')",
