@@ -433,3 +433,27 @@ async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, cli
         conflicts = conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s and conflict",
                                  (handle.id,)).fetchone()[0]
     assert audit == 1 and conflicts == alerts.conflicts
+
+
+async def test_split_brain_detection_names_what_is_split(lab):
+    """Last: a real split brain (the standby promoted while the primary still takes writes,
+    and a second Redis master), detected and named; the lab then rebuilds the loser."""
+    from activities.redis.status import client as redis_client
+    from activities.split_brain import detect
+
+    primary = _primary(lab)
+    other = lab.cfg.other(primary)
+    assert not detect(lab.cfg).split
+    with psycopg.connect(other.postgres.dsn(), autocommit=True) as conn:
+        conn.execute("select pg_promote()")
+    redis_client(other.redis).replicaof("NO", "ONE")
+    try:
+        report = detect(lab.cfg)
+        assert sorted(report.postgres_primaries) == sorted([primary, other.name])
+        assert sorted(report.redis_masters) == sorted([primary, other.name])
+        assert f"postgres: 2 writable primaries ({', '.join(report.postgres_primaries)})" in report.findings
+        assert any(f.startswith("redis: 2 masters") for f in report.findings)
+    finally:
+        lab.rebuild_standby(other.name)
+        lab.wait_replication()
+    assert not detect(lab.cfg).split

@@ -13,6 +13,7 @@ from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
 from activities.postgres.activities import PostgresActivities
 from activities.redis.activities import RedisActivities
+from activities.split_brain import SplitBrainActivities
 from activities.topology import TopologyActivities
 from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
@@ -43,7 +44,7 @@ def regional_activities(cfg: EagleConfig) -> list:
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:
-    acts = [TopologyActivities(cfg).describe_topology, *_postgres(cfg),
+    acts = [TopologyActivities(cfg).describe_topology, SplitBrainActivities(cfg).detect_split_brain, *_postgres(cfg),
             *_methods(RedisActivities(cfg), "fence_redis", "unfence_redis", "promote_redis", "switchover_redis",
                       "demote_redis"),
             *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",
