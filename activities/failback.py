@@ -37,6 +37,11 @@ class Divergence(BaseModel):
     lost: LostWal
 
 
+class ReconcileRequest(FailbackRequest):
+    # Measured by measure_divergence before anything started the old primary again.
+    divergence: Divergence
+
+
 class TableReconciliation(ApplySummary):
     loser_rows: int
     deleted_keys: int
@@ -63,14 +68,12 @@ class FailbackActivities:
         return Divergence(fork=fork, lost=lost_wal(self._pg(req.region), fork))
 
     @activity.defn
-    def reconcile_diverged_rows(self, req: FailbackRequest) -> Reconciliation:
+    def reconcile_diverged_rows(self, req: ReconcileRequest) -> Reconciliation:
         """The old primary's post-fork rows, resolved per table strategy, applied to the primary
         in set-based SQL with an audit row per conflict. Idempotent per workflow run."""
         old, primary = self._pg(req.region), self._pg(req.primary_region)
-        ctl = PgCtl(old)
-        ctl.stop("fast")
-        fork = fork_point(primary)
-        lost = lost_wal(old, fork)
+        PgCtl(old).stop("fast")
+        lost = req.divergence.lost
         if lost.lost_commits == 0:
             return Reconciliation(since=None, tables=[])
         fork_time = lost.last_commit_before_fork_at or lost.first_lost_commit_at

@@ -90,8 +90,7 @@ class DevServer:
         return self.status()
 
     def _ui_ready(self) -> bool:
-        with urllib.request.urlopen(self.ui_url + "/api/v1/settings", timeout=2) as r:
-            return r.status == 200
+        return ui_reachable(self.ui_url)
 
     def down(self) -> bool:
         pid = read_pid(self.pidfile)
@@ -103,6 +102,14 @@ class DevServer:
         except Exception:
             kill_tree(pid)
         return True
+
+
+def ui_reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/api/v1/settings", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 async def ensure_search_attributes(client, namespace: str | None = None) -> list[str]:

@@ -7,7 +7,6 @@ it still works when the workers or Temporal are down) and asks Temporal who is p
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from datetime import datetime, timezone
 
 from pydantic import BaseModel
@@ -16,6 +15,7 @@ from activities.postgres.status import PgStatus, pg_status
 from activities.redis.status import RedisStatus, SentinelView, redis_status, sentinel_view
 from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig
+from eagle_dr.devserver import ui_reachable
 
 # A live worker re-polls at least every ~70 s (long poll); older than this means gone.
 # DescribeTaskQueue reports the root partition's pollers only: on a cluster with several
@@ -82,14 +82,6 @@ async def _pollers(address: str, queues: list[tuple[str, str, bool]]) -> list[Wo
     return out
 
 
-def _ui_reachable(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/api/v1/settings", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
     address = temporal_address or f"127.0.0.1:{cfg.lab.dev_server.grpc_port}"
     regions = [RegionView(name=r.name, configured_role=r.role, postgres=pg_status(r.postgres, 2),
@@ -105,7 +97,7 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
     workers = await _pollers(address, queues)
     return TopologyStatus(service=cfg.service, active_region=LabRouter(cfg.lab.state_dir).active_region(),
                           regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
-                          temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=_ui_reachable(cfg.temporal.ui_url))
+                          temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url))
 
 
 def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:

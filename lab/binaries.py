@@ -57,13 +57,6 @@ def ensure(*names: str) -> dict[str, str]:
     return {n: _locate(n) for n in names}  # type: ignore[misc]
 
 
-def pg(tool: str) -> str:
-    d = postgres_bin_dir()
-    if not d:
-        raise MissingBinary("PostgreSQL server binaries not found (Debian package 'postgresql')")
-    return os.path.join(d, tool)
-
-
 def weed() -> str:
     p = find_bin("weed")
     if not p:

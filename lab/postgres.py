@@ -9,14 +9,12 @@ a crash (see shared/notes/lab.md, section 3).
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import psycopg
 
 from activities.postgres.ctl import PgCtl
 from eagle_dr.config import PostgresConfig
-from lab import binaries
 from lab.osuser import LabUser, make_dir
 from lab.processes import kill_tree
 
@@ -58,9 +56,6 @@ class PostgresNode:
         self.name = name
         self.ctl = PgCtl(self.cfg)
 
-    def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, capture_output=True, text=True, **self.user.popen_kwargs(), **kw)
-
     @property
     def pid(self) -> int | None:
         return self.ctl.pid
@@ -88,7 +83,7 @@ class PostgresNode:
         make_dir(self.run_dir, self.user, 0o755)
         if not (self.data_dir / "PG_VERSION").exists():
             make_dir(self.data_dir, self.user)
-            r = self._run([binaries.pg("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
+            r = self.ctl.run([self.ctl.tool("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
                            "-E", "UTF8", "--locale=C.UTF-8"])
             if r.returncode != 0:
                 raise RuntimeError(f"{self.name}: initdb failed: {r.stderr}")
@@ -117,7 +112,7 @@ class PostgresNode:
                     conn.execute("select pg_drop_replication_slot(%s)", (slot,))
             if self.data_dir.exists():
                 os.rmdir(self.data_dir)
-            r = self._run([binaries.pg("pg_basebackup"), "-h", primary.cfg.host, "-p", str(primary.cfg.port),
+            r = self.ctl.run([self.ctl.tool("pg_basebackup"), "-h", primary.cfg.host, "-p", str(primary.cfg.port),
                            "-U", primary.cfg.replication_user, "-D", str(self.data_dir), "-X", "stream", "-c", "fast",
                            "-R", "-C", "-S", slot, "-d", f"application_name={self.name}"])
             if r.returncode != 0:

@@ -66,8 +66,7 @@ class DrillWorkflow(Runbook):
         if primary is None:
             raise invalid("(lab)", "no region has a PostgreSQL primary; bring the lab up first")
         b = inp.switchover_to or topo.other(primary).name
-        if topo.region(b) is None:
-            raise invalid("switchover_to", f"unknown region {b!r} (known: {', '.join(r.name for r in topo.regions)})")
+        self.known_region(topo, "switchover_to", b)
         a = topo.other(b).name
         self.source_region, self.target_region = a, b
         auto = ApprovalPolicy(required=True, auto_approve_as="drill (auto-approved)")

@@ -23,11 +23,11 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.failback import Divergence, FailbackActivities, FailbackRequest, Reconciliation
+    from activities.failback import Divergence, FailbackActivities, FailbackRequest, Reconciliation, \
+        ReconcileRequest
     from activities.health import HealthActivities
     from activities.postgres.rewind import Rewound
     from activities.redis.failback import RedisFailback
-    from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
     from workflows.models import ApprovalPolicy, RunbookResult, SwitchoverInput, Trigger
     from workflows.runbook import Runbook, move_id
     from workflows.switchover import SwitchoverWorkflow
@@ -72,16 +72,10 @@ class FailbackWorkflow(Runbook):
 
         async with self.step("preflight") as st:
             topo = await self.topology()
-            if topo.region(inp.region) is None:
-                raise invalid("region", f"unknown region {inp.region!r} "
-                                        f"(known: {', '.join(r.name for r in topo.regions)})")
+            self.known_region(topo, "region", inp.region)
             primary = topo.other(inp.region).name
-            self.source_region = primary
             pq, oq = topo.region(primary).task_queue, topo.region(inp.region).task_queue
-            workflow.upsert_search_attributes([
-                DR_RUNBOOK.value_set(self.runbook), DR_SERVICE.value_set(inp.service),
-                DR_SOURCE_REGION.value_set(primary), DR_TARGET_REGION.value_set(inp.region),
-                DR_TRIGGER.value_set(inp.trigger.value)])
+            self.tag(inp.service, primary, inp.region, inp.trigger.value)
             try:
                 p_health = await self.act(HealthActivities.probe_region, primary, queue=pq, timeout=30,
                                           schedule_to_start=30, attempts=2)
@@ -105,8 +99,8 @@ class FailbackWorkflow(Runbook):
             st.detail = f"fork at {lost.fork_lsn}: {lost.lost_commits} commits, {lost.lost_bytes} bytes after it"
 
         async with self.step("reconcile diverged rows") as st:
-            reconciliation = await self.act(FailbackActivities.reconcile_diverged_rows, req, queue=oq,
-                                            timeout=3600, heartbeat=120)
+            reconciliation = await self.act(FailbackActivities.reconcile_diverged_rows, ReconcileRequest(
+                **req.model_dump(), divergence=divergence), queue=oq, timeout=3600, heartbeat=120)
             n = sum(t.inserted + t.updated + t.deleted for t in reconciliation.tables)
             c = sum(t.conflicts for t in reconciliation.tables)
             f = sum(t.flagged for t in reconciliation.tables)

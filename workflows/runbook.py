@@ -144,17 +144,24 @@ class Runbook:
     async def topology(self) -> Topology:
         return await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
 
+    def known_region(self, topo: Topology, field: str, name: str) -> None:
+        """A region named in the input must be configured: else a non-retryable error naming the field."""
+        if topo.region(name) is None:
+            raise invalid(field, f"unknown region {name!r} (known: {', '.join(r.name for r in topo.regions)})")
+
+    def tag(self, service: str, source: str, target: str, trigger: str) -> None:
+        """Search attributes an operator filters runbooks on in the UI."""
+        self.source_region = source
+        workflow.upsert_search_attributes([
+            DR_RUNBOOK.value_set(self.runbook), DR_SERVICE.value_set(service), DR_SOURCE_REGION.value_set(source),
+            DR_TARGET_REGION.value_set(target), DR_TRIGGER.value_set(trigger)])
+
     async def place(self, inp: MoveInput) -> Placement:
         """Check the target against the configured regions and tag the run for the UI."""
         topo = await self.topology()
-        if topo.region(inp.target_region) is None:
-            raise invalid("target_region", f"unknown region {inp.target_region!r} "
-                                           f"(known: {', '.join(r.name for r in topo.regions)})")
+        self.known_region(topo, "target_region", inp.target_region)
         source = topo.other(inp.target_region).name
-        self.source_region = source
-        workflow.upsert_search_attributes([
-            DR_RUNBOOK.value_set(self.runbook), DR_SERVICE.value_set(inp.service), DR_SOURCE_REGION.value_set(source),
-            DR_TARGET_REGION.value_set(inp.target_region), DR_TRIGGER.value_set(inp.trigger.value)])
+        self.tag(inp.service, source, inp.target_region, inp.trigger.value)
         return Placement(topo, source, inp.target_region, topo.region(source).task_queue,
                          topo.region(inp.target_region).task_queue)
 
