@@ -26,6 +26,9 @@ max_wal_senders = 10
 max_replication_slots = 10
 wal_log_hints = on
 wal_keep_size = '64MB'
+# A slot reserved for a lost region holds WAL until failback; this caps it (failback then
+# re-clones with pg_basebackup instead of filling the disk).
+max_slot_wal_keep_size = '4GB'
 hot_standby = on
 hot_standby_feedback = on
 wal_receiver_status_interval = 1s

@@ -13,7 +13,7 @@ from temporalio.exceptions import ApplicationError
 from activities.postgres import epoch as epochs
 from activities.postgres.fence import PgFence, fence_read_only, fence_stop, unfence
 from activities.postgres.promote import Promotion, promote
-from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, wait_replayed_past
+from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot, wait_replayed_past
 from activities.postgres.status import PgStatus, pg_status
 from eagle_dr.config import EagleConfig
 
@@ -81,6 +81,11 @@ class PostgresActivities:
         if current.epoch > req.epoch or (current.epoch == req.epoch and current.workflow_id != info.workflow_id):
             raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {current.epoch} "
                                    f"from {current.workflow_id}", type="StaleEpoch", non_retryable=True)
+        # Keep the WAL each other region needs to come back as a standby: failback rewinds
+        # it and replays from before the fork, often hours later.
+        for other in self.cfg.regions:
+            if other.name != req.region:
+                reserve_slot(pg, other.postgres.slot_name)
         return promote(pg, timeout_s=120, heartbeat=_heartbeat)
 
     @activity.defn

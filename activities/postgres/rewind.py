@@ -1,46 +1,25 @@
-"""Bringing a failed-over old primary back as a standby: find the fork, measure what it
-had that the new primary never got, keep its post-fork rows, then pg_rewind it (or, when
-rewind is impossible, re-clone it with pg_basebackup and say why).
+"""Bringing a diverged old primary back as a standby: pg_rewind it onto the current
+primary's timeline or, when rewind is impossible, re-clone it with pg_basebackup and say why.
 
-All of this acts on the old primary's data directory: it runs on that region's worker.
+What it wrote after the fork is measured and kept before this runs (``divergence.py``):
+rewinding destroys it. This acts on the node's data directory: it runs on that region's worker.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
+import signal
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import psycopg
 from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl, PgCtlError
-from activities.postgres.lsn import lsn_diff, lsn_to_int
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect
 from eagle_dr.config import PostgresConfig
-
-
-class ForkPoint(BaseModel):
-    new_timeline: int
-    old_timeline: int
-    fork_lsn: str
-
-
-class LostWal(BaseModel):
-    """What the old primary wrote after the fork: the true RPO of the failover."""
-
-    fork_lsn: str
-    end_lsn: str | None
-    lost_bytes: int | None
-    lost_commits: int
-    first_lost_commit_at: datetime | None = None
-    last_commit_before_fork_at: datetime | None = None
 
 
 class Rewound(BaseModel):
@@ -50,76 +29,9 @@ class Rewound(BaseModel):
     upstream: str
 
 
-def fork_point(primary: PostgresConfig) -> ForkPoint:
-    """The newest timeline history file on the current primary names the fork."""
-    with connect(primary) as conn:
-        tli = conn.execute("select ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
-                           ).fetchone()[0]
-        text = conn.execute("select pg_read_file(%s)", (f"pg_wal/{tli:08X}.history",)).fetchone()[0]
-    last = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")][-1].split()
-    return ForkPoint(new_timeline=tli, old_timeline=int(last[0]), fork_lsn=last[1])
-
-
-_COMMIT = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \w+)")
-# pg_waldump ends with an error naming where the WAL stops ("invalid record length at X").
-_END = re.compile(r"(?:at|after) ([0-9A-F]+/[0-9A-F]+)")
-
-
-def _commit_times(output: str) -> list[datetime]:
-    out = []
-    for m in _COMMIT.finditer(output):
-        stamp = m.group(1).rsplit(" ", 1)[0]
-        out.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc))
-    return out
-
-
-def lost_wal(old: PostgresConfig, fork: ForkPoint) -> LostWal:
-    """pg_waldump the stopped old primary's WAL from the fork on (see shared lab notes, RPO)."""
-    ctl = PgCtl(old)
-    wal = str(Path(old.data_dir) / "pg_wal")
-    after = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", str(fork.old_timeline), "-s", fork.fork_lsn],
-                    timeout=300)
-    commits = _commit_times(after.stdout)
-    m = _END.search(after.stderr)
-    end = m.group(1) if m else None
-    # The last commit before the fork: scan the fork's segment up to the fork.
-    seg_start = lsn_to_int(fork.fork_lsn) & ~(16 * 1024 * 1024 - 1)
-    before = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", str(fork.old_timeline),
-                      "-s", f"{seg_start >> 32:X}/{seg_start & 0xFFFFFFFF:X}", "-e", fork.fork_lsn], timeout=300)
-    before_commits = _commit_times(before.stdout)
-    return LostWal(fork_lsn=fork.fork_lsn, end_lsn=end, lost_bytes=lsn_diff(end, fork.fork_lsn) if end else None,
-                   lost_commits=len(commits), first_lost_commit_at=commits[0] if commits else None,
-                   last_commit_before_fork_at=before_commits[-1] if before_commits else None)
-
-
-# How far before the last pre-fork commit extraction starts: a transaction that began
-# earlier (its updated_at is its statement time) may still have committed after the fork.
-EXTRACTION_MARGIN = timedelta(minutes=5)
-
-
-def read_old_primary(old: PostgresConfig, tables: dict[str, list[str]], since: datetime, ts_column: dict[str, str]
-                     ) -> tuple[dict[str, list[dict]], dict[str, set[tuple]]]:
-    """Start the old primary read-only on its socket only (no client can reach it) and read,
-    per table (name -> key columns): the rows changed since ``since`` (JSON-safe dicts) and
-    every key it holds (to find what it deleted). Stops it again."""
-    ctl = PgCtl(old)
-    ctl.start_isolated()
-    rows: dict[str, list[dict]] = {}
-    keys: dict[str, set[tuple]] = {}
-    try:
-        with psycopg.connect(host=old.socket_dir, port=old.port, dbname=old.database, user=old.user,
-                             autocommit=True) as conn:
-            for t, key in tables.items():
-                if conn.execute("select to_regclass(%s) is null", (t,)).fetchone()[0]:
-                    continue
-                found = conn.execute(f'select row_to_json(x)::text from "{t}" x where "{ts_column[t]}" > %s',
-                                     (since,)).fetchall()
-                rows[t] = [json.loads(r[0]) for r in found]
-                cols = ", ".join(f'"{k}"' for k in key)
-                keys[t] = {tuple(r) for r in conn.execute(f'select {cols} from "{t}"').fetchall()}
-    finally:
-        ctl.stop("fast")
-    return rows, keys
+# A rewound standby that cannot reach consistency (its primary no longer has the WAL it needs)
+# waits forever: give up on it well before the activity's own timeout.
+START_TIMEOUT_S = 60
 
 
 def rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str,
@@ -130,6 +42,9 @@ def rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_
     upstream = f"{primary.host}:{primary.port}"
     if ctl.running() and _streaming_from(old, primary):
         return Rewound(method="already-standby", seconds=0.0, upstream=upstream)
+    # A worker killed mid-rewind leaves its pg_rewind or pg_basebackup running: two copies
+    # writing one directory would corrupt it, so the retry ends the orphan first.
+    _kill_orphans(ctl.data_dir)
     ctl.stop("fast")
     ensure_slot(primary, slot)
     # A freshly promoted primary's control file still names its pre-promotion timeline until
@@ -150,10 +65,13 @@ def rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_
         _reclone(ctl, primary, heartbeat)
     ctl.write_standby_config(primary, application_name, slot)
     try:
-        ctl.start()
+        ctl.start(timeout=START_TIMEOUT_S)
     except PgCtlError as e:
         if method != "pg_rewind":
             raise
+        # pg_ctl -w gives up but leaves a server that waits for WAL running: stop it before
+        # its directory is replaced, or it would run on with its files deleted under it.
+        ctl.stop("immediate")
         # A rewound directory the server will not recover from (seen: "requested timeline
         # does not contain minimum recovery point") is no better than none: re-clone it.
         fatal = next((ln for ln in str(e).splitlines() if "FATAL" in ln), str(e).splitlines()[0])
@@ -195,3 +113,33 @@ def _run_heartbeating(ctl: PgCtl, argv: list[str], heartbeat) -> subprocess.Comp
         except subprocess.TimeoutExpired:
             if heartbeat:
                 heartbeat({"running": os.path.basename(argv[0])})
+
+
+def _kill_orphans(data_dir: Path) -> list[int]:
+    """SIGKILL any pg_rewind / pg_basebackup whose command line names ``data_dir``."""
+    killed = []
+    target = str(data_dir)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0].decode(errors="replace")) in ("pg_rewind", "pg_basebackup") and \
+                any(a.decode(errors="replace") == target for a in argv[1:]):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+            except ProcessLookupError:
+                pass
+    for pid in killed:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            try:
+                if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) in ("Z", "X"):
+                    break
+            except (OSError, IndexError):
+                break
+            time.sleep(0.05)
+    return killed

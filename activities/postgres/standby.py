@@ -50,8 +50,28 @@ def ensure_slot(primary: PostgresConfig, slot: str) -> bool:
     with connect(primary) as conn:
         if conn.execute("select 1 from pg_replication_slots where slot_name = %s", (slot,)).fetchone():
             return False
-        conn.execute("select pg_create_physical_replication_slot(%s)", (slot,))
+        # Reserve WAL at once: the slot must hold everything since now, before the standby
+        # (a rewound old primary, hours later) first connects.
+        conn.execute("select pg_create_physical_replication_slot(%s, true)", (slot,))
         return True
+
+
+def reserve_slot(node: PostgresConfig, slot: str) -> None:
+    """A slot that keeps the WAL another region needs to come back as a standby of ``node``.
+
+    Made on the standby just before it is promoted: a physical slot starts at the node's
+    last restartpoint, before the fork, which is where a rewound old primary starts
+    replaying (pg_rewind copies the source's pg_wal as it is then). One surviving from the
+    node's earlier life keeps its older position, which covers as much; only one whose WAL
+    is already lost (max_slot_wal_keep_size) is replaced."""
+    with connect(node) as conn:
+        row = conn.execute("select restart_lsn is null or wal_status = 'lost' from pg_replication_slots "
+                           "where slot_name = %s and not active", (slot,)).fetchone()
+        if row is not None and row[0]:
+            conn.execute("select pg_drop_replication_slot(%s)", (slot,))
+        elif conn.execute("select 1 from pg_replication_slots where slot_name = %s", (slot,)).fetchone():
+            return
+        conn.execute("select pg_create_physical_replication_slot(%s, true)", (slot,))
 
 
 def _streaming_from(cfg: PostgresConfig, primary: PostgresConfig) -> bool:

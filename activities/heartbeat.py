@@ -1,0 +1,34 @@
+"""Heartbeats for activities whose work is one long blocking call (a SQL statement waiting
+on a lock, a pg_waldump, a server start): a side thread beats while it runs, so a worker
+that dies is noticed within the heartbeat timeout, not at start-to-close."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from temporalio import activity
+
+
+@contextmanager
+def heartbeating(every: float = 3.0, details: object = None) -> Iterator[None]:
+    if not activity.in_activity():
+        yield
+        return
+    # A copy of this thread's context carries the activity's heartbeat function.
+    ctx = contextvars.copy_context()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            ctx.run(activity.heartbeat, details)
+
+    t = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()

@@ -1,0 +1,146 @@
+"""What a diverged node (the loser) wrote that the survivor never got, found before anything
+rewinds it away: the fork point from the timeline history files, the post-fork WAL
+(the true RPO), and the post-fork rows themselves.
+
+The loser may be on either side of the fork. After a failover the old primary stayed on
+the old timeline and the survivor's history file names the fork. In a split brain the
+promoted node can lose (the active region survives): then the loser's own history file
+names it. Runs on the loser's worker, with the loser stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+from pydantic import BaseModel
+
+from activities.postgres.ctl import PgCtl
+from activities.postgres.lsn import int_to_lsn, lsn_diff, lsn_to_int
+from activities.postgres.status import connect
+from eagle_dr.config import PostgresConfig
+
+
+class NoFork(RuntimeError):
+    """The two nodes' timelines do not say where they diverged."""
+
+
+class ForkPoint(BaseModel):
+    new_timeline: int
+    old_timeline: int
+    fork_lsn: str
+    # The timeline the loser wrote its post-fork WAL on (old_timeline after a failover).
+    loser_timeline: int | None = None
+
+
+class LostWal(BaseModel):
+    """What the loser wrote after the fork: the true RPO of the failover or split."""
+
+    fork_lsn: str
+    end_lsn: str | None
+    lost_bytes: int | None
+    lost_commits: int
+    first_lost_commit_at: datetime | None = None
+    last_commit_before_fork_at: datetime | None = None
+
+
+def _switchpoint(history: str, parent: int) -> str | None:
+    """The LSN at which the history left timeline ``parent`` (lines: parent switchpoint reason)."""
+    for line in history.splitlines():
+        fields = line.split()
+        if fields and not line.startswith("#") and int(fields[0]) == parent:
+            return fields[1]
+    return None
+
+
+def fork_between(survivor: PostgresConfig, loser: PostgresConfig) -> ForkPoint:
+    """Where the loser's history left the survivor's; the loser must be stopped (its control
+    file then names its current timeline)."""
+    loser_tli = int(PgCtl(loser).controldata()["Latest checkpoint's TimeLineID"])
+    with connect(survivor) as conn:
+        survivor_tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
+        # The checkpoint's timeline lags a promotion until its first checkpoint: the WAL
+        # file name of the insert position does not.
+        survivor_tli = max(survivor_tli, conn.execute(
+            "select ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int").fetchone()[0])
+        history = None
+        if survivor_tli > loser_tli:
+            history = conn.execute("select pg_read_file(%s)", (f"pg_wal/{survivor_tli:08X}.history",)).fetchone()[0]
+    if survivor_tli == loser_tli:
+        raise NoFork(f"both nodes are on timeline {survivor_tli}: the history files name no fork between them")
+    if history is None:
+        path = Path(loser.data_dir) / "pg_wal" / f"{loser_tli:08X}.history"
+        history = path.read_text()
+    lower, higher = min(survivor_tli, loser_tli), max(survivor_tli, loser_tli)
+    lsn = _switchpoint(history, lower)
+    if lsn is None:
+        raise NoFork(f"timeline {higher}'s history does not descend from timeline {lower}: unrelated histories")
+    return ForkPoint(new_timeline=higher, old_timeline=lower, fork_lsn=lsn, loser_timeline=loser_tli)
+
+
+_COMMIT = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \w+)")
+# pg_waldump ends with an error naming where the WAL stops ("invalid record length at X").
+_END = re.compile(r"(?:at|after) ([0-9A-F]+/[0-9A-F]+)")
+
+
+def _commit_times(output: str) -> list[datetime]:
+    out = []
+    for m in _COMMIT.finditer(output):
+        stamp = m.group(1).rsplit(" ", 1)[0]
+        out.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc))
+    return out
+
+
+def lost_wal(loser: PostgresConfig, fork: ForkPoint) -> LostWal:
+    """pg_waldump the stopped loser's WAL from the fork on (see shared lab notes, RPO)."""
+    ctl = PgCtl(loser)
+    wal = str(Path(loser.data_dir) / "pg_wal")
+    tli = str(fork.loser_timeline or fork.old_timeline)
+    after = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", tli, "-s", fork.fork_lsn], timeout=300)
+    commits = _commit_times(after.stdout)
+    m = _END.search(after.stderr)
+    end = m.group(1) if m else None
+    # The last commit before the fork: scan the fork's segment up to the fork. A promoted
+    # loser's first segment on its new timeline starts with a copy of exactly that WAL.
+    seg_start = lsn_to_int(fork.fork_lsn) & ~(16 * 1024 * 1024 - 1)
+    before = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", tli, "-s", int_to_lsn(seg_start),
+                      "-e", fork.fork_lsn], timeout=300)
+    before_commits = _commit_times(before.stdout)
+    return LostWal(fork_lsn=fork.fork_lsn, end_lsn=end, lost_bytes=lsn_diff(end, fork.fork_lsn) if end else None,
+                   lost_commits=len(commits), first_lost_commit_at=commits[0] if commits else None,
+                   last_commit_before_fork_at=before_commits[-1] if before_commits else None)
+
+
+# How far before the last pre-fork commit extraction starts: a transaction that began
+# earlier (its updated_at is its statement time) may still have committed after the fork.
+EXTRACTION_MARGIN = timedelta(minutes=5)
+
+
+def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datetime, ts_column: dict[str, str]
+               ) -> tuple[dict[str, list[dict]], dict[str, set[tuple]]]:
+    """Start the loser read-only on its socket only (no client can reach it) and read, per
+    table (name -> key columns): the rows changed since ``since`` (JSON-safe dicts) and every
+    key it holds (to find what it deleted). Stops it again."""
+    ctl = PgCtl(loser)
+    ctl.start_isolated()
+    rows: dict[str, list[dict]] = {}
+    keys: dict[str, set[tuple]] = {}
+    try:
+        with psycopg.connect(host=loser.socket_dir, port=loser.port, dbname=loser.database, user=loser.user,
+                             autocommit=True) as conn:
+            for t, key in tables.items():
+                if conn.execute("select to_regclass(%s) is null", (t,)).fetchone()[0]:
+                    continue
+                found = conn.execute(f'select row_to_json(x)::text from "{t}" x where "{ts_column[t]}" > %s',
+                                     (since,)).fetchall()
+                # numeric stays Decimal: a float would not COPY back into a numeric column.
+                rows[t] = [json.loads(r[0], parse_float=Decimal) for r in found]
+                cols = ", ".join(f'"{k}"' for k in key)
+                keys[t] = {tuple(r) for r in conn.execute(f'select {cols} from "{t}"').fetchall()}
+    finally:
+        ctl.stop("fast")
+    return rows, keys
