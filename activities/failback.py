@@ -1,5 +1,6 @@
-"""Failback activities: run on the returning region's worker (they act on its data directory
-and its Redis dump), reaching the current primary over the network."""
+"""Bringing a diverged region back under the primary: failback after a failover, and the
+loser of a split brain. They run on that region's worker (they act on its data directory and
+its Redis dump) and reach the primary (the survivor) over the network."""
 
 from __future__ import annotations
 
@@ -7,28 +8,23 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
-from activities.postgres.rewind import (
-    EXTRACTION_MARGIN,
-    ForkPoint,
-    LostWal,
-    Rewound,
-    fork_point,
-    lost_wal,
-    read_old_primary,
-    rewind_to_standby,
-)
+from activities.postgres.divergence import EXTRACTION_MARGIN, ForkPoint, LostWal, NoFork, fork_between, lost_wal, \
+    read_loser
+from activities.postgres.rewind import Rewound, rewind_to_standby
 from activities.postgres.status import connect
 from activities.redis.failback import RedisFailback, preserve_and_rejoin
 from eagle_dr.config import EagleConfig
 
 
 class FailbackRequest(BaseModel):
-    region: str  # the region coming back
-    primary_region: str
+    region: str  # the region coming back (the loser of a split brain)
+    primary_region: str  # the survivor
     approved_by: str | None = None
 
 
@@ -40,6 +36,11 @@ class Divergence(BaseModel):
 class ReconcileRequest(FailbackRequest):
     # Measured by measure_divergence before anything started the old primary again.
     divergence: Divergence
+    # Decide every key and roll back: the counts and sample an approver sees first.
+    preview: bool = False
+    # The "now" of freshness decisions, fixed by the workflow: the preview, the real run
+    # and any retry of it decide alike.
+    decided_at: datetime | None = None
 
 
 class TableReconciliation(ApplySummary):
@@ -50,6 +51,12 @@ class TableReconciliation(ApplySummary):
 class Reconciliation(BaseModel):
     since: datetime | None
     tables: list[TableReconciliation]
+    preview: bool = False
+
+    def totals(self) -> tuple[int, int, int]:
+        """(rows written to the survivor, conflicts, flagged for a human)."""
+        return (sum(t.inserted + t.updated + t.deleted for t in self.tables), sum(t.conflicts for t in self.tables),
+                sum(t.flagged for t in self.tables))
 
 
 class FailbackActivities:
@@ -63,24 +70,33 @@ class FailbackActivities:
     def measure_divergence(self, req: FailbackRequest) -> Divergence:
         """Stop the old primary (it may have come back writable) and read what it wrote after
         the fork from its WAL: the failover's true RPO, known only now."""
-        fence_stop(self._pg(req.region))
-        fork = fork_point(self._pg(req.primary_region))
-        return Divergence(fork=fork, lost=lost_wal(self._pg(req.region), fork))
+        with heartbeating():
+            fence_stop(self._pg(req.region))
+            try:
+                fork = fork_between(self._pg(req.primary_region), self._pg(req.region))
+            except NoFork as e:
+                raise ApplicationError(f"cannot tell where {req.region} diverged from {req.primary_region}: {e}",
+                                       type="NoFork", non_retryable=True) from e
+            return Divergence(fork=fork, lost=lost_wal(self._pg(req.region), fork))
 
     @activity.defn
     def reconcile_diverged_rows(self, req: ReconcileRequest) -> Reconciliation:
         """The old primary's post-fork rows, resolved per table strategy, applied to the primary
         in set-based SQL with an audit row per conflict. Idempotent per workflow run."""
+        with heartbeating():
+            return self._reconcile(req)
+
+    def _reconcile(self, req: ReconcileRequest) -> Reconciliation:
         old, primary = self._pg(req.region), self._pg(req.primary_region)
         PgCtl(old).stop("fast")
         lost = req.divergence.lost
         if lost.lost_commits == 0:
-            return Reconciliation(since=None, tables=[])
+            return Reconciliation(since=None, tables=[], preview=req.preview)
         fork_time = lost.last_commit_before_fork_at or lost.first_lost_commit_at
         since = fork_time - EXTRACTION_MARGIN
         tables = {t: c.key for t, c in self.cfg.conflicts.items()}
-        rows, old_keys = read_old_primary(old, tables, since,
-                                          {t: c.timestamp_column for t, c in self.cfg.conflicts.items()})
+        rows, old_keys = read_loser(old, tables, since,
+                                    {t: c.timestamp_column for t, c in self.cfg.conflicts.items()})
         info = activity.info()
         priority = {r.name: r.priority for r in self.cfg.regions}
         out = []
@@ -94,25 +110,25 @@ class FailbackActivities:
                 summary = apply_resolutions(
                     conn, table, tcfg, rows[table], deleted, loser_region=req.region,
                     survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
-                    now=datetime.now(timezone.utc), workflow_id=info.workflow_id, run_id=info.workflow_run_id,
-                    approved_by=req.approved_by)
+                    now=req.decided_at or datetime.now(timezone.utc), workflow_id=info.workflow_id, run_id=info.workflow_run_id,
+                    approved_by=req.approved_by, dry_run=req.preview)
                 out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(rows[table]),
                                                deleted_keys=len(deleted)))
-                activity.heartbeat({"table": table})
-        return Reconciliation(since=since, tables=out)
+        return Reconciliation(since=since, tables=out, preview=req.preview)
 
     @activity.defn
     def rewind_old_primary(self, req: FailbackRequest) -> Rewound:
         old = self.cfg.region(req.region)
-        return rewind_to_standby(old.postgres, self._pg(req.primary_region), application_name=old.name,
-                                 slot=old.postgres.slot_name, heartbeat=activity.heartbeat)
+        with heartbeating():
+            return rewind_to_standby(old.postgres, self._pg(req.primary_region), application_name=old.name,
+                                     slot=old.postgres.slot_name)
 
     @activity.defn
     def preserve_redis_and_rejoin(self, req: FailbackRequest) -> RedisFailback:
         old = self.cfg.region(req.region)
         key = f"failback/{activity.info().workflow_id}/redis-{old.name}.rdb"
-        return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key,
-                                   heartbeat=activity.heartbeat)
+        with heartbeating():
+            return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key)
 
 
 def _deleted_on_old(conn, table: str, key: list[str], ts_col: str, fork_time: datetime,

@@ -6,7 +6,8 @@ default) make it primary again with a zero-loss switchover.
  3. stop the old primary (it may have come back writable) and read from its WAL what it
     committed after the fork: the failover's real RPO;
  4. reconcile: its post-fork rows are resolved per table strategy and applied to the
-    primary, every conflict audited (nothing acknowledged is silently dropped);
+    primary, every conflict audited (nothing acknowledged is silently dropped); with
+    ``reconcile_approval`` an approver first sees the counts and a sample;
  5. pg_rewind it onto the primary's timeline (pg_basebackup when rewind is impossible,
     and why), stream through its slot;
  6. Redis: snapshot the old master to S3, copy the keys only it has, then re-attach it;
@@ -23,13 +24,13 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.failback import Divergence, FailbackActivities, FailbackRequest, Reconciliation, \
-        ReconcileRequest
+    from activities.failback import Divergence, FailbackRequest, Reconciliation
     from activities.health import HealthActivities
     from activities.postgres.rewind import Rewound
     from activities.redis.failback import RedisFailback
     from workflows.models import ApprovalPolicy, RunbookResult, SwitchoverInput, Trigger
-    from workflows.runbook import Runbook, move_id
+    from workflows.rejoin import Rejoin
+    from workflows.runbook import move_id
     from workflows.switchover import SwitchoverWorkflow
     from workflows.validation import RawInput, invalid, validated
 
@@ -41,6 +42,9 @@ class FailbackInput(BaseModel):
     reason: str = ""
     trigger: Trigger = Trigger.manual
     approval: ApprovalPolicy = ApprovalPolicy()
+    # Asked after the old primary's post-fork rows are decided, before any is written:
+    # the approver sees the counts and a sample (details, and the `review` query).
+    reconcile_approval: ApprovalPolicy = ApprovalPolicy()
     switch_back: bool = True
     max_catch_up_lag_bytes: int = Field(default=1024 * 1024, ge=0)
     catch_up_timeout_seconds: float = Field(default=600, gt=0)
@@ -61,7 +65,7 @@ class FailbackReport(BaseModel):
 
 
 @workflow.defn
-class FailbackWorkflow(Runbook):
+class FailbackWorkflow(Rejoin):
     runbook = "failback"
 
     @workflow.run
@@ -92,36 +96,10 @@ class FailbackWorkflow(Runbook):
         approval = await self.approval(inp.approval, f"fail {inp.service} back to {inp.region}")
         req = FailbackRequest(region=inp.region, primary_region=primary, approved_by=approval.approver)
 
-        async with self.step("measure what the old primary wrote after the fork") as st:
-            divergence = await self.act(FailbackActivities.measure_divergence, req, queue=oq, timeout=300,
-                                        heartbeat=60)
-            lost = divergence.lost
-            st.detail = f"fork at {lost.fork_lsn}: {lost.lost_commits} commits, {lost.lost_bytes} bytes after it"
-
-        async with self.step("reconcile diverged rows") as st:
-            reconciliation = await self.act(FailbackActivities.reconcile_diverged_rows, ReconcileRequest(
-                **req.model_dump(), divergence=divergence), queue=oq, timeout=3600, heartbeat=120)
-            n = sum(t.inserted + t.updated + t.deleted for t in reconciliation.tables)
-            c = sum(t.conflicts for t in reconciliation.tables)
-            f = sum(t.flagged for t in reconciliation.tables)
-            st.detail = f"{n} rows applied to {primary}, {c} conflicts resolved, {f} flagged for a human"
-            if f:
-                notes.append(f"{f} changes were rejected by immutable-append-only tables: see eagle_dr.conflict_audit")
-
-        async with self.step("rewind old primary into a standby") as st:
-            rewound = await self.act(FailbackActivities.rewind_old_primary, req, queue=oq, timeout=3600,
-                                     heartbeat=60)
-            st.detail = f"{rewound.method} in {rewound.seconds:.1f}s" + \
-                (f" (pg_rewind impossible: {rewound.fallback_reason})" if rewound.fallback_reason else "")
-            if rewound.fallback_reason:
-                notes.append(f"pg_rewind was impossible ({rewound.fallback_reason}); rebuilt with pg_basebackup")
-
-        async with self.step("preserve and re-attach Redis") as st:
-            redis = await self.act(FailbackActivities.preserve_redis_and_rejoin, req, queue=oq, timeout=600,
-                                   heartbeat=60)
-            st.detail = (f"snapshot {redis.snapshot}; {redis.unique_keys} keys only it had, "
-                         f"{redis.migrated_keys} copied to {primary}") if redis.reachable else \
-                "old Redis unreachable: nothing to keep (no persistence)"
+        divergence = await self.measure_divergence(req, oq, "the old primary")
+        reconciliation, _ = await self.reconcile(req, divergence, oq, inp.reconcile_approval, notes)
+        rewound = await self.rewind(req, oq, notes)
+        redis = await self.rejoin_redis(req, oq)
 
         switchover = None
         if inp.switch_back:

