@@ -1,11 +1,13 @@
-"""Split-brain detection: more than one writable primary, more than one Redis master, or
-regions that disagree about which one is active. Reports exactly which."""
+"""Split brain: detecting it (more than one writable primary, more than one Redis master, or
+routing sources that disagree about the active region: the report says exactly which) and
+choosing the survivor by the configured rule (a pure function: the workflow runs it)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 from temporalio import activity
 
+from activities.postgres.epoch import read_epoch
 from activities.postgres.status import pg_status
 from activities.redis.status import redis_status
 from activities.routing import LabRouter
@@ -17,6 +19,10 @@ class SplitBrainReport(BaseModel):
     redis_masters: list[str]
     active_region_views: dict[str, str | None]
     unreachable: list[str] = []
+    # Primaries already fenced read-only: not a second writer, but diverged all the same.
+    fenced_primaries: list[str] = []
+    # Each reachable PostgreSQL node's DR epoch: a promoted node carries its own line.
+    epochs: dict[str, int] = {}
 
     @property
     def findings(self) -> list[str]:
@@ -37,14 +43,16 @@ class SplitBrainReport(BaseModel):
 
 
 def detect(cfg: EagleConfig) -> SplitBrainReport:
-    primaries, masters, unreachable = [], [], []
+    primaries, fenced, masters, unreachable, epochs = [], [], [], [], {}
     for r in cfg.regions:
         pg = pg_status(r.postgres, 3)
+        if pg.reachable:
+            epochs[r.name] = read_epoch(r.postgres, cfg.service).epoch
         if not pg.reachable:
             unreachable.append(f"{r.name}/postgres")
         # A fenced (read-only) primary takes no writes: it is not a second writer.
-        elif pg.role == "primary" and not pg.read_only:
-            primaries.append(r.name)
+        elif pg.role == "primary":
+            (fenced if pg.read_only else primaries).append(r.name)
         rd = redis_status(r.redis, 3)
         if not rd.reachable:
             unreachable.append(f"{r.name}/redis")
@@ -63,7 +71,53 @@ def detect(cfg: EagleConfig) -> SplitBrainReport:
             except Exception:  # noqa: BLE001 - an unreachable cluster is reported, not fatal
                 unreachable.append(f"{r.name}/kubernetes")
     return SplitBrainReport(postgres_primaries=primaries, redis_masters=masters, active_region_views=views,
-                            unreachable=unreachable)
+                            unreachable=unreachable, epochs=epochs, fenced_primaries=fenced)
+
+
+class SurvivorChoice(BaseModel):
+    survivor: str
+    loser: str
+    rule: str  # the rule that decided
+    why: str
+
+
+# When the configured rule cannot decide, these follow; priority always can.
+FALLBACK_RULES = ("highest-epoch", "priority")
+
+
+def choose_survivor(rule: str, report: SplitBrainReport, priorities: dict[str, int],
+                    chosen: str | None = None) -> SurvivorChoice:
+    """Which region keeps writing. Only a writable PostgreSQL primary can survive a database
+    split; when PostgreSQL has a single primary (the split is in Redis or routing only), it
+    survives whatever the rule says: data follows the database."""
+    regions = sorted(priorities, key=lambda r: (priorities[r], r))
+
+    def pick(survivor: str, rule_used: str, why: str) -> SurvivorChoice:
+        return SurvivorChoice(survivor=survivor, loser=next(r for r in regions if r != survivor), rule=rule_used,
+                              why=why)
+
+    candidates = [r for r in regions if r in report.postgres_primaries] or regions
+    if chosen is not None:
+        if chosen not in candidates:
+            raise ValueError(f"{chosen} cannot survive: the writable primaries are {', '.join(candidates)}")
+        return pick(chosen, "operator", f"{chosen} chosen by the operator")
+    if len(candidates) == 1:
+        return pick(candidates[0], "single-primary", f"{candidates[0]} holds the only writable PostgreSQL primary")
+    for r in (rule, *(f for f in FALLBACK_RULES if f != rule)):
+        if r == "active-region":
+            views = {v for v in report.active_region_views.values() if v}
+            if len(views) == 1 and (v := next(iter(views))) in candidates:
+                return pick(v, r, f"routing names {v} the active region")
+        elif r == "highest-epoch":
+            epochs = {c: report.epochs.get(c, -1) for c in candidates}
+            top = max(epochs.values())
+            if [c for c in candidates if epochs[c] == top] == [winner := max(epochs, key=epochs.get)]:
+                return pick(winner, r, f"{winner} holds the highest DR epoch ({top}; "
+                                       + ", ".join(f"{c}: {e}" for c, e in sorted(epochs.items())) + ")")
+        elif r == "priority":
+            return pick(candidates[0], r, f"{candidates[0]} has the highest region priority "
+                                          f"({priorities[candidates[0]]})")
+    raise AssertionError("priority always decides")
 
 
 class SplitBrainActivities:

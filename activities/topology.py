@@ -27,6 +27,7 @@ class Topology(BaseModel):
     rpo_target_seconds: float | None
     cache_rpo_target_seconds: float | None
     lab: bool
+    survivor_rule: str = "active-region"
 
     def region(self, name: str) -> RegionInfo | None:
         return next((r for r in self.regions if r.name == name), None)
@@ -49,4 +50,5 @@ class TopologyActivities:
                                 priority=r.priority) for r in self.cfg.regions],
             control_task_queue=self.cfg.temporal.control_task_queue,
             rto_target_seconds=secs(o.critical.rto), rpo_target_seconds=secs(o.critical.rpo),
-            cache_rpo_target_seconds=secs(o.cache.rpo), lab=self.cfg.routing.lab_file)
+            cache_rpo_target_seconds=secs(o.cache.rpo), lab=self.cfg.routing.lab_file,
+            survivor_rule=self.cfg.split_brain.survivor_rule)

@@ -440,9 +440,7 @@ def _failback_report(f) -> None:
     lost = f.divergence.lost
     out.print(f"[bold]failback[/] of {f.region} (primary {f.primary_before}): fork at {lost.fork_lsn}; the old "
               f"primary had {lost.lost_commits} commits / {lost.lost_bytes} bytes after it")
-    for t in f.reconciliation.tables:
-        out.print(f"  {t.table} ({t.strategy}): {t.loser_rows} post-fork rows, {t.inserted} inserted, {t.updated} "
-                  f"updated, {t.deleted} deleted, {t.conflicts} conflicts, {t.flagged} flagged (eagle_dr.conflict_audit)")
+    _reconciliation_lines(f.reconciliation)
     out.print(f"  PostgreSQL: {f.rewind.method} in {f.rewind.seconds:.1f}s"
               + (f" (pg_rewind impossible: {f.rewind.fallback_reason})" if f.rewind.fallback_reason else ""))
     r = f.redis
@@ -486,6 +484,74 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
     except Exception as e:  # noqa: BLE001
         cause = getattr(e, "cause", None)
         _fail(f"failback failed: {getattr(cause, 'message', None) or cause or e}", 1)
+
+
+def _reconciliation_lines(rec) -> None:
+    for t in rec.tables:
+        out.print(f"  {t.table} ({t.strategy}): {t.loser_rows} post-fork rows, {t.inserted} inserted, {t.updated} "
+                  f"updated, {t.deleted} deleted, {t.conflicts} conflicts, {t.flagged} flagged (eagle_dr.conflict_audit)")
+
+
+def _split_brain_report(r) -> None:
+    if r.outcome == "no-split-brain":
+        out.print("[green]no split brain[/]: one writable primary, one Redis master, routing agrees")
+        return
+    colour = "green" if r.outcome == "resolved" else "red"
+    out.print(f"[bold]split brain[/] [{colour}]{r.outcome}[/]: " + "; ".join(r.findings))
+    out.print(f"  survivor {r.choice.survivor} ({r.choice.rule}: {r.choice.why}); loser {r.choice.loser}; "
+              f"epoch {r.epoch}")
+    out.print(f"  one writer after {r.seconds_to_single_writer:.1f}s, resolved after {r.seconds_to_resolved:.1f}s")
+    if r.divergence:
+        lost = r.divergence.lost
+        out.print(f"  fork at {lost.fork_lsn}: the loser had {lost.lost_commits} commits / {lost.lost_bytes} bytes "
+                  f"after it")
+    if r.reconciliation:
+        _reconciliation_lines(r.reconciliation)
+    if r.rewind:
+        out.print(f"  PostgreSQL: {r.rewind.method} in {r.rewind.seconds:.1f}s"
+                  + (f" (pg_rewind impossible: {r.rewind.fallback_reason})" if r.rewind.fallback_reason else ""))
+    if r.redis:
+        out.print(f"  Redis: snapshot {r.redis.snapshot}, {r.redis.unique_keys} keys only the loser had, "
+                  f"{r.redis.migrated_keys} copied" if r.redis.reachable else "  Redis: loser unreachable")
+    for n in r.notes:
+        out.print(f"  [yellow]note:[/] {n}")
+
+
+@app.command("split-brain")
+def split_brain(survivor: str = typer.Option(None, "--survivor", help="Name the survivor (default: the rule)."),
+                rule: str = typer.Option(None, "--rule", help="active-region | highest-epoch | priority "
+                                                              "(default: split_brain.survivor_rule)."),
+                approval: bool = typer.Option(False, "--require-approval/--no-approval",
+                                              help="Review counts and a sample before the loser's rows are applied.")):
+    """Resolve a split brain: fence the loser, keep its writes per table strategy, resync it."""
+    import asyncio
+
+    from temporalio.common import WorkflowIDConflictPolicy
+
+    from workflows.models import ApprovalPolicy
+    from workflows.runbook import move_id
+    from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
+
+    c = cfg()
+    if survivor:
+        _region(c, survivor)
+
+    async def run():
+        client = await _client(c)
+        handle = await client.start_workflow(
+            SplitBrainWorkflow.run, SplitBrainInput(service=c.service, survivor=survivor, survivor_rule=rule,
+                                                    approval=ApprovalPolicy(required=approval)),
+            # The same id as failover/switchover: never two moves of one service at once.
+            id=move_id(c.service), task_queue=c.temporal.control_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL, static_summary=f"split-brain resolution {c.service}")
+        out.print(f"split-brain resolution started: {_ui_link(c, handle)}")
+        _split_brain_report(await _follow(handle, c))
+
+    try:
+        asyncio.run(run())
+    except Exception as e:  # noqa: BLE001
+        cause = getattr(e, "cause", None)
+        _fail(f"split-brain resolution failed: {getattr(cause, 'message', None) or cause or e}", 1)
 
 
 def main() -> None:

@@ -244,6 +244,16 @@ class RoutingConfig(_Strict):
     dns_endpoint_url: str | None = None
 
 
+SurvivorRule = Literal["active-region", "priority", "highest-epoch"]
+
+
+class SplitBrainConfig(_Strict):
+    """Which of two writable primaries survives. The rule decides first; when it cannot (the
+    routing sources disagree, the epochs tie) the highest DR epoch, then region priority."""
+
+    survivor_rule: SurvivorRule = "active-region"
+
+
 class TemporalConfig(_Strict):
     control_task_queue: str = "eagle-dr-control"
     ui_url: str = "http://127.0.0.1:8233"
@@ -276,6 +286,7 @@ class EagleConfig(_Strict):
     health: HealthConfig = HealthConfig()
     objectives: ObjectivesConfig = ObjectivesConfig()
     conflicts: dict[str, TableConflictConfig] = Field(default_factory=dict)
+    split_brain: SplitBrainConfig = SplitBrainConfig()
     backup: BackupConfig = BackupConfig()
     routing: RoutingConfig = RoutingConfig()
     temporal: TemporalConfig = TemporalConfig()

@@ -186,3 +186,10 @@ def test_nothing_starts_on_invalid_config(tmp_path):
     assert r.returncode == 2
     assert "no region has role 'primary'" in r.stderr
     assert not (tmp_path / ".eagle-dr").exists()
+
+
+def test_unknown_survivor_rule(tmp_path):
+    doc = base()
+    doc["split_brain"] = {"survivor_rule": "loudest"}
+    msg = problems(tmp_path, doc)
+    assert "split_brain.survivor_rule" in msg and "active-region" in msg

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import psycopg
@@ -27,57 +26,14 @@ from activities.postgres.status import pg_status
 from activities.redis.status import redis_status
 from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
 from lab.app import write_log
-from lab.processes import children, kill_tree, read_pid
+from lab.processes import kill_tree, read_pid
 from tests.histories import record
+from tests.lab_helpers import _async, _aux_pid, _awaiting, _lag_bytes, _names, _primary, _progress, _startup_pid, _until
 from workflows.drill import DrillInput
 from workflows.runbook import move_id
 from workflows.monitor import MonitorInput, MonitorWorkflow
-from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, Progress, SwitchoverInput
+from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, SwitchoverInput
 from workflows.switchover import SwitchoverWorkflow
-
-
-def _names(lab):
-    return lab.cfg.primary.name, lab.cfg.secondary.name
-
-
-def _primary(lab) -> str:
-    return next(r.name for r in lab.cfg.regions if pg_status(r.postgres).role == "primary")
-
-
-async def _until(pred, timeout: float, what: str, interval: float = 0.05):
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = await pred()
-        if v:
-            return v
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def _progress(handle):
-    try:
-        return await handle.query("progress", result_type=Progress)
-    except Exception:  # noqa: BLE001 - not started yet
-        return None
-
-
-def _aux_pid(lab, region: str, name: bytes) -> int:
-    """A child of the region's postmaster by its title (b"startup", b"walreceiver")."""
-    for pid in children(lab.postgres(region).pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if name in f.read():
-                    return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no {name.decode()} process under {region}'s postmaster")
-
-
-def _startup_pid(lab, region: str) -> int:
-    """The standby's startup (WAL replay) process: SIGSTOP it to make replay lag."""
-    return _aux_pid(lab, region, b"startup")
 
 
 def _write_bulk(lab, region: str, rows: int = 4000) -> None:
@@ -85,11 +41,6 @@ def _write_bulk(lab, region: str, rows: int = 4000) -> None:
     with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
         conn.execute("insert into alerts (id, region, payload) select g, %s, jsonb_build_object('pad', repeat('x', 400)) "
                      "from generate_series(%s::bigint, %s::bigint) g", (region, base, base + rows))
-
-
-def _lag_bytes(lab, primary: str) -> int:
-    st = pg_status(lab.cfg.region(primary).postgres)
-    return max((x.lag_bytes or 0) for x in st.replicas) if st.replicas else 0
 
 
 async def _fails_with(client, lab, wf: str, raw) -> ApplicationError:
@@ -148,11 +99,6 @@ async def test_second_request_is_rejected_then_approval_rejects(lab, client):
     assert "approval rejected by bob: not during peak" in f.value.cause.message
     await record(handle, "switchover-rejected")
     assert _primary(lab) == a
-
-
-async def _awaiting(handle):
-    p = await _progress(handle)
-    return p is not None and p.awaiting_approval
 
 
 async def test_approval_timeout_takes_the_default_action(lab, client):
@@ -225,12 +171,6 @@ async def test_switchover_under_load_loses_nothing(lab, client):
     assert redis_status(lab.cfg.region(a).redis).role == "slave"
     assert lab.router.active_region() == b
     assert [s.status for s in result.steps] == ["done"] * len(result.steps)
-
-
-def _async(fn):
-    async def run():
-        return fn()
-    return run
 
 
 async def test_forced_failover_past_the_lag_guard(lab, client):

@@ -22,10 +22,11 @@ from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
 from workflows.monitor import MonitorWorkflow
+from workflows.split_brain import SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
-             DrillWorkflow]
+             DrillWorkflow, SplitBrainWorkflow]
 
 
 def _methods(obj, *names: str) -> list:

@@ -1,0 +1,286 @@
+"""Split-brain resolution and the rewind fallback, on the real lab.
+
+Runs after test_runbooks.py (file order), from whatever topology that left: one primary and
+a streaming standby. Each test leaves the same shape behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+
+from activities.postgres.divergence import fork_between
+from activities.postgres.lsn import lsn_to_int
+from activities.postgres.status import pg_status
+from activities.redis.status import client as redis_client
+from activities.redis.status import redis_status
+from activities.split_brain import detect
+from eagle_dr.launch import start_move
+from lab.processes import kill_tree, read_pid, wait_gone
+from tests.histories import record
+from tests.lab_helpers import _async, _awaiting, _lag_bytes, _primary, _progress, _until
+from workflows.failback import FailbackInput, FailbackWorkflow
+from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput
+from workflows.runbook import move_id
+from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
+
+
+def _sql(lab, region: str, *statements: tuple) -> None:
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        for stmt in statements:
+            conn.execute(*stmt) if isinstance(stmt, tuple) else conn.execute(stmt)
+
+
+def _one(lab, region: str, query: str, *args):
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        row = conn.execute(query, args).fetchone()
+    return row[0] if row else None
+
+
+async def _start_split_brain(client, lab, **kw):
+    return await client.start_workflow(SplitBrainWorkflow.run, SplitBrainInput(service=lab.cfg.service, **kw),
+                                       id=move_id(lab.cfg.service), task_queue=lab.cfg.temporal.control_task_queue)
+
+
+async def _streams_from(lab, standby: str, primary: str) -> None:
+    up = lab.cfg.region(primary).postgres
+
+    def ok():
+        st = pg_status(lab.cfg.region(standby).postgres)
+        return st.role == "standby" and st.receiver_status == "streaming" and st.upstream == f"{up.host}:{up.port}"
+
+    await _until(_async(ok), 60, f"{standby} to stream from {primary}")
+
+
+def _pg_rewinds(data_dir: str) -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"pg_rewind") and data_dir.encode() in argv:
+                out.append(int(proc.name))
+    return out
+
+
+async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
+    """Two Redis masters, PostgreSQL healthy: the database's primary region survives, the
+    loser's keys that the survivor lacks are copied over, then it replicates again."""
+    survivor = _primary(lab)
+    loser = lab.cfg.other(survivor).name
+    s, l_ = redis_client(lab.cfg.region(survivor).redis), redis_client(lab.cfg.region(loser).redis)
+    tag = uuid.uuid4().hex[:8]
+    # Sentinel would turn the rogue master back into a replica after ~8 s, discarding its
+    # keys: exactly the loss this runbook exists to prevent, so start it at once.
+    l_.replicaof("NO", "ONE")
+    l_.set(f"sb:{tag}:only-loser", "L")
+    l_.set(f"sb:{tag}:both", "L")
+    s.set(f"sb:{tag}:both", "S")
+    handle = await _start_split_brain(client, lab)
+    result = await handle.result()
+    await record(handle, "split_brain-redis")
+
+    assert result.outcome == "resolved", result.steps
+    assert any(f.startswith("redis: 2 masters") for f in result.findings)
+    assert result.choice.survivor == survivor and result.choice.rule == "single-primary"
+    assert result.reconciliation is None and result.rewind is None
+    assert result.redis.migrated_keys >= 1 and f"sb:{tag}:only-loser" in result.redis.unique_sample
+    assert s.get(f"sb:{tag}:only-loser") == "L"
+    assert s.get(f"sb:{tag}:both") == "S"  # a key both sides hold: the survivor's value stands
+    bucket = lab.cfg.region(loser).s3
+    key = result.redis.snapshot.removeprefix(f"s3://{bucket.bucket}/")
+    from activities.s3 import client as s3_client
+
+    assert s3_client(bucket).head_object(Bucket=bucket.bucket, Key=key)["ContentLength"] > 0
+    st = redis_status(lab.cfg.region(loser).redis)
+    assert st.role == "slave"
+    await _until(_async(lambda: l_.get(f"sb:{tag}:only-loser") == "L" and l_.get(f"sb:{tag}:both") == "S"), 30,
+                 "the loser to resync from the survivor")
+    assert not detect(lab.cfg).split
+
+
+async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
+    """A real split brain: the standby promoted while the primary keeps taking writes, with
+    divergent rows on both sides for every strategy. The loser's worker is killed while the
+    reconciliation waits on a lock and again during the rewind; the run still ends with one
+    primary, every write kept or resolved as its strategy says, one audit row per conflict."""
+    a = _primary(lab)  # routing names it active: it survives
+    b = lab.cfg.other(a).name
+    east = "us-east-1"
+    n = 9_100_000_000 + (uuid.uuid4().int % 10**6) * 100
+    c, d, e, ia, ib, r, s, lg, la, lb, m = (n + i for i in range(11))
+    _sql(lab, a,
+         ("insert into alerts (id, region, payload) values (%s, 'seed', '{}'), (%s, 'seed', '{}'), "
+          "(%s, 'seed', '{}')", (c, d, e)),
+         ("insert into alert_rules (id, name, threshold, enabled) values (%s, 'seed', 1, true)", (r,)),
+         ("insert into subscriptions (id, user_id, channel) values (%s, 'u', 'seed')", (s,)),
+         ("insert into audit_log (id, actor, action) values (%s, 'seed', 'seed')", (lg,)),
+         ("insert into metrics_snapshots (id, metric, value) values (%s, 'cpu', 0)", (m,)))
+    await _until(_async(lambda: _lag_bytes(lab, a) == 0), 30, "the standby to catch up")
+    await _until(_async(lambda: _one(lab, b, "select count(*) from metrics_snapshots where id = %s", m) == 1), 30,
+                 "the seed rows to replay")
+    tli_before = pg_status(lab.cfg.region(b).postgres).timeline
+    _sql(lab, b, "select pg_promote()")  # the split: b writable too, a still writable
+    # The survivor-to-be writes first, the loser after: the loser's versions are newer.
+    _sql(lab, a,
+         ("update alerts set payload = '{\"side\": \"a\"}' where id = %s", (c,)),
+         ("insert into alerts (id, region, payload) values (%s, 'a', '{}')", (ia,)),
+         ("delete from alerts where id = %s", (e,)),
+         ("update alert_rules set name = 'a', threshold = 10.5, enabled = false where id = %s", (r,)),
+         ("update subscriptions set channel = 'a' where id = %s", (s,)),
+         ("update audit_log set action = 'a-edit' where id = %s", (lg,)),
+         ("insert into audit_log (id, actor, action) values (%s, 'a', 'a')", (la,)),
+         ("update metrics_snapshots set value = 1 where id = %s", (m,)))
+    _sql(lab, b,
+         ("update alerts set payload = '{\"side\": \"b\"}' where id = %s", (c,)),
+         ("insert into alerts (id, region, payload) values (%s, 'b', '{}')", (ib,)),
+         ("delete from alerts where id = %s", (d,)),
+         ("update alert_rules set name = 'b', threshold = 20.25, enabled = true where id = %s", (r,)),
+         ("update subscriptions set channel = 'b' where id = %s", (s,)),
+         ("update audit_log set action = 'b-edit' where id = %s", (lg,)),
+         ("insert into audit_log (id, actor, action) values (%s, 'b', 'b')", (lb,)),
+         ("update metrics_snapshots set value = 2 where id = %s", (m,)))
+    loser_redis = redis_client(lab.cfg.region(b).redis)
+    loser_redis.replicaof("NO", "ONE")
+    loser_redis.set(f"sb:{n}:only-b", "b")
+    assert sorted(detect(lab.cfg).postgres_primaries) == sorted([a, b])
+
+    handle = await _start_split_brain(client, lab, reason="test split", approval=ApprovalPolicy(
+        required=True, timeout_seconds=600))
+    await _until(lambda: _awaiting(handle), 60, "the review before applying")
+    review = await handle.query(SplitBrainWorkflow.review)
+    by_table = {t.table: t for t in review.tables}
+    assert review.preview and by_table["alerts"].conflicts == 1 and by_table["audit_log"].flagged == 1
+    assert any(x["action"] == "flag" for x in by_table["audit_log"].sample)
+    progress = await _progress(handle)
+    preview_step = next(st for st in progress.steps if st.name == "preview the reconciliation")
+    assert "would be written" in preview_step.detail and "5 conflicts" in preview_step.detail
+    # The preview wrote nothing.
+    assert _one(lab, a, "select payload->>'side' from alerts where id = %s", c) == "a"
+
+    # Kill the loser's worker while the reconciliation waits on a lock on the survivor.
+    blocker = psycopg.connect(lab.cfg.region(a).postgres.dsn())
+    blocker.execute("lock table alerts in access exclusive mode")
+    try:
+        await handle.execute_update(SplitBrainWorkflow.approve, ApprovalDecision(approver="dana", decision="approve"))
+        await _until(_async(lambda: _one(
+            lab, a, "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and pid <> %s "
+            "and query ilike '%%alerts%%'", blocker.info.backend_pid) > 0), 60, "the reconciliation to wait on the lock")
+        assert kill_tree(read_pid(lab.worker_pidfile(b)))
+    finally:
+        blocker.rollback()
+        blocker.close()
+    lab.start_worker(b)
+
+    # Kill it again during the rewind: catch its pg_rewind and freeze it, then kill the worker
+    # alone, so the frozen pg_rewind lives on. The retry must end that orphan before it
+    # touches the data directory again.
+    b_data = lab.cfg.region(b).postgres.data_dir
+
+    def catch_pg_rewind(timeout: float = 120) -> int | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid in _pg_rewinds(b_data):
+                os.kill(pid, signal.SIGSTOP)
+                return pid
+        return None
+
+    orphan = await asyncio.to_thread(catch_pg_rewind)
+    assert orphan, "pg_rewind never ran"
+    worker = read_pid(lab.worker_pidfile(b))
+    os.kill(worker, signal.SIGKILL)
+    wait_gone([worker])
+    lab.start_worker(b)
+
+    result = await handle.result()
+    await record(handle, "split_brain-resolution")
+    assert result.outcome == "resolved", [(x.name, x.status, x.detail) for x in result.steps]
+    assert orphan not in _pg_rewinds(b_data)
+    assert result.choice.survivor == a and result.choice.loser == b and result.choice.rule == "active-region"
+    assert result.approval.outcome == "approved" and result.approval.approver == "dana"
+    assert result.divergence.fork.loser_timeline == tli_before + 1 > result.divergence.fork.old_timeline
+    assert result.divergence.lost.lost_commits >= 8
+    assert result.single_writer_at <= result.resolved_at
+
+    # One primary; the loser streams from it; Redis has one master; routing agrees.
+    assert _primary(lab) == a
+    await _streams_from(lab, b, a)
+    assert not detect(lab.cfg).split
+    assert redis_client(lab.cfg.region(a).redis).get(f"sb:{n}:only-b") == "b"
+
+    # Every write from both sides is there, or resolved as its table's strategy says.
+    q = lambda sql, *args: _one(lab, a, sql, *args)  # noqa: E731
+    assert q("select payload->>'side' from alerts where id = %s", c) == "b"  # last-write-wins: b wrote last
+    assert q("select count(*) from alerts where id in (%s, %s)", ia, ib) == 2  # inserts on both sides
+    assert q("select count(*) from alerts where id in (%s, %s)", d, e) == 0  # each side's delete
+    # (fractional thresholds: numeric must travel as Decimal, a float would not COPY back)
+    version = {a: ("a", Decimal("10.5"), False), b: ("b", Decimal("20.25"), True)}
+    assert q("select name from alert_rules where id = %s", r) == "b"  # merge: non-priority fields from the newer
+    assert q("select threshold from alert_rules where id = %s", r) == version[east][1]  # threshold: east first
+    west = lab.cfg.other(east).name
+    assert q("select enabled from alert_rules where id = %s", r) == version[west][2]  # enabled: west first
+    assert q("select channel from subscriptions where id = %s", s) == version[east][0]  # source-priority: east
+    assert q("select action from audit_log where id = %s", lg) == "a-edit"  # append-only: flagged, survivor kept
+    assert q("select count(*) from audit_log where id in (%s, %s)", la, lb) == 2
+    assert q("select value from metrics_snapshots where id = %s", m) == 2  # freshness: both fresh, newer wins
+
+    # Exactly one audit row per conflict, whatever the retries did.
+    with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True) as conn:
+        rows = conn.execute("select table_name, primary_key->>'id', action, approved_by from eagle_dr.conflict_audit "
+                            "where workflow_id = %s and conflict order by 1", (handle.id,)).fetchall()
+    assert sorted((t, int(k)) for t, k, _, _ in rows) == sorted(
+        [("alerts", c), ("alert_rules", r), ("subscriptions", s), ("audit_log", lg), ("metrics_snapshots", m)])
+    assert {t: act for t, _, act, _ in rows}["audit_log"] == "flag"
+    assert {who for *_, who in rows} == {"dana"}
+    conflicts = sum(t.conflicts for t in result.reconciliation.tables)
+    assert conflicts == 5
+
+
+async def test_failback_falls_back_to_pg_basebackup_when_rewind_is_impossible(lab, client):
+    """The WAL pg_rewind needs (back to the last common checkpoint) is gone from the old
+    primary: failback re-clones it with pg_basebackup and says why."""
+    old = _primary(lab)
+    new = lab.cfg.other(old).name
+    # The last checkpoint before the fork lands two WAL segments before it.
+    _sql(lab, old, "checkpoint", "insert into audit_log (id, actor, action) values (9200000000001, 't', 'x')",
+         "select pg_switch_wal()", "insert into audit_log (id, actor, action) values (9200000000002, 't', 'x')",
+         "select pg_switch_wal()", "insert into audit_log (id, actor, action) values (9200000000003, 't', 'x')")
+    await _until(_async(lambda: _lag_bytes(lab, old) == 0), 30, "the standby to catch up")
+    lab.kill_region(old)
+    failover = await (await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=new,
+                                                                      reason="rewind fallback test"))).result()
+    assert failover.outcome == "succeeded"
+    fork = fork_between(lab.cfg.region(new).postgres, lab.cfg.region(old).postgres)
+    lab.heal_region(old)
+
+    handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(
+        service=lab.cfg.service, region=old, switch_back=False,
+        reconcile_approval=ApprovalPolicy(required=True, timeout_seconds=600)),
+        id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    await _until(lambda: _awaiting(handle), 60, "the review (the old primary is stopped by then)")
+    lsn = lsn_to_int(fork.fork_lsn)
+    fork_segment = f"{lsn >> 32:08X}{(lsn & 0xFFFFFFFF) >> 24:08X}"
+    wal = Path(lab.cfg.region(old).postgres.data_dir) / "pg_wal"
+    removed = [f for f in wal.iterdir() if len(f.name) == 24 and f.name[8:] < fork_segment]
+    for f in removed:
+        f.unlink()
+    assert removed
+    await handle.execute_update(FailbackWorkflow.approve, ApprovalDecision(approver="erin", decision="approve"))
+    report = await handle.result()
+    await record(handle, "failback-reviewed-basebackup")
+    assert report.rewind.method == "pg_basebackup", report.rewind
+    assert report.rewind.fallback_reason and "pg_wal" in report.rewind.fallback_reason, report.rewind
+    assert any("pg_rewind was impossible" in n for n in report.notes)
+    await _streams_from(lab, old, new)
+    # What the old primary had before the fork is all on the rebuilt standby.
+    await _until(_async(lambda: _one(lab, old, "select count(*) from audit_log where id between 9200000000001 and "
+                                              "9200000000003") == 3), 30, "the rebuilt standby to replay")

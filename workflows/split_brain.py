@@ -1,0 +1,185 @@
+"""Split-brain resolution: two regions both think they are primary. Stop the bleeding first,
+then keep every write either side made that can be kept, and record every decision.
+
+ 1. detect: which of PostgreSQL, Redis and routing is split (nothing split: done);
+ 2. decide the survivor by the configured rule (active region, highest DR epoch, region
+    priority) and take the next DR epoch on it: anything the loser's side still runs is stale;
+ 3. fence the loser at once: PostgreSQL read-only, Redis writes paused, its services
+    scaled to 0; route traffic to the survivor;
+ 4. Redis: snapshot the loser's master to S3, copy the keys only it has, REPLICAOF the survivor
+    (first: its write pause runs out on its own);
+ 5. PostgreSQL: stop the loser, measure from its WAL what it committed after the fork, decide
+    its post-fork rows per table strategy (an approver may review counts and a sample),
+    apply them to the survivor, every decision audited in eagle_dr.conflict_audit;
+ 6. resync: pg_rewind the loser into a standby of the survivor (pg_basebackup if impossible);
+ 7. verify: one writable primary, one Redis master, one active region, a real write and read.
+The loser's services stay at 0: it is the passive region now, as after any failover.
+If the approver rejects, nothing is applied and the loser stays stopped, its data intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.failback import Divergence, FailbackRequest, Reconciliation
+    from activities.postgres.activities import EpochRequest, FenceRequest, PostgresActivities
+    from activities.postgres.rewind import Rewound
+    from activities.redis.activities import RedisActivities, RedisMoveRequest
+    from activities.redis.failback import RedisFailback
+    from activities.split_brain import SplitBrainActivities, SplitBrainReport, SurvivorChoice, choose_survivor
+    from activities.traffic import RouteRequest, TrafficActivities
+    from eagle_dr.temporal import DR_EPOCH
+    from workflows.models import ApprovalPolicy, ApprovalRecord, StepRecord, Trigger
+    from workflows.rejoin import Rejoin
+    from workflows.validation import RawInput, invalid, validated
+
+
+class SplitBrainInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    service: str = Field(default="eagle-alert", min_length=1)
+    reason: str = Field(default="", max_length=2000)
+    trigger: Trigger = Trigger.manual
+    # Override the configured rule for this run: active-region | highest-epoch | priority.
+    survivor_rule: str | None = None
+    # Or name the survivor outright (it must be one of the writable primaries).
+    survivor: str | None = None
+    # Asked after the loser's rows are decided, before any is written (counts and a sample).
+    approval: ApprovalPolicy = ApprovalPolicy()
+    detected_at: datetime | None = None
+
+
+class SplitBrainResult(BaseModel):
+    service: str
+    outcome: str  # resolved | no-split-brain | degraded | aborted
+    findings: list[str]
+    detection: SplitBrainReport
+    choice: SurvivorChoice | None = None
+    epoch: int | None = None
+    divergence: Divergence | None = None
+    reconciliation: Reconciliation | None = None
+    approval: ApprovalRecord | None = None
+    rewind: Rewound | None = None
+    redis: RedisFailback | None = None
+    after: SplitBrainReport | None = None
+    # Split seen -> one writer left (loser fenced, traffic on the survivor) -> all resolved.
+    detected_at: datetime
+    single_writer_at: datetime | None = None
+    resolved_at: datetime | None = None
+    seconds_to_single_writer: float | None = None
+    seconds_to_resolved: float | None = None
+    steps: list[StepRecord] = []
+    notes: list[str] = []
+
+
+RULES = ("active-region", "highest-epoch", "priority")
+
+
+@workflow.defn
+class SplitBrainWorkflow(Rejoin):
+    runbook = "split-brain"
+
+    @workflow.run
+    async def run(self, raw: RawInput) -> SplitBrainResult:
+        inp = validated(SplitBrainInput, raw)
+        if inp.survivor_rule is not None and inp.survivor_rule not in RULES:
+            raise invalid("survivor_rule", f"unknown rule {inp.survivor_rule!r} (known: {', '.join(RULES)})")
+        control = workflow.info().task_queue
+        detected_at = inp.detected_at or workflow.info().start_time
+        self.service = inp.service
+        notes: list[str] = []
+
+        async with self.step("detect") as st:
+            topo = await self.topology()
+            if inp.survivor is not None:
+                self.known_region(topo, "survivor", inp.survivor)
+            report: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
+                                                      timeout=60)
+            st.detail = "; ".join(report.findings) or "no split brain"
+        result = SplitBrainResult(service=inp.service, outcome="no-split-brain", findings=report.findings,
+                                  detection=report, detected_at=detected_at, steps=self.steps, notes=notes)
+        if not report.split:
+            self.finish("no-split-brain")
+            return result
+
+        async with self.step("decide the survivor") as st:
+            rule = inp.survivor_rule or topo.survivor_rule
+            try:
+                choice = choose_survivor(rule, report, {r.name: r.priority for r in topo.regions}, inp.survivor)
+            except ValueError as e:
+                raise invalid("survivor", str(e)) from None
+            survivor, loser = choice.survivor, choice.loser
+            self.target_region = survivor
+            self.tag(inp.service, loser, survivor, inp.trigger.value)
+            self.epoch = max(report.epochs.values(), default=0) + 1
+            await self.act(PostgresActivities.record_epoch, EpochRequest(region=survivor, epoch=self.epoch),
+                           queue=control, timeout=30)
+            workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
+            st.detail = f"{survivor} survives ({choice.rule}: {choice.why}); {loser} loses; epoch {self.epoch}"
+        result.choice, result.epoch = choice, self.epoch
+        lq = topo.region(loser).task_queue
+        # A loser already fenced read-only (by an earlier attempt, say) diverged all the same.
+        pg_split = loser in report.postgres_primaries or loser in report.fenced_primaries
+        redis_split = len(report.redis_masters) > 1 and loser in report.redis_masters
+
+        async with self.step(f"fence {loser} and route to {survivor}") as st:
+            fences = [self.act(TrafficActivities.scale_down_region, loser, queue=control, timeout=60, attempts=2)]
+            if pg_split:
+                fences.append(self.act(PostgresActivities.fence_postgres, FenceRequest(
+                    region=loser, epoch=self.epoch, method="read_only"), queue=control, timeout=30))
+            if redis_split:
+                fences.append(self.act(RedisActivities.fence_redis, loser, queue=control, timeout=30))
+            await asyncio.gather(*fences)
+            if report.redis_masters == [loser]:
+                # Redis's only master is on the loser's side: move it to the survivor, losing nothing.
+                await self.act(RedisActivities.switchover_redis, RedisMoveRequest(
+                    old_region=loser, new_region=survivor), queue=control, timeout=120, heartbeat=30)
+            else:
+                await self.act(RedisActivities.promote_redis, survivor, queue=control, timeout=60)
+            route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=survivor, epoch=self.epoch),
+                                   queue=control, timeout=120)
+            st.detail = (f"{loser}: postgres {'read-only' if pg_split else 'was not a primary'}, redis "
+                         f"{'paused' if redis_split else 'not a second master'}, services scaled to 0; traffic on "
+                         f"{survivor} ({', '.join(route.changed) or 'already routed'})")
+        result.single_writer_at = workflow.now()
+
+        req = FailbackRequest(region=loser, primary_region=survivor)
+        if redis_split:
+            result.redis = await self.rejoin_redis(req, lq)
+        else:
+            self.skip("preserve and re-attach Redis", f"{loser}'s Redis was not a second master")
+
+        if pg_split:
+            result.divergence = await self.measure_divergence(req, lq, loser)
+            result.reconciliation, result.approval = await self.reconcile(req, result.divergence, lq, inp.approval,
+                                                                          notes)
+            result.rewind = await self.rewind(req, lq, notes)
+        else:
+            self.skip("reconcile diverged rows", f"{loser}'s PostgreSQL was not a primary: nothing diverged")
+
+        async with self.step("verify") as st:
+            await self.act(TrafficActivities.wait_region_ready, survivor, queue=control, timeout=330, heartbeat=30)
+            after: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
+                                                     timeout=60)
+            verification = await self.act(TrafficActivities.verify_service, survivor, queue=control, timeout=60)
+            one = after.postgres_primaries == [survivor] and after.redis_masters == [survivor] and \
+                {v for v in after.active_region_views.values() if v} <= {survivor}
+            ok = one and verification.ok
+            st.detail = (f"one primary, one master, routing on {survivor}" if one else
+                         "STILL SPLIT: " + ("; ".join(after.findings) or
+                                            f"primaries {after.postgres_primaries}, masters {after.redis_masters}")) \
+                + ("; write + read OK" if verification.ok else f"; verify FAILED: {verification.error}")
+            if not ok:
+                st.status = "failed"
+        result.after = after
+        result.resolved_at = workflow.now()
+        result.seconds_to_single_writer = (result.single_writer_at - detected_at).total_seconds()
+        result.seconds_to_resolved = (result.resolved_at - detected_at).total_seconds()
+        result.outcome = "resolved" if ok else "degraded"
+        self.finish(result.outcome)
+        return result
+
