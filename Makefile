@@ -52,6 +52,8 @@ bench: setup
 	@for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	$(BIN)/python -m bench.failover --runs $${RUNS:-5}
+	$(BIN)/python -m bench.conflicts --sizes $${CONFLICT_SIZES:-100000,1000000}
+	$(BIN)/python -m bench.failback --gb $${FAILBACK_GB:-1.0}
 
 clean: lab-down
 	rm -rf .eagle-dr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -159,7 +160,10 @@ def main() -> None:
     workdir.chmod(0o755)
     print(f"eagle-dr: {args.runs} failovers (probe every {args.interval}s, {args.threshold} failures) "
           f"and {args.runs} switchovers", flush=True)
-    eagle = run_eagle(args.runs, args.interval, args.threshold, workdir)
+    try:
+        eagle = run_eagle(args.runs, args.interval, args.threshold, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # a lab's data: hundreds of MB per run
     patroni = None
     if not args.skip_patroni:
         from bench.patroni_anchor import run_anchor

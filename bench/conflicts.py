@@ -1,0 +1,139 @@
+"""Conflict-resolution throughput: rows/s of activities.conflicts.apply.apply_resolutions (decide
+every key in SQL, write the outcome, one audit row per key) beside a plain set-based upsert of
+the same rows on the same throwaway PostgreSQL 15, measured in the same run.
+
+For each table and size N: the survivor table is filled with N rows, the loser sends N keys
+(bench/conflict_data.py: 40% conflicts, 44% loser-only changes, 15% inserts, 1% deletes), and
+the timer covers the whole call, its input checks, COPY and audit insert included. The table is
+then refilled the same way and the reference (bench/upsert_floor.py) writes the same rows.
+``alerts`` runs last-write-wins, ``alert_rules`` merge-with-priority (the shipped config).
+
+Peak RSS is this process's high-water mark (getrusage): sizes run smallest first, so the
+figure printed after a size is that size's peak (or an earlier, smaller one's).
+
+    python -m bench.conflicts --sizes 100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+
+from activities.conflicts.apply import ApplySummary, apply_resolutions
+from bench.conflict_data import FORK, LOSER, NOW, SURVIVOR, TABLES, Mix, expected_conflicts, fill_survivor, \
+    loser_changes
+from bench.scratch_pg import scratch_postgres
+from bench.upsert_floor import upsert
+from eagle_dr.config import DEFAULT_CONFIG, TableConflictConfig, load_config
+
+# Away from the lab (15401+), the tests (17850, shift 2000) and the failover bench (shift 4000).
+PORT = 22500
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(conn: psycopg.Connection, table: str, cfg: TableConflictConfig, priority: dict[str, int],
+            n: int) -> dict:
+    mix = Mix(n)
+    t = time.perf_counter()
+    rows, deleted = loser_changes(table, mix)
+    build_s = time.perf_counter() - t
+    rss_inputs = peak_rss_mb()
+
+    fill_survivor(conn, table, mix)
+    t = time.perf_counter()
+    summary = apply_resolutions(conn, table, cfg, rows, deleted, LOSER, SURVIVOR, priority, FORK, NOW,
+                                workflow_id=f"bench-{uuid.uuid4()}", run_id="run-1", approved_by="bench")
+    eagle_s = time.perf_counter() - t
+    rss_apply = peak_rss_mb()
+
+    # Same starting table for the reference; the audit the engine wrote is dropped with it.
+    fill_survivor(conn, table, mix)
+    t = time.perf_counter()
+    upsert(conn, table, cfg.key, rows, deleted)
+    ref_s = time.perf_counter() - t
+    keys = len(rows) + len(deleted)
+    del rows, deleted
+    gc.collect()
+    return {"table": table, "strategy": cfg.strategy, "keys": keys, "build_inputs_s": build_s,
+            "eagle_s": eagle_s, "reference_s": ref_s, "peak_rss_inputs_mb": rss_inputs,
+            "peak_rss_apply_mb": rss_apply, "summary": summary.model_dump(),
+            "expected_conflicts": expected_conflicts(mix)}
+
+
+def check(r: dict) -> list[str]:
+    """What makes a figure meaningless: the engine did not decide and audit every key."""
+    s = ApplySummary(**r["summary"])
+    out = []
+    if s.audit_rows != r["keys"]:
+        out.append(f"audit rows {s.audit_rows} != keys {r['keys']}")
+    if s.conflicts != r["expected_conflicts"]:
+        out.append(f"conflicts {s.conflicts} != expected {r['expected_conflicts']}")
+    if s.inserted + s.updated + s.deleted + s.kept + s.flagged != r["keys"]:
+        out.append("outcomes do not add up to the keys sent")
+    return out
+
+
+def report(results: list[dict]) -> None:
+    print()
+    print(f"{'table (strategy)':36} {'keys':>9} {'eagle-dr s':>11} {'rows/s':>10} {'reference s':>12} "
+          f"{'rows/s':>10} {'eagle-dr/reference':>19} {'peak RSS MB':>12}")
+    for r in results:
+        e, ref = r["keys"] / r["eagle_s"], r["keys"] / r["reference_s"]
+        print(f"{r['table'] + ' (' + r['strategy'] + ')':36} {r['keys']:>9} {r['eagle_s']:>11.2f} {e:>10,.0f} "
+              f"{r['reference_s']:>12.2f} {ref:>10,.0f} {e / ref:>18.2f}x {r['peak_rss_apply_mb']:>12.0f}")
+    print()
+    print("eagle-dr: apply_resolutions (input checks, COPY, decide in SQL, write, one audit row per key).")
+    print("reference: COPY + DELETE + INSERT ... ON CONFLICT DO UPDATE of the same rows, no decision, no audit.")
+    print("eagle-dr/reference < 1 means eagle-dr is that fraction of the floor's throughput.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="100000,1000000", help="comma-separated N (divergent keys per run)")
+    ap.add_argument("--tables", default=",".join(TABLES), help=f"some of {','.join(TABLES)}")
+    ap.add_argument("--port", type=int, default=PORT)
+    ap.add_argument("--json", help="write all figures here")
+    args = ap.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    if unknown := [t for t in tables if t not in TABLES]:
+        ap.error(f"no bench data for {unknown}; choose from {', '.join(TABLES)}")
+
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    priority = {r.name: r.priority for r in cfg.regions}
+    results = []
+    print(f"conflict resolution: sizes {sizes}, tables {tables}, throwaway PostgreSQL on port {args.port}",
+          flush=True)
+    with scratch_postgres(args.port, "conflicts") as pg, pg.connect() as conn:
+        print(f"  {conn.execute('select version()').fetchone()[0].split(' on ')[0]}", flush=True)
+        for n in sizes:
+            for table in tables:
+                r = measure(conn, table, cfg.conflicts[table], priority, n)
+                results.append(r)
+                s = r["summary"]
+                print(f"  {table} N={n}: eagle-dr {r['eagle_s']:.2f}s, reference {r['reference_s']:.2f}s; "
+                      f"inserted {s['inserted']} updated {s['updated']} deleted {s['deleted']} kept {s['kept']} "
+                      f"conflicts {s['conflicts']} audit {s['audit_rows']}; inputs built in "
+                      f"{r['build_inputs_s']:.2f}s, peak RSS {r['peak_rss_inputs_mb']:.0f} MB after building "
+                      f"them, {r['peak_rss_apply_mb']:.0f} MB after apply", flush=True)
+                for problem in check(r):
+                    print(f"  WARNING {table} N={n}: {problem}", flush=True)
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
