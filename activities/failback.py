@@ -92,7 +92,10 @@ class FailbackActivities:
         lost = req.divergence.lost
         if lost.lost_commits == 0:
             return Reconciliation(since=None, tables=[], preview=req.preview)
-        fork_time = lost.last_commit_before_fork_at or lost.first_lost_commit_at
+        # Rows the loser stamped up to fork_time count as pre-fork. Unsure where the fork was
+        # in time, err early: a row then looks changed on both sides (audited, decided by its
+        # strategy) instead of an insert looking like the survivor's delete.
+        fork_time = lost.last_commit_before_fork_at or lost.first_lost_commit_at - EXTRACTION_MARGIN
         since = fork_time - EXTRACTION_MARGIN
         tables = {t: c.key for t, c in self.cfg.conflicts.items()}
         rows, old_keys = read_loser(old, tables, since,

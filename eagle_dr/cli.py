@@ -437,12 +437,16 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
 
 
 def _failback_report(f) -> None:
-    lost = f.divergence.lost
-    out.print(f"[bold]failback[/] of {f.region} (primary {f.primary_before}): fork at {lost.fork_lsn}; the old "
-              f"primary had {lost.lost_commits} commits / {lost.lost_bytes} bytes after it")
-    _reconciliation_lines(f.reconciliation)
-    out.print(f"  PostgreSQL: {f.rewind.method} in {f.rewind.seconds:.1f}s"
-              + (f" (pg_rewind impossible: {f.rewind.fallback_reason})" if f.rewind.fallback_reason else ""))
+    if f.divergence is None:
+        out.print(f"[bold]failback[/] of {f.region} (primary {f.primary_before}): it already streamed from the "
+                  "primary, nothing to rewind or keep")
+    else:
+        lost = f.divergence.lost
+        out.print(f"[bold]failback[/] of {f.region} (primary {f.primary_before}): fork at {lost.fork_lsn}; the old "
+                  f"primary had {lost.lost_commits} commits / {lost.lost_bytes} bytes after it")
+        _reconciliation_lines(f.reconciliation)
+        out.print(f"  PostgreSQL: {f.rewind.method} in {f.rewind.seconds:.1f}s"
+                  + (f" (pg_rewind impossible: {f.rewind.fallback_reason})" if f.rewind.fallback_reason else ""))
     r = f.redis
     out.print(f"  Redis: snapshot {r.snapshot}, {r.unique_keys} keys only it had, {r.migrated_keys} copied"
               if r.reachable else "  Redis: old master unreachable, nothing to keep")

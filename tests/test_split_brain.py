@@ -28,6 +28,7 @@ from tests.histories import record
 from tests.lab_helpers import _async, _awaiting, _lag_bytes, _primary, _progress, _until
 from workflows.failback import FailbackInput, FailbackWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput
+from workflows.monitor import MonitorInput, MonitorWorkflow
 from workflows.runbook import move_id
 from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
 
@@ -245,6 +246,45 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     assert conflicts == 5
 
 
+async def test_monitor_sees_a_split_brain_and_resolves_it(lab, client):
+    """The monitor's split-brain watch: someone promotes the standby by hand and it takes a
+    write; the monitor notices within two rounds and the runbook keeps that write."""
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    handle = await client.start_workflow(MonitorWorkflow.run, MonitorInput(
+        service=lab.cfg.service, interval_seconds=0.5, auto_resolve_split_brain=True, stop_after_failover=True),
+        id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+
+    async def watching():
+        p = await _progress(handle)
+        return p is not None and p.target_region == a
+
+    await _until(watching, 30, "the monitor to watch the primary")
+    row = 9_300_000_000 + uuid.uuid4().int % 10**6
+    # A segment switch right before the fork: the fork's own segment holds no commit before
+    # it, and the time of the fork must come from an earlier one (or the insert below would
+    # look older than the fork, as if the survivor had deleted it).
+    _sql(lab, a, ("insert into alerts (id, region, payload) values (%s, 'seed', '{}')", (row + 1,)),
+         "select pg_switch_wal()")
+    await _until(_async(lambda: _lag_bytes(lab, a) == 0), 30, "the standby to catch up")
+    _sql(lab, b, "select pg_promote()")
+    await _until(_async(lambda: not pg_status(lab.cfg.region(b).postgres).read_only and
+                        pg_status(lab.cfg.region(b).postgres).role == "primary"), 30, "the promotion")
+    _sql(lab, b, ("insert into alerts (id, region, payload) values (%s, %s, '{}')", (row, b)))
+    report = await handle.result()
+    await record(handle, "monitor-split-brain")
+    sb = report.split_brain
+    assert sb is not None and sb.outcome == "resolved", sb
+    assert sb.choice.survivor == a and sb.choice.loser == b
+    assert report.first_failure_at is not None and sb.detected_at == report.first_failure_at
+    assert sb.divergence.lost.last_commit_before_fork_at is not None, sb.divergence
+    # the loser's write is kept
+    assert _one(lab, a, "select region from alerts where id = %s", row) == b, (sb.divergence, sb.reconciliation,
+                                                                               [(x.name, x.detail) for x in sb.steps])
+    await _streams_from(lab, b, a)
+    assert not detect(lab.cfg).split
+
+
 async def test_failback_falls_back_to_pg_basebackup_when_rewind_is_impossible(lab, client):
     """The WAL pg_rewind needs (back to the last common checkpoint) is gone from the old
     primary: failback re-clones it with pg_basebackup and says why."""
@@ -284,3 +324,12 @@ async def test_failback_falls_back_to_pg_basebackup_when_rewind_is_impossible(la
     # What the old primary had before the fork is all on the rebuilt standby.
     await _until(_async(lambda: _one(lab, old, "select count(*) from audit_log where id between 9200000000001 and "
                                               "9200000000003") == 3), 30, "the rebuilt standby to replay")
+
+    # Running it again is harmless: the region already streams, so nothing is stopped or rewound.
+    again = await client.execute_workflow(FailbackWorkflow.run, FailbackInput(
+        service=lab.cfg.service, region=old, switch_back=False), id=f"failback-{uuid.uuid4()}",
+        task_queue=lab.cfg.temporal.control_task_queue)
+    assert again.rewind is None and again.divergence is None
+    assert [s["status"] for s in again.steps if s["name"].startswith(("measure", "reconcile", "rewind"))] == \
+        ["skipped"] * 3
+    await _streams_from(lab, old, new)

@@ -121,7 +121,8 @@ class DrillWorkflow(Runbook):
                                                         reason="DR drill: failback", switch_back=False),
                     id=f"dr-failback-{inp.service}", task_queue=control,
                     static_summary=f"Drill: failback {inp.service} region {b}")
-                st.detail = f"{failback.rewind.method}; {failback.divergence.lost.lost_commits} commits after the fork"
+                st.detail = f"{failback.rewind.method}; {failback.divergence.lost.lost_commits} commits after the fork" \
+                    if failback.rewind else "it already streamed: nothing to rewind"
 
         outcomes = {switchover.outcome, failover.outcome} | ({"succeeded"} if failback else set())
         self.finish("succeeded" if outcomes == {"succeeded"} else "degraded")

@@ -55,9 +55,10 @@ class FailbackReport(BaseModel):
     service: str
     region: str
     primary_before: str
-    divergence: Divergence
-    reconciliation: Reconciliation
-    rewind: Rewound
+    # None when the region already streamed from the primary (nothing diverged to keep).
+    divergence: Divergence | None = None
+    reconciliation: Reconciliation | None = None
+    rewind: Rewound | None = None
     redis: RedisFailback
     switchover: RunbookResult | None = None
     steps: list = []
@@ -83,8 +84,8 @@ class FailbackWorkflow(Rejoin):
             try:
                 p_health = await self.act(HealthActivities.probe_region, primary, queue=pq, timeout=30,
                                           schedule_to_start=30, attempts=2)
-                await self.act(HealthActivities.probe_region, inp.region, queue=oq, timeout=30,
-                               schedule_to_start=30, attempts=2)
+                o_health = await self.act(HealthActivities.probe_region, inp.region, queue=oq, timeout=30,
+                                          schedule_to_start=30, attempts=2)
             except ActivityError as e:
                 raise ApplicationError(f"failback needs both regions' workers: {e.cause or e}",
                                        type="RegionUnhealthy", non_retryable=True) from None
@@ -96,9 +97,17 @@ class FailbackWorkflow(Rejoin):
         approval = await self.approval(inp.approval, f"fail {inp.service} back to {inp.region}")
         req = FailbackRequest(region=inp.region, primary_region=primary, approved_by=approval.approver)
 
-        divergence = await self.measure_divergence(req, oq, "the old primary")
-        reconciliation, _ = await self.reconcile(req, divergence, oq, inp.reconcile_approval, notes)
-        rewound = await self.rewind(req, oq, notes)
+        pg = o_health.postgres
+        if pg.role == "standby" and pg.receiver_status == "streaming":
+            # Already rebuilt (a second run, or a region rejoined by hand): there is no fork to
+            # measure, and stopping a healthy standby to look for one would be the only harm done.
+            divergence = reconciliation = rewound = None
+            for name in ("measure what the old primary wrote after the fork", "reconcile diverged rows", "rewind"):
+                self.skip(name, f"{inp.region} already streams from {pg.upstream}")
+        else:
+            divergence = await self.measure_divergence(req, oq, "the old primary")
+            reconciliation, _ = await self.reconcile(req, divergence, oq, inp.reconcile_approval, notes)
+            rewound = await self.rewind(req, oq, notes)
         redis = await self.rejoin_redis(req, oq)
 
         switchover = None

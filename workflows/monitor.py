@@ -7,23 +7,30 @@ down. Then, with ``auto_failover``, the monitor starts the failover runbook (sam
 single-flight id as a human would) with ``detected_at`` set to the first failed probe;
 without it, it records the outage in its search attributes and details for alerting.
 
+It also watches for a split brain (two writable primaries, two Redis masters, routing that
+disagrees) from the control worker: seen twice in a row, it is recorded, and with
+``auto_resolve_split_brain`` the split-brain runbook starts (same single-flight id).
+
 The loop continues as new every ``iterations_per_run`` probes to keep history short.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
+    from activities.split_brain import SplitBrainActivities
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
     from workflows.failover import FailoverWorkflow
     from workflows.models import FailoverInput, RunbookResult, Trigger
     from workflows.runbook import Runbook, move_id
+    from workflows.split_brain import SplitBrainInput, SplitBrainResult, SplitBrainWorkflow
     from workflows.validation import RawInput, validated
 
 
@@ -33,8 +40,10 @@ class MonitorInput(BaseModel):
     interval_seconds: float = Field(default=10, gt=0, le=3600)
     failure_threshold: int = Field(default=3, ge=1, le=100)
     auto_failover: bool = False
+    watch_split_brain: bool = True
+    auto_resolve_split_brain: bool = False
     max_lag_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
-    # Stop after one automatic failover (benchmarks, drills) instead of watching the new primary.
+    # Stop after one automatic runbook (benchmarks, drills, tests) instead of watching on.
     stop_after_failover: bool = False
     iterations_per_run: int = Field(default=500, ge=1)
     primary_region: str | None = None
@@ -46,6 +55,7 @@ class MonitorReport(BaseModel):
     first_failure_at: datetime | None = None
     detected_at: datetime | None = None
     failover: RunbookResult | None = None
+    split_brain: SplitBrainResult | None = None
 
 
 @workflow.defn
@@ -64,9 +74,19 @@ class MonitorWorkflow(Runbook):
         self.target_region = primary
         interval = timedelta(seconds=inp.interval_seconds)
         failures, first_failure = 0, None
+        splits, first_split = 0, None
         for _ in range(inp.iterations_per_run):
             started = workflow.now()
+            # Histories recorded before the split-brain watch existed replay without it. It runs
+            # beside the probe so a slow answer from one region never delays the other check.
+            split_check = asyncio.create_task(self._split_findings(workflow.info().task_queue)) \
+                if inp.watch_split_brain and workflow.patched("watch-split-brain") else None
             ok, why = await self._probe(topo.region(primary).task_queue, primary, inp.interval_seconds)
+            if split_check is not None:
+                findings = await split_check
+                splits, first_split = (splits + 1, first_split or started) if findings else (0, None)
+                if splits >= 2 and (done := await self._split_brain(inp, primary, findings, first_split)):
+                    return done
             if ok:
                 failures, first_failure = 0, None
             else:
@@ -89,6 +109,38 @@ class MonitorWorkflow(Runbook):
         if health.postgres.role != "primary":
             return False, health.postgres.error or f"postgres is {health.postgres.role}"
         return True, ""
+
+    async def _split_findings(self, control: str) -> list[str]:
+        try:
+            report = await self.act(SplitBrainActivities.detect_split_brain, queue=control, timeout=30, attempts=1)
+        except ActivityError:
+            return []  # no verdict: the next round asks again
+        return report.findings
+
+    async def _split_brain(self, inp: MonitorInput, primary: str, findings: list[str], since
+                           ) -> MonitorReport | None:
+        report = MonitorReport(service=inp.service, watched_region=primary, first_failure_at=since,
+                               detected_at=workflow.now())
+        what = "; ".join(findings)
+        if not inp.auto_resolve_split_brain:
+            workflow.upsert_search_attributes([DR_OUTCOME.value_set("split-brain")])
+            workflow.set_current_details(f"**SPLIT BRAIN** since {since}: {what}; automatic resolution is off")
+            return report
+        workflow.set_current_details(f"**SPLIT BRAIN**: {what}; resolving")
+        try:
+            report.split_brain = await workflow.execute_child_workflow(
+                SplitBrainWorkflow.run, SplitBrainInput(service=inp.service, trigger=Trigger.automatic, reason=what,
+                                                        detected_at=since),
+                id=move_id(inp.service), task_queue=workflow.info().task_queue,
+                static_summary=f"automatic split-brain resolution {inp.service}")
+        except WorkflowAlreadyStartedError:
+            # A move is already running (it may be what made the split look real): watch on.
+            workflow.set_current_details(f"**SPLIT BRAIN**: {what}; a runbook already holds {move_id(inp.service)}")
+            return None
+        if inp.stop_after_failover:
+            return report
+        workflow.continue_as_new(inp.model_copy(update={"primary_region": report.split_brain.choice.survivor
+                                                        if report.split_brain.choice else primary}))
 
     async def _region_down(self, inp: MonitorInput, topo, primary: str, first_failure) -> MonitorReport:
         detected = workflow.now()

@@ -104,15 +104,32 @@ def lost_wal(loser: PostgresConfig, fork: ForkPoint) -> LostWal:
     commits = _commit_times(after.stdout)
     m = _END.search(after.stderr)
     end = m.group(1) if m else None
-    # The last commit before the fork: scan the fork's segment up to the fork. A promoted
-    # loser's first segment on its new timeline starts with a copy of exactly that WAL.
-    seg_start = lsn_to_int(fork.fork_lsn) & ~(16 * 1024 * 1024 - 1)
-    before = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", tli, "-s", int_to_lsn(seg_start),
-                      "-e", fork.fork_lsn], timeout=300)
-    before_commits = _commit_times(before.stdout)
     return LostWal(fork_lsn=fork.fork_lsn, end_lsn=end, lost_bytes=lsn_diff(end, fork.fork_lsn) if end else None,
                    lost_commits=len(commits), first_lost_commit_at=commits[0] if commits else None,
-                   last_commit_before_fork_at=before_commits[-1] if before_commits else None)
+                   last_commit_before_fork_at=_last_commit_before(ctl, wal, tli, str(fork.old_timeline),
+                                                                  fork.fork_lsn))
+
+
+SEGMENT = 16 * 1024 * 1024
+
+
+def _last_commit_before(ctl: PgCtl, wal: str, tli: str, old_tli: str, fork_lsn: str, segments: int = 4
+                        ) -> datetime | None:
+    """The newest commit before the fork, looking back a few WAL segments (a fork right after
+    a segment switch has none in its own). The fork's segment is read on the loser's timeline
+    (a promoted loser's first segment there starts with a copy of the WAL up to the fork, the
+    old one is renamed .partial); earlier segments belong to the old timeline."""
+    end = lsn_to_int(fork_lsn)
+    seg = end & ~(SEGMENT - 1)
+    for i in range(segments):
+        r = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", tli if i == 0 else old_tli, "-s", int_to_lsn(seg),
+                     "-e", int_to_lsn(end)], timeout=300)
+        if times := _commit_times(r.stdout):
+            return times[-1]
+        if seg == 0:
+            break
+        end, seg = seg, seg - SEGMENT
+    return None
 
 
 # How far before the last pre-fork commit extraction starts: a transaction that began
