@@ -14,8 +14,8 @@ from activities.heartbeat import heartbeating
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
-from activities.postgres.divergence import EXTRACTION_MARGIN, ForkPoint, LostWal, NoFork, fork_between, lost_wal, \
-    read_loser
+from activities.postgres.divergence import EXTRACTION_MARGIN, ForkPoint, LostWal, NoFork, WalUnreadable, \
+    fork_between, lost_wal, read_loser
 from activities.postgres.rewind import Rewound, rewind_to_standby
 from activities.postgres.status import connect
 from activities.redis.failback import RedisFailback, preserve_and_rejoin
@@ -77,7 +77,13 @@ class FailbackActivities:
             except NoFork as e:
                 raise ApplicationError(f"cannot tell where {req.region} diverged from {req.primary_region}: {e}",
                                        type="NoFork", non_retryable=True) from e
-            return Divergence(fork=fork, lost=lost_wal(self._pg(req.region), fork))
+            try:
+                return Divergence(fork=fork, lost=lost_wal(self._pg(req.region), fork))
+            except WalUnreadable as e:
+                # Nothing is rewound or re-cloned after this: the loser keeps its data for a human.
+                raise ApplicationError(f"{req.region}'s writes after the fork cannot be read, so they cannot be "
+                                       f"kept; it is left stopped with its data intact: {e}", type="WalUnreadable",
+                                       non_retryable=True) from e
 
     @activity.defn
     def reconcile_diverged_rows(self, req: ReconcileRequest) -> Reconciliation:
@@ -129,7 +135,9 @@ class FailbackActivities:
     @activity.defn
     def preserve_redis_and_rejoin(self, req: FailbackRequest) -> RedisFailback:
         old = self.cfg.region(req.region)
-        key = f"failback/{activity.info().workflow_id}/redis-{old.name}.rdb"
+        info = activity.info()
+        # Per run: runbooks reuse their workflow id (dr-move-<service>) from one incident to the next.
+        key = f"failback/{info.workflow_id}/{info.workflow_run_id}/redis-{old.name}.rdb"
         with heartbeating():
             return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key)
 
@@ -137,7 +145,15 @@ class FailbackActivities:
 def _deleted_on_old(conn, table: str, key: list[str], ts_col: str, fork_time: datetime,
                     old_keys: set[tuple]) -> list[tuple]:
     """Rows the primary has unchanged since before the fork but the old primary lacks:
-    the old primary deleted them after the fork."""
+    the old primary deleted them after the fork.
+
+    A row stamped before the fork may still have committed after it (a transaction in flight
+    at the fork): the loser never had it, and it is no deletion. With track_commit_timestamp
+    the commit time tells; without it, rows are judged by their timestamp alone."""
     cols = ", ".join(f'"{k}"' for k in key)
-    rows = conn.execute(f'select {cols} from "{table}" where "{ts_col}" <= %s', (fork_time,)).fetchall()
+    committed = ""
+    if conn.execute("select current_setting('track_commit_timestamp') = 'on'").fetchone()[0]:
+        committed = " and coalesce(pg_xact_commit_timestamp(xmin), '-infinity') <= %(fork)s"
+    rows = conn.execute(f'select {cols} from "{table}" where "{ts_col}" <= %(fork)s{committed}',
+                        {"fork": fork_time}).fetchall()
     return [tuple(r) for r in rows if tuple(r) not in old_keys]

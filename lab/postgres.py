@@ -29,6 +29,8 @@ wal_keep_size = '64MB'
 # A slot reserved for a lost region holds WAL until failback; this caps it (failback then
 # re-clones with pg_basebackup instead of filling the disk).
 max_slot_wal_keep_size = '4GB'
+# Reconciliation tells a row committed after the fork from one deleted by the loser.
+track_commit_timestamp = on
 hot_standby = on
 hot_standby_feedback = on
 wal_receiver_status_interval = 1s

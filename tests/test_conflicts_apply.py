@@ -360,3 +360,31 @@ def test_refuses_inputs_it_cannot_decide(db):
         go([{"id": 2, "updated_at": at(1)}], [])
     with pytest.raises(ValueError, match="same region"):
         go([good], [], survivor_region=LOSER)
+
+
+def test_a_later_incident_under_the_same_workflow_id_is_audited_again(db):
+    """Runbooks reuse their workflow id (dr-move-<service>); each run keeps its own audit trail."""
+    table = "alerts"
+    survivor, loser, deleted = scenario_inputs(table)
+    seed(db, table, survivor)
+    first, _, _ = run_both(db, table, loser, deleted, run_id="incident-1")
+    again, _, _ = run_both(db, table, loser, deleted, run_id="incident-2")
+    assert first.audit_rows == again.audit_rows == len(loser) + len(deleted)
+    n = db.execute("select count(distinct run_id) as n from eagle_dr.conflict_audit where workflow_id = 'wf-1'")
+    assert n.fetchone()["n"] == 2
+
+
+def test_a_dry_run_decides_the_same_and_writes_nothing(db):
+    table = "alerts"
+    survivor, loser, deleted = scenario_inputs(table)
+    seed(db, table, survivor)
+    before = table_rows(db, table)
+    cfg = TABLES[table]
+    preview = apply_resolutions(db, table, cfg, loser, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-1", "run-1",
+                                dry_run=True)
+    assert table_rows(db, table) == before
+    assert db.execute("select count(*) as n from eagle_dr.conflict_audit").fetchone()["n"] == 0
+    assert preview.audit_rows == 0 and 0 < len(preview.sample) <= 5
+    real = apply_resolutions(db, table, cfg, loser, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-1", "run-1")
+    counts = ("inserted", "updated", "deleted", "kept", "flagged", "conflicts")
+    assert [getattr(preview, c) for c in counts] == [getattr(real, c) for c in counts]

@@ -22,7 +22,9 @@ Choices worth knowing:
   seconds of the run: a decision is only right for the survivor row it was made against.
 * Idempotent: a re-run decides against the already-resolved rows, which the engine's
   idempotence law turns into keep_survivor (nothing is written), and the audit's unique
-  (workflow_id, table_name, primary_key) with ON CONFLICT DO NOTHING keeps one row per decision.
+  (workflow_id, run_id, table_name, primary_key) with ON CONFLICT DO NOTHING keeps one row per
+  decision. The run id is part of it because runbooks reuse their workflow id (dr-move-<service>)
+  from one incident to the next: a key decided last month is decided, and audited, again.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ create table if not exists eagle_dr.conflict_audit (
     approved_by      text,
     reason           text not null
 );
-create unique index if not exists conflict_audit_decision
-    on eagle_dr.conflict_audit (workflow_id, table_name, primary_key);
+drop index if exists eagle_dr.conflict_audit_decision;
+create unique index if not exists conflict_audit_run_decision
+    on eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key);
 create index if not exists conflict_audit_timestamp on eagle_dr.conflict_audit ("timestamp");
 """
 
@@ -211,8 +214,9 @@ def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run
         -- An anti-join first: a re-run finds every key audited, and a speculative insert
         -- per row is far slower than one hash join. ON CONFLICT still guards concurrent runs.
         where not exists (select 1 from eagle_dr.conflict_audit a
-                          where a.workflow_id = {wf} and a.table_name = {table} and a.primary_key = r._e_pk)
-        on conflict (workflow_id, table_name, primary_key) do nothing
+                          where a.workflow_id = {wf} and a.run_id = {run} and a.table_name = {table}
+                            and a.primary_key = r._e_pk)
+        on conflict (workflow_id, run_id, table_name, primary_key) do nothing
     """).format(wf=sql.Literal(workflow_id), run=sql.Literal(run_id), table=sql.Literal(table),
                 strategy=sql.Literal(strategy), meta=sql.Literal(META),
                 approved_by=sql.Literal(approved_by), resolved=_RESOLVED_TMP))

@@ -43,10 +43,11 @@ class PgCtl:
     def tool(self, name: str) -> str:
         return os.path.join(bin_dir(self.cfg), name)
 
-    def run(self, argv: list[str], check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-        kw = {}
+    def run(self, argv: list[str], check: bool = False, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        kw: dict = {"env": {**os.environ, **env}} if env else {}
         if os.geteuid() == 0 and self.cfg.os_user:
-            kw = {"user": self.cfg.os_user, "extra_groups": []}
+            kw |= {"user": self.cfg.os_user, "extra_groups": []}
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
         if check and r.returncode != 0:
             raise PgCtlError(f"{os.path.basename(argv[0])} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")

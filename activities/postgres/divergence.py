@@ -82,17 +82,20 @@ def fork_between(survivor: PostgresConfig, loser: PostgresConfig) -> ForkPoint:
     return ForkPoint(new_timeline=higher, old_timeline=lower, fork_lsn=lsn, loser_timeline=loser_tli)
 
 
-_COMMIT = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \w+)")
+# pg_waldump prints commit times in its process's local time zone: it runs with TZ=UTC.
+_COMMIT = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC")
 # pg_waldump ends with an error naming where the WAL stops ("invalid record length at X").
 _END = re.compile(r"(?:at|after) ([0-9A-F]+/[0-9A-F]+)")
+_UTC = {"TZ": "UTC"}
+
+
+class WalUnreadable(RuntimeError):
+    """The loser's WAL after the fork could not be read: its post-fork writes are unknown."""
 
 
 def _commit_times(output: str) -> list[datetime]:
-    out = []
-    for m in _COMMIT.finditer(output):
-        stamp = m.group(1).rsplit(" ", 1)[0]
-        out.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc))
-    return out
+    return [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)
+            for m in _COMMIT.finditer(output)]
 
 
 def lost_wal(loser: PostgresConfig, fork: ForkPoint) -> LostWal:
@@ -100,10 +103,16 @@ def lost_wal(loser: PostgresConfig, fork: ForkPoint) -> LostWal:
     ctl = PgCtl(loser)
     wal = str(Path(loser.data_dir) / "pg_wal")
     tli = str(fork.loser_timeline or fork.old_timeline)
-    after = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", tli, "-s", fork.fork_lsn], timeout=300)
+    after = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", tli, "-s", fork.fork_lsn], timeout=300, env=_UTC)
     commits = _commit_times(after.stdout)
-    m = _END.search(after.stderr)
-    end = m.group(1) if m else None
+    # The last LSN named: "first record is after X, at Y" (a fork at a segment start) comes first.
+    found = _END.findall(after.stderr)
+    end = found[-1] if found else None
+    # It always ends with an error; only "the WAL stops here" means everything was read. A
+    # missing segment read as "0 commits" would let the rewind erase the loser's writes.
+    if end is None or lsn_to_int(end) < lsn_to_int(fork.fork_lsn):
+        raise WalUnreadable(f"pg_waldump of {wal} from {fork.fork_lsn} on timeline {tli}: "
+                            f"{after.stderr.strip()[:400]}")
     return LostWal(fork_lsn=fork.fork_lsn, end_lsn=end, lost_bytes=lsn_diff(end, fork.fork_lsn) if end else None,
                    lost_commits=len(commits), first_lost_commit_at=commits[0] if commits else None,
                    last_commit_before_fork_at=_last_commit_before(ctl, wal, tli, str(fork.old_timeline),
@@ -123,7 +132,7 @@ def _last_commit_before(ctl: PgCtl, wal: str, tli: str, old_tli: str, fork_lsn: 
     seg = end & ~(SEGMENT - 1)
     for i in range(segments):
         r = ctl.run([ctl.tool("pg_waldump"), "-p", wal, "-t", tli if i == 0 else old_tli, "-s", int_to_lsn(seg),
-                     "-e", int_to_lsn(end)], timeout=300)
+                     "-e", int_to_lsn(end)], timeout=300, env=_UTC)
         if times := _commit_times(r.stdout):
             return times[-1]
         if seg == 0:
