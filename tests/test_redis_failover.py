@@ -359,6 +359,10 @@ def test_fence_holds_writes_and_unfence_releases_them(rlab: RedisLab):
     assert f.offset <= int(ca.info("replication")["master_repl_offset"])  # a replication PING may follow
     assert ca.get("k") == "v"  # reads still served
     assert ca.config_get("replica-priority")["replica-priority"] == "0"
+    # What Sentinel sends a master it thinks rogue is refused: a resync would discard its keys.
+    with pytest.raises(redis.ResponseError, match="no permissions"):
+        rlab.client(a, timeout=2).replicaof(HOST, REPLICA_PORT)
+    assert ca.info("replication")["role"] == "master"
     with pytest.raises(redis.TimeoutError):
         rlab.client(a, timeout=0.5).set("k", "held")
     assert fence(a, 30_000).paused  # idempotent

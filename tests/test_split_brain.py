@@ -60,6 +60,21 @@ async def _streams_from(lab, standby: str, primary: str) -> None:
     await _until(_async(ok), 60, f"{standby} to stream from {primary}")
 
 
+def _rogue_master(lab, region: str):
+    """Make the region's Redis a second master, the way a partition does: the Sentinels lose
+    track of it (SENTINEL RESET re-learns replicas from the master, which no longer lists it).
+    Otherwise a Sentinel may turn it back into a replica within a second, discarding its keys,
+    before any runbook could act: the race this test is not about."""
+    from activities.redis.status import sentinel_client
+
+    rc = redis_client(lab.cfg.region(region).redis)
+    rc.replicaof("NO", "ONE")
+    cfg = lab.cfg.region(region).redis
+    for ep in cfg.sentinels:
+        sentinel_client(cfg, ep).execute_command("SENTINEL", "RESET", cfg.master_name)
+    return rc
+
+
 def _pg_rewinds(data_dir: str) -> list[int]:
     out = []
     for proc in Path("/proc").iterdir():
@@ -78,11 +93,9 @@ async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
     loser's keys that the survivor lacks are copied over, then it replicates again."""
     survivor = _primary(lab)
     loser = lab.cfg.other(survivor).name
-    s, l_ = redis_client(lab.cfg.region(survivor).redis), redis_client(lab.cfg.region(loser).redis)
+    s = redis_client(lab.cfg.region(survivor).redis)
     tag = uuid.uuid4().hex[:8]
-    # Sentinel would turn the rogue master back into a replica after ~8 s, discarding its
-    # keys: exactly the loss this runbook exists to prevent, so start it at once.
-    l_.replicaof("NO", "ONE")
+    l_ = _rogue_master(lab, loser)
     l_.set(f"sb:{tag}:only-loser", "L")
     l_.set(f"sb:{tag}:both", "L")
     s.set(f"sb:{tag}:both", "S")
@@ -150,14 +163,18 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
          ("update audit_log set action = 'b-edit' where id = %s", (lg,)),
          ("insert into audit_log (id, actor, action) values (%s, 'b', 'b')", (lb,)),
          ("update metrics_snapshots set value = 2 where id = %s", (m,)))
-    loser_redis = redis_client(lab.cfg.region(b).redis)
-    loser_redis.replicaof("NO", "ONE")
+    loser_redis = _rogue_master(lab, b)
     loser_redis.set(f"sb:{n}:only-b", "b")
     assert sorted(detect(lab.cfg).postgres_primaries) == sorted([a, b])
 
     handle = await _start_split_brain(client, lab, reason="test split", approval=ApprovalPolicy(
         required=True, timeout_seconds=600))
-    await _until(lambda: _awaiting(handle), 60, "the review before applying")
+    try:
+        await _until(lambda: _awaiting(handle), 60, "the review before applying")
+    except AssertionError:
+        p = await _progress(handle)
+        raise AssertionError(f"no review; {(await handle.describe()).status}: "
+                             f"{[(x.name, x.status, x.detail) for x in p.steps] if p else None}") from None
     review = await handle.query(SplitBrainWorkflow.review)
     by_table = {t.table: t for t in review.tables}
     assert review.preview and by_table["alerts"].conflicts == 1 and by_table["audit_log"].flagged == 1

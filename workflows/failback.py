@@ -98,7 +98,8 @@ class FailbackWorkflow(Rejoin):
         req = FailbackRequest(region=inp.region, primary_region=primary, approved_by=approval.approver)
 
         pg = o_health.postgres
-        if pg.role == "standby" and pg.receiver_status == "streaming":
+        # (patched: a failback in flight when this shipped measured instead, and replays so)
+        if pg.role == "standby" and pg.receiver_status == "streaming" and workflow.patched("skip-streaming"):
             # Already rebuilt (a second run, or a region rejoined by hand): there is no fork to
             # measure, and stopping a healthy standby to look for one would be the only harm done.
             divergence = reconciliation = rewound = None

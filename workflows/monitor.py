@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
@@ -56,6 +56,7 @@ class MonitorReport(BaseModel):
     detected_at: datetime | None = None
     failover: RunbookResult | None = None
     split_brain: SplitBrainResult | None = None
+    error: str | None = None
 
 
 @workflow.defn
@@ -133,6 +134,12 @@ class MonitorWorkflow(Runbook):
                                                         detected_at=since),
                 id=move_id(inp.service), task_queue=workflow.info().task_queue,
                 static_summary=f"automatic split-brain resolution {inp.service}")
+        except ChildWorkflowError as e:
+            # The runbook says why in its own history; the monitor ends visibly, not by crashing.
+            workflow.upsert_search_attributes([DR_OUTCOME.value_set("split-brain-unresolved")])
+            report.error = f"split-brain resolution failed: {e.cause or e}"
+            workflow.set_current_details(f"**SPLIT BRAIN NOT RESOLVED**: {report.error}")
+            return report
         except WorkflowAlreadyStartedError:
             # A move is already running (it may be what made the split look real): watch on.
             workflow.set_current_details(f"**SPLIT BRAIN**: {what}; a runbook already holds {move_id(inp.service)}")

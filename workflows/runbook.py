@@ -240,6 +240,8 @@ class Runbook:
         if policy.auto_approve_as:
             return ApprovalRecord(required=True, outcome="auto-approved", approver=policy.auto_approve_as,
                                   comment="approved automatically (drill)", at=workflow.now())
+        # One decision per gate: a runbook with two gates must not pass the second on the first's.
+        self.decision = None
         self.awaiting_approval = True
         self._details(f"WAITING FOR APPROVAL to {what}: send the `approve` update "
                       f"(approver, decision approve|reject, comment); default after "

@@ -14,7 +14,9 @@ then keep every write either side made that can be kept, and record every decisi
  6. resync: pg_rewind the loser into a standby of the survivor (pg_basebackup if impossible);
  7. verify: one writable primary, one Redis master, one active region, a real write and read.
 The loser's services stay at 0: it is the passive region now, as after any failover.
-If the approver rejects, nothing is applied and the loser stays stopped, its data intact.
+If the approver rejects, no row is applied and the loser stays stopped, its data intact
+(its Redis was already re-attached in step 4: cache keys are only ever added, never replaced,
+and its snapshot stays in S3).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.failback import Divergence, FailbackRequest, Reconciliation
@@ -122,29 +125,54 @@ class SplitBrainWorkflow(Rejoin):
             st.detail = f"{survivor} survives ({choice.rule}: {choice.why}); {loser} loses; epoch {self.epoch}"
         result.choice, result.epoch = choice, self.epoch
         lq = topo.region(loser).task_queue
-        # A loser already fenced read-only (by an earlier attempt, say) diverged all the same.
-        pg_split = loser in report.postgres_primaries or loser in report.fenced_primaries
+        # A loser already fenced read-only (by an earlier attempt, say) diverged all the same;
+        # one the control worker cannot reach may be writable: unknown is never "not a primary".
+        pg_unknown = f"{loser}/postgres" in report.unreachable
+        pg_split = loser in report.postgres_primaries or loser in report.fenced_primaries or pg_unknown
         redis_split = len(report.redis_masters) > 1 and loser in report.redis_masters
 
         async with self.step(f"fence {loser} and route to {survivor}") as st:
-            fences = [self.act(TrafficActivities.scale_down_region, loser, queue=control, timeout=60, attempts=2)]
-            if pg_split:
-                fences.append(self.act(PostgresActivities.fence_postgres, FenceRequest(
-                    region=loser, epoch=self.epoch, method="read_only"), queue=control, timeout=30))
-            if redis_split:
-                fences.append(self.act(RedisActivities.fence_redis, loser, queue=control, timeout=30))
-            await asyncio.gather(*fences)
+            scaled, pg_fence, r_fence = await asyncio.gather(
+                self.act(TrafficActivities.scale_down_region, loser, queue=control, timeout=60, attempts=2),
+                self.act(PostgresActivities.fence_postgres, FenceRequest(region=loser, epoch=self.epoch,
+                                                                        method="read_only"), queue=control, timeout=30)
+                if pg_split else _none(),
+                self.act(RedisActivities.fence_redis, loser, queue=control, timeout=30) if redis_split else _none())
+            if pg_split and not (pg_fence and pg_fence.method):
+                # Out of the network's reach: stop it on its own worker, if that worker answers.
+                try:
+                    pg_fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
+                        region=loser, epoch=self.epoch, method="stop"), queue=lq, timeout=120, schedule_to_start=30,
+                        attempts=2)
+                except ActivityError:
+                    pg_fence = None
             if report.redis_masters == [loser]:
                 # Redis's only master is on the loser's side: move it to the survivor, losing nothing.
                 await self.act(RedisActivities.switchover_redis, RedisMoveRequest(
                     old_region=loser, new_region=survivor), queue=control, timeout=120, heartbeat=30)
             else:
                 await self.act(RedisActivities.promote_redis, survivor, queue=control, timeout=60)
+            # Clients go to the survivor whatever happens next.
             route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=survivor, epoch=self.epoch),
                                    queue=control, timeout=120)
-            st.detail = (f"{loser}: postgres {'read-only' if pg_split else 'was not a primary'}, redis "
-                         f"{'paused' if redis_split else 'not a second master'}, services scaled to 0; traffic on "
+            pg_state = (pg_fence.method if pg_fence and pg_fence.method else "NOT FENCED") if pg_split else \
+                "was not a primary"
+            redis_state = ("paused" if r_fence.reachable else "UNREACHABLE, not paused") if redis_split else \
+                "not a second master"
+            st.detail = (f"{loser}: postgres {pg_state}, redis {redis_state}, services "
+                         f"{'scaled to 0' if scaled.reachable else 'UNREACHABLE, not scaled down'}; traffic on "
                          f"{survivor} ({', '.join(route.changed) or 'already routed'})")
+            if redis_split and not r_fence.reachable:
+                notes.append(f"{loser}'s Redis could not be paused: it may take writes until it is re-attached")
+            if not scaled.reachable:
+                notes.append(f"{loser}'s services could not be scaled to 0: {scaled.error}")
+            if pg_split and not (pg_fence and pg_fence.method):
+                st.status = "failed"
+                self.finish("failed")
+                raise ApplicationError(
+                    f"{loser}'s PostgreSQL could not be fenced (not over the network, and its worker did not stop "
+                    f"it): it may still take writes. Traffic is on {survivor}. Fence {loser} by hand (stop it), "
+                    "then run split-brain resolution again.", type="LoserUnfenced", non_retryable=True)
         result.single_writer_at = workflow.now()
 
         req = FailbackRequest(region=loser, primary_region=survivor)
@@ -166,12 +194,13 @@ class SplitBrainWorkflow(Rejoin):
             after: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
                                                      timeout=60)
             verification = await self.act(TrafficActivities.verify_service, survivor, queue=control, timeout=60)
+            # Unreachable is not verified: a loser nobody can see may still be writable.
             one = after.postgres_primaries == [survivor] and after.redis_masters == [survivor] and \
-                {v for v in after.active_region_views.values() if v} <= {survivor}
+                {v for v in after.active_region_views.values() if v} <= {survivor} and not after.unreachable
             ok = one and verification.ok
             st.detail = (f"one primary, one master, routing on {survivor}" if one else
-                         "STILL SPLIT: " + ("; ".join(after.findings) or
-                                            f"primaries {after.postgres_primaries}, masters {after.redis_masters}")) \
+                         "NOT VERIFIED: " + ("; ".join(after.findings + [f"unreachable: {u}" for u in after.unreachable])
+                                             or f"primaries {after.postgres_primaries}, masters {after.redis_masters}")) \
                 + ("; write + read OK" if verification.ok else f"; verify FAILED: {verification.error}")
             if not ok:
                 st.status = "failed"
@@ -183,3 +212,6 @@ class SplitBrainWorkflow(Rejoin):
         self.finish(result.outcome)
         return result
 
+
+async def _none() -> None:
+    return None

@@ -7,11 +7,13 @@ rewinding destroys it. This acts on the node's data directory: it runs on that r
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -37,6 +39,25 @@ START_TIMEOUT_S = 60
 def rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str,
                       heartbeat=None) -> Rewound:
     """pg_rewind the old primary onto the new primary's timeline, else pg_basebackup it."""
+    with _exclusive(Path(old.data_dir)):
+        return _rewind_to_standby(old, primary, application_name, slot, heartbeat)
+
+
+@contextmanager
+def _exclusive(data_dir: Path):
+    """One rewind per data directory: a retry started while a slow first attempt still runs
+    (a missed heartbeat, not a dead worker) waits for it instead of re-cloning under it."""
+    lock = data_dir.parent / f".{data_dir.name}.eagle-dr-rewind.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str,
+                       heartbeat=None) -> Rewound:
     t0 = time.monotonic()
     ctl = PgCtl(old)
     upstream = f"{primary.host}:{primary.port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import psycopg
@@ -11,6 +12,8 @@ from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_to_int
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import PostgresConfig
+
+log = logging.getLogger(__name__)
 
 
 class Replayed(BaseModel):
@@ -65,6 +68,11 @@ def reserve_slot(node: PostgresConfig, slot: str) -> None:
     node's earlier life keeps its older position, which covers as much; only one whose WAL
     is already lost (max_slot_wal_keep_size) is replaced."""
     with connect(node) as conn:
+        if conn.execute("select current_setting('max_slot_wal_keep_size') = '-1'").fetchone()[0]:
+            # An unbounded slot for a region that may never return fills this node's disk:
+            # without the cap, failback re-clones with pg_basebackup instead.
+            log.warning("max_slot_wal_keep_size is unset on %s:%s: no WAL reserved for %s", node.host, node.port, slot)
+            return
         row = conn.execute("select restart_lsn is null or wal_status = 'lost' from pg_replication_slots "
                            "where slot_name = %s and not active", (slot,)).fetchone()
         if row is not None and row[0]:

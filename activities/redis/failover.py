@@ -221,6 +221,7 @@ def promote(target: RedisConfig) -> RedisPromotion:
     before = _repl(c)
     already = before["role"] == "master"
     if not already:
+        _hold_replication(c, False)
         c.replicaof("NO", "ONE")
     c.config_set("replica-priority", 100)
     after = _repl(c)
@@ -249,6 +250,7 @@ def fence(old: RedisConfig, pause_ms: int, timeout: float = 2.0) -> RedisFence:
         if paused:
             # A later pause never shortens an earlier one: Redis keeps the furthest end time.
             c.client_pause(int(pause_ms), all=False)
+            _hold_replication(c, True)
         c.config_set("replica-priority", 0)
         info = _repl(c)
     except _ERRORS as e:
@@ -257,9 +259,23 @@ def fence(old: RedisConfig, pause_ms: int, timeout: float = 2.0) -> RedisFence:
                       replid=info.get("master_replid"))
 
 
+def _hold_replication(c: redis.Redis, hold: bool) -> None:
+    """While fenced, a master refuses REPLICAOF/SLAVEOF: Sentinel sends one to a master it
+    thinks rogue (about 10 s after seeing it), and the full resync that follows discards every
+    key the node holds before failback or split-brain resolution has copied them. Our own
+    calls release it first. Deployments whose Sentinels authenticate as another ACL user need
+    the same rule on that user."""
+    try:
+        c.execute_command("ACL", "SETUSER", "default", *(("-replicaof", "-slaveof") if hold else
+                                                          ("+replicaof", "+slaveof")))
+    except redis.ResponseError as e:
+        log.warning("could not %s replication commands: %s", "deny" if hold else "allow", e)
+
+
 def unfence(node: RedisConfig, timeout: float = 2.0) -> RedisFence:
     try:
         c = _node(node, timeout)
+        _hold_replication(c, False)
         c.client_unpause()
         info = _repl(c)
     except _ERRORS as e:
@@ -269,6 +285,7 @@ def unfence(node: RedisConfig, timeout: float = 2.0) -> RedisFence:
 
 
 def _replicate_from(c: redis.Redis, master: RedisConfig) -> None:
+    _hold_replication(c, False)
     if master.password:
         c.config_set("masterauth", _password(master))
     c.replicaof(master.host, master.port)
