@@ -436,6 +436,14 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
         _fail(f"drill failed: {getattr(cause, 'message', None) or cause or e}", 1)
 
 
+def _redis_kept(r) -> str:
+    if not r.reachable:
+        return "unreachable, nothing to keep (no persistence)"
+    if r.snapshot is None:
+        return "already a replica of the primary, nothing to keep"
+    return f"snapshot {r.snapshot}, {r.unique_keys} keys only it had, {r.migrated_keys} copied"
+
+
 def _failback_report(f) -> None:
     if f.divergence is None:
         out.print(f"[bold]failback[/] of {f.region} (primary {f.primary_before}): it already streamed from the "
@@ -447,9 +455,7 @@ def _failback_report(f) -> None:
         _reconciliation_lines(f.reconciliation)
         out.print(f"  PostgreSQL: {f.rewind.method} in {f.rewind.seconds:.1f}s"
                   + (f" (pg_rewind impossible: {f.rewind.fallback_reason})" if f.rewind.fallback_reason else ""))
-    r = f.redis
-    out.print(f"  Redis: snapshot {r.snapshot}, {r.unique_keys} keys only it had, {r.migrated_keys} copied"
-              if r.reachable else "  Redis: old master unreachable, nothing to keep")
+    out.print(f"  Redis: {_redis_kept(f.redis)}")
     if f.switchover:
         _report(f.switchover)
     for n in f.notes:
@@ -515,8 +521,7 @@ def _split_brain_report(r) -> None:
         out.print(f"  PostgreSQL: {r.rewind.method} in {r.rewind.seconds:.1f}s"
                   + (f" (pg_rewind impossible: {r.rewind.fallback_reason})" if r.rewind.fallback_reason else ""))
     if r.redis:
-        out.print(f"  Redis: snapshot {r.redis.snapshot}, {r.redis.unique_keys} keys only the loser had, "
-                  f"{r.redis.migrated_keys} copied" if r.redis.reachable else "  Redis: loser unreachable")
+        out.print(f"  Redis: {_redis_kept(r.redis)}")
     for n in r.notes:
         out.print(f"  [yellow]note:[/] {n}")
 
