@@ -441,7 +441,8 @@ def _redis_kept(r) -> str:
         return "unreachable, nothing to keep (no persistence)"
     if r.snapshot is None:
         return "already a replica of the primary, nothing to keep"
-    return f"snapshot {r.snapshot}, {r.unique_keys} keys only it had, {r.migrated_keys} copied"
+    return (f"snapshot {r.snapshot}, {r.unique_keys} keys only it had, {r.migrated_keys} copied; "
+            f"{r.differing_keys} held by both with other values kept the primary's (old values: the snapshot)")
 
 
 def _failback_report(f) -> None:

@@ -109,7 +109,8 @@ async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
     assert result.reconciliation is None and result.rewind is None
     assert result.redis.migrated_keys >= 1 and f"sb:{tag}:only-loser" in result.redis.unique_sample
     assert s.get(f"sb:{tag}:only-loser") == "L"
-    assert s.get(f"sb:{tag}:both") == "S"  # a key both sides hold: the survivor's value stands
+    assert s.get(f"sb:{tag}:both") == "S"  # a key both sides hold: the survivor's value stands...
+    assert f"sb:{tag}:both" in result.redis.differing_sample  # ...and the loser's is reported
     bucket = lab.cfg.region(loser).s3
     key = result.redis.snapshot.removeprefix(f"s3://{bucket.bucket}/")
     from activities.s3 import client as s3_client

@@ -86,7 +86,8 @@ class Rejoin(Runbook):
             redis = await self.act(FailbackActivities.preserve_redis_and_rejoin, req, queue=queue, timeout=600,
                                    heartbeat=HEARTBEAT_S)
             st.detail = (f"snapshot {redis.snapshot}; {redis.unique_keys} keys only it had, "
-                         f"{redis.migrated_keys} copied to {req.primary_region}") if redis.reachable else \
+                         f"{redis.migrated_keys} copied to {req.primary_region}; {redis.differing_keys} held by both "
+                         f"with other values kept {req.primary_region}'s") if redis.reachable else \
                 "its Redis is unreachable: nothing to keep (no persistence)"
         return redis
 

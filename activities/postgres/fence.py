@@ -8,6 +8,8 @@ server). The runbook uses the strongest it can reach and records which one held.
 
 from __future__ import annotations
 
+import time
+
 from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl
@@ -25,10 +27,20 @@ class PgFence(BaseModel):
     error: str | None = None
 
 
-def _read_only(conn: psycopg.Connection) -> str:
+def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float) -> str:
     conn.execute("alter system set default_transaction_read_only = on")
     conn.execute("select pg_reload_conf()")
-    # Sessions opened before the reload keep their read-write default: end them.
+    # pg_reload_conf() only signals the postmaster: a session forked before it has reloaded
+    # still starts read-write. Wait until a new session sees the setting, then end every
+    # session opened before that moment.
+    deadline = time.monotonic() + max(timeout, 5)
+    while True:
+        with connect(cfg, timeout) as probe:
+            if probe.execute("show default_transaction_read_only").fetchone()[0] == "on":
+                break
+        if time.monotonic() > deadline:
+            raise psycopg.OperationalError("default_transaction_read_only did not take effect after reload")
+        time.sleep(0.01)
     conn.execute("select pg_terminate_backend(pid) from pg_stat_activity "
                  "where backend_type = 'client backend' and pid <> pg_backend_pid()")
     return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
@@ -39,7 +51,7 @@ def fence_read_only(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
         with connect(cfg, timeout) as conn:
             if conn.execute("select pg_is_in_recovery()").fetchone()[0]:
                 return PgFence(reachable=True, method="standby")
-            lsn = _read_only(conn)
+            lsn = _read_only(conn, cfg, timeout)
             return PgFence(reachable=True, method="read_only", last_lsn=lsn)
     except psycopg.Error as e:
         return PgFence(reachable=False, error=str(e).strip().splitlines()[0] if str(e).strip() else "unreachable")

@@ -26,6 +26,9 @@ class RedisFailback(BaseModel):
     unique_keys: int = 0
     migrated_keys: int = 0
     unique_sample: list[str] = []
+    # Keys both sides hold with different values: the primary's stands, the old one is in the snapshot.
+    differing_keys: int = 0
+    differing_sample: list[str] = []
     rejoined: bool = False
     error: str | None = None
 
@@ -52,11 +55,15 @@ def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: floa
     return f"s3://{bucket.bucket}/{key}"
 
 
-def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500) -> tuple[int, list[str], int]:
-    """(keys on old, keys only old has, migrated): copies keys the new master lacks."""
+def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500
+                        ) -> tuple[int, list[str], int, list[str]]:
+    """(keys on old, keys only old has, migrated, keys both hold with different values):
+    copies keys the new master lacks. A key both hold keeps the master's value (a cache's
+    newest writer is the serving side); the old one is in the snapshot and reported."""
     src, dst = redis_client(old, 10), redis_client(master, 10)
-    raw_src = redis_client(old, 10, decode=False)  # DUMP payloads are binary
+    raw_src, raw_dst = redis_client(old, 10, decode=False), redis_client(master, 10, decode=False)
     unique: list[str] = []
+    differing: list[str] = []
     migrated = 0
     keys = list(src.scan_iter(count=batch))
     total = len(keys)
@@ -67,6 +74,15 @@ def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500)
             pipe.exists(k)
         missing = [k for k, there in zip(chunk, pipe.execute()) if not there]
         unique += missing
+        absent = set(missing)
+        shared = [k for k in chunk if k not in absent]
+        if shared:
+            # DUMP payloads are equal for equal values of the same type and encoding.
+            ps, pd = raw_src.pipeline(transaction=False), raw_dst.pipeline(transaction=False)
+            for k in shared:
+                ps.dump(k)
+                pd.dump(k)
+            differing += [k for k, a, b in zip(shared, ps.execute(), pd.execute()) if a != b]
         for k in missing:
             dumped, ttl = raw_src.dump(k), src.pttl(k)
             if dumped is None:
@@ -77,7 +93,7 @@ def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500)
             except redis.ResponseError as e:
                 if "BUSYKEY" not in str(e):
                     raise
-    return total, unique, migrated
+    return total, unique, migrated, differing
 
 
 def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config, snapshot_key: str,
@@ -92,11 +108,12 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
             f"{master.host}:{master.port}":
         return RedisFailback(reachable=True, rejoined=True)
     snap = snapshot_to_s3(old, bucket, snapshot_key, heartbeat=heartbeat)
-    total, unique, migrated = migrate_unique_keys(old, master)
+    total, unique, migrated, differing = migrate_unique_keys(old, master)
     failover.demote(old, master)
     try:
         redis_client(old, 3).config_rewrite()  # so a restart keeps it a replica
     except redis.RedisError:
         pass
     return RedisFailback(reachable=True, snapshot=snap, keys_on_old=total, unique_keys=len(unique),
-                         migrated_keys=migrated, unique_sample=unique[:20], rejoined=True)
+                         migrated_keys=migrated, unique_sample=unique[:20], differing_keys=len(differing),
+                         differing_sample=differing[:20], rejoined=True)
