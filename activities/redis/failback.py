@@ -36,19 +36,27 @@ class RedisFailback(BaseModel):
 def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: float = 120, heartbeat=None) -> str:
     """BGSAVE, wait, upload the RDB file (the worker runs beside this Redis: same disk)."""
     c = redis_client(old, 10)
-    last = c.lastsave()
+    # Counted, not timed: LASTSAVE has one-second resolution, so a second BGSAVE within the
+    # same second as the one before would look as if it never finished.
+    saves = int(c.info("persistence")["rdb_saves"])
     try:
-        c.bgsave()
+        # SCHEDULE: a replica sync or AOF rewrite in progress delays the save instead of failing it.
+        c.bgsave(schedule=True)
     except redis.ResponseError as e:
         if "already in progress" not in str(e):
             raise
     deadline = time.monotonic() + timeout_s
-    while c.lastsave() == last:
+    while True:
+        info = c.info("persistence")
+        if int(info["rdb_saves"]) > saves and not int(info["rdb_bgsave_in_progress"]):
+            if info.get("rdb_last_bgsave_status") != "ok":
+                raise RuntimeError(f"BGSAVE failed on {old.host}:{old.port}: see its log")
+            break
         if time.monotonic() > deadline:
             raise TimeoutError("BGSAVE did not finish")
         if heartbeat:
             heartbeat({"waiting": "BGSAVE"})
-        time.sleep(0.1)
+        time.sleep(0.05)
     directory = c.config_get("dir")["dir"]
     name = c.config_get("dbfilename")["dbfilename"]
     s3.client(bucket).upload_file(str(Path(directory) / name), bucket.bucket, key)
