@@ -30,7 +30,7 @@ import psycopg
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from bench.conflict_data import FORK, LOSER, NOW, SURVIVOR, TABLES, Mix, expected_conflicts, fill_survivor, \
     loser_changes
-from bench.scratch_pg import scratch_postgres
+from lab.scratch_postgres import scratch_postgres
 from bench.upsert_floor import upsert
 from eagle_dr.config import DEFAULT_CONFIG, TableConflictConfig, load_config
 

@@ -259,6 +259,31 @@ def _ui_link(c: EagleConfig, handle) -> str:
     return f"{c.temporal.ui_url}/namespaces/{handle._client.namespace}/workflows/{handle.id}"
 
 
+def _run_runbook(what: str, run) -> None:
+    """Run a command's coroutine: a failed runbook is one line and exit code 1, not a traceback."""
+    import asyncio
+
+    try:
+        asyncio.run(run())
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001
+        cause = getattr(e, "cause", None)
+        _fail(f"{what} failed: {getattr(cause, 'message', None) or cause or e}", 1)
+
+
+async def _start_and_follow(c: EagleConfig, what: str, workflow_run, inp, workflow_id: str, report) -> None:
+    """Start a runbook (refused if one holds its id), follow its steps live, print its report."""
+    from temporalio.common import WorkflowIDConflictPolicy
+
+    client = await _client(c)
+    handle = await client.start_workflow(workflow_run, inp, id=workflow_id, task_queue=c.temporal.control_task_queue,
+                                         id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                                         static_summary=f"{what} {c.service}")
+    out.print(f"{what} started: {_ui_link(c, handle)}")
+    report(await _follow(handle, c))
+
+
 async def _follow(handle, c: EagleConfig) -> object:
     """Live step list in the terminal until the workflow ends; returns its result."""
     import asyncio
@@ -316,8 +341,6 @@ def _report(r) -> None:
 
 def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], approval: bool,
           approval_timeout: float, default_action: str, measure: bool) -> None:
-    import asyncio
-
     from eagle_dr.launch import AlreadyInProgress, start_move
     from workflows.models import ApprovalPolicy, FailoverInput, SwitchoverInput, Trigger
 
@@ -340,13 +363,7 @@ def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], 
         out.print(f"{kind} started: {_ui_link(c, handle)}")
         _report(await _follow(handle, c))
 
-    try:
-        asyncio.run(run())
-    except typer.Exit:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failed runbook is reported, not a traceback
-        cause = getattr(e, "cause", None)
-        _fail(f"{kind} failed: {getattr(cause, 'message', None) or cause or e}", 1)
+    _run_runbook(kind, run)
 
 
 @app.command()
@@ -398,7 +415,6 @@ def approve(workflow_id: str, approver: str = typer.Option(os.environ.get("USER"
 @app.command()
 def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
     """The DR drill on the lab: switchover, real outage, detection, failover, report."""
-    import asyncio
 
     from eagle_dr.launch import AlreadyInProgress, start_drill
     from workflows.drill import DrillInput
@@ -427,13 +443,7 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
         out.print(f"Temporal UI: {_ui_link(c, handle)} (children: {c.temporal.ui_url}/namespaces/"
                   f"{client.namespace}/workflows?query=DrTrigger%3D%22drill%22)")
 
-    try:
-        asyncio.run(run())
-    except typer.Exit:
-        raise
-    except Exception as e:  # noqa: BLE001
-        cause = getattr(e, "cause", None)
-        _fail(f"drill failed: {getattr(cause, 'message', None) or cause or e}", 1)
+    _run_runbook("drill", run)
 
 
 def _redis_kept(r) -> str:
@@ -469,9 +479,6 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
                                               help="Make it primary again after it caught up."),
              approval: bool = typer.Option(False, "--require-approval/--no-approval")):
     """Bring a failed-over region back: keep its post-fork writes, rewind, re-attach, switch back."""
-    import asyncio
-
-    from temporalio.common import WorkflowIDConflictPolicy
 
     from workflows.failback import FailbackInput, FailbackWorkflow
     from workflows.models import ApprovalPolicy
@@ -479,22 +486,14 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
     c = cfg()
     _region(c, region)
 
-    async def run():
-        client = await _client(c)
-        handle = await client.start_workflow(
-            FailbackWorkflow.run, FailbackInput(service=c.service, region=region, switch_back=switch_back,
-                                                approval=ApprovalPolicy(required=approval)),
-            id=f"dr-failback-{c.service}", task_queue=c.temporal.control_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            static_summary=f"failback {c.service} region {region}")
-        out.print(f"failback started: {_ui_link(c, handle)}")
-        _failback_report(await _follow(handle, c))
+    inp = FailbackInput(service=c.service, region=region, switch_back=switch_back,
+                        approval=ApprovalPolicy(required=approval))
 
-    try:
-        asyncio.run(run())
-    except Exception as e:  # noqa: BLE001
-        cause = getattr(e, "cause", None)
-        _fail(f"failback failed: {getattr(cause, 'message', None) or cause or e}", 1)
+    async def run():
+        await _start_and_follow(c, f"failback of {region}", FailbackWorkflow.run, inp, f"dr-failback-{c.service}",
+                                _failback_report)
+
+    _run_runbook("failback", run)
 
 
 def _reconciliation_lines(rec) -> None:
@@ -534,9 +533,6 @@ def split_brain(survivor: str = typer.Option(None, "--survivor", help="Name the 
                 approval: bool = typer.Option(False, "--require-approval/--no-approval",
                                               help="Review counts and a sample before the loser's rows are applied.")):
     """Resolve a split brain: fence the loser, keep its writes per table strategy, resync it."""
-    import asyncio
-
-    from temporalio.common import WorkflowIDConflictPolicy
 
     from workflows.models import ApprovalPolicy
     from workflows.runbook import move_id
@@ -546,22 +542,15 @@ def split_brain(survivor: str = typer.Option(None, "--survivor", help="Name the 
     if survivor:
         _region(c, survivor)
 
-    async def run():
-        client = await _client(c)
-        handle = await client.start_workflow(
-            SplitBrainWorkflow.run, SplitBrainInput(service=c.service, survivor=survivor, survivor_rule=rule,
-                                                    approval=ApprovalPolicy(required=approval)),
-            # The same id as failover/switchover: never two moves of one service at once.
-            id=move_id(c.service), task_queue=c.temporal.control_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL, static_summary=f"split-brain resolution {c.service}")
-        out.print(f"split-brain resolution started: {_ui_link(c, handle)}")
-        _split_brain_report(await _follow(handle, c))
+    inp = SplitBrainInput(service=c.service, survivor=survivor, survivor_rule=rule,
+                          approval=ApprovalPolicy(required=approval))
 
-    try:
-        asyncio.run(run())
-    except Exception as e:  # noqa: BLE001
-        cause = getattr(e, "cause", None)
-        _fail(f"split-brain resolution failed: {getattr(cause, 'message', None) or cause or e}", 1)
+    async def run():
+        # The same id as failover/switchover: never two moves of one service at once.
+        await _start_and_follow(c, "split-brain resolution", SplitBrainWorkflow.run, inp, move_id(c.service),
+                                _split_brain_report)
+
+    _run_runbook("split-brain resolution", run)
 
 
 def main() -> None:

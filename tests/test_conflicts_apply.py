@@ -6,9 +6,7 @@ same action, winner, conflict flag and reason for every key, for every strategy.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -24,9 +22,9 @@ from psycopg.types.json import Jsonb
 
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.conflicts.engine import Resolution, apply_to, resolve_changes
-from eagle_dr.config import DEFAULT_CONFIG, PostgresConfig, TableConflictConfig, load_config
-from lab.osuser import ensure_lab_user
+from eagle_dr.config import DEFAULT_CONFIG, TableConflictConfig, load_config
 from lab.postgres import PostgresNode
+from lab.scratch_postgres import scratch_postgres
 
 PORT = 17850
 # Fixed, so a run killed before its teardown is cleaned up by the next one.
@@ -49,23 +47,8 @@ def at(minute: float) -> datetime:
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PostgresNode]:
-    node = PostgresNode(PostgresConfig(port=PORT), BASE / "data", BASE / "run", ensure_lab_user("eagle-dr"),
-                        "conflicts")
-    if node.running():
-        node.stop("immediate")
-    shutil.rmtree(BASE, ignore_errors=True)
-    BASE.mkdir(parents=True)
-    # The server runs as the unprivileged lab user when we are root: it must enter the directory.
-    os.chmod(BASE, 0o755)
-    try:
-        node.init_primary()
+    with scratch_postgres(PORT, "conflicts", BASE) as node:
         yield node
-    finally:
-        try:
-            node.stop("fast")
-        except Exception:
-            node.kill()
-        shutil.rmtree(BASE, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""A throwaway PostgreSQL for a benchmark: initdb into a fixed temp dir, the lab's settings
-and schema (lab.postgres does the bootstrap, so the bench measures the server the runbooks
+"""A throwaway PostgreSQL for tests and benchmarks: initdb into a fixed temp dir, the lab's
+settings and schema (lab.postgres does the bootstrap, so they meet the server the runbooks
 meet), stopped and deleted on the way out, also on error.
 
 The directory is fixed rather than random so that a run killed before its teardown is
@@ -31,8 +31,8 @@ def _node(base: Path, port: int, name: str) -> PostgresNode:
 
 
 @contextmanager
-def scratch_postgres(port: int, name: str) -> Iterator[PostgresNode]:
-    base = Path(tempfile.gettempdir()) / f"eagle-dr-bench-{name}"
+def scratch_postgres(port: int, name: str, base: Path | None = None) -> Iterator[PostgresNode]:
+    base = base or Path(tempfile.gettempdir()) / f"eagle-dr-scratch-{name}"
     node = _node(base, port, name)
     if node.running():
         node.stop("immediate")
