@@ -19,7 +19,6 @@ import psycopg
 from activities.postgres.status import pg_status
 from eagle_dr.launch import start_move
 from lab.lab import Lab
-from lab.processes import children
 from workflows.models import FailoverInput
 
 # Bytes per alerts row with a 400-byte pad (jsonb payload, tuple header, index entry), measured
@@ -95,18 +94,6 @@ async def until(pred, timeout: float, what: str, interval: float = 0.1):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def _aux_pid(lab: Lab, region: str, title: bytes) -> int | None:
-    """A child of the region's postmaster by its process title (b"walreceiver", b"startup")."""
-    for pid in children(lab.postgres(region).pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if title in f.read():
-                    return pid
-        except OSError:
-            continue
-    return None
-
-
 def write_side(lab: Lab, region: str, mb: float, seed_rows: int, tag: str) -> None:
     """About ``mb`` MB of new alerts, plus updates of the first 1000 seed rows (both sides
     update the same ones: those are the conflicts) and, on the old primary, deletes of 100."""
@@ -137,19 +124,19 @@ async def fork(lab: Lab, client, old: str, mb: float, seed_rows: int) -> str:
         # into the failback, whose CHECKPOINT before pg_rewind then waits for it (seen: ~2.7 s).
         # A database in steady state has neither; without this the first fork is not like the second.
         conn.execute("checkpoint")
-    receiver = _aux_pid(lab, new, b"walreceiver")
+    receiver = lab.postgres(new).aux_pid(b"walreceiver")
     if receiver is None:
         raise RuntimeError(f"{new} has no walreceiver")
     os.kill(receiver, signal.SIGSTOP)
     write_side(lab, old, mb, seed_rows, "old")
     lab.kill_region(old)
-    startup_before = _aux_pid(lab, new, b"startup")
+    startup_before = lab.postgres(new).aux_pid(b"startup")
     os.kill(receiver, signal.SIGKILL)  # with what it buffered: those bytes stay unreceived
 
     def restarted() -> bool:
         # A killed walreceiver restarts the standby's processes: wait for a new startup process.
         try:
-            return _aux_pid(lab, new, b"startup") not in (None, startup_before) and \
+            return lab.postgres(new).aux_pid(b"startup") not in (None, startup_before) and \
                 pg_status(lab.cfg.region(new).postgres).role == "standby"
         except Exception:  # noqa: BLE001 - not accepting connections yet
             return False

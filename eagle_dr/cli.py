@@ -464,8 +464,7 @@ def _failback_report(f) -> None:
         out.print(f"[bold]failback[/] of {f.region} (primary {f.primary_before}): fork at {lost.fork_lsn}; the old "
                   f"primary had {lost.lost_commits} commits / {lost.lost_bytes} bytes after it")
         _reconciliation_lines(f.reconciliation)
-        out.print(f"  PostgreSQL: {f.rewind.method} in {f.rewind.seconds:.1f}s"
-                  + (f" (pg_rewind impossible: {f.rewind.fallback_reason})" if f.rewind.fallback_reason else ""))
+        out.print(f"  PostgreSQL: {f.rewind.summary()}")
     out.print(f"  Redis: {_redis_kept(f.redis)}")
     if f.switchover:
         _report(f.switchover)
@@ -518,8 +517,7 @@ def _split_brain_report(r) -> None:
     if r.reconciliation:
         _reconciliation_lines(r.reconciliation)
     if r.rewind:
-        out.print(f"  PostgreSQL: {r.rewind.method} in {r.rewind.seconds:.1f}s"
-                  + (f" (pg_rewind impossible: {r.rewind.fallback_reason})" if r.rewind.fallback_reason else ""))
+        out.print(f"  PostgreSQL: {r.rewind.summary()}")
     if r.redis:
         out.print(f"  Redis: {_redis_kept(r.redis)}")
     for n in r.notes:

@@ -16,7 +16,7 @@ import psycopg
 from activities.postgres.ctl import PgCtl
 from eagle_dr.config import PostgresConfig
 from lab.osuser import LabUser, make_dir
-from lab.processes import kill_tree
+from lab.processes import children, kill_tree
 
 SERVER_SETTINGS = """
 # --- eagle-dr lab ---
@@ -76,6 +76,17 @@ class PostgresNode:
 
     def kill(self) -> list[int]:
         return kill_tree(self.pid)
+
+    def aux_pid(self, title: bytes) -> int | None:
+        """A child of the postmaster by its process title (b"walreceiver", b"startup")."""
+        for pid in children(self.pid) if self.pid else []:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if title in f.read():
+                        return pid
+            except OSError:
+                continue
+        return None
 
     # -- bootstrap ---------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from activities.postgres.status import pg_status
-from lab.processes import children
 from workflows.models import Progress
 
 
@@ -43,15 +42,10 @@ async def _awaiting(handle):
 
 
 def _aux_pid(lab, region: str, name: bytes) -> int:
-    """A child of the region's postmaster by its title (b"startup", b"walreceiver")."""
-    for pid in children(lab.postgres(region).pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if name in f.read():
-                    return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no {name.decode()} process under {region}'s postmaster")
+    pid = lab.postgres(region).aux_pid(name)
+    if pid is None:
+        raise AssertionError(f"no {name.decode()} process under {region}'s postmaster")
+    return pid
 
 
 def _startup_pid(lab, region: str) -> int:

@@ -18,6 +18,7 @@ import psycopg
 
 from activities.postgres.divergence import fork_between
 from activities.postgres.lsn import lsn_to_int
+from activities.postgres.rewind import copiers
 from activities.postgres.status import pg_status
 from activities.redis.status import client as redis_client
 from activities.redis.status import redis_status
@@ -73,19 +74,6 @@ def _rogue_master(lab, region: str):
     for ep in cfg.sentinels:
         sentinel_client(cfg, ep).execute_command("SENTINEL", "RESET", cfg.master_name)
     return rc
-
-
-def _pg_rewinds(data_dir: str) -> list[int]:
-    out = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"pg_rewind") and data_dir.encode() in argv:
-                out.append(int(proc.name))
-    return out
 
 
 async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
@@ -213,7 +201,7 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     def catch_pg_rewind(timeout: float = 120) -> int | None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for pid in _pg_rewinds(b_data):
+            for pid in copiers(b_data):
                 os.kill(pid, signal.SIGSTOP)
                 return pid
         return None
@@ -228,7 +216,7 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     result = await handle.result()
     await record(handle, "split_brain-resolution")
     assert result.outcome == "resolved", [(x.name, x.status, x.detail) for x in result.steps]
-    assert orphan not in _pg_rewinds(b_data)
+    assert orphan not in copiers(b_data)
     assert result.choice.survivor == a and result.choice.loser == b and result.choice.rule == "active-region"
     assert result.approval.outcome == "approved" and result.approval.approver == "dana"
     assert result.divergence.fork.loser_timeline == tli_before + 1 > result.divergence.fork.old_timeline

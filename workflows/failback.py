@@ -103,8 +103,7 @@ class FailbackWorkflow(Rejoin):
             # Already rebuilt (a second run, or a region rejoined by hand): there is no fork to
             # measure, and stopping a healthy standby to look for one would be the only harm done.
             divergence = reconciliation = rewound = None
-            for name in ("measure what the old primary wrote after the fork", "reconcile diverged rows", "rewind"):
-                self.skip(name, f"{inp.region} already streams from {pg.upstream}")
+            self.skip_postgres(req, "the old primary", f"{inp.region} already streams from {pg.upstream}")
         else:
             divergence = await self.measure_divergence(req, oq, "the old primary")
             reconciliation, _ = await self.reconcile(req, divergence, oq, inp.reconcile_approval, notes)

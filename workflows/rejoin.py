@@ -38,8 +38,13 @@ class Rejoin(Runbook):
         """What applying the divergence would do (counts and a sample), while approval waits."""
         return self.pending_review
 
+    def skip_postgres(self, req: FailbackRequest, who: str, why: str) -> None:
+        """The PostgreSQL steps, shown as skipped under the names they run under."""
+        for name in (_measure_step(who), "reconcile diverged rows", _rewind_step(req)):
+            self.skip(name, why)
+
     async def measure_divergence(self, req: FailbackRequest, queue: str, who: str) -> Divergence:
-        async with self.step(f"measure what {who} wrote after the fork") as st:
+        async with self.step(_measure_step(who)) as st:
             divergence = await self.act(FailbackActivities.measure_divergence, req, queue=queue, timeout=300,
                                         heartbeat=HEARTBEAT_S)
             lost = divergence.lost
@@ -72,11 +77,10 @@ class Rejoin(Runbook):
         return reconciliation, approval
 
     async def rewind(self, req: FailbackRequest, queue: str, notes: list[str]) -> Rewound:
-        async with self.step(f"rewind {req.region} into a standby of {req.primary_region}") as st:
+        async with self.step(_rewind_step(req)) as st:
             rewound = await self.act(FailbackActivities.rewind_old_primary, req, queue=queue, timeout=3600,
                                      heartbeat=HEARTBEAT_S)
-            st.detail = f"{rewound.method} in {rewound.seconds:.1f}s" + \
-                (f" (pg_rewind impossible: {rewound.fallback_reason})" if rewound.fallback_reason else "")
+            st.detail = rewound.summary()
             if rewound.fallback_reason:
                 notes.append(f"pg_rewind was impossible ({rewound.fallback_reason}); rebuilt with pg_basebackup")
         return rewound
@@ -90,6 +94,14 @@ class Rejoin(Runbook):
                          f"with other values kept {req.primary_region}'s") if redis.reachable else \
                 "its Redis is unreachable: nothing to keep (no persistence)"
         return redis
+
+
+def _measure_step(who: str) -> str:
+    return f"measure what {who} wrote after the fork"
+
+
+def _rewind_step(req: FailbackRequest) -> str:
+    return f"rewind {req.region} into a standby of {req.primary_region}"
 
 
 def _counts(r: Reconciliation) -> str:

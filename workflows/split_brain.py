@@ -187,7 +187,7 @@ class SplitBrainWorkflow(Rejoin):
                                                                           notes)
             result.rewind = await self.rewind(req, lq, notes)
         else:
-            self.skip("reconcile diverged rows", f"{loser}'s PostgreSQL was not a primary: nothing diverged")
+            self.skip_postgres(req, loser, f"{loser}'s PostgreSQL was not a primary: nothing diverged")
 
         async with self.step("verify") as st:
             await self.act(TrafficActivities.wait_region_ready, survivor, queue=control, timeout=330, heartbeat=30)

@@ -15,6 +15,17 @@ from pathlib import Path
 from eagle_dr.config import PostgresConfig
 
 
+def alive(pid: int | None) -> bool:
+    """A process that runs: an unreaped zombie (init here reaps late) counts as gone."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 class PgCtlError(RuntimeError):
     pass
 
@@ -61,14 +72,7 @@ class PgCtl:
             return None
 
     def running(self) -> bool:
-        pid = self.pid
-        if not pid:
-            return False
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except (OSError, IndexError):
-            return False
+        return alive(self.pid)
 
     def start(self, timeout: int = 120, extra: str = "") -> None:
         if self.running():

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import int_to_lsn, lsn_diff, lsn_to_int
-from activities.postgres.status import connect
+from activities.postgres.status import CURRENT_TIMELINE, connect
 from eagle_dr.config import PostgresConfig
 
 
@@ -62,11 +62,7 @@ def fork_between(survivor: PostgresConfig, loser: PostgresConfig) -> ForkPoint:
     file then names its current timeline)."""
     loser_tli = int(PgCtl(loser).controldata()["Latest checkpoint's TimeLineID"])
     with connect(survivor) as conn:
-        survivor_tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
-        # The checkpoint's timeline lags a promotion until its first checkpoint: the WAL
-        # file name of the insert position does not.
-        survivor_tli = max(survivor_tli, conn.execute(
-            "select ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int").fetchone()[0])
+        survivor_tli = conn.execute(f"select {CURRENT_TIMELINE}").fetchone()[0]
         history = None
         if survivor_tli > loser_tli:
             history = conn.execute("select pg_read_file(%s)", (f"pg_wal/{survivor_tli:08X}.history",)).fetchone()[0]

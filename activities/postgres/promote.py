@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import psycopg
 from pydantic import BaseModel
 
-from activities.postgres.status import connect
+from activities.postgres.status import CURRENT_TIMELINE, connect
 from eagle_dr.config import PostgresConfig
 
 
@@ -30,8 +30,7 @@ def _writable(cfg: PostgresConfig) -> tuple[bool, int | None]:
         with conn.transaction():
             conn.execute("set local transaction_read_only = off")
             conn.execute("create temp table if not exists eagle_dr_probe (x int)")
-        tli = conn.execute("select ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
-                           ).fetchone()[0]
+        tli = conn.execute(f"select {CURRENT_TIMELINE}").fetchone()[0]
         return True, tli
 
 

@@ -11,14 +11,13 @@ import fcntl
 import os
 import shutil
 import signal
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from activities.postgres.ctl import PgCtl, PgCtlError
+from activities.postgres.ctl import PgCtl, PgCtlError, alive
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect
 from eagle_dr.config import PostgresConfig
@@ -30,17 +29,22 @@ class Rewound(BaseModel):
     seconds: float
     upstream: str
 
+    def summary(self) -> str:
+        return f"{self.method} in {self.seconds:.1f}s" + (
+            f" (pg_rewind impossible: {self.fallback_reason})" if self.fallback_reason else "")
+
 
 # A rewound standby that cannot reach consistency (its primary no longer has the WAL it needs)
 # waits forever: give up on it well before the activity's own timeout.
 START_TIMEOUT_S = 60
+# A copy is bounded by the activity's own start-to-close; the activity heartbeats meanwhile.
+COPY_TIMEOUT_S = 3600
 
 
-def rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str,
-                      heartbeat=None) -> Rewound:
+def rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str) -> Rewound:
     """pg_rewind the old primary onto the new primary's timeline, else pg_basebackup it."""
     with _exclusive(Path(old.data_dir)):
-        return _rewind_to_standby(old, primary, application_name, slot, heartbeat)
+        return _rewind_to_standby(old, primary, application_name, slot)
 
 
 @contextmanager
@@ -56,8 +60,7 @@ def _exclusive(data_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str,
-                       heartbeat=None) -> Rewound:
+def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str) -> Rewound:
     t0 = time.monotonic()
     ctl = PgCtl(old)
     upstream = f"{primary.host}:{primary.port}"
@@ -74,8 +77,7 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
     with connect(primary) as conn:
         conn.execute("checkpoint")
     source = f"host={primary.host} port={primary.port} user={primary.user} dbname=postgres"
-    r = _run_heartbeating(ctl, [ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"],
-                          heartbeat)
+    r = ctl.run([ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"], timeout=COPY_TIMEOUT_S)
     method, reason = "pg_rewind", None
     if r.returncode != 0:
         lines = (r.stderr + r.stdout).strip().splitlines()
@@ -83,7 +85,7 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
         reason = next((ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()),
                       lines[-1] if lines else f"exit {r.returncode}")[:500]
         method = "pg_basebackup"
-        _reclone(ctl, primary, heartbeat)
+        _reclone(ctl, primary)
     ctl.write_standby_config(primary, application_name, slot)
     try:
         ctl.start(timeout=START_TIMEOUT_S)
@@ -97,70 +99,56 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
         # does not contain minimum recovery point") is no better than none: re-clone it.
         fatal = next((ln for ln in str(e).splitlines() if "FATAL" in ln), str(e).splitlines()[0])
         method, reason = "pg_basebackup", f"pg_rewind finished but the server would not start: {fatal[:400]}"
-        _reclone(ctl, primary, heartbeat)
+        _reclone(ctl, primary)
         ctl.write_standby_config(primary, application_name, slot)
         ctl.start()
     deadline = time.monotonic() + 300
     while not _streaming_from(old, primary):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{old.host}:{old.port} did not stream from {upstream} after {method}")
-        if heartbeat:
-            heartbeat({"waiting": "streaming", "method": method})
         time.sleep(0.1)
     return Rewound(method=method, fallback_reason=reason, seconds=time.monotonic() - t0, upstream=upstream)
 
 
-def _reclone(ctl: PgCtl, primary: PostgresConfig, heartbeat) -> None:
+def _reclone(ctl: PgCtl, primary: PostgresConfig) -> None:
     data = ctl.data_dir
     owner = (data.stat().st_uid, data.stat().st_gid) if data.exists() else None
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(mode=0o700)
     if owner:
         os.chown(data, *owner)
-    r = _run_heartbeating(ctl, [ctl.tool("pg_basebackup"), "-h", primary.host, "-p", str(primary.port), "-U",
-                                primary.replication_user, "-D", str(data), "-X", "stream", "-c", "fast"], heartbeat)
+    r = ctl.run([ctl.tool("pg_basebackup"), "-h", primary.host, "-p", str(primary.port), "-U",
+                 primary.replication_user, "-D", str(data), "-X", "stream", "-c", "fast"], timeout=COPY_TIMEOUT_S)
     if r.returncode != 0:
         raise PgCtlError(f"pg_basebackup failed: {r.stderr.strip()}")
 
 
-def _run_heartbeating(ctl: PgCtl, argv: list[str], heartbeat) -> subprocess.CompletedProcess:
-    """Long copies heartbeat so a dead worker is noticed in seconds, not at start-to-close."""
-    kw = {"user": ctl.cfg.os_user, "extra_groups": []} if os.geteuid() == 0 and ctl.cfg.os_user else {}
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    while True:
-        try:
-            out, err = p.communicate(timeout=2)
-            return subprocess.CompletedProcess(argv, p.returncode, out, err)
-        except subprocess.TimeoutExpired:
-            if heartbeat:
-                heartbeat({"running": os.path.basename(argv[0])})
-
-
-def _kill_orphans(data_dir: Path) -> list[int]:
-    """SIGKILL any pg_rewind / pg_basebackup whose command line names ``data_dir``."""
-    killed = []
+def copiers(data_dir: str | Path) -> list[int]:
+    """The pg_rewind and pg_basebackup processes whose command line names ``data_dir``."""
     target = str(data_dir)
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        if argv and os.path.basename(argv[0].decode(errors="replace")) in ("pg_rewind", "pg_basebackup") and \
-                any(a.decode(errors="replace") == target for a in argv[1:]):
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
-            except ProcessLookupError:
-                pass
-    for pid in killed:
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            try:
-                if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) in ("Z", "X"):
-                    break
-            except (OSError, IndexError):
-                break
-            time.sleep(0.05)
+        if os.path.basename(argv[0]) in ("pg_rewind", "pg_basebackup") and target in argv[1:]:
+            found.append(int(proc.name))
+    return found
+
+
+def _kill_orphans(data_dir: Path) -> list[int]:
+    """SIGKILL the copiers a killed worker left writing ``data_dir``, and wait until they are gone."""
+    killed = []
+    for pid in copiers(data_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return killed

@@ -44,9 +44,13 @@ def connect(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None
     return psycopg.connect(cfg.dsn(dbname), connect_timeout=max(1, int(timeout)), autocommit=True)
 
 
-_PRIMARY_SQL = """
+# The timeline a primary writes on, from the name of its current WAL file: the checkpoint's
+# timeline lags a promotion until the first checkpoint after it.
+CURRENT_TIMELINE = "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+
+_PRIMARY_SQL = f"""
 select pg_current_wal_lsn()::text,
-       ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int,
+       {CURRENT_TIMELINE},
        current_setting('default_transaction_read_only') = 'on'
 """
 

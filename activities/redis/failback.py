@@ -33,7 +33,7 @@ class RedisFailback(BaseModel):
     error: str | None = None
 
 
-def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: float = 120, heartbeat=None) -> str:
+def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: float = 120) -> str:
     """BGSAVE, wait, upload the RDB file (the worker runs beside this Redis: same disk)."""
     c = redis_client(old, 10)
     # Counted, not timed: LASTSAVE has one-second resolution, so a second BGSAVE within the
@@ -54,8 +54,6 @@ def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: floa
             break
         if time.monotonic() > deadline:
             raise TimeoutError("BGSAVE did not finish")
-        if heartbeat:
-            heartbeat({"waiting": "BGSAVE"})
         time.sleep(0.05)
     directory = c.config_get("dir")["dir"]
     name = c.config_get("dbfilename")["dbfilename"]
@@ -104,8 +102,7 @@ def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500
     return total, unique, migrated, differing
 
 
-def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config, snapshot_key: str,
-                        heartbeat=None) -> RedisFailback:
+def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config, snapshot_key: str) -> RedisFailback:
     try:
         redis_client(old, 3).ping()
     except (redis.RedisError, OSError) as e:
@@ -115,7 +112,7 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
     if info.get("role") == "slave" and f"{info.get('master_host')}:{info.get('master_port')}" == \
             f"{master.host}:{master.port}":
         return RedisFailback(reachable=True, rejoined=True)
-    snap = snapshot_to_s3(old, bucket, snapshot_key, heartbeat=heartbeat)
+    snap = snapshot_to_s3(old, bucket, snapshot_key)
     total, unique, migrated, differing = migrate_unique_keys(old, master)
     failover.demote(old, master)
     try:
