@@ -22,7 +22,8 @@ from eagle_dr.config import EagleConfig, load_config
 from lab.ports import write_shifted_config
 
 # Below the ephemeral range (32768+), where outgoing connections could take a listen port.
-PORT_SHIFT = 2000
+# EAGLE_DR_TEST_PORT_SHIFT lets a second checkout run its tests beside this one (2000-3500).
+PORT_SHIFT = int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000"))
 
 
 def write_test_config(directory: Path, shift: int = PORT_SHIFT, **overrides) -> Path:
