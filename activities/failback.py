@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from psycopg import sql
 from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -14,12 +15,13 @@ from activities.heartbeat import heartbeating
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
-from activities.postgres.divergence import EXTRACTION_MARGIN, ForkPoint, LostWal, NoFork, WalUnreadable, \
-    fork_between, lost_wal, read_loser
+from activities.postgres.divergence import EXTRACTION_MARGIN, ChangedRelation, ForkPoint, LostWal, NoFork, \
+    fork_between, lost_wal, read_loser, regclass_sql
+from activities.postgres.wal import WalUnreadable
 from activities.postgres.rewind import Rewound, rewind_to_standby
 from activities.postgres.status import connect
 from activities.redis.failback import RedisFailback, preserve_and_rejoin
-from eagle_dr.config import EagleConfig
+from eagle_dr.config import EagleConfig, TableConflictConfig
 
 
 class FailbackRequest(BaseModel):
@@ -52,6 +54,11 @@ class Reconciliation(BaseModel):
     since: datetime | None
     tables: list[TableReconciliation]
     preview: bool = False
+    # Tables `conflicts:` does not list, reconciled by `unlisted_tables: last-write-wins`.
+    unlisted_reconciled: list[str] = []
+    # System catalogs the loser changed after the fork (DDL, or our own probes' temp tables):
+    # reported, not reconciled: schema changes are a human's call.
+    catalog_changes: list[str] = []
 
     def totals(self) -> tuple[int, int, int]:
         """(rows written to the survivor, conflicts, flagged for a human)."""
@@ -103,27 +110,75 @@ class FailbackActivities:
         # strategy) instead of an insert looking like the survivor's delete.
         fork_time = lost.last_commit_before_fork_at or lost.first_lost_commit_at - EXTRACTION_MARGIN
         since = fork_time - EXTRACTION_MARGIN
-        tables = {t: c.key for t, c in self.cfg.conflicts.items()}
-        rows, old_keys = read_loser(old, tables, since,
-                                    {t: c.timestamp_column for t, c in self.cfg.conflicts.items()})
+        with connect(primary, 10) as conn:
+            _check_configured_tables(conn, self.cfg.conflicts, req.primary_region)
+        configs = dict(self.cfg.conflicts)
+        got = read_loser(old, {t: c.key for t, c in configs.items()}, since,
+                         {t: c.timestamp_column for t, c in configs.items()}, fork=req.divergence.fork)
+        missing = [t for t, oid in got.oids.items() if oid is None]
+        if missing:
+            raise ApplicationError(
+                f"{req.region} has no table {', '.join(missing)} (configured under conflicts:): it was dropped or "
+                f"renamed there after the fork, or the config is wrong. Nothing was applied and {req.region} is left "
+                "stopped with its data intact.", type="ConfigError", non_retryable=True)
+        unlisted = [c for c in got.changed if c.kind == "user" and c.oid not in set(got.oids.values())]
+        unknown = [c for c in got.changed if c.kind == "unknown"]
+        extra, refused = self._unlisted(unlisted, primary)
+        if refused or unknown:
+            # Before anything is written and long before pg_rewind: the loser keeps every row.
+            raise ApplicationError(
+                f"{req.region} changed tables after the fork that cannot be reconciled: "
+                f"{'; '.join(r for r in refused + [u.describe() for u in unknown])}. Nothing was applied; "
+                f"{req.region} is left stopped (fenced) with its data intact. List the tables under conflicts: "
+                "(or set unlisted_tables: last-write-wins), then run failback again.",
+                {"tables": [c.describe() for c in unlisted + unknown]}, type="UnlistedTablesChanged",
+                non_retryable=True)
+        if extra:
+            got = read_loser(old, {t: c.key for t, c in {**configs, **extra}.items()}, since,
+                             {t: c.timestamp_column for t, c in {**configs, **extra}.items()},
+                             fork=req.divergence.fork)
+            configs.update(extra)
         info = activity.info()
         priority = {r.name: r.priority for r in self.cfg.regions}
         out = []
         with connect(primary, 10) as conn:
-            for table in tables:
-                tcfg = self.cfg.conflicts[table]
-                if table not in rows:
+            for table, tcfg in configs.items():
+                if table not in got.rows:
                     continue
                 deleted = _deleted_on_old(conn, table, tcfg.key, tcfg.timestamp_column, fork_time,
-                                          old_keys.get(table, set()))
+                                          got.keys.get(table, set()))
                 summary = apply_resolutions(
-                    conn, table, tcfg, rows[table], deleted, loser_region=req.region,
+                    conn, table, tcfg, got.rows[table], deleted, loser_region=req.region,
                     survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
-                    now=req.decided_at or datetime.now(timezone.utc), workflow_id=info.workflow_id, run_id=info.workflow_run_id,
-                    approved_by=req.approved_by, dry_run=req.preview)
-                out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(rows[table]),
+                    now=req.decided_at or datetime.now(timezone.utc), workflow_id=info.workflow_id,
+                    run_id=info.workflow_run_id, approved_by=req.approved_by, dry_run=req.preview)
+                out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(got.rows[table]),
                                                deleted_keys=len(deleted)))
-        return Reconciliation(since=since, tables=out, preview=req.preview)
+        catalog = [c.describe() for c in got.changed if c.kind == "catalog"]
+        return Reconciliation(since=since, tables=out, preview=req.preview,
+                              unlisted_reconciled=sorted(extra), catalog_changes=catalog)
+
+    def _unlisted(self, unlisted: list[ChangedRelation], primary) -> tuple[dict[str, TableConflictConfig], list[str]]:
+        """Strategies for changed tables `conflicts:` does not list, per `unlisted_tables`; and
+        the ones that cannot have one (why, per table)."""
+        if not unlisted:
+            return {}, []
+        if self.cfg.unlisted_tables == "refuse":
+            return {}, [f"{c.describe()}: not listed under conflicts: (unlisted_tables: refuse)" for c in unlisted]
+        extra: dict[str, TableConflictConfig] = {}
+        refused: list[str] = []
+        with connect(primary, 10) as conn:
+            for c in unlisted:
+                if c.database:
+                    refused.append(f"{c.describe()}: in database {c.database}, not {primary.database}")
+                    continue
+                key, has_ts = _key_and_timestamp(conn, c.name)
+                if not key or not has_ts:
+                    refused.append(f"{c.describe()}: last-write-wins needs a primary key and an updated_at column "
+                                   f"on {c.name}")
+                    continue
+                extra[c.name] = TableConflictConfig(strategy="last-write-wins", key=key, timestamp_column="updated_at")
+        return extra, refused
 
     @activity.defn
     def rewind_old_primary(self, req: FailbackRequest) -> Rewound:
@@ -150,10 +205,42 @@ def _deleted_on_old(conn, table: str, key: list[str], ts_col: str, fork_time: da
     A row stamped before the fork may still have committed after it (a transaction in flight
     at the fork): the loser never had it, and it is no deletion. With track_commit_timestamp
     the commit time tells; without it, rows are judged by their timestamp alone."""
-    cols = ", ".join(f'"{k}"' for k in key)
-    committed = ""
+    cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    committed = sql.SQL("")
     if conn.execute("select current_setting('track_commit_timestamp') = 'on'").fetchone()[0]:
-        committed = " and coalesce(pg_xact_commit_timestamp(xmin), '-infinity') <= %(fork)s"
-    rows = conn.execute(f'select {cols} from "{table}" where "{ts_col}" <= %(fork)s{committed}',
-                        {"fork": fork_time}).fetchall()
+        committed = sql.SQL(" and coalesce(pg_xact_commit_timestamp(xmin), '-infinity') <= %(fork)s")
+    rows = conn.execute(sql.SQL("select {} from {} where {} <= %(fork)s{}").format(
+        cols, regclass_sql(table), sql.Identifier(ts_col), committed), {"fork": fork_time}).fetchall()
     return [tuple(r) for r in rows if tuple(r) not in old_keys]
+
+
+def _check_configured_tables(conn, conflicts: dict[str, TableConflictConfig], region: str) -> None:
+    """A configured table the survivor lacks is a config error, never a silent skip."""
+    for table, tcfg in conflicts.items():
+        ident = regclass_sql(table)
+        oid = conn.execute(sql.SQL("select to_regclass({})::oid").format(sql.Literal(ident.as_string(conn)))
+                           ).fetchone()[0]
+        if oid is None:
+            raise ApplicationError(f"conflicts: table {table!r} does not exist on {region} (names are case-sensitive; "
+                                   "use schema.table outside the search path). Nothing was applied.",
+                                   type="ConfigError", non_retryable=True)
+        cols = {r[0] for r in conn.execute("select attname from pg_attribute where attrelid = %s and attnum > 0 "
+                                           "and not attisdropped", (oid,)).fetchall()}
+        for col in [*tcfg.key, tcfg.timestamp_column]:
+            if col not in cols:
+                raise ApplicationError(f"conflicts: table {table!r} on {region} has no column {col!r}. Nothing was "
+                                       "applied.", type="ConfigError", non_retryable=True)
+
+
+def _key_and_timestamp(conn, table: str) -> tuple[list[str], bool]:
+    """The primary key columns of ``table`` and whether it has an updated_at column."""
+    oid = conn.execute(sql.SQL("select to_regclass({})::oid").format(
+        sql.Literal(regclass_sql(table).as_string(conn)))).fetchone()[0]
+    if oid is None:
+        return [], False
+    key = [r[0] for r in conn.execute(
+        "select a.attname from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey) "
+        "where i.indrelid = %s and i.indisprimary order by array_position(i.indkey::int2[], a.attnum)", (oid,)).fetchall()]
+    has_ts = conn.execute("select exists (select 1 from pg_attribute where attrelid = %s and attname = 'updated_at' "
+                          "and not attisdropped)", (oid,)).fetchone()[0]
+    return key, has_ts

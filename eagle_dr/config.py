@@ -286,6 +286,10 @@ class EagleConfig(_Strict):
     health: HealthConfig = HealthConfig()
     objectives: ObjectivesConfig = ObjectivesConfig()
     conflicts: dict[str, TableConflictConfig] = Field(default_factory=dict)
+    # A table the loser changed after the fork that `conflicts:` does not list: stop before
+    # pg_rewind erases it (refuse), or reconcile it last-write-wins on its primary key and
+    # its `updated_at` column (a table without both is refused all the same).
+    unlisted_tables: Literal["refuse", "last-write-wins"] = "refuse"
     split_brain: SplitBrainConfig = SplitBrainConfig()
     backup: BackupConfig = BackupConfig()
     routing: RoutingConfig = RoutingConfig()

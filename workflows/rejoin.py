@@ -74,6 +74,13 @@ class Rejoin(Runbook):
             if flagged := reconciliation.totals()[2]:
                 notes.append(f"{flagged} changes were rejected by immutable-append-only tables: "
                              "see eagle_dr.conflict_audit")
+            if reconciliation.unlisted_reconciled:
+                notes.append(f"tables not listed under conflicts: were reconciled last-write-wins "
+                             f"(unlisted_tables): {', '.join(reconciliation.unlisted_reconciled)}")
+            if reconciliation.catalog_changes:
+                notes.append(f"{req.region} changed system catalogs after the fork (schema changes are not "
+                             f"reconciled; temporary tables also show here): "
+                             f"{'; '.join(reconciliation.catalog_changes)}")
         return reconciliation, approval
 
     async def rewind(self, req: FailbackRequest, queue: str, notes: list[str]) -> Rewound:

@@ -1,0 +1,216 @@
+"""Reading a stopped node's WAL with pg_waldump: where it really ends, which transactions
+committed after a point, and which relations they changed.
+
+Physical WAL holds no readable tuple contents, but it names, for every heap change, the
+transaction and the relation file it touched; the commit records name each committed
+transaction and its subtransactions. That is enough to say *which* relations a diverged
+node changed after a fork and *which* transactions did it (their ids are the ``xmin`` of the
+rows they wrote), whatever the tables' timestamp columns say.
+
+Two pg_waldump habits shape this module:
+- given only ``-p DIR``, it takes the WAL segment size from whichever segment file readdir
+  lists first; a preallocated (all-zero) segment there makes it fail with "WAL segment size
+  must be a power of two ... header specifies 0 bytes". So it is always given the first and
+  last segment file names: it then reads the size from the start segment, which holds WAL.
+- it always ends with an error; only "the WAL stops here" errors mean everything was read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from activities.postgres.ctl import PgCtl
+from activities.postgres.lsn import int_to_lsn, lsn_to_int
+
+
+class WalUnreadable(RuntimeError):
+    """The WAL after a point could not be read to its end: what it holds is unknown."""
+
+
+# pg_waldump prints commit times in its process's local time zone: it runs with TZ=UTC.
+_UTC = {"TZ": "UTC"}
+_RECORD = re.compile(r"^rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*\d+, tx:\s*(\d+), lsn: ([0-9A-F]+/[0-9A-F]+), "
+                     r"prev [0-9A-F]+/[0-9A-F]+, desc: (\S+)(.*)$")
+_COMMIT_AT = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC")
+_SUBXACTS = re.compile(r"subxacts:((?: \d+)+)")
+_REL = re.compile(r"rel (\d+)/(\d+)/(\d+)")
+_TRUNCATED = re.compile(r"relids((?: \d+)+)")
+# The error pg_waldump ends with when it reached the end of the WAL.
+_END_AT = re.compile(r"invalid record length at ([0-9A-F]+/[0-9A-F]+)|"
+                     r"could not find a valid record after ([0-9A-F]+/[0-9A-F]+)|"
+                     r"record with incorrect prev-link [0-9A-F]+/[0-9A-F]+ at ([0-9A-F]+/[0-9A-F]+)|"
+                     r"record length \d+ at ([0-9A-F]+/[0-9A-F]+) too long|"
+                     r"invalid resource manager ID \d+ at ([0-9A-F]+/[0-9A-F]+)|"
+                     r"contrecord is requested by ([0-9A-F]+/[0-9A-F]+)")
+# The end falls on a segment boundary and the next segment was never written (zero-filled or
+# recycled): PostgreSQL 15 names the segment and the offset, later versions the LSN as well.
+_END_IN_SEGMENT = re.compile(r"(?:invalid magic number [0-9A-F]+|unexpected pageaddr [0-9A-F]+/[0-9A-F]+) in "
+                             r"(?:log|WAL) segment ([0-9A-F]{24})(?:, LSN [0-9A-F]+/[0-9A-F]+)?, offset (\d+)")
+
+# Heap changes that alter a table's contents. Vacuum, pruning, freezing, row locks and
+# in-place catalog statistics change no row anyone reads.
+DATA_OPS = {
+    ("Heap", "INSERT"): "insert", ("Heap", "UPDATE"): "update", ("Heap", "HOT_UPDATE"): "update",
+    ("Heap", "DELETE"): "delete", ("Heap", "TRUNCATE"): "truncate", ("Heap2", "MULTI_INSERT"): "insert",
+}
+DEFAULT_TABLESPACE = 1663
+
+
+@dataclass(frozen=True)
+class Commit:
+    xid: int
+    subxids: tuple[int, ...]
+    at: datetime
+    lsn: str
+
+
+@dataclass
+class RelChange:
+    """Changes committed to one relation file (``relfilenode``) or, for TRUNCATE, one relation oid."""
+
+    tablespace: int
+    database: int
+    relfilenode: int | None = None
+    truncated_oid: int | None = None
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class WalScan:
+    start_lsn: str
+    end_lsn: str
+    commits: list[Commit]
+    # Keyed by (tablespace, database, relfilenode) or (0, 0, -oid) for a TRUNCATE, whose record
+    # names relation oids, not files, and no database.
+    changes: dict[tuple[int, int, int], RelChange]
+
+    @property
+    def xids(self) -> set[int]:
+        """Every committed transaction id after the start, subtransactions included."""
+        return {x for c in self.commits for x in (c.xid, *c.subxids)}
+
+
+def segment_size(ctl: PgCtl) -> int:
+    return int(ctl.controldata().get("Bytes per WAL segment", 16 * 1024 * 1024))
+
+
+def segment_name(tli: int, lsn: int, seg_size: int) -> str:
+    segno = lsn // seg_size
+    per_id = 0x100000000 // seg_size
+    return f"{tli:08X}{segno // per_id:08X}{segno % per_id:08X}"
+
+
+def segment_start(name: str, seg_size: int) -> int:
+    per_id = 0x100000000 // seg_size
+    return (int(name[8:16], 16) * per_id + int(name[16:24], 16)) * seg_size
+
+
+def _segments(wal_dir: str, tli: int) -> list[str]:
+    prefix = f"{tli:08X}"
+    return sorted(n for n in os.listdir(wal_dir)
+                  if len(n) == 24 and n.startswith(prefix) and all(c in "0123456789ABCDEF" for c in n))
+
+
+def waldump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, end: str | None = None,
+            one_segment: bool = False):
+    """pg_waldump from ``start`` on timeline ``tli``: to the end of the WAL, to ``end`` (which must
+    lie in the start segment), or to the end of the start segment (``one_segment``)."""
+    first = segment_name(tli, lsn_to_int(start), seg_size)
+    argv = [ctl.tool("pg_waldump"), "-p", wal_dir, "-s", start]
+    if end is not None:
+        argv += ["-e", end, first]
+    elif one_segment:
+        argv += [first]
+    else:
+        last = max(_segments(wal_dir, tli), default=first)
+        argv += [first, max(first, last)]
+    return ctl.run(argv, timeout=300, env=_UTC)
+
+
+def end_of_wal(stderr: str, seg_size: int) -> str | None:
+    """Where the WAL stops, from pg_waldump's closing error; None when the error is anything
+    else (a missing segment, an unreadable file: the WAL beyond it is unknown)."""
+    if m := _END_IN_SEGMENT.search(stderr):
+        return int_to_lsn(segment_start(m.group(1), seg_size) + int(m.group(2)))
+    found = list(_END_AT.finditer(stderr))
+    return next(g for g in found[-1].groups() if g) if found else None
+
+
+def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str) -> WalScan:
+    """Every committed change from ``start`` to the end of the WAL on timeline ``tli``."""
+    seg_size = segment_size(ctl)
+    r = waldump(ctl, wal_dir, tli, start, seg_size)
+    end = end_of_wal(r.stderr, seg_size)
+    if end is None or lsn_to_int(end) < lsn_to_int(start):
+        raise WalUnreadable(f"pg_waldump of {wal_dir} from {start} on timeline {tli}: {r.stderr.strip()[:400]}")
+    commits: list[Commit] = []
+    pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str]]] = {}
+    for line in r.stdout.splitlines():
+        m = _RECORD.match(line)
+        if not m:
+            continue
+        rmgr, xid, lsn, op, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4), m.group(5)
+        if rmgr == "Transaction":
+            if op == "COMMIT" and (t := _COMMIT_AT.match(rest.strip())):
+                subs = _SUBXACTS.search(rest)
+                commits.append(Commit(xid=xid, subxids=tuple(int(s) for s in subs.group(1).split()) if subs else (),
+                                      at=datetime.strptime(t.group(1), "%Y-%m-%d %H:%M:%S.%f")
+                                      .replace(tzinfo=timezone.utc), lsn=lsn))
+            continue
+        kind = DATA_OPS.get((rmgr, op.split("+", 1)[0]))
+        if kind is None:
+            continue
+        if kind == "truncate":
+            ids = _TRUNCATED.search(rest)
+            for oid in (ids.group(1).split() if ids else []):
+                key = (0, 0, -int(oid))
+                pending.setdefault(xid, []).append((key, RelChange(0, 0, truncated_oid=int(oid)), kind))
+            continue
+        if rel := _REL.search(rest):
+            spc, db, node = (int(g) for g in rel.groups())
+            pending.setdefault(xid, []).append(((spc, db, node), RelChange(spc, db, relfilenode=node), kind))
+    changes: dict[tuple[int, int, int], RelChange] = {}
+    committed = {x for c in commits for x in (c.xid, *c.subxids)}
+    # Only committed work counts: an aborted transaction's changes are invisible anyway.
+    for xid, items in pending.items():
+        if xid not in committed:
+            continue
+        for key, rc, kind in items:
+            have = changes.setdefault(key, rc)
+            have.ops[kind] = have.ops.get(kind, 0) + 1
+    return WalScan(start_lsn=start, end_lsn=end, commits=commits, changes=changes)
+
+
+def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int, before: int,
+                              seg_size: int) -> list[Commit]:
+    """Commits in one segment whose record starts before ``before``."""
+    r = waldump(ctl, wal_dir, tli, int_to_lsn(seg_start), seg_size, one_segment=True)
+    out = []
+    for line in r.stdout.splitlines():
+        m = _RECORD.match(line)
+        if m and m.group(1) == "Transaction" and m.group(4) == "COMMIT" and lsn_to_int(m.group(3)) < before:
+            if t := _COMMIT_AT.match(m.group(5).strip()):
+                out.append(Commit(xid=int(m.group(2)), subxids=(), lsn=m.group(3),
+                                  at=datetime.strptime(t.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)))
+    return out
+
+
+def true_end(ctl: PgCtl) -> tuple[str | None, str]:
+    """The end of a stopped server's WAL and how it is known: after a clean shutdown the
+    shutdown checkpoint is the last record; after a crash the WAL runs on past the last
+    checkpoint, to wherever pg_waldump finds the last valid record. (None, why) when unreadable."""
+    data = ctl.controldata()
+    tli = int(data.get("Latest checkpoint's TimeLineID", "0") or 0)
+    redo = data.get("Latest checkpoint's REDO location") or data.get("Latest checkpoint location")
+    state = data.get("Database cluster state", "")
+    wal_dir = str(Path(ctl.data_dir) / "pg_wal")
+    try:
+        found = scan(ctl, wal_dir, tli, redo)
+    except (WalUnreadable, OSError) as e:
+        return None, f"{state}; WAL after the last checkpoint unreadable: {e}"
+    how = "clean shutdown checkpoint" if state == "shut down" else f"end of WAL read by pg_waldump ({state})"
+    return found.end_lsn, how

@@ -1,0 +1,130 @@
+"""Failback never drops what the old primary wrote after the fork, on the real lab: a table
+nobody listed under ``conflicts:`` stops the run before pg_rewind, with the old primary
+intact; a row whose timestamp column did not change is still found (by its writer's xid).
+
+Each test leaves us-east-1 primary and us-west-2 streaming, as it found them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+import psycopg
+import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ActivityError, ApplicationError
+
+from activities.postgres.ctl import PgCtl
+from activities.postgres.status import pg_status
+from eagle_dr.launch import start_move
+from tests.lab_helpers import _async, _aux_pid, _lag_bytes, _primary, _startup_pid, _until
+from workflows.failback import FailbackInput, FailbackWorkflow
+from workflows.models import FailoverInput, SwitchoverInput
+
+
+def _exec(lab, region: str, *statements) -> None:
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        for s in statements:
+            conn.execute(*s) if isinstance(s, tuple) else conn.execute(s)
+
+
+async def _fork(lab, client, old_writes) -> tuple[str, str]:
+    """The standby stops receiving, the primary commits ``old_writes``, the primary's region
+    dies, failover; then the old primary comes back writable and diverged."""
+    old = _primary(lab)
+    new = lab.cfg.other(old).name
+    await _until(_async(lambda: _lag_bytes(lab, old) == 0), 30, "the standby to catch up")
+    receiver = _aux_pid(lab, new, b"walreceiver")
+    os.kill(receiver, signal.SIGSTOP)
+    _exec(lab, old, *old_writes)
+    lab.kill_region(old)
+    startup_before = _startup_pid(lab, new)
+    os.kill(receiver, signal.SIGKILL)
+
+    def restarted() -> bool:
+        try:
+            return _startup_pid(lab, new) != startup_before and \
+                pg_status(lab.cfg.region(new).postgres).role == "standby"
+        except AssertionError:
+            return False
+
+    await _until(_async(restarted), 60, "the standby to restart and accept connections")
+    failover = await (await start_move(client, lab.cfg, FailoverInput(
+        service=lab.cfg.service, target_region=new, reason="fork test", force=True))).result()
+    assert failover.outcome == "succeeded", failover
+    lab.heal_region(old)
+    return old, new
+
+
+async def _failback(lab, client, region: str, **kw):
+    return await client.execute_workflow(FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=region,
+                                                                             **kw),
+                                         id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+
+
+def _read_isolated(lab, region: str, query: str):
+    """Read a stopped old primary's data without letting anyone write to it."""
+    pg = lab.cfg.region(region).postgres
+    ctl = PgCtl(pg)
+    ctl.start_isolated()
+    try:
+        with psycopg.connect(host=pg.socket_dir, port=pg.port, dbname=pg.database, user=pg.user) as conn:
+            return conn.execute(query).fetchall()
+    finally:
+        ctl.stop("fast")
+
+
+async def test_unlisted_table_stops_failback_before_rewind(lab, client):
+    """Tried as a new user would: 5 rows in a table not under conflicts: must never vanish."""
+    original = _primary(lab)
+    _exec(lab, original, "create table if not exists notes_unlisted (id int primary key, body text)")
+    old, new = await _fork(lab, client, [
+        "insert into notes_unlisted select g, 'only on the old primary' from generate_series(1, 5) g",
+        ("insert into alerts (id, region, payload) values (%s, %s, '{}')", (9_100_000_001, "old"))])
+    tli_before = int(PgCtl(lab.cfg.region(old).postgres).controldata()["Latest checkpoint's TimeLineID"]) \
+        if not PgCtl(lab.cfg.region(old).postgres).running() else None
+
+    with pytest.raises(WorkflowFailureError) as e:
+        await _failback(lab, client, old)
+    cause = e.value.cause
+    while isinstance(cause, ActivityError):
+        cause = cause.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "UnlistedTablesChanged", cause
+    assert "public.notes_unlisted (insert 5)" in str(cause)
+    # Not rewound: the old primary is stopped, still on its own timeline, and holds the rows.
+    ctl = PgCtl(lab.cfg.region(old).postgres)
+    assert not ctl.running()
+    tli = int(ctl.controldata()["Latest checkpoint's TimeLineID"])
+    assert tli_before is None or tli == tli_before
+    assert tli < pg_status(lab.cfg.region(new).postgres).timeline
+    assert _read_isolated(lab, old, "select count(*) from notes_unlisted")[0][0] == 5
+
+    # Put the lab back: the operator's choice here is to throw the old primary away.
+    lab.rebuild_standby(old)
+    await _until(_async(lambda: pg_status(lab.cfg.region(old).postgres).receiver_status == "streaming"), 60,
+                 f"{old} to stream again")
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
+                                                                    target_region=original))).result()
+    assert back.outcome == "succeeded"
+    _exec(lab, original, "drop table notes_unlisted")
+
+
+async def test_failback_keeps_an_update_that_bypassed_the_timestamp_trigger(lab, client):
+    """An UPDATE with triggers off leaves updated_at as it was before the fork: only the
+    writer's transaction id says the row changed after it."""
+    original = _primary(lab)
+    key = 9_100_000_100
+    _exec(lab, original, ("insert into alerts (id, region, payload) values (%s, 'seed', '{\"v\": \"before\"}')",
+                          (key,)))
+    old, new = await _fork(lab, client, [
+        "set session_replication_role = replica",
+        ("update alerts set payload = '{\"v\": \"after, no trigger\"}' where id = %s", (key,)),
+        "reset session_replication_role"])
+    report = await _failback(lab, client, old)
+    assert report.rewind is not None and report.rewind.method in ("pg_rewind", "pg_basebackup")
+    assert _primary(lab) == original
+    with psycopg.connect(lab.cfg.region(original).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select payload->>'v' from alerts where id = %s", (key,)).fetchone()[0] == \
+            "after, no trigger"

@@ -1,0 +1,109 @@
+"""Reading WAL with pg_waldump on a real PostgreSQL: the true end of the WAL, committed
+transactions and the relations they changed, and a zero-filled (preallocated) segment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import psycopg
+import pytest
+
+from activities.postgres.ctl import PgCtl
+from activities.postgres.lsn import lsn_to_int
+from activities.postgres.wal import scan, segment_name, segment_size, true_end
+from lab.scratch_postgres import scratch_postgres
+
+PORT = 17960
+
+
+@pytest.fixture()
+def node():
+    with scratch_postgres(PORT, "wal") as n:
+        yield n
+
+
+def _conn():
+    return psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres", autocommit=True)
+
+
+def _wal(node) -> str:
+    return str(node.data_dir / "pg_wal")
+
+
+def test_scan_names_committed_changes_only(node):
+    with _conn() as c:
+        c.execute("create table t (id int primary key, v text)")
+        c.execute("create table u (id int primary key, v text)")
+        c.execute("create table never (id int primary key)")
+        start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+        c.execute("insert into t values (1, 'a'), (2, 'b')")
+        c.execute("update t set v = 'x' where id = 1")
+        c.execute("delete from t where id = 2")
+        with c.transaction():
+            c.execute("insert into u values (5, 'q')")
+            with c.transaction():  # a subtransaction: its rows carry the subxact's id
+                c.execute("insert into u values (6, 'r')")
+        sub_xmin = c.execute("select xmin::text::bigint from u where id = 6").fetchone()[0]
+        c.execute("begin")
+        c.execute("insert into never values (1)")
+        c.execute("rollback")
+        files = {r: c.execute("select pg_relation_filenode(%s)", (r,)).fetchone()[0] for r in ("t", "u", "never")}
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start)
+    by_file = {k[2]: v.ops for k, v in found.changes.items()}
+    assert by_file[files["t"]] == {"insert": 2, "update": 1, "delete": 1}
+    assert by_file[files["u"]] == {"insert": 2}
+    assert files["never"] not in by_file  # rolled back: nothing of it is kept anywhere
+    assert sub_xmin in found.xids
+    assert lsn_to_int(found.end_lsn) > lsn_to_int(start)
+
+
+def test_zero_filled_segment_listed_first_is_the_end_not_an_error(node):
+    """Preallocated segments are all zeros. pg_waldump given only a directory takes the
+    segment size from the first file readdir lists, and fails on such a file."""
+    with _conn() as c:
+        c.execute("create table t (id int primary key)")
+        start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+        c.execute("insert into t select generate_series(1, 1000)")
+        current = c.execute("select pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
+    node.stop("immediate")
+    wal = _wal(node)
+    ctl = PgCtl(node.cfg)
+    size = segment_size(ctl)
+    nxt = int(current[16:], 16)
+    # Zero-filled successors, as PostgreSQL preallocates them, until one is listed first.
+    for i in range(1, 40):
+        name = current[:16] + f"{nxt + i:08X}"
+        with open(os.path.join(wal, name), "wb") as f:
+            f.truncate(size)
+        if next(n for n in os.listdir(wal) if len(n) == 24) == name:
+            break
+    else:
+        pytest.skip("could not make a zero-filled segment come first in this directory's listing")
+    plain = subprocess.run([ctl.tool("pg_waldump"), "-p", wal, "-t", "1", "-s", start], capture_output=True,
+                           text=True)
+    assert "header specifies 0 bytes" in plain.stderr  # the failure seen in the lab
+    found = scan(ctl, wal, 1, start)
+    assert found.commits and segment_name(1, lsn_to_int(found.end_lsn), size) <= current[:16] + f"{nxt + 1:08X}"
+
+
+def test_true_end_after_a_crash_is_past_the_last_checkpoint(node):
+    """After a crash pg_controldata's checkpoint is not the end of the WAL: the writes after it
+    are there, and the true end covers them."""
+    with _conn() as c:
+        c.execute("create table t (id int primary key)")
+        c.execute("checkpoint")
+        c.execute("insert into t select generate_series(1, 5000)")
+        written = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+    node.kill()
+    ctl = PgCtl(node.cfg)
+    checkpoint = ctl.controldata()["Latest checkpoint location"]
+    end, how = true_end(ctl)
+    assert end is not None, how
+    assert lsn_to_int(end) >= lsn_to_int(written) > lsn_to_int(checkpoint)
+    assert "pg_waldump" in how
+    node.start()
+    node.stop("fast")
+    end, how = true_end(ctl)
+    assert how == "clean shutdown checkpoint"
+    assert lsn_to_int(end) > lsn_to_int(ctl.controldata()["Latest checkpoint location"])
