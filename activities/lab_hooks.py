@@ -91,7 +91,15 @@ class LabHooks:
                 "order by a.id", (acked,)).fetchall()
         missing = [r[0] for r in rows]
         when = {w.id: w.t for w in entries}
-        window = (max(when.values()) - min(when[i] for i in missing)) if missing else 0.0
+        window = 0.0
+        if missing:
+            # From the newest write the new primary still has that came before the first lost
+            # one, to the last write it lacks: writes acknowledged after the failover (by the
+            # new primary) are not part of the loss.
+            lost = set(missing)
+            first_lost = min(when[i] for i in missing)
+            kept_before = [t for i, t in when.items() if i not in lost and t < first_lost]
+            window = max(when[i] for i in missing) - (max(kept_before) if kept_before else first_lost)
         return AckedWrites(region=region, acknowledged=len(acked), missing=len(missing), missing_sample=missing[:20],
                            last_acknowledged_id=max(acked), loss_window_s=window)
 

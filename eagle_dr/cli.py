@@ -281,7 +281,11 @@ async def _start_and_follow(c: EagleConfig, what: str, workflow_run, inp, workfl
                                          id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                                          static_summary=f"{what} {c.service}")
     out.print(f"{what} started: {_ui_link(c, handle)}")
-    report(await _follow(handle, c))
+    r = await _follow(handle, c)
+    report(r)
+    switched = getattr(r, "switchover", None)
+    _exit_for(what, getattr(r, "outcome", None) or (switched.outcome if switched else "succeeded"),
+              getattr(r, "steps", []))
 
 
 async def _follow(handle, c: EagleConfig) -> object:
@@ -321,22 +325,49 @@ async def _follow(handle, c: EagleConfig) -> object:
     return result_task.result()
 
 
+def _verdict(met) -> str:
+    return "[red]UNKNOWN[/]" if met is None else "[green]met[/]" if met else "[red]MISSED[/]"
+
+
 def _report(r) -> None:
     out.print(f"[bold]{r.runbook}[/] {r.service} {r.source_region} -> {r.target_region}: "
               f"[{'green' if r.outcome == 'succeeded' else 'red'}]{r.outcome}[/] (epoch {r.epoch}, "
               f"approval {r.approval.outcome}{' by ' + r.approval.approver if r.approval.approver else ''})")
     rto, rpo = r.rto, r.rpo
-    out.print(f"  RTO {rto.total_s:.2f}s (target {rto.target_s:.0f}s: {'met' if rto.met else 'MISSED'}) = detection->"
-              f"decision {rto.detection_to_decision_s:.2f}s + decision->writable {rto.decision_to_writable_s:.2f}s + "
-              f"writable->serving {rto.writable_to_serving_s:.2f}s"
+
+    def s(v) -> str:
+        return f"{v:.2f}s" if v is not None else "unknown"
+
+    out.print(f"  RTO {s(rto.total_s)} (target {rto.target_s:.0f}s: {_verdict(rto.met)}) = detection->decision "
+              f"{s(rto.detection_to_decision_s)} + decision->writable {s(rto.decision_to_writable_s)} + "
+              f"writable->serving {s(rto.writable_to_serving_s)}"
               + (f"; clients saw {rto.client_outage_s:.2f}s" if rto.client_outage_s is not None else ""))
-    out.print(f"  RPO: WAL lost {rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else 'unknown'} bytes "
-              f"({rpo.wal_basis}); Redis offset gap {rpo.redis_offset_gap}; acknowledged writes lost "
+    out.print(f"  RPO: WAL lost {rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else '[red]unknown[/]'} bytes"
+              + (f", {rpo.lost_commits} commits" if rpo.lost_commits is not None else "")
+              + (f" over {rpo.loss_window_s:.2f}s" if rpo.loss_window_s else "")
+              + f" ({rpo.wal_basis}); Redis offset gap "
+              f"{rpo.redis_offset_gap if rpo.redis_offset_gap is not None else 'unknown'}; acknowledged writes lost "
               f"{rpo.acknowledged_writes_lost if rpo.acknowledged_writes_lost is not None else 'n/a'}"
               + (f" of {rpo.acknowledged_writes_total}" if rpo.acknowledged_writes_total else "")
-              + (f" (target {rpo.target_s:.0f}s: {'met' if rpo.met else 'MISSED'})" if rpo.met is not None else ""))
+              + (f" (target {rpo.target_s:.0f}s: {_verdict(rpo.met)})" if rpo.target_s is not None else ""))
     for n in r.notes:
         out.print(f"  [yellow]note:[/] {n}")
+
+
+# Exit codes of the runbook commands: 0 succeeded, 1 failed (nothing or not all was done),
+# 2 bad input or config, 3 done but degraded (the command names what), 4 another move holds the id.
+EXIT_FAILED, EXIT_DEGRADED, EXIT_BUSY = 1, 3, 4
+
+
+def _exit_for(what: str, outcome: str, steps) -> None:
+    if outcome in ("succeeded", "resolved", "no-split-brain"):
+        return
+    steps = [st if isinstance(st, dict) else st.model_dump() for st in steps]
+    failed = [st["name"] + (f" ({st['detail']})" if st.get("detail") else "") for st in steps
+              if st.get("status") == "failed"]
+    if outcome == "degraded":
+        _fail(f"{what} finished DEGRADED: " + ("; ".join(failed) or "see the notes above"), EXIT_DEGRADED)
+    _fail(f"{what} {outcome}" + (": " + "; ".join(failed) if failed else ""), EXIT_FAILED)
 
 
 def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], approval: bool,
@@ -359,9 +390,11 @@ def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], 
         try:
             handle = await start_move(client, c, inp)
         except AlreadyInProgress as e:
-            _fail(str(e), 3)
+            _fail(str(e), EXIT_BUSY)
         out.print(f"{kind} started: {_ui_link(c, handle)}")
-        _report(await _follow(handle, c))
+        r = await _follow(handle, c)
+        _report(r)
+        _exit_for(kind, r.outcome, r.steps)
 
     _run_runbook(kind, run)
 
@@ -428,7 +461,7 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
         try:
             handle = await start_drill(client, c, DrillInput(service=c.service, switchover_to=switchover_to))
         except AlreadyInProgress as e:
-            _fail(str(e), 3)
+            _fail(str(e), EXIT_BUSY)
         out.print(f"drill started: {_ui_link(c, handle)}")
         report = await _follow(handle, c)
         out.rule("DR drill report")
@@ -442,6 +475,11 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
             out.print(f"[yellow]note:[/] {n}")
         out.print(f"Temporal UI: {_ui_link(c, handle)} (children: {c.temporal.ui_url}/namespaces/"
                   f"{client.namespace}/workflows?query=DrTrigger%3D%22drill%22)")
+        parts = [report.switchover, report.failover] + ([report.failback.switchover] if report.failback and
+                                                          report.failback.switchover else [])
+        degraded = [f"{p.runbook} -> {p.target_region}" for p in parts if p.outcome != "succeeded"]
+        if degraded:
+            _fail(f"drill finished DEGRADED: {', '.join(degraded)}", EXIT_DEGRADED)
 
     _run_runbook("drill", run)
 

@@ -69,8 +69,10 @@ async def test_bad_runbook_input_fails_at_once(lab, client, raw, field, reason):
 
 async def test_lag_guard_refuses_failover(lab, client):
     a, b = _names(lab)
-    startup = _startup_pid(lab, b)
-    os.kill(startup, signal.SIGSTOP)
+    # WAL the standby never received is what a failover would lose (received but unreplayed
+    # WAL is replayed before promotion completes): stop its receiver.
+    receiver = _aux_pid(lab, b, b"walreceiver")
+    os.kill(receiver, signal.SIGSTOP)
     try:
         _write_bulk(lab, a)
         assert _lag_bytes(lab, a) > 4096
@@ -80,7 +82,7 @@ async def test_lag_guard_refuses_failover(lab, client):
         assert _primary(lab) == a and pg_status(lab.cfg.region(b).postgres).role == "standby"
         assert read_epoch(lab.cfg.region(a).postgres, lab.cfg.service).epoch == before
     finally:
-        os.kill(startup, signal.SIGCONT)
+        os.kill(receiver, signal.SIGCONT)
 
 
 async def test_second_request_is_rejected_then_approval_rejects(lab, client):
@@ -176,20 +178,22 @@ async def test_switchover_under_load_loses_nothing(lab, client):
 async def test_forced_failover_past_the_lag_guard(lab, client):
     a, b = _names(lab)
     assert _primary(lab) == b
-    startup = _startup_pid(lab, a)
-    os.kill(startup, signal.SIGSTOP)
+    receiver = _aux_pid(lab, a, b"walreceiver")
+    os.kill(receiver, signal.SIGSTOP)
     try:
         _write_bulk(lab, b)
         handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=a,
                                                                  max_lag_bytes=1, force=True, reason="forced test"))
 
-        async def promoting():
+        async def past_the_guard():
             p = await _progress(handle)
-            return p is not None and any(s.name == "promote" for s in p.steps)
+            return p is not None and any(s.name == "take DR epoch" for s in p.steps)
 
-        await _until(promoting, 60, "the promote step")
+        # Let the receiver go once the guard was passed: a clean stop of the old primary waits
+        # for its walsender to hand the standby everything.
+        await _until(past_the_guard, 60, "the guard to be passed")
     finally:
-        os.kill(startup, signal.SIGCONT)
+        os.kill(receiver, signal.SIGCONT)
     result = await handle.result()
     await record(handle, "failover-forced")
     assert result.outcome == "succeeded"

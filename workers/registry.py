@@ -39,7 +39,7 @@ def _postgres(cfg: EagleConfig) -> list:
 
 
 def regional_activities(cfg: EagleConfig) -> list:
-    return [HealthActivities(cfg).probe_region, *_postgres(cfg),
+    return [HealthActivities(cfg).probe_region, *_postgres(cfg), PostgresActivities(cfg).measure_lost_wal,
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
                       "preserve_redis_and_rejoin")]
 

@@ -23,7 +23,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, RegionHealth
-    from activities.postgres.activities import EpochRequest, FenceRequest, PostgresActivities
+    from activities.postgres.activities import EpochRequest, FenceRequest, LostWalRequest, PostgresActivities
     from activities.postgres.fence import PgFence
     from activities.postgres.lsn import lsn_diff
     from activities.redis import failover as redis_failover
@@ -76,24 +76,27 @@ class FailoverWorkflow(Runbook):
                                               schedule_to_start=5, attempts=1)
                 except ActivityError:
                     notes.append(f"source region {source} worker did not answer the preflight probe")
-            source_lsn = s_health.postgres.lsn if s_health and s_health.postgres.role == "primary" else None
-            if source_lsn:
-                lag = lsn_diff(source_lsn, t_health.postgres.lsn)
-                lag_basis = "source current LSN - target replay LSN"
-            else:
-                lag = lsn_diff(t_health.postgres.receive_lsn, t_health.postgres.lsn)
-                lag_basis = "source unreachable: received but not replayed WAL on the target"
-            st.detail = f"target standby OK; lag {lag} bytes ({lag_basis})"
-            if lag is not None and lag > inp.max_lag_bytes:
-                if not inp.force:
-                    raise ApplicationError(
-                        f"replication lag {lag} bytes exceeds max_lag_bytes {inp.max_lag_bytes} ({lag_basis}); "
-                        "failing over would lose that data. Re-run with force=true to accept it.",
-                        {"lag_bytes": lag, "max_lag_bytes": inp.max_lag_bytes}, type="LagTooHigh", non_retryable=True)
-                notes.append(f"forced past lag guard: {lag} > {inp.max_lag_bytes} bytes")
+            source_pg = s_health.postgres if s_health else None
+            lag, lag_basis = standby_lag(source_pg, t_health.postgres)
+            st.detail = f"target standby OK; lag {lag if lag is not None else 'unknown'} bytes ({lag_basis})"
+            self._lag_guard(inp, lag, lag_basis, notes)
 
         previous = await self.take_epoch(target, tq)
         approval = await self.approval(inp.approval, f"fail over {inp.service} to {target}")
+        if inp.approval.required and workflow.patched("lag-guard-after-approval"):
+            # The approval may have waited minutes: the standby can have fallen further behind.
+            async with self.step("re-check the lag guard") as st:
+                t_health = await self.act(HealthActivities.probe_region, target, queue=tq, timeout=30,
+                                          schedule_to_start=30, attempts=2)
+                if s_health is not None:
+                    try:
+                        s_health = await self.act(HealthActivities.probe_region, source, queue=sq, timeout=15,
+                                                  schedule_to_start=5, attempts=1)
+                    except ActivityError:
+                        s_health = None
+                lag, lag_basis = standby_lag(s_health.postgres if s_health else None, t_health.postgres)
+                st.detail = f"lag {lag if lag is not None else 'unknown'} bytes ({lag_basis})"
+                self._lag_guard(inp, lag, lag_basis, notes)
         decided_at = workflow.now()
 
         async with self.step("fence old primary") as st:
@@ -140,15 +143,26 @@ class FailoverWorkflow(Runbook):
         async with self.step("measure RTO/RPO") as st:
             rto = Rto(detected_at=detected_at, decided_at=decided_at, promotion_started_at=promotion_started,
                       writable_at=promotion.writable_at, serving_at=serving_at, target_s=topo.rto_target_seconds)
-            known_lsn = pg_fence.last_lsn or source_lsn
-            rpo = Rpo(lost_wal_bytes=max(0, lsn_diff(known_lsn, promotion.replay_lsn) or 0) if known_lsn else None,
-                      wal_basis=("old primary's last known LSN - promoted standby's replay LSN" if known_lsn else
-                                 "old primary unreachable: lost WAL is measured at failback (pg_waldump)"),
-                      redis_offset_gap=_gap(r_fence, redis.promotion), target_s=topo.rpo_target_seconds)
+            rpo = Rpo(redis_offset_gap=_gap(r_fence, redis.promotion), target_s=topo.rpo_target_seconds)
+            lost = None
+            if promotion.replay_lsn is None:
+                rpo.wal_basis = ("unknown: the promote step was retried after the standby had been promoted, so its "
+                                 "replay position at promotion was not seen; failback measures the loss")
+            elif workflow.patched("measure-lost-wal"):
+                try:
+                    lost = await self.act(PostgresActivities.measure_lost_wal, LostWalRequest(
+                        region=source, from_lsn=promotion.replay_lsn), queue=sq, timeout=300, schedule_to_start=5,
+                        attempts=1)
+                except ActivityError as e:
+                    notes.append(f"{source}'s own WAL could not be read ({e.cause or e}): the loss is measured at "
+                                 "failback")
+            wal_rpo(rpo, lost, pg_fence, promotion.replay_lsn)
             if inp.measure_client_impact:
                 await self.measure_clients(rto, rpo, target, previous, outage_since=detected_at)
-            finish_measurement(rto, rpo)
-            st.detail = f"RTO {rto.total_s:.1f}s (target {rto.target_s}s, {'met' if rto.met else 'MISSED'})"
+            finish_measurement(rto, rpo, verified=verification.ok)
+            st.detail = f"RTO {rto.total_s:.1f}s (target {rto.target_s}s, {verdict(rto.met)}); RPO " \
+                        f"{rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else 'unknown'} WAL bytes " \
+                        f"({verdict(rpo.met)})"
 
         outcome = "succeeded" if verification.ok else "degraded"
         self.finish(outcome)
@@ -156,6 +170,19 @@ class FailoverWorkflow(Runbook):
                              service=inp.service, source_region=source, target_region=target, epoch=self.epoch,
                              outcome=outcome, trigger=inp.trigger, reason=inp.reason, approval=approval,
                              steps=self.steps, rto=rto, rpo=rpo, source_fenced=pg_fence.method, notes=notes)
+
+    def _lag_guard(self, inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:
+        if lag is None:
+            notes.append(f"replication lag unknown ({basis}): what the old primary wrote after the standby last "
+                         "heard from it is lost; the loss is measured after promotion or at failback")
+            return
+        if lag > inp.max_lag_bytes:
+            if not inp.force:
+                raise ApplicationError(
+                    f"replication lag {lag} bytes exceeds max_lag_bytes {inp.max_lag_bytes} ({basis}); "
+                    "failing over would lose that data. Re-run with force=true to accept it.",
+                    {"lag_bytes": lag, "max_lag_bytes": inp.max_lag_bytes}, type="LagTooHigh", non_retryable=True)
+            notes.append(f"forced past lag guard: {lag} > {inp.max_lag_bytes} bytes")
 
     async def _fence_postgres(self, source: str, source_queue: str | None, control: str) -> PgFence:
         """Stop it on its own worker if that worker lives; else read-only over the network.
@@ -185,7 +212,54 @@ def _gap(fence, promotion) -> int | None:
     return redis_failover.offset_gap(fence.offset if fence.reachable else None, promotion.offset)
 
 
-def finish_measurement(rto: Rto, rpo: Rpo) -> None:
+def standby_lag(source, target) -> tuple[int | None, str]:
+    """What failing over to ``target`` now would lose, in WAL bytes, and how that is known.
+
+    WAL the standby received but has not replayed yet is not lost: promotion replays it
+    first. With the source alive, the loss is what it wrote that the standby has not received.
+    With the source gone, only what its walsender last reported is known; anything it wrote
+    after that report is unknown, never counted as 0."""
+    received = target.receive_lsn or target.lsn
+    if source is not None and source.role == "primary" and source.lsn:
+        return max(0, lsn_diff(source.lsn, received) or 0), "source current LSN - target received LSN"
+    if target.sender_end_lsn and received:
+        return max(0, lsn_diff(target.sender_end_lsn, received) or 0), (
+            f"source unreachable: end of WAL its walsender last reported (at {target.sender_end_at}) - target "
+            "received LSN; anything written after that report is unknown")
+    return None, "source unreachable and the standby has no report of its end of WAL: unknown"
+
+
+def wal_rpo(rpo: Rpo, lost, fence: PgFence, replay_lsn: str | None) -> None:
+    """The WAL part of the RPO, from the best evidence there is; unknown stays None."""
+    if lost is not None:
+        rpo.lost_wal_bytes = max(0, lost.lost_bytes) if lost.lost_bytes is not None else None
+        rpo.lost_commits = lost.lost_commits
+        rpo.wal_basis = "the old primary's own WAL read to its end from the promoted standby's replay LSN"
+        if lost.lost_commits == 0:
+            rpo.loss_window_s = 0.0
+        elif lost.last_lost_commit_at and lost.last_commit_before_fork_at:
+            rpo.loss_window_s = (lost.last_lost_commit_at - lost.last_commit_before_fork_at).total_seconds()
+        return
+    if replay_lsn is None:
+        return
+    if fence.method == "read_only" and fence.last_lsn:
+        # The read-only fence reads pg_current_wal_lsn() once nothing can commit: the true end.
+        rpo.lost_wal_bytes = max(0, lsn_diff(fence.last_lsn, replay_lsn) or 0)
+        rpo.wal_basis = "old primary's WAL position once fenced read-only - promoted standby's replay LSN"
+    elif fence.method == "stop" and fence.clean_shutdown and fence.last_lsn:
+        rpo.lost_wal_bytes = max(0, lsn_diff(fence.last_lsn, replay_lsn) or 0)
+        rpo.wal_basis = "old primary's shutdown checkpoint - promoted standby's replay LSN"
+    else:
+        rpo.wal_basis = ("unknown: the old primary " + ("crashed before it was stopped, so its last checkpoint is "
+                         "not the end of its WAL" if fence.method == "stop" else "was unreachable") +
+                         "; failback measures the loss from its WAL")
+
+
+def verdict(met: bool | None) -> str:
+    return "unknown" if met is None else "met" if met else "MISSED"
+
+
+def finish_measurement(rto: Rto, rpo: Rpo, verified: bool = True) -> None:
     def secs(a, b):
         return (b - a).total_seconds() if a and b else None
 
@@ -194,8 +268,20 @@ def finish_measurement(rto: Rto, rpo: Rpo) -> None:
     rto.writable_to_serving_s = secs(rto.writable_at, rto.serving_at)
     rto.total_s = secs(rto.detected_at, rto.serving_at)
     if rto.target_s is not None and rto.total_s is not None:
-        rto.met = rto.total_s <= rto.target_s
-    if rpo.loss_window_s is not None and rpo.target_s is not None:
-        rpo.met = rpo.loss_window_s <= rpo.target_s
-    elif rpo.lost_wal_bytes == 0:
-        rpo.met = True
+        # A service that failed verification was not restored, however fast the steps ran.
+        rto.met = verified and rto.total_s <= rto.target_s
+    rpo.met = rpo_met(rpo)
+
+
+def rpo_met(rpo: Rpo) -> bool | None:
+    """Met only on evidence: nothing lost (proven), or a measured loss window within the
+    target. Lost WAL whose time span is unknown is unknown, never met."""
+    if rpo.target_s is None:
+        return None
+    if rpo.acknowledged_writes_lost:
+        return rpo.loss_window_s is not None and rpo.loss_window_s <= rpo.target_s
+    if rpo.lost_commits == 0 or rpo.lost_wal_bytes == 0:
+        return True
+    if rpo.loss_window_s is not None and rpo.lost_commits is not None:
+        return rpo.loss_window_s <= rpo.target_s
+    return None

@@ -115,8 +115,12 @@ class Rto(BaseModel):
 
 
 class Rpo(BaseModel):
+    # None: unknown (never 0 unless proven: a clean shutdown checkpoint replayed, or the old
+    # primary's own WAL read to its end).
     lost_wal_bytes: int | None = None
     wal_basis: str = ""
+    # Transactions the old primary committed that the new primary lacks (from its WAL).
+    lost_commits: int | None = None
     redis_offset_gap: int | None = None
     acknowledged_writes_lost: int | None = None
     acknowledged_writes_total: int | None = None

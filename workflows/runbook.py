@@ -188,7 +188,9 @@ class Runbook:
         acked = await self.act(LabHooks.count_missing_acked_writes,
                                AckedRequest(region=target, since=previous.updated_at), queue=control, timeout=60)
         rpo.acknowledged_writes_lost, rpo.acknowledged_writes_total = acked.missing, acked.acknowledged
-        rpo.loss_window_s = acked.loss_window_s
+        if acked.missing:
+            # Two measurements of one loss (the app's log, the old primary's WAL): the worse stands.
+            rpo.loss_window_s = max(acked.loss_window_s, rpo.loss_window_s or 0.0)
         outage = await self.act(LabHooks.client_outage, MarkRequest(since=outage_since, region=target),
                                 queue=control, timeout=60)
         rto.client_outage_s = outage.outage_seconds

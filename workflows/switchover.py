@@ -126,12 +126,18 @@ class SwitchoverWorkflow(Runbook):
         async with self.step("measure RTO/RPO") as st:
             rto = Rto(detected_at=started, decided_at=decided_at, promotion_started_at=promotion_started,
                       writable_at=promotion.writable_at, serving_at=serving_at, target_s=topo.rto_target_seconds)
-            rpo = Rpo(lost_wal_bytes=0, wal_basis="standby replayed past the old primary's shutdown checkpoint",
+            # Zero only when proven: the old primary's last stop was a clean shutdown (its checkpoint
+            # is the last record it wrote) and the standby replayed past that checkpoint.
+            proven = stopped.clean_shutdown is not False
+            rpo = Rpo(lost_wal_bytes=0 if proven else None, lost_commits=0 if proven else None,
+                      wal_basis="standby replayed past the old primary's shutdown checkpoint" if proven else
+                      "unknown: the old primary did not shut down cleanly (a crash while it was being stopped); "
+                      "its WAL after the last checkpoint was not compared",
                       redis_offset_gap=redis.lost_bytes, target_s=topo.rpo_target_seconds)
             if inp.measure_client_impact:
                 notes += await self.measure_clients(rto, rpo, target, previous, outage_since=decided_at)
-            finish_measurement(rto, rpo)
-            st.detail = f"RTO {rto.total_s:.1f}s; WAL lost 0 bytes" + (
+            finish_measurement(rto, rpo, verified=verification.ok)
+            st.detail = f"RTO {rto.total_s:.1f}s; WAL lost {rpo.lost_wal_bytes if proven else 'unknown'} bytes" + (
                 f"; clients saw {rto.client_outage_s}s without writes, acked writes lost "
                 f"{rpo.acknowledged_writes_lost}" if inp.measure_client_impact else "")
 

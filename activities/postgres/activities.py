@@ -11,10 +11,13 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import epoch as epochs
+from activities.postgres.ctl import PgCtl
+from activities.postgres.divergence import ForkPoint, LostWal, lost_wal
 from activities.postgres.fence import PgFence, fence_read_only, fence_stop, unfence
 from activities.postgres.promote import Promotion, promote
 from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot, wait_replayed_past
-from activities.postgres.status import PgStatus, pg_status
+from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
+from activities.postgres.wal import WalUnreadable
 from eagle_dr.config import EagleConfig
 
 
@@ -34,6 +37,12 @@ class ReplayRequest(BaseModel):
     region: str
     lsn: str
     timeout_seconds: float = 300
+
+
+class LostWalRequest(BaseModel):
+    region: str
+    # Where the promoted standby left the old primary's WAL (its replay LSN at promotion).
+    from_lsn: str
 
 
 class RejoinRequest(BaseModel):
@@ -96,6 +105,25 @@ class PostgresActivities:
                                         info.workflow_id, info.workflow_run_id)
         except epochs.StaleEpoch as e:
             raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
+
+    @activity.defn
+    def measure_lost_wal(self, req: LostWalRequest) -> LostWal:
+        """What the old primary committed that the promoted standby never replayed, read from the
+        old primary's own WAL on its own worker: the failover's RPO in bytes, commits and time.
+        After a crash nobody planned, pg_controldata's checkpoint is not the end of the WAL:
+        pg_waldump reads to the last valid record."""
+        pg = self._pg(req.region)
+        ctl = PgCtl(pg)
+        tli = int(ctl.controldata()["Latest checkpoint's TimeLineID"])
+        if ctl.running():
+            with connect(pg) as conn:
+                tli = conn.execute(f"select {CURRENT_TIMELINE}").fetchone()[0]
+        try:
+            return lost_wal(pg, ForkPoint(new_timeline=tli + 1, old_timeline=tli, fork_lsn=req.from_lsn,
+                                          loser_timeline=tli))
+        except WalUnreadable as e:
+            raise ApplicationError(f"{req.region}'s WAL after {req.from_lsn} cannot be read: {e}",
+                                   type="WalUnreadable", non_retryable=True) from e
 
     @activity.defn
     def wait_replayed(self, req: ReplayRequest) -> Replayed:

@@ -46,6 +46,7 @@ class LostWal(BaseModel):
     lost_bytes: int | None
     lost_commits: int
     first_lost_commit_at: datetime | None = None
+    last_lost_commit_at: datetime | None = None
     last_commit_before_fork_at: datetime | None = None
     # Relation files the loser's committed post-fork transactions changed (named at reconcile).
     changed_relation_files: int | None = None
@@ -92,6 +93,7 @@ def lost_wal(loser: PostgresConfig, fork: ForkPoint) -> LostWal:
     times = [c.at for c in found.commits]
     return LostWal(fork_lsn=fork.fork_lsn, end_lsn=found.end_lsn, lost_bytes=lsn_diff(found.end_lsn, fork.fork_lsn),
                    lost_commits=len(found.commits), first_lost_commit_at=times[0] if times else None,
+                   last_lost_commit_at=times[-1] if times else None,
                    last_commit_before_fork_at=_last_commit_before(ctl, wal, tli, fork.old_timeline, fork.fork_lsn),
                    changed_relation_files=len(found.changes))
 

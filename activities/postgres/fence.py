@@ -25,6 +25,9 @@ class PgFence(BaseModel):
     last_lsn: str | None = None
     timeline: int | None = None
     error: str | None = None
+    # stop: pg_controldata says "shut down", so last_lsn (its shutdown checkpoint) is the last
+    # record it wrote. False after a crash: the WAL runs on past the last checkpoint.
+    clean_shutdown: bool | None = None
 
 
 def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float) -> str:
@@ -63,12 +66,14 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
     if not ctl.running():
         data = ctl.controldata()
         return PgFence(reachable=True, method="stop", last_lsn=data.get("Latest checkpoint location"),
-                       timeline=int(data.get("Latest checkpoint's TimeLineID", "0") or 0))
+                       timeline=int(data.get("Latest checkpoint's TimeLineID", "0") or 0),
+                       clean_shutdown=data.get("Database cluster state") == "shut down")
     ro = fence_read_only(cfg, timeout)
     ctl.stop("fast")
     data = ctl.controldata()
     return PgFence(reachable=True, method="stop", last_lsn=data.get("Latest checkpoint location") or ro.last_lsn,
-                   timeline=int(data.get("Latest checkpoint's TimeLineID", "0") or 0))
+                   timeline=int(data.get("Latest checkpoint's TimeLineID", "0") or 0),
+                   clean_shutdown=data.get("Database cluster state") == "shut down")
 
 
 def unfence(cfg: PostgresConfig) -> None:

@@ -6,6 +6,8 @@ Plain functions, used by the health activities on a regional worker and by
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import psycopg
 from pydantic import BaseModel
 
@@ -35,6 +37,11 @@ class PgStatus(BaseModel):
     upstream: str | None = None
     receiver_status: str | None = None
     replay_delay_seconds: float | None = None
+    # standby side: the primary's end of WAL as its walsender last reported it, and when.
+    # With the primary gone, (sender_end_lsn - receive_lsn) is the WAL known never received;
+    # whatever it wrote after sender_end_at is unknown.
+    sender_end_lsn: str | None = None
+    sender_end_at: datetime | None = None
     # primary side: its standbys
     replicas: list[ReplicaLink] = []
     read_only: bool | None = None
@@ -70,7 +77,9 @@ select pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text,
        (select status from pg_stat_wal_receiver),
        (select received_tli from pg_stat_wal_receiver),
        (select sender_host || ':' || sender_port from pg_stat_wal_receiver),
-       (select timeline_id from pg_control_checkpoint())
+       (select timeline_id from pg_control_checkpoint()),
+       (select latest_end_lsn::text from pg_stat_wal_receiver),
+       (select latest_end_time from pg_stat_wal_receiver)
 """
 
 
@@ -87,8 +96,9 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0) -> PgStatus:
                     for r in conn.execute(_REPLICAS_SQL).fetchall()
                 ]
                 return PgStatus(reachable=True, role="primary", timeline=tli, lsn=lsn, replicas=replicas, read_only=ro)
-            replay, receive, delay, status, rtli, upstream, ctli = conn.execute(_STANDBY_SQL).fetchone()
+            replay, receive, delay, status, rtli, upstream, ctli, end, end_at = conn.execute(_STANDBY_SQL).fetchone()
             return PgStatus(reachable=True, role="standby", timeline=rtli or ctli, lsn=replay, receive_lsn=receive,
-                            upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True)
+                            upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True,
+                            sender_end_lsn=end, sender_end_at=end_at)
     except psycopg.Error as e:
         return PgStatus(reachable=False, error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
