@@ -42,6 +42,12 @@ class RouteResult(BaseModel):
     unreachable: dict[str, str] = {}
 
 
+class ScaleDownRequest(BaseModel):
+    region: str
+    # The runbook's DR epoch; None (a history recorded before epochs reached this step) = unfenced.
+    epoch: int | None = None
+
+
 class ScaleDownResult(BaseModel):
     region: str
     reachable: bool
@@ -67,23 +73,31 @@ class TrafficActivities:
         return KubernetesCluster(self.cfg.region(region).kubernetes)
 
     @activity.defn
-    def scale_down_region(self, region: str) -> ScaleDownResult:
+    def scale_down_region(self, req: str | ScaleDownRequest) -> ScaleDownResult:
         """Scale the region's microservices to 0 (part of fencing), remembering their replicas
-        in that cluster's ConfigMap so routing back restores them; unreachable is a result."""
+        in that cluster's ConfigMap so routing back restores them; unreachable is a result.
+
+        A bare region name is what workflows recorded before the epoch reached this step: it
+        is still accepted so their histories replay, and acts unfenced.
+        """
+        req = ScaleDownRequest(region=req) if isinstance(req, str) else req
         if not self.cfg.routing.kubernetes:
-            return ScaleDownResult(region=region, reachable=True)
+            return ScaleDownResult(region=req.region, reachable=True)
         try:
-            with self._cluster(region) as k8s:
+            with self._cluster(req.region) as k8s:
                 try:
-                    previous = k8s.fence_scale_down()
+                    previous = k8s.fence_scale_down(req.epoch)
                 except ResourceMissing as e:
                     # No ConfigMap to remember the counts in: the fence matters more than the
                     # memory (routing back falls back to the other region's counts).
-                    return ScaleDownResult(region=region, reachable=True, previous=k8s.scale(None, 0),
+                    return ScaleDownResult(region=req.region, reachable=True, previous=k8s.scale(None, 0),
                                            note=f"replicas not remembered: {e}")
-                return ScaleDownResult(region=region, reachable=True, previous=previous)
+                return ScaleDownResult(region=req.region, reachable=True, previous=previous)
+        except StaleEpochError as e:
+            # A newer runbook owns this region (it may have just restored it): never scale it down.
+            raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
         except Exception as e:  # noqa: BLE001 - a dead region's API is expected during failover
-            return ScaleDownResult(region=region, reachable=False, error=str(e)[:300])
+            return ScaleDownResult(region=req.region, reachable=False, error=str(e)[:300])
 
     @activity.defn
     def route_traffic(self, req: RouteRequest) -> RouteResult:

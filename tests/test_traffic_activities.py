@@ -14,7 +14,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.dns import Route53Failover
-from activities.traffic import RouteRequest, TrafficActivities
+from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
 from eagle_dr.config import DEFAULT_CONFIG, parse_config
 from tests.kmock_cluster import KmockCluster, kmock_cluster
 
@@ -94,7 +94,7 @@ def test_a_to_b_to_a_restores_services_and_every_cluster_names_the_active_region
     env, acts = ActivityEnvironment(), TrafficActivities(cfg)
 
     # Failover to us-west-2 at epoch 1, in FailoverWorkflow's order: fence, then route.
-    down = env.run(acts.scale_down_region, EAST)
+    down = env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=1))
     assert down.reachable and down.previous == {"alert-api": 3, "alert-worker": 2}
     route = env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=1))
     assert route.previous_region == EAST and route.unreachable == {}
@@ -115,7 +115,7 @@ def test_a_to_b_to_a_restores_services_and_every_cluster_names_the_active_region
     route = env.run(acts.route_traffic, RouteRequest(region=EAST, epoch=2))
     assert route.scaled_up == {"alert-api": 3, "alert-worker": 2}
     assert set(route.scaled_from.values()) == {"remembered at fence"}
-    down = env.run(acts.scale_down_region, WEST)
+    down = env.run(acts.scale_down_region, ScaleDownRequest(region=WEST, epoch=2))
     assert down.previous == {"alert-api": 4, "alert-worker": 2}
     assert env.run(acts.wait_region_ready, EAST) == {"alert-api": 3, "alert-worker": 2}
     assert serving(east) == {"alert-api": (3, 3), "alert-worker": (2, 2), "unrelated": (1, 1)}
@@ -124,7 +124,7 @@ def test_a_to_b_to_a_restores_services_and_every_cluster_names_the_active_region
     assert dns.current(record)["primary"]["set_identifier"] == EAST and dns.epoch(record) == (2, EAST)
 
     # And once more: us-west-2 comes back at the size it had, remembered in its own cluster.
-    env.run(acts.scale_down_region, EAST)
+    env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=3))
     route = env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=3))
     assert route.scaled_up == {"alert-api": 4, "alert-worker": 2}
     assert env.run(acts.wait_region_ready, WEST) == {"alert-api": 4, "alert-worker": 2}
@@ -135,7 +135,7 @@ def test_a_to_b_to_a_restores_services_and_every_cluster_names_the_active_region
     patches = len(east.requests("PATCH")) + len(west.requests("PATCH"))
     again = env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=3))
     assert again.changed == [] and again.scaled_up == {}
-    assert env.run(acts.scale_down_region, EAST).previous == \
+    assert env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=3)).previous == \
         {"alert-api": 0, "alert-worker": 0}
     assert len(east.requests("PATCH")) + len(west.requests("PATCH")) == patches
     # The second fence kept the count the first one remembered.
@@ -149,7 +149,7 @@ def test_a_stale_epoch_is_refused_by_configmaps_route53_and_scaling(clusters, mo
     dns = _dns(cfg, moto_url)
     record = cfg.region(EAST).dns.record
     env, acts = ActivityEnvironment(), TrafficActivities(cfg)
-    env.run(acts.scale_down_region, EAST)
+    env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=5))
     env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=5))
     env.run(acts.wait_region_ready, WEST)
 
@@ -158,8 +158,9 @@ def test_a_stale_epoch_is_refused_by_configmaps_route53_and_scaling(clusters, mo
             env.run(fn, arg)
         assert e.value.type == "StaleEpoch" and e.value.non_retryable
 
-    # A superseded runbook (epoch 4) may not route back.
+    # A superseded runbook (epoch 4) may neither route back nor scale down the region serving.
     refused(acts.route_traffic, RouteRequest(region=EAST, epoch=4))
+    refused(acts.scale_down_region, ScaleDownRequest(region=WEST, epoch=4))
     # The same token naming another region is as stale.
     refused(acts.route_traffic, RouteRequest(region=EAST, epoch=5))
 
@@ -185,7 +186,7 @@ def test_an_unreachable_cluster_is_reported_not_fatal(moto_url, aws_env, tmp_pat
         _dns(cfg, moto_url)
         env, acts = ActivityEnvironment(), TrafficActivities(cfg)
 
-        down = env.run(acts.scale_down_region, EAST)
+        down = env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=1))
         assert not down.reachable and down.error
         route = env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=1))
 
@@ -201,7 +202,15 @@ def test_a_cluster_without_the_configmap_is_still_fenced(moto_url, tmp_path):
         east.add_deployment("alert-api", labels=SELECTOR_LABELS, replicas=2)
         cfg = _config({EAST: east.api_url, WEST: "http://127.0.0.1:9"}, moto_url, str(tmp_path))
 
-        down = ActivityEnvironment().run(TrafficActivities(cfg).scale_down_region, EAST)
+        down = ActivityEnvironment().run(TrafficActivities(cfg).scale_down_region,
+                                         ScaleDownRequest(region=EAST, epoch=1))
 
         assert down.reachable and down.previous == {"alert-api": 2} and CM in down.note
         assert east.deployment("alert-api").spec.replicas == 0
+
+
+def test_a_bare_region_name_is_still_accepted(tmp_path, moto_url):
+    """Histories recorded before the epoch reached the scale step pass a bare string."""
+    cfg = _config({EAST: "http://127.0.0.1:9", WEST: "http://127.0.0.1:9"}, moto_url, str(tmp_path))
+    result = ActivityEnvironment().run(TrafficActivities(cfg).scale_down_region, EAST)
+    assert result.region == EAST and not result.reachable and result.error
