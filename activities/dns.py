@@ -5,6 +5,16 @@ SetIdentifier (the region name in eagle-dr's config). Failing over means: the ta
 record becomes PRIMARY and the region that held PRIMARY becomes SECONDARY, in one
 transactional change batch, so the pair stays complete and a second ``point_to`` undoes the
 first. Credentials come from boto3's normal chain, never from arguments.
+
+The DR epoch travels with the change: a TXT record ``_eagle-dr-epoch.<record>`` holding
+``"epoch=<n> region=<set identifier>"`` is replaced in the same change batch as the failover
+pair, and ``point_to`` refuses an epoch lower than the one it holds (``StaleEpoch``). Why a TXT
+record: Route 53 keeps no per-record metadata we could stamp (a change batch's comment cannot
+be read back by record, and health-check tags need a health check per record), while a TXT
+record is listable with the same API call, visible to ``dig`` for an operator, and part of the
+transactional batch. Replacing it as DELETE (of the exact value read) + CREATE makes the batch
+a compare-and-swap: if another runbook changed the token since we read it, Route 53 rejects the
+whole batch, failover pair included, and we re-read and re-check.
 """
 
 from __future__ import annotations
@@ -17,7 +27,12 @@ from typing import Any, Literal
 import boto3
 from botocore.exceptions import ClientError
 
+from activities.routing import StaleEpoch
+
 Role = Literal["PRIMARY", "SECONDARY"]
+EPOCH_LABEL = "_eagle-dr-epoch"
+_EPOCH_TTL = 60
+_CAS_ATTEMPTS = 5
 
 
 class ZoneMissing(LookupError):
@@ -82,27 +97,50 @@ class Route53Failover:
         ]
         self._apply(name, existing, desired)
 
-    def point_to(self, record: str, value: str, ttl: int, set_identifier: str) -> str | None:
+    def point_to(
+        self, record: str, value: str, ttl: int, set_identifier: str, epoch: int | None = None
+    ) -> str | None:
         """Make ``set_identifier``'s record PRIMARY with ``value``; returns the previous PRIMARY value.
 
         The record that held PRIMARY (if another region's) is demoted to SECONDARY, keeping
         its value, TTL and health check. Returns once Route 53 reports the change INSYNC.
+        ``epoch`` is the runbook's fencing token, as for the ConfigMap: a lower one than the
+        zone records is refused, and so is the same one naming another region. Without an
+        epoch (manual use) the recorded token is left alone.
         """
         name = self._name(record)
-        existing = self._failover_records(name)
-        old_primary = next((r for r in existing.values() if r.get("Failover") == "PRIMARY"), None)
-        desired = [_merge(existing.get(set_identifier), name, set_identifier, "PRIMARY", value, ttl)]
-        if old_primary is not None and old_primary["SetIdentifier"] != set_identifier:
-            demoted = copy.deepcopy(old_primary)
-            demoted["Failover"] = "SECONDARY"
-            desired.append(demoted)
-        else:
-            # Same region, new value or TTL: the standby record stays as it is.
-            desired += [
-                r for sid, r in existing.items() if r.get("Failover") == "SECONDARY" and sid != set_identifier
-            ]
-        self._apply(name, existing, desired)
-        return _value(old_primary) if old_primary is not None else None
+        for attempt in range(_CAS_ATTEMPTS):
+            existing = self._failover_records(name)
+            token_changes = self._token_changes(name, set_identifier, epoch)
+            old_primary = next((r for r in existing.values() if r.get("Failover") == "PRIMARY"), None)
+            desired = [_merge(existing.get(set_identifier), name, set_identifier, "PRIMARY", value, ttl)]
+            if old_primary is not None and old_primary["SetIdentifier"] != set_identifier:
+                demoted = copy.deepcopy(old_primary)
+                demoted["Failover"] = "SECONDARY"
+                desired.append(demoted)
+            else:
+                # Same region, new value or TTL: the standby record stays as it is.
+                desired += [
+                    r for sid, r in existing.items() if r.get("Failover") == "SECONDARY" and sid != set_identifier
+                ]
+            try:
+                self._apply(name, existing, desired, token_changes)
+            except ClientError as e:
+                # The token we deleted was no longer there as read: someone moved it meanwhile.
+                if token_changes and _code(e) in ("InvalidChangeBatch", "InvalidInput") and \
+                        attempt + 1 < _CAS_ATTEMPTS:
+                    continue
+                raise
+            return _value(old_primary) if old_primary is not None else None
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def check_epoch(self, record: str, set_identifier: str, epoch: int) -> None:
+        """Raise ``StaleEpoch`` if ``point_to(..., set_identifier, epoch)`` would be refused."""
+        self._token_changes(self._name(record), set_identifier, epoch)
+
+    def epoch(self, record: str) -> tuple[int, str] | None:
+        """The DR epoch and region recorded beside the failover pair, if any."""
+        return _parse_token(self._token(self._name(record)))
 
     def current(self, record: str) -> dict[str, Any]:
         """``{"primary": {...} | None, "secondary": {...} | None}``, each with
@@ -152,7 +190,46 @@ class Route53Failover:
             if "NextRecordIdentifier" in page:
                 kwargs["StartRecordIdentifier"] = page["NextRecordIdentifier"]
 
-    def _apply(self, name: str, existing: dict[str, dict[str, Any]], desired: list[dict[str, Any]]) -> None:
+    def _token(self, name: str) -> dict[str, Any] | None:
+        token_name = f"{EPOCH_LABEL}.{name}"
+        sets = self._r53.list_resource_record_sets(
+            HostedZoneId=self._zone(), StartRecordName=token_name, StartRecordType="TXT", MaxItems="1"
+        )["ResourceRecordSets"]
+        return next((r for r in sets if _fqdn(r["Name"]) == token_name and r["Type"] == "TXT"), None)
+
+    def _token_changes(self, name: str, set_identifier: str, epoch: int | None) -> list[dict[str, Any]]:
+        """The changes that move the epoch token to ``(epoch, set_identifier)``; raises
+        ``StaleEpoch`` if the zone already holds a newer token."""
+        if epoch is None:
+            return []
+        token = self._token(name)
+        stored = _parse_token(token)
+        if stored is not None:
+            stored_epoch, stored_region = stored
+            if epoch < stored_epoch or (epoch == stored_epoch and set_identifier != stored_region):
+                raise StaleEpoch(
+                    f"refusing to make {set_identifier!r} PRIMARY for {name} with epoch {epoch}: Route 53 "
+                    f"already records epoch {stored_epoch} (region {stored_region!r})"
+                )
+            if stored == (epoch, set_identifier):
+                return []
+        new = {
+            "Name": f"{EPOCH_LABEL}.{name}",
+            "Type": "TXT",
+            "TTL": _EPOCH_TTL,
+            "ResourceRecords": [{"Value": f'"epoch={epoch} region={set_identifier}"'}],
+        }
+        return ([{"Action": "DELETE", "ResourceRecordSet": token}] if token is not None else []) + [
+            {"Action": "CREATE", "ResourceRecordSet": new}
+        ]
+
+    def _apply(
+        self,
+        name: str,
+        existing: dict[str, dict[str, Any]],
+        desired: list[dict[str, Any]],
+        extra: list[dict[str, Any]] | None = None,
+    ) -> None:
         wanted = {r["SetIdentifier"]: r for r in desired}
         # Anything else in the pair's name would make a second PRIMARY or SECONDARY.
         changes = [{"Action": "DELETE", "ResourceRecordSet": r} for sid, r in existing.items() if sid not in wanted]
@@ -161,6 +238,7 @@ class Route53Failover:
             for sid, r in wanted.items()
             if _comparable(existing.get(sid)) != _comparable(r)
         ]
+        changes += extra or []
         if not changes:
             return  # already so: a retried activity must not even create a change
         resp = self._r53.change_resource_record_sets(
@@ -195,6 +273,18 @@ def _comparable(r: dict[str, Any] | None) -> tuple | None:
         return None
     values = sorted(v["Value"] for v in r.get("ResourceRecords", []))
     return (r.get("Failover"), r.get("TTL"), tuple(values), r.get("HealthCheckId"))
+
+
+def _parse_token(r: dict[str, Any] | None) -> tuple[int, str] | None:
+    if r is None:
+        return None
+    raw = " ".join(v["Value"] for v in r.get("ResourceRecords", [])).strip('"')
+    fields = dict(part.split("=", 1) for part in raw.split() if "=" in part)
+    try:
+        return int(fields["epoch"]), fields["region"]
+    except (KeyError, ValueError):
+        # A garbled token must stop the runbook, not silently switch fencing off.
+        raise ValueError(f"unreadable DR epoch record {r.get('Name')}: {raw!r}") from None
 
 
 def _value(r: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.kubernetes import KubernetesCluster, StaleEpochError
+from activities.kubernetes import KubernetesCluster, ResourceMissing, StaleEpochError
 from activities.postgres.status import connect
 from activities.redis.status import client as redis_client
 from activities.routing import LabRouter, StaleEpoch
@@ -33,8 +33,19 @@ class RouteRequest(BaseModel):
 class RouteResult(BaseModel):
     region: str
     previous_region: str | None
+    # e.g. "configmap@us-west-2", "dns", "lab"
     changed: list[str]
     scaled_up: dict[str, int] = {}
+    # Where each scaled-up count came from ("remembered at fence", "from the other region", ...).
+    scaled_from: dict[str, str] = {}
+    # Clusters whose ConfigMap could not be written (region -> error): reported, not fatal.
+    unreachable: dict[str, str] = {}
+
+
+class ScaleDownRequest(BaseModel):
+    region: str
+    # The runbook's DR epoch; None (a history recorded before epochs reached this step) = unfenced.
+    epoch: int | None = None
 
 
 class ScaleDownResult(BaseModel):
@@ -42,6 +53,8 @@ class ScaleDownResult(BaseModel):
     reachable: bool
     previous: dict[str, int] = {}
     error: str | None = None
+    # Scaled to 0 but the counts could not be remembered (e.g. no routing ConfigMap).
+    note: str | None = None
 
 
 class Verification(BaseModel):
@@ -60,52 +73,127 @@ class TrafficActivities:
         return KubernetesCluster(self.cfg.region(region).kubernetes)
 
     @activity.defn
-    def scale_down_region(self, region: str) -> ScaleDownResult:
-        """Scale the region's microservices to 0 (part of fencing); unreachable is a result."""
+    def scale_down_region(self, req: str | ScaleDownRequest) -> ScaleDownResult:
+        """Scale the region's microservices to 0 (part of fencing), remembering their replicas
+        in that cluster's ConfigMap so routing back restores them; unreachable is a result.
+
+        A bare region name is what workflows recorded before the epoch reached this step: it
+        is still accepted so their histories replay, and acts unfenced.
+        """
+        req = ScaleDownRequest(region=req) if isinstance(req, str) else req
         if not self.cfg.routing.kubernetes:
-            return ScaleDownResult(region=region, reachable=True)
+            return ScaleDownResult(region=req.region, reachable=True)
         try:
-            with self._cluster(region) as k8s:
-                return ScaleDownResult(region=region, reachable=True,
-                                       previous=k8s.scale(self.cfg.region(region).kubernetes.selector, 0))
+            with self._cluster(req.region) as k8s:
+                try:
+                    previous = k8s.fence_scale_down(req.epoch)
+                except ResourceMissing as e:
+                    # No ConfigMap to remember the counts in: the fence matters more than the
+                    # memory (routing back falls back to the other region's counts).
+                    return ScaleDownResult(region=req.region, reachable=True, previous=k8s.scale(None, 0),
+                                           note=f"replicas not remembered: {e}")
+                return ScaleDownResult(region=req.region, reachable=True, previous=previous)
+        except StaleEpochError as e:
+            # A newer runbook owns this region (it may have just restored it): never scale it down.
+            raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
         except Exception as e:  # noqa: BLE001 - a dead region's API is expected during failover
-            return ScaleDownResult(region=region, reachable=False, error=str(e)[:300])
+            return ScaleDownResult(region=req.region, reachable=False, error=str(e)[:300])
 
     @activity.defn
     def route_traffic(self, req: RouteRequest) -> RouteResult:
-        """Point every configured routing mechanism at ``req.region``, stamped with the epoch."""
+        """Point every configured routing mechanism at ``req.region``, stamped with the epoch,
+        and bring the region's services back to the replicas they had."""
         target = self.cfg.region(req.region)
-        changed, previous, scaled = [], None, {}
+        result = RouteResult(region=req.region, previous_region=None, changed=[])
+        dns = None
         try:
-            if self.cfg.routing.kubernetes:
-                with self._cluster(req.region) as k8s:
-                    selector = target.kubernetes.selector
-                    if req.replicas:
-                        k8s.scale(selector, req.replicas)
-                        scaled = dict(req.replicas)
-                    previous = k8s.get_active_region()
-                    if k8s.set_active_region(req.region, req.epoch):
-                        changed.append("configmap")
             if self.cfg.routing.dns and target.dns:
                 from activities.dns import Route53Failover
 
                 dns = Route53Failover(self.cfg.routing.dns_endpoint_url, target.dns.zone)
-                before = dns.point_to(target.dns.record, target.dns.value, target.dns.ttl,
-                                      target.dns.set_identifier or target.name)
+                set_id = target.dns.set_identifier or target.name
+                # Refuse before any cluster is touched; point_to checks again, atomically.
+                dns.check_epoch(target.dns.record, set_id, req.epoch)
+            if self.cfg.routing.kubernetes:
+                self._route_kubernetes(req, result)
+            if dns is not None:
+                before = dns.point_to(target.dns.record, target.dns.value, target.dns.ttl, set_id, epoch=req.epoch)
                 if before != target.dns.value:
-                    changed.append("dns")
+                    result.changed.append("dns")
             if self.cfg.routing.lab_file:
                 router = LabRouter(self.cfg.lab.state_dir)
-                previous = previous or router.active_region()
+                result.previous_region = result.previous_region or router.active_region()
                 if router.set_active_region(req.region, req.epoch):
-                    changed.append("lab")
+                    result.changed.append("lab")
         except (StaleEpoch, StaleEpochError) as e:
             # A newer runbook owns routing now: retrying can never succeed.
             raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
-        return RouteResult(region=req.region, previous_region=previous, changed=changed, scaled_up=scaled)
+        return result
+
+    def _route_kubernetes(self, req: RouteRequest, result: RouteResult) -> None:
+        """Each region has its own cluster, and each cluster's ConfigMap says which region is
+        active: all of them must agree, or the old region's services keep acting as active."""
+        clusters: dict[str, KubernetesCluster] = {}
+        try:
+            # Check the epoch in every cluster before changing any: a newer runbook may have
+            # reached only some of them. The target's cluster must answer (its services are
+            # scaled up there: a retry is the only way on); another one may be down with its
+            # region, which is reported, not fatal.
+            for region in self.cfg.regions:
+                k8s = self._cluster(region.name)
+                try:
+                    k8s.check_route_epoch(req.region, req.epoch)
+                except StaleEpochError:
+                    k8s.close()
+                    raise
+                except Exception as e:
+                    k8s.close()
+                    if region.name == req.region:
+                        raise
+                    result.unreachable[region.name] = str(e).strip()[:300]
+                    continue
+                clusters[region.name] = k8s
+            target = clusters[req.region]
+            result.previous_region = target.get_active_region()
+            if target.set_active_region(req.region, req.epoch):
+                result.changed.append(f"configmap@{req.region}")
+            restored = target.restore_replicas(self._fallback_counts(clusters, req.region, result), req.replicas)
+            result.scaled_up = {name: n for name, (n, _) in restored.items()}
+            result.scaled_from = {name: why for name, (_, why) in restored.items()}
+            for name, k8s in clusters.items():
+                if name == req.region:
+                    continue
+                try:
+                    if k8s.set_active_region(req.region, req.epoch):
+                        result.changed.append(f"configmap@{name}")
+                except StaleEpochError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the region traffic leaves may be dying
+                    result.unreachable[name] = str(e).strip()[:300]
+        finally:
+            for k8s in clusters.values():
+                k8s.close()
+
+    @staticmethod
+    def _fallback_counts(clusters: dict[str, KubernetesCluster], target: str, result: RouteResult) -> dict[str, int]:
+        """Per deployment, what the other region runs (or ran before its fence): the size the
+        service needs when the target itself never recorded one."""
+        counts: dict[str, int] = {}
+        for name, k8s in clusters.items():
+            if name == target:
+                continue
+            try:
+                remembered = k8s.remembered_replicas()
+                for d in k8s.list_deployments():
+                    counts.setdefault(d.name, d.replicas or remembered.get(d.name, 0))
+            except Exception as e:  # noqa: BLE001 - only a hint; the target's own memory comes first
+                result.unreachable[name] = str(e).strip()[:300]
+        return counts
 
     @activity.defn
     def wait_region_ready(self, region: str) -> dict[str, int]:
+        """Every service deployment of the region has at least one ready pod and as many as
+        it asks for; a region scaled to 0 (0/0) is not ready."""
         if not self.cfg.routing.kubernetes:
             return {}
         with self._cluster(region) as k8s:

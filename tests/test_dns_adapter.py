@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from activities.dns import Route53Failover, ZoneMissing
+from activities.routing import StaleEpoch
 
 ZONE = "eagle.example"
 RECORD = "api"
@@ -101,3 +102,34 @@ def test_point_to_same_region_new_value_keeps_the_standby(endpoint: str, dns: Ro
 
     assert roles(endpoint) == [("PRIMARY", EAST, "192.0.2.99"), ("SECONDARY", WEST, WEST_IP)]
     assert dns.current(RECORD)["primary"]["ttl"] == 30
+
+
+def epoch_records(endpoint: str) -> list[tuple[str, str]]:
+    r53 = boto3.session.Session().client("route53", endpoint_url=endpoint, region_name="us-east-1")
+    zone_id = r53.list_hosted_zones_by_name(DNSName=ZONE)["HostedZones"][0]["Id"]
+    sets = r53.list_resource_record_sets(HostedZoneId=zone_id)["ResourceRecordSets"]
+    return [(s["Name"], v["Value"]) for s in sets if s["Type"] == "TXT" for v in s["ResourceRecords"]]
+
+
+def test_point_to_records_the_epoch_and_refuses_a_stale_one(endpoint: str, dns: Route53Failover) -> None:
+    assert dns.epoch(RECORD) is None
+    dns.point_to(RECORD, WEST_IP, 60, WEST, epoch=4)
+
+    assert dns.epoch(RECORD) == (4, WEST)
+    assert epoch_records(endpoint) == [(f"_eagle-dr-epoch.{RECORD}.{ZONE}.", f'"epoch=4 region={WEST}"')]
+
+    with pytest.raises(StaleEpoch, match="epoch 4"):
+        dns.point_to(RECORD, EAST_IP, 60, EAST, epoch=3)  # a superseded runbook
+    with pytest.raises(StaleEpoch):
+        dns.point_to(RECORD, EAST_IP, 60, EAST, epoch=4)  # the same token naming another region
+    assert roles(endpoint) == [("PRIMARY", WEST, WEST_IP), ("SECONDARY", EAST, EAST_IP)]
+    assert dns.epoch(RECORD) == (4, WEST)
+
+    before = a_records(endpoint)
+    assert dns.point_to(RECORD, WEST_IP, 60, WEST, epoch=4) == WEST_IP  # a retried activity
+    assert a_records(endpoint) == before
+
+    assert dns.point_to(RECORD, EAST_IP, 60, EAST, epoch=5) == WEST_IP
+    assert roles(endpoint) == [("PRIMARY", EAST, EAST_IP), ("SECONDARY", WEST, WEST_IP)]
+    # Replaced, never duplicated (moto would accept a second CREATE of the same name).
+    assert epoch_records(endpoint) == [(f"_eagle-dr-epoch.{RECORD}.{ZONE}.", f'"epoch=5 region={EAST}"')]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from activities.kubernetes import KubernetesCluster, ResourceMissing, StaleEpochError
+from activities.kubernetes import REPLICAS_KEY_PREFIX, KubernetesCluster, ResourceMissing, StaleEpochError
 from eagle_dr.config import KubernetesConfig
 from tests.kmock_cluster import KmockCluster, kmock_cluster
 
@@ -73,8 +73,14 @@ def test_wait_ready_follows_the_controller(adapter: KubernetesCluster) -> None:
 
     assert adapter.wait_ready(WEB, timeout_s=15, poll_s=0.1) == {"web-a": 3, "web-b": 3}
 
+
+def test_wait_ready_never_passes_on_0_of_0(k8s: KmockCluster, adapter: KubernetesCluster) -> None:
     adapter.scale(WEB, 0)
-    assert adapter.wait_ready(WEB, timeout_s=15, poll_s=0.1) == {"web-a": 0, "web-b": 0}
+    # The controller agrees at once (ready 0 = desired 0): still nobody serves.
+    with pytest.raises(TimeoutError, match=r"web-a \(0/0 ready, scaled to 0\)"):
+        adapter.wait_ready(WEB, timeout_s=1.0, poll_s=0.2)
+    with pytest.raises(TimeoutError, match="no deployment matches"):
+        adapter.wait_ready("tier=nothing", timeout_s=0.2, poll_s=0.1)
 
 
 def test_wait_ready_times_out_naming_what_is_not_ready(k8s: KmockCluster, adapter: KubernetesCluster) -> None:
@@ -148,3 +154,51 @@ def test_job_status_reads_conditions(k8s: KmockCluster, adapter: KubernetesClust
     assert (adapter.job_status("ok"), adapter.job_status("bad")) == ("succeeded", "failed")
     with pytest.raises(ResourceMissing):
         adapter.job_status("never-created")
+
+
+def config_map(k8s: KmockCluster) -> dict[str, str]:
+    return k8s.core.read_namespaced_config_map("multi-region-config", k8s.namespace).data
+
+
+def test_fence_remembers_replicas_and_a_second_fence_keeps_them(k8s: KmockCluster, adapter: KubernetesCluster) -> None:
+    k8s.add_config_map("multi-region-config", {"active.region": "us-east-1", "dr.epoch": "3"})
+
+    assert adapter.fence_scale_down(epoch=3) == {"web-a": 2, "web-b": 1}
+    # A retried activity, or a worker restarted after the scale: the count must not become 0.
+    assert adapter.fence_scale_down(epoch=3) == {"web-a": 0, "web-b": 0}
+
+    assert (replicas(k8s, "web-a"), replicas(k8s, "web-b"), replicas(k8s, "db")) == (0, 0, 3)
+    assert adapter.remembered_replicas() == {"web-a": 2, "web-b": 1}
+    assert config_map(k8s)[REPLICAS_KEY_PREFIX + "web-a"] == "2"
+
+
+def test_fence_with_a_lower_epoch_changes_nothing(k8s: KmockCluster, adapter: KubernetesCluster) -> None:
+    k8s.add_config_map("multi-region-config", {"active.region": "us-east-1", "dr.epoch": "5"})
+
+    with pytest.raises(StaleEpochError, match="epoch 5"):
+        adapter.fence_scale_down(epoch=4)
+
+    assert (replicas(k8s, "web-a"), replicas(k8s, "web-b")) == (2, 1)
+    assert adapter.remembered_replicas() == {}
+
+
+def test_restore_prefers_requested_then_remembered_then_fallback_then_one(
+    k8s: KmockCluster, adapter: KubernetesCluster
+) -> None:
+    k8s.add_deployment("web-c", labels={"app.kubernetes.io/component": "microservice"}, replicas=4)
+    k8s.add_deployment("web-d", labels={"app.kubernetes.io/component": "microservice"}, replicas=1)
+    k8s.add_config_map("multi-region-config", {"active.region": "us-east-1", "dr.epoch": "1"})
+    adapter.fence_scale_down(epoch=1)
+    # Forget two of them, as if they were never fenced here.
+    k8s.core.patch_namespaced_config_map("multi-region-config", k8s.namespace, {"data": {
+        REPLICAS_KEY_PREFIX + "web-b": None, REPLICAS_KEY_PREFIX + "web-d": None}})
+
+    restored = adapter.restore_replicas(fallback={"web-b": 5, "web-a": 9}, explicit={"web-c": 3})
+
+    assert restored == {"web-a": (2, "remembered at fence"), "web-b": (5, "from the other region"),
+                        "web-c": (3, "requested"), "web-d": (1, "no recorded count")}
+    assert [replicas(k8s, n) for n in ("web-a", "web-b", "web-c", "web-d", "db")] == [2, 5, 3, 1, 3]
+    # Used counts are forgotten; a second call (a retry) changes nothing.
+    assert adapter.remembered_replicas() == {}
+    assert adapter.restore_replicas(fallback={"web-b": 5}) == {}
+    assert adapter.wait_ready(None, timeout_s=15, poll_s=0.2) == {"web-a": 2, "web-b": 5, "web-c": 3, "web-d": 1}

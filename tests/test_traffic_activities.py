@@ -1,78 +1,216 @@
-"""The runbooks' traffic activities against Kubernetes (kmock over HTTP, real client) and
-Route 53 (moto server over HTTP, real boto3): what failover does to production routing."""
+"""The runbooks' traffic activities against two Kubernetes clusters (one kmock API server per
+region, real client over HTTP) and Route 53 (moto server over HTTP, real boto3): what the
+runbooks do to production routing, move after move."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 import pytest
+import requests
 import yaml
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.dns import Route53Failover
-from activities.traffic import RouteRequest, TrafficActivities
+from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
 from eagle_dr.config import DEFAULT_CONFIG, parse_config
-from tests.kmock_cluster import kmock_cluster
+from tests.kmock_cluster import KmockCluster, kmock_cluster
 
+EAST, WEST = "us-east-1", "us-west-2"
 SELECTOR_LABELS = {"app.kubernetes.io/component": "microservice"}
+CM = "multi-region-config"
 
 
-def _config(api_url: str, moto_url: str, state_dir: str):
+def _config(api_urls: dict[str, str], moto_url: str, state_dir: str):
     doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
     for r in doc["regions"]:
-        r["kubernetes"]["api_url"] = api_url
+        r["kubernetes"]["api_url"] = api_urls[r["name"]]
     doc["routing"] = {"lab_file": False, "kubernetes": True, "dns": True, "dns_endpoint_url": moto_url}
     doc["lab"]["state_dir"] = state_dir
     return parse_config(doc, env={})
 
 
 @pytest.fixture
-def aws_env(monkeypatch):
+def aws_env(moto_url, monkeypatch):
+    requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
+                 "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}.items():
         monkeypatch.setenv(k, v)
 
 
-def test_route_scale_and_epoch_guard(moto_url, aws_env, tmp_path):
-    with kmock_cluster() as k8s:
-        k8s.add_deployment("alert-api", labels=SELECTOR_LABELS, replicas=0)
-        k8s.add_deployment("alert-worker", labels=SELECTOR_LABELS, replicas=0)
-        k8s.add_deployment("unrelated", labels={"app": "other"}, replicas=1)
-        k8s.add_config_map("multi-region-config", {"active.region": "us-east-1", "dr.epoch": "0", "keep": "me"})
-        cfg = _config(k8s.api_url, moto_url, str(tmp_path))
-        east, west = cfg.region("us-east-1"), cfg.region("us-west-2")
-        dns = Route53Failover(moto_url, east.dns.zone)
-        dns.ensure_zone()
-        dns.upsert_failover_records(east.dns.record, east.dns.value, west.dns.value, 60, "us-east-1", "us-west-2")
+@pytest.fixture
+def clusters() -> Iterator[dict[str, KmockCluster]]:
+    """us-east-1 serving (alert-api 3, alert-worker 2), us-west-2 a cold standby at 0; both
+    ConfigMaps say us-east-1 at epoch 0."""
+    with kmock_cluster() as east, kmock_cluster() as west:
+        for k8s, (api, worker) in ((east, (3, 2)), (west, (0, 0))):
+            k8s.add_deployment("alert-api", labels=SELECTOR_LABELS, replicas=api)
+            k8s.add_deployment("alert-worker", labels=SELECTOR_LABELS, replicas=worker)
+            k8s.add_deployment("unrelated", labels={"app": "other"}, replicas=1)
+            k8s.add_config_map(CM, {"active.region": EAST, "dr.epoch": "0", "keep": "me"})
+        yield {EAST: east, WEST: west}
+    assert east.server_errors() == [] and west.server_errors() == []
 
-        env, acts = ActivityEnvironment(), TrafficActivities(cfg)
-        result = env.run(acts.route_traffic, RouteRequest(region="us-west-2", epoch=1,
-                                                          replicas={"alert-api": 2, "alert-worker": 1}))
-        assert result.previous_region == "us-east-1"
-        assert set(result.changed) == {"configmap", "dns"}
-        cm = k8s.core.read_namespaced_config_map("multi-region-config", k8s.namespace).data
-        assert cm["active.region"] == "us-west-2" and cm["dr.epoch"] == "1" and cm["keep"] == "me"
-        assert dns.current(east.dns.record)["primary"]["value"] == west.dns.value
-        assert env.run(acts.wait_region_ready, "us-west-2") == {"alert-api": 2, "alert-worker": 1}
 
-        # Running the same step again (a Temporal retry) changes nothing.
-        again = env.run(acts.route_traffic, RouteRequest(region="us-west-2", epoch=1,
-                                                         replicas={"alert-api": 2, "alert-worker": 1}))
-        assert again.changed == []
+def _dns(cfg, moto_url) -> Route53Failover:
+    east, west = cfg.region(EAST), cfg.region(WEST)
+    dns = Route53Failover(moto_url, east.dns.zone, poll_s=0.05)
+    dns.ensure_zone()
+    dns.upsert_failover_records(east.dns.record, east.dns.value, west.dns.value, 60, EAST, WEST)
+    return dns
 
-        # A stale runbook (lower epoch) may not move routing back.
+
+def serving(k8s: KmockCluster) -> dict[str, tuple[int, int]]:
+    """(desired, ready) per deployment."""
+    return {d.metadata.name: (d.spec.replicas, (d.status.ready_replicas if d.status else 0) or 0)
+            for d in k8s.apps.list_namespaced_deployment(k8s.namespace).items}
+
+
+def settles(k8s: KmockCluster, expected: dict[str, tuple[int, int]], timeout_s: float = 10.0) -> bool:
+    """Polls (with a deadline) until the fake controller has caught up with a scale."""
+    deadline = time.monotonic() + timeout_s
+    while (got := serving(k8s)) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{got} != {expected} after {timeout_s}s")
+        time.sleep(0.1)
+    return True
+
+
+def routing(k8s: KmockCluster) -> tuple[str, str, str]:
+    data = k8s.core.read_namespaced_config_map(CM, k8s.namespace).data
+    return data["active.region"], data["dr.epoch"], data["keep"]
+
+
+def test_a_to_b_to_a_restores_services_and_every_cluster_names_the_active_region(
+    clusters, moto_url, aws_env, tmp_path
+):
+    east, west = clusters[EAST], clusters[WEST]
+    cfg = _config({EAST: east.api_url, WEST: west.api_url}, moto_url, str(tmp_path))
+    dns = _dns(cfg, moto_url)
+    record = cfg.region(EAST).dns.record
+    env, acts = ActivityEnvironment(), TrafficActivities(cfg)
+
+    # Failover to us-west-2 at epoch 1, in FailoverWorkflow's order: fence, then route.
+    down = env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=1))
+    assert down.reachable and down.previous == {"alert-api": 3, "alert-worker": 2}
+    route = env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=1))
+    assert route.previous_region == EAST and route.unreachable == {}
+    assert set(route.changed) == {f"configmap@{WEST}", f"configmap@{EAST}", "dns"}
+    # us-west-2 never ran them: it takes the size us-east-1 ran at.
+    assert route.scaled_up == {"alert-api": 3, "alert-worker": 2}
+    assert set(route.scaled_from.values()) == {"from the other region"}
+    assert env.run(acts.wait_region_ready, WEST) == {"alert-api": 3, "alert-worker": 2}
+    assert serving(west) == {"alert-api": (3, 3), "alert-worker": (2, 2), "unrelated": (1, 1)}
+    assert settles(east, {"alert-api": (0, 0), "alert-worker": (0, 0), "unrelated": (1, 1)})
+    assert routing(east) == routing(west) == (WEST, "1", "me")
+    assert dns.current(record)["primary"]["set_identifier"] == WEST and dns.epoch(record) == (1, WEST)
+
+    # us-west-2 grows while it serves.
+    west.apps.patch_namespaced_deployment_scale("alert-api", west.namespace, {"spec": {"replicas": 4}})
+
+    # Switchover back at epoch 2, in SwitchoverWorkflow's order: route, then scale the source down.
+    route = env.run(acts.route_traffic, RouteRequest(region=EAST, epoch=2))
+    assert route.scaled_up == {"alert-api": 3, "alert-worker": 2}
+    assert set(route.scaled_from.values()) == {"remembered at fence"}
+    down = env.run(acts.scale_down_region, ScaleDownRequest(region=WEST, epoch=2))
+    assert down.previous == {"alert-api": 4, "alert-worker": 2}
+    assert env.run(acts.wait_region_ready, EAST) == {"alert-api": 3, "alert-worker": 2}
+    assert serving(east) == {"alert-api": (3, 3), "alert-worker": (2, 2), "unrelated": (1, 1)}
+    assert settles(west, {"alert-api": (0, 0), "alert-worker": (0, 0), "unrelated": (1, 1)})
+    assert routing(east) == routing(west) == (EAST, "2", "me")
+    assert dns.current(record)["primary"]["set_identifier"] == EAST and dns.epoch(record) == (2, EAST)
+
+    # And once more: us-west-2 comes back at the size it had, remembered in its own cluster.
+    env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=3))
+    route = env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=3))
+    assert route.scaled_up == {"alert-api": 4, "alert-worker": 2}
+    assert env.run(acts.wait_region_ready, WEST) == {"alert-api": 4, "alert-worker": 2}
+    assert settles(east, {"alert-api": (0, 0), "alert-worker": (0, 0), "unrelated": (1, 1)})
+    assert routing(east) == routing(west) == (WEST, "3", "me")
+
+    # Running the same steps again (Temporal retries) changes nothing.
+    patches = len(east.requests("PATCH")) + len(west.requests("PATCH"))
+    again = env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=3))
+    assert again.changed == [] and again.scaled_up == {}
+    assert env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=3)).previous == \
+        {"alert-api": 0, "alert-worker": 0}
+    assert len(east.requests("PATCH")) + len(west.requests("PATCH")) == patches
+    # The second fence kept the count the first one remembered.
+    env.run(acts.route_traffic, RouteRequest(region=EAST, epoch=4))
+    assert env.run(acts.wait_region_ready, EAST) == {"alert-api": 3, "alert-worker": 2}
+
+
+def test_a_stale_epoch_is_refused_by_configmaps_route53_and_scaling(clusters, moto_url, aws_env, tmp_path):
+    east, west = clusters[EAST], clusters[WEST]
+    cfg = _config({EAST: east.api_url, WEST: west.api_url}, moto_url, str(tmp_path))
+    dns = _dns(cfg, moto_url)
+    record = cfg.region(EAST).dns.record
+    env, acts = ActivityEnvironment(), TrafficActivities(cfg)
+    env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=5))
+    env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=5))
+    env.run(acts.wait_region_ready, WEST)
+
+    def refused(fn, arg) -> None:
         with pytest.raises(ApplicationError) as e:
-            env.run(acts.route_traffic, RouteRequest(region="us-east-1", epoch=0))
+            env.run(fn, arg)
         assert e.value.type == "StaleEpoch" and e.value.non_retryable
-        assert k8s.core.read_namespaced_config_map("multi-region-config", k8s.namespace).data["active.region"] == \
-            "us-west-2"
 
-        down = env.run(acts.scale_down_region, "us-west-2")
-        assert down.reachable and down.previous == {"alert-api": 2, "alert-worker": 1}
-        replicas = {d.metadata.name: d.spec.replicas for d in k8s.apps.list_namespaced_deployment(k8s.namespace).items}
-        assert replicas == {"alert-api": 0, "alert-worker": 0, "unrelated": 1}
+    # A superseded runbook (epoch 4) may neither route back nor scale down the region serving.
+    refused(acts.route_traffic, RouteRequest(region=EAST, epoch=4))
+    refused(acts.scale_down_region, ScaleDownRequest(region=WEST, epoch=4))
+    # The same token naming another region is as stale.
+    refused(acts.route_traffic, RouteRequest(region=EAST, epoch=5))
+
+    # Route 53 alone holding the newer epoch (a runbook that reached only DNS) is enough.
+    dns.point_to(record, cfg.region(WEST).dns.value, 60, WEST, epoch=7)
+    refused(acts.route_traffic, RouteRequest(region=EAST, epoch=6))
+
+    # One cluster alone holding it is enough too, and the check precedes every write.
+    west.core.patch_namespaced_config_map(CM, west.namespace, {"data": {"dr.epoch": "9"}})
+    refused(acts.route_traffic, RouteRequest(region=EAST, epoch=8))
+
+    assert routing(east) == (WEST, "5", "me") and routing(west) == (WEST, "9", "me")
+    assert dns.current(record)["primary"]["set_identifier"] == WEST and dns.epoch(record) == (7, WEST)
+    assert settles(west, {"alert-api": (3, 3), "alert-worker": (2, 2), "unrelated": (1, 1)})
+    assert settles(east, {"alert-api": (0, 0), "alert-worker": (0, 0), "unrelated": (1, 1)})
 
 
-def test_scale_down_of_an_unreachable_cluster_is_a_result(tmp_path, moto_url):
-    cfg = _config("http://127.0.0.1:9", moto_url, str(tmp_path))
-    result = ActivityEnvironment().run(TrafficActivities(cfg).scale_down_region, "us-east-1")
-    assert not result.reachable and result.error
+def test_an_unreachable_cluster_is_reported_not_fatal(moto_url, aws_env, tmp_path):
+    with kmock_cluster() as west:
+        west.add_deployment("alert-api", labels=SELECTOR_LABELS, replicas=0)
+        west.add_config_map(CM, {"active.region": EAST, "dr.epoch": "0", "keep": "me"})
+        cfg = _config({EAST: "http://127.0.0.1:9", WEST: west.api_url}, moto_url, str(tmp_path))
+        _dns(cfg, moto_url)
+        env, acts = ActivityEnvironment(), TrafficActivities(cfg)
+
+        down = env.run(acts.scale_down_region, ScaleDownRequest(region=EAST, epoch=1))
+        assert not down.reachable and down.error
+        route = env.run(acts.route_traffic, RouteRequest(region=WEST, epoch=1))
+
+        assert list(route.unreachable) == [EAST]
+        # Nothing remembered anywhere: one pod serves rather than none, and the result says why.
+        assert route.scaled_up == {"alert-api": 1} and route.scaled_from == {"alert-api": "no recorded count"}
+        assert env.run(acts.wait_region_ready, WEST) == {"alert-api": 1}
+        assert routing(west) == (WEST, "1", "me")
+
+
+def test_a_cluster_without_the_configmap_is_still_fenced(moto_url, tmp_path):
+    with kmock_cluster() as east:
+        east.add_deployment("alert-api", labels=SELECTOR_LABELS, replicas=2)
+        cfg = _config({EAST: east.api_url, WEST: "http://127.0.0.1:9"}, moto_url, str(tmp_path))
+
+        down = ActivityEnvironment().run(TrafficActivities(cfg).scale_down_region,
+                                         ScaleDownRequest(region=EAST, epoch=1))
+
+        assert down.reachable and down.previous == {"alert-api": 2} and CM in down.note
+        assert east.deployment("alert-api").spec.replicas == 0
+
+
+def test_a_bare_region_name_is_still_accepted(tmp_path, moto_url):
+    """Histories recorded before the epoch reached the scale step pass a bare string."""
+    cfg = _config({EAST: "http://127.0.0.1:9", WEST: "http://127.0.0.1:9"}, moto_url, str(tmp_path))
+    result = ActivityEnvironment().run(TrafficActivities(cfg).scale_down_region, EAST)
+    assert result.region == EAST and not result.reachable and result.error

@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.lsn import lsn_diff
     from activities.redis import failover as redis_failover
     from activities.redis.activities import RedisActivities
-    from activities.traffic import RouteRequest, TrafficActivities
+    from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.models import FailoverInput, Rpo, Rto, RunbookResult
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, invalid, validated
@@ -104,7 +104,8 @@ class FailoverWorkflow(Runbook):
             pg_fence, r_fence, scaled = await asyncio.gather(
                 self._fence_postgres(source, sq if s_health else None, control),
                 self.act(RedisActivities.fence_redis, source, queue=control, timeout=30, attempts=2),
-                self.act(TrafficActivities.scale_down_region, source, queue=control, timeout=60, attempts=2))
+                self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
+                         queue=control, timeout=60, attempts=2))
             fenced = pg_fence.method or "unfenced"
             st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
                         f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"

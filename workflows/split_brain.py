@@ -35,7 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.redis.activities import RedisActivities, RedisMoveRequest
     from activities.redis.failback import RedisFailback
     from activities.split_brain import SplitBrainActivities, SplitBrainReport, SurvivorChoice, choose_survivor
-    from activities.traffic import RouteRequest, TrafficActivities
+    from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from eagle_dr.temporal import DR_EPOCH
     from workflows.models import ApprovalPolicy, ApprovalRecord, StepRecord, Trigger
     from workflows.rejoin import Rejoin
@@ -133,7 +133,8 @@ class SplitBrainWorkflow(Rejoin):
 
         async with self.step(f"fence {loser} and route to {survivor}") as st:
             scaled, pg_fence, r_fence = await asyncio.gather(
-                self.act(TrafficActivities.scale_down_region, loser, queue=control, timeout=60, attempts=2),
+                self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=loser, epoch=self.epoch),
+                         queue=control, timeout=60, attempts=2),
                 self.act(PostgresActivities.fence_postgres, FenceRequest(region=loser, epoch=self.epoch,
                                                                         method="read_only"), queue=control, timeout=30)
                 if pg_split else _none(),

@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.postgres.lsn import lsn_diff
     from activities.redis.activities import RedisActivities, RedisMoveRequest
-    from activities.traffic import RouteRequest, TrafficActivities
+    from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.failover import finish_measurement
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.runbook import Runbook
@@ -107,7 +107,8 @@ class SwitchoverWorkflow(Runbook):
         async with self.step("re-route traffic") as st:
             route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target, epoch=self.epoch),
                                    queue=control, timeout=120)
-            await self.act(TrafficActivities.scale_down_region, source, queue=control, timeout=60)
+            await self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
+                           queue=control, timeout=60)
             await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330, heartbeat=30)
             st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
 
