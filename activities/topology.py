@@ -17,6 +17,8 @@ class RegionInfo(BaseModel):
     task_queue: str
     configured_role: str
     priority: int
+    # host:port of the region's Redis (None in histories recorded before it was carried).
+    redis_address: str | None = None
 
 
 class Topology(BaseModel):
@@ -47,7 +49,8 @@ class TopologyActivities:
         return Topology(
             service=self.cfg.service,
             regions=[RegionInfo(name=r.name, task_queue=r.temporal.task_queue, configured_role=r.role,
-                                priority=r.priority) for r in self.cfg.regions],
+                                priority=r.priority, redis_address=f"{r.redis.host}:{r.redis.port}")
+                     for r in self.cfg.regions],
             control_task_queue=self.cfg.temporal.control_task_queue,
             rto_target_seconds=secs(o.critical.rto), rpo_target_seconds=secs(o.critical.rpo),
             cache_rpo_target_seconds=secs(o.cache.rpo), lab=self.cfg.routing.lab_file,

@@ -39,7 +39,8 @@ def _postgres(cfg: EagleConfig) -> list:
 
 
 def regional_activities(cfg: EagleConfig) -> list:
-    return [HealthActivities(cfg).probe_region, *_postgres(cfg), PostgresActivities(cfg).measure_lost_wal,
+    return [HealthActivities(cfg).probe_region, *_postgres(cfg),
+            *_methods(PostgresActivities(cfg), "measure_lost_wal", "lift_postgres_fence"),
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
                       "preserve_redis_and_rejoin")]
 

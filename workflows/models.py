@@ -158,3 +158,7 @@ class RunbookResult(BaseModel):
     rpo: Rpo
     source_fenced: str | None = None
     notes: list[str] = []
+    # What failed after the point of no return, each with the command that repairs it.
+    degraded: list[str] = []
+    # A cancel request that came after the point of no return, refused.
+    cancel_refused: str | None = None

@@ -8,6 +8,7 @@ duration.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -81,6 +82,10 @@ class Runbook:
         self.outcome: str | None = None
         self.awaiting_approval = False
         self.decision: ApprovalDecision | None = None
+        # Past it, a failure or a cancel request no longer undoes: the runbook rolls forward.
+        self.past_no_return = False
+        self.cancel_refused: str | None = None
+        self.degraded: list[str] = []
 
     # -- what the operator sees ----------------------------------------------------------------
 
@@ -133,11 +138,45 @@ class Runbook:
             initial_interval=RETRY.initial_interval, backoff_coefficient=2, maximum_interval=RETRY.maximum_interval,
             maximum_attempts=attempts, non_retryable_error_types=RETRY.non_retryable_error_types)
         args = [] if arg is None else [arg]
+        # A cancel request waits for the step in flight to finish (or to see the cancel, when it
+        # heartbeats) before the runbook goes on to undo it: undoing a fence while the fence
+        # still runs would leave it in place.
         return await workflow.execute_activity_method(
             fn, *args, task_queue=queue, start_to_close_timeout=timedelta(seconds=timeout),
             schedule_to_start_timeout=timedelta(seconds=schedule_to_start) if schedule_to_start else None,
             heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
-            summary=summary)
+            summary=summary, cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+
+    # -- the point of no return ---------------------------------------------------------------
+
+    async def no_return(self, coro, what: str):
+        """Run ``coro`` (the rest of the runbook, from its point of no return) to its end
+        whatever is asked: a cancel request now would leave the service half-moved (two
+        fenced regions, or a primary nobody routes to), so it is refused and the report says so."""
+        self.past_no_return = True
+        task = asyncio.ensure_future(coro)
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                self.cancel_refused = (f"cancel requested at {workflow.now():%H:%M:%S} UTC was refused: past the "
+                                       f"point of no return ({what}), the runbook finishes the move")
+                workflow.logger.warning(self.cancel_refused)
+                self._details(self.cancel_refused)
+
+    def degrade(self, what: str, error, repair: str) -> None:
+        """A part that failed after the point of no return: reported with how to repair it."""
+        self.degraded.append(f"{what} failed ({error}); repair: {repair}")
+
+    def cancelled(self, undone: list[str]) -> asyncio.CancelledError:
+        """End as cancelled, before the point of no return, saying what was undone."""
+        self.finish("cancelled")
+        self._details("CANCELLED before the point of no return; " + ("undone: " + "; ".join(undone) if undone
+                                                                      else "nothing had been changed"))
+        workflow.logger.warning("runbook cancelled", extra={"undone": undone})
+        return asyncio.CancelledError()
 
     # -- steps every move takes ---------------------------------------------------------------------
 

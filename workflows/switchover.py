@@ -11,12 +11,20 @@
  6. turn the old primary into a standby of the new one (no rewind: it stopped before the
     fork) and let it stream;
  7. re-route, verify, measure (acknowledged writes lost must be 0).
+
+Point of no return: the promotion of the standby (step 5). Before it, a failure or a
+cancel request undoes what was done (the old primary is started again as the primary,
+nothing else had changed) and the run ends failed or cancelled. From it on, the runbook
+rolls forward: a part that fails (Redis, routing, the old primary's rejoin) is reported
+as degraded with the command that repairs it, and a cancel request is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
@@ -43,10 +51,9 @@ class SwitchoverWorkflow(Runbook):
     @workflow.run
     async def run(self, raw: RawInput) -> RunbookResult:
         inp = validated(SwitchoverInput, raw)
-        info = workflow.info()
-        control = info.task_queue
+        control = workflow.info().task_queue
         self.service, self.target_region = inp.service, inp.target_region
-        started = inp.detected_at or info.start_time
+        started = inp.detected_at or workflow.info().start_time
         notes: list[str] = []
 
         async with self.step("preflight") as st:
@@ -73,6 +80,17 @@ class SwitchoverWorkflow(Runbook):
             if not (t_health.redis.reachable and s_health.redis.reachable):
                 raise ApplicationError("both Redis nodes must be reachable for a zero-loss switchover",
                                        type="RegionUnhealthy", non_retryable=True)
+            # Roles, not only reachability: a zero-loss switch needs the source's master with the
+            # target as its replica. Anything else (a stale Sentinel's doing, a replication loop) is
+            # found here, before anything is stopped, not after PostgreSQL has moved.
+            s_addr = topo.region(source).redis_address
+            if s_addr and (s_health.redis.role != "master" or t_health.redis.role != "slave"
+                           or t_health.redis.master != s_addr):
+                raise ApplicationError(
+                    f"Redis is not ready for a zero-loss switchover: {source} is {s_health.redis.role}, {target} is "
+                    f"{t_health.redis.role}" + (f" of {t_health.redis.master}" if t_health.redis.master else "") +
+                    f" (needs {source} master, {target} its replica); eagle-dr status shows the Sentinels' view",
+                    type="RegionUnhealthy", non_retryable=True)
             lag = lsn_diff(s_health.postgres.lsn, t_health.postgres.lsn)
             st.detail = f"both healthy; lag {lag} bytes"
             if lag is not None and lag > inp.max_lag_bytes:
@@ -80,37 +98,72 @@ class SwitchoverWorkflow(Runbook):
                                        "the write pause would last too long; wait for the standby to catch up",
                                        type="LagTooHigh", non_retryable=True)
 
-        previous = await self.take_epoch(source, sq)
-        approval = await self.approval(inp.approval, f"switch {inp.service} over to {target}")
-        decided_at = workflow.now()
+        stopped = None
+        try:
+            previous = await self.take_epoch(source, sq)
+            approval = await self.approval(inp.approval, f"switch {inp.service} over to {target}")
+            decided_at = workflow.now()
+            async with self.step("stop writes on old primary") as st:
+                stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
+                    region=source, epoch=self.epoch, method="stop"), queue=sq, timeout=180)
+                st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}"
 
-        async with self.step("stop writes on old primary") as st:
-            stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
-                                     method="stop"), queue=sq, timeout=180)
-            st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}"
+            promotion_started = workflow.now()
+            async with self.step("wait for standby to replay everything") as st:
+                replayed = await self.act(PostgresActivities.wait_replayed, ReplayRequest(
+                    region=target, lsn=stopped.last_lsn, timeout_seconds=inp.catch_up_timeout_seconds),
+                    queue=tq, timeout=inp.catch_up_timeout_seconds + 30, heartbeat=15)
+                st.detail = f"replayed {replayed.replay_lsn} > {replayed.target_lsn}"
+        except asyncio.CancelledError:
+            raise self.cancelled(await self._undo_stop(source, sq, stopped is not None)) from None
+        except ActivityError as e:
+            undone = await self._undo_stop(source, sq, stopped is not None)
+            if isinstance(e.cause, CancelledError):  # the step in flight saw the cancel request
+                raise self.cancelled(undone) from None
+            self.finish("failed")
+            raise ApplicationError(f"switchover failed before the point of no return ({e.cause or e}); undone: "
+                                   f"{'; '.join(undone) or 'nothing had changed'}", type="SwitchoverFailed",
+                                   non_retryable=True) from None
 
-        promotion_started = workflow.now()
-        async with self.step("wait for standby to replay everything") as st:
-            replayed = await self.act(PostgresActivities.wait_replayed, ReplayRequest(
-                region=target, lsn=stopped.last_lsn, timeout_seconds=inp.catch_up_timeout_seconds),
-                queue=tq, timeout=inp.catch_up_timeout_seconds + 30, heartbeat=15)
-            st.detail = f"replayed {replayed.replay_lsn} > {replayed.target_lsn}"
+        return await self.no_return(self._promote_and_route(
+            inp, topo, source, target, sq, tq, control, notes, previous, approval, started, decided_at,
+            promotion_started, stopped), f"promotion of {target}")
 
+    async def _undo_stop(self, source: str, sq: str, stopped: bool) -> list[str]:
+        """Before the point of no return only the old primary was touched: start it again as the
+        primary it still is (its fence lifted). Nothing else had changed."""
+        if not stopped:
+            return []
+        async with self.step(f"undo: {source} takes writes again") as st:
+            await self.act(PostgresActivities.lift_postgres_fence, source, queue=sq, timeout=180)
+            st.detail = f"{source} restarted as the primary, its fence lifted"
+        return [st.detail]
+
+    async def _promote_and_route(self, inp, topo, source, target, sq, tq, control, notes, previous, approval,
+                                 started, decided_at, promotion_started, stopped) -> RunbookResult:
+        info = workflow.info()
         async with self.step("promote") as st:
             promotion = await self.act(PostgresActivities.promote_postgres, EpochRequest(region=target,
                                        epoch=self.epoch), queue=tq, timeout=180, heartbeat=30)
             await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
-            redis = await self.act(RedisActivities.switchover_redis, RedisMoveRequest(old_region=source,
-                                   new_region=target), queue=control, timeout=120, heartbeat=30)
-            st.detail = f"postgres timeline {promotion.timeline}; redis lost {redis.lost_bytes or 0} bytes"
+            redis_lost = await self._move_redis(source, target, control)
+            st.detail = f"postgres timeline {promotion.timeline}; redis lost " \
+                        f"{redis_lost if redis_lost is not None else 'unknown'} bytes"
 
         async with self.step("re-route traffic") as st:
-            route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target, epoch=self.epoch),
-                                   queue=control, timeout=120)
+            try:
+                route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target, epoch=self.epoch),
+                                       queue=control, timeout=120)
+            except ActivityError as e:
+                st.status = "failed"
+                self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, DNS) "
+                                                          "and scale its services up; the data already moved")
+                route = None
             await self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
                            queue=control, timeout=60)
             await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330, heartbeat=30)
-            st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
+            if route is not None:
+                st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
 
         async with self.step("verify") as st:
             verification = await self.act(TrafficActivities.verify_service, target, queue=control, timeout=60)
@@ -120,9 +173,14 @@ class SwitchoverWorkflow(Runbook):
         serving_at = workflow.now()
 
         async with self.step("old primary becomes standby") as st:
-            rejoined = await self.act(PostgresActivities.rejoin_as_standby, RejoinRequest(
-                region=source, primary_region=target), queue=sq, timeout=330, heartbeat=30)
-            st.detail = f"{source} streams from {rejoined.upstream} via slot {rejoined.slot}"
+            try:
+                rejoined = await self.act(PostgresActivities.rejoin_as_standby, RejoinRequest(
+                    region=source, primary_region=target), queue=sq, timeout=330, heartbeat=30)
+                st.detail = f"{source} streams from {rejoined.upstream} via slot {rejoined.slot}"
+            except ActivityError as e:
+                st.status = "failed"
+                self.degrade(f"{source} rejoining as a standby", e.cause or e,
+                             f"eagle-dr failback --region {source} --standby-only")
 
         async with self.step("measure RTO/RPO") as st:
             rto = Rto(detected_at=started, decided_at=decided_at, promotion_started_at=promotion_started,
@@ -134,7 +192,7 @@ class SwitchoverWorkflow(Runbook):
                       wal_basis="standby replayed past the old primary's shutdown checkpoint" if proven else
                       "unknown: the old primary did not shut down cleanly (a crash while it was being stopped); "
                       "its WAL after the last checkpoint was not compared",
-                      redis_offset_gap=redis.lost_bytes, target_s=topo.rpo_target_seconds)
+                      redis_offset_gap=redis_lost, target_s=topo.rpo_target_seconds)
             if inp.measure_client_impact:
                 notes += await self.measure_clients(rto, rpo, target, previous, outage_since=decided_at)
             finish_measurement(rto, rpo, verified=verification.ok)
@@ -142,9 +200,34 @@ class SwitchoverWorkflow(Runbook):
                 f"; clients saw {rto.client_outage_s}s without writes, acked writes lost "
                 f"{rpo.acknowledged_writes_lost}" if inp.measure_client_impact else "")
 
-        outcome = "succeeded" if verification.ok and not rpo.acknowledged_writes_lost else "degraded"
+        outcome = "succeeded" if verification.ok and not rpo.acknowledged_writes_lost and not self.degraded \
+            else "degraded"
         self.finish(outcome)
         return RunbookResult(runbook=self.runbook, workflow_id=info.workflow_id, run_id=info.run_id,
                              service=inp.service, source_region=source, target_region=target, epoch=self.epoch,
                              outcome=outcome, trigger=inp.trigger, reason=inp.reason, approval=approval,
-                             steps=self.steps, rto=rto, rpo=rpo, source_fenced="stop", notes=notes)
+                             steps=self.steps, rto=rto, rpo=rpo, source_fenced="stop", notes=notes,
+                             degraded=self.degraded, cancel_refused=self.cancel_refused)
+
+    async def _move_redis(self, source: str, target: str, control: str) -> int | None:
+        """Zero-loss Redis switch; if that fails, promote the target anyway (what it lacks is
+        counted), and if even that fails, report Redis degraded: PostgreSQL has moved already."""
+        try:
+            redis = await self.act(RedisActivities.switchover_redis, RedisMoveRequest(old_region=source,
+                                   new_region=target), queue=control, timeout=120, heartbeat=30)
+            return redis.lost_bytes
+        except ActivityError as e:
+            first = e.cause or e
+        if not workflow.patched("switchover-redis-roll-forward"):
+            raise ApplicationError(f"switchover_redis failed: {first}", non_retryable=True)
+        try:
+            await self.act(RedisActivities.promote_redis, target, queue=control, timeout=60)
+            self.degraded.append(f"Redis zero-loss switch failed ({first}); {target}'s Redis was promoted instead, "
+                                 f"what it had not received from {source} is lost (see the Redis offset gap); "
+                                 f"repair: none needed, re-attach {source}'s Redis with eagle-dr failback --region "
+                                 f"{source} --standby-only")
+            return None
+        except ActivityError as e:
+            self.degrade("Redis move", f"{first}; then promote: {e.cause or e}",
+                         f"make {target}'s Redis the master (REPLICAOF NO ONE) and re-point the Sentinels to it")
+            return None

@@ -82,6 +82,14 @@ class PostgresActivities:
         unfence(self._pg(region))
 
     @activity.defn
+    def lift_postgres_fence(self, region: str) -> None:
+        """Undo a fence before the point of no return, on the region's own worker: start the old
+        primary again if it was stopped, then lift the read-only settings. Idempotent."""
+        pg = self._pg(region)
+        PgCtl(pg).start()
+        unfence(pg)
+
+    @activity.defn
     def promote_postgres(self, req: EpochRequest) -> Promotion:
         """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
         pg = self._pg(req.region)

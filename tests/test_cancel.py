@@ -1,0 +1,93 @@
+"""Cancel requests and the point of no return, on the real lab (the UI's "Request
+Cancellation"): before the point of no return a cancel undoes what was done and the run
+ends cancelled; after it, the cancel is refused and the move finishes.
+
+Each test leaves the lab as it found it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psycopg
+import pytest
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.exceptions import CancelledError
+
+from activities.postgres.status import pg_status
+from eagle_dr.launch import start_move
+from tests.lab_helpers import _awaiting, _names, _primary, _progress, _startup_pid, _until
+from workflows.models import ApprovalPolicy, SwitchoverInput
+
+
+async def _step_running(handle, name: str) -> bool:
+    p = await _progress(handle)
+    return p is not None and any(s.name == name and s.status == "running" for s in p.steps)
+
+
+async def _cancelled(handle) -> None:
+    with pytest.raises(WorkflowFailureError) as e:
+        await handle.result()
+    assert isinstance(e.value.cause, CancelledError), e.value.cause
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+
+
+def _writable(lab, region: str) -> bool:
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("create temp table cancel_probe (x int)")
+        return not conn.execute("select pg_is_in_recovery()").fetchone()[0]
+
+
+async def test_cancel_while_waiting_for_approval_changes_nothing(lab, client):
+    a, b = _names(lab)
+    handle = await start_move(client, lab.cfg, SwitchoverInput(
+        service=lab.cfg.service, target_region=b, approval=ApprovalPolicy(required=True, timeout_seconds=600)))
+    await _until(lambda: _awaiting(handle), 30, "the approval gate")
+    await handle.cancel()
+    await _cancelled(handle)
+    p = await _progress(handle)
+    assert p.outcome == "cancelled"
+    assert _primary(lab) == a and _writable(lab, a)
+
+
+async def test_cancel_before_the_point_of_no_return_undoes_the_stop(lab, client):
+    """The old primary was stopped and the standby is still replaying: a cancel starts the old
+    primary again as the primary, and the standby is never promoted."""
+    a, b = _names(lab)
+    startup = _startup_pid(lab, b)
+    os.kill(startup, signal.SIGSTOP)  # replay stalls: the run waits in "wait for standby to replay"
+    try:
+        handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b,
+                                                                   catch_up_timeout_seconds=600))
+        await _until(lambda: _step_running(handle, "wait for standby to replay everything"), 60,
+                     "the replay wait")
+        await handle.cancel()
+        await _cancelled(handle)
+    finally:
+        os.kill(startup, signal.SIGCONT)
+    p = await _progress(handle)
+    assert p.outcome == "cancelled"
+    assert any(s.name == f"undo: {a} takes writes again" and s.status == "done" for s in p.steps), p.steps
+    assert not any(s.name == "promote" for s in p.steps)
+    assert _primary(lab) == a and _writable(lab, a)
+    assert pg_status(lab.cfg.region(b).postgres).role == "standby"
+    await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
+
+
+async def _async_streaming(lab, region: str) -> bool:
+    return pg_status(lab.cfg.region(region).postgres).receiver_status == "streaming"
+
+
+async def test_cancel_after_the_point_of_no_return_is_refused(lab, client):
+    a, b = _names(lab)
+    handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b))
+    await _until(lambda: _step_running(handle, "promote"), 60, "the promote step")
+    await handle.cancel()
+    result = await handle.result()
+    assert result.outcome == "succeeded", result
+    assert result.cancel_refused and "point of no return" in result.cancel_refused
+    assert _primary(lab) == b
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))
+                  ).result()
+    assert back.outcome == "succeeded" and _primary(lab) == a
