@@ -37,14 +37,17 @@ from eagle_dr.config import Endpoint, RedisConfig, SecretRef
 from lab.osuser import ensure_lab_user
 from lab.processes import is_running, read_pid, wait_for
 from lab.redis import RedisNode, SentinelNode
+from tests.conftest import PORT_SHIFT
 
 HOST = "127.0.0.1"
-MASTER_PORT, REPLICA_PORT = 17701, 17702
-SENTINEL_PORTS = (17711, 17712, 17713)
+# Moved with the lab's EAGLE_DR_TEST_PORT_SHIFT (default 2000), so checkouts side by side do not collide.
+_SHIFT = PORT_SHIFT - 2000
+MASTER_PORT, REPLICA_PORT = 17701 + _SHIFT, 17702 + _SHIFT
+SENTINEL_PORTS = (17711 + _SHIFT, 17712 + _SHIFT, 17713 + _SHIFT)
 MASTER_NAME = "eagle-cache-test"
 DOWN_AFTER_MS = 5000
 # Fixed, so a run killed before its teardown can be cleaned up by the next one.
-BASE = Path(tempfile.gettempdir()) / "eagle-dr-test-redis-failover"
+BASE = Path(tempfile.gettempdir()) / f"eagle-dr-test-redis-failover{'-' + str(_SHIFT) if _SHIFT else ''}"
 
 
 @dataclass
@@ -330,7 +333,7 @@ def test_switchover_aborted_during_catch_up_leaves_old_master_writable(rlab: Red
 def test_switchover_retry_after_crash_between_promote_and_demote(rlab: RedisLab):
     a, b = rlab.a, rlab.b
     rlab.client(a).set("before", 1)
-    f = fence(a, 30_000)
+    f = fence(a)
     rlab.wait_caught_up(b, f.offset)
     promote(b)  # ...and the worker died here: two masters, a still paused
     res = switchover(a, b, timeout_s=10)
@@ -349,13 +352,20 @@ def test_switchover_refuses_to_demote_an_old_master_that_took_writes(rlab: Redis
     assert rlab.client(a, timeout=2).set("still", "writable")
 
 
-def test_fence_holds_writes_and_unfence_releases_them(rlab: RedisLab):
+def _restart(node: RedisNode) -> None:
+    """kill -9 and start again from its redis.conf, as a crash and reboot would (no persistence:
+    the data is gone, only the configuration file counts)."""
+    _kill_all([node.pid])
+    node.start()
+
+
+def test_fence_refuses_writes_across_a_restart_and_unfence_releases_them(rlab: RedisLab):
     a, b = rlab.a, rlab.b
     ca = rlab.client(a)
     ca.set("k", "v")
 
-    f = fence(a, 30_000)
-    assert f.reachable and f.paused and f.role == "master"
+    f = fence(a)
+    assert f.reachable and f.paused and f.durable and f.role == "master"
     assert f.offset <= int(ca.info("replication")["master_repl_offset"])  # a replication PING may follow
     assert ca.get("k") == "v"  # reads still served
     assert ca.config_get("replica-priority")["replica-priority"] == "0"
@@ -363,24 +373,55 @@ def test_fence_holds_writes_and_unfence_releases_them(rlab: RedisLab):
     with pytest.raises(redis.ResponseError, match="no permissions"):
         rlab.client(a, timeout=2).replicaof(HOST, REPLICA_PORT)
     assert ca.info("replication")["role"] == "master"
-    with pytest.raises(redis.TimeoutError):
-        rlab.client(a, timeout=0.5).set("k", "held")
-    assert fence(a, 30_000).paused  # idempotent
+    # Refused at once, in a transaction and from a script too; not held until a timeout.
+    with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+        rlab.client(a, timeout=2).set("k", "written")
+    with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+        rlab.client(a, timeout=2).eval("return redis.call('set', 'k', 'script')", 0)
+    with pytest.raises(redis.ResponseError):
+        pipe = rlab.client(a, timeout=2).pipeline(transaction=True)
+        pipe.set("k", "multi").execute()
+    assert fence(a).paused  # idempotent
+    assert ca.get("k") == "v"
+
+    # A restart (the lab's Redis keeps no data) comes back fenced: the fence is in redis.conf.
+    _restart(rlab.node_a)
+    with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+        rlab.client(a, timeout=2).set("k", "after restart")
+    with pytest.raises(redis.ResponseError, match="no permissions"):
+        rlab.client(a, timeout=2).replicaof(HOST, REPLICA_PORT)
 
     u = unfence(a)
     assert u.reachable and not u.paused
     assert rlab.client(a, timeout=2).set("k", "free")
+    assert rlab.client(a).config_get("min-replicas-to-write")["min-replicas-to-write"] == "0"
+    # ...and unfenced for good: a restart does not bring the fence back.
+    _restart(rlab.node_a)
+    assert rlab.client(a, timeout=2).set("k", "free again")
 
-    # A replica takes no writes: it is not paused (that would stall its replication).
-    fb = fence(b, 30_000)
+    # A replica takes no writes: it is not write-fenced (that would outlive a promotion).
+    rlab.wait_linked(b, a)
+    fb = fence(b)
     assert fb.reachable and not fb.paused and fb.role == "slave"
     assert rlab.client(a, timeout=2).set("k2", "v2")
     wait_for(lambda: rlab.client(b).get("k2") == "v2", 10, "replica still replicating", 0.02)
 
     rlab.node_b.kill()
-    gone = fence(b, 30_000, timeout=0.5)
+    gone = fence(b, timeout=0.5)
     assert not gone.reachable and not gone.paused and gone.error
     assert not unfence(b, timeout=0.5).reachable
+
+
+def test_promotion_lifts_a_fence_the_node_kept(rlab: RedisLab):
+    """Fenced, then demoted and later promoted again (a failback): it must take writes."""
+    a, b = rlab.a, rlab.b
+    f = fence(a)
+    rlab.wait_caught_up(b, f.offset)
+    promote(b)
+    demote(a, b)
+    rlab.wait_linked(a, b)
+    promote(a)
+    assert rlab.client(a, timeout=2).set("writable", "again")
 
 
 def test_demote_makes_old_master_a_replica_of_new(rlab: RedisLab):
@@ -388,7 +429,7 @@ def test_demote_makes_old_master_a_replica_of_new(rlab: RedisLab):
     ca = rlab.client(a)
     for i in range(50):
         ca.set(f"d:{i}", i)
-    f = fence(a, 30_000)
+    f = fence(a)
     rlab.wait_caught_up(b, f.offset)
     promote(b)
     rlab.client(b).set("new-only", 1)

@@ -9,6 +9,7 @@ over to B; the drill then switches to A, kills it and fails back to B.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -401,3 +402,47 @@ async def test_split_brain_detection_names_what_is_split(lab):
         lab.rebuild_standby(other.name)
         lab.wait_replication()
     assert not detect(lab.cfg).split
+
+
+async def test_promotion_that_times_out_leaves_exactly_one_writable_primary(lab, client):
+    """The standby's startup process is frozen, so pg_promote(wait => false) cannot finish in
+    time. The runbook gives up; then the standby is released. Whatever happens, exactly one
+    node may accept writes: the old primary (fence lifted) and never both."""
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    startup = _startup_pid(lab, b)
+    os.kill(startup, signal.SIGSTOP)
+    try:
+        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                                 promote_timeout_seconds=5, reason="slow promotion"))
+        with pytest.raises(WorkflowFailureError) as e:
+            await handle.result()
+    finally:
+        try:
+            os.kill(startup, signal.SIGCONT)  # if the runbook had left it frozen, a late promotion now runs
+        except ProcessLookupError:
+            pass
+    assert e.value.cause.type == "PromotionFailed", e.value.cause
+    assert "fence was lifted" in e.value.cause.message
+
+    def writable(region: str) -> bool:
+        try:
+            with psycopg.connect(lab.cfg.region(region).postgres.dsn(), connect_timeout=2, autocommit=True) as c:
+                c.execute("begin read write")
+                c.execute("create temp table t (x int)")
+                c.execute("rollback")
+                return True
+        except psycopg.Error:
+            return False
+
+    # A pending promotion finishes within a second or two of SIGCONT on this lab; give it far more.
+    await _until(_async(lambda: writable(a)), 60, "the old primary to take writes again")
+    deadline = asyncio.get_running_loop().time() + 20
+    while asyncio.get_running_loop().time() < deadline:
+        assert [r.name for r in lab.cfg.regions if writable(r.name)] == [a]
+        await asyncio.sleep(0.5)
+    st = pg_status(lab.cfg.region(b).postgres)
+    assert st.role == "standby"
+    # Leave the topology as it was: a streaming standby in b.
+    lab.rebuild_standby(b)
+    lab.wait_replication()

@@ -35,7 +35,8 @@ def _methods(obj, *names: str) -> list:
 
 def _postgres(cfg: EagleConfig) -> list:
     return _methods(PostgresActivities(cfg), "postgres_status", "read_epoch", "fence_postgres", "unfence_postgres",
-                    "promote_postgres", "record_epoch", "wait_replayed", "rejoin_as_standby")
+                    "promote_postgres", "record_epoch", "wait_replayed", "rejoin_as_standby",
+                    "abort_promotion", "lift_postgres_stop_fence")
 
 
 def regional_activities(cfg: EagleConfig) -> list:

@@ -23,8 +23,10 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, RegionHealth
-    from activities.postgres.activities import EpochRequest, FenceRequest, LostWalRequest, PostgresActivities
+    from activities.postgres.activities import EpochRequest, FenceRequest, LostWalRequest, PostgresActivities, \
+        PromoteRequest
     from activities.postgres.fence import PgFence
+    from activities.postgres.promote import Promotion, PromotionAbort
     from activities.postgres.lsn import lsn_diff
     from activities.redis import failover as redis_failover
     from activities.redis.activities import RedisActivities
@@ -116,14 +118,23 @@ class FailoverWorkflow(Runbook):
         promotion_started = workflow.now()
         async with self.step("promote") as st:
             try:
-                promotion = await self.act(PostgresActivities.promote_postgres, EpochRequest(region=target,
-                                           epoch=self.epoch), queue=tq, timeout=180, heartbeat=30)
+                promotion = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
+                    region=target, epoch=self.epoch, timeout_seconds=inp.promote_timeout_seconds), queue=tq,
+                    timeout=inp.promote_timeout_seconds + 60, heartbeat=30)
             except ActivityError as e:
-                await self._compensate_fence(source, pg_fence, r_fence.reachable, control, sq)
-                self.finish("failed")
-                raise ApplicationError(f"promotion of {target} failed; the old primary's fence was lifted and "
-                                       f"routing was not changed: {e.cause or e}", type="PromotionFailed",
-                                       non_retryable=True) from None
+                stale = isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"
+                if stale or not workflow.patched("failover-abort-promotion-before-unfence"):
+                    await self._compensate_fence(source, pg_fence, r_fence.reachable, control, sq)
+                    self.finish("failed")
+                    raise ApplicationError(f"promotion of {target} failed; the old primary's fence was lifted and "
+                                           f"routing was not changed: {e.cause or e}", type="PromotionFailed",
+                                           non_retryable=True) from None
+                # pg_promote(wait => false) goes on after we stop waiting: the standby may still
+                # become writable. The fence comes off only once it provably cannot; if it did
+                # promote, the move rolls forward from here instead.
+                promotion = await self._abort_promotion(target, tq, source, pg_fence, r_fence.reachable, control,
+                                                        sq, e)
+                notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
             await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
             redis = await self.act(RedisActivities.promote_redis, target, queue=control, timeout=60)
             st.detail = f"postgres timeline {promotion.timeline}; redis master offset {redis.promotion.offset}"
@@ -198,13 +209,55 @@ class FailoverWorkflow(Runbook):
         return await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
                                   method="read_only"), queue=control, timeout=30, attempts=2)
 
+    async def _abort_promotion(self, target: str, tq: str, source: str, fence: PgFence, redis_paused: bool,
+                               control: str, source_queue: str, failure: ActivityError) -> Promotion:
+        """Stop the target's standby until it provably cannot promote, then lift the fence;
+        returns the promotion if it won the race (the caller rolls forward)."""
+        async with self.step(f"stop {target}'s promotion") as st:
+            try:
+                aborted: PromotionAbort = await self.act(
+                    PostgresActivities.abort_promotion, EpochRequest(region=target, epoch=self.epoch), queue=tq,
+                    timeout=300, schedule_to_start=60, heartbeat=30, attempts=3)
+            except ActivityError as e:
+                # Unproven: the standby may still promote. Both stay as they are (fenced old
+                # primary, standby in limbo): no writer is better than two.
+                st.status = "failed"
+                st.detail = f"could not stop {target}'s standby: {e.cause or e}"
+                self.finish("failed")
+                raise ApplicationError(
+                    f"promotion of {target} failed ({failure.cause or failure}) and its standby could not be stopped "
+                    f"({e.cause or e}): it may still promote, so the old primary in {source} stays FENCED. Check "
+                    f"{target} (pg_is_in_recovery()); stop it, then lift the fence on {source} by hand, or re-run "
+                    "the failover once it is a primary.", type="PromotionFailed", non_retryable=True) from None
+            st.detail = aborted.detail
+        if aborted.promotion is not None:
+            return aborted.promotion
+        await self._compensate_fence(source, fence, redis_paused, control, source_queue)
+        self.finish("failed")
+        raise ApplicationError(f"promotion of {target} failed and was stopped ({aborted.detail}); the old "
+                               f"primary's fence was lifted and routing was not changed: {failure.cause or failure}",
+                               type="PromotionFailed", non_retryable=True)
+
     async def _compensate_fence(self, source: str, fence: PgFence, redis_paused: bool, control: str,
                                 source_queue: str) -> None:
         async with self.step("compensate: lift fence on old primary") as st:
             if fence.method == "read_only":
                 await self.act(PostgresActivities.unfence_postgres, source, queue=control, timeout=30)
             elif fence.method == "stop":
-                st.detail = "old primary was stopped; restart it by hand after checking why promotion failed"
+                if workflow.patched("failover-compensation-restarts-stopped-primary"):
+                    # The stop fence holds it as a standby of nothing; only its own worker can
+                    # undo that and start it again.
+                    try:
+                        await self.act(PostgresActivities.lift_postgres_stop_fence, source, queue=source_queue,
+                                       timeout=180, schedule_to_start=30, attempts=2)
+                        await self.act(PostgresActivities.unfence_postgres, source, queue=control, timeout=30)
+                        st.detail = "old primary restarted and writable again"
+                    except ActivityError as e:
+                        st.detail = (f"old primary is stopped and held as a standby; its worker could not lift "
+                                     f"the fence ({e.cause or e}): lift it by hand after checking why promotion "
+                                     "failed")
+                else:
+                    st.detail = "old primary was stopped; restart it by hand after checking why promotion failed"
             if redis_paused:
                 await self.act(RedisActivities.unfence_redis, source, queue=control, timeout=30)
 

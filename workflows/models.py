@@ -77,6 +77,9 @@ class FailoverInput(MoveInput):
     # Set by the monitor (and the drill) after failed probes: don't spend the preflight's
     # few seconds asking the dead region's worker again; fencing still tries the network.
     source_known_down: bool = False
+    # How long the promote step waits for the standby to accept writes before it gives up
+    # (then the standby is stopped before the old primary's fence is lifted).
+    promote_timeout_seconds: float = Field(default=120, ge=5, le=3600)
 
 
 class SwitchoverInput(MoveInput):

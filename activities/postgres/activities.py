@@ -13,8 +13,8 @@ from temporalio.exceptions import ApplicationError
 from activities.postgres import epoch as epochs
 from activities.postgres.ctl import PgCtl
 from activities.postgres.divergence import ForkPoint, LostWal, lost_wal
-from activities.postgres.fence import PgFence, fence_read_only, fence_stop, unfence
-from activities.postgres.promote import Promotion, promote
+from activities.postgres.fence import PgFence, fence_read_only, fence_stop, lift_stop_fence, unfence
+from activities.postgres.promote import Promotion, PromotionAbort, abort_promotion, promote
 from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot, wait_replayed_past
 from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
 from activities.postgres.wal import WalUnreadable
@@ -24,6 +24,11 @@ from eagle_dr.config import EagleConfig
 class EpochRequest(BaseModel):
     region: str
     epoch: int
+
+
+class PromoteRequest(EpochRequest):
+    # How long to wait for the standby to accept writes after pg_promote.
+    timeout_seconds: float = 120
 
 
 class FenceRequest(BaseModel):
@@ -83,27 +88,42 @@ class PostgresActivities:
 
     @activity.defn
     def lift_postgres_fence(self, region: str) -> None:
-        """Undo a fence before the point of no return, on the region's own worker: start the old
-        primary again if it was stopped, then lift the read-only settings. Idempotent."""
+        """Undo either fence before the point of no return, on the region's own worker: start the
+        old primary again as the primary if it was stopped, then lift the read-only lockout. Idempotent."""
         pg = self._pg(region)
-        PgCtl(pg).start()
+        lift_stop_fence(pg)
         unfence(pg)
 
     @activity.defn
-    def promote_postgres(self, req: EpochRequest) -> Promotion:
-        """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
-        pg = self._pg(req.region)
-        current = epochs.read_epoch(pg, self.cfg.service)
+    def lift_postgres_stop_fence(self, region: str) -> bool:
+        """Undo a stop fence and start the old primary again (region-bound: its data directory)."""
+        return lift_stop_fence(self._pg(region))
+
+    def _check_epoch(self, req: EpochRequest) -> None:
+        current = epochs.read_epoch(self._pg(req.region), self.cfg.service)
         info = activity.info()
         if current.epoch > req.epoch or (current.epoch == req.epoch and current.workflow_id != info.workflow_id):
             raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {current.epoch} "
                                    f"from {current.workflow_id}", type="StaleEpoch", non_retryable=True)
+
+    @activity.defn
+    def abort_promotion(self, req: EpochRequest) -> PromotionAbort:
+        """After a failed promote step: stop the region's standby until it provably cannot
+        promote any more, or report that it did (region-bound: pg_ctl on its data directory)."""
+        self._check_epoch(req)
+        return abort_promotion(self._pg(req.region), heartbeat=_heartbeat)
+
+    @activity.defn
+    def promote_postgres(self, req: PromoteRequest) -> Promotion:
+        """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
+        pg = self._pg(req.region)
+        self._check_epoch(req)
         # Keep the WAL each other region needs to come back as a standby: failback rewinds
         # it and replays from before the fork, often hours later.
         for other in self.cfg.regions:
             if other.name != req.region:
                 reserve_slot(pg, other.postgres.slot_name)
-        return promote(pg, timeout_s=120, heartbeat=_heartbeat)
+        return promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat)
 
     @activity.defn
     def record_epoch(self, req: EpochRequest) -> epochs.EpochRecord:

@@ -10,6 +10,7 @@ import glob
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from eagle_dr.config import PostgresConfig
@@ -24,6 +25,10 @@ def alive(pid: int | None) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+# In the data directory of an old primary held as a standby by a stop fence (fence.py).
+FENCE_MARKER = "eagle_dr_fence.json"
 
 
 class PgCtlError(RuntimeError):
@@ -103,7 +108,9 @@ class PgCtl:
             raise PgCtlError("refusing an isolated start: the server is already running")
         if not self.cfg.socket_dir:
             raise PgCtlError("an isolated start needs socket_dir")
-        self.start(timeout, extra="-c listen_addresses='' -c default_transaction_read_only=on")
+        # A read-only fence's session_preload_libraries would refuse our own session too.
+        self.start(timeout, extra="-c listen_addresses='' -c default_transaction_read_only=on "
+                                  "-c session_preload_libraries=''")
 
     def stop(self, mode: str = "fast", timeout: int = 120) -> None:
         if not self.running():
@@ -112,6 +119,38 @@ class PgCtl:
                      timeout=timeout + 30)
         if r.returncode != 0 and self.running():
             raise PgCtlError(f"pg_ctl stop failed: {r.stderr.strip()}")
+
+    def children(self) -> list[int]:
+        """The postmaster's child processes (its backends and auxiliary processes)."""
+        pid, out = self.pid, []
+        if not pid:
+            return out
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            out.append(int(entry))
+                except (OSError, IndexError, ValueError):
+                    continue
+        return out
+
+    def kill(self, timeout: float = 15) -> None:
+        """SIGKILL the postmaster and its children together (killing only the postmaster
+        leaves its children running; see shared lab notes), then wait until they are gone.
+        Sent with ``pg_ctl kill`` as the data directory's owner. For a process that does not
+        react to pg_ctl stop, e.g. one stuck (or SIGSTOPped) in recovery."""
+        pid = self.pid
+        if not alive(pid):
+            return
+        victims = [pid, *self.children()]
+        for p in victims:
+            self.run([self.tool("pg_ctl"), "kill", "KILL", str(p)], timeout=30)
+        deadline = time.monotonic() + timeout
+        while any(alive(p) for p in victims):
+            if time.monotonic() > deadline:
+                raise PgCtlError(f"processes {victims} still alive {timeout:.0f}s after SIGKILL")
+            time.sleep(0.05)
 
     def controldata(self) -> dict[str, str]:
         r = self.run([self.tool("pg_controldata"), "-D", str(self.data_dir)], check=True)
@@ -134,12 +173,26 @@ class PgCtl:
                 f"primary_slot_name = '{slot}'\n")
         signal = self.data_dir / "standby.signal"
         # Owned by the data directory's owner, so the server can read (and ALTER SYSTEM rewrite) them.
-        self._write_as_owner(auto, text)
-        self._write_as_owner(signal, "")
+        self.write_file(auto, text)
+        self.write_file(signal, "")
+        # A real standby now: no fence left for an unfence to "restore" into a primary.
+        (self.data_dir / FENCE_MARKER).unlink(missing_ok=True)
 
-    def _write_as_owner(self, path: Path, text: str) -> None:
-        path.write_text(text)
-        os.chmod(path, 0o600)
+    def write_file(self, path: Path, text: str) -> None:
+        """Write a file in the data directory durably (a fence must survive a power cut), owned
+        by the data directory's owner so the server can read it (and ALTER SYSTEM rewrite it)."""
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
         if os.geteuid() == 0 and self.cfg.os_user:
             st = self.data_dir.stat()
-            os.chown(path, st.st_uid, st.st_gid)
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

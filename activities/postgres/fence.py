@@ -1,27 +1,48 @@
-"""Fencing an old primary so it can never take another write.
+"""Fencing an old primary so it can never take another write, not even after a restart.
 
-Two strengths: ``read_only`` (ALTER SYSTEM default_transaction_read_only + terminate client
-sessions; reachable over the network, reversible, keeps the instance up for inspection)
-and ``stop`` (pg_ctl stop on the region's own worker: nothing can write to a stopped
-server). The runbook uses the strongest it can reach and records which one held.
+Two strengths:
+
+``read_only`` (over the network, keeps the instance up for inspection): ALTER SYSTEM sets
+``default_transaction_read_only`` *and* names a library that does not exist in
+``session_preload_libraries``, reloads, then ends every client session. The first alone
+is advisory (a client overrides it with ``BEGIN READ WRITE``). The second makes every new
+session fail at start ("could not access file eagle_dr_fenced_old_primary"), superusers
+included, unless a superuser overrides it in its startup packet, which eagle-dr does for
+its own connections (status.connect) and a non-superuser is not allowed to do. Both live
+in ``postgresql.auto.conf``, a file: they survive a restart, write no WAL (the failback's
+count of commits after the fork stays the application's own) and do not replicate. A
+catalog change (ALTER ROLE ... NOLOGIN, ALTER DATABASE ... CONNECTION LIMIT 0) was
+rejected: it is WAL, so it would reach the standby before promotion and lock the
+application out of the *new* primary, and it would count as a lost commit at failback.
+
+``stop`` (on the region's own worker, which can reach the data directory): read-only
+first (so nothing commits while we stop), ``pg_ctl stop``, then ``standby.signal`` plus
+a recovery configuration that points at nothing (empty ``primary_conninfo`` and
+``restore_command``). A reboot or a manual ``pg_ctl start`` then brings it up as a
+read-only hot standby with no upstream, for everyone, superusers included. What it
+changed is recorded in ``eagle_dr_fence.json`` in the data directory so ``unfence`` can
+undo exactly that; pg_rewind and a re-clone remove it with everything else.
+
+The runbook uses the strongest it can reach and records which one held.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
+import psycopg
+from psycopg import sql
 from pydantic import BaseModel
 
-from activities.postgres.ctl import PgCtl
-from activities.postgres.status import connect
+from activities.postgres.ctl import FENCE_MARKER, PgCtl
+from activities.postgres.status import FENCE_LIBRARY, connect
 from eagle_dr.config import PostgresConfig
-
-import psycopg
 
 
 class PgFence(BaseModel):
     reachable: bool
-    method: str | None = None  # "read_only" | "stop" | None (unfenced)
+    method: str | None = None  # "read_only" | "stop" | "standby" | None (unfenced)
     last_lsn: str | None = None
     timeline: int | None = None
     error: str | None = None
@@ -30,23 +51,56 @@ class PgFence(BaseModel):
     clean_shutdown: bool | None = None
 
 
+def _libraries(value: str | None) -> list[str]:
+    return [x.strip().strip('"') for x in (value or "").split(",") if x.strip()]
+
+
+def _file_libraries(conn: psycopg.Connection) -> list[str]:
+    """session_preload_libraries as the configuration files set it (this session overrides it)."""
+    row = conn.execute("select setting from pg_file_settings where name = 'session_preload_libraries' "
+                       "and applied").fetchone()
+    return _libraries(row[0] if row else None)
+
+
+def _set_libraries(conn: psycopg.Connection, libs: list[str]) -> None:
+    if libs:
+        conn.execute(sql.SQL("alter system set session_preload_libraries = {}").format(
+            sql.SQL(", ").join(sql.Literal(x) for x in libs)))
+    else:
+        conn.execute("alter system reset session_preload_libraries")
+
+
+def _new_sessions_refused(cfg: PostgresConfig, timeout: float) -> bool:
+    try:
+        with psycopg.connect(cfg.dsn(), connect_timeout=max(1, int(timeout)), autocommit=True):
+            return False
+    except psycopg.OperationalError as e:
+        if FENCE_LIBRARY in str(e):
+            return True
+        raise
+
+
 def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float) -> str:
     conn.execute("alter system set default_transaction_read_only = on")
+    libs = _file_libraries(conn)
+    if FENCE_LIBRARY not in libs:
+        _set_libraries(conn, [FENCE_LIBRARY, *libs])
     conn.execute("select pg_reload_conf()")
     # pg_reload_conf() only signals the postmaster: a session forked before it has reloaded
-    # still starts read-write. Wait until a new session sees the setting, then end every
-    # session opened before that moment.
+    # still starts unfenced. Wait until a new session is refused, then end every session
+    # opened before that moment.
     deadline = time.monotonic() + max(timeout, 5)
-    while True:
-        with connect(cfg, timeout) as probe:
-            if probe.execute("show default_transaction_read_only").fetchone()[0] == "on":
-                break
+    while not _new_sessions_refused(cfg, timeout):
         if time.monotonic() > deadline:
-            raise psycopg.OperationalError("default_transaction_read_only did not take effect after reload")
+            raise psycopg.OperationalError("the read-only fence did not take effect after reload")
         time.sleep(0.01)
     conn.execute("select pg_terminate_backend(pid) from pg_stat_activity "
                  "where backend_type = 'client backend' and pid <> pg_backend_pid()")
     return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+
+
+def _error(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else "unreachable"
 
 
 def fence_read_only(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
@@ -57,27 +111,78 @@ def fence_read_only(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
             lsn = _read_only(conn, cfg, timeout)
             return PgFence(reachable=True, method="read_only", last_lsn=lsn)
     except psycopg.Error as e:
-        return PgFence(reachable=False, error=str(e).strip().splitlines()[0] if str(e).strip() else "unreachable")
+        return PgFence(reachable=False, error=_error(e))
+
+
+# Appended to postgresql.auto.conf (the last setting of a name wins): a standby that
+# follows nothing, whatever postgresql.conf or an earlier rejoin left there.
+_RECOVERY_NOWHERE = ("# eagle-dr fence: this old primary must not take writes; it starts as a standby of nothing.\n"
+                     "primary_conninfo = ''\nprimary_slot_name = ''\nrestore_command = ''\n")
+
+
+def hold_as_standby(ctl: PgCtl) -> bool:
+    """Make a stopped server start as a read-only standby of nothing. Returns False when it
+    already starts as a standby that eagle-dr did not fence (a real standby: left alone)."""
+    if ctl.running():
+        raise RuntimeError("hold_as_standby needs the server stopped")
+    signal, auto, marker = (ctl.data_dir / n for n in ("standby.signal", "postgresql.auto.conf", FENCE_MARKER))
+    if marker.exists():
+        return True  # fenced already (a retry)
+    if signal.exists():
+        return False
+    original = auto.read_text() if auto.exists() else ""
+    # The marker first: whatever happens after it, unfence knows what to restore.
+    ctl.write_file(marker, json.dumps({"auto_conf": original, "created_standby_signal": True}))
+    ctl.write_file(auto, original + ("" if original.endswith("\n") or not original else "\n") + _RECOVERY_NOWHERE)
+    ctl.write_file(signal, "")
+    return True
 
 
 def fence_stop(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
-    """Read-only first (so nothing commits while we stop), then stop; idempotent when already down."""
+    """Read-only first (so nothing commits while we stop), stop, then hold it as a standby of
+    nothing so a restart cannot make it writable; idempotent, also when already down."""
     ctl = PgCtl(cfg)
-    if not ctl.running():
-        data = ctl.controldata()
-        return PgFence(reachable=True, method="stop", last_lsn=data.get("Latest checkpoint location"),
-                       timeline=int(data.get("Latest checkpoint's TimeLineID", "0") or 0),
-                       clean_shutdown=data.get("Database cluster state") == "shut down")
-    ro = fence_read_only(cfg, timeout)
-    ctl.stop("fast")
+    ro = None
+    if ctl.running():
+        ro = fence_read_only(cfg, timeout)
+        ctl.stop("fast")
+    # Read before anything else starts it: "shut down" proves the checkpoint is its last record.
     data = ctl.controldata()
-    return PgFence(reachable=True, method="stop", last_lsn=data.get("Latest checkpoint location") or ro.last_lsn,
+    hold_as_standby(ctl)
+    return PgFence(reachable=True, method="stop",
+                   last_lsn=data.get("Latest checkpoint location") or (ro.last_lsn if ro else None),
                    timeline=int(data.get("Latest checkpoint's TimeLineID", "0") or 0),
                    clean_shutdown=data.get("Database cluster state") == "shut down")
 
 
+def lift_stop_fence(cfg: PostgresConfig) -> bool:
+    """Undo ``hold_as_standby`` (the server must be stopped) and start the server again.
+    Returns whether a stop fence was found."""
+    ctl = PgCtl(cfg)
+    marker = ctl.data_dir / FENCE_MARKER
+    if not marker.exists():
+        ctl.start()
+        return False
+    ctl.stop("fast")
+    saved = json.loads(marker.read_text())
+    ctl.write_file(ctl.data_dir / "postgresql.auto.conf", saved["auto_conf"])
+    if saved.get("created_standby_signal"):
+        (ctl.data_dir / "standby.signal").unlink(missing_ok=True)
+    marker.unlink()
+    ctl.start()
+    return True
+
+
 def unfence(cfg: PostgresConfig) -> None:
-    """Undo a read-only fence (compensation when promotion did not happen)."""
+    """Undo a read-only fence over the network (compensation when promotion did not happen)."""
     with connect(cfg) as conn:
         conn.execute("alter system reset default_transaction_read_only")
+        libs = _file_libraries(conn)
+        if FENCE_LIBRARY in libs:
+            _set_libraries(conn, [x for x in libs if x != FENCE_LIBRARY])
         conn.execute("select pg_reload_conf()")
+    deadline = time.monotonic() + 10
+    while _new_sessions_refused(cfg, 3):
+        if time.monotonic() > deadline:
+            raise psycopg.OperationalError("the read-only fence was still in effect 10 s after reload")
+        time.sleep(0.01)

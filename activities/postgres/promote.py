@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import psycopg
 from pydantic import BaseModel
 
+from activities.postgres.ctl import PgCtl, PgCtlError
 from activities.postgres.status import CURRENT_TIMELINE, connect
 from eagle_dr.config import PostgresConfig
 
@@ -57,3 +58,106 @@ def promote(cfg: PostgresConfig, timeout_s: float, heartbeat=None) -> Promotion:
             heartbeat({"waiting": "promotion"})
         time.sleep(0.05)
     raise TimeoutError(f"{cfg.host}:{cfg.port} not writable {timeout_s:.0f}s after pg_promote ({last_err})")
+
+
+class PromotionAbort(BaseModel):
+    """Where a promotion that the runbook gave up on ended, once it can no longer change.
+
+    ``standby``: stopped while still in recovery and started again as a standby (its promote
+    request gone): it cannot become writable. ``stopped``: the same, but it did not start
+    again; it is down and would start as a standby. ``promoted``: it got out of recovery
+    before it could be stopped; ``promotion`` says what it forked from.
+    """
+
+    state: str
+    detail: str
+    promotion: Promotion | None = None
+
+
+def _promotion_of_primary(cfg: PostgresConfig) -> Promotion | None:
+    """A node that is out of recovery: when it is writable, what its timeline forked from
+    (the switchpoint in its newest history file, which is where replay stopped)."""
+    ok, tli = _writable(cfg)
+    if not ok:
+        return None
+    fork = None
+    with connect(cfg, 5) as conn:
+        try:
+            history = conn.execute("select pg_read_file(%s)", (f"pg_wal/{tli:08X}.history",)).fetchone()[0]
+            lines = [x.split() for x in history.splitlines() if x.strip() and not x.startswith("#")]
+            fork = lines[-1][1] if lines else None
+        except psycopg.Error:
+            pass
+    return Promotion(already_primary=False, replay_lsn=fork, timeline=tli, writable_at=datetime.now(timezone.utc))
+
+
+def _in_recovery(cfg: PostgresConfig) -> bool | None:
+    try:
+        with connect(cfg, 2) as conn:
+            return conn.execute("select pg_is_in_recovery()").fetchone()[0]
+    except psycopg.Error:
+        return None
+
+
+def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout_s: int = 120,
+                    heartbeat=None) -> PromotionAbort:
+    """Make sure a standby whose promotion timed out can no longer become writable.
+
+    A promotion requested with ``pg_promote(wait => false)`` keeps going after the runbook
+    stops waiting: a startup process that is slow (a long replay, a stalled disk) finishes
+    it minutes later. Lifting the old primary's fence before that is ruled out would end
+    with two writable primaries. A running standby cannot prove it never will promote: the
+    ``promote`` file may already have been read, and deleting it races with the startup
+    process. So it is stopped, escalating to SIGKILL of the whole instance because a stuck
+    startup process ignores pg_ctl stop, and only the stopped data directory decides:
+    ``standby.signal`` is removed by the startup process when it leaves recovery (before
+    the first write on the new timeline), so if it is still there the node never finished
+    promoting and starts again as a standby (the postmaster drops a leftover ``promote``
+    file at start; we remove it first anyway). If it is gone, the promotion went through:
+    the node is started and reported as promoted, and the runbook rolls forward instead of
+    unfencing the old primary. Idempotent: a retry finds it stopped or in recovery.
+    """
+    ctl = PgCtl(cfg)
+    if ctl.running() and _in_recovery(cfg) is False:
+        promotion = _promotion_of_primary(cfg)
+        if promotion:
+            return PromotionAbort(state="promoted", detail="it had finished promoting", promotion=promotion)
+    (ctl.data_dir / "promote").unlink(missing_ok=True)
+    how = "pg_ctl stop -m fast"
+    for mode in ("fast", "immediate"):
+        try:
+            ctl.stop(mode, timeout=stop_timeout_s)
+        except PgCtlError:
+            pass
+        if not ctl.running():
+            break
+        how = f"pg_ctl stop -m {mode} did not stop it; SIGKILL"
+        if heartbeat:
+            heartbeat({"stopping": mode})
+    if ctl.running():
+        ctl.kill()
+    (ctl.data_dir / "promote").unlink(missing_ok=True)
+    if not (ctl.data_dir / "standby.signal").exists():
+        # Out of recovery already: the promotion won. Start it and let the runbook roll forward.
+        ctl.start(timeout=start_timeout_s)
+        deadline = time.monotonic() + start_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if promotion := _promotion_of_primary(cfg):
+                    return PromotionAbort(state="promoted", detail=f"stopped ({how}) after it left recovery",
+                                          promotion=promotion)
+            except psycopg.Error:
+                pass
+            if heartbeat:
+                heartbeat({"waiting": "promoted node writable"})
+            time.sleep(0.1)
+        raise TimeoutError(f"{cfg.host}:{cfg.port} left recovery but is not writable {start_timeout_s}s after start")
+    try:
+        ctl.start(timeout=start_timeout_s)
+    except PgCtlError as e:
+        return PromotionAbort(state="stopped", detail=f"stopped in recovery ({how}); it did not start again: "
+                                                      f"{str(e).splitlines()[0]}")
+    if _in_recovery(cfg) is not True:
+        # Cannot happen with standby.signal in place; never report "cannot promote" unproven.
+        raise RuntimeError(f"{cfg.host}:{cfg.port} restarted with standby.signal but is not in recovery")
+    return PromotionAbort(state="standby", detail=f"stopped in recovery ({how}) and restarted as a standby")

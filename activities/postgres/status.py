@@ -47,8 +47,23 @@ class PgStatus(BaseModel):
     read_only: bool | None = None
 
 
+# A read-only fence (activities/postgres/fence.py) names this non-existent library in
+# session_preload_libraries: every new session fails at start, except a superuser's that
+# overrides the setting in its startup packet, as eagle-dr's own connections do.
+FENCE_LIBRARY = "eagle_dr_fenced_old_primary"
+_FENCE_OVERRIDE = "-c session_preload_libraries="
+
+
 def connect(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None) -> psycopg.Connection:
-    return psycopg.connect(cfg.dsn(dbname), connect_timeout=max(1, int(timeout)), autocommit=True)
+    try:
+        return psycopg.connect(cfg.dsn(dbname), connect_timeout=max(1, int(timeout)), autocommit=True)
+    except psycopg.OperationalError as e:
+        # Only on a fenced node: a non-superuser may not override the setting at all, so
+        # the override is not sent to servers that do not need it.
+        if FENCE_LIBRARY not in str(e):
+            raise
+    return psycopg.connect(cfg.dsn(dbname), connect_timeout=max(1, int(timeout)), autocommit=True,
+                           options=_FENCE_OVERRIDE)
 
 
 # The timeline a primary writes on, from the name of its current WAL file: the checkpoint's

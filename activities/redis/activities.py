@@ -12,9 +12,6 @@ from temporalio import activity
 from activities.redis import failover
 from eagle_dr.config import EagleConfig
 
-# A fence holds until failback (or compensation) lifts it; a day is longer than any runbook.
-FENCE_PAUSE_MS = 24 * 3600 * 1000
-
 
 class RedisPromoted(BaseModel):
     promotion: failover.RedisPromotion
@@ -35,7 +32,7 @@ class RedisActivities:
 
     @activity.defn
     def fence_redis(self, region: str) -> failover.RedisFence:
-        return failover.fence(self._redis(region), FENCE_PAUSE_MS)
+        return failover.fence(self._redis(region))
 
     @activity.defn
     def unfence_redis(self, region: str) -> None:

@@ -63,7 +63,10 @@ class RedisPromotion(BaseModel):
 class RedisFence(BaseModel):
     address: str
     reachable: bool
+    # Writes refused (the name predates the write fence, which replaced CLIENT PAUSE).
     paused: bool = False
+    # The fence is in redis.conf too (CONFIG REWRITE), so it survives a restart.
+    durable: bool = False
     role: str | None = None
     offset: int | None = None
     replid: str | None = None
@@ -223,7 +226,9 @@ def promote(target: RedisConfig) -> RedisPromotion:
     if not already:
         _hold_replication(c, False)
         c.replicaof("NO", "ONE")
+    _write_fence(c, False)
     c.config_set("replica-priority", 100)
+    _persist(c)
     after = _repl(c)
     fork = _fork_offset(after)
     return RedisPromotion(
@@ -236,27 +241,63 @@ def promote(target: RedisConfig) -> RedisPromotion:
     )
 
 
-def fence(old: RedisConfig, pause_ms: int, timeout: float = 2.0) -> RedisFence:
-    """Hold writes on a master without touching its data, so its keys can still be captured later.
+# While fenced, a master's min-replicas-to-write is raised by this much (see fence).
+FENCE_MIN_REPLICAS = 1_000_000
 
-    The pause ends by itself after ``pause_ms`` (CLIENT PAUSE has no "forever"), so the runbook
-    must demote the node, or fence again, before it runs out. A replica is left unpaused: it
-    takes no writes, and pausing it would stall its replication stream.
+
+def _write_fence(c: redis.Redis, on: bool) -> None:
+    """Refuse (or accept again) every write on a master, for every client and ACL user.
+
+    min-replicas-to-write above any possible replica count makes a master answer each write
+    with NOREPLICAS, and it needs min-replicas-max-lag > 0 to apply (0 disables the check).
+    The fence adds FENCE_MIN_REPLICAS to the node's own value instead of storing it
+    elsewhere, so unfence restores exactly what the operator had, and a retry of either is
+    a no-op. A replica ignores the setting; clearing it on promotion keeps a once-fenced
+    node from refusing writes when it becomes master again."""
+    current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
+    if on and current < FENCE_MIN_REPLICAS:
+        if int(c.config_get("min-replicas-max-lag")["min-replicas-max-lag"]) == 0:
+            c.config_set("min-replicas-max-lag", 10)  # the Redis default
+        c.config_set("min-replicas-to-write", current + FENCE_MIN_REPLICAS)
+    elif not on and current >= FENCE_MIN_REPLICAS:
+        c.config_set("min-replicas-to-write", current - FENCE_MIN_REPLICAS)
+
+
+def _persist(c: redis.Redis) -> str | None:
+    """CONFIG REWRITE: the running configuration (the write fence, the ACL on replication
+    commands, replicaof) into redis.conf, so a restart keeps it. None when written; else why
+    not (no config file, a read-only one): the fence then holds only until a restart."""
+    try:
+        c.config_rewrite()
+        return None
+    except redis.ResponseError as e:
+        log.warning("CONFIG REWRITE failed, the fence will not survive a restart: %s", e)
+        return str(e)
+
+
+def fence(old: RedisConfig, timeout: float = 2.0) -> RedisFence:
+    """Refuse writes on a master without touching its data, so its keys can still be captured later.
+
+    Not CLIENT PAUSE (it ends by itself, 24 h at most here, and a restart forgets it): the
+    write fence above answers every write with an error, for any client, until unfence or
+    demotion lifts it, and CONFIG REWRITE keeps it, and the hold on REPLICAOF, across a
+    restart. A replica is left writable-as-before: it takes no writes, and is only marked
+    not to be promoted by Sentinel.
     """
     try:
         c = _node(old, timeout)
         info = _repl(c)
         paused = info["role"] == "master"
         if paused:
-            # A later pause never shortens an earlier one: Redis keeps the furthest end time.
-            c.client_pause(int(pause_ms), all=False)
+            _write_fence(c, True)
             _hold_replication(c, True)
         c.config_set("replica-priority", 0)
+        not_durable = _persist(c)
         info = _repl(c)
     except _ERRORS as e:
         return RedisFence(address=_addr(old), reachable=False, error=str(e) or type(e).__name__)
     return RedisFence(address=_addr(old), reachable=True, paused=paused, role=info["role"], offset=_offset(info),
-                      replid=info.get("master_replid"))
+                      replid=info.get("master_replid"), durable=not_durable is None, error=not_durable)
 
 
 def _hold_replication(c: redis.Redis, hold: bool) -> None:
@@ -276,7 +317,9 @@ def unfence(node: RedisConfig, timeout: float = 2.0) -> RedisFence:
     try:
         c = _node(node, timeout)
         _hold_replication(c, False)
-        c.client_unpause()
+        _write_fence(c, False)
+        c.client_unpause()  # a fence from before the write fence paused clients
+        _persist(c)
         info = _repl(c)
     except _ERRORS as e:
         return RedisFence(address=_addr(node), reachable=False, error=str(e) or type(e).__name__)
@@ -290,6 +333,8 @@ def _replicate_from(c: redis.Redis, master: RedisConfig) -> None:
         c.config_set("masterauth", _password(master))
     c.replicaof(master.host, master.port)
     c.config_set("replica-priority", 0)
+    _write_fence(c, False)
+    _persist(c)
 
 
 def _discarded_bytes(node: dict[str, Any], master: dict[str, Any]) -> int | None:

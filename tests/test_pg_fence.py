@@ -1,0 +1,119 @@
+"""PostgreSQL fences against clients that try to write anyway, and against a restart of the
+fenced server, on a throwaway real PostgreSQL (lab/scratch_postgres.py)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from activities.postgres.fence import fence_read_only, fence_stop, lift_stop_fence, unfence
+from activities.postgres.status import pg_status
+from lab.scratch_postgres import scratch_postgres
+from tests.conftest import PORT_SHIFT
+
+PORT = 17801 + PORT_SHIFT - 2000
+
+# What a client does to get past default_transaction_read_only.
+BYPASSES = [
+    ["begin read write", "insert into alerts (id, region, payload) values (%(id)s, 'x', '{}')", "commit"],
+    ["set session characteristics as transaction read write",
+     "insert into alerts (id, region, payload) values (%(id)s, 'x', '{}')"],
+    ["set default_transaction_read_only = off", "set transaction_read_only = off",
+     "insert into alerts (id, region, payload) values (%(id)s, 'x', '{}')"],
+]
+
+
+@pytest.fixture(scope="module")
+def node():
+    with scratch_postgres(PORT, "fence") as n:
+        with n.connect() as conn:
+            conn.execute("create role app login password 'app'")
+            conn.execute("grant all on alerts to app")
+        yield n
+
+
+def _dsn(node, user: str) -> str:
+    return node.cfg.dsn() if user == "superuser" else node.cfg.dsn().replace("user=postgres", "user=app")
+
+
+def _try_write(node, user: str, steps: list[str], key: int) -> str | None:
+    """Run a client's write attempt; None if it committed, else the error that stopped it."""
+    try:
+        with psycopg.connect(_dsn(node, user), connect_timeout=3, autocommit=True) as conn:
+            for s in steps:
+                conn.execute(s, {"id": key} if "%(id)s" in s else None)
+        return None
+    except psycopg.Error as e:
+        return str(e).strip().splitlines()[0]
+
+
+def _count(node, key: int) -> int:
+    # Through eagle-dr's own connection, which a fence lets in.
+    from activities.postgres.status import connect
+    with connect(node.cfg) as conn:
+        return conn.execute("select count(*) from alerts where id = %s", (key,)).fetchone()[0]
+
+
+def _assert_refused(node, base: int) -> None:
+    for user in ("app", "superuser"):
+        for i, steps in enumerate(BYPASSES):
+            key = base + i + (100 if user == "app" else 0)
+            err = _try_write(node, user, steps, key)
+            assert err is not None, f"{user} wrote through the fence with {steps}"
+            assert _count(node, key) == 0
+
+
+def test_read_only_fence_refuses_bypasses_and_survives_a_restart(node):
+    assert _try_write(node, "app", BYPASSES[0], 1) is None  # writable before the fence
+    held = psycopg.connect(_dsn(node, "app"), autocommit=True)
+    f = fence_read_only(node.cfg)
+    assert f.reachable and f.method == "read_only" and f.last_lsn
+    # A session from before the fence is ended, not left writing.
+    with pytest.raises(psycopg.OperationalError):
+        held.execute("insert into alerts (id, region, payload) values (2, 'x', '{}')")
+    held.close()
+    _assert_refused(node, 1000)
+    st = pg_status(node.cfg)
+    assert st.reachable and st.role == "primary" and st.read_only  # eagle-dr still sees it, as fenced
+
+    node.ctl.stop("fast")
+    node.ctl.start()
+    _assert_refused(node, 2000)
+    assert fence_read_only(node.cfg).method == "read_only"  # idempotent
+
+    unfence(node.cfg)
+    assert _try_write(node, "app", BYPASSES[0], 3000) is None
+    node.ctl.stop("fast")
+    node.ctl.start()
+    assert _try_write(node, "app", BYPASSES[1], 3001) is None  # lifted for good
+
+
+def test_stop_fence_restarts_as_a_read_only_standby_and_unfence_restores_the_primary(node):
+    timeline = pg_status(node.cfg).timeline
+    with psycopg.connect(node.cfg.dsn(), autocommit=True) as conn:
+        conn.execute("alter system set work_mem = '7MB'")  # an operator's own setting, to be kept
+    f = fence_stop(node.cfg)
+    assert f.method == "stop" and f.last_lsn and f.timeline == timeline
+    assert not node.running()
+    assert fence_stop(node.cfg).method == "stop"  # idempotent while down
+
+    # A reboot, or an operator's pg_ctl start: it comes up in recovery, following nothing.
+    node.ctl.start()
+    st = pg_status(node.cfg)
+    assert st.role == "standby" and st.upstream is None
+    # The read-only fence taken before the stop still keeps clients out; a superuser that
+    # gets past it still cannot write to a standby.
+    _assert_refused(node, 4000)
+    from activities.postgres.status import connect
+    with connect(node.cfg) as conn, pytest.raises(psycopg.errors.FeatureNotSupported, match="during recovery"):
+        conn.execute("begin read write")
+        conn.execute("insert into alerts (id, region, payload) values (4999, 'x', '{}')")
+
+    assert lift_stop_fence(node.cfg)
+    unfence(node.cfg)
+    st = pg_status(node.cfg)
+    assert st.role == "primary" and st.timeline == timeline  # the same history: nothing was promoted
+    assert _try_write(node, "app", BYPASSES[0], 5000) is None
+    with psycopg.connect(node.cfg.dsn(), autocommit=True) as conn:
+        assert conn.execute("show work_mem").fetchone()[0] == "7MB"
+    assert not (node.data_dir / "standby.signal").exists()
