@@ -91,3 +91,30 @@ async def test_cancel_after_the_point_of_no_return_is_refused(lab, client):
     back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))
                   ).result()
     assert back.outcome == "succeeded" and _primary(lab) == a
+
+
+async def test_failover_cancelled_while_fencing_lifts_every_fence(lab, client):
+    """A cancel that lands while the old primary is being fenced: whatever the fence step did
+    is undone (PostgreSQL takes writes again, Redis too) and the standby is never promoted."""
+    from workflows.models import FailoverInput
+
+    a, b = _names(lab)
+    rd = lab.redis(a)
+    os.kill(rd.pid, signal.SIGSTOP)  # its fence hangs on a socket timeout: the step stays in flight
+    try:
+        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                                 reason="cancel test"))
+        await _until(lambda: _step_running(handle, "fence old primary"), 60, "the fence step")
+        await handle.cancel()
+    finally:
+        os.kill(rd.pid, signal.SIGCONT)
+    await _cancelled(handle)
+    p = await _progress(handle)
+    assert p.outcome == "cancelled"
+    undo = next(s for s in p.steps if s.name == f"undo: lift the fence on {a}")
+    assert undo.status == "done" and "could NOT" not in undo.detail, undo.detail
+    assert not any(s.name == "promote" for s in p.steps)
+    assert _primary(lab) == a and _writable(lab, a)
+    assert pg_status(lab.cfg.region(b).postgres).role == "standby"
+    rd.client().set("eagle-dr:cancel-test", "writable")  # the Redis fence is off too
+    await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")

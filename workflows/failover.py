@@ -10,8 +10,12 @@ The runbook, as an SRE would do it by hand:
  6. re-route traffic (ConfigMap, DNS, the lab's routing) and wait for the services;
  7. verify with a real write and read in the new region;
  8. measure RTO and RPO and compare them with the targets.
-If promotion fails, the fence is lifted again (the old primary was intact) and nothing was
-re-routed: the runbook says so and fails.
+Point of no return: the promotion request (step 5). Before it, a cancel request lifts the
+fences again (PostgreSQL, Redis, the services) and the run ends cancelled. A promotion that
+fails is stopped until the standby provably cannot promote, then the fences are lifted and
+the run fails (a standby that promoted all the same rolls the move forward). From the
+promotion on, a cancel is refused, and a part that fails (Redis, routing) is reported as
+degraded with the command that repairs it: traffic goes to the new primary regardless.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, RegionHealth
@@ -83,105 +87,135 @@ class FailoverWorkflow(Runbook):
             st.detail = f"target standby OK; lag {lag if lag is not None else 'unknown'} bytes ({lag_basis})"
             self._lag_guard(inp, lag, lag_basis, notes)
 
-        previous = await self.take_epoch(target, tq)
-        approval = await self.approval(inp.approval, f"fail over {inp.service} to {target}")
-        if inp.approval.required and workflow.patched("lag-guard-after-approval"):
-            # The approval may have waited minutes: the standby can have fallen further behind.
-            async with self.step("re-check the lag guard") as st:
-                t_health = await self.act(HealthActivities.probe_region, target, queue=tq, timeout=30,
-                                          schedule_to_start=30, attempts=2)
-                if s_health is not None:
-                    try:
-                        s_health = await self.act(HealthActivities.probe_region, source, queue=sq, timeout=15,
-                                                  schedule_to_start=5, attempts=1)
-                    except ActivityError:
-                        s_health = None
-                lag, lag_basis = standby_lag(s_health.postgres if s_health else None, t_health.postgres)
-                st.detail = f"lag {lag if lag is not None else 'unknown'} bytes ({lag_basis})"
-                self._lag_guard(inp, lag, lag_basis, notes)
-        decided_at = workflow.now()
+        fencing = False
+        try:
+            previous = await self.take_epoch(target, tq)
+            approval = await self.approval(inp.approval, f"fail over {inp.service} to {target}")
+            if inp.approval.required and workflow.patched("lag-guard-after-approval"):
+                # The approval may have waited minutes: the standby can have fallen further behind.
+                async with self.step("re-check the lag guard") as st:
+                    t_health = await self.act(HealthActivities.probe_region, target, queue=tq, timeout=30,
+                                              schedule_to_start=30, attempts=2)
+                    if s_health is not None:
+                        try:
+                            s_health = await self.act(HealthActivities.probe_region, source, queue=sq, timeout=15,
+                                                      schedule_to_start=5, attempts=1)
+                        except ActivityError:
+                            s_health = None
+                    lag, lag_basis = standby_lag(s_health.postgres if s_health else None, t_health.postgres)
+                    st.detail = f"lag {lag if lag is not None else 'unknown'} bytes ({lag_basis})"
+                    self._lag_guard(inp, lag, lag_basis, notes)
+            decided_at = workflow.now()
 
-        async with self.step("fence old primary") as st:
-            # All three at once: each waits out its own timeout against a dead region.
-            pg_fence, r_fence, scaled = await asyncio.gather(
-                self._fence_postgres(source, sq if s_health else None, control),
-                self.act(RedisActivities.fence_redis, source, queue=control, timeout=30, attempts=2),
-                self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
-                         queue=control, timeout=60, attempts=2))
-            fenced = pg_fence.method or "unfenced"
-            st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
-                        f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
-            if not pg_fence.method:
-                notes.append(f"old primary in {source} was unreachable and is NOT fenced: it must stay down "
-                             "until failback rewinds it")
+            fencing = True
+            async with self.step("fence old primary") as st:
+                # All three at once: each waits out its own timeout against a dead region.
+                pg_fence, r_fence, scaled = await asyncio.gather(
+                    self._fence_postgres(source, sq if s_health else None, control),
+                    self.act(RedisActivities.fence_redis, source, queue=control, timeout=30, attempts=2),
+                    self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
+                             queue=control, timeout=60, attempts=2))
+                fenced = pg_fence.method or "unfenced"
+                st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
+                            f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
+                if not pg_fence.method:
+                    notes.append(f"old primary in {source} was unreachable and is NOT fenced: it must stay down "
+                                 "until failback rewinds it")
 
-        promotion_started = workflow.now()
-        async with self.step("promote") as st:
-            try:
-                promotion = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
-                    region=target, epoch=self.epoch, timeout_seconds=inp.promote_timeout_seconds), queue=tq,
-                    timeout=inp.promote_timeout_seconds + 60, heartbeat=30)
-            except ActivityError as e:
-                stale = isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"
-                if stale or not workflow.patched("failover-abort-promotion-before-unfence"):
-                    await self._compensate_fence(source, pg_fence, r_fence.reachable, control, sq)
-                    self.finish("failed")
-                    raise ApplicationError(f"promotion of {target} failed; the old primary's fence was lifted and "
-                                           f"routing was not changed: {e.cause or e}", type="PromotionFailed",
-                                           non_retryable=True) from None
-                # pg_promote(wait => false) goes on after we stop waiting: the standby may still
-                # become writable. The fence comes off only once it provably cannot; if it did
-                # promote, the move rolls forward from here instead.
-                promotion = await self._abort_promotion(target, tq, source, pg_fence, r_fence.reachable, control,
-                                                        sq, e)
-                notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
-            await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
-            redis = await self.act(RedisActivities.promote_redis, target, queue=control, timeout=60)
-            st.detail = f"postgres timeline {promotion.timeline}; redis master offset {redis.promotion.offset}"
+        except asyncio.CancelledError:
+            raise self.cancelled(await self._undo_fences(source, sq, control) if fencing else []) from None
+        except ActivityError as e:
+            if not isinstance(e.cause, CancelledError):
+                raise
+            raise self.cancelled(await self._undo_fences(source, sq, control) if fencing else []) from None
 
-        async with self.step("re-route traffic") as st:
-            route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target, epoch=self.epoch),
-                                   queue=control, timeout=120)
-            await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330, heartbeat=30)
-            st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
-
-        async with self.step("verify") as st:
-            verification = await self.act(TrafficActivities.verify_service, target, queue=control, timeout=60)
-            st.detail = "write + read OK" if verification.ok else f"FAILED: {verification.error}"
-            if not verification.ok:
-                st.status = "failed"
-        serving_at = workflow.now()
-
-        async with self.step("measure RTO/RPO") as st:
-            rto = Rto(detected_at=detected_at, decided_at=decided_at, promotion_started_at=promotion_started,
-                      writable_at=promotion.writable_at, serving_at=serving_at, target_s=topo.rto_target_seconds)
-            rpo = Rpo(redis_offset_gap=_gap(r_fence, redis.promotion), target_s=topo.rpo_target_seconds)
-            lost = None
-            if promotion.replay_lsn is None:
-                rpo.wal_basis = ("unknown: the promote step was retried after the standby had been promoted, so its "
-                                 "replay position at promotion was not seen; failback measures the loss")
-            elif workflow.patched("measure-lost-wal"):
+        async def promote_and_route() -> RunbookResult:
+            promotion_started = workflow.now()
+            async with self.step("promote") as st:
                 try:
-                    lost = await self.act(PostgresActivities.measure_lost_wal, LostWalRequest(
-                        region=source, from_lsn=promotion.replay_lsn), queue=sq, timeout=300, schedule_to_start=5,
-                        attempts=1)
+                    promotion = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
+                        region=target, epoch=self.epoch, timeout_seconds=inp.promote_timeout_seconds), queue=tq,
+                        timeout=inp.promote_timeout_seconds + 60, heartbeat=30)
                 except ActivityError as e:
-                    notes.append(f"{source}'s own WAL could not be read ({e.cause or e}): the loss is measured at "
-                                 "failback")
-            wal_rpo(rpo, lost, pg_fence, promotion.replay_lsn)
-            if inp.measure_client_impact:
-                await self.measure_clients(rto, rpo, target, previous, outage_since=detected_at)
-            finish_measurement(rto, rpo, verified=verification.ok)
-            st.detail = f"RTO {rto.total_s:.1f}s (target {rto.target_s}s, {verdict(rto.met)}); RPO " \
-                        f"{rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else 'unknown'} WAL bytes " \
-                        f"({verdict(rpo.met)})"
+                    stale = isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"
+                    if stale or not workflow.patched("failover-abort-promotion-before-unfence"):
+                        await self._compensate_fence(source, pg_fence, r_fence.reachable, control, sq)
+                        self.finish("failed")
+                        raise ApplicationError(f"promotion of {target} failed; the old primary's fence was lifted and "
+                                               f"routing was not changed: {e.cause or e}", type="PromotionFailed",
+                                               non_retryable=True) from None
+                    # pg_promote(wait => false) goes on after we stop waiting: the standby may still
+                    # become writable. The fence comes off only once it provably cannot; if it did
+                    # promote, the move rolls forward from here instead.
+                    promotion = await self._abort_promotion(target, tq, source, pg_fence, r_fence.reachable, control,
+                                                            sq, e)
+                    notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
+                await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
+                try:
+                    redis = await self.act(RedisActivities.promote_redis, target, queue=control, timeout=60)
+                    st.detail = f"postgres timeline {promotion.timeline}; redis master offset {redis.promotion.offset}"
+                except ActivityError as e:
+                    # PostgreSQL has moved: the service runs on without its cache master rather than not at all.
+                    redis = None
+                    st.detail = f"postgres timeline {promotion.timeline}; REDIS NOT PROMOTED"
+                    self.degrade(f"promoting {target}'s Redis", e.cause or e,
+                                 f"make {target}'s Redis the master (REPLICAOF NO ONE) and re-point the Sentinels")
 
-        outcome = "succeeded" if verification.ok else "degraded"
-        self.finish(outcome)
-        return RunbookResult(runbook=self.runbook, workflow_id=info.workflow_id, run_id=info.run_id,
-                             service=inp.service, source_region=source, target_region=target, epoch=self.epoch,
-                             outcome=outcome, trigger=inp.trigger, reason=inp.reason, approval=approval,
-                             steps=self.steps, rto=rto, rpo=rpo, source_fenced=pg_fence.method, notes=notes)
+            async with self.step("re-route traffic") as st:
+                try:
+                    route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target,
+                                           epoch=self.epoch), queue=control, timeout=120)
+                    await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330,
+                                   heartbeat=30)
+                    st.detail = f"{route.previous_region} -> {target} via " \
+                                f"{', '.join(route.changed) or 'already routed'}"
+                except ActivityError as e:
+                    st.status = "failed"
+                    st.detail = f"FAILED: {e.cause or e}"
+                    self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, "
+                                                              f"DNS) and scale its services up")
+
+            async with self.step("verify") as st:
+                verification = await self.act(TrafficActivities.verify_service, target, queue=control, timeout=60)
+                st.detail = "write + read OK" if verification.ok else f"FAILED: {verification.error}"
+                if not verification.ok:
+                    st.status = "failed"
+            serving_at = workflow.now()
+
+            async with self.step("measure RTO/RPO") as st:
+                rto = Rto(detected_at=detected_at, decided_at=decided_at, promotion_started_at=promotion_started,
+                          writable_at=promotion.writable_at, serving_at=serving_at, target_s=topo.rto_target_seconds)
+                rpo = Rpo(redis_offset_gap=_gap(r_fence, redis.promotion) if redis else None,
+                          target_s=topo.rpo_target_seconds)
+                lost = None
+                if promotion.replay_lsn is None:
+                    rpo.wal_basis = ("unknown: the promote step was retried after the standby had been promoted, so its "
+                                     "replay position at promotion was not seen; failback measures the loss")
+                elif workflow.patched("measure-lost-wal"):
+                    try:
+                        lost = await self.act(PostgresActivities.measure_lost_wal, LostWalRequest(
+                            region=source, from_lsn=promotion.replay_lsn), queue=sq, timeout=300, schedule_to_start=5,
+                            attempts=1)
+                    except ActivityError as e:
+                        notes.append(f"{source}'s own WAL could not be read ({e.cause or e}): the loss is measured at "
+                                     "failback")
+                wal_rpo(rpo, lost, pg_fence, promotion.replay_lsn)
+                if inp.measure_client_impact:
+                    await self.measure_clients(rto, rpo, target, previous, outage_since=detected_at)
+                finish_measurement(rto, rpo, verified=verification.ok)
+                st.detail = f"RTO {rto.total_s:.1f}s (target {rto.target_s}s, {verdict(rto.met)}); RPO " \
+                            f"{rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else 'unknown'} WAL bytes " \
+                            f"({verdict(rpo.met)})"
+
+            outcome = "succeeded" if verification.ok and not self.degraded else "degraded"
+            self.finish(outcome)
+            return RunbookResult(runbook=self.runbook, workflow_id=info.workflow_id, run_id=info.run_id,
+                                 service=inp.service, source_region=source, target_region=target, epoch=self.epoch,
+                                 outcome=outcome, trigger=inp.trigger, reason=inp.reason, approval=approval,
+                                 steps=self.steps, rto=rto, rpo=rpo, source_fenced=pg_fence.method, notes=notes,
+                                 degraded=self.degraded, cancel_refused=self.cancel_refused)
+
+        return await self.no_return(promote_and_route(), f"the promotion of {target}")
 
     def _lag_guard(self, inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:
         if lag is None:
@@ -208,6 +242,39 @@ class FailoverWorkflow(Runbook):
                 pass
         return await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
                                   method="read_only"), queue=control, timeout=30, attempts=2)
+
+    async def _undo_fences(self, source: str, sq: str, control: str) -> list[str]:
+        """A cancel before the promotion: lift what the fence step may have done (it may have been
+        cancelled half-way, so all of it, each step idempotent): PostgreSQL, Redis, the services."""
+        undone: list[str] = []
+        async with self.step(f"undo: lift the fence on {source}") as st:
+            try:
+                await self.act(PostgresActivities.lift_postgres_fence, source, queue=sq, timeout=180,
+                               schedule_to_start=30, attempts=2)
+                undone.append(f"{source}'s PostgreSQL takes writes again")
+            except ActivityError as e:
+                try:
+                    await self.act(PostgresActivities.unfence_postgres, source, queue=control, timeout=30, attempts=2)
+                    undone.append(f"{source}'s PostgreSQL read-only fence lifted over the network")
+                except ActivityError as e2:
+                    undone.append(f"{source}'s PostgreSQL could NOT be unfenced ({e.cause or e}; {e2.cause or e2})")
+            try:
+                await self.act(RedisActivities.unfence_redis, source, queue=control, timeout=30, attempts=2)
+                undone.append(f"{source}'s Redis takes writes again")
+            except ActivityError as e:
+                undone.append(f"{source}'s Redis could NOT be unfenced ({e.cause or e})")
+            try:
+                # The epoch this run took is spent: recorded where the next move reads it, so the
+                # routing written with it below never looks newer than that move.
+                await self.act(PostgresActivities.record_epoch, EpochRequest(region=source, epoch=self.epoch),
+                               queue=control, timeout=30, attempts=2)
+                await self.act(TrafficActivities.route_traffic, RouteRequest(region=source, epoch=self.epoch),
+                               queue=control, timeout=120, attempts=2)
+                undone.append(f"{source}'s services scaled back up, routing on {source}")
+            except ActivityError as e:
+                undone.append(f"{source}'s services could NOT be scaled back up ({e.cause or e})")
+            st.detail = "; ".join(undone)
+        return undone
 
     async def _abort_promotion(self, target: str, tq: str, source: str, fence: PgFence, redis_paused: bool,
                                control: str, source_queue: str, failure: ActivityError) -> Promotion:
