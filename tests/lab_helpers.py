@@ -3,10 +3,17 @@ a workflow's progress, a postmaster's auxiliary processes."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+import uuid
+
+import psycopg
 
 from activities.postgres.status import pg_status
-from workflows.models import Progress
+from eagle_dr.launch import start_move
+from workflows.failback import FailbackInput, FailbackWorkflow
+from workflows.models import FailoverInput, Progress
 
 
 def _names(lab):
@@ -62,3 +69,48 @@ def _async(fn):
     async def run():
         return fn()
     return run
+
+
+# -- a fork between the regions, as an outage makes one ------------------------------------
+
+
+def _exec(lab, region: str, *statements) -> None:
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        for s in statements:
+            conn.execute(*s) if isinstance(s, tuple) else conn.execute(s)
+
+
+async def _fork(lab, client, old_writes) -> tuple[str, str]:
+    """The standby stops receiving, the primary commits ``old_writes``, the primary's region
+    dies, failover; then the old primary comes back writable and diverged."""
+    old = _primary(lab)
+    new = lab.cfg.other(old).name
+    await _until(_async(lambda: _lag_bytes(lab, old) == 0), 30, "the standby to catch up")
+    receiver = _aux_pid(lab, new, b"walreceiver")
+    os.kill(receiver, signal.SIGSTOP)
+    _exec(lab, old, *old_writes)
+    lab.kill_region(old)
+    startup_before = _startup_pid(lab, new)
+    os.kill(receiver, signal.SIGKILL)
+
+    def restarted() -> bool:
+        try:
+            return _startup_pid(lab, new) != startup_before and \
+                pg_status(lab.cfg.region(new).postgres).role == "standby"
+        except AssertionError:
+            return False
+
+    await _until(_async(restarted), 60, "the standby to restart and accept connections")
+    failover = await (await start_move(client, lab.cfg, FailoverInput(
+        service=lab.cfg.service, target_region=new, reason="fork test", force=True))).result()
+    assert failover.outcome == "succeeded", failover
+    lab.heal_region(old)
+    return old, new
+
+
+async def _failback(lab, client, region: str, **kw):
+    return await client.execute_workflow(FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=region,
+                                                                             **kw),
+                                         id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+
+

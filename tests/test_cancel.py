@@ -15,9 +15,10 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 
+from activities.postgres.ctl import PgCtl
 from activities.postgres.status import pg_status
 from eagle_dr.launch import start_move
-from tests.lab_helpers import _awaiting, _names, _primary, _progress, _startup_pid, _until
+from tests.lab_helpers import _awaiting, _failback, _fork, _names, _primary, _progress, _startup_pid, _until
 from workflows.models import ApprovalPolicy, SwitchoverInput
 
 
@@ -118,3 +119,28 @@ async def test_failover_cancelled_while_fencing_lifts_every_fence(lab, client):
     assert pg_status(lab.cfg.region(b).postgres).role == "standby"
     rd.client().set("eagle-dr:cancel-test", "writable")  # the Redis fence is off too
     await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
+
+
+async def test_failback_cancelled_at_review_keeps_the_old_primary_fenced_then_a_rerun_keeps_its_rows(lab, client):
+    """Before anything is applied a cancel leaves the old primary stopped and fenced with its
+    data intact (never writable again: that would be a split brain); the next run keeps its rows."""
+    from workflows.failback import FailbackInput, FailbackWorkflow
+
+    key = 9_300_000_001
+    old, new = await _fork(lab, client, [("insert into alerts (id, region, payload) values (%s, 'old', '{}')",
+                                          (key,))])
+    handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(
+        service=lab.cfg.service, region=old, reconcile_approval=ApprovalPolicy(required=True, timeout_seconds=600)),
+        id=f"failback-cancel-{key}", task_queue=lab.cfg.temporal.control_task_queue)
+    await _until(lambda: _awaiting(handle), 120, "the reconciliation review")
+    await handle.cancel()
+    await _cancelled(handle)
+    assert not PgCtl(lab.cfg.region(old).postgres).running()
+    with psycopg.connect(lab.cfg.region(new).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select count(*) from alerts where id = %s", (key,)).fetchone()[0] == 0
+
+    report = await _failback(lab, client, old)
+    assert report.outcome == "succeeded", (report.switchover.degraded, report.switchover.steps, report.notes)
+    assert _primary(lab) == old
+    with psycopg.connect(lab.cfg.region(old).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select region from alerts where id = %s", (key,)).fetchone()[0] == "old"

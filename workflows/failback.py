@@ -13,15 +13,22 @@ default) make it primary again with a zero-loss switchover.
  6. Redis: snapshot the old master to S3, copy the keys only it has, then re-attach it;
  7. wait until it has caught up, then switch over back (a child SwitchoverWorkflow).
 Every step is idempotent: a worker killed mid-rewind retries the step and finishes.
+
+Point of no return: applying the old primary's rows to the primary (step 4), after which
+pg_rewind erases the old primary's copy. Before it, a cancel request ends the run with the
+old primary stopped and fenced, its data intact and nothing applied (the safe state: running
+again writable it would be a split brain). From it on, a cancel is refused: the rows are
+kept, the old primary rewound and re-attached.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.failback import Divergence, FailbackRequest, Reconciliation
@@ -63,6 +70,8 @@ class FailbackReport(BaseModel):
     switchover: RunbookResult | None = None
     steps: list = []
     notes: list[str] = []
+    outcome: str | None = None
+    cancel_refused: str | None = None
 
 
 @workflow.defn
@@ -94,37 +103,57 @@ class FailbackWorkflow(Rejoin):
                                         f"nothing to fail back to")
             st.detail = f"{primary} is primary; {inp.region}'s worker answers"
 
-        approval = await self.approval(inp.approval, f"fail {inp.service} back to {inp.region}")
-        req = FailbackRequest(region=inp.region, primary_region=primary, approved_by=approval.approver)
+        measured = False
+        try:
+            approval = await self.approval(inp.approval, f"fail {inp.service} back to {inp.region}")
+            req = FailbackRequest(region=inp.region, primary_region=primary, approved_by=approval.approver)
 
-        pg = o_health.postgres
-        # (patched: a failback in flight when this shipped measured instead, and replays so)
-        if pg.role == "standby" and pg.receiver_status == "streaming" and workflow.patched("skip-streaming"):
-            # Already rebuilt (a second run, or a region rejoined by hand): there is no fork to
-            # measure, and stopping a healthy standby to look for one would be the only harm done.
-            divergence = reconciliation = rewound = None
-            self.skip_postgres(req, "the old primary", f"{inp.region} already streams from {pg.upstream}")
-        else:
-            divergence = await self.measure_divergence(req, oq, "the old primary")
-            reconciliation, _ = await self.reconcile(req, divergence, oq, inp.reconcile_approval, notes)
-            rewound = await self.rewind(req, oq, notes)
-        redis = await self.rejoin_redis(req, oq)
+            pg = o_health.postgres
+            divergence = rreq = None
+            # (patched: a failback in flight when this shipped measured instead, and replays so)
+            if pg.role == "standby" and pg.receiver_status == "streaming" and workflow.patched("skip-streaming"):
+                # Already rebuilt (a second run, or a region rejoined by hand): there is no fork to
+                # measure, and stopping a healthy standby to look for one would be the only harm done.
+                self.skip_postgres(req, "the old primary", f"{inp.region} already streams from {pg.upstream}")
+            else:
+                measured = True
+                divergence = await self.measure_divergence(req, oq, "the old primary")
+                rreq, _ = await self.review_reconciliation(req, divergence, oq, inp.reconcile_approval)
+        except (asyncio.CancelledError, ActivityError) as e:
+            if isinstance(e, ActivityError) and not isinstance(e.cause, CancelledError):
+                raise
+            # Nothing to undo: the old primary stays stopped and fenced, which is where it must be
+            # until its writes are kept (restarting it writable would make a split brain).
+            raise self.cancelled([f"nothing applied to {primary}; {inp.region}'s PostgreSQL is left stopped and "
+                                  "fenced with its data intact: run failback again to keep its writes"]
+                                 if measured else []) from None
 
-        switchover = None
-        if inp.switch_back:
-            async with self.step(f"switch over back to {inp.region}") as st:
-                switchover = await workflow.execute_child_workflow(
-                    SwitchoverWorkflow.run, SwitchoverInput(
-                        service=inp.service, target_region=inp.region, trigger=inp.trigger,
-                        reason=f"failback to {inp.region}", max_lag_bytes=inp.max_catch_up_lag_bytes,
-                        catch_up_timeout_seconds=inp.catch_up_timeout_seconds,
-                        approval=ApprovalPolicy(required=True, auto_approve_as=f"failback ({approval.outcome})"),
-                        measure_client_impact=inp.measure_client_impact),
-                    id=move_id(inp.service), task_queue=workflow.info().task_queue,
-                    static_summary=f"failback switchover {inp.service} {primary} -> {inp.region}",
-                    execution_timeout=timedelta(hours=2))
-                st.detail = f"{switchover.outcome}; acked writes lost {switchover.rpo.acknowledged_writes_lost}"
-        self.finish("succeeded" if switchover is None or switchover.outcome == "succeeded" else "degraded")
-        return FailbackReport(service=inp.service, region=inp.region, primary_before=primary, divergence=divergence,
-                              reconciliation=reconciliation, rewind=rewound, redis=redis, switchover=switchover,
-                              steps=self.steps, notes=notes)
+        async def keep_rewind_switch() -> FailbackReport:
+            reconciliation = rewound = None
+            if rreq is not None:
+                reconciliation = await self.apply_reconciliation(req, rreq, oq, notes)
+                rewound = await self.rewind(req, oq, notes)
+            redis = await self.rejoin_redis(req, oq)
+
+            switchover = None
+            if inp.switch_back:
+                async with self.step(f"switch over back to {inp.region}") as st:
+                    switchover = await workflow.execute_child_workflow(
+                        SwitchoverWorkflow.run, SwitchoverInput(
+                            service=inp.service, target_region=inp.region, trigger=inp.trigger,
+                            reason=f"failback to {inp.region}", max_lag_bytes=inp.max_catch_up_lag_bytes,
+                            catch_up_timeout_seconds=inp.catch_up_timeout_seconds,
+                            approval=ApprovalPolicy(required=True, auto_approve_as=f"failback ({approval.outcome})"),
+                            measure_client_impact=inp.measure_client_impact),
+                        id=move_id(inp.service), task_queue=workflow.info().task_queue,
+                        static_summary=f"failback switchover {inp.service} {primary} -> {inp.region}",
+                        execution_timeout=timedelta(hours=2))
+                    st.detail = f"{switchover.outcome}; acked writes lost {switchover.rpo.acknowledged_writes_lost}"
+            outcome = "succeeded" if switchover is None or switchover.outcome == "succeeded" else "degraded"
+            self.finish(outcome)
+            return FailbackReport(service=inp.service, region=inp.region, primary_before=primary,
+                                  divergence=divergence, reconciliation=reconciliation, rewind=rewound, redis=redis,
+                                  switchover=switchover, steps=self.steps, notes=notes, outcome=outcome,
+                                  cancel_refused=self.cancel_refused)
+
+        return await self.no_return(keep_rewind_switch(), f"keeping {inp.region}'s rows and rewinding it")

@@ -53,6 +53,12 @@ class Rejoin(Runbook):
 
     async def reconcile(self, req: FailbackRequest, divergence: Divergence, queue: str, policy: ApprovalPolicy,
                         notes: list[str]) -> tuple[Reconciliation, ApprovalRecord | None]:
+        rreq, approval = await self.review_reconciliation(req, divergence, queue, policy)
+        return await self.apply_reconciliation(req, rreq, queue, notes), approval
+
+    async def review_reconciliation(self, req: FailbackRequest, divergence: Divergence, queue: str,
+                                    policy: ApprovalPolicy) -> tuple[ReconcileRequest, ApprovalRecord | None]:
+        """Decide every key without writing and wait for the approver, when the policy asks."""
         rreq = ReconcileRequest(**req.model_dump(), divergence=divergence, decided_at=workflow.now())
         approval = None
         if policy.required:
@@ -67,6 +73,12 @@ class Rejoin(Runbook):
                         f"full list: the `review` query)")
             self.pending_review = None
             rreq.approved_by = approval.approver or approval.outcome
+        return rreq, approval
+
+    async def apply_reconciliation(self, req: FailbackRequest, rreq: ReconcileRequest, queue: str,
+                                   notes: list[str]) -> Reconciliation:
+        """The point of no return of failback and split brain: rows are written to the survivor,
+        and the rewind that follows erases the loser's copy of them."""
         async with self.step("reconcile diverged rows") as st:
             reconciliation = await self.act(FailbackActivities.reconcile_diverged_rows, rreq, queue=queue,
                                             timeout=3600, heartbeat=HEARTBEAT_S)
@@ -81,7 +93,7 @@ class Rejoin(Runbook):
                 notes.append(f"{req.region} changed system catalogs after the fork (schema changes are not "
                              f"reconciled; temporary tables also show here): "
                              f"{'; '.join(reconciliation.catalog_changes)}")
-        return reconciliation, approval
+        return reconciliation
 
     async def rewind(self, req: FailbackRequest, queue: str, notes: list[str]) -> Rewound:
         async with self.step(_rewind_step(req)) as st:

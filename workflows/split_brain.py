@@ -17,6 +17,11 @@ The loser's services stay at 0: it is the passive region now, as after any failo
 If the approver rejects, no row is applied and the loser stays stopped, its data intact
 (its Redis was already re-attached in step 4: cache keys are only ever added, never replaced,
 and its snapshot stays in S3).
+
+Point of no return: fencing the loser (step 3), the first thing it does to either side. A
+cancel request during detection or the survivor's choice ends the run cancelled with
+nothing changed; from the fence on it is refused: stopping half-way would leave a fenced
+loser with nobody keeping its writes, or two writers again.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.failback import Divergence, FailbackRequest, Reconciliation
@@ -77,6 +82,7 @@ class SplitBrainResult(BaseModel):
     seconds_to_resolved: float | None = None
     steps: list[StepRecord] = []
     notes: list[str] = []
+    cancel_refused: str | None = None
 
 
 RULES = ("active-region", "highest-epoch", "priority")
@@ -96,122 +102,132 @@ class SplitBrainWorkflow(Rejoin):
         self.service = inp.service
         notes: list[str] = []
 
-        async with self.step("detect") as st:
-            topo = await self.topology()
-            if inp.survivor is not None:
-                self.known_region(topo, "survivor", inp.survivor)
-            report: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
-                                                      timeout=60)
-            st.detail = "; ".join(report.findings) or "no split brain"
-        result = SplitBrainResult(service=inp.service, outcome="no-split-brain", findings=report.findings,
-                                  detection=report, detected_at=detected_at, steps=self.steps, notes=notes)
-        if not report.split:
-            self.finish("no-split-brain")
+        try:
+            async with self.step("detect") as st:
+                topo = await self.topology()
+                if inp.survivor is not None:
+                    self.known_region(topo, "survivor", inp.survivor)
+                report: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
+                                                          timeout=60)
+                st.detail = "; ".join(report.findings) or "no split brain"
+            result = SplitBrainResult(service=inp.service, outcome="no-split-brain", findings=report.findings,
+                                      detection=report, detected_at=detected_at, steps=self.steps, notes=notes)
+            if not report.split:
+                self.finish("no-split-brain")
+                return result
+
+            async with self.step("decide the survivor") as st:
+                rule = inp.survivor_rule or topo.survivor_rule
+                try:
+                    choice = choose_survivor(rule, report, {r.name: r.priority for r in topo.regions}, inp.survivor)
+                except ValueError as e:
+                    raise invalid("survivor", str(e)) from None
+                survivor, loser = choice.survivor, choice.loser
+                self.target_region = survivor
+                self.tag(inp.service, loser, survivor, inp.trigger.value)
+                self.epoch = max(report.epochs.values(), default=0) + 1
+                await self.act(PostgresActivities.record_epoch, EpochRequest(region=survivor, epoch=self.epoch),
+                               queue=control, timeout=30)
+                workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
+                st.detail = f"{survivor} survives ({choice.rule}: {choice.why}); {loser} loses; epoch {self.epoch}"
+        except (asyncio.CancelledError, ActivityError) as e:
+            if isinstance(e, ActivityError) and not isinstance(e.cause, CancelledError):
+                raise
+            raise self.cancelled([]) from None
+
+        async def stop_the_bleeding() -> SplitBrainResult:
+            result.choice, result.epoch = choice, self.epoch
+            lq = topo.region(loser).task_queue
+            # A loser already fenced read-only (by an earlier attempt, say) diverged all the same;
+            # one the control worker cannot reach may be writable: unknown is never "not a primary".
+            pg_unknown = f"{loser}/postgres" in report.unreachable
+            pg_split = loser in report.postgres_primaries or loser in report.fenced_primaries or pg_unknown
+            redis_split = len(report.redis_masters) > 1 and loser in report.redis_masters
+
+            async with self.step(f"fence {loser} and route to {survivor}") as st:
+                scaled, pg_fence, r_fence = await asyncio.gather(
+                    self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=loser, epoch=self.epoch),
+                             queue=control, timeout=60, attempts=2),
+                    self.act(PostgresActivities.fence_postgres, FenceRequest(region=loser, epoch=self.epoch,
+                                                                            method="read_only"), queue=control, timeout=30)
+                    if pg_split else _none(),
+                    self.act(RedisActivities.fence_redis, loser, queue=control, timeout=30) if redis_split else _none())
+                if pg_split and not (pg_fence and pg_fence.method):
+                    # Out of the network's reach: stop it on its own worker, if that worker answers.
+                    try:
+                        pg_fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
+                            region=loser, epoch=self.epoch, method="stop"), queue=lq, timeout=120, schedule_to_start=30,
+                            attempts=2)
+                    except ActivityError:
+                        pg_fence = None
+                if report.redis_masters == [loser]:
+                    # Redis's only master is on the loser's side: move it to the survivor, losing nothing.
+                    await self.act(RedisActivities.switchover_redis, RedisMoveRequest(
+                        old_region=loser, new_region=survivor), queue=control, timeout=120, heartbeat=30)
+                else:
+                    await self.act(RedisActivities.promote_redis, survivor, queue=control, timeout=60)
+                # Clients go to the survivor whatever happens next.
+                route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=survivor, epoch=self.epoch),
+                                       queue=control, timeout=120)
+                pg_state = (pg_fence.method if pg_fence and pg_fence.method else "NOT FENCED") if pg_split else \
+                    "was not a primary"
+                redis_state = ("paused" if r_fence.reachable else "UNREACHABLE, not paused") if redis_split else \
+                    "not a second master"
+                st.detail = (f"{loser}: postgres {pg_state}, redis {redis_state}, services "
+                             f"{'scaled to 0' if scaled.reachable else 'UNREACHABLE, not scaled down'}; traffic on "
+                             f"{survivor} ({', '.join(route.changed) or 'already routed'})")
+                if redis_split and not r_fence.reachable:
+                    notes.append(f"{loser}'s Redis could not be paused: it may take writes until it is re-attached")
+                if not scaled.reachable:
+                    notes.append(f"{loser}'s services could not be scaled to 0: {scaled.error}")
+                if pg_split and not (pg_fence and pg_fence.method):
+                    st.status = "failed"
+                    self.finish("failed")
+                    raise ApplicationError(
+                        f"{loser}'s PostgreSQL could not be fenced (not over the network, and its worker did not stop "
+                        f"it): it may still take writes. Traffic is on {survivor}. Fence {loser} by hand (stop it), "
+                        "then run split-brain resolution again.", type="LoserUnfenced", non_retryable=True)
+            result.single_writer_at = workflow.now()
+
+            req = FailbackRequest(region=loser, primary_region=survivor)
+            if redis_split:
+                result.redis = await self.rejoin_redis(req, lq)
+            else:
+                self.skip("preserve and re-attach Redis", f"{loser}'s Redis was not a second master")
+
+            if pg_split:
+                result.divergence = await self.measure_divergence(req, lq, loser)
+                result.reconciliation, result.approval = await self.reconcile(req, result.divergence, lq, inp.approval,
+                                                                              notes)
+                result.rewind = await self.rewind(req, lq, notes)
+            else:
+                self.skip_postgres(req, loser, f"{loser}'s PostgreSQL was not a primary: nothing diverged")
+
+            async with self.step("verify") as st:
+                await self.act(TrafficActivities.wait_region_ready, survivor, queue=control, timeout=330, heartbeat=30)
+                after: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
+                                                         timeout=60)
+                verification = await self.act(TrafficActivities.verify_service, survivor, queue=control, timeout=60)
+                # Unreachable is not verified: a loser nobody can see may still be writable.
+                one = after.postgres_primaries == [survivor] and after.redis_masters == [survivor] and \
+                    {v for v in after.active_region_views.values() if v} <= {survivor} and not after.unreachable
+                ok = one and verification.ok
+                st.detail = (f"one primary, one master, routing on {survivor}" if one else
+                             "NOT VERIFIED: " + ("; ".join(after.findings + [f"unreachable: {u}" for u in after.unreachable])
+                                                 or f"primaries {after.postgres_primaries}, masters {after.redis_masters}")) \
+                    + ("; write + read OK" if verification.ok else f"; verify FAILED: {verification.error}")
+                if not ok:
+                    st.status = "failed"
+            result.after = after
+            result.resolved_at = workflow.now()
+            result.seconds_to_single_writer = (result.single_writer_at - detected_at).total_seconds()
+            result.seconds_to_resolved = (result.resolved_at - detected_at).total_seconds()
+            result.outcome = "resolved" if ok else "degraded"
+            result.cancel_refused = self.cancel_refused
+            self.finish(result.outcome)
             return result
 
-        async with self.step("decide the survivor") as st:
-            rule = inp.survivor_rule or topo.survivor_rule
-            try:
-                choice = choose_survivor(rule, report, {r.name: r.priority for r in topo.regions}, inp.survivor)
-            except ValueError as e:
-                raise invalid("survivor", str(e)) from None
-            survivor, loser = choice.survivor, choice.loser
-            self.target_region = survivor
-            self.tag(inp.service, loser, survivor, inp.trigger.value)
-            self.epoch = max(report.epochs.values(), default=0) + 1
-            await self.act(PostgresActivities.record_epoch, EpochRequest(region=survivor, epoch=self.epoch),
-                           queue=control, timeout=30)
-            workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
-            st.detail = f"{survivor} survives ({choice.rule}: {choice.why}); {loser} loses; epoch {self.epoch}"
-        result.choice, result.epoch = choice, self.epoch
-        lq = topo.region(loser).task_queue
-        # A loser already fenced read-only (by an earlier attempt, say) diverged all the same;
-        # one the control worker cannot reach may be writable: unknown is never "not a primary".
-        pg_unknown = f"{loser}/postgres" in report.unreachable
-        pg_split = loser in report.postgres_primaries or loser in report.fenced_primaries or pg_unknown
-        redis_split = len(report.redis_masters) > 1 and loser in report.redis_masters
-
-        async with self.step(f"fence {loser} and route to {survivor}") as st:
-            scaled, pg_fence, r_fence = await asyncio.gather(
-                self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=loser, epoch=self.epoch),
-                         queue=control, timeout=60, attempts=2),
-                self.act(PostgresActivities.fence_postgres, FenceRequest(region=loser, epoch=self.epoch,
-                                                                        method="read_only"), queue=control, timeout=30)
-                if pg_split else _none(),
-                self.act(RedisActivities.fence_redis, loser, queue=control, timeout=30) if redis_split else _none())
-            if pg_split and not (pg_fence and pg_fence.method):
-                # Out of the network's reach: stop it on its own worker, if that worker answers.
-                try:
-                    pg_fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
-                        region=loser, epoch=self.epoch, method="stop"), queue=lq, timeout=120, schedule_to_start=30,
-                        attempts=2)
-                except ActivityError:
-                    pg_fence = None
-            if report.redis_masters == [loser]:
-                # Redis's only master is on the loser's side: move it to the survivor, losing nothing.
-                await self.act(RedisActivities.switchover_redis, RedisMoveRequest(
-                    old_region=loser, new_region=survivor), queue=control, timeout=120, heartbeat=30)
-            else:
-                await self.act(RedisActivities.promote_redis, survivor, queue=control, timeout=60)
-            # Clients go to the survivor whatever happens next.
-            route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=survivor, epoch=self.epoch),
-                                   queue=control, timeout=120)
-            pg_state = (pg_fence.method if pg_fence and pg_fence.method else "NOT FENCED") if pg_split else \
-                "was not a primary"
-            redis_state = ("paused" if r_fence.reachable else "UNREACHABLE, not paused") if redis_split else \
-                "not a second master"
-            st.detail = (f"{loser}: postgres {pg_state}, redis {redis_state}, services "
-                         f"{'scaled to 0' if scaled.reachable else 'UNREACHABLE, not scaled down'}; traffic on "
-                         f"{survivor} ({', '.join(route.changed) or 'already routed'})")
-            if redis_split and not r_fence.reachable:
-                notes.append(f"{loser}'s Redis could not be paused: it may take writes until it is re-attached")
-            if not scaled.reachable:
-                notes.append(f"{loser}'s services could not be scaled to 0: {scaled.error}")
-            if pg_split and not (pg_fence and pg_fence.method):
-                st.status = "failed"
-                self.finish("failed")
-                raise ApplicationError(
-                    f"{loser}'s PostgreSQL could not be fenced (not over the network, and its worker did not stop "
-                    f"it): it may still take writes. Traffic is on {survivor}. Fence {loser} by hand (stop it), "
-                    "then run split-brain resolution again.", type="LoserUnfenced", non_retryable=True)
-        result.single_writer_at = workflow.now()
-
-        req = FailbackRequest(region=loser, primary_region=survivor)
-        if redis_split:
-            result.redis = await self.rejoin_redis(req, lq)
-        else:
-            self.skip("preserve and re-attach Redis", f"{loser}'s Redis was not a second master")
-
-        if pg_split:
-            result.divergence = await self.measure_divergence(req, lq, loser)
-            result.reconciliation, result.approval = await self.reconcile(req, result.divergence, lq, inp.approval,
-                                                                          notes)
-            result.rewind = await self.rewind(req, lq, notes)
-        else:
-            self.skip_postgres(req, loser, f"{loser}'s PostgreSQL was not a primary: nothing diverged")
-
-        async with self.step("verify") as st:
-            await self.act(TrafficActivities.wait_region_ready, survivor, queue=control, timeout=330, heartbeat=30)
-            after: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
-                                                     timeout=60)
-            verification = await self.act(TrafficActivities.verify_service, survivor, queue=control, timeout=60)
-            # Unreachable is not verified: a loser nobody can see may still be writable.
-            one = after.postgres_primaries == [survivor] and after.redis_masters == [survivor] and \
-                {v for v in after.active_region_views.values() if v} <= {survivor} and not after.unreachable
-            ok = one and verification.ok
-            st.detail = (f"one primary, one master, routing on {survivor}" if one else
-                         "NOT VERIFIED: " + ("; ".join(after.findings + [f"unreachable: {u}" for u in after.unreachable])
-                                             or f"primaries {after.postgres_primaries}, masters {after.redis_masters}")) \
-                + ("; write + read OK" if verification.ok else f"; verify FAILED: {verification.error}")
-            if not ok:
-                st.status = "failed"
-        result.after = after
-        result.resolved_at = workflow.now()
-        result.seconds_to_single_writer = (result.single_writer_at - detected_at).total_seconds()
-        result.seconds_to_resolved = (result.resolved_at - detected_at).total_seconds()
-        result.outcome = "resolved" if ok else "degraded"
-        self.finish(result.outcome)
-        return result
+        return await self.no_return(stop_the_bleeding(), f"fencing {loser}")
 
 
 async def _none() -> None:
