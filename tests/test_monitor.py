@@ -10,14 +10,17 @@ from __future__ import annotations
 import time
 import uuid
 
+import psycopg
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from activities.postgres.status import pg_status
+from eagle_dr.launch import start_move
 from eagle_dr.status import gather
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _names, _primary, _until
+from tests.lab_helpers import _async, _names, _primary, _progress, _until
+from workflows.models import SwitchoverInput
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 from workflows.runbook import move_id
 
@@ -30,8 +33,8 @@ async def _state(handle) -> MonitorState | None:
 
 
 async def _start_monitor(client, lab, **kw):
-    inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2, auto_failover=True,
-                       stop_after_failover=True, **kw)
+    kw = {"interval_seconds": 1, "failure_threshold": 2, "auto_failover": True, "stop_after_failover": True, **kw}
+    inp = MonitorInput(service=lab.cfg.service, **kw)
     return await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-{uuid.uuid4()}",
                                        task_queue=lab.cfg.temporal.control_task_queue)
 
@@ -94,3 +97,76 @@ async def test_dead_worker_is_not_a_dead_region(lab, client):
     finally:
         await handle.terminate("test over")
     await record(handle, "monitor-worker-down")
+
+
+async def test_monitor_follows_a_switchover_and_back(lab, client):
+    """A planned switchover while the monitor watches with automatic failover on: it follows
+    the new primary, starts no failover, and keeps running; then the same back."""
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    handle = await _start_monitor(client, lab, stop_after_failover=False)
+
+    async def watching(region: str, after_rounds: int = 0):
+        async def pred():
+            st = await _state(handle)
+            return st if st and st.watched_region == region and st.rounds > after_rounds and \
+                st.votes.get("control") == "up" else None
+        return pred
+
+    await _until(await watching(a), 60, f"the monitor to watch {a}")
+    there = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b))).result()
+    assert there.outcome == "succeeded"
+    moved = await _until(await watching(b), 60, f"the monitor to follow the primary to {b}")
+    assert any(f"primary moved: {a} -> {b}" in f for f in moved.findings), moved.findings
+    # More rounds than the failure threshold, watching b: nothing acts on the old primary.
+    settled = await _until(await watching(b, moved.rounds + moved.failure_threshold + 1), 60, "more rounds")
+    assert settled.failovers_started == 0 and settled.failures == 0, settled
+    desc = await client.get_workflow_handle(move_id(lab.cfg.service)).describe()
+    assert desc.workflow_type == "SwitchoverWorkflow"  # the last move is ours: no failover was started
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    assert (await _progress(handle)).target_region == b
+
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))).result()
+    assert back.outcome == "succeeded"
+    home = await _until(await watching(a), 60, f"the monitor to follow the primary back to {a}")
+    assert home.failovers_started == 0 and any(f"primary moved: {b} -> {a}" in f for f in home.findings)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    await handle.terminate("test over")
+    await record(handle, "monitor-follows-switchover")
+    assert _primary(lab) == a
+    lab.wait_replication()
+
+
+async def test_fenced_old_primary_and_master_are_not_a_split_brain(lab):
+    """What a failover leaves behind on a live old primary (PostgreSQL fenced read-only, Redis
+    paused with replication held) takes no writes: not a split brain."""
+    from activities.postgres.fence import fence_read_only
+    from activities.redis.failover import demote, fence, unfence
+    from activities.redis.status import client as redis_client
+    from activities.split_brain import detect
+
+    a, b = _names(lab)
+    assert _primary(lab) == a and not detect(lab.cfg).split
+    ra, rb = lab.cfg.region(a).redis, lab.cfg.region(b).redis
+    # b's Redis becomes a master and is fenced at once (before any Sentinel turns it back).
+    redis_client(rb).replicaof("NO", "ONE")
+    assert fence(rb, pause_ms=120_000).paused
+    with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("select pg_promote()")
+    try:
+        await _until(_async(lambda: pg_status(lab.cfg.region(b).postgres).role == "primary"), 30, f"{b} promoted")
+        assert fence_read_only(lab.cfg.region(b).postgres).method == "read_only"
+        report = detect(lab.cfg)
+        assert report.postgres_primaries == [a] and report.fenced_primaries == [b], report
+        assert report.redis_masters == [a] and report.fenced_masters == [b], report
+        assert report.all_redis_masters == sorted([a, b])
+        assert report.findings == [] and not report.split
+        # Lifted, the same node is a second master again: the exclusion is the fence, not the node.
+        unfence(rb)
+        assert sorted(detect(lab.cfg).redis_masters) == sorted([a, b])
+    finally:
+        unfence(rb)
+        demote(rb, ra)
+        lab.rebuild_standby(b)
+        lab.wait_replication()
+    assert not detect(lab.cfg).split

@@ -18,7 +18,14 @@ It also watches for a split brain (two writable primaries, two Redis masters, ro
 disagrees) from the control worker: seen twice in a row, it is recorded, and with
 ``auto_resolve_split_brain`` the split-brain runbook starts (same single-flight id).
 
-The loop continues as new every ``iterations_per_run`` probes to keep history short.
+The monitor follows the primary: when a majority of the answering vantage points see
+another region as the one writable primary (after a switchover, a failover or a failback),
+it watches that region from then on. A failover that collides with a running move, or that
+the runbook refuses or fails, is recorded and the monitor keeps watching: an unwatched
+service is worse than a repeated alert.
+
+The loop continues as new every ``iterations_per_run`` probes (or sooner, when Temporal
+suggests it) to keep history short.
 """
 
 from __future__ import annotations
@@ -165,9 +172,16 @@ class MonitorWorkflow(Runbook):
             if split_check is not None:
                 findings = await split_check
                 splits, first_split = (splits + 1, first_split or started) if findings else (0, None)
-                if splits >= 2 and (done := await self._split_brain(inp, primary, findings, first_split)):
+                if splits >= 2 and (done := await self._split_brain(inp, primary, findings, first_split,
+                                                                      keep_watching=True)):
                     return done
             self._note_workers(reports)
+            if (moved := self._follow(primary, reports)) is not None:
+                # A switchover, failover or failback moved the primary: watch where it is now.
+                # The old primary (a standby, or stopped mid-move) is no failure to act on.
+                self._finding(f"primary moved: {primary} -> {moved}; now watching {moved}")
+                primary, failures, first_failure = moved, 0, None
+                self.target_region = self.state.watched_region = primary
             down, answered = self._tally(primary, reports)
             if answered and down * 2 > answered:
                 failures += 1
@@ -178,7 +192,11 @@ class MonitorWorkflow(Runbook):
             self.state.failures = failures
             self._show(primary, failures, down, answered, inp.failure_threshold)
             if failures >= inp.failure_threshold:
-                return await self._region_down(inp, topo, primary, first_failure)
+                if (done := await self._region_down(inp, topo, primary, first_failure, keep_watching=True)):
+                    return done
+                # Refused, failed, or another move holds the id: recorded; watch on, and let the
+                # next rounds say where the primary is (the move that collided may move it).
+                failures, first_failure = 0, None
             elapsed = workflow.now() - started
             if elapsed < interval:
                 await workflow.sleep(interval - elapsed)
@@ -204,6 +222,16 @@ class MonitorWorkflow(Runbook):
 
         answers = await asyncio.gather(*(ask(q) for q in vantages.values()))
         return dict(zip(vantages, answers))
+
+    def _follow(self, watched: str, reports: dict[str, VantageReport | None]) -> str | None:
+        """The region a majority of answering vantage points see as the one writable primary,
+        when that is not the watched one; else None (no move, or no clear answer)."""
+        answered = [r for r in reports.values() if r is not None]
+        regions = {s.region for r in answered for s in r.sightings}
+        writable = [name for name in sorted(regions)
+                    if sum((s := r.of(name)) is not None and s.verdict == "up" for r in answered) * 2 > len(answered)]
+        # Two writable primaries is a split brain, not a move: the split watch handles it.
+        return writable[0] if len(writable) == 1 and writable[0] != watched else None
 
     def _tally(self, region: str, reports: dict[str, VantageReport | None]) -> tuple[int, int]:
         """(vantage points that see the region's PostgreSQL down, vantage points that answered)."""
@@ -254,8 +282,8 @@ class MonitorWorkflow(Runbook):
             return []  # no verdict: the next round asks again
         return report.findings
 
-    async def _split_brain(self, inp: MonitorInput, primary: str, findings: list[str], since
-                           ) -> MonitorReport | None:
+    async def _split_brain(self, inp: MonitorInput, primary: str, findings: list[str], since,
+                           keep_watching: bool = False) -> MonitorReport | None:
         report = MonitorReport(service=inp.service, watched_region=primary, first_failure_at=since,
                                detected_at=workflow.now())
         what = "; ".join(findings)
@@ -275,17 +303,27 @@ class MonitorWorkflow(Runbook):
             workflow.upsert_search_attributes([DR_OUTCOME.value_set("split-brain-unresolved")])
             report.error = f"split-brain resolution failed: {e.cause or e}"
             workflow.set_current_details(f"**SPLIT BRAIN NOT RESOLVED**: {report.error}")
+            if keep_watching:
+                # An unwatched service is worse than a noisy one: say it, and keep watching.
+                self._finding(f"**SPLIT BRAIN NOT RESOLVED**: {report.error}")
+                return None
             return report
         except WorkflowAlreadyStartedError:
             # A move is already running (it may be what made the split look real): watch on.
             workflow.set_current_details(f"**SPLIT BRAIN**: {what}; a runbook already holds {move_id(inp.service)}")
+            if keep_watching:
+                self._finding(f"split brain ({what}): not resolved here, a runbook already holds "
+                              f"{move_id(inp.service)}")
             return None
         if inp.stop_after_failover:
             return report
         workflow.continue_as_new(inp.model_copy(update={"primary_region": report.split_brain.choice.survivor
                                                         if report.split_brain.choice else primary}))
 
-    async def _region_down(self, inp: MonitorInput, topo, primary: str, first_failure) -> MonitorReport:
+    async def _region_down(self, inp: MonitorInput, topo, primary: str, first_failure,
+                           keep_watching: bool = False) -> MonitorReport | None:
+        """Fail over (or report, without auto_failover). With ``keep_watching`` a collision with
+        a running move, or a refused or failed failover, is recorded and returns None."""
         detected = workflow.now()
         report = MonitorReport(service=inp.service, watched_region=primary, first_failure_at=first_failure,
                                detected_at=detected)
@@ -295,14 +333,31 @@ class MonitorWorkflow(Runbook):
             return report
         target = topo.other(primary).name
         workflow.set_current_details(f"**{primary} is DOWN**: failing over to {target}")
+        try:
+            # Started, then awaited (the same commands as execute_child_workflow): a collision
+            # with a running move is told apart from a failover that ran and failed.
+            child = await workflow.start_child_workflow(
+                FailoverWorkflow.run, FailoverInput(service=inp.service, target_region=target,
+                                                    trigger=Trigger.automatic,
+                                                    reason=f"{primary} failed {inp.failure_threshold} health probes",
+                                                    detected_at=first_failure, max_lag_bytes=inp.max_lag_bytes,
+                                                    source_known_down=True),
+                id=move_id(inp.service), task_queue=workflow.info().task_queue,
+                static_summary=f"automatic failover {inp.service} {primary} -> {target}")
+        except WorkflowAlreadyStartedError:
+            if not keep_watching:
+                raise
+            # A human's (or another monitor's) move holds the single-flight id: it is acting.
+            self._finding(f"{primary} down, but a move already holds {move_id(inp.service)}: not started")
+            return None
         self.state.failovers_started += 1
-        report.failover = await workflow.execute_child_workflow(
-            FailoverWorkflow.run, FailoverInput(service=inp.service, target_region=target, trigger=Trigger.automatic,
-                                                reason=f"{primary} failed {inp.failure_threshold} health probes",
-                                                detected_at=first_failure, max_lag_bytes=inp.max_lag_bytes,
-                                                source_known_down=True),
-            id=move_id(inp.service), task_queue=workflow.info().task_queue,
-            static_summary=f"automatic failover {inp.service} {primary} -> {target}")
+        try:
+            report.failover = await child
+        except ChildWorkflowError as e:
+            if not keep_watching:
+                raise
+            self._finding(f"automatic failover {primary} -> {target} refused or failed: {e.cause or e}")
+            return None
         if inp.stop_after_failover:
             return report
         workflow.continue_as_new(inp.model_copy(update={"primary_region": target}))
