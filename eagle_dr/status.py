@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from activities.postgres.status import PgStatus, pg_status
 from activities.redis.status import RedisStatus, SentinelView, redis_status, sentinel_view
@@ -59,6 +59,18 @@ class TopologyStatus(BaseModel):
     @property
     def primaries(self) -> list[str]:
         return [r.name for r in self.regions if r.postgres.role == "primary"]
+
+    @computed_field
+    @property
+    def sentinels_disagree(self) -> dict[str, list[str]]:
+        """Master address -> the Sentinels naming it, when the reachable Sentinels do not all
+        name the same master (a Sentinel down during a move comes back with its old view);
+        empty when they agree."""
+        named: dict[str, list[str]] = {}
+        for s in self.sentinels:
+            if s.reachable:
+                named.setdefault(s.master or "none", []).append(s.address)
+        return named if len(named) > 1 else {}
 
 
 async def _liveness(client, queues: list[str]) -> dict:
@@ -192,6 +204,12 @@ def render(st: TopologyStatus) -> None:
         else:
             t.add_row(r.name, "replica", str(x.offset), f"of {x.master}", x.link_status or "-")
     console.print(t)
+
+    if st.sentinels_disagree:
+        views = "; ".join(f"{', '.join(who)} name {m}" for m, who in st.sentinels_disagree.items())
+        console.print(f"[bold red]SENTINELS DISAGREE on the master: {views}[/] "
+                      "(one was down during a move: failback re-points them all; in the lab, so does "
+                      "eagle-dr lab heal-region)")
 
     t = Table(title="Sentinels", title_justify="left")
     for col in ("sentinel", "master", "peers", "quorum"):
