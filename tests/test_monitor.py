@@ -7,6 +7,8 @@ configured primary (us-east-1) primary, with every worker running.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 
@@ -19,10 +21,11 @@ from eagle_dr.launch import start_move
 from eagle_dr.status import gather
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _async, _names, _primary, _progress, _until
-from workflows.models import SwitchoverInput
+from tests.lab_helpers import _async, _awaiting, _names, _primary, _progress, _until
+from workflows.models import ApprovalDecision, ApprovalPolicy, SwitchoverInput
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 from workflows.runbook import move_id
+from workflows.switchover import SwitchoverWorkflow
 
 
 async def _state(handle) -> MonitorState | None:
@@ -170,3 +173,38 @@ async def test_fenced_old_primary_and_master_are_not_a_split_brain(lab):
         lab.rebuild_standby(b)
         lab.wait_replication()
     assert not detect(lab.cfg).split
+
+
+async def test_a_failover_colliding_with_a_running_move_does_not_end_the_monitor(lab, client):
+    """The primary stops answering while a switchover holds the single-flight id (waiting for
+    approval): the monitor's failover collides with it, which it records, and it keeps watching."""
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    move = await start_move(client, lab.cfg, SwitchoverInput(
+        service=lab.cfg.service, target_region=b, approval=ApprovalPolicy(required=True, timeout_seconds=600)))
+    await _until(lambda: _awaiting(move), 60, "the switchover to wait for approval")
+    handle = await _start_monitor(client, lab, stop_after_failover=False)
+    postmaster = lab.postgres(a).pid
+    try:
+        await _until(lambda: _state(handle), 30, "the monitor to start")
+        os.kill(postmaster, signal.SIGSTOP)  # no new connection gets an answer: down from everywhere
+
+        async def collided():
+            st = await _state(handle)
+            return st if st and any(f"a move already holds {move.id}" in f for f in st.findings) else None
+
+        seen = await _until(collided, 90, "the monitor's failover to collide with the switchover")
+        assert seen.failovers_started == 0
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    await move.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="test", decision="reject"))
+
+    async def healthy_again():
+        st = await _state(handle)
+        return st if st and st.rounds > seen.rounds and st.failures == 0 and st.votes.get("control") == "up" else None
+
+    after = await _until(healthy_again, 60, "the monitor to see the primary answer again")
+    assert after.watched_region == a and after.failovers_started == 0
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    await handle.terminate("test over")
+    assert _primary(lab) == a
