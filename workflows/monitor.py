@@ -206,9 +206,11 @@ class MonitorWorkflow(Runbook):
 
     async def _vantage_round(self, topo, interval_seconds: float) -> dict[str, VantageReport | None]:
         """Every vantage point probes every region, in parallel; None: it did not answer."""
-        # A live worker picks a task up in milliseconds; the floor keeps a loaded host from
-        # looking like a dead worker when the interval is very short.
-        budget = max(interval_seconds, 3.0)
+        # A round waits for its slowest vantage point, and a dead worker's probe ends only at
+        # its schedule-to-start timeout: one interval keeps a round one interval long, as
+        # detection time needs. A live worker picks a task up in milliseconds; the 1 s floor
+        # spares a loaded host false "worker down" findings (which cost no failover anyway).
+        budget = max(interval_seconds, 1.0)
         req = ProbeRequest(regions=[r.name for r in topo.regions], timeout_seconds=min(budget, 5.0))
         vantages = {"control": topo.control_task_queue, **{r.name: r.task_queue for r in topo.regions}}
 
