@@ -9,6 +9,7 @@ from temporalio import activity
 
 from activities.postgres.epoch import read_epoch
 from activities.postgres.status import pg_status
+from activities.redis.status import fenced as _redis_fenced
 from activities.redis.status import redis_status
 from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig
@@ -21,8 +22,16 @@ class SplitBrainReport(BaseModel):
     unreachable: list[str] = []
     # Primaries already fenced read-only: not a second writer, but diverged all the same.
     fenced_primaries: list[str] = []
+    # Redis masters a runbook fenced (writes paused, replication held): the old master a
+    # failover left behind for failback, not a second writer.
+    fenced_masters: list[str] = []
     # Each reachable PostgreSQL node's DR epoch: a promoted node carries its own line.
     epochs: dict[str, int] = {}
+
+    @property
+    def all_redis_masters(self) -> list[str]:
+        """Every node in the master role, fenced or not: what a resolution must re-attach."""
+        return sorted({*self.redis_masters, *self.fenced_masters})
 
     @property
     def findings(self) -> list[str]:
@@ -43,7 +52,7 @@ class SplitBrainReport(BaseModel):
 
 
 def detect(cfg: EagleConfig) -> SplitBrainReport:
-    primaries, fenced, masters, unreachable, epochs = [], [], [], [], {}
+    primaries, fenced, masters, fenced_masters, unreachable, epochs = [], [], [], [], [], {}
     for r in cfg.regions:
         pg = pg_status(r.postgres, 3)
         if pg.reachable:
@@ -57,7 +66,7 @@ def detect(cfg: EagleConfig) -> SplitBrainReport:
         if not rd.reachable:
             unreachable.append(f"{r.name}/redis")
         elif rd.role == "master":
-            masters.append(r.name)
+            (fenced_masters if _redis_fenced(r.redis) else masters).append(r.name)
     views: dict[str, str | None] = {}
     if cfg.routing.lab_file:
         views["lab"] = LabRouter(cfg.lab.state_dir).active_region()
@@ -71,7 +80,8 @@ def detect(cfg: EagleConfig) -> SplitBrainReport:
             except Exception:  # noqa: BLE001 - an unreachable cluster is reported, not fatal
                 unreachable.append(f"{r.name}/kubernetes")
     return SplitBrainReport(postgres_primaries=primaries, redis_masters=masters, active_region_views=views,
-                            unreachable=unreachable, epochs=epochs, fenced_primaries=fenced)
+                            unreachable=unreachable, epochs=epochs, fenced_primaries=fenced,
+                            fenced_masters=fenced_masters)
 
 
 class SurvivorChoice(BaseModel):

@@ -1,15 +1,17 @@
 """``eagle-dr status``: the whole topology on one screen, like ``patronictl list``.
 
 Probes every region directly from where the operator stands (not through the workers, so
-it still works when the workers or Temporal are down) and asks Temporal who is polling.
+it still works when the workers or Temporal are down) and asks every worker for real
+whether it is alive (workflows/liveness.py says why pollers alone cannot tell).
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+import uuid
+from datetime import datetime, timedelta, timezone
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from activities.postgres.status import PgStatus, pg_status
 from activities.redis.status import RedisStatus, SentinelView, redis_status, sentinel_view
@@ -17,16 +19,21 @@ from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig
 from eagle_dr.devserver import ui_reachable
 
-# A live worker re-polls at least every ~70 s (long poll); older than this means gone.
-# DescribeTaskQueue reports the root partition's pollers only: on a cluster with several
-# partitions per queue a live worker can be missed for a while (the lab runs one partition).
+# Pollers seen this recently are listed (for the operator's information only: whether a
+# worker is alive is decided by the liveness probe). DescribeTaskQueue reports the root
+# partition's pollers only: on a cluster with several partitions per queue a live worker
+# can be missing from the list (the lab runs one partition).
 POLLER_FRESH_SECONDS = 90
+# How long a worker has to pick up the liveness probe: a live one takes milliseconds.
+PICKUP_SECONDS = 3.0
 
 
 class WorkerView(BaseModel):
     task_queue: str
     region: str
+    # A worker on this queue picked up a probe just now.
     polling: bool
+    worker: str | None = None
     pollers: list[str] = []
     last_seen_seconds: float | None = None
     error: str | None = None
@@ -53,6 +60,33 @@ class TopologyStatus(BaseModel):
     def primaries(self) -> list[str]:
         return [r.name for r in self.regions if r.postgres.role == "primary"]
 
+    @computed_field
+    @property
+    def sentinels_disagree(self) -> dict[str, list[str]]:
+        """Master address -> the Sentinels naming it, when the reachable Sentinels do not all
+        name the same master (a Sentinel down during a move comes back with its old view);
+        empty when they agree."""
+        named: dict[str, list[str]] = {}
+        for s in self.sentinels:
+            if s.reachable:
+                named.setdefault(s.master or "none", []).append(s.address)
+        return named if len(named) > 1 else {}
+
+
+async def _liveness(client, queues: list[str]) -> dict:
+    """Run WorkerLivenessWorkflow on an in-process worker of a throw-away queue."""
+    from temporalio.worker import Worker
+
+    from workers.run import sandbox_runner
+    from workflows.liveness import LivenessInput, WorkerLivenessWorkflow
+
+    own = f"eagle-dr-status-{uuid.uuid4()}"
+    async with Worker(client, task_queue=own, workflows=[WorkerLivenessWorkflow], workflow_runner=sandbox_runner()):
+        found = await client.execute_workflow(
+            WorkerLivenessWorkflow.run, LivenessInput(task_queues=queues, pickup_seconds=PICKUP_SECONDS),
+            id=own, task_queue=own, execution_timeout=timedelta(seconds=PICKUP_SECONDS + 20))
+    return {q.task_queue: q for q in found}
+
 
 async def _pollers(address: str, queues: list[tuple[str, str, bool]]) -> list[WorkerView]:
     from temporalio.api.enums.v1 import TaskQueueType
@@ -65,6 +99,12 @@ async def _pollers(address: str, queues: list[tuple[str, str, bool]]) -> list[Wo
         client = await asyncio.wait_for(connect(address), 5)
     except Exception as e:  # noqa: BLE001 - Temporal down is a status, not a crash
         return [WorkerView(task_queue=q, region=r, polling=False, error=f"temporal: {e}") for q, r, _ in queues]
+    try:
+        alive = await _liveness(client, [q for q, _, _ in queues])
+    except Exception as e:  # noqa: BLE001 - reported per queue below
+        alive, liveness_error = {}, f"liveness probe: {e}"
+    else:
+        liveness_error = None
     now = datetime.now(timezone.utc)
     out = []
     for queue, region, is_workflow in queues:
@@ -77,8 +117,16 @@ async def _pollers(address: str, queues: list[tuple[str, str, bool]]) -> list[Wo
             continue
         ages = {p.identity: (now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds() for p in resp.pollers}
         fresh = {i: a for i, a in ages.items() if a <= POLLER_FRESH_SECONDS}
-        out.append(WorkerView(task_queue=queue, region=region, polling=bool(fresh), pollers=sorted(fresh),
-                              last_seen_seconds=min(ages.values()) if ages else None))
+        probe = alive.get(queue)
+        if probe is None:
+            error = liveness_error
+        elif not probe.alive:
+            error = f"no worker picked up a probe within {PICKUP_SECONDS:.0f}s"
+        else:
+            error = None
+        out.append(WorkerView(task_queue=queue, region=region, polling=bool(probe and probe.alive),
+                              worker=probe.worker if probe else None, pollers=sorted(fresh),
+                              last_seen_seconds=min(ages.values()) if ages else None, error=error))
     return out
 
 
@@ -156,6 +204,12 @@ def render(st: TopologyStatus) -> None:
         else:
             t.add_row(r.name, "replica", str(x.offset), f"of {x.master}", x.link_status or "-")
     console.print(t)
+
+    if st.sentinels_disagree:
+        views = "; ".join(f"{', '.join(who)} name {m}" for m, who in st.sentinels_disagree.items())
+        console.print(f"[bold red]SENTINELS DISAGREE on the master: {views}[/] "
+                      "(one was down during a move: failback re-points them all; in the lab, so does "
+                      "eagle-dr lab heal-region)")
 
     t = Table(title="Sentinels", title_justify="left")
     for col in ("sentinel", "master", "peers", "quorum"):

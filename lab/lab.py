@@ -233,7 +233,19 @@ class Lab:
         if not is_running(read_pid(self.worker_pidfile(region))):
             self.start_worker(region)
             started.append("worker")
+        self.repoint_sentinels()
         return started
+
+    def repoint_sentinels(self):
+        """Point every Sentinel at the master most of them name (a Sentinel that was down while
+        the master moved comes back naming the old one). Returns the agreement, or None when
+        no master has a majority of the Sentinels: then nothing is changed."""
+        from activities.redis.failover import repoint_and_verify, sentinel_quorum
+
+        cfg = self.cfg.primary.redis
+        agreed = sentinel_quorum(cfg).agreed_master
+        master = next((r.redis for r in self.cfg.regions if f"{r.redis.host}:{r.redis.port}" == agreed), None)
+        return repoint_and_verify(cfg, master) if master is not None else None
 
     def rebuild_standby(self, region: str) -> str:
         """Re-clone the region's PostgreSQL from the current primary and re-attach its Redis.

@@ -40,14 +40,16 @@ def _postgres(cfg: EagleConfig) -> list:
 
 
 def regional_activities(cfg: EagleConfig) -> list:
-    return [HealthActivities(cfg).probe_region, *_postgres(cfg),
+    return [*_methods(HealthActivities(cfg), "probe_region", "probe_regions_from_here"), *_postgres(cfg),
             *_methods(PostgresActivities(cfg), "measure_lost_wal", "lift_postgres_fence"),
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
                       "preserve_redis_and_rejoin")]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:
-    acts = [TopologyActivities(cfg).describe_topology, SplitBrainActivities(cfg).detect_split_brain, *_postgres(cfg),
+    # probe_regions_from_here on every worker: each is a vantage point for the monitor.
+    acts = [TopologyActivities(cfg).describe_topology, SplitBrainActivities(cfg).detect_split_brain,
+            HealthActivities(cfg).probe_regions_from_here, *_postgres(cfg),
             *_methods(RedisActivities(cfg), "fence_redis", "unfence_redis", "promote_redis", "switchover_redis",
                       "demote_redis"),
             *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",

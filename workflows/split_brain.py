@@ -142,7 +142,8 @@ class SplitBrainWorkflow(Rejoin):
             # one the control worker cannot reach may be writable: unknown is never "not a primary".
             pg_unknown = f"{loser}/postgres" in report.unreachable
             pg_split = loser in report.postgres_primaries or loser in report.fenced_primaries or pg_unknown
-            redis_split = len(report.redis_masters) > 1 and loser in report.redis_masters
+            # A fenced (paused) master is no second writer, but it still has to be re-attached.
+            redis_split = len(report.all_redis_masters) > 1 and loser in report.all_redis_masters
 
             async with self.step(f"fence {loser} and route to {survivor}") as st:
                 scaled, pg_fence, r_fence = await asyncio.gather(
@@ -160,7 +161,7 @@ class SplitBrainWorkflow(Rejoin):
                             attempts=2)
                     except ActivityError:
                         pg_fence = None
-                if report.redis_masters == [loser]:
+                if report.all_redis_masters == [loser]:
                     # Redis's only master is on the loser's side: move it to the survivor, losing nothing.
                     await self.act(RedisActivities.switchover_redis, RedisMoveRequest(
                         old_region=loser, new_region=survivor), queue=control, timeout=120, heartbeat=30)
@@ -209,7 +210,7 @@ class SplitBrainWorkflow(Rejoin):
                                                          timeout=60)
                 verification = await self.act(TrafficActivities.verify_service, survivor, queue=control, timeout=60)
                 # Unreachable is not verified: a loser nobody can see may still be writable.
-                one = after.postgres_primaries == [survivor] and after.redis_masters == [survivor] and \
+                one = after.postgres_primaries == [survivor] and after.all_redis_masters == [survivor] and \
                     {v for v in after.active_region_views.values() if v} <= {survivor} and not after.unreachable
                 ok = one and verification.ok
                 st.detail = (f"one primary, one master, routing on {survivor}" if one else

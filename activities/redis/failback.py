@@ -31,6 +31,9 @@ class RedisFailback(BaseModel):
     differing_sample: list[str] = []
     rejoined: bool = False
     error: str | None = None
+    # After re-pointing every Sentinel at the master: those still naming another, or down.
+    sentinels_stale: dict[str, str | None] = {}
+    sentinels_unreachable: list[str] = []
 
 
 def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: float = 120) -> str:
@@ -111,7 +114,7 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
     info = redis_client(old, 3).info("replication")
     if info.get("role") == "slave" and f"{info.get('master_host')}:{info.get('master_port')}" == \
             f"{master.host}:{master.port}":
-        return RedisFailback(reachable=True, rejoined=True)
+        return _with_sentinels(RedisFailback(reachable=True, rejoined=True), old, master)
     snap = snapshot_to_s3(old, bucket, snapshot_key)
     total, unique, migrated, differing = migrate_unique_keys(old, master)
     failover.demote(old, master)
@@ -119,6 +122,15 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
         redis_client(old, 3).config_rewrite()  # so a restart keeps it a replica
     except redis.RedisError:
         pass
-    return RedisFailback(reachable=True, snapshot=snap, keys_on_old=total, unique_keys=len(unique),
-                         migrated_keys=migrated, unique_sample=unique[:20], differing_keys=len(differing),
-                         differing_sample=differing[:20], rejoined=True)
+    return _with_sentinels(RedisFailback(reachable=True, snapshot=snap, keys_on_old=total, unique_keys=len(unique),
+                                         migrated_keys=migrated, unique_sample=unique[:20],
+                                         differing_keys=len(differing), differing_sample=differing[:20],
+                                         rejoined=True), old, master)
+
+
+def _with_sentinels(result: RedisFailback, old: RedisConfig, master: RedisConfig) -> RedisFailback:
+    """A Sentinel that was down during the move (in the region now coming back, typically)
+    still names the old master: re-point them all now, and report any that still disagree."""
+    agreement = failover.repoint_and_verify(old, master)
+    result.sentinels_stale, result.sentinels_unreachable = agreement.stale, agreement.unreachable
+    return result

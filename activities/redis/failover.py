@@ -216,6 +216,31 @@ def repoint_sentinels(cfg: RedisConfig, master: RedisConfig, quorum: int = 2, do
     return changed
 
 
+class SentinelAgreement(BaseModel):
+    master: str
+    repointed: list[str]
+    # Sentinels that answered but name another master (or none) after the re-point.
+    stale: dict[str, str | None] = {}
+    unreachable: list[str] = []
+
+    @property
+    def all_agree(self) -> bool:
+        return not self.stale and not self.unreachable
+
+
+def repoint_and_verify(cfg: RedisConfig, master: RedisConfig) -> SentinelAgreement:
+    """Re-point every Sentinel at ``master``, then read back what each names.
+
+    Run it whenever a region heals or rejoins: a Sentinel that was down while the master
+    moved comes back with its old view (its config file), and until it is re-pointed it
+    names the old master to every client that asks it."""
+    changed = repoint_sentinels(cfg, master)
+    q = sentinel_quorum(cfg)
+    want = _addr(master)
+    return SentinelAgreement(master=want, repointed=changed, unreachable=q.unreachable,
+                             stale={ep: m for ep, m in q.masters.items() if m != want})
+
+
 # -- data nodes ------------------------------------------------------------------------------------
 
 

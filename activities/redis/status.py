@@ -62,6 +62,19 @@ def redis_status(cfg: RedisConfig, timeout: float = 3.0) -> RedisStatus:
                        link_status=info.get("master_link_status"), connected_replicas=info.get("connected_slaves"))
 
 
+def fenced(cfg: RedisConfig, timeout: float = 3.0) -> bool:
+    """Whether this node carries a runbook's fence: its default user may not take REPLICAOF
+    (failover.fence holds replication while it pauses writes) or may not write at all.
+    CLIENT PAUSE itself is invisible in INFO on Redis 7.0, so the ACL is the mark."""
+    try:
+        raw = client(cfg, timeout).execute_command("ACL", "GETUSER", "default")
+    except (redis.RedisError, OSError):
+        return False  # unknown: counted as a writer, the safe side for split-brain detection
+    rules = raw.get("commands") if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])).get("commands")
+    rules = rules.split() if isinstance(rules, str) else list(rules or [])
+    return any(r in ("-replicaof", "-slaveof", "-@write", "-@all") for r in rules)
+
+
 def sentinel_view(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) -> SentinelView:
     addr = str(sentinel)
     try:

@@ -1,0 +1,210 @@
+"""The monitor against real faults on the lab: a dead worker in front of a healthy
+database, a planned switchover while it watches; and what ``eagle-dr status`` says meanwhile.
+
+Runs after test_lab.py and before test_runbooks.py (file order): each test leaves the
+configured primary (us-east-1) primary, with every worker running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import psycopg
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError
+
+from activities.postgres.status import pg_status
+from eagle_dr.launch import start_move
+from eagle_dr.status import gather
+from lab.processes import kill_tree, read_pid
+from tests.histories import record
+from tests.lab_helpers import _async, _awaiting, _names, _primary, _progress, _until
+from workflows.models import ApprovalDecision, ApprovalPolicy, SwitchoverInput
+from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
+from workflows.runbook import move_id
+from workflows.switchover import SwitchoverWorkflow
+
+
+async def _state(handle) -> MonitorState | None:
+    try:
+        return await handle.query(MonitorWorkflow.monitor_state)
+    except Exception:  # noqa: BLE001 - not started yet
+        return None
+
+
+async def _start_monitor(client, lab, **kw):
+    kw = {"interval_seconds": 1, "failure_threshold": 2, "auto_failover": True, "stop_after_failover": True, **kw}
+    inp = MonitorInput(service=lab.cfg.service, **kw)
+    return await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-{uuid.uuid4()}",
+                                       task_queue=lab.cfg.temporal.control_task_queue)
+
+
+async def _moves_started_since(client, lab, since: float) -> list[str]:
+    """Runs of the single-flight move id started after ``since`` (epoch seconds)."""
+    try:
+        desc = await client.get_workflow_handle(move_id(lab.cfg.service)).describe()
+    except RPCError:
+        return []  # never started
+    return [desc.run_id] if desc.start_time.timestamp() >= since else []
+
+
+async def test_dead_worker_is_not_a_dead_region(lab, client):
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    t0 = time.time()
+    handle = await _start_monitor(client, lab)
+
+    async def healthy_round():
+        st = await _state(handle)
+        return st if st and st.rounds >= 1 and st.votes and set(st.votes.values()) == {"up"} else None
+
+    await _until(healthy_round, 60, "a round in which every vantage point sees the primary up")
+    assert kill_tree(read_pid(lab.worker_pidfile(a)))  # kill -9 of the primary region's worker only
+    try:
+        # eagle-dr status: the dead worker's poller lingers in DescribeTaskQueue, but it is not polling.
+        workers = {w.region: w for w in (await gather(lab.cfg)).workers}
+        assert not workers[a].polling and "no worker picked up a probe" in workers[a].error, workers[a]
+        assert workers[b].polling and workers["control"].polling
+
+        async def worker_down():
+            st = await _state(handle)
+            return st if st and a in st.workers_down and any(f"worker down: {a}" in f for f in st.findings) else None
+
+        seen = await _until(worker_down, 60, "the monitor's worker-down finding")
+        assert seen.votes[a] == "no answer" and seen.votes["control"] == "up" and seen.votes[b] == "up"
+
+        async def rounds_later():
+            st = await _state(handle)
+            return st if st and st.rounds >= seen.rounds + seen.failure_threshold + 2 else None
+
+        later = await _until(rounds_later, 60, "more rounds than the failure threshold with the worker dead")
+        assert later.failures == 0 and later.failovers_started == 0, later
+        assert a in later.workers_down
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+        assert await _moves_started_since(client, lab, t0) == []
+        st = pg_status(lab.cfg.region(a).postgres)
+        assert st.role == "primary" and not st.read_only
+        assert pg_status(lab.cfg.region(b).postgres).role == "standby"
+    finally:
+        lab.start_worker(a)
+
+    async def worker_back():
+        st = await _state(handle)
+        return st if st and not st.workers_down and any(f"worker back: {a}" in f for f in st.findings) else None
+
+    try:
+        await _until(worker_back, 60, "the monitor to see the worker back")
+    finally:
+        await handle.terminate("test over")
+    await record(handle, "monitor-worker-down")
+
+
+async def test_monitor_follows_a_switchover_and_back(lab, client):
+    """A planned switchover while the monitor watches with automatic failover on: it follows
+    the new primary, starts no failover, and keeps running; then the same back."""
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    handle = await _start_monitor(client, lab, stop_after_failover=False)
+
+    async def watching(region: str, after_rounds: int = 0):
+        async def pred():
+            st = await _state(handle)
+            return st if st and st.watched_region == region and st.rounds > after_rounds and \
+                st.votes.get("control") == "up" else None
+        return pred
+
+    await _until(await watching(a), 60, f"the monitor to watch {a}")
+    there = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b))).result()
+    assert there.outcome == "succeeded"
+    moved = await _until(await watching(b), 60, f"the monitor to follow the primary to {b}")
+    assert any(f"primary moved: {a} -> {b}" in f for f in moved.findings), moved.findings
+    # More rounds than the failure threshold, watching b: nothing acts on the old primary.
+    settled = await _until(await watching(b, moved.rounds + moved.failure_threshold + 1), 60, "more rounds")
+    assert settled.failovers_started == 0 and settled.failures == 0, settled
+    desc = await client.get_workflow_handle(move_id(lab.cfg.service)).describe()
+    assert desc.workflow_type == "SwitchoverWorkflow"  # the last move is ours: no failover was started
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    assert (await _progress(handle)).target_region == b
+
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))).result()
+    assert back.outcome == "succeeded"
+    home = await _until(await watching(a), 60, f"the monitor to follow the primary back to {a}")
+    assert home.failovers_started == 0 and any(f"primary moved: {b} -> {a}" in f for f in home.findings)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    await handle.terminate("test over")
+    await record(handle, "monitor-follows-switchover")
+    assert _primary(lab) == a
+    lab.wait_replication()
+
+
+async def test_fenced_old_primary_and_master_are_not_a_split_brain(lab):
+    """What a failover leaves behind on a live old primary (PostgreSQL fenced read-only, Redis
+    paused with replication held) takes no writes: not a split brain."""
+    from activities.postgres.fence import fence_read_only
+    from activities.redis.failover import demote, fence, unfence
+    from activities.redis.status import client as redis_client
+    from activities.split_brain import detect
+
+    a, b = _names(lab)
+    assert _primary(lab) == a and not detect(lab.cfg).split
+    ra, rb = lab.cfg.region(a).redis, lab.cfg.region(b).redis
+    # b's Redis becomes a master and is fenced at once (before any Sentinel turns it back).
+    redis_client(rb).replicaof("NO", "ONE")
+    assert fence(rb, pause_ms=120_000).paused
+    with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("select pg_promote()")
+    try:
+        await _until(_async(lambda: pg_status(lab.cfg.region(b).postgres).role == "primary"), 30, f"{b} promoted")
+        assert fence_read_only(lab.cfg.region(b).postgres).method == "read_only"
+        report = detect(lab.cfg)
+        assert report.postgres_primaries == [a] and report.fenced_primaries == [b], report
+        assert report.redis_masters == [a] and report.fenced_masters == [b], report
+        assert report.all_redis_masters == sorted([a, b])
+        assert report.findings == [] and not report.split
+        # Lifted, the same node is a second master again: the exclusion is the fence, not the node.
+        unfence(rb)
+        assert sorted(detect(lab.cfg).redis_masters) == sorted([a, b])
+    finally:
+        unfence(rb)
+        demote(rb, ra)
+        lab.rebuild_standby(b)
+        lab.wait_replication()
+    assert not detect(lab.cfg).split
+
+
+async def test_a_failover_colliding_with_a_running_move_does_not_end_the_monitor(lab, client):
+    """The primary stops answering while a switchover holds the single-flight id (waiting for
+    approval): the monitor's failover collides with it, which it records, and it keeps watching."""
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    move = await start_move(client, lab.cfg, SwitchoverInput(
+        service=lab.cfg.service, target_region=b, approval=ApprovalPolicy(required=True, timeout_seconds=600)))
+    await _until(lambda: _awaiting(move), 60, "the switchover to wait for approval")
+    handle = await _start_monitor(client, lab, stop_after_failover=False)
+    postmaster = lab.postgres(a).pid
+    try:
+        await _until(lambda: _state(handle), 30, "the monitor to start")
+        os.kill(postmaster, signal.SIGSTOP)  # no new connection gets an answer: down from everywhere
+
+        async def collided():
+            st = await _state(handle)
+            return st if st and any(f"a move already holds {move.id}" in f for f in st.findings) else None
+
+        seen = await _until(collided, 90, "the monitor's failover to collide with the switchover")
+        assert seen.failovers_started == 0
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    await move.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="test", decision="reject"))
+
+    async def healthy_again():
+        st = await _state(handle)
+        return st if st and st.rounds > seen.rounds and st.failures == 0 and st.votes.get("control") == "up" else None
+
+    after = await _until(healthy_again, 60, "the monitor to see the primary answer again")
+    assert after.watched_region == a and after.failovers_started == 0
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    await handle.terminate("test over")
+    assert _primary(lab) == a
