@@ -37,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.split_brain import SplitBrainActivities, SplitBrainReport, SurvivorChoice, choose_survivor
     from activities.traffic import RouteRequest, TrafficActivities
     from eagle_dr.temporal import DR_EPOCH
-    from workflows.models import ApprovalPolicy, ApprovalRecord, StepRecord, Trigger
+    from workflows.models import ApprovalPolicy, ApprovalRecord, AwareTime, StepRecord, Trigger
     from workflows.rejoin import Rejoin
     from workflows.validation import RawInput, invalid, validated
 
@@ -53,7 +53,7 @@ class SplitBrainInput(BaseModel):
     survivor: str | None = None
     # Asked after the loser's rows are decided, before any is written (counts and a sample).
     approval: ApprovalPolicy = ApprovalPolicy()
-    detected_at: datetime | None = None
+    detected_at: AwareTime | None = None
 
 
 class SplitBrainResult(BaseModel):
