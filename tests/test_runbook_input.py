@@ -43,6 +43,13 @@ def _epochs(lab) -> dict[str, int]:
     ("SwitchoverWorkflow", {"target_region": "{b}", "detected_at": "2024-05-01 12:00:00", "approval": ABORTING},
      "detected_at", "must include a timezone"),
     ("SplitBrainWorkflow", {"detected_at": "2024-05-01T12:00:00"}, "detected_at", "must include a timezone"),
+    # Item 16: auto_approve_as from a plain input would approve in anyone's name.
+    ("FailoverWorkflow", {"target_region": "{b}", "approval": {"required": True, "auto_approve_as": "mallory"}},
+     "approval.auto_approve_as", "only for drills"),
+    ("SplitBrainWorkflow", {"approval": {"required": True, "auto_approve_as": "mallory"}},
+     "approval.auto_approve_as", "only for drills"),
+    ("FailbackWorkflow", {"region": "{b}", "switch_back": False, "reconcile_approval": {"required": True, "auto_approve_as": "mallory"}},
+     "reconcile_approval.auto_approve_as", "only for drills"),
 ])
 async def test_bad_input_is_refused_up_front(lab, client, wf, raw, field, reason):
     a, b = _names(lab)
@@ -53,6 +60,15 @@ async def test_bad_input_is_refused_up_front(lab, client, wf, raw, field, reason
     assert f"invalid input: {field}: " in err.message and reason in err.message, err.message
     assert _primary(lab) == a
     assert _epochs(lab) == before
+
+
+async def test_drill_trigger_may_auto_approve(lab, client):
+    """trigger=drill keeps auto-approval (what DrillWorkflow's children send): the run gets past
+    the check and stops on the next guard instead (the target is already the primary)."""
+    a, _ = _names(lab)
+    err = await _refused(client, lab, "FailoverWorkflow", {
+        "target_region": a, "trigger": "drill", "approval": {"required": True, "auto_approve_as": "drill"}})
+    assert err.type == "InvalidInput" and "target_region" in err.message and "already the primary" in err.message
 
 
 async def test_aware_detected_at_is_accepted(lab, client):

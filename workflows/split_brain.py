@@ -89,6 +89,7 @@ class SplitBrainWorkflow(Rejoin):
     @workflow.run
     async def run(self, raw: RawInput) -> SplitBrainResult:
         inp = validated(SplitBrainInput, raw)
+        self.refuse_self_approval(inp.trigger, approval=inp.approval)
         if inp.survivor_rule is not None and inp.survivor_rule not in RULES:
             raise invalid("survivor_rule", f"unknown rule {inp.survivor_rule!r} (known: {', '.join(RULES)})")
         control = workflow.info().task_queue
