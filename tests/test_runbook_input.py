@@ -50,6 +50,12 @@ def _epochs(lab) -> dict[str, int]:
      "approval.auto_approve_as", "only for drills"),
     ("FailbackWorkflow", {"region": "{b}", "switch_back": False, "reconcile_approval": {"required": True, "auto_approve_as": "mallory"}},
      "reconcile_approval.auto_approve_as", "only for drills"),
+    # Item 9: a service that is not configured.
+    ("FailoverWorkflow", {"service": "eagle-alret", "target_region": "{b}", "approval": ABORTING},
+     "service", "unknown service 'eagle-alret'"),
+    ("SplitBrainWorkflow", {"service": "eagle-alret"}, "service", "unknown service 'eagle-alret'"),
+    ("FailbackWorkflow", {"service": "eagle-alret", "region": "{b}", "switch_back": False}, "service", "unknown service 'eagle-alret'"),
+    ("MonitorWorkflow", {"service": "eagle-alret"}, "service", "unknown service 'eagle-alret'"),
 ])
 async def test_bad_input_is_refused_up_front(lab, client, wf, raw, field, reason):
     a, b = _names(lab)

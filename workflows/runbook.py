@@ -143,7 +143,13 @@ class Runbook:
     # -- steps every move takes ---------------------------------------------------------------------
 
     async def topology(self) -> Topology:
-        return await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
+        """The configured topology; the input's ``service`` (``self.service``) must be the one
+        configured: a typo would otherwise take epochs and the ``dr-move-<service>`` lock under
+        a name no other runbook uses, and so escape the single-flight rule."""
+        topo = await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
+        if self.service and self.service != topo.service:
+            raise invalid("service", f"unknown service {self.service!r} (configured: {topo.service!r})")
+        return topo
 
     def refuse_self_approval(self, trigger: Trigger, **policies: ApprovalPolicy | None) -> None:
         """``auto_approve_as`` skips the human at the gate. It is for drills (which approve
