@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl
 from activities.postgres.status import connect
-from eagle_dr.config import PostgresConfig
+from eagle_dr.config import PostgresConfig, scrub
 
 import psycopg
 
@@ -54,7 +54,7 @@ def fence_read_only(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
             lsn = _read_only(conn, cfg, timeout)
             return PgFence(reachable=True, method="read_only", last_lsn=lsn)
     except psycopg.Error as e:
-        return PgFence(reachable=False, error=str(e).strip().splitlines()[0] if str(e).strip() else "unreachable")
+        return PgFence(reachable=False, error=scrub(str(e).strip().splitlines()[0]) if str(e).strip() else "unreachable")
 
 
 def fence_stop(cfg: PostgresConfig, timeout: float = 3) -> PgFence:

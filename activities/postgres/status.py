@@ -9,7 +9,7 @@ from __future__ import annotations
 import psycopg
 from pydantic import BaseModel
 
-from eagle_dr.config import PostgresConfig
+from eagle_dr.config import PostgresConfig, scrub
 
 
 class ReplicaLink(BaseModel):
@@ -91,4 +91,4 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0) -> PgStatus:
             return PgStatus(reachable=True, role="standby", timeline=rtli or ctli, lsn=replay, receive_lsn=receive,
                             upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True)
     except psycopg.Error as e:
-        return PgStatus(reachable=False, error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return PgStatus(reachable=False, error=scrub(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__)
