@@ -676,6 +676,11 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         lab = raw.setdefault("lab", {})
         if isinstance(lab, dict):
             state = env_map.get("EAGLE_DR_STATE_DIR") or lab.get("state_dir") or LabConfig().state_dir
-            lab["state_dir"] = str((base / state).resolve()) if not os.path.isabs(state) else state
+            state = str((base / state).resolve()) if not os.path.isabs(state) else state
+            from lab.osuser import reachable_state_dir
+
+            os_user = lab.get("os_user") if isinstance(lab.get("os_user"), str) else LabConfig().os_user
+            state = str(reachable_state_dir(Path(state), os_user))
+            lab["state_dir"] = state
             raw = _resolve_paths(raw, base, lab["state_dir"])
     return parse_config(raw, source, env_map)
