@@ -55,5 +55,10 @@ bench: setup
 	$(BIN)/python -m bench.conflicts --sizes $${CONFLICT_SIZES:-100000,1000000}
 	$(BIN)/python -m bench.failback --gb $${FAILBACK_GB:-1.0}
 
+# Root running from a clone the lab user cannot enter keeps the state in /var/lib/eagle-dr-lab
+# (lab/osuser.py reachable_state_dir): remove that too, and nothing else outside the checkout.
 clean: lab-down
 	rm -rf .eagle-dr
+	-@$(BIN)/python -c 'import shutil; from pathlib import Path; from eagle_dr.config import load_config; \
+	  from lab.osuser import RELOCATED_STATE_ROOT; s = Path(load_config().lab.state_dir); \
+	  s.parent == RELOCATED_STATE_ROOT and shutil.rmtree(s, ignore_errors=True)'

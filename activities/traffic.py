@@ -19,7 +19,7 @@ from activities.kubernetes import KubernetesCluster, ResourceMissing, StaleEpoch
 from activities.postgres.status import connect
 from activities.redis.status import client as redis_client
 from activities.routing import LabRouter, StaleEpoch
-from eagle_dr.config import EagleConfig
+from eagle_dr.config import EagleConfig, scrub
 
 
 class RouteRequest(BaseModel):
@@ -97,7 +97,7 @@ class TrafficActivities:
             # A newer runbook owns this region (it may have just restored it): never scale it down.
             raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
         except Exception as e:  # noqa: BLE001 - a dead region's API is expected during failover
-            return ScaleDownResult(region=req.region, reachable=False, error=str(e)[:300])
+            return ScaleDownResult(region=req.region, reachable=False, error=scrub(str(e))[:300])
 
     @activity.defn
     def route_traffic(self, req: RouteRequest) -> RouteResult:
@@ -224,4 +224,4 @@ class TrafficActivities:
             return Verification(region=region, ok=True, postgres_write_ms=pg_ms,
                                 redis_roundtrip_ms=(time.monotonic() - t1) * 1000)
         except (psycopg.Error, redis.RedisError, OSError) as e:
-            return Verification(region=region, ok=False, error=str(e).strip()[:300])
+            return Verification(region=region, ok=False, error=scrub(str(e).strip())[:300])

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -69,10 +71,10 @@ class SecretRef(_Strict):
 
     def resolve(self) -> str:
         if self.env and os.environ.get(self.env):
-            return os.environ[self.env]
+            return _remember(os.environ[self.env])
         if self.file:
             try:
-                return Path(self.file).read_text().strip()
+                return _remember(Path(self.file).read_text().strip())
             except OSError as e:
                 raise SecretUnavailable(f"secret file {self.file}: {e.strerror}") from e
         raise SecretUnavailable(f"environment variable {self.env} is not set")
@@ -82,12 +84,78 @@ class SecretUnavailable(RuntimeError):
     pass
 
 
+# Every secret this process has resolved, so that scrub() can take it out of error text.
+_RESOLVED: set[str] = set()
+
+
+def _remember(secret: str) -> str:
+    if secret:
+        _RESOLVED.add(secret)
+    return secret
+
+
+def scrub(text: str) -> str:
+    """``text`` with every secret this process resolved replaced by ``***``.
+
+    Error text from libpq, redis-py or boto may quote a connection string or a rejected
+    argument; anything that goes into an activity result or exception message lands in
+    workflow history, which the UI shows to everyone. Secrets are matched by value, longest
+    first, so a password that contains another secret is not half-replaced."""
+    for secret in sorted(_RESOLVED, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
 class Endpoint(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+# What PostgreSQL accepts as a replication slot name (ReplicationSlotValidateName):
+# lower-case letters, digits and underscores, at most NAMEDATALEN-1 bytes.
+_SLOT = re.compile(r"^[a-z0-9_]{1,63}$")
+
+# An identifier named in the config: letters, digits, _ and $, not starting with a digit, at
+# most 63 bytes (longer ones PostgreSQL truncates, silently naming another object). It is
+# used exactly as written, quoted: ``Alerts`` is the table "Alerts", not alerts. Names that
+# need more than this (spaces, dots, quotes) are refused rather than guessed at.
+_IDENT = re.compile(r"^[^\W\d][\w$]*$")
+
+
+def _check_ident(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not _IDENT.match(name) or len(name.encode()) > 63:
+        raise ValueError(f"{what} {name!r} is not a valid identifier (letters, digits, _ and $, "
+                         "not starting with a digit, at most 63 bytes; used exactly as written)")
+    return name
+
+
+class TableName(BaseModel):
+    """A table named in ``conflicts:``: ``table`` or ``schema.table``, case as written."""
+
+    model_config = ConfigDict(frozen=True)
+    schema_name: str | None = None
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> "TableName":
+        parts = text.split(".") if isinstance(text, str) else [text]
+        if len(parts) > 2:
+            raise ValueError(f"table {text!r}: expected 'table' or 'schema.table'")
+        for i, part in enumerate(parts):
+            _check_ident(part, "table" if i == len(parts) - 1 else "schema")
+        return cls(schema_name=parts[0], name=parts[1]) if len(parts) == 2 else cls(name=parts[0])
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        """Quoted for SQL: ``sql.Identifier(schema, table)`` or ``sql.Identifier(table)``."""
+        return sql.Identifier(self.schema_name, self.name) if self.schema_name else sql.Identifier(self.name)
+
+    def __str__(self) -> str:
+        return f"{self.schema_name}.{self.name}" if self.schema_name else self.name
 
 
 class PostgresConfig(_Strict):
@@ -106,15 +174,34 @@ class PostgresConfig(_Strict):
     # The OS user that owns data_dir; server commands run as this user when the worker is root.
     os_user: str | None = None
 
+    @field_validator("slot")
+    @classmethod
+    def _slot(cls, v: str | None) -> str | None:
+        if v is not None and not _SLOT.match(v):
+            raise ValueError(f"{v!r} is not a replication slot name PostgreSQL accepts "
+                             "(lower-case letters, digits and _, 1 to 63 characters)")
+        return v
+
     @property
     def slot_name(self) -> str:
-        return self.slot or f"slot_{self.host.replace('.', '_')}_{self.port}"
+        if self.slot:
+            return self.slot
+        # Derived from host and port, so it must be made acceptable the same way (a host name
+        # like db-1.example.com has '-' and '.'), and stay within 63 characters.
+        derived = re.sub(r"[^a-z0-9_]", "_", f"slot_{self.host.lower()}_{self.port}")
+        return derived[:63]
 
-    def dsn(self, dbname: str | None = None) -> str:
-        parts = [f"host={self.host}", f"port={self.port}", f"dbname={dbname or self.database}", f"user={self.user}"]
+    def dsn(self, dbname: str | None = None, **overrides: Any) -> str:
+        """A libpq connection string, every value quoted (make_conninfo): a password with a
+        space, a quote or a backslash must not end the value and start another option, nor
+        break the string in a way whose error text would quote the password. ``overrides``
+        replace or add libpq keywords (user=..., application_name=...)."""
+        params: dict[str, Any] = {"host": self.host, "port": self.port, "dbname": dbname or self.database,
+                                  "user": self.user}
         if self.password is not None:
-            parts.append(f"password={self.password.resolve()}")
-        return " ".join(parts)
+            params["password"] = self.password.resolve()
+        params.update(overrides)
+        return make_conninfo("", **params)
 
 
 class RedisConfig(_Strict):
@@ -190,12 +277,50 @@ class Objective(_Strict):
     rto: Duration | None = None
     rpo: Duration | None = None
 
+    @field_validator("rto", "rpo")
+    @classmethod
+    def _positive(cls, v: timedelta | None) -> timedelta | None:
+        if v is not None and v <= timedelta(0):
+            raise ValueError("must be greater than 0")
+        return v
+
+
+# The documented targets. A file that leaves out objectives:, a class, or one of its
+# targets keeps these: a None target would crash the report after a successful move.
+_OBJECTIVE_DEFAULTS: dict[str, dict[str, str]] = {
+    "critical": {"rto": "5m", "rpo": "30s"},
+    "non_critical": {"rto": "15m", "rpo": "5m"},
+    "cache": {"rpo": "15m"},
+}
+
 
 class ObjectivesConfig(_Strict):
     critical: Objective = Objective(rto=timedelta(minutes=5), rpo=timedelta(seconds=30))
     non_critical: Objective = Objective(rto=timedelta(minutes=15), rpo=timedelta(minutes=5))
     cache: Objective = Objective(rpo=timedelta(minutes=15))
     full_recovery: Duration = timedelta(minutes=30)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if data is None:  # `objectives:` with nothing under it
+            return {}
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for klass, targets in _OBJECTIVE_DEFAULTS.items():
+            given = out.get(klass)
+            if given is None:
+                out.pop(klass, None)
+                continue
+            if not isinstance(given, dict):
+                continue
+            for target in targets:
+                if target in given and given[target] is None:
+                    raise _FieldError(("objectives", klass, target),
+                                      f"must be a duration; leave it out for the default {targets[target]}")
+            out[klass] = {**targets, **given}
+        return out
 
 
 ConflictStrategy = Literal[
@@ -218,6 +343,27 @@ class TableConflictConfig(_Strict):
     # freshness-priority: versions older than this are stale.
     ttl: Duration | None = None
 
+    @field_validator("key")
+    @classmethod
+    def _key_columns(cls, v: list[str]) -> list[str]:
+        for col in v:
+            _check_ident(col, "column")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a key column is listed twice: {v}")
+        return v
+
+    @field_validator("timestamp_column")
+    @classmethod
+    def _ts_column(cls, v: str) -> str:
+        return _check_ident(v, "column")
+
+    @field_validator("field_priority")
+    @classmethod
+    def _priority_columns(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for col in v:
+            _check_ident(col, "column")
+        return v
+
     @model_validator(mode="after")
     def _strategy_needs(self) -> "TableConflictConfig":
         if self.strategy == "source-priority" and not self.source_region:
@@ -232,6 +378,14 @@ class TableConflictConfig(_Strict):
 class BackupConfig(_Strict):
     every: Duration = timedelta(minutes=15)
     retention: Duration = timedelta(days=30)
+
+    @field_validator("every", "retention")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        # A zero retention would let the expiry delete every backup, the newest included.
+        if v <= timedelta(0):
+            raise ValueError("must be greater than 0")
+        return v
 
 
 class RoutingConfig(_Strict):
@@ -299,11 +453,33 @@ class EagleConfig(_Strict):
     @model_validator(mode="after")
     def _topology(self) -> "EagleConfig":
         names = [r.name for r in self.regions]
+        if len(names) > 2:
+            # Every runbook moves between a primary and its one standby (topology.other()):
+            # a third region would be neither fenced nor re-pointed, a second primary waiting.
+            raise _FieldError(("regions",), f"{len(names)} regions configured ({', '.join(names)}); the runbooks "
+                                            "support exactly two, a primary and its standby")
         seen: set[str] = set()
         for i, n in enumerate(names):
             if n in seen:
                 raise _FieldError(("regions", i, "name"), f"duplicate region {n!r}")
             seen.add(n)
+        for system in ("postgres", "redis"):
+            # Two regions on one server would make every runbook fence, promote and rewind
+            # the same node twice, as two different ones. Compared as written: no DNS lookup.
+            where: dict[tuple[str, int], str] = {}
+            for i, r in enumerate(self.regions):
+                ep = getattr(r, system)
+                addr = (ep.host.lower(), ep.port)
+                if addr in where:
+                    raise _FieldError(("regions", i, system), f"{ep.host}:{ep.port} is also {where[addr]}'s "
+                                                              f"{system}: each region needs its own server")
+                where[addr] = r.name
+        slots: dict[str, str] = {}
+        for i, r in enumerate(self.regions):
+            slot = r.postgres.slot_name
+            if slot in slots:
+                raise _FieldError(("regions", i, "postgres", "slot"), f"slot {slot!r} is also {slots[slot]}'s")
+            slots[slot] = r.name
         primaries = [r.name for r in self.regions if r.role == "primary"]
         if not primaries:
             raise _FieldError(("regions",), "no region has role 'primary'")
@@ -316,6 +492,10 @@ class EagleConfig(_Strict):
                 raise _FieldError(("regions", i, "temporal", "task_queue"), f"task queue {q!r} is used twice")
             queues[q] = r.name
         for table, t in self.conflicts.items():
+            try:
+                TableName.parse(table)
+            except ValueError as e:
+                raise _FieldError(("conflicts", table), str(e)) from None
             if t.source_region and t.source_region not in seen:
                 raise _FieldError(("conflicts", table, "source_region"), f"unknown region {t.source_region!r}")
             for fld, order in t.field_priority.items():
@@ -350,6 +530,11 @@ class EagleConfig(_Strict):
     @property
     def region_names(self) -> list[str]:
         return [r.name for r in self.regions]
+
+    def conflict_table(self, name: str) -> TableName:
+        """A ``conflicts:`` entry's table, parsed (validated at load): ``.identifier`` is the
+        quoted ``sql.Identifier(schema, table)`` every query must use, never an f-string."""
+        return TableName.parse(name)
 
 
 class UnknownRegion(ValueError):
@@ -414,7 +599,16 @@ def _apply_env(raw: dict, env: dict[str, str], source: str) -> dict:
         for r in regions:
             if isinstance(r, dict):
                 r.setdefault("kubernetes", {})["namespace"] = env["NAMESPACE"]
-    crit = raw.setdefault("objectives", {}).setdefault("critical", {})
+    if not (env.get("RTO_TARGET") or env.get("RPO_TARGET")):
+        return raw
+    objectives = raw.get("objectives")
+    if objectives is None:
+        objectives = raw["objectives"] = {}
+    if not isinstance(objectives, dict):
+        return raw  # validation names the problem
+    crit = objectives.get("critical")
+    if crit is None:
+        crit = objectives["critical"] = {}
     if isinstance(crit, dict):
         if env.get("RTO_TARGET"):
             crit["rto"] = env["RTO_TARGET"]
@@ -486,6 +680,11 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         lab = raw.setdefault("lab", {})
         if isinstance(lab, dict):
             state = env_map.get("EAGLE_DR_STATE_DIR") or lab.get("state_dir") or LabConfig().state_dir
-            lab["state_dir"] = str((base / state).resolve()) if not os.path.isabs(state) else state
+            state = str((base / state).resolve()) if not os.path.isabs(state) else state
+            from lab.osuser import reachable_state_dir
+
+            os_user = lab.get("os_user") if isinstance(lab.get("os_user"), str) else LabConfig().os_user
+            state = str(reachable_state_dir(Path(state), os_user))
+            lab["state_dir"] = state
             raw = _resolve_paths(raw, base, lab["state_dir"])
     return parse_config(raw, source, env_map)

@@ -106,10 +106,10 @@ def spawn(
     script = f"{shlex.join(argv)} </dev/null >>{shlex.quote(str(logfile))} 2>&1 & echo $! > {shlex.quote(str(tmp))}"
     if user:
         user.own(logfile, pidfile.parent)
-    subprocess.run(
-        ["sh", "-c", script], check=True, start_new_session=True, env=env, cwd=cwd,
-        **(user.popen_kwargs() if user else {}),
-    )
+    kw = user.popen_kwargs() if user else {}
+    if cwd is not None:
+        kw["cwd"] = cwd
+    subprocess.run(["sh", "-c", script], check=True, start_new_session=True, env=env, **kw)
     pid = int(tmp.read_text().strip())
     tmp.unlink()
     pidfile.write_text(f"{pid}\n")

@@ -55,7 +55,9 @@ class S3Server:
         self.user.own(s3json)
         b = self.base_port
         # Every port is pinned: weed otherwise grabs defaults (8333, 9333, ...) that collide.
-        argv = [binaries.weed(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        # The server runs as the lab user: from the state's bin/ when the venv is out of its reach.
+        weed = self.user.reachable_binary(binaries.weed(), self.dir.parent / "bin")
+        argv = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-master.port={b}", f"-master.port.grpc={b + 1}", f"-volume.port={b + 2}",
                 f"-volume.port.grpc={b + 3}", f"-filer.port={b + 4}", f"-filer.port.grpc={b + 5}",
                 f"-s3.port={self.port}", f"-s3.port.grpc={b + 6}", f"-s3.port.iceberg={b + 7}",

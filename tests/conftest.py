@@ -18,7 +18,8 @@ import pytest
 import pytest_asyncio
 from moto.server import ThreadedMotoServer
 
-from eagle_dr.config import EagleConfig, load_config
+from eagle_dr.config import EagleConfig, LabConfig, load_config
+from lab.osuser import reachable_state_dir
 from lab.ports import write_shifted_config
 
 # Below the ephemeral range (32768+), where outgoing connections could take a listen port.
@@ -52,6 +53,11 @@ def lab_dir():
     d = TEST_LAB_DIR
     _stop_leftovers(d)
     shutil.rmtree(d, ignore_errors=True)
+    # Root running from a checkout the lab user cannot reach (under /root): the state lives
+    # elsewhere (lab.osuser.reachable_state_dir), and a killed run's must go too.
+    state = reachable_state_dir(d / "state", LabConfig().os_user)
+    if state != d / "state":
+        shutil.rmtree(state, ignore_errors=True)
     d.mkdir()
     # The lab's servers run as an unprivileged user that must reach the state directory.
     os.chmod(d, 0o755)

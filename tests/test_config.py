@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -9,8 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
-from eagle_dr.config import DEFAULT_CONFIG, ConfigError, load_config
+from activities.postgres.status import pg_status
+from eagle_dr.config import DEFAULT_CONFIG, ConfigError, PostgresConfig, SecretRef, load_config, scrub
 
 
 def base() -> dict:
@@ -193,3 +199,155 @@ def test_unknown_survivor_rule(tmp_path):
     doc["split_brain"] = {"survivor_rule": "loudest"}
     msg = problems(tmp_path, doc)
     assert "split_brain.survivor_rule" in msg and "active-region" in msg
+
+
+# -- item 15: what PostgreSQL, the runbooks and the report cannot work with ------------------------
+
+
+@pytest.mark.parametrize("table, why", [
+    ("alerts; drop table alerts", "not a valid identifier"),
+    ("Al erts", "not a valid identifier"),
+    ("1alerts", "not a valid identifier"),
+    ("a" * 64, "at most 63 bytes"),
+    ("app.billing.invoices", "expected 'table' or 'schema.table'"),
+    (".alerts", "schema '' is not a valid identifier"),
+])
+def test_conflict_table_must_be_an_identifier(tmp_path, table, why):
+    doc = base()
+    doc["conflicts"] = {table: {"strategy": "last-write-wins"}}
+    msg = problems(tmp_path, doc)
+    assert f"conflicts.{table}:" in msg and why in msg, msg
+
+
+@pytest.mark.parametrize("field, value", [
+    ("key", ["id", "tenant id"]),
+    ("timestamp_column", "updated_at\"; --"),
+    ("field_priority", {"thres-hold": ["us-east-1"]}),
+])
+def test_conflict_columns_must_be_identifiers(tmp_path, field, value):
+    doc = base()
+    doc["conflicts"]["alert_rules"][field] = value
+    msg = problems(tmp_path, doc)
+    assert f"conflicts.alert_rules.{field}" in msg and "not a valid identifier" in msg, msg
+
+
+def test_schema_qualified_and_mixed_case_tables(tmp_path):
+    doc = base()
+    doc["conflicts"] = {"Billing.Invoices": {"strategy": "last-write-wins", "key": ["InvoiceId"]},
+                        "Alerts": {"strategy": "last-write-wins"}}
+    cfg = load_config(write(tmp_path, doc), env={})
+    t = cfg.conflict_table("Billing.Invoices")
+    assert (t.schema_name, t.name, str(t)) == ("Billing", "Invoices", "Billing.Invoices")
+    assert t.identifier == sql.Identifier("Billing", "Invoices")
+    assert cfg.conflict_table("Alerts").identifier == sql.Identifier("Alerts")
+
+
+@pytest.mark.parametrize("slot", ["Slot_A", "slot-a", "", "s" * 64, "slot a"])
+def test_slot_names_postgres_rejects(tmp_path, slot):
+    doc = base()
+    doc["regions"][0]["postgres"]["slot"] = slot
+    msg = problems(tmp_path, doc)
+    assert "regions[0].postgres.slot" in msg and "replication slot name" in msg, msg
+
+
+def test_derived_slot_name_is_one_postgres_accepts(tmp_path):
+    doc = base()
+    del doc["regions"][0]["postgres"]["slot"]
+    doc["regions"][0]["postgres"]["host"] = "DB-1.us-east-1.example.com"
+    slot = load_config(write(tmp_path, doc), env={}).region("us-east-1").postgres.slot_name
+    assert re.fullmatch(r"[a-z0-9_]{1,63}", slot), slot
+
+
+@pytest.mark.parametrize("system", ["postgres", "redis"])
+def test_two_regions_on_one_server(tmp_path, system):
+    doc = base()
+    doc["regions"][1][system]["port"] = doc["regions"][0][system]["port"]
+    doc["regions"][1][system]["host"] = doc["regions"][0][system]["host"].upper()
+    msg = problems(tmp_path, doc)
+    assert f"regions[1].{system}:" in msg and f"also us-east-1's {system}" in msg, msg
+
+
+def test_more_than_two_regions(tmp_path):
+    doc = base()
+    third = copy.deepcopy(doc["regions"][1])
+    third.update(name="eu-west-1")
+    third["postgres"].update(port=15403, slot="slot_eu_west_1")
+    third["redis"]["port"] = 16303
+    third["temporal"]["task_queue"] = "eagle-dr-eu-west-1"
+    doc["regions"].append(third)
+    msg = problems(tmp_path, doc)
+    assert "regions: 3 regions configured (us-east-1, us-west-2, eu-west-1)" in msg
+    assert "support exactly two" in msg
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "config", "validate", str(tmp_path / "bad.yaml")],
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "COLUMNS": "300"})
+    assert r.returncode == 2 and "support exactly two" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("value", [0, "0s", -3600])
+def test_retention_must_be_positive(tmp_path, value):
+    doc = base()
+    doc["backup"]["retention"] = value
+    assert "backup.retention: must be greater than 0" in problems(tmp_path, doc)
+
+
+DOCUMENTED = {"critical": (timedelta(minutes=5), timedelta(seconds=30)),
+              "non_critical": (timedelta(minutes=15), timedelta(minutes=5)),
+              "cache": (None, timedelta(minutes=15))}
+
+
+@pytest.mark.parametrize("objectives", ["missing", None, {}, {"critical": None}, {"critical": {}}])
+def test_missing_objectives_keep_the_documented_defaults(tmp_path, objectives):
+    doc = base()
+    if objectives == "missing":
+        del doc["objectives"]
+    else:
+        doc["objectives"] = objectives
+    for env in ({}, {"NAMESPACE": "x"}):
+        cfg = load_config(write(tmp_path, doc), env=env)
+        got = {k: (getattr(cfg.objectives, k).rto, getattr(cfg.objectives, k).rpo) for k in DOCUMENTED}
+        assert got == DOCUMENTED
+        assert cfg.objectives.full_recovery == timedelta(minutes=30)
+
+
+def test_one_target_given_keeps_the_others(tmp_path):
+    doc = base()
+    doc["objectives"] = {"critical": {"rto": "2m"}}
+    cfg = load_config(write(tmp_path, doc), env={"RPO_TARGET": "10s"})
+    assert (cfg.objectives.critical.rto, cfg.objectives.critical.rpo) == (timedelta(minutes=2), timedelta(seconds=10))
+    del doc["objectives"]
+    cfg = load_config(write(tmp_path, doc), env={"RTO_TARGET": "1m"})
+    assert (cfg.objectives.critical.rto, cfg.objectives.critical.rpo) == (timedelta(minutes=1), timedelta(seconds=30))
+
+
+def test_null_or_zero_target_is_refused(tmp_path):
+    doc = base()
+    doc["objectives"]["critical"]["rpo"] = None
+    assert "objectives.critical.rpo: must be a duration; leave it out for the default 30s" in problems(tmp_path, doc)
+    doc["objectives"]["critical"]["rpo"] = "0s"
+    assert "objectives.critical.rpo: must be greater than 0" in problems(tmp_path, doc)
+
+
+@pytest.mark.parametrize("password", ["hunter2 oops", "it's", "back\\slash", "a=b host=evil.example", "x' y"])
+def test_password_is_quoted_in_the_dsn(monkeypatch, password):
+    monkeypatch.setenv("EAGLE_DR_TEST_PG_PASSWORD", password)
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    pg = cfg.primary.postgres.model_copy(update={"password": SecretRef(env="EAGLE_DR_TEST_PG_PASSWORD")})
+    parsed = conninfo_to_dict(pg.dsn())
+    assert parsed["password"] == password
+    assert (parsed["host"], parsed["port"], parsed["user"]) == (pg.host, str(pg.port), pg.user)
+
+
+def test_libpq_errors_never_carry_the_password(monkeypatch):
+    """pg_status's error goes into workflow history. With the password quoted, libpq never
+    echoes a piece of it as a bad option; and any text that still holds it is scrubbed."""
+    password = "hunter2 oops"
+    monkeypatch.setenv("EAGLE_DR_TEST_PG_PASSWORD", password)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pg = PostgresConfig(port=port, password=SecretRef(env="EAGLE_DR_TEST_PG_PASSWORD"))
+    st = pg_status(pg, timeout=2)
+    assert not st.reachable and st.error
+    assert "oops" not in st.error and "hunter2" not in st.error, st.error
+    assert "refused" in st.error or "connect" in st.error, st.error
+    assert scrub(f"FATAL: bad password {password!r} for postgres") == "FATAL: bad password '***' for postgres"

@@ -6,6 +6,7 @@ same action, winner, conflict flag and reason for every key, for every strategy.
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 from collections.abc import Iterator
@@ -16,19 +17,23 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.conflicts.engine import Resolution, apply_to, resolve_changes
-from eagle_dr.config import DEFAULT_CONFIG, TableConflictConfig, load_config
+from eagle_dr.config import DEFAULT_CONFIG, TableConflictConfig, load_config, parse_config
 from lab.postgres import PostgresNode
 from lab.scratch_postgres import scratch_postgres
 
-PORT = 17850
+# Moved with EAGLE_DR_TEST_PORT_SHIFT (default 2000: 17850), like the test lab, so two
+# checkouts can run this file at once; the directory too, or one would delete the other's.
+_SHIFT = int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) - 2000
+PORT = 17850 + _SHIFT
 # Fixed, so a run killed before its teardown is cleaned up by the next one.
-BASE = Path(tempfile.gettempdir()) / "eagle-dr-test-conflicts"
+BASE = Path(tempfile.gettempdir()) / ("eagle-dr-test-conflicts" + (f"-{_SHIFT}" if _SHIFT else ""))
 
 CFG = load_config(DEFAULT_CONFIG, env={})
 TABLES: dict[str, TableConflictConfig] = dict(CFG.conflicts)
@@ -371,3 +376,35 @@ def test_a_dry_run_decides_the_same_and_writes_nothing(db):
     real = apply_resolutions(db, table, cfg, loser, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-1", "run-1")
     counts = ("inserted", "updated", "deleted", "kept", "flagged", "conflicts")
     assert [getattr(preview, c) for c in counts] == [getattr(real, c) for c in counts]
+
+
+def test_mixed_case_and_schema_qualified_tables_are_reconciled(db):
+    """Names in conflicts: are used exactly as written and quoted everywhere: a table in a
+    mixed-case schema, with mixed-case and reserved-word columns, is reconciled like any other."""
+    db.execute('drop schema if exists "Billing" cascade')
+    db.execute('create schema "Billing"')
+    db.execute('create table "Billing"."Invoices" ("InvoiceId" bigint primary key, "select" text,'
+               ' "UpdatedAt" timestamptz not null)')
+    doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    doc["conflicts"] = {"Billing.Invoices": {"strategy": "last-write-wins", "key": ["InvoiceId"],
+                                             "timestamp_column": "UpdatedAt"}}
+    cfg = parse_config(doc, env={})
+    name = "Billing.Invoices"
+    assert cfg.conflict_table(name).identifier.as_string(db) == '"Billing"."Invoices"'
+    tcfg = cfg.conflicts[name]
+    db.execute('insert into "Billing"."Invoices" values (1, %s, %s), (2, %s, %s)',
+               ("old-1", at(-60), "survivor-2", at(20)))
+
+    summary = apply_resolutions(
+        db, name, tcfg,
+        [{"InvoiceId": 1, "select": "loser-1", "UpdatedAt": at(10)},   # only the loser changed it
+         {"InvoiceId": 2, "select": "loser-2", "UpdatedAt": at(10)},   # both did; the survivor later
+         {"InvoiceId": 3, "select": "loser-3", "UpdatedAt": at(5)}],   # inserted on the loser
+        [], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-quoted", "run-1")
+
+    rows = db.execute('select "InvoiceId", "select" from "Billing"."Invoices" order by 1').fetchall()
+    assert [(r["InvoiceId"], r["select"]) for r in rows] == [(1, "loser-1"), (2, "survivor-2"), (3, "loser-3")]
+    assert (summary.inserted, summary.updated, summary.kept, summary.conflicts) == (1, 1, 1, 1)
+    audited = db.execute("select table_name, primary_key from eagle_dr.conflict_audit where workflow_id = 'wf-quoted'"
+                         " order by 2").fetchall()
+    assert [(a["table_name"], a["primary_key"]) for a in audited] == [(name, {"InvoiceId": k}) for k in (1, 2, 3)]

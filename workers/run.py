@@ -21,6 +21,7 @@ from eagle_dr import logs
 from eagle_dr.config import EagleConfig
 from eagle_dr.temporal import connect
 from workers.registry import WORKFLOWS, control_activities, regional_activities
+from workers.scrub import ScrubSecrets
 
 PASSTHROUGH = ("pydantic", "structlog", "eagle_dr", "activities", "annotated_types", "pydantic_core")
 
@@ -33,10 +34,12 @@ def build_worker(client, cfg: EagleConfig, region: str | None, executor: ThreadP
     if region:
         queue = cfg.region(region).temporal.task_queue
         return Worker(client, task_queue=queue, activities=regional_activities(cfg), activity_executor=executor,
-                      graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@{region}/{os.getpid()}")
+                      graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@{region}/{os.getpid()}",
+                      interceptors=[ScrubSecrets()])
     return Worker(client, task_queue=cfg.temporal.control_task_queue, workflows=WORKFLOWS,
                   activities=control_activities(cfg), activity_executor=executor, workflow_runner=sandbox_runner(),
-                  graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@control/{os.getpid()}")
+                  graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@control/{os.getpid()}",
+                  interceptors=[ScrubSecrets()])
 
 
 async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None) -> None:

@@ -81,6 +81,7 @@ class FailbackWorkflow(Rejoin):
     @workflow.run
     async def run(self, raw: RawInput) -> FailbackReport:
         inp = validated(FailbackInput, raw)
+        self.refuse_self_approval(inp.trigger, approval=inp.approval, reconcile_approval=inp.reconcile_approval)
         self.service, self.target_region = inp.service, inp.region
         notes: list[str] = []
 

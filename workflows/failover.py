@@ -47,6 +47,7 @@ class FailoverWorkflow(Runbook):
     @workflow.run
     async def run(self, raw: RawInput) -> RunbookResult:
         inp = validated(FailoverInput, raw)
+        self.refuse_self_approval(inp.trigger, approval=inp.approval)
         info = workflow.info()
         control = info.task_queue
         self.service, self.target_region = inp.service, inp.target_region

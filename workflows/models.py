@@ -8,8 +8,22 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _aware(v: datetime) -> datetime:
+    # A naive time cannot be compared with the workflow's clock (aware UTC): accepted, it
+    # would fail a workflow task on every retry after fence and promote, holding dr-move-*.
+    # Guessing a zone would shift RTO by hours, so the operator must say which one.
+    if v.tzinfo is None or v.utcoffset() is None:
+        raise ValueError("must include a timezone, e.g. 2024-05-01T12:00:00Z or +02:00")
+    return v
+
+
+# A datetime typed into a runbook input: refused up front without a timezone.
+AwareTime = Annotated[datetime, AfterValidator(_aware)]
 
 
 class Trigger(str, Enum):
@@ -66,7 +80,7 @@ class MoveInput(BaseModel):
     trigger: Trigger = Trigger.manual
     approval: ApprovalPolicy = ApprovalPolicy()
     # When the problem was first seen (alert startsAt); RTO counts from here. Default: start.
-    detected_at: datetime | None = None
+    detected_at: AwareTime | None = None
     # Lab only: read the sample app's log to count lost acknowledged writes exactly.
     measure_client_impact: bool = False
 

@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         Rpo,
         Rto,
         StepRecord,
+        Trigger,
     )
     from workflows.validation import invalid
 
@@ -181,7 +182,25 @@ class Runbook:
     # -- steps every move takes ---------------------------------------------------------------------
 
     async def topology(self) -> Topology:
-        return await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
+        """The configured topology; the input's ``service`` (``self.service``) must be the one
+        configured: a typo would otherwise take epochs and the ``dr-move-<service>`` lock under
+        a name no other runbook uses, and so escape the single-flight rule."""
+        topo = await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
+        if self.service and self.service != topo.service:
+            raise invalid("service", f"unknown service {self.service!r} (configured: {topo.service!r})")
+        return topo
+
+    def refuse_self_approval(self, trigger: Trigger, **policies: ApprovalPolicy | None) -> None:
+        """``auto_approve_as`` skips the human at the gate. It is for drills (which approve
+        themselves and say so) and for a runbook's own children (failback's switch back, after
+        failback itself was approved). From any other input, typed into the UI say, it would let
+        anyone approve a failover in their own name: refused up front, naming the field."""
+        if trigger == Trigger.drill or workflow.info().parent is not None:
+            return
+        for field, policy in policies.items():
+            if policy is not None and policy.auto_approve_as:
+                raise invalid(f"{field}.auto_approve_as", "honoured only for drills (trigger 'drill') and runs "
+                                                          "started by another runbook; leave it unset")
 
     def known_region(self, topo: Topology, field: str, name: str) -> None:
         """A region named in the input must be configured: else a non-retryable error naming the field."""

@@ -42,7 +42,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.split_brain import SplitBrainActivities, SplitBrainReport, SurvivorChoice, choose_survivor
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from eagle_dr.temporal import DR_EPOCH
-    from workflows.models import ApprovalPolicy, ApprovalRecord, StepRecord, Trigger
+    from workflows.models import ApprovalPolicy, ApprovalRecord, AwareTime, StepRecord, Trigger
     from workflows.rejoin import Rejoin
     from workflows.validation import RawInput, invalid, validated
 
@@ -58,7 +58,7 @@ class SplitBrainInput(BaseModel):
     survivor: str | None = None
     # Asked after the loser's rows are decided, before any is written (counts and a sample).
     approval: ApprovalPolicy = ApprovalPolicy()
-    detected_at: datetime | None = None
+    detected_at: AwareTime | None = None
 
 
 class SplitBrainResult(BaseModel):
@@ -95,6 +95,7 @@ class SplitBrainWorkflow(Rejoin):
     @workflow.run
     async def run(self, raw: RawInput) -> SplitBrainResult:
         inp = validated(SplitBrainInput, raw)
+        self.refuse_self_approval(inp.trigger, approval=inp.approval)
         if inp.survivor_rule is not None and inp.survivor_rule not in RULES:
             raise invalid("survivor_rule", f"unknown rule {inp.survivor_rule!r} (known: {', '.join(RULES)})")
         control = workflow.info().task_queue

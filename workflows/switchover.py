@@ -51,6 +51,7 @@ class SwitchoverWorkflow(Runbook):
     @workflow.run
     async def run(self, raw: RawInput) -> RunbookResult:
         inp = validated(SwitchoverInput, raw)
+        self.refuse_self_approval(inp.trigger, approval=inp.approval)
         control = workflow.info().task_queue
         self.service, self.target_region = inp.service, inp.target_region
         started = inp.detected_at or workflow.info().start_time

@@ -39,7 +39,7 @@ from psycopg.rows import tuple_row
 from pydantic import BaseModel
 
 from activities.conflicts.resolve_sql import META, RESERVED_PREFIXES, Column, DecideQuery
-from eagle_dr.config import TableConflictConfig
+from eagle_dr.config import TableConflictConfig, TableName
 
 AUDIT_DDL = """
 create schema if not exists eagle_dr;
@@ -96,7 +96,8 @@ def ensure_audit_table(conn: psycopg.Connection) -> None:
 
 
 def _table_ident(table: str) -> sql.Identifier:
-    return sql.Identifier(*table.split("."))
+    """The ``conflicts:`` name (``table`` or ``schema.table``, case as written), quoted."""
+    return TableName.parse(table).identifier
 
 
 def _columns(conn: psycopg.Connection, table: str) -> list[Column]:

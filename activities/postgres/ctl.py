@@ -53,7 +53,8 @@ class PgCtl:
         if not cfg.data_dir:
             raise PgCtlError(f"postgres {cfg.host}:{cfg.port}: data_dir is not configured")
         self.cfg = cfg
-        self.data_dir = Path(cfg.data_dir)
+        # Absolute: the tools run from "/" when they run as another user (see run).
+        self.data_dir = Path(cfg.data_dir).absolute()
         self.log = self.data_dir.parent / "postgresql.log"
 
     def tool(self, name: str) -> str:
@@ -63,7 +64,9 @@ class PgCtl:
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         kw: dict = {"env": {**os.environ, **env}} if env else {}
         if os.geteuid() == 0 and self.cfg.os_user:
-            kw |= {"user": self.cfg.os_user, "extra_groups": []}
+            # cwd "/": the server tools change back to their starting directory (initdb: "could
+            # not change directory"), and the caller's (a checkout under /root) may be closed to them.
+            kw |= {"user": self.cfg.os_user, "extra_groups": [], "cwd": "/"}
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
         if check and r.returncode != 0:
             raise PgCtlError(f"{os.path.basename(argv[0])} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")

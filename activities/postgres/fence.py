@@ -37,7 +37,7 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import FENCE_MARKER, PgCtl
 from activities.postgres.status import FENCE_LIBRARY, connect
-from eagle_dr.config import PostgresConfig
+from eagle_dr.config import PostgresConfig, scrub
 
 
 class PgFence(BaseModel):
@@ -100,7 +100,7 @@ def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float) ->
 
 
 def _error(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else "unreachable"
+    return scrub(str(e).strip().splitlines()[0]) if str(e).strip() else "unreachable"
 
 
 def fence_read_only(cfg: PostgresConfig, timeout: float = 3) -> PgFence:

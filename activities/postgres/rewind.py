@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from activities.postgres.ctl import PgCtl, PgCtlError, alive
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect
-from eagle_dr.config import PostgresConfig
+from eagle_dr.config import PostgresConfig, scrub
 
 
 class Rewound(BaseModel):
@@ -97,7 +97,7 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
         ctl.stop("immediate")
         # A rewound directory the server will not recover from (seen: "requested timeline
         # does not contain minimum recovery point") is no better than none: re-clone it.
-        fatal = next((ln for ln in str(e).splitlines() if "FATAL" in ln), str(e).splitlines()[0])
+        fatal = scrub(next((ln for ln in str(e).splitlines() if "FATAL" in ln), str(e).splitlines()[0]))
         method, reason = "pg_basebackup", f"pg_rewind finished but the server would not start: {fatal[:400]}"
         _reclone(ctl, primary)
         ctl.write_standby_config(primary, application_name, slot)

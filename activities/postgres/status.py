@@ -11,7 +11,7 @@ from datetime import datetime
 import psycopg
 from pydantic import BaseModel
 
-from eagle_dr.config import PostgresConfig
+from eagle_dr.config import PostgresConfig, scrub
 
 
 class ReplicaLink(BaseModel):
@@ -116,4 +116,4 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0) -> PgStatus:
                             upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True,
                             sender_end_lsn=end, sender_end_at=end_at)
     except psycopg.Error as e:
-        return PgStatus(reachable=False, error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return PgStatus(reachable=False, error=scrub(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__)

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from activities import s3
 from activities.redis import failover
 from activities.redis.status import client as redis_client
-from eagle_dr.config import RedisConfig, S3Config
+from eagle_dr.config import RedisConfig, S3Config, scrub
 
 
 class RedisFailback(BaseModel):
@@ -110,7 +110,7 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
         redis_client(old, 3).ping()
     except (redis.RedisError, OSError) as e:
         # Nothing to keep: a restarted cache without persistence comes back empty.
-        return RedisFailback(reachable=False, error=str(e))
+        return RedisFailback(reachable=False, error=scrub(str(e)))
     info = redis_client(old, 3).info("replication")
     if info.get("role") == "slave" and f"{info.get('master_host')}:{info.get('master_port')}" == \
             f"{master.host}:{master.port}":

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from eagle_dr.config import Endpoint, RedisConfig
+from eagle_dr.config import Endpoint, RedisConfig, scrub
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def fence(old: RedisConfig, timeout: float = 2.0) -> RedisFence:
         not_durable = _persist(c)
         info = _repl(c)
     except _ERRORS as e:
-        return RedisFence(address=_addr(old), reachable=False, error=str(e) or type(e).__name__)
+        return RedisFence(address=_addr(old), reachable=False, error=scrub(str(e)) or type(e).__name__)
     return RedisFence(address=_addr(old), reachable=True, paused=paused, role=info["role"], offset=_offset(info),
                       replid=info.get("master_replid"), durable=not_durable is None, error=not_durable)
 
@@ -347,7 +347,7 @@ def unfence(node: RedisConfig, timeout: float = 2.0) -> RedisFence:
         _persist(c)
         info = _repl(c)
     except _ERRORS as e:
-        return RedisFence(address=_addr(node), reachable=False, error=str(e) or type(e).__name__)
+        return RedisFence(address=_addr(node), reachable=False, error=scrub(str(e)) or type(e).__name__)
     return RedisFence(address=_addr(node), reachable=True, paused=False, role=info["role"], offset=_offset(info),
                       replid=info.get("master_replid"))
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from eagle_dr.config import Endpoint, RedisConfig
+from eagle_dr.config import Endpoint, RedisConfig, scrub
 
 
 class RedisStatus(BaseModel):
@@ -54,7 +54,7 @@ def redis_status(cfg: RedisConfig, timeout: float = 3.0) -> RedisStatus:
     try:
         info = client(cfg, timeout).info("replication")
     except (redis.RedisError, OSError) as e:
-        return RedisStatus(reachable=False, error=str(e) or type(e).__name__)
+        return RedisStatus(reachable=False, error=scrub(str(e)) or type(e).__name__)
     role = info.get("role")
     master = f"{info['master_host']}:{info['master_port']}" if role == "slave" else None
     offset = info.get("master_repl_offset") if role == "master" else info.get("slave_repl_offset")
@@ -87,9 +87,9 @@ def sentinel_view(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) ->
             msg = c.execute_command("SENTINEL", "CKQUORUM", cfg.master_name)
             ok = True
         except redis.ResponseError as e:
-            msg, ok = str(e), False
+            msg, ok = scrub(str(e)), False
     except (redis.RedisError, OSError) as e:
-        return SentinelView(address=addr, reachable=False, error=str(e) or type(e).__name__)
+        return SentinelView(address=addr, reachable=False, error=scrub(str(e)) or type(e).__name__)
     return SentinelView(address=addr, reachable=True, master=f"{master[0]}:{master[1]}" if master else None,
                         other_sentinels=int(info.get("num-other-sentinels", 0)), quorum_ok=ok,
                         quorum_message=msg if isinstance(msg, str) else str(msg))
