@@ -28,7 +28,7 @@ from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.failback import Divergence, FailbackRequest, Reconciliation
@@ -139,22 +139,31 @@ class FailbackWorkflow(Rejoin):
             switchover = None
             if inp.switch_back:
                 async with self.step(f"switch over back to {inp.region}") as st:
-                    switchover = await workflow.execute_child_workflow(
-                        SwitchoverWorkflow.run, SwitchoverInput(
-                            service=inp.service, target_region=inp.region, trigger=inp.trigger,
-                            reason=f"failback to {inp.region}", max_lag_bytes=inp.max_catch_up_lag_bytes,
-                            catch_up_timeout_seconds=inp.catch_up_timeout_seconds,
-                            approval=ApprovalPolicy(required=True, auto_approve_as=f"failback ({approval.outcome})"),
-                            measure_client_impact=inp.measure_client_impact),
-                        id=move_id(inp.service), task_queue=workflow.info().task_queue,
-                        static_summary=f"failback switchover {inp.service} {primary} -> {inp.region}",
-                        execution_timeout=timedelta(hours=2))
-                    st.detail = f"{switchover.outcome}; acked writes lost {switchover.rpo.acknowledged_writes_lost}"
-            outcome = "succeeded" if switchover is None or switchover.outcome == "succeeded" else "degraded"
+                    try:
+                        switchover = await workflow.execute_child_workflow(
+                            SwitchoverWorkflow.run, SwitchoverInput(
+                                service=inp.service, target_region=inp.region, trigger=inp.trigger,
+                                reason=f"failback to {inp.region}", max_lag_bytes=inp.max_catch_up_lag_bytes,
+                                catch_up_timeout_seconds=inp.catch_up_timeout_seconds,
+                                approval=ApprovalPolicy(required=True, auto_approve_as=f"failback ({approval.outcome})"),
+                                measure_client_impact=inp.measure_client_impact),
+                            id=move_id(inp.service), task_queue=workflow.info().task_queue,
+                            static_summary=f"failback switchover {inp.service} {primary} -> {inp.region}",
+                            execution_timeout=timedelta(hours=2))
+                        st.detail = f"{switchover.outcome}; acked writes lost {switchover.rpo.acknowledged_writes_lost}"
+                    except ChildWorkflowError as e:
+                        # The region is back as a streaming standby and its writes are kept: the switch
+                        # back is the part that failed (it undid itself before its own point of no return).
+                        st.status = "failed"
+                        st.detail = f"FAILED: {e.cause or e}"
+                        self.degrade(f"switching back to {inp.region}", e.cause or e,
+                                     f"eagle-dr switchover --to {inp.region} once the cause is fixed")
+            outcome = "succeeded" if not self.degraded and (switchover is None or switchover.outcome == "succeeded") \
+                else "degraded"
             self.finish(outcome)
             return FailbackReport(service=inp.service, region=inp.region, primary_before=primary,
                                   divergence=divergence, reconciliation=reconciliation, rewind=rewound, redis=redis,
-                                  switchover=switchover, steps=self.steps, notes=notes, outcome=outcome,
-                                  cancel_refused=self.cancel_refused)
+                                  switchover=switchover, steps=self.steps, notes=notes + self.degraded,
+                                  outcome=outcome, cancel_refused=self.cancel_refused)
 
         return await self.no_return(keep_rewind_switch(), f"keeping {inp.region}'s rows and rewinding it")
