@@ -107,3 +107,40 @@ def test_true_end_after_a_crash_is_past_the_last_checkpoint(node):
     end, how = true_end(ctl)
     assert how == "clean shutdown checkpoint"
     assert lsn_to_int(end) > lsn_to_int(ctl.controldata()["Latest checkpoint location"])
+
+
+def test_read_loser_names_what_changed_and_finds_rows_by_their_writer(tmp_path):
+    """On a stopped node: the relations post-fork transactions changed, named as the config
+    would name them (a partition as its root, TOAST as its table), and rows found by xmin even
+    when their timestamp did not move."""
+    from datetime import datetime, timezone
+
+    from activities.postgres.divergence import ForkPoint, read_loser
+    from eagle_dr.config import PostgresConfig
+
+    with scratch_postgres(PORT + 1, "wal-loser") as n:
+        cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
+                             bin_dir=n.cfg.bin_dir, os_user=n.user.name)
+        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
+                             autocommit=True) as c:
+            c.execute("create table listed (id int primary key, v text, updated_at timestamptz not null "
+                      "default '2000-01-01')")
+            c.execute("create table parted (id int primary key, body text) partition by range (id)")
+            c.execute("create table parted_1 partition of parted for values from (0) to (1000)")
+            c.execute("create table big (id int primary key, doc text)")
+            c.execute("insert into listed values (1, 'before')")
+            start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+            c.execute("update listed set v = 'after' where id = 1")  # updated_at stays in 2000
+            c.execute("insert into parted values (7, 'p')")
+            c.execute("insert into big select 1, string_agg(md5(g::text), '') from generate_series(1, 4000) g")
+        n.stop("fast")
+        got = read_loser(cfg, {"listed": ["id"]}, datetime(2999, 1, 1, tzinfo=timezone.utc),
+                         {"listed": "updated_at"}, fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start,
+                                                                  loser_timeline=1))
+    assert [r["v"] for r in got.rows["listed"]] == ["after"]
+    # Stamped with its commit, not the stale year-2000 value the row carries.
+    assert got.rows["listed"][0]["updated_at"] > "2026"
+    names = {c.name: c for c in got.changed if c.kind == "user"}
+    assert set(names) == {"public.listed", "public.parted", "public.big"}, got.changed
+    assert names["public.parted"].ops == {"insert": 1}
+    assert got.oids["listed"] == names["public.listed"].oid

@@ -151,13 +151,18 @@ def regclass_sql(table: str) -> sql.Composable:
     return sql.Identifier(schema, name) if schema else sql.Identifier(name)
 
 
+# A relation as the config would name it: a TOAST table as the table it belongs to, a
+# partition as its partitioned root (configured once, read through the root).
 _RELATION = """
-select c.oid, n.nspname, c.relname, coalesce(p.oid, c.oid) as owner_oid,
-       coalesce(pn.nspname, n.nspname), coalesce(p.relname, c.relname)
-from pg_class c join pg_namespace n on n.oid = c.relnamespace
-left join pg_class p on p.reltoastrelid = c.oid
-left join pg_namespace pn on pn.oid = p.relnamespace
-where c.oid = {}
+with r as (
+    select c.oid, coalesce(t.oid, c.oid) as own from pg_class c
+    left join pg_class t on t.reltoastrelid = c.oid
+    where c.oid = {}
+), root as (
+    select r.oid, coalesce(pg_partition_root(r.own)::oid, r.own) as owner from r
+)
+select root.oid, n.nspname, c.relname, root.owner, n.nspname, c.relname
+from root join pg_class c on c.oid = root.owner join pg_namespace n on n.oid = c.relnamespace
 """
 
 
