@@ -276,10 +276,16 @@ async def _start_and_follow(c: EagleConfig, what: str, workflow_run, inp, workfl
     """Start a runbook (refused if one holds its id), follow its steps live, print its report."""
     from temporalio.common import WorkflowIDConflictPolicy
 
+    from temporalio.exceptions import WorkflowAlreadyStartedError
+
     client = await _client(c)
-    handle = await client.start_workflow(workflow_run, inp, id=workflow_id, task_queue=c.temporal.control_task_queue,
-                                         id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                                         static_summary=f"{what} {c.service}")
+    try:
+        handle = await client.start_workflow(workflow_run, inp, id=workflow_id,
+                                             task_queue=c.temporal.control_task_queue,
+                                             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                                             static_summary=f"{what} {c.service}")
+    except WorkflowAlreadyStartedError:
+        _fail(f"already in progress: {workflow_id}", EXIT_BUSY)
     out.print(f"{what} started: {_ui_link(c, handle)}")
     r = await _follow(handle, c)
     report(r)
@@ -519,6 +525,7 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
 
     from workflows.failback import FailbackInput, FailbackWorkflow
     from workflows.models import ApprovalPolicy
+    from workflows.runbook import move_id
 
     c = cfg()
     _region(c, region)
@@ -527,7 +534,8 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
                         approval=ApprovalPolicy(required=approval))
 
     async def run():
-        await _start_and_follow(c, f"failback of {region}", FailbackWorkflow.run, inp, f"dr-failback-{c.service}",
+        # The same id as failover/switchover: a failback and a failover of one service never run at once.
+        await _start_and_follow(c, f"failback of {region}", FailbackWorkflow.run, inp, move_id(c.service),
                                 _failback_report)
 
     _run_runbook("failback", run)

@@ -124,15 +124,24 @@ async def test_failover_cancelled_while_fencing_lifts_every_fence(lab, client):
 async def test_failback_cancelled_at_review_keeps_the_old_primary_fenced_then_a_rerun_keeps_its_rows(lab, client):
     """Before anything is applied a cancel leaves the old primary stopped and fenced with its
     data intact (never writable again: that would be a split brain); the next run keeps its rows."""
+    from temporalio.common import WorkflowIDConflictPolicy
+
+    from eagle_dr.launch import AlreadyInProgress
     from workflows.failback import FailbackInput, FailbackWorkflow
+    from workflows.models import FailoverInput
+    from workflows.runbook import move_id
 
     key = 9_300_000_001
     old, new = await _fork(lab, client, [("insert into alerts (id, region, payload) values (%s, 'old', '{}')",
                                           (key,))])
+    # Started as the CLI starts it: holding the service's move id.
     handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(
         service=lab.cfg.service, region=old, reconcile_approval=ApprovalPolicy(required=True, timeout_seconds=600)),
-        id=f"failback-cancel-{key}", task_queue=lab.cfg.temporal.control_task_queue)
+        id=move_id(lab.cfg.service), task_queue=lab.cfg.temporal.control_task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL)
     await _until(lambda: _awaiting(handle), 120, "the reconciliation review")
+    with pytest.raises(AlreadyInProgress):  # no failover of the same service while failback runs
+        await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=old))
     await handle.cancel()
     await _cancelled(handle)
     assert not PgCtl(lab.cfg.region(old).postgres).running()

@@ -119,7 +119,8 @@ class DrillWorkflow(Runbook):
                 failback = await workflow.execute_child_workflow(
                     FailbackWorkflow.run, FailbackInput(service=inp.service, region=b, trigger=Trigger.drill,
                                                         reason="DR drill: failback", switch_back=False),
-                    id=f"dr-failback-{inp.service}", task_queue=control,
+                    id=move_id(inp.service) if workflow.patched("failback-holds-move-id") else
+                    f"dr-failback-{inp.service}", task_queue=control,
                     static_summary=f"Drill: failback {inp.service} region {b}")
                 st.detail = f"{failback.rewind.method}; {failback.divergence.lost.lost_commits} commits after the fork" \
                     if failback.rewind else "it already streamed: nothing to rewind"

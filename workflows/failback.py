@@ -147,7 +147,11 @@ class FailbackWorkflow(Rejoin):
                                 catch_up_timeout_seconds=inp.catch_up_timeout_seconds,
                                 approval=ApprovalPolicy(required=True, auto_approve_as=f"failback ({approval.outcome})"),
                                 measure_client_impact=inp.measure_client_impact),
-                            id=move_id(inp.service), task_queue=workflow.info().task_queue,
+                            # The failback itself holds dr-move-<service> (one move per service
+                            # at a time, failback included); its switch back is its child.
+                            id=f"{move_id(inp.service)}-switch-back"
+                            if workflow.info().workflow_id == move_id(inp.service) else move_id(inp.service),
+                            task_queue=workflow.info().task_queue,
                             static_summary=f"failback switchover {inp.service} {primary} -> {inp.region}",
                             execution_timeout=timedelta(hours=2))
                         st.detail = f"{switchover.outcome}; acked writes lost {switchover.rpo.acknowledged_writes_lost}"

@@ -6,6 +6,7 @@ act on its data directory; the others only need a network path to the node.
 
 from __future__ import annotations
 
+import psycopg
 from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -78,6 +79,15 @@ class PostgresActivities:
     @activity.defn
     def fence_postgres(self, req: FenceRequest) -> PgFence:
         pg = self._pg(req.region)
+        # A late step of a superseded run must not fence what a newer move made the primary.
+        # Unreachable: no check is possible, and fencing a node nobody can reach harms nothing.
+        try:
+            held = epochs.read_epoch(pg, self.cfg.service).epoch
+        except psycopg.Error:
+            held = None
+        if held is not None and held > req.epoch:
+            raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {held}; "
+                                   "not fencing the primary of a newer move", type="StaleEpoch", non_retryable=True)
         if req.method == "stop":
             return fence_stop(pg)
         return fence_read_only(pg)
@@ -102,9 +112,12 @@ class PostgresActivities:
     def _check_epoch(self, req: EpochRequest) -> None:
         current = epochs.read_epoch(self._pg(req.region), self.cfg.service)
         info = activity.info()
-        if current.epoch > req.epoch or (current.epoch == req.epoch and current.workflow_id != info.workflow_id):
+        # The same epoch is this run's own (a retry) only if the run matches: workflow ids are reused.
+        other_run = current.run_id != info.workflow_run_id if current.run_id else current.workflow_id != info.workflow_id
+        if current.epoch > req.epoch or (current.epoch == req.epoch and other_run):
             raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {current.epoch} "
-                                   f"from {current.workflow_id}", type="StaleEpoch", non_retryable=True)
+                                   f"from {current.workflow_id} (run {current.run_id})", type="StaleEpoch",
+                                   non_retryable=True)
 
     @activity.defn
     def abort_promotion(self, req: EpochRequest) -> PromotionAbort:

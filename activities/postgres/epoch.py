@@ -66,11 +66,14 @@ def advance_epoch(cfg: PostgresConfig, service: str, epoch: int, region: str, wo
     with connect(cfg) as conn:
         conn.execute(SCHEMA)
         with conn.transaction():
-            row = conn.execute("select epoch, workflow_id from eagle_dr.dr_epoch where service = %s for update",
-                               (service,)).fetchone()
+            row = conn.execute("select epoch, workflow_id, run_id from eagle_dr.dr_epoch where service = %s "
+                               "for update", (service,)).fetchone()
             if row is not None:
-                if row[0] > epoch or (row[0] == epoch and row[1] != workflow_id):
-                    raise StaleEpoch(f"{service}: epoch {row[0]} is already held by {row[1]}; refusing epoch {epoch}")
+                # Tied to the run, not the workflow id: dr-move-<service> is reused by every
+                # incident, and a late step of an old run must not pass as the new one's.
+                if row[0] > epoch or (row[0] == epoch and row[2] != run_id):
+                    raise StaleEpoch(f"{service}: epoch {row[0]} is already held by {row[1]} (run {row[2]}); "
+                                     f"refusing epoch {epoch}")
                 if row[0] == epoch:
                     return read_epoch_in(conn, service)
             conn.execute(
