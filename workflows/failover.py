@@ -239,8 +239,10 @@ class FailoverWorkflow(Runbook):
                 return await self.act(PostgresActivities.fence_postgres, FenceRequest(
                     region=source, epoch=self.epoch, method="stop"), queue=source_queue, timeout=120,
                     schedule_to_start=5, attempts=1)
-            except ActivityError:
-                pass
+            except ActivityError as e:
+                if isinstance(e.cause, CancelledError):
+                    raise  # a cancel request, not a dead worker: the caller undoes the fence
+
         return await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
                                   method="read_only"), queue=control, timeout=30, attempts=2)
 

@@ -6,6 +6,8 @@ act on its data directory; the others only need a network path to the node.
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 from pydantic import BaseModel
 from temporalio import activity
@@ -103,6 +105,19 @@ class PostgresActivities:
         pg = self._pg(region)
         lift_stop_fence(pg)
         unfence(pg)
+        # Done means a new session can write: the reload reaches new backends asynchronously.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with connect(pg) as conn:
+                    if conn.execute("select not pg_is_in_recovery() and "
+                                    "current_setting('default_transaction_read_only') = 'off'").fetchone()[0]:
+                        return
+            except psycopg.Error:
+                pass
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{region}'s PostgreSQL was started and unfenced but does not take writes")
+            time.sleep(0.1)
 
     @activity.defn
     def lift_postgres_stop_fence(self, region: str) -> bool:
