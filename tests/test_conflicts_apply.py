@@ -1,4 +1,5 @@
-"""Applying resolutions to a real PostgreSQL 15 (port 17850, run as the lab's OS user).
+"""Applying resolutions to a real PostgreSQL 15 (port 17850, or EAGLE_DR_TEST_SCRATCH_PORT; run as
+the lab's OS user).
 
 The SQL decides every key itself; these tests hold it to the pure engine: same final rows,
 same action, winner, conflict flag and reason for every key, for every strategy.
@@ -6,6 +7,7 @@ same action, winner, conflict flag and reason for every key, for every strategy.
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 from collections.abc import Iterator
@@ -26,9 +28,10 @@ from eagle_dr.config import DEFAULT_CONFIG, TableConflictConfig, load_config
 from lab.postgres import PostgresNode
 from lab.scratch_postgres import scratch_postgres
 
-PORT = 17850
-# Fixed, so a run killed before its teardown is cleaned up by the next one.
-BASE = Path(tempfile.gettempdir()) / "eagle-dr-test-conflicts"
+# Two checkouts may run this file at once: each sets its own port, and the directory follows it.
+PORT = int(os.environ.get("EAGLE_DR_TEST_SCRATCH_PORT", "17850"))
+# Fixed per port, so a run killed before its teardown is cleaned up by the next one.
+BASE = Path(tempfile.gettempdir()) / ("eagle-dr-test-conflicts" if PORT == 17850 else f"eagle-dr-test-conflicts-{PORT}")
 
 CFG = load_config(DEFAULT_CONFIG, env={})
 TABLES: dict[str, TableConflictConfig] = dict(CFG.conflicts)
