@@ -217,6 +217,10 @@ class TableConflictConfig(_Strict):
     source_region: str | None = None
     # freshness-priority: versions older than this are stale.
     ttl: Duration | None = None
+    # When each row was inserted (timestamptz, never changed by updates): what tells an
+    # insert-insert key collision and a row the survivor deleted from ordinary updates.
+    # Unset: `created_at` when the table has such a column, else neither can be told.
+    created_column: str | None = None
 
     @model_validator(mode="after")
     def _strategy_needs(self) -> "TableConflictConfig":
@@ -226,6 +230,13 @@ class TableConflictConfig(_Strict):
             raise ValueError("strategy 'merge-with-priority' needs 'field_priority'")
         if self.strategy == "freshness-priority" and self.ttl is None:
             raise ValueError("strategy 'freshness-priority' needs 'ttl'")
+        return self
+
+    @model_validator(mode="after")
+    def _created_column_is_its_own(self) -> "TableConflictConfig":
+        if self.created_column is not None and self.created_column in (self.timestamp_column, *self.key):
+            raise ValueError("'created_column' must be a column of its own: not the timestamp_column (updates "
+                             "change it) nor a key column")
         return self
 
 

@@ -65,9 +65,10 @@ def db(pg: PostgresNode) -> Iterator[psycopg.Connection]:
 # -- helpers ---------------------------------------------------------------------------------
 
 # Two contents per table that differ in every non-key column.
+# alerts also has a created_at (timestamptz): the creation column that tells inserts from updates.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "alerts": ({"region": SURVIVOR, "payload": {"side": "s"}, "created_at": T0},
-               {"region": LOSER, "payload": {"side": "l", "n": [1, 2]}, "created_at": T0 + timedelta(seconds=1)}),
+    "alerts": ({"region": SURVIVOR, "payload": {"side": "s"}},
+               {"region": LOSER, "payload": {"side": "l", "n": [1, 2]}}),
     "alert_rules": ({"name": "s", "threshold": Decimal("10"), "enabled": True},
                     {"name": "l", "threshold": Decimal("20.5"), "enabled": False}),
     "subscriptions": ({"user_id": "u-s", "channel": "sms"}, {"user_id": "u-l", "channel": "email"}),
@@ -76,9 +77,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def row(table: str, key: int, ts: datetime, variant: int | dict[str, Any]) -> dict[str, Any]:
+def row(table: str, key: int, ts: datetime, variant: int | dict[str, Any],
+        created: datetime | None = None) -> dict[str, Any]:
+    """``created``: when the row was inserted (tables with a created_at only); default T0, before the fork."""
     fields = VARIANTS[table][variant] if isinstance(variant, int) else variant
-    return {"id": key, **fields, "updated_at": ts}
+    out = {"id": key, **fields, "updated_at": ts}
+    if table == "alerts" and "created_at" not in out:
+        out["created_at"] = created or T0
+    return out
 
 
 def seed(conn: psycopg.Connection, table: str, rows: list[dict[str, Any]]) -> None:
@@ -113,9 +119,12 @@ def run_both(conn, table: str, loser_rows, deleted, cfg: TableConflictConfig | N
     """Apply in SQL; resolve the same inputs in the engine; return both and the table before."""
     cfg = cfg or TABLES[table]
     before = table_rows(conn, table)
-    expected = resolve_changes(cfg, before, loser_rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW)
     summary = apply_resolutions(conn, table, cfg, loser_rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW,
                                 workflow_id, run_id, approved_by="oncall@example")
+    # The engine sees the table as apply did: with the creation column the table has.
+    assert summary.created_column == (cfg.created_column or ("created_at" if table == "alerts" else None))
+    seen = cfg.model_copy(update={"created_column": summary.created_column})
+    expected = resolve_changes(seen, before, loser_rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW)
     return summary, expected, before
 
 
@@ -149,16 +158,20 @@ SCENARIO: dict[int, tuple[tuple[float, int] | None, tuple[float, int] | str | No
     6: ((5, 0), None),          # inserted on the survivor (the loser never sent it)
     7: ((-60, 0), "deleted"),   # the loser deleted a pre-fork row
     8: ((5, 0), "deleted"),     # the loser deleted what the survivor updated
-    9: ((12, 0), (8, 1)),       # both inserted the same key
+    9: ((12, 0), (8, 1)),       # both inserted the same key, different rows
     10: ((-60, 0), None),       # nobody touched it
     11: ((10, 0), (28, 1)),     # survivor stale, loser fresh (ttl 5m)
     12: ((7, 1), (7, 1)),       # same version on both sides
 }
+# Inserted after the fork (the others existed before it): alerts stamps these in created_at.
+INSERTED_AFTER_FORK = {5, 6, 9}
 CONFLICTS = {2, 3, 4, 8, 9, 11}
 # us-east-1 (the loser) has priority 1: it wins the tie of key 4 under last-write-wins.
 EXPECTED_ACTIONS = {
+    # Its created_at shows key 9 is two different inserts: a collision, flagged (the other tables
+    # have no creation column and see two updates of one row).
     "alerts": {1: "apply_loser", 2: "keep_survivor", 3: "apply_loser", 4: "apply_loser", 5: "insert_loser",
-               7: "delete", 8: "keep_survivor", 9: "keep_survivor", 11: "apply_loser", 12: "keep_survivor"},
+               7: "delete", 8: "keep_survivor", 9: "flag", 11: "apply_loser", 12: "keep_survivor"},
     "alert_rules": {1: "apply_loser", 2: "merge", 3: "merge", 4: "merge", 5: "insert_loser", 7: "delete",
                     8: "keep_survivor", 9: "merge", 11: "merge", 12: "keep_survivor"},
     "subscriptions": {1: "apply_loser", 2: "apply_loser", 3: "apply_loser", 4: "apply_loser", 5: "insert_loser",
@@ -174,12 +187,14 @@ EXPECTED_ACTIONS = {
 def scenario_inputs(table: str) -> tuple[list[dict], list[dict], list[tuple]]:
     survivor, loser, deleted = [], [], []
     for key, (s, l) in SCENARIO.items():
+        def created(minute: float) -> datetime | None:
+            return at(minute) if key in INSERTED_AFTER_FORK else None
         if s is not None:
-            survivor.append(row(table, key, at(s[0]), s[1]))
+            survivor.append(row(table, key, at(s[0]), s[1], created(s[0])))
         if l == "deleted":
             deleted.append((key,))
         elif l is not None:
-            loser.append(row(table, key, at(l[0]), l[1]))
+            loser.append(row(table, key, at(l[0]), l[1], created(l[0])))
     return survivor, loser, deleted
 
 
@@ -233,7 +248,7 @@ def test_timestamps_of_the_winning_version_are_kept_and_the_trigger_still_works(
 
 CHOICES: dict[str, dict[str, list[Any]]] = {
     "alerts": {"region": [LOSER, SURVIVOR], "payload": [{"v": 1}, {"v": 2}, {"v": 1, "w": [1, None]}],
-               "created_at": [T0, FORK]},
+               "created_at": [T0, FORK, at(0.001), at(10), at(20)]},
     "alert_rules": {"name": ["cpu", "mem"], "threshold": [Decimal("80"), Decimal("95.5"), None],
                     "enabled": [True, False]},
     "subscriptions": {"user_id": ["u1", "u2"], "channel": ["email", "sms"]},
@@ -279,6 +294,9 @@ def test_sql_agrees_with_the_engine_on_random_inputs(db, table):
         summary, expected, before = run_both(db, table, loser, deleted, strategy_cfg)
         assert_agrees(db, table, summary, expected, before)
         assert {r.action for r in expected} >= {"keep_survivor", "insert_loser"}
+        if table == "alerts":
+            # The creation column's cases came up too.
+            assert any("insert-insert" in r.reason for r in expected)
 
 
 def _configs_for(table: str) -> list[TableConflictConfig]:
@@ -374,3 +392,101 @@ def test_a_dry_run_decides_the_same_and_writes_nothing(db):
     real = apply_resolutions(db, table, cfg, loser, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-1", "run-1")
     counts = ("inserted", "updated", "deleted", "kept", "flagged", "conflicts")
     assert [getattr(preview, c) for c in counts] == [getattr(real, c) for c in counts]
+
+
+# -- insert-insert key collisions (the creation column) --------------------------------------
+
+
+def _alerts_strategies() -> list[TableConflictConfig]:
+    return [TableConflictConfig(strategy="last-write-wins"),
+            TableConflictConfig(strategy="merge-with-priority", field_priority={"payload": [LOSER, SURVIVOR]}),
+            TableConflictConfig(strategy="source-priority", source_region=SURVIVOR),
+            TableConflictConfig(strategy="source-priority", source_region=LOSER),
+            TableConflictConfig(strategy="immutable-append-only"),
+            TableConflictConfig(strategy="freshness-priority", ttl=timedelta(minutes=5))]
+
+
+@pytest.mark.parametrize("cfg", _alerts_strategies(), ids=lambda c: f"{c.strategy}-{c.source_region}")
+def test_both_sides_inserting_id_1001_is_flagged_never_merged(db, cfg):
+    """Both regions handed out id 1001 after the fork to two different alerts. Whatever the
+    strategy, neither row may overwrite or merge into the other: the survivor's stays, the
+    loser's is flagged with both versions in the audit for a human to re-key."""
+    ours = row("alerts", 1001, at(12), 0, created=at(12))
+    theirs = row("alerts", 1001, at(28), 1, created=at(28))  # later, fresher, the tie-winning region
+    seed(db, "alerts", [ours])
+    summary, expected, before = run_both(db, "alerts", [theirs], [], cfg)
+    assert_agrees(db, "alerts", summary, expected, before)
+
+    assert table_rows(db, "alerts")[(1001,)] == before[(1001,)]
+    a = audit(db, "alerts")[(1001,)]
+    assert (a["action"], a["conflict"], a["winner_region"]) == ("flag", True, SURVIVOR)
+    assert a["reason"].startswith("conflict: insert-insert key collision") and "re-key" in a["reason"]
+    assert a["survivor_version"]["payload"] == ours["payload"]
+    assert a["loser_version"]["payload"] == theirs["payload"]
+    assert (summary.flagged, summary.conflicts, summary.created_column) == (1, 1, "created_at")
+
+
+def test_a_row_inserted_before_the_fork_and_updated_on_both_sides_is_no_collision(db):
+    # The fork time errs early: a row inserted just before the real fork looks "inserted after"
+    # it on both sides, but with the same creation time: one insert, replicated.
+    created = at(0.5)
+    seed(db, "alerts", [row("alerts", 1, at(12), 0, created=created)])
+    summary, expected, before = run_both(db, "alerts", [row("alerts", 1, at(20), 1, created=created)], [])
+    assert_agrees(db, "alerts", summary, expected, before)
+    a = audit(db, "alerts")[(1,)]
+    assert (a["action"], a["conflict"], a["reason"]) == ("apply_loser", True, f"conflict: {LOSER} wrote last")
+
+
+def test_without_a_creation_column_a_collision_is_still_audited_as_a_conflict(db):
+    """subscriptions has no created_at: two inserts of id 1001 look like two updates of one row.
+    Last-write-wins keeps one, but the key is a conflict and the audit holds both versions."""
+    seed(db, "subscriptions", [row("subscriptions", 1001, at(12), 0)])
+    cfg = TableConflictConfig(strategy="last-write-wins")
+    summary, expected, before = run_both(db, "subscriptions", [row("subscriptions", 1001, at(20), 1)], [], cfg)
+    assert_agrees(db, "subscriptions", summary, expected, before)
+    a = audit(db, "subscriptions")[(1001,)]
+    assert (a["action"], a["conflict"], summary.created_column) == ("apply_loser", True, None)
+    assert (a["survivor_version"]["user_id"], a["loser_version"]["user_id"]) == ("u-s", "u-l")
+
+
+@pytest.fixture
+def orders(db) -> Iterator[psycopg.Connection]:
+    """A table whose creation column has another name, and a created_at that is not one."""
+    db.execute("drop table if exists orders")
+    db.execute("create table orders (id bigint primary key, body text not null, inserted_at timestamptz,"
+               " created_at date, updated_at timestamptz not null)")
+    yield db
+    db.execute("drop table orders")
+
+
+def _order(key: int, minute: float, body: str, inserted: float) -> dict[str, Any]:
+    return {"id": key, "body": body, "inserted_at": at(inserted), "created_at": T0.date(), "updated_at": at(minute)}
+
+
+def test_a_configured_created_column_is_used_and_checked(orders):
+    seed(orders, "orders", [_order(1001, 12, "ours", 12)])
+    theirs = [_order(1001, 20, "theirs", 20)]
+    # A created_at that is a date is not a creation time it can place against the fork: unused.
+    lww = TableConflictConfig(strategy="last-write-wins")
+    preview = apply_resolutions(orders, "orders", lww, theirs, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW,
+                                "wf-1", "run-1", dry_run=True)
+    assert (preview.created_column, preview.flagged, preview.updated) == (None, 0, 1)
+
+    cfg = TableConflictConfig(strategy="last-write-wins", created_column="inserted_at")
+    before = table_rows(orders, "orders")
+    summary = apply_resolutions(orders, "orders", cfg, theirs, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW,
+                                "wf-1", "run-1")
+    expected = resolve_changes(cfg, before, theirs, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW)
+    assert_agrees(orders, "orders", summary, expected, before)
+    assert (summary.created_column, summary.flagged) == ("inserted_at", 1)
+
+    for bad, match in (("placed_at", "not in the table"), ("created_at", "timestamp with time zone")):
+        with pytest.raises(ValueError, match=match):
+            apply_resolutions(orders, "orders", TableConflictConfig(strategy="last-write-wins", created_column=bad),
+                              theirs, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-1", "run-2")
+
+
+def test_the_creation_column_cannot_be_the_update_stamp_or_a_key():
+    for bad in ("updated_at", "id"):
+        with pytest.raises(ValueError, match="created_column"):
+            TableConflictConfig(strategy="last-write-wins", created_column=bad)
