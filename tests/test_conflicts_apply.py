@@ -162,25 +162,32 @@ SCENARIO: dict[int, tuple[tuple[float, int] | None, tuple[float, int] | str | No
     10: ((-60, 0), None),       # nobody touched it
     11: ((10, 0), (28, 1)),     # survivor stale, loser fresh (ttl 5m)
     12: ((7, 1), (7, 1)),       # same version on both sides
+    13: (None, (10, 1)),        # the survivor deleted a pre-fork row, the loser updated it
 }
 # Inserted after the fork (the others existed before it): alerts stamps these in created_at.
 INSERTED_AFTER_FORK = {5, 6, 9}
 CONFLICTS = {2, 3, 4, 8, 9, 11}
+# Only a creation column shows that key 13 existed at the fork, so that the survivor deleted it.
+CONFLICTS_SEEN_BY_CREATED_AT = CONFLICTS | {13}
 # us-east-1 (the loser) has priority 1: it wins the tie of key 4 under last-write-wins.
 EXPECTED_ACTIONS = {
     # Its created_at shows key 9 is two different inserts: a collision, flagged (the other tables
-    # have no creation column and see two updates of one row).
+    # have no creation column and see two updates of one row). And that key 13 existed at the
+    # fork: the loser's update beats the survivor's undated delete, as a conflict (the other
+    # tables see an insert on the loser).
     "alerts": {1: "apply_loser", 2: "keep_survivor", 3: "apply_loser", 4: "apply_loser", 5: "insert_loser",
-               7: "delete", 8: "keep_survivor", 9: "flag", 11: "apply_loser", 12: "keep_survivor"},
+               7: "delete", 8: "keep_survivor", 9: "flag", 11: "apply_loser", 12: "keep_survivor",
+               13: "insert_loser"},
     "alert_rules": {1: "apply_loser", 2: "merge", 3: "merge", 4: "merge", 5: "insert_loser", 7: "delete",
-                    8: "keep_survivor", 9: "merge", 11: "merge", 12: "keep_survivor"},
+                    8: "keep_survivor", 9: "merge", 11: "merge", 12: "keep_survivor", 13: "insert_loser"},
     "subscriptions": {1: "apply_loser", 2: "apply_loser", 3: "apply_loser", 4: "apply_loser", 5: "insert_loser",
-                      7: "delete", 8: "delete", 9: "apply_loser", 11: "apply_loser", 12: "keep_survivor"},
+                      7: "delete", 8: "delete", 9: "apply_loser", 11: "apply_loser", 12: "keep_survivor",
+                      13: "insert_loser"},
     "audit_log": {1: "flag", 2: "flag", 3: "flag", 4: "flag", 5: "insert_loser", 7: "flag", 8: "flag",
-                  9: "flag", 11: "flag", 12: "keep_survivor"},
+                  9: "flag", 11: "flag", 12: "keep_survivor", 13: "insert_loser"},
     "metrics_snapshots": {1: "apply_loser", 2: "keep_survivor", 3: "apply_loser", 4: "apply_loser",
                           5: "insert_loser", 7: "delete", 8: "keep_survivor", 9: "keep_survivor",
-                          11: "apply_loser", 12: "keep_survivor"},
+                          11: "apply_loser", 12: "keep_survivor", 13: "insert_loser"},
 }
 
 
@@ -214,10 +221,10 @@ def test_scenario(db, table):
 
     # Exactly one audit row per conflicting key, carrying both versions and the result.
     conflicted = {k[0] for k, a in got.items() if a["conflict"]}
-    assert conflicted == CONFLICTS
-    for key in CONFLICTS:
+    assert conflicted == (CONFLICTS_SEEN_BY_CREATED_AT if table == "alerts" else CONFLICTS)
+    for key in conflicted:
         a = got[(key,)]
-        assert a["survivor_version"]["id"] == key
+        assert a["survivor_version"] == (None if key == 13 else {**a["survivor_version"], "id": key})
         assert a["loser_version"] == (None if key == 8 else {**a["loser_version"], "id": key})
         assert (a["result"] is None) == ((key,) not in after)
         if a["result"] is not None:
@@ -297,6 +304,7 @@ def test_sql_agrees_with_the_engine_on_random_inputs(db, table):
         if table == "alerts":
             # The creation column's cases came up too.
             assert any("insert-insert" in r.reason for r in expected)
+            assert any(f"{SURVIVOR} deleted it after the fork" in r.reason for r in expected)
 
 
 def _configs_for(table: str) -> list[TableConflictConfig]:
@@ -490,3 +498,42 @@ def test_the_creation_column_cannot_be_the_update_stamp_or_a_key():
     for bad in ("updated_at", "id"):
         with pytest.raises(ValueError, match="created_column"):
             TableConflictConfig(strategy="last-write-wins", created_column=bad)
+
+
+# -- a row the survivor deleted after the fork (the creation column) --------------------------
+
+# (strategy config, action, the row is on the survivor at the end)
+_DELETED_ON_SURVIVOR = [
+    # The survivor is the source: its deletion stands.
+    (TableConflictConfig(strategy="source-priority", source_region=SURVIVOR), "keep_survivor", False),
+    # The deletion's time is unknown, so it is older than the update: the row comes back, as a conflict.
+    (TableConflictConfig(strategy="last-write-wins"), "insert_loser", True),
+    (TableConflictConfig(strategy="source-priority", source_region=LOSER), "insert_loser", True),
+    (TableConflictConfig(strategy="immutable-append-only"), "flag", False),
+]
+
+
+@pytest.mark.parametrize("cfg,action,present", _DELETED_ON_SURVIVOR, ids=lambda x: getattr(x, "strategy", x))
+def test_a_loser_update_does_not_silently_resurrect_a_row_the_survivor_deleted(db, cfg, action, present):
+    """Alert 7 existed before the fork; after it, the survivor deleted it and the loser updated
+    it. Today that looks like an insert on the loser: re-inserted, not a conflict, even when the
+    survivor is the source region."""
+    seed(db, "alerts", [row("alerts", 1, at(-60), 0)])  # an unrelated row, left alone
+    updated = row("alerts", 7, at(10), 1, created=at(-90))
+    summary, expected, before = run_both(db, "alerts", [updated], [], cfg)
+    assert_agrees(db, "alerts", summary, expected, before)
+
+    assert ((7,) in table_rows(db, "alerts")) == present
+    a = audit(db, "alerts")[(7,)]
+    assert (a["action"], a["conflict"]) == (action, True)
+    assert a["reason"].startswith(f"conflict: {SURVIVOR} deleted it after the fork")
+    assert a["survivor_version"] is None and a["loser_version"]["payload"] == updated["payload"]
+    assert summary.conflicts == 1
+
+
+def test_a_row_inserted_on_the_loser_after_the_fork_is_still_a_plain_insert(db):
+    cfg = TableConflictConfig(strategy="source-priority", source_region=SURVIVOR)
+    summary, expected, before = run_both(db, "alerts", [row("alerts", 7, at(10), 1, created=at(9))], [], cfg)
+    assert_agrees(db, "alerts", summary, expected, before)
+    a = audit(db, "alerts")[(7,)]
+    assert (a["action"], a["conflict"], a["reason"]) == ("insert_loser", False, f"only {LOSER} changed it after the fork")

@@ -93,6 +93,16 @@ def _collides(s: Version, l: Version) -> bool:
             and s.created_at != l.created_at and app(s) != app(l))
 
 
+def _existed_at_fork(v: Version) -> bool:
+    return v.created_at is not None and v.created_at <= FORK
+
+
+def _deleted_and_updated(s: Version, l: Version) -> bool:
+    """One side lacks a row that existed at the fork (so it deleted it), the other updated it since."""
+    return any(a.row is None and not a.deleted and b.row is not None and _existed_at_fork(b) and _changed(b)
+               for a, b in ((s, l), (l, s)))
+
+
 def _live_conflict(s: Version, l: Version) -> bool:
     """Both sides updated the row, differently (collisions excluded: they are flagged)."""
     return (s.row is not None and l.row is not None and _changed(s) and _changed(l) and s.row != l.row
@@ -191,7 +201,7 @@ def test_immutable_never_changes_an_existing_row_and_keeps_inserts(pair, prio):
     assert r.action in ("keep_survivor", "insert_loser", "flag")
     if s.row is not None:
         assert r.result == s.row
-    if s.row is None and not s.deleted and l.row is not None and _changed(l):
+    if s.row is None and not s.deleted and l.row is not None and _changed(l) and not _existed_at_fork(l):
         assert (r.action, r.result) == ("insert_loser", l.row)
     if _live_conflict(s, l) or _collides(s, l):
         assert r.action == "flag" and r.conflict
@@ -240,8 +250,9 @@ def test_merge_takes_each_prioritized_field_from_its_preferred_region(pair, prio
 def test_only_the_loser_changed_is_applied_as_is(strategy, pair, prio):
     s, l = pair
     # The loser changed the key after the fork, the survivor did not (and has no row to protect
-    # under append-only): the loser's change stands whatever the strategy.
-    if not (_changed(l) and s.row is None and not s.deleted):
+    # under append-only, nor lacks one that existed at the fork): the loser's change stands
+    # whatever the strategy.
+    if not (_changed(l) and s.row is None and not s.deleted) or _deleted_and_updated(s, l):
         return
     r = _resolve(strategy, s, l, prio)
     assert not r.conflict
@@ -258,6 +269,26 @@ def test_an_insert_insert_collision_is_flagged_and_nothing_overwritten(strategy,
         assert "insert-insert key collision" in r.reason
     else:
         assert "collision" not in r.reason
+
+
+@PROPS
+@given(strategy=st.sampled_from(list(TABLES)), pair=pairs(), prio=priorities)
+def test_an_update_of_a_row_the_other_side_deleted_is_a_conflict_naming_the_deletion(strategy, pair, prio):
+    s, l = pair
+    if not _deleted_and_updated(s, l):
+        return
+    r = _resolve(strategy, s, l, prio)
+    deleter, updater = (s, l) if s.row is None else (l, s)
+    assert r.conflict
+    assert r.reason.startswith(f"conflict: {deleter.region} deleted it after the fork")
+    if strategy == "immutable-append-only":
+        # Nothing on the survivor is replaced, and a row it lacks is not put back silently.
+        assert (r.action, r.result) == ("flag", s.row)
+    elif strategy == "source-priority" and deleter.region == EAST:
+        assert (r.result, r.winner_region) == (None, EAST)  # the source deleted it: it stays deleted
+    else:
+        # The deletion's time is unknown: the update wins, and the audit says the row came back.
+        assert (r.result, r.winner_region) == (updater.row, updater.region)
 
 
 # -- examples --------------------------------------------------------------------------------
@@ -377,3 +408,23 @@ def test_what_is_not_a_collision():
     # audit keeps both versions.
     r = resolve(lww, (1001,), _inserted(EAST, 120, None, a=1), _inserted(WEST, 130, None, a=2), {}, FORK, NOW)
     assert (r.action, r.conflict) == ("apply_loser", True)
+
+
+def test_the_survivor_deleted_a_row_the_loser_then_updated():
+    existing = _row(1, 150, a=2, created_at=T0 + timedelta(minutes=10))  # inserted long before the fork
+    gone = Version(region=EAST)
+    source = TableConflictConfig(strategy="source-priority", source_region=EAST, created_column="created_at")
+    loser = version_of(WEST, existing, source)
+    r = resolve(source, (1,), gone, loser, {}, FORK, NOW)
+    assert (r.action, r.result, r.winner_region, r.conflict) == ("keep_survivor", None, EAST, True)
+    assert r.reason == (f"conflict: {EAST} deleted it after the fork (when is not recorded) and {WEST} updated it: "
+                        f"{EAST} is the source region")
+    r = resolve(TABLES["last-write-wins"], (1,), gone, loser, {}, FORK, NOW)
+    assert (r.action, r.result, r.conflict) == ("insert_loser", existing, True)
+    assert r.reason.endswith(f"{WEST} wrote last") and "deleted it after the fork" in r.reason
+    r = resolve(TABLES["immutable-append-only"], (1,), gone, loser, {}, FORK, NOW)
+    assert (r.action, r.result, r.conflict) == ("flag", None, True)
+    # Without a creation column the deletion cannot be seen: an insert on the loser, as before.
+    blind = TableConflictConfig(strategy="source-priority", source_region=EAST)
+    r = resolve(blind, (1,), gone, version_of(WEST, existing, blind), {}, FORK, NOW)
+    assert (r.action, r.conflict, r.reason) == ("insert_loser", False, f"only {WEST} changed it after the fork")

@@ -17,6 +17,17 @@ fork). No strategy may merge or overwrite one with the other; the key is flagged
 decided by the strategy as a conflict (audited with both versions, conflict=true); that is
 the limit of what timestamps alone can tell.
 
+The creation column also tells a resurrection from an insert. A side lacking a row that the
+other holds, inserted at or before the fork, lacks it because it deleted it after the fork
+(both held it at the fork). If the other side updated that row after the fork, both changed
+the key: a conflict, with a reason naming the deletion, decided by the strategy.
+source-priority with the deleting side as source keeps it deleted; append-only flags it;
+the time-based strategies let the update win, because the deletion's time is unknown and an
+undated delete is older than any update (``order``): a resurrected row can be deleted again,
+a lost update cannot be recovered, and the audit holds the key as a conflict either way.
+Without a creation column such a row looks inserted after the fork on the updating side, is
+applied as that side's only change, and is not a conflict: the deletion cannot be seen.
+
 Every rule below looks at the versions' content and region names only, never at which side
 was passed as survivor: with a symmetric strategy (last-write-wins, freshness, merge, and
 source-priority too) swapping the arguments gives the same result and winner. Only the
@@ -138,6 +149,14 @@ def situation(conflict: bool, rule: str) -> str:
     return f"{'conflict' if conflict else 'diverged before the fork'}: {rule}"
 
 
+APPEND_DELETED = "append-only, flagged for review"
+
+
+def deleted_and_updated(deleter_region: str, updater_region: str, rule: str) -> str:
+    return (f"conflict: {deleter_region} deleted it after the fork (when is not recorded) and "
+            f"{updater_region} updated it: {rule}")
+
+
 def collision(survivor_region: str, loser_region: str) -> str:
     return (f"conflict: insert-insert key collision, {survivor_region} and {loser_region} each inserted a "
             f"different row under this key after the fork: {survivor_region}'s row kept, {loser_region}'s "
@@ -212,12 +231,28 @@ def insert_collision(table: TableConflictConfig, a: Version, b: Version, fork_ti
             and content(a, table) != content(b, table))
 
 
+def _existed_at_fork(v: Version, fork_time: datetime) -> bool:
+    # The fork time errs early (reconcile), so a row inserted just before the real fork counts
+    # as inserted after it: a deletion of it is missed (as without a creation column), never
+    # invented. A row inserted before the fork time by a transaction that committed after the
+    # real fork does look deleted on the other side: a conflict, audited with its row.
+    return v.created_at is not None and v.created_at <= fork_time
+
+
 def changed_after_fork(v: Version, other: Version, fork_time: datetime) -> bool:
     if v.deleted:
         return True
     if v.row is not None:
         return _after(v, fork_time)
-    return other.row is not None and not _after(other, fork_time)
+    # v lacks a row the other holds: v deleted it after the fork if the row existed then,
+    # which shows when the other's row is unchanged since the fork, or was inserted before it.
+    return other.row is not None and (not _after(other, fork_time) or _existed_at_fork(other, fork_time))
+
+
+def deleter_of(survivor: Version, loser: Version) -> Version | None:
+    """In a conflict, the side that lacks the row (it deleted it after the fork, at a time
+    nobody recorded), if either does."""
+    return next((v for v in (survivor, loser) if v.row is None and not v.deleted), None)
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -313,6 +348,9 @@ def resolve(
         winner, result, flag, reason = survivor, survivor.row, True, collision(survivor.region, loser.region)
     elif table.strategy == "immutable-append-only":
         winner, result, flag, reason = _append_only(survivor, loser, s_changed, l_changed, same)
+        if conflict and (deleter := deleter_of(survivor, loser)) is not None:
+            updater = loser if deleter is survivor else survivor
+            reason = deleted_and_updated(deleter.region, updater.region, APPEND_DELETED)
     elif s_changed != l_changed:
         # Only one side moved: its change stands, whatever the strategy.
         winner = survivor if s_changed else loser
@@ -325,6 +363,9 @@ def resolve(
         # the fork): the strategy decides either way.
         winner, result, rule = _by_strategy(table, survivor, loser, region_priority, now)
         reason = situation(conflict, rule)
+        if conflict and (deleter := deleter_of(survivor, loser)) is not None:
+            updater = loser if deleter is survivor else survivor
+            reason = deleted_and_updated(deleter.region, updater.region, rule)
     return Resolution(
         key=tuple(key),
         action=_action(flag, survivor, loser, result),

@@ -55,6 +55,14 @@ class DecideQuery:
         return sql.SQL("row({})").format(sql.SQL(", ").join(
             self._comparable(ident(c.name), c) for c in (self.columns if columns is None else columns)))
 
+    def existed_at_fork(self, ident: Callable[[str], sql.Identifier]) -> sql.Composable:
+        """engine._existed_at_fork: inserted at or before the fork (false when unknown). Only the
+        survivor can lack a row here: the loser sends rows and deletions, never an absence."""
+        cc = self.cfg.created_column
+        if cc is None:
+            return sql.SQL("false")
+        return sql.SQL("coalesce({} <= {}, false)").format(ident(cc), sql.Literal(self.fork_time))
+
     def collision(self) -> sql.Composable:
         """engine.insert_collision: both present, both inserted after the fork at different
         times, and different contents apart from the two stamps."""
@@ -108,7 +116,9 @@ class DecideQuery:
                      when _e_l_changed then _e_s_present else false end as _e_flag,
                 false as _e_merge,
                 case when _e_collision then {collision}
-                     when _e_s_changed and _e_l_changed then (case when _e_same then {same} else {both} end)
+                     when _e_s_changed and _e_l_changed then (case when _e_same then {same}
+                                                                   when not _e_s_present then {deleted}
+                                                                   else {both} end)
                      when _e_l_changed then (case when _e_s_present then {existing} else {only_l} end)
                      when _e_s_changed then {only_s}
                      when _e_same then {same} else {diverged} end as _e_reason
@@ -116,7 +126,8 @@ class DecideQuery:
                         existing=sql.Literal(engine.append_existing(self.L)),
                         only_l=sql.Literal(engine.only_changed(self.L)),
                         only_s=sql.Literal(engine.only_changed(self.S)),
-                        diverged=sql.Literal(engine.APPEND_DIVERGED), collision=collision)
+                        diverged=sql.Literal(engine.APPEND_DIVERGED), collision=collision,
+                        deleted=sql.Literal(engine.deleted_and_updated(self.S, self.L, engine.APPEND_DELETED)))
         wins, rule = self.strategy()
         merge = self.cfg.strategy == "merge-with-priority"
         return sql.SQL("""
@@ -126,11 +137,13 @@ class DecideQuery:
             {merge} and not _e_collision and _e_s_changed = _e_l_changed and not _e_same as _e_merge,
             case when _e_collision then {collision} when _e_s_changed <> _e_l_changed then {only}
                  when _e_same then {same}
+                 when _e_s_changed and _e_l_changed and not _e_s_present then {deleted} || {rule}
                  when _e_s_changed and _e_l_changed then {conflict} || {rule}
                  else {diverged} || {rule} end as _e_reason
         """).format(wins=wins, merge=sql.Literal(merge), only=only, same=sql.Literal(engine.SAME_VERSION),
                     conflict=sql.Literal(engine.situation(True, "")), diverged=sql.Literal(engine.situation(False, "")),
-                    rule=rule, collision=collision)
+                    rule=rule, collision=collision,
+                    deleted=sql.Literal(engine.deleted_and_updated(self.S, self.L, "")))
 
     def result_column(self, c: Column) -> sql.Composable:
         plain = sql.SQL("case when _e_take_s then {} else {} end").format(self.s_col(c.name), self.l_col(c.name))
@@ -176,7 +189,8 @@ class DecideQuery:
             ), f as (
                 select j.*,
                        case when _e_s_present then coalesce({s_ts} > {fork}, false)
-                            else _e_l_present and not coalesce({l_ts} > {fork}, false) end as _e_s_changed,
+                            else _e_l_present and (not coalesce({l_ts} > {fork}, false) or {l_existed})
+                       end as _e_s_changed,
                        not _e_l_present or coalesce({l_ts} > {fork}, false) as _e_l_changed,
                        _e_s_present = _e_l_present
                            and (not _e_s_present or {s_row} is not distinct from {l_row}) as _e_same,
@@ -211,7 +225,7 @@ class DecideQuery:
             pair_cols=pair_cols, k0=k0, pk=pk, loser=loser, target=target, join_on=join_on,
             s_ts=s_ts, l_ts=l_ts, fork=fork, s_row=self.row_of(self.s_col), l_row=self.row_of(self.l_col),
             tie_s=sql.Literal(bool(tie_s)), fresh_after=fresh_after, decision=self.decision(),
-            collision=self.collision(),
+            collision=self.collision(), l_existed=self.existed_at_fork(self.l_col),
             result_cols=result_cols, S=sql.Literal(self.S), L=sql.Literal(self.L),
             names=sql.SQL(", ").join(sql.Identifier(n) for n in self.names), result_row=result_row,
         )
