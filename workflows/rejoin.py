@@ -96,9 +96,7 @@ class Rejoin(Runbook):
         async with self.step("preserve and re-attach Redis") as st:
             redis = await self.act(FailbackActivities.preserve_redis_and_rejoin, req, queue=queue, timeout=600,
                                    heartbeat=HEARTBEAT_S)
-            st.detail = (f"snapshot {redis.snapshot}; {redis.unique_keys} keys only it had, "
-                         f"{redis.migrated_keys} copied to {req.primary_region}; {redis.differing_keys} held by both "
-                         f"with other values kept {req.primary_region}'s") if redis.reachable else \
+            st.detail = redis.kept(req.primary_region) if redis.reachable else \
                 "its Redis is unreachable: nothing to keep (no persistence)"
         return redis
 
