@@ -230,7 +230,10 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     assert _primary(lab) == a
     await _streams_from(lab, b, a)
     assert not detect(lab.cfg).split
-    assert redis_client(lab.cfg.region(a).redis).get(f"sb:{n}:only-b") == "b"
+    # The loser's own Redis key is not copied back (the lab's cache: redis_reconcile none): it is
+    # in the snapshot and reported.
+    assert redis_client(lab.cfg.region(a).redis).get(f"sb:{n}:only-b") is None
+    assert result.redis.snapshot and f"sb:{n}:only-b" in result.redis.skipped_sample
 
     # Every write from both sides is there, or resolved as its table's strategy says.
     q = lambda sql, *args: _one(lab, a, sql, *args)  # noqa: E731
