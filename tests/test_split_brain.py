@@ -261,6 +261,11 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     assert {who for *_, who in rows} == {"dana"}
     conflicts = sum(t.conflicts for t in result.reconciliation.tables)
     assert conflicts == 5
+    # Only alerts has a creation column; the report says what the others could not tell.
+    assert {t.table: t.created_column for t in result.reconciliation.tables}["alerts"] == "created_at"
+    assert any(x.startswith("1 changes were flagged for a human") for x in result.notes), result.notes
+    blind = next(x for x in result.notes if x.startswith("no creation column"))
+    assert "alert_rules" in blind and "alerts," not in blind
 
 
 async def test_monitor_sees_a_split_brain_and_resolves_it(lab, client):

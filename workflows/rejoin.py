@@ -72,8 +72,14 @@ class Rejoin(Runbook):
                                             timeout=3600, heartbeat=HEARTBEAT_S)
             st.detail = _counts(reconciliation)
             if flagged := reconciliation.totals()[2]:
-                notes.append(f"{flagged} changes were rejected by immutable-append-only tables: "
-                             "see eagle_dr.conflict_audit")
+                notes.append(f"{flagged} changes were flagged for a human, not applied (immutable-append-only "
+                             "tables, insert-insert key collisions): see eagle_dr.conflict_audit where "
+                             "action = 'flag'")
+            if blind := [t.table for t in reconciliation.tables if t.loser_rows and t.created_column is None]:
+                notes.append(f"no creation column (created_at, or created_column under conflicts:) on "
+                             f"{', '.join(blind)}: a key both sides inserted after the fork, or a row "
+                             f"{req.primary_region} deleted that {req.region} then updated, was decided there "
+                             "like an update")
             if reconciliation.unlisted_reconciled:
                 notes.append(f"tables not listed under conflicts: were reconciled last-write-wins "
                              f"(unlisted_tables): {', '.join(reconciliation.unlisted_reconciled)}")
