@@ -194,7 +194,8 @@ class FailbackActivities:
         # Per run: runbooks reuse their workflow id (dr-move-<service>) from one incident to the next.
         key = f"failback/{info.workflow_id}/{info.workflow_run_id}/redis-{old.name}.rdb"
         with heartbeating():
-            return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key)
+            return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key,
+                                       self.cfg.redis_reconcile)
 
 
 def _deleted_on_old(conn, table: str, key: list[str], ts_col: str, fork_time: datetime,

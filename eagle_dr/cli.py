@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from eagle_dr.config import ConfigError, EagleConfig, UnknownRegion, load_config
 
@@ -495,8 +496,8 @@ def _redis_kept(r) -> str:
         return "unreachable, nothing to keep (no persistence)"
     if r.snapshot is None:
         return "already a replica of the primary, nothing to keep"
-    return (f"snapshot {r.snapshot}, {r.unique_keys} keys only it had, {r.migrated_keys} copied; "
-            f"{r.differing_keys} held by both with other values kept the primary's (old values: the snapshot)")
+    # Key names are arbitrary bytes: never let one be read as console markup.
+    return escape(r.kept("the primary"))
 
 
 def _failback_report(f) -> None:

@@ -212,6 +212,23 @@ class RedisConfig(_Strict):
     sentinels: list[Endpoint] = Field(default_factory=list)
 
 
+class RedisReconcileConfig(_Strict):
+    """What failback copies from an old Redis master before it rejoins as a replica (the full
+    resync then discards its dataset, which is always snapshotted to S3 first).
+
+    Only keys the primary lacks are candidates; a key both hold keeps the primary's value.
+    Redis keeps no tombstones: a key the primary lacks was never written there, or was deleted
+    there on purpose (a cache invalidation), and nothing tells which. Copying it back can
+    serve data the application invalidated, so by default (`none`, right for a cache) nothing
+    is copied: the keys stay in the snapshot and are reported. `copy-missing` copies them all.
+    Patterns are shell-style globs (*, ?, [abc]): `include` keys are copied even under `none`
+    (data nobody can regenerate, e.g. sessions), `exclude` keys never, even under copy-missing."""
+
+    strategy: Literal["none", "copy-missing"] = "none"
+    include: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    exclude: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+
+
 class S3Config(_Strict):
     bucket: str = Field(min_length=3, max_length=63)
     endpoint_url: str | None = None
@@ -342,6 +359,10 @@ class TableConflictConfig(_Strict):
     source_region: str | None = None
     # freshness-priority: versions older than this are stale.
     ttl: Duration | None = None
+    # When each row was inserted (timestamptz, never changed by updates): what tells an
+    # insert-insert key collision and a row the survivor deleted from ordinary updates.
+    # Unset: `created_at` when the table has such a column, else neither can be told.
+    created_column: str | None = None
 
     @field_validator("key")
     @classmethod
@@ -372,6 +393,13 @@ class TableConflictConfig(_Strict):
             raise ValueError("strategy 'merge-with-priority' needs 'field_priority'")
         if self.strategy == "freshness-priority" and self.ttl is None:
             raise ValueError("strategy 'freshness-priority' needs 'ttl'")
+        return self
+
+    @model_validator(mode="after")
+    def _created_column_is_its_own(self) -> "TableConflictConfig":
+        if self.created_column is not None and self.created_column in (self.timestamp_column, *self.key):
+            raise ValueError("'created_column' must be a column of its own: not the timestamp_column (updates "
+                             "change it) nor a key column")
         return self
 
 
@@ -444,6 +472,7 @@ class EagleConfig(_Strict):
     # pg_rewind erases it (refuse), or reconcile it last-write-wins on its primary key and
     # its `updated_at` column (a table without both is refused all the same).
     unlisted_tables: Literal["refuse", "last-write-wins"] = "refuse"
+    redis_reconcile: RedisReconcileConfig = RedisReconcileConfig()
     split_brain: SplitBrainConfig = SplitBrainConfig()
     backup: BackupConfig = BackupConfig()
     routing: RoutingConfig = RoutingConfig()

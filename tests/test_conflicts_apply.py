@@ -1,4 +1,5 @@
-"""Applying resolutions to a real PostgreSQL 15 (port 17850, run as the lab's OS user).
+"""Applying resolutions to a real PostgreSQL 15 (port 17850, or EAGLE_DR_TEST_SCRATCH_PORT; run as
+the lab's OS user).
 
 The SQL decides every key itself; these tests hold it to the pure engine: same final rows,
 same action, winner, conflict flag and reason for every key, for every strategy.
@@ -67,9 +68,10 @@ def db(pg: PostgresNode) -> Iterator[psycopg.Connection]:
 # -- helpers ---------------------------------------------------------------------------------
 
 # Two contents per table that differ in every non-key column.
+# alerts also has a created_at (timestamptz): the creation column that tells inserts from updates.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "alerts": ({"region": SURVIVOR, "payload": {"side": "s"}, "created_at": T0},
-               {"region": LOSER, "payload": {"side": "l", "n": [1, 2]}, "created_at": T0 + timedelta(seconds=1)}),
+    "alerts": ({"region": SURVIVOR, "payload": {"side": "s"}},
+               {"region": LOSER, "payload": {"side": "l", "n": [1, 2]}}),
     "alert_rules": ({"name": "s", "threshold": Decimal("10"), "enabled": True},
                     {"name": "l", "threshold": Decimal("20.5"), "enabled": False}),
     "subscriptions": ({"user_id": "u-s", "channel": "sms"}, {"user_id": "u-l", "channel": "email"}),
@@ -78,9 +80,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def row(table: str, key: int, ts: datetime, variant: int | dict[str, Any]) -> dict[str, Any]:
+def row(table: str, key: int, ts: datetime, variant: int | dict[str, Any],
+        created: datetime | None = None) -> dict[str, Any]:
+    """``created``: when the row was inserted (tables with a created_at only); default T0, before the fork."""
     fields = VARIANTS[table][variant] if isinstance(variant, int) else variant
-    return {"id": key, **fields, "updated_at": ts}
+    out = {"id": key, **fields, "updated_at": ts}
+    if table == "alerts" and "created_at" not in out:
+        out["created_at"] = created or T0
+    return out
 
 
 def seed(conn: psycopg.Connection, table: str, rows: list[dict[str, Any]]) -> None:
@@ -115,9 +122,12 @@ def run_both(conn, table: str, loser_rows, deleted, cfg: TableConflictConfig | N
     """Apply in SQL; resolve the same inputs in the engine; return both and the table before."""
     cfg = cfg or TABLES[table]
     before = table_rows(conn, table)
-    expected = resolve_changes(cfg, before, loser_rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW)
     summary = apply_resolutions(conn, table, cfg, loser_rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW,
                                 workflow_id, run_id, approved_by="oncall@example")
+    # The engine sees the table as apply did: with the creation column the table has.
+    assert summary.created_column == (cfg.created_column or ("created_at" if table == "alerts" else None))
+    seen = cfg.model_copy(update={"created_column": summary.created_column})
+    expected = resolve_changes(seen, before, loser_rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW)
     return summary, expected, before
 
 
@@ -151,37 +161,50 @@ SCENARIO: dict[int, tuple[tuple[float, int] | None, tuple[float, int] | str | No
     6: ((5, 0), None),          # inserted on the survivor (the loser never sent it)
     7: ((-60, 0), "deleted"),   # the loser deleted a pre-fork row
     8: ((5, 0), "deleted"),     # the loser deleted what the survivor updated
-    9: ((12, 0), (8, 1)),       # both inserted the same key
+    9: ((12, 0), (8, 1)),       # both inserted the same key, different rows
     10: ((-60, 0), None),       # nobody touched it
     11: ((10, 0), (28, 1)),     # survivor stale, loser fresh (ttl 5m)
     12: ((7, 1), (7, 1)),       # same version on both sides
+    13: (None, (10, 1)),        # the survivor deleted a pre-fork row, the loser updated it
 }
+# Inserted after the fork (the others existed before it): alerts stamps these in created_at.
+INSERTED_AFTER_FORK = {5, 6, 9}
 CONFLICTS = {2, 3, 4, 8, 9, 11}
+# Only a creation column shows that key 13 existed at the fork, so that the survivor deleted it.
+CONFLICTS_SEEN_BY_CREATED_AT = CONFLICTS | {13}
 # us-east-1 (the loser) has priority 1: it wins the tie of key 4 under last-write-wins.
 EXPECTED_ACTIONS = {
+    # Its created_at shows key 9 is two different inserts: a collision, flagged (the other tables
+    # have no creation column and see two updates of one row). And that key 13 existed at the
+    # fork: the loser's update beats the survivor's undated delete, as a conflict (the other
+    # tables see an insert on the loser).
     "alerts": {1: "apply_loser", 2: "keep_survivor", 3: "apply_loser", 4: "apply_loser", 5: "insert_loser",
-               7: "delete", 8: "keep_survivor", 9: "keep_survivor", 11: "apply_loser", 12: "keep_survivor"},
+               7: "delete", 8: "keep_survivor", 9: "flag", 11: "apply_loser", 12: "keep_survivor",
+               13: "insert_loser"},
     "alert_rules": {1: "apply_loser", 2: "merge", 3: "merge", 4: "merge", 5: "insert_loser", 7: "delete",
-                    8: "keep_survivor", 9: "merge", 11: "merge", 12: "keep_survivor"},
+                    8: "keep_survivor", 9: "merge", 11: "merge", 12: "keep_survivor", 13: "insert_loser"},
     "subscriptions": {1: "apply_loser", 2: "apply_loser", 3: "apply_loser", 4: "apply_loser", 5: "insert_loser",
-                      7: "delete", 8: "delete", 9: "apply_loser", 11: "apply_loser", 12: "keep_survivor"},
+                      7: "delete", 8: "delete", 9: "apply_loser", 11: "apply_loser", 12: "keep_survivor",
+                      13: "insert_loser"},
     "audit_log": {1: "flag", 2: "flag", 3: "flag", 4: "flag", 5: "insert_loser", 7: "flag", 8: "flag",
-                  9: "flag", 11: "flag", 12: "keep_survivor"},
+                  9: "flag", 11: "flag", 12: "keep_survivor", 13: "insert_loser"},
     "metrics_snapshots": {1: "apply_loser", 2: "keep_survivor", 3: "apply_loser", 4: "apply_loser",
                           5: "insert_loser", 7: "delete", 8: "keep_survivor", 9: "keep_survivor",
-                          11: "apply_loser", 12: "keep_survivor"},
+                          11: "apply_loser", 12: "keep_survivor", 13: "insert_loser"},
 }
 
 
 def scenario_inputs(table: str) -> tuple[list[dict], list[dict], list[tuple]]:
     survivor, loser, deleted = [], [], []
     for key, (s, l) in SCENARIO.items():
+        def created(minute: float) -> datetime | None:
+            return at(minute) if key in INSERTED_AFTER_FORK else None
         if s is not None:
-            survivor.append(row(table, key, at(s[0]), s[1]))
+            survivor.append(row(table, key, at(s[0]), s[1], created(s[0])))
         if l == "deleted":
             deleted.append((key,))
         elif l is not None:
-            loser.append(row(table, key, at(l[0]), l[1]))
+            loser.append(row(table, key, at(l[0]), l[1], created(l[0])))
     return survivor, loser, deleted
 
 
@@ -201,10 +224,10 @@ def test_scenario(db, table):
 
     # Exactly one audit row per conflicting key, carrying both versions and the result.
     conflicted = {k[0] for k, a in got.items() if a["conflict"]}
-    assert conflicted == CONFLICTS
-    for key in CONFLICTS:
+    assert conflicted == (CONFLICTS_SEEN_BY_CREATED_AT if table == "alerts" else CONFLICTS)
+    for key in conflicted:
         a = got[(key,)]
-        assert a["survivor_version"]["id"] == key
+        assert a["survivor_version"] == (None if key == 13 else {**a["survivor_version"], "id": key})
         assert a["loser_version"] == (None if key == 8 else {**a["loser_version"], "id": key})
         assert (a["result"] is None) == ((key,) not in after)
         if a["result"] is not None:
@@ -235,7 +258,7 @@ def test_timestamps_of_the_winning_version_are_kept_and_the_trigger_still_works(
 
 CHOICES: dict[str, dict[str, list[Any]]] = {
     "alerts": {"region": [LOSER, SURVIVOR], "payload": [{"v": 1}, {"v": 2}, {"v": 1, "w": [1, None]}],
-               "created_at": [T0, FORK]},
+               "created_at": [T0, FORK, at(0.001), at(10), at(20)]},
     "alert_rules": {"name": ["cpu", "mem"], "threshold": [Decimal("80"), Decimal("95.5"), None],
                     "enabled": [True, False]},
     "subscriptions": {"user_id": ["u1", "u2"], "channel": ["email", "sms"]},
@@ -281,6 +304,10 @@ def test_sql_agrees_with_the_engine_on_random_inputs(db, table):
         summary, expected, before = run_both(db, table, loser, deleted, strategy_cfg)
         assert_agrees(db, table, summary, expected, before)
         assert {r.action for r in expected} >= {"keep_survivor", "insert_loser"}
+        if table == "alerts":
+            # The creation column's cases came up too.
+            assert any("insert-insert" in r.reason for r in expected)
+            assert any(f"{SURVIVOR} deleted it after the fork" in r.reason for r in expected)
 
 
 def _configs_for(table: str) -> list[TableConflictConfig]:
@@ -408,3 +435,140 @@ def test_mixed_case_and_schema_qualified_tables_are_reconciled(db):
     audited = db.execute("select table_name, primary_key from eagle_dr.conflict_audit where workflow_id = 'wf-quoted'"
                          " order by 2").fetchall()
     assert [(a["table_name"], a["primary_key"]) for a in audited] == [(name, {"InvoiceId": k}) for k in (1, 2, 3)]
+
+
+# -- insert-insert key collisions (the creation column) --------------------------------------
+
+
+def _alerts_strategies() -> list[TableConflictConfig]:
+    return [TableConflictConfig(strategy="last-write-wins"),
+            TableConflictConfig(strategy="merge-with-priority", field_priority={"payload": [LOSER, SURVIVOR]}),
+            TableConflictConfig(strategy="source-priority", source_region=SURVIVOR),
+            TableConflictConfig(strategy="source-priority", source_region=LOSER),
+            TableConflictConfig(strategy="immutable-append-only"),
+            TableConflictConfig(strategy="freshness-priority", ttl=timedelta(minutes=5))]
+
+
+@pytest.mark.parametrize("cfg", _alerts_strategies(), ids=lambda c: f"{c.strategy}-{c.source_region}")
+def test_both_sides_inserting_id_1001_is_flagged_never_merged(db, cfg):
+    """Both regions handed out id 1001 after the fork to two different alerts. Whatever the
+    strategy, neither row may overwrite or merge into the other: the survivor's stays, the
+    loser's is flagged with both versions in the audit for a human to re-key."""
+    ours = row("alerts", 1001, at(12), 0, created=at(12))
+    theirs = row("alerts", 1001, at(28), 1, created=at(28))  # later, fresher, the tie-winning region
+    seed(db, "alerts", [ours])
+    summary, expected, before = run_both(db, "alerts", [theirs], [], cfg)
+    assert_agrees(db, "alerts", summary, expected, before)
+
+    assert table_rows(db, "alerts")[(1001,)] == before[(1001,)]
+    a = audit(db, "alerts")[(1001,)]
+    assert (a["action"], a["conflict"], a["winner_region"]) == ("flag", True, SURVIVOR)
+    assert a["reason"].startswith("conflict: insert-insert key collision") and "re-key" in a["reason"]
+    assert a["survivor_version"]["payload"] == ours["payload"]
+    assert a["loser_version"]["payload"] == theirs["payload"]
+    assert (summary.flagged, summary.conflicts, summary.created_column) == (1, 1, "created_at")
+
+
+def test_a_row_inserted_before_the_fork_and_updated_on_both_sides_is_no_collision(db):
+    # The fork time errs early: a row inserted just before the real fork looks "inserted after"
+    # it on both sides, but with the same creation time: one insert, replicated.
+    created = at(0.5)
+    seed(db, "alerts", [row("alerts", 1, at(12), 0, created=created)])
+    summary, expected, before = run_both(db, "alerts", [row("alerts", 1, at(20), 1, created=created)], [])
+    assert_agrees(db, "alerts", summary, expected, before)
+    a = audit(db, "alerts")[(1,)]
+    assert (a["action"], a["conflict"], a["reason"]) == ("apply_loser", True, f"conflict: {LOSER} wrote last")
+
+
+def test_without_a_creation_column_a_collision_is_still_audited_as_a_conflict(db):
+    """subscriptions has no created_at: two inserts of id 1001 look like two updates of one row.
+    Last-write-wins keeps one, but the key is a conflict and the audit holds both versions."""
+    seed(db, "subscriptions", [row("subscriptions", 1001, at(12), 0)])
+    cfg = TableConflictConfig(strategy="last-write-wins")
+    summary, expected, before = run_both(db, "subscriptions", [row("subscriptions", 1001, at(20), 1)], [], cfg)
+    assert_agrees(db, "subscriptions", summary, expected, before)
+    a = audit(db, "subscriptions")[(1001,)]
+    assert (a["action"], a["conflict"], summary.created_column) == ("apply_loser", True, None)
+    assert (a["survivor_version"]["user_id"], a["loser_version"]["user_id"]) == ("u-s", "u-l")
+
+
+@pytest.fixture
+def orders(db) -> Iterator[psycopg.Connection]:
+    """A table whose creation column has another name, and a created_at that is not one."""
+    db.execute("drop table if exists orders")
+    db.execute("create table orders (id bigint primary key, body text not null, inserted_at timestamptz,"
+               " created_at date, updated_at timestamptz not null)")
+    yield db
+    db.execute("drop table orders")
+
+
+def _order(key: int, minute: float, body: str, inserted: float) -> dict[str, Any]:
+    return {"id": key, "body": body, "inserted_at": at(inserted), "created_at": T0.date(), "updated_at": at(minute)}
+
+
+def test_a_configured_created_column_is_used_and_checked(orders):
+    seed(orders, "orders", [_order(1001, 12, "ours", 12)])
+    theirs = [_order(1001, 20, "theirs", 20)]
+    # A created_at that is a date is not a creation time it can place against the fork: unused.
+    lww = TableConflictConfig(strategy="last-write-wins")
+    preview = apply_resolutions(orders, "orders", lww, theirs, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW,
+                                "wf-1", "run-1", dry_run=True)
+    assert (preview.created_column, preview.flagged, preview.updated) == (None, 0, 1)
+
+    cfg = TableConflictConfig(strategy="last-write-wins", created_column="inserted_at")
+    before = table_rows(orders, "orders")
+    summary = apply_resolutions(orders, "orders", cfg, theirs, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW,
+                                "wf-1", "run-1")
+    expected = resolve_changes(cfg, before, theirs, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW)
+    assert_agrees(orders, "orders", summary, expected, before)
+    assert (summary.created_column, summary.flagged) == ("inserted_at", 1)
+
+    for bad, match in (("placed_at", "not in the table"), ("created_at", "timestamp with time zone")):
+        with pytest.raises(ValueError, match=match):
+            apply_resolutions(orders, "orders", TableConflictConfig(strategy="last-write-wins", created_column=bad),
+                              theirs, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-1", "run-2")
+
+
+def test_the_creation_column_cannot_be_the_update_stamp_or_a_key():
+    for bad in ("updated_at", "id"):
+        with pytest.raises(ValueError, match="created_column"):
+            TableConflictConfig(strategy="last-write-wins", created_column=bad)
+
+
+# -- a row the survivor deleted after the fork (the creation column) --------------------------
+
+# (strategy config, action, the row is on the survivor at the end)
+_DELETED_ON_SURVIVOR = [
+    # The survivor is the source: its deletion stands.
+    (TableConflictConfig(strategy="source-priority", source_region=SURVIVOR), "keep_survivor", False),
+    # The deletion's time is unknown, so it is older than the update: the row comes back, as a conflict.
+    (TableConflictConfig(strategy="last-write-wins"), "insert_loser", True),
+    (TableConflictConfig(strategy="source-priority", source_region=LOSER), "insert_loser", True),
+    (TableConflictConfig(strategy="immutable-append-only"), "flag", False),
+]
+
+
+@pytest.mark.parametrize("cfg,action,present", _DELETED_ON_SURVIVOR, ids=lambda x: getattr(x, "strategy", x))
+def test_a_loser_update_does_not_silently_resurrect_a_row_the_survivor_deleted(db, cfg, action, present):
+    """Alert 7 existed before the fork; after it, the survivor deleted it and the loser updated
+    it. Today that looks like an insert on the loser: re-inserted, not a conflict, even when the
+    survivor is the source region."""
+    seed(db, "alerts", [row("alerts", 1, at(-60), 0)])  # an unrelated row, left alone
+    updated = row("alerts", 7, at(10), 1, created=at(-90))
+    summary, expected, before = run_both(db, "alerts", [updated], [], cfg)
+    assert_agrees(db, "alerts", summary, expected, before)
+
+    assert ((7,) in table_rows(db, "alerts")) == present
+    a = audit(db, "alerts")[(7,)]
+    assert (a["action"], a["conflict"]) == (action, True)
+    assert a["reason"].startswith(f"conflict: {SURVIVOR} deleted it after the fork")
+    assert a["survivor_version"] is None and a["loser_version"]["payload"] == updated["payload"]
+    assert summary.conflicts == 1
+
+
+def test_a_row_inserted_on_the_loser_after_the_fork_is_still_a_plain_insert(db):
+    cfg = TableConflictConfig(strategy="source-priority", source_region=SURVIVOR)
+    summary, expected, before = run_both(db, "alerts", [row("alerts", 7, at(10), 1, created=at(9))], [], cfg)
+    assert_agrees(db, "alerts", summary, expected, before)
+    a = audit(db, "alerts")[(7,)]
+    assert (a["action"], a["conflict"], a["reason"]) == ("insert_loser", False, f"only {LOSER} changed it after the fork")

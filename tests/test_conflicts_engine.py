@@ -31,13 +31,17 @@ KEY = (7,)
 # No example database in the project tree; no deadline, the lab may be busy.
 PROPS = settings(database=None, deadline=None, max_examples=300)
 
+# Every table has a creation column; versions without a creation time stand for tables without one.
 TABLES = {
-    "last-write-wins": TableConflictConfig(strategy="last-write-wins"),
+    "last-write-wins": TableConflictConfig(strategy="last-write-wins", created_column="created_at"),
     "merge-with-priority": TableConflictConfig(
-        strategy="merge-with-priority", field_priority={"a": [EAST, WEST], "b": [WEST, EU, EAST]}),
-    "source-priority": TableConflictConfig(strategy="source-priority", source_region=EAST),
-    "immutable-append-only": TableConflictConfig(strategy="immutable-append-only"),
-    "freshness-priority": TableConflictConfig(strategy="freshness-priority", ttl=timedelta(minutes=60)),
+        strategy="merge-with-priority", field_priority={"a": [EAST, WEST], "b": [WEST, EU, EAST]},
+        created_column="created_at"),
+    "source-priority": TableConflictConfig(strategy="source-priority", source_region=EAST,
+                                           created_column="created_at"),
+    "immutable-append-only": TableConflictConfig(strategy="immutable-append-only", created_column="created_at"),
+    "freshness-priority": TableConflictConfig(strategy="freshness-priority", ttl=timedelta(minutes=60),
+                                              created_column="created_at"),
 }
 SYMMETRIC = ["last-write-wins", "merge-with-priority", "source-priority", "freshness-priority"]
 
@@ -56,8 +60,11 @@ def versions(draw, region: str) -> Version:
     if kind == "deleted":
         return deletion(region, draw(st.none() | timestamps))
     ts = draw(timestamps)
-    row = {"id": KEY[0], "a": draw(st.integers(0, 2)), "b": draw(st.integers(0, 2)), "updated_at": ts}
-    return Version(region=region, row=row, updated_at=ts)
+    # Unknown (no creation column), or inserted at or before its last update.
+    created = draw(st.none() | timestamps.filter(lambda t: t <= ts))
+    row = {"id": KEY[0], "a": draw(st.integers(0, 2)), "b": draw(st.integers(0, 2)), "updated_at": ts,
+           "created_at": created}
+    return Version(region=region, row=row, updated_at=ts, created_at=created)
 
 
 @st.composite
@@ -74,8 +81,32 @@ def _changed(v: Version) -> bool:
     return v.deleted or (v.updated_at is not None and v.row is not None and v.updated_at > FORK)
 
 
+def _inserted_after_fork(v: Version) -> bool:
+    return v.created_at is not None and v.created_at > FORK
+
+
+def _collides(s: Version, l: Version) -> bool:
+    """Two different rows inserted under one key after the fork, one on each side."""
+    def app(v: Version) -> tuple:
+        return (v.row["a"], v.row["b"])
+    return (s.row is not None and l.row is not None and _inserted_after_fork(s) and _inserted_after_fork(l)
+            and s.created_at != l.created_at and app(s) != app(l))
+
+
+def _existed_at_fork(v: Version) -> bool:
+    return v.created_at is not None and v.created_at <= FORK
+
+
+def _deleted_and_updated(s: Version, l: Version) -> bool:
+    """One side lacks a row that existed at the fork (so it deleted it), the other updated it since."""
+    return any(a.row is None and not a.deleted and b.row is not None and _existed_at_fork(b) and _changed(b)
+               for a, b in ((s, l), (l, s)))
+
+
 def _live_conflict(s: Version, l: Version) -> bool:
-    return s.row is not None and l.row is not None and _changed(s) and _changed(l) and s.row != l.row
+    """Both sides updated the row, differently (collisions excluded: they are flagged)."""
+    return (s.row is not None and l.row is not None and _changed(s) and _changed(l) and s.row != l.row
+            and not _collides(s, l))
 
 
 def _rank(region: str, prio) -> tuple:
@@ -89,6 +120,8 @@ def _rank(region: str, prio) -> tuple:
 @given(strategy=st.sampled_from(SYMMETRIC), pair=pairs(), prio=priorities)
 def test_symmetric_strategies_ignore_which_side_is_the_survivor(strategy, pair, prio):
     s, l = pair
+    if _collides(s, l):
+        return  # the survivor's row stays, whichever it is: see the collision law
     one, two = _resolve(strategy, s, l, prio), _resolve(strategy, l, s, prio)
     assert (one.result, one.winner_region, one.conflict) == (two.result, two.winner_region, two.conflict)
 
@@ -153,7 +186,7 @@ def test_lww_picks_the_latest_timestamp_then_region_priority(pair, prio):
 def test_source_priority_always_picks_the_source(pair, prio):
     s, l = pair
     r = _resolve("source-priority", s, l, prio)
-    if not (_changed(s) and _changed(l) and s.row != l.row) or EAST not in (s.region, l.region):
+    if not (_changed(s) and _changed(l) and s.row != l.row) or EAST not in (s.region, l.region) or _collides(s, l):
         return
     source = s if s.region == EAST else l
     # Including its deletions: a deleted source row stays deleted.
@@ -168,9 +201,9 @@ def test_immutable_never_changes_an_existing_row_and_keeps_inserts(pair, prio):
     assert r.action in ("keep_survivor", "insert_loser", "flag")
     if s.row is not None:
         assert r.result == s.row
-    if s.row is None and not s.deleted and l.row is not None and _changed(l):
+    if s.row is None and not s.deleted and l.row is not None and _changed(l) and not _existed_at_fork(l):
         assert (r.action, r.result) == ("insert_loser", l.row)
-    if _live_conflict(s, l):
+    if _live_conflict(s, l) or _collides(s, l):
         assert r.action == "flag" and r.conflict
     if s.row is not None and not _changed(s) and (_changed(l) or l.row is None) and l.row != s.row:
         # The loser updated or deleted a row that existed before the fork.
@@ -217,12 +250,45 @@ def test_merge_takes_each_prioritized_field_from_its_preferred_region(pair, prio
 def test_only_the_loser_changed_is_applied_as_is(strategy, pair, prio):
     s, l = pair
     # The loser changed the key after the fork, the survivor did not (and has no row to protect
-    # under append-only): the loser's change stands whatever the strategy.
-    if not (_changed(l) and s.row is None and not s.deleted):
+    # under append-only, nor lacks one that existed at the fork): the loser's change stands
+    # whatever the strategy.
+    if not (_changed(l) and s.row is None and not s.deleted) or _deleted_and_updated(s, l):
         return
     r = _resolve(strategy, s, l, prio)
     assert not r.conflict
     assert r.result == l.row
+
+
+@PROPS
+@given(strategy=st.sampled_from(list(TABLES)), pair=pairs(), prio=priorities)
+def test_an_insert_insert_collision_is_flagged_and_nothing_overwritten(strategy, pair, prio):
+    s, l = pair
+    r = _resolve(strategy, s, l, prio)
+    if _collides(s, l):
+        assert (r.action, r.result, r.winner_region, r.conflict) == ("flag", s.row, s.region, True)
+        assert "insert-insert key collision" in r.reason
+    else:
+        assert "collision" not in r.reason
+
+
+@PROPS
+@given(strategy=st.sampled_from(list(TABLES)), pair=pairs(), prio=priorities)
+def test_an_update_of_a_row_the_other_side_deleted_is_a_conflict_naming_the_deletion(strategy, pair, prio):
+    s, l = pair
+    if not _deleted_and_updated(s, l):
+        return
+    r = _resolve(strategy, s, l, prio)
+    deleter, updater = (s, l) if s.row is None else (l, s)
+    assert r.conflict
+    assert r.reason.startswith(f"conflict: {deleter.region} deleted it after the fork")
+    if strategy == "immutable-append-only":
+        # Nothing on the survivor is replaced, and a row it lacks is not put back silently.
+        assert (r.action, r.result) == ("flag", s.row)
+    elif strategy == "source-priority" and deleter.region == EAST:
+        assert (r.result, r.winner_region) == (None, EAST)  # the source deleted it: it stays deleted
+    else:
+        # The deletion's time is unknown: the update wins, and the audit says the row came back.
+        assert (r.result, r.winner_region) == (updater.row, updater.region)
 
 
 # -- examples --------------------------------------------------------------------------------
@@ -312,3 +378,53 @@ def test_versions_refuse_naive_timestamps_and_rows_on_deletions():
         Version(region=EAST, row={"id": 1}, updated_at=datetime(2024, 1, 1))
     with pytest.raises(ValueError):
         Version(region=EAST, row={"id": 1}, deleted=True)
+
+
+def _inserted(region: str, minute: int, created: int | None, **fields) -> Version:
+    row = _row(1001, minute, created_at=None if created is None else T0 + timedelta(minutes=created), **fields)
+    return version_of(region, row, TABLES["last-write-wins"])
+
+
+def test_both_sides_inserting_the_same_sequence_value_is_a_flagged_collision():
+    survivor, loser = _inserted(EAST, 120, 120, a=1), _inserted(WEST, 130, 130, a=2)
+    for strategy, table in TABLES.items():
+        r = resolve(table, (1001,), survivor, loser, {WEST: 1}, FORK, NOW)
+        assert (r.action, r.result, r.winner_region, r.conflict) == ("flag", survivor.row, EAST, True), strategy
+        assert r.reason == (f"conflict: insert-insert key collision, {EAST} and {WEST} each inserted a different "
+                            f"row under this key after the fork: {EAST}'s row kept, {WEST}'s flagged for review "
+                            "(re-key it by hand)")
+
+
+def test_what_is_not_a_collision():
+    lww = TABLES["last-write-wins"]
+    # One row inserted just before the (early-erring) fork time, replicated, then updated on both
+    # sides: the same creation time, so two updates of one row, decided by time.
+    r = resolve(lww, (1001,), _inserted(EAST, 120, 101, a=1), _inserted(WEST, 130, 101, a=2), {}, FORK, NOW)
+    assert (r.action, r.conflict, r.reason) == ("apply_loser", True, f"conflict: {WEST} wrote last")
+    # The same write made on both sides (a retried request): nothing differs but the stamps.
+    r = resolve(lww, (1001,), _inserted(EAST, 120, 120, a=1), _inserted(WEST, 130, 130, a=1), {}, FORK, NOW)
+    assert (r.action, r.conflict) == ("apply_loser", True)
+    # No creation column: the limit of timestamps, two updates of one row; still a conflict, so the
+    # audit keeps both versions.
+    r = resolve(lww, (1001,), _inserted(EAST, 120, None, a=1), _inserted(WEST, 130, None, a=2), {}, FORK, NOW)
+    assert (r.action, r.conflict) == ("apply_loser", True)
+
+
+def test_the_survivor_deleted_a_row_the_loser_then_updated():
+    existing = _row(1, 150, a=2, created_at=T0 + timedelta(minutes=10))  # inserted long before the fork
+    gone = Version(region=EAST)
+    source = TableConflictConfig(strategy="source-priority", source_region=EAST, created_column="created_at")
+    loser = version_of(WEST, existing, source)
+    r = resolve(source, (1,), gone, loser, {}, FORK, NOW)
+    assert (r.action, r.result, r.winner_region, r.conflict) == ("keep_survivor", None, EAST, True)
+    assert r.reason == (f"conflict: {EAST} deleted it after the fork (when is not recorded) and {WEST} updated it: "
+                        f"{EAST} is the source region")
+    r = resolve(TABLES["last-write-wins"], (1,), gone, loser, {}, FORK, NOW)
+    assert (r.action, r.result, r.conflict) == ("insert_loser", existing, True)
+    assert r.reason.endswith(f"{WEST} wrote last") and "deleted it after the fork" in r.reason
+    r = resolve(TABLES["immutable-append-only"], (1,), gone, loser, {}, FORK, NOW)
+    assert (r.action, r.result, r.conflict) == ("flag", None, True)
+    # Without a creation column the deletion cannot be seen: an insert on the loser, as before.
+    blind = TableConflictConfig(strategy="source-priority", source_region=EAST)
+    r = resolve(blind, (1,), gone, version_of(WEST, existing, blind), {}, FORK, NOW)
+    assert (r.action, r.conflict, r.reason) == ("insert_loser", False, f"only {WEST} changed it after the fork")

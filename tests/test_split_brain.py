@@ -78,7 +78,9 @@ def _rogue_master(lab, region: str):
 
 async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
     """Two Redis masters, PostgreSQL healthy: the database's primary region survives, the
-    loser's keys that the survivor lacks are copied over, then it replicates again."""
+    loser's keys that the survivor lacks are kept in its S3 snapshot and reported (the lab's
+    cache sets redis_reconcile: none: the survivor may have deleted them on purpose), then it
+    replicates again."""
     survivor = _primary(lab)
     loser = lab.cfg.other(survivor).name
     s = redis_client(lab.cfg.region(survivor).redis)
@@ -95,8 +97,9 @@ async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
     assert any(f.startswith("redis: 2 masters") for f in result.findings)
     assert result.choice.survivor == survivor and result.choice.rule == "single-primary"
     assert result.reconciliation is None and result.rewind is None
-    assert result.redis.migrated_keys >= 1 and f"sb:{tag}:only-loser" in result.redis.unique_sample
-    assert s.get(f"sb:{tag}:only-loser") == "L"
+    assert f"sb:{tag}:only-loser" in result.redis.unique_sample
+    assert result.redis.reconcile == "none" and f"sb:{tag}:only-loser" in result.redis.skipped_sample
+    assert s.get(f"sb:{tag}:only-loser") is None  # not copied back: in the snapshot, reported
     assert s.get(f"sb:{tag}:both") == "S"  # a key both sides hold: the survivor's value stands...
     assert f"sb:{tag}:both" in result.redis.differing_sample  # ...and the loser's is reported
     bucket = lab.cfg.region(loser).s3
@@ -111,7 +114,7 @@ async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
         assert snapshot_to_s3(lab.cfg.region(loser).redis, bucket, f"test/{tag}-{i}.rdb", timeout_s=10)
     st = redis_status(lab.cfg.region(loser).redis)
     assert st.role == "slave"
-    await _until(_async(lambda: l_.get(f"sb:{tag}:only-loser") == "L" and l_.get(f"sb:{tag}:both") == "S"), 30,
+    await _until(_async(lambda: l_.get(f"sb:{tag}:only-loser") is None and l_.get(f"sb:{tag}:both") == "S"), 30,
                  "the loser to resync from the survivor")
     assert not detect(lab.cfg).split
 
@@ -227,7 +230,10 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     assert _primary(lab) == a
     await _streams_from(lab, b, a)
     assert not detect(lab.cfg).split
-    assert redis_client(lab.cfg.region(a).redis).get(f"sb:{n}:only-b") == "b"
+    # The loser's own Redis key is not copied back (the lab's cache: redis_reconcile none): it is
+    # in the snapshot and reported.
+    assert redis_client(lab.cfg.region(a).redis).get(f"sb:{n}:only-b") is None
+    assert result.redis.snapshot and f"sb:{n}:only-b" in result.redis.skipped_sample
 
     # Every write from both sides is there, or resolved as its table's strategy says.
     q = lambda sql, *args: _one(lab, a, sql, *args)  # noqa: E731
@@ -255,6 +261,11 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     assert {who for *_, who in rows} == {"dana"}
     conflicts = sum(t.conflicts for t in result.reconciliation.tables)
     assert conflicts == 5
+    # Only alerts has a creation column; the report says what the others could not tell.
+    assert {t.table: t.created_column for t in result.reconciliation.tables}["alerts"] == "created_at"
+    assert any(x.startswith("1 changes were flagged for a human") for x in result.notes), result.notes
+    blind = next(x for x in result.notes if x.startswith("no creation column"))
+    assert "alert_rules" in blind and "alerts," not in blind
 
 
 async def test_monitor_sees_a_split_brain_and_resolves_it(lab, client):

@@ -84,8 +84,14 @@ class Rejoin(Runbook):
                                             timeout=3600, heartbeat=HEARTBEAT_S)
             st.detail = _counts(reconciliation)
             if flagged := reconciliation.totals()[2]:
-                notes.append(f"{flagged} changes were rejected by immutable-append-only tables: "
-                             "see eagle_dr.conflict_audit")
+                notes.append(f"{flagged} changes were flagged for a human, not applied (immutable-append-only "
+                             "tables, insert-insert key collisions): see eagle_dr.conflict_audit where "
+                             "action = 'flag'")
+            if blind := [t.table for t in reconciliation.tables if t.loser_rows and t.created_column is None]:
+                notes.append(f"no creation column (created_at, or created_column under conflicts:) on "
+                             f"{', '.join(blind)}: a key both sides inserted after the fork, or a row "
+                             f"{req.primary_region} deleted that {req.region} then updated, was decided there "
+                             "like an update")
             if reconciliation.unlisted_reconciled:
                 notes.append(f"tables not listed under conflicts: were reconciled last-write-wins "
                              f"(unlisted_tables): {', '.join(reconciliation.unlisted_reconciled)}")
@@ -108,9 +114,7 @@ class Rejoin(Runbook):
         async with self.step("preserve and re-attach Redis") as st:
             redis = await self.act(FailbackActivities.preserve_redis_and_rejoin, req, queue=queue, timeout=600,
                                    heartbeat=HEARTBEAT_S)
-            st.detail = (f"snapshot {redis.snapshot}; {redis.unique_keys} keys only it had, "
-                         f"{redis.migrated_keys} copied to {req.primary_region}; {redis.differing_keys} held by both "
-                         f"with other values kept {req.primary_region}'s") if redis.reachable else \
+            st.detail = redis.kept(req.primary_region) if redis.reachable else \
                 "its Redis is unreachable: nothing to keep (no persistence)"
         return redis
 

@@ -113,6 +113,8 @@ class SplitBrainWorkflow(Rejoin):
                 st.detail = "; ".join(report.findings) or "no split brain"
             result = SplitBrainResult(service=inp.service, outcome="no-split-brain", findings=report.findings,
                                       detection=report, detected_at=detected_at, steps=self.steps, notes=notes)
+            # Validation copied the list: later notes must go into the result's own.
+            notes = result.notes
             if not report.split:
                 self.finish("no-split-brain")
                 return result

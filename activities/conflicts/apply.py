@@ -18,6 +18,10 @@ Choices worth knowing:
   version look like the newest write to every later comparison (and to a re-run). This needs
   the superuser the DR runbooks already connect as. It also skips foreign-key triggers, the
   way logical replication applies rows.
+* Insert-insert key collisions (and, see ``engine``, rows the survivor deleted) can only be
+  told with a creation-time column: the table's ``created_column``, else its ``created_at``
+  when it has one as timestamptz. The summary names the column used; None means such keys
+  were decided like any update (still audited, with both versions, as conflicts).
 * The target table is locked against writes (SHARE ROW EXCLUSIVE, reads go on) for the few
   seconds of the run: a decision is only right for the survivor row it was made against.
 * Idempotent: a re-run decides against the already-resolved rows, which the engine's
@@ -83,6 +87,8 @@ class ApplySummary(BaseModel):
     flagged: int = 0
     conflicts: int = 0
     audit_rows: int = 0
+    # The creation-time column that told inserts from updates; None: the table has none.
+    created_column: str | None = None
     # A dry run's few decisions to show an approver (keys and outcomes, never row contents:
     # this lands in workflow history). Conflicts and flags first.
     sample: list[dict] = []
@@ -111,6 +117,29 @@ def _columns(conn: psycopg.Connection, table: str) -> list[Column]:
     return [Column(*r) for r in rows]
 
 
+DEFAULT_CREATED_COLUMN = "created_at"
+_TIMESTAMPTZ = "timestamp with time zone"
+
+
+def created_column(cfg: TableConflictConfig, columns: list[Column]) -> str | None:
+    """The column telling when each row was inserted: the configured one (it must be a
+    timestamptz column of the table), else ``created_at`` when the table has it as timestamptz.
+    A ``created_at`` of another type is left alone rather than guessed at: a date or a naive
+    timestamp cannot be placed exactly against the fork."""
+    types = {c.name: c.type_name for c in columns}
+    if cfg.created_column is not None:
+        if types.get(cfg.created_column, _TIMESTAMPTZ) != _TIMESTAMPTZ:
+            raise ValueError(f"created_column {cfg.created_column!r} is {types[cfg.created_column]}, "
+                             "it must be timestamp with time zone")
+        return cfg.created_column
+    return DEFAULT_CREATED_COLUMN if types.get(DEFAULT_CREATED_COLUMN) == _TIMESTAMPTZ else None
+
+
+def with_created_column(cfg: TableConflictConfig, columns: list[Column]) -> TableConflictConfig:
+    """``cfg`` as the engine must see it for this table: with the creation column it has."""
+    return cfg.model_copy(update={"created_column": created_column(cfg, columns)})
+
+
 def _check_inputs(
     cfg: TableConflictConfig, columns: list[Column], loser_rows: Sequence[Mapping[str, Any]],
     deleted_keys: Sequence[Sequence[Any]], loser_region: str, survivor_region: str,
@@ -123,6 +152,8 @@ def _check_inputs(
         if t.tzinfo is None:
             raise ValueError("fork_time and now must be timezone-aware")
     needed = [*cfg.key, cfg.timestamp_column, *cfg.field_priority]
+    if cfg.created_column:
+        needed.append(cfg.created_column)
     if missing := [n for n in needed if n not in names]:
         raise ValueError(f"columns {missing} from the conflict config are not in the table")
     if reserved := [n for n in names if n.startswith(RESERVED_PREFIXES)]:
@@ -247,8 +278,9 @@ def apply_resolutions(
     is shown (counts and a sample) before the real run."""
     columns = _columns(conn, table)
     _check_inputs(cfg, columns, loser_rows, deleted_keys, loser_region, survivor_region, fork_time, now)
+    cfg = with_created_column(cfg, columns)
     target = _table_ident(table)
-    summary = ApplySummary(table=table, strategy=cfg.strategy)
+    summary = ApplySummary(table=table, strategy=cfg.strategy, created_column=cfg.created_column)
     cur = conn.cursor(row_factory=tuple_row)
     ensure_audit_table(conn)
     with conn.transaction(force_rollback=dry_run):

@@ -8,11 +8,31 @@ row the other side still holds unchanged from before the fork: both held that ro
 so the side lacking it deleted it since. A key is a *conflict* only when both sides changed it
 and their versions differ.
 
+A table's creation-time column (``created_column``: when each row was inserted) tells more.
+Both sides holding a key, each inserted after the fork, independently (different creation
+times) and with different contents, is an *insert-insert collision*: two different rows
+given the same key (typically the same sequence value handed out on both sides of the
+fork). No strategy may merge or overwrite one with the other; the key is flagged, see
+``resolve``. Without a creation column a collision looks like two updates of one row and is
+decided by the strategy as a conflict (audited with both versions, conflict=true); that is
+the limit of what timestamps alone can tell.
+
+The creation column also tells a resurrection from an insert. A side lacking a row that the
+other holds, inserted at or before the fork, lacks it because it deleted it after the fork
+(both held it at the fork). If the other side updated that row after the fork, both changed
+the key: a conflict, with a reason naming the deletion, decided by the strategy.
+source-priority with the deleting side as source keeps it deleted; append-only flags it;
+the time-based strategies let the update win, because the deletion's time is unknown and an
+undated delete is older than any update (``order``): a resurrected row can be deleted again,
+a lost update cannot be recovered, and the audit holds the key as a conflict either way.
+Without a creation column such a row looks inserted after the fork on the updating side, is
+applied as that side's only change, and is not a conflict: the deletion cannot be seen.
+
 Every rule below looks at the versions' content and region names only, never at which side
 was passed as survivor: with a symmetric strategy (last-write-wins, freshness, merge, and
 source-priority too) swapping the arguments gives the same result and winner. Only the
-action's name (keep_survivor vs apply_loser) and append-only's "never touch the survivor's
-existing rows" depend on the roles.
+action's name (keep_survivor vs apply_loser), append-only's "never touch the survivor's
+existing rows" and a collision's "the survivor's row stays" depend on the roles.
 
 ``apply.py`` re-implements exactly these rules in SQL; the reason strings come from the
 functions here so the two cannot drift apart silently (a test compares them key by key).
@@ -40,16 +60,18 @@ class Version(BaseModel):
     # None: the region does not hold the key (deleted, or never had it).
     row: dict[str, Any] | None = None
     updated_at: datetime | None = None
+    # When the row was inserted (the table's created_column); None: unknown.
+    created_at: datetime | None = None
     # A deletion the caller knows this region made after the fork. Without it a missing row is
     # only "absent", which is ambiguous (deleted here, or inserted on the other side).
     deleted: bool = False
 
-    @field_validator("updated_at")
+    @field_validator("updated_at", "created_at")
     @classmethod
     def _aware(cls, v: datetime | None) -> datetime | None:
         # Naive and aware datetimes do not compare: refuse early rather than fail mid-batch.
         if v is not None and v.tzinfo is None:
-            raise ValueError("updated_at must be timezone-aware")
+            raise ValueError("updated_at and created_at must be timezone-aware")
         return v
 
     @model_validator(mode="after")
@@ -82,7 +104,8 @@ def version_of(region: str, row: Mapping[str, Any] | None, table: TableConflictC
     """A region's current row for a key (None: it holds none) as a version."""
     if row is None:
         return Version(region=region)
-    return Version(region=region, row=dict(row), updated_at=row.get(table.timestamp_column))
+    created = row.get(table.created_column) if table.created_column else None
+    return Version(region=region, row=dict(row), updated_at=row.get(table.timestamp_column), created_at=created)
 
 
 def deletion(region: str, deleted_at: datetime | None = None) -> Version:
@@ -124,6 +147,20 @@ def append_existing(region: str) -> str:
 
 def situation(conflict: bool, rule: str) -> str:
     return f"{'conflict' if conflict else 'diverged before the fork'}: {rule}"
+
+
+APPEND_DELETED = "append-only, flagged for review"
+
+
+def deleted_and_updated(deleter_region: str, updater_region: str, rule: str) -> str:
+    return (f"conflict: {deleter_region} deleted it after the fork (when is not recorded) and "
+            f"{updater_region} updated it: {rule}")
+
+
+def collision(survivor_region: str, loser_region: str) -> str:
+    return (f"conflict: insert-insert key collision, {survivor_region} and {loser_region} each inserted a "
+            f"different row under this key after the fork: {survivor_region}'s row kept, {loser_region}'s "
+            "flagged for review (re-key it by hand)")
 
 
 # -- ordering --------------------------------------------------------------------------------
@@ -171,12 +208,51 @@ def _after(v: Version, fork_time: datetime) -> bool:
     return v.updated_at is not None and v.updated_at > fork_time
 
 
+def _inserted_after(v: Version, fork_time: datetime) -> bool:
+    return v.created_at is not None and v.created_at > fork_time
+
+
+def content(v: Version, table: TableConflictConfig) -> dict[str, Any] | None:
+    """The row without its update and creation stamps: what the application wrote."""
+    if v.row is None:
+        return None
+    return {k: x for k, x in v.row.items() if k not in (table.timestamp_column, table.created_column)}
+
+
+def insert_collision(table: TableConflictConfig, a: Version, b: Version, fork_time: datetime) -> bool:
+    """Both sides inserted a row under this key after the fork, and they are different rows.
+
+    Equal creation times mean one insert replicated before the fork (the fork time errs early,
+    so a row inserted just before it can look inserted after): the same row, updated since.
+    Equal contents apart from the stamps mean the same write made on both sides (a retried
+    request): nothing is lost whichever version stays, so the strategy decides as usual."""
+    return (a.row is not None and b.row is not None and _inserted_after(a, fork_time)
+            and _inserted_after(b, fork_time) and a.created_at != b.created_at
+            and content(a, table) != content(b, table))
+
+
+def _existed_at_fork(v: Version, fork_time: datetime) -> bool:
+    # The fork time errs early (reconcile), so a row inserted just before the real fork counts
+    # as inserted after it: a deletion of it is missed (as without a creation column), never
+    # invented. A row inserted before the fork time by a transaction that committed after the
+    # real fork does look deleted on the other side: a conflict, audited with its row.
+    return v.created_at is not None and v.created_at <= fork_time
+
+
 def changed_after_fork(v: Version, other: Version, fork_time: datetime) -> bool:
     if v.deleted:
         return True
     if v.row is not None:
         return _after(v, fork_time)
-    return other.row is not None and not _after(other, fork_time)
+    # v lacks a row the other holds: v deleted it after the fork if the row existed then,
+    # which shows when the other's row is unchanged since the fork, or was inserted before it.
+    return other.row is not None and (not _after(other, fork_time) or _existed_at_fork(other, fork_time))
+
+
+def deleter_of(survivor: Version, loser: Version) -> Version | None:
+    """In a conflict, the side that lacks the row (it deleted it after the fork, at a time
+    nobody recorded), if either does."""
+    return next((v for v in (survivor, loser) if v.row is None and not v.deleted), None)
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -260,10 +336,21 @@ def resolve(
     s_changed = changed_after_fork(survivor, loser, fork_time)
     l_changed = changed_after_fork(loser, survivor, fork_time)
     same = survivor.row == loser.row
-    conflict = s_changed and l_changed and not same
+    collided = insert_collision(table, survivor, loser, fork_time)
+    conflict = collided or (s_changed and l_changed and not same)
     flag = False
-    if table.strategy == "immutable-append-only":
+    if collided:
+        # Two different rows, one key: any strategy would merge them or drop one. Re-keying the
+        # loser's row automatically is not safe: rows in other tables (foreign keys, or ids the
+        # application already handed out) may refer to either under that key, and only a human
+        # can tell which. So the survivor's row, the one the application has used since the
+        # failover, stays, and the loser's is flagged: the audit keeps both versions to re-key.
+        winner, result, flag, reason = survivor, survivor.row, True, collision(survivor.region, loser.region)
+    elif table.strategy == "immutable-append-only":
         winner, result, flag, reason = _append_only(survivor, loser, s_changed, l_changed, same)
+        if conflict and (deleter := deleter_of(survivor, loser)) is not None:
+            updater = loser if deleter is survivor else survivor
+            reason = deleted_and_updated(deleter.region, updater.region, APPEND_DELETED)
     elif s_changed != l_changed:
         # Only one side moved: its change stands, whatever the strategy.
         winner = survivor if s_changed else loser
@@ -276,6 +363,9 @@ def resolve(
         # the fork): the strategy decides either way.
         winner, result, rule = _by_strategy(table, survivor, loser, region_priority, now)
         reason = situation(conflict, rule)
+        if conflict and (deleter := deleter_of(survivor, loser)) is not None:
+            updater = loser if deleter is survivor else survivor
+            reason = deleted_and_updated(deleter.region, updater.region, rule)
     return Resolution(
         key=tuple(key),
         action=_action(flag, survivor, loser, result),

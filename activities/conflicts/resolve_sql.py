@@ -51,8 +51,31 @@ class DecideQuery:
         # json has no equality operator; compare it as jsonb, which is also how Python compares dicts.
         return sql.SQL("{}::jsonb").format(ident) if c.type_name == "json" else ident
 
-    def row_of(self, ident: Callable[[str], sql.Identifier]) -> sql.Composable:
-        return sql.SQL("row({})").format(sql.SQL(", ").join(self._comparable(ident(c.name), c) for c in self.columns))
+    def row_of(self, ident: Callable[[str], sql.Identifier], columns: list[Column] | None = None) -> sql.Composable:
+        return sql.SQL("row({})").format(sql.SQL(", ").join(
+            self._comparable(ident(c.name), c) for c in (self.columns if columns is None else columns)))
+
+    def existed_at_fork(self, ident: Callable[[str], sql.Identifier]) -> sql.Composable:
+        """engine._existed_at_fork: inserted at or before the fork (false when unknown). Only the
+        survivor can lack a row here: the loser sends rows and deletions, never an absence."""
+        cc = self.cfg.created_column
+        if cc is None:
+            return sql.SQL("false")
+        return sql.SQL("coalesce({} <= {}, false)").format(ident(cc), sql.Literal(self.fork_time))
+
+    def collision(self) -> sql.Composable:
+        """engine.insert_collision: both present, both inserted after the fork at different
+        times, and different contents apart from the two stamps."""
+        cc = self.cfg.created_column
+        if cc is None:
+            return sql.SQL("false")
+        stamps = (self.cfg.timestamp_column, cc)
+        content = [c for c in self.columns if c.name not in stamps]
+        return sql.SQL(
+            "_e_s_present and _e_l_present and coalesce({s} > {fork} and {l} > {fork} and {s} <> {l}, false)"
+            " and {s_row} is distinct from {l_row}"
+        ).format(s=self.s_col(cc), l=self.l_col(cc), fork=sql.Literal(self.fork_time),
+                 s_row=self.row_of(self.s_col, content), l_row=self.row_of(self.l_col, content))
 
     def lww_case(self, wrap: Callable[[str], str] = str) -> sql.Composable:
         ts = self.cfg.timestamp_column
@@ -84,13 +107,18 @@ class DecideQuery:
         """The _e_take_s, _e_flag, _e_merge and _e_reason columns."""
         only = sql.SQL("case when _e_s_changed then {} else {} end").format(
             sql.Literal(engine.only_changed(self.S)), sql.Literal(engine.only_changed(self.L)))
+        collision = sql.Literal(engine.collision(self.S, self.L))
         if self.cfg.strategy == "immutable-append-only":
             return sql.SQL("""
-                not (_e_l_changed and not _e_s_changed and not _e_s_present) as _e_take_s,
-                case when _e_s_changed and _e_l_changed then not _e_same
+                _e_collision or not (_e_l_changed and not _e_s_changed and not _e_s_present) as _e_take_s,
+                case when _e_collision then true
+                     when _e_s_changed and _e_l_changed then not _e_same
                      when _e_l_changed then _e_s_present else false end as _e_flag,
                 false as _e_merge,
-                case when _e_s_changed and _e_l_changed then (case when _e_same then {same} else {both} end)
+                case when _e_collision then {collision}
+                     when _e_s_changed and _e_l_changed then (case when _e_same then {same}
+                                                                   when not _e_s_present then {deleted}
+                                                                   else {both} end)
                      when _e_l_changed then (case when _e_s_present then {existing} else {only_l} end)
                      when _e_s_changed then {only_s}
                      when _e_same then {same} else {diverged} end as _e_reason
@@ -98,20 +126,24 @@ class DecideQuery:
                         existing=sql.Literal(engine.append_existing(self.L)),
                         only_l=sql.Literal(engine.only_changed(self.L)),
                         only_s=sql.Literal(engine.only_changed(self.S)),
-                        diverged=sql.Literal(engine.APPEND_DIVERGED))
+                        diverged=sql.Literal(engine.APPEND_DIVERGED), collision=collision,
+                        deleted=sql.Literal(engine.deleted_and_updated(self.S, self.L, engine.APPEND_DELETED)))
         wins, rule = self.strategy()
         merge = self.cfg.strategy == "merge-with-priority"
         return sql.SQL("""
-            case when _e_s_changed <> _e_l_changed then _e_s_changed when _e_same then _e_s_newer
-                 else {wins} end as _e_take_s,
-            false as _e_flag,
-            {merge} and _e_s_changed = _e_l_changed and not _e_same as _e_merge,
-            case when _e_s_changed <> _e_l_changed then {only} when _e_same then {same}
+            case when _e_collision then true when _e_s_changed <> _e_l_changed then _e_s_changed
+                 when _e_same then _e_s_newer else {wins} end as _e_take_s,
+            _e_collision as _e_flag,
+            {merge} and not _e_collision and _e_s_changed = _e_l_changed and not _e_same as _e_merge,
+            case when _e_collision then {collision} when _e_s_changed <> _e_l_changed then {only}
+                 when _e_same then {same}
+                 when _e_s_changed and _e_l_changed and not _e_s_present then {deleted} || {rule}
                  when _e_s_changed and _e_l_changed then {conflict} || {rule}
                  else {diverged} || {rule} end as _e_reason
         """).format(wins=wins, merge=sql.Literal(merge), only=only, same=sql.Literal(engine.SAME_VERSION),
                     conflict=sql.Literal(engine.situation(True, "")), diverged=sql.Literal(engine.situation(False, "")),
-                    rule=rule)
+                    rule=rule, collision=collision,
+                    deleted=sql.Literal(engine.deleted_and_updated(self.S, self.L, "")))
 
     def result_column(self, c: Column) -> sql.Composable:
         plain = sql.SQL("case when _e_take_s then {} else {} end").format(self.s_col(c.name), self.l_col(c.name))
@@ -157,7 +189,8 @@ class DecideQuery:
             ), f as (
                 select j.*,
                        case when _e_s_present then coalesce({s_ts} > {fork}, false)
-                            else _e_l_present and not coalesce({l_ts} > {fork}, false) end as _e_s_changed,
+                            else _e_l_present and (not coalesce({l_ts} > {fork}, false) or {l_existed})
+                       end as _e_s_changed,
                        not _e_l_present or coalesce({l_ts} > {fork}, false) as _e_l_changed,
                        _e_s_present = _e_l_present
                            and (not _e_s_present or {s_row} is not distinct from {l_row}) as _e_same,
@@ -168,9 +201,11 @@ class DecideQuery:
                        coalesce({s_ts} >= {fresh_after}, false) as _e_s_fresh,
                        coalesce({l_ts} >= {fresh_after}, false) as _e_l_fresh
                 from j
+            ), c as (
+                select f.*, {collision} as _e_collision from f
             ), d as (
-                select f.*, _e_s_changed and _e_l_changed and not _e_same as _e_conflict, {decision}
-                from f
+                select c.*, _e_collision or (_e_s_changed and _e_l_changed and not _e_same) as _e_conflict, {decision}
+                from c
             ), r as (
                 select d.*, {result_cols},
                        case when _e_take_s then _e_s_present else _e_l_present end as _e_r_present,
@@ -190,6 +225,7 @@ class DecideQuery:
             pair_cols=pair_cols, k0=k0, pk=pk, loser=loser, target=target, join_on=join_on,
             s_ts=s_ts, l_ts=l_ts, fork=fork, s_row=self.row_of(self.s_col), l_row=self.row_of(self.l_col),
             tie_s=sql.Literal(bool(tie_s)), fresh_after=fresh_after, decision=self.decision(),
+            collision=self.collision(), l_existed=self.existed_at_fork(self.l_col),
             result_cols=result_cols, S=sql.Literal(self.S), L=sql.Literal(self.L),
             names=sql.SQL(", ").join(sql.Identifier(n) for n in self.names), result_row=result_row,
         )

@@ -1,13 +1,15 @@
 """Before an old Redis master rejoins as a replica: keep what only it holds.
 
-Re-parenting discards the old master's dataset (a full resync). So first: an RDB snapshot
-of it goes to the region's S3 bucket, then every key the new master lacks is copied over
-(DUMP/RESTORE, never replacing a key the new master has), and only then REPLICAOF.
+Re-parenting discards the old master's dataset (a full resync). So first, always: an RDB
+snapshot of it goes to the region's S3 bucket. Then keys the new master lacks are copied over
+as `redis_reconcile` says (DUMP/RESTORE, never replacing a key the new master has), and only
+then REPLICAOF. The report names every key it did not copy and why: it is in the snapshot.
 """
 
 from __future__ import annotations
 
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import redis
@@ -16,16 +18,21 @@ from pydantic import BaseModel
 from activities import s3
 from activities.redis import failover
 from activities.redis.status import client as redis_client
-from eagle_dr.config import RedisConfig, S3Config, scrub
+from eagle_dr.config import RedisConfig, RedisReconcileConfig, S3Config, scrub
 
 
 class RedisFailback(BaseModel):
     reachable: bool
     snapshot: str | None = None  # s3://bucket/key
     keys_on_old: int = 0
-    unique_keys: int = 0
-    migrated_keys: int = 0
+    unique_keys: int = 0  # keys the primary lacked: copied + skipped (+ any that expired meanwhile)
+    migrated_keys: int = 0  # copied to the primary
     unique_sample: list[str] = []
+    # The redis_reconcile rule followed. Runs recorded before the setting copied every key.
+    reconcile: str = "copy-missing"
+    # Keys the primary lacked and the rule did not copy: only in the snapshot now.
+    skipped_keys: int = 0
+    skipped_sample: list[str] = []
     # Keys both sides hold with different values: the primary's stands, the old one is in the snapshot.
     differing_keys: int = 0
     differing_sample: list[str] = []
@@ -34,6 +41,15 @@ class RedisFailback(BaseModel):
     # After re-pointing every Sentinel at the master: those still naming another, or down.
     sentinels_stale: dict[str, str | None] = {}
     sentinels_unreachable: list[str] = []
+
+    def kept(self, primary: str) -> str:
+        """What became of the old master's keys, for the step detail and the CLI."""
+        text = f"snapshot {self.snapshot}; {self.unique_keys} keys only it had: {self.migrated_keys} copied to {primary}"
+        if self.skipped_keys:
+            text += (f", {self.skipped_keys} not copied (redis_reconcile: {self.reconcile}; {primary} may have "
+                     f"deleted them on purpose; they are in the snapshot, e.g. {', '.join(self.skipped_sample[:3])})")
+        return (f"{text}; {self.differing_keys} held by both with other values kept {primary}'s "
+                "(old values: the snapshot)")
 
 
 def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: float = 120) -> str:
@@ -64,14 +80,38 @@ def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: floa
     return f"s3://{bucket.bucket}/{key}"
 
 
-def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500
-                        ) -> tuple[int, list[str], int, list[str]]:
-    """(keys on old, keys only old has, migrated, keys both hold with different values):
-    copies keys the new master lacks. A key both hold keeps the master's value (a cache's
-    newest writer is the serving side); the old one is in the snapshot and reported."""
+def describe(rule: RedisReconcileConfig) -> str:
+    """The rule as the report names it, e.g. "none, include ['session:*']"."""
+    parts = [rule.strategy]
+    parts += [f"{name} {patterns}" for name, patterns in (("include", rule.include), ("exclude", rule.exclude))
+              if patterns]
+    return ", ".join(parts)
+
+
+def should_copy(key: str, rule: RedisReconcileConfig) -> bool:
+    """Whether a key the primary lacks is copied back: exclude first, then copy-missing or include."""
+    if any(fnmatchcase(key, p) for p in rule.exclude):
+        return False
+    return rule.strategy == "copy-missing" or any(fnmatchcase(key, p) for p in rule.include)
+
+
+class KeyCopy(BaseModel):
+    total: int  # keys on the old master
+    unique: list[str]  # keys the primary lacks
+    copied: int
+    skipped: list[str]  # unique keys the rule did not copy
+    differing: list[str]  # keys both hold with different values
+
+
+def migrate_unique_keys(old: RedisConfig, master: RedisConfig, rule: RedisReconcileConfig,
+                        batch: int = 500) -> KeyCopy:
+    """Copies the keys the new master lacks that ``rule`` selects. A key both hold keeps the
+    master's value (a cache's newest writer is the serving side); the old one is in the
+    snapshot and reported, as is every key not copied."""
     src, dst = redis_client(old, 10), redis_client(master, 10)
     raw_src, raw_dst = redis_client(old, 10, decode=False), redis_client(master, 10, decode=False)
     unique: list[str] = []
+    skipped: list[str] = []
     differing: list[str] = []
     migrated = 0
     keys = list(src.scan_iter(count=batch))
@@ -93,6 +133,9 @@ def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500
                 pd.dump(k)
             differing += [k for k, a, b in zip(shared, ps.execute(), pd.execute()) if a != b]
         for k in missing:
+            if not should_copy(k, rule):
+                skipped.append(k)
+                continue
             dumped, ttl = raw_src.dump(k), src.pttl(k)
             if dumped is None:
                 continue  # expired meanwhile
@@ -102,30 +145,33 @@ def migrate_unique_keys(old: RedisConfig, master: RedisConfig, batch: int = 500
             except redis.ResponseError as e:
                 if "BUSYKEY" not in str(e):
                     raise
-    return total, unique, migrated, differing
+    return KeyCopy(total=total, unique=unique, copied=migrated, skipped=skipped, differing=differing)
 
 
-def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config, snapshot_key: str) -> RedisFailback:
+def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config, snapshot_key: str,
+                        rule: RedisReconcileConfig) -> RedisFailback:
     try:
         redis_client(old, 3).ping()
     except (redis.RedisError, OSError) as e:
         # Nothing to keep: a restarted cache without persistence comes back empty.
-        return RedisFailback(reachable=False, error=scrub(str(e)))
+        return RedisFailback(reachable=False, error=scrub(str(e)), reconcile=describe(rule))
     info = redis_client(old, 3).info("replication")
     if info.get("role") == "slave" and f"{info.get('master_host')}:{info.get('master_port')}" == \
             f"{master.host}:{master.port}":
-        return _with_sentinels(RedisFailback(reachable=True, rejoined=True), old, master)
+        return _with_sentinels(RedisFailback(reachable=True, rejoined=True, reconcile=describe(rule)), old, master)
+    # The snapshot first, whatever the rule: it is the only copy of every key not copied.
     snap = snapshot_to_s3(old, bucket, snapshot_key)
-    total, unique, migrated, differing = migrate_unique_keys(old, master)
+    moved = migrate_unique_keys(old, master, rule)
     failover.demote(old, master)
     try:
         redis_client(old, 3).config_rewrite()  # so a restart keeps it a replica
     except redis.RedisError:
         pass
-    return _with_sentinels(RedisFailback(reachable=True, snapshot=snap, keys_on_old=total, unique_keys=len(unique),
-                                         migrated_keys=migrated, unique_sample=unique[:20],
-                                         differing_keys=len(differing), differing_sample=differing[:20],
-                                         rejoined=True), old, master)
+    return _with_sentinels(RedisFailback(
+        reachable=True, snapshot=snap, keys_on_old=moved.total, unique_keys=len(moved.unique),
+        migrated_keys=moved.copied, unique_sample=moved.unique[:20], reconcile=describe(rule),
+        skipped_keys=len(moved.skipped), skipped_sample=moved.skipped[:20],
+        differing_keys=len(moved.differing), differing_sample=moved.differing[:20], rejoined=True), old, master)
 
 
 def _with_sentinels(result: RedisFailback, old: RedisConfig, master: RedisConfig) -> RedisFailback:

@@ -1,0 +1,98 @@
+"""What failback copies from an old Redis master before it rejoins, per `redis_reconcile`, on
+the real lab (its two Redis servers, Sentinels and SeaweedFS).
+
+Each test makes the replica a second master, the way a partition does, lets both sides write,
+then runs the copy-back and rejoin the failback and split-brain runbooks run; each leaves the
+lab's shape behind (one master, the other its linked replica).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from activities.redis.failback import RedisFailback, describe, preserve_and_rejoin, should_copy
+from activities.redis.status import client as redis_client
+from activities.redis.status import redis_status, sentinel_client
+from activities.s3 import client as s3_client
+from eagle_dr.config import RedisReconcileConfig
+from lab.processes import wait_for
+
+RULES = {
+    "default": (RedisReconcileConfig(), set()),
+    "copy-missing": (RedisReconcileConfig(strategy="copy-missing"),
+                     {"cache:invalidated", "cache:only-loser", "session:only-loser"}),
+    "none-include": (RedisReconcileConfig(include=["rf:*:session:*"]), {"session:only-loser"}),
+    "copy-missing-exclude": (RedisReconcileConfig(strategy="copy-missing", exclude=["rf:*:cache:*"]),
+                             {"session:only-loser"}),
+}
+UNIQUE = {"cache:invalidated", "cache:only-loser", "session:only-loser"}
+
+
+def _master_and_replica(lab) -> tuple[str, str]:
+    roles = {r.name: redis_status(r.redis).role for r in lab.cfg.regions}
+    master = next(n for n, role in roles.items() if role == "master")
+    return master, lab.cfg.other(master).name
+
+
+def _split(lab, region: str) -> None:
+    """Make the region's Redis a second master; the Sentinels lose track of it (SENTINEL RESET
+    re-learns replicas from the master, which no longer lists it), so none turns it back into a
+    replica, discarding its keys, before the copy-back runs."""
+    cfg = lab.cfg.region(region).redis
+    redis_client(cfg).replicaof("NO", "ONE")
+    for ep in cfg.sentinels:
+        sentinel_client(cfg, ep).execute_command("SENTINEL", "RESET", cfg.master_name)
+
+
+@pytest.mark.parametrize("rule_name", list(RULES))
+def test_keys_the_primary_lacks_are_copied_only_as_redis_reconcile_says(lab, rule_name):
+    rule, copied = RULES[rule_name]
+    survivor, loser = _master_and_replica(lab)
+    s_cfg, l_cfg = lab.cfg.region(survivor).redis, lab.cfg.region(loser).redis
+    s, l_ = redis_client(s_cfg), redis_client(l_cfg)
+    tag = uuid.uuid4().hex[:8]
+    name = {k: f"rf:{tag}:{k}" for k in UNIQUE}
+
+    # Before the fork: a cache entry both sides hold.
+    s.set(name["cache:invalidated"], "before")
+    wait_for(lambda: l_.get(name["cache:invalidated"]) == "before", 20, "the replica to have the entry", 0.02)
+    _split(lab, loser)
+    # After it: the survivor invalidates the entry on purpose; the loser takes writes of its own.
+    s.delete(name["cache:invalidated"])
+    l_.set(name["cache:only-loser"], "L")
+    l_.set(name["session:only-loser"], "L")
+
+    report: RedisFailback = preserve_and_rejoin(l_cfg, s_cfg, lab.cfg.region(loser).s3, f"test/{tag}.rdb", rule)
+
+    on_survivor = {k for k, n in name.items() if s.get(n) is not None}
+    assert on_survivor == copied
+    assert report.reconcile == describe(rule)
+    assert report.unique_keys >= len(UNIQUE) and report.migrated_keys == len(copied)
+    ours = {n.removeprefix(f"rf:{tag}:") for n in report.skipped_sample if n.startswith(f"rf:{tag}:")}
+    assert ours == UNIQUE - copied
+    assert report.skipped_keys == len(UNIQUE - copied)
+    if copied != UNIQUE:
+        assert "not copied (redis_reconcile: " in report.kept(survivor)
+    # The snapshot is taken whatever the rule: the only copy of what was not copied.
+    bucket = lab.cfg.region(loser).s3
+    key = report.snapshot.removeprefix(f"s3://{bucket.bucket}/")
+    assert s3_client(bucket).head_object(Bucket=bucket.bucket, Key=key)["ContentLength"] > 0
+
+    assert report.rejoined
+    wait_for(lambda: (st := redis_status(l_cfg)).role == "slave" and st.link_status == "up"
+             and st.master == f"{s_cfg.host}:{s_cfg.port}", 30, f"{loser} to replicate {survivor} again", 0.05)
+    wait_for(lambda: all(n not in l_.keys(f"rf:{tag}:*") for n in (name[k] for k in UNIQUE - copied)), 30,
+             "the loser to resync from the survivor", 0.05)
+
+
+def test_the_rule_exclude_first_then_copy_missing_or_include():
+    none = RedisReconcileConfig()
+    assert not should_copy("alert:1", none) and describe(none) == "none"
+    rule = RedisReconcileConfig(include=["session:*", "cart:[0-9]*"], exclude=["session:tmp:*"])
+    assert [should_copy(k, rule) for k in ("session:9", "cart:7", "cart:x", "session:tmp:1")] == \
+        [True, True, False, False]
+    assert describe(rule) == "none, include ['session:*', 'cart:[0-9]*'], exclude ['session:tmp:*']"
+    everything = RedisReconcileConfig(strategy="copy-missing", exclude=["alert:*"])
+    assert should_copy("x", everything) and not should_copy("alert:2", everything)
