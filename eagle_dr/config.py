@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from psycopg.conninfo import make_conninfo
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -97,6 +98,9 @@ class PostgresConfig(_Strict):
     user: str = "postgres"
     password: SecretRef | None = None
     replication_user: str = "replicator"
+    # The replication user's password: pg_basebackup and a standby's primary_conninfo use it.
+    # Unset means the same secret as ``password`` (one shared credential, as in a small setup).
+    replication_password: SecretRef | None = None
     # Physical slot this region's node uses when it streams from the other region.
     slot: str | None = None
     # Local to the region's worker: what pg_ctl, pg_rewind and friends act on.
@@ -110,11 +114,21 @@ class PostgresConfig(_Strict):
     def slot_name(self) -> str:
         return self.slot or f"slot_{self.host.replace('.', '_')}_{self.port}"
 
-    def dsn(self, dbname: str | None = None) -> str:
-        parts = [f"host={self.host}", f"port={self.port}", f"dbname={dbname or self.database}", f"user={self.user}"]
+    def dsn(self, dbname: str | None = None, **overrides: Any) -> str:
+        """A libpq connection string, every value quoted (make_conninfo): a password with a
+        space, a quote or a backslash must not end the value and start another option, nor
+        break the string in a way whose error text would quote the password. ``overrides``
+        replace or add libpq keywords (user=..., application_name=...)."""
+        params: dict[str, Any] = {"host": self.host, "port": self.port, "dbname": dbname or self.database,
+                                  "user": self.user}
         if self.password is not None:
-            parts.append(f"password={self.password.resolve()}")
-        return " ".join(parts)
+            params["password"] = self.password.resolve()
+        params.update(overrides)
+        return make_conninfo("", **params)
+
+    @property
+    def replication_secret(self) -> SecretRef | None:
+        return self.replication_password or self.password
 
 
 class RedisConfig(_Strict):

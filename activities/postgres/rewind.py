@@ -17,6 +17,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from psycopg.conninfo import make_conninfo
+
+from activities.postgres.credentials import redact, tool_env
 from activities.postgres.ctl import PgCtl, PgCtlError, alive
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect
@@ -76,11 +79,14 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
     # target with a minimum recovery point on the wrong timeline (Patroni checkpoints too).
     with connect(primary) as conn:
         conn.execute("checkpoint")
-    source = f"host={primary.host} port={primary.port} user={primary.user} dbname=postgres"
-    r = ctl.run([ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"], timeout=COPY_TIMEOUT_S)
+    # No password in it: argv is readable by every user in /proc. pg_rewind gets PGPASSWORD.
+    source = make_conninfo("", host=primary.host, port=primary.port, user=primary.user, dbname="postgres",
+                           connect_timeout=10)
+    r = ctl.run([ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"], timeout=COPY_TIMEOUT_S,
+                env=tool_env(primary.password))
     method, reason = "pg_rewind", None
     if r.returncode != 0:
-        lines = (r.stderr + r.stdout).strip().splitlines()
+        lines = redact(r.stderr + r.stdout, primary, old).strip().splitlines()
         # The first error line says why; pg_rewind's last lines are only context.
         reason = next((ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()),
                       lines[-1] if lines else f"exit {r.returncode}")[:500]
@@ -118,9 +124,10 @@ def _reclone(ctl: PgCtl, primary: PostgresConfig) -> None:
     if owner:
         os.chown(data, *owner)
     r = ctl.run([ctl.tool("pg_basebackup"), "-h", primary.host, "-p", str(primary.port), "-U",
-                 primary.replication_user, "-D", str(data), "-X", "stream", "-c", "fast"], timeout=COPY_TIMEOUT_S)
+                 primary.replication_user, "-D", str(data), "-X", "stream", "-c", "fast"], timeout=COPY_TIMEOUT_S,
+                env=tool_env(primary.replication_secret))
     if r.returncode != 0:
-        raise PgCtlError(f"pg_basebackup failed: {r.stderr.strip()}")
+        raise PgCtlError(f"pg_basebackup failed: {redact(r.stderr.strip(), primary)}")
 
 
 def copiers(data_dir: str | Path) -> list[int]:
