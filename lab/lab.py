@@ -128,6 +128,8 @@ class Lab:
             # A lab made before PostgreSQL had passwords gets them now (and loses its trust lines).
             pa.ensure_auth()
             pb.ensure_auth()
+            pa.ensure_standby_passfile(pb)
+            pb.ensure_standby_passfile(pa)
         else:
             pa.init_primary()
             pb.clone_standby_of(pa)

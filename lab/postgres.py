@@ -9,6 +9,7 @@ a crash (see shared/notes/lab.md, section 3).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import psycopg
@@ -163,6 +164,23 @@ class PostgresNode:
                 verifier = conn.pgconn.encrypt_password(secret.resolve().encode(), role.encode(), b"scram-sha-256")
                 conn.execute(sql.SQL("alter role {} password {}").format(sql.Identifier(role),
                                                                          sql.Literal(verifier.decode())))
+
+    def ensure_standby_passfile(self, primary: "PostgresNode") -> None:
+        """A standby cloned before the lab had passwords (pg_basebackup -R) names no passfile
+        in primary_conninfo and could not stream once TCP asks for a password: rewrite its
+        standby config as the runbooks write it, on the same slot, and restart it."""
+        auto = self.data_dir / "postgresql.auto.conf"
+        if self.trust or not (self.data_dir / "standby.signal").exists() or not auto.exists():
+            return
+        text = auto.read_text()
+        if str(self.ctl.passfile) in text:  # (pg_basebackup -R wrote passfile=~/.pgpass)
+            return
+        m = re.search(r"^primary_slot_name\s*=\s*'([^']*)'", text, re.M)
+        slot = m.group(1) if m else (self.cfg.slot or f"slot_{self.name.replace('-', '_')}")
+        self.ctl.write_standby_config(primary.cfg, self.name, slot)
+        if self.running():
+            self.stop()
+            self.start()
 
     def clone_standby_of(self, primary: "PostgresNode") -> None:
         """pg_basebackup -R from the primary through this node's own replication slot."""

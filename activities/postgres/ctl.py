@@ -124,6 +124,11 @@ class PgCtl:
             out[k.strip()] = v.strip()
         return out
 
+    @property
+    def passfile(self) -> Path:
+        """The replication password a standby's primary_conninfo names (see write_standby_config)."""
+        return self.data_dir.parent / f"{self.data_dir.name}.replication.pgpass"
+
     def write_standby_config(self, primary: PostgresConfig, application_name: str, slot: str) -> None:
         """standby.signal plus a postgresql.auto.conf that holds only what a standby needs.
 
@@ -135,8 +140,7 @@ class PgCtl:
         # file never leaves its host, and rotating the password is rewriting one file (read
         # at the walreceiver's next connect), with no config change on the server.
         st = self.data_dir.stat()
-        passfile = write_passfile(self.data_dir.parent / f"{self.data_dir.name}.replication.pgpass", primary,
-                                  (st.st_uid, st.st_gid))
+        passfile = write_passfile(self.passfile, primary, (st.st_uid, st.st_gid))
         params = {"host": primary.host, "port": primary.port, "user": primary.replication_user,
                   "application_name": application_name}
         if passfile:
