@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
+from activities.postgres.credentials import tool_env
 from lab.lab import Lab
 from lab.osuser import make_dir
 
 
-def _timed(ctl, argv: list[str]) -> float:
+def _timed(ctl, argv: list[str], env: dict[str, str]) -> float:
     t = time.perf_counter()
-    r = ctl.run(argv, timeout=3600)
+    r = ctl.run(argv, timeout=3600, env=env)
     elapsed = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
@@ -47,10 +49,11 @@ def bare_rewind(lab: Lab, old: str, primary: str) -> dict:
             conn.execute("select pg_create_physical_replication_slot(%s)", (slot,))
         conn.execute("checkpoint")
     wal = pg_wal_bytes(lab, primary)
-    source = f"host={src.host} port={src.port} user={src.user} dbname=postgres"
+    # The password in the environment, never on the command line (as the runbook does).
+    source = make_conninfo("", host=src.host, port=src.port, user=src.user, dbname="postgres")
     t0 = time.perf_counter()
     rewind_s = _timed(node.ctl, [node.ctl.tool("pg_rewind"), f"--target-pgdata={node.data_dir}",
-                                 f"--source-server={source}"])
+                                 f"--source-server={source}"], tool_env(src.password))
     # The bare follow-up: standby.signal + primary_conninfo/slot, start, wait for streaming.
     node.ctl.write_standby_config(src, old, slot)
     node.ctl.start()
@@ -79,7 +82,8 @@ def bare_basebackup(lab: Lab, primary: str, scratch: Path) -> dict:
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         s = _timed(node.ctl, [node.ctl.tool("pg_basebackup"), "-h", src.host, "-p", str(src.port),
-                              "-U", src.replication_user, "-D", str(scratch), "-X", "stream", "-c", "fast"])
+                              "-U", src.replication_user, "-D", str(scratch), "-X", "stream", "-c", "fast"],
+                   tool_env(src.replication_secret))
         size = sum(p.stat().st_size for p in scratch.rglob("*") if p.is_file())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

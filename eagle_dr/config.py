@@ -165,6 +165,9 @@ class PostgresConfig(_Strict):
     user: str = "postgres"
     password: SecretRef | None = None
     replication_user: str = "replicator"
+    # The replication user's password: pg_basebackup and a standby's primary_conninfo use it.
+    # Unset means the same secret as ``password`` (one shared credential, as in a small setup).
+    replication_password: SecretRef | None = None
     # Physical slot this region's node uses when it streams from the other region.
     slot: str | None = None
     # Local to the region's worker: what pg_ctl, pg_rewind and friends act on.
@@ -202,6 +205,10 @@ class PostgresConfig(_Strict):
             params["password"] = self.password.resolve()
         params.update(overrides)
         return make_conninfo("", **params)
+
+    @property
+    def replication_secret(self) -> SecretRef | None:
+        return self.replication_password or self.password
 
 
 class RedisConfig(_Strict):

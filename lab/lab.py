@@ -27,7 +27,7 @@ from lab.processes import is_running, kill_tree, read_pid, spawn, wait_for
 from lab.redis import RedisNode, SentinelNode
 from lab.s3 import S3Server
 
-SECRETS = ("redis-password", "s3-access-key", "s3-secret-key")
+SECRETS = ("redis-password", "s3-access-key", "s3-secret-key", "postgres-password", "replication-password")
 
 
 @dataclass
@@ -125,6 +125,11 @@ class Lab:
             # An existing lab: bring back what is down, as it was (never re-clone).
             pa.start()
             pb.start()
+            # A lab made before PostgreSQL had passwords gets them now (and loses its trust lines).
+            pa.ensure_auth()
+            pb.ensure_auth()
+            pa.ensure_standby_passfile(pb)
+            pb.ensure_standby_passfile(pa)
         else:
             pa.init_primary()
             pb.clone_standby_of(pa)

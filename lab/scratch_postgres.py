@@ -27,7 +27,10 @@ def _node(base: Path, port: int, name: str) -> PostgresNode:
     bin_dir = PG15_BIN if os.path.isdir(PG15_BIN) else None
     # Root cannot run PostgreSQL: the lab's unprivileged user does, as in `make lab`.
     user = ensure_lab_user(load_config(DEFAULT_CONFIG, env={}).lab.os_user)
-    return PostgresNode(PostgresConfig(port=port, bin_dir=bin_dir), base / "data", base / "run", user, name)
+    # Trust, not the lab's passwords: a single throwaway server on a temp port that lives for
+    # one test or benchmark, with no secrets of its own and nothing a password would protect.
+    return PostgresNode(PostgresConfig(port=port, bin_dir=bin_dir), base / "data", base / "run", user, name,
+                        trust=True)
 
 
 @contextmanager

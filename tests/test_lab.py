@@ -57,6 +57,34 @@ def test_postgres_settings_needed_by_runbooks(lab):
         assert conn.execute("show wal_level").fetchone()[0] == "replica"
 
 
+def test_postgres_asks_every_tcp_connection_for_its_password(lab):
+    """No trust for TCP or replication: a client without the password is refused, and the
+    standby streams with a password it reads from a passfile, not from the config copied
+    from node to node (postgresql.auto.conf)."""
+    for r in lab.cfg.regions:
+        hba = [ln.split() for ln in (lab.postgres(r.name).data_dir / "pg_hba.conf").read_text().splitlines()
+               if ln.strip() and not ln.lstrip().startswith("#")]
+        assert hba and all(ln[-1] == "scram-sha-256" for ln in hba if ln[0].startswith("host")), hba
+        assert not [ln for ln in hba if "trust" in ln and (ln[0] != "local" or ln[1] == "replication")], hba
+        pg = r.postgres
+        for kw in ({"dbname": pg.database, "user": pg.user}, {"user": pg.replication_user, "replication": "true"}):
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(host=pg.host, port=pg.port, connect_timeout=3, **kw).close()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(pg.dsn(), password="not-" + pg.password.resolve(), connect_timeout=3).close()
+
+    standby = lab.cfg.secondary.postgres
+    data = lab.postgres(lab.cfg.secondary.name).data_dir
+    auto = (data / "postgresql.auto.conf").read_text()
+    secret = standby.replication_secret.resolve()
+    assert "primary_conninfo" in auto and "passfile=" in auto and secret not in auto
+    passfile = next(data.parent.glob("*.pgpass"))
+    st = passfile.stat()
+    assert st.st_mode & 0o777 == 0o600 and st.st_uid == data.stat().st_uid
+    assert passfile.read_text().rstrip("\n").endswith(":" + secret)
+    assert pg_status(standby).receiver_status == "streaming"
+
+
 def test_redis_replica_sees_key_and_auth_is_required(lab):
     a, b = lab.cfg.primary, lab.cfg.secondary
     key, value = f"test:{uuid.uuid4().hex}", uuid.uuid4().hex

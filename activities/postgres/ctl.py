@@ -13,6 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from psycopg.conninfo import make_conninfo
+
+from activities.postgres.credentials import write_passfile
 from eagle_dr.config import PostgresConfig
 
 
@@ -163,16 +166,31 @@ class PgCtl:
             out[k.strip()] = v.strip()
         return out
 
+    @property
+    def passfile(self) -> Path:
+        """The replication password a standby's primary_conninfo names (see write_standby_config)."""
+        return self.data_dir.parent / f"{self.data_dir.name}.replication.pgpass"
+
     def write_standby_config(self, primary: PostgresConfig, application_name: str, slot: str) -> None:
         """standby.signal plus a postgresql.auto.conf that holds only what a standby needs.
 
         The file is rewritten, not appended to: after a switchover it still carries the
         ALTER SYSTEM read-only fence, and after pg_rewind it is a copy of the source's."""
-        conninfo = (f"host={primary.host} port={primary.port} user={primary.replication_user} "
-                    f"application_name={application_name}")
+        # The replication password goes in a passfile beside the data directory, not into
+        # postgresql.auto.conf: pg_basebackup and pg_rewind copy that file from node to node,
+        # and every base backup (those in S3 too) would carry the password; a standby's own
+        # file never leaves its host, and rotating the password is rewriting one file (read
+        # at the walreceiver's next connect), with no config change on the server.
+        st = self.data_dir.stat()
+        passfile = write_passfile(self.passfile, primary, (st.st_uid, st.st_gid))
+        params = {"host": primary.host, "port": primary.port, "user": primary.replication_user,
+                  "application_name": application_name}
+        if passfile:
+            params["passfile"] = str(passfile)
+        conninfo = make_conninfo("", **params)
         auto = self.data_dir / "postgresql.auto.conf"
         text = ("# Written by eagle-dr when this node became a standby.\n"
-                f"primary_conninfo = '{conninfo}'\n"
+                f"primary_conninfo = {_guc_string(conninfo)}\n"
                 f"primary_slot_name = '{slot}'\n")
         signal = self.data_dir / "standby.signal"
         # Owned by the data directory's owner, so the server can read (and ALTER SYSTEM rewrite) them.
@@ -199,3 +217,8 @@ class PgCtl:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _guc_string(value: str) -> str:
+    """A quoted string for postgresql.conf: its parser reads backslash escapes and '' as a quote."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"

@@ -185,7 +185,7 @@ def _name_changes(conn: psycopg.Connection, loser: PostgresConfig, changes: dict
                 database = row[0]
                 if db not in others:
                     others[db] = psycopg.connect(host=loser.socket_dir, port=loser.port, dbname=database,
-                                                 user=loser.user, autocommit=True)
+                                                 user=loser.user, password=_password(loser), autocommit=True)
                 c = others[db]
             if change.truncated_oid is not None:
                 found = c.execute(sql.SQL(_RELATION).format(sql.Literal(change.truncated_oid))).fetchone()
@@ -250,7 +250,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     oids: dict[str, int | None] = {}
     try:
         with psycopg.connect(host=loser.socket_dir, port=loser.port, dbname=loser.database, user=loser.user,
-                             autocommit=True) as conn:
+                             password=_password(loser), autocommit=True) as conn:
             for t, key in tables.items():
                 ident = regclass_sql(t)
                 oid = conn.execute(sql.SQL("select to_regclass({})::oid").format(
@@ -287,3 +287,8 @@ def _stamped(row: dict, ts_col: str, committed: datetime | None) -> dict:
     if stamp is None or stamp.tzinfo is None or stamp < committed:
         row[ts_col] = committed.isoformat()
     return row
+
+
+def _password(cfg: PostgresConfig) -> str | None:
+    """The lab trusts its Unix socket; a production server may ask for the password there too."""
+    return cfg.password.resolve() if cfg.password is not None else None

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from psycopg.conninfo import make_conninfo
+
+from activities.postgres.credentials import check_source, redact, source_failure, tool_env
 from activities.postgres.ctl import PgCtl, PgCtlError, alive
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect
@@ -64,23 +67,39 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
     t0 = time.monotonic()
     ctl = PgCtl(old)
     upstream = f"{primary.host}:{primary.port}"
+    _finish_interrupted_swap(ctl.data_dir)
     if ctl.running() and _streaming_from(old, primary):
         return Rewound(method="already-standby", seconds=0.0, upstream=upstream)
     # A worker killed mid-rewind leaves its pg_rewind or pg_basebackup running: two copies
     # writing one directory would corrupt it, so the retry ends the orphan first.
     _kill_orphans(ctl.data_dir)
+    _kill_orphans(_clone_dir(ctl.data_dir))
     ctl.stop("fast")
+    # pg_rewind's own connection, made first by us: a wrong password or a pg_hba.conf that
+    # refuses it stops the step here, with the node stopped and its directory untouched.
+    check_source(primary, replication=False, what="pg_rewind")
     ensure_slot(primary, slot)
     # A freshly promoted primary's control file still names its pre-promotion timeline until
     # its first checkpoint completes; pg_rewind reads it from there and would stamp the
     # target with a minimum recovery point on the wrong timeline (Patroni checkpoints too).
     with connect(primary) as conn:
         conn.execute("checkpoint")
-    source = f"host={primary.host} port={primary.port} user={primary.user} dbname=postgres"
-    r = ctl.run([ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"], timeout=COPY_TIMEOUT_S)
+    # No password in it: argv is readable by every user in /proc. pg_rewind gets PGPASSWORD.
+    source = make_conninfo("", host=primary.host, port=primary.port, user=primary.user, dbname="postgres",
+                           connect_timeout=10)
+    r = ctl.run([ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"], timeout=COPY_TIMEOUT_S,
+                env=tool_env(primary.password))
     method, reason = "pg_rewind", None
     if r.returncode != 0:
-        lines = (r.stderr + r.stdout).strip().splitlines()
+        text = redact(r.stderr + r.stdout, primary, old)
+        # "Could not connect" or "authentication failed" says nothing about whether a rewind
+        # is possible, and is no reason to throw the only copy of this node away: stop, and
+        # leave the directory as it is (pg_rewind connects before it writes anything). Only
+        # what pg_rewind itself finds impossible (WAL gone, no common timeline) falls back.
+        refused = source_failure(text, "pg_rewind", primary, primary.user)
+        if refused:
+            raise refused
+        lines = text.strip().splitlines()
         # The first error line says why; pg_rewind's last lines are only context.
         reason = next((ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()),
                       lines[-1] if lines else f"exit {r.returncode}")[:500]
@@ -111,16 +130,69 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
 
 
 def _reclone(ctl: PgCtl, primary: PostgresConfig) -> None:
+    """Replace the data directory with a fresh pg_basebackup of ``primary``.
+
+    The copy is made beside the old directory and swapped in only once pg_basebackup has
+    succeeded: until then the old one, the only copy of whatever this node held, is never
+    touched. An unreachable source, a refused password or a full disk then costs a retry,
+    not the node. The price is room for a second copy for the duration of the clone."""
     data = ctl.data_dir
-    owner = (data.stat().st_uid, data.stat().st_gid) if data.exists() else None
-    shutil.rmtree(data, ignore_errors=True)
-    data.mkdir(mode=0o700)
-    if owner:
-        os.chown(data, *owner)
+    # The replication connection pg_basebackup will make: refused or unreachable, stop here.
+    check_source(primary, replication=True, what="pg_basebackup")
+    clone = _clone_dir(data)
+    # A clone left by an interrupted attempt is never the only copy: start it over.
+    shutil.rmtree(clone, ignore_errors=True)
+    ref = data if data.exists() else data.parent
+    clone.mkdir(mode=0o700)
+    os.chown(clone, ref.stat().st_uid, ref.stat().st_gid)
     r = ctl.run([ctl.tool("pg_basebackup"), "-h", primary.host, "-p", str(primary.port), "-U",
-                 primary.replication_user, "-D", str(data), "-X", "stream", "-c", "fast"], timeout=COPY_TIMEOUT_S)
+                 primary.replication_user, "-D", str(clone), "-X", "stream", "-c", "fast"], timeout=COPY_TIMEOUT_S,
+                env=tool_env(primary.replication_secret))
     if r.returncode != 0:
-        raise PgCtlError(f"pg_basebackup failed: {r.stderr.strip()}")
+        shutil.rmtree(clone, ignore_errors=True)
+        text = redact(r.stderr.strip() or r.stdout.strip(), primary)
+        raise source_failure(text, "pg_basebackup", primary, primary.replication_user) or \
+            PgCtlError(f"pg_basebackup failed ({data} untouched): {text[:1000]}")
+    _swap_in(clone, data)
+
+
+def _clone_dir(data: Path) -> Path:
+    return data.with_name(f".{data.name}.eagle-dr-clone")
+
+
+def _aside_dir(data: Path) -> Path:
+    return data.with_name(f".{data.name}.eagle-dr-replaced")
+
+
+def _swap_in(clone: Path, data: Path) -> None:
+    """Two renames in one directory; a worker killed between them is finished by the retry
+    (``_finish_interrupted_swap``)."""
+    aside = _aside_dir(data)
+    shutil.rmtree(aside, ignore_errors=True)  # a finished swap's leftover: ``data`` exists
+    if data.exists():
+        os.rename(data, aside)
+    os.rename(clone, data)
+    _fsync_dir(data.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _finish_interrupted_swap(data: Path) -> None:
+    clone, aside = _clone_dir(data), _aside_dir(data)
+    if not data.exists() and aside.exists():
+        # The old directory was moved aside, which happens only after the clone succeeded:
+        # the clone is complete. Had it already been renamed, ``data`` would exist.
+        os.rename(clone if clone.exists() else aside, data)
+        _fsync_dir(data.parent)
+    if data.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copiers(data_dir: str | Path) -> list[int]:
