@@ -247,6 +247,45 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         render(st)
 
 
+@app.command()
+def unfence(region: str = typer.Option(..., "--region", help="The region whose fences to lift."),
+            local: bool = typer.Option(False, "--local", help="Also lift a stop fence: run on the region's "
+                                                              "database host (acts on its data directory)."),
+            force: bool = typer.Option(False, "--force", help="Even if the other region has a writable primary.")):
+    """Lift what a terminated runbook left fenced (eagle-dr status names it): PostgreSQL and Redis.
+
+    Refused while a runbook holds the service's move (it owns its fences) and, without --force,
+    while the other region has a writable primary: that would make two."""
+    import asyncio
+
+    from activities.postgres.fence import lift_stop_fence, unfence as pg_unfence
+    from activities.postgres.status import pg_status
+    from activities.redis.failover import unfence as redis_unfence
+    from eagle_dr.status import _move_running
+
+    c = cfg()
+    _region(c, region)
+    if asyncio.run(_move_running(f"127.0.0.1:{c.lab.dev_server.grpc_port}", c.service)) is not False:
+        _fail(f"a runbook holds dr-move-{c.service} (or Temporal cannot say): it owns its fences; cancel it first",
+              EXIT_BUSY)
+    other = c.other(region)
+    st = pg_status(other.postgres, 3)
+    if st.role == "primary" and not st.read_only and not force:
+        _fail(f"{other.name} has a writable primary: lifting {region}'s fence would make two. Use eagle-dr failback "
+              f"--region {region} to bring it back as a standby (or --force if {other.name} is to be fenced)", 2)
+    pg = c.region(region).postgres
+    if local:
+        lift_stop_fence(pg)
+    try:
+        pg_unfence(pg)
+        out.print(f"{region}: PostgreSQL fence lifted")
+    except Exception as e:  # noqa: BLE001 - a stopped server needs --local on its host
+        _fail(f"{region}: PostgreSQL unreachable ({e}); if it is stopped by a fence, run this on its host with "
+              "--local", EXIT_FAILED)
+    r = redis_unfence(c.region(region).redis)
+    out.print(f"{region}: Redis " + ("fence lifted" if r.reachable else f"unreachable: {r.error}"))
+
+
 # -- runbooks -------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pydantic import BaseModel, computed_field
 
 from activities.postgres.status import PgStatus, pg_status
-from activities.redis.status import RedisStatus, SentinelView, redis_status, sentinel_view
+from activities.redis.status import RedisStatus, SentinelView, fenced, redis_status, sentinel_view
 from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig
 from eagle_dr.devserver import ui_reachable
@@ -44,6 +44,8 @@ class RegionView(BaseModel):
     configured_role: str
     postgres: PgStatus
     redis: RedisStatus
+    # A master that carries a runbook's fence (refuses writes / REPLICAOF).
+    redis_fenced: bool = False
 
 
 class TopologyStatus(BaseModel):
@@ -55,10 +57,13 @@ class TopologyStatus(BaseModel):
     temporal_address: str
     temporal_ui: str
     temporal_ui_reachable: bool
+    # Whether a runbook holds dr-move-<service> now (None: Temporal could not say).
+    move_running: bool | None = None
 
     @property
     def primaries(self) -> list[str]:
-        return [r.name for r in self.regions if r.postgres.role == "primary"]
+        """Writable primaries: a fenced (read-only) old primary is no second writer."""
+        return [r.name for r in self.regions if r.postgres.role == "primary" and not r.postgres.read_only]
 
     @computed_field
     @property
@@ -71,6 +76,30 @@ class TopologyStatus(BaseModel):
             if s.reachable:
                 named.setdefault(s.master or "none", []).append(s.address)
         return named if len(named) > 1 else {}
+
+    @computed_field
+    @property
+    def leftovers(self) -> list[str]:
+        """Fences with no runbook running to own them: what a terminated (or crashed and never
+        resumed) move leaves behind, each with its repair. Empty while a move runs: then they
+        are that move's, and it lifts them or rolls forward."""
+        if self.move_running is not False:
+            return []
+        out = []
+        writable = [r.name for r in self.regions if r.postgres.role == "primary" and not r.postgres.read_only]
+        for r in self.regions:
+            p, other = r.postgres, next((x.name for x in self.regions if x.name != r.name), "?")
+            repair = (f"eagle-dr failback --region {r.name}" if other in writable else
+                      f"eagle-dr unfence --region {r.name} (on its host add --local for a stopped one)")
+            if p.role == "primary" and p.read_only:
+                out.append(f"{r.name}: PostgreSQL is a fenced read-only primary and no runbook is running; "
+                           f"repair: {repair}")
+            elif p.role == "standby" and p.upstream is None and p.receiver_status is None:
+                out.append(f"{r.name}: PostgreSQL is held as a standby of nothing (a stop fence) and no runbook is "
+                           f"running; repair: {repair}")
+            if r.redis.role == "master" and r.redis_fenced:
+                out.append(f"{r.name}: Redis refuses writes (fenced) and no runbook is running; repair: {repair}")
+        return out
 
 
 async def _liveness(client, queues: list[str]) -> dict:
@@ -132,8 +161,11 @@ async def _pollers(address: str, queues: list[tuple[str, str, bool]]) -> list[Wo
 
 async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
     address = temporal_address or f"127.0.0.1:{cfg.lab.dev_server.grpc_port}"
-    regions = [RegionView(name=r.name, configured_role=r.role, postgres=pg_status(r.postgres, 2),
-                          redis=redis_status(r.redis, 2)) for r in cfg.regions]
+    regions = []
+    for r in cfg.regions:
+        rs = redis_status(r.redis, 2)
+        regions.append(RegionView(name=r.name, configured_role=r.role, postgres=pg_status(r.postgres, 2), redis=rs,
+                                  redis_fenced=rs.role == "master" and fenced(r.redis, 2)))
     seen, sentinels = set(), []
     for r in cfg.regions:
         for ep in r.redis.sentinels:
@@ -145,7 +177,24 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
     workers = await _pollers(address, queues)
     return TopologyStatus(service=cfg.service, active_region=LabRouter(cfg.lab.state_dir).active_region(),
                           regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
-                          temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url))
+                          temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url),
+                          move_running=await _move_running(address, cfg.service))
+
+
+async def _move_running(address: str, service: str) -> bool | None:
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from eagle_dr.temporal import connect
+
+    try:
+        client = await asyncio.wait_for(connect(address), 5)
+        desc = await client.get_workflow_handle(f"dr-move-{service}").describe()
+    except RPCError as e:
+        return False if e.status == RPCStatusCode.NOT_FOUND else None
+    except Exception:  # noqa: BLE001 - Temporal down: unknown, and no leftovers are claimed
+        return None
+    return desc.status == WorkflowExecutionStatus.RUNNING
 
 
 def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
@@ -172,6 +221,8 @@ def render(st: TopologyStatus) -> None:
                   f"({'[green]up[/]' if st.temporal_ui_reachable else '[red]down[/]'})")
     if len(st.primaries) > 1:
         console.print(f"[bold red]SPLIT BRAIN: writable PostgreSQL primaries in {', '.join(st.primaries)}[/]")
+    for left in st.leftovers:
+        console.print(f"[bold red]LEFT FENCED:[/] {left}")
 
     t = Table(title="PostgreSQL", title_justify="left")
     for col in ("region", "role", "timeline", "lsn", "replication", "lag", "note"):

@@ -1,0 +1,36 @@
+"""What a terminated runbook leaves behind (Terminate cannot be handled by a workflow):
+`eagle-dr status` names the fences no runbook owns, with the repair, and `eagle-dr unfence`
+lifts them. Real lab."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psycopg
+
+from activities.postgres.fence import fence_read_only
+from activities.redis import failover as redis_failover
+from eagle_dr.status import collect
+from tests.lab_helpers import _names
+
+
+def test_status_names_fences_no_runbook_owns_and_unfence_lifts_them(lab, lab_config_path):
+    a, _ = _names(lab)
+    fence_read_only(lab.cfg.region(a).postgres)
+    redis_failover.fence(lab.cfg.region(a).redis)
+    st = collect(lab.cfg)
+    assert st.move_running is False
+    text = "\n".join(st.leftovers)
+    assert f"{a}: PostgreSQL is a fenced read-only primary" in text and f"{a}: Redis refuses writes" in text
+    assert f"eagle-dr unfence --region {a}" in text
+    assert st.primaries == []  # a fenced primary is no writer: no split brain is claimed
+
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path), "unfence",
+                        "--region", a], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert collect(lab.cfg).leftovers == []
+    with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("create temp table writable_again (x int)")
+        assert conn.execute("show default_transaction_read_only").fetchone()[0] == "off"
+    lab.redis(a).client().set("eagle-dr:leftover-test", "ok")
