@@ -94,6 +94,12 @@ async def test_failover_after_a_crash_it_did_not_cause_reports_the_real_loss(lab
     never say "0 bytes, met"."""
     a = _primary(lab)
     b = lab.cfg.other(a).name
+    # Freshly promoted, as after any switchover: until its first checkpoint completes its
+    # control file names the previous timeline, and the loss must still be read on the right one.
+    for to in (b, a):
+        moved = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
+                                                                         target_region=to))).result()
+        assert moved.outcome == "succeeded"
     await _until(_async(lambda: _lag_bytes(lab, a) == 0), 30, "the standby to catch up")
     receiver = _aux_pid(lab, b, b"walreceiver")
     os.kill(receiver, signal.SIGSTOP)

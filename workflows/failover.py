@@ -358,7 +358,8 @@ def wal_rpo(rpo: Rpo, lost, fence: PgFence, replay_lsn: str | None) -> None:
     if lost is not None:
         rpo.lost_wal_bytes = max(0, lost.lost_bytes) if lost.lost_bytes is not None else None
         rpo.lost_commits = lost.lost_commits
-        rpo.wal_basis = "the old primary's own WAL read to its end from the promoted standby's replay LSN"
+        rpo.wal_basis = (f"the old primary's own WAL read to its end ({lost.end_lsn}) from the promoted standby's "
+                         f"replay LSN ({lost.fork_lsn})")
         if lost.lost_commits == 0:
             rpo.loss_window_s = 0.0
         elif lost.last_lost_commit_at and lost.last_commit_before_fork_at:

@@ -20,7 +20,7 @@ from activities.postgres.fence import PgFence, fence_read_only, fence_stop, lift
 from activities.postgres.promote import Promotion, PromotionAbort, abort_promotion, promote
 from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot, wait_replayed_past
 from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
-from activities.postgres.wal import WalUnreadable
+from activities.postgres.wal import WalUnreadable, current_timeline
 from eagle_dr.config import EagleConfig
 
 
@@ -170,7 +170,7 @@ class PostgresActivities:
         pg_waldump reads to the last valid record."""
         pg = self._pg(req.region)
         ctl = PgCtl(pg)
-        tli = int(ctl.controldata()["Latest checkpoint's TimeLineID"])
+        tli = current_timeline(ctl)
         if ctl.running():
             with connect(pg) as conn:
                 tli = conn.execute(f"select {CURRENT_TIMELINE}").fetchone()[0]

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_diff, lsn_to_int
-from activities.postgres.wal import commits_in_segment_before, scan, segment_size
+from activities.postgres.wal import commits_in_segment_before, current_timeline, scan, segment_size
 from activities.postgres.status import CURRENT_TIMELINE, connect
 from eagle_dr.config import PostgresConfig
 
@@ -64,7 +64,7 @@ def _switchpoint(history: str, parent: int) -> str | None:
 def fork_between(survivor: PostgresConfig, loser: PostgresConfig) -> ForkPoint:
     """Where the loser's history left the survivor's; the loser must be stopped (its control
     file then names its current timeline)."""
-    loser_tli = int(PgCtl(loser).controldata()["Latest checkpoint's TimeLineID"])
+    loser_tli = current_timeline(PgCtl(loser))
     with connect(survivor) as conn:
         survivor_tli = conn.execute(f"select {CURRENT_TIMELINE}").fetchone()[0]
         history = None

@@ -94,6 +94,17 @@ class WalScan:
         return {x for c in self.commits for x in (c.xid, *c.subxids)}
 
 
+def current_timeline(ctl: PgCtl) -> int:
+    """The timeline a stopped node last wrote on. pg_controldata alone can be stale: a node
+    promoted and then crashed before its first checkpoint still names the old timeline there,
+    and scanning that one from the fork would find nothing after it. The newest WAL segment's
+    timeline (a node writes, preallocates and recycles segments on its current one) says."""
+    tli = int(ctl.controldata().get("Latest checkpoint's TimeLineID", "0") or 0)
+    wal_dir = Path(ctl.data_dir) / "pg_wal"
+    names = [n for n in os.listdir(wal_dir) if len(n) == 24 and all(c in "0123456789ABCDEF" for c in n)]
+    return max([tli] + [int(n[:8], 16) for n in names])
+
+
 def segment_size(ctl: PgCtl) -> int:
     return int(ctl.controldata().get("Bytes per WAL segment", 16 * 1024 * 1024))
 
