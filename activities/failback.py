@@ -13,6 +13,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
 from activities.conflicts.apply import ApplySummary, apply_resolutions
+from activities.postgres import epoch as epochs
 from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
 from activities.postgres.divergence import EXTRACTION_MARGIN, ChangedRelation, ForkPoint, LostWal, NoFork, \
@@ -28,6 +29,9 @@ class FailbackRequest(BaseModel):
     region: str  # the region coming back (the loser of a split brain)
     primary_region: str  # the survivor
     approved_by: str | None = None
+    # The DR epoch the survivor recorded when the run decided: rewinding onto it is refused if
+    # a newer move has recorded a higher one since (it may no longer be the primary to follow).
+    epoch: int | None = None
 
 
 class Divergence(BaseModel):
@@ -183,6 +187,7 @@ class FailbackActivities:
     @activity.defn
     def rewind_old_primary(self, req: FailbackRequest) -> Rewound:
         old = self.cfg.region(req.region)
+        require_epoch(self._pg(req.primary_region), self.cfg.service, req.epoch, f"rewinding {req.region} onto")
         with heartbeating():
             return rewind_to_standby(old.postgres, self._pg(req.primary_region), application_name=old.name,
                                      slot=old.postgres.slot_name)
@@ -245,3 +250,14 @@ def _key_and_timestamp(conn, table: str) -> tuple[list[str], bool]:
     has_ts = conn.execute("select exists (select 1 from pg_attribute where attrelid = %s and attname = 'updated_at' "
                           "and not attisdropped)", (oid,)).fetchone()[0]
     return key, has_ts
+
+
+def require_epoch(primary, service: str, epoch: int | None, what: str) -> None:
+    """Refuse a destructive step (pg_rewind, a rejoin) onto a primary whose DR epoch moved past
+    the run's: a newer move acted since, and following this node may be following the wrong one."""
+    if epoch is None:
+        return  # a run recorded before the epoch was carried
+    held = epochs.read_epoch(primary, service).epoch
+    if held > epoch:
+        raise ApplicationError(f"stale epoch {epoch}: {what} a primary that records epoch {held} (a newer move ran "
+                               "since); nothing was changed", type="StaleEpoch", non_retryable=True)

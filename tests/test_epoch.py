@@ -40,3 +40,25 @@ def test_the_same_epoch_from_another_run_of_the_same_workflow_id_is_stale(lab):
     assert epochs.advance_epoch(pg, lab.cfg.service, nxt, primary, "dr-move-eagle-alert", "run-a").epoch == nxt
     with pytest.raises(epochs.StaleEpoch):
         epochs.advance_epoch(pg, lab.cfg.service, nxt, primary, "dr-move-eagle-alert", "run-b")
+
+
+def test_a_stale_rewind_or_rejoin_changes_nothing(lab):
+    """pg_rewind and a rejoin are destructive: onto a primary a newer move has acted on, refused first."""
+    from activities.failback import FailbackActivities, FailbackRequest
+    from activities.postgres.activities import RejoinRequest
+    from activities.postgres.status import pg_status
+
+    primary = _primary(lab)
+    other = lab.cfg.other(primary).name
+    held = _ensure_epoch(lab, primary)
+    before = pg_status(lab.cfg.region(other).postgres)
+    with pytest.raises(ApplicationError) as e:
+        FailbackActivities(lab.cfg).rewind_old_primary(FailbackRequest(region=other, primary_region=primary,
+                                                                       epoch=held - 1))
+    assert e.value.type == "StaleEpoch"
+    with pytest.raises(ApplicationError) as e:
+        PostgresActivities(lab.cfg).rejoin_as_standby(RejoinRequest(region=other, primary_region=primary,
+                                                                    epoch=held - 1))
+    assert e.value.type == "StaleEpoch"
+    after = pg_status(lab.cfg.region(other).postgres)
+    assert after.receiver_status == "streaming" and after.timeline == before.timeline

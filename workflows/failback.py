@@ -33,6 +33,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from activities.failback import Divergence, FailbackRequest, Reconciliation
     from activities.health import HealthActivities
+    from activities.postgres.activities import PostgresActivities
     from activities.postgres.rewind import Rewound
     from activities.redis.failback import RedisFailback
     from workflows.models import ApprovalPolicy, RunbookResult, SwitchoverInput, Trigger
@@ -107,7 +108,13 @@ class FailbackWorkflow(Rejoin):
         measured = False
         try:
             approval = await self.approval(inp.approval, f"fail {inp.service} back to {inp.region}")
-            req = FailbackRequest(region=inp.region, primary_region=primary, approved_by=approval.approver)
+            epoch = None
+            if workflow.patched("failback-epoch"):
+                # What the primary records now: the rewind refuses to follow it if a newer move acts meanwhile.
+                epoch = (await self.act(PostgresActivities.read_epoch, primary, queue=pq, timeout=30)).epoch
+                self.epoch = epoch
+            req = FailbackRequest(region=inp.region, primary_region=primary, approved_by=approval.approver,
+                                  epoch=epoch)
 
             pg = o_health.postgres
             divergence = rreq = None

@@ -193,7 +193,7 @@ class SplitBrainWorkflow(Rejoin):
                         "then run split-brain resolution again.", type="LoserUnfenced", non_retryable=True)
             result.single_writer_at = workflow.now()
 
-            req = FailbackRequest(region=loser, primary_region=survivor)
+            req = FailbackRequest(region=loser, primary_region=survivor, epoch=self.epoch)
             if redis_split:
                 result.redis = await self.rejoin_redis(req, lq)
             else:

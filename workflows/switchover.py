@@ -176,7 +176,7 @@ class SwitchoverWorkflow(Runbook):
         async with self.step("old primary becomes standby") as st:
             try:
                 rejoined = await self.act(PostgresActivities.rejoin_as_standby, RejoinRequest(
-                    region=source, primary_region=target), queue=sq, timeout=330, heartbeat=30)
+                    region=source, primary_region=target, epoch=self.epoch), queue=sq, timeout=330, heartbeat=30)
                 st.detail = f"{source} streams from {rejoined.upstream} via slot {rejoined.slot}"
             except ActivityError as e:
                 st.status = "failed"

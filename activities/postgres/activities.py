@@ -57,6 +57,8 @@ class RejoinRequest(BaseModel):
     region: str
     primary_region: str
     timeout_seconds: float = 300
+    # The epoch the run recorded in the primary it rejoins to (None in older histories).
+    epoch: int | None = None
 
 
 def _heartbeat(details) -> None:
@@ -188,5 +190,10 @@ class PostgresActivities:
     @activity.defn
     def rejoin_as_standby(self, req: RejoinRequest) -> Rejoined:
         old = self.cfg.region(req.region)
+        if req.epoch is not None:
+            held = epochs.read_epoch(self._pg(req.primary_region), self.cfg.service).epoch
+            if held > req.epoch:
+                raise ApplicationError(f"stale epoch {req.epoch}: {req.primary_region} records epoch {held}; not "
+                                       f"rejoining {req.region} to it", type="StaleEpoch", non_retryable=True)
         return rejoin_as_standby(old.postgres, self._pg(req.primary_region), application_name=old.name,
                                  slot=old.postgres.slot_name, timeout_s=req.timeout_seconds, heartbeat=_heartbeat)
