@@ -214,7 +214,7 @@ def test_immutable_never_changes_an_existing_row_and_keeps_inserts(pair, prio):
 @given(pair=pairs(), prio=priorities, ttl=st.sampled_from([30, 60, 61, 500]))
 def test_freshness_never_lets_a_stale_version_beat_a_fresh_one(pair, prio, ttl):
     s, l = pair
-    table = TableConflictConfig(strategy="freshness-priority", ttl=timedelta(minutes=ttl))
+    table = TableConflictConfig(strategy="freshness-priority", ttl=timedelta(minutes=ttl), created_column="created_at")
     r = resolve(table, KEY, s, l, prio, FORK, NOW)
     if not _live_conflict(s, l):
         return
