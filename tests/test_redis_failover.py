@@ -301,6 +301,16 @@ def test_switchover_under_writer_loses_no_acknowledged_write(rlab: RedisLab):
     again = switchover(a, b, timeout_s=10)
     assert again.already_done and again.replid == res.replid
     assert rlab.password not in res.model_dump_json() + again.model_dump_json()
+    # What a restart reads agrees with the roles: b a master, a its replica (not a loop).
+    assert _conf_replicaof(rlab.client(b)) is None
+    assert _conf_replicaof(rlab.client(a)) == f"{b.host} {b.port}"
+
+
+def _conf_replicaof(c) -> str | None:
+    path = c.info("server")["config_file"]
+    lines = [ln.split(None, 1)[1].strip() for ln in open(path).read().splitlines()
+             if ln.strip().startswith(("replicaof ", "slaveof "))]
+    return lines[-1] if lines else None
 
 
 def test_switchover_to_the_current_master_is_already_done(rlab: RedisLab):

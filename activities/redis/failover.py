@@ -462,6 +462,9 @@ def switchover(old: RedisConfig, new: RedisConfig, timeout_s: float = 30,
             promoted = True  # from here on, a failed REPLICAOF NO ONE may still have been applied
             n.replicaof("NO", "ONE")
             n.config_set("replica-priority", 100)
+        # The new master's redis.conf must say master too: left saying "replicaof <old>" while
+        # old's says "replicaof <new>", a restart of both (a region outage) is a loop with no master.
+        _persist(n)
         _replicate_from(o, new)
         demoted = True
     finally:
