@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
@@ -142,11 +142,19 @@ class Runbook:
         # A cancel request waits for the step in flight to finish (or to see the cancel, when it
         # heartbeats) before the runbook goes on to undo it: undoing a fence while the fence
         # still runs would leave it in place.
-        return await workflow.execute_activity_method(
-            fn, *args, task_queue=queue, start_to_close_timeout=timedelta(seconds=timeout),
-            schedule_to_start_timeout=timedelta(seconds=schedule_to_start) if schedule_to_start else None,
-            heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
-            summary=summary, cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+        try:
+            return await workflow.execute_activity_method(
+                fn, *args, task_queue=queue, start_to_close_timeout=timedelta(seconds=timeout),
+                schedule_to_start_timeout=timedelta(seconds=schedule_to_start) if schedule_to_start else None,
+                heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
+                summary=summary, cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+        except ActivityError as e:
+            # A step that ended because the run was asked to cancel is the cancel, not a failed
+            # step: as a CancelledError no "except ActivityError" (a dead region's probe, say)
+            # can swallow it and carry on with the move.
+            if isinstance(e.cause, CancelledError):
+                raise asyncio.CancelledError() from e
+            raise
 
     # -- the point of no return ---------------------------------------------------------------
 
