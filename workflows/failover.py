@@ -176,11 +176,7 @@ class FailoverWorkflow(Runbook):
                     self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, "
                                                               f"DNS) and scale its services up")
 
-            async with self.step("verify") as st:
-                verification = await self.act(TrafficActivities.verify_service, target, queue=control, timeout=60)
-                st.detail = "write + read OK" if verification.ok else f"FAILED: {verification.error}"
-                if not verification.ok:
-                    st.status = "failed"
+            verification = await self.verify(target, control)
             serving_at = workflow.now()
 
             async with self.step("measure RTO/RPO") as st:

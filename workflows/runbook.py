@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.activities import PostgresActivities
     from activities.postgres.epoch import EpochRecord
     from activities.topology import Topology, TopologyActivities
+    from activities.traffic import TrafficActivities
     from eagle_dr.temporal import (
         DR_EPOCH,
         DR_OUTCOME,
@@ -262,6 +263,15 @@ class Runbook:
         rto.client_outage_s = outage.outage_seconds
         return [f"{acked.missing} acknowledged writes missing in {target}: {acked.missing_sample}"] \
             if acked.missing else []
+
+    async def verify(self, target: str, control: str):
+        """A real write and read through the service in ``target``; a failure is reported, not raised."""
+        async with self.step("verify") as st:
+            verification = await self.act(TrafficActivities.verify_service, target, queue=control, timeout=60)
+            st.detail = "write + read OK" if verification.ok else f"FAILED: {verification.error}"
+            if not verification.ok:
+                st.status = "failed"
+        return verification
 
     async def find_primary(self, topo: Topology) -> str | None:
         """Which region's PostgreSQL is primary now, as each region's own worker sees it."""

@@ -166,11 +166,7 @@ class SwitchoverWorkflow(Runbook):
             if route is not None:
                 st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
 
-        async with self.step("verify") as st:
-            verification = await self.act(TrafficActivities.verify_service, target, queue=control, timeout=60)
-            st.detail = "write + read OK" if verification.ok else f"FAILED: {verification.error}"
-            if not verification.ok:
-                st.status = "failed"
+        verification = await self.verify(target, control)
         serving_at = workflow.now()
 
         async with self.step("old primary becomes standby") as st:
