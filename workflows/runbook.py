@@ -143,12 +143,23 @@ class Runbook:
         # A cancel request waits for the step in flight to finish (or to see the cancel, when it
         # heartbeats) before the runbook goes on to undo it: undoing a fence while the fence
         # still runs would leave it in place.
+        step = asyncio.ensure_future(workflow.execute_activity_method(
+            fn, *args, task_queue=queue, start_to_close_timeout=timedelta(seconds=timeout),
+            schedule_to_start_timeout=timedelta(seconds=schedule_to_start) if schedule_to_start else None,
+            heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
+            summary=summary, cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
         try:
-            return await workflow.execute_activity_method(
-                fn, *args, task_queue=queue, start_to_close_timeout=timedelta(seconds=timeout),
-                schedule_to_start_timeout=timedelta(seconds=schedule_to_start) if schedule_to_start else None,
-                heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
-                summary=summary, cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+            return await asyncio.shield(step)
+        except asyncio.CancelledError:
+            # Asked to cancel while the step runs: pass the request on and wait for the step to
+            # end, then cancel all the same. Left to the SDK, a step that completes anyway
+            # returns its result and the cancel request is dropped (the move carries on).
+            step.cancel()
+            try:
+                await step
+            except BaseException:  # noqa: BLE001 - its outcome no longer matters: the run is cancelled
+                pass
+            raise
         except ActivityError as e:
             # A step that ended because the run was asked to cancel is the cancel, not a failed
             # step: as a CancelledError no "except ActivityError" (a dead region's probe, say)
