@@ -45,7 +45,12 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line("-+-".join("-" * w for w in widths))
     for r in rows:
         tr.write_line(fmt(r))
-    bad = [r for r in ROWS if r.violated]
+    verbose = tr.config.option.verbose > 0
+    for r in ROWS if verbose else []:
+        tr.write_line("")
+        tr.write_line(r.explain() + f"\n  lab restored by: {'; '.join(r.restored) or 'nothing needed'} "
+                                    f"({r.seconds:.0f}s)")
+    bad = [r for r in ROWS if r.violated and not r.fault.xfail]
     for r in bad:
         tr.write_line("")
         tr.write_line("VIOLATED: " + r.explain())

@@ -367,6 +367,8 @@ def kill_worker(victim: str | None) -> tuple[Action, Action]:
 async def kill_dev_server(ctx: Ctx) -> None:
     ds = DevServer(ctx.lab.cfg)
     assert kill_tree(read_pid(ds.pidfile)), "no dev server to kill"
+    # Its listening socket outlives the pid by a moment: up() would take it for a stranger's.
+    await _until(_async(lambda: not ds._port_open()), 30, "the dev server's port to close")
 
 
 async def restart_dev_server(ctx: Ctx) -> None:

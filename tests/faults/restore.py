@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from activities.postgres.ctl import FENCE_MARKER, PgCtl
+from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError
 from activities.postgres.fence import lift_stop_fence, unfence
 from activities.postgres.status import pg_status
 from activities.redis import failover as redis_failover
@@ -35,12 +35,25 @@ def _writable(lab) -> list[str]:
     return [r.name for r in lab.cfg.regions if pg_takes_writes(lab, r.name)[0]]
 
 
-def processes_up(lab) -> None:
-    """Every process a fault may have killed: the dev server, workers, the regions' servers."""
-    DevServer(lab.cfg).up()
+async def processes_up(lab) -> list[str]:
+    """Every process a fault may have killed: the dev server, workers, the regions' servers.
+    Returns what would not start (a diverged old primary held as a standby refuses to: its
+    WAL runs past the fork; failback rewinds it)."""
+    await asyncio.to_thread(DevServer(lab.cfg).up)
+    failed = []
     for r in lab.cfg.regions:
-        lab.heal_region(r.name)  # a stop-fenced PostgreSQL comes back a standby of nothing: safe
+        lab.redis(r.name).start()
+        pg = lab.postgres(r.name)
+        if not pg.running():
+            try:
+                pg.start()  # a stop-fenced PostgreSQL comes back a standby of nothing: safe
+            except PgCtlError as e:
+                failed.append(f"{r.name}: {str(e).splitlines()[0]}")
+    for _place, sentinel in lab.sentinels():
+        sentinel.start()
     lab.start_workers()
+    lab.repoint_sentinels()
+    return failed
 
 
 def _lift_every_fence(lab, region: str) -> None:
@@ -61,7 +74,7 @@ async def restore_reference(lab, client) -> list[str]:
     """Returns what had to be done (for the report)."""
     home, other = lab.cfg.primary.name, lab.cfg.secondary.name
     done: list[str] = []
-    processes_up(lab)
+    done += [f"would not start: {x}" for x in await processes_up(lab)]
     writable = _writable(lab)
 
     if writable == [home] and _streams_from(lab, other, home):
