@@ -273,15 +273,15 @@ class _Acked:
 
 
 def _phase(checks: dict[str, Check], phase: str, new: dict[str, Check]) -> None:
+    """Merge one phase's checks in: violated in any phase is violated; evidence from each."""
     for k, c in new.items():
         old = checks.get(k)
-        tagged = Check(c.held, f"[{phase}] {c.evidence}")
-        if old is None or old.held is None:
-            checks[k] = tagged
-        elif c.held is False or (c.held is True and old.held is True):
-            checks[k] = Check(c.held if c.held is False else old.held,
-                              f"{old.evidence} | {tagged.evidence}" if c.held is not False else
-                              f"{tagged.evidence} | {old.evidence}")
+        evidence = f"[{phase}] {c.evidence}"
+        if old is None:
+            checks[k] = Check(c.held, evidence)
+            continue
+        held = False if False in (old.held, c.held) else None if old.held is None and c.held is None else True
+        checks[k] = Check(held, f"{old.evidence} | {evidence}")
 
 
 async def run_fault(lab, client, fault: Fault) -> Row:
