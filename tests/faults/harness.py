@@ -41,6 +41,8 @@ from workflows.runbook import move_id
 from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
 
 BEFORE, AFTER = "(before the run)", "(after the run)"
+# Right after the run started (a monitor has no steps: it watches in rounds).
+RUNNING = "(while it runs)"
 RUN_TIMEOUT_S = 600
 
 
@@ -103,6 +105,8 @@ class Scenario:
     # old primary, and the restoring failback keeps them).
     acked_after_restore: bool = False
     audited: bool = False
+    # A run that never ends by itself (the monitor): how to end it, returning the outcome.
+    until_end: Callable[[Ctx], Awaitable[str]] | None = None
 
 
 async def _start_failover(ctx: Ctx, kw: dict) -> WorkflowHandle:
@@ -162,6 +166,70 @@ async def _start_split(ctx: Ctx, kw: dict) -> WorkflowHandle:
         id=move_id(ctx.lab.cfg.service), task_queue=ctx.lab.cfg.temporal.control_task_queue)
 
 
+async def _monitor_state(handle):
+    from workflows.monitor import MonitorState
+
+    try:
+        return await handle.query("monitor_state", result_type=MonitorState)
+    except Exception:  # noqa: BLE001 - not started yet, or the server is restarting
+        return None
+
+
+async def _start_monitor(ctx: Ctx, kw: dict) -> WorkflowHandle:
+    """The monitor with automatic failover on, once it has seen the primary up from everywhere."""
+    from workflows.monitor import MonitorInput, MonitorWorkflow
+
+    h = await ctx.client.start_workflow(MonitorWorkflow.run, MonitorInput(**{
+        "service": ctx.lab.cfg.service, "interval_seconds": 1, "failure_threshold": 2, "auto_failover": True, **kw}),
+        id=f"monitor-fault-{uuid.uuid4()}", task_queue=ctx.lab.cfg.temporal.control_task_queue)
+    ctx.state["t0"] = time.time()
+
+    async def healthy():
+        st = await _monitor_state(h)
+        return st if st and st.rounds >= 1 and st.votes and set(st.votes.values()) == {"up"} else None
+
+    ctx.state["rounds0"] = (await _until(healthy, 60, "the monitor's first healthy round")).rounds
+    return h
+
+
+async def _watch_then_stop(ctx: Ctx) -> str:
+    """More rounds than the failure threshold with the fault in place; the monitor must still
+    run and must not have started a failover. Then it is ended (terminate: a test's end)."""
+    from temporalio.client import WorkflowExecutionStatus
+
+    h = ctx.handle
+
+    async def enough():
+        st = await _monitor_state(h)
+        return st if st and st.rounds >= ctx.state["rounds0"] + st.failure_threshold + 3 else None
+
+    st = await _until(enough, 120, "more monitor rounds than its failure threshold")
+    status = (await h.describe()).status
+    moved = await _moves_since(ctx, ctx.state["t0"])
+    ctx.extra_checks["monitor: no false failover"] = Check(
+        st.failovers_started == 0 and not moved and status == WorkflowExecutionStatus.RUNNING,
+        f"monitor {status.name} after {st.rounds} rounds; failovers started {st.failovers_started}; moves since: "
+        f"{moved or 'none'}; findings {st.findings[-3:]}")
+    await h.terminate("fault test over")
+    return f"watched {st.rounds} rounds"
+
+
+async def _moves_since(ctx: Ctx, t0: float) -> list[str]:
+    try:
+        desc = await ctx.client.get_workflow_handle(move_id(ctx.lab.cfg.service)).describe()
+    except RPCError:
+        return []
+    return [desc.workflow_type] if desc.start_time.timestamp() >= t0 else []
+
+
+async def _start_drill(ctx: Ctx, kw: dict) -> WorkflowHandle:
+    from eagle_dr.launch import start_drill
+    from workflows.drill import DrillInput
+
+    return await start_drill(ctx.client, ctx.lab.cfg, DrillInput(**{
+        "service": ctx.lab.cfg.service, "probe_interval_seconds": 0.5, "failure_threshold": 2, **kw}))
+
+
 SCENARIOS = {
     "failover": Scenario("failover", ("preflight", "take DR epoch", "fence old primary", "promote",
                                       "re-route traffic", "verify", "measure RTO/RPO"), _nothing, _start_failover),
@@ -175,6 +243,11 @@ SCENARIOS = {
     "split-brain": Scenario("split-brain", ("detect", "decide the survivor", "fence", "preserve and re-attach Redis",
                                             "measure what", "reconcile diverged rows", "rewind", "verify"),
                             _prepare_split, _start_split, acked_after_restore=True, audited=True),
+    "monitor": Scenario("monitor", (), _nothing, _start_monitor, until_end=_watch_then_stop),
+    # The drill kills the region it switched to and fails over, then fails back: its loser's
+    # rows come back through failback, so acked writes are judged once it is all over.
+    "drill": Scenario("drill", ("switchover", "outage", "detect", "failover", "failback"), _nothing, _start_drill,
+                      acked_after_restore=True),
 }
 
 
@@ -257,6 +330,8 @@ def _short(e) -> str:
 
 def _rpo(result):
     rpo = getattr(result, "rpo", None)
+    if rpo is None and getattr(result, "failover", None) is not None:
+        rpo = result.failover.rpo  # the drill's
     if rpo is None and getattr(result, "switchover", None) is not None:
         rpo = result.switchover.rpo
     return rpo
@@ -302,12 +377,18 @@ async def run_fault(lab, client, fault: Fault) -> Row:
                 row.injected_at = BEFORE
             ctx.handle = await scen.start(ctx, dict(fault.input_overrides))
             workflow_ids.append(ctx.handle.id)
-            if fault.point not in (BEFORE, AFTER):
+            if fault.point == RUNNING:
+                row.injected_at = RUNNING
+                await fault.inject(ctx)
+            elif fault.point not in (BEFORE, AFTER):
                 row.injected_at = await _reached(ctx.handle, fault.point, scen.steps)
                 await fault.inject(ctx)
             if fault.heal_at == "now":
                 await fault.heal(ctx)
-            row.outcome, result = await _wait_end(ctx.handle)
+            if scen.until_end is not None:
+                row.outcome = await scen.until_end(ctx)
+            else:
+                row.outcome, result = await _wait_end(ctx.handle)
             if fault.point == AFTER:
                 await fault.inject(ctx)
                 row.injected_at = AFTER
@@ -481,3 +562,17 @@ async def monitor_off(ctx: Ctx) -> None:
             await h.terminate("fault test over")
         except RPCError:
             pass
+
+
+async def forced_failover_then_first_drill(ctx: Ctx) -> None:
+    """Issue 8 item 19's path: a forced failover and its failback, then a first drill; the
+    run under test is the second drill in a row."""
+    from eagle_dr.launch import start_drill
+    from workflows.drill import DrillInput
+
+    await _prepare_fork(ctx)
+    ctx.state["restored"] = await restore_reference(ctx.lab, ctx.client)  # failback keeps the fork's rows
+    first = await (await start_drill(ctx.client, ctx.lab.cfg, DrillInput(
+        service=ctx.lab.cfg.service, probe_interval_seconds=0.5, failure_threshold=2))).result()
+    ctx.state["first drill"] = first
+    await restore_reference(ctx.lab, ctx.client)

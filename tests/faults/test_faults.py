@@ -13,11 +13,13 @@ import pytest
 from tests.faults.harness import (
     AFTER,
     BEFORE,
+    RUNNING,
     SCENARIOS,
     Fault,
     break_routing,
     cancel,
     crash_primary,
+    forced_failover_then_first_drill,
     freeze_promotion,
     kill_dev_server,
     kill_worker,
@@ -85,8 +87,13 @@ SLOW = [
           slow=True),
     Fault("monitor running, auto failover on", "switchover", BEFORE, monitor_on, monitor_off, heal_at="end",
           slow=True),
+    Fault("primary's worker kill -9, database healthy", "monitor", RUNNING, *kill_worker("source"), heal_at="end",
+          slow=True),
+    Fault("second drill in a row after a forced failover", "drill", BEFORE, forced_failover_then_first_drill,
+          slow=True),
     *[Fault("cancel", rb, step, cancel, slow=True) for rb, scen in SCENARIOS.items() for step in scen.steps
-      if (rb, step) not in (("switchover", "take DR epoch"), ("failover", "promote"))],
+      if rb in ("failover", "switchover", "failback", "split-brain")
+      and (rb, step) not in (("switchover", "take DR epoch"), ("failover", "promote"))],
 ]
 
 
