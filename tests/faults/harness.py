@@ -290,7 +290,7 @@ async def _reached(handle: WorkflowHandle, point: str, order: tuple[str, ...]) -
         if idx is not None:
             later = [s.name for s in p.steps if any(s.name.startswith(o) for o in order[idx + 1:])]
             if later or any(s.name.startswith(point) for s in p.steps):
-                return f"{point} (seen late: {(later or [point])[-1]} running)"
+                return f"{point} (too quick to see: at {p.steps[-1].name})"
         if p.outcome:
             raise AssertionError(f"the run ended ({p.outcome}) before {point!r}: "
                                  f"{[(s.name, s.status) for s in p.steps]}")
@@ -576,3 +576,16 @@ async def forced_failover_then_first_drill(ctx: Ctx) -> None:
         service=ctx.lab.cfg.service, probe_interval_seconds=0.5, failure_threshold=2))).result()
     ctx.state["first drill"] = first
     await restore_reference(ctx.lab, ctx.client)
+
+
+def dead_source_worker_then_restart_fenced() -> tuple[Action, Action]:
+    """The old primary's worker is dead, so failover can only fence it read-only over the
+    network; once the run is over its PostgreSQL and Redis restart (a reboot) and the worker
+    comes back. The read-only fence lives in postgresql.auto.conf: it must hold after that."""
+    inject, start_worker = kill_worker("source")
+
+    async def heal(ctx: Ctx) -> None:
+        await restart_fenced_servers(ctx)
+        await start_worker(ctx)
+
+    return inject, heal

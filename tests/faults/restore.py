@@ -76,6 +76,10 @@ async def restore_reference(lab, client) -> list[str]:
     done: list[str] = []
     done += [f"would not start: {x}" for x in await processes_up(lab)]
     writable = _writable(lab)
+    if len(writable) == 1 and writable[0] != home:
+        # A degraded run may have left Redis behind PostgreSQL (its repair line says how):
+        # the switch back refuses to start unless Redis follows the primary.
+        done += _redis_home(lab, writable[0], home)
 
     if writable == [home] and _streams_from(lab, other, home):
         pass
@@ -95,6 +99,7 @@ async def restore_reference(lab, client) -> list[str]:
             await _until(_async(lambda: _streams_from(lab, home, other)), 120, f"{home} to stream")
             await _switch(lab, client, home)
         if _writable(lab) != [home]:
+            done += _redis_home(lab, other, home)
             await _switch(lab, client, home)
     elif writable == [home]:
         done.append(f"{other} rebuilt from {home}")
