@@ -262,14 +262,17 @@ class Row:
     checks: dict[str, Check] = field(default_factory=dict)
     restored: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    report: str = ""
 
     @property
     def violated(self) -> list[str]:
-        return [k for k, c in self.checks.items() if c.held is False]
+        return [k for k, c in self.checks.items() if c.held is False and not c.reported]
 
     def explain(self) -> str:
         lines = [f"{self.fault.name} in {self.fault.runbook} at {self.injected_at}: run {self.outcome}"]
         lines += [f"  {k}: {c.cell}: {c.evidence}" for k, c in self.checks.items()]
+        if self.report:
+            lines.append(f"  report: {self.report}")
         return "\n".join(lines)
 
 
@@ -337,6 +340,27 @@ def _rpo(result):
     return rpo
 
 
+def _summary(result) -> str:
+    """What the run reported that bears on the invariants: RPO, degraded parts, what failback kept."""
+    if result is None:
+        return ""
+    out = []
+    for name in ("failover", "switchover", "failback"):
+        part = getattr(result, name, None)
+        if part is not None and part is not result:
+            out.append(f"{name}: {_summary(part)}")
+    if (rpo := getattr(result, "rpo", None)) is not None:
+        out.append(f"rpo lost_commits={rpo.lost_commits} lost_wal_bytes={rpo.lost_wal_bytes} met={rpo.met} "
+                   f"acked_lost={rpo.acknowledged_writes_lost}")
+    if (rec := getattr(result, "reconciliation", None)) is not None:
+        out.append(f"reconciled (written, conflicts, flagged)={rec.totals()}")
+    if (div := getattr(result, "divergence", None)) is not None:
+        out.append(f"lost commits after the fork={div.lost.lost_commits}")
+    if degraded := getattr(result, "degraded", None):
+        out.append(f"degraded: {degraded}")
+    return "{" + "; ".join(out) + "}"
+
+
 class _Acked:
     """The writer's acked ids plus the rows a scenario wrote itself."""
 
@@ -346,6 +370,15 @@ class _Acked:
     def acked_ids(self) -> list[int]:
         return sorted(set(self.writer.acked_ids()) | set(self.extra))
 
+    def where(self, ids: list[int]) -> str:
+        """Where and when the missing writes were acknowledged (seconds after the first)."""
+        w = self.writer
+        t0 = min(w.acked.values(), default=0)
+        regions = sorted({w.region_of.get(i, "scenario") for i in ids})
+        times = [w.acked[i] - t0 for i in ids if i in w.acked]
+        span = f", acked {min(times):.1f}-{max(times):.1f}s after the first" if times else ""
+        return f"; acked on {', '.join(regions)}{span}"
+
 
 def _phase(checks: dict[str, Check], phase: str, new: dict[str, Check]) -> None:
     """Merge one phase's checks in: violated in any phase is violated; evidence from each."""
@@ -353,10 +386,11 @@ def _phase(checks: dict[str, Check], phase: str, new: dict[str, Check]) -> None:
         old = checks.get(k)
         evidence = f"[{phase}] {c.evidence}"
         if old is None:
-            checks[k] = Check(c.held, evidence)
+            checks[k] = Check(c.held, evidence, c.reported)
             continue
         held = False if False in (old.held, c.held) else None if old.held is None and c.held is None else True
-        checks[k] = Check(held, f"{old.evidence} | {evidence}")
+        reported = held is False and all(x.reported for x in (old, c) if x.held is False)
+        checks[k] = Check(held, f"{old.evidence} | {evidence}", reported)
 
 
 async def run_fault(lab, client, fault: Fault) -> Row:
@@ -406,8 +440,14 @@ async def run_fault(lab, client, fault: Fault) -> Row:
     if scen.audited:
         after_run["one audit row per key"] = check_audit(lab, primary, workflow_ids) if primary else \
             Check(None, "no single primary to read the audit from after the run")
+    degraded = " ".join(getattr(result, "degraded", None) or [])
+    r = after_run["routing = primary"]
+    if r.held is False and "re-routing failed" in degraded:
+        after_run["routing = primary"] = Check(False, r.evidence + "; the run reports re-routing degraded, with its "
+                                                                  "repair", reported=True)
     _phase(row.checks, "after the run", after_run)
     _phase(row.checks, "after the run", ctx.extra_checks)
+    row.report = _summary(result)
 
     row.restored = await restore_reference(lab, client)
     pg, writable = check_one_writable_pg(lab)

@@ -23,6 +23,8 @@ from tests.faults.invariants import pg_takes_writes
 from tests.lab_helpers import _async, _until
 from workflows.failback import FailbackInput, FailbackWorkflow
 from workflows.models import SwitchoverInput
+from workflows.runbook import move_id
+from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
 
 
 def _streams_from(lab, standby: str, primary: str) -> bool:
@@ -76,6 +78,18 @@ async def restore_reference(lab, client) -> list[str]:
     done: list[str] = []
     done += [f"would not start: {x}" for x in await processes_up(lab)]
     writable = _writable(lab)
+    if len(writable) == 2:
+        # Two writable primaries (a forced failover's old primary came back, or a run left a
+        # split): resolve it with the runbook, which keeps both sides' writes.
+        try:
+            res = await client.execute_workflow(
+                SplitBrainWorkflow.run, SplitBrainInput(service=lab.cfg.service, reason="fault suite: restore"),
+                id=move_id(lab.cfg.service), task_queue=lab.cfg.temporal.control_task_queue)
+            done.append(f"split brain resolved: {res.outcome}")
+        except Exception as e:  # noqa: BLE001 - the lab must come back all the same
+            done.append(f"split-brain resolution failed ({type(e).__name__}); {other} rebuilt from {home}")
+            lab.rebuild_standby(other)
+        writable = _writable(lab)
     if len(writable) == 1 and writable[0] != home:
         # A degraded run may have left Redis behind PostgreSQL (its repair line says how):
         # the switch back refuses to start unless Redis follows the primary.
@@ -102,9 +116,10 @@ async def restore_reference(lab, client) -> list[str]:
             done += _redis_home(lab, other, home)
             await _switch(lab, client, home)
     elif writable == [home]:
-        done.append(f"{other} rebuilt from {home}")
-        lab.rebuild_standby(other)
-    elif not writable:
+        if not _streams_from(lab, other, home):
+            done.append(f"{other} rebuilt from {home}")
+            lab.rebuild_standby(other)
+    else:
         # Both fenced or stopped: the home region's own data is the reference; lift its fences.
         done.append(f"fences on {home} lifted by hand")
         _lift_every_fence(lab, home)
@@ -112,11 +127,6 @@ async def restore_reference(lab, client) -> list[str]:
         if not _streams_from(lab, other, home):
             done.append(f"{other} rebuilt from {home}")
             lab.rebuild_standby(other)
-    else:
-        # Two writable primaries: keep the home region's side (the run under test already had
-        # its chance to resolve it), throw the other's away.
-        done.append(f"split brain left: {other} rebuilt from {home}")
-        lab.rebuild_standby(other)
 
     await _until(_async(lambda: _streams_from(lab, other, home)), 120, f"{other} to stream from {home}")
     done += _redis_home(lab, home, other)

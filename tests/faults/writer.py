@@ -23,6 +23,7 @@ class AckedWriter:
         # 9.6e9 and up: clear of the sample app's ids and the other tests' fixed keys.
         self.next_id = 9_600_000_000 + (uuid.uuid4().int % 10**5) * 10**4
         self.acked: dict[int, float] = {}
+        self.region_of: dict[int, str] = {}
         self.failed = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -71,6 +72,7 @@ class AckedWriter:
             return
         with self._lock:
             self.acked[i] = time.time()
+            self.region_of[i] = region
 
     def _run(self) -> None:
         while not self._stop.is_set():
