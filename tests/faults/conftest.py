@@ -37,8 +37,8 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     short = {"one writable pg": "1 writable PG", "one unfenced redis master": "1 Redis master",
              "routing = primary": "routing", "acked writes kept": "acked writes", "one audit row per key": "audit",
-             "monitor: no false failover": "monitor"}
-    head = ["fault", "runbook", "injected at", "run ended", *[short[k] for k in INVARIANTS]]
+             "monitor: no false failover": "monitor", "cancel answered": "cancel"}
+    head = ["fault", "runbook", "injected at", "run ended", *[short.get(k, k) for k in INVARIANTS]]
     rows = [[r.fault.name, r.fault.runbook, r.injected_at or r.fault.point, r.outcome or "(test error)",
              *[r.checks[k].cell if k in r.checks else "-" for k in INVARIANTS]] for r in ROWS]
     widths = [min(48, max(len(str(x[i])) for x in [head, *rows])) for i in range(len(head))]

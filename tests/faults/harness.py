@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ from activities.postgres.status import pg_status
 from eagle_dr.devserver import DevServer
 from eagle_dr.launch import start_move
 from lab.processes import kill_tree, read_pid, wait_gone
-from tests.faults.invariants import INVARIANTS, Check, check_acked_writes, check_audit, check_one_redis_master, \
+from tests.faults.invariants import INVARIANTS, Check, check_acked_writes, check_audit, check_cancel_answered, check_one_redis_master, \
     check_one_writable_pg, check_routing
 from tests.faults.restore import restore_reference
 from tests.faults.writer import AckedWriter
@@ -410,10 +411,12 @@ async def run_fault(lab, client, fault: Fault) -> Row:
                 await fault.inject(ctx)
                 row.injected_at = BEFORE
             ctx.handle = await scen.start(ctx, dict(fault.input_overrides))
-            workflow_ids.append(ctx.handle.id)
+            workflow_ids.append(ctx.handle.result_run_id or ctx.handle.first_execution_run_id)
             if fault.point == RUNNING:
                 row.injected_at = RUNNING
                 await fault.inject(ctx)
+                if ctx.state.get("in flight"):
+                    row.injected_at = f"{RUNNING}: {', '.join(ctx.state['in flight'])} in flight"
             elif fault.point not in (BEFORE, AFTER):
                 row.injected_at = await _reached(ctx.handle, fault.point, scen.steps)
                 await fault.inject(ctx)
@@ -427,7 +430,9 @@ async def run_fault(lab, client, fault: Fault) -> Row:
                 await fault.inject(ctx)
                 row.injected_at = AFTER
         finally:
-            if fault.heal_at == "end":
+            # Healed however the run went: a fault left in place (a frozen worker, a broken
+            # routing file) would break every test after this one. Each heal is idempotent.
+            if fault.heal_at == "end" or sys.exc_info()[0] is not None:
                 await fault.heal(ctx)
     acked = _Acked(writer, ctx.extra_acked)
 
@@ -445,6 +450,8 @@ async def run_fault(lab, client, fault: Fault) -> Row:
     if r.held is False and "re-routing failed" in degraded:
         after_run["routing = primary"] = Check(False, r.evidence + "; the run reports re-routing degraded, with its "
                                                                   "repair", reported=True)
+    if fault.inject in (cancel, pause_worker_then_cancel):
+        after_run["cancel answered"] = check_cancel_answered(row.outcome)
     _phase(row.checks, "after the run", after_run)
     _phase(row.checks, "after the run", ctx.extra_checks)
     row.report = _summary(result)
@@ -525,10 +532,29 @@ async def mend_routing(ctx: Ctx) -> None:
 
 
 async def crash_primary(ctx: Ctx) -> None:
-    """kill -9 of the primary's PostgreSQL only: its worker, Redis and Sentinel live on."""
-    await _until(_async(lambda: _lag_bytes(ctx.lab, ctx.home) == 0), 30, "the standby to catch up")
-    assert ctx.lab.postgres(ctx.home).kill()
-    # The standby notices the lost upstream; give the writer a moment of failures to record.
+    """kill -9 of the primary's PostgreSQL only (its worker, Redis and Sentinel live on), after
+    the standby stopped receiving while the client kept being acknowledged: issue 8 item 11.
+    Those writes are lost; the failover's report must count them (from the old WAL) or say
+    unknown, never 0."""
+    from tests.lab_helpers import _aux_pid, _startup_pid
+
+    lab, a, b = ctx.lab, ctx.home, ctx.away
+    await _until(_async(lambda: _lag_bytes(lab, a) == 0), 30, "the standby to catch up")
+    receiver = _aux_pid(lab, b, b"walreceiver")
+    os.kill(receiver, signal.SIGSTOP)
+    n = len(ctx.writer.acked_ids())
+    await _until(_async(lambda: len(ctx.writer.acked_ids()) >= n + 20), 30, "20 writes the standby never gets")
+    assert lab.postgres(a).kill()
+    startup = _startup_pid(lab, b)
+    os.kill(receiver, signal.SIGKILL)
+
+    def restarted() -> bool:
+        try:
+            return _startup_pid(lab, b) != startup and pg_status(lab.cfg.region(b).postgres).role == "standby"
+        except AssertionError:
+            return False
+
+    await _until(_async(restarted), 60, "the standby to restart")
 
 
 async def restart_fenced_servers(ctx: Ctx) -> None:
@@ -629,3 +655,34 @@ def dead_source_worker_then_restart_fenced() -> tuple[Action, Action]:
         await start_worker(ctx)
 
     return inject, heal
+
+
+async def pause_worker_then_cancel(ctx: Ctx) -> None:
+    """A cancel request while a short, non-heartbeating activity of the run is in flight: the
+    source region's Redis is frozen (SIGSTOP), so the preflight's probe of that region takes
+    its socket timeout (about 3 s) and then succeeds (Redis unreachable is a finding, not an
+    error, for a failover). The cancel arrives inside that window, then Redis resumes."""
+    from temporalio.api.enums.v1 import PendingActivityState
+
+    rd = ctx.lab.redis(ctx.home)
+    os.kill(rd.pid, signal.SIGSTOP)
+    ctx.state["frozen redis"] = rd.pid
+    pid = read_pid(ctx.lab.worker_pidfile(ctx.home))
+
+    async def in_flight():
+        try:
+            desc = await ctx.handle.describe()
+        except RPCError:
+            return None
+        return [a.activity_type.name for a in desc.raw_description.pending_activities
+                if a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+                and a.last_worker_identity.endswith(f"/{pid}")] or None
+
+    ctx.state["in flight"] = await _until(in_flight, 60, "an activity started on the source region's worker",
+                                          interval=0.02)
+    await ctx.handle.cancel()
+
+
+async def thaw_source_redis(ctx: Ctx) -> None:
+    if pid := ctx.state.get("frozen redis"):
+        os.kill(pid, signal.SIGCONT)

@@ -17,7 +17,8 @@ from activities.redis.status import client as redis_client
 from activities.routing import LabRouter
 
 INVARIANTS = ("one writable pg", "one unfenced redis master", "routing = primary", "acked writes kept",
-              "one audit row per key", "monitor: no false failover")
+              "one audit row per key", "monitor: no false failover",
+              "cancel answered")
 
 
 @dataclass
@@ -112,7 +113,14 @@ def check_acked_writes(lab, writer, primary: str | None, rpo) -> Check:
                           f"(e.g. {missing[:5]}{where}); {what}")
 
 
-def check_audit(lab, primary: str | None, workflow_ids: list[str]) -> Check:
+def check_cancel_answered(outcome: str) -> Check:
+    """A cancel request ends the run cancelled (before the point of no return) or is refused
+    and the report says so (after it); a run that just carries on was never told."""
+    ok = outcome == "cancelled" or "(cancel refused)" in outcome
+    return Check(ok, f"run {outcome}" + ("" if ok else ": the cancel request was neither honoured nor refused"))
+
+
+def check_audit(lab, primary: str | None, run_ids: list[str]) -> Check:
     """One eagle_dr.conflict_audit row per decided key, however often a step was retried."""
     if primary is None:
         return Check(False, "no writable primary to read the audit from")
@@ -120,7 +128,7 @@ def check_audit(lab, primary: str | None, workflow_ids: list[str]) -> Check:
         if conn.execute("select to_regclass('eagle_dr.conflict_audit')").fetchone()[0] is None:
             return Check(True, "no audit table (nothing was decided)")
         rows = conn.execute(
-            "select workflow_id, table_name, primary_key::text, count(*) from eagle_dr.conflict_audit "
-            "where workflow_id = any(%s) group by 1, 2, 3", (workflow_ids,)).fetchall()
+            "select run_id, table_name, primary_key::text, count(*) from eagle_dr.conflict_audit "
+            "where run_id = any(%s) group by 1, 2, 3", (run_ids,)).fetchall()
     dupes = [(t, k, n) for _, t, k, n in rows if n > 1]
     return Check(not dupes, f"{len(rows)} decided keys" + (f"; DUPLICATES {dupes[:5]}" if dupes else ", one row each"))
