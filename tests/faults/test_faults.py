@@ -116,6 +116,8 @@ SLOW = [
 # between activities, so the outcome depends on timing: not strict.
 RACY_CANCEL = {("failover", "preflight"), ("failover", "take DR epoch"), ("switchover", "preflight"),
                ("switchover", "take DR epoch"), ("switchover", "stop writes on old primary"),
+               # heartbeats, but a replay already caught up ends before any heartbeat carries the cancel
+               ("switchover", "wait for standby to replay everything"),
                ("failback", "preflight"), ("split-brain", "detect"), ("split-brain", "decide the survivor")}
 
 
