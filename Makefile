@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SYSTEM_PACKAGES := postgresql redis-server redis-sentinel prometheus-alertmanager
 BENCH_PACKAGES  := patroni etcd-server
 
-.PHONY: setup system venv lab lab-down drill status test bench clean
+.PHONY: setup system venv lab lab-down drill status test faults bench clean
 
 setup: system venv
 
@@ -46,6 +46,11 @@ status:
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+# The whole fault-injection suite (tests/faults): every fault x runbook, with its table.
+# `make test` runs only its representative subset (the rest is marked slow_fault).
+faults: setup
+	EAGLE_DR_FAULTS=all $(BIN)/python -m pytest tests/faults -m faults -v $(PYTEST_ARGS)
 
 # Not a test: timings beside Patroni + etcd measured in the same run (Debian packages).
 bench: setup
