@@ -73,15 +73,9 @@ WORKER_KILLS = [
 
 redis_stop, redis_cont = _stop_redis("target")
 
-LOST_CANCEL = (
-    "issue 8 item 22 violated: a cancel request that arrives while a single activity is in flight (preflight "
-    "probe, epoch read, the stop fence) is consumed by the SDK (WAIT_CANCELLATION_COMPLETED: the activity ends "
-    "normally, the workflow task's cancellation is cleared) and the runbook carries on: the move completes, "
-    "neither cancelled nor with cancel_refused set")
-
 SLOW = [
     Fault("cancel while a probe is in flight (source Redis frozen)", "failover", RUNNING,
-          pause_worker_then_cancel, thaw_source_redis, slow=True, xfail=LOST_CANCEL),
+          pause_worker_then_cancel, thaw_source_redis, slow=True),
     *[worker_kill(rb, pt, v) for rb, pt, v in WORKER_KILLS],
     Fault("kill -9 dev server, restart", "failover", "promote", kill_dev_server, restart_dev_server, slow=True),
     Fault("kill -9 dev server, restart", "failback", "rewind", kill_dev_server, restart_dev_server, slow=True),
@@ -111,22 +105,10 @@ SLOW = [
 ]
 
 
-# Cancels that land on a step awaiting one activity before the point of no return: lost when
-# they arrive while that activity is in flight (LOST_CANCEL), answered when they arrive
-# between activities, so the outcome depends on timing: not strict.
-RACY_CANCEL = {("failover", "preflight"), ("failover", "take DR epoch"), ("switchover", "preflight"),
-               ("switchover", "take DR epoch"), ("switchover", "stop writes on old primary"),
-               # heartbeats, but a replay already caught up ends before any heartbeat carries the cancel
-               ("switchover", "wait for standby to replay everything"),
-               ("failback", "preflight"), ("split-brain", "detect"), ("split-brain", "decide the survivor")}
-
-
 def _param(f: Fault):
     marks = [pytest.mark.faults] + ([pytest.mark.slow_fault] if f.slow else [])
     if f.xfail:
         marks.append(pytest.mark.xfail(strict=True, reason=f.xfail))
-    elif f.inject is cancel and (f.runbook, f.point) in RACY_CANCEL:
-        marks.append(pytest.mark.xfail(strict=False, reason="may hit: " + LOST_CANCEL))
     return pytest.param(f, id=f.id, marks=marks)
 
 
