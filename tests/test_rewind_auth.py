@@ -21,7 +21,7 @@ from activities.postgres.status import pg_status
 from eagle_dr.launch import start_move
 from tests.lab_helpers import _async, _awaiting, _lag_bytes, _primary, _until
 from workflows.failback import FailbackInput, FailbackWorkflow
-from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput
+from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, SwitchoverInput
 
 MARKER = "eagle-dr-test-marker"
 
@@ -135,3 +135,7 @@ async def test_failback_refused_by_the_source_keeps_the_old_primarys_data(lab, c
 
     await _until(_async(streams), 60, f"{old} to stream from {new}")
     assert not (data / MARKER).exists()  # pg_rewind itself removes what the source lacks
+    # Back to the topology the other tests expect: the old primary's region primary again.
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=old))
+                  ).result()
+    assert back.outcome == "succeeded" and _primary(lab) == old
