@@ -54,7 +54,10 @@ def test_default_config_is_valid():
     assert cfg.backup.retention == timedelta(days=30)
     assert cfg.conflicts["alerts"].strategy == "last-write-wins"
     # Secret references are resolved relative to the lab state dir, never stored as values.
-    assert cfg.primary.redis.password.file.endswith("/.eagle-dr/secrets/redis-password")
+    # (In the lab's state dir: the checkout's .eagle-dr, or where root moves it when the lab
+    # user cannot enter the checkout, as under /root.)
+    assert cfg.primary.redis.password.file == f"{cfg.lab.state_dir}/secrets/redis-password"
+    assert cfg.lab.state_dir.endswith("/.eagle-dr") or "/eagle-dr-lab/" in cfg.lab.state_dir
 
 
 def test_duplicate_region(tmp_path):

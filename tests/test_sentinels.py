@@ -52,7 +52,7 @@ async def test_stale_sentinel_is_flagged_then_repointed_on_heal_and_on_failback(
         stale.start()
         assert sentinel_quorum(rp).masters[stale_addr] == _addr(ro)
         assert (await gather(lab.cfg)).sentinels_disagree
-        res = preserve_and_rejoin(ro, rp, lab.cfg.region(o).s3, f"test/{uuid.uuid4()}.rdb")
+        res = preserve_and_rejoin(ro, rp, lab.cfg.region(o).s3, f"test/{uuid.uuid4()}.rdb", lab.cfg.redis_reconcile)
         assert res.rejoined and res.sentinels_stale == {} and res.sentinels_unreachable == [], res
         q = sentinel_quorum(rp)
         assert q.masters == {str(ep): _addr(rp) for ep in rp.sentinels}, q
