@@ -216,8 +216,10 @@ class FailoverWorkflow(Runbook):
 
     def _lag_guard(self, inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:
         if lag is None:
-            notes.append(f"replication lag unknown ({basis}): what the old primary wrote after the standby last "
-                         "heard from it is lost; the loss is measured after promotion or at failback")
+            note = (f"replication lag unknown ({basis}): what the old primary wrote after the standby last heard "
+                    "from it is lost; the loss is measured after promotion or at failback")
+            if note not in notes:  # checked again after the approval: said once
+                notes.append(note)
             return
         if lag > inp.max_lag_bytes:
             if not inp.force:
