@@ -11,7 +11,7 @@ import pytest
 
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_to_int
-from activities.postgres.wal import scan, segment_name, segment_size, true_end
+from activities.postgres.wal import scan, segment_name, segment_size
 from lab.scratch_postgres import scratch_postgres
 
 PORT = 17960
@@ -85,28 +85,6 @@ def test_zero_filled_segment_listed_first_is_the_end_not_an_error(node):
     assert "header specifies 0 bytes" in plain.stderr  # the failure seen in the lab
     found = scan(ctl, wal, 1, start)
     assert found.commits and segment_name(1, lsn_to_int(found.end_lsn), size) <= current[:16] + f"{nxt + 1:08X}"
-
-
-def test_true_end_after_a_crash_is_past_the_last_checkpoint(node):
-    """After a crash pg_controldata's checkpoint is not the end of the WAL: the writes after it
-    are there, and the true end covers them."""
-    with _conn() as c:
-        c.execute("create table t (id int primary key)")
-        c.execute("checkpoint")
-        c.execute("insert into t select generate_series(1, 5000)")
-        written = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
-    node.kill()
-    ctl = PgCtl(node.cfg)
-    checkpoint = ctl.controldata()["Latest checkpoint location"]
-    end, how = true_end(ctl)
-    assert end is not None, how
-    assert lsn_to_int(end) >= lsn_to_int(written) > lsn_to_int(checkpoint)
-    assert "pg_waldump" in how
-    node.start()
-    node.stop("fast")
-    end, how = true_end(ctl)
-    assert how == "clean shutdown checkpoint"
-    assert lsn_to_int(end) > lsn_to_int(ctl.controldata()["Latest checkpoint location"])
 
 
 def test_read_loser_names_what_changed_and_finds_rows_by_their_writer(tmp_path):

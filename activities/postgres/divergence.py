@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_diff, lsn_to_int
-from activities.postgres.wal import commits_in_segment_before, current_timeline, scan, segment_size
+from activities.postgres.wal import DEFAULT_TABLESPACE, commits_in_segment_before, current_timeline, scan, \
+    segment_size
 from activities.postgres.status import CURRENT_TIMELINE, connect
 from eagle_dr.config import PostgresConfig
 
@@ -191,7 +192,7 @@ def _name_changes(conn: psycopg.Connection, loser: PostgresConfig, changes: dict
                 found = c.execute(sql.SQL(_RELATION).format(sql.Literal(change.truncated_oid))).fetchone()
             else:
                 # Files of the default tablespace are looked up under 0 (pg_filenode_relation's rule).
-                tbs = 0 if spc == 1663 else spc
+                tbs = 0 if spc == DEFAULT_TABLESPACE else spc
                 found = c.execute(sql.SQL(_RELATION).format(
                     sql.SQL("pg_filenode_relation({}, {})").format(sql.Literal(tbs), sql.Literal(node)))).fetchone()
             if found is None:

@@ -164,13 +164,10 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str) -> WalScan:
         m = _RECORD.match(line)
         if not m:
             continue
-        rmgr, xid, lsn, op, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4), m.group(5)
+        rmgr, xid, op, rest = m.group(1), int(m.group(2)), m.group(4), m.group(5)
         if rmgr == "Transaction":
-            if op == "COMMIT" and (t := _COMMIT_AT.match(rest.strip())):
-                subs = _SUBXACTS.search(rest)
-                commits.append(Commit(xid=xid, subxids=tuple(int(s) for s in subs.group(1).split()) if subs else (),
-                                      at=datetime.strptime(t.group(1), "%Y-%m-%d %H:%M:%S.%f")
-                                      .replace(tzinfo=timezone.utc), lsn=lsn))
+            if commit := _commit(m):
+                commits.append(commit)
             continue
         kind = DATA_OPS.get((rmgr, op.split("+", 1)[0]))
         if kind is None:
@@ -200,28 +197,15 @@ def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int
                               seg_size: int) -> list[Commit]:
     """Commits in one segment whose record starts before ``before``."""
     r = waldump(ctl, wal_dir, tli, int_to_lsn(seg_start), seg_size, one_segment=True)
-    out = []
-    for line in r.stdout.splitlines():
-        m = _RECORD.match(line)
-        if m and m.group(1) == "Transaction" and m.group(4) == "COMMIT" and lsn_to_int(m.group(3)) < before:
-            if t := _COMMIT_AT.match(m.group(5).strip()):
-                out.append(Commit(xid=int(m.group(2)), subxids=(), lsn=m.group(3),
-                                  at=datetime.strptime(t.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)))
-    return out
+    commits = (_commit(m) for m in map(_RECORD.match, r.stdout.splitlines()) if m)
+    return [c for c in commits if c is not None and lsn_to_int(c.lsn) < before]
 
 
-def true_end(ctl: PgCtl) -> tuple[str | None, str]:
-    """The end of a stopped server's WAL and how it is known: after a clean shutdown the
-    shutdown checkpoint is the last record; after a crash the WAL runs on past the last
-    checkpoint, to wherever pg_waldump finds the last valid record. (None, why) when unreadable."""
-    data = ctl.controldata()
-    tli = int(data.get("Latest checkpoint's TimeLineID", "0") or 0)
-    redo = data.get("Latest checkpoint's REDO location") or data.get("Latest checkpoint location")
-    state = data.get("Database cluster state", "")
-    wal_dir = str(Path(ctl.data_dir) / "pg_wal")
-    try:
-        found = scan(ctl, wal_dir, tli, redo)
-    except (WalUnreadable, OSError) as e:
-        return None, f"{state}; WAL after the last checkpoint unreadable: {e}"
-    how = "clean shutdown checkpoint" if state == "shut down" else f"end of WAL read by pg_waldump ({state})"
-    return found.end_lsn, how
+def _commit(m: re.Match) -> Commit | None:
+    """The commit a pg_waldump record line (matched by _RECORD) is, if it is one."""
+    if m.group(1) != "Transaction" or m.group(4) != "COMMIT" or not (t := _COMMIT_AT.match(m.group(5).strip())):
+        return None
+    subs = _SUBXACTS.search(m.group(5))
+    return Commit(xid=int(m.group(2)), subxids=tuple(int(x) for x in subs.group(1).split()) if subs else (),
+                  at=datetime.strptime(t.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc),
+                  lsn=m.group(3))
