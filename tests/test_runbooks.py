@@ -29,7 +29,7 @@ from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
 from lab.app import write_log
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _async, _aux_pid, _awaiting, _lag_bytes, _names, _primary, _progress, _startup_pid, _until
+from tests.lab_helpers import _async, _aux_pid, _awaiting, _fork, _lag_bytes, _names, _primary, _progress, _startup_pid, _until
 from workflows.drill import DrillInput
 from workflows.runbook import move_id
 from workflows.monitor import MonitorInput, MonitorWorkflow
@@ -319,40 +319,16 @@ async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, cli
     """Fork with divergent writes on both sides, then failback: nothing is silently lost."""
     from workflows.failback import FailbackInput, FailbackWorkflow
 
-    old = _primary(lab)
-    new = lab.cfg.other(old).name
     only_old, both = 9_000_000_001, 9_000_000_002
-    with psycopg.connect(lab.cfg.region(old).postgres.dsn(), autocommit=True) as conn:
+    with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
         conn.execute("insert into alerts (id, region, payload) values (%s, 'seed', '{}')", (both,))
-    await _until(_async(lambda: _lag_bytes(lab, old) == 0), 30, "the standby to catch up")
-    # The standby stops receiving: what the old primary commits now never reaches it.
-    receiver = _aux_pid(lab, new, b"walreceiver")
-    os.kill(receiver, signal.SIGSTOP)
-    with psycopg.connect(lab.cfg.region(old).postgres.dsn(), autocommit=True) as conn:
-        conn.execute("insert into alerts (id, region, payload) values (%s, %s, '{\"side\": \"old\"}')",
-                     (only_old, old))
-        conn.execute("update alerts set payload = '{\"side\": \"old\"}' where id = %s", (both,))
-    lab.kill_region(old)
-    startup_before = _startup_pid(lab, new)
-    os.kill(receiver, signal.SIGKILL)  # with what it buffered: those bytes must stay unreceived
-
-    def restarted() -> bool:
-        # A killed walreceiver makes the standby restart all its processes: wait for the new
-        # startup process and for the standby to answer again.
-        try:
-            return _startup_pid(lab, new) != startup_before and \
-                pg_status(lab.cfg.region(new).postgres).role == "standby"
-        except AssertionError:
-            return False
-
-    await _until(_async(restarted), 60, "the standby to restart and accept connections")
-    failover = await (await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=new,
-                                                                      reason="fork test"))).result()
-    assert failover.outcome == "succeeded"
+    old, new = await _fork(lab, client, [
+        ("insert into alerts (id, region, payload) values (%s, %s, '{\"side\": \"old\"}')",
+         (only_old, _primary(lab))),
+        ("update alerts set payload = '{\"side\": \"old\"}' where id = %s", (both,))])
     with psycopg.connect(lab.cfg.region(new).postgres.dsn(), autocommit=True) as conn:
         assert conn.execute("select count(*) from alerts where id = %s", (only_old,)).fetchone()[0] == 0
         conn.execute("update alerts set payload = '{\"side\": \"new\"}' where id = %s", (both,))
-    lab.heal_region(old)  # the old primary comes back, writable and diverged
 
     handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(
         service=lab.cfg.service, region=old, measure_client_impact=True), id=f"failback-{uuid.uuid4()}",
