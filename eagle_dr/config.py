@@ -14,6 +14,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -51,6 +52,25 @@ def parse_duration(value: Any) -> timedelta:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def parse_size(value: Any) -> int:
+    """'256MiB', '1GiB', or a bare number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"malformed size {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError(f"malformed size {value!r} (expected bytes or a number and one of KiB, MiB, GiB, TiB)")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 class _Strict(BaseModel):
@@ -176,6 +196,19 @@ class PostgresConfig(_Strict):
     bin_dir: str | None = None
     # The OS user that owns data_dir; server commands run as this user when the worker is root.
     os_user: str | None = None
+    # This node's pgBackRest config (activities/backup/pgbackrest.py writes it: repos, stanza,
+    # pg1 = this node). Unset: pgbackrest/pgbackrest.conf beside data_dir, which is where the
+    # lab's archive_command looks (relative to the data directory, so a config file that
+    # pg_basebackup or pg_rewind copies to the other node still names that node's own file).
+    pgbackrest_config: str | None = None
+
+    @property
+    def pgbackrest_conf(self) -> str | None:
+        if self.pgbackrest_config:
+            return self.pgbackrest_config
+        if self.data_dir:
+            return str(Path(self.data_dir).absolute().parent / "pgbackrest" / "pgbackrest.conf")
+        return None
 
     @field_validator("slot")
     @classmethod
@@ -242,6 +275,28 @@ class S3Config(_Strict):
     region_name: str = "us-east-1"
     access_key: SecretRef | None = None
     secret_key: SecretRef | None = None
+    # CA bundle that signed the endpoint's certificate (a private CA, the lab's own); unset
+    # means the system's. Verification is never turned off: backups cross regions over it.
+    ca_file: str | None = None
+    # Passphrase of the pgBackRest repository in this bucket (aes-256-cbc at rest). It belongs
+    # to the bucket, not to a node: both regions' nodes write the same repo with it.
+    cipher_pass: SecretRef | None = None
+    # Server-side encryption with a customer key (SSE-C) for the Redis snapshots put here.
+    sse_customer_key: SecretRef | None = None
+
+    @property
+    def endpoint_host_port(self) -> tuple[str, int] | None:
+        if not self.endpoint_url:
+            return None
+        u = urlsplit(self.endpoint_url)
+        return u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("http", "https"):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
 
 
 class KubernetesConfig(_Strict):
@@ -411,15 +466,41 @@ class TableConflictConfig(_Strict):
 
 
 class BackupConfig(_Strict):
-    every: Duration = timedelta(minutes=15)
-    retention: Duration = timedelta(days=30)
+    """pgBackRest: one stanza, two repos on every node (repo1 its own region's bucket, repo2
+    the other region's), WAL archived to both, backups to each."""
 
-    @field_validator("every", "retention")
+    stanza: str = Field(default="eagle", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # Path of the repository inside each bucket.
+    repo_path: str = Field(default="/pgbackrest", pattern=r"^/[A-Za-z0-9_./-]*$")
+    # Incremental backups this often, a full one every `full_every`.
+    every: Duration = timedelta(minutes=15)
+    full_every: Duration = timedelta(days=1)
+    retention: Duration = timedelta(days=30)
+    # aes-256-cbc at rest with each bucket's `s3.cipher_pass`; `none` only for a test repo.
+    cipher: Literal["aes-256-cbc", "none"] = "aes-256-cbc"
+    compress: Literal["lz4", "zst", "gz", "none"] = "lz4"
+    process_max: int = Field(default=2, ge=1, le=32)
+    # Give up on one S3 request after this long (pgBackRest io-timeout).
+    io_timeout: Duration = timedelta(seconds=15)
+    # WAL the primary may hold for a repo it cannot reach before that repo is dropped from
+    # archiving (the other keeps PITR continuous) and an alert says so: the primary's disk
+    # never fills because the other region is down.
+    archive_backlog_max: Size = Field(default=256 << 20, ge=16 << 20)
+
+    @field_validator("every", "full_every", "retention", "io_timeout")
     @classmethod
     def _positive(cls, v: timedelta) -> timedelta:
         # A zero retention would let the expiry delete every backup, the newest included.
         if v <= timedelta(0):
             raise ValueError("must be greater than 0")
+        return v
+
+    @field_validator("retention")
+    @classmethod
+    def _whole_days(cls, v: timedelta) -> timedelta:
+        # pgBackRest's time retention counts whole days.
+        if v < timedelta(days=1) or v % timedelta(days=1):
+            raise ValueError(f"must be a whole number of days (pgBackRest's time retention), got {v}")
         return v
 
 
@@ -683,10 +764,10 @@ def _resolve_paths(raw: Any, base: Path, state_dir: str) -> Any:
     if isinstance(raw, dict):
         out = {}
         for k, v in raw.items():
-            if k == "file" and isinstance(v, str):
+            if k in ("file", "ca_file") and isinstance(v, str):
                 v = v.replace("{state_dir}", state_dir)
                 out[k] = v if os.path.isabs(v) else str((base / v).resolve())
-            elif k in ("data_dir", "socket_dir") and isinstance(v, str):
+            elif k in ("data_dir", "socket_dir", "pgbackrest_config") and isinstance(v, str):
                 out[k] = v.replace("{state_dir}", state_dir)
             else:
                 out[k] = _resolve_paths(v, base, state_dir)

@@ -23,13 +23,23 @@ DR_TARGET_REGION = SearchAttributeKey.for_keyword("DrTargetRegion")
 DR_TRIGGER = SearchAttributeKey.for_keyword("DrTrigger")
 DR_OUTCOME = SearchAttributeKey.for_keyword("DrOutcome")
 DR_EPOCH = SearchAttributeKey.for_int("DrEpoch")
+# Backups and restores: which backup, of what type, in whose bucket, how big, how long.
+DR_BACKUP_TYPE = SearchAttributeKey.for_keyword("DrBackupType")
+DR_BACKUP_LABEL = SearchAttributeKey.for_keyword_list("DrBackupLabel")
+DR_BACKUP_REPO = SearchAttributeKey.for_keyword_list("DrBackupRepo")
+DR_BACKUP_BYTES = SearchAttributeKey.for_int("DrBackupBytes")
+DR_BACKUP_WAL = SearchAttributeKey.for_keyword("DrBackupWal")
+DR_BACKUP_SECONDS = SearchAttributeKey.for_float("DrBackupSeconds")
 
-SEARCH_ATTRIBUTES = [DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER, DR_OUTCOME, DR_EPOCH]
+SEARCH_ATTRIBUTES = [DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER, DR_OUTCOME, DR_EPOCH,
+                     DR_BACKUP_TYPE, DR_BACKUP_LABEL, DR_BACKUP_REPO, DR_BACKUP_BYTES, DR_BACKUP_WAL,
+                     DR_BACKUP_SECONDS]
 
 
 def search_attribute_flags() -> list[str]:
     """``--search-attribute Name=Type`` arguments for ``temporal server start-dev``."""
-    types = {"KEYWORD": "Keyword", "INT": "Int", "TEXT": "Text", "BOOL": "Bool", "FLOAT": "Double"}
+    types = {"KEYWORD": "Keyword", "INT": "Int", "TEXT": "Text", "BOOL": "Bool", "DOUBLE": "Double",
+             "KEYWORD_LIST": "KeywordList", "DATETIME": "Datetime"}
     out = []
     for key in SEARCH_ATTRIBUTES:
         out += ["--search-attribute", f"{key.name}={types[key.indexed_value_type.name.removeprefix('INDEXED_VALUE_TYPE_')]}"]

@@ -15,6 +15,8 @@ PACKAGES = {
     "redis-server": "redis-server",
     "redis-sentinel": "redis-sentinel",
     "prometheus-alertmanager": "prometheus-alertmanager",
+    "pgbackrest": "pgbackrest",
+    "openssl": "openssl",
 }
 
 

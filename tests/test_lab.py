@@ -109,17 +109,27 @@ def test_sentinels_report_master_with_quorum(lab):
         assert v.quorum_ok, v.quorum_message
 
 
-def test_s3_buckets_exist_and_signatures_are_checked(lab):
+def test_s3_per_region_over_verified_tls_with_signatures_checked(lab):
+    """Each region's bucket on its own S3 server (one can go down alone), reached over HTTPS
+    that a client without the lab's CA refuses, and SigV4 signatures checked."""
+    for r in lab.cfg.regions:
+        names = {b["Name"] for b in lab.s3(r.name).client().list_buckets()["Buckets"]}
+        assert r.s3.bucket in names and lab.cfg.other(r.name).s3.bucket not in names
     s3 = lab.s3()
-    names = {b["Name"] for b in s3.client().list_buckets()["Buckets"]}
-    assert {r.s3.bucket for r in lab.cfg.regions} <= names
+    assert s3.endpoint.startswith("https://localhost:")
     bucket = lab.cfg.primary.s3.bucket
+    import boto3
+
+    untrusting = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
+                              aws_secret_access_key=s3.secret_key, region_name="us-east-1")
+    with pytest.raises(botocore.exceptions.SSLError):
+        untrusting.list_objects_v2(Bucket=bucket)
     s3.client().put_object(Bucket=bucket, Key="probe.txt", Body=b"eagle")
     assert s3.client().get_object(Bucket=bucket, Key="probe.txt")["Body"].read() == b"eagle"
     import boto3
 
     wrong = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
-                         aws_secret_access_key="not-the-secret", region_name="us-east-1")
+                         aws_secret_access_key="not-the-secret", region_name="us-east-1", verify=str(lab.tls.ca))
     with pytest.raises(botocore.exceptions.ClientError):
         wrong.list_objects_v2(Bucket=bucket)
 

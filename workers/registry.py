@@ -8,6 +8,7 @@ runbook reaches a region by scheduling on that region's queue.
 
 from __future__ import annotations
 
+from activities.backup.activities import BackupActivities
 from activities.failback import FailbackActivities
 from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
@@ -17,6 +18,7 @@ from activities.split_brain import SplitBrainActivities
 from activities.topology import TopologyActivities
 from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
+from workflows.backup import BackupWorkflow
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
@@ -26,7 +28,7 @@ from workflows.split_brain import SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
-             DrillWorkflow, SplitBrainWorkflow]
+             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -43,7 +45,9 @@ def regional_activities(cfg: EagleConfig) -> list:
     return [*_methods(HealthActivities(cfg), "probe_region", "probe_regions_from_here"), *_postgres(cfg),
             *_methods(PostgresActivities(cfg), "measure_lost_wal", "lift_postgres_fence"),
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
-                      "preserve_redis_and_rejoin")]
+                      "preserve_redis_and_rejoin"),
+            *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
+                      "read_backup_catalog")]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:

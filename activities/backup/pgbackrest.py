@@ -1,0 +1,266 @@
+"""pgBackRest on one region's node: its config files, its commands, its ``info``.
+
+Every node has two repositories in one stanza: repo1 is its own region's bucket, repo2 the
+other region's. The buckets' contents do not depend on which node wrote them (a repository is
+addressed by bucket, path and stanza), so each node numbers them from where it stands; a
+restore "from repo2" on a node is a restore from the other region's bucket.
+
+Two files, written from the config by ``write_configs`` (idempotent, 0600, owned by the
+data directory's owner, since PostgreSQL's archive_command reads them):
+
+- ``pgbackrest.conf``: both repos; backups, restores, ``info``, ``expire``, ``archive-get``;
+- ``archive-push.conf``: what ``archive_command`` uses; the same minus any repo dropped from
+  archiving (``archive.py``: a repo that cannot be reached while WAL piles up on the primary).
+
+and ``archive.pg.conf``, which postgresql.conf includes by a path relative to the data
+directory (``include_if_exists = '../pgbackrest/archive.pg.conf'``), so a postgresql.conf that
+pg_basebackup or pg_rewind copies to the other node names that node's own files.
+
+Secrets (S3 keys, cipher passphrases) are resolved here and written only to these files; no
+command line carries them (``ps`` shows command lines to every user).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from eagle_dr.config import EagleConfig, RegionConfig, scrub
+
+# pgBackRest's exit codes worth naming (src/common/error.auto.h).
+LOCK_ACQUIRE = 50
+FILE_MISSING = 55
+DB_MISMATCH = 58  # e.g. "WAL timeline 2 does not match pg_control timeline 1"
+
+
+OWNER_ENV = "EAGLE_DR_PGBACKREST_OWNER"
+
+
+class PgBackRestError(RuntimeError):
+    def __init__(self, command: str, code: int, message: str):
+        self.command, self.code = command, code
+        super().__init__(f"pgbackrest {command} failed ({code}): {message}")
+
+
+@dataclass(frozen=True)
+class Repo:
+    key: int  # 1 or 2, as this node numbers it
+    region: str  # whose bucket
+
+
+def repos_for(cfg: EagleConfig, region: str) -> list[Repo]:
+    """repo1 the node's own region's bucket, repo2 the other's."""
+    return [Repo(1, region), Repo(2, cfg.other(region).name)]
+
+
+def repo_key(cfg: EagleConfig, node_region: str, bucket_region: str) -> int:
+    for r in repos_for(cfg, node_region):
+        if r.region == bucket_region:
+            return r.key
+    raise KeyError(bucket_region)
+
+
+class Stanza:
+    """pgBackRest for the node of ``region``, run on that region's worker."""
+
+    def __init__(self, cfg: EagleConfig, region: str):
+        self.cfg, self.region = cfg, cfg.region(region)
+        pg = self.region.postgres
+        conf = pg.pgbackrest_conf
+        if not conf:
+            raise PgBackRestError("config", 2, f"{region}: postgres.data_dir or postgres.pgbackrest_config is needed")
+        self.conf = Path(conf)
+        self.dir = self.conf.parent
+        self.archive_conf = self.dir / "archive-push.conf"
+        self.pg_include = self.dir / "archive.pg.conf"
+        self.dropped_file = self.dir / "archive-dropped.json"
+
+    @property
+    def name(self) -> str:
+        return self.cfg.backup.stanza
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "log"
+
+    # -- config files --------------------------------------------------------------------------
+
+    def dropped(self) -> list[str]:
+        """Regions whose bucket is dropped from archiving (archive.py)."""
+        try:
+            return list(json.loads(self.dropped_file.read_text()).get("dropped", []))
+        except (OSError, ValueError):
+            return []
+
+    def _repo_lines(self, index: int, bucket_region: RegionConfig) -> list[str]:
+        s3, b = bucket_region.s3, self.cfg.backup
+        p = f"repo{index}-"
+        lines = [f"{p}type=s3", f"{p}path={b.repo_path}", f"{p}s3-bucket={s3.bucket}",
+                 f"{p}s3-region={s3.region_name}"]
+        hp = s3.endpoint_host_port
+        if hp:
+            lines += [f"{p}s3-endpoint={hp[0]}", f"{p}storage-port={hp[1]}", f"{p}s3-uri-style=path"]
+        else:
+            lines += [f"{p}s3-endpoint=s3.{s3.region_name}.amazonaws.com"]
+        if s3.ca_file:
+            lines.append(f"{p}storage-ca-file={s3.ca_file}")
+        if s3.access_key and s3.secret_key:
+            lines += [f"{p}s3-key={s3.access_key.resolve()}", f"{p}s3-key-secret={s3.secret_key.resolve()}"]
+        else:
+            # No keys configured: the instance's role (IRSA / instance profile) signs requests.
+            lines.append(f"{p}s3-key-type=auto")
+        if b.cipher != "none":
+            if s3.cipher_pass is None:
+                raise PgBackRestError("config", 2, f"regions[{bucket_region.name}].s3.cipher_pass is not set and "
+                                                   f"backup.cipher is {b.cipher}")
+            lines += [f"{p}cipher-type={b.cipher}", f"{p}cipher-pass={s3.cipher_pass.resolve()}"]
+        days = max(1, int(b.retention.total_seconds() // 86400))
+        lines += [f"{p}retention-full-type=time", f"{p}retention-full={days}"]
+        return lines
+
+    def render(self, for_archive_push: bool = False) -> str:
+        b, pg = self.cfg.backup, self.region.postgres
+        regions = [self.region, self.cfg.other(self.region.name)]
+        if for_archive_push:
+            dropped = set(self.dropped())
+            regions = [r for r in regions if r.name not in dropped]
+        lines = ["# Written by eagle-dr (activities/backup/pgbackrest.py); edits are overwritten.", "[global]"]
+        for i, r in enumerate(regions, start=1):
+            lines += self._repo_lines(i, r)
+        lines += [
+            # Async: WAL is pushed in parallel and to every repo the push can reach, so one repo
+            # down does not hold back the other by more than one segment (pgBackRest multi-repo docs).
+            "archive-async=y",
+            f"spool-path={self.dir / 'spool'}",
+            f"lock-path={self.dir / 'lock'}",
+            f"log-path={self.log_dir}",
+            "log-level-file=detail",
+            "log-level-console=warn",
+            "log-level-stderr=error",
+            "start-fast=y",
+            f"io-timeout={max(1, int(b.io_timeout.total_seconds()))}",
+            f"process-max={b.process_max}",
+            f"compress-type={b.compress}",
+            "",
+            f"[{b.stanza}]",
+            f"pg1-path={Path(pg.data_dir).absolute()}",
+            f"pg1-port={pg.port}",
+            f"pg1-user={pg.user}",
+        ]
+        if pg.socket_dir:
+            lines.append(f"pg1-socket-path={Path(pg.socket_dir).absolute()}")
+        return "\n".join(lines) + "\n"
+
+    def render_pg_include(self) -> str:
+        cmd = f"pgbackrest --config={self.archive_conf} --stanza={self.name} archive-push %p"
+        return ("# Written by eagle-dr: WAL archiving to this node's pgBackRest stanza.\n"
+                "archive_mode = on\n"
+                f"archive_command = '{cmd}'\n"
+                # A segment at least every minute even when idle: the archive, and so the
+                # newest point PITR reaches, never lags the primary by more than this.
+                "archive_timeout = 60\n")
+
+    def write_configs(self) -> bool:
+        """Write the files when they differ; True when something changed."""
+        changed = False
+        _make_dir(self.dir, self.region.postgres)
+        for sub in ("spool", "lock", "log"):
+            _make_dir(self.dir / sub, self.region.postgres)
+        for path, text in ((self.conf, self.render()), (self.archive_conf, self.render(for_archive_push=True)),
+                           (self.pg_include, self.render_pg_include())):
+            if path.exists() and path.read_text() == text:
+                continue
+            _write_owned(path, text, self.region.postgres)
+            changed = True
+        return changed
+
+    def set_dropped(self, regions: list[str]) -> bool:
+        """Record which buckets archiving skips and rewrite archive-push.conf; True if changed."""
+        if sorted(regions) == sorted(self.dropped()):
+            return False
+        _write_owned(self.dropped_file, json.dumps({"dropped": sorted(regions)}), self.region.postgres)
+        self.write_configs()
+        return True
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def argv(self, command: str, *options: str, archive: bool = False) -> list[str]:
+        conf = self.archive_conf if archive else self.conf
+        return ["pgbackrest", f"--config={conf}", f"--stanza={self.name}", *options, command]
+
+    def popen(self, command: str, *options: str, owner: str = "") -> subprocess.Popen:
+        """Started in a session of its own and tagged with ``owner`` (in its environment, as
+        OWNER_ENV): a retry of the same activity can find the process its dead predecessor
+        left, and tell it from another run's backup, which it must not touch."""
+        kw = _as_owner(self.region.postgres)
+        env = {**os.environ, OWNER_ENV: owner}
+        return subprocess.Popen(self.argv(command, *options), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, **kw)
+
+    def run(self, command: str, *options: str, timeout: float = 600, check: bool = True,
+            archive: bool = False) -> subprocess.CompletedProcess:
+        r = subprocess.run(self.argv(command, *options, archive=archive), capture_output=True, text=True,
+                           timeout=timeout, **_as_owner(self.region.postgres))
+        if check and r.returncode != 0:
+            raise PgBackRestError(command, r.returncode, scrub(_last_error(r.stderr or r.stdout)))
+        return r
+
+    def info(self, *options: str, timeout: float = 120) -> dict:
+        """``info --output=json`` for this stanza. It exits 0 even when a repo is broken: read
+        ``status.code`` and each ``repo[].status`` (see StanzaInfo)."""
+        r = subprocess.run(self.argv("info", "--output=json", *options), capture_output=True,
+                           timeout=timeout, **_as_owner(self.region.postgres))
+        if r.returncode != 0:
+            raise PgBackRestError("info", r.returncode, scrub(_last_error(r.stderr.decode("utf-8", "replace"))))
+        # A wrong passphrase puts decrypted garbage (control characters) in the messages.
+        doc = json.loads(r.stdout.decode("utf-8", "replace"), strict=False)
+        for st in doc:
+            if st.get("name") == self.name:
+                return st
+        return {"name": self.name, "status": {"code": 1, "message": "missing stanza path"}, "backup": [], "repo": []}
+
+
+def _last_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "ERROR:" in ln]
+    return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:2000]
+
+
+def _as_owner(pg) -> dict:
+    """Run as the data directory's owner when the worker is root (the files are hers, and
+    pgBackRest refuses a data directory it does not own)."""
+    if os.geteuid() == 0 and pg.os_user:
+        return {"user": pg.os_user, "extra_groups": [], "cwd": "/"}
+    return {}
+
+
+def _owner_ids(pg) -> tuple[int, int] | None:
+    if os.geteuid() != 0 or not pg.os_user:
+        return None
+    import pwd
+
+    e = pwd.getpwnam(pg.os_user)
+    return e.pw_uid, e.pw_gid
+
+
+def _make_dir(path: Path, pg) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ids = _owner_ids(pg)
+    if ids:
+        os.chown(path, *ids)
+
+
+def _write_owned(path: Path, text: str, pg) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    ids = _owner_ids(pg)
+    if ids:
+        os.chown(tmp, *ids)
+    os.replace(tmp, path)

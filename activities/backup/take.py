@@ -1,0 +1,189 @@
+"""Taking one pgBackRest backup to one repo, safely retried.
+
+pgBackRest makes a backup valid only when it finishes: a killed one stays a partial that
+``info`` never lists, and the next backup of the same type resumes it (``resume=y``, the
+default). What a retry must add is the rest of idempotency:
+
+- a backup this request already finished (the worker died after pgBackRest did, before the
+  result reached Temporal) is returned, not taken twice;
+- a pgBackRest still running from a dead worker's attempt holds the stanza's lock; it is
+  stopped (SIGTERM: it releases the lock and leaves its partial to resume) rather than waited
+  on for hours or raced;
+- the first backup after a promotion needs a CHECKPOINT on the new primary: until the spread
+  checkpoint the promotion started ends, pg_control still names the old timeline and
+  pgBackRest refuses ("WAL timeline 2 does not match pg_control timeline 1").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from activities.backup.catalog import BackupRecord, read_catalog
+from activities.backup.pgbackrest import LOCK_ACQUIRE, OWNER_ENV, PgBackRestError, Stanza, _last_error, repo_key
+from activities.postgres.status import connect
+from eagle_dr.config import scrub
+
+_PROGRESS = re.compile(r"\((?:[0-9.]+[KMGT]?B|bundle[^,]*)?,?\s*([0-9.]+)%\)")
+
+
+def running_backups(stanza: Stanza) -> dict[int, str]:
+    """pid -> owner tag of the pgBackRest backups running from this node's config."""
+    out = {}
+    needle = f"--config={stanza.conf}".encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if not (argv and argv[0].endswith(b"pgbackrest") and needle in argv and b"backup" in argv):
+                continue
+            with open(f"/proc/{d}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        out[int(d)] = env.get(OWNER_ENV.encode(), b"").decode()
+    return out
+
+
+def orphans(stanza: Stanza, owner: str) -> list[int]:
+    return [pid for pid, o in running_backups(stanza).items() if o == owner]
+
+
+def stop_orphans(stanza: Stanza, owner: str, timeout: float = 60) -> list[int]:
+    """Stop what an earlier attempt of this same activity left running (its worker died)."""
+    pids = orphans(stanza, owner)
+    for pid in pids:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while orphans(stanza, owner) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in orphans(stanza, owner):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return pids
+
+
+def checkpoint_if_timeline_changed(stanza: Stanza, primary_region: str) -> bool:
+    """CHECKPOINT on the primary when pg_control still names an older timeline than its WAL."""
+    pg = stanza.cfg.region(primary_region).postgres
+    with connect(pg, 10) as conn:
+        row = conn.execute(
+            "select (select timeline_id from pg_control_checkpoint()),"
+            " ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int").fetchone()
+        if row[0] != row[1]:
+            conn.execute("checkpoint")
+            return True
+    return False
+
+
+def _finished_since(stanza: Stanza, repo_region: str, type_: str, not_before: float) -> BackupRecord | None:
+    cat = read_catalog(stanza)
+    done = [b for b in cat.on(repo_region) if b.type == type_ and b.started.timestamp() >= not_before - 1]
+    return done[-1] if done else None
+
+
+def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: str, not_before: float,
+                from_standby: bool, beat: Callable[[dict], None], cancelled: Callable[[], bool],
+                owner: str, timeout: float = 6 * 3600) -> BackupRecord:
+    done = _finished_since(stanza, repo_region, type_, not_before)
+    if done:
+        return done
+    stopped = stop_orphans(stanza, owner)
+    if stopped:
+        beat({"phase": "stopped a backup left by an earlier attempt", "pids": stopped})
+    # Another run's backup (a manual one beside the schedule's) holds the stanza's lock: wait
+    # for it rather than fail or, worse, stop it.
+    wait_from = time.monotonic()
+    while (others := running_backups(stanza)):
+        if cancelled():
+            raise PgBackRestError("backup", -15, "cancelled while waiting for another backup")
+        if time.monotonic() - wait_from > timeout:
+            raise PgBackRestError("backup", LOCK_ACQUIRE, f"another backup ({sorted(set(others.values()))}) "
+                                                          f"still runs after {timeout:.0f}s")
+        beat({"phase": "waiting for another backup", "owners": sorted(set(others.values()))})
+        time.sleep(2)
+    checkpoint_if_timeline_changed(stanza, primary_region)
+    key = repo_key(stanza.cfg, stanza.region.name, repo_region)
+    opts = [f"--repo={key}", f"--type={type_}"]
+    if from_standby:
+        # The backup runs on the standby's node: pg1 is the primary (for pg_backup_start/stop),
+        # pg2 this node, whose files are copied. Both data directories are local in the lab; in
+        # production the primary is pg1-host on another machine (pgBackRest TLS server).
+        p = stanza.cfg.region(primary_region).postgres
+        me = stanza.region.postgres
+        opts += [f"--pg1-path={Path(p.data_dir).absolute()}", f"--pg1-port={p.port}", f"--pg1-user={p.user}",
+                 f"--pg2-path={Path(me.data_dir).absolute()}", f"--pg2-port={me.port}", f"--pg2-user={me.user}",
+                 "--backup-standby"]
+        if p.socket_dir:
+            opts.append(f"--pg1-socket-path={Path(p.socket_dir).absolute()}")
+        if me.socket_dir:
+            opts.append(f"--pg2-socket-path={Path(me.socket_dir).absolute()}")
+    log = stanza.log_dir / f"{stanza.name}-backup.log"
+    offset = log.stat().st_size if log.exists() else 0
+    for attempt in (1, 2):
+        proc = stanza.popen("backup", *opts, owner=owner)
+        started = time.monotonic()
+        percent = 0.0
+        try:
+            while proc.poll() is None:
+                if cancelled():
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(60)
+                    raise PgBackRestError("backup", -15, "cancelled; the partial backup is resumed by the next one")
+                if time.monotonic() - started > timeout:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(60)
+                    raise PgBackRestError("backup", -15, f"did not finish in {timeout:.0f}s")
+                percent, offset = _progress(log, offset, percent)
+                beat({"phase": "copying", "percent": percent, "repo": repo_region, "type": type_,
+                      "elapsed_s": round(time.monotonic() - started, 1)})
+                time.sleep(1)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.stderr.read() if proc.stderr else ""
+        if proc.returncode == 0:
+            break
+        if attempt == 1 and "does not match pg_control timeline" in err:
+            # The promotion's checkpoint had not ended when we looked.
+            checkpoint_if_timeline_changed(stanza, primary_region)
+            continue
+        raise PgBackRestError("backup", proc.returncode, scrub(_last_error(err)))
+    done = _finished_since(stanza, repo_region, type_, not_before)
+    if done is None:
+        raise PgBackRestError("backup", 0, "finished, but info lists no backup from this run")
+    return done
+
+
+def _progress(log: Path, offset: int, percent: float) -> tuple[float, int]:
+    """The newest "(x%)" pgBackRest logged for a copied file (log-level-file=detail)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return percent, offset
+    for m in _PROGRESS.finditer(chunk.decode("utf-8", "replace")):
+        percent = float(m.group(1))
+    return percent, offset + len(chunk)
+
+
+def now() -> float:
+    return datetime.now(timezone.utc).timestamp()
+
+
+__all__ = ["LOCK_ACQUIRE", "take_backup", "stop_orphans", "checkpoint_if_timeline_changed"]

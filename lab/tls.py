@@ -1,0 +1,60 @@
+"""The lab's own certificate authority and the S3 servers' certificate.
+
+pgBackRest talks to S3 only over TLS and matches DNS names only (2.45 rejects an IP SAN:
+"unable to find hostname '127.0.0.1' in certificate"), so the certificate names
+``localhost`` and every S3 endpoint in the lab is ``https://localhost:<port>``. Clients verify
+against ``ca.crt`` (``s3.ca_file``); nothing in the lab turns verification off.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from lab import binaries
+from lab.osuser import LabUser, make_dir
+
+
+class LabTls:
+    def __init__(self, directory: Path, user: LabUser):
+        self.dir, self.user = directory, user
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def cert(self) -> Path:
+        return self.dir / "server.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.dir / "server.key"
+
+    def ensure(self) -> None:
+        """Idempotent: an existing CA and certificate are kept (clients already trust them)."""
+        if self.ca.exists() and self.cert.exists() and self.key.exists():
+            return
+        openssl = binaries.ensure("openssl")["openssl"]
+        make_dir(self.dir, self.user, 0o755)
+        d = self.dir
+
+        def run(*argv: str) -> None:
+            r = subprocess.run([openssl, *argv], cwd=d, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"openssl {argv[0]} failed: {r.stderr.strip()}")
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+            "-days", "3650", "-subj", "/CN=eagle-dr lab CA")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=localhost")
+        (d / "san.ext").write_text("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
+        run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "3650", "-extfile", "san.ext")
+        for name in ("ca.key", "server.key"):
+            os.chmod(d / name, 0o600)
+        for name in ("ca.crt", "server.crt"):
+            os.chmod(d / name, 0o644)
+        # The S3 servers run as the lab user and read the key.
+        self.user.own(self.key, self.cert)

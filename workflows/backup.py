@@ -1,0 +1,177 @@
+"""Backup: one pgBackRest backup of the service's database to each region's bucket.
+
+The runbook, as an operator would do it:
+
+1. Find who is primary now and whether a standby streams (a Schedule never names a node: the
+   backup follows the primary through failovers without anyone editing it).
+2. Bring every reachable node's pgBackRest files up to date, and the stanza to every repo.
+3. Take the backup on the standby's node where one streams (``backup-standby``: the
+   primary only starts and stops it), else on the primary's; once per repo, own bucket first.
+4. Report each backup's label, size, WAL range, duration and repo, in the result and in
+   search attributes.
+
+Nothing here is destructive: a failure leaves at worst a partial backup that pgBackRest never
+lists as valid and the next backup resumes. A repo that fails while the other succeeds is
+"degraded" (the other region's bucket is down, say); none succeeding fails the run.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.backup.activities import BackupActivities, TakeBackupRequest
+    from activities.backup.catalog import BackupRecord
+    from activities.postgres.activities import PostgresActivities
+    from activities.postgres.status import PgStatus
+    from activities.topology import TopologyActivities
+    from eagle_dr.temporal import (
+        DR_BACKUP_BYTES,
+        DR_BACKUP_LABEL,
+        DR_BACKUP_REPO,
+        DR_BACKUP_SECONDS,
+        DR_BACKUP_TYPE,
+        DR_BACKUP_WAL,
+        DR_RUNBOOK,
+        DR_SERVICE,
+        DR_SOURCE_REGION,
+        DR_TRIGGER,
+    )
+    from workflows.runbook import Runbook
+    from workflows.validation import RawInput, invalid, validated
+
+
+class BackupInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["full", "diff", "incr"] = "incr"
+    # Regions whose bucket gets the backup; empty means every region's.
+    repos: list[str] = Field(default_factory=list)
+    # auto: the standby when one streams, else the primary.
+    source: Literal["auto", "primary", "standby"] = "auto"
+    trigger: str = Field(default="manual", max_length=100)
+    # How long one backup may run before it is stopped (it resumes on the next run).
+    timeout_seconds: float = Field(default=6 * 3600, gt=0, le=7 * 86400)
+
+
+class BackupResult(BaseModel):
+    service: str
+    type: str
+    primary_region: str
+    source_region: str
+    from_standby: bool
+    backups: list[BackupRecord] = []
+    # repo region -> why its backup failed
+    failed: dict[str, str] = {}
+    degraded: list[str] = []
+    outcome: str
+
+
+@workflow.defn
+class BackupWorkflow(Runbook):
+    runbook = "backup"
+
+    @workflow.run
+    async def run(self, raw: RawInput) -> BackupResult:
+        inp = validated(BackupInput, raw)
+        async with self.step("Read the topology"):
+            topo = await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
+        self.service = topo.service
+        names = [r.name for r in topo.regions]
+        for i, r in enumerate(inp.repos):
+            if r not in names:
+                raise invalid(f"repos.{i}", f"unknown region {r!r} (regions: {', '.join(names)})")
+        repos = inp.repos or names
+        workflow.upsert_search_attributes([DR_RUNBOOK.value_set("backup"), DR_SERVICE.value_set(topo.service),
+                                           DR_TRIGGER.value_set(inp.trigger), DR_BACKUP_TYPE.value_set(inp.type)])
+        control = topo.control_task_queue
+
+        async with self.step("Find the primary and a streaming standby") as rec:
+            status: dict[str, PgStatus] = {}
+            for r in topo.regions:
+                status[r.name] = await self.act(PostgresActivities.postgres_status, r.name, queue=control, timeout=30,
+                                                attempts=2)
+            primaries = [n for n, s in status.items() if s.reachable and s.role == "primary"]
+            if len(primaries) != 1:
+                raise ApplicationError(f"no single primary to back up ({', '.join(primaries) or 'none reachable'})",
+                                       type="NoPrimary", non_retryable=True)
+            primary = primaries[0]
+            standby = next((n for n, s in status.items() if n != primary and s.reachable and s.role == "standby"
+                            and s.receiver_status == "streaming"), None)
+            if inp.source == "standby" and standby is None:
+                raise ApplicationError("source 'standby' asked, but no standby streams", type="NoStandby",
+                                       non_retryable=True)
+            from_standby = standby is not None and inp.source != "primary"
+            source = standby if from_standby else primary
+            rec.detail = f"primary {primary}; backing up from {source}" + (" (standby)" if from_standby else "")
+        self.source_region, self.target_region = source, ", ".join(repos)
+        workflow.upsert_search_attributes([DR_SOURCE_REGION.value_set(source)])
+
+        async with self.step("Bring pgBackRest's config and stanza up to date") as rec:
+            for r in topo.regions:
+                if not status[r.name].reachable:
+                    # Its worker could not act on a down node's files; the node's config is
+                    # rewritten the next time it is up and backed up or archived from.
+                    self.degraded.append(f"{r.name}: PostgreSQL unreachable, its pgBackRest config not refreshed")
+                    continue
+                await self.act(BackupActivities.ensure_backup_config, r.name, queue=r.task_queue, timeout=60,
+                               schedule_to_start=60, attempts=3)
+            await self.act(BackupActivities.ensure_stanza, primary, queue=topo.region(primary).task_queue,
+                           timeout=600, heartbeat=30, schedule_to_start=60, attempts=3)
+
+        not_before = workflow.now().timestamp()
+        backups: list[BackupRecord] = []
+        failed: dict[str, str] = {}
+        # The source's own bucket first: the backup a restore in that region reaches soonest.
+        for repo in sorted(repos, key=lambda n: n != source):
+            async with self.step(f"{inp.type} backup to {repo}'s bucket") as rec:
+                try:
+                    b = await self.act(
+                        BackupActivities.take_backup,
+                        TakeBackupRequest(region=source, primary=primary, repo_region=repo, type=inp.type,
+                                          not_before=not_before, from_standby=from_standby,
+                                          timeout_seconds=inp.timeout_seconds),
+                        queue=topo.region(source).task_queue, timeout=inp.timeout_seconds + 600, heartbeat=60,
+                        schedule_to_start=300, attempts=3, summary=f"{inp.type} backup to {repo}")
+                except ActivityError as e:
+                    why = str(e.cause or e)
+                    failed[repo] = why
+                    rec.status, rec.detail = "failed", why[:300]
+                    continue
+                backups.append(b)
+                rec.detail = (f"{b.label}: {_size(b.size)} database, {_size(b.repo_size)} in the repo, "
+                              f"WAL {b.wal_start}..{b.wal_stop}, {b.duration_seconds:.0f} s")
+        if failed:
+            self.degraded += [f"no backup in {r}'s bucket: {why}" for r, why in failed.items()]
+        workflow.upsert_search_attributes([
+            DR_BACKUP_LABEL.value_set([b.label for b in backups]), DR_BACKUP_REPO.value_set([b.repo_region for b in backups]),
+            DR_BACKUP_BYTES.value_set(sum(b.repo_size or 0 for b in backups)),
+            DR_BACKUP_SECONDS.value_set(float(sum(b.duration_seconds for b in backups))),
+            *([DR_BACKUP_WAL.value_set(f"{backups[0].wal_start}..{backups[0].wal_stop}")] if backups else []),
+        ])
+        if not backups:
+            self.finish("failed")
+            raise ApplicationError("no backup succeeded: " + "; ".join(f"{r}: {w}" for r, w in failed.items()),
+                                   type="BackupFailed", non_retryable=True)
+        outcome = "degraded" if self.degraded else "succeeded"
+        self.finish(outcome)
+        return BackupResult(service=topo.service, type=inp.type, primary_region=primary, source_region=source,
+                            from_standby=from_standby, backups=backups, failed=failed, degraded=self.degraded,
+                            outcome=outcome)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+__all__ = ["BackupWorkflow", "BackupInput", "BackupResult", "timedelta"]
