@@ -1,0 +1,1 @@
+"""Backups, archiving and restores with pgBackRest."""
