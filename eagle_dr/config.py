@@ -486,6 +486,10 @@ class BackupConfig(_Strict):
     # archiving (the other keeps PITR continuous) and an alert says so: the primary's disk
     # never fills because the other region is down.
     archive_backlog_max: Size = Field(default=256 << 20, ge=16 << 20)
+    # Scratch instances (point-in-time restores, restore drills): where, and the first port
+    # tried (the next 50 are tried too). Unset dir: scratch/ beside the node's data directory.
+    scratch_dir: str | None = None
+    scratch_port: int = Field(default=15450, ge=1024, le=65000)
 
     @field_validator("every", "full_every", "retention", "io_timeout")
     @classmethod
@@ -767,7 +771,7 @@ def _resolve_paths(raw: Any, base: Path, state_dir: str) -> Any:
             if k in ("file", "ca_file") and isinstance(v, str):
                 v = v.replace("{state_dir}", state_dir)
                 out[k] = v if os.path.isabs(v) else str((base / v).resolve())
-            elif k in ("data_dir", "socket_dir", "pgbackrest_config") and isinstance(v, str):
+            elif k in ("data_dir", "socket_dir", "pgbackrest_config", "scratch_dir") and isinstance(v, str):
                 out[k] = v.replace("{state_dir}", state_dir)
             else:
                 out[k] = _resolve_paths(v, base, state_dir)

@@ -8,7 +8,7 @@ runbook reaches a region by scheduling on that region's queue.
 
 from __future__ import annotations
 
-from activities.backup.activities import BackupActivities
+from activities.backup.activities import BackupActivities, RestoreActivities
 from activities.failback import FailbackActivities
 from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
@@ -20,6 +20,7 @@ from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
 from workflows.backup import BackupWorkflow
 from workflows.drill import DrillWorkflow
+from workflows.restore import RestoreWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
@@ -28,7 +29,7 @@ from workflows.split_brain import SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
-             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow]
+             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -47,7 +48,8 @@ def regional_activities(cfg: EagleConfig) -> list:
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
                       "preserve_redis_and_rejoin"),
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
-                      "read_backup_catalog")]
+                      "read_backup_catalog"),
+            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch")]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:

@@ -4,6 +4,7 @@ on: pgBackRest reads that node's data directory and config files.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -12,6 +13,16 @@ from temporalio.exceptions import ApplicationError
 
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.pgbackrest import PgBackRestError, Stanza
+from activities.backup.restore import (
+    RestoreError,
+    RestoreTarget,
+    Scratch,
+    check_target,
+    drop_scratch,
+    port_free,
+    restore_to_scratch,
+    utcnow,
+)
 from activities.backup.take import take_backup
 from activities.heartbeat import heartbeating
 from activities.postgres.status import pg_status
@@ -101,3 +112,93 @@ class BackupActivities:
                 return read_catalog(self._stanza(region))
             except PgBackRestError as e:
                 raise ApplicationError(str(e), type="InfoFailed") from None
+
+
+class RestoreRequest(BaseModel):
+    region: str  # whose worker and host run the scratch instance
+    repo_region: str  # whose bucket
+    target: RestoreTarget
+    # A directory name of its own per request (the workflow id): a retry replaces its own
+    # half-made scratch and never another's.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    port: int | None = None  # None: the first free from backup.scratch_port
+    timeout_seconds: float = Field(default=3600, gt=0)
+    # When repo_region's bucket is unreadable or holds no backup, use the other region's
+    # (the own bucket lost with its region); the check says so.
+    fallback: bool = False
+
+
+class DropScratchRequest(BaseModel):
+    region: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    port: int
+
+
+class TargetCheck(BaseModel):
+    repo_region: str  # the repo to restore from (the other one when the asked one fell back)
+    oldest_backup: str | None = None
+    newest_backup: str | None = None
+    fell_back: str | None = None  # why the asked repo was not used
+
+
+def _restore_error(e: RestoreError) -> ApplicationError:
+    return ApplicationError(str(e), {"field": e.field, "reason": str(e)} if e.field else None, type=e.kind,
+                            non_retryable=e.kind in ("InvalidInput", "PortInUse", "NoBackup", "ScratchExists"))
+
+
+class RestoreActivities:
+    def __init__(self, cfg: EagleConfig):
+        self.cfg = cfg
+
+    def scratch_dir(self, region: str, name: str) -> Path:
+        b = self.cfg.backup
+        base = Path(b.scratch_dir) if b.scratch_dir else Stanza(self.cfg, region).dir.parent / "scratch"
+        return base / name
+
+    @activity.defn
+    def check_restore_target(self, req: RestoreRequest) -> TargetCheck:
+        """Refuse a target no backup in the repo reaches, before anything is written."""
+        st = Stanza(self.cfg, req.region)
+        st.write_configs()
+        with heartbeating():
+            cat = read_catalog(st)
+        repo, why = req.repo_region, None
+        try:
+            check_target(req.target, cat, repo, utcnow())
+        except RestoreError as e:
+            if not (req.fallback and e.kind in ("RepoUnavailable", "NoBackup")):
+                raise _restore_error(e) from None
+            repo, why = self.cfg.other(req.repo_region).name, str(e)
+            try:
+                check_target(req.target, cat, repo, utcnow())
+            except RestoreError as e2:
+                raise _restore_error(RestoreError(f"{why}; and {e2}", e2.field, e2.kind)) from None
+        on = cat.on(repo)
+        return TargetCheck(repo_region=repo, oldest_backup=on[0].label if on else None,
+                           newest_backup=on[-1].label if on else None, fell_back=why)
+
+    @activity.defn
+    def restore_scratch(self, req: RestoreRequest) -> Scratch:
+        st = Stanza(self.cfg, req.region)
+        st.write_configs()
+        directory = self.scratch_dir(req.region, req.name)
+        ports = [req.port] if req.port else range(self.cfg.backup.scratch_port, self.cfg.backup.scratch_port + 50)
+        # A retry starts over: what an earlier attempt left in this request's own directory goes
+        # (pg_ctl finds its server by the data directory, whatever port it took).
+        drop_scratch(st, directory, ports[0])
+        port = next((p for p in ports if port_free(p)), None)
+        if port is None:
+            what = f"port {req.port} is already taken on this host" if req.port else \
+                f"no free port in {ports.start}..{ports.stop - 1}"
+            raise _restore_error(RestoreError(what, "port", "PortInUse"))
+        try:
+            return restore_to_scratch(st, directory, port, req.target, req.repo_region, activity.heartbeat,
+                                      timeout=req.timeout_seconds)
+        except RestoreError as e:
+            drop_scratch(st, directory, port)
+            raise _restore_error(e) from None
+
+    @activity.defn
+    def drop_scratch(self, req: DropScratchRequest) -> bool:
+        with heartbeating():
+            return drop_scratch(Stanza(self.cfg, req.region), self.scratch_dir(req.region, req.name), req.port)

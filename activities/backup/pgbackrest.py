@@ -198,12 +198,14 @@ class Stanza:
         kw = _as_owner(self.region.postgres)
         env = {**os.environ, OWNER_ENV: owner}
         return subprocess.Popen(self.argv(command, *options), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, **kw)
+                                stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
+                                env=env, **kw)
 
     def run(self, command: str, *options: str, timeout: float = 600, check: bool = True,
             archive: bool = False) -> subprocess.CompletedProcess:
+        # errors="replace": with a wrong passphrase pgBackRest quotes the garbage it decrypted.
         r = subprocess.run(self.argv(command, *options, archive=archive), capture_output=True, text=True,
-                           timeout=timeout, **_as_owner(self.region.postgres))
+                           errors="replace", timeout=timeout, **_as_owner(self.region.postgres))
         if check and r.returncode != 0:
             raise PgBackRestError(command, r.returncode, scrub(_last_error(r.stderr or r.stdout)))
         return r

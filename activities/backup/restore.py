@@ -1,0 +1,234 @@
+"""Point-in-time restore into a scratch instance: pgBackRest restores, PostgreSQL replays.
+
+A scratch instance is a whole PostgreSQL cluster in a directory of its own, on a port of
+its own, reachable only from this host (127.0.0.1 and its own socket directory), that never
+archives: it starts with ``archive_mode=off`` on the command line (pgBackRest's
+``--archive-mode=off`` too), because the copy carries the production archive settings and,
+promoted onto a new timeline, would push WAL into the live stanza (notes 3b).
+
+The repo is always named (``--repo``): a restore that lets pgBackRest pick falls back from a
+lost bucket to the other with a race in 2.45's async archive-get (2 of 12 starts failed with
+"could not locate required checkpoint record"); naming it leaves ``restore_command`` asking
+that repo alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import psycopg
+from pydantic import BaseModel, Field
+
+from activities.backup.catalog import Catalog
+from activities.backup.pgbackrest import PgBackRestError, Stanza, _last_error, repo_key
+from activities.postgres.ctl import PgCtl, PgCtlError
+from eagle_dr.config import PostgresConfig, scrub
+
+
+class RestoreTarget(BaseModel):
+    """Where recovery stops. ``latest``: the end of the archived WAL."""
+
+    kind: Literal["latest", "time", "lsn", "name"] = "latest"
+    time: datetime | None = None
+    lsn: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+    name: str | None = Field(default=None, min_length=1, max_length=63)
+    # Stop just before the target (a corrupting transaction's own commit time) or just after.
+    inclusive: bool = True
+
+    def describe(self) -> str:
+        if self.kind == "latest":
+            return "the end of the archive"
+        value = {"time": self.time.isoformat() if self.time else None, "lsn": self.lsn, "name": self.name}[self.kind]
+        return f"{self.kind} {value}" + ("" if self.inclusive else " (exclusive)")
+
+
+class RestoreError(RuntimeError):
+    """A restore refused or failed; ``field`` names the input at fault when it is the input."""
+
+    def __init__(self, message: str, field: str | None = None, kind: str = "RestoreFailed"):
+        self.field, self.kind = field, kind
+        super().__init__(message)
+
+
+class Scratch(BaseModel):
+    region: str  # whose worker (and host) runs it
+    directory: str
+    port: int
+    socket_dir: str
+    repo_region: str
+    backup_label: str | None = None
+    target: RestoreTarget
+    restore_seconds: float  # pgbackrest restore
+    recovery_seconds: float  # start, WAL replay, promotion
+    # The newest commit the scratch holds (pg_last_committed_xact, track_commit_timestamp):
+    # the point the restore actually reached. None when the server does not track it.
+    recovered_to: datetime | None = None
+    timeline: int | None = None
+
+
+def _plain(text: str | None) -> str:
+    """pgBackRest quotes a wrongly decrypted file's bytes in its messages: keep printable text."""
+    return "".join(c if c.isprintable() else "?" for c in (text or ""))[:300]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def check_target(target: RestoreTarget, catalog: Catalog, repo_region: str, now: datetime) -> None:
+    """Refuse a target no backup in the repo can reach, before anything is written."""
+    repo = catalog.repo(repo_region)
+    if repo is not None and not repo.ok and repo.code != 2:
+        raise RestoreError(f"the repo in {repo_region}'s bucket is unreadable ({_plain(repo.message)}): the bucket is "
+                           f"gone or unreachable, or the cipher passphrase is wrong", "repo", "RepoUnavailable")
+    backups = catalog.on(repo_region)
+    if not backups:
+        raise RestoreError(f"no backup in {repo_region}'s bucket to restore from", "repo", "NoBackup")
+    if target.kind == "time":
+        t = target.time
+        if t is None:
+            raise RestoreError("a time target needs 'time'", "target.time", "InvalidInput")
+        if t.tzinfo is None:
+            raise RestoreError("the time must carry its time zone (e.g. 2026-12-01T21:02:29+00:00)", "target.time",
+                               "InvalidInput")
+        if t > now:
+            raise RestoreError(f"{t.isoformat()} is in the future (now {now.isoformat(timespec='seconds')})",
+                               "target.time", "InvalidInput")
+        oldest = backups[0]
+        if t < oldest.stopped:
+            raise RestoreError(f"{t.isoformat()} is before the end of the oldest backup in {repo_region}'s bucket "
+                               f"({oldest.label}, consistent from {oldest.stopped.isoformat()}): nothing can "
+                               f"restore to it", "target.time", "InvalidInput")
+    if target.kind == "lsn" and not target.lsn:
+        raise RestoreError("an lsn target needs 'lsn'", "target.lsn", "InvalidInput")
+    if target.kind == "name" and not target.name:
+        raise RestoreError("a name target needs 'name' (a restore point from pg_create_restore_point)",
+                           "target.name", "InvalidInput")
+
+
+def scratch_config(stanza: Stanza, directory: Path, port: int) -> PostgresConfig:
+    pg = stanza.region.postgres
+    return PostgresConfig(host="127.0.0.1", port=port, database=pg.database, user=pg.user, password=pg.password,
+                          data_dir=str(directory / "pgdata"), socket_dir=str(directory / "run"), bin_dir=pg.bin_dir,
+                          os_user=pg.os_user)
+
+
+def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: RestoreTarget, repo_region: str,
+                       beat=lambda d: None, timeout: float = 3600) -> Scratch:
+    """Restore, start, replay to the target, promote; returns where it is and what it reached."""
+    if not port_free(port):
+        raise RestoreError(f"port {port} is already taken on this host", "port", "PortInUse")
+    if directory.exists() and any(directory.iterdir()):
+        raise RestoreError(f"{directory} exists and is not empty: another scratch instance?", "directory",
+                           "ScratchExists")
+    sc = scratch_config(stanza, directory, port)
+    from activities.backup.pgbackrest import _make_dir
+
+    _make_dir(directory, stanza.region.postgres)
+    _make_dir(Path(sc.data_dir), stanza.region.postgres)
+    _make_dir(Path(sc.socket_dir), stanza.region.postgres)
+    opts = [f"--repo={repo_key(stanza.cfg, stanza.region.name, repo_region)}", f"--pg1-path={sc.data_dir}",
+            "--archive-mode=off"]
+    if target.kind != "latest":
+        value = {"time": target.time.isoformat(sep=" ") if target.time else "", "lsn": target.lsn,
+                 "name": target.name}[target.kind]
+        opts += [f"--type={target.kind}", f"--target={value}", "--target-action=promote"]
+        if not target.inclusive:
+            opts.append("--target-exclusive")
+    beat({"phase": "pgbackrest restore", "target": target.describe()})
+    t0 = time.monotonic()
+    r = stanza.run("restore", *opts, "--log-level-console=info", timeout=timeout, check=False)
+    if r.returncode != 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        out = r.stderr + r.stdout
+        hint = ""
+        if "FormatError" in out or "unable to load info file" in out:
+            # What a wrong passphrase looks like: the decrypted info file is garbage.
+            hint = " (the repo's info files do not decrypt: is the cipher passphrase right?)"
+        raise RestoreError(f"pgbackrest restore failed ({r.returncode}): {_plain(scrub(_last_error(out)))}{hint}")
+    restore_s = time.monotonic() - t0
+    m = re.search(r"restore backup set (\d{8}-\d{6}F(?:_\d{8}-\d{6}[DI])?)", r.stdout + r.stderr)
+    label = m.group(1) if m else None
+    beat({"phase": "replaying WAL", "backup": label})
+    ctl = PgCtl(sc)
+    t1 = time.monotonic()
+    try:
+        # Command-line settings beat every file the copy carries: never archive, never listen
+        # beyond loopback, never wait for a synchronous standby it does not have. (max_wal_senders
+        # and friends stay as the copy says: recovery refuses values lower than the primary's.)
+        ctl.start(timeout=int(min(timeout, 3600)),
+                  extra="-c archive_mode=off -c archive_command='' -c listen_addresses=127.0.0.1 "
+                        "-c synchronous_standby_names='' -c hot_standby=on")
+    except PgCtlError as e:
+        log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
+        raise RestoreError(f"the restored copy did not start: {scrub(str(e))[:600]} {scrub(log)[-600:]}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with connect_scratch(sc) as conn:
+                if not conn.execute("select pg_is_in_recovery()").fetchone()[0]:
+                    break
+        except psycopg.OperationalError:
+            pass
+        if not ctl.running():
+            log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
+            raise RestoreError(f"the restored copy stopped during recovery: {scrub(log)[-900:]}")
+        if time.monotonic() > deadline:
+            raise RestoreError(f"recovery did not reach {target.describe()} in {timeout:.0f}s")
+        beat({"phase": "replaying WAL", "backup": label})
+        time.sleep(0.5)
+    recovery_s = time.monotonic() - t1
+    with connect_scratch(sc) as conn:
+        row = conn.execute("select (pg_last_committed_xact()).timestamp").fetchone() if _tracks_commit_ts(conn) else None
+        tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
+    return Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
+                   repo_region=repo_region, backup_label=label, target=target, restore_seconds=restore_s,
+                   recovery_seconds=recovery_s, recovered_to=row[0] if row else None, timeline=tli)
+
+
+def _tracks_commit_ts(conn) -> bool:
+    return conn.execute("select current_setting('track_commit_timestamp')").fetchone()[0] == "on"
+
+
+def connect_scratch(sc: PostgresConfig, dbname: str | None = None, timeout: int = 5) -> psycopg.Connection:
+    """Through the scratch's own socket directory: it listens on nothing else we trust."""
+    kw = {"password": sc.password.resolve()} if sc.password else {}
+    return psycopg.connect(host=sc.socket_dir, port=sc.port, user=sc.user, dbname=dbname or sc.database,
+                           connect_timeout=timeout, autocommit=True, **kw)
+
+
+def drop_scratch(stanza: Stanza, directory: Path, port: int) -> bool:
+    """Stop and delete a scratch instance; idempotent (True when something was there)."""
+    if not directory.exists():
+        return False
+    sc = scratch_config(stanza, directory, port)
+    ctl = PgCtl(sc)
+    if ctl.running():
+        try:
+            ctl.stop("immediate", timeout=60)
+        except PgCtlError:
+            ctl.kill()
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+__all__ = ["RestoreTarget", "RestoreError", "Scratch", "restore_to_scratch", "drop_scratch", "check_target",
+           "connect_scratch", "port_free", "scratch_config", "PgBackRestError", "utcnow"]

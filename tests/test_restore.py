@@ -1,0 +1,231 @@
+"""Point-in-time restores into scratch instances: real pgBackRest, SeaweedFS over TLS, PostgreSQL.
+
+Each test makes the backups it needs (BackupWorkflow), so it runs alone or in any order.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+from temporalio.client import WorkflowFailureError
+
+from activities.backup.activities import RestoreActivities
+from activities.backup.catalog import read_catalog
+from activities.backup.pgbackrest import Stanza
+from activities.backup.restore import RestoreError, RestoreTarget, connect_scratch, restore_to_scratch, scratch_config
+from tests.lab_helpers import _primary, _until
+from workflows.backup import BackupInput, BackupWorkflow
+from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def _backup(lab, client, **kw):
+    return await client.execute_workflow(BackupWorkflow.run, BackupInput(**kw), id=f"test-backup-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+
+
+def _commit(lab, sql: str, *args) -> datetime:
+    """Run one statement in its own transaction; its commit time (track_commit_timestamp)."""
+    with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
+        xid = conn.execute(sql + " returning xmin::text::bigint", args).fetchone()[0]
+        return conn.execute("select pg_xact_commit_timestamp(%s::text::xid)", (str(xid),)).fetchone()[0]
+
+
+async def _archived_now(lab) -> None:
+    """Switch WAL (a statement of its own: see notes 3) and wait until that segment is archived."""
+    with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
+        seg = conn.execute("select pg_walfile_name(pg_switch_wal())").fetchone()[0]
+
+        async def archived():
+            row = conn.execute("select last_archived_wal from pg_stat_archiver").fetchone()
+            return row[0] is not None and row[0][:24] >= seg
+
+        await _until(archived, 90, f"WAL segment {seg} archived", 0.3)
+
+
+async def _start_restore(lab, client, **kw):
+    return await client.start_workflow(RestoreWorkflow.run, RestoreInput(**kw), id=f"test-restore-{uuid.uuid4()}",
+                                       task_queue=lab.cfg.temporal.control_task_queue)
+
+
+async def _kept(handle):
+    from temporalio.client import WorkflowExecutionStatus
+
+    async def ready():
+        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            await handle.result()  # raises with the reason
+            raise AssertionError("the restore ended before it kept a copy")
+        try:
+            return await handle.query(RestoreWorkflow.scratch)
+        except Exception:  # noqa: BLE001 - not started yet
+            return None
+
+    return await _until(ready, 300, "the scratch copy to be up", 0.3)
+
+
+def _rows(lab, region: str, scratch, table: str, tag: str) -> list[int]:
+    st = Stanza(lab.cfg, region)
+    sc = scratch_config(st, Path(scratch.directory), scratch.port)
+    with connect_scratch(sc) as conn:
+        return [r[0] for r in conn.execute(f"select n from {table} where tag = %s order by n", (tag,))]
+
+
+def _table(lab) -> None:
+    with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("create table if not exists restore_probe (n int, tag text, body text)")
+
+
+async def test_pitr_to_a_time_brings_back_exactly_the_rows_committed_before_it(lab, client):
+    _table(lab)
+    await _backup(lab, client, type="full")
+    tag = uuid.uuid4().hex
+    commits = []
+    for n in range(1, 5):
+        commits.append(_commit(lab, "insert into restore_probe values (%s, %s, 'x')", n, tag))
+        # Commit times must differ by more than the clock's grain for a target between them.
+        await _until(lambda: _async_true(datetime.now(timezone.utc) > commits[-1] + timedelta(milliseconds=300)),
+                     5, "the clock to move on")
+    await _archived_now(lab)
+    target = commits[1] + (commits[2] - commits[1]) / 2  # after row 2's commit, before row 3's
+    region = lab.cfg.secondary.name
+    handle = await _start_restore(lab, client, region=region, target=RestoreTarget(kind="time", time=target),
+                                  keep_minutes=30)
+    scratch = await _kept(handle)
+    assert _rows(lab, region, scratch, "restore_probe", tag) == [1, 2]
+    assert scratch.recovered_to is not None and commits[1] <= scratch.recovered_to < commits[2]
+    assert scratch.backup_label and scratch.restore_seconds > 0
+    await handle.signal(RestoreWorkflow.release)
+    res: RestoreResult = await handle.result()
+    assert res.outcome == "succeeded" and res.dropped
+    assert not Path(scratch.directory).exists()
+
+
+async def _async_true(v):
+    return v
+
+
+async def test_latest_restore_from_the_other_bucket_when_the_regions_own_is_lost(lab, client):
+    _table(lab)
+    await _backup(lab, client, type="full")
+    tag = uuid.uuid4().hex
+    _commit(lab, "insert into restore_probe values (1, %s, 'x')", tag)
+    await _archived_now(lab)
+    lost = lab.cfg.secondary
+    s3 = lab.s3(lost.name).client()
+    objects = s3.get_paginator("list_objects_v2").paginate(Bucket=lost.s3.bucket)
+    for page in objects:
+        for o in page.get("Contents", []):
+            s3.delete_object(Bucket=lost.s3.bucket, Key=o["Key"])
+    s3.delete_bucket(Bucket=lost.s3.bucket)
+    try:
+        # Asked for the lost bucket by name: refused, clearly, with nothing left behind.
+        with pytest.raises(WorkflowFailureError) as e:
+            await client.execute_workflow(RestoreWorkflow.run, RestoreInput(region=lost.name, repo=lost.name,
+                                                                              keep_minutes=0),
+                                          id=f"test-restore-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+        assert "repo" in str(e.value.cause)
+        # Unnamed: the region's own bucket is gone, so the other region's serves, and it says so.
+        handle = await _start_restore(lab, client, region=lost.name, keep_minutes=30)
+        scratch = await _kept(handle)
+        assert scratch.repo_region == lab.cfg.other(lost.name).name
+        assert _rows(lab, lost.name, scratch, "restore_probe", tag) == [1]
+        await handle.signal(RestoreWorkflow.release)
+        res = await handle.result()
+        assert res.outcome == "degraded" and any("restored from" in d for d in res.degraded)
+    finally:
+        # The bucket back, its stanza re-made and a full backup in it (later tests need both repos).
+        s3.create_bucket(Bucket=lost.s3.bucket)
+        res = await _backup(lab, client, type="full", repos=[lost.name])
+        assert res.outcome == "succeeded"
+
+
+async def test_repos_hold_no_plaintext_and_a_wrong_passphrase_is_named(lab, client):
+    _table(lab)
+    canary = f"CANARY-{uuid.uuid4().hex}"
+    with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("insert into restore_probe select g, 'canary', %s from generate_series(1, 2000) g", (canary,))
+    await _archived_now(lab)
+    await _backup(lab, client, type="incr")
+    needle = canary.encode()
+    seen = 0
+    for r in lab.cfg.regions:
+        s3 = lab.s3(r.name).client()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=r.s3.bucket):
+            for o in page.get("Contents", []):
+                seen += 1
+                assert needle not in s3.get_object(Bucket=r.s3.bucket, Key=o["Key"])["Body"].read(), o["Key"]
+    assert seen > 20
+    # The same configuration with a wrong passphrase: info says the repos are unreadable, and a
+    # restore fails naming the cause instead of "no backup".
+    # Under the lab's state dir: pgBackRest runs as the lab user, who cannot enter pytest's tmp.
+    tmp_path = lab.state / f"wrong-pass-{uuid.uuid4().hex[:8]}"
+    tmp_path.mkdir(mode=0o755)
+    wrong = tmp_path / "wrong-pass"
+    wrong.write_text("not-the-passphrase")
+    wrong.chmod(0o644)
+    regions = []
+    for r in lab.cfg.regions:
+        regions.append(r.model_copy(update={"s3": r.s3.model_copy(update={"cipher_pass": type(r.s3.cipher_pass)(file=str(wrong))}),
+                                            "postgres": r.postgres.model_copy(update={
+                                                "pgbackrest_config": str(tmp_path / r.name / "pgbackrest.conf")})}))
+    bad_cfg = lab.cfg.model_copy(update={"regions": regions})
+    st = Stanza(bad_cfg, lab.cfg.secondary.name)
+    st.write_configs()
+    cat = read_catalog(st)
+    assert not cat.ok and all(not r.ok for r in cat.repos)
+    with pytest.raises(RestoreError) as e:
+        from activities.backup.restore import check_target, utcnow
+
+        check_target(RestoreTarget(), cat, lab.cfg.secondary.name, utcnow())
+    assert "passphrase" in str(e.value)
+    with pytest.raises(RestoreError) as e:
+        restore_to_scratch(st, tmp_path / "scratch", lab.cfg.backup.scratch_port + 40, RestoreTarget(),
+                           lab.cfg.secondary.name)
+    assert "passphrase" in str(e.value) and not (tmp_path / "scratch").exists()
+    shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("target, field", [
+    ({"kind": "time", "time": "2999-01-01T00:00:00+00:00"}, "target.time"),
+    ({"kind": "time", "time": "2001-01-01T00:00:00+00:00"}, "target.time"),
+    ({"kind": "time", "time": "yesterday, around tea"}, "target.time"),
+    ({"kind": "lsn", "lsn": "not-an-lsn"}, "target.lsn"),
+])
+async def test_bad_restore_targets_are_refused_naming_the_field(lab, client, target, field):
+    await _backup(lab, client, type="incr")
+    with pytest.raises(WorkflowFailureError) as e:
+        await client.execute_workflow("RestoreWorkflow", {"target": target, "keep_minutes": 0},
+                                      id=f"test-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    cause = e.value.cause
+    assert cause.type == "InvalidInput" and cause.non_retryable and field in str(cause), cause
+    _no_scratch_left(lab)
+
+
+async def test_unknown_repo_and_taken_port_are_refused_with_nothing_left(lab, client):
+    with pytest.raises(WorkflowFailureError) as e:
+        await client.execute_workflow("RestoreWorkflow", {"repo": "eu-north-9"}, id=f"test-{uuid.uuid4()}",
+                                      task_queue=lab.cfg.temporal.control_task_queue)
+    assert e.value.cause.type == "InvalidInput" and "repo" in str(e.value.cause)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(WorkflowFailureError) as e:
+            await client.execute_workflow("RestoreWorkflow", {"port": port, "keep_minutes": 0},
+                                          id=f"test-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    assert "port" in str(e.value.cause) and str(port) in str(e.value.cause)
+    _no_scratch_left(lab)
+
+
+def _no_scratch_left(lab) -> None:
+    for r in lab.cfg.regions:
+        d = RestoreActivities(lab.cfg).scratch_dir(r.name, "x").parent
+        assert not d.exists() or not any(d.iterdir()), list(d.iterdir())
+
