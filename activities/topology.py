@@ -30,6 +30,8 @@ class Topology(BaseModel):
     cache_rpo_target_seconds: float | None
     lab: bool
     survivor_rule: str = "active-region"
+    # backup.read_from: where "auto" backups read the data files (absent from old histories).
+    backup_read_from: str = "primary"
 
     def region(self, name: str) -> RegionInfo | None:
         return next((r for r in self.regions if r.name == name), None)
@@ -54,4 +56,4 @@ class TopologyActivities:
             control_task_queue=self.cfg.temporal.control_task_queue,
             rto_target_seconds=secs(o.critical.rto), rpo_target_seconds=secs(o.critical.rpo),
             cache_rpo_target_seconds=secs(o.cache.rpo), lab=self.cfg.routing.lab_file,
-            survivor_rule=self.cfg.split_brain.survivor_rule)
+            survivor_rule=self.cfg.split_brain.survivor_rule, backup_read_from=self.cfg.backup.read_from)

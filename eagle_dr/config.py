@@ -486,12 +486,21 @@ class BackupConfig(_Strict):
     # archiving (the other keeps PITR continuous) and an alert says so: the primary's disk
     # never fills because the other region is down.
     archive_backlog_max: Size = Field(default=256 << 20, ge=16 << 20)
+    # Where a backup reads the data files: "standby" (a streaming standby's node, pgBackRest's
+    # backup-standby: the primary only starts and stops the backup) or "primary". pgBackRest
+    # on the standby's node must reach the primary's data directory as pg1: the lab has both
+    # on one host; across hosts that needs pgBackRest's TLS server on the primary (pg1-host),
+    # which eagle-dr does not configure yet, so "primary" is the default outside the lab.
+    read_from: Literal["standby", "primary"] = "primary"
+    # A WAL segment is archived at least this often under writes: the newest point a restore
+    # from the buckets reaches lags the primary by at most about this much.
+    archive_timeout: Duration = timedelta(seconds=60)
     # Scratch instances (point-in-time restores, restore drills): where, and the first port
     # tried (the next 50 are tried too). Unset dir: scratch/ beside the node's data directory.
     scratch_dir: str | None = None
     scratch_port: int = Field(default=15450, ge=1024, le=65000)
 
-    @field_validator("every", "full_every", "retention", "io_timeout")
+    @field_validator("every", "full_every", "retention", "io_timeout", "archive_timeout")
     @classmethod
     def _positive(cls, v: timedelta) -> timedelta:
         # A zero retention would let the expiry delete every backup, the newest included.

@@ -40,9 +40,13 @@ async def test_full_backup_from_the_standby_to_both_regions_buckets(lab, client)
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_incremental_backup_chains_on_the_full(lab, client):
-    res = await _backup(lab, client, type="incr", repos=[_primary(lab)])
+async def test_incremental_backup_from_the_primary_chains_on_the_full(lab, client):
+    """source=primary: what production gets by default (backup.read_from), where the standby's
+    host cannot reach the primary's data directory."""
+    primary = _primary(lab)
+    res = await _backup(lab, client, type="incr", repos=[primary], source="primary")
     assert [b.type for b in res.backups] == ["incr"]
+    assert res.source_region == primary and not res.from_standby
     assert res.backups[0].prior
 
 

@@ -51,7 +51,7 @@ class BackupInput(BaseModel):
     type: Literal["full", "diff", "incr"] = "incr"
     # Regions whose bucket gets the backup; empty means every region's.
     repos: list[str] = Field(default_factory=list)
-    # auto: the standby when one streams, else the primary.
+    # auto: per backup.read_from (the standby when one streams), else the primary.
     source: Literal["auto", "primary", "standby"] = "auto"
     trigger: str = Field(default="manual", max_length=100)
     # How long one backup may run before it is stopped (it resumes on the next run).
@@ -105,7 +105,8 @@ class BackupWorkflow(Runbook):
             if inp.source == "standby" and standby is None:
                 raise ApplicationError("source 'standby' asked, but no standby streams", type="NoStandby",
                                        non_retryable=True)
-            from_standby = standby is not None and inp.source != "primary"
+            from_standby = standby is not None and (
+                inp.source == "standby" or (inp.source == "auto" and topo.backup_read_from == "standby"))
             source = standby if from_standby else primary
             rec.detail = f"primary {primary}; backing up from {source}" + (" (standby)" if from_standby else "")
         self.source_region, self.target_region = source, ", ".join(repos)

@@ -161,7 +161,7 @@ class Stanza:
                 f"archive_command = '{cmd}'\n"
                 # A segment at least every minute even when idle: the archive, and so the
                 # newest point PITR reaches, never lags the primary by more than this.
-                "archive_timeout = 60\n")
+                f"archive_timeout = {max(1, int(self.cfg.backup.archive_timeout.total_seconds()))}\n")
 
     def write_configs(self) -> bool:
         """Write the files when they differ; True when something changed."""
