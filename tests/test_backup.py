@@ -12,20 +12,25 @@ import pytest
 
 from activities.backup.catalog import read_catalog
 from activities.backup.pgbackrest import Stanza
+from tests.histories import record
 from tests.lab_helpers import _primary
 from workflows.backup import BackupInput, BackupResult, BackupWorkflow
 
 
-async def _backup(lab, client, **kw) -> BackupResult:
-    return await client.execute_workflow(BackupWorkflow.run, BackupInput(**kw), id=f"test-backup-{uuid.uuid4()}",
+async def _backup(lab, client, history: str | None = None, **kw) -> BackupResult:
+    handle = await client.start_workflow(BackupWorkflow.run, BackupInput(**kw), id=f"test-backup-{uuid.uuid4()}",
                                          task_queue=lab.cfg.temporal.control_task_queue)
+    res = await handle.result()
+    if history:
+        await record(handle, history)
+    return res
 
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_full_backup_from_the_standby_to_both_regions_buckets(lab, client):
     primary = _primary(lab)
     standby = lab.cfg.other(primary).name
-    res = await _backup(lab, client, type="full", trigger="test")
+    res = await _backup(lab, client, "backup-full-from-standby", type="full", trigger="test")
     assert res.outcome == "succeeded", res
     assert res.primary_region == primary and res.source_region == standby and res.from_standby
     assert sorted(b.repo_region for b in res.backups) == sorted(lab.cfg.region_names)

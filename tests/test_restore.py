@@ -19,6 +19,7 @@ from activities.backup.activities import RestoreActivities
 from activities.backup.catalog import read_catalog
 from activities.backup.pgbackrest import Stanza
 from activities.backup.restore import RestoreError, RestoreTarget, connect_scratch, restore_to_scratch, scratch_config
+from tests.histories import record
 from tests.lab_helpers import _primary, _until
 from workflows.backup import BackupInput, BackupWorkflow
 from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
@@ -103,6 +104,7 @@ async def test_pitr_to_a_time_brings_back_exactly_the_rows_committed_before_it(l
     assert scratch.backup_label and scratch.restore_seconds > 0
     await handle.signal(RestoreWorkflow.release)
     res: RestoreResult = await handle.result()
+    await record(handle, "restore-pitr-time")
     assert res.outcome == "succeeded" and res.dropped
     assert not Path(scratch.directory).exists()
 
@@ -138,6 +140,7 @@ async def test_latest_restore_from_the_other_bucket_when_the_regions_own_is_lost
         assert _rows(lab, lost.name, scratch, "restore_probe", tag) == [1]
         await handle.signal(RestoreWorkflow.release)
         res = await handle.result()
+        await record(handle, "restore-own-bucket-lost")
         assert res.outcome == "degraded" and any("restored from" in d for d in res.degraded)
     finally:
         # The bucket back, its stanza re-made and a full backup in it (later tests need both repos).
