@@ -86,7 +86,10 @@ class DevServer:
         spawn(self._argv(), pidfile=self.pidfile, logfile=self.log)
         wait_for(self._port_open, timeout, f"Temporal dev server on {self.address} (log: {self.log})")
         wait_for(self._ui_ready, timeout, f"Temporal UI on {self.ui_url}")
-        asyncio.run(ensure_search_attributes_at(self.address))
+        # The port answers before the frontend serves ("Frontend is not healthy yet", seen on a
+        # loaded machine): registering the search attributes is the first real call, retried.
+        wait_for(lambda: asyncio.run(ensure_search_attributes_at(self.address)) is not None, timeout,
+                 f"Temporal frontend on {self.address} to serve (log: {self.log})", 0.5)
         return self.status()
 
     def _ui_ready(self) -> bool:
