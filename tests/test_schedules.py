@@ -1,0 +1,154 @@
+"""Temporal Schedules from the config, on the real dev server: apply is idempotent and
+follows config changes; a paused schedule takes no action while trigger still runs it.
+
+These need only the dev server (a schedule's action is a workflow start, which the server
+records whether or not a worker runs it), and every schedule they make is created paused or
+deleted at the end, so nothing fires into the session lab's other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import pytest
+from temporalio.client import Client, ScheduleOverlapPolicy
+
+from schedules.apply import apply, build
+from schedules.control import pause, row, rows, trigger, unpause
+from schedules.specs import OWNER_MEMO, DesiredSchedule, desired, prefix
+from tests.lab_helpers import _until
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def _delete_owned(client: Client, cfg) -> None:
+    for d in desired(cfg):
+        try:
+            await client.get_schedule_handle(d.id).delete()
+        except Exception:  # noqa: BLE001 - not there
+            pass
+
+
+def _with_backup(cfg, **changes):
+    return cfg.model_copy(update={"backup": cfg.backup.model_copy(update=changes)})
+
+
+async def test_apply_twice_gives_the_same_schedules_and_follows_config_changes(lab_cfg, client):
+    cfg = lab_cfg
+    ids = [d.id for d in desired(cfg)]
+    assert ids == [f"dr-{cfg.service}-{s}" for s in ("backup-incr", "backup-full", "redis-snapshot", "expire",
+                                                      "restore-drill")]
+    foreign = f"{prefix(cfg.service)}hand-made"
+    try:
+        first = await apply(client, cfg, paused=True)
+        assert first.created == ids and not first.updated and not first.deleted
+        before = {i: await client.get_schedule_handle(i).describe() for i in ids}
+        second = await apply(client, cfg, paused=True)
+        assert second.unchanged == ids and not second.changed, second
+        for i in ids:
+            again = await client.get_schedule_handle(i).describe()
+            assert again.raw_description.schedule == before[i].raw_description.schedule, i
+            assert again.info.last_updated_at == before[i].info.last_updated_at, i
+
+        incr = before[ids[0]].schedule
+        assert incr.action.workflow == "BackupWorkflow" and incr.action.task_queue == cfg.temporal.control_task_queue
+        assert (await client.data_converter.decode(list(incr.action.args)))[0] == {"type": "incr",
+                                                                                   "trigger": "schedule"}
+        assert [i.every for i in incr.spec.intervals] == [cfg.backup.every]
+        assert incr.spec.jitter == timedelta(minutes=1)
+        assert incr.policy.overlap == ScheduleOverlapPolicy.SKIP
+        assert incr.policy.catchup_window == cfg.backup.every
+        assert incr.state.paused
+        full = before[ids[1]].schedule
+        assert (await client.data_converter.decode(list(full.action.args)))[0]["type"] == "full"
+        assert [(i.every, i.offset) for i in full.spec.intervals] == [(cfg.backup.full_every, cfg.backup.every / 2)]
+        drill = before[ids[4]].schedule
+        assert drill.action.workflow == "RestoreDrillWorkflow"
+        assert (await client.data_converter.decode(list(drill.action.args)))[0] == {}
+        # The action names no node: only the control queue, and an input without a region.
+        for d in before.values():
+            assert not any(r in str(d.raw_description.schedule.action) for r in cfg.region_names)
+            assert (await d.memo())[OWNER_MEMO]["service"] == cfg.service
+
+        # An operator unpauses one; a schedule somebody made by hand under our prefix.
+        await unpause(client, cfg, "expire", "test")
+        await client.create_schedule(foreign, build(desired(cfg)[0], paused=True))
+
+        changed = _with_backup(cfg, every=timedelta(minutes=10), redis_every=None)
+        third = await apply(client, changed, paused=True)
+
+        async def listed():
+            # The list API is eventually consistent: a later apply sees what this one missed.
+            r = await apply(client, changed, paused=True)
+            return (third.deleted or r.deleted) and r
+
+        fourth = await _until(listed, 30, "the redis schedule to be deleted", 0.5)
+        assert third.updated == [ids[0], ids[1]], third  # the full's offset follows `every`
+        assert set(third.deleted + fourth.deleted) == {ids[2]}
+        assert not fourth.created and not fourth.updated
+        d = await client.get_schedule_handle(ids[0]).describe()
+        assert [i.every for i in d.schedule.spec.intervals] == [timedelta(minutes=10)]
+        assert d.schedule.state.paused, "apply must keep the paused state"
+        assert not (await client.get_schedule_handle(ids[3]).describe()).schedule.state.paused
+        # Not ours (no memo): left alone.
+        await client.get_schedule_handle(foreign).describe()
+    finally:
+        await _delete_owned(client, cfg)
+        try:
+            await client.get_schedule_handle(foreign).delete()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def test_a_paused_schedule_takes_no_action_and_trigger_still_runs_it(lab_cfg, client):
+    """A schedule firing every 2 s: running, it starts workflows; paused, none for several
+    intervals; triggered while paused, exactly one; unpaused, it runs again."""
+    cfg = lab_cfg
+    every = timedelta(seconds=2)
+    probe = DesiredSchedule(
+        id=f"{prefix(cfg.service)}test-probe", workflow="ScheduleProbe", input={}, every=every, offset=timedelta(0),
+        jitter=timedelta(0), catchup_window=timedelta(seconds=10), task_queue="eagle-dr-test-nobody",
+        # No worker polls the queue: each run times out after 1 s, before the next slot, so
+        # SKIP never hides a slot and every slot shows as an action.
+        execution_timeout=timedelta(seconds=1), description="test probe",
+        memo={OWNER_MEMO: {"service": cfg.service, "schedule": "test-probe"}})
+    handle = await client.create_schedule(probe.id, build(probe), memo=probe.memo)
+    try:
+        async def actions(n):
+            async def enough():
+                d = await handle.describe()
+                return d if d.info.num_actions >= n else None
+            return enough
+
+        await _until(await actions(2), 30, "two scheduled runs")
+        await pause(client, cfg, "test-probe", "test: paused")
+        paused_at = (await handle.describe()).info.num_actions
+        # A negative needs a window: five intervals, polled, and no action in any of them.
+        watch_until = time.monotonic() + 5 * every.total_seconds()
+        while time.monotonic() < watch_until:
+            d = await handle.describe()
+            assert d.schedule.state.paused and d.info.num_actions == paused_at, "a paused schedule ran"
+            await asyncio.sleep(0.5)
+        r = await row(client, probe.id)
+        assert r.paused and r.note == "test: paused" and r.actions == paused_at
+
+        await trigger(client, cfg, "test-probe")
+        d = await _until(await actions(paused_at + 1), 15, "the triggered run")
+        assert d.schedule.state.paused and d.info.num_actions == paused_at + 1
+        triggered = d.info.recent_actions[-1]
+        assert triggered.action.workflow_id.startswith(probe.id)
+
+        listed = await _until(lambda: _probe_row(client, cfg, probe.id), 30, "the probe in `schedules list`", 0.5)
+        assert listed.paused and listed.last_workflow_id == triggered.action.workflow_id
+        assert listed.last_outcome in ("RUNNING", "TIMED_OUT")
+
+        await unpause(client, cfg, "test-probe", "test: unpaused")
+        await _until(await actions(paused_at + 3), 30, "runs after unpausing")
+    finally:
+        await handle.delete()
+
+
+async def _probe_row(client, cfg, sid):
+    return next((r for r in await rows(client, cfg) if r.id == sid), None)
