@@ -118,6 +118,9 @@ class RedisBackupActivities:
         (a retry overwrites the same key: idempotent). A bucket that fails is reported, the
         others still get it; all failing raises (retried)."""
         node = self.cfg.region(req.region).redis
+        if f"{node.host}:{node.port}" != req.address:
+            raise ApplicationError(f"{req.address} is not {req.region}'s Redis", type="InvalidInput",
+                                   non_retryable=True)
         st = redis_status(node)
         if st.role != "master":
             raise ApplicationError(f"{req.region}'s Redis is no longer master ({st.role or st.error})",
