@@ -84,3 +84,24 @@ async def test_redis_snapshot_in_both_buckets_sse_c_enforced_and_pruned(lab, cli
         keys = [o["Key"] for o in c.list_objects_v2(Bucket=r.s3.bucket, Prefix=prefix(cfg.service))["Contents"]]
         assert old_key not in keys and recent_key in keys and res.snapshot.key in keys
     assert all(p.deleted == [old_key] for p in res.pruned) and len(res.pruned) == 2
+
+
+async def test_with_one_bucket_down_the_snapshot_is_degraded_and_in_the_other(lab, client):
+    cfg = lab.cfg
+    master = _master(cfg)
+    down = cfg.other(master).name
+    lab.s3(down).kill()
+    try:
+        res: RedisSnapshotResult = await client.execute_workflow(
+            RedisSnapshotWorkflow.run, {"trigger": "test"}, id=f"test-redis-snapshot-{uuid.uuid4()}",
+            task_queue=cfg.temporal.control_task_queue)
+    finally:
+        lab.s3(down).start()
+    assert res.outcome == "degraded", res
+    copies = {c.bucket_region: c for c in res.snapshot.copies}
+    assert copies[master].uri and not copies[down].uri and copies[down].error
+    assert any(f"no snapshot in {down}'s bucket" in d for d in res.degraded)
+    assert [p.bucket_region for p in res.pruned] == [master]
+    bucket = cfg.region(master).s3
+    data = s3.client(bucket).get_object(Bucket=bucket.bucket, Key=res.snapshot.key, **sse_c(bucket))["Body"].read()
+    assert hashlib.sha256(data).hexdigest() == res.snapshot.sha256
