@@ -213,3 +213,61 @@ async def test_cli_apply_is_idempotent_and_lists_the_schedules(lab_cfg, lab_conf
                     ).schedule.state.paused
     finally:
         await _delete_owned(client, lab_cfg)
+
+
+async def _trigger_and_wait(client, cfg, name: str) -> dict:
+    h = client.get_schedule_handle(f"{prefix(cfg.service)}{name}")
+    before = (await h.describe()).info.num_actions
+    await trigger(client, cfg, name)
+
+    async def started():
+        d = await h.describe()
+        return d.info.recent_actions[-1] if d.info.num_actions > before and d.info.recent_actions else None
+
+    action = await _until(started, 30, f"{name} to start", 0.2)
+    return await client.get_workflow_handle(action.action.workflow_id).result()
+
+
+async def test_the_same_schedules_follow_a_switchover(lab, client):
+    """No schedule names a node: after a switchover the same schedules back up the new
+    primary (from the old one, now its streaming standby, on the new timeline) and snapshot
+    the new Redis master."""
+    from eagle_dr.launch import start_move
+    from tests.lab_helpers import _primary
+    from workflows.models import SwitchoverInput
+
+    cfg = lab.cfg
+    a = _primary(lab)
+    b = cfg.other(a).name
+    await apply(client, cfg, paused=True)
+    specs_before = {d.id: (await client.get_schedule_handle(d.id).describe()).raw_description.schedule
+                    for d in desired(cfg)}
+    try:
+        first = await _trigger_and_wait(client, cfg, "backup-incr")
+        assert first["outcome"] == "succeeded" and first["primary_region"] == a, first
+        moved = await (await start_move(client, cfg, SwitchoverInput(service=cfg.service, target_region=b))).result()
+        assert moved.outcome == "succeeded" and _primary(lab) == b
+
+        async def streaming():
+            from activities.postgres.status import pg_status
+            return pg_status(cfg.region(a).postgres).receiver_status == "streaming"
+
+        await _until(streaming, 60, f"{a} to stream from {b}", 0.5)
+        second = await _trigger_and_wait(client, cfg, "backup-incr")
+        assert second["outcome"] == "succeeded", second
+        assert second["primary_region"] == b and second["source_region"] == a and second["from_standby"]
+        # The new primary's timeline: WAL file names start with the timeline id.
+        tl = lambda r: int(r["backups"][0]["wal_start"][:8], 16)  # noqa: E731
+        assert tl(second) > tl(first)
+        snap = await _trigger_and_wait(client, cfg, "redis-snapshot")
+        assert snap["master_region"] == b and snap["outcome"] == "succeeded", snap
+        for sid, spec in specs_before.items():
+            assert (await client.get_schedule_handle(sid).describe()).raw_description.schedule == spec, sid
+    finally:
+        try:
+            if _primary(lab) != a:
+                back = await (await start_move(client, cfg, SwitchoverInput(service=cfg.service, target_region=a))
+                              ).result()
+                assert back.outcome == "succeeded"
+        finally:
+            await _delete_owned(client, cfg)
