@@ -21,7 +21,7 @@ from eagle_dr.temporal import DR_SOURCE_REGION, DR_TRIGGER
 from schedules.specs import OWNER_MEMO, DesiredSchedule, desired, prefix
 from tests.lab_helpers import _until
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+# asyncio_mode = auto, session loop (pyproject.toml): async tests need no mark.
 
 
 async def _delete_owned(client: Client, cfg) -> None:
@@ -271,3 +271,32 @@ async def test_the_same_schedules_follow_a_switchover(lab, client):
                 assert back.outcome == "succeeded"
         finally:
             await _delete_owned(client, cfg)
+
+
+def test_the_config_switches_schedules_off_and_bounds_jitter_and_catch_up(lab_cfg):
+    off = _with_backup(lab_cfg, redis_every=None, expire_every=None, restore_drill_every=None)
+    assert [d.id.removeprefix(prefix(lab_cfg.service)) for d in desired(off)] == ["backup-incr", "backup-full"]
+    fast = _with_backup(lab_cfg, every=timedelta(minutes=5))
+    incr = desired(fast)[0]
+    # Jitter at most a tenth of the interval; a miss older than one interval is not made up.
+    assert incr.jitter == timedelta(seconds=30) and incr.catchup_window == timedelta(minutes=5)
+    full = desired(fast)[1]
+    assert full.catchup_window == timedelta(days=1) and full.offset == timedelta(minutes=2, seconds=30)
+
+
+
+@pytest.mark.parametrize("backup, field", [({"schedules": {"catchup_window": "5s"}}, "catchup_window"),
+                                           ({"restore_drill_every": "0s"}, "restore_drill_every"),
+                                           ({"schedules": {"jitter": "1m", "colour": 1}}, "colour")])
+def test_bad_schedule_config_names_the_field(tmp_path, backup, field):
+    import yaml
+
+    from eagle_dr.config import ConfigError, DEFAULT_CONFIG, load_config
+
+    doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    doc["backup"].update(backup)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={})
+    assert field in str(e.value)
