@@ -106,7 +106,7 @@ async def apply(client: Client, cfg: EagleConfig, paused: bool | None = None) ->
         have_cmp.CopyFrom(have)
         have_cmp.ClearField("state")
         want = await _stored(client, sched)
-        if _same(have_cmp, want):
+        if have_cmp == want:
             report.unchanged.append(d.id)
             continue
 
@@ -129,7 +129,3 @@ async def apply(client: Client, cfg: EagleConfig, paused: bool | None = None) ->
         report.deleted.append(s.id)
         log.info("schedule deleted (no longer in the config)", schedule=s.id)
     return report
-
-
-def _same(have, want) -> bool:
-    return have == want
