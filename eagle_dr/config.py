@@ -465,6 +465,35 @@ class TableConflictConfig(_Strict):
         return self
 
 
+class BackupSchedulesConfig(_Strict):
+    """How the Temporal Schedules behind `backup` fire (schedules/specs.py)."""
+
+    # Each run starts up to this much later than its slot (never more than a tenth of the
+    # schedule's interval): many services' backups on one S3 endpoint do not start together.
+    jitter: Duration = timedelta(minutes=1)
+    # A run missed while Temporal was down is made up when it returns, if it is no older than
+    # this (and than one interval: older ones are superseded by the next regular run).
+    catchup_window: Duration = timedelta(days=1)
+    # Create new schedules paused (test labs; an operator unpauses them). `schedules apply`
+    # never changes the paused state of a schedule that exists: pausing is an operator's act.
+    paused: bool = False
+
+    @field_validator("jitter")
+    @classmethod
+    def _not_negative(cls, v: timedelta) -> timedelta:
+        if v < timedelta(0):
+            raise ValueError("must not be negative")
+        return v
+
+    @field_validator("catchup_window")
+    @classmethod
+    def _catchup(cls, v: timedelta) -> timedelta:
+        # Temporal's own minimum.
+        if v < timedelta(seconds=10):
+            raise ValueError("must be at least 10s")
+        return v
+
+
 class BackupConfig(_Strict):
     """pgBackRest: one stanza, two repos on every node (repo1 its own region's bucket, repo2
     the other region's), WAL archived to both, backups to each."""
@@ -499,6 +528,16 @@ class BackupConfig(_Strict):
     # tried (the next 50 are tried too). Unset dir: scratch/ beside the node's data directory.
     scratch_dir: str | None = None
     scratch_port: int = Field(default=15450, ge=1024, le=65000)
+    # An RDB snapshot of the Redis master to both buckets this often (null: none). A cache is
+    # rebuilt from PostgreSQL, and replication covers a region loss; the snapshot is for
+    # losing (or corrupting) both copies, so hourly is plenty.
+    redis_every: Duration | None = timedelta(hours=1)
+    # `pgbackrest expire` per repo by the retention. Each backup expires too; this one also runs
+    # when backups fail for days (no backup, no expiry) and reports what it removed.
+    expire_every: Duration | None = timedelta(days=1)
+    # RestoreDrillWorkflow with its defaults this often (null: no drill schedule).
+    restore_drill_every: Duration | None = timedelta(days=1)
+    schedules: BackupSchedulesConfig = BackupSchedulesConfig()
 
     @field_validator("every", "full_every", "retention", "io_timeout", "archive_timeout")
     @classmethod
@@ -506,6 +545,13 @@ class BackupConfig(_Strict):
         # A zero retention would let the expiry delete every backup, the newest included.
         if v <= timedelta(0):
             raise ValueError("must be greater than 0")
+        return v
+
+    @field_validator("redis_every", "expire_every", "restore_drill_every")
+    @classmethod
+    def _positive_or_off(cls, v: timedelta | None) -> timedelta | None:
+        if v is not None and v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s (or null: no schedule)")
         return v
 
     @field_validator("retention")

@@ -175,14 +175,26 @@ class Lab:
     def ensure_stanza(self) -> None:
         """stanza-create on whichever node is primary (both repos; a no-op when they exist
         and match), so WAL archiving succeeds from the start."""
-        from activities.backup.pgbackrest import Stanza
+        import time
+
+        from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza
         from activities.postgres.status import pg_status
 
         for r in self.cfg.regions:
             st = pg_status(r.postgres)
             if st.reachable and st.role == "primary":
-                Stanza(self.cfg, r.name).run("stanza-create", timeout=180)
-                return
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        Stanza(self.cfg, r.name).run("stanza-create", timeout=180)
+                        return
+                    except PgBackRestError as e:
+                        # The primary archives from its first segment: the async archive-push
+                        # holds the stanza's archive lock while it runs, and stanza-create
+                        # needs it too. Wait for that push to end.
+                        if e.code != LOCK_ACQUIRE or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.5)
 
     def wait_replication(self, timeout: float = 60) -> None:
         """Until the standby streams, the Redis replica is linked and the Sentinels see each

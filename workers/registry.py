@@ -9,6 +9,7 @@ runbook reaches a region by scheduling on that region's queue.
 from __future__ import annotations
 
 from activities.backup.activities import BackupActivities, RestoreActivities
+from activities.backup.redis import RedisBackupActivities
 from activities.failback import FailbackActivities
 from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
@@ -20,16 +21,18 @@ from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
 from workflows.backup import BackupWorkflow
 from workflows.drill import DrillWorkflow
+from workflows.expire import ExpireWorkflow
 from workflows.restore import RestoreWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
 from workflows.monitor import MonitorWorkflow
+from workflows.redis_snapshot import RedisSnapshotWorkflow
 from workflows.split_brain import SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
-             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow]
+             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -48,8 +51,10 @@ def regional_activities(cfg: EagleConfig) -> list:
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
                       "preserve_redis_and_rejoin"),
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
-                      "read_backup_catalog"),
-            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch")]
+                      "read_backup_catalog", "expire_backups"),
+            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch"),
+            # The RDB file is on the master's disk: its region's worker uploads it.
+            RedisBackupActivities(cfg).snapshot_redis]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:
@@ -58,6 +63,7 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
             HealthActivities(cfg).probe_regions_from_here, *_postgres(cfg),
             *_methods(RedisActivities(cfg), "fence_redis", "unfence_redis", "promote_redis", "switchover_redis",
                       "demote_redis"),
+            *_methods(RedisBackupActivities(cfg), "find_redis_master", "prune_redis_snapshots"),
             *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",
                       "verify_service")]
     if cfg.routing.lab_file:

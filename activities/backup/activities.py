@@ -12,7 +12,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
-from activities.backup.pgbackrest import PgBackRestError, Stanza
+from activities.backup.expire import RepoExpiry, expire
+from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza
 from activities.backup.restore import (
     RestoreError,
     RestoreTarget,
@@ -39,6 +40,13 @@ class TakeBackupRequest(BaseModel):
     not_before: float
     from_standby: bool = False
     timeout_seconds: float = Field(default=6 * 3600, gt=0)
+
+
+class ExpireRequest(BaseModel):
+    region: str  # the node (and worker) that runs pgBackRest
+    repo_region: str  # whose bucket
+    dry_run: bool = False
+    keep_fulls: int | None = Field(default=None, ge=1)
 
 
 class StanzaReady(BaseModel):
@@ -113,6 +121,22 @@ class BackupActivities:
             except PgBackRestError as e:
                 raise ApplicationError(str(e), type="InfoFailed") from None
 
+    @activity.defn
+    def expire_backups(self, req: ExpireRequest) -> RepoExpiry:
+        """``pgbackrest expire`` on one repo by the retention (or ``keep_fulls``). Idempotent: a
+        second run finds nothing more to expire."""
+        st = self._stanza(req.region)
+        st.write_configs()
+        try:
+            with heartbeating():
+                return expire(st, req.repo_region, req.dry_run, req.keep_fulls)
+        except KeyError:
+            raise ApplicationError(f"unknown repo region {req.repo_region!r}", type="InvalidInput",
+                                   non_retryable=True) from None
+        except PgBackRestError as e:
+            # A backup holds the stanza's lock: retried (with back-off) until it ends.
+            kind = "StanzaLocked" if e.code == LOCK_ACQUIRE else "ExpireFailed"
+            raise ApplicationError(str(e), type=kind) from None
 
 class RestoreRequest(BaseModel):
     region: str  # whose worker and host run the scratch instance

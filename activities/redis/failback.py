@@ -8,15 +8,14 @@ then REPLICAOF. The report names every key it did not copy and why: it is in the
 
 from __future__ import annotations
 
-import time
 from fnmatch import fnmatchcase
-from pathlib import Path
 
 import redis
 from pydantic import BaseModel
 
 from activities import s3
 from activities.redis import failover
+from activities.redis.rdb import bgsave
 from activities.redis.status import client as redis_client
 from eagle_dr.config import RedisConfig, RedisReconcileConfig, S3Config, scrub
 
@@ -54,29 +53,8 @@ class RedisFailback(BaseModel):
 
 def snapshot_to_s3(old: RedisConfig, bucket: S3Config, key: str, timeout_s: float = 120) -> str:
     """BGSAVE, wait, upload the RDB file (the worker runs beside this Redis: same disk)."""
-    c = redis_client(old, 10)
-    # Counted, not timed: LASTSAVE has one-second resolution, so a second BGSAVE within the
-    # same second as the one before would look as if it never finished.
-    saves = int(c.info("persistence")["rdb_saves"])
-    try:
-        # SCHEDULE: a replica sync or AOF rewrite in progress delays the save instead of failing it.
-        c.bgsave(schedule=True)
-    except redis.ResponseError as e:
-        if "already in progress" not in str(e):
-            raise
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = c.info("persistence")
-        if int(info["rdb_saves"]) > saves and not int(info["rdb_bgsave_in_progress"]):
-            if info.get("rdb_last_bgsave_status") != "ok":
-                raise RuntimeError(f"BGSAVE failed on {old.host}:{old.port}: see its log")
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError("BGSAVE did not finish")
-        time.sleep(0.05)
-    directory = c.config_get("dir")["dir"]
-    name = c.config_get("dbfilename")["dbfilename"]
-    s3.client(bucket).upload_file(str(Path(directory) / name), bucket.bucket, key)
+    path = bgsave(old, timeout_s)
+    s3.client(bucket).upload_file(str(path), bucket.bucket, key)
     return f"s3://{bucket.bucket}/{key}"
 
 

@@ -157,6 +157,15 @@ def lab_up(app_traffic: bool = typer.Option(True, "--app/--no-app", help="Start 
         from eagle_dr.status import collect
 
         wait_for(lambda: all(w.polling for w in collect(lab.cfg).workers), 60, "every worker to poll", 1)
+    with out.status("schedules"):
+        # After the workers: a catch-up run must find someone to run it. In the lab they run
+        # as in production (the drill shows a backup following a failover); the test suite
+        # never runs `lab up`, so they cannot fire in the middle of `make test`.
+        import asyncio
+
+        from eagle_dr.cli.schedules import apply_from_config, print_report
+
+        print_report(asyncio.run(apply_from_config(lab.cfg)))
     if app_traffic:
         lab.start_app()
     out.print(f"[green]lab up[/] in {lab.state}; Temporal UI {ds.ui_url}")
@@ -666,6 +675,7 @@ def main() -> None:
 # Command groups with a module of their own (eagle_dr/cli/<group>.py). Each builds its
 # typer app from the helpers above and adds it to ``app``; imported last, when they exist.
 from eagle_dr.cli import backup as _backup_cli  # noqa: E402,F401
+from eagle_dr.cli import schedules as _schedules_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
