@@ -261,11 +261,11 @@ def unfence(region: str = typer.Option(..., "--region", help="The region whose f
     from activities.postgres.fence import lift_stop_fence, unfence as pg_unfence
     from activities.postgres.status import pg_status
     from activities.redis.failover import unfence as redis_unfence
-    from eagle_dr.status import _move_running
+    from eagle_dr.temporal import move_running
 
     c = cfg()
     _region(c, region)
-    if asyncio.run(_move_running(f"127.0.0.1:{c.lab.dev_server.grpc_port}", c.service)) is not False:
+    if asyncio.run(move_running(f"127.0.0.1:{c.lab.dev_server.grpc_port}", c.service)) is not False:
         _fail(f"a runbook holds dr-move-{c.service} (or Temporal cannot say): it owns its fences; cancel it first",
               EXIT_BUSY)
     other = c.other(region)

@@ -18,6 +18,7 @@ from activities.redis.status import RedisStatus, SentinelView, fenced, redis_sta
 from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig
 from eagle_dr.devserver import ui_reachable
+from eagle_dr.temporal import move_running
 
 # Pollers seen this recently are listed (for the operator's information only: whether a
 # worker is alive is decided by the liveness probe). DescribeTaskQueue reports the root
@@ -178,23 +179,7 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
     return TopologyStatus(service=cfg.service, active_region=LabRouter(cfg.lab.state_dir).active_region(),
                           regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
                           temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url),
-                          move_running=await _move_running(address, cfg.service))
-
-
-async def _move_running(address: str, service: str) -> bool | None:
-    from temporalio.client import WorkflowExecutionStatus
-    from temporalio.service import RPCError, RPCStatusCode
-
-    from eagle_dr.temporal import connect
-
-    try:
-        client = await asyncio.wait_for(connect(address), 5)
-        desc = await client.get_workflow_handle(f"dr-move-{service}").describe()
-    except RPCError as e:
-        return False if e.status == RPCStatusCode.NOT_FOUND else None
-    except Exception:  # noqa: BLE001 - Temporal down: unknown, and no leftovers are claimed
-        return None
-    return desc.status == WorkflowExecutionStatus.RUNNING
+                          move_running=await move_running(address, cfg.service))
 
 
 def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
