@@ -237,7 +237,9 @@ def worker(region: Optional[str] = typer.Option(None, "--region", help="Poll thi
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """The topology at a glance: roles, timelines, lag, Sentinels, workers."""
+    """The topology at a glance: roles, timelines, lag, Sentinels, workers, services.
+
+    Exits 3 when a stopped move left something behind (LEFT FENCED, LEFT SCALED TO 0), 0 otherwise."""
     from eagle_dr.status import collect, render
 
     st = collect(cfg())
@@ -245,6 +247,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         out.print_json(st.model_dump_json())
     else:
         render(st)
+    if st.leftovers or st.left_scaled_to_0:
+        # What a stopped move left behind needs a repair: "done but degraded" in the CLI's codes.
+        raise typer.Exit(EXIT_DEGRADED)
 
 
 @app.command()
