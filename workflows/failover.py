@@ -322,7 +322,7 @@ class FailoverWorkflow(Runbook):
         """Lift the fences after a promotion that did not happen; returns what was done, for the error."""
         async with self.step("compensate: lift fence on old primary") as st:
             try:
-                await self._lift_fences(source, fence, redis_paused, control, source_queue, st)
+                done = await self._lift_fences(source, fence, redis_paused, control, source_queue, st)
             except ActivityError as e:
                 if not (isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"):
                     raise
@@ -330,10 +330,11 @@ class FailoverWorkflow(Runbook):
                 # them would put a writable primary next to its one.
                 st.detail = f"fences LEFT in place, a newer move owns them: {e.cause}"
                 return "the old primary's fence was left in place (a newer move owns it)"
-        return "the old primary's fence was lifted"
+        return done
 
     async def _lift_fences(self, source: str, fence: PgFence, redis_paused: bool, control: str,
-                           source_queue: str, st) -> None:
+                           source_queue: str, st) -> str:
+        done = "the old primary's fence was lifted"
         if fence.method == "read_only":
             await self.act(PostgresActivities.unfence_postgres, self._unfence(source), queue=control, timeout=30)
         elif fence.method == "stop":
@@ -352,10 +353,13 @@ class FailoverWorkflow(Runbook):
                     st.detail = (f"old primary is stopped and held as a standby; its worker could not lift "
                                  f"the fence ({e.cause or e}): lift it by hand after checking why promotion "
                                  "failed")
+                    done = "the old primary is still stopped (its worker could not lift the fence)"
             else:
                 st.detail = "old primary was stopped; restart it by hand after checking why promotion failed"
+                done = "the old primary was left stopped"
         if redis_paused:
             await self.act(RedisActivities.unfence_redis, self._redis_unfence(source), queue=control, timeout=30)
+        return done
 
 
 def _gap(fence, promotion) -> int | None:
