@@ -112,3 +112,18 @@ def test_the_epoch_record_never_goes_back(rlab: RedisLab):
             epochs.record_epoch(rlab.a, "svc", epoch, "east", "wf", run)
     assert epochs.read_epoch(rlab.a, "svc").run_id == "run-4"
     assert epochs.is_own_key(epochs.key("svc")) and not epochs.is_own_key("app:epoch")
+
+
+def test_a_stale_failback_does_not_re_attach_a_master_a_newer_move_promoted(tmp_path, rlab: RedisLab):
+    """Failback's Redis step (snapshot, then REPLICAOF: the resync drops the node's keys) carries
+    the epoch too: run with an older one, it leaves the current master alone."""
+    from activities.failback import FailbackActivities, FailbackRequest
+
+    cfg = _config(tmp_path, rlab)
+    east, west = cfg.regions[0].name, cfg.regions[1].name
+    epochs.record_epoch(rlab.a, cfg.service, 5, east, "dr-move-test", "run-5")
+    rlab.client(rlab.a).set("epoch-test:only-here", "1")
+    err = _stale("run-4", FailbackActivities(cfg).preserve_redis_and_rejoin,
+                 FailbackRequest(region=east, primary_region=west, epoch=4))
+    assert "not re-attaching" in err.message
+    assert redis_status(rlab.a).role == "master" and rlab.client(rlab.a).get("epoch-test:only-here") == "1"
