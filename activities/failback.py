@@ -21,6 +21,7 @@ from activities.postgres.divergence import EXTRACTION_MARGIN, ChangedRelation, F
 from activities.postgres.wal import WalUnreadable
 from activities.postgres.rewind import Rewound, rewind_to_standby
 from activities.postgres.status import connect
+from activities.redis import epoch as redis_epochs
 from activities.redis.failback import RedisFailback, preserve_and_rejoin
 from eagle_dr.config import EagleConfig, TableConflictConfig
 
@@ -195,6 +196,15 @@ class FailbackActivities:
     @activity.defn
     def preserve_redis_and_rejoin(self, req: FailbackRequest) -> RedisFailback:
         old = self.cfg.region(req.region)
+        if req.epoch is not None:
+            # REPLICAOF makes the old master resync, dropping its keys: a superseded run must not
+            # demote a master a newer move promoted (activities/redis/epoch.py: where and why).
+            held = redis_epochs.highest_epoch([r.redis for r in self.cfg.regions], self.cfg.service)
+            try:
+                redis_epochs.refuse_stale(held, req.epoch)
+            except redis_epochs.StaleEpoch as e:
+                raise ApplicationError(f"{e}; not re-attaching {req.region}'s Redis", type="StaleEpoch",
+                                       non_retryable=True) from e
         info = activity.info()
         # Per run: runbooks reuse their workflow id (dr-move-<service>) from one incident to the next.
         key = f"failback/{info.workflow_id}/{info.workflow_run_id}/redis-{old.name}.rdb"

@@ -16,8 +16,9 @@ from pydantic import BaseModel, computed_field
 from activities.postgres.status import PgStatus, pg_status
 from activities.redis.status import RedisStatus, SentinelView, fenced, redis_status, sentinel_view
 from activities.routing import LabRouter
-from eagle_dr.config import EagleConfig
+from eagle_dr.config import EagleConfig, scrub
 from eagle_dr.devserver import ui_reachable
+from eagle_dr.temporal import move_running
 
 # Pollers seen this recently are listed (for the operator's information only: whether a
 # worker is alive is decided by the liveness probe). DescribeTaskQueue reports the root
@@ -39,6 +40,26 @@ class WorkerView(BaseModel):
     error: str | None = None
 
 
+class ServicesView(BaseModel):
+    """The region's microservices as its Kubernetes cluster reports them (routing.kubernetes)."""
+
+    reachable: bool
+    error: str | None = None
+    # Deployment -> desired replicas (spec), for the configured selector.
+    replicas: dict[str, int] = {}
+    ready: dict[str, int] = {}
+    # Deployment -> the replicas a fence remembered in the routing ConfigMap when it scaled it to 0.
+    remembered: dict[str, int] = {}
+    namespace: str | None = None
+    config_map: str | None = None
+    # active.region in this cluster's routing ConfigMap.
+    active_region: str | None = None
+
+    @property
+    def at_zero(self) -> list[str]:
+        return sorted(name for name, n in self.replicas.items() if n == 0)
+
+
 class RegionView(BaseModel):
     name: str
     configured_role: str
@@ -46,6 +67,8 @@ class RegionView(BaseModel):
     redis: RedisStatus
     # A master that carries a runbook's fence (refuses writes / REPLICAOF).
     redis_fenced: bool = False
+    # None when routing does not go through Kubernetes.
+    services: ServicesView | None = None
 
 
 class TopologyStatus(BaseModel):
@@ -77,6 +100,34 @@ class TopologyStatus(BaseModel):
                 named.setdefault(s.master or "none", []).append(s.address)
         return named if len(named) > 1 else {}
 
+    @property
+    def serving_region(self) -> str | None:
+        """Where clients should be served: the one writable primary, else where routing points
+        (a move stopped before its promotion leaves the old primary fenced and routing on it)."""
+        return self.primaries[0] if len(self.primaries) == 1 else self.active_region
+
+    @computed_field
+    @property
+    def left_scaled_to_0(self) -> list[str]:
+        """Deployments at 0 replicas in the region that should serve, with no runbook running:
+        a move stopped (terminated, or crashed and never resumed) after its scale-down. The
+        other region at 0 is the normal standby state and is not reported."""
+        if self.move_running is not False:
+            return []
+        out = []
+        for r in self.regions:
+            sv = r.services
+            if r.name != self.serving_region or sv is None or not sv.reachable or not sv.at_zero:
+                continue
+            scale = "; ".join(f"kubectl -n {sv.namespace} scale deployment/{d} --replicas={sv.remembered.get(d) or 1}"
+                              for d in sv.at_zero)
+            fenced = [d for d in sv.at_zero if d in sv.remembered]
+            why = (f" ({', '.join(fenced)} scaled down by a fence; counts remembered in ConfigMap {sv.config_map})"
+                   if fenced else "")
+            out.append(f"{r.name}: services at 0 replicas in the region that serves ({', '.join(sv.at_zero)}){why} "
+                       f"and no runbook is running; repair: {scale}")
+        return out
+
     @computed_field
     @property
     def leftovers(self) -> list[str]:
@@ -100,6 +151,27 @@ class TopologyStatus(BaseModel):
             if r.redis.role == "master" and r.redis_fenced:
                 out.append(f"{r.name}: Redis refuses writes (fenced) and no runbook is running; repair: {repair}")
         return out
+
+
+def services_view(settings, timeout_s: float = 3.0) -> ServicesView:
+    """Read the region's deployments and the fence's remembered counts through the runbooks'
+    own Kubernetes adapter (the one place that knows the selector and the ConfigMap layout);
+    an unreachable API server is a status, not a crash."""
+    from activities.kubernetes import KubernetesCluster, ResourceMissing
+
+    where = {"namespace": settings.namespace, "config_map": settings.config_map}
+    try:
+        with KubernetesCluster(settings, request_timeout_s=(timeout_s, timeout_s)) as k8s:
+            deployments = k8s.list_deployments()
+            try:
+                remembered, active = k8s.remembered_replicas(), k8s.get_active_region()
+            except ResourceMissing:
+                remembered, active = {}, None
+    except Exception as e:  # noqa: BLE001 - a dead region's API server is expected in a DR status
+        return ServicesView(reachable=False, error=scrub(str(e))[:300], **where)
+    return ServicesView(reachable=True, replicas={d.name: d.replicas for d in deployments},
+                        ready={d.name: d.ready_replicas for d in deployments}, remembered=remembered,
+                        active_region=active, **where)
 
 
 async def _liveness(client, queues: list[str]) -> dict:
@@ -165,7 +237,8 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
     for r in cfg.regions:
         rs = redis_status(r.redis, 2)
         regions.append(RegionView(name=r.name, configured_role=r.role, postgres=pg_status(r.postgres, 2), redis=rs,
-                                  redis_fenced=rs.role == "master" and fenced(r.redis, 2)))
+                                  redis_fenced=rs.role == "master" and fenced(r.redis, 2),
+                                  services=services_view(r.kubernetes) if cfg.routing.kubernetes else None))
     seen, sentinels = set(), []
     for r in cfg.regions:
         for ep in r.redis.sentinels:
@@ -175,26 +248,15 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
     queues = [(r.temporal.task_queue, r.name, False) for r in cfg.regions]
     queues.append((cfg.temporal.control_task_queue, "control", True))
     workers = await _pollers(address, queues)
-    return TopologyStatus(service=cfg.service, active_region=LabRouter(cfg.lab.state_dir).active_region(),
+    active = LabRouter(cfg.lab.state_dir).active_region() if cfg.routing.lab_file else None
+    if active is None:
+        # Without the lab's file, the clusters' ConfigMaps say where routing points (if they agree).
+        named = {r.services.active_region for r in regions if r.services and r.services.reachable}
+        active = named.pop() if len(named) == 1 else LabRouter(cfg.lab.state_dir).active_region()
+    return TopologyStatus(service=cfg.service, active_region=active,
                           regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
                           temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url),
-                          move_running=await _move_running(address, cfg.service))
-
-
-async def _move_running(address: str, service: str) -> bool | None:
-    from temporalio.client import WorkflowExecutionStatus
-    from temporalio.service import RPCError, RPCStatusCode
-
-    from eagle_dr.temporal import connect
-
-    try:
-        client = await asyncio.wait_for(connect(address), 5)
-        desc = await client.get_workflow_handle(f"dr-move-{service}").describe()
-    except RPCError as e:
-        return False if e.status == RPCStatusCode.NOT_FOUND else None
-    except Exception:  # noqa: BLE001 - Temporal down: unknown, and no leftovers are claimed
-        return None
-    return desc.status == WorkflowExecutionStatus.RUNNING
+                          move_running=await move_running(address, cfg.service))
 
 
 def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
@@ -223,6 +285,8 @@ def render(st: TopologyStatus) -> None:
         console.print(f"[bold red]SPLIT BRAIN: writable PostgreSQL primaries in {', '.join(st.primaries)}[/]")
     for left in st.leftovers:
         console.print(f"[bold red]LEFT FENCED:[/] {left}")
+    for left in st.left_scaled_to_0:
+        console.print(f"[bold red]LEFT SCALED TO 0:[/] {left}")
 
     t = Table(title="PostgreSQL", title_justify="left")
     for col in ("region", "role", "timeline", "lsn", "replication", "lag", "note"):
@@ -261,6 +325,21 @@ def render(st: TopologyStatus) -> None:
         console.print(f"[bold red]SENTINELS DISAGREE on the master: {views}[/] "
                       "(one was down during a move: failback re-points them all; in the lab, so does "
                       "eagle-dr lab heal-region)")
+
+    if any(r.services for r in st.regions):
+        t = Table(title="Services (Kubernetes)", title_justify="left")
+        for col in ("region", "deployments (ready/desired)", "routing says"):
+            t.add_column(col)
+        for r in st.regions:
+            sv = r.services
+            if sv is None:
+                continue
+            if not sv.reachable:
+                t.add_row(r.name, f"[red]API UNREACHABLE[/] {sv.error or ''}", "-")
+                continue
+            deps = ", ".join(f"{d} {sv.ready.get(d, 0)}/{n}" for d, n in sorted(sv.replicas.items())) or "none"
+            t.add_row(r.name, deps, sv.active_region or "-")
+        console.print(t)
 
     t = Table(title="Sentinels", title_justify="left")
     for col in ("sentinel", "master", "peers", "quorum"):

@@ -70,3 +70,22 @@ async def connect(default_address: str | None = None, **kwargs):
     cfg.update(kwargs)
     cfg.setdefault("data_converter", pydantic_data_converter)
     return await Client.connect(**cfg)
+
+
+async def move_running(address: str, service: str) -> bool | None:
+    """Whether a runbook holds ``dr-move-<service>`` now: True, False, or None when Temporal
+    cannot say (down, unreachable). Callers treat None as "maybe": ``status`` claims no
+    leftovers and ``unfence`` refuses, since a running move owns its fences."""
+    import asyncio
+
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError, RPCStatusCode
+
+    try:
+        client = await asyncio.wait_for(connect(address), 5)
+        desc = await client.get_workflow_handle(f"dr-move-{service}").describe()
+    except RPCError as e:
+        return False if e.status == RPCStatusCode.NOT_FOUND else None
+    except Exception:  # noqa: BLE001 - Temporal down: unknown, and no leftovers are claimed
+        return None
+    return desc.status == WorkflowExecutionStatus.RUNNING

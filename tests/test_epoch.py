@@ -62,3 +62,34 @@ def test_a_stale_rewind_or_rejoin_changes_nothing(lab):
     assert e.value.type == "StaleEpoch"
     after = pg_status(lab.cfg.region(other).postgres)
     assert after.receiver_status == "streaming" and after.timeline == before.timeline
+
+
+def test_a_stale_unfence_does_not_lift_a_newer_moves_fence(lab):
+    """A late compensation of a superseded run must not make the fenced old primary writable
+    next to a newer move's primary; the current run's unfence does lift it."""
+    import dataclasses
+
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.postgres.activities import UnfenceRequest
+    from activities.postgres.status import pg_status
+
+    primary = _primary(lab)
+    pg = lab.cfg.region(primary).postgres
+    held = _ensure_epoch(lab, primary)
+    acts = PostgresActivities(lab.cfg)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, workflow_id="dr-move-test", workflow_run_id="run-current")
+    # The current move (the next epoch, as a runbook takes it) fences read-only...
+    acts.fence_postgres(FenceRequest(region=primary, epoch=held + 1, method="read_only"))
+    try:
+        assert pg_status(pg).read_only
+        with pytest.raises(ApplicationError) as e:
+            env.run(acts.unfence_postgres, UnfenceRequest(region=primary, epoch=held - 1))
+        assert e.value.type == "StaleEpoch" and e.value.non_retryable
+        assert pg_status(pg).read_only, "a stale unfence lifted the fence"
+    finally:
+        # ...and lifts its own fence: the current epoch acts.
+        env.run(acts.unfence_postgres, UnfenceRequest(region=primary, epoch=held + 1))
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("create temp table writable_again (x int)")

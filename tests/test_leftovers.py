@@ -34,3 +34,33 @@ def test_status_names_fences_no_runbook_owns_and_unfence_lifts_them(lab, lab_con
         conn.execute("create temp table writable_again (x int)")
         assert conn.execute("show default_transaction_read_only").fetchone()[0] == "off"
     lab.redis(a).client().set("eagle-dr:leftover-test", "ok")
+
+
+def test_unfence_refuses_a_region_a_newer_move_superseded(lab, lab_config_path):
+    """`eagle-dr unfence` carries the epoch of the move whose fences it lifts (the newest one the
+    fenced region records); another region recording a newer one means a later move superseded
+    it, and lifting its fences would bring back a stale primary."""
+    from activities.redis import epoch as redis_epochs
+
+    a, b = _names(lab)
+    fence_read_only(lab.cfg.region(a).postgres)
+    redis_failover.fence(lab.cfg.region(a).redis)
+    # A newer move's record on b's side: written on b's Redis replica, made writable for it.
+    replica = lab.redis(b).client()
+    replica.config_set("replica-read-only", "no")
+    try:
+        replica.hset(redis_epochs.key(lab.cfg.service), mapping={"epoch": 99, "region": b, "workflow_id": "dr-move-x",
+                                                                 "run_id": "run-newer"})
+        cli = [sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path), "unfence", "--region", a]
+        r = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr + r.stdout
+        assert "records DR epoch 99" in " ".join(r.stderr.split()) and "superseded" in r.stderr
+        st = collect(lab.cfg)
+        assert any(f"{a}: PostgreSQL is a fenced read-only primary" in x for x in st.leftovers)  # nothing lifted
+        assert any(f"{a}: Redis refuses writes" in x for x in st.leftovers)
+        replica.delete(redis_epochs.key(lab.cfg.service))
+    finally:
+        replica.config_set("replica-read-only", "yes")
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert collect(lab.cfg).leftovers == []

@@ -28,12 +28,12 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, RegionHealth
     from activities.postgres.activities import EpochRequest, FenceRequest, LostWalRequest, PostgresActivities, \
-        PromoteRequest
+        PromoteRequest, UnfenceRequest
     from activities.postgres.fence import PgFence
     from activities.postgres.promote import Promotion, PromotionAbort
     from activities.postgres.lsn import lsn_diff
     from activities.redis import failover as redis_failover
-    from activities.redis.activities import RedisActivities
+    from activities.redis.activities import RedisActivities, RedisRegionRequest
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.models import FailoverInput, Rpo, Rto, RunbookResult
     from workflows.runbook import Runbook
@@ -113,7 +113,8 @@ class FailoverWorkflow(Runbook):
                 # All three at once: each waits out its own timeout against a dead region.
                 pg_fence, r_fence, scaled = await asyncio.gather(
                     self._fence_postgres(source, sq if s_health else None, control),
-                    self.act(RedisActivities.fence_redis, source, queue=control, timeout=30, attempts=2),
+                    self.act(RedisActivities.fence_redis, RedisRegionRequest(region=source, epoch=self.epoch),
+                             queue=control, timeout=30, attempts=2),
                     self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
                              queue=control, timeout=60, attempts=2))
                 fenced = pg_fence.method or "unfenced"
@@ -140,11 +141,10 @@ class FailoverWorkflow(Runbook):
                 except ActivityError as e:
                     stale = isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"
                     if stale or not workflow.patched("failover-abort-promotion-before-unfence"):
-                        await self._compensate_fence(source, pg_fence, r_fence.reachable, control, sq)
+                        lifted = await self._compensate_fence(source, pg_fence, r_fence.reachable, control, sq)
                         self.finish("failed")
-                        raise ApplicationError(f"promotion of {target} failed; the old primary's fence was lifted and "
-                                               f"routing was not changed: {e.cause or e}", type="PromotionFailed",
-                                               non_retryable=True) from None
+                        raise ApplicationError(f"promotion of {target} failed; {lifted} and routing was not changed: "
+                                               f"{e.cause or e}", type="PromotionFailed", non_retryable=True) from None
                     # pg_promote(wait => false) goes on after we stop waiting: the standby may still
                     # become writable. The fence comes off only once it provably cannot; if it did
                     # promote, the move rolls forward from here instead.
@@ -153,7 +153,8 @@ class FailoverWorkflow(Runbook):
                     notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
                 await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
                 try:
-                    redis = await self.act(RedisActivities.promote_redis, target, queue=control, timeout=60)
+                    redis = await self.act(RedisActivities.promote_redis, RedisRegionRequest(
+                        region=target, epoch=self.epoch), queue=control, timeout=60)
                     st.detail = f"postgres timeline {promotion.timeline}; redis master offset {redis.promotion.offset}"
                 except ActivityError as e:
                     # PostgreSQL has moved: the service runs on without its cache master rather than not at all.
@@ -214,6 +215,14 @@ class FailoverWorkflow(Runbook):
 
         return await self.no_return(promote_and_route(), f"the promotion of {target}")
 
+    def _unfence(self, region: str) -> UnfenceRequest:
+        # Lifting a fence carries the epoch like setting one: a superseded run's late
+        # compensation is refused instead of unfencing next to a newer move's primary.
+        return UnfenceRequest(region=region, epoch=self.epoch)
+
+    def _redis_unfence(self, region: str) -> RedisRegionRequest:
+        return RedisRegionRequest(region=region, epoch=self.epoch)
+
     def _lag_guard(self, inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:
         if lag is None:
             note = (f"replication lag unknown ({basis}): what the old primary wrote after the standby last heard "
@@ -250,17 +259,19 @@ class FailoverWorkflow(Runbook):
         undone: list[str] = []
         async with self.step(f"undo: lift the fence on {source}") as st:
             try:
-                await self.act(PostgresActivities.lift_postgres_fence, source, queue=sq, timeout=180,
-                               schedule_to_start=30, attempts=2)
+                await self.act(PostgresActivities.lift_postgres_fence, self._unfence(source), queue=sq,
+                               timeout=180, schedule_to_start=30, attempts=2)
                 undone.append(f"{source}'s PostgreSQL takes writes again")
             except ActivityError as e:
                 try:
-                    await self.act(PostgresActivities.unfence_postgres, source, queue=control, timeout=30, attempts=2)
+                    await self.act(PostgresActivities.unfence_postgres, self._unfence(source), queue=control,
+                                   timeout=30, attempts=2)
                     undone.append(f"{source}'s PostgreSQL read-only fence lifted over the network")
                 except ActivityError as e2:
                     undone.append(f"{source}'s PostgreSQL could NOT be unfenced ({e.cause or e}; {e2.cause or e2})")
             try:
-                await self.act(RedisActivities.unfence_redis, source, queue=control, timeout=30, attempts=2)
+                await self.act(RedisActivities.unfence_redis, self._redis_unfence(source), queue=control,
+                               timeout=30, attempts=2)
                 undone.append(f"{source}'s Redis takes writes again")
             except ActivityError as e:
                 undone.append(f"{source}'s Redis could NOT be unfenced ({e.cause or e})")
@@ -300,34 +311,55 @@ class FailoverWorkflow(Runbook):
             st.detail = aborted.detail
         if aborted.promotion is not None:
             return aborted.promotion
-        await self._compensate_fence(source, fence, redis_paused, control, source_queue)
+        lifted = await self._compensate_fence(source, fence, redis_paused, control, source_queue)
         self.finish("failed")
-        raise ApplicationError(f"promotion of {target} failed and was stopped ({aborted.detail}); the old "
-                               f"primary's fence was lifted and routing was not changed: {failure.cause or failure}",
-                               type="PromotionFailed", non_retryable=True)
+        raise ApplicationError(f"promotion of {target} failed and was stopped ({aborted.detail}); {lifted} and "
+                               f"routing was not changed: {failure.cause or failure}", type="PromotionFailed",
+                               non_retryable=True)
 
     async def _compensate_fence(self, source: str, fence: PgFence, redis_paused: bool, control: str,
-                                source_queue: str) -> None:
+                                source_queue: str) -> str:
+        """Lift the fences after a promotion that did not happen; returns what was done, for the error."""
         async with self.step("compensate: lift fence on old primary") as st:
-            if fence.method == "read_only":
-                await self.act(PostgresActivities.unfence_postgres, source, queue=control, timeout=30)
-            elif fence.method == "stop":
-                if workflow.patched("failover-compensation-restarts-stopped-primary"):
-                    # The stop fence holds it as a standby of nothing; only its own worker can
-                    # undo that and start it again.
-                    try:
-                        await self.act(PostgresActivities.lift_postgres_stop_fence, source, queue=source_queue,
-                                       timeout=180, schedule_to_start=30, attempts=2)
-                        await self.act(PostgresActivities.unfence_postgres, source, queue=control, timeout=30)
-                        st.detail = "old primary restarted and writable again"
-                    except ActivityError as e:
-                        st.detail = (f"old primary is stopped and held as a standby; its worker could not lift "
-                                     f"the fence ({e.cause or e}): lift it by hand after checking why promotion "
-                                     "failed")
-                else:
-                    st.detail = "old primary was stopped; restart it by hand after checking why promotion failed"
-            if redis_paused:
-                await self.act(RedisActivities.unfence_redis, source, queue=control, timeout=30)
+            try:
+                done = await self._lift_fences(source, fence, redis_paused, control, source_queue, st)
+            except ActivityError as e:
+                if not (isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"):
+                    raise
+                # A newer move recorded a higher epoch: the fences are its own now. Lifting
+                # them would put a writable primary next to its one.
+                st.detail = f"fences LEFT in place, a newer move owns them: {e.cause}"
+                return "the old primary's fence was left in place (a newer move owns it)"
+        return done
+
+    async def _lift_fences(self, source: str, fence: PgFence, redis_paused: bool, control: str,
+                           source_queue: str, st) -> str:
+        done = "the old primary's fence was lifted"
+        if fence.method == "read_only":
+            await self.act(PostgresActivities.unfence_postgres, self._unfence(source), queue=control, timeout=30)
+        elif fence.method == "stop":
+            if workflow.patched("failover-compensation-restarts-stopped-primary"):
+                # The stop fence holds it as a standby of nothing; only its own worker can
+                # undo that and start it again.
+                try:
+                    await self.act(PostgresActivities.lift_postgres_stop_fence, self._unfence(source),
+                                   queue=source_queue, timeout=180, schedule_to_start=30, attempts=2)
+                    await self.act(PostgresActivities.unfence_postgres, self._unfence(source), queue=control,
+                                   timeout=30)
+                    st.detail = "old primary restarted and writable again"
+                except ActivityError as e:
+                    if isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch":
+                        raise
+                    st.detail = (f"old primary is stopped and held as a standby; its worker could not lift "
+                                 f"the fence ({e.cause or e}): lift it by hand after checking why promotion "
+                                 "failed")
+                    done = "the old primary is still stopped (its worker could not lift the fence)"
+            else:
+                st.detail = "old primary was stopped; restart it by hand after checking why promotion failed"
+                done = "the old primary was left stopped"
+        if redis_paused:
+            await self.act(RedisActivities.unfence_redis, self._redis_unfence(source), queue=control, timeout=30)
+        return done
 
 
 def _gap(fence, promotion) -> int | None:

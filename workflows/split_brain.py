@@ -37,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.failback import Divergence, FailbackRequest, Reconciliation
     from activities.postgres.activities import EpochRequest, FenceRequest, PostgresActivities
     from activities.postgres.rewind import Rewound
-    from activities.redis.activities import RedisActivities, RedisMoveRequest
+    from activities.redis.activities import RedisActivities, RedisMoveRequest, RedisRegionRequest
     from activities.redis.failback import RedisFailback
     from activities.split_brain import SplitBrainActivities, SplitBrainReport, SurvivorChoice, choose_survivor
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
@@ -155,7 +155,8 @@ class SplitBrainWorkflow(Rejoin):
                     self.act(PostgresActivities.fence_postgres, FenceRequest(region=loser, epoch=self.epoch,
                                                                             method="read_only"), queue=control, timeout=30)
                     if pg_split else _none(),
-                    self.act(RedisActivities.fence_redis, loser, queue=control, timeout=30) if redis_split else _none())
+                    self.act(RedisActivities.fence_redis, RedisRegionRequest(region=loser, epoch=self.epoch),
+                             queue=control, timeout=30) if redis_split else _none())
                 if pg_split and not (pg_fence and pg_fence.method):
                     # Out of the network's reach: stop it on its own worker, if that worker answers.
                     try:
@@ -167,9 +168,11 @@ class SplitBrainWorkflow(Rejoin):
                 if report.all_redis_masters == [loser]:
                     # Redis's only master is on the loser's side: move it to the survivor, losing nothing.
                     await self.act(RedisActivities.switchover_redis, RedisMoveRequest(
-                        old_region=loser, new_region=survivor), queue=control, timeout=120, heartbeat=30)
+                        old_region=loser, new_region=survivor, epoch=self.epoch), queue=control, timeout=120,
+                        heartbeat=30)
                 else:
-                    await self.act(RedisActivities.promote_redis, survivor, queue=control, timeout=60)
+                    await self.act(RedisActivities.promote_redis, RedisRegionRequest(region=survivor, epoch=self.epoch),
+                                   queue=control, timeout=60)
                 # Clients go to the survivor whatever happens next.
                 route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=survivor, epoch=self.epoch),
                                        queue=control, timeout=120)

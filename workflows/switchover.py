@@ -34,9 +34,10 @@ with workflow.unsafe.imports_passed_through():
         PostgresActivities,
         RejoinRequest,
         ReplayRequest,
+        UnfenceRequest,
     )
     from activities.postgres.lsn import lsn_diff
-    from activities.redis.activities import RedisActivities, RedisMoveRequest
+    from activities.redis.activities import RedisActivities, RedisMoveRequest, RedisRegionRequest
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.failover import finish_measurement
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
@@ -136,7 +137,8 @@ class SwitchoverWorkflow(Runbook):
         if not stopped:
             return []
         async with self.step(f"undo: {source} takes writes again") as st:
-            await self.act(PostgresActivities.lift_postgres_fence, source, queue=sq, timeout=180)
+            await self.act(PostgresActivities.lift_postgres_fence, UnfenceRequest(region=source, epoch=self.epoch),
+                           queue=sq, timeout=180)
             st.detail = f"{source} restarted as the primary, its fence lifted"
         return [st.detail]
 
@@ -210,15 +212,16 @@ class SwitchoverWorkflow(Runbook):
         """Zero-loss Redis switch; if that fails, promote the target anyway (what it lacks is
         counted), and if even that fails, report Redis degraded: PostgreSQL has moved already."""
         try:
-            redis = await self.act(RedisActivities.switchover_redis, RedisMoveRequest(old_region=source,
-                                   new_region=target), queue=control, timeout=120, heartbeat=30)
+            redis = await self.act(RedisActivities.switchover_redis, RedisMoveRequest(
+                old_region=source, new_region=target, epoch=self.epoch), queue=control, timeout=120, heartbeat=30)
             return redis.lost_bytes
         except ActivityError as e:
             first = e.cause or e
         if not workflow.patched("switchover-redis-roll-forward"):
             raise ApplicationError(f"switchover_redis failed: {first}", non_retryable=True)
         try:
-            await self.act(RedisActivities.promote_redis, target, queue=control, timeout=60)
+            await self.act(RedisActivities.promote_redis, RedisRegionRequest(region=target, epoch=self.epoch),
+                           queue=control, timeout=60)
             self.degraded.append(f"Redis zero-loss switch failed ({first}); {target}'s Redis was promoted instead, "
                                  f"what it had not received from {source} is lost (see the Redis offset gap); "
                                  f"repair: none needed, re-attach {source}'s Redis with eagle-dr failback --region "

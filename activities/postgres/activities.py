@@ -29,6 +29,13 @@ class EpochRequest(BaseModel):
     epoch: int
 
 
+class UnfenceRequest(BaseModel):
+    region: str
+    # The runbook's DR epoch. None: a bare region name, what workflows recorded before lifting
+    # a fence carried the epoch; still accepted so they replay, and acts unchecked.
+    epoch: int | None = None
+
+
 class PromoteRequest(EpochRequest):
     # How long to wait for the standby to accept writes after pg_promote.
     timeout_seconds: float = 120
@@ -96,14 +103,32 @@ class PostgresActivities:
             return fence_stop(pg)
         return fence_read_only(pg)
 
-    @activity.defn
-    def unfence_postgres(self, region: str) -> None:
-        unfence(self._pg(region))
+    def _refuse_stale_unfence(self, req: UnfenceRequest) -> None:
+        """Lifting a fence is as dangerous as promoting: a late compensation of a superseded run
+        would make a writable primary next to the newer move's. Checked against every reachable
+        node (see epochs.highest_epoch), before anything is lifted."""
+        if req.epoch is None:
+            return
+        held = epochs.highest_epoch([r.postgres for r in self.cfg.regions], self.cfg.service)
+        try:
+            epochs.refuse_stale(held, req.epoch, activity.info().workflow_run_id,
+                                what=f"lift the fence on {req.region}'s PostgreSQL")
+        except epochs.StaleEpoch as e:
+            raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
 
     @activity.defn
-    def lift_postgres_fence(self, region: str) -> None:
+    def unfence_postgres(self, req: str | UnfenceRequest) -> None:
+        req = UnfenceRequest(region=req) if isinstance(req, str) else req
+        self._refuse_stale_unfence(req)
+        unfence(self._pg(req.region))
+
+    @activity.defn
+    def lift_postgres_fence(self, req: str | UnfenceRequest) -> None:
         """Undo either fence before the point of no return, on the region's own worker: start the
         old primary again as the primary if it was stopped, then lift the read-only lockout. Idempotent."""
+        req = UnfenceRequest(region=req) if isinstance(req, str) else req
+        region = req.region
+        self._refuse_stale_unfence(req)
         pg = self._pg(region)
         lift_stop_fence(pg)
         unfence(pg)
@@ -122,9 +147,11 @@ class PostgresActivities:
             time.sleep(0.1)
 
     @activity.defn
-    def lift_postgres_stop_fence(self, region: str) -> bool:
+    def lift_postgres_stop_fence(self, req: str | UnfenceRequest) -> bool:
         """Undo a stop fence and start the old primary again (region-bound: its data directory)."""
-        return lift_stop_fence(self._pg(region))
+        req = UnfenceRequest(region=req) if isinstance(req, str) else req
+        self._refuse_stale_unfence(req)
+        return lift_stop_fence(self._pg(req.region))
 
     def _check_epoch(self, req: EpochRequest) -> None:
         current = epochs.read_epoch(self._pg(req.region), self.cfg.service)

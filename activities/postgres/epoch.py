@@ -60,6 +60,30 @@ def read_epoch(cfg: PostgresConfig, service: str) -> EpochRecord:
         return read_epoch_in(conn, service)
 
 
+def highest_epoch(nodes: list[PostgresConfig], service: str) -> EpochRecord:
+    """The highest record on any node that answers (a stopped or unreachable one is no evidence).
+    Lifting a fence is checked against every node, not only the fenced one: a stopped old
+    primary cannot be read, and a newer move records its epoch on the other region's primary."""
+    best = EpochRecord(service=service, epoch=0)
+    for cfg in nodes:
+        try:
+            got = read_epoch(cfg, service)
+        except psycopg.Error:
+            continue
+        if got.epoch > best.epoch:
+            best = got
+    return best
+
+
+def refuse_stale(held: EpochRecord, epoch: int, run_id: str | None = None, what: str = "act") -> None:
+    """Raise ``StaleEpoch`` when ``held`` is newer than ``epoch`` (or, given ``run_id``, the
+    same epoch held by another run: workflow ids are reused)."""
+    other_run = run_id is not None and held.run_id is not None and held.run_id != run_id
+    if held.epoch > epoch or (held.epoch == epoch and other_run):
+        raise StaleEpoch(f"stale epoch {epoch}: epoch {held.epoch} is recorded by {held.workflow_id} "
+                         f"(run {held.run_id}) in {held.region}; refusing to {what}")
+
+
 def advance_epoch(cfg: PostgresConfig, service: str, epoch: int, region: str, workflow_id: str,
                   run_id: str) -> EpochRecord:
     """Record ``epoch`` on the (writable) primary. Idempotent for the same run; refuses to go back."""

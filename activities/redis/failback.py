@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from activities import s3
 from activities.redis import failover
+from activities.redis.epoch import is_own_key
 from activities.redis.rdb import bgsave
 from activities.redis.status import client as redis_client
 from eagle_dr.config import RedisConfig, RedisReconcileConfig, S3Config, scrub
@@ -92,7 +93,8 @@ def migrate_unique_keys(old: RedisConfig, master: RedisConfig, rule: RedisReconc
     skipped: list[str] = []
     differing: list[str] = []
     migrated = 0
-    keys = list(src.scan_iter(count=batch))
+    # The DR epoch record is eagle-dr's, not the application's: each master keeps its own.
+    keys = [k for k in src.scan_iter(count=batch) if not is_own_key(k)]
     total = len(keys)
     for i in range(0, len(keys), batch):
         chunk = keys[i:i + batch]

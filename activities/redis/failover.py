@@ -85,6 +85,8 @@ class RedisSwitchover(BaseModel):
     lost_bytes: int | None = None
     replid: str | None = None
     replid2: str | None = None
+    # Why the DR epoch could not be recorded in the new master (None: recorded, or none given).
+    epoch_note: str | None = None
 
 
 def _addr(cfg: RedisConfig | Endpoint) -> str:

@@ -246,7 +246,9 @@ def worker(region: Optional[str] = typer.Option(None, "--region", help="Poll thi
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """The topology at a glance: roles, timelines, lag, Sentinels, workers."""
+    """The topology at a glance: roles, timelines, lag, Sentinels, workers, services.
+
+    Exits 3 when a stopped move left something behind (LEFT FENCED, LEFT SCALED TO 0), 0 otherwise."""
     from eagle_dr.status import collect, render
 
     st = collect(cfg())
@@ -254,27 +256,32 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         out.print_json(st.model_dump_json())
     else:
         render(st)
+    if st.leftovers or st.left_scaled_to_0:
+        # What a stopped move left behind needs a repair: "done but degraded" in the CLI's codes.
+        raise typer.Exit(EXIT_DEGRADED)
 
 
 @app.command()
 def unfence(region: str = typer.Option(..., "--region", help="The region whose fences to lift."),
             local: bool = typer.Option(False, "--local", help="Also lift a stop fence: run on the region's "
                                                               "database host (acts on its data directory)."),
-            force: bool = typer.Option(False, "--force", help="Even if the other region has a writable primary.")):
+            force: bool = typer.Option(False, "--force", help="Even if the other region has a writable primary "
+                                                              "or records a newer DR epoch.")):
     """Lift what a terminated runbook left fenced (eagle-dr status names it): PostgreSQL and Redis.
 
     Refused while a runbook holds the service's move (it owns its fences) and, without --force,
-    while the other region has a writable primary: that would make two."""
+    while the other region has a writable primary (that would make two) or records a newer DR
+    epoch than this region (a later move superseded it: failback brings it back, not unfence)."""
     import asyncio
 
     from activities.postgres.fence import lift_stop_fence, unfence as pg_unfence
     from activities.postgres.status import pg_status
     from activities.redis.failover import unfence as redis_unfence
-    from eagle_dr.status import _move_running
+    from eagle_dr.temporal import move_running
 
     c = cfg()
     _region(c, region)
-    if asyncio.run(_move_running(f"127.0.0.1:{c.lab.dev_server.grpc_port}", c.service)) is not False:
+    if asyncio.run(move_running(f"127.0.0.1:{c.lab.dev_server.grpc_port}", c.service)) is not False:
         _fail(f"a runbook holds dr-move-{c.service} (or Temporal cannot say): it owns its fences; cancel it first",
               EXIT_BUSY)
     other = c.other(region)
@@ -284,15 +291,48 @@ def unfence(region: str = typer.Option(..., "--region", help="The region whose f
               f"--region {region} to bring it back as a standby (or --force if {other.name} is to be fenced)", 2)
     pg = c.region(region).postgres
     if local:
+        # It starts still read-only (the fence's ALTER SYSTEM survives), so its epoch can be read first.
         lift_stop_fence(pg)
+    own, newest = _region_epoch(c, region), max((_region_epoch(c, r.name) for r in c.regions if r.name != region),
+                                                key=lambda e: e[0])
+    if newest[0] > own[0] and not force:
+        _fail(f"{newest[1]} records DR epoch {newest[0]}, newer than {region}'s {own[0]} ({own[1]}): a later move "
+              f"superseded {region}, and lifting its fence would bring back a stale primary. Use eagle-dr failback "
+              f"--region {region} (or --force)", 2)
     try:
         pg_unfence(pg)
-        out.print(f"{region}: PostgreSQL fence lifted")
+        out.print(f"{region}: PostgreSQL fence lifted (epoch {own[0]})")
     except Exception as e:  # noqa: BLE001 - a stopped server needs --local on its host
         _fail(f"{region}: PostgreSQL unreachable ({e}); if it is stopped by a fence, run this on its host with "
               "--local", EXIT_FAILED)
     r = redis_unfence(c.region(region).redis)
     out.print(f"{region}: Redis " + ("fence lifted" if r.reachable else f"unreachable: {r.error}"))
+
+
+def _region_epoch(c: EagleConfig, region: str) -> tuple[int, str]:
+    """The highest DR epoch the region's PostgreSQL or Redis records, and where it was read.
+
+    ``eagle-dr unfence`` carries the epoch of the move whose fences it lifts: the newest one
+    recorded on the fenced region. Another region recording a newer epoch means that move was
+    superseded, as a runbook step with an older epoch than the one recorded is refused.
+    Unreadable records count as 0: no evidence of a newer move."""
+    import psycopg
+    import redis
+
+    from activities.postgres import epoch as pg_epochs
+    from activities.redis import epoch as redis_epochs
+
+    r = c.region(region)
+    found: list[tuple[int, str]] = []
+    try:
+        found.append((pg_epochs.read_epoch(r.postgres, c.service).epoch, f"{region}'s PostgreSQL"))
+    except psycopg.Error:
+        pass
+    try:
+        found.append((redis_epochs.read_epoch(r.redis, c.service).epoch, f"{region}'s Redis"))
+    except (redis.RedisError, OSError):
+        pass
+    return max(found, key=lambda e: e[0], default=(0, f"{region}: no epoch readable"))
 
 
 # -- runbooks -------------------------------------------------------------------------------------
