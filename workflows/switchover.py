@@ -101,11 +101,16 @@ class SwitchoverWorkflow(Runbook):
                                        type="LagTooHigh", non_retryable=True)
 
         stopped = None
+        # Set when the stop is asked for: a cancel (or failure) that lands while the stop runs
+        # leaves no result, but the server may be stopped all the same, so the undo must run.
+        # (Found by the fault suite: cancel during the stop left no writable primary.)
+        fence_asked = False
         try:
             previous = await self.take_epoch(source, sq)
             approval = await self.approval(inp.approval, f"switch {inp.service} over to {target}")
             decided_at = workflow.now()
             async with self.step("stop writes on old primary") as st:
+                fence_asked = workflow.patched("switchover-undo-fence-in-flight")
                 stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
                     region=source, epoch=self.epoch, method="stop"), queue=sq, timeout=180)
                 st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}"
@@ -117,9 +122,9 @@ class SwitchoverWorkflow(Runbook):
                     queue=tq, timeout=inp.catch_up_timeout_seconds + 30, heartbeat=15)
                 st.detail = f"replayed {replayed.replay_lsn} > {replayed.target_lsn}"
         except asyncio.CancelledError:
-            raise self.cancelled(await self._undo_stop(source, sq, stopped is not None)) from None
+            raise self.cancelled(await self._undo_stop(source, sq, stopped is not None or fence_asked)) from None
         except ActivityError as e:
-            undone = await self._undo_stop(source, sq, stopped is not None)
+            undone = await self._undo_stop(source, sq, stopped is not None or fence_asked)
             if isinstance(e.cause, CancelledError):  # the step in flight saw the cancel request
                 raise self.cancelled(undone) from None
             self.finish("failed")
