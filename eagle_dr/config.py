@@ -486,6 +486,13 @@ class BackupConfig(_Strict):
     # archiving (the other keeps PITR continuous) and an alert says so: the primary's disk
     # never fills because the other region is down.
     archive_backlog_max: Size = Field(default=256 << 20, ge=16 << 20)
+    # The last resort when the guard cannot act (both buckets down, or Temporal/the workers
+    # down): pgBackRest's archive-push-queue-max. Past it pgBackRest tells PostgreSQL a segment
+    # is archived and drops it, for every repo: a PITR gap in both, reported by the guard, but
+    # the primary's disk does not fill. Unset: 4 x archive_backlog_max, so the guard (which
+    # runs every minute) drops a dead repo long before pgBackRest drops WAL the live one needs.
+    # Size it below the free space of the primary's pg_wal volume.
+    archive_queue_max: Size | None = None
 
     @field_validator("every", "full_every", "retention", "io_timeout")
     @classmethod
@@ -494,6 +501,18 @@ class BackupConfig(_Strict):
         if v <= timedelta(0):
             raise ValueError("must be greater than 0")
         return v
+
+    @property
+    def archive_queue_limit(self) -> int:
+        return self.archive_queue_max or 4 * self.archive_backlog_max
+
+    @model_validator(mode="after")
+    def _queue_above_backlog(self) -> "BackupConfig":
+        if self.archive_queue_max is not None and self.archive_queue_max <= self.archive_backlog_max:
+            # Below the guard's bound, pgBackRest would drop WAL (a gap in the live repo too)
+            # before the guard drops the dead repo alone.
+            raise ValueError("archive_queue_max must be larger than archive_backlog_max")
+        return self
 
     @field_validator("retention")
     @classmethod

@@ -18,6 +18,7 @@ from activities.split_brain import SplitBrainActivities
 from activities.topology import TopologyActivities
 from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
+from workflows.archive_guard import ArchiveGuardWorkflow
 from workflows.backup import BackupWorkflow
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
@@ -28,7 +29,7 @@ from workflows.split_brain import SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
-             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow]
+             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, ArchiveGuardWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -47,7 +48,7 @@ def regional_activities(cfg: EagleConfig) -> list:
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
                       "preserve_redis_and_rejoin"),
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
-                      "read_backup_catalog")]
+                      "read_backup_catalog", "guard_archive")]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.backup.archive import GuardReport, guard
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.pgbackrest import PgBackRestError, Stanza
 from activities.backup.take import take_backup
@@ -28,6 +29,13 @@ class TakeBackupRequest(BaseModel):
     not_before: float
     from_standby: bool = False
     timeout_seconds: float = Field(default=6 * 3600, gt=0)
+
+
+class GuardRequest(BaseModel):
+    region: str  # the primary's: the node whose WAL waits and whose archive-push.conf is rewritten
+    # Overrides backup.archive_backlog_max (a test, or an operator tightening it in an incident).
+    backlog_max_bytes: int | None = Field(default=None, ge=16 << 20)
+    probe_timeout_seconds: float = Field(default=10, gt=0, le=120)
 
 
 class StanzaReady(BaseModel):
@@ -101,3 +109,15 @@ class BackupActivities:
                 return read_catalog(self._stanza(region))
             except PgBackRestError as e:
                 raise ApplicationError(str(e), type="InfoFailed") from None
+
+    @activity.defn
+    def guard_archive(self, req: GuardRequest) -> GuardReport:
+        """One round of the archive guard on the primary's node (archive.py). Idempotent: it
+        reads the state and converges the dropped-repo file to it."""
+        st = self._stanza(req.region)
+        with heartbeating():
+            try:
+                return guard(st, req.backlog_max_bytes or self.cfg.backup.archive_backlog_max,
+                             req.probe_timeout_seconds)
+            except (SecretUnavailable, PgBackRestError) as e:
+                raise ApplicationError(scrub(str(e)), type="ConfigError") from None
