@@ -242,10 +242,12 @@ def _queue_drops(stanza: Stanza, seen_file) -> list[str]:
 def _restart_pushers(stanza: Stanza) -> None:
     """Make the new archive-push.conf count now, not minutes later. The async pusher still
     running read the old file and keeps retrying the dead bucket until its io-timeout (two
-    minutes on the notes' lab) while the foreground waits on it; SIGTERM ends it cleanly (the
-    segment it held stays .ready and is pushed again, to a repo that already has it: pgBackRest
-    checks the checksum and skips it). Then a config reload wakes the archiver out of its
-    60 s back-off after failures."""
+    minutes on the notes' lab), and the foreground archive-push waits on it up to
+    archive-timeout (60 s). SIGTERM ends both cleanly: pgBackRest exits with an error code (not
+    by the signal, so PostgreSQL's archiver only logs a failed archive_command and retries a
+    second later), the segment stays .ready and is pushed again with the new file, to a repo
+    that may already have it (pgBackRest compares the checksum and skips it). Then a config
+    reload wakes the archiver out of its 60 s back-off after failures."""
     needle = f"--config={stanza.archive_conf}".encode()
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -255,7 +257,8 @@ def _restart_pushers(stanza: Stanza) -> None:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"pgbackrest") and needle in argv and b"archive-push:async" in argv:
+        if argv and argv[0].endswith(b"pgbackrest") and needle in argv and \
+                (b"archive-push:async" in argv or b"archive-push" in argv):
             try:
                 os.kill(int(d), signal.SIGTERM)
             except OSError:
