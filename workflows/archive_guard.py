@@ -95,7 +95,8 @@ class ArchiveGuardWorkflow(Runbook):
             a = report.archiver
             rec.detail = (f"{a.ready_segments} segment(s) ({a.ready_bytes >> 20} MiB) waiting, bound "
                           f"{report.backlog_max_bytes >> 20} MiB; " + ", ".join(
-                              f"{p.region} {'up' if p.reachable else 'DOWN'}" for p in report.repos))
+                              f"{p.region} {'up' if p.usable else 'DOWN' if not p.reachable else 'NO STANZA'}"
+                              for p in report.repos))
             if report.newly_dropped:
                 rec.detail += f"; dropped {', '.join(report.newly_dropped)} from archiving"
             if report.readmitted:

@@ -162,6 +162,11 @@ def pitr_blocked(gaps: list[WalGap], repo_region: str, backup_stopped: datetime,
 class RepoProbe(BaseModel):
     region: str
     reachable: bool
+    stanza: bool = True  # the stanza's archive.info is there
+
+    @property
+    def usable(self) -> bool:
+        return self.reachable and self.stanza
     error: str | None = None
     seconds: float = 0
 
@@ -200,7 +205,11 @@ def probe_repo(stanza: Stanza, region: str, timeout: float = 10) -> RepoProbe:
         return RepoProbe(region=region, reachable=False, error=scrub(str(e))[:300],
                          seconds=round(time.monotonic() - t0, 2))
     ok = r.returncode == 0
-    return RepoProbe(region=region, reachable=ok, error=None if ok else scrub(_last_error(r.stderr or r.stdout))[:300],
+    # A bucket that answers but lost the stanza (deleted, recreated empty) fails archive-push
+    # just the same: archive.info is what archive-push needs first.
+    stanza_there = ok and "archive.info" in r.stdout.split()
+    return RepoProbe(region=region, reachable=ok, stanza=stanza_there,
+                     error=None if ok else scrub(_last_error(r.stderr or r.stdout))[:300],
                      seconds=round(time.monotonic() - t0, 2))
 
 
@@ -282,7 +291,23 @@ def guard(stanza: Stanza, backlog_max: int, probe_timeout: float = 10) -> GuardR
         return rep
     regions = [r.region for r in repos_for(stanza.cfg, stanza.region.name)]
     rep.repos = [probe_repo(stanza, r, probe_timeout) for r in regions]
-    up = {p.region: p.reachable for p in rep.repos}
+    up = {p.region: p.usable for p in rep.repos}
+    recreated: list[str] = []
+    if any(p.reachable and not p.stanza for p in rep.repos):
+        # The bucket answers without the stanza (lost and recreated): stanza-create makes it
+        # again where it is missing (a no-op where it matches), then archiving can resume.
+        r = stanza.run("stanza-create", timeout=300, check=False)
+        if r.returncode == 0:
+            for p in rep.repos:
+                if p.reachable and not p.stanza:
+                    p.stanza, up[p.region] = True, True
+                    # Nothing from before is in that bucket: it needs a full backup before a
+                    # restore can start from it (recorded as a gap so the workflow starts one).
+                    recreated.append(p.region)
+            _restart_pushers(stanza)
+        else:
+            rep.alerts.append(f"stanza-create for a bucket without the stanza failed: "
+                              f"{scrub(_last_error(r.stderr or r.stdout))[:300]}")
     dropped = stanza.dropped()
     gaps = read_gaps(stanza)
     now = datetime.now(timezone.utc)
@@ -315,6 +340,9 @@ def guard(stanza: Stanza, backlog_max: int, probe_timeout: float = 10) -> GuardR
                 g.until, g.resumed_wal = now, arch.oldest_ready or arch.current_wal
         log.warning("archive guard readmitted a bucket to WAL archiving; its WAL has a gap until a full backup",
                     region=stanza.region.name, repo=r)
+    for r in recreated:
+        gaps.append(WalGap(repo_region=r, since=now, until=now, cause="stanza-recreated"))
+        log.warning("archive guard recreated the stanza in a bucket that had lost it", region=stanza.region.name, repo=r)
     for line in _queue_drops(stanza, stanza.dir / "archive-queue-drops.seen"):
         for r in regions:
             gaps.append(WalGap(repo_region=r, since=now, until=now, cause="queue-max"))
