@@ -535,9 +535,19 @@ class BackupConfig(_Strict):
     # `pgbackrest expire` per repo by the retention. Each backup expires too; this one also runs
     # when backups fail for days (no backup, no expiry) and reports what it removed.
     expire_every: Duration | None = timedelta(days=1)
+    # ArchiveGuardWorkflow this often (null: none): drops an unreachable bucket from archiving
+    # once archive_backlog_max of WAL waits for it, takes it back with a full backup.
+    archive_guard_every: Duration | None = timedelta(minutes=1)
     # RestoreDrillWorkflow with its defaults this often (null: no drill schedule).
     restore_drill_every: Duration | None = timedelta(days=1)
     schedules: BackupSchedulesConfig = BackupSchedulesConfig()
+    # The last resort when the guard cannot act (both buckets down, or Temporal/the workers
+    # down): pgBackRest's archive-push-queue-max. Past it pgBackRest tells PostgreSQL a segment
+    # is archived and drops it, for every repo: a PITR gap in both, reported by the guard, but
+    # the primary's disk does not fill. Unset: 4 x archive_backlog_max, so the guard (which
+    # runs every minute) drops a dead repo long before pgBackRest drops WAL the live one needs.
+    # Size it below the free space of the primary's pg_wal volume.
+    archive_queue_max: Size | None = None
 
     @field_validator("every", "full_every", "retention", "io_timeout", "archive_timeout")
     @classmethod
@@ -547,12 +557,23 @@ class BackupConfig(_Strict):
             raise ValueError("must be greater than 0")
         return v
 
-    @field_validator("redis_every", "expire_every", "restore_drill_every")
+    @field_validator("redis_every", "expire_every", "restore_drill_every", "archive_guard_every")
     @classmethod
     def _positive_or_off(cls, v: timedelta | None) -> timedelta | None:
         if v is not None and v < timedelta(seconds=1):
             raise ValueError("must be at least 1s (or null: no schedule)")
         return v
+    @property
+    def archive_queue_limit(self) -> int:
+        return self.archive_queue_max or 4 * self.archive_backlog_max
+
+    @model_validator(mode="after")
+    def _queue_above_backlog(self) -> "BackupConfig":
+        if self.archive_queue_max is not None and self.archive_queue_max <= self.archive_backlog_max:
+            # Below the guard's bound, pgBackRest would drop WAL (a gap in the live repo too)
+            # before the guard drops the dead repo alone.
+            raise ValueError("archive_queue_max must be larger than archive_backlog_max")
+        return self
 
     @field_validator("retention")
     @classmethod

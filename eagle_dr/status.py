@@ -13,6 +13,8 @@ from datetime import datetime, timedelta, timezone
 
 from pydantic import BaseModel, computed_field
 
+from activities.backup.archive import ArchiverState, read_archiver, read_gaps
+from activities.backup.pgbackrest import Stanza
 from activities.postgres.status import PgStatus, pg_status
 from activities.redis.status import RedisStatus, SentinelView, fenced, redis_status, sentinel_view
 from activities.routing import LabRouter
@@ -58,6 +60,32 @@ class ServicesView(BaseModel):
     @property
     def at_zero(self) -> list[str]:
         return sorted(name for name, n in self.replicas.items() if n == 0)
+class ArchiveView(BaseModel):
+    """WAL archiving on a primary: pg_stat_archiver, the WAL waiting, and what the archive
+    guard (activities/backup/archive.py) dropped. The dropped-repo and gap files are read
+    where they live, so on another host than the node they show as unknown (None)."""
+
+    archiver: ArchiverState
+    dropped: list[str] | None = None
+    # Buckets whose WAL has a gap not yet closed by a full backup.
+    gaps: list[str] | None = None
+
+    @computed_field
+    @property
+    def degraded(self) -> bool:
+        return bool(self.archiver.failing or self.dropped or self.gaps)
+
+
+def archive_view(cfg: EagleConfig, region: str) -> ArchiveView:
+    dropped = gaps = None
+    try:
+        st = Stanza(cfg, region)
+        if st.dir.exists():
+            dropped = st.dropped()
+            gaps = sorted({g.repo_region for g in read_gaps(st) if g.healed_by is None})
+    except Exception:  # noqa: BLE001 - no pgBackRest config here: archiving shown from PostgreSQL alone
+        pass
+    return ArchiveView(archiver=read_archiver(cfg.region(region).postgres, 2), dropped=dropped, gaps=gaps)
 
 
 class RegionView(BaseModel):
@@ -69,6 +97,8 @@ class RegionView(BaseModel):
     redis_fenced: bool = False
     # None when routing does not go through Kubernetes.
     services: ServicesView | None = None
+    # On the primary: WAL archiving (None elsewhere).
+    archive: ArchiveView | None = None
 
 
 class TopologyStatus(BaseModel):
@@ -239,6 +269,10 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
         regions.append(RegionView(name=r.name, configured_role=r.role, postgres=pg_status(r.postgres, 2), redis=rs,
                                   redis_fenced=rs.role == "master" and fenced(r.redis, 2),
                                   services=services_view(r.kubernetes) if cfg.routing.kubernetes else None))
+        ps = pg_status(r.postgres, 2)
+        regions.append(RegionView(name=r.name, configured_role=r.role, postgres=ps, redis=rs,
+                                  redis_fenced=rs.role == "master" and fenced(r.redis, 2),
+                                  archive=archive_view(cfg, r.name) if ps.role == "primary" else None))
     seen, sentinels = set(), []
     for r in cfg.regions:
         for ep in r.redis.sentinels:
@@ -271,6 +305,29 @@ def _fmt_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+def archive_line(region: str, v: ArchiveView) -> str:
+    """One line: "WAL archiving on <primary>: ok|DEGRADED ..." (plain text; render colours it)."""
+    a = v.archiver
+    if not a.reachable:
+        return f"WAL archiving on {region}: unknown ({a.error})"
+    parts = [f"{a.ready_segments} segment(s) ({_fmt_bytes(a.ready_bytes)}) waiting",
+             f"last archived {a.last_archived_wal or '-'}"]
+    if a.failing:
+        parts.append(f"FAILING since {a.last_failed_at:%Y-%m-%d %H:%M:%S} UTC ({a.last_failed_wal})")
+    if v.dropped:
+        parts.append(f"{', '.join(v.dropped)} bucket DROPPED from archiving (unreachable; PITR there stops at the gap)")
+    if v.gaps:
+        parts.append(f"WAL gap in {', '.join(v.gaps)} bucket until a full backup to it")
+    if a.archive_mode != "on":
+        parts.append(f"archive_mode={a.archive_mode}")
+    return f"WAL archiving on {region}: {'DEGRADED' if v.degraded else 'ok'}; " + "; ".join(parts)
+
+
+def _archive_line(region: str, v: ArchiveView) -> str:
+    line = archive_line(region, v)
+    return line.replace("DEGRADED", "[bold red]DEGRADED[/]", 1) if v.degraded else line
 
 
 def render(st: TopologyStatus) -> None:
@@ -306,6 +363,9 @@ def render(st: TopologyStatus) -> None:
             role = "standby"
         t.add_row(r.name, role, str(p.timeline or "-"), p.lsn or "-", links, lag, "")
     console.print(t)
+    for r in st.regions:
+        if r.archive is not None:
+            console.print(_archive_line(r.name, r.archive))
 
     t = Table(title="Redis", title_justify="left")
     for col in ("region", "role", "offset", "master / replicas", "link"):

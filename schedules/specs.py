@@ -71,6 +71,12 @@ def desired(cfg: EagleConfig) -> list[DesiredSchedule]:
         make("backup-full", "BackupWorkflow", {"type": "full", "trigger": "schedule"}, b.full_every, b.every / 2,
              timedelta(hours=24), f"full backup to both buckets every {human(b.full_every)}"),
     ]
+    if b.archive_guard_every:
+        # Keeps WAL from piling up on the primary while a bucket is unreachable (workflows/
+        # archive_guard.py): often, since its bound is disk space; a missed run is worthless later.
+        out.append(make("archive-guard", "ArchiveGuardWorkflow", {"trigger": "schedule"}, b.archive_guard_every,
+                        timedelta(0), timedelta(minutes=10),
+                        f"WAL archive guard every {human(b.archive_guard_every)}"))
     if b.redis_every:
         out.append(make("redis-snapshot", "RedisSnapshotWorkflow", {"trigger": "schedule"}, b.redis_every,
                         b.redis_every / 3, timedelta(hours=1),

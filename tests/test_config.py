@@ -354,3 +354,12 @@ def test_libpq_errors_never_carry_the_password(monkeypatch):
     assert "oops" not in st.error and "hunter2" not in st.error, st.error
     assert "refused" in st.error or "connect" in st.error, st.error
     assert scrub(f"FATAL: bad password {password!r} for postgres") == "FATAL: bad password '***' for postgres"
+
+
+def test_archive_queue_max_defaults_above_the_guards_bound_and_must_stay_above_it(tmp_path):
+    doc = base()
+    doc["backup"] = {"archive_backlog_max": "64MiB"}
+    cfg = load_config(write(tmp_path, doc), env={})
+    assert cfg.backup.archive_queue_limit == 4 * (64 << 20)
+    doc["backup"] = {"archive_backlog_max": "64MiB", "archive_queue_max": "32MiB"}
+    assert "archive_queue_max must be larger than archive_backlog_max" in problems(tmp_path, doc)

@@ -39,8 +39,8 @@ def _with_backup(cfg, **changes):
 async def test_apply_twice_gives_the_same_schedules_and_follows_config_changes(lab_cfg, client):
     cfg = lab_cfg
     ids = [d.id for d in desired(cfg)]
-    assert ids == [f"dr-{cfg.service}-{s}" for s in ("backup-incr", "backup-full", "redis-snapshot", "expire",
-                                                      "restore-drill")]
+    assert ids == [f"dr-{cfg.service}-{s}" for s in ("backup-incr", "backup-full", "archive-guard", "redis-snapshot",
+                                                      "expire", "restore-drill")]
     foreign = f"{prefix(cfg.service)}hand-made"
     try:
         first = await apply(client, cfg, paused=True)

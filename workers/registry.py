@@ -19,20 +19,22 @@ from activities.split_brain import SplitBrainActivities
 from activities.topology import TopologyActivities
 from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
+from workflows.archive_guard import ArchiveGuardWorkflow
 from workflows.backup import BackupWorkflow
 from workflows.drill import DrillWorkflow
 from workflows.expire import ExpireWorkflow
-from workflows.restore import RestoreWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
 from workflows.monitor import MonitorWorkflow
 from workflows.redis_snapshot import RedisSnapshotWorkflow
+from workflows.restore import RestoreWorkflow
 from workflows.split_brain import SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
-             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow]
+             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow,
+             ArchiveGuardWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -51,7 +53,7 @@ def regional_activities(cfg: EagleConfig) -> list:
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
                       "preserve_redis_and_rejoin"),
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
-                      "read_backup_catalog", "expire_backups"),
+                      "read_backup_catalog", "expire_backups", "guard_archive"),
             *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch"),
             # The RDB file is on the master's disk: its region's worker uploads it.
             RedisBackupActivities(cfg).snapshot_redis]

@@ -77,6 +77,8 @@ class Stanza:
         self.archive_conf = self.dir / "archive-push.conf"
         self.pg_include = self.dir / "archive.pg.conf"
         self.dropped_file = self.dir / "archive-dropped.json"
+        # WAL gaps per repo (archive.py): what a restore from that repo must not cross.
+        self.gaps_file = self.dir / "archive-gaps.json"
 
     @property
     def name(self) -> str:
@@ -144,6 +146,12 @@ class Stanza:
             f"io-timeout={max(1, int(b.io_timeout.total_seconds()))}",
             f"process-max={b.process_max}",
             f"compress-type={b.compress}",
+        ]
+        if for_archive_push:
+            # The last resort, for when the archive guard cannot act (archive.py): the primary
+            # keeps running and drops WAL rather than fill its disk.
+            lines.append(f"archive-push-queue-max={b.archive_queue_limit}")
+        lines += [
             "",
             f"[{b.stanza}]",
             f"pg1-path={Path(pg.data_dir).absolute()}",

@@ -1,0 +1,327 @@
+"""Backups through DR events, on the real lab (pgBackRest, SeaweedFS over TLS, PostgreSQL):
+
+- the other region's bucket down while the primary writes: the archive guard keeps pg_wal
+  bounded, says archiving is degraded, and takes the bucket back (with a full backup) when
+  it returns;
+- backup -> switchover -> backup: both valid, the second on the new timeline, PITR to after
+  the switch;
+- the regional worker killed mid-backup: the retry finishes one valid backup per repo.
+
+Each test leaves the primary where it found it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from datetime import datetime
+
+import psycopg
+import pytest
+
+from activities.backup.archive import pitr_blocked, read_archiver, read_gaps
+from activities.backup.catalog import parse_info, read_catalog
+from activities.backup.pgbackrest import Stanza, repo_key
+from activities.postgres.ctl import PgCtl
+from activities.postgres.status import pg_status
+from eagle_dr.launch import start_move
+from eagle_dr.status import archive_line, archive_view
+from lab.processes import kill_tree, read_pid
+from tests.histories import record
+from tests.lab_helpers import _async, _exec, _primary, _until
+from workflows.archive_guard import ArchiveGuardInput, ArchiveGuardResult, ArchiveGuardWorkflow, gap_backup_id
+from workflows.backup import BackupInput, BackupResult, BackupWorkflow
+from workflows.models import SwitchoverInput
+
+SEGMENT = 16 << 20
+BOUND = 2 * SEGMENT
+
+
+async def _backup(lab, client, **kw) -> BackupResult:
+    return await client.execute_workflow(BackupWorkflow.run, BackupInput(trigger="test", **kw),
+                                         id=f"test-backup-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+
+
+async def _guard(lab, client, record_as: str | None = None, **kw) -> ArchiveGuardResult:
+    handle = await client.start_workflow(ArchiveGuardWorkflow.run, ArchiveGuardInput(trigger="test", **kw),
+                                         id=f"test-archive-guard-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    res = await handle.result()
+    if record_as:
+        await record(handle, record_as)
+    return res
+
+
+def _switch_wal(lab, region: str, rows: int = 1) -> str:
+    """Commit, then switch in a statement of its own (one string would be one transaction and
+    the commit would land in the next segment): the name of the segment just closed."""
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("create table if not exists backup_dr (id bigserial primary key, at timestamptz default "
+                     "clock_timestamp(), note text)")
+        conn.execute("insert into backup_dr (note) select 'wal' from generate_series(1, %s)", (rows,))
+        return conn.execute("select pg_walfile_name(pg_switch_wal())").fetchone()[0]
+
+
+def _archived_to(lab, node: str, bucket: str) -> str | None:
+    # That repo alone: ``info`` on both would wait out the dead one's timeouts on every poll.
+    st = Stanza(lab.cfg, node)
+    cat = parse_info(st.info(f"--repo={repo_key(lab.cfg, node, bucket)}"), st)
+    return max((a.max_wal or "" for a in cat.archive if a.repo_region == bucket), default=None)
+
+
+def _ready_bytes(lab, region: str) -> int:
+    return read_archiver(lab.cfg.region(region).postgres).ready_bytes
+
+
+# -- the other region's bucket down --------------------------------------------------------------
+
+
+def test_pitr_across_a_wal_gap_is_refused_only_where_the_gap_is(lab):
+    from datetime import timedelta, timezone
+
+    from activities.backup.archive import WalGap
+
+    t = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    gaps = [WalGap(repo_region="us-west-2", since=t, until=t + timedelta(hours=1))]
+    # A backup before the gap cannot reach past its start, in that bucket only.
+    assert pitr_blocked(gaps, "us-west-2", t - timedelta(hours=2), t + timedelta(hours=2)) is gaps[0]
+    assert pitr_blocked(gaps, "us-east-1", t - timedelta(hours=2), t + timedelta(hours=2)) is None
+    # Before the gap, or from a backup after it, PITR is continuous.
+    assert pitr_blocked(gaps, "us-west-2", t - timedelta(hours=2), t - timedelta(minutes=1)) is None
+    assert pitr_blocked(gaps, "us-west-2", t + timedelta(hours=1, minutes=5), t + timedelta(hours=2)) is None
+    # A gap still open blocks everything after its start.
+    still = [WalGap(repo_region="us-west-2", since=t)]
+    assert pitr_blocked(still, "us-west-2", t - timedelta(hours=2), datetime.now(timezone.utc)) is still[0]
+    # archive-push.conf carries the last resort, pgbackrest.conf (backups, restores) does not.
+    st = Stanza(lab.cfg, lab.cfg.primary.name)
+    assert f"archive-push-queue-max={lab.cfg.backup.archive_queue_limit}" in st.render(for_archive_push=True)
+    assert "archive-push-queue-max" not in st.render()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_other_region_down_keeps_pg_wal_bounded_and_archiving_catches_up(lab, client):
+    primary = _primary(lab)
+    other = lab.cfg.other(primary).name
+    st = Stanza(lab.cfg, primary)
+
+    def archiving_ok() -> bool:
+        # A lab just up has failed its first segments (before the stanza existed); a reload
+        # wakes the archiver out of its back-off.
+        _exec(lab, primary, "select pg_reload_conf()")
+        return not read_archiver(lab.cfg.region(primary).postgres).failing
+
+    await _until(_async(archiving_ok), 120, "archiving to succeed", interval=1)
+    healthy = await _guard(lab, client, backlog_max_bytes=BOUND)
+    assert healthy.outcome == "succeeded", (healthy.report.repos, healthy.degraded)
+    assert healthy.primary_region == primary and healthy.report.dropped == []
+    before = await _backup(lab, client, type="full", repos=[other])
+
+    lab.s3(other).kill()
+    try:
+        last = ""
+        for _ in range(4):  # 4 segments waiting: past the 2-segment bound
+            last = _switch_wal(lab, primary)
+        await _until(_async(lambda: _ready_bytes(lab, primary) > BOUND), 30, "WAL to pile up for the dead bucket")
+        # Below the bound nothing happens (a blip of the other region costs no gap); past it
+        # the guard drops the dead bucket, and says so.
+        res = await _guard(lab, client, record_as="archive_guard-drop", backlog_max_bytes=BOUND)
+        assert res.outcome == "degraded", res
+        assert res.report.newly_dropped == [other] and res.report.dropped == [other]
+        assert {p.region: p.reachable for p in res.report.repos} == {primary: True, other: False}
+        assert any("dropped from WAL archiving" in a for a in res.degraded)
+        assert st.dropped() == [other]
+        assert f"s3-bucket={lab.cfg.region(other).s3.bucket}" not in st.archive_conf.read_text()
+        # The archiver catches up to the surviving bucket: pg_wal shrinks below the bound...
+        await _until(_async(lambda: _ready_bytes(lab, primary) <= SEGMENT), 180,
+                     "the backlog to drain into the surviving bucket", interval=1)
+        # ...and the surviving bucket's archive is continuous up to the newest segment.
+        assert (_archived_to(lab, primary, primary) or "") >= last
+        # The primary keeps taking writes, and WAL stays bounded while the bucket stays down.
+        for _ in range(3):
+            last = _switch_wal(lab, primary, rows=100)
+        await _until(_async(lambda: (_archived_to(lab, primary, primary) or "") >= last), 120,
+                     "new WAL archived to the surviving bucket", interval=1)
+        assert _ready_bytes(lab, primary) <= BOUND
+        again = await _guard(lab, client, backlog_max_bytes=BOUND)
+        assert again.outcome == "degraded" and again.report.newly_dropped == [] and again.report.dropped == [other]
+        # `eagle-dr status` says so too.
+        view = archive_view(lab.cfg, primary)
+        assert view.degraded and view.dropped == [other]
+        assert "DEGRADED" in archive_line(primary, view) and "DROPPED" in archive_line(primary, view)
+    finally:
+        lab.s3(other).start()
+
+    # The bucket is back: archived to again, with a gap a full backup closes.
+    back = await _guard(lab, client, record_as="archive_guard-readmit", backlog_max_bytes=BOUND)
+    assert back.report.readmitted == [other] and back.report.dropped == [] and st.dropped() == []
+    assert back.report.needs_full == [other] and back.backups_started == [gap_backup_id(lab.cfg.service, other)]
+    assert back.outcome == "degraded"  # until the full backup is in
+    gaps = [g for g in read_gaps(st) if g.repo_region == other]
+    assert len(gaps) == 1 and gaps[0].until is not None
+    # A restore from that bucket, starting from the backup before the gap, must not claim a
+    # point after it; the surviving bucket has no gap.
+    after_gap = datetime.now(gaps[0].until.tzinfo)
+    assert pitr_blocked(read_gaps(st), other, before.backups[0].stopped, after_gap) is not None
+    assert pitr_blocked(read_gaps(st), primary, before.backups[0].stopped, after_gap) is None
+    full = await client.get_workflow_handle(gap_backup_id(lab.cfg.service, other), result_type=BackupResult).result()
+    assert full.outcome == "succeeded" and [(b.repo_region, b.type) for b in full.backups] == [(other, "full")]
+    last = _switch_wal(lab, primary)
+    await _until(_async(lambda: (_archived_to(lab, primary, other) or "") >= last), 120,
+                 "WAL archived to the returned bucket again", interval=1)
+    healed = await _guard(lab, client, backlog_max_bytes=BOUND)
+    assert healed.outcome == "succeeded", healed
+    assert [g.healed_by for g in read_gaps(st) if g.repo_region == other] == [full.backups[0].label]
+    assert not archive_view(lab.cfg, primary).degraded
+
+
+# -- backup, switchover, backup, PITR after the switch -------------------------------------------
+
+
+def _free_port(start: int) -> int:
+    import socket
+
+    for port in range(start, start + 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port from {start}")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_backup_switchover_backup_then_pitr_past_the_switch(lab, client):
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    first = await _backup(lab, client, type="full")
+    assert first.outcome == "succeeded" and first.primary_region == a, first
+    timeline = pg_status(lab.cfg.region(a).postgres).timeline
+    sw = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b))).result()
+    assert sw.outcome == "succeeded", sw
+    scratch = lab.state / f"pitr-{uuid.uuid4().hex[:8]}"
+    ctl = None
+    try:
+        assert pg_status(lab.cfg.region(b).postgres).timeline == timeline + 1
+        # Right after the promotion, no manual step: take.py checkpoints when pg_control lags.
+        handle = await client.start_workflow(BackupWorkflow.run, BackupInput(type="incr", trigger="test"),
+                                             id=f"test-backup-{uuid.uuid4()}",
+                                             task_queue=lab.cfg.temporal.control_task_queue)
+        second = await handle.result()
+        await record(handle, "backup-after-switchover")
+        assert second.outcome == "succeeded" and second.primary_region == b, second
+        assert sorted(x.repo_region for x in second.backups) == sorted(lab.cfg.region_names)
+        assert all(int(x.wal_start[:8], 16) == timeline + 1 for x in second.backups), second.backups
+        cat = read_catalog(Stanza(lab.cfg, b))
+        assert cat.ok, cat
+        for x in first.backups + second.backups:
+            listed = [y for y in cat.on(x.repo_region) if y.label == x.label]
+            assert listed and not listed[0].error, (x.label, [y.label for y in cat.on(x.repo_region)])
+
+        # Rows with known commit times on the new timeline; the target falls between them.
+        with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
+            conn.execute("create table if not exists pitr_probe (note text primary key, at timestamptz)")
+            conn.execute("insert into pitr_probe values ('before', clock_timestamp())")
+            target = conn.execute("select clock_timestamp()").fetchone()[0]
+            conn.execute("insert into pitr_probe values ('after', clock_timestamp())")
+        last = _switch_wal(lab, b)
+        await _until(_async(lambda: (_archived_to(lab, b, b) or "") >= last), 120, "the target's WAL archived",
+                     interval=0.5)
+
+        pg = lab.cfg.region(b).postgres
+        data, run = scratch / "data", scratch / "run"
+        from lab.osuser import make_dir
+
+        make_dir(scratch, lab.user)
+        make_dir(data, lab.user)
+        make_dir(run, lab.user)
+        Stanza(lab.cfg, b).run("restore", "--repo=1", f"--pg1-path={data}", "--type=time",
+                               f"--target={target.isoformat(sep=' ')}", "--target-action=promote", timeout=600)
+        copy = pg.model_copy(update={"data_dir": str(data), "socket_dir": str(run), "port": _free_port(pg.port + 40)})
+        ctl = PgCtl(copy)
+        # archive_mode=off: promoted onto a timeline of its own, the copy would archive into
+        # the live stanza.
+        ctl.start(extra="-c archive_mode=off -c listen_addresses=''")
+
+        def rows():
+            with psycopg.connect(host=str(run), port=copy.port, user=pg.user, dbname=pg.database,
+                                 autocommit=True, connect_timeout=3) as conn:
+                if conn.execute("select pg_is_in_recovery()").fetchone()[0]:
+                    return None
+                return sorted(r[0] for r in conn.execute("select note from pitr_probe"))
+
+        def promoted():
+            try:
+                return rows() is not None
+            except psycopg.OperationalError:
+                return False
+
+        await _until(_async(promoted), 120, "the restored copy to reach the target and promote", interval=0.5)
+        assert rows() == ["before"]
+    finally:
+        if ctl is not None:
+            ctl.stop("immediate")
+        shutil.rmtree(scratch, ignore_errors=True)
+        back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
+                                                                        target_region=a))).result()
+        assert back.outcome == "succeeded", back
+
+
+# -- the regional worker killed mid-backup -------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_worker_killed_mid_backup_retries_to_one_valid_backup_per_repo(lab, client):
+    import signal
+
+    from activities.backup.take import running_backups
+
+    primary = _primary(lab)
+    source = lab.cfg.other(primary).name  # the standby's node takes the backup
+    stanza = Stanza(lab.cfg, source)
+    # Enough data that copying takes seconds, not milliseconds.
+    _exec(lab, primary, "create table if not exists backup_bulk as select g, md5(g::text) || repeat('x', 200) as pad"
+                        " from generate_series(1, 100000) g")
+    labels_before = {x.label for x in read_catalog(stanza).backups}
+    log = stanza.log_dir / f"{stanza.name}-backup.log"
+    offset = log.stat().st_size if log.exists() else 0
+    handle = await client.start_workflow(BackupWorkflow.run, BackupInput(type="full", trigger="test"),
+                                         id=f"test-backup-crash-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+
+    def copying() -> int | None:
+        mine = [pid for pid, owner in running_backups(stanza).items() if owner.startswith(handle.id)]
+        if not mine or not log.exists():
+            return None
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return mine[0] if b"backup file " in f.read() else None
+
+    pid = await _until(_async(copying), 120, "pgBackRest copying files", interval=0.01)
+    # Freeze it mid-copy so it cannot finish before the worker dies, whatever the machine's speed.
+    os.killpg(pid, signal.SIGSTOP)
+    killed = kill_tree(read_pid(lab.worker_pidfile(source)))  # kill -9: the worker and pgBackRest
+    assert pid in killed
+    try:
+        os.killpg(pid, signal.SIGCONT)  # what is left of its group (its local processes) ends on its own
+    except ProcessLookupError:
+        pass
+    lab.start_worker(source)
+    res = await handle.result()
+    assert res.outcome == "succeeded", res
+    # The killed attempt was retried (not, say, finished before the kill).
+    attempts = [e.activity_task_started_event_attributes.attempt async for e in handle.fetch_history_events()
+                if e.HasField("activity_task_started_event_attributes")]
+    assert max(attempts) >= 2, attempts
+    cat = read_catalog(stanza)
+    new = [x for x in cat.backups if x.label not in labels_before]
+    # Exactly one new valid backup per repo (the retry resumed or redid the partial; the
+    # partial itself is never listed), and they are the ones the workflow reports.
+    assert sorted(x.repo_region for x in new) == sorted(lab.cfg.region_names), [x.label for x in new]
+    assert all(x.type == "full" and not x.error for x in new)
+    assert sorted(x.label for x in new) == sorted(x.label for x in res.backups)
+    assert cat.ok and not cat.backup_running
+    assert running_backups(stanza) == {}
+    _exec(lab, primary, "drop table backup_bulk")
