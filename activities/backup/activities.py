@@ -144,6 +144,19 @@ class BackupActivities:
             kind = "StanzaLocked" if e.code == LOCK_ACQUIRE else "ExpireFailed"
             raise ApplicationError(str(e), type=kind) from None
 
+    @activity.defn
+    def guard_archive(self, req: GuardRequest) -> GuardReport:
+        """One round of the archive guard on the primary's node (archive.py). Idempotent: it
+        reads the state and converges the dropped-repo file to it."""
+        st = self._stanza(req.region)
+        with heartbeating():
+            try:
+                return guard(st, req.backlog_max_bytes or self.cfg.backup.archive_backlog_max,
+                             req.probe_timeout_seconds)
+            except (SecretUnavailable, PgBackRestError) as e:
+                raise ApplicationError(scrub(str(e)), type="ConfigError") from None
+
+
 class RestoreRequest(BaseModel):
     region: str  # whose worker and host run the scratch instance
     repo_region: str  # whose bucket
@@ -258,13 +271,3 @@ class RestoreActivities:
     def drop_scratch(self, req: DropScratchRequest) -> bool:
         with heartbeating():
             return drop_scratch(Stanza(self.cfg, req.region), self.scratch_dir(req.region, req.name), req.port)
-    def guard_archive(self, req: GuardRequest) -> GuardReport:
-        """One round of the archive guard on the primary's node (archive.py). Idempotent: it
-        reads the state and converges the dropped-repo file to it."""
-        st = self._stanza(req.region)
-        with heartbeating():
-            try:
-                return guard(st, req.backlog_max_bytes or self.cfg.backup.archive_backlog_max,
-                             req.probe_timeout_seconds)
-            except (SecretUnavailable, PgBackRestError) as e:
-                raise ApplicationError(scrub(str(e)), type="ConfigError") from None
