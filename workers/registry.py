@@ -9,6 +9,7 @@ runbook reaches a region by scheduling on that region's queue.
 from __future__ import annotations
 
 from activities.backup.activities import BackupActivities, RestoreActivities
+from activities.backup.drill import RestoreDrillActivities
 from activities.failback import FailbackActivities
 from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
@@ -21,6 +22,7 @@ from eagle_dr.config import EagleConfig
 from workflows.backup import BackupWorkflow
 from workflows.drill import DrillWorkflow
 from workflows.restore import RestoreWorkflow
+from workflows.restore_drill import RestoreDrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
@@ -29,7 +31,7 @@ from workflows.split_brain import SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
-             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow]
+             DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, RestoreDrillWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -49,7 +51,8 @@ def regional_activities(cfg: EagleConfig) -> list:
                       "preserve_redis_and_rejoin"),
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
                       "read_backup_catalog"),
-            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch")]
+            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch"),
+            *_methods(RestoreDrillActivities(cfg), "check_backup_freshness", "scratch_checksums")]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:
@@ -59,7 +62,10 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
             *_methods(RedisActivities(cfg), "fence_redis", "unfence_redis", "promote_redis", "switchover_redis",
                       "demote_redis"),
             *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",
-                      "verify_service")]
+                      "verify_service"),
+            # SQL on the primary over the network, as postgres_status.
+            *_methods(RestoreDrillActivities(cfg), "read_archiver_state", "mark_consistent_point",
+                      "wait_wal_archived")]
     if cfg.routing.lab_file:
         acts += _methods(LabHooks(cfg, config_path), "kill_region", "heal_region", "count_missing_acked_writes",
                          "client_outage")
