@@ -211,7 +211,7 @@ class RestoreDrillWorkflow(Runbook):
                                  "ArchivingFailing") from None
             rec.detail = f"archived {arch.last_archived_wal} at {_t(arch.last_archived_time)}"
 
-        req = RestoreRequest(region=region, repo_region=repo, target=RestoreTarget(kind="name", name=name),
+        req = RestoreRequest(region=region, repo_region=repo, target=RestoreTarget(kind="name", name=mark.name),
                              name=_dir_name(info), timeout_seconds=inp.timeout_seconds, fallback=inp.repo is None)
         scratch: Scratch | None = None
         try:
@@ -227,7 +227,7 @@ class RestoreDrillWorkflow(Runbook):
                     req = req.model_copy(update={"repo_region": chk.repo_region})
                     res.repo_region = self.source_region = chk.repo_region
 
-            async with self.step(f"Restore the newest backup on {region} and replay to {name}") as rec:
+            async with self.step(f"Restore the newest backup on {region} and replay to {mark.name}") as rec:
                 try:
                     scratch = await self.act(RestoreActivities.restore_scratch, req, queue=queue,
                                              timeout=req.timeout_seconds + 300, heartbeat=60, schedule_to_start=60,
@@ -258,7 +258,7 @@ class RestoreDrillWorkflow(Runbook):
                 bad = [c for c in res.tables if not c.match]
                 for c in bad:
                     res.problems.append(f"{c.table} differs in the restored copy: {c.restored_rows} rows (-1: missing) "
-                                        f"against {c.primary_rows} on the primary at {name}, or the same count with "
+                                        f"against {c.primary_rows} on the primary at {mark.name}, or the same count with "
                                         f"other contents")
                 rec.detail = f"{len(res.tables) - len(bad)} of {len(res.tables)} tables identical"
                 if bad:

@@ -84,7 +84,7 @@ class ArchiverState(BaseModel):
 
 class MarkRequest(BaseModel):
     region: str  # the primary
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,63}$")  # the restore point
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,56}$")  # the restore point's (the attempt is appended)
     tables: list[str] = []  # besides config `conflicts:` ones; each must exist
     all_tables: bool = True  # and every other permanent user table
     lock_timeout_seconds: float = Field(default=5, gt=0, le=60)
@@ -344,7 +344,11 @@ class RestoreDrillActivities:
     def mark_consistent_point(self, req: MarkRequest) -> Mark:
         try:
             # The configured tables always (config `conflicts:`): the ones failback reconciles.
-            req = req.model_copy(update={"tables": sorted(set(req.tables) | set(self.cfg.conflicts))})
+            # A name per attempt: recovery stops at the FIRST restore point of a name, and an
+            # attempt that wrote one and then failed must not leave the target at its point while
+            # the checksums are the retry's.
+            req = req.model_copy(update={"tables": sorted(set(req.tables) | set(self.cfg.conflicts)),
+                                         "name": f"{req.name}-{activity.info().attempt}"})
             return mark_consistent_point(self._pg(req.region), req)
         except psycopg.errors.LockNotAvailable as e:
             # Retried: a long writer held a table; the next attempt finds it done.
