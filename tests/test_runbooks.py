@@ -299,7 +299,8 @@ async def test_drill(lab, client):
         await _until(_async(lambda: len(write_log(lab.cfg).acknowledged()) > 10), 30, "sample app traffic")
         handle = await start_drill(client, lab.cfg, DrillInput(service=lab.cfg.service))
         report = await handle.result()
-        await record(handle, "drill")
+        # drill.json stays: a drill recorded before the restore drill (patched) must replay.
+        await record(handle, "drill-restore-drill")
     finally:
         lab.stop_app()
     assert report.primary_before == a and report.outage_region == b
@@ -313,6 +314,13 @@ async def test_drill(lab, client):
     st = pg_status(lab.cfg.region(b).postgres)
     assert st.role == "standby" and st.receiver_status == "streaming"
     assert lab.router.active_region() == a
+    # The report states the backup RPO, the newest recoverable point and the restore drill's
+    # result: a backup and a restore drill of it, checked against the primary under the app's writes.
+    rd = report.restore_drill
+    assert report.restore_drill_error is None and rd is not None and rd.outcome == "succeeded", \
+        report.restore_drill_error
+    assert rd.rpo_seconds is not None and rd.newest_recoverable is not None and rd.rto_seconds
+    assert rd.tables and all(t.match for t in rd.tables), rd.tables
 
 
 async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, client):

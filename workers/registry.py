@@ -9,6 +9,7 @@ runbook reaches a region by scheduling on that region's queue.
 from __future__ import annotations
 
 from activities.backup.activities import BackupActivities, RestoreActivities
+from activities.backup.drill import RestoreDrillActivities
 from activities.backup.redis import RedisBackupActivities
 from activities.failback import FailbackActivities
 from activities.health import HealthActivities
@@ -28,13 +29,14 @@ from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
 from workflows.monitor import MonitorWorkflow
 from workflows.redis_snapshot import RedisSnapshotWorkflow
+from workflows.restore_drill import RestoreDrillWorkflow
 from workflows.restore import RestoreWorkflow
 from workflows.split_brain import SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
              DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow,
-             ArchiveGuardWorkflow]
+             ArchiveGuardWorkflow, RestoreDrillWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -55,6 +57,7 @@ def regional_activities(cfg: EagleConfig) -> list:
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
                       "read_backup_catalog", "expire_backups", "guard_archive"),
             *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch"),
+            *_methods(RestoreDrillActivities(cfg), "check_backup_freshness", "scratch_checksums"),
             # The RDB file is on the master's disk: its region's worker uploads it.
             RedisBackupActivities(cfg).snapshot_redis]
 
@@ -67,7 +70,10 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
                       "demote_redis"),
             *_methods(RedisBackupActivities(cfg), "find_redis_master", "prune_redis_snapshots"),
             *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",
-                      "verify_service")]
+                      "verify_service"),
+            # SQL on the primary over the network, as postgres_status.
+            *_methods(RestoreDrillActivities(cfg), "read_archiver_state", "mark_consistent_point",
+                      "wait_wal_archived")]
     if cfg.routing.lab_file:
         acts += _methods(LabHooks(cfg, config_path), "kill_region", "heal_region", "count_missing_acked_writes",
                          "client_outage")

@@ -4,7 +4,11 @@
  2. a real outage of that region (kill -9 of its PostgreSQL, Redis, Sentinel and worker);
  3. detection as production would see it: health probes failing `failure_threshold` times;
  4. unplanned failover back, with approval auto-granted (and said so);
- 5. a report: every step with its duration, RTO and RPO against the targets, and the
+ 5. failback of the killed region as a standby;
+ 6. a backup and a restore drill (RestoreDrillWorkflow): the newest backup restored into a
+    scratch instance and checked against the primary, giving the backup RTO, the backup RPO and
+    the newest recoverable point;
+ 7. a report: every step with its duration, RTO and RPO against the targets, and the
     acknowledged writes lost, counted from the sample app's own log.
 The failed region is left down: bringing it back is failback's job, never the lab's.
 """
@@ -15,14 +19,16 @@ from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
     from activities.lab_hooks import LabHooks
+    from workflows.backup import BackupInput, BackupWorkflow
     from workflows.failback import FailbackInput, FailbackReport, FailbackWorkflow
     from workflows.failover import FailoverWorkflow
     from workflows.models import ApprovalPolicy, FailoverInput, RunbookResult, SwitchoverInput, Trigger
+    from workflows.restore_drill import RestoreDrillInput, RestoreDrillResult, RestoreDrillWorkflow
     from workflows.runbook import Runbook, move_id
     from workflows.switchover import SwitchoverWorkflow
     from workflows.validation import RawInput, invalid, validated
@@ -37,6 +43,8 @@ class DrillInput(BaseModel):
     failure_threshold: int = Field(default=3, ge=1, le=20)
     # Bring the killed region back as a standby at the end (the original topology again).
     failback: bool = True
+    # Then take a backup and run a restore drill (backup RTO/RPO, newest recoverable point).
+    restore_drill: bool = True
 
 
 class DrillReport(BaseModel):
@@ -49,6 +57,9 @@ class DrillReport(BaseModel):
     detection_seconds: float
     failover: RunbookResult
     failback: "FailbackReport | None" = None
+    # The restore drill's figures (also when it failed: its error carries them) and its verdict.
+    restore_drill: RestoreDrillResult | None = None
+    restore_drill_error: str | None = None
     notes: list[str] = []
 
 
@@ -126,8 +137,48 @@ class DrillWorkflow(Runbook):
                     if failback.rewind else "it already streamed: nothing to rewind"
 
         outcomes = {switchover.outcome, failover.outcome} | ({"succeeded"} if failback else set())
+        restore_drill, restore_drill_error = None, None
+        # Guarded: histories of drills recorded before it (tests/histories/drill.json) replay unchanged.
+        if inp.restore_drill and workflow.patched("drill-restore-drill"):
+            restore_drill, restore_drill_error = await self._restore_drill(inp, control, a, b if failback else a)
+            outcomes.add(restore_drill.outcome if restore_drill and not restore_drill_error else "failed")
         self.finish("succeeded" if outcomes == {"succeeded"} else "degraded")
         return DrillReport(service=inp.service, primary_before=a, primary_after=a, switchover=switchover,
                            outage_region=b, killed=killed, detection_seconds=detection, failover=failover,
-                           failback=failback,
+                           failback=failback, restore_drill=restore_drill, restore_drill_error=restore_drill_error,
                            notes=[] if failback else [f"region {b} is left down: failback rebuilds it as a standby"])
+
+    async def _restore_drill(self, inp: DrillInput, control: str, primary: str,
+                             scratch_region: str) -> tuple[RestoreDrillResult | None, str | None]:
+        """A backup (the lab starts with none; after the failover it is the new timeline's first),
+        then a restore drill on the standby's host. A failure is the drill's finding, reported
+        with the figures measured so far, never the end of the report."""
+        async with self.step("backup, then a restore drill of it") as st:
+            try:
+                await workflow.execute_child_workflow(
+                    BackupWorkflow.run, BackupInput(type="incr", trigger="drill"), task_queue=control,
+                    id=f"dr-drill-{inp.service}-backup", static_summary="Drill: backup before the restore drill")
+            except ChildWorkflowError as e:
+                # Reported, and the restore drill still runs: it says how stale the newest backup is.
+                st.detail = f"backup failed: {_cause(e)}; "
+            try:
+                res = await workflow.execute_child_workflow(
+                    RestoreDrillWorkflow.run, RestoreDrillInput(region=scratch_region, trigger="drill"),
+                    task_queue=control, id=f"dr-drill-{inp.service}-restore-drill",
+                    static_summary=f"Drill: restore drill on {scratch_region}")
+            except ChildWorkflowError as e:
+                cause = e.cause
+                details = cause.details if isinstance(cause, ApplicationError) else ()
+                res = RestoreDrillResult.model_validate(details[0]) if details else None
+                st.status, st.detail = "failed", (st.detail or "") + f"restore drill FAILED: {_cause(e)}"
+                return res, _cause(e)
+            st.detail = (st.detail or "") + (
+                f"restore drill {res.outcome}: backup RTO {res.rto_seconds:.1f} s, backup RPO "
+                f"{res.rpo_seconds:.0f} s, newest recoverable point {res.newest_recoverable}"
+                if res.rto_seconds is not None and res.rpo_seconds is not None else f"restore drill {res.outcome}")
+            return res, None
+
+
+def _cause(e: ChildWorkflowError) -> str:
+    c = e.cause
+    return getattr(c, "message", None) or str(c or e)

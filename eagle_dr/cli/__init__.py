@@ -566,6 +566,7 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
         _report(report.failover)
         if report.failback:
             _failback_report(report.failback)
+        _restore_drill_report(report.restore_drill, report.restore_drill_error)
         for n in report.notes:
             out.print(f"[yellow]note:[/] {n}")
         out.print(f"Temporal UI: {_ui_link(c, handle)} (children: {c.temporal.ui_url}/namespaces/"
@@ -573,10 +574,32 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
         parts = [report.switchover, report.failover] + ([report.failback.switchover] if report.failback and
                                                           report.failback.switchover else [])
         degraded = [f"{p.runbook} -> {p.target_region}" for p in parts if p.outcome != "succeeded"]
+        if report.restore_drill_error or (report.restore_drill and report.restore_drill.outcome != "succeeded"):
+            degraded.append("restore drill")
         if degraded:
             _fail(f"drill finished DEGRADED: {', '.join(degraded)}", EXIT_DEGRADED)
 
     _run_runbook("drill", run)
+
+
+def _restore_drill_report(r, error: str | None) -> None:
+    """The backup side of the drill: the restore drill's verdict, backup RTO and RPO, and the
+    newest recoverable point (a failed drill's figures come with its error)."""
+    if r is None and error is None:
+        return
+    verdict = "[bold red]FAILED[/]: " + escape(error) if error else f"[green]{r.outcome}[/]"
+    out.print(f"[bold]restore drill[/]: {verdict}")
+    if r is None:
+        return
+    rto = f"{r.rto_seconds:.1f}s (restore {r.restore_seconds:.1f}s + replay {r.replay_seconds:.1f}s)" \
+        if r.rto_seconds is not None else "[red]UNKNOWN[/] (no restore finished)"
+    rpo = f"{r.rpo_seconds:.0f}s" if r.rpo_seconds is not None else "[red]UNKNOWN[/]"
+    out.print(f"  backup {r.backup_label or '?'} from {r.repo_region}'s bucket, restored on {r.region}: backup RTO {rto}")
+    out.print(f"  backup RPO {rpo}: newest recoverable point {r.newest_recoverable.isoformat(timespec='seconds') if r.newest_recoverable else 'unknown'} "
+              f"(WAL {r.newest_archived_wal or '?'} archived)")
+    if r.tables:
+        same = sum(1 for t in r.tables if t.match)
+        out.print(f"  {same} of {len(r.tables)} tables identical to the primary at restore point {r.restore_point}")
 
 
 def _redis_kept(r) -> str:
