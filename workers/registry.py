@@ -49,7 +49,8 @@ def regional_activities(cfg: EagleConfig) -> list:
                       "preserve_redis_and_rejoin"),
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
                       "read_backup_catalog"),
-            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch")]
+            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch",
+                     "rebuild_standby", "recover_rows")]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:
