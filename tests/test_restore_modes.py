@@ -156,6 +156,15 @@ async def test_recover_rows_after_corruption_approved_and_rejected(lab, client):
         if conn.execute("select to_regclass('eagle_dr.conflict_audit')").fetchone()[0] is not None:
             assert not conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s",
                                     (handle.id,)).fetchone()[0]
+    # Cancelled at the gate: the same, and the copy is dropped all the same.
+    handle = await client.start_workflow(RestoreWorkflow.run, inp, id=f"test-recover-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    assert live() == corrupted
+    _no_scratch_left(lab)
     # Approved: the rows are back as they were before the corruption, the new row stays, the audit says so.
     handle = await client.start_workflow(RestoreWorkflow.run, inp, id=f"test-recover-{uuid.uuid4()}",
                                          task_queue=lab.cfg.temporal.control_task_queue)
@@ -194,7 +203,7 @@ def _cli(lab, lab_config_path, *args, timeout: float = 600) -> subprocess.Comple
     (["recover-rows", "--before", "2026-12-01T10:00:00Z", "--table", "a", "--table", "b", "--where", "x = 1"],
      "TABLE=PREDICATE"),
 ])
-def test_cli_bad_input_exits_2_with_a_clear_message(lab, lab_config_path, args, says):
+async def test_cli_bad_input_exits_2_with_a_clear_message(lab, lab_config_path, args, says):
     r = _cli(lab, lab_config_path, "restore", *args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert says in " ".join(r.stderr.split()), r.stderr

@@ -237,9 +237,12 @@ class RestoreActivities:
         st.write_configs()
         node = self.cfg.region(req.region)
         try:
-            return rebuild_standby(st, self.cfg.region(req.primary_region).postgres, req.repo_region,
-                                   application_name=node.name, slot=node.postgres.slot_name, beat=activity.heartbeat,
-                                   timeout=req.timeout_seconds)
+            # A side thread beats through the long blocking calls (pgbackrest restore, waiting
+            # for another attempt's lock): the steps' own beats come only between them.
+            with heartbeating():
+                return rebuild_standby(st, self.cfg.region(req.primary_region).postgres, req.repo_region,
+                                       application_name=node.name, slot=node.postgres.slot_name,
+                                       beat=activity.heartbeat, timeout=req.timeout_seconds)
         except RestoreError as e:
             raise _restore_error(e) from None
 
