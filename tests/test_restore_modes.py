@@ -17,10 +17,11 @@ import psycopg
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from activities.backup.rebuild import aside_dir
+from activities.backup.pgbackrest import Stanza
+from activities.backup.rebuild import aside_dir, rebuild_standby
 from activities.backup.recover import RowSelection
-from activities.backup.restore import RestoreTarget
-from activities.postgres.ctl import PgCtl, PgCtlError
+from activities.backup.restore import RestoreError, RestoreTarget
+from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError
 from activities.postgres.status import pg_status
 from tests.histories import record
 from tests.lab_helpers import _primary, _until
@@ -235,3 +236,19 @@ async def test_cli_pitr_prints_how_to_connect_and_release_drops_it(lab, client, 
     r = _cli(lab, lab_config_path, "restore", "release", wid)
     assert r.returncode == 0 and "dropped" in r.stdout, (r.stdout, r.stderr)
     _no_scratch_left(lab)
+
+
+async def test_rebuild_refuses_a_fenced_old_primary_and_leaves_it_alone(lab_cfg, tmp_path):
+    """Its writes after a failover exist nowhere else: failback keeps them, a restore would not."""
+    data = tmp_path / "pgdata"
+    data.mkdir()
+    (data / FENCE_MARKER).write_text("{}")
+    region = lab_cfg.secondary
+    pg = region.postgres.model_copy(update={"data_dir": str(data),
+                                            "pgbackrest_config": str(tmp_path / "pgbackrest" / "pgbackrest.conf")})
+    cfg = lab_cfg.model_copy(update={"regions": [r.model_copy(update={"postgres": pg}) if r.name == region.name else r
+                                                 for r in lab_cfg.regions]})
+    with pytest.raises(RestoreError) as e:
+        rebuild_standby(Stanza(cfg, region.name), lab_cfg.primary.postgres, region.name, region.name, "slot_x")
+    assert e.value.field == "region" and "failback" in str(e.value)
+    assert (data / FENCE_MARKER).exists() and not aside_dir(data).exists()

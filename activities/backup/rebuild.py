@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
 from activities.backup.restore import RestoreError, _plain
-from activities.postgres.ctl import PgCtl, PgCtlError, _guc_string
+from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import pg_status
 from eagle_dr.config import PostgresConfig, scrub
@@ -82,6 +82,8 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
                 shutil.rmtree(aside, ignore_errors=True)
                 return RebuiltStandby(region=stanza.region.name, repo_region=repo_region, already_streaming=True,
                                       upstream=upstream, replay_lsn=st.lsn)
+        if not aside.exists():
+            _refuse_old_primary(stanza.region.name, ctl)
         ensure_slot(primary, slot)
         # A broken standby may not stop cleanly (pg_control gone): immediate, then kill.
         try:
@@ -111,6 +113,28 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
                 os.rename(aside, data)
                 _fsync_dir(data.parent)
             raise
+
+
+def _refuse_old_primary(region: str, ctl: PgCtl) -> None:
+    """A stopped old primary may hold writes nobody else has (those after a failover): failback
+    keeps them (measure, reconcile, rewind); a restore from backup would drop them with the
+    directory set aside. So it is refused: a fenced old primary, or a directory that pg_control
+    says was last a primary (not a standby) and has no standby.signal."""
+    data = ctl.data_dir
+    why = None
+    if (data / FENCE_MARKER).exists():
+        why = "it is a fenced old primary"
+    elif data.exists() and not (data / "standby.signal").exists():
+        try:
+            state = ctl.controldata().get("Database cluster state", "")
+        except PgCtlError:
+            state = ""  # pg_control unreadable: a broken directory, nothing to tell from it
+        if state in ("in production", "shut down", "shutting down"):
+            why = f"its data directory was last a primary (pg_control: {state!r}) and is no standby"
+    if why:
+        raise RestoreError(f"not rebuilding {region}: {why}, whose writes after the failover would be lost; "
+                           f"run failback (eagle-dr failback --region {region}), which keeps them", "region",
+                           "InvalidInput")
 
 
 def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo_region: str, application_name: str,
