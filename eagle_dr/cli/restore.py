@@ -177,12 +177,14 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
         res, scratch = await _follow(handle, copy_up if inp.keep_minutes > 0 else None)
         scratch = scratch or (res.scratch if res else None)
         if scratch is not None:
-            out.print(f"copy of {c.service} at {scratch.recovered_to.isoformat() if scratch.recovered_to else 'unknown'}"
+            at = scratch.recovered_to.isoformat() if scratch.recovered_to else "unknown"
+            out.print(f"copy of {c.service} at {at}"
                       f" (backup {scratch.backup_label}, {scratch.repo_region}'s bucket) on {scratch.region}'s host: "
                       f"{scratch.directory}", highlight=False)
         if res is None:
+            pg = c.region(scratch.region).postgres
             out.print(f"connect on that host: psql \"host={scratch.socket_dir} port={scratch.port} "
-                      f"dbname={c.region(scratch.region).postgres.database} user={c.region(scratch.region).postgres.user}\"",
+                      f"dbname={pg.database} user={pg.user}\"",
                       highlight=False)
             out.print(f"kept for {keep}; drop it sooner with: eagle-dr restore release {handle.id}")
             return
@@ -194,7 +196,8 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
 
 @restore_app.command("rebuild-standby")
 def rebuild_standby(region: str = typer.Option(..., "--region", help="The region whose standby to rebuild."),
-                    repo: Optional[str] = typer.Option(None, "--repo", help="Whose bucket (default: the region's own)."),
+                    repo: Optional[str] = typer.Option(None, "--repo",
+                                                       help="Whose bucket (default: the region's own)."),
                     approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort.")):
     """Replace REGION's standby with the newest backup and stream from the primary (asks for approval)."""
     from workflows.models import ApprovalPolicy
@@ -259,7 +262,8 @@ def recover_rows(before: str = typer.Option(..., "--before", help="Restore to ju
 
     c = cfg()
     selections = _selections(table, where, delete_missing)
-    inp = _input(mode="recover-rows", target=RestoreTarget(kind="time", time=_time("--before", before), inclusive=False),
+    target = RestoreTarget(kind="time", time=_time("--before", before), inclusive=False)
+    inp = _input(mode="recover-rows", target=target,
                  tables=selections, repo=_region(c, repo) if repo else None,
                  region=_region(c, region) if region else None,
                  approval=ApprovalPolicy(required=True, timeout_seconds=approval_timeout))
