@@ -200,6 +200,8 @@ def _cli(lab, lab_config_path, *args, timeout: float = 600) -> subprocess.Comple
     (["pitr", "--latest", "--repo", "eu-north-9"], "unknown region 'eu-north-9'"),
     (["pitr", "--latest", "--keep", "forever"], "--keep"),
     (["rebuild-standby", "--region", "eu-north-9"], "unknown region 'eu-north-9'"),
+    (["rebuild-standby"], "--region"),
+    (["recover-rows", "--table", "t"], "--before"),
     (["recover-rows", "--before", "2026-12-01T10:00:00Z"], "--table"),
     (["recover-rows", "--before", "2026-12-01T10:00:00Z", "--table", "a", "--table", "b", "--where", "x = 1"],
      "TABLE=PREDICATE"),

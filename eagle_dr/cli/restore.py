@@ -195,7 +195,8 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
 
 
 @restore_app.command("rebuild-standby")
-def rebuild_standby(region: str = typer.Option(..., "--region", help="The region whose standby to rebuild."),
+def rebuild_standby(region: Optional[str] = typer.Option(None, "--region",
+                                                         help="The region whose standby to rebuild (required)."),
                     repo: Optional[str] = typer.Option(None, "--repo",
                                                        help="Whose bucket (default: the region's own)."),
                     approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort.")):
@@ -203,6 +204,9 @@ def rebuild_standby(region: str = typer.Option(..., "--region", help="The region
     from workflows.models import ApprovalPolicy
 
     c = cfg()
+    if not region:
+        # Checked here, not by typer: a missing option must exit 2 with one line, like the rest.
+        _fail("--region: name the region whose standby to rebuild")
     inp = _input(mode="rebuild-standby", region=_region(c, region), repo=_region(c, repo) if repo else None,
                  approval=ApprovalPolicy(required=True, timeout_seconds=approval_timeout))
 
@@ -245,8 +249,9 @@ def _selections(tables: list[str], wheres: list[str], delete_missing: bool):
 
 
 @restore_app.command("recover-rows")
-def recover_rows(before: str = typer.Option(..., "--before", help="Restore to just before this time (ISO 8601 "
-                                                                  "with a zone): before the corruption."),
+def recover_rows(before: Optional[str] = typer.Option(None, "--before", help="Restore to just before this time "
+                                                                            "(ISO 8601 with a zone): before the "
+                                                                            "corruption (required)."),
                  table: list[str] = typer.Option([], "--table", help="A table to copy back (repeat for more)."),
                  where: list[str] = typer.Option([], "--where", help="Which rows: an SQL predicate; with several "
                                                                      "tables TABLE=PREDICATE."),
@@ -261,6 +266,8 @@ def recover_rows(before: str = typer.Option(..., "--before", help="Restore to ju
     from workflows.models import ApprovalPolicy
 
     c = cfg()
+    if not before:
+        _fail("--before: give the time just before the corruption (ISO 8601 with a zone)")
     selections = _selections(table, where, delete_missing)
     target = RestoreTarget(kind="time", time=_time("--before", before), inclusive=False)
     inp = _input(mode="recover-rows", target=target,
