@@ -56,7 +56,8 @@ def regional_activities(cfg: EagleConfig) -> list:
                       "preserve_redis_and_rejoin"),
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
                       "read_backup_catalog", "expire_backups", "guard_archive"),
-            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch"),
+            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch",
+                      "rebuild_standby", "recover_rows"),
             *_methods(RestoreDrillActivities(cfg), "check_backup_freshness", "scratch_checksums"),
             # The RDB file is on the master's disk: its region's worker uploads it.
             RedisBackupActivities(cfg).snapshot_redis]

@@ -12,7 +12,25 @@ The runbook:
 4. Keep it for ``keep_minutes`` (or until the ``release`` signal), then stop and delete it.
    A failure or a cancel deletes it too: nothing is left half done.
 
-Nothing here touches the live primary or standby: the scratch instance is a new cluster.
+In the default mode (``pitr``) nothing touches the live primary or standby: the scratch
+instance is a new cluster. Two more modes write to live servers, each only after an approval
+that shows what it would do (``approval``, required by default):
+
+``rebuild-standby``: replace a region's standby with the newest backup from its own bucket
+   (the other region's when that is lost) instead of a pg_basebackup across regions, then
+   stream from the primary. Refused for the primary's region. The old data directory is kept
+   aside until the new one streams, and put back if the rebuild fails.
+``recover-rows``: the seed's data-corruption procedure. Restore to just before the corruption
+   (``target``: a time, LSN or restore point, exclusive for a time) into a scratch instance,
+   decide the chosen tables' rows (``tables``: each with an optional WHERE) against the
+   primary with the conflict engine, the copy winning, and show counts and a sample; once
+   approved, apply them with one audit row per key (``eagle_dr.conflict_audit``). A reject, a
+   timeout or a cancel before that leaves the primary untouched. The apply is the point of no
+   return (a cancel then is refused). The scratch copy is dropped in every case.
+
+Why one workflow and not three: the modes share the input's target and repo, the check
+against the repo's backups, the fallback to the other bucket, the scratch handling and the
+``eagle-dr restore`` front end; a mode field keeps one runbook name in the UI's filters.
 """
 
 from __future__ import annotations
@@ -21,13 +39,19 @@ import asyncio
 import hashlib
 from datetime import timedelta
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.backup.activities import DropScratchRequest, RestoreActivities, RestoreRequest
+    from activities.backup.activities import DropScratchRequest, RebuildRequest, RecoverRowsRequest, \
+        RestoreActivities, RestoreRequest
+    from activities.backup.rebuild import RebuiltStandby
+    from activities.backup.recover import RowRecovery, RowSelection
     from activities.backup.restore import RestoreTarget, Scratch
+    from workflows.models import ApprovalPolicy, ApprovalRecord
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
     from workflows.runbook import Runbook
@@ -45,14 +69,24 @@ class RestoreInput(BaseModel):
     # How long the copy stays up for inspection; 0 deletes it as soon as it is reported.
     keep_minutes: float = Field(default=60, ge=0, le=7 * 24 * 60)
     trigger: str = Field(default="manual", max_length=100)
+    mode: Literal["pitr", "rebuild-standby", "recover-rows"] = "pitr"
+    # recover-rows: which tables, and rows, to copy back into the primary.
+    tables: list[RowSelection] = Field(default=[], max_length=100)
+    # The gate before anything is written to a live server (rebuild-standby, recover-rows).
+    approval: ApprovalPolicy = ApprovalPolicy(required=True)
 
 
 class RestoreResult(BaseModel):
     service: str
-    scratch: Scratch
+    mode: str = "pitr"
+    scratch: Scratch | None = None
     dropped: bool
     degraded: list[str] = []
     outcome: str
+    primary_region: str | None = None
+    approval: ApprovalRecord | None = None
+    rebuilt: RebuiltStandby | None = None
+    recovery: RowRecovery | None = None
 
 
 @workflow.defn
@@ -63,11 +97,18 @@ class RestoreWorkflow(Runbook):
         super().__init__()
         self.released = False
         self.scratch_copy: Scratch | None = None
+        self.pending_review: RowRecovery | None = None
 
     @workflow.query
     def scratch(self) -> Scratch | None:
         """Where the copy is (host's socket directory and port) while it is kept."""
         return self.scratch_copy
+
+    @workflow.query
+    def review(self) -> RowRecovery | None:
+        """recover-rows: what applying the copy's rows would do (counts and a sample), while
+        approval waits."""
+        return self.pending_review
 
     @workflow.signal
     def release(self) -> None:
@@ -94,34 +135,15 @@ class RestoreWorkflow(Runbook):
         queue = topo.region(region).task_queue
         req = RestoreRequest(region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()),
                              port=inp.port, fallback=inp.repo is None)
+        if inp.mode == "rebuild-standby":
+            return await self._rebuild(inp, topo, req, queue)
+        if inp.mode == "recover-rows":
+            return await self._recover(inp, topo, req, queue)
 
-        async with self.step(f"Check {inp.target.describe()} against {repo}'s backups") as rec:
-            try:
-                chk = await self.act(RestoreActivities.check_restore_target, req, queue=queue, timeout=180,
-                                     heartbeat=30, schedule_to_start=60, attempts=3)
-            except ActivityError as e:
-                raise _as_input_error(e) from None
-            rec.detail = f"{chk.repo_region}'s bucket: backups {chk.oldest_backup} .. {chk.newest_backup}"
-            if chk.fell_back:
-                # The region's own bucket is lost or unreadable: restore from the other region's.
-                self.degraded.append(f"restored from {chk.repo_region}'s bucket: {chk.fell_back}")
-                rec.detail += f" (fell back: {chk.fell_back})"
-                req = req.model_copy(update={"repo_region": chk.repo_region})
-                self.source_region = chk.repo_region
-
+        req, chk = await self._check(inp, req, queue)
         scratch: Scratch | None = None
         try:
-            async with self.step(f"Restore into a scratch instance on {region}") as rec:
-                try:
-                    scratch = await self.act(RestoreActivities.restore_scratch, req, queue=queue,
-                                             timeout=req.timeout_seconds + 300, heartbeat=60, schedule_to_start=60,
-                                             attempts=2)
-                except ActivityError as e:
-                    raise _as_input_error(e) from None
-                self.scratch_copy = scratch
-                rec.detail = (f"backup {scratch.backup_label}, reached {_t(scratch.recovered_to)} on timeline "
-                              f"{scratch.timeline}; restore {scratch.restore_seconds:.1f} s, replay "
-                              f"{scratch.recovery_seconds:.1f} s; port {scratch.port}")
+            scratch = await self._restore(region, req, queue)
             if inp.keep_minutes > 0:
                 until = workflow.now() + timedelta(minutes=inp.keep_minutes)
                 async with self.step(f"Keep the copy until {until:%H:%M} UTC (signal 'release' to drop it sooner)"):
@@ -138,6 +160,142 @@ class RestoreWorkflow(Runbook):
         return RestoreResult(service=topo.service, scratch=scratch, dropped=True, degraded=self.degraded,
                              outcome=outcome)
 
+    async def _check(self, inp: RestoreInput, req: RestoreRequest, queue: str):
+        async with self.step(f"Check {inp.target.describe()} against {req.repo_region}'s backups") as rec:
+            try:
+                chk = await self.act(RestoreActivities.check_restore_target, req, queue=queue, timeout=180,
+                                     heartbeat=30, schedule_to_start=60, attempts=3)
+            except ActivityError as e:
+                raise _as_input_error(e) from None
+            rec.detail = f"{chk.repo_region}'s bucket: backups {chk.oldest_backup} .. {chk.newest_backup}"
+            if chk.fell_back:
+                # The region's own bucket is lost or unreadable: restore from the other region's.
+                self.degraded.append(f"restored from {chk.repo_region}'s bucket: {chk.fell_back}")
+                rec.detail += f" (fell back: {chk.fell_back})"
+                req = req.model_copy(update={"repo_region": chk.repo_region})
+                self.source_region = chk.repo_region
+        return req, chk
+
+    async def _restore(self, region: str, req: RestoreRequest, queue: str) -> Scratch:
+        async with self.step(f"Restore into a scratch instance on {region}") as rec:
+            try:
+                scratch = await self.act(RestoreActivities.restore_scratch, req, queue=queue,
+                                         timeout=req.timeout_seconds + 300, heartbeat=60, schedule_to_start=60,
+                                         attempts=2)
+            except ActivityError as e:
+                raise _as_input_error(e) from None
+            self.scratch_copy = scratch
+            rec.detail = (f"backup {scratch.backup_label}, reached {_t(scratch.recovered_to)} on timeline "
+                          f"{scratch.timeline}; restore {scratch.restore_seconds:.1f} s, replay "
+                          f"{scratch.recovery_seconds:.1f} s; port {scratch.port}")
+        return scratch
+
+    def _self_approval(self, inp: RestoreInput) -> None:
+        # As for the moves (Runbook.refuse_self_approval): only drills and child runs approve themselves.
+        if inp.approval.auto_approve_as and inp.trigger != "drill" and workflow.info().parent is None:
+            raise invalid("approval.auto_approve_as", "honoured only for drills (trigger 'drill') and runs "
+                                                      "started by another runbook; leave it unset")
+
+    async def _primary(self, topo) -> str:
+        async with self.step("Find the primary") as rec:
+            primary = await self.find_primary(topo)
+            if primary is None:
+                raise ApplicationError("no region's PostgreSQL answers as primary: nothing to follow or to write "
+                                       "rows into (a PITR copy needs none: mode pitr)", type="NoPrimary",
+                                       non_retryable=True)
+            rec.detail = primary
+        return primary
+
+    # -- rebuild-standby ---------------------------------------------------------------------
+
+    async def _rebuild(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str) -> RestoreResult:
+        if inp.region is None:
+            raise invalid("region", "rebuild-standby needs the region whose standby to rebuild")
+        if inp.target.kind != "latest":
+            raise invalid("target", "a standby is rebuilt to the end of the archive (target latest), then streams")
+        self._self_approval(inp)
+        region = inp.region
+        self.target_region = f"{region}'s standby"
+        primary = await self._primary(topo)
+        if primary == region:
+            raise invalid("region", f"{region} is the primary: only a standby is rebuilt from backup (a primary "
+                                    "that must go back in time is a PITR plus a failover)")
+        req, chk = await self._check(inp, req, queue)
+        approval = await self.approval(
+            inp.approval, f"replace {region}'s PostgreSQL data directory with backup {chk.newest_backup} from "
+                          f"{req.repo_region}'s bucket and stream from {primary} (the old directory is kept aside "
+                          "until the new one streams)")
+        async with self.step(f"Rebuild {region}'s standby from {req.repo_region}'s bucket") as rec:
+            try:
+                rebuilt = await self.act(RestoreActivities.rebuild_standby,
+                                         RebuildRequest(region=region, primary_region=primary,
+                                                        repo_region=req.repo_region),
+                                         queue=queue, timeout=3600 + 600, heartbeat=60, schedule_to_start=60,
+                                         attempts=3)
+            except ActivityError as e:
+                raise _as_input_error(e) from None
+            rec.detail = (f"backup {rebuilt.backup_label}: restore {rebuilt.restore_seconds:.1f} s, catch-up "
+                          f"{rebuilt.catch_up_seconds:.1f} s; streaming from {rebuilt.upstream}")
+        outcome = "degraded" if self.degraded else "succeeded"
+        self.finish(outcome)
+        return RestoreResult(service=topo.service, mode=inp.mode, dropped=False, degraded=self.degraded,
+                             outcome=outcome, primary_region=primary, approval=approval, rebuilt=rebuilt)
+
+    # -- recover-rows ------------------------------------------------------------------------
+
+    async def _recover(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str) -> RestoreResult:
+        if not inp.tables:
+            raise invalid("tables", "recover-rows needs at least one table to copy back")
+        names = [t.table for t in inp.tables]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise invalid("tables", f"listed twice: {', '.join(dup)} (one entry per table; combine the WHERE "
+                                    "clauses with OR)")
+        if inp.target.kind == "latest":
+            raise invalid("target", "recover-rows restores to just before the corruption: give a time, an LSN or "
+                                    "a restore point, not latest")
+        self._self_approval(inp)
+        region = req.region
+        primary = await self._primary(topo)
+        self.target_region = f"{primary} (rows from a copy on {region})"
+        req, chk = await self._check(inp, req, queue)
+        scratch: Scratch | None = None
+        try:
+            scratch = await self._restore(region, req, queue)
+            rreq = RecoverRowsRequest(region=region, name=req.name, port=scratch.port, primary_region=primary,
+                                      tables=inp.tables,
+                                      restored_to=scratch.recovered_to or inp.target.time or workflow.now())
+            async with self.step(f"Decide the copy's rows against {primary} (nothing written)") as rec:
+                try:
+                    preview = await self.act(RestoreActivities.recover_rows, rreq, queue=queue, timeout=3600,
+                                             heartbeat=30, attempts=3)
+                except ActivityError as e:
+                    raise _as_input_error(e) from None
+                self.pending_review = preview
+                rec.detail = _recovery_counts(preview)
+            approval = await self.approval(
+                inp.approval, f"write to {primary}: {_recovery_counts(preview)} (sample: {_recovery_sample(preview)}; "
+                              "full list: the `review` query)")
+            self.pending_review = None
+            rreq = rreq.model_copy(update={"preview": False, "approved_by": approval.approver or approval.outcome})
+            recovery = await self.no_return(self._apply_rows(rreq, primary, queue), f"rows written to {primary}")
+        finally:
+            await asyncio.shield(asyncio.ensure_future(self._drop(region, queue, req, scratch)))
+        outcome = "degraded" if self.degraded else "succeeded"
+        self.finish(outcome)
+        return RestoreResult(service=topo.service, mode=inp.mode, scratch=scratch, dropped=True,
+                             degraded=self.degraded, outcome=outcome, primary_region=primary, approval=approval,
+                             recovery=recovery)
+
+    async def _apply_rows(self, rreq: RecoverRowsRequest, primary: str, queue: str) -> RowRecovery:
+        async with self.step(f"Write the copy's rows to {primary} (audited)") as rec:
+            recovery = await self.act(RestoreActivities.recover_rows, rreq, queue=queue, timeout=3600, heartbeat=30,
+                                      attempts=5)
+            rec.detail = _recovery_counts(recovery) + "; every key in eagle_dr.conflict_audit"
+            if flagged := recovery.totals()[3]:
+                self.degraded.append(f"{flagged} keys were flagged for a human, not written (the primary re-used "
+                                     "them for other rows): see eagle_dr.conflict_audit where action = 'flag'")
+        return recovery
+
     async def _drop(self, region: str, queue: str, req: RestoreRequest, scratch: Scratch | None) -> None:
         async with self.step("Stop and delete the scratch instance"):
             await self.act(RestoreActivities.drop_scratch,
@@ -149,6 +307,20 @@ class RestoreWorkflow(Runbook):
 def _dir_name(info) -> str:
     """Short, one per run: a Unix socket path inside it must stay under 108 bytes."""
     return "r-" + hashlib.sha1(f"{info.workflow_id}/{info.run_id}".encode()).hexdigest()[:12]
+
+
+def _recovery_counts(r: RowRecovery) -> str:
+    verb = "would be" if r.preview else ""
+    parts = [f"{t.table}: {t.inserted} inserted, {t.updated} updated, {t.deleted} deleted, {t.kept} unchanged, "
+             f"{t.flagged} flagged ({t.rows_in_copy} rows in the copy, {t.missing_in_copy} only on the primary)"
+             for t in r.tables]
+    return (f"{verb} " if verb else "") + "; ".join(parts)
+
+
+def _recovery_sample(r: RowRecovery) -> str:
+    items = [f"{t.table} {s['key']}: {s['action']}" for t in r.tables for s in t.sample if s["action"] !=
+             "keep_survivor"][:8]
+    return "; ".join(items) or "nothing to write"
 
 
 def _t(v) -> str:

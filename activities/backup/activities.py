@@ -4,6 +4,7 @@ on: pgBackRest reads that node's data directory and config files.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -15,19 +16,23 @@ from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, 
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.expire import RepoExpiry, expire
 from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza
+from activities.backup.rebuild import RebuiltStandby, rebuild_standby
+from activities.backup.recover import RowRecovery, RowSelection, SelectionError, recover_rows
 from activities.backup.restore import (
     RestoreError,
     RestoreTarget,
     Scratch,
     check_target,
+    connect_scratch,
     drop_scratch,
     port_free,
     restore_to_scratch,
+    scratch_config,
     utcnow,
 )
 from activities.backup.take import take_backup
 from activities.heartbeat import heartbeating
-from activities.postgres.status import pg_status
+from activities.postgres.status import connect, pg_status
 from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
 
 
@@ -177,6 +182,24 @@ class DropScratchRequest(BaseModel):
     port: int
 
 
+class RebuildRequest(BaseModel):
+    region: str  # the standby to rebuild: its worker, its host, its data directory
+    primary_region: str  # whom it follows once rebuilt
+    repo_region: str  # whose bucket
+    timeout_seconds: float = Field(default=3600, gt=0)
+
+
+class RecoverRowsRequest(BaseModel):
+    region: str  # whose host runs the scratch copy
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    port: int
+    primary_region: str
+    tables: list[RowSelection]
+    restored_to: datetime  # the copy's point in time (the engine's "now")
+    preview: bool = True
+    approved_by: str | None = None
+
+
 class TargetCheck(BaseModel):
     repo_region: str  # the repo to restore from (the other one when the asked one fell back)
     oldest_backup: str | None = None
@@ -261,8 +284,11 @@ class RestoreActivities:
                 f"no free port in {ports.start}..{ports.stop - 1}"
             raise _restore_error(RestoreError(what, "port", "PortInUse"))
         try:
-            return restore_to_scratch(st, directory, port, req.target, req.repo_region, activity.heartbeat,
-                                      timeout=req.timeout_seconds)
+            # A side thread beats through pgbackrest restore too (one blocking call, minutes on
+            # a big database), not only through the replay loop.
+            with heartbeating(every=10):
+                return restore_to_scratch(st, directory, port, req.target, req.repo_region, activity.heartbeat,
+                                          timeout=req.timeout_seconds)
         except RestoreError as e:
             drop_scratch(st, directory, port)
             raise _restore_error(e) from None
@@ -271,3 +297,44 @@ class RestoreActivities:
     def drop_scratch(self, req: DropScratchRequest) -> bool:
         with heartbeating():
             return drop_scratch(Stanza(self.cfg, req.region), self.scratch_dir(req.region, req.name), req.port)
+
+    @activity.defn
+    def rebuild_standby(self, req: RebuildRequest) -> RebuiltStandby:
+        """Replace the region's standby with a restore of the newest backup (region-bound: its
+        data directory). The old directory is kept aside until the new one streams."""
+        if req.region == req.primary_region:
+            raise _restore_error(RestoreError(f"{req.region} is the primary: only a standby is rebuilt", "region",
+                                              "InvalidInput"))
+        st = Stanza(self.cfg, req.region)
+        st.write_configs()
+        node = self.cfg.region(req.region)
+        try:
+            # A side thread beats through the long blocking calls (pgbackrest restore, waiting
+            # for another attempt's lock): the steps' own beats come only between them.
+            with heartbeating():
+                return rebuild_standby(st, self.cfg.region(req.primary_region).postgres, req.repo_region,
+                                       application_name=node.name, slot=node.postgres.slot_name,
+                                       beat=activity.heartbeat, timeout=req.timeout_seconds)
+        except RestoreError as e:
+            raise _restore_error(e) from None
+
+    @activity.defn
+    def recover_rows(self, req: RecoverRowsRequest) -> RowRecovery:
+        """The selected rows of the scratch copy, decided against the primary by the conflict
+        engine: rolled back (``preview``) or applied with an audit row per key. Idempotent per run."""
+        st = Stanza(self.cfg, req.region)
+        sc = scratch_config(st, self.scratch_dir(req.region, req.name), req.port)
+        info = activity.info()
+        with heartbeating(), connect_scratch(sc, timeout=10) as copy, \
+                connect(self.cfg.region(req.primary_region).postgres, 10) as primary:
+            try:
+                return recover_rows(copy, primary, req.tables, dict(self.cfg.conflicts), req.primary_region,
+                                    req.restored_to, info.workflow_id, info.workflow_run_id, req.approved_by,
+                                    req.preview)
+            except SelectionError as e:
+                raise ApplicationError(str(e), {"field": e.field, "reason": str(e)}, type="InvalidInput",
+                                       non_retryable=True) from None
+            except ValueError as e:
+                # The engine's own refusal (columns the config names that the table lacks, ...).
+                raise ApplicationError(f"rows cannot be recovered: {e}", type="RecoverRefused",
+                                       non_retryable=True) from None

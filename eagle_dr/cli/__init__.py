@@ -739,6 +739,7 @@ def main() -> None:
 # typer app from the helpers above and adds it to ``app``; imported last, when they exist.
 from eagle_dr.cli import backup as _backup_cli  # noqa: E402,F401
 from eagle_dr.cli import schedules as _schedules_cli  # noqa: E402,F401
+from eagle_dr.cli import restore as _restore_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,191 @@
+"""Rebuilding a region's standby from a backup instead of pg_basebackup.
+
+pg_basebackup copies the whole cluster from the primary over the network: from a primary far
+away (another continent) that is hours of cross-region traffic and load on the primary, and
+with the primary gone it is impossible. pgBackRest restores the newest backup from the
+region's own bucket (next to the standby), replays the archived WAL since, and only the tail
+the archive does not hold yet comes from the primary by streaming.
+
+The old data directory is moved aside, never deleted, until the new one streams: a broken
+standby can still hold the only copy of something (a region that was cut off, say), and a
+failed restore (a bucket gone, a full disk) must leave it where it was.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
+from activities.backup.restore import RestoreError, _plain
+from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
+from activities.postgres.standby import _streaming_from, ensure_slot
+from activities.postgres.status import pg_status
+from eagle_dr.config import PostgresConfig, scrub
+
+
+class RebuiltStandby(BaseModel):
+    region: str
+    repo_region: str
+    backup_label: str | None = None
+    already_streaming: bool = False
+    restore_seconds: float = 0.0
+    catch_up_seconds: float = 0.0  # start, archive replay, first streamed record
+    upstream: str
+    replay_lsn: str | None = None
+
+
+def aside_dir(data: Path) -> Path:
+    return data.with_name(f".{data.name}.eagle-dr-before-restore")
+
+
+@contextmanager
+def _exclusive(data: Path):
+    """One rebuild per data directory: a retry started while a slow first attempt still runs
+    waits for it instead of restoring under it."""
+    lock = data.parent / f".{data.name}.eagle-dr-rebuild.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, application_name: str, slot: str,
+                    beat=lambda d: None, timeout: float = 3600) -> RebuiltStandby:
+    """Replace the node's data directory with a restore of the newest backup in
+    ``repo_region``'s bucket, started as a standby of ``primary``. Idempotent: a retry finds
+    the old directory already aside and restores again; a node already streaming is left as is."""
+    node = stanza.region.postgres
+    ctl = PgCtl(node)
+    data = ctl.data_dir
+    upstream = f"{primary.host}:{primary.port}"
+    with _exclusive(data):
+        aside = aside_dir(data)
+        if ctl.running():
+            st = pg_status(node, 5)
+            if st.role == "primary":
+                # Checked again here, on the node, at the last moment: the workflow's view may be
+                # minutes old, and restoring over a primary would throw the service's data away.
+                raise RestoreError(f"{stanza.region.name} is a primary now: refusing to rebuild it as a standby",
+                                   "region", "InvalidInput")
+            if aside.exists() and _streaming_from(node, primary):
+                # An earlier attempt finished and died before it said so.
+                shutil.rmtree(aside, ignore_errors=True)
+                return RebuiltStandby(region=stanza.region.name, repo_region=repo_region, already_streaming=True,
+                                      upstream=upstream, replay_lsn=st.lsn)
+        if not aside.exists():
+            _refuse_old_primary(stanza.region.name, ctl)
+        ensure_slot(primary, slot)
+        # A broken standby may not stop cleanly (pg_control gone): immediate, then kill.
+        try:
+            ctl.stop("immediate", timeout=60)
+        except PgCtlError:
+            ctl.kill()
+        if ctl.running():
+            ctl.kill()
+        if aside.exists():
+            # A retry: the original is already safe aside; what is in ``data`` is our own
+            # half-made restore.
+            shutil.rmtree(data, ignore_errors=True)
+        elif data.exists():
+            os.rename(data, aside)
+            _fsync_dir(data.parent)
+        try:
+            return _restore_and_start(stanza, ctl, primary, repo_region, application_name, slot, beat, timeout)
+        except BaseException:
+            # Put the original back: a failed rebuild leaves the node as it found it (stopped).
+            try:
+                if ctl.running():
+                    ctl.stop("immediate", timeout=60)
+            except PgCtlError:
+                ctl.kill()
+            shutil.rmtree(data, ignore_errors=True)
+            if aside.exists():
+                os.rename(aside, data)
+                _fsync_dir(data.parent)
+            raise
+
+
+def _refuse_old_primary(region: str, ctl: PgCtl) -> None:
+    """A stopped old primary may hold writes nobody else has (those after a failover): failback
+    keeps them (measure, reconcile, rewind); a restore from backup would drop them with the
+    directory set aside. So it is refused: a fenced old primary, or a directory that pg_control
+    says was last a primary (not a standby) and has no standby.signal."""
+    data = ctl.data_dir
+    why = None
+    if (data / FENCE_MARKER).exists():
+        why = "it is a fenced old primary"
+    elif data.exists() and not (data / "standby.signal").exists():
+        try:
+            state = ctl.controldata().get("Database cluster state", "")
+        except PgCtlError:
+            state = ""  # pg_control unreadable: a broken directory, nothing to tell from it
+        if state in ("in production", "shut down", "shutting down"):
+            why = f"its data directory was last a primary (pg_control: {state!r}) and is no standby"
+    if why:
+        raise RestoreError(f"not rebuilding {region}: {why}, whose writes after the failover would be lost; "
+                           f"run failback (eagle-dr failback --region {region}), which keeps them", "region",
+                           "InvalidInput")
+
+
+def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo_region: str, application_name: str,
+                       slot: str, beat, timeout: float) -> RebuiltStandby:
+    node = stanza.region.postgres
+    data = ctl.data_dir
+    _make_dir(data, node)
+    key = repo_key(stanza.cfg, stanza.region.name, repo_region)
+    beat({"phase": "pgbackrest restore", "repo": repo_region})
+    t0 = time.monotonic()
+    # --type=standby: restore_command and standby.signal, recovery to the end of the archive
+    # on the latest timeline. The repo is named (restore.py: the fallback race in 2.45).
+    r = stanza.run("restore", f"--repo={key}", "--type=standby", "--log-level-console=info", timeout=timeout,
+                   check=False)
+    if r.returncode != 0:
+        raise RestoreError(f"pgbackrest restore failed ({r.returncode}): "
+                           f"{_plain(scrub(_last_error(r.stderr + r.stdout)))}")
+    restore_s = time.monotonic() - t0
+    m = re.search(r"restore backup set (\d{8}-\d{6}F(?:_\d{8}-\d{6}[DI])?)", r.stdout + r.stderr)
+    # The backup's postgresql.auto.conf is the primary's (a standby backup takes config files
+    # from the primary): replace it with a standby's, the way failback writes one (passfile,
+    # the region's slot), plus the archive as a WAL source for what the primary has recycled
+    # since the backup. The restore_command names this node's own config, not the restore's
+    # --pg1-path, so it stays right whatever directory the data lives in.
+    ctl.write_standby_config(primary, application_name, slot)
+    restore_command = (f"pgbackrest --config={stanza.conf} --stanza={stanza.name} --repo={key} "
+                       'archive-get %f "%p"')
+    auto = data / "postgresql.auto.conf"
+    ctl.write_file(auto, auto.read_text() + f"restore_command = {_guc_string(restore_command)}\n")
+    beat({"phase": "starting, replaying the archive", "backup": m.group(1) if m else None})
+    t1 = time.monotonic()
+    ctl.start(timeout=int(min(timeout, 600)))
+    deadline = time.monotonic() + timeout
+    while not _streaming_from(node, primary):
+        if not ctl.running():
+            log = ctl.log.read_text()[-1200:] if ctl.log.exists() else ""
+            raise RestoreError(f"the restored standby stopped: {scrub(log)[-800:]}")
+        if time.monotonic() > deadline:
+            raise RestoreError(f"the restored standby did not stream from {primary.host}:{primary.port} "
+                               f"in {timeout:.0f}s")
+        beat({"phase": "waiting to stream", "backup": m.group(1) if m else None})
+        time.sleep(0.3)
+    shutil.rmtree(aside_dir(data), ignore_errors=True)
+    return RebuiltStandby(region=stanza.region.name, repo_region=repo_region, backup_label=m.group(1) if m else None,
+                          restore_seconds=restore_s, catch_up_seconds=time.monotonic() - t1,
+                          upstream=f"{primary.host}:{primary.port}", replay_lsn=pg_status(node, 5).lsn)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,155 @@
+"""Data-corruption recovery: rows from a point-in-time copy (a scratch instance restored to
+just before the corruption) copied back into the live primary through the conflict engine.
+
+How the engine is used, and why:
+
+* The copy is the "loser" region, named ``BACKUP_REGION``, and the primary the survivor;
+  every key is decided by ``activities.conflicts.apply.apply_resolutions`` (set-based, in one
+  transaction, the table locked against writes while it runs) and audited, one
+  ``eagle_dr.conflict_audit`` row per key, with both versions, like failback's.
+* Strategy ``source-priority`` with the copy as the source, whatever ``conflicts:`` says for
+  the table: the operator asked for the rows as they were before the corruption, and a
+  corrupting UPDATE is by definition the newer write, which last-write-wins would keep. The
+  table's key, timestamp and creation columns still come from ``conflicts:`` (or its primary
+  key and ``updated_at``).
+* The "fork" is set before every row (``EPOCH``): the engine then sees both sides as changed
+  wherever they differ, so each differing key is a conflict decided by the source (the copy
+  wins, audited as a conflict), an identical one is kept as is, and a row only the copy holds
+  (deleted by the corruption) is inserted. A key the primary re-used for a different row
+  since (a different creation time) is flagged for a human, never overwritten.
+* Rows the primary holds (matching the WHERE) that the copy lacks were inserted after the
+  restore point: kept unless the selection says ``delete_missing`` (then the copy wins and
+  they are deleted, audited).
+* The WHERE clause is the operator's own SQL predicate, as trusted as the approval that
+  follows it; it runs in read-only transactions, on the copy and (for ``delete_missing``) on
+  the primary.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from pydantic import BaseModel, Field
+
+from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
+from activities.postgres.divergence import regclass_sql
+from eagle_dr.config import TableConflictConfig, TableName
+
+BACKUP_REGION = "backup"
+# Before any row's timestamp: see the module docstring.
+EPOCH = datetime(1, 1, 1, tzinfo=timezone.utc)
+
+
+class RowSelection(BaseModel):
+    table: str = Field(min_length=1, max_length=200)  # ``table`` or ``schema.table``, case as written
+    # An SQL predicate over the table's columns (no WHERE keyword); None: every row.
+    where: str | None = Field(default=None, min_length=1, max_length=4000)
+    # Delete rows the primary has (matching ``where``) that the copy lacks: rows inserted after
+    # the restore point. Off by default: those are usually legitimate new writes.
+    delete_missing: bool = False
+
+
+class TableRecovery(ApplySummary):
+    rows_in_copy: int
+    missing_in_copy: int  # rows the primary holds (matching where) that the copy lacks
+
+
+class RowRecovery(BaseModel):
+    preview: bool
+    tables: list[TableRecovery]
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """(inserted, updated, deleted, flagged)."""
+        return (sum(t.inserted for t in self.tables), sum(t.updated for t in self.tables),
+                sum(t.deleted for t in self.tables), sum(t.flagged for t in self.tables))
+
+
+class SelectionError(ValueError):
+    def __init__(self, message: str, field: str):
+        self.field = field
+        super().__init__(message)
+
+
+def table_config(conn: psycopg.Connection, table: str, conflicts: dict[str, TableConflictConfig],
+                 field: str) -> TableConflictConfig:
+    """The table's key and columns for the engine, with the copy as the winning source."""
+    try:
+        TableName.parse(table)
+    except ValueError as e:
+        raise SelectionError(f"{table!r} is not a table name: {e}", field) from None
+    oid = conn.execute(sql.SQL("select to_regclass({})::oid").format(
+        sql.Literal(regclass_sql(table).as_string(conn)))).fetchone()[0]
+    if oid is None:
+        raise SelectionError(f"no table {table!r} on the primary (names are case-sensitive; use schema.table "
+                             "outside the search path)", field)
+    base = conflicts.get(table)
+    if base is not None:
+        return TableConflictConfig(strategy="source-priority", source_region=BACKUP_REGION, key=base.key,
+                                   timestamp_column=base.timestamp_column, created_column=base.created_column)
+    key = [r[0] for r in conn.execute(
+        "select a.attname from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)"
+        " where i.indrelid = %s and i.indisprimary order by array_position(i.indkey::int2[], a.attnum)",
+        (oid,)).fetchall()]
+    has_ts = conn.execute("select exists (select 1 from pg_attribute where attrelid = %s and attname = 'updated_at'"
+                          " and not attisdropped)", (oid,)).fetchone()[0]
+    if not key or not has_ts:
+        raise SelectionError(f"{table!r} is not under conflicts: and lacks a primary key or an updated_at column: "
+                             "the engine needs both to decide rows", field)
+    return TableConflictConfig(strategy="source-priority", source_region=BACKUP_REGION, key=key,
+                               timestamp_column="updated_at")
+
+
+def _select(table: str, names: list[str], where: str | None) -> sql.Composable:
+    q = sql.SQL("select {} from {}").format(sql.SQL(", ").join(sql.Identifier(n) for n in names), regclass_sql(table))
+    if where:
+        # Parenthesised: an "a or b" predicate stays one predicate.
+        q = q + sql.SQL(" where (") + sql.SQL(where) + sql.SQL(")")
+    return q
+
+
+def _read(conn: psycopg.Connection, query: sql.Composable, field: str, where_field: str) -> list[dict]:
+    try:
+        with conn.transaction():
+            conn.execute("set transaction read only")
+            return conn.cursor(row_factory=dict_row).execute(query).fetchall()
+    except psycopg.errors.UndefinedTable as e:
+        raise SelectionError(f"the copy has no such table: {e.diag.message_primary}", field) from None
+    except (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
+            psycopg.errors.DatatypeMismatch, psycopg.errors.InvalidTextRepresentation,
+            psycopg.errors.ReadOnlySqlTransaction) as e:
+        raise SelectionError(f"the WHERE clause does not work: {e.diag.message_primary}", where_field) from None
+
+
+def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selections: list[RowSelection],
+                 conflicts: dict[str, TableConflictConfig], primary_region: str, restored_to: datetime,
+                 workflow_id: str, run_id: str, approved_by: str | None, preview: bool) -> RowRecovery:
+    """Decide (``preview``: and roll back) or apply every selected row of the copy to the primary."""
+    out = []
+    plans = []
+    # Everything is read and checked before the first table is written: a typo in the third
+    # table must not leave the first two recovered and the rest not. The primary's keys are
+    # read here too, outside the write transaction (a read-only transaction cannot turn
+    # read-write again): a row inserted after this is never deleted, the safe side.
+    for i, s in enumerate(selections):
+        field = f"tables[{i}]"
+        tcfg = table_config(primary, s.table, conflicts, f"{field}.table")
+        names = [c.name for c in _columns(primary, s.table)]
+        rows = _read(copy, _select(s.table, names, s.where), f"{field}.table", f"{field}.where")
+        live = _read(primary, _select(s.table, tcfg.key, s.where), f"{field}.table", f"{field}.where")
+        in_copy = {tuple(r[k] for k in tcfg.key) for r in rows}
+        missing = [k for k in (tuple(r[c] for c in tcfg.key) for r in live) if k not in in_copy]
+        plans.append((s, tcfg, rows, missing))
+    # One transaction for every table (each table's apply is a savepoint in it): all tables
+    # recovered, or none. A preview rolls all of it back, the audit table's creation included.
+    with primary.transaction(force_rollback=preview):
+        for s, tcfg, rows, missing in plans:
+            summary = apply_resolutions(
+                primary, s.table, tcfg, rows, missing if s.delete_missing else [], loser_region=BACKUP_REGION,
+                survivor_region=primary_region, region_priority={BACKUP_REGION: 0, primary_region: 1},
+                fork_time=EPOCH, now=restored_to, workflow_id=workflow_id, run_id=run_id, approved_by=approved_by,
+                dry_run=preview, sample=5)
+            out.append(TableRecovery(**summary.model_dump(), rows_in_copy=len(rows), missing_in_copy=len(missing)))
+    return RowRecovery(preview=preview, tables=out)

@@ -1,0 +1,256 @@
+"""RestoreWorkflow's other modes, on the real lab: rebuild a region's standby from backup,
+and copy rows from a point-in-time copy back into the live primary (data-corruption recovery).
+
+Each test makes the backups it needs (BackupWorkflow), so it runs alone or in any order, and
+leaves the lab healthy (a streaming standby) for the tests after it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+from temporalio.client import WorkflowFailureError
+
+from activities.backup.pgbackrest import Stanza
+from activities.backup.rebuild import aside_dir, rebuild_standby
+from activities.backup.recover import RowSelection
+from activities.backup.restore import RestoreError, RestoreTarget
+from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError
+from activities.postgres.status import pg_status
+from tests.histories import record
+from tests.lab_helpers import _primary, _until
+from tests.test_restore import _archived_now, _async_true, _backup, _commit, _kept, _no_scratch_left, \
+    _start_restore, _table
+from workflows.models import ApprovalDecision
+from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_pitr_history(lab, client):
+    """A plain PITR run, recorded: the default mode's command sequence must keep replaying."""
+    await _backup(lab, client, type="incr")
+    handle = await _start_restore(lab, client, keep_minutes=30)
+    await _kept(handle)
+    await handle.signal(RestoreWorkflow.release)
+    res = await handle.result()
+    assert res.outcome == "succeeded"
+    await record(handle, "restore-pitr")
+
+
+async def _wait_awaiting(handle):
+    from tests.lab_helpers import _awaiting
+
+    async def ready():
+        from temporalio.client import WorkflowExecutionStatus
+
+        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            await handle.result()
+            raise AssertionError("the restore ended before its approval gate")
+        return await _awaiting(handle)
+
+    await _until(ready, 300, "the approval gate", 0.3)
+
+
+def _decide(decision: str):
+    return ApprovalDecision(approver="alice", decision=decision, comment="test")
+
+
+async def test_rebuild_standby_from_backup_after_its_data_dir_is_broken(lab, client):
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _table(lab)
+    await _backup(lab, client, type="full")
+    tag = uuid.uuid4().hex
+    _commit(lab, "insert into restore_probe values (1, %s, 'before the break')", tag)
+    # Refused for the primary's region, before anything is touched.
+    with pytest.raises(WorkflowFailureError) as e:
+        await client.execute_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=primary),
+                                      id=f"test-rebuild-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    assert e.value.cause.type == "InvalidInput" and "region" in str(e.value.cause) and "primary" in str(e.value.cause)
+    # Break the standby for real: stopped, its control file deleted; it cannot start again.
+    pg = lab.cfg.region(standby).postgres
+    ctl = PgCtl(pg)
+    ctl.stop("immediate")
+    (ctl.data_dir / "global" / "pg_control").unlink()
+    with pytest.raises(PgCtlError):
+        ctl.start(timeout=10)
+    _commit(lab, "insert into restore_probe values (2, %s, 'while it was broken')", tag)
+    handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
+                                         id=f"test-rebuild-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    # Nothing was replaced before the approval: the broken directory is still there, as it was.
+    assert ctl.data_dir.exists() and not (ctl.data_dir / "global" / "pg_control").exists()
+    await handle.execute_update("approve", _decide("approve"))
+    res: RestoreResult = await handle.result()
+    assert res.outcome in ("succeeded", "degraded") and res.rebuilt and res.rebuilt.backup_label
+    assert res.approval and res.approval.approver == "alice"
+    st = pg_status(pg)
+    assert st.role == "standby" and st.receiver_status == "streaming", st
+    assert not aside_dir(ctl.data_dir).exists()
+    # It streams: a row written now arrives, with the ones from before and during the break.
+    _commit(lab, "insert into restore_probe values (3, %s, 'after the rebuild')", tag)
+
+    async def caught_up():
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            return [r[0] for r in conn.execute("select n from restore_probe where tag = %s order by n", (tag,))] \
+                == [1, 2, 3]
+
+    await _until(caught_up, 60, "the rebuilt standby to have the primary's rows", 0.2)
+    await record(handle, "restore-rebuild_standby")
+
+
+def _primary_conn(lab):
+    return psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True)
+
+
+async def test_recover_rows_after_corruption_approved_and_rejected(lab, client):
+    table = f"orders_{uuid.uuid4().hex[:8]}"
+    with _primary_conn(lab) as conn:
+        conn.execute(f"create table {table} (id int primary key, body text not null, "
+                     "updated_at timestamptz not null default now(), created_at timestamptz not null default now())")
+    await _backup(lab, client, type="incr")
+    good = {i: f"order {i}" for i in range(1, 6)}
+    for i, body in good.items():
+        last_good = _commit(lab, f"insert into {table} (id, body) values (%s, %s)", i, body)
+    await _until(lambda: _async_true(datetime.now(timezone.utc) > last_good + timedelta(milliseconds=300)), 5,
+                 "the clock to move on")
+    before = datetime.now(timezone.utc)
+    await _until(lambda: _async_true(datetime.now(timezone.utc) > before + timedelta(milliseconds=300)), 5,
+                 "the clock to move on")
+    # The corruption: two rows overwritten (as an application would, stamping updated_at), one deleted,
+    # and a legitimate new row after it that recovery must not touch.
+    _commit(lab, f"update {table} set body = 'CORRUPT', updated_at = now() where id in (1, 2)")
+    _commit(lab, f"delete from {table} where id = 3")
+    _commit(lab, f"insert into {table} (id, body) values (6, 'new after the corruption')")
+    await _archived_now(lab)
+
+    def live() -> dict[int, str]:
+        with _primary_conn(lab) as conn:
+            return dict(conn.execute(f"select id, body from {table} order by id").fetchall())
+
+    corrupted = live()
+    inp = RestoreInput(mode="recover-rows", target=RestoreTarget(kind="time", time=before, inclusive=False),
+                       tables=[RowSelection(table=table, where="id <= 4")])
+    # Rejected: the counts and a sample were shown, nothing was written, the copy is gone.
+    handle = await client.start_workflow(RestoreWorkflow.run, inp, id=f"test-recover-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    review = await handle.query(RestoreWorkflow.review)
+    t = review.tables[0]
+    assert (t.inserted, t.updated, t.deleted, t.kept, t.rows_in_copy) == (1, 2, 0, 1, 4), t
+    assert {s["action"] for s in t.sample} >= {"apply_loser", "insert_loser"}
+    await handle.execute_update("approve", _decide("reject"))
+    with pytest.raises(WorkflowFailureError) as e:
+        await handle.result()
+    assert "rejected" in str(e.value.cause)
+    assert live() == corrupted
+    _no_scratch_left(lab)
+    with _primary_conn(lab) as conn:
+        if conn.execute("select to_regclass('eagle_dr.conflict_audit')").fetchone()[0] is not None:
+            assert not conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s",
+                                    (handle.id,)).fetchone()[0]
+    # Cancelled at the gate: the same, and the copy is dropped all the same.
+    handle = await client.start_workflow(RestoreWorkflow.run, inp, id=f"test-recover-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    assert live() == corrupted
+    _no_scratch_left(lab)
+    # Approved: the rows are back as they were before the corruption, the new row stays, the audit says so.
+    handle = await client.start_workflow(RestoreWorkflow.run, inp, id=f"test-recover-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    await handle.execute_update("approve", _decide("approve"))
+    res: RestoreResult = await handle.result()
+    assert res.outcome == "succeeded" and res.dropped, res
+    assert live() == {**good, 6: "new after the corruption"}
+    with _primary_conn(lab) as conn:
+        audit = conn.execute("select primary_key->>'id', action, approved_by, winner_region, conflict from "
+                             "eagle_dr.conflict_audit where workflow_id = %s and table_name = %s order by 1",
+                             (handle.id, table)).fetchall()
+    assert audit == [("1", "apply_loser", "alice", "backup", True), ("2", "apply_loser", "alice", "backup", True),
+                     ("3", "insert_loser", "alice", "backup", False), ("4", "keep_survivor", "alice", "backup", False)]
+    _no_scratch_left(lab)
+    await record(handle, "restore-recover_rows")
+
+
+# -- eagle-dr restore ------------------------------------------------------------------------------
+
+
+def _cli(lab, lab_config_path, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "300", "EAGLE_DR_STATE_DIR": lab.cfg.lab.state_dir}
+    return subprocess.run([sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["pitr", "--time", "yesterday"], "--time: not a time"),
+    (["pitr", "--time", "2026-12-01T10:00:00"], "no time zone"),
+    (["pitr", "--latest", "--lsn", "0/1"], "exactly one of"),
+    (["pitr", "--latest", "--repo", "eu-north-9"], "unknown region 'eu-north-9'"),
+    (["pitr", "--latest", "--keep", "forever"], "--keep"),
+    (["rebuild-standby", "--region", "eu-north-9"], "unknown region 'eu-north-9'"),
+    (["rebuild-standby"], "--region"),
+    (["recover-rows", "--table", "t"], "--before"),
+    (["recover-rows", "--before", "2026-12-01T10:00:00Z"], "--table"),
+    (["recover-rows", "--before", "2026-12-01T10:00:00Z", "--table", "a", "--table", "b", "--where", "x = 1"],
+     "TABLE=PREDICATE"),
+])
+async def test_cli_bad_input_exits_2_with_a_clear_message(lab, lab_config_path, args, says):
+    r = _cli(lab, lab_config_path, "restore", *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert says in " ".join(r.stderr.split()), r.stderr
+
+
+async def test_cli_bad_input_only_the_repo_can_judge_exits_2(lab, client, lab_config_path):
+    await _backup(lab, client, type="incr")
+    r = _cli(lab, lab_config_path, "restore", "pitr", "--time", "2999-01-01T00:00:00Z", "--keep", "0")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "target.time" in r.stderr and "future" in " ".join(r.stderr.split())
+    _no_scratch_left(lab)
+
+
+async def test_cli_pitr_prints_how_to_connect_and_release_drops_it(lab, client, lab_config_path):
+    _table(lab)
+    await _backup(lab, client, type="incr")
+    tag = uuid.uuid4().hex
+    _commit(lab, "insert into restore_probe values (1, %s, 'x')", tag)
+    await _archived_now(lab)
+    r = _cli(lab, lab_config_path, "restore", "pitr", "--latest", "--keep", "30m")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    text = " ".join(r.stdout.split())
+    m = re.search(r'psql "host=(\S+) port=(\d+) dbname=(\S+) user=(\S+)"', text)
+    assert m, text
+    with psycopg.connect(host=m.group(1), port=int(m.group(2)), dbname=m.group(3), user=m.group(4),
+                         password=lab.cfg.region(lab.cfg.secondary.name).postgres.password.resolve()) as conn:
+        assert conn.execute("select count(*) from restore_probe where tag = %s", (tag,)).fetchone()[0] == 1
+    wid = re.search(r"eagle-dr restore release (\S+)", text).group(1)
+    r = _cli(lab, lab_config_path, "restore", "release", wid)
+    assert r.returncode == 0 and "dropped" in r.stdout, (r.stdout, r.stderr)
+    _no_scratch_left(lab)
+
+
+async def test_rebuild_refuses_a_fenced_old_primary_and_leaves_it_alone(lab_cfg, tmp_path):
+    """Its writes after a failover exist nowhere else: failback keeps them, a restore would not."""
+    data = tmp_path / "pgdata"
+    data.mkdir()
+    (data / FENCE_MARKER).write_text("{}")
+    region = lab_cfg.secondary
+    pg = region.postgres.model_copy(update={"data_dir": str(data),
+                                            "pgbackrest_config": str(tmp_path / "pgbackrest" / "pgbackrest.conf")})
+    cfg = lab_cfg.model_copy(update={"regions": [r.model_copy(update={"postgres": pg}) if r.name == region.name else r
+                                                 for r in lab_cfg.regions]})
+    with pytest.raises(RestoreError) as e:
+        rebuild_standby(Stanza(cfg, region.name), lab_cfg.primary.postgres, region.name, region.name, "slot_x")
+    assert e.value.field == "region" and "failback" in str(e.value)
+    assert (data / FENCE_MARKER).exists() and not aside_dir(data).exists()
