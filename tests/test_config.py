@@ -363,3 +363,9 @@ def test_archive_queue_max_defaults_above_the_guards_bound_and_must_stay_above_i
     assert cfg.backup.archive_queue_limit == 4 * (64 << 20)
     doc["backup"] = {"archive_backlog_max": "64MiB", "archive_queue_max": "32MiB"}
     assert "archive_queue_max must be larger than archive_backlog_max" in problems(tmp_path, doc)
+
+
+def test_a_missing_required_option_is_a_usage_error_not_a_traceback():
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "failback"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    assert "Missing option '--region'" in r.stderr and "Traceback" not in r.stderr

@@ -722,10 +722,15 @@ def main() -> None:
     except Exception as e:  # click usage errors and the rest
         import click
 
-        if isinstance(e, click.ClickException):
+        # typer 0.29 raises the errors of the click it bundles (typer._click), not click's own.
+        try:
+            from typer._click import exceptions as bundled
+        except ImportError:  # an older typer on plain click
+            bundled = click.exceptions
+        if isinstance(e, (click.ClickException, bundled.ClickException)):
             e.show()
             code = e.exit_code
-        elif isinstance(e, click.exceptions.Abort):
+        elif isinstance(e, (click.exceptions.Abort, bundled.Abort)):
             code = 130
         else:
             raise
