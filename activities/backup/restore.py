@@ -186,6 +186,11 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
             pass
         if not ctl.running():
             log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
+            if "recovery ended before configured recovery target was reached" in log:
+                # The archive ends before the target (its newest WAL is older): say so plainly.
+                raise RestoreError(f"the archived WAL ends before {target.describe()}: nothing newer than the "
+                                   f"newest archived segment can be restored; choose an earlier target, or "
+                                   f"'latest' for the newest recoverable point", "target", "InvalidInput")
             raise RestoreError(f"the restored copy stopped during recovery: {scrub(log)[-900:]}")
         if time.monotonic() > deadline:
             raise RestoreError(f"recovery did not reach {target.describe()} in {timeout:.0f}s")
