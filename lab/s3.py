@@ -77,7 +77,7 @@ class S3Server:
             argv += [f"-s3.port.https={self.https_port}", f"-s3.cert.file={self.tls.cert}",
                      f"-s3.key.file={self.tls.key}"]
         spawn(argv, pidfile=self.pidfile, logfile=self.dir / "weed.log", user=self.user, cwd=self.dir)
-        wait_for(lambda: self.client().list_buckets() is not None, 60, f"SeaweedFS S3 ({self.name}) at {self.endpoint}", 0.3)
+        wait_for(lambda: self.client().list_buckets() is not None, 120, f"SeaweedFS S3 ({self.name}) at {self.endpoint}", 0.3)
 
     def ensure_bucket(self, name: str) -> None:
         c = self.client()

@@ -151,6 +151,11 @@ class Stanza:
             # The last resort, for when the archive guard cannot act (archive.py): the primary
             # keeps running and drops WAL rather than fill its disk.
             lines.append(f"archive-push-queue-max={b.archive_queue_limit}")
+            # How long one archive_command waits for the async push (default 60 s). PostgreSQL's
+            # shutdown gives each waiting segment three tries: with a bucket down, the default
+            # held a fast shutdown (a switchover's fence) for minutes per segment. Short: the
+            # archiver retries anyway, and a push that works takes well under a second.
+            lines.append("archive-timeout=10")
         lines += [
             "",
             f"[{b.stanza}]",
