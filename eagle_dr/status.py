@@ -266,12 +266,10 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
     regions = []
     for r in cfg.regions:
         rs = redis_status(r.redis, 2)
-        regions.append(RegionView(name=r.name, configured_role=r.role, postgres=pg_status(r.postgres, 2), redis=rs,
-                                  redis_fenced=rs.role == "master" and fenced(r.redis, 2),
-                                  services=services_view(r.kubernetes) if cfg.routing.kubernetes else None))
         ps = pg_status(r.postgres, 2)
         regions.append(RegionView(name=r.name, configured_role=r.role, postgres=ps, redis=rs,
                                   redis_fenced=rs.role == "master" and fenced(r.redis, 2),
+                                  services=services_view(r.kubernetes) if cfg.routing.kubernetes else None,
                                   archive=archive_view(cfg, r.name) if ps.role == "primary" else None))
     seen, sentinels = set(), []
     for r in cfg.regions:
