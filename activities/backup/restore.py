@@ -15,8 +15,10 @@ that repo alone.
 from __future__ import annotations
 
 import errno
+import hashlib
 import re
 import shutil
+import tempfile
 import socket
 import time
 from datetime import datetime, timezone
@@ -120,11 +122,19 @@ def check_target(target: RestoreTarget, catalog: Catalog, repo_region: str, now:
                            "target.name", "InvalidInput")
 
 
+def socket_dir(directory: Path) -> Path:
+    """A short socket directory of the scratch's own: a Unix socket path must stay under 108
+    bytes, and a scratch directory deep in a relocated state dir (/var/lib/eagle-dr-lab/...)
+    is already longer than that with the socket's name."""
+    digest = hashlib.sha1(str(directory.absolute()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"eagle-dr-scratch-{digest}"
+
+
 def scratch_config(stanza: Stanza, directory: Path, port: int) -> PostgresConfig:
     pg = stanza.region.postgres
     return PostgresConfig(host="127.0.0.1", port=port, database=pg.database, user=pg.user, password=pg.password,
-                          data_dir=str(directory / "pgdata"), socket_dir=str(directory / "run"), bin_dir=pg.bin_dir,
-                          os_user=pg.os_user)
+                          data_dir=str(directory / "pgdata"), socket_dir=str(socket_dir(directory)),
+                          bin_dir=pg.bin_dir, os_user=pg.os_user)
 
 
 def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: RestoreTarget, repo_region: str,
@@ -228,6 +238,7 @@ def drop_scratch(stanza: Stanza, directory: Path, port: int) -> bool:
         except PgCtlError:
             ctl.kill()
     shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(socket_dir(directory), ignore_errors=True)
     return True
 
 
