@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import botocore.exceptions
 import psycopg
 import pytest
 from temporalio.client import WorkflowFailureError
@@ -163,7 +164,13 @@ async def test_repos_hold_no_plaintext_and_a_wrong_passphrase_is_named(lab, clie
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=r.s3.bucket):
             for o in page.get("Contents", []):
                 seen += 1
-                assert needle not in s3.get_object(Bucket=r.s3.bucket, Key=o["Key"])["Body"].read(), o["Key"]
+                try:
+                    body = s3.get_object(Bucket=r.s3.bucket, Key=o["Key"])["Body"].read()
+                except botocore.exceptions.ClientError as e:
+                    # SSE-C objects (the Redis snapshots) refuse a GET without their key.
+                    assert o["Key"].startswith("redis/"), (o["Key"], e)
+                    continue
+                assert needle not in body, o["Key"]
     assert seen > 20
     # The same configuration with a wrong passphrase: info says the repos are unreadable, and a
     # restore fails naming the cause instead of "no backup".

@@ -65,7 +65,7 @@ async def test_apply_twice_gives_the_same_schedules_and_follows_config_changes(l
         full = before[ids[1]].schedule
         assert (await client.data_converter.decode(list(full.action.args)))[0]["type"] == "full"
         assert [(i.every, i.offset) for i in full.spec.intervals] == [(cfg.backup.full_every, cfg.backup.every / 2)]
-        drill = before[ids[4]].schedule
+        drill = before[ids[-1]].schedule
         assert drill.action.workflow == "RestoreDrillWorkflow"
         assert (await client.data_converter.decode(list(drill.action.args)))[0] == {}
         # The action names no node: only the control queue, and an input without a region.
@@ -87,12 +87,12 @@ async def test_apply_twice_gives_the_same_schedules_and_follows_config_changes(l
 
         fourth = await _until(listed, 30, "the redis schedule to be deleted", 0.5)
         assert third.updated == [ids[0], ids[1]], third  # the full's offset follows `every`
-        assert set(third.deleted + fourth.deleted) == {ids[2]}
+        assert set(third.deleted + fourth.deleted) == {f"{prefix(cfg.service)}redis-snapshot"}
         assert not fourth.created and not fourth.updated
         d = await client.get_schedule_handle(ids[0]).describe()
         assert [i.every for i in d.schedule.spec.intervals] == [timedelta(minutes=10)]
         assert d.schedule.state.paused, "apply must keep the paused state"
-        assert not (await client.get_schedule_handle(ids[3]).describe()).schedule.state.paused
+        assert not (await client.get_schedule_handle(ids[4]).describe()).schedule.state.paused
         # Not ours (no memo): left alone.
         await client.get_schedule_handle(foreign).describe()
     finally:
@@ -274,7 +274,8 @@ async def test_the_same_schedules_follow_a_switchover(lab, client):
 
 
 def test_the_config_switches_schedules_off_and_bounds_jitter_and_catch_up(lab_cfg):
-    off = _with_backup(lab_cfg, redis_every=None, expire_every=None, restore_drill_every=None)
+    off = _with_backup(lab_cfg, redis_every=None, expire_every=None, restore_drill_every=None,
+                       archive_guard_every=None)
     assert [d.id.removeprefix(prefix(lab_cfg.service)) for d in desired(off)] == ["backup-incr", "backup-full"]
     fast = _with_backup(lab_cfg, every=timedelta(minutes=5))
     incr = desired(fast)[0]

@@ -216,6 +216,12 @@ class RestoreActivities:
     def __init__(self, cfg: EagleConfig):
         self.cfg = cfg
 
+    def _primary_timeline(self) -> int | None:
+        """The one reachable primary's timeline (None when there is not exactly one)."""
+        tlis = [s.timeline for s in (pg_status(r.postgres, 5) for r in self.cfg.regions)
+                if s.reachable and s.role == "primary"]
+        return tlis[0] if len(tlis) == 1 else None
+
     def scratch_dir(self, region: str, name: str) -> Path:
         b = self.cfg.backup
         base = Path(b.scratch_dir) if b.scratch_dir else Stanza(self.cfg, region).dir.parent / "scratch"
@@ -288,7 +294,7 @@ class RestoreActivities:
             # a big database), not only through the replay loop.
             with heartbeating(every=10):
                 return restore_to_scratch(st, directory, port, req.target, req.repo_region, activity.heartbeat,
-                                          timeout=req.timeout_seconds)
+                                          timeout=req.timeout_seconds, timeline=self._primary_timeline())
         except RestoreError as e:
             drop_scratch(st, directory, port)
             raise _restore_error(e) from None

@@ -138,7 +138,7 @@ def scratch_config(stanza: Stanza, directory: Path, port: int) -> PostgresConfig
 
 
 def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: RestoreTarget, repo_region: str,
-                       beat=lambda d: None, timeout: float = 3600) -> Scratch:
+                       beat=lambda d: None, timeout: float = 3600, timeline: int | None = None) -> Scratch:
     """Restore, start, replay to the target, promote; returns where it is and what it reached."""
     if not port_free(port):
         raise RestoreError(f"port {port} is already taken on this host", "port", "PortInUse")
@@ -157,6 +157,12 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         value = {"time": target.time.isoformat(sep=" ") if target.time else "", "lsn": target.lsn,
                  "name": target.name}[target.kind]
         opts += [f"--type={target.kind}", f"--target={value}", "--target-action=promote"]
+        if timeline:
+            # The live primary's timeline, not "latest": a fenced old primary or a split brain's
+            # loser that was promoted archives a history file of its own into the shared stanza,
+            # and "latest" then follows that dead branch ("requested timeline N is not a child
+            # of this server's history"). The primary's history file names the real one.
+            opts.append(f"--target-timeline={timeline}")
         if not target.inclusive:
             opts.append("--target-exclusive")
     beat({"phase": "pgbackrest restore", "target": target.describe()})
