@@ -43,7 +43,7 @@ with workflow.unsafe.imports_passed_through():
         DR_TRIGGER,
     )
     from workflows.runbook import Runbook
-    from workflows.validation import RawInput, invalid, validated
+    from workflows.validation import RawInput, validated
 
 
 class BackupInput(BaseModel):
@@ -83,8 +83,7 @@ class BackupWorkflow(Runbook):
         self.service = topo.service
         names = [r.name for r in topo.regions]
         for i, r in enumerate(inp.repos):
-            if r not in names:
-                raise invalid(f"repos.{i}", f"unknown region {r!r} (regions: {', '.join(names)})")
+            self.known_region(topo, f"repos.{i}", r)
         repos = inp.repos or names
         workflow.upsert_search_attributes([DR_RUNBOOK.value_set("backup"), DR_SERVICE.value_set(topo.service),
                                            DR_TRIGGER.value_set(inp.trigger), DR_BACKUP_TYPE.value_set(inp.type)])

@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TRIGGER
     from workflows.runbook import Runbook
-    from workflows.validation import RawInput, invalid, validated
+    from workflows.validation import RawInput, validated
 
 
 class ExpireInput(BaseModel):
@@ -59,8 +59,7 @@ class ExpireWorkflow(Runbook):
         self.service = topo.service
         names = [r.name for r in topo.regions]
         for i, r in enumerate(inp.repos):
-            if r not in names:
-                raise invalid(f"repos.{i}", f"unknown region {r!r} (regions: {', '.join(names)})")
+            self.known_region(topo, f"repos.{i}", r)
         repos = inp.repos or names
         workflow.upsert_search_attributes([DR_RUNBOOK.value_set("expire"), DR_SERVICE.value_set(topo.service),
                                            DR_TRIGGER.value_set(inp.trigger)])

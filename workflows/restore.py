@@ -122,8 +122,8 @@ class RestoreWorkflow(Runbook):
             topo = await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
         self.service = topo.service
         names = [r.name for r in topo.regions]
-        if inp.region is not None and inp.region not in names:
-            raise invalid("region", f"unknown region {inp.region!r} (regions: {', '.join(names)})")
+        if inp.region is not None:
+            self.known_region(topo, "region", inp.region)
         if inp.repo is not None and inp.repo not in names:
             raise invalid("repo", f"unknown repo {inp.repo!r}: repos are named by region ({', '.join(names)})")
         region = inp.region or next((r.name for r in topo.regions if r.configured_role != "primary"), names[0])

@@ -62,7 +62,7 @@ with workflow.unsafe.imports_passed_through():
         DR_TRIGGER,
     )
     from workflows.runbook import Runbook
-    from workflows.validation import RawInput, invalid, validated
+    from workflows.validation import RawInput, validated
 
 SCHEDULED_BY = SearchAttributeKey.for_keyword("TemporalScheduledById")
 
@@ -138,10 +138,9 @@ class RestoreDrillWorkflow(Runbook):
         async with self.step("Read the topology"):
             topo = await self.act(TopologyActivities.describe_topology, queue=info.task_queue, timeout=30)
         self.service = topo.service
-        names = [r.name for r in topo.regions]
         for field, value in (("region", inp.region), ("repo", inp.repo)):
-            if value is not None and value not in names:
-                raise invalid(field, f"unknown region {value!r} (regions: {', '.join(names)})")
+            if value is not None:
+                self.known_region(topo, field, value)
         workflow.upsert_search_attributes([DR_RUNBOOK.value_set(self.runbook), DR_SERVICE.value_set(topo.service),
                                            DR_TRIGGER.value_set(trigger)])
         control = topo.control_task_queue
