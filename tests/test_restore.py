@@ -18,7 +18,7 @@ from temporalio.client import WorkflowFailureError
 
 from activities.backup.activities import RestoreActivities
 from activities.backup.catalog import read_catalog
-from activities.backup.pgbackrest import Stanza
+from activities.backup.pgbackrest import Stanza, _write_owned
 from activities.backup.restore import RestoreError, RestoreTarget, connect_scratch, restore_to_scratch, scratch_config
 from tests.histories import record
 from tests.lab_helpers import _primary, _until
@@ -148,6 +148,53 @@ async def test_latest_restore_from_the_other_bucket_when_the_regions_own_is_lost
         s3.create_bucket(Bucket=lost.s3.bucket)
         res = await _backup(lab, client, type="full", repos=[lost.name])
         assert res.outcome == "succeeded"
+
+
+def _push_dead_branch(lab) -> int:
+    """Archive the history file a split brain's loser pushes when it is promoted: timeline T+1,
+    forked from the live primary's timeline T at its current LSN, while the primary goes on
+    writing on T. The same bytes, by the same ``archive-push``, as the loser's archive_command."""
+    region = _primary(lab)
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        lsn = conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+        cur = int(conn.execute("select substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)").fetchone()[0], 16)
+        parent = conn.execute("select pg_read_file('pg_wal/' || %s)", (f"{cur:08X}.history",)).fetchone()[0] \
+            if cur > 1 else ""
+    dead = cur + 1
+    st = Stanza(lab.cfg, region)
+    path = st.dir / f"{dead:08X}.history"
+    _write_owned(path, parent + f"{cur}\t{lsn}\tno recovery target specified\n", st.region.postgres)
+    try:
+        st.run("archive-push", "--no-archive-async", args=(str(path),), timeout=120)
+    finally:
+        path.unlink()
+    for repo in (1, 2):
+        assert st.has_history(repo, dead), f"the dead branch's history is not in repo{repo}"
+    return cur
+
+
+async def test_a_split_brain_losers_timeline_in_the_archive_does_not_derail_restores(lab, client):
+    # PostgreSQL's default recovery_target_timeline, "latest", follows the newest history file in
+    # the archive: here a dead branch ("requested timeline N is not a child of this server's
+    # history"). Restores follow the live primary's timeline instead.
+    _table(lab)
+    live = _push_dead_branch(lab)
+    # A backup taken after the fork: its checkpoint lies past the dead branch's switch point,
+    # which is where following that branch fails. (One taken before it would replay into the
+    # live timeline's segments anyway, the dead branch having none of its own.)
+    await _backup(lab, client, type="full")
+    tag = uuid.uuid4().hex
+    _commit(lab, "insert into restore_probe values (1, %s, 'after the fork')", tag)
+    await _archived_now(lab)
+    region = lab.cfg.secondary.name
+    handle = await _start_restore(lab, client, region=region, keep_minutes=30)
+    scratch = await _kept(handle)
+    assert _rows(lab, region, scratch, "restore_probe", tag) == [1]
+    # Promoted at the end of the live timeline: one past it (the dead branch's number is taken
+    # in the archive, so PostgreSQL skips it).
+    assert scratch.timeline is not None and scratch.timeline > live
+    await handle.signal(RestoreWorkflow.release)
+    assert (await handle.result()).outcome == "succeeded"
 
 
 async def test_repos_hold_no_plaintext_and_a_wrong_passphrase_is_named(lab, client):

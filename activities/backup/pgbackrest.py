@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,9 +201,10 @@ class Stanza:
 
     # -- commands --------------------------------------------------------------------------------
 
-    def argv(self, command: str, *options: str, archive: bool = False) -> list[str]:
+    def argv(self, command: str, *options: str, archive: bool = False, args: tuple[str, ...] = ()) -> list[str]:
+        """``args``: the command's own parameters (a path), which pgBackRest takes after it."""
         conf = self.archive_conf if archive else self.conf
-        return ["pgbackrest", f"--config={conf}", f"--stanza={self.name}", *options, command]
+        return ["pgbackrest", f"--config={conf}", f"--stanza={self.name}", *options, command, *args]
 
     def popen(self, command: str, *options: str, owner: str = "") -> subprocess.Popen:
         """Started in a session of its own and tagged with ``owner`` (in its environment, as
@@ -215,13 +217,24 @@ class Stanza:
                                 env=env, **kw)
 
     def run(self, command: str, *options: str, timeout: float = 600, check: bool = True,
-            archive: bool = False) -> subprocess.CompletedProcess:
+            archive: bool = False, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         # errors="replace": with a wrong passphrase pgBackRest quotes the garbage it decrypted.
-        r = subprocess.run(self.argv(command, *options, archive=archive), capture_output=True, text=True,
+        r = subprocess.run(self.argv(command, *options, archive=archive, args=args), capture_output=True, text=True,
                            errors="replace", timeout=timeout, **_as_owner(self.region.postgres))
         if check and r.returncode != 0:
             raise PgBackRestError(command, r.returncode, scrub(_last_error(r.stderr or r.stdout)))
         return r
+
+    def has_history(self, repo: int, timeline: int, timeout: float = 60) -> bool | None:
+        """Whether repo ``repo`` holds timeline ``timeline``'s history file (None: could not
+        tell). A history file is archived once, at the promotion that made the timeline: a
+        bucket wiped or lost after that never gets it back."""
+        name = f"{timeline:08X}.history"
+        r = self.run("repo-ls", f"--repo={repo}", "--recurse", f"--filter={re.escape(name)}$",
+                     args=(f"archive/{self.name}",), timeout=timeout, check=False)
+        if r.returncode != 0:
+            return None
+        return any(line.strip().endswith(name) for line in r.stdout.splitlines())
 
     def info(self, *options: str, timeout: float = 120) -> dict:
         """``info --output=json`` for this stanza. It exits 0 even when a repo is broken: read

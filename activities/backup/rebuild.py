@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
-from activities.backup.restore import RestoreError, _plain
+from activities.backup.restore import RestoreError, _plain, timeline_to_follow
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import pg_status
@@ -147,8 +147,11 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     t0 = time.monotonic()
     # --type=standby: restore_command and standby.signal, recovery to the end of the archive
     # on the latest timeline. The repo is named (restore.py: the fallback race in 2.45).
-    r = stanza.run("restore", f"--repo={key}", "--type=standby", "--log-level-console=info", timeout=timeout,
-                   check=False)
+    # Along the primary's timeline, not "latest": a split brain's promoted loser leaves a history
+    # file of a dead branch in the shared stanza, and "latest" would follow it (restore.py).
+    follow = timeline_to_follow(stanza, repo_region, pg_status(primary, 5).timeline)
+    r = stanza.run("restore", f"--repo={key}", "--type=standby", "--log-level-console=info",
+                   *([f"--target-timeline={follow}"] if follow else []), timeout=timeout, check=False)
     if r.returncode != 0:
         raise RestoreError(f"pgbackrest restore failed ({r.returncode}): "
                            f"{_plain(scrub(_last_error(r.stderr + r.stdout)))}")
@@ -163,7 +166,10 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     restore_command = (f"pgbackrest --config={stanza.conf} --stanza={stanza.name} --repo={key} "
                        'archive-get %f "%p"')
     auto = data / "postgresql.auto.conf"
-    ctl.write_file(auto, auto.read_text() + f"restore_command = {_guc_string(restore_command)}\n")
+    # The timeline stays pinned in the standby's own settings too: at every later start
+    # PostgreSQL would otherwise look for the newest history file in the archive again.
+    pin = f"recovery_target_timeline = {_guc_string(follow)}\n" if follow else ""
+    ctl.write_file(auto, auto.read_text() + f"restore_command = {_guc_string(restore_command)}\n" + pin)
     beat({"phase": "starting, replaying the archive", "backup": m.group(1) if m else None})
     t1 = time.monotonic()
     ctl.start(timeout=int(min(timeout, 600)))

@@ -137,6 +137,24 @@ def scratch_config(stanza: Stanza, directory: Path, port: int) -> PostgresConfig
                           bin_dir=pg.bin_dir, os_user=pg.os_user)
 
 
+def timeline_to_follow(stanza: Stanza, repo_region: str, primary_timeline: int | None) -> str | None:
+    """Which timeline recovery follows: the live primary's, never PostgreSQL's default "latest".
+
+    A fenced old primary or a split brain's loser that was promoted archives a history file of
+    its own into the shared stanza; "latest" then follows that dead branch ("requested timeline
+    N is not a child of this server's history"). The primary's own history file names the real
+    branch. When the repo lacks that file (the bucket was wiped or lost after the promotion that
+    made the timeline) recovery stays on the backup's own timeline ("current"): right when the
+    backup was taken on the primary's timeline, and otherwise the copy stops at the fork, which
+    a time or LSN target past it reports as "the archived WAL ends before"."""
+    if primary_timeline is None:
+        return None
+    if primary_timeline == 1:
+        return "current"
+    key = repo_key(stanza.cfg, stanza.region.name, repo_region)
+    return str(primary_timeline) if stanza.has_history(key, primary_timeline) else "current"
+
+
 def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: RestoreTarget, repo_region: str,
                        beat=lambda d: None, timeout: float = 3600, timeline: int | None = None) -> Scratch:
     """Restore, start, replay to the target, promote; returns where it is and what it reached."""
@@ -157,14 +175,11 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         value = {"time": target.time.isoformat(sep=" ") if target.time else "", "lsn": target.lsn,
                  "name": target.name}[target.kind]
         opts += [f"--type={target.kind}", f"--target={value}", "--target-action=promote"]
-        if timeline:
-            # The live primary's timeline, not "latest": a fenced old primary or a split brain's
-            # loser that was promoted archives a history file of its own into the shared stanza,
-            # and "latest" then follows that dead branch ("requested timeline N is not a child
-            # of this server's history"). The primary's history file names the real one.
-            opts.append(f"--target-timeline={timeline}")
         if not target.inclusive:
             opts.append("--target-exclusive")
+    follow = timeline_to_follow(stanza, repo_region, timeline)
+    if follow:
+        opts.append(f"--target-timeline={follow}")
     beat({"phase": "pgbackrest restore", "target": target.describe()})
     t0 = time.monotonic()
     r = stanza.run("restore", *opts, "--log-level-console=info", timeout=timeout, check=False)
