@@ -27,8 +27,6 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.backup.activities import BackupActivities, TakeBackupRequest
     from activities.backup.catalog import BackupRecord
-    from activities.postgres.activities import PostgresActivities
-    from activities.postgres.status import PgStatus
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import (
         DR_BACKUP_BYTES,
@@ -90,11 +88,8 @@ class BackupWorkflow(Runbook):
         control = topo.control_task_queue
 
         async with self.step("Find the primary and a streaming standby") as rec:
-            status: dict[str, PgStatus] = {}
-            for r in topo.regions:
-                status[r.name] = await self.act(PostgresActivities.postgres_status, r.name, queue=control, timeout=30,
-                                                attempts=2)
-            primaries = [n for n, s in status.items() if s.reachable and s.role == "primary"]
+            status = await self.postgres_statuses(topo, control)
+            primaries = self.primaries(status)
             if len(primaries) != 1:
                 raise ApplicationError(f"no single primary to back up ({', '.join(primaries) or 'none reachable'})",
                                        type="NoPrimary", non_retryable=True)

@@ -47,8 +47,6 @@ with workflow.unsafe.imports_passed_through():
         WaitArchivedRequest,
     )
     from activities.backup.restore import RestoreTarget, Scratch
-    from activities.postgres.activities import PostgresActivities
-    from activities.postgres.status import PgStatus
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import (
         DR_BACKUP_LABEL,
@@ -146,11 +144,8 @@ class RestoreDrillWorkflow(Runbook):
         control = topo.control_task_queue
 
         async with self.step("Find the primary") as rec:
-            status: dict[str, PgStatus] = {}
-            for r in topo.regions:
-                status[r.name] = await self.act(PostgresActivities.postgres_status, r.name, queue=control, timeout=30,
-                                                attempts=2)
-            primaries = [n for n, s in status.items() if s.reachable and s.role == "primary"]
+            status = await self.postgres_statuses(topo, control)
+            primaries = self.primaries(status)
             if len(primaries) != 1:
                 raise self._fail(None, f"no single primary to compare with ({', '.join(primaries) or 'none reachable'})",
                                  "NoPrimary")

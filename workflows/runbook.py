@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.lab_hooks import AckedRequest, LabHooks, MarkRequest
     from activities.postgres.activities import PostgresActivities
     from activities.postgres.epoch import EpochRecord
+    from activities.postgres.status import PgStatus
     from activities.topology import Topology, TopologyActivities
     from activities.traffic import TrafficActivities
     from eagle_dr.temporal import (
@@ -283,6 +284,18 @@ class Runbook:
             if not verification.ok:
                 st.status = "failed"
         return verification
+
+    async def postgres_statuses(self, topo: Topology, control: str) -> dict[str, PgStatus]:
+        """Each region's PostgreSQL as the control worker sees it: role, timeline, receiver."""
+        status: dict[str, PgStatus] = {}
+        for r in topo.regions:
+            status[r.name] = await self.act(PostgresActivities.postgres_status, r.name, queue=control, timeout=30,
+                                            attempts=2)
+        return status
+
+    @staticmethod
+    def primaries(status: dict[str, PgStatus]) -> list[str]:
+        return [n for n, s in status.items() if s.reachable and s.role == "primary"]
 
     async def find_primary(self, topo: Topology) -> str | None:
         """Which region's PostgreSQL is primary now, as each region's own worker sees it."""

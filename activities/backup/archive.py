@@ -257,21 +257,11 @@ def _restart_pushers(stanza: Stanza) -> None:
     second later), the segment stays .ready and is pushed again with the new file, to a repo
     that may already have it (pgBackRest compares the checksum and skips it). Then a config
     reload wakes the archiver out of its 60 s back-off after failures."""
-    needle = f"--config={stanza.archive_conf}".encode()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+    for pid in stanza.processes("archive-push", "archive-push:async", archive=True):
         try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+            os.kill(pid, signal.SIGTERM)
         except OSError:
-            continue
-        if argv and argv[0].endswith(b"pgbackrest") and needle in argv and \
-                (b"archive-push:async" in argv or b"archive-push" in argv):
-            try:
-                os.kill(int(d), signal.SIGTERM)
-            except OSError:
-                pass
+            pass
     try:
         with connect(stanza.region.postgres, 5) as conn:
             conn.execute("select pg_reload_conf()")

@@ -236,6 +236,31 @@ class Stanza:
             return None
         return any(line.strip().endswith(name) for line in r.stdout.splitlines())
 
+    def processes(self, *commands: str, archive: bool = False) -> dict[int, str]:
+        """pid -> owner tag (popen's OWNER_ENV, "" when untagged) of the pgBackRest processes
+        running one of ``commands`` from this node's config (the archive-push one with
+        ``archive``): what a retry or the archive guard must find, whichever process started them."""
+        needle = f"--config={self.archive_conf if archive else self.conf}".encode()
+        wanted = {c.encode() for c in commands}
+        out = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            if not (argv and argv[0].endswith(b"pgbackrest") and needle in argv and wanted & set(argv)):
+                continue
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            except OSError:
+                env = {}  # gone meanwhile, or another user's: its command line still names it
+            out[int(d)] = env.get(OWNER_ENV.encode(), b"").decode()
+        return out
+
     def info(self, *options: str, timeout: float = 120) -> dict:
         """``info --output=json`` for this stanza. It exits 0 even when a repo is broken: read
         ``status.code`` and each ``repo[].status`` (see StanzaInfo)."""

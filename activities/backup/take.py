@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from activities.backup.catalog import BackupRecord, read_catalog
-from activities.backup.pgbackrest import LOCK_ACQUIRE, OWNER_ENV, PgBackRestError, Stanza, _last_error, repo_key
+from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, _last_error, repo_key
 from activities.postgres.status import connect
 from eagle_dr.config import scrub
 
@@ -34,22 +34,7 @@ _PROGRESS = re.compile(r"\((?:[0-9.]+[KMGT]?B|bundle[^,]*)?,?\s*([0-9.]+)%\)")
 
 def running_backups(stanza: Stanza) -> dict[int, str]:
     """pid -> owner tag of the pgBackRest backups running from this node's config."""
-    out = {}
-    needle = f"--config={stanza.conf}".encode()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            if not (argv and argv[0].endswith(b"pgbackrest") and needle in argv and b"backup" in argv):
-                continue
-            with open(f"/proc/{d}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        except OSError:
-            continue
-        out[int(d)] = env.get(OWNER_ENV.encode(), b"").decode()
-    return out
+    return stanza.processes("backup")
 
 
 def orphans(stanza: Stanza, owner: str) -> list[int]:
