@@ -78,14 +78,11 @@ class FailbackReport(BaseModel):
 @workflow.defn
 class FailbackWorkflow(Rejoin):
     runbook = "failback"
+    # A danger preflight found that a cancel before the point of no return leaves as it was.
+    _left = ""
 
-    @workflow.run
-    async def run(self, raw: RawInput) -> FailbackReport:
-        inp = validated(FailbackInput, raw)
-        self.refuse_self_approval(inp.trigger, approval=inp.approval, reconcile_approval=inp.reconcile_approval)
-        self.service, self.target_region = inp.service, inp.region
-        notes: list[str] = []
-
+    async def _preflight(self, inp: FailbackInput):
+        """Both regions' workers answer and the other region is the primary."""
         async with self.step("preflight") as st:
             topo = await self.topology()
             self.known_region(topo, "region", inp.region)
@@ -104,6 +101,27 @@ class FailbackWorkflow(Rejoin):
                 raise invalid("region", f"{primary} is not the primary ({p_health.postgres.role}); "
                                         f"nothing to fail back to")
             st.detail = f"{primary} is primary; {inp.region}'s worker answers"
+            if o_health.postgres.role == "primary":
+                # The old primary takes writes again (restarted by hand, or never fenced): a
+                # split brain. Failback resolves it; a cancel before it does must say it is live.
+                self._left = (f"{inp.region} is still a writable primary beside {primary} (a split brain): "
+                              f"run failback or split-brain resolution again")
+        return topo, primary, pq, oq, o_health
+
+
+    @workflow.run
+    async def run(self, raw: RawInput) -> FailbackReport:
+        inp = validated(FailbackInput, raw)
+        self.refuse_self_approval(inp.trigger, approval=inp.approval, reconcile_approval=inp.reconcile_approval)
+        self.service, self.target_region = inp.service, inp.region
+        notes: list[str] = []
+
+        try:
+            topo, primary, pq, oq, o_health = await self._preflight(inp)
+        except asyncio.CancelledError:
+            if not workflow.patched("failback-cancel-preflight"):
+                raise
+            raise self.cancelled([], self._left) from None
 
         measured = False
         try:
@@ -134,7 +152,7 @@ class FailbackWorkflow(Rejoin):
             # until its writes are kept (restarting it writable would make a split brain).
             raise self.cancelled([f"nothing applied to {primary}; {inp.region}'s PostgreSQL is left stopped and "
                                   "fenced with its data intact: run failback again to keep its writes"]
-                                 if measured else []) from None
+                                 if measured else [], "" if measured else self._left) from None
 
         async def keep_rewind_switch() -> FailbackReport:
             reconciliation = rewound = None

@@ -181,10 +181,19 @@ class Runbook:
             try:
                 return await asyncio.shield(task)
             except asyncio.CancelledError:
-                if task.done():
+                if task.done() and task.cancelled():
                     raise
                 self.cancel_refused = (f"cancel requested at {workflow.now():%H:%M:%S} UTC was refused: past the "
                                        f"point of no return ({what}), the runbook finishes the move")
+                if task.done():
+                    # The move ended in the same instant the cancel arrived: it happened (or failed
+                    # past the point of no return), and ending "cancelled" would report a move
+                    # that was made as one that was not. Its own result or error stands.
+                    workflow.logger.warning(self.cancel_refused)
+                    result = task.result()
+                    if hasattr(result, "cancel_refused"):
+                        result.cancel_refused = self.cancel_refused
+                    return result
                 workflow.logger.warning(self.cancel_refused)
                 self._details(self.cancel_refused)
 
@@ -192,12 +201,14 @@ class Runbook:
         """A part that failed after the point of no return: reported with how to repair it."""
         self.degraded.append(f"{what} failed ({error}); repair: {repair}")
 
-    def cancelled(self, undone: list[str]) -> asyncio.CancelledError:
-        """End as cancelled, before the point of no return, saying what was undone."""
+    def cancelled(self, undone: list[str], left: str = "") -> asyncio.CancelledError:
+        """End as cancelled, before the point of no return, saying what was undone, and what
+        danger the run found and leaves as it found it (``left``: a split brain still live)."""
         self.finish("cancelled")
         self._details("CANCELLED before the point of no return; " + ("undone: " + "; ".join(undone) if undone
-                                                                      else "nothing had been changed"))
-        workflow.logger.warning("runbook cancelled", extra={"undone": undone})
+                                                                      else "nothing had been changed")
+                      + (f". LEFT AS FOUND: {left}" if left else ""))
+        workflow.logger.warning("runbook cancelled", extra={"undone": undone, "left": left})
         return asyncio.CancelledError()
 
     # -- steps every move takes ---------------------------------------------------------------------

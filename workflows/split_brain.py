@@ -102,6 +102,7 @@ class SplitBrainWorkflow(Rejoin):
         detected_at = inp.detected_at or workflow.info().start_time
         self.service = inp.service
         notes: list[str] = []
+        report: SplitBrainReport | None = None
 
         try:
             async with self.step("detect") as st:
@@ -136,7 +137,12 @@ class SplitBrainWorkflow(Rejoin):
         except (asyncio.CancelledError, ActivityError) as e:
             if isinstance(e, ActivityError) and not isinstance(e.cause, CancelledError):
                 raise
-            raise self.cancelled([]) from None
+            # Nothing was touched, so nothing is undone; but the split brain is still live and
+            # whoever cancelled must read that, not only "cancelled".
+            left = (f"the split brain is NOT resolved ({'; '.join(report.findings)}): both sides may still take "
+                    f"writes; run split-brain resolution again or fence one side") if report is not None and \
+                report.split else "whatever split brain there is, unresolved"
+            raise self.cancelled([], left) from None
 
         async def stop_the_bleeding() -> SplitBrainResult:
             result.choice, result.epoch = choice, self.epoch

@@ -28,11 +28,12 @@ from temporalio.exceptions import CancelledError
 from temporalio.service import RPCError
 
 from activities.postgres.status import pg_status
+from activities.routing import LabRouter
 from eagle_dr.devserver import DevServer
 from eagle_dr.launch import start_move
 from lab.processes import kill_tree, read_pid, wait_gone
 from tests.faults.invariants import INVARIANTS, Check, check_acked_writes, check_audit, check_cancel_answered, check_one_redis_master, \
-    check_one_writable_pg, check_routing
+    check_one_writable_pg, check_routing, redis_takes_writes, writable_postgres
 from tests.faults.restore import restore_reference
 from tests.faults.writer import AckedWriter
 from tests.lab_helpers import _async, _fork, _lag_bytes, _progress, _until
@@ -397,6 +398,46 @@ def _phase(checks: dict[str, Check], phase: str, new: dict[str, Check]) -> None:
         checks[k] = Check(held, f"{old.evidence} | {evidence}", reported)
 
 
+async def _steps_after_cancel(handle: WorkflowHandle) -> int | None:
+    """Activities scheduled after the cancel request's event in the run's history (None: no
+    such event, the request never landed)."""
+    seen, after = False, 0
+    async for e in handle.fetch_history_events():
+        if e.HasField("workflow_execution_cancel_requested_event_attributes"):
+            seen = True
+        elif seen and e.HasField("activity_task_scheduled_event_attributes"):
+            after += 1
+    return after if seen else None
+
+
+def _dangers(lab) -> dict[str, object]:
+    """Who takes PostgreSQL and Redis writes, and where routing points: the state a cancelled
+    run must leave as it found it."""
+    return {"one writable pg": writable_postgres(lab)[0],
+            "one unfenced redis master": [r.name for r in lab.cfg.regions if redis_takes_writes(lab, r.name)[0]],
+            "routing = primary": LabRouter(lab.state).active_region()}
+
+
+async def _left_as_found(handle: WorkflowHandle, checks: dict[str, Check], before: dict, after: dict) -> None:
+    """A run cancelled before its point of no return changes nothing, by contract: a split brain
+    the scenario made before the run (failback's revived old primary, split brain's two
+    writers) is still there. That is held, if the state is exactly as found and the run's own
+    report says what it left (runbook.Runbook.cancelled's "LEFT AS FOUND")."""
+    try:
+        meta = await handle.query("__temporal_workflow_metadata")
+        details = (meta.get("currentDetails") if isinstance(meta, dict) else getattr(meta, "current_details", "")) \
+            or ""
+    except Exception as e:  # noqa: BLE001 - the evidence says why it was not read
+        details = f"(details unreadable: {e})"
+    for k, c in checks.items():
+        if k in before and c.held is False and before[k] == after[k]:
+            said = "LEFT AS FOUND" in details
+            checks[k] = Check(said, f"as found before the run ({before[k]}), cancelled before the point of no "
+                                    f"return; " + ("the report says so" if said else
+                                                   f"but the report does not say it: {details[-200:]!r}") +
+                              f" | {c.evidence}")
+
+
 async def run_fault(lab, client, fault: Fault) -> Row:
     scen = SCENARIOS[fault.runbook]
     row = Row(fault)
@@ -409,6 +450,7 @@ async def run_fault(lab, client, fault: Fault) -> Row:
     with AckedWriter(lab) as writer:
         ctx.writer = writer
         await scen.prepare(ctx)
+        found = _dangers(lab)
         try:
             if fault.point == BEFORE:
                 await fault.inject(ctx)
@@ -454,7 +496,9 @@ async def run_fault(lab, client, fault: Fault) -> Row:
         after_run["routing = primary"] = Check(False, r.evidence + "; the run reports re-routing degraded, with its "
                                                                   "repair", reported=True)
     if fault.inject in (cancel, pause_worker_then_cancel):
-        after_run["cancel answered"] = check_cancel_answered(row.outcome)
+        after_run["cancel answered"] = check_cancel_answered(row.outcome, await _steps_after_cancel(ctx.handle))
+        if row.outcome == "cancelled":
+            await _left_as_found(ctx.handle, after_run, found, _dangers(lab))
     _phase(row.checks, "after the run", after_run)
     _phase(row.checks, "after the run", ctx.extra_checks)
     row.report = _summary(result)

@@ -113,11 +113,21 @@ def check_acked_writes(lab, writer, primary: str | None, rpo) -> Check:
                           f"(e.g. {missing[:5]}{where}); {what}")
 
 
-def check_cancel_answered(outcome: str) -> Check:
+def check_cancel_answered(outcome: str, steps_after_cancel: int | None = None) -> Check:
     """A cancel request ends the run cancelled (before the point of no return) or is refused
-    and the report says so (after it); a run that just carries on was never told."""
+    and the report says so (after it); a run that just carries on was never told.
+
+    ``steps_after_cancel``: activities the run scheduled after the cancel request reached the
+    server (from its history). 0 means the request landed as the run finished its last step:
+    there was nothing left to cancel or refuse, and the run's report of the finished move is
+    the true answer."""
     ok = outcome == "cancelled" or "(cancel refused)" in outcome
-    return Check(ok, f"run {outcome}" + ("" if ok else ": the cancel request was neither honoured nor refused"))
+    if ok:
+        return Check(True, f"run {outcome}")
+    if steps_after_cancel == 0:
+        return Check(True, f"run {outcome}: the cancel request reached the server after the run's last step")
+    return Check(False, f"run {outcome}: the cancel request was neither honoured nor refused"
+                        + (f" ({steps_after_cancel} steps ran after it)" if steps_after_cancel else ""))
 
 
 def check_audit(lab, primary: str | None, run_ids: list[str]) -> Check:
