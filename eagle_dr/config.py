@@ -608,6 +608,12 @@ class SplitBrainConfig(_Strict):
 _MATCHER = re.compile(r'^\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|(.*?))\s*$')
 
 
+def _unquote(text: str) -> str:
+    # Alertmanager's escapes in a quoted value: \\, \" and \n; any other backslash is kept, so a
+    # regex's \d stays \d.
+    return re.sub(r'\\(.)', lambda m: {"n": "\n", '"': '"', "\\": "\\"}.get(m.group(1), m.group(0)), text)
+
+
 class LabelMatcher(BaseModel):
     """One matcher of an alert rule, written as Alertmanager writes them
     (``alertname="PrimaryRegionDown"``, ``severity=~"critical|page"``, ``env!=staging``).
@@ -624,7 +630,7 @@ class LabelMatcher(BaseModel):
         if not m:
             raise ValueError(f"malformed matcher {text!r} (expected label=value, label!=value, label=~regex "
                              "or label!~regex)")
-        value = m.group(3).encode().decode("unicode_escape") if m.group(3) is not None else m.group(4)
+        value = _unquote(m.group(3)) if m.group(3) is not None else m.group(4)
         if m.group(2) in ("=~", "!~"):
             try:
                 re.compile(value)
