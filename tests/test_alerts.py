@@ -52,7 +52,9 @@ def queue() -> str:
 
 @pytest.fixture(scope="module")
 def acfg(lab_cfg, queue):
-    alerts = AlertsConfig.model_validate({"listen": lab_cfg.alerts.listen.model_dump(), "max_body": MAX_BODY,
+    # Ports beside the lab's own receiver and Alertmanager (test_lab_runs_...), not on them.
+    listen = {"host": "127.0.0.1", "port": lab_cfg.alerts.listen.port + 10}
+    alerts = AlertsConfig.model_validate({"listen": listen, "max_body": MAX_BODY,
                                           "rules": RULES, "temporal_timeout": "2s"})
     return lab_cfg.model_copy(update={"alerts": alerts, "temporal": TemporalConfig(control_task_queue=queue)})
 
@@ -136,7 +138,7 @@ async def proxied(acfg, token, worker, queue, dev_server):
 
 @pytest.fixture(scope="module")
 def alertmanager(acfg, token, receiver, proxied, tmp_path_factory):
-    am = Alertmanager(tmp_path_factory.mktemp("alertmanager"), acfg.lab.alertmanager_port)
+    am = Alertmanager(tmp_path_factory.mktemp("alertmanager"), acfg.lab.alertmanager_port + 10)
     am.start([Webhook("eagle-dr", receiver, token[1]),
               Webhook("eagle-dr-proxied", proxied[0], token[1], matchers=('via="proxy"',))])
     yield am
@@ -396,3 +398,71 @@ async def test_failover_rule_starts_failover_with_approval_required(client, acfg
     finally:
         await _terminate(client, move.id)
         await _terminate(client, wid)
+
+
+async def test_lab_runs_the_receiver_and_an_alertmanager_sending_to_it(lab, client):
+    """What ``lab up`` starts: ``eagle-dr alerts serve`` as a process with the lab's token, and
+    the lab's Alertmanager; an alert no rule takes is recorded by the lab's control worker."""
+    lab.start_receiver()
+    lab.start_alertmanager()
+    am = lab.alertmanager()
+    labels = {"alertname": f"LabCheck{uuid.uuid4().hex[:6]}", "region": "us-east-1"}
+    wid = incident_id(lab.cfg.service, "unmatched", _group_key(labels))
+    try:
+        running = {p.name for p in lab.status().processes if p.running}
+        assert {"alerts-receiver", "alertmanager"} <= running
+        await _post_alerts(am, [_alert(labels, datetime.now(timezone.utc))])
+        inc = await _until(lambda: _acted(client, wid), 30, "the lab's receiver to record the alert")
+        assert inc.alerts == 1 and inc.action == "recorded"
+        log = (lab.state / "alerts" / "receiver.log").read_text()
+        assert wid in log and lab.secret("alerts-token") not in log
+    finally:
+        await _terminate(client, wid)
+        stopped = lab.stop_alerts()
+    assert set(stopped) == {"alerts-receiver", "alertmanager"}
+    await _until(_alerts_stopped(lab), 20, "the receiver and Alertmanager to stop")
+
+
+def _alerts_stopped(lab):
+    async def check():
+        return not any(p.running for p in lab.status().processes if p.name in ("alerts-receiver", "alertmanager"))
+    return check
+
+
+async def test_a_firing_alert_wakes_the_monitor_for_a_round_now(lab, client):
+    """On the lab's real workers: a monitor probing every 60 s runs its next quorum round as soon
+    as an alert arrives, instead of at the end of the interval. The alert casts no vote."""
+    from workflows.models import AlertNotice
+
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, {"service": lab.cfg.service, "interval_seconds": 60, "failure_threshold": 3,
+                              "watch_split_brain": False},
+        id=f"monitor-alert-{uuid.uuid4().hex[:8]}", task_queue=lab.cfg.temporal.control_task_queue)
+    try:
+        async def rounds(n: int):
+            async def check():
+                try:
+                    st = await handle.query(MonitorWorkflow.monitor_state)
+                except Exception:  # noqa: BLE001 - its first task has not run yet
+                    return None
+                return st if st.rounds >= n else None
+            return check
+
+        first = await _until(await rounds(1), 60, "the monitor's first round")
+        assert first.failures == 0
+        await handle.signal(MonitorWorkflow.alert, AlertNotice(
+            rule="health", incident_id="dr-alert-test", group_labels={"alertname": "DbSlow", "region": "us-east-1"},
+            firing=1))
+        st = await _until(await rounds(2), 20, "a round right after the alert (not 60 s later)")
+        assert st.failures == 0 and any("alert (health): 1 firing" in f for f in st.findings), st.findings
+        await handle.cancel()
+        await _until(_closed(handle), 30, "the monitor to stop")
+        await record(handle, "monitor-alert-wakeup")
+    finally:
+        await _terminate(client, handle.id)
+
+
+def _closed(handle):
+    async def check():
+        return (await handle.describe()).status != WorkflowExecutionStatus.RUNNING
+    return check
