@@ -82,6 +82,10 @@ async def receive(request: web.Request) -> web.Response:
                   group_key=notification.groupKey, error=str(e))
         return _error(503, f"Temporal unavailable: {e}")
     ms = (time.perf_counter() - started) * 1000
+    if notification.truncatedAlerts:
+        # Alertmanager's max_alerts dropped alerts from this body: they are not recorded here.
+        log.warning("alert notification truncated by Alertmanager (set max_alerts: 0)",
+                    group_key=notification.groupKey, truncated=notification.truncatedAlerts)
     log.info("alert recorded", group_key=notification.groupKey, status=notification.status,
              alerts=len(notification.alerts), ignored=ignored, truncated=notification.truncatedAlerts,
              incidents=[{"rule": i.rule, "workflow_id": i.workflow_id, "alerts": len(i.alerts),

@@ -466,3 +466,44 @@ def _closed(handle):
     async def check():
         return (await handle.describe()).status != WorkflowExecutionStatus.RUNNING
     return check
+
+
+async def test_continue_as_new_keeps_every_alert_and_the_action_taken_once(client, acfg, worker, queue):
+    """An incident that continues as new every 2 notifications: the counts travel with it and the
+    monitor is started once, not again in each run."""
+    from alerts.dispatch import Dispatcher
+    from alerts.payload import parse
+    from alerts.plan import plan
+
+    group = {"alertname": "DbSlow", "region": f"r-{uuid.uuid4().hex[:6]}", "severity": "page"}
+    key = _group_key(group)
+    now = datetime.now(timezone.utc)
+    docs = [_notification(group, [_alert({**group, "instance": f"n{i}"}, now) for i in range(10 * k, 10 * k + 10)],
+                          key) for k in range(5)]
+    for k, d in enumerate(docs):  # distinct fingerprints per notification
+        for i, a in enumerate(d["alerts"]):
+            a["fingerprint"] = f"fp{10 * k + i:05d}"
+    docs.append(docs[0])  # a retry: 10 duplicates
+    dispatcher = Dispatcher(None, queue, acfg.alerts.temporal_timeout, client=client)
+    wid = None
+    try:
+        for d in docs:
+            (inc,), _ = plan(acfg, parse(json.dumps(d).encode()))
+            inc.input = inc.input.model_copy(update={"notifications_per_run": 2})
+            wid = inc.workflow_id
+            await dispatcher.deliver(inc)
+
+        async def settled():
+            inc = await _incident(client, wid)
+            return inc if inc and inc.notifications == 6 else None
+
+        inc = await _until(settled, 30, "all six notifications recorded across runs")
+        assert (inc.alerts, inc.firing, inc.duplicates) == (50, 50, 10)
+        assert inc.action == f"started MonitorWorkflow {monitor_id(acfg.service)}", inc.action
+        runs = [w async for w in client.list_workflows(f'WorkflowId = "{wid}"')]
+        # Several notifications can land in one workflow task: at least one continue-as-new.
+        assert len(runs) >= 2, "continued as new"
+    finally:
+        if wid:
+            await _terminate(client, wid)
+        await _terminate(client, monitor_id(acfg.service))

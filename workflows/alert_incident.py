@@ -80,8 +80,10 @@ class ActionSpec(BaseModel):
 
 
 class IncidentState(BaseModel):
-    # key (fingerprint@startsAt) -> the newest record; resolved is final for a key.
-    alerts: dict[str, AlertRecord] = {}
+    # key (fingerprint@startsAt) -> firing | resolved (final for a key). Statuses only, no
+    # labels: this travels in the continue-as-new input, and a storm of 10,000 alerts must
+    # stay far below Temporal's payload cap (the labels are in the signals' history).
+    alerts: dict[str, Literal["firing", "resolved"]] = {}
     notifications: int = 0
     duplicates: int = 0
     action: str | None = None
@@ -91,7 +93,7 @@ class IncidentState(BaseModel):
 
     @property
     def firing(self) -> int:
-        return sum(a.status == "firing" for a in self.alerts.values())
+        return sum(status == "firing" for status in self.alerts.values())
 
 
 class IncidentInput(BaseModel):
@@ -102,6 +104,9 @@ class IncidentInput(BaseModel):
     group_labels: dict[str, str] = {}
     action: ActionSpec
     idle_seconds: float = Field(default=24 * 3600, gt=0)
+    # Bounded history: continue as new after this many notifications (or sooner, when Temporal
+    # suggests it), carrying what was recorded.
+    notifications_per_run: int = Field(default=1000, ge=1)
     # Carried across continue-as-new.
     state: IncidentState | None = None
 
@@ -126,6 +131,7 @@ class AlertIncidentWorkflow:
         self.pending: list[AlertBatch] = []
         self.state = IncidentState()
         self.inp: IncidentInput | None = None
+        self.notifications_this_run = 0
 
     @workflow.signal
     def alerts(self, batch: AlertBatch) -> None:
@@ -160,24 +166,31 @@ class AlertIncidentWorkflow:
             self._show()
             if self.state.alerts and not self.state.firing:
                 return self._summary("resolved")
-            if workflow.info().is_continue_as_new_suggested():
+            if workflow.info().is_continue_as_new_suggested() or self.notifications_this_run >= \
+                    inp.notifications_per_run:
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                # Batches that arrived while waiting travel in the state: none is dropped.
+                # Batches that arrived meanwhile are handled here, not dropped: the new run
+                # starts with an empty signal queue. (One arriving after this task is seen by
+                # Temporal, which then fails the continue-as-new and replays it with the signal.)
                 while self.pending:
-                    self._record(self.pending.pop(0))
+                    if changed := self._record(self.pending.pop(0)):
+                        await self._act(inp, changed)
+                if self.state.alerts and not self.state.firing:
+                    return self._summary("resolved")
                 workflow.continue_as_new(inp.model_copy(update={"state": self.state}))
 
     def _record(self, batch: AlertBatch) -> list[AlertRecord]:
         """Merge one notification; returns the alerts that are new or newly resolved."""
         st = self.state
         st.notifications += 1
+        self.notifications_this_run += 1
         changed = []
         for a in batch.alerts:
             seen = st.alerts.get(a.key)
-            if seen is not None and (seen.status == "resolved" or a.status == "firing"):
+            if seen is not None and (seen == "resolved" or a.status == "firing"):
                 st.duplicates += 1
                 continue
-            st.alerts[a.key] = a
+            st.alerts[a.key] = a.status
             changed.append(a)
             if a.status == "firing" and (st.first_firing_at is None or a.starts_at < st.first_firing_at):
                 st.first_firing_at = a.starts_at
