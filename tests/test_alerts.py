@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from alerts.dispatch import Dispatcher
@@ -42,6 +43,7 @@ RULES = [
     {"name": "region-down", "matchers": ['alertname="PrimaryRegionDown"'], "action": "failover"},
     {"name": "health", "matchers": ['severity=~"critical|page"'], "action": "monitor"},
     {"name": "storm", "matchers": ['alertname="DiskStorm"'], "action": "record"},
+    {"name": "split", "matchers": ['alertname="TwoWritablePrimaries"'], "action": "split-brain"},
 ]
 
 
@@ -507,3 +509,46 @@ async def test_continue_as_new_keeps_every_alert_and_the_action_taken_once(clien
         if wid:
             await _terminate(client, wid)
         await _terminate(client, monitor_id(acfg.service))
+
+
+async def _post_direct(acfg, url: str, labels: dict, key: str) -> None:
+    doc = _notification(labels, [_alert(labels, datetime.now(timezone.utc))], key)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+        assert await _post(s, url, doc) == 200
+
+
+async def test_split_brain_rule_starts_detection_with_approval_required(client, acfg, receiver):
+    labels = {"alertname": "TwoWritablePrimaries", "region": "us-east-1"}
+    key = _group_key(labels) + uuid.uuid4().hex[:6]
+    wid = incident_id(acfg.service, "split", key)
+    move = client.get_workflow_handle(move_id(acfg.service))
+    try:
+        await _post_direct(acfg, receiver, labels, key)
+        inc = await _until(lambda: _acted(client, wid), 20, "the incident")
+        assert inc.action == f"started SplitBrainWorkflow {move.id}", inc
+        desc = await move.describe()
+        assert desc.workflow_type == "SplitBrainWorkflow" and desc.typed_search_attributes.get(DR_TRIGGER) == "alert"
+        first = (await move.fetch_history()).events[0].workflow_execution_started_event_attributes
+        args = json.loads(first.input.payloads[0].data)
+        assert args["approval"]["required"] is True and "TwoWritablePrimaries" in args["reason"]
+    finally:
+        await _terminate(client, move.id)
+        await _terminate(client, wid)
+
+
+async def test_failover_alert_without_a_region_is_recorded_not_acted_on(client, acfg, receiver):
+    labels = {"alertname": "PrimaryRegionDown", "severity": "critical"}
+    key = '{}:{alertname="PrimaryRegionDown"}' + uuid.uuid4().hex[:6]
+    wid = incident_id(acfg.service, "region-down", key)
+    try:
+        started = datetime.now(timezone.utc)
+        await _post_direct(acfg, receiver, labels, key)
+        inc = await _until(lambda: _acted(client, wid), 20, "the incident")
+        assert "failover not started" in inc.action and "'region' label" in inc.action, inc.action
+        try:
+            desc = await client.get_workflow_handle(move_id(acfg.service)).describe()
+            assert desc.start_time < started, "no failover may start without the failed region"
+        except RPCError:
+            pass  # never started at all
+    finally:
+        await _terminate(client, wid)
