@@ -107,6 +107,7 @@ class MonitorWorkflow(Runbook):
         super().__init__()
         self.state = MonitorState()
         self._alerted = False
+        self._woke_early = False
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
@@ -125,8 +126,16 @@ class MonitorWorkflow(Runbook):
         if not workflow.patched("monitor-alert-wakeup"):
             await workflow.sleep(wait)
             return
+        if self._woke_early:
+            # At most one early round in a row: a storm of alerts must not turn the interval
+            # into back-to-back rounds, which would count failure_threshold failed rounds
+            # within a transient stall that the interval exists to ride out.
+            self._woke_early = False
+            await workflow.sleep(wait)
+            return
         try:
             await workflow.wait_condition(lambda: self._alerted, timeout=wait)
+            self._woke_early = True
         except asyncio.TimeoutError:
             pass
         self._alerted = False
