@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python -m bench.conflicts --sizes $${CONFLICT_SIZES:-100000,1000000}
 	$(BIN)/python -m bench.failback --gb $${FAILBACK_GB:-1.0}
 	$(BIN)/python -m bench.backup --gb $${BACKUP_GB:-1.0}
+	$(BIN)/python -m bench.alerts --alerts $${ALERTS:-500}
 
 # Root running from a clone the lab user cannot enter keeps the state in /var/lib/eagle-dr-lab
 # (lab/osuser.py reachable_state_dir): remove that too, and nothing else outside the checkout.

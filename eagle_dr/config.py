@@ -604,6 +604,128 @@ class SplitBrainConfig(_Strict):
     survivor_rule: SurvivorRule = "active-region"
 
 
+# An Alertmanager-style label matcher: name, one of = != =~ !~, value (optionally quoted).
+_MATCHER = re.compile(r'^\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|(.*?))\s*$')
+
+
+def _unquote(text: str) -> str:
+    # Alertmanager's escapes in a quoted value: \\, \" and \n; any other backslash is kept, so a
+    # regex's \d stays \d.
+    return re.sub(r'\\(.)', lambda m: {"n": "\n", '"': '"', "\\": "\\"}.get(m.group(1), m.group(0)), text)
+
+
+class LabelMatcher(BaseModel):
+    """One matcher of an alert rule, written as Alertmanager writes them
+    (``alertname="PrimaryRegionDown"``, ``severity=~"critical|page"``, ``env!=staging``).
+    Regular expressions are anchored at both ends, as Alertmanager's are."""
+
+    model_config = ConfigDict(frozen=True)
+    label: str
+    op: Literal["=", "!=", "=~", "!~"]
+    value: str
+
+    @classmethod
+    def parse(cls, text: Any) -> "LabelMatcher":
+        m = _MATCHER.match(text) if isinstance(text, str) else None
+        if not m:
+            raise ValueError(f"malformed matcher {text!r} (expected label=value, label!=value, label=~regex "
+                             "or label!~regex)")
+        value = _unquote(m.group(3)) if m.group(3) is not None else m.group(4)
+        if m.group(2) in ("=~", "!~"):
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"matcher {text!r}: bad regular expression: {e}") from None
+        return cls(label=m.group(1), op=m.group(2), value=value)
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        # A missing label is the empty string, as in Alertmanager.
+        v = labels.get(self.label, "")
+        if self.op == "=":
+            return v == self.value
+        if self.op == "!=":
+            return v != self.value
+        hit = re.fullmatch(self.value, v) is not None
+        return hit if self.op == "=~" else not hit
+
+    def __str__(self) -> str:
+        return f'{self.label}{self.op}"{self.value}"'
+
+
+class AlertRule(_Strict):
+    """Alerts whose labels match every matcher get ``action``; the first matching rule wins.
+
+    - monitor: start the service's MonitorWorkflow (or signal the running one): an immediate
+      quorum probe round, the alert recorded in its findings.
+    - failover: start FailoverWorkflow with approval required (an alert alone never moves a
+      region): to ``target_region``, or away from the region the ``region_label`` label names.
+    - split-brain: start SplitBrainWorkflow (detection; resolution waits for approval).
+    - record: only record the alert in its incident workflow."""
+
+    # Part of the incident's workflow id: keep it short and id-safe.
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+    matchers: list[Annotated[LabelMatcher, BeforeValidator(LabelMatcher.parse)]] = Field(min_length=1)
+    action: Literal["monitor", "failover", "split-brain", "record"]
+    target_region: str | None = None
+    region_label: str = "region"
+    approval_timeout: Duration = timedelta(minutes=15)
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(m.matches(labels) for m in self.matchers)
+
+
+class AlertsConfig(_Strict):
+    """``eagle-dr alerts serve``: the Alertmanager webhook receiver."""
+
+    listen: Endpoint = Endpoint(host="127.0.0.1", port=19094)
+    # Bearer token Alertmanager sends (http_config.authorization). Required to serve: an
+    # unauthenticated endpoint that can start a failover is not offered.
+    token: SecretRef | None = None
+    # Larger bodies get 413 before they are parsed. Alertmanager sends every alert of a group in
+    # one body (max_alerts: 0): about 350 bytes each, so 4 MiB holds a storm of ~10,000.
+    max_body: Size = 4 << 20
+    # Inline rules, or a YAML file holding a list of them (or {rules: [...]}); not both.
+    rules: list[AlertRule] = Field(default_factory=list)
+    rules_file: str | None = None
+    # Alerts no rule matches: recorded in an incident workflow of their own, or only logged.
+    unmatched: Literal["record", "ignore"] = "record"
+    # How long one Temporal call may take before the receiver answers 503 (Alertmanager retries).
+    temporal_timeout: Duration = timedelta(seconds=5)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_rules_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("rules_file"):
+            return data
+        if data.get("rules"):
+            raise _FieldError(("alerts", "rules_file"), "give rules or rules_file, not both")
+        path = data["rules_file"]
+        try:
+            doc = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise _FieldError(("alerts", "rules_file"), f"cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise _FieldError(("alerts", "rules_file"), f"{path}: malformed YAML: {e}") from None
+        rules = doc.get("rules") if isinstance(doc, dict) else doc
+        if not isinstance(rules, list):
+            raise _FieldError(("alerts", "rules_file"), f"{path}: expected a list of rules (or rules: [...])")
+        return {**data, "rules": rules}
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AlertsConfig":
+        seen: set[str] = set()
+        for i, r in enumerate(self.rules):
+            if r.name in seen or r.name == "unmatched":
+                raise _FieldError(("alerts", "rules", i, "name"), f"rule name {r.name!r} is used twice or reserved")
+            seen.add(r.name)
+            if r.target_region and r.action != "failover":
+                raise _FieldError(("alerts", "rules", i, "target_region"), "only a failover rule has a target")
+        return self
+
+    def rule_for(self, labels: dict[str, str]) -> AlertRule | None:
+        return next((r for r in self.rules if r.matches(labels)), None)
+
+
 class TemporalConfig(_Strict):
     control_task_queue: str = "eagle-dr-control"
     ui_url: str = "http://127.0.0.1:8233"
@@ -627,6 +749,8 @@ class LabConfig(_Strict):
     # survives the loss of either region.
     sentinel_placement: list[str] = Field(default_factory=lambda: ["us-east-1", "us-west-2", "witness"])
     app_writes_per_second: float = Field(default=20, gt=0)
+    # The lab's Alertmanager (Debian prometheus-alertmanager), sending to alerts.listen.
+    alertmanager_port: int = Field(default=19093, ge=1, le=65535)
     dev_server: DevServerConfig = DevServerConfig()
 
 
@@ -644,6 +768,7 @@ class EagleConfig(_Strict):
     split_brain: SplitBrainConfig = SplitBrainConfig()
     backup: BackupConfig = BackupConfig()
     routing: RoutingConfig = RoutingConfig()
+    alerts: AlertsConfig = AlertsConfig()
     temporal: TemporalConfig = TemporalConfig()
     lab: LabConfig = LabConfig()
 
@@ -699,6 +824,9 @@ class EagleConfig(_Strict):
                 for reg in order:
                     if reg not in seen:
                         raise _FieldError(("conflicts", table, "field_priority", fld), f"unknown region {reg!r}")
+        for i, rule in enumerate(self.alerts.rules):
+            if rule.target_region and rule.target_region not in seen:
+                raise _FieldError(("alerts", "rules", i, "target_region"), f"unknown region {rule.target_region!r}")
         for i, place in enumerate(self.lab.sentinel_placement):
             if place != "witness" and place not in seen:
                 raise _FieldError(("lab", "sentinel_placement", i), f"unknown region {place!r}")
@@ -844,7 +972,7 @@ def _resolve_paths(raw: Any, base: Path, state_dir: str) -> Any:
     if isinstance(raw, dict):
         out = {}
         for k, v in raw.items():
-            if k in ("file", "ca_file") and isinstance(v, str):
+            if k in ("file", "ca_file", "rules_file") and isinstance(v, str):
                 v = v.replace("{state_dir}", state_dir)
                 out[k] = v if os.path.isabs(v) else str((base / v).resolve())
             elif k in ("data_dir", "socket_dir", "pgbackrest_config", "scratch_dir") and isinstance(v, str):

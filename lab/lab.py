@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from lab.redis import RedisNode, SentinelNode
 from lab.s3 import S3Server
 from lab.tls import LabTls
 
-SECRETS = ("redis-password", "s3-access-key", "s3-secret-key", "postgres-password", "replication-password")
+SECRETS = ("redis-password", "s3-access-key", "s3-secret-key", "postgres-password", "replication-password",
+           "alerts-token")
 
 
 @dataclass
@@ -236,6 +238,49 @@ class Lab:
             self.start_worker(r.name)
         self.start_worker(None)
 
+    # -- alerts in: the receiver and the lab's Alertmanager ---------------------------------
+
+    @property
+    def receiver_pidfile(self) -> Path:
+        return self.state / "alerts" / "receiver.pid"
+
+    def alertmanager(self):
+        from lab.alertmanager import Alertmanager
+
+        return Alertmanager(self.state / "alerts" / "alertmanager", self.cfg.lab.alertmanager_port)
+
+    def start_receiver(self) -> int:
+        """``eagle-dr alerts serve`` in the background, like a worker (pid and log under alerts/)."""
+        pid = read_pid(self.receiver_pidfile)
+        if is_running(pid):
+            return pid  # type: ignore[return-value]
+        argv = [sys.executable, "-m", "eagle_dr.cli"] + (["--config", self.config_path] if self.config_path else [])
+        env = {**os.environ, "EAGLE_DR_STATE_DIR": str(self.state), "EAGLE_DR_LOG_FORMAT": "json"}
+        pid = spawn(argv + ["alerts", "serve"], pidfile=self.receiver_pidfile,
+                    logfile=self.state / "alerts" / "receiver.log", env=env)
+        listen = self.cfg.alerts.listen
+        wait_for(lambda: is_running(pid) and urllib.request.urlopen(
+            f"http://{listen.host}:{listen.port}/-/ready", timeout=2).status == 200, 30, "alerts receiver", 0.1)
+        return pid
+
+    def start_alertmanager(self) -> int:
+        """The lab's Alertmanager, sending every alert to the receiver with the lab's token."""
+        from lab.alertmanager import Webhook
+
+        listen = self.cfg.alerts.listen
+        return self.alertmanager().start([Webhook("eagle-dr", f"http://{listen.host}:{listen.port}/alert",
+                                                  str(self.state / "secrets" / "alerts-token"))])
+
+    def stop_alerts(self) -> list[str]:
+        stopped = []
+        if self.alertmanager().stop():
+            stopped.append("alertmanager")
+        pid = read_pid(self.receiver_pidfile)
+        if is_running(pid):
+            kill_tree(pid, sig=15)
+            stopped.append("alerts-receiver")
+        return stopped
+
     def start_app(self) -> int:
         pidfile = self.state / "app" / "app.pid"
         pid = read_pid(pidfile)
@@ -363,6 +408,7 @@ class Lab:
         """Stop every lab process (workers and app first, so they don't log storms of errors)."""
         stopped = []
         self.stop_app()
+        stopped += self.stop_alerts()
         for region in [*self.cfg.region_names, None]:
             pid = read_pid(self.worker_pidfile(region))
             if is_running(pid):
@@ -411,6 +457,10 @@ class Lab:
                 st.processes.append(ProcessState("s3", r.name, s3.pid, s3.running()))
         cp = read_pid(self.worker_pidfile(None))
         st.processes.append(ProcessState("worker", "control", cp, is_running(cp)))
+        rp = read_pid(self.receiver_pidfile)
+        st.processes.append(ProcessState("alerts-receiver", "control", rp, is_running(rp)))
+        am = self.alertmanager()
+        st.processes.append(ProcessState("alertmanager", "shared", am.pid, am.running()))
         ap = read_pid(self.state / "app" / "app.pid")
         st.processes.append(ProcessState("sample-app", "shared", ap, is_running(ap)))
         return st

@@ -369,3 +369,62 @@ def test_a_missing_required_option_is_a_usage_error_not_a_traceback():
     r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "failback"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, (r.returncode, r.stderr[-500:])
     assert "Missing option '--region'" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- alerts: the receiver's rules ------------------------------------------------------------------
+
+
+def _with_rules(rules, **alerts) -> dict:
+    doc = base()
+    doc["alerts"] = {**doc["alerts"], "rules": rules, **alerts}
+    return doc
+
+
+@pytest.mark.parametrize("matcher, why", [
+    ("alertname", "malformed matcher"),
+    ("=x", "malformed matcher"),
+    ('severity=~"(critical"', "bad regular expression"),
+])
+def test_alert_matchers_are_checked(tmp_path, matcher, why):
+    msg = problems(tmp_path, _with_rules([{"name": "r", "matchers": [matcher], "action": "record"}]))
+    assert "alerts.rules[0].matchers[0]" in msg and why in msg, msg
+
+
+@pytest.mark.parametrize("rule, field, why", [
+    ({"name": "r", "matchers": ["a=b"], "action": "failover", "target_region": "eu-west-9"},
+     "alerts.rules[0].target_region", "unknown region 'eu-west-9'"),
+    ({"name": "r", "matchers": ["a=b"], "action": "monitor", "target_region": "us-west-2"},
+     "alerts.rules[0].target_region", "only a failover rule has a target"),
+    ({"name": "r", "matchers": ["a=b"], "action": "page"}, "alerts.rules[0].action", "Input should be"),
+    ({"name": "R!", "matchers": ["a=b"], "action": "record"}, "alerts.rules[0].name", "pattern"),
+    ({"name": "r", "matchers": [], "action": "record"}, "alerts.rules[0].matchers", "at least 1"),
+])
+def test_alert_rules_are_checked(tmp_path, rule, field, why):
+    msg = problems(tmp_path, _with_rules([rule]))
+    assert f"{field}: " in msg and why in msg, msg
+
+
+def test_alert_rule_names_are_unique(tmp_path):
+    rule = {"name": "r", "matchers": ["a=b"], "action": "record"}
+    msg = problems(tmp_path, _with_rules([rule, rule]))
+    assert "alerts.rules[1].name" in msg and "used twice" in msg, msg
+
+
+def test_alert_rules_from_a_file_and_matching(tmp_path):
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"rules": [
+        {"name": "down", "matchers": ['alertname="PrimaryRegionDown"', "env!=staging"], "action": "failover"},
+        {"name": "page", "matchers": ['severity=~"critical|page"'], "action": "monitor"}]}))
+    doc = base()
+    doc["alerts"] = {**doc["alerts"], "rules_file": "rules.yaml"}
+    doc["alerts"].pop("rules")
+    p = tmp_path / "eagle-dr.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    cfg = load_config(p, env={})
+    rule = cfg.alerts.rule_for
+    assert rule({"alertname": "PrimaryRegionDown", "severity": "critical"}).name == "down"
+    assert rule({"alertname": "PrimaryRegionDown", "env": "staging", "severity": "page"}).name == "page"
+    # Anchored, as Alertmanager's: "critical-ish" is not "critical".
+    assert rule({"severity": "critical-ish"}) is None
+    doc["alerts"]["rules_file"] = "missing.yaml"
+    msg = problems(tmp_path, doc)
+    assert "alerts.rules_file: cannot read" in msg, msg

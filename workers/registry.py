@@ -20,6 +20,7 @@ from activities.split_brain import SplitBrainActivities
 from activities.topology import TopologyActivities
 from activities.traffic import TrafficActivities
 from eagle_dr.config import EagleConfig
+from workflows.alert_incident import AlertIncidentWorkflow
 from workflows.archive_guard import ArchiveGuardWorkflow
 from workflows.backup import BackupWorkflow
 from workflows.drill import DrillWorkflow
@@ -36,7 +37,7 @@ from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
              DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow,
-             ArchiveGuardWorkflow, RestoreDrillWorkflow]
+             ArchiveGuardWorkflow, RestoreDrillWorkflow, AlertIncidentWorkflow]
 
 
 def _methods(obj, *names: str) -> list:

@@ -179,3 +179,16 @@ class RunbookResult(BaseModel):
     degraded: list[str] = []
     # A cancel request that came after the point of no return, refused.
     cancel_refused: str | None = None
+
+
+class AlertNotice(BaseModel):
+    """What an alert incident tells the monitor (its ``alert`` signal): which rule matched, the
+    group's labels, and how many of its alerts fire or resolved. Labels only: never a secret."""
+
+    rule: str
+    incident_id: str
+    group_labels: dict[str, str] = {}
+    firing: int = 0
+    resolved: int = 0
+    # Each changed alert's labels (at most a few: the incident workflow has all of them).
+    sample: list[dict[str, str]] = []

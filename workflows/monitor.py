@@ -24,6 +24,11 @@ it watches that region from then on. A failover that collides with a running mov
 the runbook refuses or fails, is recorded and the monitor keeps watching: an unwatched
 service is worse than a repeated alert.
 
+An ``alert`` signal (an Alertmanager alert routed here by ``eagle-dr alerts serve``) is
+recorded in the findings and cuts the wait short: the next quorum round starts at once, so
+an alert shortens detection without ever counting as a vote itself. (Histories recorded
+before the ``monitor-alert-wakeup`` patch replay the plain sleep.)
+
 The loop continues as new every ``iterations_per_run`` probes (or sooner, when Temporal
 suggests it) to keep history short.
 """
@@ -42,7 +47,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.split_brain import SplitBrainActivities
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
     from workflows.failover import FailoverWorkflow
-    from workflows.models import FailoverInput, RunbookResult, Trigger
+    from workflows.models import AlertNotice, FailoverInput, RunbookResult, Trigger
     from workflows.runbook import Runbook, move_id
     from workflows.split_brain import SplitBrainInput, SplitBrainResult, SplitBrainWorkflow
     from workflows.validation import RawInput, validated
@@ -101,10 +106,39 @@ class MonitorWorkflow(Runbook):
     def __init__(self) -> None:
         super().__init__()
         self.state = MonitorState()
+        self._alerted = False
+        self._woke_early = False
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
         return self.state
+
+    @workflow.signal
+    def alert(self, notice: AlertNotice) -> None:
+        what = ", ".join(f"{k}={v}" for k, v in sorted(notice.group_labels.items()))
+        self._finding(f"alert ({notice.rule}): {notice.firing} firing, {notice.resolved} resolved [{what}] "
+                      f"from {notice.incident_id}")
+        # A resolved alert is news, not a reason to probe sooner.
+        self._alerted = self._alerted or notice.firing > 0
+
+    async def _pause(self, wait: timedelta) -> None:
+        """Sleep until the next round, or until a firing alert asks for one now."""
+        if not workflow.patched("monitor-alert-wakeup"):
+            await workflow.sleep(wait)
+            return
+        if self._woke_early:
+            # At most one early round in a row: a storm of alerts must not turn the interval
+            # into back-to-back rounds, which would count failure_threshold failed rounds
+            # within a transient stall that the interval exists to ride out.
+            self._woke_early = False
+            await workflow.sleep(wait)
+            return
+        try:
+            await workflow.wait_condition(lambda: self._alerted, timeout=wait)
+            self._woke_early = True
+        except asyncio.TimeoutError:
+            pass
+        self._alerted = False
 
     def _finding(self, what: str) -> None:
         self.state.findings = [*self.state.findings, f"{workflow.now().isoformat(timespec='seconds')} {what}"][
@@ -199,7 +233,7 @@ class MonitorWorkflow(Runbook):
                 failures, first_failure = 0, None
             elapsed = workflow.now() - started
             if elapsed < interval:
-                await workflow.sleep(interval - elapsed)
+                await self._pause(interval - elapsed)
             if workflow.info().is_continue_as_new_suggested():
                 break
         workflow.continue_as_new(inp.model_copy(update={"primary_region": primary}))

@@ -60,6 +60,12 @@ def move_id(service: str) -> str:
     return f"dr-move-{service}"
 
 
+def monitor_id(service: str) -> str:
+    """The one MonitorWorkflow of a service: whoever starts it (an alert, the CLI, the lab) uses
+    this id, so a second start finds the running monitor instead of adding a second one."""
+    return f"dr-monitor-{service}"
+
+
 @dataclass
 class Placement:
     """Where a move goes: from which region, to which, and their workers' task queues."""

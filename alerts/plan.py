@@ -1,0 +1,88 @@
+"""From a notification to incidents: which rule each alert matches, which workflow records
+it, and what that workflow starts.
+
+An incident is (rule, Alertmanager group key): its workflow id is derived from both, so every
+retry, repeat or concurrent post of the same group reaches the same workflow run, and the
+alerts of one notification that match different rules go to one incident per rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from eagle_dr.config import AlertRule, EagleConfig, UnknownRegion
+from alerts.payload import Notification
+from workflows.alert_incident import SIGNAL_CHUNK, ActionSpec, AlertBatch, AlertRecord, IncidentInput
+from workflows.runbook import monitor_id, move_id
+
+UNMATCHED = "unmatched"
+
+
+@dataclass
+class Incident:
+    rule: str
+    workflow_id: str
+    input: IncidentInput
+    alerts: list[AlertRecord]
+
+    def batches(self) -> list[AlertBatch]:
+        return [AlertBatch(alerts=self.alerts[i:i + SIGNAL_CHUNK]) for i in range(0, len(self.alerts), SIGNAL_CHUNK)]
+
+
+def incident_id(service: str, rule: str, group_key: str) -> str:
+    # The group key is Alertmanager's route path and group labels: hashed, it is id-safe and short.
+    digest = hashlib.sha256(f"{rule}\n{group_key}".encode()).hexdigest()[:16]
+    return f"dr-alert-{service}-{rule}-{digest}"
+
+
+def _action(cfg: EagleConfig, rule: AlertRule | None, labels: dict[str, str]) -> ActionSpec:
+    if rule is None or rule.action == "record":
+        return ActionSpec(kind="record")
+    queue = cfg.temporal.control_task_queue
+    approval = {"required": True, "timeout_seconds": rule.approval_timeout.total_seconds()}
+    if rule.action == "monitor":
+        return ActionSpec(kind="monitor", workflow="MonitorWorkflow", workflow_id=monitor_id(cfg.service),
+                          task_queue=queue,
+                          input={"service": cfg.service, "interval_seconds": cfg.health.interval.total_seconds(),
+                                 "failure_threshold": cfg.health.failure_threshold})
+    if rule.action == "split-brain":
+        return ActionSpec(kind="split-brain", workflow="SplitBrainWorkflow", workflow_id=move_id(cfg.service),
+                          task_queue=queue, input={"service": cfg.service, "trigger": "alert", "approval": approval})
+    target = rule.target_region
+    if target is None:
+        down = labels.get(rule.region_label)
+        if not down:
+            return ActionSpec(kind="failover", refused=f"failover not started: the alert has no "
+                                                       f"{rule.region_label!r} label naming the failed region")
+        try:
+            target = cfg.other(down).name
+        except UnknownRegion:
+            return ActionSpec(kind="failover", refused=f"failover not started: {rule.region_label}={down!r} is "
+                                                       "not a configured region")
+    return ActionSpec(kind="failover", workflow="FailoverWorkflow", workflow_id=move_id(cfg.service),
+                      task_queue=queue, input={"service": cfg.service, "target_region": target, "trigger": "alert",
+                                               "approval": approval})
+
+
+def plan(cfg: EagleConfig, n: Notification) -> tuple[list[Incident], int]:
+    """The incidents of one notification, and how many alerts no rule took (ignored)."""
+    by_rule: dict[str, tuple[AlertRule | None, list[AlertRecord], dict[str, str]]] = {}
+    ignored = 0
+    for a in n.alerts:
+        rule = cfg.alerts.rule_for(a.labels)
+        if rule is None and cfg.alerts.unmatched == "ignore":
+            ignored += 1
+            continue
+        name = rule.name if rule else UNMATCHED
+        rec = AlertRecord(fingerprint=a.fingerprint, status=a.status, labels=a.labels, starts_at=a.startsAt,
+                          ends_at=a.ends)
+        entry = by_rule.setdefault(name, (rule, [], {**a.labels, **n.groupLabels}))
+        entry[1].append(rec)
+    out = []
+    for name, (rule, records, labels) in by_rule.items():
+        wid = incident_id(cfg.service, name, n.groupKey)
+        out.append(Incident(rule=name, workflow_id=wid, alerts=records, input=IncidentInput(
+            service=cfg.service, rule=name, group_key=n.groupKey, group_labels=n.groupLabels,
+            action=_action(cfg, rule, labels))))
+    return out, ignored

@@ -1,0 +1,554 @@
+"""Alerts in: the real Debian Alertmanager sends to ``eagle-dr alerts serve`` (in-process here),
+which signals-with-start AlertIncidentWorkflow on the test lab's Temporal dev server.
+
+The incident workflows and the runbooks they start run on a worker of this module's own task
+queue with no activities: a started monitor or failover waits at its first activity and
+touches no server, and each is terminated at the end, so nothing here can move the lab.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError
+from temporalio.worker import Worker
+
+from alerts.dispatch import Dispatcher
+from alerts.plan import incident_id
+from alerts.server import PATH, start
+from eagle_dr.config import AlertsConfig, TemporalConfig
+from eagle_dr.temporal import DR_TARGET_REGION, DR_TRIGGER
+from lab.alertmanager import Alertmanager, Webhook
+from tests.histories import record
+from tests.lab_helpers import _until
+from workers.run import sandbox_runner
+from workflows.alert_incident import AlertIncidentWorkflow, IncidentSummary
+from workflows.failover import FailoverWorkflow
+from workflows.monitor import MonitorState, MonitorWorkflow
+from workflows.runbook import monitor_id, move_id
+from workflows.split_brain import SplitBrainWorkflow
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+MAX_BODY = 1 << 20
+RULES = [
+    {"name": "region-down", "matchers": ['alertname="PrimaryRegionDown"'], "action": "failover"},
+    {"name": "health", "matchers": ['severity=~"critical|page"'], "action": "monitor"},
+    {"name": "storm", "matchers": ['alertname="DiskStorm"'], "action": "record"},
+    {"name": "split", "matchers": ['alertname="TwoWritablePrimaries"'], "action": "split-brain"},
+]
+
+
+@pytest.fixture(scope="module")
+def queue() -> str:
+    return f"alerts-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def acfg(lab_cfg, queue):
+    # Ports beside the lab's own receiver and Alertmanager (test_lab_runs_...), not on them.
+    listen = {"host": "127.0.0.1", "port": lab_cfg.alerts.listen.port + 10}
+    alerts = AlertsConfig.model_validate({"listen": listen, "max_body": MAX_BODY,
+                                          "rules": RULES, "temporal_timeout": "2s"})
+    return lab_cfg.model_copy(update={"alerts": alerts, "temporal": TemporalConfig(control_task_queue=queue)})
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory) -> tuple[str, str]:
+    value = secrets.token_urlsafe(24)
+    path = tmp_path_factory.mktemp("alerts") / "token"
+    path.write_text(value + "\n")
+    return value, str(path)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def worker(client, queue):
+    async with Worker(client, task_queue=queue, workflow_runner=sandbox_runner(),
+                      workflows=[AlertIncidentWorkflow, MonitorWorkflow, FailoverWorkflow, SplitBrainWorkflow]):
+        yield
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def receiver(acfg, token, client, worker, queue):
+    host, port = acfg.alerts.listen.host, acfg.alerts.listen.port
+    runner = await start(acfg, token[0], Dispatcher(None, queue, acfg.alerts.temporal_timeout, client=client),
+                         host, port)
+    yield f"http://{host}:{port}{PATH}"
+    await runner.cleanup()
+
+
+class _Proxy:
+    """A TCP relay in front of the dev server's gRPC port: stopped, Temporal is unreachable
+    for whoever connects through it (the shared dev server itself stays up)."""
+
+    def __init__(self, port: int, target: int):
+        self.port, self.target = port, target
+        self.server: asyncio.AbstractServer | None = None
+
+    async def _pipe(self, reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _relay(self, reader, writer):
+        r2, w2 = await asyncio.open_connection("127.0.0.1", self.target)
+        await asyncio.gather(self._pipe(reader, w2), self._pipe(r2, writer))
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def stop(self):
+        if self.server:
+            self.server.close()
+
+
+class _CountingDispatcher(Dispatcher):
+    unavailable = 0
+
+    async def client(self):
+        try:
+            return await super().client()
+        except Exception:
+            self.unavailable += 1
+            raise
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def proxied(acfg, token, worker, queue, dev_server):
+    """A second receiver that reaches Temporal only through a relay, not started yet."""
+    port = acfg.alerts.listen.port + 1
+    proxy = _Proxy(acfg.alerts.listen.port + 2, acfg.lab.dev_server.grpc_port)
+    dispatcher = _CountingDispatcher(f"127.0.0.1:{proxy.port}", queue, acfg.alerts.temporal_timeout)
+    runner = await start(acfg, token[0], dispatcher, "127.0.0.1", port)
+    yield f"http://127.0.0.1:{port}{PATH}", proxy, dispatcher
+    await proxy.stop()
+    await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def alertmanager(acfg, token, receiver, proxied, tmp_path_factory):
+    am = Alertmanager(tmp_path_factory.mktemp("alertmanager"), acfg.lab.alertmanager_port + 10)
+    am.start([Webhook("eagle-dr", receiver, token[1]),
+              Webhook("eagle-dr-proxied", proxied[0], token[1], matchers=('via="proxy"',))])
+    yield am
+    am.stop()
+
+
+async def _post_alerts(am: Alertmanager, alerts: list[dict]) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{am.url}/api/v2/alerts", json=alerts) as r:
+            assert r.status == 200, await r.text()
+
+
+def _alert(labels: dict, starts: datetime, ends: datetime | None = None) -> dict:
+    a = {"labels": labels, "annotations": {"summary": "test"}, "startsAt": starts.isoformat(),
+         "generatorURL": "http://prometheus.invalid/graph"}
+    if ends:
+        a["endsAt"] = ends.isoformat()
+    return a
+
+
+def _group_key(labels: dict, route: str = "{}") -> str:
+    # Alertmanager's group key: the route's path, then the group labels (alertname, region).
+    return '%s:{alertname="%s", region="%s"}' % (route, labels["alertname"], labels["region"])
+
+
+async def _incident(client, wid: str) -> IncidentSummary | None:
+    try:
+        return await client.get_workflow_handle(wid).query(AlertIncidentWorkflow.incident)
+    except Exception:  # noqa: BLE001 - not started yet, or closed (then the result says)
+        return None
+
+
+async def _acted(client, wid: str) -> IncidentSummary | None:
+    inc = await _incident(client, wid)
+    return inc if inc and inc.action else None
+
+
+async def _terminate(client, wid: str) -> None:
+    try:
+        await client.get_workflow_handle(wid).terminate("alerts test cleanup")
+    except Exception:  # noqa: BLE001 - already closed
+        pass
+
+
+async def test_alertmanager_starts_and_signals_the_monitor_then_resolves(client, acfg, alertmanager):
+    """A firing alert through the real Alertmanager starts the service's monitor (fixed id) and
+    signals it; the resolved alert is signalled too and closes the incident."""
+    now = datetime.now(timezone.utc)
+    labels = {"alertname": f"DbSlow{uuid.uuid4().hex[:6]}", "region": "us-east-1", "severity": "critical"}
+    wid = incident_id(acfg.service, "health", _group_key(labels))
+    mon = client.get_workflow_handle(monitor_id(acfg.service))
+    try:
+        await _post_alerts(alertmanager, [_alert(labels, now)])
+        inc = await _until(lambda: _acted(client, wid), 20, "the incident workflow to record the alert and act")
+        assert inc.alerts == 1 and inc.firing == 1 and inc.action and "MonitorWorkflow" in inc.action
+
+        async def alerted() -> MonitorState | None:
+            st = await mon.query(MonitorWorkflow.monitor_state)
+            return st if any("alert (health): 1 firing" in f for f in st.findings) else None
+
+        await _until(alerted, 20, "the monitor to record the alert")
+        desc = await client.get_workflow_handle(wid).describe()
+        assert desc.typed_search_attributes.get(DR_TRIGGER) == "alert"
+
+        await _post_alerts(alertmanager, [_alert(labels, now, datetime.now(timezone.utc))])
+        result = await _until(lambda: _closed_result(client, wid), 20, "the incident to close on resolve")
+        assert result.outcome == "resolved" and result.resolved == 1 and result.firing == 0
+        await record(client.get_workflow_handle(wid), "alert_incident-monitor-resolved")
+        st = await _until(lambda: _finding(mon, "0 firing, 1 resolved"), 20, "the monitor to hear the resolve")
+        assert st
+    finally:
+        await _terminate(client, mon.id)
+        await _terminate(client, wid)
+
+
+async def _closed_result(client, wid: str) -> IncidentSummary | None:
+    h = client.get_workflow_handle(wid, result_type=IncidentSummary)
+    if (await h.describe()).status != WorkflowExecutionStatus.COMPLETED:
+        return None
+    return await h.result()
+
+
+async def _finding(handle, text: str):
+    st = await handle.query(MonitorWorkflow.monitor_state)
+    return st if any(text in f for f in st.findings) else None
+
+
+async def test_storm_of_1000_alerts_is_one_workflow_and_none_lost(client, acfg, alertmanager, receiver):
+    now = datetime.now(timezone.utc)
+    group = {"alertname": "DiskStorm", "region": f"r-{uuid.uuid4().hex[:6]}"}
+    wid = incident_id(acfg.service, "storm", _group_key(group))
+    alerts = [_alert({**group, "instance": f"node-{i}"}, now) for i in range(1000)]
+    try:
+        # In three posts, so Alertmanager sends several notifications for the one group.
+        for part in (alerts[:10], alerts[10:400], alerts[400:]):
+            await _post_alerts(alertmanager, part)
+
+        async def all_in():
+            inc = await _incident(client, wid)
+            return inc if inc and inc.alerts == 1000 else None
+
+        inc = await _until(all_in, 60, "all 1000 alerts in the incident")
+        assert inc.firing == 1000 and inc.action == "recorded"
+        runs = [w async for w in client.list_workflows(f'WorkflowId = "{wid}"')]
+        assert len(runs) == 1, [r.run_id for r in runs]
+        count = await client.count_workflows(f'WorkflowType = "AlertIncidentWorkflow" AND TaskQueue = '
+                                             f'"{acfg.temporal.control_task_queue}" AND WorkflowId = "{wid}"')
+        assert count.count == 1
+    finally:
+        await _terminate(client, wid)
+
+
+async def test_concurrent_reposts_converge_on_one_run(client, acfg, receiver):
+    """The same notification posted 20 times at once (Alertmanager retrying while an attempt is
+    in flight, an HA pair of Alertmanagers): one run, 50 alerts, every repeat a duplicate."""
+    group = {"alertname": "DiskStorm", "region": f"r-{uuid.uuid4().hex[:6]}"}
+    key = _group_key(group)
+    wid = incident_id(acfg.service, "storm", key)
+    now = datetime.now(timezone.utc)
+    doc = _notification(group, [_alert({**group, "instance": f"n{i}"}, now) for i in range(50)], key)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+            codes = await asyncio.gather(*(_post(s, receiver, doc) for _ in range(20)))
+        assert codes == [200] * 20
+        inc = await _until(lambda: _dups(client, wid, 19 * 50), 20, "every repeat counted as a duplicate")
+        assert inc.alerts == 50 and inc.notifications == 20 and inc.duplicates == 19 * 50
+        runs = [w async for w in client.list_workflows(f'WorkflowId = "{wid}"')]
+        assert len(runs) == 1, [r.run_id for r in runs]
+    finally:
+        await _terminate(client, wid)
+
+
+async def _dups(client, wid: str, at_least: int):
+    inc = await _incident(client, wid)
+    return inc if inc and inc.duplicates >= at_least else None
+
+
+_TOKENS: dict[int, str] = {}
+
+
+def _token(acfg) -> str:
+    return _TOKENS[id(acfg)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remember_token(acfg, token):
+    _TOKENS[id(acfg)] = token[0]
+
+
+async def _post(session: aiohttp.ClientSession, url: str, doc, raw: bytes | None = None) -> int:
+    data = raw if raw is not None else json.dumps(doc).encode()
+    async with session.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
+        await r.read()
+        return r.status
+
+
+def _notification(group: dict, alerts: list[dict], group_key: str, status: str = "firing") -> dict:
+    return {"receiver": "eagle-dr", "status": status, "version": "4", "groupKey": group_key, "truncatedAlerts": 0,
+            "groupLabels": group, "commonLabels": group, "commonAnnotations": {}, "externalURL": "http://am",
+            "alerts": [{**a, "status": status, "fingerprint": f"fp{i:05d}", "endsAt": "0001-01-01T00:00:00Z"}
+                       for i, a in enumerate(alerts)]}
+
+
+async def test_bad_or_missing_token_is_401(acfg, receiver):
+    doc = _notification({"alertname": "X", "region": "us-east-1"},
+                        [_alert({"alertname": "X", "region": "us-east-1"}, datetime.now(timezone.utc))], "{}:{}")
+    async with aiohttp.ClientSession() as s:
+        assert await _post(s, receiver, doc) == 401
+    for header in (f"Bearer {_token(acfg)}x", f"Basic {_token(acfg)}", "Bearer "):
+        async with aiohttp.ClientSession(headers={"Authorization": header}) as s:
+            assert await _post(s, receiver, doc) == 401, header
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.pop("groupKey"), "groupKey"),
+    (lambda d: d.update(version="3"), "version"),
+    (lambda d: d["alerts"][1].pop("startsAt"), "alerts[1].startsAt"),
+    (lambda d: d["alerts"][0].update(labels={"a": 1}), "alerts[0].labels.a"),
+    (lambda d: d["alerts"][0].update(status="pending"), "alerts[0].status"),
+    (lambda d: d.update(alerts=[]), "alerts"),
+])
+async def test_malformed_body_is_400_naming_the_field(acfg, receiver, mutate, field):
+    group = {"alertname": "X", "region": "us-east-1"}
+    now = datetime.now(timezone.utc)
+    doc = _notification(group, [_alert(group, now), _alert({**group, "i": "2"}, now)], "{}:{}")
+    mutate(doc)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+        async with s.post(receiver, json=doc) as r:
+            assert r.status == 400
+            body = await r.json()
+    assert body["field"] == field and field in body["error"], body
+
+
+async def test_not_json_is_400(acfg, receiver):
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+        async with s.post(receiver, data=b"{not json") as r:
+            assert r.status == 400
+            assert (await r.json())["field"] == "(body)"
+
+
+async def test_too_big_body_is_413(acfg, receiver):
+    big = b'{"pad": "' + b"x" * MAX_BODY + b'"}'
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+        assert await _post(s, receiver, None, raw=big) == 413
+
+        async def chunks():  # no Content-Length: the cap while reading answers
+            for i in range(0, len(big), 65536):
+                yield big[i:i + 65536]
+
+        async with s.post(receiver, data=chunks()) as r:
+            assert r.status == 413
+
+
+async def test_temporal_down_then_back_alertmanager_retry_lands(client, acfg, alertmanager, proxied):
+    url, proxy, dispatcher = proxied
+    labels = {"alertname": f"Flaky{uuid.uuid4().hex[:6]}", "region": "us-east-1", "via": "proxy"}
+    wid = incident_id(acfg.service, "unmatched", _group_key(labels, '{}/{via="proxy"}'))
+    try:
+        await _post_alerts(alertmanager, [_alert(labels, datetime.now(timezone.utc))])
+        # Alertmanager posted and got 503 (Temporal unreachable through the stopped relay).
+        async def refused_twice():
+            return dispatcher.unavailable >= 2
+
+        await _until(refused_twice, 30, "Alertmanager to retry after a 503")
+        assert await _incident(client, wid) is None
+        await proxy.start()
+        inc = await _until(lambda: _acted(client, wid), 30, "Alertmanager's retry to land once Temporal is back")
+        assert inc.alerts == 1 and inc.action == "recorded"
+        log = (alertmanager.dir / "alertmanager.log").read_text()
+        assert "503" in log
+    finally:
+        await _terminate(client, wid)
+
+
+async def test_failover_rule_starts_failover_with_approval_required(client, acfg, alertmanager):
+    """The failover is started (trigger alert, approval required, away from the labelled region)
+    and terminated at once: it waits at its first activity on this module's queue."""
+    now = datetime.now(timezone.utc)
+    down = acfg.primary.name
+    labels = {"alertname": "PrimaryRegionDown", "region": down, "severity": "critical"}
+    wid = incident_id(acfg.service, "region-down", _group_key(labels))
+    move = client.get_workflow_handle(move_id(acfg.service))
+    try:
+        await _post_alerts(alertmanager, [_alert(labels, now)])
+        inc = await _until(lambda: _acted(client, wid), 20, "the incident")
+        assert inc.action == f"started FailoverWorkflow {move.id}", inc
+        desc = await move.describe()
+        assert desc.workflow_type == "FailoverWorkflow"
+        assert desc.typed_search_attributes.get(DR_TRIGGER) == "alert"
+        assert desc.typed_search_attributes.get(DR_TARGET_REGION) == acfg.other(down).name
+        history = await move.fetch_history()
+        first = history.events[0].workflow_execution_started_event_attributes
+        args = json.loads(first.input.payloads[0].data)
+        assert args["approval"]["required"] is True and args["trigger"] == "alert"
+        assert args["target_region"] == acfg.other(down).name
+        assert datetime.fromisoformat(args["detected_at"]) <= datetime.now(timezone.utc)
+    finally:
+        await _terminate(client, move.id)
+        await _terminate(client, wid)
+
+
+async def test_lab_runs_the_receiver_and_an_alertmanager_sending_to_it(lab, client):
+    """What ``lab up`` starts: ``eagle-dr alerts serve`` as a process with the lab's token, and
+    the lab's Alertmanager; an alert no rule takes is recorded by the lab's control worker."""
+    lab.start_receiver()
+    lab.start_alertmanager()
+    am = lab.alertmanager()
+    labels = {"alertname": f"LabCheck{uuid.uuid4().hex[:6]}", "region": "us-east-1"}
+    wid = incident_id(lab.cfg.service, "unmatched", _group_key(labels))
+    try:
+        running = {p.name for p in lab.status().processes if p.running}
+        assert {"alerts-receiver", "alertmanager"} <= running
+        await _post_alerts(am, [_alert(labels, datetime.now(timezone.utc))])
+        inc = await _until(lambda: _acted(client, wid), 30, "the lab's receiver to record the alert")
+        assert inc.alerts == 1 and inc.action == "recorded"
+        log = (lab.state / "alerts" / "receiver.log").read_text()
+        assert wid in log and lab.secret("alerts-token") not in log
+    finally:
+        await _terminate(client, wid)
+        stopped = lab.stop_alerts()
+    assert set(stopped) == {"alerts-receiver", "alertmanager"}
+    await _until(_alerts_stopped(lab), 20, "the receiver and Alertmanager to stop")
+
+
+def _alerts_stopped(lab):
+    async def check():
+        return not any(p.running for p in lab.status().processes if p.name in ("alerts-receiver", "alertmanager"))
+    return check
+
+
+async def test_a_firing_alert_wakes_the_monitor_for_a_round_now(lab, client):
+    """On the lab's real workers: a monitor probing every 60 s runs its next quorum round as soon
+    as an alert arrives, instead of at the end of the interval. The alert casts no vote."""
+    from workflows.models import AlertNotice
+
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, {"service": lab.cfg.service, "interval_seconds": 60, "failure_threshold": 3,
+                              "watch_split_brain": False},
+        id=f"monitor-alert-{uuid.uuid4().hex[:8]}", task_queue=lab.cfg.temporal.control_task_queue)
+    try:
+        async def rounds(n: int):
+            async def check():
+                try:
+                    st = await handle.query(MonitorWorkflow.monitor_state)
+                except Exception:  # noqa: BLE001 - its first task has not run yet
+                    return None
+                return st if st.rounds >= n else None
+            return check
+
+        first = await _until(await rounds(1), 60, "the monitor's first round")
+        assert first.failures == 0
+        await handle.signal(MonitorWorkflow.alert, AlertNotice(
+            rule="health", incident_id="dr-alert-test", group_labels={"alertname": "DbSlow", "region": "us-east-1"},
+            firing=1))
+        st = await _until(await rounds(2), 20, "a round right after the alert (not 60 s later)")
+        assert st.failures == 0 and any("alert (health): 1 firing" in f for f in st.findings), st.findings
+        await handle.cancel()
+        await _until(_closed(handle), 30, "the monitor to stop")
+        await record(handle, "monitor-alert-wakeup")
+    finally:
+        await _terminate(client, handle.id)
+
+
+def _closed(handle):
+    async def check():
+        return (await handle.describe()).status != WorkflowExecutionStatus.RUNNING
+    return check
+
+
+async def test_continue_as_new_keeps_every_alert_and_the_action_taken_once(client, acfg, worker, queue):
+    """An incident that continues as new every 2 notifications: the counts travel with it and the
+    monitor is started once, not again in each run."""
+    from alerts.dispatch import Dispatcher
+    from alerts.payload import parse
+    from alerts.plan import plan
+
+    group = {"alertname": "DbSlow", "region": f"r-{uuid.uuid4().hex[:6]}", "severity": "page"}
+    key = _group_key(group)
+    now = datetime.now(timezone.utc)
+    docs = [_notification(group, [_alert({**group, "instance": f"n{i}"}, now) for i in range(10 * k, 10 * k + 10)],
+                          key) for k in range(5)]
+    for k, d in enumerate(docs):  # distinct fingerprints per notification
+        for i, a in enumerate(d["alerts"]):
+            a["fingerprint"] = f"fp{10 * k + i:05d}"
+    docs.append(docs[0])  # a retry: 10 duplicates
+    dispatcher = Dispatcher(None, queue, acfg.alerts.temporal_timeout, client=client)
+    wid = None
+    try:
+        for d in docs:
+            (inc,), _ = plan(acfg, parse(json.dumps(d).encode()))
+            inc.input = inc.input.model_copy(update={"notifications_per_run": 2})
+            wid = inc.workflow_id
+            await dispatcher.deliver(inc)
+
+        async def settled():
+            inc = await _incident(client, wid)
+            return inc if inc and inc.notifications == 6 else None
+
+        inc = await _until(settled, 30, "all six notifications recorded across runs")
+        assert (inc.alerts, inc.firing, inc.duplicates) == (50, 50, 10)
+        assert inc.action == f"started MonitorWorkflow {monitor_id(acfg.service)}", inc.action
+        runs = [w async for w in client.list_workflows(f'WorkflowId = "{wid}"')]
+        # Several notifications can land in one workflow task: at least one continue-as-new.
+        assert len(runs) >= 2, "continued as new"
+    finally:
+        if wid:
+            await _terminate(client, wid)
+        await _terminate(client, monitor_id(acfg.service))
+
+
+async def _post_direct(acfg, url: str, labels: dict, key: str) -> None:
+    doc = _notification(labels, [_alert(labels, datetime.now(timezone.utc))], key)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+        assert await _post(s, url, doc) == 200
+
+
+async def test_split_brain_rule_starts_detection_with_approval_required(client, acfg, receiver):
+    labels = {"alertname": "TwoWritablePrimaries", "region": "us-east-1"}
+    key = _group_key(labels) + uuid.uuid4().hex[:6]
+    wid = incident_id(acfg.service, "split", key)
+    move = client.get_workflow_handle(move_id(acfg.service))
+    try:
+        await _post_direct(acfg, receiver, labels, key)
+        inc = await _until(lambda: _acted(client, wid), 20, "the incident")
+        assert inc.action == f"started SplitBrainWorkflow {move.id}", inc
+        desc = await move.describe()
+        assert desc.workflow_type == "SplitBrainWorkflow" and desc.typed_search_attributes.get(DR_TRIGGER) == "alert"
+        first = (await move.fetch_history()).events[0].workflow_execution_started_event_attributes
+        args = json.loads(first.input.payloads[0].data)
+        assert args["approval"]["required"] is True and "TwoWritablePrimaries" in args["reason"]
+    finally:
+        await _terminate(client, move.id)
+        await _terminate(client, wid)
+
+
+async def test_failover_alert_without_a_region_is_recorded_not_acted_on(client, acfg, receiver):
+    labels = {"alertname": "PrimaryRegionDown", "severity": "critical"}
+    key = '{}:{alertname="PrimaryRegionDown"}' + uuid.uuid4().hex[:6]
+    wid = incident_id(acfg.service, "region-down", key)
+    try:
+        started = datetime.now(timezone.utc)
+        await _post_direct(acfg, receiver, labels, key)
+        inc = await _until(lambda: _acted(client, wid), 20, "the incident")
+        assert "failover not started" in inc.action and "'region' label" in inc.action, inc.action
+        try:
+            desc = await client.get_workflow_handle(move_id(acfg.service)).describe()
+            assert desc.start_time < started, "no failover may start without the failed region"
+        except RPCError:
+            pass  # never started at all
+    finally:
+        await _terminate(client, wid)
