@@ -734,7 +734,8 @@ def main() -> None:
         if isinstance(e, (click.ClickException, bundled.ClickException)):
             e.show()
             code = e.exit_code
-        elif isinstance(e, (click.exceptions.Abort, bundled.Abort)):
+        # (typer 0.29's bundled exceptions module has no Abort: typer.Abort is the one it raises.)
+        elif isinstance(e, (click.exceptions.Abort, getattr(bundled, "Abort", click.exceptions.Abort), typer.Abort)):
             code = 130
         else:
             raise
