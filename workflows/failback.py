@@ -78,8 +78,10 @@ class FailbackReport(BaseModel):
 @workflow.defn
 class FailbackWorkflow(Rejoin):
     runbook = "failback"
-    # A danger preflight found that a cancel before the point of no return leaves as it was.
+    # A danger preflight found that a cancel before the point of no return leaves as it was
+    # (once the old PostgreSQL is stopped to be measured, only its Redis is left).
     _left = ""
+    _redis_left = ""
 
     async def _preflight(self, inp: FailbackInput):
         """Both regions' workers answer and the other region is the primary."""
@@ -101,11 +103,15 @@ class FailbackWorkflow(Rejoin):
                 raise invalid("region", f"{primary} is not the primary ({p_health.postgres.role}); "
                                         f"nothing to fail back to")
             st.detail = f"{primary} is primary; {inp.region}'s worker answers"
-            if o_health.postgres.role == "primary":
-                # The old primary takes writes again (restarted by hand, or never fenced): a
-                # split brain. Failback resolves it; a cancel before it does must say it is live.
-                self._left = (f"{inp.region} is still a writable primary beside {primary} (a split brain): "
-                              f"run failback or split-brain resolution again")
+            # What a cancel before the point of no return leaves as found, now that it is read:
+            # the old primary taking writes again (restarted by hand, or never fenced) is a
+            # split brain that failback resolves; a cancel before it does must say it is live.
+            live = [w for w, up in (("PostgreSQL", o_health.postgres.role == "primary"),
+                                    ("Redis", o_health.redis.role == "master")) if up]
+            self._left = (f"{inp.region}'s {' and '.join(live)} still take writes beside {primary}'s (a split "
+                          f"brain): run failback or split-brain resolution again") if live else ""
+            self._redis_left = (f"{inp.region}'s Redis is still a master beside {primary}'s (a split brain): run "
+                                f"failback again") if "Redis" in live else ""
         return topo, primary, pq, oq, o_health
 
 
@@ -116,6 +122,9 @@ class FailbackWorkflow(Rejoin):
         self.service, self.target_region = inp.service, inp.region
         notes: list[str] = []
 
+        # Until preflight has read the old region, a cancel can only say what it did not check.
+        self._left = (f"{inp.region} as found, not yet probed: if its PostgreSQL or Redis takes writes beside the "
+                      f"primary, that is a split brain; run failback or split-brain resolution again")
         try:
             topo, primary, pq, oq, o_health = await self._preflight(inp)
         except asyncio.CancelledError:
@@ -152,7 +161,7 @@ class FailbackWorkflow(Rejoin):
             # until its writes are kept (restarting it writable would make a split brain).
             raise self.cancelled([f"nothing applied to {primary}; {inp.region}'s PostgreSQL is left stopped and "
                                   "fenced with its data intact: run failback again to keep its writes"]
-                                 if measured else [], "" if measured else self._left) from None
+                                 if measured else [], self._redis_left if measured else self._left) from None
 
         async def keep_rewind_switch() -> FailbackReport:
             reconciliation = rewound = None
