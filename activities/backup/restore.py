@@ -14,6 +14,7 @@ that repo alone.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import re
@@ -177,12 +178,14 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         opts += [f"--type={target.kind}", f"--target={value}", "--target-action=promote"]
         if not target.inclusive:
             opts.append("--target-exclusive")
-    follow = timeline_to_follow(stanza, repo_region, timeline)
-    if follow:
-        opts.append(f"--target-timeline={follow}")
     beat({"phase": "pgbackrest restore", "target": target.describe()})
     t0 = time.monotonic()
-    r = stanza.run("restore", *opts, "--log-level-console=info", timeout=timeout, check=False)
+    # Which timeline to follow asks the repo (a listing: half a second over TLS), so it runs
+    # beside the restore instead of before it; its answer goes into the copy's settings after.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        follow_f = pool.submit(timeline_to_follow, stanza, repo_region, timeline)
+        r = stanza.run("restore", *opts, "--log-level-console=info", timeout=timeout, check=False)
+        follow = follow_f.result()
     if r.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)
         out = r.stderr + r.stdout
@@ -196,6 +199,10 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     label = m.group(1) if m else None
     beat({"phase": "replaying WAL", "backup": label})
     ctl = PgCtl(sc)
+    if follow:
+        # What --target-timeline would have written; the last setting in the file wins.
+        auto = Path(sc.data_dir) / "postgresql.auto.conf"
+        ctl.write_file(auto, auto.read_text() + f"recovery_target_timeline = '{follow}'\n")
     t1 = time.monotonic()
     try:
         # Command-line settings beat every file the copy carries: never archive, never listen
@@ -226,7 +233,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         if time.monotonic() > deadline:
             raise RestoreError(f"recovery did not reach {target.describe()} in {timeout:.0f}s")
         beat({"phase": "replaying WAL", "backup": label})
-        time.sleep(0.5)
+        time.sleep(0.1)  # what an operator waits for: promptly seen (heartbeats are throttled by the SDK)
     recovery_s = time.monotonic() - t1
     with connect_scratch(sc) as conn:
         row = conn.execute("select (pg_last_committed_xact()).timestamp").fetchone() if _tracks_commit_ts(conn) else None
