@@ -21,9 +21,29 @@ Every DR metric carries ``service``; probe metrics also ``vantage`` (the worker 
 
 from __future__ import annotations
 
+import functools
+
+import structlog
 from temporalio.common import MetricMeter
 
 PREFIX = "eagle_dr_"
+
+log = structlog.get_logger(__name__)
+
+
+def _never_fails(fn):
+    """A metric must never fail what it measures: a runbook past its point of no return, or
+    a probe, goes on and the metric is logged as lost. (The SDK rejects e.g. negative gauge
+    values by raising, which inside a workflow would fail its task over and over.)"""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - see above
+            log.warning("metric not recorded", metric=fn.__name__, error=str(e))
+
+    return wrapper
 
 
 def worker_runtime(bind_address: str):
@@ -34,6 +54,8 @@ def worker_runtime(bind_address: str):
 
 
 def _gauge(meter: MetricMeter, name: str, description: str, unit: str | None, value: float, **attrs) -> None:
+    if value < 0:
+        return  # Temporal's gauges take no negative values; none of ours has a meaning below 0
     meter.create_gauge_float(PREFIX + name, description, unit).with_additional_attributes(
         {k: str(v) for k, v in attrs.items()}).set(float(value))
 
@@ -46,6 +68,7 @@ def _count(meter: MetricMeter, name: str, description: str, **attrs) -> None:
 # -- what a vantage point saw (activities) ----------------------------------------------------------
 
 
+@_never_fails
 def probe(meter: MetricMeter, service: str, vantage: str, region: str, *, postgres_up: bool, redis_up: bool,
           seconds: float) -> None:
     where = dict(service=service, vantage=vantage, region=region)
@@ -57,6 +80,7 @@ def probe(meter: MetricMeter, service: str, vantage: str, region: str, *, postgr
                                            "(PostgreSQL query + Redis command)", "s", seconds, **where)
 
 
+@_never_fails
 def replication_lag(meter: MetricMeter, service: str, vantage: str, standby: str, *, lag_bytes: int | None,
                     lag_seconds: float | None) -> None:
     where = dict(service=service, vantage=vantage, region=standby)
@@ -68,6 +92,7 @@ def replication_lag(meter: MetricMeter, service: str, vantage: str, standby: str
                                                  "caught up)", "s", lag_seconds, **where)
 
 
+@_never_fails
 def redis_offset_lag(meter: MetricMeter, service: str, vantage: str, replica: str, lag: int) -> None:
     _gauge(meter, "redis_offset_lag_bytes", "Master replication offset minus this replica's", "By", lag,
            service=service, vantage=vantage, region=replica)
@@ -76,11 +101,13 @@ def redis_offset_lag(meter: MetricMeter, service: str, vantage: str, replica: st
 # -- what a runbook or the monitor decided (workflows) ----------------------------------------------
 
 
+@_never_fails
 def runbook_finished(meter: MetricMeter, service: str, runbook: str, outcome: str) -> None:
     _count(meter, "runbook_runs_total", "Runbook runs by outcome (failover, switchover, failback, ...)",
            service=service, runbook=runbook, outcome=outcome)
 
 
+@_never_fails
 def move_measured(meter: MetricMeter, service: str, runbook: str, rto, rpo) -> None:
     """The last move's RTO and RPO beside their targets; unknown values are not exported."""
     where = dict(service=service, runbook=runbook)
@@ -93,11 +120,15 @@ def move_measured(meter: MetricMeter, service: str, runbook: str, rto, rpo) -> N
                               ("last_redis_offset_gap", rpo.redis_offset_gap, "Redis offset gap in the last move")):
         if value is not None:
             _gauge(meter, name, what, None, value, **where)
-    for name, met in (("last_rto_met", rto.met), ("last_rpo_met", rpo.met)):
-        # -1: unknown (never "met" without evidence, and never silently absent either).
-        _gauge(meter, name, "1 met, 0 missed, -1 unknown", None, -1 if met is None else int(met), **where)
+    for what, met in (("rto", rto.met), ("rpo", rpo.met)):
+        # Unknown is never "met" and never silently absent: a gauge of its own says it.
+        _gauge(meter, f"last_{what}_unknown", f"1 when the last move's {what.upper()} could not be proven", None,
+               int(met is None), **where)
+        if met is not None:
+            _gauge(meter, f"last_{what}_met", f"1 met, 0 missed (see last_{what}_unknown)", None, int(met), **where)
 
 
+@_never_fails
 def monitor_round(meter: MetricMeter, service: str, *, paused: bool, failures: int, workers_down: int) -> None:
     where = dict(service=service)
     _gauge(meter, "monitor_paused", "1 while the monitor is paused (watching, never failing over)", None,

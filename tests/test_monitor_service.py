@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -22,7 +21,7 @@ from temporalio.client import WorkflowExecutionStatus
 from eagle_dr.monitor import monitor_id
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _names, _primary, _until
+from tests.lab_helpers import _names, _primary, _scrape, _until, _value
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 from workflows.runbook import move_id
 
@@ -161,22 +160,9 @@ async def test_pause_and_cooldown_survive_continue_as_new(lab, client):
             pass
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def _value(text: str, name: str, **labels) -> float | None:
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 async def test_workers_serve_sdk_and_dr_metrics_that_follow_the_lab(lab, client):
-    a, b = _names(lab)
+    a = _primary(lab)  # wherever the primary is now; b: its standby
+    b = lab.cfg.other(a).name
     control_port = lab.cfg.temporal.metrics_port
     region_port = lab.cfg.region(a).temporal.metrics_port
     assert control_port and region_port
@@ -221,3 +207,23 @@ async def test_workers_serve_sdk_and_dr_metrics_that_follow_the_lab(lab, client)
         os.kill(standby, signal.SIGCONT)
         await handle.terminate("test over")
     lab.wait_replication()
+
+
+def test_a_metric_the_sdk_rejects_never_fails_what_it_measures():
+    """Temporal's gauges refuse negative values by raising: inside a runbook that failed its
+    workflow task over and over. Such values are dropped and the rest is still exported."""
+    from eagle_dr import metrics
+    from workflows.models import Rpo, Rto
+
+    port = 29000 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) % 1000
+    runtime = metrics.worker_runtime(f"127.0.0.1:{port}")  # kept: its exporter lives as long as it does
+    meter = runtime.metric_meter
+    metrics.redis_offset_lag(meter, "svc", "control", "r1", -3)
+    metrics.move_measured(meter, "svc", "failover", Rto(detected_at=datetime.now(timezone.utc), total_s=3.5,
+                                                        target_s=300, met=True), Rpo(redis_offset_gap=-5))
+    text = _scrape(port)
+    assert _value(text, "eagle_dr_last_rto_seconds", runbook="failover") == 3.5
+    assert _value(text, "eagle_dr_last_rto_met", runbook="failover") == 1
+    assert _value(text, "eagle_dr_last_rpo_unknown", runbook="failover") == 1  # unknown is said, never "met"
+    assert _value(text, "eagle_dr_last_rpo_met", runbook="failover") is None
+    assert _value(text, "eagle_dr_redis_offset_lag_bytes", region="r1") is None
