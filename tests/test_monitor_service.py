@@ -227,3 +227,48 @@ def test_a_metric_the_sdk_rejects_never_fails_what_it_measures():
     assert _value(text, "eagle_dr_last_rpo_unknown", runbook="failover") == 1  # unknown is said, never "met"
     assert _value(text, "eagle_dr_last_rpo_met", runbook="failover") is None
     assert _value(text, "eagle_dr_redis_offset_lag_bytes", region="r1") is None
+
+
+async def test_no_automatic_failover_within_the_cooldown_or_to_a_dead_target(lab, client):
+    """Automatic failover on, the primary down for more rounds than the threshold: within the
+    cooldown of the last automatic attempt, and (without a cooldown) with the standby down
+    too, the monitor refuses, says why once, and keeps watching."""
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    primary, standby = lab.postgres(a).pid, lab.postgres(b).pid
+
+    async def refused(stop: list[int], recent: bool, why: str):
+        t0 = time.time()
+        inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2, auto_failover=True,
+                           last_auto_move_at=datetime.now(timezone.utc) if recent else None,
+                           auto_failover_cooldown_seconds=600)
+        handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-refuse-{uuid.uuid4()}",
+                                             task_queue=lab.cfg.temporal.control_task_queue)
+        try:
+            async def healthy():
+                st = await _state(handle)
+                return st if st and st.rounds >= 1 and st.votes.get("control") == "up" else None
+
+            await _until(healthy, 60, "a healthy round")
+            for pid in stop:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                async def said():
+                    st = await _state(handle)
+                    return st if st and any(f"**{a} is DOWN**" in f and why in f for f in st.findings) else None
+
+                seen = await _until(said, 60, f"the monitor to refuse: {why}")
+                later = await _until(lambda: _rounds_after(handle, seen.rounds + 2), 30, "more rounds")
+                assert later.failovers_started == 0 and not await _moves_since(client, lab, t0), later
+                assert sum(why in f for f in later.findings) == 1, later.findings  # once per outage
+            finally:
+                for pid in stop:
+                    os.kill(pid, signal.SIGCONT)
+            assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+        finally:
+            await handle.terminate("test over")
+
+    await refused([primary], recent=True, why="within the cooldown")
+    await refused([primary, standby], recent=False, why=f"the target {b} is not a live standby")
+    assert _primary(lab) == a
+    lab.wait_replication()
