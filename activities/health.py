@@ -10,14 +10,14 @@ does not answer; the others see the databases fine).
 from __future__ import annotations
 
 import socket
+import time
 
-import redis
 from pydantic import BaseModel, Field
 from temporalio import activity
 
 from activities.postgres.status import PgStatus, pg_status
 from activities.redis.status import RedisStatus, redis_status
-from activities.redis.status import client as redis_client
+from eagle_dr import metrics
 from eagle_dr.config import EagleConfig
 
 
@@ -47,6 +47,8 @@ class RegionSighting(BaseModel):
     read_only: bool | None = None
     redis_up: bool
     error: str | None = None
+    # How long this vantage point's probe of the region took (PostgreSQL + Redis).
+    probe_seconds: float | None = None
 
     @property
     def verdict(self) -> str:
@@ -70,14 +72,6 @@ def _worker() -> str:
     return f"{socket.gethostname()}/{activity.info().task_queue}"
 
 
-def _redis_ping(cfg, timeout: float) -> str | None:
-    try:
-        redis_client(cfg, timeout).ping()
-    except (redis.RedisError, OSError) as e:
-        return str(e) or type(e).__name__
-    return None
-
-
 class HealthActivities:
     def __init__(self, cfg: EagleConfig):
         self.cfg = cfg
@@ -94,13 +88,55 @@ class HealthActivities:
     def probe_regions_from_here(self, req: ProbeRequest) -> VantageReport:
         """From this worker, over the network: each named region's PostgreSQL with a real
         query (role, read-only) and its Redis with PING. Unreachable is a sighting, not an error."""
-        out = []
+        out, pgs, rss = [], {}, {}
         for name in req.regions:
             r = self.cfg.region(name)
+            started = time.monotonic()
             pg = pg_status(r.postgres, req.timeout_seconds)
-            redis_error = _redis_ping(r.redis, req.timeout_seconds)
-            errors = [e for e in (pg.error and f"postgres: {pg.error}", redis_error and f"redis: {redis_error}") if e]
+            # INFO replication is the Redis probe: an answer proves the server serves commands
+            # as PING would, and it carries the offset the lag metric needs.
+            rs = redis_status(r.redis, req.timeout_seconds)
+            seconds = time.monotonic() - started
+            pgs[name], rss[name] = pg, rs
+            errors = [e for e in (pg.error and f"postgres: {pg.error}", rs.error and f"redis: {rs.error}") if e]
             out.append(RegionSighting(region=name, postgres_up=pg.reachable, postgres_role=pg.role,
-                                      read_only=pg.read_only, redis_up=redis_error is None,
-                                      error="; ".join(errors) or None))
+                                      read_only=pg.read_only, redis_up=rs.reachable,
+                                      error="; ".join(errors) or None, probe_seconds=round(seconds, 4)))
+        self._record(out, pgs, rss)
         return VantageReport(worker=_worker(), sightings=out)
+
+    def _record(self, sightings: list[RegionSighting], pgs: dict[str, PgStatus], rss: dict[str, RedisStatus]) -> None:
+        """This vantage point's view as metrics: availability and probe latency per region, and
+        the lag of each standby behind the primary it saw (PostgreSQL and Redis)."""
+        meter, svc = activity.metric_meter(), self.cfg.service
+        queue = activity.info().task_queue
+        vantage = next((r.name for r in self.cfg.regions if r.temporal.task_queue == queue), "control")
+        for s in sightings:
+            metrics.probe(meter, svc, vantage, s.region, postgres_up=s.postgres_up, redis_up=s.redis_up,
+                          seconds=s.probe_seconds or 0.0)
+        for name, pg in pgs.items():
+            if pg.role != "primary":
+                continue
+            for standby in self.cfg.regions:
+                if standby.name == name:
+                    continue
+                link = next((x for x in pg.replicas if x.application_name == standby.name or
+                             x.slot_name == standby.postgres.slot_name), None)
+                if link is not None:
+                    metrics.replication_lag(meter, svc, vantage, standby.name, lag_bytes=link.lag_bytes,
+                                            lag_seconds=link.replay_lag_seconds or 0.0)
+                elif (sb := pgs.get(standby.name)) is not None and sb.role == "standby" and sb.lsn and pg.lsn:
+                    # Not streaming (no pg_stat_replication row): what it has replayed against
+                    # the primary's end of WAL is the lag that matters for a failover now.
+                    metrics.replication_lag(meter, svc, vantage, standby.name,
+                                            lag_bytes=max(0, _lsn(pg.lsn) - _lsn(sb.lsn)), lag_seconds=None)
+        masters = {n: rs for n, rs in rss.items() if rs.role == "master" and rs.offset is not None}
+        for name, rs in rss.items():
+            if rs.role == "slave" and rs.offset is not None and len(masters) == 1:
+                (master,) = masters.values()
+                metrics.redis_offset_lag(meter, svc, vantage, name, max(0, master.offset - rs.offset))
+
+
+def _lsn(text: str) -> int:
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) + int(lo, 16)

@@ -318,6 +318,8 @@ class DnsConfig(_Strict):
 
 class TemporalRegionConfig(_Strict):
     task_queue: str
+    # This region's worker serves Prometheus metrics here (temporal.metrics_host); none: no endpoint.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class RegionConfig(_Strict):
@@ -333,11 +335,26 @@ class RegionConfig(_Strict):
 
 
 class HealthConfig(_Strict):
+    """The always-on monitor (``eagle-dr monitor``, started by ``lab up`` and ``schedules apply``)."""
+
     timeout: Duration = timedelta(seconds=30)
     interval: Duration = timedelta(seconds=10)
     failure_threshold: int = 3
+    # Off by default: an automatic failover is a decision with a data-loss bound (the lag
+    # guard), and a service owner opts into it knowingly.
+    auto_failover: bool = False
+    # No second automatic move within this long of the monitor's last one. After a failover
+    # the old primary is fenced and rebuilt; a flapping network must not bounce the service
+    # back and forth (each move costs an RPO and an RTO). A human can always move it.
+    auto_failover_cooldown: Duration = timedelta(minutes=30)
+    # The lag guard an automatic failover passes to the runbook (no force: past it, a human decides).
+    max_lag_bytes: Size = Field(default=16 << 20, ge=0)
+    # Automatic failovers wait at the approval gate (the pager gets the approve command) instead.
+    require_approval: bool = False
+    watch_split_brain: bool = True
+    auto_resolve_split_brain: bool = False
 
-    @field_validator("timeout", "interval")
+    @field_validator("timeout", "interval", "auto_failover_cooldown")
     @classmethod
     def _positive(cls, v: timedelta) -> timedelta:
         if v <= timedelta(0):
@@ -729,6 +746,10 @@ class AlertsConfig(_Strict):
 class TemporalConfig(_Strict):
     control_task_queue: str = "eagle-dr-control"
     ui_url: str = "http://127.0.0.1:8233"
+    # The control worker's Prometheus endpoint (none: no endpoint); regional workers have theirs
+    # in regions[].temporal.metrics_port. Production binds 0.0.0.0 (or the pod IP) to be scraped.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
 
 
 class DevServerConfig(_Strict):
@@ -813,6 +834,17 @@ class EagleConfig(_Strict):
             if q in queues or q == self.temporal.control_task_queue:
                 raise _FieldError(("regions", i, "temporal", "task_queue"), f"task queue {q!r} is used twice")
             queues[q] = r.name
+        ports: dict[int, str] = {}
+        for i, (where, port) in enumerate([("temporal", self.temporal.metrics_port),
+                                           *((f"regions[{j}]", r.temporal.metrics_port)
+                                             for j, r in enumerate(self.regions))]):
+            if port is None:
+                continue
+            if port in ports:
+                # Workers share a host in the lab: a second bind would stop that worker at start.
+                path = ("temporal", "metrics_port") if i == 0 else ("regions", i - 1, "temporal", "metrics_port")
+                raise _FieldError(path, f"metrics port {port} is also {ports[port]}'s")
+            ports[port] = where
         for table, t in self.conflicts.items():
             try:
                 TableName.parse(table)

@@ -20,6 +20,7 @@ from activities.redis.status import RedisStatus, SentinelView, fenced, redis_sta
 from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig, scrub
 from eagle_dr.devserver import ui_reachable
+from eagle_dr.monitor import MonitorView, monitor_view
 from eagle_dr.temporal import move_running
 
 # Pollers seen this recently are listed (for the operator's information only: whether a
@@ -112,6 +113,8 @@ class TopologyStatus(BaseModel):
     temporal_ui_reachable: bool
     # Whether a runbook holds dr-move-<service> now (None: Temporal could not say).
     move_running: bool | None = None
+    # The always-on monitor (dr-monitor-<service>): running, paused or not running.
+    monitor: MonitorView | None = None
 
     @property
     def primaries(self) -> list[str]:
@@ -285,10 +288,22 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
         # Without the lab's file, the clusters' ConfigMaps say where routing points (if they agree).
         named = {r.services.active_region for r in regions if r.services and r.services.reachable}
         active = named.pop() if len(named) == 1 else LabRouter(cfg.lab.state_dir).active_region()
-    return TopologyStatus(service=cfg.service, active_region=active,
+    return TopologyStatus(service=cfg.service, active_region=active, monitor=await _monitor(address, cfg.service),
                           regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
                           temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url),
                           move_running=await move_running(address, cfg.service))
+
+
+async def _monitor(address: str, service: str) -> MonitorView:
+    from eagle_dr.monitor import monitor_id
+    from eagle_dr.temporal import connect
+
+    try:
+        client = await asyncio.wait_for(connect(address), 5)
+        return await asyncio.wait_for(monitor_view(client, service), 10)
+    except Exception as e:  # noqa: BLE001 - Temporal down: unknown, said in the line
+        return MonitorView(workflow_id=monitor_id(service), running=False, status="unknown",
+                           error=f"temporal: {e or type(e).__name__}")
 
 
 def collect(cfg: EagleConfig, temporal_address: str | None = None) -> TopologyStatus:
@@ -330,6 +345,7 @@ def _archive_line(region: str, v: ArchiveView) -> str:
 
 def render(st: TopologyStatus) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -338,6 +354,9 @@ def render(st: TopologyStatus) -> None:
                   f"({'[green]up[/]' if st.temporal_ui_reachable else '[red]down[/]'})")
     if len(st.primaries) > 1:
         console.print(f"[bold red]SPLIT BRAIN: writable PostgreSQL primaries in {', '.join(st.primaries)}[/]")
+    if st.monitor is not None:
+        colour = {"running": "green", "paused": "yellow"}.get(st.monitor.status, "red")
+        console.print(f"[{colour}]{escape(st.monitor.line())}[/]")
     for left in st.leftovers:
         console.print(f"[bold red]LEFT FENCED:[/] {left}")
     for left in st.left_scaled_to_0:

@@ -28,6 +28,7 @@ from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttri
 from temporalio.service import RPCError, RPCStatusCode
 
 from eagle_dr.config import EagleConfig
+from eagle_dr.monitor import start_monitor
 from eagle_dr.temporal import DR_SERVICE, DR_TRIGGER
 from schedules.specs import OWNER_MEMO, DesiredSchedule, desired, prefix
 
@@ -40,6 +41,8 @@ class ApplyReport:
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    # The always-on monitor: "started <id>" or "already running <id>".
+    monitor: str = ""
 
     @property
     def changed(self) -> bool:
@@ -128,4 +131,10 @@ async def apply(client: Client, cfg: EagleConfig, paused: bool | None = None) ->
         await client.get_schedule_handle(s.id).delete()
         report.deleted.append(s.id)
         log.info("schedule deleted (no longer in the config)", schedule=s.id)
+    # The monitor is not a schedule (it never ends: a schedule would start it once and then
+    # skip every slot), but it belongs to the same "what must always run" that apply syncs.
+    handle, started = await start_monitor(client, cfg)
+    report.monitor = f"{'started' if started else 'already running'} {handle.id}"
+    if started:
+        log.info("monitor started", workflow_id=handle.id)
     return report

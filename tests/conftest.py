@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import yaml
 from moto.server import ThreadedMotoServer
 
 from eagle_dr.config import EagleConfig, LabConfig, load_config
@@ -28,7 +29,16 @@ PORT_SHIFT = int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000"))
 
 
 def write_test_config(directory: Path, shift: int = PORT_SHIFT, **overrides) -> Path:
-    return write_shifted_config(directory, shift, **overrides)
+    """The default config on shifted ports, with automatic failover OFF unless a test asks for
+    it: the suite shares one lab, its tests kill regions and stop servers on purpose, and an
+    always-on monitor started by a test (``schedules apply``) must never move the lab under
+    the tests that follow. Tests of automatic failover start their own monitor with it on."""
+    path = write_shifted_config(directory, shift, **overrides)
+    doc = yaml.safe_load(path.read_text())
+    if "auto_failover" not in (overrides.get("health") or {}):
+        doc.setdefault("health", {})["auto_failover"] = False
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 TEST_LAB_DIR = Path(__file__).resolve().parent.parent / ".eagle-dr-test"

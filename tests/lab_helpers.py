@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 import uuid
 
 import psycopg
@@ -114,3 +115,18 @@ async def _failback(lab, client, region: str, **kw):
                                          id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
 
 
+# -- a worker's Prometheus endpoint ---------------------------------------------------------------
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _value(text: str, name: str, **labels) -> float | None:
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None

@@ -29,7 +29,7 @@ from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
 from lab.app import write_log
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _async, _aux_pid, _awaiting, _fork, _lag_bytes, _names, _primary, _progress, _startup_pid, _until
+from tests.lab_helpers import _async, _aux_pid, _awaiting, _fork, _lag_bytes, _names, _primary, _progress, _scrape, _startup_pid, _until, _value
 from workflows.drill import DrillInput
 from workflows.runbook import move_id
 from workflows.monitor import MonitorInput, MonitorWorkflow
@@ -287,6 +287,10 @@ async def test_monitor_detects_region_loss_and_fails_over(lab, client):
     assert report.failover.outcome == "succeeded" and report.failover.trigger == "automatic"
     assert report.failover.rto.detected_at == report.first_failure_at
     assert pg_status(lab.cfg.region(b).postgres).role == "primary"
+    # The control worker ran the failover: its metrics endpoint has the outcome and the RTO.
+    text = _scrape(lab.cfg.temporal.metrics_port)
+    assert _value(text, "eagle_dr_runbook_runs_total", runbook="failover", outcome="succeeded") >= 1, text
+    assert _value(text, "eagle_dr_last_rto_seconds", runbook="failover") == pytest.approx(report.failover.rto.total_s)
     lab.rebuild_standby(a)
     lab.wait_replication()
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 import pytest
 from temporalio.client import Client, ScheduleOverlapPolicy
 
+from eagle_dr.monitor import monitor_id
 from schedules.apply import apply, build
 from schedules.control import pause, row, rows, trigger, unpause
 from eagle_dr.temporal import DR_SOURCE_REGION, DR_TRIGGER
@@ -30,6 +31,11 @@ async def _delete_owned(client: Client, cfg) -> None:
             await client.get_schedule_handle(d.id).delete()
         except Exception:  # noqa: BLE001 - not there
             pass
+    # apply also starts the always-on monitor: not left watching the session lab.
+    try:
+        await client.get_workflow_handle(monitor_id(cfg.service)).terminate("schedules test over")
+    except Exception:  # noqa: BLE001 - not running
+        pass
 
 
 def _with_backup(cfg, **changes):
@@ -196,9 +202,11 @@ async def test_cli_apply_is_idempotent_and_lists_the_schedules(lab_cfg, lab_conf
 
     ids = sorted(d.id for d in desired(lab_cfg))
     try:
-        assert "created: " in cli("apply", "--paused")
+        first = cli("apply", "--paused")
+        assert "created: " in first and f"monitor: started {monitor_id(lab_cfg.service)}" in first, first
         again = cli("apply", "--paused")
         assert again.startswith("unchanged: ") and "created" not in again and "updated" not in again
+        assert f"monitor: already running {monitor_id(lab_cfg.service)}" in again, again
 
         async def listed():
             # The list API is eventually consistent.

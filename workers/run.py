@@ -42,9 +42,23 @@ def build_worker(client, cfg: EagleConfig, region: str | None, executor: ThreadP
                   interceptors=[ScrubSecrets()])
 
 
+def metrics_address(cfg: EagleConfig, region: str | None) -> str | None:
+    """host:port of this worker's Prometheus endpoint, or None when the config gives it none."""
+    port = cfg.region(region).temporal.metrics_port if region else cfg.temporal.metrics_port
+    return f"{cfg.temporal.metrics_host}:{port}" if port else None
+
+
 async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None) -> None:
     log = logs.get("worker")
-    client = await connect(f"127.0.0.1:{cfg.lab.dev_server.grpc_port}")
+    extra = {}
+    if address := metrics_address(cfg, region):
+        from eagle_dr.metrics import worker_runtime
+
+        # The SDK's metrics and eagle-dr's (eagle_dr/metrics.py) on one endpoint: the client's
+        # runtime is the worker's, so activities' and workflows' meters export through it.
+        extra["runtime"] = worker_runtime(address)
+        log.info("worker.metrics", endpoint=f"http://{address}/metrics")
+    client = await connect(f"127.0.0.1:{cfg.lab.dev_server.grpc_port}", **extra)
     with ThreadPoolExecutor(max_workers=16) as executor:
         worker = build_worker(client, cfg, region, executor)
         loop = asyncio.get_running_loop()

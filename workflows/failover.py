@@ -201,6 +201,7 @@ class FailoverWorkflow(Runbook):
                 if inp.measure_client_impact:
                     await self.measure_clients(rto, rpo, target, previous, outage_since=detected_at)
                 finish_measurement(rto, rpo, verified=verification.ok)
+                self.measured(rto, rpo)
                 st.detail = f"RTO {rto.total_s:.1f}s (target {rto.target_s}s, {verdict(rto.met)}); RPO " \
                             f"{rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else 'unknown'} WAL bytes " \
                             f"({verdict(rpo.met)})"

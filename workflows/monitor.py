@@ -31,6 +31,15 @@ before the ``monitor-alert-wakeup`` patch replay the plain sleep.)
 
 The loop continues as new every ``iterations_per_run`` probes (or sooner, when Temporal
 suggests it) to keep history short.
+
+As a service (``eagle-dr monitor``, one per service under ``dr-monitor-<service>``, patch
+``monitor-service``): it never ends by itself. A primary that is down without automatic
+failover, while paused, within the cooldown of the last automatic attempt, or with a target
+that a majority of vantage points does not see as a live standby is a finding, not the end
+of the watch. ``pause`` keeps it probing and reporting but it starts no runbook; ``resume``
+lets it act again (on the next round, if the primary is still down); ``stop`` ends it after
+the current round. Paused state, the start time and the last automatic attempt survive
+continue-as-new.
 """
 
 from __future__ import annotations
@@ -47,7 +56,8 @@ with workflow.unsafe.imports_passed_through():
     from activities.split_brain import SplitBrainActivities
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
     from workflows.failover import FailoverWorkflow
-    from workflows.models import AlertNotice, FailoverInput, RunbookResult, Trigger
+    from eagle_dr import metrics
+    from workflows.models import AlertNotice, ApprovalPolicy, FailoverInput, RunbookResult, Trigger
     from workflows.runbook import Runbook, move_id
     from workflows.split_brain import SplitBrainInput, SplitBrainResult, SplitBrainWorkflow
     from workflows.validation import RawInput, validated
@@ -67,6 +77,24 @@ class MonitorInput(BaseModel):
     # Bounded: each round adds a few activities to the history, and Temporal caps its length.
     iterations_per_run: int = Field(default=500, ge=1, le=10000)
     primary_region: str | None = None
+    # No automatic failover within this long of the last automatic attempt (see config.health).
+    auto_failover_cooldown_seconds: float = Field(default=1800, ge=0)
+    require_approval: bool = False
+    # Carried across continue-as-new by the service monitor.
+    paused: bool = False
+    pause_reason: str = ""
+    paused_since: datetime | None = None
+    running_since: datetime | None = None
+    last_auto_move_at: datetime | None = None
+
+
+class Probe(BaseModel):
+    """What one vantage point saw of one region in the last round."""
+
+    verdict: str  # up | read-only | standby | down | no answer
+    redis_up: bool | None = None
+    seconds: float | None = None
+    error: str | None = None
 
 
 class MonitorState(BaseModel):
@@ -84,6 +112,17 @@ class MonitorState(BaseModel):
     # Notable events, oldest first (the last few only).
     findings: list[str] = []
     failovers_started: int = 0
+    # The service monitor: running | paused (stopping once stop was asked).
+    status: str = "running"
+    auto_failover: bool = False
+    running_since: datetime | None = None
+    paused_since: datetime | None = None
+    pause_reason: str = ""
+    last_round_at: datetime | None = None
+    # Vantage point -> region -> what it saw in the last round.
+    probes: dict[str, dict[str, Probe]] = {}
+    # No automatic failover before this (the cooldown after the last automatic attempt).
+    cooldown_until: datetime | None = None
 
 
 class MonitorReport(BaseModel):
@@ -94,6 +133,8 @@ class MonitorReport(BaseModel):
     failover: RunbookResult | None = None
     split_brain: SplitBrainResult | None = None
     error: str | None = None
+    # The service monitor ended by `eagle-dr monitor stop`: why.
+    stopped: str | None = None
 
 
 MAX_FINDINGS = 20
@@ -108,6 +149,10 @@ class MonitorWorkflow(Runbook):
         self.state = MonitorState()
         self._alerted = False
         self._woke_early = False
+        self.stop_reason: str | None = None
+        self.paused = False
+        # What the current outage has already been reported as (one finding per outage, not per round).
+        self._noted: str | None = None
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
@@ -121,24 +166,57 @@ class MonitorWorkflow(Runbook):
         # A resolved alert is news, not a reason to probe sooner.
         self._alerted = self._alerted or notice.firing > 0
 
-    async def _pause(self, wait: timedelta) -> None:
-        """Sleep until the next round, or until a firing alert asks for one now."""
-        if not workflow.patched("monitor-alert-wakeup"):
+    async def _wait_round(self, wait: timedelta, serving: bool = False) -> None:
+        """Sleep until the next round, or until a firing alert asks for one now (serving: or a
+        stop is asked). The legacy watch replays its plain sleep before ``monitor-alert-wakeup``;
+        the service loop always waited on a condition with a timeout (one timer either way)."""
+        stopping = (lambda: self.stop_reason is not None) if serving else (lambda: False)
+        if not serving and not workflow.patched("monitor-alert-wakeup"):
             await workflow.sleep(wait)
             return
         if self._woke_early:
             # At most one early round in a row: a storm of alerts must not turn the interval
             # into back-to-back rounds, which would count failure_threshold failed rounds
-            # within a transient stall that the interval exists to ride out.
+            # within a transient stall that the interval exists to ride out. (An alert that
+            # comes meanwhile stays pending: it wakes the round after.)
             self._woke_early = False
-            await workflow.sleep(wait)
+            try:
+                await workflow.wait_condition(stopping, timeout=wait)
+            except asyncio.TimeoutError:
+                pass
             return
         try:
-            await workflow.wait_condition(lambda: self._alerted, timeout=wait)
-            self._woke_early = True
+            await workflow.wait_condition(lambda: self._alerted or stopping(), timeout=wait)
+            self._woke_early = self._alerted
         except asyncio.TimeoutError:
             pass
         self._alerted = False
+
+    # Signals, not updates: an operator's pause must be recorded even while the control worker
+    # is down, and is honoured at the next decision (signals are delivered before the timer
+    # or activity result that wakes the loop).
+    @workflow.signal
+    def pause(self, reason: str = "") -> None:
+        if not self.paused:
+            self.paused = True
+            self.state.paused_since = workflow.now()
+            self.state.pause_reason = reason
+            self.state.status = "paused"
+            self._finding("paused" + (f": {reason}" if reason else "") + " (watching, no automatic runbook)")
+
+    @workflow.signal
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.state.paused_since, self.state.pause_reason, self.state.status = None, "", "running"
+            self._noted = None  # an outage still under way is reported (and acted on) afresh
+            self._finding("resumed")
+
+    @workflow.signal
+    def stop(self, reason: str = "") -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason or "stop requested"
+            self._finding(f"stopping: {self.stop_reason}")
 
     def _finding(self, what: str) -> None:
         self.state.findings = [*self.state.findings, f"{workflow.now().isoformat(timespec='seconds')} {what}"][
@@ -188,6 +266,10 @@ class MonitorWorkflow(Runbook):
     # -- the vantage-quorum monitor ----------------------------------------------------------
 
     async def _watch(self, inp: MonitorInput) -> MonitorReport:
+        # Histories recorded before the monitor became a service replay without it (and end
+        # when the primary is down without automatic failover, as they did).
+        if workflow.patched("monitor-service"):
+            return await self._serve(inp)
         topo = await self.topology()
         # The first round's sightings correct a wrong guess (see _follow): no probe of a
         # possibly dead region's own worker has to time out before the watch begins.
@@ -233,10 +315,169 @@ class MonitorWorkflow(Runbook):
                 failures, first_failure = 0, None
             elapsed = workflow.now() - started
             if elapsed < interval:
-                await self._pause(interval - elapsed)
+                await self._wait_round(interval - elapsed)
             if workflow.info().is_continue_as_new_suggested():
                 break
         workflow.continue_as_new(inp.model_copy(update={"primary_region": primary}))
+
+    # -- the service monitor (patch monitor-service) ---------------------------------------------
+
+    async def _serve(self, inp: MonitorInput) -> MonitorReport:
+        topo = await self.topology()
+        primary = inp.primary_region or next(r.name for r in topo.regions if r.configured_role == "primary")
+        self.target_region = primary
+        # A pause signalled before this first task ran (handlers run first) stands.
+        early = self.state if self.paused else None
+        self.paused = self.paused or inp.paused
+        self.state = MonitorState(
+            service=inp.service, watched_region=primary, failure_threshold=inp.failure_threshold,
+            status="paused" if self.paused else "running", auto_failover=inp.auto_failover,
+            running_since=inp.running_since or workflow.now(),
+            paused_since=early.paused_since if early else inp.paused_since if inp.paused else None,
+            pause_reason=early.pause_reason if early else inp.pause_reason if inp.paused else "",
+            findings=self.state.findings, cooldown_until=self._cooldown_until(inp))
+        interval = timedelta(seconds=inp.interval_seconds)
+        failures, first_failure = 0, None
+        splits, first_split = 0, None
+        for _ in range(inp.iterations_per_run):
+            if self.stop_reason is not None:
+                break
+            started = workflow.now()
+            split_check = asyncio.create_task(self._split_findings(topo.control_task_queue)) \
+                if inp.watch_split_brain else None
+            reports = await self._vantage_round(topo, inp.interval_seconds)
+            self.state.rounds += 1
+            self.state.last_round_at = workflow.now()
+            self._note_probes(reports)
+            if split_check is not None:
+                findings = await split_check
+                splits, first_split = (splits + 1, first_split or started) if findings else (0, None)
+                if splits >= 2:
+                    if self.paused or not inp.auto_resolve_split_brain:
+                        self._note_once(f"**SPLIT BRAIN**: {'; '.join(findings)}; "
+                                        + ("paused: not resolving" if self.paused else "automatic resolution is off"))
+                        workflow.upsert_search_attributes([DR_OUTCOME.value_set("split-brain")])
+                    elif done := await self._split_brain(inp, primary, findings, first_split, keep_watching=True):
+                        return done
+            self._note_workers(reports)
+            if (moved := self._follow(primary, reports)) is not None:
+                self._finding(f"primary moved: {primary} -> {moved}; now watching {moved}")
+                primary, failures, first_failure = moved, 0, None
+                self.target_region = self.state.watched_region = primary
+            down, answered = self._tally(primary, reports)
+            if answered and down * 2 > answered:
+                failures += 1
+                first_failure = first_failure or started
+            elif answered:
+                if failures >= inp.failure_threshold:
+                    self._finding(f"{primary} answers again")
+                failures, first_failure = 0, None
+                self._noted = None
+            self.state.failures = failures
+            self._show(primary, failures, down, answered, inp.failure_threshold)
+            metrics.monitor_round(workflow.metric_meter(), inp.service, paused=self.paused, failures=failures,
+                                  workers_down=len(self.state.workers_down))
+            if failures >= inp.failure_threshold:
+                why_not = self._why_not_fail_over(inp, topo, primary, reports)
+                if why_not is not None:
+                    self._note_once(f"**{primary} is DOWN** since {first_failure.isoformat(timespec='seconds')}: "
+                                    f"{why_not}")
+                    workflow.upsert_search_attributes([DR_OUTCOME.value_set("primary-down")])
+                else:
+                    if (done := await self._auto_failover(inp, topo, primary, first_failure)):
+                        return done
+                    # Refused, failed, or another move holds the id: recorded; the cooldown
+                    # holds the next attempt back, and the next rounds say where the primary is.
+                    failures, first_failure = 0, None
+            elapsed = workflow.now() - started
+            if elapsed < interval and self.stop_reason is None:
+                await self._wait_round(interval - elapsed, serving=True)
+            if workflow.info().is_continue_as_new_suggested():
+                break
+        if self.stop_reason is not None:
+            self.state.status = "stopped"
+            workflow.set_current_details(f"**monitor** {inp.service}: stopped ({self.stop_reason})")
+            return MonitorReport(service=inp.service, watched_region=primary, stopped=self.stop_reason)
+        workflow.continue_as_new(self._carry(inp, primary))
+
+    def _carry(self, inp: MonitorInput, primary: str, **more) -> MonitorInput:
+        """The next run's input: what must survive continue-as-new."""
+        return inp.model_copy(update={"primary_region": primary, "paused": self.paused,
+                                      "pause_reason": self.state.pause_reason, "paused_since": self.state.paused_since,
+                                      "running_since": self.state.running_since, **more})
+
+    def _cooldown_until(self, inp: MonitorInput):
+        if inp.last_auto_move_at is None:
+            return None
+        return inp.last_auto_move_at + timedelta(seconds=inp.auto_failover_cooldown_seconds)
+
+    def _why_not_fail_over(self, inp: MonitorInput, topo, primary: str, reports) -> str | None:
+        """Why no automatic failover now (None: go). Checked every round past the threshold,
+        so a target that comes up, a resume or the end of the cooldown lets the next round act."""
+        if not inp.auto_failover:
+            return "automatic failover is off"
+        if self.paused:
+            return "the monitor is paused: no automatic failover (eagle-dr monitor resume)"
+        until = self.state.cooldown_until
+        if until is not None and workflow.now() < until:
+            return (f"automatic failover refused: within the cooldown until {until.isoformat(timespec='seconds')} "
+                    "after the last automatic attempt; a human decides (eagle-dr failover)")
+        target = topo.other(primary).name
+        answered = [r for r in reports.values() if r is not None]
+        live = sum((s := r.of(target)) is not None and s.verdict == "standby" for r in answered)
+        if not answered or live * 2 <= len(answered):
+            # A failover to a region that is itself down or not a standby only adds a second outage.
+            return (f"automatic failover refused: the target {target} is not a live standby for a majority of the "
+                    f"vantage points ({live}/{len(answered)})")
+        return None
+
+    async def _auto_failover(self, inp: MonitorInput, topo, primary: str, first_failure) -> MonitorReport | None:
+        target = topo.other(primary).name
+        attempt = workflow.now()
+        self.state.cooldown_until = attempt + timedelta(seconds=inp.auto_failover_cooldown_seconds)
+        workflow.set_current_details(f"**{primary} is DOWN**: failing over to {target}")
+        report = MonitorReport(service=inp.service, watched_region=primary, first_failure_at=first_failure,
+                               detected_at=attempt)
+        try:
+            child = await workflow.start_child_workflow(
+                FailoverWorkflow.run, FailoverInput(
+                    service=inp.service, target_region=target, trigger=Trigger.automatic,
+                    reason=f"{primary} failed {inp.failure_threshold} health rounds", detected_at=first_failure,
+                    # The lag guard is never forced automatically: past it, a human decides.
+                    max_lag_bytes=inp.max_lag_bytes, source_known_down=True,
+                    approval=ApprovalPolicy(required=inp.require_approval)),
+                id=move_id(inp.service), task_queue=workflow.info().task_queue,
+                static_summary=f"automatic failover {inp.service} {primary} -> {target}")
+        except WorkflowAlreadyStartedError:
+            self._finding(f"{primary} down, but a move already holds {move_id(inp.service)}: not started")
+            return None
+        self.state.failovers_started += 1
+        self._finding(f"automatic failover {primary} -> {target} started")
+        try:
+            report.failover = await child
+        except ChildWorkflowError as e:
+            self._finding(f"automatic failover {primary} -> {target} refused or failed: {e.cause or e}")
+            return None
+        self._finding(f"automatic failover {primary} -> {target}: {report.failover.outcome}")
+        if inp.stop_after_failover:
+            return report
+        workflow.continue_as_new(self._carry(inp, target, last_auto_move_at=attempt))
+
+    def _note_once(self, what: str) -> None:
+        if self._noted != what:
+            self._noted = what
+            self._finding(what)
+
+    def _note_probes(self, reports: dict[str, VantageReport | None]) -> None:
+        regions = [s.region for r in reports.values() if r for s in r.sightings]
+        probes: dict[str, dict[str, Probe]] = {}
+        for vantage, report in reports.items():
+            if report is None:
+                probes[vantage] = {name: Probe(verdict="no answer") for name in dict.fromkeys(regions)}
+                continue
+            probes[vantage] = {s.region: Probe(verdict=s.verdict, redis_up=s.redis_up, seconds=s.probe_seconds,
+                                               error=s.error) for s in report.sightings}
+        self.state.probes = probes
 
     async def _vantage_round(self, topo, interval_seconds: float) -> dict[str, VantageReport | None]:
         """Every vantage point probes every region, in parallel; None: it did not answer."""
@@ -290,7 +531,8 @@ class MonitorWorkflow(Runbook):
         self.state.workers_down = gone
 
     def _show(self, primary: str, failures: int, down: int, answered: int, threshold: int) -> None:
-        lines = [f"**monitor** {self.service}: watching {primary}",
+        lines = [f"**monitor** {self.service}: watching {primary}" + (" (**PAUSED**: no automatic runbook)"
+                                                                       if self.paused else ""),
                  f"{down}/{answered} answering vantage points see it down; {failures}/{threshold} failed rounds",
                  "", *(f"- {v}: {seen}" for v, seen in self.state.votes.items())]
         if self.state.workers_down:
@@ -353,8 +595,8 @@ class MonitorWorkflow(Runbook):
             return None
         if inp.stop_after_failover:
             return report
-        workflow.continue_as_new(inp.model_copy(update={"primary_region": report.split_brain.choice.survivor
-                                                        if report.split_brain.choice else primary}))
+        workflow.continue_as_new(self._carry(inp, report.split_brain.choice.survivor
+                                             if report.split_brain.choice else primary))
 
     async def _region_down(self, inp: MonitorInput, topo, primary: str, first_failure,
                            keep_watching: bool = False) -> MonitorReport | None:

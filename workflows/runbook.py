@@ -19,6 +19,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
+    from eagle_dr import metrics
     from activities.lab_hooks import AckedRequest, LabHooks, MarkRequest
     from activities.postgres.activities import PostgresActivities
     from activities.postgres.epoch import EpochRecord
@@ -138,6 +139,12 @@ class Runbook:
         self.outcome = outcome
         workflow.upsert_search_attributes([DR_OUTCOME.value_set(outcome)])
         self._details(f"finished: {outcome}")
+        # The worker's meter (eagle_dr/metrics.py): no I/O, no command, nothing during replay.
+        metrics.runbook_finished(workflow.metric_meter(), self.service, self.runbook, outcome)
+
+    def measured(self, rto, rpo) -> None:
+        """Export a move's RTO and RPO (against their targets) on the worker's metrics endpoint."""
+        metrics.move_measured(workflow.metric_meter(), self.service, self.runbook, rto, rpo)
 
     # -- activity calls ------------------------------------------------------------------------
 

@@ -200,6 +200,7 @@ class SwitchoverWorkflow(Runbook):
             if inp.measure_client_impact:
                 notes += await self.measure_clients(rto, rpo, target, previous, outage_since=decided_at)
             finish_measurement(rto, rpo, verified=verification.ok)
+            self.measured(rto, rpo)
             st.detail = f"RTO {rto.total_s:.1f}s; WAL lost {rpo.lost_wal_bytes if proven else 'unknown'} bytes" + (
                 f"; clients saw {rto.client_outage_s}s without writes, acked writes lost "
                 f"{rpo.acknowledged_writes_lost}" if inp.measure_client_impact else "")

@@ -165,6 +165,7 @@ def lab_up(app_traffic: bool = typer.Option(True, "--app/--no-app", help="Start 
 
         from eagle_dr.cli.schedules import apply_from_config, print_report
 
+        # apply also starts the always-on monitor (schedules/apply.py): one place for both.
         print_report(asyncio.run(apply_from_config(lab.cfg)))
     with out.status("alerts receiver and Alertmanager"):
         # Alerts in: Alertmanager -> eagle-dr alerts serve -> an incident workflow per rule and group.
@@ -751,6 +752,7 @@ from eagle_dr.cli import backup as _backup_cli  # noqa: E402,F401
 from eagle_dr.cli import schedules as _schedules_cli  # noqa: E402,F401
 from eagle_dr.cli import restore as _restore_cli  # noqa: E402,F401
 from eagle_dr.cli import alerts as _alerts_cli  # noqa: E402,F401
+from eagle_dr.cli import monitor as _monitor_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

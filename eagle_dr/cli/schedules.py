@@ -39,6 +39,8 @@ def print_report(r) -> None:
                       ("deleted", r.deleted)):
         if ids:
             out.print(f"{what}: {', '.join(ids)}")
+    if r.monitor:
+        out.print(f"monitor: {r.monitor}")
 
 
 @schedules_app.command("apply")

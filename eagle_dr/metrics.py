@@ -1,0 +1,139 @@
+"""Prometheus metrics of a worker: the Temporal SDK's own and eagle-dr's DR metrics, on one endpoint.
+
+Both go through the worker's ``temporalio.runtime.Runtime``: its Prometheus exporter serves the
+SDK's metrics (task latencies, pollers, sticky cache, ...) and every metric created on its
+meter, so eagle-dr needs no second HTTP server and no new dependency (prometheus_client would
+serve a second port beside the SDK's, with nothing gained).
+
+Who records what:
+- activities, from what they already measure: each vantage point's probe of each region
+  (``activities/health.py``: availability, probe latency, replication lag in bytes and seconds,
+  Redis offset lag), through ``activity.metric_meter()``;
+- workflows, from their results (runbook outcomes, the last RTO and RPO, the monitor's state),
+  through ``workflow.metric_meter()``: it does no I/O from the workflow (the values go to the
+  worker's in-process exporter), adds no command to the history (so no replay patch), and
+  records nothing while a history is replayed, so a counter counts each run once.
+
+Every DR metric carries ``service``; probe metrics also ``vantage`` (the worker that looked:
+``control`` or a region) and ``region`` (the one looked at). The SDK adds ``namespace``,
+``task_queue`` and the activity or workflow type.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import structlog
+from temporalio.common import MetricMeter
+
+PREFIX = "eagle_dr_"
+
+log = structlog.get_logger(__name__)
+
+
+def _never_fails(fn):
+    """A metric must never fail what it measures: a runbook past its point of no return, or
+    a probe, goes on and the metric is logged as lost. (The SDK rejects e.g. negative gauge
+    values by raising, which inside a workflow would fail its task over and over.)"""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - see above
+            log.warning("metric not recorded", metric=fn.__name__, error=str(e))
+
+    return wrapper
+
+
+def worker_runtime(bind_address: str):
+    """A runtime whose Prometheus exporter listens on ``host:port`` (its metrics and ours)."""
+    from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address)))
+
+
+def _gauge(meter: MetricMeter, name: str, description: str, unit: str | None, value: float, **attrs) -> None:
+    if value < 0:
+        return  # Temporal's gauges take no negative values; none of ours has a meaning below 0
+    meter.create_gauge_float(PREFIX + name, description, unit).with_additional_attributes(
+        {k: str(v) for k, v in attrs.items()}).set(float(value))
+
+
+def _count(meter: MetricMeter, name: str, description: str, **attrs) -> None:
+    meter.create_counter(PREFIX + name, description).with_additional_attributes(
+        {k: str(v) for k, v in attrs.items()}).add(1)
+
+
+# -- what a vantage point saw (activities) ----------------------------------------------------------
+
+
+@_never_fails
+def probe(meter: MetricMeter, service: str, vantage: str, region: str, *, postgres_up: bool, redis_up: bool,
+          seconds: float) -> None:
+    where = dict(service=service, vantage=vantage, region=region)
+    _gauge(meter, "region_available", "1 when this vantage point reached the region's PostgreSQL with a real "
+                                      "query, else 0", None, 1 if postgres_up else 0, **where)
+    _gauge(meter, "redis_available", "1 when this vantage point's Redis command got an answer, else 0", None,
+           1 if redis_up else 0, **where)
+    _gauge(meter, "probe_latency_seconds", "How long this vantage point's probe of the region took "
+                                           "(PostgreSQL query + Redis command)", "s", seconds, **where)
+
+
+@_never_fails
+def replication_lag(meter: MetricMeter, service: str, vantage: str, standby: str, *, lag_bytes: int | None,
+                    lag_seconds: float | None) -> None:
+    where = dict(service=service, vantage=vantage, region=standby)
+    if lag_bytes is not None:
+        _gauge(meter, "replication_lag_bytes", "WAL the primary wrote that this standby has not replayed", "By",
+               lag_bytes, **where)
+    if lag_seconds is not None:
+        _gauge(meter, "replication_lag_seconds", "The primary's replay_lag for this standby (0 when idle and "
+                                                 "caught up)", "s", lag_seconds, **where)
+
+
+@_never_fails
+def redis_offset_lag(meter: MetricMeter, service: str, vantage: str, replica: str, lag: int) -> None:
+    _gauge(meter, "redis_offset_lag_bytes", "Master replication offset minus this replica's", "By", lag,
+           service=service, vantage=vantage, region=replica)
+
+
+# -- what a runbook or the monitor decided (workflows) ----------------------------------------------
+
+
+@_never_fails
+def runbook_finished(meter: MetricMeter, service: str, runbook: str, outcome: str) -> None:
+    _count(meter, "runbook_runs_total", "Runbook runs by outcome (failover, switchover, failback, ...)",
+           service=service, runbook=runbook, outcome=outcome)
+
+
+@_never_fails
+def move_measured(meter: MetricMeter, service: str, runbook: str, rto, rpo) -> None:
+    """The last move's RTO and RPO beside their targets; unknown values are not exported."""
+    where = dict(service=service, runbook=runbook)
+    for name, value, what in (("last_rto_seconds", rto.total_s, "Detection to serving in the last move"),
+                              ("rto_target_seconds", rto.target_s, "The RTO objective"),
+                              ("last_rpo_wal_bytes", rpo.lost_wal_bytes, "WAL lost in the last move"),
+                              ("last_rpo_seconds", rpo.loss_window_s, "How far back the last move's lost writes "
+                                                                      "reach"),
+                              ("rpo_target_seconds", rpo.target_s, "The RPO objective"),
+                              ("last_redis_offset_gap", rpo.redis_offset_gap, "Redis offset gap in the last move")):
+        if value is not None:
+            _gauge(meter, name, what, None, value, **where)
+    for what, met in (("rto", rto.met), ("rpo", rpo.met)):
+        # Unknown is never "met" and never silently absent: a gauge of its own says it.
+        _gauge(meter, f"last_{what}_unknown", f"1 when the last move's {what.upper()} could not be proven", None,
+               int(met is None), **where)
+        if met is not None:
+            _gauge(meter, f"last_{what}_met", f"1 met, 0 missed (see last_{what}_unknown)", None, int(met), **where)
+
+
+@_never_fails
+def monitor_round(meter: MetricMeter, service: str, *, paused: bool, failures: int, workers_down: int) -> None:
+    where = dict(service=service)
+    _gauge(meter, "monitor_paused", "1 while the monitor is paused (watching, never failing over)", None,
+           int(paused), **where)
+    _gauge(meter, "monitor_consecutive_failures", "Failed rounds in a row of the watched primary", None, failures,
+           **where)
+    _gauge(meter, "monitor_workers_down", "Vantage points whose worker did not pick up its probe", None,
+           workers_down, **where)

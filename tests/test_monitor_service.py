@@ -1,0 +1,274 @@
+"""The monitor as a service (``eagle-dr monitor``) and the workers' Prometheus endpoints, on the lab.
+
+Each test leaves the configured primary primary, every worker running, and no monitor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import yaml
+from temporalio.client import WorkflowExecutionStatus
+
+from eagle_dr.monitor import monitor_id
+from lab.processes import kill_tree, read_pid
+from tests.histories import record
+from tests.lab_helpers import _names, _primary, _scrape, _until, _value
+from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
+from workflows.runbook import move_id
+
+
+def _cli(config, *args, ok=True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(config), *args], capture_output=True,
+                       text=True, timeout=120)
+    if ok:
+        assert r.returncode == 0, r.stderr + r.stdout
+    return r
+
+
+async def _state(handle) -> MonitorState | None:
+    try:
+        return await handle.query(MonitorWorkflow.monitor_state)
+    except Exception:  # noqa: BLE001 - not started yet, or its worker is down
+        return None
+
+
+async def _moves_since(client, lab, since: float) -> bool:
+    try:
+        desc = await client.get_workflow_handle(move_id(lab.cfg.service)).describe()
+    except Exception:  # noqa: BLE001 - never started
+        return False
+    return desc.start_time.timestamp() >= since
+
+
+async def test_cli_start_is_idempotent_pause_holds_a_failover_and_survives_a_worker_restart(
+        lab, lab_config_path, client, tmp_path):
+    """Automatic failover on, paused: the primary stops answering for more rounds than the
+    threshold and no runbook starts; the control worker is killed -9 and restarted and the
+    same monitor goes on, still paused; resume and stop through the CLI."""
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    doc = yaml.safe_load(lab_config_path.read_text())
+    doc["health"].update({"interval": "1s", "failure_threshold": 2, "auto_failover": True})
+    config = tmp_path / "eagle-dr.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    wid = monitor_id(lab.cfg.service)
+    handle = client.get_workflow_handle_for(MonitorWorkflow.run, wid)
+
+    r = _cli(config, "monitor", "status", ok=False)
+    assert r.returncode == 1 and "NOT RUNNING" in r.stdout, r.stdout
+    assert f"monitor started: {wid}" in _cli(config, "monitor", "start").stdout
+    assert f"monitor already running: {wid}" in _cli(config, "monitor", "start").stdout
+    postmaster = lab.postgres(a).pid
+    try:
+        async def healthy():
+            st = await _state(handle)
+            return st if st and st.rounds >= 1 and set(st.votes.values()) == {"up"} else None
+
+        first = await _until(healthy, 60, "a round in which every vantage point sees the primary up")
+        assert first.auto_failover and first.status == "running" and first.running_since
+        assert set(first.probes) == {"control", a, b} and first.probes["control"][b].verdict == "standby"
+        assert "monitor: PAUSED" in _cli(config, "monitor", "pause", "--reason", "maintenance").stdout
+
+        t0 = time.time()
+        os.kill(postmaster, signal.SIGSTOP)  # no query gets an answer: down from every vantage point
+        try:
+            async def held():
+                st = await _state(handle)
+                return st if st and any(f"**{a} is DOWN**" in f and "paused" in f for f in st.findings) else None
+
+            seen = await _until(held, 60, "the paused monitor to see the primary down and hold back")
+            more = await _until(lambda: _rounds_after(handle, seen.rounds + 2), 30, "more rounds while down")
+            assert more.failures >= more.failure_threshold and more.failovers_started == 0, more
+            assert not await _moves_since(client, lab, t0)
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+
+        # kill -9 of the control worker (it runs the monitor): the workflow survives on the server.
+        assert kill_tree(read_pid(lab.worker_pidfile(None)))
+        lab.start_worker(None)
+        after = await _until(lambda: _rounds_after(handle, more.rounds), 90, "rounds after the worker restart")
+        assert after.status == "paused" and after.pause_reason == "maintenance", after
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+        st = json.loads(_cli(config, "monitor", "status", "--json").stdout)
+        assert st["status"] == "paused" and st["state"]["probes"]["control"][a]["verdict"] in ("up", "down")
+        line = _cli(config, "status").stdout
+        assert "monitor: PAUSED" in line, line
+        assert "monitor resumed: monitor: running" in _cli(config, "monitor", "resume").stdout
+        assert "monitor stopped" in _cli(config, "monitor", "stop", "--reason", "test over").stdout
+        result = await handle.result()
+        assert result.stopped == "test over" and result.failover is None
+        assert "NOT RUNNING" in _cli(config, "monitor", "status", ok=False).stdout
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        try:
+            await handle.terminate("test over")
+        except Exception:  # noqa: BLE001 - already stopped
+            pass
+    assert _primary(lab) == a
+
+
+async def _rounds_after(handle, rounds: int) -> MonitorState | None:
+    st = await _state(handle)
+    return st if st and st.rounds > rounds else None
+
+
+async def test_pause_and_cooldown_survive_continue_as_new(lab, client):
+    """A short run length makes the monitor continue as new every two rounds: the pause, its
+    reason and the start time carry over, and stop ends the chain cleanly."""
+    last = datetime.now(timezone.utc).replace(microsecond=0)
+    inp = MonitorInput(service=lab.cfg.service, interval_seconds=0.5, failure_threshold=2, iterations_per_run=2,
+                       auto_failover=True, last_auto_move_at=last, auto_failover_cooldown_seconds=600)
+    handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-can-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    first_run = handle.result_run_id
+    try:
+        await handle.signal(MonitorWorkflow.pause, "carried")
+        async def serving():
+            st = await _state(handle)
+            return st if st and st.running_since else None
+
+        since = (await _until(serving, 30, "the monitor's state")).running_since
+
+        async def next_run_paused():
+            desc = await client.get_workflow_handle(handle.id).describe()
+            if desc.run_id == first_run:
+                return None
+            st = await _state(client.get_workflow_handle(handle.id))
+            return st if st and st.status == "paused" and st.rounds >= 1 else None
+
+        st = await _until(next_run_paused, 60, "a continued run, still paused")
+        assert st.pause_reason == "carried" and st.running_since == since and st.paused_since is not None
+        assert st.cooldown_until == last + timedelta(seconds=600)
+        latest = client.get_workflow_handle_for(MonitorWorkflow.run, handle.id)
+        await latest.signal(MonitorWorkflow.stop, "done")
+        assert (await latest.result()).stopped == "done"
+        await record(latest, "monitor-service-continue-as-new")
+    finally:
+        try:
+            await client.get_workflow_handle(handle.id).terminate("test over")
+        except Exception:  # noqa: BLE001 - already ended
+            pass
+
+
+async def test_workers_serve_sdk_and_dr_metrics_that_follow_the_lab(lab, client):
+    a = _primary(lab)  # wherever the primary is now; b: its standby
+    b = lab.cfg.other(a).name
+    control_port = lab.cfg.temporal.metrics_port
+    region_port = lab.cfg.region(a).temporal.metrics_port
+    assert control_port and region_port
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=100),
+        id=f"monitor-metrics-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    standby = lab.postgres(b).pid
+    try:
+        async def seen(port, value, region, vantage):
+            async def pred():
+                try:
+                    text = _scrape(port)
+                except OSError:
+                    return None
+                return text if _value(text, "eagle_dr_region_available", region=region, vantage=vantage) == value \
+                    else None
+            return pred
+
+        text = await _until(await seen(control_port, 1, b, "control"), 60, f"control's metric: {b} available")
+        # The SDK's own metrics on the same endpoint, and the DR metrics beside them.
+        assert re.search(r"^temporal_\w+", text, re.M), text[:2000]
+        assert _value(text, "eagle_dr_probe_latency_seconds", region=a, vantage="control") is not None
+        assert _value(text, "eagle_dr_replication_lag_bytes", region=b, vantage="control") is not None
+        assert _value(text, "eagle_dr_redis_offset_lag_bytes", region=b, vantage="control") is not None
+
+        async def not_paused():
+            # One gauge per service: a paused monitor of an earlier test wrote 1 until this one's round.
+            return _value(_scrape(control_port), "eagle_dr_monitor_paused", service=lab.cfg.service) == 0
+
+        await _until(not_paused, 30, "the monitor's paused gauge at 0")
+        # Every regional worker is a vantage point with its own endpoint.
+        await _until(await seen(region_port, 1, b, a), 60, f"{a}'s worker's metric: {b} available")
+
+        os.kill(standby, signal.SIGSTOP)  # the standby stops answering: 0 from every vantage point
+        try:
+            await _until(await seen(control_port, 0, b, "control"), 60, f"control's metric: {b} unavailable")
+            await _until(await seen(region_port, 0, b, a), 60, f"{a}'s worker's metric: {b} unavailable")
+        finally:
+            os.kill(standby, signal.SIGCONT)
+        await _until(await seen(control_port, 1, b, "control"), 60, f"control's metric: {b} available again")
+    finally:
+        os.kill(standby, signal.SIGCONT)
+        await handle.terminate("test over")
+    lab.wait_replication()
+
+
+def test_a_metric_the_sdk_rejects_never_fails_what_it_measures():
+    """Temporal's gauges refuse negative values by raising: inside a runbook that failed its
+    workflow task over and over. Such values are dropped and the rest is still exported."""
+    from eagle_dr import metrics
+    from workflows.models import Rpo, Rto
+
+    port = 29000 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) % 1000
+    runtime = metrics.worker_runtime(f"127.0.0.1:{port}")  # kept: its exporter lives as long as it does
+    meter = runtime.metric_meter
+    metrics.redis_offset_lag(meter, "svc", "control", "r1", -3)
+    metrics.move_measured(meter, "svc", "failover", Rto(detected_at=datetime.now(timezone.utc), total_s=3.5,
+                                                        target_s=300, met=True), Rpo(redis_offset_gap=-5))
+    text = _scrape(port)
+    assert _value(text, "eagle_dr_last_rto_seconds", runbook="failover") == 3.5
+    assert _value(text, "eagle_dr_last_rto_met", runbook="failover") == 1
+    assert _value(text, "eagle_dr_last_rpo_unknown", runbook="failover") == 1  # unknown is said, never "met"
+    assert _value(text, "eagle_dr_last_rpo_met", runbook="failover") is None
+    assert _value(text, "eagle_dr_redis_offset_lag_bytes", region="r1") is None
+
+
+async def test_no_automatic_failover_within_the_cooldown_or_to_a_dead_target(lab, client):
+    """Automatic failover on, the primary down for more rounds than the threshold: within the
+    cooldown of the last automatic attempt, and (without a cooldown) with the standby down
+    too, the monitor refuses, says why once, and keeps watching."""
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    primary, standby = lab.postgres(a).pid, lab.postgres(b).pid
+
+    async def refused(stop: list[int], recent: bool, why: str):
+        t0 = time.time()
+        inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2, auto_failover=True,
+                           last_auto_move_at=datetime.now(timezone.utc) if recent else None,
+                           auto_failover_cooldown_seconds=600)
+        handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-refuse-{uuid.uuid4()}",
+                                             task_queue=lab.cfg.temporal.control_task_queue)
+        try:
+            async def healthy():
+                st = await _state(handle)
+                return st if st and st.rounds >= 1 and st.votes.get("control") == "up" else None
+
+            await _until(healthy, 60, "a healthy round")
+            for pid in stop:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                async def said():
+                    st = await _state(handle)
+                    return st if st and any(f"**{a} is DOWN**" in f and why in f for f in st.findings) else None
+
+                seen = await _until(said, 60, f"the monitor to refuse: {why}")
+                later = await _until(lambda: _rounds_after(handle, seen.rounds + 2), 30, "more rounds")
+                assert later.failovers_started == 0 and not await _moves_since(client, lab, t0), later
+                assert sum(why in f for f in later.findings) == 1, later.findings  # once per outage
+            finally:
+                for pid in stop:
+                    os.kill(pid, signal.SIGCONT)
+            assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+        finally:
+            await handle.terminate("test over")
+
+    await refused([primary], recent=True, why="within the cooldown")
+    await refused([primary, standby], recent=False, why=f"the target {b} is not a live standby")
+    assert _primary(lab) == a
+    lab.wait_replication()
