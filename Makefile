@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SYSTEM_PACKAGES := postgresql redis-server redis-sentinel prometheus-alertmanager pgbackrest openssl
+SYSTEM_PACKAGES := postgresql redis-server redis-sentinel prometheus-alertmanager prometheus pgbackrest openssl
 BENCH_PACKAGES  := patroni etcd-server
 
 .PHONY: setup system venv lab lab-down drill status test faults bench clean
