@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SYSTEM_PACKAGES := postgresql redis-server redis-sentinel prometheus-alertmanager prometheus pgbackrest openssl
 BENCH_PACKAGES  := patroni etcd-server
 
-.PHONY: setup system venv lab lab-down drill status test faults bench clean
+.PHONY: setup system venv lab lab-down drill status test test-long faults bench clean
 
 setup: system venv
 
@@ -46,6 +46,10 @@ status:
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+# The long variants `make test` leaves out to stay within CI's 30 minutes (marked `long`).
+test-long: setup
+	EAGLE_DR_LONG=all $(BIN)/python -m pytest -m long $(PYTEST_ARGS)
 
 # The whole fault-injection suite (tests/faults): every fault x runbook, with its table.
 # `make test` runs only its representative subset (the rest is marked slow_fault).

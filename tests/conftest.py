@@ -144,6 +144,23 @@ async def client(dev_server):
     return await connect(target_host=dev_server.address)
 
 
+# -- CI's 30-minute budget: the long variants of a tested behaviour run in `make test-long` ---
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: a long variant of behaviour `make test` already covers; "
+                                       "run by `make test-long` (EAGLE_DR_LONG=all)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("EAGLE_DR_LONG") == "all":
+        return
+    long = [i for i in items if i.get_closest_marker("long")]
+    if long:
+        config.hook.pytest_deselected(items=long)
+        items[:] = [i for i in items if not i.get_closest_marker("long")]
+
+
 # -- the SDK's crash at interpreter exit (sdk-python#300): leave with pytest's own status ----
 
 _exit_status: list[int] = []

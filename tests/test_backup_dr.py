@@ -100,6 +100,7 @@ def test_pitr_across_a_wal_gap_is_refused_only_where_the_gap_is(lab):
     assert "archive-push-queue-max" not in st.render()
 
 
+@pytest.mark.long  # 70-85 s each: `make test-long` (CI's 30 minutes)
 @pytest.mark.asyncio(loop_scope="session")
 async def test_other_region_down_keeps_pg_wal_bounded_and_archiving_catches_up(lab, client):
     primary = _primary(lab)
@@ -272,6 +273,7 @@ async def test_backup_switchover_backup_then_pitr_past_the_switch(lab, client):
 # -- the regional worker killed mid-backup -------------------------------------------------------
 
 
+@pytest.mark.long  # 70-85 s each: `make test-long` (CI's 30 minutes)
 @pytest.mark.asyncio(loop_scope="session")
 async def test_worker_killed_mid_backup_retries_to_one_valid_backup_per_repo(lab, client):
     import signal

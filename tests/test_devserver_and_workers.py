@@ -61,6 +61,9 @@ async def test_worker_polls_its_region_and_exits_cleanly_on_sigterm(lab, lab_con
     assert proc.returncode == 0, out
     assert '"event": "worker.stopping"' in out and '"event": "worker.stopped"' in out
     assert f'"task_queue": "{region.temporal.task_queue}"' in out
+    # The lab's own worker of the region holds its metrics port: this second one runs without
+    # metrics and says so, instead of failing (a taken port must never cost a worker).
+    assert '"event": "worker.metrics_unavailable"' in out, out
 
 
 def test_unknown_worker_region_is_refused(lab_config_path):

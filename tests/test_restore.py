@@ -197,6 +197,7 @@ async def test_a_split_brain_losers_timeline_in_the_archive_does_not_derail_rest
     assert (await handle.result()).outcome == "succeeded"
 
 
+@pytest.mark.long  # 70-85 s each: `make test-long` (CI's 30 minutes)
 async def test_repos_hold_no_plaintext_and_a_wrong_passphrase_is_named(lab, client):
     _table(lab)
     canary = f"CANARY-{uuid.uuid4().hex}"

@@ -147,6 +147,7 @@ def test_archiving_problems_rules():
     assert "archive_mode is off" in archiving_problems(ok.model_copy(update={"archive_mode": "off"}))[0]
 
 
+@pytest.mark.long  # 70-85 s each: `make test-long` (CI's 30 minutes)
 @ASYNC
 async def test_backup_list_shows_each_repo_and_exits_1_on_a_broken_one(lab, client, lab_config_path):
     b = await _backup(lab, client, type="incr")

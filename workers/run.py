@@ -56,8 +56,13 @@ async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None
 
         # The SDK's metrics and eagle-dr's (eagle_dr/metrics.py) on one endpoint: the client's
         # runtime is the worker's, so activities' and workflows' meters export through it.
-        extra["runtime"] = worker_runtime(address)
-        log.info("worker.metrics", endpoint=f"http://{address}/metrics")
+        try:
+            extra["runtime"] = worker_runtime(address)
+            log.info("worker.metrics", endpoint=f"http://{address}/metrics")
+        except Exception as e:  # noqa: BLE001 - metrics must never keep a worker from running runbooks
+            # A taken port (a second worker of the region on this host, a stale exporter) costs
+            # the metrics, loudly, never the worker: it may be the one a failover needs.
+            log.error("worker.metrics_unavailable", endpoint=f"http://{address}/metrics", error=str(e))
     client = await connect(f"127.0.0.1:{cfg.lab.dev_server.grpc_port}", **extra)
     with ThreadPoolExecutor(max_workers=16) as executor:
         worker = build_worker(client, cfg, region, executor)
