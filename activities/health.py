@@ -49,6 +49,11 @@ class RegionSighting(BaseModel):
     error: str | None = None
     # How long this vantage point's probe of the region took (PostgreSQL + Redis).
     probe_seconds: float | None = None
+    # Both PostgreSQL's and Redis's ports refused a TCP connection: the host answered, nothing
+    # listens. The servers are gone, not slow: a stalled (SIGSTOPped, swapping) server still
+    # has its listen socket, so the kernel accepts and the probe times out instead. Only this
+    # unambiguous evidence lets the monitor confirm an outage fast (MonitorInput.confirm_*).
+    refused: bool | None = None
 
     @property
     def verdict(self) -> str:
@@ -99,9 +104,14 @@ class HealthActivities:
             seconds = time.monotonic() - started
             pgs[name], rss[name] = pg, rs
             errors = [e for e in (pg.error and f"postgres: {pg.error}", rs.error and f"redis: {rs.error}") if e]
+            refused = None
+            if not pg.reachable and not rs.reachable:
+                refused = _refuses(r.postgres.host, r.postgres.port, req.timeout_seconds) and \
+                    _refuses(r.redis.host, r.redis.port, req.timeout_seconds)
             out.append(RegionSighting(region=name, postgres_up=pg.reachable, postgres_role=pg.role,
                                       read_only=pg.read_only, redis_up=rs.reachable,
-                                      error="; ".join(errors) or None, probe_seconds=round(seconds, 4)))
+                                      error="; ".join(errors) or None, probe_seconds=round(seconds, 4),
+                                      refused=refused))
         self._record(out, pgs, rss)
         return VantageReport(worker=_worker(), sightings=out)
 
@@ -135,6 +145,20 @@ class HealthActivities:
             if rs.role == "slave" and rs.offset is not None and len(masters) == 1:
                 (master,) = masters.values()
                 metrics.redis_offset_lag(meter, svc, vantage, name, max(0, master.offset - rs.offset))
+
+
+def _refuses(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connect to host:port is actively refused (ECONNREFUSED), read from the
+    socket's errno rather than a client library's (translatable) message. A timeout, an
+    unreachable network or a name that does not resolve is not a refusal: those are what a
+    partition or a frozen host look like, and they take the slow, stall-tolerant path."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 2.0)):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 def _lsn(text: str) -> int:

@@ -353,11 +353,19 @@ class HealthConfig(_Strict):
     require_approval: bool = False
     watch_split_brain: bool = True
     auto_resolve_split_brain: bool = False
+    # Fast confirmation: when a majority of all vantage points find the primary's PostgreSQL
+    # and Redis ports refusing connections (the servers are gone; a stalled one would still
+    # accept and time out), re-probe every confirm_interval and declare it down after
+    # confirm_rounds such rounds, instead of failure_threshold rounds at interval. A local
+    # supervisor that restarts a crashed server within confirm_interval x (confirm_rounds - 1)
+    # keeps it; a slower restart is treated as dead. null turns it off.
+    confirm_interval: Duration | None = timedelta(seconds=1)
+    confirm_rounds: int = Field(default=3, ge=1, le=100)
 
-    @field_validator("timeout", "interval", "auto_failover_cooldown")
+    @field_validator("timeout", "interval", "auto_failover_cooldown", "confirm_interval")
     @classmethod
-    def _positive(cls, v: timedelta) -> timedelta:
-        if v <= timedelta(0):
+    def _positive(cls, v: timedelta | None) -> timedelta | None:
+        if v is not None and v <= timedelta(0):
             raise ValueError("must be greater than 0")
         return v
 

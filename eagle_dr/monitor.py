@@ -32,7 +32,9 @@ def monitor_input(cfg: EagleConfig) -> MonitorInput:
                         failure_threshold=h.failure_threshold, auto_failover=h.auto_failover,
                         auto_failover_cooldown_seconds=h.auto_failover_cooldown.total_seconds(),
                         max_lag_bytes=h.max_lag_bytes, require_approval=h.require_approval,
-                        watch_split_brain=h.watch_split_brain, auto_resolve_split_brain=h.auto_resolve_split_brain)
+                        watch_split_brain=h.watch_split_brain, auto_resolve_split_brain=h.auto_resolve_split_brain,
+                        confirm_interval_seconds=h.confirm_interval.total_seconds() if h.confirm_interval else None,
+                        confirm_rounds=h.confirm_rounds)
 
 
 async def start_monitor(client: Client, cfg: EagleConfig) -> tuple[WorkflowHandle, bool]:

@@ -19,7 +19,7 @@ import yaml
 from temporalio.client import WorkflowExecutionStatus
 
 from eagle_dr.monitor import monitor_id
-from lab.processes import kill_tree, read_pid
+from lab.processes import children, kill_tree, read_pid
 from tests.histories import record
 from tests.lab_helpers import _names, _primary, _scrape, _until, _value
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
@@ -272,3 +272,48 @@ async def test_no_automatic_failover_within_the_cooldown_or_to_a_dead_target(lab
     await refused([primary, standby], recent=False, why=f"the target {b} is not a live standby")
     assert _primary(lab) == a
     lab.wait_replication()
+
+
+async def test_a_stall_is_ridden_out_while_refused_connections_would_be_confirmed_fast(lab, client):
+    """The primary's PostgreSQL and Redis frozen (SIGSTOP): their listen sockets still accept, so
+    the probes time out. That is no evidence of death: the fast confirmation (0.2 s x 3 rounds)
+    must not fire, only the threshold could, and the stall ends first. No failover."""
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=100,
+                                          confirm_interval_seconds=0.2, confirm_rounds=3, auto_failover=True,
+                                          stop_after_failover=True, watch_split_brain=False),
+        id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    frozen = [lab.postgres(a).pid, lab.redis(a).pid]
+    frozen += [c for pid in frozen[:1] for c in children(pid)]
+    t0 = time.time()
+    try:
+        async def healthy():
+            st = await _state(handle)
+            return st if st and st.rounds >= 1 and st.votes.get("control") == "up" else None
+
+        await _until(healthy, 60, "a round that sees the primary up")
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+        async def timing_out():
+            st = await _state(handle)
+            return st if st and st.failures >= 1 else None
+
+        stalled = await _until(timing_out, 30, "a round whose probes of the frozen primary time out")
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    seen = stalled.probes["control"][a]
+    assert seen.verdict == "down" and seen.refused is False, seen
+
+    async def answering():
+        st = await _state(handle)
+        return st if st and st.rounds > stalled.rounds and st.failures == 0 else None
+
+    after = await _until(answering, 60, "the monitor to see the primary answer again")
+    assert after.failovers_started == 0 and not any("is DOWN" in f for f in after.findings), after.findings
+    assert not await _moves_since(client, lab, t0)
+    await handle.terminate("test over")
+    assert _primary(lab) == a

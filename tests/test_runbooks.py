@@ -31,7 +31,7 @@ from lab.processes import kill_tree, read_pid
 from tests.histories import record
 from tests.lab_helpers import _async, _aux_pid, _awaiting, _fork, _lag_bytes, _names, _primary, _progress, _scrape, _startup_pid, _until, _value
 from workflows.drill import DrillInput
-from workflows.runbook import move_id
+from workflows.runbook import monitor_id, move_id
 from workflows.monitor import MonitorInput, MonitorWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, SwitchoverInput
 from workflows.switchover import SwitchoverWorkflow
@@ -267,10 +267,14 @@ async def test_control_worker_killed_during_promotion(lab, client):
 
 
 async def test_monitor_detects_region_loss_and_fails_over(lab, client):
+    """A killed region's ports refuse connections: the monitor confirms that in quick rounds
+    and fails over. The failure threshold is out of reach (100 rounds), so only the fast
+    confirmation of refused connections can have declared it down."""
     a, b = _names(lab)
     assert _primary(lab) == a
     handle = await client.start_workflow(
-        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=3,
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=100,
+                                          confirm_interval_seconds=0.2, confirm_rounds=3,
                                           auto_failover=True, stop_after_failover=True),
         id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
 
@@ -280,11 +284,13 @@ async def test_monitor_detects_region_loss_and_fails_over(lab, client):
 
     await _until(watching, 30, "the monitor to watch the primary")
     lab.kill_region(a)
-    report = await handle.result()
-    await record(handle, "monitor-auto-failover")
+    report = await asyncio.wait_for(handle.result(), 120)
+    # monitor-auto-failover.json stays: the threshold path, recorded before fast confirmation.
+    await record(handle, "monitor-fast-confirm")
     assert report.watched_region == a
     assert report.first_failure_at <= report.detected_at
     assert report.failover.outcome == "succeeded" and report.failover.trigger == "automatic"
+    assert "refused connections in 3 rounds" in report.failover.reason, report.failover.reason
     assert report.failover.rto.detected_at == report.first_failure_at
     assert pg_status(lab.cfg.region(b).postgres).role == "primary"
     # The control worker ran the failover: its metrics endpoint has the outcome and the RTO.
@@ -298,15 +304,27 @@ async def test_monitor_detects_region_loss_and_fails_over(lab, client):
 async def test_drill(lab, client):
     b, a = _names(lab)  # after the monitor's failover B is primary: the drill moves to A and back
     assert _primary(lab) == a
+    # The always-on monitor, armed to fail over fast on its own: the drill's kill would start
+    # its failover too (one move id: the drill's own failover step would collide) unless the
+    # drill holds it, which it does for its duration.
+    monitor = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=3,
+                                          confirm_interval_seconds=0.2, auto_failover=True, watch_split_brain=False),
+        id=monitor_id(lab.cfg.service), task_queue=lab.cfg.temporal.control_task_queue)
     lab.start_app()
     try:
         await _until(_async(lambda: len(write_log(lab.cfg).acknowledged()) > 10), 30, "sample app traffic")
         handle = await start_drill(client, lab.cfg, DrillInput(service=lab.cfg.service))
         report = await handle.result()
-        # drill.json stays: a drill recorded before the restore drill (patched) must replay.
-        await record(handle, "drill-restore-drill")
+        # drill.json and drill-restore-drill.json stay: drills recorded before later patches must replay.
+        await record(handle, "drill-holds-monitor")
+        st = await monitor.query(MonitorWorkflow.monitor_state)
     finally:
         lab.stop_app()
+        await monitor.terminate("test over")
+    assert any(f"held by {handle.id}" in f for f in st.findings), st.findings
+    assert any(f"released by {handle.id}" in f for f in st.findings) and not st.holds, st.findings
+    assert st.failovers_started == 0, st.findings
     assert report.primary_before == a and report.outage_region == b
     assert report.switchover.outcome == "succeeded" and report.switchover.rpo.acknowledged_writes_lost == 0
     assert report.switchover.approval.outcome == "auto-approved"

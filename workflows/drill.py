@@ -27,11 +27,15 @@ with workflow.unsafe.imports_passed_through():
     from workflows.backup import BackupInput, BackupWorkflow
     from workflows.failback import FailbackInput, FailbackReport, FailbackWorkflow
     from workflows.failover import FailoverWorkflow
-    from workflows.models import ApprovalPolicy, FailoverInput, RunbookResult, SwitchoverInput, Trigger
+    from workflows.models import ApprovalPolicy, FailoverInput, MonitorHold, RunbookResult, SwitchoverInput, Trigger
     from workflows.restore_drill import RestoreDrillInput, RestoreDrillResult, RestoreDrillWorkflow
-    from workflows.runbook import Runbook, move_id
+    from workflows.runbook import Runbook, monitor_id, move_id
     from workflows.switchover import SwitchoverWorkflow
     from workflows.validation import RawInput, invalid, validated
+
+
+# Longer than any drill on the lab takes; a drill that ends releases its hold at once.
+HOLD_FOR = timedelta(hours=1)
 
 
 class DrillInput(BaseModel):
@@ -70,8 +74,29 @@ class DrillWorkflow(Runbook):
     @workflow.run
     async def run(self, raw: RawInput) -> DrillReport:
         inp = validated(DrillInput, raw)
-        control = workflow.info().task_queue
         self.service = inp.service
+        # The drill kills a region and fails over itself; the always-on monitor would race it to
+        # the same failover (one move id: the loser's step fails). Held, the monitor watches and
+        # reports but starts nothing until the drill ends (or the hold lapses, if it never does).
+        held = workflow.patched("drill-holds-monitor") and await self._signal_monitor(
+            "hold", MonitorHold(holder=workflow.info().workflow_id, until=workflow.now() + HOLD_FOR,
+                                reason="DR drill in progress"))
+        try:
+            return await self._drill(inp)
+        finally:
+            if held:
+                await self._signal_monitor("release", workflow.info().workflow_id)
+
+    async def _signal_monitor(self, signal: str, arg) -> bool:
+        try:
+            await workflow.get_external_workflow_handle(monitor_id(self.service)).signal(signal, arg)
+            return True
+        except Exception as e:  # noqa: BLE001 - no monitor running is no monitor to hold
+            workflow.logger.info("monitor not signalled", extra={"signal": signal, "error": str(e)})
+            return False
+
+    async def _drill(self, inp: DrillInput) -> DrillReport:
+        control = workflow.info().task_queue
         topo = await self.topology()
         primary = await self.find_primary(topo)
         if primary is None:

@@ -181,6 +181,17 @@ class RunbookResult(BaseModel):
     cancel_refused: str | None = None
 
 
+class MonitorHold(BaseModel):
+    """A runbook's hold on the monitor's automatic moves (the ``hold`` signal): a drill that
+    kills a region itself must not race the always-on monitor to the same failover. Held,
+    the monitor still probes and reports; it starts no runbook. A hold lapses at ``until``
+    even if its holder never releases it (a terminated drill must not disarm the monitor)."""
+
+    holder: str
+    until: datetime
+    reason: str = ""
+
+
 class AlertNotice(BaseModel):
     """What an alert incident tells the monitor (its ``alert`` signal): which rule matched, the
     group's labels, and how many of its alerts fire or resolved. Labels only: never a secret."""

@@ -40,6 +40,16 @@ of the watch. ``pause`` keeps it probing and reporting but it starts no runbook;
 lets it act again (on the next round, if the primary is still down); ``stop`` ends it after
 the current round. Paused state, the start time and the last automatic attempt survive
 continue-as-new.
+
+Fast confirmation (patch ``monitor-fast-confirm``, ``confirm_interval_seconds`` set): a
+round in which a majority of ALL vantage points see the watched region's PostgreSQL and
+Redis ports actively refuse connections (the servers are gone, the hosts answer) is decided
+as soon as that majority is in, and is re-checked every ``confirm_interval_seconds``;
+``confirm_rounds`` such rounds in a row declare the region down. A stalled server (frozen,
+swapping, SIGSTOPped) keeps its listen socket: its probes time out, which is ambiguous, and
+only ``failure_threshold`` rounds at ``interval`` declare it down. So a kill is confirmed
+in about a second while a stall of up to ``failure_threshold x interval`` is ridden out:
+tolerance of transient stalls is not traded for speed (bench/failover.py checks both).
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ with workflow.unsafe.imports_passed_through():
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
     from workflows.failover import FailoverWorkflow
     from eagle_dr import metrics
-    from workflows.models import AlertNotice, ApprovalPolicy, FailoverInput, RunbookResult, Trigger
+    from workflows.models import AlertNotice, ApprovalPolicy, MonitorHold, FailoverInput, RunbookResult, Trigger
     from workflows.runbook import Runbook, move_id
     from workflows.split_brain import SplitBrainInput, SplitBrainResult, SplitBrainWorkflow
     from workflows.validation import RawInput, validated
@@ -86,6 +96,11 @@ class MonitorInput(BaseModel):
     paused_since: datetime | None = None
     running_since: datetime | None = None
     last_auto_move_at: datetime | None = None
+    # Fast confirmation of a region whose ports refuse connections (module docstring). None: off.
+    confirm_interval_seconds: float | None = Field(default=None, gt=0, le=60)
+    confirm_rounds: int = Field(default=3, ge=1, le=100)
+    # Holds on automatic moves (a drill's), carried across continue-as-new.
+    holds: list[MonitorHold] = []
 
 
 class Probe(BaseModel):
@@ -95,6 +110,8 @@ class Probe(BaseModel):
     redis_up: bool | None = None
     seconds: float | None = None
     error: str | None = None
+    # Its PostgreSQL and Redis ports refused connections (the servers are gone, not slow).
+    refused: bool | None = None
 
 
 class MonitorState(BaseModel):
@@ -123,6 +140,8 @@ class MonitorState(BaseModel):
     probes: dict[str, dict[str, Probe]] = {}
     # No automatic failover before this (the cooldown after the last automatic attempt).
     cooldown_until: datetime | None = None
+    # Runbooks holding automatic moves back now (a drill), with until when.
+    holds: list[MonitorHold] = []
 
 
 class MonitorReport(BaseModel):
@@ -211,6 +230,23 @@ class MonitorWorkflow(Runbook):
             self.state.paused_since, self.state.pause_reason, self.state.status = None, "", "running"
             self._noted = None  # an outage still under way is reported (and acted on) afresh
             self._finding("resumed")
+
+    @workflow.signal
+    def hold(self, hold: MonitorHold) -> None:
+        self.state.holds = [*(h for h in self.state.holds if h.holder != hold.holder), hold]
+        self._finding(f"automatic moves held by {hold.holder} until {hold.until.isoformat(timespec='seconds')}"
+                      + (f": {hold.reason}" if hold.reason else ""))
+
+    @workflow.signal
+    def release(self, holder: str) -> None:
+        if any(h.holder == holder for h in self.state.holds):
+            self.state.holds = [h for h in self.state.holds if h.holder != holder]
+            self._finding(f"released by {holder}")
+
+    def _held(self) -> MonitorHold | None:
+        now = workflow.now()
+        self.state.holds = [h for h in self.state.holds if h.until > now]
+        return self.state.holds[0] if self.state.holds else None
 
     @workflow.signal
     def stop(self, reason: str = "") -> None:
@@ -335,17 +371,22 @@ class MonitorWorkflow(Runbook):
             running_since=inp.running_since or workflow.now(),
             paused_since=early.paused_since if early else inp.paused_since if inp.paused else None,
             pause_reason=early.pause_reason if early else inp.pause_reason if inp.paused else "",
-            findings=self.state.findings, cooldown_until=self._cooldown_until(inp))
+            findings=self.state.findings, cooldown_until=self._cooldown_until(inp),
+            # A hold signalled before this first task ran stands beside the carried ones.
+            holds=[*inp.holds, *(h for h in self.state.holds if h.holder not in {x.holder for x in inp.holds})])
         interval = timedelta(seconds=inp.interval_seconds)
         failures, first_failure = 0, None
         splits, first_split = 0, None
+        # Rounds in a row in which a majority of all vantage points saw the primary's ports refuse.
+        fast = inp.confirm_interval_seconds is not None and workflow.patched("monitor-fast-confirm")
+        hard = 0
         for _ in range(inp.iterations_per_run):
             if self.stop_reason is not None:
                 break
             started = workflow.now()
             split_check = asyncio.create_task(self._split_findings(topo.control_task_queue)) \
                 if inp.watch_split_brain else None
-            reports = await self._vantage_round(topo, inp.interval_seconds)
+            reports = await self._vantage_round(topo, inp.interval_seconds, decide_for=primary if fast else None)
             self.state.rounds += 1
             self.state.last_round_at = workflow.now()
             self._note_probes(reports)
@@ -368,30 +409,39 @@ class MonitorWorkflow(Runbook):
             if answered and down * 2 > answered:
                 failures += 1
                 first_failure = first_failure or started
+                hard = hard + 1 if fast and self._refused(primary, reports, 1 + len(topo.regions)) else 0
             elif answered:
-                if failures >= inp.failure_threshold:
+                if failures >= inp.failure_threshold or (fast and hard >= inp.confirm_rounds):
                     self._finding(f"{primary} answers again")
-                failures, first_failure = 0, None
+                failures, first_failure, hard = 0, None, 0
                 self._noted = None
             self.state.failures = failures
-            self._show(primary, failures, down, answered, inp.failure_threshold)
+            self._show(primary, failures, down, answered, inp.failure_threshold,
+                       confirm=(hard, inp.confirm_rounds) if hard else None)
             metrics.monitor_round(workflow.metric_meter(), inp.service, paused=self.paused, failures=failures,
                                   workers_down=len(self.state.workers_down))
-            if failures >= inp.failure_threshold:
+            confirmed = fast and hard >= inp.confirm_rounds
+            if failures >= inp.failure_threshold or confirmed:
                 why_not = self._why_not_fail_over(inp, topo, primary, reports)
                 if why_not is not None:
                     self._note_once(f"**{primary} is DOWN** since {first_failure.isoformat(timespec='seconds')}: "
                                     f"{why_not}")
                     workflow.upsert_search_attributes([DR_OUTCOME.value_set("primary-down")])
                 else:
-                    if (done := await self._auto_failover(inp, topo, primary, first_failure)):
+                    why = (f"{primary}'s PostgreSQL and Redis refused connections in {hard} rounds in a row"
+                           if confirmed and failures < inp.failure_threshold else None)
+                    if (done := await self._auto_failover(inp, topo, primary, first_failure, why)):
                         return done
                     # Refused, failed, or another move holds the id: recorded; the cooldown
                     # holds the next attempt back, and the next rounds say where the primary is.
-                    failures, first_failure = 0, None
+                    failures, first_failure, hard = 0, None, 0
             elapsed = workflow.now() - started
-            if elapsed < interval and self.stop_reason is None:
-                await self._wait_round(interval - elapsed, serving=True)
+            wait = interval - elapsed
+            if 0 < hard < inp.confirm_rounds:
+                # Confirm a refusal at once: the evidence is unambiguous, the interval is for stalls.
+                wait = timedelta(seconds=inp.confirm_interval_seconds)
+            if wait > timedelta(0) and self.stop_reason is None:
+                await self._wait_round(wait, serving=True)
             if workflow.info().is_continue_as_new_suggested():
                 break
         if self.stop_reason is not None:
@@ -404,7 +454,8 @@ class MonitorWorkflow(Runbook):
         """The next run's input: what must survive continue-as-new."""
         return inp.model_copy(update={"primary_region": primary, "paused": self.paused,
                                       "pause_reason": self.state.pause_reason, "paused_since": self.state.paused_since,
-                                      "running_since": self.state.running_since, **more})
+                                      "running_since": self.state.running_since,
+                                      "holds": [h for h in self.state.holds if h.until > workflow.now()], **more})
 
     def _cooldown_until(self, inp: MonitorInput):
         if inp.last_auto_move_at is None:
@@ -418,6 +469,9 @@ class MonitorWorkflow(Runbook):
             return "automatic failover is off"
         if self.paused:
             return "the monitor is paused: no automatic failover (eagle-dr monitor resume)"
+        if (held := self._held()) is not None:
+            return (f"automatic failover held by {held.holder} until {held.until.isoformat(timespec='seconds')}"
+                    + (f" ({held.reason})" if held.reason else ""))
         until = self.state.cooldown_until
         if until is not None and workflow.now() < until:
             return (f"automatic failover refused: within the cooldown until {until.isoformat(timespec='seconds')} "
@@ -431,7 +485,8 @@ class MonitorWorkflow(Runbook):
                     f"vantage points ({live}/{len(answered)})")
         return None
 
-    async def _auto_failover(self, inp: MonitorInput, topo, primary: str, first_failure) -> MonitorReport | None:
+    async def _auto_failover(self, inp: MonitorInput, topo, primary: str, first_failure,
+                             why: str | None = None) -> MonitorReport | None:
         target = topo.other(primary).name
         attempt = workflow.now()
         self.state.cooldown_until = attempt + timedelta(seconds=inp.auto_failover_cooldown_seconds)
@@ -442,7 +497,7 @@ class MonitorWorkflow(Runbook):
             child = await workflow.start_child_workflow(
                 FailoverWorkflow.run, FailoverInput(
                     service=inp.service, target_region=target, trigger=Trigger.automatic,
-                    reason=f"{primary} failed {inp.failure_threshold} health rounds", detected_at=first_failure,
+                    reason=why or f"{primary} failed {inp.failure_threshold} health rounds", detected_at=first_failure,
                     # The lag guard is never forced automatically: past it, a human decides.
                     max_lag_bytes=inp.max_lag_bytes, source_known_down=True,
                     approval=ApprovalPolicy(required=inp.require_approval)),
@@ -476,11 +531,18 @@ class MonitorWorkflow(Runbook):
                 probes[vantage] = {name: Probe(verdict="no answer") for name in dict.fromkeys(regions)}
                 continue
             probes[vantage] = {s.region: Probe(verdict=s.verdict, redis_up=s.redis_up, seconds=s.probe_seconds,
-                                               error=s.error) for s in report.sightings}
+                                               error=s.error, refused=s.refused) for s in report.sightings}
         self.state.probes = probes
 
-    async def _vantage_round(self, topo, interval_seconds: float) -> dict[str, VantageReport | None]:
-        """Every vantage point probes every region, in parallel; None: it did not answer."""
+    async def _vantage_round(self, topo, interval_seconds: float,
+                             decide_for: str | None = None) -> dict[str, VantageReport | None]:
+        """Every vantage point probes every region, in parallel; None: it did not answer.
+
+        ``decide_for``: the round ends as soon as a majority of ALL vantage points see that
+        region's ports refuse (``_refused``), without waiting for the rest: no answer could
+        change that verdict, and a dead region's own worker would hold the round until its
+        probe's schedule-to-start timeout. The vantage points still out are left out of the
+        result (not None: they have not failed to answer, they were not waited for)."""
         # A round waits for its slowest vantage point, and a dead worker's probe ends only at
         # its schedule-to-start timeout: one interval keeps a round one interval long, as
         # detection time needs. A live worker picks a task up in milliseconds; the 1 s floor
@@ -497,8 +559,24 @@ class MonitorWorkflow(Runbook):
             except ActivityError:
                 return None
 
-        answers = await asyncio.gather(*(ask(q) for q in vantages.values()))
-        return dict(zip(vantages, answers))
+        if decide_for is None:
+            answers = await asyncio.gather(*(ask(q) for q in vantages.values()))
+            return dict(zip(vantages, answers))
+        tasks = {v: asyncio.ensure_future(ask(q)) for v, q in vantages.items()}
+
+        def decided() -> bool:
+            done = {v: t.result() for v, t in tasks.items() if t.done()}
+            return len(done) == len(tasks) or self._refused(decide_for, done, len(tasks))
+
+        await workflow.wait_condition(decided)
+        return {v: t.result() for v, t in tasks.items() if t.done()}
+
+    @staticmethod
+    def _refused(region: str, reports: dict[str, VantageReport | None], vantages: int) -> bool:
+        """A majority of all ``vantages`` (not only of those that answered) saw the region's
+        PostgreSQL down and both its ports refusing connections: gone, not stalled."""
+        seen = [r.of(region) for r in reports.values() if r is not None]
+        return sum(s is not None and s.verdict == "down" and bool(s.refused) for s in seen) * 2 > vantages
 
     def _follow(self, watched: str, reports: dict[str, VantageReport | None]) -> str | None:
         """The region a majority of answering vantage points see as the one writable primary,
@@ -521,7 +599,9 @@ class MonitorWorkflow(Runbook):
         return sum(v == "down" for v in answered), len(answered)
 
     def _note_workers(self, reports: dict[str, VantageReport | None]) -> None:
-        gone = sorted(v for v, r in reports.items() if r is None)
+        # A vantage point missing from the round was not waited for (a decided round): as before.
+        gone = sorted({v for v, r in reports.items() if r is None}
+                      | {v for v in self.state.workers_down if v not in reports})
         for v in gone:
             if v not in self.state.workers_down:
                 self._finding(f"worker down: {v} did not pick up its probe (no vote; not a region failure)")
@@ -530,10 +610,12 @@ class MonitorWorkflow(Runbook):
                 self._finding(f"worker back: {v}")
         self.state.workers_down = gone
 
-    def _show(self, primary: str, failures: int, down: int, answered: int, threshold: int) -> None:
+    def _show(self, primary: str, failures: int, down: int, answered: int, threshold: int,
+              confirm: tuple[int, int] | None = None) -> None:
         lines = [f"**monitor** {self.service}: watching {primary}" + (" (**PAUSED**: no automatic runbook)"
                                                                        if self.paused else ""),
-                 f"{down}/{answered} answering vantage points see it down; {failures}/{threshold} failed rounds",
+                 f"{down}/{answered} answering vantage points see it down; {failures}/{threshold} failed rounds"
+                 + (f"; ports refusing: {confirm[0]}/{confirm[1]} confirmation rounds" if confirm else ""),
                  "", *(f"- {v}: {seen}" for v, seen in self.state.votes.items())]
         if self.state.workers_down:
             lines += ["", f"**WORKER DOWN**: {', '.join(self.state.workers_down)}"]
