@@ -1,14 +1,16 @@
 """Failover and switchover times: eagle-dr beside Patroni + etcd, measured in the same run.
 
 eagle-dr: a lab on its own ports, the sample app writing every 50 ms, MonitorWorkflow
-probing the primary region every ``--interval`` seconds (Patroni's loop_wait) and failing
-over after ``--threshold`` failed probes. Each run kills -9 the primary region and times
-kill -> first acknowledged write on the new primary (from the app's own log), split into
-detection (kill -> region declared down) and orchestration (decision -> writable).
-Then planned switchovers: the write gap the app saw.
+probing the primary region every ``--interval`` seconds (Patroni's loop_wait) from every
+vantage point. First the false-positive check: the primary's PostgreSQL and Redis are
+frozen (SIGSTOP) for ``--stall`` seconds, then continued; no failover may follow. Then each
+run kills -9 the primary region and times kill -> first acknowledged write on the new
+primary (from the app's own log), split into detection (kill -> region declared down) and
+orchestration (decision -> writable); then failovers of a primary frozen for good (the
+timeout path a network loss takes). Then planned switchovers: the write gap the app saw.
 
-Patroni: bench/patroni_anchor.py (ttl 10, loop_wait 2, retry_timeout 5), same writer
-cadence, same machine, right after.
+Patroni: bench/patroni_anchor.py with the fastest settings that pass the same stall check
+(and obey loop_wait + 2 x retry_timeout <= ttl), same writer cadence, same machine, right after.
 
     python -m bench.failover --runs 5
 """
@@ -18,12 +20,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from activities.postgres.status import pg_status
@@ -33,6 +38,7 @@ from eagle_dr.launch import start_move
 from eagle_dr.temporal import connect
 from lab.app import write_log
 from lab.lab import Lab
+from lab.processes import children
 from lab.ports import write_shifted_config
 from workflows.models import SwitchoverInput
 from workflows.monitor import MonitorInput, MonitorWorkflow
@@ -59,22 +65,113 @@ def _wait_traffic(lab: Lab, region: str, timeout: float = 30) -> None:
     raise RuntimeError(f"sample app not writing to {region}")
 
 
-async def eagle_failovers(lab: Lab, client, runs: int, interval: float, threshold: int) -> list[dict]:
+@dataclass
+class Detection:
+    """The monitor's settings under test: probe every ``interval`` s, a region whose probes
+    time out is down after ``threshold`` rounds; one whose ports refuse connections after
+    ``confirm_rounds`` rounds ``confirm_interval`` s apart (None: no fast confirmation)."""
+
+    interval: float
+    threshold: int
+    confirm_interval: float | None
+    confirm_rounds: int
+
+    def monitor(self, lab: Lab, primary: str) -> MonitorInput:
+        return MonitorInput(service=lab.cfg.service, interval_seconds=self.interval, failure_threshold=self.threshold,
+                            confirm_interval_seconds=self.confirm_interval, confirm_rounds=self.confirm_rounds,
+                            auto_failover=True, stop_after_failover=True, primary_region=primary,
+                            watch_split_brain=False)
+
+    def __str__(self) -> str:
+        fast = (f", refused ports confirmed in {self.confirm_rounds} rounds {self.confirm_interval}s apart"
+                if self.confirm_interval else "")
+        return f"probe every {self.interval}s, down after {self.threshold} timed-out rounds{fast}"
+
+
+def _freeze(lab: Lab, region: str, sig: int) -> list[int]:
+    """The region's PostgreSQL (postmaster and every child) and Redis: what a frozen host stops."""
+    pg, rd = lab.postgres(region).pid, lab.redis(region).pid
+    pids = [p for p in (pg, rd) if p] + (children(pg) if pg else [])
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+async def _watching(handle, region: str, timeout: float = 60) -> None:
+    """Until the monitor has seen the region up: detection is timed from a watched, healthy primary."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            st = await handle.query(MonitorWorkflow.monitor_state)
+            if st.rounds >= 1 and st.watched_region == region and st.failures == 0 and st.votes.get("control") == "up":
+                return
+        except Exception:  # noqa: BLE001 - not started yet
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the monitor never saw {region} up")
+
+
+async def eagle_stall_check(lab: Lab, client, det: Detection, stall: float, runs: int = 2) -> dict:
+    """Freeze the primary's PostgreSQL and Redis for ``stall`` seconds (SIGSTOP, then SIGCONT)
+    under an armed monitor: it must not fail over. Passed = no failover in any run."""
+    failed_over = 0
+    for i in range(runs):
+        primary = _primary(lab)
+        _wait_traffic(lab, primary)
+        handle = await client.start_workflow(MonitorWorkflow.run, det.monitor(lab, primary),
+                                             id=f"bench-stall-{uuid.uuid4()}",
+                                             task_queue=lab.cfg.temporal.control_task_queue)
+        await _watching(handle, primary)
+        pids = _freeze(lab, primary, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(stall)  # the injected stall itself, not a synchronisation
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        # A failover would start within a threshold's worth of rounds after the stall began.
+        deadline = time.monotonic() + det.interval * (det.threshold + 2) + 5
+        moved = False
+        while time.monotonic() < deadline and not moved:
+            st = await handle.query(MonitorWorkflow.monitor_state)
+            moved = st.failovers_started > 0
+            await asyncio.sleep(0.2)
+        failed_over += moved
+        print(f"  eagle-dr {stall:.0f}s SIGSTOP of {primary}'s PostgreSQL + Redis {i + 1}/{runs}: "
+              + ("FAILED OVER (false positive)" if moved else "no failover"), flush=True)
+        if moved:
+            await handle.result()
+            lab.rebuild_standby(primary)
+            lab.wait_replication()
+        else:
+            await handle.terminate("stall check over")
+    return {"stall_s": stall, "runs": runs, "false_failovers": failed_over, "passed": failed_over == 0}
+
+
+async def eagle_failovers(lab: Lab, client, runs: int, det: Detection, freeze: bool = False) -> list[dict]:
+    """kill -9 of the primary region (or, ``freeze``, a SIGSTOP never continued: a host that
+    stops answering, as a network loss looks), then the monitor's automatic failover."""
     out = []
     for i in range(runs):
         primary = _primary(lab)
         target = lab.cfg.other(primary).name
         _wait_traffic(lab, primary)
         handle = await client.start_workflow(
-            MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=interval,
-                                              failure_threshold=threshold, auto_failover=True,
-                                              stop_after_failover=True, primary_region=primary),
+            MonitorWorkflow.run, det.monitor(lab, primary),
             id=f"bench-monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
         # Let the monitor see the region healthy first, as it would in production.
-        await asyncio.sleep(interval * 1.5)
+        await _watching(handle, primary)
         t_kill = time.time()
-        lab.kill_region(primary)
+        frozen = _freeze(lab, primary, signal.SIGSTOP) if freeze else lab.kill_region(primary)
         report = await handle.result()
+        if freeze:
+            # SIGKILL ends stopped processes too: the frozen node must not wake as a second primary.
+            _freeze(lab, primary, signal.SIGKILL)
         first = _first_ok_after(lab, t_kill, target)
         deadline = time.monotonic() + 30
         while first is None and time.monotonic() < deadline:
@@ -87,7 +184,7 @@ async def eagle_failovers(lab: Lab, client, runs: int, interval: float, threshol
                "writable_to_serving_s": f.rto.writable_to_serving_s,
                "acked_writes_lost": None}
         out.append(row)
-        print(f"  eagle-dr failover {i + 1}/{runs} {primary} -> {target}: "
+        print(f"  eagle-dr failover{' (host frozen)' if freeze else ''} {i + 1}/{runs} {primary} -> {target}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
         lab.rebuild_standby(primary)
         lab.wait_replication()
@@ -123,15 +220,19 @@ def fmt(s: dict | None) -> str:
     return f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})" if s else "-"
 
 
-async def measure(lab: Lab, address: str, runs: int, interval: float, threshold: int) -> dict:
+async def measure(lab: Lab, address: str, runs: int, det: Detection, stall: float, freeze_runs: int) -> dict:
     client = await connect(target_host=address)
-    fo = await eagle_failovers(lab, client, runs, interval, threshold)
+    stall_check = await eagle_stall_check(lab, client, det, stall) if stall else None
+    fo = await eagle_failovers(lab, client, runs, det)
+    fz = await eagle_failovers(lab, client, freeze_runs, det, freeze=True) if freeze_runs else []
     so = await eagle_switchovers(lab, client, runs)
-    return {"failover": {k: summary(fo, k) for k in fo[0]}, "switchover": {k: summary(so, k) for k in so[0]},
-            "raw": {"failover": fo, "switchover": so}}
+    return {"settings": str(det), "stall_check": stall_check,
+            "failover": {k: summary(fo, k) for k in fo[0]},
+            "frozen": {k: summary(fz, k) for k in fz[0]} if fz else None,
+            "switchover": {k: summary(so, k) for k in so[0]}, "raw": {"failover": fo, "frozen": fz, "switchover": so}}
 
 
-def run_eagle(runs: int, interval: float, threshold: int, workdir: Path) -> dict:
+def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir: Path) -> dict:
     cfg_path = write_shifted_config(workdir, PORT_SHIFT)
     cfg = load_config(cfg_path, env={})
     ds, lab = DevServer(cfg), Lab(cfg, str(cfg_path))
@@ -141,7 +242,7 @@ def run_eagle(runs: int, interval: float, threshold: int, workdir: Path) -> dict
         lab.wait_replication()
         lab.start_workers()
         lab.start_app()
-        return asyncio.run(measure(lab, ds.address, runs, interval, threshold))
+        return asyncio.run(measure(lab, ds.address, runs, det, stall, freeze_runs))
     finally:
         lab.down()
         ds.down()
@@ -150,47 +251,71 @@ def run_eagle(runs: int, interval: float, threshold: int, workdir: Path) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--interval", type=float, default=2.0, help="eagle-dr probe interval (Patroni loop_wait: 2)")
-    ap.add_argument("--threshold", type=int, default=3, help="failed probes that declare a region down")
+    ap.add_argument("--freeze-runs", type=int, default=2,
+                    help="failovers of a frozen (SIGSTOPped, never continued) primary: the timeout path")
+    ap.add_argument("--interval", type=float, default=1.0, help="eagle-dr probe interval (Patroni's loop_wait: 1)")
+    ap.add_argument("--threshold", type=int, default=4, help="timed-out rounds that declare a region down")
+    ap.add_argument("--confirm-interval", type=float, default=0.25,
+                    help="seconds between rounds confirming refused ports (0: no fast confirmation)")
+    ap.add_argument("--confirm-rounds", type=int, default=3)
+    ap.add_argument("--stall", type=float, default=3.0, help="SIGSTOP this long: neither system may fail over")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--skip-patroni", action="store_true")
     args = ap.parse_args()
+    det = Detection(args.interval, args.threshold, args.confirm_interval or None, args.confirm_rounds)
 
     workdir = Path(tempfile.mkdtemp(prefix="eagle-dr-bench-"))
     workdir.chmod(0o755)
-    print(f"eagle-dr: {args.runs} failovers (probe every {args.interval}s, {args.threshold} failures) "
-          f"and {args.runs} switchovers", flush=True)
+    print(f"eagle-dr ({det}): a {args.stall:.0f}s stall check, {args.runs} failovers, {args.freeze_runs} of a "
+          f"frozen host, {args.runs} switchovers", flush=True)
     try:
-        eagle = run_eagle(args.runs, args.interval, args.threshold, workdir)
+        eagle = run_eagle(args.runs, det, args.stall, args.freeze_runs, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # a lab's data: hundreds of MB per run
     patroni = None
     if not args.skip_patroni:
         from bench.patroni_anchor import run_anchor
 
-        print(f"Patroni + etcd (ttl 10, loop_wait 2, retry_timeout 5): {args.runs} failovers and switchovers",
-              flush=True)
-        patroni = run_anchor(args.runs)
+        print(f"Patroni + etcd: the fastest settings that ride out a {args.stall:.0f}s SIGSTOP, then {args.runs} "
+              "failovers and switchovers", flush=True)
+        patroni = run_anchor(args.runs, stall_seconds=args.stall, freeze_runs=args.freeze_runs)
+
+    def fig(side: dict | None, part: str, key: str):
+        return (side.get(part) or {}).get(key) if side else None
 
     rows = [
-        ("failover: kill -> first acknowledged write", eagle["failover"]["kill_to_first_write_s"],
-         patroni and patroni["failover"].get("kill_to_first_write_s")),
-        ("  detection", eagle["failover"]["detection_s"], patroni and patroni["failover"].get("detection_s")),
-        ("  orchestration (decision -> writable)", eagle["failover"]["orchestration_s"],
-         patroni and patroni["failover"].get("promotion_s")),
-        ("switchover: write gap seen by clients", eagle["switchover"]["write_gap_s"],
-         patroni and patroni["switchover"].get("write_gap_s")),
-        ("switchover: command wall time", eagle["switchover"]["command_s"],
-         patroni and patroni["switchover"].get("command_s")),
+        ("failover: kill -9 -> first acknowledged write", fig(eagle, "failover", "kill_to_first_write_s"),
+         fig(patroni, "failover", "kill_to_first_write_s")),
+        ("  detection", fig(eagle, "failover", "detection_s"), fig(patroni, "failover", "detection_s")),
+        ("  orchestration (decision -> writable)", fig(eagle, "failover", "orchestration_s"),
+         fig(patroni, "failover", "promotion_s")),
+        ("frozen host -> first acknowledged write", fig(eagle, "frozen", "kill_to_first_write_s"),
+         fig(patroni, "frozen", "kill_to_first_write_s")),
+        ("  detection", fig(eagle, "frozen", "detection_s"), fig(patroni, "frozen", "detection_s")),
+        ("switchover: write gap seen by clients", fig(eagle, "switchover", "write_gap_s"),
+         fig(patroni, "switchover", "write_gap_s")),
+        ("switchover: command wall time", fig(eagle, "switchover", "command_s"), fig(patroni, "switchover", "command_s")),
     ]
+    print()
+    print(f"eagle-dr: {eagle['settings']}")
+    sc = eagle.get("stall_check")
+    print(f"  {args.stall:.0f}s SIGSTOP check: " + ("not run" if not sc else "passed" if sc["passed"] else
+                                                  f"FAILED ({sc['false_failovers']} of {sc['runs']} failed over)"))
+    if patroni:
+        print(f"Patroni: {patroni.get('settings')}")
+        psc = patroni.get("stall_check")
+        print(f"  {args.stall:.0f}s SIGSTOP check: {psc if psc is not None else 'unknown'}")
     print()
     print(f"{'figure (seconds, median (min-max))':45} {'eagle-dr':>24} {'Patroni':>24} {'eagle-dr/Patroni':>17}")
     for name, e, p in rows:
         ratio = f"{e['median'] / p['median']:.2f}x" if e and p and p["median"] else "-"
         print(f"{name:45} {fmt(e):>24} {fmt(p):>24} {ratio:>17}")
     print()
-    print("Patroni's 'orchestration' is its promotion + first write after it took the leader key; eagle-dr's is "
-          "fence + pg_promote + epoch + Redis promotion, decided by a durable workflow.")
+    print("Detection: eagle-dr from the kill to the monitor's decision; Patroni from the kill to the replica "
+          "taking the leader key. Patroni's 'orchestration' is its promotion + first write after it took the "
+          "leader key; eagle-dr's is fence + pg_promote + epoch + Redis promotion, decided by a durable workflow. "
+          "A kill leaves ports that refuse connections (eagle-dr confirms that fast); a frozen host leaves "
+          "timeouts, which both systems must ride out for the stall they tolerate.")
     if args.json:
         Path(args.json).write_text(json.dumps({"eagle_dr": eagle, "patroni": patroni}, indent=2, default=str))
     sys.stdout.flush()
