@@ -23,6 +23,7 @@ from activities.postgres.rewind import Rewound, rewind_to_standby
 from activities.postgres.status import connect
 from activities.redis import epoch as redis_epochs
 from activities.redis.failback import RedisFailback, preserve_and_rejoin
+from eagle_dr import metrics
 from eagle_dr.config import EagleConfig, TableConflictConfig
 
 
@@ -159,6 +160,11 @@ class FailbackActivities:
                     run_id=info.workflow_run_id, approved_by=req.approved_by, dry_run=req.preview)
                 out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(got.rows[table]),
                                                deleted_keys=len(deleted)))
+                if not req.preview and summary.audit_rows:
+                    # Only the attempt that wrote the audit rows counts: a retry that finds them
+                    # already applied (audit_rows 0) must not count the same conflicts twice.
+                    metrics.conflicts_resolved(activity.metric_meter(), self.cfg.service, table, summary.strategy,
+                                               conflicts=summary.conflicts, flagged=summary.flagged)
         catalog = [c.describe() for c in got.changed if c.kind == "catalog"]
         return Reconciliation(since=since, tables=out, preview=req.preview,
                               unlisted_reconciled=sorted(extra), catalog_changes=catalog)

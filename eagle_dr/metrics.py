@@ -98,6 +98,17 @@ def redis_offset_lag(meter: MetricMeter, service: str, vantage: str, replica: st
            service=service, vantage=vantage, region=replica)
 
 
+@_never_fails
+def conflicts_resolved(meter: MetricMeter, service: str, table: str, strategy: str, *, conflicts: int,
+                       flagged: int) -> None:
+    """Keys both sides changed, resolved by the table's strategy (and those flagged for review)."""
+    where = dict(service=service, table=table, strategy=strategy)
+    for name, n, what in (("conflicts_total", conflicts, "Keys both sides changed after a fork, by strategy"),
+                          ("conflicts_flagged_total", flagged, "Keys left for human review, by strategy")):
+        if n > 0:
+            meter.create_counter(PREFIX + name, what).with_additional_attributes(where).add(n)
+
+
 # -- what a runbook or the monitor decided (workflows) ----------------------------------------------
 
 

@@ -384,6 +384,11 @@ async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, cli
         conflicts = conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s and conflict",
                                  (handle.id,)).fetchone()[0]
     assert audit == 1 and conflicts == alerts.conflicts
+    # The worker that reconciled exports them by strategy (counters: at least this run's).
+    ports = [lab.cfg.temporal.metrics_port, *(r.temporal.metrics_port for r in lab.cfg.regions)]
+    counted = [_value(_scrape(p), "eagle_dr_conflicts_total", table="alerts", strategy="last-write-wins")
+               for p in ports if p]
+    assert max(c or 0 for c in counted) >= alerts.conflicts, counted
 
 
 async def test_split_brain_detection_names_what_is_split(lab):
