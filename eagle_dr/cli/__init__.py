@@ -30,15 +30,32 @@ err = Console(stderr=True)
 
 class _State:
     config_path: str | None = None
+    debug: bool = False
 
 
 state = _State()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"eagle-dr {version('eagle-dr')}", highlight=False)
+        except PackageNotFoundError:
+            out.print("eagle-dr (not installed as a package)", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(config: Optional[str] = typer.Option(None, "--config", "-c", envvar="EAGLE_DR_CONFIG",
-                                                help="Region config file (default: config/eagle-dr.yaml).")):
+                                                help="Region config file (default: config/eagle-dr.yaml)."),
+          debug: bool = typer.Option(False, "--debug", envvar="EAGLE_DR_DEBUG",
+                                     help="Show the full trace when a dependency is down."),
+          _v: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                  help="Print the version and exit.")):
     state.config_path = config
+    state.debug = debug
     if config:
         # Processes started from here (the lab's workers, a healed region's worker started by
         # a runbook) must read the same file.
@@ -48,6 +65,20 @@ def _root(config: Optional[str] = typer.Option(None, "--config", "-c", envvar="E
 def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def _failed(what: str, e: Exception) -> None:
+    """A command that failed, as one line and exit code 1. A dependency that is down is named
+    with its address and the likely fix (eagle_dr/cli/errors.py); --debug raises the trace."""
+    if state.debug:
+        raise e
+    from eagle_dr.cli.errors import explain
+
+    why = explain(e, state.config_path)
+    if why is None:
+        cause = getattr(e, "cause", None)
+        why = f"{what}: {getattr(cause, 'message', None) or cause or getattr(e, 'message', None) or e}"
+    _fail(escape(why), 1)
 
 
 def cfg() -> EagleConfig:
@@ -362,8 +393,7 @@ def _run_runbook(what: str, run) -> None:
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001
-        cause = getattr(e, "cause", None)
-        _fail(f"{what} failed: {getattr(cause, 'message', None) or cause or e}", 1)
+        _failed(f"{what} failed", e)
 
 
 async def _start_and_follow(c: EagleConfig, what: str, workflow_run, inp, workflow_id: str, report) -> None:
@@ -542,7 +572,7 @@ def approve(workflow_id: str, approver: str = typer.Option(os.environ.get("USER"
     try:
         out.print(asyncio.run(run()))
     except Exception as e:  # noqa: BLE001
-        _fail(f"approval not accepted: {getattr(e, 'message', None) or e}", 1)
+        _failed("approval not accepted", e)
 
 
 @app.command()
@@ -739,7 +769,14 @@ def main() -> None:
         elif isinstance(e, (click.exceptions.Abort, getattr(bundled, "Abort", click.exceptions.Abort), typer.Abort)):
             code = 130
         else:
-            raise
+            from eagle_dr.cli.errors import explain
+
+            why = None if state.debug else explain(e, state.config_path)
+            if why is None:
+                raise
+            err.print(f"[bold red]error:[/] {escape(why)}", highlight=False)
+            err.print("(eagle-dr --debug ... shows the trace)", style="dim", highlight=False)
+            code = 1
     # The Temporal SDK can crash at interpreter exit (sdk-python#300): leave without finalizers.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -10,7 +10,7 @@ import time
 
 import typer
 
-from eagle_dr.cli import _client, _fail, app, cfg, out
+from eagle_dr.cli import _client, _fail, _failed, app, cfg, out
 
 monitor_app = typer.Typer(no_args_is_help=True, help="The always-on health monitor (MonitorWorkflow).")
 app.add_typer(monitor_app, name="monitor")
@@ -22,7 +22,7 @@ def _run(coro_fn):
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        _fail(f"{type(e).__name__}: {getattr(e, 'message', None) or e}", 1)
+        _failed(type(e).__name__, e)
 
 
 def _who() -> str:

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from eagle_dr.cli import EXIT_DEGRADED, _client, _fail, _region, _run_runbook, _ui_link, app, cfg, out
+from eagle_dr.cli import EXIT_DEGRADED, _client, _fail, _failed, _region, _run_runbook, _ui_link, app, cfg, out
 
 restore_app = typer.Typer(no_args_is_help=True, help="Restores from pgBackRest backups: a point-in-time copy, a "
                                                      "standby rebuilt from backup, rows recovered after corruption.")
@@ -314,4 +314,4 @@ def release(workflow_id: str = typer.Argument(..., help="The restore run whose s
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001
-        _fail(f"release failed: {getattr(e, 'message', None) or e}", 1)
+        _failed("release failed", e)

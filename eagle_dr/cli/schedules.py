@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from eagle_dr.cli import _client, _fail, app, cfg, out
+from eagle_dr.cli import _client, _fail, _failed, app, cfg, out
 
 schedules_app = typer.Typer(no_args_is_help=True, help="Temporal Schedules: backups, Redis snapshots, expiry, drills.")
 app.add_typer(schedules_app, name="schedules")
@@ -25,7 +25,7 @@ def _run(coro_fn):
     except UnknownSchedule as e:
         _fail(f"no schedule {e.args[0]!r} (see `eagle-dr schedules list`)")
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        _fail(f"{type(e).__name__}: {e}", 1)
+        _failed(type(e).__name__, e)
 
 
 async def apply_from_config(c, paused: Optional[bool] = None):

@@ -1,0 +1,85 @@
+"""One line a tired operator understands, instead of a trace, when a dependency is down.
+
+Each explanation names what is down, its address where the error carries it, and the likely
+fix. ``eagle-dr --debug`` shows the trace instead. Anything not recognised here is a bug and
+keeps its trace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+# tonic (the Temporal SDK's Rust core) and gRPC words for "nobody answered".
+_TEMPORAL_DOWN = re.compile(r"Failed client connect|tonic::transport|tcp connect error|Connection refused"
+                            r"|dns error|transport error|Server connection error", re.I)
+
+_TEMPORAL_FIX = ("Start the lab's dev server with `eagle-dr dev-server up`, or point TEMPORAL_ADDRESS (or a "
+                 "temporal profile) at your cluster.")
+
+
+def _temporal_address(config_path: str | None) -> str:
+    if os.environ.get("TEMPORAL_ADDRESS"):
+        return os.environ["TEMPORAL_ADDRESS"]
+    try:
+        from eagle_dr.config import load_config
+
+        return f"127.0.0.1:{load_config(config_path).lab.dev_server.grpc_port} (the lab's dev server)"
+    except Exception:  # noqa: BLE001 - a bad config has its own error; the address is only a hint
+        return "the configured address"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def explain(e: BaseException, config_path: str | None = None) -> str | None:
+    """The one-line explanation of ``e``, or None when it is not a dependency being down."""
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from eagle_dr.config import SecretUnavailable
+
+    if isinstance(e, SecretUnavailable):
+        return (f"a secret the config references cannot be read: {_first_line(e)}. Set it, or create it (the "
+                "lab's are written by `eagle-dr lab up`).")
+
+    if isinstance(e, RPCError) and e.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
+        return f"Temporal is not answering at {_temporal_address(config_path)} ({_first_line(e)}). {_TEMPORAL_FIX}"
+    if isinstance(e, RuntimeError) and _TEMPORAL_DOWN.search(str(e)):
+        why = "connection refused" if "refused" in str(e).lower() else _first_line(e)
+        return f"Temporal is not reachable at {_temporal_address(config_path)}: {why}. {_TEMPORAL_FIX}"
+    try:
+        import psycopg
+
+        if isinstance(e, psycopg.OperationalError):
+            return (f"PostgreSQL is not reachable: {_first_line(e)}. Check the region's postgres host/port in the "
+                    "config, or bring the lab up (`eagle-dr lab up`).")
+    except ImportError:
+        pass
+    try:
+        import redis
+
+        if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+            return (f"Redis is not reachable: {_first_line(e)}. Check the region's redis host/port in the config, "
+                    "or bring the lab up (`eagle-dr lab up`).")
+    except ImportError:
+        pass
+    try:
+        from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+        if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
+            return f"S3 is not reachable: {_first_line(e)}. Check the region's s3 endpoint in the config."
+    except ImportError:
+        pass
+    try:
+        from urllib3.exceptions import MaxRetryError
+
+        if isinstance(e, MaxRetryError):
+            return (f"The Kubernetes API is not reachable: {_first_line(e)}. Check the region's kubernetes "
+                    "context / api_url, or your kubeconfig.")
+    except ImportError:
+        pass
+    if isinstance(e, (ConnectionRefusedError, TimeoutError)):
+        return f"a dependency is not reachable: {_first_line(e)}. Run `eagle-dr status` to see which."
+    return None

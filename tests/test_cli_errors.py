@@ -1,0 +1,49 @@
+"""A dependency that is down is one line naming it, its address and the fix; exit code 1.
+
+Temporal is pointed at a port nobody listens on (a real refused connection, no mock)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(*args: str, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}", "COLUMNS": "200"}
+    env.pop("EAGLE_DR_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "eagle_dr.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+# One command per error path: a runbook (_run_runbook), an update, and two command groups' own.
+@pytest.mark.parametrize("args", [("failover", "--to", "us-west-2"), ("approve", "dr-move-eagle-alert"),
+                                  ("monitor", "status"), ("schedules", "list")])
+def test_temporal_down_is_one_line_with_the_address_and_the_fix(args):
+    port = _closed_port()
+    r = _run(*args, port=port)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text and "tonic::" not in text, text
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, r.stderr
+    assert f"127.0.0.1:{port}" in error[0] and "eagle-dr dev-server up" in error[0], error
+
+
+def test_debug_shows_the_trace():
+    r = _run("--debug", "failover", "--to", "us-west-2", port=_closed_port())
+    assert r.returncode != 0 and "Traceback" in r.stderr, r.stderr
+
+
+def test_version():
+    r = _run("--version", port=_closed_port())
+    assert r.returncode == 0 and r.stdout.startswith("eagle-dr "), r.stdout
