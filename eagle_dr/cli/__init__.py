@@ -441,6 +441,29 @@ async def _follow(handle, c: EagleConfig) -> object:
         return t
 
     result_task = asyncio.ensure_future(handle.result())
+    if not out.is_terminal:
+        # Piped or logged: one line per change (a live table would print only at the end,
+        # hiding the approval command a watcher is waiting for).
+        seen: dict[str, str] = {}
+        asked = False
+        while True:
+            try:
+                p = await handle.query("progress", result_type=Progress)
+            except Exception:  # noqa: BLE001 - not started yet, or finished between calls
+                p = None
+            if p is not None:
+                for st in p.steps:
+                    if seen.get(st.name) != st.status:
+                        seen[st.name] = st.status
+                        out.print(f"{st.status:8} {st.name}" + (f": {st.detail}" if st.detail else ""),
+                                  highlight=False)
+                if p.awaiting_approval and not asked:
+                    out.print(f"AWAITING APPROVAL: eagle-dr approve {handle.id} (or --reject)", highlight=False)
+                asked = bool(p.awaiting_approval)
+            if result_task.done():
+                break
+            await asyncio.wait([result_task], timeout=0.5)
+        return result_task.result()
     with Live(console=out, refresh_per_second=4) as live:
         while not result_task.done():
             try:
@@ -790,6 +813,7 @@ from eagle_dr.cli import schedules as _schedules_cli  # noqa: E402,F401
 from eagle_dr.cli import restore as _restore_cli  # noqa: E402,F401
 from eagle_dr.cli import alerts as _alerts_cli  # noqa: E402,F401
 from eagle_dr.cli import monitor as _monitor_cli  # noqa: E402,F401
+from eagle_dr.cli import runs as _runs_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
