@@ -290,8 +290,8 @@ def main() -> None:
         ("  orchestration (decision -> writable)", fig(eagle, "failover", "orchestration_s"),
          fig(patroni, "failover", "promotion_s")),
         ("frozen host -> first acknowledged write", fig(eagle, "frozen", "kill_to_first_write_s"),
-         fig(patroni, "frozen", "kill_to_first_write_s")),
-        ("  detection", fig(eagle, "frozen", "detection_s"), fig(patroni, "frozen", "detection_s")),
+         fig(patroni, "freeze", "kill_to_first_write_s")),
+        ("  detection", fig(eagle, "frozen", "detection_s"), fig(patroni, "freeze", "detection_s")),
         ("switchover: write gap seen by clients", fig(eagle, "switchover", "write_gap_s"),
          fig(patroni, "switchover", "write_gap_s")),
         ("switchover: command wall time", fig(eagle, "switchover", "command_s"), fig(patroni, "switchover", "command_s")),
@@ -302,9 +302,9 @@ def main() -> None:
     print(f"  {args.stall:.0f}s SIGSTOP check: " + ("not run" if not sc else "passed" if sc["passed"] else
                                                   f"FAILED ({sc['false_failovers']} of {sc['runs']} failed over)"))
     if patroni:
-        print(f"Patroni: {patroni.get('settings')}")
-        psc = patroni.get("stall_check")
-        print(f"  {args.stall:.0f}s SIGSTOP check: {psc if psc is not None else 'unknown'}")
+        print(patroni.get("label") or f"Patroni: {patroni.get('settings')}")
+        passed = patroni.get("stall_checks_passed")
+        print(f"  {args.stall:.0f}s SIGSTOP check: " + ("unknown" if passed is None else "passed" if passed else "FAILED"))
     print()
     print(f"{'figure (seconds, median (min-max))':45} {'eagle-dr':>24} {'Patroni':>24} {'eagle-dr/Patroni':>17}")
     for name, e, p in rows:
