@@ -1,0 +1,197 @@
+"""``eagle-dr report``: the HTML evidence of a run, built from recorded histories (no lab),
+and once through the CLI against a real run in the test lab."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from temporalio.api.history.v1 import History
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from eagle_dr.report.extract import build
+from eagle_dr.report.html import render
+from eagle_dr.report.text import render as render_text
+from tests.histories import HISTORY_DIR
+
+UI = "http://127.0.0.1:8233"
+
+
+def _history(name: str) -> WorkflowHistory:
+    p = HISTORY_DIR / f"{name}.json"
+    return WorkflowHistory.from_json(p.stem, p.read_text())
+
+
+def _report(name: str):
+    return build(_history(name), ui_url=UI)
+
+
+class _Tags(HTMLParser):
+    """Every start tag with its attributes, to check what the page loads."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def _tags(page: str) -> list[tuple[str, dict]]:
+    p = _Tags()
+    p.feed(page)
+    return p.tags
+
+
+def _bars(page: str) -> list[str]:
+    return re.findall(r'<rect class="bar [^"]*"', page)
+
+
+def test_failover_report_has_one_bar_per_step_and_the_rto_phases():
+    r = _report("failover-unplanned")
+    page = render(r)
+    assert len(_bars(page)) == len(r.bars) == 8  # preflight ... measure RTO/RPO
+    assert [b.label for b in r.bars][0] == "preflight" and r.bars[-1].label == "measure RTO/RPO"
+    (rto,) = r.rtos
+    assert rto.detection_to_decision_s == pytest.approx(5.134901)
+    assert rto.decision_to_writable_s == pytest.approx(0.115691)
+    assert rto.writable_to_serving_s == pytest.approx(0.134518)
+    assert rto.total_s == pytest.approx(5.38511) and rto.target_s == 300.0 and rto.met is True
+    for phase in ("detection", "decision", "writable"):
+        assert page.count(f'class="rto-phase phase-{phase}"') == 1
+    assert "5.39 s" in page and "5.13 s" in page
+    # The write gap as the app saw it, placed in time from the client_outage activity's result.
+    assert rto.client_gap_start == datetime(2026, 11, 26, 5, 39, 3, 93844, tzinfo=timezone.utc)
+    assert page.count('class="client-gap"') == 1 and "8.61 s" in page
+    # The old primary was unreachable: lost WAL and the Redis gap are unknown, never 0.
+    (rpo,) = r.rpos
+    assert rpo.lost_wal_bytes is None and rpo.redis_offset_gap is None and rpo.acknowledged_writes_lost == 0
+    rpo_table = page[page.index('<table class="rpo">'):]
+    rpo_table = rpo_table[:rpo_table.index("</table>")]
+    assert rpo_table.count(">unknown<") >= 2 and "0 B" not in rpo_table
+    assert f'href="{UI}/namespaces/default/workflows/failover-unplanned/' in page
+
+
+def test_drill_report_nests_the_runbooks_and_lists_approvals():
+    r = _report("drill")
+    page = render(r)
+    assert len(_bars(page)) == len(r.bars)
+    sub = [b for b in r.bars if b.depth == 1]
+    # switchover (10 steps), failover (8), failback (6), each under its own child workflow bar.
+    assert len(sub) == 24 and page.count('class="bar done sub"') == 24
+    labels = [b.label for b in r.bars]
+    assert labels.index("SwitchoverWorkflow dr-move-eagle-alert") < labels.index("stop writes on old primary")
+    assert [x.title for x in r.rtos] == ["switchover eagle-alert us-west-2 -> us-east-1",
+                                         "failover eagle-alert us-east-1 -> us-west-2"]
+    assert r.rtos[1].total_s == pytest.approx(3.537883)
+    # Only the durations reach the drill's result: no gap is drawn where its time is not known.
+    assert r.rtos[1].client_outage_s == pytest.approx(3.529432) and r.rtos[1].client_gap_start is None
+    assert 'class="client-gap"' not in page
+    assert [(a.outcome, a.approver) for a in r.approvals] == [("auto-approved", "drill (auto-approved)")] * 2
+    assert page.count("drill (auto-approved)") >= 2
+    # The failback's audit query names the child run that applied the decisions.
+    (q,) = r.audit_queries
+    assert q.workflow_id == "dr-failback-eagle-alert" and "run_id = '01a2165d-d4eb-749a-8573-f316d5fa1bf0'" in q.sql
+    assert "eagle_dr.conflict_audit" in page
+
+
+def test_split_brain_report_shows_conflicts_by_strategy_and_the_approver():
+    r = _report("split_brain-resolution")
+    page = render(r)
+    assert {c.strategy for c in r.conflicts} == {"last-write-wins", "merge-with-priority", "source-priority",
+                                                 "immutable-append-only", "freshness-priority"}
+    alerts = next(c for c in r.conflicts if c.table == "alerts")
+    assert (alerts.conflicts, alerts.audit_rows) == (1, 8109)
+    (a,) = r.approvals
+    assert (a.approver, a.outcome, a.at) == ("dana", "approved", datetime(2026, 11, 26, 6, 55, 56, 401118,
+                                                                           tzinfo=timezone.utc))
+    assert "<td>dana</td>" in page and "2026-11-26 06:55:56.401 UTC" in page
+    assert "from eagle_dr.conflict_audit" in page and not r.rtos  # a split brain has no RTO phases
+
+
+def test_a_rejected_run_lists_the_decision_from_its_history():
+    r = _report("switchover-rejected")
+    assert r.status == "failed" and "rejected by bob" in r.failure
+    (a,) = r.approvals
+    assert a.approver == "bob" and a.comment == "not during peak" and a.source == "history"
+    assert "not during peak" in render(r)
+
+
+@pytest.mark.parametrize("name", ["restore-pitr", "backup-full-from-standby", "restore_drill-healthy",
+                                  "monitor-auto-failover", "alert_incident-monitor-resolved", "expire"])
+def test_runs_without_a_step_list_get_their_timeline_from_history(name):
+    r = _report(name)
+    page = render(r)
+    assert r.bars and len(_bars(page)) == len(r.bars)
+    assert not r.rtos or name.startswith("monitor")  # nothing invented: no RTO where the run measured none
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert render_text(r)
+
+
+def test_restore_drill_figures_are_reported():
+    page = render(_report("restore_drill-healthy"))
+    assert "rto_seconds" in page and "12.619" in page and "20261202-010051F" in page
+
+
+def _with_step_detail(name: str, detail: str) -> WorkflowHistory:
+    """The recorded history with its first step's detail replaced (as a hostile database name would)."""
+    h = _history(name)
+    proto = History()
+    proto.events.extend(h.events)
+    done = proto.events[-1].workflow_execution_completed_event_attributes.result
+    conv = pydantic_data_converter.payload_converter
+    result = conv.from_payloads(list(done.payloads))[0]
+    result["steps"][0]["detail"] = detail
+    result["steps"][1]["name"] = "epoch & <b>bold</b>"
+    done.payloads[0].CopyFrom(conv.to_payloads([result])[0])
+    return WorkflowHistory(h.workflow_id, list(proto.events))
+
+
+def test_workflow_data_is_escaped():
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    page = render(build(_with_step_detail("failover-unplanned", evil), ui_url=UI))
+    assert "<script" not in page and "<img" not in page and "<b>bold</b>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page and "epoch &amp; &lt;b&gt;" in page
+
+
+@pytest.mark.parametrize("name", ["drill", "failover-unplanned", "split_brain-resolution", "restore-pitr"])
+def test_page_is_one_self_contained_file(name):
+    page = render(_report(name))
+    tags = _tags(page)
+    names = {t for t, _ in tags}
+    # Nothing to fetch: no script, stylesheet link, image, frame, object or font; no url() or @import.
+    assert not names & {"script", "link", "img", "iframe", "object", "embed", "source", "video", "audio"}
+    assert not any("src" in attrs for _, attrs in tags)
+    assert "url(" not in page and "@import" not in page
+    # The only http(s) addresses are the Temporal UI links an operator clicks.
+    hrefs = [a["href"] for t, a in tags if t == "a"]
+    assert hrefs and all(h.startswith(UI + "/") for h in hrefs)
+    assert len(re.findall(r"https?://", page)) == len(hrefs)
+    assert "<svg" in page
+
+
+def test_a_running_run_gives_a_partial_report_marked_running():
+    h = _history("failover-unplanned")
+    events = list(h.events)
+    # Cut the history in the middle of the run: after the promote activity was scheduled.
+    cut = next(i for i, e in enumerate(events) if e.HasField("activity_task_scheduled_event_attributes")
+               and e.activity_task_scheduled_event_attributes.activity_type.name == "promote_postgres")
+    running = WorkflowHistory(h.workflow_id, events[:cut + 1])
+    progress = {"runbook": "failover", "service": "eagle-alert", "source_region": "us-east-1",
+                "target_region": "us-west-2", "epoch": 3, "steps": [
+                    {"name": "preflight", "status": "done", "started_at": "2026-11-26T05:39:06.321334Z",
+                     "finished_at": "2026-11-26T05:39:11.428205Z", "detail": "ok"},
+                    {"name": "promote", "status": "running", "started_at": "2026-11-26T05:39:11.486319Z"}]}
+    r = build(running, progress=progress, ui_url=UI)
+    page = render(r)
+    assert r.status == "running" and r.closed_at is None
+    assert "RUNNING" in page and "partial report" in page
+    assert len(_bars(page)) == 2 and page.count('class="bar running"') == 1
+    assert not r.rtos  # not measured yet: not shown
+
