@@ -134,7 +134,8 @@ def _bar_row(b: Bar, y: int, x, now: datetime) -> str:
     return (f'<g class="row"><text x="{indent}" y="{y + 14}">{e(label)}</text>'
             f'<rect class="{e(cls)}" x="{x0:.1f}" y="{y + 3}" width="{w:.1f}" height="{ROW_H - 6}">'
             f'<title>{e(tip)}</title></rect>'
-            f'<text x="{min(x0 + w + 4, WIDTH - 60):.1f}" y="{y + 14}">{seconds:.2f}s</text></g>')
+            + (f'<text x="{x0 + w + 4:.1f}" y="{y + 14}">{seconds:.2f}s</text></g>' if x0 + w + 50 < WIDTH else
+               f'<text x="{x0 - 4:.1f}" y="{y + 14}" text-anchor="end">{seconds:.2f}s</text></g>'))
 
 
 def _rto_rows(rto: RtoView, y: int, x) -> tuple[str, str]:
