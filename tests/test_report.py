@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from temporalio.api.history.v1 import History
-from temporalio.client import WorkflowHistory
+from temporalio.client import WorkflowFailureError, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from eagle_dr.report.extract import build
@@ -195,3 +195,91 @@ def test_a_running_run_gives_a_partial_report_marked_running():
     assert len(_bars(page)) == 2 and page.count('class="bar running"') == 1
     assert not r.rtos  # not measured yet: not shown
 
+
+
+# -- against the test lab -------------------------------------------------------------------------
+
+
+def _cli(lab_config_path, lab, *args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "EAGLE_DR_STATE_DIR": lab.cfg.lab.state_dir}
+    return subprocess.run([sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_cli_reports_a_real_run_while_it_runs_and_after(lab, client, lab_config_path, tmp_path):
+    """A switchover held at its approval gate (nothing moves): the CLI's report of it running,
+    then rejected by a named approver, as HTML."""
+    from eagle_dr.launch import start_move
+    from tests.lab_helpers import _until
+    from workflows.models import ApprovalDecision, ApprovalPolicy, SwitchoverInput
+
+    target = lab.cfg.secondary.name
+    handle = await start_move(client, lab.cfg, SwitchoverInput(
+        service=lab.cfg.service, target_region=target, reason="report test",
+        approval=ApprovalPolicy(required=True, timeout_seconds=120)))
+
+    async def awaiting():
+        try:
+            return (await handle.query("progress")).get("awaiting_approval")
+        except Exception:  # noqa: BLE001 - its first task not run yet
+            return False
+
+    try:
+        await _until(awaiting, 60, "the switchover to wait at its gate", interval=0.2)
+        running = _cli(lab_config_path, lab, "report", handle.id)
+        assert running.returncode == 0, running.stderr
+        assert "RUNNING" in running.stdout and "partial report" in running.stdout
+        assert "approval" in running.stdout and "preflight" in running.stdout
+    finally:
+        await handle.execute_update("approve", ApprovalDecision(approver="erin <ops>", decision="reject",
+                                                                comment="report test"))
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    page_path = tmp_path / "switchover.html"
+    done = _cli(lab_config_path, lab, "report", handle.id, "--run-id", handle.result_run_id or handle.run_id,
+                "--html", str(page_path))
+    assert done.returncode == 0, done.stderr
+    assert str(page_path) in done.stdout.replace("\n", "")
+    page = page_path.read_text()
+    assert "FAILED" in page and "erin &lt;ops&gt;" in page and "erin <ops>" not in page
+    assert f"{lab.cfg.temporal.ui_url}/namespaces/default/workflows/{handle.id}/" in page
+    assert len(_bars(page)) >= 4  # describe_topology, probes, read_epoch, the gate's timer
+    missing = _cli(lab_config_path, lab, "report", "no-such-workflow-here")
+    assert missing.returncode == 1 and "no such workflow" in missing.stderr
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_alert_latency_through_the_labs_alertmanager(lab, client):
+    """The drill's measurement: a real alert into the lab's Alertmanager, to the receiver, to
+    the incident workflow's history; recorded only (no rule takes it), then resolved."""
+    import uuid
+
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.alert_probe import AlertProbeActivities, AlertProbeRequest
+    from tests.lab_helpers import _until
+
+    lab.start_receiver()
+    lab.start_alertmanager()
+    probe = AlertProbeActivities(lab.cfg)
+    tag = f"report-test-{uuid.uuid4().hex[:8]}"
+    res = await ActivityEnvironment(client=client).run(
+        probe.measure_alert_latency, AlertProbeRequest(service=lab.cfg.service, region="us-east-1", tag=tag))
+    assert res.error is None, res.error
+    assert res.group_wait == "0s"
+    assert res.posted_at < res.signalled_at and 0 < res.seconds < 10
+    assert res.seconds == pytest.approx((res.signalled_at - res.posted_at).total_seconds())
+    assert "Alertmanager -> workflow signalled" in res.summary() and "group_wait 0s" in res.summary()
+    # The probe resolved its alert: the incident closes as resolved, having only recorded it.
+    inc = client.get_workflow_handle(res.incident_id)
+    summary = await _until(lambda: _closed(inc), 30, "the probe's incident to resolve")
+    assert summary["outcome"] == "resolved" and summary["action"] == "recorded"
+
+
+async def _closed(handle):
+    from temporalio.client import WorkflowExecutionStatus
+
+    if (await handle.describe()).status != WorkflowExecutionStatus.COMPLETED:
+        return None
+    return await handle.result()
