@@ -8,7 +8,6 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from temporalio.api.history.v1 import History
@@ -99,6 +98,26 @@ def test_drill_report_nests_the_runbooks_and_lists_approvals():
     (q,) = r.audit_queries
     assert q.workflow_id == "dr-failback-eagle-alert" and "run_id = '01a2165d-d4eb-749a-8573-f316d5fa1bf0'" in q.sql
     assert "eagle_dr.conflict_audit" in page
+
+
+def test_drill_with_its_own_steps_and_the_alert_latency():
+    r = _report("drill-alert-latency")
+    page = render(r)
+    top = [b.label for b in r.bars if b.depth == 0]
+    assert top == ["switchover us-west-2 -> us-east-1", "outage: kill region us-east-1",
+                   "detect the outage of us-east-1", "alert -> incident workflow latency",
+                   "failover us-east-1 -> us-west-2", "us-east-1 comes back; failback rebuilds it as a standby",
+                   "backup, then a restore drill of it"]
+    assert len(_bars(page)) == len(r.bars) == 7 + 10 + 9 + 6
+    alert = next(b for b in r.bars if b.label.startswith("alert"))
+    # Measured concurrently with detection: both start at the kill's end.
+    assert alert.start == next(b for b in r.bars if b.label.startswith("detect")).start
+    assert "Alertmanager -&gt; workflow signalled: 0.09 s (group_wait 0s" in page
+    facts = {f.name: f.value for f in r.facts}
+    assert facts["alert_latency.group_wait"] == "0s" and float(facts["alert_latency.seconds"]) < 1
+    # The old primary was unreachable: the failover's RPO verdict and WAL loss are unknown.
+    fo = next(v for v in r.rpos if v.title.startswith("failover"))
+    assert fo.met is None and fo.lost_wal_bytes is None
 
 
 def test_split_brain_report_shows_conflicts_by_strategy_and_the_approver():
