@@ -264,6 +264,13 @@ async def test_cli_reports_a_real_run_while_it_runs_and_after(lab, client, lab_c
     assert "FAILED" in page and "erin &lt;ops&gt;" in page and "erin <ops>" not in page
     assert f"{lab.cfg.temporal.ui_url}/namespaces/default/workflows/{handle.id}/" in page
     assert len(_bars(page)) >= 4  # describe_topology, probes, read_epoch, the gate's timer
+    # What `eagle-dr drill` (make drill) leaves at its end: the HTML and its text beside it, in the lab's state.
+    from eagle_dr.cli import _drill_files
+
+    before = set((lab.state / "reports").glob("drill-*.html"))
+    await _drill_files(client, lab.cfg, handle, None)
+    (written,) = set((lab.state / "reports").glob("drill-*.html")) - before
+    assert "erin &lt;ops&gt;" in written.read_text() and "erin <ops>" in written.with_suffix(".txt").read_text()
     missing = _cli(lab_config_path, lab, "report", "no-such-workflow-here")
     assert missing.returncode == 1 and "no such workflow" in missing.stderr
 
