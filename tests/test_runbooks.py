@@ -312,12 +312,16 @@ async def test_drill(lab, client):
                                           confirm_interval_seconds=0.2, auto_failover=True, watch_split_brain=False),
         id=monitor_id(lab.cfg.service), task_queue=lab.cfg.temporal.control_task_queue)
     lab.start_app()
+    # What lab up runs: the alert -> workflow latency goes through them.
+    lab.start_receiver()
+    lab.start_alertmanager()
     try:
         await _until(_async(lambda: len(write_log(lab.cfg).acknowledged()) > 10), 30, "sample app traffic")
         handle = await start_drill(client, lab.cfg, DrillInput(service=lab.cfg.service))
         report = await handle.result()
-        # drill.json and drill-restore-drill.json stay: drills recorded before later patches must replay.
-        await record(handle, "drill-holds-monitor")
+        # drill.json, drill-restore-drill.json, drill-holds-monitor.json and drill-alert-latency.json
+        # stay: drills recorded before later patches must replay.
+        await record(handle, "drill-hold-and-alert-latency")
         st = await monitor.query(MonitorWorkflow.monitor_state)
     finally:
         lab.stop_app()
@@ -343,6 +347,23 @@ async def test_drill(lab, client):
         report.restore_drill_error
     assert rd.rpo_seconds is not None and rd.newest_recoverable is not None and rd.rto_seconds
     assert rd.tables and all(t.match for t in rd.tables), rd.tables
+    # Alert -> workflow latency, measured during the outage, named by its two ends.
+    al = report.alert_latency
+    assert al is not None and al.error is None and al.seconds is not None and 0 < al.seconds < 10, al
+    assert al.group_wait == "0s" and "Alertmanager -> workflow signalled" in al.summary()
+    # The HTML evidence of this very run: one bar per step of the drill and of its runbooks,
+    # the failover's RTO phases with the clients' write gap placed in time, the latency.
+    from eagle_dr.cli.report import fetch_report
+    from eagle_dr.report.html import render
+
+    r = await fetch_report(client, lab.cfg, handle.id, handle.result_run_id)
+    page = render(r)
+    steps = len(report.steps) + sum(len(x.steps) for x in (report.switchover, report.failover, report.failback))
+    assert len(r.bars) == steps and page.count('<rect class="bar ') == steps
+    assert [b.label for b in r.bars if b.depth == 0] == [st.name for st in report.steps]
+    fo = next(x for x in r.rtos if x.title.startswith("failover"))
+    assert fo.total_s == pytest.approx(report.failover.rto.total_s) and fo.client_gap_end is not None
+    assert page.count('class="client-gap"') >= 1 and "Alertmanager -&gt; workflow signalled" in page
 
 
 async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, client):

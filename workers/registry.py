@@ -8,6 +8,7 @@ runbook reaches a region by scheduling on that region's queue.
 
 from __future__ import annotations
 
+from activities.alert_probe import AlertProbeActivities
 from activities.backup.activities import BackupActivities, RestoreActivities
 from activities.backup.drill import RestoreDrillActivities
 from activities.backup.redis import RedisBackupActivities
@@ -79,4 +80,6 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
     if cfg.routing.lab_file:
         acts += _methods(LabHooks(cfg, config_path), "kill_region", "heal_region", "count_missing_acked_writes",
                          "client_outage")
+        # The drill's alert -> workflow latency: through the lab's Alertmanager and receiver.
+        acts.append(AlertProbeActivities(cfg).measure_alert_latency)
     return acts

@@ -15,6 +15,7 @@ The failed region is left down: bringing it back is failback's job, never the la
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,12 +23,14 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.alert_probe import AlertLatency, AlertProbeActivities, AlertProbeRequest
     from activities.health import HealthActivities
     from activities.lab_hooks import LabHooks
     from workflows.backup import BackupInput, BackupWorkflow
     from workflows.failback import FailbackInput, FailbackReport, FailbackWorkflow
     from workflows.failover import FailoverWorkflow
-    from workflows.models import ApprovalPolicy, FailoverInput, MonitorHold, RunbookResult, SwitchoverInput, Trigger
+    from workflows.models import (ApprovalPolicy, FailoverInput, MonitorHold, RunbookResult, StepRecord,
+                                  SwitchoverInput, Trigger)
     from workflows.restore_drill import RestoreDrillInput, RestoreDrillResult, RestoreDrillWorkflow
     from workflows.runbook import Runbook, monitor_id, move_id
     from workflows.switchover import SwitchoverWorkflow
@@ -64,6 +67,10 @@ class DrillReport(BaseModel):
     # The restore drill's figures (also when it failed: its error carries them) and its verdict.
     restore_drill: RestoreDrillResult | None = None
     restore_drill_error: str | None = None
+    # Alertmanager -> incident workflow, measured during the outage (None in drills before it).
+    alert_latency: AlertLatency | None = None
+    # The drill's own steps, for its report's timeline (empty in drills recorded before).
+    steps: list[StepRecord] = []
     notes: list[str] = []
 
 
@@ -121,6 +128,13 @@ class DrillWorkflow(Runbook):
             killed, outage_at = outage.killed, outage.at
             st.detail = "killed " + ", ".join(killed)
 
+        alert_task = None
+        # Guarded: drills recorded before it (tests/histories/drill*.json) replay unchanged.
+        if workflow.patched("drill-alert-latency"):
+            # Concurrent with detection, not before it: the probes' timing (and so the failover's
+            # RTO, counted from the kill) must not include the alert's round trip.
+            alert_task = asyncio.ensure_future(self._alert_latency(inp, control, b))
+
         async with self.step(f"detect the outage of {b}") as st:
             failures = 0
             while failures < inp.failure_threshold:
@@ -148,6 +162,8 @@ class DrillWorkflow(Runbook):
                 static_summary=f"Drill: failover {inp.service} {b} -> {a}")
             st.detail = f"{failover.outcome}; RTO {failover.rto.total_s:.1f}s"
 
+        alert_latency = await alert_task if alert_task else None
+
         failback = None
         if inp.failback:
             async with self.step(f"{b} comes back; failback rebuilds it as a standby") as st:
@@ -171,7 +187,23 @@ class DrillWorkflow(Runbook):
         return DrillReport(service=inp.service, primary_before=a, primary_after=a, switchover=switchover,
                            outage_region=b, killed=killed, detection_seconds=detection, failover=failover,
                            failback=failback, restore_drill=restore_drill, restore_drill_error=restore_drill_error,
+                           alert_latency=alert_latency, steps=self.steps,
                            notes=[] if failback else [f"region {b} is left down: failback rebuilds it as a standby"])
+
+    async def _alert_latency(self, inp: DrillInput, control: str, region: str) -> AlertLatency:
+        """One real alert through the lab's Alertmanager and receiver, timed until the incident
+        workflow has it. A measurement that fails is the drill's finding, never its end."""
+        st = StepRecord(name="alert -> incident workflow latency", status="running", started_at=workflow.now())
+        self.steps.append(st)
+        try:
+            res = await self.act(AlertProbeActivities.measure_alert_latency,
+                                 AlertProbeRequest(service=inp.service, region=region, tag=workflow.info().run_id),
+                                 queue=control, timeout=60, heartbeat=10, attempts=1)
+        except ActivityError as e:
+            res = AlertLatency(error=getattr(e.cause, "message", None) or str(e))
+        st.status = "done" if res.seconds is not None else "failed"
+        st.detail, st.finished_at = res.summary(), workflow.now()
+        return res
 
     async def _restore_drill(self, inp: DrillInput, control: str, primary: str,
                              scratch_region: str) -> tuple[RestoreDrillResult | None, str | None]:

@@ -599,8 +599,10 @@ def approve(workflow_id: str, approver: str = typer.Option(os.environ.get("USER"
 
 
 @app.command()
-def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
-    """The DR drill on the lab: switchover, real outage, detection, failover, report."""
+def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to"),
+          html: Optional[str] = typer.Option(None, "--html", help="Where to write the HTML report (default: "
+                                                                   "<lab state>/reports/drill-<time>.html).")):
+    """The DR drill on the lab: switchover, real outage, detection, failover, report (text and HTML)."""
 
     from eagle_dr.launch import AlreadyInProgress, start_drill
     from workflows.drill import DrillInput
@@ -625,10 +627,13 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
         if report.failback:
             _failback_report(report.failback)
         _restore_drill_report(report.restore_drill, report.restore_drill_error)
+        if report.alert_latency:
+            out.print(f"[bold]alert -> workflow[/]: {escape(report.alert_latency.summary())}")
         for n in report.notes:
             out.print(f"[yellow]note:[/] {n}")
         out.print(f"Temporal UI: {_ui_link(c, handle)} (children: {c.temporal.ui_url}/namespaces/"
                   f"{client.namespace}/workflows?query=DrTrigger%3D%22drill%22)")
+        await _drill_files(client, c, handle, html)
         parts = [report.switchover, report.failover] + ([report.failback.switchover] if report.failback and
                                                           report.failback.switchover else [])
         degraded = [f"{p.runbook} -> {p.target_region}" for p in parts if p.outcome != "succeeded"]
@@ -638,6 +643,31 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to")):
             _fail(f"drill finished DEGRADED: {', '.join(degraded)}", EXIT_DEGRADED)
 
     _run_runbook("drill", run)
+
+
+async def _drill_files(client, c: EagleConfig, handle, html: Optional[str]) -> None:
+    """The drill's evidence on disk: the HTML report (eagle-dr report --html) and, beside it,
+    the same report as text. A failure to write them is said, never the drill's failure."""
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from eagle_dr.cli.report import fetch_report, write_html
+    from eagle_dr.report.text import render as render_text
+
+    try:
+        r = await fetch_report(client, c, handle.id, handle.result_run_id)
+        if html:
+            page = Path(html)
+        else:
+            from lab.lab import Lab
+
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            page = Lab(c, state.config_path).state / "reports" / f"drill-{stamp}.html"
+        write_html(r, page)
+        page.with_suffix(".txt").write_text(render_text(r) + "\n", encoding="utf-8")
+        out.print(f"report: {page} (HTML, open in a browser) and {page.with_suffix('.txt')} (text)", highlight=False)
+    except Exception as e:  # noqa: BLE001
+        err.print(f"[yellow]warning:[/] the drill's report files were not written: {escape(str(e))}")
 
 
 def _restore_drill_report(r, error: str | None) -> None:
@@ -814,6 +844,7 @@ from eagle_dr.cli import restore as _restore_cli  # noqa: E402,F401
 from eagle_dr.cli import alerts as _alerts_cli  # noqa: E402,F401
 from eagle_dr.cli import monitor as _monitor_cli  # noqa: E402,F401
 from eagle_dr.cli import runs as _runs_cli  # noqa: E402,F401
+from eagle_dr.cli import report as _report_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
