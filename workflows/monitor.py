@@ -143,6 +143,7 @@ MAX_FINDINGS = 20
 @workflow.defn
 class MonitorWorkflow(Runbook):
     runbook = "monitor"
+    notifies = "none"  # its own outage events, not a runbook's start and end
 
     def __init__(self) -> None:
         super().__init__()
