@@ -61,6 +61,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.runbook import Runbook, move_id
     from workflows.split_brain import SplitBrainInput, SplitBrainResult, SplitBrainWorkflow
     from workflows.validation import RawInput, validated
+    from activities.notify.event import NotifyEvent
+    from workflows.notify import outage_key
 
 
 class MonitorInput(BaseModel):
@@ -86,6 +88,8 @@ class MonitorInput(BaseModel):
     paused_since: datetime | None = None
     running_since: datetime | None = None
     last_auto_move_at: datetime | None = None
+    # The region whose outage was notified and not yet resolved (the pager's open incident).
+    open_outage: str | None = None
 
 
 class Probe(BaseModel):
@@ -154,6 +158,8 @@ class MonitorWorkflow(Runbook):
         self.paused = False
         # What the current outage has already been reported as (one finding per outage, not per round).
         self._noted: str | None = None
+        # The region whose outage the channels were told of (resolved when it is over).
+        self._outage_open: str | None = None
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
@@ -337,6 +343,7 @@ class MonitorWorkflow(Runbook):
             paused_since=early.paused_since if early else inp.paused_since if inp.paused else None,
             pause_reason=early.pause_reason if early else inp.pause_reason if inp.paused else "",
             findings=self.state.findings, cooldown_until=self._cooldown_until(inp))
+        self._outage_open = inp.open_outage
         interval = timedelta(seconds=inp.interval_seconds)
         failures, first_failure = 0, None
         splits, first_split = 0, None
@@ -363,6 +370,7 @@ class MonitorWorkflow(Runbook):
             self._note_workers(reports)
             if (moved := self._follow(primary, reports)) is not None:
                 self._finding(f"primary moved: {primary} -> {moved}; now watching {moved}")
+                self._outage_over(inp.service, f"the primary moved to {moved}")
                 primary, failures, first_failure = moved, 0, None
                 self.target_region = self.state.watched_region = primary
             down, answered = self._tally(primary, reports)
@@ -372,6 +380,7 @@ class MonitorWorkflow(Runbook):
             elif answered:
                 if failures >= inp.failure_threshold:
                     self._finding(f"{primary} answers again")
+                self._outage_over(inp.service, f"{primary} answers again")
                 failures, first_failure = 0, None
                 self._noted = None
             self.state.failures = failures
@@ -380,6 +389,7 @@ class MonitorWorkflow(Runbook):
                                   workers_down=len(self.state.workers_down))
             if failures >= inp.failure_threshold:
                 why_not = self._why_not_fail_over(inp, topo, primary, reports)
+                self._outage(inp, topo, primary, first_failure, why_not)
                 if why_not is not None:
                     self._note_once(f"**{primary} is DOWN** since {first_failure.isoformat(timespec='seconds')}: "
                                     f"{why_not}")
@@ -395,6 +405,8 @@ class MonitorWorkflow(Runbook):
                 await self._wait_round(interval - elapsed, serving=True)
             if workflow.info().is_continue_as_new_suggested():
                 break
+        # Deliveries still in flight are dropped by continue-as-new or the end: wait for them.
+        await self.notifier.flush()
         if self.stop_reason is not None:
             self.state.status = "stopped"
             workflow.set_current_details(f"**monitor** {inp.service}: stopped ({self.stop_reason})")
@@ -404,6 +416,7 @@ class MonitorWorkflow(Runbook):
     def _carry(self, inp: MonitorInput, primary: str, **more) -> MonitorInput:
         """The next run's input: what must survive continue-as-new."""
         return inp.model_copy(update={"primary_region": primary, "paused": self.paused,
+                                      "open_outage": self._outage_open,
                                       "pause_reason": self.state.pause_reason, "paused_since": self.state.paused_since,
                                       "running_since": self.state.running_since, **more})
 
@@ -460,9 +473,40 @@ class MonitorWorkflow(Runbook):
             self._finding(f"automatic failover {primary} -> {target} refused or failed: {e.cause or e}")
             return None
         self._finding(f"automatic failover {primary} -> {target}: {report.failover.outcome}")
+        if report.failover.outcome in ("succeeded", "degraded"):
+            self._outage_over(inp.service, f"failed over to {target}: {report.failover.outcome}")
+        await self.notifier.flush()
         if inp.stop_after_failover:
             return report
         workflow.continue_as_new(self._carry(inp, target, last_auto_move_at=attempt))
+
+    # -- notifications (workflows/notify.py): one incident per outage, resolved when it is over --
+
+    def _outage_event(self, service: str, region: str, down: bool, lines: list[str]) -> NotifyEvent:
+        info = workflow.info()
+        return NotifyEvent(kind="outage" if down else "outage-resolved", service=service,
+                           summary=f"{region} is DOWN" if down else f"{region} outage over",
+                           action="trigger" if down else "resolve", severity="critical",
+                           dedup_key=outage_key(service, region), at=workflow.now(), runbook="monitor",
+                           workflow_id=info.workflow_id, namespace=info.namespace, region=region, lines=lines)
+
+    def _outage(self, inp: MonitorInput, topo, primary: str, first_failure, why_not: str | None) -> None:
+        """The channels hear of an outage once (not every round), when the threshold is crossed."""
+        if not self.notifier.active or self._outage_open == primary:
+            return
+        self._outage_open = primary
+        votes = ", ".join(f"{v}: {seen}" for v, seen in self.state.votes.items())
+        action = why_not or f"automatic failover to {topo.other(primary).name} is starting" + \
+            (" (it waits for approval: the approve command follows)" if inp.require_approval else "")
+        self.notifier.send(self._outage_event(inp.service, primary, True, [
+            f"down since {first_failure.isoformat(timespec='seconds')} ({inp.failure_threshold} failed rounds)",
+            f"vantage points: {votes}", action]))
+
+    def _outage_over(self, service: str, why: str) -> None:
+        if self._outage_open is None:
+            return
+        region, self._outage_open = self._outage_open, None
+        self.notifier.send(self._outage_event(service, region, False, [why]))
 
     def _note_once(self, what: str) -> None:
         if self._noted != what:
@@ -594,6 +638,7 @@ class MonitorWorkflow(Runbook):
                 self._finding(f"split brain ({what}): not resolved here, a runbook already holds "
                               f"{move_id(inp.service)}")
             return None
+        await self.notifier.flush()  # nothing in flight without channels: no command
         if inp.stop_after_failover:
             return report
         workflow.continue_as_new(self._carry(inp, report.split_brain.choice.survivor
