@@ -13,6 +13,8 @@ import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import socket
 import threading
 import uuid
@@ -301,6 +303,31 @@ async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(
     chat = [p["text"] for p in http_recorder.on("/slack/") if f"/workflows/{wid}" in p["text"]]
     assert len(chat) == 2 and "OUTAGE" in chat[0] and f"{a} answers again" in chat[1]
     await record(handle, "monitor-notify-outage")
+
+
+def test_cli_notify_test_reaches_each_channel_and_names_the_one_that_is_down(lab_cfg, lab_config_path, tmp_path,
+                                                                              http_recorder):
+    import yaml
+
+    port = http_recorder.server_address[1]
+    doc = yaml.safe_load(lab_config_path.read_text())
+    doc["notifications"] = {"channels": {
+        "chat": {"type": "slack", "webhook_url": {"env": "T_SLACK"}},
+        "pager": {"type": "pagerduty", "routing_key": {"env": "T_PD"}, "url": f"http://127.0.0.1:{port}/pd/x"},
+        "down": {"type": "slack", "webhook_url": {"env": "T_DOWN"}, "timeout": "2s"}}}
+    config = tmp_path / "eagle-dr.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "EAGLE_DR_STATE_DIR": lab_cfg.lab.state_dir,
+           "T_SLACK": f"http://127.0.0.1:{port}/slack/cli/{SLACK_TOKEN}", "T_PD": ROUTING_KEY,
+           "T_DOWN": f"http://127.0.0.1:{_free_port()}/{SLACK_TOKEN}"}
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(config), "notify", "test"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "chat: sent" in r.stdout and "pager: sent" in r.stdout and "down: FAILED" in r.stdout, r.stdout
+    assert "Connection refused" in r.stdout and SLACK_TOKEN not in r.stdout + r.stderr
+    assert any("test notification" in p["text"] for p in http_recorder.on("/slack/cli/"))
+    key = f"eagle-dr/{lab_cfg.service}/notify-test"
+    assert [p["event_action"] for p in http_recorder.on("/pd/x") if p["dedup_key"] == key] == ["trigger", "resolve"]
 
 
 def _async_of(fn):

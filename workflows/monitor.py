@@ -62,7 +62,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.split_brain import SplitBrainInput, SplitBrainResult, SplitBrainWorkflow
     from workflows.validation import RawInput, validated
     from activities.notify.event import NotifyEvent
-    from workflows.notify import outage_key
+    from workflows.notify import outage_key, readiness_event
 
 
 class MonitorInput(BaseModel):
@@ -90,6 +90,8 @@ class MonitorInput(BaseModel):
     last_auto_move_at: datetime | None = None
     # The region whose outage was notified and not yet resolved (the pager's open incident).
     open_outage: str | None = None
+    # Readiness checks notified as degraded and not yet restored.
+    readiness_degraded: list[str] = []
 
 
 class Probe(BaseModel):
@@ -160,6 +162,7 @@ class MonitorWorkflow(Runbook):
         self._noted: str | None = None
         # The region whose outage the channels were told of (resolved when it is over).
         self._outage_open: str | None = None
+        self._readiness_bad: set[str] = set()
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
@@ -344,6 +347,7 @@ class MonitorWorkflow(Runbook):
             pause_reason=early.pause_reason if early else inp.pause_reason if inp.paused else "",
             findings=self.state.findings, cooldown_until=self._cooldown_until(inp))
         self._outage_open = inp.open_outage
+        self._readiness_bad = set(inp.readiness_degraded)
         interval = timedelta(seconds=inp.interval_seconds)
         failures, first_failure = 0, None
         splits, first_split = 0, None
@@ -417,6 +421,7 @@ class MonitorWorkflow(Runbook):
         """The next run's input: what must survive continue-as-new."""
         return inp.model_copy(update={"primary_region": primary, "paused": self.paused,
                                       "open_outage": self._outage_open,
+                                      "readiness_degraded": sorted(self._readiness_bad),
                                       "pause_reason": self.state.pause_reason, "paused_since": self.state.paused_since,
                                       "running_since": self.state.running_since, **more})
 
@@ -507,6 +512,18 @@ class MonitorWorkflow(Runbook):
             return
         region, self._outage_open = self._outage_open, None
         self.notifier.send(self._outage_event(service, region, False, [why]))
+
+    def readiness_changed(self, service: str, check: str, ok: bool, detail: str, region: str | None = None) -> None:
+        """For the readiness checks (wired by their round): call it with every check's state each
+        round; the channels hear only of changes, a degraded check once until it is restored."""
+        if not self.notifier.active or ok == (check not in self._readiness_bad):
+            return
+        if ok:
+            self._readiness_bad.discard(check)
+        else:
+            self._readiness_bad.add(check)
+        self.notifier.send(readiness_event(service, check, detail, degraded=not ok, at=workflow.now(),
+                                           region=region, workflow_id=workflow.info().workflow_id))
 
     def _note_once(self, what: str) -> None:
         if self._noted != what:

@@ -141,6 +141,8 @@ class Runbook:
         self.notifier = Notifier()
         self._announced = False
         self._trigger: str | None = None
+        # A trigger went out (step failed, approval): the end must resolve or re-trigger it.
+        self._paged = False
 
     # -- what the operator sees ----------------------------------------------------------------
 
@@ -217,6 +219,7 @@ class Runbook:
         if isinstance(e, (asyncio.CancelledError, CancelledError)) or \
                 (isinstance(e, ApplicationError) and e.type == "Aborted"):
             return  # a cancel or a rejection is a decision, not a failure; "finished" says it
+        self._paged = True
         self.notifier.send(self._event("step-failed", "trigger", "error",
                                        [f"step: {name}", f"error: {_error_text(e)}"], outcome="failed"))
 
@@ -228,7 +231,7 @@ class Runbook:
         # A run that failed or left things degraded keeps its incident open (a human must act);
         # any other end (done, nothing to do, rejected or cancelled by a human) resolves it.
         bad = outcome in ("failed", "degraded")
-        if bad or self.notifies == "all":
+        if bad or self.notifies == "all" or self._paged:
             self._announce()
             lines = [f"outcome: {outcome}"]
             if error is not None:
@@ -476,6 +479,7 @@ class Runbook:
         self.awaiting_approval = True
         if self.notifier.active and self.notifies != "none":
             self._announce()
+            self._paged = True
             default = policy.default_action.value
             self.notifier.send(self._event(
                 "approval-needed", "trigger", "critical",
