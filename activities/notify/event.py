@@ -11,8 +11,6 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from eagle_dr.config import NOTIFY_EVENTS  # noqa: F401 - the kinds, re-exported for callers
-
 TITLES = {
     "runbook-started": "started",
     "approval-needed": "APPROVAL NEEDED",
