@@ -32,6 +32,12 @@ class Topology(BaseModel):
     survivor_rule: str = "active-region"
     # backup.read_from: where "auto" backups read the data files (absent from old histories).
     backup_read_from: str = "primary"
+    # notifications: channel -> the events it gets. Empty (and absent from old histories):
+    # the workflows issue no notification activity at all.
+    notify_channels: dict[str, list[str]] = {}
+
+    def notify_targets(self, kind: str) -> list[str]:
+        return [name for name, kinds in self.notify_channels.items() if kind in kinds]
 
     def region(self, name: str) -> RegionInfo | None:
         return next((r for r in self.regions if r.name == name), None)
@@ -56,4 +62,5 @@ class TopologyActivities:
             control_task_queue=self.cfg.temporal.control_task_queue,
             rto_target_seconds=secs(o.critical.rto), rpo_target_seconds=secs(o.critical.rpo),
             cache_rpo_target_seconds=secs(o.cache.rpo), lab=self.cfg.routing.lab_file,
-            survivor_rule=self.cfg.split_brain.survivor_rule, backup_read_from=self.cfg.backup.read_from)
+            survivor_rule=self.cfg.split_brain.survivor_rule, backup_read_from=self.cfg.backup.read_from,
+            notify_channels=self.cfg.notifications.routing())

@@ -751,6 +751,108 @@ class AlertsConfig(_Strict):
         return next((r for r in self.rules if r.matches(labels)), None)
 
 
+# What a notification channel can be sent. A channel that asks for an event that opens an
+# incident also gets the event that closes it (NOTIFY_CLOSERS): a PagerDuty incident opened
+# by "outage" must be resolved by "outage-resolved", even when the filter names only "outage".
+NotifyEventKind = Literal["runbook-started", "approval-needed", "step-failed", "runbook-finished",
+                          "outage", "outage-resolved", "readiness-degraded", "readiness-restored"]
+NOTIFY_EVENTS: tuple[str, ...] = NotifyEventKind.__args__  # type: ignore[attr-defined]
+NOTIFY_CLOSERS = {"approval-needed": "runbook-finished", "step-failed": "runbook-finished",
+                  "outage": "outage-resolved", "readiness-degraded": "readiness-restored"}
+
+
+class _Channel(_Strict):
+    # "all", or the events this channel gets (plus the events that close them).
+    events: Literal["all"] | list[NotifyEventKind] = "all"
+    # Seconds one delivery attempt may take: a slow channel must not hold the runbook up.
+    timeout: Duration = timedelta(seconds=5)
+
+    def wanted(self) -> list[str]:
+        if self.events == "all":
+            return list(NOTIFY_EVENTS)
+        want = set(self.events) | {NOTIFY_CLOSERS[e] for e in self.events if e in NOTIFY_CLOSERS}
+        return [e for e in NOTIFY_EVENTS if e in want]
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: timedelta) -> timedelta:
+        if not timedelta(0) < v <= timedelta(seconds=60):
+            raise ValueError("must be more than 0 and at most 60s")
+        return v
+
+
+class SlackChannel(_Channel):
+    """A Slack-compatible incoming webhook (Slack, Mattermost, Rocket.Chat). The URL carries
+    its own token, so the whole URL is the secret: by reference only."""
+
+    type: Literal["slack"]
+    webhook_url: SecretRef
+
+
+class PagerDutyChannel(_Channel):
+    """PagerDuty Events API v2: trigger and resolve, one dedup key per incident."""
+
+    type: Literal["pagerduty"]
+    routing_key: SecretRef
+    url: str = "https://events.pagerduty.com/v2/enqueue"
+    events: Literal["all"] | list[NotifyEventKind] = Field(
+        default_factory=lambda: ["approval-needed", "step-failed", "outage"])
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("http", "https"):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
+class SmtpChannel(_Channel):
+    """A plain-text email over SMTP. ``starttls`` upgrades a plain connection (port 587),
+    ``tls`` connects over TLS from the start (port 465); a password is never sent in clear:
+    with ``username`` one of them must be on."""
+
+    type: Literal["smtp"]
+    host: str
+    port: int = Field(default=587, ge=1, le=65535)
+    starttls: bool = True
+    tls: bool = False
+    username: str | None = None
+    password: SecretRef | None = None
+    from_addr: str = Field(alias="from", min_length=3)
+    to: list[Annotated[str, Field(min_length=3)]] = Field(min_length=1)
+    # Only for a relay on the same host (the lab's): AUTH over a plain connection.
+    allow_plaintext_auth: bool = False
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _auth(self) -> "SmtpChannel":
+        if self.starttls and self.tls:
+            raise ValueError("starttls and tls exclude each other (tls: TLS from the start, port 465)")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.username and not (self.starttls or self.tls or self.allow_plaintext_auth):
+            raise ValueError("a password over a plain connection: turn starttls or tls on")
+        for addr in (self.from_addr, *self.to):
+            if "@" not in addr:
+                raise ValueError(f"{addr!r} is not an email address")
+        return self
+
+
+NotifyChannel = Annotated[SlackChannel | PagerDutyChannel | SmtpChannel, Field(discriminator="type")]
+
+
+class NotificationsConfig(_Strict):
+    """Where runbook and monitor events go. No channel: no notification activity at all."""
+
+    channels: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")], NotifyChannel] = Field(
+        default_factory=dict)
+
+    def routing(self) -> dict[str, list[str]]:
+        """Channel name -> the events it gets: what the workflows need to know (no secrets)."""
+        return {name: ch.wanted() for name, ch in self.channels.items()}
+
+
 class TemporalConfig(_Strict):
     control_task_queue: str = "eagle-dr-control"
     ui_url: str = "http://127.0.0.1:8233"
@@ -798,6 +900,7 @@ class EagleConfig(_Strict):
     backup: BackupConfig = BackupConfig()
     routing: RoutingConfig = RoutingConfig()
     alerts: AlertsConfig = AlertsConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
     temporal: TemporalConfig = TemporalConfig()
     lab: LabConfig = LabConfig()
 

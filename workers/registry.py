@@ -15,6 +15,7 @@ from activities.backup.redis import RedisBackupActivities
 from activities.failback import FailbackActivities
 from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
+from activities.notify.activities import NotifyActivities
 from activities.postgres.activities import PostgresActivities
 from activities.redis.activities import RedisActivities
 from activities.split_brain import SplitBrainActivities
@@ -76,7 +77,9 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
                       "verify_service"),
             # SQL on the primary over the network, as postgres_status.
             *_methods(RestoreDrillActivities(cfg), "read_archiver_state", "mark_consistent_point",
-                      "wait_wal_archived")]
+                      "wait_wal_archived"),
+            # Notifications go out from the control worker, beside the workflows that send them.
+            NotifyActivities(cfg).send_notification]
     if cfg.routing.lab_file:
         acts += _methods(LabHooks(cfg, config_path), "kill_region", "heal_region", "count_missing_acked_writes",
                          "client_outage")

@@ -61,6 +61,7 @@ def gap_backup_id(service: str, region: str) -> str:
 @workflow.defn
 class ArchiveGuardWorkflow(Runbook):
     runbook = "archive-guard"
+    notifies = "failures"  # scheduled: news only when it fails (runbook.py)
 
     @workflow.run
     async def run(self, raw: RawInput) -> ArchiveGuardResult:

@@ -72,6 +72,7 @@ class BackupResult(BaseModel):
 @workflow.defn
 class BackupWorkflow(Runbook):
     runbook = "backup"
+    notifies = "failures"  # scheduled: news only when it fails (runbook.py)
 
     @workflow.run
     async def run(self, raw: RawInput) -> BackupResult:

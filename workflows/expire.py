@@ -50,6 +50,7 @@ class ExpireResult(BaseModel):
 @workflow.defn
 class ExpireWorkflow(Runbook):
     runbook = "expire"
+    notifies = "failures"  # scheduled: news only when it fails (runbook.py)
 
     @workflow.run
     async def run(self, raw: RawInput) -> ExpireResult:

@@ -71,6 +71,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.runbook import Runbook, move_id
     from workflows.split_brain import SplitBrainInput, SplitBrainResult, SplitBrainWorkflow
     from workflows.validation import RawInput, validated
+    from activities.notify.event import NotifyEvent
+    from workflows.notify import outage_key, readiness_event
 
 
 class MonitorInput(BaseModel):
@@ -101,6 +103,10 @@ class MonitorInput(BaseModel):
     confirm_rounds: int = Field(default=3, ge=1, le=100)
     # Holds on automatic moves (a drill's), carried across continue-as-new.
     holds: list[MonitorHold] = []
+    # The region whose outage was notified and not yet resolved (the pager's open incident).
+    open_outage: str | None = None
+    # Readiness checks notified as degraded and not yet restored.
+    readiness_degraded: list[str] = []
 
 
 class Probe(BaseModel):
@@ -162,6 +168,7 @@ MAX_FINDINGS = 20
 @workflow.defn
 class MonitorWorkflow(Runbook):
     runbook = "monitor"
+    notifies = "none"  # its own outage events, not a runbook's start and end
 
     def __init__(self) -> None:
         super().__init__()
@@ -172,6 +179,9 @@ class MonitorWorkflow(Runbook):
         self.paused = False
         # What the current outage has already been reported as (one finding per outage, not per round).
         self._noted: str | None = None
+        # The region whose outage the channels were told of (resolved when it is over).
+        self._outage_open: str | None = None
+        self._readiness_bad: set[str] = set()
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
@@ -374,6 +384,8 @@ class MonitorWorkflow(Runbook):
             findings=self.state.findings, cooldown_until=self._cooldown_until(inp),
             # A hold signalled before this first task ran stands beside the carried ones.
             holds=[*inp.holds, *(h for h in self.state.holds if h.holder not in {x.holder for x in inp.holds})])
+        self._outage_open = inp.open_outage
+        self._readiness_bad = set(inp.readiness_degraded)
         interval = timedelta(seconds=inp.interval_seconds)
         failures, first_failure = 0, None
         splits, first_split = 0, None
@@ -403,6 +415,7 @@ class MonitorWorkflow(Runbook):
             self._note_workers(reports)
             if (moved := self._follow(primary, reports)) is not None:
                 self._finding(f"primary moved: {primary} -> {moved}; now watching {moved}")
+                self._outage_over(inp.service, f"the primary moved to {moved}")
                 primary, failures, first_failure = moved, 0, None
                 self.target_region = self.state.watched_region = primary
             down, answered = self._tally(primary, reports)
@@ -413,6 +426,7 @@ class MonitorWorkflow(Runbook):
             elif answered:
                 if failures >= inp.failure_threshold or (fast and hard >= inp.confirm_rounds):
                     self._finding(f"{primary} answers again")
+                self._outage_over(inp.service, f"{primary} answers again")
                 failures, first_failure, hard = 0, None, 0
                 self._noted = None
             self.state.failures = failures
@@ -423,6 +437,7 @@ class MonitorWorkflow(Runbook):
             confirmed = fast and hard >= inp.confirm_rounds
             if failures >= inp.failure_threshold or confirmed:
                 why_not = self._why_not_fail_over(inp, topo, primary, reports)
+                self._outage(inp, topo, primary, first_failure, why_not)
                 if why_not is not None:
                     self._note_once(f"**{primary} is DOWN** since {first_failure.isoformat(timespec='seconds')}: "
                                     f"{why_not}")
@@ -444,6 +459,8 @@ class MonitorWorkflow(Runbook):
                 await self._wait_round(wait, serving=True)
             if workflow.info().is_continue_as_new_suggested():
                 break
+        # Deliveries still in flight are dropped by continue-as-new or the end: wait for them.
+        await self.notifier.flush()
         if self.stop_reason is not None:
             self.state.status = "stopped"
             workflow.set_current_details(f"**monitor** {inp.service}: stopped ({self.stop_reason})")
@@ -453,6 +470,8 @@ class MonitorWorkflow(Runbook):
     def _carry(self, inp: MonitorInput, primary: str, **more) -> MonitorInput:
         """The next run's input: what must survive continue-as-new."""
         return inp.model_copy(update={"primary_region": primary, "paused": self.paused,
+                                      "open_outage": self._outage_open,
+                                      "readiness_degraded": sorted(self._readiness_bad),
                                       "pause_reason": self.state.pause_reason, "paused_since": self.state.paused_since,
                                       "running_since": self.state.running_since,
                                       "holds": [h for h in self.state.holds if h.until > workflow.now()], **more})
@@ -514,9 +533,52 @@ class MonitorWorkflow(Runbook):
             self._finding(f"automatic failover {primary} -> {target} refused or failed: {e.cause or e}")
             return None
         self._finding(f"automatic failover {primary} -> {target}: {report.failover.outcome}")
+        if report.failover.outcome in ("succeeded", "degraded"):
+            self._outage_over(inp.service, f"failed over to {target}: {report.failover.outcome}")
+        await self.notifier.flush()
         if inp.stop_after_failover:
             return report
         workflow.continue_as_new(self._carry(inp, target, last_auto_move_at=attempt))
+
+    # -- notifications (workflows/notify.py): one incident per outage, resolved when it is over --
+
+    def _outage_event(self, service: str, region: str, down: bool, lines: list[str]) -> NotifyEvent:
+        info = workflow.info()
+        return NotifyEvent(kind="outage" if down else "outage-resolved", service=service,
+                           summary=f"{region} is DOWN" if down else f"{region} outage over",
+                           action="trigger" if down else "resolve", severity="critical",
+                           dedup_key=outage_key(service, region), at=workflow.now(), runbook="monitor",
+                           workflow_id=info.workflow_id, namespace=info.namespace, region=region, lines=lines)
+
+    def _outage(self, inp: MonitorInput, topo, primary: str, first_failure, why_not: str | None) -> None:
+        """The channels hear of an outage once (not every round), when the threshold is crossed."""
+        if not self.notifier.active or self._outage_open == primary:
+            return
+        self._outage_open = primary
+        votes = ", ".join(f"{v}: {seen}" for v, seen in self.state.votes.items())
+        action = why_not or f"automatic failover to {topo.other(primary).name} is starting" + \
+            (" (it waits for approval: the approve command follows)" if inp.require_approval else "")
+        self.notifier.send(self._outage_event(inp.service, primary, True, [
+            f"down since {first_failure.isoformat(timespec='seconds')} ({inp.failure_threshold} failed rounds)",
+            f"vantage points: {votes}", action]))
+
+    def _outage_over(self, service: str, why: str) -> None:
+        if self._outage_open is None:
+            return
+        region, self._outage_open = self._outage_open, None
+        self.notifier.send(self._outage_event(service, region, False, [why]))
+
+    def readiness_changed(self, service: str, check: str, ok: bool, detail: str, region: str | None = None) -> None:
+        """For the readiness checks (wired by their round): call it with every check's state each
+        round; the channels hear only of changes, a degraded check once until it is restored."""
+        if not self.notifier.active or ok == (check not in self._readiness_bad):
+            return
+        if ok:
+            self._readiness_bad.discard(check)
+        else:
+            self._readiness_bad.add(check)
+        self.notifier.send(readiness_event(service, check, detail, degraded=not ok, at=workflow.now(),
+                                           region=region, workflow_id=workflow.info().workflow_id))
 
     def _note_once(self, what: str) -> None:
         if self._noted != what:
@@ -675,6 +737,7 @@ class MonitorWorkflow(Runbook):
                 self._finding(f"split brain ({what}): not resolved here, a runbook already holds "
                               f"{move_id(inp.service)}")
             return None
+        await self.notifier.flush()  # nothing in flight without channels: no command
         if inp.stop_after_failover:
             return report
         workflow.continue_as_new(self._carry(inp, report.split_brain.choice.survivor

@@ -49,6 +49,7 @@ class RedisSnapshotResult(BaseModel):
 @workflow.defn
 class RedisSnapshotWorkflow(Runbook):
     runbook = "redis-snapshot"
+    notifies = "failures"  # scheduled: news only when it fails (runbook.py)
 
     @workflow.run
     async def run(self, raw: RawInput) -> RedisSnapshotResult:

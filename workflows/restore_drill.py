@@ -119,6 +119,7 @@ class RestoreDrillResult(BaseModel):
 @workflow.defn(name="RestoreDrillWorkflow")
 class RestoreDrillWorkflow(Runbook):
     runbook = "restore-drill"
+    notifies = "failures"  # scheduled: news only when it fails (runbook.py)
 
     def __init__(self) -> None:
         super().__init__()

@@ -9,6 +9,7 @@ duration.
 from __future__ import annotations
 
 import asyncio
+import functools
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +49,8 @@ with workflow.unsafe.imports_passed_through():
         Trigger,
     )
     from workflows.validation import invalid
+    from activities.notify.event import NotifyEvent
+    from workflows.notify import Notifier, incident_key, measurement_lines
 
 # Retries for steps that talk to a live system: quick at first, capped, then give up and
 # let the runbook decide (compensate, or report) instead of hammering a dead region.
@@ -78,10 +81,49 @@ class Placement:
     target_queue: str
 
 
+def _notified(run):
+    """A runbook's run method, wrapped so that its end is announced (and every notification
+    still in flight delivered) before the run completes, whichever way it ends: result,
+    failure or cancel. Continue-as-new passes straight through (the run goes on)."""
+
+    @functools.wraps(run)
+    async def wrapper(self: "Runbook", *args):
+        try:
+            result = await run(self, *args)
+        except asyncio.CancelledError:
+            await self._notify_end(None, cancelled=True)
+            raise
+        except Exception as e:
+            await self._notify_end(None, error=e)
+            raise
+        await self._notify_end(result)
+        return result
+
+    return wrapper
+
+
+def _error_text(e: BaseException) -> str:
+    cause = e.cause if isinstance(e, ActivityError) and e.cause is not None else e
+    return getattr(cause, "message", None) or str(cause) or type(cause).__name__
+
+
 class Runbook:
     """Base for runbook workflows (failover, switchover, ...)."""
 
     runbook = "runbook"
+    # Which runbook events go out (workflows/notify.py): "all" for what a human starts or
+    # must watch (moves, drills, restores); "failures" for scheduled housekeeping (a nightly
+    # backup that worked is not news, one that failed is); "none" for the monitor, which
+    # sends its own outage events.
+    notifies = "all"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every runbook's @workflow.run, wrapped before @workflow.defn reads it (functools.wraps
+        # keeps the run marker, name and signature): one place announces every runbook's end.
+        run = cls.__dict__.get("run")
+        if run is not None and hasattr(run, "__temporal_workflow_run"):
+            cls.run = _notified(run)
 
     def __init__(self) -> None:
         self.steps: list[StepRecord] = []
@@ -96,6 +138,11 @@ class Runbook:
         self.past_no_return = False
         self.cancel_refused: str | None = None
         self.degraded: list[str] = []
+        self.notifier = Notifier()
+        self._announced = False
+        self._trigger: str | None = None
+        # A trigger went out (step failed, approval): the end must resolve or re-trigger it.
+        self._paged = False
 
     # -- what the operator sees ----------------------------------------------------------------
 
@@ -118,12 +165,14 @@ class Runbook:
         self.steps.append(rec)
         self._details(name)
         workflow.logger.info("step started", extra={"step": name})
+        self._announce()
         try:
             yield rec
-        except BaseException:
+        except BaseException as e:
             rec.status = "failed"
             rec.finished_at = workflow.now()
             self._details(f"{name} failed")
+            self._notify_step_failed(name, e)
             raise
         if rec.status == "running":
             rec.status = "done"
@@ -146,6 +195,59 @@ class Runbook:
         """Export a move's RTO and RPO (against their targets) on the worker's metrics endpoint."""
         metrics.move_measured(workflow.metric_meter(), self.service, self.runbook, rto, rpo)
 
+    # -- notifications (workflows/notify.py) ----------------------------------------------------
+
+    def _event(self, kind: str, action: str, severity: str, lines: list[str], **more) -> NotifyEvent:
+        info = workflow.info()
+        move = f": {self.source_region or '?'} -> {self.target_region}" if self.target_region else ""
+        return NotifyEvent(kind=kind, service=self.service or "?", summary=f"{self.runbook} {self.service}{move}",
+                           action=action, severity=severity, dedup_key=incident_key(info.workflow_id, info.run_id),
+                           at=workflow.now(), runbook=self.runbook, workflow_id=info.workflow_id, run_id=info.run_id,
+                           namespace=info.namespace, region=self.target_region or None, lines=lines, **more)
+
+    def _announce(self) -> None:
+        """"Started", once, as soon as the topology (and so the channels) is known."""
+        if self._announced or not self.notifier.active or self.notifies != "all":
+            return
+        self._announced = True
+        lines = [f"trigger: {self._trigger}"] if self._trigger else []
+        self.notifier.send(self._event("runbook-started", "info", "info", lines))
+
+    def _notify_step_failed(self, name: str, e: BaseException) -> None:
+        if not self.notifier.active or self.notifies == "none":
+            return
+        if isinstance(e, (asyncio.CancelledError, CancelledError)) or \
+                (isinstance(e, ApplicationError) and e.type == "Aborted"):
+            return  # a cancel or a rejection is a decision, not a failure; "finished" says it
+        self._paged = True
+        self.notifier.send(self._event("step-failed", "trigger", "error",
+                                       [f"step: {name}", f"error: {_error_text(e)}"], outcome="failed"))
+
+    async def _notify_end(self, result, error: BaseException | None = None, cancelled: bool = False) -> None:
+        if not self.notifier.active or self.notifies == "none":
+            return
+        outcome = getattr(result, "outcome", None) or self.outcome or \
+            ("cancelled" if cancelled else "failed" if error is not None else "succeeded")
+        # A run that failed or left things degraded keeps its incident open (a human must act);
+        # any other end (done, nothing to do, rejected or cancelled by a human) resolves it.
+        bad = outcome in ("failed", "degraded")
+        if bad or self.notifies == "all" or self._paged:
+            self._announce()
+            lines = [f"outcome: {outcome}"]
+            if error is not None:
+                lines.append(f"error: {_error_text(error)}")
+            lines += measurement_lines(getattr(result, "rto", None), getattr(result, "rpo", None))
+            lines += [f"degraded: {d}" for d in getattr(result, "degraded", None) or []]
+            self.notifier.send(self._event("runbook-finished", "trigger" if bad else "resolve",
+                                           "error" if bad else "info", lines, outcome=outcome))
+        await self.notifier.flush()
+        if self.notifier.failures:
+            line = "notifications failed: " + "; ".join(self.notifier.failures)
+            workflow.logger.warning(line)
+            notes = getattr(result, "notes", None)
+            if isinstance(notes, list):
+                notes.append(line)
+
     # -- activity calls ------------------------------------------------------------------------
 
     async def act(self, fn, arg=None, *, queue: str, timeout: float = 60, schedule_to_start: float | None = None,
@@ -163,7 +265,12 @@ class Runbook:
             heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
             summary=summary, cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
         try:
-            return await asyncio.shield(step)
+            result = await asyncio.shield(step)
+            if isinstance(result, Topology):
+                # Whichever way a runbook reads the config (topology() or the activity itself),
+                # its notification channels come with it.
+                self.notifier.configure(result)
+            return result
         except asyncio.CancelledError:
             # Asked to cancel while the step runs: pass the request on and wait for the step to
             # end, then cancel all the same. Left to the SDK, a step that completes anyway
@@ -255,6 +362,7 @@ class Runbook:
     def tag(self, service: str, source: str, target: str, trigger: str) -> None:
         """Search attributes an operator filters runbooks on in the UI."""
         self.source_region = source
+        self._trigger = trigger
         workflow.upsert_search_attributes([
             DR_RUNBOOK.value_set(self.runbook), DR_SERVICE.value_set(service), DR_SOURCE_REGION.value_set(source),
             DR_TARGET_REGION.value_set(target), DR_TRIGGER.value_set(trigger)])
@@ -369,6 +477,15 @@ class Runbook:
         # One decision per gate: a runbook with two gates must not pass the second on the first's.
         self.decision = None
         self.awaiting_approval = True
+        if self.notifier.active and self.notifies != "none":
+            self._announce()
+            self._paged = True
+            default = policy.default_action.value
+            self.notifier.send(self._event(
+                "approval-needed", "trigger", "critical",
+                [f"waiting for approval to {what}",
+                 f"default after {policy.timeout_seconds:.0f} s: {default}"],
+                approve_command=f"eagle-dr approve {workflow.info().workflow_id}"))
         self._details(f"WAITING FOR APPROVAL to {what}: send the `approve` update "
                       f"(approver, decision approve|reject, comment); default after "
                       f"{policy.timeout_seconds:.0f}s: {policy.default_action.value}")

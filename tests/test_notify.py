@@ -1,0 +1,392 @@
+"""Notifications out: runbooks run against the test lab on a control worker of this module's
+own (the lab's config plus a ``notifications:`` section), sending to real local servers: a
+stdlib HTTP server that records the Slack webhook's and PagerDuty's POSTs (and answers 500 on
+one path), aiosmtpd for email, and a closed port for a channel that is down.
+
+The runbooks are cheap and leave the lab as they found it: a switchover that waits at its
+approval gate and is rejected, and a split-brain check that finds none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import socket
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from email import message_from_bytes, policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import pytest_asyncio
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from temporalio.client import WorkflowFailureError
+from temporalio.worker import Worker
+
+from activities.notify import pagerduty, slack
+from activities.notify.event import NotifyEvent, body_lines
+from eagle_dr.config import ConfigError, NotificationsConfig, parse_config
+from tests.histories import record
+from tests.lab_helpers import _awaiting, _until
+from workers.registry import control_activities
+from workers.run import sandbox_runner
+from workers.scrub import ScrubSecrets
+from workflows.models import ApprovalDecision, ApprovalPolicy, SwitchoverInput
+from workflows.monitor import MonitorInput, MonitorWorkflow
+from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
+from workflows.switchover import SwitchoverWorkflow
+
+# Async tests run on the session loop (pytest.ini: asyncio_default_test_loop_scope), beside the lab.
+
+SLACK_TOKEN = f"xoxb-{secrets.token_hex(12)}"
+ROUTING_KEY = f"rk{secrets.token_hex(15)}"
+SMTP_PASSWORD = f"pw-{secrets.token_hex(10)}"
+
+
+class _Recorder(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.posts: list[tuple[str, dict]] = []
+        self.lock = threading.Lock()
+
+    def on(self, prefix: str) -> list[dict]:
+        with self.lock:
+            return [body for path, body in self.posts if path.startswith(prefix)]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.startswith("/broken"):
+            self.send_response(500)
+            self.end_headers()
+            return
+        with self.server.lock:
+            self.server.posts.append((self.path, body))
+        # Slack answers 200 "ok", PagerDuty 202 with a status body.
+        self.send_response(202 if self.path.startswith("/pd") else 200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+class _Mailbox:
+    def __init__(self):
+        self.messages = []
+        self.logins: list[tuple[str, str]] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+        self.messages.append((envelope.rcpt_tos, message_from_bytes(envelope.content, policy=policy.default)))
+        return "250 OK"
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        self.logins.append((auth_data.login.decode(), auth_data.password.decode()))
+        return AuthResult(success=auth_data.password.decode() == SMTP_PASSWORD)
+
+
+def _free_port() -> int:
+    """A port nothing listens on (the kernel's pick, released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def http_recorder():
+    server = _Recorder()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def mailbox():
+    box = _Mailbox()
+    # A relay on this host without TLS: AUTH over the plain connection is what the channel's
+    # allow_plaintext_auth is for (the config refuses it otherwise).
+    # A port of its own: Controller.start() connects to the port it was given to check it is up.
+    ctl = Controller(box, hostname="127.0.0.1", port=_free_port(), authenticator=box.authenticate,
+                     auth_require_tls=False)
+    ctl.start()
+    yield box, ctl.port
+    ctl.stop()
+
+
+@pytest.fixture(scope="module")
+def secrets_env():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def ncfg(lab_cfg, http_recorder, mailbox, secrets_env):
+    port = http_recorder.server_address[1]
+    secrets_env.setenv("EAGLE_DR_TEST_SLACK_URL", f"http://127.0.0.1:{port}/slack/services/T0/B0/{SLACK_TOKEN}")
+    secrets_env.setenv("EAGLE_DR_TEST_PD_KEY", ROUTING_KEY)
+    secrets_env.setenv("EAGLE_DR_TEST_SMTP_PW", SMTP_PASSWORD)
+    secrets_env.setenv("EAGLE_DR_TEST_DOWN_URL", f"http://127.0.0.1:{_free_port()}/hook/{SLACK_TOKEN}")
+    notifications = NotificationsConfig.model_validate({"channels": {
+        "chat": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_SLACK_URL"}},
+        "pager": {"type": "pagerduty", "routing_key": {"env": "EAGLE_DR_TEST_PD_KEY"},
+                  "url": f"http://127.0.0.1:{port}/pd/v2/enqueue"},
+        "mail": {"type": "smtp", "host": "127.0.0.1", "port": mailbox[1], "starttls": False,
+                 "allow_plaintext_auth": True, "username": "eagle", "password": {"env": "EAGLE_DR_TEST_SMTP_PW"},
+                 "from": "eagle-dr@example.org", "to": ["oncall@example.org"]},
+        # Down: nothing listens there; and a webhook that answers 500 every time.
+        "down": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_DOWN_URL"}, "timeout": "2s"},
+        "pager-500": {"type": "pagerduty", "routing_key": {"env": "EAGLE_DR_TEST_PD_KEY"},
+                      "url": f"http://127.0.0.1:{port}/broken/v2/enqueue"},
+    }})
+    queue = f"notify-test-{uuid.uuid4().hex[:8]}"
+    return lab_cfg.model_copy(update={"notifications": notifications, "temporal": lab_cfg.temporal.model_copy(
+        update={"control_task_queue": queue})})
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def worker(lab, client, ncfg):
+    """The lab's control worker, but with notifications: the runbooks' regional steps still go
+    to the lab's own regional workers."""
+    with ThreadPoolExecutor(8) as executor:
+        async with Worker(client, task_queue=ncfg.temporal.control_task_queue,
+                          workflows=[SwitchoverWorkflow, SplitBrainWorkflow, MonitorWorkflow], activities=control_activities(ncfg),
+                          activity_executor=executor, workflow_runner=sandbox_runner(),
+                          interceptors=[ScrubSecrets()]):
+            yield ncfg.temporal.control_task_queue
+
+
+def _slack_kinds(posts: list[dict], wid: str) -> list[str]:
+    return [p["text"].splitlines()[0] for p in posts if wid in p["text"]]
+
+
+def _history_has_no_secret(history: str) -> None:
+    for secret in (SLACK_TOKEN, ROUTING_KEY, SMTP_PASSWORD):
+        assert secret not in history
+
+
+async def test_rejected_switchover_notifies_every_channel(lab, client, worker, ncfg, http_recorder, mailbox):
+    _, b = lab.cfg.primary.name, lab.cfg.secondary.name
+    wid = f"notify-switchover-{uuid.uuid4().hex[:8]}"
+    handle = await client.start_workflow(
+        SwitchoverWorkflow.run, SwitchoverInput(service=lab.cfg.service, target_region=b,
+                                                approval=ApprovalPolicy(required=True, timeout_seconds=600)),
+        id=wid, task_queue=worker)
+    await _until(lambda: _awaiting(handle), 60, "the approval gate")
+    ui = ncfg.temporal.ui_url.rstrip("/")
+    link = f"{ui}/namespaces/default/workflows/{wid}/{handle.result_run_id}/history"
+
+    async def approval_paged():
+        return any(p.get("event_action") == "trigger" for p in http_recorder.on("/pd"))
+    await _until(approval_paged, 30, "PagerDuty's trigger for the approval")
+    await handle.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="bob", decision="reject",
+                                                                             comment="not now"))
+    with pytest.raises(WorkflowFailureError) as e:
+        await handle.result()
+    assert "approval rejected by bob" in e.value.cause.message
+    # The run ended only after "finished" was delivered: everything is here already.
+
+    # Slack: started, approval needed (UI link, approve command), finished (aborted, resolved).
+    chat = [p for p in http_recorder.on("/slack/services/T0/B0/") if wid in p["text"]]
+    heads = [p["text"].splitlines()[0] for p in chat]
+    assert len(heads) == 3, heads
+    assert "started: switchover" in heads[0]
+    assert "APPROVAL NEEDED: switchover" in heads[1] and f"-> {b}" in heads[1]
+    assert f"eagle-dr approve {wid}" in chat[1]["text"] and link in chat[1]["text"]
+    assert any(link in json.dumps(block) for block in chat[1]["blocks"])
+    assert "finished: switchover" in heads[2] and "outcome: aborted" in chat[2]["text"]
+
+    # PagerDuty: trigger at the gate, resolve at the end (a human decided), one dedup key.
+    pd = [p for p in http_recorder.on("/pd") if wid in p["dedup_key"]]
+    assert [p["event_action"] for p in pd] == ["trigger", "resolve"]
+    assert pd[0]["dedup_key"] == pd[1]["dedup_key"] == f"eagle-dr/{wid}/{handle.result_run_id}"
+    assert pd[0]["routing_key"] == ROUTING_KEY and pd[0]["payload"]["severity"] == "critical"
+    assert pd[0]["payload"]["custom_details"]["approve_command"] == f"eagle-dr approve {wid}"
+    assert pd[0]["links"][0]["href"] == link
+
+    # Email: one per event, logged in with the referenced password.
+    box, _ = mailbox
+    mails = [m for rcpt, m in box.messages if wid in m.get_content()]
+    assert [m["Subject"].split(": ")[1] for m in mails] == ["started", "APPROVAL NEEDED", "finished"]
+    approval_mail = mails[1]
+    assert approval_mail["To"] == "oncall@example.org" and approval_mail["From"] == "eagle-dr@example.org"
+    assert approval_mail["Subject"].startswith(f"[eagle-dr] {lab.cfg.service}: APPROVAL NEEDED: switchover")
+    text = approval_mail.get_content()
+    assert f"Approve: eagle-dr approve {wid}" in text and link in text
+    assert ("eagle", SMTP_PASSWORD) in box.logins
+
+    # No secret in history; the channels that were down are in it, by name.
+    history = (await handle.fetch_history()).to_json()
+    _history_has_no_secret(history)
+    assert "send_notification" in history and "HTTP 500" in history and "pager-500" in history
+    await record(handle, "switchover-notify-rejected")
+    assert lab.cfg.primary.name != b
+
+
+async def test_channels_down_do_not_fail_the_runbook_and_are_reported(lab, client, worker, http_recorder):
+    wid = f"notify-split-{uuid.uuid4().hex[:8]}"
+    # Approval required: should the lab hold a split brain after all, the run waits and aborts
+    # instead of resolving it under the tests that follow.
+    handle = await client.start_workflow(
+        SplitBrainWorkflow.run, SplitBrainInput(service=lab.cfg.service,
+                                                approval=ApprovalPolicy(required=True, timeout_seconds=5)),
+        id=wid, task_queue=worker)
+    result = await handle.result()
+    assert result.outcome == "no-split-brain"
+    failed = [n for n in result.notes if n.startswith("notifications failed: ")]
+    assert len(failed) == 1, result.notes
+    # Both broken channels, for each event they want; the working ones are not named.
+    assert "down: runbook-started not delivered" in failed[0] and "down: runbook-finished" in failed[0]
+    assert "pager-500: runbook-finished not delivered" in failed[0] and "HTTP 500" in failed[0]
+    assert "chat:" not in failed[0] and "mail:" not in failed[0] and "pager:" not in failed[0]
+    assert SLACK_TOKEN not in failed[0]
+    heads = _slack_kinds(http_recorder.on("/slack/"), wid)
+    assert len(heads) == 2 and "started: split-brain" in heads[0] and "finished: split-brain" in heads[1]
+    pd = [p for p in http_recorder.on("/pd") if wid in p["dedup_key"]]
+    assert [p["event_action"] for p in pd] == ["resolve"]
+    _history_has_no_secret((await handle.fetch_history()).to_json())
+
+
+async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(lab, client, worker,
+                                                                               http_recorder):
+    """The primary's postmaster stopped (SIGSTOP: no query answered) past the threshold: one
+    trigger however many rounds it stays down; answering again resolves the same incident."""
+    a = lab.cfg.primary.name
+    wid = f"notify-monitor-{uuid.uuid4().hex[:8]}"
+    key = f"eagle-dr/{lab.cfg.service}/outage/{a}"
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2,
+                                          auto_failover=False, watch_split_brain=False),
+        id=wid, task_queue=worker)
+    postmaster = lab.postgres(a).pid
+
+    def pages():
+        return [p for p in http_recorder.on("/pd") if p["dedup_key"] == key]
+
+    async def rounds(n):
+        st = await handle.query(MonitorWorkflow.monitor_state)
+        return st if st.rounds >= n else None
+
+    try:
+        st = await _until(lambda: rounds(1), 60, "a first round")
+        os.kill(postmaster, signal.SIGSTOP)
+        try:
+            await _until(_async_of(lambda: pages()), 60, "the outage to be paged")
+            later = await _until(lambda: rounds(st.rounds + 5), 60, "more rounds while down")
+            assert later.failures >= 4
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+        await _until(_async_of(lambda: len(pages()) >= 2), 60, "the outage to be resolved")
+        await handle.signal(MonitorWorkflow.stop, "test over")
+        await handle.result()
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        try:
+            await handle.terminate("test over")
+        except Exception:  # noqa: BLE001 - already ended
+            pass
+    trigger, resolve = pages()
+    assert trigger["event_action"] == "trigger" and resolve["event_action"] == "resolve"
+    assert trigger["payload"]["severity"] == "critical" and f"{a} is DOWN" in trigger["payload"]["summary"]
+    assert "automatic failover is off" in trigger["payload"]["custom_details"]["details"]
+    chat = [p["text"] for p in http_recorder.on("/slack/") if f"/workflows/{wid}" in p["text"]]
+    assert len(chat) == 2 and "OUTAGE" in chat[0] and f"{a} answers again" in chat[1]
+    await record(handle, "monitor-notify-outage")
+
+
+def test_cli_notify_test_reaches_each_channel_and_names_the_one_that_is_down(lab_cfg, lab_config_path, tmp_path,
+                                                                              http_recorder):
+    import yaml
+
+    port = http_recorder.server_address[1]
+    doc = yaml.safe_load(lab_config_path.read_text())
+    doc["notifications"] = {"channels": {
+        "chat": {"type": "slack", "webhook_url": {"env": "T_SLACK"}},
+        "pager": {"type": "pagerduty", "routing_key": {"env": "T_PD"}, "url": f"http://127.0.0.1:{port}/pd/x"},
+        "down": {"type": "slack", "webhook_url": {"env": "T_DOWN"}, "timeout": "2s"}}}
+    config = tmp_path / "eagle-dr.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "EAGLE_DR_STATE_DIR": lab_cfg.lab.state_dir,
+           "T_SLACK": f"http://127.0.0.1:{port}/slack/cli/{SLACK_TOKEN}", "T_PD": ROUTING_KEY,
+           "T_DOWN": f"http://127.0.0.1:{_free_port()}/{SLACK_TOKEN}"}
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(config), "notify", "test"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "chat: sent" in r.stdout and "pager: sent" in r.stdout and "down: FAILED" in r.stdout, r.stdout
+    assert "Connection refused" in r.stdout and SLACK_TOKEN not in r.stdout + r.stderr
+    assert any("test notification" in p["text"] for p in http_recorder.on("/slack/cli/"))
+    key = f"eagle-dr/{lab_cfg.service}/notify-test"
+    assert [p["event_action"] for p in http_recorder.on("/pd/x") if p["dedup_key"] == key] == ["trigger", "resolve"]
+
+
+def _async_of(fn):
+    async def run():
+        return fn()
+    return run
+
+
+# -- without the lab: config and message formatting ----------------------------------------------
+
+
+def _event(**more) -> NotifyEvent:
+    return NotifyEvent(kind="approval-needed", service="svc", summary="failover svc: a -> b", action="trigger",
+                       severity="critical", dedup_key="eagle-dr/dr-move-svc/r1", at=datetime(2026, 1, 2, 3, 4, 5,
+                                                                                              tzinfo=timezone.utc),
+                       runbook="failover", workflow_id="dr-move-svc", run_id="r1",
+                       lines=["waiting for approval to fail over"], approve_command="eagle-dr approve dr-move-svc",
+                       **more)
+
+
+def test_message_formats():
+    ev = _event()
+    lines = body_lines(ev, "http://ui:8233/")
+    assert lines[0] == "[eagle-dr] svc: APPROVAL NEEDED: failover svc: a -> b"
+    assert "Approve: eagle-dr approve dr-move-svc" in lines
+    assert "Temporal UI: http://ui:8233/namespaces/default/workflows/dr-move-svc/r1/history" in lines
+    msg = slack.message(ev, "http://ui:8233")
+    assert msg["text"].startswith("[eagle-dr] svc: APPROVAL NEEDED")
+    assert "`eagle-dr approve dr-move-svc`" in json.dumps(msg["blocks"])
+    resolve = pagerduty.payload("KEY", ev.model_copy(update={"action": "resolve"}), "http://ui:8233")
+    assert resolve == {"routing_key": "KEY", "event_action": "resolve", "dedup_key": "eagle-dr/dr-move-svc/r1"}
+
+
+def _cfg_with(channels: dict, lab_config_path) -> None:
+    import yaml
+
+    raw = yaml.safe_load(lab_config_path.read_text())
+    raw["notifications"] = {"channels": channels}
+    parse_config(raw, "test.yaml", env={})
+
+
+def test_config_takes_secrets_by_reference_only(lab_config_path):
+    with pytest.raises(ConfigError) as e:
+        _cfg_with({"pd": {"type": "pagerduty", "routing_key": "plain-key"}}, lab_config_path)
+    assert "notifications.channels.pd" in str(e.value) and "routing_key" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        _cfg_with({"m": {"type": "smtp", "host": "h", "starttls": False, "username": "u", "password": {"env": "P"},
+                         "from": "a@b.c", "to": ["d@e.f"]}}, lab_config_path)
+    assert "plain connection" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        _cfg_with({"s": {"type": "slack", "webhook_url": {"env": "W"}, "events": ["runbook-exploded"]}},
+                  lab_config_path)
+    assert "notifications.channels.s" in str(e.value)
+
+
+def test_a_pager_filter_gets_the_events_that_close_its_incidents():
+    cfg = NotificationsConfig.model_validate({"channels": {
+        "pager": {"type": "pagerduty", "routing_key": {"env": "K"}},
+        "chat": {"type": "slack", "webhook_url": {"env": "W"}, "events": ["readiness-degraded"]}}})
+    assert cfg.routing() == {"pager": ["approval-needed", "step-failed", "runbook-finished", "outage",
+                                       "outage-resolved"],
+                             "chat": ["readiness-degraded", "readiness-restored"]}
