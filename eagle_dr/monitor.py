@@ -32,7 +32,8 @@ def monitor_input(cfg: EagleConfig) -> MonitorInput:
                         failure_threshold=h.failure_threshold, auto_failover=h.auto_failover,
                         auto_failover_cooldown_seconds=h.auto_failover_cooldown.total_seconds(),
                         max_lag_bytes=h.max_lag_bytes, require_approval=h.require_approval,
-                        watch_split_brain=h.watch_split_brain, auto_resolve_split_brain=h.auto_resolve_split_brain)
+                        watch_split_brain=h.watch_split_brain, auto_resolve_split_brain=h.auto_resolve_split_brain,
+                        readiness_every_seconds=cfg.readiness.every.total_seconds())
 
 
 async def start_monitor(client: Client, cfg: EagleConfig) -> tuple[WorkflowHandle, bool]:
@@ -86,6 +87,8 @@ class MonitorView(BaseModel):
                 parts.append(f"since {st.running_since:%Y-%m-%d %H:%M:%S} UTC")
             if st.workers_down:
                 parts.append(f"WORKER DOWN: {', '.join(st.workers_down)}")
+            if st.readiness is not None:
+                parts.append(st.readiness.error or st.readiness.line())
         return "; ".join(parts)
 
 

@@ -53,6 +53,8 @@ from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlr
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, ProbeRequest, VantageReport
+    from activities.readiness import ReadinessActivities, ReadinessReport, ReadinessRequest, better, \
+        known_states, worse
     from activities.split_brain import SplitBrainActivities
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
     from workflows.failover import FailoverWorkflow
@@ -86,6 +88,11 @@ class MonitorInput(BaseModel):
     paused_since: datetime | None = None
     running_since: datetime | None = None
     last_auto_move_at: datetime | None = None
+    # Readiness checks every this many seconds on the primary's worker (None: none).
+    readiness_every_seconds: float | None = Field(default=None, gt=0)
+    # The last readiness verdicts (check key -> state), carried across continue-as-new so a
+    # new run does not report a standing degradation as new.
+    readiness_known: dict[str, str] = {}
 
 
 class Probe(BaseModel):
@@ -123,6 +130,8 @@ class MonitorState(BaseModel):
     probes: dict[str, dict[str, Probe]] = {}
     # No automatic failover before this (the cooldown after the last automatic attempt).
     cooldown_until: datetime | None = None
+    # The last readiness report (activities/readiness.py), when the monitor runs the checks.
+    readiness: ReadinessReport | None = None
 
 
 class MonitorReport(BaseModel):
@@ -153,6 +162,11 @@ class MonitorWorkflow(Runbook):
         self.paused = False
         # What the current outage has already been reported as (one finding per outage, not per round).
         self._noted: str | None = None
+        # The readiness checks in flight (they never hold up a probe round), when they are due next,
+        # and the verdicts the last report gave.
+        self._readiness_task: asyncio.Task | None = None
+        self._readiness_due: datetime | None = None
+        self._readiness_known: dict[str, str] = {}
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
@@ -336,6 +350,9 @@ class MonitorWorkflow(Runbook):
             paused_since=early.paused_since if early else inp.paused_since if inp.paused else None,
             pause_reason=early.pause_reason if early else inp.pause_reason if inp.paused else "",
             findings=self.state.findings, cooldown_until=self._cooldown_until(inp))
+        # Histories recorded before the readiness checks replay without them.
+        readiness = inp.readiness_every_seconds is not None and workflow.patched("monitor-readiness")
+        self._readiness_known = dict(inp.readiness_known)
         interval = timedelta(seconds=inp.interval_seconds)
         failures, first_failure = 0, None
         splits, first_split = 0, None
@@ -364,6 +381,8 @@ class MonitorWorkflow(Runbook):
                 self._finding(f"primary moved: {primary} -> {moved}; now watching {moved}")
                 primary, failures, first_failure = moved, 0, None
                 self.target_region = self.state.watched_region = primary
+            if readiness:
+                self._readiness_tick(inp, topo, primary, reports)
             down, answered = self._tally(primary, reports)
             if answered and down * 2 > answered:
                 failures += 1
@@ -394,6 +413,9 @@ class MonitorWorkflow(Runbook):
                 await self._wait_round(interval - elapsed, serving=True)
             if workflow.info().is_continue_as_new_suggested():
                 break
+        if self._readiness_task is not None:
+            # Bounded by its timeouts; a run must not end with its activity abandoned.
+            await self._readiness_task
         if self.stop_reason is not None:
             self.state.status = "stopped"
             workflow.set_current_details(f"**monitor** {inp.service}: stopped ({self.stop_reason})")
@@ -404,7 +426,8 @@ class MonitorWorkflow(Runbook):
         """The next run's input: what must survive continue-as-new."""
         return inp.model_copy(update={"primary_region": primary, "paused": self.paused,
                                       "pause_reason": self.state.pause_reason, "paused_since": self.state.paused_since,
-                                      "running_since": self.state.running_since, **more})
+                                      "running_since": self.state.running_since,
+                                      "readiness_known": self._readiness_known, **more})
 
     def _cooldown_until(self, inp: MonitorInput):
         if inp.last_auto_move_at is None:
@@ -462,6 +485,50 @@ class MonitorWorkflow(Runbook):
         if inp.stop_after_failover:
             return report
         workflow.continue_as_new(self._carry(inp, target, last_auto_move_at=attempt))
+
+    # -- readiness checks (patch monitor-readiness) -----------------------------------------------
+
+    def _readiness_tick(self, inp: MonitorInput, topo, primary: str,
+                        reports: dict[str, VantageReport | None]) -> None:
+        """Start the readiness checks when due and none are in flight. They run beside the
+        probe rounds, never in them: a slow pgbackrest info or a dead DNS API must not stretch
+        a round, which is detection time."""
+        if self._readiness_task is not None or (self._readiness_due and workflow.now() < self._readiness_due):
+            return
+        self._readiness_due = workflow.now() + timedelta(seconds=inp.readiness_every_seconds)
+        # The workers check from this round's vantage points: one that did not answer is down.
+        alive = {v: r is not None for v, r in reports.items()}
+        self._readiness_task = asyncio.create_task(self._assess_readiness(inp, topo, primary, alive))
+
+    async def _assess_readiness(self, inp: MonitorInput, topo, primary: str, alive: dict[str, bool]) -> None:
+        budget = max(inp.interval_seconds, 5.0)
+        try:
+            report = await self.act(ReadinessActivities.assess_readiness,
+                                    ReadinessRequest(primary=primary, workers=alive),
+                                    queue=topo.region(primary).task_queue, schedule_to_start=budget, timeout=60,
+                                    attempts=1)
+        except ActivityError as e:
+            # Not assessed (the primary's worker is down, or the checks timed out): no check is
+            # ok, and the last verdicts stay the comparison base.
+            report = ReadinessReport(primary=primary, at=workflow.now(),
+                                     error=f"readiness checks did not run on {primary}'s worker: {e.cause or e}")
+        finally:
+            self._readiness_task = None
+        old = self._readiness_known
+        if report.checks:
+            self._readiness_known = known_states(report)
+        self.state.readiness = report
+        self._readiness_changed(old, report)
+
+    def _readiness_changed(self, old: dict[str, str], new: ReadinessReport) -> None:
+        """Where readiness transitions surface: ``old`` is the previous verdicts (check key ->
+        state), ``new`` the report just made. A check that went to warn or fail is "readiness
+        degraded" (the notifier's event), one back to ok "readiness recovered"; both are
+        findings. Wire notifications here."""
+        for c in worse(old, new):
+            self._finding(f"readiness degraded: {c.key} {c.state}: {c.reason}")
+        for c in better(old, new):
+            self._finding(f"readiness recovered: {c.key} ok")
 
     def _note_once(self, what: str) -> None:
         if self._noted != what:
