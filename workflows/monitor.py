@@ -49,6 +49,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
@@ -413,9 +414,13 @@ class MonitorWorkflow(Runbook):
                 await self._wait_round(interval - elapsed, serving=True)
             if workflow.info().is_continue_as_new_suggested():
                 break
-        if self._readiness_task is not None:
-            # Bounded by its timeouts; a run must not end with its activity abandoned.
-            await self._readiness_task
+        if (task := self._readiness_task) is not None:
+            # Not waited for: a stop is prompt, and the next run checks again at once.
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:  # cancelled before it started
+                pass
         if self.stop_reason is not None:
             self.state.status = "stopped"
             workflow.set_current_details(f"**monitor** {inp.service}: stopped ({self.stop_reason})")
@@ -503,15 +508,21 @@ class MonitorWorkflow(Runbook):
     async def _assess_readiness(self, inp: MonitorInput, topo, primary: str, alive: dict[str, bool]) -> None:
         budget = max(inp.interval_seconds, 5.0)
         try:
-            report = await self.act(ReadinessActivities.assess_readiness,
-                                    ReadinessRequest(primary=primary, workers=alive),
-                                    queue=topo.region(primary).task_queue, schedule_to_start=budget, timeout=60,
-                                    attempts=1)
+            # One attempt: the next is due in readiness_every_seconds anyway. TRY_CANCEL: a stop
+            # or continue-as-new drops the checks in flight without waiting for them (they
+            # only read; nothing to undo).
+            report = await workflow.execute_activity_method(
+                ReadinessActivities.assess_readiness, ReadinessRequest(primary=primary, workers=alive),
+                task_queue=topo.region(primary).task_queue, schedule_to_start_timeout=timedelta(seconds=budget),
+                start_to_close_timeout=timedelta(seconds=60), retry_policy=RetryPolicy(maximum_attempts=1),
+                cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL)
         except ActivityError as e:
             # Not assessed (the primary's worker is down, or the checks timed out): no check is
             # ok, and the last verdicts stay the comparison base.
             report = ReadinessReport(primary=primary, at=workflow.now(),
                                      error=f"readiness checks did not run on {primary}'s worker: {e.cause or e}")
+        except asyncio.CancelledError:
+            return
         finally:
             self._readiness_task = None
         old = self._readiness_known
