@@ -22,9 +22,10 @@ import psycopg
 import yaml
 
 from activities.dns import Route53Failover
-from activities.readiness import assess, check_dns, check_lag
+from activities.readiness import assess, check_dns, check_lag, check_wal_headroom, check_workers
 from activities.postgres.status import pg_status
 from eagle_dr.config import load_config
+from eagle_dr.status import WorkerView, _alive
 from tests.lab_helpers import _async, _aux_pid, _primary, _scrape, _until, _value
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 
@@ -199,3 +200,37 @@ async def test_monitor_runs_readiness_reports_degraded_and_recovered_and_exports
             await handle.terminate("test over")
         except Exception:  # noqa: BLE001 - already ended
             pass
+
+
+def test_pg_wal_headroom_against_its_thresholds(lab, lab_config_path, tmp_path):
+    """The real free space of the primary's pg_wal filesystem against configured bounds: a
+    bound above it fails, one between warns (filling the disk for real would hurt the host)."""
+    a = _primary(lab)
+    free = check_wal_headroom(lab.cfg, lab.cfg.region(a), 3).value
+    assert free and free > 0
+
+    def with_bounds(fail: int, warn: int):
+        doc = yaml.safe_load(lab_config_path.read_text())
+        doc["readiness"] = {"wal_free_fail": fail, "wal_free_warn": warn}
+        path = tmp_path / "eagle-dr.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return check_wal_headroom(load_config(path, env={}), lab.cfg.region(a), 3)
+
+    big = int(free) * 4
+    assert with_bounds(big, big).state == "fail"
+    assert with_bounds(1 << 20, big).state == "warn"
+    assert with_bounds(1 << 20, 2 << 20).state == "ok"
+
+
+def test_workers_check_tells_a_dead_worker_from_an_unknown_one(lab_cfg):
+    a, b = lab_cfg.region_names
+    ok = check_workers(lab_cfg, {"control": True, a: True, b: True})
+    assert ok.state == "ok" and ok.value == 0
+    dead = check_workers(lab_cfg, {"control": True, a: True, b: False})
+    assert dead.state == "fail" and b in dead.reason and dead.value == 1
+    # Temporal down: status's probe could not ask, which says nothing about the workers.
+    views = [WorkerView(task_queue=f"q-{r}", region=r, polling=False, error="temporal: connection refused")
+             for r in ("control", a, b)]
+    assert check_workers(lab_cfg, _alive(views)).state == "unknown"
+    views[2] = WorkerView(task_queue="q", region=b, polling=False, error="no worker picked up a probe within 3s")
+    assert _alive(views)[b] is False
