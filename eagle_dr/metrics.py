@@ -157,3 +157,12 @@ def readiness(meter: MetricMeter, service: str, checks) -> None:
                None, READINESS_VALUE[c.state], **where)
         _gauge(meter, "readiness_unknown", "1 when the readiness check could not be assessed", None,
                int(c.state == "unknown"), **where)
+
+
+@_never_fails
+def readiness_assessed(meter: MetricMeter, service: str, assessed: bool) -> None:
+    """From the monitor (control worker): whether its last readiness run made a report. The
+    check gauges come from the primary's worker and keep their last value when it stops
+    reporting; this one says they are stale."""
+    _gauge(meter, "readiness_assessed", "1 when the monitor's last readiness run produced a report, else 0", None,
+           int(assessed), service=service)

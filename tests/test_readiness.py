@@ -180,6 +180,9 @@ async def test_monitor_runs_readiness_reports_degraded_and_recovered_and_exports
         assert st.readiness.primary == a
         assert _value(_scrape(port), "eagle_dr_readiness", check="standby", region=b) == 1.0
         assert _value(_scrape(port), "eagle_dr_readiness_unknown", check="standby", region=b) == 0.0
+        # The monitor says from the control worker that the checks ran (else the gauges are stale).
+        assert _value(_scrape(lab.cfg.temporal.metrics_port), "eagle_dr_readiness_assessed",
+                      service=lab.cfg.service) == 1.0
 
         assert sentinel.kill()
         st = await _until(await quorum("warn", 0.5), 60, "the Sentinel quorum check to warn, gauge 0.5")

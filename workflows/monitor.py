@@ -29,6 +29,12 @@ recorded in the findings and cuts the wait short: the next quorum round starts a
 an alert shortens detection without ever counting as a vote itself. (Histories recorded
 before the ``monitor-alert-wakeup`` patch replay the plain sleep.)
 
+Every ``readiness_every_seconds`` (config ``readiness.every``; patch ``monitor-readiness``)
+the service loop also runs the readiness checks (activities/readiness.py) on the watched
+primary's worker, beside the rounds and never inside one: a slow ``pgbackrest info`` must not
+stretch detection. The last report is in ``monitor_state``; a check that turns warn or fail
+is a "readiness degraded" finding (``_readiness_changed``, where notifications hook in).
+
 The loop continues as new every ``iterations_per_run`` probes (or sooner, when Temporal
 suggests it) to keep history short.
 
@@ -525,6 +531,7 @@ class MonitorWorkflow(Runbook):
             return
         finally:
             self._readiness_task = None
+        metrics.readiness_assessed(workflow.metric_meter(), inp.service, bool(report.checks))
         old = self._readiness_known
         if report.checks:
             self._readiness_known = known_states(report)
