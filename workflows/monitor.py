@@ -56,7 +56,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, ProbeRequest, VantageReport
@@ -523,6 +523,8 @@ class MonitorWorkflow(Runbook):
                 start_to_close_timeout=timedelta(seconds=60), retry_policy=RetryPolicy(maximum_attempts=1),
                 cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL)
         except ActivityError as e:
+            if isinstance(e.cause, CancelledError):
+                return  # dropped at a stop or continue-as-new: no verdict, nothing to report
             # Not assessed (the primary's worker is down, or the checks timed out): no check is
             # ok, and the last verdicts stay the comparison base.
             report = ReadinessReport(primary=primary, at=workflow.now(),
