@@ -377,6 +377,40 @@ class HealthConfig(_Strict):
         return v
 
 
+class ReadinessConfig(_Strict):
+    """Continuous readiness checks (activities/readiness.py): ``eagle-dr status``, the
+    monitor's state and the ``eagle_dr_readiness`` gauges. The lag guard they compare with is
+    ``health.max_lag_bytes``, the one an automatic failover passes to the runbook."""
+
+    # How often the monitor runs them (on the primary's worker, beside its probe rounds).
+    every: Duration = timedelta(minutes=1)
+    # WAL not yet received past this fraction of health.max_lag_bytes warns (past all of it fails).
+    lag_warn_fraction: float = Field(default=0.5, gt=0, le=1)
+    # Replay lag past this warns: a promotion replays it first, so it is RTO.
+    max_replay_lag: Duration = timedelta(seconds=30)
+    # The service record's TTL past this warns: clients keep the old address that long.
+    max_dns_ttl: Duration = timedelta(seconds=60)
+    # Free space on the primary's pg_wal filesystem: below wal_free_fail fails (unset: the
+    # node's max_wal_size), below wal_free_warn warns (unset: max_wal_size plus the WAL the
+    # archive guard lets wait for a dead bucket, backup.archive_queue_limit).
+    wal_free_fail: Size | None = Field(default=None, ge=0)
+    wal_free_warn: Size | None = Field(default=None, ge=0)
+
+    @field_validator("every", "max_replay_lag", "max_dns_ttl")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("must be greater than 0")
+        return v
+
+    @model_validator(mode="after")
+    def _warn_above_fail(self) -> "ReadinessConfig":
+        if self.wal_free_fail is not None and self.wal_free_warn is not None and \
+                self.wal_free_warn < self.wal_free_fail:
+            raise ValueError("wal_free_warn must not be less than wal_free_fail")
+        return self
+
+
 class Objective(_Strict):
     rto: Duration | None = None
     rpo: Duration | None = None
@@ -889,6 +923,7 @@ class EagleConfig(_Strict):
     service: str = "eagle-alert"
     regions: list[RegionConfig] = Field(min_length=2)
     health: HealthConfig = HealthConfig()
+    readiness: ReadinessConfig = ReadinessConfig()
     objectives: ObjectivesConfig = ObjectivesConfig()
     conflicts: dict[str, TableConflictConfig] = Field(default_factory=dict)
     # A table the loser changed after the fork that `conflicts:` does not list: stop before

@@ -148,3 +148,32 @@ def monitor_round(meter: MetricMeter, service: str, *, paused: bool, failures: i
            **where)
     _gauge(meter, "monitor_workers_down", "Vantage points whose worker did not pick up its probe", None,
            workers_down, **where)
+
+
+# -- readiness checks (activities/readiness.py) -----------------------------------------------------
+
+# ok 1, warn 0.5, fail 0. Unknown cannot be -1 (Temporal's gauges refuse negative values):
+# it is 0 here, as "not ready", with eagle_dr_readiness_unknown 1 beside it, so a rule can
+# tell "found a fault" (unknown 0) from "could not look" (unknown 1). n/a is not exported.
+READINESS_VALUE = {"ok": 1.0, "warn": 0.5, "fail": 0.0, "unknown": 0.0}
+
+
+@_never_fails
+def readiness(meter: MetricMeter, service: str, checks) -> None:
+    for c in checks:
+        if c.state not in READINESS_VALUE:
+            continue
+        where = dict(service=service, check=c.name, region=c.region or "all")
+        _gauge(meter, "readiness", "Readiness check: 1 ok, 0.5 warn, 0 fail or unknown (see readiness_unknown)",
+               None, READINESS_VALUE[c.state], **where)
+        _gauge(meter, "readiness_unknown", "1 when the readiness check could not be assessed", None,
+               int(c.state == "unknown"), **where)
+
+
+@_never_fails
+def readiness_assessed(meter: MetricMeter, service: str, assessed: bool) -> None:
+    """From the monitor (control worker): whether its last readiness run made a report. The
+    check gauges come from the primary's worker and keep their last value when it stops
+    reporting; this one says they are stale."""
+    _gauge(meter, "readiness_assessed", "1 when the monitor's last readiness run produced a report, else 0", None,
+           int(assessed), service=service)

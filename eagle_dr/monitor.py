@@ -34,7 +34,7 @@ def monitor_input(cfg: EagleConfig) -> MonitorInput:
                         max_lag_bytes=h.max_lag_bytes, require_approval=h.require_approval,
                         watch_split_brain=h.watch_split_brain, auto_resolve_split_brain=h.auto_resolve_split_brain,
                         confirm_interval_seconds=h.confirm_interval.total_seconds() if h.confirm_interval else None,
-                        confirm_rounds=h.confirm_rounds)
+                        confirm_rounds=h.confirm_rounds, readiness_every_seconds=cfg.readiness.every.total_seconds())
 
 
 async def start_monitor(client: Client, cfg: EagleConfig) -> tuple[WorkflowHandle, bool]:
@@ -88,6 +88,8 @@ class MonitorView(BaseModel):
                 parts.append(f"since {st.running_since:%Y-%m-%d %H:%M:%S} UTC")
             if st.workers_down:
                 parts.append(f"WORKER DOWN: {', '.join(st.workers_down)}")
+            if st.readiness is not None:
+                parts.append(st.readiness.error or st.readiness.line())
         return "; ".join(parts)
 
 

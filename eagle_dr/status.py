@@ -16,6 +16,7 @@ from pydantic import BaseModel, computed_field
 from activities.backup.archive import ArchiverState, read_archiver, read_gaps
 from activities.backup.pgbackrest import Stanza
 from activities.postgres.status import PgStatus, pg_status
+from activities.readiness import ReadinessReport, assess
 from activities.redis.status import RedisStatus, SentinelView, fenced, redis_status, sentinel_view
 from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig, scrub
@@ -115,6 +116,8 @@ class TopologyStatus(BaseModel):
     move_running: bool | None = None
     # The always-on monitor (dr-monitor-<service>): running, paused or not running.
     monitor: MonitorView | None = None
+    # The readiness checks (activities/readiness.py), run from here for the serving primary.
+    readiness: ReadinessReport | None = None
 
     @property
     def primaries(self) -> list[str]:
@@ -288,10 +291,21 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
         # Without the lab's file, the clusters' ConfigMaps say where routing points (if they agree).
         named = {r.services.active_region for r in regions if r.services and r.services.reachable}
         active = named.pop() if len(named) == 1 else LabRouter(cfg.lab.state_dir).active_region()
-    return TopologyStatus(service=cfg.service, active_region=active, monitor=await _monitor(address, cfg.service),
-                          regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
-                          temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url),
-                          move_running=await move_running(address, cfg.service))
+    st = TopologyStatus(service=cfg.service, active_region=active, monitor=await _monitor(address, cfg.service),
+                        regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
+                        temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url),
+                        move_running=await move_running(address, cfg.service))
+    primary = st.serving_region if st.serving_region in cfg.region_names else cfg.primary.name
+    # The checks block on the network (pgbackrest info, Route 53): off the event loop.
+    st.readiness = await asyncio.to_thread(assess, cfg, primary, _alive(workers))
+    return st
+
+
+def _alive(workers: list[WorkerView]) -> dict[str, bool | None]:
+    """Region (or ``control``) -> its worker picked up the liveness probe; None when the
+    probe itself could not run (Temporal down): that is not knowing, not a dead worker."""
+    return {w.region: None if (w.error or "").startswith(("temporal:", "liveness probe:")) else w.polling
+            for w in workers}
 
 
 async def _monitor(address: str, service: str) -> MonitorView:
@@ -359,6 +373,8 @@ def render(st: TopologyStatus) -> None:
         console.print(f"[{colour}]{escape(st.monitor.line())}[/]")
     for left in st.leftovers:
         console.print(f"[bold red]LEFT FENCED:[/] {left}")
+    if st.readiness is not None:
+        _render_readiness(console, st.readiness)
     for left in st.left_scaled_to_0:
         console.print(f"[bold red]LEFT SCALED TO 0:[/] {left}")
 
@@ -435,4 +451,21 @@ def render(st: TopologyStatus) -> None:
     for w in st.workers:
         state = "[green]yes[/]" if w.polling else f"[red]no[/] {w.error or ''}"
         t.add_row(w.task_queue, w.region, state, ", ".join(w.pollers) or "-")
+    console.print(t)
+
+
+_READINESS_COLOUR = {"ok": "green", "n/a": "dim", "unknown": "yellow", "warn": "yellow", "fail": "bold red"}
+
+
+def _render_readiness(console, rep: ReadinessReport) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=f"Readiness (would a failover from {rep.primary} work now?): {rep.state.upper()}",
+              title_justify="left")
+    for col in ("check", "region", "state", "reason"):
+        t.add_column(col)
+    for c in rep.checks:
+        colour = _READINESS_COLOUR[c.state]
+        t.add_row(c.name, c.region or "-", f"[{colour}]{c.state}[/]", escape(c.reason))
     console.print(t)

@@ -428,3 +428,16 @@ def test_alert_rules_from_a_file_and_matching(tmp_path):
     doc["alerts"]["rules_file"] = "missing.yaml"
     msg = problems(tmp_path, doc)
     assert "alerts.rules_file: cannot read" in msg, msg
+
+
+def test_readiness_thresholds_are_validated(tmp_path):
+    doc = base()
+    doc["readiness"] = {"max_dns_ttl": "0s"}
+    msg = problems(tmp_path, doc)
+    assert "readiness.max_dns_ttl" in msg and "must be greater than 0" in msg
+    doc["readiness"] = {"wal_free_fail": "2GiB", "wal_free_warn": "1GiB"}
+    msg = problems(tmp_path, doc)
+    assert "readiness" in msg and "wal_free_warn must not be less than wal_free_fail" in msg
+    doc["readiness"] = {"every": "30s", "max_dns_ttl": "5m", "lag_warn_fraction": 0.8}
+    cfg = load_config(write(tmp_path, doc), env={})
+    assert cfg.readiness.every == timedelta(seconds=30) and cfg.readiness.max_dns_ttl == timedelta(minutes=5)

@@ -17,6 +17,7 @@ from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
 from activities.notify.activities import NotifyActivities
 from activities.postgres.activities import PostgresActivities
+from activities.readiness import ReadinessActivities
 from activities.redis.activities import RedisActivities
 from activities.split_brain import SplitBrainActivities
 from activities.topology import TopologyActivities
@@ -63,7 +64,9 @@ def regional_activities(cfg: EagleConfig) -> list:
                       "rebuild_standby", "recover_rows"),
             *_methods(RestoreDrillActivities(cfg), "check_backup_freshness", "scratch_checksums"),
             # The RDB file is on the master's disk: its region's worker uploads it.
-            RedisBackupActivities(cfg).snapshot_redis]
+            RedisBackupActivities(cfg).snapshot_redis,
+            # On the primary's worker: its pg_wal's disk and its pgBackRest config are local there.
+            ReadinessActivities(cfg).assess_readiness]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:

@@ -29,6 +29,12 @@ recorded in the findings and cuts the wait short: the next quorum round starts a
 an alert shortens detection without ever counting as a vote itself. (Histories recorded
 before the ``monitor-alert-wakeup`` patch replay the plain sleep.)
 
+Every ``readiness_every_seconds`` (config ``readiness.every``; patch ``monitor-readiness``)
+the service loop also runs the readiness checks (activities/readiness.py) on the watched
+primary's worker, beside the rounds and never inside one: a slow ``pgbackrest info`` must not
+stretch detection. The last report is in ``monitor_state``; a check that turns warn or fail
+is a "readiness degraded" finding and notification (``_readiness_changed``).
+
 The loop continues as new every ``iterations_per_run`` probes (or sooner, when Temporal
 suggests it) to keep history short.
 
@@ -59,10 +65,13 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, ProbeRequest, VantageReport
+    from activities.readiness import ReadinessActivities, ReadinessReport, ReadinessRequest, better, \
+        known_states, worse
     from activities.split_brain import SplitBrainActivities
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
     from workflows.failover import FailoverWorkflow
@@ -107,6 +116,11 @@ class MonitorInput(BaseModel):
     open_outage: str | None = None
     # Readiness checks notified as degraded and not yet restored.
     readiness_degraded: list[str] = []
+    # Readiness checks every this many seconds on the primary's worker (None: none).
+    readiness_every_seconds: float | None = Field(default=None, gt=0)
+    # The last readiness verdicts (check key -> state), carried across continue-as-new so a
+    # new run does not report a standing degradation as new.
+    readiness_known: dict[str, str] = {}
 
 
 class Probe(BaseModel):
@@ -148,6 +162,8 @@ class MonitorState(BaseModel):
     cooldown_until: datetime | None = None
     # Runbooks holding automatic moves back now (a drill), with until when.
     holds: list[MonitorHold] = []
+    # The last readiness report (activities/readiness.py), when the monitor runs the checks.
+    readiness: ReadinessReport | None = None
 
 
 class MonitorReport(BaseModel):
@@ -182,6 +198,11 @@ class MonitorWorkflow(Runbook):
         # The region whose outage the channels were told of (resolved when it is over).
         self._outage_open: str | None = None
         self._readiness_bad: set[str] = set()
+        # The readiness checks in flight (they never hold up a probe round), when they are due next,
+        # and the verdicts the last report gave.
+        self._readiness_task: asyncio.Task | None = None
+        self._readiness_due: datetime | None = None
+        self._readiness_known: dict[str, str] = {}
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
@@ -386,6 +407,9 @@ class MonitorWorkflow(Runbook):
             holds=[*inp.holds, *(h for h in self.state.holds if h.holder not in {x.holder for x in inp.holds})])
         self._outage_open = inp.open_outage
         self._readiness_bad = set(inp.readiness_degraded)
+        # Histories recorded before the readiness checks replay without them.
+        readiness = inp.readiness_every_seconds is not None and workflow.patched("monitor-readiness")
+        self._readiness_known = dict(inp.readiness_known)
         interval = timedelta(seconds=inp.interval_seconds)
         failures, first_failure = 0, None
         splits, first_split = 0, None
@@ -418,6 +442,8 @@ class MonitorWorkflow(Runbook):
                 self._outage_over(inp.service, f"the primary moved to {moved}")
                 primary, failures, first_failure = moved, 0, None
                 self.target_region = self.state.watched_region = primary
+            if readiness:
+                self._readiness_tick(inp, topo, primary, reports)
             down, answered = self._tally(primary, reports)
             if answered and down * 2 > answered:
                 failures += 1
@@ -459,6 +485,13 @@ class MonitorWorkflow(Runbook):
                 await self._wait_round(wait, serving=True)
             if workflow.info().is_continue_as_new_suggested():
                 break
+        if (task := self._readiness_task) is not None:
+            # Not waited for: a stop is prompt, and the next run checks again at once.
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:  # cancelled before it started
+                pass
         # Deliveries still in flight are dropped by continue-as-new or the end: wait for them.
         await self.notifier.flush()
         if self.stop_reason is not None:
@@ -474,7 +507,8 @@ class MonitorWorkflow(Runbook):
                                       "readiness_degraded": sorted(self._readiness_bad),
                                       "pause_reason": self.state.pause_reason, "paused_since": self.state.paused_since,
                                       "running_since": self.state.running_since,
-                                      "holds": [h for h in self.state.holds if h.until > workflow.now()], **more})
+                                      "holds": [h for h in self.state.holds if h.until > workflow.now()],
+                                      "readiness_known": self._readiness_known, **more})
 
     def _cooldown_until(self, inp: MonitorInput):
         if inp.last_auto_move_at is None:
@@ -579,6 +613,60 @@ class MonitorWorkflow(Runbook):
             self._readiness_bad.add(check)
         self.notifier.send(readiness_event(service, check, detail, degraded=not ok, at=workflow.now(),
                                            region=region, workflow_id=workflow.info().workflow_id))
+    # -- readiness checks (patch monitor-readiness) -----------------------------------------------
+
+    def _readiness_tick(self, inp: MonitorInput, topo, primary: str,
+                        reports: dict[str, VantageReport | None]) -> None:
+        """Start the readiness checks when due and none are in flight. They run beside the
+        probe rounds, never in them: a slow pgbackrest info or a dead DNS API must not stretch
+        a round, which is detection time."""
+        if self._readiness_task is not None or (self._readiness_due and workflow.now() < self._readiness_due):
+            return
+        self._readiness_due = workflow.now() + timedelta(seconds=inp.readiness_every_seconds)
+        # The workers check from this round's vantage points: one that did not answer is down.
+        alive = {v: r is not None for v, r in reports.items()}
+        self._readiness_task = asyncio.create_task(self._assess_readiness(inp, topo, primary, alive))
+
+    async def _assess_readiness(self, inp: MonitorInput, topo, primary: str, alive: dict[str, bool]) -> None:
+        budget = max(inp.interval_seconds, 5.0)
+        try:
+            # One attempt: the next is due in readiness_every_seconds anyway. TRY_CANCEL: a stop
+            # or continue-as-new drops the checks in flight without waiting for them (they
+            # only read; nothing to undo).
+            report = await workflow.execute_activity_method(
+                ReadinessActivities.assess_readiness, ReadinessRequest(primary=primary, workers=alive),
+                task_queue=topo.region(primary).task_queue, schedule_to_start_timeout=timedelta(seconds=budget),
+                start_to_close_timeout=timedelta(seconds=60), retry_policy=RetryPolicy(maximum_attempts=1),
+                cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL)
+        except ActivityError as e:
+            if isinstance(e.cause, CancelledError):
+                return  # dropped at a stop or continue-as-new: no verdict, nothing to report
+            # Not assessed (the primary's worker is down, or the checks timed out): no check is
+            # ok, and the last verdicts stay the comparison base.
+            report = ReadinessReport(primary=primary, at=workflow.now(),
+                                     error=f"readiness checks did not run on {primary}'s worker: {e.cause or e}")
+        except asyncio.CancelledError:
+            return
+        finally:
+            self._readiness_task = None
+        metrics.readiness_assessed(workflow.metric_meter(), inp.service, bool(report.checks))
+        old = self._readiness_known
+        if report.checks:
+            self._readiness_known = known_states(report)
+        self.state.readiness = report
+        self._readiness_changed(old, report)
+
+    def _readiness_changed(self, old: dict[str, str], new: ReadinessReport) -> None:
+        """Where readiness transitions surface: ``old`` is the previous verdicts (check key ->
+        state), ``new`` the report just made. A check that went to warn or fail is "readiness
+        degraded" (the notifier's event), one back to ok "readiness recovered"; both are
+        findings, and the configured channels hear of each (readiness_changed: once per change)."""
+        for c in worse(old, new):
+            self._finding(f"readiness degraded: {c.key} {c.state}: {c.reason}")
+            self.readiness_changed(self.service, c.key, False, f"{c.state}: {c.reason}", region=c.region)
+        for c in better(old, new):
+            self._finding(f"readiness recovered: {c.key} ok")
+            self.readiness_changed(self.service, c.key, True, "ok", region=c.region)
 
     def _note_once(self, what: str) -> None:
         if self._noted != what:

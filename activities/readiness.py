@@ -1,0 +1,418 @@
+"""Continuous readiness checks: what would make the next failover (or the failback after it)
+fail, found while there is still time to repair it.
+
+Each check is a plain function over the config and what it reads now, so ``eagle-dr status``
+(from the operator's host) and the monitor's ``assess_readiness`` activity (on the primary's
+worker) compute the same verdicts. A check is ``ok``, ``warn`` (a failover would work now
+but with a margin gone), ``fail`` (a failover or failback would fail or lose more than the
+guard allows), ``unknown`` (it could not be assessed: never counted as ok) or ``n/a`` (not
+configured here, e.g. no DNS routing).
+
+The checks, one each (region: the one it concerns):
+
+- ``standby``: the failover target answers, is in recovery and streams;
+- ``replication_lag``: WAL the standby has not received against the failover lag guard
+  (``health.max_lag_bytes``: past it a failover refuses without ``--force``), replay lag
+  against ``readiness.max_replay_lag``;
+- ``replication_slot``: the standby's slot on the primary exists, is active, and PostgreSQL
+  still reserves the WAL it retains (``wal_status``): a lost slot means failback or a
+  re-attach needs a new base backup;
+- ``rewind_safety`` per node: ``wal_log_hints`` or data checksums (pg_rewind refuses a node
+  with neither, and failback rewinds the old primary);
+- ``wal_headroom`` on the primary: free space on the pg_wal filesystem against what it may
+  still have to hold (max_wal_size, and the WAL the archive guard lets pile up for a dead
+  bucket before pgBackRest drops it: ``backup.archive_queue_limit``);
+- ``sentinel_quorum``: ``SENTINEL CKQUORUM`` on every Sentinel;
+- ``dns``: the Route 53 failover pair exists, PRIMARY names the primary's region with its
+  value, and its TTL is within ``readiness.max_dns_ttl`` (clients keep a stale answer for a
+  TTL: a long one is RTO);
+- ``backup_age``: the newest backup in each bucket, by the restore drill's freshness rules;
+- ``workers``: a worker picks up work on every task queue (the caller says which do).
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, computed_field
+from temporalio import activity
+
+from activities.postgres.status import PgStatus, connect, pg_status
+from activities.redis.status import sentinel_view
+from eagle_dr import metrics
+from eagle_dr.config import EagleConfig, RegionConfig, scrub
+
+State = Literal["ok", "warn", "fail", "unknown", "n/a"]
+
+# Worst first: a report's overall state is its worst check's. Unknown ranks above ok and
+# below warn: it cannot be called ready, but it is not a finding of a fault either.
+_RANK = {"n/a": 0, "ok": 0, "unknown": 1, "warn": 2, "fail": 3}
+
+
+class ReadinessCheck(BaseModel):
+    name: str
+    region: str | None = None  # the region (or node) it concerns; None: the service
+    state: State
+    reason: str = ""
+    # What was measured, in the unit the reason names (bytes, seconds, a count).
+    value: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.region}" if self.region else self.name
+
+
+class ReadinessReport(BaseModel):
+    primary: str
+    at: datetime
+    checks: list[ReadinessCheck] = []
+    # Set when the report could not be made at all (the activity did not run).
+    error: str | None = None
+
+    @computed_field
+    @property
+    def state(self) -> State:
+        if not self.checks:
+            return "unknown"
+        return max((c.state for c in self.checks), key=lambda s: _RANK[s])
+
+    def by_key(self) -> dict[str, ReadinessCheck]:
+        return {c.key: c for c in self.checks}
+
+    def line(self) -> str:
+        if not self.checks:
+            return f"readiness: unknown ({self.error or 'not assessed'})"
+        bad = [c for c in self.checks if _RANK[c.state] > 0]
+        if not bad:
+            return f"readiness: ok ({len(self.checks)} checks)"
+        return f"readiness: {self.state.upper()}; " + "; ".join(
+            f"{c.key} {c.state}: {c.reason}" for c in sorted(bad, key=lambda c: -_RANK[c.state]))
+
+
+def known_states(report: ReadinessReport | None) -> dict[str, str]:
+    """Check key -> state, the comparison base for the next report (small enough to carry
+    across the monitor's continue-as-new)."""
+    return {c.key: c.state for c in report.checks} if report else {}
+
+
+def worse(before: dict[str, str], new: ReadinessReport) -> list[ReadinessCheck]:
+    """Checks of ``new`` that are warn or fail and worse than ``before`` had them (ok, n/a,
+    unknown or absent before; or warn before and fail now): "readiness degraded"."""
+    return [c for c in new.checks if c.state in ("warn", "fail")
+            and (c.key not in before or _RANK[c.state] > _RANK[before[c.key]])]
+
+
+def better(before: dict[str, str], new: ReadinessReport) -> list[ReadinessCheck]:
+    """Checks that ``before`` had warn or fail and ``new`` has ok (or n/a): recovered."""
+    return [c for c in new.checks if _RANK[c.state] == 0 and before.get(c.key) in ("warn", "fail")]
+
+
+def _lsn(text: str) -> int:
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) + int(lo, 16)
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+
+def check_standby(standby: RegionConfig, st: PgStatus) -> ReadinessCheck:
+    c = ReadinessCheck(name="standby", region=standby.name, state="ok")
+    if not st.reachable:
+        c.state, c.reason = "fail", f"the failover target is unreachable: {st.error}"
+    elif st.role != "standby":
+        c.state, c.reason = "fail", f"the failover target is a {st.role}, not a standby"
+    elif st.receiver_status != "streaming":
+        # It can still be promoted, but it falls further behind every second.
+        c.state, c.reason = "warn", f"not streaming from the primary (wal receiver: {st.receiver_status or 'none'})"
+    else:
+        c.reason = f"streaming from {st.upstream}"
+    return c
+
+
+def check_lag(cfg: EagleConfig, standby: RegionConfig, primary: PgStatus, st: PgStatus) -> ReadinessCheck:
+    guard = cfg.health.max_lag_bytes
+    c = ReadinessCheck(name="replication_lag", region=standby.name, state="unknown")
+    if not (primary.reachable and primary.lsn and st.reachable and st.role == "standby"):
+        c.reason = "the primary or the standby cannot be read"
+        return c
+    # The failover guard counts WAL not *received* (received but not replayed is not lost).
+    got = st.receive_lsn or st.lsn
+    if got is None:
+        c.reason = "the standby reports no received WAL"
+        return c
+    lag = max(0, _lsn(primary.lsn) - _lsn(got))
+    c.value = float(lag)
+    link = next((x for x in primary.replicas if x.application_name == standby.name or
+                 x.slot_name == standby.postgres.slot_name), None)
+    replay = link.replay_lag_seconds if link else None
+    max_replay = cfg.readiness.max_replay_lag.total_seconds()
+    if lag > guard:
+        c.state, c.reason = "fail", (f"{_mib(lag)} not received, past the failover lag guard "
+                                     f"health.max_lag_bytes ({_mib(guard)}): a failover now refuses without --force")
+    elif lag > guard * cfg.readiness.lag_warn_fraction:
+        c.state, c.reason = "warn", f"{_mib(lag)} not received, near the lag guard ({_mib(guard)})"
+    elif replay is not None and replay > max_replay:
+        c.state, c.reason = "warn", (f"replay {replay:.1f} s behind (readiness.max_replay_lag {max_replay:.0f} s): "
+                                     "a promotion first replays it")
+    else:
+        c.state, c.reason = "ok", f"{lag} bytes not received" + (f", replay {replay:.3f} s" if replay else "")
+    return c
+
+
+_SLOT_SQL = """
+select active, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+from pg_replication_slots where slot_name = %s
+"""
+
+
+def check_slot(primary: RegionConfig, standby: RegionConfig, timeout: float) -> ReadinessCheck:
+    slot = standby.postgres.slot_name
+    c = ReadinessCheck(name="replication_slot", region=standby.name, state="ok")
+    try:
+        with connect(primary.postgres, timeout) as conn:
+            row = conn.execute(_SLOT_SQL, (slot,)).fetchone()
+    except Exception as e:  # noqa: BLE001 - an unreachable primary is the monitor's finding, not this one's
+        c.state, c.reason = "unknown", f"cannot read the primary's slots: {scrub(str(e).strip())[:200]}"
+        return c
+    if row is None:
+        c.state, c.reason = "fail", (f"slot {slot} does not exist on {primary.name}: nothing keeps the WAL the "
+                                     "standby still needs after a disconnect")
+        return c
+    active, wal_status, retained = row
+    c.value = float(retained) if retained is not None else None
+    held = f"retains {_mib(retained)}" if retained is not None else "retains nothing"
+    if wal_status == "lost":
+        c.state, c.reason = "fail", f"slot {slot} lost WAL the standby needs: it must be re-cloned"
+    elif wal_status == "unreserved":
+        c.state, c.reason = "warn", f"slot {slot} {held}, past max_slot_wal_keep_size: WAL is about to be removed"
+    elif not active:
+        c.state, c.reason = "warn", f"slot {slot} is inactive (no standby attached), {held}"
+    else:
+        c.reason = f"slot {slot} active, {held}"
+    return c
+
+
+def check_rewind_safety(region: RegionConfig, timeout: float) -> ReadinessCheck:
+    c = ReadinessCheck(name="rewind_safety", region=region.name, state="ok")
+    try:
+        with connect(region.postgres, timeout) as conn:
+            hints, sums = conn.execute("select current_setting('wal_log_hints'),"
+                                       " current_setting('data_checksums')").fetchone()
+    except Exception as e:  # noqa: BLE001 - a node down cannot be assessed
+        c.state, c.reason = "unknown", f"cannot read its settings: {scrub(str(e).strip())[:200]}"
+        return c
+    if hints == "on" or sums == "on":
+        c.reason = "wal_log_hints on" if hints == "on" else "data checksums on"
+    else:
+        c.state, c.reason = "fail", ("wal_log_hints off and no data checksums: pg_rewind refuses this node, "
+                                     "so failing back to it needs a full re-clone")
+    return c
+
+
+def wal_dir(region: RegionConfig) -> Path | None:
+    """The node's pg_wal, when its data directory is on this host."""
+    if not region.postgres.data_dir:
+        return None
+    data = Path(region.postgres.data_dir)
+    if not data.exists():
+        return None
+    wal = data / "pg_wal"
+    try:
+        return wal if wal.exists() else data
+    except PermissionError:  # a 0700 data directory of another user: its filesystem is the same
+        return data
+
+
+def check_wal_headroom(cfg: EagleConfig, primary: RegionConfig, timeout: float) -> ReadinessCheck:
+    """Only the primary's: its pg_wal is what fills when the standby's slot holds WAL or a
+    bucket is down (the archive guard's case); a standby's only grows with its primary's."""
+    from activities.backup.archive import read_archiver
+
+    c = ReadinessCheck(name="wal_headroom", region=primary.name, state="unknown")
+    where = wal_dir(primary)
+    if where is None:
+        c.reason = "the primary's data directory is not on this host"
+        return c
+    try:
+        with connect(primary.postgres, timeout) as conn:
+            (max_wal,) = conn.execute("select pg_size_bytes(current_setting('max_wal_size'))").fetchone()
+    except Exception as e:  # noqa: BLE001
+        c.reason = f"cannot read max_wal_size: {scrub(str(e).strip())[:200]}"
+        return c
+    free = shutil.disk_usage(where).free
+    c.value = float(free)
+    # What the archive guard lets wait for a dead bucket before pgBackRest drops WAL, less
+    # what already waits (it is on the disk, not in the free space).
+    backlog = read_archiver(primary.postgres, timeout)
+    waiting = backlog.ready_bytes if backlog.reachable else 0
+    fail_below = cfg.readiness.wal_free_fail or max_wal
+    warn_below = cfg.readiness.wal_free_warn or max_wal + max(0, cfg.backup.archive_queue_limit - waiting)
+    if free < fail_below:
+        c.state, c.reason = "fail", (f"{_mib(free)} free for pg_wal, less than {_mib(fail_below)}: a checkpoint "
+                                     "cycle or a stalled slot fills the disk and stops the primary")
+    elif free < warn_below:
+        c.state, c.reason = "warn", (f"{_mib(free)} free for pg_wal, less than {_mib(warn_below)} (max_wal_size + "
+                                     "the archive backlog allowed for a dead bucket)")
+    else:
+        c.state, c.reason = "ok", f"{_mib(free)} free for pg_wal"
+    return c
+
+
+# -- Redis, DNS, backups, workers ------------------------------------------------------------------
+
+
+def check_sentinels(cfg: EagleConfig, timeout: float) -> ReadinessCheck:
+    r = cfg.primary.redis
+    c = ReadinessCheck(name="sentinel_quorum", state="ok")
+    if not r.sentinels:
+        c.state, c.reason = "n/a", "no Sentinels configured"
+        return c
+    views = [sentinel_view(r, ep, timeout) for ep in r.sentinels]
+    ok = [v for v in views if v.reachable and v.quorum_ok]
+    bad = [f"{v.address} {'unreachable' if not v.reachable else v.quorum_message}" for v in views if v not in ok]
+    c.value = float(len(ok))
+    if not ok:
+        c.state, c.reason = "fail", "no Sentinel can reach its quorum: " + "; ".join(bad)
+    elif bad:
+        # The rest still authorise, but one more loss and nothing can.
+        c.state, c.reason = "warn", f"{len(ok)}/{len(views)} Sentinels pass CKQUORUM; " + "; ".join(bad)
+    else:
+        c.reason = f"{len(ok)}/{len(views)} Sentinels pass CKQUORUM"
+    return c
+
+
+def check_dns(cfg: EagleConfig, primary: RegionConfig) -> ReadinessCheck:
+    c = ReadinessCheck(name="dns", region=primary.name, state="ok")
+    if not cfg.routing.dns or primary.dns is None:
+        c.state, c.reason = "n/a", "DNS routing is off"
+        return c
+    from activities.dns import Route53Failover
+
+    d = primary.dns
+    try:
+        pair = Route53Failover(cfg.routing.dns_endpoint_url, d.zone).current(d.record)
+    except Exception as e:  # noqa: BLE001 - the API down is "cannot tell", not "wrong"
+        c.state, c.reason = "unknown", f"Route 53: {scrub(str(e))[:200]}"
+        return c
+    p = pair["primary"]
+    max_ttl = int(cfg.readiness.max_dns_ttl.total_seconds())
+    if p is None:
+        c.state, c.reason = "fail", f"no PRIMARY failover record for {d.record}"
+        return c
+    c.value = float(p["ttl"]) if p["ttl"] is not None else None
+    ident = d.set_identifier or primary.name
+    if p["set_identifier"] != ident or p["value"] != d.value:
+        c.state, c.reason = "fail", (f"{d.record} PRIMARY is {p['set_identifier']} ({p['value']}), not the primary "
+                                     f"{ident} ({d.value})")
+    elif p["ttl"] is not None and p["ttl"] > max_ttl:
+        c.state, c.reason = "warn", (f"{d.record} TTL {p['ttl']} s > readiness.max_dns_ttl {max_ttl} s: clients keep "
+                                     "the old address that long after a failover")
+    elif pair["secondary"] is None:
+        c.state, c.reason = "warn", f"{d.record} has no SECONDARY record"
+    else:
+        c.reason = f"{d.record} -> {p['value']} ({ident}), TTL {p['ttl']} s"
+    return c
+
+
+def check_backup_age(cfg: EagleConfig, primary: RegionConfig) -> ReadinessCheck:
+    """By the restore drill's freshness rules (activities/backup/drill.py): a broken bucket
+    fails, none yet or an old one warns. Backups never set up on this node: n/a."""
+    from activities.backup.catalog import read_catalog
+    from activities.backup.drill import freshness
+    from activities.backup.pgbackrest import Stanza
+
+    c = ReadinessCheck(name="backup_age", region=primary.name, state="ok")
+    try:
+        st = Stanza(cfg, primary.name)
+        configured = Path(st.conf).exists()
+    except Exception:  # noqa: BLE001 - no data directory here: no pgBackRest config to read from
+        configured = False
+    if not configured:
+        c.state, c.reason = "n/a", "no pgBackRest configuration for the primary on this host"
+        return c
+    try:
+        cat = read_catalog(st)
+    except Exception as e:  # noqa: BLE001
+        c.state, c.reason = "unknown", f"pgbackrest info: {scrub(str(e))[:200]}"
+        return c
+    f = freshness(cat, datetime.now(timezone.utc), cfg.backup.every, cfg.backup.full_every)
+    if f.newest_age_seconds:
+        c.value = min(f.newest_age_seconds.values())
+    broken = [p for p in f.problems if "unreadable" in p]
+    if broken:
+        c.state, c.reason = "fail", "; ".join(broken)
+    elif not cat.backups:
+        c.state, c.reason = "warn", "backups are configured but none exists yet"
+    elif f.problems:
+        c.state, c.reason = "warn", "; ".join(f.problems)
+    else:
+        c.reason = "; ".join(f"{r}: newest {age / 60:.0f} min old" for r, age in sorted(f.newest_age_seconds.items()))
+    return c
+
+
+def check_workers(cfg: EagleConfig, alive: dict[str, bool | None]) -> ReadinessCheck:
+    """``alive``: ``control`` and each region name -> whether its worker picked up a probe
+    (None: not known). A region's worker runs its promotion, fence and rewind: without it a
+    move to or from that region stalls."""
+    c = ReadinessCheck(name="workers", state="ok")
+    names = ["control", *cfg.region_names]
+    down = [n for n in names if alive.get(n) is False]
+    unknown = [n for n in names if alive.get(n) is None]
+    c.value = float(len(down))
+    if down:
+        c.state, c.reason = "fail", f"no worker polls the queue of {', '.join(down)}"
+    elif unknown:
+        c.state, c.reason = "unknown", f"not probed: {', '.join(unknown)}"
+    else:
+        c.reason = f"a worker polls each of {len(names)} queues"
+    return c
+
+
+# -- all of them -----------------------------------------------------------------------------------
+
+
+def assess(cfg: EagleConfig, primary_name: str, workers: dict[str, bool | None] | None = None,
+           timeout: float = 3.0) -> ReadinessReport:
+    """Every check, for ``primary_name`` as the primary (the monitor's watched region, or
+    where status finds the writable one). ``workers=None`` leaves the workers check out."""
+    primary = cfg.region(primary_name)
+    standby = cfg.other(primary_name)
+    ps, ss = pg_status(primary.postgres, timeout), pg_status(standby.postgres, timeout)
+    checks = [check_standby(standby, ss), check_lag(cfg, standby, ps, ss), check_slot(primary, standby, timeout),
+              *(check_rewind_safety(r, timeout) for r in cfg.regions), check_wal_headroom(cfg, primary, timeout),
+              check_sentinels(cfg, timeout), check_dns(cfg, primary), check_backup_age(cfg, primary)]
+    if workers is not None:
+        checks.append(check_workers(cfg, workers))
+    return ReadinessReport(primary=primary_name, at=datetime.now(timezone.utc), checks=checks)
+
+
+# -- the activity ----------------------------------------------------------------------------------
+
+
+class ReadinessRequest(BaseModel):
+    primary: str
+    # control / region name -> whether its worker answered the last probe round (the monitor
+    # knows it from its vantage round); None: the workers check is left out.
+    workers: dict[str, bool | None] | None = None
+    timeout_seconds: float = Field(default=3.0, gt=0, le=30)
+
+
+class ReadinessActivities:
+    """Runs on the primary's regional worker: the WAL headroom and the backup catalog are
+    read from that host; everything else over the network."""
+
+    def __init__(self, cfg: EagleConfig):
+        self.cfg = cfg
+
+    @activity.defn
+    def assess_readiness(self, req: ReadinessRequest) -> ReadinessReport:
+        report = assess(self.cfg, req.primary, req.workers, req.timeout_seconds)
+        metrics.readiness(activity.metric_meter(), self.cfg.service, report.checks)
+        return report
