@@ -390,3 +390,41 @@ def test_a_pager_filter_gets_the_events_that_close_its_incidents():
     assert cfg.routing() == {"pager": ["approval-needed", "step-failed", "runbook-finished", "outage",
                                        "outage-resolved"],
                              "chat": ["readiness-degraded", "readiness-restored"]}
+
+
+async def test_a_readiness_check_that_degrades_is_notified_once_and_restored(lab, client, worker, http_recorder):
+    """A Sentinel stopped: the monitor's readiness round sees CKQUORUM short (warn), which the
+    chat channel hears of once however many rounds it lasts; the Sentinel back, once more."""
+    wid = f"notify-readiness-{uuid.uuid4().hex[:8]}"
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=100,
+                                          auto_failover=False, watch_split_brain=False, readiness_every_seconds=1),
+        id=wid, task_queue=worker)
+    sentinel = lab.sentinels()[-1][1]
+
+    def posts():
+        return [p["text"] for p in http_recorder.on("/slack/")
+                if f"/workflows/{wid}" in p["text"] and "sentinel_quorum" in p["text"]]
+
+    async def assessed(n):
+        st = await handle.query(MonitorWorkflow.monitor_state)
+        return st if st.readiness is not None and st.rounds >= n else None
+
+    try:
+        st = await _until(lambda: assessed(1), 90, "a first readiness report")
+        assert sentinel.kill()
+        try:
+            await _until(_async_of(lambda: posts()), 90, "the degraded check to be notified")
+            await _until(lambda: assessed(st.rounds + 4), 60, "more rounds while degraded")
+        finally:
+            sentinel.start()
+        await _until(_async_of(lambda: len(posts()) >= 2), 90, "the check's recovery to be notified")
+        await handle.signal(MonitorWorkflow.stop, "test over")
+        await handle.result()
+    finally:
+        try:
+            await handle.terminate("test over")
+        except Exception:  # noqa: BLE001 - already ended
+            pass
+    degraded, restored = posts()
+    assert "warn" in degraded and "ok" in restored, (degraded, restored)
