@@ -10,6 +10,7 @@ run shows where to look.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,12 +39,26 @@ class Browser:
         self.page = page
         self.shots = shots
         self._n = 0
+        self._t0 = time.monotonic()
 
     async def shot(self, name: str, *, full_page: bool = True) -> Path:
         self._n += 1
         path = self.shots / f"{self._n:02d}-{name}.png"
         await self.page.screenshot(path=str(path), full_page=full_page)
-        print(f"screenshot: {path}")
+        # The time since the browser opened: where a slow UI test spends it, in CI's log.
+        print(f"screenshot at {time.monotonic() - self._t0:.1f}s: {path}")
+        return path
+
+    async def shows(self, locator, name: str, timeout: float = 30_000) -> Path:
+        """Assert that ``locator`` (e.g. a report's chart) is rendered: visible, with an area,
+        inside the page; screenshot just that element and return the file."""
+        await locator.wait_for(state="visible", timeout=timeout)
+        box = await locator.bounding_box()
+        assert box and box["width"] >= 10 and box["height"] >= 10, f"{name} has no area on the page: {box}"
+        self._n += 1
+        path = self.shots / f"{self._n:02d}-{name}.png"
+        await locator.screenshot(path=str(path))
+        print(f"screenshot at {time.monotonic() - self._t0:.1f}s: {path}")
         return path
 
     async def open_file(self, html: Path, name: str | None = None) -> Path:

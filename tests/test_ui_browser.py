@@ -16,6 +16,8 @@ Screenshots of every stage stay under the test's tmp_path (the path is printed).
 from __future__ import annotations
 
 import json
+import struct
+import time
 import uuid
 
 import pytest
@@ -62,15 +64,17 @@ async def _start_from_form(browser, ui: str, wid: str, queue: str, wf_type: str,
 
 async def _details_show(browser, text: str) -> None:
     """Wait until the User Metadata tab's Current Details show ``text``. The tab reads them once
-    (a metadata query) and again on its "R" shortcut, so poll by pressing R until the deadline."""
-    pg = browser.page
+    (a metadata query) and again on its "R" shortcut, so press R each second until the deadline."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
     found = browser.page.frame_locator(DETAILS).get_by_text(text).first
-    for _ in range(T // 3000):
+    deadline = time.monotonic() + T / 1000
+    while time.monotonic() < deadline:
         try:
-            await found.wait_for(timeout=3000)
+            await found.wait_for(timeout=1000)
             return
-        except Exception:  # noqa: BLE001 - playwright's TimeoutError: refresh and look again
-            await pg.keyboard.press("r")
+        except PlaywrightTimeout:
+            await browser.page.keyboard.press("r")
     await browser.shot("details-missing")
     raise AssertionError(f"the UI's current details never showed {text!r}")
 
@@ -89,7 +93,8 @@ async def test_switchover_started_and_approved_from_the_ui(lab, client, dev_serv
         run_id = href.rstrip("/").split("/")[-2]
         handle = client.get_workflow_handle(wid, run_id=run_id, result_type=RunbookResult)
 
-        await pg.goto(ui + href, wait_until="domcontentloaded")
+        # Follow the toast's link as a user would: the UI navigates without reloading the app.
+        await pg.get_by_role("link", name="Workflow started successfully").click()
         await pg.get_by_test_id("user-metadata-tab").click(timeout=T)
         await _details_show(browser, "WAITING FOR APPROVAL")
         # The gate says, in the UI, what to send there.
@@ -114,7 +119,9 @@ async def test_switchover_started_and_approved_from_the_ui(lab, client, dev_serv
         await _details_show(browser, "approval: approved by alice (via Web UI)")
         await browser.shot("completed-details")
         await pg.get_by_test_id("timeline-tab").click(timeout=T)
-        await pg.get_by_test_id("input-and-result").get_by_text('"outcome": "succeeded"').wait_for(timeout=T)
+        shown = pg.get_by_test_id("input-and-result")
+        await shown.get_by_text('"outcome": "succeeded"').wait_for(timeout=T)
+        await shown.get_by_text('"approver": "alice (via Web UI)"').wait_for(timeout=T)
         await browser.shot("completed-result")
 
         # The same run, seen from outside the browser: approved through an update (not a signal),
@@ -157,8 +164,8 @@ async def test_bad_drill_input_from_the_ui_fails_naming_the_field(lab, client, d
     primary = _primary(lab)
     wid = f"ui-drill-{uuid.uuid4().hex[:8]}"
     pg = browser.page
-    href = await _start_from_form(browser, ui, wid, queue, "DrillWorkflow", {"probe_interval_seconds": "fast"})
-    await pg.goto(ui + href, wait_until="domcontentloaded")
+    await _start_from_form(browser, ui, wid, queue, "DrillWorkflow", {"probe_interval_seconds": "fast"})
+    await pg.get_by_role("link", name="Workflow started successfully").click()
     await pg.get_by_test_id("execution-status").get_by_text("FAILED").wait_for(timeout=T)
     result = pg.get_by_test_id("input-and-result")
     await result.get_by_text("invalid input: probe_interval_seconds").wait_for(timeout=T)
@@ -170,3 +177,22 @@ async def test_bad_drill_input_from_the_ui_fails_naming_the_field(lab, client, d
     assert isinstance(cause, ApplicationError) and cause.non_retryable and cause.type == "InvalidInput", cause
     assert cause.message.startswith("invalid input: probe_interval_seconds: "), cause.message
     assert _primary(lab) == primary
+
+
+async def test_browser_opens_a_local_html_file_and_shows_its_chart(browser, tmp_path):
+    """The helper a report test uses (``eagle-dr report --html``): a file opened offline, the page
+    screenshotted, a chart asserted rendered and screenshotted alone; a hidden one is refused."""
+    html = tmp_path / "report.html"
+    html.write_text('<!doctype html><meta charset="utf-8"><title>drill</title><h1>Drill</h1>'
+                    '<svg id="gantt" width="600" height="120" style="display:block"><rect x="10" y="10" width="300" height="30" '
+                    'fill="#c33"/></svg><svg id="hidden" width="50" height="50" style="display:none"></svg>')
+    page = await browser.open_file(html)
+    assert page.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    chart = await browser.shows(browser.page.locator("#gantt"), "gantt")
+    # The element's own screenshot: the PNG header's width and height are the chart's (a pixel
+    # more where the heading above leaves it at a fractional y).
+    w, h = struct.unpack(">II", chart.read_bytes()[16:24])
+    assert 600 <= w <= 601 and 120 <= h <= 121, (w, h)
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+    with pytest.raises(PlaywrightTimeout):
+        await browser.shows(browser.page.locator("#hidden"), "hidden", timeout=500)
