@@ -85,8 +85,8 @@ async def test_switchover_started_and_approved_from_the_ui(lab, client, dev_serv
     ui, queue, wid = dev_server.ui_url, lab.cfg.temporal.control_task_queue, move_id(lab.cfg.service)
     pg = browser.page
     try:
-        # What the README tells an operator to type: the move's fixed id (one move per service),
-        # the control queue, the type, one JSON object.
+        # What an operator types (README, "Drills from the Temporal UI"): the move's fixed id
+        # (one move per service), the control queue, the type, one JSON object.
         href = await _start_from_form(browser, ui, wid, queue, "SwitchoverWorkflow", {
             "target_region": b, "reason": "UI drill (browser test)",
             "approval": {"required": True, "timeout_seconds": 600}})
@@ -184,8 +184,9 @@ async def test_browser_opens_a_local_html_file_and_shows_its_chart(browser, tmp_
     screenshotted, a chart asserted rendered and screenshotted alone; a hidden one is refused."""
     html = tmp_path / "report.html"
     html.write_text('<!doctype html><meta charset="utf-8"><title>drill</title><h1>Drill</h1>'
-                    '<svg id="gantt" width="600" height="120" style="display:block"><rect x="10" y="10" width="300" height="30" '
-                    'fill="#c33"/></svg><svg id="hidden" width="50" height="50" style="display:none"></svg>')
+                    '<svg id="gantt" width="600" height="120" style="display:block">'
+                    '<rect x="10" y="10" width="300" height="30" fill="#c33"/></svg>'
+                    '<svg id="hidden" width="50" height="50" style="display:none"></svg>')
     page = await browser.open_file(html)
     assert page.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     chart = await browser.shows(browser.page.locator("#gantt"), "gantt")
