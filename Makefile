@@ -3,15 +3,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 SYSTEM_PACKAGES := postgresql redis-server redis-sentinel prometheus-alertmanager prometheus pgbackrest openssl
+# The Temporal UI browser test (tests/test_ui_browser.py, helper tests/browser.py) drives Debian's
+# Chromium through Playwright's executable_path, so no browser is downloaded. chromium-driver is
+# /usr/bin/chromedriver of the same version, for WebDriver clients (Selenium). The emoji font makes
+# the runbooks' step marks legible in the screenshots the test keeps.
+TEST_PACKAGES   := chromium chromium-driver fonts-noto-color-emoji
 BENCH_PACKAGES  := patroni etcd-server
 
 .PHONY: setup system venv lab lab-down drill status test test-long faults bench clean
 
 setup: system venv
 
-# Debian packages for the lab's real servers (installed only when missing; needs root).
+# Debian packages for the lab's real servers and the browser test (installed only when missing; needs root).
 system:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(SYSTEM_PACKAGES) $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 2; fi; \
 	  echo "installing:$$missing"; \

@@ -144,6 +144,19 @@ async def client(dev_server):
     return await connect(target_host=dev_server.address)
 
 
+# -- a headless Debian Chromium (tests/browser.py) ---------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def browser(tmp_path):
+    """A fresh headless Chromium page; ``await browser.shot(name)`` and ``await browser.open_file(html)``
+    keep screenshots under this test's tmp_path. Skips only when Debian's chromium is missing."""
+    from tests.browser import chromium
+
+    async with chromium(tmp_path) as b:
+        yield b
+
+
 # -- CI's 30-minute budget: the long variants of a tested behaviour run in `make test-long` ---
 
 

@@ -486,9 +486,14 @@ class Runbook:
                 [f"waiting for approval to {what}",
                  f"default after {policy.timeout_seconds:.0f} s: {default}"],
                 approve_command=f"eagle-dr approve {workflow.info().workflow_id}"))
-        self._details(f"WAITING FOR APPROVAL to {what}: send the `approve` update "
-                      f"(approver, decision approve|reject, comment); default after "
-                      f"{policy.timeout_seconds:.0f}s: {policy.default_action.value}")
+        # Whoever reads this in the UI's User Metadata tab can act on it there: the update's
+        # name and a Data document to paste (the decision's schema, ApprovalDecision), and the
+        # CLI form. Current details are query state, not a command: old histories replay.
+        wid = workflow.info().workflow_id
+        self._details(f"WAITING FOR APPROVAL to {what}; default after {policy.timeout_seconds:.0f}s: "
+                      f"{policy.default_action.value}.\n\nIn this UI: More Actions → Update → `approve`, Data "
+                      f'`{{"approver": "your name", "decision": "approve", "comment": "why"}}` (or `"reject"`). '
+                      f"CLI: `eagle-dr approve {wid} --as NAME [--reject]`.")
         try:
             await workflow.wait_condition(lambda: self.decision is not None,
                                           timeout=timedelta(seconds=policy.timeout_seconds))
