@@ -197,3 +197,22 @@ async def test_browser_opens_a_local_html_file_and_shows_its_chart(browser, tmp_
     from playwright.async_api import TimeoutError as PlaywrightTimeout
     with pytest.raises(PlaywrightTimeout):
         await browser.shows(browser.page.locator("#hidden"), "hidden", timeout=500)
+
+
+async def test_the_html_report_of_a_drill_shows_its_timeline_in_chromium(browser, tmp_path):
+    """`eagle-dr report --html` of a recorded drill, opened offline in Chromium: the timeline
+    chart renders with one bar per step and the RTO marks, and its screenshot is kept."""
+    from tests.test_report import _report
+    from eagle_dr.report.html import render
+
+    r = _report("drill-alert-latency")
+    html = tmp_path / "drill-report.html"
+    html.write_text(render(r))
+    await browser.open_file(html)
+    chart = browser.page.locator('svg[aria-label^="timeline of"]').first
+    shot = await browser.shows(chart, "drill-timeline")
+    w, h = struct.unpack(">II", shot.read_bytes()[16:24])
+    assert w > 300 and h > 100, (w, h)
+    bars = await chart.locator("rect").count()
+    assert bars >= len(r.bars), (bars, len(r.bars))
+    print(f"report screenshot: {shot}")
