@@ -47,3 +47,8 @@ def test_debug_shows_the_trace():
 def test_version():
     r = _run("--version", port=_closed_port())
     assert r.returncode == 0 and r.stdout.startswith("eagle-dr "), r.stdout
+
+
+def test_shell_completion_script():
+    r = _run("--show-completion", "bash", port=_closed_port())
+    assert r.returncode == 0 and "_eagle_dr_completion" in r.stdout and "complete " in r.stdout, r.stdout + r.stderr

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from eagle_dr.config import ConfigError, EagleConfig, UnknownRegion, load_config
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, add_completion=True,
                   help="Cross-region disaster recovery for the Eagle Alert System, on Temporal.")
 config_app = typer.Typer(no_args_is_help=True, help="Validate the region configuration.")
 dev_app = typer.Typer(no_args_is_help=True, help="The local Temporal dev server.")
