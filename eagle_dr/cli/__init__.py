@@ -801,7 +801,7 @@ def main() -> None:
     code = 0
     try:
         # Without standalone mode click returns the exit code of a ctx.exit() instead of raising.
-        rv = app(standalone_mode=False)
+        rv = app(prog_name="eagle-dr", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         code = e.exit_code
