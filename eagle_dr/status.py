@@ -3,6 +3,20 @@
 Probes every region directly from where the operator stands (not through the workers, so
 it still works when the workers or Temporal are down) and asks every worker for real
 whether it is alive (workflows/liveness.py says why pollers alone cannot tell).
+
+The verdict (``health``) drives the exit code: 0 healthy; 1 degraded (split brain, no
+writable primary, a database or worker down, a standby not streaming or lagging past the
+guard, Sentinels disagreeing, a readiness check failing, fences or scale-downs left behind,
+archiving degraded); 2 cannot assess (no region's PostgreSQL answered, or Temporal did not,
+so workers and moves are unknown) when nothing is known to be degraded.
+
+``status --json`` is this module's ``TopologyStatus``; its schema is stable (fields are only
+ever added): ``service``, ``active_region``, ``health`` ({``state``: healthy | degraded |
+unknown, ``exit_code``, ``reasons``: [str]}), ``regions`` ([{``name``, ``configured_role``,
+``postgres``, ``redis``, ``redis_fenced``, ``services``, ``archive``}]), ``sentinels``,
+``sentinels_disagree``, ``workers``, ``temporal_address``, ``temporal_ui``,
+``temporal_ui_reachable``, ``move_running``, ``monitor``, ``readiness``, ``leftovers``,
+``left_scaled_to_0``, ``lag_guard_bytes``. Errors in it are short reasons, as in the tables.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ from activities.postgres.status import PgStatus, pg_status
 from activities.readiness import ReadinessReport, assess
 from activities.redis.status import RedisStatus, SentinelView, fenced, redis_status, sentinel_view
 from activities.routing import LabRouter
-from eagle_dr.config import EagleConfig, scrub
+from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
 from eagle_dr.devserver import ui_reachable
 from eagle_dr.monitor import MonitorView, monitor_view
 from eagle_dr.temporal import move_running
@@ -31,6 +45,33 @@ from eagle_dr.temporal import move_running
 POLLER_FRESH_SECONDS = 90
 # How long a worker has to pick up the liveness probe: a live one takes milliseconds.
 PICKUP_SECONDS = 3.0
+
+# Client-library error text -> what a tired operator needs in a table cell. Matched in order.
+_SHORT = (("temporal:", "Temporal unreachable"), ("connection refused", "connection refused"), ("timeout expired", "timeout"), ("timed out", "timeout"),
+          ("password authentication failed", "authentication failed"), ("authentication", "authentication failed"),
+          ("noauth", "authentication required"), ("wrongpass", "wrong password"),
+          ("name or service not known", "unknown host"), ("no route to host", "no route to host"),
+          ("network is unreachable", "network unreachable"), ("certificate", "TLS certificate rejected"),
+          ("ssl", "TLS error"), ("does not exist", "does not exist"), ("not set", "secret not set"),
+          ("no such file", "secret file missing"))
+
+
+def short(error: str | None) -> str:
+    """A cell-sized reason for ``error`` (the full text is in --json's detail fields and logs)."""
+    if not error:
+        return ""
+    low = error.lower()
+    for needle, what in _SHORT:
+        if needle in low:
+            return what
+    line = error.strip().splitlines()[0]
+    return line if len(line) <= 60 else line[:57] + "..."
+
+
+class Health(BaseModel):
+    state: str  # healthy | degraded | unknown
+    exit_code: int
+    reasons: list[str] = []
 
 
 class WorkerView(BaseModel):
@@ -118,6 +159,55 @@ class TopologyStatus(BaseModel):
     monitor: MonitorView | None = None
     # The readiness checks (activities/readiness.py), run from here for the serving primary.
     readiness: ReadinessReport | None = None
+    # The failover lag guard (health.max_lag_bytes): a standby further behind is degraded.
+    lag_guard_bytes: int | None = None
+
+    @computed_field
+    @property
+    def health(self) -> Health:
+        """The verdict behind the exit code (module docstring)."""
+        bad: list[str] = []
+        unknown: list[str] = []
+        answered = [r for r in self.regions if r.postgres.reachable]
+        if not answered:
+            unknown.append("no region's PostgreSQL answered: the topology cannot be assessed")
+        if len(self.primaries) > 1:
+            bad.append(f"split brain: writable primaries in {', '.join(self.primaries)}")
+        elif answered and not self.primaries:
+            bad.append("no writable PostgreSQL primary")
+        for r in self.regions:
+            if answered and not r.postgres.reachable:
+                bad.append(f"{r.name} PostgreSQL down ({short(r.postgres.error)})")
+            if not r.redis.reachable:
+                # With no database answering at all, nothing is known, not degraded.
+                (bad if answered else unknown).append(f"{r.name} Redis down ({short(r.redis.error)})")
+            p = r.postgres
+            if p.role == "standby" and p.receiver_status != "streaming" and len(self.primaries) == 1:
+                bad.append(f"{r.name} standby not streaming ({p.receiver_status or 'no receiver'})")
+            for link in p.replicas if p.role == "primary" else []:
+                if self.lag_guard_bytes is not None and (link.lag_bytes or 0) > self.lag_guard_bytes:
+                    bad.append(f"{link.application_name} lags {link.lag_bytes} bytes, past the guard "
+                               f"({self.lag_guard_bytes})")
+            if r.archive is not None and r.archive.degraded:
+                bad.append(f"{r.name} WAL archiving degraded")
+        if self.sentinels_disagree:
+            bad.append("Sentinels disagree on the Redis master")
+        temporal_down = any((w.error or "").startswith("temporal:") for w in self.workers)
+        if temporal_down:
+            unknown.append("Temporal did not answer: workers and running moves unknown")
+        for w in self.workers:
+            if not w.polling and not (w.error or "").startswith(("temporal:", "liveness probe:")):
+                bad.append(f"worker down: {w.task_queue} ({w.region})")
+        for c in (self.readiness.checks if self.readiness else []):
+            if c.state == "fail":
+                bad.append(f"readiness {c.key}: {c.reason}")
+        bad += [f"left fenced: {x.split(';')[0]}" for x in self.leftovers]
+        bad += [f"left scaled to 0: {x.split(' (')[0]}" for x in self.left_scaled_to_0]
+        if bad:
+            return Health(state="degraded", exit_code=1, reasons=bad + unknown)
+        if unknown:
+            return Health(state="unknown", exit_code=2, reasons=unknown)
+        return Health(state="healthy", exit_code=0)
 
     @property
     def primaries(self) -> list[str]:
@@ -271,8 +361,10 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
     address = temporal_address or f"127.0.0.1:{cfg.lab.dev_server.grpc_port}"
     regions = []
     for r in cfg.regions:
-        rs = redis_status(r.redis, 2)
-        ps = pg_status(r.postgres, 2)
+        # An unreadable secret is a finding here (the operator's host may lack it), not a crash;
+        # the activities keep raising it, so a worker without it casts no vote instead of "down".
+        rs = _unless_secret(lambda: redis_status(r.redis, 2), lambda e: RedisStatus(reachable=False, error=e))
+        ps = _unless_secret(lambda: pg_status(r.postgres, 2), lambda e: PgStatus(reachable=False, error=e))
         regions.append(RegionView(name=r.name, configured_role=r.role, postgres=ps, redis=rs,
                                   redis_fenced=rs.role == "master" and fenced(r.redis, 2),
                                   services=services_view(r.kubernetes) if cfg.routing.kubernetes else None,
@@ -282,7 +374,8 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
         for ep in r.redis.sentinels:
             if str(ep) not in seen:
                 seen.add(str(ep))
-                sentinels.append(sentinel_view(r.redis, ep, 2))
+                sentinels.append(_unless_secret(lambda: sentinel_view(r.redis, ep, 2),
+                                                lambda e: SentinelView(address=str(ep), reachable=False, error=e)))
     queues = [(r.temporal.task_queue, r.name, False) for r in cfg.regions]
     queues.append((cfg.temporal.control_task_queue, "control", True))
     workers = await _pollers(address, queues)
@@ -294,11 +387,22 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
     st = TopologyStatus(service=cfg.service, active_region=active, monitor=await _monitor(address, cfg.service),
                         regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
                         temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url),
-                        move_running=await move_running(address, cfg.service))
+                        move_running=await move_running(address, cfg.service),
+                        lag_guard_bytes=cfg.health.max_lag_bytes)
     primary = st.serving_region if st.serving_region in cfg.region_names else cfg.primary.name
     # The checks block on the network (pgbackrest info, Route 53): off the event loop.
-    st.readiness = await asyncio.to_thread(assess, cfg, primary, _alive(workers))
+    try:
+        st.readiness = await asyncio.to_thread(assess, cfg, primary, _alive(workers))
+    except SecretUnavailable:
+        st.readiness = None  # its databases were not readable either: the verdict says so
     return st
+
+
+def _unless_secret(probe, unreadable):
+    try:
+        return probe()
+    except SecretUnavailable as e:
+        return unreadable(f"secret: {e}")
 
 
 def _alive(workers: list[WorkerView]) -> dict[str, bool | None]:
@@ -357,20 +461,24 @@ def _archive_line(region: str, v: ArchiveView) -> str:
     return line.replace("DEGRADED", "[bold red]DEGRADED[/]", 1) if v.degraded else line
 
 
-def render(st: TopologyStatus) -> None:
+def render(st: TopologyStatus, console=None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = console or Console()
     console.print(f"[bold]{st.service}[/]  active region: [bold cyan]{st.active_region or '?'}[/]  "
                   f"temporal: {st.temporal_address}  UI: {st.temporal_ui} "
                   f"({'[green]up[/]' if st.temporal_ui_reachable else '[red]down[/]'})")
+    h = st.health
+    colour = {"healthy": "green", "degraded": "bold red", "unknown": "yellow"}[h.state]
+    console.print(f"[{colour}]{h.state.upper()}[/]" + (": " + escape("; ".join(h.reasons)) if h.reasons else ""))
     if len(st.primaries) > 1:
         console.print(f"[bold red]SPLIT BRAIN: writable PostgreSQL primaries in {', '.join(st.primaries)}[/]")
     if st.monitor is not None:
         colour = {"running": "green", "paused": "yellow"}.get(st.monitor.status, "red")
-        console.print(f"[{colour}]{escape(st.monitor.line())}[/]")
+        line = f"monitor: {st.monitor.status} ({short(st.monitor.error)})" if st.monitor.error else st.monitor.line()
+        console.print(f"[{colour}]{escape(line)}[/]")
     for left in st.leftovers:
         console.print(f"[bold red]LEFT FENCED:[/] {left}")
     if st.readiness is not None:
@@ -384,7 +492,7 @@ def render(st: TopologyStatus) -> None:
     for r in st.regions:
         p = r.postgres
         if not p.reachable:
-            t.add_row(r.name, "[red]DOWN[/]", "-", "-", "-", "-", p.error or "")
+            t.add_row(r.name, "[red]DOWN[/]", "-", "-", "-", "-", escape(short(p.error)))
             continue
         if p.role == "primary":
             links = ", ".join(f"{x.application_name}: {x.state}" for x in p.replicas) or "[yellow]no standby[/]"
@@ -406,7 +514,7 @@ def render(st: TopologyStatus) -> None:
     for r in st.regions:
         x = r.redis
         if not x.reachable:
-            t.add_row(r.name, "[red]DOWN[/]", "-", x.error or "", "-")
+            t.add_row(r.name, "[red]DOWN[/]", "-", escape(short(x.error)), "-")
         elif x.role == "master":
             t.add_row(r.name, "[green]master[/]", str(x.offset), f"{x.connected_replicas} replica(s)", "-")
         else:
@@ -428,7 +536,7 @@ def render(st: TopologyStatus) -> None:
             if sv is None:
                 continue
             if not sv.reachable:
-                t.add_row(r.name, f"[red]API UNREACHABLE[/] {sv.error or ''}", "-")
+                t.add_row(r.name, f"[red]API UNREACHABLE[/] {escape(short(sv.error))}", "-")
                 continue
             deps = ", ".join(f"{d} {sv.ready.get(d, 0)}/{n}" for d, n in sorted(sv.replicas.items())) or "none"
             t.add_row(r.name, deps, sv.active_region or "-")
@@ -439,7 +547,7 @@ def render(st: TopologyStatus) -> None:
         t.add_column(col)
     for s in st.sentinels:
         if not s.reachable:
-            t.add_row(s.address, "[red]DOWN[/]", "-", s.error or "")
+            t.add_row(s.address, "[red]DOWN[/]", "-", escape(short(s.error)))
         else:
             q = "[green]OK[/]" if s.quorum_ok else f"[red]{s.quorum_message}[/]"
             t.add_row(s.address, s.master or "-", str(s.other_sentinels), q)
@@ -449,7 +557,7 @@ def render(st: TopologyStatus) -> None:
     for col in ("task queue", "region", "polling", "pollers"):
         t.add_column(col)
     for w in st.workers:
-        state = "[green]yes[/]" if w.polling else f"[red]no[/] {w.error or ''}"
+        state = "[green]yes[/]" if w.polling else f"[red]no[/] {escape(short(w.error))}"
         t.add_row(w.task_queue, w.region, state, ", ".join(w.pollers) or "-")
     console.print(t)
 

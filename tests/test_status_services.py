@@ -67,7 +67,9 @@ def test_status_names_services_left_scaled_to_0_in_the_serving_region(lab, lab_c
         assert "kubectl -n eagle-alert scale deployment/alert-api --replicas=3" in left
         assert "deployment/alert-worker --replicas=2" in left
         r = _status_cli(lab, path)
-        assert r.returncode == 3, r.stderr + r.stdout
+        # Degraded: exit 1, and the verdict line names what was left.
+        assert r.returncode == 1, r.stderr + r.stdout
+        assert f"DEGRADED: left scaled to 0: {a}: services at 0 replicas" in r.stdout, r.stdout
         assert f"LEFT SCALED TO 0: {a}: services at 0 replicas" in r.stdout
 
         # Restored (what routing back does): nothing is left.

@@ -281,20 +281,42 @@ def worker(region: Optional[str] = typer.Option(None, "--region", help="Poll thi
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """The topology at a glance: roles, timelines, lag, Sentinels, workers, services.
+def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output (schema: eagle_dr/status.py)."),
+           watch: Optional[float] = typer.Option(None, "--watch", is_flag=False, flag_value=2.0, min=0.5,
+                                                 help="Refresh in place every SECONDS (default 2) until Ctrl-C.",
+                                                 metavar="[SECONDS]")):
+    """The topology at a glance: verdict, roles, timelines, lag, readiness, Sentinels, workers, services.
 
-    Exits 3 when a stopped move left something behind (LEFT FENCED, LEFT SCALED TO 0), 0 otherwise."""
+    Exits 0 healthy, 1 degraded (the verdict line says why), 2 cannot assess."""
+    import time
+
     from eagle_dr.status import collect, render
 
-    st = collect(cfg())
-    if as_json:
-        out.print_json(st.model_dump_json())
-    else:
-        render(st)
-    if st.leftovers or st.left_scaled_to_0:
-        # What a stopped move left behind needs a repair: "done but degraded" in the CLI's codes.
-        raise typer.Exit(EXIT_DEGRADED)
+    c = cfg()
+    if watch is None:
+        st = collect(c)
+        if as_json:
+            out.print_json(st.model_dump_json())
+        else:
+            render(st, out)
+        raise typer.Exit(st.health.exit_code)
+    code = 2
+    try:
+        while True:
+            st = collect(c)
+            code = st.health.exit_code
+            with out.capture() as frame:
+                if as_json:
+                    out.print_json(st.model_dump_json())
+                else:
+                    render(st, out)
+            # One write per refresh: the screen never shows half a frame.
+            out.clear()
+            out.file.write(frame.get())
+            out.print(f"[dim]{time.strftime('%H:%M:%S')}: refreshing every {watch:g}s (Ctrl-C to stop)[/]")
+            time.sleep(watch)  # the refresh interval the operator asked for, not a synchronisation
+    except KeyboardInterrupt:
+        raise typer.Exit(code)
 
 
 @app.command()
