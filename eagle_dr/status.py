@@ -16,7 +16,8 @@ unknown, ``exit_code``, ``reasons``: [str]}), ``regions`` ([{``name``, ``configu
 ``postgres``, ``redis``, ``redis_fenced``, ``services``, ``archive``}]), ``sentinels``,
 ``sentinels_disagree``, ``workers``, ``temporal_address``, ``temporal_ui``,
 ``temporal_ui_reachable``, ``move_running``, ``monitor``, ``readiness``, ``leftovers``,
-``left_scaled_to_0``, ``lag_guard_bytes``. Errors in it are short reasons, as in the tables.
+``left_scaled_to_0``, ``lag_guard_bytes``. Its ``error`` fields keep the drivers' full text;
+``health.reasons`` and the tables give the short form.
 """
 
 from __future__ import annotations

@@ -80,6 +80,14 @@ def explain(e: BaseException, config_path: str | None = None) -> str | None:
                     "context / api_url, or your kubeconfig.")
     except ImportError:
         pass
+    try:
+        from activities.backup.pgbackrest import PgBackRestError
+
+        if isinstance(e, PgBackRestError):
+            return (f"{_first_line(e)}. pgBackRest reads this host's node config: with --local, run on the "
+                    "region's database host; otherwise leave --local out to ask that region's worker.")
+    except ImportError:
+        pass
     if isinstance(e, (ConnectionRefusedError, TimeoutError)):
         return f"a dependency is not reachable: {_first_line(e)}. Run `eagle-dr status` to see which."
     return None
