@@ -52,3 +52,36 @@ def test_version():
 def test_shell_completion_script():
     r = _run("--show-completion", "bash", port=_closed_port())
     assert r.returncode == 0 and "_eagle_dr_completion" in r.stdout and "complete " in r.stdout, r.stdout + r.stderr
+
+
+# Every command group with its dependencies down (Temporal refused, the lab's secrets never
+# written): whatever each says, it is not a trace and not a driver's raw text.
+SWEEP = [("status",), ("runs",), ("watch", "latest"), ("report", "x"), ("monitor", "start"), ("monitor", "pause"),
+         ("backup", "now"), ("backup", "list"), ("backup", "list", "--local", "--region", "us-east-1"),
+         ("restore", "pitr", "--latest"), ("restore", "rebuild-standby", "--region", "us-west-2"),
+         ("schedules", "apply"), ("unfence", "--region", "us-east-1"), ("failback", "--region", "us-east-1"),
+         ("split-brain",), ("search-attributes", "ensure"), ("alerts", "serve", "--listen", "127.0.0.1:1"),
+         ("notify", "test"), ("switchover", "--to", "us-west-2"), ("drill",)]
+
+
+def test_no_command_prints_a_trace_with_its_dependencies_down(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import write_test_config
+
+    # Servers nobody runs (an unused port shift), state in an empty directory: no secrets.
+    config = write_test_config(tmp_path, shift=7777)
+    port = _closed_port()
+
+    def run(args):
+        env = {**os.environ, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}", "COLUMNS": "200"}
+        env.pop("EAGLE_DR_DEBUG", None)
+        return args, subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(config), *args],
+                                    capture_output=True, text=True, env=env, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, SWEEP))
+    for args, r in results:
+        text = r.stdout + r.stderr
+        assert "Traceback" not in text and "tonic::" not in text and 'File "' not in text, (args, text)
+        assert r.returncode in (1, 2, 4), (args, r.returncode, text)
