@@ -219,6 +219,9 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     result = await handle.result()
     await record(handle, "split_brain-resolution")
     assert result.outcome == "resolved", [(x.name, x.status, x.detail) for x in result.steps]
+    # The result carries every step of the run (its report's timeline), not only the first.
+    assert [x.name for x in result.steps][:2] == ["detect", "decide the survivor"] and len(result.steps) > 4, \
+        [x.name for x in result.steps]
     assert orphan not in copiers(b_data)
     assert result.choice.survivor == a and result.choice.loser == b and result.choice.rule == "active-region"
     assert result.approval.outcome == "approved" and result.approval.approver == "dana"

@@ -114,8 +114,10 @@ class SplitBrainWorkflow(Rejoin):
                 st.detail = "; ".join(report.findings) or "no split brain"
             result = SplitBrainResult(service=inp.service, outcome="no-split-brain", findings=report.findings,
                                       detection=report, detected_at=detected_at, steps=self.steps, notes=notes)
-            # Validation copied the list: later notes must go into the result's own.
+            # Validation copied the lists: later notes go into the result's own, and its steps
+            # are the run's (the report's timeline lists every step, not only "detect").
             notes = result.notes
+            self.steps = result.steps
             if not report.split:
                 self.finish("no-split-brain")
                 return result
