@@ -35,8 +35,11 @@ class TemporalUnavailable(RuntimeError):
 
 
 class Dispatcher:
-    def __init__(self, address: str | None, task_queue: str, timeout: timedelta, client: Client | None = None):
+    def __init__(self, address: str | None, task_queue: str, timeout: timedelta, client: Client | None = None,
+                 runtime=None):
         self.address = address
+        # A runtime with a Prometheus exporter (the receiver's metrics endpoint), or the default.
+        self.runtime = runtime
         self.task_queue = task_queue
         self.timeout = timeout
         self._client = client
@@ -49,7 +52,9 @@ class Dispatcher:
             if self._client is None:
                 try:
                     # TEMPORAL_ADDRESS (envconfig) wins over the configured default, as for the workers.
-                    self._client = await asyncio.wait_for(connect(self.address), self.timeout.total_seconds())
+                    self._client = await asyncio.wait_for(
+                        connect(self.address, **({"runtime": self.runtime} if self.runtime else {})),
+                        self.timeout.total_seconds())
                 except Exception as e:  # noqa: BLE001 - refused, timed out, TLS: all "unreachable"
                     raise TemporalUnavailable(f"cannot connect to Temporal: {e or type(e).__name__}") from e
         return self._client

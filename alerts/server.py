@@ -26,6 +26,7 @@ import time
 from aiohttp import web
 
 from eagle_dr import logs
+from eagle_dr import metrics
 from eagle_dr.config import EagleConfig
 from alerts.dispatch import Dispatcher, TemporalUnavailable
 from alerts.payload import Malformed, parse
@@ -38,6 +39,22 @@ PATH = "/alert"
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 CONFIG = web.AppKey("config", EagleConfig)
 TOKEN = web.AppKey("token", bytes)
+# The Temporal runtime's meter when the receiver has a metrics endpoint (alerts.metrics_port).
+METER = web.AppKey("meter", object)
+# What a parsed request carried, for the request metrics: (firing, resolved).
+COUNTS = "eagle_dr_alert_counts"
+
+
+@web.middleware
+async def _measured(request: web.Request, handler):
+    """Every webhook answer counted by code and timed, whichever branch answered it."""
+    started = time.perf_counter()
+    response = await handler(request)
+    if request.path == PATH:
+        firing, resolved = request.get(COUNTS, (0, 0))
+        metrics.alert_request(request.app[METER], request.app[CONFIG].service, response.status,
+                              time.perf_counter() - started, firing=firing, resolved=resolved)
+    return response
 
 
 def _error(status: int, message: str, **fields) -> web.Response:
@@ -72,6 +89,8 @@ async def receive(request: web.Request) -> web.Response:
     except Malformed as e:
         log.warning("alert refused: malformed payload", peer=peer, field=e.field, reason=e.reason)
         return _error(400, f"malformed payload: {e}", field=e.field)
+    request[COUNTS] = (sum(a.status == "firing" for a in notification.alerts),
+                       sum(a.status == "resolved" for a in notification.alerts))
     incidents, ignored = plan(cfg, notification)
     dispatcher = request.app[DISPATCHER]
     try:
@@ -98,11 +117,12 @@ async def ready(_request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-def make_app(cfg: EagleConfig, token: str, dispatcher: Dispatcher) -> web.Application:
+def make_app(cfg: EagleConfig, token: str, dispatcher: Dispatcher, meter=None) -> web.Application:
     if not token:
         raise ValueError("alerts.token resolves to an empty string")
     # aiohttp's own cap (413 while reading) backs up the Content-Length check for chunked bodies.
-    app = web.Application(client_max_size=cfg.alerts.max_body)
+    app = web.Application(client_max_size=cfg.alerts.max_body, middlewares=[_measured])
+    app[METER] = meter
     app[CONFIG] = cfg
     app[TOKEN] = token.encode()
     app[DISPATCHER] = dispatcher
@@ -111,9 +131,10 @@ def make_app(cfg: EagleConfig, token: str, dispatcher: Dispatcher) -> web.Applic
     return app
 
 
-async def start(cfg: EagleConfig, token: str, dispatcher: Dispatcher, host: str, port: int) -> web.AppRunner:
+async def start(cfg: EagleConfig, token: str, dispatcher: Dispatcher, host: str, port: int,
+                meter=None) -> web.AppRunner:
     """Serve until the returned runner is cleaned up (``await runner.cleanup()``)."""
-    runner = web.AppRunner(make_app(cfg, token, dispatcher), access_log=None)
+    runner = web.AppRunner(make_app(cfg, token, dispatcher, meter), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("alerts receiver listening", url=f"http://{host}:{port}{PATH}", rules=[r.name for r in cfg.alerts.rules])
@@ -126,8 +147,16 @@ async def serve_forever(cfg: EagleConfig, token: str, host: str, port: int, temp
     import asyncio
     import signal
 
-    dispatcher = Dispatcher(temporal_address, cfg.temporal.control_task_queue, cfg.alerts.temporal_timeout)
-    runner = await start(cfg, token, dispatcher, host, port)
+    runtime = None
+    if cfg.alerts.metrics_port:
+        try:
+            runtime = metrics.worker_runtime(f"{host}:{cfg.alerts.metrics_port}")
+            log.info("alerts receiver metrics", url=f"http://{host}:{cfg.alerts.metrics_port}/metrics")
+        except Exception as e:  # noqa: BLE001 - a taken port costs the metrics, never the receiver
+            log.warning("alerts receiver runs without metrics", port=cfg.alerts.metrics_port, error=str(e))
+    dispatcher = Dispatcher(temporal_address, cfg.temporal.control_task_queue, cfg.alerts.temporal_timeout,
+                            runtime=runtime)
+    runner = await start(cfg, token, dispatcher, host, port, runtime.metric_meter if runtime else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -737,6 +737,9 @@ class AlertsConfig(_Strict):
     """``eagle-dr alerts serve``: the Alertmanager webhook receiver."""
 
     listen: Endpoint = Endpoint(host="127.0.0.1", port=19094)
+    # Prometheus endpoint of the receiver (Temporal SDK client metrics and its request counts),
+    # on the listen host; none: no endpoint.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Bearer token Alertmanager sends (http_config.authorization). Required to serve: an
     # unauthenticated endpoint that can start a failover is not offered.
     token: SecretRef | None = None

@@ -109,6 +109,23 @@ def conflicts_resolved(meter: MetricMeter, service: str, table: str, strategy: s
             meter.create_counter(PREFIX + name, what).with_additional_attributes(where).add(n)
 
 
+@_never_fails
+def alert_request(meter: MetricMeter | None, service: str, code: int, seconds: float, *, firing: int = 0,
+                  resolved: int = 0) -> None:
+    """One webhook request the receiver answered, by HTTP code, and the alerts it carried."""
+    if meter is None:
+        return
+    where = dict(service=service, code=str(code))
+    meter.create_counter(PREFIX + "alert_requests_total", "Alertmanager webhook requests by answer code") \
+        .with_additional_attributes(where).add(1)
+    meter.create_histogram_float(PREFIX + "alert_request_seconds", "Time to answer a webhook request", "s") \
+        .with_additional_attributes(where).record(seconds)
+    for status, n in (("firing", firing), ("resolved", resolved)):
+        if n:
+            meter.create_counter(PREFIX + "alerts_received_total", "Alerts received, by status") \
+                .with_additional_attributes(dict(service=service, status=status)).add(n)
+
+
 # -- what a runbook or the monitor decided (workflows) ----------------------------------------------
 
 

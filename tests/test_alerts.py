@@ -12,6 +12,8 @@ import asyncio
 import json
 import secrets
 import uuid
+import urllib.request
+import urllib.error
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
@@ -28,7 +30,7 @@ from eagle_dr.config import AlertsConfig, TemporalConfig
 from eagle_dr.temporal import DR_TARGET_REGION, DR_TRIGGER
 from lab.alertmanager import Alertmanager, Webhook
 from tests.histories import record
-from tests.lab_helpers import _until
+from tests.lab_helpers import _scrape, _value, _until
 from workers.run import sandbox_runner
 from workflows.alert_incident import AlertIncidentWorkflow, IncidentSummary
 from workflows.failover import FailoverWorkflow
@@ -418,6 +420,23 @@ async def test_lab_runs_the_receiver_and_an_alertmanager_sending_to_it(lab, clie
         assert inc.alerts == 1 and inc.action == "recorded"
         log = (lab.state / "alerts" / "receiver.log").read_text()
         assert wid in log and lab.secret("alerts-token") not in log
+        # Its metrics endpoint: the requests it answered by code, the alerts they carried, and the
+        # Temporal SDK client's own metrics. A request with a wrong token is counted as a 401.
+        listen = lab.cfg.alerts.listen
+        bad = urllib.request.Request(f"http://{listen.host}:{listen.port}/alert", data=b"{}", method="POST",
+                                     headers={"Authorization": "Bearer wrong", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=10)
+        assert refused.value.code == 401
+
+        async def counted():
+            text = _scrape(lab.cfg.alerts.metrics_port)
+            return text if (_value(text, "eagle_dr_alert_requests_total", code="401") or 0) >= 1 else None
+
+        text = await _until(counted, 30, "the receiver's metrics to count the requests")
+        assert (_value(text, "eagle_dr_alert_requests_total", code="200") or 0) >= 1, text
+        assert (_value(text, "eagle_dr_alerts_received_total", status="firing") or 0) >= 1, text
+        assert "temporal_request" in text, text[:2000]
     finally:
         await _terminate(client, wid)
         stopped = lab.stop_alerts()
