@@ -10,7 +10,7 @@ import sys
 
 from lab.processes import kill_tree, read_pid
 from tests.conftest import write_test_config
-from tests.lab_helpers import _names, _primary, _until
+from tests.lab_helpers import _primary, _until
 
 
 def _status(config, *args) -> subprocess.CompletedProcess:
@@ -19,8 +19,8 @@ def _status(config, *args) -> subprocess.CompletedProcess:
 
 
 async def test_healthy_then_a_dead_worker_is_degraded(lab, lab_config_path):
-    a, b = _names(lab)
-    assert _primary(lab) == a
+    a = _primary(lab)  # whichever region the session's earlier tests left primary
+    b = lab.cfg.other(a).name
     r = _status(lab_config_path, "--json")
     doc = json.loads(r.stdout)
     assert r.returncode == 0 and doc["health"] == {"state": "healthy", "exit_code": 0, "reasons": []}, doc["health"]
