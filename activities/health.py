@@ -36,6 +36,13 @@ class ProbeRequest(BaseModel):
     # Empty: only "this worker is alive and picks up work" (eagle-dr status uses that).
     regions: list[str] = []
     timeout_seconds: float = Field(default=3.0, gt=0, le=30)
+    # Confirm a refusal here (the monitor's fast confirmation): this region's ports are probed
+    # ``confirm_probes`` more times, ``confirm_interval_seconds`` apart, and its sighting keeps
+    # ``refused`` only if every probe was refused. In one activity, not in workflow rounds: a
+    # workflow timer can fire up to a second late (the server's timer queue), a sleep here does not.
+    confirm_region: str | None = None
+    confirm_probes: int = Field(default=0, ge=0, le=100)
+    confirm_interval_seconds: float = Field(default=0.25, gt=0, le=60)
 
 
 class RegionSighting(BaseModel):
@@ -108,12 +115,26 @@ class HealthActivities:
             if not pg.reachable and not rs.reachable:
                 refused = _refuses(r.postgres.host, r.postgres.port, req.timeout_seconds) and \
                     _refuses(r.redis.host, r.redis.port, req.timeout_seconds)
+            if refused and name == req.confirm_region:
+                refused = self._still_refused(r, req)
             out.append(RegionSighting(region=name, postgres_up=pg.reachable, postgres_role=pg.role,
                                       read_only=pg.read_only, redis_up=rs.reachable,
                                       error="; ".join(errors) or None, probe_seconds=round(seconds, 4),
                                       refused=refused))
         self._record(out, pgs, rss)
         return VantageReport(worker=_worker(), sightings=out)
+
+    @staticmethod
+    def _still_refused(r, req: ProbeRequest) -> bool:
+        """Both ports refuse at every one of ``confirm_probes`` more probes: a server restarting
+        within the window (a supervisor bringing it back) answers one of them and is kept."""
+        for _ in range(req.confirm_probes):
+            time.sleep(req.confirm_interval_seconds)  # the confirmation's spacing, inside the activity
+            activity.heartbeat()
+            if not (_refuses(r.postgres.host, r.postgres.port, req.timeout_seconds)
+                    and _refuses(r.redis.host, r.redis.port, req.timeout_seconds)):
+                return False
+        return True
 
     def _record(self, sightings: list[RegionSighting], pgs: dict[str, PgStatus], rss: dict[str, RedisStatus]) -> None:
         """This vantage point's view as metrics: availability and probe latency per region, and

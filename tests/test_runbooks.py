@@ -285,8 +285,9 @@ async def test_monitor_detects_region_loss_and_fails_over(lab, client):
     await _until(watching, 30, "the monitor to watch the primary")
     lab.kill_region(a)
     report = await asyncio.wait_for(handle.result(), 120)
-    # monitor-auto-failover.json stays: the threshold path, recorded before fast confirmation.
-    await record(handle, "monitor-fast-confirm")
+    # monitor-auto-failover.json (the threshold path) and monitor-fast-confirm.json (confirmation
+    # in workflow rounds) stay: recorded before later patches.
+    await record(handle, "monitor-confirm-in-probe")
     assert report.watched_region == a
     assert report.first_failure_at <= report.detected_at
     assert report.failover.outcome == "succeeded" and report.failover.trigger == "automatic"

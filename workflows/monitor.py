@@ -51,7 +51,10 @@ Fast confirmation (patch ``monitor-fast-confirm``, ``confirm_interval_seconds`` 
 round in which a majority of ALL vantage points see the watched region's PostgreSQL and
 Redis ports actively refuse connections (the servers are gone, the hosts answer) is decided
 as soon as that majority is in, and is re-checked every ``confirm_interval_seconds``;
-``confirm_rounds`` such rounds in a row declare the region down. A stalled server (frozen,
+``confirm_rounds`` such probes in a row declare the region down. (Patch
+``monitor-confirm-in-probe``: the re-checks run inside one confirming probe per vantage
+point, whose ports must refuse at every one of them; before it, in workflow rounds whose
+timers the server may fire up to a second late.) A stalled server (frozen,
 swapping, SIGSTOPped) keeps its listen socket: its probes time out, which is ambiguous, and
 only ``failure_threshold`` rounds at ``interval`` declare it down. So a kill is confirmed
 in about a second while a stall of up to ``failure_threshold x interval`` is ridden out:
@@ -415,6 +418,9 @@ class MonitorWorkflow(Runbook):
         splits, first_split = 0, None
         # Rounds in a row in which a majority of all vantage points saw the primary's ports refuse.
         fast = inp.confirm_interval_seconds is not None and workflow.patched("monitor-fast-confirm")
+        # Histories recorded before it confirm in workflow rounds, timers apart; now one confirming
+        # probe per vantage point does it (a timer can fire up to a second late).
+        in_probe = fast and workflow.patched("monitor-confirm-in-probe")
         hard = 0
         for _ in range(inp.iterations_per_run):
             if self.stop_reason is not None:
@@ -449,6 +455,10 @@ class MonitorWorkflow(Runbook):
                 failures += 1
                 first_failure = first_failure or started
                 hard = hard + 1 if fast and self._refused(primary, reports, 1 + len(topo.regions)) else 0
+                if in_probe and hard == 1 and inp.confirm_rounds > 1:
+                    confirm = await self._vantage_round(topo, inp.interval_seconds, decide_for=primary,
+                                                        confirm=(inp.confirm_rounds - 1, inp.confirm_interval_seconds))
+                    hard = inp.confirm_rounds if self._refused(primary, confirm, 1 + len(topo.regions)) else 0
             elif answered:
                 if failures >= inp.failure_threshold or (fast and hard >= inp.confirm_rounds):
                     self._finding(f"{primary} answers again")
@@ -478,7 +488,7 @@ class MonitorWorkflow(Runbook):
                     failures, first_failure, hard = 0, None, 0
             elapsed = workflow.now() - started
             wait = interval - elapsed
-            if 0 < hard < inp.confirm_rounds:
+            if not in_probe and 0 < hard < inp.confirm_rounds:
                 # Confirm a refusal at once: the evidence is unambiguous, the interval is for stalls.
                 wait = timedelta(seconds=inp.confirm_interval_seconds)
             if wait > timedelta(0) and self.stop_reason is None:
@@ -684,8 +694,8 @@ class MonitorWorkflow(Runbook):
                                                error=s.error, refused=s.refused) for s in report.sightings}
         self.state.probes = probes
 
-    async def _vantage_round(self, topo, interval_seconds: float,
-                             decide_for: str | None = None) -> dict[str, VantageReport | None]:
+    async def _vantage_round(self, topo, interval_seconds: float, decide_for: str | None = None,
+                             confirm: tuple[int, float] | None = None) -> dict[str, VantageReport | None]:
         """Every vantage point probes every region, in parallel; None: it did not answer.
 
         ``decide_for``: the round ends as soon as a majority of ALL vantage points see that
@@ -699,12 +709,17 @@ class MonitorWorkflow(Runbook):
         # spares a loaded host false "worker down" findings (which cost no failover anyway).
         budget = max(interval_seconds, 1.0)
         req = ProbeRequest(regions=[r.name for r in topo.regions], timeout_seconds=min(budget, 5.0))
+        if confirm is not None:
+            # ``confirm``: (probes, seconds apart) of ``decide_for``'s refused ports, in the activity.
+            req = req.model_copy(update={"regions": [decide_for], "confirm_region": decide_for,
+                                         "confirm_probes": confirm[0], "confirm_interval_seconds": confirm[1]})
         vantages = {"control": topo.control_task_queue, **{r.name: r.task_queue for r in topo.regions}}
 
         async def ask(queue: str) -> VantageReport | None:
             try:
                 return await self.act(HealthActivities.probe_regions_from_here, req, queue=queue,
-                                      schedule_to_start=budget, timeout=req.timeout_seconds * 4 * len(req.regions) + 5,
+                                      schedule_to_start=budget, timeout=req.timeout_seconds * 4 * len(req.regions) + 5
+                                      + req.confirm_probes * (req.confirm_interval_seconds + 2 * req.timeout_seconds),
                                       attempts=1)
             except ActivityError:
                 return None
