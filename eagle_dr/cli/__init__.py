@@ -205,7 +205,8 @@ def lab_up(app_traffic: bool = typer.Option(True, "--app/--no-app", help="Start 
     if app_traffic:
         lab.start_app()
     out.print(f"[green]lab up[/] in {lab.state}; Temporal UI {ds.ui_url}")
-    status(as_json=False)
+    # What came up, at a glance (lab up's own exit code says whether it came up, not the verdict).
+    _show_status(lab.cfg)
 
 
 @lab_app.command("down")
@@ -280,6 +281,18 @@ def worker(region: Optional[str] = typer.Option(None, "--region", help="Poll thi
     run_worker(c, _region(c, region) if region else None, pidfile)
 
 
+def _show_status(c: EagleConfig, as_json: bool = False) -> int:
+    """Print the status once; its exit code (0 healthy, 1 degraded, 2 cannot assess)."""
+    from eagle_dr.status import collect, render
+
+    st = collect(c)
+    if as_json:
+        out.print_json(st.model_dump_json())
+    else:
+        render(st, out)
+    return st.health.exit_code
+
+
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output (schema: eagle_dr/status.py)."),
            watch: Optional[float] = typer.Option(None, "--watch", is_flag=False, flag_value=2.0, min=0.5,
@@ -294,12 +307,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 
     c = cfg()
     if watch is None:
-        st = collect(c)
-        if as_json:
-            out.print_json(st.model_dump_json())
-        else:
-            render(st, out)
-        raise typer.Exit(st.health.exit_code)
+        raise typer.Exit(_show_status(c, as_json))
     code = 2
     try:
         while True:
