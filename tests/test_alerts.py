@@ -142,7 +142,8 @@ async def proxied(acfg, token, worker, queue, dev_server):
 
 @pytest.fixture(scope="module")
 def alertmanager(acfg, token, receiver, proxied, tmp_path_factory):
-    am = Alertmanager(tmp_path_factory.mktemp("alertmanager"), acfg.lab.alertmanager_port + 10)
+    # +20: +10 is the lab receiver's metrics port (alerts.metrics_port, 19103 before the shift).
+    am = Alertmanager(tmp_path_factory.mktemp("alertmanager"), acfg.lab.alertmanager_port + 20)
     am.start([Webhook("eagle-dr", receiver, token[1]),
               Webhook("eagle-dr-proxied", proxied[0], token[1], matchers=('via="proxy"',))])
     yield am
