@@ -7,6 +7,8 @@ Each test leaves the lab as it found it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 
@@ -34,6 +36,24 @@ async def _cancelled(handle) -> None:
     assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
 
 
+@contextlib.asynccontextmanager
+async def _owned(handle):
+    """A test that fails part-way must not leave its run holding the one-move lock: every later
+    test would fail with AlreadyInProgress. Cancel it (the runbook undoes what it did), and
+    terminate it only if the cancel does not end it."""
+    try:
+        yield handle
+    except BaseException:
+        try:
+            await handle.cancel()
+            await asyncio.wait_for(handle.result(), 120)
+        except asyncio.TimeoutError:
+            await handle.terminate("cancel test failed and its run did not end on cancel")
+        except Exception:
+            pass  # the run ended (cancelled or failed): the lock is free
+        raise
+
+
 def _writable(lab, region: str) -> bool:
     with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
         conn.execute("create temp table cancel_probe (x int)")
@@ -44,9 +64,10 @@ async def test_cancel_while_waiting_for_approval_changes_nothing(lab, client):
     a, b = _names(lab)
     handle = await start_move(client, lab.cfg, SwitchoverInput(
         service=lab.cfg.service, target_region=b, approval=ApprovalPolicy(required=True, timeout_seconds=600)))
-    await _until(lambda: _awaiting(handle), 30, "the approval gate")
-    await handle.cancel()
-    await _cancelled(handle)
+    async with _owned(handle):
+        await _until(lambda: _awaiting(handle), 60, "the approval gate")
+        await handle.cancel()
+        await _cancelled(handle)
     p = await _progress(handle)
     assert p.outcome == "cancelled"
     assert _primary(lab) == a and _writable(lab, a)
@@ -61,10 +82,11 @@ async def test_cancel_before_the_point_of_no_return_undoes_the_stop(lab, client)
     try:
         handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b,
                                                                    catch_up_timeout_seconds=600))
-        await _until(lambda: _step_running(handle, "wait for standby to replay everything"), 60,
-                     "the replay wait")
-        await handle.cancel()
-        await _cancelled(handle)
+        async with _owned(handle):
+            await _until(lambda: _step_running(handle, "wait for standby to replay everything"), 60,
+                         "the replay wait")
+            await handle.cancel()
+            await _cancelled(handle)
     finally:
         os.kill(startup, signal.SIGCONT)
     p = await _progress(handle)
@@ -83,7 +105,8 @@ async def _async_streaming(lab, region: str) -> bool:
 async def test_cancel_after_the_point_of_no_return_is_refused(lab, client):
     a, b = _names(lab)
     handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b))
-    await _until(lambda: _step_running(handle, "promote"), 60, "the promote step")
+    async with _owned(handle):
+        await _until(lambda: _step_running(handle, "promote"), 60, "the promote step")
     await handle.cancel()
     result = await handle.result()
     assert result.outcome == "succeeded", result
@@ -105,7 +128,8 @@ async def test_failover_cancelled_while_fencing_lifts_every_fence(lab, client):
     try:
         handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
                                                                  reason="cancel test"))
-        await _until(lambda: _step_running(handle, "fence old primary"), 60, "the fence step")
+        async with _owned(handle):
+            await _until(lambda: _step_running(handle, "fence old primary"), 60, "the fence step")
         await handle.cancel()
     finally:
         os.kill(rd.pid, signal.SIGCONT)
