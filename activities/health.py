@@ -9,16 +9,20 @@ does not answer; the others see the databases fine).
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 
 from pydantic import BaseModel, Field
 from temporalio import activity
 
-from activities.postgres.status import PgStatus, pg_status
+from activities.postgres.status import PgStatus, connect, pg_status
 from activities.redis.status import RedisStatus, redis_status
 from eagle_dr import metrics
 from eagle_dr.config import EagleConfig
+
+
+WATCH_APPLICATION = "eagle-dr monitor watch"
 
 
 class RegionHealth(BaseModel):
@@ -43,6 +47,12 @@ class ProbeRequest(BaseModel):
     confirm_region: str | None = None
     confirm_probes: int = Field(default=0, ge=0, le=100)
     confirm_interval_seconds: float = Field(default=0.25, gt=0, le=60)
+    # Wait here, before probing, for up to ``watch_seconds`` (the monitor's interval) while
+    # holding an idle session open to ``watch_region``'s PostgreSQL: a server that dies closes it
+    # and the probe runs at once, instead of at the next round a workflow timer would start (a
+    # timer can fire a second late). A stall closes nothing, so the stall tolerance is unchanged.
+    watch_region: str | None = None
+    watch_seconds: float = Field(default=0, ge=0, le=3600)
 
 
 class RegionSighting(BaseModel):
@@ -75,6 +85,9 @@ class RegionSighting(BaseModel):
 class VantageReport(BaseModel):
     worker: str
     sightings: list[RegionSighting] = []
+    # How long the watch before the probe lasted (less than asked: the watched server closed
+    # the session). The monitor dates the round's probe from it.
+    watched_seconds: float | None = None
 
     def of(self, region: str) -> RegionSighting | None:
         return next((s for s in self.sightings if s.region == region), None)
@@ -100,6 +113,8 @@ class HealthActivities:
     def probe_regions_from_here(self, req: ProbeRequest) -> VantageReport:
         """From this worker, over the network: each named region's PostgreSQL with a real
         query (role, read-only) and its Redis with PING. Unreachable is a sighting, not an error."""
+        watched = self._watch(req) if req.watch_region and req.watch_seconds > 0 else None
+        woke = watched is not None and watched < req.watch_seconds - 0.05  # the session closed
         out, pgs, rss = [], {}, {}
         for name in req.regions:
             r = self.cfg.region(name)
@@ -108,6 +123,15 @@ class HealthActivities:
             # INFO replication is the Redis probe: an answer proves the server serves commands
             # as PING would, and it carries the offset the lag metric needs.
             rs = redis_status(r.redis, req.timeout_seconds)
+            if woke and name == req.watch_region and not pg.reachable and rs.reachable:
+                # The watch woke on PostgreSQL's death, within milliseconds: the rest of a dying
+                # host may be a moment behind it. Look again within the confirmation's schedule
+                # before calling this a PostgreSQL-only failure (which is never confirmed fast).
+                for _ in range(req.confirm_probes):
+                    time.sleep(req.confirm_interval_seconds)
+                    activity.heartbeat()
+                    if not (rs := redis_status(r.redis, req.timeout_seconds)).reachable:
+                        break
             seconds = time.monotonic() - started
             pgs[name], rss[name] = pg, rs
             errors = [e for e in (pg.error and f"postgres: {pg.error}", rs.error and f"redis: {rs.error}") if e]
@@ -122,7 +146,43 @@ class HealthActivities:
                                       error="; ".join(errors) or None, probe_seconds=round(seconds, 4),
                                       refused=refused))
         self._record(out, pgs, rss)
-        return VantageReport(worker=_worker(), sightings=out)
+        return VantageReport(worker=_worker(), sightings=out,
+                             watched_seconds=None if watched is None else round(watched, 4))
+
+    def _watch(self, req: ProbeRequest) -> float:
+        """Wait up to ``watch_seconds`` on an idle session to the watched region's PostgreSQL;
+        return early when the server closes it (a crash, a kill, a shutdown). Event-driven: no
+        connection per tick, so nothing floods the server's log.
+
+        A session that cannot be opened waits the whole time: a server already down or
+        restarting must not turn the interval into back-to-back rounds, which would count
+        failure_threshold failed rounds within a restart the interval exists to ride out."""
+        started = time.monotonic()
+        deadline = started + req.watch_seconds
+        try:
+            conn = connect(self.cfg.region(req.watch_region).postgres, req.timeout_seconds)
+            # Named, so an operator reading pg_stat_activity knows whose idle session it is.
+            conn.execute(f"set application_name = '{WATCH_APPLICATION}'")
+        except Exception:  # noqa: BLE001 - down or refusing: the probe after the wait says which
+            conn = None
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if conn is None:
+                    time.sleep(min(left, 1.0))
+                else:
+                    # Readable on an idle session: EOF (the server is gone) or, rarely, a
+                    # message the server pushed; either way the probe that follows tells.
+                    ready, _, _ = select.select([conn.fileno()], [], [], min(left, 1.0))
+                    if ready:
+                        break
+                activity.heartbeat()
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a session to a dead server
+                    pass
+        return time.monotonic() - started
 
     @staticmethod
     def _still_refused(r, req: ProbeRequest) -> bool:

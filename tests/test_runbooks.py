@@ -10,6 +10,7 @@ over to B; the drill then switches to A, kills it and fails back to B.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
+from activities.health import WATCH_APPLICATION
 from activities.postgres.epoch import epoch_history, read_epoch
 from activities.postgres.promote import promote
 from activities.postgres.status import pg_status
@@ -273,7 +275,7 @@ async def test_monitor_detects_region_loss_and_fails_over(lab, client):
     a, b = _names(lab)
     assert _primary(lab) == a
     handle = await client.start_workflow(
-        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=100,
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=5, failure_threshold=100,
                                           confirm_interval_seconds=0.2, confirm_rounds=3,
                                           auto_failover=True, stop_after_failover=True),
         id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
@@ -283,11 +285,35 @@ async def test_monitor_detects_region_loss_and_fails_over(lab, client):
         return p is not None and p.target_region == a
 
     await _until(watching, 30, "the monitor to watch the primary")
+
+    def watch_sessions() -> int:
+        with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True) as conn:
+            return conn.execute("select count(*) from pg_stat_activity where application_name = %s",
+                                (WATCH_APPLICATION,)).fetchone()[0]
+
+    # The vantage points wait for the next round on idle sessions to the primary: the kill
+    # lands while a majority of them watch.
+    await _until(_async(lambda: watch_sessions() >= 2), 30, "the vantage points' watch sessions")
     lab.kill_region(a)
     report = await asyncio.wait_for(handle.result(), 120)
-    # monitor-auto-failover.json (the threshold path) and monitor-fast-confirm.json (confirmation
-    # in workflow rounds) stay: recorded before later patches.
-    await record(handle, "monitor-confirm-in-probe")
+    # monitor-auto-failover.json (the threshold path), monitor-fast-confirm.json (confirmation
+    # in workflow rounds) and monitor-confirm-in-probe.json (next round on a timer) stay:
+    # recorded before later patches.
+    await record(handle, "monitor-watch-in-probe")
+    # The kill closed the watched sessions: the probe ran at once, not when the interval ran out.
+    asked, woke = {}, []
+    async for e in handle.fetch_history_events():
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            args = e.activity_task_scheduled_event_attributes.input.payloads
+            req = json.loads(args[0].data) if args else None
+            asked[e.event_id] = req.get("watch_seconds", 0) if isinstance(req, dict) else 0
+        elif e.HasField("activity_task_completed_event_attributes"):
+            done = e.activity_task_completed_event_attributes
+            out = json.loads(done.result.payloads[0].data) if done.result.payloads else None
+            if isinstance(out, dict) and any(s["region"] == a and s["refused"] for s in out.get("sightings", [])):
+                woke.append((out.get("watched_seconds"), asked[done.scheduled_event_id]))
+    # Asked to watch for most of the 5 s interval; the kill ended the watch well before that.
+    assert any(w is not None and w < ask - 1 for w, ask in woke), woke
     assert report.watched_region == a
     assert report.first_failure_at <= report.detected_at
     assert report.failover.outcome == "succeeded" and report.failover.trigger == "automatic"

@@ -54,7 +54,12 @@ as soon as that majority is in, and is re-checked every ``confirm_interval_secon
 ``confirm_rounds`` such probes in a row declare the region down. (Patch
 ``monitor-confirm-in-probe``: the re-checks run inside one confirming probe per vantage
 point, whose ports must refuse at every one of them; before it, in workflow rounds whose
-timers the server may fire up to a second late.) A stalled server (frozen,
+timers the server may fire up to a second late.) Patch ``monitor-watch-in-probe``: no
+workflow timer between rounds either. Each round's probe first waits out the rest of the
+interval inside the activity, holding an idle session to the watched PostgreSQL
+(``ProbeRequest.watch_*``); a server that dies closes it, and the probe and its confirmation
+run at once, in the same activity. A session that cannot be opened waits the whole interval,
+so a server already down never turns the interval into back-to-back rounds. A stalled server (frozen,
 swapping, SIGSTOPped) keeps its listen socket: its probes time out, which is ambiguous, and
 only ``failure_threshold`` rounds at ``interval`` declare it down. So a kill is confirmed
 in about a second while a stall of up to ``failure_threshold x interval`` is ridden out:
@@ -421,6 +426,12 @@ class MonitorWorkflow(Runbook):
         # Histories recorded before it confirm in workflow rounds, timers apart; now one confirming
         # probe per vantage point does it (a timer can fire up to a second late).
         in_probe = fast and workflow.patched("monitor-confirm-in-probe")
+        # Histories recorded before it wait for the next round on a workflow timer; now the
+        # round's probe activity waits, watching the primary's PostgreSQL session, and probes at
+        # once when the server closes it (a timer can fire a second late: it was most of the
+        # detection time of a kill).
+        watching = in_probe and workflow.patched("monitor-watch-in-probe")
+        watch = 0.0
         hard = 0
         for _ in range(inp.iterations_per_run):
             if self.stop_reason is not None:
@@ -428,7 +439,17 @@ class MonitorWorkflow(Runbook):
             started = workflow.now()
             split_check = asyncio.create_task(self._split_findings(topo.control_task_queue)) \
                 if inp.watch_split_brain else None
-            reports = await self._vantage_round(topo, inp.interval_seconds, decide_for=primary if fast else None)
+            if watching:
+                reports, watched = await self._watched_round(topo, inp, primary, watch)
+                if reports is None:  # a stop ended the watch
+                    if split_check is not None:
+                        split_check.cancel()
+                    break
+                # The round began when the probe did, not when the watch before it did.
+                started += timedelta(seconds=watched)
+            else:
+                reports = await self._vantage_round(topo, inp.interval_seconds,
+                                                    decide_for=primary if fast else None)
             self.state.rounds += 1
             self.state.last_round_at = workflow.now()
             self._note_probes(reports)
@@ -455,7 +476,9 @@ class MonitorWorkflow(Runbook):
                 failures += 1
                 first_failure = first_failure or started
                 hard = hard + 1 if fast and self._refused(primary, reports, 1 + len(topo.regions)) else 0
-                if in_probe and hard == 1 and inp.confirm_rounds > 1:
+                if watching and hard:
+                    hard = inp.confirm_rounds  # the round's own probes confirmed it (_watched_round)
+                elif in_probe and hard == 1 and inp.confirm_rounds > 1:
                     confirm = await self._vantage_round(topo, inp.interval_seconds, decide_for=primary,
                                                         confirm=(inp.confirm_rounds - 1, inp.confirm_interval_seconds))
                     hard = inp.confirm_rounds if self._refused(primary, confirm, 1 + len(topo.regions)) else 0
@@ -491,7 +514,9 @@ class MonitorWorkflow(Runbook):
             if not in_probe and 0 < hard < inp.confirm_rounds:
                 # Confirm a refusal at once: the evidence is unambiguous, the interval is for stalls.
                 wait = timedelta(seconds=inp.confirm_interval_seconds)
-            if wait > timedelta(0) and self.stop_reason is None:
+            if watching:
+                watch = max(wait.total_seconds(), 0.0)  # the next round's probe waits, watching
+            elif wait > timedelta(0) and self.stop_reason is None:
                 await self._wait_round(wait, serving=True)
             if workflow.info().is_continue_as_new_suggested():
                 break
@@ -694,8 +719,40 @@ class MonitorWorkflow(Runbook):
                                                error=s.error, refused=s.refused) for s in report.sightings}
         self.state.probes = probes
 
+    async def _watched_round(self, topo, inp: MonitorInput, primary: str,
+                             watch: float) -> tuple[dict[str, VantageReport | None] | None, float]:
+        """The next round, its probes first watching ``primary`` for ``watch`` seconds (the rest
+        of the interval); (reports, how long the watch lasted). A stop ends it (None); a firing
+        alert cuts the watch short and probes at once, at most once in a row as ``_wait_round``."""
+        # A refusal is confirmed in the same activity: no second round trip for it.
+        confirm = (inp.confirm_rounds - 1, inp.confirm_interval_seconds) if inp.confirm_rounds > 1 else None
+        if watch <= 0:
+            return await self._vantage_round(topo, inp.interval_seconds, decide_for=primary, confirm=confirm,
+                                             all_regions=True), 0.0
+        wake_on_alert = not self._woke_early
+        self._woke_early = False
+        task = asyncio.ensure_future(self._vantage_round(topo, inp.interval_seconds, decide_for=primary,
+                                                         confirm=confirm, all_regions=True, watch=(primary, watch)))
+        await workflow.wait_condition(lambda: task.done() or self.stop_reason is not None
+                                      or (wake_on_alert and self._alerted))
+        if task.done():
+            reports = task.result()
+            seen = [r.watched_seconds for r in reports.values() if r is not None and r.watched_seconds is not None]
+            return reports, min(seen, default=0.0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        if self.stop_reason is not None:
+            return None, 0.0
+        self._alerted, self._woke_early = False, True
+        return await self._vantage_round(topo, inp.interval_seconds, decide_for=primary, confirm=confirm,
+                                         all_regions=True), 0.0
+
     async def _vantage_round(self, topo, interval_seconds: float, decide_for: str | None = None,
-                             confirm: tuple[int, float] | None = None) -> dict[str, VantageReport | None]:
+                             confirm: tuple[int, float] | None = None, all_regions: bool = False,
+                             watch: tuple[str, float] | None = None) -> dict[str, VantageReport | None]:
         """Every vantage point probes every region, in parallel; None: it did not answer.
 
         ``decide_for``: the round ends as soon as a majority of ALL vantage points see that
@@ -710,13 +767,28 @@ class MonitorWorkflow(Runbook):
         budget = max(interval_seconds, 1.0)
         req = ProbeRequest(regions=[r.name for r in topo.regions], timeout_seconds=min(budget, 5.0))
         if confirm is not None:
-            # ``confirm``: (probes, seconds apart) of ``decide_for``'s refused ports, in the activity.
-            req = req.model_copy(update={"regions": [decide_for], "confirm_region": decide_for,
+            # ``confirm``: (probes, seconds apart) of ``decide_for``'s refused ports, in the activity
+            # (``all_regions``: in a full round, every region probed once, the primary confirmed).
+            req = req.model_copy(update={"regions": req.regions if all_regions else [decide_for],
+                                         "confirm_region": decide_for,
                                          "confirm_probes": confirm[0], "confirm_interval_seconds": confirm[1]})
+        if watch is not None:
+            req = req.model_copy(update={"watch_region": watch[0], "watch_seconds": watch[1]})
         vantages = {"control": topo.control_task_queue, **{r.name: r.task_queue for r in topo.regions}}
 
         async def ask(queue: str) -> VantageReport | None:
             try:
+                if watch is not None:
+                    # Not through ``act``: a firing alert or a stop cancels the watch, and
+                    # the round must not wait for the activity to see that (TRY_CANCEL).
+                    return await workflow.execute_activity_method(
+                        HealthActivities.probe_regions_from_here, req, task_queue=queue,
+                        schedule_to_start_timeout=timedelta(seconds=budget),
+                        start_to_close_timeout=timedelta(seconds=watch[1] + req.timeout_seconds * 4 * len(req.regions)
+                                                         + 5 + req.confirm_probes * (req.confirm_interval_seconds
+                                                                                     + 2 * req.timeout_seconds)),
+                        retry_policy=RetryPolicy(maximum_attempts=1),
+                        cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL)
                 return await self.act(HealthActivities.probe_regions_from_here, req, queue=queue,
                                       schedule_to_start=budget, timeout=req.timeout_seconds * 4 * len(req.regions) + 5
                                       + req.confirm_probes * (req.confirm_interval_seconds + 2 * req.timeout_seconds),
@@ -733,7 +805,12 @@ class MonitorWorkflow(Runbook):
             done = {v: t.result() for v, t in tasks.items() if t.done()}
             return len(done) == len(tasks) or self._refused(decide_for, done, len(tasks))
 
-        await workflow.wait_condition(decided)
+        try:
+            await workflow.wait_condition(decided)
+        except asyncio.CancelledError:
+            for t in tasks.values():  # a cut-short watch: its probes go with it
+                t.cancel()
+            raise
         return {v: t.result() for v, t in tasks.items() if t.done()}
 
     @staticmethod
