@@ -12,6 +12,7 @@ from __future__ import annotations
 import select
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from pydantic import BaseModel, Field
 from temporalio import activity
@@ -116,13 +117,10 @@ class HealthActivities:
         watched = self._watch(req) if req.watch_region and req.watch_seconds > 0 else None
         woke = watched is not None and watched < req.watch_seconds - 0.05  # the session closed
         out, pgs, rss = [], {}, {}
+        answers = self._probe_all(req)
         for name in req.regions:
             r = self.cfg.region(name)
-            started = time.monotonic()
-            pg = pg_status(r.postgres, req.timeout_seconds)
-            # INFO replication is the Redis probe: an answer proves the server serves commands
-            # as PING would, and it carries the offset the lag metric needs.
-            rs = redis_status(r.redis, req.timeout_seconds)
+            pg, rs, seconds = answers[name]
             if woke and name == req.watch_region and not pg.reachable and rs.reachable:
                 # The watch woke on PostgreSQL's death, within milliseconds: the rest of a dying
                 # host may be a moment behind it. Look again within the confirmation's schedule
@@ -132,7 +130,6 @@ class HealthActivities:
                     activity.heartbeat()
                     if not (rs := redis_status(r.redis, req.timeout_seconds)).reachable:
                         break
-            seconds = time.monotonic() - started
             pgs[name], rss[name] = pg, rs
             errors = [e for e in (pg.error and f"postgres: {pg.error}", rs.error and f"redis: {rs.error}") if e]
             refused = None
@@ -148,6 +145,40 @@ class HealthActivities:
         self._record(out, pgs, rss)
         return VantageReport(worker=_worker(), sightings=out,
                              watched_seconds=None if watched is None else round(watched, 4))
+
+    def _probe_all(self, req: ProbeRequest) -> dict[str, tuple[PgStatus, RedisStatus, float]]:
+        """Every region's PostgreSQL and Redis at once, each bounded by the request's timeout:
+        {region: (postgres, redis, seconds)}.
+
+        In parallel and bounded here, not by the clients: a frozen host accepts connections and
+        never answers, and libpq will not give up on a connect in under 2 s, so one after the
+        other a round took the sum of every timeout (3.3 s for a 1 s budget) and detecting a
+        frozen host took ``failure_threshold`` such rounds. A probe still out at the deadline is
+        a timeout sighting; its thread is left to end on the client's own timeout."""
+        pool = ThreadPoolExecutor(max_workers=2 * max(1, len(req.regions)), thread_name_prefix="probe")
+        started = time.monotonic()
+        ends: dict[tuple[str, str], float] = {}
+
+        def timed(kind: str, name: str, fn, cfg):
+            try:
+                return fn(cfg, req.timeout_seconds)
+            finally:
+                ends[(kind, name)] = time.monotonic()
+
+        # INFO replication is the Redis probe: an answer proves the server serves commands
+        # as PING would, and it carries the offset the lag metric needs.
+        futures = {(kind, name): pool.submit(timed, kind, name, fn, getattr(self.cfg.region(name), kind))
+                   for name in req.regions for kind, fn in (("postgres", pg_status), ("redis", redis_status))}
+        pool.shutdown(wait=False)
+        wait(futures.values(), timeout=req.timeout_seconds + 0.05)
+        missed = f"no answer within {req.timeout_seconds:g}s"
+        out = {}
+        for name in req.regions:
+            pg, rs = futures[("postgres", name)], futures[("redis", name)]
+            out[name] = (pg.result() if pg.done() else PgStatus(reachable=False, error=missed),
+                         rs.result() if rs.done() else RedisStatus(reachable=False, error=missed),
+                         max(ends.get((k, name), time.monotonic()) for k in ("postgres", "redis")) - started)
+        return out
 
     def _watch(self, req: ProbeRequest) -> float:
         """Wait up to ``watch_seconds`` on an idle session to the watched region's PostgreSQL;
