@@ -553,6 +553,11 @@ def _exit_for(what: str, outcome: str, steps) -> None:
     _fail(f"{what} {outcome}" + (": " + "; ".join(failed) if failed else ""), EXIT_FAILED)
 
 
+def _plan_option():
+    return typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change "
+                                              "nothing (eagle_dr/cli/plan.py).")
+
+
 def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], approval: bool,
           approval_timeout: float, default_action: str, measure: bool, plan: bool = False) -> None:
     from eagle_dr.launch import AlreadyInProgress, start_move
@@ -595,7 +600,7 @@ def failover(to: str = typer.Option(..., "--to", help="Region to promote."),
              approval_timeout: float = typer.Option(900, "--approval-timeout"),
              default_action: str = typer.Option("abort", "--approval-default"),
              measure: bool = typer.Option(False, "--measure-clients", help="Lab: count lost acknowledged writes."),
-             plan: bool = typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change nothing.")):
+             plan: bool = _plan_option()):
     """Unplanned failover to REGION (fence, promote, re-route, verify, measure)."""
     _move("failover", to, reason, force, max_lag_bytes, approval, approval_timeout, default_action, measure, plan)
 
@@ -607,7 +612,7 @@ def switchover(to: str = typer.Option(..., "--to"), reason: str = typer.Option("
                approval_timeout: float = typer.Option(900, "--approval-timeout"),
                default_action: str = typer.Option("abort", "--approval-default"),
                measure: bool = typer.Option(False, "--measure-clients"),
-               plan: bool = typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change nothing.")):
+               plan: bool = _plan_option()):
     """Planned switchover to REGION with zero data loss."""
     _move("switchover", to, reason, False, max_lag_bytes, approval, approval_timeout, default_action, measure, plan)
 
@@ -757,7 +762,7 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
              switch_back: bool = typer.Option(True, "--switch-back/--standby-only",
                                               help="Make it primary again after it caught up."),
              approval: bool = typer.Option(False, "--require-approval/--no-approval"),
-             plan: bool = typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change nothing.")):
+             plan: bool = _plan_option()):
     """Bring a failed-over region back: keep its post-fork writes, rewind, re-attach, switch back."""
 
     from workflows.failback import FailbackInput, FailbackWorkflow
@@ -817,7 +822,7 @@ def split_brain(survivor: str = typer.Option(None, "--survivor", help="Name the 
                                                               "(default: split_brain.survivor_rule)."),
                 approval: bool = typer.Option(False, "--require-approval/--no-approval",
                                               help="Review counts and a sample before the loser's rows are applied."),
-                plan: bool = typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change nothing.")):
+                plan: bool = _plan_option()):
     """Resolve a split brain: fence the loser, keep its writes per table strategy, resync it."""
 
     from workflows.models import ApprovalPolicy

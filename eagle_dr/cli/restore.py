@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from eagle_dr.cli import EXIT_DEGRADED, _client, _fail, _failed, _region, _run_runbook, _ui_link, app, cfg, out
+from eagle_dr.cli import EXIT_DEGRADED, _client, _fail, _failed, _plan_option, _region, _run_runbook, _ui_link, app, \
+    cfg, out
 from eagle_dr.cli.plan import show_plan
 
 restore_app = typer.Typer(no_args_is_help=True, help="Restores from pgBackRest backups: a point-in-time copy, a "
@@ -158,7 +159,7 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
          keep: str = typer.Option("60m", "--keep", help="How long the copy stays up (90s, 60m, 2h; 0: report and "
                                                         "drop)."),
          port: Optional[int] = typer.Option(None, "--port", help="Port for the copy (default: the first free)."),
-         plan: bool = typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change nothing.")):
+         plan: bool = _plan_option()):
     """A point-in-time copy in a scratch instance: prints where it is and how to connect."""
     from workflows.restore import RestoreWorkflow
 
@@ -204,7 +205,7 @@ def rebuild_standby(region: Optional[str] = typer.Option(None, "--region",
                     repo: Optional[str] = typer.Option(None, "--repo",
                                                        help="Whose bucket (default: the region's own)."),
                     approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort."),
-                    plan: bool = typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change nothing.")):
+                    plan: bool = _plan_option()):
     """Replace REGION's standby with the newest backup and stream from the primary (asks for approval)."""
     from workflows.models import ApprovalPolicy
 
@@ -268,7 +269,7 @@ def recover_rows(before: Optional[str] = typer.Option(None, "--before", help="Re
                  repo: Optional[str] = typer.Option(None, "--repo", help="Whose bucket (default: the region's own)."),
                  region: Optional[str] = typer.Option(None, "--region", help="Whose host runs the copy."),
                  approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort."),
-                 plan: bool = typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change nothing.")):
+                 plan: bool = _plan_option()):
     """Copy chosen rows from a copy restored to just before TIME back into the primary (reviewed, approved, audited)."""
     from activities.backup.restore import RestoreTarget
     from workflows.models import ApprovalPolicy
