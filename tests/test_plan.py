@@ -22,6 +22,7 @@ from activities.redis.status import fenced, redis_status
 from activities.routing import LabRouter
 from eagle_dr.launch import start_move
 from tests.histories import record
+from tests.test_traffic_activities import aws_env, clusters  # noqa: F401 - fixtures
 from tests.lab_helpers import _awaiting, _failback, _fork, _names, _primary, _until
 from workflows.dry_run import PlanInput, PlanWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, SwitchoverInput
@@ -172,3 +173,28 @@ async def test_failback_and_split_brain_plans_after_a_fork_change_nothing(lab, c
         # Leave the lab as the other tests expect it: the old region primary again, its row kept.
         report = await _failback(lab, client, old)
         assert report.outcome == "succeeded", report.notes
+
+
+def test_routing_plan_reads_configmaps_and_dns_and_writes_nothing(aws_env, clusters, moto_url, tmp_path):
+    """Production routing (a kmock API server per region, Route 53 on moto): the plan names
+    what route_traffic would move, and neither API receives a single write."""
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.plan import PlanActivities
+    from tests.test_traffic_activities import CM, EAST, WEST, _config, _dns
+    from workflows.plan import routing_changes
+
+    cfg = _config({name: k.api_url for name, k in clusters.items()}, moto_url, str(tmp_path))
+    dns = _dns(cfg, moto_url)
+    record = cfg.region(EAST).dns.record
+    dns_before = dns.current(record)
+    writes = {n: len([r for r in k.requests() if r[0] != "GET"]) for n, k in clusters.items()}
+
+    view = ActivityEnvironment().run(PlanActivities(cfg).read_routing)
+    assert view.mechanisms == {f"configmap@{EAST}": EAST, f"configmap@{WEST}": EAST, f"dns {record}": EAST}
+    assert routing_changes(WEST, view) == [f"configmap@{EAST}: {EAST} -> {WEST}", f"configmap@{WEST}: {EAST} -> {WEST}",
+                                           f"dns {record}: {EAST} -> {WEST}"]
+    assert {n: len([r for r in k.requests() if r[0] != "GET"]) for n, k in clusters.items()} == writes
+    for k in clusters.values():
+        assert k.core.read_namespaced_config_map(CM, k.namespace).data["active.region"] == EAST
+    assert dns.current(record) == dns_before
