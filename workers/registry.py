@@ -16,6 +16,7 @@ from activities.failback import FailbackActivities
 from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
 from activities.notify.activities import NotifyActivities
+from activities.plan import PlanActivities
 from activities.postgres.activities import PostgresActivities
 from activities.readiness import ReadinessActivities
 from activities.redis.activities import RedisActivities
@@ -27,6 +28,7 @@ from workflows.alert_incident import AlertIncidentWorkflow
 from workflows.archive_guard import ArchiveGuardWorkflow
 from workflows.backup import BackupWorkflow
 from workflows.drill import DrillWorkflow
+from workflows.dry_run import PlanWorkflow
 from workflows.expire import ExpireWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
@@ -40,7 +42,7 @@ from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
              DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow,
-             ArchiveGuardWorkflow, RestoreDrillWorkflow, AlertIncidentWorkflow]
+             ArchiveGuardWorkflow, RestoreDrillWorkflow, AlertIncidentWorkflow, PlanWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -66,7 +68,9 @@ def regional_activities(cfg: EagleConfig) -> list:
             # The RDB file is on the master's disk: its region's worker uploads it.
             RedisBackupActivities(cfg).snapshot_redis,
             # On the primary's worker: its pg_wal's disk and its pgBackRest config are local there.
-            ReadinessActivities(cfg).assess_readiness]
+            ReadinessActivities(cfg).assess_readiness,
+            # --plan: the rejoining node's data directory and pg_wal are read on its own host.
+            PlanActivities(cfg).inspect_rejoin]
 
 
 def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list:
@@ -82,7 +86,9 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
             *_methods(RestoreDrillActivities(cfg), "read_archiver_state", "mark_consistent_point",
                       "wait_wal_archived"),
             # Notifications go out from the control worker, beside the workflows that send them.
-            NotifyActivities(cfg).send_notification]
+            NotifyActivities(cfg).send_notification,
+            # --plan: where each routing mechanism points now (APIs only).
+            PlanActivities(cfg).read_routing]
     if cfg.routing.lab_file:
         acts += _methods(LabHooks(cfg, config_path), "kill_region", "heal_region", "count_missing_acked_writes",
                          "client_outage")

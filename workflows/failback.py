@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.rewind import Rewound
     from activities.redis.failback import RedisFailback
     from workflows.models import ApprovalPolicy, RunbookResult, SwitchoverInput, Trigger
+    from workflows.plan import failback_plan
     from workflows.rejoin import Rejoin
     from workflows.runbook import move_id
     from workflows.switchover import SwitchoverWorkflow
@@ -112,6 +113,11 @@ class FailbackWorkflow(Rejoin):
                           f"brain): run failback or split-brain resolution again") if live else ""
             self._redis_left = (f"{inp.region}'s Redis is still a master beside {primary}'s (a split brain): run "
                                 f"failback again") if "Redis" in live else ""
+            pg = o_health.postgres
+            self.plan_text = failback_plan(
+                inp.service, inp.region, primary, role=pg.role if pg.reachable else None, switch_back=inp.switch_back,
+                streaming_from=pg.upstream if pg.role == "standby" and pg.receiver_status == "streaming" else None
+            ).summary()
         return topo, primary, pq, oq, o_health
 
 

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.redis.activities import RedisActivities, RedisRegionRequest
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.models import FailoverInput, Rpo, Rto, RunbookResult
+    from workflows.plan import failover_plan
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, invalid, validated
 
@@ -64,15 +65,7 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 raise ApplicationError(f"target region {target} is not answering: {e.cause or e}",
                                        type="TargetUnhealthy", non_retryable=True) from None
-            if t_health.postgres.role == "primary":
-                raise invalid("target_region", f"{target} is already the primary")
-            if not t_health.postgres.reachable or t_health.postgres.role != "standby":
-                raise ApplicationError(f"target {target} PostgreSQL is not a reachable standby: "
-                                       f"{t_health.postgres.error or t_health.postgres.role}",
-                                       type="TargetUnhealthy", non_retryable=True)
-            if not t_health.redis.reachable:
-                raise ApplicationError(f"target {target} Redis is unreachable: {t_health.redis.error}",
-                                       type="TargetUnhealthy", non_retryable=True)
+            check_target(target, t_health)
             s_health = None
             if inp.source_known_down:
                 notes.append(f"source region {source} was declared down by failed health probes")
@@ -87,6 +80,9 @@ class FailoverWorkflow(Runbook):
             lag, lag_basis = standby_lag(source_pg, t_health.postgres)
             st.detail = f"target standby OK; lag {lag if lag is not None else 'unknown'} bytes ({lag_basis})"
             self._lag_guard(inp, lag, lag_basis, notes)
+            self.plan_text = failover_plan(inp.service, source, target, source_worker=s_health is not None, lag=lag,
+                                           basis=lag_basis, max_lag_bytes=inp.max_lag_bytes,
+                                           force=inp.force).summary()
 
         fencing = False
         try:
@@ -225,19 +221,7 @@ class FailoverWorkflow(Runbook):
         return RedisRegionRequest(region=region, epoch=self.epoch)
 
     def _lag_guard(self, inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:
-        if lag is None:
-            note = (f"replication lag unknown ({basis}): what the old primary wrote after the standby last heard "
-                    "from it is lost; the loss is measured after promotion or at failback")
-            if note not in notes:  # checked again after the approval: said once
-                notes.append(note)
-            return
-        if lag > inp.max_lag_bytes:
-            if not inp.force:
-                raise ApplicationError(
-                    f"replication lag {lag} bytes exceeds max_lag_bytes {inp.max_lag_bytes} ({basis}); "
-                    "failing over would lose that data. Re-run with force=true to accept it.",
-                    {"lag_bytes": lag, "max_lag_bytes": inp.max_lag_bytes}, type="LagTooHigh", non_retryable=True)
-            notes.append(f"forced past lag guard: {lag} > {inp.max_lag_bytes} bytes")
+        lag_guard(inp, lag, basis, notes)
 
     async def _fence_postgres(self, source: str, source_queue: str | None, control: str) -> PgFence:
         """Stop it on its own worker if that worker lives; else read-only over the network.
@@ -365,6 +349,36 @@ class FailoverWorkflow(Runbook):
 
 def _gap(fence, promotion) -> int | None:
     return redis_failover.offset_gap(fence.offset if fence.reachable else None, promotion.offset)
+
+
+def check_target(target: str, t_health: RegionHealth) -> None:
+    """The failover target must be a reachable standby with a reachable Redis (``--plan`` asks too)."""
+    if t_health.postgres.role == "primary":
+        raise invalid("target_region", f"{target} is already the primary")
+    if not t_health.postgres.reachable or t_health.postgres.role != "standby":
+        raise ApplicationError(f"target {target} PostgreSQL is not a reachable standby: "
+                               f"{t_health.postgres.error or t_health.postgres.role}",
+                               type="TargetUnhealthy", non_retryable=True)
+    if not t_health.redis.reachable:
+        raise ApplicationError(f"target {target} Redis is unreachable: {t_health.redis.error}",
+                               type="TargetUnhealthy", non_retryable=True)
+
+
+def lag_guard(inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:
+    """The RPO a failover accepts: refused past max_lag_bytes unless forced (``--plan`` reports it)."""
+    if lag is None:
+        note = (f"replication lag unknown ({basis}): what the old primary wrote after the standby last heard "
+                "from it is lost; the loss is measured after promotion or at failback")
+        if note not in notes:  # checked again after the approval: said once
+            notes.append(note)
+        return
+    if lag > inp.max_lag_bytes:
+        if not inp.force:
+            raise ApplicationError(
+                f"replication lag {lag} bytes exceeds max_lag_bytes {inp.max_lag_bytes} ({basis}); "
+                "failing over would lose that data. Re-run with force=true to accept it.",
+                {"lag_bytes": lag, "max_lag_bytes": inp.max_lag_bytes}, type="LagTooHigh", non_retryable=True)
+        notes.append(f"forced past lag guard: {lag} > {inp.max_lag_bytes} bytes")
 
 
 def standby_lag(source, target) -> tuple[int | None, str]:

@@ -139,6 +139,8 @@ class Runbook:
         self.cancel_refused: str | None = None
         self.degraded: list[str] = []
         self.notifier = Notifier()
+        # What the runbook would do, from its preflight (workflows/plan.py): shown at the approval gate.
+        self.plan_text: str | None = None
         self._announced = False
         self._trigger: str | None = None
         # A trigger went out (step failed, approval): the end must resolve or re-trigger it.
@@ -154,7 +156,11 @@ class Runbook:
 
     def _details(self, current: str) -> None:
         marks = {"done": "✅", "running": "⏳", "failed": "❌", "skipped": "⏭️", "pending": "▫️"}
-        lines = [f"**{self.runbook}** {self.service}: {self.source_region or '?'} → {self.target_region}"
+        # While an approval waits, what the approver is asked to allow comes first: the plan
+        # the runbook built from its own preflight (workflows/plan.py; query state, no command).
+        lines = ["**Plan** (from this run's preflight):", "```", self.plan_text, "```", ""] \
+            if self.awaiting_approval and self.plan_text else []
+        lines += [f"**{self.runbook}** {self.service}: {self.source_region or '?'} → {self.target_region}"
                  + (f" (epoch {self.epoch})" if self.epoch is not None else ""), "", f"Now: {current}", ""]
         lines += [f"- {marks.get(s.status, '')} {s.name}" + (f": {s.detail}" if s.detail else "") for s in self.steps]
         workflow.set_current_details("\n".join(lines))

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from eagle_dr.temporal import DR_EPOCH
     from workflows.models import ApprovalPolicy, ApprovalRecord, AwareTime, StepRecord, Trigger
+    from workflows.plan import split_brain_plan
     from workflows.rejoin import Rejoin
     from workflows.validation import RawInput, invalid, validated
 
@@ -136,6 +137,11 @@ class SplitBrainWorkflow(Rejoin):
                                queue=control, timeout=30)
                 workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
                 st.detail = f"{survivor} survives ({choice.rule}: {choice.why}); {loser} loses; epoch {self.epoch}"
+                self.plan_text = split_brain_plan(
+                    inp.service, findings=report.findings, survivor=survivor, loser=loser,
+                    why=f"{choice.rule}: {choice.why}", epoch=self.epoch, redis_split=len(report.all_redis_masters) > 1
+                    and loser in report.all_redis_masters, pg_split=loser in report.postgres_primaries
+                    or loser in report.fenced_primaries or f"{loser}/postgres" in report.unreachable).summary()
         except (asyncio.CancelledError, ActivityError) as e:
             if isinstance(e, ActivityError) and not isinstance(e.cause, CancelledError):
                 raise

@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.failover import finish_measurement
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
+    from workflows.plan import switchover_plan
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, invalid, validated
 
@@ -70,35 +71,11 @@ class SwitchoverWorkflow(Runbook):
             except ActivityError as e:
                 raise ApplicationError(f"a planned switchover needs both regions' workers: {e.cause or e}",
                                        type="RegionUnhealthy", non_retryable=True) from None
-            if t_health.postgres.role == "primary":
-                raise invalid("target_region", f"{target} is already the primary")
-            if s_health.postgres.role != "primary":
-                raise ApplicationError(f"source {source} PostgreSQL is not a reachable primary "
-                                       f"({s_health.postgres.error or s_health.postgres.role}); use failover",
-                                       type="RegionUnhealthy", non_retryable=True)
-            if t_health.postgres.receiver_status != "streaming":
-                raise ApplicationError(f"target {target} is not streaming ({t_health.postgres.receiver_status})",
-                                       type="RegionUnhealthy", non_retryable=True)
-            if not (t_health.redis.reachable and s_health.redis.reachable):
-                raise ApplicationError("both Redis nodes must be reachable for a zero-loss switchover",
-                                       type="RegionUnhealthy", non_retryable=True)
-            # Roles, not only reachability: a zero-loss switch needs the source's master with the
-            # target as its replica. Anything else (a stale Sentinel's doing, a replication loop) is
-            # found here, before anything is stopped, not after PostgreSQL has moved.
-            s_addr = topo.region(source).redis_address
-            if s_addr and (s_health.redis.role != "master" or t_health.redis.role != "slave"
-                           or t_health.redis.master != s_addr):
-                raise ApplicationError(
-                    f"Redis is not ready for a zero-loss switchover: {source} is {s_health.redis.role}, {target} is "
-                    f"{t_health.redis.role}" + (f" of {t_health.redis.master}" if t_health.redis.master else "") +
-                    f" (needs {source} master, {target} its replica); eagle-dr status shows the Sentinels' view",
-                    type="RegionUnhealthy", non_retryable=True)
-            lag = lsn_diff(s_health.postgres.lsn, t_health.postgres.lsn)
+            lag = check_preflight(inp, topo, source, target, s_health, t_health)
             st.detail = f"both healthy; lag {lag} bytes"
-            if lag is not None and lag > inp.max_lag_bytes:
-                raise ApplicationError(f"replication lag {lag} bytes exceeds max_lag_bytes {inp.max_lag_bytes}: "
-                                       "the write pause would last too long; wait for the standby to catch up",
-                                       type="LagTooHigh", non_retryable=True)
+            lag_guard(inp, lag)
+            self.plan_text = switchover_plan(inp.service, source, target, lag=lag,
+                                             max_lag_bytes=inp.max_lag_bytes).summary()
 
         stopped = None
         # Set when the stop is asked for: a cancel (or failure) that lands while the stop runs
@@ -237,3 +214,39 @@ class SwitchoverWorkflow(Runbook):
             self.degrade("Redis move", f"{first}; then promote: {e.cause or e}",
                          f"make {target}'s Redis the master (REPLICAOF NO ONE) and re-point the Sentinels to it")
             return None
+
+
+def check_preflight(inp: SwitchoverInput, topo, source: str, target: str, s_health, t_health) -> int | None:
+    """Both regions ready for a zero-loss switch; returns the lag (``--plan`` asks the same)."""
+    if t_health.postgres.role == "primary":
+        raise invalid("target_region", f"{target} is already the primary")
+    if s_health.postgres.role != "primary":
+        raise ApplicationError(f"source {source} PostgreSQL is not a reachable primary "
+                               f"({s_health.postgres.error or s_health.postgres.role}); use failover",
+                               type="RegionUnhealthy", non_retryable=True)
+    if t_health.postgres.receiver_status != "streaming":
+        raise ApplicationError(f"target {target} is not streaming ({t_health.postgres.receiver_status})",
+                               type="RegionUnhealthy", non_retryable=True)
+    if not (t_health.redis.reachable and s_health.redis.reachable):
+        raise ApplicationError("both Redis nodes must be reachable for a zero-loss switchover",
+                               type="RegionUnhealthy", non_retryable=True)
+    # Roles, not only reachability: a zero-loss switch needs the source's master with the
+    # target as its replica. Anything else (a stale Sentinel's doing, a replication loop) is
+    # found here, before anything is stopped, not after PostgreSQL has moved.
+    s_addr = topo.region(source).redis_address
+    if s_addr and (s_health.redis.role != "master" or t_health.redis.role != "slave"
+                   or t_health.redis.master != s_addr):
+        raise ApplicationError(
+            f"Redis is not ready for a zero-loss switchover: {source} is {s_health.redis.role}, {target} is "
+            f"{t_health.redis.role}" + (f" of {t_health.redis.master}" if t_health.redis.master else "") +
+            f" (needs {source} master, {target} its replica); eagle-dr status shows the Sentinels' view",
+            type="RegionUnhealthy", non_retryable=True)
+    return lsn_diff(s_health.postgres.lsn, t_health.postgres.lsn)
+
+
+def lag_guard(inp: SwitchoverInput, lag: int | None) -> None:
+    """A switchover loses nothing; the guard bounds how long writes pause while the standby catches up."""
+    if lag is not None and lag > inp.max_lag_bytes:
+        raise ApplicationError(f"replication lag {lag} bytes exceeds max_lag_bytes {inp.max_lag_bytes}: "
+                               "the write pause would last too long; wait for the standby to catch up",
+                               type="LagTooHigh", non_retryable=True)

@@ -553,8 +553,13 @@ def _exit_for(what: str, outcome: str, steps) -> None:
     _fail(f"{what} {outcome}" + (": " + "; ".join(failed) if failed else ""), EXIT_FAILED)
 
 
+def _plan_option():
+    return typer.Option(False, "--plan", help="Run the preflight read-only and print what it would do; change "
+                                              "nothing (eagle_dr/cli/plan.py).")
+
+
 def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], approval: bool,
-          approval_timeout: float, default_action: str, measure: bool) -> None:
+          approval_timeout: float, default_action: str, measure: bool, plan: bool = False) -> None:
     from eagle_dr.launch import AlreadyInProgress, start_move
     from workflows.models import ApprovalPolicy, FailoverInput, SwitchoverInput, Trigger
 
@@ -567,6 +572,10 @@ def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], 
         inp = FailoverInput(**common, force=force, **({"max_lag_bytes": max_lag} if max_lag is not None else {}))
     else:
         inp = SwitchoverInput(**common, **({"max_lag_bytes": max_lag} if max_lag is not None else {}))
+    if plan:
+        from eagle_dr.cli.plan import show_plan
+
+        return show_plan(c, kind, inp)
 
     async def run():
         client = await _client(c)
@@ -590,9 +599,10 @@ def failover(to: str = typer.Option(..., "--to", help="Region to promote."),
              approval: bool = typer.Option(False, "--require-approval/--no-approval"),
              approval_timeout: float = typer.Option(900, "--approval-timeout"),
              default_action: str = typer.Option("abort", "--approval-default"),
-             measure: bool = typer.Option(False, "--measure-clients", help="Lab: count lost acknowledged writes.")):
+             measure: bool = typer.Option(False, "--measure-clients", help="Lab: count lost acknowledged writes."),
+             plan: bool = _plan_option()):
     """Unplanned failover to REGION (fence, promote, re-route, verify, measure)."""
-    _move("failover", to, reason, force, max_lag_bytes, approval, approval_timeout, default_action, measure)
+    _move("failover", to, reason, force, max_lag_bytes, approval, approval_timeout, default_action, measure, plan)
 
 
 @app.command()
@@ -601,9 +611,10 @@ def switchover(to: str = typer.Option(..., "--to"), reason: str = typer.Option("
                approval: bool = typer.Option(False, "--require-approval/--no-approval"),
                approval_timeout: float = typer.Option(900, "--approval-timeout"),
                default_action: str = typer.Option("abort", "--approval-default"),
-               measure: bool = typer.Option(False, "--measure-clients")):
+               measure: bool = typer.Option(False, "--measure-clients"),
+               plan: bool = _plan_option()):
     """Planned switchover to REGION with zero data loss."""
-    _move("switchover", to, reason, False, max_lag_bytes, approval, approval_timeout, default_action, measure)
+    _move("switchover", to, reason, False, max_lag_bytes, approval, approval_timeout, default_action, measure, plan)
 
 
 @app.command()
@@ -750,7 +761,8 @@ def _failback_report(f) -> None:
 def failback(region: str = typer.Option(..., "--region", help="The region to bring back."),
              switch_back: bool = typer.Option(True, "--switch-back/--standby-only",
                                               help="Make it primary again after it caught up."),
-             approval: bool = typer.Option(False, "--require-approval/--no-approval")):
+             approval: bool = typer.Option(False, "--require-approval/--no-approval"),
+             plan: bool = _plan_option()):
     """Bring a failed-over region back: keep its post-fork writes, rewind, re-attach, switch back."""
 
     from workflows.failback import FailbackInput, FailbackWorkflow
@@ -762,6 +774,10 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
 
     inp = FailbackInput(service=c.service, region=region, switch_back=switch_back,
                         approval=ApprovalPolicy(required=approval))
+    if plan:
+        from eagle_dr.cli.plan import show_plan
+
+        return show_plan(c, "failback", inp)
 
     async def run():
         # The same id as failover/switchover: a failback and a failover of one service never run at once.
@@ -805,7 +821,8 @@ def split_brain(survivor: str = typer.Option(None, "--survivor", help="Name the 
                 rule: str = typer.Option(None, "--rule", help="active-region | highest-epoch | priority "
                                                               "(default: split_brain.survivor_rule)."),
                 approval: bool = typer.Option(False, "--require-approval/--no-approval",
-                                              help="Review counts and a sample before the loser's rows are applied.")):
+                                              help="Review counts and a sample before the loser's rows are applied."),
+                plan: bool = _plan_option()):
     """Resolve a split brain: fence the loser, keep its writes per table strategy, resync it."""
 
     from workflows.models import ApprovalPolicy
@@ -818,6 +835,10 @@ def split_brain(survivor: str = typer.Option(None, "--survivor", help="Name the 
 
     inp = SplitBrainInput(service=c.service, survivor=survivor, survivor_rule=rule,
                           approval=ApprovalPolicy(required=approval))
+    if plan:
+        from eagle_dr.cli.plan import show_plan
+
+        return show_plan(c, "split-brain", inp)
 
     async def run():
         # The same id as failover/switchover: never two moves of one service at once.

@@ -15,7 +15,9 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from eagle_dr.cli import EXIT_DEGRADED, _client, _fail, _failed, _region, _run_runbook, _ui_link, app, cfg, out
+from eagle_dr.cli import EXIT_DEGRADED, _client, _fail, _failed, _plan_option, _region, _run_runbook, _ui_link, app, \
+    cfg, out
+from eagle_dr.cli.plan import show_plan
 
 restore_app = typer.Typer(no_args_is_help=True, help="Restores from pgBackRest backups: a point-in-time copy, a "
                                                      "standby rebuilt from backup, rows recovered after corruption.")
@@ -156,7 +158,8 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
                                                                      "secondary's)."),
          keep: str = typer.Option("60m", "--keep", help="How long the copy stays up (90s, 60m, 2h; 0: report and "
                                                         "drop)."),
-         port: Optional[int] = typer.Option(None, "--port", help="Port for the copy (default: the first free).")):
+         port: Optional[int] = typer.Option(None, "--port", help="Port for the copy (default: the first free)."),
+         plan: bool = _plan_option()):
     """A point-in-time copy in a scratch instance: prints where it is and how to connect."""
     from workflows.restore import RestoreWorkflow
 
@@ -164,6 +167,8 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
     target = _target(time, lsn, name, latest)
     inp = _input(mode="pitr", target=target, repo=_region(c, repo) if repo else None,
                  region=_region(c, region) if region else None, keep_minutes=_minutes("--keep", keep), port=port)
+    if plan:
+        return show_plan(c, "restore", inp)
 
     async def run():
         handle = await _start(c, inp, "pitr")
@@ -199,7 +204,8 @@ def rebuild_standby(region: Optional[str] = typer.Option(None, "--region",
                                                          help="The region whose standby to rebuild (required)."),
                     repo: Optional[str] = typer.Option(None, "--repo",
                                                        help="Whose bucket (default: the region's own)."),
-                    approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort.")):
+                    approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort."),
+                    plan: bool = _plan_option()):
     """Replace REGION's standby with the newest backup and stream from the primary (asks for approval)."""
     from workflows.models import ApprovalPolicy
 
@@ -209,6 +215,8 @@ def rebuild_standby(region: Optional[str] = typer.Option(None, "--region",
         _fail("--region: name the region whose standby to rebuild")
     inp = _input(mode="rebuild-standby", region=_region(c, region), repo=_region(c, repo) if repo else None,
                  approval=ApprovalPolicy(required=True, timeout_seconds=approval_timeout))
+    if plan:
+        return show_plan(c, "restore", inp)
 
     async def run():
         handle = await _start(c, inp, "rebuild")
@@ -260,7 +268,8 @@ def recover_rows(before: Optional[str] = typer.Option(None, "--before", help="Re
                                                           "after --before)."),
                  repo: Optional[str] = typer.Option(None, "--repo", help="Whose bucket (default: the region's own)."),
                  region: Optional[str] = typer.Option(None, "--region", help="Whose host runs the copy."),
-                 approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort.")):
+                 approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort."),
+                 plan: bool = _plan_option()):
     """Copy chosen rows from a copy restored to just before TIME back into the primary (reviewed, approved, audited)."""
     from activities.backup.restore import RestoreTarget
     from workflows.models import ApprovalPolicy
@@ -274,6 +283,8 @@ def recover_rows(before: Optional[str] = typer.Option(None, "--before", help="Re
                  tables=selections, repo=_region(c, repo) if repo else None,
                  region=_region(c, region) if region else None,
                  approval=ApprovalPolicy(required=True, timeout_seconds=approval_timeout))
+    if plan:
+        return show_plan(c, "restore", inp)
 
     async def run():
         handle = await _start(c, inp, "rows")
