@@ -558,7 +558,7 @@ def render(st: TopologyStatus, console=None) -> None:
     for col in ("task queue", "region", "polling", "pollers"):
         t.add_column(col)
     for w in st.workers:
-        state = "[green]yes[/]" if w.polling else f"[red]no[/] {escape(short(w.error))}"
+        state = "[green]yes[/]" if w.polling else f"[red]no[/]: {escape(short(w.error))}" if w.error else "[red]no[/]"
         t.add_row(w.task_queue, w.region, state, ", ".join(w.pollers) or "-")
     console.print(t)
 

@@ -63,7 +63,9 @@ def _root(config: Optional[str] = typer.Option(None, "--config", "-c", envvar="E
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # One line, whatever the driver's text (libpq puts its hint on a second, tab-indented one).
+    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -410,6 +412,34 @@ def _client(c: EagleConfig):
     return connect(f"127.0.0.1:{c.lab.dev_server.grpc_port}")
 
 
+async def _runbook_client(c: EagleConfig):
+    """The client a runbook is started with, after a look at its task queue: with no worker
+    polling it, the run is queued and the live step list would sit still without a word."""
+    from datetime import datetime, timezone
+
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    from eagle_dr.status import POLLER_FRESH_SECONDS
+
+    client = await _client(c)
+    queue = c.temporal.control_task_queue
+    try:
+        resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+            namespace=client.namespace, task_queue=TaskQueue(name=queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW))
+    except Exception:  # noqa: BLE001 - only a warning: starting the run reports Temporal itself
+        return client
+    now = datetime.now(timezone.utc)
+    if not any((now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds() <= POLLER_FRESH_SECONDS
+               for p in resp.pollers):
+        err.print(f"warning: no worker has polled task queue {queue} in the last {POLLER_FRESH_SECONDS}s: the "
+                  "run is queued and starts when one does (eagle-dr worker --control; eagle-dr status)",
+                  highlight=False, soft_wrap=True)
+    return client
+
+
 def _ui_link(c: EagleConfig, handle) -> str:
     return f"{c.temporal.ui_url}/namespaces/{handle._client.namespace}/workflows/{handle.id}"
 
@@ -432,7 +462,7 @@ async def _start_and_follow(c: EagleConfig, what: str, workflow_run, inp, workfl
 
     from temporalio.exceptions import WorkflowAlreadyStartedError
 
-    client = await _client(c)
+    client = await _runbook_client(c)
     try:
         handle = await client.start_workflow(workflow_run, inp, id=workflow_id,
                                              task_queue=c.temporal.control_task_queue,
@@ -578,7 +608,7 @@ def _move(kind: str, to: str, reason: str, force: bool, max_lag: Optional[int], 
         return show_plan(c, kind, inp)
 
     async def run():
-        client = await _client(c)
+        client = await _runbook_client(c)
         try:
             handle = await start_move(client, c, inp)
         except AlreadyInProgress as e:
@@ -653,7 +683,7 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to"),
         _region(c, switchover_to)
 
     async def run():
-        client = await _client(c)
+        client = await _runbook_client(c)
         try:
             handle = await start_drill(client, c, DrillInput(service=c.service, switchover_to=switchover_to))
         except AlreadyInProgress as e:
