@@ -44,6 +44,12 @@ async def _owned(handle):
     try:
         yield handle
     except BaseException:
+        try:  # what the run was doing when the test gave up (shown with the failure)
+            p = await _progress(handle)
+            print("run progress at failure:", p and [(st.name, st.status, st.detail) for st in p.steps])
+            print("run status:", (await handle.describe()).status)
+        except Exception as e:  # noqa: BLE001
+            print("run progress unreadable:", e)
         try:
             await handle.cancel()
             await asyncio.wait_for(handle.result(), 120)
