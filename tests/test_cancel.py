@@ -86,8 +86,12 @@ async def test_cancel_before_the_point_of_no_return_undoes_the_stop(lab, client)
     startup = _startup_pid(lab, b)
     os.kill(startup, signal.SIGSTOP)  # replay stalls: the run waits in "wait for standby to replay"
     try:
+        # With replay stalled, an archive_timeout WAL switch (a jump to the next 16 MB segment)
+        # can put the standby past the default lag guard and the preflight would refuse: this
+        # test is about the cancel, so the guard is out of the way.
         handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b,
-                                                                   catch_up_timeout_seconds=600))
+                                                                   catch_up_timeout_seconds=600,
+                                                                   max_lag_bytes=1 << 30))
         async with _owned(handle):
             await _until(lambda: _step_running(handle, "wait for standby to replay everything"), 60,
                          "the replay wait")
