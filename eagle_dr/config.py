@@ -890,9 +890,39 @@ class NotificationsConfig(_Strict):
         return {name: ch.wanted() for name, ch in self.channels.items()}
 
 
+class CodecServerConfig(_Strict):
+    """``eagle-dr codec-server``: decodes (and encodes) payloads for the Temporal UI and CLI."""
+
+    listen: Endpoint = Endpoint(host="127.0.0.1", port=19095)
+    # Origins whose pages may call it (the browser calls the codec server directly). Unset: the
+    # UI of temporal.ui_url, under both its 127.0.0.1 and localhost names.
+    cors_origins: list[str] | None = None
+    # Bearer token the caller must send. Without one, anyone who reaches the port can decrypt
+    # every payload: bind it to the UI's network only.
+    token: SecretRef | None = None
+
+
+class CodecConfig(_Strict):
+    """Payload encryption (eagle_dr/codec.py): AES-256-GCM, ``active`` encrypts, every key in
+    ``keys`` decrypts. Rotate: add a key, make it active, drop the old one after the namespace's
+    retention. Absent: payloads are stored in plain JSON."""
+
+    keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")], SecretRef] = Field(min_length=1)
+    active: str
+    server: CodecServerConfig = CodecServerConfig()
+
+    @model_validator(mode="after")
+    def _active_known(self) -> "CodecConfig":
+        if self.active not in self.keys:
+            raise _FieldError(("temporal", "codec", "active"),
+                              f"key id {self.active!r} is not in keys ({', '.join(self.keys)})")
+        return self
+
+
 class TemporalConfig(_Strict):
     control_task_queue: str = "eagle-dr-control"
     ui_url: str = "http://127.0.0.1:8233"
+    codec: CodecConfig | None = None
     # The control worker's Prometheus endpoint (none: no endpoint); regional workers have theirs
     # in regions[].temporal.metrics_port. Production binds 0.0.0.0 (or the pod IP) to be scraped.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

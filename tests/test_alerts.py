@@ -133,7 +133,7 @@ async def proxied(acfg, token, worker, queue, dev_server):
     """A second receiver that reaches Temporal only through a relay, not started yet."""
     port = acfg.alerts.listen.port + 1
     proxy = _Proxy(acfg.alerts.listen.port + 2, acfg.lab.dev_server.grpc_port)
-    dispatcher = _CountingDispatcher(f"127.0.0.1:{proxy.port}", queue, acfg.alerts.temporal_timeout)
+    dispatcher = _CountingDispatcher(f"127.0.0.1:{proxy.port}", queue, acfg.alerts.temporal_timeout, config=acfg)
     runner = await start(acfg, token[0], dispatcher, "127.0.0.1", port)
     yield f"http://127.0.0.1:{port}{PATH}", proxy, dispatcher
     await proxy.stop()
