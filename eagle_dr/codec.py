@@ -91,9 +91,18 @@ class EncryptionCodec(PayloadCodec):
 
 def codec_from_config(codec_cfg) -> EncryptionCodec | None:
     """The codec ``temporal.codec`` asks for, its keys resolved now (None: encryption off)."""
+    from eagle_dr.config import SecretUnavailable
+
     if codec_cfg is None:
         return None
-    return EncryptionCodec({kid: key_bytes(ref.resolve()) for kid, ref in codec_cfg.keys.items()}, codec_cfg.active)
+    keys = {}
+    for kid, ref in codec_cfg.keys.items():
+        try:
+            keys[kid] = key_bytes(ref.resolve())
+        except SecretUnavailable as e:
+            # Which key of which setting: "secret file ...: No such file" alone does not say.
+            raise SecretUnavailable(f"temporal.codec.keys.{kid}: {e}") from None
+    return EncryptionCodec(keys, codec_cfg.active)
 
 
 def payloads_in(msg, out: list[Payload]) -> None:

@@ -6,6 +6,7 @@ server's HTTP tests call it as the UI's browser does (Origin, X-Namespace, CORS 
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import subprocess
@@ -224,3 +225,16 @@ def test_dev_server_ui_points_at_the_codec_server(lab, dev_server):
     listen = lab.cfg.temporal.codec.server.listen
     assert settings["Codec"]["Endpoint"] == f"http://{listen.host}:{listen.port}"
     assert _names(lab)  # the lab (and its codec server process) is up
+
+
+def test_a_missing_key_is_named_by_its_setting(tmp_path):
+    from eagle_dr.codec import codec_from_config
+    from eagle_dr.config import CodecConfig, SecretRef, SecretUnavailable
+
+    (tmp_path / "k1").write_text(base64.b64encode(_key()).decode() + "\n")
+    cfg = CodecConfig(keys={"k1": SecretRef(file=str(tmp_path / "k1")), "k0": SecretRef(file=str(tmp_path / "gone"))},
+                      active="k1")
+    with pytest.raises(SecretUnavailable, match=r"temporal.codec.keys.k0: secret file .*/gone: No such file"):
+        codec_from_config(cfg)
+    (tmp_path / "gone").write_text("an old passphrase-style key\n")
+    assert set(codec_from_config(cfg).key_ids) == {"k1", "k0"}
