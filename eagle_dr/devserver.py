@@ -135,9 +135,9 @@ async def ensure_search_attributes(client, namespace: str | None = None) -> list
 
 
 async def ensure_search_attributes_at(address: str) -> list[str]:
-    from eagle_dr.temporal import connect
-
     from temporalio.contrib.pydantic import pydantic_data_converter
+
+    from eagle_dr.temporal import connect
 
     # Registering search attributes carries no payload, and the dev server comes up before the
     # lab writes the codec key: no codec needed here.
