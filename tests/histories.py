@@ -29,3 +29,13 @@ async def record(handle, name: str) -> None:
 
 def recorded() -> list[Path]:
     return sorted(HISTORY_DIR.glob("*.json"))
+
+
+async def decrypted_json(handle) -> str:
+    """A run's history as JSON with its payloads decrypted (the lab's codec): what a check for
+    leaked secrets must read, since the stored ciphertext would hide one."""
+    from eagle_dr.codec import decode_in_place
+
+    history = await handle.fetch_history()
+    await decode_in_place(handle._client.data_converter.payload_codec, history.events)
+    return history.to_json()
