@@ -189,6 +189,19 @@ async def test_codec_server_decodes_a_stored_payload_for_the_ui(lab, client):
         # Not a Payloads document: 400, not a crash.
         async with http.post(f"{url}/decode", data="{nope", headers={"Origin": ui}) as r:
             assert r.status == 400
+    # The temporal CLI decodes through it too (what the README tells operators to run).
+    shown = subprocess.run([find_bin("temporal"), "workflow", "show", "-w", handle.id, "-r", handle.result_run_id,
+                            "--output", "json", "--address", lab_address(lab), "--codec-endpoint", url],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert marker in base64.b64decode(_started_input(shown.stdout)).decode()
+
+
+def _started_input(show_json: str) -> str:
+    """The base64 data of the first event's input in `temporal workflow show --output json`."""
+    doc = json.loads(show_json)
+    events = doc["events"] if isinstance(doc, dict) else doc
+    return events[0]["workflowExecutionStartedEventAttributes"]["input"]["payloads"][0]["data"]
 
 
 async def test_codec_server_token_is_required_when_configured(lab, client):
