@@ -48,9 +48,9 @@ class EncryptionCodec(PayloadCodec):
 
     Payloads without ``binary/encrypted`` pass through decode untouched: histories recorded
     before encryption was on (tests/histories, old runs) and anything the HTTP API wrote still
-    read. The key id travels in the payload metadata (not secret) and the original payload is
-    the associated data's subject: its metadata is inside the ciphertext, so nothing of the
-    payload's type or encoding leaks either."""
+    read. The whole original payload, metadata included, is encrypted, so not even its
+    encoding or type shows; the key id travels in clear in the metadata (it is not secret) and
+    is bound to the ciphertext as associated data."""
 
     def __init__(self, keys: Mapping[str, bytes], active: str):
         if active not in keys:
