@@ -28,6 +28,7 @@ from temporalio import activity
 from temporalio.service import RPCError, RPCStatusCode
 
 from alerts.plan import UNMATCHED, incident_id
+from eagle_dr.codec import decode_in_place
 from eagle_dr.config import EagleConfig
 
 ALERTNAME = "EagleDrDrillAlertProbe"
@@ -121,6 +122,8 @@ class AlertProbeActivities:
                 async for e in client.get_workflow_handle(wid).fetch_history_events():
                     if e.HasField("workflow_execution_signaled_event_attributes"):
                         a = e.workflow_execution_signaled_event_attributes
+                        # Encrypted payloads (temporal.codec) are searched decrypted.
+                        await decode_in_place(client.data_converter.payload_codec, [a.input])
                         # The tag is unique to this drill run: a substring test on the payload is exact.
                         if any(tag.encode() in p.data for p in a.input.payloads):
                             return e.event_time.ToDatetime(tzinfo=timezone.utc)

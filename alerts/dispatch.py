@@ -36,8 +36,10 @@ class TemporalUnavailable(RuntimeError):
 
 class Dispatcher:
     def __init__(self, address: str | None, task_queue: str, timeout: timedelta, client: Client | None = None,
-                 runtime=None):
+                 runtime=None, config=None):
         self.address = address
+        # The config whose temporal.codec the client encrypts with (None: EAGLE_DR_CONFIG's).
+        self.config = config
         # A runtime with a Prometheus exporter (the receiver's metrics endpoint), or the default.
         self.runtime = runtime
         self.task_queue = task_queue
@@ -53,7 +55,8 @@ class Dispatcher:
                 try:
                     # TEMPORAL_ADDRESS (envconfig) wins over the configured default, as for the workers.
                     self._client = await asyncio.wait_for(
-                        connect(self.address, **({"runtime": self.runtime} if self.runtime else {})),
+                        connect(self.address, config=self.config,
+                                **({"runtime": self.runtime} if self.runtime else {})),
                         self.timeout.total_seconds())
                 except Exception as e:  # noqa: BLE001 - refused, timed out, TLS: all "unreachable"
                     raise TemporalUnavailable(f"cannot connect to Temporal: {e or type(e).__name__}") from e

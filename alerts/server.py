@@ -155,7 +155,7 @@ async def serve_forever(cfg: EagleConfig, token: str, host: str, port: int, temp
         except Exception as e:  # noqa: BLE001 - a taken port costs the metrics, never the receiver
             log.warning("alerts receiver runs without metrics", port=cfg.alerts.metrics_port, error=str(e))
     dispatcher = Dispatcher(temporal_address, cfg.temporal.control_task_queue, cfg.alerts.temporal_timeout,
-                            runtime=runtime)
+                            runtime=runtime, config=cfg)
     runner = await start(cfg, token, dispatcher, host, port, runtime.metric_meter if runtime else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

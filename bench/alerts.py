@@ -99,7 +99,7 @@ async def _measure_temporal(cfg, address: str, n: int, warmup: int, same_group: 
 
     run = uuid.uuid4().hex[:8]
     docs = [json.dumps(_doc(i, same_group, run)).encode() for i in range(warmup + n)]
-    d = Dispatcher(address, cfg.temporal.control_task_queue, cfg.alerts.temporal_timeout)
+    d = Dispatcher(address, cfg.temporal.control_task_queue, cfg.alerts.temporal_timeout, config=cfg)
     await d.client()
     out = []
     for i, body in enumerate(docs):
@@ -161,6 +161,7 @@ def main() -> None:
     results: dict = {}
     try:
         ds.up()
+        lab.ensure_secrets()  # the codec key the worker and the receiver encrypt with
         lab.start_worker(None)
         pids.append(spawn([sys.executable, "-m", "eagle_dr.cli", "--config", str(cfg_path), "alerts", "serve"],
                           pidfile=workdir / "receiver.pid", logfile=workdir / "receiver.log", env=env))

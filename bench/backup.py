@@ -163,7 +163,7 @@ def bare_restore(lab: Lab, standby: str, target: datetime) -> dict:
 
 
 async def measure(lab: Lab, address: str, gb: float, runs: int = 3) -> dict:
-    client = await connect(target_host=address)
+    client = await connect(target_host=address, config=lab.cfg)
     primary, standby = lab.cfg.primary.name, lab.cfg.secondary.name
     t = time.perf_counter()
     rows = fill(lab, primary, gb)

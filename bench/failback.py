@@ -70,7 +70,7 @@ async def run_failback(lab: Lab, client, old: str) -> dict:
 
 
 async def measure(lab: Lab, address: str, gb: float, mb: float, scratch: Path) -> dict:
-    client = await connect(target_host=address)
+    client = await connect(target_host=address, config=lab.cfg)
     old = lab.cfg.primary.name
     t = time.perf_counter()
     seed_rows = fill(lab, old, gb)

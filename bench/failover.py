@@ -221,7 +221,7 @@ def fmt(s: dict | None) -> str:
 
 
 async def measure(lab: Lab, address: str, runs: int, det: Detection, stall: float, freeze_runs: int) -> dict:
-    client = await connect(target_host=address)
+    client = await connect(target_host=address, config=lab.cfg)
     stall_check = await eagle_stall_check(lab, client, det, stall) if stall else None
     fo = await eagle_failovers(lab, client, runs, det)
     fz = await eagle_failovers(lab, client, freeze_runs, det, freeze=True) if freeze_runs else []

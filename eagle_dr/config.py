@@ -78,16 +78,42 @@ class _Strict(BaseModel):
 
 
 class SecretRef(_Strict):
-    """Where a secret lives. Resolved inside activities, never carried in Temporal history."""
+    """Where a secret lives. Resolved inside activities, never carried in Temporal history.
+
+    ``env`` (a variable, used when set), and at most one of ``file``, ``k8s``
+    (``namespace/secret/key``: a Kubernetes Secret, read from ``context``'s cluster, in-cluster
+    in a pod, or ``api_url``) and ``vault`` (``path#key``, read with VAULT_ADDR/VAULT_TOKEN):
+    ``{env: X, file: Y}`` lets a variable override the file, as before."""
 
     env: str | None = None
     file: str | None = None
+    k8s: str | None = None
+    vault: str | None = None
+    # Only with k8s: the kubeconfig context, or a plain-HTTP API server (tests).
+    context: str | None = None
+    api_url: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "SecretRef":
-        if not self.env and not self.file:
-            raise ValueError("a secret reference needs 'env' or 'file'")
+        stores = [k for k in ("file", "k8s", "vault") if getattr(self, k)]
+        if not self.env and not stores:
+            raise ValueError("a secret reference needs 'env', 'file', 'k8s' or 'vault'")
+        if len(stores) > 1:
+            raise ValueError(f"a secret reference reads one store, not {' and '.join(stores)}")
+        if (self.context or self.api_url) and not self.k8s:
+            raise ValueError("'context' and 'api_url' go with 'k8s'")
+        from eagle_dr.secret_sources import parse_k8s, parse_vault
+
+        if self.k8s:
+            parse_k8s(self.k8s)
+        if self.vault:
+            parse_vault(self.vault)
         return self
+
+    def __str__(self) -> str:
+        """The reference, as errors name it (never the value)."""
+        return ", ".join(f"{k}: {v}" for k, v in (("env", self.env), ("file", self.file), ("k8s", self.k8s),
+                                                  ("vault", self.vault)) if v)
 
     def resolve(self) -> str:
         if self.env and os.environ.get(self.env):
@@ -97,6 +123,14 @@ class SecretRef(_Strict):
                 return _remember(Path(self.file).read_text().strip())
             except OSError as e:
                 raise SecretUnavailable(f"secret file {self.file}: {e.strerror}") from e
+        if self.k8s or self.vault:
+            from eagle_dr.secret_sources import SecretSourceError, read_k8s, read_vault
+
+            try:
+                value = read_k8s(self.k8s, self.context, self.api_url) if self.k8s else read_vault(self.vault)
+            except SecretSourceError as e:
+                raise SecretUnavailable(str(e)) from None
+            return _remember(value.strip())
         raise SecretUnavailable(f"environment variable {self.env} is not set")
 
 
@@ -890,9 +924,39 @@ class NotificationsConfig(_Strict):
         return {name: ch.wanted() for name, ch in self.channels.items()}
 
 
+class CodecServerConfig(_Strict):
+    """``eagle-dr codec-server``: decodes (and encodes) payloads for the Temporal UI and CLI."""
+
+    listen: Endpoint = Endpoint(host="127.0.0.1", port=19095)
+    # Origins whose pages may call it (the browser calls the codec server directly). Unset: the
+    # UI of temporal.ui_url, under both its 127.0.0.1 and localhost names.
+    cors_origins: list[str] | None = None
+    # Bearer token the caller must send. Without one, anyone who reaches the port can decrypt
+    # every payload: bind it to the UI's network only.
+    token: SecretRef | None = None
+
+
+class CodecConfig(_Strict):
+    """Payload encryption (eagle_dr/codec.py): AES-256-GCM, ``active`` encrypts, every key in
+    ``keys`` decrypts. Rotate: add a key, make it active, drop the old one after the namespace's
+    retention. Absent: payloads are stored in plain JSON."""
+
+    keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")], SecretRef] = Field(min_length=1)
+    active: str
+    server: CodecServerConfig = CodecServerConfig()
+
+    @model_validator(mode="after")
+    def _active_known(self) -> "CodecConfig":
+        if self.active not in self.keys:
+            raise _FieldError(("temporal", "codec", "active"),
+                              f"key id {self.active!r} is not in keys ({', '.join(self.keys)})")
+        return self
+
+
 class TemporalConfig(_Strict):
     control_task_queue: str = "eagle-dr-control"
     ui_url: str = "http://127.0.0.1:8233"
+    codec: CodecConfig | None = None
     # The control worker's Prometheus endpoint (none: no endpoint); regional workers have theirs
     # in regions[].temporal.metrics_port. Production binds 0.0.0.0 (or the pod IP) to be scraped.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

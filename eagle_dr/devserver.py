@@ -39,6 +39,10 @@ class DevServer:
         self.pidfile = self.dir / "server.pid"
         self.db = self.dir / "dev.db"
         self.log = self.dir / "server.log"
+        # Payloads are encrypted (temporal.codec): the UI decodes them through the codec server,
+        # which the browser calls directly (it must be reachable from the operator's browser).
+        codec = cfg.temporal.codec
+        self.codec_endpoint = f"http://{codec.server.listen}" if codec else None
 
     @property
     def address(self) -> str:
@@ -69,6 +73,8 @@ class DevServer:
                 "--metrics-port", str(self.ports.metrics_port), "--db-filename", str(self.db),
                 "--ui-disable-news-fetch", "--log-format", "json", "--log-level", "warn",
                 *search_attribute_flags()]
+        if self.codec_endpoint:
+            argv += ["--ui-codec-endpoint", self.codec_endpoint]
         for key, value in (yaml.safe_load(DYNAMIC_CONFIG.read_text()) or {}).items():
             argv += ["--dynamic-config-value", f"{key}={json.dumps(value)}"]
         return argv
@@ -129,9 +135,13 @@ async def ensure_search_attributes(client, namespace: str | None = None) -> list
 
 
 async def ensure_search_attributes_at(address: str) -> list[str]:
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
     from eagle_dr.temporal import connect
 
-    client = await connect(target_host=address)
+    # Registering search attributes carries no payload, and the dev server comes up before the
+    # lab writes the codec key: no codec needed here.
+    client = await connect(target_host=address, data_converter=pydantic_data_converter)
     return await ensure_search_attributes(client)
 
 

@@ -316,7 +316,7 @@ async def _liveness(client, queues: list[str]) -> dict:
     return {q.task_queue: q for q in found}
 
 
-async def _pollers(address: str, queues: list[tuple[str, str, bool]]) -> list[WorkerView]:
+async def _pollers(address: str, queues: list[tuple[str, str, bool]], cfg=None) -> list[WorkerView]:
     from temporalio.api.enums.v1 import TaskQueueType
     from temporalio.api.taskqueue.v1 import TaskQueue
     from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -324,7 +324,7 @@ async def _pollers(address: str, queues: list[tuple[str, str, bool]]) -> list[Wo
     from eagle_dr.temporal import connect
 
     try:
-        client = await asyncio.wait_for(connect(address), 5)
+        client = await asyncio.wait_for(connect(address, config=cfg), 5)
     except Exception as e:  # noqa: BLE001 - Temporal down is a status, not a crash
         return [WorkerView(task_queue=q, region=r, polling=False, error=f"temporal: {e}") for q, r, _ in queues]
     try:
@@ -379,16 +379,16 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
                                                 lambda e: SentinelView(address=str(ep), reachable=False, error=e)))
     queues = [(r.temporal.task_queue, r.name, False) for r in cfg.regions]
     queues.append((cfg.temporal.control_task_queue, "control", True))
-    workers = await _pollers(address, queues)
+    workers = await _pollers(address, queues, cfg)
     active = LabRouter(cfg.lab.state_dir).active_region() if cfg.routing.lab_file else None
     if active is None:
         # Without the lab's file, the clusters' ConfigMaps say where routing points (if they agree).
         named = {r.services.active_region for r in regions if r.services and r.services.reachable}
         active = named.pop() if len(named) == 1 else LabRouter(cfg.lab.state_dir).active_region()
-    st = TopologyStatus(service=cfg.service, active_region=active, monitor=await _monitor(address, cfg.service),
+    st = TopologyStatus(service=cfg.service, active_region=active, monitor=await _monitor(address, cfg.service, cfg),
                         regions=regions, sentinels=sentinels, workers=workers, temporal_address=address,
                         temporal_ui=cfg.temporal.ui_url, temporal_ui_reachable=ui_reachable(cfg.temporal.ui_url),
-                        move_running=await move_running(address, cfg.service),
+                        move_running=await move_running(address, cfg.service, cfg),
                         lag_guard_bytes=cfg.health.max_lag_bytes)
     primary = st.serving_region if st.serving_region in cfg.region_names else cfg.primary.name
     # The checks block on the network (pgbackrest info, Route 53): off the event loop.
@@ -413,12 +413,12 @@ def _alive(workers: list[WorkerView]) -> dict[str, bool | None]:
             for w in workers}
 
 
-async def _monitor(address: str, service: str) -> MonitorView:
+async def _monitor(address: str, service: str, cfg=None) -> MonitorView:
     from eagle_dr.monitor import monitor_id
     from eagle_dr.temporal import connect
 
     try:
-        client = await asyncio.wait_for(connect(address), 5)
+        client = await asyncio.wait_for(connect(address, config=cfg), 5)
         return await asyncio.wait_for(monitor_view(client, service), 10)
     except Exception as e:  # noqa: BLE001 - Temporal down: unknown, said in the line
         return MonitorView(workflow_id=monitor_id(service), running=False, status="unknown",

@@ -64,18 +64,40 @@ def connect_config(default_address: str | None = None) -> dict:
     return cfg
 
 
-async def connect(default_address: str | None = None, **kwargs):
-    """A client with the pydantic data converter, configured from the environment."""
-    from temporalio.client import Client
+def data_converter(config=None):
+    """The pydantic data converter, with the payload codec ``temporal.codec`` asks for.
+
+    Every client eagle-dr makes (workers, CLI, alerts receiver, schedules, the monitor) comes
+    through here, so none of them writes a payload in plain text when encryption is on, and
+    all of them read what the others wrote. ``config``: the loaded config (default: the one
+    ``EAGLE_DR_CONFIG`` names, as the CLI sets it)."""
+    import dataclasses
+
     from temporalio.contrib.pydantic import pydantic_data_converter
+
+    from eagle_dr.codec import codec_from_config
+    from eagle_dr.config import load_config
+
+    cfg = config if config is not None else load_config()
+    codec = codec_from_config(cfg.temporal.codec)
+    if codec is None:
+        return pydantic_data_converter
+    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+
+
+async def connect(default_address: str | None = None, *, config=None, **kwargs):
+    """A client with the pydantic data converter (and the config's payload codec), connection
+    settings from the environment."""
+    from temporalio.client import Client
 
     cfg = connect_config(default_address)
     cfg.update(kwargs)
-    cfg.setdefault("data_converter", pydantic_data_converter)
+    if "data_converter" not in cfg:
+        cfg["data_converter"] = data_converter(config)
     return await Client.connect(**cfg)
 
 
-async def move_running(address: str, service: str) -> bool | None:
+async def move_running(address: str, service: str, config=None) -> bool | None:
     """Whether a runbook holds ``dr-move-<service>`` now: True, False, or None when Temporal
     cannot say (down, unreachable). Callers treat None as "maybe": ``status`` claims no
     leftovers and ``unfence`` refuses, since a running move owns its fences."""
@@ -85,7 +107,7 @@ async def move_running(address: str, service: str) -> bool | None:
     from temporalio.service import RPCError, RPCStatusCode
 
     try:
-        client = await asyncio.wait_for(connect(address), 5)
+        client = await asyncio.wait_for(connect(address, config=config), 5)
         desc = await client.get_workflow_handle(f"dr-move-{service}").describe()
     except RPCError as e:
         return False if e.status == RPCStatusCode.NOT_FOUND else None

@@ -12,6 +12,7 @@ exactly as it was, without repairing replication: that is the runbooks' job.
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import sys
@@ -117,8 +118,16 @@ class Lab:
 
     # -- bring-up --------------------------------------------------------------------------------
 
-    def _ensure_secrets(self) -> None:
+    def ensure_secrets(self) -> None:
+        """Every secret the lab's config refers to, written once (random) under secrets/."""
         d = make_dir(self.state / "secrets", self.user, 0o700)
+        # The payload codec's key (temporal.codec.keys.lab-1): 32 random bytes, base64, as
+        # `openssl rand -base64 32` makes one. Readable by the workers, which run as this user.
+        key = d / "codec-key-1"
+        if not key.exists():
+            key.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+            os.chmod(key, 0o600)
+            self.user.own(key)
         # Each bucket's pgBackRest passphrase and SSE-C key (config: regions[].s3).
         per_region = [f"{kind}-{r}" for r in self.cfg.region_names for kind in ("backup-cipher", "sse-c-key")]
         for name in (*SECRETS, *per_region):
@@ -132,7 +141,7 @@ class Lab:
         """PostgreSQL, Redis, Sentinels, S3: everything but Temporal, workers and traffic."""
         binaries.ensure("postgres", "redis-server", "redis-sentinel")
         make_dir(self.state, self.user, 0o755)
-        self._ensure_secrets()
+        self.ensure_secrets()
         a, b = self.cfg.primary, self.cfg.secondary
         for r in (a, b):
             make_dir(self.region_dir(r.name), self.user, 0o755)
@@ -237,6 +246,37 @@ class Lab:
         for r in self.cfg.regions:
             self.start_worker(r.name)
         self.start_worker(None)
+
+    # -- the codec server the Temporal UI decrypts payloads through ----------------------------
+
+    @property
+    def codec_pidfile(self) -> Path:
+        return self.state / "codec" / "codec-server.pid"
+
+    def start_codec_server(self) -> int | None:
+        """``eagle-dr codec-server`` in the background when temporal.codec is on (the dev
+        server's UI points at it: --ui-codec-endpoint). None when encryption is off."""
+        codec = self.cfg.temporal.codec
+        if codec is None:
+            return None
+        pid = read_pid(self.codec_pidfile)
+        if is_running(pid):
+            return pid
+        argv = [sys.executable, "-m", "eagle_dr.cli"] + (["--config", self.config_path] if self.config_path else [])
+        env = {**os.environ, "EAGLE_DR_STATE_DIR": str(self.state), "EAGLE_DR_LOG_FORMAT": "json"}
+        pid = spawn(argv + ["codec-server"], pidfile=self.codec_pidfile,
+                    logfile=self.state / "codec" / "codec-server.log", env=env)
+        listen = codec.server.listen
+        wait_for(lambda: is_running(pid) and urllib.request.urlopen(
+            f"http://{listen.host}:{listen.port}/-/ready", timeout=2).status == 200, 30, "codec server", 0.1)
+        return pid
+
+    def stop_codec_server(self) -> bool:
+        pid = read_pid(self.codec_pidfile)
+        if is_running(pid):
+            kill_tree(pid, sig=15)
+            return True
+        return False
 
     # -- alerts in: the receiver and the lab's Alertmanager ---------------------------------
 
@@ -409,6 +449,8 @@ class Lab:
         stopped = []
         self.stop_app()
         stopped += self.stop_alerts()
+        if self.stop_codec_server():
+            stopped.append("codec-server")
         for region in [*self.cfg.region_names, None]:
             pid = read_pid(self.worker_pidfile(region))
             if is_running(pid):
@@ -459,6 +501,9 @@ class Lab:
         st.processes.append(ProcessState("worker", "control", cp, is_running(cp)))
         rp = read_pid(self.receiver_pidfile)
         st.processes.append(ProcessState("alerts-receiver", "control", rp, is_running(rp)))
+        if self.cfg.temporal.codec:
+            kp = read_pid(self.codec_pidfile)
+            st.processes.append(ProcessState("codec-server", "control", kp, is_running(kp)))
         am = self.alertmanager()
         st.processes.append(ProcessState("alertmanager", "shared", am.pid, am.running()))
         ap = read_pid(self.state / "app" / "app.pid")

@@ -27,6 +27,7 @@ from temporalio.client import (
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
+from eagle_dr.codec import decode_in_place
 from eagle_dr.config import EagleConfig
 from eagle_dr.monitor import start_monitor
 from eagle_dr.temporal import DR_SERVICE, DR_TRIGGER
@@ -109,6 +110,11 @@ async def apply(client: Client, cfg: EagleConfig, paused: bool | None = None) ->
         have_cmp.CopyFrom(have)
         have_cmp.ClearField("state")
         want = await _stored(client, sched)
+        # Encrypted payloads (temporal.codec) differ on every encryption (a fresh nonce each
+        # time): what they say is compared, not their ciphertext.
+        codec = client.data_converter.payload_codec
+        await decode_in_place(codec, [have_cmp])
+        await decode_in_place(codec, [want])
         if have_cmp == want:
             report.unchanged.append(d.id)
             continue

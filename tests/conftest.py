@@ -104,6 +104,7 @@ def lab(lab_cfg, lab_config_path, dev_server):
         lab.up_servers()
         lab.wait_replication()
         lab.start_workers()
+        lab.start_codec_server()
         yield lab
     finally:
         lab.down()
@@ -138,10 +139,14 @@ def moto_url() -> Iterator[str]:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def client(dev_server):
+async def client(dev_server, lab_cfg):
+    """A client like the lab's workers and CLI: the lab's payload codec (its key written first,
+    so a test that starts runs before the lab is up encrypts with the key the workers use)."""
     from eagle_dr.temporal import connect
+    from lab.lab import Lab
 
-    return await connect(target_host=dev_server.address)
+    Lab(lab_cfg).ensure_secrets()
+    return await connect(target_host=dev_server.address, config=lab_cfg)
 
 
 # -- a headless Debian Chromium (tests/browser.py) ---------------------------------------------

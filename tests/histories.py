@@ -17,10 +17,25 @@ HISTORY_DIR = Path(__file__).with_name("histories")
 async def record(handle, name: str) -> None:
     if os.environ.get("EAGLE_DR_RECORD_HISTORIES") != "1":
         return
+    from eagle_dr.codec import decode_in_place
+
     history = await handle.fetch_history()
+    # Stored decrypted: the lab's codec key is random per lab, and the replay test needs no key
+    # (the codec passes plain payloads through, so these replay with or without one).
+    await decode_in_place(handle._client.data_converter.payload_codec, history.events)
     HISTORY_DIR.mkdir(exist_ok=True)
     (HISTORY_DIR / f"{name}.json").write_text(history.to_json())
 
 
 def recorded() -> list[Path]:
     return sorted(HISTORY_DIR.glob("*.json"))
+
+
+async def decrypted_json(handle) -> str:
+    """A run's history as JSON with its payloads decrypted (the lab's codec): what a check for
+    leaked secrets must read, since the stored ciphertext would hide one."""
+    from eagle_dr.codec import decode_in_place
+
+    history = await handle.fetch_history()
+    await decode_in_place(handle._client.data_converter.payload_codec, history.events)
+    return history.to_json()

@@ -26,6 +26,7 @@ from temporalio.worker import Worker
 from alerts.dispatch import Dispatcher
 from alerts.plan import incident_id
 from alerts.server import PATH, start
+from eagle_dr.codec import decode_in_place
 from eagle_dr.config import AlertsConfig, TemporalConfig
 from eagle_dr.temporal import DR_TARGET_REGION, DR_TRIGGER
 from lab.alertmanager import Alertmanager, Webhook
@@ -133,7 +134,7 @@ async def proxied(acfg, token, worker, queue, dev_server):
     """A second receiver that reaches Temporal only through a relay, not started yet."""
     port = acfg.alerts.listen.port + 1
     proxy = _Proxy(acfg.alerts.listen.port + 2, acfg.lab.dev_server.grpc_port)
-    dispatcher = _CountingDispatcher(f"127.0.0.1:{proxy.port}", queue, acfg.alerts.temporal_timeout)
+    dispatcher = _CountingDispatcher(f"127.0.0.1:{proxy.port}", queue, acfg.alerts.temporal_timeout, config=acfg)
     runner = await start(acfg, token[0], dispatcher, "127.0.0.1", port)
     yield f"http://127.0.0.1:{port}{PATH}", proxy, dispatcher
     await proxy.stop()
@@ -395,6 +396,7 @@ async def test_failover_rule_starts_failover_with_approval_required(client, acfg
         assert desc.typed_search_attributes.get(DR_TRIGGER) == "alert"
         assert desc.typed_search_attributes.get(DR_TARGET_REGION) == acfg.other(down).name
         history = await move.fetch_history()
+        await decode_in_place(client.data_converter.payload_codec, history.events)
         first = history.events[0].workflow_execution_started_event_attributes
         args = json.loads(first.input.payloads[0].data)
         assert args["approval"]["required"] is True and args["trigger"] == "alert"
@@ -552,7 +554,9 @@ async def test_split_brain_rule_starts_detection_with_approval_required(client, 
         assert inc.action == f"started SplitBrainWorkflow {move.id}", inc
         desc = await move.describe()
         assert desc.workflow_type == "SplitBrainWorkflow" and desc.typed_search_attributes.get(DR_TRIGGER) == "alert"
-        first = (await move.fetch_history()).events[0].workflow_execution_started_event_attributes
+        history = await move.fetch_history()
+        await decode_in_place(client.data_converter.payload_codec, history.events)
+        first = history.events[0].workflow_execution_started_event_attributes
         args = json.loads(first.input.payloads[0].data)
         assert args["approval"]["required"] is True and "TwoWritablePrimaries" in args["reason"]
     finally:

@@ -63,9 +63,14 @@ def test_no_command_prints_a_trace_with_its_dependencies_down(tmp_path):
     config = write_test_config(tmp_path, shift=7777)
     port = _closed_port()
 
-    def run(args):
+    def run(args, codec_key: bool = True):
         env = {**os.environ, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}", "COLUMNS": "200"}
         env.pop("EAGLE_DR_DEBUG", None)
+        # The payload codec's key is part of reaching Temporal (the client is made with it):
+        # given, so that the commands get as far as Temporal; without it, see below.
+        env.pop("EAGLE_DR_CODEC_KEY_1", None)
+        if codec_key:
+            env["EAGLE_DR_CODEC_KEY_1"] = "a test codec key"
         return args, subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(config), *args],
                                     capture_output=True, text=True, env=env, timeout=120)
 
@@ -80,6 +85,11 @@ def test_no_command_prints_a_trace_with_its_dependencies_down(tmp_path):
             error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
             assert len(error) == 1, (args, r.stderr)
             assert f"127.0.0.1:{port}" in error[0] and "eagle-dr dev-server up" in error[0], (args, error)
+    # No codec key: one line naming the setting and where the key was looked for.
+    _, r = run(("runs",), codec_key=False)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "temporal.codec.keys.lab-1: secret file " in error[0], r.stderr
 
 
 # Commands whose first act is to reach Temporal: a runbook (_run_runbook), an update, command groups' own.

@@ -90,7 +90,7 @@ def test_a_closed_checkouts_postgres_initialises_and_starts(closed_dir, monkeypa
     node = PostgresNode(pg, Path(pg.data_dir), Path(pg.socket_dir), user, "closed-checkout")
     try:
         make_dir(state, user, 0o755)  # as Lab.up_servers does
-        Lab(cfg)._ensure_secrets()  # the PostgreSQL passwords the bootstrap sets
+        Lab(cfg).ensure_secrets()  # the PostgreSQL passwords the bootstrap sets
         node.init_primary()
         with node.connect() as conn:
             assert conn.execute("select count(*) from alerts").fetchone()[0] == 0

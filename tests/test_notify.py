@@ -33,7 +33,7 @@ from temporalio.worker import Worker
 from activities.notify import pagerduty, slack
 from activities.notify.event import NotifyEvent, body_lines
 from eagle_dr.config import ConfigError, NotificationsConfig, parse_config
-from tests.histories import record
+from tests.histories import decrypted_json, record
 from tests.lab_helpers import _awaiting, _until
 from workers.registry import control_activities
 from workers.run import sandbox_runner
@@ -227,7 +227,7 @@ async def test_rejected_switchover_notifies_every_channel(lab, client, worker, n
     assert ("eagle", SMTP_PASSWORD) in box.logins
 
     # No secret in history; the channels that were down are in it, by name.
-    history = (await handle.fetch_history()).to_json()
+    history = await decrypted_json(handle)
     _history_has_no_secret(history)
     assert "send_notification" in history and "HTTP 500" in history and "pager-500" in history
     await record(handle, "switchover-notify-rejected")
@@ -255,7 +255,7 @@ async def test_channels_down_do_not_fail_the_runbook_and_are_reported(lab, clien
     assert len(heads) == 2 and "started: split-brain" in heads[0] and "finished: split-brain" in heads[1]
     pd = [p for p in http_recorder.on("/pd") if wid in p["dedup_key"]]
     assert [p["event_action"] for p in pd] == ["resolve"]
-    _history_has_no_secret((await handle.fetch_history()).to_json())
+    _history_has_no_secret(await decrypted_json(handle))
 
 
 async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(lab, client, worker,

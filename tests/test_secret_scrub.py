@@ -14,6 +14,7 @@ from temporalio.common import RetryPolicy
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from eagle_dr.config import SecretRef
+from tests.histories import decrypted_json
 from workers.scrub import ScrubSecrets
 
 SECRET = f"pw-{uuid.uuid4().hex}"
@@ -50,6 +51,6 @@ async def test_activity_error_with_a_secret_is_scrubbed(client, monkeypatch):
     cause = e.value.cause.cause  # ActivityError -> ApplicationError
     assert cause.type == "RuntimeError"
     assert "cannot connect" in cause.message and "***" in cause.message
-    history = (await handle.fetch_history()).to_json()
+    history = await decrypted_json(handle)
     assert SECRET not in history
     assert "cannot connect" in history

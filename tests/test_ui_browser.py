@@ -216,3 +216,27 @@ async def test_the_html_report_of_a_drill_shows_its_timeline_in_chromium(browser
     bars = await chart.locator("rect").count()
     assert bars >= len(r.bars), (bars, len(r.bars))
     print(f"report screenshot: {shot}")
+
+
+async def test_the_ui_shows_encrypted_payloads_decoded_through_the_codec_server(lab, client, dev_server, browser):
+    """A run's input is ciphertext in Temporal (tests/test_codec.py checks the stored history);
+    the UI, pointed at `eagle-dr codec-server` (--ui-codec-endpoint), shows it in clear. The
+    marker can only reach the page through the codec server: the server stores no plaintext."""
+    marker = f"ui-codec-marker-{uuid.uuid4().hex[:12]}"
+    from workflows.models import FailoverInput
+
+    # A failover to the current primary: preflight, then refused; the lab does not move.
+    handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=_primary(lab),
+                                                             reason=marker))
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    started = (await handle.fetch_history()).events[0].workflow_execution_started_event_attributes
+    assert started.input.payloads[0].metadata["encoding"] == b"binary/encrypted"
+    assert marker.encode() not in started.input.payloads[0].data
+
+    pg = browser.page
+    await pg.goto(f"{dev_server.ui_url}/namespaces/default/workflows/{handle.id}/{handle.result_run_id}/history",
+                  wait_until="domcontentloaded")
+    shown = pg.get_by_test_id("input-and-result")
+    await shown.get_by_text(marker).first.wait_for(timeout=T)
+    await browser.shot("decoded-input")

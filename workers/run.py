@@ -63,7 +63,7 @@ async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None
             # A taken port (a second worker of the region on this host, a stale exporter) costs
             # the metrics, loudly, never the worker: it may be the one a failover needs.
             log.error("worker.metrics_unavailable", endpoint=f"http://{address}/metrics", error=str(e))
-    client = await connect(f"127.0.0.1:{cfg.lab.dev_server.grpc_port}", **extra)
+    client = await connect(f"127.0.0.1:{cfg.lab.dev_server.grpc_port}", config=cfg, **extra)
     with ThreadPoolExecutor(max_workers=16) as executor:
         worker = build_worker(client, cfg, region, executor)
         loop = asyncio.get_running_loop()

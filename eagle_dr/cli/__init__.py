@@ -157,7 +157,7 @@ def sa_ensure():
     c = cfg()
 
     async def run():
-        client = await connect(f"127.0.0.1:{c.lab.dev_server.grpc_port}")
+        client = await connect(f"127.0.0.1:{c.lab.dev_server.grpc_port}", config=c)
         return await ensure_search_attributes(client)
 
     added = asyncio.run(run())
@@ -187,6 +187,8 @@ def lab_up(app_traffic: bool = typer.Option(True, "--app/--no-app", help="Start 
         lab.wait_replication()
     with out.status("workers"):
         lab.start_workers()
+        # The UI (--ui-codec-endpoint) decrypts payloads through it.
+        lab.start_codec_server()
         from eagle_dr.status import collect
 
         wait_for(lambda: all(w.polling for w in collect(lab.cfg).workers), 60, "every worker to poll", 1)
@@ -349,7 +351,7 @@ def unfence(region: str = typer.Option(..., "--region", help="The region whose f
 
     c = cfg()
     _region(c, region)
-    if asyncio.run(move_running(f"127.0.0.1:{c.lab.dev_server.grpc_port}", c.service)) is not False:
+    if asyncio.run(move_running(f"127.0.0.1:{c.lab.dev_server.grpc_port}", c.service, c)) is not False:
         _fail(f"a runbook holds dr-move-{c.service} (or Temporal cannot say): it owns its fences; cancel it first",
               EXIT_BUSY)
     other = c.other(region)
@@ -409,7 +411,7 @@ def _region_epoch(c: EagleConfig, region: str) -> tuple[int, str]:
 def _client(c: EagleConfig):
     from eagle_dr.temporal import connect
 
-    return connect(f"127.0.0.1:{c.lab.dev_server.grpc_port}")
+    return connect(f"127.0.0.1:{c.lab.dev_server.grpc_port}", config=c)
 
 
 async def _runbook_client(c: EagleConfig):
@@ -927,6 +929,7 @@ from eagle_dr.cli import monitor as _monitor_cli  # noqa: E402,F401
 from eagle_dr.cli import runs as _runs_cli  # noqa: E402,F401
 from eagle_dr.cli import report as _report_cli  # noqa: E402,F401
 from eagle_dr.cli import notify as _notify_cli  # noqa: E402,F401
+from eagle_dr.cli import codec as _codec_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

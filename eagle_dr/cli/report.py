@@ -16,8 +16,12 @@ async def fetch_report(client, c: EagleConfig, workflow_id: str, run_id: str | N
     only they hold, such as the clients' write gap by time) and, while it runs, its step list."""
     from eagle_dr.report.extract import RunEvents, build
 
+    from eagle_dr.codec import decode_in_place
+
+    codec = client.data_converter.payload_codec
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     history = await handle.fetch_history()
+    await decode_in_place(codec, history.events)
     ev = RunEvents(history)
     children = {}
     for child in ev.children.values():
@@ -25,6 +29,7 @@ async def fetch_report(client, c: EagleConfig, workflow_id: str, run_id: str | N
             try:
                 children[child["run_id"]] = await client.get_workflow_handle(
                     child["workflow_id"], run_id=child["run_id"]).fetch_history()
+                await decode_in_place(codec, children[child["run_id"]].events)
             except Exception:  # noqa: BLE001 - a child past retention: its figures stay in the parent's result
                 pass
     progress = None
