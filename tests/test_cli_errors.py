@@ -125,7 +125,7 @@ def test_commands_with_temporal_up_and_everything_else_down(tmp_path, dev_server
     # The secrets resolve (from the environment, as in production): what is down is the servers.
     env = {**os.environ, "TEMPORAL_ADDRESS": address, "COLUMNS": "200",
            **{f"EAGLE_DR_{k}": "x" for k in ("POSTGRES_PASSWORD", "REPLICATION_PASSWORD", "REDIS_PASSWORD",
-                                              "S3_ACCESS_KEY", "S3_SECRET_KEY")}}
+                                              "S3_ACCESS_KEY", "S3_SECRET_KEY", "CODEC_KEY_1")}}
     env.pop("EAGLE_DR_DEBUG", None)
 
     def run(args):
