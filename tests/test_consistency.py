@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -81,7 +82,7 @@ async def test_identical_data_has_no_differences_and_is_recorded(lab, client, ta
     assert desc.typed_search_attributes.get(DR_CHECK_DIFFERENCES) == 0
 
 
-async def test_differences_on_a_copy_are_found_key_by_key(lab, client, tables):
+async def test_differences_on_a_copy_are_found_key_by_key(lab, client, tables, lab_config_path):
     """A copy of the tables in a second database on the primary's server, then changed: the
     standby (A) against the copy (B) must give exactly the injected keys."""
     primary = tables
@@ -118,6 +119,17 @@ async def test_differences_on_a_copy_are_found_key_by_key(lab, client, tables):
     assert res.differences == 9 and res.outcome == "degraded" and res.redis is None
     # Only differing ranges were bisected: far fewer ranges hashed than a row-by-row compare.
     assert items.ranges == 20 and items.ranges_checked < 200, items
+    # The same from the command line: steps, the keys, exit 3 (differences found).
+    cli = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(lab_config_path), "check", "--table",
+                          "cc_items", "--regions", f"{standby},{primary}", "--database-b", COPY_DB, "--no-redis"],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "250"})
+    assert cli.returncode == 3, cli.stdout + cli.stderr
+    assert "public.cc_items: " in cli.stdout and "+2 ~3 -2" in cli.stdout, cli.stdout
+    updated = next(line for line in cli.stdout.splitlines() if "updated:" in line)
+    assert sorted(updated.split("updated:")[1].replace(",", " ").split()) == ["17", "19999", "9000"]
+    same = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(lab_config_path), "check", "--regions",
+                           f"{primary},{primary}"], capture_output=True, text=True, timeout=60)
+    assert same.returncode == 2 and "the same region twice" in same.stderr, same.stderr
 
 
 async def test_no_false_positives_while_the_primary_keeps_writing(lab, client, tables):
