@@ -23,7 +23,7 @@ from eagle_dr.temporal import DR_CHECK_DIFFERENCES
 from lab import binaries
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _async, _exec, _lag_bytes, _primary, _startup_pid, _until
+from tests.lab_helpers import _async, _exec, _lag_bytes, _primary, _scrape, _startup_pid, _until, _value
 from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
 
 COPY_DB = "eagle_cc_copy"
@@ -80,6 +80,11 @@ async def test_identical_data_has_no_differences_and_is_recorded(lab, client, ta
     assert row == ("succeeded", 0, primary, "20000")
     desc = await handle.describe()
     assert desc.typed_search_attributes.get(DR_CHECK_DIFFERENCES) == 0
+    # The control worker's Prometheus endpoint (eagle_dr/metrics.py).
+    text = _scrape(lab.cfg.temporal.metrics_port)
+    assert _value(text, "eagle_dr_consistency_differences", table="public.cc_items") == 0
+    assert _value(text, "eagle_dr_consistency_rows", table="public.cc_pairs") == 9000
+    assert _value(text, "eagle_dr_consistency_checks_total", found="no") >= 1
 
 
 async def test_differences_on_a_copy_are_found_key_by_key(lab, client, tables, lab_config_path):
