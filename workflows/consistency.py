@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.consistency.results import RedisResult, TableResult
     from activities.topology import TopologyActivities
     from eagle_dr import metrics
+    from eagle_dr.config import TableName
     from eagle_dr.temporal import (
         DR_CHECK_DIFFERENCES,
         DR_CHECK_TABLES,
@@ -57,6 +58,13 @@ class ConsistencyInput(BaseModel):
     # Rows per top-level range for this run (default: the config's consistency.chunk_rows).
     chunk_rows: int | None = Field(default=None, ge=100, le=10_000_000)
     trigger: str = Field(default="manual", max_length=100)
+
+    @field_validator("tables")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for t in v:
+            TableName.parse(t)  # the error names the field (validated() reports the first)
+        return v
 
     @field_validator("regions")
     @classmethod

@@ -69,7 +69,9 @@ class RangeChecker:
         if da == db:
             return
         rows = max(da.rows, db.rows)
-        parts = [] if rows <= LEAF_ROWS else split([self.a, self.b], self.table, r, FANOUT, rows)
+        # Cut where the side with more rows has its keys (the other may have none there).
+        sides = [self.a, self.b] if da.rows >= db.rows else [self.b, self.a]
+        parts = [] if rows <= LEAF_ROWS else split(sides, self.table, r, FANOUT, rows)
         if len(parts) < 2:
             self.leaf(r, out)
             return

@@ -128,8 +128,8 @@ def split(conns: list[psycopg.Connection], table: Table, r: Range, parts: int, r
     """``r`` cut into about ``parts`` ranges of similar size.
 
     An integer key is cut arithmetically between the smallest and largest key either side has
-    in ``r`` (two index probes per side, no scan); any other key at every n-th key of the side
-    with more rows in ``r`` (an index-only walk over the keys: the range is read once)."""
+    in ``r`` (two index probes per side, no scan); any other key at every n-th key of the first
+    of ``conns`` (the side with more rows in ``r``: an index-only walk over its keys)."""
     if parts < 2:
         return [r]
     if _is_integer(table):
@@ -149,17 +149,11 @@ def split(conns: list[psycopg.Connection], table: Table, r: Range, parts: int, r
     else:
         step = max(1, math.ceil(rows / parts))
         cond, params = where(table, r)
-        cuts = []
-        best = 0
-        for c in conns:
-            q = sql.SQL("select {kt} from (select {k}, row_number() over (order by {ks}) as rn from {t} where {c}) "
-                        "as s where rn > 1 and rn %% %s = 1").format(
-                kt=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key),
-                k=sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
-                ks=sql.SQL(", ").join(sql.Identifier(k) for k in table.key), t=table.ident, c=cond)
-            got = [list(row) for row in c.execute(q, [*params, step]).fetchall()]
-            if len(got) >= best:
-                cuts, best = got, len(got)
+        cols = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
+        q = sql.SQL("select {kt} from (select {k}, row_number() over (order by {k}) as rn from {t} where {c}) "
+                    "as s where rn > 1 and (rn - 1) %% %s = 0").format(kt=key_text(table), k=cols, t=table.ident,
+                                                                       c=cond)
+        cuts = [list(row) for row in conns[0].execute(q, [*params, step]).fetchall()]
         if not cuts:
             return [r]
     bounds = [r.lo, *cuts, r.hi]
