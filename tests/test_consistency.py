@@ -23,7 +23,7 @@ from eagle_dr.temporal import DR_CHECK_DIFFERENCES
 from lab import binaries
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _async, _exec, _lag_bytes, _primary, _scrape, _startup_pid, _until, _value
+from tests.lab_helpers import _async, _exec, _lag_bytes, _primary, _progress, _scrape, _startup_pid, _until, _value
 from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
 
 COPY_DB = "eagle_cc_copy"
@@ -180,6 +180,39 @@ async def test_no_false_positives_while_the_primary_keeps_writing(lab, client, t
             t.join(10)
     assert writes[0] > 100
     assert res.follower and res.differences == 0 and res.outcome == "succeeded", res.tables[0]
+
+
+async def test_replica_lag_throttles_and_says_so(lab, client, tables):
+    """Replay paused on the standby (pg_wal_replay_pause: at a record boundary, no lock held)
+    while the primary writes: past max_lag_seconds the check pauses, says so in its heartbeat
+    while it waits, and goes on once replay resumes; the result and the step say for how long."""
+    import json
+
+    primary = tables
+    standby = lab.cfg.other(primary).name
+    await _caught_up(lab, primary)
+    _exec(lab, standby, "select pg_wal_replay_pause()")
+    try:
+        _exec(lab, primary, "update cc_items set region = region || '' where id = 1")
+        handle = await client.start_workflow(
+            ConsistencyCheckWorkflow.run, {"tables": ["cc_items"], "redis": False, "max_lag_seconds": 1},
+            id=f"check-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue, result_type=ConsistencyResult)
+
+        async def throttling():
+            for a in (await handle.describe()).raw_description.pending_activities:
+                for p in a.heartbeat_details.payloads:
+                    if json.loads(p.data).get("partial", {}).get("throttling"):
+                        return True
+            return False
+
+        await _until(throttling, 60, "the heartbeat to say the check is throttled", interval=0.2)
+    finally:
+        _exec(lab, standby, "select pg_wal_replay_resume()")
+    res = await handle.result()
+    t = res.tables[0]
+    assert t.throttled_seconds >= 1 and t.differences == 0 and not t.throttling, t
+    step = next(st for st in (await _progress(handle)).steps if st.name == "Compare public.cc_items")
+    assert "THROTTLED" in step.detail, step
 
 
 async def test_a_killed_worker_resumes_from_the_heartbeat(lab, client, tables):

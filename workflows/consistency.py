@@ -57,6 +57,8 @@ class ConsistencyInput(BaseModel):
     redis: bool = True
     # Rows per top-level range for this run (default: the config's consistency.chunk_rows).
     chunk_rows: int | None = Field(default=None, ge=100, le=10_000_000)
+    # Pause past this standby replay lag, for this run (default: the config's consistency.max_lag_seconds).
+    max_lag_seconds: float | None = Field(default=None, gt=0, le=3600)
     trigger: str = Field(default="manual", max_length=100)
 
     @field_validator("tables")
@@ -148,7 +150,7 @@ class ConsistencyCheckWorkflow(Runbook):
                 r = await self.act(
                     ConsistencyActivities.compare_table,
                     CompareTableRequest(region_a=a, region_b=b, database_b=inp.database_b, follower=follower, table=t,
-                                        chunk_rows=inp.chunk_rows),
+                                        chunk_rows=inp.chunk_rows, max_lag_seconds=inp.max_lag_seconds),
                     queue=control, timeout=6 * 3600, heartbeat=10, attempts=5, summary=f"compare {t.qualified}")
                 results.append(r)
                 rec.detail = _table_line(r)

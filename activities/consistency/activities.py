@@ -38,6 +38,7 @@ class CompareTableRequest(BaseModel):
     follower: bool
     table: Table
     chunk_rows: int | None = None  # default: the config's
+    max_lag_seconds: float | None = None  # default: the config's
 
 
 class CompareRedisRequest(BaseModel):
@@ -91,7 +92,7 @@ class ConsistencyActivities:
         try:
             return compare_table(
                 self._dsn(req.region_a, req.database_a), self._dsn(req.region_b, req.database_b), req.table,
-                follower=req.follower, chunk_rows=req.chunk_rows or c.chunk_rows, parallel=c.parallel, max_lag=c.max_lag_seconds,
+                follower=req.follower, chunk_rows=req.chunk_rows or c.chunk_rows, parallel=c.parallel, max_lag=req.max_lag_seconds or c.max_lag_seconds,
                 cap=c.sample_cap, resume=resume,
                 beat=lambda pos: activity.heartbeat(pos.model_dump(mode="json")))
         except TimeoutError as e:

@@ -59,7 +59,7 @@ class RangeChecker:
 
     def check(self, r: Range, out: Outcome, top: bool = True) -> None:
         if self.waiter is not None:
-            self.waiter.throttle(self.a)
+            self.waiter.throttle(self.b)
         da, db = self._both(lambda c: hash_range(c, self.table, r, self.kind),
                             lambda c: hash_range(c, self.table, r, self.kind))
         out.ranges_checked += 1

@@ -52,6 +52,10 @@ def compare_table(dsn_a: str, dsn_b: str, table: Table, *, follower: bool, chunk
 
     def beat_now() -> None:
         with pos_lock:
+            if waiter is not None:
+                # Said in the heartbeat while it happens (the UI's pending activity), not only at the end.
+                pos.partial.throttling = waiter.throttling
+                pos.partial.throttled_seconds = base_throttled + waiter.throttled_seconds
             beat(pos)
 
     waiter = ReplayWaiter(max_lag, lambda: None) if follower else None
@@ -75,6 +79,7 @@ def compare_table(dsn_a: str, dsn_b: str, table: Table, *, follower: bool, chunk
             pos = Position(table=table.qualified, ranges=ranges,
                            partial=TableResult(table=table.qualified, key=table.key, row_hash=kind, ranges=len(ranges)))
         result = pos.partial
+        base_throttled = result.throttled_seconds
         todo = [i for i in range(len(pos.ranges)) if i not in set(pos.done)]
 
         def one(i: int) -> Outcome:
@@ -99,7 +104,8 @@ def compare_table(dsn_a: str, dsn_b: str, table: Table, *, follower: bool, chunk
                         pos.done.append(i)
                 beat_now()
         if waiter is not None:
-            result.throttled_seconds += waiter.throttled_seconds
+            result.throttled_seconds = base_throttled + waiter.throttled_seconds
+            result.throttling = False
         result.seconds += time.monotonic() - started
         return result
     finally:

@@ -167,10 +167,13 @@ def current_lsn(conn: psycopg.Connection) -> str:
     return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
 
 
-def lag_seconds(primary: psycopg.Connection) -> float:
-    """The primary's replay_lag for its standbys (0 when none reported: caught up and idle)."""
-    v = primary.execute("select coalesce(max(extract(epoch from replay_lag)), 0) from pg_stat_replication").fetchone()[0]
-    return float(v)
+def lag_seconds(standby: psycopg.Connection) -> float:
+    """How far the standby's replay trails: the age of the last transaction it replayed while
+    it holds WAL it has not replayed yet (0 when it has replayed all it received). Measured on
+    the standby itself: the primary's replay_lag keeps its last value while replay is stuck."""
+    v = standby.execute("select case when pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn() "
+                        "then extract(epoch from now() - pg_last_xact_replay_timestamp()) else 0 end").fetchone()[0]
+    return float(v or 0)
 
 
 class ReplayWaiter:
@@ -185,11 +188,20 @@ class ReplayWaiter:
         self.bound = max(60.0, 4 * max_lag)
         self.beat = beat
         self.throttled_seconds = 0.0
+        self.throttling = False  # now: shown in the heartbeat
 
     def replayed(self, standby: psycopg.Connection, lsn: str) -> None:
-        deadline = time.monotonic() + self.bound
+        start = time.monotonic()
+        deadline = start + self.bound
         while True:
             ok = standby.execute("select pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]
+            waited = time.monotonic() - start
+            if waited > self.max_lag:
+                # Waiting on a standby that trails by more than the bound is the same pause as
+                # throttle()'s, and is reported as one.
+                self.throttling = not ok
+                if ok:
+                    self.throttled_seconds += waited
             if ok:
                 return
             if ok is None:
@@ -198,15 +210,17 @@ class ReplayWaiter:
                 raise TimeoutError(f"the standby did not replay the primary's {lsn} within {self.bound:.0f} s")
             time.sleep(0.02)
 
-    def throttle(self, primary: psycopg.Connection) -> None:
+    def throttle(self, standby: psycopg.Connection) -> None:
         start = time.monotonic()
         paused = False
-        while lag_seconds(primary) > self.max_lag:
+        while lag_seconds(standby) > self.max_lag:
             paused = True
             if time.monotonic() - start > self.bound:
                 raise TimeoutError(f"the standby's replay lag stayed above {self.max_lag:.0f} s for "
                                    f"{self.bound:.0f} s")
+            self.throttling = True
             self.beat()
             time.sleep(0.5)
+        self.throttling = False
         if paused:
             self.throttled_seconds += time.monotonic() - start

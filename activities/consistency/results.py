@@ -48,6 +48,7 @@ class TableResult(BaseModel):
     # flight, never reported as differences.
     in_flight: int = 0
     throttled_seconds: float = 0.0
+    throttling: bool = False  # in a heartbeat: paused for replica lag right now
     seconds: float = 0.0
     resumed_ranges: int = 0  # top-level ranges a retry took from the heartbeat, not re-hashed
 
