@@ -345,3 +345,16 @@ async def test_the_schedule_runs_and_records(lab, lab_cfg, client, tables):
     finally:
         from tests.test_schedules import _delete_owned
         await _delete_owned(client, cfg)
+
+
+def test_the_consistency_config_is_validated():
+    from pydantic import ValidationError
+
+    from eagle_dr.config import ConsistencyConfig
+
+    assert ConsistencyConfig().every.total_seconds() == 3600 and ConsistencyConfig(every=None).every is None
+    for bad, field in (({"tables": ["a.b.c"]}, "tables"), ({"tables": ["x", "x"]}, "tables"),
+                       ({"every": "10s"}, "every"), ({"parallel": 0}, "parallel"), ({"chunk_rows": 10}, "chunk_rows")):
+        with pytest.raises(ValidationError) as e:
+            ConsistencyConfig.model_validate(bad)
+        assert e.value.errors()[0]["loc"] == (field,), bad
