@@ -677,6 +677,43 @@ class BackupConfig(_Strict):
         return v
 
 
+class ConsistencyConfig(_Strict):
+    """ConsistencyCheckWorkflow (activities/consistency/): what it compares and how hard it may push."""
+
+    # Tables to compare, ``table`` or ``schema.table``; empty: every permanent user table.
+    tables: list[str] = Field(default_factory=list)
+    # Rows per primary-key range hashed in one statement: big enough that a range's round trip
+    # is small beside its scan, small enough that a differing range bisects in few rounds.
+    chunk_rows: int = Field(default=100_000, ge=100, le=10_000_000)
+    # Ranges hashed at once (each holds one connection to each side).
+    parallel: int = Field(default=4, ge=1, le=32)
+    # Past this replay lag the check pauses (throttles) before hashing the standby again.
+    max_lag_seconds: float = Field(default=30, gt=0, le=3600)
+    # Differing keys kept per table in the result (the counts are always exact): a huge
+    # difference must not push the workflow's history past Temporal's limits.
+    sample_cap: int = Field(default=100, ge=1, le=10_000)
+    # The check's schedule (schedules apply); null: no schedule.
+    every: Duration | None = timedelta(hours=1)
+    # Redis keys sampled per database for the value compare (0: counts and offsets only).
+    redis_sample: int = Field(default=1000, ge=0, le=1_000_000)
+
+    @field_validator("tables")
+    @classmethod
+    def _tables(cls, v: list[str]) -> list[str]:
+        for t in v:
+            TableName.parse(t)
+        if len(set(v)) != len(v):
+            raise ValueError("a table is listed twice")
+        return v
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: timedelta | None) -> timedelta | None:
+        if v is not None and v < timedelta(minutes=1):
+            raise ValueError("must be at least 1m (or null: no schedule)")
+        return v
+
+
 class RoutingConfig(_Strict):
     """Which routing mechanisms a runbook moves. The lab's file is what the sample app follows."""
 
@@ -1000,6 +1037,7 @@ class EagleConfig(_Strict):
     redis_reconcile: RedisReconcileConfig = RedisReconcileConfig()
     split_brain: SplitBrainConfig = SplitBrainConfig()
     backup: BackupConfig = BackupConfig()
+    consistency: ConsistencyConfig = ConsistencyConfig()
     routing: RoutingConfig = RoutingConfig()
     alerts: AlertsConfig = AlertsConfig()
     notifications: NotificationsConfig = NotificationsConfig()

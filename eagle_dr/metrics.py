@@ -167,6 +167,36 @@ def monitor_round(meter: MetricMeter, service: str, *, paused: bool, failures: i
            workers_down, **where)
 
 
+@_never_fails
+def consistency_table(meter: MetricMeter, service: str, table: str, *, differences: int, in_flight: int, rows: int,
+                      seconds: float, throttled_seconds: float) -> None:
+    """The last consistency check of a table (workflows/consistency.py)."""
+    where = dict(service=service, table=table)
+    _gauge(meter, "consistency_differences", "Differing keys (inserted + updated + deleted) the last check found",
+           None, differences, **where)
+    _gauge(meter, "consistency_in_flight", "Keys still being written at the last check's re-check (not counted "
+                                           "as differences)", None, in_flight, **where)
+    _gauge(meter, "consistency_rows", "Rows on the first side at the last check", None, rows, **where)
+    _gauge(meter, "consistency_seconds", "How long the last check of the table took", "s", seconds, **where)
+    _gauge(meter, "consistency_throttled_seconds", "How long the last check paused for replica lag", "s",
+           throttled_seconds, **where)
+
+
+@_never_fails
+def consistency_run(meter: MetricMeter, service: str, *, differences: int, redis_differences: int | None,
+                    at: float) -> None:
+    where = dict(service=service)
+    _count(meter, "consistency_checks_total", "Consistency checks run, by whether they found differences",
+           service=service, found="yes" if differences else "no")
+    _gauge(meter, "consistency_last_check_timestamp_seconds", "When the last consistency check finished (Unix time)",
+           "s", at, **where)
+    _gauge(meter, "consistency_total_differences", "Differing keys in all tables and Redis at the last check",
+           None, differences, **where)
+    if redis_differences is not None:
+        _gauge(meter, "consistency_redis_differences", "Redis keys (sampled) and per-db counts that differed at the "
+                                                       "last check", None, redis_differences, **where)
+
+
 # -- readiness checks (activities/readiness.py) -----------------------------------------------------
 
 # ok 1, warn 0.5, fail 0. Unknown cannot be -1 (Temporal's gauges refuse negative values):

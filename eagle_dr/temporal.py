@@ -33,10 +33,13 @@ DR_BACKUP_SECONDS = SearchAttributeKey.for_float("DrBackupSeconds")
 # Restore drills: the backup RTO (restore + replay) and RPO (seconds since the newest archived WAL).
 DR_RESTORE_SECONDS = SearchAttributeKey.for_float("DrRestoreSeconds")
 DR_RPO_SECONDS = SearchAttributeKey.for_float("DrRpoSeconds")
+# Consistency checks: how many differing keys (PostgreSQL rows + Redis keys), and in which tables.
+DR_CHECK_DIFFERENCES = SearchAttributeKey.for_int("DrCheckDifferences")
+DR_CHECK_TABLES = SearchAttributeKey.for_keyword_list("DrCheckTables")
 
 SEARCH_ATTRIBUTES = [DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER, DR_OUTCOME, DR_EPOCH,
                      DR_BACKUP_TYPE, DR_BACKUP_LABEL, DR_BACKUP_REPO, DR_BACKUP_BYTES, DR_BACKUP_WAL,
-                     DR_BACKUP_SECONDS, DR_RESTORE_SECONDS, DR_RPO_SECONDS]
+                     DR_BACKUP_SECONDS, DR_RESTORE_SECONDS, DR_RPO_SECONDS, DR_CHECK_DIFFERENCES, DR_CHECK_TABLES]
 
 
 def search_attribute_flags() -> list[str]:

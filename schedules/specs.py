@@ -90,6 +90,12 @@ def desired(cfg: EagleConfig) -> list[DesiredSchedule]:
         out.append(make("restore-drill", "RestoreDrillWorkflow", {}, b.restore_drill_every,
                         b.restore_drill_every / 2, timedelta(hours=6),
                         f"restore drill every {human(b.restore_drill_every)}"))
+    c = cfg.consistency
+    if c.every:
+        # The seed's hourly data-consistency-check CronJob. Overlap SKIP (build() sets it for
+        # every schedule): a check still running when the next slot comes is not doubled.
+        out.append(make("consistency-check", "ConsistencyCheckWorkflow", {"trigger": "schedule"}, c.every,
+                        c.every / 6, timedelta(hours=6), f"consistency check every {human(c.every)}"))
     return out
 
 

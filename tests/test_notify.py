@@ -38,6 +38,7 @@ from tests.lab_helpers import _awaiting, _until
 from workers.registry import control_activities
 from workers.run import sandbox_runner
 from workers.scrub import ScrubSecrets
+from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
 from workflows.models import ApprovalDecision, ApprovalPolicy, SwitchoverInput
 from workflows.monitor import MonitorInput, MonitorWorkflow
 from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
@@ -161,7 +162,8 @@ async def worker(lab, client, ncfg):
     to the lab's own regional workers."""
     with ThreadPoolExecutor(8) as executor:
         async with Worker(client, task_queue=ncfg.temporal.control_task_queue,
-                          workflows=[SwitchoverWorkflow, SplitBrainWorkflow, MonitorWorkflow], activities=control_activities(ncfg),
+                          workflows=[SwitchoverWorkflow, SplitBrainWorkflow, MonitorWorkflow,
+                                     ConsistencyCheckWorkflow], activities=control_activities(ncfg),
                           activity_executor=executor, workflow_runner=sandbox_runner(),
                           interceptors=[ScrubSecrets()]):
             yield ncfg.temporal.control_task_queue
@@ -428,3 +430,32 @@ async def test_a_readiness_check_that_degrades_is_notified_once_and_restored(lab
             pass
     degraded, restored = posts()
     assert "warn" in degraded and "ok" in restored, (degraded, restored)
+
+
+async def test_a_consistency_check_that_finds_differences_pages(lab, client, worker, http_recorder):
+    """Differences end the check "degraded": the finished event triggers, naming the table and keys."""
+    import psycopg
+
+    from tests.lab_helpers import _primary
+
+    primary = _primary(lab)
+    pg = lab.cfg.region(primary).postgres
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute("create table if not exists notify_cc (id int primary key, v text)")
+        c.execute("insert into notify_cc select g, 'v' from generate_series(1, 50) g on conflict do nothing")
+        c.execute("drop database if exists notify_cc_copy")
+        c.execute("create database notify_cc_copy")
+    with psycopg.connect(pg.dsn("notify_cc_copy"), autocommit=True) as c:
+        c.execute("create table notify_cc (id int primary key, v text)")
+        c.execute("insert into notify_cc select g, 'v' from generate_series(1, 50) g where g <> 7")
+    other = lab.cfg.other(primary).name
+    wid = f"notify-check-{uuid.uuid4().hex[:8]}"
+    res = await client.execute_workflow(
+        ConsistencyCheckWorkflow.run, {"tables": ["notify_cc"], "regions": [primary, other],
+                                       "database_b": "notify_cc_copy"},
+        id=wid, task_queue=worker, result_type=ConsistencyResult)
+    assert res.outcome == "degraded" and res.tables[0].diff.deleted_keys == [["7"]]
+    pd = [p for p in http_recorder.on("/pd") if wid in p["dedup_key"]]
+    assert [p["event_action"] for p in pd] == ["trigger"], pd
+    chat = [p["text"] for p in http_recorder.on("/slack/services/T0/B0/") if wid in p["text"]]
+    assert len(chat) == 1 and "outcome: degraded" in chat[0] and "public.notify_cc: 1 differing keys" in chat[0], chat

@@ -46,7 +46,7 @@ async def test_apply_twice_gives_the_same_schedules_and_follows_config_changes(l
     cfg = lab_cfg
     ids = [d.id for d in desired(cfg)]
     assert ids == [f"dr-{cfg.service}-{s}" for s in ("backup-incr", "backup-full", "archive-guard", "redis-snapshot",
-                                                      "expire", "restore-drill")]
+                                                      "expire", "restore-drill", "consistency-check")]
     foreign = f"{prefix(cfg.service)}hand-made"
     try:
         first = await apply(client, cfg, paused=True)
@@ -71,9 +71,13 @@ async def test_apply_twice_gives_the_same_schedules_and_follows_config_changes(l
         full = before[ids[1]].schedule
         assert (await client.data_converter.decode(list(full.action.args)))[0]["type"] == "full"
         assert [(i.every, i.offset) for i in full.spec.intervals] == [(cfg.backup.full_every, cfg.backup.every / 2)]
-        drill = before[ids[-1]].schedule
+        drill = before[ids[-2]].schedule
         assert drill.action.workflow == "RestoreDrillWorkflow"
         assert (await client.data_converter.decode(list(drill.action.args)))[0] == {}
+        check = before[ids[-1]].schedule
+        assert check.action.workflow == "ConsistencyCheckWorkflow"
+        assert [i.every for i in check.spec.intervals] == [cfg.consistency.every]
+        assert check.policy.overlap == ScheduleOverlapPolicy.SKIP
         # The action names no node: only the control queue, and an input without a region.
         for d in before.values():
             assert not any(r in str(d.raw_description.schedule.action) for r in cfg.region_names)
@@ -284,6 +288,7 @@ async def test_the_same_schedules_follow_a_switchover(lab, client):
 def test_the_config_switches_schedules_off_and_bounds_jitter_and_catch_up(lab_cfg):
     off = _with_backup(lab_cfg, redis_every=None, expire_every=None, restore_drill_every=None,
                        archive_guard_every=None)
+    off = off.model_copy(update={"consistency": off.consistency.model_copy(update={"every": None})})
     assert [d.id.removeprefix(prefix(lab_cfg.service)) for d in desired(off)] == ["backup-incr", "backup-full"]
     fast = _with_backup(lab_cfg, every=timedelta(minutes=5))
     incr = desired(fast)[0]

@@ -12,6 +12,7 @@ from activities.alert_probe import AlertProbeActivities
 from activities.backup.activities import BackupActivities, RestoreActivities
 from activities.backup.drill import RestoreDrillActivities
 from activities.backup.redis import RedisBackupActivities
+from activities.consistency.activities import ConsistencyActivities
 from activities.failback import FailbackActivities
 from activities.health import HealthActivities
 from activities.lab_hooks import LabHooks
@@ -27,6 +28,7 @@ from eagle_dr.config import EagleConfig
 from workflows.alert_incident import AlertIncidentWorkflow
 from workflows.archive_guard import ArchiveGuardWorkflow
 from workflows.backup import BackupWorkflow
+from workflows.consistency import ConsistencyCheckWorkflow
 from workflows.drill import DrillWorkflow
 from workflows.dry_run import PlanWorkflow
 from workflows.expire import ExpireWorkflow
@@ -42,7 +44,8 @@ from workflows.switchover import SwitchoverWorkflow
 
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
              DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow,
-             ArchiveGuardWorkflow, RestoreDrillWorkflow, AlertIncidentWorkflow, PlanWorkflow]
+             ArchiveGuardWorkflow, RestoreDrillWorkflow, AlertIncidentWorkflow, PlanWorkflow,
+             ConsistencyCheckWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -85,6 +88,9 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
             # SQL on the primary over the network, as postgres_status.
             *_methods(RestoreDrillActivities(cfg), "read_archiver_state", "mark_consistent_point",
                       "wait_wal_archived"),
+            # Both sides over the network: each range hashed on the primary and the standby at once.
+            *_methods(ConsistencyActivities(cfg), "list_check_tables", "compare_table", "compare_redis",
+                      "record_consistency_run"),
             # Notifications go out from the control worker, beside the workflows that send them.
             NotifyActivities(cfg).send_notification,
             # --plan: where each routing mechanism points now (APIs only).

@@ -1,0 +1,226 @@
+"""Primary-key ranges of a table, hashed set-wise on each side.
+
+A range is ``lo <= key < hi`` as a row comparison over the primary key's columns (composite keys
+included), ``None`` meaning open: the first and last ranges of a table are open-ended, so a row
+one side has beyond the other's last key still falls in a range. Bounds travel as text and are
+cast back with the key's column types, so any key type with a text form works.
+
+The digest of a range is ``count(*)`` and ``bit_xor`` of a 64-bit hash of each whole row:
+- order-independent, so no sort and no ``string_agg`` buffer, one pass over the range in
+  whatever order the scan returns (``md5(string_agg(... order by pk))`` sorts, and holds the
+  whole range's text in memory);
+- ``bit_xor`` of a bigint is a plain integer op per row (a ``sum`` over numeric, as the restore
+  drill uses, allocates per row). XOR cancels only equal hashes, and under a primary key no two
+  rows are equal (the key is part of what is hashed);
+- the row hash is ``hash_record_extended(t, 0)`` where every column type has an extended hash
+  function: no text conversion of the row (the expensive part of ``md5(t::text)`` on jsonb),
+  and stable across servers and major versions because hash partitioning depends on it. A table
+  with a column type without one (arrays, geometric types) falls back to the md5 of the row's
+  text, under fixed session settings so both sides print values the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import psycopg
+from psycopg import sql
+from pydantic import BaseModel
+
+from activities.consistency.tables import Table
+
+# Row text depends on these (the md5 fallback): both sides use the same.
+SESSION = ("set TimeZone = 'UTC'", "set DateStyle = 'ISO, YMD'", "set IntervalStyle = 'postgres'",
+           "set extra_float_digits = 1", "set bytea_output = 'hex'")
+
+_HASHABLE = """
+select coalesce(bool_and(exists(
+  select 1 from pg_opclass oc join pg_am am on am.oid = oc.opcmethod
+  join pg_amproc p on p.amprocfamily = oc.opcfamily and p.amproclefttype = oc.opcintype and p.amprocnum = 2
+  where am.amname = 'hash' and oc.opcdefault and oc.opcintype = coalesce(nullif(ty.typbasetype, 0), a.atttypid))), true)
+from pg_attribute a join pg_type ty on ty.oid = a.atttypid
+where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped"""
+
+Key = tuple[str, ...]
+
+
+class Range(BaseModel):
+    lo: list[str] | None = None  # inclusive
+    hi: list[str] | None = None  # exclusive
+
+
+class Digest(BaseModel):
+    rows: int
+    xor: int
+
+
+def connect(dsn: str) -> psycopg.Connection:
+    conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    for s in SESSION:
+        conn.execute(s)
+    return conn
+
+
+def row_hash(conn: psycopg.Connection, table: Table) -> str:
+    """'hash' when every column has an extended hash function, else 'md5' (see the module doc)."""
+    ok = conn.execute(_HASHABLE, (table.ident.as_string(conn),)).fetchone()[0]
+    return "hash" if ok else "md5"
+
+
+def _row_expr(kind: str) -> sql.Composable:
+    if kind == "hash":
+        return sql.SQL("hash_record_extended(t, 0)")
+    return sql.SQL("('x' || substr(md5(t::text), 1, 16))::bit(64)::bigint")
+
+
+def _keys(table: Table) -> sql.Composable:
+    return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(k) for k in table.key))
+
+
+def _bound(table: Table, values: list[str]) -> tuple[sql.Composable, list[str]]:
+    casts = sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(ty)) for ty in table.key_types)
+    return sql.SQL("({})").format(casts), list(values)
+
+
+def where(table: Table, r: Range) -> tuple[sql.Composable, list]:
+    parts: list[sql.Composable] = [sql.SQL("true")]
+    params: list = []
+    for op, b in ((">=", r.lo), ("<", r.hi)):
+        if b is not None:
+            expr, p = _bound(table, b)
+            parts.append(sql.SQL("{} {} {}").format(_keys(table), sql.SQL(op), expr))
+            params += p
+    return sql.SQL(" and ").join(parts), params
+
+
+def key_text(table: Table) -> sql.Composable:
+    return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
+
+
+def hash_range(conn: psycopg.Connection, table: Table, r: Range, kind: str) -> Digest:
+    cond, params = where(table, r)
+    q = sql.SQL("select count(*), coalesce(bit_xor({}), 0) from {} as t where {}").format(
+        _row_expr(kind), table.ident, cond)
+    n, x = conn.execute(q, params).fetchone()
+    return Digest(rows=n, xor=x)
+
+
+def digests(conn: psycopg.Connection, table: Table, r: Range, kind: str, only: list[Key] | None = None
+            ) -> dict[Key, int]:
+    """Each row's key and 64-bit digest in ``r`` (or just the keys ``only``): what a bisect
+    leaf compares. The rows' contents never cross the network."""
+    cond, params = where(table, r)
+    if only is not None:
+        arrays = sql.SQL(", ").join(sql.SQL("%s::text[]::{}[]").format(sql.SQL(ty)) for ty in table.key_types)
+        cond = sql.SQL("{} and {} in (select * from unnest({}))").format(cond, _keys(table), arrays)
+        params += [[k[i] for k in only] for i in range(len(table.key))]
+    q = sql.SQL("select {}, {} from {} as t where {}").format(key_text(table), _row_expr(kind), table.ident, cond)
+    return {tuple(row[:-1]): row[-1] for row in conn.execute(q, params).fetchall()}
+
+
+def _is_integer(table: Table) -> bool:
+    return len(table.key) == 1 and table.key_types[0] in ("bigint", "integer", "smallint")
+
+
+def split(conns: list[psycopg.Connection], table: Table, r: Range, parts: int, rows: int) -> list[Range]:
+    """``r`` cut into about ``parts`` ranges of similar size.
+
+    An integer key is cut arithmetically between the smallest and largest key either side has
+    in ``r`` (two index probes per side, no scan); any other key at every n-th key of the first
+    of ``conns`` (the side with more rows in ``r``: an index-only walk over its keys)."""
+    if parts < 2:
+        return [r]
+    if _is_integer(table):
+        cond, params = where(table, r)
+        k = sql.Identifier(table.key[0])
+        lo, hi = None, None
+        for c in conns:
+            a, b = c.execute(sql.SQL("select min({k}), max({k}) from {t} where {c}").format(
+                k=k, t=table.ident, c=cond), params).fetchone()
+            if a is not None:
+                lo = a if lo is None else min(lo, a)
+                hi = b if hi is None else max(hi, b)
+        if lo is None or hi - lo < 2:
+            return [r]
+        step = max(1, math.ceil((hi - lo + 1) / parts))
+        cuts = [[str(v)] for v in range(lo + step, hi + 1, step)]
+    else:
+        step = max(1, math.ceil(rows / parts))
+        cond, params = where(table, r)
+        cols = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
+        q = sql.SQL("select {kt} from (select {k}, row_number() over (order by {k}) as rn from {t} where {c}) "
+                    "as s where rn > 1 and (rn - 1) %% %s = 0").format(kt=key_text(table), k=cols, t=table.ident,
+                                                                       c=cond)
+        cuts = [list(row) for row in conns[0].execute(q, [*params, step]).fetchall()]
+        if not cuts:
+            return [r]
+    bounds = [r.lo, *cuts, r.hi]
+    return [Range(lo=bounds[i], hi=bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+# -- a standby at a consistent point -----------------------------------------------------------------
+
+
+def current_lsn(conn: psycopg.Connection) -> str:
+    return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+
+
+def lag_seconds(standby: psycopg.Connection) -> float:
+    """How far the standby's replay trails: the age of the last transaction it replayed while
+    it holds WAL it has not replayed yet (0 when it has replayed all it received). Measured on
+    the standby itself: the primary's replay_lag keeps its last value while replay is stuck."""
+    v = standby.execute("select case when pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn() "
+                        "then extract(epoch from now() - pg_last_xact_replay_timestamp()) else 0 end").fetchone()[0]
+    return float(v or 0)
+
+
+class ReplayWaiter:
+    """Waits (bounded) until the standby has replayed a primary LSN, and throttles: while the
+    standby's replay lag passes ``max_lag``, no new range is read on the primary (the check
+    adds read load to the standby that is already behind). Both waits are counted, so the
+    result can say the check was throttled and for how long."""
+
+    def __init__(self, max_lag: float, beat: Callable[[], None]):
+        self.max_lag = max_lag
+        # Past this a standby that does not replay is a fault to report, not lag to wait out.
+        self.bound = max(60.0, 4 * max_lag)
+        self.beat = beat
+        self.throttled_seconds = 0.0
+        self.throttling = False  # now: shown in the heartbeat
+
+    def replayed(self, standby: psycopg.Connection, lsn: str) -> None:
+        start = time.monotonic()
+        deadline = start + self.bound
+        while True:
+            ok = standby.execute("select pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]
+            waited = time.monotonic() - start
+            if waited > self.max_lag:
+                # Waiting on a standby that trails by more than the bound is the same pause as
+                # throttle()'s, and is reported as one.
+                self.throttling = not ok
+                if ok:
+                    self.throttled_seconds += waited
+            if ok:
+                return
+            if ok is None:
+                raise RuntimeError("the standby side is not in recovery (no replay LSN): it is not a standby")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the standby did not replay the primary's {lsn} within {self.bound:.0f} s")
+            time.sleep(0.02)
+
+    def throttle(self, standby: psycopg.Connection) -> None:
+        start = time.monotonic()
+        paused = False
+        while lag_seconds(standby) > self.max_lag:
+            paused = True
+            if time.monotonic() - start > self.bound:
+                raise TimeoutError(f"the standby's replay lag stayed above {self.max_lag:.0f} s for "
+                                   f"{self.bound:.0f} s")
+            self.throttling = True
+            self.beat()
+            time.sleep(0.5)
+        self.throttling = False
+        if paused:
+            self.throttled_seconds += time.monotonic() - start

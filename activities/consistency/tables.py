@@ -1,0 +1,78 @@
+"""Which tables a check compares, and each one's primary key (the order ranges are cut in)."""
+
+from __future__ import annotations
+
+import psycopg
+from pydantic import BaseModel
+from psycopg import sql
+
+from eagle_dr.config import TableName
+
+# Every permanent user table, partitions as leaves (a partitioned parent's rows are its
+# partitions'), unlogged ones left out (not in WAL: a standby never has their rows).
+_USER_TABLES = """
+select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+where c.relkind = 'r' and c.relpersistence = 'p'
+  and n.nspname not in ('pg_catalog', 'information_schema', 'eagle_dr') and n.nspname not like 'pg\\_%'
+order by 1, 2"""
+
+# The primary key's columns in key order, with their types (range bounds travel as text and
+# are cast back with these).
+_KEY = """
+select a.attname, format_type(a.atttypid, a.atttypmod)
+from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+where i.indrelid = %s::regclass and i.indisprimary
+order by array_position(i.indkey::int2[], a.attnum)"""
+
+
+class TableError(ValueError):
+    """A configured or asked-for table that cannot be compared; ``field`` names the input."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+class Table(BaseModel):
+    schema_name: str
+    name: str
+    key: list[str]
+    key_types: list[str]
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema_name}.{self.name}"
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema_name, self.name)
+
+
+def _resolve(conn: psycopg.Connection, text: str, field: str) -> tuple[str, str]:
+    t = TableName.parse(text)
+    row = conn.execute("select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+                       "where c.relkind in ('r', 'p') and c.relname = %s and "
+                       "(n.nspname = %s or (%s::text is null and n.oid = any(current_schemas(false)::regnamespace[])))",
+                       (t.name, t.schema_name, t.schema_name)).fetchone()
+    if row is None:
+        raise TableError(field, f"unknown table {text!r}")
+    return row[0], row[1]
+
+
+def list_tables(conn: psycopg.Connection, asked: list[str], field: str = "tables") -> list[Table]:
+    """``asked`` (each must exist and have a primary key), or every user table when empty
+    (one without a primary key is an error too: silently skipping it would report it consistent)."""
+    if asked:
+        names = [_resolve(conn, t, f"{field}.{i}") for i, t in enumerate(asked)]
+        fields = [f"{field}.{i}" for i in range(len(asked))]
+    else:
+        names = [tuple(r) for r in conn.execute(_USER_TABLES).fetchall()]
+        fields = [field] * len(names)
+    out = []
+    for (schema, name), fld in zip(names, fields):
+        key = conn.execute(_KEY, (sql.Identifier(schema, name).as_string(conn),)).fetchall()
+        if not key:
+            raise TableError(fld, f"table {schema}.{name} has no primary key: its rows cannot be matched "
+                                  "across the sides (add one, or leave it out of consistency.tables)")
+        out.append(Table(schema_name=schema, name=name, key=[k[0] for k in key], key_types=[k[1] for k in key]))
+    return out

@@ -1,0 +1,360 @@
+"""ConsistencyCheckWorkflow against the real lab: PostgreSQL primary vs standby (and vs a copy
+with injected differences), Redis master vs an older RDB, a worker killed mid-check, bad input,
+and the schedule recording its run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+import redis as redislib
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+
+from activities.consistency.redis import compare_redis
+from eagle_dr.temporal import DR_CHECK_DIFFERENCES
+from lab import binaries
+from lab.processes import kill_tree, read_pid
+from tests.histories import record
+from tests.lab_helpers import _async, _exec, _lag_bytes, _primary, _progress, _scrape, _startup_pid, _until, _value
+from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
+
+COPY_DB = "eagle_cc_copy"
+
+_DDL = [
+    "create table if not exists cc_items (id bigint primary key, region text not null, payload jsonb not null, "
+    "updated_at timestamptz not null default clock_timestamp())",
+    "create table if not exists cc_pairs (region text, n int, v text, primary key (region, n))",
+]
+
+
+def _pg(lab, region: str, db: str | None = None) -> psycopg.Connection:
+    return psycopg.connect(lab.cfg.region(region).postgres.dsn(db), autocommit=True)
+
+
+async def _run(client, lab, **inp) -> ConsistencyResult:
+    return await client.execute_workflow(ConsistencyCheckWorkflow.run, inp, id=f"check-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue,
+                                         result_type=ConsistencyResult)
+
+
+async def _caught_up(lab, primary: str) -> None:
+    await _until(_async(lambda: _lag_bytes(lab, primary) == 0), 30, "the standby to catch up")
+
+
+@pytest.fixture(scope="module")
+def tables(lab):
+    """Two test tables on the primary (bigint key, composite text+int key), replicated."""
+    primary = _primary(lab)
+    _exec(lab, primary, *_DDL, "truncate cc_items, cc_pairs",
+          "insert into cc_items select g, 'r' || (g % 7), jsonb_build_object('n', g, 'pad', repeat('x', 60)) "
+          "from generate_series(1, 20000) g",
+          "insert into cc_pairs select r, n, md5(r || n) from unnest(array['eu', 'us', 'ap']) r, "
+          "generate_series(1, 3000) n")
+    return primary
+
+
+async def test_identical_data_has_no_differences_and_is_recorded(lab, client, tables):
+    primary = tables
+    await _caught_up(lab, primary)
+    handle = await client.start_workflow(ConsistencyCheckWorkflow.run, {"tables": ["cc_items", "public.cc_pairs"]},
+                                         id=f"check-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue,
+                                         result_type=ConsistencyResult)
+    res = await handle.result()
+    await record(handle, "consistencycheck-identical")
+    assert res.region_a == primary and res.follower and res.outcome == "succeeded", res
+    assert [(t.table, t.rows_a, t.rows_b, t.differences) for t in res.tables] == \
+        [("public.cc_items", 20000, 20000, 0), ("public.cc_pairs", 9000, 9000, 0)]
+    assert res.tables[1].key == ["region", "n"]
+    assert res.redis is not None and res.redis.differences == 0, res.redis
+    with _pg(lab, primary) as c:
+        row = c.execute("select outcome, differences, region_a, result->'tables'->0->>'rows_a' "
+                        "from eagle_dr.consistency_runs where workflow_id = %s", (handle.id,)).fetchone()
+    assert row == ("succeeded", 0, primary, "20000")
+    desc = await handle.describe()
+    assert desc.typed_search_attributes.get(DR_CHECK_DIFFERENCES) == 0
+    # The control worker's Prometheus endpoint (eagle_dr/metrics.py).
+    text = _scrape(lab.cfg.temporal.metrics_port)
+    assert _value(text, "eagle_dr_consistency_differences", table="public.cc_items") == 0
+    assert _value(text, "eagle_dr_consistency_rows", table="public.cc_pairs") == 9000
+    assert _value(text, "eagle_dr_consistency_checks_total", found="no") >= 1
+
+
+async def test_differences_on_a_copy_are_found_key_by_key(lab, client, tables, lab_config_path):
+    """A copy of the tables in a second database on the primary's server, then changed: the
+    standby (A) against the copy (B) must give exactly the injected keys."""
+    primary = tables
+    standby = lab.cfg.other(primary).name
+    with _pg(lab, primary) as c:
+        c.execute(f"drop database if exists {COPY_DB}")
+        c.execute(f"create database {COPY_DB}")
+    with _pg(lab, primary) as src, _pg(lab, primary, COPY_DB) as dst:
+        for ddl in _DDL:
+            dst.execute(ddl)
+        for t in ("cc_items", "cc_pairs"):
+            with src.cursor().copy(f"copy {t} to stdout (format binary)") as out, \
+                    dst.cursor().copy(f"copy {t} from stdin (format binary)") as inp:
+                for chunk in out:
+                    inp.write(chunk)
+        # updated: a non-timestamp column only (updated_at kept as it was: no trigger here)
+        dst.execute("update cc_items set region = 'changed' where id in (17, 9000)")
+        dst.execute("update cc_items set payload = payload || '{\"n\": -1}' where id = 19999")
+        dst.execute("delete from cc_items where id in (1, 12345)")
+        dst.execute("insert into cc_items values (25000, 'new', '{}'), (0, 'new', '{}')")
+        dst.execute("update cc_pairs set v = 'x' where region = 'us' and n = 2999")
+        dst.execute("delete from cc_pairs where region = 'ap' and n = 1")
+    await _caught_up(lab, primary)
+    res = await _run(client, lab, tables=["cc_items", "cc_pairs"], regions=[standby, primary], database_b=COPY_DB,
+                     chunk_rows=5000)
+    assert res.region_a == standby and res.database_b == COPY_DB and not res.follower
+    items, pairs = res.tables
+    assert sorted(items.diff.updated_keys) == [["17"], ["19999"], ["9000"]]
+    assert sorted(items.diff.deleted_keys) == [["1"], ["12345"]]
+    assert sorted(items.diff.inserted_keys) == [["0"], ["25000"]]
+    assert (items.diff.updated, items.diff.deleted, items.diff.inserted) == (3, 2, 2)
+    assert pairs.diff.updated_keys == [["us", "2999"]] and pairs.diff.deleted_keys == [["ap", "1"]]
+    assert pairs.differences == 2
+    assert res.differences == 9 and res.outcome == "degraded" and res.redis is None
+    # Only differing ranges were bisected: far fewer ranges hashed than a row-by-row compare.
+    assert items.ranges == 4 and items.ranges_checked < 100, items
+    # Both kinds of cut were bisected: integer (arithmetic) and composite (every n-th key).
+    assert pairs.ranges == 2 and pairs.ranges_checked > pairs.ranges, pairs
+    # The same from the command line: steps, the keys, exit 3 (differences found).
+    cli = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(lab_config_path), "check", "--table",
+                          "cc_items", "--regions", f"{standby},{primary}", "--database-b", COPY_DB, "--no-redis"],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "250"})
+    assert cli.returncode == 3, cli.stdout + cli.stderr
+    assert "public.cc_items: " in cli.stdout and "+2 ~3 -2" in cli.stdout, cli.stdout
+    updated = next(line for line in cli.stdout.splitlines() if "updated:" in line)
+    assert sorted(updated.split("updated:")[1].replace(",", " ").split()) == ["17", "19999", "9000"]
+    same = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(lab_config_path), "check", "--regions",
+                           f"{primary},{primary}"], capture_output=True, text=True, timeout=60)
+    assert same.returncode == 2 and "the same region twice" in same.stderr, same.stderr
+
+
+async def test_no_false_positives_while_the_primary_keeps_writing(lab, client, tables):
+    primary = tables
+    stop = threading.Event()
+    writes = [0]
+
+    def writer():
+        with _pg(lab, primary) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                # 400 rows a statement, all over the table: the standby's replay trails by a few ms,
+                # what a compare that did not wait for the primary's LSN would report.
+                c.execute("update cc_items set payload = jsonb_set(payload, '{n}', to_jsonb(%s::int)) "
+                          "where id %% 50 = %s", (i, i % 50))
+                c.execute("insert into cc_items values (%s, 'live', '{}') on conflict (id) do update "
+                          "set region = 'live2'", (100000 + i,))
+                writes[0] += 1
+
+    def slow_replay():
+        # A standby that trails: its startup process runs 10 ms in every 50 (SIGSTOP/SIGCONT),
+        # so the primary is always ahead by some writes when the standby is read.
+        pid = _startup_pid(lab, lab.cfg.other(primary).name)
+        while not stop.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            stop.wait(0.04)
+            os.kill(pid, signal.SIGCONT)
+            stop.wait(0.01)
+        os.kill(pid, signal.SIGCONT)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (writer, slow_replay)]
+    for t in threads:
+        t.start()
+    try:
+        await _until(_async(lambda: writes[0] > 50), 30, "the writer to run")
+        res = await _run(client, lab, tables=["cc_items"], chunk_rows=500, redis=False)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert writes[0] > 100
+    assert res.follower and res.differences == 0 and res.outcome == "succeeded", res.tables[0]
+
+
+async def test_replica_lag_throttles_and_says_so(lab, client, tables):
+    """Replay paused on the standby (pg_wal_replay_pause: at a record boundary, no lock held)
+    while the primary writes: past max_lag_seconds the check pauses, says so in its heartbeat
+    while it waits, and goes on once replay resumes; the result and the step say for how long."""
+    import json
+
+    primary = tables
+    standby = lab.cfg.other(primary).name
+    await _caught_up(lab, primary)
+    _exec(lab, standby, "select pg_wal_replay_pause()")
+    try:
+        _exec(lab, primary, "update cc_items set region = region || '' where id = 1")
+        handle = await client.start_workflow(
+            ConsistencyCheckWorkflow.run, {"tables": ["cc_items"], "redis": False, "max_lag_seconds": 1},
+            id=f"check-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue, result_type=ConsistencyResult)
+
+        async def throttling():
+            for a in (await handle.describe()).raw_description.pending_activities:
+                for p in a.heartbeat_details.payloads:
+                    if json.loads(p.data).get("partial", {}).get("throttling"):
+                        return True
+            return False
+
+        await _until(throttling, 60, "the heartbeat to say the check is throttled", interval=0.2)
+    finally:
+        _exec(lab, standby, "select pg_wal_replay_resume()")
+    res = await handle.result()
+    t = res.tables[0]
+    assert t.throttled_seconds >= 1 and t.differences == 0 and not t.throttling, t
+    step = next(st for st in (await _progress(handle)).steps if st.name == "Compare public.cc_items")
+    assert "THROTTLED" in step.detail, step
+
+
+async def test_a_killed_worker_resumes_from_the_heartbeat(lab, client, tables):
+    primary = tables
+    _exec(lab, primary, "create table if not exists cc_big (id bigint primary key, v text)", "truncate cc_big",
+          "insert into cc_big select g, md5(g::text) from generate_series(1, 300000) g")
+    await _caught_up(lab, primary)
+    handle = await client.start_workflow(ConsistencyCheckWorkflow.run,
+                                         {"tables": ["cc_big"], "chunk_rows": 1000, "redis": False},
+                                         id=f"check-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue,
+                                         result_type=ConsistencyResult)
+
+    async def position():
+        desc = await handle.describe()
+        for a in desc.raw_description.pending_activities:
+            if a.activity_type.name == "compare_table" and a.heartbeat_details.payloads:
+                return True
+        return False
+
+    await _until(position, 60, "a heartbeat with the check's position", interval=0.02)
+    assert kill_tree(read_pid(lab.worker_pidfile(None)))
+    lab.start_worker(None)
+    res = await handle.result()
+    big = res.tables[0]
+    assert big.resumed_ranges >= 1, big
+    assert big.rows_a == big.rows_b == 300000 and big.differences == 0, big
+    # The retry did not hash the finished ranges again.
+    assert big.ranges_checked == big.ranges
+    assert big.ranges == 300
+
+
+@pytest.mark.parametrize("inp,field", [
+    ({"tables": ["no_such_table"]}, "tables.0"),
+    ({"regions": ["region-a", "region-a"]}, "regions"),
+    ({"regions": ["region-a", "mars"]}, "regions.1"),
+    ({"tables": ["cc_items", "cc_nopk"]}, "tables.1"),
+    ({"tables": ["a.b.c"]}, "tables"),
+])
+async def test_bad_input_fails_at_once_naming_the_field(lab, client, tables, inp, field):
+    regions = [r.name for r in lab.cfg.regions]
+    inp = {k: [regions[0] if x == "region-a" else x for x in v] if k == "regions" else v for k, v in inp.items()}
+    _exec(lab, tables, "create table if not exists cc_nopk (a int)")
+    try:
+        with pytest.raises(WorkflowFailureError) as e:
+            await _run(client, lab, **inp)
+    finally:
+        _exec(lab, tables, "drop table cc_nopk")
+    cause = e.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "InvalidInput" and cause.non_retryable
+    assert cause.details[0]["field"] == field, cause
+
+
+def test_redis_keys_missing_or_changed_on_a_redis_from_an_older_rdb(lab, tmp_path):
+    master = next(r for r in lab.cfg.regions if lab.redis(r.name).client().info("replication")["role"] == "master")
+    node = lab.redis(master.name)
+    m = redislib.Redis(host=node.host, port=node.port, password=node.password)
+    keys = [f"cc:{i}" for i in range(200)]
+    for k in keys:
+        m.set(k, k)
+    m.hset("cc:h", mapping={"a": "1"})
+    # The older copy: a snapshot of the master now (a replica's RDB, detached), served by a
+    # second Redis started from that file.
+    port = lab.cfg.region(master.name).redis.port + 50
+    exe = binaries.ensure("redis-server")["redis-server"]
+    (tmp_path / "r").mkdir()
+    subprocess.run([exe, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--dir",
+                    str(tmp_path / "r"), "--pidfile", str(tmp_path / "r" / "p.pid"), "--save", "",
+                    "--masterauth", node.password, "--replicaof", node.host, str(node.port)], check=True)
+    copy = redislib.Redis(host="127.0.0.1", port=port)
+    try:
+        deadline = time.monotonic() + 30
+        while copy.info("replication").get("master_link_status") != "up" or copy.get("cc:199") is None:
+            assert time.monotonic() < deadline, "the copy did not sync"
+            time.sleep(0.05)
+        copy.replicaof("no", "one")
+        copy.save()
+        copy.shutdown(nosave=True)
+    except redislib.ConnectionError:
+        pass
+    subprocess.run([exe, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--dir",
+                    str(tmp_path / "r"), "--pidfile", str(tmp_path / "r" / "p.pid"), "--save", ""], check=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if copy.get("cc:199") is not None:
+                    break
+            except redislib.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the copy did not load its RDB"
+            time.sleep(0.05)
+        # After the snapshot: one key changed, one new (missing on the copy), one changed in type.
+        m.set("cc:5", "changed")
+        m.set("cc:new", "1")
+        m.hset("cc:h", "b", "2")
+        res = compare_redis(m, copy, name_a=master.name, name_b="older-rdb", follower=False, sample=100000)
+        assert res.missing == ["cc:new"] and sorted(res.changed) == ["cc:5", "cc:h"], res
+        assert res.counts[0].keys_a == res.counts[0].keys_b + 1
+    finally:
+        try:
+            copy.shutdown(nosave=True)
+        except redislib.ConnectionError:
+            pass
+        m.delete(*keys, "cc:h", "cc:new")
+
+
+async def test_the_schedule_runs_and_records(lab, lab_cfg, client, tables):
+    from schedules.apply import apply
+    from schedules.control import trigger
+    from schedules.specs import desired
+
+    cfg = lab_cfg
+    sid = f"dr-{cfg.service}-consistency-check"
+    spec = next(d for d in desired(cfg) if d.id == sid)
+    assert spec.every.total_seconds() == 3600
+    try:
+        await apply(client, cfg, paused=True)
+        desc = await client.get_schedule_handle(sid).describe()
+        from temporalio.client import ScheduleOverlapPolicy
+        assert desc.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+        await trigger(client, cfg, "consistency-check")
+
+        def recorded():
+            with _pg(lab, tables) as c:
+                return c.execute("select workflow_id, outcome from eagle_dr.consistency_runs "
+                                 "where workflow_id like %s", (sid + "%",)).fetchone()
+
+        row = await _until(_async(recorded), 120, "the scheduled check's row", interval=0.5)
+        assert row[1] in ("succeeded", "degraded")
+    finally:
+        from tests.test_schedules import _delete_owned
+        await _delete_owned(client, cfg)
+
+
+def test_the_consistency_config_is_validated():
+    from pydantic import ValidationError
+
+    from eagle_dr.config import ConsistencyConfig
+
+    assert ConsistencyConfig().every.total_seconds() == 3600 and ConsistencyConfig(every=None).every is None
+    for bad, field in (({"tables": ["a.b.c"]}, "tables"), ({"tables": ["x", "x"]}, "tables"),
+                       ({"every": "10s"}, "every"), ({"parallel": 0}, "parallel"), ({"chunk_rows": 10}, "chunk_rows")):
+        with pytest.raises(ValidationError) as e:
+            ConsistencyConfig.model_validate(bad)
+        assert e.value.errors()[0]["loc"] == (field,), bad
