@@ -200,8 +200,9 @@ async def test_replica_lag_throttles_and_says_so(lab, client, tables):
 
         async def throttling():
             for a in (await handle.describe()).raw_description.pending_activities:
-                for p in a.heartbeat_details.payloads:
-                    if json.loads(p.data).get("partial", {}).get("throttling"):
+                # Through the client's converter: with the payload codec on, details are ciphertext.
+                for d in await client.data_converter.decode(list(a.heartbeat_details.payloads)):
+                    if isinstance(d, dict) and d.get("partial", {}).get("throttling"):
                         return True
             return False
 

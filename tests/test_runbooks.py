@@ -10,7 +10,6 @@ over to B; the drill then switches to A, kills it and fails back to B.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -304,12 +303,14 @@ async def test_monitor_detects_region_loss_and_fails_over(lab, client):
     asked, woke = {}, []
     async for e in handle.fetch_history_events():
         if e.HasField("activity_task_scheduled_event_attributes"):
-            args = e.activity_task_scheduled_event_attributes.input.payloads
-            req = json.loads(args[0].data) if args else None
+            # Through the client's converter: with the payload codec on, payloads are ciphertext.
+            args = await client.data_converter.decode(list(e.activity_task_scheduled_event_attributes.input.payloads))
+            req = args[0] if args else None
             asked[e.event_id] = req.get("watch_seconds", 0) if isinstance(req, dict) else 0
         elif e.HasField("activity_task_completed_event_attributes"):
             done = e.activity_task_completed_event_attributes
-            out = json.loads(done.result.payloads[0].data) if done.result.payloads else None
+            outs = await client.data_converter.decode(list(done.result.payloads))
+            out = outs[0] if outs else None
             if isinstance(out, dict) and any(s["region"] == a and s["refused"] for s in out.get("sightings", [])):
                 woke.append((out.get("watched_seconds"), asked[done.scheduled_event_id]))
     # Asked to watch for most of the 5 s interval; the kill ended the watch well before that.
