@@ -26,12 +26,24 @@ async def _backup(lab, client, history: str | None = None, **kw) -> BackupResult
     return res
 
 
+async def _activities(handle) -> list[str]:
+    return [e.activity_task_scheduled_event_attributes.activity_type.name async for e in handle.fetch_history_events()
+            if e.HasField("activity_task_scheduled_event_attributes")]
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_full_backup_from_the_standby_to_both_regions_buckets(lab, client):
     primary = _primary(lab)
     standby = lab.cfg.other(primary).name
-    res = await _backup(lab, client, "backup-full-from-standby", type="full", trigger="test")
+    handle = await client.start_workflow(BackupWorkflow.run, BackupInput(type="full", trigger="test"),
+                                         id=f"test-backup-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    res = await handle.result()
+    await record(handle, "backup-full-from-standby")
     assert res.outcome == "succeeded", res
+    # Every bucket has the stanza (lab up made it): no stanza-create, one backup per repo.
+    acts = await _activities(handle)
+    assert "ensure_stanza" not in acts and acts.count("take_backup") == 2, acts
     assert res.primary_region == primary and res.source_region == standby and res.from_standby
     assert sorted(b.repo_region for b in res.backups) == sorted(lab.cfg.region_names)
     cat = read_catalog(Stanza(lab.cfg, primary))
@@ -65,3 +77,36 @@ async def test_bad_backup_input_names_the_field(lab, client, raw, field):
         await client.execute_workflow("BackupWorkflow", raw, id=f"test-{uuid.uuid4()}",
                                       task_queue=lab.cfg.temporal.control_task_queue)
     assert e.value.cause.type == "InvalidInput" and field in str(e.value.cause)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_stanza_create_runs_only_when_a_bucket_lacks_the_stanza(lab, client):
+    """Not before every backup (a second of S3 round trips to both buckets, bench/backup.py;
+    test_full_backup_from_the_standby_to_both_regions_buckets checks a backup runs none), but
+    when the backup finds the bucket without it: here one lost and recreated empty."""
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    # The standby's region's bucket lost and recreated empty: no backup.info, no archive.info.
+    # (Recreated, not just emptied: SeaweedFS keeps the emptied "directories", which
+    # stanza-create takes for leftovers, where S3 has none.)
+    bucket = lab.cfg.region(standby).s3.bucket
+    s3 = lab.s3(standby).client()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=o["Key"])
+    s3.delete_bucket(Bucket=bucket)
+    s3.create_bucket(Bucket=bucket)
+    assert read_catalog(Stanza(lab.cfg, primary)).repo(standby).ok is False
+    handle = await client.start_workflow(BackupWorkflow.run, BackupInput(type="full", repos=[standby], trigger="test"),
+                                         id=f"test-backup-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    res = await handle.result()
+    await record(handle, "backup-stanza-missing")
+    assert res.outcome == "succeeded", res
+    acts = await _activities(handle)
+    # Tried, found no stanza, made it once, took the backup.
+    assert acts.count("ensure_stanza") == 1 and acts.count("take_backup") == 2, acts
+    assert acts.index("ensure_stanza") > acts.index("take_backup")
+    cat = read_catalog(Stanza(lab.cfg, primary))
+    assert cat.repo(standby).ok, cat.repos
+    assert [(b.label, b.type) for b in cat.on(standby)] == [(res.backups[0].label, "full")]

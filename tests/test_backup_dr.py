@@ -16,6 +16,7 @@ import os
 import shutil
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -175,6 +176,117 @@ async def test_other_region_down_keeps_pg_wal_bounded_and_archiving_catches_up(l
     assert healed.outcome == "succeeded", healed
     assert [g.healed_by for g in read_gaps(st) if g.repo_region == other] == [full.backups[0].label]
     assert not archive_view(lab.cfg, primary).degraded
+
+
+def _rebuild_bucket(lab, region: str, create: bool) -> None:
+    """The region's bucket deleted (every object, then the bucket), or recreated empty: what a
+    region lost and rebuilt gives back."""
+    bucket, s3 = lab.cfg.region(region).s3.bucket, lab.s3(region).client()
+    if create:
+        s3.create_bucket(Bucket=bucket)
+        return
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=o["Key"])
+    s3.delete_bucket(Bucket=bucket)
+
+
+@pytest.mark.long  # ~90 s: `make test-long`
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_bucket_wiped_while_dropped_is_readmitted_only_once_usable_and_the_survivor_stays_continuous(
+        lab, client):
+    """The other region's bucket is dropped from archiving, and comes back without its data
+    (deleted, then recreated empty). The guard must not archive to it while it has no bucket
+    or no stanza; it takes it back once stanza-create made it usable, with a gap a full backup
+    closes. Meanwhile the surviving bucket's WAL stays continuous: a PITR from a backup taken
+    before the outage replays across the whole of it."""
+    from activities.backup.restore import RestoreTarget, connect_scratch, scratch_config
+    from workflows.restore import RestoreInput, RestoreWorkflow
+
+    primary = _primary(lab)
+    other = lab.cfg.other(primary).name
+    st = Stanza(lab.cfg, primary)
+
+    def archiving_ok() -> bool:
+        _exec(lab, primary, "select pg_reload_conf()")
+        return not read_archiver(lab.cfg.region(primary).postgres).failing
+
+    await _until(_async(archiving_ok), 120, "archiving to succeed", interval=1)
+    assert (await _guard(lab, client, backlog_max_bytes=BOUND)).report.dropped == []
+    before = (await _backup(lab, client, type="full", repos=[primary])).backups[0]
+    tag = uuid.uuid4().hex
+    earlier = len(read_gaps(st))  # gaps earlier tests left (healed): appended to, never rewritten
+
+    def new_gaps():
+        return [g for g in read_gaps(st)[earlier:] if g.repo_region == other]
+
+    lab.s3(other).kill()
+    try:
+        for _ in range(4):
+            _switch_wal(lab, primary)
+        await _until(_async(lambda: _ready_bytes(lab, primary) > BOUND), 30, "WAL to pile up for the dead bucket")
+        res = await _guard(lab, client, backlog_max_bytes=BOUND)
+        assert res.report.newly_dropped == [other], res
+    finally:
+        lab.s3(other).start()
+    # Written while the other bucket is out of archiving: only the survivor has this WAL.
+    _exec(lab, primary, f"insert into backup_dr (note) values ('{tag}-during')")
+
+    # Back, but its bucket deleted: not usable, so still dropped, and no stanza-create tried.
+    _rebuild_bucket(lab, other, create=False)
+    res = await _guard(lab, client, backlog_max_bytes=BOUND)
+    assert {p.region: p.usable for p in res.report.repos} == {primary: True, other: False}, res.report.repos
+    assert res.report.readmitted == [] and res.report.dropped == [other] and st.dropped() == [other]
+    assert f"s3-bucket={lab.cfg.region(other).s3.bucket}" not in st.archive_conf.read_text()
+    assert res.backups_started == [] and res.outcome == "degraded"
+
+    # Recreated empty: the guard makes the stanza there, then archives to it again, with a gap
+    # (nothing from before is in it) and a full backup started to close it.
+    _rebuild_bucket(lab, other, create=True)
+    res = await _guard(lab, client, backlog_max_bytes=BOUND)
+    assert res.report.readmitted == [other] and res.report.dropped == [] and st.dropped() == [], res.report
+    assert {p.region: p.usable for p in res.report.repos} == {primary: True, other: True}
+    assert f"s3-bucket={lab.cfg.region(other).s3.bucket}" in st.archive_conf.read_text()
+    assert res.report.needs_full == [other] and res.backups_started == [gap_backup_id(lab.cfg.service, other)]
+    gaps = new_gaps()
+    assert sorted(g.cause for g in gaps) == ["dropped", "stanza-recreated"] and all(g.until for g in gaps), gaps
+    full = await client.get_workflow_handle(gap_backup_id(lab.cfg.service, other), result_type=BackupResult).result()
+    assert full.outcome == "succeeded" and [(b.repo_region, b.type) for b in full.backups] == [(other, "full")]
+    last = _switch_wal(lab, primary)
+    await _until(_async(lambda: (_archived_to(lab, other, other) or "") >= last), 120,
+                 "WAL archived to the recreated bucket", interval=1)
+    healed = await _guard(lab, client, backlog_max_bytes=BOUND)
+    assert healed.outcome == "succeeded", healed.degraded
+    assert [g.healed_by for g in new_gaps()] == [full.backups[0].label] * 2
+
+    # The survivor: from the backup before the outage to a point after it, no gap.
+    with psycopg.connect(lab.cfg.region(primary).postgres.dsn(), autocommit=True) as conn:
+        target = conn.execute("select clock_timestamp()").fetchone()[0]
+    _exec(lab, primary, f"insert into backup_dr (note) values ('{tag}-after')")
+    last = _switch_wal(lab, primary)
+    await _until(_async(lambda: (_archived_to(lab, primary, primary) or "") >= last), 120,
+                 "the target's WAL archived to the surviving bucket", interval=1)
+    assert pitr_blocked(read_gaps(st), primary, before.stopped, target) is None
+    handle = await client.start_workflow(
+        RestoreWorkflow.run, RestoreInput(region=primary, repo=primary, target=RestoreTarget(kind="time", time=target),
+                                          keep_minutes=30, trigger="test"),
+        id=f"test-restore-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+
+    async def kept():
+        try:
+            return await handle.query(RestoreWorkflow.scratch)
+        except Exception:  # noqa: BLE001 - not up yet
+            return None
+
+    scratch = await _until(kept, 300, "the scratch copy to be up", 0.5)
+    try:
+        assert scratch.backup_label == before.label and scratch.repo_region == primary
+        with connect_scratch(scratch_config(st, Path(scratch.directory), scratch.port)) as conn:
+            notes = sorted(r[0] for r in conn.execute("select note from backup_dr where note like %s", (f"{tag}-%",)))
+        assert notes == [f"{tag}-during"]
+    finally:
+        await handle.signal(RestoreWorkflow.release)
+        await handle.result()
 
 
 # -- backup, switchover, backup, PITR after the switch -------------------------------------------

@@ -254,3 +254,63 @@ async def test_rebuild_refuses_a_fenced_old_primary_and_leaves_it_alone(lab_cfg,
         rebuild_standby(Stanza(cfg, region.name), lab_cfg.primary.postgres, region.name, region.name, "slot_x")
     assert e.value.field == "region" and "failback" in str(e.value)
     assert (data / FENCE_MARKER).exists() and not aside_dir(data).exists()
+
+
+@pytest.mark.long  # ~90 s: the retry waits out the activity's 60 s heartbeat timeout
+async def test_worker_killed_mid_rebuild_the_retry_finishes_and_the_standby_streams(lab, client):
+    """kill -9 of the standby's regional worker while ``pgbackrest restore`` writes the new data
+    directory: the retry (another attempt, on the restarted worker) finds the original aside and
+    its own half-made restore in place, restores again and streams; nothing is left aside."""
+    import os
+    import signal
+
+    from lab.processes import kill_tree, read_pid
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _table(lab)
+    await _backup(lab, client, type="full")
+    tag = uuid.uuid4().hex
+    _commit(lab, "insert into restore_probe values (1, %s, 'before the rebuild')", tag)
+    pg = lab.cfg.region(standby).postgres
+    data = PgCtl(pg).data_dir
+    stanza = Stanza(lab.cfg, standby)
+    handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
+                                         id=f"test-rebuild-crash-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    await handle.execute_update("approve", _decide("approve"))
+
+    async def restoring() -> int | None:
+        pids = list(stanza.processes("restore"))
+        return pids[0] if pids else None
+
+    pid = await _until(restoring, 120, "pgbackrest restore to run on the standby's node", 0.01)
+    # Frozen mid-restore so it cannot finish before the worker dies, whatever the machine's speed.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert aside_dir(data).exists()  # the original was moved aside before the restore began
+        killed = kill_tree(read_pid(lab.worker_pidfile(standby)))  # kill -9: the worker and pgbackrest
+        assert pid in killed
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    lab.start_worker(standby)
+    res: RestoreResult = await handle.result()
+    assert res.outcome in ("succeeded", "degraded") and res.rebuilt and res.rebuilt.backup_label, res
+    attempts = [e.activity_task_started_event_attributes.attempt async for e in handle.fetch_history_events()
+                if e.HasField("activity_task_started_event_attributes")]
+    assert max(attempts) >= 2, attempts  # the killed attempt was retried, not finished before the kill
+    st = pg_status(pg)
+    assert st.role == "standby" and st.receiver_status == "streaming", st
+    assert not aside_dir(data).exists() and stanza.processes("restore") == {}
+    _commit(lab, "insert into restore_probe values (2, %s, 'after the rebuild')", tag)
+
+    async def caught_up():
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            return [r[0] for r in conn.execute("select n from restore_probe where tag = %s order by n", (tag,))] \
+                == [1, 2]
+
+    await _until(caught_up, 60, "the rebuilt standby to have the primary's rows", 0.2)

@@ -30,7 +30,7 @@ from activities.backup.restore import (
     scratch_config,
     utcnow,
 )
-from activities.backup.take import take_backup
+from activities.backup.take import StanzaMissing, take_backup
 from activities.heartbeat import heartbeating
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
@@ -93,11 +93,24 @@ class BackupActivities:
         st = self._stanza(region)
         changed = st.write_configs()
         with heartbeating():
-            r = st.run("stanza-create", timeout=300, check=False)
+            r = st.run("stanza-create", "--log-level-console=info", timeout=300, check=False)
         if r.returncode != 0:
             raise ApplicationError(f"stanza-create on {region} failed: {scrub(r.stderr.strip()[-800:])}",
                                    type="StanzaCreateFailed")
-        return StanzaReady(region=region, config_changed=changed, created="completed successfully" in r.stdout + r.stderr)
+        out = r.stdout + r.stderr
+        # One "stanza-create for stanza ... on repoN" per repo, plus "already exists on repoN
+        # and is valid" where there was nothing to do (src/command/stanza/create.c).
+        created = out.count("stanza-create for stanza") > out.count("already exists on")
+        if created:
+            # archive-push failed every segment while a repo lacked archive.info, and the
+            # archiver waits a minute after three failures: a reload wakes it, so the WAL a
+            # backup taken right now waits for is pushed now.
+            try:
+                with connect(st.region.postgres, 5) as conn:
+                    conn.execute("select pg_reload_conf()")
+            except Exception as e:  # noqa: BLE001 - it wakes by itself within a minute
+                activity.logger.info("could not wake the archiver", extra={"error": str(e)[:200]})
+        return StanzaReady(region=region, config_changed=changed, created=created)
 
     @activity.defn
     def take_backup(self, req: TakeBackupRequest) -> BackupRecord:
@@ -118,7 +131,12 @@ class BackupActivities:
         try:
             return take_backup(st, req.primary, req.repo_region, req.type, req.not_before, req.from_standby,
                                beat, lambda: activity.is_cancelled() or activity.is_worker_shutdown(),
-                               owner=f"{info.workflow_id}/{info.activity_id}", timeout=req.timeout_seconds)
+                               owner=f"{info.workflow_id}/{info.activity_id}", timeout=req.timeout_seconds,
+                               first_attempt=info.attempt == 1)
+        except StanzaMissing as e:
+            # Not retried here: a retry would fail the same way. The workflow runs stanza-create
+            # on the primary's node and asks again.
+            raise ApplicationError(str(e), type="StanzaMissing", non_retryable=True) from None
         except PgBackRestError as e:
             activity.logger.warning("backup failed", extra={"attempt": info.attempt, "error": str(e)})
             raise ApplicationError(str(e), type="BackupFailed") from None

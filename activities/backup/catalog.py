@@ -113,5 +113,6 @@ def parse_info(doc: dict, stanza: Stanza) -> Catalog:
                    backups=backups, backup_running=bool(lock.get("held")))
 
 
-def read_catalog(stanza: Stanza) -> Catalog:
-    return parse_info(stanza.info(), stanza)
+def read_catalog(stanza: Stanza, *options: str) -> Catalog:
+    """``options``: e.g. ``--repo=N`` for one repo's part only."""
+    return parse_info(stanza.info(*options), stanza)
