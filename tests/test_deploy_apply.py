@@ -110,3 +110,14 @@ def test_a_bad_region_is_a_clear_error(k8s, config_path, tmp_path):
     assert r.returncode == 2
     assert "no overlay for region 'us-east-1'" in r.stderr and "have: us-west-2" in r.stderr, r.stderr
     assert _writes(k8s) == []
+
+
+def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch):
+    raw = yaml.safe_load((ROOT / "deploy" / "base" / "eagle-dr.yaml").read_text())
+    raw["regions"][0]["kubernetes"] = {"api_url": "http://127.0.0.1:9"}  # discard port: refused
+    p = tmp_path / "eagle-dr.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("EAGLE_DR_CONFIG", str(p))
+    r = _deploy(p, "--region", REGION, "--dry-run", ok=False)
+    assert r.returncode == 1
+    assert "Kubernetes API is not reachable" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
