@@ -103,6 +103,33 @@ def _selector_lister(emulator: kmock.KubernetesEmulator, resource: kmock.resourc
     return lister
 
 
+# -- server-side apply (kmock answers an apply to a missing object with 404) --------------------
+
+
+class _ApplyingEmulator(kmock.KubernetesEmulator):
+    """A real API server creates the object a server-side apply names when it does not exist;
+    kmock only patches existing ones. This creates it first (as a POST would), then lets kmock
+    merge the apply into it, so an apply answers with the object either way. Field ownership
+    and the removal of fields an apply no longer sets are not emulated."""
+
+    async def _handle(self, request):
+        content_type = request.headers.get("Content-Type") or request.headers.get("content-type") or ""
+        if (request.resource is not None and request.name is not None
+                and str(request.method.value).upper() == "PATCH" and content_type.startswith("application/apply-patch")
+                and request.params.get("dryRun") is None):
+            key = (request.resource, request.namespace, request.name)
+            async with self._lock:
+                if key not in self._objects:
+                    self._objects[key] = request.data
+                elif self._objects[key].deleted:
+                    self._objects[key].create(request.data)
+                else:
+                    key = None
+                if key is not None:
+                    await self._buses[request.resource].put({"type": "ADDED", "object": self._objects[key].last.raw})
+        return await super()._handle(request)
+
+
 # -- the server thread -------------------------------------------------------------------------
 
 
@@ -158,7 +185,7 @@ class _EmulatorThread:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as emulator:
+        async with _ApplyingEmulator() as emulator:
             self._emulator = emulator
             deployments = kmock.resource("apps/v1/deployments")
             jobs = kmock.resource("batch/v1/jobs")
