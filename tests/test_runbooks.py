@@ -347,9 +347,9 @@ async def test_drill(lab, client):
         await _until(_async(lambda: len(write_log(lab.cfg).acknowledged()) > 10), 30, "sample app traffic")
         handle = await start_drill(client, lab.cfg, DrillInput(service=lab.cfg.service))
         report = await handle.result()
-        # drill.json, drill-restore-drill.json, drill-holds-monitor.json and drill-alert-latency.json
-        # stay: drills recorded before later patches must replay.
-        await record(handle, "drill-hold-and-alert-latency")
+        # drill.json, drill-restore-drill.json, drill-holds-monitor.json, drill-alert-latency.json
+        # and drill-hold-and-alert-latency.json stay: drills recorded before later patches must replay.
+        await record(handle, "drill-consistency-check")
         st = await monitor.query(MonitorWorkflow.monitor_state)
     finally:
         lab.stop_app()
@@ -368,6 +368,13 @@ async def test_drill(lab, client):
     st = pg_status(lab.cfg.region(b).postgres)
     assert st.role == "standby" and st.receiver_status == "streaming"
     assert lab.router.active_region() == a
+    # The rebuilt standby holds the primary's data, table by table and in Redis, checked while
+    # the app kept writing (rows in flight are not differences).
+    cc = report.consistency
+    assert report.consistency_error is None and cc is not None, report.consistency_error
+    assert cc.region_a == a and cc.region_b == b and cc.follower and cc.differences == 0, cc
+    assert any(t.table.endswith("alerts") and t.rows_a > 0 for t in cc.tables), cc.tables
+    assert cc.redis is not None and cc.redis.differences == 0, cc.redis
     # The report states the backup RPO, the newest recoverable point and the restore drill's
     # result: a backup and a restore drill of it, checked against the primary under the app's writes.
     rd = report.restore_drill

@@ -5,10 +5,12 @@
  3. detection as production would see it: health probes failing `failure_threshold` times;
  4. unplanned failover back, with approval auto-granted (and said so);
  5. failback of the killed region as a standby;
- 6. a backup and a restore drill (RestoreDrillWorkflow): the newest backup restored into a
+ 6. a consistency check of the rebuilt standby against the primary (ConsistencyCheckWorkflow:
+    every user table down to exact keys, and Redis): failback's result, checked by data;
+ 7. a backup and a restore drill (RestoreDrillWorkflow): the newest backup restored into a
     scratch instance and checked against the primary, giving the backup RTO, the backup RPO and
     the newest recoverable point;
- 7. a report: every step with its duration, RTO and RPO against the targets, and the
+ 8. a report: every step with its duration, RTO and RPO against the targets, and the
     acknowledged writes lost, counted from the sample app's own log.
 The failed region is left down: bringing it back is failback's job, never the lab's.
 """
@@ -27,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
     from activities.lab_hooks import LabHooks
     from workflows.backup import BackupInput, BackupWorkflow
+    from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
     from workflows.failback import FailbackInput, FailbackReport, FailbackWorkflow
     from workflows.failover import FailoverWorkflow
     from workflows.models import (ApprovalPolicy, FailoverInput, MonitorHold, RunbookResult, StepRecord,
@@ -52,6 +55,8 @@ class DrillInput(BaseModel):
     failback: bool = True
     # Then take a backup and run a restore drill (backup RTO/RPO, newest recoverable point).
     restore_drill: bool = True
+    # After failback, compare the rebuilt standby with the primary, table by table and Redis.
+    consistency_check: bool = True
 
 
 class DrillReport(BaseModel):
@@ -67,6 +72,9 @@ class DrillReport(BaseModel):
     # The restore drill's figures (also when it failed: its error carries them) and its verdict.
     restore_drill: RestoreDrillResult | None = None
     restore_drill_error: str | None = None
+    # The consistency check of the rebuilt standby (None: not run, or drills before it).
+    consistency: ConsistencyResult | None = None
+    consistency_error: str | None = None
     # Alertmanager -> incident workflow, measured during the outage (None in drills before it).
     alert_latency: AlertLatency | None = None
     # The drill's own steps, for its report's timeline (empty in drills recorded before).
@@ -178,6 +186,11 @@ class DrillWorkflow(Runbook):
                     if failback.rewind else "it already streamed: nothing to rewind"
 
         outcomes = {switchover.outcome, failover.outcome} | ({"succeeded"} if failback else set())
+        consistency, consistency_error = None, None
+        # Guarded: drills recorded before it replay without the check.
+        if failback and inp.consistency_check and workflow.patched("drill-consistency-check"):
+            consistency, consistency_error = await self._consistency(inp, control, a, b)
+            outcomes.add(consistency.outcome if consistency else "failed")
         restore_drill, restore_drill_error = None, None
         # Guarded: histories of drills recorded before it (tests/histories/drill.json) replay unchanged.
         if inp.restore_drill and workflow.patched("drill-restore-drill"):
@@ -187,6 +200,7 @@ class DrillWorkflow(Runbook):
         return DrillReport(service=inp.service, primary_before=a, primary_after=a, switchover=switchover,
                            outage_region=b, killed=killed, detection_seconds=detection, failover=failover,
                            failback=failback, restore_drill=restore_drill, restore_drill_error=restore_drill_error,
+                           consistency=consistency, consistency_error=consistency_error,
                            alert_latency=alert_latency, steps=self.steps,
                            notes=[] if failback else [f"region {b} is left down: failback rebuilds it as a standby"])
 
@@ -204,6 +218,26 @@ class DrillWorkflow(Runbook):
         st.status = "done" if res.seconds is not None else "failed"
         st.detail, st.finished_at = res.summary(), workflow.now()
         return res
+
+    async def _consistency(self, inp: DrillInput, control: str, primary: str,
+                           standby: str) -> tuple[ConsistencyResult | None, str | None]:
+        """Failback says the rebuilt standby streams; this says it holds the primary's data. A
+        difference is the drill's finding (degraded), never the end of its report."""
+        async with self.step(f"consistency check: {standby} (rebuilt) against {primary}") as st:
+            try:
+                res = await workflow.execute_child_workflow(
+                    ConsistencyCheckWorkflow.run, ConsistencyInput(regions=[primary, standby], trigger="drill"),
+                    task_queue=control, id=f"dr-drill-{inp.service}-consistency",
+                    static_summary=f"Drill: consistency of {standby} against {primary}")
+            except ChildWorkflowError as e:
+                st.status, st.detail = "failed", f"check FAILED: {_cause(e)}"
+                return None, _cause(e)
+            tables = len(res.tables)
+            st.detail = (f"{tables} tables and Redis identical" if res.differences == 0 else
+                         f"{res.differences} DIFFERENCES in {', '.join(res.degraded) or 'the data'}")
+            if res.differences:
+                st.status = "failed"
+            return res, None
 
     async def _restore_drill(self, inp: DrillInput, control: str, primary: str,
                              scratch_region: str) -> tuple[RestoreDrillResult | None, str | None]:

@@ -699,6 +699,7 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to"),
         _report(report.failover)
         if report.failback:
             _failback_report(report.failback)
+        _consistency_report(report.consistency, report.consistency_error)
         _restore_drill_report(report.restore_drill, report.restore_drill_error)
         if report.alert_latency:
             out.print(f"[bold]alert -> workflow[/]: {escape(report.alert_latency.summary())}")
@@ -712,6 +713,8 @@ def drill(switchover_to: Optional[str] = typer.Option(None, "--switchover-to"),
         degraded = [f"{p.runbook} -> {p.target_region}" for p in parts if p.outcome != "succeeded"]
         if report.restore_drill_error or (report.restore_drill and report.restore_drill.outcome != "succeeded"):
             degraded.append("restore drill")
+        if report.consistency_error or (report.consistency and report.consistency.differences):
+            degraded.append("consistency check")
         if degraded:
             _fail(f"drill finished DEGRADED: {', '.join(degraded)}", EXIT_DEGRADED)
 
@@ -741,6 +744,25 @@ async def _drill_files(client, c: EagleConfig, handle, html: Optional[str]) -> N
         out.print(f"report: {page} (HTML, open in a browser) and {page.with_suffix('.txt')} (text)", highlight=False)
     except Exception as e:  # noqa: BLE001
         err.print(f"[yellow]warning:[/] the drill's report files were not written: {escape(str(e))}")
+
+
+def _consistency_report(r, error: str | None) -> None:
+    """The rebuilt standby against the primary, by data: rows per table, differing keys."""
+    if r is None and error is None:
+        return
+    if error:
+        out.print(f"[bold]consistency check[/]: [bold red]FAILED[/]: {escape(error)}")
+        return
+    verdict = "[green]identical[/]" if r.differences == 0 else f"[bold red]{r.differences} DIFFERENCES[/]"
+    rows = sum(t.rows_a for t in r.tables)
+    redis = "" if r.redis is None else \
+        f"; Redis {'identical' if not r.redis.differences else 'DIFFERS'}"
+    out.print(f"[bold]consistency check[/] {r.region_b} against {r.region_a}: {verdict} "
+              f"({len(r.tables)} tables, {rows} rows{redis})")
+    for t in r.tables:
+        if t.differences:
+            sample = [",".join(k) for k in (t.diff.inserted_keys + t.diff.updated_keys + t.diff.deleted_keys)[:5]]
+            out.print(f"  {t.table}: {t.differences} keys differ (sample: {'; '.join(sample)})")
 
 
 def _restore_drill_report(r, error: str | None) -> None:
