@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import structlog
 from temporalio import activity, workflow
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
@@ -114,3 +115,40 @@ client_key_path = "{key}"
         line = explain(e.value)
         assert line is not None and "\n" not in line and address in line  # the profile's address
         assert "client certificate" in line and "TEMPORAL_TLS_CLIENT_CERT_PATH" in line
+
+
+API_KEY = "eagle-dr-test-api-key-7f3a9c"  # a marker: it must reach the client and no log line
+
+
+async def test_api_key_from_env_enables_tls(no_temporal_env):
+    """envconfig's rule, relied on in the README: an API key alone means TLS with the system roots
+    (Temporal Cloud); TEMPORAL_TLS=false is the only way to send it in plain text."""
+    from eagle_dr.temporal import connect_config
+
+    no_temporal_env.setenv("TEMPORAL_API_KEY", API_KEY)
+    cfg = connect_config("127.0.0.1:7233")
+    assert cfg["api_key"] == API_KEY and cfg["tls"] is True and cfg["target_host"] == "127.0.0.1:7233"
+    no_temporal_env.setenv("TEMPORAL_TLS", "false")
+    cfg = connect_config("127.0.0.1:7233")
+    assert cfg["api_key"] == API_KEY and cfg["tls"] is False
+
+
+async def test_api_key_reaches_the_client_and_no_log(dev_server, no_temporal_env, capsys):
+    from eagle_dr import logs
+    from workers.run import log_started
+
+    no_temporal_env.setenv("TEMPORAL_API_KEY", API_KEY)
+    no_temporal_env.setenv("TEMPORAL_TLS", "false")  # the dev server is plain text and ignores the key
+    client = await connect(dev_server.address)
+    assert client.service_client.config.api_key == API_KEY
+    assert await client.count_workflows() is not None  # the key is sent and the server still answers
+
+    saved = structlog.get_config()
+    try:
+        logs.configure("test", fmt="json")  # binds capsys's stderr, so restored below
+        log_started(logs.get("worker"), client, "dr-control", None)
+    finally:
+        structlog.configure(**saved)
+    err = capsys.readouterr().err
+    assert '"event": "worker.started"' in err and '"api_key": "set"' in err and dev_server.address in err
+    assert API_KEY not in err
