@@ -67,6 +67,17 @@ def connect_config(default_address: str | None = None) -> dict:
     return cfg
 
 
+def connection_summary(client) -> dict:
+    """What a log line may say about a client's connection: where, which namespace, which TLS
+    mode and whether an API key is set. Never the key itself, and never the TLS config (its
+    repr carries the client's private key bytes)."""
+    config = client.service_client.config
+    tls = config.tls
+    mode = "off" if not tls else ("mtls" if getattr(tls, "client_cert", None) else "on")
+    return {"address": config.target_host, "namespace": client.namespace, "tls": mode,
+            "api_key": "set" if config.api_key else "none"}
+
+
 def data_converter(config=None):
     """The pydantic data converter, with the payload codec ``temporal.codec`` asks for.
 

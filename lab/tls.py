@@ -58,3 +58,26 @@ class LabTls:
             os.chmod(d / name, 0o644)
         # The S3 servers run as the lab user and read the key.
         self.user.own(self.key, self.cert)
+
+    def client_cert(self, name: str) -> tuple[Path, Path]:
+        """A client certificate (``<name>.crt``, ``<name>.key``) signed by the lab CA, for mTLS.
+
+        X.509 v3 with ``extendedKeyUsage=clientAuth`` (the -extfile makes it v3): rustls, in the
+        Temporal SDK's core, rejects v1 certificates outright. Idempotent like ``ensure``."""
+        self.ensure()
+        crt, key = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        if crt.exists() and key.exists():
+            return crt, key
+        openssl = binaries.ensure("openssl")["openssl"]
+
+        def run(*argv: str) -> None:
+            r = subprocess.run([openssl, *argv], cwd=self.dir, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"openssl {argv[0]} failed: {r.stderr.strip()}")
+
+        (self.dir / f"{name}.ext").write_text("extendedKeyUsage=clientAuth\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key.name, "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", crt.name, "-days", "3650", "-extfile", f"{name}.ext")
+        os.chmod(key, 0o600)
+        return crt, key

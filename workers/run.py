@@ -19,7 +19,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from eagle_dr import logs
 from eagle_dr.config import EagleConfig
-from eagle_dr.temporal import connect
+from eagle_dr.temporal import connect, connection_summary
 from workers.registry import WORKFLOWS, control_activities, regional_activities
 from workers.scrub import ScrubSecrets
 
@@ -48,6 +48,12 @@ def metrics_address(cfg: EagleConfig, region: str | None) -> str | None:
     return f"{cfg.temporal.metrics_host}:{port}" if port else None
 
 
+def log_started(log, client, task_queue: str, region: str | None) -> None:
+    # Where the worker connected, so a worker polling the wrong cluster or namespace shows in its
+    # first line; connection_summary keeps the API key and TLS key material out of it.
+    log.info("worker.started", task_queue=task_queue, region=region or "control", **connection_summary(client))
+
+
 async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None) -> None:
     log = logs.get("worker")
     extra = {}
@@ -73,8 +79,7 @@ async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None
         if pidfile:
             with open(pidfile, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        log.info("worker.started", task_queue=worker.task_queue, region=region or "control",
-                 namespace=client.namespace)
+        log_started(log, client, worker.task_queue, region)
         await worker.run()
         log.info("worker.stopped", task_queue=worker.task_queue)
 

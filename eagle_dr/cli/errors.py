@@ -18,9 +18,49 @@ _TEMPORAL_FIX = ("Start the lab's dev server with `eagle-dr dev-server up`, or p
                  "temporal profile) at your cluster.")
 
 
+# TLS failures look like "not reachable" to tonic, but the server is up and the fix is in the
+# client's TLS settings, so they get their own lines (rustls' words; checked against a TLS proxy).
+_TLS_UNTRUSTED = re.compile(r"InvalidCertificate\((UnknownIssuer|BadSignature)|invalid peer certificate: UnknownIssuer")
+_TLS_WRONG_NAME = re.compile(r"InvalidCertificate\(NotValidForName|certificate is not valid for")
+# A server that wants a client certificate (mTLS) and got none or a bad one sends an alert after
+# the TLS 1.3 handshake (Go's TLS, OpenSSL). The client's connection task can swallow that alert
+# and fail the first call with a bare close or reset (seen ~1 in 5 against an OpenSSL server).
+_TLS_CLIENT_REFUSED = re.compile(r"CertificateRequired|BadCertificate|UnknownCA|certificate required", re.I)
+_CLOSED_AFTER_CONNECT = re.compile(r"call error after connection.*(connection closed|BrokenPipe|broken pipe"
+                                   r"|ConnectionReset|close_notify)", re.I)
+
+
+def _tls_explanation(text: str, address: str) -> str | None:
+    if _TLS_UNTRUSTED.search(text):
+        return (f"Temporal at {address} presented a TLS certificate this client does not trust (unknown issuer). "
+                "Point TEMPORAL_TLS_SERVER_CA_CERT_PATH (or the profile's server_ca_cert_path) at the CA that "
+                "signed it.")
+    if _TLS_WRONG_NAME.search(text):
+        return (f"Temporal at {address} presented a TLS certificate for another name. Set TEMPORAL_TLS_SERVER_NAME "
+                "(or the profile's server_name) to a name the certificate carries.")
+    if _TLS_CLIENT_REFUSED.search(text):
+        return (f"Temporal at {address} refused the TLS connection: it requires a client certificate (mTLS) and "
+                "none was sent or it was not accepted. Set TEMPORAL_TLS_CLIENT_CERT_PATH and "
+                "TEMPORAL_TLS_CLIENT_KEY_PATH (or the profile's client_cert_path/client_key_path) to a "
+                "certificate signed by the CA the server trusts.")
+    if _CLOSED_AFTER_CONNECT.search(text):
+        return (f"Temporal at {address} accepted the connection, then closed it before answering. A server that "
+                "requires a client certificate (mTLS) does this when none is sent: set TEMPORAL_TLS_CLIENT_CERT_PATH "
+                "and TEMPORAL_TLS_CLIENT_KEY_PATH (or the profile's client_cert_path/client_key_path); otherwise see "
+                "the server's log.")
+    return None
+
+
 def _temporal_address(config_path: str | None) -> str:
     if os.environ.get("TEMPORAL_ADDRESS"):
         return os.environ["TEMPORAL_ADDRESS"]
+    try:
+        from eagle_dr.temporal import connect_config
+
+        if address := connect_config().get("target_host"):  # a temporal.toml profile's address
+            return address
+    except Exception:  # noqa: BLE001 - an unreadable profile has its own error; the address is only a hint
+        pass
     try:
         from eagle_dr.config import load_config
 
@@ -44,6 +84,8 @@ def explain(e: BaseException, config_path: str | None = None) -> str | None:
         return (f"a secret the config references cannot be read: {_first_line(e)}. Set it, or create it (the "
                 "lab's are written by `eagle-dr lab up`).")
 
+    if isinstance(e, (RuntimeError, RPCError)) and (tls := _tls_explanation(str(e), _temporal_address(config_path))):
+        return tls
     if isinstance(e, RPCError) and e.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
         return f"Temporal is not answering at {_temporal_address(config_path)} ({_first_line(e)}). {_TEMPORAL_FIX}"
     if isinstance(e, RuntimeError) and _TEMPORAL_DOWN.search(str(e)):

@@ -1,0 +1,108 @@
+"""Worker Versioning for deploys: a runbook started by the old build is finished by the new one.
+
+Runbooks outlive deploys (an approval gate can wait for hours), so a deploy must not strand a
+run on a build that no longer polls. With worker deployment versioning and AUTO_UPGRADE, the
+run moves to the deployment's current version at its next workflow task. Its own dev server:
+versioning changes task-queue routing, which must not leak into the shared test lab's.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+import pytest_asyncio
+from temporalio import workflow
+from temporalio.api.workflowservice.v1 import SetWorkerDeploymentCurrentVersionRequest
+from temporalio.client import Client
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkerDeploymentConfig
+
+from eagle_dr.temporal import find_bin
+from tests.conftest import PORT_SHIFT
+from tests.lab_helpers import _until
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+# Above the test lab's dev server ports (7233/7243/7244/8233 + shift) and the TLS proxies' (+40).
+GRPC_PORT = 7233 + 50 + PORT_SHIFT
+DEPLOYMENT = "eagle-dr-control"
+
+
+@workflow.defn(name="VersionedToy", versioning_behavior=VersioningBehavior.AUTO_UPGRADE)
+class VersionedToy:
+    """Waits for a signal, like a runbook at its approval gate; returns which builds ran it."""
+
+    def __init__(self) -> None:
+        self.approved = False
+
+    @workflow.run
+    async def run(self) -> str:
+        started_on = workflow.info().get_current_deployment_version()
+        await workflow.wait_condition(lambda: self.approved)
+        finished_on = workflow.info().get_current_deployment_version()
+        return f"{started_on.build_id if started_on else None}->{finished_on.build_id if finished_on else None}"
+
+    @workflow.signal
+    def approve(self) -> None:
+        self.approved = True
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env():
+    e = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=find_bin("temporal"), port=GRPC_PORT, ui=False,
+        dev_server_extra_args=["--http-port", str(GRPC_PORT + 1), "--metrics-port", str(GRPC_PORT + 2)])
+    try:
+        yield e
+    finally:
+        await e.shutdown()
+
+
+def _worker(client: Client, queue: str, build_id: str) -> Worker:
+    return Worker(client, task_queue=queue, workflows=[VersionedToy], workflow_runner=UnsandboxedWorkflowRunner(),
+                  deployment_config=WorkerDeploymentConfig(
+                      version=WorkerDeploymentVersion(DEPLOYMENT, build_id), use_worker_versioning=True))
+
+
+async def _make_current(client: Client, build_id: str) -> None:
+    """What a deploy does once the new build's workers poll: route new and AUTO_UPGRADE runs to it.
+    The version exists only after its first poll reaches the server, hence the retries."""
+    async def attempt():
+        try:
+            await client.workflow_service.set_worker_deployment_current_version(SetWorkerDeploymentCurrentVersionRequest(
+                namespace=client.namespace, deployment_name=DEPLOYMENT, build_id=build_id, identity="test-deploy"))
+            return True
+        except RPCError:
+            return False
+
+    await _until(attempt, 30, f"{DEPLOYMENT}.{build_id} to become the current version", interval=0.2)
+
+
+async def test_new_build_finishes_a_run_started_by_the_old_one(env):
+    client = env.client
+    queue = f"versioning-{uuid.uuid4().hex[:8]}"
+    wid = f"toy-{queue}"
+
+    async with _worker(client, queue, "1.0"):
+        await _make_current(client, "1.0")
+        handle = await client.start_workflow(VersionedToy.run, id=wid, task_queue=queue,
+                                             execution_timeout=timedelta(minutes=2))
+
+        async def first_task_done():
+            desc = await handle.describe()
+            v = desc.raw_description.workflow_execution_info.versioning_info
+            return v.deployment_version.build_id == "1.0" and v.behavior == VersioningBehavior.AUTO_UPGRADE.value
+
+        await _until(first_task_done, 30, "the 1.0 worker to run the first workflow task")
+    # The 1.0 worker is gone (a deploy replaced it); the run waits at its gate.
+
+    async with _worker(client, queue, "2.0"):
+        await _make_current(client, "2.0")
+        await handle.signal(VersionedToy.approve)
+        assert await handle.result() == "1.0->2.0"
+    v = (await handle.describe()).raw_description.workflow_execution_info.versioning_info
+    assert v.deployment_version.build_id == "2.0"
