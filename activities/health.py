@@ -118,6 +118,7 @@ class HealthActivities:
         woke = watched is not None and watched < req.watch_seconds - 0.05  # the session closed
         out, pgs, rss = [], {}, {}
         answers = self._probe_all(req)
+        activity.heartbeat()  # a watched round's heartbeat timeout covers one bounded step at a time
         for name in req.regions:
             r = self.cfg.region(name)
             pg, rs, seconds = answers[name]
@@ -138,6 +139,7 @@ class HealthActivities:
                     _refuses(r.redis.host, r.redis.port, req.timeout_seconds)
             if refused and name == req.confirm_region:
                 refused = self._still_refused(r, req)
+            activity.heartbeat()
             out.append(RegionSighting(region=name, postgres_up=pg.reachable, postgres_role=pg.role,
                                       read_only=pg.read_only, redis_up=rs.reachable,
                                       error="; ".join(errors) or None, probe_seconds=round(seconds, 4),

@@ -208,3 +208,70 @@ async def test_a_failover_colliding_with_a_running_move_does_not_end_the_monitor
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     await handle.terminate("test over")
     assert _primary(lab) == a
+
+
+async def test_a_partitioned_region_with_its_worker_is_declared_down_without_waiting_for_that_worker(lab, client):
+    """A region cut off whole: its PostgreSQL and Redis stop answering (SIGSTOP: they time out,
+    no refusal) and its worker dies in the middle of its watch. The rounds must not wait for the
+    dead worker's activity: a majority of all vantage points seeing the primary down decides
+    each round, and the failover starts before that activity has even timed out."""
+    from temporalio.api.enums.v1 import TimeoutType
+
+    from lab.processes import children
+
+    from workflows.models import FailoverInput  # noqa: F401 - the failover the monitor starts
+
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    handle = await _start_monitor(client, lab, failure_threshold=3, confirm_interval_seconds=0.25, confirm_rounds=3,
+                                  watch_split_brain=False)
+
+    def watch_sessions() -> int:
+        with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True) as conn:
+            return conn.execute("select count(*) from pg_stat_activity where application_name = %s",
+                                ("eagle-dr monitor watch",)).fetchone()[0]
+
+    # Every vantage point, the primary region's own worker among them, waits on its watch.
+    await _until(_async(lambda: watch_sessions() >= 3), 60, "all three vantage points watching")
+    frozen = [lab.postgres(a).pid, lab.redis(a).pid]
+    frozen += children(frozen[0])
+
+    def signal_all(sig: int) -> None:
+        for pid in frozen:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass  # a backend that ended between the listing and the signal
+
+    try:
+        signal_all(signal.SIGSTOP)
+        kill_tree(read_pid(lab.worker_pidfile(a)))
+        report = await handle.result()
+    finally:
+        signal_all(signal.SIGKILL)  # a frozen node must never wake as a second primary
+    assert report.failover is not None and report.failover.outcome == "succeeded", report
+    assert "refused" not in (report.failover.reason or ""), report.failover.reason  # the timeout path
+    assert pg_status(lab.cfg.region(b).postgres).role == "primary"
+    # In the monitor's history: the dead worker's watch ended (timed out) only after the
+    # failover had started; no round waited for it.
+    dead_queue, started_child, timed_out = lab.cfg.region(a).temporal.task_queue, None, []
+    scheduled = {}
+    async for e in handle.fetch_history_events():
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            scheduled[e.event_id] = e.activity_task_scheduled_event_attributes.task_queue.name
+        elif e.HasField("start_child_workflow_execution_initiated_event_attributes") and started_child is None:
+            started_child = e.event_id
+        elif e.HasField("activity_task_timed_out_event_attributes"):
+            t = e.activity_task_timed_out_event_attributes
+            # Not the later rounds' probes nobody picked up (schedule-to-start, a second each):
+            # the watch the worker was running when it died.
+            if scheduled.get(t.scheduled_event_id) == dead_queue and \
+                    t.failure.timeout_failure_info.timeout_type != TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START:
+                timed_out.append(e.event_id)
+    assert started_child is not None
+    assert all(t > started_child for t in timed_out), (started_child, timed_out)
+    # Put the lab back: the old primary rebuilt as a standby, then switched back.
+    lab.rebuild_standby(a)
+    lab.wait_replication()
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))).result()
+    assert back.outcome == "succeeded" and _primary(lab) == a

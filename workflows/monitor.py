@@ -199,6 +199,7 @@ class MonitorWorkflow(Runbook):
         self.state = MonitorState()
         self._alerted = False
         self._woke_early = False
+        self._end_on_down = False  # set per run (the monitor-round-ends-on-majority-down patch)
         self.stop_reason: str | None = None
         self.paused = False
         # What the current outage has already been reported as (one finding per outage, not per round).
@@ -431,6 +432,10 @@ class MonitorWorkflow(Runbook):
         # once when the server closes it (a timer can fire a second late: it was most of the
         # detection time of a kill).
         watching = in_probe and workflow.patched("monitor-watch-in-probe")
+        # A region that dies takes its own worker with it, mid-watch: its activity answers only
+        # when its heartbeat times out. A round no longer waits for it once a majority of ALL
+        # vantage points sees the primary down: no answer could change that verdict.
+        self._end_on_down = watching and workflow.patched("monitor-round-ends-on-majority-down")
         watch = 0.0
         hard = 0
         for _ in range(inp.iterations_per_run):
@@ -728,11 +733,12 @@ class MonitorWorkflow(Runbook):
         confirm = (inp.confirm_rounds - 1, inp.confirm_interval_seconds) if inp.confirm_rounds > 1 else None
         if watch <= 0:
             return await self._vantage_round(topo, inp.interval_seconds, decide_for=primary, confirm=confirm,
-                                             all_regions=True), 0.0
+                                             all_regions=True, end_on_down=self._end_on_down), 0.0
         wake_on_alert = not self._woke_early
         self._woke_early = False
         task = asyncio.ensure_future(self._vantage_round(topo, inp.interval_seconds, decide_for=primary,
-                                                         confirm=confirm, all_regions=True, watch=(primary, watch)))
+                                                         confirm=confirm, all_regions=True, watch=(primary, watch),
+                                                         end_on_down=self._end_on_down))
         await workflow.wait_condition(lambda: task.done() or self.stop_reason is not None
                                       or (wake_on_alert and self._alerted))
         if task.done():
@@ -748,11 +754,12 @@ class MonitorWorkflow(Runbook):
             return None, 0.0
         self._alerted, self._woke_early = False, True
         return await self._vantage_round(topo, inp.interval_seconds, decide_for=primary, confirm=confirm,
-                                         all_regions=True), 0.0
+                                         all_regions=True, end_on_down=self._end_on_down), 0.0
 
     async def _vantage_round(self, topo, interval_seconds: float, decide_for: str | None = None,
                              confirm: tuple[int, float] | None = None, all_regions: bool = False,
-                             watch: tuple[str, float] | None = None) -> dict[str, VantageReport | None]:
+                             watch: tuple[str, float] | None = None,
+                             end_on_down: bool = False) -> dict[str, VantageReport | None]:
         """Every vantage point probes every region, in parallel; None: it did not answer.
 
         ``decide_for``: the round ends as soon as a majority of ALL vantage points see that
@@ -787,6 +794,11 @@ class MonitorWorkflow(Runbook):
                         start_to_close_timeout=timedelta(seconds=watch[1] + req.timeout_seconds * 4 * len(req.regions)
                                                          + 5 + req.confirm_probes * (req.confirm_interval_seconds
                                                                                      + 2 * req.timeout_seconds)),
+                        # It beats at least once a second while it watches, and after each
+                        # bounded probe: a dead worker's watch ends within this, not at the
+                        # start-to-close timeout.
+                        heartbeat_timeout=timedelta(seconds=req.timeout_seconds + 2 * min(req.timeout_seconds, 2.0)
+                                                    + 3),
                         retry_policy=RetryPolicy(maximum_attempts=1),
                         cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL)
                 return await self.act(HealthActivities.probe_regions_from_here, req, queue=queue,
@@ -803,7 +815,8 @@ class MonitorWorkflow(Runbook):
 
         def decided() -> bool:
             done = {v: t.result() for v, t in tasks.items() if t.done()}
-            return len(done) == len(tasks) or self._refused(decide_for, done, len(tasks))
+            return len(done) == len(tasks) or self._refused(decide_for, done, len(tasks)) or \
+                (end_on_down and self._down_by_majority(decide_for, done, len(tasks)))
 
         try:
             await workflow.wait_condition(decided)
@@ -812,6 +825,13 @@ class MonitorWorkflow(Runbook):
                 t.cancel()
             raise
         return {v: t.result() for v, t in tasks.items() if t.done()}
+
+    @staticmethod
+    def _down_by_majority(region: str, reports: dict[str, VantageReport | None], vantages: int) -> bool:
+        """A majority of all ``vantages`` saw the region's PostgreSQL down (refused or timed out):
+        the round is a failed round whatever the others say (``_tally``: down x 2 > answered)."""
+        seen = [r.of(region) for r in reports.values() if r is not None]
+        return sum(s is not None and s.verdict == "down" for s in seen) * 2 > vantages
 
     @staticmethod
     def _refused(region: str, reports: dict[str, VantageReport | None], vantages: int) -> bool:
