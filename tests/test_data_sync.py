@@ -5,6 +5,9 @@ approval changes nothing; a physical standby is never written (the repair decide
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from datetime import datetime, timezone
 
@@ -117,7 +120,7 @@ async def test_sync_repairs_exactly_the_differing_keys_behind_approval(lab, clie
     assert by_key[json.dumps({"id": 17})] == ("apply_loser", standby, "tester")
 
 
-async def test_rejected_sync_changes_nothing(lab, client, copy):
+async def test_rejected_sync_changes_nothing_then_the_cli_repairs(lab, client, copy, lab_config_path):
     primary = copy
     with _pg(lab, primary, COPY_DB) as dst:
         dst.execute("update ds_items set region = 'rejected' where id = 42")
@@ -134,9 +137,47 @@ async def test_rejected_sync_changes_nothing(lab, client, copy):
                          (handle.id,)).fetchone()[0] == 0
     p = await _progress(handle)
     assert not any(s.name.startswith(("Re-copy", "Check again")) for s in p.steps), p.steps
-    # Leave the copy clean for whoever comes next.
+    # The same check, repaired from the command line without the gate: exit 0, a clean follow-up.
+    cli = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(lab_config_path), "sync", "--check", check_id,
+                          "--no-approval"], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "path recopy" in cli.stdout and "public.ds_items: 1 keys, 0 inserted, 1 updated" in cli.stdout, cli.stdout
+    assert _rows(lab, primary, COPY_DB, [42]) == _rows(lab, primary, None, [42])
+
+
+async def test_bad_input_names_the_field(lab, client):
+    for inp, field in (({"check_workflow_id": "x", "tables": ["ds_items"]}, "check_workflow_id"),
+                       ({"check_workflow_id": f"no-such-check-{uuid.uuid4()}"}, "check_workflow_id"),
+                       ({"regions": ["a", "a"]}, "regions"), ({"max_keys": 0}, "max_keys")):
+        with pytest.raises(WorkflowFailureError) as e:
+            await client.execute_workflow(DataSyncWorkflow.run, inp, id=f"sync-bad-{uuid.uuid4()}",
+                                          task_queue=lab.cfg.temporal.control_task_queue)
+        cause = e.value.cause
+        assert isinstance(cause, ApplicationError) and cause.type == "InvalidInput" and cause.non_retryable, cause
+        assert cause.message.startswith(f"invalid input: {field}: "), cause.message
+
+
+async def test_a_table_the_engine_cannot_decide_leaves_the_run_degraded(lab, client, copy):
+    """No updated_at: the engine cannot decide its rows, so the table is not synced, and the
+    follow-up check still finds its difference: the run is not green and names the table."""
+    primary = copy
+    standby = lab.cfg.other(primary).name
+    ddl = "create table if not exists ds_plain (id int primary key, v text)"
+    _exec(lab, primary, ddl, "truncate ds_plain", "insert into ds_plain select g, 'v' from generate_series(1, 50) g")
     with _pg(lab, primary, COPY_DB) as dst:
-        dst.execute("update ds_items set region = 'r2' where id = 42")
+        dst.execute(ddl)
+        dst.execute("truncate ds_plain")
+        dst.execute("insert into ds_plain select g, 'v' from generate_series(1, 50) g")
+        dst.execute("update ds_plain set v = 'x' where id = 3")
+    await _until(_async(lambda: _lag_bytes(lab, primary) == 0), 30, "the standby to catch up")
+    res = await client.execute_workflow(
+        DataSyncWorkflow.run, {"tables": ["ds_plain", "ds_items"], "regions": [standby, primary],
+                               "database_b": COPY_DB, "approval": {"required": False}},
+        id=f"sync-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue, result_type=DataSyncResult)
+    assert res.outcome == "degraded" and res.remaining == 1 and res.synced == [], res
+    assert any(d.startswith("public.ds_plain not synced: ") and "no updated_at column" in d for d in res.degraded)
+    assert any(d.startswith("still different after the sync: public.ds_plain ") for d in res.degraded), res.degraded
 
 
 async def test_standby_is_never_written_the_repair_is_a_rebuild(lab, client, copy):

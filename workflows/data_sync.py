@@ -24,7 +24,7 @@ differences are reported, not synced).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
@@ -80,14 +80,6 @@ class DataSyncInput(BaseModel):
             raise ValueError(f"the same region twice ({v[0]!r})")
         return v
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "DataSyncInput":
-        if self.check_workflow_id and (self.tables or self.regions or self.database_b):
-            raise ValueError("check_workflow_id: give a check to repair, or tables/regions/database_b for a fresh "
-                             "check, not both")
-        return self
-
-
 class DataSyncResult(BaseModel):
     service: str
     check_workflow_id: str
@@ -115,6 +107,9 @@ class DataSyncWorkflow(Runbook):
         if inp.approval.auto_approve_as and inp.trigger != "drill" and workflow.info().parent is None:
             raise invalid("approval.auto_approve_as", "honoured only for drills (trigger 'drill') and runs started by "
                                                       "another runbook; leave it unset")
+        if inp.check_workflow_id and (inp.tables or inp.regions or inp.database_b):
+            raise invalid("check_workflow_id", "give a check to repair, or tables/regions/database_b for a fresh "
+                                               "check, not both")
         self._trigger = inp.trigger
         wid = workflow.info().workflow_id
         async with self.step("Read the topology"):
@@ -205,7 +200,7 @@ class DataSyncWorkflow(Runbook):
         async with self.step("Review the repair") as rec:
             rec.detail = what  # in the step list too: what the approver is asked to allow, counts and keys
         result.approval = await self.approval(inp.approval, what)
-        approver = result.approval.approver or result.approval.outcome
+        approver = result.approval.approver or f"{result.approval.outcome} (data-sync {wid})"
 
         if path == "rebuild":
             async with self.step(f"Rebuild {b}'s standby") as rec:
