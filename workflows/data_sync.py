@@ -47,8 +47,10 @@ with workflow.unsafe.imports_passed_through():
 
 # Keys shown per table at the approval gate and in the step details.
 SAMPLE = 10
-# The bound on re-collecting a capped sample: keys (per table) whose text travels through
-# history in the repair's input. Past it, a key-wise sync is the wrong tool (re-copy the table).
+# The bound on a key-wise sync, per table. A capped sample is completed inside the activity
+# (the keys never enter history), but every key's row then crosses the network and the whole
+# table's apply is one transaction holding B's table against writes: past this many keys,
+# re-copying (or restoring) the table is the faster and shorter-locking repair.
 MAX_KEYS = 20_000
 
 
