@@ -29,6 +29,7 @@ from workflows.alert_incident import AlertIncidentWorkflow
 from workflows.archive_guard import ArchiveGuardWorkflow
 from workflows.backup import BackupWorkflow
 from workflows.consistency import ConsistencyCheckWorkflow
+from workflows.data_sync import DataSyncWorkflow
 from workflows.drill import DrillWorkflow
 from workflows.dry_run import PlanWorkflow
 from workflows.expire import ExpireWorkflow
@@ -45,7 +46,7 @@ from workflows.switchover import SwitchoverWorkflow
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
              DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow,
              ArchiveGuardWorkflow, RestoreDrillWorkflow, AlertIncidentWorkflow, PlanWorkflow,
-             ConsistencyCheckWorkflow]
+             ConsistencyCheckWorkflow, DataSyncWorkflow]
 
 
 def _methods(obj, *names: str) -> list:
@@ -90,7 +91,7 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
                       "wait_wal_archived"),
             # Both sides over the network: each range hashed on the primary and the standby at once.
             *_methods(ConsistencyActivities(cfg), "list_check_tables", "compare_table", "compare_redis",
-                      "record_consistency_run"),
+                      "record_consistency_run", "read_consistency_run", "sync_table"),
             # Notifications go out from the control worker, beside the workflows that send them.
             NotifyActivities(cfg).send_notification,
             # --plan: where each routing mechanism points now (APIs only).

@@ -12,9 +12,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.consistency import store
+from activities.heartbeat import heartbeating
 from activities.consistency.check import Position, compare_table
 from activities.consistency.redis import compare_redis
-from activities.consistency.results import RedisResult, TableResult
+from activities.conflicts.apply import ApplySummary
+from activities.consistency.results import KeyDiff, RedisResult, TableResult
+from activities.consistency.sync import SyncError, recopy_keys
 from activities.consistency.tables import Table, TableError, list_tables
 from activities.redis.status import client as redis_client, redis_status
 from eagle_dr.config import EagleConfig
@@ -44,6 +47,29 @@ class CompareTableRequest(BaseModel):
 class CompareRedisRequest(BaseModel):
     region_a: str
     region_b: str
+
+
+class ReadRunRequest(BaseModel):
+    regions: list[str]  # where to look, in order (the primary first): the check records on its primary
+    workflow_id: str
+
+
+class SyncTableRequest(BaseModel):
+    region_a: str  # the source: its version of each key wins
+    region_b: str  # written: a copy database (database_b) or a separate writable primary
+    database_b: str | None = None
+    table: str  # schema.table, as the check reports it
+    approved: KeyDiff  # what the check found and the approver saw (counts, and the keys unless capped)
+    # A capped sample is completed by re-running the table's bisect, up to this many keys.
+    max_keys: int = Field(ge=1)
+    chunk_rows: int | None = None
+    approved_by: str | None = None
+    decided_at: datetime  # the engine's "now" (a workflow time: a retry decides the same way)
+
+
+class SyncedTable(ApplySummary):
+    keys: int  # the differing keys re-copied (A's rows + B-only keys)
+    recollected: bool = False  # the check's sample was capped: the keys were bisected again
 
 
 class RecordRequest(BaseModel):
@@ -125,3 +151,62 @@ class ConsistencyActivities:
         return store.record_run(self._dsn(req.region), workflow_id=req.workflow_id, run_id=req.run_id,
                                 started_at=req.started_at, region_a=req.region_a, region_b=req.region_b,
                                 outcome=req.outcome, differences=req.differences, result=req.result)
+
+    @activity.defn
+    def read_consistency_run(self, req: ReadRunRequest) -> dict | None:
+        """A finished check's result, from ``eagle_dr.consistency_runs`` (the newest run of that id)."""
+        for region in req.regions:
+            try:
+                found = store.read_run(self._dsn(region), req.workflow_id)
+            except psycopg.OperationalError as e:
+                log.warning("consistency_runs unreadable", region=region, error=str(e))
+                continue
+            if found is not None:
+                return found
+        return None
+
+    @activity.defn
+    def sync_table(self, req: SyncTableRequest) -> SyncedTable:
+        """The differing keys of one table re-copied from A to B (idempotent: a retry decides
+        against the rows the first attempt wrote, and the audit keeps one row per key and run)."""
+        keys = req.approved.inserted_keys + req.approved.updated_keys + req.approved.deleted_keys
+        recollected = False
+        dsn_a, dsn_b = self._dsn(req.region_a), self._dsn(req.region_b, req.database_b)
+        with psycopg.connect(dsn_a, autocommit=True, connect_timeout=10) as conn:
+            try:
+                table = list_tables(conn, [req.table], "table")[0]  # its key's types, as the check read them
+            except TableError as e:
+                raise ApplicationError(f"{req.table}: {e.reason}", type="CannotSync", non_retryable=True) from None
+        if len(keys) < req.approved.total:
+            # The check kept a sample; the counts are exact. Bisect again for every key, bounded.
+            if req.approved.total > req.max_keys:
+                raise ApplicationError(
+                    f"{req.table}: {req.approved.total} differing keys, more than max_keys "
+                    f"({req.max_keys}): re-copy the table (or restore B) instead of a key-wise sync",
+                    type="TooManyDifferences", non_retryable=True)
+            c = self.cfg.consistency
+            found = compare_table(dsn_a, dsn_b, table, follower=False, chunk_rows=req.chunk_rows or c.chunk_rows,
+                                  parallel=c.parallel, max_lag=c.max_lag_seconds, cap=req.max_keys, resume=None,
+                                  beat=lambda pos: activity.heartbeat())
+            d = found.diff
+            if (d.inserted, d.updated, d.deleted) != (req.approved.inserted, req.approved.updated,
+                                                      req.approved.deleted):
+                # The approver allowed what the check found; something else differs now.
+                raise ApplicationError(
+                    f"{req.table}: the differences changed since the check (approved +{req.approved.inserted}"
+                    f" ~{req.approved.updated} -{req.approved.deleted}, now +{d.inserted} ~{d.updated} "
+                    f"-{d.deleted}): run a new check and sync from it", type="DifferencesChanged", non_retryable=True)
+            keys, recollected = d.inserted_keys + d.updated_keys + d.deleted_keys, True
+        info = activity.info()
+        target = req.region_b + (f"/{req.database_b}" if req.database_b else "")
+        with heartbeating(), \
+                psycopg.connect(dsn_a, autocommit=True, connect_timeout=10) as a, \
+                psycopg.connect(dsn_b, autocommit=True, connect_timeout=10) as b:
+            try:
+                summary = recopy_keys(a, b, table, keys, dict(self.cfg.conflicts), req.region_a, target,
+                                      req.decided_at, info.workflow_id, info.workflow_run_id, req.approved_by)
+            except SyncError as e:
+                raise ApplicationError(str(e), type="CannotSync", non_retryable=True) from None
+        log.info("table synced", table=req.table, keys=len(keys), inserted=summary.inserted,
+                 updated=summary.updated, deleted=summary.deleted, flagged=summary.flagged)
+        return SyncedTable(**summary.model_dump(), keys=len(keys), recollected=recollected)

@@ -36,3 +36,13 @@ def record_run(dsn: str, *, workflow_id: str, run_id: str, started_at: datetime,
             "do nothing returning id",
             (workflow_id, run_id, started_at, region_a, region_b, outcome, differences, json.dumps(result))).fetchone()
         return row[0] if row else None
+
+
+def read_run(dsn: str, workflow_id: str) -> dict | None:
+    """The newest recorded result of a check's workflow id (None: not recorded here)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        if conn.execute("select to_regclass('eagle_dr.consistency_runs')").fetchone()[0] is None:
+            return None
+        row = conn.execute("select result from eagle_dr.consistency_runs where workflow_id = %s "
+                           "order by id desc limit 1", (workflow_id,)).fetchone()
+        return row[0] if row else None

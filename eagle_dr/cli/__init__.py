@@ -953,6 +953,7 @@ from eagle_dr.cli import report as _report_cli  # noqa: E402,F401
 from eagle_dr.cli import notify as _notify_cli  # noqa: E402,F401
 from eagle_dr.cli import codec as _codec_cli  # noqa: E402,F401
 from eagle_dr.cli import check as _check_cli  # noqa: E402,F401
+from eagle_dr.cli import sync as _sync_cli  # noqa: E402,F401
 from eagle_dr.cli import deploy as _deploy_cli  # noqa: E402,F401
 
 if __name__ == "__main__":

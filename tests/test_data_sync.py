@@ -1,0 +1,211 @@
+"""DataSyncWorkflow against the real lab: a copy database on the primary's server with injected
+differences is repaired key by key behind an approval (audited, then checked clean); a rejected
+approval changes nothing; a physical standby is never written (the repair decided is a rebuild)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timezone
+
+import psycopg
+import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+
+from activities.consistency.store import record_run
+from tests.histories import record
+from tests.lab_helpers import _async, _awaiting, _exec, _lag_bytes, _primary, _progress, _until
+from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
+from workflows.data_sync import DataSyncResult, DataSyncWorkflow
+from workflows.models import ApprovalDecision
+
+COPY_DB = "eagle_ds_copy"
+_DDL = ("create table if not exists ds_items (id bigint primary key, region text not null, payload jsonb not null, "
+        "updated_at timestamptz not null default clock_timestamp())")
+# The column list, for reading whole rows back to compare.
+_ROW = "select id, region, payload, updated_at from ds_items"
+
+
+def _pg(lab, region: str, db: str | None = None) -> psycopg.Connection:
+    return psycopg.connect(lab.cfg.region(region).postgres.dsn(db), autocommit=True)
+
+
+@pytest.fixture(scope="module")
+def copy(lab):
+    """ds_items on the primary (replicated), and an identical copy in a second database there."""
+    primary = _primary(lab)
+    _exec(lab, primary, _DDL, "truncate ds_items",
+          "insert into ds_items select g, 'r' || (g % 5), jsonb_build_object('n', g) from generate_series(1, 5000) g")
+    with _pg(lab, primary) as c:
+        c.execute(f"drop database if exists {COPY_DB}")
+        c.execute(f"create database {COPY_DB}")
+    with _pg(lab, primary) as src, _pg(lab, primary, COPY_DB) as dst:
+        dst.execute(_DDL)
+        with src.cursor().copy("copy ds_items to stdout (format binary)") as out, \
+                dst.cursor().copy("copy ds_items from stdin (format binary)") as inp:
+            for chunk in out:
+                inp.write(chunk)
+    return primary
+
+
+async def _check(client, lab, primary: str) -> str:
+    """The standby (A, the primary's data) against the copy (B); returns the check's id."""
+    standby = lab.cfg.other(primary).name
+    await _until(_async(lambda: _lag_bytes(lab, primary) == 0), 30, "the standby to catch up")
+    wid = f"check-{uuid.uuid4()}"
+    await client.execute_workflow(ConsistencyCheckWorkflow.run, {"tables": ["ds_items"], "regions": [standby, primary],
+                                                                 "database_b": COPY_DB},
+                                  id=wid, task_queue=lab.cfg.temporal.control_task_queue,
+                                  result_type=ConsistencyResult)
+    return wid
+
+
+async def _start_sync(client, lab, check_id: str, wid: str | None = None):
+    # A recorded run's id is its history's name: the replay runs under that id, and the
+    # children's ids are derived from it.
+    return await client.start_workflow(DataSyncWorkflow.run, {"check_workflow_id": check_id,
+                                                              "approval": {"required": True}},
+                                       id=wid or f"sync-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue,
+                                       result_type=DataSyncResult)
+
+
+def _rows(lab, primary: str, db: str | None, ids: list[int]) -> dict:
+    with _pg(lab, primary, db) as c:
+        return {r[0]: r for r in c.execute(_ROW + " where id = any(%s)", (ids,)).fetchall()}
+
+
+async def test_sync_repairs_exactly_the_differing_keys_behind_approval(lab, client, copy):
+    primary = copy
+    with _pg(lab, primary, COPY_DB) as dst:
+        dst.execute("update ds_items set region = 'changed' where id in (17, 900)")  # not the timestamp
+        dst.execute("update ds_items set payload = '{\"n\": -1}' where id = 4999")
+        dst.execute("delete from ds_items where id in (1, 2345)")
+        dst.execute("insert into ds_items values (7000, 'new', '{}'), (0, 'new', '{}')")
+        # More than the check's sample cap (100): the sync must bisect again for every key.
+        dst.execute("update ds_items set region = 'bulk' where id between 3000 and 3149")
+    check_id = await _check(client, lab, primary)
+    handle = await _start_sync(client, lab, check_id, "datasync-recopy")
+    await _until(lambda: _awaiting(handle), 120, "the approval gate")
+    p = await _progress(handle)
+    decide = next(s for s in p.steps if s.name == "Decide the repair")
+    assert decide.detail.startswith("recopy: B is writable: database eagle_ds_copy"), decide.detail
+    review = next(s for s in p.steps if s.name == "Review the repair").detail
+    assert "public.ds_items: +2 ~153 -2" in review and "(17)" in review, review
+    assert "bisected again (at most 20000)" in review, review
+    await handle.execute_update(DataSyncWorkflow.approve, ApprovalDecision(approver="tester", decision="approve"))
+    res = await handle.result()
+    await record(handle, handle.id)
+    assert res.path == "recopy" and res.outcome == "succeeded", res
+    assert res.remaining == 0 and res.verify_workflow_id == f"{handle.id}-verify"
+    [s] = res.synced
+    assert s.recollected and s.keys == 157
+    assert (s.inserted, s.updated, s.deleted, s.flagged) == (2, 153, 2, 0), s
+    assert s.audit_rows == 157
+    # B now holds the primary's rows for every key, updated_at included (no restamping).
+    ids = [17, 900, 4999, 1, 2345, 7000, 0, 3000, 3149]
+    assert _rows(lab, primary, COPY_DB, ids) == _rows(lab, primary, None, ids)
+    with _pg(lab, primary, COPY_DB) as c:
+        audit = c.execute("select primary_key, action, winner_region, approved_by from eagle_dr.conflict_audit "
+                          "where workflow_id = %s", (handle.id,)).fetchall()
+        assert c.execute("select count(*) from ds_items").fetchone()[0] == 5000
+    assert len(audit) == 157
+    by_key = {json.dumps(k, sort_keys=True): (a, w, who) for k, a, w, who in audit}
+    standby = lab.cfg.other(primary).name
+    assert by_key[json.dumps({"id": 7000})] == ("delete", standby, "tester")
+    assert by_key[json.dumps({"id": 1})] == ("insert_loser", standby, "tester")
+    assert by_key[json.dumps({"id": 17})] == ("apply_loser", standby, "tester")
+
+
+async def test_rejected_sync_changes_nothing_then_the_cli_repairs(lab, client, copy, lab_config_path):
+    primary = copy
+    with _pg(lab, primary, COPY_DB) as dst:
+        dst.execute("update ds_items set region = 'rejected' where id = 42")
+    check_id = await _check(client, lab, primary)
+    handle = await _start_sync(client, lab, check_id)
+    await _until(lambda: _awaiting(handle), 120, "the approval gate")
+    await handle.execute_update(DataSyncWorkflow.approve, ApprovalDecision(approver="tester", decision="reject"))
+    with pytest.raises(WorkflowFailureError) as e:
+        await handle.result()
+    assert isinstance(e.value.cause, ApplicationError) and e.value.cause.type == "Aborted"
+    assert _rows(lab, primary, COPY_DB, [42])[42][1] == "rejected"
+    with _pg(lab, primary, COPY_DB) as c:
+        assert c.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s",
+                         (handle.id,)).fetchone()[0] == 0
+    p = await _progress(handle)
+    assert not any(s.name.startswith(("Re-copy", "Check again")) for s in p.steps), p.steps
+    # The same check, repaired from the command line without the gate: exit 0, a clean follow-up.
+    cli = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "-c", str(lab_config_path), "sync", "--check", check_id,
+                          "--no-approval"], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "path recopy" in cli.stdout and "public.ds_items: 1 keys, 0 inserted, 1 updated" in cli.stdout, cli.stdout
+    assert _rows(lab, primary, COPY_DB, [42]) == _rows(lab, primary, None, [42])
+
+
+async def test_bad_input_names_the_field(lab, client):
+    for inp, field in (({"check_workflow_id": "x", "tables": ["ds_items"]}, "check_workflow_id"),
+                       ({"check_workflow_id": f"no-such-check-{uuid.uuid4()}"}, "check_workflow_id"),
+                       ({"regions": ["a", "a"]}, "regions"), ({"max_keys": 0}, "max_keys")):
+        with pytest.raises(WorkflowFailureError) as e:
+            await client.execute_workflow(DataSyncWorkflow.run, inp, id=f"sync-bad-{uuid.uuid4()}",
+                                          task_queue=lab.cfg.temporal.control_task_queue)
+        cause = e.value.cause
+        assert isinstance(cause, ApplicationError) and cause.type == "InvalidInput" and cause.non_retryable, cause
+        assert cause.message.startswith(f"invalid input: {field}: "), cause.message
+
+
+async def test_a_table_the_engine_cannot_decide_leaves_the_run_degraded(lab, client, copy):
+    """No updated_at: the engine cannot decide its rows, so the table is not synced, and the
+    follow-up check still finds its difference: the run is not green and names the table."""
+    primary = copy
+    standby = lab.cfg.other(primary).name
+    ddl = "create table if not exists ds_plain (id int primary key, v text)"
+    _exec(lab, primary, ddl, "truncate ds_plain", "insert into ds_plain select g, 'v' from generate_series(1, 50) g")
+    with _pg(lab, primary, COPY_DB) as dst:
+        dst.execute(ddl)
+        dst.execute("truncate ds_plain")
+        dst.execute("insert into ds_plain select g, 'v' from generate_series(1, 50) g")
+        dst.execute("update ds_plain set v = 'x' where id = 3")
+    await _until(_async(lambda: _lag_bytes(lab, primary) == 0), 30, "the standby to catch up")
+    res = await client.execute_workflow(
+        DataSyncWorkflow.run, {"tables": ["ds_plain", "ds_items"], "regions": [standby, primary],
+                               "database_b": COPY_DB, "approval": {"required": False}},
+        id=f"sync-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue, result_type=DataSyncResult)
+    assert res.outcome == "degraded" and res.remaining == 1 and res.synced == [], res
+    assert any(d.startswith("public.ds_plain not synced: ") and "no updated_at column" in d for d in res.degraded)
+    assert any(d.startswith("still different after the sync: public.ds_plain ") for d in res.degraded), res.degraded
+
+
+async def test_standby_is_never_written_the_repair_is_a_rebuild(lab, client, copy):
+    """A physical standby cannot be made to differ by writing it: a recorded check that found a
+    difference on the standby stands in for one. The sync must choose the rebuild, say why, and
+    write nothing before (here: instead of) the approval."""
+    primary = copy
+    standby = lab.cfg.other(primary).name
+    check_id = f"check-fake-{uuid.uuid4()}"
+    found = {"service": lab.cfg.service, "region_a": primary, "region_b": standby, "follower": True,
+             "tables": [{"table": "public.ds_items", "key": ["id"], "diff": {"updated": 1, "updated_keys": [["5"]]}}],
+             "differences": 1, "outcome": "degraded"}
+    record_run(lab.cfg.region(primary).postgres.dsn(), workflow_id=check_id, run_id="r",
+               started_at=datetime.now(timezone.utc), region_a=primary, region_b=standby, outcome="degraded",
+               differences=1, result=found)
+    handle = await _start_sync(client, lab, check_id)
+    await _until(lambda: _awaiting(handle), 120, "the approval gate")
+    p = await _progress(handle)
+    decide = next(s for s in p.steps if s.name == "Decide the repair")
+    assert decide.detail.startswith(f"rebuild: {standby}'s server is a physical standby: never written"), decide
+    assert "pg_rewind is not used" in decide.detail
+    await handle.execute_update(DataSyncWorkflow.approve, ApprovalDecision(approver="tester", decision="reject"))
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    await record(handle, "datasync-standby-rejected")
+    # Nothing was scheduled against the standby: no sync activity, no rebuild child.
+    history = await handle.fetch_history()
+    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+                 if e.HasField("activity_task_scheduled_event_attributes")]
+    assert "sync_table" not in scheduled, scheduled
+    assert not any(e.HasField("start_child_workflow_execution_initiated_event_attributes") for e in history.events)
