@@ -8,10 +8,14 @@ fails the suite.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 HISTORY_DIR = Path(__file__).with_name("histories")
+# The workflow id each history was recorded under, where it is not the file's name: child
+# workflow ids are built from the parent's, and a replay under another id does not match them.
+HISTORY_IDS = Path(__file__).with_name("history_ids.json")
 
 
 async def record(handle, name: str) -> None:
@@ -25,6 +29,15 @@ async def record(handle, name: str) -> None:
     await decode_in_place(handle._client.data_converter.payload_codec, history.events)
     HISTORY_DIR.mkdir(exist_ok=True)
     (HISTORY_DIR / f"{name}.json").write_text(history.to_json())
+    ids = json.loads(HISTORY_IDS.read_text()) if HISTORY_IDS.exists() else {}
+    ids[name] = handle.id
+    HISTORY_IDS.write_text(json.dumps(dict(sorted(ids.items())), indent=1) + "\n")
+
+
+def workflow_id(path: Path) -> str:
+    """The id a recorded history replays under (its file name, unless recorded under another)."""
+    ids = json.loads(HISTORY_IDS.read_text()) if HISTORY_IDS.exists() else {}
+    return ids.get(path.stem, path.stem)
 
 
 def recorded() -> list[Path]:

@@ -7,7 +7,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from tests.histories import recorded
+from tests.histories import recorded, workflow_id
 from workers.registry import WORKFLOWS
 from workers.run import sandbox_runner
 
@@ -24,4 +24,4 @@ def test_every_workflow_has_a_recorded_history():
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_replay(path):
     replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter, workflow_runner=sandbox_runner())
-    await replayer.replay_workflow(WorkflowHistory.from_json(path.stem, path.read_text()))
+    await replayer.replay_workflow(WorkflowHistory.from_json(workflow_id(path), path.read_text()))

@@ -420,8 +420,12 @@ async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, cli
         service=lab.cfg.service, region=old, measure_client_impact=True), id=f"failback-{uuid.uuid4()}",
         task_queue=lab.cfg.temporal.control_task_queue)
     report = await handle.result()
-    await record(handle, "failback")
+    # failback.json stays: recorded before the verify step.
+    await record(handle, "failback-verify-by-data")
     assert report.divergence.lost.lost_commits >= 2
+    # The last step checked the rewound standby against the primary by data: every table identical.
+    assert report.verify is not None and report.verify.outcome == "succeeded" and report.verify.path == "none", \
+        report.verify
     assert report.rewind.method == "pg_rewind" and report.rewind.fallback_reason is None, report.rewind
     alerts = next(t for t in report.reconciliation.tables if t.table == "alerts")
     assert alerts.conflicts >= 1 and alerts.inserted >= 1

@@ -217,8 +217,10 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     lab.start_worker(b)
 
     result = await handle.result()
-    await record(handle, "split_brain-resolution")
+    # split_brain-resolution.json stays: recorded before the verify step.
+    await record(handle, "split_brain-verify-by-data")
     assert result.outcome == "resolved", [(x.name, x.status, x.detail) for x in result.steps]
+    assert result.verify is not None and result.verify.outcome == "succeeded", result.verify
     # The result carries every step of the run (its report's timeline), not only the first.
     assert [x.name for x in result.steps][:2] == ["detect", "decide the survivor"] and len(result.steps) > 4, \
         [x.name for x in result.steps]

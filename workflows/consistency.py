@@ -60,6 +60,9 @@ class ConsistencyInput(BaseModel):
     # Pause past this standby replay lag, for this run (default: the config's consistency.max_lag_seconds).
     max_lag_seconds: float | None = Field(default=None, gt=0, le=3600)
     trigger: str = Field(default="manual", max_length=100)
+    # With no tables named: a table without a primary key is listed as not compared instead of
+    # failing the check (a runbook's final verify; the scheduled check refuses it loudly).
+    skip_tables_without_key: bool = False
 
     @field_validator("tables")
     @classmethod
@@ -90,6 +93,9 @@ class ConsistencyResult(BaseModel):
     run_row: int | None = None  # eagle_dr.consistency_runs.id
     degraded: list[str] = []
     outcome: str
+    # Tables left out because they have no primary key (skip_tables_without_key only): said, never
+    # reported as consistent.
+    not_compared: list[str] = []
 
 
 @workflow.defn
@@ -134,7 +140,9 @@ class ConsistencyCheckWorkflow(Runbook):
         async with self.step("List the tables") as rec:
             try:
                 tables = await self.act(ConsistencyActivities.list_check_tables,
-                                        ListTablesRequest(region=a, tables=inp.tables), queue=control, timeout=60,
+                                        ListTablesRequest(region=a, tables=inp.tables,
+                                                          skip_without_key=inp.skip_tables_without_key),
+                                        queue=control, timeout=60,
                                         attempts=3)
             except ActivityError as e:
                 cause = e.cause
@@ -142,7 +150,10 @@ class ConsistencyCheckWorkflow(Runbook):
                     d = cause.details[0]
                     raise invalid(d["field"], d["reason"]) from None
                 raise
-            rec.detail = ", ".join(t.qualified for t in tables) or "no user tables"
+            skipped = [t.qualified for t in tables if not t.key]
+            tables = [t for t in tables if t.key]
+            rec.detail = (", ".join(t.qualified for t in tables) or "no user tables") + \
+                (f"; NOT COMPARED (no primary key): {', '.join(skipped)}" if skipped else "")
 
         results: list[TableResult] = []
         for t in tables:
@@ -189,7 +200,7 @@ class ConsistencyCheckWorkflow(Runbook):
                                            DR_CHECK_TABLES.value_set([r.table for r in results if r.differences])])
         result = ConsistencyResult(service=topo.service, region_a=a, region_b=b, database_b=inp.database_b,
                                    follower=follower, tables=results, redis=redis, differences=differences,
-                                   degraded=self.degraded, outcome=outcome)
+                                   degraded=self.degraded, outcome=outcome, not_compared=skipped)
 
         where = primary or a
         async with self.step("Record the run") as rec:

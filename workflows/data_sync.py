@@ -65,6 +65,8 @@ class DataSyncInput(BaseModel):
     approval: ApprovalPolicy = ApprovalPolicy(required=True)
     max_keys: int = Field(default=MAX_KEYS, ge=1, le=MAX_KEYS)
     trigger: str = Field(default="manual", max_length=100)
+    # For a runbook's final verify: tables without a primary key are listed, not compared.
+    skip_tables_without_key: bool = False
 
     @field_validator("tables")
     @classmethod
@@ -141,6 +143,7 @@ class DataSyncWorkflow(Runbook):
                 check = await workflow.execute_child_workflow(
                     ConsistencyCheckWorkflow.run,
                     {"tables": inp.tables, "regions": inp.regions, "database_b": inp.database_b, "redis": False,
+                     "skip_tables_without_key": inp.skip_tables_without_key,
                      "trigger": f"data-sync {wid}"},
                     id=check_id, result_type=ConsistencyResult)
                 rec.detail = f"{check_id}: {check.differences} differences"

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.activities import PostgresActivities
     from activities.postgres.rewind import Rewound
     from activities.redis.failback import RedisFailback
+    from workflows.data_sync import DataSyncResult
     from workflows.models import ApprovalPolicy, RunbookResult, SwitchoverInput, Trigger
     from workflows.plan import failback_plan
     from workflows.rejoin import Rejoin
@@ -70,6 +71,8 @@ class FailbackReport(BaseModel):
     rewind: Rewound | None = None
     redis: RedisFailback
     switchover: RunbookResult | None = None
+    # The rejoined standby's data checked against the primary (None: failbacks before it).
+    verify: DataSyncResult | None = None
     steps: list = []
     notes: list[str] = []
     outcome: str | None = None
@@ -175,6 +178,10 @@ class FailbackWorkflow(Rejoin):
                 reconciliation = await self.apply_reconciliation(req, rreq, oq, notes)
                 rewound = await self.rewind(req, oq, notes)
             redis = await self.rejoin_redis(req, oq)
+            verify = None
+            if workflow.patched("failback-verify-by-data"):
+                verify = await self.verify_by_data(primary, inp.region, inp.reconcile_approval,
+                                                   f"failback {workflow.info().workflow_id}")
 
             switchover = None
             if inp.switch_back:
@@ -207,7 +214,8 @@ class FailbackWorkflow(Rejoin):
             self.finish(outcome)
             return FailbackReport(service=inp.service, region=inp.region, primary_before=primary,
                                   divergence=divergence, reconciliation=reconciliation, rewind=rewound, redis=redis,
-                                  switchover=switchover, steps=self.steps, notes=notes + self.degraded,
+                                  switchover=switchover, verify=verify, steps=self.steps,
+                                  notes=notes + self.degraded,
                                   outcome=outcome, cancel_refused=self.cancel_refused)
 
         return await self.no_return(keep_rewind_switch(), f"keeping {inp.region}'s rows and rewinding it")

@@ -14,12 +14,14 @@ survivor as a standby.
 from __future__ import annotations
 
 from temporalio import workflow
+from temporalio.exceptions import ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.failback import Divergence, FailbackActivities, FailbackRequest, Reconciliation, \
         ReconcileRequest
     from activities.postgres.rewind import Rewound
     from activities.redis.failback import RedisFailback
+    from workflows.data_sync import DataSyncInput, DataSyncResult, DataSyncWorkflow
     from workflows.models import ApprovalPolicy, ApprovalRecord
     from workflows.runbook import Runbook
 
@@ -109,6 +111,35 @@ class Rejoin(Runbook):
             if rewound.fallback_reason:
                 notes.append(f"pg_rewind was impossible ({rewound.fallback_reason}); rebuilt with pg_basebackup")
         return rewound
+
+    async def verify_by_data(self, survivor: str, rejoined: str, policy: ApprovalPolicy,
+                             trigger: str) -> DataSyncResult | None:
+        """The last step: the rejoined standby's data against the survivor's, every table to exact
+        keys (DataSyncWorkflow). Nothing differs: green. Something does: the sync asks ``policy``'s
+        approval to rebuild the standby (never a write to it) and checks again; the run is green
+        only when that follow-up check is clean."""
+        async with self.step(f"verify {rejoined}'s data against {survivor}") as st:
+            try:
+                res = await workflow.execute_child_workflow(
+                    DataSyncWorkflow.run, DataSyncInput(regions=[survivor, rejoined], approval=policy,
+                                                        trigger=trigger[:100], skip_tables_without_key=True),
+                    id=f"{workflow.info().workflow_id}-verify", task_queue=workflow.info().task_queue,
+                    static_summary=f"verify {rejoined} against {survivor}")
+            except ChildWorkflowError as e:
+                st.status, st.detail = "failed", f"FAILED: {e.cause or e}"
+                self.degrade(f"verifying {rejoined}'s data against {survivor}", e.cause or e,
+                             f"eagle-dr check --regions {survivor},{rejoined}, then eagle-dr sync --check <its id>")
+                return None
+            if res.outcome == "succeeded" and res.path == "none":
+                st.detail = f"identical (check {res.check_workflow_id})"
+            elif res.outcome == "succeeded":
+                st.detail = f"differences repaired by {res.path}; the follow-up check is clean"
+            else:
+                st.status = "failed"
+                st.detail = f"{res.outcome}: {'; '.join(res.degraded) or res.why}"
+                self.degrade(f"verifying {rejoined}'s data against {survivor}", st.detail,
+                             f"eagle-dr sync --check {res.check_workflow_id}")
+            return res
 
     async def rejoin_redis(self, req: FailbackRequest, queue: str) -> RedisFailback:
         async with self.step("preserve and re-attach Redis") as st:

@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.split_brain import SplitBrainActivities, SplitBrainReport, SurvivorChoice, choose_survivor
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from eagle_dr.temporal import DR_EPOCH
+    from workflows.data_sync import DataSyncResult
     from workflows.models import ApprovalPolicy, ApprovalRecord, AwareTime, StepRecord, Trigger
     from workflows.plan import split_brain_plan
     from workflows.rejoin import Rejoin
@@ -74,6 +75,8 @@ class SplitBrainResult(BaseModel):
     approval: ApprovalRecord | None = None
     rewind: Rewound | None = None
     redis: RedisFailback | None = None
+    # The loser, rewound into a standby, checked against the survivor by data.
+    verify: DataSyncResult | None = None
     after: SplitBrainReport | None = None
     # Split seen -> one writer left (loser fenced, traffic on the survivor) -> all resolved.
     detected_at: datetime
@@ -92,6 +95,7 @@ RULES = ("active-region", "highest-epoch", "priority")
 @workflow.defn
 class SplitBrainWorkflow(Rejoin):
     runbook = "split-brain"
+    _verified = True  # the loser's data, once checked against the survivor's (verify_by_data)
 
     @workflow.run
     async def run(self, raw: RawInput) -> SplitBrainResult:
@@ -221,6 +225,10 @@ class SplitBrainWorkflow(Rejoin):
                 result.reconciliation, result.approval = await self.reconcile(req, result.divergence, lq, inp.approval,
                                                                               notes)
                 result.rewind = await self.rewind(req, lq, notes)
+                if workflow.patched("split-brain-verify-by-data"):
+                    result.verify = await self.verify_by_data(survivor, loser, inp.approval,
+                                                              f"split-brain {workflow.info().workflow_id}")
+                    self._verified = result.verify is not None and result.verify.outcome == "succeeded"
             else:
                 self.skip_postgres(req, loser, f"{loser}'s PostgreSQL was not a primary: nothing diverged")
 
@@ -232,7 +240,7 @@ class SplitBrainWorkflow(Rejoin):
                 # Unreachable is not verified: a loser nobody can see may still be writable.
                 one = after.postgres_primaries == [survivor] and after.all_redis_masters == [survivor] and \
                     {v for v in after.active_region_views.values() if v} <= {survivor} and not after.unreachable
-                ok = one and verification.ok
+                ok = one and verification.ok and self._verified
                 st.detail = (f"one primary, one master, routing on {survivor}" if one else
                              "NOT VERIFIED: " + ("; ".join(after.findings + [f"unreachable: {u}" for u in after.unreachable])
                                                  or f"primaries {after.postgres_primaries}, masters {after.redis_masters}")) \

@@ -29,6 +29,9 @@ class ListTablesRequest(BaseModel):
     region: str
     database: str | None = None
     tables: list[str] = []  # empty: the config's consistency.tables, else every user table
+    # Every user table: one without a primary key is returned with no key (the workflow lists it
+    # as not compared) instead of refused. For a runbook's final verify, not for the scheduled check.
+    skip_without_key: bool = False
 
 
 class CompareTableRequest(BaseModel):
@@ -97,7 +100,7 @@ class ConsistencyActivities:
         field = "tables" if req.tables else "consistency.tables (config)"
         with psycopg.connect(self._dsn(req.region, req.database), autocommit=True, connect_timeout=10) as conn:
             try:
-                return list_tables(conn, asked, field)
+                return list_tables(conn, asked, field, skip_without_key=req.skip_without_key and not asked)
             except TableError as e:
                 raise ApplicationError(f"invalid input: {e.field}: {e.reason}", {"field": e.field, "reason": e.reason},
                                        type="InvalidInput", non_retryable=True) from None

@@ -59,7 +59,8 @@ def _resolve(conn: psycopg.Connection, text: str, field: str) -> tuple[str, str]
     return row[0], row[1]
 
 
-def list_tables(conn: psycopg.Connection, asked: list[str], field: str = "tables") -> list[Table]:
+def list_tables(conn: psycopg.Connection, asked: list[str], field: str = "tables",
+                skip_without_key: bool = False) -> list[Table]:
     """``asked`` (each must exist and have a primary key), or every user table when empty
     (one without a primary key is an error too: silently skipping it would report it consistent)."""
     if asked:
@@ -71,6 +72,9 @@ def list_tables(conn: psycopg.Connection, asked: list[str], field: str = "tables
     out = []
     for (schema, name), fld in zip(names, fields):
         key = conn.execute(_KEY, (sql.Identifier(schema, name).as_string(conn),)).fetchall()
+        if not key and skip_without_key:
+            out.append(Table(schema_name=schema, name=name, key=[], key_types=[]))  # said, not compared
+            continue
         if not key:
             raise TableError(fld, f"table {schema}.{name} has no primary key: its rows cannot be matched "
                                   "across the sides (add one, or leave it out of consistency.tables)")
