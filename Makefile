@@ -70,6 +70,7 @@ bench: setup
 	$(BIN)/python -m bench.failback --gb $${FAILBACK_GB:-1.0}
 	$(BIN)/python -m bench.backup --gb $${BACKUP_GB:-1.0}
 	$(BIN)/python -m bench.alerts --alerts $${ALERTS:-500}
+	$(BIN)/python -m bench.consistency --rows $${ROWS:-10000000}
 
 # Root running from a clone the lab user cannot enter keeps the state in /var/lib/eagle-dr-lab
 # (lab/osuser.py reachable_state_dir): remove that too, and nothing else outside the checkout.

@@ -85,7 +85,7 @@ def compare_table(dsn_a: str, dsn_b: str, table: Table, *, follower: bool, chunk
         def one(i: int) -> Outcome:
             ca, cb = pair()
             out = Outcome()
-            RangeChecker(table, result.row_hash, ca, cb, waiter, cap, side_pool).check(pos.ranges[i], out)
+            RangeChecker(table, result.row_hash, ca, cb, waiter, cap, side_pool, chunk_rows).check(pos.ranges[i], out)
             return out
 
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="range") as pool:

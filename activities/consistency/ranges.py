@@ -107,6 +107,56 @@ def hash_range(conn: psycopg.Connection, table: Table, r: Range, kind: str) -> D
     return Digest(rows=n, xor=x)
 
 
+BIGINT_MIN, BIGINT_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def is_integer(table: Table) -> bool:
+    return len(table.key) == 1 and table.key_types[0] in ("bigint", "integer", "smallint")
+
+
+def key_span(conns: list[psycopg.Connection], table: Table, r: Range) -> tuple[int, int] | None:
+    """The smallest and largest key either side has in ``r`` (an integer key: two index probes
+    a side, no scan), or None when both are empty there."""
+    cond, params = where(table, r)
+    k = sql.Identifier(table.key[0])
+    lo, hi = None, None
+    for c in conns:
+        a, b = c.execute(sql.SQL("select min({k}), max({k}) from {t} where {c}").format(
+            k=k, t=table.ident, c=cond), params).fetchone()
+        if a is not None:
+            lo = a if lo is None else min(lo, a)
+            hi = b if hi is None else max(hi, b)
+    return None if lo is None else (lo, hi)
+
+
+def buckets(r: Range, span: tuple[int, int], parts: int) -> list[Range]:
+    """``r`` (integer key) cut arithmetically into ``parts`` buckets over ``span``; the first
+    and last keep ``r``'s own (maybe open) ends, so a row beyond the span still falls in one."""
+    lo, hi = span
+    step = max(1, math.ceil((hi - lo + 1) / parts))
+    cuts = [[str(v)] for v in range(lo + step, hi + 1, step)]
+    bounds = [r.lo, *cuts, r.hi]
+    return [Range(lo=bounds[i], hi=bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def hash_buckets(conn: psycopg.Connection, table: Table, parts: list[Range], kind: str) -> list[Digest]:
+    """The digest of each of ``parts`` (adjacent buckets of an integer key) in one statement.
+
+    One index range scan per bucket through a LATERAL join, so a range is read once and the
+    buckets that differ are already small enough to settle at the leaf: nothing is hashed a
+    second time to find where a difference is (a hash of the whole range and then of its
+    parts reads a differing range twice or more). A ``group by`` on the bucket number reads
+    the same rows but sorts or hashes them all first: measured 1.4-3x slower than this here.
+    Open ends are the type's extremes, so the bounds are plain bigints and the index is used."""
+    los = [BIGINT_MIN if p.lo is None else int(p.lo[0]) for p in parts]
+    his = [BIGINT_MAX if p.hi is None else int(p.hi[0]) - 1 for p in parts]  # inclusive
+    k = sql.Identifier(table.key[0])
+    q = sql.SQL("select s.n, s.x from unnest(%s::bigint[], %s::bigint[]) with ordinality as u(lo, hi, i), "
+                "lateral (select count(*) as n, coalesce(bit_xor({h}), 0) as x from {t} as t "
+                "where {k} >= u.lo and {k} <= u.hi) as s order by u.i").format(h=_row_expr(kind), t=table.ident, k=k)
+    return [Digest(rows=n, xor=x) for n, x in conn.execute(q, (los, his)).fetchall()]
+
+
 def digests(conn: psycopg.Connection, table: Table, r: Range, kind: str, only: list[Key] | None = None
             ) -> dict[Key, int]:
     """Each row's key and 64-bit digest in ``r`` (or just the keys ``only``): what a bisect
@@ -120,10 +170,6 @@ def digests(conn: psycopg.Connection, table: Table, r: Range, kind: str, only: l
     return {tuple(row[:-1]): row[-1] for row in conn.execute(q, params).fetchall()}
 
 
-def _is_integer(table: Table) -> bool:
-    return len(table.key) == 1 and table.key_types[0] in ("bigint", "integer", "smallint")
-
-
 def split(conns: list[psycopg.Connection], table: Table, r: Range, parts: int, rows: int) -> list[Range]:
     """``r`` cut into about ``parts`` ranges of similar size.
 
@@ -132,30 +178,19 @@ def split(conns: list[psycopg.Connection], table: Table, r: Range, parts: int, r
     of ``conns`` (the side with more rows in ``r``: an index-only walk over its keys)."""
     if parts < 2:
         return [r]
-    if _is_integer(table):
-        cond, params = where(table, r)
-        k = sql.Identifier(table.key[0])
-        lo, hi = None, None
-        for c in conns:
-            a, b = c.execute(sql.SQL("select min({k}), max({k}) from {t} where {c}").format(
-                k=k, t=table.ident, c=cond), params).fetchone()
-            if a is not None:
-                lo = a if lo is None else min(lo, a)
-                hi = b if hi is None else max(hi, b)
-        if lo is None or hi - lo < 2:
+    if is_integer(table):
+        span = key_span(conns, table, r)
+        if span is None or span[1] - span[0] < 2:
             return [r]
-        step = max(1, math.ceil((hi - lo + 1) / parts))
-        cuts = [[str(v)] for v in range(lo + step, hi + 1, step)]
-    else:
-        step = max(1, math.ceil(rows / parts))
-        cond, params = where(table, r)
-        cols = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
-        q = sql.SQL("select {kt} from (select {k}, row_number() over (order by {k}) as rn from {t} where {c}) "
-                    "as s where rn > 1 and (rn - 1) %% %s = 0").format(kt=key_text(table), k=cols, t=table.ident,
-                                                                       c=cond)
-        cuts = [list(row) for row in conns[0].execute(q, [*params, step]).fetchall()]
-        if not cuts:
-            return [r]
+        return buckets(r, span, parts)
+    step = max(1, math.ceil(rows / parts))
+    cond, params = where(table, r)
+    cols = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
+    q = sql.SQL("select {kt} from (select {k}, row_number() over (order by {k}) as rn from {t} where {c}) "
+                "as s where rn > 1 and (rn - 1) %% %s = 0").format(kt=key_text(table), k=cols, t=table.ident, c=cond)
+    cuts = [list(row) for row in conns[0].execute(q, [*params, step]).fetchall()]
+    if not cuts:
+        return [r]
     bounds = [r.lo, *cuts, r.hi]
     return [Range(lo=bounds[i], hi=bounds[i + 1]) for i in range(len(bounds) - 1)]
 
