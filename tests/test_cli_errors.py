@@ -103,9 +103,10 @@ DIRECT = [("status",), ("backup", "list", "--local", "--region", "us-east-1"), (
           ("notify", "test"), ("monitor", "status"), ("runs",), ("watch", "latest"), ("report", "no-such-run")]
 
 
-def test_commands_with_temporal_up_and_everything_else_down(tmp_path, dev_server):
+def test_commands_with_temporal_up_and_everything_else_down(tmp_path, lab, dev_server):
     """The servers of an unused port shift (nothing listens), a service and task queues no
-    worker polls, the test session's real Temporal dev server."""
+    worker polls, the test session's real Temporal dev server (and the lab's codec key: what
+    this test writes to it must stay readable to the session's history scan)."""
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
@@ -125,7 +126,8 @@ def test_commands_with_temporal_up_and_everything_else_down(tmp_path, dev_server
     # The secrets resolve (from the environment, as in production): what is down is the servers.
     env = {**os.environ, "TEMPORAL_ADDRESS": address, "COLUMNS": "200",
            **{f"EAGLE_DR_{k}": "x" for k in ("POSTGRES_PASSWORD", "REPLICATION_PASSWORD", "REDIS_PASSWORD",
-                                              "S3_ACCESS_KEY", "S3_SECRET_KEY", "CODEC_KEY_1")}}
+                                              "S3_ACCESS_KEY", "S3_SECRET_KEY")},
+           "EAGLE_DR_CODEC_KEY_1": (lab.state / "secrets" / "codec-key-1").read_text().strip()}
     env.pop("EAGLE_DR_DEBUG", None)
 
     def run(args):
