@@ -103,15 +103,19 @@ def _freeze(lab: Lab, region: str, sig: int) -> list[int]:
 async def _watching(handle, region: str, timeout: float = 60) -> None:
     """Until the monitor has seen the region up: detection is timed from a watched, healthy primary."""
     deadline = time.monotonic() + timeout
+    last = None
     while time.monotonic() < deadline:
         try:
-            st = await handle.query(MonitorWorkflow.monitor_state)
+            st = last = await handle.query(MonitorWorkflow.monitor_state)
             if st.rounds >= 1 and st.watched_region == region and st.failures == 0 and st.votes.get("control") == "up":
                 return
-        except Exception:  # noqa: BLE001 - not started yet
-            pass
+        except Exception as e:  # noqa: BLE001 - not started yet
+            last = e
         await asyncio.sleep(0.1)
-    raise RuntimeError(f"the monitor never saw {region} up")
+    seen = last if isinstance(last, Exception) else last and {
+        "rounds": last.rounds, "watched": last.watched_region, "failures": last.failures, "votes": last.votes,
+        "probes": last.probes, "findings": last.findings[-5:]}
+    raise RuntimeError(f"the monitor never saw {region} up; last seen: {seen!r}")
 
 
 async def eagle_stall_check(lab: Lab, client, det: Detection, stall: float, runs: int = 2) -> dict:
