@@ -139,6 +139,7 @@ async def test_approval_gate_shows_the_plan_first(lab, client):
         {k: v for k, v in before.items() if k != "routing"}
 
 
+@pytest.mark.long  # a real fork and failback (35 s); the healthy-lab plans stay in `make test`
 async def test_failback_and_split_brain_plans_after_a_fork_change_nothing(lab, client):
     key = 9_400_000_001
     old, new = await _fork(lab, client, [("insert into alerts (id, region, payload) values (%s, 'old', '{}')",

@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from temporalio.contrib.pydantic import pydantic_data_converter
 import structlog
 from temporalio import activity, workflow
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
@@ -24,6 +25,11 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 # Above the dev server's own ports (grpc, ui, http, metrics), inside this checkout's shift.
 TLS_OFFSET, MTLS_OFFSET = 40, 41
+
+
+# The connection is under test, not the payload codec: plain payloads, so no codec key is needed
+# (the lab's is written only when the lab comes up).
+PLAIN = pydantic_data_converter
 
 
 @pytest.fixture
@@ -72,7 +78,7 @@ async def test_tls_via_env(dev_server, tls, no_temporal_env):
         no_temporal_env.setenv("TEMPORAL_TLS_SERVER_CA_CERT_PATH", str(tls.ca))
         no_temporal_env.setenv("TEMPORAL_TLS_SERVER_NAME", "localhost")
         # The lab default is only a default: TEMPORAL_ADDRESS wins, as for a real cluster.
-        client = await connect("127.0.0.1:1")
+        client = await connect("127.0.0.1:1", data_converter=PLAIN)
         assert client.service_client.config.target_host == address
         assert await _run_echo(client) == "echo hi"
 
@@ -80,7 +86,7 @@ async def test_tls_via_env(dev_server, tls, no_temporal_env):
         no_temporal_env.delenv("TEMPORAL_TLS_SERVER_CA_CERT_PATH")
         no_temporal_env.setenv("TEMPORAL_TLS", "true")
         with pytest.raises(Exception) as e:
-            await connect("127.0.0.1:1")
+            await connect("127.0.0.1:1", data_converter=PLAIN)
         line = explain(e.value)
         assert line is not None and "\n" not in line and address in line
         assert "certificate" in line and "TEMPORAL_TLS_SERVER_CA_CERT_PATH" in line
@@ -104,13 +110,13 @@ client_key_path = "{key}"
 ''')
         no_temporal_env.setenv("TEMPORAL_CONFIG_FILE", str(profile))
         no_temporal_env.setenv("TEMPORAL_PROFILE", "lab-mtls")
-        client = await connect("127.0.0.1:1")
+        client = await connect("127.0.0.1:1", data_converter=PLAIN)
         assert await _run_echo(client) == "echo hi"
 
         # The same profile without the client certificate: refused by the server.
         profile.write_text("\n".join(ln for ln in profile.read_text().splitlines() if not ln.startswith("client_")))
         with pytest.raises(Exception) as e:
-            client = await connect("127.0.0.1:1")
+            client = await connect("127.0.0.1:1", data_converter=PLAIN)
             await client.count_workflows()
         line = explain(e.value)
         assert line is not None and "\n" not in line and address in line  # the profile's address
@@ -139,7 +145,7 @@ async def test_api_key_reaches_the_client_and_no_log(dev_server, no_temporal_env
 
     no_temporal_env.setenv("TEMPORAL_API_KEY", API_KEY)
     no_temporal_env.setenv("TEMPORAL_TLS", "false")  # the dev server is plain text and ignores the key
-    client = await connect(dev_server.address)
+    client = await connect(dev_server.address, data_converter=PLAIN)
     assert client.service_client.config.api_key == API_KEY
     assert await client.count_workflows() is not None  # the key is sent and the server still answers
 

@@ -44,8 +44,11 @@ def worker_kill(runbook: str, point: str, victim: str, slow: bool = True, **kw) 
 
 FAST = [
     worker_kill("failover", "promote", "target", slow=False),
+    # Out of `make test` for now: it took 188 s in the last clean-clone run (about 15 s before),
+    # which alone would push the suite past CI's budget. `make faults` still runs it; why it
+    # slowed (a completion lost across the restart, waiting out the fence's 180 s timeout?) is open.
     Fault("kill -9 dev server, restart", "switchover", "stop writes on old primary", kill_dev_server,
-          restart_dev_server),
+          restart_dev_server, slow=True),
     Fault("cancel at the approval gate", "switchover", "approval", cancel,
           input_overrides={"approval": {"required": True, "timeout_seconds": 600}}),
     Fault("cancel", "failover", "promote", cancel),
