@@ -25,6 +25,15 @@ from lab.ports import write_shifted_config
 
 # Below the ephemeral range (32768+), where outgoing connections could take a listen port.
 # EAGLE_DR_TEST_PORT_SHIFT lets a second checkout run its tests beside this one (2000-3500).
+# Under pytest-xdist (`make test` runs two processes) each process gets a lab of its own,
+# 350 ports above the previous one: a step at which no port of one lab is a
+# port of the other (100 puts one lab's S3 TLS port on the other's SeaweedFS volume gRPC port;
+# 900 and 1000 collide too). The environment is rewritten, not only PORT_SHIFT, because test
+# modules and the CLI subprocesses read it too.
+_XDIST = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _XDIST.startswith("gw") and "EAGLE_DR_TEST_BASE_SHIFT" not in os.environ:
+    os.environ["EAGLE_DR_TEST_BASE_SHIFT"] = os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")
+    os.environ["EAGLE_DR_TEST_PORT_SHIFT"] = str(int(os.environ["EAGLE_DR_TEST_BASE_SHIFT"]) + 350 * int(_XDIST[2:]))
 PORT_SHIFT = int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000"))
 
 
@@ -41,7 +50,7 @@ def write_test_config(directory: Path, shift: int = PORT_SHIFT, **overrides) -> 
     return path
 
 
-TEST_LAB_DIR = Path(__file__).resolve().parent.parent / ".eagle-dr-test"
+TEST_LAB_DIR = Path(__file__).resolve().parent.parent / (".eagle-dr-test" + (f"-{_XDIST}" if _XDIST not in ("", "gw0") else ""))
 
 
 def _stop_leftovers(d: Path) -> None:
@@ -106,8 +115,27 @@ def lab(lab_cfg, lab_config_path, dev_server):
         lab.start_workers()
         lab.start_codec_server()
         yield lab
+        if _XDIST:
+            _scan_for_secrets(lab, dev_server)
     finally:
         lab.down()
+
+
+def _scan_for_secrets(lab, dev_server) -> None:
+    """Under pytest-xdist, every history this process's dev server holds once its tests are
+    done, scanned for the lab's secrets (see tests/test_zz_secret_scan.py): a hit fails the
+    session as an error in this teardown."""
+    import asyncio
+
+    from eagle_dr.temporal import connect
+    from tests.secret_scan import _lab_secrets, scan_histories
+
+    async def scan():
+        client = await connect(target_host=dev_server.address, config=lab.cfg)
+        return await scan_histories(client, _lab_secrets(lab))
+
+    hits, runs = asyncio.run(scan())
+    assert hits == [], f"{len(hits)} secret(s) in {len(runs)} histories of {_XDIST}'s dev server: {hits[:5]}"
 
 
 # -- moto: the Route 53 API over HTTP --------------------------------------------------------------

@@ -1,8 +1,11 @@
 """No secret of the lab in any workflow history: 0 hits, stored or decrypted.
 
-Named to run last in ``make test`` (pytest takes files in name order): it then scans the
-history of every run the session made on the test lab's dev server (each test session starts
-with an empty one), plus the recorded histories in tests/histories. Run alone, it makes a run
+Named to run last when pytest runs in one process (it takes files in name order): it then
+scans the history of every run the session made on the test lab's dev server (each test
+session starts with an empty one), plus the recorded histories in tests/histories. Under
+pytest-xdist (`make test`) each process has a dev server of its own and this test runs
+wherever it is scheduled, so the ``lab`` fixture's teardown (tests/conftest.py) scans each
+process's dev server once its tests are done: every history is scanned either way. Run alone, it makes a run
 of its own first (a failover preflight, which resolves the PostgreSQL and Redis passwords
 inside its activities), so it always has a history that used the secrets.
 
@@ -14,43 +17,14 @@ errors or details at all, encrypted or not.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-from pathlib import Path
-
 from temporalio.client import WorkflowFailureError, WorkflowHistory
 
-from eagle_dr.codec import decode_in_place, payloads_in
+from eagle_dr.codec import decode_in_place
 from eagle_dr.launch import start_move
 from tests.histories import recorded
+from tests.secret_scan import _hits, _lab_secrets, _payloads, scan_histories
 from tests.lab_helpers import _primary
 from workflows.models import FailoverInput
-
-
-def _lab_secrets(lab) -> dict[str, str]:
-    d = Path(lab.cfg.lab.state_dir) / "secrets"
-    found = {p.name: p.read_text().strip() for p in sorted(d.iterdir()) if p.is_file()}
-    assert {"postgres-password", "redis-password", "codec-key-1"} <= set(found), found.keys()
-    return {k: v for k, v in found.items() if len(v) >= 8}
-
-
-def _hits(history: WorkflowHistory, values: dict[str, str]) -> list[str]:
-    """Which secrets appear in the history's JSON (texts: errors, names) or in any payload's
-    bytes (payload data is base64 in the JSON, so it is searched decoded)."""
-    text = history.to_json()
-    blobs = [p.data for e in history.events for p in _payloads(e)]
-    out = []
-    for name, value in values.items():
-        raw = value.encode()
-        if value in text or base64.b64encode(raw).decode() in text or any(raw in b for b in blobs):
-            out.append(f"{history.workflow_id}: {name}")
-    return out
-
-
-def _payloads(event):
-    found = []
-    payloads_in(event, found)
-    return found
 
 
 async def test_no_lab_secret_in_any_history(lab, client):
@@ -62,22 +36,12 @@ async def test_no_lab_secret_in_any_history(lab, client):
     except WorkflowFailureError:
         pass  # refused (the target is the primary): its preflight ran, which is what counts
 
-    codec = client.data_converter.payload_codec
-    runs = [w async for w in client.list_workflows()]
+    hits, runs = await scan_histories(client, values)
     assert any(w.id == handle.id for w in runs)
-    sem = asyncio.Semaphore(8)
-
-    async def scan(w) -> list[str]:
-        async with sem:
-            history = await client.get_workflow_handle(w.id, run_id=w.run_id).fetch_history()
-        hits = _hits(history, values)
-        await decode_in_place(codec, history.events)
-        return hits + [f"{h} (decrypted)" for h in _hits(history, values)]
-
-    hits = [h for found in await asyncio.gather(*(scan(w) for w in runs)) for h in found]
     for path in recorded():
         hits += _hits(WorkflowHistory.from_json(path.stem, path.read_text()), values)
     assert hits == [], f"{len(hits)} secret(s) found in {len(runs)} runs' and {len(recorded())} recorded histories"
+    codec = client.data_converter.payload_codec
     # The scan looked at decrypted payloads, not only ciphertext: the run's input is there.
     history = await handle.fetch_history()
     await decode_in_place(codec, history.events)
