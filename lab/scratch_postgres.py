@@ -35,7 +35,9 @@ def _node(base: Path, port: int, name: str) -> PostgresNode:
 
 @contextmanager
 def scratch_postgres(port: int, name: str, base: Path | None = None) -> Iterator[PostgresNode]:
-    base = base or Path(tempfile.gettempdir()) / f"eagle-dr-scratch-{name}"
+    # The port in the name: two checkouts (or pytest-xdist processes) on their own ports must
+    # not initdb into one directory.
+    base = base or Path(tempfile.gettempdir()) / f"eagle-dr-scratch-{name}-{port}"
     node = _node(base, port, name)
     if node.running():
         node.stop("immediate")
