@@ -53,7 +53,7 @@ def bare_rewind(lab: Lab, old: str, primary: str) -> dict:
     source = make_conninfo("", host=src.host, port=src.port, user=src.user, dbname="postgres")
     t0 = time.perf_counter()
     rewind_s = _timed(node.ctl, [node.ctl.tool("pg_rewind"), f"--target-pgdata={node.data_dir}",
-                                 f"--source-server={source}"], tool_env(src.password))
+                                 f"--source-server={source}"], tool_env(src.password, src))
     # The bare follow-up: standby.signal + primary_conninfo/slot, start, wait for streaming.
     node.ctl.write_standby_config(src, old, slot)
     node.ctl.start()
@@ -83,7 +83,7 @@ def bare_basebackup(lab: Lab, primary: str, scratch: Path) -> dict:
     try:
         s = _timed(node.ctl, [node.ctl.tool("pg_basebackup"), "-h", src.host, "-p", str(src.port),
                               "-U", src.replication_user, "-D", str(scratch), "-X", "stream", "-c", "fast"],
-                   tool_env(src.replication_secret))
+                   tool_env(src.replication_secret, src))
         size = sum(p.stat().st_size for p in scratch.rglob("*") if p.is_file())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -235,6 +235,21 @@ class PostgresConfig(_Strict):
     # lab's archive_command looks (relative to the data directory, so a config file that
     # pg_basebackup or pg_rewind copies to the other node still names that node's own file).
     pgbackrest_config: str | None = None
+    # TLS for every TCP connection eagle-dr and the tools it runs make to this server, and for
+    # the standby's replication stream (primary_conninfo). ``verify-full`` checks the server's
+    # certificate against ``sslrootcert`` and its name against ``host``: the only mode that
+    # stops a man in the middle on a cross-region link. The lab uses it; libpq's default
+    # ``prefer`` is kept only for a server that has no TLS at all.
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    sslrootcert: str | None = None
+
+    @property
+    def ssl_params(self) -> dict[str, str]:
+        """The libpq keywords for this server's TLS (for a conninfo or, as PGSSL*, a tool's env)."""
+        params = {"sslmode": self.sslmode}
+        if self.sslrootcert:
+            params["sslrootcert"] = self.sslrootcert
+        return params
 
     @property
     def pgbackrest_conf(self) -> str | None:
@@ -267,7 +282,7 @@ class PostgresConfig(_Strict):
         break the string in a way whose error text would quote the password. ``overrides``
         replace or add libpq keywords (user=..., application_name=...)."""
         params: dict[str, Any] = {"host": self.host, "port": self.port, "dbname": dbname or self.database,
-                                  "user": self.user}
+                                  "user": self.user, **self.ssl_params}
         if self.password is not None:
             params["password"] = self.password.resolve()
         params.update(overrides)
@@ -1255,7 +1270,7 @@ def _resolve_paths(raw: Any, base: Path, state_dir: str) -> Any:
     if isinstance(raw, dict):
         out = {}
         for k, v in raw.items():
-            if k in ("file", "ca_file", "rules_file") and isinstance(v, str):
+            if k in ("file", "ca_file", "rules_file", "sslrootcert") and isinstance(v, str):
                 v = v.replace("{state_dir}", state_dir)
                 out[k] = v if os.path.isabs(v) else str((base / v).resolve())
             elif k in ("data_dir", "socket_dir", "pgbackrest_config", "scratch_dir") and isinstance(v, str):

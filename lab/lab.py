@@ -74,7 +74,8 @@ class Lab:
         d = self.region_dir(region)
         data = Path(r.postgres.data_dir) if r.postgres.data_dir else d / "pgdata"
         run = Path(r.postgres.socket_dir) if r.postgres.socket_dir else d / "run"
-        return PostgresNode(r.postgres, data, run, self.user, region)
+        return PostgresNode(r.postgres, data, run, self.user, region,
+                            tls=self.tls if r.postgres.sslmode != "disable" else None)
 
     def secret(self, name: str) -> str:
         return (self.state / "secrets" / name).read_text().strip()
@@ -160,6 +161,7 @@ class Lab:
         if (pa.data_dir / "PG_VERSION").exists() and (pb.data_dir / "PG_VERSION").exists():
             # An existing lab: bring back what is down, as it was (never re-clone).
             for node in (pa, pb):
+                node.ensure_ssl()  # before ensure_auth's hostssl lines, or nothing could connect
                 if node.ensure_archive_include() and node.running():
                     node.stop("fast")
             pa.start()

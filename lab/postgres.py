@@ -19,6 +19,7 @@ from activities.postgres.credentials import tool_env
 from activities.postgres.ctl import PgCtl
 from eagle_dr.config import PostgresConfig
 from lab.osuser import LabUser, make_dir
+from lab.tls import LabTls
 from lab.processes import children, kill_tree
 
 SERVER_SETTINGS = """
@@ -57,6 +58,15 @@ local all all trust
 host all all 127.0.0.1/32 scram-sha-256
 host replication all 127.0.0.1/32 scram-sha-256
 """
+# With the lab's TLS (every lab server; lab.tls): the same, TLS or nothing. ``hostssl`` makes
+# the server refuse a plain-text connection outright, so a client that forgets TLS (sslmode
+# disable) fails here as it would against a production server configured this way.
+HBA_SSL = """
+local all all trust
+hostssl all all 127.0.0.1/32 scram-sha-256
+hostssl replication all 127.0.0.1/32 scram-sha-256
+"""
+SSL_MARKER = "# --- eagle-dr lab TLS ---"
 # A throwaway server (lab.scratch_postgres) has no secrets to check against.
 TRUST_HBA = """
 local all all trust
@@ -71,7 +81,7 @@ class PostgresNode:
     """One region's PostgreSQL instance: bootstrap here, process control in PgCtl."""
 
     def __init__(self, cfg: PostgresConfig, data_dir: Path, run_dir: Path, user: LabUser, name: str,
-                 trust: bool = False):
+                 trust: bool = False, tls: LabTls | None = None):
         # The runbooks find the node through its config, so the lab insists on the same paths.
         self.cfg = cfg.model_copy(update={"data_dir": str(data_dir), "socket_dir": str(run_dir),
                                           "os_user": cfg.os_user or user.name})
@@ -80,6 +90,7 @@ class PostgresNode:
         self.user = user
         self.name = name
         self.trust = trust
+        self.tls = tls
         self.ctl = PgCtl(self.cfg)
 
     @property
@@ -101,6 +112,22 @@ class PostgresNode:
         with open(conf, "a") as f:
             f.write("\n" + ARCHIVE_INCLUDE + "\n")
         return True
+
+    def ensure_ssl(self) -> None:
+        """ssl = on with the lab CA's server certificate, appended once to postgresql.conf
+        (absolute paths: the copy pg_basebackup and pg_rewind make names the same lab files).
+        A lab made before TLS gets it here; the settings reload without a restart."""
+        if self.tls is None:
+            return
+        self.tls.ensure_postgres()
+        conf = self.data_dir / "postgresql.conf"
+        if not conf.exists() or SSL_MARKER in conf.read_text():
+            return
+        with open(conf, "a") as f:
+            f.write(f"\n{SSL_MARKER}\nssl = on\nssl_cert_file = '{self.tls.postgres_cert}'\n"
+                    f"ssl_key_file = '{self.tls.postgres_key}'\nssl_min_protocol_version = 'TLSv1.2'\n")
+        if self.running():
+            self.ctl.run([self.ctl.tool("pg_ctl"), "-D", str(self.data_dir), "reload"], check=True)
 
     def stop(self, mode: str = "fast") -> None:
         self.ctl.stop(mode)
@@ -141,6 +168,7 @@ class PostgresNode:
                 raise RuntimeError(f"{self.name}: initdb failed: {r.stderr}")
             with open(self.data_dir / "postgresql.conf", "a") as f:
                 f.write(SERVER_SETTINGS)
+            self.ensure_ssl()
         self.start()
         self.ensure_auth()
         with self.connect("postgres") as conn:
@@ -157,7 +185,7 @@ class PostgresNode:
         PQencryptPasswordConn, as psql's \\password does), reach the server: the plain
         password never appears in a statement or the server log."""
         hba = self.data_dir / "pg_hba.conf"
-        want = TRUST_HBA if self.trust else HBA
+        want = TRUST_HBA if self.trust else HBA_SSL if self.tls is not None else HBA
         if not hba.exists() or hba.read_text() != want:
             hba.write_text(want)
             os.chmod(hba, 0o600)
@@ -216,7 +244,7 @@ class PostgresNode:
             r = self.ctl.run([self.ctl.tool("pg_basebackup"), "-h", primary.cfg.host, "-p", str(primary.cfg.port),
                               "-U", primary.cfg.replication_user, "-D", str(self.data_dir), "-X", "stream",
                               "-c", "fast", "-C", "-S", slot],
-                             env=tool_env(primary.cfg.replication_secret))
+                             env=tool_env(primary.cfg.replication_secret, primary.cfg))
             if r.returncode != 0:
                 raise RuntimeError(f"{self.name}: pg_basebackup failed: {r.stderr}")
             self.ctl.write_standby_config(primary.cfg, self.name, slot)

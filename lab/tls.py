@@ -59,6 +59,40 @@ class LabTls:
         # The S3 servers run as the lab user and read the key.
         self.user.own(self.key, self.cert)
 
+    @property
+    def postgres_cert(self) -> Path:
+        return self.dir / "postgres.crt"
+
+    @property
+    def postgres_key(self) -> Path:
+        return self.dir / "postgres.key"
+
+    def ensure_postgres(self) -> None:
+        """The PostgreSQL servers' certificate: libpq's verify-full matches the name the client
+        connected to, and the lab's runbooks connect to ``127.0.0.1`` (an IP SAN, which libpq
+        matches since PostgreSQL 14); ``localhost`` is there for people typing psql. A separate
+        certificate from S3's, whose client (pgBackRest) must not see the IP SAN change. Owned
+        by the lab user, key 0600: the server refuses a key others can read."""
+        self.ensure()
+        if self.postgres_cert.exists() and self.postgres_key.exists():
+            return
+        openssl = binaries.ensure("openssl")["openssl"]
+
+        def run(*argv: str) -> None:
+            r = subprocess.run([openssl, *argv], cwd=self.dir, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"openssl {argv[0]} failed: {r.stderr.strip()}")
+
+        (self.dir / "postgres.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                               "extendedKeyUsage=serverAuth\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "postgres.key", "-out", "postgres.csr",
+            "-subj", "/CN=eagle-dr lab postgres")
+        run("x509", "-req", "-in", "postgres.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "postgres.crt", "-days", "3650", "-extfile", "postgres.ext")
+        os.chmod(self.postgres_key, 0o600)
+        os.chmod(self.postgres_cert, 0o644)
+        self.user.own(self.postgres_key, self.postgres_cert)
+
     def client_cert(self, name: str) -> tuple[Path, Path]:
         """A client certificate (``<name>.crt``, ``<name>.key``) signed by the lab CA, for mTLS.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -83,6 +84,45 @@ def test_postgres_asks_every_tcp_connection_for_its_password(lab):
     assert st.st_mode & 0o777 == 0o600 and st.st_uid == data.stat().st_uid
     assert passfile.read_text().rstrip("\n").endswith(":" + secret)
     assert pg_status(standby).receiver_status == "streaming"
+
+
+def test_postgres_is_tls_only_and_replication_verifies_the_server(lab, tmp_path):
+    """Issue 12: every TCP connection to the lab's PostgreSQL is TLS (a plain one is refused by
+    pg_hba's hostssl, not merely not offered), the standby's stream is TLS with verify-full
+    against the lab CA, and verify-full refuses a server the configured CA did not sign."""
+    from lab.tls import LabTls
+
+    for r in lab.cfg.regions:
+        pg = r.postgres
+        assert pg.sslmode == "verify-full" and pg.sslrootcert and os.path.exists(pg.sslrootcert)
+        with pytest.raises(psycopg.OperationalError, match="no encryption"):
+            psycopg.connect(pg.dsn(sslmode="disable"), connect_timeout=3).close()
+        with psycopg.connect(pg.dsn(), connect_timeout=3) as conn:
+            assert conn.pgconn.ssl_in_use
+            assert conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").fetchone() == (True,)
+
+    # A CA of another lab: verify-full must refuse the server's certificate.
+    other = LabTls(tmp_path / "other-ca", lab.user)
+    other.ensure()
+    pg = lab.cfg.primary.postgres
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        psycopg.connect(pg.dsn(sslrootcert=str(other.ca)), connect_timeout=3).close()
+
+    primary = _current_primary(lab)
+    standby = lab.cfg.other(primary).name
+    auto = (lab.postgres(standby).data_dir / "postgresql.auto.conf").read_text()
+    assert "sslmode=verify-full" in auto and f"sslrootcert={pg.sslrootcert}" in auto, auto
+    with psycopg.connect(lab.cfg.region(primary).postgres.dsn(), connect_timeout=3) as conn:
+        rows = conn.execute("select s.ssl, s.version from pg_stat_replication r "
+                            "join pg_stat_ssl s on s.pid = r.pid where r.application_name = %s", (standby,)).fetchall()
+    assert rows and all(ssl and version.startswith("TLSv1.") for ssl, version in rows), rows
+
+
+def _current_primary(lab) -> str:
+    for r in lab.cfg.regions:
+        if pg_status(r.postgres).role == "primary":
+            return r.name
+    raise AssertionError("no primary in the lab")
 
 
 def test_redis_replica_sees_key_and_auth_is_required(lab):

@@ -30,9 +30,14 @@ _UNREACHABLE = ("could not connect to server", "connection to server at", "conne
                 "could not receive data from server", "could not send data to server", "the database system is")
 
 
-def tool_env(secret: SecretRef | None) -> dict[str, str]:
-    """The environment additions that give one libpq client tool its password."""
-    return {"PGPASSWORD": secret.resolve()} if secret is not None else {}
+def tool_env(secret: SecretRef | None, server: PostgresConfig | None = None) -> dict[str, str]:
+    """The environment additions that give one libpq client tool its password and, for
+    ``server``, its TLS settings (PGSSLMODE, PGSSLROOTCERT: libpq reads them as it reads the
+    conninfo keywords, and they keep argv free of anything but host and port)."""
+    env = {"PGPASSWORD": secret.resolve()} if secret is not None else {}
+    if server is not None:
+        env.update({f"PG{k.upper()}": v for k, v in server.ssl_params.items()})
+    return env
 
 
 def redact(text: str, *cfgs: PostgresConfig) -> str:
@@ -74,7 +79,8 @@ def check_source(source: PostgresConfig, *, replication: bool, what: str) -> Non
     else:
         user, secret = source.user, source.password
         extra = {"dbname": "postgres"}
-    params = {"host": source.host, "port": source.port, "user": user, "connect_timeout": 10, **extra}
+    params = {"host": source.host, "port": source.port, "user": user, "connect_timeout": 10, **extra,
+              **source.ssl_params}
     if secret is not None:
         params["password"] = secret.resolve()
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -70,6 +71,10 @@ class PgCtl:
             # cwd "/": the server tools change back to their starting directory (initdb: "could
             # not change directory"), and the caller's (a checkout under /root) may be closed to them.
             kw |= {"user": self.cfg.os_user, "extra_groups": [], "cwd": "/"}
+            # HOME of the user the tool runs as: libpq looks for ~/.postgresql/postgresql.crt on
+            # every TLS connection (a standby's walreceiver, pg_basebackup, pg_rewind) and fails
+            # on root's private home ("Permission denied") instead of going on without one.
+            kw["env"] = {**kw.get("env", os.environ), "HOME": _home_of(self.cfg.os_user)}
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
         if check and r.returncode != 0:
             raise PgCtlError(f"{os.path.basename(argv[0])} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
@@ -183,8 +188,10 @@ class PgCtl:
         # at the walreceiver's next connect), with no config change on the server.
         st = self.data_dir.stat()
         passfile = write_passfile(self.passfile, primary, (st.st_uid, st.st_gid))
+        # The replication stream crosses regions: it gets the primary's TLS settings
+        # (verify-full in the lab), read by this standby's walreceiver.
         params = {"host": primary.host, "port": primary.port, "user": primary.replication_user,
-                  "application_name": application_name}
+                  "application_name": application_name, **primary.ssl_params}
         if passfile:
             params["passfile"] = str(passfile)
         conninfo = make_conninfo("", **params)
@@ -222,3 +229,10 @@ class PgCtl:
 def _guc_string(value: str) -> str:
     """A quoted string for postgresql.conf: its parser reads backslash escapes and '' as a quote."""
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _home_of(user: str) -> str:
+    try:
+        return pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return "/"

@@ -86,7 +86,7 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
         conn.execute("checkpoint")
     # No password in it: argv is readable by every user in /proc. pg_rewind gets PGPASSWORD.
     source = make_conninfo("", host=primary.host, port=primary.port, user=primary.user, dbname="postgres",
-                           connect_timeout=10)
+                           connect_timeout=10, **primary.ssl_params)
     r = ctl.run([ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"], timeout=COPY_TIMEOUT_S,
                 env=tool_env(primary.password))
     method, reason = "pg_rewind", None
@@ -147,7 +147,7 @@ def _reclone(ctl: PgCtl, primary: PostgresConfig) -> None:
     os.chown(clone, ref.stat().st_uid, ref.stat().st_gid)
     r = ctl.run([ctl.tool("pg_basebackup"), "-h", primary.host, "-p", str(primary.port), "-U",
                  primary.replication_user, "-D", str(clone), "-X", "stream", "-c", "fast"], timeout=COPY_TIMEOUT_S,
-                env=tool_env(primary.replication_secret))
+                env=tool_env(primary.replication_secret, primary))
     if r.returncode != 0:
         shutil.rmtree(clone, ignore_errors=True)
         text = redact(r.stderr.strip() or r.stdout.strip(), primary)
