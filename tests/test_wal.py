@@ -153,3 +153,18 @@ def test_scan_names_the_blocks_and_follows_a_transaction_in_flight_at_the_start(
     assert not looked.unplaced_xids
     # Looked back from a later start, the in-flight transaction's write is out of reach.
     assert plain.unplaced_xids  # its commit is all that follows the start
+
+
+def test_a_transaction_running_at_a_snapshot_before_the_start_is_unplaced(node):
+    """Running at the last RUNNING_XACTS before the start: it may have written before the
+    segment the lookback reads, so its changes cannot be trusted to be all there."""
+    with _conn() as c:
+        c.execute("create table early (id int primary key)")
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as inflight:
+            inflight.execute("insert into early values (1)")
+            xid = int(inflight.execute("select pg_current_xact_id()::text").fetchone()[0])
+            c.execute("checkpoint")  # logs a snapshot of the running transactions: xid among them
+            start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+            inflight.commit()
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert xid in found.unplaced_xids

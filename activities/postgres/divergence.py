@@ -330,7 +330,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 if oid is None:
                     continue
                 mine = {k: f for k, f in files.items() if f.owner == oid}
-                why = _full_read_reason(found, survivor, oid in truncated)
+                why = _full_read_reason(found, oid in truncated)
                 if why is None and not mine:
                     rows[t], deleted[t], reads[t] = [], [], TableRead(mode="unchanged")
                     continue
@@ -373,7 +373,8 @@ def _maybe_connect(cfg: PostgresConfig | None):
         yield conn
 
 
-def _full_read_reason(found: WalScan | None, survivor: PostgresConfig | None, truncated: bool) -> str | None:
+def _full_read_reason(found: WalScan | None, truncated: bool) -> str | None:
+    """Why the loser's WAL cannot tell which blocks to read, if it cannot."""
     if found is None:
         return "no fork given: the WAL was not read"
     if truncated:
@@ -381,8 +382,6 @@ def _full_read_reason(found: WalScan | None, survivor: PostgresConfig | None, tr
     if found.unplaced_xids:
         return (f"{len(found.unplaced_xids)} transactions committed after the fork wrote nothing in the WAL read "
                 "(in flight since before the fork's WAL segment)")
-    if survivor is None:
-        return None  # rows only: nothing compares keys
     return None
 
 

@@ -39,6 +39,8 @@ _COMMIT_AT = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC")
 _SUBXACTS = re.compile(r"subxacts:((?: \d+)+)")
 _REL = re.compile(r"rel (\d+)/(\d+)/(\d+)")
 _TRUNCATED = re.compile(r"relids((?: \d+)+)")
+# A snapshot of the running transactions (logged at checkpoints and every 15 s): its top-level xids.
+_RUNNING = re.compile(r"RUNNING_XACTS .*?; \d+ xacts:((?: \d+)*)")
 # Every block a record references; the main fork's have no "fork" word (PG15+ format).
 _BLKREF = re.compile(r"blkref #\d+: rel (\d+)/(\d+)/(\d+)(?: fork (\w+))? blk (\d+)")
 # The error pg_waldump ends with when it reached the end of the WAL.
@@ -96,8 +98,11 @@ class WalScan:
     # names relation oids, not files, and no database.
     changes: dict[tuple[int, int, int], RelChange]
     # Committed after the start but with no record of their own in the scanned WAL other than
-    # the commit (with ``lookback``: not even before the start, in the start's segment): what
-    # they changed is unknown, so block-driven extraction cannot be trusted for them.
+    # the commit (with ``lookback``: not even before the start, in the start's segment), or
+    # already running at the last snapshot of running transactions (RUNNING_XACTS) before the
+    # start in that segment, so possibly writing before it: what they changed may be unknown,
+    # and block-driven extraction cannot be trusted for them. (A transaction that began before
+    # the segment with no snapshot in it is not seen: the segment is the lookback's reach.)
     unplaced_xids: set[int] = field(default_factory=set)
 
     @property
@@ -181,6 +186,7 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
     commits: list[Commit] = []
     pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str]]] = {}
     placed: set[int] = set()
+    running_before: set[int] = set()
     for line in r.stdout.splitlines():
         m = _RECORD.match(line)
         if not m:
@@ -191,6 +197,10 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
             if not before and (commit := _commit(m)):
                 commits.append(commit)
             continue
+        if before and rmgr == "Standby" and (running := _RUNNING.search(line)):
+            # Running at this point before the start: they may have written before the segment
+            # read too. The newest snapshot before the start wins.
+            running_before = {int(x) for x in running.group(1).split()}
         placed.add(xid)
         kind = DATA_OPS.get((rmgr, op.split("+", 1)[0]))
         if kind is None:
@@ -229,7 +239,7 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
         if not rc.ops:
             rc.ops["in flight"] = 1
     # A subtransaction's records carry its own xid; the commit names it among subxacts.
-    unplaced = {c.xid for c in commits if not ({c.xid, *c.subxids} & placed)}
+    unplaced = {c.xid for c in commits if not ({c.xid, *c.subxids} & placed) or c.xid in running_before}
     return WalScan(start_lsn=start, end_lsn=end, commits=commits, changes=changes, unplaced_xids=unplaced)
 
 
