@@ -4,6 +4,7 @@ its Redis dump) and reach the primary (the survivor) over the network."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 from psycopg import sql
@@ -73,6 +74,9 @@ class Reconciliation(BaseModel):
     # WAL the old primary wrote while it was read (0: the reads add nothing for pg_rewind to
     # copy; it is read as a standby of nothing, which dirties no page for a hint bit).
     loser_read_wal_bytes: int | None = None
+    # Where the reconciliation's time went: the old primary's read (wal, start, read, stop,
+    # wal_after) and apply (resolve and write, all tables), seconds.
+    seconds: dict[str, float] = {}
 
     def totals(self) -> tuple[int, int, int]:
         """(rows written to the survivor, conflicts, flagged for a human)."""
@@ -155,6 +159,7 @@ class FailbackActivities:
         info = activity.info()
         priority = {r.name: r.priority for r in self.cfg.regions}
         out = []
+        applying = time.monotonic()
         with connect(primary, 10) as conn:
             for table, tcfg in configs.items():
                 if table not in got.rows:
@@ -180,10 +185,11 @@ class FailbackActivities:
                     # already applied (audit_rows 0) must not count the same conflicts twice.
                     metrics.conflicts_resolved(activity.metric_meter(), self.cfg.service, table, summary.strategy,
                                                conflicts=summary.conflicts, flagged=summary.flagged)
+        seconds = {**got.seconds, "apply": round(time.monotonic() - applying, 3)}
         catalog = [c.describe() for c in got.changed if c.kind == "catalog"]
         return Reconciliation(since=since, tables=out, preview=req.preview,
                               unlisted_reconciled=sorted(extra), catalog_changes=catalog,
-                              loser_read_wal_bytes=got.read_wal_bytes)
+                              loser_read_wal_bytes=got.read_wal_bytes, seconds=seconds)
 
     def _unlisted(self, unlisted: list[ChangedRelation], primary) -> tuple[dict[str, TableConflictConfig], list[str]]:
         """Strategies for changed tables `conflicts:` does not list, per `unlisted_tables`; and

@@ -75,6 +75,7 @@ async def run_failback(lab: Lab, client, old: str) -> dict:
             "reconciled": [t.model_dump() for t in report.reconciliation.tables],
             "reconcile_s": next((s for name, s, _ in steps if name == "reconcile diverged rows"), None),
             "loser_read_wal_bytes": report.reconciliation.loser_read_wal_bytes,
+            "reconcile_parts": report.reconciliation.seconds,
             "switchover_outcome": report.switchover.outcome if report.switchover else None}
 
 
@@ -139,6 +140,7 @@ def report(r: dict) -> None:
     print(f"reconcile part: {wf['reconcile_s'] if wf['reconcile_s'] is not None else float('nan'):.2f}s at "
           f"{r['db_bytes'] / 1024**3:.2f} GiB; read: {modes}; WAL the reads added on the old primary: "
           f"{wf['loser_read_wal_bytes']} bytes (0: nothing more for pg_rewind to copy)")
+    print("  of which (s): " + ", ".join(f"{k} {v:.2f}" for k, v in wf["reconcile_parts"].items()))
     print("The workflow also reconciles, snapshots Redis to S3 and switches back; the references only copy data.")
 
 

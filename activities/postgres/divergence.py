@@ -11,6 +11,7 @@ names it. Runs on the loser's worker, with the loser stopped.
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import psycopg
+import structlog
 from psycopg import sql
 from pydantic import BaseModel
 
@@ -27,6 +29,9 @@ from activities.postgres.wal import DEFAULT_TABLESPACE, WalScan, commits_in_segm
     end_of_wal, scan, segment_size, waldump
 from activities.postgres.status import CURRENT_TIMELINE, connect
 from eagle_dr.config import PostgresConfig
+
+
+log = structlog.get_logger(__name__)
 
 
 class NoFork(RuntimeError):
@@ -166,6 +171,8 @@ class LoserRows(BaseModel):
     # every block that WAL names, so anything but 0 would be reads inflating the rewind.
     read_wal_bytes: int | None = None
     read_in_recovery: bool | None = None
+    # Where the read's time went (wal, start, read, stop, wal_after), seconds.
+    seconds: dict[str, float] = {}
 
 
 def regclass_sql(table: str) -> sql.Composable:
@@ -298,6 +305,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     PostgreSQL sets hint bits without dirtying the page and writes no WAL, prunes nothing, so
     these reads add no block to what pg_rewind copies. ``read_wal_bytes`` measures it."""
     ctl = PgCtl(loser)
+    took = _Stopwatch()
     wal_dir = str(Path(loser.data_dir) / "pg_wal")
     tli = (fork.loser_timeline or fork.old_timeline) if fork is not None else None
     committed_at: dict[int, datetime] = {}
@@ -308,7 +316,9 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
         committed_at = {x: c.at for c in found.commits for x in (c.xid, *c.subxids)}
         changes = found.changes
     xids = sorted(committed_at)
+    took.lap("wal")
     ctl.start_isolated()
+    took.lap("start")
     rows: dict[str, list[dict]] = {}
     keys: dict[str, set[tuple]] = {}
     oids: dict[str, int | None] = {}
@@ -352,16 +362,32 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 if surv is not None:
                     deleted[t] = _deleted_in_blocks(conn, surv, ident, heaps, key, ts_column[t], fork_time)
                 reads[t] = TableRead(mode="blocks", blocks=sum(len(rc.blocks | rc.removed_blocks) for _, rc in heaps))
+        took.lap("read")
     finally:
         ctl.stop("fast")
+    took.lap("stop")
     read_wal = None
     if found is not None:
         # What the isolated start, the reads and the stop added to the loser's WAL.
         seg = segment_size(ctl)
         after = end_of_wal(waldump(ctl, wal_dir, tli, found.end_lsn, seg).stderr, seg)
         read_wal = lsn_diff(after, found.end_lsn) if after is not None else None
+        took.lap("wal_after")
+    log.info("divergence read", seconds=took.laps, reads={t: r.mode for t, r in reads.items()},
+             read_wal_bytes=read_wal, in_recovery=in_recovery)
     return LoserRows(rows=rows, keys=keys, changed=changed, oids=oids, deleted=deleted, reads=reads,
-                     read_wal_bytes=read_wal, read_in_recovery=in_recovery)
+                     read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
 
 
 @contextmanager
