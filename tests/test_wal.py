@@ -129,6 +129,7 @@ def test_scan_names_the_blocks_and_follows_a_transaction_in_flight_at_the_start(
     the start and committed after it counts, with its blocks, only when asked to look back;
     one whose writes cannot be found is reported unplaced."""
     with _conn() as c:
+        c.execute("checkpoint")  # a snapshot of the running transactions for the lookback to reach
         c.execute("create table t (id int primary key, pad text)")
         c.execute("create table early (id int primary key)")
         c.execute("insert into t select g, repeat('x', 500) from generate_series(1, 2000) g")
@@ -168,3 +169,18 @@ def test_a_transaction_running_at_a_snapshot_before_the_start_is_unplaced(node):
             inflight.commit()
     found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
     assert xid in found.unplaced_xids
+
+
+def test_without_a_snapshot_in_reach_every_commit_after_the_start_is_unplaced(node, monkeypatch):
+    """No RUNNING_XACTS found before the start within the lookback's reach: a transaction in
+    flight at the start may have written anywhere before it, so no commit can be trusted to
+    be placed (the caller then reads every table in full)."""
+    from activities.postgres import wal
+
+    monkeypatch.setattr(wal, "_LOOKBACK_SEGMENTS", 0)
+    with _conn() as c:
+        c.execute("create table if not exists late (id int primary key)")
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+        c.execute("insert into late values (1)")
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert found.commits and {c.xid for c in found.commits} <= found.unplaced_xids

@@ -100,9 +100,9 @@ class WalScan:
     # Committed after the start but with no record of their own in the scanned WAL other than
     # the commit (with ``lookback``: not even before the start, in the start's segment), or
     # already running at the last snapshot of running transactions (RUNNING_XACTS) before the
-    # start in that segment, so possibly writing before it: what they changed may be unknown,
-    # and block-driven extraction cannot be trusted for them. (A transaction that began before
-    # the segment with no snapshot in it is not seen: the segment is the lookback's reach.)
+    # start, so possibly writing before it: what they changed may be unknown, and block-driven
+    # extraction cannot be trusted for them. When the lookback found no snapshot at all in the
+    # WAL it could read, every commit is here.
     unplaced_xids: set[int] = field(default_factory=set)
 
     @property
@@ -168,10 +168,23 @@ def end_of_wal(stderr: str, seg_size: int) -> str | None:
     return next(g for g in found[-1].groups() if g) if found else None
 
 
+# How many segments before the start's a lookback may read to find a RUNNING_XACTS snapshot.
+_LOOKBACK_SEGMENTS = 8
+
+
+def _snapshot_before(dump: str, first: int) -> bool:
+    for line in dump.splitlines():
+        m = _RECORD.match(line)
+        if m and m.group(1) == "Standby" and lsn_to_int(m.group(3)) < first and _RUNNING.search(line):
+            return True
+    return False
+
+
 def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False) -> WalScan:
     """Every committed change from ``start`` to the end of the WAL on timeline ``tli``.
 
-    ``lookback``: also read the start's segment before ``start``, and count the blocks that
+    ``lookback``: also read the WAL before ``start`` back to a snapshot of the running transactions
+    (the start's segment, or earlier ones), and count the blocks that
     transactions committed after ``start`` wrote there (transactions in flight at a fork: their
     commit is after it, some of their rows before). Commits before ``start`` are not counted.
     A promoted node's first segment on its timeline begins with a copy of the WAL up to the
@@ -183,6 +196,25 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
     end = end_of_wal(r.stderr, seg_size)
     if end is None or lsn_to_int(end) < first:
         raise WalUnreadable(f"pg_waldump of {wal_dir} from {dump_from} on timeline {tli}: {r.stderr.strip()[:400]}")
+    # The lookback must reach a snapshot of the running transactions (RUNNING_XACTS: logged at
+    # every checkpoint and every 15 s of activity) before ``start``: a transaction not running
+    # at it began after it, so all its writes are in the WAL read. Without one in the start's
+    # segment, read back segment by segment; if none is found in reach (WAL recycled, another
+    # timeline), what a transaction in flight wrote is unknown and every commit counts as
+    # unplaced (the caller reads in full).
+    reached = not lookback
+    for _ in range(_LOOKBACK_SEGMENTS if lookback else 0):
+        if _snapshot_before(r.stdout, first):
+            reached = True
+            break
+        earlier = lsn_to_int(dump_from) - seg_size
+        if earlier < 0:
+            break
+        again = waldump(ctl, wal_dir, tli, int_to_lsn(earlier), seg_size)
+        again_end = end_of_wal(again.stderr, seg_size)
+        if again_end is None or lsn_to_int(again_end) < first:
+            break  # that segment is gone or unreadable: stop with what was read
+        r, dump_from = again, int_to_lsn(earlier)
     commits: list[Commit] = []
     pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str]]] = {}
     placed: set[int] = set()
@@ -239,7 +271,8 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
         if not rc.ops:
             rc.ops["in flight"] = 1
     # A subtransaction's records carry its own xid; the commit names it among subxacts.
-    unplaced = {c.xid for c in commits if not ({c.xid, *c.subxids} & placed) or c.xid in running_before}
+    unplaced = {c.xid for c in commits if not ({c.xid, *c.subxids} & placed) or c.xid in running_before
+                or not reached}
     return WalScan(start_lsn=start, end_lsn=end, commits=commits, changes=changes, unplaced_xids=unplaced)
 
 
