@@ -4,6 +4,7 @@ its Redis dump) and reach the primary (the survivor) over the network."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 from psycopg import sql
@@ -54,6 +55,11 @@ class ReconcileRequest(FailbackRequest):
 class TableReconciliation(ApplySummary):
     loser_rows: int
     deleted_keys: int
+    # How the divergence was read (activities/postgres/divergence.py read_loser): unchanged
+    # (not read at all), blocks (only what the loser's post-fork WAL touched) or full, and why.
+    read_mode: str | None = None
+    blocks_read: int = 0
+    full_read_why: str | None = None
 
 
 class Reconciliation(BaseModel):
@@ -65,6 +71,12 @@ class Reconciliation(BaseModel):
     # System catalogs the loser changed after the fork (DDL, or our own probes' temp tables):
     # reported, not reconciled: schema changes are a human's call.
     catalog_changes: list[str] = []
+    # WAL the old primary wrote while it was read (0: the reads add nothing for pg_rewind to
+    # copy; it is read as a standby of nothing, which dirties no page for a hint bit).
+    loser_read_wal_bytes: int | None = None
+    # Where the reconciliation's time went: the old primary's read (wal, start, read, stop,
+    # wal_after) and apply (resolve and write, all tables), seconds.
+    seconds: dict[str, float] = {}
 
     def totals(self) -> tuple[int, int, int]:
         """(rows written to the survivor, conflicts, flagged for a human)."""
@@ -119,8 +131,9 @@ class FailbackActivities:
         with connect(primary, 10) as conn:
             _check_configured_tables(conn, self.cfg.conflicts, req.primary_region)
         configs = dict(self.cfg.conflicts)
+        read = dict(fork=req.divergence.fork, survivor=primary, fork_time=fork_time)
         got = read_loser(old, {t: c.key for t, c in configs.items()}, since,
-                         {t: c.timestamp_column for t, c in configs.items()}, fork=req.divergence.fork)
+                         {t: c.timestamp_column for t, c in configs.items()}, **read)
         missing = [t for t, oid in got.oids.items() if oid is None]
         if missing:
             raise ApplicationError(
@@ -141,33 +154,42 @@ class FailbackActivities:
                 non_retryable=True)
         if extra:
             got = read_loser(old, {t: c.key for t, c in {**configs, **extra}.items()}, since,
-                             {t: c.timestamp_column for t, c in {**configs, **extra}.items()},
-                             fork=req.divergence.fork)
+                             {t: c.timestamp_column for t, c in {**configs, **extra}.items()}, **read)
             configs.update(extra)
         info = activity.info()
         priority = {r.name: r.priority for r in self.cfg.regions}
         out = []
+        applying = time.monotonic()
         with connect(primary, 10) as conn:
             for table, tcfg in configs.items():
                 if table not in got.rows:
                     continue
-                deleted = _deleted_on_old(conn, table, tcfg.key, tcfg.timestamp_column, fork_time,
-                                          got.keys.get(table, set()))
+                how = got.reads[table]
+                deleted = got.deleted.get(table, [])
+                if how.mode == "unchanged":
+                    # The old primary's WAL shows no change to it after the fork: nothing of its
+                    # to reconcile, and nothing read on either side.
+                    out.append(TableReconciliation(table=table, strategy=tcfg.strategy, loser_rows=0, deleted_keys=0,
+                                                   read_mode=how.mode))
+                    continue
                 summary = apply_resolutions(
                     conn, table, tcfg, got.rows[table], deleted, loser_region=req.region,
                     survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
                     now=req.decided_at or datetime.now(timezone.utc), workflow_id=info.workflow_id,
                     run_id=info.workflow_run_id, approved_by=req.approved_by, dry_run=req.preview)
                 out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(got.rows[table]),
-                                               deleted_keys=len(deleted)))
+                                               deleted_keys=len(deleted), read_mode=how.mode,
+                                               blocks_read=how.blocks, full_read_why=how.why))
                 if not req.preview and summary.audit_rows:
                     # Only the attempt that wrote the audit rows counts: a retry that finds them
                     # already applied (audit_rows 0) must not count the same conflicts twice.
                     metrics.conflicts_resolved(activity.metric_meter(), self.cfg.service, table, summary.strategy,
                                                conflicts=summary.conflicts, flagged=summary.flagged)
+        seconds = {**got.seconds, "apply": round(time.monotonic() - applying, 3)}
         catalog = [c.describe() for c in got.changed if c.kind == "catalog"]
         return Reconciliation(since=since, tables=out, preview=req.preview,
-                              unlisted_reconciled=sorted(extra), catalog_changes=catalog)
+                              unlisted_reconciled=sorted(extra), catalog_changes=catalog,
+                              loser_read_wal_bytes=got.read_wal_bytes, seconds=seconds)
 
     def _unlisted(self, unlisted: list[ChangedRelation], primary) -> tuple[dict[str, TableConflictConfig], list[str]]:
         """Strategies for changed tables `conflicts:` does not list, per `unlisted_tables`; and
@@ -217,23 +239,6 @@ class FailbackActivities:
         with heartbeating():
             return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key,
                                        self.cfg.redis_reconcile)
-
-
-def _deleted_on_old(conn, table: str, key: list[str], ts_col: str, fork_time: datetime,
-                    old_keys: set[tuple]) -> list[tuple]:
-    """Rows the primary has unchanged since before the fork but the old primary lacks:
-    the old primary deleted them after the fork.
-
-    A row stamped before the fork may still have committed after it (a transaction in flight
-    at the fork): the loser never had it, and it is no deletion. With track_commit_timestamp
-    the commit time tells; without it, rows are judged by their timestamp alone."""
-    cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
-    committed = sql.SQL("")
-    if conn.execute("select current_setting('track_commit_timestamp') = 'on'").fetchone()[0]:
-        committed = sql.SQL(" and coalesce(pg_xact_commit_timestamp(xmin), '-infinity') <= %(fork)s")
-    rows = conn.execute(sql.SQL("select {} from {} where {} <= %(fork)s{}").format(
-        cols, regclass_sql(table), sql.Identifier(ts_col), committed), {"fork": fork_time}).fetchall()
-    return [tuple(r) for r in rows if tuple(r) not in old_keys]
 
 
 def _check_configured_tables(conn, conflicts: dict[str, TableConflictConfig], region: str) -> None:

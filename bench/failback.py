@@ -2,14 +2,21 @@
 pg_rewind, Redis, catch up, switch over back) beside a bare pg_rewind and a bare pg_basebackup
 of the same data, measured in the same run on the same lab.
 
-A lab on its own ports (PORT_SHIFT 4000, as bench/failover.py; not both at once), the Temporal
+A lab on its own ports (PORT_SHIFT 4000, as bench/failover.py, not both at once; or
+EAGLE_DR_BENCH_PORT_SHIFT), the Temporal
 dev server and the workers. The primary's alerts table is filled to ``--gb`` GiB (day-old,
 frozen rows, as a steady-state database holds; see bench/fork.py settle), then
 bench/fork.py forks it like an outage (``--mb`` MB written on each side after the fork, with
 conflicting updates and a few deletes), and FailbackWorkflow brings the old primary back. The
 fork is then made again the same way, and the references run on it (bench/bare_copy.py).
 
+The reconcile part (reading the divergence on the old primary and the survivor, resolving,
+applying) is printed on its own: it should follow the divergence, not the database size, so
+the same --mb at 10x --gb should cost about the same (issue 13: within 1.5x). The 10 GiB case
+needs ~25 GB free and runs only when asked (FAILBACK_GB=10 make bench).
+
     python -m bench.failback --gb 1.0
+    FAILBACK_GB=10 python -m bench.failback
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from lab.lab import Lab
 from lab.ports import write_shifted_config
 from workflows.failback import FailbackInput, FailbackWorkflow
 
-PORT_SHIFT = 4000
+PORT_SHIFT = int(os.environ.get("EAGLE_DR_BENCH_PORT_SHIFT", "4000"))
 
 
 def _field(obj, name: str):
@@ -66,6 +73,9 @@ async def run_failback(lab: Lab, client, old: str) -> dict:
             "rewind_fallback": report.rewind.fallback_reason,
             "lost_commits": report.divergence.lost.lost_commits, "lost_bytes": report.divergence.lost.lost_bytes,
             "reconciled": [t.model_dump() for t in report.reconciliation.tables],
+            "reconcile_s": next((s for name, s, _ in steps if name == "reconcile diverged rows"), None),
+            "loser_read_wal_bytes": report.reconciliation.loser_read_wal_bytes,
+            "reconcile_parts": report.reconciliation.seconds,
             "switchover_outcome": report.switchover.outcome if report.switchover else None}
 
 
@@ -125,6 +135,12 @@ def report(r: dict) -> None:
         print(f"reconciled {t['table']}: {t['loser_rows']} rows + {t['deleted_keys']} deleted keys from the old "
               f"primary; inserted {t['inserted']} updated {t['updated']} deleted {t['deleted']} kept {t['kept']} "
               f"conflicts {t['conflicts']}")
+    modes = ", ".join(f"{t['table']} {t.get('read_mode')}" + (f" ({t['blocks_read']} blocks)" if t.get("blocks_read")
+                                                                else "") for t in wf["reconciled"])
+    print(f"reconcile part: {wf['reconcile_s'] if wf['reconcile_s'] is not None else float('nan'):.2f}s at "
+          f"{r['db_bytes'] / 1024**3:.2f} GiB; read: {modes}; WAL the reads added on the old primary: "
+          f"{wf['loser_read_wal_bytes']} bytes (0: nothing more for pg_rewind to copy)")
+    print("  of which (s): " + ", ".join(f"{k} {v:.2f}" for k, v in wf["reconcile_parts"].items()))
     print("The workflow also reconciles, snapshots Redis to S3 and switches back; the references only copy data.")
 
 
@@ -160,7 +176,8 @@ def kill_strays(workdir: Path) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gb", type=float, default=1.0, help="database size to fill, GiB")
+    ap.add_argument("--gb", type=float, default=float(os.environ.get("FAILBACK_GB", "1.0")),
+                    help="database size to fill, GiB (default: FAILBACK_GB, else 1)")
     # The lab keeps wal_keep_size = 64MB and failback creates the old primary's slot only at
     # rewind time (without reserving WAL): past ~64 MB of WAL on the new primary since the fork,
     # the rewound node cannot find the fork's WAL and never becomes consistent. A limit of

@@ -122,3 +122,65 @@ def test_read_loser_names_what_changed_and_finds_rows_by_their_writer(tmp_path):
     assert set(names) == {"public.listed", "public.parted", "public.big"}, got.changed
     assert names["public.parted"].ops == {"insert": 1}
     assert got.oids["listed"] == names["public.listed"].oid
+
+
+def test_scan_names_the_blocks_and_follows_a_transaction_in_flight_at_the_start(node):
+    """The blocks post-start commits wrote and removed rows in; a transaction that wrote before
+    the start and committed after it counts, with its blocks, only when asked to look back;
+    one whose writes cannot be found is reported unplaced."""
+    with _conn() as c:
+        c.execute("checkpoint")  # a snapshot of the running transactions for the lookback to reach
+        c.execute("create table t (id int primary key, pad text)")
+        c.execute("create table early (id int primary key)")
+        c.execute("insert into t select g, repeat('x', 500) from generate_series(1, 2000) g")
+        blk = c.execute("select (ctid::text::point)[0]::int from t where id = 1500").fetchone()[0]
+        node_file = c.execute("select pg_relation_filenode('t')").fetchone()[0]
+        early_file = c.execute("select pg_relation_filenode('early')").fetchone()[0]
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as inflight:
+            inflight.execute("insert into early values (1)")  # written before the start...
+            # The insert position: an uncommitted record may not be written out yet.
+            start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+            c.execute("delete from t where id = 1500")
+            inflight.commit()  # ...committed after it
+        end_blocks = c.execute("select pg_relation_size('t') / 8192").fetchone()[0]
+    ctl = PgCtl(node.cfg)
+    plain = scan(ctl, _wal(node), 1, start)
+    assert early_file not in {k[2] for k in plain.changes}
+    looked = scan(ctl, _wal(node), 1, start, lookback=True)
+    t = next(v for k, v in looked.changes.items() if k[2] == node_file)
+    assert t.ops == {"delete": 1} and t.removed_blocks == {blk} and t.blocks == {blk} and blk < end_blocks
+    early = next(v for k, v in looked.changes.items() if k[2] == early_file)
+    assert early.ops == {"in flight": 1} and early.blocks == {0}
+    assert not looked.unplaced_xids
+    # Looked back from a later start, the in-flight transaction's write is out of reach.
+    assert plain.unplaced_xids  # its commit is all that follows the start
+
+
+def test_a_transaction_running_at_a_snapshot_before_the_start_is_unplaced(node):
+    """Running at the last RUNNING_XACTS before the start: it may have written before the
+    segment the lookback reads, so its changes cannot be trusted to be all there."""
+    with _conn() as c:
+        c.execute("create table early (id int primary key)")
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as inflight:
+            inflight.execute("insert into early values (1)")
+            xid = int(inflight.execute("select pg_current_xact_id()::text").fetchone()[0])
+            c.execute("checkpoint")  # logs a snapshot of the running transactions: xid among them
+            start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+            inflight.commit()
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert xid in found.unplaced_xids
+
+
+def test_without_a_snapshot_in_reach_every_commit_after_the_start_is_unplaced(node, monkeypatch):
+    """No RUNNING_XACTS found before the start within the lookback's reach: a transaction in
+    flight at the start may have written anywhere before it, so no commit can be trusted to
+    be placed (the caller then reads every table in full)."""
+    from activities.postgres import wal
+
+    monkeypatch.setattr(wal, "_LOOKBACK_SEGMENTS", 0)
+    with _conn() as c:
+        c.execute("create table if not exists late (id int primary key)")
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+        c.execute("insert into late values (1)")
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert found.commits and {c.xid for c in found.commits} <= found.unplaced_xids

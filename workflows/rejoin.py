@@ -84,7 +84,7 @@ class Rejoin(Runbook):
         async with self.step("reconcile diverged rows") as st:
             reconciliation = await self.act(FailbackActivities.reconcile_diverged_rows, rreq, queue=queue,
                                             timeout=3600, heartbeat=HEARTBEAT_S)
-            st.detail = _counts(reconciliation)
+            st.detail = _counts(reconciliation) + _reads(reconciliation)
             if flagged := reconciliation.totals()[2]:
                 notes.append(f"{flagged} changes were flagged for a human, not applied (immutable-append-only "
                              "tables, insert-insert key collisions): see eagle_dr.conflict_audit where "
@@ -162,6 +162,21 @@ def _counts(r: Reconciliation) -> str:
     written, conflicts, flagged = r.totals()
     verb = "would be written" if r.preview else "written"
     return f"{written} rows {verb}, {conflicts} conflicts, {flagged} flagged for a human"
+
+
+def _reads(r: Reconciliation) -> str:
+    """What reading the divergence cost: tables read by block, in full (why), or not at all."""
+    modes = [t.read_mode for t in r.tables if t.read_mode]
+    if not modes:
+        return ""  # a result recorded before the reads were reported
+    full = [f"{t.table} ({t.full_read_why})" for t in r.tables if t.read_mode == "full"]
+    out = (f"; read: {modes.count('blocks')} tables by block "
+           f"({sum(t.blocks_read for t in r.tables)} blocks), {modes.count('unchanged')} untouched")
+    if full:
+        out += f", in full: {', '.join(full)}"
+    if r.loser_read_wal_bytes:
+        out += f"; the reads wrote {r.loser_read_wal_bytes} bytes of WAL on the old primary (pg_rewind copies more)"
+    return out
 
 
 def _sample(r: Reconciliation) -> str:

@@ -11,20 +11,27 @@ names it. Runs on the loser's worker, with the loser stopped.
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg
+import structlog
 from psycopg import sql
 from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_diff, lsn_to_int
-from activities.postgres.wal import DEFAULT_TABLESPACE, commits_in_segment_before, current_timeline, scan, \
-    segment_size
+from activities.postgres.wal import DEFAULT_TABLESPACE, WalScan, commits_in_segment_before, current_timeline, \
+    end_of_wal, scan, segment_size, waldump
 from activities.postgres.status import CURRENT_TIMELINE, connect
 from eagle_dr.config import PostgresConfig
+
+
+log = structlog.get_logger(__name__)
 
 
 class NoFork(RuntimeError):
@@ -138,12 +145,34 @@ class ChangedRelation(BaseModel):
         return f"{where}{self.name} ({', '.join(f'{k} {n}' for k, n in sorted(self.ops.items()))})"
 
 
+class TableRead(BaseModel):
+    """How one configured table's divergence was read on the loser."""
+
+    # unchanged: the loser's WAL shows no post-fork change to it, nothing was read;
+    # blocks: only the blocks its post-fork WAL touched were read (and the survivor's rows in
+    # the blocks where it deleted or updated); full: every row (the old way), and why.
+    mode: str
+    blocks: int = 0
+    why: str | None = None
+
+
 class LoserRows(BaseModel):
     rows: dict[str, list[dict]]
+    # Every key the loser holds, for tables read in full only (blocks mode never collects them).
     keys: dict[str, set[tuple]]
     changed: list[ChangedRelation]
     # Configured table -> oid on the loser (None: the loser has no such table).
     oids: dict[str, int | None]
+    # Keys the loser deleted after the fork (rows the survivor holds unchanged since before
+    # it); only when read_loser was given the survivor.
+    deleted: dict[str, list[tuple]] = {}
+    reads: dict[str, TableRead] = {}
+    # WAL the loser wrote while it was read (its end after minus before): pg_rewind copies
+    # every block that WAL names, so anything but 0 would be reads inflating the rewind.
+    read_wal_bytes: int | None = None
+    read_in_recovery: bool | None = None
+    # Where the read's time went (wal, start, read, stop, wal_after), seconds.
+    seconds: dict[str, float] = {}
 
 
 def regclass_sql(table: str) -> sql.Composable:
@@ -167,9 +196,20 @@ from root join pg_class c on c.oid = root.owner join pg_namespace n on n.oid = c
 """
 
 
-def _name_changes(conn: psycopg.Connection, loser: PostgresConfig, changes: dict) -> list[ChangedRelation]:
+class _File(NamedTuple):
+    """A changed relation file of the loser's own database, as its catalog names it."""
+
+    relation: sql.Composable  # the file's own relation (a partition, a TOAST table, the table)
+    name: str
+    relkind: str
+    owner: int  # the configured table it counts for (the partition root, the TOAST owner)
+
+
+def _name_changes(conn: psycopg.Connection, loser: PostgresConfig, changes: dict,
+                  files: dict | None = None) -> list[ChangedRelation]:
     """Name each changed relation file on the (isolated, read-only) loser. A TOAST table is
-    reported as the table it belongs to; files of other databases are named there."""
+    reported as the table it belongs to; files of other databases are named there. ``files``
+    (when given) gets each changed file of this database, by its ``changes`` key."""
     here = conn.execute("select oid from pg_database where datname = current_database()").fetchone()[0]
     others: dict[int, psycopg.Connection] = {}
     named: dict[tuple[str | None, str], ChangedRelation] = {}
@@ -202,6 +242,11 @@ def _name_changes(conn: psycopg.Connection, loser: PostgresConfig, changes: dict
                                               database=database, kind="unknown", ops=change.ops))
                 continue
             _, _, _, owner, schema, rel = found
+            if files is not None and database is None:
+                kind_, fschema, fname = c.execute(
+                    "select c.relkind::text, n.nspname, c.relname from pg_class c "
+                    "join pg_namespace n on n.oid = c.relnamespace where c.oid = %s", (found[0],)).fetchone()
+                files[(spc, db, node)] = _File(sql.Identifier(fschema, fname), f"{fschema}.{fname}", kind_, owner)
             kind = "catalog" if owner < FIRST_NORMAL_OID else "eagle_dr" if schema == "eagle_dr" else "user"
             _merge(named, ChangedRelation(name=f"{schema}.{rel}", oid=owner, database=database, kind=kind,
                                           ops=change.ops))
@@ -225,33 +270,68 @@ def _merge(named: dict, rel: ChangedRelation) -> None:
 
 
 def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datetime, ts_column: dict[str, str],
-               fork: ForkPoint | None = None) -> LoserRows:
+               fork: ForkPoint | None = None, survivor: PostgresConfig | None = None,
+               fork_time: datetime | None = None) -> LoserRows:
     """Start the loser read-only on its socket only (no client can reach it) and read, per
-    table (name -> key columns): the rows its post-fork transactions wrote, the rows stamped
-    since ``since`` (JSON-safe dicts), and every key it holds (to find what it deleted); and
-    name every relation its WAL shows changed after the fork. Stops it again.
+    table (name -> key columns), the rows its post-fork transactions wrote (JSON-safe dicts)
+    and, given the survivor, the keys it deleted after the fork; name every relation its WAL
+    shows changed after the fork. Stops it again.
 
-    Rows are found by ``xmin``: the id of the transaction that wrote each row version, which
-    the WAL lists for every transaction committed after the fork. That finds a post-fork
-    change whatever the timestamp column says (an UPDATE that bypassed the trigger, a table
-    without one); the timestamp test is kept beside it for changes made in transactions that
-    began before the fork (in flight at the fork: their rows' stamps precede it)."""
+    The cost follows the divergence, not the tables' size. The loser's post-fork WAL names,
+    per relation file, the transactions and the blocks they wrote:
+    - a table none of them touched is not read at all, on either side (the survivor's own
+      changes to it stand: there is nothing of the loser's to reconcile);
+    - rows: only those blocks are read (TID range scans) and a row counts when its ``xmin``
+      is one of those transactions. That finds a post-fork change whatever the timestamp
+      column says (an UPDATE that bypassed the trigger, a table without one). Transactions in
+      flight at the fork (commit after it, rows before) are followed back through the fork's
+      segment (``scan(lookback=True)``);
+    - deletions: a row version both nodes held at the fork sits in the same block of the same
+      file on both (physical replication). The loser removed it with a DELETE (or UPDATE) record
+      naming that block, so the survivor's unchanged pre-fork rows in those blocks are the only
+      candidates, each looked up on the loser by its key.
+    Why the WAL and not a trigger-kept tombstone table plus a timestamp index: it needs no
+    schema change on the application's tables (nothing to install, nothing a deploy can drop
+    or a bulk load can bypass), it is already read for the RPO, and xmin is exact where a
+    timestamp is only as good as the trigger that kept it.
+
+    A table falls back to reading every row and key (as before) when the blocks cannot be
+    trusted: it was truncated after the fork, the survivor rewrote its file (VACUUM FULL,
+    CLUSTER: another relfilenode, rows moved), or a post-fork commit's changes could not be
+    placed in the WAL read (a transaction in flight at the fork whose writes precede the
+    fork's segment). It stays exact; only slower, and the result says which tables and why.
+
+    The loser is read while it is held as a standby of nothing (fence_stop): in recovery
+    PostgreSQL sets hint bits without dirtying the page and writes no WAL, prunes nothing, so
+    these reads add no block to what pg_rewind copies. ``read_wal_bytes`` measures it."""
     ctl = PgCtl(loser)
+    took = _Stopwatch()
+    wal_dir = str(Path(loser.data_dir) / "pg_wal")
+    tli = (fork.loser_timeline or fork.old_timeline) if fork is not None else None
     committed_at: dict[int, datetime] = {}
     changes: dict = {}
+    found = None
     if fork is not None:
-        found = scan(ctl, str(Path(loser.data_dir) / "pg_wal"), fork.loser_timeline or fork.old_timeline,
-                     fork.fork_lsn)
+        found = scan(ctl, wal_dir, tli, fork.fork_lsn, lookback=True)
         committed_at = {x: c.at for c in found.commits for x in (c.xid, *c.subxids)}
         changes = found.changes
     xids = sorted(committed_at)
+    took.lap("wal")
     ctl.start_isolated()
+    took.lap("start")
     rows: dict[str, list[dict]] = {}
     keys: dict[str, set[tuple]] = {}
     oids: dict[str, int | None] = {}
+    deleted: dict[str, list[tuple]] = {}
+    reads: dict[str, TableRead] = {}
+    files: dict = {}
     try:
         with psycopg.connect(host=loser.socket_dir, port=loser.port, dbname=loser.database, user=loser.user,
-                             password=_password(loser), autocommit=True) as conn:
+                             password=_password(loser), autocommit=True) as conn, \
+                _maybe_connect(survivor) as surv:
+            in_recovery = conn.execute("select pg_is_in_recovery()").fetchone()[0]
+            changed = _name_changes(conn, loser, changes, files)
+            truncated = {c.oid for c in changed if "truncate" in c.ops}
             for t, key in tables.items():
                 ident = regclass_sql(t)
                 oid = conn.execute(sql.SQL("select to_regclass({})::oid").format(
@@ -259,19 +339,172 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 oids[t] = oid
                 if oid is None:
                     continue
-                found_rows = conn.execute(sql.SQL(
-                    "select x.xmin::text::bigint, row_to_json(x)::text from {} x "
-                    "where {} > %s or x.xmin::text::bigint = any(%s)").format(
-                        ident, sql.Identifier(ts_column[t])), (since, xids)).fetchall()
-                # numeric stays Decimal: a float would not COPY back into a numeric column.
-                rows[t] = [_stamped(json.loads(r[1], parse_float=Decimal), ts_column[t], committed_at.get(r[0]))
-                           for r in found_rows]
-                cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
-                keys[t] = {tuple(r) for r in conn.execute(sql.SQL("select {} from {}").format(cols, ident)).fetchall()}
-            changed = _name_changes(conn, loser, changes)
+                mine = {k: f for k, f in files.items() if f.owner == oid}
+                why = _full_read_reason(found, oid in truncated)
+                if why is None and not mine:
+                    rows[t], deleted[t], reads[t] = [], [], TableRead(mode="unchanged")
+                    continue
+                heaps = [(f, changes[k]) for k, f in mine.items() if f.relkind == "r"]
+                if why is None and surv is not None:
+                    why = _rewritten_on_survivor(conn, surv, heaps)
+                if why is not None:
+                    rows[t], keys[t] = _read_full(conn, ident, key, ts_column[t], since, xids, committed_at)
+                    if surv is not None:
+                        deleted[t] = _deleted_full(surv, ident, key, ts_column[t], fork_time, keys[t])
+                    reads[t] = TableRead(mode="full", why=why)
+                    continue
+                got: list[dict] = []
+                for f, rc in heaps:
+                    got += [_stamped(json.loads(r[1], parse_float=Decimal), ts_column[t], committed_at.get(r[0]))
+                            for r in _in_blocks(conn, f.relation, sql.SQL("x.xmin::text::bigint, row_to_json(x)::text"),
+                                                rc.blocks, sql.SQL("x.xmin::text::bigint = any(%s)"), [xids])]
+                rows[t] = got
+                if surv is not None:
+                    deleted[t] = _deleted_in_blocks(conn, surv, ident, heaps, key, ts_column[t], fork_time)
+                reads[t] = TableRead(mode="blocks", blocks=sum(len(rc.blocks | rc.removed_blocks) for _, rc in heaps))
+        took.lap("read")
     finally:
         ctl.stop("fast")
-    return LoserRows(rows=rows, keys=keys, changed=changed, oids=oids)
+    took.lap("stop")
+    read_wal = None
+    if found is not None:
+        # What the isolated start, the reads and the stop added to the loser's WAL.
+        seg = segment_size(ctl)
+        after = end_of_wal(waldump(ctl, wal_dir, tli, found.end_lsn, seg).stderr, seg)
+        read_wal = lsn_diff(after, found.end_lsn) if after is not None else None
+        took.lap("wal_after")
+    log.info("divergence read", seconds=took.laps, reads={t: r.mode for t, r in reads.items()},
+             read_wal_bytes=read_wal, in_recovery=in_recovery)
+    return LoserRows(rows=rows, keys=keys, changed=changed, oids=oids, deleted=deleted, reads=reads,
+                     read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
+
+
+@contextmanager
+def _maybe_connect(cfg: PostgresConfig | None):
+    if cfg is None:
+        yield None
+        return
+    with connect(cfg, 10) as conn:
+        yield conn
+
+
+def _full_read_reason(found: WalScan | None, truncated: bool) -> str | None:
+    """Why the loser's WAL cannot tell which blocks to read, if it cannot."""
+    if found is None:
+        return "no fork given: the WAL was not read"
+    if truncated:
+        return "truncated on the loser after the fork"
+    if found.unplaced_xids:
+        return (f"{len(found.unplaced_xids)} transactions committed after the fork wrote nothing in the WAL read "
+                "(in flight since before the fork's WAL segment)")
+    return None
+
+
+def _rewritten_on_survivor(loser: psycopg.Connection, surv: psycopg.Connection, heaps) -> str | None:
+    """A heap file the survivor no longer has under the same relfilenode was rewritten there
+    (VACUUM FULL, CLUSTER, a table rewrite): its rows moved, the loser's block numbers mean
+    nothing on it."""
+    for f, rc in heaps:
+        theirs = surv.execute(sql.SQL("select pg_relation_filenode(to_regclass({}))").format(
+            sql.Literal(f.relation.as_string(loser)))).fetchone()[0]
+        if theirs != rc.relfilenode:
+            return f"{f.name} has another file on the survivor ({theirs} != {rc.relfilenode}): rewritten since the fork"
+    return None
+
+
+# Contiguous block runs per TID range scan, and range scans per statement.
+_RANGES_PER_QUERY = 200
+
+
+def _in_blocks(conn: psycopg.Connection, relation: sql.Composable, cols: sql.Composable, blocks: set[int],
+               where: sql.Composable, params: list) -> list[tuple]:
+    """``cols`` of the rows of ``relation`` (that file only: ONLY) in ``blocks`` that satisfy
+    ``where``: a TID range scan per run of contiguous blocks, so only those blocks are read."""
+    runs: list[tuple[int, int]] = []
+    for b in sorted(blocks):
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    out: list[tuple] = []
+    for i in range(0, len(runs), _RANGES_PER_QUERY):
+        chunk = runs[i:i + _RANGES_PER_QUERY]
+        one = sql.SQL("select {} from only {} x where x.ctid >= %s::tid and x.ctid < %s::tid and {}").format(
+            cols, relation, where)
+        query = sql.SQL(" union all ").join([one] * len(chunk))
+        args: list = []
+        for lo, hi in chunk:
+            args += [f"({lo},0)", f"({hi},0)", *params]
+        out += conn.execute(query, args).fetchall()
+    return out
+
+
+def _read_full(conn: psycopg.Connection, ident: sql.Composable, key: list[str], ts_col: str, since: datetime,
+               xids: list[int], committed_at: dict[int, datetime]) -> tuple[list[dict], set[tuple]]:
+    """Every row stamped since ``since`` or written by a post-fork transaction, and every key."""
+    found_rows = conn.execute(sql.SQL(
+        "select x.xmin::text::bigint, row_to_json(x)::text from {} x "
+        "where {} > %s or x.xmin::text::bigint = any(%s)").format(ident, sql.Identifier(ts_col)),
+        (since, xids)).fetchall()
+    # numeric stays Decimal: a float would not COPY back into a numeric column.
+    rows = [_stamped(json.loads(r[1], parse_float=Decimal), ts_col, committed_at.get(r[0])) for r in found_rows]
+    cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    return rows, {tuple(r) for r in conn.execute(sql.SQL("select {} from {}").format(cols, ident)).fetchall()}
+
+
+def _pre_fork(surv: psycopg.Connection, ts_col: str, fork_time: datetime) -> tuple[sql.Composable, list]:
+    """Survivor rows unchanged since before the fork (a condition on ``x`` and its parameters).
+    A row stamped before the fork may still have committed after it (a transaction in flight
+    at the fork): the loser never had it, and it is no deletion. With track_commit_timestamp
+    the commit time tells; without it, rows are judged by their timestamp alone."""
+    cond = sql.SQL("x.{} <= %s").format(sql.Identifier(ts_col))
+    if surv.execute("select current_setting('track_commit_timestamp') = 'on'").fetchone()[0]:
+        return cond + sql.SQL(" and coalesce(pg_xact_commit_timestamp(x.xmin), '-infinity') <= %s"), \
+            [fork_time, fork_time]
+    return cond, [fork_time]
+
+
+def _deleted_full(surv: psycopg.Connection, ident: sql.Composable, key: list[str], ts_col: str,
+                  fork_time: datetime, loser_keys: set[tuple]) -> list[tuple]:
+    """Rows the survivor has unchanged since before the fork but the loser lacks: every key."""
+    cols = sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(k)) for k in key)
+    cond, params = _pre_fork(surv, ts_col, fork_time)
+    rows = surv.execute(sql.SQL("select {} from {} x where {}").format(cols, ident, cond), params).fetchall()
+    return [tuple(r) for r in rows if tuple(r) not in loser_keys]
+
+
+def _deleted_in_blocks(loser: psycopg.Connection, surv: psycopg.Connection, ident: sql.Composable, heaps,
+                       key: list[str], ts_col: str, fork_time: datetime) -> list[tuple]:
+    """The survivor's pre-fork rows in the blocks where the loser deleted or updated after the
+    fork (same file, same blocks: checked by _rewritten_on_survivor), that the loser lacks."""
+    cols = sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(k)) for k in key)
+    cond, params = _pre_fork(surv, ts_col, fork_time)
+    candidates: list[tuple] = []
+    for f, rc in heaps:
+        if rc.removed_blocks:
+            candidates += [tuple(r) for r in _in_blocks(surv, f.relation, cols, rc.removed_blocks, cond, params)]
+    if not candidates:
+        return []
+    present: set[tuple] = set()
+    bare = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    one = sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder() * len(key)))
+    for i in range(0, len(candidates), 1000):
+        chunk = candidates[i:i + 1000]
+        # Each value sits next to its column, so it takes the column's type.
+        present |= {tuple(r) for r in loser.execute(sql.SQL("select {} from {} where ({}) in ({})").format(
+            bare, ident, bare, sql.SQL(", ").join([one] * len(chunk))), [v for k in chunk for v in k]).fetchall()}
+    return [k for k in candidates if k not in present]
 
 
 def _stamped(row: dict, ts_col: str, committed: datetime | None) -> dict:

@@ -39,6 +39,10 @@ _COMMIT_AT = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC")
 _SUBXACTS = re.compile(r"subxacts:((?: \d+)+)")
 _REL = re.compile(r"rel (\d+)/(\d+)/(\d+)")
 _TRUNCATED = re.compile(r"relids((?: \d+)+)")
+# A snapshot of the running transactions (logged at checkpoints and every 15 s): its top-level xids.
+_RUNNING = re.compile(r"RUNNING_XACTS .*?; \d+ xacts:((?: \d+)*)")
+# Every block a record references; the main fork's have no "fork" word (PG15+ format).
+_BLKREF = re.compile(r"blkref #\d+: rel (\d+)/(\d+)/(\d+)(?: fork (\w+))? blk (\d+)")
 # The error pg_waldump ends with when it reached the end of the WAL.
 _END_AT = re.compile(r"invalid record length at ([0-9A-F]+/[0-9A-F]+)|"
                      r"could not find a valid record after ([0-9A-F]+/[0-9A-F]+)|"
@@ -77,6 +81,12 @@ class RelChange:
     relfilenode: int | None = None
     truncated_oid: int | None = None
     ops: dict[str, int] = field(default_factory=dict)
+    # The file's main-fork blocks the committed changes wrote (new row versions live there),
+    # and the blocks of their DELETE/UPDATE records (where the row versions they removed were).
+    # The LOSER's physical blocks: only read on the loser, or on the survivor for row versions
+    # that both nodes already held at the fork (identical there, physical replication).
+    blocks: set[int] = field(default_factory=set)
+    removed_blocks: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -87,6 +97,13 @@ class WalScan:
     # Keyed by (tablespace, database, relfilenode) or (0, 0, -oid) for a TRUNCATE, whose record
     # names relation oids, not files, and no database.
     changes: dict[tuple[int, int, int], RelChange]
+    # Committed after the start but with no record of their own in the scanned WAL other than
+    # the commit (with ``lookback``: not even before the start, in the start's segment), or
+    # already running at the last snapshot of running transactions (RUNNING_XACTS) before the
+    # start, so possibly writing before it: what they changed may be unknown, and block-driven
+    # extraction cannot be trusted for them. When the lookback found no snapshot at all in the
+    # WAL it could read, every commit is here.
+    unplaced_xids: set[int] = field(default_factory=set)
 
     @property
     def xids(self) -> set[int]:
@@ -151,24 +168,72 @@ def end_of_wal(stderr: str, seg_size: int) -> str | None:
     return next(g for g in found[-1].groups() if g) if found else None
 
 
-def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str) -> WalScan:
-    """Every committed change from ``start`` to the end of the WAL on timeline ``tli``."""
+# How many segments before the start's a lookback may read to find a RUNNING_XACTS snapshot.
+_LOOKBACK_SEGMENTS = 8
+
+
+def _snapshot_before(dump: str, first: int) -> bool:
+    for line in dump.splitlines():
+        m = _RECORD.match(line)
+        if m and m.group(1) == "Standby" and lsn_to_int(m.group(3)) < first and _RUNNING.search(line):
+            return True
+    return False
+
+
+def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False) -> WalScan:
+    """Every committed change from ``start`` to the end of the WAL on timeline ``tli``.
+
+    ``lookback``: also read the WAL before ``start`` back to a snapshot of the running transactions
+    (the start's segment, or earlier ones), and count the blocks that
+    transactions committed after ``start`` wrote there (transactions in flight at a fork: their
+    commit is after it, some of their rows before). Commits before ``start`` are not counted.
+    A promoted node's first segment on its timeline begins with a copy of the WAL up to the
+    fork, so the same file serves both sides of a fork."""
     seg_size = segment_size(ctl)
-    r = waldump(ctl, wal_dir, tli, start, seg_size)
+    first = lsn_to_int(start)
+    dump_from = int_to_lsn(first - first % seg_size) if lookback else start
+    r = waldump(ctl, wal_dir, tli, dump_from, seg_size)
     end = end_of_wal(r.stderr, seg_size)
-    if end is None or lsn_to_int(end) < lsn_to_int(start):
-        raise WalUnreadable(f"pg_waldump of {wal_dir} from {start} on timeline {tli}: {r.stderr.strip()[:400]}")
+    if end is None or lsn_to_int(end) < first:
+        raise WalUnreadable(f"pg_waldump of {wal_dir} from {dump_from} on timeline {tli}: {r.stderr.strip()[:400]}")
+    # The lookback must reach a snapshot of the running transactions (RUNNING_XACTS: logged at
+    # every checkpoint and every 15 s of activity) before ``start``: a transaction not running
+    # at it began after it, so all its writes are in the WAL read. Without one in the start's
+    # segment, read back segment by segment; if none is found in reach (WAL recycled, another
+    # timeline), what a transaction in flight wrote is unknown and every commit counts as
+    # unplaced (the caller reads in full).
+    reached = not lookback
+    for _ in range(_LOOKBACK_SEGMENTS if lookback else 0):
+        if _snapshot_before(r.stdout, first):
+            reached = True
+            break
+        earlier = lsn_to_int(dump_from) - seg_size
+        if earlier < 0:
+            break
+        again = waldump(ctl, wal_dir, tli, int_to_lsn(earlier), seg_size)
+        again_end = end_of_wal(again.stderr, seg_size)
+        if again_end is None or lsn_to_int(again_end) < first:
+            break  # that segment is gone or unreadable: stop with what was read
+        r, dump_from = again, int_to_lsn(earlier)
     commits: list[Commit] = []
     pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str]]] = {}
+    placed: set[int] = set()
+    running_before: set[int] = set()
     for line in r.stdout.splitlines():
         m = _RECORD.match(line)
         if not m:
             continue
         rmgr, xid, op, rest = m.group(1), int(m.group(2)), m.group(4), m.group(5)
+        before = lookback and lsn_to_int(m.group(3)) < first
         if rmgr == "Transaction":
-            if commit := _commit(m):
+            if not before and (commit := _commit(m)):
                 commits.append(commit)
             continue
+        if before and rmgr == "Standby" and (running := _RUNNING.search(line)):
+            # Running at this point before the start: they may have written before the segment
+            # read too. The newest snapshot before the start wins.
+            running_before = {int(x) for x in running.group(1).split()}
+        placed.add(xid)
         kind = DATA_OPS.get((rmgr, op.split("+", 1)[0]))
         if kind is None:
             continue
@@ -176,11 +241,18 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str) -> WalScan:
             ids = _TRUNCATED.search(rest)
             for oid in (ids.group(1).split() if ids else []):
                 key = (0, 0, -int(oid))
-                pending.setdefault(xid, []).append((key, RelChange(0, 0, truncated_oid=int(oid)), kind))
+                pending.setdefault(xid, []).append((key, RelChange(0, 0, truncated_oid=int(oid)),
+                                                    "" if before else kind))
             continue
         if rel := _REL.search(rest):
             spc, db, node = (int(g) for g in rel.groups())
-            pending.setdefault(xid, []).append(((spc, db, node), RelChange(spc, db, relfilenode=node), kind))
+            rc = RelChange(spc, db, relfilenode=node)
+            for b in _BLKREF.finditer(rest):
+                if (int(b.group(1)), int(b.group(2)), int(b.group(3))) == (spc, db, node) and b.group(4) is None:
+                    rc.blocks.add(int(b.group(5)))
+                    if kind in ("update", "delete"):
+                        rc.removed_blocks.add(int(b.group(5)))
+            pending.setdefault(xid, []).append(((spc, db, node), rc, "" if before else kind))
     changes: dict[tuple[int, int, int], RelChange] = {}
     committed = {x for c in commits for x in (c.xid, *c.subxids)}
     # Only committed work counts: an aborted transaction's changes are invisible anyway.
@@ -188,9 +260,20 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str) -> WalScan:
         if xid not in committed:
             continue
         for key, rc, kind in items:
-            have = changes.setdefault(key, rc)
-            have.ops[kind] = have.ops.get(kind, 0) + 1
-    return WalScan(start_lsn=start, end_lsn=end, commits=commits, changes=changes)
+            have = changes.setdefault(key, RelChange(rc.tablespace, rc.database, rc.relfilenode, rc.truncated_oid))
+            have.blocks |= rc.blocks
+            have.removed_blocks |= rc.removed_blocks
+            if kind:  # ops count what happened after the start only
+                have.ops[kind] = have.ops.get(kind, 0) + 1
+    # A change only before the start (lookback) names no op: still a relation the
+    # transactions committed after the start changed (in flight at the start).
+    for rc in changes.values():
+        if not rc.ops:
+            rc.ops["in flight"] = 1
+    # A subtransaction's records carry its own xid; the commit names it among subxacts.
+    unplaced = {c.xid for c in commits if not ({c.xid, *c.subxids} & placed) or c.xid in running_before
+                or not reached}
+    return WalScan(start_lsn=start, end_lsn=end, commits=commits, changes=changes, unplaced_xids=unplaced)
 
 
 def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int, before: int,
