@@ -33,7 +33,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +42,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from pydantic import BaseModel
 
+from activities.conflicts.loser_copy import LoserCopy
 from activities.conflicts.resolve_sql import META, RESERVED_PREFIXES, Column, DecideQuery
 from eagle_dr.config import TableConflictConfig, TableName
 
@@ -141,10 +142,12 @@ def with_created_column(cfg: TableConflictConfig, columns: list[Column]) -> Tabl
 
 
 def _check_inputs(
-    cfg: TableConflictConfig, columns: list[Column], loser_rows: Sequence[Mapping[str, Any]],
-    deleted_keys: Sequence[Sequence[Any]], loser_region: str, survivor_region: str,
+    cfg: TableConflictConfig, columns: list[Column], loser_region: str, survivor_region: str,
     fork_time: datetime, now: datetime,
 ) -> None:
+    """What can be refused before any row is read. The rows themselves are checked as they
+    stream (their columns) and once loaded, in SQL (no key twice): a set of every key in
+    Python would cost the memory streaming saves."""
     names = {c.name for c in columns}
     if loser_region == survivor_region:
         raise ValueError(f"loser and survivor are the same region ({loser_region!r})")
@@ -158,46 +161,60 @@ def _check_inputs(
         raise ValueError(f"columns {missing} from the conflict config are not in the table")
     if reserved := [n for n in names if n.startswith(RESERVED_PREFIXES)]:
         raise ValueError(f"columns {reserved} use a prefix reserved for conflict resolution")
-    seen: set[tuple] = set()
-    for row in loser_rows:
-        if row.keys() != names:
-            raise ValueError(f"loser row {dict(row)!r} does not have exactly the table's columns {sorted(names)}")
-        seen.add(tuple(row[k] for k in cfg.key))
-    if len(seen) != len(loser_rows):
-        raise ValueError("the loser rows repeat a key")
-    for key in deleted_keys:
-        if len(key) != len(cfg.key):
-            raise ValueError(f"deleted key {tuple(key)!r} does not match the key columns {cfg.key}")
-        if tuple(key) in seen:
-            raise ValueError(f"key {tuple(key)!r} is both a loser row and a deleted key")
-        seen.add(tuple(key))
-    if len(seen) != len(loser_rows) + len(deleted_keys):
-        raise ValueError("the deleted keys repeat a key")
 
 
 def _load_loser(
     conn: psycopg.Connection, target: sql.Identifier, columns: list[Column], cfg: TableConflictConfig,
-    loser_rows: Sequence[Mapping[str, Any]], deleted_keys: Sequence[Sequence[Any]],
+    loser_rows: Iterable[Mapping[str, Any]] | LoserCopy, deleted_keys: Iterable[Sequence[Any]],
 ) -> None:
-    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+    names = [c.name for c in columns]
+    cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
     conn.execute(sql.SQL("drop table if exists {}").format(_LOSER_TMP))
     # CREATE TABLE AS copies the column types but not NOT NULL: a deleted key has only its key.
     conn.execute(sql.SQL("create temp table {} on commit drop as select {}, false as _e_deleted from {} with no data")
                  .format(_LOSER_TMP, cols, target))
-    key_pos = [next(i for i, c in enumerate(columns) if c.name == k) for k in cfg.key]
+    copy_in = sql.SQL("copy {} ({}, _e_deleted) from stdin").format(_LOSER_TMP, cols)
     cur = conn.cursor()
-    with cur.copy(sql.SQL("copy {} ({}, _e_deleted) from stdin").format(_LOSER_TMP, cols)) as copy:
-        # By type, not by Python class: a dict must go out as the column's jsonb.
+    if isinstance(loser_rows, LoserCopy):
+        with cur.copy(copy_in) as copy:
+            loser_rows.stream_into(copy, names)
+    else:
+        with cur.copy(copy_in) as copy:
+            # By type, not by Python class: a dict must go out as the column's jsonb.
+            copy.set_types([c.oid for c in columns] + ["bool"])
+            expected = set(names)
+            for row in loser_rows:
+                if row.keys() != expected:
+                    raise ValueError(
+                        f"loser row {dict(row)!r} does not have exactly the table's columns {sorted(expected)}")
+                copy.write_row([row[n] for n in names] + [False])
+    key_pos = [names.index(k) for k in cfg.key]
+    with cur.copy(copy_in) as copy:
         copy.set_types([c.oid for c in columns] + ["bool"])
-        for row in loser_rows:
-            copy.write_row([row[c.name] for c in columns] + [False])
         for key in deleted_keys:
+            if len(key) != len(cfg.key):
+                raise ValueError(f"deleted key {tuple(key)!r} does not match the key columns {cfg.key}")
             values: list[Any] = [None] * len(columns)
             for pos, value in zip(key_pos, key):
                 values[pos] = value
             copy.write_row(values + [True])
     # Temp tables are never auto-analyzed; without statistics the join below can go nested-loop.
     conn.execute(sql.SQL("analyze {}").format(_LOSER_TMP))
+    _refuse_repeated_keys(conn, cfg.key)
+
+
+def _refuse_repeated_keys(conn: psycopg.Connection, key: list[str]) -> None:
+    """One row per key, checked where the rows are: a repeated key would be decided twice."""
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    found = conn.cursor(row_factory=tuple_row).execute(sql.SQL(
+        "select row({keys})::text, bool_or(_e_deleted), bool_and(_e_deleted) from {tmp}"
+        " group by {keys} having count(*) > 1 limit 1").format(keys=keys, tmp=_LOSER_TMP)).fetchone()
+    if found is None:
+        return
+    shown, some_deleted, all_deleted = found
+    if some_deleted and not all_deleted:
+        raise ValueError(f"key {shown} is both a loser row and a deleted key")
+    raise ValueError(f"the {'deleted keys' if all_deleted else 'loser rows'} repeat a key: {shown}")
 
 
 def _count(cur: psycopg.Cursor, summary: ApplySummary) -> None:
@@ -259,8 +276,8 @@ def apply_resolutions(
     conn: psycopg.Connection,
     table: str,
     cfg: TableConflictConfig,
-    loser_rows: Sequence[Mapping[str, Any]],
-    deleted_keys: Sequence[Sequence[Any]],
+    loser_rows: Iterable[Mapping[str, Any]] | LoserCopy,
+    deleted_keys: Iterable[Sequence[Any]],
     loser_region: str,
     survivor_region: str,
     region_priority: Mapping[str, int],
@@ -275,9 +292,13 @@ def apply_resolutions(
     """Resolve the loser's changed rows and deleted keys against ``table`` on the survivor
     (``conn``) and apply the outcome, all in one transaction (a savepoint if one is open).
     ``dry_run`` decides every key the same way and rolls everything back: what an approver
-    is shown (counts and a sample) before the real run."""
+    is shown (counts and a sample) before the real run.
+
+    ``loser_rows`` is either the rows (dicts with exactly the table's columns; any iterable,
+    consumed once, so a generator streams) or a ``LoserCopy``: a query on the loser streamed
+    COPY to COPY without the rows ever being held here. ``deleted_keys`` is consumed once too."""
     columns = _columns(conn, table)
-    _check_inputs(cfg, columns, loser_rows, deleted_keys, loser_region, survivor_region, fork_time, now)
+    _check_inputs(cfg, columns, loser_region, survivor_region, fork_time, now)
     cfg = with_created_column(cfg, columns)
     target = _table_ident(table)
     summary = ApplySummary(table=table, strategy=cfg.strategy, created_column=cfg.created_column)
