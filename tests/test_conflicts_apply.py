@@ -651,3 +651,28 @@ def test_a_streamed_apply_holds_blocks_not_rows(db, pg):
         large = _streamed_apply_peak(db, loser_conn, 100_000)
     assert large < 2 * 1024 * 1024, f"peak {large} bytes for 100k streamed rows"
     assert large < small + 512 * 1024, f"peak grew with the rows: {small} -> {large} bytes"
+
+
+@pytest.mark.parametrize("table", list(EXPECTED_ACTIONS))
+def test_the_audit_keeps_both_versions_wherever_one_was_thrown_away(db, table):
+    """A one-sided change keeps only the result (the changed side's version, the other being
+    the row at the fork); conflicts, flags, merges and deletions keep both versions in full."""
+    survivor, loser, deleted = scenario_inputs(table)
+    seed(db, table, survivor)
+    before = table_rows(db, table)
+    sent = {(r["id"],): r for r in loser}
+    run_both(db, table, loser, deleted)
+    got = audit(db, table)
+    elided = {k for k, a in got.items() if a["versions_elided"]}
+    assert elided and elided != set(got)
+    for key, a in got.items():
+        if key in elided:
+            assert not a["conflict"] and a["action"] in ("apply_loser", "insert_loser", "keep_survivor"), a
+            assert a["survivor_version"] is None and a["loser_version"] is None
+            winner = sent[key] if a["action"] != "keep_survivor" else before.get(key)
+            if winner is not None:
+                assert datetime.fromisoformat(a["result"]["updated_at"]) == winner["updated_at"]
+        else:
+            assert a["conflict"] or a["action"] in ("flag", "merge", "delete") or "diverged" in a["reason"], a
+            assert (a["survivor_version"] is not None) == (key in before)
+            assert (a["loser_version"] is not None) == (key in sent)

@@ -3,14 +3,16 @@
 The loser's changed rows and deleted keys are COPYed into a temp table, every key is decided
 by one SELECT that re-implements ``engine.resolve`` in SQL (a test checks both agree key by
 key), and the outcome is written with one DELETE ... USING, one INSERT ... ON CONFLICT DO
-UPDATE and one INSERT into the audit table: no statement per row, so 100k keys take seconds.
+UPDATE and one INSERT ... SELECT into the audit table: no statement per row, so 100k keys take seconds.
 
 Choices worth knowing:
 
 * Every decision is audited, not only conflicts: one ``eagle_dr.conflict_audit`` row per key
   the loser sent, with ``conflict`` telling both-sides-changed keys from the rest. Re-applying
   a loser's write is as consequential as settling a conflict, and the audit then answers
-  "what happened to each row the old primary wrote?" on its own.
+  "what happened to each row the old primary wrote?" on its own. Both versions are kept in
+  full only where one was thrown away or chosen between (see ``_audit``); the audit is
+  written with one INSERT ... SELECT from the resolved temp table.
 * The loser's deletions carry no time (the caller only knows the keys), so in a conflict any
   survivor update made after the fork beats them; see ``engine.order``.
 * Rows are written with ``session_replication_role = replica`` so the tables' ``updated_at``
@@ -43,7 +45,7 @@ from psycopg.rows import tuple_row
 from pydantic import BaseModel
 
 from activities.conflicts.loser_copy import LoserCopy
-from activities.conflicts.resolve_sql import META, RESERVED_PREFIXES, Column, DecideQuery
+from activities.conflicts.resolve_sql import RESERVED_PREFIXES, Column, DecideQuery
 from eagle_dr.config import TableConflictConfig, TableName
 
 AUDIT_DDL = """
@@ -65,6 +67,9 @@ create table if not exists eagle_dr.conflict_audit (
     approved_by      text,
     reason           text not null
 );
+-- True where survivor_version and loser_version were left out (see _audit); rows written
+-- before the column existed hold both versions, hence the default.
+alter table eagle_dr.conflict_audit add column if not exists versions_elided boolean not null default false;
 drop index if exists eagle_dr.conflict_audit_decision;
 create unique index if not exists conflict_audit_run_decision
     on eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key);
@@ -252,14 +257,27 @@ def _write(cur: psycopg.Cursor, target: sql.Identifier, names: list[str], key: l
 
 
 def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run_id: str,
-           approved_by: str | None) -> int:
+           approved_by: str | None, result_json: sql.Composable) -> int:
+    """One row per key, INSERT ... SELECT from the resolved temp table in the apply's transaction.
+
+    ``result`` (the row as it now stands, null when absent) is always written. Both versions
+    are written in full where a version was thrown away or the strategy chose: conflicts
+    (the losing side's post-fork write exists nowhere else once the old primary is rewound),
+    flags (a human re-keys them from both), merges (the result is neither version) and
+    deletions (the removed row). For the rest, a change made on one side only (most keys of a
+    failback), the changed side's version *is* ``result``, and the other side's is the row as
+    it stood at the fork, which every backup from before the fork holds (PITR): those keys
+    leave both version columns null and say so with ``versions_elided``. That is what keeps
+    an audit row about a third of its old size at the bulk of the keys."""
     cur.execute(sql.SQL("""
         insert into eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key, strategy, conflict,
-            survivor_version, loser_version, result, action, winner_region, approved_by, reason)
-        select {wf}, {run}, {table}, _e_pk, {strategy}, _e_conflict, _e_s_json, _e_l_json,
-               case when _e_r_present then to_jsonb(r) - {meta}::text[] end,
+            survivor_version, loser_version, result, versions_elided, action, winner_region, approved_by, reason)
+        select {wf}, {run}, {table}, _e_pk, {strategy}, _e_conflict,
+               case when not _e_elided then _e_s_json end, case when not _e_elided then _e_l_json end,
+               case when _e_r_present then {result} end, _e_elided,
                _e_action, _e_winner, {approved_by}, _e_reason
-        from {resolved} r
+        from (select r.*, _e_one_sided and not (_e_conflict or _e_action in ('flag', 'merge', 'delete')) as _e_elided
+              from {resolved} r) r
         -- An anti-join first: a re-run finds every key audited, and a speculative insert
         -- per row is far slower than one hash join. ON CONFLICT still guards concurrent runs.
         where not exists (select 1 from eagle_dr.conflict_audit a
@@ -267,7 +285,7 @@ def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run
                             and a.primary_key = r._e_pk)
         on conflict (workflow_id, run_id, table_name, primary_key) do nothing
     """).format(wf=sql.Literal(workflow_id), run=sql.Literal(run_id), table=sql.Literal(table),
-                strategy=sql.Literal(strategy), meta=sql.Literal(META),
+                strategy=sql.Literal(strategy), result=result_json,
                 approved_by=sql.Literal(approved_by), resolved=_RESOLVED_TMP))
     return cur.rowcount
 
@@ -308,10 +326,13 @@ def apply_resolutions(
         # Restored at the end: SET LOCAL in a savepoint would outlive it in the caller's transaction.
         previous_role = cur.execute("select current_setting('session_replication_role')").fetchone()[0]
         cur.execute("set local session_replication_role = replica")
+        # The deciding SELECT is one long generated expression list run once: JIT-compiling
+        # it (its cost passes jit_above_cost from ~50k keys) took longer than running it.
+        cur.execute("set local jit = off")
         cur.execute(sql.SQL("lock table {} in share row exclusive mode").format(target))
         _load_loser(conn, target, columns, cfg, loser_rows, deleted_keys)
-        query = DecideQuery(columns, cfg, survivor_region, loser_region, region_priority, fork_time, now).select(
-            target, _LOSER_TMP)
+        decide = DecideQuery(columns, cfg, survivor_region, loser_region, region_priority, fork_time, now)
+        query = decide.select(target, _LOSER_TMP)
         cur.execute(sql.SQL("drop table if exists {}").format(_RESOLVED_TMP))
         cur.execute(sql.SQL("create temp table {} on commit drop as {}").format(_RESOLVED_TMP, query))
         _count(cur, summary)
@@ -319,6 +340,6 @@ def apply_resolutions(
             summary.sample = _sample(cur, sample)
             return summary
         _write(cur, target, [c.name for c in columns], cfg.key)
-        summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by)
+        summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by, decide.result_json())
         cur.execute(sql.SQL("set local session_replication_role = {}").format(sql.Literal(previous_role)))
     return summary
