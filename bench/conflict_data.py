@@ -110,3 +110,33 @@ def loser_changes(table: str, mix: Mix) -> tuple[list[dict[str, Any]], list[tupl
 
 def expected_conflicts(mix: Mix) -> int:
     return len(mix.conflicts)
+
+
+# The loser's rows as SQL over g (the id), the same values _loser_row gives in Python.
+_LOSER_COLUMNS = {
+    "alerts": ("id, region, payload, created_at, updated_at",
+               "g, %(loser)s, jsonb_build_object('severity', 'warning', 'source', 'sample-app', 'n', g), %(t0)s, "
+               "%(wrote)s::timestamptz"),
+    "alert_rules": ("id, name, threshold, enabled, updated_at",
+                    "g, 'rule-' || g || '-l', 95.5, false, %(wrote)s::timestamptz"),
+}
+
+
+def fill_loser(conn: psycopg.Connection, table: str, mix: Mix) -> sql.Composable:
+    """The loser's rows (the same as ``loser_changes``) in a table of their own, written
+    server-side; returns the query a ``LoserCopy`` streams them from. The old primary is
+    another server in real life: here it is another table, so both sides of the COPY relay
+    run and the rows never exist in this process."""
+    src = sql.Identifier(f"bench_loser_{table}")
+    cols, values = _LOSER_COLUMNS[table]
+    conn.execute(sql.SQL("drop table if exists {}").format(src))
+    conn.execute(sql.SQL("create unlogged table {} (like {})").format(src, sql.Identifier(table)))
+    for r in (mix.conflicts, mix.loser_only, mix.inserted):
+        conn.execute(sql.SQL(f"insert into {{}} ({cols}) select {values} from generate_series(%(a)s::bigint, %(b)s::bigint) g")
+                     .format(src), {"loser": LOSER, "t0": T0, "wrote": LOSER_WROTE_AT, "a": r.start, "b": r.stop - 1})
+    conn.execute(sql.SQL("analyze {}").format(src))
+    return sql.SQL("select * from {}").format(src)
+
+
+def deleted_keys(mix: Mix) -> list[tuple[int]]:
+    return [(i,) for i in mix.deleted]

@@ -4,8 +4,12 @@ the same rows on the same throwaway PostgreSQL 15, measured in the same run.
 
 For each table and size N: the survivor table is filled with N rows, the loser sends N keys
 (bench/conflict_data.py: 40% conflicts, 44% loser-only changes, 15% inserts, 1% deletes), and
-the timer covers the whole call, its input checks, COPY and audit insert included. The table is
-then refilled the same way and the reference (bench/upsert_floor.py) writes the same rows.
+the timer covers the whole call, its input checks, COPY and audit insert included. The loser's
+rows sit in a table of their own on the same server and both sides stream them COPY to COPY
+(``LoserCopy``: COPY TO STDOUT there, COPY FROM STDIN into the temp table), as a failback
+reading the old primary does; the 1% deleted keys travel from Python. The table is then
+refilled the same way and the reference (bench/upsert_floor.py) writes the same rows through
+the same stream.
 ``alerts`` runs last-write-wins, ``alert_rules`` merge-with-priority (the shipped config).
 
 Peak RSS is this process's high-water mark (getrusage): sizes run smallest first, so the
@@ -28,8 +32,10 @@ from pathlib import Path
 import psycopg
 
 from activities.conflicts.apply import ApplySummary, apply_resolutions
-from bench.conflict_data import FORK, LOSER, NOW, SURVIVOR, TABLES, Mix, expected_conflicts, fill_survivor, \
-    loser_changes
+from activities.conflicts.loser_copy import LoserCopy
+from bench.conflict_data import FORK, LOSER, NOW, SURVIVOR, TABLES, Mix, deleted_keys, expected_conflicts, \
+    fill_loser, fill_survivor
+from lab.postgres import PostgresNode
 from lab.scratch_postgres import scratch_postgres
 from bench.upsert_floor import upsert
 from eagle_dr.config import DEFAULT_CONFIG, TableConflictConfig, load_config
@@ -42,28 +48,31 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(conn: psycopg.Connection, table: str, cfg: TableConflictConfig, priority: dict[str, int],
-            n: int) -> dict:
+def measure(pg: PostgresNode, conn: psycopg.Connection, table: str, cfg: TableConflictConfig,
+            priority: dict[str, int], n: int) -> dict:
     mix = Mix(n)
     t = time.perf_counter()
-    rows, deleted = loser_changes(table, mix)
+    query = fill_loser(conn, table, mix)
+    deleted = deleted_keys(mix)
     build_s = time.perf_counter() - t
     rss_inputs = peak_rss_mb()
 
-    fill_survivor(conn, table, mix)
-    t = time.perf_counter()
-    summary = apply_resolutions(conn, table, cfg, rows, deleted, LOSER, SURVIVOR, priority, FORK, NOW,
-                                workflow_id=f"bench-{uuid.uuid4()}", run_id="run-1", approved_by="bench")
-    eagle_s = time.perf_counter() - t
-    rss_apply = peak_rss_mb()
+    with pg.connect() as loser:
+        fill_survivor(conn, table, mix)
+        t = time.perf_counter()
+        summary = apply_resolutions(conn, table, cfg, LoserCopy(loser, query), deleted, LOSER, SURVIVOR, priority,
+                                    FORK, NOW, workflow_id=f"bench-{uuid.uuid4()}", run_id="run-1",
+                                    approved_by="bench")
+        eagle_s = time.perf_counter() - t
+        rss_apply = peak_rss_mb()
 
-    # Same starting table for the reference; the audit the engine wrote is dropped with it.
-    fill_survivor(conn, table, mix)
-    t = time.perf_counter()
-    upsert(conn, table, cfg.key, rows, deleted)
-    ref_s = time.perf_counter() - t
-    keys = len(rows) + len(deleted)
-    del rows, deleted
+        # Same starting table for the reference; the audit the engine wrote is dropped with it.
+        fill_survivor(conn, table, mix)
+        t = time.perf_counter()
+        upsert(conn, table, cfg.key, LoserCopy(loser, query), deleted)
+        ref_s = time.perf_counter() - t
+    keys = n
+    del deleted
     gc.collect()
     return {"table": table, "strategy": cfg.strategy, "keys": keys, "build_inputs_s": build_s,
             "eagle_s": eagle_s, "reference_s": ref_s, "peak_rss_inputs_mb": rss_inputs,
@@ -93,8 +102,8 @@ def report(results: list[dict]) -> None:
         print(f"{r['table'] + ' (' + r['strategy'] + ')':36} {r['keys']:>9} {r['eagle_s']:>11.2f} {e:>10,.0f} "
               f"{r['reference_s']:>12.2f} {ref:>10,.0f} {e / ref:>18.2f}x {r['peak_rss_apply_mb']:>12.0f}")
     print()
-    print("eagle-dr: apply_resolutions (input checks, COPY, decide in SQL, write, one audit row per key).")
-    print("reference: COPY + DELETE + INSERT ... ON CONFLICT DO UPDATE of the same rows, no decision, no audit.")
+    print("eagle-dr: apply_resolutions (input checks, COPY relay, decide in SQL, write, one audit row per key).")
+    print("reference: COPY relay + DELETE + INSERT ... ON CONFLICT DO UPDATE of the same rows, no decision, no audit.")
     print("eagle-dr/reference < 1 means eagle-dr is that fraction of the floor's throughput.")
 
 
@@ -119,7 +128,7 @@ def main() -> None:
         print(f"  {conn.execute('select version()').fetchone()[0].split(' on ')[0]}", flush=True)
         for n in sizes:
             for table in tables:
-                r = measure(conn, table, cfg.conflicts[table], priority, n)
+                r = measure(pg, conn, table, cfg.conflicts[table], priority, n)
                 results.append(r)
                 s = r["summary"]
                 print(f"  {table} N={n}: eagle-dr {r['eagle_s']:.2f}s, reference {r['reference_s']:.2f}s; "

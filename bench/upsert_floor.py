@@ -1,6 +1,7 @@
 """The reference for the conflict benchmark: the same loser rows COPYed into a temp table and
 written with one plain ``INSERT ... ON CONFLICT DO UPDATE`` (plus one DELETE for the deleted
-keys). No decision, no audit: the floor of any set-based upsert on this server.
+keys). No decision, no audit: the floor of any set-based upsert on this server. Given a
+``LoserCopy``, it streams the rows COPY to COPY as the engine does.
 
 It does what the engine does around that, so the difference is the deciding and the audit:
 same COPY path (types set by column oid, rows in the same shape), one transaction, and
@@ -16,6 +17,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from activities.conflicts.loser_copy import LoserCopy
+
 _TMP = sql.Identifier("_bench_upsert")
 
 
@@ -25,7 +28,7 @@ def _columns(conn: psycopg.Connection, table: str) -> list[tuple[str, int]]:
         " and not attisdropped order by attnum", (table,)).fetchall()
 
 
-def upsert(conn: psycopg.Connection, table: str, key: list[str], rows: Sequence[Mapping[str, Any]],
+def upsert(conn: psycopg.Connection, table: str, key: list[str], rows: Sequence[Mapping[str, Any]] | LoserCopy,
            deleted_keys: Sequence[Sequence[Any]]) -> None:
     columns = _columns(conn, table)
     names = [c for c, _ in columns]
@@ -36,7 +39,12 @@ def upsert(conn: psycopg.Connection, table: str, key: list[str], rows: Sequence[
         # CREATE TABLE AS drops NOT NULL, so a deleted key can travel with nulls, as in the engine.
         conn.execute(sql.SQL("create temp table {} on commit drop as select {}, false as _deleted from {} with no data")
                      .format(_TMP, cols, target))
-        with conn.cursor().copy(sql.SQL("copy {} ({}, _deleted) from stdin").format(_TMP, cols)) as copy:
+        copy_in = sql.SQL("copy {} ({}, _deleted) from stdin").format(_TMP, cols)
+        if isinstance(rows, LoserCopy):
+            with conn.cursor().copy(copy_in) as copy:
+                rows.stream_into(copy, names)
+            rows = []
+        with conn.cursor().copy(copy_in) as copy:
             copy.set_types([oid for _, oid in columns] + ["bool"])
             for row in rows:
                 copy.write_row([row[n] for n in names] + [False])

@@ -3,14 +3,16 @@
 The loser's changed rows and deleted keys are COPYed into a temp table, every key is decided
 by one SELECT that re-implements ``engine.resolve`` in SQL (a test checks both agree key by
 key), and the outcome is written with one DELETE ... USING, one INSERT ... ON CONFLICT DO
-UPDATE and one INSERT into the audit table: no statement per row, so 100k keys take seconds.
+UPDATE and one INSERT ... SELECT into the audit table: no statement per row, so 100k keys take seconds.
 
 Choices worth knowing:
 
 * Every decision is audited, not only conflicts: one ``eagle_dr.conflict_audit`` row per key
   the loser sent, with ``conflict`` telling both-sides-changed keys from the rest. Re-applying
   a loser's write is as consequential as settling a conflict, and the audit then answers
-  "what happened to each row the old primary wrote?" on its own.
+  "what happened to each row the old primary wrote?" on its own. Both versions are kept in
+  full only where one was thrown away or chosen between (see ``_audit``); the audit is
+  written with one INSERT ... SELECT from the resolved temp table.
 * The loser's deletions carry no time (the caller only knows the keys), so in a conflict any
   survivor update made after the fork beats them; see ``engine.order``.
 * Rows are written with ``session_replication_role = replica`` so the tables' ``updated_at``
@@ -33,7 +35,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -42,7 +44,8 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from pydantic import BaseModel
 
-from activities.conflicts.resolve_sql import META, RESERVED_PREFIXES, Column, DecideQuery
+from activities.conflicts.loser_copy import LoserCopy
+from activities.conflicts.resolve_sql import RESERVED_PREFIXES, Column, DecideQuery
 from eagle_dr.config import TableConflictConfig, TableName
 
 AUDIT_DDL = """
@@ -64,6 +67,9 @@ create table if not exists eagle_dr.conflict_audit (
     approved_by      text,
     reason           text not null
 );
+-- True where survivor_version and loser_version were left out (see _audit); rows written
+-- before the column existed hold both versions, hence the default.
+alter table eagle_dr.conflict_audit add column if not exists versions_elided boolean not null default false;
 drop index if exists eagle_dr.conflict_audit_decision;
 create unique index if not exists conflict_audit_run_decision
     on eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key);
@@ -141,10 +147,12 @@ def with_created_column(cfg: TableConflictConfig, columns: list[Column]) -> Tabl
 
 
 def _check_inputs(
-    cfg: TableConflictConfig, columns: list[Column], loser_rows: Sequence[Mapping[str, Any]],
-    deleted_keys: Sequence[Sequence[Any]], loser_region: str, survivor_region: str,
+    cfg: TableConflictConfig, columns: list[Column], loser_region: str, survivor_region: str,
     fork_time: datetime, now: datetime,
 ) -> None:
+    """What can be refused before any row is read. The rows themselves are checked as they
+    stream (their columns) and once loaded, in SQL (no key twice): a set of every key in
+    Python would cost the memory streaming saves."""
     names = {c.name for c in columns}
     if loser_region == survivor_region:
         raise ValueError(f"loser and survivor are the same region ({loser_region!r})")
@@ -158,46 +166,60 @@ def _check_inputs(
         raise ValueError(f"columns {missing} from the conflict config are not in the table")
     if reserved := [n for n in names if n.startswith(RESERVED_PREFIXES)]:
         raise ValueError(f"columns {reserved} use a prefix reserved for conflict resolution")
-    seen: set[tuple] = set()
-    for row in loser_rows:
-        if row.keys() != names:
-            raise ValueError(f"loser row {dict(row)!r} does not have exactly the table's columns {sorted(names)}")
-        seen.add(tuple(row[k] for k in cfg.key))
-    if len(seen) != len(loser_rows):
-        raise ValueError("the loser rows repeat a key")
-    for key in deleted_keys:
-        if len(key) != len(cfg.key):
-            raise ValueError(f"deleted key {tuple(key)!r} does not match the key columns {cfg.key}")
-        if tuple(key) in seen:
-            raise ValueError(f"key {tuple(key)!r} is both a loser row and a deleted key")
-        seen.add(tuple(key))
-    if len(seen) != len(loser_rows) + len(deleted_keys):
-        raise ValueError("the deleted keys repeat a key")
 
 
 def _load_loser(
     conn: psycopg.Connection, target: sql.Identifier, columns: list[Column], cfg: TableConflictConfig,
-    loser_rows: Sequence[Mapping[str, Any]], deleted_keys: Sequence[Sequence[Any]],
+    loser_rows: Iterable[Mapping[str, Any]] | LoserCopy, deleted_keys: Iterable[Sequence[Any]],
 ) -> None:
-    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+    names = [c.name for c in columns]
+    cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
     conn.execute(sql.SQL("drop table if exists {}").format(_LOSER_TMP))
     # CREATE TABLE AS copies the column types but not NOT NULL: a deleted key has only its key.
     conn.execute(sql.SQL("create temp table {} on commit drop as select {}, false as _e_deleted from {} with no data")
                  .format(_LOSER_TMP, cols, target))
-    key_pos = [next(i for i, c in enumerate(columns) if c.name == k) for k in cfg.key]
+    copy_in = sql.SQL("copy {} ({}, _e_deleted) from stdin").format(_LOSER_TMP, cols)
     cur = conn.cursor()
-    with cur.copy(sql.SQL("copy {} ({}, _e_deleted) from stdin").format(_LOSER_TMP, cols)) as copy:
-        # By type, not by Python class: a dict must go out as the column's jsonb.
+    if isinstance(loser_rows, LoserCopy):
+        with cur.copy(copy_in) as copy:
+            loser_rows.stream_into(copy, names)
+    else:
+        with cur.copy(copy_in) as copy:
+            # By type, not by Python class: a dict must go out as the column's jsonb.
+            copy.set_types([c.oid for c in columns] + ["bool"])
+            expected = set(names)
+            for row in loser_rows:
+                if row.keys() != expected:
+                    raise ValueError(
+                        f"loser row {dict(row)!r} does not have exactly the table's columns {sorted(expected)}")
+                copy.write_row([row[n] for n in names] + [False])
+    key_pos = [names.index(k) for k in cfg.key]
+    with cur.copy(copy_in) as copy:
         copy.set_types([c.oid for c in columns] + ["bool"])
-        for row in loser_rows:
-            copy.write_row([row[c.name] for c in columns] + [False])
         for key in deleted_keys:
+            if len(key) != len(cfg.key):
+                raise ValueError(f"deleted key {tuple(key)!r} does not match the key columns {cfg.key}")
             values: list[Any] = [None] * len(columns)
             for pos, value in zip(key_pos, key):
                 values[pos] = value
             copy.write_row(values + [True])
     # Temp tables are never auto-analyzed; without statistics the join below can go nested-loop.
     conn.execute(sql.SQL("analyze {}").format(_LOSER_TMP))
+    _refuse_repeated_keys(conn, cfg.key)
+
+
+def _refuse_repeated_keys(conn: psycopg.Connection, key: list[str]) -> None:
+    """One row per key, checked where the rows are: a repeated key would be decided twice."""
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    found = conn.cursor(row_factory=tuple_row).execute(sql.SQL(
+        "select row({keys})::text, bool_or(_e_deleted), bool_and(_e_deleted) from {tmp}"
+        " group by {keys} having count(*) > 1 limit 1").format(keys=keys, tmp=_LOSER_TMP)).fetchone()
+    if found is None:
+        return
+    shown, some_deleted, all_deleted = found
+    if some_deleted and not all_deleted:
+        raise ValueError(f"key {shown} is both a loser row and a deleted key")
+    raise ValueError(f"the {'deleted keys' if all_deleted else 'loser rows'} repeat a key: {shown}")
 
 
 def _count(cur: psycopg.Cursor, summary: ApplySummary) -> None:
@@ -235,14 +257,27 @@ def _write(cur: psycopg.Cursor, target: sql.Identifier, names: list[str], key: l
 
 
 def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run_id: str,
-           approved_by: str | None) -> int:
+           approved_by: str | None, result_json: sql.Composable) -> int:
+    """One row per key, INSERT ... SELECT from the resolved temp table in the apply's transaction.
+
+    ``result`` (the row as it now stands, null when absent) is always written. Both versions
+    are written in full where a version was thrown away or the strategy chose: conflicts
+    (the losing side's post-fork write exists nowhere else once the old primary is rewound),
+    flags (a human re-keys them from both), merges (the result is neither version) and
+    deletions (the removed row). For the rest, a change made on one side only (most keys of a
+    failback), the changed side's version *is* ``result``, and the other side's is the row as
+    it stood at the fork, which every backup from before the fork holds (PITR): those keys
+    leave both version columns null and say so with ``versions_elided``. That is what keeps
+    an audit row about a third of its old size at the bulk of the keys."""
     cur.execute(sql.SQL("""
         insert into eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key, strategy, conflict,
-            survivor_version, loser_version, result, action, winner_region, approved_by, reason)
-        select {wf}, {run}, {table}, _e_pk, {strategy}, _e_conflict, _e_s_json, _e_l_json,
-               case when _e_r_present then to_jsonb(r) - {meta}::text[] end,
+            survivor_version, loser_version, result, versions_elided, action, winner_region, approved_by, reason)
+        select {wf}, {run}, {table}, _e_pk, {strategy}, _e_conflict,
+               case when not _e_elided then _e_s_json end, case when not _e_elided then _e_l_json end,
+               case when _e_r_present then {result} end, _e_elided,
                _e_action, _e_winner, {approved_by}, _e_reason
-        from {resolved} r
+        from (select r.*, _e_one_sided and not (_e_conflict or _e_action in ('flag', 'merge', 'delete')) as _e_elided
+              from {resolved} r) r
         -- An anti-join first: a re-run finds every key audited, and a speculative insert
         -- per row is far slower than one hash join. ON CONFLICT still guards concurrent runs.
         where not exists (select 1 from eagle_dr.conflict_audit a
@@ -250,7 +285,7 @@ def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run
                             and a.primary_key = r._e_pk)
         on conflict (workflow_id, run_id, table_name, primary_key) do nothing
     """).format(wf=sql.Literal(workflow_id), run=sql.Literal(run_id), table=sql.Literal(table),
-                strategy=sql.Literal(strategy), meta=sql.Literal(META),
+                strategy=sql.Literal(strategy), result=result_json,
                 approved_by=sql.Literal(approved_by), resolved=_RESOLVED_TMP))
     return cur.rowcount
 
@@ -259,8 +294,8 @@ def apply_resolutions(
     conn: psycopg.Connection,
     table: str,
     cfg: TableConflictConfig,
-    loser_rows: Sequence[Mapping[str, Any]],
-    deleted_keys: Sequence[Sequence[Any]],
+    loser_rows: Iterable[Mapping[str, Any]] | LoserCopy,
+    deleted_keys: Iterable[Sequence[Any]],
     loser_region: str,
     survivor_region: str,
     region_priority: Mapping[str, int],
@@ -275,9 +310,13 @@ def apply_resolutions(
     """Resolve the loser's changed rows and deleted keys against ``table`` on the survivor
     (``conn``) and apply the outcome, all in one transaction (a savepoint if one is open).
     ``dry_run`` decides every key the same way and rolls everything back: what an approver
-    is shown (counts and a sample) before the real run."""
+    is shown (counts and a sample) before the real run.
+
+    ``loser_rows`` is either the rows (dicts with exactly the table's columns; any iterable,
+    consumed once, so a generator streams) or a ``LoserCopy``: a query on the loser streamed
+    COPY to COPY without the rows ever being held here. ``deleted_keys`` is consumed once too."""
     columns = _columns(conn, table)
-    _check_inputs(cfg, columns, loser_rows, deleted_keys, loser_region, survivor_region, fork_time, now)
+    _check_inputs(cfg, columns, loser_region, survivor_region, fork_time, now)
     cfg = with_created_column(cfg, columns)
     target = _table_ident(table)
     summary = ApplySummary(table=table, strategy=cfg.strategy, created_column=cfg.created_column)
@@ -287,10 +326,13 @@ def apply_resolutions(
         # Restored at the end: SET LOCAL in a savepoint would outlive it in the caller's transaction.
         previous_role = cur.execute("select current_setting('session_replication_role')").fetchone()[0]
         cur.execute("set local session_replication_role = replica")
+        # The deciding SELECT is one long generated expression list run once: JIT-compiling
+        # it (its cost passes jit_above_cost from ~50k keys) took longer than running it.
+        cur.execute("set local jit = off")
         cur.execute(sql.SQL("lock table {} in share row exclusive mode").format(target))
         _load_loser(conn, target, columns, cfg, loser_rows, deleted_keys)
-        query = DecideQuery(columns, cfg, survivor_region, loser_region, region_priority, fork_time, now).select(
-            target, _LOSER_TMP)
+        decide = DecideQuery(columns, cfg, survivor_region, loser_region, region_priority, fork_time, now)
+        query = decide.select(target, _LOSER_TMP)
         cur.execute(sql.SQL("drop table if exists {}").format(_RESOLVED_TMP))
         cur.execute(sql.SQL("create temp table {} on commit drop as {}").format(_RESOLVED_TMP, query))
         _count(cur, summary)
@@ -298,6 +340,6 @@ def apply_resolutions(
             summary.sample = _sample(cur, sample)
             return summary
         _write(cur, target, [c.name for c in columns], cfg.key)
-        summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by)
+        summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by, decide.result_json())
         cur.execute(sql.SQL("set local session_replication_role = {}").format(sql.Literal(previous_role)))
     return summary

@@ -21,7 +21,10 @@ from eagle_dr.config import TableConflictConfig
 
 # Names this module gives its own columns; a table using them would be misread.
 RESERVED_PREFIXES = ("_e_", "_s_", "_l_")
-META = ["_e_pk", "_e_s_json", "_e_l_json", "_e_conflict", "_e_winner", "_e_reason", "_e_r_present", "_e_action"]
+META = ["_e_pk", "_e_s_json", "_e_l_json", "_e_conflict", "_e_winner", "_e_reason", "_e_r_present", "_e_one_sided",
+        "_e_action"]
+# jsonb_build_object takes at most 100 arguments: 50 columns per call, joined with ||.
+_JSON_CHUNK = 50
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,15 @@ class DecideQuery:
         return sql.SQL("case when _e_merge then (case {} else {} end) else {} end as {}").format(
             sql.SQL(" ").join(whens), plain, plain, sql.Identifier(c.name))
 
+    def result_json(self) -> sql.Composable:
+        """The resolved row (its columns under the table's names) as jsonb, built from those
+        columns: cheaper than to_jsonb of the whole working row minus the meta keys."""
+        names = self.names
+        parts = [sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+            sql.SQL("{}, {}").format(sql.Literal(n), sql.Identifier(n)) for n in names[i:i + _JSON_CHUNK]))
+            for i in range(0, len(names), _JSON_CHUNK)]
+        return sql.SQL(" || ").join(parts)
+
     def select(self, target: sql.Identifier, loser: sql.Identifier) -> sql.Composable:
         cfg, ts = self.cfg, self.cfg.timestamp_column
         k0 = sql.Identifier(cfg.key[0])
@@ -213,6 +225,9 @@ class DecideQuery:
                 from d
             )
             select {names}, _e_pk, _e_s_json, _e_l_json, _e_conflict, _e_winner, _e_reason, _e_r_present,
+                   -- At most one side changed the row since the fork (or both to the same row):
+                   -- apply._audit keeps only the result for such keys.
+                   _e_same or _e_s_changed <> _e_l_changed as _e_one_sided,
                    case when _e_flag then 'flag'
                         when _e_r_present = _e_s_present
                              and (not _e_r_present or {result_row} is not distinct from {s_row}) then 'keep_survivor'
