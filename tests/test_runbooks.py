@@ -250,6 +250,12 @@ async def test_unplanned_failover_after_region_loss(lab, client):
         present = conn.execute("select count(*) from alerts where id = any(%s)", (acked_before,)).fetchone()[0]
     assert result.rpo.acknowledged_writes_lost == len(acked_before) - present
     assert result.rto.total_s is not None and result.rto.met
+    # With the source's worker dead, the three fences are local activities: no task queue
+    # round trip between the decision and the promotion.
+    timings = activity_timings(await handle.fetch_history())
+    remote = {t.name for t in timings if t.outcome != "local"}
+    assert not remote & {"fence_postgres", "fence_redis", "scale_down_region"}, remote
+    assert sum(t.name == "(marker core_local_activity)" for t in timings) >= 3, [t.name for t in timings]
     lab.rebuild_standby(a)
     lab.wait_replication()
 
