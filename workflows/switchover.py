@@ -89,8 +89,12 @@ class SwitchoverWorkflow(Runbook):
             decided_at = workflow.now()
             async with self.step("stop writes on old primary") as st:
                 fence_asked = workflow.patched("switchover-undo-fence-in-flight")
+                # drain_archive_seconds: a fast shutdown waits for every segment the archiver has
+                # not pushed yet; pushing them first, while clients still write, keeps that out
+                # of the write outage (fence.drain_archive). The activity's input only: the
+                # command sequence is unchanged.
                 stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
-                    region=source, epoch=self.epoch, method="stop"), queue=sq, timeout=180)
+                    region=source, epoch=self.epoch, method="stop", drain_archive_seconds=10), queue=sq, timeout=180)
                 st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}"
 
             promotion_started = workflow.now()

@@ -49,6 +49,9 @@ class FenceRequest(BaseModel):
     epoch: int
     # "stop" needs the region's own worker; "read_only" works over the network.
     method: str = "stop"
+    # "stop" only: let the archiver push its backlog for up to this long first, while clients
+    # still write (a planned switchover). 0 (failover, older histories): fence at once.
+    drain_archive_seconds: float = 0
 
 
 class ReplayRequest(BaseModel):
@@ -103,7 +106,7 @@ class PostgresActivities:
             raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {held}; "
                                    "not fencing the primary of a newer move", type="StaleEpoch", non_retryable=True)
         if req.method == "stop":
-            return fence_stop(pg)
+            return fence_stop(pg, drain_archive_s=req.drain_archive_seconds)
         return fence_read_only(pg)
 
     def _refuse_stale_unfence(self, req: UnfenceRequest) -> None:

@@ -138,11 +138,7 @@ def hold_as_standby(ctl: PgCtl) -> bool:
     return True
 
 
-# How long a stop fence lets the archiver catch up before it stops writes (see drain_archive).
-ARCHIVE_DRAIN_SECONDS = 10.0
-
-
-def drain_archive(cfg: PostgresConfig, max_wait: float = ARCHIVE_DRAIN_SECONDS) -> int | None:
+def drain_archive(cfg: PostgresConfig, max_wait: float) -> int | None:
     """Wait, while clients still write, until the archiver has no segment waiting (.ready).
 
     A fast shutdown does not end until the archiver has pushed every waiting segment (each
@@ -167,13 +163,16 @@ def drain_archive(cfg: PostgresConfig, max_wait: float = ARCHIVE_DRAIN_SECONDS) 
         return None
 
 
-def fence_stop(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
+def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float = 0) -> PgFence:
     """Read-only first (so nothing commits while we stop), stop, then hold it as a standby of
-    nothing so a restart cannot make it writable; idempotent, also when already down."""
+    nothing so a restart cannot make it writable; idempotent, also when already down.
+    ``drain_archive_s``: first let the archiver catch up for up to that long (a planned
+    switchover; never a failover, where the fence must not wait)."""
     ctl = PgCtl(cfg)
     ro = None
     if ctl.running():
-        drain_archive(cfg)
+        if drain_archive_s > 0:
+            drain_archive(cfg, drain_archive_s)
         ro = fence_read_only(cfg, timeout)
         ctl.stop("fast")
     # Read before anything else starts it: "shut down" proves the checkpoint is its last record.
