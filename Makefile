@@ -48,10 +48,11 @@ status:
 
 # pytest exits 5 when it collects nothing; that must not pass silently as green, nor
 # fail the run as if a test had failed: it is reported.
-# Two processes, each with a lab of its own (tests/conftest.py); a file's tests stay in order
-# in one process. PYTEST_ARGS=-n0 runs everything in one.
+# One process. PYTEST_ARGS="-n 2 --dist loadfile" runs two, each with a lab of its own
+# (tests/conftest.py); not the default yet: some tests still assume the lab's state that the
+# files before them (in name order) leave.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 # The long variants `make test` leaves out to stay within CI's 30 minutes (marked `long`).

@@ -18,7 +18,10 @@ from workflows.models import FailoverInput, Progress
 
 
 def _names(lab):
-    return lab.cfg.primary.name, lab.cfg.secondary.name
+    """(the region whose PostgreSQL is primary now, the other): what a test means by "the
+    primary", whichever region the tests before it left primary."""
+    a = _primary(lab)
+    return a, lab.cfg.other(a).name
 
 
 def _primary(lab) -> str:
