@@ -36,26 +36,14 @@ class LabTls:
         """Idempotent: an existing CA and certificate are kept (clients already trust them)."""
         if self.ca.exists() and self.cert.exists() and self.key.exists():
             return
-        openssl = binaries.ensure("openssl")["openssl"]
         make_dir(self.dir, self.user, 0o755)
-        d = self.dir
-
-        def run(*argv: str) -> None:
-            r = subprocess.run([openssl, *argv], cwd=d, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"openssl {argv[0]} failed: {r.stderr.strip()}")
-
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-            "-days", "3650", "-subj", "/CN=eagle-dr lab CA")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=localhost")
-        (d / "san.ext").write_text("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
-        run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.crt", "-days", "3650", "-extfile", "san.ext")
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+                      "-days", "3650", "-subj", "/CN=eagle-dr lab CA")
+        self._sign("server", "/CN=localhost", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
         for name in ("ca.key", "server.key"):
-            os.chmod(d / name, 0o600)
+            os.chmod(self.dir / name, 0o600)
         for name in ("ca.crt", "server.crt"):
-            os.chmod(d / name, 0o644)
+            os.chmod(self.dir / name, 0o644)
         # The S3 servers run as the lab user and read the key.
         self.user.own(self.key, self.cert)
 
@@ -76,19 +64,8 @@ class LabTls:
         self.ensure()
         if self.postgres_cert.exists() and self.postgres_key.exists():
             return
-        openssl = binaries.ensure("openssl")["openssl"]
-
-        def run(*argv: str) -> None:
-            r = subprocess.run([openssl, *argv], cwd=self.dir, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"openssl {argv[0]} failed: {r.stderr.strip()}")
-
-        (self.dir / "postgres.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                                               "extendedKeyUsage=serverAuth\n")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "postgres.key", "-out", "postgres.csr",
-            "-subj", "/CN=eagle-dr lab postgres")
-        run("x509", "-req", "-in", "postgres.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "postgres.crt", "-days", "3650", "-extfile", "postgres.ext")
+        self._sign("postgres", "/CN=eagle-dr lab postgres",
+                   "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
         os.chmod(self.postgres_key, 0o600)
         os.chmod(self.postgres_cert, 0o644)
         self.user.own(self.postgres_key, self.postgres_cert)
@@ -102,16 +79,22 @@ class LabTls:
         crt, key = self.dir / f"{name}.crt", self.dir / f"{name}.key"
         if crt.exists() and key.exists():
             return crt, key
-        openssl = binaries.ensure("openssl")["openssl"]
-
-        def run(*argv: str) -> None:
-            r = subprocess.run([openssl, *argv], cwd=self.dir, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"openssl {argv[0]} failed: {r.stderr.strip()}")
-
-        (self.dir / f"{name}.ext").write_text("extendedKeyUsage=clientAuth\n")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key.name, "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", crt.name, "-days", "3650", "-extfile", f"{name}.ext")
+        self._sign(name, f"/CN={name}", "extendedKeyUsage=clientAuth\n")
         os.chmod(key, 0o600)
         return crt, key
+
+    def _openssl(self, *argv: str) -> None:
+        openssl = binaries.ensure("openssl")["openssl"]
+        r = subprocess.run([openssl, *argv], cwd=self.dir, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"openssl {argv[0]} failed: {r.stderr.strip()}")
+
+    def _sign(self, name: str, subject: str, extensions: str) -> None:
+        """``<name>.key`` and ``<name>.crt`` signed by the lab CA for 10 years, with ``extensions``
+        (an -extfile, which also makes the certificate X.509 v3)."""
+        extfile = f"{name}.ext"
+        (self.dir / extfile).write_text(extensions)
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                      "-subj", subject)
+        self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                      "-out", f"{name}.crt", "-days", "3650", "-extfile", extfile)
