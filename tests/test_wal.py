@@ -184,3 +184,20 @@ def test_without_a_snapshot_in_reach_every_commit_after_the_start_is_unplaced(no
         c.execute("insert into late values (1)")
     found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
     assert found.commits and {c.xid for c in found.commits} <= found.unplaced_xids
+
+
+def test_a_quiet_snapshot_before_the_start_is_reached(node, monkeypatch):
+    """A RUNNING_XACTS logged with no transaction running prints no "xacts:" list at all; it
+    is a snapshot all the same, and a commit wholly after the start is placed. The CI run
+    that missed it read every table in full in a quiet lab (and said so)."""
+    from activities.postgres import wal
+
+    monkeypatch.setattr(wal, "_LOOKBACK_SEGMENTS", 1)  # no earlier segment: the start's holds the quiet one
+    with _conn() as c:
+        c.execute("create table if not exists quiet (id int primary key)")
+        c.execute("select pg_switch_wal()")
+        c.execute("checkpoint")  # nothing running: "RUNNING_XACTS nextXid N ... oldestRunningXid N"
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+        c.execute("insert into quiet values (1)")
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert found.commits and not found.unplaced_xids, found.unplaced_xids

@@ -39,8 +39,10 @@ _COMMIT_AT = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC")
 _SUBXACTS = re.compile(r"subxacts:((?: \d+)+)")
 _REL = re.compile(r"rel (\d+)/(\d+)/(\d+)")
 _TRUNCATED = re.compile(r"relids((?: \d+)+)")
-# A snapshot of the running transactions (logged at checkpoints and every 15 s): its top-level xids.
-_RUNNING = re.compile(r"RUNNING_XACTS .*?; \d+ xacts:((?: \d+)*)")
+# A snapshot of the running transactions (logged at checkpoints and every 15 s): its top-level
+# xids. pg_waldump prints the "; N xacts:" part only when N > 0: a quiet moment's snapshot is
+# just "RUNNING_XACTS nextXid ... oldestRunningXid ...", and it is a snapshot all the same.
+_RUNNING = re.compile(r"RUNNING_XACTS nextXid \d+\b(?:.*?; \d+ xacts:((?: \d+)*))?")
 # Every block a record references; the main fork's have no "fork" word (PG15+ format).
 _BLKREF = re.compile(r"blkref #\d+: rel (\d+)/(\d+)/(\d+)(?: fork (\w+))? blk (\d+)")
 # The error pg_waldump ends with when it reached the end of the WAL.
@@ -232,7 +234,7 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
         if before and rmgr == "Standby" and (running := _RUNNING.search(line)):
             # Running at this point before the start: they may have written before the segment
             # read too. The newest snapshot before the start wins.
-            running_before = {int(x) for x in running.group(1).split()}
+            running_before = {int(x) for x in (running.group(1) or "").split()}
         placed.add(xid)
         kind = DATA_OPS.get((rmgr, op.split("+", 1)[0]))
         if kind is None:
