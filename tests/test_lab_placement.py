@@ -87,10 +87,13 @@ def test_a_closed_checkouts_postgres_initialises_and_starts(closed_dir, monkeypa
     state = Path(cfg.lab.state_dir)
     pg = cfg.primary.postgres.model_copy(update={"port": 17860 + SHIFT,
                                                  "bin_dir": PG15_BIN if os.path.isdir(PG15_BIN) else None})
-    node = PostgresNode(pg, Path(pg.data_dir), Path(pg.socket_dir), user, "closed-checkout")
+    lab = Lab(cfg)
+    # With the lab's CA and server certificate, as Lab.postgres builds it: the config asks for
+    # verify-full, so a node without them refuses every TCP connection.
+    node = PostgresNode(pg, Path(pg.data_dir), Path(pg.socket_dir), user, "closed-checkout", tls=lab.tls)
     try:
         make_dir(state, user, 0o755)  # as Lab.up_servers does
-        Lab(cfg).ensure_secrets()  # the PostgreSQL passwords the bootstrap sets
+        lab.ensure_secrets()  # the PostgreSQL passwords the bootstrap sets
         node.init_primary()
         with node.connect() as conn:
             assert conn.execute("select count(*) from alerts").fetchone()[0] == 0

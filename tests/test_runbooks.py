@@ -106,18 +106,18 @@ async def test_second_request_is_rejected_then_approval_rejects(lab, client):
 
 
 async def test_approval_timeout_takes_the_default_action(lab, client):
-    _, b = _names(lab)
+    a, b = _names(lab)
     inp = SwitchoverInput(service=lab.cfg.service, target_region=b,
                           approval=ApprovalPolicy(required=True, timeout_seconds=1, default_action="abort"))
     handle = await start_move(client, lab.cfg, inp)
     with pytest.raises(WorkflowFailureError) as e:
         await handle.result()
     assert "timed-out-abort" in e.value.cause.message
-    assert _primary(lab) == lab.cfg.primary.name
+    assert _primary(lab) == a
 
 
 async def test_cli_switchover_waits_for_approval_and_cli_rejects(lab, client, lab_config_path):
-    _, b = _names(lab)
+    a, b = _names(lab)
     env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "EAGLE_DR_STATE_DIR": lab.cfg.lab.state_dir}
     cli = [sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path)]
     proc = subprocess.Popen(cli + ["switchover", "--to", b, "--require-approval", "--reason", "cli test"],
@@ -135,7 +135,7 @@ async def test_cli_switchover_waits_for_approval_and_cli_rejects(lab, client, la
             proc.kill()
     assert proc.returncode == 1, out
     assert "switchover started" in out and "approval rejected by carol: freeze" in out.replace("\n", " ")
-    assert _primary(lab) == lab.cfg.primary.name
+    assert _primary(lab) == a
 
 
 # -- moves ---------------------------------------------------------------------------------------------
@@ -178,8 +178,7 @@ async def test_switchover_under_load_loses_nothing(lab, client):
 
 
 async def test_forced_failover_past_the_lag_guard(lab, client):
-    a, b = _names(lab)
-    assert _primary(lab) == b
+    b, a = _names(lab)  # from the primary B to A
     receiver = _aux_pid(lab, a, b"walreceiver")
     os.kill(receiver, signal.SIGSTOP)
     try:
@@ -243,8 +242,7 @@ async def test_unplanned_failover_after_region_loss(lab, client):
 
 
 async def test_control_worker_killed_during_promotion(lab, client):
-    a, b = _names(lab)
-    assert _primary(lab) == b
+    b, a = _names(lab)  # switchover from the primary B to A
     timeline_before = pg_status(lab.cfg.region(a).postgres).timeline
     epoch_before = read_epoch(lab.cfg.region(b).postgres, lab.cfg.service).epoch
     handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))
@@ -330,8 +328,7 @@ async def test_monitor_detects_region_loss_and_fails_over(lab, client):
 
 
 async def test_drill(lab, client):
-    b, a = _names(lab)  # after the monitor's failover B is primary: the drill moves to A and back
-    assert _primary(lab) == a
+    a, b = _names(lab)  # the drill moves from the primary A to B and back
     # The always-on monitor, armed to fail over fast on its own: the drill's kill would start
     # its failover too (one move id: the drill's own failover step would collide) unless the
     # drill holds it, which it does for its duration.
