@@ -22,6 +22,7 @@ from eagle_dr.config import EagleConfig
 from eagle_dr.temporal import connect, connection_summary
 from workers.registry import WORKFLOWS, control_activities, regional_activities
 from workers.scrub import ScrubSecrets
+from workers.thread_start import install as shield_thread_starts
 
 PASSTHROUGH = ("pydantic", "structlog", "eagle_dr", "activities", "annotated_types", "pydantic_core")
 
@@ -31,6 +32,7 @@ def sandbox_runner() -> SandboxedWorkflowRunner:
 
 
 def build_worker(client, cfg: EagleConfig, region: str | None, executor: ThreadPoolExecutor) -> Worker:
+    shield_thread_starts()  # a cancel must not land in a thread being started (workers/thread_start.py)
     if region:
         queue = cfg.region(region).temporal.task_queue
         return Worker(client, task_queue=queue, activities=regional_activities(cfg), activity_executor=executor,
