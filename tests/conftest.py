@@ -177,6 +177,27 @@ async def client(dev_server, lab_cfg):
     return await connect(target_host=dev_server.address, config=lab_cfg)
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def configured_topology(lab, client):
+    """The configured primary is primary and the other region streams from it: what a module
+    that names ``lab.cfg.primary`` as "the primary" assumes (``pytestmark =
+    pytest.mark.usefixtures("configured_topology")``). A file before it may have left the other
+    region primary: in one process the order of files decides that, under xdist the
+    distribution. A switchover back costs a few seconds, only when needed."""
+    from activities.postgres.status import pg_status
+    from eagle_dr.launch import start_move
+    from workflows.models import SwitchoverInput
+
+    want = lab.cfg.primary.name
+    now = next((r.name for r in lab.cfg.regions if pg_status(r.postgres).role == "primary"), None)
+    if now != want:
+        result = await (await start_move(client, lab.cfg, SwitchoverInput(
+            service=lab.cfg.service, target_region=want, reason="tests: back to the configured topology"))).result()
+        assert result.outcome == "succeeded", result
+    lab.wait_replication()
+    yield
+
+
 # -- a headless Debian Chromium (tests/browser.py) ---------------------------------------------
 
 

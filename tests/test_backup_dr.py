@@ -35,6 +35,9 @@ from workflows.archive_guard import ArchiveGuardInput, ArchiveGuardResult, Archi
 from workflows.backup import BackupInput, BackupResult, BackupWorkflow
 from workflows.models import SwitchoverInput
 
+# Its tests name lab.cfg.primary as the primary (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("configured_topology")
+
 SEGMENT = 16 << 20
 BOUND = 2 * SEGMENT
 

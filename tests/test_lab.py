@@ -19,6 +19,9 @@ from eagle_dr.status import collect, gather
 from lab.processes import wait_for
 from tests.histories import record
 
+# Its tests name lab.cfg.primary as the primary (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("configured_topology")
+
 
 
 def test_streaming_replication_carries_a_row(lab):

@@ -44,6 +44,9 @@ from workflows.monitor import MonitorInput, MonitorWorkflow
 from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
+# Its tests name lab.cfg.primary as the primary (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("configured_topology")
+
 # Async tests run on the session loop (pytest.ini: asyncio_default_test_loop_scope), beside the lab.
 
 SLACK_TOKEN = f"xoxb-{secrets.token_hex(12)}"

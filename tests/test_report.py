@@ -19,6 +19,9 @@ from eagle_dr.report.html import render
 from eagle_dr.report.text import render as render_text
 from tests.histories import HISTORY_DIR
 
+# Its tests name lab.cfg.primary as the primary (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("configured_topology")
+
 UI = "http://127.0.0.1:8233"
 
 

@@ -25,7 +25,9 @@ from tests.lab_helpers import _primary, _until
 from workflows.backup import BackupInput, BackupWorkflow
 from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"),
+              # Its tests name lab.cfg.primary as the primary (tests/conftest.py).
+              pytest.mark.usefixtures("configured_topology")]
 
 
 async def _backup(lab, client, **kw):

@@ -19,6 +19,9 @@ from tests.lab_helpers import _primary, _until
 from tests.test_restore import _archived_now, _backup, _no_scratch_left
 from workflows.restore_drill import RestoreDrillResult
 
+# Its tests name lab.cfg.primary as the primary (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("configured_topology")
+
 ASYNC = pytest.mark.asyncio(loop_scope="session")
 
 

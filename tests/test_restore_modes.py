@@ -30,7 +30,9 @@ from tests.test_restore import _archived_now, _async_true, _backup, _commit, _ke
 from workflows.models import ApprovalDecision
 from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"),
+              # Its tests name lab.cfg.primary as the primary (tests/conftest.py).
+              pytest.mark.usefixtures("configured_topology")]
 
 
 async def test_pitr_history(lab, client):

@@ -37,6 +37,9 @@ from workflows.monitor import MonitorInput, MonitorWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput, SwitchoverInput
 from workflows.switchover import SwitchoverWorkflow
 
+# Its tests name lab.cfg.primary as the primary (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("configured_topology")
+
 
 def _write_bulk(lab, region: str, rows: int = 4000) -> None:
     base = 10**12 + int(uuid.uuid4().int % 10**9) * 10**4
