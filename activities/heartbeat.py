@@ -14,7 +14,8 @@ from temporalio import activity
 
 @contextmanager
 def heartbeating(every: float = 3.0, details: object = None) -> Iterator[None]:
-    if not activity.in_activity():
+    # A local activity has no heartbeat (its timeouts are the workflow worker's own).
+    if not activity.in_activity() or activity.info().is_local:
         yield
         return
     # A copy of this thread's context carries the activity's heartbeat function.

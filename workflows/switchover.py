@@ -89,7 +89,8 @@ class SwitchoverWorkflow(Runbook):
             async with self.step("stop writes on old primary") as st:
                 fence_asked = workflow.patched("switchover-undo-fence-in-flight")
                 stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
-                    region=source, epoch=self.epoch, method="stop"), queue=sq, timeout=180)
+                    region=source, epoch=self.epoch, method="stop"), queue=sq, timeout=180,
+                    heartbeat=10)
                 st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}"
 
             promotion_started = workflow.now()

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.postgres import epoch as epochs
 from activities.postgres.ctl import PgCtl
 from activities.postgres.divergence import ForkPoint, LostWal, lost_wal
@@ -99,9 +100,13 @@ class PostgresActivities:
         if held is not None and held > req.epoch:
             raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {held}; "
                                    "not fencing the primary of a newer move", type="StaleEpoch", non_retryable=True)
-        if req.method == "stop":
-            return fence_stop(pg)
-        return fence_read_only(pg)
+        # Beating while it works: a fast shutdown can wait on the archiver and the shutdown
+        # checkpoint, and without beats a worker that dies here (or a server restart that
+        # loses the completion) costs the whole start-to-close timeout before the retry.
+        with heartbeating(2.0):
+            if req.method == "stop":
+                return fence_stop(pg)
+            return fence_read_only(pg)
 
     def _refuse_stale_unfence(self, req: UnfenceRequest) -> None:
         """Lifting a fence is as dangerous as promoting: a late compensation of a superseded run
