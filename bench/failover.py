@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from activities.postgres.status import pg_status
+from bench import step_overhead
+from bench.history_steps import breakdown
 from eagle_dr.config import load_config
 from eagle_dr.devserver import DevServer
 from eagle_dr.launch import start_move
@@ -43,8 +45,9 @@ from lab.ports import write_shifted_config
 from workflows.models import SwitchoverInput
 from workflows.monitor import MonitorInput, MonitorWorkflow
 
-# A third lab beside `make lab` (shift 0) and the tests' (shift 2000).
-PORT_SHIFT = 4000
+# A third lab beside `make lab` (shift 0) and the tests' (shift 2000); EAGLE_DR_BENCH_PORT_SHIFT moves it
+# (as bench/backup.py and bench/alerts.py allow) when several checkouts share a host.
+PORT_SHIFT = int(os.environ.get("EAGLE_DR_BENCH_PORT_SHIFT", "4000"))
 
 
 def _primary(lab: Lab) -> str:
@@ -157,7 +160,8 @@ async def eagle_stall_check(lab: Lab, client, det: Detection, stall: float, runs
     return {"stall_s": stall, "runs": runs, "false_failovers": failed_over, "passed": failed_over == 0}
 
 
-async def eagle_failovers(lab: Lab, client, runs: int, det: Detection, freeze: bool = False) -> list[dict]:
+async def eagle_failovers(lab: Lab, client, runs: int, det: Detection, freeze: bool = False,
+                          profile: bool = True) -> list[dict]:
     """kill -9 of the primary region (or, ``freeze``, a SIGSTOP never continued: a host that
     stops answering, as a network loss looks), then the monitor's automatic failover."""
     out = []
@@ -190,12 +194,14 @@ async def eagle_failovers(lab: Lab, client, runs: int, det: Detection, freeze: b
         out.append(row)
         print(f"  eagle-dr failover{' (host frozen)' if freeze else ''} {i + 1}/{runs} {primary} -> {target}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        if profile and i == runs - 1:
+            await _print_move_breakdown(lab, client)
         lab.rebuild_standby(primary)
         lab.wait_replication()
     return out
 
 
-async def eagle_switchovers(lab: Lab, client, runs: int) -> list[dict]:
+async def eagle_switchovers(lab: Lab, client, runs: int, profile: bool = True) -> list[dict]:
     out = []
     for i in range(runs):
         primary = _primary(lab)
@@ -210,7 +216,19 @@ async def eagle_switchovers(lab: Lab, client, runs: int) -> list[dict]:
         out.append(row)
         print(f"  eagle-dr switchover {i + 1}/{runs} {primary} -> {target}: write gap {row['write_gap_s']:.3f}s, "
               f"runbook {row['command_s']:.2f}s, acked writes lost {row['acked_writes_lost']}", flush=True)
+        if profile and i == runs - 1:
+            print(_indent(breakdown(await handle.fetch_history())), flush=True)
     return out
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+async def _print_move_breakdown(lab: Lab, client) -> None:
+    """The newest move's per-activity timings (the monitor starts it as dr-move-<service>)."""
+    handle = client.get_workflow_handle(f"dr-move-{lab.cfg.service}")
+    print(_indent(breakdown(await handle.fetch_history())), flush=True)
 
 
 def summary(rows: list[dict], key: str) -> dict | None:
@@ -224,19 +242,24 @@ def fmt(s: dict | None) -> str:
     return f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})" if s else "-"
 
 
-async def measure(lab: Lab, address: str, runs: int, det: Detection, stall: float, freeze_runs: int) -> dict:
+async def measure(lab: Lab, address: str, runs: int, det: Detection, stall: float, freeze_runs: int,
+                  overhead_n: int = 50) -> dict:
     client = await connect(target_host=address, config=lab.cfg)
+    # The per-step overhead first, on a quiet lab: every runbook step pays it on top of its work.
+    overhead = await step_overhead.measure(client, overhead_n) if overhead_n else None
+    if overhead:
+        print("\n".join(step_overhead.fmt(overhead)), flush=True)
     stall_check = await eagle_stall_check(lab, client, det, stall) if stall else None
     fo = await eagle_failovers(lab, client, runs, det)
     fz = await eagle_failovers(lab, client, freeze_runs, det, freeze=True) if freeze_runs else []
     so = await eagle_switchovers(lab, client, runs)
-    return {"settings": str(det), "stall_check": stall_check,
+    return {"settings": str(det), "stall_check": stall_check, "step_overhead": overhead,
             "failover": {k: summary(fo, k) for k in fo[0]},
             "frozen": {k: summary(fz, k) for k in fz[0]} if fz else None,
             "switchover": {k: summary(so, k) for k in so[0]}, "raw": {"failover": fo, "frozen": fz, "switchover": so}}
 
 
-def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir: Path) -> dict:
+def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir: Path, overhead_n: int = 50) -> dict:
     cfg_path = write_shifted_config(workdir, PORT_SHIFT)
     cfg = load_config(cfg_path, env={})
     ds, lab = DevServer(cfg), Lab(cfg, str(cfg_path))
@@ -246,7 +269,7 @@ def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir
         lab.wait_replication()
         lab.start_workers()
         lab.start_app()
-        return asyncio.run(measure(lab, ds.address, runs, det, stall, freeze_runs))
+        return asyncio.run(measure(lab, ds.address, runs, det, stall, freeze_runs, overhead_n))
     finally:
         lab.down()
         ds.down()
@@ -265,6 +288,8 @@ def main() -> None:
     ap.add_argument("--stall", type=float, default=3.0, help="SIGSTOP this long: neither system may fail over")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--skip-patroni", action="store_true")
+    ap.add_argument("--overhead-n", type=int, default=50,
+                    help="empty activities (and local activities) timed for the per-step overhead (0: skip)")
     args = ap.parse_args()
     det = Detection(args.interval, args.threshold, args.confirm_interval or None, args.confirm_rounds)
 
@@ -273,7 +298,7 @@ def main() -> None:
     print(f"eagle-dr ({det}): a {args.stall:.0f}s stall check, {args.runs} failovers, {args.freeze_runs} of a "
           f"frozen host, {args.runs} switchovers", flush=True)
     try:
-        eagle = run_eagle(args.runs, det, args.stall, args.freeze_runs, workdir)
+        eagle = run_eagle(args.runs, det, args.stall, args.freeze_runs, workdir, args.overhead_n)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # a lab's data: hundreds of MB per run
     patroni = None
@@ -314,6 +339,8 @@ def main() -> None:
     for name, e, p in rows:
         ratio = f"{e['median'] / p['median']:.2f}x" if e and p and p["median"] else "-"
         print(f"{name:45} {fmt(e):>24} {fmt(p):>24} {ratio:>17}")
+    for line in step_overhead.fmt(eagle.get("step_overhead") or {}):
+        print(f"per-step overhead (Temporal dev server):{line}")
     print()
     print("Detection: eagle-dr from the kill to the monitor's decision; Patroni from the kill to the replica "
           "taking the leader key. Patroni's 'orchestration' is its promotion + first write after it took the "

@@ -3,6 +3,8 @@ fenced server, on a throwaway real PostgreSQL (lab/scratch_postgres.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 import pytest
 
@@ -117,3 +119,36 @@ def test_stop_fence_restarts_as_a_read_only_standby_and_unfence_restores_the_pri
     with psycopg.connect(node.cfg.dsn(), autocommit=True) as conn:
         assert conn.execute("show work_mem").fetchone()[0] == "7MB"
     assert not (node.data_dir / "standby.signal").exists()
+
+
+def test_stop_fence_waits_for_the_archive_backlog_while_writes_still_flow(node):
+    """A segment waiting for the archiver is pushed before the stop (clients still write), not
+    inside the fast shutdown, which would hold the write outage until it is archived."""
+    import threading
+    import time
+
+    from activities.postgres.fence import drain_archive
+
+    ready = Path(node.cfg.data_dir) / "pg_wal" / "archive_status" / "0000000100000000000000FE.ready"
+    ready.write_text("")
+    # The "archiver": marks it done a moment later, as archive_command's success would.
+    t = threading.Timer(0.4, lambda: ready.rename(ready.with_suffix(".done")))
+    t.start()
+    try:
+        started = time.monotonic()
+        assert drain_archive(node.cfg, max_wait=10) == 0
+        assert time.monotonic() - started >= 0.35
+        # Nothing fenced meanwhile: clients could write all along.
+        assert _try_write(node, "app", [BYPASSES[0][1]], 990001) is None
+    finally:
+        t.cancel()
+        for p in (ready, ready.with_suffix(".done")):
+            p.unlink(missing_ok=True)
+    # Bounded: a backlog that never drains costs at most max_wait.
+    ready.write_text("")
+    try:
+        started = time.monotonic()
+        assert drain_archive(node.cfg, max_wait=0.3) == 1
+        assert time.monotonic() - started < 3
+    finally:
+        ready.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
 from activities.health import WATCH_APPLICATION
+from bench.history_steps import activity_timings
 from activities.postgres.epoch import epoch_history, read_epoch
 from activities.postgres.promote import promote
 from activities.postgres.status import pg_status
@@ -178,6 +179,17 @@ async def test_switchover_under_load_loses_nothing(lab, client):
     assert redis_status(lab.cfg.region(a).redis).role == "slave"
     assert lab.router.active_region() == b
     assert [s.status for s in result.steps] == ["done"] * len(result.steps)
+    # While writes are stopped, Redis moves beside PostgreSQL's promotion, not after it, and the
+    # epoch is recorded inside the promote step: one round trip instead of three in the outage.
+    acts = [a for a in activity_timings(await handle.fetch_history()) if a.run_ms is not None]
+    names = [a.name for a in acts]
+    assert "record_epoch" not in names, names
+    pg, rd = acts[names.index("promote_postgres")], acts[names.index("switchover_redis")]
+    assert rd.scheduled_s < pg.scheduled_s + (pg.dispatch_ms + pg.run_ms) / 1000, (pg, rd)
+    # Routing still waits for both.
+    route = acts[names.index("route_traffic")]
+    assert route.scheduled_s >= max(pg.scheduled_s + (pg.dispatch_ms + pg.run_ms) / 1000,
+                                    rd.scheduled_s + (rd.dispatch_ms + rd.run_ms) / 1000) - 0.001
 
 
 async def test_forced_failover_past_the_lag_guard(lab, client):
@@ -240,6 +252,12 @@ async def test_unplanned_failover_after_region_loss(lab, client):
         present = conn.execute("select count(*) from alerts where id = any(%s)", (acked_before,)).fetchone()[0]
     assert result.rpo.acknowledged_writes_lost == len(acked_before) - present
     assert result.rto.total_s is not None and result.rto.met
+    # With the source's worker dead, the three fences are local activities: no task queue
+    # round trip between the decision and the promotion.
+    timings = activity_timings(await handle.fetch_history())
+    remote = {t.name for t in timings if t.outcome != "local"}
+    assert not remote & {"fence_postgres", "fence_redis", "scale_down_region"}, remote
+    assert sum(t.name == "(marker core_local_activity)" for t in timings) >= 3, [t.name for t in timings]
     lab.rebuild_standby(a)
     lab.wait_replication()
 

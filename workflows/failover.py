@@ -106,13 +106,19 @@ class FailoverWorkflow(Runbook):
 
             fencing = True
             async with self.step("fence old primary") as st:
+                # With the source's worker gone, all three fences are control steps: run them as
+                # local activities (same timeouts and retries), which saves a task dispatch and
+                # a workflow task round trip between the decision and the promotion. Not when the
+                # source's worker lives: its stop fence is a remote step, and local ones would
+                # hold this workflow task (and with it the stop's schedule) until they end.
+                local = s_health is None and workflow.patched("failover-local-fences-when-source-down")
                 # All three at once: each waits out its own timeout against a dead region.
                 pg_fence, r_fence, scaled = await asyncio.gather(
-                    self._fence_postgres(source, sq if s_health else None, control),
+                    self._fence_postgres(source, sq if s_health else None, control, local=local),
                     self.act(RedisActivities.fence_redis, RedisRegionRequest(region=source, epoch=self.epoch),
-                             queue=control, timeout=30, attempts=2),
+                             queue=control, timeout=30, attempts=2, local=local),
                     self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
-                             queue=control, timeout=60, attempts=2))
+                             queue=control, timeout=60, attempts=2, local=local))
                 fenced = pg_fence.method or "unfenced"
                 st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
@@ -223,7 +229,8 @@ class FailoverWorkflow(Runbook):
     def _lag_guard(self, inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:
         lag_guard(inp, lag, basis, notes)
 
-    async def _fence_postgres(self, source: str, source_queue: str | None, control: str) -> PgFence:
+    async def _fence_postgres(self, source: str, source_queue: str | None, control: str,
+                              local: bool = False) -> PgFence:
         """Stop it on its own worker if that worker lives; else read-only over the network.
         ``source_queue`` is None when the worker already failed to answer the preflight probe."""
         if source_queue:
@@ -236,7 +243,7 @@ class FailoverWorkflow(Runbook):
                     raise  # a cancel request, not a dead worker: the caller undoes the fence
 
         return await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
-                                  method="read_only"), queue=control, timeout=30, attempts=2)
+                                  method="read_only"), queue=control, timeout=30, attempts=2, local=local)
 
     async def _undo_fences(self, source: str, sq: str, control: str) -> list[str]:
         """A cancel before the promotion: lift what the fence step may have done (it may have been

@@ -257,7 +257,12 @@ class Runbook:
     # -- activity calls ------------------------------------------------------------------------
 
     async def act(self, fn, arg=None, *, queue: str, timeout: float = 60, schedule_to_start: float | None = None,
-                  heartbeat: float | None = None, attempts: int | None = None, summary: str | None = None):
+                  heartbeat: float | None = None, attempts: int | None = None, summary: str | None = None,
+                  local: bool = False):
+        """One step. ``local``: run it as a local activity on this (the control) worker, with the
+        same timeout and retries: for a short, idempotent control step on the critical path, it
+        saves the task queue dispatch and a workflow task round trip (tens of ms on a busy server).
+        Only for activities the control worker registers (``queue`` must be the control queue)."""
         retry = RETRY if attempts is None else RetryPolicy(
             initial_interval=RETRY.initial_interval, backoff_coefficient=2, maximum_interval=RETRY.maximum_interval,
             maximum_attempts=attempts, non_retryable_error_types=RETRY.non_retryable_error_types)
@@ -265,11 +270,16 @@ class Runbook:
         # A cancel request waits for the step in flight to finish (or to see the cancel, when it
         # heartbeats) before the runbook goes on to undo it: undoing a fence while the fence
         # still runs would leave it in place.
-        step = asyncio.ensure_future(workflow.execute_activity_method(
-            fn, *args, task_queue=queue, start_to_close_timeout=timedelta(seconds=timeout),
-            schedule_to_start_timeout=timedelta(seconds=schedule_to_start) if schedule_to_start else None,
-            heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
-            summary=summary, cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
+        if local:
+            step = asyncio.ensure_future(workflow.execute_local_activity_method(
+                fn, *args, start_to_close_timeout=timedelta(seconds=timeout), retry_policy=retry, summary=summary,
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
+        else:
+            step = asyncio.ensure_future(workflow.execute_activity_method(
+                fn, *args, task_queue=queue, start_to_close_timeout=timedelta(seconds=timeout),
+                schedule_to_start_timeout=timedelta(seconds=schedule_to_start) if schedule_to_start else None,
+                heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None, retry_policy=retry,
+                summary=summary, cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
         try:
             result = await asyncio.shield(step)
             if isinstance(result, Topology):

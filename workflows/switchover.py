@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         EpochRequest,
         FenceRequest,
         PostgresActivities,
+        PromoteRequest,
         RejoinRequest,
         ReplayRequest,
         UnfenceRequest,
@@ -88,8 +89,12 @@ class SwitchoverWorkflow(Runbook):
             decided_at = workflow.now()
             async with self.step("stop writes on old primary") as st:
                 fence_asked = workflow.patched("switchover-undo-fence-in-flight")
+                # drain_archive_seconds: a fast shutdown waits for every segment the archiver has
+                # not pushed yet; pushing them first, while clients still write, keeps that out
+                # of the write outage (fence.drain_archive). The activity's input only: the
+                # command sequence is unchanged.
                 stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
-                    region=source, epoch=self.epoch, method="stop"), queue=sq, timeout=180,
+                    region=source, epoch=self.epoch, method="stop", drain_archive_seconds=10), queue=sq, timeout=180,
                     heartbeat=10)
                 st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}"
 
@@ -129,10 +134,31 @@ class SwitchoverWorkflow(Runbook):
                                  started, decided_at, promotion_started, stopped) -> RunbookResult:
         info = workflow.info()
         async with self.step("promote") as st:
-            promotion = await self.act(PostgresActivities.promote_postgres, EpochRequest(region=target,
-                                       epoch=self.epoch), queue=tq, timeout=180, heartbeat=30)
-            await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
-            redis_lost = await self._move_redis(source, target, control)
+            if workflow.patched("switchover-redis-beside-promotion"):
+                # Writes are stopped until routing changes, so this step is all outage. Redis
+                # moves beside PostgreSQL, not after it: both start only once the standby has
+                # replayed past the old primary's shutdown checkpoint, and each is zero-loss on
+                # its own (Redis pauses its master's writes until the replica has every byte and
+                # checks its own epoch record), so neither's safety depends on the other's order;
+                # routing, the only thing clients follow, still waits for both. The epoch is
+                # recorded inside the promote step (one round trip fewer), after writable_at.
+                async def postgres():
+                    return await self.act(PostgresActivities.promote_postgres, PromoteRequest(
+                        region=target, epoch=self.epoch, record_epoch=True), queue=tq, timeout=180, heartbeat=30)
+
+                # Both run to their end before the error (if any) is raised: a step left running
+                # behind a failed run would act with nobody watching it.
+                promotion, redis_lost = await asyncio.gather(postgres(), self._move_redis(source, target, control),
+                                                             return_exceptions=True)
+                for outcome in (promotion, redis_lost):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+            else:
+                promotion = await self.act(PostgresActivities.promote_postgres, EpochRequest(region=target,
+                                           epoch=self.epoch), queue=tq, timeout=180, heartbeat=30)
+                await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
+                               queue=tq)
+                redis_lost = await self._move_redis(source, target, control)
             st.detail = f"postgres timeline {promotion.timeline}; redis lost " \
                         f"{redis_lost if redis_lost is not None else 'unknown'} bytes"
 

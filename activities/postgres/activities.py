@@ -19,7 +19,7 @@ from activities.postgres.ctl import PgCtl
 from activities.postgres.divergence import ForkPoint, LostWal, lost_wal
 from activities.postgres.fence import PgFence, fence_read_only, fence_stop, lift_stop_fence, unfence
 from activities.postgres.promote import Promotion, PromotionAbort, abort_promotion, promote
-from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot, wait_replayed_past
+from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot_in, wait_replayed_past
 from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
 from activities.postgres.wal import WalUnreadable, current_timeline
 from eagle_dr.config import EagleConfig
@@ -40,6 +40,9 @@ class UnfenceRequest(BaseModel):
 class PromoteRequest(EpochRequest):
     # How long to wait for the standby to accept writes after pg_promote.
     timeout_seconds: float = 120
+    # Also record the epoch in the new primary once it is writable (what record_epoch does),
+    # saving the runbook a round trip while writes are stopped. False in older histories.
+    record_epoch: bool = False
 
 
 class FenceRequest(BaseModel):
@@ -47,6 +50,9 @@ class FenceRequest(BaseModel):
     epoch: int
     # "stop" needs the region's own worker; "read_only" works over the network.
     method: str = "stop"
+    # "stop" only: let the archiver push its backlog for up to this long first, while clients
+    # still write (a planned switchover). 0 (failover, older histories): fence at once.
+    drain_archive_seconds: float = 0
 
 
 class ReplayRequest(BaseModel):
@@ -105,7 +111,7 @@ class PostgresActivities:
         # loses the completion) costs the whole start-to-close timeout before the retry.
         with heartbeating(2.0):
             if req.method == "stop":
-                return fence_stop(pg)
+                return fence_stop(pg, drain_archive_s=req.drain_archive_seconds)
             return fence_read_only(pg)
 
     def _refuse_stale_unfence(self, req: UnfenceRequest) -> None:
@@ -158,8 +164,9 @@ class PostgresActivities:
         self._refuse_stale_unfence(req)
         return lift_stop_fence(self._pg(req.region))
 
-    def _check_epoch(self, req: EpochRequest) -> None:
-        current = epochs.read_epoch(self._pg(req.region), self.cfg.service)
+    def _check_epoch(self, req: EpochRequest, conn: psycopg.Connection | None = None) -> None:
+        current = epochs.read_epoch(self._pg(req.region), self.cfg.service) if conn is None else \
+            epochs.read_epoch_on(conn, self.cfg.service)
         info = activity.info()
         # The same epoch is this run's own (a retry) only if the run matches: workflow ids are reused.
         other_run = current.run_id != info.workflow_run_id if current.run_id else current.workflow_id != info.workflow_id
@@ -179,13 +186,21 @@ class PostgresActivities:
     def promote_postgres(self, req: PromoteRequest) -> Promotion:
         """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
         pg = self._pg(req.region)
-        self._check_epoch(req)
-        # Keep the WAL each other region needs to come back as a standby: failback rewinds
-        # it and replays from before the fork, often hours later.
-        for other in self.cfg.regions:
-            if other.name != req.region:
-                reserve_slot(pg, other.postgres.slot_name)
-        return promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat)
+        # One session for the epoch check, the slots, pg_promote and the wait: each new one is a
+        # SCRAM handshake, and all of this is inside the write outage.
+        with connect(pg) as conn:
+            self._check_epoch(req, conn)
+            # Keep the WAL each other region needs to come back as a standby: failback rewinds
+            # it and replays from before the fork, often hours later.
+            for other in self.cfg.regions:
+                if other.name != req.region:
+                    reserve_slot_in(conn, pg, other.postgres.slot_name)
+            promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
+        if req.record_epoch:
+            # After writable_at: the record is the first write of the new timeline, as when the
+            # runbook called record_epoch next; a retry of this activity records it again (idempotent).
+            self.record_epoch(EpochRequest(region=req.region, epoch=req.epoch))
+        return promotion
 
     @activity.defn
     def record_epoch(self, req: EpochRequest) -> epochs.EpochRecord:

@@ -124,12 +124,22 @@ class PgCtl:
                                   "-c session_preload_libraries=''")
 
     def stop(self, mode: str = "fast", timeout: int = 120) -> None:
-        if not self.running():
+        pid = self.pid
+        if not alive(pid):
             return
-        r = self.run([self.tool("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(timeout), "stop"],
-                     timeout=timeout + 30)
-        if r.returncode != 0 and self.running():
+        # "-W": pg_ctl only sends the signal; we wait ourselves. pg_ctl's own wait polls the
+        # pid file every 100 ms (WAITS_PER_SEC 10), which alone is a third of a switchover's
+        # write-gap budget. Polling the postmaster every 5 ms ends the wait as soon as it exits;
+        # the postmaster exits only after the checkpointer wrote the shutdown checkpoint, so
+        # what callers read next (pg_controldata) is as final as after "-w".
+        r = self.run([self.tool("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-W", "stop"], timeout=30)
+        if r.returncode != 0 and alive(pid) and self.pid == pid:
             raise PgCtlError(f"pg_ctl stop failed: {r.stderr.strip()}")
+        deadline = time.monotonic() + timeout
+        while alive(pid):
+            if time.monotonic() > deadline:
+                raise PgCtlError(f"pg_ctl stop -m {mode}: the server (pid {pid}) did not stop within {timeout}s")
+            time.sleep(0.005)
 
     def children(self) -> list[int]:
         """The postmaster's child processes (its backends and auxiliary processes)."""

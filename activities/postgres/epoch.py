@@ -55,9 +55,14 @@ class StaleEpoch(RuntimeError):
 def read_epoch(cfg: PostgresConfig, service: str) -> EpochRecord:
     """Works on a standby too (the table replicates); 0 when no runbook ever ran."""
     with connect(cfg) as conn:
-        if not conn.execute("select to_regclass('eagle_dr.dr_epoch') is not null").fetchone()[0]:
-            return EpochRecord(service=service, epoch=0)
-        return read_epoch_in(conn, service)
+        return read_epoch_on(conn, service)
+
+
+def read_epoch_on(conn: psycopg.Connection, service: str) -> EpochRecord:
+    """``read_epoch`` on an open session (0 when the table does not exist yet)."""
+    if not conn.execute("select to_regclass('eagle_dr.dr_epoch') is not null").fetchone()[0]:
+        return EpochRecord(service=service, epoch=0)
+    return read_epoch_in(conn, service)
 
 
 def highest_epoch(nodes: list[PostgresConfig], service: str) -> EpochRecord:

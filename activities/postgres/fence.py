@@ -138,12 +138,41 @@ def hold_as_standby(ctl: PgCtl) -> bool:
     return True
 
 
-def fence_stop(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
+def drain_archive(cfg: PostgresConfig, max_wait: float) -> int | None:
+    """Wait, while clients still write, until the archiver has no segment waiting (.ready).
+
+    A fast shutdown does not end until the archiver has pushed every waiting segment (each
+    failing one gets three tries a second apart): a backlog found at stop time is paid for in
+    the write outage, seconds per segment with an S3 repository. Waiting for it beforehand
+    costs clients nothing. Bounded: under heavy writes new segments keep coming, and an
+    archiver that is failing will not catch up by waiting (it retries once a minute), so it is
+    not waited for; the shutdown then pays as before. Returns the segments still waiting
+    (None: not measurable, e.g. archiving off or no permission)."""
+    deadline = time.monotonic() + max_wait
+    try:
+        with connect(cfg, 3) as conn:
+            while True:
+                ready, failing = conn.execute(
+                    "select (select count(*) from pg_ls_archive_statusdir() where name like '%.ready'), "
+                    "coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) "
+                    "from pg_stat_archiver").fetchone()
+                if ready == 0 or failing or time.monotonic() > deadline:
+                    return ready
+                time.sleep(0.05)
+    except psycopg.Error:
+        return None
+
+
+def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float = 0) -> PgFence:
     """Read-only first (so nothing commits while we stop), stop, then hold it as a standby of
-    nothing so a restart cannot make it writable; idempotent, also when already down."""
+    nothing so a restart cannot make it writable; idempotent, also when already down.
+    ``drain_archive_s``: first let the archiver catch up for up to that long (a planned
+    switchover; never a failover, where the fence must not wait)."""
     ctl = PgCtl(cfg)
     ro = None
     if ctl.running():
+        if drain_archive_s > 0:
+            drain_archive(cfg, drain_archive_s)
         ro = fence_read_only(cfg, timeout)
         ctl.stop("fast")
     # Read before anything else starts it: "shut down" proves the checkpoint is its last record.

@@ -29,17 +29,29 @@ def wait_replayed_past(cfg: PostgresConfig, lsn: str, timeout_s: float, heartbea
     target = lsn_to_int(lsn)
     deadline = time.monotonic() + timeout_s
     replay = None
-    while time.monotonic() < deadline:
-        try:
-            with connect(cfg, 2) as conn:
+    conn: psycopg.Connection | None = None
+    try:
+        while time.monotonic() < deadline:
+            # One session for the whole wait (a new one costs a SCRAM handshake each time);
+            # opened again only after an error. Writes are stopped while this runs, so every
+            # millisecond between the replay and our noticing it is part of the outage.
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = connect(cfg, 2)
                 replay = conn.execute("select pg_last_wal_replay_lsn()::text").fetchone()[0]
-        except psycopg.Error:
-            replay = None
-        if replay and lsn_to_int(replay) > target:
-            return Replayed(target_lsn=lsn, replay_lsn=replay)
-        if heartbeat:
-            heartbeat({"target_lsn": lsn, "replay_lsn": replay})
-        time.sleep(0.02)
+            except psycopg.Error:
+                replay = None
+                if conn is not None:
+                    conn.close()
+                conn = None
+            if replay and lsn_to_int(replay) > target:
+                return Replayed(target_lsn=lsn, replay_lsn=replay)
+            if heartbeat:
+                heartbeat({"target_lsn": lsn, "replay_lsn": replay})
+            time.sleep(0.005 if conn is not None else 0.02)
+    finally:
+        if conn is not None:
+            conn.close()
     raise TimeoutError(f"standby {cfg.host}:{cfg.port} replayed {replay}, not past {lsn}, after {timeout_s:.0f}s")
 
 
@@ -68,18 +80,23 @@ def reserve_slot(node: PostgresConfig, slot: str) -> None:
     node's earlier life keeps its older position, which covers as much; only one whose WAL
     is already lost (max_slot_wal_keep_size) is replaced."""
     with connect(node) as conn:
-        if conn.execute("select current_setting('max_slot_wal_keep_size') = '-1'").fetchone()[0]:
-            # An unbounded slot for a region that may never return fills this node's disk:
-            # without the cap, failback re-clones with pg_basebackup instead.
-            log.warning("max_slot_wal_keep_size is unset on %s:%s: no WAL reserved for %s", node.host, node.port, slot)
-            return
-        row = conn.execute("select restart_lsn is null or wal_status = 'lost' from pg_replication_slots "
-                           "where slot_name = %s and not active", (slot,)).fetchone()
-        if row is not None and row[0]:
-            conn.execute("select pg_drop_replication_slot(%s)", (slot,))
-        elif conn.execute("select 1 from pg_replication_slots where slot_name = %s", (slot,)).fetchone():
-            return
-        conn.execute("select pg_create_physical_replication_slot(%s, true)", (slot,))
+        reserve_slot_in(conn, node, slot)
+
+
+def reserve_slot_in(conn: psycopg.Connection, node: PostgresConfig, slot: str) -> None:
+    """``reserve_slot`` on a session already open to ``node`` (the promote step's own)."""
+    if conn.execute("select current_setting('max_slot_wal_keep_size') = '-1'").fetchone()[0]:
+        # An unbounded slot for a region that may never return fills this node's disk:
+        # without the cap, failback re-clones with pg_basebackup instead.
+        log.warning("max_slot_wal_keep_size is unset on %s:%s: no WAL reserved for %s", node.host, node.port, slot)
+        return
+    row = conn.execute("select restart_lsn is null or wal_status = 'lost' from pg_replication_slots "
+                       "where slot_name = %s and not active", (slot,)).fetchone()
+    if row is not None and row[0]:
+        conn.execute("select pg_drop_replication_slot(%s)", (slot,))
+    elif conn.execute("select 1 from pg_replication_slots where slot_name = %s", (slot,)).fetchone():
+        return
+    conn.execute("select pg_create_physical_replication_slot(%s, true)", (slot,))
 
 
 def _streaming_from(cfg: PostgresConfig, primary: PostgresConfig) -> bool:
