@@ -21,6 +21,7 @@ from activities.postgres.ctl import PgCtl
 from activities.postgres.status import pg_status
 from eagle_dr.launch import start_move
 from tests.lab_helpers import _awaiting, _failback, _fork, _names, _primary, _progress, _startup_pid, _until
+from tests.histories import record
 from workflows.models import ApprovalPolicy, SwitchoverInput
 
 
@@ -144,6 +145,8 @@ async def test_failover_cancelled_while_fencing_lifts_every_fence(lab, client):
     finally:
         os.kill(rd.pid, signal.SIGCONT)
     await _cancelled(handle)
+    # The fences all end before the undo starts (workflow.patched "failover-fences-settle-before-undo").
+    await record(handle, "failover-cancel-fences-settle")
     p = await _progress(handle)
     assert p.outcome == "cancelled"
     undo = next(s for s in p.steps if s.name == f"undo: lift the fence on {a}")

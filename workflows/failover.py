@@ -113,12 +113,21 @@ class FailoverWorkflow(Runbook):
                 # hold this workflow task (and with it the stop's schedule) until they end.
                 local = s_health is None and workflow.patched("failover-local-fences-when-source-down")
                 # All three at once: each waits out its own timeout against a dead region.
-                pg_fence, r_fence, scaled = await asyncio.gather(
+                # All three end before a failure or a cancel is raised: gather alone raised at the
+                # first one to end, and the undo then ran beside a PostgreSQL fence still in
+                # flight, which re-fenced the old primary after the undo had lifted it (seen
+                # under load: a cancel while Redis hung). Older histories keep the old order.
+                settle = workflow.patched("failover-fences-settle-before-undo")
+                fences = await asyncio.gather(
                     self._fence_postgres(source, sq if s_health else None, control, local=local),
                     self.act(RedisActivities.fence_redis, RedisRegionRequest(region=source, epoch=self.epoch),
                              queue=control, timeout=30, attempts=2, local=local),
                     self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
-                             queue=control, timeout=60, attempts=2, local=local))
+                             queue=control, timeout=60, attempts=2, local=local), return_exceptions=settle)
+                for outcome in fences:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                pg_fence, r_fence, scaled = fences
                 fenced = pg_fence.method or "unfenced"
                 st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
