@@ -48,11 +48,13 @@ status:
 
 # pytest exits 5 when it collects nothing; that must not pass silently as green, nor
 # fail the run as if a test had failed: it is reported.
-# One process. PYTEST_ARGS="-n 2 --dist loadfile" runs two, each with a lab of its own
-# (tests/conftest.py); not the default yet: some tests still assume the lab's state that the
-# files before them (in name order) leave.
+# Two pytest-xdist processes, each with a lab and dev server of its own 350 ports apart
+# (tests/conftest.py); a file's tests stay in order in one process. One process took 33 min,
+# over CI's 30. TEST_PROCS=0 runs in this process (pdb, -x).
+TEST_PROCS ?= 2
+TEST_DIST = $(if $(filter 0,$(TEST_PROCS)),,-n $(TEST_PROCS) --dist loadfile)
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest $(TEST_DIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 # The long variants `make test` leaves out to stay within CI's 30 minutes (marked `long`).

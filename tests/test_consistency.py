@@ -369,7 +369,8 @@ async def test_the_schedule_runs_and_records(lab, lab_cfg, client, tables):
         await trigger(client, cfg, "consistency-check")
 
         def recorded():
-            with _pg(lab, tables) as c:
+            # Where the check records: the primary now (a test before may have moved it).
+            with _pg(lab, _primary(lab)) as c:
                 return c.execute("select workflow_id, outcome from eagle_dr.consistency_runs "
                                  "where workflow_id like %s", (sid + "%",)).fetchone()
 
