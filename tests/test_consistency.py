@@ -288,6 +288,12 @@ def test_redis_counts_under_live_writes_are_never_a_difference(lab):
     t = threading.Thread(target=write, daemon=True)
     t.start()
     try:
+        # The writer's first key before the first compare: an empty keyspace has no counts at all
+        # (a test before may have left both sides empty), which proves nothing.
+        deadline = time.monotonic() + 10
+        while redis_client(master.redis, 3).dbsize() == 0:
+            assert time.monotonic() < deadline, "the writer wrote nothing in 10 s"
+            time.sleep(0.01)
         a, b = redis_client(master.redis, 10, decode=False), redis_client(replica.redis, 10, decode=False)
         for _ in range(20):
             res = compare_redis(a, b, name_a=master.name, name_b=replica.name, follower=True, sample=0)
@@ -352,6 +358,26 @@ def test_redis_keys_missing_or_changed_on_a_redis_from_an_older_rdb(lab, tmp_pat
         m.delete(*keys, "cc:h", "cc:new")
 
 
+async def _where_the_run_is(client, sid: str) -> str:
+    """What the schedule's last run is doing, for a failure message: its status, and the failure
+    or pending activity that holds it (a timed-out wait says nothing by itself)."""
+    from schedules.control import row as schedule_row
+
+    r = await schedule_row(client, sid)
+    if r.last_workflow_id is None:
+        return f"the schedule started nothing ({r})"
+    h = client.get_workflow_handle(r.last_workflow_id)
+    d = await h.describe()
+    pending = [(p.activity_type.name, p.attempt, p.last_failure.message) for p in d.raw_description.pending_activities]
+    why = ""
+    if d.status is not None and d.status.name != "RUNNING":
+        try:
+            await h.result()
+        except WorkflowFailureError as e:
+            why = f"; failure: {e.cause}"
+    return f"run {r.last_workflow_id} is {d.status.name if d.status else '?'}; pending activities {pending}{why}"
+
+
 async def test_the_schedule_runs_and_records(lab, lab_cfg, client, tables):
     from schedules.apply import apply
     from schedules.control import trigger
@@ -374,7 +400,10 @@ async def test_the_schedule_runs_and_records(lab, lab_cfg, client, tables):
                 return c.execute("select workflow_id, outcome from eagle_dr.consistency_runs "
                                  "where workflow_id like %s", (sid + "%",)).fetchone()
 
-        row = await _until(_async(recorded), 120, "the scheduled check's row", interval=0.5)
+        try:
+            row = await _until(_async(recorded), 120, "the scheduled check's row", interval=0.5)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {await _where_the_run_is(client, sid)}") from None
         assert row[1] in ("succeeded", "degraded")
     finally:
         from tests.test_schedules import _delete_owned
