@@ -245,6 +245,27 @@ async def test_a_killed_worker_resumes_from_the_heartbeat(lab, client, tables):
     assert big.ranges == 300
 
 
+async def test_a_keyless_table_in_every_user_table_is_named_not_compared_and_degrades(lab, client, tables):
+    """A table nobody listed, without a primary key: the every-table check compares the rest,
+    never reports it consistent, and is "degraded" naming it (it used to fail the whole
+    scheduled check, leaving every other table unchecked every hour)."""
+    primary = tables
+    _exec(lab, primary, "create table if not exists cc_keyless (a int)", "insert into cc_keyless values (1)")
+    try:
+        await _caught_up(lab, primary)
+        res = await _run(client, lab, redis=False)
+        assert "public.cc_keyless" in res.not_compared, res
+        assert all(t.table != "public.cc_keyless" for t in res.tables)
+        assert {"public.cc_items", "public.cc_pairs"} <= {t.table for t in res.tables}
+        assert res.outcome == "degraded" and any("NOT COMPARED" in d and "public.cc_keyless" in d
+                                                 for d in res.degraded), res
+        # A runbook's final verify lists it only (its own verdict is by the compared tables).
+        res = await _run(client, lab, redis=False, skip_tables_without_key=True)
+        assert "public.cc_keyless" in res.not_compared and not any("NOT COMPARED" in d for d in res.degraded), res
+    finally:
+        _exec(lab, primary, "drop table cc_keyless")
+
+
 @pytest.mark.parametrize("inp,field", [
     ({"tables": ["no_such_table"]}, "tables.0"),
     ({"regions": ["region-a", "region-a"]}, "regions"),
@@ -307,7 +328,10 @@ def test_redis_counts_under_live_writes_are_never_a_difference(lab):
 def test_redis_keys_missing_or_changed_on_a_redis_from_an_older_rdb(lab, tmp_path):
     master = next(r for r in lab.cfg.regions if lab.redis(r.name).client().info("replication")["role"] == "master")
     node = lab.redis(master.name)
-    m = redislib.Redis(host=node.host, port=node.port, password=node.password)
+    m = node.client()
+    m = redislib.Redis(connection_pool=redislib.ConnectionPool(connection_class=m.connection_pool.connection_class,
+                                                               **{**m.connection_pool.connection_kwargs,
+                                                                  "decode_responses": False}))
     keys = [f"cc:{i}" for i in range(200)]
     for k in keys:
         m.set(k, k)
@@ -319,7 +343,11 @@ def test_redis_keys_missing_or_changed_on_a_redis_from_an_older_rdb(lab, tmp_pat
     (tmp_path / "r").mkdir()
     subprocess.run([exe, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--dir",
                     str(tmp_path / "r"), "--pidfile", str(tmp_path / "r" / "p.pid"), "--save", "",
-                    "--masterauth", node.password, "--replicaof", node.host, str(node.port)], check=True)
+                    "--masterauth", node.password, "--replicaof", node.host, str(node.port),
+                    # Plain text itself, a TLS client of the master (the lab's nodes take TLS only).
+                    *(["--tls-replication", "yes", "--tls-ca-cert-file", str(node.tls.ca), "--tls-cert-file",
+                       str(node.tls.redis_cert), "--tls-key-file", str(node.tls.redis_key)] if node.tls else [])],
+                   check=True)
     copy = redislib.Redis(host="127.0.0.1", port=port)
     try:
         deadline = time.monotonic() + 30

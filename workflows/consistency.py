@@ -60,8 +60,10 @@ class ConsistencyInput(BaseModel):
     # Pause past this standby replay lag, for this run (default: the config's consistency.max_lag_seconds).
     max_lag_seconds: float | None = Field(default=None, gt=0, le=3600)
     trigger: str = Field(default="manual", max_length=100)
-    # With no tables named: a table without a primary key is listed as not compared instead of
-    # failing the check (a runbook's final verify; the scheduled check refuses it loudly).
+    # With no tables named (every user table), a table without a primary key is never compared:
+    # it is listed in not_compared, and the check is "degraded" for it (the scheduled check: an
+    # hourly failure for one keyless table would leave every other table unchecked). With this
+    # on (a runbook's final verify) it is listed only. A named keyless table is an input error.
     skip_tables_without_key: bool = False
 
     @field_validator("tables")
@@ -93,8 +95,8 @@ class ConsistencyResult(BaseModel):
     run_row: int | None = None  # eagle_dr.consistency_runs.id
     degraded: list[str] = []
     outcome: str
-    # Tables left out because they have no primary key (skip_tables_without_key only): said, never
-    # reported as consistent.
+    # Tables left out because they have no primary key (none named): said, never reported as
+    # consistent.
     not_compared: list[str] = []
 
 
@@ -152,6 +154,9 @@ class ConsistencyCheckWorkflow(Runbook):
                 raise
             skipped = [t.qualified for t in tables if not t.key]
             tables = [t for t in tables if t.key]
+            if skipped and not inp.skip_tables_without_key:
+                self.degraded.append(f"NOT COMPARED (no primary key, rows cannot be matched): {', '.join(skipped)}; "
+                                     "add a key, or list the tables to check in consistency.tables")
             rec.detail = (", ".join(t.qualified for t in tables) or "no user tables") + \
                 (f"; NOT COMPARED (no primary key): {', '.join(skipped)}" if skipped else "")
 

@@ -29,8 +29,8 @@ class ListTablesRequest(BaseModel):
     region: str
     database: str | None = None
     tables: list[str] = []  # empty: the config's consistency.tables, else every user table
-    # Every user table: one without a primary key is returned with no key (the workflow lists it
-    # as not compared) instead of refused. For a runbook's final verify, not for the scheduled check.
+    # Kept for histories of workers before every-user-table checks always listed keyless tables
+    # (the activity ignores it: with no tables named, a keyless one comes back with no key).
     skip_without_key: bool = False
 
 
@@ -100,7 +100,9 @@ class ConsistencyActivities:
         field = "tables" if req.tables else "consistency.tables (config)"
         with psycopg.connect(self._dsn(req.region, req.database), autocommit=True, connect_timeout=10) as conn:
             try:
-                return list_tables(conn, asked, field, skip_without_key=req.skip_without_key and not asked)
+                # Named tables must each have a key; with none named (every user table), a keyless
+                # one comes back without a key, and the workflow says it was not compared.
+                return list_tables(conn, asked, field, skip_without_key=not asked)
             except TableError as e:
                 raise ApplicationError(f"invalid input: {e.field}: {e.reason}", {"field": e.field, "reason": e.reason},
                                        type="InvalidInput", non_retryable=True) from None
