@@ -299,6 +299,27 @@ class RedisConfig(_Strict):
     password: SecretRef | None = None
     master_name: str = "eagle-cache"
     sentinels: list[Endpoint] = Field(default_factory=list)
+    # TLS to the data node and to the Sentinels (one setting: a Sentinel set serves one TLS
+    # deployment), the certificate verified against ``ca_file`` (the system's CAs when unset)
+    # and its name against ``host``. Without it the AUTH password and every key cross regions
+    # in clear. Verification is never turned off.
+    tls: bool = False
+    ca_file: str | None = None
+
+    @model_validator(mode="after")
+    def _ca_needs_tls(self) -> "RedisConfig":
+        if self.ca_file and not self.tls:
+            raise ValueError("ca_file is set but tls is off: turn tls on (or drop ca_file)")
+        return self
+
+    @property
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py's connection keywords for this deployment's TLS (empty without it)."""
+        if not self.tls:
+            return {}
+        # Without ca_file redis-py's default context loads the system's CAs.
+        ca = {"ssl_ca_certs": self.ca_file} if self.ca_file else {}
+        return {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True, **ca}
 
 
 class RedisReconcileConfig(_Strict):

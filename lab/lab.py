@@ -83,7 +83,7 @@ class Lab:
     def redis(self, region: str) -> RedisNode:
         r = self.cfg.region(region)
         return RedisNode(r.redis.host, r.redis.port, self.region_dir(region) / "redis", self.user,
-                         self.secret("redis-password"), region)
+                         self.secret("redis-password"), region, tls=self.tls if r.redis.tls else None)
 
     def sentinels(self) -> list[tuple[str, SentinelNode]]:
         """(placement, node) for each Sentinel; addresses come from the primary's config."""
@@ -91,7 +91,7 @@ class Lab:
         out = []
         for i, (place, ep) in enumerate(zip(self.cfg.lab.sentinel_placement, r.sentinels), start=1):
             node = SentinelNode(ep.host, ep.port, self.state / "sentinels" / str(i), self.user,
-                                self.secret("redis-password"), f"sentinel-{i}")
+                                self.secret("redis-password"), f"sentinel-{i}", tls=self.tls if r.tls else None)
             out.append((place, node))
         return out
 

@@ -9,6 +9,7 @@ simply rejoin (it comes back empty): that is the runbooks' business, not the lab
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import redis
 from lab import binaries
 from lab.osuser import LabUser, make_dir
 from lab.processes import is_running, kill_tree, read_pid, wait_for
+from lab.tls import LabTls
 
 
 def _write_private(path: Path, text: str, user: LabUser) -> None:
@@ -30,10 +32,24 @@ class _RedisProcess:
 
     conf_name = pid_name = ""
 
-    def __init__(self, host: str, port: int, directory: Path, user: LabUser, password: str, name: str):
+    def __init__(self, host: str, port: int, directory: Path, user: LabUser, password: str, name: str,
+                 tls: LabTls | None = None):
         self.host, self.port, self.dir, self.user, self.password, self.name = host, port, directory, user, password, name
+        self.tls = tls
         self.conf = directory / self.conf_name
         self.pidfile = directory / self.pid_name
+
+    def _listen(self) -> list[str]:
+        """The port, TLS only when the lab has TLS: ``port 0`` closes the plain-text one, so a
+        client that forgets TLS is refused. ``tls-replication`` makes the node's own outgoing
+        links (a replica to its master, a Sentinel to the nodes and to the other Sentinels)
+        TLS too; clients need no certificate (AUTH is the client's credential)."""
+        if self.tls is None:
+            return [f"port {self.port}"]
+        self.tls.ensure_redis()
+        return ["port 0", f"tls-port {self.port}", f"tls-cert-file {self.tls.redis_cert}",
+                f"tls-key-file {self.tls.redis_key}", f"tls-ca-cert-file {self.tls.ca}",
+                "tls-auth-clients no", "tls-replication yes"]
 
     @property
     def pid(self) -> int | None:
@@ -43,10 +59,29 @@ class _RedisProcess:
         return is_running(self.pid)
 
     def client(self) -> redis.Redis:
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)} if self.tls is not None else {}
         return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=3,
-                           socket_connect_timeout=3, decode_responses=True)
+                           socket_connect_timeout=3, decode_responses=True, **tls)
+
+    def _sync_listen(self) -> None:
+        """An existing config (Redis and Sentinel rewrite their own) gets this lab's listening
+        lines: a lab made before TLS, or with it turned off since, starts as configured now."""
+        lines = self.conf.read_text().splitlines()
+        new: list[str] = []
+        for x in lines:
+            if re.match(r"(port|tls-[a-z-]+) ", x):
+                if not any(y.startswith("port ") for y in new):
+                    new += self._listen()  # where the old listening lines were
+                continue
+            new.append(x)
+        if not any(y.startswith("port ") for y in new):
+            new += self._listen()
+        if new != lines:
+            _write_private(self.conf, "\n".join(new) + "\n", self.user)
 
     def _launch(self, binary: str) -> None:
+        if self.conf.exists():
+            self._sync_listen()
         subprocess.run([binaries.ensure(binary)[binary], str(self.conf)], check=True, capture_output=True,
                        **self.user.popen_kwargs())
         wait_for(lambda: self.client().ping(), 20, f"{self.name} on port {self.port}")
@@ -61,7 +96,7 @@ class RedisNode(_RedisProcess):
     def write_config(self, replica_of: tuple[str, int] | None) -> None:
         make_dir(self.dir, self.user, 0o700)
         lines = [
-            f"bind {self.host}", f"port {self.port}", "daemonize yes", f"pidfile {self.pidfile}",
+            f"bind {self.host}", *self._listen(), "daemonize yes", f"pidfile {self.pidfile}",
             f"logfile {self.dir / 'redis.log'}", f"dir {self.dir}", 'save ""', "appendonly no",
             f"requirepass {self.password}", f"masterauth {self.password}",
             # Full resyncs otherwise wait 5 s for more replicas to join.
@@ -89,7 +124,7 @@ class SentinelNode(_RedisProcess):
     def write_config(self, master_name: str, master: tuple[str, int], quorum: int, down_after_ms: int) -> None:
         make_dir(self.dir, self.user, 0o700)
         lines = [
-            f"bind {self.host}", f"port {self.port}", "daemonize yes", f"pidfile {self.pidfile}",
+            f"bind {self.host}", *self._listen(), "daemonize yes", f"pidfile {self.pidfile}",
             f"logfile {self.dir / 'sentinel.log'}", f"dir {self.dir}", f"requirepass {self.password}",
             f"sentinel monitor {master_name} {master[0]} {master[1]} {quorum}",
             f"sentinel auth-pass {master_name} {self.password}",

@@ -1,4 +1,4 @@
-"""The lab's own certificate authority and the S3 servers' certificate.
+"""The lab's own certificate authority and its servers' certificates (S3, PostgreSQL, Redis).
 
 pgBackRest talks to S3 only over TLS and matches DNS names only (2.45 rejects an IP SAN:
 "unable to find hostname '127.0.0.1' in certificate"), so the certificate names
@@ -69,6 +69,27 @@ class LabTls:
         os.chmod(self.postgres_key, 0o600)
         os.chmod(self.postgres_cert, 0o644)
         self.user.own(self.postgres_key, self.postgres_cert)
+
+    @property
+    def redis_cert(self) -> Path:
+        return self.dir / "redis.crt"
+
+    @property
+    def redis_key(self) -> Path:
+        return self.dir / "redis.key"
+
+    def ensure_redis(self) -> None:
+        """The Redis nodes' and Sentinels' certificate: redis-py checks the name it connected to
+        (``127.0.0.1``, an IP SAN). The nodes also present it as TLS clients when they replicate
+        and when the Sentinels call each other. Owned by the lab user, key 0600."""
+        self.ensure()
+        if self.redis_cert.exists() and self.redis_key.exists():
+            return
+        self._sign("redis", "/CN=eagle-dr lab redis",
+                   "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+        os.chmod(self.redis_key, 0o600)
+        os.chmod(self.redis_cert, 0o644)
+        self.user.own(self.redis_key, self.redis_cert)
 
     def client_cert(self, name: str) -> tuple[Path, Path]:
         """A client certificate (``<name>.crt``, ``<name>.key``) signed by the lab CA, for mTLS.

@@ -441,3 +441,22 @@ def test_readiness_thresholds_are_validated(tmp_path):
     doc["readiness"] = {"every": "30s", "max_dns_ttl": "5m", "lag_warn_fraction": 0.8}
     cfg = load_config(write(tmp_path, doc), env={})
     assert cfg.readiness.every == timedelta(seconds=30) and cfg.readiness.max_dns_ttl == timedelta(minutes=5)
+
+
+def test_redis_tls_is_verified_and_a_ca_without_tls_is_refused(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    kw = cfg.primary.redis.tls_kwargs
+    # The lab's: TLS on, its CA, the certificate and the host name checked.
+    assert kw == {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True,
+                  "ssl_ca_certs": f"{cfg.lab.state_dir}/tls/ca.crt"}
+    doc = base()
+    del doc["regions"][0]["redis"]["ca_file"]
+    # No ca_file: the system's CAs (redis-py's default context), still verified.
+    assert load_config(write(tmp_path, doc), env={}).primary.redis.tls_kwargs == \
+        {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    doc["regions"][0]["redis"]["tls"] = False
+    assert load_config(write(tmp_path, doc), env={}).primary.redis.tls_kwargs == {}
+    doc = base()
+    doc["regions"][1]["redis"]["tls"] = False
+    msg = problems(tmp_path, doc)
+    assert "regions[1].redis" in msg and "ca_file is set but tls is off" in msg, msg

@@ -137,8 +137,18 @@ def test_redis_replica_sees_key_and_auth_is_required(lab):
     assert redis_status(b.redis).role == "slave"
     import redis
 
+    assert a.redis.tls and b.redis.tls
+    # Plain text is refused outright (the plain port is closed: the TLS port answers a
+    # cleartext PING with nothing a client can parse), and TLS without AUTH is refused too.
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host=a.redis.host, port=a.redis.port, socket_timeout=3, socket_connect_timeout=3).ping()
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(host=a.redis.host, port=a.redis.port).ping()
+        redis.Redis(host=a.redis.host, port=a.redis.port, **a.redis.tls_kwargs).ping()
+    # The certificate is verified: another CA's trust (the system's) does not accept it.
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        redis.Redis(host=a.redis.host, port=a.redis.port, password="x", ssl=True, socket_connect_timeout=3).ping()
+    # Replication runs over TLS: the master's replica link is up while only TLS is open.
+    assert redis_status(b.redis).link_status == "up"
 
 
 def test_sentinels_report_master_with_quorum(lab):

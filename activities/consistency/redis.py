@@ -126,6 +126,9 @@ def compare_redis(a: redislib.Redis, b: redislib.Redis, *, name_a: str, name_b: 
 
 
 def _select(c: redislib.Redis, db: int) -> redislib.Redis:
-    kw = c.connection_pool.connection_kwargs
-    return redislib.Redis(host=kw["host"], port=kw["port"], password=kw.get("password"), db=db,
-                          socket_timeout=kw.get("socket_timeout"), decode_responses=False)
+    # The same connection (TLS included) on another database: the pool's class and keywords.
+    pool = c.connection_pool
+    r = redislib.Redis(connection_pool=redislib.ConnectionPool(
+        connection_class=pool.connection_class, **{**pool.connection_kwargs, "db": db, "decode_responses": False}))
+    r.auto_close_connection_pool = True  # its own pool: close() disconnects it
+    return r

@@ -97,23 +97,23 @@ def _password(cfg: RedisConfig) -> str | None:
     return cfg.password.resolve() if cfg.password else None
 
 
-def _connect(host: str, port: int, password: str | None, timeout: float) -> redis.Redis:
+def _connect(host: str, port: int, password: str | None, timeout: float, tls: dict[str, Any]) -> redis.Redis:
     # redis-py >= 6 retries connection errors and timeouts 10 times by default: a down node
     # would take seconds (blackholed: minutes) instead of `timeout`, and retried writes can
     # apply twice. Temporal's retry policy is the only retry layer here.
     c = redis.Redis(host=host, port=port, password=password, socket_timeout=timeout,
-                    socket_connect_timeout=timeout, decode_responses=True, retry=Retry(NoBackoff(), 0))
+                    socket_connect_timeout=timeout, decode_responses=True, retry=Retry(NoBackoff(), 0), **tls)
     c.set_response_callback("INFO", lambda response, **_: response)  # see _repl
     return c
 
 
 def _node(cfg: RedisConfig, timeout: float = 3.0) -> redis.Redis:
-    return _connect(cfg.host, cfg.port, _password(cfg), timeout)
+    return _connect(cfg.host, cfg.port, _password(cfg), timeout, cfg.tls_kwargs)
 
 
 def _sentinel(cfg: RedisConfig, sentinel: Endpoint, timeout: float) -> redis.Redis:
     # As in status.sentinel_client: the Sentinels' requirepass is the data password.
-    return _connect(sentinel.host, sentinel.port, _password(cfg), timeout)
+    return _connect(sentinel.host, sentinel.port, _password(cfg), timeout, cfg.tls_kwargs)
 
 
 def _repl(c: redis.Redis) -> dict[str, Any]:

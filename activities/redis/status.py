@@ -38,7 +38,7 @@ NO_RETRY = Retry(NoBackoff(), 0)
 def client(cfg: RedisConfig, timeout: float = 3.0, decode: bool = True) -> redis.Redis:
     return redis.Redis(host=cfg.host, port=cfg.port, password=cfg.password.resolve() if cfg.password else None,
                        socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=decode,
-                       retry=NO_RETRY)
+                       retry=NO_RETRY, **cfg.tls_kwargs)
 
 
 def sentinel_client(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) -> redis.Redis:
@@ -47,7 +47,7 @@ def sentinel_client(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) 
     return redis.Redis(host=sentinel.host, port=sentinel.port,
                        password=cfg.password.resolve() if cfg.password else None,
                        socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
-                       retry=NO_RETRY)
+                       retry=NO_RETRY, **cfg.tls_kwargs)
 
 
 def redis_status(cfg: RedisConfig, timeout: float = 3.0) -> RedisStatus:
