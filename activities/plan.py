@@ -16,9 +16,14 @@ from activities.postgres.ctl import FENCE_MARKER, PgCtl
 from activities.postgres.divergence import _switchpoint
 from activities.postgres.lsn import lsn_diff
 from activities.postgres.status import CURRENT_TIMELINE, connect
-from activities.postgres.wal import WalUnreadable, current_timeline, scan
+from activities.postgres.wal import DEFAULT_TABLESPACE, WalUnreadable, current_timeline, scan
 from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig, scrub
+
+
+# A table's schema-qualified name, and whether it is the system's (below FirstNormalObjectId).
+_QUALIFIED = ("select format('%%I.%%I', n.nspname, t.relname), t.oid < 16384 from pg_class t "
+              "join pg_namespace n on n.oid = t.relnamespace ")
 
 
 class RoutingView(BaseModel):
@@ -49,6 +54,14 @@ class RejoinView(BaseModel):
     lost_commits: int | None = None
     lost_bytes: int | None = None
     changed_relation_files: int | None = None
+    # Rows the post-fork WAL wrote, per table and kind ("public.alerts": {"insert": 120, ...}),
+    # heap records counted (a MULTI_INSERT's tuples each; TOAST counted under its table).
+    # Named from the catalog of ``names_from`` (the node itself when it answers, else the
+    # primary: the same file numbers for tables both held at the fork).
+    changed_tables: dict[str, dict[str, int]] = {}
+    unnamed_files: int = 0  # changed files neither catalog names (a table made after the fork)
+    catalog_files: int = 0  # system catalogs' files (DDL, statistics): no application rows
+    names_from: str | None = None
     notes: list[str] = []
 
     @property
@@ -91,6 +104,47 @@ class PlanActivities:
                 except Exception as e:  # noqa: BLE001
                     view.unreachable.append(f"dns ({scrub(str(e))[:120]})")
         return view
+
+    @staticmethod
+    def _name_tables(view: RejoinView, changes: dict, *catalogs) -> None:
+        """Per-table row counts for the plan. Read-only lookups of file numbers
+        (``pg_filenode_relation``) in the first catalog that answers; a file in another
+        database, or one no catalog names, is counted as unnamed (never guessed)."""
+        for where in catalogs:
+            if where is None:
+                continue
+            region, pg = where
+            try:
+                with connect(pg) as conn:
+                    db = conn.execute("select oid from pg_database where datname = current_database()").fetchone()[0]
+                    tables: dict[str, dict[str, int]] = {}
+                    unnamed = catalog = 0
+                    for (spc, dbid, node), rc in changes.items():
+                        name = None
+                        if rc.truncated_oid is not None:
+                            name = conn.execute(_QUALIFIED + "where t.oid = %s", (rc.truncated_oid,)).fetchone()
+                        elif dbid == db:
+                            # TOAST rows are their table's; 0 is the database's default tablespace.
+                            name = conn.execute(
+                                _QUALIFIED + "where t.oid = (select coalesce(o.oid, r.oid) from pg_class r "
+                                "left join pg_class o on o.reltoastrelid = r.oid "
+                                "where r.oid = pg_filenode_relation(%s, %s))",
+                                (0 if spc == DEFAULT_TABLESPACE else spc, node)).fetchone()
+                        if name is None:
+                            unnamed += 1
+                            continue
+                        if name[1]:
+                            catalog += 1  # the system's own (DDL, statistics): no rows to reconcile
+                            continue
+                        have = tables.setdefault(name[0], {})
+                        for kind, n in rc.ops.items():
+                            have[kind] = have.get(kind, 0) + n
+            except Exception as e:  # noqa: BLE001 - counts are a courtesy of the plan; say why they are missing
+                view.notes.append(f"the changed tables could not be named on {region}: {scrub(str(e))[:160]}")
+                continue
+            view.changed_tables, view.unnamed_files, view.names_from = tables, unnamed, region
+            view.catalog_files = catalog
+            return
 
     @activity.defn
     def inspect_rejoin(self, req: RejoinPlanRequest) -> RejoinView:
@@ -146,6 +200,8 @@ class PlanActivities:
             found = scan(ctl, str(Path(node.data_dir) / "pg_wal"), view.timeline, view.fork_lsn)
             view.lost_commits, view.changed_relation_files = len(found.commits), len(found.changes)
             view.lost_bytes = lsn_diff(found.end_lsn, view.fork_lsn)
+            self._name_tables(view, found.changes, (req.region, node) if view.running else None,
+                              (req.primary_region, primary))
             if view.role == "primary":
                 view.notes.append(f"{req.region} still takes writes: the counts grow until the runbook stops it")
         except WalUnreadable as e:

@@ -5,6 +5,7 @@ started, no move lock taken). Real lab; the failback and split-brain plans after
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -142,8 +143,12 @@ async def test_approval_gate_shows_the_plan_first(lab, client):
 @pytest.mark.long  # a real fork and failback (35 s); the healthy-lab plans stay in `make test`
 async def test_failback_and_split_brain_plans_after_a_fork_change_nothing(lab, client):
     key = 9_400_000_001
-    old, new = await _fork(lab, client, [("insert into alerts (id, region, payload) values (%s, 'old', '{}')",
-                                          (key,))])
+    old, new = await _fork(lab, client, [
+        ("insert into alerts (id, region, payload) values (%s, 'old', '{}')", (key,)),
+        ("insert into alerts (id, region, payload) select g, 'old', '{}' from generate_series(%s, %s) g",
+         (key + 1, key + 3)),
+        ("update alerts set payload = '{\"u\": 1}' where id = %s", (key,)),
+        ("delete from alerts where id = %s", (key + 3,))])
     try:
         before = _snapshot(lab)
         assert before[old]["pg"].get("in_recovery") is False  # back writable: diverged
@@ -155,6 +160,9 @@ async def test_failback_and_split_brain_plans_after_a_fork_change_nothing(lab, c
         assert "fork at " in p.rewind
         commits = int(p.reconcile.split(" commits")[0])
         assert commits >= 1 and new in p.reconcile
+        # Per table, from the post-fork WAL: the rows written, by kind (the sample app may add to them).
+        m = re.search(r"public\.alerts \(delete (\d+), insert (\d+), update (\d+)\)", p.reconcile)
+        assert m and int(m[1]) >= 1 and int(m[2]) >= 4 and int(m[3]) >= 1, p.reconcile
         assert p.routing == [f"lab: {new} -> {old}"]
         r = _cli(lab, "failback", "--region", old)
         assert r.returncode == 0 and f"rewind {old} into a standby of {new}" in r.stdout, r.stdout + r.stderr

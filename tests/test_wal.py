@@ -11,7 +11,7 @@ import pytest
 
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_to_int
-from activities.postgres.wal import scan, segment_name, segment_size
+from activities.postgres.wal import scan, segment_name, segment_size, waldump
 from lab.scratch_postgres import scratch_postgres
 
 PORT = 17960
@@ -48,11 +48,22 @@ def test_scan_names_committed_changes_only(node):
         c.execute("begin")
         c.execute("insert into never values (1)")
         c.execute("rollback")
-        files = {r: c.execute("select pg_relation_filenode(%s)", (r,)).fetchone()[0] for r in ("t", "u", "never")}
+        # COPY writes MULTI_INSERT records, many rows each: counted as rows, not records.
+        c.execute("create table bulk (id int, v text)")
+        start_bulk = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+        with c.cursor().copy("copy bulk from stdin") as cp:
+            for i in range(500):
+                cp.write_row((i, "x"))
+        files = {r: c.execute("select pg_relation_filenode(%s)", (r,)).fetchone()[0]
+                 for r in ("t", "u", "never", "bulk")}
     found = scan(PgCtl(node.cfg), _wal(node), 1, start)
     by_file = {k[2]: v.ops for k, v in found.changes.items()}
     assert by_file[files["t"]] == {"insert": 2, "update": 1, "delete": 1}
     assert by_file[files["u"]] == {"insert": 2}
+    assert by_file[files["bulk"]] == {"insert": 500}
+    records = PgCtl(node.cfg)
+    dump = waldump(records, _wal(node), 1, start_bulk, segment_size(records)).stdout
+    assert 0 < dump.count("MULTI_INSERT") < 500  # the case counted: fewer records than rows
     assert files["never"] not in by_file  # rolled back: nothing of it is kept anywhere
     assert sub_xmin in found.xids
     assert lsn_to_int(found.end_lsn) > lsn_to_int(start)

@@ -140,10 +140,18 @@ def rejoin_lines(region: str, primary: str, view: RejoinView | None) -> tuple[st
         reconcile = (f"{view.lost_commits} commits ({_bytes(view.lost_bytes)}, {view.changed_relation_files} "
                      f"relation files) {region} wrote after the fork, decided per table strategy and applied to "
                      f"{primary}, every conflict audited")
+        if view.changed_tables or view.unnamed_files:
+            # From the WAL: what was written, per table. Which rows win is decided against the
+            # loser started isolated, which a plan must not do.
+            per = [f"{t} ({', '.join(f'{k} {n}' for k, n in sorted(ops.items()))})"
+                   for t, ops in sorted(view.changed_tables.items())]
+            if view.unnamed_files:
+                per.append(f"{view.unnamed_files} relation file(s) {view.names_from or 'no'} catalog names "
+                           "(a table made after the fork?)")
+            reconcile += f"; rows written after the fork: {'; '.join(per)}"
         if view.lost_commits:
-            # The engine decides rows against the loser started isolated, which a plan must not do.
-            reconcile += ("; row counts are decided once it is stopped (with --require-approval they are shown "
-                          "before anything is written)")
+            reconcile += ("; which rows win is decided once it is stopped (with --require-approval the "
+                          "counts are shown before anything is written)")
     return rewind, reconcile, list(view.notes)
 
 

@@ -206,8 +206,8 @@ class SwitchoverWorkflow(Runbook):
             finish_measurement(rto, rpo, verified=verification.ok)
             self.measured(rto, rpo)
             st.detail = f"RTO {rto.total_s:.1f}s; WAL lost {rpo.lost_wal_bytes if proven else 'unknown'} bytes" + (
-                f"; clients saw {rto.client_outage_s}s without writes, acked writes lost "
-                f"{rpo.acknowledged_writes_lost}" if inp.measure_client_impact else "")
+                f"; clients saw {_secs(rto.client_outage_s)} without writes, acked writes lost "
+                f"{_or_unknown(rpo.acknowledged_writes_lost)}" if inp.measure_client_impact else "")
 
         outcome = "succeeded" if verification.ok and not rpo.acknowledged_writes_lost and not self.degraded \
             else "degraded"
@@ -277,3 +277,11 @@ def lag_guard(inp: SwitchoverInput, lag: int | None) -> None:
         raise ApplicationError(f"replication lag {lag} bytes exceeds max_lag_bytes {inp.max_lag_bytes}: "
                                "the write pause would last too long; wait for the standby to catch up",
                                type="LagTooHigh", non_retryable=True)
+
+
+def _secs(v: float | None) -> str:
+    return f"{v:.2f}s" if v is not None else "an unknown time"
+
+
+def _or_unknown(v) -> str:
+    return "unknown" if v is None else str(v)

@@ -38,6 +38,8 @@ _RECORD = re.compile(r"^rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*\d+, tx:\s*(\d+)
 _COMMIT_AT = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC")
 _SUBXACTS = re.compile(r"subxacts:((?: \d+)+)")
 _REL = re.compile(r"rel (\d+)/(\d+)/(\d+)")
+# A MULTI_INSERT record (COPY, batched inserts) carries many rows: "ntuples: N" (16+) or "N tuples".
+_NTUPLES = re.compile(r"ntuples: (\d+)|\b(\d+) tuples")
 _TRUNCATED = re.compile(r"relids((?: \d+)+)")
 # A snapshot of the running transactions (logged at checkpoints and every 15 s): its top-level
 # xids. pg_waldump prints the "; N xacts:" part only when N > 0: a quiet moment's snapshot is
@@ -82,6 +84,8 @@ class RelChange:
     database: int
     relfilenode: int | None = None
     truncated_oid: int | None = None
+    # Rows per kind ("insert", "update", "delete", "truncate"): one per heap record, a
+    # MULTI_INSERT record's tuples each.
     ops: dict[str, int] = field(default_factory=dict)
     # The file's main-fork blocks the committed changes wrote (new row versions live there),
     # and the blocks of their DELETE/UPDATE records (where the row versions they removed were).
@@ -218,7 +222,7 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
             break  # that segment is gone or unreadable: stop with what was read
         r, dump_from = again, int_to_lsn(earlier)
     commits: list[Commit] = []
-    pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str]]] = {}
+    pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str, int]]] = {}
     placed: set[int] = set()
     running_before: set[int] = set()
     for line in r.stdout.splitlines():
@@ -244,7 +248,7 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
             for oid in (ids.group(1).split() if ids else []):
                 key = (0, 0, -int(oid))
                 pending.setdefault(xid, []).append((key, RelChange(0, 0, truncated_oid=int(oid)),
-                                                    "" if before else kind))
+                                                    "" if before else kind, 1))
             continue
         if rel := _REL.search(rest):
             spc, db, node = (int(g) for g in rel.groups())
@@ -254,19 +258,22 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
                     rc.blocks.add(int(b.group(5)))
                     if kind in ("update", "delete"):
                         rc.removed_blocks.add(int(b.group(5)))
-            pending.setdefault(xid, []).append(((spc, db, node), rc, "" if before else kind))
+            rows = 1
+            if op.startswith("MULTI_INSERT") and (n := _NTUPLES.search(rest)):
+                rows = int(n.group(1) or n.group(2))
+            pending.setdefault(xid, []).append(((spc, db, node), rc, "" if before else kind, rows))
     changes: dict[tuple[int, int, int], RelChange] = {}
     committed = {x for c in commits for x in (c.xid, *c.subxids)}
     # Only committed work counts: an aborted transaction's changes are invisible anyway.
     for xid, items in pending.items():
         if xid not in committed:
             continue
-        for key, rc, kind in items:
+        for key, rc, kind, rows in items:
             have = changes.setdefault(key, RelChange(rc.tablespace, rc.database, rc.relfilenode, rc.truncated_oid))
             have.blocks |= rc.blocks
             have.removed_blocks |= rc.removed_blocks
-            if kind:  # ops count what happened after the start only
-                have.ops[kind] = have.ops.get(kind, 0) + 1
+            if kind:  # ops count the rows written after the start only
+                have.ops[kind] = have.ops.get(kind, 0) + rows
     # A change only before the start (lookback) names no op: still a relation the
     # transactions committed after the start changed (in flight at the start).
     for rc in changes.values():
