@@ -106,14 +106,17 @@ class PlanActivities:
         return view
 
     @staticmethod
-    def _name_tables(view: RejoinView, changes: dict, *catalogs) -> None:
+    def _name_tables(view: RejoinView, changes: dict, created: set, *catalogs) -> None:
         """Per-table row counts for the plan. Read-only lookups of file numbers
-        (``pg_filenode_relation``) in the first catalog that answers; a file in another
-        database, or one no catalog names, is counted as unnamed (never guessed)."""
-        for where in catalogs:
+        (``pg_filenode_relation``) in the first catalog that answers: the node's own, or the
+        primary's for files both held at the fork. A file in another database, one the node
+        created after the fork (the primary may have given its number to another relation), or
+        one no catalog names, is counted as unnamed (never guessed)."""
+        for i, where in enumerate(catalogs):
             if where is None:
                 continue
             region, pg = where
+            own = i == 0
             try:
                 with connect(pg) as conn:
                     db = conn.execute("select oid from pg_database where datname = current_database()").fetchone()[0]
@@ -123,7 +126,7 @@ class PlanActivities:
                         name = None
                         if rc.truncated_oid is not None:
                             name = conn.execute(_QUALIFIED + "where t.oid = %s", (rc.truncated_oid,)).fetchone()
-                        elif dbid == db:
+                        elif dbid == db and (own or (spc, dbid, node) not in created):
                             # TOAST rows are their table's; 0 is the database's default tablespace.
                             name = conn.execute(
                                 _QUALIFIED + "where t.oid = (select coalesce(o.oid, r.oid) from pg_class r "
@@ -200,8 +203,8 @@ class PlanActivities:
             found = scan(ctl, str(Path(node.data_dir) / "pg_wal"), view.timeline, view.fork_lsn)
             view.lost_commits, view.changed_relation_files = len(found.commits), len(found.changes)
             view.lost_bytes = lsn_diff(found.end_lsn, view.fork_lsn)
-            self._name_tables(view, found.changes, (req.region, node) if view.running else None,
-                              (req.primary_region, primary))
+            self._name_tables(view, found.changes, found.created_files,
+                              (req.region, node) if view.running else None, (req.primary_region, primary))
             if view.role == "primary":
                 view.notes.append(f"{req.region} still takes writes: the counts grow until the runbook stops it")
         except WalUnreadable as e:

@@ -56,11 +56,14 @@ def test_scan_names_committed_changes_only(node):
                 cp.write_row((i, "x"))
         files = {r: c.execute("select pg_relation_filenode(%s)", (r,)).fetchone()[0]
                  for r in ("t", "u", "never", "bulk")}
+        db = c.execute("select oid from pg_database where datname = current_database()").fetchone()[0]
     found = scan(PgCtl(node.cfg), _wal(node), 1, start)
     by_file = {k[2]: v.ops for k, v in found.changes.items()}
     assert by_file[files["t"]] == {"insert": 2, "update": 1, "delete": 1}
     assert by_file[files["u"]] == {"insert": 2}
     assert by_file[files["bulk"]] == {"insert": 500}
+    # Files made after the start are known as such (a plan never names them from another catalog).
+    assert (1663, db, files["bulk"]) in found.created_files and (1663, db, files["t"]) not in found.created_files
     records = PgCtl(node.cfg)
     dump = waldump(records, _wal(node), 1, start_bulk, segment_size(records)).stdout
     assert 0 < dump.count("MULTI_INSERT") < 500  # the case counted: fewer records than rows

@@ -38,6 +38,8 @@ _RECORD = re.compile(r"^rmgr: (\w+)\s+len \(rec/tot\):\s*\d+/\s*\d+, tx:\s*(\d+)
 _COMMIT_AT = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC")
 _SUBXACTS = re.compile(r"subxacts:((?: \d+)+)")
 _REL = re.compile(r"rel (\d+)/(\d+)/(\d+)")
+# A Storage CREATE record: a relation file made (a new table, or a rewrite: VACUUM FULL, CLUSTER).
+_CREATED = re.compile(r"(?:base|pg_tblspc/(\d+)/[^/]+)/(\d+)/(\d+)")
 # A MULTI_INSERT record (COPY, batched inserts) carries many rows: "ntuples: N" (16+) or "N tuples".
 _NTUPLES = re.compile(r"ntuples: (\d+)|\b(\d+) tuples")
 _TRUNCATED = re.compile(r"relids((?: \d+)+)")
@@ -110,6 +112,9 @@ class WalScan:
     # extraction cannot be trusted for them. When the lookback found no snapshot at all in the
     # WAL it could read, every commit is here.
     unplaced_xids: set[int] = field(default_factory=set)
+    # Relation files created after the start, as (tablespace, database, relfilenode): another
+    # node's catalog may give the same number to a different relation.
+    created_files: set[tuple[int, int, int]] = field(default_factory=set)
 
     @property
     def xids(self) -> set[int]:
@@ -225,6 +230,7 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
     pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str, int]]] = {}
     placed: set[int] = set()
     running_before: set[int] = set()
+    created: set[tuple[int, int, int]] = set()
     for line in r.stdout.splitlines():
         m = _RECORD.match(line)
         if not m:
@@ -240,6 +246,8 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
             # read too. The newest snapshot before the start wins.
             running_before = {int(x) for x in (running.group(1) or "").split()}
         placed.add(xid)
+        if rmgr == "Storage" and not before and op == "CREATE" and (made := _CREATED.search(rest)):
+            created.add((int(made.group(1) or DEFAULT_TABLESPACE), int(made.group(2)), int(made.group(3))))
         kind = DATA_OPS.get((rmgr, op.split("+", 1)[0]))
         if kind is None:
             continue
@@ -282,7 +290,8 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
     # A subtransaction's records carry its own xid; the commit names it among subxacts.
     unplaced = {c.xid for c in commits if not ({c.xid, *c.subxids} & placed) or c.xid in running_before
                 or not reached}
-    return WalScan(start_lsn=start, end_lsn=end, commits=commits, changes=changes, unplaced_xids=unplaced)
+    return WalScan(start_lsn=start, end_lsn=end, commits=commits, changes=changes, unplaced_xids=unplaced,
+                   created_files=created)
 
 
 def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int, before: int,
