@@ -295,6 +295,22 @@ def check_sentinels(cfg: EagleConfig, timeout: float) -> ReadinessCheck:
     return c
 
 
+def check_encryption(cfg: EagleConfig) -> ReadinessCheck:
+    """Every link that crosses regions encrypted and its server verified (config only): a
+    PostgreSQL below verify-full can be read or impersonated on the way, a Redis without TLS
+    sends its password and every key in clear. A warning, not a failure: a failover works."""
+    c = ReadinessCheck(name="encryption", state="ok")
+    weak = [f"{r.name} PostgreSQL sslmode={r.postgres.sslmode}" for r in cfg.regions
+            if r.postgres.sslmode != "verify-full"]
+    weak += [f"{r.name} Redis without TLS" for r in cfg.regions if not r.redis.tls]
+    c.value = float(len(weak))
+    if weak:
+        c.state, c.reason = "warn", "not encrypted and verified across regions: " + "; ".join(weak)
+    else:
+        c.reason = "PostgreSQL verify-full and Redis TLS in every region"
+    return c
+
+
 def check_dns(cfg: EagleConfig, primary: RegionConfig) -> ReadinessCheck:
     c = ReadinessCheck(name="dns", region=primary.name, state="ok")
     if not cfg.routing.dns or primary.dns is None:
@@ -394,7 +410,8 @@ def assess(cfg: EagleConfig, primary_name: str, workers: dict[str, bool | None] 
     ps, ss = pg_status(primary.postgres, timeout), pg_status(standby.postgres, timeout)
     checks = [check_standby(standby, ss), check_lag(cfg, standby, ps, ss), check_slot(primary, standby, timeout),
               *(check_rewind_safety(r, timeout) for r in cfg.regions), check_wal_headroom(cfg, primary, timeout),
-              check_sentinels(cfg, timeout), check_dns(cfg, primary), check_backup_age(cfg, primary)]
+              check_sentinels(cfg, timeout), check_dns(cfg, primary), check_backup_age(cfg, primary),
+              check_encryption(cfg)]
     if workers is not None:
         checks.append(check_workers(cfg, workers))
     return ReadinessReport(primary=primary_name, at=datetime.now(timezone.utc), checks=checks)

@@ -145,6 +145,18 @@ def test_deployments_run_the_right_commands_with_probes_resources_and_ports_from
 
 
 @pytest.mark.parametrize("region", REGIONS)
+def test_the_deployed_config_encrypts_and_verifies_every_cross_region_link(region, tmp_path):
+    """The seed: all cross-region communication encrypted, replication over TLS. PostgreSQL with
+    verify-full and Redis (with its Sentinels) over TLS, each against the CA in the Secret."""
+    cfg = _config_of(render(DEPLOY / "overlays" / region), tmp_path)
+    for r in cfg.regions:
+        assert r.postgres.sslmode == "verify-full" and r.postgres.sslrootcert == "/etc/eagle-dr/secrets/ca.crt", r.name
+        assert r.redis.tls and r.redis.ca_file == "/etc/eagle-dr/secrets/ca.crt", r.name
+        assert r.redis.tls_kwargs["ssl_check_hostname"] is True
+        assert r.s3.ca_file is None and not (r.s3.endpoint_url or "https://").startswith("http://"), r.name
+
+
+@pytest.mark.parametrize("region", REGIONS)
 def test_secrets_are_mounted_files_never_inline(region, tmp_path):
     objs = render(DEPLOY / "overlays" / region)
     assert not [o for o in objs if o["kind"] == "Secret"]

@@ -237,3 +237,17 @@ def test_workers_check_tells_a_dead_worker_from_an_unknown_one(lab_cfg):
     assert check_workers(lab_cfg, _alive(views)).state == "unknown"
     views[2] = WorkerView(task_queue="q", region=b, polling=False, error="no worker picked up a probe within 3s")
     assert _alive(views)[b] is False
+
+
+def test_encryption_warns_for_each_link_not_encrypted_and_verified(lab_cfg):
+    from activities.readiness import check_encryption
+
+    c = check_encryption(lab_cfg)  # the lab: verify-full and Redis TLS everywhere
+    assert c.state == "ok" and c.value == 0, c
+    a, b = lab_cfg.regions
+    weaker = lab_cfg.model_copy(update={"regions": [
+        a.model_copy(update={"postgres": a.postgres.model_copy(update={"sslmode": "require"})}),
+        b.model_copy(update={"redis": b.redis.model_copy(update={"tls": False, "ca_file": None})})]})
+    c = check_encryption(weaker)
+    assert c.state == "warn" and c.value == 2, c
+    assert f"{a.name} PostgreSQL sslmode=require" in c.reason and f"{b.name} Redis without TLS" in c.reason, c

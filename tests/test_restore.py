@@ -172,6 +172,7 @@ def _push_dead_branch(lab) -> int:
         path.unlink()
     for repo in (1, 2):
         assert st.has_history(repo, dead), f"the dead branch's history is not in repo{repo}"
+    assert st.has_history(1, dead + 100) is False  # a timeline nobody made: not found, not "unknown"
     return cur
 
 

@@ -230,11 +230,23 @@ class Stanza:
         tell). A history file is archived once, at the promotion that made the timeline: a
         bucket wiped or lost after that never gets it back."""
         name = f"{timeline:08X}.history"
-        r = self.run("repo-ls", f"--repo={repo}", "--recurse", f"--filter={re.escape(name)}$",
-                     args=(f"archive/{self.name}",), timeout=timeout, check=False)
-        if r.returncode != 0:
+        # History files sit at the top of each archive id's directory (archive/<stanza>/16-1/),
+        # beside one directory per 4 GiB of WAL: two one-level listings, never a recursive
+        # one, which lists every archived segment (30 days of WAL: tens of thousands, pages
+        # of S3 listings) and ran beside the restore it serves.
+        top = self.run("repo-ls", f"--repo={repo}", args=(f"archive/{self.name}",), timeout=timeout, check=False)
+        if top.returncode != 0:
             return None
-        return any(line.strip().endswith(name) for line in r.stdout.splitlines())
+        for archive_id in (x.strip() for x in top.stdout.splitlines()):
+            if not re.fullmatch(r"\d+-\d+", archive_id):
+                continue  # archive.info and its copy
+            r = self.run("repo-ls", f"--repo={repo}", f"--filter=^{re.escape(name)}$",
+                         args=(f"archive/{self.name}/{archive_id}",), timeout=timeout, check=False)
+            if r.returncode != 0:
+                return None
+            if any(line.strip() == name for line in r.stdout.splitlines()):
+                return True
+        return False
 
     def processes(self, *commands: str, archive: bool = False) -> dict[int, str]:
         """pid -> owner tag (popen's OWNER_ENV, "" when untagged) of the pgBackRest processes
