@@ -18,6 +18,7 @@ import redis
 from lab import binaries
 from lab.osuser import LabUser, make_dir
 from lab.processes import is_running, kill_tree, read_pid, wait_for
+from eagle_dr.redis_connect import connect
 from lab.tls import LabTls
 
 
@@ -60,8 +61,8 @@ class _RedisProcess:
 
     def client(self) -> redis.Redis:
         tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)} if self.tls is not None else {}
-        return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=3,
-                           socket_connect_timeout=3, decode_responses=True, **tls)
+        return connect(self.host, self.port, password=self.password, tls=tls, socket_timeout=3,
+                       socket_connect_timeout=3, decode_responses=True)
 
     def _sync_listen(self) -> None:
         """An existing config (Redis and Sentinel rewrite their own) gets this lab's listening

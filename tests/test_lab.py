@@ -147,6 +147,13 @@ def test_redis_replica_sees_key_and_auth_is_required(lab):
     # The certificate is verified: another CA's trust (the system's) does not accept it.
     with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
         redis.Redis(host=a.redis.host, port=a.redis.port, password="x", ssl=True, socket_connect_timeout=3).ping()
+    # The same through eagle-dr's own client (a shared TLS context): the system's CAs refuse it.
+    from eagle_dr.redis_connect import connect
+
+    system_only = {k: v for k, v in a.redis.tls_kwargs.items() if k != "ssl_ca_certs"}
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        connect(a.redis.host, a.redis.port, password="x", tls=system_only, socket_connect_timeout=3).ping()
+    assert redis_client(a.redis).ping()
     # Replication runs over TLS: the master's replica link is up while only TLS is open.
     assert redis_status(b.redis).link_status == "up"
 

@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from eagle_dr.config import Endpoint, RedisConfig, scrub
+from eagle_dr.redis_connect import connect
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def _connect(host: str, port: int, password: str | None, timeout: float, tls: di
     # redis-py >= 6 retries connection errors and timeouts 10 times by default: a down node
     # would take seconds (blackholed: minutes) instead of `timeout`, and retried writes can
     # apply twice. Temporal's retry policy is the only retry layer here.
-    c = redis.Redis(host=host, port=port, password=password, socket_timeout=timeout,
-                    socket_connect_timeout=timeout, decode_responses=True, retry=Retry(NoBackoff(), 0), **tls)
+    c = connect(host, port, password=password, tls=tls, socket_timeout=timeout, socket_connect_timeout=timeout,
+                decode_responses=True, retry=Retry(NoBackoff(), 0))
     c.set_response_callback("INFO", lambda response, **_: response)  # see _repl
     return c
 

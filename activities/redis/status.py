@@ -8,6 +8,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from eagle_dr.config import Endpoint, RedisConfig, scrub
+from eagle_dr.redis_connect import connect
 
 
 class RedisStatus(BaseModel):
@@ -36,18 +37,17 @@ NO_RETRY = Retry(NoBackoff(), 0)
 
 
 def client(cfg: RedisConfig, timeout: float = 3.0, decode: bool = True) -> redis.Redis:
-    return redis.Redis(host=cfg.host, port=cfg.port, password=cfg.password.resolve() if cfg.password else None,
-                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=decode,
-                       retry=NO_RETRY, **cfg.tls_kwargs)
+    return connect(cfg.host, cfg.port, password=cfg.password.resolve() if cfg.password else None,
+                   tls=cfg.tls_kwargs, socket_timeout=timeout, socket_connect_timeout=timeout,
+                   decode_responses=decode, retry=NO_RETRY)
 
 
 def sentinel_client(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) -> redis.Redis:
     # The lab's Sentinels share the data nodes' password; production may differ, which is
     # a config field to add when a deployment needs it.
-    return redis.Redis(host=sentinel.host, port=sentinel.port,
-                       password=cfg.password.resolve() if cfg.password else None,
-                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
-                       retry=NO_RETRY, **cfg.tls_kwargs)
+    return connect(sentinel.host, sentinel.port, password=cfg.password.resolve() if cfg.password else None,
+                   tls=cfg.tls_kwargs, socket_timeout=timeout, socket_connect_timeout=timeout,
+                   decode_responses=True, retry=NO_RETRY)
 
 
 def redis_status(cfg: RedisConfig, timeout: float = 3.0) -> RedisStatus:
