@@ -61,14 +61,7 @@ class LabTls:
         matches since PostgreSQL 14); ``localhost`` is there for people typing psql. A separate
         certificate from S3's, whose client (pgBackRest) must not see the IP SAN change. Owned
         by the lab user, key 0600: the server refuses a key others can read."""
-        self.ensure()
-        if self.postgres_cert.exists() and self.postgres_key.exists():
-            return
-        self._sign("postgres", "/CN=eagle-dr lab postgres",
-                   "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-        os.chmod(self.postgres_key, 0o600)
-        os.chmod(self.postgres_cert, 0o644)
-        self.user.own(self.postgres_key, self.postgres_cert)
+        self._server_cert("postgres", "/CN=eagle-dr lab postgres", "serverAuth")
 
     @property
     def redis_cert(self) -> Path:
@@ -82,14 +75,19 @@ class LabTls:
         """The Redis nodes' and Sentinels' certificate: redis-py checks the name it connected to
         (``127.0.0.1``, an IP SAN). The nodes also present it as TLS clients when they replicate
         and when the Sentinels call each other. Owned by the lab user, key 0600."""
+        self._server_cert("redis", "/CN=eagle-dr lab redis", "serverAuth,clientAuth")
+
+    def _server_cert(self, name: str, subject: str, usage: str) -> None:
+        """``<name>.crt``/``<name>.key`` naming ``127.0.0.1`` (IP SAN) and ``localhost``, made
+        once; owned by the lab user (its server runs as it), key 0600 (servers refuse others)."""
         self.ensure()
-        if self.redis_cert.exists() and self.redis_key.exists():
+        crt, key = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        if crt.exists() and key.exists():
             return
-        self._sign("redis", "/CN=eagle-dr lab redis",
-                   "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-        os.chmod(self.redis_key, 0o600)
-        os.chmod(self.redis_cert, 0o644)
-        self.user.own(self.redis_key, self.redis_cert)
+        self._sign(name, subject, f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        os.chmod(key, 0o600)
+        os.chmod(crt, 0o644)
+        self.user.own(key, crt)
 
     def client_cert(self, name: str) -> tuple[Path, Path]:
         """A client certificate (``<name>.crt``, ``<name>.key``) signed by the lab CA, for mTLS.

@@ -18,7 +18,7 @@ import redis as redislib
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from activities.consistency.redis import compare_redis
+from activities.consistency.redis import _select, compare_redis
 from eagle_dr.temporal import DR_CHECK_DIFFERENCES
 from lab import binaries
 from lab.processes import kill_tree, read_pid
@@ -328,10 +328,7 @@ def test_redis_counts_under_live_writes_are_never_a_difference(lab):
 def test_redis_keys_missing_or_changed_on_a_redis_from_an_older_rdb(lab, tmp_path):
     master = next(r for r in lab.cfg.regions if lab.redis(r.name).client().info("replication")["role"] == "master")
     node = lab.redis(master.name)
-    m = node.client()
-    m = redislib.Redis(connection_pool=redislib.ConnectionPool(connection_class=m.connection_pool.connection_class,
-                                                               **{**m.connection_pool.connection_kwargs,
-                                                                  "decode_responses": False}))
+    m = _select(node.client(), 0)  # bytes, as compare_redis reads them, over the lab's TLS
     keys = [f"cc:{i}" for i in range(200)]
     for k in keys:
         m.set(k, k)

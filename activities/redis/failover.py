@@ -16,11 +16,9 @@ from typing import Any, Callable
 
 import redis
 from pydantic import BaseModel
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from activities.redis.status import client, sentinel_client
 from eagle_dr.config import Endpoint, RedisConfig, scrub
-from eagle_dr.redis_connect import connect
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +96,21 @@ def _password(cfg: RedisConfig) -> str | None:
     return cfg.password.resolve() if cfg.password else None
 
 
-def _connect(host: str, port: int, password: str | None, timeout: float, tls: dict[str, Any]) -> redis.Redis:
-    # redis-py >= 6 retries connection errors and timeouts 10 times by default: a down node
-    # would take seconds (blackholed: minutes) instead of `timeout`, and retried writes can
-    # apply twice. Temporal's retry policy is the only retry layer here.
-    c = connect(host, port, password=password, tls=tls, socket_timeout=timeout, socket_connect_timeout=timeout,
-                decode_responses=True, retry=Retry(NoBackoff(), 0))
+def _raw_info(c: redis.Redis) -> redis.Redis:
+    # status's clients: no redis-py retries (it retries connection errors and timeouts 10 times
+    # by default: a down node would take seconds, blackholed minutes, instead of `timeout`, and
+    # retried writes can apply twice; Temporal's retry policy is the only retry layer here).
     c.set_response_callback("INFO", lambda response, **_: response)  # see _repl
     return c
 
 
 def _node(cfg: RedisConfig, timeout: float = 3.0) -> redis.Redis:
-    return _connect(cfg.host, cfg.port, _password(cfg), timeout, cfg.tls_kwargs)
+    return _raw_info(client(cfg, timeout))
 
 
 def _sentinel(cfg: RedisConfig, sentinel: Endpoint, timeout: float) -> redis.Redis:
     # As in status.sentinel_client: the Sentinels' requirepass is the data password.
-    return _connect(sentinel.host, sentinel.port, _password(cfg), timeout, cfg.tls_kwargs)
+    return _raw_info(sentinel_client(cfg, sentinel, timeout))
 
 
 def _repl(c: redis.Redis) -> dict[str, Any]:
