@@ -4,7 +4,7 @@
   bounded, says archiving is degraded, and takes the bucket back (with a full backup) when
   it returns;
 - backup -> switchover -> backup: both valid, the second on the new timeline, PITR to after
-  the switch;
+  the switch through RestoreWorkflow, whose copy goes on the host that is not the primary now;
 - the regional worker killed mid-backup: the retry finishes one valid backup per repo.
 
 Each test leaves the primary where it found it.
@@ -13,7 +13,6 @@ Each test leaves the primary where it found it.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 from activities.backup.archive import pitr_blocked, read_archiver, read_gaps
 from activities.backup.catalog import parse_info, read_catalog
 from activities.backup.pgbackrest import Stanza, repo_key
-from activities.postgres.ctl import PgCtl
+from activities.backup.restore import RestoreTarget, connect_scratch, scratch_config
 from activities.postgres.status import pg_status
 from eagle_dr.launch import start_move
 from eagle_dr.status import archive_line, archive_view
@@ -34,6 +33,7 @@ from tests.lab_helpers import _async, _exec, _primary, _until
 from workflows.archive_guard import ArchiveGuardInput, ArchiveGuardResult, ArchiveGuardWorkflow, gap_backup_id
 from workflows.backup import BackupInput, BackupResult, BackupWorkflow
 from workflows.models import SwitchoverInput
+from workflows.restore import RestoreInput, RestoreWorkflow
 
 # Its tests name lab.cfg.primary as the primary (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("configured_topology")
@@ -203,8 +203,6 @@ async def test_a_bucket_wiped_while_dropped_is_readmitted_only_once_usable_and_t
     or no stanza; it takes it back once stanza-create made it usable, with a gap a full backup
     closes. Meanwhile the surviving bucket's WAL stays continuous: a PITR from a backup taken
     before the outage replays across the whole of it."""
-    from activities.backup.restore import RestoreTarget, connect_scratch, scratch_config
-    from workflows.restore import RestoreInput, RestoreWorkflow
 
     primary = _primary(lab)
     other = lab.cfg.other(primary).name
@@ -295,19 +293,6 @@ async def test_a_bucket_wiped_while_dropped_is_readmitted_only_once_usable_and_t
 # -- backup, switchover, backup, PITR after the switch -------------------------------------------
 
 
-def _free_port(start: int) -> int:
-    import socket
-
-    for port in range(start, start + 100):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError(f"no free port from {start}")
-
-
 @pytest.mark.asyncio(loop_scope="session")
 async def test_backup_switchover_backup_then_pitr_past_the_switch(lab, client):
     a = _primary(lab)
@@ -317,8 +302,6 @@ async def test_backup_switchover_backup_then_pitr_past_the_switch(lab, client):
     timeline = pg_status(lab.cfg.region(a).postgres).timeline
     sw = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b))).result()
     assert sw.outcome == "succeeded", sw
-    scratch = lab.state / f"pitr-{uuid.uuid4().hex[:8]}"
-    ctl = None
     try:
         assert pg_status(lab.cfg.region(b).postgres).timeline == timeline + 1
         # Right after the promotion, no manual step: take.py checkpoints when pg_control lags.
@@ -343,43 +326,38 @@ async def test_backup_switchover_backup_then_pitr_past_the_switch(lab, client):
             target = conn.execute("select clock_timestamp()").fetchone()[0]
             conn.execute("insert into pitr_probe values ('after', clock_timestamp())")
         last = _switch_wal(lab, b)
-        await _until(_async(lambda: (_archived_to(lab, b, b) or "") >= last), 120, "the target's WAL archived",
+        # Restored from a's own bucket (both got the new timeline's WAL).
+        await _until(_async(lambda: (_archived_to(lab, b, a) or "") >= last), 120, "the target's WAL archived",
                      interval=0.5)
 
-        pg = lab.cfg.region(b).postgres
-        data, run = scratch / "data", scratch / "run"
-        from lab.osuser import make_dir
-
-        make_dir(scratch, lab.user)
-        make_dir(data, lab.user)
-        make_dir(run, lab.user)
-        Stanza(lab.cfg, b).run("restore", "--repo=1", f"--pg1-path={data}", "--type=time",
-                               f"--target={target.isoformat(sep=' ')}", "--target-action=promote", timeout=600)
-        copy = pg.model_copy(update={"data_dir": str(data), "socket_dir": str(run), "port": _free_port(pg.port + 40)})
-        ctl = PgCtl(copy)
-        # archive_mode=off: promoted onto a timeline of its own, the copy would archive into
-        # the live stanza.
-        ctl.start(extra="-c archive_mode=off -c listen_addresses=''")
-
-        def rows():
-            with psycopg.connect(host=str(run), port=copy.port, user=pg.user, dbname=pg.database,
-                                 autocommit=True, connect_timeout=3) as conn:
-                if conn.execute("select pg_is_in_recovery()").fetchone()[0]:
+        # No host named: the copy goes on a's, the region that is not the primary now (the
+        # configured secondary serves after the switch; its host is spared).
+        handle = await client.start_workflow(
+            RestoreWorkflow.run, RestoreInput(target=RestoreTarget(kind="time", time=target), keep_minutes=30,
+                                              trigger="test"),
+            id=f"test-restore-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+        released = False
+        try:
+            async def kept():
+                try:
+                    return await handle.query(RestoreWorkflow.scratch)
+                except Exception:  # noqa: BLE001 - not started yet
                     return None
-                return sorted(r[0] for r in conn.execute("select note from pitr_probe"))
 
-        def promoted():
-            try:
-                return rows() is not None
-            except psycopg.OperationalError:
-                return False
-
-        await _until(_async(promoted), 120, "the restored copy to reach the target and promote", interval=0.5)
-        assert rows() == ["before"]
+            copy = await _until(kept, 300, "the scratch copy to be up", 0.3)
+            assert copy.region == a and copy.repo_region == a, copy
+            sc = scratch_config(Stanza(lab.cfg, a), Path(copy.directory), copy.port)
+            with connect_scratch(sc) as conn:
+                assert [r[0] for r in conn.execute("select note from pitr_probe order by note")] == ["before"]
+            await handle.signal(RestoreWorkflow.release)
+            released = True
+            res = await handle.result()
+            assert res.outcome == "succeeded" and res.dropped, res
+            await record(handle, "restore-off-primary-after-switchover")
+        finally:
+            if not released:
+                await handle.cancel()
     finally:
-        if ctl is not None:
-            ctl.stop("immediate")
-        shutil.rmtree(scratch, ignore_errors=True)
         back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
                                                                         target_region=a))).result()
         assert back.outcome == "succeeded", back

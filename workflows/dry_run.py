@@ -217,8 +217,13 @@ class PlanWorkflow(Runbook):
             if inp.repo is not None and inp.repo not in names:
                 raise invalid("repo", f"unknown repo {inp.repo!r}: repos are named by region "
                                             f"({', '.join(names)})")
-            # As RestoreWorkflow picks them: the secondary's host, its own bucket.
-            region = inp.region or next((r.name for r in topo.regions if r.configured_role != "primary"), names[0])
+            # As RestoreWorkflow picks them: a host that is not the primary's now, its own bucket.
+            if inp.region is not None:
+                region = inp.region
+            elif workflow.patched("restore-scratch-off-primary"):
+                region = await self.scratch_region(topo)
+            else:
+                region = next((r.name for r in topo.regions if r.configured_role != "primary"), names[0])
             repo = inp.repo or region
             self.source_region, self.target_region = repo, region
             blocked, chk, primary = None, None, None

@@ -60,8 +60,9 @@ with workflow.unsafe.imports_passed_through():
 
 class RestoreInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # Whose host runs the scratch instance, and whose bucket it restores from. Unset region:
-    # the configured secondary's (spares the primary's host). Unset repo: the region's own bucket.
+    # Whose host runs the scratch instance, and whose bucket it restores from. Unset region: a
+    # reachable region that is not the primary now (spares the primary's host). Unset repo: the
+    # region's own bucket.
     region: str | None = None
     repo: str | None = None
     target: RestoreTarget = RestoreTarget()
@@ -126,7 +127,14 @@ class RestoreWorkflow(Runbook):
             self.known_region(topo, "region", inp.region)
         if inp.repo is not None and inp.repo not in names:
             raise invalid("repo", f"unknown repo {inp.repo!r}: repos are named by region ({', '.join(names)})")
-        region = inp.region or next((r.name for r in topo.regions if r.configured_role != "primary"), names[0])
+        if inp.region is not None:
+            region = inp.region
+        elif workflow.patched("restore-scratch-off-primary"):
+            async with self.step("Choose the scratch host: a region that is not the primary now") as rec:
+                region = rec.detail = await self.scratch_region(topo)
+        else:
+            # Runs started before the patch chose the configured secondary, and replay so.
+            region = next((r.name for r in topo.regions if r.configured_role != "primary"), names[0])
         repo = inp.repo or region
         self.source_region, self.target_region = repo, f"scratch on {region}"
         workflow.upsert_search_attributes([DR_RUNBOOK.value_set("restore"), DR_SERVICE.value_set(topo.service),

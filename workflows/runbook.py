@@ -445,6 +445,19 @@ class Runbook:
     def primaries(status: dict[str, PgStatus]) -> list[str]:
         return [n for n, s in status.items() if s.reachable and s.role == "primary"]
 
+    async def scratch_region(self, topo: Topology) -> str:
+        """Whose host takes a scratch restore when none is named: a reachable region that is not
+        the primary now, sparing the primary's disk and CPU. After a failover that is the
+        configured primary's region, not the configured secondary's (which now serves). With no
+        single primary known (region down, split brain), the configured secondary's, as before."""
+        status = await self.postgres_statuses(topo, topo.control_task_queue)
+        primaries = self.primaries(status)
+        if len(primaries) == 1:
+            off = next((n for n, s in status.items() if s.reachable and n != primaries[0]), None)
+            if off is not None:
+                return off
+        return next((r.name for r in topo.regions if r.configured_role != "primary"), topo.regions[0].name)
+
     async def find_primary(self, topo: Topology) -> str | None:
         """Which region's PostgreSQL is primary now, as each region's own worker sees it."""
         for r in topo.regions:
