@@ -38,9 +38,10 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.activities import EpochRequest, FenceRequest, PostgresActivities
     from activities.postgres.rewind import Rewound
     from activities.redis.activities import RedisActivities, RedisMoveRequest, RedisRegionRequest
+    from activities.redis.failover import RedisFence
     from activities.redis.failback import RedisFailback
     from activities.split_brain import SplitBrainActivities, SplitBrainReport, SurvivorChoice, choose_survivor
-    from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
+    from activities.traffic import RouteRequest, ScaleDownRequest, ScaleDownResult, TrafficActivities
     from eagle_dr.temporal import DR_EPOCH
     from workflows.data_sync import DataSyncResult
     from workflows.models import ApprovalPolicy, ApprovalRecord, AwareTime, StepRecord, Trigger
@@ -167,6 +168,11 @@ class SplitBrainWorkflow(Rejoin):
             redis_split = len(report.all_redis_masters) > 1 and loser in report.all_redis_masters
 
             async with self.step(f"fence {loser} and route to {survivor}") as st:
+                # Past the point of no return, one fence that fails (its retries spent) must not
+                # fail the run with the others still in flight and nothing routed: each ends, and
+                # a failed one counts as not done (PostgreSQL then gets the stop fence on its own
+                # worker; Redis and services are reported unfenced). Older histories raised.
+                settle = workflow.patched("split-brain-fences-roll-forward")
                 scaled, pg_fence, r_fence = await asyncio.gather(
                     self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=loser, epoch=self.epoch),
                              queue=control, timeout=60, attempts=2),
@@ -174,7 +180,20 @@ class SplitBrainWorkflow(Rejoin):
                                                                             method="read_only"), queue=control, timeout=30)
                     if pg_split else _none(),
                     self.act(RedisActivities.fence_redis, RedisRegionRequest(region=loser, epoch=self.epoch),
-                             queue=control, timeout=30) if redis_split else _none())
+                             queue=control, timeout=30) if redis_split else _none(), return_exceptions=settle)
+                for outcome in (scaled, pg_fence, r_fence):
+                    # A newer epoch took over (another runbook moved on): this one stops acting.
+                    if isinstance(outcome, ActivityError) and isinstance(outcome.cause, ApplicationError) and \
+                            outcome.cause.type == "StaleEpoch":
+                        raise outcome
+                if isinstance(scaled, BaseException):
+                    scaled = ScaleDownResult(region=loser, reachable=False, error=_why(scaled))
+                if isinstance(pg_fence, BaseException):
+                    notes.append(f"{loser}'s PostgreSQL read-only fence failed: {_why(pg_fence)}")
+                    pg_fence = None
+                if isinstance(r_fence, BaseException):
+                    notes.append(f"{loser}'s Redis fence failed: {_why(r_fence)}")
+                    r_fence = RedisFence(address="unknown", reachable=False)
                 if pg_split and not (pg_fence and pg_fence.method):
                     # Out of the network's reach: stop it on its own worker, if that worker answers.
                     try:
@@ -261,3 +280,8 @@ class SplitBrainWorkflow(Rejoin):
 
 async def _none() -> None:
     return None
+
+
+def _why(e: BaseException) -> str:
+    """An activity's own error message (its cause), not the wrapper's "Activity task failed"."""
+    return str(getattr(e, "cause", None) or e)
