@@ -31,6 +31,8 @@ from pathlib import Path
 import psycopg
 
 from bench.failback import dump_logs, kill_strays
+from activities.backup.pgbackrest import Stanza
+from activities.backup.take import standby_options
 from bench.fork import db_bytes, fill
 from eagle_dr.config import load_config
 from eagle_dr.devserver import DevServer
@@ -43,20 +45,12 @@ GOAL = 1.2
 
 
 def _argv_backup(lab: Lab, standby: str, primary: str) -> list[str]:
-    """The options take.py gives pgBackRest for a backup from the standby to its own bucket."""
-    p, me = lab.cfg.region(primary).postgres, lab.cfg.region(standby).postgres
-    opts = ["--repo=1", "--type=full", f"--pg1-path={Path(p.data_dir).absolute()}", f"--pg1-port={p.port}",
-            f"--pg1-user={p.user}", f"--pg2-path={Path(me.data_dir).absolute()}", f"--pg2-port={me.port}",
-            f"--pg2-user={me.user}", "--backup-standby"]
-    if p.socket_dir:
-        opts.append(f"--pg1-socket-path={Path(p.socket_dir).absolute()}")
-    if me.socket_dir:
-        opts.append(f"--pg2-socket-path={Path(me.socket_dir).absolute()}")
-    return opts
+    """The options take.py gives pgBackRest for a backup from the standby to its own bucket
+    (the primary reached through its pgBackRest TLS server, as across hosts)."""
+    return ["--repo=1", "--type=full", *standby_options(Stanza(lab.cfg, standby), primary)]
 
 
 def bare_backup(lab: Lab, standby: str, primary: str) -> float:
-    from activities.backup.pgbackrest import Stanza
 
     st = Stanza(lab.cfg, standby)
     t = time.perf_counter()

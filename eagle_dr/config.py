@@ -242,6 +242,14 @@ class PostgresConfig(_Strict):
     # ``prefer`` is kept only for a server that has no TLS at all.
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     sslrootcert: str | None = None
+    # This node's pgBackRest TLS server (``pgbackrest server``, run beside PostgreSQL as its
+    # OS user), through which a backup on the other region's node reaches this node's data
+    # directory and socket when this node is the primary (pg1-host, type tls). A DNS name in
+    # the server's certificate: pgBackRest 2.45 matches DNS names only, never an IP SAN.
+    # Unset: the other node's backups expect this data directory on their own host (the
+    # lab's old one-host layout) and ``backup.read_from: standby`` is refused.
+    pgbackrest_host: str | None = None
+    pgbackrest_port: int = Field(default=8432, ge=1, le=65535)
 
     @property
     def ssl_params(self) -> dict[str, str]:
@@ -623,6 +631,12 @@ class BackupSchedulesConfig(_Strict):
         return v
 
 
+class PgBackRestClientTls(_Strict):
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
 class BackupConfig(_Strict):
     """pgBackRest: one stanza, two repos on every node (repo1 its own region's bucket, repo2
     the other region's), WAL archived to both, backups to each."""
@@ -646,10 +660,13 @@ class BackupConfig(_Strict):
     archive_backlog_max: Size = Field(default=256 << 20, ge=16 << 20)
     # Where a backup reads the data files: "standby" (a streaming standby's node, pgBackRest's
     # backup-standby: the primary only starts and stops the backup) or "primary". pgBackRest
-    # on the standby's node must reach the primary's data directory as pg1: the lab has both
-    # on one host; across hosts that needs pgBackRest's TLS server on the primary (pg1-host),
-    # which eagle-dr does not configure yet, so "primary" is the default outside the lab.
+    # on the standby's node reaches the primary (pg1) through the primary node's TLS server:
+    # "standby" needs every region's ``postgres.pgbackrest_host`` and ``backup.tls_client``.
     read_from: Literal["standby", "primary"] = "primary"
+    # The client side of pgBackRest's TLS servers: this worker's certificate and key (the
+    # certificate's CN must be in each server's ``tls-server-auth`` for the stanza) and the CA
+    # that signed the servers' certificates. Files on the worker, never their contents here.
+    tls_client: PgBackRestClientTls | None = None
     # A WAL segment is archived at least this often under writes: the newest point a restore
     # from the buckets reaches lags the primary by at most about this much.
     archive_timeout: Duration = timedelta(seconds=60)
@@ -1110,6 +1127,18 @@ class EagleConfig(_Strict):
             if slot in slots:
                 raise _FieldError(("regions", i, "postgres", "slot"), f"slot {slot!r} is also {slots[slot]}'s")
             slots[slot] = r.name
+        if self.backup.read_from == "standby":
+            # A backup on the standby's node must reach the primary's node: across hosts only
+            # through pgBackRest's TLS server there (the data directory is not on this host).
+            for i, r in enumerate(self.regions):
+                if not r.postgres.pgbackrest_host:
+                    raise _FieldError(("regions", i, "postgres", "pgbackrest_host"),
+                                      "backup.read_from 'standby' needs each node's pgBackRest TLS server "
+                                      "(pgbackrest_host), or read_from 'primary'")
+            if self.backup.tls_client is None:
+                raise _FieldError(("backup", "tls_client"), "backup.read_from 'standby' reaches the primary's "
+                                                           "pgBackRest server: its client certificate, key and CA "
+                                                           "are needed")
         primaries = [r.name for r in self.regions if r.role == "primary"]
         if not primaries:
             raise _FieldError(("regions",), "no region has role 'primary'")
@@ -1291,7 +1320,7 @@ def _resolve_paths(raw: Any, base: Path, state_dir: str) -> Any:
     if isinstance(raw, dict):
         out = {}
         for k, v in raw.items():
-            if k in ("file", "ca_file", "rules_file", "sslrootcert") and isinstance(v, str):
+            if k in ("file", "ca_file", "cert_file", "key_file", "rules_file", "sslrootcert") and isinstance(v, str):
                 v = v.replace("{state_dir}", state_dir)
                 out[k] = v if os.path.isabs(v) else str((base / v).resolve())
             elif k in ("data_dir", "socket_dir", "pgbackrest_config", "scratch_dir") and isinstance(v, str):

@@ -24,6 +24,7 @@ from activities.routing import LabRouter
 from eagle_dr.config import EagleConfig
 from lab import binaries
 from lab.osuser import LabUser, ensure_lab_user, make_dir
+from lab.pgbackrest_server import PgBackRestServer
 from lab.postgres import PostgresNode
 from lab.processes import is_running, kill_tree, read_pid, spawn, wait_for
 from lab.redis import RedisNode, SentinelNode
@@ -110,6 +111,23 @@ class Lab:
                         self.user, self.secret("s3-access-key"), self.secret("s3-secret-key"),
                         https_port=https, tls=self.tls if https else None, name=f"s3-{r.name}")
 
+    def pgbackrest_server(self, region: str) -> PgBackRestServer | None:
+        """The region's pgBackRest TLS server, when the config names one (postgres.pgbackrest_host)."""
+        r = self.cfg.region(region)
+        if not r.postgres.pgbackrest_host:
+            return None
+        return PgBackRestServer(r.postgres.pgbackrest_port, self.region_dir(region) / "pgbackrest-server", self.user,
+                                self.tls, self.cfg.backup.stanza, f"pgbackrest-server-{region}")
+
+    def ensure_pgbackrest_servers(self) -> None:
+        client = self.cfg.backup.tls_client
+        if client is None:
+            return
+        self.tls.ensure_pgbackrest(Path(client.cert_file), Path(client.key_file))
+        for r in self.cfg.regions:
+            if (server := self.pgbackrest_server(r.name)) is not None:
+                server.start()
+
     @property
     def router(self) -> LabRouter:
         return LabRouter(self.state)
@@ -157,6 +175,7 @@ class Lab:
 
         for r in (a, b):
             Stanza(self.cfg, r.name).write_configs()
+        self.ensure_pgbackrest_servers()
         pa, pb = self.postgres(a.name), self.postgres(b.name)
         if (pa.data_dir / "PG_VERSION").exists() and (pb.data_dir / "PG_VERSION").exists():
             # An existing lab: bring back what is down, as it was (never re-clone).
@@ -358,6 +377,8 @@ class Lab:
                 killed.append(s.name)
         if kill_tree(read_pid(self.worker_pidfile(region))):
             killed.append("worker")
+        if (server := self.pgbackrest_server(region)) is not None and server.kill():
+            killed.append("pgbackrest-server")
         if with_s3 and self.s3(region).kill():
             killed.append("s3")
         return killed
@@ -378,6 +399,10 @@ class Lab:
         if not rd.running():
             rd.start()
             started.append("redis")
+        server = self.pgbackrest_server(region)
+        if server is not None and not server.running():
+            server.start()
+            started.append("pgbackrest-server")
         for place, s in self.sentinels():
             if place == region and not s.running():
                 s.start()
@@ -474,6 +499,11 @@ class Lab:
                 if pg.running():
                     pg.kill()
                 stopped.append(f"postgres-{r.name}")
+        for r in self.cfg.regions:
+            server = self.pgbackrest_server(r.name)
+            if server is not None and server.running():
+                server.stop()
+                stopped.append(f"pgbackrest-server-{r.name}")
         if (self.state / "secrets").exists():
             for r in self.cfg.regions:
                 s3 = self.s3(r.name)

@@ -10,7 +10,8 @@ import yaml
 from eagle_dr.config import DEFAULT_CONFIG
 
 _PORT_KEYS = {"port", "s3_port", "s3_base_port", "grpc_port", "ui_port", "http_port", "metrics_port", "scratch_port",
-              "alertmanager_port"}
+              "alertmanager_port",
+              "pgbackrest_port"}
 
 
 def _shift(doc, shift: int):

@@ -1,4 +1,5 @@
-"""The lab's own certificate authority and its servers' certificates (S3, PostgreSQL, Redis).
+"""The lab's own certificate authority and its servers' certificates (S3, PostgreSQL, Redis,
+pgBackRest's TLS servers).
 
 pgBackRest talks to S3 only over TLS and matches DNS names only (2.45 rejects an IP SAN:
 "unable to find hostname '127.0.0.1' in certificate"), so the certificate names
@@ -76,6 +77,36 @@ class LabTls:
         (``127.0.0.1``, an IP SAN). The nodes also present it as TLS clients when they replicate
         and when the Sentinels call each other. Owned by the lab user, key 0600."""
         self._server_cert("redis", "/CN=eagle-dr lab redis", "serverAuth,clientAuth")
+
+    @property
+    def pgbackrest_cert(self) -> Path:
+        return self.dir / "pgbackrest-server.crt"
+
+    @property
+    def pgbackrest_key(self) -> Path:
+        return self.dir / "pgbackrest-server.key"
+
+    def ensure_pgbackrest(self, client_cert: Path, client_key: Path) -> None:
+        """The pgBackRest TLS servers' certificate (DNS ``localhost`` only: pgBackRest 2.45
+        checks DNS names, as for S3) and the backup client's, at the paths the config names
+        (``backup.tls_client``); CN ``pgbackrest-client`` is what the servers authorize. Both
+        owned by the lab user: the servers and ``pgbackrest backup`` run as it."""
+        self.ensure()
+        if not (self.pgbackrest_cert.exists() and self.pgbackrest_key.exists()):
+            self._sign("pgbackrest-server", "/CN=localhost", "subjectAltName=DNS:localhost\n"
+                                                             "extendedKeyUsage=serverAuth\n")
+            os.chmod(self.pgbackrest_key, 0o600)
+            os.chmod(self.pgbackrest_cert, 0o644)
+            self.user.own(self.pgbackrest_key, self.pgbackrest_cert)
+        if not (client_cert.exists() and client_key.exists()):
+            if client_cert.parent != self.dir or client_key.parent != self.dir:
+                raise ValueError(f"the lab makes backup.tls_client's files in {self.dir} only")
+            crt, key = self.client_cert("pgbackrest-client")
+            if crt != client_cert:
+                crt.rename(client_cert)
+            if key != client_key:
+                key.rename(client_key)
+            self.user.own(client_key, client_cert)
 
     def _server_cert(self, name: str, subject: str, usage: str) -> None:
         """``<name>.crt``/``<name>.key`` naming ``127.0.0.1`` (IP SAN) and ``localhost``, made

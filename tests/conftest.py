@@ -19,7 +19,7 @@ import pytest_asyncio
 import yaml
 from moto.server import ThreadedMotoServer
 
-from eagle_dr.config import EagleConfig, LabConfig, load_config
+from eagle_dr.config import ConfigError, EagleConfig, LabConfig, load_config
 from lab.osuser import reachable_state_dir
 from lab.ports import write_shifted_config
 
@@ -61,7 +61,16 @@ def _stop_leftovers(d: Path) -> None:
     from eagle_dr.devserver import DevServer
     from lab.lab import Lab
 
-    cfg = load_config(cfg_path, env={})
+    try:
+        cfg = load_config(cfg_path, env={})
+    except ConfigError:
+        # Written by an older checkout whose config this one no longer accepts: stop what its
+        # pid files name instead.
+        from lab.processes import kill_tree, read_pid
+
+        for pidfile in d.rglob("*.pid"):
+            kill_tree(read_pid(pidfile))
+        return
     Lab(cfg).down()
     DevServer(cfg).down()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from temporalio.client import WorkflowFailureError
 
 from activities.backup.catalog import read_catalog
 from activities.backup.pgbackrest import Stanza
@@ -110,3 +111,35 @@ async def test_stanza_create_runs_only_when_a_bucket_lacks_the_stanza(lab, clien
     cat = read_catalog(Stanza(lab.cfg, primary))
     assert cat.repo(standby).ok, cat.repos
     assert [(b.label, b.type) for b in cat.on(standby)] == [(res.backups[0].label, "full")]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_backup_from_the_standby_reaches_the_primary_only_through_its_tls_server(lab, client):
+    """Across hosts the standby's pgBackRest reaches the primary only through the primary node's
+    pgBackRest TLS server (the lab's nodes share a disk, so this proves the disk is not used):
+    with that server down, a backup asked from the standby fails naming it, and leaves no
+    backup behind; a scheduled (auto) one reads the primary instead and says why; with the
+    server back, backups read the standby again."""
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    server = lab.pgbackrest_server(primary)
+    assert server is not None and server.running()
+    before = {x.label for x in read_catalog(Stanza(lab.cfg, primary)).backups}
+    server.stop()
+    try:
+        with pytest.raises(WorkflowFailureError) as e:
+            await _backup(lab, client, type="incr", source="standby", trigger="test")
+        why = str(e.value.cause)
+        host = lab.cfg.region(primary).postgres
+        assert f"{host.pgbackrest_host}:{host.pgbackrest_port}" in why and "pgBackRest server" in why, why
+        after = read_catalog(Stanza(lab.cfg, primary))
+        assert {x.label for x in after.backups} == before, "a failed backup left one behind"
+
+        res = await _backup(lab, client, history="backup-auto-primary-when-remote-down", type="incr", trigger="test")
+        assert res.outcome == "degraded" and not res.from_standby and res.source_region == primary, res
+        assert len(res.backups) == 2 and any(d.startswith(f"read from the primary ({primary}), not the standby")
+                                             and "pgBackRest server" in d for d in res.degraded), res.degraded
+    finally:
+        server.start()
+    res = await _backup(lab, client, type="incr", trigger="test")
+    assert res.outcome == "succeeded" and res.from_standby and res.source_region == standby, res

@@ -460,3 +460,21 @@ def test_redis_tls_is_verified_and_a_ca_without_tls_is_refused(tmp_path):
     doc["regions"][1]["redis"]["tls"] = False
     msg = problems(tmp_path, doc)
     assert "regions[1].redis" in msg and "ca_file is set but tls is off" in msg, msg
+
+
+def test_backups_from_the_standby_need_each_nodes_pgbackrest_server_and_a_client_certificate(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    # The lab's: read from the standby, through each node's TLS server, with its client files.
+    assert cfg.backup.read_from == "standby" and cfg.backup.tls_client is not None
+    assert cfg.backup.tls_client.cert_file == f"{cfg.lab.state_dir}/tls/pgbackrest-client.crt"
+    assert all(r.postgres.pgbackrest_host == "localhost" for r in cfg.regions)
+    doc = base()
+    del doc["regions"][1]["postgres"]["pgbackrest_host"]
+    msg = problems(tmp_path, doc)
+    assert "regions[1].postgres.pgbackrest_host" in msg and "read_from 'standby'" in msg, msg
+    doc["backup"]["read_from"] = "primary"
+    assert load_config(write(tmp_path, doc), env={}).backup.read_from == "primary"
+    doc = base()
+    del doc["backup"]["tls_client"]
+    msg = problems(tmp_path, doc)
+    assert "backup.tls_client" in msg and "client certificate" in msg, msg

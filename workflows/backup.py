@@ -152,7 +152,22 @@ class BackupWorkflow(Runbook):
                                          timeout_seconds=inp.timeout_seconds)
                 try:
                     try:
-                        b = await self._take(topo, source, take)
+                        try:
+                            b = await self._take(topo, source, take)
+                        except ActivityError as e:
+                            if not (from_standby and inp.source == "auto" and getattr(e.cause, "type", None) ==
+                                    "PrimaryRemoteUnreachable" and workflow.patched("backup-primary-when-remote-down")):
+                                raise
+                            # The standby's node cannot reach the primary's (its pgBackRest TLS
+                            # server is down, or refuses us): a scheduled backup reads the primary
+                            # rather than leave a gap in the backups, and says why.
+                            self.degraded.append(f"read from the primary ({primary}), not the standby: {e.cause}")
+                            from_standby, source = False, primary
+                            self.source_region = source
+                            workflow.upsert_search_attributes([DR_SOURCE_REGION.value_set(source)])
+                            rec.detail = f"the standby cannot reach the primary's pgBackRest: backing up from {source}"
+                            take = take.model_copy(update={"region": source, "from_standby": False})
+                            b = await self._take(topo, source, take)
                     except ActivityError as e:
                         # The bucket lacks the stanza (new, or lost and recreated empty): make it,
                         # once per run, and take the backup again. pgBackRest fails at once

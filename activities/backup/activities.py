@@ -30,7 +30,7 @@ from activities.backup.restore import (
     scratch_config,
     utcnow,
 )
-from activities.backup.take import StanzaMissing, take_backup
+from activities.backup.take import PrimaryRemoteUnreachable, StanzaMissing, take_backup
 from activities.heartbeat import heartbeating
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
@@ -137,6 +137,9 @@ class BackupActivities:
             # Not retried here: a retry would fail the same way. The workflow runs stanza-create
             # on the primary's node and asks again.
             raise ApplicationError(str(e), type="StanzaMissing", non_retryable=True) from None
+        except PrimaryRemoteUnreachable as e:
+            # Not retried here: the workflow decides (a scheduled backup reads the primary).
+            raise ApplicationError(str(e), type="PrimaryRemoteUnreachable", non_retryable=True) from None
         except PgBackRestError as e:
             activity.logger.warning("backup failed", extra={"attempt": info.attempt, "error": str(e)})
             raise ApplicationError(str(e), type="BackupFailed") from None

@@ -81,6 +81,16 @@ class StanzaMissing(PgBackRestError):
     ``stanza-create`` on the primary's node makes it, then the backup can be taken."""
 
 
+class PrimaryRemoteUnreachable(PgBackRestError):
+    """A backup from the standby could not reach the primary node's pgBackRest TLS server (down,
+    refused, or a certificate it or we reject). pgBackRest itself then says only "unable to find
+    primary cluster"; the reason is a warning in its log."""
+
+
+# pgBackRest's warning, in its log, when a pg it was given cannot be checked (src/command/
+# backup/backup.c: "unable to check pg<n>: [<error type>] <message>").
+_PG1_UNCHECKED = re.compile(r"unable to check pg1: (\[\w+\] .*)")
+
 # What pgBackRest 2.45 says when backup.info or archive.info is missing in the repo
 # (src/info/infoBackup.c, infoArchive.c).
 _NO_STANZA = "has a stanza-create been performed"
@@ -92,6 +102,32 @@ def _finished_since(stanza: Stanza, repo_region: str, type_: str, not_before: fl
     cat = read_catalog(stanza, f"--repo={repo_key(stanza.cfg, stanza.region.name, repo_region)}")
     done = [b for b in cat.on(repo_region) if b.type == type_ and b.started.timestamp() >= not_before - 1]
     return done[-1] if done else None
+
+
+def standby_options(stanza: Stanza, primary_region: str) -> list[str]:
+    """A backup on the standby's node: pg1 is the primary (pg_backup_start/stop, pg_control),
+    pg2 this node, whose data files are copied. The primary is on another host: pgBackRest
+    reaches it through its TLS server there (pg1-host, mutual TLS with ``backup.tls_client``);
+    its path and socket are on that host. Without one (a config that names no
+    ``pgbackrest_host``) the primary's directory must be on this host."""
+    p = stanza.cfg.region(primary_region).postgres
+    me = stanza.region.postgres
+    opts = [f"--pg1-path={Path(p.data_dir).absolute()}", f"--pg1-port={p.port}", f"--pg1-user={p.user}",
+            f"--pg2-path={Path(me.data_dir).absolute()}", f"--pg2-port={me.port}", f"--pg2-user={me.user}",
+            "--backup-standby"]
+    if p.socket_dir:
+        opts.append(f"--pg1-socket-path={Path(p.socket_dir).absolute()}")
+    if me.socket_dir:
+        opts.append(f"--pg2-socket-path={Path(me.socket_dir).absolute()}")
+    client = stanza.cfg.backup.tls_client
+    if p.pgbackrest_host and client is not None:
+        opts += [f"--pg1-host={p.pgbackrest_host}", "--pg1-host-type=tls", f"--pg1-host-port={p.pgbackrest_port}",
+                 f"--pg1-host-cert-file={client.cert_file}", f"--pg1-host-key-file={client.key_file}",
+                 f"--pg1-host-ca-file={client.ca_file}",
+                 # The primary node's own config there (its log and lock paths): the remote
+                 # would otherwise read /etc/pgbackrest.conf.
+                 f"--pg1-host-config={p.pgbackrest_conf}"]
+    return opts
 
 
 def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: str, not_before: float,
@@ -119,20 +155,10 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
     opts = [f"--repo={key}", f"--type={type_}"]
     if from_standby:
-        # The backup runs on the standby's node: pg1 is the primary (for pg_backup_start/stop),
-        # pg2 this node, whose files are copied. Both data directories are local in the lab; in
-        # production the primary is pg1-host on another machine (pgBackRest TLS server).
-        p = stanza.cfg.region(primary_region).postgres
-        me = stanza.region.postgres
-        opts += [f"--pg1-path={Path(p.data_dir).absolute()}", f"--pg1-port={p.port}", f"--pg1-user={p.user}",
-                 f"--pg2-path={Path(me.data_dir).absolute()}", f"--pg2-port={me.port}", f"--pg2-user={me.user}",
-                 "--backup-standby"]
-        if p.socket_dir:
-            opts.append(f"--pg1-socket-path={Path(p.socket_dir).absolute()}")
-        if me.socket_dir:
-            opts.append(f"--pg2-socket-path={Path(me.socket_dir).absolute()}")
+        opts += standby_options(stanza, primary_region)
     log = stanza.log_dir / f"{stanza.name}-backup.log"
     offset = log.stat().st_size if log.exists() else 0
+    run_offset = offset
     for attempt in (1, 2):
         proc = stanza.popen("backup", *opts, owner=owner)
         started = time.monotonic()
@@ -167,6 +193,12 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
             continue
         if _NO_STANZA in err:
             raise StanzaMissing("backup", proc.returncode, scrub(_last_error(err)))
+        if from_standby and (why := _pg1_unchecked(log, run_offset)):
+            p = stanza.cfg.region(primary_region).postgres
+            where = f"{p.pgbackrest_host}:{p.pgbackrest_port}" if p.pgbackrest_host else p.data_dir
+            raise PrimaryRemoteUnreachable("backup", proc.returncode, scrub(
+                f"the primary's ({primary_region}) pgBackRest server {where} could not be reached from "
+                f"{stanza.region.name}: {why}"))
         raise PgBackRestError("backup", proc.returncode, scrub(_last_error(err)))
     done = _finished_since(stanza, repo_region, type_, not_before)
     if done is None:
@@ -191,4 +223,16 @@ def now() -> float:
     return datetime.now(timezone.utc).timestamp()
 
 
-__all__ = ["LOCK_ACQUIRE", "StanzaMissing", "take_backup", "stop_orphans", "checkpoint_if_timeline_changed"]
+def _pg1_unchecked(log: Path, offset: int) -> str | None:
+    """This run's "unable to check pg1" warning, from its part of the log."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = _PG1_UNCHECKED.findall(text)
+    return found[-1].strip()[:500] if found else None
+
+
+__all__ = ["LOCK_ACQUIRE", "PrimaryRemoteUnreachable", "StanzaMissing", "take_backup", "stop_orphans", "checkpoint_if_timeline_changed"]
