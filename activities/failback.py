@@ -17,8 +17,9 @@ from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.postgres import epoch as epochs
 from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
-from activities.postgres.divergence import EXTRACTION_MARGIN, ChangedRelation, ForkPoint, LostWal, NoFork, \
-    fork_between, lost_wal, read_loser, regclass_sql
+from activities.postgres.divergence import EXTRACTION_MARGIN, ChangedRelation, ForkPoint, LostWal, LoserRows, \
+    NoFork, fork_between, lost_wal, read_loser, regclass_sql
+from activities.postgres.lsn import lsn_to_int
 from activities.postgres.wal import WalUnreadable
 from activities.postgres.rewind import Rewound, rewind_to_standby
 from activities.postgres.status import connect
@@ -134,6 +135,7 @@ class FailbackActivities:
         read = dict(fork=req.divergence.fork, survivor=primary, fork_time=fork_time)
         got = read_loser(old, {t: c.key for t, c in configs.items()}, since,
                          {t: c.timestamp_column for t, c in configs.items()}, **read)
+        _agrees(req.region, lost, got)
         missing = [t for t, oid in got.oids.items() if oid is None]
         if missing:
             raise ApplicationError(
@@ -155,6 +157,7 @@ class FailbackActivities:
         if extra:
             got = read_loser(old, {t: c.key for t, c in {**configs, **extra}.items()}, since,
                              {t: c.timestamp_column for t, c in {**configs, **extra}.items()}, **read)
+            _agrees(req.region, lost, got)
             configs.update(extra)
         info = activity.info()
         priority = {r.name: r.priority for r in self.cfg.regions}
@@ -282,3 +285,19 @@ def require_epoch(primary, service: str, epoch: int | None, what: str) -> None:
     if held > epoch:
         raise ApplicationError(f"stale epoch {epoch}: {what} a primary that records epoch {held} (a newer move ran "
                                "since); nothing was changed", type="StaleEpoch", non_retryable=True)
+
+
+def _agrees(region: str, lost: LostWal, got: LoserRows) -> None:
+    """The measured divergence and the read's own scan of the same stopped WAL must agree:
+    fewer commits, or an earlier end, means the read missed writes the measure counted, and
+    applying it, then rewinding, would erase them while reporting them kept."""
+    if got.wal_commits is None:
+        return
+    short = got.wal_end_lsn is not None and lost.end_lsn is not None and \
+        lsn_to_int(got.wal_end_lsn) < lsn_to_int(lost.end_lsn)
+    if got.wal_commits != lost.lost_commits or short:
+        raise ApplicationError(
+            f"{region}'s WAL after the fork read twice gives two answers: measured {lost.lost_commits} commits to "
+            f"{lost.end_lsn}, read {got.wal_commits} to {got.wal_end_lsn}. Nothing was applied; {region} is left "
+            "stopped (fenced) with its data intact. Read its WAL by hand (pg_waldump) before any rewind.",
+            type="DivergenceMismatch", non_retryable=True)

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from activities.postgres.ctl import PgCtl
-from activities.postgres.lsn import lsn_to_int
+from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.postgres.wal import scan, segment_name, segment_size, waldump
 from lab.scratch_postgres import scratch_postgres
 
@@ -215,3 +215,75 @@ def test_a_quiet_snapshot_before_the_start_is_reached(node, monkeypatch):
         c.execute("insert into quiet values (1)")
     found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
     assert found.commits and not found.unplaced_xids, found.unplaced_xids
+
+
+def test_a_lookback_never_crosses_into_a_segment_from_another_history_of_the_timeline(node):
+    """Timeline numbers are reused (a node rewound and promoted again gets the same one), so the
+    segment before a fork's may be left from another history of the same timeline and system:
+    valid on its own, it does not chain into the fork's segment, and pg_waldump read through
+    it stops at the broken prev-link just past the fork. Such a read must not replace the
+    fork's own: the commit after the fork is still found (a split brain once lost a row so:
+    measured one commit, read none)."""
+    ctl = PgCtl(node.cfg)
+    seg = segment_size(ctl)
+    with _conn() as c:
+        c.execute("create table t (id int primary key, v text)")
+        c.execute("select pg_switch_wal()")
+    ctl.stop("fast")
+    # The twin: a cold copy (same system id, same timeline) that writes its own history.
+    twin_dir = node.data_dir.parent / "twin"
+    subprocess.run(["cp", "-a", str(node.data_dir), str(twin_dir)], check=True)
+    twin = PgCtl(node.cfg.model_copy(update={"data_dir": str(twin_dir), "port": PORT + 1}))
+    twin.start()
+    try:
+        with psycopg.connect(host=node.cfg.socket_dir, port=PORT + 1, user="postgres", dbname="postgres",
+                             autocommit=True) as c:
+            c.execute("insert into t select g, repeat('y', 200) from generate_series(1, 50) g")
+            c.execute("checkpoint")  # a RUNNING_XACTS in the twin's segment: the lookback stops there
+            twin_seg = segment_name(1, lsn_to_int(c.execute("select pg_current_wal_lsn()::text").fetchone()[0]), seg)
+            c.execute("select pg_switch_wal()")
+    finally:
+        twin.stop("fast")
+    ctl.start()
+    with _conn() as c:
+        c.execute("insert into t values (0, 'mine')")
+        here = lsn_to_int(c.execute("select pg_current_wal_lsn()::text").fetchone()[0])
+        assert segment_name(1, here, seg) == twin_seg
+        c.execute("select pg_switch_wal()")
+        at = lsn_to_int(c.execute("select pg_current_wal_lsn()::text").fetchone()[0])
+        fork = int_to_lsn(at - at % seg)  # a segment boundary, as a promotion after a switch leaves it
+        c.execute("insert into t values (1000, 'after the fork')")
+        xid = int(c.execute("select xmin::text::bigint from t where id = 1000").fetchone()[0])
+    ctl.stop("fast")
+    # The stale segment of the other history, where the node's own one was.
+    os.replace(twin_dir / "pg_wal" / twin_seg, node.data_dir / "pg_wal" / twin_seg)
+    plain = scan(ctl, _wal(node), 1, fork)
+    looked = scan(ctl, _wal(node), 1, fork, lookback=True)
+    assert xid in {c.xid for c in plain.commits}
+    assert {c.xid for c in looked.commits} == {c.xid for c in plain.commits}, (plain.commits, looked.commits)
+    assert looked.end_lsn == plain.end_lsn
+    # Not found placed through the foreign segment: unplaced, so the caller reads in full.
+    assert xid in looked.unplaced_xids
+
+
+def test_reconcile_refuses_a_read_that_disagrees_with_the_measured_divergence():
+    """Defence behind the lookback fix: the measure and the read scan the same stopped WAL,
+    so fewer commits read, or an earlier end, is a read that missed writes; nothing may be
+    applied (and so nothing rewound) on it."""
+    from temporalio.exceptions import ApplicationError
+
+    from activities.failback import _agrees
+    from activities.postgres.divergence import LoserRows, LostWal
+
+    lost = LostWal(fork_lsn="0/4000000", end_lsn="0/4000200", lost_bytes=512, lost_commits=1)
+
+    def read(commits, end):
+        return LoserRows(rows={}, keys={}, changed=[], oids={}, wal_commits=commits, wal_end_lsn=end)
+
+    _agrees("us-west-2", lost, read(1, "0/4000200"))
+    _agrees("us-west-2", lost, read(None, None))  # no fork given: nothing to compare
+    for commits, end in ((0, "0/4000200"), (2, "0/4000200"), (1, "0/4000100")):
+        with pytest.raises(ApplicationError) as e:
+            _agrees("us-west-2", lost, read(commits, end))
+        assert e.value.type == "DivergenceMismatch" and e.value.non_retryable
+        assert "Nothing was applied" in str(e.value) and "measured 1 commits to 0/4000200" in str(e.value)

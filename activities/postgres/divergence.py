@@ -173,6 +173,10 @@ class LoserRows(BaseModel):
     read_in_recovery: bool | None = None
     # Where the read's time went (wal, start, read, stop, wal_after), seconds.
     seconds: dict[str, float] = {}
+    # What this read's own WAL scan found after the fork: checked against the measured
+    # divergence (two reads of one stopped node's WAL must agree, or rows could be missed).
+    wal_commits: int | None = None
+    wal_end_lsn: str | None = None
 
 
 def regclass_sql(table: str) -> sql.Composable:
@@ -376,7 +380,9 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     log.info("divergence read", seconds=took.laps, reads={t: r.mode for t, r in reads.items()},
              read_wal_bytes=read_wal, in_recovery=in_recovery)
     return LoserRows(rows=rows, keys=keys, changed=changed, oids=oids, deleted=deleted, reads=reads,
-                     read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps)
+                     read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps,
+                     wal_commits=len(found.commits) if found is not None else None,
+                     wal_end_lsn=found.end_lsn if found is not None else None)
 
 
 class _Stopwatch:

@@ -223,8 +223,14 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
             break
         again = waldump(ctl, wal_dir, tli, int_to_lsn(earlier), seg_size)
         again_end = end_of_wal(again.stderr, seg_size)
-        if again_end is None or lsn_to_int(again_end) < first:
-            break  # that segment is gone or unreadable: stop with what was read
+        if again_end is None or again_end != end:
+            # That segment is gone or unreadable, or it is from another history of this
+            # timeline (timeline numbers are reused: a rewound node promoted again gets the
+            # same one) and does not chain into the next: pg_waldump then stops at a broken
+            # prev-link, possibly just past the start, and taking that read would drop every
+            # commit after it. Only a read through to the same end is the same WAL. Stop with
+            # what was read (unreached: the caller reads in full).
+            break
         r, dump_from = again, int_to_lsn(earlier)
     commits: list[Commit] = []
     pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str, int]]] = {}
