@@ -380,6 +380,34 @@ def check_backup_age(cfg: EagleConfig, primary: RegionConfig) -> ReadinessCheck:
     return c
 
 
+def check_backup_path(cfg: EagleConfig, primary: RegionConfig, timeout: float) -> ReadinessCheck:
+    """Backups read from the standby reach the primary through its node's pgBackRest TLS
+    server: a mutual-TLS handshake with it, as the backup client (the worker's certificate,
+    the server's checked against the CA and its name). Down or refusing, the next scheduled
+    backup reads the primary instead (and a ``--source standby`` one fails): a warning."""
+    c = ReadinessCheck(name="backup_path", region=primary.name, state="ok")
+    p, client = primary.postgres, cfg.backup.tls_client
+    if cfg.backup.read_from != "standby" or not p.pgbackrest_host or client is None:
+        c.state, c.reason = "n/a", "backups read the primary (backup.read_from)"
+        return c
+    import socket
+    import ssl
+
+    where = f"{p.pgbackrest_host}:{p.pgbackrest_port}"
+    try:
+        ctx = ssl.create_default_context(cafile=client.ca_file)
+        ctx.load_cert_chain(client.cert_file, client.key_file)
+        with socket.create_connection((p.pgbackrest_host, p.pgbackrest_port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=p.pgbackrest_host):
+            pass
+    except (OSError, ssl.SSLError) as e:
+        c.state, c.reason = "warn", (f"{primary.name}'s pgBackRest server {where} not reachable with the backup "
+                                     f"client's certificate ({_why(e)}): backups read the primary instead")
+        return c
+    c.reason = f"{primary.name}'s pgBackRest server {where} answers mutual TLS"
+    return c
+
+
 def check_workers(cfg: EagleConfig, alive: dict[str, bool | None]) -> ReadinessCheck:
     """``alive``: ``control`` and each region name -> whether its worker picked up a probe
     (None: not known). A region's worker runs its promotion, fence and rewind: without it a
@@ -411,7 +439,7 @@ def assess(cfg: EagleConfig, primary_name: str, workers: dict[str, bool | None] 
     checks = [check_standby(standby, ss), check_lag(cfg, standby, ps, ss), check_slot(primary, standby, timeout),
               *(check_rewind_safety(r, timeout) for r in cfg.regions), check_wal_headroom(cfg, primary, timeout),
               check_sentinels(cfg, timeout), check_dns(cfg, primary), check_backup_age(cfg, primary),
-              check_encryption(cfg)]
+              check_backup_path(cfg, primary, timeout), check_encryption(cfg)]
     if workers is not None:
         checks.append(check_workers(cfg, workers))
     return ReadinessReport(primary=primary_name, at=datetime.now(timezone.utc), checks=checks)

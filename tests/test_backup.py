@@ -13,6 +13,7 @@ from temporalio.client import WorkflowFailureError
 
 from activities.backup.catalog import read_catalog
 from activities.backup.pgbackrest import Stanza
+from activities.readiness import check_backup_path
 from tests.histories import record
 from tests.lab_helpers import _primary
 from workflows.backup import BackupInput, BackupResult, BackupWorkflow
@@ -125,8 +126,11 @@ async def test_a_backup_from_the_standby_reaches_the_primary_only_through_its_tl
     server = lab.pgbackrest_server(primary)
     assert server is not None and server.running()
     before = {x.label for x in read_catalog(Stanza(lab.cfg, primary)).backups}
+    assert check_backup_path(lab.cfg, lab.cfg.region(primary), 3).state == "ok"
     server.stop()
     try:
+        seen = check_backup_path(lab.cfg, lab.cfg.region(primary), 3)
+        assert seen.state == "warn" and "backups read the primary instead" in seen.reason, seen
         with pytest.raises(WorkflowFailureError) as e:
             await _backup(lab, client, type="incr", source="standby", trigger="test")
         why = str(e.value.cause)

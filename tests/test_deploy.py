@@ -216,7 +216,7 @@ def test_network_policies_allow_only_the_needed_flows(region):
                 for r in rules]
 
     worker = pols["eagle-dr-worker"]["spec"]
-    assert ports(worker["egress"]) == {53, 5432, 6379, 26379, 443, 6443, 7233}
+    assert ports(worker["egress"]) == {53, 5432, 6379, 26379, 8432, 443, 6443, 7233}
     (stores,) = [r for r in worker["egress"] if 5432 in {pt["port"] for pt in r["ports"]}]
     # Both regions' data stores: fencing and promotion cross regions; nothing else may reach them.
     assert [t["ipBlock"]["cidr"] for t in stores["to"]] == ["10.1.0.0/16", "10.2.0.0/16"]

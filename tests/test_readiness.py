@@ -30,7 +30,7 @@ from tests.lab_helpers import _async, _aux_pid, _primary, _scrape, _until, _valu
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 
 HEALTHY = {"standby", "replication_lag", "replication_slot", "rewind_safety", "wal_headroom", "sentinel_quorum",
-           "workers"}
+           "workers", "backup_path"}
 
 
 def _states(report) -> dict[str, str]:
