@@ -1,15 +1,22 @@
 """Retention on the real lab: ``pgbackrest expire`` through ExpireWorkflow, asserted on
 pgBackRest's own output and on ``pgbackrest info`` afterwards.
 
-The configured policy is time-based (30 days); backups made seconds ago cannot age, and
-faketime cannot be used against S3 (SigV4 rejects the skewed clock). So: the time policy is
-run as configured (it must remove nothing), then the count override (``keep_fulls``), which
-pgBackRest applies with the same rule: drop backup sets older than the newest kept full and
-the WAL before it, and keep the kept full's WAL onwards (what PITR from it needs).
+The configured policy is time-based (30 days). Backups made seconds ago are first run
+through it as they are (it must remove nothing), then through the count override
+(``keep_fulls``); then, aged for real: faketime cannot age them (S3's SigV4 refuses the
+skewed clock), so the bucket's backup.info is rewritten with older timestamps (decrypted,
+re-checksummed and re-encrypted the way pgBackRest writes it), and the time policy must drop
+every backup before the newest full older than 30 days, with the WAL only they needed, and
+keep that full's WAL onwards (what PITR from it needs).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import subprocess
+import time
 import uuid
 
 import pytest
@@ -93,3 +100,86 @@ async def test_bad_expire_input_names_the_field(lab, client):
             await client.execute_workflow("ExpireWorkflow", raw, id=f"test-{uuid.uuid4()}",
                                           task_queue=lab.cfg.temporal.control_task_queue)
         assert e.value.cause.type == "InvalidInput" and field in str(e.value.cause)
+
+
+# -- the time policy, on backups made to look old -------------------------------------------------
+
+
+def _openssl(args: list[str], data: bytes, passphrase: str) -> bytes:
+    # pgBackRest's repo cipher is OpenSSL's salted aes-256-cbc with an SHA-1 key derivation.
+    r = subprocess.run(["openssl", "enc", *args, "-aes-256-cbc", "-md", "sha1", "-pass", "stdin"],
+                       input=passphrase.encode() + b"\n" + data, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _info_checksum(text: str) -> str:
+    """pgBackRest's backup.info checksum: SHA-1 of the sections as one JSON object (values as
+    stored), the checksum itself left out."""
+    parts, section, keys = [], None, []
+    for line in text.splitlines() + ["[end]"]:
+        if line.startswith("["):
+            if section is not None and keys:
+                parts.append(f'"{section}":{{{",".join(keys)}}}')
+            section, keys = line[1:-1], []
+        elif line and not line.startswith("backrest-checksum="):
+            k, _, v = line.partition("=")
+            keys.append(f'"{k}":{v}')
+    return hashlib.sha1(("{" + ",".join(parts) + "}").encode()).hexdigest()
+
+
+def _age_backups(lab, region: str, days_ago: dict[str, float]) -> None:
+    """Rewrite the bucket's backup.info (and its .copy) so the named backups look ``days_ago``
+    old: the only way to age a real backup (faketime cannot, SigV4 refuses a skewed clock).
+    The checksum is recomputed; pgBackRest would refuse the file otherwise."""
+    r = lab.cfg.region(region)
+    s3 = lab.s3(region).client()
+    key = f"{lab.cfg.backup.repo_path.strip('/')}/backup/{lab.cfg.backup.stanza}/backup.info"
+    passphrase = r.s3.cipher_pass.resolve()
+    text = _openssl(["-d"], s3.get_object(Bucket=r.s3.bucket, Key=key)["Body"].read(), passphrase).decode()
+    stored = re.search(r'^backrest-checksum="(\w+)"$', text, re.M).group(1)
+    assert _info_checksum(text) == stored  # the rule reproduces pgBackRest's before anything is changed
+    now = int(time.time())
+    lines = []
+    for line in text.splitlines():
+        label, _, value = line.partition("=")
+        if label in days_ago:
+            b = json.loads(value)
+            took = b["backup-timestamp-stop"] - b["backup-timestamp-start"]
+            b["backup-timestamp-start"] = now - int(days_ago[label] * 86400)
+            b["backup-timestamp-stop"] = b["backup-timestamp-start"] + took
+            line = f"{label}={json.dumps(b, separators=(',', ':'))}"
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    text = re.sub(r'^backrest-checksum="\w+"$', f'backrest-checksum="{_info_checksum(text)}"', text, flags=re.M)
+    body = _openssl(["-e"], text.encode(), passphrase)
+    for name in (key, key + ".copy"):
+        s3.put_object(Bucket=r.s3.bucket, Key=name, Body=body)
+
+
+async def test_the_time_policy_expires_backups_older_than_the_retention_and_keeps_what_pitr_needs(lab, client):
+    """The configured policy (time, 30 days) on backups aged by rewriting backup.info: every
+    backup before the newest full older than 30 days goes, with the WAL only they needed; that
+    full stays (a restore to 30 days ago starts from it), and everything after it."""
+    primary = _primary(lab)
+    made = []
+    for t in ("full", "incr", "full", "incr"):
+        r = await _run(lab, client, BackupWorkflow.run, BackupInput(type=t, repos=[primary], trigger="test"))
+        assert r.outcome == "succeeded", r
+        made.append(r.backups[0])
+    f1, i1, f2, i2 = made
+    stanza = Stanza(lab.cfg, primary)
+    older = [b.label for b in read_catalog(stanza).on(primary) if b.label < f2.label]
+    assert f1.label in older and i1.label in older
+    _age_backups(lab, primary, {**{label: 40 for label in older}, f2.label: 35})
+    res: ExpireResult = await _run(lab, client, ExpireWorkflow.run, ExpireInput(repos=[primary], trigger="test"),
+                                   "expire-time-policy")
+    (e,) = res.repos
+    assert e.policy == "time 30 days" and res.outcome == "succeeded", res
+    assert sorted(e.removed_backups) == sorted(older), (e.removed_backups, older)
+    after = read_catalog(stanza)
+    assert after.repo(primary).ok, after.repos
+    assert [b.label for b in after.on(primary)] == [f2.label, i2.label]
+    arch = next(a for a in after.archive if a.repo_region == primary)
+    assert e.archive_removed and all(a.stop < f2.wal_start for a in e.archive_removed)
+    assert f1.wal_stop < arch.min_wal <= f2.wal_start and arch.max_wal >= i2.wal_stop, (arch, f1, f2)
