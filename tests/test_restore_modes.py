@@ -316,3 +316,57 @@ async def test_worker_killed_mid_rebuild_the_retry_finishes_and_the_standby_stre
                 == [1, 2]
 
     await _until(caught_up, 60, "the rebuilt standby to have the primary's rows", 0.2)
+
+
+async def test_a_rebuilt_standby_promoted_past_a_dead_branch_keeps_its_standby_streaming(lab, client):
+    """A standby rebuilt from backup keeps the archive in its settings, so its promotion picks a
+    timeline past every history file there, a split brain's dead branch included (no reuse).
+    The skipped number's history file must then be on the new primary: the old primary, made a
+    standby of it, asks it over replication for every history file in between and, without
+    it, retried forever (seen in CI after the DataSync rebuild test: "could not receive
+    timeline history file ... 0000000C.history")."""
+    from eagle_dr.launch import start_move
+    from lab.osuser import make_dir
+    from workflows.models import SwitchoverInput
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    await _backup(lab, client, type="incr")
+    handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
+                                         id=f"test-rebuild-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    await handle.execute_update("approve", _decide("approve"))
+    res: RestoreResult = await handle.result()
+    assert res.outcome in ("succeeded", "degraded") and res.rebuilt, res
+    # A dead branch in the stanza: the history file of the next timeline number, as a split
+    # brain's promoted loser leaves it.
+    tli = pg_status(lab.cfg.region(primary).postgres).timeline
+    dead = tli + 1
+    wal = PgCtl(lab.cfg.region(primary).postgres).data_dir / "pg_wal"
+    parent = (wal / f"{tli:08X}.history")
+    branch = lab.region_dir(primary) / "dead-branch"
+    make_dir(branch, lab.user, 0o755)
+    text = (parent.read_text() if parent.exists() else "") + f"{tli}\t0/1000000\tdead branch (test)\n"
+    (branch / f"{dead:08X}.history").write_text(text)
+    lab.user.own(branch / f"{dead:08X}.history")
+    Stanza(lab.cfg, primary).run("archive-push", "--no-archive-async", args=(str(branch / f"{dead:08X}.history"),),
+                                 timeout=120)
+
+    sw = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
+                                                                  target_region=standby))).result()
+    try:
+        assert sw.outcome == "succeeded", sw
+        new_tli = pg_status(lab.cfg.region(standby).postgres).timeline
+        assert new_tli > dead, (tli, new_tli)  # past the dead branch: no timeline number reused
+        assert (PgCtl(lab.cfg.region(standby).postgres).data_dir / "pg_wal" / f"{dead:08X}.history").exists()
+
+        def follows() -> bool:
+            st = pg_status(lab.cfg.region(primary).postgres)
+            return st.role == "standby" and st.receiver_status == "streaming"
+
+        await _until(lambda: _async_true(follows()), 120, "the old primary to stream on the new timeline", 0.3)
+    finally:
+        back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
+                                                                        target_region=primary))).result()
+        assert back.outcome == "succeeded", back

@@ -7,6 +7,7 @@ act on its data directory; the others only need a network path to the node.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import psycopg
 from pydantic import BaseModel
@@ -77,6 +78,45 @@ class RejoinRequest(BaseModel):
 
 def _heartbeat(details) -> None:
     activity.heartbeat(details)
+
+
+def keep_skipped_histories(cfg: EagleConfig, region: str, timeline: int) -> list[str]:
+    """After a promotion that skipped timeline numbers, put the skipped ones' history files in
+    pg_wal, from the archive.
+
+    A standby whose settings name the archive (one rebuilt from backup) picks its new timeline
+    past every history file there, a split brain's dead branch included: it skips that branch's
+    number instead of reusing it (reuse mixes two histories under one timeline in the archive).
+    But a standby that follows this primary asks it, over replication, for the history file of
+    every timeline between its own and the primary's, and the primary has none for the skipped
+    ones: the standby then retries forever ("could not receive timeline history file"). Their
+    content is never followed (the new timeline's own file names its real parents); only their
+    presence matters. Best effort: the promotion stands either way; what is missing is logged."""
+    pg = cfg.region(region).postgres
+    if not pg.data_dir:
+        return []
+    wal = Path(pg.data_dir) / "pg_wal"
+    history = wal / f"{timeline:08X}.history"
+    try:
+        parents = [int(line.split()[0]) for line in history.read_text().splitlines()
+                   if line.strip() and not line.startswith("#")]
+    except (OSError, ValueError):
+        return []
+    skipped = [t for t in range(max(parents, default=0) + 1, timeline) if not (wal / f"{t:08X}.history").exists()]
+    if not skipped:
+        return []
+    from activities.backup.pgbackrest import PgBackRestError, Stanza
+
+    kept = []
+    for t in skipped:
+        name = f"{t:08X}.history"
+        try:
+            Stanza(cfg, region).run("archive-get", args=(name, str(wal / name)), timeout=60)
+            kept.append(name)
+        except (PgBackRestError, OSError, ValueError) as e:
+            activity.logger.warning("skipped timeline's history not kept", extra={"file": name, "error": str(e)})
+    activity.logger.info("kept skipped timelines' history files", extra={"files": kept})
+    return kept
 
 
 class PostgresActivities:
@@ -196,6 +236,8 @@ class PostgresActivities:
                 if other.name != req.region:
                     reserve_slot_in(conn, pg, other.postgres.slot_name)
             promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
+        if promotion.timeline and not promotion.already_primary:
+            keep_skipped_histories(self.cfg, req.region, promotion.timeline)
         if req.record_epoch:
             # After writable_at: the record is the first write of the new timeline, as when the
             # runbook called record_epoch next; a retry of this activity records it again (idempotent).
