@@ -192,14 +192,19 @@ async def test_the_time_policy_expires_backups_older_than_the_retention_and_keep
     f1, i1, f2, i2 = made
     stanza = Stanza(lab.cfg, primary)
     # Every backup the bucket holds before f2 (earlier tests' too), as backup.info lists them.
-    older = [label for label in _labels(_read_info(lab, primary)) if label < f2.label]
+    listed = _labels(_read_info(lab, primary))
+    older = [label for label in listed if label < f2.label]
     assert f1.label in older and i1.label in older
     _age_backups(lab, primary, {**{label: 40 for label in older}, f2.label: 35})
     res: ExpireResult = await _run(lab, client, ExpireWorkflow.run, ExpireInput(repos=[primary], trigger="test"),
                                    "expire-time-policy")
     (e,) = res.repos
     assert e.policy == "time 30 days" and res.outcome == "succeeded", res
-    assert sorted(e.removed_backups) == sorted(older), (e.removed_backups, older)
+    # Every backup before f2 goes; f2 and what follows it stay. pgBackRest also deletes backup
+    # directories backup.info no longer lists (a retried or killed backup's leftovers, seen in
+    # CI after the whole suite): those may be named too, never a listed one it should keep.
+    assert set(older) <= set(e.removed_backups) and not {f2.label, i2.label} & set(e.removed_backups), e
+    assert not (set(e.removed_backups) - set(older)) & set(listed), (e.removed_backups, listed)
     assert _labels(_read_info(lab, primary)) == [f2.label, i2.label]
     after = read_catalog(stanza)
     assert after.repo(primary).ok, after.repos
