@@ -186,18 +186,28 @@ async def test_a_failover_colliding_with_a_running_move_does_not_end_the_monitor
     handle = await _start_monitor(client, lab, stop_after_failover=False)
     postmaster = lab.postgres(a).pid
     try:
-        await _until(lambda: _state(handle), 30, "the monitor to start")
-        os.kill(postmaster, signal.SIGSTOP)  # no new connection gets an answer: down from everywhere
+        try:
+            await _until(lambda: _state(handle), 30, "the monitor to start")
+            os.kill(postmaster, signal.SIGSTOP)  # no new connection gets an answer: down from everywhere
+            last = None
 
-        async def collided():
-            st = await _state(handle)
-            return st if st and any(f"a move already holds {move.id}" in f for f in st.findings) else None
+            async def collided():
+                nonlocal last
+                last = st = await _state(handle)
+                return st if st and any(f"a move already holds {move.id}" in f for f in st.findings) else None
 
-        seen = await _until(collided, 90, "the monitor's failover to collide with the switchover")
-        assert seen.failovers_started == 0
-    finally:
-        os.kill(postmaster, signal.SIGCONT)
-    await move.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="test", decision="reject"))
+            try:
+                seen = await _until(collided, 90, "the monitor's failover to collide with the switchover")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; the monitor's last state: {last!r}") from None
+            assert seen.failovers_started == 0
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+            # Never left waiting: it holds the move id, and the next test's runbooks would collide.
+            await move.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="test", decision="reject"))
+    except BaseException:
+        await handle.terminate("test failed")  # a monitor left watching would move the lab under later tests
+        raise
 
     async def healthy_again():
         st = await _state(handle)
