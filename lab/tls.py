@@ -91,13 +91,7 @@ class LabTls:
         checks DNS names, as for S3) and the backup client's, at the paths the config names
         (``backup.tls_client``); CN ``pgbackrest-client`` is what the servers authorize. Both
         owned by the lab user: the servers and ``pgbackrest backup`` run as it."""
-        self.ensure()
-        if not (self.pgbackrest_cert.exists() and self.pgbackrest_key.exists()):
-            self._sign("pgbackrest-server", "/CN=localhost", "subjectAltName=DNS:localhost\n"
-                                                             "extendedKeyUsage=serverAuth\n")
-            os.chmod(self.pgbackrest_key, 0o600)
-            os.chmod(self.pgbackrest_cert, 0o644)
-            self.user.own(self.pgbackrest_key, self.pgbackrest_cert)
+        self._server_cert("pgbackrest-server", "/CN=localhost", "serverAuth", san="DNS:localhost")
         if not (client_cert.exists() and client_key.exists()):
             if client_cert.parent != self.dir or client_key.parent != self.dir:
                 raise ValueError(f"the lab makes backup.tls_client's files in {self.dir} only")
@@ -108,14 +102,14 @@ class LabTls:
                 key.rename(client_key)
             self.user.own(client_key, client_cert)
 
-    def _server_cert(self, name: str, subject: str, usage: str) -> None:
-        """``<name>.crt``/``<name>.key`` naming ``127.0.0.1`` (IP SAN) and ``localhost``, made
+    def _server_cert(self, name: str, subject: str, usage: str, san: str = "DNS:localhost,IP:127.0.0.1") -> None:
+        """``<name>.crt``/``<name>.key`` naming ``san`` (``127.0.0.1`` and ``localhost``), made
         once; owned by the lab user (its server runs as it), key 0600 (servers refuse others)."""
         self.ensure()
         crt, key = self.dir / f"{name}.crt", self.dir / f"{name}.key"
         if crt.exists() and key.exists():
             return
-        self._sign(name, subject, f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        self._sign(name, subject, f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
         os.chmod(key, 0o600)
         os.chmod(crt, 0o644)
         self.user.own(key, crt)
