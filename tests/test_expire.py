@@ -211,3 +211,67 @@ async def test_the_time_policy_expires_backups_older_than_the_retention_and_keep
     arch = next(a for a in after.archive if a.repo_region == primary)
     assert e.archive_removed and all(a.stop < f2.wal_start for a in e.archive_removed)
     assert f1.wal_stop < arch.min_wal <= f2.wal_start and arch.max_wal >= i2.wal_stop, (arch, f1, f2)
+
+
+async def test_backup_and_expire_hold_the_service_repo_lock_one_at_a_time(lab, client):
+    """pgBackRest locks per node, and a backup (the standby's node) beside an expire (the
+    primary's) both rewrite backup.info: one loses the other's entries. The service-wide lock
+    (workflows/repo_lock.py) serialises them. Held here by a stand-in holder first: the expire
+    must wait, touching nothing, and run once it is released; then a real backup and expire
+    started together must hold it in turn, and the backup must stay listed."""
+    from temporalio.client import WorkflowExecutionStatus
+
+    from tests.lab_helpers import _progress, _until
+    from workflows.repo_lock import RepoLockWorkflow, repo_lock_id
+
+    control = lab.cfg.temporal.control_task_queue
+    lock_id = repo_lock_id(lab.cfg.service)
+    lock = await client.start_workflow(RepoLockWorkflow.run, "test-holder", id=lock_id, task_queue=control)
+    waiting = await client.start_workflow(ExpireWorkflow.run, ExpireInput(dry_run=True, trigger="test"),
+                                          id=f"test-{uuid.uuid4()}", task_queue=control)
+    try:
+        async def lock_step_waits():
+            p = await _progress(waiting)
+            s = p and next((s for s in p.steps if "backup-repo lock" in s.name), None)
+            return s if s and "waiting" in (s.detail or "") else None
+
+        step = await _until(lock_step_waits, 60, "the expire waiting for the lock")
+        assert lock_id in step.detail and step.status == "running"
+        p = await _progress(waiting)
+        assert [s.name for s in p.steps] == ["Read the topology", "Take the service's backup-repo lock"], p.steps
+    finally:
+        await lock.signal(RepoLockWorkflow.release)
+    res = await waiting.result()
+    assert res.outcome == "succeeded", res
+    await record(lock, "repo_lock-released")
+    await record(waiting, "expire-waits-for-repo-lock")
+    # Released when the expire ended: the lock's run is the expire's child, completed.
+    d = await client.get_workflow_handle(lock_id).describe()
+    assert d.status == WorkflowExecutionStatus.COMPLETED and d.parent_id == waiting.id, (d.status, d.parent_id)
+
+    # A real backup and expire at once: each one's pgBackRest steps ran inside its own run of
+    # the lock (and Temporal runs one workflow per id at a time).
+    primary = _primary(lab)
+    backup = await client.start_workflow(BackupWorkflow.run, BackupInput(type="full", trigger="test"),
+                                         id=f"test-{uuid.uuid4()}", task_queue=control)
+    expire = await client.start_workflow(ExpireWorkflow.run, ExpireInput(trigger="test"),
+                                         id=f"test-{uuid.uuid4()}", task_queue=control)
+    b, e = await backup.result(), await expire.result()
+    assert b.outcome in ("succeeded", "degraded") and b.backups, b
+    assert e.outcome == "succeeded", e
+    await record(backup, "backup-holds-repo-lock")
+
+    async def lock_runs():
+        runs = {r.parent_id: r async for r in client.list_workflows(f'WorkflowId = "{lock_id}"')}
+        return runs if all(runs.get(h.id) and runs[h.id].close_time for h in (backup, expire)) else None
+
+    runs = await _until(lock_runs, 30, "both lock runs listed, closed")
+    for h in (backup, expire):
+        steps = (await _progress(h)).steps
+        i = next(i for i, s in enumerate(steps) if "backup-repo lock" in s.name)
+        held = runs[h.id]
+        inside = steps[i + 1:]
+        assert inside and held.start_time <= inside[0].started_at and inside[-1].finished_at <= held.close_time, \
+            (h.id, held.start_time, held.close_time, [(s.name, s.started_at, s.finished_at) for s in inside])
+    listed = {x.label for x in read_catalog(Stanza(lab.cfg, primary)).backups}
+    assert {x.label for x in b.backups} <= listed, (b.backups, listed)

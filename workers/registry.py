@@ -38,6 +38,7 @@ from workflows.failover import FailoverWorkflow
 from workflows.health import HealthCheckWorkflow
 from workflows.monitor import MonitorWorkflow
 from workflows.redis_snapshot import RedisSnapshotWorkflow
+from workflows.repo_lock import RepoLockWorkflow
 from workflows.restore_drill import RestoreDrillWorkflow
 from workflows.restore import RestoreWorkflow
 from workflows.split_brain import SplitBrainWorkflow
@@ -46,7 +47,7 @@ from workflows.switchover import SwitchoverWorkflow
 WORKFLOWS = [HealthCheckWorkflow, MonitorWorkflow, FailoverWorkflow, SwitchoverWorkflow, FailbackWorkflow,
              DrillWorkflow, SplitBrainWorkflow, BackupWorkflow, RestoreWorkflow, ExpireWorkflow, RedisSnapshotWorkflow,
              ArchiveGuardWorkflow, RestoreDrillWorkflow, AlertIncidentWorkflow, PlanWorkflow,
-             ConsistencyCheckWorkflow, DataSyncWorkflow]
+             ConsistencyCheckWorkflow, DataSyncWorkflow, RepoLockWorkflow]
 
 
 def _methods(obj, *names: str) -> list:

@@ -8,9 +8,11 @@ The runbook, as an operator would do it:
    stanza is made (``stanza-create``) only when a backup finds a repo without it: a new
    bucket, or one lost and recreated empty. Run before every backup it cost a second of S3
    round trips to both buckets, and failed the whole run when the other region's was down.
-3. Take the backup on the standby's node where one streams (``backup-standby``: the
+3. Hold the service's backup-repo lock (workflows/repo_lock.py) from here to the end: no
+   other backup or expire writes the buckets meanwhile, from any node.
+4. Take the backup on the standby's node where one streams (``backup-standby``: the
    primary only starts and stops it), else on the primary's; once per repo, own bucket first.
-4. Report each backup's label, size, WAL range, duration and repo, in the result and in
+5. Report each backup's label, size, WAL range, duration and repo, in the result and in
    search attributes.
 
 Nothing here is destructive: a failure leaves at worst a partial backup that pgBackRest never
@@ -45,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         DR_SOURCE_REGION,
         DR_TRIGGER,
     )
+    from workflows.repo_lock import repo_lock
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
 
@@ -91,6 +94,13 @@ class BackupWorkflow(Runbook):
         repos = inp.repos or names
         workflow.upsert_search_attributes([DR_RUNBOOK.value_set("backup"), DR_SERVICE.value_set(topo.service),
                                            DR_TRIGGER.value_set(inp.trigger), DR_BACKUP_TYPE.value_set(inp.type)])
+        if workflow.patched("backup-repo-lock"):
+            # Before the primary is looked for: a run that waited has the topology of now.
+            async with repo_lock(self, topo.service, topo.control_task_queue):
+                return await self._backup(inp, topo, repos)
+        return await self._backup(inp, topo, repos)
+
+    async def _backup(self, inp: BackupInput, topo, repos: list[str]) -> BackupResult:
         control = topo.control_task_queue
 
         # Fewer round trips around the same pgBackRest backup (the overhead goal, 1.2x a bare

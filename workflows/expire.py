@@ -6,6 +6,8 @@ for days: no backup, no expiry) or when an operator must free a bucket now (``ke
 it has its own schedule, its own outcome, and BackupWorkflow's command sequence (and its
 recorded histories) stays as it is.
 
+0. Hold the service's backup-repo lock (workflows/repo_lock.py) throughout: never beside a
+   backup or another expire, whichever node those run on.
 1. Find the primary (the node whose worker runs it; when none is reachable, any reachable
    node: expire reads and writes only the repos, never the database).
 2. Its pgBackRest files up to date.
@@ -24,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.activities import PostgresActivities
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TRIGGER
+    from workflows.repo_lock import repo_lock
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
 
@@ -64,6 +67,14 @@ class ExpireWorkflow(Runbook):
         repos = inp.repos or names
         workflow.upsert_search_attributes([DR_RUNBOOK.value_set("expire"), DR_SERVICE.value_set(topo.service),
                                            DR_TRIGGER.value_set(inp.trigger)])
+        if workflow.patched("backup-repo-lock"):
+            # A backup on the standby's node and this expire on the primary's would each rewrite
+            # backup.info, and one would lose the other's entries (workflows/repo_lock.py).
+            async with repo_lock(self, topo.service, topo.control_task_queue):
+                return await self._expire(inp, topo, repos)
+        return await self._expire(inp, topo, repos)
+
+    async def _expire(self, inp: ExpireInput, topo, repos: list[str]) -> ExpireResult:
 
         async with self.step("Find the node to run pgBackRest on") as rec:
             reachable, primary = [], None

@@ -1,0 +1,89 @@
+"""The service's backup-repo lock: one backup or expire at a time, whichever node runs it.
+
+pgBackRest's own lock is a file on the node that runs the command. A backup runs on the
+standby's node, an expire on the primary's, a fallback backup on the primary's: two nodes
+writing the same buckets at once each rewrite backup.info from what they read, and one of
+them loses the other's entry (CI saw backups on disk that backup.info no longer listed, and
+the next expire deleted them as leftovers). So BackupWorkflow and ExpireWorkflow take this
+lock before they touch a repo.
+
+The lock is a child workflow with one fixed id per service. Temporal runs at most one
+workflow per id, so starting it is the acquire, and a start refused as "already started"
+means someone else holds it. Its end is the release: a signal from the holder when done,
+or, if the holder ends any other way (failed, cancelled, terminated), the parent close
+policy TERMINATE. Nothing outlives its holder, and no lease has to be guessed. The waiter
+retries with a capped backoff and says what it waits for in its step; in the UI, the lock's
+parent is the holder.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from temporalio import workflow
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+# The first retry comes soon (a short expire ending), later ones at most a minute apart: a
+# waiter behind a six-hour full adds a few hundred events to its history, not thousands.
+FIRST_RETRY_SECONDS = 5.0
+MAX_RETRY_SECONDS = 60.0
+
+
+def repo_lock_id(service: str) -> str:
+    return f"dr-backup-repos-{service}"
+
+
+@workflow.defn
+class RepoLockWorkflow:
+    """Held while it runs. Its only input is the holder's workflow id, shown in the UI."""
+
+    def __init__(self) -> None:
+        self.released = False
+
+    @workflow.run
+    async def run(self, holder: str) -> str:
+        workflow.set_current_details(f"held by {holder}; released when it ends")
+        await workflow.wait_condition(lambda: self.released)
+        return holder
+
+    @workflow.signal
+    def release(self) -> None:
+        self.released = True
+
+
+@asynccontextmanager
+async def repo_lock(runbook, service: str, control_queue: str):
+    """Hold the service's backup-repo lock for the block, as one step of ``runbook``."""
+    lock_id = repo_lock_id(service)
+    holder = workflow.info().workflow_id
+    wait, waited = FIRST_RETRY_SECONDS, 0.0
+    async with runbook.step("Take the service's backup-repo lock") as rec:
+        while True:
+            try:
+                handle = await workflow.start_child_workflow(
+                    RepoLockWorkflow.run, holder, id=lock_id, task_queue=control_queue,
+                    parent_close_policy=workflow.ParentClosePolicy.TERMINATE,
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                    static_summary=f"backup-repo lock of {service}, held by {holder}")
+                break
+            except WorkflowAlreadyStartedError:
+                rec.detail = (f"waiting {waited:.0f} s: another backup or expire holds {lock_id} "
+                              "(its parent in the UI), and pgBackRest must not write the buckets from two nodes")
+                runbook._details("Take the service's backup-repo lock")
+                await workflow.sleep(wait)
+                waited += wait
+                wait = min(wait * 2, MAX_RETRY_SECONDS)
+        rec.detail = f"held ({lock_id})" + (f" after waiting {waited:.0f} s" if waited else "")
+    try:
+        yield
+    finally:
+        try:
+            await handle.signal(RepoLockWorkflow.release)
+            await handle
+        except Exception as e:  # noqa: BLE001 - the parent's end releases it anyway (TERMINATE)
+            workflow.logger.warning("backup-repo lock not released by signal; it ends with this run",
+                                    extra={"error": str(e)})
+
+
+__all__ = ["RepoLockWorkflow", "repo_lock", "repo_lock_id"]
