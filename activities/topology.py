@@ -35,6 +35,9 @@ class Topology(BaseModel):
     # notifications: channel -> the events it gets. Empty (and absent from old histories):
     # the workflows issue no notification activity at all.
     notify_channels: dict[str, list[str]] = {}
+    # How long after losing all contact a region's worker has surely fenced its own primary
+    # (workers/self_fence.py); None: self-fencing is off (and absent from old histories).
+    self_fence_wait_seconds: float | None = None
 
     def notify_targets(self, kind: str) -> list[str]:
         return [name for name, kinds in self.notify_channels.items() if kind in kinds]
@@ -63,4 +66,5 @@ class TopologyActivities:
             rto_target_seconds=secs(o.critical.rto), rpo_target_seconds=secs(o.critical.rpo),
             cache_rpo_target_seconds=secs(o.cache.rpo), lab=self.cfg.routing.lab_file,
             survivor_rule=self.cfg.split_brain.survivor_rule, backup_read_from=self.cfg.backup.read_from,
-            notify_channels=self.cfg.notifications.routing())
+            notify_channels=self.cfg.notifications.routing(), self_fence_wait_seconds=self.cfg.health.self_fence_wait_seconds())
+

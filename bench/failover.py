@@ -31,6 +31,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from activities.postgres.status import pg_status
 from bench import step_overhead
 from bench.history_steps import breakdown
@@ -261,6 +263,10 @@ async def measure(lab: Lab, address: str, runs: int, det: Detection, stall: floa
 
 def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir: Path, overhead_n: int = 50) -> dict:
     cfg_path = write_shifted_config(workdir, PORT_SHIFT)
+    # Patroni's leader key lives ttl (5 s here): the old primary's self-fence bound is the same.
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["health"]["self_fence_after"] = "5s"
+    cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     cfg = load_config(cfg_path, env={})
     ds, lab = DevServer(cfg), Lab(cfg, str(cfg_path))
     try:

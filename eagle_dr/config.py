@@ -439,8 +439,29 @@ class HealthConfig(_Strict):
     # keeps it; a slower restart is treated as dead. null turns it off.
     confirm_interval: Duration | None = timedelta(seconds=1)
     confirm_rounds: int = Field(default=3, ge=1, le=100)
+    # A regional worker that hears from neither Temporal nor any other region's PostgreSQL for
+    # this long puts the read-only fence on its own primary (workers/self_fence.py), and a
+    # failover that could not fence an old primary it found unreachable by timeout waits this
+    # long (plus a check interval) before promoting. null turns both off: a partitioned primary
+    # then stays writable for the clients inside its partition until the partition heals.
+    self_fence_after: Duration | None = timedelta(seconds=20)
 
-    @field_validator("timeout", "interval", "auto_failover_cooldown", "confirm_interval")
+    def self_fence_check_seconds(self) -> float | None:
+        """How often a regional worker checks its contacts: often enough that its fence lands
+        within a quarter of the bound after it, never more often than every second."""
+        if self.self_fence_after is None:
+            return None
+        return max(1.0, min(self.interval.total_seconds(), self.self_fence_after.total_seconds() / 4))
+
+    def self_fence_wait_seconds(self) -> float | None:
+        """By when, after its last contact, a cut-off region has surely fenced its own primary:
+        the bound, one check interval (the fence lands at the first check past the bound) and a
+        second for the fence itself."""
+        if self.self_fence_after is None:
+            return None
+        return self.self_fence_after.total_seconds() + self.self_fence_check_seconds() + 1.0
+
+    @field_validator("timeout", "interval", "auto_failover_cooldown", "confirm_interval", "self_fence_after")
     @classmethod
     def _positive(cls, v: timedelta | None) -> timedelta | None:
         if v is not None and v <= timedelta(0):

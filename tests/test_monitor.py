@@ -261,6 +261,14 @@ async def test_a_partitioned_region_with_its_worker_is_declared_down_without_wai
         signal_all(signal.SIGKILL)  # a frozen node must never wake as a second primary
     assert report.failover is not None and report.failover.outcome == "succeeded", report
     assert "refused" not in (report.failover.reason or ""), report.failover.reason  # the timeout path
+    # Timed out, not refused: it may be alive behind a partition, so the failover waited out its
+    # self-fence bound (workers/self_fence.py) before promoting, and says so.
+    waited = [s for s in report.failover.steps if s.name == f"wait for {a} to fence itself"]
+    assert waited and waited[0].status == "done", [(s.name, s.status, s.detail) for s in report.failover.steps]
+    names = [s.name for s in report.failover.steps]
+    assert names.index(waited[0].name) < names.index("promote"), names
+    assert any("self-fence bound" in n for n in report.failover.notes), report.failover.notes
+    await record(client.get_workflow_handle(move_id(lab.cfg.service)), "failover-waits-self-fence")
     assert pg_status(lab.cfg.region(b).postgres).role == "primary"
     # In the monitor's history: the dead worker's watch ended (timed out) only after the
     # failover had started; no round waited for it.

@@ -82,7 +82,16 @@ async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None
             with open(pidfile, "w") as f:
                 f.write(f"{os.getpid()}\n")
         log_started(log, client, worker.task_queue, region)
-        await worker.run()
+        fence_watch = None
+        if region and cfg.health.self_fence_after is not None:
+            from workers.self_fence import SelfFence
+
+            fence_watch = asyncio.create_task(SelfFence(cfg, region, client).run())
+        try:
+            await worker.run()
+        finally:
+            if fence_watch is not None:
+                fence_watch.cancel()
         log.info("worker.stopped", task_queue=worker.task_queue)
 
 

@@ -131,9 +131,14 @@ class FailoverWorkflow(Runbook):
                 fenced = pg_fence.method or "unfenced"
                 st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
-                if not pg_fence.method:
-                    notes.append(f"old primary in {source} was unreachable and is NOT fenced: it must stay down "
-                                 "until failback rewinds it")
+            wait_for = topo.self_fence_wait_seconds
+            waited = not pg_fence.method and not pg_fence.refused and bool(wait_for) and \
+                not getattr(self, "source_worker_answered", False) and workflow.patched("failover-wait-self-fence")
+            if waited:
+                pg_fence = await self._await_self_fence(source, sq, tq, control, wait_for, local, notes)
+            if not pg_fence.method and not waited:
+                notes.append(f"old primary in {source} was unreachable and is NOT fenced: it must stay down "
+                             "until failback rewinds it")
 
         except asyncio.CancelledError:
             raise self.cancelled(await self._undo_fences(source, sq, control) if fencing else []) from None
@@ -244,15 +249,63 @@ class FailoverWorkflow(Runbook):
         ``source_queue`` is None when the worker already failed to answer the preflight probe."""
         if source_queue:
             try:
-                return await self.act(PostgresActivities.fence_postgres, FenceRequest(
+                fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
                     region=source, epoch=self.epoch, method="stop"), queue=source_queue, timeout=120,
                     schedule_to_start=5, attempts=1)
+                # Its worker answered: it reaches Temporal, so it will never fence itself (see
+                # _await_self_fence); what it could not fence is a server hung on its own host.
+                self.source_worker_answered = True
+                return fence
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):
                     raise  # a cancel request, not a dead worker: the caller undoes the fence
 
         return await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
                                   method="read_only"), queue=control, timeout=30, attempts=2, local=local)
+
+    async def _await_self_fence(self, source: str, sq: str, tq: str, control: str, wait_for: float, local: bool,
+                                notes: list[str]) -> PgFence:
+        """The old primary timed out rather than refused: it may be alive behind a partition and
+        taking writes from clients inside it. Its worker fences it after health.self_fence_after
+        without contact (workers/self_fence.py); wait that bound out before promoting. Meanwhile
+        a stop fence waits on its worker's queue for the whole bound, so a worker that reaches
+        Temporal at any moment of it fences its node for us; at the end, the network fence is
+        tried again from here and from the target's worker (the other side of a partition)."""
+        async with self.step(f"wait for {source} to fence itself") as st:
+            st.detail = (f"its PostgreSQL timed out (not refused): it may be cut off and writable; its worker fences "
+                         f"it after losing all contact, so waiting up to {wait_for:.0f} s, with a stop fence queued "
+                         "for that worker")
+            self._details(f"wait for {source} to fence itself")
+            try:
+                fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
+                    region=source, epoch=self.epoch, method="stop"), queue=sq, timeout=120,
+                    schedule_to_start=wait_for, attempts=1, summary=f"stop fence, if {source}'s worker comes back")
+                if fence.method:
+                    st.detail = f"its worker came back and fenced it: {fence.method}"
+                    return fence
+            except ActivityError as e:
+                if isinstance(e.cause, CancelledError):
+                    raise
+            got = await asyncio.gather(*[
+                self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
+                                                                         method="read_only"),
+                         queue=q, timeout=30, attempts=1, local=local and q == control)
+                for q in (control, tq)], return_exceptions=True)
+            for g in got:
+                if isinstance(g, BaseException) and not (isinstance(g, ActivityError)
+                                                         and not isinstance(g.cause, CancelledError)):
+                    raise g
+            fence = next((g for g in got if isinstance(g, PgFence) and g.method), None)
+            if fence:
+                st.detail = f"reachable again: fenced {fence.method}"
+                return fence
+            st.detail = (f"no answer for {wait_for:.0f} s from it or its worker: by health.self_fence_after its "
+                         "worker has fenced it read-only (unverified until it is reachable)")
+            notes.append(f"old primary in {source} was unreachable by timeout and is not fenced by this run: waited "
+                         f"{wait_for:.0f} s, past its worker's self-fence bound, before promoting; it must stay "
+                         "down until failback rewinds it")
+            return next(g for g in got if isinstance(g, PgFence)) if any(isinstance(g, PgFence) for g in got) \
+                else PgFence(reachable=False, error="unreachable")
 
     async def _undo_fences(self, source: str, sq: str, control: str) -> list[str]:
         """A cancel before the promotion: lift what the fence step may have done (it may have been

@@ -49,6 +49,10 @@ class PgFence(BaseModel):
     # stop: pg_controldata says "shut down", so last_lsn (its shutdown checkpoint) is the last
     # record it wrote. False after a crash: the WAL runs on past the last checkpoint.
     clean_shutdown: bool | None = None
+    # Unreachable because its port refused the connection: the host answers and nothing
+    # listens, so no client can be writing to it. A timeout proves nothing of the kind (a
+    # partition, a frozen host): the failover then waits for it to fence itself.
+    refused: bool = False
 
 
 def _libraries(value: str | None) -> list[str]:
@@ -111,7 +115,7 @@ def fence_read_only(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
             lsn = _read_only(conn, cfg, timeout)
             return PgFence(reachable=True, method="read_only", last_lsn=lsn)
     except psycopg.Error as e:
-        return PgFence(reachable=False, error=_error(e))
+        return PgFence(reachable=False, error=_error(e), refused="connection refused" in str(e).lower())
 
 
 # Appended to postgresql.auto.conf (the last setting of a name wins): a standby that

@@ -1,0 +1,182 @@
+"""A regional worker cut off from everyone fences its own primary (workers/self_fence.py).
+
+The worker's two contacts, Temporal and the other region's PostgreSQL, go through TCP proxies
+that the test cuts the way a partition does: connections are accepted and nothing comes back
+(a black hole, so every check must bound itself with a timeout; a refused port would be the
+easy case). The primary it guards is a throwaway real PostgreSQL, so the lab's is never
+fenced; the other region's PostgreSQL and Temporal are the lab's real ones.
+
+- Temporal alone cut (a control-plane outage): no fence, however long.
+- Both cut: the primary refuses new sessions and ended the old ones, and not before the bound.
+- Both back, no move ran meanwhile: the worker lifts its own fence.
+- Cut again, and a move runs while it is cut off: back, the fence stays for the runbooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from eagle_dr.temporal import connect
+from lab.scratch_postgres import scratch_postgres
+from tests.conftest import PORT_SHIFT
+from tests.lab_helpers import _until
+from workers.self_fence import SelfFence
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PORT = 17870 + PORT_SHIFT - 2000
+AFTER = 3.0
+
+
+class Partitionable:
+    """A TCP proxy to ``target``: ``cut()`` turns it into a black hole (accepts, forwards
+    nothing, answers nothing), ``heal()`` drops the held connections and forwards again."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.cut_off, self.conns = target_port, False, set()
+        self.server = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await r.read(65536):
+                if self.cut_off:
+                    continue  # swallowed: the far side never hears of it
+                w.write(data)
+                await w.drain()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.conns.add(w)
+        try:
+            if self.cut_off:
+                await r.read()  # held open, unanswered, until the client or heal() gives up
+                return
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self.conns.add(uw)
+            await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w))
+        except Exception:  # noqa: BLE001 - a dropped connection ends its pipes
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                w.close()
+
+    def cut(self) -> None:
+        self.cut_off = True
+
+    def heal(self) -> None:
+        self.cut_off = False
+        for w in list(self.conns):
+            with contextlib.suppress(Exception):
+                w.close()
+        self.conns.clear()
+
+    def close(self) -> None:
+        self.heal()
+        if self.server:
+            self.server.close()
+
+
+def _write(node, key: int) -> str | None:
+    """An application's write in a new session; None when it committed, else why not."""
+    dsn = node.cfg.dsn().replace("user=postgres", "user=app")
+    try:
+        with psycopg.connect(dsn, connect_timeout=3, autocommit=True) as conn:
+            conn.execute("insert into alerts (id, region, payload) values (%s, 'x', '{}')", (key,))
+        return None
+    except psycopg.Error as e:
+        return str(e).strip().splitlines()[0]
+
+
+async def test_a_cut_off_worker_fences_its_primary_and_lifts_it_only_if_no_move_ran(lab, client, dev_server):
+    from workflows.runbook import move_id
+
+    a, b = lab.cfg.regions[0].name, lab.cfg.regions[1].name
+    temporal = Partitionable(int(dev_server.address.rsplit(":", 1)[1]))
+    peer = Partitionable(lab.cfg.region(b).postgres.port)
+    t_port, p_port = await temporal.start(), await peer.start()
+    with scratch_postgres(PORT, "selffence") as node:
+        with node.connect() as conn:
+            conn.execute("create role app login password 'app'")
+            conn.execute("grant all on alerts to app")
+        service = f"selffence-{uuid.uuid4().hex[:8]}"  # its own move id: other tests' moves are not its business
+        regions = [r.model_copy(update={"postgres": node.cfg}) if r.name == a else
+                   r.model_copy(update={"postgres": r.postgres.model_copy(update={"port": p_port})})
+                   for r in lab.cfg.regions]
+        cfg = lab.cfg.model_copy(update={
+            "service": service, "regions": regions,
+            "health": lab.cfg.health.model_copy(update={"self_fence_after": timedelta(seconds=AFTER),
+                                                        "interval": timedelta(seconds=1)})})
+        proxied = await connect(target_host=f"127.0.0.1:{t_port}", config=lab.cfg)
+        sf = SelfFence(cfg, a, proxied)
+        rounds = 0
+        real_round = sf.round
+
+        async def counted():
+            nonlocal rounds
+            await real_round()
+            rounds += 1
+
+        sf.round = counted
+        watch = asyncio.create_task(sf.run())
+        move = None
+        try:
+            async def after_rounds(n: int):
+                start = rounds
+                await _until(lambda: asyncio.sleep(0, rounds >= start + n), 60, f"{n} more rounds")
+
+            await after_rounds(2)
+            assert _write(node, 1) is None
+
+            # Temporal alone cut off: the other region still answers, so no fence (Patroni's failsafe).
+            temporal.cut()
+            await after_rounds(int(AFTER) + 3)
+            assert sf.fenced_at is None and _write(node, 2) is None
+
+            # Both: fenced, not before the bound.
+            peer.cut()
+            cut_at = time.monotonic()
+            seen: list[str | None] = []
+
+            async def fenced():
+                seen.append(await asyncio.to_thread(_write, node, 3 + len(seen) * 1000))
+                return seen[-1] if "eagle_dr_fenced_old_primary" in (seen[-1] or "") else None
+
+            await _until(fenced, 60, f"the primary to refuse writes (last: {seen[-1:]})")
+            assert time.monotonic() - cut_at >= AFTER - 1.0, f"fenced before the bound: {seen}"
+            assert seen[:-1] and not any(seen[:-1]), f"writes failed before the fence: {seen}"
+            assert sf.fenced_at is not None
+
+            # Back, and no move ran: the worker lifts its own fence.
+            temporal.heal()
+            peer.heal()
+            await _until(lambda: asyncio.to_thread(lambda: _write(node, 4) is None), 60, "the fence lifted")
+            assert sf.fenced_at is None
+
+            # Cut off again; a move starts meanwhile (its runbook would fence or rewind this node).
+            temporal.cut()
+            peer.cut()
+            await _until(lambda: asyncio.sleep(0, sf.fenced_at is not None), 60, "fenced again")
+            move = await client.start_workflow("SwitchoverWorkflow", {"service": service}, id=move_id(service),
+                                               task_queue=f"nobody-{service}")
+            temporal.heal()
+            peer.heal()
+            await after_rounds(3)
+            assert sf.fenced_at is None, "still counts the fence as its own to lift"
+            assert "eagle_dr_fenced_old_primary" in (_write(node, 5) or ""), "a move ran: the fence must stay"
+        finally:
+            watch.cancel()
+            temporal.close()
+            peer.close()
+            if move is not None:
+                with contextlib.suppress(Exception):
+                    await move.terminate("test over")
