@@ -187,7 +187,12 @@ async def test_a_failover_colliding_with_a_running_move_does_not_end_the_monitor
     postmaster = lab.postgres(a).pid
     try:
         try:
-            await _until(lambda: _state(handle), 30, "the monitor to start")
+            async def watching():
+                st = await _state(handle)
+                return st if st and st.watched_region == a and st.votes and set(st.votes.values()) == {"up"} else None
+
+            # A round that saw the primary up first: frozen before it, the monitor never watched it.
+            await _until(watching, 60, f"the monitor to see {a} up")
             os.kill(postmaster, signal.SIGSTOP)  # no new connection gets an answer: down from everywhere
             last = None
 
@@ -217,6 +222,36 @@ async def test_a_failover_colliding_with_a_running_move_does_not_end_the_monitor
     assert after.watched_region == a and after.failovers_started == 0
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     await handle.terminate("test over")
+    assert _primary(lab) == a
+
+
+async def test_a_monitor_that_never_saw_the_primary_up_finds_it_down(lab, client):
+    """The primary is already down when a monitor starts, and the monitor's guess is the
+    standby (a service monitor carried over a stale primary, or the configured primary after a
+    failover). No region is writable, the standby answers as a standby and the other region is
+    down: the monitor must watch that one, the primary it lost, so its outage counts. Before,
+    it watched the healthy standby forever and never declared anything down (seen in CI as the
+    colliding-move test's monitor never colliding)."""
+    a, b = _names(lab)
+    postmaster = lab.postgres(a).pid
+    os.kill(postmaster, signal.SIGSTOP)  # down from every vantage point
+    handle = None
+    try:
+        handle = await _start_monitor(client, lab, primary_region=b, auto_failover=False, stop_after_failover=False,
+                                      watch_split_brain=False)
+
+        async def counting():
+            st = await _state(handle)
+            return st if st and st.watched_region == a and st.failures >= 2 else None
+
+        st = await _until(counting, 90, f"the monitor to watch {a} and count its outage")
+        assert any(f"{a} is the primary lost" in f for f in st.findings), st.findings
+        assert st.failovers_started == 0 and st.votes and set(st.votes.values()) == {"down"}, st.votes
+        await record(handle, "monitor-follow-down-primary")
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        if handle is not None:
+            await handle.terminate("test over")
     assert _primary(lab) == a
 
 

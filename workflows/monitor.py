@@ -848,7 +848,21 @@ class MonitorWorkflow(Runbook):
         writable = [name for name in sorted(regions)
                     if sum((s := r.of(name)) is not None and s.verdict == "up" for r in answered) * 2 > len(answered)]
         # Two writable primaries is a split brain, not a move: the split watch handles it.
-        return writable[0] if len(writable) == 1 and writable[0] != watched else None
+        if len(writable) == 1 and writable[0] != watched:
+            return writable[0]
+        if not writable and answered and workflow.patched("monitor-follow-down-primary"):
+            # No region writable at all, the watched one a live standby and exactly one other
+            # down, each for a majority: that one is the primary, gone down before this monitor
+            # (or its guess) ever saw it up. Watching the standby, its outage never counted.
+            def most(name: str, verdict: str) -> bool:
+                return sum((s := r.of(name)) is not None and s.verdict == verdict for r in answered) * 2 > len(answered)
+
+            down = [name for name in sorted(regions) if name != watched and most(name, "down")]
+            if most(watched, "standby") and len(down) == 1:
+                self._finding(f"no region is writable: {watched} is a standby and {down[0]} is down; "
+                              f"{down[0]} is the primary lost")
+                return down[0]
+        return None
 
     def _tally(self, region: str, reports: dict[str, VantageReport | None]) -> tuple[int, int]:
         """(vantage points that see the region's PostgreSQL down, vantage points that answered)."""
