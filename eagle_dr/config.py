@@ -1095,6 +1095,9 @@ class LabConfig(_Strict):
     # The lab's Alertmanager (Debian prometheus-alertmanager), sending to alerts.listen.
     alertmanager_port: int = Field(default=19093, ge=1, le=65535)
     dev_server: DevServerConfig = DevServerConfig()
+    # region -> the network namespace its PostgreSQL and worker run in (lab/netns.py): the
+    # partition tests' labs. Empty: everything in the root namespace, as `make lab` runs it.
+    netns: dict[str, str] = Field(default_factory=dict)
 
 
 class EagleConfig(_Strict):
@@ -1196,6 +1199,9 @@ class EagleConfig(_Strict):
         for i, rule in enumerate(self.alerts.rules):
             if rule.target_region and rule.target_region not in seen:
                 raise _FieldError(("alerts", "rules", i, "target_region"), f"unknown region {rule.target_region!r}")
+        for region in self.lab.netns:
+            if region not in seen:
+                raise _FieldError(("lab", "netns", region), f"unknown region {region!r}")
         for i, place in enumerate(self.lab.sentinel_placement):
             if place != "witness" and place not in seen:
                 raise _FieldError(("lab", "sentinel_placement", i), f"unknown region {place!r}")

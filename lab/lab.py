@@ -76,7 +76,8 @@ class Lab:
         data = Path(r.postgres.data_dir) if r.postgres.data_dir else d / "pgdata"
         run = Path(r.postgres.socket_dir) if r.postgres.socket_dir else d / "run"
         return PostgresNode(r.postgres, data, run, self.user, region,
-                            tls=self.tls if r.postgres.sslmode != "disable" else None)
+                            tls=self.tls if r.postgres.sslmode != "disable" else None,
+                            netns=self.cfg.lab.netns.get(region))
 
     def secret(self, name: str) -> str:
         return (self.state / "secrets" / name).read_text().strip()
@@ -261,6 +262,8 @@ class Lab:
         argv = [sys.executable, "-m", "eagle_dr.cli"] + (["--config", self.config_path] if self.config_path else [])
         argv += ["worker"] + (["--region", region] if region else ["--control"])
         env = {**os.environ, "EAGLE_DR_STATE_DIR": str(self.state), "EAGLE_DR_LOG_FORMAT": "json"}
+        if region and region in self.cfg.lab.netns:
+            argv = ["ip", "netns", "exec", self.cfg.lab.netns[region], *argv]
         return spawn(argv, pidfile=pidfile, logfile=self.state / "workers" / f"{region or 'control'}.log", env=env)
 
     def start_workers(self) -> None:
@@ -349,6 +352,8 @@ class Lab:
             return pid  # type: ignore[return-value]
         argv = [sys.executable, "-m", "lab.app"] + (["--config", self.config_path] if self.config_path else [])
         env = {**os.environ, "EAGLE_DR_STATE_DIR": str(self.state), "EAGLE_DR_LOG_FORMAT": "json"}
+        if region and region in self.cfg.lab.netns:
+            argv = ["ip", "netns", "exec", self.cfg.lab.netns[region], *argv]
         return spawn(argv, pidfile=pidfile, logfile=self.state / "app" / "app.log", env=env)
 
     def stop_app(self) -> None:

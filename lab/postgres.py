@@ -81,7 +81,7 @@ class PostgresNode:
     """One region's PostgreSQL instance: bootstrap here, process control in PgCtl."""
 
     def __init__(self, cfg: PostgresConfig, data_dir: Path, run_dir: Path, user: LabUser, name: str,
-                 trust: bool = False, tls: LabTls | None = None):
+                 trust: bool = False, tls: LabTls | None = None, netns: str | None = None):
         # The runbooks find the node through its config, so the lab insists on the same paths.
         self.cfg = cfg.model_copy(update={"data_dir": str(data_dir), "socket_dir": str(run_dir),
                                           "os_user": cfg.os_user or user.name})
@@ -91,7 +91,7 @@ class PostgresNode:
         self.name = name
         self.trust = trust
         self.tls = tls
-        self.ctl = PgCtl(self.cfg)
+        self.ctl = PgCtl(self.cfg, netns)
 
     @property
     def pid(self) -> int | None:

@@ -92,6 +92,22 @@ def test_unknown_region_in_field_priority(tmp_path):
     assert "conflicts.alert_rules.field_priority.threshold: unknown region 'mars-1'" in problems(tmp_path, doc)
 
 
+def test_unknown_region_in_lab_netns(tmp_path):
+    doc = base()
+    doc["lab"]["netns"] = {"us-east-1": "edr-a", "mars-1": "edr-m"}
+    assert "lab.netns.mars-1: unknown region 'mars-1'" in problems(tmp_path, doc)
+
+
+@pytest.mark.parametrize("value", ["0s", "-5s"])
+def test_self_fence_after_must_be_positive_or_null(tmp_path, value):
+    doc = base()
+    doc["health"]["self_fence_after"] = value
+    assert "health.self_fence_after" in problems(tmp_path, doc)
+    doc["health"]["self_fence_after"] = None
+    cfg = load_config(write(tmp_path, doc), env={})
+    assert cfg.health.self_fence_wait_seconds() is None and cfg.health.self_fence_check_seconds() is None
+
+
 @pytest.mark.parametrize("value", [0, -1])
 def test_threshold_must_be_positive(tmp_path, value):
     doc = base()

@@ -53,10 +53,13 @@ def bin_dir(cfg: PostgresConfig) -> str:
 
 
 class PgCtl:
-    def __init__(self, cfg: PostgresConfig):
+    def __init__(self, cfg: PostgresConfig, netns: str | None = None):
         if not cfg.data_dir:
             raise PgCtlError(f"postgres {cfg.host}:{cfg.port}: data_dir is not configured")
         self.cfg = cfg
+        # The lab's partition tests (lab/netns.py): the server and its tools run in this network
+        # namespace. Only the lab sets it; a regional worker already runs in its region's.
+        self.netns = netns
         # Absolute: the tools run from "/" when they run as another user (see run).
         self.data_dir = Path(cfg.data_dir).absolute()
         self.log = self.data_dir.parent / "postgresql.log"
@@ -75,6 +78,19 @@ class PgCtl:
             # every TLS connection (a standby's walreceiver, pg_basebackup, pg_rewind) and fails
             # on root's private home ("Permission denied") instead of going on without one.
             kw["env"] = {**kw.get("env", os.environ), "HOME": _home_of(self.cfg.os_user)}
+        if self.netns and os.geteuid() == 0:
+            # Into the namespace as root, then down to the server's user: `ip netns exec` needs
+            # the privilege that subprocess's user= would drop first.
+            user = kw.pop("user", None)
+            kw.pop("extra_groups", None)
+            if user:
+                import pwd
+
+                pw = pwd.getpwnam(user)
+                drop = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"]
+            else:
+                drop = []
+            argv = ["ip", "netns", "exec", self.netns, *drop, *argv]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
         if check and r.returncode != 0:
             raise PgCtlError(f"{os.path.basename(argv[0])} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
