@@ -454,12 +454,13 @@ class HealthConfig(_Strict):
         return max(1.0, min(self.interval.total_seconds(), self.self_fence_after.total_seconds() / 4))
 
     def self_fence_wait_seconds(self) -> float | None:
-        """By when, after its last contact, a cut-off region has surely fenced its own primary:
-        the bound, one check interval (the fence lands at the first check past the bound) and a
-        second for the fence itself."""
+        """By when, after its last contact, a cut-off region has surely fenced its own primary,
+        at worst: the bound, one check interval (the first round past it), that round's checks
+        (3 s: each bounded at 2 s + 1), reading the local server (3 s) and the fence taking
+        effect (3 s to connect, up to 5 s for sessions to be refused)."""
         if self.self_fence_after is None:
             return None
-        return self.self_fence_after.total_seconds() + self.self_fence_check_seconds() + 1.0
+        return self.self_fence_after.total_seconds() + self.self_fence_check_seconds() + 14.0
 
     @field_validator("timeout", "interval", "auto_failover_cooldown", "confirm_interval", "self_fence_after")
     @classmethod

@@ -352,8 +352,6 @@ class Lab:
             return pid  # type: ignore[return-value]
         argv = [sys.executable, "-m", "lab.app"] + (["--config", self.config_path] if self.config_path else [])
         env = {**os.environ, "EAGLE_DR_STATE_DIR": str(self.state), "EAGLE_DR_LOG_FORMAT": "json"}
-        if region and region in self.cfg.lab.netns:
-            argv = ["ip", "netns", "exec", self.cfg.lab.netns[region], *argv]
         return spawn(argv, pidfile=pidfile, logfile=self.state / "app" / "app.log", env=env)
 
     def stop_app(self) -> None:

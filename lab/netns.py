@@ -106,13 +106,16 @@ class Partitions:
             third = 100 + 2 * index + i
             self.regions[region] = Region(region, netns, f"{netns}r", f"{netns}n", f"169.254.{third}.1",
                                           f"169.254.{third}.2", f"169.254.{third}.0/30")
-        self._forward_was: str | None = None
+        self._saved = state / "netns" / "ip_forward.saved"
 
     # -- links ---------------------------------------------------------------------------------
 
     def up(self) -> None:
-        self.down()  # what a killed run left
-        self._forward_was = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+        self.down()  # what a killed run left (and the forwarding setting it found)
+        # Forwarding on for the regions' traffic through the root: the value found is kept on
+        # disk, so a run killed before its teardown is undone by the next one's down().
+        self._saved.parent.mkdir(parents=True, exist_ok=True)
+        self._saved.write_text(Path("/proc/sys/net/ipv4/ip_forward").read_text())
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         for r in self.regions.values():
             _ip("netns", "add", r.netns)
@@ -132,9 +135,9 @@ class Partitions:
         for r in self.regions.values():
             _ip("netns", "del", r.netns, check=False)
             _ip("link", "del", r.root_dev, check=False)
-        if self._forward_was is not None:
-            Path("/proc/sys/net/ipv4/ip_forward").write_text(self._forward_was + "\n")
-            self._forward_was = None
+        if self._saved.exists():
+            Path("/proc/sys/net/ipv4/ip_forward").write_text(self._saved.read_text())
+            self._saved.unlink()
 
     # -- partitions ----------------------------------------------------------------------------
 

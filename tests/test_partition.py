@@ -60,11 +60,18 @@ def _cleanup(d: Path) -> None:
     if cfg_path.exists():
         try:
             cfg = load_config(cfg_path, env={})
-        except Exception:  # noqa: BLE001 - an older checkout's config: its namespaces by name
-            return
+        except Exception:  # noqa: BLE001 - an older checkout's config: Partitions.up() deletes
+            return  # the namespaces by name anyway
         parts = netns.Partitions(cfg, Path(cfg.lab.state_dir), INDEX)
+        _stop_writers(Path(cfg.lab.state_dir))
         parts.stop_relays()
         parts.down()
+
+
+def _stop_writers(state: Path) -> None:
+    # A writer left inside a namespace would keep it alive after `ip netns del`.
+    for pidfile in (state / "netns").glob("writer-*.pid"):
+        kill_tree(read_pid(pidfile))
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +114,7 @@ def plab():
         yield lab, parts, ds
     finally:
         try:
+            _stop_writers(state)
             lab.down()
             ds.down()
         finally:
@@ -158,6 +166,13 @@ async def _monitor(client, lab, **kw):
                                        id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
 
 
+async def _terminate(handle) -> None:
+    try:
+        await handle.terminate("test over")
+    except Exception:  # noqa: BLE001 - it had already ended (stop_after_failover)
+        pass
+
+
 async def _state(handle):
     from workflows.monitor import MonitorState, MonitorWorkflow
 
@@ -200,7 +215,7 @@ async def test_the_netns_lab_streams_and_every_vantage_point_votes(plab, pclient
         st = await _all_up(handle)
         assert st.failovers_started == 0
     finally:
-        await handle.terminate("test over")
+        await _terminate(handle)
 
 
 async def _all_up(handle):
@@ -222,8 +237,9 @@ async def _quorum_holds(lab, pclient, cut, heal, what: str, inside_writes: bool)
     check it never failed over and the primary kept taking writes; then heal."""
     a, b = _names(lab)
     inside = Writer(lab, a, lab.cfg.lab.netns[a], 5_000_000_000 + int(time.time()) % 1_000_000 * 100, f"quorum-{a}")
-    handle = await _monitor(pclient, lab)
+    handle = None
     try:
+        handle = await _monitor(pclient, lab)
         await _all_up(handle)
         cut()
         cut_at = time.time()
@@ -241,7 +257,8 @@ async def _quorum_holds(lab, pclient, cut, heal, what: str, inside_writes: bool)
     finally:
         heal()
         inside.stop()
-        await handle.terminate("test over")
+        if handle is not None:
+            await _terminate(handle)
     # After the heal: the same primary, and its standby streaming from it again.
     await _until(lambda: asyncio.to_thread(lambda: pg_status(lab.cfg.region(b).postgres).receiver_status
                                            == "streaming"), 90, "the standby streaming again")
@@ -279,8 +296,9 @@ async def test_an_isolated_primary_fences_itself_before_the_standby_is_promoted(
     base = 6_000_000_000 + int(time.time()) % 1_000_000 * 100
     inside = Writer(lab, a, lab.cfg.lab.netns[a], base, f"isolated-{a}")
     outside = Writer(lab, b, None, base + 50_000_000, f"promoted-{b}")
-    handle = await _monitor(pclient, lab)
+    handle = None
     try:
+        handle = await _monitor(pclient, lab)
         await _all_up(handle)
         await _until(lambda: asyncio.sleep(0, len(inside.acks()) >= 5), 30, "the inside client writing")
         parts.isolate(a)
@@ -296,9 +314,14 @@ async def test_an_isolated_primary_fences_itself_before_the_standby_is_promoted(
         assert max(old) < first_new, (f"two writable primaries: {a} acknowledged a write at {max(old):.3f}, "
                                       f"{b} had from {first_new:.3f}")
         acked_inside = {i for _, i in inside.acks()}
+    except BaseException:
+        outside.stop()
+        raise
     finally:
         parts.heal()
         inside.stop()
+        if handle is not None:
+            await _terminate(handle)  # automatic failover on: never left watching the lab
     try:
         # Back: its worker reaches Temporal again and keeps its fence (a move ran); failback
         # rewinds it under the new primary and reconciles what it wrote after the fork.

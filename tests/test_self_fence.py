@@ -4,12 +4,16 @@ The worker's two contacts, Temporal and the other region's PostgreSQL, go throug
 that the test cuts the way a partition does: connections are accepted and nothing comes back
 (a black hole, so every check must bound itself with a timeout; a refused port would be the
 easy case). The primary it guards is a throwaway real PostgreSQL, so the lab's is never
-fenced; the other region's PostgreSQL and Temporal are the lab's real ones.
+fenced; the other region's PostgreSQL (the lab's primary, where the test records epochs under a
+service name of its own) and Temporal are the lab's real ones.
 
 - Temporal alone cut (a control-plane outage): no fence, however long.
-- Both cut: the primary refuses new sessions and ended the old ones, and not before the bound.
-- Both back, no move ran meanwhile: the worker lifts its own fence.
-- Cut again, and a move runs while it is cut off: back, the fence stays for the runbooks.
+- Both cut: the primary refuses new sessions, marked as fenced by itself, not before the bound.
+- Both back, no move, no newer epoch: a new watch (a restarted worker) lifts that fence.
+- Cut again, and the other region records a newer DR epoch (a failover promoted it): back,
+  the fence stays; it is lifted only once that evidence is gone.
+- Cut again, and a runbook fences the node over the self-fence: back, the fence stays.
+- Cut again, and a move is running when contact returns: the fence stays until it ends.
 """
 
 from __future__ import annotations
@@ -97,82 +101,131 @@ def _write(node, key: int) -> str | None:
         return str(e).strip().splitlines()[0]
 
 
-async def test_a_cut_off_worker_fences_its_primary_and_lifts_it_only_if_no_move_ran(lab, client, dev_server):
+async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_when_nothing_moved(
+        lab, client, dev_server):
+    from activities.postgres import epoch as epochs
+    from activities.postgres.fence import fence_holder, fence_read_only, unfence
+    from activities.postgres.status import connect as pg_connect
+    from tests.lab_helpers import _primary
     from workflows.runbook import move_id
 
-    a, b = lab.cfg.regions[0].name, lab.cfg.regions[1].name
+    primary = _primary(lab)
+    a = next(r.name for r in lab.cfg.regions if r.name != primary)  # the guarded node's region name
     temporal = Partitionable(int(dev_server.address.rsplit(":", 1)[1]))
-    peer = Partitionable(lab.cfg.region(b).postgres.port)
+    peer = Partitionable(lab.cfg.region(primary).postgres.port)
     t_port, p_port = await temporal.start(), await peer.start()
+    service = f"selffence-{uuid.uuid4().hex[:8]}"  # its own move id and epoch row
+    peer_cfg = lab.cfg.region(primary).postgres
     with scratch_postgres(PORT, "selffence") as node:
         with node.connect() as conn:
             conn.execute("create role app login password 'app'")
             conn.execute("grant all on alerts to app")
-        service = f"selffence-{uuid.uuid4().hex[:8]}"  # its own move id: other tests' moves are not its business
         regions = [r.model_copy(update={"postgres": node.cfg}) if r.name == a else
-                   r.model_copy(update={"postgres": r.postgres.model_copy(update={"port": p_port})})
+                   r.model_copy(update={"postgres": peer_cfg.model_copy(update={"port": p_port})})
                    for r in lab.cfg.regions]
         cfg = lab.cfg.model_copy(update={
             "service": service, "regions": regions,
             "health": lab.cfg.health.model_copy(update={"self_fence_after": timedelta(seconds=AFTER),
                                                         "interval": timedelta(seconds=1)})})
         proxied = await connect(target_host=f"127.0.0.1:{t_port}", config=lab.cfg)
-        sf = SelfFence(cfg, a, proxied)
         rounds = 0
-        real_round = sf.round
+        watch: asyncio.Task | None = None
 
-        async def counted():
-            nonlocal rounds
-            await real_round()
-            rounds += 1
+        def start_watch() -> None:
+            nonlocal watch
+            if watch is not None:
+                watch.cancel()
+            sf = SelfFence(cfg, a, proxied)
+            real_round = sf.round
 
-        sf.round = counted
-        watch = asyncio.create_task(sf.run())
+            async def counted():
+                nonlocal rounds
+                await real_round()
+                rounds += 1
+
+            sf.round = counted
+            watch = asyncio.create_task(sf.run())
+
+        async def after_rounds(n: int):
+            start = rounds
+            await _until(lambda: asyncio.sleep(0, rounds >= start + n), 60, f"{n} more rounds")
+
+        def holder() -> str | None:
+            with pg_connect(node.cfg) as conn:
+                return fence_holder(conn)
+
+        seen: list[str | None] = []
+
+        async def refused():
+            seen.append(await asyncio.to_thread(_write, node, 3 + len(seen) * 1000))
+            return seen[-1] if "eagle_dr_fenced_old_primary" in (seen[-1] or "") else None
+
+        async def cut_until_fenced():
+            temporal.cut()
+            peer.cut()
+            await _until(refused, 60, f"the primary to refuse writes (last: {seen[-1:]})")
+            assert holder() == "self"
+
+        async def heal_until_lifted(what: str):
+            temporal.heal()
+            peer.heal()
+            await _until(lambda: asyncio.to_thread(lambda: _write(node, 9_000_000 + rounds) is None), 60, what)
+            assert holder() is None
+
         move = None
+        start_watch()
         try:
-            async def after_rounds(n: int):
-                start = rounds
-                await _until(lambda: asyncio.sleep(0, rounds >= start + n), 60, f"{n} more rounds")
-
             await after_rounds(2)
             assert _write(node, 1) is None
 
             # Temporal alone cut off: the other region still answers, so no fence (Patroni's failsafe).
             temporal.cut()
             await after_rounds(int(AFTER) + 3)
-            assert sf.fenced_at is None and _write(node, 2) is None
+            assert holder() is None and _write(node, 2) is None
 
-            # Both: fenced, not before the bound.
+            # Both: fenced by itself, not before the bound.
             peer.cut()
             cut_at = time.monotonic()
-            seen: list[str | None] = []
-
-            async def fenced():
-                seen.append(await asyncio.to_thread(_write, node, 3 + len(seen) * 1000))
-                return seen[-1] if "eagle_dr_fenced_old_primary" in (seen[-1] or "") else None
-
-            await _until(fenced, 60, f"the primary to refuse writes (last: {seen[-1:]})")
+            await _until(refused, 60, f"the primary to refuse writes (last: {seen[-1:]})")
             assert time.monotonic() - cut_at >= AFTER - 1.0, f"fenced before the bound: {seen}"
             assert seen[:-1] and not any(seen[:-1]), f"writes failed before the fence: {seen}"
-            assert sf.fenced_at is not None
+            assert holder() == "self"
 
-            # Back, and no move ran: the worker lifts its own fence.
+            # Back, with nothing moved: a new watch (a restarted worker) lifts it: the mark is on the node.
+            start_watch()
+            await heal_until_lifted("a restarted watch to lift the fence")
+
+            # The other region recorded a newer epoch meanwhile (a failover promoted it): kept.
+            await cut_until_fenced()
+            epochs.advance_epoch(peer_cfg, service, 7, primary, "test-failover", "run-1")
             temporal.heal()
             peer.heal()
-            await _until(lambda: asyncio.to_thread(lambda: _write(node, 4) is None), 60, "the fence lifted")
-            assert sf.fenced_at is None
+            await after_rounds(4)
+            assert holder() == "self" and _write(node, 4) is not None, "lifted despite a newer epoch elsewhere"
+            with pg_connect(peer_cfg) as conn:
+                conn.execute("delete from eagle_dr.dr_epoch where service = %s", (service,))
+            await heal_until_lifted("the fence lifted once no newer epoch is recorded")
 
-            # Cut off again; a move starts meanwhile (its runbook would fence or rewind this node).
-            temporal.cut()
-            peer.cut()
-            await _until(lambda: asyncio.sleep(0, sf.fenced_at is not None), 60, "fenced again")
+            # A runbook fenced it over the self-fence: not the worker's to lift any more.
+            await cut_until_fenced()
+            assert fence_read_only(node.cfg).method == "read_only"
+            assert holder() == "runbook"
+            temporal.heal()
+            peer.heal()
+            await after_rounds(4)
+            assert holder() == "runbook" and _write(node, 5) is not None, "a runbook's fence was lifted"
+            unfence(node.cfg)
+
+            # A move running when contact returns: kept until it ends.
+            await cut_until_fenced()
             move = await client.start_workflow("SwitchoverWorkflow", {"service": service}, id=move_id(service),
                                                task_queue=f"nobody-{service}")
             temporal.heal()
             peer.heal()
-            await after_rounds(3)
-            assert sf.fenced_at is None, "still counts the fence as its own to lift"
-            assert "eagle_dr_fenced_old_primary" in (_write(node, 5) or ""), "a move ran: the fence must stay"
+            await after_rounds(4)
+            assert holder() == "self" and _write(node, 6) is not None, "lifted while a move runs"
+            await move.terminate("test: the move ends")
+            await heal_until_lifted("the fence lifted once the move ended")
         finally:
             watch.cancel()
             temporal.close()
@@ -180,3 +233,6 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_it_only_if_no_move_
             if move is not None:
                 with contextlib.suppress(Exception):
                     await move.terminate("test over")
+            with contextlib.suppress(Exception), pg_connect(peer_cfg) as conn:
+                conn.execute("delete from eagle_dr.dr_epoch where service = %s", (service,))
+                conn.execute("delete from eagle_dr.dr_epoch_history where service = %s", (service,))

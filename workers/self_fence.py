@@ -9,18 +9,26 @@ same idea with the contacts a regional worker has. It checks, every ``check_ever
 - Temporal (a GetSystemInfo call): the orchestrator that would run a failover;
 - every other region's PostgreSQL (a ``select 1``): the other side of a partition.
 
-Either answering is contact (Patroni's failsafe mode: a control-plane outage alone must not
-take the whole service read-only). With no contact for ``health.self_fence_after``, and the
-local PostgreSQL a primary, it puts the read-only fence on it (activities/postgres/fence.py:
-new sessions refused, every session ended). A failover that could not fence an old primary
-it found unreachable by timeout waits the same bound (workflows/failover.py), so by the time
-the standby is promoted the old primary has fenced itself.
+Any answer from a server is contact, an error included (a refused login still proves the
+network carries it); only silence, a reset or a timeout is not. Either contact is enough
+(Patroni's failsafe mode: a control-plane outage alone must not take the whole service
+read-only). With no contact for ``health.self_fence_after``, and the local PostgreSQL a
+primary not already fenced, it puts the read-only fence on it (activities/postgres/fence.py),
+marked as its own (``eagle_dr.fenced_by = 'self'`` beside it in postgresql.auto.conf). A
+failover that could not fence an old primary it found unreachable by timeout, with that
+primary's worker silent, waits the same bound (workflows/failover.py).
 
-When contact comes back, its own fence is lifted only when nothing else may have happened
-meanwhile: Temporal answers, no move (``dr-move-<service>``) is running or has started since
-the fence went on, and the local PostgreSQL is still a primary. Otherwise the fence stays for
-the runbooks (failback rewinds this node; split brain resolves it), and the worker logs why.
-A worker that restarts forgets its own fence and leaves it in place: that is the safe side.
+When Temporal and every other region answer again, it lifts the fence only if it is still its
+own (a runbook's fence since then replaces the mark, and the lift checks the mark under the
+node's fence lock, so no fence lands between check and lift), no move (``dr-move-<service>``)
+is running, and no region records a DR epoch newer than this node's (a failover that promoted
+the other region recorded one there). Otherwise the fence stays for the runbooks (failback
+rewinds this node; split brain resolves it), and the worker says why at every round. The mark
+is on the node, so a restarted worker lifts a fence its predecessor put on.
+
+What this does not cover: a worker that is down during the partition fences nothing (the
+failover still waits the bound and says it could not verify the fence); with three regions,
+hearing from a region that is not the failover's target keeps the node unfenced.
 """
 
 from __future__ import annotations
@@ -28,11 +36,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import psycopg
 
-from activities.postgres.fence import fence_read_only, unfence
+from activities.postgres import epoch as epochs
+from activities.postgres.fence import fence_holder, fence_read_only, lift_self_fence
 from activities.postgres.status import connect as pg_connect
 from eagle_dr import logs
 from eagle_dr.config import EagleConfig
@@ -47,22 +56,30 @@ class Contact:
     def any(self) -> bool:
         return self.temporal or any(self.peers.values())
 
+    @property
+    def all(self) -> bool:
+        return self.temporal and all(self.peers.values())
+
 
 def _peer_answers(cfg, timeout: float) -> bool:
     try:
         with pg_connect(cfg, timeout) as conn:
             conn.execute("select 1")
         return True
-    except psycopg.Error:
-        return False
+    except psycopg.Error as e:
+        # An error the server sent (a refused login, too many clients, starting up) carries an
+        # SQLSTATE: the network works. A timeout, reset or refused connect carries none.
+        return getattr(e, "sqlstate", None) is not None
 
 
-def _is_primary(cfg) -> bool | None:
+def _local_state(cfg) -> tuple[bool | None, str | None]:
+    """(primary?, who fenced it); (None, None) when it does not answer."""
     try:
         with pg_connect(cfg, 3) as conn:
-            return not conn.execute("select pg_is_in_recovery()").fetchone()[0]
+            primary = not conn.execute("select pg_is_in_recovery()").fetchone()[0]
+            return primary, fence_holder(conn)
     except psycopg.Error:
-        return None
+        return None, None
 
 
 class SelfFence:
@@ -73,83 +90,107 @@ class SelfFence:
         self.timeout = min(2.0, self.every)
         self.log = logs.get("self_fence").bind(region=region)
         self.last_contact = time.monotonic()
-        self.last_contact_wall = datetime.now(timezone.utc)
-        # When this worker put its own fence on, and since when it had heard from no one (wall
-        # clock: compared with Temporal's times).
-        self.fenced_at: datetime | None = None
-        self.isolated_since = self.last_contact_wall
+        self.kept_why: str | None = None
 
     async def _temporal_answers(self) -> bool:
         from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
+        from temporalio.service import RPCError, RPCStatusCode
 
         try:
             await self.client.workflow_service.get_system_info(GetSystemInfoRequest(),
                                                                timeout=timedelta(seconds=self.timeout))
             return True
-        except Exception:  # noqa: BLE001 - any failure to get an answer is no contact
+        except RPCError as e:
+            # The server answered, if only to refuse (an expired key): the network works.
+            return e.status not in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED,
+                                    RPCStatusCode.CANCELLED, RPCStatusCode.UNKNOWN)
+        except Exception:  # noqa: BLE001 - no answer at all
+            return False
+
+    async def _bounded(self, coro) -> bool:
+        # A check that hangs past its own timeout (a stalled TCP stream) is no contact, and
+        # must not hold up the round: the fence's timing depends on the rounds going on.
+        try:
+            return await asyncio.wait_for(coro, self.timeout + 1)
+        except asyncio.TimeoutError:
             return False
 
     async def contact(self) -> Contact:
         peers = [r for r in self.cfg.regions if r.name != self.region]
-        got = await asyncio.gather(self._temporal_answers(),
-                                   *[asyncio.to_thread(_peer_answers, r.postgres, self.timeout) for r in peers])
+        got = await asyncio.gather(self._bounded(self._temporal_answers()),
+                                   *[self._bounded(asyncio.to_thread(_peer_answers, r.postgres, self.timeout))
+                                     for r in peers])
         return Contact(temporal=got[0], peers={r.name: ok for r, ok in zip(peers, got[1:])})
 
     async def round(self) -> None:
         c = await self.contact()
         now = time.monotonic()
+        pg = self.cfg.region(self.region).postgres
         if c.any:
-            self.last_contact, self.last_contact_wall = now, datetime.now(timezone.utc)
-            if self.fenced_at is not None and c.temporal:
-                await self._maybe_lift()
+            self.last_contact = now
+            if c.all:
+                await self._maybe_lift(pg)
             return
         alone = now - self.last_contact
-        if alone < self.after or self.fenced_at is not None:
+        if alone < self.after:
             return
-        self.isolated_since = self.last_contact_wall
-        pg = self.cfg.region(self.region).postgres
-        primary = await asyncio.to_thread(_is_primary, pg)
-        if not primary:
-            return  # a standby takes no writes; a stopped server is fenced by its stop (or fences when back)
-        fence = await asyncio.to_thread(fence_read_only, pg)
-        if fence.method == "read_only":
-            self.fenced_at = datetime.now(timezone.utc)
+        primary, held = await asyncio.to_thread(_local_state, pg)
+        if not primary or held:
+            return  # a standby takes no writes; a fenced one is fenced; a stopped one fences when back
+        fence = await asyncio.to_thread(fence_read_only, pg, 3, "self")
+        if fence.method == "read_only" and not fence.error:
+            self.kept_why = None
             self.log.error("self_fence.fenced", alone_seconds=round(alone, 1), last_lsn=fence.last_lsn,
                            why="no answer from Temporal nor any other region's PostgreSQL")
-        else:
+        elif not fence.method:
             self.log.error("self_fence.failed", alone_seconds=round(alone, 1), error=fence.error)
 
-    async def _maybe_lift(self) -> None:
+    async def _maybe_lift(self, pg) -> None:
+        primary, held = await asyncio.to_thread(_local_state, pg)
+        if not primary or held != "self":
+            return
+        why = await self._keep_why()
+        if why is None:
+            why = await asyncio.to_thread(lift_self_fence, pg)
+        if why is None:
+            self.log.warning("self_fence.lifted", why="contact back; no move, no newer epoch")
+            self.kept_why = None
+        elif why != self.kept_why:
+            self.log.warning("self_fence.kept", why=f"{why}: the runbooks decide this node's fate")
+            self.kept_why = why
+
+    async def _keep_why(self) -> str | None:
         from temporalio.client import WorkflowExecutionStatus
         from temporalio.service import RPCError, RPCStatusCode
 
         from workflows.runbook import move_id
 
-        # Anything a move did while this node was cut off (started, or ended: a switchover to
-        # here finishing) may have made another primary or expect this one fenced. A minute of
-        # margin for the clocks of this host and Temporal's.
-        since = self.isolated_since - timedelta(seconds=60)
         try:
             d = await self.client.get_workflow_handle(move_id(self.cfg.service)).describe()
-            moved = d.status == WorkflowExecutionStatus.RUNNING or d.start_time >= since or \
-                (d.close_time is not None and d.close_time >= since)
-            why = f"move {d.id} {d.status.name.lower()}, started {d.start_time.isoformat()}"
+            if d.status == WorkflowExecutionStatus.RUNNING:
+                return f"move {d.id} is running"
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
-                self.log.warning("self_fence.kept", why=f"could not read the move's state: {e}")
-                return
-            moved, why = False, "no move ever ran"
-        if moved:
-            self.log.warning("self_fence.kept", why=f"{why}: the runbooks decide this node's fate")
-            self.fenced_at = None  # not ours to lift any more
-            return
-        pg = self.cfg.region(self.region).postgres
-        if not await asyncio.to_thread(_is_primary, pg):
-            self.fenced_at = None
-            return
-        await asyncio.to_thread(unfence, pg)
-        self.log.warning("self_fence.lifted", fenced_since=self.fenced_at.isoformat(), why=f"contact back; {why}")
-        self.fenced_at = None
+                return f"could not read the move's state: {e}"
+        own = self.cfg.region(self.region).postgres
+
+        def newer() -> str | None:
+            mine = epochs.read_epoch(own, self.cfg.service).epoch
+            for r in self.cfg.regions:
+                if r.name == self.region:
+                    continue
+                try:
+                    theirs = epochs.read_epoch(r.postgres, self.cfg.service)
+                except psycopg.Error as e:
+                    return f"{r.name}'s epoch unreadable ({type(e).__name__})"
+                if theirs.epoch > mine:
+                    return f"{r.name} records epoch {theirs.epoch} ({theirs.workflow_id}), newer than this node's {mine}"
+            return None
+
+        try:
+            return await asyncio.to_thread(newer)
+        except psycopg.Error as e:
+            return f"could not read this node's epoch ({type(e).__name__})"
 
     async def run(self) -> None:
         self.log.info("self_fence.watching", after_seconds=self.after, every_seconds=self.every)

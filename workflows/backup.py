@@ -161,33 +161,38 @@ class BackupWorkflow(Runbook):
                                          not_before=not_before, from_standby=from_standby,
                                          timeout_seconds=inp.timeout_seconds)
                 try:
-                    try:
+                    # Each recovery at most once, in whichever order pgBackRest reports them (a
+                    # recreated bucket first says "no stanza", then, made, the primary's server
+                    # may turn out down too).
+                    fell_back = False
+                    while True:
                         try:
                             b = await self._take(topo, source, take)
+                            break
                         except ActivityError as e:
-                            if not (from_standby and inp.source == "auto" and getattr(e.cause, "type", None) ==
-                                    "PrimaryRemoteUnreachable" and workflow.patched("backup-primary-when-remote-down")):
+                            kind = getattr(e.cause, "type", None)
+                            if not fell_back and from_standby and inp.source == "auto" and \
+                                    kind == "PrimaryRemoteUnreachable" and \
+                                    workflow.patched("backup-primary-when-remote-down"):
+                                # The standby's node cannot reach the primary's (its pgBackRest TLS
+                                # server is down, or refuses us): a scheduled backup reads the
+                                # primary rather than leave a gap in the backups, and says why.
+                                fell_back = True
+                                self.degraded.append(f"read from the primary ({primary}), not the standby: {e.cause}")
+                                from_standby, source = False, primary
+                                self.source_region = source
+                                workflow.upsert_search_attributes([DR_SOURCE_REGION.value_set(source)])
+                                rec.detail = f"the standby cannot reach the primary's pgBackRest: backing up from {source}"
+                                take = take.model_copy(update={"region": source, "from_standby": False})
+                                continue
+                            # The bucket lacks the stanza (new, or lost and recreated empty): make it,
+                            # once per run, and take the backup again. pgBackRest fails at once
+                            # here, before copying anything, so trying first costs nothing.
+                            if stanza_made or kind != "StanzaMissing":
                                 raise
-                            # The standby's node cannot reach the primary's (its pgBackRest TLS
-                            # server is down, or refuses us): a scheduled backup reads the primary
-                            # rather than leave a gap in the backups, and says why.
-                            self.degraded.append(f"read from the primary ({primary}), not the standby: {e.cause}")
-                            from_standby, source = False, primary
-                            self.source_region = source
-                            workflow.upsert_search_attributes([DR_SOURCE_REGION.value_set(source)])
-                            rec.detail = f"the standby cannot reach the primary's pgBackRest: backing up from {source}"
-                            take = take.model_copy(update={"region": source, "from_standby": False})
-                            b = await self._take(topo, source, take)
-                    except ActivityError as e:
-                        # The bucket lacks the stanza (new, or lost and recreated empty): make it,
-                        # once per run, and take the backup again. pgBackRest fails at once
-                        # here, before copying anything, so trying first costs nothing.
-                        if stanza_made or getattr(e.cause, "type", None) != "StanzaMissing":
-                            raise
-                        stanza_made = True
-                        rec.detail = "no stanza in that bucket: stanza-create, then the backup"
-                        await self.ensure_stanza(topo, primary)
-                        b = await self._take(topo, source, take)
+                            stanza_made = True
+                            rec.detail = "no stanza in that bucket: stanza-create, then the backup"
+                            await self.ensure_stanza(topo, primary)
                 except ActivityError as e:
                     why = str(e.cause or e)
                     failed[repo] = why

@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutType
+from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, RegionHealth
@@ -259,6 +260,9 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):
                     raise  # a cancel request, not a dead worker: the caller undoes the fence
+                # Only a fence nobody picked up means a silent worker; one that failed or ran
+                # out of time was picked up by a worker that reaches Temporal.
+                self.source_worker_answered = not _not_picked_up(e)
 
         return await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
                                   method="read_only"), queue=control, timeout=30, attempts=2, local=local)
@@ -286,6 +290,8 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):
                     raise
+                if not _not_picked_up(e):
+                    self.source_worker_answered = True
             got = await asyncio.gather(*[
                 self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
                                                                          method="read_only"),
@@ -299,11 +305,17 @@ class FailoverWorkflow(Runbook):
             if fence:
                 st.detail = f"reachable again: fenced {fence.method}"
                 return fence
-            st.detail = (f"no answer for {wait_for:.0f} s from it or its worker: by health.self_fence_after its "
-                         "worker has fenced it read-only (unverified until it is reachable)")
+            if getattr(self, "source_worker_answered", False):
+                st.detail = (f"its worker took the fence but could not fence it, and it stays unreachable from here: "
+                             "NOT fenced, and that worker, in touch with Temporal, will not fence it itself")
+                notes.append(f"old primary in {source} is NOT fenced: unreachable from here, and its worker, alive, "
+                             "could not fence it; it must stay down until failback rewinds it")
+                return next((g for g in got if isinstance(g, PgFence)), PgFence(reachable=False, error="unreachable"))
+            st.detail = (f"no answer for {wait_for:.0f} s from it or its worker: if its worker is running, it has "
+                         "fenced it read-only by health.self_fence_after (unverified until it is reachable)")
             notes.append(f"old primary in {source} was unreachable by timeout and is not fenced by this run: waited "
-                         f"{wait_for:.0f} s, past its worker's self-fence bound, before promoting; it must stay "
-                         "down until failback rewinds it")
+                         f"{wait_for:.0f} s, past its worker's self-fence bound, before promoting; fenced only if its "
+                         "worker ran through the partition, unverified; it must stay down until failback rewinds it")
             return next(g for g in got if isinstance(g, PgFence)) if any(isinstance(g, PgFence) for g in got) \
                 else PgFence(reachable=False, error="unreachable")
 
@@ -524,3 +536,8 @@ def rpo_met(rpo: Rpo) -> bool | None:
     if rpo.loss_window_s is not None and rpo.lost_commits is not None:
         return rpo.loss_window_s <= rpo.target_s
     return None
+
+
+def _not_picked_up(e: ActivityError) -> bool:
+    """The activity timed out waiting for a worker to take it (its worker is silent)."""
+    return isinstance(e.cause, ActivityTimeout) and e.cause.type == TimeoutType.SCHEDULE_TO_START

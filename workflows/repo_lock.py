@@ -18,16 +18,18 @@ parent is the holder.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-# The first retry comes soon (a short expire ending), later ones at most a minute apart: a
-# waiter behind a six-hour full adds a few hundred events to its history, not thousands.
+# The first retry comes soon (a short expire ending), later ones at most five minutes apart:
+# each costs about ten history events, so a waiter behind the longest backup allowed (7 days)
+# stays near 20,000 events, within Temporal's 50,000.
 FIRST_RETRY_SECONDS = 5.0
-MAX_RETRY_SECONDS = 60.0
+MAX_RETRY_SECONDS = 300.0
 
 
 def repo_lock_id(service: str) -> str:
@@ -44,8 +46,15 @@ class RepoLockWorkflow:
     @workflow.run
     async def run(self, holder: str) -> str:
         workflow.set_current_details(f"held by {holder}; released when it ends")
-        await workflow.wait_condition(lambda: self.released)
-        return holder
+        while True:
+            try:
+                await workflow.wait_condition(lambda: self.released)
+                return holder
+            except asyncio.CancelledError:
+                # A cancel request (the UI's button) must not hand the buckets to a second
+                # writer while the holder's pgBackRest still runs: only the holder releases it
+                # (or its end, through the parent close policy).
+                workflow.logger.warning("cancel request ignored: the holder releases this lock")
 
     @workflow.signal
     def release(self) -> None:

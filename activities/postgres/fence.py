@@ -107,15 +107,68 @@ def _error(e: Exception) -> str:
     return scrub(str(e).strip().splitlines()[0]) if str(e).strip() else "unreachable"
 
 
-def fence_read_only(cfg: PostgresConfig, timeout: float = 3) -> PgFence:
+# Who put the read-only fence on, in postgresql.auto.conf beside it: "runbook", or "self" for
+# a regional worker's self-fence (workers/self_fence.py), which only a fence of its own may lift.
+FENCED_BY = "eagle_dr.fenced_by"
+# Fencing and a self-fence's lift take this advisory lock on the node, so a runbook's fence
+# never lands between the lift's check of who fenced and its removal of the fence.
+FENCE_LOCK = 0x45444652  # "EDFR"
+
+
+def fence_read_only(cfg: PostgresConfig, timeout: float = 3, by: str = "runbook") -> PgFence:
     try:
         with connect(cfg, timeout) as conn:
             if conn.execute("select pg_is_in_recovery()").fetchone()[0]:
                 return PgFence(reachable=True, method="standby")
+            conn.execute("select pg_advisory_lock(%s)", (FENCE_LOCK,))
+            if by == "self" and (held := fence_holder(conn)):
+                # Already fenced (by a runbook): not ours, so never ours to lift.
+                return PgFence(reachable=True, method="read_only", error=f"already fenced by {held}")
+            _mark(conn, by)
             lsn = _read_only(conn, cfg, timeout)
             return PgFence(reachable=True, method="read_only", last_lsn=lsn)
     except psycopg.Error as e:
         return PgFence(reachable=False, error=_error(e), refused="connection refused" in str(e).lower())
+
+
+def _mark(conn: psycopg.Connection, by: str | None) -> None:
+    """Set (or, None, remove) the fence's owner mark. ALTER SYSTEM knows a custom setting only
+    once the session has it as a placeholder, hence the SET first."""
+    name = sql.Identifier(*FENCED_BY.split("."))
+    conn.execute(sql.SQL("set {} = ''").format(name))
+    if by is None:
+        conn.execute(sql.SQL("alter system reset {}").format(name))
+    else:
+        conn.execute(sql.SQL("alter system set {} = {}").format(name, sql.Literal(by)))
+
+
+def fence_holder(conn: psycopg.Connection) -> str | None:
+    """Who fenced this server, if its files fence it read-only ("a runbook" before the marker)."""
+    row = conn.execute("select setting from pg_file_settings where name = 'default_transaction_read_only' "
+                       "and applied").fetchone()
+    if not row or row[0] not in ("on", "true", "1"):
+        return None
+    return fenced_by(conn) or "a runbook"
+
+
+def fenced_by(conn: psycopg.Connection) -> str | None:
+    row = conn.execute("select setting from pg_file_settings where name = %s and applied", (FENCED_BY,)).fetchone()
+    return row[0] if row else None
+
+
+def lift_self_fence(cfg: PostgresConfig) -> str | None:
+    """Lift a read-only fence only if a self-fence put it on and nothing fenced it since;
+    returns None when lifted, else why not."""
+    with connect(cfg) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (FENCE_LOCK,))
+        if conn.execute("select pg_is_in_recovery()").fetchone()[0]:
+            return "it is a standby now"
+        by = fenced_by(conn)
+        if by != "self":
+            return f"fenced by {by or 'nothing eagle-dr recorded'}, not by itself"
+        _lift_read_only(conn)
+    _wait_sessions_allowed(cfg)
+    return None
 
 
 # Appended to postgresql.auto.conf (the last setting of a name wins): a standby that
@@ -206,14 +259,24 @@ def lift_stop_fence(cfg: PostgresConfig) -> bool:
     return True
 
 
+def _lift_read_only(conn: psycopg.Connection) -> None:
+    conn.execute("alter system reset default_transaction_read_only")
+    _mark(conn, None)
+    libs = _file_libraries(conn)
+    if FENCE_LIBRARY in libs:
+        _set_libraries(conn, [x for x in libs if x != FENCE_LIBRARY])
+    conn.execute("select pg_reload_conf()")
+
+
 def unfence(cfg: PostgresConfig) -> None:
     """Undo a read-only fence over the network (compensation when promotion did not happen)."""
     with connect(cfg) as conn:
-        conn.execute("alter system reset default_transaction_read_only")
-        libs = _file_libraries(conn)
-        if FENCE_LIBRARY in libs:
-            _set_libraries(conn, [x for x in libs if x != FENCE_LIBRARY])
-        conn.execute("select pg_reload_conf()")
+        conn.execute("select pg_advisory_lock(%s)", (FENCE_LOCK,))
+        _lift_read_only(conn)
+    _wait_sessions_allowed(cfg)
+
+
+def _wait_sessions_allowed(cfg: PostgresConfig) -> None:
     deadline = time.monotonic() + 10
     while _new_sessions_refused(cfg, 3):
         if time.monotonic() > deadline:
