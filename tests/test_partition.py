@@ -36,9 +36,9 @@ import pytest_asyncio
 import yaml
 
 from activities.postgres.status import pg_status
-from eagle_dr.config import load_config
+from eagle_dr.config import LabConfig, load_config
 from lab import netns
-from lab.osuser import make_dir
+from lab.osuser import make_dir, reachable_state_dir
 from lab.processes import kill_tree, read_pid, spawn
 from tests.conftest import PORT_SHIFT, TEST_LAB_DIR, _stop_leftovers, write_test_config
 from tests.lab_helpers import _until
@@ -84,6 +84,11 @@ def plab():
 
     _cleanup(LAB_DIR)
     shutil.rmtree(LAB_DIR, ignore_errors=True)
+    # Root running from a checkout the lab user cannot reach: the state lives elsewhere, and a
+    # killed or earlier run's must go too (its servers' data would be brought back as it was).
+    state = reachable_state_dir(LAB_DIR / "state", LabConfig().os_user)
+    if state != LAB_DIR / "state":
+        shutil.rmtree(state, ignore_errors=True)
     LAB_DIR.mkdir()
     os.chmod(LAB_DIR, 0o755)
     path = write_test_config(LAB_DIR, SHIFT)
