@@ -1073,6 +1073,13 @@ class TemporalConfig(_Strict):
     # in regions[].temporal.metrics_port. Production binds 0.0.0.0 (or the pod IP) to be scraped.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
+    # Worker Versioning: the control worker (it runs the runbooks) polls as version
+    # <deployment_name>.<EAGLE_DR_BUILD_ID> (the deploy sets the build id, from the image tag),
+    # and runs are AUTO_UPGRADE: a runbook waiting at a gate through a deploy moves to the new
+    # build at its next task (workflow changes are patched, so the new build replays it). The
+    # deploy makes a version current once its workers poll (`temporal worker deployment
+    # set-current-version`). None: unversioned, as in the lab.
+    deployment_name: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class DevServerConfig(_Strict):

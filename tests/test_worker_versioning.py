@@ -106,3 +106,42 @@ async def test_new_build_finishes_a_run_started_by_the_old_one(env):
         assert await handle.result() == "1.0->2.0"
     v = (await handle.describe()).raw_description.workflow_execution_info.versioning_info
     assert v.deployment_version.build_id == "2.0"
+
+
+async def test_the_real_control_worker_polls_as_a_version_and_a_deploy_moves_its_runs(env, monkeypatch):
+    """workers/run.py's control worker with temporal.deployment_name: the registry's workflows
+    run AUTO_UPGRADE by default. A run of one of them (the backup-repo lock, which needs no
+    activity) started on build 1.0 is finished by build 2.0 after the deploy; and a versioned
+    config without a build id is refused, naming the variable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eagle_dr.config import DEFAULT_CONFIG, load_config
+    from workers.run import build_worker
+    from workflows.repo_lock import RepoLockWorkflow
+
+    base = load_config(DEFAULT_CONFIG, env={})
+    queue = f"control-{uuid.uuid4().hex[:8]}"
+    cfg = base.model_copy(update={"temporal": base.temporal.model_copy(update={
+        "control_task_queue": queue, "deployment_name": DEPLOYMENT})})
+    monkeypatch.delenv("EAGLE_DR_BUILD_ID", raising=False)
+    with ThreadPoolExecutor(4) as executor:
+        with pytest.raises(ValueError, match="EAGLE_DR_BUILD_ID"):
+            build_worker(env.client, cfg, None, executor)
+        monkeypatch.setenv("EAGLE_DR_BUILD_ID", "1.0")
+        async with build_worker(env.client, cfg, None, executor):
+            await _make_current(env.client, "1.0")
+            handle = await env.client.start_workflow(RepoLockWorkflow.run, "test-holder", id=f"lock-{queue}",
+                                                     task_queue=queue, execution_timeout=timedelta(minutes=2))
+
+            async def first_task_done():
+                v = (await handle.describe()).raw_description.workflow_execution_info.versioning_info
+                return v.deployment_version.build_id == "1.0" and v.behavior == VersioningBehavior.AUTO_UPGRADE.value
+
+            await _until(first_task_done, 30, "the 1.0 control worker to run the first workflow task")
+        monkeypatch.setenv("EAGLE_DR_BUILD_ID", "2.0")
+        async with build_worker(env.client, cfg, None, executor):
+            await _make_current(env.client, "2.0")
+            await handle.signal(RepoLockWorkflow.release)
+            assert await handle.result() == "test-holder"
+    v = (await handle.describe()).raw_description.workflow_execution_info.versioning_info
+    assert v.deployment_version.build_id == "2.0"

@@ -41,7 +41,25 @@ def build_worker(client, cfg: EagleConfig, region: str | None, executor: ThreadP
     return Worker(client, task_queue=cfg.temporal.control_task_queue, workflows=WORKFLOWS,
                   activities=control_activities(cfg), activity_executor=executor, workflow_runner=sandbox_runner(),
                   graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@control/{os.getpid()}",
-                  interceptors=[ScrubSecrets()])
+                  interceptors=[ScrubSecrets()], **versioning(cfg))
+
+
+def versioning(cfg: EagleConfig) -> dict:
+    """The control worker's Worker Versioning options (config.TemporalConfig.deployment_name).
+    Regional workers run activities only, on their own queues, and stay unversioned."""
+    name = cfg.temporal.deployment_name
+    if not name:
+        return {}
+    from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
+    from temporalio.worker import WorkerDeploymentConfig
+
+    build_id = os.environ.get("EAGLE_DR_BUILD_ID", "").strip()
+    if not build_id:
+        raise ValueError(f"temporal.deployment_name is {name!r} (Worker Versioning on), but EAGLE_DR_BUILD_ID is not set: "
+                         "the deploy must name the build (the image tag)")
+    return {"deployment_config": WorkerDeploymentConfig(
+        version=WorkerDeploymentVersion(name, build_id), use_worker_versioning=True,
+        default_versioning_behavior=VersioningBehavior.AUTO_UPGRADE)}
 
 
 def metrics_address(cfg: EagleConfig, region: str | None) -> str | None:
