@@ -67,4 +67,3 @@ class TopologyActivities:
             cache_rpo_target_seconds=secs(o.cache.rpo), lab=self.cfg.routing.lab_file,
             survivor_rule=self.cfg.split_brain.survivor_rule, backup_read_from=self.cfg.backup.read_from,
             notify_channels=self.cfg.notifications.routing(), self_fence_wait_seconds=self.cfg.health.self_fence_wait_seconds())
-

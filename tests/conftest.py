@@ -80,6 +80,14 @@ def lab_dir():
     """A fixed place, so the next run can find and stop what a killed run left behind."""
     d = TEST_LAB_DIR
     _stop_leftovers(d)
+    fresh_lab_dir(d)
+    yield d
+
+
+def fresh_lab_dir(d: Path) -> None:
+    """An empty lab directory at ``d`` (its servers already stopped), with no state left of an
+    earlier or killed run: a state brought back would restart its servers' data as it was, and
+    its pid files would name whatever process has the pid now."""
     shutil.rmtree(d, ignore_errors=True)
     # Root running from a checkout the lab user cannot reach (under /root): the state lives
     # elsewhere (lab.osuser.reachable_state_dir), and a killed run's must go too.
@@ -89,7 +97,6 @@ def lab_dir():
     d.mkdir()
     # The lab's servers run as an unprivileged user that must reach the state directory.
     os.chmod(d, 0o755)
-    yield d
 
 
 @pytest.fixture(scope="session")

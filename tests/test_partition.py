@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -36,11 +35,11 @@ import pytest_asyncio
 import yaml
 
 from activities.postgres.status import pg_status
-from eagle_dr.config import LabConfig, load_config
+from eagle_dr.config import load_config
 from lab import netns
-from lab.osuser import make_dir, reachable_state_dir
+from lab.osuser import make_dir
 from lab.processes import kill_tree, read_pid, spawn
-from tests.conftest import PORT_SHIFT, TEST_LAB_DIR, _stop_leftovers, write_test_config
+from tests.conftest import PORT_SHIFT, TEST_LAB_DIR, _stop_leftovers, fresh_lab_dir, write_test_config
 from tests.lab_helpers import _until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -83,14 +82,7 @@ def plab():
     from lab.lab import Lab
 
     _cleanup(LAB_DIR)
-    shutil.rmtree(LAB_DIR, ignore_errors=True)
-    # Root running from a checkout the lab user cannot reach: the state lives elsewhere, and a
-    # killed or earlier run's must go too (its servers' data would be brought back as it was).
-    state = reachable_state_dir(LAB_DIR / "state", LabConfig().os_user)
-    if state != LAB_DIR / "state":
-        shutil.rmtree(state, ignore_errors=True)
-    LAB_DIR.mkdir()
-    os.chmod(LAB_DIR, 0o755)
+    fresh_lab_dir(LAB_DIR)
     path = write_test_config(LAB_DIR, SHIFT)
     doc = yaml.safe_load(path.read_text())
     names = [r["name"] for r in doc["regions"]]

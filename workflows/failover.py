@@ -305,19 +305,19 @@ class FailoverWorkflow(Runbook):
             if fence:
                 st.detail = f"reachable again: fenced {fence.method}"
                 return fence
+            unfenced = next((g for g in got if isinstance(g, PgFence)), PgFence(reachable=False, error="unreachable"))
             if getattr(self, "source_worker_answered", False):
                 st.detail = (f"its worker took the fence but could not fence it, and it stays unreachable from here: "
                              "NOT fenced, and that worker, in touch with Temporal, will not fence it itself")
                 notes.append(f"old primary in {source} is NOT fenced: unreachable from here, and its worker, alive, "
                              "could not fence it; it must stay down until failback rewinds it")
-                return next((g for g in got if isinstance(g, PgFence)), PgFence(reachable=False, error="unreachable"))
+                return unfenced
             st.detail = (f"no answer for {wait_for:.0f} s from it or its worker: if its worker is running, it has "
                          "fenced it read-only by health.self_fence_after (unverified until it is reachable)")
             notes.append(f"old primary in {source} was unreachable by timeout and is not fenced by this run: waited "
                          f"{wait_for:.0f} s, past its worker's self-fence bound, before promoting; fenced only if its "
                          "worker ran through the partition, unverified; it must stay down until failback rewinds it")
-            return next(g for g in got if isinstance(g, PgFence)) if any(isinstance(g, PgFence) for g in got) \
-                else PgFence(reachable=False, error="unreachable")
+            return unfenced
 
     async def _undo_fences(self, source: str, sq: str, control: str) -> list[str]:
         """A cancel before the promotion: lift what the fence step may have done (it may have been
