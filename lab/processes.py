@@ -23,11 +23,41 @@ class LabProcessError(RuntimeError):
 
 
 def read_pid(pidfile: Path) -> int | None:
+    """The pid a pid file names, or None when that pid is now some other process.
+
+    A pid file left by a dead server may name a pid the kernel has since given to an
+    unrelated process (seen in CI: a stale lab state named the other test process's Redis,
+    which a teardown then killed). A process that started after its pid file was last
+    written cannot be the one that wrote it, or the one it was written for."""
     try:
         text = pidfile.read_text().split("\n", 1)[0].strip()
-        return int(text) if text else None
+        pid = int(text) if text else None
+        written = pidfile.stat().st_mtime
     except (OSError, ValueError):
         return None
+    started = _start_time(pid) if pid else None
+    # /proc/stat's btime has whole seconds, so a start time can read up to 1 s late.
+    if started is not None and started > written + 1.5:
+        return None
+    return pid
+
+
+def _start_time(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since the epoch; None when it is not running."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    raise LabProcessError("no btime in /proc/stat")
 
 
 def is_running(pid: int | None) -> bool:
