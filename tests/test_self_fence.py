@@ -8,8 +8,10 @@ fenced; the other region's PostgreSQL (the lab's primary, where the test records
 service name of its own) and Temporal are the lab's real ones.
 
 - Temporal alone cut (a control-plane outage): no fence, however long.
-- Both cut: the primary refuses new sessions, marked as fenced by itself, not before the bound.
-- Both back, no move, no newer epoch: a new watch (a restarted worker) lifts that fence.
+- Both cut: the primary refuses new sessions, marked as fenced by itself, not before the bound,
+  and the region's Redis master (a throwaway one too) refuses writes.
+- Both back, no move, no newer epoch: a new watch (a restarted worker) lifts that fence, and
+  the Redis one.
 - Cut again, and the other region records a newer DR epoch (a failover promoted it): back,
   the fence stays; it is lifted only once that evidence is gone.
 - Cut again, and a runbook fences the node over the self-fence: back, the fence stays.
@@ -90,6 +92,17 @@ class Partitionable:
             self.server.close()
 
 
+def _redis_write(node) -> str | None:
+    """A Redis client's write; None when acknowledged, else the error."""
+    import redis
+
+    try:
+        node.client().set("selffence:probe", "1")
+        return None
+    except redis.RedisError as e:
+        return str(e)
+
+
 def _write(node, key: int) -> str | None:
     """An application's write in a new session; None when it committed, else why not."""
     dsn = node.cfg.dsn().replace("user=postgres", "user=app")
@@ -116,11 +129,23 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
     t_port, p_port = await temporal.start(), await peer.start()
     service = f"selffence-{uuid.uuid4().hex[:8]}"  # its own move id and epoch row
     peer_cfg = lab.cfg.region(primary).postgres
-    with scratch_postgres(PORT, "selffence") as node:
+    # The guarded region's Redis: a throwaway master with the lab's password and TLS.
+    from lab.redis import RedisNode
+
+    a_redis = lab.cfg.region(a).redis
+    rnode = RedisNode(a_redis.host, PORT + 1, lab.state / "selffence-redis", lab.user,
+                      lab.secret("redis-password"), "selffence-redis", tls=lab.tls if a_redis.tls else None)
+    rnode.kill()
+    if rnode.conf.exists():
+        rnode.conf.unlink()  # a config a killed run rewrote (fenced): start as a plain master
+    rnode.start()
+    with contextlib.ExitStack() as cleanup, scratch_postgres(PORT, "selffence") as node:
+        cleanup.callback(rnode.kill)
         with node.connect() as conn:
             conn.execute("create role app login password 'app'")
             conn.execute("grant all on alerts to app")
-        regions = [r.model_copy(update={"postgres": node.cfg}) if r.name == a else
+        regions = [r.model_copy(update={"postgres": node.cfg, "redis": a_redis.model_copy(update={"port": PORT + 1})})
+                   if r.name == a else
                    r.model_copy(update={"postgres": peer_cfg.model_copy(update={"port": p_port})})
                    for r in lab.cfg.regions]
         cfg = lab.cfg.model_copy(update={
@@ -190,10 +215,14 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
             assert time.monotonic() - cut_at >= AFTER - 1.0, f"fenced before the bound: {seen}"
             assert seen[:-1] and not any(seen[:-1]), f"writes failed before the fence: {seen}"
             assert holder() == "self"
+            # Redis next, in the same round: the failover promotes the other region's replica too.
+            await _until(lambda: asyncio.to_thread(lambda: "NOREPLICAS" in (_redis_write(rnode) or "")), 30,
+                         "the region's Redis master to refuse writes")
 
             # Back, with nothing moved: a new watch (a restarted worker) lifts it: the mark is on the node.
             start_watch()
             await heal_until_lifted("a restarted watch to lift the fence")
+            assert _redis_write(rnode) is None, "the Redis fence outlived the PostgreSQL one"
 
             # The other region recorded a newer epoch meanwhile (a failover promoted it): kept.
             await cut_until_fenced()
@@ -202,6 +231,7 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
             peer.heal()
             await after_rounds(4)
             assert holder() == "self" and _write(node, 4) is not None, "lifted despite a newer epoch elsewhere"
+            assert "NOREPLICAS" in (_redis_write(rnode) or ""), "Redis lifted despite a newer epoch elsewhere"
             with pg_connect(peer_cfg) as conn:
                 conn.execute("delete from eagle_dr.dr_epoch where service = %s", (service,))
             await heal_until_lifted("the fence lifted once no newer epoch is recorded")

@@ -14,13 +14,16 @@ network carries it); only silence, a reset or a timeout is not. Either contact i
 (Patroni's failsafe mode: a control-plane outage alone must not take the whole service
 read-only). With no contact for ``health.self_fence_after``, and the local PostgreSQL a
 primary not already fenced, it puts the read-only fence on it (activities/postgres/fence.py),
-marked as its own (``eagle_dr.fenced_by = 'self'`` beside it in postgresql.auto.conf). A
+marked as its own (``eagle_dr.fenced_by = 'self'`` beside it in postgresql.auto.conf), and
+then the write fence on the region's Redis master (activities/redis/failover.py), whose
+replica the failover promotes as well. A
 failover that could not fence an old primary it found unreachable by timeout, with that
 primary's worker silent, waits the same bound (workflows/failover.py).
 
 When Temporal and every other region answer again, it lifts the fence only if it is still its
 own (a runbook's fence since then replaces the mark, and the lift checks the mark under the
-node's fence lock, so no fence lands between check and lift), no move (``dr-move-<service>``)
+node's fence lock, so no fence lands between check and lift; the Redis fence is lifted there
+too), no move (``dr-move-<service>``)
 is running, and no region records a DR epoch newer than this node's (a failover that promoted
 the other region recorded one there). Otherwise the fence stays for the runbooks (failback
 rewinds this node; split brain resolves it), and the worker says why at every round. The mark
@@ -135,15 +138,55 @@ class SelfFence:
         if alone < self.after:
             return
         primary, held = await asyncio.to_thread(_local_state, pg)
-        if not primary or held:
-            return  # a standby takes no writes; a fenced one is fenced; a stopped one fences when back
-        fence = await asyncio.to_thread(fence_read_only, pg, 3, "self")
-        if fence.method == "read_only" and not fence.error:
-            self.kept_why = None
-            self.log.error("self_fence.fenced", alone_seconds=round(alone, 1), last_lsn=fence.last_lsn,
-                           why="no answer from Temporal nor any other region's PostgreSQL")
-        elif not fence.method:
-            self.log.error("self_fence.failed", alone_seconds=round(alone, 1), error=fence.error)
+        if not primary:
+            return  # a standby takes no writes; a stopped one fences when back
+        if not held:
+            fence = await asyncio.to_thread(fence_read_only, pg, 3, "self")
+            if fence.method == "read_only" and not fence.error:
+                held = "self"
+                self.kept_why = None
+                self.log.error("self_fence.fenced", alone_seconds=round(alone, 1), last_lsn=fence.last_lsn,
+                               why="no answer from Temporal nor any other region's PostgreSQL")
+            elif not fence.method:
+                self.log.error("self_fence.failed", alone_seconds=round(alone, 1), error=fence.error)
+        if held == "self":
+            # Also after a restart between the two: the PostgreSQL mark says whose fence it is.
+            await asyncio.to_thread(self._fence_redis, alone)
+
+    def _fence_redis(self, alone: float) -> None:
+        """The region's Redis master refuses writes too: the failover promotes the other
+        region's replica, and the clients in here would write to two Redis masters otherwise."""
+        from activities.redis.failover import fence as redis_fence
+        from activities.redis.failover import master_fence
+
+        rcfg = self.cfg.region(self.region).redis
+        state = master_fence(rcfg)
+        if state is None or state != ("master", False):
+            return  # a replica takes no writes; a fenced master is fenced; a stopped one is down
+        f = redis_fence(rcfg)
+        if f.paused:
+            self.log.error("self_fence.redis_fenced", alone_seconds=round(alone, 1), offset=f.offset,
+                           durable=f.durable)
+        else:
+            self.log.error("self_fence.redis_failed", alone_seconds=round(alone, 1), error=f.error)
+
+    def _lift_redis(self) -> None:
+        """Under the PostgreSQL fence lock, just before that fence goes: the Redis master it
+        fenced takes writes again. A Redis that does not answer keeps its fence (persisted by
+        CONFIG REWRITE), which is logged: PostgreSQL's availability does not wait on it."""
+        from activities.redis.failover import master_fence
+        from activities.redis.failover import unfence as redis_unfence
+
+        rcfg = self.cfg.region(self.region).redis
+        state = master_fence(rcfg)
+        if state == ("master", True):
+            f = redis_unfence(rcfg)
+            if f.reachable:
+                self.log.warning("self_fence.redis_lifted")
+            else:
+                self.log.error("self_fence.redis_kept", why=f"Redis did not answer: {f.error}")
+        elif state is None:
+            self.log.error("self_fence.redis_kept", why="Redis did not answer; its fence, if any, stays")
 
     async def _maybe_lift(self, pg) -> None:
         primary, held = await asyncio.to_thread(_local_state, pg)
@@ -151,10 +194,16 @@ class SelfFence:
             return
         why = await self._keep_why()
         if why is None:
-            why = await asyncio.to_thread(lift_self_fence, pg)
+            why = await asyncio.to_thread(lift_self_fence, pg, self._lift_redis)
         if why is None:
             self.log.warning("self_fence.lifted", why="contact back; no move, no newer epoch")
             self.kept_why = None
+            # A runbook fences Redis beside PostgreSQL, not under the PostgreSQL fence lock: one
+            # that started in the instant between the move check and the lift may have had its
+            # Redis fence undone by it. Put it back for that runbook.
+            late = await self._keep_why()
+            if late and late.startswith("move "):
+                await asyncio.to_thread(self._fence_redis, 0.0)
         elif why != self.kept_why:
             self.log.warning("self_fence.kept", why=f"{why}: the runbooks decide this node's fate")
             self.kept_why = why

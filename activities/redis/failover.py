@@ -287,6 +287,17 @@ def _write_fence(c: redis.Redis, on: bool) -> None:
         c.config_set("min-replicas-to-write", current - FENCE_MIN_REPLICAS)
 
 
+def master_fence(cfg: RedisConfig, timeout: float = 2.0) -> tuple[str, bool] | None:
+    """(role, write-fenced?) of a node; None when it does not answer."""
+    try:
+        c = _node(cfg, timeout)
+        role = _repl(c)["role"]
+        current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
+    except _ERRORS:
+        return None
+    return role, current >= FENCE_MIN_REPLICAS
+
+
 def _persist(c: redis.Redis) -> str | None:
     """CONFIG REWRITE: the running configuration (the write fence, the ACL on replication
     commands, replicaof) into redis.conf, so a restart keeps it. None when written; else why
