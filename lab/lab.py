@@ -85,7 +85,8 @@ class Lab:
     def redis(self, region: str) -> RedisNode:
         r = self.cfg.region(region)
         return RedisNode(r.redis.host, r.redis.port, self.region_dir(region) / "redis", self.user,
-                         self.secret("redis-password"), region, tls=self.tls if r.redis.tls else None)
+                         self.secret("redis-password"), region, tls=self.tls if r.redis.tls else None,
+                         netns=self.cfg.lab.netns.get(region))
 
     def sentinels(self) -> list[tuple[str, SentinelNode]]:
         """(placement, node) for each Sentinel; addresses come from the primary's config."""
@@ -93,7 +94,8 @@ class Lab:
         out = []
         for i, (place, ep) in enumerate(zip(self.cfg.lab.sentinel_placement, r.sentinels), start=1):
             node = SentinelNode(ep.host, ep.port, self.state / "sentinels" / str(i), self.user,
-                                self.secret("redis-password"), f"sentinel-{i}", tls=self.tls if r.tls else None)
+                                self.secret("redis-password"), f"sentinel-{i}", tls=self.tls if r.tls else None,
+                                netns=self.cfg.lab.netns.get(place))
             out.append((place, node))
         return out
 

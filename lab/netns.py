@@ -1,4 +1,5 @@
-"""Network partitions for the lab: each region's PostgreSQL and worker in a network namespace.
+"""Network partitions for the lab: each region's PostgreSQL, Redis, Sentinel and worker in a
+network namespace.
 
 The lab's servers all listen on 127.0.0.1, and the config names every one of them there. To put
 a region behind a real network without changing any server, address or certificate, each
@@ -6,11 +7,12 @@ region's namespace gets a veth pair to the root namespace (and a route to the ot
 through it, with forwarding on), and small TCP relays make "127.0.0.1:port" mean the same
 server from every namespace:
 
-- in a region's namespace: its own PostgreSQL port is the real server; every other lab port is
-  relayed to where that server lives (the other region's namespace, directly, or the root);
-- in the root: each region's PostgreSQL port is relayed into that region's namespace, and the
-  root's servers (Temporal, Redis, Sentinels, S3, pgBackRest servers) are relayed to from the
-  regions' veth addresses.
+- in a region's namespace: its own PostgreSQL, Redis and Sentinel ports are the real servers
+  (``owned_ports``); every other lab port is relayed to where that server lives (the other
+  region's namespace, directly, or the root);
+- in the root: each region's own ports are relayed into that region's namespace, and the
+  root's servers (Temporal, the witness Sentinel, S3, pgBackRest servers) are relayed to from
+  the regions' veth addresses.
 
 A partition is then a kernel one: blackhole routes drop the packets (SYNs go unanswered,
 established connections stall) between a region and the other region, between a region and
@@ -80,9 +82,12 @@ def lab_ports(cfg: EagleConfig) -> set[int]:
 
 
 def owned_ports(cfg: EagleConfig, region: str) -> set[int]:
-    """Ports a region's namespace serves itself: its PostgreSQL and its worker's metrics."""
+    """Ports a region's namespace serves itself: its PostgreSQL, its Redis, the Sentinel the
+    lab places there (``lab.sentinel_placement``) and its worker's metrics."""
     r = cfg.region(region)
-    return {r.postgres.port} | ({r.temporal.metrics_port} if r.temporal.metrics_port else set())
+    sentinels = {ep.port for place, ep in zip(cfg.lab.sentinel_placement, cfg.primary.redis.sentinels)
+                 if place == region}
+    return {r.postgres.port, r.redis.port} | sentinels | ({r.temporal.metrics_port} if r.temporal.metrics_port else set())
 
 
 @dataclass
@@ -146,8 +151,8 @@ class Partitions:
         _ip(*args, check=on)
 
     def cut_from_root(self, region: str, on: bool = True) -> None:
-        """The region and the control plane (Temporal, the control worker, Redis, S3) lose
-        each other; the other region still reaches it."""
+        """The region and the control plane (Temporal, the control worker, the witness
+        Sentinel, S3) lose each other; the other region still reaches it."""
         # In the region's namespace only: its packets to the root's address on its link are
         # dropped, which also drops its answers to connections the root opens (they come from
         # that address). A blackhole in the root would drop what the root forwards between the

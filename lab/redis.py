@@ -34,9 +34,10 @@ class _RedisProcess:
     conf_name = pid_name = ""
 
     def __init__(self, host: str, port: int, directory: Path, user: LabUser, password: str, name: str,
-                 tls: LabTls | None = None):
+                 tls: LabTls | None = None, netns: str | None = None):
         self.host, self.port, self.dir, self.user, self.password, self.name = host, port, directory, user, password, name
         self.tls = tls
+        self.netns = netns  # the partition tests' labs (lab/netns.py): run in this network namespace
         self.conf = directory / self.conf_name
         self.pidfile = directory / self.pid_name
 
@@ -83,8 +84,17 @@ class _RedisProcess:
     def _launch(self, binary: str) -> None:
         if self.conf.exists():
             self._sync_listen()
-        subprocess.run([binaries.ensure(binary)[binary], str(self.conf)], check=True, capture_output=True,
-                       **self.user.popen_kwargs())
+        argv = [binaries.ensure(binary)[binary], str(self.conf)]
+        kw = self.user.popen_kwargs()
+        if self.netns and kw:
+            # Into the namespace as root, then down to the lab's user: `ip netns exec` needs the
+            # privilege that subprocess's user= would drop first.
+            argv = ["ip", "netns", "exec", self.netns, "setpriv", f"--reuid={self.user.uid}",
+                    f"--regid={self.user.gid}", "--clear-groups", "--", *argv]
+            kw = {"cwd": "/"}
+        elif self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        subprocess.run(argv, check=True, capture_output=True, **kw)
         wait_for(lambda: self.client().ping(), 20, f"{self.name} on port {self.port}")
 
     def kill(self) -> list[int]:

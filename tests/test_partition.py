@@ -1,7 +1,7 @@
-"""Network partitions, for real: each region's PostgreSQL and worker in its own network
-namespace (lab/netns.py), the control plane (Temporal, the control worker, Redis, S3) in the
-root, and the links cut by blackhole routes in the kernel: packets dropped, connections
-timing out, as a partition does.
+"""Network partitions, for real: each region's PostgreSQL, Redis, Sentinel and worker in its own
+network namespace (lab/netns.py), the control plane (Temporal, the control worker, the witness
+Sentinel, S3) in the root, and the links cut by blackhole routes in the kernel: packets
+dropped, connections timing out, as a partition does.
 
 The invariants of issue 12, each under the partition that tests it:
 
@@ -12,7 +12,7 @@ The invariants of issue 12, each under the partition that tests it:
 - never two writable primaries: the primary's region cut from everyone, with a client
   inside the partition writing to it all along. Its worker fences it (workers/self_fence.py),
   the failover waits for that before promoting, and the client's last acknowledged write on
-  the old primary comes before the first one on the new;
+  the old primary comes before the first one on the new, in PostgreSQL and in Redis;
 - writes acknowledged during the partition are not lost by the runbooks: after the heal,
   failback carries every write the old primary acknowledged into the new one.
 
@@ -135,20 +135,30 @@ def _names(lab) -> tuple[str, str]:
 class Writer:
     """tests/partition_writer.py in a region's namespace (or the root), logging its acks."""
 
-    def __init__(self, lab, region: str, netns_name: str | None, first_id: int, tag: str):
+    def __init__(self, lab, region: str, netns_name: str | None, first_id: int, tag: str, redis: bool = False):
         self.log = Path(lab.cfg.lab.state_dir) / "netns" / f"writer-{tag}.log"
         self.pidfile = self.log.with_suffix(".pid")
         argv = [sys.executable, str(WRITER), str(self.log), str(first_id), region]
         if netns_name:
             argv = ["ip", "netns", "exec", netns_name, *argv]
         env = {**os.environ, "WRITER_DSN": lab.cfg.region(region).postgres.dsn()}
+        if redis:
+            rcfg = lab.cfg.region(region).redis
+            env |= {"WRITER_REDIS_PORT": str(rcfg.port), "WRITER_REDIS_PASSWORD": lab.secret("redis-password")}
+            if rcfg.tls:
+                env["WRITER_REDIS_CA"] = str(lab.tls.ca)
         self.log.unlink(missing_ok=True)
         spawn(argv, pidfile=self.pidfile, logfile=self.log.with_suffix(".out"), env=env)
 
+    def _lines(self) -> list[list[str]]:
+        return [line.split() for line in self.log.read_text().splitlines() if line] if self.log.exists() else []
+
     def acks(self) -> list[tuple[float, int]]:
-        if not self.log.exists():
-            return []
-        return [(float(t), int(i)) for t, i in (line.split() for line in self.log.read_text().splitlines() if line)]
+        """PostgreSQL's acknowledged inserts."""
+        return [(float(x[0]), int(x[1])) for x in self._lines() if len(x) == 2]
+
+    def redis_acks(self) -> list[tuple[float, int]]:
+        return [(float(x[1]), int(x[2])) for x in self._lines() if len(x) == 3 and x[0] == "redis"]
 
     def stop(self) -> None:
         kill_tree(read_pid(self.pidfile))
@@ -205,8 +215,10 @@ async def test_the_netns_lab_streams_and_every_vantage_point_votes(plab, pclient
     assert st.role == "standby" and st.receiver_status == "streaming", st
     # The servers really are in their namespaces: the root reaches A's PostgreSQL only through
     # the relay into A's namespace, and nothing of it listens in the root's own stack.
-    pid = lab.postgres(a).pid
-    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    for what, pid in (("PostgreSQL", lab.postgres(a).pid), ("Redis", lab.redis(a).pid),
+                      ("Redis", lab.redis(b).pid)):
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net"), what
+    assert lab.redis(b).client().info("replication")["master_link_status"] == "up"
     handle = await _monitor(pclient, lab, auto_failover=False, stop_after_failover=False)
     try:
         st = await _all_up(handle)
@@ -291,8 +303,8 @@ async def test_an_isolated_primary_fences_itself_before_the_standby_is_promoted(
     lab, parts, _ = plab
     a, b = _names(lab)
     base = 6_000_000_000 + int(time.time()) % 1_000_000 * 100
-    inside = Writer(lab, a, lab.cfg.lab.netns[a], base, f"isolated-{a}")
-    outside = Writer(lab, b, None, base + 50_000_000, f"promoted-{b}")
+    inside = Writer(lab, a, lab.cfg.lab.netns[a], base, f"isolated-{a}", redis=True)
+    outside = Writer(lab, b, None, base + 50_000_000, f"promoted-{b}", redis=True)
     handle = None
     try:
         handle = await _monitor(pclient, lab)
@@ -310,6 +322,15 @@ async def test_an_isolated_primary_fences_itself_before_the_standby_is_promoted(
         assert old and max(old) > cut_at, "the old primary took no write in the partition: nothing was tested"
         assert max(old) < first_new, (f"two writable primaries: {a} acknowledged a write at {max(old):.3f}, "
                                       f"{b} had from {first_new:.3f}")
+        # The same for Redis: its own worker fenced the isolated master before the failover
+        # promoted the other region's replica.
+        await _until(lambda: asyncio.sleep(0, bool(outside.redis_acks())), 60, f"a SET acknowledged by {b}'s Redis")
+        first_new_cache = outside.redis_acks()[0][0]
+        old_cache = [t for t, _ in inside.redis_acks()]
+        assert old_cache and max(old_cache) > cut_at, "the old Redis master took no write in the partition"
+        assert max(old_cache) < first_new_cache, (
+            f"two writable Redis masters: {a}'s acknowledged a SET at {max(old_cache):.3f}, "
+            f"{b}'s had from {first_new_cache:.3f}")
         acked_inside = {i for _, i in inside.acks()}
     except BaseException:
         outside.stop()
@@ -326,6 +347,7 @@ async def test_an_isolated_primary_fences_itself_before_the_standby_is_promoted(
         await _until(lambda: asyncio.sleep(0, "self_fence.kept" in wlog.read_text()), 120,
                      f"{a}'s worker back in touch, keeping its fence")
         assert "self_fence.fenced" in wlog.read_text(), "the old primary was not fenced by its own worker"
+        assert "self_fence.redis_fenced" in wlog.read_text(), "the old Redis master was not fenced by its worker"
         fb = await pclient.execute_workflow(
             FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=a, switch_back=False),
             id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue,
