@@ -1,7 +1,9 @@
 """Redis master moves on real redis-server/redis-sentinel processes (ports 17701-17713).
 
 Each test gets a fresh master (17701), replica (17702, replica-priority 0) and three Sentinels
-(17711-17713), all killed in teardown.
+(17711-17713), all killed in teardown. As in production and in the lab, every link is TLS
+(clients, replication, Sentinel to node and to Sentinel) under a CA of the tests' own, verified
+by name, with AUTH on.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from eagle_dr.config import Endpoint, RedisConfig, SecretRef
 from lab.osuser import ensure_lab_user
 from lab.processes import is_running, read_pid, wait_for
 from lab.redis import RedisNode, SentinelNode
+from lab.tls import LabTls
 from tests.conftest import PORT_SHIFT
 
 HOST = "127.0.0.1"
@@ -48,6 +51,8 @@ MASTER_NAME = "eagle-cache-test"
 DOWN_AFTER_MS = 5000
 # Fixed, so a run killed before its teardown can be cleaned up by the next one.
 BASE = Path(tempfile.gettempdir()) / f"eagle-dr-test-redis-failover{'-' + str(_SHIFT) if _SHIFT else ''}"
+# Kept between tests (BASE is not): one CA and certificate per machine, made once.
+TLS_DIR = BASE.with_name(BASE.name + "-tls")
 
 
 @dataclass
@@ -62,11 +67,12 @@ class RedisLab:
     def client(self, cfg: RedisConfig, timeout: float = 3.0, name: str | None = None) -> redis.Redis:
         return redis.Redis(host=cfg.host, port=cfg.port, password=self.password, socket_timeout=timeout,
                            socket_connect_timeout=timeout, decode_responses=True, retry=Retry(NoBackoff(), 0),
-                           client_name=name)
+                           client_name=name, **self.a.tls_kwargs)
 
     def sentinel_client(self, s: SentinelNode) -> redis.Redis:
         return redis.Redis(host=s.host, port=s.port, password=self.password, socket_timeout=3,
-                           socket_connect_timeout=3, decode_responses=True, retry=Retry(NoBackoff(), 0))
+                           socket_connect_timeout=3, decode_responses=True, retry=Retry(NoBackoff(), 0),
+                           **self.a.tls_kwargs)
 
     def sentinel_master(self, s: SentinelNode) -> dict:
         raw = self.sentinel_client(s).execute_command("SENTINEL", "MASTER", MASTER_NAME)
@@ -126,14 +132,18 @@ def rlab():
     os.chmod(pw_file, 0o600)
     sentinels = [Endpoint(host=HOST, port=p) for p in SENTINEL_PORTS]
 
+    tls = LabTls(TLS_DIR, user)
+    tls.ensure()
+
     def cfg(port: int) -> RedisConfig:
         return RedisConfig(host=HOST, port=port, password=SecretRef(file=str(pw_file)), master_name=MASTER_NAME,
-                           sentinels=sentinels)
+                           sentinels=sentinels, tls=True, ca_file=str(tls.ca))
 
-    node_a = RedisNode(HOST, MASTER_PORT, BASE / "a", user, password, "a")
-    node_b = RedisNode(HOST, REPLICA_PORT, BASE / "b", user, password, "b")
+    node_a = RedisNode(HOST, MASTER_PORT, BASE / "a", user, password, "a", tls=tls)
+    node_b = RedisNode(HOST, REPLICA_PORT, BASE / "b", user, password, "b", tls=tls)
     lab = RedisLab(password, cfg(MASTER_PORT), cfg(REPLICA_PORT), node_a, node_b,
-                   [SentinelNode(HOST, p, BASE / f"s{i}", user, password, f"s{i}") for i, p in enumerate(SENTINEL_PORTS)])
+                   [SentinelNode(HOST, p, BASE / f"s{i}", user, password, f"s{i}", tls=tls)
+                    for i, p in enumerate(SENTINEL_PORTS)])
     try:
         node_a.start()
         node_b.start(replica_of=(HOST, MASTER_PORT))
