@@ -132,3 +132,40 @@ def _project(live: Any, desired: Any) -> Any:
     if isinstance(desired, list) and isinstance(live, list) and len(desired) == len(live):
         return [_project(lv, dv) for lv, dv in zip(live, desired)]
     return live
+
+
+# -- Worker Versioning ---------------------------------------------------------------------------
+
+
+async def make_current(temporal, deployment_name: str, build_id: str, wait_seconds: float = 300,
+                       identity: str = "eagle-dr deploy") -> str | None:
+    """Make ``<deployment_name>.<build_id>`` the current version: new runbooks start on it and
+    AUTO_UPGRADE ones move to it at their next workflow task. Returns the build id that was
+    current before (None: none was).
+
+    The server refuses while that version has no poller yet (its workers are still rolling
+    out) or polls fewer task queues than the current one (a build that would strand runs on a
+    queue nobody serves): both are retried until ``wait_seconds``, then raised. Missing queues
+    are never ignored and a version without pollers is never forced."""
+    import asyncio
+    import time
+
+    from temporalio.api.workflowservice.v1 import SetWorkerDeploymentCurrentVersionRequest
+    from temporalio.service import RPCError, RPCStatusCode
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            resp = await temporal.workflow_service.set_worker_deployment_current_version(
+                SetWorkerDeploymentCurrentVersionRequest(namespace=temporal.namespace, deployment_name=deployment_name,
+                                                         build_id=build_id, identity=identity))
+        except RPCError as e:
+            not_yet = e.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION)
+            if not not_yet or time.monotonic() >= deadline:
+                raise DeployError(f"{deployment_name}.{build_id} could not be made current"
+                                  f"{f' within {wait_seconds:.0f} s' if not_yet else ''}: {e.message}") from e
+            await asyncio.sleep(1)
+            continue
+        prev = resp.previous_deployment_version.build_id
+        log.info("version_current", deployment=deployment_name, build_id=build_id, previous=prev or None)
+        return prev or None
