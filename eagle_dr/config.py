@@ -250,6 +250,11 @@ class PostgresConfig(_Strict):
     # lab's old one-host layout) and ``backup.read_from: standby`` is refused.
     pgbackrest_host: str | None = None
     pgbackrest_port: int = Field(default=8432, ge=1, le=65535)
+    # A TCP proxy or load balancer between eagle-dr and this server (HAProxy, an NLB, a
+    # Kubernetes Service reached from another cluster). A refused connection then proves only
+    # that the proxy answered, not that the server is gone: with this set, the failover treats
+    # it as a timeout and waits for the old primary to fence itself.
+    behind_proxy: bool = False
 
     @property
     def ssl_params(self) -> dict[str, str]:

@@ -152,3 +152,19 @@ def test_stop_fence_waits_for_the_archive_backlog_while_writes_still_flow(node):
         assert time.monotonic() - started < 3
     finally:
         ready.unlink(missing_ok=True)
+
+
+def test_a_refused_port_proves_the_server_gone_only_without_a_proxy(tmp_path):
+    """A closed port on the server's own host: nothing listens, nobody writes (no wait for a
+    self-fence). Behind a proxy the same refusal may come from the proxy for a live server."""
+    import socket
+
+    from eagle_dr.config import PostgresConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    direct = PostgresConfig(port=closed)
+    assert fence_read_only(direct, timeout=2).refused is True
+    proxied = fence_read_only(direct.model_copy(update={"behind_proxy": True}), timeout=2)
+    assert not proxied.reachable and proxied.refused is False, proxied

@@ -52,7 +52,8 @@ class PgFence(BaseModel):
     clean_shutdown: bool | None = None
     # Unreachable because its port refused the connection: the host answers and nothing
     # listens, so no client can be writing to it. A timeout proves nothing of the kind (a
-    # partition, a frozen host): the failover then waits for it to fence itself.
+    # partition, a frozen host): the failover then waits for it to fence itself. Never set
+    # for a server behind a proxy (postgres.behind_proxy), which may refuse for a live server.
     refused: bool = False
 
 
@@ -129,7 +130,8 @@ def fence_read_only(cfg: PostgresConfig, timeout: float = 3, by: str = "runbook"
             lsn = _read_only(conn, cfg, timeout)
             return PgFence(reachable=True, method="read_only", last_lsn=lsn)
     except psycopg.Error as e:
-        return PgFence(reachable=False, error=_error(e), refused="connection refused" in str(e).lower())
+        return PgFence(reachable=False, error=_error(e),
+                       refused="connection refused" in str(e).lower() and not cfg.behind_proxy)
 
 
 def _mark(conn: psycopg.Connection, by: str | None) -> None:
