@@ -9,6 +9,10 @@ The runbook, as an operator would do it:
 3. Compare each table: hashed ranges, bisected to exact keys, at A's LSN on a standby; the
    activity heartbeats its position, so a killed worker's retry goes on where it was.
 4. Compare Redis (counts, offsets, a sample of values), when comparing the service's databases.
+
+B may instead be a restored backup that follows the primary (``scratch_b``, from restore mode
+verify, workflows/restore.py): it is compared as the primary's standby, on the worker of the
+host it runs on (it listens there only).
 5. Record the run in ``eagle_dr.consistency_runs`` on the primary; differences end the run
    "degraded", which notifies through the channels (workflows/notify.py) and keeps the incident
    open until a later check is clean.
@@ -27,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         ConsistencyActivities,
         ListTablesRequest,
         RecordRequest,
+        ScratchRef,
     )
     from activities.consistency.results import RedisResult, TableResult
     from activities.topology import TopologyActivities
@@ -54,6 +59,9 @@ class ConsistencyInput(BaseModel):
     # A database on B's server to compare against instead of the service's (a copy, a restore):
     # B is then not A's live standby, and Redis is not compared.
     database_b: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+    # B is a restored copy on that region's host, streaming from the primary (restore mode
+    # verify): A is the primary; regions and database_b stay unset; Redis is not compared.
+    scratch_b: ScratchRef | None = None
     redis: bool = True
     # Rows per top-level range for this run (default: the config's consistency.chunk_rows).
     chunk_rows: int | None = Field(default=None, ge=100, le=10_000_000)
@@ -88,6 +96,7 @@ class ConsistencyResult(BaseModel):
     region_a: str
     region_b: str
     database_b: str | None = None
+    scratch_b: ScratchRef | None = None
     follower: bool  # B was A's streaming standby: compared at A's LSN
     tables: list[TableResult] = []
     redis: RedisResult | None = None
@@ -120,7 +129,15 @@ class ConsistencyCheckWorkflow(Runbook):
             status = await self.postgres_statuses(topo, control)
             primaries = self.primaries(status)
             primary = primaries[0] if len(primaries) == 1 else None
-            if inp.regions:
+            if inp.scratch_b is not None:
+                if inp.regions or inp.database_b:
+                    raise invalid("scratch_b", "a restored copy is compared with the primary: leave regions and "
+                                               "database_b unset")
+                if primary is None:
+                    raise ApplicationError(f"no single primary ({', '.join(primaries) or 'none reachable'}) for the "
+                                           "restored copy to follow", type="NoPrimary", non_retryable=True)
+                a, b = primary, inp.scratch_b.region
+            elif inp.regions:
                 a, b = inp.regions
                 if b == primary and inp.database_b is None:
                     a, b = b, a  # the primary's LSN is the consistent point: it must be A
@@ -130,7 +147,10 @@ class ConsistencyCheckWorkflow(Runbook):
                                            "the regions to compare", type="NoPrimary", non_retryable=True)
                 a, b = primary, topo.other(primary).name
             follower = inp.database_b is None and a == primary and status[b].reachable and status[b].role == "standby"
+            if inp.scratch_b is not None:
+                follower = True  # it streams from the primary; compare_table checks it is in recovery
             rec.detail = f"A {a}{' (primary)' if a == primary else ''}, B {b}" + \
+                (f" restored copy on port {inp.scratch_b.port}" if inp.scratch_b else "") + \
                 (f" database {inp.database_b}" if inp.database_b else "") + \
                 (" (its standby: compared at the primary's LSN)" if follower else "")
         self.source_region, self.target_region = a, b
@@ -166,8 +186,10 @@ class ConsistencyCheckWorkflow(Runbook):
                 r = await self.act(
                     ConsistencyActivities.compare_table,
                     CompareTableRequest(region_a=a, region_b=b, database_b=inp.database_b, follower=follower, table=t,
-                                        chunk_rows=inp.chunk_rows, max_lag_seconds=inp.max_lag_seconds),
-                    queue=control, timeout=6 * 3600, heartbeat=10, attempts=5, summary=f"compare {t.qualified}")
+                                        chunk_rows=inp.chunk_rows, max_lag_seconds=inp.max_lag_seconds,
+                                        scratch_b=inp.scratch_b),
+                    queue=topo.region(b).task_queue if inp.scratch_b else control, timeout=6 * 3600, heartbeat=10,
+                    attempts=5, summary=f"compare {t.qualified}")
                 results.append(r)
                 rec.detail = _table_line(r)
                 metrics.consistency_table(workflow.metric_meter(), topo.service, r.table, differences=r.differences,
@@ -177,7 +199,7 @@ class ConsistencyCheckWorkflow(Runbook):
                     rec.status = "failed"
 
         redis: RedisResult | None = None
-        if inp.redis and inp.database_b is None:
+        if inp.redis and inp.database_b is None and inp.scratch_b is None:
             async with self.step("Compare Redis") as rec:
                 try:
                     redis = await self.act(ConsistencyActivities.compare_redis,
@@ -204,7 +226,7 @@ class ConsistencyCheckWorkflow(Runbook):
         workflow.upsert_search_attributes([DR_CHECK_DIFFERENCES.value_set(differences),
                                            DR_CHECK_TABLES.value_set([r.table for r in results if r.differences])])
         result = ConsistencyResult(service=topo.service, region_a=a, region_b=b, database_b=inp.database_b,
-                                   follower=follower, tables=results, redis=redis, differences=differences,
+                                   scratch_b=inp.scratch_b, follower=follower, tables=results, redis=redis, differences=differences,
                                    degraded=self.degraded, outcome=outcome, not_compared=skipped)
 
         where = primary or a

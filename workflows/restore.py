@@ -28,6 +28,16 @@ that shows what it would do (``approval``, required by default):
    timeout or a cancel before that leaves the primary untouched. The apply is the point of no
    return (a cancel then is refused). The scratch copy is dropped in every case.
 
+``verify``: does the newest backup, with the archive, rebuild the primary's data exactly, key
+   by key? Restore it into a scratch instance as a hot standby that replays the archive alone
+   until it reaches the primary's newest archived segment (a missing segment stalls it: the run
+   fails with ArchiveGap, naming where the bucket's archive ends), then streams from the
+   primary. A consistency check (child ConsistencyCheckWorkflow, ``scratch_b``) then compares
+   every table with the primary as with a standby: each range at one LSN on both sides, exact
+   keys for any difference, the application writing on. Nothing live is written; the copy is
+   dropped in every case. (The restore drill checks table checksums at a restore point; this
+   names the keys, and holds no lock on the primary.)
+
 Why one workflow and not three: the modes share the input's target and repo, the check
 against the repo's backups, the fallback to the other bucket, the scratch handling and the
 ``eagle-dr restore`` front end; a mode field keeps one runbook name in the UI's filters.
@@ -46,14 +56,16 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.backup.activities import DropScratchRequest, RebuildRequest, RecoverRowsRequest, \
-        RestoreActivities, RestoreRequest
+    from activities.backup.activities import DropScratchRequest, FollowRestoreRequest, RebuildRequest, \
+        RecoverRowsRequest, RestoreActivities, RestoreRequest
+    from activities.consistency.activities import ScratchRef
     from activities.backup.rebuild import RebuiltStandby
     from activities.backup.recover import RowRecovery, RowSelection
-    from activities.backup.restore import RestoreTarget, Scratch
+    from activities.backup.restore import FollowingScratch, RestoreTarget, Scratch
     from workflows.models import ApprovalPolicy, ApprovalRecord
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
+    from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, invalid, validated
 
@@ -70,7 +82,7 @@ class RestoreInput(BaseModel):
     # How long the copy stays up for inspection; 0 deletes it as soon as it is reported.
     keep_minutes: float = Field(default=60, ge=0, le=7 * 24 * 60)
     trigger: str = Field(default="manual", max_length=100)
-    mode: Literal["pitr", "rebuild-standby", "recover-rows"] = "pitr"
+    mode: Literal["pitr", "rebuild-standby", "recover-rows", "verify"] = "pitr"
     # recover-rows: which tables, and rows, to copy back into the primary.
     tables: list[RowSelection] = Field(default=[], max_length=100)
     # The gate before anything is written to a live server (rebuild-standby, recover-rows).
@@ -88,6 +100,9 @@ class RestoreResult(BaseModel):
     approval: ApprovalRecord | None = None
     rebuilt: RebuiltStandby | None = None
     recovery: RowRecovery | None = None
+    # verify: the copy (archive replay, then streaming) and the key-level check against the primary.
+    following: FollowingScratch | None = None
+    check: ConsistencyResult | None = None
 
 
 @workflow.defn
@@ -147,6 +162,8 @@ class RestoreWorkflow(Runbook):
             return await self._rebuild(inp, topo, req, queue)
         if inp.mode == "recover-rows":
             return await self._recover(inp, topo, req, queue)
+        if inp.mode == "verify":
+            return await self._verify(inp, topo, req, queue)
 
         req, chk = await self._check(inp, req, queue)
         scratch: Scratch | None = None
@@ -293,6 +310,57 @@ class RestoreWorkflow(Runbook):
         return RestoreResult(service=topo.service, mode=inp.mode, scratch=scratch, dropped=True,
                              degraded=self.degraded, outcome=outcome, primary_region=primary, approval=approval,
                              recovery=recovery)
+
+    # -- verify --------------------------------------------------------------------------------
+
+    async def _verify(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str) -> RestoreResult:
+        if inp.target.kind != "latest":
+            raise invalid("target", "verify restores the newest backup to the end of the archive and then follows "
+                                    "the primary: leave the target at latest")
+        region = req.region
+        primary = await self._primary(topo)
+        self.target_region = f"a copy on {region}, following {primary}"
+        req, chk = await self._check(inp, req, queue)
+        following: FollowingScratch | None = None
+        check: ConsistencyResult | None = None
+        try:
+            async with self.step(f"Restore into a scratch instance on {region}, replay the archive, follow "
+                                 f"{primary}") as rec:
+                freq = FollowRestoreRequest(**req.model_dump(), primary_region=primary)
+                try:
+                    following = await self.act(RestoreActivities.restore_following_scratch, freq, queue=queue,
+                                               timeout=req.timeout_seconds + 300, heartbeat=60, schedule_to_start=60,
+                                               attempts=2)
+                except ActivityError as e:
+                    cause = e.cause
+                    if isinstance(cause, ApplicationError) and cause.type == "ArchiveGap":
+                        raise ApplicationError(cause.message, type="ArchiveGap", non_retryable=True) from None
+                    raise _as_input_error(e) from None
+                self.scratch_copy = sc = following.scratch
+                rec.detail = (f"backup {sc.backup_label}; the archive alone replayed to "
+                              f"{following.archive_replayed_to} (the primary's newest archived segment: "
+                              f"{following.archived_segment or 'none'}); streaming from {following.upstream}; "
+                              f"restore {sc.restore_seconds:.1f} s, replay {sc.recovery_seconds:.1f} s; port {sc.port}")
+            async with self.step(f"Compare every table with {primary}, key by key") as rec:
+                check = await workflow.execute_child_workflow(
+                    ConsistencyCheckWorkflow.run,
+                    ConsistencyInput(scratch_b=ScratchRef(region=region, port=sc.port, socket_dir=sc.socket_dir),
+                                     redis=False, trigger=f"restore-verify:{inp.trigger}"[:100]),
+                    id=f"{workflow.info().workflow_id}-check", task_queue=workflow.info().task_queue)
+                rec.detail = (f"{check.differences} differing keys in {len(check.tables)} tables "
+                              f"({sum(t.rows_a for t in check.tables)} rows on {primary})")
+                if check.differences:
+                    rec.status = "failed"
+                    self.degraded.extend(f"the restored copy differs: {d}" for d in check.degraded)
+                elif check.degraded:
+                    self.degraded.extend(check.degraded)
+        finally:
+            await asyncio.shield(asyncio.ensure_future(self._drop(region, queue, req, self.scratch_copy)))
+        outcome = "degraded" if self.degraded else "succeeded"
+        self.finish(outcome)
+        return RestoreResult(service=topo.service, mode=inp.mode, scratch=self.scratch_copy, dropped=True,
+                             degraded=self.degraded, outcome=outcome, primary_region=primary, following=following,
+                             check=check)
 
     async def _apply_rows(self, rreq: RecoverRowsRequest, primary: str, queue: str) -> RowRecovery:
         async with self.step(f"Write the copy's rows to {primary} (audited)") as rec:

@@ -19,6 +19,7 @@ from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza
 from activities.backup.rebuild import RebuiltStandby, rebuild_standby
 from activities.backup.recover import RowRecovery, RowSelection, SelectionError, recover_rows
 from activities.backup.restore import (
+    FollowingScratch,
     RestoreError,
     RestoreTarget,
     Scratch,
@@ -26,6 +27,7 @@ from activities.backup.restore import (
     connect_scratch,
     drop_scratch,
     port_free,
+    restore_following,
     restore_to_scratch,
     scratch_config,
     utcnow,
@@ -197,6 +199,12 @@ class RestoreRequest(BaseModel):
     fallback: bool = False
 
 
+class FollowRestoreRequest(RestoreRequest):
+    """Restore mode verify: the newest backup as a copy that follows ``primary_region``."""
+
+    primary_region: str
+
+
 class DropScratchRequest(BaseModel):
     region: str
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")
@@ -230,7 +238,8 @@ class TargetCheck(BaseModel):
 
 def _restore_error(e: RestoreError) -> ApplicationError:
     return ApplicationError(str(e), {"field": e.field, "reason": str(e)} if e.field else None, type=e.kind,
-                            non_retryable=e.kind in ("InvalidInput", "PortInUse", "NoBackup", "ScratchExists"))
+                            non_retryable=e.kind in ("InvalidInput", "PortInUse", "NoBackup", "ScratchExists",
+                                                        "ArchiveGap"))
 
 
 class RestoreActivities:
@@ -316,6 +325,28 @@ class RestoreActivities:
             with heartbeating(every=10):
                 return restore_to_scratch(st, directory, port, req.target, req.repo_region, activity.heartbeat,
                                           timeout=req.timeout_seconds, timeline=self._primary_timeline())
+        except RestoreError as e:
+            drop_scratch(st, directory, port)
+            raise _restore_error(e) from None
+
+    @activity.defn
+    def restore_following_scratch(self, req: FollowRestoreRequest) -> FollowingScratch:
+        """The newest backup restored into a scratch that replays the archive to the primary's
+        newest archived segment (a gap is an ArchiveGap error), then streams from the primary."""
+        st = Stanza(self.cfg, req.region)
+        st.write_configs()
+        directory = self.scratch_dir(req.region, req.name)
+        ports = [req.port] if req.port else range(self.cfg.backup.scratch_port, self.cfg.backup.scratch_port + 50)
+        drop_scratch(st, directory, ports[0])  # a retry starts over, as restore_scratch does
+        port = next((p for p in ports if port_free(p)), None)
+        if port is None:
+            raise _restore_error(RestoreError(f"no free port for the scratch copy (from {ports[0]})", "port",
+                                              "PortInUse"))
+        primary = self.cfg.region(req.primary_region).postgres
+        try:
+            with heartbeating(every=10):
+                return restore_following(st, directory, port, req.repo_region, primary, activity.heartbeat,
+                                         timeout=req.timeout_seconds, timeline=pg_status(primary, 5).timeline)
         except RestoreError as e:
             drop_scratch(st, directory, port)
             raise _restore_error(e) from None

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from activities.backup.catalog import Catalog
 from activities.backup.pgbackrest import PgBackRestError, Stanza, _last_error, repo_key
-from activities.postgres.ctl import PgCtl, PgCtlError
+from activities.postgres.ctl import PgCtl, PgCtlError, _guc_string
 from eagle_dr.config import PostgresConfig, scrub
 
 
@@ -159,17 +159,7 @@ def timeline_to_follow(stanza: Stanza, repo_region: str, primary_timeline: int |
 def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: RestoreTarget, repo_region: str,
                        beat=lambda d: None, timeout: float = 3600, timeline: int | None = None) -> Scratch:
     """Restore, start, replay to the target, promote; returns where it is and what it reached."""
-    if not port_free(port):
-        raise RestoreError(f"port {port} is already taken on this host", "port", "PortInUse")
-    if directory.exists() and any(directory.iterdir()):
-        raise RestoreError(f"{directory} exists and is not empty: another scratch instance?", "directory",
-                           "ScratchExists")
-    sc = scratch_config(stanza, directory, port)
-    from activities.backup.pgbackrest import _make_dir
-
-    _make_dir(directory, stanza.region.postgres)
-    _make_dir(Path(sc.data_dir), stanza.region.postgres)
-    _make_dir(Path(sc.socket_dir), stanza.region.postgres)
+    sc = _prepare(stanza, directory, port)
     opts = [f"--repo={repo_key(stanza.cfg, stanza.region.name, repo_region)}", f"--pg1-path={sc.data_dir}",
             "--archive-mode=off"]
     if target.kind != "latest":
@@ -204,16 +194,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         auto = Path(sc.data_dir) / "postgresql.auto.conf"
         ctl.write_file(auto, auto.read_text() + f"recovery_target_timeline = '{follow}'\n")
     t1 = time.monotonic()
-    try:
-        # Command-line settings beat every file the copy carries: never archive, never listen
-        # beyond loopback, never wait for a synchronous standby it does not have. (max_wal_senders
-        # and friends stay as the copy says: recovery refuses values lower than the primary's.)
-        ctl.start(timeout=int(min(timeout, 3600)),
-                  extra="-c archive_mode=off -c archive_command='' -c listen_addresses=127.0.0.1 "
-                        "-c synchronous_standby_names='' -c hot_standby=on")
-    except PgCtlError as e:
-        log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
-        raise RestoreError(f"the restored copy did not start: {scrub(str(e))[:600]} {scrub(log)[-600:]}") from None
+    _start(ctl, timeout)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -241,6 +222,183 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     return Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
                    repo_region=repo_region, backup_label=label, target=target, restore_seconds=restore_s,
                    recovery_seconds=recovery_s, recovered_to=row[0] if row else None, timeline=tli)
+
+
+def _prepare(stanza: Stanza, directory: Path, port: int) -> PostgresConfig:
+    if not port_free(port):
+        raise RestoreError(f"port {port} is already taken on this host", "port", "PortInUse")
+    if directory.exists() and any(directory.iterdir()):
+        raise RestoreError(f"{directory} exists and is not empty: another scratch instance?", "directory",
+                           "ScratchExists")
+    sc = scratch_config(stanza, directory, port)
+    from activities.backup.pgbackrest import _make_dir
+
+    _make_dir(directory, stanza.region.postgres)
+    _make_dir(Path(sc.data_dir), stanza.region.postgres)
+    _make_dir(Path(sc.socket_dir), stanza.region.postgres)
+    return sc
+
+
+# Command-line settings beat every file the copy carries: never archive, never listen beyond
+# loopback, never wait for a synchronous standby it does not have. (max_wal_senders and friends
+# stay as the copy says: recovery refuses values lower than the primary's.)
+_SCRATCH_SETTINGS = ("-c archive_mode=off -c archive_command='' -c listen_addresses=127.0.0.1 "
+                     "-c synchronous_standby_names='' -c hot_standby=on")
+
+
+def _start(ctl: PgCtl, timeout: float, extra: str = "") -> None:
+    try:
+        ctl.start(timeout=int(min(timeout, 3600)), extra=f"{_SCRATCH_SETTINGS} {extra}".strip())
+    except PgCtlError as e:
+        log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
+        raise RestoreError(f"the restored copy did not start: {scrub(str(e))[:600]} {scrub(log)[-600:]}") from None
+
+
+# -- a restored copy that follows the primary (restore mode "verify") ----------------------------
+
+
+class FollowingScratch(BaseModel):
+    scratch: Scratch
+    # The primary's newest archived segment when the restore began, and where replay of the
+    # archive alone reached: at or past its start, the archive has no gap up to it.
+    archived_segment: str | None = None
+    archive_replayed_to: str | None = None
+    upstream: str
+
+
+def segment_start(name: str, segment_bytes: int) -> str | None:
+    """The LSN where a WAL segment file (TTTTTTTTXXXXXXXXYYYYYYYY, any suffix) begins."""
+    m = re.match(r"^[0-9A-F]{8}([0-9A-F]{8})([0-9A-F]{8})", name or "")
+    if not m:
+        return None
+    log_id, seg = int(m.group(1), 16), int(m.group(2), 16)  # seg counts within the 4 GiB log id
+    pos = (log_id << 32) + seg * segment_bytes
+    return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
+
+
+def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: str, primary: PostgresConfig,
+                      beat=lambda d: None, timeout: float = 3600, timeline: int | None = None,
+                      stall_seconds: float = 30) -> FollowingScratch:
+    """The newest backup restored as a hot standby that replays the archive, then streams from
+    the primary: the copy the verify mode compares, key by key, with the primary while it
+    follows it (consistency check's follower mode).
+
+    Two proofs in one. First the archive alone: replay must reach the primary's newest archived
+    segment (read before the restore) with no primary_conninfo, so a missing segment stalls it
+    and is reported as a gap instead of being filled from the primary's pg_wal by streaming.
+    Then streaming, without a slot (the archive backs it), so the copy keeps up with the primary
+    and each range can be compared at one LSN on both sides."""
+    from activities.postgres.status import connect as pg_connect
+
+    with pg_connect(primary, 10) as conn:
+        archived, seg_bytes = conn.execute(
+            "select last_archived_wal, setting::bigint * case unit when '8kB' then 8192 when 'MB' then 1048576 "
+            "else 1 end from pg_stat_archiver, pg_settings where name = 'wal_segment_size'").fetchone()
+    floor = segment_start(archived, int(seg_bytes)) if archived else None
+    sc = _prepare(stanza, directory, port)
+    key = repo_key(stanza.cfg, stanza.region.name, repo_region)
+    beat({"phase": "pgbackrest restore", "as": "standby"})
+    t0 = time.monotonic()
+    follow = timeline_to_follow(stanza, repo_region, timeline)
+    r = stanza.run("restore", f"--repo={key}", f"--pg1-path={sc.data_dir}", "--archive-mode=off", "--type=standby",
+                   "--log-level-console=info", *([f"--target-timeline={follow}"] if follow else []),
+                   timeout=timeout, check=False)
+    if r.returncode != 0:
+        raise RestoreError(f"pgbackrest restore failed ({r.returncode}): {_plain(scrub(_last_error(r.stderr + r.stdout)))}")
+    restore_s = time.monotonic() - t0
+    m = re.search(r"restore backup set (\d{8}-\d{6}F(?:_\d{8}-\d{6}[DI])?)", r.stdout + r.stderr)
+    label = m.group(1) if m else None
+    ctl = PgCtl(sc)
+    auto = Path(sc.data_dir) / "postgresql.auto.conf"
+    restore_command = _setting(auto.read_text(), "restore_command")  # what pgBackRest wrote for this copy
+    t1 = time.monotonic()
+    # The archive alone first: a primary_conninfo the copy's settings carry (a once-standby
+    # primary keeps it in its file) is overridden on the command line.
+    _start(ctl, timeout, "-c primary_conninfo=''")
+    reached = _replay_archive(sc, ctl, floor, stall_seconds, timeout, beat, label)
+    if floor is not None and not _at_least(sc, floor):
+        ctl.stop("immediate", timeout=60)
+        raise RestoreError(f"the archive in {repo_region}'s bucket has a gap: replay of backup {label} stopped at "
+                           f"{reached} and made no progress for {stall_seconds:.0f} s, but {primary.host}:"
+                           f"{primary.port} had archived up to segment {archived} (from {floor}); a restore from "
+                           f"this bucket cannot reach anything after {reached}", "repo", "ArchiveGap")
+    beat({"phase": "streaming from the primary", "backup": label})
+    ctl.stop("fast", timeout=120)
+    # A standby's settings (passfile beside the copy, no slot), with the archive kept as a
+    # source for what the primary has recycled, and the timeline pinned as the restore chose.
+    ctl.write_standby_config(primary, "eagle-dr-restore-verify", "")
+    extra = "".join(f"{k} = {_guc_string(v)}\n" for k, v in (("restore_command", restore_command),
+                                                              ("recovery_target_timeline", follow)) if v)
+    ctl.write_file(auto, auto.read_text() + extra)
+    _start(ctl, timeout)
+    from activities.postgres.standby import _streaming_from
+
+    deadline = time.monotonic() + timeout
+    while not _streaming_from(sc.model_copy(update={"host": sc.socket_dir}), primary):
+        if not ctl.running():
+            log = ctl.log.read_text()[-1200:] if ctl.log.exists() else ""
+            raise RestoreError(f"the restored copy stopped: {scrub(log)[-800:]}")
+        if time.monotonic() > deadline:
+            raise RestoreError(f"the restored copy did not stream from {primary.host}:{primary.port} in {timeout:.0f}s")
+        beat({"phase": "waiting to stream", "backup": label})
+        time.sleep(0.2)
+    with connect_scratch(sc) as conn:
+        tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
+    scratch = Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
+                      repo_region=repo_region, backup_label=label, target=RestoreTarget(), restore_seconds=restore_s,
+                      recovery_seconds=time.monotonic() - t1, timeline=tli)
+    return FollowingScratch(scratch=scratch, archived_segment=archived, archive_replayed_to=reached,
+                            upstream=f"{primary.host}:{primary.port}")
+
+
+def _setting(auto_conf: str, name: str) -> str | None:
+    """The last value of ``name`` in a postgresql.auto.conf text (the last one wins)."""
+    value = None
+    for line in auto_conf.splitlines():
+        m = re.match(rf"^\s*{name}\s*=\s*'((?:[^']|'')*)'", line)
+        if m:
+            value = m.group(1).replace("''", "'")
+    return value
+
+
+def _replay_lsn(sc: PostgresConfig) -> str | None:
+    try:
+        with connect_scratch(sc) as conn:
+            return conn.execute("select pg_last_wal_replay_lsn()::text").fetchone()[0]
+    except psycopg.OperationalError:
+        return None
+
+
+def _at_least(sc: PostgresConfig, lsn: str) -> bool:
+    try:
+        with connect_scratch(sc) as conn:
+            return bool(conn.execute("select pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0])
+    except psycopg.OperationalError:
+        return False
+
+
+def _replay_archive(sc: PostgresConfig, ctl: PgCtl, floor: str | None, stall_seconds: float, timeout: float,
+                    beat, label: str | None) -> str | None:
+    """Until replay reaches ``floor``, or stops advancing for ``stall_seconds`` (the archive
+    ends there), or the copy stops; returns where replay is."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while True:
+        if not ctl.running():
+            log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
+            raise RestoreError(f"the restored copy stopped during recovery: {scrub(log)[-900:]}")
+        now_at = _replay_lsn(sc)
+        if now_at is not None and (floor is None or _at_least(sc, floor)):
+            if floor is not None or (now_at == last and time.monotonic() - since >= 5):
+                return now_at  # no floor (nothing archived yet): replay settled is as far as it goes
+        if now_at != last:
+            last, since = now_at, time.monotonic()
+        elif time.monotonic() - since > stall_seconds:
+            return last
+        if time.monotonic() > deadline:
+            raise RestoreError(f"archive replay did not reach {floor} in {timeout:.0f}s")
+        beat({"phase": "replaying the archive", "backup": label, "at": now_at, "until": floor})
+        time.sleep(0.2)
 
 
 def _tracks_commit_ts(conn) -> bool:
@@ -275,4 +433,5 @@ def utcnow() -> datetime:
 
 
 __all__ = ["RestoreTarget", "RestoreError", "Scratch", "restore_to_scratch", "drop_scratch", "check_target",
+           "FollowingScratch", "restore_following",
            "connect_scratch", "port_free", "scratch_config", "PgBackRestError", "utcnow"]

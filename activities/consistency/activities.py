@@ -34,12 +34,23 @@ class ListTablesRequest(BaseModel):
     skip_without_key: bool = False
 
 
+class ScratchRef(BaseModel):
+    """A restored copy on a region's host (restore mode verify): it listens on that host only,
+    on its own socket directory and port."""
+
+    region: str
+    port: int
+    socket_dir: str
+
+
 class CompareTableRequest(BaseModel):
     region_a: str
     region_b: str
     # A database on that region's server other than the service's (a copy, a restore).
     database_a: str | None = None
     database_b: str | None = None
+    # B is this scratch copy instead of region_b's server (run on region_b's worker).
+    scratch_b: ScratchRef | None = None
     # B is A's physical standby: compare at A's LSN, re-check in-flight rows.
     follower: bool
     table: Table
@@ -94,6 +105,13 @@ class ConsistencyActivities:
     def _dsn(self, region: str, database: str | None = None) -> str:
         return self.cfg.region(region).postgres.dsn(database, application_name="eagle-dr-check")
 
+    def _scratch_dsn(self, ref: ScratchRef) -> str:
+        pg = self.cfg.region(ref.region).postgres
+        # Through its socket (never TLS: the host's own): the copy has the service's database
+        # and users, being a restore of it.
+        return pg.model_copy(update={"host": ref.socket_dir, "port": ref.port}).dsn(
+            application_name="eagle-dr-check", sslmode="disable")
+
     @activity.defn
     def list_check_tables(self, req: ListTablesRequest) -> list[Table]:
         asked = req.tables or self.cfg.consistency.tables
@@ -122,7 +140,8 @@ class ConsistencyActivities:
                      ranges=len(resume.ranges))
         try:
             return compare_table(
-                self._dsn(req.region_a, req.database_a), self._dsn(req.region_b, req.database_b), req.table,
+                self._dsn(req.region_a, req.database_a),
+                self._scratch_dsn(req.scratch_b) if req.scratch_b else self._dsn(req.region_b, req.database_b), req.table,
                 follower=req.follower, chunk_rows=req.chunk_rows or c.chunk_rows, parallel=c.parallel, max_lag=req.max_lag_seconds or c.max_lag_seconds,
                 cap=c.sample_cap, resume=resume,
                 beat=lambda pos: activity.heartbeat(pos.model_dump(mode="json")))

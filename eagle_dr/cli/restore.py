@@ -199,6 +199,34 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
     _run_runbook("restore", run)
 
 
+@restore_app.command("verify")
+def verify(repo: Optional[str] = typer.Option(None, "--repo", help="Whose bucket (default: the region's own)."),
+           region: Optional[str] = typer.Option(None, "--region", help="Whose host runs the copy (default: a region "
+                                                                       "that is not the primary).")):
+    """Restore the newest backup, replay the archive, follow the primary, and compare every
+    table with it key by key; the copy is dropped at the end. Exit 3 when it differs."""
+    c = cfg()
+    inp = _input(mode="verify", repo=_region(c, repo) if repo else None, region=_region(c, region) if region else None,
+                 keep_minutes=0)
+
+    async def run():
+        handle = await _start(c, inp, "verify")
+        res, _ = await _follow(handle)
+        chk = res.check
+        if chk is not None:
+            for t in chk.tables:
+                d = t.diff
+                out.print(f"  {t.table}: {t.rows_a} rows, {t.differences} differing keys (+{d.inserted} ~{d.updated} "
+                          f"-{d.deleted})", highlight=False)
+            out.print(f"backup {res.scratch.backup_label if res.scratch else '?'} restored, archive replayed to "
+                      f"{res.following.archive_replayed_to if res.following else '?'}: "
+                      + ("identical to the primary" if not chk.differences else f"{chk.differences} keys DIFFER"),
+                      highlight=False)
+        _outcome(res)
+
+    _run_runbook("restore", run)
+
+
 @restore_app.command("rebuild-standby")
 def rebuild_standby(region: Optional[str] = typer.Option(None, "--region",
                                                          help="The region whose standby to rebuild (required)."),
