@@ -202,6 +202,8 @@ def _cli(lab, lab_config_path, *args, timeout: float = 600) -> subprocess.Comple
     (["pitr", "--latest", "--repo", "eu-north-9"], "unknown region 'eu-north-9'"),
     (["pitr", "--latest", "--keep", "forever"], "--keep"),
     (["rebuild-standby", "--region", "eu-north-9"], "unknown region 'eu-north-9'"),
+    (["verify", "--repo", "eu-north-9"], "unknown region 'eu-north-9'"),
+    (["verify", "--region", "eu-north-9"], "unknown region 'eu-north-9'"),
     (["rebuild-standby"], "--region"),
     (["recover-rows", "--table", "t"], "--before"),
     (["recover-rows", "--before", "2026-12-01T10:00:00Z"], "--table"),
@@ -386,6 +388,11 @@ async def test_verify_restores_the_newest_backup_follows_the_primary_and_finds_e
     for n in range(50):  # after the backup: in the copy only through the archive and the stream
         _commit(lab, "insert into verify_probe values (%s, %s)", base + n, tag)
     await _archived_now(lab)
+    # Only the newest backup to the end of the archive can follow the primary.
+    with pytest.raises(WorkflowFailureError) as e:
+        await (await _start_restore(lab, client, mode="verify", keep_minutes=0,
+                                    target=RestoreTarget(kind="lsn", lsn="0/1"))).result()
+    assert e.value.cause.type == "InvalidInput" and "target" in str(e.value.cause), e.value.cause
     handle = await _start_restore(lab, client, mode="verify", keep_minutes=0)
     res = await handle.result()
     chk = res.check
