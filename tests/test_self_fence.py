@@ -16,6 +16,8 @@ service name of its own) and Temporal are the lab's real ones.
   the fence stays; it is lifted only once that evidence is gone.
 - Cut again, and a runbook fences the node over the self-fence: back, the fence stays.
 - Cut again, and a move is running when contact returns: the fence stays until it ends.
+- A runbook's Redis fence over the self-fence is the runbook's: the lift leaves it.
+- PostgreSQL down inside the partition: its Redis master is fenced all the same.
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
         lab, client, dev_server):
     from activities.postgres import epoch as epochs
     from activities.postgres.fence import fence_holder, fence_read_only, unfence
+    from activities.redis.failover import fence as redis_fence
+    from activities.redis.failover import fence_holder as redis_holder
+    from activities.redis.failover import unfence as redis_unfence
     from activities.postgres.status import connect as pg_connect
     from tests.lab_helpers import _primary
     from workflows.runbook import move_id
@@ -144,7 +149,8 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
         with node.connect() as conn:
             conn.execute("create role app login password 'app'")
             conn.execute("grant all on alerts to app")
-        regions = [r.model_copy(update={"postgres": node.cfg, "redis": a_redis.model_copy(update={"port": PORT + 1})})
+        guarded_redis = a_redis.model_copy(update={"port": PORT + 1})
+        regions = [r.model_copy(update={"postgres": node.cfg, "redis": guarded_redis})
                    if r.name == a else
                    r.model_copy(update={"postgres": peer_cfg.model_copy(update={"port": p_port})})
                    for r in lab.cfg.regions]
@@ -218,6 +224,7 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
             # Redis next, in the same round: the failover promotes the other region's replica too.
             await _until(lambda: asyncio.to_thread(lambda: "NOREPLICAS" in (_redis_write(rnode) or "")), 30,
                          "the region's Redis master to refuse writes")
+            assert redis_holder(guarded_redis) == ("master", "self")
 
             # Back, with nothing moved: a new watch (a restarted worker) lifts it: the mark is on the node.
             start_watch()
@@ -236,15 +243,21 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
                 conn.execute("delete from eagle_dr.dr_epoch where service = %s", (service,))
             await heal_until_lifted("the fence lifted once no newer epoch is recorded")
 
-            # A runbook fenced it over the self-fence: not the worker's to lift any more.
+            # A runbook fenced it over the self-fence, Redis too: not the worker's to lift any more.
             await cut_until_fenced()
+            await _until(lambda: asyncio.to_thread(lambda: redis_holder(guarded_redis) == ("master", "self")), 30,
+                         "the Redis self-fence")
             assert fence_read_only(node.cfg).method == "read_only"
             assert holder() == "runbook"
+            assert redis_fence(guarded_redis).paused and redis_holder(guarded_redis) == ("master", "runbook")
             temporal.heal()
             peer.heal()
             await after_rounds(4)
             assert holder() == "runbook" and _write(node, 5) is not None, "a runbook's fence was lifted"
+            assert "NOREPLICAS" in (_redis_write(rnode) or ""), "a runbook's Redis fence was lifted"
             unfence(node.cfg)
+            redis_unfence(guarded_redis)
+            assert _redis_write(rnode) is None  # the runbook's unfence lifts it whole
 
             # A move running when contact returns: kept until it ends.
             await cut_until_fenced()
@@ -256,6 +269,21 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
             assert holder() == "self" and _write(node, 6) is not None, "lifted while a move runs"
             await move.terminate("test: the move ends")
             await heal_until_lifted("the fence lifted once the move ended")
+
+            # PostgreSQL down inside the partition, Redis up: Redis is fenced all the same (the
+            # failover promotes the other region's Redis whatever this PostgreSQL does), and
+            # lifted once everything answers again.
+            assert _redis_write(rnode) is None
+            node.ctl.stop("fast")
+            temporal.cut()
+            peer.cut()
+            await _until(lambda: asyncio.to_thread(lambda: redis_holder(guarded_redis) == ("master", "self")), 60,
+                         "Redis fenced with PostgreSQL down")
+            temporal.heal()
+            peer.heal()
+            node.ctl.start()
+            await _until(lambda: asyncio.to_thread(lambda: _redis_write(rnode) is None), 60,
+                         "the Redis self-fence lifted once all answers again")
         finally:
             watch.cancel()
             temporal.close()

@@ -12,22 +12,28 @@ same idea with the contacts a regional worker has. It checks, every ``check_ever
 Any answer from a server is contact, an error included (a refused login still proves the
 network carries it); only silence, a reset or a timeout is not. Either contact is enough
 (Patroni's failsafe mode: a control-plane outage alone must not take the whole service
-read-only). With no contact for ``health.self_fence_after``, and the local PostgreSQL a
-primary not already fenced, it puts the read-only fence on it (activities/postgres/fence.py),
-marked as its own (``eagle_dr.fenced_by = 'self'`` beside it in postgresql.auto.conf), and
-then the write fence on the region's Redis master (activities/redis/failover.py), whose
-replica the failover promotes as well. A
-failover that could not fence an old primary it found unreachable by timeout, with that
+read-only). With no contact for ``health.self_fence_after``:
+
+- the local PostgreSQL, a primary not already fenced, gets the read-only fence
+  (activities/postgres/fence.py), marked as its own (``eagle_dr.fenced_by = 'self'`` beside it
+  in postgresql.auto.conf);
+- the region's Redis master, whatever PostgreSQL's state (down, say: the failover promotes the
+  other region's Redis replica all the same), gets the write fence, marked as its own by its
+  size (activities/redis/failover.py, SELF_FENCE_MIN_REPLICAS; a runbook's fence over it
+  makes it the runbook's). A worker restarted inside the partition finds its PostgreSQL mark
+  and fences Redis at once instead of waiting out another bound.
+
+A failover that could not fence an old primary it found unreachable by timeout, with that
 primary's worker silent, waits the same bound (workflows/failover.py).
 
-When Temporal and every other region answer again, it lifts the fence only if it is still its
-own (a runbook's fence since then replaces the mark, and the lift checks the mark under the
-node's fence lock, so no fence lands between check and lift; the Redis fence is lifted there
-too), no move (``dr-move-<service>``)
-is running, and no region records a DR epoch newer than this node's (a failover that promoted
-the other region recorded one there). Otherwise the fence stays for the runbooks (failback
-rewinds this node; split brain resolves it), and the worker says why at every round. The mark
-is on the node, so a restarted worker lifts a fence its predecessor put on.
+When Temporal and every other region answer again, it lifts each fence only if it is still
+its own, no move (``dr-move-<service>``) is running, and no region records a DR epoch newer
+than this node's (a failover that promoted the other region recorded one there). For
+PostgreSQL the mark is checked and the fence lifted under the node's fence lock, so no fence
+lands in between; for Redis the check and the lift are two commands, and a runbook's fence in
+the round trip between them would be undone. Otherwise the fences stay for the runbooks
+(failback rewinds this node; split brain resolves it), and the worker says why at every
+round. The marks are on the nodes, so a restarted worker lifts fences its predecessor put on.
 
 What this does not cover: a worker that is down during the partition fences nothing (the
 failover still waits the bound and says it could not verify the fence); with three regions,
@@ -94,6 +100,7 @@ class SelfFence:
         self.log = logs.get("self_fence").bind(region=region)
         self.last_contact = time.monotonic()
         self.kept_why: str | None = None
+        self.redis_silent = False
 
     async def _temporal_answers(self) -> bool:
         from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
@@ -135,75 +142,72 @@ class SelfFence:
                 await self._maybe_lift(pg)
             return
         alone = now - self.last_contact
-        if alone < self.after:
-            return
         primary, held = await asyncio.to_thread(_local_state, pg)
-        if not primary:
-            return  # a standby takes no writes; a stopped one fences when back
-        if not held:
+        if alone < self.after and held != "self":
+            return
+        # Past the bound; or, with no contact at all, a node this self-fence already fenced (a
+        # worker restarted in the partition): its Redis must not wait out another bound.
+        if primary and not held and alone >= self.after:
             fence = await asyncio.to_thread(fence_read_only, pg, 3, "self")
             if fence.method == "read_only" and not fence.error:
-                held = "self"
                 self.kept_why = None
                 self.log.error("self_fence.fenced", alone_seconds=round(alone, 1), last_lsn=fence.last_lsn,
                                why="no answer from Temporal nor any other region's PostgreSQL")
             elif not fence.method:
                 self.log.error("self_fence.failed", alone_seconds=round(alone, 1), error=fence.error)
-        if held == "self":
-            # Also after a restart between the two: the PostgreSQL mark says whose fence it is.
-            await asyncio.to_thread(self._fence_redis, alone)
+        # Redis whatever PostgreSQL's state (down, a standby): the failover promotes the other
+        # region's Redis replica, and clients in here would write to two Redis masters otherwise.
+        await asyncio.to_thread(self._fence_redis, alone)
 
     def _fence_redis(self, alone: float) -> None:
-        """The region's Redis master refuses writes too: the failover promotes the other
-        region's replica, and the clients in here would write to two Redis masters otherwise."""
         from activities.redis.failover import fence as redis_fence
-        from activities.redis.failover import master_fence
+        from activities.redis.failover import fence_holder as redis_holder
 
         rcfg = self.cfg.region(self.region).redis
-        state = master_fence(rcfg)
-        if state is None or state != ("master", False):
-            return  # a replica takes no writes; a fenced master is fenced; a stopped one is down
-        f = redis_fence(rcfg)
+        state = redis_holder(rcfg)
+        if state is None:
+            if not self.redis_silent:
+                self.log.error("self_fence.redis_unreachable", alone_seconds=round(alone, 1),
+                               why="the region's Redis does not answer: nothing to fence now, tried every round")
+            self.redis_silent = True
+            return
+        self.redis_silent = False
+        if state != ("master", None):
+            return  # a replica takes no writes; a fenced master is fenced (its own or a runbook's)
+        f = redis_fence(rcfg, by="self")
         if f.paused:
             self.log.error("self_fence.redis_fenced", alone_seconds=round(alone, 1), offset=f.offset,
                            durable=f.durable)
         else:
             self.log.error("self_fence.redis_failed", alone_seconds=round(alone, 1), error=f.error)
 
-    def _lift_redis(self) -> None:
-        """Under the PostgreSQL fence lock, just before that fence goes: the Redis master it
-        fenced takes writes again. A Redis that does not answer keeps its fence (persisted by
-        CONFIG REWRITE), which is logged: PostgreSQL's availability does not wait on it."""
-        from activities.redis.failover import master_fence
-        from activities.redis.failover import unfence as redis_unfence
+    def _redis_self_fenced(self) -> bool:
+        from activities.redis.failover import fence_holder as redis_holder
 
-        rcfg = self.cfg.region(self.region).redis
-        state = master_fence(rcfg)
-        if state == ("master", True):
-            f = redis_unfence(rcfg)
-            if f.reachable:
-                self.log.warning("self_fence.redis_lifted")
-            else:
-                self.log.error("self_fence.redis_kept", why=f"Redis did not answer: {f.error}")
-        elif state is None:
-            self.log.error("self_fence.redis_kept", why="Redis did not answer; its fence, if any, stays")
+        return redis_holder(self.cfg.region(self.region).redis) == ("master", "self")
 
     async def _maybe_lift(self, pg) -> None:
         primary, held = await asyncio.to_thread(_local_state, pg)
-        if not primary or held != "self":
+        pg_own = bool(primary) and held == "self"
+        redis_own = await asyncio.to_thread(self._redis_self_fenced)
+        if not pg_own and not redis_own:
             return
         why = await self._keep_why()
+        if why is None and pg_own:
+            why = await asyncio.to_thread(lift_self_fence, pg)
+            if why is None:
+                self.log.warning("self_fence.lifted", why="contact back; no move, no newer epoch")
+        if why is None and redis_own:
+            # Only its own: a runbook's fence since then made the Redis fence the runbook's.
+            from activities.redis.failover import unfence as redis_unfence
+
+            f = await asyncio.to_thread(redis_unfence, self.cfg.region(self.region).redis, 2.0, "self")
+            if f.reachable and not f.error:
+                self.log.warning("self_fence.redis_lifted", why="contact back; no move, no newer epoch")
+            else:
+                why = f"Redis fence not lifted: {f.error or 'no answer'}"
         if why is None:
-            why = await asyncio.to_thread(lift_self_fence, pg, self._lift_redis)
-        if why is None:
-            self.log.warning("self_fence.lifted", why="contact back; no move, no newer epoch")
             self.kept_why = None
-            # A runbook fences Redis beside PostgreSQL, not under the PostgreSQL fence lock: one
-            # that started in the instant between the move check and the lift may have had its
-            # Redis fence undone by it. Put it back for that runbook.
-            late = await self._keep_why()
-            if late and late.startswith("move "):
-                await asyncio.to_thread(self._fence_redis, 0.0)
         elif why != self.kept_why:
             self.log.warning("self_fence.kept", why=f"{why}: the runbooks decide this node's fate")
             self.kept_why = why

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 
 import psycopg
 from psycopg import sql
@@ -159,11 +158,9 @@ def fenced_by(conn: psycopg.Connection) -> str | None:
     return row[0] if row else None
 
 
-def lift_self_fence(cfg: PostgresConfig, first: Callable[[], None] | None = None) -> str | None:
+def lift_self_fence(cfg: PostgresConfig) -> str | None:
     """Lift a read-only fence only if a self-fence put it on and nothing fenced it since;
-    returns None when lifted, else why not. ``first`` runs once that is known, under the
-    node's fence lock (the self-fence lifts its Redis fence there: a runbook fencing both
-    takes this lock first, so it cannot land between the check and the lift)."""
+    returns None when lifted, else why not."""
     with connect(cfg) as conn:
         conn.execute("select pg_advisory_lock(%s)", (FENCE_LOCK,))
         if conn.execute("select pg_is_in_recovery()").fetchone()[0]:
@@ -171,8 +168,6 @@ def lift_self_fence(cfg: PostgresConfig, first: Callable[[], None] | None = None
         by = fenced_by(conn)
         if by != "self":
             return f"fenced by {by or 'nothing eagle-dr recorded'}, not by itself"
-        if first is not None:
-            first()
         _lift_read_only(conn)
     _wait_sessions_allowed(cfg)
     return None

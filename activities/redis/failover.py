@@ -265,37 +265,49 @@ def promote(target: RedisConfig) -> RedisPromotion:
     )
 
 
-# While fenced, a master's min-replicas-to-write is raised by this much (see fence).
+# While fenced, a master's min-replicas-to-write is raised by this much (see fence); by twice
+# as much when a regional worker's self-fence put it on (workers/self_fence.py), which only that
+# self-fence may lift. The value on the node says whose fence it is, also after a restart.
 FENCE_MIN_REPLICAS = 1_000_000
+SELF_FENCE_MIN_REPLICAS = 2 * FENCE_MIN_REPLICAS
 
 
-def _write_fence(c: redis.Redis, on: bool) -> None:
+def _write_fence(c: redis.Redis, on: bool, by: str = "runbook") -> None:
     """Refuse (or accept again) every write on a master, for every client and ACL user.
 
     min-replicas-to-write above any possible replica count makes a master answer each write
     with NOREPLICAS, and it needs min-replicas-max-lag > 0 to apply (0 disables the check).
-    The fence adds FENCE_MIN_REPLICAS to the node's own value instead of storing it
-    elsewhere, so unfence restores exactly what the operator had, and a retry of either is
-    a no-op. A replica ignores the setting; clearing it on promotion keeps a once-fenced
-    node from refusing writes when it becomes master again."""
+    The fence adds FENCE_MIN_REPLICAS (a self-fence: SELF_FENCE_MIN_REPLICAS) to the node's own
+    value instead of storing it elsewhere, so unfence restores exactly what the operator had,
+    and a retry of either is a no-op. A runbook's fence over a self-fence makes it the
+    runbook's (a self-fence's lift then leaves it); a self-fence never takes over another fence.
+    Lifting (``on`` False, by a runbook) removes either. A replica ignores the setting; clearing
+    it on promotion keeps a once-fenced node from refusing writes when it becomes master again."""
     current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
-    if on and current < FENCE_MIN_REPLICAS:
-        if int(c.config_get("min-replicas-max-lag")["min-replicas-max-lag"]) == 0:
-            c.config_set("min-replicas-max-lag", 10)  # the Redis default
-        c.config_set("min-replicas-to-write", current + FENCE_MIN_REPLICAS)
-    elif not on and current >= FENCE_MIN_REPLICAS:
+    if on:
+        if current < FENCE_MIN_REPLICAS:
+            if int(c.config_get("min-replicas-max-lag")["min-replicas-max-lag"]) == 0:
+                c.config_set("min-replicas-max-lag", 10)  # the Redis default
+            add = SELF_FENCE_MIN_REPLICAS if by == "self" else FENCE_MIN_REPLICAS
+            c.config_set("min-replicas-to-write", current + add)
+        elif current >= SELF_FENCE_MIN_REPLICAS and by != "self":
+            c.config_set("min-replicas-to-write", current - (SELF_FENCE_MIN_REPLICAS - FENCE_MIN_REPLICAS))
+    elif current >= SELF_FENCE_MIN_REPLICAS:
+        c.config_set("min-replicas-to-write", current - SELF_FENCE_MIN_REPLICAS)
+    elif current >= FENCE_MIN_REPLICAS and by != "self":  # a self-fence's lift leaves a runbook's
         c.config_set("min-replicas-to-write", current - FENCE_MIN_REPLICAS)
 
 
-def master_fence(cfg: RedisConfig, timeout: float = 2.0) -> tuple[str, bool] | None:
-    """(role, write-fenced?) of a node; None when it does not answer."""
+def fence_holder(cfg: RedisConfig, timeout: float = 2.0) -> tuple[str, str | None] | None:
+    """(role, who fenced it: "runbook", "self" or None); None when it does not answer."""
     try:
         c = _node(cfg, timeout)
         role = _repl(c)["role"]
         current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
     except _ERRORS:
         return None
-    return role, current >= FENCE_MIN_REPLICAS
+    by = "self" if current >= SELF_FENCE_MIN_REPLICAS else "runbook" if current >= FENCE_MIN_REPLICAS else None
+    return role, by
 
 
 def _persist(c: redis.Redis) -> str | None:
@@ -310,7 +322,7 @@ def _persist(c: redis.Redis) -> str | None:
         return str(e)
 
 
-def fence(old: RedisConfig, timeout: float = 2.0) -> RedisFence:
+def fence(old: RedisConfig, timeout: float = 2.0, by: str = "runbook") -> RedisFence:
     """Refuse writes on a master without touching its data, so its keys can still be captured later.
 
     Not CLIENT PAUSE (it ends by itself, 24 h at most here, and a restart forgets it): the
@@ -324,7 +336,7 @@ def fence(old: RedisConfig, timeout: float = 2.0) -> RedisFence:
         info = _repl(c)
         paused = info["role"] == "master"
         if paused:
-            _write_fence(c, True)
+            _write_fence(c, True, by)
             _hold_replication(c, True)
         c.config_set("replica-priority", 0)
         not_durable = _persist(c)
@@ -348,11 +360,20 @@ def _hold_replication(c: redis.Redis, hold: bool) -> None:
         log.warning("could not %s replication commands: %s", "deny" if hold else "allow", e)
 
 
-def unfence(node: RedisConfig, timeout: float = 2.0) -> RedisFence:
+def unfence(node: RedisConfig, timeout: float = 2.0, by: str = "runbook") -> RedisFence:
+    """Lift the write fence: a runbook's call lifts any; ``by="self"`` only a self-fence."""
     try:
         c = _node(node, timeout)
+        if by == "self":
+            current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
+            if current < SELF_FENCE_MIN_REPLICAS:
+                info = _repl(c)
+                held = current >= FENCE_MIN_REPLICAS
+                return RedisFence(address=_addr(node), reachable=True, paused=held, role=info["role"],
+                                  offset=_offset(info), replid=info.get("master_replid"),
+                                  error="fenced by a runbook, not by itself" if held else None)
         _hold_replication(c, False)
-        _write_fence(c, False)
+        _write_fence(c, False, by)
         c.client_unpause()  # a fence from before the write fence paused clients
         _persist(c)
         info = _repl(c)
