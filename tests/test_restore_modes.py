@@ -417,7 +417,7 @@ async def test_verify_names_a_gap_in_the_archive_instead_of_streaming_over_it(la
     """A WAL segment lost from the bucket between the backup and the newest one: replay of the
     archive stops there, and verify fails with ArchiveGap, saying where the archive ends,
     instead of letting streaming from the primary fill the hole unnoticed."""
-    from activities.backup.restore import segment_start
+    from activities.backup.restore import _lsn, segment_start
 
     _table(lab)
     await _backup(lab, client, type="incr")
@@ -441,7 +441,8 @@ async def test_verify_names_a_gap_in_the_archive_instead_of_streaming_over_it(la
             await handle.result()
         cause = e.value.cause
         assert cause.type == "ArchiveGap", cause
-        assert f"{region}'s bucket has a gap" in cause.message, cause.message
+        assert f"{region}'s bucket has a gap" in cause.message and f"segment {segments[1]} is not in the bucket" \
+            in cause.message, cause.message
         # Replay stopped before the segment after the lost one: it never got past the hole.
         reached = re.search(r"stopped at ([0-9A-F]+/[0-9A-F]+)", cause.message).group(1)
         assert _lsn(reached) < _lsn(segment_start(segments[2], 16 * 1024 * 1024)), (reached, segments)
@@ -449,7 +450,3 @@ async def test_verify_names_a_gap_in_the_archive_instead_of_streaming_over_it(la
     finally:
         s3.put_object(Bucket=bucket, Key=lost[0], Body=body)  # the archive whole again for later tests
 
-
-def _lsn(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) + int(lo, 16)

@@ -123,6 +123,8 @@ class ConsistencyCheckWorkflow(Runbook):
         self.service = topo.service
         for i, r in enumerate(inp.regions):
             self.known_region(topo, f"regions.{i}", r)
+        if inp.scratch_b is not None:
+            self.known_region(topo, "scratch_b.region", inp.scratch_b.region)
         control = topo.control_task_queue
 
         async with self.step("Find the primary and its standby") as rec:
@@ -192,9 +194,11 @@ class ConsistencyCheckWorkflow(Runbook):
                     attempts=5, summary=f"compare {t.qualified}")
                 results.append(r)
                 rec.detail = _table_line(r)
-                metrics.consistency_table(workflow.metric_meter(), topo.service, r.table, differences=r.differences,
-                                          in_flight=r.in_flight, rows=r.rows_a, seconds=r.seconds,
-                                          throttled_seconds=r.throttled_seconds)
+                # A restored copy's check is the restore's result, not the service's consistency.
+                if inp.scratch_b is None:
+                    metrics.consistency_table(workflow.metric_meter(), topo.service, r.table,
+                                              differences=r.differences, in_flight=r.in_flight, rows=r.rows_a,
+                                              seconds=r.seconds, throttled_seconds=r.throttled_seconds)
                 if r.differences:
                     rec.status = "failed"
 
@@ -239,9 +243,10 @@ class ConsistencyCheckWorkflow(Runbook):
                               result=result.model_dump(mode="json")),
                 queue=control, timeout=60, attempts=5)
             rec.detail = f"eagle_dr.consistency_runs on {where}"
-        metrics.consistency_run(workflow.metric_meter(), topo.service, differences=differences,
-                                redis_differences=redis.differences if redis else None,
-                                at=workflow.now().timestamp())
+        if inp.scratch_b is None:
+            metrics.consistency_run(workflow.metric_meter(), topo.service, differences=differences,
+                                    redis_differences=redis.differences if redis else None,
+                                    at=workflow.now().timestamp())
         self.finish(outcome)
         return result
 

@@ -31,11 +31,15 @@ that shows what it would do (``approval``, required by default):
 ``verify``: does the newest backup, with the archive, rebuild the primary's data exactly, key
    by key? Restore it into a scratch instance as a hot standby that replays the archive alone
    until it reaches the primary's newest archived segment (a missing segment stalls it: the run
-   fails with ArchiveGap, naming where the bucket's archive ends), then streams from the
+   fails with ArchiveGap, naming the missing segment and where the bucket's archive ends; a
+   replay that is only slow is waited for, once the repo shows it holds the segment), then
+   streams from the
    primary. A consistency check (child ConsistencyCheckWorkflow, ``scratch_b``) then compares
    every table with the primary as with a standby: each range at one LSN on both sides, exact
-   keys for any difference, the application writing on. Nothing live is written; the copy is
-   dropped in every case. (The restore drill checks table checksums at a restore point; this
+   keys for any difference, the application writing on. None of the service's data is written
+   (the check records its run in eagle_dr.consistency_runs, as every check does, but leaves the
+   service's consistency metrics alone); the copy is dropped in every case. Refused where the
+   primary's synchronous_standby_names would take the copy as a synchronous standby. (The restore drill checks table checksums at a restore point; this
    names the keys, and holds no lock on the primary.)
 
 Why one workflow and not three: the modes share the input's target and repo, the check
@@ -337,6 +341,10 @@ class RestoreWorkflow(Runbook):
                         raise ApplicationError(cause.message, type="ArchiveGap", non_retryable=True) from None
                     raise _as_input_error(e) from None
                 self.scratch_copy = sc = following.scratch
+                if not following.archive_checked:
+                    self.degraded.append(f"the archive's continuity was NOT verified: the primary's newest archived "
+                                         f"file was {following.archived_segment or 'none'}, not a WAL segment (none "
+                                         "archived yet, or a history file just after a promotion); verify again later")
                 rec.detail = (f"backup {sc.backup_label}; the archive alone replayed to "
                               f"{following.archive_replayed_to} (the primary's newest archived segment: "
                               f"{following.archived_segment or 'none'}); streaming from {following.upstream}; "

@@ -260,10 +260,21 @@ def _start(ctl: PgCtl, timeout: float, extra: str = "") -> None:
 class FollowingScratch(BaseModel):
     scratch: Scratch
     # The primary's newest archived segment when the restore began, and where replay of the
-    # archive alone reached: at or past its start, the archive has no gap up to it.
+    # archive alone reached: past its start, the archive has no gap up to it.
     archived_segment: str | None = None
     archive_replayed_to: str | None = None
+    # False: nothing to check against (the primary had archived no segment yet, or only a
+    # history file since a promotion); said, never passed as checked.
+    archive_checked: bool = True
     upstream: str
+
+
+VERIFY_APPLICATION = "eagle-dr-restore-verify"
+
+
+def _lsn(text: str) -> int:
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) + int(lo, 16)
 
 
 def segment_start(name: str, segment_bytes: int) -> str | None:
@@ -276,6 +287,14 @@ def segment_start(name: str, segment_bytes: int) -> str | None:
     return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
 
 
+def segment_name(timeline: int, lsn: str, segment_bytes: int) -> str:
+    """The WAL segment file holding ``lsn`` on ``timeline`` (pg_walfile_name, which a standby
+    cannot run)."""
+    segno = _lsn(lsn) // segment_bytes
+    per_log = (1 << 32) // segment_bytes
+    return f"{timeline:08X}{segno // per_log:08X}{segno % per_log:08X}"
+
+
 def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: str, primary: PostgresConfig,
                       beat=lambda d: None, timeout: float = 3600, timeline: int | None = None,
                       stall_seconds: float = 30) -> FollowingScratch:
@@ -283,18 +302,27 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     the primary: the copy the verify mode compares, key by key, with the primary while it
     follows it (consistency check's follower mode).
 
-    Two proofs in one. First the archive alone: replay must reach the primary's newest archived
-    segment (read before the restore) with no primary_conninfo, so a missing segment stalls it
-    and is reported as a gap instead of being filled from the primary's pg_wal by streaming.
-    Then streaming, without a slot (the archive backs it), so the copy keeps up with the primary
-    and each range can be compared at one LSN on both sides."""
+    Two proofs in one. First the archive alone: replay must get past the start of the
+    primary's newest archived segment (read before the restore) with no primary_conninfo. Where
+    it stops short and stays put, the repo is asked for the segment it waits for: missing, it is
+    a gap, reported (ArchiveGap), instead of being filled from the primary's pg_wal by streaming;
+    present, replay is only slow, and is waited for. Then streaming, without a slot (the archive
+    backs it), so the copy keeps up with the primary and each range can be compared at one LSN
+    on both sides. Refused on a primary whose synchronous_standby_names could take the copy as a
+    synchronous standby: commits would then wait on a copy that is about to be dropped."""
     from activities.postgres.status import connect as pg_connect
 
     with pg_connect(primary, 10) as conn:
-        archived, seg_bytes = conn.execute(
-            "select last_archived_wal, setting::bigint * case unit when '8kB' then 8192 when 'MB' then 1048576 "
-            "else 1 end from pg_stat_archiver, pg_settings where name = 'wal_segment_size'").fetchone()
-    floor = segment_start(archived, int(seg_bytes)) if archived else None
+        archived, seg_bytes, sync_names = conn.execute(
+            "select last_archived_wal, (select setting::bigint * case unit when '8kB' then 8192 when 'MB' "
+            "then 1048576 else 1 end from pg_settings where name = 'wal_segment_size'), "
+            "current_setting('synchronous_standby_names') from pg_stat_archiver").fetchone()
+    seg_bytes = int(seg_bytes)
+    if sync_names and ("*" in sync_names or VERIFY_APPLICATION in sync_names):
+        raise RestoreError(f"the primary's synchronous_standby_names ({sync_names!r}) would take the restored copy "
+                           "as a synchronous standby: its commits would wait on a copy that is dropped at the end. "
+                           "Name the real standbys there instead of '*'", "mode", "InvalidInput")
+    floor = segment_start(archived, seg_bytes) if archived else None
     sc = _prepare(stanza, directory, port)
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
     beat({"phase": "pgbackrest restore", "as": "standby"})
@@ -309,31 +337,40 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     m = re.search(r"restore backup set (\d{8}-\d{6}F(?:_\d{8}-\d{6}[DI])?)", r.stdout + r.stderr)
     label = m.group(1) if m else None
     ctl = PgCtl(sc)
-    auto = Path(sc.data_dir) / "postgresql.auto.conf"
-    restore_command = _setting(auto.read_text(), "restore_command")  # what pgBackRest wrote for this copy
     t1 = time.monotonic()
     # The archive alone first: a primary_conninfo the copy's settings carry (a once-standby
-    # primary keeps it in its file) is overridden on the command line.
+    # primary keeps one in its file) is overridden on the command line.
     _start(ctl, timeout, "-c primary_conninfo=''")
-    reached = _replay_archive(sc, ctl, floor, stall_seconds, timeout, beat, label)
-    if floor is not None and not _at_least(sc, floor):
-        ctl.stop("immediate", timeout=60)
-        raise RestoreError(f"the archive in {repo_region}'s bucket has a gap: replay of backup {label} stopped at "
-                           f"{reached} and made no progress for {stall_seconds:.0f} s, but {primary.host}:"
-                           f"{primary.port} had archived up to segment {archived} (from {floor}); a restore from "
-                           f"this bucket cannot reach anything after {reached}", "repo", "ArchiveGap")
+    deadline = time.monotonic() + timeout
+    while True:
+        reached = _replay_archive(sc, ctl, floor, stall_seconds, deadline, beat, label)
+        if floor is None or _past(sc, floor):
+            break
+        timelines = sorted({int(archived[:8], 16), *([timeline] if timeline else [])})
+        wanted = [segment_name(t, reached or floor, seg_bytes) for t in timelines]
+        wanted += [segment_name(t, f"{(_lsn(reached or floor) + seg_bytes) >> 32:X}/"
+                                   f"{(_lsn(reached or floor) + seg_bytes) & 0xFFFFFFFF:X}", seg_bytes)
+                   for t in timelines]
+        missing = _missing_from_repo(stanza, key, wanted, directory)
+        if missing:
+            ctl.stop("immediate", timeout=60)
+            raise RestoreError(f"the archive in {repo_region}'s bucket has a gap: replay of backup {label} stopped at "
+                               f"{reached}, and segment {missing} is not in the bucket, though {primary.host}:"
+                               f"{primary.port} had archived up to segment {archived}; a restore from this bucket "
+                               f"cannot reach anything after {reached}", "repo", "ArchiveGap")
+        beat({"phase": "replaying the archive (slow, no gap)", "at": reached, "until": floor})
     beat({"phase": "streaming from the primary", "backup": label})
     ctl.stop("fast", timeout=120)
-    # A standby's settings (passfile beside the copy, no slot), with the archive kept as a
-    # source for what the primary has recycled, and the timeline pinned as the restore chose.
-    ctl.write_standby_config(primary, "eagle-dr-restore-verify", "")
-    extra = "".join(f"{k} = {_guc_string(v)}\n" for k, v in (("restore_command", restore_command),
-                                                              ("recovery_target_timeline", follow)) if v)
-    ctl.write_file(auto, auto.read_text() + extra)
+    # Appended, not rewritten: the copy's own settings stay (a hot standby refuses to start with
+    # max_connections and friends below the primary's, and ALTER SYSTEM may have set them), and
+    # so do the restore_command and recovery_target_timeline pgBackRest wrote; the last setting
+    # of a name wins. No slot: the archive covers what the primary recycles.
+    auto = Path(sc.data_dir) / "postgresql.auto.conf"
+    conninfo = ctl.standby_conninfo(primary, VERIFY_APPLICATION)
+    ctl.write_file(auto, auto.read_text() + f"primary_conninfo = {_guc_string(conninfo)}\nprimary_slot_name = ''\n")
     _start(ctl, timeout)
     from activities.postgres.standby import _streaming_from
 
-    deadline = time.monotonic() + timeout
     while not _streaming_from(sc.model_copy(update={"host": sc.socket_dir}), primary):
         if not ctl.running():
             log = ctl.log.read_text()[-1200:] if ctl.log.exists() else ""
@@ -348,17 +385,19 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
                       repo_region=repo_region, backup_label=label, target=RestoreTarget(), restore_seconds=restore_s,
                       recovery_seconds=time.monotonic() - t1, timeline=tli)
     return FollowingScratch(scratch=scratch, archived_segment=archived, archive_replayed_to=reached,
-                            upstream=f"{primary.host}:{primary.port}")
+                            archive_checked=floor is not None, upstream=f"{primary.host}:{primary.port}")
 
 
-def _setting(auto_conf: str, name: str) -> str | None:
-    """The last value of ``name`` in a postgresql.auto.conf text (the last one wins)."""
-    value = None
-    for line in auto_conf.splitlines():
-        m = re.match(rf"^\s*{name}\s*=\s*'((?:[^']|'')*)'", line)
-        if m:
-            value = m.group(1).replace("''", "'")
-    return value
+def _missing_from_repo(stanza: Stanza, key: int, names: list[str], directory: Path) -> str | None:
+    """The first of ``names`` the repo does not hold (archive-get's exit code 1), else None."""
+    dest = directory / "verify-probe.wal"
+    for name in names:
+        r = stanza.run("archive-get", f"--repo={key}", "--no-archive-async", args=(name, str(dest)), timeout=300,
+                       check=False)
+        dest.unlink(missing_ok=True)
+        if r.returncode == 1:
+            return name
+    return None
 
 
 def _replay_lsn(sc: PostgresConfig) -> str | None:
@@ -369,34 +408,33 @@ def _replay_lsn(sc: PostgresConfig) -> str | None:
         return None
 
 
-def _at_least(sc: PostgresConfig, lsn: str) -> bool:
+def _past(sc: PostgresConfig, lsn: str) -> bool:
+    """Replay went beyond ``lsn`` (a segment's start: it read at least one record of it)."""
     try:
         with connect_scratch(sc) as conn:
-            return bool(conn.execute("select pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0])
+            return bool(conn.execute("select pg_last_wal_replay_lsn() > %s::pg_lsn", (lsn,)).fetchone()[0])
     except psycopg.OperationalError:
         return False
 
 
-def _replay_archive(sc: PostgresConfig, ctl: PgCtl, floor: str | None, stall_seconds: float, timeout: float,
+def _replay_archive(sc: PostgresConfig, ctl: PgCtl, floor: str | None, stall_seconds: float, deadline: float,
                     beat, label: str | None) -> str | None:
-    """Until replay reaches ``floor``, or stops advancing for ``stall_seconds`` (the archive
-    ends there), or the copy stops; returns where replay is."""
-    deadline = time.monotonic() + timeout
+    """Until replay passes ``floor``, or stops advancing for ``stall_seconds`` (without a floor:
+    settles for 5 s), or the copy stops; returns where replay is."""
     last, since = None, time.monotonic()
     while True:
         if not ctl.running():
             log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
             raise RestoreError(f"the restored copy stopped during recovery: {scrub(log)[-900:]}")
         now_at = _replay_lsn(sc)
-        if now_at is not None and (floor is None or _at_least(sc, floor)):
-            if floor is not None or (now_at == last and time.monotonic() - since >= 5):
-                return now_at  # no floor (nothing archived yet): replay settled is as far as it goes
+        if floor is not None and now_at is not None and _past(sc, floor):
+            return now_at
         if now_at != last:
             last, since = now_at, time.monotonic()
-        elif time.monotonic() - since > stall_seconds:
+        elif time.monotonic() - since > (stall_seconds if floor is not None else 5):
             return last
         if time.monotonic() > deadline:
-            raise RestoreError(f"archive replay did not reach {floor} in {timeout:.0f}s")
+            raise RestoreError(f"archive replay did not get past {floor} in time (at {now_at})")
         beat({"phase": "replaying the archive", "backup": label, "at": now_at, "until": floor})
         time.sleep(0.2)
 

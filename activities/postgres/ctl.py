@@ -212,15 +212,7 @@ class PgCtl:
         # and every base backup (those in S3 too) would carry the password; a standby's own
         # file never leaves its host, and rotating the password is rewriting one file (read
         # at the walreceiver's next connect), with no config change on the server.
-        st = self.data_dir.stat()
-        passfile = write_passfile(self.passfile, primary, (st.st_uid, st.st_gid))
-        # The replication stream crosses regions: it gets the primary's TLS settings
-        # (verify-full in the lab), read by this standby's walreceiver.
-        params = {"host": primary.host, "port": primary.port, "user": primary.replication_user,
-                  "application_name": application_name, **primary.ssl_params}
-        if passfile:
-            params["passfile"] = str(passfile)
-        conninfo = make_conninfo("", **params)
+        conninfo = self.standby_conninfo(primary, application_name)
         auto = self.data_dir / "postgresql.auto.conf"
         text = ("# Written by eagle-dr when this node became a standby.\n"
                 f"primary_conninfo = {_guc_string(conninfo)}\n"
@@ -231,6 +223,18 @@ class PgCtl:
         self.write_file(signal, "")
         # A real standby now: no fence left for an unfence to "restore" into a primary.
         (self.data_dir / FENCE_MARKER).unlink(missing_ok=True)
+
+    def standby_conninfo(self, primary: PostgresConfig, application_name: str) -> str:
+        """primary_conninfo for streaming from ``primary``, its password in this node's passfile."""
+        st = self.data_dir.stat()
+        passfile = write_passfile(self.passfile, primary, (st.st_uid, st.st_gid))
+        # The replication stream crosses regions: it gets the primary's TLS settings
+        # (verify-full in the lab), read by this standby's walreceiver.
+        params = {"host": primary.host, "port": primary.port, "user": primary.replication_user,
+                  "application_name": application_name, **primary.ssl_params}
+        if passfile:
+            params["passfile"] = str(passfile)
+        return make_conninfo("", **params)
 
     def write_file(self, path: Path, text: str) -> None:
         """Write a file in the data directory durably (a fence must survive a power cut), owned
