@@ -134,7 +134,8 @@ class HealthActivities:
             pgs[name], rss[name] = pg, rs
             errors = [e for e in (pg.error and f"postgres: {pg.error}", rs.error and f"redis: {rs.error}") if e]
             refused = None
-            if not pg.reachable and not rs.reachable:
+            # Behind a proxy a refusal may come from the proxy for a live server: no fast path.
+            if not pg.reachable and not rs.reachable and not r.postgres.behind_proxy:
                 refused = _refuses(r.postgres.host, r.postgres.port, req.timeout_seconds) and \
                     _refuses(r.redis.host, r.redis.port, req.timeout_seconds)
             if refused and name == req.confirm_region:

@@ -253,7 +253,8 @@ class PostgresConfig(_Strict):
     # A TCP proxy or load balancer between eagle-dr and this server (HAProxy, an NLB, a
     # Kubernetes Service reached from another cluster). A refused connection then proves only
     # that the proxy answered, not that the server is gone: with this set, the failover treats
-    # it as a timeout and waits for the old primary to fence itself.
+    # it as a timeout and waits for the old primary to fence itself, and the monitor never
+    # confirms a refused region fast (it waits for its failure threshold).
     behind_proxy: bool = False
 
     @property

@@ -143,10 +143,11 @@ async def make_current(temporal, deployment_name: str, build_id: str, wait_secon
     AUTO_UPGRADE ones move to it at their next workflow task. Returns the build id that was
     current before (None: none was).
 
-    The server refuses while that version has no poller yet (its workers are still rolling
-    out) or polls fewer task queues than the current one (a build that would strand runs on a
-    queue nobody serves): both are retried until ``wait_seconds``, then raised. Missing queues
-    are never ignored and a version without pollers is never forced."""
+    The server refuses while that version has never polled (its workers are still rolling out)
+    or polls fewer task queues than the current one (a build that would strand runs on a queue
+    nobody serves): both are retried until ``wait_seconds``, then raised. Missing queues are
+    never ignored and a version that never polled is never forced. (A version whose workers
+    polled once and are gone now is accepted by the server: check the rollout first.)"""
     import asyncio
     import time
 
@@ -160,7 +161,10 @@ async def make_current(temporal, deployment_name: str, build_id: str, wait_secon
                 SetWorkerDeploymentCurrentVersionRequest(namespace=temporal.namespace, deployment_name=deployment_name,
                                                          build_id=build_id, identity=identity))
         except RPCError as e:
-            not_yet = e.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION)
+            # NOT_FOUND: no worker of that version has polled yet (or the name is wrong: the
+            # message says which version was asked for); UNAVAILABLE: Temporal is restarting.
+            not_yet = e.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION,
+                                   RPCStatusCode.UNAVAILABLE)
             if not not_yet or time.monotonic() >= deadline:
                 raise DeployError(f"{deployment_name}.{build_id} could not be made current"
                                   f"{f' within {wait_seconds:.0f} s' if not_yet else ''}: {e.message}") from e
