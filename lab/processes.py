@@ -27,29 +27,35 @@ def read_pid(pidfile: Path) -> int | None:
 
     A pid file left by a dead server may name a pid the kernel has since given to an
     unrelated process (seen in CI: a stale lab state named the other test process's Redis,
-    which a teardown then killed). A process that started after its pid file was last
-    written cannot be the one that wrote it, or the one it was written for."""
+    which a teardown then killed). ``spawn`` records the process's start time in clock ticks
+    since boot beside the pid, which identifies it exactly. A file a server wrote itself (Redis,
+    Sentinel) has only the pid: a process that started well after the file was last written
+    cannot be the one that wrote it. "Well after": a minute, so that a wall-clock step (NTP on
+    a fresh VM) does not disown a live server."""
     try:
-        text = pidfile.read_text().split("\n", 1)[0].strip()
-        pid = int(text) if text else None
+        lines = pidfile.read_text().split("\n")
+        pid = int(lines[0].strip()) if lines[0].strip() else None
         written = pidfile.stat().st_mtime
     except (OSError, ValueError):
         return None
-    started = _start_time(pid) if pid else None
-    # /proc/stat's btime has whole seconds, so a start time can read up to 1 s late.
-    if started is not None and started > written + 1.5:
+    if not pid:
+        return None
+    ticks = _start_ticks(pid)
+    recorded = next((x[len("start="):] for x in lines[1:] if x.startswith("start=")), None)
+    if recorded is not None:
+        return pid if ticks is not None and str(ticks) == recorded.strip() else None
+    if ticks is not None and _boot_time() + ticks / os.sysconf("SC_CLK_TCK") > written + 60:
         return None
     return pid
 
 
-def _start_time(pid: int) -> float | None:
-    """When ``pid`` started, in seconds since the epoch; None when it is not running."""
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot; None when it is not running."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
-    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _boot_time() -> float:
@@ -142,7 +148,8 @@ def spawn(
     subprocess.run(["sh", "-c", script], check=True, start_new_session=True, env=env, **kw)
     pid = int(tmp.read_text().strip())
     tmp.unlink()
-    pidfile.write_text(f"{pid}\n")
+    ticks = _start_ticks(pid)
+    pidfile.write_text(f"{pid}\n" + (f"start={ticks}\n" if ticks is not None else ""))
     return pid
 
 
