@@ -220,6 +220,10 @@ async def eagle_switchovers(lab: Lab, client, runs: int, profile: bool = True) -
               f"runbook {row['command_s']:.2f}s, acked writes lost {row['acked_writes_lost']}", flush=True)
         if profile and i == runs - 1:
             print(_indent(breakdown(await handle.fetch_history())), flush=True)
+            # Inside the stop fence (its phases): most of the write gap before the promotion.
+            stop = next((s.detail for s in result.steps if s.name == "stop writes on old primary"), None)
+            if stop:
+                print(f"    stop fence: {stop}", flush=True)
     return out
 
 

@@ -96,7 +96,8 @@ class SwitchoverWorkflow(Runbook):
                 stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
                     region=source, epoch=self.epoch, method="stop", drain_archive_seconds=10), queue=sq, timeout=180,
                     heartbeat=10)
-                st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}"
+                st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}" + (
+                    " (" + ", ".join(f"{k} {v:.3f} s" for k, v in stopped.phases.items()) + ")" if stopped.phases else "")
 
             promotion_started = workflow.now()
             async with self.step("wait for standby to replay everything") as st:

@@ -54,6 +54,9 @@ class PgFence(BaseModel):
     # partition, a frozen host): the failover then waits for it to fence itself. Never set
     # for a server behind a proxy (postgres.behind_proxy), which may refuse for a live server.
     refused: bool = False
+    # stop: seconds per phase (drain, read_only, stop, controldata, hold), for the runbook's
+    # report and the switchover's write-gap breakdown.
+    phases: dict[str, float] = {}
 
 
 def _libraries(value: str | None) -> list[str]:
@@ -229,18 +232,32 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
     switchover; never a failover, where the fence must not wait)."""
     ctl = PgCtl(cfg)
     ro = None
+    phases: dict[str, float] = {}
+    t = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        phases[name] = round(now - t, 4)
+        t = now
+
     if ctl.running():
         if drain_archive_s > 0:
             drain_archive(cfg, drain_archive_s)
+            lap("drain")
         ro = fence_read_only(cfg, timeout)
+        lap("read_only")
         ctl.stop("fast")
+        lap("stop")
     # Read before anything else starts it: "shut down" proves the checkpoint is its last record.
     data = ctl.controldata()
+    lap("controldata")
     hold_as_standby(ctl)
+    lap("hold")
     return PgFence(reachable=True, method="stop",
                    last_lsn=data.get("Latest checkpoint location") or (ro.last_lsn if ro else None),
                    timeline=int(data.get("Latest checkpoint's TimeLineID", "0") or 0),
-                   clean_shutdown=data.get("Database cluster state") == "shut down")
+                   clean_shutdown=data.get("Database cluster state") == "shut down", phases=phases)
 
 
 def lift_stop_fence(cfg: PostgresConfig) -> bool:
