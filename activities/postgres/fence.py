@@ -32,6 +32,7 @@ import json
 import time
 
 import psycopg
+import structlog
 from psycopg import sql
 from pydantic import BaseModel
 
@@ -39,6 +40,8 @@ from activities.postgres.ctl import FENCE_MARKER, PgCtl
 from activities.postgres.status import FENCE_LIBRARY, connect
 from eagle_dr.config import PostgresConfig, scrub
 
+
+log = structlog.get_logger(__name__)
 
 class PgFence(BaseModel):
     reachable: bool
@@ -225,11 +228,21 @@ def drain_archive(cfg: PostgresConfig, max_wait: float) -> int | None:
         return None
 
 
+def _checkpoint(cfg: PostgresConfig) -> None:
+    try:
+        with connect(cfg, 5) as conn:
+            conn.execute("checkpoint")
+    except psycopg.Error as e:
+        # Not allowed to (no superuser, no pg_checkpoint role): the shutdown does all of it.
+        log.warning("pre-stop checkpoint skipped", error=_error(e))
+
+
 def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float = 0) -> PgFence:
     """Read-only first (so nothing commits while we stop), stop, then hold it as a standby of
     nothing so a restart cannot make it writable; idempotent, also when already down.
-    ``drain_archive_s``: first let the archiver catch up for up to that long (a planned
-    switchover; never a failover, where the fence must not wait)."""
+    ``drain_archive_s``: first let the archiver catch up for up to that long, and checkpoint, so
+    neither is paid inside the write outage (a planned switchover; never a failover, where the
+    fence must not wait)."""
     ctl = PgCtl(cfg)
     ro = None
     phases: dict[str, float] = {}
@@ -245,6 +258,11 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
         if drain_archive_s > 0:
             drain_archive(cfg, drain_archive_s)
             lap("drain")
+            # The shutdown checkpoint writes every dirty buffer before the server exits, all of
+            # it write outage (0.9 s measured in the lab's switchover). A checkpoint now, while
+            # clients still write, leaves it only what they dirty in the next moments.
+            _checkpoint(cfg)
+            lap("checkpoint")
         ro = fence_read_only(cfg, timeout)
         lap("read_only")
         ctl.stop("fast")
