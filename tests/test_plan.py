@@ -116,6 +116,15 @@ async def test_failover_switchover_restore_and_split_brain_plans_change_nothing(
     r = _cli(lab, "restore", "pitr", "--latest")
     assert f"restore into a scratch instance on {b}" in r.stdout, r.stdout + r.stderr
 
+    p = await _plan(lab, client, "restore", mode="verify")
+    assert p.target_region == f"a copy on {b}, following {a}", p.target_region
+    assert p.blocked is None or "backup" in p.blocked.lower(), p.blocked
+    assert any("compare every table" in s.action for s in p.steps), p.steps
+    p = await _plan(lab, client, "restore", mode="verify", target={"kind": "lsn", "lsn": "0/1"})
+    assert p.blocked and "latest" in p.blocked, p.blocked
+    r = _cli(lab, "restore", "verify")
+    assert "replay the archive alone" in r.stdout, r.stdout + r.stderr
+
     assert _snapshot(lab) == before
     await _no_move(client, lab.cfg.service)
 

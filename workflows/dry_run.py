@@ -233,6 +233,8 @@ class PlanWorkflow(Runbook):
                     blocked = "no region's PostgreSQL answers as primary"
                 elif inp.mode == "rebuild-standby" and primary == inp.region:
                     blocked = f"{primary} is the primary: only a standby is rebuilt from backup"
+                elif inp.mode == "verify" and inp.target.kind != "latest":
+                    blocked = "verify restores the newest backup to the end of the archive: leave the target at latest"
             try:
                 chk = await self.act(RestoreActivities.check_restore_target, RestoreRequest(
                     region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()),

@@ -222,6 +222,16 @@ def restore_plan(service: str, mode: str, region: str, repo: str, *, target: str
                  PlanStep(action=f"{region} streams from {primary}")]
         return Plan(runbook="restore", service=service, blocked=blocked, source_region=repo,
                     target_region=f"{region}'s standby", steps=steps, notes=notes)
+    if mode == "verify":
+        steps = [PlanStep(action=f"restore the newest backup into a scratch hot standby on {region}",
+                          detail=f"from {source}; a new cluster, nothing live touched"),
+                 PlanStep(action="replay the archive alone to the primary's newest archived segment",
+                          detail="a segment missing from the bucket fails the run (ArchiveGap)"),
+                 PlanStep(action=f"stream from {primary} (no slot) and compare every table with it, key by key",
+                          detail="as a standby: each range at one LSN on both sides"),
+                 PlanStep(action="stop and delete the scratch instance")]
+        return Plan(runbook="restore", service=service, blocked=blocked, source_region=repo,
+                    target_region=f"a copy on {region}, following {primary}", steps=steps, notes=notes)
     steps = [PlanStep(action=f"restore into a scratch instance on {region}",
                       detail=f"to {target} from {source}; a new cluster, nothing live touched")]
     if mode == "recover-rows":

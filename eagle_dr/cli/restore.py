@@ -202,12 +202,15 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
 @restore_app.command("verify")
 def verify(repo: Optional[str] = typer.Option(None, "--repo", help="Whose bucket (default: the region's own)."),
            region: Optional[str] = typer.Option(None, "--region", help="Whose host runs the copy (default: a region "
-                                                                       "that is not the primary).")):
+                                                                       "that is not the primary)."),
+           plan: bool = _plan_option()):
     """Restore the newest backup, replay the archive, follow the primary, and compare every
     table with it key by key; the copy is dropped at the end. Exit 3 when it differs."""
     c = cfg()
     inp = _input(mode="verify", repo=_region(c, repo) if repo else None, region=_region(c, region) if region else None,
                  keep_minutes=0)
+    if plan:
+        return show_plan(c, "restore", inp)
 
     async def run():
         handle = await _start(c, inp, "verify")
