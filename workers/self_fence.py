@@ -101,6 +101,7 @@ class SelfFence:
         self.last_contact = time.monotonic()
         self.kept_why: str | None = None
         self.redis_silent = False
+        self.contact_seen = False
 
     async def _temporal_answers(self) -> bool:
         from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
@@ -138,15 +139,17 @@ class SelfFence:
         pg = self.cfg.region(self.region).postgres
         if c.any:
             self.last_contact = now
+            self.contact_seen = True
             if c.all:
                 await self._maybe_lift(pg)
             return
         alone = now - self.last_contact
         primary, held = await asyncio.to_thread(_local_state, pg)
-        if alone < self.after and held != "self":
+        if alone < self.after and (held != "self" or self.contact_seen):
             return
-        # Past the bound; or, with no contact at all, a node this self-fence already fenced (a
-        # worker restarted in the partition): its Redis must not wait out another bound.
+        # Past the bound; or a worker that has had no contact at all since it started, beside a
+        # node its predecessor fenced (restarted in the partition): its Redis must not wait
+        # out another bound. A blip after contact is no reason to fence anything.
         if primary and not held and alone >= self.after:
             fence = await asyncio.to_thread(fence_read_only, pg, 3, "self")
             if fence.method == "read_only" and not fence.error:

@@ -223,6 +223,7 @@ def restore_plan(service: str, mode: str, region: str, repo: str, *, target: str
         return Plan(runbook="restore", service=service, blocked=blocked, source_region=repo,
                     target_region=f"{region}'s standby", steps=steps, notes=notes)
     if mode == "verify":
+        primary = primary or "the primary (none answers now)"
         steps = [PlanStep(action=f"restore the newest backup into a scratch hot standby on {region}",
                           detail=f"from {source}; a new cluster, nothing live touched"),
                  PlanStep(action="replay the archive alone to the primary's newest archived segment",

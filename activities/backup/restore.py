@@ -322,7 +322,7 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
         raise RestoreError(f"the primary's synchronous_standby_names ({sync_names!r}) would take the restored copy "
                            "as a synchronous standby: its commits would wait on a copy that is dropped at the end. "
                            "Name the real standbys there instead of '*'", "mode", "InvalidInput")
-    floor = segment_start(archived, seg_bytes) if archived else None
+    floor = _floor(archived, seg_bytes)
     sc = _prepare(stanza, directory, port)
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
     beat({"phase": "pgbackrest restore", "as": "standby"})
@@ -346,12 +346,10 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
         reached = _replay_archive(sc, ctl, floor, stall_seconds, deadline, beat, label)
         if floor is None or _past(sc, floor):
             break
-        timelines = sorted({int(archived[:8], 16), *([timeline] if timeline else [])})
-        wanted = [segment_name(t, reached or floor, seg_bytes) for t in timelines]
-        wanted += [segment_name(t, f"{(_lsn(reached or floor) + seg_bytes) >> 32:X}/"
-                                   f"{(_lsn(reached or floor) + seg_bytes) & 0xFFFFFFFF:X}", seg_bytes)
-                   for t in timelines]
-        missing = _missing_from_repo(stanza, key, wanted, directory)
+        if reached is None:
+            continue  # not answering yet: nothing to ask the repo about
+        missing = _missing_from_repo(stanza, key, _awaited(sc, reached, floor, archived, timeline, seg_bytes),
+                                     Path(sc.data_dir), directory)
         if missing:
             ctl.stop("immediate", timeout=60)
             raise RestoreError(f"the archive in {repo_region}'s bucket has a gap: replay of backup {label} stopped at "
@@ -367,7 +365,9 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     # of a name wins. No slot: the archive covers what the primary recycles.
     auto = Path(sc.data_dir) / "postgresql.auto.conf"
     conninfo = ctl.standby_conninfo(primary, VERIFY_APPLICATION)
-    ctl.write_file(auto, auto.read_text() + f"primary_conninfo = {_guc_string(conninfo)}\nprimary_slot_name = ''\n")
+    text = auto.read_text()
+    ctl.write_file(auto, text + ("" if text.endswith("\n") or not text else "\n")
+                   + f"primary_conninfo = {_guc_string(conninfo)}\nprimary_slot_name = ''\n")
     _start(ctl, timeout)
     from activities.postgres.standby import _streaming_from
 
@@ -388,15 +388,61 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
                             archive_checked=floor is not None, upstream=f"{primary.host}:{primary.port}")
 
 
-def _missing_from_repo(stanza: Stanza, key: int, names: list[str], directory: Path) -> str | None:
-    """The first of ``names`` the repo does not hold (archive-get's exit code 1), else None."""
+def _floor(archived: str | None, seg_bytes: int) -> str | None:
+    """The LSN replay of the archive must get past: the start of the primary's newest archived
+    segment. A ``.partial`` (the old timeline's last segment, archived at a promotion) is
+    followed by the new timeline's copy of it only at its next archive: the segment before is
+    the floor then. A history or backup-label file, or nothing archived: no floor."""
+    if not archived or not re.match(r"^[0-9A-F]{24}(\.partial)?$", archived):
+        return None
+    start = _lsn(segment_start(archived, seg_bytes))
+    if archived.endswith(".partial"):
+        start -= seg_bytes
+        if start < 0:
+            return None
+    return f"{start >> 32:X}/{start & 0xFFFFFFFF:X}"
+
+
+def _awaited(sc: PostgresConfig, reached: str, floor: str, archived: str, timeline: int | None,
+             seg_bytes: int) -> list[list[str]]:
+    """The segment replay waits for, as its name on each timeline it may be on (the backup's up
+    to the primary's): the one holding ``reached``, and the next one when ``reached`` is inside
+    a segment (a record may continue there). Never one past the newest archived segment."""
+    try:
+        with connect_scratch(sc) as conn:
+            own = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
+    except psycopg.OperationalError:
+        own = None
+    known = [t for t in (own, int(archived[:8], 16), timeline) if t]
+    timelines = range(min(known), max(known) + 1)
+    pos = _lsn(reached)
+    segnos = [pos // seg_bytes]
+    if pos % seg_bytes and (pos // seg_bytes + 1) * seg_bytes <= _lsn(floor):
+        segnos.append(pos // seg_bytes + 1)
+    return [[segment_name(t, f"{(n * seg_bytes) >> 32:X}/{(n * seg_bytes) & 0xFFFFFFFF:X}", seg_bytes)
+             for t in timelines] for n in segnos]
+
+
+def _missing_from_repo(stanza: Stanza, key: int, awaited: list[list[str]], pg_path: Path,
+                       directory: Path) -> str | None:
+    """The first awaited segment the repo holds on none of its timelines (archive-get's exit
+    code 1: not found), named as on the newest; None when each is there on one of them."""
     dest = directory / "verify-probe.wal"
-    for name in names:
-        r = stanza.run("archive-get", f"--repo={key}", "--no-archive-async", args=(name, str(dest)), timeout=300,
-                       check=False)
-        dest.unlink(missing_ok=True)
-        if r.returncode == 1:
-            return name
+    for names in awaited:
+        found = False
+        for name in reversed(names):
+            # pg1-path is the copy's: archive-get checks the repo against that pg_control.
+            r = stanza.run("archive-get", f"--repo={key}", f"--pg1-path={pg_path}", "--no-archive-async",
+                           args=(name, str(dest)), timeout=300, check=False)
+            dest.unlink(missing_ok=True)
+            if r.returncode == 0:
+                found = True
+                break
+            if r.returncode != 1:
+                raise RestoreError(f"could not ask the repo for WAL segment {name} (pgbackrest archive-get "
+                                   f"{r.returncode}): {_plain(scrub(_last_error(r.stderr + r.stdout)))}")
+        if not found:
+            return names[-1]
     return None
 
 

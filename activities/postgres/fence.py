@@ -231,6 +231,9 @@ def drain_archive(cfg: PostgresConfig, max_wait: float) -> int | None:
 def _checkpoint(cfg: PostgresConfig) -> None:
     try:
         with connect(cfg, 5) as conn:
+            # Bounded: a huge dirty set must not eat the fence's own timeout (the checkpoint
+            # goes on in the background; the shutdown then does the rest).
+            conn.execute("set statement_timeout = '30s'")
             conn.execute("checkpoint")
     except psycopg.Error as e:
         # Not allowed to (no superuser, no pg_checkpoint role): the shutdown does all of it.

@@ -272,7 +272,7 @@ FENCE_MIN_REPLICAS = 1_000_000
 SELF_FENCE_MIN_REPLICAS = 2 * FENCE_MIN_REPLICAS
 
 
-def _write_fence(c: redis.Redis, on: bool, by: str = "runbook") -> None:
+def _write_fence(c: redis.Redis, on: bool, by: str = "runbook") -> bool:
     """Refuse (or accept again) every write on a master, for every client and ACL user.
 
     min-replicas-to-write above any possible replica count makes a master answer each write
@@ -282,7 +282,8 @@ def _write_fence(c: redis.Redis, on: bool, by: str = "runbook") -> None:
     and a retry of either is a no-op. A runbook's fence over a self-fence makes it the
     runbook's (a self-fence's lift then leaves it); a self-fence never takes over another fence.
     Lifting (``on`` False, by a runbook) removes either. A replica ignores the setting; clearing
-    it on promotion keeps a once-fenced node from refusing writes when it becomes master again."""
+    it on promotion keeps a once-fenced node from refusing writes when it becomes master again.
+    Returns whether it changed the value (it is read here, just before the change)."""
     current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
     if on:
         if current < FENCE_MIN_REPLICAS:
@@ -290,12 +291,18 @@ def _write_fence(c: redis.Redis, on: bool, by: str = "runbook") -> None:
                 c.config_set("min-replicas-max-lag", 10)  # the Redis default
             add = SELF_FENCE_MIN_REPLICAS if by == "self" else FENCE_MIN_REPLICAS
             c.config_set("min-replicas-to-write", current + add)
-        elif current >= SELF_FENCE_MIN_REPLICAS and by != "self":
+            return True
+        if current >= SELF_FENCE_MIN_REPLICAS and by != "self":
             c.config_set("min-replicas-to-write", current - (SELF_FENCE_MIN_REPLICAS - FENCE_MIN_REPLICAS))
-    elif current >= SELF_FENCE_MIN_REPLICAS:
+            return True
+        return False
+    if current >= SELF_FENCE_MIN_REPLICAS:
         c.config_set("min-replicas-to-write", current - SELF_FENCE_MIN_REPLICAS)
-    elif current >= FENCE_MIN_REPLICAS and by != "self":  # a self-fence's lift leaves a runbook's
+        return True
+    if current >= FENCE_MIN_REPLICAS and by != "self":  # a self-fence's lift leaves a runbook's
         c.config_set("min-replicas-to-write", current - FENCE_MIN_REPLICAS)
+        return True
+    return False
 
 
 def fence_holder(cfg: RedisConfig, timeout: float = 2.0) -> tuple[str, str | None] | None:
@@ -365,9 +372,11 @@ def unfence(node: RedisConfig, timeout: float = 2.0, by: str = "runbook") -> Red
     try:
         c = _node(node, timeout)
         if by == "self":
-            current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
-            if current < SELF_FENCE_MIN_REPLICAS:
+            # The write fence first: only once its own is gone is the REPLICAOF hold released
+            # (a runbook's fence landing just before keeps both).
+            if not _write_fence(c, False, by):
                 info = _repl(c)
+                current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
                 held = current >= FENCE_MIN_REPLICAS
                 return RedisFence(address=_addr(node), reachable=True, paused=held, role=info["role"],
                                   offset=_offset(info), replid=info.get("master_replid"),
