@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 
+from activities.postgres.ctl import in_netns
 from lab import binaries
 from lab.osuser import LabUser, make_dir
 from lab.processes import is_running, kill_tree, read_pid, wait_for
@@ -86,14 +87,9 @@ class _RedisProcess:
             self._sync_listen()
         argv = [binaries.ensure(binary)[binary], str(self.conf)]
         kw = self.user.popen_kwargs()
-        if self.netns and kw:
-            # Into the namespace as root, then down to the lab's user: `ip netns exec` needs the
-            # privilege that subprocess's user= would drop first.
-            argv = ["ip", "netns", "exec", self.netns, "setpriv", f"--reuid={self.user.uid}",
-                    f"--regid={self.user.gid}", "--clear-groups", "--", *argv]
-            kw = {"cwd": "/"}
-        elif self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+        if self.netns:
+            argv = in_netns(self.netns, argv, *((self.user.uid, self.user.gid) if kw else ()))
+            kw = {"cwd": "/"} if kw else {}
         subprocess.run(argv, check=True, capture_output=True, **kw)
         wait_for(lambda: self.client().ping(), 20, f"{self.name} on port {self.port}")
 

@@ -417,7 +417,8 @@ async def test_verify_names_a_gap_in_the_archive_instead_of_streaming_over_it(la
     """A WAL segment lost from the bucket between the backup and the newest one: replay of the
     archive stops there, and verify fails with ArchiveGap, saying where the archive ends,
     instead of letting streaming from the primary fill the hole unnoticed."""
-    from activities.backup.restore import _lsn, segment_start
+    from activities.postgres.lsn import lsn_to_int
+    from activities.postgres.wal import segment_start
 
     _table(lab)
     await _backup(lab, client, type="incr")
@@ -445,7 +446,7 @@ async def test_verify_names_a_gap_in_the_archive_instead_of_streaming_over_it(la
             in cause.message, cause.message
         # Replay stopped before the segment after the lost one: it never got past the hole.
         reached = re.search(r"stopped at ([0-9A-F]+/[0-9A-F]+)", cause.message).group(1)
-        assert _lsn(reached) < _lsn(segment_start(segments[2], 16 * 1024 * 1024)), (reached, segments)
+        assert lsn_to_int(reached) < segment_start(segments[2], 16 * 1024 * 1024), (reached, segments)
         _no_scratch_left(lab)
     finally:
         s3.put_object(Bucket=bucket, Key=lost[0], Body=body)  # the archive whole again for later tests

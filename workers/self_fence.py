@@ -52,6 +52,9 @@ import psycopg
 from activities.postgres import epoch as epochs
 from activities.postgres.fence import fence_holder, fence_read_only, lift_self_fence
 from activities.postgres.status import connect as pg_connect
+from activities.redis.failover import fence as redis_fence
+from activities.redis.failover import fence_holder as redis_holder
+from activities.redis.failover import unfence as redis_unfence
 from eagle_dr import logs
 from eagle_dr.config import EagleConfig
 
@@ -163,9 +166,6 @@ class SelfFence:
         await asyncio.to_thread(self._fence_redis, alone)
 
     def _fence_redis(self, alone: float) -> None:
-        from activities.redis.failover import fence as redis_fence
-        from activities.redis.failover import fence_holder as redis_holder
-
         rcfg = self.cfg.region(self.region).redis
         state = redis_holder(rcfg)
         if state is None:
@@ -185,8 +185,6 @@ class SelfFence:
             self.log.error("self_fence.redis_failed", alone_seconds=round(alone, 1), error=f.error)
 
     def _redis_self_fenced(self) -> bool:
-        from activities.redis.failover import fence_holder as redis_holder
-
         return redis_holder(self.cfg.region(self.region).redis) == ("master", "self")
 
     async def _maybe_lift(self, pg) -> None:
@@ -202,8 +200,6 @@ class SelfFence:
                 self.log.warning("self_fence.lifted", why="contact back; no move, no newer epoch")
         if why is None and redis_own:
             # Only its own: a runbook's fence since then made the Redis fence the runbook's.
-            from activities.redis.failover import unfence as redis_unfence
-
             f = await asyncio.to_thread(redis_unfence, self.cfg.region(self.region).redis, 2.0, "self")
             if f.reachable and not f.error:
                 self.log.warning("self_fence.redis_lifted", why="contact back; no move, no newer epoch")

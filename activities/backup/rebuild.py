@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
-from activities.backup.restore import RestoreError, _plain, timeline_to_follow
+from activities.backup.restore import RestoreError, _plain, timeline_to_follow, wait_streaming
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import pg_status
@@ -173,16 +173,8 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     beat({"phase": "starting, replaying the archive", "backup": m.group(1) if m else None})
     t1 = time.monotonic()
     ctl.start(timeout=int(min(timeout, 600)))
-    deadline = time.monotonic() + timeout
-    while not _streaming_from(node, primary):
-        if not ctl.running():
-            log = ctl.log.read_text()[-1200:] if ctl.log.exists() else ""
-            raise RestoreError(f"the restored standby stopped: {scrub(log)[-800:]}")
-        if time.monotonic() > deadline:
-            raise RestoreError(f"the restored standby did not stream from {primary.host}:{primary.port} "
-                               f"in {timeout:.0f}s")
-        beat({"phase": "waiting to stream", "backup": m.group(1) if m else None})
-        time.sleep(0.3)
+    wait_streaming(ctl, node, primary, time.monotonic() + timeout, timeout, "restored standby",
+                   lambda: beat({"phase": "waiting to stream", "backup": m.group(1) if m else None}))
     shutil.rmtree(aside_dir(data), ignore_errors=True)
     return RebuiltStandby(region=stanza.region.name, repo_region=repo_region, backup_label=m.group(1) if m else None,
                           restore_seconds=restore_s, catch_up_seconds=time.monotonic() - t1,

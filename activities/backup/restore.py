@@ -32,6 +32,8 @@ from pydantic import BaseModel, Field
 from activities.backup.catalog import Catalog
 from activities.backup.pgbackrest import PgBackRestError, Stanza, _last_error, repo_key
 from activities.postgres.ctl import PgCtl, PgCtlError, _guc_string
+from activities.postgres.lsn import int_to_lsn, lsn_to_int
+from activities.postgres.wal import segment_name, segment_start
 from eagle_dr.config import PostgresConfig, scrub
 
 
@@ -272,29 +274,6 @@ class FollowingScratch(BaseModel):
 VERIFY_APPLICATION = "eagle-dr-restore-verify"
 
 
-def _lsn(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) + int(lo, 16)
-
-
-def segment_start(name: str, segment_bytes: int) -> str | None:
-    """The LSN where a WAL segment file (TTTTTTTTXXXXXXXXYYYYYYYY, any suffix) begins."""
-    m = re.match(r"^[0-9A-F]{8}([0-9A-F]{8})([0-9A-F]{8})", name or "")
-    if not m:
-        return None
-    log_id, seg = int(m.group(1), 16), int(m.group(2), 16)  # seg counts within the 4 GiB log id
-    pos = (log_id << 32) + seg * segment_bytes
-    return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
-
-
-def segment_name(timeline: int, lsn: str, segment_bytes: int) -> str:
-    """The WAL segment file holding ``lsn`` on ``timeline`` (pg_walfile_name, which a standby
-    cannot run)."""
-    segno = _lsn(lsn) // segment_bytes
-    per_log = (1 << 32) // segment_bytes
-    return f"{timeline:08X}{segno // per_log:08X}{segno % per_log:08X}"
-
-
 def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: str, primary: PostgresConfig,
                       beat=lambda d: None, timeout: float = 3600, timeline: int | None = None,
                       stall_seconds: float = 30) -> FollowingScratch:
@@ -343,8 +322,8 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     _start(ctl, timeout, "-c primary_conninfo=''")
     deadline = time.monotonic() + timeout
     while True:
-        reached = _replay_archive(sc, ctl, floor, stall_seconds, deadline, beat, label)
-        if floor is None or _past(sc, floor):
+        reached, passed = _replay_archive(sc, ctl, floor, stall_seconds, deadline, beat, label)
+        if floor is None or passed:
             break
         if reached is None:
             continue  # not answering yet: nothing to ask the repo about
@@ -369,16 +348,8 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     ctl.write_file(auto, text + ("" if text.endswith("\n") or not text else "\n")
                    + f"primary_conninfo = {_guc_string(conninfo)}\nprimary_slot_name = ''\n")
     _start(ctl, timeout)
-    from activities.postgres.standby import _streaming_from
-
-    while not _streaming_from(sc.model_copy(update={"host": sc.socket_dir}), primary):
-        if not ctl.running():
-            log = ctl.log.read_text()[-1200:] if ctl.log.exists() else ""
-            raise RestoreError(f"the restored copy stopped: {scrub(log)[-800:]}")
-        if time.monotonic() > deadline:
-            raise RestoreError(f"the restored copy did not stream from {primary.host}:{primary.port} in {timeout:.0f}s")
-        beat({"phase": "waiting to stream", "backup": label})
-        time.sleep(0.2)
+    wait_streaming(ctl, sc.model_copy(update={"host": sc.socket_dir}), primary, deadline, timeout, "restored copy",
+                   lambda: beat({"phase": "waiting to stream", "backup": label}))
     with connect_scratch(sc) as conn:
         tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
     scratch = Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
@@ -388,6 +359,22 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
                             archive_checked=floor is not None, upstream=f"{primary.host}:{primary.port}")
 
 
+def wait_streaming(ctl: PgCtl, node: PostgresConfig, primary: PostgresConfig, deadline: float, timeout: float,
+                   what: str, beat) -> None:
+    """Until ``node`` (a restore just started as a standby) streams from ``primary``; a copy that
+    stops, or the deadline, is a RestoreError naming ``what`` it is."""
+    from activities.postgres.standby import _streaming_from
+
+    while not _streaming_from(node, primary):
+        if not ctl.running():
+            log = ctl.log.read_text()[-1200:] if ctl.log.exists() else ""
+            raise RestoreError(f"the {what} stopped: {scrub(log)[-800:]}")
+        if time.monotonic() > deadline:
+            raise RestoreError(f"the {what} did not stream from {primary.host}:{primary.port} in {timeout:.0f}s")
+        beat()
+        time.sleep(0.2)
+
+
 def _floor(archived: str | None, seg_bytes: int) -> str | None:
     """The LSN replay of the archive must get past: the start of the primary's newest archived
     segment. A ``.partial`` (the old timeline's last segment, archived at a promotion) is
@@ -395,12 +382,12 @@ def _floor(archived: str | None, seg_bytes: int) -> str | None:
     the floor then. A history or backup-label file, or nothing archived: no floor."""
     if not archived or not re.match(r"^[0-9A-F]{24}(\.partial)?$", archived):
         return None
-    start = _lsn(segment_start(archived, seg_bytes))
+    start = segment_start(archived, seg_bytes)
     if archived.endswith(".partial"):
         start -= seg_bytes
         if start < 0:
             return None
-    return f"{start >> 32:X}/{start & 0xFFFFFFFF:X}"
+    return int_to_lsn(start)
 
 
 def _awaited(sc: PostgresConfig, reached: str, floor: str, archived: str, timeline: int | None,
@@ -415,12 +402,11 @@ def _awaited(sc: PostgresConfig, reached: str, floor: str, archived: str, timeli
         own = None
     known = [t for t in (own, int(archived[:8], 16), timeline) if t]
     timelines = range(min(known), max(known) + 1)
-    pos = _lsn(reached)
-    segnos = [pos // seg_bytes]
-    if pos % seg_bytes and (pos // seg_bytes + 1) * seg_bytes <= _lsn(floor):
-        segnos.append(pos // seg_bytes + 1)
-    return [[segment_name(t, f"{(n * seg_bytes) >> 32:X}/{(n * seg_bytes) & 0xFFFFFFFF:X}", seg_bytes)
-             for t in timelines] for n in segnos]
+    pos = lsn_to_int(reached)
+    starts = [pos - pos % seg_bytes]
+    if pos % seg_bytes and starts[0] + seg_bytes <= lsn_to_int(floor):
+        starts.append(starts[0] + seg_bytes)
+    return [[segment_name(t, start, seg_bytes) for t in timelines] for start in starts]
 
 
 def _missing_from_repo(stanza: Stanza, key: int, awaited: list[list[str]], pg_path: Path,
@@ -446,39 +432,34 @@ def _missing_from_repo(stanza: Stanza, key: int, awaited: list[list[str]], pg_pa
     return None
 
 
-def _replay_lsn(sc: PostgresConfig) -> str | None:
+def _replay_position(sc: PostgresConfig, floor: str | None) -> tuple[str | None, bool]:
+    """(where replay is, whether it went beyond ``floor``: a segment's start, so it read at
+    least one record of that segment); (None, False) while the copy does not answer."""
     try:
         with connect_scratch(sc) as conn:
-            return conn.execute("select pg_last_wal_replay_lsn()::text").fetchone()[0]
+            at, past = conn.execute("select pg_last_wal_replay_lsn()::text, pg_last_wal_replay_lsn() > %s::pg_lsn",
+                                    (floor or "0/0",)).fetchone()
+            return at, bool(past) and floor is not None
     except psycopg.OperationalError:
-        return None
-
-
-def _past(sc: PostgresConfig, lsn: str) -> bool:
-    """Replay went beyond ``lsn`` (a segment's start: it read at least one record of it)."""
-    try:
-        with connect_scratch(sc) as conn:
-            return bool(conn.execute("select pg_last_wal_replay_lsn() > %s::pg_lsn", (lsn,)).fetchone()[0])
-    except psycopg.OperationalError:
-        return False
+        return None, False
 
 
 def _replay_archive(sc: PostgresConfig, ctl: PgCtl, floor: str | None, stall_seconds: float, deadline: float,
-                    beat, label: str | None) -> str | None:
+                    beat, label: str | None) -> tuple[str | None, bool]:
     """Until replay passes ``floor``, or stops advancing for ``stall_seconds`` (without a floor:
-    settles for 5 s), or the copy stops; returns where replay is."""
+    settles for 5 s), or the copy stops; returns where replay is and whether it passed."""
     last, since = None, time.monotonic()
     while True:
         if not ctl.running():
             log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
             raise RestoreError(f"the restored copy stopped during recovery: {scrub(log)[-900:]}")
-        now_at = _replay_lsn(sc)
-        if floor is not None and now_at is not None and _past(sc, floor):
-            return now_at
+        now_at, passed = _replay_position(sc, floor)
+        if passed:
+            return now_at, True
         if now_at != last:
             last, since = now_at, time.monotonic()
         elif time.monotonic() - since > (stall_seconds if floor is not None else 5):
-            return last
+            return last, False
         if time.monotonic() > deadline:
             raise RestoreError(f"archive replay did not get past {floor} in time (at {now_at})")
         beat({"phase": "replaying the archive", "backup": label, "at": now_at, "until": floor})

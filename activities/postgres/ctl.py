@@ -52,6 +52,14 @@ def bin_dir(cfg: PostgresConfig) -> str:
     return os.path.dirname(p)
 
 
+def in_netns(netns: str, argv: list[str], uid: int | None = None, gid: int | None = None) -> list[str]:
+    """``argv`` run in network namespace ``netns`` (the lab's partition tests), as uid/gid when
+    given: into the namespace as root, then down to the user, since `ip netns exec` needs the
+    privilege that subprocess's user= would drop first."""
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"] if uid is not None else []
+    return ["ip", "netns", "exec", netns, *drop, *argv]
+
+
 class PgCtl:
     def __init__(self, cfg: PostgresConfig, netns: str | None = None):
         if not cfg.data_dir:
@@ -79,18 +87,15 @@ class PgCtl:
             # on root's private home ("Permission denied") instead of going on without one.
             kw["env"] = {**kw.get("env", os.environ), "HOME": _home_of(self.cfg.os_user)}
         if self.netns and os.geteuid() == 0:
-            # Into the namespace as root, then down to the server's user: `ip netns exec` needs
-            # the privilege that subprocess's user= would drop first.
             user = kw.pop("user", None)
             kw.pop("extra_groups", None)
             if user:
                 import pwd
 
                 pw = pwd.getpwnam(user)
-                drop = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"]
+                argv = in_netns(self.netns, argv, pw.pw_uid, pw.pw_gid)
             else:
-                drop = []
-            argv = ["ip", "netns", "exec", self.netns, *drop, *argv]
+                argv = in_netns(self.netns, argv)
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
         if check and r.returncode != 0:
             raise PgCtlError(f"{os.path.basename(argv[0])} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")

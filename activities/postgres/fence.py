@@ -43,6 +43,7 @@ from eagle_dr.config import PostgresConfig, scrub
 
 log = structlog.get_logger(__name__)
 
+
 class PgFence(BaseModel):
     reachable: bool
     method: str | None = None  # "read_only" | "stop" | "standby" | None (unfenced)
@@ -262,7 +263,7 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
             drain_archive(cfg, drain_archive_s)
             lap("drain")
             # The shutdown checkpoint writes every dirty buffer before the server exits, all of
-            # it write outage (0.9 s measured in the lab's switchover). A checkpoint now, while
+            # it write outage (seconds with a large shared_buffers). A checkpoint now, while
             # clients still write, leaves it only what they dirty in the next moments.
             _checkpoint(cfg)
             lap("checkpoint")

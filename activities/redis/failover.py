@@ -371,18 +371,18 @@ def unfence(node: RedisConfig, timeout: float = 2.0, by: str = "runbook") -> Red
     """Lift the write fence: a runbook's call lifts any; ``by="self"`` only a self-fence."""
     try:
         c = _node(node, timeout)
-        if by == "self":
-            # The write fence first: only once its own is gone is the REPLICAOF hold released
-            # (a runbook's fence landing just before keeps both).
-            if not _write_fence(c, False, by):
-                info = _repl(c)
-                current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
-                held = current >= FENCE_MIN_REPLICAS
-                return RedisFence(address=_addr(node), reachable=True, paused=held, role=info["role"],
-                                  offset=_offset(info), replid=info.get("master_replid"),
-                                  error="fenced by a runbook, not by itself" if held else None)
+        # A self-lift removes its write fence first: only once its own is gone is the REPLICAOF
+        # hold released (a runbook's fence landing just before keeps both).
+        if by == "self" and not _write_fence(c, False, by):
+            info = _repl(c)
+            current = int(c.config_get("min-replicas-to-write")["min-replicas-to-write"])
+            held = current >= FENCE_MIN_REPLICAS
+            return RedisFence(address=_addr(node), reachable=True, paused=held, role=info["role"],
+                              offset=_offset(info), replid=info.get("master_replid"),
+                              error="fenced by a runbook, not by itself" if held else None)
         _hold_replication(c, False)
-        _write_fence(c, False, by)
+        if by != "self":
+            _write_fence(c, False, by)
         c.client_unpause()  # a fence from before the write fence paused clients
         _persist(c)
         info = _repl(c)
