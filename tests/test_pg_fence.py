@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from activities.postgres.fence import fence_read_only, fence_stop, lift_stop_fence, unfence
@@ -152,6 +153,73 @@ def test_stop_fence_waits_for_the_archive_backlog_while_writes_still_flow(node):
         assert time.monotonic() - started < 3
     finally:
         ready.unlink(missing_ok=True)
+
+
+def test_a_stop_fence_at_the_checkpoint_returns_while_the_archiver_still_pushes():
+    """The switchover's fence: the shutdown closes a WAL segment before its checkpoint and waits
+    for the archiver to push it. The fence returns at the checkpoint, while that push still
+    holds the postmaster, with the checkpoint that stays the server's last record; the push and
+    the exit finish on their own, and a restart still comes up fenced."""
+    import time
+
+    from activities.postgres.ctl import alive
+
+    with scratch_postgres(PORT + 1, "fence-archive") as n:
+        base = Path(n.cfg.data_dir).parent
+        archive, gate = base / "archive", base / "gate"
+        archive.mkdir()
+        archive.chmod(0o777)
+        # An archiver that holds every push until the test opens the gate: the shutdown's wait
+        # for it is then as long as the test wants, never a race.
+        cmd = f"while [ ! -e {gate} ]; do sleep 0.02; done; cp %p {archive}/%f"
+        with n.connect() as conn:
+            conn.execute("alter system set archive_mode = on")
+            conn.execute(psycopg.sql.SQL("alter system set archive_command = {}").format(psycopg.sql.Literal(cmd)))
+        n.ctl.stop("fast")
+        n.ctl.start()
+        gate.touch()  # let the segments of the start through
+        assert drain_archive_until_empty(n.cfg)
+        gate.unlink()
+        # A write after the last switch: the shutdown has a segment to close and push.
+        with psycopg.connect(n.cfg.dsn(), autocommit=True) as conn:
+            conn.execute("insert into alerts (id, region, payload) values (6001, 'x', '{}')")
+
+        with psycopg.connect(n.cfg.dsn(), autocommit=True) as conn:
+            conn.execute("alter system set work_mem = '7MB'")  # an operator's own setting, to be kept
+        pid = n.ctl.pid
+        f = fence_stop(n.cfg, at_checkpoint=True)
+        assert f.method == "stop" and f.clean_shutdown and f.exiting
+        assert alive(pid), "the postmaster is still waiting for its archiver"
+        assert (n.data_dir / "standby.signal").exists()
+        closed = list(archive.iterdir())
+        assert fence_stop(n.cfg, at_checkpoint=True).last_lsn == f.last_lsn  # a retry: same proof
+
+        gate.touch()
+        deadline = time.monotonic() + 30
+        while alive(pid):
+            assert time.monotonic() < deadline, "the postmaster did not exit after the push"
+            time.sleep(0.02)
+        # The segment the shutdown closed reached the archive after the fence returned, and
+        # the checkpoint the fence reported is the last one the server wrote.
+        assert len(list(archive.iterdir())) > len(closed)
+        assert n.ctl.controldata()["Latest checkpoint location"] == f.last_lsn
+        n.ctl.start()
+        st = pg_status(n.cfg)
+        assert st.role == "standby" and st.upstream is None
+        assert lift_stop_fence(n.cfg)
+        unfence(n.cfg)
+        assert pg_status(n.cfg).role == "primary"
+        assert _try_write(n, "superuser", BYPASSES[0], 6002) is None
+        with psycopg.connect(n.cfg.dsn(), autocommit=True) as conn:
+            assert conn.execute("show work_mem").fetchone()[0] == "7MB"
+        assert not (n.data_dir / "standby.signal").exists()
+
+
+def drain_archive_until_empty(cfg) -> bool:
+    from activities.postgres.fence import drain_archive
+    with psycopg.connect(cfg.dsn(), autocommit=True) as conn:
+        conn.execute("select pg_switch_wal()")
+    return drain_archive(cfg, max_wait=30) == 0
 
 
 def test_a_refused_port_proves_the_server_gone_only_without_a_proxy(tmp_path):

@@ -262,6 +262,51 @@ async def test_unplanned_failover_after_region_loss(lab, client):
     lab.wait_replication()
 
 
+async def test_a_hung_old_primary_with_its_worker_alive_is_killed_by_the_stop_fence(lab, client):
+    """A frozen host (every PostgreSQL process SIGSTOPped; its worker alive): the stop fence's
+    pg_ctl stop is never acted on. The fence kills it instead of waiting out its 120 s timeout
+    (the bench's frozen-host failover took 148 s before), holds it as a standby of nothing, and
+    the RPO says the kill leaves it unproven."""
+    from activities.postgres.ctl import alive
+    from lab.processes import children
+
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    postmaster = lab.postgres(a).pid
+    frozen = [postmaster, *children(postmaster)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                                 trigger="alert", reason="primary host hung"))
+        # Well inside the stop fence's 120 s timeout: only the kill can have ended the fence.
+        result = await asyncio.wait_for(handle.result(), 100)
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    try:
+        assert result.outcome in ("succeeded", "degraded"), result
+        assert result.source_fenced == "stop"
+        assert any("killed" in (s.detail or "") for s in result.steps), [(s.name, s.detail) for s in result.steps]
+        assert not alive(postmaster)
+        # The kill ends its WAL anywhere after its last checkpoint: the loss is what its own WAL
+        # shows once read to the end (its worker does that), never the checkpoint's figure.
+        basis = result.rpo.wal_basis
+        assert "own WAL read to its end" in basis or (
+            result.rpo.lost_wal_bytes is None and "was killed when it did not stop" in basis), result.rpo
+        assert pg_status(lab.cfg.region(b).postgres).role == "primary"
+        # Held: a restart brings it up as a standby of nothing, not as a second primary.
+        lab.postgres(a).start()
+        st = pg_status(lab.cfg.region(a).postgres)
+        assert st.role == "standby" and st.upstream is None
+    finally:
+        lab.rebuild_standby(a)
+        lab.wait_replication()
+
+
 async def test_control_worker_killed_during_promotion(lab, client):
     b, a = _names(lab)  # switchover from the primary B to A
     timeline_before = pg_status(lab.cfg.region(a).postgres).timeline

@@ -41,6 +41,11 @@ with workflow.unsafe.imports_passed_through():
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, invalid, validated
 
+# The old primary's stop fence kills a server still up this long after the stop request: one
+# hung on its host (frozen, stuck in I/O) never acts on it, and waiting for a graceful exit held
+# the failover for the fence's whole 120 s timeout while its worker, alive, kept the fence.
+KILL_AFTER_S = 10.0
+
 
 @workflow.defn
 class FailoverWorkflow(Runbook):
@@ -129,7 +134,8 @@ class FailoverWorkflow(Runbook):
                     if isinstance(outcome, BaseException):
                         raise outcome
                 pg_fence, r_fence, scaled = fences
-                fenced = pg_fence.method or "unfenced"
+                fenced = (pg_fence.method or "unfenced") + (" (killed: it did not act on the stop request)"
+                                                            if pg_fence.killed else "")
                 st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
             wait_for = topo.self_fence_wait_seconds
@@ -251,8 +257,8 @@ class FailoverWorkflow(Runbook):
         if source_queue:
             try:
                 fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
-                    region=source, epoch=self.epoch, method="stop"), queue=source_queue, timeout=120,
-                    schedule_to_start=5, attempts=1)
+                    region=source, epoch=self.epoch, method="stop", kill_after_seconds=KILL_AFTER_S),
+                    queue=source_queue, timeout=120, schedule_to_start=5, attempts=1)
                 # Its worker answered: it reaches Temporal, so it will never fence itself (see
                 # _await_self_fence); what it could not fence is a server hung on its own host.
                 self.source_worker_answered = True
@@ -282,10 +288,12 @@ class FailoverWorkflow(Runbook):
             self._details(f"wait for {source} to fence itself")
             try:
                 fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
-                    region=source, epoch=self.epoch, method="stop"), queue=sq, timeout=120,
+                    region=source, epoch=self.epoch, method="stop", kill_after_seconds=KILL_AFTER_S), queue=sq,
+                    timeout=120,
                     schedule_to_start=wait_for, attempts=1, summary=f"stop fence, if {source}'s worker comes back")
                 if fence.method:
-                    st.detail = f"its worker came back and fenced it: {fence.method}"
+                    st.detail = f"its worker came back and fenced it: {fence.method}" + (
+                        " (killed: it did not act on the stop request)" if fence.killed else "")
                     return fence
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):
@@ -501,9 +509,11 @@ def wal_rpo(rpo: Rpo, lost, fence: PgFence, replay_lsn: str | None) -> None:
         rpo.lost_wal_bytes = max(0, lsn_diff(fence.last_lsn, replay_lsn) or 0)
         rpo.wal_basis = "old primary's shutdown checkpoint - promoted standby's replay LSN"
     else:
-        rpo.wal_basis = ("unknown: the old primary " + ("crashed before it was stopped, so its last checkpoint is "
-                         "not the end of its WAL" if fence.method == "stop" else "was unreachable") +
-                         "; failback measures the loss from its WAL")
+        why = "was unreachable"
+        if fence.method == "stop":
+            why = ("was killed when it did not stop" if fence.killed else "crashed before it was stopped") + \
+                ", so its last checkpoint is not the end of its WAL"
+        rpo.wal_basis = f"unknown: the old primary {why}; failback measures the loss from its WAL"
 
 
 def verdict(met: bool | None) -> str:

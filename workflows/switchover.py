@@ -91,12 +91,16 @@ class SwitchoverWorkflow(Runbook):
                 fence_asked = workflow.patched("switchover-undo-fence-in-flight")
                 # drain_archive_seconds: a fast shutdown waits for every segment the archiver has
                 # not pushed yet; pushing them first, while clients still write, keeps that out
-                # of the write outage (fence.drain_archive). The activity's input only: the
-                # command sequence is unchanged.
+                # of the write outage (fence.drain_archive). at_checkpoint: the segment the
+                # shutdown itself closes is pushed after its checkpoint, and nothing until the
+                # old primary's rejoin needs it gone, so the fence returns at the checkpoint and
+                # that push overlaps the promotion (the rejoin waits for the exit). The
+                # activity's input only: the command sequence is unchanged.
                 stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
-                    region=source, epoch=self.epoch, method="stop", drain_archive_seconds=10), queue=sq, timeout=180,
-                    heartbeat=10)
+                    region=source, epoch=self.epoch, method="stop", drain_archive_seconds=10, at_checkpoint=True),
+                    queue=sq, timeout=180, heartbeat=10)
                 st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}" + (
+                    "; still exiting (archiving the segment the shutdown closed)" if stopped.exiting else "") + (
                     " (" + ", ".join(f"{k} {v:.3f} s" for k, v in stopped.phases.items()) + ")" if stopped.phases else "")
 
             promotion_started = workflow.now()

@@ -54,6 +54,12 @@ class FenceRequest(BaseModel):
     # "stop" only: let the archiver push its backlog for up to this long first, while clients
     # still write (a planned switchover). 0 (failover, older histories): fence at once.
     drain_archive_seconds: float = 0
+    # "stop" only: return at the shutdown checkpoint, while the postmaster may still be exiting
+    # (fence.fence_stop). For a switchover, whose next steps need only the standby.
+    at_checkpoint: bool = False
+    # "stop" only: SIGKILL a server still up this long after the stop request (fence.fence_stop).
+    # A failover's: None waits for a graceful exit up to the stop timeout.
+    kill_after_seconds: float | None = None
 
 
 class ReplayRequest(BaseModel):
@@ -151,7 +157,8 @@ class PostgresActivities:
         # loses the completion) costs the whole start-to-close timeout before the retry.
         with heartbeating(2.0):
             if req.method == "stop":
-                return fence_stop(pg, drain_archive_s=req.drain_archive_seconds)
+                return fence_stop(pg, drain_archive_s=req.drain_archive_seconds, at_checkpoint=req.at_checkpoint,
+                                  kill_after=req.kill_after_seconds)
             return fence_read_only(pg)
 
     def _refuse_stale_unfence(self, req: UnfenceRequest) -> None:

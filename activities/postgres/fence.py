@@ -61,6 +61,11 @@ class PgFence(BaseModel):
     # stop: seconds per phase (drain, read_only, stop, controldata, hold), for the runbook's
     # report and the switchover's write-gap breakdown.
     phases: dict[str, float] = {}
+    # stop with at_checkpoint: the postmaster was still exiting (its archiver pushing the segment
+    # the shutdown closed) when the fence returned, past its last WAL record.
+    exiting: bool = False
+    # stop with kill_after: it did not stop in time and was SIGKILLed (hung on its host).
+    killed: bool = False
 
 
 def _libraries(value: str | None) -> list[str]:
@@ -186,10 +191,16 @@ _RECOVERY_NOWHERE = ("# eagle-dr fence: this old primary must not take writes; i
                      "primary_conninfo = ''\nprimary_slot_name = ''\nrestore_command = ''\n")
 
 
-def hold_as_standby(ctl: PgCtl) -> bool:
+def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
     """Make a stopped server start as a read-only standby of nothing. Returns False when it
-    already starts as a standby that eagle-dr did not fence (a real standby: left alone)."""
-    if ctl.running():
+    already starts as a standby that eagle-dr did not fence (a real standby: left alone).
+    ``before_stop``: the server is running and about to be stopped by the caller. A running
+    server reads standby.signal only at its next start, and the recovery settings only take
+    effect in recovery, so they change nothing until then; a crash in between restarts it
+    held, which is what the stop is for."""
+    if not before_stop and ctl.running() and ctl.shut_down() is None:
+        # A postmaster past its shutdown checkpoint (stop_to_checkpoint) reads none of these
+        # files again; anything earlier could still be running as the primary it is.
         raise RuntimeError("hold_as_standby needs the server stopped")
     signal, auto, marker = (ctl.data_dir / n for n in ("standby.signal", "postgresql.auto.conf", FENCE_MARKER))
     if marker.exists():
@@ -241,12 +252,22 @@ def _checkpoint(cfg: PostgresConfig) -> None:
         log.warning("pre-stop checkpoint skipped", error=_error(e))
 
 
-def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float = 0) -> PgFence:
+def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float = 0,
+               at_checkpoint: bool = False, kill_after: float | None = None) -> PgFence:
     """Read-only first (so nothing commits while we stop), stop, then hold it as a standby of
     nothing so a restart cannot make it writable; idempotent, also when already down.
     ``drain_archive_s``: first let the archiver catch up for up to that long, and checkpoint, so
     neither is paid inside the write outage (a planned switchover; never a failover, where the
-    fence must not wait)."""
+    fence must not wait).
+    ``at_checkpoint``: return once the shutdown checkpoint is written, while the postmaster may
+    still be exiting (``PgCtl.stop_to_checkpoint``; ``exiting`` in the result). For a caller
+    whose next steps touch only the standby; a later step that needs the old primary gone
+    (restart, rewind, start as a standby) waits for the exit through ``PgCtl.stop``.
+    ``kill_after``: a server still up that long after the stop request is SIGKILLed (a
+    failover: the old primary is being replaced, and one hung on its host, e.g. frozen or
+    stuck in I/O, never acts on the request, which held the failover for the whole stop
+    timeout). When even its own host's connection timed out, it is hung: 2 s at most. The
+    WAL it had flushed survives the kill; clean_shutdown is then False (RPO not proven)."""
     ctl = PgCtl(cfg)
     ro = None
     phases: dict[str, float] = {}
@@ -258,7 +279,11 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
         phases[name] = round(now - t, 4)
         t = now
 
-    if ctl.running():
+    exiting, data, killed = False, None, False
+    if ctl.running() and (data := ctl.shut_down()) is not None:
+        # A retry after an at_checkpoint return: already past its last record, still exiting.
+        exiting = True
+    elif ctl.running():
         if drain_archive_s > 0:
             drain_archive(cfg, drain_archive_s)
             lap("drain")
@@ -267,19 +292,33 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
             # clients still write, leaves it only what they dirty in the next moments.
             _checkpoint(cfg)
             lap("checkpoint")
+        if at_checkpoint:
+            # Held before the fence, while clients still write: its durable file writes (six
+            # fsyncs) stay out of the write outage.
+            hold_as_standby(ctl, before_stop=True)
+            lap("hold")
         ro = fence_read_only(cfg, timeout)
         lap("read_only")
-        ctl.stop("fast")
-        lap("stop")
-    # Read before anything else starts it: "shut down" proves the checkpoint is its last record.
-    data = ctl.controldata()
-    lap("controldata")
-    hold_as_standby(ctl)
-    lap("hold")
+        if at_checkpoint:
+            data = ctl.stop_to_checkpoint("fast")
+            exiting = data is not None
+        else:
+            if kill_after is not None and not ro.reachable and not ro.refused:
+                kill_after = min(kill_after, 2.0)
+            killed = ctl.stop("fast", kill_after=kill_after)
+        lap("killed" if killed else "stop")
+    if data is None:
+        # Read before anything else starts it: "shut down" proves the checkpoint is its last record.
+        data = ctl.controldata()
+        lap("controldata")
+    if "hold" not in phases:
+        hold_as_standby(ctl)
+        lap("hold")
     return PgFence(reachable=True, method="stop",
                    last_lsn=data.get("Latest checkpoint location") or (ro.last_lsn if ro else None),
                    timeline=int(data.get("Latest checkpoint's TimeLineID", "0") or 0),
-                   clean_shutdown=data.get("Database cluster state") == "shut down", phases=phases)
+                   clean_shutdown=data.get("Database cluster state") == "shut down", phases=phases,
+                   exiting=exiting, killed=killed)
 
 
 def lift_stop_fence(cfg: PostgresConfig) -> bool:
