@@ -350,6 +350,43 @@ def test_applying_twice_changes_nothing(db, table):
     assert audit(db, table) == audit_rows
 
 
+def test_two_attempts_of_one_run_at_once_audit_each_key_once(db, pg):
+    """An activity retried while its first attempt still runs (a missed heartbeat): the second
+    waits on the table lock, then finds every key audited and writes nothing. A first run
+    inserts its audit plainly, which is only safe because nothing else can audit that table
+    meanwhile."""
+    import threading
+
+    table = "alerts"
+    survivor, loser, deleted = scenario_inputs(table)
+    seed(db, table, survivor)
+    with pg.connect(row_factory=dict_row) as first, pg.connect(row_factory=dict_row) as second:
+        with first.transaction():
+            one = apply_resolutions(first, table, TABLES[table], loser, deleted, LOSER, SURVIVOR, PRIORITY, FORK,
+                                    NOW, "wf-retry", "run-1")
+            out: dict = {}
+            t = threading.Thread(target=lambda: out.update(two=apply_resolutions(
+                second, table, TABLES[table], loser, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW,
+                "wf-retry", "run-1")))
+            t.start()
+            # Until the first commits, the second waits for it (on its locks), then sees its rows.
+            pid = second.info.backend_pid
+            with pg.connect() as watch:
+                deadline = 100
+                while not watch.execute("select count(*) from pg_locks where not granted and pid = %s",
+                                        (pid,)).fetchone()[0]:
+                    deadline -= 1
+                    assert deadline, "the second attempt never waited for the table lock"
+                    threading.Event().wait(0.05)
+        t.join(60)
+        assert not t.is_alive()
+    assert one.audit_rows == len(loser) + len(deleted)
+    assert out["two"].audit_rows == 0 and (out["two"].inserted, out["two"].updated) == (0, 0)
+    n = db.execute("select count(*) as n, count(distinct primary_key) as keys from eagle_dr.conflict_audit "
+                   "where workflow_id = 'wf-retry'").fetchone()
+    assert n["n"] == n["keys"] == one.audit_rows
+
+
 def test_runs_inside_the_callers_transaction_and_restores_triggers(db):
     seed(db, "alerts", [row("alerts", 1, at(-60), 0)])
     with db.transaction():
