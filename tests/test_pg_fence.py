@@ -207,12 +207,41 @@ def test_a_stop_fence_at_the_checkpoint_returns_while_the_archiver_still_pushes(
         st = pg_status(n.cfg)
         assert st.role == "standby" and st.upstream is None
         assert lift_stop_fence(n.cfg)
+        # Lifting the stop fence restarts it a primary that is still read-only fenced (the
+        # hold was taken before the read-only fence, and lifting it must not drop that one):
+        # `eagle-dr unfence` checks the epoch before anything can write.
+        assert pg_status(n.cfg).role == "primary"
+        assert _try_write(n, "superuser", BYPASSES[0], 6003) is not None
         unfence(n.cfg)
         assert pg_status(n.cfg).role == "primary"
         assert _try_write(n, "superuser", BYPASSES[0], 6002) is None
         with psycopg.connect(n.cfg.dsn(), autocommit=True) as conn:
             assert conn.execute("show work_mem").fetchone()[0] == "7MB"
         assert not (n.data_dir / "standby.signal").exists()
+
+
+def test_a_server_starting_after_a_clean_stop_is_not_taken_for_one_exiting(node):
+    """pg_control keeps "shut down" from a clean stop until the next start's startup ends: only
+    the postmaster's own "stopping" status (postmaster.pid, line 8) tells a shutdown past its
+    checkpoint from a start that has not finished. Read with the node's real pg_control."""
+    import os
+
+    ctl = node.ctl
+    ctl.stop("fast")
+    pidfile = node.data_dir / "postmaster.pid"
+    try:
+        # A live pid (this test's), as a postmaster's would be while it starts.
+        for status, exiting in (("starting", False), ("ready", False), ("stopping", True)):
+            pidfile.write_text(f"{os.getpid()}\n{node.data_dir}\n0\n{node.cfg.port}\n/tmp\n*\n0 0\n{status}\n")
+            assert ctl.running()
+            assert (ctl.exiting() is not None) is exiting, status
+        # The same "stopping" with pg_control from before a stop that found it in production:
+        # an unchanged checkpoint is not the shutdown's.
+        was = {**ctl.controldata(), "Database cluster state": "in production"}
+        assert ctl.exiting(was) is None
+    finally:
+        pidfile.unlink(missing_ok=True)
+        ctl.start()
 
 
 def drain_archive_until_empty(cfg) -> bool:

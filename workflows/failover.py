@@ -134,7 +134,7 @@ class FailoverWorkflow(Runbook):
                     if isinstance(outcome, BaseException):
                         raise outcome
                 pg_fence, r_fence, scaled = fences
-                fenced = (pg_fence.method or "unfenced") + (" (killed: it did not act on the stop request)"
+                fenced = (pg_fence.method or "unfenced") + (" (killed: still up after the stop request)"
                                                             if pg_fence.killed else "")
                 st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
@@ -293,7 +293,7 @@ class FailoverWorkflow(Runbook):
                     schedule_to_start=wait_for, attempts=1, summary=f"stop fence, if {source}'s worker comes back")
                 if fence.method:
                     st.detail = f"its worker came back and fenced it: {fence.method}" + (
-                        " (killed: it did not act on the stop request)" if fence.killed else "")
+                        " (killed: still up after the stop request)" if fence.killed else "")
                     return fence
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):

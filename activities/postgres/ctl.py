@@ -169,7 +169,8 @@ class PgCtl:
             time.sleep(0.005)
         return False
 
-    def stop_to_checkpoint(self, mode: str = "fast", timeout: int = 120) -> dict[str, str] | None:
+    def stop_to_checkpoint(self, mode: str = "fast", timeout: int = 120,
+                           was: dict[str, str] | None = None) -> dict[str, str] | None:
         """Ask for a stop and return once the shutdown checkpoint is written, not once the
         postmaster has exited: pg_control's fields as read then, or None when it had exited.
 
@@ -180,7 +181,10 @@ class PgCtl:
         nothing may insert WAL again in this postmaster's life, so that checkpoint is the last
         record it writes; what callers read next (controldata) is as final as after the exit.
         The rest of the shutdown (the archiver's push, the walsenders' last sends) goes on
-        alone; ``stop`` waits for it where a step needs the server gone."""
+        alone; ``stop`` waits for it where a step needs the server gone.
+
+        ``was``: pg_control as read before the request. When it said "in production", only a
+        checkpoint other than that one's is the shutdown's (see ``exiting``)."""
         pid = self.pid
         if not alive(pid):
             return None
@@ -189,7 +193,7 @@ class PgCtl:
             raise PgCtlError(f"pg_ctl stop failed: {r.stderr.strip()}")
         deadline = time.monotonic() + timeout
         while alive(pid):
-            if (data := self.shut_down()) is not None:
+            if (data := self.exiting(was)) is not None:
                 return data if alive(pid) else None
             if time.monotonic() > deadline:
                 raise PgCtlError(f"pg_ctl stop -m {mode}: the server (pid {pid}) wrote no shutdown checkpoint "
@@ -197,15 +201,33 @@ class PgCtl:
             time.sleep(0.005)
         return None
 
-    def shut_down(self) -> dict[str, str] | None:
-        """pg_control's fields when it says "shut down" (its shutdown checkpoint written), else
-        None. Read with the CRC checked: pg_controldata warns about a torn read of a file being
-        rewritten, which is then read again rather than believed."""
-        r = self.run([self.tool("pg_controldata"), "-D", str(self.data_dir)])
-        if r.returncode != 0 or "WARNING" in r.stdout or "WARNING" in r.stderr:
+    def pm_status(self) -> str | None:
+        """The postmaster's own status line in postmaster.pid: starting, stopping, ready, standby."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().split("\n")
+        except OSError:
             return None
-        data = _fields(r.stdout)
-        return data if data.get("Database cluster state") == "shut down" else None
+        return lines[7].strip() if len(lines) > 7 else None
+
+    def exiting(self, was: dict[str, str] | None = None) -> dict[str, str] | None:
+        """pg_control's fields when the running postmaster is past its shutdown checkpoint, else
+        None. Both must hold: its status line says "stopping" (a stop was asked for), and
+        pg_control says "shut down". pg_control alone is not enough: a server *starting* after a
+        clean stop keeps the old "shut down" until its startup ends, and it was read as exiting
+        (a fence that fenced nothing). A server stopped while still starting never took a write,
+        so the old checkpoint is then still its last record. ``was`` (read before the stop was
+        asked for) saying "in production": the checkpoint must also be a new one. Read with the
+        CRC checked: pg_controldata warns about a torn read of a file being rewritten, which is
+        then read again rather than believed."""
+        if self.pm_status() != "stopping":
+            return None
+        data = self.controldata(check=False)
+        if data is None or data.get("Database cluster state") != "shut down":
+            return None
+        if was is not None and was.get("Database cluster state") == "in production" and \
+                data.get("Latest checkpoint location") == was.get("Latest checkpoint location"):
+            return None
+        return data
 
     def children(self) -> list[int]:
         """The postmaster's child processes (its backends and auxiliary processes)."""
@@ -239,8 +261,12 @@ class PgCtl:
                 raise PgCtlError(f"processes {victims} still alive {timeout:.0f}s after SIGKILL")
             time.sleep(0.05)
 
-    def controldata(self) -> dict[str, str]:
-        r = self.run([self.tool("pg_controldata"), "-D", str(self.data_dir)], check=True)
+    def controldata(self, check: bool = True) -> dict[str, str] | None:
+        """pg_control's fields (English labels: LC_ALL=C). ``check`` False: None for a read that
+        failed or that pg_controldata flags as torn (CRC mismatch) instead of raising."""
+        r = self.run([self.tool("pg_controldata"), "-D", str(self.data_dir)], check=check, env={"LC_ALL": "C"})
+        if not check and (r.returncode != 0 or "WARNING" in r.stdout or "WARNING" in r.stderr):
+            return None
         return _fields(r.stdout)
 
     @property

@@ -198,7 +198,7 @@ def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
     server reads standby.signal only at its next start, and the recovery settings only take
     effect in recovery, so they change nothing until then; a crash in between restarts it
     held, which is what the stop is for."""
-    if not before_stop and ctl.running() and ctl.shut_down() is None:
+    if not before_stop and ctl.running() and ctl.exiting() is None:
         # A postmaster past its shutdown checkpoint (stop_to_checkpoint) reads none of these
         # files again; anything earlier could still be running as the primary it is.
         raise RuntimeError("hold_as_standby needs the server stopped")
@@ -279,8 +279,8 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
         phases[name] = round(now - t, 4)
         t = now
 
-    exiting, data, killed = False, None, False
-    if ctl.running() and (data := ctl.shut_down()) is not None:
+    exiting, data, killed, was = False, None, False, None
+    if ctl.running() and (data := ctl.exiting()) is not None:
         # A retry after an at_checkpoint return: already past its last record, still exiting.
         exiting = True
     elif ctl.running():
@@ -292,15 +292,17 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
             # clients still write, leaves it only what they dirty in the next moments.
             _checkpoint(cfg)
             lap("checkpoint")
-        if at_checkpoint:
-            # Held before the fence, while clients still write: its durable file writes (six
-            # fsyncs) stay out of the write outage.
+        if at_checkpoint or kill_after is not None:
+            # Held before the stop: a restart by a supervisor after the kill (or after a stop
+            # that ends in uninterruptible I/O, where the kill waits) comes up held, and for a
+            # switchover its durable file writes (six fsyncs) stay out of the write outage.
+            was = ctl.controldata(check=False)
             hold_as_standby(ctl, before_stop=True)
             lap("hold")
         ro = fence_read_only(cfg, timeout)
         lap("read_only")
         if at_checkpoint:
-            data = ctl.stop_to_checkpoint("fast")
+            data = ctl.stop_to_checkpoint("fast", was=was)
             exiting = data is not None
         else:
             if kill_after is not None and not ro.reachable and not ro.refused:
@@ -321,6 +323,28 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
                    exiting=exiting, killed=killed)
 
 
+_RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command")
+
+
+def _setting_name(line: str) -> str | None:
+    head, eq, _ = line.partition("=")
+    name = head.strip()
+    return name if eq and name and not name.startswith("#") else None
+
+
+def _without_hold(current: str, original: str) -> str:
+    """postgresql.auto.conf as it is now, minus what ``hold_as_standby`` added: its recovery
+    settings go back to the original's (or away), its comment goes. Whatever else changed since
+    the hold stays, above all a read-only fence taken after it (the switchover holds first):
+    restoring the snapshot would drop that fence, and ``eagle-dr unfence`` relies on the server
+    starting read-only so it can check the epoch before anything writes."""
+    comment = _RECOVERY_NOWHERE.splitlines()[0]
+    kept = [line for line in current.splitlines()
+            if line.strip() != comment and _setting_name(line) not in _RECOVERY_KEYS]
+    kept += [line for line in original.splitlines() if _setting_name(line) in _RECOVERY_KEYS]
+    return "\n".join(kept) + "\n" if kept else ""
+
+
 def lift_stop_fence(cfg: PostgresConfig) -> bool:
     """Undo ``hold_as_standby`` (the server must be stopped) and start the server again.
     Returns whether a stop fence was found."""
@@ -331,7 +355,8 @@ def lift_stop_fence(cfg: PostgresConfig) -> bool:
         return False
     ctl.stop("fast")
     saved = json.loads(marker.read_text())
-    ctl.write_file(ctl.data_dir / "postgresql.auto.conf", saved["auto_conf"])
+    auto = ctl.data_dir / "postgresql.auto.conf"
+    ctl.write_file(auto, _without_hold(auto.read_text() if auto.exists() else "", saved["auto_conf"]))
     if saved.get("created_standby_signal"):
         (ctl.data_dir / "standby.signal").unlink(missing_ok=True)
     marker.unlink()
