@@ -89,6 +89,11 @@ async def _fork(lab, client, old_writes) -> tuple[str, str]:
     dies, failover; then the old primary comes back writable and diverged."""
     old = _primary(lab)
     new = lab.cfg.other(old).name
+    # A snapshot of the running transactions (logged at every checkpoint, and every 15 s of
+    # activity) before the fork, which failback's WAL reading needs to read only the divergence:
+    # a primary promoted by the test before may have none on its timeline yet, and failback then
+    # rightly reads every table in full (CI saw that once as a flaky read_mode "full").
+    _exec(lab, old, "checkpoint")
     await _until(_async(lambda: _lag_bytes(lab, old) == 0), 30, "the standby to catch up")
     receiver = _aux_pid(lab, new, b"walreceiver")
     os.kill(receiver, signal.SIGSTOP)
