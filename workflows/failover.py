@@ -134,8 +134,7 @@ class FailoverWorkflow(Runbook):
                     if isinstance(outcome, BaseException):
                         raise outcome
                 pg_fence, r_fence, scaled = fences
-                fenced = (pg_fence.method or "unfenced") + (" (killed: still up after the stop request)"
-                                                            if pg_fence.killed else "")
+                fenced = (pg_fence.method or "unfenced") + _killed(pg_fence)
                 st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
             wait_for = topo.self_fence_wait_seconds
@@ -292,8 +291,7 @@ class FailoverWorkflow(Runbook):
                     timeout=120,
                     schedule_to_start=wait_for, attempts=1, summary=f"stop fence, if {source}'s worker comes back")
                 if fence.method:
-                    st.detail = f"its worker came back and fenced it: {fence.method}" + (
-                        " (killed: still up after the stop request)" if fence.killed else "")
+                    st.detail = f"its worker came back and fenced it: {fence.method}" + _killed(fence)
                     return fence
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):
@@ -514,6 +512,10 @@ def wal_rpo(rpo: Rpo, lost, fence: PgFence, replay_lsn: str | None) -> None:
             why = ("was killed when it did not stop" if fence.killed else "crashed before it was stopped") + \
                 ", so its last checkpoint is not the end of its WAL"
         rpo.wal_basis = f"unknown: the old primary {why}; failback measures the loss from its WAL"
+
+
+def _killed(fence: PgFence) -> str:
+    return " (killed: still up after the stop request)" if fence.killed else ""
 
 
 def verdict(met: bool | None) -> str:

@@ -281,21 +281,7 @@ def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run
     and ON CONFLICT's speculative insertion per row (about half of the audit's time at 200k
     keys) only matter when some keys are audited already, and none can be audited meanwhile:
     every audit row of ``table`` is written under its SHARE ROW EXCLUSIVE lock, held here."""
-    if not _audited_before(cur, table, workflow_id, run_id):
-        cur.execute(sql.SQL("""
-            insert into eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key, strategy, conflict,
-                survivor_version, loser_version, result, versions_elided, action, winner_region, approved_by, reason)
-            select {wf}, {run}, {table}, _e_pk, {strategy}, _e_conflict,
-                   case when not _e_elided then _e_s_json end, case when not _e_elided then _e_l_json end,
-                   case when _e_r_present then {result} end, _e_elided,
-                   _e_action, _e_winner, {approved_by}, _e_reason
-            from (select r.*, _e_one_sided and not (_e_conflict or _e_action in ('flag', 'merge', 'delete'))
-                         as _e_elided from {resolved} r) r
-        """).format(wf=sql.Literal(workflow_id), run=sql.Literal(run_id), table=sql.Literal(table),
-                    strategy=sql.Literal(strategy), result=result_json,
-                    approved_by=sql.Literal(approved_by), resolved=_RESOLVED_TMP))
-        return cur.rowcount
-    cur.execute(sql.SQL("""
+    insert = """
         insert into eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key, strategy, conflict,
             survivor_version, loser_version, result, versions_elided, action, winner_region, approved_by, reason)
         select {wf}, {run}, {table}, _e_pk, {strategy}, _e_conflict,
@@ -304,15 +290,19 @@ def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run
                _e_action, _e_winner, {approved_by}, _e_reason
         from (select r.*, _e_one_sided and not (_e_conflict or _e_action in ('flag', 'merge', 'delete')) as _e_elided
               from {resolved} r) r
+    """
+    if _audited_before(cur, table, workflow_id, run_id):
+        insert += """
         -- An anti-join first: a re-run finds every key audited, and a speculative insert
         -- per row is far slower than one hash join. ON CONFLICT still guards concurrent runs.
         where not exists (select 1 from eagle_dr.conflict_audit a
                           where a.workflow_id = {wf} and a.run_id = {run} and a.table_name = {table}
                             and a.primary_key = r._e_pk)
         on conflict (workflow_id, run_id, table_name, primary_key) do nothing
-    """).format(wf=sql.Literal(workflow_id), run=sql.Literal(run_id), table=sql.Literal(table),
-                strategy=sql.Literal(strategy), result=result_json,
-                approved_by=sql.Literal(approved_by), resolved=_RESOLVED_TMP))
+    """
+    cur.execute(sql.SQL(insert).format(wf=sql.Literal(workflow_id), run=sql.Literal(run_id), table=sql.Literal(table),
+                              strategy=sql.Literal(strategy), result=result_json,
+                              approved_by=sql.Literal(approved_by), resolved=_RESOLVED_TMP))
     return cur.rowcount
 
 

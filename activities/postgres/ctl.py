@@ -144,21 +144,28 @@ class PgCtl:
         self.start(timeout, extra="-c listen_addresses='' -c default_transaction_read_only=on "
                                   "-c session_preload_libraries=''")
 
+    def _request_stop(self, mode: str) -> int | None:
+        """Send the stop signal and return the postmaster's pid to wait on (None: not running).
+        "-W": pg_ctl only sends the signal; callers wait themselves. pg_ctl's own wait polls the
+        pid file every 100 ms (WAITS_PER_SEC 10), which alone is a third of a switchover's
+        write-gap budget; the callers poll every 5 ms."""
+        pid = self.pid
+        if not alive(pid):
+            return None
+        r = self.run([self.tool("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-W", "stop"], timeout=30)
+        if r.returncode != 0 and alive(pid) and self.pid == pid:
+            raise PgCtlError(f"pg_ctl stop failed: {r.stderr.strip()}")
+        return pid
+
     def stop(self, mode: str = "fast", timeout: int = 120, kill_after: float | None = None) -> bool:
         """Stop and wait for the exit. ``kill_after``: a server not gone by then is SIGKILLed
         with its children (a hung or frozen host never acts on pg_ctl's signal). Returns
         whether it had to be killed."""
-        pid = self.pid
-        if not alive(pid):
+        pid = self._request_stop(mode)
+        if pid is None:
             return False
-        # "-W": pg_ctl only sends the signal; we wait ourselves. pg_ctl's own wait polls the
-        # pid file every 100 ms (WAITS_PER_SEC 10), which alone is a third of a switchover's
-        # write-gap budget. Polling the postmaster every 5 ms ends the wait as soon as it exits;
-        # the postmaster exits only after the checkpointer wrote the shutdown checkpoint, so
-        # what callers read next (pg_controldata) is as final as after "-w".
-        r = self.run([self.tool("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-W", "stop"], timeout=30)
-        if r.returncode != 0 and alive(pid) and self.pid == pid:
-            raise PgCtlError(f"pg_ctl stop failed: {r.stderr.strip()}")
+        # The postmaster exits only after the checkpointer wrote the shutdown checkpoint, so
+        # what callers read next (pg_controldata) is as final as after "pg_ctl -w".
         deadline = time.monotonic() + (timeout if kill_after is None else min(timeout, kill_after))
         while alive(pid):
             if time.monotonic() > deadline:
@@ -185,12 +192,9 @@ class PgCtl:
 
         ``was``: pg_control as read before the request. When it said "in production", only a
         checkpoint other than that one's is the shutdown's (see ``exiting``)."""
-        pid = self.pid
-        if not alive(pid):
+        pid = self._request_stop(mode)
+        if pid is None:
             return None
-        r = self.run([self.tool("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-W", "stop"], timeout=30)
-        if r.returncode != 0 and alive(pid) and self.pid == pid:
-            raise PgCtlError(f"pg_ctl stop failed: {r.stderr.strip()}")
         deadline = time.monotonic() + timeout
         while alive(pid):
             if (data := self.exiting(was)) is not None:
