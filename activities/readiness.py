@@ -19,6 +19,8 @@ The checks, one each (region: the one it concerns):
   re-attach needs a new base backup;
 - ``rewind_safety`` per node: ``wal_log_hints`` or data checksums (pg_rewind refuses a node
   with neither, and failback rewinds the old primary);
+- ``unlogged`` on the primary: unlogged tables and sequences, which no move or backup carries
+  (warn: a failover empties them);
 - ``wal_headroom`` on the primary: free space on the pg_wal filesystem against what it may
   still have to hold (max_wal_size, and the WAL the archive guard lets pile up for a dead
   bucket before pgBackRest drops it: ``backup.archive_queue_limit``);
@@ -41,6 +43,7 @@ from pydantic import BaseModel, Field, computed_field
 from temporalio import activity
 
 from activities.postgres.status import PgStatus, connect, pg_status
+from activities.postgres.unlogged import describe, unlogged_relations
 from activities.redis.status import sentinel_view
 from eagle_dr import metrics
 from eagle_dr.config import EagleConfig, RegionConfig, scrub
@@ -235,6 +238,28 @@ def wal_dir(region: RegionConfig) -> Path | None:
         return wal if wal.exists() else data
     except PermissionError:  # a 0700 data directory of another user: its filesystem is the same
         return data
+
+
+def check_unlogged(primary: RegionConfig, timeout: float) -> ReadinessCheck:
+    """Unlogged tables and sequences on the primary: no standby or backup has their rows, so
+    any failover or switchover empties them. A warning, not a failure: a cache may be unlogged
+    on purpose, but then someone should have said so."""
+    c = ReadinessCheck(name="unlogged", region=primary.name, state="ok")
+    try:
+        with connect(primary.postgres, timeout) as conn:
+            conn.execute(f"set statement_timeout = {int(timeout * 1000)}")
+            rels = unlogged_relations(conn, sizes=True)
+    except Exception as e:  # noqa: BLE001 - a node down cannot be assessed
+        c.state, c.reason = "unknown", f"cannot read its catalog: {_why(e)}"
+        return c
+    c.value = float(sum(u.bytes or 0 for u in rels))
+    if rels:
+        c.state, c.reason = "warn", (f"{len(rels)} unlogged relation(s), never replicated or backed up: "
+                                     f"{describe(rels)}; a failover or switchover empties them "
+                                     "(ALTER TABLE ... SET LOGGED to carry them)")
+    else:
+        c.reason = "no unlogged tables or sequences"
+    return c
 
 
 def check_wal_headroom(cfg: EagleConfig, primary: RegionConfig, timeout: float) -> ReadinessCheck:
@@ -437,7 +462,8 @@ def assess(cfg: EagleConfig, primary_name: str, workers: dict[str, bool | None] 
     standby = cfg.other(primary_name)
     ps, ss = pg_status(primary.postgres, timeout), pg_status(standby.postgres, timeout)
     checks = [check_standby(standby, ss), check_lag(cfg, standby, ps, ss), check_slot(primary, standby, timeout),
-              *(check_rewind_safety(r, timeout) for r in cfg.regions), check_wal_headroom(cfg, primary, timeout),
+              *(check_rewind_safety(r, timeout) for r in cfg.regions), check_unlogged(primary, timeout),
+              check_wal_headroom(cfg, primary, timeout),
               check_sentinels(cfg, timeout), check_dns(cfg, primary), check_backup_age(cfg, primary),
               check_backup_path(cfg, primary, timeout), check_encryption(cfg)]
     if workers is not None:

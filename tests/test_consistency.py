@@ -266,6 +266,29 @@ async def test_a_keyless_table_in_every_user_table_is_named_not_compared_and_deg
         _exec(lab, primary, "drop table cc_keyless")
 
 
+async def test_an_unlogged_table_is_named_not_compared_and_refused_when_named(lab, client, tables):
+    """An unlogged table has rows on the primary and none on the standby (never in WAL): a
+    check must neither report it consistent nor count its rows as differences. Every-table
+    checks name it not compared; naming it is an input error."""
+    primary = tables
+    _exec(lab, primary, "create unlogged table if not exists cc_scratch (k int primary key)",
+          "insert into cc_scratch select generate_series(1, 50) on conflict do nothing")
+    try:
+        await _caught_up(lab, primary)
+        res = await _run(client, lab, redis=False)
+        assert "public.cc_scratch" in res.not_compared, res
+        assert all(t.table != "public.cc_scratch" for t in res.tables) and res.differences == 0, res
+        assert res.outcome == "degraded" and any("NOT COMPARED (unlogged" in d and "public.cc_scratch" in d
+                                                 for d in res.degraded), res
+        with pytest.raises(WorkflowFailureError) as e:
+            await _run(client, lab, redis=False, tables=["cc_items", "cc_scratch"])
+        cause = e.value.cause
+        assert isinstance(cause, ApplicationError) and cause.type == "InvalidInput", cause
+        assert cause.details[0]["field"] == "tables.1" and "unlogged" in str(cause), cause
+    finally:
+        _exec(lab, primary, "drop table cc_scratch")
+
+
 @pytest.mark.parametrize("inp,field", [
     ({"tables": ["no_such_table"]}, "tables.0"),
     ({"regions": ["region-a", "region-a"]}, "regions"),

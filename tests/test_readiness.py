@@ -22,7 +22,7 @@ import psycopg
 import yaml
 
 from activities.dns import Route53Failover
-from activities.readiness import assess, check_dns, check_lag, check_wal_headroom, check_workers
+from activities.readiness import assess, check_dns, check_lag, check_unlogged, check_wal_headroom, check_workers
 from activities.postgres.status import pg_status
 from eagle_dr.config import load_config
 from eagle_dr.status import WorkerView, _alive
@@ -30,7 +30,7 @@ from tests.lab_helpers import _async, _aux_pid, _primary, _scrape, _until, _valu
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 
 HEALTHY = {"standby", "replication_lag", "replication_slot", "rewind_safety", "wal_headroom", "sentinel_quorum",
-           "workers", "backup_path"}
+           "workers", "backup_path", "unlogged"}
 
 
 def _states(report) -> dict[str, str]:
@@ -251,3 +251,35 @@ def test_encryption_warns_for_each_link_not_encrypted_and_verified(lab_cfg):
     c = check_encryption(weaker)
     assert c.state == "warn" and c.value == 2, c
     assert f"{a.name} PostgreSQL sslmode=require" in c.reason and f"{b.name} Redis without TLS" in c.reason, c
+
+
+async def test_unlogged_relations_warn_largest_first_until_set_logged(lab):
+    """An unlogged table is never in WAL: the standby has none of its rows, so the next move
+    empties it. The check warns naming the largest first, and is ok again once the table is
+    SET LOGGED and the sequence dropped."""
+    a = _primary(lab)
+    primary = lab.cfg.region(a)
+    with psycopg.connect(primary.postgres.dsn(), autocommit=True) as conn:
+        conn.execute("create unlogged table readiness_cache_small (k int primary key)")
+        conn.execute("create unlogged table readiness_cache_big as "
+                     "select g as k, repeat('x', 200) as pad from generate_series(1, 5000) g")
+        conn.execute("create unlogged sequence readiness_ids")
+        try:
+            c = await _async(lambda: check_unlogged(primary, 3))()
+            assert c.state == "warn" and c.region == a, c
+            assert "3 unlogged relation(s)" in c.reason and "SET LOGGED" in c.reason, c
+            big, small = c.reason.index("public.readiness_cache_big"), c.reason.index("public.readiness_cache_small")
+            assert big < small and "public.readiness_ids (sequence)" in c.reason, c
+            assert c.value > 1 << 20, c  # 5000 rows of 200 bytes: the main fork's size
+            conn.execute("alter table readiness_cache_big set logged")
+            conn.execute("drop table readiness_cache_small")
+            conn.execute("drop sequence readiness_ids")
+            c = await _async(lambda: check_unlogged(primary, 3))()
+            assert c.state == "ok" and c.value == 0, c
+        finally:
+            conn.execute("drop table if exists readiness_cache_big, readiness_cache_small")
+            conn.execute("drop sequence if exists readiness_ids")
+    # A node that does not answer is unknown, never ok.
+    down = primary.model_copy(update={"postgres": primary.postgres.model_copy(update={"port": 1})})
+    c = await _async(lambda: check_unlogged(down, 1))()
+    assert c.state == "unknown" and "cannot read its catalog" in c.reason, c

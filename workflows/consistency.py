@@ -104,8 +104,8 @@ class ConsistencyResult(BaseModel):
     run_row: int | None = None  # eagle_dr.consistency_runs.id
     degraded: list[str] = []
     outcome: str
-    # Tables left out because they have no primary key (none named): said, never reported as
-    # consistent.
+    # Tables left out because they have no primary key or are unlogged (none named): said,
+    # never reported as consistent.
     not_compared: list[str] = []
 
 
@@ -174,13 +174,20 @@ class ConsistencyCheckWorkflow(Runbook):
                     d = cause.details[0]
                     raise invalid(d["field"], d["reason"]) from None
                 raise
-            skipped = [t.qualified for t in tables if not t.key]
-            tables = [t for t in tables if t.key]
-            if skipped and not inp.skip_tables_without_key:
-                self.degraded.append(f"NOT COMPARED (no primary key, rows cannot be matched): {', '.join(skipped)}; "
+            keyless = [t.qualified for t in tables if not t.key and not t.unlogged]
+            unlogged = [t.qualified for t in tables if t.unlogged]
+            skipped = keyless + unlogged
+            tables = [t for t in tables if t.key and not t.unlogged]
+            if keyless and not inp.skip_tables_without_key:
+                self.degraded.append(f"NOT COMPARED (no primary key, rows cannot be matched): {', '.join(keyless)}; "
                                      "add a key, or list the tables to check in consistency.tables")
+            if unlogged and not inp.skip_tables_without_key:
+                self.degraded.append(f"NOT COMPARED (unlogged, never replicated: {b} cannot have their rows, and a "
+                                     f"failover empties them): {', '.join(unlogged)}; ALTER TABLE ... SET LOGGED "
+                                     "to carry them")
             rec.detail = (", ".join(t.qualified for t in tables) or "no user tables") + \
-                (f"; NOT COMPARED (no primary key): {', '.join(skipped)}" if skipped else "")
+                (f"; NOT COMPARED (no primary key): {', '.join(keyless)}" if keyless else "") + \
+                (f"; NOT COMPARED (unlogged): {', '.join(unlogged)}" if unlogged else "")
 
         results: list[TableResult] = []
         for t in tables:

@@ -8,11 +8,12 @@ from psycopg import sql
 
 from eagle_dr.config import TableName
 
-# Every permanent user table, partitions as leaves (a partitioned parent's rows are its
-# partitions'), unlogged ones left out (not in WAL: a standby never has their rows).
+# Every user table, partitions as leaves (a partitioned parent's rows are its partitions').
+# Unlogged ones come back marked: they are never compared (not in WAL: a standby or a restore
+# never has their rows), and the check says so rather than leaving them out unsaid.
 _USER_TABLES = """
-select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
-where c.relkind = 'r' and c.relpersistence = 'p'
+select n.nspname, c.relname, c.relpersistence = 'u' from pg_class c join pg_namespace n on n.oid = c.relnamespace
+where c.relkind = 'r' and c.relpersistence in ('p', 'u')
   and n.nspname not in ('pg_catalog', 'information_schema', 'eagle_dr') and n.nspname not like 'pg\\_%'
 order by 1, 2"""
 
@@ -38,6 +39,8 @@ class Table(BaseModel):
     name: str
     key: list[str]
     key_types: list[str]
+    # Unlogged: listed, never compared (the other side cannot have its rows).
+    unlogged: bool = False
 
     @property
     def qualified(self) -> str:
@@ -48,14 +51,18 @@ class Table(BaseModel):
         return sql.Identifier(self.schema_name, self.name)
 
 
-def _resolve(conn: psycopg.Connection, text: str, field: str) -> tuple[str, str]:
+def _resolve(conn: psycopg.Connection, text: str, field: str) -> tuple[str, str, bool]:
     t = TableName.parse(text)
-    row = conn.execute("select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+    row = conn.execute("select n.nspname, c.relname, c.relpersistence = 'u' from pg_class c join pg_namespace n on n.oid = c.relnamespace "
                        "where c.relkind in ('r', 'p') and c.relname = %s and "
                        "(n.nspname = %s or (%s::text is null and n.oid = any(current_schemas(false)::regnamespace[])))",
                        (t.name, t.schema_name, t.schema_name)).fetchone()
     if row is None:
         raise TableError(field, f"unknown table {text!r}")
+    if row[2]:
+        raise TableError(field, f"table {row[0]}.{row[1]} is unlogged: PostgreSQL never writes it to WAL, so no "
+                                "standby or restored copy has its rows and a comparison would report every row "
+                                "(ALTER TABLE ... SET LOGGED to replicate it, or leave it out of consistency.tables)")
     return row[0], row[1]
 
 
@@ -70,7 +77,10 @@ def list_tables(conn: psycopg.Connection, asked: list[str], field: str = "tables
         names = [tuple(r) for r in conn.execute(_USER_TABLES).fetchall()]
         fields = [field] * len(names)
     out = []
-    for (schema, name), fld in zip(names, fields):
+    for (schema, name, unlogged), fld in zip(names, fields):
+        if unlogged:  # only with none named: a named one was refused above
+            out.append(Table(schema_name=schema, name=name, key=[], key_types=[], unlogged=True))
+            continue
         key = conn.execute(_KEY, (sql.Identifier(schema, name).as_string(conn),)).fetchall()
         if not key and skip_without_key:
             out.append(Table(schema_name=schema, name=name, key=[], key_types=[]))  # said, not compared

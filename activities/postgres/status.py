@@ -11,6 +11,7 @@ from datetime import datetime
 import psycopg
 from pydantic import BaseModel
 
+from activities.postgres.unlogged import Unlogged, unlogged_relations
 from eagle_dr.config import PostgresConfig, scrub
 
 
@@ -45,6 +46,9 @@ class PgStatus(BaseModel):
     # primary side: its standbys
     replicas: list[ReplicaLink] = []
     read_only: bool | None = None
+    # Unlogged tables and sequences (activities/postgres/unlogged.py), read only when asked
+    # (pg_status(catalog=True)): no move carries their contents. None: not read.
+    unlogged: list[Unlogged] | None = None
 
 
 # A read-only fence (activities/postgres/fence.py) names this non-existent library in
@@ -98,7 +102,16 @@ select pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text,
 """
 
 
-def pg_status(cfg: PostgresConfig, timeout: float = 3.0) -> PgStatus:
+def _unlogged(conn: psycopg.Connection, primary: bool) -> list[Unlogged] | None:
+    # Informational: a catalog read that fails must not turn a reachable node into an
+    # unreachable one.
+    try:
+        return unlogged_relations(conn, sizes=primary)
+    except psycopg.Error:
+        return None
+
+
+def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False) -> PgStatus:
     try:
         with connect(cfg, timeout) as conn:
             conn.execute(f"set statement_timeout = {int(timeout * 1000)}")
@@ -110,10 +123,12 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0) -> PgStatus:
                                 lag_bytes=r[5], replay_lag_seconds=r[6], slot_name=r[7])
                     for r in conn.execute(_REPLICAS_SQL).fetchall()
                 ]
-                return PgStatus(reachable=True, role="primary", timeline=tli, lsn=lsn, replicas=replicas, read_only=ro)
+                return PgStatus(reachable=True, role="primary", timeline=tli, lsn=lsn, replicas=replicas, read_only=ro,
+                                unlogged=_unlogged(conn, True) if catalog else None)
             replay, receive, delay, status, rtli, upstream, ctli, end, end_at = conn.execute(_STANDBY_SQL).fetchone()
             return PgStatus(reachable=True, role="standby", timeline=rtli or ctli, lsn=replay, receive_lsn=receive,
                             upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True,
-                            sender_end_lsn=end, sender_end_at=end_at)
+                            sender_end_lsn=end, sender_end_at=end_at,
+                            unlogged=_unlogged(conn, False) if catalog else None)
     except psycopg.Error as e:
         return PgStatus(reachable=False, error=scrub(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__)

@@ -1,0 +1,52 @@
+"""Unlogged tables and sequences: the relations no move carries.
+
+PostgreSQL never writes an unlogged relation to WAL. A standby, a restored backup and a
+promoted node hold only its empty init fork, and an unlogged sequence on the new primary
+starts again from its start value (it hands out keys that were handed out before). So every
+failover and switchover loses their contents, whatever the RPO of the logged data, and a
+consistency check cannot compare them. eagle-dr cannot carry them; it can say so: the
+readiness check warns while any exist, the runbooks name them in their RPO, and the
+consistency check lists them as not compared.
+
+The catalog is replicated, so a standby knows their names; only a primary (or a node that
+ran as one) has their data, so only there is a size read.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from pydantic import BaseModel
+
+# Tables and sequences (partitions as leaves; a partitioned parent has no storage of its own).
+# The size is the main fork's: on a standby the file is absent or empty and reading it is
+# pointless, so the caller asks for sizes only on a primary.
+_UNLOGGED = """
+select n.nspname || '.' || c.relname, case c.relkind when 'S' then 'sequence' else 'table' end,
+       case when %(sizes)s and c.relkind = 'r' then pg_relation_size(c.oid) end
+from pg_class c join pg_namespace n on n.oid = c.relnamespace
+where c.relpersistence = 'u' and c.relkind in ('r', 'S')
+  and n.nspname not in ('pg_catalog', 'information_schema', 'eagle_dr') and n.nspname not like 'pg\\_%%'
+order by 3 desc nulls last, 1"""
+
+
+class Unlogged(BaseModel):
+    name: str  # schema.relation
+    kind: str  # "table" | "sequence"
+    # Bytes of data a move would lose (main fork, on the primary); None where not read.
+    bytes: int | None = None
+
+
+def unlogged_relations(conn: psycopg.Connection, sizes: bool) -> list[Unlogged]:
+    """The database's unlogged tables and sequences, largest first when ``sizes``."""
+    return [Unlogged(name=r[0], kind=r[1], bytes=r[2])
+            for r in conn.execute(_UNLOGGED, {"sizes": sizes}).fetchall()]
+
+
+def describe(rels: list[Unlogged], most: int = 5) -> str:
+    """'public.cache (12.0 MiB), public.seq_x (sequence), and 3 more'."""
+    def one(u: Unlogged) -> str:
+        if u.kind == "sequence":
+            return f"{u.name} (sequence)"
+        return f"{u.name} ({u.bytes / 1048576:.1f} MiB)" if u.bytes is not None else u.name
+    head = ", ".join(one(u) for u in rels[:most])
+    return head + (f", and {len(rels) - most} more" if len(rels) > most else "")
