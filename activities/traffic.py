@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.kubernetes import KubernetesCluster, ResourceMissing, StaleEpochError
 from activities.postgres.status import connect
+from activities.postgres.unlogged import unreadable_sequences
 from activities.redis.status import client as redis_client
 from activities.routing import LabRouter, StaleEpoch
 from eagle_dr.config import EagleConfig, scrub
@@ -63,6 +64,9 @@ class Verification(BaseModel):
     postgres_write_ms: float | None = None
     redis_roundtrip_ms: float | None = None
     error: str | None = None
+    # Unlogged sequences the promoted primary cannot read (activities/postgres/unlogged.py):
+    # nextval() on them fails until repaired. "name: error" each.
+    broken_sequences: list[str] = []
 
 
 class TrafficActivities:
@@ -213,7 +217,8 @@ class TrafficActivities:
                              "at timestamptz default clock_timestamp())")
                 conn.execute("insert into eagle_dr.verify_probe (id, region) values (%s, %s)", (probe, region))
                 got = conn.execute("select region from eagle_dr.verify_probe where id = %s", (probe,)).fetchone()
-            pg_ms = (time.monotonic() - t0) * 1000
+                pg_ms = (time.monotonic() - t0) * 1000
+                broken = unreadable_sequences(conn)
             if not got or got[0] != region:
                 return Verification(region=region, ok=False, error="probe row not read back")
             t1 = time.monotonic()
@@ -222,6 +227,6 @@ class TrafficActivities:
             if rc.get(f"eagle-dr:{probe}") != region:
                 return Verification(region=region, ok=False, error="redis probe not read back")
             return Verification(region=region, ok=True, postgres_write_ms=pg_ms,
-                                redis_roundtrip_ms=(time.monotonic() - t1) * 1000)
+                                redis_roundtrip_ms=(time.monotonic() - t1) * 1000, broken_sequences=broken)
         except (psycopg.Error, redis.RedisError, OSError) as e:
             return Verification(region=region, ok=False, error=scrub(str(e).strip())[:300])

@@ -57,7 +57,7 @@ def _methods(obj, *names: str) -> list:
 def _postgres(cfg: EagleConfig) -> list:
     return _methods(PostgresActivities(cfg), "postgres_status", "read_epoch", "fence_postgres", "unfence_postgres",
                     "promote_postgres", "record_epoch", "wait_replayed", "rejoin_as_standby",
-                    "abort_promotion", "lift_postgres_stop_fence")
+                    "abort_promotion", "lift_postgres_stop_fence", "flush_init_forks")
 
 
 def regional_activities(cfg: EagleConfig) -> list:

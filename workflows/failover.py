@@ -32,6 +32,8 @@ with workflow.unsafe.imports_passed_through():
         PromoteRequest, UnfenceRequest
     from activities.postgres.fence import PgFence
     from activities.postgres.promote import Promotion, PromotionAbort
+    from activities.postgres.status import PgStatus
+    from activities.postgres.unlogged import describe
     from activities.postgres.lsn import lsn_diff
     from activities.redis import failover as redis_failover
     from activities.redis.activities import RedisActivities, RedisRegionRequest
@@ -220,6 +222,7 @@ class FailoverWorkflow(Runbook):
                         notes.append(f"{source}'s own WAL could not be read ({e.cause or e}): the loss is measured at "
                                      "failback")
                 wal_rpo(rpo, lost, pg_fence, promotion.replay_lsn)
+                not_carried(rpo, notes, target, source_pg, t_health.postgres)
                 if inp.measure_client_impact:
                     await self.measure_clients(rto, rpo, target, previous, outage_since=detected_at)
                 finish_measurement(rto, rpo, verified=verification.ok)
@@ -512,6 +515,20 @@ def wal_rpo(rpo: Rpo, lost, fence: PgFence, replay_lsn: str | None) -> None:
             why = ("was killed when it did not stop" if fence.killed else "crashed before it was stopped") + \
                 ", so its last checkpoint is not the end of its WAL"
         rpo.wal_basis = f"unknown: the old primary {why}; failback measures the loss from its WAL"
+
+
+def not_carried(rpo: Rpo, notes: list[str], target: str, *seen: PgStatus | None) -> None:
+    """Name the unlogged tables and sequences the move did not carry (never in WAL: the new
+    primary starts with them empty). ``seen``: the old primary's preflight status first (it
+    has their sizes), then the target's (a standby knows only their names)."""
+    rels = next((s.unlogged for s in seen if s is not None and s.unlogged is not None), None)
+    if not rels:
+        return
+    rpo.not_replicated = [u.name for u in rels]
+    sizes = [u.bytes for u in rels if u.kind == "table"]
+    rpo.not_replicated_bytes = sum(sizes) if all(b is not None for b in sizes) else None
+    notes.append(f"NOT CARRIED to {target}: unlogged {describe(rels)} (sizes at preflight). PostgreSQL never "
+                 f"writes unlogged relations to WAL, so {target} has them empty and their sequences start again")
 
 
 def _killed(fence: PgFence) -> str:

@@ -145,6 +145,12 @@ class Rpo(BaseModel):
     loss_window_s: float | None = None
     target_s: float | None = None
     met: bool | None = None
+    # Unlogged tables and sequences (schema.name): PostgreSQL never writes them to WAL, so the
+    # new primary has none of their rows and restarts their sequences. Lost by design of the
+    # relation, outside the WAL figures above; named so that the loss is never silent.
+    not_replicated: list[str] = []
+    # Their tables' size on the old primary at preflight; None when it could not be read.
+    not_replicated_bytes: int | None = None
 
 
 class Progress(BaseModel):

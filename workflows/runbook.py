@@ -431,6 +431,15 @@ class Runbook:
             st.detail = "write + read OK" if verification.ok else f"FAILED: {verification.error}"
             if not verification.ok:
                 st.status = "failed"
+            if verification.broken_sequences:
+                st.detail += f"; {len(verification.broken_sequences)} unlogged sequence(s) UNREADABLE"
+                self.degrade(f"reading unlogged sequence(s) on {target} after promotion ("
+                             + "; ".join(verification.broken_sequences[:5]) + ")",
+                             "PostgreSQL 15 promoted them from an init fork its replay had not written to disk, "
+                             "so nextval() fails", f"restart {target}'s PostgreSQL through crash recovery (pg_ctl stop "
+                             "-m immediate, then start: the init forks are on disk now; it empties every unlogged "
+                             "table again) in a maintenance window, or recreate each sequence and re-attach the "
+                             "column defaults that use it")
         return verification
 
     async def postgres_statuses(self, topo: Topology, control: str) -> dict[str, PgStatus]:

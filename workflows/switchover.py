@@ -1,7 +1,8 @@
 """Planned switchover: move the primary to the other region with zero data loss.
 
  1. preflight: both regions healthy, the standby streaming and close behind;
- 2. next DR epoch; approval when the policy asks;
+ 2. next DR epoch; approval when the policy asks; with unlogged sequences, a restartpoint
+    on the standby (PostgreSQL 15 would promote a recent one unreadable);
  3. stop writes: fence the primary read-only, then stop it cleanly; its shutdown
     checkpoint is the last record it will ever write;
  4. wait until the standby has replayed past that checkpoint: every committed
@@ -31,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.activities import (
         EpochRequest,
         FenceRequest,
+        FlushInitForksRequest,
         PostgresActivities,
         PromoteRequest,
         RejoinRequest,
@@ -40,7 +42,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.lsn import lsn_diff
     from activities.redis.activities import RedisActivities, RedisMoveRequest, RedisRegionRequest
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
-    from workflows.failover import finish_measurement
+    from workflows.failover import finish_measurement, not_carried
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.plan import switchover_plan
     from workflows.runbook import Runbook
@@ -73,6 +75,7 @@ class SwitchoverWorkflow(Runbook):
                 raise ApplicationError(f"a planned switchover needs both regions' workers: {e.cause or e}",
                                        type="RegionUnhealthy", non_retryable=True) from None
             lag = check_preflight(inp, topo, source, target, s_health, t_health)
+            self._unlogged_seen = (s_health.postgres, t_health.postgres)
             st.detail = f"both healthy; lag {lag} bytes"
             lag_guard(inp, lag)
             self.plan_text = switchover_plan(inp.service, source, target, lag=lag,
@@ -87,6 +90,7 @@ class SwitchoverWorkflow(Runbook):
             previous = await self.take_epoch(source, sq)
             approval = await self.approval(inp.approval, f"switch {inp.service} over to {target}")
             decided_at = workflow.now()
+            await self._flush_init_forks(source, target, control, notes)
             async with self.step("stop writes on old primary") as st:
                 fence_asked = workflow.patched("switchover-undo-fence-in-flight")
                 # drain_archive_seconds: a fast shutdown waits for every segment the archiver has
@@ -123,6 +127,27 @@ class SwitchoverWorkflow(Runbook):
         return await self.no_return(self._promote_and_route(
             inp, topo, source, target, sq, tq, control, notes, previous, approval, started, decided_at,
             promotion_started, stopped), f"promotion of {target}")
+
+    async def _flush_init_forks(self, source: str, target: str, control: str, notes: list[str]) -> None:
+        """With unlogged sequences: a restartpoint on the target first, while clients still
+        write, or PostgreSQL 15 promotes a recently created one as a zero page and every
+        nextval() on it fails (activities/postgres/unlogged.py). Best effort: a failure is noted,
+        and the verify step still finds a broken sequence."""
+        seqs = sorted({u.name for st in self._unlogged_seen for u in (st.unlogged or []) if u.kind == "sequence"})
+        if not seqs or not workflow.patched("switchover-flush-init-forks"):
+            return
+        async with self.step("flush standby's unlogged init forks") as st:
+            try:
+                lsn = await self.act(PostgresActivities.flush_init_forks, FlushInitForksRequest(
+                    primary=source, standby=target, timeout_seconds=120), queue=control, timeout=180, heartbeat=15,
+                    attempts=2)
+                st.detail = f"restartpoint on {target} past {source}'s checkpoint at {lsn}, for " + ", ".join(seqs[:5])
+            except ActivityError as e:
+                if isinstance(e.cause, CancelledError):
+                    raise
+                st.status, st.detail = "failed", f"not flushed: {e.cause or e}"
+                notes.append(f"{target}'s unlogged sequences were not flushed before promotion ({e.cause or e}): "
+                             "the verify step says if any came up unreadable")
 
     async def _undo_stop(self, source: str, sq: str, stopped: bool) -> list[str]:
         """Before the point of no return only the old primary was touched: start it again as the
@@ -206,6 +231,7 @@ class SwitchoverWorkflow(Runbook):
                       "unknown: the old primary did not shut down cleanly (a crash while it was being stopped); "
                       "its WAL after the last checkpoint was not compared",
                       redis_offset_gap=redis_lost, target_s=topo.rpo_target_seconds)
+            not_carried(rpo, notes, target, *self._unlogged_seen)
             if inp.measure_client_impact:
                 notes += await self.measure_clients(rto, rpo, target, previous, outage_since=decided_at)
             finish_measurement(rto, rpo, verified=verification.ok)

@@ -22,6 +22,7 @@ from activities.postgres.fence import PgFence, fence_read_only, fence_stop, lift
 from activities.postgres.promote import Promotion, PromotionAbort, abort_promotion, promote
 from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot_in, wait_replayed_past
 from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
+from activities.postgres.unlogged import flush_init_forks
 from activities.postgres.wal import WalUnreadable, current_timeline
 from eagle_dr.config import EagleConfig
 
@@ -66,6 +67,12 @@ class ReplayRequest(BaseModel):
     region: str
     lsn: str
     timeout_seconds: float = 300
+
+
+class FlushInitForksRequest(BaseModel):
+    primary: str
+    standby: str
+    timeout_seconds: float = 120
 
 
 class LostWalRequest(BaseModel):
@@ -282,6 +289,14 @@ class PostgresActivities:
     @activity.defn
     def wait_replayed(self, req: ReplayRequest) -> Replayed:
         return wait_replayed_past(self._pg(req.region), req.lsn, req.timeout_seconds, heartbeat=_heartbeat)
+
+    @activity.defn
+    def flush_init_forks(self, req: FlushInitForksRequest) -> str:
+        """A restartpoint on the standby before a planned promotion, so that its unlogged
+        sequences come up readable (activities/postgres/unlogged.py)."""
+        with heartbeating():
+            return flush_init_forks(self._pg(req.primary), self._pg(req.standby), req.timeout_seconds,
+                                    heartbeat=_heartbeat)
 
     @activity.defn
     def rejoin_as_standby(self, req: RejoinRequest) -> Rejoined:
