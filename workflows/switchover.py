@@ -138,8 +138,10 @@ class SwitchoverWorkflow(Runbook):
             return
         async with self.step("flush standby's unlogged init forks") as st:
             try:
+                # The primary's CHECKPOINT is immediate (SQL has no spread one): on a busy
+                # primary an I/O burst, bounded here, and only when unlogged sequences exist.
                 lsn = await self.act(PostgresActivities.flush_init_forks, FlushInitForksRequest(
-                    primary=source, standby=target, timeout_seconds=120), queue=control, timeout=180, heartbeat=15,
+                    primary=source, standby=target, timeout_seconds=300), queue=control, timeout=600, heartbeat=15,
                     attempts=2)
                 st.detail = f"restartpoint on {target} past {source}'s checkpoint at {lsn}, for " + ", ".join(seqs[:5])
             except ActivityError as e:

@@ -28,7 +28,8 @@ select n.nspname || '.' || c.relname, case c.relkind when 'S' then 'sequence' el
 from pg_class c join pg_namespace n on n.oid = c.relnamespace
 where c.relpersistence = 'u' and c.relkind in ('r', 'S')
   and n.nspname not in ('pg_catalog', 'information_schema', 'eagle_dr') and n.nspname not like 'pg\\_%%'
-order by 3 desc nulls last, 1"""
+order by 3 desc nulls last, 1
+limit 500"""  # bounds a probe's result; a database with more has bigger problems than this list
 
 
 class Unlogged(BaseModel):
