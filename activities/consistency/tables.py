@@ -63,7 +63,7 @@ def _resolve(conn: psycopg.Connection, text: str, field: str) -> tuple[str, str,
         raise TableError(field, f"table {row[0]}.{row[1]} is unlogged: PostgreSQL never writes it to WAL, so no "
                                 "standby or restored copy has its rows and a comparison would report every row "
                                 "(ALTER TABLE ... SET LOGGED to replicate it, or leave it out of consistency.tables)")
-    return row[0], row[1]
+    return row[0], row[1], False
 
 
 def list_tables(conn: psycopg.Connection, asked: list[str], field: str = "tables",
