@@ -67,6 +67,29 @@ async def test_restore_drill_passes_on_a_healthy_lab_and_reports_rto_rpo(lab, cl
 
 
 @ASYNC
+async def test_restore_drill_names_unlogged_tables_as_not_restorable(lab, client):
+    """An unlogged table with rows is in no backup (never in WAL): the every-table drill must
+    not call the restore complete while leaving it out unsaid. It names it, is degraded, and
+    still checks every other table."""
+    with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("create unlogged table if not exists drill_cache (k int primary key)")
+        conn.execute("insert into drill_cache select generate_series(1, 100) on conflict do nothing")
+    try:
+        _probe_rows(lab, uuid.uuid4().hex, 50)
+        await _backup(lab, client, type="full")
+        res = await _drill(lab, client, {}, "restore_drill-unlogged")
+    finally:
+        with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
+            conn.execute("drop table if exists drill_cache")
+    assert res.not_restorable == ["public.drill_cache"], res
+    assert res.outcome == "degraded" and not res.problems, res
+    assert any("NOT RESTORABLE" in d and "public.drill_cache" in d for d in res.degraded), res.degraded
+    tables = {t.table: t for t in res.tables}
+    assert "public.drill_cache" not in tables and tables["public.drill_probe"].match, res.tables
+    _no_scratch_left(lab)
+
+
+@ASYNC
 async def test_restore_drill_fails_and_says_why_when_archiving_is_broken(lab, client):
     await _backup(lab, client, type="incr")
     dsn = lab.cfg.region(_primary(lab)).postgres.dsn()

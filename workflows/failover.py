@@ -527,8 +527,9 @@ def not_carried(rpo: Rpo, notes: list[str], target: str, *seen: PgStatus | None)
     rpo.not_replicated = [u.name for u in rels]
     sizes = [u.bytes for u in rels if u.kind == "table"]
     rpo.not_replicated_bytes = sum(sizes) if all(b is not None for b in sizes) else None
-    notes.append(f"NOT CARRIED to {target}: unlogged {describe(rels)} (sizes at preflight). PostgreSQL never "
-                 f"writes unlogged relations to WAL, so {target} has them empty and their sequences start again")
+    when = " (sizes at preflight)" if any(u.bytes for u in rels) else ""
+    notes.append(f"NOT CARRIED to {target}: unlogged {describe(rels)}{when}. PostgreSQL never writes unlogged "
+                 f"relations to WAL, so {target} has them empty and their sequences start again")
 
 
 def _killed(fence: PgFence) -> str:

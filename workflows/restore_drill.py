@@ -110,6 +110,8 @@ class RestoreDrillResult(BaseModel):
     rpo_seconds: float | None = None  # the backup RPO: the primary's clock minus newest_recoverable
     freshness: Freshness | None = None
     tables: list[TableCheck] = []
+    # Unlogged tables: in no backup (never in WAL), so never compared; named, and the drill degraded.
+    not_restorable: list[str] = []
     locked_ms: float | None = None
     problems: list[str] = []
     degraded: list[str] = []
@@ -194,6 +196,13 @@ class RestoreDrillWorkflow(Runbook):
             res.locked_ms = mark.locked_ms
             rec.detail = (f"restore point {mark.name} at {mark.lsn} ({_t(mark.at)}); {len(mark.tables)} tables, "
                           f"{sum(t.rows for t in mark.tables)} rows; writers held {mark.locked_ms:.0f} ms")
+            if mark.not_restorable:
+                res.not_restorable = mark.not_restorable
+                rec.detail += f"; NOT RESTORABLE (unlogged): {', '.join(mark.not_restorable[:10])}"
+                self.degraded.append(f"NOT RESTORABLE (unlogged, never in WAL: no backup has their rows): "
+                                     f"{', '.join(mark.not_restorable[:10])}"
+                                     + (f" and {len(mark.not_restorable) - 10} more" if len(mark.not_restorable) > 10
+                                        else "") + "; ALTER TABLE ... SET LOGGED to back them up")
 
         async with self.step(f"Wait for {mark.wal_file} to reach the archive") as rec:
             try:

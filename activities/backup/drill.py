@@ -39,6 +39,7 @@ from activities.backup.catalog import Catalog, read_catalog
 from activities.backup.pgbackrest import PgBackRestError, Stanza
 from activities.backup.restore import connect_scratch, scratch_config
 from activities.heartbeat import heartbeating
+from activities.postgres.unlogged import unlogged_relations
 from eagle_dr.config import EagleConfig, PostgresConfig
 
 # Row text depends on these session settings: both sides use the same.
@@ -50,7 +51,8 @@ _CHECKSUM = ("select count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 16))
              "from {} as t")
 
 # Every permanent user table: regular tables and partitions (leaves), never a partitioned parent
-# (its rows are its partitions'), never unlogged ones (not in WAL: empty in any restore).
+# (its rows are its partitions'), never unlogged ones (not in WAL: empty in any restore; the
+# mark names them as not restorable instead).
 _USER_TABLES = """
 select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
 where c.relkind = 'r' and c.relpersistence = 'p'
@@ -98,6 +100,8 @@ class Mark(BaseModel):
     snapshot: str  # pg_current_snapshot(), for the record
     locked_ms: float  # how long writers to the checked tables waited on the drill
     tables: list[TableSum]
+    # Unlogged tables (every-table mode): never in WAL, so no backup or restore has their rows.
+    not_restorable: list[str] = []
 
 
 class WaitArchivedRequest(BaseModel):
@@ -221,6 +225,8 @@ def mark_consistent_point(pg: PostgresConfig, req: MarkRequest) -> Mark:
     (see the module docstring for why the locks)."""
     with psycopg.connect(pg.dsn(), autocommit=True, connect_timeout=10) as conn:
         tables = resolve_tables(conn, req.tables, req.all_tables)
+        unlogged = [u.name for u in unlogged_relations(conn, sizes=False) if u.kind == "table"] \
+            if req.all_tables else []
     with psycopg.connect(pg.dsn(), connect_timeout=10) as locker, \
             psycopg.connect(pg.dsn(), connect_timeout=10) as reader:
         locker.isolation_level = reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -238,7 +244,8 @@ def mark_consistent_point(pg: PostgresConfig, req: MarkRequest) -> Mark:
         with heartbeating():
             sums = checksums(reader, tables)
         reader.commit()
-    return Mark(name=req.name, lsn=str(lsn), wal_file=wal, at=at, snapshot=snapshot, locked_ms=locked_ms, tables=sums)
+    return Mark(name=req.name, lsn=str(lsn), wal_file=wal, at=at, snapshot=snapshot, locked_ms=locked_ms, tables=sums,
+                not_restorable=sorted(set(unlogged) - set(tables)))
 
 
 def wait_archived(pg: PostgresConfig, region: str, wal_file: str, timeout: float, beat=lambda d: None) -> ArchiverState:
