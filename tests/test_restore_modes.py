@@ -24,7 +24,7 @@ from activities.backup.restore import RestoreError, RestoreTarget
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError
 from activities.postgres.status import pg_status
 from tests.histories import record
-from tests.lab_helpers import _primary, _until
+from tests.lab_helpers import _primary, _progress, _until
 from tests.test_restore import _archived_now, _async_true, _backup, _commit, _kept, _no_scratch_left, \
     _start_restore, _table
 from workflows.models import ApprovalDecision
@@ -451,3 +451,62 @@ async def test_verify_names_a_gap_in_the_archive_instead_of_streaming_over_it(la
     finally:
         s3.put_object(Bucket=bucket, Key=lost[0], Body=body)  # the archive whole again for later tests
 
+
+
+async def test_verify_finds_a_row_rotted_on_the_primarys_disk_since_the_backup(lab, client):
+    """What restore verify is for: a row changed on the primary's disk after the backup, by no
+    write (a bad disk or a bug; the lab runs without data checksums, so PostgreSQL does not
+    notice). The copy, built from the backup and the WAL, still has the row as it was written:
+    the check names exactly that key, the compare step fails, the run is degraded and says the
+    copy differs, and the copy is dropped. Nothing is repaired: which side is right is for a
+    human (restore mode recover-rows writes the copy's rows back)."""
+    primary = _primary(lab)
+    marker = f"kept-{uuid.uuid4().hex[:16]}"
+    rotten = "ROT-" + marker[4:]
+    with psycopg.connect(lab.cfg.region(primary).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("create table if not exists verify_rot (id bigint primary key, v text not null)")
+        conn.execute("truncate verify_rot")
+        conn.execute("insert into verify_rot select g, 'v' || g from generate_series(1, 300) g")
+        conn.execute("insert into verify_rot values (1000, %s)", (marker,))
+        # Frozen and checkpointed before the rot: no later hint-bit write logs the page again
+        # (wal_log_hints), which would carry the rotten row into the WAL and so into the copy.
+        conn.execute("vacuum (freeze) verify_rot")
+        conn.execute("checkpoint")
+        path = conn.execute("select pg_relation_filepath('verify_rot')").fetchone()[0]
+    try:
+        await _backup(lab, client, type="incr")
+        # A clean stop writes the page out; the restart replays nothing that touches it.
+        ctl = PgCtl(lab.cfg.region(primary).postgres)
+        ctl.stop("fast")
+        try:
+            page_file = ctl.data_dir / path
+            data = page_file.read_bytes()
+            assert data.count(marker.encode()) == 1
+            page_file.write_bytes(data.replace(marker.encode(), rotten.encode()))
+        finally:
+            ctl.start()
+        with psycopg.connect(lab.cfg.region(primary).postgres.dsn(), autocommit=True) as conn:
+            assert conn.execute("select v from verify_rot where id = 1000").fetchone()[0] == rotten
+        await _archived_now(lab)
+
+        handle = await _start_restore(lab, client, mode="verify", keep_minutes=0)
+        res = await handle.result()
+        chk = res.check
+        assert chk is not None and chk.follower and chk.differences == 1, chk
+        rot = {t.table: t for t in chk.tables}["public.verify_rot"]
+        assert rot.diff.updated == 1 and rot.diff.updated_keys == [["1000"]], rot.diff
+        assert rot.diff.inserted == rot.diff.deleted == 0 and rot.rows_a == rot.rows_b == 301, rot
+        # Only that key: every other table the same (the sample app writing on).
+        assert all(t.differences == 0 for t in chk.tables if t.table != "public.verify_rot"), chk.tables
+        assert res.outcome == "degraded" and any(d.startswith("the restored copy differs") for d in res.degraded), \
+            res.degraded
+        progress = await _progress(handle)
+        compare = next(s for s in progress.steps if s.name.startswith("Compare every table"))
+        assert compare.status == "failed" and compare.detail.startswith("1 differing keys"), compare
+        assert res.dropped
+        _no_scratch_left(lab)
+    finally:
+        with psycopg.connect(lab.cfg.region(primary).postgres.dsn(), autocommit=True) as conn:
+            conn.execute("drop table if exists verify_rot")
+        await _until(lambda: _async_true(pg_status(lab.cfg.region(lab.cfg.other(primary).name).postgres)
+                                         .receiver_status == "streaming"), 60, "the standby to stream again", 0.3)
