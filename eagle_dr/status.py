@@ -267,12 +267,26 @@ class TopologyStatus(BaseModel):
         writable = [r.name for r in self.regions if r.postgres.role == "primary" and not r.postgres.read_only]
         for r in self.regions:
             p, other = r.postgres, next((x.name for x in self.regions if x.name != r.name), "?")
+            # A hold on a running primary: only a run that ended between its hold and its stop
+            # leaves one; the next restart would come up read-only as a standby of nothing.
+            held = p.role == "primary" and p.hold == "eagle-dr"
+            local = (" --local on its host (lifts the hold in place, no restart)" if held else
+                     " (on its host add --local for a stopped one)")
             repair = (f"eagle-dr failback --region {r.name}" if other in writable else
-                      f"eagle-dr unfence --region {r.name} (on its host add --local for a stopped one)")
+                      f"eagle-dr unfence --region {r.name}{local}")
             if p.role == "primary" and p.read_only:
-                out.append(f"{r.name}: PostgreSQL is a fenced read-only primary and no runbook is running; "
-                           f"repair: {repair}")
-            elif p.role == "standby" and p.upstream is None and p.receiver_status is None:
+                out.append(f"{r.name}: PostgreSQL is a fenced read-only primary"
+                           + (" whose data directory also holds a stop fence's hold" if held else "")
+                           + f" and no runbook is running; repair: {repair}")
+            elif held:
+                out.append(f"{r.name}: PostgreSQL is a writable primary, but its data directory still holds a stop "
+                           f"fence's hold (standby.signal and eagle-dr's marker) and no runbook is running: its next "
+                           f"restart comes up as a read-only standby of nothing; repair: {repair}")
+            elif p.role == "primary" and p.hold == "standby.signal":
+                out.append(f"{r.name}: PostgreSQL is a writable primary, but its data directory has a standby.signal "
+                           f"that eagle-dr did not write: its next restart comes up as a standby; remove the file on "
+                           f"its host if it is to stay the primary")
+            if p.role == "standby" and p.upstream is None and p.receiver_status is None:
                 out.append(f"{r.name}: PostgreSQL is held as a standby of nothing (a stop fence) and no runbook is "
                            f"running; repair: {repair}")
             if r.redis.role == "master" and r.redis_fenced:
@@ -365,7 +379,7 @@ async def gather(cfg: EagleConfig, temporal_address: str | None = None) -> Topol
         # An unreadable secret is a finding here (the operator's host may lack it), not a crash;
         # the activities keep raising it, so a worker without it casts no vote instead of "down".
         rs = _unless_secret(lambda: redis_status(r.redis, 2), lambda e: RedisStatus(reachable=False, error=e))
-        ps = _unless_secret(lambda: pg_status(r.postgres, 2), lambda e: PgStatus(reachable=False, error=e))
+        ps = _unless_secret(lambda: pg_status(r.postgres, 2, files=True), lambda e: PgStatus(reachable=False, error=e))
         regions.append(RegionView(name=r.name, configured_role=r.role, postgres=ps, redis=rs,
                                   redis_fenced=rs.role == "master" and fenced(r.redis, 2),
                                   services=services_view(r.kubernetes) if cfg.routing.kubernetes else None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import psycopg
 
@@ -64,3 +65,49 @@ def test_unfence_refuses_a_region_a_newer_move_superseded(lab, lab_config_path):
     r = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
     assert collect(lab.cfg).leftovers == []
+
+
+def test_a_hold_left_on_a_running_primary_is_named_and_lifted_in_place(lab, lab_config_path):
+    """A switchover terminated between its hold and its stop (Terminate cannot be handled)
+    leaves a writable primary whose data directory says "standby" at the next start: nothing
+    shows it until a restart brings the primary up read-only. `eagle-dr status` names it, and
+    `eagle-dr unfence --local` lifts it in place: the same postmaster keeps serving (no
+    restart), and a restart afterwards comes up as the writable primary."""
+    from activities.postgres.ctl import FENCE_MARKER, PgCtl
+    from activities.postgres.fence import hold_as_standby
+    from activities.postgres.status import pg_status
+
+    a, _ = _names(lab)
+    pg = lab.cfg.region(a).postgres
+    ctl = PgCtl(pg)
+    assert pg_status(pg, files=True).hold == "none"
+    auto_before = (ctl.data_dir / "postgresql.auto.conf").read_text()
+    assert hold_as_standby(ctl, before_stop=True)  # what the switchover's hold step does
+    pid = ctl.pid
+    st = collect(lab.cfg)
+    assert st.move_running is False
+    assert next(r for r in st.regions if r.name == a).postgres.hold == "eagle-dr"
+    text = "\n".join(st.leftovers)
+    assert f"{a}: PostgreSQL is a writable primary, but its data directory still holds a stop fence's hold" in text, \
+        text
+    assert f"eagle-dr unfence --region {a} --local" in text, text
+
+    r = subprocess.run([sys.executable, "-m", "eagle_dr.cli", "--config", str(lab_config_path), "unfence",
+                        "--region", a, "--local"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert ctl.pid == pid  # lifted in place: no restart, no write outage
+    assert not (ctl.data_dir / "standby.signal").exists() and not (ctl.data_dir / FENCE_MARKER).exists()
+    assert (ctl.data_dir / "postgresql.auto.conf").read_text() == auto_before
+    assert collect(lab.cfg).leftovers == []
+    ctl.stop("fast")
+    ctl.start()
+    st = pg_status(pg, files=True)
+    assert st.role == "primary" and not st.read_only and st.hold == "none", st
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("create temp table writable_after_restart (x int)")
+    # The tests after this one expect a streaming standby.
+    standby = lab.cfg.region(lab.cfg.other(a).name).postgres
+    deadline = time.monotonic() + 60
+    while pg_status(standby).receiver_status != "streaming":
+        assert time.monotonic() < deadline, "the standby did not stream again after the primary's restart"
+        time.sleep(0.2)

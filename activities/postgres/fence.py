@@ -353,15 +353,30 @@ def lift_stop_fence(cfg: PostgresConfig) -> bool:
     if not marker.exists():
         ctl.start()
         return False
-    ctl.stop("fast")
+    # A running primary reads standby.signal and the recovery settings only at its next start:
+    # its hold (a switchover that ended between its hold and its stop) is lifted in place,
+    # without the write outage of a restart. Anything else (stopped, or running as the standby
+    # the hold made it) is stopped first: the files are its startup's.
+    in_place = ctl.running() and _running_primary(cfg)
+    if not in_place:
+        ctl.stop("fast")
     saved = json.loads(marker.read_text())
     auto = ctl.data_dir / "postgresql.auto.conf"
     ctl.write_file(auto, _without_hold(auto.read_text() if auto.exists() else "", saved["auto_conf"]))
     if saved.get("created_standby_signal"):
         (ctl.data_dir / "standby.signal").unlink(missing_ok=True)
     marker.unlink()
-    ctl.start()
+    if not in_place:
+        ctl.start()
     return True
+
+
+def _running_primary(cfg: PostgresConfig) -> bool:
+    try:
+        with connect(cfg, 3) as conn:
+            return not conn.execute("select pg_is_in_recovery()").fetchone()[0]
+    except psycopg.Error:
+        return False
 
 
 def _lift_read_only(conn: psycopg.Connection) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime
 import psycopg
 from pydantic import BaseModel
 
+from activities.postgres.ctl import FENCE_MARKER
 from activities.postgres.unlogged import Unlogged, unlogged_relations
 from eagle_dr.config import PostgresConfig, scrub
 
@@ -49,6 +50,13 @@ class PgStatus(BaseModel):
     # Unlogged tables and sequences (activities/postgres/unlogged.py), read only when asked
     # (pg_status(catalog=True)): no move carries their contents. None: not read.
     unlogged: list[Unlogged] | None = None
+    # primary side, read only when asked (pg_status(files=True)): what its data directory makes
+    # of its next start. "none"; "eagle-dr": a stop fence's hold (standby.signal and eagle-dr's
+    # marker), as a switchover terminated between its hold and its stop leaves it, so the next
+    # restart comes up as a read-only standby of nothing and nothing else says why;
+    # "standby.signal": such a file without eagle-dr's marker. None: not read (no privilege
+    # to stat files in the data directory, or not asked).
+    hold: str | None = None
 
 
 # A read-only fence (activities/postgres/fence.py) names this non-existent library in
@@ -111,7 +119,18 @@ def _unlogged(conn: psycopg.Connection, primary: bool) -> list[Unlogged] | None:
         return None
 
 
-def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False) -> PgStatus:
+def _hold(conn: psycopg.Connection) -> str | None:
+    try:
+        # (...).size, not the row: a row IS NOT NULL only when every field is, and Linux has
+        # no creation time.
+        signal, marker = conn.execute("select (pg_stat_file('standby.signal', true)).size is not null, "
+                                      "(pg_stat_file(%s, true)).size is not null", (FENCE_MARKER,)).fetchone()
+    except psycopg.Error:  # pg_stat_file needs superuser or an explicit grant: unknown, not "none"
+        return None
+    return "eagle-dr" if marker else "standby.signal" if signal else "none"
+
+
+def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False, files: bool = False) -> PgStatus:
     try:
         with connect(cfg, timeout) as conn:
             conn.execute(f"set statement_timeout = {int(timeout * 1000)}")
@@ -124,7 +143,8 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False) 
                     for r in conn.execute(_REPLICAS_SQL).fetchall()
                 ]
                 return PgStatus(reachable=True, role="primary", timeline=tli, lsn=lsn, replicas=replicas, read_only=ro,
-                                unlogged=_unlogged(conn, True) if catalog else None)
+                                unlogged=_unlogged(conn, True) if catalog else None,
+                                hold=_hold(conn) if files else None)
             replay, receive, delay, status, rtli, upstream, ctli, end, end_at = conn.execute(_STANDBY_SQL).fetchone()
             return PgStatus(reachable=True, role="standby", timeline=rtli or ctli, lsn=replay, receive_lsn=receive,
                             upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True,
