@@ -21,6 +21,11 @@ The checks, one each (region: the one it concerns):
   with neither, and failback rewinds the old primary);
 - ``unlogged`` on the primary: unlogged tables and sequences, which no move or backup carries
   (warn: a failover empties them);
+- ``next_start`` on the primary: what its data directory makes of its next start: a
+  ``standby.signal`` (a stop fence's hold left by a switchover that ended between its hold and
+  its stop, or anyone's) turns a crash restart or reboot of the primary into a read-only
+  standby, an outage nothing else predicts (warn once the hold is 2 minutes old: a running
+  switchover holds its source for seconds);
 - ``wal_headroom`` on the primary: free space on the pg_wal filesystem against what it may
   still have to hold (max_wal_size, and the WAL the archive guard lets pile up for a dead
   bucket before pgBackRest drops it: ``backup.archive_queue_limit``);
@@ -262,6 +267,36 @@ def check_unlogged(primary: RegionConfig, timeout: float) -> ReadinessCheck:
     return c
 
 
+# A hold younger than this on a running primary is taken for a running switchover's own.
+HOLD_GRACE_SECONDS = 120.0
+
+
+def check_next_start(primary: RegionConfig, ps: PgStatus) -> ReadinessCheck:
+    """The primary's data directory says 'standby' for its next start (``ps``: read with
+    ``files=True``)."""
+    c = ReadinessCheck(name="next_start", region=primary.name, state="ok")
+    if not ps.reachable or ps.role != "primary":
+        c.state, c.reason = "unknown", f"not a reachable primary ({ps.error or ps.role})"
+    elif ps.hold is None:
+        c.state, c.reason = "unknown", ("cannot stat files in its data directory (pg_stat_file needs superuser, or "
+                                        "EXECUTE on it granted to eagle-dr's role)")
+    elif ps.hold == "none":
+        c.reason = "no standby.signal: a restart comes up as the primary"
+    elif ps.hold == "eagle-dr" and (ps.hold_age_seconds or 0) < HOLD_GRACE_SECONDS:
+        # A switchover holds its source for the seconds between its hold and its stop: not a
+        # finding (a check landing there would page and recover within the minute).
+        c.reason = (f"a stop fence's hold {ps.hold_age_seconds or 0:.0f} s old (a switchover's own while it runs; "
+                    f"a warning if it is still there after {HOLD_GRACE_SECONDS:.0f} s)")
+    else:
+        whose = ("a stop fence's hold (standby.signal and eagle-dr's marker)" if ps.hold == "eagle-dr" else
+                 "a standby.signal eagle-dr did not write")
+        fix = (f"eagle-dr unfence --region {primary.name} --local on its host lifts it in place" if ps.hold == "eagle-dr"
+               else "remove the file on its host if it is to stay the primary")
+        c.state, c.reason = "warn", (f"its data directory has {whose}: a crash restart or reboot brings it up as a "
+                                     f"read-only standby of nothing (normal only while a switchover runs); {fix}")
+    return c
+
+
 def check_wal_headroom(cfg: EagleConfig, primary: RegionConfig, timeout: float) -> ReadinessCheck:
     """Only the primary's: its pg_wal is what fills when the standby's slot holds WAL or a
     bucket is down (the archive guard's case); a standby's only grows with its primary's."""
@@ -460,10 +495,10 @@ def assess(cfg: EagleConfig, primary_name: str, workers: dict[str, bool | None] 
     where status finds the writable one). ``workers=None`` leaves the workers check out."""
     primary = cfg.region(primary_name)
     standby = cfg.other(primary_name)
-    ps, ss = pg_status(primary.postgres, timeout), pg_status(standby.postgres, timeout)
+    ps, ss = pg_status(primary.postgres, timeout, files=True), pg_status(standby.postgres, timeout)
     checks = [check_standby(standby, ss), check_lag(cfg, standby, ps, ss), check_slot(primary, standby, timeout),
               *(check_rewind_safety(r, timeout) for r in cfg.regions), check_unlogged(primary, timeout),
-              check_wal_headroom(cfg, primary, timeout),
+              check_next_start(primary, ps), check_wal_headroom(cfg, primary, timeout),
               check_sentinels(cfg, timeout), check_dns(cfg, primary), check_backup_age(cfg, primary),
               check_backup_path(cfg, primary, timeout), check_encryption(cfg)]
     if workers is not None:

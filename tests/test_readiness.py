@@ -16,13 +16,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import psycopg
 import yaml
 
 from activities.dns import Route53Failover
-from activities.readiness import assess, check_dns, check_lag, check_unlogged, check_wal_headroom, check_workers
+from activities.readiness import assess, check_dns, check_lag, check_next_start, check_unlogged, check_wal_headroom, check_workers
 from activities.postgres.status import pg_status
 from eagle_dr.config import load_config
 from eagle_dr.status import WorkerView, _alive
@@ -30,7 +31,7 @@ from tests.lab_helpers import _async, _aux_pid, _primary, _scrape, _until, _valu
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 
 HEALTHY = {"standby", "replication_lag", "replication_slot", "rewind_safety", "wal_headroom", "sentinel_quorum",
-           "workers", "backup_path", "unlogged"}
+           "workers", "backup_path", "unlogged", "next_start"}
 
 
 def _states(report) -> dict[str, str]:
@@ -283,3 +284,38 @@ async def test_unlogged_relations_warn_largest_first_until_set_logged(lab):
     down = primary.model_copy(update={"postgres": primary.postgres.model_copy(update={"port": 1})})
     c = await _async(lambda: check_unlogged(down, 1))()
     assert c.state == "unknown" and "cannot read its catalog" in c.reason, c
+
+
+async def test_a_hold_on_the_running_primary_warns_until_lifted(lab):
+    """A switchover ended between its hold and its stop leaves standby.signal on a primary that
+    keeps serving: its next crash restart would come up read-only. The check warns with the
+    repair, and is ok once the hold is lifted (in place: the same postmaster)."""
+    from activities.postgres.ctl import FENCE_MARKER, PgCtl
+    from activities.postgres.fence import hold_as_standby, lift_stop_fence
+    from activities.readiness import HOLD_GRACE_SECONDS
+
+    a = _primary(lab)
+    primary = lab.cfg.region(a)
+    ctl = PgCtl(primary.postgres)
+    pid = ctl.pid
+    assert hold_as_standby(ctl, before_stop=True)
+    try:
+        st = await _async(lambda: pg_status(primary.postgres, 3, files=True))()
+        assert st.hold == "eagle-dr" and 0 <= st.hold_age_seconds < 60, st
+        # A fresh hold is a running switchover's own: no page for its few seconds.
+        c = check_next_start(primary, st)
+        assert c.state == "ok" and "a switchover's own" in c.reason, c
+        # Dated back past the grace, as one left by a run terminated minutes ago.
+        old = time.time() - HOLD_GRACE_SECONDS - 60
+        os.utime(ctl.data_dir / FENCE_MARKER, (old, old))
+        c = check_next_start(primary, await _async(lambda: pg_status(primary.postgres, 3, files=True))())
+        assert c.state == "warn" and c.region == a, c
+        assert "stop fence's hold" in c.reason and f"eagle-dr unfence --region {a} --local" in c.reason, c
+    finally:
+        assert await _async(lambda: lift_stop_fence(primary.postgres))()
+    assert ctl.pid == pid
+    c = check_next_start(primary, await _async(lambda: pg_status(primary.postgres, 3, files=True))())
+    assert c.state == "ok", c
+    # Without the file read (no privilege, or not asked) it is unknown, never ok.
+    c = check_next_start(primary, await _async(lambda: pg_status(primary.postgres, 3))())
+    assert c.state == "unknown" and "pg_stat_file" in c.reason, c

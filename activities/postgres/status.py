@@ -57,6 +57,7 @@ class PgStatus(BaseModel):
     # "standby.signal": such a file without eagle-dr's marker. None: not read (no privilege
     # to stat files in the data directory, or not asked).
     hold: str | None = None
+    hold_age_seconds: float | None = None  # since its file was written (a switchover's own is seconds old)
 
 
 # A read-only fence (activities/postgres/fence.py) names this non-existent library in
@@ -119,15 +120,21 @@ def _unlogged(conn: psycopg.Connection, primary: bool) -> list[Unlogged] | None:
         return None
 
 
-def _hold(conn: psycopg.Connection) -> str | None:
+def _hold(conn: psycopg.Connection) -> tuple[str | None, float | None]:
+    """(``hold``, its file's age in seconds): see PgStatus.hold."""
     try:
         # (...).size, not the row: a row IS NOT NULL only when every field is, and Linux has
         # no creation time.
-        signal, marker = conn.execute("select (pg_stat_file('standby.signal', true)).size is not null, "
-                                      "(pg_stat_file(%s, true)).size is not null", (FENCE_MARKER,)).fetchone()
+        signal, marker, signal_age, marker_age = conn.execute(
+            "select (s).size is not null, (m).size is not null, extract(epoch from now() - (s).modification), "
+            "extract(epoch from now() - (m).modification) "
+            "from (select pg_stat_file('standby.signal', true) as s, pg_stat_file(%s, true) as m) f",
+            (FENCE_MARKER,)).fetchone()
     except psycopg.Error:  # pg_stat_file needs superuser or an explicit grant: unknown, not "none"
-        return None
-    return "eagle-dr" if marker else "standby.signal" if signal else "none"
+        return None, None
+    if marker:
+        return "eagle-dr", float(marker_age)
+    return ("standby.signal", float(signal_age)) if signal else ("none", None)
 
 
 def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False, files: bool = False) -> PgStatus:
@@ -142,9 +149,10 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False, 
                                 lag_bytes=r[5], replay_lag_seconds=r[6], slot_name=r[7])
                     for r in conn.execute(_REPLICAS_SQL).fetchall()
                 ]
+                hold, age = _hold(conn) if files else (None, None)
                 return PgStatus(reachable=True, role="primary", timeline=tli, lsn=lsn, replicas=replicas, read_only=ro,
-                                unlogged=_unlogged(conn, True) if catalog else None,
-                                hold=_hold(conn) if files else None)
+                                unlogged=_unlogged(conn, True) if catalog else None, hold=hold,
+                                hold_age_seconds=age)
             replay, receive, delay, status, rtli, upstream, ctli, end, end_at = conn.execute(_STANDBY_SQL).fetchone()
             return PgStatus(reachable=True, role="standby", timeline=rtli or ctli, lsn=replay, receive_lsn=receive,
                             upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True,
