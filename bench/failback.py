@@ -70,6 +70,7 @@ async def run_failback(lab: Lab, client, old: str) -> dict:
     sub = [(s.name, _seconds(s), s.detail) for s in report.switchover.steps] if report.switchover else []
     return {"workflow_id": handle.id, "wall_s": wall, "steps": steps, "switchover_steps": sub,
             "rewind_s": report.rewind.seconds, "rewind_method": report.rewind.method,
+            "rewind_phases": report.rewind.phases,
             "rewind_fallback": report.rewind.fallback_reason,
             "lost_commits": report.divergence.lost.lost_commits, "lost_bytes": report.divergence.lost.lost_bytes,
             "reconciled": [t.model_dump() for t in report.reconciliation.tables],
@@ -127,6 +128,8 @@ def report(r: dict) -> None:
     for name, s, _detail in wf["switchover_steps"]:
         line(f"    {name}", s)
     line(f"  rewind.seconds ({wf['rewind_method']}, as the activity timed it)", wf["rewind_s"])
+    for name, s in wf.get("rewind_phases", {}).items():
+        line(f"    {name}", s)
     line("bare pg_rewind", ref_rw)
     line("bare pg_rewind + standby config + start -> streaming", rw["pg_rewind_to_streaming_s"])
     line(f"bare pg_basebackup -X stream -c fast ({bb['basebackup_bytes'] / 1024**2:.0f} MB)", ref_bb)

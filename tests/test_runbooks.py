@@ -560,6 +560,10 @@ async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, cli
     assert report.verify is not None and report.verify.outcome == "succeeded" and report.verify.path == "none", \
         report.verify
     assert report.rewind.method == "pg_rewind" and report.rewind.fallback_reason is None, report.rewind
+    # Where the rewind's time went, in order, adding up to its total.
+    phases = report.rewind.phases
+    assert list(phases) == ["stop", "source checks", "checkpoint", "pg_rewind", "start", "until streaming"], phases
+    assert abs(sum(phases.values()) - report.rewind.seconds) < 0.05, report.rewind
     alerts = next(t for t in report.reconciliation.tables if t.table == "alerts")
     assert alerts.conflicts >= 1 and alerts.inserted >= 1
     assert report.switchover.outcome == "succeeded" and report.switchover.rpo.acknowledged_writes_lost == 0

@@ -345,6 +345,8 @@ async def test_failback_falls_back_to_pg_basebackup_when_rewind_is_impossible(la
     report = await handle.result()
     await record(handle, "failback-reviewed-basebackup")
     assert report.rewind.method == "pg_basebackup", report.rewind
+    assert list(report.rewind.phases) == ["stop", "source checks", "checkpoint", "pg_basebackup", "start",
+                                          "until streaming"], report.rewind.phases
     assert report.rewind.fallback_reason and "pg_wal" in report.rewind.fallback_reason, report.rewind
     assert any("pg_rewind was impossible" in n for n in report.notes)
     await _streams_from(lab, old, new)

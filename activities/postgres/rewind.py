@@ -31,9 +31,13 @@ class Rewound(BaseModel):
     fallback_reason: str | None = None
     seconds: float
     upstream: str
+    # Where the seconds went, in order (stop, checkpoint on the primary, copy, start, until
+    # streaming): a slow rewind says which part was slow.
+    phases: dict[str, float] = {}
 
     def summary(self) -> str:
-        return f"{self.method} in {self.seconds:.1f}s" + (
+        where = ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items())
+        return f"{self.method} in {self.seconds:.1f}s" + (f" ({where})" if where else "") + (
             f" (pg_rewind impossible: {self.fallback_reason})" if self.fallback_reason else "")
 
 
@@ -65,6 +69,14 @@ def _exclusive(data_dir: Path):
 
 def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str) -> Rewound:
     t0 = time.monotonic()
+    phases: dict[str, float] = {}
+    mark = [t0]
+
+    def phase(name: str) -> None:
+        now = time.monotonic()
+        phases[name] = phases.get(name, 0.0) + now - mark[0]
+        mark[0] = now
+
     ctl = PgCtl(old)
     upstream = f"{primary.host}:{primary.port}"
     _finish_interrupted_swap(ctl.data_dir)
@@ -75,15 +87,18 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
     _kill_orphans(ctl.data_dir)
     _kill_orphans(_clone_dir(ctl.data_dir))
     ctl.stop("fast")
+    phase("stop")
     # pg_rewind's own connection, made first by us: a wrong password or a pg_hba.conf that
     # refuses it stops the step here, with the node stopped and its directory untouched.
     check_source(primary, replication=False, what="pg_rewind")
     ensure_slot(primary, slot)
+    phase("source checks")
     # A freshly promoted primary's control file still names its pre-promotion timeline until
     # its first checkpoint completes; pg_rewind reads it from there and would stamp the
     # target with a minimum recovery point on the wrong timeline (Patroni checkpoints too).
     with connect(primary) as conn:
         conn.execute("checkpoint")
+    phase("checkpoint")
     # No password in it: argv is readable by every user in /proc. pg_rewind gets PGPASSWORD.
     source = make_conninfo("", host=primary.host, port=primary.port, user=primary.user, dbname="postgres",
                            connect_timeout=10, **primary.ssl_params)
@@ -105,6 +120,7 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
                       lines[-1] if lines else f"exit {r.returncode}")[:500]
         method = "pg_basebackup"
         _reclone(ctl, primary)
+    phase(method)
     ctl.write_standby_config(primary, application_name, slot)
     try:
         ctl.start(timeout=START_TIMEOUT_S)
@@ -121,12 +137,15 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
         _reclone(ctl, primary)
         ctl.write_standby_config(primary, application_name, slot)
         ctl.start()
+    phase("start")
     deadline = time.monotonic() + 300
     while not _streaming_from(old, primary):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{old.host}:{old.port} did not stream from {upstream} after {method}")
         time.sleep(0.1)
-    return Rewound(method=method, fallback_reason=reason, seconds=time.monotonic() - t0, upstream=upstream)
+    phase("until streaming")
+    return Rewound(method=method, fallback_reason=reason, seconds=time.monotonic() - t0, upstream=upstream,
+                   phases={k: round(v, 3) for k, v in phases.items()})
 
 
 def _reclone(ctl: PgCtl, primary: PostgresConfig) -> None:
