@@ -143,6 +143,9 @@ def check_standby(standby: RegionConfig, st: PgStatus) -> ReadinessCheck:
         c.state, c.reason = "fail", f"the failover target is unreachable: {st.error}"
     elif st.role != "standby":
         c.state, c.reason = "fail", f"the failover target is a {st.role}, not a standby"
+    elif st.hold == "eagle-dr":
+        c.state, c.reason = "fail", (f"the failover target is an old primary held by a stop fence, not a replica: "
+                                     f"a failover to it is refused; eagle-dr failback --region {standby.name}")
     elif st.receiver_status != "streaming":
         # It can still be promoted, but it falls further behind every second.
         c.state, c.reason = "warn", f"not streaming from the primary (wal receiver: {st.receiver_status or 'none'})"
@@ -495,7 +498,7 @@ def assess(cfg: EagleConfig, primary_name: str, workers: dict[str, bool | None] 
     where status finds the writable one). ``workers=None`` leaves the workers check out."""
     primary = cfg.region(primary_name)
     standby = cfg.other(primary_name)
-    ps, ss = pg_status(primary.postgres, timeout, files=True), pg_status(standby.postgres, timeout)
+    ps, ss = pg_status(primary.postgres, timeout, files=True), pg_status(standby.postgres, timeout, files=True)
     checks = [check_standby(standby, ss), check_lag(cfg, standby, ps, ss), check_slot(primary, standby, timeout),
               *(check_rewind_safety(r, timeout) for r in cfg.regions), check_unlogged(primary, timeout),
               check_next_start(primary, ps), check_wal_headroom(cfg, primary, timeout),

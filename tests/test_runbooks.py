@@ -269,6 +269,48 @@ async def test_forced_failover_past_the_lag_guard(lab, client):
     lab.wait_replication()
 
 
+async def test_a_fenced_old_primary_restarted_is_never_a_failover_target(lab, client):
+    """A failover fences the old primary by stopping it and holding it as a standby of nothing.
+    A supervisor, a reboot or a human restarts it: it comes up in recovery, so it looks like any
+    standby, and with the current primary down its lag is unknown, which the lag guard lets
+    through. Promoting it would throw away everything written since the fence, without a word.
+    A failover to it is refused, naming why and the repair, with the new primary alive or
+    declared down (the monitor's automatic failover), and nothing is touched; readiness fails
+    its standby check meanwhile."""
+    from activities.postgres.ctl import PgCtl
+    from activities.readiness import check_standby
+
+    a, b = _names(lab)
+    first = await (await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                                   reason="stale-target test"))).result()
+    assert first.outcome in ("succeeded", "degraded") and first.source_fenced == "stop", first
+    PgCtl(lab.cfg.region(a).postgres).start()  # what a supervisor does with a stopped server
+    st = pg_status(lab.cfg.region(a).postgres, files=True)
+    assert st.role == "standby" and st.hold == "eagle-dr" and st.upstream is None, st
+    tag = uuid.uuid4().hex
+    with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
+        conn.execute("insert into alerts (id, region, payload) values (%s, %s, %s)",
+                     (9_200_000_000 + int(tag[:7], 16), b, f'{{"tag": "{tag}"}}'))
+    for known_down in (False, True):
+        with pytest.raises(WorkflowFailureError) as e:
+            await (await start_move(client, lab.cfg, FailoverInput(
+                service=lab.cfg.service, target_region=a, source_known_down=known_down,
+                reason="onto the stale node"))).result()
+        cause = e.value.cause
+        assert cause.type == "TargetStale" and f"eagle-dr failback --region {a}" in cause.message, cause
+    # Nothing touched: b still the writable primary with its new row, a still held.
+    pb = pg_status(lab.cfg.region(b).postgres)
+    assert pb.role == "primary" and not pb.read_only, pb
+    with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select count(*) from alerts where payload->>'tag' = %s", (tag,)).fetchone()[0] == 1
+    st = pg_status(lab.cfg.region(a).postgres, files=True)
+    assert st.role == "standby" and st.hold == "eagle-dr", st
+    c = check_standby(lab.cfg.region(a), st)
+    assert c.state == "fail" and "held by a stop fence" in c.reason, c
+    lab.rebuild_standby(a)
+    lab.wait_replication()
+
+
 async def test_unplanned_failover_after_region_loss(lab, client, unlogged):
     a, b = _names(lab)
     assert _primary(lab) == a

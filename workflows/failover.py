@@ -73,7 +73,7 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 raise ApplicationError(f"target region {target} is not answering: {e.cause or e}",
                                        type="TargetUnhealthy", non_retryable=True) from None
-            check_target(target, t_health)
+            check_target(target, t_health, inp.force, notes)
             s_health = None
             if inp.source_known_down:
                 notes.append(f"source region {source} was declared down by failed health probes")
@@ -441,8 +441,9 @@ def _gap(fence, promotion) -> int | None:
     return redis_failover.offset_gap(fence.offset if fence.reachable else None, promotion.offset)
 
 
-def check_target(target: str, t_health: RegionHealth) -> None:
-    """The failover target must be a reachable standby with a reachable Redis (``--plan`` asks too)."""
+def check_target(target: str, t_health: RegionHealth, force: bool = False, notes: list[str] | None = None) -> None:
+    """The failover target must be a reachable standby with a reachable Redis (``--plan`` asks too),
+    and a replica, not an old primary held by a stop fence."""
     if t_health.postgres.role == "primary":
         raise invalid("target_region", f"{target} is already the primary")
     if not t_health.postgres.reachable or t_health.postgres.role != "standby":
@@ -452,6 +453,21 @@ def check_target(target: str, t_health: RegionHealth) -> None:
     if not t_health.redis.reachable:
         raise ApplicationError(f"target {target} Redis is unreachable: {t_health.redis.error}",
                                type="TargetUnhealthy", non_retryable=True)
+    if t_health.postgres.hold == "eagle-dr":
+        # A fenced old primary restarted (by a supervisor, a reboot, a human) comes up as a
+        # standby of nothing: in recovery, so it looks like any standby, and with its source
+        # down its lag is unknown, which the lag guard lets through. Promoting it would throw
+        # away everything the current primary wrote since the fence, without a word.
+        stale = (f"target {target} is an old primary held by eagle-dr's stop fence (its data directory has the "
+                 f"fence's marker), not a replica: it has none of what was written since it was fenced, and may "
+                 f"hold writes the current primary never had")
+        if not force:
+            raise ApplicationError(f"{stale}. Failing over to it would lose that data: bring it back first "
+                                   f"(eagle-dr failback --region {target}), or re-run with force=true to accept "
+                                   f"the loss", type="TargetStale", non_retryable=True)
+        if notes is not None:
+            notes.append(f"FORCED onto a stale target: {stale}; what the current primary wrote since is lost here "
+                         f"unless recovered from it")
 
 
 def lag_guard(inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:

@@ -50,12 +50,13 @@ class PgStatus(BaseModel):
     # Unlogged tables and sequences (activities/postgres/unlogged.py), read only when asked
     # (pg_status(catalog=True)): no move carries their contents. None: not read.
     unlogged: list[Unlogged] | None = None
-    # primary side, read only when asked (pg_status(files=True)): what its data directory makes
-    # of its next start. "none"; "eagle-dr": a stop fence's hold (standby.signal and eagle-dr's
-    # marker), as a switchover terminated between its hold and its stop leaves it, so the next
-    # restart comes up as a read-only standby of nothing and nothing else says why;
-    # "standby.signal": such a file without eagle-dr's marker. None: not read (no privilege
-    # to stat files in the data directory, or not asked).
+    # Read only when asked (pg_status(files=True)): what its data directory makes of its next
+    # start. "none"; "eagle-dr": a stop fence's hold (standby.signal and eagle-dr's marker). On
+    # a primary, a switchover terminated between its hold and its stop leaves one, so the next
+    # restart comes up as a read-only standby of nothing and nothing else says why; on a
+    # standby, it is a fenced old primary (restarted), not a replica: never a failover target.
+    # "standby.signal": such a file without eagle-dr's marker (every real standby has one).
+    # None: not read (no privilege to stat files in the data directory, or not asked).
     hold: str | None = None
     hold_age_seconds: float | None = None  # since its file was written (a switchover's own is seconds old)
 
@@ -154,9 +155,10 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False, 
                                 unlogged=_unlogged(conn, True) if catalog else None, hold=hold,
                                 hold_age_seconds=age)
             replay, receive, delay, status, rtli, upstream, ctli, end, end_at = conn.execute(_STANDBY_SQL).fetchone()
+            hold, age = _hold(conn) if files else (None, None)
             return PgStatus(reachable=True, role="standby", timeline=rtli or ctli, lsn=replay, receive_lsn=receive,
                             upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True,
                             sender_end_lsn=end, sender_end_at=end_at,
-                            unlogged=_unlogged(conn, False) if catalog else None)
+                            unlogged=_unlogged(conn, False) if catalog else None, hold=hold, hold_age_seconds=age)
     except psycopg.Error as e:
         return PgStatus(reachable=False, error=scrub(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__)
