@@ -72,6 +72,10 @@ class RegionSighting(BaseModel):
     # has its listen socket, so the kernel accepts and the probe times out instead. Only this
     # unambiguous evidence lets the monitor confirm an outage fast (MonitorInput.confirm_*).
     refused: bool | None = None
+    # A standby that is an old primary held by eagle-dr's stop fence (its marker in the data
+    # directory): in recovery like any standby, but stale, never a failover target. None: not
+    # a standby, or the marker could not be read (no privilege).
+    stale: bool | None = None
 
     @property
     def verdict(self) -> str:
@@ -96,6 +100,11 @@ class VantageReport(BaseModel):
 
 def _worker() -> str:
     return f"{socket.gethostname()}/{activity.info().task_queue}"
+
+
+def _pg_with_files(cfg, timeout: float) -> PgStatus:
+    # The data directory's fence marker too: a fenced old primary restarted is no failover target.
+    return pg_status(cfg, timeout, files=True)
 
 
 class HealthActivities:
@@ -144,7 +153,8 @@ class HealthActivities:
             out.append(RegionSighting(region=name, postgres_up=pg.reachable, postgres_role=pg.role,
                                       read_only=pg.read_only, redis_up=rs.reachable,
                                       error="; ".join(errors) or None, probe_seconds=round(seconds, 4),
-                                      refused=refused))
+                                      refused=refused,
+                                      stale=pg.hold == "eagle-dr" if pg.role == "standby" and pg.hold else None))
         self._record(out, pgs, rss)
         return VantageReport(worker=_worker(), sightings=out,
                              watched_seconds=None if watched is None else round(watched, 4))
@@ -171,7 +181,7 @@ class HealthActivities:
         # INFO replication is the Redis probe: an answer proves the server serves commands
         # as PING would, and it carries the offset the lag metric needs.
         futures = {(kind, name): pool.submit(timed, kind, name, fn, getattr(self.cfg.region(name), kind))
-                   for name in req.regions for kind, fn in (("postgres", pg_status), ("redis", redis_status))}
+                   for name in req.regions for kind, fn in (("postgres", _pg_with_files), ("redis", redis_status))}
         pool.shutdown(wait=False)
         wait(futures.values(), timeout=req.timeout_seconds + 0.05)
         missed = f"no answer within {req.timeout_seconds:g}s"

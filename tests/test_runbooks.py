@@ -307,6 +307,42 @@ async def test_a_fenced_old_primary_restarted_is_never_a_failover_target(lab, cl
     assert st.role == "standby" and st.hold == "eagle-dr", st
     c = check_standby(lab.cfg.region(a), st)
     assert c.state == "fail" and "held by a stop fence" in c.reason, c
+
+    # The monitor, with b's region lost: the vantage points see a's marker, and no automatic
+    # failover starts (the pager hears why, not "failover starting").
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=100,
+                                          confirm_interval_seconds=0.2, confirm_rounds=3, auto_failover=True,
+                                          stop_after_failover=True, watch_split_brain=False),
+        id=f"monitor-stale-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    try:
+        async def watching():
+            p = await _progress(handle)
+            return p is not None and p.target_region == b
+
+        await _until(watching, 30, "the monitor to watch b")
+        lab.kill_region(b)
+
+        async def refused():
+            st = await handle.query(MonitorWorkflow.monitor_state)
+            return st if any("held by a stop fence" in f for f in st.findings) else None
+
+        st = await _until(refused, 60, "the monitor to refuse the stale target")
+        # Back before Sentinel's own down-after (5 s) could move Redis to a.
+        lab.heal_region(b)
+        assert st.failovers_started == 0, st
+        assert any(f"automatic failover refused: the target {a} is an old primary" in f for f in st.findings), \
+            st.findings
+        assert pg_status(lab.cfg.region(a).postgres).role == "standby"  # never promoted
+        await handle.signal(MonitorWorkflow.stop, "test over")
+        await handle.result()
+    finally:
+        try:
+            await handle.terminate("test over")
+        except Exception:  # noqa: BLE001 - already ended
+            pass
+        lab.heal_region(b)
+    await _until(_async(lambda: pg_status(lab.cfg.region(b).postgres).role == "primary"), 60, "b back as primary")
     lab.rebuild_standby(a)
     lab.wait_replication()
 

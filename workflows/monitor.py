@@ -571,6 +571,14 @@ class MonitorWorkflow(Runbook):
                     "after the last automatic attempt; a human decides (eagle-dr failover)")
         target = topo.other(primary).name
         answered = [r for r in reports.values() if r is not None]
+        stale = sum(bool((s := r.of(target)) is not None and s.stale) for r in answered)
+        if answered and stale * 2 > len(answered):
+            # The failover would refuse it too (TargetStale); said here, the pager hears why
+            # instead of "failover starting", and no doomed run is started every cooldown.
+            return (f"automatic failover refused: the target {target} is an old primary held by a stop fence, not "
+                    f"a replica ({stale}/{len(answered)} vantage points see the fence's marker); promoting it would "
+                    f"lose what {primary} wrote since. A human decides: bring {primary} back, or eagle-dr failover "
+                    f"--to {target} --force to accept the loss")
         live = sum((s := r.of(target)) is not None and s.verdict == "standby" for r in answered)
         if not answered or live * 2 <= len(answered):
             # A failover to a region that is itself down or not a standby only adds a second outage.
