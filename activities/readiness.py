@@ -148,7 +148,8 @@ def check_standby(standby: RegionConfig, st: PgStatus) -> ReadinessCheck:
                                      f"a failover to it is refused; eagle-dr failback --region {standby.name}")
     elif st.receiver_status != "streaming":
         # It can still be promoted, but it falls further behind every second.
-        c.state, c.reason = "warn", f"not streaming from the primary (wal receiver: {st.receiver_status or 'none'})"
+        c.state, c.reason = "warn", f"not streaming from the primary (wal receiver: {st.receiver_status or 'none'})" + (
+            "; whether it is a fenced old primary could not be read (pg_stat_file)" if st.hold is None else "")
     else:
         c.reason = f"streaming from {st.upstream}"
     return c
@@ -282,7 +283,7 @@ def check_next_start(primary: RegionConfig, ps: PgStatus) -> ReadinessCheck:
         c.state, c.reason = "unknown", f"not a reachable primary ({ps.error or ps.role})"
     elif ps.hold is None:
         c.state, c.reason = "unknown", ("cannot stat files in its data directory (pg_stat_file needs superuser, or "
-                                        "EXECUTE on it granted to eagle-dr's role)")
+                                        "EXECUTE on pg_stat_file(text, boolean) granted to eagle-dr's role)")
     elif ps.hold == "none":
         c.reason = "no standby.signal: a restart comes up as the primary"
     elif ps.hold == "eagle-dr" and (ps.hold_age_seconds or 0) < HOLD_GRACE_SECONDS:

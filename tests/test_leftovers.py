@@ -67,6 +67,15 @@ def test_unfence_refuses_a_region_a_newer_move_superseded(lab, lab_config_path):
     assert collect(lab.cfg).leftovers == []
 
 
+def _settings(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        name, eq, value = line.partition("=")
+        if eq and not name.strip().startswith("#"):
+            out[name.strip()] = value.strip()
+    return out
+
+
 def test_a_hold_left_on_a_running_primary_is_named_and_lifted_in_place(lab, lab_config_path):
     """A switchover terminated between its hold and its stop (Terminate cannot be handled)
     leaves a writable primary whose data directory says "standby" at the next start: nothing
@@ -97,7 +106,12 @@ def test_a_hold_left_on_a_running_primary_is_named_and_lifted_in_place(lab, lab_
     assert r.returncode == 0, r.stderr + r.stdout
     assert ctl.pid == pid  # lifted in place: no restart, no write outage
     assert not (ctl.data_dir / "standby.signal").exists() and not (ctl.data_dir / FENCE_MARKER).exists()
-    assert (ctl.data_dir / "postgresql.auto.conf").read_text() == auto_before
+    # Reset through ALTER SYSTEM (serialised with any other): every setting from before the
+    # hold is there, none of the hold's, and its comment is gone.
+    after = (ctl.data_dir / "postgresql.auto.conf").read_text()
+    assert "eagle-dr fence" not in after, after
+    assert _settings(after) == {k: v for k, v in _settings(auto_before).items()
+                                if k not in ("primary_conninfo", "primary_slot_name", "restore_command")}, after
     assert collect(lab.cfg).leftovers == []
     ctl.stop("fast")
     ctl.start()

@@ -122,6 +122,33 @@ def test_stop_fence_restarts_as_a_read_only_standby_and_unfence_restores_the_pri
     assert not (node.data_dir / "standby.signal").exists()
 
 
+def test_a_hold_interrupted_after_its_marker_is_finished_by_the_retry(node):
+    """The hold writes its marker first: a worker killed right after it leaves a marker with
+    no standby.signal. The retry must finish the hold (the server then starts as a standby of
+    nothing), not take the marker for a finished one; and the lift puts the server back."""
+    import json
+
+    from activities.postgres.ctl import FENCE_MARKER
+    from activities.postgres.fence import hold_as_standby
+
+    node.ctl.stop("fast")
+    auto = node.data_dir / "postgresql.auto.conf"
+    original = auto.read_text()
+    node.ctl.write_file(node.data_dir / FENCE_MARKER, json.dumps({"auto_conf": original,
+                                                                  "created_standby_signal": True}))
+    try:
+        assert hold_as_standby(node.ctl)
+        assert (node.data_dir / "standby.signal").exists() and "eagle-dr fence" in auto.read_text()
+        node.ctl.start()
+        st = pg_status(node.cfg, files=True)
+        assert st.role == "standby" and st.upstream is None and st.hold == "eagle-dr", st
+    finally:
+        assert lift_stop_fence(node.cfg)
+    st = pg_status(node.cfg, files=True)
+    assert st.role == "primary" and st.hold == "none", st
+    assert "eagle-dr fence" not in auto.read_text()
+
+
 def test_stop_fence_waits_for_the_archive_backlog_while_writes_still_flow(node):
     """A segment waiting for the archiver is pushed before the stop (clients still write), not
     inside the fast shutdown, which would hold the write outage until it is archived."""

@@ -23,7 +23,8 @@ import psycopg
 import yaml
 
 from activities.dns import Route53Failover
-from activities.readiness import assess, check_dns, check_lag, check_next_start, check_unlogged, check_wal_headroom, check_workers
+from activities.readiness import assess, check_dns, check_lag, check_next_start, check_standby, check_unlogged, \
+    check_wal_headroom, check_workers
 from activities.postgres.status import pg_status
 from eagle_dr.config import load_config
 from eagle_dr.status import WorkerView, _alive
@@ -319,3 +320,25 @@ async def test_a_hold_on_the_running_primary_warns_until_lifted(lab):
     # Without the file read (no privilege, or not asked) it is unknown, never ok.
     c = check_next_start(primary, await _async(lambda: pg_status(primary.postgres, 3))())
     assert c.state == "unknown" and "pg_stat_file" in c.reason, c
+
+
+async def test_a_replica_copied_with_a_fence_marker_is_still_a_failover_target(lab):
+    """A pg_basebackup or restore of a primary that carried a hold copies eagle-dr's marker
+    into a real replica. It follows its primary (primary_conninfo set), so it is no fenced old
+    primary: refusing to fail over to it would turn the next outage into a long one."""
+    import json
+
+    from activities.postgres.ctl import FENCE_MARKER, PgCtl
+
+    a = _primary(lab)
+    standby = lab.cfg.other(a)
+    ctl = PgCtl(standby.postgres)
+    marker = ctl.data_dir / FENCE_MARKER
+    ctl.write_file(marker, json.dumps({"auto_conf": "", "created_standby_signal": True}))
+    try:
+        st = await _async(lambda: pg_status(standby.postgres, 3, files=True))()
+        assert st.role == "standby" and st.receiver_status == "streaming" and st.hold == "standby.signal", st
+        c = check_standby(standby, st)
+        assert c.state == "ok", c
+    finally:
+        marker.unlink(missing_ok=True)

@@ -291,10 +291,12 @@ async def test_a_fenced_old_primary_restarted_is_never_a_failover_target(lab, cl
     with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
         conn.execute("insert into alerts (id, region, payload) values (%s, %s, %s)",
                      (9_200_000_000 + int(tag[:7], 16), b, f'{{"tag": "{tag}"}}'))
-    for known_down in (False, True):
+    # The source alive, declared down (the monitor's path), and forced: a forced run would
+    # promote a node that still carries its read-only fence, with the live primary fenced.
+    for known_down, force in ((False, False), (True, False), (True, True)):
         with pytest.raises(WorkflowFailureError) as e:
             await (await start_move(client, lab.cfg, FailoverInput(
-                service=lab.cfg.service, target_region=a, source_known_down=known_down,
+                service=lab.cfg.service, target_region=a, source_known_down=known_down, force=force,
                 reason="onto the stale node"))).result()
         cause = e.value.cause
         assert cause.type == "TargetStale" and f"eagle-dr failback --region {a}" in cause.message, cause

@@ -96,7 +96,7 @@ class PlanWorkflow(Runbook):
             s_health = t_health = None
             try:
                 t_health = await self._probe(target, where.target_queue)
-                failover.check_target(target, t_health, inp.force, notes)
+                failover.check_target(target, t_health)
             except (ActivityError, ApplicationError) as e:
                 blocked = _refusal(e)
             if not inp.source_known_down:

@@ -73,7 +73,7 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 raise ApplicationError(f"target region {target} is not answering: {e.cause or e}",
                                        type="TargetUnhealthy", non_retryable=True) from None
-            check_target(target, t_health, inp.force, notes)
+            check_target(target, t_health)
             s_health = None
             if inp.source_known_down:
                 notes.append(f"source region {source} was declared down by failed health probes")
@@ -441,7 +441,7 @@ def _gap(fence, promotion) -> int | None:
     return redis_failover.offset_gap(fence.offset if fence.reachable else None, promotion.offset)
 
 
-def check_target(target: str, t_health: RegionHealth, force: bool = False, notes: list[str] | None = None) -> None:
+def check_target(target: str, t_health: RegionHealth) -> None:
     """The failover target must be a reachable standby with a reachable Redis (``--plan`` asks too),
     and a replica, not an old primary held by a stop fence."""
     if t_health.postgres.role == "primary":
@@ -455,19 +455,18 @@ def check_target(target: str, t_health: RegionHealth, force: bool = False, notes
                                type="TargetUnhealthy", non_retryable=True)
     if t_health.postgres.hold == "eagle-dr":
         # A fenced old primary restarted (by a supervisor, a reboot, a human) comes up as a
-        # standby of nothing: in recovery, so it looks like any standby, and with its source
+        # standby of nothing: in recovery, so it looks like any standby, and with the primary
         # down its lag is unknown, which the lag guard lets through. Promoting it would throw
-        # away everything the current primary wrote since the fence, without a word.
-        stale = (f"target {target} is an old primary held by eagle-dr's stop fence (its data directory has the "
-                 f"fence's marker), not a replica: it has none of what was written since it was fenced, and may "
-                 f"hold writes the current primary never had")
-        if not force:
-            raise ApplicationError(f"{stale}. Failing over to it would lose that data: bring it back first "
-                                   f"(eagle-dr failback --region {target}), or re-run with force=true to accept "
-                                   f"the loss", type="TargetStale", non_retryable=True)
-        if notes is not None:
-            notes.append(f"FORCED onto a stale target: {stale}; what the current primary wrote since is lost here "
-                         f"unless recovered from it")
+        # away everything written since the fence, without a word. Not even with force: it
+        # still carries its read-only fence, so the run would fail after promoting it, with
+        # the live primary fenced (seen). Accepting that loss is a human's act on its host.
+        raise ApplicationError(
+            f"target {target} is an old primary held by eagle-dr's stop fence (the fence's marker in its data "
+            f"directory, no upstream), not a replica: it has none of what was written since it was fenced, and "
+            f"may hold writes the current primary never had. Bring the current primary back (then eagle-dr "
+            f"failback --region {target}); to accept losing what was written since the fence, run eagle-dr "
+            f"unfence --region {target} --local --force on its host and route clients to it",
+            type="TargetStale", non_retryable=True)
 
 
 def lag_guard(inp: FailoverInput, lag: int | None, basis: str, notes: list[str]) -> None:

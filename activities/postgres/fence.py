@@ -204,6 +204,14 @@ def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
         raise RuntimeError("hold_as_standby needs the server stopped")
     signal, auto, marker = (ctl.data_dir / n for n in ("standby.signal", "postgresql.auto.conf", FENCE_MARKER))
     if marker.exists():
+        if not signal.exists():
+            # A hold interrupted before its signal (the marker is written first), or a marker
+            # left behind: finish the hold; the marker keeps the original it saved.
+            current = auto.read_text() if auto.exists() else ""
+            if _RECOVERY_NOWHERE.splitlines()[0] not in current:
+                ctl.write_file(auto, current + ("" if current.endswith("\n") or not current else "\n")
+                               + _RECOVERY_NOWHERE)
+            ctl.write_file(signal, "")
         return True  # fenced already (a retry)
     if signal.exists():
         return False
@@ -357,18 +365,39 @@ def lift_stop_fence(cfg: PostgresConfig) -> bool:
     # its hold (a switchover that ended between its hold and its stop) is lifted in place,
     # without the write outage of a restart. Anything else (stopped, or running as the standby
     # the hold made it) is stopped first: the files are its startup's.
-    in_place = ctl.running() and _running_primary(cfg)
-    if not in_place:
+    if ctl.running() and _running_primary(cfg):
+        _lift_hold_live(cfg, ctl)
+        if _running_primary(cfg):
+            return True
+        # It restarted between the check and the unlink (a crash, a supervisor) and came up
+        # as the standby the hold made it: the files are gone now, so a restart brings it up
+        # as the primary it was.
         ctl.stop("fast")
+        ctl.start()
+        return True
+    ctl.stop("fast")
     saved = json.loads(marker.read_text())
     auto = ctl.data_dir / "postgresql.auto.conf"
     ctl.write_file(auto, _without_hold(auto.read_text() if auto.exists() else "", saved["auto_conf"]))
     if saved.get("created_standby_signal"):
         (ctl.data_dir / "standby.signal").unlink(missing_ok=True)
     marker.unlink()
-    if not in_place:
-        ctl.start()
+    ctl.start()
     return True
+
+
+def _lift_hold_live(cfg: PostgresConfig, ctl: PgCtl) -> None:
+    """A running primary's hold, lifted in place. Its recovery settings are reset through
+    ALTER SYSTEM, which the server serialises with any other ALTER SYSTEM (an operator's, a
+    self-fence's): writing postgresql.auto.conf beside a running server could lose either
+    change. On a primary they were never read (only recovery reads them), and a later rejoin
+    writes its own, so the original values are not put back. The marker goes last: until
+    then a retry finds the hold and lifts it again."""
+    with connect(cfg, 3) as conn:
+        for key in _RECOVERY_KEYS:
+            conn.execute(sql.SQL("alter system reset {}").format(sql.Identifier(key)))
+    (ctl.data_dir / "standby.signal").unlink(missing_ok=True)
+    (ctl.data_dir / FENCE_MARKER).unlink(missing_ok=True)
 
 
 def _running_primary(cfg: PostgresConfig) -> bool:

@@ -121,19 +121,22 @@ def _unlogged(conn: psycopg.Connection, primary: bool) -> list[Unlogged] | None:
         return None
 
 
-def _hold(conn: psycopg.Connection) -> tuple[str | None, float | None]:
-    """(``hold``, its file's age in seconds): see PgStatus.hold."""
+def _hold(conn: psycopg.Connection, standby: bool) -> tuple[str | None, float | None]:
+    """(``hold``, its file's age in seconds): see PgStatus.hold. "eagle-dr" needs the marker and
+    standby.signal both (a marker alone starts nothing as a standby), and on a standby also an
+    empty primary_conninfo: a real replica copied from a held primary by someone else's
+    pg_basebackup or restore carries the marker too, but follows its primary."""
     try:
         # (...).size, not the row: a row IS NOT NULL only when every field is, and Linux has
         # no creation time.
-        signal, marker, signal_age, marker_age = conn.execute(
+        signal, marker, signal_age, marker_age, follows = conn.execute(
             "select (s).size is not null, (m).size is not null, extract(epoch from now() - (s).modification), "
-            "extract(epoch from now() - (m).modification) "
+            "extract(epoch from now() - (m).modification), current_setting('primary_conninfo') <> '' "
             "from (select pg_stat_file('standby.signal', true) as s, pg_stat_file(%s, true) as m) f",
             (FENCE_MARKER,)).fetchone()
     except psycopg.Error:  # pg_stat_file needs superuser or an explicit grant: unknown, not "none"
         return None, None
-    if marker:
+    if marker and signal and not (standby and follows):
         return "eagle-dr", float(marker_age)
     return ("standby.signal", float(signal_age)) if signal else ("none", None)
 
@@ -150,12 +153,12 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False, 
                                 lag_bytes=r[5], replay_lag_seconds=r[6], slot_name=r[7])
                     for r in conn.execute(_REPLICAS_SQL).fetchall()
                 ]
-                hold, age = _hold(conn) if files else (None, None)
+                hold, age = _hold(conn, False) if files else (None, None)
                 return PgStatus(reachable=True, role="primary", timeline=tli, lsn=lsn, replicas=replicas, read_only=ro,
                                 unlogged=_unlogged(conn, True) if catalog else None, hold=hold,
                                 hold_age_seconds=age)
             replay, receive, delay, status, rtli, upstream, ctli, end, end_at = conn.execute(_STANDBY_SQL).fetchone()
-            hold, age = _hold(conn) if files else (None, None)
+            hold, age = _hold(conn, True) if files else (None, None)
             return PgStatus(reachable=True, role="standby", timeline=rtli or ctli, lsn=replay, receive_lsn=receive,
                             upstream=upstream, receiver_status=status, replay_delay_seconds=delay, read_only=True,
                             sender_end_lsn=end, sender_end_at=end_at,
