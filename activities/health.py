@@ -116,7 +116,8 @@ class HealthActivities:
         """Probe this region's PostgreSQL and Redis; unreachable is a result, not an error."""
         r = self.cfg.region(region)
         timeout = min(self.cfg.health.timeout.total_seconds(), 10.0)
-        return RegionHealth(region=region, worker=_worker(), postgres=pg_status(r.postgres, timeout, catalog=True, files=True),
+        return RegionHealth(region=region, worker=_worker(),
+                            postgres=pg_status(r.postgres, timeout, catalog=True, files=True),
                             redis=redis_status(r.redis, timeout))
 
     @activity.defn

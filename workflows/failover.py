@@ -464,8 +464,9 @@ def check_target(target: str, t_health: RegionHealth) -> None:
             f"target {target} is an old primary held by eagle-dr's stop fence (the fence's marker in its data "
             f"directory, no upstream), not a replica: it has none of what was written since it was fenced, and "
             f"may hold writes the current primary never had. Bring the current primary back (then eagle-dr "
-            f"failback --region {target}); to accept losing what was written since the fence, run eagle-dr "
-            f"unfence --region {target} --local --force on its host and route clients to it",
+            f"failback --region {target}). eagle-dr has no runbook that accepts that loss: by hand it means lifting "
+            f"its fences on its host (eagle-dr unfence --region {target} --local --force), then moving Redis and "
+            f"client routing to it",
             type="TargetStale", non_retryable=True)
 
 

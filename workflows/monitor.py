@@ -577,8 +577,8 @@ class MonitorWorkflow(Runbook):
             # instead of "failover starting", and no doomed run is started every cooldown.
             return (f"automatic failover refused: the target {target} is an old primary held by a stop fence, not "
                     f"a replica ({stale}/{len(answered)} vantage points see the fence's marker); promoting it would "
-                    f"lose what {primary} wrote since. A human decides: bring {primary} back, or accept the loss with "
-                    f"eagle-dr unfence --region {target} --local --force on its host")
+                    f"lose what {primary} wrote since. A human decides: bring {primary} back (no runbook accepts that "
+                    f"loss; see the failover's TargetStale refusal)")
         live = sum((s := r.of(target)) is not None and s.verdict == "standby" for r in answered)
         if not answered or live * 2 <= len(answered):
             # A failover to a region that is itself down or not a standby only adds a second outage.
