@@ -198,11 +198,12 @@ class RestoreDrillWorkflow(Runbook):
                           f"{sum(t.rows for t in mark.tables)} rows; writers held {mark.locked_ms:.0f} ms")
             if mark.not_restorable:
                 res.not_restorable = mark.not_restorable
-                rec.detail += f"; NOT RESTORABLE (unlogged): {', '.join(mark.not_restorable[:10])}"
-                self.degraded.append(f"NOT RESTORABLE (unlogged, never in WAL: no backup has their rows): "
-                                     f"{', '.join(mark.not_restorable[:10])}"
-                                     + (f" and {len(mark.not_restorable) - 10} more" if len(mark.not_restorable) > 10
-                                        else "") + "; ALTER TABLE ... SET LOGGED to back them up")
+                shown = ", ".join(mark.not_restorable[:10])
+                more = len(mark.not_restorable) - 10
+                rec.detail += f"; NOT RESTORABLE (unlogged): {shown}"
+                self.degraded.append(f"NOT RESTORABLE (unlogged, never in WAL: no backup has their rows): {shown}"
+                                     + (f" and {more} more" if more > 0 else "")
+                                     + "; ALTER TABLE ... SET LOGGED to back them up")
 
         async with self.step(f"Wait for {mark.wal_file} to reach the archive") as rec:
             try:

@@ -37,7 +37,7 @@ from psycopg import sql
 from pydantic import BaseModel
 
 from activities.postgres.ctl import FENCE_MARKER, PgCtl
-from activities.postgres.status import FENCE_LIBRARY, connect
+from activities.postgres.status import FENCE_LIBRARY, connect, in_recovery
 from eagle_dr.config import PostgresConfig, scrub
 
 
@@ -365,9 +365,9 @@ def lift_stop_fence(cfg: PostgresConfig) -> bool:
     # its hold (a switchover that ended between its hold and its stop) is lifted in place,
     # without the write outage of a restart. Anything else (stopped, or running as the standby
     # the hold made it) is stopped first: the files are its startup's.
-    if ctl.running() and _running_primary(cfg):
+    if ctl.running() and in_recovery(cfg, 3) is False:
         _lift_hold_live(cfg, ctl)
-        if _running_primary(cfg):
+        if in_recovery(cfg, 3) is False:
             return True
         # It restarted between the check and the unlink (a crash, a supervisor) and came up
         # as the standby the hold made it: the files are gone now, so a restart brings it up
@@ -398,14 +398,6 @@ def _lift_hold_live(cfg: PostgresConfig, ctl: PgCtl) -> None:
             conn.execute(sql.SQL("alter system reset {}").format(sql.Identifier(key)))
     (ctl.data_dir / "standby.signal").unlink(missing_ok=True)
     (ctl.data_dir / FENCE_MARKER).unlink(missing_ok=True)
-
-
-def _running_primary(cfg: PostgresConfig) -> bool:
-    try:
-        with connect(cfg, 3) as conn:
-            return not conn.execute("select pg_is_in_recovery()").fetchone()[0]
-    except psycopg.Error:
-        return False
 
 
 def _lift_read_only(conn: psycopg.Connection) -> None:

@@ -9,7 +9,7 @@ import psycopg
 from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl, PgCtlError
-from activities.postgres.status import CURRENT_TIMELINE, connect
+from activities.postgres.status import CURRENT_TIMELINE, connect, in_recovery
 from eagle_dr.config import PostgresConfig
 
 
@@ -50,9 +50,9 @@ def promote(cfg: PostgresConfig, timeout_s: float, heartbeat=None, conn: psycopg
 
 
 def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, heartbeat) -> Promotion:
-    in_recovery = conn.execute("select pg_is_in_recovery()").fetchone()[0]
+    recovering = conn.execute("select pg_is_in_recovery()").fetchone()[0]
     replay = receive = None
-    if in_recovery:
+    if recovering:
         replay, receive = conn.execute(
             "select pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text").fetchone()
         # wait => false: we poll ourselves, with heartbeats, instead of blocking in SQL
@@ -73,7 +73,7 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
                 session = None
                 ok, tli = _writable(cfg)
             if ok:
-                return Promotion(already_primary=not in_recovery, replay_lsn=replay, receive_lsn=receive, timeline=tli,
+                return Promotion(already_primary=not recovering, replay_lsn=replay, receive_lsn=receive, timeline=tli,
                                  writable_at=datetime.now(timezone.utc))
         except psycopg.Error as e:
             last_err = e
@@ -115,14 +115,6 @@ def _promotion_of_primary(cfg: PostgresConfig) -> Promotion | None:
     return Promotion(already_primary=False, replay_lsn=fork, timeline=tli, writable_at=datetime.now(timezone.utc))
 
 
-def _in_recovery(cfg: PostgresConfig) -> bool | None:
-    try:
-        with connect(cfg, 2) as conn:
-            return conn.execute("select pg_is_in_recovery()").fetchone()[0]
-    except psycopg.Error:
-        return None
-
-
 def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout_s: int = 120,
                     heartbeat=None) -> PromotionAbort:
     """Make sure a standby whose promotion timed out can no longer become writable.
@@ -142,7 +134,7 @@ def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout
     unfencing the old primary. Idempotent: a retry finds it stopped or in recovery.
     """
     ctl = PgCtl(cfg)
-    if ctl.running() and _in_recovery(cfg) is False:
+    if ctl.running() and in_recovery(cfg) is False:
         promotion = _promotion_of_primary(cfg)
         if promotion:
             return PromotionAbort(state="promoted", detail="it had finished promoting", promotion=promotion)
@@ -181,7 +173,7 @@ def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout
     except PgCtlError as e:
         return PromotionAbort(state="stopped", detail=f"stopped in recovery ({how}); it did not start again: "
                                                       f"{str(e).splitlines()[0]}")
-    if _in_recovery(cfg) is not True:
+    if in_recovery(cfg) is not True:
         # Cannot happen with standby.signal in place; never report "cannot promote" unproven.
         raise RuntimeError(f"{cfg.host}:{cfg.port} restarted with standby.signal but is not in recovery")
     return PromotionAbort(state="standby", detail=f"stopped in recovery ({how}) and restarted as a standby")

@@ -141,6 +141,15 @@ def _hold(conn: psycopg.Connection, standby: bool) -> tuple[str | None, float | 
     return ("standby.signal", float(signal_age)) if signal else ("none", None)
 
 
+def in_recovery(cfg: PostgresConfig, timeout: float = 2.0) -> bool | None:
+    """Whether the server is in recovery (a standby); None when it does not answer."""
+    try:
+        with connect(cfg, timeout) as conn:
+            return conn.execute("select pg_is_in_recovery()").fetchone()[0]
+    except psycopg.Error:
+        return None
+
+
 def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False, files: bool = False) -> PgStatus:
     try:
         with connect(cfg, timeout) as conn:
