@@ -173,12 +173,16 @@ async def test_no_false_positives_while_the_primary_keeps_writing(lab, client, t
         t.start()
     try:
         await _until(_async(lambda: writes[0] > 50), 30, "the writer to run")
+        before = writes[0]
         res = await _run(client, lab, tables=["cc_items"], chunk_rows=500, redis=False)
+        during = writes[0] - before
     finally:
         stop.set()
         for t in threads:
             t.join(10)
-    assert writes[0] > 100
+    # The claim is "while the primary keeps writing": writes committed during the check, however
+    # many a loaded machine manages (a count threshold failed CI at 99 of 100).
+    assert during > 0, "the writer stalled while the check ran"
     assert res.follower and res.differences == 0 and res.outcome == "succeeded", res.tables[0]
 
 
