@@ -67,8 +67,22 @@ async def run_failback(lab: Lab, client, old: str) -> dict:
     report = await handle.result()
     wall = time.perf_counter() - t
     steps = [(_field(s, "name"), _seconds(s), _field(s, "detail")) for s in report.steps]
+    # The old region back in service: a streaming standby of the primary, its writes kept (the
+    # end of the rewind step, which waits until it streams), from the first step's start.
+    rewind_end = next((_field(s, "finished_at") for s in report.steps
+                       if _field(s, "name").startswith("rewind ")), None)
+    first = _field(report.steps[0], "started_at") if report.steps else None
+    in_service = None
+    if rewind_end is not None and first is not None:
+        a, b = (datetime.fromisoformat(x) if isinstance(x, str) else x for x in (first, rewind_end))
+        in_service = (b - a).total_seconds()
     sub = [(s.name, _seconds(s), s.detail) for s in report.switchover.steps] if report.switchover else []
+    vk = report.verify_keys
     return {"workflow_id": handle.id, "wall_s": wall, "steps": steps, "switchover_steps": sub,
+            "in_service_s": in_service,
+            "verify_keys": None if vk is None else {"keys": vk.keys, "differences": vk.differences,
+                                                    "seconds": vk.seconds},
+            "verify_full": report.verify is not None,
             "rewind_s": report.rewind.seconds, "rewind_method": report.rewind.method,
             "rewind_phases": report.rewind.phases,
             "rewind_fallback": report.rewind.fallback_reason,
@@ -123,6 +137,7 @@ def report(r: dict) -> None:
           f"({(wf['lost_bytes'] or 0) / 1024**2:.1f} MB of WAL) on the old primary")
     print(f"{'figure':58} {'seconds':>9} {'/ pg_rewind':>13} {'/ pg_basebackup':>17}")
     line("eagle-dr FailbackWorkflow, start -> result", wf["wall_s"])
+    line("  first step -> the region streams, its writes kept", wf.get("in_service_s"))
     for name, s, _detail in wf["steps"]:
         line(f"  {name}", s)
     for name, s, _detail in wf["switchover_steps"]:
@@ -144,6 +159,17 @@ def report(r: dict) -> None:
           f"{r['db_bytes'] / 1024**3:.2f} GiB; read: {modes}; WAL the reads added on the old primary: "
           f"{wf['loser_read_wal_bytes']} bytes (0: nothing more for pg_rewind to copy)")
     print("  of which (s): " + ", ".join(f"{k} {v:.2f}" for k, v in wf["reconcile_parts"].items()))
+    vk = wf.get("verify_keys")
+    if vk:
+        print(f"verify: {vk['keys']} reconciled keys compared on both sides in {vk['seconds']:.2f}s, "
+              f"{vk['differences']} differ" + ("; then every table (a difference)" if wf.get("verify_full") else ""))
+    elif wf.get("verify_full"):
+        print("verify: every row of every table (DataSyncWorkflow)")
+    goal = rw["pg_rewind_to_streaming_s"] + 2
+    for what, s in (("start -> result", wf["wall_s"]), ("first step -> streaming", wf.get("in_service_s"))):
+        if s is not None:
+            print(f"goal (bare pg_rewind to streaming + 2 s = {goal:.2f}s), {what}: {s:.2f}s, "
+                  f"{'met' if s <= goal else 'NOT met'}")
     print("The workflow also reconciles, snapshots Redis to S3 and switches back; the references only copy data.")
 
 

@@ -129,6 +129,7 @@ async def fork(lab: Lab, client, old: str, mb: float, seed_rows: int) -> str:
         raise RuntimeError(f"{new} has no walreceiver")
     os.kill(receiver, signal.SIGSTOP)
     write_side(lab, old, mb, seed_rows, "old")
+    before = await _pollers(client, lab.cfg.region(old).temporal.task_queue)
     lab.kill_region(old)
     startup_before = lab.postgres(new).aux_pid(b"startup")
     os.kill(receiver, signal.SIGKILL)  # with what it buffered: those bytes stay unreceived
@@ -148,4 +149,29 @@ async def fork(lab: Lab, client, old: str, mb: float, seed_rows: int) -> str:
         raise RuntimeError(f"failover to {new}: {failover.outcome}")
     write_side(lab, new, mb, seed_rows, "new")
     lab.heal_region(old)
+    # Back means its worker polls again: a failback started before that waits for its first
+    # poll (~1 s seen in the preflight), which only a bench that kills the worker pays.
+    queue = lab.cfg.region(old).temporal.task_queue
+
+    async def polling() -> bool:
+        return bool(await _pollers(client, queue) - before)
+
+    deadline = time.monotonic() + 60
+    while not await polling():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{old}'s worker did not poll {queue} within 60 s of the heal")
+        await asyncio.sleep(0.05)
     return new
+
+
+async def _pollers(client, queue: str) -> set[str]:
+    """Identities of the workers that polled ``queue``'s activity tasks (the killed one's stays
+    listed a while: a new identity is the restarted worker)."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+        namespace=client.namespace, task_queue=TaskQueue(name=queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY))
+    return {p.identity for p in resp.pollers}

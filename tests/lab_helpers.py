@@ -8,6 +8,7 @@ import signal
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 
 import psycopg
 
@@ -62,6 +63,47 @@ def _aux_pid(lab, region: str, name: bytes) -> int:
 def _startup_pid(lab, region: str) -> int:
     """The standby's startup (WAL replay) process: SIGSTOP it to make replay lag."""
     return _aux_pid(lab, region, b"startup")
+
+
+@contextmanager
+def _live_writes_on_a_trailing_standby(lab, primary: str, *statements: tuple[str, tuple]):
+    """While inside: a thread runs ``statements`` (query, parameters: fixed, or a function of
+    the round number) on the primary round after round, and the standby's startup process runs
+    10 ms in every 50 (SIGSTOP/SIGCONT), so the primary is always ahead by some writes when the
+    standby is read. Yields a one-item list: the rounds written so far (a test asserts writes
+    happened while it compared)."""
+    import threading
+
+    stop = threading.Event()
+    writes = [0]
+
+    def writer():
+        with psycopg.connect(lab.cfg.region(primary).postgres.dsn(), autocommit=True) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                for q, params in statements:
+                    c.execute(q, params(i) if callable(params) else params)
+                writes[0] += 1
+
+    def slow_replay():
+        pid = _startup_pid(lab, lab.cfg.other(primary).name)
+        while not stop.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            stop.wait(0.04)
+            os.kill(pid, signal.SIGCONT)
+            stop.wait(0.01)
+        os.kill(pid, signal.SIGCONT)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (writer, slow_replay)]
+    for t in threads:
+        t.start()
+    try:
+        yield writes
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
 
 
 def _lag_bytes(lab, primary: str) -> int:

@@ -5,10 +5,8 @@ and the schedule recording its run."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -23,7 +21,8 @@ from eagle_dr.temporal import DR_CHECK_DIFFERENCES
 from lab import binaries
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _async, _exec, _lag_bytes, _primary, _progress, _scrape, _startup_pid, _until, _value
+from tests.lab_helpers import _async, _exec, _lag_bytes, _live_writes_on_a_trailing_standby, _primary, _progress, \
+    _scrape, _until, _value
 from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
 
 COPY_DB = "eagle_cc_copy"
@@ -141,45 +140,18 @@ async def test_differences_on_a_copy_are_found_key_by_key(lab, client, tables, l
 
 async def test_no_false_positives_while_the_primary_keeps_writing(lab, client, tables):
     primary = tables
-    stop = threading.Event()
-    writes = [0]
-
-    def writer():
-        with _pg(lab, primary) as c:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                # 400 rows a statement, all over the table: the standby's replay trails by a few ms,
-                # what a compare that did not wait for the primary's LSN would report.
-                c.execute("update cc_items set payload = jsonb_set(payload, '{n}', to_jsonb(%s::int)) "
-                          "where id %% 50 = %s", (i, i % 50))
-                c.execute("insert into cc_items values (%s, 'live', '{}') on conflict (id) do update "
-                          "set region = 'live2'", (100000 + i,))
-                writes[0] += 1
-
-    def slow_replay():
-        # A standby that trails: its startup process runs 10 ms in every 50 (SIGSTOP/SIGCONT),
-        # so the primary is always ahead by some writes when the standby is read.
-        pid = _startup_pid(lab, lab.cfg.other(primary).name)
-        while not stop.is_set():
-            os.kill(pid, signal.SIGSTOP)
-            stop.wait(0.04)
-            os.kill(pid, signal.SIGCONT)
-            stop.wait(0.01)
-        os.kill(pid, signal.SIGCONT)
-
-    threads = [threading.Thread(target=f, daemon=True) for f in (writer, slow_replay)]
-    for t in threads:
-        t.start()
-    try:
+    # 400 rows a statement, all over the table: the standby's replay trails by a few ms, what a
+    # compare that did not wait for the primary's LSN would report.
+    with _live_writes_on_a_trailing_standby(
+            lab, primary,
+            ("update cc_items set payload = jsonb_set(payload, '{n}', to_jsonb(%s::int)) where id %% 50 = %s",
+             lambda i: (i, i % 50)),
+            ("insert into cc_items values (%s, 'live', '{}') on conflict (id) do update set region = 'live2'",
+             lambda i: (100000 + i,))) as writes:
         await _until(_async(lambda: writes[0] > 50), 30, "the writer to run")
         before = writes[0]
         res = await _run(client, lab, tables=["cc_items"], chunk_rows=500, redis=False)
         during = writes[0] - before
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
     # The claim is "while the primary keeps writing": writes committed during the check, however
     # many a loaded machine manages (a count threshold failed CI at 99 of 100).
     assert during > 0, "the writer stalled while the check ran"

@@ -630,13 +630,16 @@ async def test_failback_keeps_what_the_old_primary_wrote_after_the_fork(lab, cli
         conn.execute("update alerts set payload = '{\"side\": \"new\"}' where id = %s", (both,))
 
     handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(
-        service=lab.cfg.service, region=old, measure_client_impact=True), id=f"failback-{uuid.uuid4()}",
-        task_queue=lab.cfg.temporal.control_task_queue)
+        service=lab.cfg.service, region=old, measure_client_impact=True, verify="full"),
+        id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
     report = await handle.result()
-    # failback.json stays: recorded before the verify step.
-    await record(handle, "failback-verify-by-data")
+    # failback.json (before the verify step) and failback-verify-by-data.json (before verify:
+    # divergence) stay: they prove running failbacks of those versions still replay.
+    await record(handle, "failback-verify-full")
     assert report.divergence.lost.lost_commits >= 2
-    # The last step checked the rewound standby against the primary by data: every table identical.
+    # verify: full: the last step checked the rewound standby against the primary by data,
+    # every table identical, and the divergence's own compare did not run.
+    assert report.verify_keys is None
     assert report.verify is not None and report.verify.outcome == "succeeded" and report.verify.path == "none", \
         report.verify
     assert report.rewind.method == "pg_rewind" and report.rewind.fallback_reason is None, report.rewind

@@ -11,7 +11,10 @@ default) make it primary again with a zero-loss switchover.
  5. pg_rewind it onto the primary's timeline (pg_basebackup when rewind is impossible,
     and why), stream through its slot;
  6. Redis: snapshot the old master to S3, copy the keys only it has, then re-attach it;
- 7. wait until it has caught up, then switch over back (a child SwitchoverWorkflow).
+ 7. verify: every key the reconcile audited, compared on the primary and the rebuilt standby
+    (cost follows the divergence); a difference, or ``verify: full``, checks every row of
+    every table (DataSyncWorkflow, which repairs by rebuilding, never by writing a standby);
+ 8. wait until it has caught up, then switch over back (a child SwitchoverWorkflow).
 Every step is idempotent: a worker killed mid-rewind retries the step and finishes.
 
 Point of no return: applying the old primary's rows to the primary (step 4), after which
@@ -25,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.consistency.keys import AuditedKeysResult
     from activities.failback import Divergence, FailbackRequest, Reconciliation
     from activities.health import HealthActivities
     from activities.postgres.activities import PostgresActivities
@@ -59,6 +64,10 @@ class FailbackInput(BaseModel):
     max_catch_up_lag_bytes: int = Field(default=1024 * 1024, ge=0)
     catch_up_timeout_seconds: float = Field(default=600, gt=0)
     measure_client_impact: bool = False
+    # The last step's reach. divergence: the keys the failback reconciled, on both sides (its
+    # cost follows the divergence; a difference there escalates to full). full: every row of
+    # every table (DataSyncWorkflow), as long as the database takes to read.
+    verify: Literal["divergence", "full"] = "divergence"
 
 
 class FailbackReport(BaseModel):
@@ -73,6 +82,8 @@ class FailbackReport(BaseModel):
     switchover: RunbookResult | None = None
     # The rejoined standby's data checked against the primary (None: failbacks before it).
     verify: DataSyncResult | None = None
+    # The divergence's keys compared (verify: divergence; None: failbacks before it, or full).
+    verify_keys: AuditedKeysResult | None = None
     steps: list = []
     notes: list[str] = []
     outcome: str | None = None
@@ -178,8 +189,16 @@ class FailbackWorkflow(Rejoin):
                 reconciliation = await self.apply_reconciliation(req, rreq, oq, notes)
                 rewound = await self.rewind(req, oq, notes)
             redis = await self.rejoin_redis(req, oq)
-            verify = None
-            if workflow.patched("failback-verify-by-data"):
+            verify = verify_keys = None
+            if reconciliation is not None and inp.verify == "divergence" \
+                    and workflow.patched("failback-verify-divergence"):
+                verify_keys, full = await self.verify_divergence(primary, inp.region, reconciliation)
+                if full:
+                    verify = await self.verify_by_data(primary, inp.region, inp.reconcile_approval,
+                                                       f"failback {workflow.info().workflow_id}")
+            elif workflow.patched("failback-verify-by-data"):
+                # verify: full, or no reconcile to follow (the region already streamed, rebuilt
+                # by someone else: nothing says which of its rows to trust).
                 verify = await self.verify_by_data(primary, inp.region, inp.reconcile_approval,
                                                    f"failback {workflow.info().workflow_id}")
 
@@ -214,7 +233,7 @@ class FailbackWorkflow(Rejoin):
             self.finish(outcome)
             return FailbackReport(service=inp.service, region=inp.region, primary_before=primary,
                                   divergence=divergence, reconciliation=reconciliation, rewind=rewound, redis=redis,
-                                  switchover=switchover, verify=verify, steps=self.steps,
+                                  switchover=switchover, verify=verify, verify_keys=verify_keys, steps=self.steps,
                                   notes=notes + self.degraded,
                                   outcome=outcome, cancel_refused=self.cancel_refused)
 

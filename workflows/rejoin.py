@@ -14,9 +14,11 @@ survivor as a standby.
 from __future__ import annotations
 
 from temporalio import workflow
-from temporalio.exceptions import ChildWorkflowError
+from temporalio.exceptions import ActivityError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.consistency.activities import AuditedKeysRequest, ConsistencyActivities
+    from activities.consistency.keys import AuditedKeysResult
     from activities.failback import Divergence, FailbackActivities, FailbackRequest, Reconciliation, \
         ReconcileRequest
     from activities.postgres.rewind import Rewound
@@ -140,6 +142,42 @@ class Rejoin(Runbook):
                 self.degrade(f"verifying {rejoined}'s data against {survivor}", st.detail,
                              f"eagle-dr sync --check {res.check_workflow_id}")
             return res
+
+    async def verify_divergence(self, survivor: str, rejoined: str, reconciliation: Reconciliation
+                                ) -> tuple[AuditedKeysResult | None, bool]:
+        """The last step when it follows the divergence (keys.py): every key the reconcile
+        audited, compared on the survivor and the rejoined standby. Returns the result and
+        whether a full verify must follow: a difference (the full verify then finds all of
+        them and repairs by its approval policy) or no result (the step failed: say so, and
+        verify in full rather than not at all)."""
+        tables = [t.table for t in reconciliation.tables if t.loser_rows or t.deleted_keys]
+        async with self.step(f"verify what the failback changed on {rejoined} against {survivor}") as st:
+            if not tables:
+                st.detail = ("nothing to compare: the old primary wrote no rows after the fork (its rewound "
+                             "blocks hold no reconciled key)")
+                return None, False
+            info = workflow.info()
+            try:
+                res = await self.act(ConsistencyActivities.compare_audited_keys,
+                                     AuditedKeysRequest(survivor=survivor, standby=rejoined,
+                                                        workflow_id=info.workflow_id, run_id=info.run_id,
+                                                        tables=tables),
+                                     queue=info.task_queue, timeout=3600, heartbeat=HEARTBEAT_S, attempts=3)
+            except ActivityError as e:
+                st.status, st.detail = "failed", f"FAILED: {e.cause or e}; verifying every table instead"
+                return None, True
+            if res.differences:
+                st.status = "failed"
+                st.detail = (f"{res.differences} of {res.keys} reconciled keys differ on {rejoined} "
+                             f"({', '.join(f'{t.table} {t.differences}' for t in res.tables if t.differences)}); "
+                             "verifying every table, which repairs by its approval policy")
+                return res, True
+            moving = sum(t.in_flight for t in res.tables)
+            st.detail = (f"{res.keys} keys the failback reconciled ({', '.join(tables)}) identical on both"
+                         f"{f', {moving} still being written' if moving else ''}; rows outside the divergence "
+                         f"not read: eagle-dr check --regions {survivor},{rejoined} (or the scheduled check) "
+                         "reads every row")
+            return res, False
 
     async def rejoin_redis(self, req: FailbackRequest, queue: str) -> RedisFailback:
         async with self.step("preserve and re-attach Redis") as st:

@@ -14,6 +14,7 @@ from temporalio.exceptions import ApplicationError
 from activities.consistency import store
 from activities.heartbeat import heartbeating
 from activities.consistency.check import Position, compare_table
+from activities.consistency.keys import AuditedKeysResult, compare_audited_keys
 from activities.consistency.redis import compare_redis
 from activities.conflicts.apply import ApplySummary
 from activities.consistency.results import KeyDiff, RedisResult, TableResult
@@ -98,6 +99,15 @@ class RecordRequest(BaseModel):
     result: dict
 
 
+class AuditedKeysRequest(BaseModel):
+    survivor: str  # the primary the run reconciled into
+    standby: str  # the node rebuilt from it (a physical standby of it)
+    # The run whose audit rows name the keys (the failback's own workflow and run).
+    workflow_id: str
+    run_id: str
+    tables: list[str]  # as the reconcile named them (the audit's table_name)
+
+
 class ConsistencyActivities:
     def __init__(self, cfg: EagleConfig):
         self.cfg = cfg
@@ -148,6 +158,23 @@ class ConsistencyActivities:
         except TimeoutError as e:
             # A standby that does not replay within the bound: retried (it may catch up), then reported.
             raise ApplicationError(str(e), type="ReplayTimeout") from None
+
+    @activity.defn
+    def compare_audited_keys(self, req: AuditedKeysRequest) -> AuditedKeysResult:
+        """A failback's verify that follows the divergence (keys.py). Idempotent (reads only);
+        a retry compares again from the first key: the keys are few beside the tables."""
+        c = self.cfg.consistency
+        try:
+            # The side thread beats through a replay wait (up to a minute); each batch says its progress.
+            with heartbeating(details="comparing the audited keys"):
+                return compare_audited_keys(
+                    self._dsn(req.survivor), self._dsn(req.standby), req.survivor, req.standby, req.workflow_id,
+                    req.run_id, req.tables, max_lag=c.max_lag_seconds, cap=c.sample_cap, beat=activity.heartbeat)
+        except TimeoutError as e:
+            raise ApplicationError(str(e), type="ReplayTimeout") from None
+        except ValueError as e:
+            # The table changed its key columns since the reconcile: no retry reads them back.
+            raise ApplicationError(str(e), type="AuditKeysUnreadable", non_retryable=True) from None
 
     @activity.defn
     def compare_redis(self, req: CompareRedisRequest) -> RedisResult:

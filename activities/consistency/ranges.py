@@ -69,7 +69,7 @@ def row_hash(conn: psycopg.Connection, table: Table) -> str:
     return "hash" if ok else "md5"
 
 
-def _row_expr(kind: str) -> sql.Composable:
+def row_expr(kind: str) -> sql.Composable:
     if kind == "hash":
         return sql.SQL("hash_record_extended(t, 0)")
     return sql.SQL("('x' || substr(md5(t::text), 1, 16))::bit(64)::bigint")
@@ -102,7 +102,7 @@ def key_text(table: Table) -> sql.Composable:
 def hash_range(conn: psycopg.Connection, table: Table, r: Range, kind: str) -> Digest:
     cond, params = where(table, r)
     q = sql.SQL("select count(*), coalesce(bit_xor({}), 0) from {} as t where {}").format(
-        _row_expr(kind), table.ident, cond)
+        row_expr(kind), table.ident, cond)
     n, x = conn.execute(q, params).fetchone()
     return Digest(rows=n, xor=x)
 
@@ -153,7 +153,7 @@ def hash_buckets(conn: psycopg.Connection, table: Table, parts: list[Range], kin
     k = sql.Identifier(table.key[0])
     q = sql.SQL("select s.n, s.x from unnest(%s::bigint[], %s::bigint[]) with ordinality as u(lo, hi, i), "
                 "lateral (select count(*) as n, coalesce(bit_xor({h}), 0) as x from {t} as t "
-                "where {k} >= u.lo and {k} <= u.hi) as s order by u.i").format(h=_row_expr(kind), t=table.ident, k=k)
+                "where {k} >= u.lo and {k} <= u.hi) as s order by u.i").format(h=row_expr(kind), t=table.ident, k=k)
     return [Digest(rows=n, xor=x) for n, x in conn.execute(q, (los, his)).fetchall()]
 
 
@@ -166,7 +166,7 @@ def digests(conn: psycopg.Connection, table: Table, r: Range, kind: str, only: l
         arrays = sql.SQL(", ").join(sql.SQL("%s::text[]::{}[]").format(sql.SQL(ty)) for ty in table.key_types)
         cond = sql.SQL("{} and {} in (select * from unnest({}))").format(cond, _keys(table), arrays)
         params += [[k[i] for k in only] for i in range(len(table.key))]
-    q = sql.SQL("select {}, {} from {} as t where {}").format(key_text(table), _row_expr(kind), table.ident, cond)
+    q = sql.SQL("select {}, {} from {} as t where {}").format(key_text(table), row_expr(kind), table.ident, cond)
     return {tuple(row[:-1]): row[-1] for row in conn.execute(q, params).fetchall()}
 
 

@@ -805,6 +805,13 @@ def _failback_report(f) -> None:
         _reconciliation_lines(f.reconciliation)
         out.print(f"  PostgreSQL: {f.rewind.summary()}")
     out.print(f"  Redis: {_redis_kept(f.redis)}")
+    if f.verify_keys is not None:
+        vk = f.verify_keys
+        colour = "green" if not vk.differences else "red"
+        out.print(f"  verify: [{colour}]{vk.differences} of {vk.keys} reconciled keys differ[/] "
+                  f"({vk.seconds:.1f}s); rows outside the divergence not read (eagle-dr check reads every row)")
+    if f.verify is not None:
+        out.print(f"  verify (every table): {f.verify.outcome}, path {f.verify.path}")
     if f.switchover:
         _report(f.switchover)
     for n in f.notes:
@@ -816,6 +823,9 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
              switch_back: bool = typer.Option(True, "--switch-back/--standby-only",
                                               help="Make it primary again after it caught up."),
              approval: bool = typer.Option(False, "--require-approval/--no-approval"),
+             verify: str = typer.Option("divergence", "--verify",
+                                        help="divergence: compare the keys the failback reconciled (fast); full: "
+                                             "every row of every table (as long as the database takes to read)."),
              plan: bool = _plan_option()):
     """Bring a failed-over region back: keep its post-fork writes, rewind, re-attach, switch back."""
 
@@ -826,8 +836,10 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
     c = cfg()
     _region(c, region)
 
+    if verify not in ("divergence", "full"):
+        raise typer.BadParameter(f"--verify: expected divergence or full, got {verify!r}")
     inp = FailbackInput(service=c.service, region=region, switch_back=switch_back,
-                        approval=ApprovalPolicy(required=approval))
+                        approval=ApprovalPolicy(required=approval), verify=verify)
     if plan:
         from eagle_dr.cli.plan import show_plan
 
