@@ -67,6 +67,6 @@ async def test_failback_reads_only_the_divergence_and_finds_deletions_on_both_si
     assert report.verify is None and vk is not None, (report.verify, vk)
     assert [t.table for t in vk.tables] == ["alerts"] and vk.keys == audited == 3 and vk.differences == 0, vk
     # (steps: an untyped list in the report, so dicts here)
-    step = next(s for s in report.steps if s["name"].startswith("verify what the failback changed"))
-    assert step["status"] == "done" and "3 keys the failback reconciled (alerts) identical" in step["detail"], step
+    step = next(s for s in report.steps if s["name"].startswith("verify the reconciled keys"))
+    assert step["status"] == "done" and "3 reconciled keys (alerts) identical" in step["detail"], step
     assert f"{new} deleted it after the fork" in audit[gone_on_new]

@@ -217,10 +217,18 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     lab.start_worker(b)
 
     result = await handle.result()
-    # split_brain-resolution.json stays: recorded before the verify step.
-    await record(handle, "split_brain-verify-by-data")
+    # split_brain-resolution.json (before the verify step) and split_brain-verify-by-data.json
+    # (before verify: divergence) stay: running resolutions of those versions must replay.
+    await record(handle, "split_brain-verify-divergence")
     assert result.outcome == "resolved", [(x.name, x.status, x.detail) for x in result.steps]
-    assert result.verify is not None and result.verify.outcome == "succeeded", result.verify
+    # The loser's data checked where it diverged: every key the reconcile audited (the worker
+    # kills above retried it), identical on the survivor and the rewound loser.
+    with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True) as conn:
+        audited = conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s",
+                               (handle.id,)).fetchone()[0]
+    vk = result.verify_keys
+    assert result.verify is None and vk is not None and vk.differences == 0, (result.verify, vk)
+    assert vk.keys == audited >= 5, (vk, audited)  # the five conflicts at least
     # The result carries every step of the run (its report's timeline), not only the first.
     assert [x.name for x in result.steps][:2] == ["detect", "decide the survivor"] and len(result.steps) > 4, \
         [x.name for x in result.steps]

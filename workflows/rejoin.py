@@ -151,7 +151,7 @@ class Rejoin(Runbook):
         them and repairs by its approval policy) or no result (the step failed: say so, and
         verify in full rather than not at all)."""
         tables = [t.table for t in reconciliation.tables if t.loser_rows or t.deleted_keys]
-        async with self.step(f"verify what the failback changed on {rejoined} against {survivor}") as st:
+        async with self.step(f"verify the reconciled keys on {rejoined} against {survivor}") as st:
             if not tables:
                 st.detail = ("nothing to compare: the old primary wrote no rows after the fork (its rewound "
                              "blocks hold no reconciled key)")
@@ -173,7 +173,7 @@ class Rejoin(Runbook):
                              "verifying every table, which repairs by its approval policy")
                 return res, True
             moving = sum(t.in_flight for t in res.tables)
-            st.detail = (f"{res.keys} keys the failback reconciled ({', '.join(tables)}) identical on both"
+            st.detail = (f"{res.keys} reconciled keys ({', '.join(tables)}) identical on both"
                          f"{f', {moving} still being written' if moving else ''}; rows outside the divergence "
                          f"not read: eagle-dr check --regions {survivor},{rejoined} (or the scheduled check) "
                          "reads every row")

@@ -11,7 +11,9 @@ then keep every write either side made that can be kept, and record every decisi
  5. PostgreSQL: stop the loser, measure from its WAL what it committed after the fork, decide
     its post-fork rows per table strategy (an approver may review counts and a sample),
     apply them to the survivor, every decision audited in eagle_dr.conflict_audit;
- 6. resync: pg_rewind the loser into a standby of the survivor (pg_basebackup if impossible);
+ 6. resync: pg_rewind the loser into a standby of the survivor (pg_basebackup if impossible),
+    then compare every key the reconcile audited on both (``verify: full``, or a difference
+    there: every row of every table, DataSyncWorkflow);
  7. verify: one writable primary, one Redis master, one active region, a real write and read.
 The loser's services stay at 0: it is the passive region now, as after any failover.
 If the approver rejects, no row is applied and the loser stays stopped, its data intact
@@ -28,12 +30,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.consistency.keys import AuditedKeysResult
     from activities.failback import Divergence, FailbackRequest, Reconciliation
     from activities.postgres.activities import EpochRequest, FenceRequest, PostgresActivities
     from activities.postgres.rewind import Rewound
@@ -62,6 +66,9 @@ class SplitBrainInput(BaseModel):
     # Asked after the loser's rows are decided, before any is written (counts and a sample).
     approval: ApprovalPolicy = ApprovalPolicy()
     detected_at: AwareTime | None = None
+    # The loser's data check after its rewind, as failback's (workflows/failback.py): the keys
+    # reconciled (divergence), or every row of every table (full).
+    verify: Literal["divergence", "full"] = "divergence"
 
 
 class SplitBrainResult(BaseModel):
@@ -78,6 +85,7 @@ class SplitBrainResult(BaseModel):
     redis: RedisFailback | None = None
     # The loser, rewound into a standby, checked against the survivor by data.
     verify: DataSyncResult | None = None
+    verify_keys: AuditedKeysResult | None = None
     after: SplitBrainReport | None = None
     # Split seen -> one writer left (loser fenced, traffic on the survivor) -> all resolved.
     detected_at: datetime
@@ -244,7 +252,11 @@ class SplitBrainWorkflow(Rejoin):
                 result.reconciliation, result.approval = await self.reconcile(req, result.divergence, lq, inp.approval,
                                                                               notes)
                 result.rewind = await self.rewind(req, lq, notes)
-                if workflow.patched("split-brain-verify-by-data"):
+                full = True
+                if result.reconciliation is not None and inp.verify == "divergence" \
+                        and workflow.patched("split-brain-verify-divergence"):
+                    result.verify_keys, full = await self.verify_divergence(survivor, loser, result.reconciliation)
+                if full and workflow.patched("split-brain-verify-by-data"):
                     result.verify = await self.verify_by_data(survivor, loser, inp.approval,
                                                               f"split-brain {workflow.info().workflow_id}")
                     self._verified = result.verify is not None and result.verify.outcome == "succeeded"
