@@ -173,10 +173,12 @@ class Rejoin(Runbook):
                              "verifying every table, which repairs by its approval policy")
                 return res, True
             moving = sum(t.in_flight for t in res.tables)
+            gone = [t.table for t in res.tables if t.missing]
             st.detail = (f"{res.keys} reconciled keys ({', '.join(tables)}) identical on both"
-                         f"{f', {moving} still being written' if moving else ''}; rows outside the divergence "
-                         f"not read: eagle-dr check --regions {survivor},{rejoined} (or the scheduled check) "
-                         "reads every row")
+                         f"{f', {moving} still being written' if moving else ''}"
+                         f"{f'; not compared, dropped from {survivor} since: ' + ', '.join(gone) if gone else ''}; "
+                         f"rows outside the divergence not read: eagle-dr check --regions {survivor},{rejoined} "
+                         "(or the scheduled check) reads every row")
             return res, False
 
     async def rejoin_redis(self, req: FailbackRequest, queue: str) -> RedisFailback:
