@@ -19,19 +19,23 @@ DB_A, DB_B = "eagle_vk_a", "eagle_vk_b"
 ROWS = BATCH * 2 + 500  # three batches: the cursor's paging is part of what is checked
 
 _DDL = ["create table vk_items (id bigint primary key, region text not null, payload jsonb not null)",
-        "create table vk_pairs (region text, n int, v text, primary key (region, n))"]
+        "create table vk_pairs (region text, n int, v text, primary key (region, n))",
+        # A mixed-case name (as conflicts: may spell it) and a numeric key past a float's digits.
+        'create table "VkMixed" (id numeric(30, 12) primary key, v text)']
+LONG = "1234567890.123456789012"
 
 
 def _pg(lab, region: str, db: str | None = None) -> psycopg.Connection:
     return psycopg.connect(lab.cfg.region(region).postgres.dsn(db), autocommit=True)
 
 
-def _audit(conn: psycopg.Connection, wf: str, run: str, table: str, keys: list[dict]) -> None:
+def _audit(conn: psycopg.Connection, wf: str, run: str, table: str, keys: list[dict | str]) -> None:
+    """Audit rows as the reconcile writes them; a key given as text is the jsonb's own text."""
     ensure_audit_table(conn)
     with conn.cursor() as cur:
         cur.executemany("insert into eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key, strategy, "
                         "conflict, action, reason) values (%s, %s, %s, %s::jsonb, 'last-write-wins', false, 'insert', "
-                        "'test')", [(wf, run, table, json.dumps(k)) for k in keys])
+                        "'test')", [(wf, run, table, k if isinstance(k, str) else json.dumps(k)) for k in keys])
 
 
 @pytest.fixture
@@ -49,6 +53,7 @@ def two_databases(lab):
                       "from generate_series(1, %s) g", (ROWS,))
             c.execute("insert into vk_pairs select r, n, md5(r || n) from unnest(array['eu', 'us']) r, "
                       "generate_series(1, 50) n")
+            c.execute('insert into "VkMixed" values (%s, \'x\'), (2.5, \'y\')', (LONG,))
     yield primary
     with _pg(lab, primary) as c:
         for db in (DB_A, DB_B):
@@ -64,22 +69,27 @@ def test_every_differing_audited_key_is_named_and_nothing_else(lab, two_database
         b.execute("insert into vk_items values (%s, 'b', '{}')", (ROWS + 1,))
         b.execute("update vk_items set region = 'moved' where id = %s", (ROWS - 3,))  # a key nobody audited
         b.execute("update vk_pairs set v = 'changed' where region = 'us' and n = 2")
+        b.execute('update "VkMixed" set v = \'changed\' where id = %s', (LONG,))
     with _pg(lab, primary, DB_A) as a:
         # Every key of vk_items (three cursor batches), one only B has, one neither has;
         # two composite keys of vk_pairs. Another run's key that differs must not count.
         _audit(a, wf, run, "vk_items", [{"id": i} for i in range(1, ROWS - 10)] + [{"id": ROWS + 1}, {"id": ROWS + 2}])
         _audit(a, wf, run, "public.vk_pairs", [{"region": "eu", "n": 1}, {"region": "us", "n": 2}])
+        _audit(a, wf, run, "VkMixed", [f'{{"id": {LONG}}}', '{"id": 2.5}'])
         _audit(a, wf, "run-0", "vk_items", [{"id": ROWS - 3}])
     beats: list[str] = []
     dsn = lab.cfg.region(primary).postgres.dsn
-    res = compare_audited_keys(dsn(DB_A), dsn(DB_B), "a", "b", wf, run, ["vk_items", "public.vk_pairs"],
+    res = compare_audited_keys(dsn(DB_A), dsn(DB_B), "a", "b", wf, run, ["vk_items", "public.vk_pairs", "VkMixed"],
                                max_lag=5, cap=50, beat=beats.append, follower=False)
-    items, pairs = res.tables
+    items, pairs, mixed = res.tables
     assert items.keys == ROWS - 11 + 2 and pairs.keys == 2, res
     assert (items.diff.updated_keys, items.diff.deleted_keys, items.diff.inserted_keys) == \
         ([["11"]], [["12"]], [[str(ROWS + 1)]]), items.diff
     assert pairs.diff.updated_keys == [["us", "2"]] and pairs.differences == 1, pairs.diff
-    assert res.differences == 4 and items.in_flight == 0
+    # Found by its case-kept name, and the key read back digit for digit (as a float it would be
+    # another key, on neither side, and "identical").
+    assert not mixed.missing and mixed.keys == 2 and mixed.diff.updated_keys == [[LONG]], mixed
+    assert res.differences == 5 and items.in_flight == 0
     assert any(b.startswith("vk_items: ") for b in beats), beats
 
 

@@ -153,8 +153,8 @@ class Rejoin(Runbook):
         tables = [t.table for t in reconciliation.tables if t.loser_rows or t.deleted_keys]
         async with self.step(f"verify the reconciled keys on {rejoined} against {survivor}") as st:
             if not tables:
-                st.detail = ("nothing to compare: the old primary wrote no rows after the fork (its rewound "
-                             "blocks hold no reconciled key)")
+                st.detail = (f"nothing to compare: {rejoined} wrote no row of a table after the fork, so the run "
+                             f"reconciled none; eagle-dr check --regions {survivor},{rejoined} reads every row")
                 return None, False
             info = workflow.info()
             try:
@@ -166,6 +166,15 @@ class Rejoin(Runbook):
             except ActivityError as e:
                 st.status, st.detail = "failed", f"FAILED: {e.cause or e}; verifying every table instead"
                 return None, True
+            unread = [t.table for t in res.tables if t.missing or not t.keys]
+            if unread:
+                # The reconcile wrote rows there, and the audit gave none of their keys back (a
+                # reset run under another run id, a table renamed since): compared nothing is not
+                # identical. Read every row instead.
+                st.status = "failed"
+                st.detail = (f"no audited key of {', '.join(unread)} could be read back ({res.keys} keys compared "
+                             "elsewhere); verifying every table instead")
+                return res, True
             if res.differences:
                 st.status = "failed"
                 st.detail = (f"{res.differences} of {res.keys} reconciled keys differ on {rejoined} "
@@ -173,12 +182,9 @@ class Rejoin(Runbook):
                              "verifying every table, which repairs by its approval policy")
                 return res, True
             moving = sum(t.in_flight for t in res.tables)
-            gone = [t.table for t in res.tables if t.missing]
             st.detail = (f"{res.keys} reconciled keys ({', '.join(tables)}) identical on both"
-                         f"{f', {moving} still being written' if moving else ''}"
-                         f"{f'; not compared, dropped from {survivor} since: ' + ', '.join(gone) if gone else ''}; "
-                         f"rows outside the divergence not read: eagle-dr check --regions {survivor},{rejoined} "
-                         "(or the scheduled check) reads every row")
+                         f"{f', {moving} still being written' if moving else ''}; every other row not read: "
+                         f"eagle-dr check --regions {survivor},{rejoined} (or the scheduled check) reads them")
             return res, False
 
     async def rejoin_redis(self, req: FailbackRequest, queue: str) -> RedisFailback:

@@ -1,24 +1,27 @@
 """The keys one run reconciled, compared on the survivor and its rebuilt standby.
 
-A failback's verify that follows the divergence instead of the database. After pg_rewind,
-every block of the rebuilt node is either one it shared with the survivor at the fork (and
-has replayed the survivor's WAL over since), or one its own post-fork WAL touched, which
-pg_rewind copied back from the survivor. What the failback itself changed is the rows of the
-second kind and the reconcile's writes on the survivor; both are exactly the keys the
-reconcile audited (``eagle_dr.conflict_audit``: one row per key it decided, kept, flagged or
-wrote, deletions included). Those keys are compared here, on both sides, by key and 64-bit
-row digest (ranges.digests: no row crosses the network), at a consistent point with the A, B,
-A re-check of a bisect leaf (bisect.py): B is read once it has replayed A's LSN taken after A's
-read, and a key A changed meanwhile is in flight, never a difference.
+A failback's (or split-brain resolution's) verify that follows the divergence instead of the
+database. What the run itself changed is the keys its reconcile audited
+(``eagle_dr.conflict_audit``: one row per key it decided, kept, flagged or wrote, deletions
+included): the old primary's post-fork rows, resolved and written on the survivor, and the
+rows pg_rewind then copied back over the old primary's versions. Those keys are compared
+here, on both sides, by key and 64-bit row digest (no row crosses the network), at a
+consistent point with the A, B, A re-check of a bisect leaf (bisect.py): B is read once it
+has replayed A's LSN taken after A's read, and a key A changed meanwhile is in flight, never a
+difference.
 
-What this does not read: rows neither side's divergence touched. A change the old primary made
-outside its WAL (a disk fault, a file edited by hand) is only found by a full check: the
-failback says so, and ``verify: full`` or the scheduled check reads every row.
+What this does not read: every other row. That includes the other rows on the pages pg_rewind
+copied (it copies whole blocks), indexes, TOAST and files, and rows the old primary changed
+outside its WAL (a disk fault, a file edited by hand); after a pg_basebackup re-clone, the
+whole node is a fresh copy, compared here only at those keys. A full check reads every row:
+``verify: full``, ``eagle-dr check``, or the scheduled check; the step says so.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from decimal import Decimal
 from typing import Callable
 
 import psycopg
@@ -28,6 +31,7 @@ from pydantic import BaseModel
 from activities.consistency.ranges import Key, ReplayWaiter, row_expr, connect, current_lsn, key_text, row_hash
 from activities.consistency.results import KeyDiff
 from activities.consistency.tables import Table
+from activities.postgres.divergence import regclass_sql
 
 # Keys per round trip: a batch's keys and digests are ~40 bytes each a side.
 BATCH = 5000
@@ -64,9 +68,11 @@ class AuditedKeysResult(BaseModel):
 def _table(conn: psycopg.Connection, name: str, key_names: list[str]) -> Table | None:
     """``name`` with the audit's key columns (the reconcile's key: the config's, which need not
     be the primary key) and their types, as the survivor's catalog has them."""
+    # Quoted as the reconcile quoted it (a mixed-case name in conflicts: is that case, not folded).
+    ident = regclass_sql(name).as_string(conn)
     row = conn.execute("select n.nspname, c.relname, c.oid from pg_class c "
                        "join pg_namespace n on n.oid = c.relnamespace where c.oid = to_regclass(%s)",
-                       (name,)).fetchone()
+                       (ident,)).fetchone()
     if row is None:
         return None
     cols = conn.execute("select attname, format_type(atttypid, atttypmod), "
@@ -89,13 +95,15 @@ def _batches(conn: psycopg.Connection, workflow_id: str, run_id: str, table: str
     server-side cursor: a million-key reconcile is never all in memory)."""
     with conn.transaction(), conn.cursor(name="audited_keys") as cur:
         cur.itersize = BATCH
-        cur.execute("select primary_key from eagle_dr.conflict_audit where workflow_id = %s and run_id = %s "
+        # As text, parsed here with exact decimals: psycopg's jsonb loader makes floats, and a
+        # numeric key past ~16 digits would come back as another key, found on neither side.
+        cur.execute("select primary_key::text from eagle_dr.conflict_audit where workflow_id = %s and run_id = %s "
                     "and table_name = %s order by id", (workflow_id, run_id, table))
         while True:
             rows = cur.fetchmany(BATCH)
             if not rows:
                 return
-            yield [r[0] for r in rows]
+            yield [json.loads(r[0], parse_float=Decimal) for r in rows]
 
 
 def compare_audited_keys(dsn_survivor: str, dsn_standby: str, survivor: str, standby: str, workflow_id: str,

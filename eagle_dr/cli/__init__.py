@@ -818,14 +818,25 @@ def _failback_report(f) -> None:
         out.print(f"  [yellow]note:[/] {n}")
 
 
+def _verify_option():
+    return typer.Option("divergence", "--verify", callback=_verify_choice,
+                        help="The last step's reach. divergence: the keys the run reconciled, on both sides "
+                             "(follows the divergence); full: every row of every table (as long as the "
+                             "database takes to read).")
+
+
+def _verify_choice(value: str) -> str:
+    if value not in ("divergence", "full"):
+        raise typer.BadParameter(f"expected divergence or full, got {value!r}")
+    return value
+
+
 @app.command()
 def failback(region: str = typer.Option(..., "--region", help="The region to bring back."),
              switch_back: bool = typer.Option(True, "--switch-back/--standby-only",
                                               help="Make it primary again after it caught up."),
              approval: bool = typer.Option(False, "--require-approval/--no-approval"),
-             verify: str = typer.Option("divergence", "--verify",
-                                        help="divergence: compare the keys the failback reconciled (fast); full: "
-                                             "every row of every table (as long as the database takes to read)."),
+             verify: str = _verify_option(),
              plan: bool = _plan_option()):
     """Bring a failed-over region back: keep its post-fork writes, rewind, re-attach, switch back."""
 
@@ -836,8 +847,6 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
     c = cfg()
     _region(c, region)
 
-    if verify not in ("divergence", "full"):
-        raise typer.BadParameter(f"--verify: expected divergence or full, got {verify!r}")
     inp = FailbackInput(service=c.service, region=region, switch_back=switch_back,
                         approval=ApprovalPolicy(required=approval), verify=verify)
     if plan:
@@ -888,6 +897,7 @@ def split_brain(survivor: str = typer.Option(None, "--survivor", help="Name the 
                                                               "(default: split_brain.survivor_rule)."),
                 approval: bool = typer.Option(False, "--require-approval/--no-approval",
                                               help="Review counts and a sample before the loser's rows are applied."),
+                verify: str = _verify_option(),
                 plan: bool = _plan_option()):
     """Resolve a split brain: fence the loser, keep its writes per table strategy, resync it."""
 
@@ -900,7 +910,7 @@ def split_brain(survivor: str = typer.Option(None, "--survivor", help="Name the 
         _region(c, survivor)
 
     inp = SplitBrainInput(service=c.service, survivor=survivor, survivor_rule=rule,
-                          approval=ApprovalPolicy(required=approval))
+                          approval=ApprovalPolicy(required=approval), verify=verify)
     if plan:
         from eagle_dr.cli.plan import show_plan
 
