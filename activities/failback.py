@@ -41,6 +41,9 @@ class FailbackRequest(BaseModel):
 class Divergence(BaseModel):
     fork: ForkPoint
     lost: LostWal
+    # Where the measure's seconds went: the fence's own phases (read_only, stop, controldata,
+    # hold), then finding the fork and reading the lost WAL.
+    phases: dict[str, float] = {}
 
 
 class ReconcileRequest(FailbackRequest):
@@ -97,14 +100,20 @@ class FailbackActivities:
         """Stop the old primary (it may have come back writable) and read what it wrote after
         the fork from its WAL: the failover's true RPO, known only now."""
         with heartbeating():
-            fence_stop(self._pg(req.region))
+            fence = fence_stop(self._pg(req.region))
+            phases = {f"fence {k}": v for k, v in fence.phases.items()}
+            t = time.monotonic()
             try:
                 fork = fork_between(self._pg(req.primary_region), self._pg(req.region))
             except NoFork as e:
                 raise ApplicationError(f"cannot tell where {req.region} diverged from {req.primary_region}: {e}",
                                        type="NoFork", non_retryable=True) from e
+            phases["find the fork"] = round(time.monotonic() - t, 4)
+            t = time.monotonic()
             try:
-                return Divergence(fork=fork, lost=lost_wal(self._pg(req.region), fork))
+                lost = lost_wal(self._pg(req.region), fork)
+                phases["read the lost WAL"] = round(time.monotonic() - t, 4)
+                return Divergence(fork=fork, lost=lost, phases=phases)
             except WalUnreadable as e:
                 # Nothing is rewound or re-cloned after this: the loser keeps its data for a human.
                 raise ApplicationError(f"{req.region}'s writes after the fork cannot be read, so they cannot be "

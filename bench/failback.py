@@ -85,6 +85,7 @@ async def run_failback(lab: Lab, client, old: str) -> dict:
             "verify_full": report.verify is not None,
             "rewind_s": report.rewind.seconds, "rewind_method": report.rewind.method,
             "rewind_phases": report.rewind.phases,
+            "measure_phases": report.divergence.phases,
             "rewind_fallback": report.rewind.fallback_reason,
             "lost_commits": report.divergence.lost.lost_commits, "lost_bytes": report.divergence.lost.lost_bytes,
             "reconciled": [t.model_dump() for t in report.reconciliation.tables],
@@ -142,6 +143,10 @@ def report(r: dict) -> None:
         line(f"  {name}", s)
     for name, s, _detail in wf["switchover_steps"]:
         line(f"    {name}", s)
+    if wf.get("measure_phases"):
+        line("  measure, as the activity timed it", sum(wf["measure_phases"].values()))
+        for name, s in wf["measure_phases"].items():
+            line(f"    {name}", s)
     line(f"  rewind.seconds ({wf['rewind_method']}, as the activity timed it)", wf["rewind_s"])
     for name, s in wf.get("rewind_phases", {}).items():
         line(f"    {name}", s)
