@@ -217,3 +217,17 @@ def test_routing_plan_reads_configmaps_and_dns_and_writes_nothing(aws_env, clust
     for k in clusters.values():
         assert k.core.read_namespaced_config_map(CM, k.namespace).data["active.region"] == EAST
     assert dns.current(record) == dns_before
+
+
+@pytest.mark.parametrize("verify,streaming,expected", [
+    ("divergence", None, "verify the reconciled keys on a against b"),
+    ("full", None, "verify a's data against b"),
+    # Already streaming: nothing reconciled, nothing says which of its rows to trust.
+    ("divergence", "b", "verify a's data against b"),
+])
+def test_the_failback_plan_names_the_verify_it_will_run(verify, streaming, expected):
+    from workflows.plan import failback_plan
+
+    plan = failback_plan("svc", "a", "b", role="primary" if streaming is None else "standby",
+                         streaming_from=streaming, switch_back=False, verify=verify)
+    assert [s.action for s in plan.steps if s.action.startswith("verify")] == [expected], plan.steps

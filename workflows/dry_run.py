@@ -168,7 +168,7 @@ class PlanWorkflow(Runbook):
                                     f"fork at {view.fork_lsn if view else 'unknown'}")
         return failback_plan(inp.service, inp.region, primary, role=pg.role if pg and pg.reachable else None,
                              streaming_from=streaming, switch_back=inp.switch_back, view=view, routing=routing,
-                             blocked=blocked)
+                             blocked=blocked, verify=inp.verify)
 
     async def _split_brain(self, raw: dict) -> Plan:
         inp: SplitBrainInput = self._sub(SplitBrainInput, raw)
@@ -202,7 +202,7 @@ class PlanWorkflow(Runbook):
         return split_brain_plan(inp.service, findings=report.findings, survivor=survivor, loser=loser,
                                 why=f"{choice.rule}: {choice.why}", epoch=max(report.epochs.values(), default=0) + 1,
                                 pg_split=pg_split, redis_split=redis_split, view=view, routing=routing,
-                                blocked=blocked)
+                                blocked=blocked, verify=inp.verify)
 
     # -- restore -----------------------------------------------------------------------------
 

@@ -130,8 +130,8 @@ class FailbackWorkflow(Rejoin):
             pg = o_health.postgres
             self.plan_text = failback_plan(
                 inp.service, inp.region, primary, role=pg.role if pg.reachable else None, switch_back=inp.switch_back,
-                streaming_from=pg.upstream if pg.role == "standby" and pg.receiver_status == "streaming" else None
-            ).summary()
+                streaming_from=pg.upstream if pg.role == "standby" and pg.receiver_status == "streaming" else None,
+                verify=inp.verify).summary()
         return topo, primary, pq, oq, o_health
 
 

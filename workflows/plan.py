@@ -155,9 +155,17 @@ def rejoin_lines(region: str, primary: str, view: RejoinView | None) -> tuple[st
     return rewind, reconcile, list(view.notes)
 
 
+def verify_step(rejoined: str, survivor: str, verify: str, reconciled: bool = True) -> PlanStep:
+    """The rejoined node's data check, as verify_divergence / verify_by_data will run it."""
+    if verify == "divergence" and reconciled:
+        return PlanStep(action=f"verify the reconciled keys on {rejoined} against {survivor}",
+                        detail="every key the reconcile audits, on both sides; a difference checks every table")
+    return PlanStep(action=f"verify {rejoined}'s data against {survivor}", detail="every row of every table")
+
+
 def failback_plan(service: str, region: str, primary: str, *, role: str | None, streaming_from: str | None,
                   switch_back: bool, view: RejoinView | None = None, routing: RoutingView | None = None,
-                  blocked: str | None = None) -> Plan:
+                  blocked: str | None = None, verify: str = "divergence") -> Plan:
     steps: list[PlanStep] = []
     rewind = reconcile = fence = None
     notes: list[str] = []
@@ -171,6 +179,7 @@ def failback_plan(service: str, region: str, primary: str, *, role: str | None, 
                   PlanStep(action=f"reconcile into {primary}", detail=reconcile),
                   PlanStep(action=f"rewind {region} into a standby of {primary}", detail=rewind)]
     steps.append(PlanStep(action=f"Redis: snapshot {region}'s to S3, copy the keys only it has, REPLICAOF {primary}"))
+    steps.append(verify_step(region, primary, verify, reconciled=not streaming_from))
     if switch_back:
         steps += [PlanStep(action=f"switch over back to {region}", detail=f"a zero-loss switchover {primary} -> "
                                                                            f"{region} once it caught up"),
@@ -183,7 +192,8 @@ def failback_plan(service: str, region: str, primary: str, *, role: str | None, 
 
 def split_brain_plan(service: str, *, findings: list[str], survivor: str | None, loser: str | None, why: str,
                      epoch: int | None, pg_split: bool, redis_split: bool, view: RejoinView | None = None,
-                     routing: RoutingView | None = None, blocked: str | None = None) -> Plan:
+                     routing: RoutingView | None = None, blocked: str | None = None,
+                     verify: str = "divergence") -> Plan:
     if not findings:
         return Plan(runbook="split-brain", service=service, blocked=blocked,
                     steps=[PlanStep(action="nothing: no split brain (one writable primary, one Redis master, "
@@ -202,7 +212,8 @@ def split_brain_plan(service: str, *, findings: list[str], survivor: str | None,
     if pg_split:
         rewind, reconcile, notes = rejoin_lines(loser, survivor, view)
         steps += [PlanStep(action=f"reconcile into {survivor}", detail=reconcile),
-                  PlanStep(action=f"rewind {loser} into a standby of {survivor}", detail=rewind)]
+                  PlanStep(action=f"rewind {loser} into a standby of {survivor}", detail=rewind),
+                  verify_step(str(loser), str(survivor), verify)]
     steps.append(PlanStep(action="verify one primary, one master, routing on " + str(survivor)))
     return Plan(runbook="split-brain", service=service, blocked=blocked, source_region=loser, target_region=survivor,
                 fence=fence, promote=f"{survivor} stays primary" + ("" if pg_split else "; its Redis becomes master"),

@@ -154,7 +154,8 @@ class SplitBrainWorkflow(Rejoin):
                     inp.service, findings=report.findings, survivor=survivor, loser=loser,
                     why=f"{choice.rule}: {choice.why}", epoch=self.epoch, redis_split=len(report.all_redis_masters) > 1
                     and loser in report.all_redis_masters, pg_split=loser in report.postgres_primaries
-                    or loser in report.fenced_primaries or f"{loser}/postgres" in report.unreachable).summary()
+                    or loser in report.fenced_primaries or f"{loser}/postgres" in report.unreachable,
+                    verify=inp.verify).summary()
         except (asyncio.CancelledError, ActivityError) as e:
             if isinstance(e, ActivityError) and not isinstance(e.cause, CancelledError):
                 raise
