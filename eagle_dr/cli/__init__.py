@@ -805,13 +805,7 @@ def _failback_report(f) -> None:
         _reconciliation_lines(f.reconciliation)
         out.print(f"  PostgreSQL: {f.rewind.summary()}")
     out.print(f"  Redis: {_redis_kept(f.redis)}")
-    if f.verify_keys is not None:
-        vk = f.verify_keys
-        colour = "green" if not vk.differences else "red"
-        out.print(f"  verify: [{colour}]{vk.differences} of {vk.keys} reconciled keys differ[/] "
-                  f"({vk.seconds:.1f}s); rows outside the divergence not read (eagle-dr check reads every row)")
-    if f.verify is not None:
-        out.print(f"  verify (every table): {f.verify.outcome}, path {f.verify.path}")
+    _verify_lines(f)
     if f.switchover:
         _report(f.switchover)
     for n in f.notes:
@@ -862,6 +856,17 @@ def failback(region: str = typer.Option(..., "--region", help="The region to bri
     _run_runbook("failback", run)
 
 
+def _verify_lines(r) -> None:
+    """A failback's or split-brain resolution's last data check: the reconciled keys, every table, or both."""
+    if r.verify_keys is not None:
+        vk = r.verify_keys
+        colour = "green" if not vk.differences else "red"
+        out.print(f"  verify: [{colour}]{vk.differences} of {vk.keys} reconciled keys differ[/] ({vk.seconds:.1f}s); "
+                  "every other row not read (eagle-dr check reads them)")
+    if r.verify is not None:
+        out.print(f"  verify (every table): {r.verify.outcome}, path {r.verify.path}")
+
+
 def _reconciliation_lines(rec) -> None:
     for t in rec.tables:
         out.print(f"  {t.table} ({t.strategy}): {t.loser_rows} post-fork rows, {t.inserted} inserted, {t.updated} "
@@ -887,6 +892,7 @@ def _split_brain_report(r) -> None:
         out.print(f"  PostgreSQL: {r.rewind.summary()}")
     if r.redis:
         out.print(f"  Redis: {_redis_kept(r.redis)}")
+    _verify_lines(r)
     for n in r.notes:
         out.print(f"  [yellow]note:[/] {n}")
 
