@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 
-from activities.consistency.ranges import Key, Range, ReplayWaiter, buckets, current_lsn, digests, hash_buckets, \
+from activities.consistency.ranges import Range, ReplayWaiter, buckets, current_lsn, digests, hash_buckets, \
     hash_range, is_integer, key_span, split
 from activities.consistency.results import KeyDiff
 from activities.consistency.tables import Table
@@ -123,23 +123,9 @@ class RangeChecker:
                             lambda c: digests(c, self.table, r, self.kind))
         differing = [k for k in ka.keys() | kb.keys() if ka.get(k) != kb.get(k)]
         if differing and self.waiter is not None:
-            ka, kb, unsettled = self.recheck(r, sorted(differing))
+            keys = sorted(differing)
+            ka, kb, unsettled = self.waiter.recheck(
+                self.a, self.b, lambda c: digests(c, self.table, r, self.kind, only=keys), keys)
             out.in_flight += len(unsettled)
             differing = [k for k in differing if k not in unsettled and ka.get(k) != kb.get(k)]
-        self.record(sorted(differing), ka, kb, out)
-
-    def recheck(self, r: Range, keys: list[Key]) -> tuple[dict, dict, set]:
-        ka = digests(self.a, self.table, r, self.kind, only=keys)
-        self.waiter.replayed(self.b, current_lsn(self.a))
-        kb = digests(self.b, self.table, r, self.kind, only=keys)
-        again = digests(self.a, self.table, r, self.kind, only=keys)
-        unsettled = {k for k in keys if ka.get(k) != again.get(k)}
-        return ka, kb, unsettled
-
-    def record(self, keys: list[Key], ka: dict, kb: dict, out: Outcome) -> None:
-        inserted = [list(k) for k in keys if k not in ka]
-        deleted = [list(k) for k in keys if k not in kb]
-        updated = [list(k) for k in keys if k in ka and k in kb]
-        for kind, ks in (("inserted", inserted), ("updated", updated), ("deleted", deleted)):
-            if ks:
-                out.diff.add(kind, ks, self.cap)
+        out.diff.add_differing(sorted(differing), ka, kb, self.cap)

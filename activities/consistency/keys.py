@@ -166,17 +166,7 @@ def _compare(a: psycopg.Connection, b: psycopg.Connection, table: Table, kind: s
     kb = digests(b, table, kind, keys)
     differing = sorted(k for k in ka.keys() | kb.keys() if ka.get(k) != kb.get(k))
     if differing and waiter is not None:
-        # A, B, A: a key the survivor changed between its two reads is in flight; one it did not
-        # change, and that the standby (past the first read's LSN) still holds otherwise, differs.
-        ka = digests(a, table, kind, differing)
-        waiter.replayed(b, current_lsn(a))
-        kb = digests(b, table, kind, differing)
-        again = digests(a, table, kind, differing)
-        unsettled = {k for k in differing if ka.get(k) != again.get(k)}
+        ka, kb, unsettled = waiter.recheck(a, b, lambda c: digests(c, table, kind, differing), differing)
         res.in_flight += len(unsettled)
         differing = [k for k in differing if k not in unsettled and ka.get(k) != kb.get(k)]
-    for what, ks in (("inserted", [k for k in differing if k not in ka]),
-                     ("deleted", [k for k in differing if k not in kb]),
-                     ("updated", [k for k in differing if k in ka and k in kb])):
-        if ks:
-            res.diff.add(what, [list(k) for k in ks], cap)
+    res.diff.add_differing(differing, ka, kb, cap)

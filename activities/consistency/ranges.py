@@ -245,6 +245,17 @@ class ReplayWaiter:
                 raise TimeoutError(f"the standby did not replay the primary's {lsn} within {self.bound:.0f} s")
             time.sleep(0.02)
 
+    def recheck(self, primary: psycopg.Connection, standby: psycopg.Connection,
+                read: Callable[[psycopg.Connection], dict], keys: list) -> tuple[dict, dict, set]:
+        """A, B, A for ``keys`` that differed (``read``: a side's key -> digest). B is read once
+        it has replayed A's LSN after A's first read; a key whose two A reads disagree is still
+        being written (in flight, returned as unsettled), any other difference is real."""
+        ka = read(primary)
+        self.replayed(standby, current_lsn(primary))
+        kb = read(standby)
+        again = read(primary)
+        return ka, kb, {k for k in keys if ka.get(k) != again.get(k)}
+
     def throttle(self, standby: psycopg.Connection) -> None:
         start = time.monotonic()
         paused = False

@@ -28,6 +28,15 @@ class KeyDiff(BaseModel):
         sample: list = getattr(self, f"{kind}_keys")
         sample.extend(keys[:max(0, cap - len(sample))])
 
+    def add_differing(self, keys: list[tuple], a: dict, b: dict, cap: int) -> None:
+        """``keys`` that differ, each counted by where it is: only in ``b`` inserted, on both
+        updated, only in ``a`` deleted (``a``, ``b``: key -> digest, each side's read)."""
+        for kind, ks in (("inserted", [k for k in keys if k not in a]),
+                         ("updated", [k for k in keys if k in a and k in b]),
+                         ("deleted", [k for k in keys if k not in b])):
+            if ks:
+                self.add(kind, [list(k) for k in ks], cap)
+
     def merge(self, other: "KeyDiff", cap: int) -> None:
         for kind in ("inserted", "updated", "deleted"):
             setattr(self, kind, getattr(self, kind) + getattr(other, kind))
