@@ -65,6 +65,19 @@ def _startup_pid(lab, region: str) -> int:
     return _aux_pid(lab, region, b"startup")
 
 
+def _hold_pg_rewind(data_dir: str, timeout: float = 120) -> int | None:
+    """SIGSTOP the first pg_rewind that copies into ``data_dir`` (polled until ``timeout``), so a
+    test can act while a rewind is in flight; returns its pid (SIGCONT it), None if none ran."""
+    from activities.postgres.rewind import copiers
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in copiers(data_dir):
+            os.kill(pid, signal.SIGSTOP)
+            return pid
+    return None
+
+
 @contextmanager
 def _live_writes_on_a_trailing_standby(lab, primary: str, *statements: tuple[str, tuple]):
     """While inside: a thread runs ``statements`` (query, parameters: fixed, or a function of
@@ -78,7 +91,7 @@ def _live_writes_on_a_trailing_standby(lab, primary: str, *statements: tuple[str
     writes = [0]
 
     def writer():
-        with psycopg.connect(lab.cfg.region(primary).postgres.dsn(), autocommit=True) as c:
+        with _pg(lab, primary) as c:
             i = 0
             while not stop.is_set():
                 i += 1
@@ -120,8 +133,12 @@ def _async(fn):
 # -- a fork between the regions, as an outage makes one ------------------------------------
 
 
+def _pg(lab, region: str, db: str | None = None) -> psycopg.Connection:
+    return psycopg.connect(lab.cfg.region(region).postgres.dsn(db), autocommit=True)
+
+
 def _exec(lab, region: str, *statements) -> None:
-    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+    with _pg(lab, region) as conn:
         for s in statements:
             conn.execute(*s) if isinstance(s, tuple) else conn.execute(s)
 

@@ -10,7 +10,6 @@ import sys
 import time
 import uuid
 
-import psycopg
 import pytest
 import redis as redislib
 from temporalio.client import WorkflowFailureError
@@ -21,8 +20,8 @@ from eagle_dr.temporal import DR_CHECK_DIFFERENCES
 from lab import binaries
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _async, _exec, _lag_bytes, _live_writes_on_a_trailing_standby, _primary, _progress, \
-    _scrape, _until, _value
+from tests.lab_helpers import _async, _exec, _lag_bytes, _live_writes_on_a_trailing_standby, _pg, _primary, \
+    _progress, _scrape, _until, _value
 from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
 
 COPY_DB = "eagle_cc_copy"
@@ -33,9 +32,6 @@ _DDL = [
     "create table if not exists cc_pairs (region text, n int, v text, primary key (region, n))",
 ]
 
-
-def _pg(lab, region: str, db: str | None = None) -> psycopg.Connection:
-    return psycopg.connect(lab.cfg.region(region).postgres.dsn(db), autocommit=True)
 
 
 async def _run(client, lab, **inp) -> ConsistencyResult:

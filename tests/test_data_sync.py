@@ -11,14 +11,13 @@ import sys
 import uuid
 from datetime import datetime, timezone
 
-import psycopg
 import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
 from activities.consistency.store import record_run
 from tests.histories import record
-from tests.lab_helpers import _async, _awaiting, _exec, _lag_bytes, _primary, _progress, _until
+from tests.lab_helpers import _async, _awaiting, _exec, _lag_bytes, _pg, _primary, _progress, _until
 from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
 from workflows.data_sync import DataSyncResult, DataSyncWorkflow
 from workflows.models import ApprovalDecision
@@ -29,9 +28,6 @@ _DDL = ("create table if not exists ds_items (id bigint primary key, region text
 # The column list, for reading whole rows back to compare.
 _ROW = "select id, region, payload, updated_at from ds_items"
 
-
-def _pg(lab, region: str, db: str | None = None) -> psycopg.Connection:
-    return psycopg.connect(lab.cfg.region(region).postgres.dsn(db), autocommit=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 
 import psycopg
 
-from activities.postgres.rewind import copiers
 from tests.histories import record
-from tests.lab_helpers import _exec, _fork, _primary
+from tests.lab_helpers import _exec, _fork, _hold_pg_rewind, _primary
 from workflows.failback import FailbackInput, FailbackWorkflow
 
 
@@ -87,18 +85,7 @@ async def test_a_verify_that_reads_back_no_audited_key_checks_every_table_instea
     old, new = await _fork(lab, client, [("update alerts set payload = '{\"v\": \"old\"}' where id = %s", (row,))])
     handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=old),
                                          id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
-    data_dir = lab.cfg.region(old).postgres.data_dir
-
-    def hold_pg_rewind(timeout: float = 120) -> int | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for pid in copiers(data_dir):
-                os.kill(pid, signal.SIGSTOP)
-                return pid
-            time.sleep(0.01)
-        return None
-
-    held = await asyncio.to_thread(hold_pg_rewind)
+    held = await asyncio.to_thread(_hold_pg_rewind, lab.cfg.region(old).postgres.data_dir)
     assert held, "pg_rewind never ran"
     try:
         # The reconcile is done (pg_rewind runs after it): its audit rows are on the primary.

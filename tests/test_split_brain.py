@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +25,7 @@ from activities.split_brain import detect
 from eagle_dr.launch import start_move
 from lab.processes import kill_tree, read_pid, wait_gone
 from tests.histories import record
-from tests.lab_helpers import _async, _awaiting, _lag_bytes, _primary, _progress, _until
+from tests.lab_helpers import _async, _awaiting, _hold_pg_rewind, _lag_bytes, _primary, _progress, _until
 from workflows.failback import FailbackInput, FailbackWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, FailoverInput
 from workflows.monitor import MonitorInput, MonitorWorkflow
@@ -200,16 +199,7 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     # alone, so the frozen pg_rewind lives on. The retry must end that orphan before it
     # touches the data directory again.
     b_data = lab.cfg.region(b).postgres.data_dir
-
-    def catch_pg_rewind(timeout: float = 120) -> int | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for pid in copiers(b_data):
-                os.kill(pid, signal.SIGSTOP)
-                return pid
-        return None
-
-    orphan = await asyncio.to_thread(catch_pg_rewind)
+    orphan = await asyncio.to_thread(_hold_pg_rewind, b_data)
     assert orphan, "pg_rewind never ran"
     worker = read_pid(lab.worker_pidfile(b))
     os.kill(worker, signal.SIGKILL)

@@ -13,7 +13,7 @@ import pytest
 
 from activities.conflicts.apply import ensure_audit_table
 from activities.consistency.keys import BATCH, compare_audited_keys
-from tests.lab_helpers import _async, _exec, _lag_bytes, _live_writes_on_a_trailing_standby, _primary, _until
+from tests.lab_helpers import _async, _exec, _lag_bytes, _live_writes_on_a_trailing_standby, _pg, _primary, _until
 
 DB_A, DB_B = "eagle_vk_a", "eagle_vk_b"
 ROWS = BATCH * 2 + 500  # three batches: the cursor's paging is part of what is checked
@@ -24,9 +24,6 @@ _DDL = ["create table vk_items (id bigint primary key, region text not null, pay
         'create table "VkMixed" (id numeric(30, 12) primary key, v text)']
 LONG = "1234567890.123456789012"
 
-
-def _pg(lab, region: str, db: str | None = None) -> psycopg.Connection:
-    return psycopg.connect(lab.cfg.region(region).postgres.dsn(db), autocommit=True)
 
 
 def _audit(conn: psycopg.Connection, wf: str, run: str, table: str, keys: list[dict | str]) -> None:
