@@ -18,6 +18,7 @@ import psycopg
 
 from activities.postgres.status import pg_status
 from eagle_dr.launch import start_move
+from eagle_dr.temporal import poller_ages
 from lab.lab import Lab
 from workflows.models import FailoverInput
 
@@ -167,11 +168,4 @@ async def fork(lab: Lab, client, old: str, mb: float, seed_rows: int) -> str:
 async def _pollers(client, queue: str) -> set[str]:
     """Identities of the workers that polled ``queue``'s activity tasks (the killed one's stays
     listed a while: a new identity is the restarted worker)."""
-    from temporalio.api.enums.v1 import TaskQueueType
-    from temporalio.api.taskqueue.v1 import TaskQueue
-    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-
-    resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-        namespace=client.namespace, task_queue=TaskQueue(name=queue),
-        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY))
-    return {p.identity for p in resp.pollers}
+    return set(await poller_ages(client, queue, workflow=False))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from pydantic import BaseModel, computed_field
 
@@ -331,11 +331,7 @@ async def _liveness(client, queues: list[str]) -> dict:
 
 
 async def _pollers(address: str, queues: list[tuple[str, str, bool]], cfg=None) -> list[WorkerView]:
-    from temporalio.api.enums.v1 import TaskQueueType
-    from temporalio.api.taskqueue.v1 import TaskQueue
-    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-
-    from eagle_dr.temporal import connect
+    from eagle_dr.temporal import connect, poller_ages
 
     try:
         client = await asyncio.wait_for(connect(address, config=cfg), 5)
@@ -347,17 +343,13 @@ async def _pollers(address: str, queues: list[tuple[str, str, bool]], cfg=None) 
         alive, liveness_error = {}, f"liveness probe: {e}"
     else:
         liveness_error = None
-    now = datetime.now(timezone.utc)
     out = []
     for queue, region, is_workflow in queues:
-        kind = TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW if is_workflow else TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
         try:
-            resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-                namespace=client.namespace, task_queue=TaskQueue(name=queue), task_queue_type=kind))
+            ages = await poller_ages(client, queue, workflow=is_workflow)
         except Exception as e:  # noqa: BLE001
             out.append(WorkerView(task_queue=queue, region=region, polling=False, error=str(e)))
             continue
-        ages = {p.identity: (now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds() for p in resp.pollers}
         fresh = {i: a for i, a in ages.items() if a <= POLLER_FRESH_SECONDS}
         probe = alive.get(queue)
         if probe is None:

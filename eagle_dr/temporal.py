@@ -111,6 +111,22 @@ async def connect(default_address: str | None = None, *, config=None, **kwargs):
     return await Client.connect(**cfg)
 
 
+async def poller_ages(client, queue: str, *, workflow: bool) -> dict[str, float]:
+    """Each worker the server lists as a recent poller of ``queue`` (its workflow or activity
+    tasks): identity -> seconds since its last poll. Raises what the call raises."""
+    from datetime import datetime, timezone
+
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    kind = TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW if workflow else TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+    resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+        namespace=client.namespace, task_queue=TaskQueue(name=queue), task_queue_type=kind))
+    now = datetime.now(timezone.utc)
+    return {p.identity: (now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds() for p in resp.pollers}
+
+
 async def move_running(address: str, service: str, config=None) -> bool | None:
     """Whether a runbook holds ``dr-move-<service>`` now: True, False, or None when Temporal
     cannot say (down, unreachable). Callers treat None as "maybe": ``status`` claims no

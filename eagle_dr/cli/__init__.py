@@ -417,25 +417,16 @@ def _client(c: EagleConfig):
 async def _runbook_client(c: EagleConfig):
     """The client a runbook is started with, after a look at its task queue: with no worker
     polling it, the run is queued and the live step list would sit still without a word."""
-    from datetime import datetime, timezone
-
-    from temporalio.api.enums.v1 import TaskQueueType
-    from temporalio.api.taskqueue.v1 import TaskQueue
-    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-
     from eagle_dr.status import POLLER_FRESH_SECONDS
+    from eagle_dr.temporal import poller_ages
 
     client = await _client(c)
     queue = c.temporal.control_task_queue
     try:
-        resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-            namespace=client.namespace, task_queue=TaskQueue(name=queue),
-            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW))
+        ages = await poller_ages(client, queue, workflow=True)
     except Exception:  # noqa: BLE001 - only a warning: starting the run reports Temporal itself
         return client
-    now = datetime.now(timezone.utc)
-    if not any((now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds() <= POLLER_FRESH_SECONDS
-               for p in resp.pollers):
+    if not any(a <= POLLER_FRESH_SECONDS for a in ages.values()):
         err.print(f"warning: no worker has polled task queue {queue} in the last {POLLER_FRESH_SECONDS}s: the "
                   "run is queued and starts when one does (eagle-dr worker --control; eagle-dr status)",
                   highlight=False, soft_wrap=True)
