@@ -285,11 +285,9 @@ def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run
         insert into eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key, strategy, conflict,
             survivor_version, loser_version, result, versions_elided, action, winner_region, approved_by, reason)
         select {wf}, {run}, {table}, _e_pk, {strategy}, _e_conflict,
-               case when not _e_elided then _e_s_json end, case when not _e_elided then _e_l_json end,
-               case when _e_r_present then {result} end, _e_elided,
+               _e_s_json, _e_l_json, case when _e_r_present then {result} end, _e_elided,
                _e_action, _e_winner, {approved_by}, _e_reason
-        from (select r.*, _e_one_sided and not (_e_conflict or _e_action in ('flag', 'merge', 'delete')) as _e_elided
-              from {resolved} r) r
+        from {resolved} r
     """
     if _audited_before(cur, table, workflow_id, run_id):
         insert += """

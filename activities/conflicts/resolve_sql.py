@@ -21,7 +21,7 @@ from eagle_dr.config import TableConflictConfig
 
 # Names this module gives its own columns; a table using them would be misread.
 RESERVED_PREFIXES = ("_e_", "_s_", "_l_")
-META = ["_e_pk", "_e_s_json", "_e_l_json", "_e_conflict", "_e_winner", "_e_reason", "_e_r_present", "_e_one_sided",
+META = ["_e_pk", "_e_s_json", "_e_l_json", "_e_conflict", "_e_winner", "_e_reason", "_e_r_present", "_e_elided",
         "_e_action"]
 # jsonb_build_object takes at most 100 arguments: 50 columns per call, joined with ||.
 _JSON_CHUNK = 50
@@ -194,10 +194,13 @@ class DecideQuery:
                 select {pair_cols},
                        s.{k0} is not null as _e_s_present,
                        not l._e_deleted as _e_l_present,
-                       case when s.{k0} is null then null else to_jsonb(s) end as _e_s_json,
-                       case when l._e_deleted then null else to_jsonb(l) - '_e_deleted' end as _e_l_json,
+                       -- The rows themselves (both sides' every column, generated ones too) for the
+                       -- versions the audit keeps; only those are turned into jsonb, at the end.
+                       case when s.{k0} is null then null else s end as _e_s_rec,
+                       case when l._e_deleted then null else l end as _e_l_rec,
                        jsonb_build_object({pk}) as _e_pk
                 from {loser} l left join {target} s on {join_on}
+                offset 0
             ), f as (
                 select j.*,
                        case when _e_s_present then coalesce({s_ts} > {fork}, false)
@@ -213,29 +216,44 @@ class DecideQuery:
                        coalesce({s_ts} >= {fresh_after}, false) as _e_s_fresh,
                        coalesce({l_ts} >= {fresh_after}, false) as _e_l_fresh
                 from j
+                offset 0
             ), c as (
                 select f.*, {collision} as _e_collision from f
+                offset 0
             ), d as (
                 select c.*, _e_collision or (_e_s_changed and _e_l_changed and not _e_same) as _e_conflict, {decision}
                 from c
+                offset 0
             ), r as (
                 select d.*, {result_cols},
                        case when _e_take_s then _e_s_present else _e_l_present end as _e_r_present,
                        case when _e_take_s then {S} else {L} end as _e_winner
                 from d
+                offset 0
+            ), a as (
+                select r.*,
+                       case when _e_flag then 'flag'
+                            when _e_r_present = _e_s_present
+                                 and (not _e_r_present or {result_row} is not distinct from {s_row}) then 'keep_survivor'
+                            when not _e_r_present then 'delete'
+                            when not _e_s_present then 'insert_loser'
+                            when _e_l_present and {result_row} is not distinct from {l_row} then 'apply_loser'
+                            else 'merge' end as _e_action
+                from r
+                offset 0
+            ), e as (
+                -- At most one side changed the row since the fork (or both to the same row) and
+                -- nothing was thrown away or chosen between: apply._audit keeps only the result.
+                select a.*, (_e_same or _e_s_changed <> _e_l_changed)
+                            and not (_e_conflict or _e_action in ('flag', 'merge', 'delete')) as _e_elided
+                from a
+                offset 0
             )
-            select {names}, _e_pk, _e_s_json, _e_l_json, _e_conflict, _e_winner, _e_reason, _e_r_present,
-                   -- At most one side changed the row since the fork (or both to the same row):
-                   -- apply._audit keeps only the result for such keys.
-                   _e_same or _e_s_changed <> _e_l_changed as _e_one_sided,
-                   case when _e_flag then 'flag'
-                        when _e_r_present = _e_s_present
-                             and (not _e_r_present or {result_row} is not distinct from {s_row}) then 'keep_survivor'
-                        when not _e_r_present then 'delete'
-                        when not _e_s_present then 'insert_loser'
-                        when _e_l_present and {result_row} is not distinct from {l_row} then 'apply_loser'
-                        else 'merge' end as _e_action
-            from r
+            -- The versions only where the audit keeps them (most of a failback's keys are elided).
+            select {names}, _e_pk, case when not _e_elided then to_jsonb(_e_s_rec) end as _e_s_json,
+                   case when not _e_elided then to_jsonb(_e_l_rec) - '_e_deleted' end as _e_l_json,
+                   _e_conflict, _e_winner, _e_reason, _e_r_present, _e_elided, _e_action
+            from e
         """).format(
             pair_cols=pair_cols, k0=k0, pk=pk, loser=loser, target=target, join_on=join_on,
             s_ts=s_ts, l_ts=l_ts, fork=fork, s_row=self.row_of(self.s_col), l_row=self.row_of(self.l_col),
