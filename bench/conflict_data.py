@@ -71,10 +71,13 @@ _SURVIVOR_COLUMNS = {
 }
 
 
-def _loser_row(table: str, i: int) -> dict[str, Any]:
+def _loser_row(table: str, i: int, n: int) -> dict[str, Any]:
     if table == "alerts":
+        # The loser's inserts (keys past the survivor's N) were created after the fork: with a
+        # creation time before it, the engine rightly reads "the survivor deleted this row" and
+        # counts a conflict.
         return {"id": i, "region": LOSER, "payload": {"severity": "warning", "source": "sample-app", "n": i},
-                "created_at": T0.isoformat(), "updated_at": LOSER_WROTE_AT}
+                "created_at": (LOSER_WROTE_AT if i > n else T0.isoformat()), "updated_at": LOSER_WROTE_AT}
     if table == "alert_rules":
         return {"id": i, "name": f"rule-{i}-l", "threshold": Decimal("95.5"), "enabled": False,
                 "updated_at": LOSER_WROTE_AT}
@@ -104,7 +107,7 @@ def fill_survivor(conn: psycopg.Connection, table: str, mix: Mix) -> None:
 
 def loser_changes(table: str, mix: Mix) -> tuple[list[dict[str, Any]], list[tuple[int]]]:
     """(loser rows, deleted keys): N keys in all."""
-    rows = [_loser_row(table, i) for r in (mix.conflicts, mix.loser_only, mix.inserted) for i in r]
+    rows = [_loser_row(table, i, mix.n) for r in (mix.conflicts, mix.loser_only, mix.inserted) for i in r]
     return rows, [(i,) for i in mix.deleted]
 
 
@@ -115,8 +118,8 @@ def expected_conflicts(mix: Mix) -> int:
 # The loser's rows as SQL over g (the id), the same values _loser_row gives in Python.
 _LOSER_COLUMNS = {
     "alerts": ("id, region, payload, created_at, updated_at",
-               "g, %(loser)s, jsonb_build_object('severity', 'warning', 'source', 'sample-app', 'n', g), %(t0)s, "
-               "%(wrote)s::timestamptz"),
+               "g, %(loser)s, jsonb_build_object('severity', 'warning', 'source', 'sample-app', 'n', g), "
+               "case when g > %(n)s then %(wrote)s::timestamptz else %(t0)s end, %(wrote)s::timestamptz"),
     "alert_rules": ("id, name, threshold, enabled, updated_at",
                     "g, 'rule-' || g || '-l', 95.5, false, %(wrote)s::timestamptz"),
 }
@@ -133,7 +136,8 @@ def fill_loser(conn: psycopg.Connection, table: str, mix: Mix) -> sql.Composable
     conn.execute(sql.SQL("create unlogged table {} (like {})").format(src, sql.Identifier(table)))
     for r in (mix.conflicts, mix.loser_only, mix.inserted):
         conn.execute(sql.SQL(f"insert into {{}} ({cols}) select {values} from generate_series(%(a)s::bigint, %(b)s::bigint) g")
-                     .format(src), {"loser": LOSER, "t0": T0, "wrote": LOSER_WROTE_AT, "a": r.start, "b": r.stop - 1})
+                     .format(src), {"loser": LOSER, "t0": T0, "wrote": LOSER_WROTE_AT, "n": mix.n, "a": r.start,
+                                 "b": r.stop - 1})
     conn.execute(sql.SQL("analyze {}").format(src))
     return sql.SQL("select * from {}").format(src)
 
