@@ -16,8 +16,14 @@ import uuid
 import psycopg
 
 from tests.histories import record
-from tests.lab_helpers import _exec, _fork, _hold_pg_rewind, _primary
+from lab.processes import kill_tree, read_pid
+from tests.lab_helpers import _async, _exec, _fork, _hold_pg_rewind, _primary, _until
 from workflows.failback import FailbackInput, FailbackWorkflow
+
+
+def _one(lab, region: str, query: str, *args):
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        return conn.execute(query, args).fetchone()[0]
 
 
 async def test_failback_reads_only_the_divergence_and_finds_deletions_on_both_sides(lab, client):
@@ -100,4 +106,56 @@ async def test_a_verify_that_reads_back_no_audited_key_checks_every_table_instea
     assert step["status"] == "failed" and "no audited key of alerts could be read back" in step["detail"], step
     assert report.verify is not None and report.verify.outcome == "succeeded" and report.verify.path == "none", \
         report.verify
+    assert report.outcome == "succeeded", report.notes
+
+
+async def test_the_verify_survives_its_worker_killed_mid_compare(lab, client):
+    """A crash the runbook did not cause, in its last check: the control worker is killed
+    (kill -9) while the divergence verify reads the run's audited keys (held there by a lock
+    the test takes on the audit table). The activity's heartbeats stop, a retry on the
+    restarted worker compares every audited key again, and the run ends green on the
+    divergence path: not escalated to the full check, not passed on a half-read."""
+    original = _primary(lab)
+    row = 9_260_000_000 + uuid.uuid4().int % 10**6
+    _exec(lab, original, ("insert into alerts (id, region, payload) values (%s, 'seed', '{}'), (%s, 'seed', '{}')",
+                          (row, row + 1)))
+    old, new = await _fork(lab, client, [
+        ("update alerts set payload = '{\"v\": \"old\"}' where id in (%s, %s)", (row, row + 1))])
+    handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=old),
+                                         id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    held = await asyncio.to_thread(_hold_pg_rewind, lab.cfg.region(old).postgres.data_dir)
+    assert held, "pg_rewind never ran"
+    # The reconcile is done (pg_rewind runs after it); the verify will wait on this lock.
+    blocker = psycopg.connect(lab.cfg.region(new).postgres.dsn())
+    try:
+        blocker.execute("lock table eagle_dr.conflict_audit in access exclusive mode")
+        os.kill(held, signal.SIGCONT)
+        await _until(_async(lambda: _one(
+            lab, new, "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and pid <> %s "
+            "and query ilike '%%primary_key::text%%conflict_audit%%'", blocker.info.backend_pid) > 0), 120,
+            "the verify to read the audited keys")
+        assert kill_tree(read_pid(lab.worker_pidfile(None)))
+    finally:
+        blocker.rollback()
+        blocker.close()
+    lab.start_worker(None)
+
+    report = await handle.result()
+    assert _primary(lab) == original
+    # The compare ran again after the kill: a second attempt of the same activity.
+    compares, attempts = set(), []
+    async for e in handle.fetch_history_events():
+        if e.HasField("activity_task_scheduled_event_attributes") and \
+                e.activity_task_scheduled_event_attributes.activity_type.name == "compare_audited_keys":
+            compares.add(e.event_id)
+        elif e.HasField("activity_task_started_event_attributes") and \
+                e.activity_task_started_event_attributes.scheduled_event_id in compares:
+            attempts.append(e.activity_task_started_event_attributes.attempt)
+    assert len(compares) == 1 and max(attempts) >= 2, (compares, attempts)
+    audited = _one(lab, new, "select count(*) from eagle_dr.conflict_audit where workflow_id = %s", handle.id)
+    vk = report.verify_keys
+    assert report.verify is None and vk is not None, (report.verify, vk)
+    assert vk.keys == audited == 2 and vk.differences == 0, vk
+    step = next(s for s in report.steps if s["name"].startswith("verify the reconciled keys"))
+    assert step["status"] == "done", step
     assert report.outcome == "succeeded", report.notes
