@@ -139,3 +139,62 @@ async def test_failover_after_a_crash_it_did_not_cause_reports_the_real_loss(lab
     back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))
                   ).result()
     assert back.outcome == "succeeded" and back.rpo.lost_wal_bytes == 0 and back.rpo.met is True
+
+
+async def test_an_unlisted_table_is_reconciled_last_write_wins_when_the_config_says_so(lab, client):
+    """``unlisted_tables: last-write-wins``: a table nobody listed, changed on both sides after
+    the fork, is reconciled on its primary key and updated_at, audited under its schema-qualified
+    name, and the verify that follows the divergence reads those keys back on both sides. The
+    activities run here with that config against the real lab (the lab's workers refuse, the
+    default); the rewind and the switch back are the lab's own."""
+    import dataclasses
+    import uuid
+
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.consistency.keys import compare_audited_keys
+    from activities.failback import FailbackActivities, FailbackRequest, ReconcileRequest
+
+    original = _primary(lab)
+    _exec(lab, original, "create table if not exists notes_lww (id int primary key, body text, "
+                         "updated_at timestamptz not null default now())",
+          "insert into notes_lww (id, body) select g, 'seed' from generate_series(1, 4) g")
+    old, new = await _fork(lab, client, [
+        "update notes_lww set body = 'old', updated_at = now() where id in (1, 2)",
+        "delete from notes_lww where id = 3",
+        "insert into notes_lww (id, body) values (10, 'only on the old primary')"])
+    # The survivor writes key 2 after the old primary did: last-write-wins keeps the survivor's.
+    _exec(lab, new, "update notes_lww set body = 'new', updated_at = now() where id = 2")
+
+    acts = FailbackActivities(lab.cfg.model_copy(update={"unlisted_tables": "last-write-wins"}))
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, workflow_id=f"unlisted-{uuid.uuid4()}", workflow_run_id="run-1")
+    req = FailbackRequest(region=old, primary_region=new, approved_by="test")
+    divergence = env.run(acts.measure_divergence, req)
+    rec = env.run(acts.reconcile_diverged_rows, ReconcileRequest(**req.model_dump(), divergence=divergence))
+    assert rec.unlisted_reconciled == ["public.notes_lww"], rec
+    t = next(x for x in rec.tables if x.table == "public.notes_lww")
+    assert (t.strategy, t.updated, t.inserted, t.deleted, t.kept, t.conflicts) == \
+        ("last-write-wins", 1, 1, 1, 1, 1), t
+    with psycopg.connect(lab.cfg.region(new).postgres.dsn(), autocommit=True) as conn:
+        rows = conn.execute("select id, body from notes_lww order by id").fetchall()
+        audit = conn.execute("select (primary_key->>'id')::int, action from eagle_dr.conflict_audit "
+                             "where workflow_id = %s and table_name = 'public.notes_lww' order by 1",
+                             (env.info.workflow_id,)).fetchall()
+    assert rows == [(1, "old"), (2, "new"), (4, "seed"), (10, "only on the old primary")], rows
+    assert audit == [(1, "apply_loser"), (2, "keep_survivor"), (3, "delete"), (10, "insert_loser")], audit
+
+    rewound = env.run(acts.rewind_old_primary, req)
+    assert rewound.method
+    await _until(_async(lambda: pg_status(lab.cfg.region(old).postgres).receiver_status == "streaming"), 60,
+                 f"{old} to stream from {new}")
+    vk = compare_audited_keys(lab.cfg.region(new).postgres.dsn(), lab.cfg.region(old).postgres.dsn(), new, old,
+                              env.info.workflow_id, "run-1", ["public.notes_lww"], max_lag=30, cap=10,
+                              beat=lambda _: None)
+    assert [(x.table, x.keys, x.differences, x.missing) for x in vk.tables] == [("public.notes_lww", 4, 0, False)], vk
+
+    env.run(acts.preserve_redis_and_rejoin, req)  # the old master's Redis follows again, as failback does
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
+                                                                    target_region=original))).result()
+    assert back.outcome == "succeeded"
+    _exec(lab, original, "drop table notes_lww")
