@@ -287,3 +287,36 @@ def test_reconcile_refuses_a_read_that_disagrees_with_the_measured_divergence():
             _agrees("us-west-2", lost, read(commits, end))
         assert e.value.type == "DivergenceMismatch" and e.value.non_retryable
         assert "Nothing was applied" in str(e.value) and "measured 1 commits to 0/4000200" in str(e.value)
+
+
+def _line(rmgr: str, xid: int, lsn: str, desc: str) -> str:
+    return (f"rmgr: {rmgr:<11} len (rec/tot):     59/    59, tx: {xid:>10}, lsn: {lsn}, prev 0/00000000, "
+            f"desc: {desc}")
+
+
+def test_the_reader_keeps_per_transaction_state_only_until_the_transaction_ends():
+    """What bounds a long divergence's read to flat memory: a transaction's changes wait only
+    until its commit (then they join the relation's) or its abort (then they go). A lookback's
+    ASSIGNMENT record before the start names a running transaction's subxacts: it ends nothing,
+    so what that transaction wrote before the start still counts when it commits after it."""
+    from activities.postgres.wal import _Reader
+
+    insert = "INSERT off 3 flags 0x08, blkref #0: rel 1663/5/16384 blk {}"
+    r = _Reader(first=0x2000, lookback=True)
+    for line in [
+        _line("Heap", 700, "0/00001000", insert.format(1)),  # in flight at the start (0/2000)
+        _line("Transaction", 700, "0/00001100", "ASSIGNMENT xtop 700: subxacts: 701"),
+        _line("Heap", 710, "0/00001200", insert.format(2)),
+        _line("Transaction", 710, "0/00001300", "COMMIT 2026-12-04 10:00:00.000001 UTC"),  # before the start
+        _line("Heap", 720, "0/00002100", insert.format(3)),
+        _line("Transaction", 720, "0/00002200", "ABORT 2026-12-04 10:00:01.000001 UTC"),
+        _line("Heap", 701, "0/00002300", insert.format(4)),
+        _line("Transaction", 700, "0/00002400", "COMMIT 2026-12-04 10:00:02.000001 UTC; subxacts: 701"),
+        _line("Heap", 730, "0/00002500", insert.format(5)),  # still running at the end
+    ]:
+        r.feed(line)
+    assert set(r.pending) == {730}, r.pending
+    scanned = r.result("0/2000", "0/2600", reached=True)
+    assert [c.xid for c in scanned.commits] == [700]
+    change = scanned.changes[(1663, 5, 16384)]
+    assert change.blocks == {1, 4} and change.ops == {"insert": 1}, change

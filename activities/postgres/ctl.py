@@ -11,7 +11,10 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from psycopg.conninfo import make_conninfo
@@ -77,6 +80,39 @@ class PgCtl:
 
     def run(self, argv: list[str], check: bool = False, timeout: float = 300,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        argv, kw = self._as_server_user(argv, env)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+        if check and r.returncode != 0:
+            raise PgCtlError(f"{os.path.basename(argv[0])} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+        return r
+
+    @contextmanager
+    def lines(self, argv: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[Iterator[str], list[str]]]:
+        """Run a tool whose output can be far larger than memory (pg_waldump of a long
+        divergence) and hand over its stdout line by line; the second item is filled with its
+        stderr once stdout is exhausted. The tool is killed if the caller stops early."""
+        argv, kw = self._as_server_user(argv, env)
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1 << 20, **kw)
+            stderr: list[str] = []
+
+            def read() -> Iterator[str]:
+                assert proc.stdout is not None
+                yield from proc.stdout
+                proc.wait()
+                err.seek(0)
+                stderr.append(err.read())
+
+            try:
+                yield read(), stderr
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+
+    def _as_server_user(self, argv: list[str], env: dict[str, str] | None) -> tuple[list[str], dict]:
         kw: dict = {"env": {**os.environ, **env}} if env else {}
         if os.geteuid() == 0 and self.cfg.os_user:
             # cwd "/": the server tools change back to their starting directory (initdb: "could
@@ -96,10 +132,7 @@ class PgCtl:
                 argv = in_netns(self.netns, argv, pw.pw_uid, pw.pw_gid)
             else:
                 argv = in_netns(self.netns, argv)
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-        if check and r.returncode != 0:
-            raise PgCtlError(f"{os.path.basename(argv[0])} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
-        return r
+        return argv, kw
 
     @property
     def pid(self) -> int | None:

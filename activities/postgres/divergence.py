@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_diff, lsn_to_int
 from activities.postgres.wal import DEFAULT_TABLESPACE, WalScan, commits_in_segment_before, current_timeline, \
-    end_of_wal, scan, segment_size, waldump
+    end_from, scan, segment_size
 from activities.postgres.status import CURRENT_TIMELINE, connect
 from eagle_dr.config import PostgresConfig
 
@@ -374,7 +374,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     if found is not None:
         # What the isolated start, the reads and the stop added to the loser's WAL.
         seg = segment_size(ctl)
-        after = end_of_wal(waldump(ctl, wal_dir, tli, found.end_lsn, seg).stderr, seg)
+        after = end_from(ctl, wal_dir, tli, found.end_lsn, seg)
         read_wal = lsn_diff(after, found.end_lsn) if after is not None else None
         took.lap("wal_after")
     log.info("divergence read", seconds=took.laps, reads={t: r.mode for t, r in reads.items()},

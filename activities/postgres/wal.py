@@ -183,12 +183,136 @@ def end_of_wal(stderr: str, seg_size: int) -> str | None:
 _LOOKBACK_SEGMENTS = 8
 
 
-def _snapshot_before(dump: str, first: int) -> bool:
-    for line in dump.splitlines():
-        m = _RECORD.match(line)
-        if m and m.group(1) == "Standby" and lsn_to_int(m.group(3)) < first and _RUNNING.search(line):
-            return True
+def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False):
+    """pg_waldump as ``waldump``, its output streamed: (lines, stderr filled once they are read)."""
+    first = segment_name(tli, lsn_to_int(start), seg_size)
+    argv = [ctl.tool("pg_waldump"), "-p", wal_dir, "-s", start, first]
+    if not one_segment:
+        argv.append(max(first, max(_segments(wal_dir, tli), default=first)))
+    return ctl.lines(argv, env=_UTC)
+
+
+def end_from(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int) -> str | None:
+    """Where the WAL after ``start`` ends (end_of_wal), its records streamed past unread."""
+    with _dump(ctl, wal_dir, tli, start, seg_size) as (lines, stderr):
+        for _ in lines:
+            pass
+    return end_of_wal(stderr[0], seg_size)
+
+
+def _snapshot_in_segment(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int, first: int, seg_size: int) -> bool:
+    """Whether one segment holds a RUNNING_XACTS record before ``first``."""
+    with _dump(ctl, wal_dir, tli, int_to_lsn(seg_start), seg_size, one_segment=True) as (lines, _):
+        for line in lines:
+            m = _RECORD.match(line)
+            if m and m.group(1) == "Standby" and lsn_to_int(m.group(3)) < first and _RUNNING.search(line):
+                return True
     return False
+
+
+class _Reader:
+    """One pass over a pg_waldump stream, in constant memory whatever the WAL's size (a long
+    divergence is gigabytes of WAL, and of pg_waldump text: held whole, a 400 MB read took 3 GB).
+
+    A data record's change waits under its transaction id only until that transaction's
+    commit or abort record, which comes later in the WAL: on a commit after the start it joins
+    ``changes``, otherwise it is dropped. What stays is per committed transaction (its commit)
+    and per changed relation file (its blocks), not per record."""
+
+    def __init__(self, first: int, lookback: bool):
+        self.first, self.lookback = first, lookback
+        self.commits: list[Commit] = []
+        # xid -> relation key -> (blocks, removed blocks, rows per kind after the start)
+        self.pending: dict[int, dict[tuple[int, int, int], RelChange]] = {}
+        self.placed: set[int] = set()
+        self.running_before: set[int] = set()
+        self.snapshot_before = False
+        self.created: set[tuple[int, int, int]] = set()
+        self.changes: dict[tuple[int, int, int], RelChange] = {}
+
+    def feed(self, line: str) -> None:
+        m = _RECORD.match(line)
+        if not m:
+            return
+        rmgr, xid, op, rest = m.group(1), int(m.group(2)), m.group(4), m.group(5)
+        before = self.lookback and lsn_to_int(m.group(3)) < self.first
+        if rmgr == "Transaction":
+            self._end_of(m, xid, op, before)
+            return
+        if before and rmgr == "Standby" and (running := _RUNNING.search(line)):
+            # Running at this point before the start: they may have written before the segment
+            # read too. The newest snapshot before the start wins.
+            self.running_before = {int(x) for x in (running.group(1) or "").split()}
+            self.snapshot_before = True
+        self.placed.add(xid)
+        if rmgr == "Storage" and not before and op == "CREATE" and (made := _CREATED.search(rest)):
+            self.created.add((int(made.group(1) or DEFAULT_TABLESPACE), int(made.group(2)), int(made.group(3))))
+        kind = DATA_OPS.get((rmgr, op.split("+", 1)[0]))
+        if kind is None:
+            return
+        mine = self.pending.setdefault(xid, {})
+        if kind == "truncate":
+            ids = _TRUNCATED.search(rest)
+            for oid in (ids.group(1).split() if ids else []):
+                rc = mine.setdefault((0, 0, -int(oid)), RelChange(0, 0, truncated_oid=int(oid)))
+                if not before:
+                    rc.ops[kind] = rc.ops.get(kind, 0) + 1
+            return
+        if rel := _REL.search(rest):
+            spc, db, node = (int(g) for g in rel.groups())
+            rc = mine.setdefault((spc, db, node), RelChange(spc, db, relfilenode=node))
+            for b in _BLKREF.finditer(rest):
+                if (int(b.group(1)), int(b.group(2)), int(b.group(3))) == (spc, db, node) and b.group(4) is None:
+                    rc.blocks.add(int(b.group(5)))
+                    if kind in ("update", "delete"):
+                        rc.removed_blocks.add(int(b.group(5)))
+            if not before:  # ops count the rows written after the start only
+                rows = 1
+                if op.startswith("MULTI_INSERT") and (n := _NTUPLES.search(rest)):
+                    rows = int(n.group(1) or n.group(2))
+                rc.ops[kind] = rc.ops.get(kind, 0) + rows
+
+    def _end_of(self, m: re.Match, xid: int, op: str, before: bool) -> None:
+        commit = _commit(m) if not before else None
+        if commit is not None:
+            self.commits.append(commit)
+            # Only committed work counts: an aborted transaction's changes are invisible anyway.
+            for x in (commit.xid, *commit.subxids):
+                for key, rc in self.pending.pop(x, {}).items():
+                    have = self.changes.setdefault(key, RelChange(rc.tablespace, rc.database, rc.relfilenode,
+                                                                  rc.truncated_oid))
+                    have.blocks |= rc.blocks
+                    have.removed_blocks |= rc.removed_blocks
+                    for kind, rows in rc.ops.items():
+                        have.ops[kind] = have.ops.get(kind, 0) + rows
+        elif op in ("COMMIT", "ABORT"):
+            # Ended without counting: aborted, or committed before the start (a lookback).
+            # A subtransaction's records carry its own xid; its parent's end names it. (Not
+            # any other Transaction record: an ASSIGNMENT names subxacts of one still running.)
+            subs = _SUBXACTS.search(m.group(5))
+            for x in (xid, *(int(s) for s in (subs.group(1).split() if subs else ()))):
+                self.pending.pop(x, None)
+
+    def result(self, start: str, end: str, reached: bool) -> WalScan:
+        # A change only before the start (lookback) names no op: still a relation the
+        # transactions committed after the start changed (in flight at the start).
+        for rc in self.changes.values():
+            if not rc.ops:
+                rc.ops["in flight"] = 1
+        # A subtransaction's records carry its own xid; the commit names it among subxacts.
+        unplaced = {c.xid for c in self.commits if not ({c.xid, *c.subxids} & self.placed)
+                    or c.xid in self.running_before or not reached}
+        return WalScan(start_lsn=start, end_lsn=end, commits=self.commits, changes=self.changes,
+                       unplaced_xids=unplaced, created_files=self.created)
+
+
+def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, first: int,
+          lookback: bool) -> tuple[_Reader, str | None, str]:
+    reader = _Reader(first, lookback)
+    with _dump(ctl, wal_dir, tli, dump_from, seg_size) as (lines, stderr):
+        for line in lines:
+            reader.feed(line)
+    return reader, end_of_wal(stderr[0], seg_size), stderr[0]
 
 
 def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False) -> WalScan:
@@ -199,105 +323,42 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
     transactions committed after ``start`` wrote there (transactions in flight at a fork: their
     commit is after it, some of their rows before). Commits before ``start`` are not counted.
     A promoted node's first segment on its timeline begins with a copy of the WAL up to the
-    fork, so the same file serves both sides of a fork."""
+    fork, so the same file serves both sides of a fork.
+
+    The WAL is read as it streams out of pg_waldump (see _Reader): memory stays flat however
+    far the node wrote past ``start``."""
     seg_size = segment_size(ctl)
     first = lsn_to_int(start)
     dump_from = int_to_lsn(first - first % seg_size) if lookback else start
-    r = waldump(ctl, wal_dir, tli, dump_from, seg_size)
-    end = end_of_wal(r.stderr, seg_size)
+    reader, end, stderr = _read(ctl, wal_dir, tli, dump_from, seg_size, first, lookback)
     if end is None or lsn_to_int(end) < first:
-        raise WalUnreadable(f"pg_waldump of {wal_dir} from {dump_from} on timeline {tli}: {r.stderr.strip()[:400]}")
+        raise WalUnreadable(f"pg_waldump of {wal_dir} from {dump_from} on timeline {tli}: {stderr.strip()[:400]}")
     # The lookback must reach a snapshot of the running transactions (RUNNING_XACTS: logged at
     # every checkpoint and every 15 s of activity) before ``start``: a transaction not running
     # at it began after it, so all its writes are in the WAL read. Without one in the start's
-    # segment, read back segment by segment; if none is found in reach (WAL recycled, another
-    # timeline), what a transaction in flight wrote is unknown and every commit counts as
-    # unplaced (the caller reads in full).
-    reached = not lookback
-    for _ in range(_LOOKBACK_SEGMENTS if lookback else 0):
-        if _snapshot_before(r.stdout, first):
-            reached = True
+    # segment, look back segment by segment (one segment read each) for one; if none is found
+    # in reach (WAL recycled, another timeline), what a transaction in flight wrote is unknown
+    # and every commit counts as unplaced (the caller reads in full).
+    # (The start's own segment is the first of the _LOOKBACK_SEGMENTS.)
+    reached = not lookback or (_LOOKBACK_SEGMENTS > 0 and reader.snapshot_before)
+    if lookback and not reached:
+        seg = lsn_to_int(dump_from)
+        for _ in range(_LOOKBACK_SEGMENTS - 1):
+            seg -= seg_size
+            if seg < 0 or segment_name(tli, seg, seg_size) not in _segments(wal_dir, tli):
+                break
+            if not _snapshot_in_segment(ctl, wal_dir, tli, seg, first, seg_size):
+                continue
+            # Read again from there, through to the end: only a read that reaches the same end
+            # is the same WAL. That segment may be from another history of this timeline
+            # (timeline numbers are reused: a rewound node promoted again gets the same one) and
+            # not chain into the next: pg_waldump then stops at a broken prev-link, possibly
+            # just past the start, and taking that read would drop every commit after it.
+            again, again_end, _ = _read(ctl, wal_dir, tli, int_to_lsn(seg), seg_size, first, lookback)
+            if again_end == end:
+                reader, reached = again, True
             break
-        earlier = lsn_to_int(dump_from) - seg_size
-        if earlier < 0:
-            break
-        again = waldump(ctl, wal_dir, tli, int_to_lsn(earlier), seg_size)
-        again_end = end_of_wal(again.stderr, seg_size)
-        if again_end is None or again_end != end:
-            # That segment is gone or unreadable, or it is from another history of this
-            # timeline (timeline numbers are reused: a rewound node promoted again gets the
-            # same one) and does not chain into the next: pg_waldump then stops at a broken
-            # prev-link, possibly just past the start, and taking that read would drop every
-            # commit after it. Only a read through to the same end is the same WAL. Stop with
-            # what was read (unreached: the caller reads in full).
-            break
-        r, dump_from = again, int_to_lsn(earlier)
-    commits: list[Commit] = []
-    pending: dict[int, list[tuple[tuple[int, int, int], RelChange, str, int]]] = {}
-    placed: set[int] = set()
-    running_before: set[int] = set()
-    created: set[tuple[int, int, int]] = set()
-    for line in r.stdout.splitlines():
-        m = _RECORD.match(line)
-        if not m:
-            continue
-        rmgr, xid, op, rest = m.group(1), int(m.group(2)), m.group(4), m.group(5)
-        before = lookback and lsn_to_int(m.group(3)) < first
-        if rmgr == "Transaction":
-            if not before and (commit := _commit(m)):
-                commits.append(commit)
-            continue
-        if before and rmgr == "Standby" and (running := _RUNNING.search(line)):
-            # Running at this point before the start: they may have written before the segment
-            # read too. The newest snapshot before the start wins.
-            running_before = {int(x) for x in (running.group(1) or "").split()}
-        placed.add(xid)
-        if rmgr == "Storage" and not before and op == "CREATE" and (made := _CREATED.search(rest)):
-            created.add((int(made.group(1) or DEFAULT_TABLESPACE), int(made.group(2)), int(made.group(3))))
-        kind = DATA_OPS.get((rmgr, op.split("+", 1)[0]))
-        if kind is None:
-            continue
-        if kind == "truncate":
-            ids = _TRUNCATED.search(rest)
-            for oid in (ids.group(1).split() if ids else []):
-                key = (0, 0, -int(oid))
-                pending.setdefault(xid, []).append((key, RelChange(0, 0, truncated_oid=int(oid)),
-                                                    "" if before else kind, 1))
-            continue
-        if rel := _REL.search(rest):
-            spc, db, node = (int(g) for g in rel.groups())
-            rc = RelChange(spc, db, relfilenode=node)
-            for b in _BLKREF.finditer(rest):
-                if (int(b.group(1)), int(b.group(2)), int(b.group(3))) == (spc, db, node) and b.group(4) is None:
-                    rc.blocks.add(int(b.group(5)))
-                    if kind in ("update", "delete"):
-                        rc.removed_blocks.add(int(b.group(5)))
-            rows = 1
-            if op.startswith("MULTI_INSERT") and (n := _NTUPLES.search(rest)):
-                rows = int(n.group(1) or n.group(2))
-            pending.setdefault(xid, []).append(((spc, db, node), rc, "" if before else kind, rows))
-    changes: dict[tuple[int, int, int], RelChange] = {}
-    committed = {x for c in commits for x in (c.xid, *c.subxids)}
-    # Only committed work counts: an aborted transaction's changes are invisible anyway.
-    for xid, items in pending.items():
-        if xid not in committed:
-            continue
-        for key, rc, kind, rows in items:
-            have = changes.setdefault(key, RelChange(rc.tablespace, rc.database, rc.relfilenode, rc.truncated_oid))
-            have.blocks |= rc.blocks
-            have.removed_blocks |= rc.removed_blocks
-            if kind:  # ops count the rows written after the start only
-                have.ops[kind] = have.ops.get(kind, 0) + rows
-    # A change only before the start (lookback) names no op: still a relation the
-    # transactions committed after the start changed (in flight at the start).
-    for rc in changes.values():
-        if not rc.ops:
-            rc.ops["in flight"] = 1
-    # A subtransaction's records carry its own xid; the commit names it among subxacts.
-    unplaced = {c.xid for c in commits if not ({c.xid, *c.subxids} & placed) or c.xid in running_before
-                or not reached}
-    return WalScan(start_lsn=start, end_lsn=end, commits=commits, changes=changes, unplaced_xids=unplaced,
-                   created_files=created)
+    return reader.result(start, end, reached)
 
 
 def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int, before: int,
