@@ -73,6 +73,7 @@ bench: setup
 	$(BIN)/python -m bench.failover --runs $${RUNS:-5}
 	$(BIN)/python -m bench.conflicts --sizes $${CONFLICT_SIZES:-100000,1000000}
 	$(BIN)/python -m bench.failback --gb $${FAILBACK_GB:-1.0}
+	$(BIN)/python -m bench.wal_scan --mb $${WAL_MB:-100,400}
 	$(BIN)/python -m bench.backup --gb $${BACKUP_GB:-1.0}
 	$(BIN)/python -m bench.alerts --alerts $${ALERTS:-500}
 	$(BIN)/python -m bench.consistency --rows $${ROWS:-10000000}

@@ -183,10 +183,20 @@ def end_of_wal(stderr: str, seg_size: int) -> str | None:
 _LOOKBACK_SEGMENTS = 8
 
 
-def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False):
-    """pg_waldump as ``waldump``, its output streamed: (lines, stderr filled once they are read)."""
+# The resource managers whose records the scan reads (pg_waldump prints the rest too, index
+# records as many as the heap's: half the text, parsed for nothing). Filtering keeps every
+# commit, every heap change and every relation file created; a transaction whose only records
+# were of another kind (a sequence's) is then "unplaced": read in full, the safe side.
+_RMGRS = ("Transaction", "Heap", "Heap2", "Standby", "Storage")
+
+
+def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False,
+          rmgrs: tuple[str, ...] = _RMGRS):
+    """pg_waldump as ``waldump``, its output streamed: (lines, stderr filled once they are read).
+    Several --rmgr options need PostgreSQL 15's pg_waldump (the block reference format parsed
+    here is 15's too)."""
     first = segment_name(tli, lsn_to_int(start), seg_size)
-    argv = [ctl.tool("pg_waldump"), "-p", wal_dir, "-s", start, first]
+    argv = [ctl.tool("pg_waldump"), "-p", wal_dir, "-s", start, *(f"--rmgr={r}" for r in rmgrs), first]
     if not one_segment:
         argv.append(max(first, max(_segments(wal_dir, tli), default=first)))
     return ctl.lines(argv, env=_UTC)
