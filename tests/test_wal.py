@@ -289,6 +289,104 @@ def test_reconcile_refuses_a_read_that_disagrees_with_the_measured_divergence():
         assert "Nothing was applied" in str(e.value) and "measured 1 commits to 0/4000200" in str(e.value)
 
 
+def test_a_transaction_that_only_moved_a_sequence_is_placed(node):
+    """An ORM fetching ids in a transaction of its own commits with nothing in the WAL but the
+    sequence's record. pg_waldump prints no index records to the scan, but it must print that
+    one: an unplaced commit sends every changed table to a full read."""
+    with _conn() as c:
+        c.execute("create sequence if not exists ids")
+        c.execute("create table if not exists seq_t (id bigint primary key)")
+        c.execute("checkpoint")  # a snapshot before the start; and nextval logs anew after it
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+        c.execute("select nextval('ids')")  # autocommit: its own transaction, with an xid
+        c.execute("insert into seq_t values (1)")
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert len(found.commits) == 2 and not found.unplaced_xids, (found.commits, found.unplaced_xids)
+
+def _xid(conn) -> int:
+    return int(conn.execute("select pg_current_xact_id()::text").fetchone()[0])
+
+
+def test_a_record_forged_by_a_string_with_a_line_break_fails_the_read(node):
+    """pg_waldump prints a logical message's prefix as it is: a line break in it prints a line
+    that reads as a record. A forged ABORT of a transaction that then commits must not make
+    the scan drop that transaction's rows (pg_rewind would erase them): the read refuses."""
+    from activities.postgres.wal import WalUnreadable
+
+    with _conn() as c:
+        c.execute("create table if not exists forged (id int primary key)")
+        c.execute("checkpoint")
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as victim:
+            victim.execute("insert into forged values (1)")
+            x = _xid(victim)
+            fake = (f"x\nrmgr: Transaction len (rec/tot):     34/    34, tx: {x:>10}, lsn: 0/00000000, "
+                    "prev 0/00000000, desc: ABORT ")
+            c.execute("select pg_logical_emit_message(false, %s, 'payload')", (fake,))
+            victim.commit()
+    for lookback in (False, True):
+        with pytest.raises(WalUnreadable, match="forges a record"):
+            scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=lookback)
+
+
+def test_a_two_phase_commit_counts_under_the_prepared_xid(node):
+    """COMMIT PREPARED is logged with tx 0 and names the prepared transaction's xid in its
+    description: its rows (xmin = that xid) must be among the commits and the changes."""
+    with _conn() as c:
+        c.execute("alter system set max_prepared_transactions = 4")
+    node.stop("fast")
+    node.start()
+    with _conn() as c:
+        c.execute("create table if not exists twopc (id int primary key)")
+        c.execute("checkpoint")
+        filenode = c.execute("select pg_relation_filenode('twopc')").fetchone()[0]
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+        c.execute("begin")
+        c.execute("insert into twopc values (1)")
+        x = _xid(c)
+        c.execute("prepare transaction 'g1'")
+        c.execute("commit prepared 'g1'")
+        c.execute("begin")
+        c.execute("insert into twopc values (2)")
+        c.execute("prepare transaction 'g2'")
+        c.execute("rollback prepared 'g2'")
+    for lookback in (False, True):
+        found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=lookback)
+        assert [c.xid for c in found.commits] == [x], found.commits
+        change = next(rc for rc in found.changes.values() if rc.relfilenode == filenode)
+        assert change.ops == {"insert": 1}, change
+
+
+def test_without_a_snapshot_in_reach_the_lookback_still_names_what_an_in_flight_transaction_wrote(
+        node, monkeypatch):
+    """No snapshot within reach: every commit is unplaced, and the relations a transaction in
+    flight at the start wrote in earlier segments are still named (a table nobody listed is
+    refused by its name); the read goes as far back as reach allows."""
+    from activities.postgres import wal
+
+    with _conn() as c:
+        for t in ("early", "mid", "late", "other"):
+            c.execute(f"create table if not exists {t} (id int primary key)")
+        c.execute("select pg_switch_wal()")
+        c.execute("checkpoint")  # a snapshot: in the segment before the in-flight writes
+        nodes = {t: c.execute("select pg_relation_filenode(%s::regclass)", (t,)).fetchone()[0]
+                 for t in ("early", "mid", "late")}
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as inflight:
+            c.execute("select pg_switch_wal()")
+            inflight.execute("insert into early values (1)")
+            c.execute("select pg_switch_wal()")
+            inflight.execute("insert into mid values (1)")
+            c.execute("select pg_switch_wal()")
+            c.execute("insert into other values (1)")
+            start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+            inflight.execute("insert into late values (1)")
+            inflight.commit()
+    monkeypatch.setattr(wal, "_LOOKBACK_SEGMENTS", 3)  # the start's segment and two before: no snapshot
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert found.commits and {c.xid for c in found.commits} <= found.unplaced_xids
+    named = {rc.relfilenode for rc in found.changes.values()}
+    assert {nodes["early"], nodes["mid"], nodes["late"]} <= named, (nodes, named)
+
 def _line(rmgr: str, xid: int, lsn: str, desc: str) -> str:
     return (f"rmgr: {rmgr:<11} len (rec/tot):     59/    59, tx: {xid:>10}, lsn: {lsn}, prev 0/00000000, "
             f"desc: {desc}")

@@ -17,8 +17,10 @@ Two pg_waldump habits shape this module:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -183,23 +185,52 @@ def end_of_wal(stderr: str, seg_size: int) -> str | None:
 _LOOKBACK_SEGMENTS = 8
 
 
-# The resource managers whose records the scan reads (pg_waldump prints the rest too, index
-# records as many as the heap's: half the text, parsed for nothing). Filtering keeps every
-# commit, every heap change and every relation file created; a transaction whose only records
-# were of another kind (a sequence's) is then "unplaced": read in full, the safe side.
-_RMGRS = ("Transaction", "Heap", "Heap2", "Standby", "Storage")
+# Every resource manager but the index access methods': index records are as many as the
+# heap's (half of pg_waldump's text, parsed for nothing), and a transaction never writes one
+# without a heap record of its own. The others stay even where the scan reads nothing of them
+# but the transaction id: a transaction whose only records are a sequence's (an ORM fetching
+# ids in a transaction of their own) or a logical message's must still count as placed, or it
+# would send every changed table to a full read (see unplaced_xids).
+_RMGRS = ("XLOG", "Transaction", "Storage", "CLOG", "Database", "Tablespace", "MultiXact", "RelMap", "Standby",
+          "Heap2", "Heap", "Sequence", "CommitTs", "ReplicationOrigin", "Generic", "LogicalMessage")
 
 
-def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False,
-          rmgrs: tuple[str, ...] = _RMGRS):
-    """pg_waldump as ``waldump``, its output streamed: (lines, stderr filled once they are read).
-    Several --rmgr options need PostgreSQL 15's pg_waldump (the block reference format parsed
-    here is 15's too)."""
+_VERSION = re.compile(r"\(PostgreSQL\) (\d+)")
+
+
+@functools.lru_cache(maxsize=8)
+def _major(tool: str) -> int:
+    r = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30)
+    m = _VERSION.search(r.stdout)
+    return int(m.group(1)) if m else 0
+
+
+def _argv(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, one_segment: bool, *extra: str) -> list[str]:
+    tool = ctl.tool("pg_waldump")
+    # Before 15, pg_waldump keeps only the last --rmgr given: filtered, it would print one kind
+    # of record and the scan would find no commit at all. Unfiltered there (slower, same result).
+    rmgrs = [f"--rmgr={r}" for r in _RMGRS] if _major(tool) >= 15 else []
     first = segment_name(tli, lsn_to_int(start), seg_size)
-    argv = [ctl.tool("pg_waldump"), "-p", wal_dir, "-s", start, *(f"--rmgr={r}" for r in rmgrs), first]
+    argv = [tool, "-p", wal_dir, "-s", start, *rmgrs, *extra, first]
     if not one_segment:
         argv.append(max(first, max(_segments(wal_dir, tli), default=first)))
-    return ctl.lines(argv, env=_UTC)
+    return argv
+
+
+def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False):
+    """pg_waldump as ``waldump``, its output streamed: (lines, stderr filled once they are read)."""
+    return ctl.lines(_argv(ctl, wal_dir, tli, start, seg_size, one_segment), env=_UTC)
+
+
+_STATS_TOTAL = re.compile(r"^Total\s+(\d+)", re.MULTILINE)
+
+
+def _records(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int) -> int | None:
+    """How many records pg_waldump itself counts from ``start`` to the end (--stats, the same
+    filter): what the lines a scan took for records are checked against."""
+    r = ctl.run(_argv(ctl, wal_dir, tli, start, seg_size, False, "--stats=record"), timeout=3600, env=_UTC)
+    m = _STATS_TOTAL.search(r.stdout)
+    return int(m.group(1)) if m else None
 
 
 def end_from(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int) -> str | None:
@@ -239,11 +270,13 @@ class _Reader:
         self.snapshot_before = False
         self.created: set[tuple[int, int, int]] = set()
         self.changes: dict[tuple[int, int, int], RelChange] = {}
+        self.records = 0  # lines taken for records (see _read)
 
     def feed(self, line: str) -> None:
         m = _RECORD.match(line)
         if not m:
             return
+        self.records += 1
         rmgr, xid, op, rest = m.group(1), int(m.group(2)), m.group(4), m.group(5)
         before = self.lookback and lsn_to_int(m.group(3)) < self.first
         if rmgr == "Transaction":
@@ -295,10 +328,12 @@ class _Reader:
                     have.removed_blocks |= rc.removed_blocks
                     for kind, rows in rc.ops.items():
                         have.ops[kind] = have.ops.get(kind, 0) + rows
-        elif op in ("COMMIT", "ABORT"):
+        elif op in ("COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED"):
             # Ended without counting: aborted, or committed before the start (a lookback).
             # A subtransaction's records carry its own xid; its parent's end names it. (Not
             # any other Transaction record: an ASSIGNMENT names subxacts of one still running.)
+            if prepared := _PREPARED_XID.match(m.group(5)):
+                xid = int(prepared.group(1))  # the record's own tx is 0; the prepared xid is named
             subs = _SUBXACTS.search(m.group(5))
             for x in (xid, *(int(s) for s in (subs.group(1).split() if subs else ()))):
                 self.pending.pop(x, None)
@@ -322,7 +357,21 @@ def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, fir
     with _dump(ctl, wal_dir, tli, dump_from, seg_size) as (lines, stderr):
         for line in lines:
             reader.feed(line)
-    return reader, end_of_wal(stderr[0], seg_size), stderr[0]
+    end = end_of_wal(stderr[0], seg_size)
+    if end is not None:
+        # pg_waldump prints user strings as they are (a logical message's prefix, a restore
+        # point's or a prepared transaction's name): one with a line break can print a line
+        # that reads as a record, and a forged ABORT or snapshot would make the scan drop a
+        # committed transaction's changes. Every line taken for a record must be one of the
+        # records pg_waldump counts itself; otherwise nothing here can be trusted.
+        counted = _records(ctl, wal_dir, tli, dump_from, seg_size)
+        if counted != reader.records:
+            raise WalUnreadable(
+                f"pg_waldump of {wal_dir} from {dump_from} printed {reader.records} lines that read as records "
+                f"where it counts {counted} records: a string written into the WAL (a logical message, a restore "
+                "point or a prepared transaction's name) holds a line break and forges a record, so the read "
+                "cannot be trusted")
+    return reader, end, stderr[0]
 
 
 def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False) -> WalScan:
@@ -352,22 +401,31 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
     # (The start's own segment is the first of the _LOOKBACK_SEGMENTS.)
     reached = not lookback or (_LOOKBACK_SEGMENTS > 0 and reader.snapshot_before)
     if lookback and not reached:
+        # The earlier segments in reach that exist, nearest first; the nearest with a snapshot
+        # (one segment read each) bounds how far back to read. Without one, read as far back as
+        # reach allows all the same: a transaction in flight at the start counts the relations
+        # it wrote there (a table nobody listed is then still named), though all commits are
+        # unplaced. Read from the farthest first, through to the end: only a read that
+        # reaches the same end is the same WAL. An earlier segment may be from another history
+        # of this timeline (timeline numbers are reused: a rewound node promoted again gets the
+        # same one) and not chain into the next: pg_waldump then stops at a broken prev-link,
+        # possibly just past the start, and taking that read would drop every commit after it;
+        # the next nearer segment is tried then.
+        back: list[int] = []
         seg = lsn_to_int(dump_from)
+        present = set(_segments(wal_dir, tli))
         for _ in range(_LOOKBACK_SEGMENTS - 1):
             seg -= seg_size
-            if seg < 0 or segment_name(tli, seg, seg_size) not in _segments(wal_dir, tli):
+            if seg < 0 or segment_name(tli, seg, seg_size) not in present:
                 break
-            if not _snapshot_in_segment(ctl, wal_dir, tli, seg, first, seg_size):
-                continue
-            # Read again from there, through to the end: only a read that reaches the same end
-            # is the same WAL. That segment may be from another history of this timeline
-            # (timeline numbers are reused: a rewound node promoted again gets the same one) and
-            # not chain into the next: pg_waldump then stops at a broken prev-link, possibly
-            # just past the start, and taking that read would drop every commit after it.
+            back.append(seg)
+            if _snapshot_in_segment(ctl, wal_dir, tli, seg, first, seg_size):
+                break
+        for seg in reversed(back):
             again, again_end, _ = _read(ctl, wal_dir, tli, int_to_lsn(seg), seg_size, first, lookback)
             if again_end == end:
-                reader, reached = again, True
-            break
+                reader, reached = again, again.snapshot_before
+                break
     return reader.result(start, end, reached)
 
 
@@ -379,11 +437,25 @@ def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int
     return [c for c in commits if c is not None and lsn_to_int(c.lsn) < before]
 
 
+# COMMIT PREPARED / ROLLBACK PREPARED are logged by whichever session ends the prepared
+# transaction (tx 0 or its own): the prepared transaction's xid, the one its rows carry, is
+# the first thing in the description ("COMMIT_PREPARED 764: <time>; subxacts: 765").
+_PREPARED_XID = re.compile(r"^\s*(\d+): ")
+
+
 def _commit(m: re.Match) -> Commit | None:
-    """The commit a pg_waldump record line (matched by _RECORD) is, if it is one."""
-    if m.group(1) != "Transaction" or m.group(4) != "COMMIT" or not (t := _COMMIT_AT.match(m.group(5).strip())):
+    """The commit a pg_waldump record line (matched by _RECORD) is, if it is one: a COMMIT, or a
+    COMMIT_PREPARED (a two-phase transaction's; it counts under the prepared xid)."""
+    if m.group(1) != "Transaction" or m.group(4) not in ("COMMIT", "COMMIT_PREPARED"):
         return None
-    subs = _SUBXACTS.search(m.group(5))
-    return Commit(xid=int(m.group(2)), subxids=tuple(int(x) for x in subs.group(1).split()) if subs else (),
+    desc, xid = m.group(5), int(m.group(2))
+    if m.group(4) == "COMMIT_PREPARED":
+        if not (prepared := _PREPARED_XID.match(desc)):
+            return None
+        xid, desc = int(prepared.group(1)), desc[prepared.end():]
+    if not (t := _COMMIT_AT.match(desc.strip())):
+        return None
+    subs = _SUBXACTS.search(desc)
+    return Commit(xid=xid, subxids=tuple(int(x) for x in subs.group(1).split()) if subs else (),
                   at=datetime.strptime(t.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc),
                   lsn=m.group(3))
