@@ -329,6 +329,32 @@ def test_a_record_forged_by_a_string_with_a_line_break_fails_the_read(node):
             scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=lookback)
 
 
+def test_the_record_count_covers_what_the_read_covered_on_a_node_writing_on(node, monkeypatch):
+    """A plan, or a failover's RPO, reads the WAL of a node that may still take writes: the
+    record count that guards against forged lines must count the stretch the read covered,
+    not the WAL written between the two passes (written here just before the count)."""
+    from activities.postgres import wal
+
+    with _conn() as c:
+        c.execute("create table if not exists busy (id bigint primary key)")
+        c.execute("checkpoint")
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+        c.execute("insert into busy select generate_series(1, 100)")
+    counted = wal._records
+    more = iter(range(1000, 10**6, 1000))
+
+    def after_more_writes(*a, **kw):
+        with _conn() as w:
+            n = next(more)
+            w.execute("insert into busy select generate_series(%s::bigint, %s::bigint)", (n, n + 999))
+        return counted(*a, **kw)
+
+    monkeypatch.setattr(wal, "_records", after_more_writes)
+    for lookback in (False, True):
+        found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=lookback)
+        assert found.commits
+
+
 def test_a_two_phase_commit_counts_under_the_prepared_xid(node):
     """COMMIT PREPARED is logged with tx 0 and names the prepared transaction's xid in its
     description: its rows (xmin = that xid) must be among the commits and the changes."""

@@ -205,14 +205,20 @@ def _major(tool: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _argv(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, one_segment: bool, *extra: str) -> list[str]:
+def _argv(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, one_segment: bool, *extra: str,
+          end: str | None = None) -> list[str]:
     tool = ctl.tool("pg_waldump")
     # Before 15, pg_waldump keeps only the last --rmgr given: filtered, it would print one kind
     # of record and the scan would find no commit at all. Unfiltered there (slower, same result).
     rmgrs = [f"--rmgr={r}" for r in _RMGRS] if _major(tool) >= 15 else []
     first = segment_name(tli, lsn_to_int(start), seg_size)
     argv = [tool, "-p", wal_dir, "-s", start, *rmgrs, *extra, first]
-    if not one_segment:
+    if end is not None:
+        # pg_waldump refuses an end outside the last file named; an end on a segment boundary
+        # is the end of the segment before it.
+        argv[-1:-1] = ["-e", end]
+        argv.append(max(first, segment_name(tli, lsn_to_int(end) - 1, seg_size)))
+    elif not one_segment:
         argv.append(max(first, max(_segments(wal_dir, tli), default=first)))
     return argv
 
@@ -225,10 +231,14 @@ def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_
 _STATS_TOTAL = re.compile(r"^Total\s+(\d+)", re.MULTILINE)
 
 
-def _records(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int) -> int | None:
-    """How many records pg_waldump itself counts from ``start`` to the end (--stats, the same
-    filter): what the lines a scan took for records are checked against."""
-    r = ctl.run(_argv(ctl, wal_dir, tli, start, seg_size, False, "--stats=record"), timeout=3600, env=_UTC)
+def _records(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, end: str | None,
+             one_segment: bool = False) -> int | None:
+    """How many records pg_waldump itself counts from ``start`` up to ``end``, where the read
+    being checked stopped (--stats, the same filter): what the lines that read took for records
+    are checked against. Bounded by ``end`` because a running node (a plan, a failover's RPO)
+    writes on between the two passes."""
+    r = ctl.run(_argv(ctl, wal_dir, tli, start, seg_size, one_segment, "--stats=record", end=end), timeout=3600,
+                env=_UTC)
     m = _STATS_TOTAL.search(r.stdout)
     return int(m.group(1)) if m else None
 
@@ -364,7 +374,7 @@ def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, fir
         # that reads as a record, and a forged ABORT or snapshot would make the scan drop a
         # committed transaction's changes. Every line taken for a record must be one of the
         # records pg_waldump counts itself; otherwise nothing here can be trusted.
-        counted = _records(ctl, wal_dir, tli, dump_from, seg_size)
+        counted = _records(ctl, wal_dir, tli, dump_from, seg_size, end)
         if counted != reader.records:
             raise WalUnreadable(
                 f"pg_waldump of {wal_dir} from {dump_from} printed {reader.records} lines that read as records "
@@ -431,10 +441,22 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
 
 def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int, before: int,
                               seg_size: int) -> list[Commit]:
-    """Commits in one segment whose record starts before ``before``."""
-    r = waldump(ctl, wal_dir, tli, int_to_lsn(seg_start), seg_size, one_segment=True)
-    commits = (_commit(m) for m in map(_RECORD.match, r.stdout.splitlines()) if m)
-    return [c for c in commits if c is not None and lsn_to_int(c.lsn) < before]
+    """Commits in one segment whose record starts before ``before``. Checked against pg_waldump's
+    own count like a scan (_read): a forged COMMIT with a later time would move the fork's time."""
+    start = int_to_lsn(seg_start)
+    found, records = [], 0
+    with _dump(ctl, wal_dir, tli, start, seg_size, one_segment=True) as (lines, stderr):
+        for m in map(_RECORD.match, lines):
+            if m:
+                records += 1
+                if (c := _commit(m)) is not None and lsn_to_int(c.lsn) < before:
+                    found.append(c)
+    if records and records != (counted := _records(ctl, wal_dir, tli, start, seg_size, end_of_wal(stderr[0], seg_size),
+                                                   one_segment=True)):
+        raise WalUnreadable(f"pg_waldump of {wal_dir} segment at {start} printed {records} lines that read as "
+                            f"records where it counts {counted}: a string written into the WAL holds a line break "
+                            "and forges a record, so the read cannot be trusted")
+    return found
 
 
 # COMMIT PREPARED / ROLLBACK PREPARED are logged by whichever session ends the prepared
