@@ -355,6 +355,21 @@ def test_the_record_count_covers_what_the_read_covered_on_a_node_writing_on(node
         assert found.commits
 
 
+def test_nothing_after_the_start_is_zero_commits_not_an_error(node):
+    """A failover that lost nothing: the old primary's WAL ends right where the standby
+    stopped. The read finds no record at all, and that is an answer (0 commits), not a read
+    the forged-line check may refuse."""
+    from activities.postgres.wal import end_from
+
+    with _conn() as c:
+        c.execute("create table if not exists quiet_end (id int primary key)")
+        c.execute("insert into quiet_end values (1)")
+    node.stop("fast")
+    ctl = PgCtl(node.cfg)
+    end = end_from(ctl, _wal(node), 1, "0/1000000", segment_size(ctl))
+    found = scan(ctl, _wal(node), 1, end)
+    assert found.commits == [] and found.end_lsn == end
+
 def test_a_two_phase_commit_counts_under_the_prepared_xid(node):
     """COMMIT PREPARED is logged with tx 0 and names the prepared transaction's xid in its
     description: its rows (xmin = that xid) must be among the commits and the changes."""

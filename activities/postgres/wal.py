@@ -368,7 +368,9 @@ def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, fir
         for line in lines:
             reader.feed(line)
     end = end_of_wal(stderr[0], seg_size)
-    if end is not None:
+    # (No line read as a record: nothing to check, and nothing for pg_waldump to count when
+    # the WAL ends right at the start, as after a failover that lost nothing.)
+    if end is not None and reader.records:
         # pg_waldump prints user strings as they are (a logical message's prefix, a restore
         # point's or a prepared transaction's name): one with a line break can print a line
         # that reads as a record, and a forged ABORT or snapshot would make the scan drop a
