@@ -370,6 +370,20 @@ def test_nothing_after_the_start_is_zero_commits_not_an_error(node):
     found = scan(ctl, _wal(node), 1, end)
     assert found.commits == [] and found.end_lsn == end
 
+def test_a_string_in_another_encoding_does_not_break_the_read(node):
+    """pg_waldump prints user strings in their database's encoding: a logical message's prefix
+    from a SQL_ASCII database need not be UTF-8. The read goes on (the string is never parsed)."""
+    with _conn() as c:
+        c.execute("create database ascii_db encoding 'SQL_ASCII' lc_collate 'C' lc_ctype 'C' template template0")
+        c.execute("checkpoint")
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+    with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="ascii_db", autocommit=True) as a:
+        a.execute("create table t (id int primary key)")
+        a.execute("select pg_logical_emit_message(true, convert_from('\\xe9e9'::bytea, 'SQL_ASCII'), 'x')")
+        a.execute("insert into t values (1)")
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start)
+    assert len(found.commits) >= 2, found.commits
+
 def test_a_two_phase_commit_counts_under_the_prepared_xid(node):
     """COMMIT PREPARED is logged with tx 0 and names the prepared transaction's xid in its
     description: its rows (xmin = that xid) must be among the commits and the changes."""

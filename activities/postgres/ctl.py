@@ -92,8 +92,11 @@ class PgCtl:
         divergence) and hand over its stdout line by line; the second item is filled with its
         stderr once stdout is exhausted. The tool is killed if the caller stops early."""
         argv, kw = self._as_server_user(argv, env)
-        with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1 << 20, **kw)
+        with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
+            # Replaced, not raised on: pg_waldump prints user strings (a prepared transaction's
+            # name, a logical message's prefix) in the database's encoding, which need not be UTF-8.
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, encoding="utf-8",
+                                    errors="replace", bufsize=1 << 20, **kw)
             stderr: list[str] = []
 
             def read() -> Iterator[str]:

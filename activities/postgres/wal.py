@@ -232,15 +232,23 @@ _STATS_TOTAL = re.compile(r"^Total\s+(\d+)", re.MULTILINE)
 
 
 def _records(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, end: str | None,
-             one_segment: bool = False) -> int | None:
+             one_segment: bool = False) -> int:
     """How many records pg_waldump itself counts from ``start`` up to ``end``, where the read
     being checked stopped (--stats, the same filter): what the lines that read took for records
     are checked against. Bounded by ``end`` because a running node (a plan, a failover's RPO)
     writes on between the two passes."""
-    r = ctl.run(_argv(ctl, wal_dir, tli, start, seg_size, one_segment, "--stats=record", end=end), timeout=3600,
-                env=_UTC)
+    try:
+        r = ctl.run(_argv(ctl, wal_dir, tli, start, seg_size, one_segment, "--stats=record", end=end),
+                    timeout=3600, env=_UTC)
+    except subprocess.TimeoutExpired as e:
+        raise WalUnreadable(f"pg_waldump --stats of {wal_dir} from {start} did not finish in an hour") from e
     m = _STATS_TOTAL.search(r.stdout)
-    return int(m.group(1)) if m else None
+    if m is None:
+        # Not a forgery: the count pass itself could not read the same stretch (on a running
+        # node a checkpoint can recycle the first segment between the two passes).
+        raise WalUnreadable(f"pg_waldump could not count the records of {wal_dir} from {start} again, so the read "
+                            f"cannot be checked (the WAL changed under it?): {r.stderr.strip()[:300]}")
+    return int(m.group(1))
 
 
 def end_from(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int) -> str | None:
