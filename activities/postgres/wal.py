@@ -376,22 +376,29 @@ def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, fir
         for line in lines:
             reader.feed(line)
     end = end_of_wal(stderr[0], seg_size)
-    # (No line read as a record: nothing to check, and nothing for pg_waldump to count when
-    # the WAL ends right at the start, as after a failover that lost nothing.)
-    if end is not None and reader.records:
-        # pg_waldump prints user strings as they are (a logical message's prefix, a restore
-        # point's or a prepared transaction's name): one with a line break can print a line
-        # that reads as a record, and a forged ABORT or snapshot would make the scan drop a
-        # committed transaction's changes. Every line taken for a record must be one of the
-        # records pg_waldump counts itself; otherwise nothing here can be trusted.
-        counted = _records(ctl, wal_dir, tli, dump_from, seg_size, end)
-        if counted != reader.records:
-            raise WalUnreadable(
-                f"pg_waldump of {wal_dir} from {dump_from} printed {reader.records} lines that read as records "
-                f"where it counts {counted} records: a string written into the WAL (a logical message, a restore "
-                "point or a prepared transaction's name) holds a line break and forges a record, so the read "
-                "cannot be trusted")
+    if end is not None:
+        _check_count(ctl, wal_dir, tli, dump_from, seg_size, end, reader.records)
     return reader, end, stderr[0]
+
+
+def _check_count(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, end: str | None, records: int,
+                 one_segment: bool = False) -> None:
+    """Every line a read took for a record must be one of the records pg_waldump counts itself.
+
+    pg_waldump prints user strings as they are (a logical message's prefix, a restore point's
+    or a prepared transaction's name): one with a line break can print a line that reads as a
+    record, and a forged ABORT, snapshot or COMMIT would make the scan drop a committed
+    transaction's changes or move the fork's time. Otherwise nothing read can be trusted. (No
+    line read as a record: nothing to check, and nothing for pg_waldump to count when the WAL
+    ends right at the start, as after a failover that lost nothing.)"""
+    if not records:
+        return
+    counted = _records(ctl, wal_dir, tli, start, seg_size, end, one_segment)
+    if counted != records:
+        raise WalUnreadable(
+            f"pg_waldump of {wal_dir} from {start} printed {records} lines that read as records where it counts "
+            f"{counted} records: a string written into the WAL (a logical message, a restore point or a prepared "
+            "transaction's name) holds a line break and forges a record, so the read cannot be trusted")
 
 
 def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False) -> WalScan:
@@ -451,8 +458,8 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
 
 def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int, before: int,
                               seg_size: int) -> list[Commit]:
-    """Commits in one segment whose record starts before ``before``. Checked against pg_waldump's
-    own count like a scan (_read): a forged COMMIT with a later time would move the fork's time."""
+    """Commits in one segment whose record starts before ``before``, the read checked like a
+    scan's (_check_count)."""
     start = int_to_lsn(seg_start)
     found, records = [], 0
     with _dump(ctl, wal_dir, tli, start, seg_size, one_segment=True) as (lines, stderr):
@@ -461,11 +468,7 @@ def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int
                 records += 1
                 if (c := _commit(m)) is not None and lsn_to_int(c.lsn) < before:
                     found.append(c)
-    if records and records != (counted := _records(ctl, wal_dir, tli, start, seg_size, end_of_wal(stderr[0], seg_size),
-                                                   one_segment=True)):
-        raise WalUnreadable(f"pg_waldump of {wal_dir} segment at {start} printed {records} lines that read as "
-                            f"records where it counts {counted}: a string written into the WAL holds a line break "
-                            "and forges a record, so the read cannot be trusted")
+    _check_count(ctl, wal_dir, tli, start, seg_size, end_of_wal(stderr[0], seg_size), records, one_segment=True)
     return found
 
 
