@@ -224,6 +224,9 @@ async def eagle_switchovers(lab: Lab, client, runs: int, profile: bool = True) -
             stop = next((s.detail for s in result.steps if s.name == "stop writes on old primary"), None)
             if stop:
                 print(f"    stop fence: {stop}", flush=True)
+            promote = next((s.detail for s in result.steps if s.name == "promote"), None)
+            if promote:
+                print(f"    promote: {promote}", flush=True)
     return out
 
 
@@ -249,23 +252,24 @@ def fmt(s: dict | None) -> str:
 
 
 async def measure(lab: Lab, address: str, runs: int, det: Detection, stall: float, freeze_runs: int,
-                  overhead_n: int = 50) -> dict:
+                  overhead_n: int = 50, failovers: bool = True) -> dict:
     client = await connect(target_host=address, config=lab.cfg)
     # The per-step overhead first, on a quiet lab: every runbook step pays it on top of its work.
     overhead = await step_overhead.measure(client, overhead_n) if overhead_n else None
     if overhead:
         print("\n".join(step_overhead.fmt(overhead)), flush=True)
     stall_check = await eagle_stall_check(lab, client, det, stall) if stall else None
-    fo = await eagle_failovers(lab, client, runs, det)
-    fz = await eagle_failovers(lab, client, freeze_runs, det, freeze=True) if freeze_runs else []
+    fo = await eagle_failovers(lab, client, runs, det) if failovers else []
+    fz = await eagle_failovers(lab, client, freeze_runs, det, freeze=True) if freeze_runs and failovers else []
     so = await eagle_switchovers(lab, client, runs)
     return {"settings": str(det), "stall_check": stall_check, "step_overhead": overhead,
-            "failover": {k: summary(fo, k) for k in fo[0]},
+            "failover": {k: summary(fo, k) for k in fo[0]} if fo else None,
             "frozen": {k: summary(fz, k) for k in fz[0]} if fz else None,
             "switchover": {k: summary(so, k) for k in so[0]}, "raw": {"failover": fo, "frozen": fz, "switchover": so}}
 
 
-def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir: Path, overhead_n: int = 50) -> dict:
+def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir: Path, overhead_n: int = 50,
+              failovers: bool = True) -> dict:
     cfg_path = write_shifted_config(workdir, PORT_SHIFT)
     # Patroni's leader key lives ttl (5 s here): the old primary's self-fence bound is the same.
     doc = yaml.safe_load(cfg_path.read_text())
@@ -279,7 +283,7 @@ def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir
         lab.wait_replication()
         lab.start_workers()
         lab.start_app()
-        return asyncio.run(measure(lab, ds.address, runs, det, stall, freeze_runs, overhead_n))
+        return asyncio.run(measure(lab, ds.address, runs, det, stall, freeze_runs, overhead_n, failovers))
     finally:
         lab.down()
         ds.down()
@@ -298,6 +302,8 @@ def main() -> None:
     ap.add_argument("--stall", type=float, default=3.0, help="SIGSTOP this long: neither system may fail over")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--skip-patroni", action="store_true")
+    ap.add_argument("--switchovers-only", action="store_true",
+                    help="skip the stall check and the failovers (for working on the switchover)")
     ap.add_argument("--overhead-n", type=int, default=50,
                     help="empty activities (and local activities) timed for the per-step overhead (0: skip)")
     args = ap.parse_args()
@@ -308,7 +314,8 @@ def main() -> None:
     print(f"eagle-dr ({det}): a {args.stall:.0f}s stall check, {args.runs} failovers, {args.freeze_runs} of a "
           f"frozen host, {args.runs} switchovers", flush=True)
     try:
-        eagle = run_eagle(args.runs, det, args.stall, args.freeze_runs, workdir, args.overhead_n)
+        eagle = run_eagle(args.runs, det, 0 if args.switchovers_only else args.stall, args.freeze_runs, workdir,
+                          args.overhead_n, failovers=not args.switchovers_only)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # a lab's data: hundreds of MB per run
     patroni = None

@@ -18,6 +18,7 @@ import uuid
 
 import psycopg
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
@@ -234,10 +235,32 @@ async def test_switchover_under_load_loses_nothing(lab, client, unlogged):
     assert "record_epoch" not in names, names
     pg, rd = acts[names.index("promote_postgres")], acts[names.index("switchover_redis")]
     assert rd.scheduled_s < pg.scheduled_s + (pg.dispatch_ms + pg.run_ms) / 1000, (pg, rd)
-    # Routing still waits for both.
-    route = acts[names.index("route_traffic")]
-    assert route.scheduled_s >= max(pg.scheduled_s + (pg.dispatch_ms + pg.run_ms) / 1000,
-                                    rd.scheduled_s + (rd.dispatch_ms + rd.run_ms) / 1000) - 0.001
+    # Routing waits for PostgreSQL to be writable and not for Redis: route_traffic is scheduled
+    # by the very workflow task that saw the promotion complete, whether Redis was done or not.
+    assert _scheduled_by_the_task_after(await handle.fetch_history(), "promote_postgres") == ["route_traffic"]
+
+
+def _scheduled_by_the_task_after(history, activity_name: str) -> list[str]:
+    """The activities scheduled by the first workflow task completed after ``activity_name``
+    completed (its events: between that WorkflowTaskCompleted and the next task's start)."""
+    names: dict[int, str] = {}
+    done_at = None
+    out: list[str] = []
+    collecting = False
+    for ev in history.events:
+        et = ev.event_type
+        if et == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            names[ev.event_id] = ev.activity_task_scheduled_event_attributes.activity_type.name
+            if collecting:
+                out.append(names[ev.event_id])
+        elif et == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED and done_at is None and \
+                names.get(ev.activity_task_completed_event_attributes.scheduled_event_id) == activity_name:
+            done_at = ev.event_id
+        elif et == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED and done_at is not None and not out:
+            collecting = True
+        elif et == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED and collecting:
+            break
+    return out
 
 
 async def test_forced_failover_past_the_lag_guard(lab, client):

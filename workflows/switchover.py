@@ -7,11 +7,11 @@
     checkpoint is the last record it will ever write;
  4. wait until the standby has replayed past that checkpoint: every committed
     transaction is now on the standby;
- 5. promote it and record the epoch; switch Redis with writes paused until the replica
-    has every byte;
- 6. turn the old primary into a standby of the new one (no rewind: it stopped before the
-    fork) and let it stream;
- 7. re-route, verify, measure (acknowledged writes lost must be 0).
+ 5. promote it and record the epoch, then re-route clients at once; beside both, switch
+    Redis with writes paused until the replica has every byte;
+ 6. verify; turn the old primary into a standby of the new one (no rewind: it stopped
+    before the fork) and let it stream;
+ 7. measure (acknowledged writes lost must be 0).
 
 Point of no return: the promotion of the standby (step 5). Before it, a failure or a
 cancel request undoes what was done (the old primary is started again as the primary,
@@ -165,49 +165,52 @@ class SwitchoverWorkflow(Runbook):
     async def _promote_and_route(self, inp, topo, source, target, sq, tq, control, notes, previous, approval,
                                  started, decided_at, promotion_started, stopped) -> RunbookResult:
         info = workflow.info()
+        routed = False
         async with self.step("promote") as st:
-            if workflow.patched("switchover-redis-beside-promotion"):
+            if workflow.patched("switchover-route-beside-redis"):
+                # Clients follow routing and write to PostgreSQL; the Redis cache is theirs only
+                # through Sentinel and never holds an acknowledged write alone. So routing waits
+                # for PostgreSQL to be writable (its epoch recorded) and not for Redis, whose
+                # zero-loss switch (pause, catch up, promote, re-point every Sentinel) was the
+                # longer of the two and so the end of the write outage. Until Redis finishes,
+                # the target's clients see a read-only replica cache, as the old region's saw
+                # a paused master: the same as before, minus the wait.
+                async def postgres_then_route():
+                    nonlocal routed
+                    done = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
+                        region=target, epoch=self.epoch, record_epoch=True), queue=tq, timeout=180, heartbeat=30)
+                    await self._reroute(source, target, control)
+                    routed = True
+                    return done
+
+                promotion, redis_lost = await self._both(postgres_then_route(),
+                                                         self._move_redis(source, target, control))
+            elif workflow.patched("switchover-redis-beside-promotion"):
                 # Writes are stopped until routing changes, so this step is all outage. Redis
                 # moves beside PostgreSQL, not after it: both start only once the standby has
                 # replayed past the old primary's shutdown checkpoint, and each is zero-loss on
                 # its own (Redis pauses its master's writes until the replica has every byte and
-                # checks its own epoch record), so neither's safety depends on the other's order;
-                # routing, the only thing clients follow, still waits for both. The epoch is
-                # recorded inside the promote step (one round trip fewer), after writable_at.
+                # checks its own epoch record), so neither's safety depends on the other's order.
+                # The epoch is recorded inside the promote step (one round trip fewer), after
+                # writable_at.
                 async def postgres():
                     return await self.act(PostgresActivities.promote_postgres, PromoteRequest(
                         region=target, epoch=self.epoch, record_epoch=True), queue=tq, timeout=180, heartbeat=30)
 
-                # Both run to their end before the error (if any) is raised: a step left running
-                # behind a failed run would act with nobody watching it.
-                promotion, redis_lost = await asyncio.gather(postgres(), self._move_redis(source, target, control),
-                                                             return_exceptions=True)
-                for outcome in (promotion, redis_lost):
-                    if isinstance(outcome, BaseException):
-                        raise outcome
+                promotion, redis_lost = await self._both(postgres(), self._move_redis(source, target, control))
             else:
                 promotion = await self.act(PostgresActivities.promote_postgres, EpochRequest(region=target,
                                            epoch=self.epoch), queue=tq, timeout=180, heartbeat=30)
                 await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
                                queue=tq)
                 redis_lost = await self._move_redis(source, target, control)
-            st.detail = f"postgres timeline {promotion.timeline}; redis lost " \
-                        f"{redis_lost if redis_lost is not None else 'unknown'} bytes"
+            st.detail = f"postgres timeline {promotion.timeline}" + (
+                " (" + ", ".join(f"{k} {v:.3f} s" for k, v in promotion.phases.items()) + ")"
+                if promotion.phases else "") + \
+                f"; redis lost {redis_lost if redis_lost is not None else 'unknown'} bytes"
 
-        async with self.step("re-route traffic") as st:
-            try:
-                route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target, epoch=self.epoch),
-                                       queue=control, timeout=120)
-            except ActivityError as e:
-                st.status = "failed"
-                self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, DNS) "
-                                                          "and scale its services up; the data already moved")
-                route = None
-            await self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
-                           queue=control, timeout=60)
-            await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330, heartbeat=30)
-            if route is not None:
-                st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
+        if not routed:
+            await self._reroute(source, target, control)
 
         verification = await self.verify(target, control)
         serving_at = workflow.now()
@@ -250,6 +253,32 @@ class SwitchoverWorkflow(Runbook):
                              outcome=outcome, trigger=inp.trigger, reason=inp.reason, approval=approval,
                              steps=self.steps, rto=rto, rpo=rpo, source_fenced="stop", notes=notes,
                              degraded=self.degraded, cancel_refused=self.cancel_refused)
+
+    @staticmethod
+    async def _both(first, second) -> tuple:
+        """Both run to their end before the error (if any) is raised: a step left running
+        behind a failed run would act with nobody watching it."""
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return tuple(outcomes)
+
+    async def _reroute(self, source: str, target: str, control: str) -> None:
+        async with self.step("re-route traffic") as st:
+            try:
+                route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target, epoch=self.epoch),
+                                       queue=control, timeout=120)
+            except ActivityError as e:
+                st.status = "failed"
+                self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, DNS) "
+                                                          "and scale its services up; the data already moved")
+                route = None
+            await self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
+                           queue=control, timeout=60)
+            await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330, heartbeat=30)
+            if route is not None:
+                st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
 
     async def _move_redis(self, source: str, target: str, control: str) -> int | None:
         """Zero-loss Redis switch; if that fails, promote the target anyway (what it lacks is

@@ -240,30 +240,48 @@ class PostgresActivities:
     def promote_postgres(self, req: PromoteRequest) -> Promotion:
         """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
         pg = self._pg(req.region)
-        # One session for the epoch check, the slots, pg_promote and the wait: each new one is a
-        # SCRAM handshake, and all of this is inside the write outage.
+        phases: dict[str, float] = {}
+        t = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal t
+            now = time.monotonic()
+            phases[name] = round(now - t, 4)
+            t = now
+
+        # One session for the epoch check, the slots, pg_promote, the wait and the epoch's
+        # record: each new one is a SCRAM handshake (and a TLS one), all inside the write outage.
         with connect(pg) as conn:
+            phase("connect")
             self._check_epoch(req, conn)
             # Keep the WAL each other region needs to come back as a standby: failback rewinds
             # it and replays from before the fork, often hours later.
             for other in self.cfg.regions:
                 if other.name != req.region:
                     reserve_slot_in(conn, pg, other.postgres.slot_name)
+            phase("epoch check and slots")
             promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
+            phase("pg_promote to writable")
+            if req.record_epoch:
+                # After writable_at: the record is the first write of the new timeline, as when the
+                # runbook called record_epoch next; a retry of this activity records it again (idempotent).
+                self._advance_epoch(req, conn)
+                phase("epoch recorded")
         if promotion.timeline and not promotion.already_primary:
             keep_skipped_histories(self.cfg, req.region, promotion.timeline)
-        if req.record_epoch:
-            # After writable_at: the record is the first write of the new timeline, as when the
-            # runbook called record_epoch next; a retry of this activity records it again (idempotent).
-            self.record_epoch(EpochRequest(region=req.region, epoch=req.epoch))
+        promotion.phases = phases
         return promotion
 
     @activity.defn
     def record_epoch(self, req: EpochRequest) -> epochs.EpochRecord:
+        with connect(self._pg(req.region)) as conn:
+            return self._advance_epoch(req, conn)
+
+    def _advance_epoch(self, req: EpochRequest, conn: psycopg.Connection) -> epochs.EpochRecord:
         info = activity.info()
         try:
-            return epochs.advance_epoch(self._pg(req.region), self.cfg.service, req.epoch, req.region,
-                                        info.workflow_id, info.workflow_run_id)
+            return epochs.advance_epoch_in(conn, self.cfg.service, req.epoch, req.region, info.workflow_id,
+                                           info.workflow_run_id)
         except epochs.StaleEpoch as e:
             raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
 

@@ -93,27 +93,33 @@ def advance_epoch(cfg: PostgresConfig, service: str, epoch: int, region: str, wo
                   run_id: str) -> EpochRecord:
     """Record ``epoch`` on the (writable) primary. Idempotent for the same run; refuses to go back."""
     with connect(cfg) as conn:
-        conn.execute(SCHEMA)
-        with conn.transaction():
-            row = conn.execute("select epoch, workflow_id, run_id from eagle_dr.dr_epoch where service = %s "
-                               "for update", (service,)).fetchone()
-            if row is not None:
-                # Tied to the run, not the workflow id: dr-move-<service> is reused by every
-                # incident, and a late step of an old run must not pass as the new one's.
-                if row[0] > epoch or (row[0] == epoch and row[2] != run_id):
-                    raise StaleEpoch(f"{service}: epoch {row[0]} is already held by {row[1]} (run {row[2]}); "
-                                     f"refusing epoch {epoch}")
-                if row[0] == epoch:
-                    return read_epoch_in(conn, service)
-            conn.execute(
-                "insert into eagle_dr.dr_epoch (service, epoch, region, workflow_id, run_id) values (%s,%s,%s,%s,%s) "
-                "on conflict (service) do update set epoch = excluded.epoch, region = excluded.region, "
-                "workflow_id = excluded.workflow_id, run_id = excluded.run_id, updated_at = clock_timestamp()",
-                (service, epoch, region, workflow_id, run_id))
-            conn.execute("insert into eagle_dr.dr_epoch_history (service, epoch, region, workflow_id, run_id) "
-                         "values (%s,%s,%s,%s,%s) on conflict do nothing",
-                         (service, epoch, region, workflow_id, run_id))
-        return read_epoch_in(conn, service)
+        return advance_epoch_in(conn, service, epoch, region, workflow_id, run_id)
+
+
+def advance_epoch_in(conn: psycopg.Connection, service: str, epoch: int, region: str, workflow_id: str,
+                     run_id: str) -> EpochRecord:
+    """``advance_epoch`` on a session already open to the primary (autocommit)."""
+    conn.execute(SCHEMA)
+    with conn.transaction():
+        row = conn.execute("select epoch, workflow_id, run_id from eagle_dr.dr_epoch where service = %s "
+                           "for update", (service,)).fetchone()
+        if row is not None:
+            # Tied to the run, not the workflow id: dr-move-<service> is reused by every
+            # incident, and a late step of an old run must not pass as the new one's.
+            if row[0] > epoch or (row[0] == epoch and row[2] != run_id):
+                raise StaleEpoch(f"{service}: epoch {row[0]} is already held by {row[1]} (run {row[2]}); "
+                                 f"refusing epoch {epoch}")
+            if row[0] == epoch:
+                return read_epoch_in(conn, service)
+        conn.execute(
+            "insert into eagle_dr.dr_epoch (service, epoch, region, workflow_id, run_id) values (%s,%s,%s,%s,%s) "
+            "on conflict (service) do update set epoch = excluded.epoch, region = excluded.region, "
+            "workflow_id = excluded.workflow_id, run_id = excluded.run_id, updated_at = clock_timestamp()",
+            (service, epoch, region, workflow_id, run_id))
+        conn.execute("insert into eagle_dr.dr_epoch_history (service, epoch, region, workflow_id, run_id) "
+                     "values (%s,%s,%s,%s,%s) on conflict do nothing",
+                     (service, epoch, region, workflow_id, run_id))
+    return read_epoch_in(conn, service)
 
 
 def read_epoch_in(conn: psycopg.Connection, service: str) -> EpochRecord:

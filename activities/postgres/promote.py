@@ -20,6 +20,8 @@ class Promotion(BaseModel):
     receive_lsn: str | None = None
     timeline: int | None = None
     writable_at: datetime
+    # Seconds per part of the promote step, all inside the write outage (shown in its detail).
+    phases: dict[str, float] = {}
 
 
 def _writable_in(conn: psycopg.Connection) -> tuple[bool, int | None]:
