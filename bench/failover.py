@@ -252,24 +252,24 @@ def fmt(s: dict | None) -> str:
 
 
 async def measure(lab: Lab, address: str, runs: int, det: Detection, stall: float, freeze_runs: int,
-                  overhead_n: int = 50, failovers: bool = True) -> dict:
+                  overhead_n: int = 50, failovers: bool = True, frozen_only: bool = False) -> dict:
     client = await connect(target_host=address, config=lab.cfg)
     # The per-step overhead first, on a quiet lab: every runbook step pays it on top of its work.
     overhead = await step_overhead.measure(client, overhead_n) if overhead_n else None
     if overhead:
         print("\n".join(step_overhead.fmt(overhead)), flush=True)
     stall_check = await eagle_stall_check(lab, client, det, stall) if stall else None
-    fo = await eagle_failovers(lab, client, runs, det) if failovers else []
+    fo = await eagle_failovers(lab, client, runs, det) if failovers and not frozen_only else []
     fz = await eagle_failovers(lab, client, freeze_runs, det, freeze=True) if freeze_runs and failovers else []
-    so = await eagle_switchovers(lab, client, runs)
+    so = await eagle_switchovers(lab, client, runs) if not frozen_only else []
     return {"settings": str(det), "stall_check": stall_check, "step_overhead": overhead,
             "failover": {k: summary(fo, k) for k in fo[0]} if fo else None,
             "frozen": {k: summary(fz, k) for k in fz[0]} if fz else None,
-            "switchover": {k: summary(so, k) for k in so[0]}, "raw": {"failover": fo, "frozen": fz, "switchover": so}}
+            "switchover": {k: summary(so, k) for k in so[0]} if so else None, "raw": {"failover": fo, "frozen": fz, "switchover": so}}
 
 
 def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir: Path, overhead_n: int = 50,
-              failovers: bool = True) -> dict:
+              failovers: bool = True, frozen_only: bool = False) -> dict:
     cfg_path = write_shifted_config(workdir, PORT_SHIFT)
     # Patroni's leader key lives ttl (5 s here): the old primary's self-fence bound is the same.
     doc = yaml.safe_load(cfg_path.read_text())
@@ -283,7 +283,8 @@ def run_eagle(runs: int, det: Detection, stall: float, freeze_runs: int, workdir
         lab.wait_replication()
         lab.start_workers()
         lab.start_app()
-        return asyncio.run(measure(lab, ds.address, runs, det, stall, freeze_runs, overhead_n, failovers))
+        return asyncio.run(measure(lab, ds.address, runs, det, stall, freeze_runs, overhead_n, failovers,
+                                   frozen_only))
     finally:
         lab.down()
         ds.down()
@@ -304,6 +305,8 @@ def main() -> None:
     ap.add_argument("--skip-patroni", action="store_true")
     ap.add_argument("--switchovers-only", action="store_true",
                     help="skip the stall check and the failovers (for working on the switchover)")
+    ap.add_argument("--frozen-only", action="store_true",
+                    help="only the frozen-host failovers (for working on them)")
     ap.add_argument("--overhead-n", type=int, default=50,
                     help="empty activities (and local activities) timed for the per-step overhead (0: skip)")
     args = ap.parse_args()
@@ -314,8 +317,9 @@ def main() -> None:
     print(f"eagle-dr ({det}): a {args.stall:.0f}s stall check, {args.runs} failovers, {args.freeze_runs} of a "
           f"frozen host, {args.runs} switchovers", flush=True)
     try:
-        eagle = run_eagle(args.runs, det, 0 if args.switchovers_only else args.stall, args.freeze_runs, workdir,
-                          args.overhead_n, failovers=not args.switchovers_only)
+        quick = args.switchovers_only or args.frozen_only
+        eagle = run_eagle(args.runs, det, 0 if quick else args.stall, args.freeze_runs, workdir,
+                          args.overhead_n, failovers=not args.switchovers_only, frozen_only=args.frozen_only)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # a lab's data: hundreds of MB per run
     patroni = None

@@ -284,6 +284,10 @@ async def test_forced_failover_past_the_lag_guard(lab, client):
     result = await handle.result()
     await record(handle, "failover-forced")
     assert result.outcome == "succeeded"
+    # Routing does not wait for Redis's promotion (against a frozen old master its epoch check
+    # waits out a read timeout): both are scheduled by the task that saw the epoch recorded.
+    assert sorted(_scheduled_by_the_task_after(await handle.fetch_history(), "record_epoch")) == \
+        ["promote_redis", "route_traffic"]
     assert any("forced past lag guard" in n for n in result.notes)
     assert result.source_fenced == "stop"
     assert pg_status(lab.cfg.region(a).postgres).role == "primary"
@@ -464,6 +468,10 @@ async def test_a_hung_old_primary_with_its_worker_alive_is_killed_by_the_stop_fe
         assert result.outcome in ("succeeded", "degraded"), result
         assert result.source_fenced == "stop"
         assert any("killed" in (s.detail or "") for s in result.steps), [(s.name, s.detail) for s in result.steps]
+        # The fence's epoch read timed out against it: the read-only fence was not tried (and its
+        # connection timeout waited out) a second time before the stop and the kill.
+        fence = next(s for s in result.steps if "killed" in (s.detail or ""))
+        assert "read_only skipped (unresponsive)" in fence.detail and "read_only 0" not in fence.detail, fence.detail
         assert not alive(postmaster)
         # The kill ends its WAL anywhere after its last checkpoint: the loss is what its own WAL
         # shows once read to the end (its worker does that), never the checkpoint's figure.

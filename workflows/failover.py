@@ -6,7 +6,8 @@ The runbook, as an SRE would do it by hand:
  3. approval, when the policy asks for it;
  4. fence the old primary wherever it can still be reached (stop PostgreSQL, pause Redis
     writes, scale its microservices to 0); a dead region is recorded as unfenced, not waited for;
- 5. promote PostgreSQL, record the epoch in it, promote Redis and re-point the Sentinels;
+ 5. promote PostgreSQL and record the epoch in it; then, side by side, promote Redis (and
+    re-point the Sentinels) and
  6. re-route traffic (ConfigMap, DNS, the lab's routing) and wait for the services;
  7. verify with a real write and read in the new region;
  8. measure RTO and RPO and compare them with the targets.
@@ -176,30 +177,24 @@ class FailoverWorkflow(Runbook):
                                                             sq, e)
                     notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
                 await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
-                try:
-                    redis = await self.act(RedisActivities.promote_redis, RedisRegionRequest(
-                        region=target, epoch=self.epoch), queue=control, timeout=60)
-                    st.detail = f"postgres timeline {promotion.timeline}; redis master offset {redis.promotion.offset}"
-                except ActivityError as e:
-                    # PostgreSQL has moved: the service runs on without its cache master rather than not at all.
-                    redis = None
-                    st.detail = f"postgres timeline {promotion.timeline}; REDIS NOT PROMOTED"
-                    self.degrade(f"promoting {target}'s Redis", e.cause or e,
-                                 f"make {target}'s Redis the master (REPLICAOF NO ONE) and re-point the Sentinels")
+                if workflow.patched("failover-route-beside-redis"):
+                    # Clients follow routing and write to PostgreSQL, which is writable and holds
+                    # the epoch now: routing need not wait for Redis's promotion, which against a
+                    # frozen old master waits out a 2 s read timeout (its epoch check). Each part
+                    # handles its own failure (degraded, reported), so neither stops the other.
+                    routed = True
+                    outcomes = await asyncio.gather(self._promote_redis(target, control, st, promotion),
+                                                    self._reroute(target, control), return_exceptions=True)
+                    for outcome in outcomes:
+                        if isinstance(outcome, BaseException):
+                            raise outcome
+                    redis = outcomes[0]
+                else:
+                    routed = False
+                    redis = await self._promote_redis(target, control, st, promotion)
 
-            async with self.step("re-route traffic") as st:
-                try:
-                    route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target,
-                                           epoch=self.epoch), queue=control, timeout=120)
-                    await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330,
-                                   heartbeat=30)
-                    st.detail = f"{route.previous_region} -> {target} via " \
-                                f"{', '.join(route.changed) or 'already routed'}"
-                except ActivityError as e:
-                    st.status = "failed"
-                    st.detail = f"FAILED: {e.cause or e}"
-                    self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, "
-                                                              f"DNS) and scale its services up")
+            if not routed:
+                await self._reroute(target, control)
 
             verification = await self.verify(target, control)
             serving_at = workflow.now()
@@ -240,6 +235,34 @@ class FailoverWorkflow(Runbook):
                                  degraded=self.degraded, cancel_refused=self.cancel_refused)
 
         return await self.no_return(promote_and_route(), f"the promotion of {target}")
+
+    async def _promote_redis(self, target: str, control: str, st, promotion):
+        try:
+            redis = await self.act(RedisActivities.promote_redis, RedisRegionRequest(
+                region=target, epoch=self.epoch), queue=control, timeout=60)
+            st.detail = f"postgres timeline {promotion.timeline}; redis master offset {redis.promotion.offset}"
+            return redis
+        except ActivityError as e:
+            # PostgreSQL has moved: the service runs on without its cache master rather than not at all.
+            st.detail = f"postgres timeline {promotion.timeline}; REDIS NOT PROMOTED"
+            self.degrade(f"promoting {target}'s Redis", e.cause or e,
+                         f"make {target}'s Redis the master (REPLICAOF NO ONE) and re-point the Sentinels")
+            return None
+
+    async def _reroute(self, target: str, control: str) -> None:
+        async with self.step("re-route traffic") as st:
+            try:
+                route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target,
+                                       epoch=self.epoch), queue=control, timeout=120)
+                await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330,
+                               heartbeat=30)
+                st.detail = f"{route.previous_region} -> {target} via " \
+                            f"{', '.join(route.changed) or 'already routed'}"
+            except ActivityError as e:
+                st.status = "failed"
+                st.detail = f"FAILED: {e.cause or e}"
+                self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, "
+                                                          f"DNS) and scale its services up")
 
     def _unfence(self, region: str) -> UnfenceRequest:
         # Lifting a fence carries the epoch like setting one: a superseded run's late
@@ -549,7 +572,8 @@ def not_carried(rpo: Rpo, notes: list[str], target: str, *seen: PgStatus | None)
 
 
 def _killed(fence: PgFence) -> str:
-    return " (killed: still up after the stop request)" if fence.killed else ""
+    return (" (killed: still up after the stop request)" if fence.killed else "") + (
+        " [" + ", ".join(f"{k} {v:.3f} s" for k, v in fence.phases.items()) + "]" if fence.phases else "")
 
 
 def verdict(met: bool | None) -> str:

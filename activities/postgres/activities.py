@@ -24,7 +24,7 @@ from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, r
 from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
 from activities.postgres.unlogged import flush_init_forks
 from activities.postgres.wal import WalUnreadable, current_timeline
-from eagle_dr.config import EagleConfig
+from eagle_dr.config import EagleConfig, scrub
 
 
 class EpochRequest(BaseModel):
@@ -152,10 +152,15 @@ class PostgresActivities:
         pg = self._pg(req.region)
         # A late step of a superseded run must not fence what a newer move made the primary.
         # Unreachable: no check is possible, and fencing a node nobody can reach harms nothing.
+        unresponsive = None
         try:
             held = epochs.read_epoch(pg, self.cfg.service).epoch
-        except psycopg.Error:
+        except psycopg.Error as e:
             held = None
+            if "timeout expired" in str(e):
+                # It took the connection and never answered (frozen, hung on I/O): the fence's
+                # own connection would wait out the same timeout a second time.
+                unresponsive = f"unresponsive: {scrub(str(e).strip().splitlines()[0])}"
         if held is not None and held > req.epoch:
             raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {held}; "
                                    "not fencing the primary of a newer move", type="StaleEpoch", non_retryable=True)
@@ -165,7 +170,9 @@ class PostgresActivities:
         with heartbeating(2.0):
             if req.method == "stop":
                 return fence_stop(pg, drain_archive_s=req.drain_archive_seconds, at_checkpoint=req.at_checkpoint,
-                                  kill_after=req.kill_after_seconds)
+                                  kill_after=req.kill_after_seconds, unresponsive=unresponsive)
+            if unresponsive is not None:
+                return PgFence(reachable=False, error=unresponsive)
             return fence_read_only(pg)
 
     def _refuse_stale_unfence(self, req: UnfenceRequest) -> None:
@@ -254,12 +261,13 @@ class PostgresActivities:
         with connect(pg) as conn:
             phase("connect")
             self._check_epoch(req, conn)
+            phase("epoch check")
             # Keep the WAL each other region needs to come back as a standby: failback rewinds
             # it and replays from before the fork, often hours later.
             for other in self.cfg.regions:
                 if other.name != req.region:
                     reserve_slot_in(conn, pg, other.postgres.slot_name)
-            phase("epoch check and slots")
+            phase("slots")
             promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
             phase("pg_promote to writable")
             if req.record_epoch:

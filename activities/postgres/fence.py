@@ -261,7 +261,8 @@ def _checkpoint(cfg: PostgresConfig) -> None:
 
 
 def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float = 0,
-               at_checkpoint: bool = False, kill_after: float | None = None) -> PgFence:
+               at_checkpoint: bool = False, kill_after: float | None = None,
+               unresponsive: str | None = None) -> PgFence:
     """Read-only first (so nothing commits while we stop), stop, then hold it as a standby of
     nothing so a restart cannot make it writable; idempotent, also when already down.
     ``drain_archive_s``: first let the archiver catch up for up to that long, and checkpoint, so
@@ -307,8 +308,14 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
             was = ctl.controldata(check=False)
             hold_as_standby(ctl, before_stop=True)
             lap("hold")
-        ro = fence_read_only(cfg, timeout)
-        lap("read_only")
+        if unresponsive is None:
+            ro = fence_read_only(cfg, timeout)
+            lap("read_only")
+        else:
+            # The caller's own connection just timed out (not refused): another would only wait
+            # out the same timeout before the stop, all of it before the promotion.
+            ro = PgFence(reachable=False, error=unresponsive)
+            lap("read_only skipped (unresponsive)")
         if at_checkpoint:
             data = ctl.stop_to_checkpoint("fast", was=was)
             exiting = data is not None
