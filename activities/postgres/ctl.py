@@ -12,6 +12,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,10 +88,16 @@ class PgCtl:
         return r
 
     @contextmanager
-    def lines(self, argv: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[Iterator[str], list[str]]]:
+    def lines(self, argv: list[str], env: dict[str, str] | None = None,
+              idle_timeout_s: float = 300) -> Iterator[tuple[Iterator[str], list[str]]]:
         """Run a tool whose output can be far larger than memory (pg_waldump of a long
         divergence) and hand over its stdout line by line; the second item is filled with its
-        stderr once stdout is exhausted. The tool is killed if the caller stops early."""
+        stderr once stdout is exhausted. The tool is killed if the caller stops early, and if it
+        prints nothing for ``idle_timeout_s`` (a read hung on its storage): the activities
+        around it heartbeat from a thread of their own, so without this a hung tool would hold
+        the step until its start-to-close timeout. Killed so, its stderr says why, and carries
+        no end of WAL (callers then refuse the read as incomplete)."""
+        tool = os.path.basename(argv[0])
         argv, kw = self._as_server_user(argv, env)
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
             # Replaced, not raised on: pg_waldump prints user strings (a prepared transaction's
@@ -98,22 +105,41 @@ class PgCtl:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, encoding="utf-8",
                                     errors="replace", bufsize=1 << 20, **kw)
             stderr: list[str] = []
+            fed = [0]
+            idle: list[str] = []
+            done = threading.Event()
+
+            def watch() -> None:
+                seen, since = -1, time.monotonic()
+                while not done.wait(min(1.0, idle_timeout_s / 2)):
+                    if fed[0] != seen:
+                        seen, since = fed[0], time.monotonic()
+                    elif time.monotonic() - since > idle_timeout_s:
+                        idle.append(f"{tool} killed: no output for {idle_timeout_s:.0f} s")
+                        proc.kill()
+                        return
 
             def read() -> Iterator[str]:
                 assert proc.stdout is not None
-                yield from proc.stdout
+                for line in proc.stdout:
+                    fed[0] += 1
+                    yield line
                 proc.wait()
                 err.seek(0)
-                stderr.append(err.read())
+                stderr.append(err.read() + "".join(f"\n{why}" for why in idle))
 
+            watchdog = threading.Thread(target=watch, name="idle-watchdog", daemon=True)
+            watchdog.start()
             try:
                 yield read(), stderr
             finally:
+                done.set()
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait()
                 if proc.stdout is not None:
                     proc.stdout.close()
+                watchdog.join()
 
     def _as_server_user(self, argv: list[str], env: dict[str, str] | None) -> tuple[list[str], dict]:
         kw: dict = {"env": {**os.environ, **env}} if env else {}

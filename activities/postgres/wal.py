@@ -223,9 +223,14 @@ def _argv(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, one_seg
     return argv
 
 
+# pg_waldump silent this long is hung (on its storage, say), not slow: it prints a line per
+# record as it reads, and the scan reads a few hundred thousand lines a second.
+_IDLE_TIMEOUT_S = 300.0
+
+
 def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False):
     """pg_waldump as ``waldump``, its output streamed: (lines, stderr filled once they are read)."""
-    return ctl.lines(_argv(ctl, wal_dir, tli, start, seg_size, one_segment), env=_UTC)
+    return ctl.lines(_argv(ctl, wal_dir, tli, start, seg_size, one_segment), env=_UTC, idle_timeout_s=_IDLE_TIMEOUT_S)
 
 
 _STATS_TOTAL = re.compile(r"^Total\s+(\d+)", re.MULTILINE)
