@@ -365,7 +365,7 @@ def main() -> None:
     print()
     print("Detection: eagle-dr from the kill to the monitor's decision; Patroni from the kill to the replica "
           "taking the leader key. Patroni's 'orchestration' is its promotion + first write after it took the "
-          "leader key; eagle-dr's is fence + pg_promote + epoch + Redis promotion, decided by a durable workflow. "
+          "leader key; eagle-dr's is the fences + pg_promote until the node takes a write, decided by a durable workflow (the epoch's record, Redis and routing come after it). "
           "A kill leaves ports that refuse connections (eagle-dr confirms that fast); a frozen host leaves "
           "timeouts, which both systems must ride out for the stall they tolerate.")
     if args.json:
