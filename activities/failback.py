@@ -100,7 +100,14 @@ class FailbackActivities:
         """Stop the old primary (it may have come back writable) and read what it wrote after
         the fork from its WAL: the failover's true RPO, known only now."""
         with heartbeating():
-            fence = fence_stop(self._pg(req.region))
+            # Returns at the shutdown checkpoint, not at the exit: with archiving on, the exit
+            # waits for the archiver to push the segment the shutdown closed (most of the stop),
+            # and nothing here needs it gone. After that checkpoint the node writes no WAL, so the
+            # read below reads the WAL it leaves. (The checkpoint still removes or recycles
+            # segments before its own redo, the end of WAL: a read that needs one of those fails
+            # after the exit too, WalUnreadable either way.) The reconcile's own stop waits for
+            # the exit before anything starts the node again, and so does the rewind's.
+            fence = fence_stop(self._pg(req.region), at_checkpoint=True)
             phases = {f"fence {k}": v for k, v in fence.phases.items()}
             t = time.monotonic()
             try:
