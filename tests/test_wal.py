@@ -479,17 +479,20 @@ def test_a_hung_pg_waldump_is_killed_and_the_read_refused(node, monkeypatch):
     """pg_waldump that stops printing (a read hung on its storage) is killed after the idle
     bound, and the scan refuses the read (no end of WAL) instead of hanging: the activities
     heartbeat from their own thread, so nothing else would end it before its start-to-close
-    timeout. What it printed before it hung is not taken for the whole."""
+    timeout. What it printed before it hung is not taken for the whole, and a pipe that stays
+    open after the kill is not waited for."""
     from activities.postgres import wal
     from activities.postgres.wal import WalUnreadable
 
     with _conn() as c:
         start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
     monkeypatch.setattr(wal, "_IDLE_TIMEOUT_S", 0.5)
-    # A real first line, then silence for longer than any test should wait.
+    # A real first line, then silence. Not exec'd: the sleep, a child the kill does not reach,
+    # keeps the pipe open after it, as a tool stuck in uninterruptible I/O would; the read must
+    # not wait for the pipe to close.
     line = "rmgr: Transaction len (rec/tot):     34/    34, tx:        777, lsn: 0/01000028, prev 0/01000000, " \
            "desc: COMMIT 2026-12-04 10:00:00.000000 UTC"
-    monkeypatch.setattr(wal, "_argv", lambda *a, **k: ["sh", "-c", f"echo '{line}'; exec sleep 120"])
+    monkeypatch.setattr(wal, "_argv", lambda *a, **k: ["sh", "-c", f"echo '{line}'; sleep 20; true"])
     with pytest.raises(WalUnreadable) as e:
         scan(PgCtl(node.cfg), _wal(node), 1, start)
     assert "sh killed: no output" in str(e.value), e.value

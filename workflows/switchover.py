@@ -165,7 +165,7 @@ class SwitchoverWorkflow(Runbook):
     async def _promote_and_route(self, inp, topo, source, target, sq, tq, control, notes, previous, approval,
                                  started, decided_at, promotion_started, stopped) -> RunbookResult:
         info = workflow.info()
-        routed = False
+        routing: asyncio.Future | None = None
         async with self.step("promote") as st:
             if workflow.patched("switchover-route-beside-redis"):
                 # Clients follow routing and write to PostgreSQL; the Redis cache is theirs only
@@ -175,12 +175,13 @@ class SwitchoverWorkflow(Runbook):
                 # longer of the two and so the end of the write outage. Until Redis finishes,
                 # the target's clients see a read-only replica cache, as the old region's saw
                 # a paused master: the same as before, minus the wait.
+                # Routing is its own step, started here and awaited once this one ends, so that
+                # this step's outcome and time are the promotion's and Redis's alone.
                 async def postgres_then_route():
-                    nonlocal routed
+                    nonlocal routing
                     done = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
                         region=target, epoch=self.epoch, record_epoch=True), queue=tq, timeout=180, heartbeat=30)
-                    await self._reroute(source, target, control)
-                    routed = True
+                    routing = asyncio.ensure_future(self._reroute(source, target, control))
                     return done
 
                 promotion, redis_lost = await self._both(postgres_then_route(),
@@ -209,8 +210,7 @@ class SwitchoverWorkflow(Runbook):
                 if promotion.phases else "") + \
                 f"; redis lost {redis_lost if redis_lost is not None else 'unknown'} bytes"
 
-        if not routed:
-            await self._reroute(source, target, control)
+        await (routing if routing is not None else self._reroute(source, target, control))
 
         verification = await self.verify(target, control)
         serving_at = workflow.now()
@@ -274,9 +274,30 @@ class SwitchoverWorkflow(Runbook):
                 self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, DNS) "
                                                           "and scale its services up; the data already moved")
                 route = None
-            await self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source, epoch=self.epoch),
-                           queue=control, timeout=60)
-            await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330, heartbeat=30)
+            ready = True
+            if workflow.patched("switchover-scale-failures-degrade"):
+                # Past the point of no return: the data moved, so a cluster that does not scale
+                # as asked is reported with its repair, as a failed re-route is, not a failed run.
+                try:
+                    await self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source,
+                                   epoch=self.epoch), queue=control, timeout=60)
+                except ActivityError as e:
+                    ready = False
+                    self.degrade(f"scaling {source}'s services down", e.cause or e,
+                                 f"scale {source}'s services to 0 (eagle-dr stays off their replicas)")
+                try:
+                    await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330,
+                                   heartbeat=30)
+                except ActivityError as e:
+                    ready = False
+                    self.degrade(f"{target}'s services becoming ready", e.cause or e,
+                                 f"check {target}'s deployments (kubectl rollout status) and their replicas")
+            else:
+                await self.act(TrafficActivities.scale_down_region, ScaleDownRequest(region=source,
+                               epoch=self.epoch), queue=control, timeout=60)
+                await self.act(TrafficActivities.wait_region_ready, target, queue=control, timeout=330, heartbeat=30)
+            if not ready:
+                st.status = "failed"
             if route is not None:
                 st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
 

@@ -157,9 +157,12 @@ class PostgresActivities:
             held = epochs.read_epoch(pg, self.cfg.service).epoch
         except psycopg.Error as e:
             held = None
-            if "timeout expired" in str(e):
-                # It took the connection and never answered (frozen, hung on I/O): the fence's
-                # own connection would wait out the same timeout a second time.
+            if isinstance(e, psycopg.errors.ConnectionTimeout):
+                # It took the connection and never answered (frozen, hung on I/O). The stop
+                # fence then goes straight to the stop and its short kill bound, instead of
+                # first waiting out the same timeout on a read-only fence's connection: the
+                # node ends stopped either way. (The read-only fence alone keeps its own
+                # attempt: one timeout is not proof enough to leave a node unfenced.)
                 unresponsive = f"unresponsive: {scrub(str(e).strip().splitlines()[0])}"
         if held is not None and held > req.epoch:
             raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {held}; "
@@ -171,8 +174,6 @@ class PostgresActivities:
             if req.method == "stop":
                 return fence_stop(pg, drain_archive_s=req.drain_archive_seconds, at_checkpoint=req.at_checkpoint,
                                   kill_after=req.kill_after_seconds, unresponsive=unresponsive)
-            if unresponsive is not None:
-                return PgFence(reachable=False, error=unresponsive)
             return fence_read_only(pg)
 
     def _refuse_stale_unfence(self, req: UnfenceRequest) -> None:
@@ -270,13 +271,24 @@ class PostgresActivities:
             phase("slots")
             promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
             phase("pg_promote to writable")
+            if promotion.timeline:
+                # Also on a retry that finds it promoted already: a first attempt may have died
+                # between the promotion and this (idempotent, a file check when nothing was skipped).
+                keep_skipped_histories(self.cfg, req.region, promotion.timeline)
             if req.record_epoch:
                 # After writable_at: the record is the first write of the new timeline, as when the
-                # runbook called record_epoch next; a retry of this activity records it again (idempotent).
-                self._advance_epoch(req, conn)
+                # runbook called record_epoch next; a retry of this activity records it again
+                # (idempotent). On a session of its own if the wait had to leave this one.
+                try:
+                    if conn.broken or conn.closed:
+                        with connect(pg) as fresh:
+                            self._advance_epoch(req, fresh, after_promotion=True)
+                    else:
+                        self._advance_epoch(req, conn, after_promotion=True)
+                except psycopg.Error:
+                    with connect(pg) as fresh:
+                        self._advance_epoch(req, fresh, after_promotion=True)
                 phase("epoch recorded")
-        if promotion.timeline and not promotion.already_primary:
-            keep_skipped_histories(self.cfg, req.region, promotion.timeline)
         promotion.phases = phases
         return promotion
 
@@ -285,13 +297,18 @@ class PostgresActivities:
         with connect(self._pg(req.region)) as conn:
             return self._advance_epoch(req, conn)
 
-    def _advance_epoch(self, req: EpochRequest, conn: psycopg.Connection) -> epochs.EpochRecord:
+    def _advance_epoch(self, req: EpochRequest, conn: psycopg.Connection,
+                       after_promotion: bool = False) -> epochs.EpochRecord:
         info = activity.info()
         try:
             return epochs.advance_epoch_in(conn, self.cfg.service, req.epoch, req.region, info.workflow_id,
                                            info.workflow_run_id)
         except epochs.StaleEpoch as e:
-            raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
+            # Inside the promote step, the node is promoted by now: a type of its own, so that no
+            # runbook reads it as the StaleEpoch its epoch check raises before promoting (which
+            # means "not promoted", and lets a failover lift the old primary's fence).
+            raise ApplicationError(str(e), type="StaleEpochAfterPromotion" if after_promotion else "StaleEpoch",
+                                   non_retryable=True) from e
 
     @activity.defn
     def measure_lost_wal(self, req: LostWalRequest) -> LostWal:

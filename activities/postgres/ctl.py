@@ -6,13 +6,14 @@ Only a worker in the same region (same host in the lab) can do this: these calls
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import pwd
+import select
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,18 @@ def alive(pid: int | None) -> bool:
 
 # In the data directory of an old primary held as a standby by a stop fence (fence.py).
 FENCE_MARKER = "eagle_dr_fence.json"
+
+
+def _reap(proc: subprocess.Popen, gave_up: list[str], tool: str) -> None:
+    """Wait a bounded time for a tool's exit: one killed in uninterruptible I/O ends only when
+    its I/O does, and is left to end then (its zombie with it) rather than waited for here."""
+    if proc.returncode is not None:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        if not any("did not exit" in g for g in gave_up):
+            gave_up.append(f"{tool} did not exit 10 s after the kill (uninterruptible I/O?); left behind")
 
 
 class PgCtlError(RuntimeError):
@@ -91,55 +104,55 @@ class PgCtl:
     def lines(self, argv: list[str], env: dict[str, str] | None = None,
               idle_timeout_s: float = 300) -> Iterator[tuple[Iterator[str], list[str]]]:
         """Run a tool whose output can be far larger than memory (pg_waldump of a long
-        divergence) and hand over its stdout line by line; the second item is filled with its
-        stderr once stdout is exhausted. The tool is killed if the caller stops early, and if it
-        prints nothing for ``idle_timeout_s`` (a read hung on its storage): the activities
-        around it heartbeat from a thread of their own, so without this a hung tool would hold
-        the step until its start-to-close timeout. Killed so, its stderr says why, and carries
-        no end of WAL (callers then refuse the read as incomplete)."""
+        divergence) and hand over its stdout line by line (without the line break); the second
+        item is filled with its stderr once stdout is exhausted. The tool is killed if the
+        caller stops early, and if it prints nothing for ``idle_timeout_s``: a read hung on its
+        storage. The activities around it heartbeat from a thread of their own, so without this
+        a hung tool would hold the step until its start-to-close timeout. The pipe is read with
+        a timeout of its own, so a tool the kill cannot end (uninterruptible I/O) is left
+        behind rather than waited for. Killed so, its stderr says why and carries no end of WAL
+        (callers then refuse the read as incomplete)."""
         tool = os.path.basename(argv[0])
         argv, kw = self._as_server_user(argv, env)
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
-            # Replaced, not raised on: pg_waldump prints user strings (a prepared transaction's
-            # name, a logical message's prefix) in the database's encoding, which need not be UTF-8.
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, encoding="utf-8",
-                                    errors="replace", bufsize=1 << 20, **kw)
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, **kw)
             stderr: list[str] = []
-            fed = [0]
-            idle: list[str] = []
-            done = threading.Event()
-
-            def watch() -> None:
-                seen, since = -1, time.monotonic()
-                while not done.wait(min(1.0, idle_timeout_s / 2)):
-                    if fed[0] != seen:
-                        seen, since = fed[0], time.monotonic()
-                    elif time.monotonic() - since > idle_timeout_s:
-                        idle.append(f"{tool} killed: no output for {idle_timeout_s:.0f} s")
-                        proc.kill()
-                        return
+            gave_up: list[str] = []
 
             def read() -> Iterator[str]:
                 assert proc.stdout is not None
-                for line in proc.stdout:
-                    fed[0] += 1
-                    yield line
-                proc.wait()
+                fd = proc.stdout.fileno()
+                # Replaced, not raised on: pg_waldump prints user strings (a prepared transaction's
+                # name, a logical message's prefix) in the database's encoding, which need not be
+                # UTF-8. Split on "\n" only: a "\r" inside such a string stays inside its line.
+                decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+                rest = ""
+                while True:
+                    if not select.select([fd], [], [], idle_timeout_s)[0]:
+                        gave_up.append(f"{tool} killed: no output for {idle_timeout_s:g} s")
+                        proc.kill()
+                        break
+                    chunk = os.read(fd, 1 << 20)
+                    if not chunk:
+                        break
+                    lines = (rest + decode(chunk)).split("\n")
+                    rest = lines.pop()
+                    yield from lines
+                tail = rest + decode(b"", final=True)
+                if tail and not gave_up:
+                    yield tail
+                _reap(proc, gave_up, tool)
                 err.seek(0)
-                stderr.append(err.read() + "".join(f"\n{why}" for why in idle))
+                stderr.append(err.read() + "".join(f"\n{why}" for why in gave_up))
 
-            watchdog = threading.Thread(target=watch, name="idle-watchdog", daemon=True)
-            watchdog.start()
             try:
                 yield read(), stderr
             finally:
-                done.set()
                 if proc.poll() is None:
                     proc.kill()
-                proc.wait()
+                _reap(proc, gave_up, tool)
                 if proc.stdout is not None:
                     proc.stdout.close()
-                watchdog.join()
 
     def _as_server_user(self, argv: list[str], env: dict[str, str] | None) -> tuple[list[str], dict]:
         kw: dict = {"env": {**os.environ, **env}} if env else {}

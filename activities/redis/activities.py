@@ -55,13 +55,12 @@ class RedisActivities:
     def _redis(self, region: str):
         return self.cfg.region(region).redis
 
-    def _refuse_stale(self, epoch: int | None, with_run: bool, timed_out: set[str] | None = None) -> None:
+    def _refuse_stale(self, epoch: int | None, with_run: bool) -> None:
         """Refuse when any reachable Redis node records a newer epoch. ``with_run`` for the steps
-        that record the epoch themselves: the same epoch from another run is stale too.
-        ``timed_out``: gets the nodes whose read timed out (see epochs.highest_epoch)."""
+        that record the epoch themselves: the same epoch from another run is stale too."""
         if epoch is None:
             return
-        held = epochs.highest_epoch([r.redis for r in self.cfg.regions], self.cfg.service, timed_out=timed_out)
+        held = epochs.highest_epoch([r.redis for r in self.cfg.regions], self.cfg.service)
         try:
             epochs.refuse_stale(held, epoch, activity.info().workflow_run_id if with_run else None)
         except epochs.StaleEpoch as e:
@@ -88,16 +87,8 @@ class RedisActivities:
     def fence_redis(self, req: str | RedisRegionRequest) -> failover.RedisFence:
         req = RedisRegionRequest(region=req) if isinstance(req, str) else req
         # A late fence of a superseded run must not fence what a newer move made the master.
-        timed_out: set[str] = set()
-        self._refuse_stale(req.epoch, with_run=False, timed_out=timed_out)
-        node = self._redis(req.region)
-        address = f"{node.host}:{node.port}"
-        if address in timed_out:
-            # It took the connection and never answered (frozen, or hung): the fence's own
-            # connection would wait out the same timeout a second time, before the promotion.
-            return failover.RedisFence(address=address, reachable=False,
-                                       error="unresponsive: its epoch read timed out")
-        return failover.fence(node)
+        self._refuse_stale(req.epoch, with_run=False)
+        return failover.fence(self._redis(req.region))
 
     @activity.defn
     def unfence_redis(self, req: str | RedisRegionRequest) -> None:

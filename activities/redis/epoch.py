@@ -85,17 +85,13 @@ def read_epoch(node: RedisConfig, service: str, timeout: float = 2.0) -> RedisEp
                       workflow_id=got.get("workflow_id"), run_id=got.get("run_id"), node=f"{node.host}:{node.port}")
 
 
-def highest_epoch(nodes: Iterable[RedisConfig], service: str, timeout: float = 2.0,
-                  timed_out: set[str] | None = None) -> RedisEpoch:
-    """The highest record on any node that answers; an unreachable node is no evidence either way.
-    ``timed_out``: gets the host:port of each node that took the connection and never answered."""
+def highest_epoch(nodes: Iterable[RedisConfig], service: str, timeout: float = 2.0) -> RedisEpoch:
+    """The highest record on any node that answers; an unreachable node is no evidence either way."""
     best = RedisEpoch(service=service, epoch=0)
     for node in nodes:
         try:
             got = read_epoch(node, service, timeout)
-        except (redis.RedisError, OSError) as e:
-            if timed_out is not None and isinstance(e, (redis.TimeoutError, TimeoutError)):
-                timed_out.add(f"{node.host}:{node.port}")
+        except (redis.RedisError, OSError):
             continue
         if got.epoch > best.epoch:
             best = got
