@@ -177,24 +177,20 @@ class FailoverWorkflow(Runbook):
                                                             sq, e)
                     notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
                 await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
+                routing = None
                 if workflow.patched("failover-route-beside-redis"):
                     # Clients follow routing and write to PostgreSQL, which is writable and holds
                     # the epoch now: routing need not wait for Redis's promotion, which against a
                     # frozen old master waits out a 2 s read timeout (its epoch check). Each part
                     # handles its own failure (degraded, reported), so neither stops the other.
-                    routed = True
-                    outcomes = await asyncio.gather(self._promote_redis(target, control, st, promotion),
-                                                    self._reroute(target, control), return_exceptions=True)
-                    for outcome in outcomes:
-                        if isinstance(outcome, BaseException):
-                            raise outcome
-                    redis = outcomes[0]
+                    # Routing is a step of its own, awaited once this one ends (which is Redis's).
+                    promoting = asyncio.ensure_future(self._promote_redis(target, control, st, promotion))
+                    routing = asyncio.ensure_future(self._reroute(target, control))
+                    redis = await promoting
                 else:
-                    routed = False
                     redis = await self._promote_redis(target, control, st, promotion)
 
-            if not routed:
-                await self._reroute(target, control)
+            await (routing if routing is not None else self._reroute(target, control))
 
             verification = await self.verify(target, control)
             serving_at = workflow.now()
