@@ -22,6 +22,7 @@ from activities.postgres.fence import PgFence, fence_read_only, fence_stop, lift
 from activities.postgres.promote import Promotion, PromotionAbort, abort_promotion, promote
 from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot_in, wait_replayed_past
 from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
+from activities.postgres.stopwatch import Stopwatch
 from activities.postgres.unlogged import flush_init_forks
 from activities.postgres.wal import WalUnreadable, current_timeline
 from eagle_dr.config import EagleConfig, scrub
@@ -248,15 +249,8 @@ class PostgresActivities:
     def promote_postgres(self, req: PromoteRequest) -> Promotion:
         """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
         pg = self._pg(req.region)
-        phases: dict[str, float] = {}
-        t = time.monotonic()
-
-        def phase(name: str) -> None:
-            nonlocal t
-            now = time.monotonic()
-            phases[name] = round(now - t, 4)
-            t = now
-
+        watch = Stopwatch()
+        phase = watch.lap
         # One session for the epoch check, the slots, pg_promote, the wait and the epoch's
         # record: each new one is a SCRAM handshake (and a TLS one), all inside the write outage.
         with connect(pg) as conn:
@@ -289,7 +283,7 @@ class PostgresActivities:
                     with connect(pg) as fresh:
                         self._advance_epoch(req, fresh, after_promotion=True)
                 phase("epoch recorded")
-        promotion.phases = phases
+        promotion.phases = watch.laps
         return promotion
 
     @activity.defn

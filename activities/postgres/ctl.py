@@ -43,13 +43,15 @@ FENCE_MARKER = "eagle_dr_fence.json"
 def _reap(proc: subprocess.Popen, gave_up: list[str], tool: str) -> None:
     """Wait a bounded time for a tool's exit: one killed in uninterruptible I/O ends only when
     its I/O does, and is left to end then (its zombie with it) rather than waited for here."""
-    if proc.returncode is not None:
-        return
+    if proc.returncode is not None or any(g.endswith(_LEFT_BEHIND) for g in gave_up):
+        return  # reaped, or already waited for once (the caller's finally reaps again)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        if not any("did not exit" in g for g in gave_up):
-            gave_up.append(f"{tool} did not exit 10 s after the kill (uninterruptible I/O?); left behind")
+        gave_up.append(f"{tool} did not exit 10 s after the kill (uninterruptible I/O?); {_LEFT_BEHIND}")
+
+
+_LEFT_BEHIND = "left behind"
 
 
 class PgCtlError(RuntimeError):
@@ -101,8 +103,8 @@ class PgCtl:
         return r
 
     @contextmanager
-    def lines(self, argv: list[str], env: dict[str, str] | None = None,
-              idle_timeout_s: float = 300) -> Iterator[tuple[Iterator[str], list[str]]]:
+    def lines(self, argv: list[str], idle_timeout_s: float,
+              env: dict[str, str] | None = None) -> Iterator[tuple[Iterator[str], list[str]]]:
         """Run a tool whose output can be far larger than memory (pg_waldump of a long
         divergence) and hand over its stdout line by line (without the line break); the second
         item is filled with its stderr once stdout is exhausted. The tool is killed if the

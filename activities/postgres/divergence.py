@@ -11,7 +11,6 @@ names it. Runs on the loser's worker, with the loser stopped.
 from __future__ import annotations
 
 import json
-import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -28,6 +27,7 @@ from activities.postgres.lsn import lsn_diff, lsn_to_int
 from activities.postgres.wal import DEFAULT_TABLESPACE, WalScan, commits_in_segment_before, current_timeline, \
     end_from, scan, segment_size
 from activities.postgres.status import CURRENT_TIMELINE, connect
+from activities.postgres.stopwatch import Stopwatch
 from eagle_dr.config import PostgresConfig
 
 
@@ -309,7 +309,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     PostgreSQL sets hint bits without dirtying the page and writes no WAL, prunes nothing, so
     these reads add no block to what pg_rewind copies. ``read_wal_bytes`` measures it."""
     ctl = PgCtl(loser)
-    took = _Stopwatch()
+    took = Stopwatch(digits=3)
     wal_dir = str(Path(loser.data_dir) / "pg_wal")
     tli = (fork.loser_timeline or fork.old_timeline) if fork is not None else None
     committed_at: dict[int, datetime] = {}
@@ -383,17 +383,6 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                      read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps,
                      wal_commits=len(found.commits) if found is not None else None,
                      wal_end_lsn=found.end_lsn if found is not None else None)
-
-
-class _Stopwatch:
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._t = time.monotonic()
-
-    def lap(self, name: str) -> None:
-        now = time.monotonic()
-        self.laps[name] = round(now - self._t, 3)
-        self._t = now
 
 
 @contextmanager

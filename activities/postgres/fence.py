@@ -38,6 +38,7 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import FENCE_MARKER, PgCtl
 from activities.postgres.status import FENCE_LIBRARY, connect, in_recovery
+from activities.postgres.stopwatch import Stopwatch
 from eagle_dr.config import PostgresConfig, scrub
 
 
@@ -279,15 +280,8 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
     WAL it had flushed survives the kill; clean_shutdown is then False (RPO not proven)."""
     ctl = PgCtl(cfg)
     ro = None
-    phases: dict[str, float] = {}
-    t = time.monotonic()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.monotonic()
-        phases[name] = round(now - t, 4)
-        t = now
-
+    watch = Stopwatch()
+    lap, phases = watch.lap, watch.laps
     exiting, data, killed, was = False, None, False, None
     if ctl.running() and (data := ctl.exiting()) is not None:
         # A retry after an at_checkpoint return: already past its last record, still exiting.

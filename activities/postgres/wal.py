@@ -230,7 +230,7 @@ _IDLE_TIMEOUT_S = 300.0
 
 def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False):
     """pg_waldump as ``waldump``, its output streamed: (lines, stderr filled once they are read)."""
-    return ctl.lines(_argv(ctl, wal_dir, tli, start, seg_size, one_segment), env=_UTC, idle_timeout_s=_IDLE_TIMEOUT_S)
+    return ctl.lines(_argv(ctl, wal_dir, tli, start, seg_size, one_segment), _IDLE_TIMEOUT_S, env=_UTC)
 
 
 _STATS_TOTAL = re.compile(r"^Total\s+(\d+)", re.MULTILINE)
