@@ -15,9 +15,9 @@ Cases, in this order:
   inserted (odd ids), scattered over the whole key space; every one of the 120 keys must be
   reported exactly (and nothing else).
 
-Each case measures: the scan floor (``count(*)`` and ``bit_xor(hash_record_extended(t, 0))``
-over the whole table, one statement on each side at the same time: the same per-row work as
-the check does, with no ranges and no bisect), eagle-dr's check (run in its own child process,
+Each case measures: the scan floor (``count(*)`` and ``bit_xor`` of the check's own row digest,
+activities/consistency/rowhash.py, over the whole table, one statement on each side at the
+same time: the same per-row work as the check does, with no ranges and no bisect), eagle-dr's check (run in its own child process,
 with the config's default chunk_rows / parallel, so its peak RSS is the check's alone), and
 reladiff (its own venv, ``--bisection-factor`` / ``--bisection-threshold`` / ``--threads``
 left at their defaults; ``-c`` names the non-key columns, since by default it compares the key
@@ -45,11 +45,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
+
+from activities.consistency.tables import Table
 
 # Away from the lab (15401+), the tests (shifted), bench.conflicts (22500) and the lab benches.
 PORT_A, PORT_B = 22540, 22541
 DIFFS = 120
 SEED = 11
+ALERTS = Table(schema_name="public", name="alerts", key=["id"], key_types=["bigint"])
 GOAL_IDENTICAL_S, GOAL_FLOOR_RATIO, GOAL_DIFF_S, GOAL_RSS_MB = 8.0, 3.0, 12.0, 500.0
 REGIONS = "array['eu-west-1', 'us-east-1', 'ap-south-1']"
 
@@ -103,12 +107,17 @@ def make_differences(dsn_b: str, keys: dict[str, list[int]]) -> None:
 
 def scan_floor(dsn_a: str, dsn_b: str) -> float:
     """One whole-table hash on each side at the same time (the server's defaults, parallel
-    workers included): what reading every row once on both sides costs here."""
-    conns = [psycopg.connect(d, autocommit=True) for d in (dsn_a, dsn_b)]
+    workers included), with the check's own row digest (rowhash.py): what reading and hashing
+    every row once on both sides costs here, without ranges."""
+    from activities.consistency.ranges import connect
+    from activities.consistency.rowhash import row_hash
+
+    conns = [connect(d) for d in (dsn_a, dsn_b)]
     out: list = [None, None]
+    q = psycopg.sql.SQL("select count(*), bit_xor({}) from alerts t").format(row_hash(*conns, ALERTS).expr)
 
     def one(i: int) -> None:
-        out[i] = conns[i].execute("select count(*), bit_xor(hash_record_extended(t, 0)) from alerts t").fetchone()
+        out[i] = conns[i].execute(q).fetchone()
 
     try:
         t = time.perf_counter()
@@ -156,13 +165,11 @@ def eagle_check(dsn_a: str, dsn_b: str) -> dict:
 
 def child(dsn_a: str, dsn_b: str) -> None:
     from activities.consistency.check import compare_table
-    from activities.consistency.tables import Table
     from eagle_dr.config import DEFAULT_CONFIG, load_config
 
     c = load_config(DEFAULT_CONFIG, env={}).consistency
-    table = Table(schema_name="public", name="alerts", key=["id"], key_types=["bigint"])
     t = time.perf_counter()
-    res = compare_table(dsn_a, dsn_b, table, follower=False, chunk_rows=c.chunk_rows, parallel=c.parallel,
+    res = compare_table(dsn_a, dsn_b, ALERTS, follower=False, chunk_rows=c.chunk_rows, parallel=c.parallel,
                         max_lag=c.max_lag_seconds, cap=10_000, resume=None, beat=lambda pos: None)
     print(json.dumps({**res.model_dump(mode="json"), "timed_s": time.perf_counter() - t}))
 
@@ -243,7 +250,7 @@ def report(rows: int, cases: list[dict]) -> None:
         print(f"{r['case']:16} {r['floor_s']:>12.2f} {e['s']:>11.2f} {e['s'] / r['floor_s']:>6.2f}x {rd_s} "
               f"{ratio} {e['rss_mb']:>13.0f} {rd_rss}")
     print()
-    print("scan floor: count(*) + bit_xor(hash_record_extended) of the whole table, both sides at once.")
+    print("scan floor: count(*) + bit_xor(the check's row digest) of the whole table, both sides at once.")
     print("eagle-dr: compare_table (activities/consistency/check.py) in a child process, the call's time (no start-up).")
     print("reladiff: its CLI with default bisection and threads, -c naming the non-key columns.")
 

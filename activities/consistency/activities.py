@@ -18,6 +18,7 @@ from activities.consistency.keys import AuditedKeysResult, compare_audited_keys
 from activities.consistency.redis import compare_redis
 from activities.conflicts.apply import ApplySummary
 from activities.consistency.results import KeyDiff, RedisResult, TableResult
+from activities.consistency.rowhash import SchemaDiffers
 from activities.consistency.sync import SyncError, recopy_keys
 from activities.consistency.tables import Table, TableError, list_tables
 from activities.redis.status import client as redis_client, redis_status
@@ -158,6 +159,10 @@ class ConsistencyActivities:
         except TimeoutError as e:
             # A standby that does not replay within the bound: retried (it may catch up), then reported.
             raise ApplicationError(str(e), type="ReplayTimeout") from None
+        except SchemaDiffers as e:
+            # A migration run on one side only: no retry makes the rows comparable.
+            raise ApplicationError(str(e), {"table": req.table.qualified}, type="SchemaDiffers",
+                                   non_retryable=True) from None
 
     @activity.defn
     def compare_audited_keys(self, req: AuditedKeysRequest) -> AuditedKeysResult:

@@ -22,6 +22,7 @@ import psycopg
 from activities.consistency.ranges import Range, ReplayWaiter, buckets, current_lsn, digests, hash_buckets, \
     hash_range, is_integer, key_span, split
 from activities.consistency.results import KeyDiff
+from activities.consistency.rowhash import RowHash
 from activities.consistency.tables import Table
 
 # A range this small is settled at the leaf (keys and 64-bit digests: ~30 bytes a row).
@@ -51,10 +52,10 @@ class Outcome:
 class RangeChecker:
     """Compares ranges of one table with one connection to each side (one per thread)."""
 
-    def __init__(self, table: Table, kind: str, a: psycopg.Connection, b: psycopg.Connection,
+    def __init__(self, table: Table, rh: RowHash, a: psycopg.Connection, b: psycopg.Connection,
                  waiter: ReplayWaiter | None, cap: int, side_pool: ThreadPoolExecutor | None = None,
                  chunk_rows: int = 100_000):
-        self.table, self.kind, self.a, self.b = table, kind, a, b
+        self.table, self.rh, self.a, self.b = table, rh, a, b
         self.chunk_rows = chunk_rows  # about the rows of a top-level range (check.plan cuts them so)
         self.waiter, self.cap = waiter, cap
         # Two independent sides (no replication between them): both hashed at the same time.
@@ -76,8 +77,8 @@ class RangeChecker:
         if is_integer(self.table):
             self.check_buckets(r, out, top, rows or self.chunk_rows)
             return
-        da, db = self._both(lambda c: hash_range(c, self.table, r, self.kind),
-                            lambda c: hash_range(c, self.table, r, self.kind))
+        da, db = self._both(lambda c: hash_range(c, self.table, r, self.rh),
+                            lambda c: hash_range(c, self.table, r, self.rh))
         out.ranges_checked += 1
         if top:
             out.rows_a += da.rows
@@ -100,8 +101,8 @@ class RangeChecker:
         span = key_span([self.a, self.b], self.table, r)
         n = min(MAX_BUCKETS, max(1, -(-rows // BUCKET_ROWS)))
         parts = [r] if span is None else buckets(r, span, n)
-        da, db = self._both(lambda c: hash_buckets(c, self.table, parts, self.kind),
-                            lambda c: hash_buckets(c, self.table, parts, self.kind))
+        da, db = self._both(lambda c: hash_buckets(c, self.table, parts, self.rh),
+                            lambda c: hash_buckets(c, self.table, parts, self.rh))
         # One range hashed (its buckets with it): an identical table checks each range once.
         out.ranges_checked += 1
         if top:
@@ -119,13 +120,13 @@ class RangeChecker:
                 self.check(p, out, top=False, rows=size)
 
     def leaf(self, r: Range, out: Outcome) -> None:
-        ka, kb = self._both(lambda c: digests(c, self.table, r, self.kind),
-                            lambda c: digests(c, self.table, r, self.kind))
+        ka, kb = self._both(lambda c: digests(c, self.table, r, self.rh),
+                            lambda c: digests(c, self.table, r, self.rh))
         differing = [k for k in ka.keys() | kb.keys() if ka.get(k) != kb.get(k)]
         if differing and self.waiter is not None:
             keys = sorted(differing)
             ka, kb, unsettled = self.waiter.recheck(
-                self.a, self.b, lambda c: digests(c, self.table, r, self.kind, only=keys), keys)
+                self.a, self.b, lambda c: digests(c, self.table, r, self.rh, only=keys), keys)
             out.in_flight += len(unsettled)
             differing = [k for k in differing if k not in unsettled and ka.get(k) != kb.get(k)]
         out.diff.add_differing(sorted(differing), ka, kb, self.cap)

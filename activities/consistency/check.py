@@ -14,7 +14,8 @@ import psycopg
 from pydantic import BaseModel
 
 from activities.consistency.bisect import Outcome, RangeChecker
-from activities.consistency.ranges import Range, ReplayWaiter, connect, row_hash, split
+from activities.consistency.ranges import Range, ReplayWaiter, connect, split
+from activities.consistency.rowhash import row_hash
 from activities.consistency.results import TableResult
 from activities.consistency.tables import Table
 
@@ -70,14 +71,15 @@ def compare_table(dsn_a: str, dsn_b: str, table: Table, *, follower: bool, chunk
     side_pool = None if follower else ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="side-b")
     try:
         a, b = pair()
+        # From both catalogs each time, also on a resume: the expression is code, not position.
+        rh = row_hash(a, b, table)
         if resume is not None and resume.table == table.qualified:
             pos = resume
             pos.partial.resumed_ranges = len(pos.done)
         else:
-            kind = row_hash(a, table)
             ranges = plan(a, b, table, chunk_rows)
             pos = Position(table=table.qualified, ranges=ranges,
-                           partial=TableResult(table=table.qualified, key=table.key, row_hash=kind, ranges=len(ranges)))
+                           partial=TableResult(table=table.qualified, key=table.key, row_hash=rh.kind, ranges=len(ranges)))
         result = pos.partial
         base_throttled = result.throttled_seconds
         todo = [i for i in range(len(pos.ranges)) if i not in set(pos.done)]
@@ -85,7 +87,7 @@ def compare_table(dsn_a: str, dsn_b: str, table: Table, *, follower: bool, chunk
         def one(i: int) -> Outcome:
             ca, cb = pair()
             out = Outcome()
-            RangeChecker(table, result.row_hash, ca, cb, waiter, cap, side_pool, chunk_rows).check(pos.ranges[i], out)
+            RangeChecker(table, rh, ca, cb, waiter, cap, side_pool, chunk_rows).check(pos.ranges[i], out)
             return out
 
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="range") as pool:

@@ -28,7 +28,8 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel
 
-from activities.consistency.ranges import Key, ReplayWaiter, row_expr, connect, current_lsn, key_text, row_hash
+from activities.consistency.ranges import Key, ReplayWaiter, connect, current_lsn, key_text
+from activities.consistency.rowhash import RowHash, row_hash
 from activities.consistency.results import KeyDiff
 from activities.consistency.tables import Table
 from activities.postgres.divergence import regclass_sql
@@ -118,16 +119,16 @@ def compare_audited_keys(dsn_survivor: str, dsn_standby: str, survivor: str, sta
         for name in tables:
             res = AuditedTable(table=name)
             out.tables.append(res)
-            table = kind = None
+            table = rh = None
             for batch in _batches(audit, workflow_id, run_id, name):
                 if table is None:
                     table = _table(a, name, list(batch[0]))
                     if table is None:
                         res.missing = True
                         break
-                    kind = row_hash(a, table)
+                    rh = row_hash(a, b, table)
                 keys: list[Key] = [tuple(None if k.get(c) is None else _text(k[c]) for c in table.key) for k in batch]
-                _compare(a, b, table, kind, keys, waiter, res, cap)
+                _compare(a, b, table, rh, keys, waiter, res, cap)
                 res.keys += len(keys)
                 beat(f"{name}: {res.keys} audited keys compared")
     out.throttled_seconds = round(waiter.throttled_seconds, 3) if waiter is not None else 0.0
@@ -141,7 +142,7 @@ def _text(v) -> str:
     return v if isinstance(v, str) else str(v)
 
 
-def digests(conn: psycopg.Connection, table: Table, kind: str, keys: list[Key]) -> dict[Key, int]:
+def digests(conn: psycopg.Connection, table: Table, rh: RowHash, keys: list[Key]) -> dict[Key, int]:
     """Each of ``keys`` the side holds, with its row digest. One index probe per key (LATERAL):
     a semi-join on an array of thousands of keys may be planned as a scan of the whole table."""
     arrays = sql.SQL(", ").join(sql.SQL("%s::text[]::{}[]").format(sql.SQL(ty)) for ty in table.key_types)
@@ -150,23 +151,23 @@ def digests(conn: psycopg.Connection, table: Table, kind: str, keys: list[Key]) 
                                   for c, col in zip(table.key, cols))
     q = sql.SQL("select s.* from unnest({arrays}) as k({cols}), "
                 "lateral (select {kt}, {h} from {t} as t where {match}) as s").format(
-        arrays=arrays, cols=sql.SQL(", ").join(cols), kt=key_text(table), h=row_expr(kind), t=table.ident,
+        arrays=arrays, cols=sql.SQL(", ").join(cols), kt=key_text(table), h=rh.expr, t=table.ident,
         match=match)
     params = [[k[i] for k in keys] for i in range(len(table.key))]
     return {tuple(row[:-1]): row[-1] for row in conn.execute(q, params).fetchall()}
 
 
-def _compare(a: psycopg.Connection, b: psycopg.Connection, table: Table, kind: str, keys: list[Key],
+def _compare(a: psycopg.Connection, b: psycopg.Connection, table: Table, rh: RowHash, keys: list[Key],
              waiter: ReplayWaiter | None, res: AuditedTable, cap: int) -> None:
     if waiter is not None:
         waiter.throttle(b)
-    ka = digests(a, table, kind, keys)
+    ka = digests(a, table, rh, keys)
     if waiter is not None:
         waiter.replayed(b, current_lsn(a))
-    kb = digests(b, table, kind, keys)
+    kb = digests(b, table, rh, keys)
     differing = sorted(k for k in ka.keys() | kb.keys() if ka.get(k) != kb.get(k))
     if differing and waiter is not None:
-        ka, kb, unsettled = waiter.recheck(a, b, lambda c: digests(c, table, kind, differing), differing)
+        ka, kb, unsettled = waiter.recheck(a, b, lambda c: digests(c, table, rh, differing), differing)
         res.in_flight += len(unsettled)
         differing = [k for k in differing if k not in unsettled and ka.get(k) != kb.get(k)]
     res.diff.add_differing(differing, ka, kb, cap)

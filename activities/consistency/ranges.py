@@ -12,11 +12,9 @@ The digest of a range is ``count(*)`` and ``bit_xor`` of a 64-bit hash of each w
 - ``bit_xor`` of a bigint is a plain integer op per row (a ``sum`` over numeric, as the restore
   drill uses, allocates per row). XOR cancels only equal hashes, and under a primary key no two
   rows are equal (the key is part of what is hashed);
-- the row hash is ``hash_record_extended(t, 0)`` where every column type has an extended hash
-  function: no text conversion of the row (the expensive part of ``md5(t::text)`` on jsonb),
-  and stable across servers and major versions because hash partitioning depends on it. A table
-  with a column type without one (arrays, geometric types) falls back to the md5 of the row's
-  text, under fixed session settings so both sides print values the same way.
+- the row hash (rowhash.py) chains each column's own extended hash function: no text
+  conversion of the row (the expensive part of ``md5(t::text)`` on jsonb), no copy of the whole
+  row, and stable across servers and major versions because hash partitioning depends on it.
 """
 
 from __future__ import annotations
@@ -29,19 +27,12 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel
 
+from activities.consistency.rowhash import RowHash
 from activities.consistency.tables import Table
 
-# Row text depends on these (the md5 fallback): both sides use the same.
+# A column hashed by its text form (rowhash.py) prints by these: both sides use the same.
 SESSION = ("set TimeZone = 'UTC'", "set DateStyle = 'ISO, YMD'", "set IntervalStyle = 'postgres'",
            "set extra_float_digits = 1", "set bytea_output = 'hex'")
-
-_HASHABLE = """
-select coalesce(bool_and(exists(
-  select 1 from pg_opclass oc join pg_am am on am.oid = oc.opcmethod
-  join pg_amproc p on p.amprocfamily = oc.opcfamily and p.amproclefttype = oc.opcintype and p.amprocnum = 2
-  where am.amname = 'hash' and oc.opcdefault and oc.opcintype = coalesce(nullif(ty.typbasetype, 0), a.atttypid))), true)
-from pg_attribute a join pg_type ty on ty.oid = a.atttypid
-where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped"""
 
 Key = tuple[str, ...]
 
@@ -61,18 +52,6 @@ def connect(dsn: str) -> psycopg.Connection:
     for s in SESSION:
         conn.execute(s)
     return conn
-
-
-def row_hash(conn: psycopg.Connection, table: Table) -> str:
-    """'hash' when every column has an extended hash function, else 'md5' (see the module doc)."""
-    ok = conn.execute(_HASHABLE, (table.ident.as_string(conn),)).fetchone()[0]
-    return "hash" if ok else "md5"
-
-
-def row_expr(kind: str) -> sql.Composable:
-    if kind == "hash":
-        return sql.SQL("hash_record_extended(t, 0)")
-    return sql.SQL("('x' || substr(md5(t::text), 1, 16))::bit(64)::bigint")
 
 
 def _keys(table: Table) -> sql.Composable:
@@ -99,10 +78,10 @@ def key_text(table: Table) -> sql.Composable:
     return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
 
 
-def hash_range(conn: psycopg.Connection, table: Table, r: Range, kind: str) -> Digest:
+def hash_range(conn: psycopg.Connection, table: Table, r: Range, rh: RowHash) -> Digest:
     cond, params = where(table, r)
     q = sql.SQL("select count(*), coalesce(bit_xor({}), 0) from {} as t where {}").format(
-        row_expr(kind), table.ident, cond)
+        rh.expr, table.ident, cond)
     n, x = conn.execute(q, params).fetchone()
     return Digest(rows=n, xor=x)
 
@@ -139,7 +118,7 @@ def buckets(r: Range, span: tuple[int, int], parts: int) -> list[Range]:
     return [Range(lo=bounds[i], hi=bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def hash_buckets(conn: psycopg.Connection, table: Table, parts: list[Range], kind: str) -> list[Digest]:
+def hash_buckets(conn: psycopg.Connection, table: Table, parts: list[Range], rh: RowHash) -> list[Digest]:
     """The digest of each of ``parts`` (adjacent buckets of an integer key) in one statement.
 
     One index range scan per bucket through a LATERAL join, so a range is read once and the
@@ -153,11 +132,11 @@ def hash_buckets(conn: psycopg.Connection, table: Table, parts: list[Range], kin
     k = sql.Identifier(table.key[0])
     q = sql.SQL("select s.n, s.x from unnest(%s::bigint[], %s::bigint[]) with ordinality as u(lo, hi, i), "
                 "lateral (select count(*) as n, coalesce(bit_xor({h}), 0) as x from {t} as t "
-                "where {k} >= u.lo and {k} <= u.hi) as s order by u.i").format(h=row_expr(kind), t=table.ident, k=k)
+                "where {k} >= u.lo and {k} <= u.hi) as s order by u.i").format(h=rh.expr, t=table.ident, k=k)
     return [Digest(rows=n, xor=x) for n, x in conn.execute(q, (los, his)).fetchall()]
 
 
-def digests(conn: psycopg.Connection, table: Table, r: Range, kind: str, only: list[Key] | None = None
+def digests(conn: psycopg.Connection, table: Table, r: Range, rh: RowHash, only: list[Key] | None = None
             ) -> dict[Key, int]:
     """Each row's key and 64-bit digest in ``r`` (or just the keys ``only``): what a bisect
     leaf compares. The rows' contents never cross the network."""
@@ -166,7 +145,7 @@ def digests(conn: psycopg.Connection, table: Table, r: Range, kind: str, only: l
         arrays = sql.SQL(", ").join(sql.SQL("%s::text[]::{}[]").format(sql.SQL(ty)) for ty in table.key_types)
         cond = sql.SQL("{} and {} in (select * from unnest({}))").format(cond, _keys(table), arrays)
         params += [[k[i] for k in only] for i in range(len(table.key))]
-    q = sql.SQL("select {}, {} from {} as t where {}").format(key_text(table), row_expr(kind), table.ident, cond)
+    q = sql.SQL("select {}, {} from {} as t where {}").format(key_text(table), rh.expr, table.ident, cond)
     return {tuple(row[:-1]): row[-1] for row in conn.execute(q, params).fetchall()}
 
 

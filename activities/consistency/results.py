@@ -47,7 +47,7 @@ class KeyDiff(BaseModel):
 class TableResult(BaseModel):
     table: str
     key: list[str]
-    row_hash: str = "hash"  # hash_record_extended or md5 of the row text (ranges.py)
+    row_hash: str = "hash"  # "hash", or "hash+text" (some columns by their text form): rowhash.py
     ranges: int = 0  # the table's top-level ranges
     ranges_checked: int = 0  # every range hashed, bisected ones included
     rows_a: int = 0
