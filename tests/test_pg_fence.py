@@ -292,3 +292,37 @@ def test_a_refused_port_proves_the_server_gone_only_without_a_proxy(tmp_path):
     assert fence_read_only(direct, timeout=2).refused is True
     proxied = fence_read_only(direct.model_copy(update={"behind_proxy": True}), timeout=2)
     assert not proxied.reachable and proxied.refused is False, proxied
+
+
+def test_pg_control_read_in_process_agrees_with_pg_controldata_and_refuses_a_torn_read(node, tmp_path):
+    """The stop fence's poll reads pg_control itself (activities/postgres/pgcontrol.py)."""
+    from activities.postgres.pgcontrol import read_control
+
+    keys = ("Database cluster state", "Latest checkpoint location", "Latest checkpoint's REDO location",
+            "Latest checkpoint's TimeLineID", "pg_control version number")
+
+    def both() -> tuple[dict, dict]:
+        full = node.ctl.controldata()
+        return read_control(node.data_dir), {k: full[k] for k in keys}
+
+    with psycopg.connect(node.cfg.dsn(), autocommit=True) as conn:
+        conn.execute("insert into alerts (id, region, payload) values (6001, 'x', '{}')")
+        conn.execute("checkpoint")
+    mine, theirs = both()
+    assert mine == theirs and theirs["Database cluster state"] == "in production", (mine, theirs)
+    node.ctl.stop("fast")
+    try:
+        mine, theirs = both()
+        assert mine == theirs and theirs["Database cluster state"] == "shut down", (mine, theirs)
+        # A read that caught the file half rewritten: the CRC no longer matches, so no answer
+        # (the caller asks pg_controldata, which warns about the same read).
+        torn = bytearray((node.data_dir / "global" / "pg_control").read_bytes())
+        torn[33] ^= 0x01  # inside the latest checkpoint location
+        (tmp_path / "global").mkdir()
+        (tmp_path / "global" / "pg_control").write_bytes(bytes(torn))
+        assert read_control(tmp_path) is None
+        (tmp_path / "global" / "pg_control").write_bytes(bytes(torn[:40]))
+        assert read_control(tmp_path) is None
+        assert read_control(tmp_path / "nowhere") is None
+    finally:
+        node.ctl.start()

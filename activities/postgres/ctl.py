@@ -22,6 +22,7 @@ from pathlib import Path
 from psycopg.conninfo import make_conninfo
 
 from activities.postgres.credentials import write_passfile
+from activities.postgres.pgcontrol import read_control
 from eagle_dr.config import PostgresConfig
 
 
@@ -302,7 +303,9 @@ class PgCtl:
         then read again rather than believed."""
         if self.pm_status() != "stopping":
             return None
-        data = self.controldata(check=False)
+        # Read here, not by pg_controldata, while it can (pgcontrol.py): this is polled inside
+        # the write outage, and each pg_controldata run took 10-38 ms of it.
+        data = read_control(self.data_dir) or self.controldata(check=False)
         if data is None or data.get("Database cluster state") != "shut down":
             return None
         if was is not None and was.get("Database cluster state") == "in production" and \

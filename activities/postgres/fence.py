@@ -98,11 +98,14 @@ def _new_sessions_refused(cfg: PostgresConfig, timeout: float) -> bool:
         raise
 
 
-def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float) -> str:
+def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float, live: bool = True) -> str:
     conn.execute("alter system set default_transaction_read_only = on")
     libs = _file_libraries(conn)
     if FENCE_LIBRARY not in libs:
         _set_libraries(conn, [FENCE_LIBRARY, *libs])
+    if not live:
+        # Written for the next start only (the caller is about to stop the server).
+        return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
     conn.execute("select pg_reload_conf()")
     # pg_reload_conf() only signals the postmaster: a session forked before it has reloaded
     # still starts unfenced. Wait until a new session is refused, then end every session
@@ -129,7 +132,9 @@ FENCED_BY = "eagle_dr.fenced_by"
 FENCE_LOCK = 0x45444652  # "EDFR"
 
 
-def fence_read_only(cfg: PostgresConfig, timeout: float = 3, by: str = "runbook") -> PgFence:
+def fence_read_only(cfg: PostgresConfig, timeout: float = 3, by: str = "runbook", live: bool = True) -> PgFence:
+    """``live`` False: the fence is written (ALTER SYSTEM) but not loaded, so it takes effect at
+    the server's next start: for a caller that stops the server next."""
     try:
         with connect(cfg, timeout) as conn:
             if conn.execute("select pg_is_in_recovery()").fetchone()[0]:
@@ -139,7 +144,7 @@ def fence_read_only(cfg: PostgresConfig, timeout: float = 3, by: str = "runbook"
                 # Already fenced (by a runbook): not ours, so never ours to lift.
                 return PgFence(reachable=True, method="read_only", error=f"already fenced by {held}")
             _mark(conn, by)
-            lsn = _read_only(conn, cfg, timeout)
+            lsn = _read_only(conn, cfg, timeout, live)
             return PgFence(reachable=True, method="read_only", last_lsn=lsn)
     except psycopg.Error as e:
         return PgFence(reachable=False, error=_error(e),
@@ -264,13 +269,15 @@ def _checkpoint(cfg: PostgresConfig) -> None:
 def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float = 0,
                at_checkpoint: bool = False, kill_after: float | None = None,
                unresponsive: str | None = None) -> PgFence:
-    """Read-only first (so nothing commits while we stop), stop, then hold it as a standby of
-    nothing so a restart cannot make it writable; idempotent, also when already down.
+    """Read-only first (so nothing commits while a stop that may hang is waited for), stop, then
+    hold it as a standby of nothing so a restart cannot make it writable; idempotent, also when
+    already down.
     ``drain_archive_s``: first let the archiver catch up for up to that long, and checkpoint, so
     neither is paid inside the write outage (a planned switchover; never a failover, where the
     fence must not wait).
     ``at_checkpoint``: return once the shutdown checkpoint is written, while the postmaster may
-    still be exiting (``PgCtl.stop_to_checkpoint``; ``exiting`` in the result). For a caller
+    still be exiting (``PgCtl.stop_to_checkpoint``; ``exiting`` in the result); its read-only
+    fence is written for the next start only (the node answers: a planned move). For a caller
     whose next steps touch only the standby; a later step that needs the old primary gone
     (restart, rewind, start as a standby) waits for the exit through ``PgCtl.stop``.
     ``kill_after``: a server still up that long after the stop request is SIGKILLed (a
@@ -302,7 +309,16 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
             was = ctl.controldata(check=False)
             hold_as_standby(ctl, before_stop=True)
             lap("hold")
-        if unresponsive is None:
+        if at_checkpoint:
+            # The read-only fence written for the next start, not loaded: a fast shutdown
+            # refuses new sessions and ends the open ones from its first moment, so loading it
+            # (reload, the wait until new sessions are refused, ending the old ones: ~40 ms)
+            # closed no window and only lengthened a switchover's write outage. Written, it
+            # still keeps the node read-only when lifting the stop fence restarts it a primary,
+            # until `eagle-dr unfence` has checked the epoch. Written while clients still write.
+            ro = fence_read_only(cfg, timeout, live=False)
+            lap("read_only at next start")
+        elif unresponsive is None:
             ro = fence_read_only(cfg, timeout)
             lap("read_only")
         else:
