@@ -22,6 +22,7 @@ from activities.postgres.fence import PgFence, fence_read_only, fence_stop, lift
 from activities.postgres.promote import Promotion, PromotionAbort, abort_promotion, promote
 from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot_in, wait_replayed_past
 from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
+from activities.postgres.sessions import session
 from activities.postgres.stopwatch import Stopwatch
 from activities.postgres.unlogged import flush_init_forks
 from activities.postgres.wal import WalUnreadable, current_timeline
@@ -253,7 +254,8 @@ class PostgresActivities:
         phase = watch.lap
         # One session for the epoch check, the slots, pg_promote, the wait and the epoch's
         # record: each new one is a SCRAM handshake (and a TLS one), all inside the write outage.
-        with connect(pg) as conn:
+        # The replay wait's, when this worker ran it (sessions.py).
+        with session(pg) as conn:
             phase("connect")
             self._check_epoch(req, conn)
             phase("epoch check")

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_to_int
 from activities.postgres.status import connect, pg_status
+from activities.postgres.sessions import hand_back, open_session
 from eagle_dr.config import PostgresConfig
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def wait_replayed_past(cfg: PostgresConfig, lsn: str, timeout_s: float, heartbea
             # millisecond between the replay and our noticing it is part of the outage.
             try:
                 if conn is None or conn.closed or conn.broken:
-                    conn = connect(cfg, 2)
+                    conn = open_session(cfg, 2)
                 replay = conn.execute("select pg_last_wal_replay_lsn()::text").fetchone()[0]
             except psycopg.Error:
                 replay = None
@@ -45,6 +46,9 @@ def wait_replayed_past(cfg: PostgresConfig, lsn: str, timeout_s: float, heartbea
                     conn.close()
                 conn = None
             if replay and lsn_to_int(replay) > target:
+                # Kept for the promotion, the next step on this node (sessions.py).
+                hand_back(cfg, conn)
+                conn = None
                 return Replayed(target_lsn=lsn, replay_lsn=replay)
             if heartbeat:
                 heartbeat({"target_lsn": lsn, "replay_lsn": replay})

@@ -1,0 +1,120 @@
+"""Sessions a worker keeps open from one activity to the next, for the steps inside a write
+outage.
+
+A new session is a TCP, TLS and SCRAM handshake: 11-27 ms in the lab's switchovers, paid by the
+replay wait and again by the promotion, both while no client can write. The worker that waits
+for the standby's replay is usually the one that promotes it next: the promotion takes the
+session the wait left.
+
+A kept session is reused only when it is safe to, else a new one is opened as if none was kept:
+- it was handed back idle (no transaction open) and unbroken, less than ``MAX_IDLE_S`` ago;
+- it answers a ping within ``PING_TIMEOUT_S``, waited for with a timeout of our own (a psycopg
+  query has none): a server stopped or restarted since has closed it, and a frozen one does not
+  answer, where a new session would have met its connect timeout;
+- its users set nothing on the session (``SET LOCAL`` at most), so it carries no state over.
+
+Keyed by server, port, database and user, never by the password (it stays out of this map; a
+rotated one is used by the next new session). At most ``MAX_KEPT`` a key; a session past its
+idle bound is closed when the next one is handed back or asked for.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import pq
+
+from activities.postgres.status import connect
+from eagle_dr.config import PostgresConfig
+
+MAX_IDLE_S = 30.0
+PING_TIMEOUT_S = 1.0
+MAX_KEPT = 2
+
+_lock = threading.Lock()
+_kept: dict[tuple, list[tuple[float, psycopg.Connection]]] = {}
+
+
+def _key(cfg: PostgresConfig, dbname: str | None) -> tuple:
+    return cfg.host, cfg.port, dbname or cfg.database, cfg.user
+
+
+def _answers(conn: psycopg.Connection, timeout: float) -> bool:
+    """``select 1`` through libpq directly, its answer waited for with a deadline."""
+    pg = conn.pgconn
+    try:
+        pg.send_query(b"select 1")
+        deadline = time.monotonic() + timeout
+        while True:
+            pg.consume_input()
+            if not pg.is_busy():
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([pg.socket], [], [], left)
+        ok = True
+        while (res := pg.get_result()) is not None:
+            ok = ok and res.status == pq.ExecStatus.TUPLES_OK
+        return ok and pg.transaction_status == pq.TransactionStatus.IDLE
+    except psycopg.Error:
+        return False
+
+
+def _take(key: tuple) -> psycopg.Connection | None:
+    now = time.monotonic()
+    with _lock:
+        kept = _kept.get(key, [])
+        fresh = [(t, c) for t, c in kept if now - t < MAX_IDLE_S]
+        stale = [c for t, c in kept if now - t >= MAX_IDLE_S]
+        conn = fresh.pop()[1] if fresh else None
+        _kept[key] = fresh
+    for c in stale:
+        c.close()
+    if conn is None:
+        return None
+    if conn.closed or conn.broken or not _answers(conn, PING_TIMEOUT_S):
+        conn.close()
+        return None
+    return conn
+
+
+def _give(key: tuple, conn: psycopg.Connection) -> None:
+    if conn.closed or conn.broken or conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        conn.close()
+        return
+    with _lock:
+        kept = _kept.setdefault(key, [])
+        kept.append((time.monotonic(), conn))
+        extra = kept[:-MAX_KEPT]
+        del kept[:-MAX_KEPT]
+    for c in extra:
+        c.close()
+
+
+@contextmanager
+def session(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None) -> Iterator[psycopg.Connection]:
+    """A session to ``cfg`` (status.connect's), kept for the next caller when this one ends
+    without an error; one that raised is closed (its state is not known)."""
+    key = _key(cfg, dbname)
+    conn = _take(key) or connect(cfg, timeout, dbname)
+    try:
+        yield conn
+    except BaseException:
+        conn.close()
+        raise
+    _give(key, conn)
+
+
+def hand_back(cfg: PostgresConfig, conn: psycopg.Connection, dbname: str | None = None) -> None:
+    """Keep a session opened by ``open_session`` (a caller that manages its own loop)."""
+    _give(_key(cfg, dbname), conn)
+
+
+def open_session(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None) -> psycopg.Connection:
+    return _take(_key(cfg, dbname)) or connect(cfg, timeout, dbname)
