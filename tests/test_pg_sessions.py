@@ -49,6 +49,23 @@ def test_a_session_handed_back_is_the_next_callers(node):
             assert _pid(other) != first
 
 
+async def test_a_regional_workers_warm_session_is_the_next_steps(node):
+    """keep_warm, as the regional worker runs it: a session kept ready without any step."""
+    import asyncio
+
+    from tests.lab_helpers import _async, _until
+
+    key = sessions._key(node.cfg, None)
+    task = asyncio.create_task(sessions.keep_warm(node.cfg, every=3600))
+    try:
+        await _until(_async(lambda: bool(sessions._kept.get(key))), 10, "a warm session")
+    finally:
+        task.cancel()
+    warm = sessions._kept[key][0][1].info.backend_pid
+    with session(node.cfg) as c:
+        assert _pid(c) == warm
+
+
 def test_a_session_left_in_a_transaction_or_that_raised_is_not_kept(node):
     with session(node.cfg) as c:
         c.execute("begin")

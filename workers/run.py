@@ -100,16 +100,21 @@ async def serve(cfg: EagleConfig, region: str | None, pidfile: str | None = None
             with open(pidfile, "w") as f:
                 f.write(f"{os.getpid()}\n")
         log_started(log, client, worker.task_queue, region)
-        fence_watch = None
+        watches = []
         if region and cfg.health.self_fence_after is not None:
             from workers.self_fence import SelfFence
 
-            fence_watch = asyncio.create_task(SelfFence(cfg, region, client).run())
+            watches.append(asyncio.create_task(SelfFence(cfg, region, client).run()))
+        if region:
+            from activities.postgres.sessions import keep_warm
+
+            # A session to the node ready for the steps inside a write outage (sessions.py).
+            watches.append(asyncio.create_task(keep_warm(cfg.region(region).postgres)))
         try:
             await worker.run()
         finally:
-            if fence_watch is not None:
-                fence_watch.cancel()
+            for w in watches:
+                w.cancel()
         log.info("worker.stopped", task_queue=worker.task_queue)
 
 

@@ -2,9 +2,9 @@
 outage.
 
 A new session is a TCP, TLS and SCRAM handshake: 11-27 ms in the lab's switchovers, paid by the
-replay wait and again by the promotion, both while no client can write. The worker that waits
-for the standby's replay is usually the one that promotes it next: the promotion takes the
-session the wait left.
+replay wait and again by the promotion, both while no client can write. Each regional worker
+keeps one to its own node (``keep_warm``), and the worker that waits for the standby's replay
+is usually the one that promotes it next: the wait and the promotion start on a kept session.
 
 A kept session is reused only when it is safe to, else a new one is opened as if none was kept:
 - it was handed back idle (no transaction open) and unbroken, less than ``MAX_IDLE_S`` ago;
@@ -20,6 +20,7 @@ idle bound is closed when the next one is handed back or asked for.
 
 from __future__ import annotations
 
+import asyncio
 import select
 import threading
 import time
@@ -118,3 +119,20 @@ def hand_back(cfg: PostgresConfig, conn: psycopg.Connection, dbname: str | None 
 
 def open_session(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None) -> psycopg.Connection:
     return _take(_key(cfg, dbname)) or connect(cfg, timeout, dbname)
+
+
+def _touch(cfg: PostgresConfig) -> None:
+    try:
+        with session(cfg, 2):
+            pass
+    except psycopg.Error:
+        pass  # down, stopping, starting: the next step connects as it did before any was kept
+
+
+async def keep_warm(cfg: PostgresConfig, every: float = 10.0) -> None:
+    """A regional worker's session to its own node, kept ready (pinged, or opened again) every
+    ``every`` seconds: the promotion of a failover, which has no replay wait before it to leave
+    one, then starts on it too. One idle session per worker on its node."""
+    while True:
+        await asyncio.to_thread(_touch, cfg)
+        await asyncio.sleep(every)
