@@ -51,6 +51,12 @@ def _answers(conn: psycopg.Connection, timeout: float) -> bool:
     try:
         pg.send_query(b"select 1")
         deadline = time.monotonic() + timeout
+        # psycopg runs libpq non-blocking: the query may still sit in libpq's buffer.
+        while pg.flush() != 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([], [pg.socket], [], left)
         while True:
             pg.consume_input()
             if not pg.is_busy():
