@@ -326,3 +326,15 @@ def test_pg_control_read_in_process_agrees_with_pg_controldata_and_refuses_a_tor
         assert read_control(tmp_path / "nowhere") is None
     finally:
         node.ctl.start()
+
+
+def test_the_stop_signal_goes_only_to_this_data_directorys_postmaster(node, tmp_path):
+    """PgCtl signals the pid file's pid itself only when it is still this cluster's postmaster:
+    never one of its backends, nor another cluster's process that reused a dead server's pid."""
+    from activities.postgres.ctl import _is_postmaster
+
+    assert _is_postmaster(node.ctl.pid, node.data_dir)
+    assert not _is_postmaster(node.ctl.pid, tmp_path)  # the same process, another cluster's pid file
+    with psycopg.connect(node.cfg.dsn(), autocommit=True) as conn:
+        backend = conn.execute("select pg_backend_pid()").fetchone()[0]
+        assert not _is_postmaster(backend, node.data_dir)

@@ -177,6 +177,8 @@ class ConsistencyActivities:
                     req.run_id, req.tables, max_lag=c.max_lag_seconds, cap=c.sample_cap, beat=activity.heartbeat)
         except TimeoutError as e:
             raise ApplicationError(str(e), type="ReplayTimeout") from None
+        except SchemaDiffers as e:
+            raise ApplicationError(str(e), type="SchemaDiffers", non_retryable=True) from None
         except ValueError as e:
             # The table changed its key columns since the reconcile: no retry reads them back.
             raise ApplicationError(str(e), type="AuditKeysUnreadable", non_retryable=True) from None

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from activities.consistency.bisect import Outcome, RangeChecker
 from activities.consistency.ranges import Range, ReplayWaiter, connect, split
-from activities.consistency.rowhash import row_hash
+from activities.consistency.rowhash import row_hash_when_replayed
 from activities.consistency.results import TableResult
 from activities.consistency.tables import Table
 
@@ -72,7 +72,7 @@ def compare_table(dsn_a: str, dsn_b: str, table: Table, *, follower: bool, chunk
     try:
         a, b = pair()
         # From both catalogs each time, also on a resume: the expression is code, not position.
-        rh = row_hash(a, b, table)
+        rh = row_hash_when_replayed(a, b, table, waiter)
         if resume is not None and resume.table == table.qualified:
             pos = resume
             pos.partial.resumed_ranges = len(pos.done)

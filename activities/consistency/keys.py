@@ -29,7 +29,7 @@ from psycopg import sql
 from pydantic import BaseModel
 
 from activities.consistency.ranges import Key, ReplayWaiter, connect, current_lsn, key_text
-from activities.consistency.rowhash import RowHash, row_hash
+from activities.consistency.rowhash import RowHash, row_hash_when_replayed
 from activities.consistency.results import KeyDiff
 from activities.consistency.tables import Table
 from activities.postgres.divergence import regclass_sql
@@ -126,7 +126,7 @@ def compare_audited_keys(dsn_survivor: str, dsn_standby: str, survivor: str, sta
                     if table is None:
                         res.missing = True
                         break
-                    rh = row_hash(a, b, table)
+                    rh = row_hash_when_replayed(a, b, table, waiter)
                 keys: list[Key] = [tuple(None if k.get(c) is None else _text(k[c]) for c in table.key) for k in batch]
                 _compare(a, b, table, rh, keys, waiter, res, cap)
                 res.keys += len(keys)

@@ -32,7 +32,7 @@ from activities.consistency.tables import Table
 
 # A column hashed by its text form (rowhash.py) prints by these: both sides use the same.
 SESSION = ("set TimeZone = 'UTC'", "set DateStyle = 'ISO, YMD'", "set IntervalStyle = 'postgres'",
-           "set extra_float_digits = 1", "set bytea_output = 'hex'")
+           "set extra_float_digits = 1", "set bytea_output = 'hex'", "set lc_monetary = 'C'")
 
 Key = tuple[str, ...]
 

@@ -47,17 +47,19 @@ from activities.consistency.tables import Table
 
 _COLUMNS = """
 select a.attname, format_type(a.atttypid, null), a.attnotnull, ty.typcollation <> 0, h.fn, h.argtype,
-  bt.typtype = 'b' and coalesce(et.typtype, 'b') = 'b'
+  bt.typtype = 'b' and coalesce(et.typtype, 'b') = 'b',
+  bt.typnamespace = 'pg_catalog'::regnamespace and (bt.typname like 'reg%%' or bt.typname = 'aclitem')
 from pg_attribute a join pg_type ty on ty.oid = a.atttypid
 join pg_type bt on bt.oid = coalesce(nullif(ty.typbasetype, 0), a.atttypid)
 left join pg_type et on et.oid = nullif(bt.typelem, 0)
 left join lateral (
-  -- -1, not NULL: format_type names bpchar "character" otherwise, and ::character is char(1).
-  select p.amproc::regproc::text as fn, format_type(oc.opcintype, -1) as argtype
+  -- Schema-qualified: resolved the same on B whatever its search_path. The type by its own name
+  -- (bpchar, not format_type's "character", which as a cast is char(1)).
+  select format('%%I.%%I', pn.nspname, pr.proname) as fn, format('%%I.%%I', tn.nspname, it.typname) as argtype
   from pg_opclass oc join pg_am am on am.oid = oc.opcmethod
   join pg_amproc p on p.amprocfamily = oc.opcfamily and p.amproclefttype = oc.opcintype and p.amprocnum = 2
-  join pg_proc pr on pr.oid = p.amproc
-  join pg_type it on it.oid = oc.opcintype
+  join pg_proc pr on pr.oid = p.amproc join pg_namespace pn on pn.oid = pr.pronamespace
+  join pg_type it on it.oid = oc.opcintype join pg_namespace tn on tn.oid = it.typnamespace
   where am.amname = 'hash' and oc.opcdefault and pr.proargtypes[0] = oc.opcintype
     and (oc.opcintype = bt.oid
          or exists (select 1 from pg_cast k where k.castsource = bt.oid and k.casttarget = oc.opcintype
@@ -67,6 +69,23 @@ left join lateral (
   order by oc.opcintype = bt.oid desc, it.typispreferred desc limit 1) h on true
 where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped
 order by a.attnum"""
+
+# Mixed into each chained column's seed (a multiple of the golden ratio's 64 bits per column):
+# several hash functions return the seed itself for some values (float zero, numeric NaN,
+# an empty jsonb), and without it such a column would add nothing that ties the next column's
+# value to its position (0 and 100 exchanged between two float columns would hash alike).
+_GOLDEN = 0x9E3779B97F4A7C15
+# The record's seed, neither 0 nor 1: the record hashes a NULL field as 0, and with seed 0 a
+# float zero, an empty jsonb (the seed) and a numeric zero (seed - 1 with seed 1) would too.
+_RECORD_SEED = 0x243F6A8885A308D3
+# Nested calls recurse in the server's parser and planner: past this many chained columns the
+# rest go into the record (flat), far below max_stack_depth on a 1600-column table.
+MAX_CHAIN = 100
+
+
+def _signed(v: int) -> int:
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 class SchemaDiffers(ValueError):
@@ -89,6 +108,9 @@ class _Column:
     argtype: str | None
     # A plain base type (or an array of one): the record hash reads its value, never an OID.
     plain: bool
+    # Its value is an OID naming an object (regclass, regtype, ...; aclitem's roles): the same
+    # object has another OID in a database that was not copied from this one.
+    by_text: bool
 
 
 def _columns(conn: psycopg.Connection, table: Table) -> list[_Column]:
@@ -131,23 +153,38 @@ def row_hash(a: psycopg.Connection, b: psycopg.Connection, table: Table) -> RowH
     for c in cols_a:
         col = sql.SQL("t.{}").format(sql.Identifier(c.name))
         not_null = c.not_null and c.name in not_null_b
-        if c.type == "timestamp with time zone":
-            fn, value = "timestamp_hash_extended", sql.SQL("({} at time zone 'UTC')").format(col)
+        if c.by_text or not (c.type == "timestamp with time zone" or c.fn or (c.plain and _hashable(a, c.type))):
+            text = True
+            fn, value = "pg_catalog.hashtextextended", sql.SQL('({}::text collate "C")').format(col)
+        elif c.type == "timestamp with time zone":
+            fn, value = "pg_catalog.timestamp_hash_extended", sql.SQL("({} at time zone 'UTC')").format(col)
         elif c.fn is not None:
             fn = c.fn
             value = sql.SQL("({}::{}{})").format(col, sql.SQL(c.argtype),
                                                  sql.SQL(' collate "C"') if c.collatable else sql.SQL(""))
-        elif c.plain and _hashable(a, c.type):
-            fn, value = None, col
         else:
-            text = True
-            fn, value = "hashtextextended", sql.SQL('({}::text collate "C")').format(col)
-        if fn is not None and not_null:
+            # Through the record; collatable ones (arrays of text) under C there too, as the
+            # record hash passes the column's collation down to its elements' hash.
+            fn, value = None, sql.SQL('({} collate "C")').format(col) if c.collatable else col
+        if fn is not None and not_null and len(chain) < MAX_CHAIN:
             chain.append((sql.SQL(fn), value))
         else:
             record.append(value)
-    expr: sql.Composable = (sql.SQL("hash_record_extended(row({}), 0)").format(sql.SQL(", ").join(record))
-                            if record else sql.SQL("0::bigint"))
-    for fn_sql, value in chain:
-        expr = sql.SQL("{}({}, {})").format(fn_sql, value, expr)
+    expr: sql.Composable = (sql.SQL("pg_catalog.hash_record_extended(row({}), {}::bigint)").format(
+        sql.SQL(", ").join(record), sql.Literal(_RECORD_SEED)) if record else sql.SQL("0::bigint"))
+    for i, (fn_sql, value) in enumerate(chain):
+        expr = sql.SQL("{}({}, {} # {}::bigint)").format(fn_sql, value, expr, sql.Literal(_signed((i + 1) * _GOLDEN)))
     return RowHash(kind="hash+text" if text else "hash", expr=expr)
+
+
+def row_hash_when_replayed(a: psycopg.Connection, b: psycopg.Connection, table: Table, waiter) -> RowHash:
+    """``row_hash``; when B is A's standby (``waiter``, a ranges.ReplayWaiter) and the columns
+    differ, read again once B has replayed A's present LSN: a DDL it has not replayed yet is
+    lag, not a schema difference."""
+    try:
+        return row_hash(a, b, table)
+    except SchemaDiffers:
+        if waiter is None:
+            raise
+    waiter.replayed(b, a.execute("select pg_current_wal_lsn()::text").fetchone()[0])
+    return row_hash(a, b, table)

@@ -31,13 +31,26 @@ from eagle_dr.config import PostgresConfig
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 
 
-def _is_postmaster(pid: int) -> bool:
-    """The pid file's pid still names a PostgreSQL server process (not one that reused the pid
-    of a server that died): only then is it signalled directly."""
+def _is_postmaster(pid: int, data_dir: Path) -> bool:
+    """The pid file's pid is still this data directory's postmaster: a postgres process whose
+    working directory is the data directory (the postmaster changes into it) and whose parent's
+    is not (its backends share the postmaster's). Not a pid reused since, by another cluster's
+    server or one of its backends, which a signal must never reach; unreadable (another user's
+    process) counts as no, and pg_ctl, as the server's user, is asked instead."""
     try:
+        home = os.path.realpath(data_dir)
+        if os.path.realpath(f"/proc/{pid}/cwd") != home:
+            return False
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(" (", 1)[1].split(")", 1)[0] in ("postgres", "postmaster")
-    except (OSError, IndexError):
+            head, tail = f.read().rsplit(")", 1)
+        if head.split(" (", 1)[1] not in ("postgres", "postmaster"):
+            return False
+        parent = int(tail.split()[1])
+        try:
+            return os.path.realpath(f"/proc/{parent}/cwd") != home
+        except OSError:
+            return True  # a parent we may not read (a supervisor as another user): not a backend's
+    except (OSError, IndexError, ValueError):
         return False
 
 
@@ -245,7 +258,7 @@ class PgCtl:
         pid = self.pid
         if not alive(pid):
             return None
-        if _is_postmaster(pid):
+        if _is_postmaster(pid, self.data_dir):
             # The signal pg_ctl -W would send, sent from here: pg_ctl is a process started as
             # the server's user (9-15 ms in the lab's switchovers, all of it write outage).
             try:

@@ -30,7 +30,9 @@ def _writable_in(conn: psycopg.Connection) -> tuple[bool, int | None]:
     # A real write proves it: default_transaction_read_only may still be set.
     with conn.transaction():
         conn.execute("set local transaction_read_only = off")
-        conn.execute("create temp table if not exists eagle_dr_probe (x int)")
+        # Dropped at commit: a real catalog write every time, and nothing left on a session
+        # kept for the next step (sessions.py), where "if not exists" would write nothing.
+        conn.execute("create temp table eagle_dr_probe (x int) on commit drop")
     return True, conn.execute(f"select {CURRENT_TIMELINE}").fetchone()[0]
 
 

@@ -28,10 +28,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import structlog
 from psycopg import pq
 
 from activities.postgres.status import connect
 from eagle_dr.config import PostgresConfig
+
+log = structlog.get_logger(__name__)
 
 MAX_IDLE_S = 30.0
 PING_TIMEOUT_S = 1.0
@@ -51,26 +54,33 @@ def _answers(conn: psycopg.Connection, timeout: float) -> bool:
     try:
         pg.send_query(b"select 1")
         deadline = time.monotonic() + timeout
-        # psycopg runs libpq non-blocking: the query may still sit in libpq's buffer.
+        # psycopg runs libpq non-blocking: the query may still sit in libpq's buffer. poll, not
+        # select: a long-running worker's descriptors may pass select's 1024.
         while pg.flush() != 0:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not _wait(pg.socket, select.POLLOUT, deadline):
                 return False
-            select.select([], [pg.socket], [], left)
         while True:
             pg.consume_input()
             if not pg.is_busy():
                 break
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not _wait(pg.socket, select.POLLIN, deadline):
                 return False
-            select.select([pg.socket], [], [], left)
         ok = True
         while (res := pg.get_result()) is not None:
             ok = ok and res.status == pq.ExecStatus.TUPLES_OK
         return ok and pg.transaction_status == pq.TransactionStatus.IDLE
     except psycopg.Error:
         return False
+
+
+def _wait(fd: int, event: int, deadline: float) -> bool:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return False
+    p = select.poll()
+    p.register(fd, event)
+    p.poll(left * 1000)
+    return True
 
 
 def _take(key: tuple) -> psycopg.Connection | None:
@@ -133,6 +143,8 @@ def _touch(cfg: PostgresConfig) -> None:
             pass
     except psycopg.Error:
         pass  # down, stopping, starting: the next step connects as it did before any was kept
+    except Exception as e:  # noqa: BLE001 - the loop must outlive any one round; nothing awaits it
+        log.warning("kept session not renewed", error=str(e))
 
 
 async def keep_warm(cfg: PostgresConfig, every: float = 10.0) -> None:
