@@ -11,20 +11,25 @@ How each column is hashed:
   partitioning uses: stable across servers and major versions), called directly when the
   column is NOT NULL on both sides and the function takes the column's type (or a type it is
   binary-coercible to, as varchar is to text);
-- the previous column's hash is the next one's seed, so the digest depends on which value sits
-  in which column and on every column before it: an exchange of values between two rows does
-  not cancel in a range's XOR (an XOR of independent column hashes would);
+- the previous column's hash, XORed with a constant of the column's position, is the next
+  one's seed, so the digest depends on which value sits in which column and on every column
+  before it: an exchange of values between two rows does not cancel in a range's XOR (an XOR
+  of independent column hashes would), nor between two columns whose hash of some value is the
+  seed itself (float zero, numeric NaN, an empty jsonb); past MAX_CHAIN columns the rest go
+  into the record;
 - the other columns (nullable ones, and types whose function is declared on another type:
-  boolean, date, bytea, enums, arrays, ranges) go together into one
-  ``hash_record_extended(row(...), 0)``, the chain's first seed: the record hash handles NULL,
-  and the seed is written once (a ``coalesce`` around a chained call would repeat it);
+  boolean, date, bytea, arrays of base types) go together into one
+  ``hash_record_extended(row(...), seed)``, the chain's first seed: the record hash handles
+  NULL (as 0, so its seed is neither 0 nor 1: see _RECORD_SEED), and the chain's seed is written
+  once (a ``coalesce`` around a chained call would repeat it);
 - a value is compared by its type's equality, as the hash function sees it: ``1.5`` and
   ``1.50`` (numeric), ``'1 day'`` and ``'24 hours'`` (interval) are the same value here, and a
   case-insensitive type such as citext folds case (collations do not: below);
 - timestamptz through ``at time zone 'UTC'`` (its function is declared on timestamp; a fixed
   zone with no DST converts one-to-one, whatever the session's TimeZone);
 - by its text form, under the fixed session settings of ranges.SESSION so both sides print
-  values alike (the kind is then "hash+text"): a type with no hash function (json, point, xml),
+  values alike (the kind is then "hash+text"): a type with no hash function (json, point, xml,
+  money), OID-valued types (regclass and the other reg* types, aclitem),
   and enums and anything holding one (arrays of enums, ranges, composite types): an enum's
   hash is its label's OID, which differs between two databases that were not copied from one
   another (hash partitioning on an enum breaks dump and restore for the same reason);
