@@ -120,3 +120,11 @@ def test_a_frozen_server_is_not_waited_for_past_the_ping(node):
     # Thawed, the next caller gets a working session.
     with session(node.cfg) as c:
         assert c.execute("select 1").fetchone() == (1,)
+
+
+def test_nothing_is_kept_for_a_server_behind_a_proxy(node):
+    proxied = node.cfg.model_copy(update={"behind_proxy": True})
+    with session(proxied) as c:
+        first = _pid(c)
+    with session(proxied) as c:
+        assert _pid(c) != first

@@ -45,7 +45,9 @@ _kept: dict[tuple, list[tuple[float, psycopg.Connection]]] = {}
 
 
 def _key(cfg: PostgresConfig, dbname: str | None) -> tuple:
-    return cfg.host, cfg.port, dbname or cfg.database, cfg.user
+    # Last: behind a TCP proxy nothing is kept. A kept session stays on the backend it was
+    # opened to, and the proxy may send the next new one elsewhere.
+    return cfg.host, cfg.port, dbname or cfg.database, cfg.user, cfg.behind_proxy
 
 
 def _answers(conn: psycopg.Connection, timeout: float) -> bool:
@@ -102,7 +104,7 @@ def _take(key: tuple) -> psycopg.Connection | None:
 
 
 def _give(key: tuple, conn: psycopg.Connection) -> None:
-    if conn.closed or conn.broken or conn.info.transaction_status != pq.TransactionStatus.IDLE:
+    if key[-1] or conn.closed or conn.broken or conn.info.transaction_status != pq.TransactionStatus.IDLE:
         conn.close()
         return
     with _lock:
