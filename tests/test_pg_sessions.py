@@ -55,7 +55,7 @@ async def test_a_regional_workers_warm_session_is_the_next_steps(node):
 
     from tests.lab_helpers import _async, _until
 
-    key = sessions._key(node.cfg, None)
+    key = sessions._key(node.cfg)
     task = asyncio.create_task(sessions.keep_warm(node.cfg, every=3600))
     try:
         await _until(_async(lambda: bool(sessions._kept.get(key))), 10, "a warm session")

@@ -14,8 +14,7 @@ import psycopg
 from pydantic import BaseModel
 
 from activities.consistency.bisect import Outcome, RangeChecker
-from activities.consistency.ranges import Range, ReplayWaiter, connect, split
-from activities.consistency.rowhash import row_hash_when_replayed
+from activities.consistency.ranges import Range, ReplayWaiter, connect, row_hash_when_replayed, split
 from activities.consistency.results import TableResult
 from activities.consistency.tables import Table
 

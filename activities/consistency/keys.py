@@ -28,8 +28,8 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel
 
-from activities.consistency.ranges import Key, ReplayWaiter, connect, current_lsn, key_text
-from activities.consistency.rowhash import RowHash, row_hash_when_replayed
+from activities.consistency.ranges import Key, ReplayWaiter, connect, current_lsn, key_text, row_hash_when_replayed
+from activities.consistency.rowhash import RowHash
 from activities.consistency.results import KeyDiff
 from activities.consistency.tables import Table
 from activities.postgres.divergence import regclass_sql

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel
 
-from activities.consistency.rowhash import RowHash
+from activities.consistency.rowhash import RowHash, SchemaDiffers, row_hash
 from activities.consistency.tables import Table
 
 # A column hashed by its text form (rowhash.py) prints by these: both sides use the same.
@@ -249,3 +249,17 @@ class ReplayWaiter:
         self.throttling = False
         if paused:
             self.throttled_seconds += time.monotonic() - start
+
+
+def row_hash_when_replayed(a: psycopg.Connection, b: psycopg.Connection, table: Table,
+                           waiter: ReplayWaiter | None) -> RowHash:
+    """``rowhash.row_hash``; when B is A's standby (``waiter``) and the columns differ, read
+    again once B has replayed A's present LSN: a DDL it has not replayed yet is lag, not a
+    schema difference."""
+    try:
+        return row_hash(a, b, table)
+    except SchemaDiffers:
+        if waiter is None:
+            raise
+    waiter.replayed(b, current_lsn(a))
+    return row_hash(a, b, table)

@@ -158,19 +158,24 @@ def row_hash(a: psycopg.Connection, b: psycopg.Connection, table: Table) -> RowH
     for c in cols_a:
         col = sql.SQL("t.{}").format(sql.Identifier(c.name))
         not_null = c.not_null and c.name in not_null_b
-        if c.by_text or not (c.type == "timestamp with time zone" or c.fn or (c.plain and _hashable(a, c.type))):
-            text = True
-            fn, value = "pg_catalog.hashtextextended", sql.SQL('({}::text collate "C")').format(col)
+        fn: str | None
+        if c.by_text:
+            fn, value = None, None
         elif c.type == "timestamp with time zone":
             fn, value = "pg_catalog.timestamp_hash_extended", sql.SQL("({} at time zone 'UTC')").format(col)
         elif c.fn is not None:
             fn = c.fn
             value = sql.SQL("({}::{}{})").format(col, sql.SQL(c.argtype),
                                                  sql.SQL(' collate "C"') if c.collatable else sql.SQL(""))
-        else:
+        elif c.plain and _hashable(a, c.type):
             # Through the record; collatable ones (arrays of text) under C there too, as the
             # record hash passes the column's collation down to its elements' hash.
             fn, value = None, sql.SQL('({} collate "C")').format(col) if c.collatable else col
+        else:
+            fn, value = None, None
+        if value is None:  # by its text form
+            text = True
+            fn, value = "pg_catalog.hashtextextended", sql.SQL('({}::text collate "C")').format(col)
         if fn is not None and not_null and len(chain) < MAX_CHAIN:
             chain.append((sql.SQL(fn), value))
         else:
@@ -181,15 +186,3 @@ def row_hash(a: psycopg.Connection, b: psycopg.Connection, table: Table) -> RowH
         expr = sql.SQL("{}({}, {} # {}::bigint)").format(fn_sql, value, expr, sql.Literal(_signed((i + 1) * _GOLDEN)))
     return RowHash(kind="hash+text" if text else "hash", expr=expr)
 
-
-def row_hash_when_replayed(a: psycopg.Connection, b: psycopg.Connection, table: Table, waiter) -> RowHash:
-    """``row_hash``; when B is A's standby (``waiter``, a ranges.ReplayWaiter) and the columns
-    differ, read again once B has replayed A's present LSN: a DDL it has not replayed yet is
-    lag, not a schema difference."""
-    try:
-        return row_hash(a, b, table)
-    except SchemaDiffers:
-        if waiter is None:
-            raise
-    waiter.replayed(b, a.execute("select pg_current_wal_lsn()::text").fetchone()[0])
-    return row_hash(a, b, table)

@@ -276,12 +276,8 @@ class PostgresActivities:
                 # runbook called record_epoch next; a retry of this activity records it again
                 # (idempotent). On a session of its own if the wait had to leave this one.
                 try:
-                    if conn.broken or conn.closed:
-                        with connect(pg) as fresh:
-                            self._advance_epoch(req, fresh, after_promotion=True)
-                    else:
-                        self._advance_epoch(req, conn, after_promotion=True)
-                except psycopg.Error:
+                    self._advance_epoch(req, conn, after_promotion=True)
+                except psycopg.Error:  # a closed or broken session raises too
                     with connect(pg) as fresh:
                         self._advance_epoch(req, fresh, after_promotion=True)
                 phase("epoch recorded")

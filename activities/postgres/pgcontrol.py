@@ -23,6 +23,8 @@ import struct
 import sys
 from pathlib import Path
 
+from activities.postgres.lsn import int_to_lsn
+
 # pg_controldata's words for DBState (src/bin/pg_controldata/pg_controldata.c, dbState()).
 _STATES = ("starting up", "shut down", "shut down in recovery", "shutting down", "in crash recovery",
            "in archive recovery", "in production")
@@ -42,17 +44,6 @@ def _crc_table() -> list[int]:
 
 
 _CRC32C = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _lsn(v: int) -> str:
-    return f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
 
 
 def _crc_ok(buf: bytes) -> bool:
@@ -79,5 +70,5 @@ def read_control(data_dir: Path) -> dict[str, str] | None:
     if version < 1100 or not 0 <= state < len(_STATES):
         return None
     return {"pg_control version number": str(version), "Database cluster state": _STATES[state],
-            "Latest checkpoint location": _lsn(checkpoint), "Latest checkpoint's REDO location": _lsn(redo),
+            "Latest checkpoint location": int_to_lsn(checkpoint), "Latest checkpoint's REDO location": int_to_lsn(redo),
             "Latest checkpoint's TimeLineID": str(tli)}

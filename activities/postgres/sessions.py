@@ -44,10 +44,10 @@ _lock = threading.Lock()
 _kept: dict[tuple, list[tuple[float, psycopg.Connection]]] = {}
 
 
-def _key(cfg: PostgresConfig, dbname: str | None) -> tuple:
+def _key(cfg: PostgresConfig) -> tuple:
     # Last: behind a TCP proxy nothing is kept. A kept session stays on the backend it was
     # opened to, and the proxy may send the next new one elsewhere.
-    return cfg.host, cfg.port, dbname or cfg.database, cfg.user, cfg.behind_proxy
+    return cfg.host, cfg.port, cfg.database, cfg.user, cfg.behind_proxy
 
 
 def _answers(conn: psycopg.Connection, timeout: float) -> bool:
@@ -116,27 +116,27 @@ def _give(key: tuple, conn: psycopg.Connection) -> None:
         c.close()
 
 
+def open_session(cfg: PostgresConfig, timeout: float = 3.0) -> psycopg.Connection:
+    """A kept session to ``cfg`` if one is safe to reuse, else a new one (status.connect's)."""
+    return _take(_key(cfg)) or connect(cfg, timeout)
+
+
+def hand_back(cfg: PostgresConfig, conn: psycopg.Connection) -> None:
+    """Keep a session for the next caller (closed instead when it is not fit to keep)."""
+    _give(_key(cfg), conn)
+
+
 @contextmanager
-def session(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None) -> Iterator[psycopg.Connection]:
-    """A session to ``cfg`` (status.connect's), kept for the next caller when this one ends
-    without an error; one that raised is closed (its state is not known)."""
-    key = _key(cfg, dbname)
-    conn = _take(key) or connect(cfg, timeout, dbname)
+def session(cfg: PostgresConfig, timeout: float = 3.0) -> Iterator[psycopg.Connection]:
+    """``open_session``, handed back when the block ends without an error; one that raised is
+    closed (its state is not known)."""
+    conn = open_session(cfg, timeout)
     try:
         yield conn
     except BaseException:
         conn.close()
         raise
-    _give(key, conn)
-
-
-def hand_back(cfg: PostgresConfig, conn: psycopg.Connection, dbname: str | None = None) -> None:
-    """Keep a session opened by ``open_session`` (a caller that manages its own loop)."""
-    _give(_key(cfg, dbname), conn)
-
-
-def open_session(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None) -> psycopg.Connection:
-    return _take(_key(cfg, dbname)) or connect(cfg, timeout, dbname)
+    hand_back(cfg, conn)
 
 
 def _touch(cfg: PostgresConfig) -> None:
