@@ -13,7 +13,7 @@ import psycopg
 import redis
 from pydantic import BaseModel
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.kubernetes import KubernetesCluster, ResourceMissing, StaleEpochError
 from activities.postgres.status import connect
@@ -29,6 +29,11 @@ class RouteRequest(BaseModel):
     # Desired replicas per deployment for the target region; empty = restore what the
     # region had before it was scaled down (or leave as is).
     replicas: dict[str, int] = {}
+    # Change nothing until the region's PostgreSQL is writable (out of recovery), polling it
+    # from here: a switchover asks for routing together with the promotion instead of after it.
+    # False in older histories: routing as soon as asked.
+    after_writable: bool = False
+    after_writable_timeout_seconds: float = 200
 
 
 class RouteResult(BaseModel):
@@ -36,6 +41,8 @@ class RouteResult(BaseModel):
     previous_region: str | None
     # e.g. "configmap@us-west-2", "dns", "lab"
     changed: list[str]
+    # after_writable: how long routing waited for the region's PostgreSQL to leave recovery.
+    waited_writable_s: float | None = None
     scaled_up: dict[str, int] = {}
     # Where each scaled-up count came from ("remembered at fence", "from the other region", ...).
     scaled_from: dict[str, str] = {}
@@ -67,6 +74,40 @@ class Verification(BaseModel):
     # Unlogged sequences the promoted primary cannot read (activities/postgres/unlogged.py):
     # nextval() on them fails until repaired. "name: error" each.
     broken_sequences: list[str] = []
+
+
+def wait_writable(pg, timeout_s: float, poll_s: float = 0.005) -> float:
+    """Until ``pg`` is out of recovery (pg_promote done: it takes writes). A tight poll on one
+    session: what it replaces is a workflow round trip of ~30 ms inside the write outage.
+    Raises NotWritable (non-retryable: the runbook's promotion is what failed) at the deadline,
+    and CancelledError when the runbook cancels the wait (its promotion failed)."""
+    started = time.monotonic()
+    beat = 0.0
+    conn = None
+    last_error = "in recovery"
+    try:
+        while True:
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = connect(pg, 2)
+                if not conn.execute("select pg_is_in_recovery()").fetchone()[0]:
+                    return time.monotonic() - started
+                last_error = "in recovery"
+            except psycopg.Error as e:
+                last_error = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:200]
+            now = time.monotonic()
+            if now - started > timeout_s:
+                raise ApplicationError(f"{pg.host}:{pg.port} not writable after {timeout_s:.0f} s ({last_error}): "
+                                       "routing left unchanged", type="NotWritable", non_retryable=True)
+            if activity.in_activity() and now - beat >= 1.0:
+                beat = now
+                activity.heartbeat({"waiting": "writable", "last": last_error})
+                if activity.is_cancelled():
+                    raise CancelledError("routing wait cancelled: routing left unchanged")
+            time.sleep(poll_s)
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 class TrafficActivities:
@@ -103,12 +144,17 @@ class TrafficActivities:
         except Exception as e:  # noqa: BLE001 - a dead region's API is expected during failover
             return ScaleDownResult(region=req.region, reachable=False, error=scrub(str(e))[:300])
 
-    @activity.defn
+    # no_thread_cancel_exception: a cancel (only ever asked while it waits for a promotion,
+    # after_writable) is read in that wait; raised by the SDK anywhere in this thread, it
+    # could land between two routing mechanisms and leave them disagreeing.
+    @activity.defn(no_thread_cancel_exception=True)
     def route_traffic(self, req: RouteRequest) -> RouteResult:
         """Point every configured routing mechanism at ``req.region``, stamped with the epoch,
         and bring the region's services back to the replicas they had."""
         target = self.cfg.region(req.region)
         result = RouteResult(region=req.region, previous_region=None, changed=[])
+        if req.after_writable:
+            result.waited_writable_s = wait_writable(target.postgres, req.after_writable_timeout_seconds)
         dns = None
         try:
             if self.cfg.routing.dns and target.dns:

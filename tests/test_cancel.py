@@ -85,7 +85,7 @@ async def test_cancel_before_the_point_of_no_return_undoes_the_stop(lab, client)
     primary again as the primary, and the standby is never promoted."""
     a, b = _names(lab)
     startup = _startup_pid(lab, b)
-    os.kill(startup, signal.SIGSTOP)  # replay stalls: the run waits in "wait for standby to replay"
+    os.kill(startup, signal.SIGSTOP)  # replay stalls: the promote step waits for it
     try:
         # With replay stalled, an archive_timeout WAL switch (a jump to the next 16 MB segment)
         # can put the standby past the default lag guard and the preflight would refuse: this
@@ -94,19 +94,68 @@ async def test_cancel_before_the_point_of_no_return_undoes_the_stop(lab, client)
                                                                    catch_up_timeout_seconds=600,
                                                                    max_lag_bytes=1 << 30))
         async with _owned(handle):
-            await _until(lambda: _step_running(handle, "wait for standby to replay everything"), 60,
-                         "the replay wait")
+            await _until(lambda: _step_running(handle, "promote"), 60, "the promote step's replay wait")
             await handle.cancel()
             await _cancelled(handle)
     finally:
         os.kill(startup, signal.SIGCONT)
+    await record(handle, "switchover-cancel-in-promote-step")
     p = await _progress(handle)
     assert p.outcome == "cancelled"
     assert any(s.name == f"undo: {a} takes writes again" and s.status == "done" for s in p.steps), p.steps
-    assert not any(s.name == "promote" for s in p.steps)
+    # The slot reserved on the standby before the stop is dropped again: left, it would pin
+    # the standby's WAL forever.
+    assert any(s.name == f"undo: drop the slots reserved on {b}" and s.status == "done"
+               and lab.cfg.region(a).postgres.slot_name in s.detail for s in p.steps), p.steps
+    assert _slots(lab, b) == []
+    # Seen by the promote step itself, short of the checkpoint: proven not promoted, so no
+    # abort_promotion was needed, and routing was never changed.
+    promote = next(s for s in p.steps if s.name == "promote")
+    assert promote.status == "failed" and "not promoted (cancelled" in promote.detail, promote
+    assert not any(s.name.startswith("stop ") and "promotion" in s.name for s in p.steps), p.steps
+    assert lab.router.active_region() == a
     assert _primary(lab) == a and _writable(lab, a)
     assert pg_status(lab.cfg.region(b).postgres).role == "standby"
     await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
+
+
+async def test_a_standby_that_does_not_catch_up_in_time_is_never_promoted_and_the_stop_is_undone(lab, client):
+    """The catch-up deadline passes with the standby short of the old primary's shutdown
+    checkpoint: the promote step proves it never asked for a promotion, so the old primary is
+    started again as the primary without touching the standby, and routing never moved."""
+    a, b = _names(lab)
+    startup = _startup_pid(lab, b)
+    os.kill(startup, signal.SIGSTOP)
+    try:
+        handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b,
+                                                                   catch_up_timeout_seconds=2,
+                                                                   max_lag_bytes=1 << 30))
+        async with _owned(handle):
+            with pytest.raises(WorkflowFailureError) as e:
+                await handle.result()
+        # Still frozen at the end: the standby was never stopped or restarted by the runbook.
+        assert _startup_pid(lab, b) == startup
+    finally:
+        os.kill(startup, signal.SIGCONT)
+    await record(handle, "switchover-not-caught-up")
+    assert e.value.cause.type == "SwitchoverFailed", e.value.cause
+    assert "not promoted (not replayed past" in e.value.cause.message, e.value.cause.message
+    p = await _progress(handle)
+    assert p.outcome == "failed"
+    assert any(s.name == f"undo: {a} takes writes again" and s.status == "done" for s in p.steps), p.steps
+    assert not any(s.name.startswith("stop ") and "promotion" in s.name for s in p.steps), p.steps
+    route = next(s for s in p.steps if s.name == "re-route traffic")
+    assert route.status == "failed" and "not changed" in route.detail, route
+    assert _slots(lab, b) == []
+    assert lab.router.active_region() == a
+    assert _primary(lab) == a and _writable(lab, a)
+    assert pg_status(lab.cfg.region(b).postgres).role == "standby"
+    await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
+
+
+def _slots(lab, region: str) -> list[str]:
+    with psycopg.connect(lab.cfg.region(region).postgres.dsn(), autocommit=True) as conn:
+        return [r[0] for r in conn.execute("select slot_name from pg_replication_slots order by 1")]
 
 
 async def _async_streaming(lab, region: str) -> bool:
@@ -117,7 +166,8 @@ async def test_cancel_after_the_point_of_no_return_is_refused(lab, client):
     a, b = _names(lab)
     handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b))
     async with _owned(handle):
-        await _until(lambda: _step_running(handle, "promote"), 60, "the promote step")
+        # Redis moves once PostgreSQL is promoted: past the point of no return for sure.
+        await _until(lambda: _step_running(handle, "move Redis"), 60, "the Redis step")
     await handle.cancel()
     result = await handle.result()
     assert result.outcome == "succeeded", result

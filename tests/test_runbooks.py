@@ -228,21 +228,27 @@ async def test_switchover_under_load_loses_nothing(lab, client, unlogged):
     assert redis_status(lab.cfg.region(a).redis).role == "slave"
     assert lab.router.active_region() == b
     assert [s.status for s in result.steps] == ["done"] * len(result.steps)
-    # While writes are stopped, Redis moves beside PostgreSQL's promotion, not after it, and the
-    # epoch is recorded inside the promote step: one round trip instead of three in the outage.
-    acts = [a for a in activity_timings(await handle.fetch_history()) if a.run_ms is not None]
-    names = [a.name for a in acts]
-    assert "record_epoch" not in names, names
-    pg, rd = acts[names.index("promote_postgres")], acts[names.index("switchover_redis")]
-    assert rd.scheduled_s < pg.scheduled_s + (pg.dispatch_ms + pg.run_ms) / 1000, (pg, rd)
-    # Routing waits for PostgreSQL to be writable and not for Redis: route_traffic is scheduled
-    # by the very workflow task that saw the promotion complete, whether Redis was done or not,
-    # and (when Redis ended later, as here it takes twice as long) before Redis ended.
+    # While writes are stopped: one step waits for the replay and promotes, and records the
+    # epoch; routing is asked for with it, not after it, and acts once the target is writable
+    # (test_traffic_activities holds it back while it is not). Redis waits for the point of no
+    # return (moving it is not undone), and routing does not wait for Redis.
     history = await handle.fetch_history()
-    assert _scheduled_by_the_task_after(history, "promote_postgres") == ["route_traffic"]
+    names = [a.name for a in activity_timings(history)]
+    assert "record_epoch" not in names and "wait_replayed" not in names and "promote_postgres" not in names, names
     ids = _event_ids(history)
-    if ids["switchover_redis"]["completed"] > ids["promote_postgres"]["completed"]:
-        assert ids["route_traffic"]["scheduled"] < ids["switchover_redis"]["completed"], ids
+    assert ids["route_traffic"]["scheduled"] < ids["promote_when_replayed"]["completed"], ids
+    assert ids["switchover_redis"]["scheduled"] > ids["promote_when_replayed"]["completed"], ids
+    assert ids["route_traffic"]["completed"] < ids["switchover_redis"]["completed"], ids
+    route = next(s for s in result.steps if s.name == "re-route traffic")
+    assert f"once {b} was writable" in route.detail, route.detail
+    # The old primary's slot was reserved on the standby before the stop, out of the write
+    # outage, and it is the slot the old primary now streams through.
+    assert next(s for s in result.steps if s.name == "reserve WAL on the standby for the old primary's return"
+                ).status == "done"
+    assert ids["reserve_rejoin_slots"]["completed"] < ids["fence_postgres"]["scheduled"], ids
+    with psycopg.connect(lab.cfg.region(b).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select active from pg_replication_slots where slot_name = %s",
+                            (lab.cfg.region(a).postgres.slot_name,)).fetchone() == (True,)
 
 
 def _event_ids(history) -> dict[str, dict[str, int]]:
@@ -519,13 +525,13 @@ async def test_control_worker_killed_during_promotion(lab, client):
 
     async def promoting():
         p = await _progress(handle)
-        return p is not None and p.steps and p.steps[-1].name == "promote"
+        return p is not None and p.steps and p.steps[-1].name in ("promote", "re-route traffic")
 
     await _until(promoting, 60, "the promote step", interval=0.01)
     assert kill_tree(read_pid(lab.worker_pidfile(None)))  # kill -9, and wait until it is gone
     lab.start_worker(None)
     result = await handle.result()
-    await record(handle, "switchover-control-crash")
+    await record(handle, "switchover-control-crash-promote-when-replayed")
     assert result.outcome == "succeeded"
     st = pg_status(lab.cfg.region(a).postgres)
     assert st.role == "primary" and st.timeline == timeline_before + 1  # promoted exactly once

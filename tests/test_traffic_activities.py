@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 import yaml
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment
 
 from activities.dns import Route53Failover
 from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
 from eagle_dr.config import DEFAULT_CONFIG, parse_config
+from lab.scratch_postgres import scratch_postgres
+from tests.conftest import PORT_SHIFT
 from tests.kmock_cluster import KmockCluster, kmock_cluster
 
 EAST, WEST = "us-east-1", "us-west-2"
@@ -23,10 +26,16 @@ SELECTOR_LABELS = {"app.kubernetes.io/component": "microservice"}
 CM = "multi-region-config"
 
 
-def _config(api_urls: dict[str, str], moto_url: str, state_dir: str):
+def _config(api_urls: dict[str, str], moto_url: str, state_dir: str, west_postgres=None):
     doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
     for r in doc["regions"]:
         r["kubernetes"]["api_url"] = api_urls[r["name"]]
+        if west_postgres is not None and r["name"] == WEST:
+            # A trust-auth scratch server without TLS in place of the lab's node.
+            for k in ("password", "replication_password", "sslmode", "sslrootcert"):
+                r["postgres"].pop(k, None)
+            r["postgres"].update(host=west_postgres.host, port=west_postgres.port, user=west_postgres.user,
+                                 database=west_postgres.database)
     doc["routing"] = {"lab_file": False, "kubernetes": True, "dns": True, "dns_endpoint_url": moto_url}
     doc["lab"]["state_dir"] = state_dir
     return parse_config(doc, env={})
@@ -214,3 +223,80 @@ def test_a_bare_region_name_is_still_accepted(tmp_path, moto_url):
     cfg = _config({EAST: "http://127.0.0.1:9", WEST: "http://127.0.0.1:9"}, moto_url, str(tmp_path))
     result = ActivityEnvironment().run(TrafficActivities(cfg).scale_down_region, EAST)
     assert result.region == EAST and not result.reachable and result.error
+
+
+ROUTE_PG_PORT = 17993 + PORT_SHIFT - 2000
+
+
+@pytest.fixture
+def standby_node():
+    """A real PostgreSQL in recovery with nothing to follow (standby.signal, no upstream): it
+    stays read-only until pg_promote()."""
+    with scratch_postgres(ROUTE_PG_PORT, "route-writable") as node:
+        node.stop("fast")
+        (node.data_dir / "standby.signal").touch()
+        node.start()
+        yield node
+
+
+def _in_recovery(node) -> bool:
+    with node.connect() as c:
+        return c.execute("select pg_is_in_recovery()").fetchone()[0]
+
+
+def test_routing_asked_with_the_promotion_waits_until_the_node_takes_writes(
+    clusters, moto_url, aws_env, tmp_path, standby_node
+):
+    """A switchover asks for routing together with the promotion (after_writable): nothing is
+    routed while the target is still a standby, not after a timeout and not after a cancel (the
+    promotion failed); once it is promoted, routing follows at once."""
+    east, west = clusters[EAST], clusters[WEST]
+    cfg = _config({EAST: east.api_url, WEST: west.api_url}, moto_url, str(tmp_path),
+                  west_postgres=standby_node.cfg)
+    dns = _dns(cfg, moto_url)
+    record = cfg.region(EAST).dns.record
+    acts = TrafficActivities(cfg)
+    assert _in_recovery(standby_node)
+
+    def unchanged():
+        assert routing(east) == routing(west) == (EAST, "0", "me")
+        assert dns.current(record)["primary"]["set_identifier"] == EAST
+
+    # The promotion never comes: a bounded wait, non-retryable, routing untouched.
+    with pytest.raises(ApplicationError) as e:
+        ActivityEnvironment().run(acts.route_traffic, RouteRequest(region=WEST, epoch=1, after_writable=True,
+                                                                   after_writable_timeout_seconds=0.3))
+    assert e.value.type == "NotWritable" and e.value.non_retryable and "in recovery" in str(e.value)
+    unchanged()
+
+    def waiting(env):
+        beats: list = []
+        env.on_heartbeat = lambda *d: beats.append(d)
+        pool = ThreadPoolExecutor(1)
+        fut = pool.submit(env.run, acts.route_traffic, RouteRequest(region=WEST, epoch=1, after_writable=True))
+        deadline = time.monotonic() + 15
+        while not beats:
+            assert time.monotonic() < deadline and not fut.done(), fut.exception() if fut.done() else "no heartbeat"
+            time.sleep(0.01)
+        pool.shutdown(wait=False)
+        return fut
+
+    # The runbook's promotion failed: it cancels the wait, and nothing is routed.
+    env = ActivityEnvironment()
+    fut = waiting(env)
+    unchanged()
+    env.cancel()
+    with pytest.raises(CancelledError):
+        fut.result(timeout=15)
+    unchanged()
+
+    # The promotion succeeds while routing waits: routing follows.
+    fut = waiting(ActivityEnvironment())
+    unchanged()
+    with standby_node.connect() as c:
+        c.execute("select pg_promote(wait => false)")
+    route = fut.result(timeout=60)
+    assert not _in_recovery(standby_node)
+    assert route.waited_writable_s is not None and route.waited_writable_s > 0
+    assert routing(east) == routing(west) == (WEST, "1", "me")
+    assert dns.current(record)["primary"]["set_identifier"] == WEST

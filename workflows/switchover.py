@@ -3,26 +3,32 @@
  1. preflight: both regions healthy, the standby streaming and close behind;
  2. next DR epoch; approval when the policy asks; with unlogged sequences, a restartpoint
     on the standby (PostgreSQL 15 would promote a recent one unreadable);
- 3. stop writes: fence the primary read-only, then stop it cleanly; its shutdown
+ 3. reserve, on the standby, the slot the old primary will stream through (outside the write
+    outage); stop writes: fence the primary read-only, then stop it cleanly; its shutdown
     checkpoint is the last record it will ever write;
- 4. wait until the standby has replayed past that checkpoint: every committed
-    transaction is now on the standby;
- 5. promote it and record the epoch, then re-route clients at once; beside both, switch
-    Redis with writes paused until the replica has every byte;
+ 4. promote, in one step on the standby's worker: wait until the standby has replayed past
+    that checkpoint (every committed transaction is now on it), then promote it and record the
+    epoch. Routing, asked for with this step, changes the moment the standby is writable;
+ 5. switch Redis with writes paused until the replica has every byte;
  6. verify; turn the old primary into a standby of the new one (no rewind: it stopped
     before the fork) and let it stream;
  7. measure (acknowledged writes lost must be 0).
 
-Point of no return: the promotion of the standby (step 5). Before it, a failure or a
-cancel request undoes what was done (the old primary is started again as the primary,
-nothing else had changed) and the run ends failed or cancelled. From it on, the runbook
-rolls forward: a part that fails (Redis, routing, the old primary's rejoin) is reported
-as degraded with the command that repairs it, and a cancel request is refused.
+Point of no return: the standby has replayed past the old primary's shutdown checkpoint, which
+the promote step itself sees, and then promotes. Before it, a failure or a cancel request undoes
+what was done (the old primary is started again as the primary, the reserved slot is dropped,
+routing is never changed) and the run ends failed or cancelled; a promote step that ends without
+proof of where the standby stands has it stopped until it provably cannot promote first. From it
+on, the runbook rolls forward: a part that fails (Redis, routing, the old primary's rejoin) is
+reported as degraded with the command that repairs it, and a cancel request is refused.
+(Runs started before switchover-promote-when-replayed waited for the replay as a step of its
+own and promoted in the next one; they replay as they ran.)
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
@@ -35,17 +41,19 @@ with workflow.unsafe.imports_passed_through():
         FlushInitForksRequest,
         PostgresActivities,
         PromoteRequest,
+        PromoteWhenReplayedRequest,
         RejoinRequest,
         ReplayRequest,
         UnfenceRequest,
     )
     from activities.postgres.lsn import lsn_diff
+    from activities.postgres.promote import Promotion
     from activities.redis.activities import RedisActivities, RedisMoveRequest, RedisRegionRequest
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.failover import finish_measurement, not_carried
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.plan import switchover_plan
-    from workflows.runbook import Runbook
+    from workflows.runbook import RETRY, Runbook
     from workflows.validation import RawInput, invalid, validated
 
 
@@ -86,11 +94,20 @@ class SwitchoverWorkflow(Runbook):
         # leaves no result, but the server may be stopped all the same, so the undo must run.
         # (Found by the fault suite: cancel during the stop left no writable primary.)
         fence_asked = False
+        slots_asked = False
         try:
             previous = await self.take_epoch(source, sq)
             approval = await self.approval(inp.approval, f"switch {inp.service} over to {target}")
             decided_at = workflow.now()
             await self._flush_init_forks(source, target, control, notes)
+            if workflow.patched("switchover-slots-before-stop"):
+                # The promote step made these inside the write outage; now, while clients still
+                # write, and undone with the stop if the switchover is.
+                slots_asked = True
+                async with self.step("reserve WAL on the standby for the old primary's return") as st:
+                    slots = await self.act(PostgresActivities.reserve_rejoin_slots, target, queue=tq, timeout=30,
+                                           attempts=3)
+                    st.detail = f"slot {', '.join(slots) or '(none: max_slot_wal_keep_size unset)'} on {target}"
             async with self.step("stop writes on old primary") as st:
                 fence_asked = workflow.patched("switchover-undo-fence-in-flight")
                 # drain_archive_seconds: a fast shutdown waits for every segment the archiver has
@@ -108,15 +125,15 @@ class SwitchoverWorkflow(Runbook):
                     " (" + ", ".join(f"{k} {v:.3f} s" for k, v in stopped.phases.items()) + ")" if stopped.phases else "")
 
             promotion_started = workflow.now()
-            async with self.step("wait for standby to replay everything") as st:
-                replayed = await self.act(PostgresActivities.wait_replayed, ReplayRequest(
-                    region=target, lsn=stopped.last_lsn, timeout_seconds=inp.catch_up_timeout_seconds),
-                    queue=tq, timeout=inp.catch_up_timeout_seconds + 30, heartbeat=15)
-                st.detail = f"replayed {replayed.replay_lsn} > {replayed.target_lsn}"
+            merged = workflow.patched("switchover-promote-when-replayed")
+            if not merged:
+                await self._wait_replayed(inp, target, tq, stopped)
         except asyncio.CancelledError:
-            raise self.cancelled(await self._undo_stop(source, sq, stopped is not None or fence_asked)) from None
+            raise self.cancelled(await self._undo_stop(source, sq, stopped is not None or fence_asked)
+                                 + await self._undo_slots(target, tq, slots_asked)) from None
         except ActivityError as e:
-            undone = await self._undo_stop(source, sq, stopped is not None or fence_asked)
+            undone = await self._undo_stop(source, sq, stopped is not None or fence_asked) \
+                + await self._undo_slots(target, tq, slots_asked)
             if isinstance(e.cause, CancelledError):  # the step in flight saw the cancel request
                 raise self.cancelled(undone) from None
             self.finish("failed")
@@ -124,9 +141,119 @@ class SwitchoverWorkflow(Runbook):
                                    f"{'; '.join(undone) or 'nothing had changed'}", type="SwitchoverFailed",
                                    non_retryable=True) from None
 
+        promotion = routing = None
+        if merged:
+            # Routing is asked for together with the promotion and acts the moment the target
+            # leaves recovery: the route activity polls it itself, so the workflow round trip
+            # between the promotion's end and the re-route (~30 ms of the write gap: the epoch
+            # record, the completion, a workflow task, the dispatch) is gone, and routing still
+            # never points clients at a node that refuses their writes. Routing is stamped with
+            # this run's epoch, not the database's. If the promotion does not happen, the wait
+            # is called off and routing is unchanged.
+            routing = asyncio.ensure_future(self._reroute(
+                source, target, control, after_writable_s=inp.catch_up_timeout_seconds + 200))
+            promotion, cancel_asked, why = await self._promote_when_replayed(inp, source, target, tq, stopped)
+            if promotion is None:
+                routing.cancel()
+                await asyncio.wait([routing])
+                undone = await self._undo_stop(source, sq, True) + await self._undo_slots(target, tq, slots_asked)
+                if cancel_asked:
+                    raise self.cancelled(undone)
+                self.finish("failed")
+                raise ApplicationError(f"switchover failed before the point of no return ({why}); undone: "
+                                       f"{'; '.join(undone) or 'nothing had changed'}", type="SwitchoverFailed",
+                                       non_retryable=True)
+            if cancel_asked:
+                self.cancel_refused = (f"cancel requested during the promotion was refused: {target} had replayed "
+                                       "everything and was promoted (past the point of no return), the runbook "
+                                       "finishes the move")
         return await self.no_return(self._promote_and_route(
             inp, topo, source, target, sq, tq, control, notes, previous, approval, started, decided_at,
-            promotion_started, stopped), f"promotion of {target}")
+            promotion_started, stopped, promotion, routing), f"promotion of {target}")
+
+    async def _wait_replayed(self, inp, target: str, tq: str, stopped) -> None:
+        """Before switchover-promote-when-replayed: the replay wait as a step of its own."""
+        async with self.step("wait for standby to replay everything") as st:
+            replayed = await self.act(PostgresActivities.wait_replayed, ReplayRequest(
+                region=target, lsn=stopped.last_lsn, timeout_seconds=inp.catch_up_timeout_seconds),
+                queue=tq, timeout=inp.catch_up_timeout_seconds + 30, heartbeat=15)
+            st.detail = f"replayed {replayed.replay_lsn} > {replayed.target_lsn}"
+
+    async def _promote_when_replayed(self, inp, source: str, target: str, tq: str,
+                                     stopped) -> tuple[Promotion | None, bool, str]:
+        """The replay wait and the promotion as one activity on the target's worker, which
+        decides the point of no return itself (PostgresActivities.promote_when_replayed).
+        Returns (the promotion or None, whether a cancel was asked, why not promoted). None is
+        returned only when proven: the activity's NotPromoted, or abort_promotion's word."""
+        cancel_asked = False
+        failure = None
+        async with self.step("promote") as st:
+            st.detail = f"once {target} has replayed past {stopped.last_lsn}"
+            step = asyncio.ensure_future(workflow.execute_activity_method(
+                PostgresActivities.promote_when_replayed, PromoteWhenReplayedRequest(
+                    region=target, epoch=self.epoch, record_epoch=True, lsn=stopped.last_lsn,
+                    catch_up_timeout_seconds=inp.catch_up_timeout_seconds),
+                task_queue=tq, start_to_close_timeout=timedelta(seconds=inp.catch_up_timeout_seconds + 180),
+                heartbeat_timeout=timedelta(seconds=10), retry_policy=RETRY,
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
+            promotion = None
+            while True:
+                try:
+                    promotion = await asyncio.shield(step)
+                    break
+                except asyncio.CancelledError:
+                    cancel_asked = True
+                    if not step.done():
+                        # Passed on, and honoured only while the standby is still short of the
+                        # checkpoint; the step runs to its end either way.
+                        self._details(f"cancel requested: {target} is promoted unless it has not replayed "
+                                      "everything yet")
+                        step.cancel()
+                        continue
+                    if step.cancelled():
+                        # It ended in the very activation the cancel came in, and the SDK kept
+                        # its result from us: where the node stands is asked below.
+                        failure = "the step ended as the cancel request arrived"
+                        break
+                    try:
+                        promotion = step.result()
+                        break
+                    except ActivityError as e:
+                        error = e
+                except ActivityError as e:
+                    error = e
+                if isinstance(error.cause, ApplicationError) and error.cause.type == "NotPromoted":
+                    st.status, st.detail = "failed", error.cause.message
+                    return None, cancel_asked, error.cause.message
+                failure = str(error.cause or error)
+                break
+            if failure is None:
+                st.detail = f"replayed {promotion.replay_lsn} > {stopped.last_lsn}; postgres timeline " \
+                    f"{promotion.timeline}" + (" (" + ", ".join(f"{k} {v:.3f} s" for k, v in promotion.phases.items())
+                                               + ")" if promotion.phases else "")
+                return promotion, cancel_asked, ""
+            st.status, st.detail = "failed", f"outcome unknown: {failure}"
+        # Nothing proves the node did not promote (an earlier attempt may have asked): stop it
+        # until it provably cannot, or learn that it did and roll forward.
+        async with self.step(f"stop {target}'s promotion") as st:
+            try:
+                aborted = await self.act(PostgresActivities.abort_promotion, EpochRequest(
+                    region=target, epoch=self.epoch), queue=tq, timeout=300, schedule_to_start=60, heartbeat=30,
+                    attempts=3)
+            except ActivityError as e:
+                # Unproven: no writer is better than two.
+                st.status, st.detail = "failed", f"could not stop {target}'s standby: {e.cause or e}"
+                self.finish("failed")
+                raise ApplicationError(
+                    f"promotion of {target} failed ({failure}) and its standby could not be stopped ({e.cause or e}): "
+                    f"it may still promote, so the old primary in {source} stays STOPPED. Check {target} "
+                    f"(pg_is_in_recovery()); stop it, then lift the fence on {source} (eagle-dr unfence), or re-run "
+                    "the switchover once it is a primary.", type="PromotionFailed", non_retryable=True) from None
+            st.detail = aborted.detail
+        if aborted.promotion is None:
+            return None, cancel_asked, f"{failure}; {target} {aborted.detail}"
+        await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
+        return aborted.promotion, cancel_asked, ""
 
     async def _flush_init_forks(self, source: str, target: str, control: str, notes: list[str]) -> None:
         """With unlogged sequences: a restartpoint on the target first, while clients still
@@ -162,53 +289,38 @@ class SwitchoverWorkflow(Runbook):
             st.detail = f"{source} restarted as the primary, its fence lifted"
         return [st.detail]
 
+    async def _undo_slots(self, target: str, tq: str, asked: bool) -> list[str]:
+        """After the stop's undo (writes first): the slots reserved on the standby, which would
+        pin its WAL forever. Best effort: a failure is reported with its repair, not raised
+        over the undo that matters."""
+        if not asked:
+            return []
+        async with self.step(f"undo: drop the slots reserved on {target}") as st:
+            try:
+                dropped = await self.act(PostgresActivities.drop_rejoin_slots, target, queue=tq, timeout=30,
+                                         attempts=3)
+                st.detail = f"dropped {', '.join(dropped)} on {target}" if dropped else f"none left on {target}"
+            except ActivityError as e:
+                st.status = "failed"
+                st.detail = (f"slots on {target} not dropped ({e.cause or e}): drop them by hand "
+                             f"(select pg_drop_replication_slot(slot_name) from pg_replication_slots where not active)")
+        return [st.detail]
+
     async def _promote_and_route(self, inp, topo, source, target, sq, tq, control, notes, previous, approval,
-                                 started, decided_at, promotion_started, stopped) -> RunbookResult:
+                                 started, decided_at, promotion_started, stopped, promotion=None,
+                                 routing: asyncio.Future | None = None) -> RunbookResult:
         info = workflow.info()
-        routing: asyncio.Future | None = None
-        async with self.step("promote") as st:
-            if workflow.patched("switchover-route-beside-redis"):
-                # Clients follow routing and write to PostgreSQL; the Redis cache is theirs only
-                # through Sentinel and never holds an acknowledged write alone. So routing waits
-                # for PostgreSQL to be writable (its epoch recorded) and not for Redis, whose
-                # zero-loss switch (pause, catch up, promote, re-point every Sentinel) was the
-                # longer of the two and so the end of the write outage. Until Redis finishes,
-                # the target's clients see a read-only replica cache, as the old region's saw
-                # a paused master: the same as before, minus the wait.
-                # Routing is its own step, started here and awaited once this one ends, so that
-                # this step's outcome and time are the promotion's and Redis's alone.
-                async def postgres_then_route():
-                    nonlocal routing
-                    done = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
-                        region=target, epoch=self.epoch, record_epoch=True), queue=tq, timeout=180, heartbeat=30)
-                    routing = asyncio.ensure_future(self._reroute(source, target, control))
-                    return done
-
-                promotion, redis_lost = await self._both(postgres_then_route(),
-                                                         self._move_redis(source, target, control))
-            elif workflow.patched("switchover-redis-beside-promotion"):
-                # Writes are stopped until routing changes, so this step is all outage. Redis
-                # moves beside PostgreSQL, not after it: both start only once the standby has
-                # replayed past the old primary's shutdown checkpoint, and each is zero-loss on
-                # its own (Redis pauses its master's writes until the replica has every byte and
-                # checks its own epoch record), so neither's safety depends on the other's order.
-                # The epoch is recorded inside the promote step (one round trip fewer), after
-                # writable_at.
-                async def postgres():
-                    return await self.act(PostgresActivities.promote_postgres, PromoteRequest(
-                        region=target, epoch=self.epoch, record_epoch=True), queue=tq, timeout=180, heartbeat=30)
-
-                promotion, redis_lost = await self._both(postgres(), self._move_redis(source, target, control))
-            else:
-                promotion = await self.act(PostgresActivities.promote_postgres, EpochRequest(region=target,
-                                           epoch=self.epoch), queue=tq, timeout=180, heartbeat=30)
-                await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
-                               queue=tq)
+        if promotion is not None:
+            # switchover-promote-when-replayed: PostgreSQL is promoted, and routing, asked for
+            # with it, acts as soon as it is writable. Redis waited for the point of no return
+            # (moving it is not undone); clients never hold an acknowledged write in it alone.
+            async with self.step("move Redis") as st:
                 redis_lost = await self._move_redis(source, target, control)
-            st.detail = f"postgres timeline {promotion.timeline}" + (
-                " (" + ", ".join(f"{k} {v:.3f} s" for k, v in promotion.phases.items()) + ")"
-                if promotion.phases else "") + \
-                f"; redis lost {redis_lost if redis_lost is not None else 'unknown'} bytes"
+                st.detail = f"lost {redis_lost if redis_lost is not None else 'unknown'} bytes"
+        else:
+            routing_box: list = []
+            promotion, redis_lost = await self._promote_step(source, target, tq, control, routing_box)
+            routing = routing_box[0] if routing_box else None
 
         await (routing if routing is not None else self._reroute(source, target, control))
 
@@ -254,6 +366,57 @@ class SwitchoverWorkflow(Runbook):
                              steps=self.steps, rto=rto, rpo=rpo, source_fenced="stop", notes=notes,
                              degraded=self.degraded, cancel_refused=self.cancel_refused)
 
+    async def _promote_step(self, source: str, target: str, tq: str, control: str, routing_box: list) -> tuple:
+        """Before switchover-promote-when-replayed: the promotion as its own step after the replay
+        wait, Redis beside it; routing, when started inside, is put in ``routing_box``."""
+        routing: asyncio.Future | None = None
+        async with self.step("promote") as st:
+            if workflow.patched("switchover-route-beside-redis"):
+                # Clients follow routing and write to PostgreSQL; the Redis cache is theirs only
+                # through Sentinel and never holds an acknowledged write alone. So routing waits
+                # for PostgreSQL to be writable (its epoch recorded) and not for Redis, whose
+                # zero-loss switch (pause, catch up, promote, re-point every Sentinel) was the
+                # longer of the two and so the end of the write outage. Until Redis finishes,
+                # the target's clients see a read-only replica cache, as the old region's saw
+                # a paused master: the same as before, minus the wait.
+                # Routing is its own step, started here and awaited once this one ends, so that
+                # this step's outcome and time are the promotion's and Redis's alone.
+                async def postgres_then_route():
+                    nonlocal routing
+                    done = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
+                        region=target, epoch=self.epoch, record_epoch=True), queue=tq, timeout=180, heartbeat=30)
+                    routing = asyncio.ensure_future(self._reroute(source, target, control))
+                    return done
+
+                promotion, redis_lost = await self._both(postgres_then_route(),
+                                                         self._move_redis(source, target, control))
+            elif workflow.patched("switchover-redis-beside-promotion"):
+                # Writes are stopped until routing changes, so this step is all outage. Redis
+                # moves beside PostgreSQL, not after it: both start only once the standby has
+                # replayed past the old primary's shutdown checkpoint, and each is zero-loss on
+                # its own (Redis pauses its master's writes until the replica has every byte and
+                # checks its own epoch record), so neither's safety depends on the other's order.
+                # The epoch is recorded inside the promote step (one round trip fewer), after
+                # writable_at.
+                async def postgres():
+                    return await self.act(PostgresActivities.promote_postgres, PromoteRequest(
+                        region=target, epoch=self.epoch, record_epoch=True), queue=tq, timeout=180, heartbeat=30)
+
+                promotion, redis_lost = await self._both(postgres(), self._move_redis(source, target, control))
+            else:
+                promotion = await self.act(PostgresActivities.promote_postgres, EpochRequest(region=target,
+                                           epoch=self.epoch), queue=tq, timeout=180, heartbeat=30)
+                await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
+                               queue=tq)
+                redis_lost = await self._move_redis(source, target, control)
+            st.detail = f"postgres timeline {promotion.timeline}" + (
+                " (" + ", ".join(f"{k} {v:.3f} s" for k, v in promotion.phases.items()) + ")"
+                if promotion.phases else "") + \
+                f"; redis lost {redis_lost if redis_lost is not None else 'unknown'} bytes"
+        if routing is not None:
+            routing_box.append(routing)
+        return promotion, redis_lost
+
     @staticmethod
     async def _both(first, second) -> tuple:
         """Both run to their end before the error (if any) is raised: a step left running
@@ -264,11 +427,22 @@ class SwitchoverWorkflow(Runbook):
                 raise outcome
         return tuple(outcomes)
 
-    async def _reroute(self, source: str, target: str, control: str) -> None:
+    async def _reroute(self, source: str, target: str, control: str, after_writable_s: float | None = None) -> None:
         async with self.step("re-route traffic") as st:
             try:
-                route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target, epoch=self.epoch),
-                                       queue=control, timeout=120)
+                if after_writable_s is not None:
+                    # Bounded past the promotion's own deadlines; it heartbeats so that a cancel
+                    # (the promotion did not happen) reaches it.
+                    route = await self.act(TrafficActivities.route_traffic, RouteRequest(
+                        region=target, epoch=self.epoch, after_writable=True,
+                        after_writable_timeout_seconds=after_writable_s),
+                        queue=control, timeout=after_writable_s + 30, heartbeat=5)
+                else:
+                    route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target,
+                                           epoch=self.epoch), queue=control, timeout=120)
+            except asyncio.CancelledError:
+                st.detail = f"not changed: the promotion of {target} it waited for failed"
+                raise
             except ActivityError as e:
                 st.status = "failed"
                 self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, DNS) "
@@ -299,7 +473,9 @@ class SwitchoverWorkflow(Runbook):
             if not ready:
                 st.status = "failed"
             if route is not None:
-                st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}"
+                st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}" \
+                    + (f", {route.waited_writable_s:.3f} s after asked, once {target} was writable"
+                       if route.waited_writable_s is not None else "")
 
     async def _move_redis(self, source: str, target: str, control: str) -> int | None:
         """Zero-loss Redis switch; if that fails, promote the target anyway (what it lacks is

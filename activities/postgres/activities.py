@@ -22,7 +22,8 @@ from activities.postgres.fence import PgFence, fence_read_only, fence_stop, lift
 from activities.postgres.promote import Promotion, PromotionAbort, abort_promotion, promote
 from activities.postgres.standby import Rejoined, Replayed, rejoin_as_standby, reserve_slot_in, wait_replayed_past
 from activities.postgres.status import CURRENT_TIMELINE, PgStatus, connect, pg_status
-from activities.postgres.sessions import session
+from activities.postgres.lsn import lsn_to_int
+from activities.postgres.sessions import hand_back, open_session, session
 from activities.postgres.stopwatch import Stopwatch
 from activities.postgres.unlogged import flush_init_forks
 from activities.postgres.wal import WalUnreadable, current_timeline
@@ -47,6 +48,12 @@ class PromoteRequest(EpochRequest):
     # Also record the epoch in the new primary once it is writable (what record_epoch does),
     # saving the runbook a round trip while writes are stopped. False in older histories.
     record_epoch: bool = False
+
+
+class PromoteWhenReplayedRequest(PromoteRequest):
+    # The old primary's shutdown checkpoint: promote only once the standby has replayed past it.
+    lsn: str
+    catch_up_timeout_seconds: float = 120
 
 
 class FenceRequest(BaseModel):
@@ -251,38 +258,141 @@ class PostgresActivities:
         """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
         pg = self._pg(req.region)
         watch = Stopwatch()
-        phase = watch.lap
         # One session for the epoch check, the slots, pg_promote, the wait and the epoch's
         # record: each new one is a SCRAM handshake (and a TLS one), all inside the write outage.
         # The replay wait's, when this worker ran it (sessions.py).
         with session(pg) as conn:
-            phase("connect")
-            self._check_epoch(req, conn)
-            phase("epoch check")
-            # Keep the WAL each other region needs to come back as a standby: failback rewinds
-            # it and replays from before the fork, often hours later.
-            for other in self.cfg.regions:
-                if other.name != req.region:
-                    reserve_slot_in(conn, pg, other.postgres.slot_name)
-            phase("slots")
-            promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
-            phase("pg_promote to writable")
-            if promotion.timeline:
-                # Also on a retry that finds it promoted already: a first attempt may have died
-                # between the promotion and this (idempotent, a file check when nothing was skipped).
-                keep_skipped_histories(self.cfg, req.region, promotion.timeline)
-            if req.record_epoch:
-                # After writable_at: the record is the first write of the new timeline, as when the
-                # runbook called record_epoch next; a retry of this activity records it again
-                # (idempotent). On a session of its own if the wait had to leave this one.
-                try:
-                    self._advance_epoch(req, conn, after_promotion=True)
-                except psycopg.Error:  # a closed or broken session raises too
-                    with connect(pg) as fresh:
-                        self._advance_epoch(req, fresh, after_promotion=True)
-                phase("epoch recorded")
+            watch.lap("connect")
+            return self._promote_in(req, pg, conn, watch)
+
+    # no_thread_cancel_exception: the SDK would otherwise raise a cancel inside this thread
+    # wherever it happens to be, a promotion half asked for included (and on leaving a
+    # shield_thread_cancel_exception block, over the promotion's result). The cancel is read
+    # only where it is safe (_wait_replayed_or_refuse).
+    @activity.defn(no_thread_cancel_exception=True)
+    def promote_when_replayed(self, req: PromoteWhenReplayedRequest) -> Promotion:
+        """A planned switchover's replay wait and promotion in one step: the workflow round trip
+        and dispatch between them (~30 ms) were write outage.
+
+        The point of no return is inside, and this decides it: the standby is promoted only once
+        it has replayed past ``req.lsn`` (the old primary's shutdown checkpoint). Until then a
+        cancel, or the catch-up deadline, ends the step with ``NotPromoted``, which proves that
+        no attempt of it ever asked for a promotion: each asks only after that replay, and a
+        node's replay position never goes back while it runs (a restart drops a pending
+        promotion; a node already out of recovery is never reported NotPromoted). The runbook
+        then undoes the stop. Past that point a cancel is ignored: the step promotes, and the
+        runbook rolls forward. Any other failure proves nothing, and the runbook asks
+        ``abort_promotion`` where the node stands."""
+        pg = self._pg(req.region)
+        watch = Stopwatch()
+        conn = self._wait_replayed_or_refuse(req, pg)
+        watch.lap("replay wait")
+        try:
+            promotion = self._promote_in(req, pg, conn, watch)
+        except BaseException:
+            conn.close()
+            raise
+        hand_back(pg, conn)
+        return promotion
+
+    def _wait_replayed_or_refuse(self, req: PromoteWhenReplayedRequest, pg) -> psycopg.Connection:
+        """A session to the node once it has replayed past ``req.lsn`` (or is out of recovery);
+        NotPromoted, proven, on a cancel or at the deadline before that."""
+        target = lsn_to_int(req.lsn)
+        deadline = time.monotonic() + req.catch_up_timeout_seconds
+        conn: psycopg.Connection | None = None
+        short = False  # the last read answered: in recovery, not yet past the checkpoint
+        seen = "no answer"
+        while True:
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = open_session(pg, 2)
+                recovering, replay = conn.execute(
+                    "select pg_is_in_recovery(), pg_last_wal_replay_lsn()::text").fetchone()
+                if not recovering or (replay and lsn_to_int(replay) > target):
+                    return conn
+                short, seen = True, f"replayed {replay}"
+            except psycopg.Error as e:
+                short = False
+                seen = f"no answer ({scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)})"
+                if conn is not None:
+                    conn.close()
+                conn = None
+            if activity.is_cancelled() or time.monotonic() > deadline:
+                if conn is not None:
+                    conn.close()
+                why = "cancelled" if activity.is_cancelled() else \
+                    f"not replayed past {req.lsn} after {req.catch_up_timeout_seconds:.0f} s"
+                if not short:
+                    # A node that does not answer may be one an earlier attempt asked to promote
+                    # (and that then went away): nothing is proven, the runbook finds out.
+                    raise ApplicationError(f"{req.region}'s promotion state unknown ({why}; {seen})",
+                                           type="PromotionUnknown", non_retryable=True)
+                # Proven "not promoted, by no attempt": the node answered, in recovery and short
+                # of the checkpoint, and a promotion is only ever asked past it.
+                raise ApplicationError(f"{req.region} not promoted ({why}; {seen})", {"seen": seen},
+                                       type="NotPromoted", non_retryable=True)
+            activity.heartbeat({"target_lsn": req.lsn, "seen": seen})
+            time.sleep(0.005 if conn is not None else 0.02)
+
+    def _promote_in(self, req: PromoteRequest, pg, conn: psycopg.Connection, watch: Stopwatch) -> Promotion:
+        phase = watch.lap
+        self._check_epoch(req, conn)
+        phase("epoch check")
+        # Keep the WAL each other region needs to come back as a standby: failback rewinds
+        # it and replays from before the fork, often hours later.
+        for other in self.cfg.regions:
+            if other.name != req.region:
+                reserve_slot_in(conn, pg, other.postgres.slot_name)
+        phase("slots")
+        promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
+        phase("pg_promote to writable")
+        if promotion.timeline:
+            # Also on a retry that finds it promoted already: a first attempt may have died
+            # between the promotion and this (idempotent, a file check when nothing was skipped).
+            keep_skipped_histories(self.cfg, req.region, promotion.timeline)
+        if req.record_epoch:
+            # After writable_at: the record is the first write of the new timeline, as when the
+            # runbook called record_epoch next; a retry of this activity records it again
+            # (idempotent). On a session of its own if the wait had to leave this one.
+            try:
+                self._advance_epoch(req, conn, after_promotion=True)
+            except psycopg.Error:  # a closed or broken session raises too
+                with connect(pg) as fresh:
+                    self._advance_epoch(req, fresh, after_promotion=True)
+            phase("epoch recorded")
         promotion.phases = watch.laps
         return promotion
+
+    @activity.defn
+    def reserve_rejoin_slots(self, region: str) -> list[str]:
+        """Before a planned switchover's stop, while clients still write: the slots the promote
+        step would otherwise make inside the write outage (~15-20 ms). Made on the standby they
+        start at its last restartpoint, before the fork, as they would at promotion; the
+        promote step then finds them (reserve_slot_in is idempotent). Returns their names."""
+        pg = self._pg(region)
+        names = [o.postgres.slot_name for o in self.cfg.regions if o.name != region]
+        with session(pg) as conn:
+            if not conn.execute("select pg_is_in_recovery()").fetchone()[0]:
+                raise ApplicationError(f"{region} is not a standby: no slot reserved for a promotion",
+                                       type="NotStandby", non_retryable=True)
+            for name in names:
+                reserve_slot_in(conn, pg, name)
+        return names
+
+    @activity.defn
+    def drop_rejoin_slots(self, region: str) -> list[str]:
+        """Undo of ``reserve_rejoin_slots`` when the switchover is undone: on a node still a
+        standby, an inactive slot pins its WAL forever (nothing advances it). A node that is a
+        primary by now keeps them: a newer runbook promoted it and they are its standbys'.
+        Returns the names dropped."""
+        names = [o.postgres.slot_name for o in self.cfg.regions if o.name != region]
+        with connect(self._pg(region)) as conn:
+            if not conn.execute("select pg_is_in_recovery()").fetchone()[0]:
+                return []
+            rows = conn.execute("select slot_name, pg_drop_replication_slot(slot_name) from pg_replication_slots "
+                                "where slot_name = any(%s) and not active", (names,)).fetchall()
+        return [r[0] for r in rows]
 
     @activity.defn
     def record_epoch(self, req: EpochRequest) -> epochs.EpochRecord:
