@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.heartbeat import heartbeating
 from activities.kubernetes import KubernetesCluster, ResourceMissing, StaleEpochError
 from activities.postgres.status import connect
 from activities.postgres.unlogged import unreadable_sequences
@@ -155,6 +156,14 @@ class TrafficActivities:
         result = RouteResult(region=req.region, previous_region=None, changed=[])
         if req.after_writable:
             result.waited_writable_s = wait_writable(target.postgres, req.after_writable_timeout_seconds)
+            # The runbook set a heartbeat timeout for the wait: the routing calls after it (a
+            # Route 53 change waits for INSYNC) must beat too, or the server starts a second
+            # attempt beside this one.
+            with heartbeating(every=1.0):
+                return self._route(req, target, result)
+        return self._route(req, target, result)
+
+    def _route(self, req: RouteRequest, target, result: RouteResult) -> RouteResult:
         dns = None
         try:
             if self.cfg.routing.dns and target.dns:

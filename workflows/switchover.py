@@ -95,6 +95,7 @@ class SwitchoverWorkflow(Runbook):
         # (Found by the fault suite: cancel during the stop left no writable primary.)
         fence_asked = False
         slots_asked = False
+        self._reserved_slots: list[str] = []
         try:
             previous = await self.take_epoch(source, sq)
             approval = await self.approval(inp.approval, f"switch {inp.service} over to {target}")
@@ -105,9 +106,10 @@ class SwitchoverWorkflow(Runbook):
                 # write, and undone with the stop if the switchover is.
                 slots_asked = True
                 async with self.step("reserve WAL on the standby for the old primary's return") as st:
-                    slots = await self.act(PostgresActivities.reserve_rejoin_slots, target, queue=tq, timeout=30,
-                                           attempts=3)
-                    st.detail = f"slot {', '.join(slots) or '(none: max_slot_wal_keep_size unset)'} on {target}"
+                    self._reserved_slots = await self.act(PostgresActivities.reserve_rejoin_slots, target, queue=tq,
+                                                          timeout=30, attempts=3)
+                    st.detail = f"slot {', '.join(self._reserved_slots)} on {target}" if self._reserved_slots else \
+                        f"none on {target}: its max_slot_wal_keep_size is unset (failback re-clones)"
             async with self.step("stop writes on old primary") as st:
                 fence_asked = workflow.patched("switchover-undo-fence-in-flight")
                 # drain_archive_seconds: a fast shutdown waits for every segment the archiver has
@@ -152,12 +154,18 @@ class SwitchoverWorkflow(Runbook):
             # is called off and routing is unchanged.
             routing = asyncio.ensure_future(self._reroute(
                 source, target, control, after_writable_s=inp.catch_up_timeout_seconds + 200))
-            promotion, cancel_asked, why = await self._promote_when_replayed(inp, source, target, tq, stopped)
+            promotion, cancel_asked, why, unknown = await self._promote_when_replayed(inp, target, tq, stopped)
+            if unknown:
+                # Nothing proves the standby did not promote (an earlier attempt may have asked):
+                # stop it until it provably cannot, or learn that it did and roll forward. Run
+                # to its end whatever is asked: cut short, it would leave the service half-moved.
+                (promotion, why), asked = await self._settled(self._settle_promotion(source, target, tq, why,
+                                                                                     routing))
+                cancel_asked = cancel_asked or asked
             if promotion is None:
-                routing.cancel()
-                await asyncio.wait([routing])
-                undone = await self._undo_stop(source, sq, True) + await self._undo_slots(target, tq, slots_asked)
-                if cancel_asked:
+                undone, asked = await self._settled(self._undo_unpromoted(source, sq, target, tq, slots_asked,
+                                                                          routing))
+                if cancel_asked or asked:
                     raise self.cancelled(undone)
                 self.finish("failed")
                 raise ApplicationError(f"switchover failed before the point of no return ({why}); undone: "
@@ -179,14 +187,13 @@ class SwitchoverWorkflow(Runbook):
                 queue=tq, timeout=inp.catch_up_timeout_seconds + 30, heartbeat=15)
             st.detail = f"replayed {replayed.replay_lsn} > {replayed.target_lsn}"
 
-    async def _promote_when_replayed(self, inp, source: str, target: str, tq: str,
-                                     stopped) -> tuple[Promotion | None, bool, str]:
+    async def _promote_when_replayed(self, inp, target: str, tq: str,
+                                     stopped) -> tuple[Promotion | None, bool, str, bool]:
         """The replay wait and the promotion as one activity on the target's worker, which
         decides the point of no return itself (PostgresActivities.promote_when_replayed).
-        Returns (the promotion or None, whether a cancel was asked, why not promoted). None is
-        returned only when proven: the activity's NotPromoted, or abort_promotion's word."""
+        Returns (the promotion or None, whether a cancel was asked, why not promoted, whether
+        that is unknown). None and known: proven by the activity's NotPromoted."""
         cancel_asked = False
-        failure = None
         async with self.step("promote") as st:
             st.detail = f"once {target} has replayed past {stopped.last_lsn}"
             step = asyncio.ensure_future(workflow.execute_activity_method(
@@ -194,9 +201,11 @@ class SwitchoverWorkflow(Runbook):
                     region=target, epoch=self.epoch, record_epoch=True, lsn=stopped.last_lsn,
                     catch_up_timeout_seconds=inp.catch_up_timeout_seconds),
                 task_queue=tq, start_to_close_timeout=timedelta(seconds=inp.catch_up_timeout_seconds + 180),
+                # A dead worker must not hold the write outage open forever: this ends as
+                # unknown (an earlier attempt may have run), which abort_promotion settles.
+                schedule_to_start_timeout=timedelta(seconds=60),
                 heartbeat_timeout=timedelta(seconds=10), retry_policy=RETRY,
                 cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
-            promotion = None
             while True:
                 try:
                     promotion = await asyncio.shield(step)
@@ -212,9 +221,9 @@ class SwitchoverWorkflow(Runbook):
                         continue
                     if step.cancelled():
                         # It ended in the very activation the cancel came in, and the SDK kept
-                        # its result from us: where the node stands is asked below.
-                        failure = "the step ended as the cancel request arrived"
-                        break
+                        # its result from us: where the node stands is asked next.
+                        st.status, st.detail = "failed", "outcome unknown: the step ended as the cancel arrived"
+                        return None, True, "the promote step ended as the cancel request arrived", True
                     try:
                         promotion = step.result()
                         break
@@ -222,38 +231,76 @@ class SwitchoverWorkflow(Runbook):
                         error = e
                 except ActivityError as e:
                     error = e
-                if isinstance(error.cause, ApplicationError) and error.cause.type == "NotPromoted":
-                    st.status, st.detail = "failed", error.cause.message
-                    return None, cancel_asked, error.cause.message
-                failure = str(error.cause or error)
-                break
-            if failure is None:
-                st.detail = f"replayed {promotion.replay_lsn} > {stopped.last_lsn}; postgres timeline " \
-                    f"{promotion.timeline}" + (" (" + ", ".join(f"{k} {v:.3f} s" for k, v in promotion.phases.items())
-                                               + ")" if promotion.phases else "")
-                return promotion, cancel_asked, ""
-            st.status, st.detail = "failed", f"outcome unknown: {failure}"
-        # Nothing proves the node did not promote (an earlier attempt may have asked): stop it
-        # until it provably cannot, or learn that it did and roll forward.
+                proven = isinstance(error.cause, ApplicationError) and error.cause.type == "NotPromoted"
+                why = error.cause.message if isinstance(error.cause, ApplicationError) else str(error.cause or error)
+                st.status, st.detail = "failed", why if proven else f"outcome unknown: {why}"
+                return None, cancel_asked, why, not proven
+            st.detail = (f"replayed {promotion.replay_lsn} > {stopped.last_lsn}" if promotion.replay_lsn else
+                         "already promoted (a retry)") + f"; postgres timeline {promotion.timeline}" + (
+                " (" + ", ".join(f"{k} {v:.3f} s" for k, v in promotion.phases.items()) + ")"
+                if promotion.phases else "")
+            return promotion, cancel_asked, "", False
+
+    async def _settle_promotion(self, source: str, target: str, tq: str, failure: str,
+                                routing: asyncio.Future) -> tuple[Promotion | None, str]:
+        """After a promote step whose outcome is unknown: abort_promotion stops the standby until
+        it provably cannot promote, or reports that it did (then its epoch is recorded and the
+        run rolls forward). Returns (the promotion or None, why not)."""
         async with self.step(f"stop {target}'s promotion") as st:
             try:
                 aborted = await self.act(PostgresActivities.abort_promotion, EpochRequest(
                     region=target, epoch=self.epoch), queue=tq, timeout=300, schedule_to_start=60, heartbeat=30,
                     attempts=3)
             except ActivityError as e:
-                # Unproven: no writer is better than two.
+                # Unproven: no writer is better than two. Routing's wait is called off: it
+                # would point clients at the target if it promoted, with nobody watching.
                 st.status, st.detail = "failed", f"could not stop {target}'s standby: {e.cause or e}"
+                routed = await self._call_off(routing)
                 self.finish("failed")
                 raise ApplicationError(
                     f"promotion of {target} failed ({failure}) and its standby could not be stopped ({e.cause or e}): "
-                    f"it may still promote, so the old primary in {source} stays STOPPED. Check {target} "
-                    f"(pg_is_in_recovery()); stop it, then lift the fence on {source} (eagle-dr unfence), or re-run "
-                    "the switchover once it is a primary.", type="PromotionFailed", non_retryable=True) from None
+                    f"it may still promote, so the old primary in {source} stays STOPPED; routing "
+                    + (f"already points at {target}" if routed else f"was not changed (still {source})") +
+                    f". Check {target} with pg_is_in_recovery(). Still a standby: stop it (pg_ctl stop), then "
+                    f"`eagle-dr unfence --region {source}` and route back to {source} if needed. A primary: route "
+                    f"to {target} (ConfigMap active.region, DNS) and bring {source} back with "
+                    f"`eagle-dr failback --region {source} --standby-only`.", type="PromotionFailed",
+                    non_retryable=True) from None
             st.detail = aborted.detail
         if aborted.promotion is None:
-            return None, cancel_asked, f"{failure}; {target} {aborted.detail}"
+            return None, f"{failure}; {target} {aborted.detail}"
         await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
-        return aborted.promotion, cancel_asked, ""
+        return aborted.promotion, ""
+
+    async def _undo_unpromoted(self, source: str, sq: str, target: str, tq: str, slots_asked: bool,
+                               routing: asyncio.Future) -> list[str]:
+        """Proven not promoted: the old primary takes writes again first, then routing's wait
+        is called off (it can never act on a node proven a standby), then the slots go."""
+        undone = await self._undo_stop(source, sq, True)
+        await self._call_off(routing)
+        return undone + await self._undo_slots(target, tq, slots_asked)
+
+    @staticmethod
+    async def _call_off(routing: asyncio.Future) -> bool:
+        """Cancel routing's wait for the target and wait for it to end; True if it had routed."""
+        if not routing.done():
+            routing.cancel()
+        await asyncio.wait([routing])
+        return not routing.cancelled() and routing.exception() is None and routing.result() is True
+
+    @staticmethod
+    async def _settled(coro) -> tuple:
+        """Run ``coro`` to its end whatever is asked (an undo or a proof cut short leaves the
+        service half-moved); returns (its result, whether a cancel was asked meanwhile)."""
+        task = asyncio.ensure_future(coro)
+        asked = False
+        while True:
+            try:
+                return await asyncio.shield(task), asked
+            except asyncio.CancelledError:
+                if task.done() and task.cancelled():
+                    raise
+                asked = True
 
     async def _flush_init_forks(self, source: str, target: str, control: str, notes: list[str]) -> None:
         """With unlogged sequences: a restartpoint on the target first, while clients still
@@ -302,8 +349,10 @@ class SwitchoverWorkflow(Runbook):
                 st.detail = f"dropped {', '.join(dropped)} on {target}" if dropped else f"none left on {target}"
             except ActivityError as e:
                 st.status = "failed"
-                st.detail = (f"slots on {target} not dropped ({e.cause or e}): drop them by hand "
-                             f"(select pg_drop_replication_slot(slot_name) from pg_replication_slots where not active)")
+                names = ", ".join(f"'{n}'" for n in self._reserved_slots) or "<the other regions' postgres.slot>"
+                st.detail = (f"slots on {target} not dropped ({e.cause or e}): drop them by hand on {target}: select "
+                             "pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name in "
+                             f"({names}) and not active")
         return [st.detail]
 
     async def _promote_and_route(self, inp, topo, source, target, sq, tq, control, notes, previous, approval,
@@ -322,7 +371,10 @@ class SwitchoverWorkflow(Runbook):
             promotion, redis_lost = await self._promote_step(source, target, tq, control, routing_box)
             routing = routing_box[0] if routing_box else None
 
-        await (routing if routing is not None else self._reroute(source, target, control))
+        if routing is None:
+            await self._reroute(source, target, control)
+        elif await routing is False:  # its wait failed before the promotion was known
+            await self._reroute(source, target, control)
 
         verification = await self.verify(target, control)
         serving_at = workflow.now()
@@ -427,7 +479,11 @@ class SwitchoverWorkflow(Runbook):
                 raise outcome
         return tuple(outcomes)
 
-    async def _reroute(self, source: str, target: str, control: str, after_writable_s: float | None = None) -> None:
+    async def _reroute(self, source: str, target: str, control: str, after_writable_s: float | None = None) -> bool:
+        """Route to ``target``, then scale ``source`` down and wait for ``target``'s services.
+        ``after_writable_s``: asked for with the promotion (routing waits until the target
+        takes writes); a failed wait changes nothing, scales nothing and returns False, and the
+        runbook routes again once the promotion is known."""
         async with self.step("re-route traffic") as st:
             try:
                 if after_writable_s is not None:
@@ -441,9 +497,15 @@ class SwitchoverWorkflow(Runbook):
                     route = await self.act(TrafficActivities.route_traffic, RouteRequest(region=target,
                                            epoch=self.epoch), queue=control, timeout=120)
             except asyncio.CancelledError:
-                st.detail = f"not changed: the promotion of {target} it waited for failed"
+                st.detail = f"not changed: called off, {target} was not promoted"
                 raise
             except ActivityError as e:
+                if after_writable_s is not None:
+                    # Nothing is known of the promotion yet: scaling the old region down now could
+                    # outlive an undo. The runbook routes again once it knows.
+                    st.status, st.detail = "failed", f"waiting for {target} to take writes failed ({e.cause or e}): " \
+                        "routed again once the promotion is known"
+                    return False
                 st.status = "failed"
                 self.degrade("re-routing", e.cause or e, f"point routing at {target} (ConfigMap active.region, DNS) "
                                                           "and scale its services up; the data already moved")
@@ -476,6 +538,7 @@ class SwitchoverWorkflow(Runbook):
                 st.detail = f"{route.previous_region} -> {target} via {', '.join(route.changed) or 'already routed'}" \
                     + (f", {route.waited_writable_s:.3f} s after asked, once {target} was writable"
                        if route.waited_writable_s is not None else "")
+            return route is not None
 
     async def _move_redis(self, source: str, target: str, control: str) -> int | None:
         """Zero-loss Redis switch; if that fails, promote the target anyway (what it lacks is

@@ -102,6 +102,12 @@ def _heartbeat(details) -> None:
     activity.heartbeat(details)
 
 
+def _cancel_requested() -> bool:
+    """A cancel asked for by the workflow, not a worker shutdown, a pause or a timeout."""
+    details = activity.cancellation_details()
+    return details is None or details.cancel_requested
+
+
 def keep_skipped_histories(cfg: EagleConfig, region: str, timeline: int) -> list[str]:
     """After a promotion that skipped timeline numbers, put the skipped ones' history files in
     pg_wal, from the archive.
@@ -318,18 +324,32 @@ class PostgresActivities:
                 if conn is not None:
                     conn.close()
                 conn = None
-            if activity.is_cancelled() or time.monotonic() > deadline:
+            cancelled = activity.is_cancelled()
+            if cancelled and not _cancel_requested():
+                # Worker shutdown, a pause, an attempt the server gave up on: nobody asked to
+                # stop the switchover, so another attempt goes on waiting.
                 if conn is not None:
                     conn.close()
-                why = "cancelled" if activity.is_cancelled() else \
+                raise ApplicationError(f"replay wait on {req.region} interrupted ({activity.cancellation_details()})",
+                                       type="AttemptInterrupted")
+            if cancelled or time.monotonic() > deadline:
+                if conn is not None:
+                    conn.close()
+                why = "cancelled" if cancelled else \
                     f"not replayed past {req.lsn} after {req.catch_up_timeout_seconds:.0f} s"
-                if not short:
+                promote_file = Path(pg.data_dir) / "promote" if pg.data_dir else None
+                if not short or promote_file is None or promote_file.exists():
                     # A node that does not answer may be one an earlier attempt asked to promote
-                    # (and that then went away): nothing is proven, the runbook finds out.
-                    raise ApplicationError(f"{req.region}'s promotion state unknown ({why}; {seen})",
-                                           type="PromotionUnknown", non_retryable=True)
+                    # (and that then went away); a promote file left from an earlier attempt is
+                    # read again by a startup process restarted after a backend crash (the
+                    # postmaster removes it only when it starts): nothing is proven, the
+                    # runbook finds out.
+                    raise ApplicationError(f"{req.region}'s promotion state unknown ({why}; {seen}"
+                                           + ("; a promote file is pending" if promote_file and promote_file.exists()
+                                              else "") + ")", type="PromotionUnknown", non_retryable=True)
                 # Proven "not promoted, by no attempt": the node answered, in recovery and short
-                # of the checkpoint, and a promotion is only ever asked past it.
+                # of the checkpoint, with no promote file pending, and a promotion is only ever
+                # asked past the checkpoint.
                 raise ApplicationError(f"{req.region} not promoted ({why}; {seen})", {"seen": seen},
                                        type="NotPromoted", non_retryable=True)
             activity.heartbeat({"target_lsn": req.lsn, "seen": seen})
@@ -369,16 +389,15 @@ class PostgresActivities:
         """Before a planned switchover's stop, while clients still write: the slots the promote
         step would otherwise make inside the write outage (~15-20 ms). Made on the standby they
         start at its last restartpoint, before the fork, as they would at promotion; the
-        promote step then finds them (reserve_slot_in is idempotent). Returns their names."""
+        promote step then finds them (reserve_slot_in is idempotent). Returns the names of those
+        reserved (none when max_slot_wal_keep_size is unset)."""
         pg = self._pg(region)
         names = [o.postgres.slot_name for o in self.cfg.regions if o.name != region]
         with session(pg) as conn:
             if not conn.execute("select pg_is_in_recovery()").fetchone()[0]:
                 raise ApplicationError(f"{region} is not a standby: no slot reserved for a promotion",
                                        type="NotStandby", non_retryable=True)
-            for name in names:
-                reserve_slot_in(conn, pg, name)
-        return names
+            return [name for name in names if reserve_slot_in(conn, pg, name)]
 
     @activity.defn
     def drop_rejoin_slots(self, region: str) -> list[str]:

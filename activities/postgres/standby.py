@@ -87,20 +87,22 @@ def reserve_slot(node: PostgresConfig, slot: str) -> None:
         reserve_slot_in(conn, node, slot)
 
 
-def reserve_slot_in(conn: psycopg.Connection, node: PostgresConfig, slot: str) -> None:
-    """``reserve_slot`` on a session already open to ``node`` (the promote step's own)."""
+def reserve_slot_in(conn: psycopg.Connection, node: PostgresConfig, slot: str) -> bool:
+    """``reserve_slot`` on a session already open to ``node`` (the promote step's own). False
+    when no WAL is reserved (max_slot_wal_keep_size unset)."""
     if conn.execute("select current_setting('max_slot_wal_keep_size') = '-1'").fetchone()[0]:
         # An unbounded slot for a region that may never return fills this node's disk:
         # without the cap, failback re-clones with pg_basebackup instead.
         log.warning("max_slot_wal_keep_size is unset on %s:%s: no WAL reserved for %s", node.host, node.port, slot)
-        return
+        return False
     row = conn.execute("select restart_lsn is null or wal_status = 'lost' from pg_replication_slots "
                        "where slot_name = %s and not active", (slot,)).fetchone()
     if row is not None and row[0]:
         conn.execute("select pg_drop_replication_slot(%s)", (slot,))
     elif conn.execute("select 1 from pg_replication_slots where slot_name = %s", (slot,)).fetchone():
-        return
+        return True
     conn.execute("select pg_create_physical_replication_slot(%s, true)", (slot,))
+    return True
 
 
 def _streaming_from(cfg: PostgresConfig, primary: PostgresConfig) -> bool:
