@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -150,6 +151,47 @@ async def test_a_standby_that_does_not_catch_up_in_time_is_never_promoted_and_th
     assert lab.router.active_region() == a
     assert _primary(lab) == a and _writable(lab, a)
     assert pg_status(lab.cfg.region(b).postgres).role == "standby"
+    await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
+
+
+async def test_a_promotion_that_may_be_pending_is_stopped_before_the_stop_is_undone(lab, client):
+    """The standby is short of the checkpoint at the deadline, but a ``promote`` file is pending
+    in its data directory, as an earlier attempt that asked for the promotion and died would
+    leave it (a startup process restarted after a backend crash reads it again). Nothing is
+    proven, so the runbook stops the standby until it provably cannot promote
+    (abort_promotion) before it starts the old primary again as the primary."""
+    a, b = _names(lab)
+    startup = _startup_pid(lab, b)
+    promote_file = Path(lab.cfg.region(b).postgres.data_dir) / "promote"
+    os.kill(startup, signal.SIGSTOP)
+    try:
+        promote_file.touch()  # no signal sent: nothing reads it until a startup process does
+        handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b,
+                                                                   catch_up_timeout_seconds=2,
+                                                                   max_lag_bytes=1 << 30))
+        async with _owned(handle):
+            with pytest.raises(WorkflowFailureError) as e:
+                await handle.result()
+    finally:
+        promote_file.unlink(missing_ok=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(startup, signal.SIGCONT)  # abort_promotion killed it, or it is still ours
+    await record(handle, "switchover-promotion-settled-by-abort")
+    assert e.value.cause.type == "SwitchoverFailed", e.value.cause
+    p = await _progress(handle)
+    promote = next(s for s in p.steps if s.name == "promote")
+    assert promote.status == "failed" and "unknown" in promote.detail and "promote file" in promote.detail, promote
+    settled = next(s for s in p.steps if s.name == f"stop {b}'s promotion")
+    assert settled.status == "done", settled
+    names = [s.name for s in p.steps]
+    # The standby is settled first, then the old primary takes writes again.
+    assert names.index(settled.name) < names.index(f"undo: {a} takes writes again"), names
+    assert next(s for s in p.steps if s.name == f"undo: {a} takes writes again").status == "done"
+    assert lab.router.active_region() == a
+    assert _slots(lab, b) == []
+    assert _primary(lab) == a and _writable(lab, a)
+    assert pg_status(lab.cfg.region(b).postgres).role == "standby"
+    assert not promote_file.exists()
     await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
 
 

@@ -106,8 +106,10 @@ class SwitchoverWorkflow(Runbook):
                 # write, and undone with the stop if the switchover is.
                 slots_asked = True
                 async with self.step("reserve WAL on the standby for the old primary's return") as st:
+                    # schedule_to_start: the target's worker died during an approval wait; nothing
+                    # is stopped yet, so the run fails here instead of hanging.
                     self._reserved_slots = await self.act(PostgresActivities.reserve_rejoin_slots, target, queue=tq,
-                                                          timeout=30, attempts=3)
+                                                          timeout=30, schedule_to_start=60, attempts=3)
                     st.detail = f"slot {', '.join(self._reserved_slots)} on {target}" if self._reserved_slots else \
                         f"none on {target}: its max_slot_wal_keep_size is unset (failback re-clones)"
             async with self.step("stop writes on old primary") as st:
@@ -260,7 +262,8 @@ class SwitchoverWorkflow(Runbook):
                 raise ApplicationError(
                     f"promotion of {target} failed ({failure}) and its standby could not be stopped ({e.cause or e}): "
                     f"it may still promote, so the old primary in {source} stays STOPPED; routing "
-                    + (f"already points at {target}" if routed else f"was not changed (still {source})") +
+                    + (f"already points at {target}" if routed else
+                       "was called off (check it: a routing call in flight may have completed)") +
                     f". Check {target} with pg_is_in_recovery(). Still a standby: stop it (pg_ctl stop), then "
                     f"`eagle-dr unfence --region {source}` and route back to {source} if needed. A primary: route "
                     f"to {target} (ConfigMap active.region, DNS) and bring {source} back with "
@@ -269,7 +272,13 @@ class SwitchoverWorkflow(Runbook):
             st.detail = aborted.detail
         if aborted.promotion is None:
             return None, f"{failure}; {target} {aborted.detail}"
-        await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
+        try:
+            await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
+        except ActivityError as e:
+            # Promoted: past the point of no return, so reported, not raised.
+            self.degrade(f"recording epoch {self.epoch} on {target}", e.cause or e,
+                         f"record it on {target} before any other move (activities/postgres/epoch.py advance_epoch); "
+                         "until then an older runbook's epoch check reads a lower one there")
         return aborted.promotion, ""
 
     async def _undo_unpromoted(self, source: str, sq: str, target: str, tq: str, slots_asked: bool,
@@ -285,7 +294,7 @@ class SwitchoverWorkflow(Runbook):
         """Cancel routing's wait for the target and wait for it to end; True if it had routed."""
         if not routing.done():
             routing.cancel()
-        await asyncio.wait([routing])
+        await workflow.wait([routing])
         return not routing.cancelled() and routing.exception() is None and routing.result() is True
 
     @staticmethod

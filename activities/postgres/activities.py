@@ -105,7 +105,9 @@ def _heartbeat(details) -> None:
 def _cancel_requested() -> bool:
     """A cancel asked for by the workflow, not a worker shutdown, a pause or a timeout."""
     details = activity.cancellation_details()
-    return details is None or details.cancel_requested
+    # None only when the SDK cancelled the attempt itself (a heartbeat it could not record):
+    # not the runbook asking, so another attempt goes on.
+    return details is not None and details.cancel_requested
 
 
 def keep_skipped_histories(cfg: EagleConfig, region: str, timeline: int) -> list[str]:
@@ -291,17 +293,30 @@ class PostgresActivities:
         ``abort_promotion`` where the node stands."""
         pg = self._pg(req.region)
         watch = Stopwatch()
-        conn = self._wait_replayed_or_refuse(req, pg)
+        beat = [time.monotonic()]  # when this attempt last heartbeated
+        conn = self._wait_replayed_or_refuse(req, pg, beat)
         watch.lap("replay wait")
+        # An attempt that stalled (a paused VM, a starved worker) for longer than half the
+        # heartbeat timeout may be one the server has already given up on and retried; its
+        # successor may have proven NotPromoted and the runbook undone the stop. It must not
+        # wake up and promote: it checks, right before asking.
+        timeout = activity.info().heartbeat_timeout
+        bound = timeout.total_seconds() / 2 if timeout else None
+
+        def still_ours() -> None:
+            if bound is not None and time.monotonic() - beat[0] > bound:
+                raise ApplicationError(f"this attempt stalled {time.monotonic() - beat[0]:.1f} s (over {bound:.1f} s "
+                                       "without a heartbeat): not promoting, the server may have moved on",
+                                       type="AttemptStalled")
         try:
-            promotion = self._promote_in(req, pg, conn, watch)
+            promotion = self._promote_in(req, pg, conn, watch, before_promote=still_ours)
         except BaseException:
             conn.close()
             raise
         hand_back(pg, conn)
         return promotion
 
-    def _wait_replayed_or_refuse(self, req: PromoteWhenReplayedRequest, pg) -> psycopg.Connection:
+    def _wait_replayed_or_refuse(self, req: PromoteWhenReplayedRequest, pg, beat: list[float]) -> psycopg.Connection:
         """A session to the node once it has replayed past ``req.lsn`` (or is out of recovery);
         NotPromoted, proven, on a cancel or at the deadline before that."""
         target = lsn_to_int(req.lsn)
@@ -338,7 +353,11 @@ class PostgresActivities:
                 why = "cancelled" if cancelled else \
                     f"not replayed past {req.lsn} after {req.catch_up_timeout_seconds:.0f} s"
                 promote_file = Path(pg.data_dir) / "promote" if pg.data_dir else None
-                if not short or promote_file is None or promote_file.exists():
+                # Only a first attempt proves it: a later one may have an earlier one still
+                # alive behind it (stalled, given up on by the server), which abort_promotion
+                # and its stall check (still_ours) deal with.
+                first = activity.info().attempt == 1
+                if not short or not first or promote_file is None or promote_file.exists():
                     # A node that does not answer may be one an earlier attempt asked to promote
                     # (and that then went away); a promote file left from an earlier attempt is
                     # read again by a startup process restarted after a backend crash (the
@@ -346,16 +365,19 @@ class PostgresActivities:
                     # runbook finds out.
                     raise ApplicationError(f"{req.region}'s promotion state unknown ({why}; {seen}"
                                            + ("; a promote file is pending" if promote_file and promote_file.exists()
-                                              else "") + ")", type="PromotionUnknown", non_retryable=True)
+                                              else "") + ("" if first else f"; attempt {activity.info().attempt}")
+                                           + ")", type="PromotionUnknown", non_retryable=True)
                 # Proven "not promoted, by no attempt": the node answered, in recovery and short
                 # of the checkpoint, with no promote file pending, and a promotion is only ever
                 # asked past the checkpoint.
                 raise ApplicationError(f"{req.region} not promoted ({why}; {seen})", {"seen": seen},
                                        type="NotPromoted", non_retryable=True)
             activity.heartbeat({"target_lsn": req.lsn, "seen": seen})
+            beat[0] = time.monotonic()
             time.sleep(0.005 if conn is not None else 0.02)
 
-    def _promote_in(self, req: PromoteRequest, pg, conn: psycopg.Connection, watch: Stopwatch) -> Promotion:
+    def _promote_in(self, req: PromoteRequest, pg, conn: psycopg.Connection, watch: Stopwatch,
+                    before_promote=None) -> Promotion:
         phase = watch.lap
         self._check_epoch(req, conn)
         phase("epoch check")
@@ -365,6 +387,8 @@ class PostgresActivities:
             if other.name != req.region:
                 reserve_slot_in(conn, pg, other.postgres.slot_name)
         phase("slots")
+        if before_promote is not None:
+            before_promote()
         promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
         phase("pg_promote to writable")
         if promotion.timeline:
