@@ -213,9 +213,12 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     assert result.outcome == "resolved", [(x.name, x.status, x.detail) for x in result.steps]
     # The loser's data checked where it diverged: every key the reconcile audited (the worker
     # kills above retried it), identical on the survivor and the rewound loser.
+    # This run's rows only: every move shares the workflow id dr-move-<service>, and the audit
+    # keeps earlier runs' rows (another test's failback in this session, say).
+    run_id = (await handle.describe()).run_id
     with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True) as conn:
-        audited = conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s",
-                               (handle.id,)).fetchone()[0]
+        audited = conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s and run_id = %s",
+                               (handle.id, run_id)).fetchone()[0]
     vk = result.verify_keys
     assert result.verify is None and vk is not None and vk.differences == 0, (result.verify, vk)
     assert vk.keys == audited >= 5, (vk, audited)  # the five conflicts at least

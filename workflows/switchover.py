@@ -353,8 +353,10 @@ class SwitchoverWorkflow(Runbook):
             return []
         async with self.step(f"undo: drop the slots reserved on {target}") as st:
             try:
+                # schedule_to_start: with the target's worker dead this undo must not hang the
+                # one that matters (the old primary already takes writes again).
                 dropped = await self.act(PostgresActivities.drop_rejoin_slots, target, queue=tq, timeout=30,
-                                         attempts=3)
+                                         schedule_to_start=60, attempts=3)
                 st.detail = f"dropped {', '.join(dropped)} on {target}" if dropped else f"none left on {target}"
             except ActivityError as e:
                 st.status = "failed"

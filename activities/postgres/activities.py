@@ -102,6 +102,23 @@ def _heartbeat(details) -> None:
     activity.heartbeat(details)
 
 
+def _still_ours(beat: list[float]):
+    """A check made right before pg_promote. An attempt that stalled (a paused VM, a starved
+    worker) for longer than half its heartbeat timeout since ``beat[0]`` may be one the server
+    has already given up on and retried; the retry may have proven NotPromoted and the runbook
+    undone the stop (switchover), or aborted the promotion and lifted the fence (failover). It
+    must not wake up and promote."""
+    timeout = activity.info().heartbeat_timeout
+    bound = timeout.total_seconds() / 2 if timeout else None
+
+    def check() -> None:
+        if bound is not None and time.monotonic() - beat[0] > bound:
+            raise ApplicationError(f"this attempt stalled {time.monotonic() - beat[0]:.3f} s (over {bound:.3f} s "
+                                   "without a heartbeat): not promoting, the server may have moved on",
+                                   type="AttemptStalled")
+    return check
+
+
 def _cancel_requested() -> bool:
     """A cancel asked for by the workflow, not a worker shutdown, a pause or a timeout."""
     details = activity.cancellation_details()
@@ -266,12 +283,13 @@ class PostgresActivities:
         """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
         pg = self._pg(req.region)
         watch = Stopwatch()
+        beat = [time.monotonic()]  # no heartbeat before pg_promote: the attempt's start
         # One session for the epoch check, the slots, pg_promote, the wait and the epoch's
         # record: each new one is a SCRAM handshake (and a TLS one), all inside the write outage.
         # The replay wait's, when this worker ran it (sessions.py).
         with session(pg) as conn:
             watch.lap("connect")
-            return self._promote_in(req, pg, conn, watch)
+            return self._promote_in(req, pg, conn, watch, before_promote=_still_ours(beat))
 
     # no_thread_cancel_exception: the SDK would otherwise raise a cancel inside this thread
     # wherever it happens to be, a promotion half asked for included (and on leaving a
@@ -296,20 +314,8 @@ class PostgresActivities:
         beat = [time.monotonic()]  # when this attempt last heartbeated
         conn = self._wait_replayed_or_refuse(req, pg, beat)
         watch.lap("replay wait")
-        # An attempt that stalled (a paused VM, a starved worker) for longer than half the
-        # heartbeat timeout may be one the server has already given up on and retried; its
-        # successor may have proven NotPromoted and the runbook undone the stop. It must not
-        # wake up and promote: it checks, right before asking.
-        timeout = activity.info().heartbeat_timeout
-        bound = timeout.total_seconds() / 2 if timeout else None
-
-        def still_ours() -> None:
-            if bound is not None and time.monotonic() - beat[0] > bound:
-                raise ApplicationError(f"this attempt stalled {time.monotonic() - beat[0]:.1f} s (over {bound:.1f} s "
-                                       "without a heartbeat): not promoting, the server may have moved on",
-                                       type="AttemptStalled")
         try:
-            promotion = self._promote_in(req, pg, conn, watch, before_promote=still_ours)
+            promotion = self._promote_in(req, pg, conn, watch, before_promote=_still_ours(beat))
         except BaseException:
             conn.close()
             raise

@@ -1,0 +1,139 @@
+"""What a promote step's attempt may conclude, on a real standby (a scratch PostgreSQL in
+recovery with nothing to follow, so it never catches up on its own):
+
+- ``NotPromoted`` is proof that no attempt ever asked for a promotion, so the switchover undoes
+  its stop without touching the standby. Only a first attempt that saw the node answer, in
+  recovery and short of the checkpoint, with no ``promote`` file pending, may conclude it.
+  Anything else is "unknown", and the runbook settles it with abort_promotion.
+- A worker shutdown is not a cancel: the attempt is retried.
+- An attempt that stalled past half its heartbeat timeout does not promote: the server may have
+  given up on it and retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from temporalio.activity import ActivityCancellationDetails
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.postgres.activities import PostgresActivities, PromoteRequest, PromoteWhenReplayedRequest
+from eagle_dr.config import DEFAULT_CONFIG, parse_config
+from lab.scratch_postgres import scratch_postgres
+from tests.conftest import PORT_SHIFT
+
+PORT = 17994 + PORT_SHIFT - 2000
+REGION = "us-west-2"
+FAR = "FF/0"  # a checkpoint the standby never reaches
+
+
+def _standby(name: str, port: int = PORT):
+    node_cm = scratch_postgres(port, name)
+    node = node_cm.__enter__()
+    node.stop("fast")
+    (node.data_dir / "standby.signal").touch()
+    node.start()
+    return node_cm, node
+
+
+@pytest.fixture(scope="module")
+def standby():
+    cm, node = _standby("promote-attempts")
+    try:
+        yield node
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def _activities(node) -> PostgresActivities:
+    doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    for r in doc["regions"]:
+        if r["name"] == REGION:
+            # A trust-auth scratch server without TLS in place of the lab's node.
+            for k in ("password", "replication_password", "sslmode", "sslrootcert"):
+                r["postgres"].pop(k, None)
+            r["postgres"].update(host=node.cfg.host, port=node.cfg.port, user=node.cfg.user,
+                                 database=node.cfg.database, data_dir=str(node.data_dir))
+    return PostgresActivities(parse_config(doc, env={}))
+
+
+def _env(attempt: int = 1, heartbeat_s: float = 10) -> ActivityEnvironment:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=attempt, heartbeat_timeout=timedelta(seconds=heartbeat_s))
+    return env
+
+
+def _wait(**kw) -> PromoteWhenReplayedRequest:
+    return PromoteWhenReplayedRequest(region=REGION, epoch=1, record_epoch=True, lsn=FAR,
+                                      catch_up_timeout_seconds=kw.pop("timeout", 0.3), **kw)
+
+
+def _in_recovery(node) -> bool:
+    with node.connect() as c:
+        return c.execute("select pg_is_in_recovery()").fetchone()[0]
+
+
+def test_a_first_attempt_short_of_the_checkpoint_proves_not_promoted(standby):
+    with pytest.raises(ApplicationError) as e:
+        _env().run(_activities(standby).promote_when_replayed, _wait())
+    assert e.value.type == "NotPromoted" and e.value.non_retryable, e.value
+    assert "not replayed past FF/0" in str(e.value)
+    assert _in_recovery(standby)
+
+
+def test_a_later_attempt_proves_nothing(standby):
+    """An earlier attempt may still be alive behind it (stalled, given up on by the server)."""
+    with pytest.raises(ApplicationError) as e:
+        _env(attempt=2).run(_activities(standby).promote_when_replayed, _wait())
+    assert e.value.type == "PromotionUnknown" and "attempt 2" in str(e.value), e.value
+    assert _in_recovery(standby)
+
+
+def test_a_pending_promote_file_proves_nothing(standby):
+    promote = Path(standby.data_dir) / "promote"
+    promote.touch()  # no signal: nothing reads it until a startup process (re)starts
+    try:
+        with pytest.raises(ApplicationError) as e:
+            _env().run(_activities(standby).promote_when_replayed, _wait())
+    finally:
+        promote.unlink(missing_ok=True)
+    assert e.value.type == "PromotionUnknown" and "promote file" in str(e.value), e.value
+
+
+def test_a_cancel_is_proof_only_when_the_runbook_asked(standby):
+    acts = _activities(standby)
+    for details, expected, non_retryable in (
+            (ActivityCancellationDetails(cancel_requested=True), "NotPromoted", True),
+            (ActivityCancellationDetails(worker_shutdown=True), "AttemptInterrupted", False)):
+        env = _env()
+        env.on_heartbeat = lambda *_: env.cancel(cancellation_details=details)  # noqa: B023 - used at once
+        with pytest.raises(ApplicationError) as e:
+            env.run(acts.promote_when_replayed, _wait(timeout=60))
+        assert (e.value.type, e.value.non_retryable) == (expected, non_retryable), e.value
+        assert _in_recovery(standby)
+
+
+def test_an_attempt_that_stalled_past_its_bound_does_not_promote():
+    """Its bound is half the heartbeat timeout: here 1 ms, which the epoch check and the slot
+    reservation alone take longer than. The same standby then promotes on an attempt that is
+    on time."""
+    cm, node = _standby("promote-stalled", PORT + 1)
+    try:
+        acts = _activities(node)
+        for run in (acts.promote_postgres, acts.promote_when_replayed):
+            req = PromoteRequest(region=REGION, epoch=1, record_epoch=True) if run == acts.promote_postgres else \
+                PromoteWhenReplayedRequest(region=REGION, epoch=1, record_epoch=True, lsn="0/0")
+            with pytest.raises(ApplicationError) as e:
+                _env(heartbeat_s=0.002).run(run, req)
+            assert e.value.type == "AttemptStalled" and not e.value.non_retryable, e.value
+            assert _in_recovery(node)
+            assert not (Path(node.data_dir) / "promote").exists()
+        promotion = _env().run(acts.promote_postgres, PromoteRequest(region=REGION, epoch=1, record_epoch=True))
+        assert promotion.timeline and not _in_recovery(node)
+    finally:
+        cm.__exit__(None, None, None)
