@@ -51,7 +51,7 @@ from activities.postgres.status import PgStatus, connect, pg_status
 from activities.postgres.unlogged import describe, unlogged_relations
 from activities.redis.status import sentinel_view
 from eagle_dr import metrics
-from eagle_dr.config import EagleConfig, RegionConfig, scrub
+from eagle_dr.config import EagleConfig, RegionConfig, scrubbed_first_line
 
 State = Literal["ok", "warn", "fail", "unknown", "n/a"]
 
@@ -100,12 +100,6 @@ class ReadinessReport(BaseModel):
             f"{c.key} {c.state}: {c.reason}" for c in sorted(bad, key=lambda c: -_RANK[c.state]))
 
 
-
-def _why(e: Exception) -> str:
-    """A reason fit for a table cell: the driver's first line (libpq adds a hint on a second),
-    secrets scrubbed, bounded."""
-    text = scrub(str(e).strip())
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 def known_states(report: ReadinessReport | None) -> dict[str, str]:
     """Check key -> state, the comparison base for the next report (small enough to carry
@@ -198,7 +192,7 @@ def check_slot(primary: RegionConfig, standby: RegionConfig, timeout: float) -> 
         with connect(primary.postgres, timeout) as conn:
             row = conn.execute(_SLOT_SQL, (slot,)).fetchone()
     except Exception as e:  # noqa: BLE001 - an unreachable primary is the monitor's finding, not this one's
-        c.state, c.reason = "unknown", f"cannot read the primary's slots: {_why(e)}"
+        c.state, c.reason = "unknown", f"cannot read the primary's slots: {scrubbed_first_line(e)}"
         return c
     if row is None:
         c.state, c.reason = "fail", (f"slot {slot} does not exist on {primary.name}: nothing keeps the WAL the "
@@ -225,7 +219,7 @@ def check_rewind_safety(region: RegionConfig, timeout: float) -> ReadinessCheck:
             hints, sums = conn.execute("select current_setting('wal_log_hints'),"
                                        " current_setting('data_checksums')").fetchone()
     except Exception as e:  # noqa: BLE001 - a node down cannot be assessed
-        c.state, c.reason = "unknown", f"cannot read its settings: {_why(e)}"
+        c.state, c.reason = "unknown", f"cannot read its settings: {scrubbed_first_line(e)}"
         return c
     if hints == "on" or sums == "on":
         c.reason = "wal_log_hints on" if hints == "on" else "data checksums on"
@@ -259,7 +253,7 @@ def check_unlogged(primary: RegionConfig, timeout: float) -> ReadinessCheck:
             conn.execute(f"set statement_timeout = {int(timeout * 1000)}")
             rels = unlogged_relations(conn, sizes=True)
     except Exception as e:  # noqa: BLE001 - a node down cannot be assessed
-        c.state, c.reason = "unknown", f"cannot read its catalog: {_why(e)}"
+        c.state, c.reason = "unknown", f"cannot read its catalog: {scrubbed_first_line(e)}"
         return c
     c.value = float(sum(u.bytes or 0 for u in rels))
     if rels:
@@ -315,7 +309,7 @@ def check_wal_headroom(cfg: EagleConfig, primary: RegionConfig, timeout: float) 
         with connect(primary.postgres, timeout) as conn:
             (max_wal,) = conn.execute("select pg_size_bytes(current_setting('max_wal_size'))").fetchone()
     except Exception as e:  # noqa: BLE001
-        c.reason = f"cannot read max_wal_size: {_why(e)}"
+        c.reason = f"cannot read max_wal_size: {scrubbed_first_line(e)}"
         return c
     free = shutil.disk_usage(where).free
     c.value = float(free)
@@ -386,7 +380,7 @@ def check_dns(cfg: EagleConfig, primary: RegionConfig) -> ReadinessCheck:
     try:
         pair = Route53Failover(cfg.routing.dns_endpoint_url, d.zone).current(d.record)
     except Exception as e:  # noqa: BLE001 - the API down is "cannot tell", not "wrong"
-        c.state, c.reason = "unknown", f"Route 53: {_why(e)}"
+        c.state, c.reason = "unknown", f"Route 53: {scrubbed_first_line(e)}"
         return c
     p = pair["primary"]
     max_ttl = int(cfg.readiness.max_dns_ttl.total_seconds())
@@ -427,7 +421,7 @@ def check_backup_age(cfg: EagleConfig, primary: RegionConfig) -> ReadinessCheck:
     try:
         cat = read_catalog(st)
     except Exception as e:  # noqa: BLE001
-        c.state, c.reason = "unknown", f"pgbackrest info: {_why(e)}"
+        c.state, c.reason = "unknown", f"pgbackrest info: {scrubbed_first_line(e)}"
         return c
     f = freshness(cat, datetime.now(timezone.utc), cfg.backup.every, cfg.backup.full_every)
     if f.newest_age_seconds:
@@ -466,7 +460,7 @@ def check_backup_path(cfg: EagleConfig, primary: RegionConfig, timeout: float) -
             pass
     except (OSError, ssl.SSLError) as e:
         c.state, c.reason = "warn", (f"{primary.name}'s pgBackRest server {where} not reachable with the backup "
-                                     f"client's certificate ({_why(e)}): backups read the primary instead")
+                                     f"client's certificate ({scrubbed_first_line(e)}): backups read the primary instead")
         return c
     c.reason = f"{primary.name}'s pgBackRest server {where} answers mutual TLS"
     return c

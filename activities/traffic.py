@@ -21,7 +21,7 @@ from activities.postgres.status import connect
 from activities.postgres.unlogged import unreadable_sequences
 from activities.redis.status import client as redis_client
 from activities.routing import LabRouter, StaleEpoch
-from eagle_dr.config import EagleConfig, scrub
+from eagle_dr.config import EagleConfig, scrub, scrubbed_first_line
 
 
 class RouteRequest(BaseModel):
@@ -95,7 +95,7 @@ def wait_writable(pg, timeout_s: float, poll_s: float = 0.005) -> float:
                     return time.monotonic() - started
                 last_error = "in recovery"
             except psycopg.Error as e:
-                last_error = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:200]
+                last_error = scrubbed_first_line(e)
             now = time.monotonic()
             if now - started > timeout_s:
                 raise ApplicationError(f"{pg.host}:{pg.port} not writable after {timeout_s:.0f} s ({last_error}): "

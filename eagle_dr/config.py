@@ -161,6 +161,14 @@ def scrub(text: str) -> str:
     return text
 
 
+def scrubbed_first_line(e: BaseException, limit: int = 200) -> str:
+    """A reason fit for a result, a step's detail or a table cell: the error's first line
+    (libpq adds a hint on a second), secrets scrubbed, bounded; the type's name when the error
+    has no text."""
+    text = scrub(str(e).strip())
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 class Endpoint(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)

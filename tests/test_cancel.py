@@ -120,6 +120,17 @@ async def test_cancel_before_the_point_of_no_return_undoes_the_stop(lab, client)
     await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
 
 
+async def _switchover_short_of_the_checkpoint(lab, client, b: str):
+    """A switchover to ``b`` (its replay frozen by the caller) with a 2 s catch-up deadline,
+    run to its failure: (its handle, the WorkflowFailureError)."""
+    handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b,
+                                                               catch_up_timeout_seconds=2, max_lag_bytes=1 << 30))
+    async with _owned(handle):
+        with pytest.raises(WorkflowFailureError) as e:
+            await handle.result()
+    return handle, e.value
+
+
 async def test_a_standby_that_does_not_catch_up_in_time_is_never_promoted_and_the_stop_is_undone(lab, client):
     """The catch-up deadline passes with the standby short of the old primary's shutdown
     checkpoint: the promote step proves it never asked for a promotion, so the old primary is
@@ -128,19 +139,14 @@ async def test_a_standby_that_does_not_catch_up_in_time_is_never_promoted_and_th
     startup = _startup_pid(lab, b)
     os.kill(startup, signal.SIGSTOP)
     try:
-        handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b,
-                                                                   catch_up_timeout_seconds=2,
-                                                                   max_lag_bytes=1 << 30))
-        async with _owned(handle):
-            with pytest.raises(WorkflowFailureError) as e:
-                await handle.result()
+        handle, e = await _switchover_short_of_the_checkpoint(lab, client, b)
         # Still frozen at the end: the standby was never stopped or restarted by the runbook.
         assert _startup_pid(lab, b) == startup
     finally:
         os.kill(startup, signal.SIGCONT)
     await record(handle, "switchover-not-caught-up")
-    assert e.value.cause.type == "SwitchoverFailed", e.value.cause
-    assert "not promoted (not replayed past" in e.value.cause.message, e.value.cause.message
+    assert e.cause.type == "SwitchoverFailed", e.cause
+    assert "not promoted (not replayed past" in e.cause.message, e.cause.message
     p = await _progress(handle)
     assert p.outcome == "failed"
     assert any(s.name == f"undo: {a} takes writes again" and s.status == "done" for s in p.steps), p.steps
@@ -166,18 +172,13 @@ async def test_a_promotion_that_may_be_pending_is_stopped_before_the_stop_is_und
     os.kill(startup, signal.SIGSTOP)
     try:
         promote_file.touch()  # no signal sent: nothing reads it until a startup process does
-        handle = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=b,
-                                                                   catch_up_timeout_seconds=2,
-                                                                   max_lag_bytes=1 << 30))
-        async with _owned(handle):
-            with pytest.raises(WorkflowFailureError) as e:
-                await handle.result()
+        handle, e = await _switchover_short_of_the_checkpoint(lab, client, b)
     finally:
         promote_file.unlink(missing_ok=True)
         with contextlib.suppress(ProcessLookupError):
             os.kill(startup, signal.SIGCONT)  # abort_promotion killed it, or it is still ours
     await record(handle, "switchover-promotion-settled-by-abort")
-    assert e.value.cause.type == "SwitchoverFailed", e.value.cause
+    assert e.cause.type == "SwitchoverFailed", e.cause
     p = await _progress(handle)
     promote = next(s for s in p.steps if s.name == "promote")
     assert promote.status == "failed" and "unknown" in promote.detail and "promote file" in promote.detail, promote

@@ -27,7 +27,7 @@ from activities.postgres.sessions import hand_back, open_session, session
 from activities.postgres.stopwatch import Stopwatch
 from activities.postgres.unlogged import flush_init_forks
 from activities.postgres.wal import WalUnreadable, current_timeline
-from eagle_dr.config import EagleConfig, scrub
+from eagle_dr.config import EagleConfig, scrub, scrubbed_first_line
 
 
 class EpochRequest(BaseModel):
@@ -341,7 +341,7 @@ class PostgresActivities:
                 short, seen = True, f"replayed {replay}"
             except psycopg.Error as e:
                 short = False
-                seen = f"no answer ({scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)})"
+                seen = f"no answer ({scrubbed_first_line(e)})"
                 if conn is not None:
                     conn.close()
                 conn = None
