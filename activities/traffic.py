@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.deadline import deadline_across_attempts
 from activities.heartbeat import heartbeating
 from activities.kubernetes import KubernetesCluster, ResourceMissing, StaleEpochError
 from activities.postgres.status import connect
@@ -83,6 +84,7 @@ def wait_writable(pg, timeout_s: float, poll_s: float = 0.005) -> float:
     Raises NotWritable (non-retryable: the runbook's promotion is what failed) at the deadline,
     and CancelledError when the runbook cancels the wait (its promotion failed)."""
     started = time.monotonic()
+    deadline = deadline_across_attempts(timeout_s)
     beat = 0.0
     conn = None
     last_error = "in recovery"
@@ -97,8 +99,8 @@ def wait_writable(pg, timeout_s: float, poll_s: float = 0.005) -> float:
             except psycopg.Error as e:
                 last_error = scrubbed_first_line(e)
             now = time.monotonic()
-            if now - started > timeout_s:
-                raise ApplicationError(f"{pg.host}:{pg.port} not writable after {timeout_s:.0f} s ({last_error}): "
+            if now > deadline:
+                raise ApplicationError(f"{pg.host}:{pg.port} not writable within {timeout_s:.0f} s ({last_error}): "
                                        "routing left unchanged", type="NotWritable", non_retryable=True)
             if activity.in_activity() and now - beat >= 1.0:
                 beat = now

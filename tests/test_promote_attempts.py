@@ -13,7 +13,8 @@ recovery with nothing to follow, so it never catches up on its own):
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,10 @@ def _activities(node) -> PostgresActivities:
     return PostgresActivities(parse_config(doc, env={}))
 
 
-def _env(attempt: int = 1, heartbeat_s: float = 10) -> ActivityEnvironment:
+def _env(attempt: int = 1, heartbeat_s: float = 10, scheduled_ago_s: float = 0) -> ActivityEnvironment:
     env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, attempt=attempt, heartbeat_timeout=timedelta(seconds=heartbeat_s))
+    env.info = dataclasses.replace(env.info, attempt=attempt, heartbeat_timeout=timedelta(seconds=heartbeat_s),
+                                   scheduled_time=datetime.now(timezone.utc) - timedelta(seconds=scheduled_ago_s))
     return env
 
 
@@ -91,6 +93,42 @@ def test_a_later_attempt_proves_nothing(standby):
     with pytest.raises(ApplicationError) as e:
         _env(attempt=2).run(_activities(standby).promote_when_replayed, _wait())
     assert e.value.type == "PromotionUnknown" and "attempt 2" in str(e.value), e.value
+    assert _in_recovery(standby)
+
+
+def test_a_retried_wait_ends_at_the_first_attempts_deadline(standby):
+    """Each attempt waiting the whole catch-up timeout again would let worker restarts hold
+    the write outage open five times as long as asked: a later attempt scheduled after the
+    timeout has run out since the first ends at once, and a retried wait with time left
+    still waits. Run beside, so that a wait restarted from zero fails the test instead of
+    hanging it."""
+    acts, outcome = _activities(standby), {}
+
+    def attempt(name: str, env: ActivityEnvironment) -> threading.Thread:
+        def run() -> None:
+            try:
+                env.run(acts.promote_when_replayed, _wait(timeout=600))
+            except ApplicationError as e:
+                outcome[name] = e
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    late = attempt("late", _env(attempt=3, scheduled_ago_s=601))
+    late.join(60)
+    assert not late.is_alive(), "a later attempt waited the whole catch-up timeout again"
+    e = outcome["late"]
+    assert e.type == "PromotionUnknown" and "within 600 s" in str(e) and "attempt 3" in str(e), e
+    assert _in_recovery(standby)
+
+    env = _env(attempt=3, scheduled_ago_s=30)
+    on_time = attempt("on time", env)
+    on_time.join(2)
+    assert on_time.is_alive(), outcome.get("on time")  # 570 s of its wait are left
+    env.cancel(cancellation_details=ActivityCancellationDetails(cancel_requested=True))
+    on_time.join(60)
+    assert not on_time.is_alive()
+    assert outcome["on time"].type == "PromotionUnknown" and "cancelled" in str(outcome["on time"])
     assert _in_recovery(standby)
 
 

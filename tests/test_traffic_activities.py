@@ -4,9 +4,11 @@ runbooks do to production routing, move after move."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
@@ -267,6 +269,20 @@ def test_routing_asked_with_the_promotion_waits_until_the_node_takes_writes(
         ActivityEnvironment().run(acts.route_traffic, RouteRequest(region=WEST, epoch=1, after_writable=True,
                                                                    after_writable_timeout_seconds=0.3))
     assert e.value.type == "NotWritable" and e.value.non_retryable and "in recovery" in str(e.value)
+    unchanged()
+
+    # A retried attempt's wait ends at the first attempt's deadline, not one of its own: worker
+    # restarts do not stretch it (beside, so that a wait started again fails instead of hanging).
+    retried = ActivityEnvironment()
+    retried.info = dataclasses.replace(retried.info, attempt=2,
+                                       scheduled_time=datetime.now(timezone.utc) - timedelta(seconds=601))
+    pool = ThreadPoolExecutor(1)
+    fut = pool.submit(retried.run, acts.route_traffic, RouteRequest(
+        region=WEST, epoch=1, after_writable=True, after_writable_timeout_seconds=600))
+    pool.shutdown(wait=False)
+    with pytest.raises(ApplicationError) as e:
+        fut.result(timeout=30)
+    assert e.value.type == "NotWritable" and "within 600 s" in str(e.value), e.value
     unchanged()
 
     def waiting(env):

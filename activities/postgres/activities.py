@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.deadline import deadline_across_attempts
 from activities.heartbeat import heartbeating
 from activities.postgres import epoch as epochs
 from activities.postgres.ctl import PgCtl
@@ -326,7 +327,7 @@ class PostgresActivities:
         """A session to the node once it has replayed past ``req.lsn`` (or is out of recovery);
         NotPromoted, proven, on a cancel or at the deadline before that."""
         target = lsn_to_int(req.lsn)
-        deadline = time.monotonic() + req.catch_up_timeout_seconds
+        deadline = deadline_across_attempts(req.catch_up_timeout_seconds)
         conn: psycopg.Connection | None = None
         short = False  # the last read answered: in recovery, not yet past the checkpoint
         seen = "no answer"
@@ -357,7 +358,7 @@ class PostgresActivities:
                 if conn is not None:
                     conn.close()
                 why = "cancelled" if cancelled else \
-                    f"not replayed past {req.lsn} after {req.catch_up_timeout_seconds:.0f} s"
+                    f"not replayed past {req.lsn} within {req.catch_up_timeout_seconds:.0f} s"
                 promote_file = Path(pg.data_dir) / "promote" if pg.data_dir else None
                 # Only a first attempt proves it: a later one may have an earlier one still
                 # alive behind it (stalled, given up on by the server), which abort_promotion

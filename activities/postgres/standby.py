@@ -8,6 +8,7 @@ import time
 import psycopg
 from pydantic import BaseModel
 
+from activities.deadline import deadline_across_attempts
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_to_int
 from activities.postgres.status import connect, pg_status
@@ -28,7 +29,7 @@ def wait_replayed_past(cfg: PostgresConfig, lsn: str, timeout_s: float, heartbea
     Used with the old primary's shutdown checkpoint: once that record is replayed, every
     transaction the old primary ever committed is on the standby."""
     target = lsn_to_int(lsn)
-    deadline = time.monotonic() + timeout_s
+    deadline = deadline_across_attempts(timeout_s)
     replay = None
     conn: psycopg.Connection | None = None
     try:
@@ -56,7 +57,7 @@ def wait_replayed_past(cfg: PostgresConfig, lsn: str, timeout_s: float, heartbea
     finally:
         if conn is not None:
             conn.close()
-    raise TimeoutError(f"standby {cfg.host}:{cfg.port} replayed {replay}, not past {lsn}, after {timeout_s:.0f}s")
+    raise TimeoutError(f"standby {cfg.host}:{cfg.port} replayed {replay}, not past {lsn}, within {timeout_s:.0f}s")
 
 
 class Rejoined(BaseModel):
