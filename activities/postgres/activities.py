@@ -28,7 +28,7 @@ from activities.postgres.sessions import hand_back, open_session, session
 from activities.postgres.stopwatch import Stopwatch
 from activities.postgres.unlogged import flush_init_forks
 from activities.postgres.wal import WalUnreadable, current_timeline
-from eagle_dr.config import EagleConfig, scrub, scrubbed_first_line
+from eagle_dr.config import EagleConfig, scrubbed_first_line
 
 
 class EpochRequest(BaseModel):
@@ -198,7 +198,7 @@ class PostgresActivities:
                 # first waiting out the same timeout on a read-only fence's connection: the
                 # node ends stopped either way. (The read-only fence alone keeps its own
                 # attempt: one timeout is not proof enough to leave a node unfenced.)
-                unresponsive = f"unresponsive: {scrub(str(e).strip().splitlines()[0])}"
+                unresponsive = f"unresponsive: {scrubbed_first_line(e)}"
         if held is not None and held > req.epoch:
             raise ApplicationError(f"stale epoch {req.epoch}: {req.region} already records epoch {held}; "
                                    "not fencing the primary of a newer move", type="StaleEpoch", non_retryable=True)

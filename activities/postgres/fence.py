@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from activities.postgres.ctl import FENCE_MARKER, PgCtl
 from activities.postgres.status import FENCE_LIBRARY, connect, in_recovery
 from activities.postgres.stopwatch import Stopwatch
-from eagle_dr.config import PostgresConfig, scrub
+from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
 
 log = structlog.get_logger(__name__)
@@ -120,10 +120,6 @@ def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float, li
     return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
 
 
-def _error(e: Exception) -> str:
-    return scrub(str(e).strip().splitlines()[0]) if str(e).strip() else "unreachable"
-
-
 # Who put the read-only fence on, in postgresql.auto.conf beside it: "runbook", or "self" for
 # a regional worker's self-fence (workers/self_fence.py), which only a fence of its own may lift.
 FENCED_BY = "eagle_dr.fenced_by"
@@ -147,7 +143,7 @@ def fence_read_only(cfg: PostgresConfig, timeout: float = 3, by: str = "runbook"
             lsn = _read_only(conn, cfg, timeout, live)
             return PgFence(reachable=True, method="read_only", last_lsn=lsn)
     except psycopg.Error as e:
-        return PgFence(reachable=False, error=_error(e),
+        return PgFence(reachable=False, error=scrubbed_first_line(e),
                        refused="connection refused" in str(e).lower() and not cfg.behind_proxy)
 
 
@@ -263,7 +259,7 @@ def _checkpoint(cfg: PostgresConfig) -> None:
             conn.execute("checkpoint")
     except psycopg.Error as e:
         # Not allowed to (no superuser, no pg_checkpoint role): the shutdown does all of it.
-        log.warning("pre-stop checkpoint skipped", error=_error(e))
+        log.warning("pre-stop checkpoint skipped", error=scrubbed_first_line(e))
 
 
 def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float = 0,

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl, PgCtlError
 from activities.postgres.status import CURRENT_TIMELINE, connect, in_recovery
-from eagle_dr.config import PostgresConfig
+from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
 
 class Promotion(BaseModel):
@@ -176,7 +176,7 @@ def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout
         ctl.start(timeout=start_timeout_s)
     except PgCtlError as e:
         return PromotionAbort(state="stopped", detail=f"stopped in recovery ({how}); it did not start again: "
-                                                      f"{str(e).splitlines()[0]}")
+                                                      f"{scrubbed_first_line(e)}")
     if in_recovery(cfg) is not True:
         # Cannot happen with standby.signal in place; never report "cannot promote" unproven.
         raise RuntimeError(f"{cfg.host}:{cfg.port} restarted with standby.signal but is not in recovery")

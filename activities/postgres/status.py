@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import FENCE_MARKER
 from activities.postgres.unlogged import Unlogged, unlogged_relations
-from eagle_dr.config import PostgresConfig, scrub
+from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
 
 class ReplicaLink(BaseModel):
@@ -173,4 +173,4 @@ def pg_status(cfg: PostgresConfig, timeout: float = 3.0, catalog: bool = False, 
                             sender_end_lsn=end, sender_end_at=end_at,
                             unlogged=_unlogged(conn, False) if catalog else None, hold=hold, hold_age_seconds=age)
     except psycopg.Error as e:
-        return PgStatus(reachable=False, error=scrub(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__)
+        return PgStatus(reachable=False, error=scrubbed_first_line(e))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import psycopg
 from pydantic import BaseModel
 
-from eagle_dr.config import PostgresConfig
+from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
 # Tables and sequences (partitions as leaves; a partitioned parent has no storage of its own).
 # The size is the main fork's: on a standby the file is absent or empty and reading it is
@@ -74,7 +74,7 @@ def unreadable_sequences(conn: psycopg.Connection) -> list[str]:
         try:
             conn.execute("select pg_sequence_last_value(%s::oid::regclass)", (oid,))
         except psycopg.errors.InternalError_ as e:  # XX000: "bad magic number", unreadable page
-            out.append(f"{name}: {str(e).strip().splitlines()[0]}")
+            out.append(f"{name}: {scrubbed_first_line(e)}")
         except psycopg.Error:
             pass  # dropped meanwhile, no privilege: not this fault
     return out
