@@ -16,7 +16,8 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError as ActivityTimeout, \
+    TimeoutType
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
@@ -57,6 +58,17 @@ with workflow.unsafe.imports_passed_through():
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2,
                     maximum_interval=timedelta(seconds=10), maximum_attempts=5,
                     non_retryable_error_types=["StaleEpoch", "InvalidInput"])
+
+
+def described(error) -> str:
+    """A step's failure as the person on call reads it. The SDK's words for a timeout ("activity
+    ScheduleToStart timeout") do not say that the region's worker is what is missing."""
+    cause = error.cause or error if isinstance(error, ActivityError) else error
+    if isinstance(cause, ActivityTimeout) and cause.type == TimeoutType.SCHEDULE_TO_START:
+        return "no worker took the step within its schedule-to-start bound: is that region's worker running?"
+    if isinstance(cause, ActivityTimeout) and cause.type == TimeoutType.HEARTBEAT:
+        return "the worker running the step stopped heartbeating (crashed, frozen or cut off)"
+    return str(cause)
 
 
 def move_id(service: str) -> str:
@@ -335,7 +347,7 @@ class Runbook:
 
     def degrade(self, what: str, error, repair: str) -> None:
         """A part that failed after the point of no return: reported with how to repair it."""
-        self.degraded.append(f"{what} failed ({error}); repair: {repair}")
+        self.degraded.append(f"{what} failed ({described(error)}); repair: {repair}")
 
     def cancelled(self, undone: list[str], left: str = "") -> asyncio.CancelledError:
         """End as cancelled, before the point of no return, saying what was undone, and what

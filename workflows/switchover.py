@@ -53,7 +53,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.failover import finish_measurement, not_carried
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.plan import switchover_plan
-    from workflows.runbook import RETRY, Runbook
+    from workflows.runbook import RETRY, Runbook, described
     from workflows.validation import RawInput, invalid, validated
 
 
@@ -234,7 +234,7 @@ class SwitchoverWorkflow(Runbook):
                 except ActivityError as e:
                     error = e
                 proven = isinstance(error.cause, ApplicationError) and error.cause.type == "NotPromoted"
-                why = error.cause.message if isinstance(error.cause, ApplicationError) else str(error.cause or error)
+                why = error.cause.message if isinstance(error.cause, ApplicationError) else described(error)
                 st.status, st.detail = "failed", why if proven else f"outcome unknown: {why}"
                 return None, cancel_asked, why, not proven
             st.detail = (f"replayed {promotion.replay_lsn} > {stopped.last_lsn}" if promotion.replay_lsn else
@@ -256,11 +256,11 @@ class SwitchoverWorkflow(Runbook):
             except ActivityError as e:
                 # Unproven: no writer is better than two. Routing's wait is called off: it
                 # would point clients at the target if it promoted, with nobody watching.
-                st.status, st.detail = "failed", f"could not stop {target}'s standby: {e.cause or e}"
+                st.status, st.detail = "failed", f"could not stop {target}'s standby: {described(e)}"
                 routed = await self._call_off(routing)
                 self.finish("failed")
                 raise ApplicationError(
-                    f"promotion of {target} failed ({failure}) and its standby could not be stopped ({e.cause or e}): "
+                    f"promotion of {target} failed ({failure}) and its standby could not be stopped ({described(e)}): "
                     f"it may still promote, so the old primary in {source} stays STOPPED; routing "
                     + (f"already points at {target}" if routed else
                        "was called off (check it: a routing call in flight may have completed)") +

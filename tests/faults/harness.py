@@ -85,6 +85,11 @@ class Fault:
     heal_at: str = "now"  # now: right after injecting | end: once the run has ended
     slow: bool = False
     xfail: str | None = None
+    # The run may end failed with this error type, provided it failed safe: its message says
+    # what it left stopped and how to repair it (a fault past what any runbook can settle,
+    # such as the worker that alone can prove a promotion did not happen staying dead). Until
+    # that repair nothing may take writes, so the acknowledged writes are checked after it.
+    fails_safe_as: str | None = None
     # Before the run: set up what the scenario needs beyond the reference topology.
     input_overrides: dict = field(default_factory=dict)
 
@@ -238,8 +243,11 @@ async def _start_drill(ctx: Ctx, kw: dict) -> WorkflowHandle:
 SCENARIOS = {
     "failover": Scenario("failover", ("preflight", "take DR epoch", "fence old primary", "promote",
                                       "re-route traffic", "verify", "measure RTO/RPO"), _nothing, _start_failover),
-    "switchover": Scenario("switchover", ("preflight", "take DR epoch", "stop writes on old primary",
-                                          "wait for standby to replay everything", "promote", "re-route traffic",
+    # Routing's step starts with the promote step (it waits for the target to take writes);
+    # Redis moves once PostgreSQL is promoted. The replay wait is inside "promote" since
+    # switchover-promote-when-replayed.
+    "switchover": Scenario("switchover", ("preflight", "take DR epoch", "reserve WAL on the standby",
+                                          "stop writes on old primary", "promote", "re-route traffic", "move Redis",
                                           "verify", "old primary becomes standby", "measure RTO/RPO"),
                            _nothing, _start_switchover),
     "failback": Scenario("failback", ("preflight", "measure what", "reconcile diverged rows", "rewind",
@@ -329,6 +337,15 @@ async def _wait_end(handle: WorkflowHandle) -> tuple[str, object]:
         if getattr(res, "cancel_refused", None):
             outcome += " (cancel refused)"
         return outcome, res
+
+
+async def _failure_message(handle: WorkflowHandle) -> str:
+    """The whole message a failed run ended with (the outcome column holds its first 160 characters)."""
+    try:
+        await handle.result()
+    except WorkflowFailureError as e:
+        return str(getattr(e.cause, "message", None) or e.cause or e)
+    return ""
 
 
 def _short(e) -> str:
@@ -495,6 +512,19 @@ async def run_fault(lab, client, fault: Fault) -> Row:
     if r.held is False and "re-routing failed" in degraded:
         after_run["routing = primary"] = Check(False, r.evidence + "; the run reports re-routing degraded, with its "
                                                                   "repair", reported=True)
+    failed_safe = False
+    if fault.fails_safe_as is not None and row.outcome.startswith("failed"):
+        said = await _failure_message(ctx.handle)
+        failed_safe = row.outcome.startswith(f"failed: {fault.fails_safe_as}") and "stays STOPPED" in said
+        after_run["failed safe"] = Check(failed_safe, f"expected {fault.fails_safe_as} naming what stays stopped "
+                                                      f"and its repair: {said[:600]!r}")
+        if failed_safe and not writable:
+            # Nothing takes writes, as the message says: routing and the writes are checked
+            # once the lab is repaired (by the message's steps: restore_reference).
+            for k in ("routing = primary", "acked writes kept"):
+                if after_run.get(k) is not None and after_run[k].held is False:
+                    after_run[k] = Check(False, after_run[k].evidence + "; the run failed safe and says so, with "
+                                                                        "its repair", reported=True)
     if fault.inject in (cancel, pause_worker_then_cancel):
         after_run["cancel answered"] = check_cancel_answered(row.outcome, await _steps_after_cancel(ctx.handle))
         if row.outcome == "cancelled":
@@ -508,7 +538,7 @@ async def run_fault(lab, client, fault: Fault) -> Row:
     primary = writable[0] if len(writable) == 1 else None
     after_restore = {"one writable pg": pg, "one unfenced redis master": check_one_redis_master(lab),
                      "routing = primary": check_routing(lab, writable)}
-    if scen.acked_after_restore:
+    if scen.acked_after_restore or failed_safe:
         after_restore["acked writes kept"] = check_acked_writes(lab, acked, primary, None)
     if scen.audited and primary:
         after_restore["one audit row per key"] = check_audit(lab, primary, workflow_ids)

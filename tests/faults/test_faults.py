@@ -60,9 +60,10 @@ FAST = [
 WORKER_KILLS = [
     ("failover", "fence old primary", "source"), ("failover", "promote", "control"),
     ("failover", "re-route traffic", "control"), ("failover", "measure RTO/RPO", "source"),
-    ("switchover", "stop writes on old primary", "source"), ("switchover", "wait for standby to replay everything",
-                                                             "target"),
+    ("switchover", "reserve WAL on the standby", "target"), ("switchover", "stop writes on old primary", "source"),
+    # re-route traffic: the control worker dies while routing waits for the promotion.
     ("switchover", "promote", "target"), ("switchover", "re-route traffic", "control"),
+    ("switchover", "move Redis", "control"),
     ("switchover", "old primary becomes standby", "source"),
     # failback: the old primary (source, us-east-1) is the region being brought back.
     ("failback", "measure what", "source"), ("failback", "reconcile diverged rows", "source"),
@@ -93,6 +94,13 @@ SLOW = [
           slow=True),
     Fault("target Redis SIGSTOP after promote began", "switchover", "promote", redis_stop, redis_cont,
           heal_at="end", slow=True),
+    # Its worker alone can prove the standby did not promote (abort_promotion stops it), and
+    # it stays dead: the run must not restart the old primary beside a standby that may
+    # promote. It fails within the steps' schedule-to-start bounds (~2 min), the old primary
+    # stopped, and says what to check and do; if the kill came after pg_promote, routing
+    # follows the new primary.
+    Fault("target worker dead through the promotion", "switchover", "promote", *kill_worker("target"),
+          heal_at="end", slow=True, fails_safe_as="PromotionFailed"),
     Fault("routing cannot be written", "failover", "promote", break_routing, mend_routing, heal_at="end", slow=True),
     Fault("routing cannot be written", "switchover", "promote", break_routing, mend_routing, heal_at="end",
           slow=True),
