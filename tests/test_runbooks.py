@@ -402,6 +402,37 @@ async def test_a_fenced_old_primary_restarted_is_never_a_failover_target(lab, cl
     lab.wait_replication()
 
 
+async def test_a_down_old_primary_is_held_so_a_restart_cannot_make_it_writable(lab, client):
+    """The monitor's failover (source declared down, so no probe and no stop fence first) of a
+    primary whose server died while its host and worker did not: the network fence is refused,
+    and refused is not fenced. A supervisor or a reboot starting it again made a second writable
+    primary. Once the target is promoted, the old primary's worker holds it as a standby of
+    nothing, so that restart brings it up in recovery."""
+    from activities.postgres.ctl import PgCtl
+
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    ctl = PgCtl(lab.cfg.region(a).postgres)
+    ctl.kill()  # the server dies; its host, Redis and eagle-dr worker live on
+    handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                             source_known_down=True, trigger="alert",
+                                                             reason="postgres died, host up"))
+    result = await handle.result()
+    await record(handle, "failover-holds-a-down-old-primary")
+    assert result.outcome in ("succeeded", "degraded"), result
+    assert result.source_fenced == "stop", result
+    hold = next(s for s in result.steps if s.name.startswith(f"hold {a}'s PostgreSQL"))
+    assert hold.status == "done" and hold.detail.startswith("held"), hold
+    assert not any("NOT fenced" in n for n in result.notes), result.notes
+    ctl.start()  # what a supervisor does with a stopped server
+    st = pg_status(lab.cfg.region(a).postgres, files=True)
+    assert st.role == "standby" and st.hold == "eagle-dr" and st.upstream is None, st
+    pb = pg_status(lab.cfg.region(b).postgres)
+    assert pb.role == "primary" and not pb.read_only, pb
+    lab.rebuild_standby(a)
+    lab.wait_replication()
+
+
 async def test_unplanned_failover_after_region_loss(lab, client, unlogged):
     a, b = _names(lab)
     assert _primary(lab) == a
@@ -421,7 +452,7 @@ async def test_unplanned_failover_after_region_loss(lab, client, unlogged):
                                                                  trigger="alert", reason="region lost",
                                                                  measure_client_impact=True))
         result = await handle.result()
-        await record(handle, "failover-unplanned-unlogged")
+        await record(handle, "failover-unplanned-unlogged-hold")
         marker = len(write_log(lab.cfg).entries())
         await _until(_async(lambda: any(w.ok and w.region == b for w in write_log(lab.cfg).entries()[marker:])),
                      30, "the app writing in the new region")
@@ -457,9 +488,14 @@ async def test_unplanned_failover_after_region_loss(lab, client, unlogged):
     assert result.rto.total_s is not None and result.rto.met
     # With the source's worker dead, the three fences are local activities: no task queue
     # round trip between the decision and the promotion.
+    # (After the promotion, a stop fence to hold the down old primary goes to its worker's
+    # queue, where nobody takes it: the region is dead, so the note above stands.)
     timings = activity_timings(await handle.fetch_history())
-    remote = {t.name for t in timings if t.outcome != "local"}
+    promoted = next(t.scheduled_s for t in timings if t.name == "promote_postgres")
+    remote = {t.name for t in timings if t.outcome != "local" and t.scheduled_s < promoted}
     assert not remote & {"fence_postgres", "fence_redis", "scale_down_region"}, remote
+    hold = next(s for s in result.steps if s.name.startswith(f"hold {a}'s PostgreSQL"))
+    assert hold.status == "failed" and "no worker took the step" in hold.detail, hold
     assert sum(t.name == "(marker core_local_activity)" for t in timings) >= 3, [t.name for t in timings]
     lab.rebuild_standby(a)
     lab.wait_replication()
@@ -775,6 +811,9 @@ async def test_promotion_that_times_out_leaves_exactly_one_writable_primary(lab,
             pass
     assert e.value.cause.type == "PromotionFailed", e.value.cause
     assert "fence was lifted" in e.value.cause.message
+    # The fence scaled a's services to 0; the compensation brings them back with routing.
+    assert f"{a}'s services scaled back up, routing on {a}" in e.value.cause.message, e.value.cause.message
+    assert lab.router.active_region() == a
 
     def writable(region: str) -> bool:
         try:

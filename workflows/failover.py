@@ -41,7 +41,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.models import FailoverInput, Rpo, Rto, RunbookResult
     from workflows.plan import failover_plan
-    from workflows.runbook import Runbook
+    from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
 
 # The old primary's stop fence kills a server still up this long after the stop request: one
@@ -137,6 +137,7 @@ class FailoverWorkflow(Runbook):
                     if isinstance(outcome, BaseException):
                         raise outcome
                 pg_fence, r_fence, scaled = fences
+                self._scaled_down = scaled.reachable
                 fenced = (pg_fence.method or "unfenced") + _killed(pg_fence)
                 st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
@@ -145,7 +146,13 @@ class FailoverWorkflow(Runbook):
                 not getattr(self, "source_worker_answered", False) and workflow.patched("failover-wait-self-fence")
             if waited:
                 pg_fence = await self._await_self_fence(source, sq, tq, control, wait_for, local, notes)
-            if not pg_fence.method and not waited:
+            # Unfenced and not waited for: refused (the server is down, its host answers) or no
+            # self-fence bound. Down is not fenced: a supervisor, a reboot or a person starting
+            # it again would make it a writable primary beside the new one. So once the target
+            # is promoted, its worker (alive more often than not: it is the server that died)
+            # holds it as a standby of nothing, beside the routing.
+            hold = not pg_fence.method and not waited and workflow.patched("failover-hold-unfenced-old-primary")
+            if not pg_fence.method and not waited and not hold:
                 notes.append(f"old primary in {source} was unreachable and is NOT fenced: it must stay down "
                              "until failback rewinds it")
 
@@ -162,7 +169,10 @@ class FailoverWorkflow(Runbook):
                 try:
                     promotion = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
                         region=target, epoch=self.epoch, timeout_seconds=inp.promote_timeout_seconds), queue=tq,
-                        timeout=inp.promote_timeout_seconds + 60, heartbeat=30)
+                        # schedule_to_start: past the point of no return a cancel is refused, so a
+                        # dead target worker would hold the outage (and a monitor awaiting this
+                        # run) forever; long enough for a restarted pod, then the abort path.
+                        timeout=inp.promote_timeout_seconds + 60, heartbeat=30, schedule_to_start=120)
                 except ActivityError as e:
                     stale = isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"
                     if stale or not workflow.patched("failover-abort-promotion-before-unfence"):
@@ -176,7 +186,18 @@ class FailoverWorkflow(Runbook):
                     promotion = await self._abort_promotion(target, tq, source, pg_fence, r_fence.reachable, control,
                                                             sq, e)
                     notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
-                await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
+                try:
+                    await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
+                                   queue=tq)
+                except ActivityError as e:
+                    if not workflow.patched("failover-epoch-record-degrades"):
+                        raise
+                    # Promoted: past the point of no return, the move goes on to Redis and
+                    # routing (which check the epoch themselves), and says what is missing.
+                    self.degrade(f"recording epoch {self.epoch} on {target}", e.cause or e,
+                                 f"record it on {target} before any other move (activities/postgres/epoch.py "
+                                 "advance_epoch); until then an older runbook's epoch check reads a lower one there")
+                holding = asyncio.ensure_future(self._hold_old_primary(source, sq, target, notes)) if hold else None
                 routing = None
                 if workflow.patched("failover-route-beside-redis"):
                     # Clients follow routing and write to PostgreSQL, which is writable and holds
@@ -194,6 +215,7 @@ class FailoverWorkflow(Runbook):
 
             verification = await self.verify(target, control)
             serving_at = workflow.now()
+            held = await holding if holding is not None else None
 
             async with self.step("measure RTO/RPO") as st:
                 rto = Rto(detected_at=detected_at, decided_at=decided_at, promotion_started_at=promotion_started,
@@ -227,10 +249,33 @@ class FailoverWorkflow(Runbook):
             return RunbookResult(runbook=self.runbook, workflow_id=info.workflow_id, run_id=info.run_id,
                                  service=inp.service, source_region=source, target_region=target, epoch=self.epoch,
                                  outcome=outcome, trigger=inp.trigger, reason=inp.reason, approval=approval,
-                                 steps=self.steps, rto=rto, rpo=rpo, source_fenced=pg_fence.method, notes=notes,
+                                 steps=self.steps, rto=rto, rpo=rpo, source_fenced=pg_fence.method or held, notes=notes,
                                  degraded=self.degraded, cancel_refused=self.cancel_refused)
 
         return await self.no_return(promote_and_route(), f"the promotion of {target}")
+
+    async def _hold_old_primary(self, source: str, sq: str, target: str, notes: list[str]) -> str | None:
+        """The stop fence on the old primary's own worker, after the promotion: on a server that
+        is down it writes the hold (a restart comes up in recovery, following nothing); on one
+        started again meanwhile it stops it first. Returns the fence's method, None if not held."""
+        async with self.step(f"hold {source}'s PostgreSQL as a standby of nothing") as st:
+            try:
+                held = await self.act(PostgresActivities.fence_postgres, FenceRequest(
+                    region=source, epoch=self.epoch, method="stop", kill_after_seconds=KILL_AFTER_S), queue=sq,
+                    timeout=120, schedule_to_start=10, heartbeat=10, attempts=1,
+                    summary=f"hold {source}'s old primary (it was down, not fenced)")
+            except ActivityError as e:
+                st.status, st.detail = "failed", f"not held: {described(e)}"
+                notes.append(f"old primary in {source} was down and is NOT fenced (its worker could not hold it: "
+                             f"{described(e)}); started again it would be a writable primary beside {target}: it "
+                             "must stay down until failback rewinds it")
+                return None
+            st.detail = ("held: started again, it comes up in recovery and follows nothing" if held.method else
+                         f"not held: {held.error}") + _killed(held)
+            if not held.method:
+                notes.append(f"old primary in {source} is NOT fenced ({held.error}): it must stay down until failback "
+                             "rewinds it")
+            return held.method
 
     async def _promote_redis(self, target: str, control: str, st, promotion):
         try:
@@ -398,8 +443,8 @@ class FailoverWorkflow(Runbook):
                 st.detail = f"could not stop {target}'s standby: {e.cause or e}"
                 self.finish("failed")
                 raise ApplicationError(
-                    f"promotion of {target} failed ({failure.cause or failure}) and its standby could not be stopped "
-                    f"({e.cause or e}): it may still promote, so the old primary in {source} stays FENCED. Check "
+                    f"promotion of {target} failed ({described(failure)}) and its standby could not be stopped "
+                    f"({described(e)}): it may still promote, so the old primary in {source} stays FENCED. Check "
                     f"{target} (pg_is_in_recovery()); stop it, then lift the fence on {source} by hand, or re-run "
                     "the failover once it is a primary.", type="PromotionFailed", non_retryable=True) from None
             st.detail = aborted.detail
@@ -424,6 +469,21 @@ class FailoverWorkflow(Runbook):
                 # them would put a writable primary next to its one.
                 st.detail = f"fences LEFT in place, a newer move owns them: {e.cause}"
                 return "the old primary's fence was left in place (a newer move owns it)"
+            if getattr(self, "_scaled_down", False) and workflow.patched("failover-compensation-restores-services"):
+                # The fence step scaled the old region's services to 0: without this the old
+                # primary took writes again with no service in front of it (as the cancel's
+                # undo does: the epoch spent where the next move reads it, then routing back,
+                # which restores the replicas the scale-down remembered).
+                try:
+                    await self.act(PostgresActivities.record_epoch, EpochRequest(region=source, epoch=self.epoch),
+                                   queue=control, timeout=30, attempts=2)
+                    await self.act(TrafficActivities.route_traffic, RouteRequest(region=source, epoch=self.epoch),
+                                   queue=control, timeout=120, attempts=2)
+                    done += f"; {source}'s services scaled back up, routing on {source}"
+                except ActivityError as e:
+                    done += (f"; {source}'s services could NOT be scaled back up ({described(e)}): scale them up and "
+                             f"route to {source}")
+                st.detail = (st.detail + "; " if st.detail else "") + done
         return done
 
     async def _lift_fences(self, source: str, fence: PgFence, redis_paused: bool, control: str,

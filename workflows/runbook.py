@@ -345,6 +345,20 @@ class Runbook:
                 workflow.logger.warning(self.cancel_refused)
                 self._details(self.cancel_refused)
 
+    @staticmethod
+    async def settled(coro) -> tuple:
+        """Run ``coro`` to its end whatever is asked (an undo or a proof cut short leaves the
+        service half-moved); returns (its result, whether a cancel was asked meanwhile)."""
+        task = asyncio.ensure_future(coro)
+        asked = False
+        while True:
+            try:
+                return await asyncio.shield(task), asked
+            except asyncio.CancelledError:
+                if task.done() and task.cancelled():
+                    raise
+                asked = True
+
     def degrade(self, what: str, error, repair: str) -> None:
         """A part that failed after the point of no return: reported with how to repair it."""
         self.degraded.append(f"{what} failed ({described(error)}); repair: {repair}")

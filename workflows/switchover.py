@@ -161,11 +161,11 @@ class SwitchoverWorkflow(Runbook):
                 # Nothing proves the standby did not promote (an earlier attempt may have asked):
                 # stop it until it provably cannot, or learn that it did and roll forward. Run
                 # to its end whatever is asked: cut short, it would leave the service half-moved.
-                (promotion, why), asked = await self._settled(self._settle_promotion(source, target, tq, why,
+                (promotion, why), asked = await self.settled(self._settle_promotion(source, target, tq, why,
                                                                                      routing))
                 cancel_asked = cancel_asked or asked
             if promotion is None:
-                undone, asked = await self._settled(self._undo_unpromoted(source, sq, target, tq, slots_asked,
+                undone, asked = await self.settled(self._undo_unpromoted(source, sq, target, tq, slots_asked,
                                                                           routing))
                 if cancel_asked or asked:
                     raise self.cancelled(undone)
@@ -297,19 +297,6 @@ class SwitchoverWorkflow(Runbook):
         await workflow.wait([routing])
         return not routing.cancelled() and routing.exception() is None and routing.result() is True
 
-    @staticmethod
-    async def _settled(coro) -> tuple:
-        """Run ``coro`` to its end whatever is asked (an undo or a proof cut short leaves the
-        service half-moved); returns (its result, whether a cancel was asked meanwhile)."""
-        task = asyncio.ensure_future(coro)
-        asked = False
-        while True:
-            try:
-                return await asyncio.shield(task), asked
-            except asyncio.CancelledError:
-                if task.done() and task.cancelled():
-                    raise
-                asked = True
 
     async def _flush_init_forks(self, source: str, target: str, control: str, notes: list[str]) -> None:
         """With unlogged sequences: a restartpoint on the target first, while clients still

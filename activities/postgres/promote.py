@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl, PgCtlError
 from activities.postgres.status import CURRENT_TIMELINE, connect, in_recovery
+from activities.deadline import deadline_across_attempts
 from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
 
@@ -62,7 +63,8 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
         # wait => false: we poll ourselves, with heartbeats, instead of blocking in SQL
         # (pg_promote(wait => true) itself polls only every 100 ms).
         conn.execute("select pg_promote(wait => false)")
-    deadline = time.monotonic() + timeout_s
+    # Retries of the step do not each wait the whole timeout again (activities/deadline.py).
+    deadline = deadline_across_attempts(timeout_s)
     last_err: Exception | None = None
     # The hot-standby session that asked survives the promotion: polling it every 5 ms costs
     # one tiny query, where a new session per poll cost a SCRAM handshake and the old 50 ms
@@ -85,7 +87,7 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
         if heartbeat:
             heartbeat({"waiting": "promotion"})
         time.sleep(0.005 if session is not None else 0.05)
-    raise TimeoutError(f"{cfg.host}:{cfg.port} not writable {timeout_s:.0f}s after pg_promote ({last_err})")
+    raise TimeoutError(f"{cfg.host}:{cfg.port} not writable within {timeout_s:.0f}s of pg_promote ({last_err})")
 
 
 class PromotionAbort(BaseModel):
