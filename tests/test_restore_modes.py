@@ -109,6 +109,71 @@ async def test_rebuild_standby_from_backup_after_its_data_dir_is_broken(lab, cli
     await record(handle, "restore-rebuild_standby")
 
 
+async def test_a_rebuild_that_fails_leaves_the_standby_as_it_found_it(lab, client):
+    """Before anything is kept, a failed rebuild is undone: the original directory back in
+    place and the standby running and streaming again, as it was (it used to be left stopped,
+    its directory put back but never started). Every restore attempt's pgbackrest is killed,
+    so all three attempts fail; each puts the original back itself, and the runbook's undo step
+    then says where the node stands."""
+    import asyncio
+    import os
+    import signal
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _table(lab)
+    await _backup(lab, client, type="full")
+    pg = lab.cfg.region(standby).postgres
+    data = PgCtl(pg).data_dir
+    stanza = Stanza(lab.cfg, standby)
+    st = pg_status(pg)
+    assert st.role == "standby" and st.receiver_status == "streaming", st
+    marker = uuid.uuid4().hex
+    (data / "eagle-dr-test-original").write_text(marker)  # ignored by PostgreSQL; names this directory
+    handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
+                                         id=f"test-rebuild-fails-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    killed: list[int] = []
+
+    async def kill_every_restore() -> None:
+        while True:
+            for pid in stanza.processes("restore"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            await asyncio.sleep(0.005)  # the fault's own loop, not a wait for the test
+
+    killer = asyncio.ensure_future(kill_every_restore())
+    try:
+        await handle.execute_update("approve", _decide("approve"))
+        with pytest.raises(WorkflowFailureError) as e:
+            await asyncio.wait_for(handle.result(), 600)
+    finally:
+        killer.cancel()
+    assert killed
+    cause = e.value.cause
+    assert cause.type == "RebuildFailed" and "undone:" in cause.message, cause
+    assert f"{standby} now: a standby" in cause.message, cause.message
+    steps = [s.name for s in (await _progress(handle)).steps]
+    assert any(n.startswith(f"Undo: {standby}'s original data directory") for n in steps), steps
+    assert not aside_dir(data).exists()
+    assert (data / "eagle-dr-test-original").read_text() == marker  # the original, not a restore
+
+    async def streaming() -> bool:
+        s = pg_status(pg)
+        return s.role == "standby" and s.receiver_status == "streaming"
+
+    await _until(streaming, 120, "the original standby to stream again", 0.2)
+    with psycopg.connect(lab.cfg.region(primary).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select active from pg_replication_slots where slot_name = %s",
+                            (pg.slot_name,)).fetchone() == (True,)
+    (data / "eagle-dr-test-original").unlink()
+    await record(handle, "restore-rebuild-failed-undone")
+
+
 def _primary_conn(lab):
     return psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True)
 

@@ -70,7 +70,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
-    from workflows.runbook import Runbook
+    from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
 
 
@@ -254,21 +254,49 @@ class RestoreWorkflow(Runbook):
             inp.approval, f"replace {region}'s PostgreSQL data directory with backup {chk.newest_backup} from "
                           f"{req.repo_region}'s bucket and stream from {primary} (the old directory is kept aside "
                           "until the new one streams)")
+        rreq = RebuildRequest(region=region, primary_region=primary, repo_region=req.repo_region)
+        failed: BaseException | None = None
         async with self.step(f"Rebuild {region}'s standby from {req.repo_region}'s bucket") as rec:
             try:
-                rebuilt = await self.act(RestoreActivities.rebuild_standby,
-                                         RebuildRequest(region=region, primary_region=primary,
-                                                        repo_region=req.repo_region),
-                                         queue=queue, timeout=3600 + 600, heartbeat=60, schedule_to_start=60,
-                                         attempts=3)
-            except ActivityError as e:
-                raise _as_input_error(e) from None
-            rec.detail = (f"backup {rebuilt.backup_label}: restore {rebuilt.restore_seconds:.1f} s, catch-up "
-                          f"{rebuilt.catch_up_seconds:.1f} s; streaming from {rebuilt.upstream}")
+                rebuilt = await self.act(RestoreActivities.rebuild_standby, rreq, queue=queue, timeout=3600 + 600,
+                                         heartbeat=60, schedule_to_start=60, attempts=3)
+            except (ActivityError, asyncio.CancelledError) as e:
+                refused = _as_input_error(e) if isinstance(e, ActivityError) else e
+                if refused is not e or not workflow.patched("restore-rebuild-undo"):
+                    # A refusal of the input changed nothing (the node is checked before it is touched).
+                    raise refused from None
+                failed = e
+                rec.status = "failed"
+                rec.detail = "cancelled" if isinstance(e, asyncio.CancelledError) else f"FAILED: {described(e)}"
+            else:
+                rec.detail = (f"backup {rebuilt.backup_label}: restore {rebuilt.restore_seconds:.1f} s, catch-up "
+                              f"{rebuilt.catch_up_seconds:.1f} s; streaming from {rebuilt.upstream}")
+        if failed is not None:
+            # Before anything is kept, so undone: the original directory back and the node as it
+            # was (the activity does this itself unless its worker died). Run to its end even if
+            # a cancel is what ended the rebuild, or arrives now.
+            undone, asked = await self.settled(self._undo_rebuild(rreq, queue))
+            if isinstance(failed, asyncio.CancelledError) or asked:
+                raise self.cancelled([undone]) from None
+            self.finish("failed")
+            raise ApplicationError(f"rebuilding {region}'s standby failed ({described(failed)}); undone: {undone}",
+                                   type="RebuildFailed", non_retryable=True) from None
         outcome = "degraded" if self.degraded else "succeeded"
         self.finish(outcome)
         return RestoreResult(service=topo.service, mode=inp.mode, dropped=False, degraded=self.degraded,
                              outcome=outcome, primary_region=primary, approval=approval, rebuilt=rebuilt)
+
+    async def _undo_rebuild(self, rreq: RebuildRequest, queue: str) -> str:
+        async with self.step(f"Undo: {rreq.region}'s original data directory back, as it was") as rec:
+            try:
+                rec.detail = await self.act(RestoreActivities.undo_rebuild, rreq, queue=queue, timeout=600,
+                                            heartbeat=60, schedule_to_start=60, attempts=3)
+            except ActivityError as e:
+                rec.status = "failed"
+                rec.detail = (f"NOT undone ({described(e)}): {rreq.region}'s original data directory may still be "
+                              f"set aside beside its data directory (.<name>.eagle-dr-before-restore): move it back "
+                              f"and start it, or run the rebuild again")
+            return rec.detail
 
     # -- recover-rows ------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, 
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.expire import RepoExpiry, expire
 from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza
-from activities.backup.rebuild import RebuiltStandby, rebuild_standby
+from activities.backup.rebuild import RebuiltStandby, rebuild_standby, undo_rebuild
 from activities.backup.recover import RowRecovery, RowSelection, SelectionError, recover_rows
 from activities.backup.restore import (
     FollowingScratch,
@@ -375,6 +375,16 @@ class RestoreActivities:
                                        beat=activity.heartbeat, timeout=req.timeout_seconds)
         except RestoreError as e:
             raise _restore_error(e) from None
+
+    @activity.defn
+    def undo_rebuild(self, req: RebuildRequest) -> str:
+        """The rebuild's undo when it failed or was cancelled (region-bound: its data directory):
+        the original directory back in place and the node as the rebuild found it, if the
+        rebuild's own cleanup did not get to it; returns what it did and where the node stands."""
+        st = Stanza(self.cfg, req.region)
+        node = self.cfg.region(req.region)
+        with heartbeating():
+            return undo_rebuild(st, self.cfg.region(req.primary_region).postgres, slot=node.postgres.slot_name)
 
     @activity.defn
     def recover_rows(self, req: RecoverRowsRequest) -> RowRecovery:

@@ -14,6 +14,7 @@ failed restore (a bucket gone, a full disk) must leave it where it was.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -21,14 +22,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import structlog
 from pydantic import BaseModel
 
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
 from activities.backup.restore import RestoreError, _plain, timeline_to_follow, wait_streaming
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
 from activities.postgres.standby import _streaming_from, ensure_slot
-from activities.postgres.status import pg_status
+from activities.postgres.status import connect, pg_status
 from eagle_dr.config import PostgresConfig, scrub
+
+log = structlog.get_logger(__name__)
 
 
 class RebuiltStandby(BaseModel):
@@ -44,6 +48,60 @@ class RebuiltStandby(BaseModel):
 
 def aside_dir(data: Path) -> Path:
     return data.with_name(f".{data.name}.eagle-dr-before-restore")
+
+
+def _found_file(data: Path) -> Path:
+    """How the rebuild found the node, kept beside the directory set aside until it is gone
+    (an undo in a later attempt, or in the runbook's undo step, must put back what was there:
+    a running standby runs again, a slot the rebuild made is dropped)."""
+    return data.with_name(f".{data.name}.eagle-dr-before-restore.json")
+
+
+def put_back_original(ctl: PgCtl, primary: PostgresConfig, slot: str) -> str:
+    """Undo a rebuild that did not finish: the directory set aside goes back in place of the
+    half-made restore, and the node is left as the rebuild found it (started again if it was
+    running; the slot dropped if the rebuild created it and nothing streams through it).
+    Idempotent: nothing aside, nothing to do. Returns what it did, for the report."""
+    data = ctl.data_dir
+    aside = aside_dir(data)
+    found_file = _found_file(data)
+    if not aside.exists():
+        found_file.unlink(missing_ok=True)
+        return "nothing to put back: no data directory was set aside"
+    try:
+        found = json.loads(found_file.read_text())
+    except (OSError, ValueError):
+        found = {}  # set aside before this record existed, or it was lost: start nothing, drop nothing
+    try:
+        if ctl.running():
+            ctl.stop("immediate", timeout=60)
+    except PgCtlError:
+        ctl.kill()
+    if ctl.running():
+        ctl.kill()
+    shutil.rmtree(data, ignore_errors=True)
+    os.rename(aside, data)
+    _fsync_dir(data.parent)
+    done = [f"the original data directory is back in {data}"]
+    if found.get("was_running"):
+        try:
+            ctl.start(timeout=120)
+            done.append("started again, as it was running")
+        except PgCtlError as e:
+            # It may not have run well before either (a rebuild is for broken standbys).
+            done.append(f"it did not start again ({_plain(scrub(str(e).strip()))[:200]}), though it was running")
+    if found.get("slot_created"):
+        try:
+            with connect(primary, 5) as conn:
+                dropped = conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots "
+                                       "where slot_name = %s and not active", (slot,)).fetchall()
+            done.append(f"slot {slot} the rebuild made on the primary dropped" if dropped else
+                        f"slot {slot} kept: the original streams through it")
+        except Exception as e:  # noqa: BLE001 - reported, never hidden: it pins the primary's WAL
+            done.append(f"slot {slot} the rebuild made on the primary could NOT be dropped "
+                        f"({_plain(scrub(str(e).strip()))[:200]}): drop it, or it keeps WAL there")
+    found_file.unlink(missing_ok=True)
+    return "; ".join(done)
 
 
 @contextmanager
@@ -80,11 +138,18 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
             if aside.exists() and _streaming_from(node, primary):
                 # An earlier attempt finished and died before it said so.
                 shutil.rmtree(aside, ignore_errors=True)
+                _found_file(data).unlink(missing_ok=True)
                 return RebuiltStandby(region=stanza.region.name, repo_region=repo_region, already_streaming=True,
                                       upstream=upstream, replay_lsn=st.lsn)
         if not aside.exists():
             _refuse_old_primary(stanza.region.name, ctl)
-        ensure_slot(primary, slot)
+            # Recorded before anything changes; a retry (the original already aside) keeps the
+            # first attempt's record, which is the one that saw the node as found.
+            _found_file(data).write_text(json.dumps({"was_running": ctl.running(), "slot_created": False}))
+        if ensure_slot(primary, slot):
+            found_file = _found_file(data)
+            found = json.loads(found_file.read_text()) if found_file.exists() else {}
+            found_file.write_text(json.dumps({**found, "slot_created": True}))
         # A broken standby may not stop cleanly (pg_control gone): immediate, then kill.
         try:
             ctl.stop("immediate", timeout=60)
@@ -100,19 +165,35 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
             os.rename(data, aside)
             _fsync_dir(data.parent)
         try:
-            return _restore_and_start(stanza, ctl, primary, repo_region, application_name, slot, beat, timeout)
+            rebuilt = _restore_and_start(stanza, ctl, primary, repo_region, application_name, slot, beat, timeout)
         except BaseException:
-            # Put the original back: a failed rebuild leaves the node as it found it (stopped).
+            # A failed or cancelled rebuild leaves the node as it found it: running if it ran.
+            # An undo that fails here is left to the runbook's undo step (undo_rebuild), and
+            # the restore's own error is the one raised.
             try:
-                if ctl.running():
-                    ctl.stop("immediate", timeout=60)
-            except PgCtlError:
-                ctl.kill()
-            shutil.rmtree(data, ignore_errors=True)
-            if aside.exists():
-                os.rename(aside, data)
-                _fsync_dir(data.parent)
+                put_back_original(ctl, primary, slot)
+            except Exception as undo:  # noqa: BLE001 - see above
+                log.warning("putting the original data directory back failed", error=str(undo)[:200])
             raise
+        _found_file(data).unlink(missing_ok=True)
+        return rebuilt
+
+
+def undo_rebuild(stanza: Stanza, primary: PostgresConfig, slot: str) -> str:
+    """The runbook's undo of a rebuild that failed or was cancelled: what ``put_back_original``
+    does, if the rebuild's own cleanup did not (its worker died), then where the node stands."""
+    node = stanza.region.postgres
+    ctl = PgCtl(node)
+    with _exclusive(ctl.data_dir):
+        done = put_back_original(ctl, primary, slot)
+    st = pg_status(node, 5)
+    if not st.reachable:
+        now = "its PostgreSQL is not running" if not ctl.running() else f"its PostgreSQL does not answer ({st.error})"
+    elif st.role == "standby":
+        now = f"a standby, {st.receiver_status or 'not streaming'}" + (f" from {st.upstream}" if st.upstream else "")
+    else:
+        now = f"answering as {st.role}"
+    return f"{done}; {stanza.region.name} now: {now}"
 
 
 def _refuse_old_primary(region: str, ctl: PgCtl) -> None:
