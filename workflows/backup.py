@@ -201,6 +201,16 @@ class BackupWorkflow(Runbook):
                 backups.append(b)
                 rec.detail = (f"{b.label}: {_size(b.size)} database, {_size(b.repo_size)} in the repo, "
                               f"WAL {b.wal_start}..{b.wal_stop}, {b.duration_seconds:.0f} s")
+                if b.error:
+                    # pgBackRest finished (exit 0) but copied pages that failed their checksum:
+                    # the newest restore source holds corrupt pages, which only `backup list`
+                    # showed. A finding, not a failure: the backup is still the best there is.
+                    rec.status = "failed"
+                    rec.detail += "; PAGE CHECKSUM ERRORS"
+                    self.degraded.append(
+                        f"backup {b.label} in {repo}'s bucket copied pages that failed their checksum (pgBackRest "
+                        "logged which: `pgbackrest info --set` and its backup log); the source's data files are "
+                        "damaged there, and a restore from it brings the damage back")
         if failed:
             self.degraded += [f"no backup in {r}'s bucket: {why}" for r, why in failed.items()]
         workflow.upsert_search_attributes([

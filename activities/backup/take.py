@@ -100,8 +100,14 @@ def _finished_since(stanza: Stanza, repo_region: str, type_: str, not_before: fl
     # That repo alone: ``info`` on both costs a second repo's round trips (and its timeouts
     # when that bucket is down) for backups this question never concerns.
     cat = read_catalog(stanza, f"--repo={repo_key(stanza.cfg, stanza.region.name, repo_region)}")
-    done = [b for b in cat.on(repo_region) if b.type == type_ and b.started.timestamp() >= not_before - 1]
+    # pgBackRest takes a full backup instead of an incr or diff when the repo has no full one to
+    # build on (a bucket recreated empty) and says so only in its log: that full backup is this
+    # run's, and missing it made the step fail and its retry take a second backup.
+    done = [b for b in cat.on(repo_region) if b.type in _AT_LEAST[type_] and b.started.timestamp() >= not_before - 1]
     return done[-1] if done else None
+
+
+_AT_LEAST = {"incr": ("incr", "diff", "full"), "diff": ("diff", "full"), "full": ("full",)}
 
 
 def standby_options(stanza: Stanza, primary_region: str) -> list[str]:
