@@ -229,6 +229,65 @@ def test_a_metric_the_sdk_rejects_never_fails_what_it_measures():
     assert _value(text, "eagle_dr_redis_offset_lag_bytes", region="r1") is None
 
 
+async def test_a_failed_automatic_attempt_keeps_its_cooldown_across_continue_as_new(lab, client):
+    """An automatic failover attempt that does not happen (here another workflow holds the
+    move's id) starts the cooldown as a move would: "a human decides". The next run of the
+    monitor (continue-as-new every three rounds) used to start without it and try again at once."""
+    a = _primary(lab)
+    holder = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=60, paused=True),
+        id=move_id(lab.cfg.service), task_queue=lab.cfg.temporal.control_task_queue)
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=0.5, failure_threshold=2,
+                                          iterations_per_run=3, auto_failover=True,
+                                          auto_failover_cooldown_seconds=600, watch_split_brain=False),
+        id=f"monitor-cooldown-can-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    first_run = handle.result_run_id
+    pid = lab.postgres(a).pid
+    try:
+        async def healthy():
+            st = await _state(handle)
+            return st if st and st.rounds >= 1 and st.votes.get("control") == "up" else None
+
+        await _until(healthy, 60, "a healthy round")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async def decided():
+                # The latest run: the attempt may be made in one run and the next started at once.
+                h = client.get_workflow_handle(handle.id)
+                st = await _state(h)
+                if st is None:
+                    return None
+                if any("within the cooldown" in f for f in st.findings):
+                    return "cooldown", st, (await h.describe()).run_id
+                if any("a move already holds" in f for f in st.findings):
+                    return "attempt", st, (await h.describe()).run_id
+                return None
+
+            what, st, run = await _until(decided, 120, "an automatic attempt that cannot start")
+            if what == "attempt":
+                assert st.cooldown_until is not None, st
+
+                async def next_run_decided():
+                    got = await decided()
+                    return got if got is not None and got[2] != run else None
+
+                what, st, run = await _until(next_run_decided, 120, "the monitor's next run to decide")
+            # A later run: the input carried no cooldown, so only the failed attempt can have set it.
+            assert run != first_run and what == "cooldown", (what, st.findings)
+            assert not any("a move already holds" in f for f in st.findings), st.findings
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        for h in (client.get_workflow_handle(handle.id), holder):
+            try:
+                await h.terminate("test over")
+            except Exception:  # noqa: BLE001 - already ended
+                pass
+    assert _primary(lab) == a
+    lab.wait_replication()
+
+
 async def test_no_automatic_failover_within_the_cooldown_or_to_a_dead_target(lab, client):
     """Automatic failover on, the primary down for more rounds than the threshold: within the
     cooldown of the last automatic attempt, and (without a cooldown) with the standby down

@@ -201,6 +201,7 @@ class MonitorWorkflow(Runbook):
         self._woke_early = False
         self._end_on_down = False  # set per run (the monitor-round-ends-on-majority-down patch)
         self.stop_reason: str | None = None
+        self._last_attempt = None  # this run's last automatic failover attempt (kept across continue-as-new)
         self.paused = False
         # What the current outage has already been reported as (one finding per outage, not per round).
         self._noted: str | None = None
@@ -548,7 +549,10 @@ class MonitorWorkflow(Runbook):
                                       "pause_reason": self.state.pause_reason, "paused_since": self.state.paused_since,
                                       "running_since": self.state.running_since,
                                       "holds": [h for h in self.state.holds if h.until > workflow.now()],
-                                      "readiness_known": self._readiness_known, **more})
+                                      "readiness_known": self._readiness_known,
+                                      # A refused or failed automatic attempt starts the cooldown too:
+                                      # dropped here, the next run would try again at once.
+                                      "last_auto_move_at": self._last_attempt or inp.last_auto_move_at, **more})
 
     def _cooldown_until(self, inp: MonitorInput):
         if inp.last_auto_move_at is None:
@@ -589,7 +593,7 @@ class MonitorWorkflow(Runbook):
     async def _auto_failover(self, inp: MonitorInput, topo, primary: str, first_failure,
                              why: str | None = None) -> MonitorReport | None:
         target = topo.other(primary).name
-        attempt = workflow.now()
+        attempt = self._last_attempt = workflow.now()
         self.state.cooldown_until = attempt + timedelta(seconds=inp.auto_failover_cooldown_seconds)
         workflow.set_current_details(f"**{primary} is DOWN**: failing over to {target}")
         report = MonitorReport(service=inp.service, watched_region=primary, first_failure_at=first_failure,
