@@ -324,7 +324,9 @@ class FailoverWorkflow(Runbook):
             try:
                 fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
                     region=source, epoch=self.epoch, method="stop", kill_after_seconds=KILL_AFTER_S),
-                    queue=source_queue, timeout=120, schedule_to_start=5, attempts=1)
+                    # heartbeat: it beats every 2 s; a worker lost after taking it is noticed in
+                    # 10 s, not at the 120 s start-to-close.
+                    queue=source_queue, timeout=120, schedule_to_start=5, attempts=1, heartbeat=10)
                 # Its worker answered: it reaches Temporal, so it will never fence itself (see
                 # _await_self_fence); what it could not fence is a server hung on its own host.
                 self.source_worker_answered = True
@@ -332,9 +334,11 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):
                     raise  # a cancel request, not a dead worker: the caller undoes the fence
-                # Only a fence nobody picked up means a silent worker; one that failed or ran
-                # out of time was picked up by a worker that reaches Temporal.
-                self.source_worker_answered = not _not_picked_up(e)
+                # Only a fence nobody took, or whose worker went silent while it ran (crashed, or
+                # cut off: then it fences itself), means a silent worker; one that failed or ran
+                # out of time was taken by a worker that reaches Temporal.
+                self.source_worker_answered = not _not_picked_up(e) and not (
+                    _went_silent(e) and workflow.patched("failover-stop-fence-heartbeat"))
 
         return await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
                                   method="read_only"), queue=control, timeout=30, attempts=2, local=local)
@@ -355,7 +359,7 @@ class FailoverWorkflow(Runbook):
             try:
                 fence = await self.act(PostgresActivities.fence_postgres, FenceRequest(
                     region=source, epoch=self.epoch, method="stop", kill_after_seconds=KILL_AFTER_S), queue=sq,
-                    timeout=120,
+                    timeout=120, heartbeat=10,
                     schedule_to_start=wait_for, attempts=1, summary=f"stop fence, if {source}'s worker comes back")
                 if fence.method:
                     st.detail = f"its worker came back and fenced it: {fence.method}" + _killed(fence)
@@ -363,7 +367,8 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):
                     raise
-                if not _not_picked_up(e):
+                silent = _went_silent(e) and workflow.patched("failover-stop-fence-heartbeat")
+                if not _not_picked_up(e) and not silent:
                     self.source_worker_answered = True
             got = await asyncio.gather(*[
                 self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
@@ -574,6 +579,9 @@ def standby_lag(source, target) -> tuple[int | None, str]:
     With the source gone, only what its walsender last reported is known; anything it wrote
     after that report is unknown, never counted as 0."""
     received = target.receive_lsn or target.lsn
+    if received is None:
+        # A target that did not answer (an approval's re-check): its lag was counted 0 here.
+        return None, "the target's received LSN is unknown (it did not answer): unknown"
     if source is not None and source.role == "primary" and source.lsn:
         return max(0, lsn_diff(source.lsn, received) or 0), "source current LSN - target received LSN"
     if target.sender_end_lsn and received:
@@ -662,6 +670,11 @@ def rpo_met(rpo: Rpo) -> bool | None:
     if rpo.loss_window_s is not None and rpo.lost_commits is not None:
         return rpo.loss_window_s <= rpo.target_s
     return None
+
+
+def _went_silent(e: ActivityError) -> bool:
+    """The worker running the activity stopped heartbeating."""
+    return isinstance(e.cause, ActivityTimeout) and e.cause.type == TimeoutType.HEARTBEAT
 
 
 def _not_picked_up(e: ActivityError) -> bool:
