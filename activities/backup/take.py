@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from activities.backup.catalog import BackupRecord, read_catalog
+from activities.heartbeat import heartbeating
 from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, _last_error, repo_key
 from activities.postgres.status import connect
 from eagle_dr.config import scrub
@@ -141,9 +142,15 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
                 owner: str, timeout: float = 6 * 3600, first_attempt: bool = False) -> BackupRecord:
     # Only a retry can find a backup its own earlier attempt finished: the first attempt skips
     # the look (an ``info`` of the repo, about half a second of S3 round trips and decryption).
-    if not first_attempt and (done := _finished_since(stanza, repo_region, type_, not_before)):
-        return done
-    stopped = stop_orphans(stanza, owner)
+    # The blocking steps around the backup (an ``info`` of up to 120 s, stopping an orphan for
+    # up to 60 s, a CHECKPOINT) beat from a side thread: the step's heartbeat timeout is 60 s,
+    # and without beats the server gave the attempt up and started a second one beside it.
+    if not first_attempt:
+        with heartbeating(10.0, {"phase": "looking for this run's backup"}):
+            if (done := _finished_since(stanza, repo_region, type_, not_before)):
+                return done
+    with heartbeating(10.0, {"phase": "stopping a backup left by an earlier attempt"}):
+        stopped = stop_orphans(stanza, owner)
     if stopped:
         beat({"phase": "stopped a backup left by an earlier attempt", "pids": stopped})
     # Another run's backup (a manual one beside the schedule's) holds the stanza's lock: wait
@@ -157,7 +164,8 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
                                                           f"still runs after {timeout:.0f}s")
         beat({"phase": "waiting for another backup", "owners": sorted(set(others.values()))})
         time.sleep(2)
-    checkpoint_if_timeline_changed(stanza, primary_region)
+    with heartbeating(10.0, {"phase": "checkpoint after a promotion"}):
+        checkpoint_if_timeline_changed(stanza, primary_region)
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
     opts = [f"--repo={key}", f"--type={type_}"]
     if from_standby:
@@ -206,7 +214,8 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
                 f"the primary's ({primary_region}) pgBackRest server {where} could not be reached from "
                 f"{stanza.region.name}: {why}"))
         raise PgBackRestError("backup", proc.returncode, scrub(_last_error(err)))
-    done = _finished_since(stanza, repo_region, type_, not_before)
+    with heartbeating(10.0, {"phase": "reading the backup's record"}):
+        done = _finished_since(stanza, repo_region, type_, not_before)
     if done is None:
         raise PgBackRestError("backup", 0, "finished, but info lists no backup from this run")
     return done
