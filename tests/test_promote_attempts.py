@@ -159,7 +159,9 @@ def test_a_cancel_is_proof_only_when_the_runbook_asked(standby):
 def test_an_attempt_that_stalled_past_its_bound_does_not_promote():
     """Its bound is half the heartbeat timeout: here 1 ms, which the epoch check and the slot
     reservation alone take longer than. The same standby then promotes on an attempt that is
-    on time."""
+    on time: a retry of the switchover's step whose first attempt was scheduled longer ago than
+    both its catch-up and its promotion timeouts (the wait for the replay used that time, and
+    the promotion's own wait is per attempt: it must still promote, not give up at once)."""
     cm, node = _standby("promote-stalled", PORT + 1)
     try:
         acts = _activities(node)
@@ -171,7 +173,8 @@ def test_an_attempt_that_stalled_past_its_bound_does_not_promote():
             assert e.value.type == "AttemptStalled" and not e.value.non_retryable, e.value
             assert _in_recovery(node)
             assert not (Path(node.data_dir) / "promote").exists()
-        promotion = _env().run(acts.promote_postgres, PromoteRequest(region=REGION, epoch=1, record_epoch=True))
+        promotion = _env(attempt=2, scheduled_ago_s=1000).run(acts.promote_when_replayed, PromoteWhenReplayedRequest(
+            region=REGION, epoch=1, record_epoch=True, lsn="0/0", catch_up_timeout_seconds=600, timeout_seconds=120))
         assert promotion.timeline and not _in_recovery(node)
     finally:
         cm.__exit__(None, None, None)

@@ -283,6 +283,8 @@ class PostgresActivities:
     def promote_postgres(self, req: PromoteRequest) -> Promotion:
         """Promote the region's standby for epoch ``req.epoch``, refusing if a newer runbook won."""
         pg = self._pg(req.region)
+        # This step is the promotion alone: its retries share the first attempt's deadline.
+        deadline = deadline_across_attempts(req.timeout_seconds)
         watch = Stopwatch()
         beat = [time.monotonic()]  # no heartbeat before pg_promote: the attempt's start
         # One session for the epoch check, the slots, pg_promote, the wait and the epoch's
@@ -290,7 +292,7 @@ class PostgresActivities:
         # The replay wait's, when this worker ran it (sessions.py).
         with session(pg) as conn:
             watch.lap("connect")
-            return self._promote_in(req, pg, conn, watch, before_promote=_still_ours(beat))
+            return self._promote_in(req, pg, conn, watch, before_promote=_still_ours(beat), deadline=deadline)
 
     # no_thread_cancel_exception: the SDK would otherwise raise a cancel inside this thread
     # wherever it happens to be, a promotion half asked for included (and on leaving a
@@ -384,7 +386,7 @@ class PostgresActivities:
             time.sleep(0.005 if conn is not None else 0.02)
 
     def _promote_in(self, req: PromoteRequest, pg, conn: psycopg.Connection, watch: Stopwatch,
-                    before_promote=None) -> Promotion:
+                    before_promote=None, deadline: float | None = None) -> Promotion:
         phase = watch.lap
         self._check_epoch(req, conn)
         phase("epoch check")
@@ -396,7 +398,9 @@ class PostgresActivities:
         phase("slots")
         if before_promote is not None:
             before_promote()
-        promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn)
+        # (In promote_when_replayed the time before pg_promote is the replay wait's, bounded by
+        # its own deadline: the wait here is per attempt.)
+        promotion = promote(pg, timeout_s=req.timeout_seconds, heartbeat=_heartbeat, conn=conn, deadline=deadline)
         phase("pg_promote to writable")
         if promotion.timeline:
             # Also on a retry that finds it promoted already: a first attempt may have died

@@ -10,7 +10,6 @@ from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl, PgCtlError
 from activities.postgres.status import CURRENT_TIMELINE, connect, in_recovery
-from activities.deadline import deadline_across_attempts
 from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
 
@@ -42,19 +41,24 @@ def _writable(cfg: PostgresConfig) -> tuple[bool, int | None]:
         return _writable_in(conn)
 
 
-def promote(cfg: PostgresConfig, timeout_s: float, heartbeat=None, conn: psycopg.Connection | None = None) -> Promotion:
+def promote(cfg: PostgresConfig, timeout_s: float, heartbeat=None, conn: psycopg.Connection | None = None,
+            deadline: float | None = None) -> Promotion:
     """pg_promote, then wait until the node takes a real write. ``conn``: a session the caller
-    already opened to the node (it stays the caller's to close)."""
+    already opened to the node (it stays the caller's to close). ``deadline``: a
+    ``time.monotonic()`` to wait until instead of ``timeout_s`` from pg_promote (a step whose
+    retries must not each wait the whole timeout again: activities/deadline.py); the node is
+    looked at once even when it has passed."""
     own = conn is None
     conn = connect(cfg) if own else conn
     try:
-        return _promote(cfg, conn, timeout_s, heartbeat)
+        return _promote(cfg, conn, timeout_s, heartbeat, deadline)
     finally:
         if own:
             conn.close()
 
 
-def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, heartbeat) -> Promotion:
+def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, heartbeat,
+             deadline: float | None = None) -> Promotion:
     recovering = conn.execute("select pg_is_in_recovery()").fetchone()[0]
     replay = receive = None
     if recovering:
@@ -63,15 +67,17 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
         # wait => false: we poll ourselves, with heartbeats, instead of blocking in SQL
         # (pg_promote(wait => true) itself polls only every 100 ms).
         conn.execute("select pg_promote(wait => false)")
-    # Retries of the step do not each wait the whole timeout again (activities/deadline.py).
-    deadline = deadline_across_attempts(timeout_s)
+    if deadline is None:
+        deadline = time.monotonic() + timeout_s
     last_err: Exception | None = None
     # The hot-standby session that asked survives the promotion: polling it every 5 ms costs
     # one tiny query, where a new session per poll cost a SCRAM handshake and the old 50 ms
     # sleep added 25 ms on average to every promotion (all of it write outage). Only after an
     # error is a session of our own opened per poll, as before.
     session: psycopg.Connection | None = conn
-    while time.monotonic() < deadline:
+    first = True
+    while first or time.monotonic() < deadline:
+        first = False
         try:
             if session is not None and not session.broken and not session.closed:
                 ok, tli = _writable_in(session)
@@ -87,7 +93,7 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
         if heartbeat:
             heartbeat({"waiting": "promotion"})
         time.sleep(0.005 if session is not None else 0.05)
-    raise TimeoutError(f"{cfg.host}:{cfg.port} not writable within {timeout_s:.0f}s of pg_promote ({last_err})")
+    raise TimeoutError(f"{cfg.host}:{cfg.port} not writable {timeout_s:.0f}s after pg_promote ({last_err})")
 
 
 class PromotionAbort(BaseModel):
