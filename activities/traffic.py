@@ -211,7 +211,7 @@ class TrafficActivities:
                     k8s.close()
                     if region.name == req.region:
                         raise
-                    result.unreachable[region.name] = str(e).strip()[:300]
+                    result.unreachable[region.name] = scrub(str(e).strip())[:300]
                     continue
                 clusters[region.name] = k8s
             target = clusters[req.region]
@@ -230,7 +230,7 @@ class TrafficActivities:
                 except StaleEpochError:
                     raise
                 except Exception as e:  # noqa: BLE001 - the region traffic leaves may be dying
-                    result.unreachable[name] = str(e).strip()[:300]
+                    result.unreachable[name] = scrub(str(e).strip())[:300]
         finally:
             for k8s in clusters.values():
                 k8s.close()
@@ -248,7 +248,7 @@ class TrafficActivities:
                 for d in k8s.list_deployments():
                     counts.setdefault(d.name, d.replicas or remembered.get(d.name, 0))
             except Exception as e:  # noqa: BLE001 - only a hint; the target's own memory comes first
-                result.unreachable[name] = str(e).strip()[:300]
+                result.unreachable[name] = scrub(str(e).strip())[:300]
         return counts
 
     @activity.defn
