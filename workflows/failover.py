@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutType
-from temporalio.exceptions import TimeoutError as ActivityTimeout
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, RegionHealth
@@ -41,7 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.models import FailoverInput, Rpo, Rto, RunbookResult
     from workflows.plan import failover_plan
-    from workflows.runbook import Runbook, described
+    from workflows.runbook import Runbook, described, not_picked_up, went_silent
     from workflows.validation import RawInput, invalid, validated
 
 # The old primary's stop fence kills a server still up this long after the stop request: one
@@ -151,8 +150,9 @@ class FailoverWorkflow(Runbook):
             # it again would make it a writable primary beside the new one. So once the target
             # is promoted, its worker (alive more often than not: it is the server that died)
             # holds it as a standby of nothing, beside the routing.
-            hold = not pg_fence.method and not waited and workflow.patched("failover-hold-unfenced-old-primary")
-            if not pg_fence.method and not waited and not hold:
+            unfenced = not pg_fence.method and not waited
+            hold = unfenced and workflow.patched("failover-hold-unfenced-old-primary")
+            if unfenced and not hold:
                 notes.append(f"old primary in {source} was unreachable and is NOT fenced: it must stay down "
                              "until failback rewinds it")
 
@@ -337,8 +337,7 @@ class FailoverWorkflow(Runbook):
                 # Only a fence nobody took, or whose worker went silent while it ran (crashed, or
                 # cut off: then it fences itself), means a silent worker; one that failed or ran
                 # out of time was taken by a worker that reaches Temporal.
-                self.source_worker_answered = not _not_picked_up(e) and not (
-                    _went_silent(e) and workflow.patched("failover-stop-fence-heartbeat"))
+                self.source_worker_answered = not _worker_silent(e)
 
         return await self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
                                   method="read_only"), queue=control, timeout=30, attempts=2, local=local)
@@ -367,8 +366,7 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 if isinstance(e.cause, CancelledError):
                     raise
-                silent = _went_silent(e) and workflow.patched("failover-stop-fence-heartbeat")
-                if not _not_picked_up(e) and not silent:
+                if not _worker_silent(e):
                     self.source_worker_answered = True
             got = await asyncio.gather(*[
                 self.act(PostgresActivities.fence_postgres, FenceRequest(region=source, epoch=self.epoch,
@@ -420,17 +418,21 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 undone.append(f"{source}'s Redis could NOT be unfenced ({e.cause or e})")
             try:
-                # The epoch this run took is spent: recorded where the next move reads it, so the
-                # routing written with it below never looks newer than that move.
-                await self.act(PostgresActivities.record_epoch, EpochRequest(region=source, epoch=self.epoch),
-                               queue=control, timeout=30, attempts=2)
-                await self.act(TrafficActivities.route_traffic, RouteRequest(region=source, epoch=self.epoch),
-                               queue=control, timeout=120, attempts=2)
+                await self._route_back(source, control)
                 undone.append(f"{source}'s services scaled back up, routing on {source}")
             except ActivityError as e:
                 undone.append(f"{source}'s services could NOT be scaled back up ({e.cause or e})")
             st.detail = "; ".join(undone)
         return undone
+
+    async def _route_back(self, source: str, control: str) -> None:
+        """Routing, and the services the scale-down stopped, back on ``source`` after a move that
+        did not happen. The epoch this run took is spent: recorded where the next move reads it,
+        so the routing written with it never looks newer than that move."""
+        await self.act(PostgresActivities.record_epoch, EpochRequest(region=source, epoch=self.epoch),
+                       queue=control, timeout=30, attempts=2)
+        await self.act(TrafficActivities.route_traffic, RouteRequest(region=source, epoch=self.epoch),
+                       queue=control, timeout=120, attempts=2)
 
     async def _abort_promotion(self, target: str, tq: str, source: str, fence: PgFence, redis_paused: bool,
                                control: str, source_queue: str, failure: ActivityError) -> Promotion:
@@ -476,14 +478,9 @@ class FailoverWorkflow(Runbook):
                 return "the old primary's fence was left in place (a newer move owns it)"
             if getattr(self, "_scaled_down", False) and workflow.patched("failover-compensation-restores-services"):
                 # The fence step scaled the old region's services to 0: without this the old
-                # primary took writes again with no service in front of it (as the cancel's
-                # undo does: the epoch spent where the next move reads it, then routing back,
-                # which restores the replicas the scale-down remembered).
+                # primary took writes again with no service in front of it (as after a cancel).
                 try:
-                    await self.act(PostgresActivities.record_epoch, EpochRequest(region=source, epoch=self.epoch),
-                                   queue=control, timeout=30, attempts=2)
-                    await self.act(TrafficActivities.route_traffic, RouteRequest(region=source, epoch=self.epoch),
-                                   queue=control, timeout=120, attempts=2)
+                    await self._route_back(source, control)
                     done += f"; {source}'s services scaled back up, routing on {source}"
                 except ActivityError as e:
                     done += (f"; {source}'s services could NOT be scaled back up ({described(e)}): scale them up and "
@@ -672,11 +669,7 @@ def rpo_met(rpo: Rpo) -> bool | None:
     return None
 
 
-def _went_silent(e: ActivityError) -> bool:
-    """The worker running the activity stopped heartbeating."""
-    return isinstance(e.cause, ActivityTimeout) and e.cause.type == TimeoutType.HEARTBEAT
-
-
-def _not_picked_up(e: ActivityError) -> bool:
-    """The activity timed out waiting for a worker to take it (its worker is silent)."""
-    return isinstance(e.cause, ActivityTimeout) and e.cause.type == TimeoutType.SCHEDULE_TO_START
+def _worker_silent(e: ActivityError) -> bool:
+    """A stop fence nobody took, or whose worker stopped heartbeating while it ran (crashed, or
+    cut off: then it fences itself): the old primary's worker is not in touch with Temporal."""
+    return not_picked_up(e) or (went_silent(e) and workflow.patched("failover-stop-fence-heartbeat"))

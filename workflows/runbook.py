@@ -60,15 +60,29 @@ RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2
                     non_retryable_error_types=["StaleEpoch", "InvalidInput"])
 
 
+def _timed_out(error, kind: TimeoutType) -> bool:
+    cause = error.cause if isinstance(error, ActivityError) else error
+    return isinstance(cause, ActivityTimeout) and cause.type == kind
+
+
+def not_picked_up(error) -> bool:
+    """The step timed out waiting for a worker to take it (its worker is silent)."""
+    return _timed_out(error, TimeoutType.SCHEDULE_TO_START)
+
+
+def went_silent(error) -> bool:
+    """The worker running the step stopped heartbeating."""
+    return _timed_out(error, TimeoutType.HEARTBEAT)
+
+
 def described(error) -> str:
     """A step's failure as the person on call reads it. The SDK's words for a timeout ("activity
     ScheduleToStart timeout") do not say that the region's worker is what is missing."""
-    cause = error.cause or error if isinstance(error, ActivityError) else error
-    if isinstance(cause, ActivityTimeout) and cause.type == TimeoutType.SCHEDULE_TO_START:
+    if not_picked_up(error):
         return "no worker took the step within its schedule-to-start bound: is that region's worker running?"
-    if isinstance(cause, ActivityTimeout) and cause.type == TimeoutType.HEARTBEAT:
+    if went_silent(error):
         return "the worker running the step stopped heartbeating (crashed, frozen or cut off)"
-    return str(cause)
+    return str(error.cause or error if isinstance(error, ActivityError) else error)
 
 
 def move_id(service: str) -> str:

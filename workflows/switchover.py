@@ -162,11 +162,11 @@ class SwitchoverWorkflow(Runbook):
                 # stop it until it provably cannot, or learn that it did and roll forward. Run
                 # to its end whatever is asked: cut short, it would leave the service half-moved.
                 (promotion, why), asked = await self.settled(self._settle_promotion(source, target, tq, why,
-                                                                                     routing))
+                                                                                    routing))
                 cancel_asked = cancel_asked or asked
             if promotion is None:
                 undone, asked = await self.settled(self._undo_unpromoted(source, sq, target, tq, slots_asked,
-                                                                          routing))
+                                                                         routing))
                 if cancel_asked or asked:
                     raise self.cancelled(undone)
                 self.finish("failed")
@@ -296,7 +296,6 @@ class SwitchoverWorkflow(Runbook):
             routing.cancel()
         await workflow.wait([routing])
         return not routing.cancelled() and routing.exception() is None and routing.result() is True
-
 
     async def _flush_init_forks(self, source: str, target: str, control: str, notes: list[str]) -> None:
         """With unlogged sequences: a restartpoint on the target first, while clients still

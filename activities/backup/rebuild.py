@@ -72,13 +72,8 @@ def put_back_original(ctl: PgCtl, primary: PostgresConfig, slot: str) -> str:
         found = json.loads(found_file.read_text())
     except (OSError, ValueError):
         found = {}  # set aside before this record existed, or it was lost: start nothing, drop nothing
-    try:
-        if ctl.running():
-            ctl.stop("immediate", timeout=60)
-    except PgCtlError:
-        ctl.kill()
     if ctl.running():
-        ctl.kill()
+        _stop_for_good(ctl)
     shutil.rmtree(data, ignore_errors=True)
     os.rename(aside, data)
     _fsync_dir(data.parent)
@@ -102,6 +97,16 @@ def put_back_original(ctl: PgCtl, primary: PostgresConfig, slot: str) -> str:
                         f"({_plain(scrub(str(e).strip()))[:200]}): drop it, or it keeps WAL there")
     found_file.unlink(missing_ok=True)
     return "; ".join(done)
+
+
+def _stop_for_good(ctl: PgCtl) -> None:
+    """A broken standby may not stop cleanly (pg_control gone): immediate, then kill."""
+    try:
+        ctl.stop("immediate", timeout=60)
+    except PgCtlError:
+        ctl.kill()
+    if ctl.running():
+        ctl.kill()
 
 
 @contextmanager
@@ -150,13 +155,7 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
             found_file = _found_file(data)
             found = json.loads(found_file.read_text()) if found_file.exists() else {}
             found_file.write_text(json.dumps({**found, "slot_created": True}))
-        # A broken standby may not stop cleanly (pg_control gone): immediate, then kill.
-        try:
-            ctl.stop("immediate", timeout=60)
-        except PgCtlError:
-            ctl.kill()
-        if ctl.running():
-            ctl.kill()
+        _stop_for_good(ctl)
         if aside.exists():
             # A retry: the original is already safe aside; what is in ``data`` is our own
             # half-made restore.

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from activities.backup.catalog import BackupRecord, read_catalog
-from activities.heartbeat import heartbeating
 from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, _last_error, repo_key
+from activities.heartbeat import heartbeating
 from activities.postgres.status import connect
 from eagle_dr.config import scrub
 
