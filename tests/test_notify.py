@@ -17,6 +17,7 @@ import subprocess
 import sys
 import socket
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -74,6 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(500)
             self.end_headers()
             return
+        if self.path.startswith("/slow") and "started:" in body.get("text", ""):
+            # A chat service that takes a while over the first message of a run: whatever is
+            # sent after it must still arrive after it (workflows/notify.py sends in order).
+            time.sleep(1.5)
         with self.server.lock:
             self.server.posts.append((self.path, body))
         # Slack answers 200 "ok", PagerDuty 202 with a status body.
@@ -141,6 +146,7 @@ def ncfg(lab_cfg, http_recorder, mailbox, secrets_env):
     secrets_env.setenv("EAGLE_DR_TEST_SLACK_URL", f"http://127.0.0.1:{port}/slack/services/T0/B0/{SLACK_TOKEN}")
     secrets_env.setenv("EAGLE_DR_TEST_PD_KEY", ROUTING_KEY)
     secrets_env.setenv("EAGLE_DR_TEST_SMTP_PW", SMTP_PASSWORD)
+    secrets_env.setenv("EAGLE_DR_TEST_SLOW_URL", f"http://127.0.0.1:{port}/slow/{SLACK_TOKEN}")
     secrets_env.setenv("EAGLE_DR_TEST_DOWN_URL", f"http://127.0.0.1:{_free_port()}/hook/{SLACK_TOKEN}")
     notifications = NotificationsConfig.model_validate({"channels": {
         "chat": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_SLACK_URL"}},
@@ -151,6 +157,7 @@ def ncfg(lab_cfg, http_recorder, mailbox, secrets_env):
                  "from": "eagle-dr@example.org", "to": ["oncall@example.org"]},
         # Down: nothing listens there; and a webhook that answers 500 every time.
         "down": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_DOWN_URL"}, "timeout": "2s"},
+        "slow": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_SLOW_URL"}},
         "pager-500": {"type": "pagerduty", "routing_key": {"env": "EAGLE_DR_TEST_PD_KEY"},
                       "url": f"http://127.0.0.1:{port}/broken/v2/enqueue"},
     }})
@@ -235,7 +242,7 @@ async def test_rejected_switchover_notifies_every_channel(lab, client, worker, n
     history = await decrypted_json(handle)
     _history_has_no_secret(history)
     assert "send_notification" in history and "HTTP 500" in history and "pager-500" in history
-    await record(handle, "switchover-notify-rejected")
+    await record(handle, "switchover-notify-rejected-in-order")
     assert lab.cfg.primary.name != b
 
 
@@ -258,9 +265,14 @@ async def test_channels_down_do_not_fail_the_runbook_and_are_reported(lab, clien
     assert SLACK_TOKEN not in failed[0]
     heads = _slack_kinds(http_recorder.on("/slack/"), wid)
     assert len(heads) == 2 and "started: split-brain" in heads[0] and "finished: split-brain" in heads[1]
+    # The run ends within milliseconds of starting; "started" is slow to land on this channel,
+    # and "finished" still comes after it.
+    slow = _slack_kinds(http_recorder.on("/slow/"), wid)
+    assert len(slow) == 2 and "started: split-brain" in slow[0] and "finished: split-brain" in slow[1], slow
     pd = [p for p in http_recorder.on("/pd") if wid in p["dedup_key"]]
     assert [p["event_action"] for p in pd] == ["resolve"]
     _history_has_no_secret(await decrypted_json(handle))
+    await record(handle, "split-brain-notify-in-order")
 
 
 async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(lab, client, worker,
@@ -307,7 +319,7 @@ async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(
     assert "automatic failover is off" in trigger["payload"]["custom_details"]["details"]
     chat = [p["text"] for p in http_recorder.on("/slack/") if f"/workflows/{wid}" in p["text"]]
     assert len(chat) == 2 and "OUTAGE" in chat[0] and f"{a} answers again" in chat[1]
-    await record(handle, "monitor-notify-outage")
+    await record(handle, "monitor-notify-outage-in-order")
 
 
 def test_cli_notify_test_reaches_each_channel_and_names_the_one_that_is_down(lab_cfg, lab_config_path, tmp_path,

@@ -14,6 +14,12 @@ Events in mid-run are not awaited (the runbook goes on while the message travels
 ``flush()`` waits for what is still in flight, and the runbook base calls it after the
 "finished" event, before the run completes: activities still pending when a workflow
 completes are never run.
+
+Each channel gets a run's events in the order they were sent: a delivery waits until the
+channel's previous one has ended (delivered or given up). Sent side by side, a run that ends
+within milliseconds could put "finished" on a pager before "started", and a PagerDuty resolve
+that overtakes its trigger leaves the incident open for good. Runs that started before this
+(no ``notify-in-order`` marker) replay with their deliveries side by side, as recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.topology import Topology
 
 PATCH = "notify-events"
+IN_ORDER = "notify-in-order"
 
 # Three attempts, 1 s then 2 s apart: a channel that hiccups gets through, one that is down
 # is given up on within seconds (each attempt is bounded by the channel's own timeout, at
@@ -47,6 +54,7 @@ class Notifier:
         self.queue: str | None = None
         self.failures: list[str] = []
         self._tasks: list[asyncio.Task] = []
+        self._last: dict[str, asyncio.Task] = {}  # per channel: its latest delivery, to queue behind
 
     def configure(self, topo: Topology) -> None:
         self.routes = dict(topo.notify_channels)
@@ -61,10 +69,18 @@ class Notifier:
         targets = [name for name, kinds in self.routes.items() if event.kind in kinds]
         if not targets or not workflow.patched(PATCH):
             return
+        in_order = workflow.patched(IN_ORDER)
         for name in targets:
-            self._tasks.append(asyncio.ensure_future(self._deliver(name, event)))
+            before = self._last.get(name) if in_order else None
+            task = asyncio.ensure_future(self._deliver(name, event, before))
+            self._last[name] = task
+            self._tasks.append(task)
 
-    async def _deliver(self, channel: str, event: NotifyEvent) -> None:
+    async def _deliver(self, channel: str, event: NotifyEvent, before: asyncio.Task | None = None) -> None:
+        if before is not None and not before.done():
+            # workflow.wait, not await: the earlier delivery's own end (even a cancel) must not
+            # be raised here; this one goes out whichever way that one ended.
+            await workflow.wait([before])
         try:
             await workflow.execute_activity_method(
                 NotifyActivities.send_notification, NotifyRequest(channel=channel, event=event),
