@@ -76,6 +76,11 @@ class RegionSighting(BaseModel):
     # directory): in recovery like any standby, but stale, never a failover target. None: not
     # a standby, or the marker could not be read (no privilege).
     stale: bool | None = None
+    # A standby: the WAL the primary seen by this vantage point in the same round had written
+    # and this standby had not received (bytes; the monitor's automatic failover refuses past
+    # its lag guard, or when it never saw the standby caught up). None: no primary seen, or
+    # neither side could say.
+    lag_bytes: int | None = None
 
     @property
     def verdict(self) -> str:
@@ -128,6 +133,7 @@ class HealthActivities:
         woke = watched is not None and watched < req.watch_seconds - 0.05  # the session closed
         out, pgs, rss = [], {}, {}
         answers = self._probe_all(req)
+        pgs_all = {name: pg for name, (pg, _, _) in answers.items()}
         activity.heartbeat()  # a watched round's heartbeat timeout covers one bounded step at a time
         for name in req.regions:
             r = self.cfg.region(name)
@@ -155,7 +161,8 @@ class HealthActivities:
                                       read_only=pg.read_only, redis_up=rs.reachable,
                                       error="; ".join(errors) or None, probe_seconds=round(seconds, 4),
                                       refused=refused,
-                                      stale=pg.hold == "eagle-dr" if pg.role == "standby" and pg.hold else None))
+                                      stale=pg.hold == "eagle-dr" if pg.role == "standby" and pg.hold else None,
+                                      lag_bytes=self._not_received(name, pgs_all)))
         self._record(out, pgs, rss)
         return VantageReport(worker=_worker(), sightings=out,
                              watched_seconds=None if watched is None else round(watched, 4))
@@ -240,6 +247,23 @@ class HealthActivities:
                     and _refuses(r.redis.host, r.redis.port, req.timeout_seconds)):
                 return False
         return True
+
+    def _not_received(self, name: str, pgs: dict[str, PgStatus]) -> int | None:
+        """What standby ``name`` had not received of the primary's WAL this round, in bytes."""
+        sb = pgs.get(name)
+        primaries = [(n, pg) for n, pg in pgs.items() if n != name and pg.reachable and pg.role == "primary"]
+        if len(primaries) != 1 or sb is None or (sb.reachable and sb.role != "standby"):
+            return None  # no primary, or two (a split brain): no "behind" to speak of
+        _, primary = primaries[0]
+        got = sb.receive_lsn or sb.lsn if sb.reachable else None
+        if got and primary.lsn:
+            return max(0, _lsn(primary.lsn) - _lsn(got))
+        # The standby did not answer this vantage point: the primary's own view of it, its
+        # replay LSN (more than what was not received, never less: errs on the safe side).
+        standby = self.cfg.region(name)
+        link = next((x for x in primary.replicas if x.application_name == standby.name or
+                     x.slot_name == standby.postgres.slot_name), None)
+        return None if link is None or link.lag_bytes is None else max(0, link.lag_bytes)
 
     def _record(self, sightings: list[RegionSighting], pgs: dict[str, PgStatus], rss: dict[str, RedisStatus]) -> None:
         """This vantage point's view as metrics: availability and probe latency per region, and

@@ -86,6 +86,11 @@ class MonitorView(BaseModel):
                              + (f" ({st.pause_reason})" if st.pause_reason else ""))
             elif st.running_since:
                 parts.append(f"since {st.running_since:%Y-%m-%d %H:%M:%S} UTC")
+            if st.auto_failover:
+                # What an automatic failover is judged on (workflows/monitor.py _lag_refusal).
+                parts.append(f"standby {st.target_lag_bytes} bytes behind at {st.target_lag_at:%H:%M:%S} UTC"
+                             if st.target_lag_at is not None and st.target_lag_bytes is not None else
+                             "standby lag NOT MEASURED yet (no automatic failover until it is)")
             if st.workers_down:
                 parts.append(f"WORKER DOWN: {', '.join(st.workers_down)}")
             if st.readiness is not None:

@@ -18,10 +18,10 @@ from datetime import datetime, timedelta, timezone
 import yaml
 from temporalio.client import WorkflowExecutionStatus
 
-from eagle_dr.monitor import monitor_id
+from eagle_dr.monitor import MonitorView, monitor_id
 from lab.processes import children, kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _names, _primary, _scrape, _until, _value
+from tests.lab_helpers import _aux_pid, _exec, _names, _primary, _scrape, _until, _value
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 from workflows.runbook import move_id
 
@@ -333,6 +333,87 @@ async def test_no_automatic_failover_within_the_cooldown_or_to_a_dead_target(lab
     lab.wait_replication()
 
 
+async def test_no_automatic_failover_to_a_standby_seen_behind_or_never_measured(lab, client):
+    """The primary down past the threshold, automatic failover on, the standby live: with the
+    primary gone the failover's own lag guard cannot read the lag (unknown is let through), so
+    the monitor judges on what it measured while the primary answered. A standby it saw past
+    the guard, or never measured at all, is refused: promoting it could drop writes unasked."""
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    primary = lab.postgres(a).pid
+    guard = 64 * 1024
+
+    async def refused(handle, why: str, t0: float) -> MonitorState:
+        async def said():
+            st = await _state(handle)
+            return st if st and any(f"**{a} is DOWN**" in f and why in f for f in st.findings) else None
+
+        seen = await _until(said, 60, f"the monitor to refuse: {why}")
+        later = await _until(lambda: _rounds_after(handle, seen.rounds + 2), 30, "more rounds")
+        assert later.failovers_started == 0 and not await _moves_since(client, lab, t0), later.findings
+        return later
+
+    # 1. Seen behind: the standby's WAL receiver frozen while the primary writes 300 kB.
+    t0 = time.time()
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2,
+                                          auto_failover=True, max_lag_bytes=guard, watch_split_brain=False),
+        id=f"monitor-behind-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    receiver = _aux_pid(lab, b, b"walreceiver")
+    try:
+        async def measured():
+            st = await _state(handle)
+            return st if st and st.votes.get("control") == "up" and st.target_lag_bytes is not None else None
+
+        caught_up = await _until(measured, 60, "a round that measures the standby's lag")
+        assert caught_up.target_lag_bytes <= guard, caught_up
+        view = MonitorView(workflow_id=handle.id, running=True, status="running", state=caught_up)
+        assert f"standby {caught_up.target_lag_bytes} bytes behind at" in view.line(), view.line()
+        os.kill(receiver, signal.SIGSTOP)
+        try:
+            _exec(lab, a, "create table eagle_dr_test_lag (x text)",
+                  "insert into eagle_dr_test_lag select repeat('x', 1000) from generate_series(1, 300)")
+
+            async def behind():
+                st = await _state(handle)
+                return st if st and (st.target_lag_bytes or 0) > guard else None
+
+            seen = await _until(behind, 30, "the monitor to measure the standby behind the guard")
+            os.kill(primary, signal.SIGSTOP)
+            try:
+                later = await refused(handle, "bytes behind", t0)
+                # The measurement before the outage stands: rounds with the primary down keep it.
+                assert later.target_lag_bytes >= seen.target_lag_bytes and later.target_lag_at is not None
+            finally:
+                os.kill(primary, signal.SIGCONT)
+        finally:
+            os.kill(receiver, signal.SIGCONT)
+    finally:
+        await handle.terminate("test over")
+        _exec(lab, a, "drop table if exists eagle_dr_test_lag")
+    await record(handle, "monitor-refuses-a-standby-behind")
+
+    # 2. Never measured: a monitor started while the primary is already down.
+    t0 = time.time()
+    os.kill(primary, signal.SIGSTOP)
+    try:
+        handle = await client.start_workflow(
+            MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2,
+                                              auto_failover=True, primary_region=a, watch_split_brain=False),
+            id=f"monitor-unmeasured-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+        try:
+            later = await refused(handle, "never measured", t0)
+            assert later.target_lag_bytes is None
+            view = MonitorView(workflow_id=handle.id, running=True, status="running", state=later)
+            assert "standby lag NOT MEASURED" in view.line(), view.line()
+        finally:
+            await handle.terminate("test over")
+    finally:
+        os.kill(primary, signal.SIGCONT)
+    assert _primary(lab) == a
+    lab.wait_replication()
+
+
 async def test_a_stall_is_ridden_out_while_refused_connections_would_be_confirmed_fast(lab, client):
     """The primary's PostgreSQL and Redis frozen (SIGSTOP): their listen sockets still accept, so
     the probes time out. That is no evidence of death: the fast confirmation (0.2 s x 3 rounds)
@@ -384,3 +465,42 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass  # a backend that ended between the listing and the signal: nothing to freeze
+
+
+def test_a_lag_measured_long_before_the_outage_is_no_ground_for_an_automatic_failover():
+    """The age limit of the measurement the monitor judges on: a few rounds (at least 60 s).
+    Older, the standby had stopped being measured (unreachable, or not streaming) before the
+    primary went down, and what was written since is unknown."""
+    wf = MonitorWorkflow()
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    wf.state.target_lag_bytes, wf.state.target_lag_at = 10, at
+    inp = MonitorInput(interval_seconds=10, max_lag_bytes=1000)
+    assert wf._lag_refusal(inp, "r1", "r2", at + timedelta(seconds=59)) is None
+    why = wf._lag_refusal(inp, "r1", "r2", at + timedelta(seconds=61))
+    assert "last measured 10 bytes behind r1" in why and "more than 60 s" in why, why
+    # A slow monitor measures less often: three of its intervals.
+    slow = MonitorInput(interval_seconds=100, max_lag_bytes=1000)
+    assert wf._lag_refusal(slow, "r1", "r2", at + timedelta(seconds=290)) is None
+    assert "more than 300 s" in wf._lag_refusal(slow, "r1", "r2", at + timedelta(seconds=301))
+    # Past the guard it is refused however recent.
+    assert "past max_lag_bytes 5" in wf._lag_refusal(MonitorInput(max_lag_bytes=5), "r1", "r2", at)
+
+
+def test_the_lag_a_vantage_point_reports_is_what_the_standby_had_not_received(lab_cfg):
+    """WAL received but not replayed is not lost (promotion replays it); without the standby's
+    own answer the primary's view (its replay LSN) stands in, erring on the side of more."""
+    from activities.health import HealthActivities
+    from activities.postgres.status import PgStatus, ReplicaLink
+
+    a, b = lab_cfg.regions[0].name, lab_cfg.regions[1].name
+    slot = lab_cfg.region(b).postgres.slot_name
+    link = ReplicaLink(application_name=b, state="streaming", sync_state="async", sent_lsn="0/3000000",
+                       replay_lsn="0/1000000", lag_bytes=0x2000000, replay_lag_seconds=1.0, slot_name=slot)
+    primary = PgStatus(reachable=True, role="primary", lsn="0/3000000", replicas=[link])
+    standby = PgStatus(reachable=True, role="standby", lsn="0/1000000", receive_lsn="0/2F00000")
+    h = HealthActivities(lab_cfg)
+    assert h._not_received(b, {a: primary, b: standby}) == 0x100000
+    assert h._not_received(b, {a: primary, b: PgStatus(reachable=False)}) == 0x2000000
+    assert h._not_received(b, {a: PgStatus(reachable=False), b: standby}) is None  # no primary: unknown
+    # Two writable primaries: no "behind" to speak of.
+    assert h._not_received(b, {a: primary, b: primary}) is None

@@ -129,6 +129,10 @@ class MonitorInput(BaseModel):
     # The last readiness verdicts (check key -> state), carried across continue-as-new so a
     # new run does not report a standing degradation as new.
     readiness_known: dict[str, str] = {}
+    # The target's lag behind the watched primary at the last round that measured it, and when
+    # (carried across continue-as-new: an outage that spans one must not forget it).
+    target_lag_bytes: int | None = Field(default=None, ge=0)
+    target_lag_at: datetime | None = None
 
 
 class Probe(BaseModel):
@@ -172,6 +176,10 @@ class MonitorState(BaseModel):
     holds: list[MonitorHold] = []
     # The last readiness report (activities/readiness.py), when the monitor runs the checks.
     readiness: ReadinessReport | None = None
+    # WAL the standby had not received of the watched primary's, at the last round that saw
+    # both (the most any vantage point saw), and when: what an automatic failover is judged on.
+    target_lag_bytes: int | None = None
+    target_lag_at: datetime | None = None
 
 
 class MonitorReport(BaseModel):
@@ -413,6 +421,7 @@ class MonitorWorkflow(Runbook):
             paused_since=early.paused_since if early else inp.paused_since if inp.paused else None,
             pause_reason=early.pause_reason if early else inp.pause_reason if inp.paused else "",
             findings=self.state.findings, cooldown_until=self._cooldown_until(inp),
+            target_lag_bytes=inp.target_lag_bytes, target_lag_at=inp.target_lag_at,
             # A hold signalled before this first task ran stands beside the carried ones.
             holds=[*inp.holds, *(h for h in self.state.holds if h.holder not in {x.holder for x in inp.holds})])
         self._outage_open = inp.open_outage
@@ -475,6 +484,8 @@ class MonitorWorkflow(Runbook):
                 self._outage_over(inp.service, f"the primary moved to {moved}")
                 primary, failures, first_failure = moved, 0, None
                 self.target_region = self.state.watched_region = primary
+                # A new pair: how far the new standby is behind is not known until measured.
+                self.state.target_lag_bytes = self.state.target_lag_at = None
             if readiness:
                 self._readiness_tick(inp, topo, primary, reports)
             down, answered = self._tally(primary, reports)
@@ -489,6 +500,7 @@ class MonitorWorkflow(Runbook):
                                                         confirm=(inp.confirm_rounds - 1, inp.confirm_interval_seconds))
                     hard = inp.confirm_rounds if self._refused(primary, confirm, 1 + len(topo.regions)) else 0
             elif answered:
+                self._note_lag(topo.other(primary).name, reports)
                 if failures >= inp.failure_threshold or (fast and hard >= inp.confirm_rounds):
                     self._finding(f"{primary} answers again")
                 self._outage_over(inp.service, f"{primary} answers again")
@@ -501,7 +513,7 @@ class MonitorWorkflow(Runbook):
                                   workers_down=len(self.state.workers_down))
             confirmed = fast and hard >= inp.confirm_rounds
             if failures >= inp.failure_threshold or confirmed:
-                why_not = self._why_not_fail_over(inp, topo, primary, reports)
+                why_not = self._why_not_fail_over(inp, topo, primary, reports, first_failure)
                 self._outage(inp, topo, primary, first_failure, why_not)
                 if why_not is not None:
                     self._note_once(f"**{primary} is DOWN** since {first_failure.isoformat(timespec='seconds')}: "
@@ -550,6 +562,8 @@ class MonitorWorkflow(Runbook):
                                       "running_since": self.state.running_since,
                                       "holds": [h for h in self.state.holds if h.until > workflow.now()],
                                       "readiness_known": self._readiness_known,
+                                      "target_lag_bytes": self.state.target_lag_bytes,
+                                      "target_lag_at": self.state.target_lag_at,
                                       # A refused or failed automatic attempt starts the cooldown too:
                                       # dropped here, the next run would try again at once.
                                       "last_auto_move_at": self._last_attempt or inp.last_auto_move_at, **more})
@@ -559,7 +573,7 @@ class MonitorWorkflow(Runbook):
             return None
         return inp.last_auto_move_at + timedelta(seconds=inp.auto_failover_cooldown_seconds)
 
-    def _why_not_fail_over(self, inp: MonitorInput, topo, primary: str, reports) -> str | None:
+    def _why_not_fail_over(self, inp: MonitorInput, topo, primary: str, reports, first_failure=None) -> str | None:
         """Why no automatic failover now (None: go). Checked every round past the threshold,
         so a target that comes up, a resume or the end of the cooldown lets the next round act."""
         if not inp.auto_failover:
@@ -588,7 +602,46 @@ class MonitorWorkflow(Runbook):
             # A failover to a region that is itself down or not a standby only adds a second outage.
             return (f"automatic failover refused: the target {target} is not a live standby for a majority of the "
                     f"vantage points ({live}/{len(answered)})")
+        # Histories recorded before it failed over with the lag unknown (the failover's own
+        # guard lets an unknown lag through: with the primary dead, the standby cannot say).
+        if workflow.patched("monitor-target-lag"):
+            return self._lag_refusal(inp, primary, target, first_failure or workflow.now())
         return None
+
+    def _lag_refusal(self, inp: MonitorInput, primary: str, target: str, first_failure) -> str | None:
+        """Why the standby is no automatic failover target for what it may lack (None: it is).
+
+        With the primary dead its lag cannot be read any more, and promoting a standby that had
+        stopped receiving an hour before would drop an hour of writes with no human asked. So
+        the monitor judges on what it measured while the primary still answered: the lag at the
+        last round that saw both, and how long before the outage that was. Past the lag guard,
+        never measured, or measured too long before: a human decides, with ``--plan``'s numbers."""
+        at, lag = self.state.target_lag_at, self.state.target_lag_bytes
+        human = f"a human decides (eagle-dr failover --to {target} --plan shows what it would lose)"
+        if at is None or lag is None:
+            return (f"automatic failover refused: this monitor never measured how far {target} was behind {primary} "
+                    f"while {primary} answered, so what a failover would lose is unknown; {human}")
+        when = at.isoformat(timespec="seconds")
+        if lag > inp.max_lag_bytes:
+            return (f"automatic failover refused: {target} was {lag} bytes behind {primary} at {when} (the last round "
+                    f"that saw both), past max_lag_bytes {inp.max_lag_bytes}; failing over would lose that; {human}")
+        # A round measures it every interval while both answer: older than a few of them, the
+        # standby had stopped being seen (unreachable, or not streaming) before the outage.
+        limit = max(60.0, 3 * inp.interval_seconds)
+        age = (first_failure - at).total_seconds()
+        if age > limit:
+            return (f"automatic failover refused: {target} was last measured {lag} bytes behind {primary} at {when}, "
+                    f"{age:.0f} s before {primary} went down (more than {limit:.0f} s): what {primary} wrote in "
+                    f"between may be lost; {human}")
+        return None
+
+    def _note_lag(self, target: str, reports: dict[str, VantageReport | None]) -> None:
+        """The round saw the primary up: keep the target's lag behind it, the most any vantage
+        point saw (a round in which none could measure it keeps the last measurement, aging)."""
+        lags = [s.lag_bytes for r in reports.values() if r is not None
+                and (s := r.of(target)) is not None and s.lag_bytes is not None]
+        if lags:
+            self.state.target_lag_bytes, self.state.target_lag_at = max(lags), workflow.now()
 
     async def _auto_failover(self, inp: MonitorInput, topo, primary: str, first_failure,
                              why: str | None = None) -> MonitorReport | None:
