@@ -150,3 +150,21 @@ async def test_a_backup_from_the_standby_reaches_the_primary_only_through_its_tl
         server.start()
     res = await _backup(lab, client, type="incr", trigger="test")
     assert res.outcome == "succeeded" and res.from_standby and res.source_region == standby, res
+
+
+def test_what_pgbackrest_says_is_scrubbed_in_a_worker_that_never_wrote_its_config(lab, monkeypatch):
+    """A worker that only reads (``pgbackrest info``, a restore's checks) never resolved the
+    repos' secrets in its life, so scrub() had nothing to take out of pgBackRest's text, and
+    that text goes into results and errors, in workflow history. Here pgBackRest quotes a path
+    that carries the bucket's secret key."""
+    import eagle_dr.config as config
+
+    region = _primary(lab)
+    st = Stanza(lab.cfg, region)
+    st.write_configs()
+    secret = lab.cfg.region(region).s3.secret_key.resolve()
+    monkeypatch.setattr(config, "_RESOLVED", set())  # a fresh worker process: nothing resolved yet
+    r = st.run("repo-get", "--repo=1", args=(f"backup/missing-{secret}",), check=False)
+    said = r.stdout + r.stderr
+    assert r.returncode != 0 and "missing-***" in said, said
+    assert secret not in said

@@ -174,6 +174,69 @@ async def test_a_rebuild_that_fails_leaves_the_standby_as_it_found_it(lab, clien
     await record(handle, "restore-rebuild-failed-undone")
 
 
+async def test_a_cancel_reaches_a_stalled_restore_and_the_rebuild_is_undone(lab, client):
+    """A cancel while pgbackrest restore runs, stalled (frozen here, as on a bucket that stops
+    answering: it writes nothing): every pgBackRest process of the restore is stopped and the
+    original standby streams again. Waited on with subprocess.run, the cancel never reached the
+    blocked thread, and the run hung until the step's 70-minute timeout."""
+    import asyncio
+    import os
+    import signal
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _table(lab)
+    await _backup(lab, client, type="full")
+    pg = lab.cfg.region(standby).postgres
+    data = PgCtl(pg).data_dir
+    stanza = Stanza(lab.cfg, standby)
+    marker = uuid.uuid4().hex
+    (data / "eagle-dr-test-original").write_text(marker)
+    handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
+                                         id=f"test-rebuild-cancel-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    await _wait_awaiting(handle)
+    frozen: set[int] = set()
+
+    async def freeze_every_restore() -> None:
+        while True:
+            for pid in stanza.processes("restore"):
+                if pid not in frozen:
+                    try:
+                        os.kill(pid, signal.SIGSTOP)
+                        frozen.add(pid)
+                    except ProcessLookupError:
+                        pass
+            await asyncio.sleep(0.005)  # the fault's own loop, not a wait for the test
+
+    freezer = asyncio.ensure_future(freeze_every_restore())
+    try:
+        await handle.execute_update("approve", _decide("approve"))
+        await _until(lambda: _async_true(bool(frozen)), 120, "pgbackrest restore to start (and be frozen)")
+    finally:
+        freezer.cancel()
+    await handle.cancel()
+    try:
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 180)
+    finally:
+        for pid in frozen:  # whatever the outcome, nothing stays frozen for the tests after
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert not stanza.processes("restore"), "a pgbackrest restore outlived the cancel"
+    assert not aside_dir(data).exists()
+    assert (data / "eagle-dr-test-original").read_text() == marker  # the original, not a restore
+
+    async def streaming() -> bool:
+        s = pg_status(pg)
+        return s.role == "standby" and s.receiver_status == "streaming"
+
+    await _until(streaming, 120, "the original standby to stream again", 0.2)
+    (data / "eagle-dr-test-original").unlink()
+
+
 def _primary_conn(lab):
     return psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True)
 

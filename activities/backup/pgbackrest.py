@@ -25,9 +25,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from temporalio import activity
+from temporalio.exceptions import CancelledError
 
 from eagle_dr.config import EagleConfig, RegionConfig, scrub
 
@@ -216,11 +221,51 @@ class Stanza:
                                 stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
                                 env=env, **kw)
 
+    def know_secrets(self) -> None:
+        """Resolve the repos' secrets, as writing the config does, so that scrub() knows them.
+        A worker that only reads (``pgbackrest info``, a restore's checks) never wrote the
+        config this life, and its scrub() had nothing to take out of pgBackRest's text, which
+        quotes options back in some errors. Best effort: one that cannot be resolved here is
+        not in this process's hands to leak."""
+        try:
+            self.render()
+        except Exception:  # noqa: BLE001 - SecretUnavailable, a cipher not set: see above
+            pass
+
     def run(self, command: str, *options: str, timeout: float = 600, check: bool = True,
             archive: bool = False, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """Run a command to its end, in a session of its own, waited on in half-second slices.
+
+        Not subprocess.run: it blocks on the pipes, where an activity's cancel (the SDK raises
+        it in this thread between bytecodes) is not delivered until pgBackRest writes or ends,
+        which for a quiet or stalled restore of a big database is never; then it SIGKILLs the
+        main process only, leaving its local workers writing into the directory the undo is
+        about to put the original back into. Here a cancel or the timeout stops the whole
+        process group (SIGTERM, which pgBackRest handles by stopping its workers; SIGKILL
+        after a grace period) before the exception goes on."""
+        argv = self.argv(command, *options, archive=archive, args=args)
         # errors="replace": with a wrong passphrase pgBackRest quotes the garbage it decrypted.
-        r = subprocess.run(self.argv(command, *options, archive=archive, args=args), capture_output=True, text=True,
-                           errors="replace", timeout=timeout, **_as_owner(self.region.postgres))
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                start_new_session=True, **_as_owner(self.region.postgres))
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    out, err = proc.communicate(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if activity.in_activity() and activity.is_cancelled():
+                    raise CancelledError(f"cancelled while pgbackrest {command} ran")
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(argv, timeout)
+        except BaseException:
+            stop_group(proc)
+            raise
+        # Scrubbed here, once: every message, detail and result field made from this text
+        # (a catalog's, a restore check's) would otherwise have to remember to.
+        self.know_secrets()
+        r = subprocess.CompletedProcess(argv, proc.returncode, scrub(out or ""), scrub(err or ""))
         if check and r.returncode != 0:
             raise PgBackRestError(command, r.returncode, scrub(_last_error(r.stderr or r.stdout)))
         return r
@@ -278,10 +323,11 @@ class Stanza:
         ``status.code`` and each ``repo[].status`` (see StanzaInfo)."""
         r = subprocess.run(self.argv("info", "--output=json", *options), capture_output=True,
                            timeout=timeout, **_as_owner(self.region.postgres))
+        self.know_secrets()  # its status messages become a catalog's, in workflow history (run())
         if r.returncode != 0:
             raise PgBackRestError("info", r.returncode, scrub(_last_error(r.stderr.decode("utf-8", "replace"))))
         # A wrong passphrase puts decrypted garbage (control characters) in the messages.
-        doc = json.loads(r.stdout.decode("utf-8", "replace"), strict=False)
+        doc = json.loads(scrub(r.stdout.decode("utf-8", "replace")), strict=False)
         for st in doc:
             if st.get("name") == self.name:
                 return st
@@ -292,6 +338,25 @@ def _last_error(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     errors = [ln for ln in lines if "ERROR:" in ln]
     return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:2000]
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a command started in a session of its own, and every process it started: SIGTERM
+    (and SIGCONT, so a stopped one acts on it), SIGKILL after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGCONT):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+    try:
+        # Read what it still writes: one blocked on a full pipe would never see its own end.
+        proc.communicate(timeout=grace)
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def _as_owner(pg) -> dict:
