@@ -7,6 +7,7 @@ these tests take backups through BackupWorkflow and read them back with ``pgback
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 from temporalio.client import WorkflowFailureError
@@ -56,6 +57,19 @@ async def test_full_backup_from_the_standby_to_both_regions_buckets(lab, client)
         assert b.size and b.repo_size and b.wal_start and b.wal_stop
     # Encrypted at rest in both repos.
     assert {r.cipher for r in cat.repos} == {"aes-256-cbc"}
+    # Each backup names the step that took it: a retry finds its own by that, not by a start
+    # time compared across two clocks (a node clock an hour behind: still found; another
+    # step's: not this one's).
+    from activities.backup.take import STEP_KEY, _finished_since
+
+    for b in res.backups:
+        listed = next(x for x in cat.on(b.repo_region) if x.label == b.label)
+        step = listed.annotation.get(STEP_KEY, "")
+        assert step.startswith(f"{handle.id}/"), listed.annotation
+        source = Stanza(lab.cfg, standby)
+        later = datetime.now(timezone.utc).timestamp() + 3600
+        assert _finished_since(source, b.repo_region, "full", later, step).label == b.label
+        assert _finished_since(source, b.repo_region, "full", later, f"{handle.id}/other") is None
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -31,6 +31,8 @@ class BackupRecord(BaseModel):
     started: datetime
     stopped: datetime
     error: bool = False  # pgBackRest found a page checksum error while copying
+    # --annotation key/values (take.py tags each backup with the step that took it).
+    annotation: dict[str, str] = {}
 
     @property
     def duration_seconds(self) -> float:
@@ -104,7 +106,7 @@ def parse_info(doc: dict, stanza: Stanza) -> Catalog:
             prior=b.get("prior"), size=info.get("size"), delta=info.get("delta"), repo_size=repo.get("size"),
             repo_delta=repo.get("delta"), wal_start=arch.get("start"), wal_stop=arch.get("stop"),
             lsn_start=lsn.get("start"), lsn_stop=lsn.get("stop"), started=_ts(ts["start"]), stopped=_ts(ts["stop"]),
-            error=bool(b.get("error"))))
+            error=bool(b.get("error")), annotation={str(k): str(v) for k, v in (b.get("annotation") or {}).items()}))
     lock = ((st.get("lock") or {}).get("backup") or {})
     # "ok" only when the stanza and every repo say so; "no valid backups" (code 2) on a new
     # stanza is a state, not a broken repo, and shows in the repo's own status.

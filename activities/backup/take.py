@@ -97,14 +97,29 @@ _PG1_UNCHECKED = re.compile(r"unable to check pg1: (\[\w+\] .*)")
 _NO_STANZA = "has a stanza-create been performed"
 
 
-def _finished_since(stanza: Stanza, repo_region: str, type_: str, not_before: float) -> BackupRecord | None:
+# The annotation that names the step (workflow id / activity id, the same on every attempt)
+# whose backup this is.
+STEP_KEY = "eagle-dr-step"
+
+
+def _finished_since(stanza: Stanza, repo_region: str, type_: str, not_before: float,
+                    owner: str | None = None) -> BackupRecord | None:
     # That repo alone: ``info`` on both costs a second repo's round trips (and its timeouts
     # when that bucket is down) for backups this question never concerns.
     cat = read_catalog(stanza, f"--repo={repo_key(stanza.cfg, stanza.region.name, repo_region)}")
     # pgBackRest takes a full backup instead of an incr or diff when the repo has no full one to
     # build on (a bucket recreated empty) and says so only in its log: that full backup is this
     # run's, and missing it made the step fail and its retry take a second backup.
-    done = [b for b in cat.on(repo_region) if b.type in _AT_LEAST[type_] and b.started.timestamp() >= not_before - 1]
+    # This step's own backup by its annotation: matched by start time alone (the server's clock
+    # against the node's), a node clock more than a second behind made a retry miss the backup
+    # its first attempt finished, and take a second one. Backups without the tag (taken before
+    # it) are matched by time, as they were.
+    def ours(b: BackupRecord) -> bool:
+        if b.annotation.get(STEP_KEY):
+            return owner is not None and b.annotation[STEP_KEY] == owner
+        return b.started.timestamp() >= not_before - 1
+
+    done = [b for b in cat.on(repo_region) if b.type in _AT_LEAST[type_] and ours(b)]
     return done[-1] if done else None
 
 
@@ -147,7 +162,7 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
     # and without beats the server gave the attempt up and started a second one beside it.
     if not first_attempt:
         with heartbeating(10.0, {"phase": "looking for this run's backup"}):
-            if (done := _finished_since(stanza, repo_region, type_, not_before)):
+            if (done := _finished_since(stanza, repo_region, type_, not_before, owner)):
                 return done
     with heartbeating(10.0, {"phase": "stopping a backup left by an earlier attempt"}):
         stopped = stop_orphans(stanza, owner)
@@ -167,7 +182,7 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
     with heartbeating(10.0, {"phase": "checkpoint after a promotion"}):
         checkpoint_if_timeline_changed(stanza, primary_region)
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
-    opts = [f"--repo={key}", f"--type={type_}"]
+    opts = [f"--repo={key}", f"--type={type_}"] + ([f"--annotation={STEP_KEY}={owner}"] if owner else [])
     if from_standby:
         opts += standby_options(stanza, primary_region)
     log = stanza.log_dir / f"{stanza.name}-backup.log"
@@ -215,7 +230,7 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
                 f"{stanza.region.name}: {why}"))
         raise PgBackRestError("backup", proc.returncode, scrub(_last_error(err)))
     with heartbeating(10.0, {"phase": "reading the backup's record"}):
-        done = _finished_since(stanza, repo_region, type_, not_before)
+        done = _finished_since(stanza, repo_region, type_, not_before, owner)
     if done is None:
         raise PgBackRestError("backup", 0, "finished, but info lists no backup from this run")
     return done
