@@ -93,3 +93,39 @@ def test_a_stale_unfence_does_not_lift_a_newer_moves_fence(lab):
         env.run(acts.unfence_postgres, UnfenceRequest(region=primary, epoch=held + 1))
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         conn.execute("create temp table writable_again (x int)")
+
+
+def test_the_next_epoch_is_above_what_either_region_records(lab):
+    """A move cancelled after recording its epoch on the primary, before the standby received
+    it: a failover reads the standby and took the same epoch again (then its unfence was
+    refused as stale, with the wrong story). The other region's record counts when it answers;
+    one that hangs is no evidence and no failure."""
+    import os
+    import signal
+
+    from activities.postgres.activities import EpochReadRequest
+    from tests.lab_helpers import _aux_pid
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    pa, pb = lab.cfg.region(primary).postgres, lab.cfg.region(standby).postgres
+    acts = PostgresActivities(lab.cfg)
+    _ensure_epoch(lab, primary)
+    lab.wait_replication()  # the standby holds what the primary holds, before it stops receiving
+    receiver = _aux_pid(lab, standby, b"walreceiver")
+    os.kill(receiver, signal.SIGSTOP)
+    try:
+        held = epochs.read_epoch(pb, lab.cfg.service).epoch
+        epochs.advance_epoch(pa, lab.cfg.service, held + 1, primary, "test-cancelled-move", "run-x")
+        assert epochs.read_epoch(pb, lab.cfg.service).epoch == held  # never received
+        assert acts.read_highest_epoch(EpochReadRequest(region=standby)).epoch == held
+        got = acts.read_highest_epoch(EpochReadRequest(region=standby, others=[primary]))
+        assert (got.epoch, got.workflow_id) == (held + 1, "test-cancelled-move"), got
+        postmaster = lab.postgres(primary).pid
+        os.kill(postmaster, signal.SIGSTOP)  # takes connections, answers none
+        try:
+            assert acts.read_highest_epoch(EpochReadRequest(region=standby, others=[primary])).epoch == held
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+    finally:
+        os.kill(receiver, signal.SIGCONT)

@@ -196,7 +196,7 @@ async def test_switchover_under_load_loses_nothing(lab, client, unlogged):
         await handle.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="alice", decision="approve",
                                                                                  comment="drill window"))
         result = await handle.result()
-        await record(handle, "switchover-unlogged-flushed")
+        await record(handle, "switchover-epoch-of-both-regions")
         # The app follows routing to B and keeps writing there.
         marker = len(write_log(lab.cfg).acknowledged())
         await _until(_async(lambda: any(w.ok and w.region == b for w in write_log(lab.cfg).entries()[marker - 1:])),
@@ -308,7 +308,7 @@ async def test_forced_failover_past_the_lag_guard(lab, client):
     finally:
         os.kill(receiver, signal.SIGCONT)
     result = await handle.result()
-    await record(handle, "failover-forced")
+    await record(handle, "failover-forced-epoch-of-both-regions")
     assert result.outcome == "succeeded"
     # Routing does not wait for Redis's promotion (against a frozen old master its epoch check
     # waits out a read timeout): both are scheduled by the task that saw the epoch recorded.

@@ -55,7 +55,7 @@ def _methods(obj, *names: str) -> list:
 
 
 def _postgres(cfg: EagleConfig) -> list:
-    return _methods(PostgresActivities(cfg), "postgres_status", "read_epoch", "fence_postgres", "unfence_postgres",
+    return _methods(PostgresActivities(cfg), "postgres_status", "read_epoch", "read_highest_epoch", "fence_postgres", "unfence_postgres",
                     "promote_postgres", "record_epoch", "wait_replayed", "rejoin_as_standby",
                     "abort_promotion", "lift_postgres_stop_fence", "flush_init_forks", "reserve_rejoin_slots",
                     "drop_rejoin_slots", "promote_when_replayed")

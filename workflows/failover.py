@@ -94,7 +94,10 @@ class FailoverWorkflow(Runbook):
 
         fencing = False
         try:
-            previous = await self.take_epoch(target, tq)
+            # The source's record too when it answered the preflight (a move cancelled there
+            # after recording may not have reached the standby); a dead one costs nothing.
+            previous = await self.take_epoch(target, tq, others=[source] if source_pg is not None and
+                                             source_pg.reachable else [])
             approval = await self.approval(inp.approval, f"fail over {inp.service} to {target}")
             if inp.approval.required and workflow.patched("lag-guard-after-approval"):
                 # The approval may have waited minutes: the standby can have fallen further behind.

@@ -23,7 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
     from eagle_dr import metrics
     from activities.lab_hooks import AckedRequest, LabHooks, MarkRequest
-    from activities.postgres.activities import PostgresActivities
+    from activities.postgres.activities import EpochReadRequest, PostgresActivities
     from activities.postgres.epoch import EpochRecord
     from activities.postgres.status import PgStatus
     from activities.topology import Topology, TopologyActivities
@@ -432,10 +432,16 @@ class Runbook:
         return Placement(topo, source, inp.target_region, topo.region(source).task_queue,
                          topo.region(inp.target_region).task_queue)
 
-    async def take_epoch(self, region: str, queue: str) -> EpochRecord:
-        """The next DR epoch after the one ``region`` records; returns the current record."""
+    async def take_epoch(self, region: str, queue: str, others: list[str] = ()) -> EpochRecord:
+        """The next DR epoch after the highest ``region`` or any of ``others`` (that answers
+        within a second) records; returns that record."""
         async with self.step("take DR epoch") as st:
-            current = await self.act(PostgresActivities.read_epoch, region, queue=queue, timeout=30)
+            # Histories recorded before it read ``region`` alone.
+            if others and workflow.patched("epoch-highest-of-regions"):
+                current = await self.act(PostgresActivities.read_highest_epoch,
+                                         EpochReadRequest(region=region, others=list(others)), queue=queue, timeout=30)
+            else:
+                current = await self.act(PostgresActivities.read_epoch, region, queue=queue, timeout=30)
             self.epoch = current.epoch + 1
             workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
             st.detail = f"epoch {current.epoch} -> {self.epoch}"

@@ -97,7 +97,7 @@ class SwitchoverWorkflow(Runbook):
         slots_asked = False
         self._reserved_slots: list[str] = []
         try:
-            previous = await self.take_epoch(source, sq)
+            previous = await self.take_epoch(source, sq, others=[target])
             approval = await self.approval(inp.approval, f"switch {inp.service} over to {target}")
             decided_at = workflow.now()
             await self._flush_init_forks(source, target, control, notes)

@@ -7,6 +7,8 @@ act on its data directory; the others only need a network path to the node.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 
 import psycopg
@@ -29,6 +31,15 @@ from activities.postgres.stopwatch import Stopwatch
 from activities.postgres.unlogged import flush_init_forks
 from activities.postgres.wal import WalUnreadable, current_timeline
 from eagle_dr.config import EagleConfig, scrubbed_first_line
+
+
+class EpochReadRequest(BaseModel):
+    """Read the epoch ``region`` records; raise the figure to what any of ``others`` records,
+    from those that answer within ``others_timeout`` seconds (best effort: never a failure)."""
+
+    region: str
+    others: list[str] = []
+    others_timeout: float = 1.0
 
 
 class EpochRequest(BaseModel):
@@ -181,6 +192,30 @@ class PostgresActivities:
     @activity.defn
     def read_epoch(self, region: str) -> epochs.EpochRecord:
         return epochs.read_epoch(self._pg(region), self.cfg.service)
+
+    @activity.defn
+    def read_highest_epoch(self, req: EpochReadRequest) -> epochs.EpochRecord:
+        """The highest epoch ``req.region`` or another region records. Each region records a
+        move's epoch on its primary, and the standby gets it by replication: a move cancelled
+        after recording on one side, before the other received it, left the next run reading
+        the lower one, taking the same epoch again, and refused (StaleEpoch, with the wrong
+        story) when it lifted a fence. The others are read beside it and waited for only
+        ``others_timeout``: a hung server must not add a connect timeout to an outage."""
+        pool = ThreadPoolExecutor(max(1, len(req.others)))
+        try:
+            others = [pool.submit(epochs.read_epoch, self._pg(r), self.cfg.service) for r in req.others]
+            best = epochs.read_epoch(self._pg(req.region), self.cfg.service)
+            deadline = time.monotonic() + req.others_timeout
+            for f in others:
+                try:
+                    got = f.result(timeout=max(0.0, deadline - time.monotonic()))
+                except (FuturesTimeout, psycopg.Error):
+                    continue  # no answer in time: no evidence either way
+                if got.epoch > best.epoch:
+                    best = got
+            return best
+        finally:
+            pool.shutdown(wait=False)  # a read still out ends by its own connect timeout
 
     @activity.defn
     def fence_postgres(self, req: FenceRequest) -> PgFence:
