@@ -26,6 +26,7 @@ from activities.health import WATCH_APPLICATION
 from bench.history_steps import activity_timings
 from activities.postgres.epoch import epoch_history, read_epoch
 from activities.postgres.promote import promote
+from activities.postgres.lsn import lsn_diff
 from activities.postgres.status import pg_status
 from activities.redis.status import redis_status
 from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
@@ -412,14 +413,34 @@ async def test_a_down_old_primary_is_held_so_a_restart_cannot_make_it_writable(l
 
     a, b = _names(lab)
     assert _primary(lab) == a
-    ctl = PgCtl(lab.cfg.region(a).postgres)
-    ctl.kill()  # the server dies; its host, Redis and eagle-dr worker live on
-    handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
-                                                             source_known_down=True, trigger="alert",
-                                                             reason="postgres died, host up"))
+    pa, pb = lab.cfg.region(a).postgres, lab.cfg.region(b).postgres
+    ctl = PgCtl(pa)
+    # The standby receives a bulk write but replays none of it (its startup process frozen)
+    # until the failover has asked for the promotion, which replays all it received first. None
+    # of it is lost; counted from the replay position read before pg_promote, all of it was.
+    startup = _startup_pid(lab, b)
+    os.kill(startup, signal.SIGSTOP)
+    try:
+        _write_bulk(lab, a)
+        end = pg_status(pa).lsn
+
+        def received() -> bool:
+            got = lsn_diff(pg_status(pb).receive_lsn, end)
+            return got is not None and got >= 0
+
+        await _until(_async(received), 30, "the standby to receive it")
+        ctl.kill()  # the server dies; its host, Redis and eagle-dr worker live on
+        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                                 source_known_down=True, trigger="alert",
+                                                                 reason="postgres died, host up"))
+        await _until(_async(lambda: (PgCtl(pb).data_dir / "promote").exists()), 60, "pg_promote to be asked")
+    finally:
+        os.kill(startup, signal.SIGCONT)
     result = await handle.result()
     await record(handle, "failover-holds-a-down-old-primary")
     assert result.outcome in ("succeeded", "degraded"), result
+    assert result.rpo.lost_commits == 0 and result.rpo.lost_wal_bytes is not None, result.rpo
+    assert result.rpo.lost_wal_bytes < 64 * 1024, result.rpo  # the bulk write was megabytes
     assert result.source_fenced == "stop", result
     hold = next(s for s in result.steps if s.name.startswith(f"hold {a}'s PostgreSQL"))
     assert hold.status == "done" and hold.detail.startswith("held"), hold

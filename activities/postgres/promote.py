@@ -85,8 +85,15 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
                 session = None
                 ok, tli = _writable(cfg)
             if ok:
+                at = datetime.now(timezone.utc)
+                if recovering:
+                    # Promotion replays everything received first: the fork is where the new
+                    # timeline begins, not the replay position read before pg_promote. Counted
+                    # from there, what was received but not yet replayed read as lost (and
+                    # could turn an RPO met into MISSED).
+                    replay = _switchpoint(session, cfg, tli) or replay
                 return Promotion(already_primary=not recovering, replay_lsn=replay, receive_lsn=receive, timeline=tli,
-                                 writable_at=datetime.now(timezone.utc))
+                                 writable_at=at)
         except psycopg.Error as e:
             last_err = e
             session = None  # the caller's to close; never polled again
@@ -110,21 +117,29 @@ class PromotionAbort(BaseModel):
     promotion: Promotion | None = None
 
 
+def _switchpoint(conn: psycopg.Connection | None, cfg: PostgresConfig, tli: int | None) -> str | None:
+    """Where timeline ``tli`` forked from its parent (the switchpoint in its history file,
+    which is where replay stopped); None when it cannot be read."""
+    if not tli or tli < 2:
+        return None
+    try:
+        if conn is None or conn.broken or conn.closed:
+            with connect(cfg, 5) as own:
+                return _switchpoint(own, cfg, tli)
+        history = conn.execute("select pg_read_file(%s)", (f"pg_wal/{tli:08X}.history",)).fetchone()[0]
+    except psycopg.Error:
+        return None
+    lines = [x.split() for x in history.splitlines() if x.strip() and not x.startswith("#")]
+    return lines[-1][1] if lines and len(lines[-1]) > 1 else None
+
+
 def _promotion_of_primary(cfg: PostgresConfig) -> Promotion | None:
-    """A node that is out of recovery: when it is writable, what its timeline forked from
-    (the switchpoint in its newest history file, which is where replay stopped)."""
+    """A node that is out of recovery: when it is writable, what its timeline forked from."""
     ok, tli = _writable(cfg)
     if not ok:
         return None
-    fork = None
-    with connect(cfg, 5) as conn:
-        try:
-            history = conn.execute("select pg_read_file(%s)", (f"pg_wal/{tli:08X}.history",)).fetchone()[0]
-            lines = [x.split() for x in history.splitlines() if x.strip() and not x.startswith("#")]
-            fork = lines[-1][1] if lines else None
-        except psycopg.Error:
-            pass
-    return Promotion(already_primary=False, replay_lsn=fork, timeline=tli, writable_at=datetime.now(timezone.utc))
+    return Promotion(already_primary=False, replay_lsn=_switchpoint(None, cfg, tli), timeline=tli,
+                     writable_at=datetime.now(timezone.utc))
 
 
 def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout_s: int = 120,
