@@ -290,3 +290,42 @@ def _no_scratch_left(lab) -> None:
         d = RestoreActivities(lab.cfg).scratch_dir(r.name, "x").parent
         assert not d.exists() or not any(d.iterdir()), list(d.iterdir())
 
+
+
+async def test_a_restore_with_no_primary_to_name_the_timeline_says_it_followed_the_latest(lab, client):
+    """The primary's server is down (a disaster is when a restore is run): nothing names the live
+    branch, recovery follows PostgreSQL's default, the repo's latest timeline, which may be a
+    dead branch a fenced old primary or a split brain's loser archived. The copy is made, and
+    the run says so instead of reporting plain success."""
+    from activities.postgres.ctl import PgCtl
+    from activities.postgres.status import pg_status
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _table(lab)
+    await _backup(lab, client, type="incr")
+    await _archived_now(lab)
+    ctl = PgCtl(lab.cfg.region(primary).postgres)
+    ctl.kill()
+    try:
+        handle = await _start_restore(lab, client, region=standby, keep_minutes=0)
+        res = await handle.result()
+    finally:
+        ctl.start()
+    await record(handle, "restore-says-latest-timeline")
+    # Alone, the repo's latest timeline is the primary's own; after this file's other tests it
+    # is a branch the backup is not on (which recovery refuses: it failed the restore), and the
+    # backup's own timeline is followed instead. Either way the run says what it followed.
+    assert res.scratch is not None and res.scratch.followed in ("latest", "current"), res
+    said = [d for d in res.degraded if d.startswith("no single reachable primary named the live timeline")]
+    assert res.outcome == "degraded" and said, res.degraded
+    assert ("followed the backup's own" in said[0]) == (res.scratch.followed == "current"), said
+    await _until(_async_true_of(lambda: pg_status(lab.cfg.region(primary).postgres).role == "primary"), 60,
+                 "the primary back")
+    lab.wait_replication()
+
+
+def _async_true_of(fn):
+    async def run():
+        return fn()
+    return run

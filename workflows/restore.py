@@ -217,6 +217,10 @@ class RestoreWorkflow(Runbook):
             rec.detail = (f"backup {scratch.backup_label}, reached {_t(scratch.recovered_to)} on timeline "
                           f"{scratch.timeline}; restore {scratch.restore_seconds:.1f} s, replay "
                           f"{scratch.recovery_seconds:.1f} s; port {scratch.port}")
+            if scratch.timeline_note and workflow.patched("restore-says-latest-timeline"):
+                # Nothing named the live branch: a fenced old primary or a split brain's loser,
+                # once promoted, archives a newer timeline of its own, and "latest" follows it.
+                self.degraded.append(scratch.timeline_note)
         return scratch
 
     def _self_approval(self, inp: RestoreInput) -> None:

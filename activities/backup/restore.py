@@ -76,6 +76,13 @@ class Scratch(BaseModel):
     # the point the restore actually reached. None when the server does not track it.
     recovered_to: datetime | None = None
     timeline: int | None = None
+    # The recovery_target_timeline it followed: the live primary's (a number), the backup's
+    # own ("current"), or, when no single reachable primary named the live branch, "latest"
+    # (or "current" again when the latest is a branch the backup is not on).
+    followed: str | None = None
+    # Said when no single reachable primary named the live branch: which one was followed and
+    # why that may not be the one wanted (the runbook reports it as degraded).
+    timeline_note: str | None = None
 
 
 def _plain(text: str | None) -> str:
@@ -196,7 +203,22 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         auto = Path(sc.data_dir) / "postgresql.auto.conf"
         ctl.write_file(auto, auto.read_text() + f"recovery_target_timeline = '{follow}'\n")
     t1 = time.monotonic()
-    _start(ctl, timeout)
+    note = None
+    try:
+        _start(ctl, timeout)
+    except RestoreError as e:
+        if follow or "is not a child of this server's history" not in str(e):
+            raise
+        # No primary named the live branch, and the repo's latest timeline is one this backup
+        # is not on (a fenced old primary's or a split brain's loser's, promoted after the
+        # backup's timeline forked): recovery refuses it before it changes anything. The
+        # backup's own timeline is then the one history it is certainly on.
+        follow = "current"
+        auto = Path(sc.data_dir) / "postgresql.auto.conf"
+        ctl.write_file(auto, auto.read_text() + "recovery_target_timeline = 'current'\n")
+        note = ("the repo's latest timeline is a branch this backup is not on, so recovery followed the backup's own "
+                "timeline; WAL of any later timeline (a failover since the backup) is not in the copy")
+        _start(ctl, timeout)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -221,9 +243,14 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     with connect_scratch(sc) as conn:
         row = conn.execute("select (pg_last_committed_xact()).timestamp").fetchone() if _tracks_commit_ts(conn) else None
         tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
+    how = note or "recovery followed the repo's latest timeline"
     return Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
                    repo_region=repo_region, backup_label=label, target=target, restore_seconds=restore_s,
-                   recovery_seconds=recovery_s, recovered_to=row[0] if row else None, timeline=tli)
+                   recovery_seconds=recovery_s, recovered_to=row[0] if row else None, timeline=tli,
+                   followed=follow or "latest", timeline_note=None if timeline is not None else (
+                       f"no single reachable primary named the live timeline: {how} (ended on timeline {tli}); if a "
+                       f"fenced old primary or a split brain's loser was ever promoted, check the copy holds the "
+                       f"branch you want"))
 
 
 def _prepare(stanza: Stanza, directory: Path, port: int) -> PostgresConfig:
