@@ -648,6 +648,15 @@ def finish_measurement(rto: Rto, rpo: Rpo, verified: bool = True) -> None:
     def secs(a, b):
         return (b - a).total_seconds() if a and b else None
 
+    if rto.writable_at is not None:
+        # writable_at is the target worker's clock, every other stamp the server's: a skewed
+        # worker clock put it before the promotion began or after the service was serving,
+        # and a phase went negative. The server saw it happen between those two: kept there.
+        lo, hi = rto.promotion_started_at or rto.decided_at, rto.serving_at
+        if lo is not None and rto.writable_at < lo:
+            rto.writable_at = lo
+        if hi is not None and rto.writable_at > hi:
+            rto.writable_at = hi
     rto.detection_to_decision_s = secs(rto.detected_at, rto.decided_at)
     rto.decision_to_writable_s = secs(rto.decided_at, rto.writable_at)
     rto.writable_to_serving_s = secs(rto.writable_at, rto.serving_at)
