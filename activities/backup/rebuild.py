@@ -26,7 +26,7 @@ import structlog
 from pydantic import BaseModel
 
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
-from activities.backup.restore import RestoreError, _plain, timeline_to_follow, wait_streaming
+from activities.backup.restore import RestoreError, _budget, _plain, timeline_to_follow, wait_streaming
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect, pg_status
@@ -219,6 +219,7 @@ def _refuse_old_primary(region: str, ctl: PgCtl) -> None:
 
 def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo_region: str, application_name: str,
                        slot: str, beat, timeout: float) -> RebuiltStandby:
+    left = _budget(timeout)  # one bound for restore, start and catch-up together (restore.py)
     node = stanza.region.postgres
     data = ctl.data_dir
     _make_dir(data, node)
@@ -231,7 +232,7 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     # file of a dead branch in the shared stanza, and "latest" would follow it (restore.py).
     follow = timeline_to_follow(stanza, repo_region, pg_status(primary, 5).timeline)
     r = stanza.run("restore", f"--repo={key}", "--type=standby", "--log-level-console=info",
-                   *([f"--target-timeline={follow}"] if follow else []), timeout=timeout, check=False)
+                   *([f"--target-timeline={follow}"] if follow else []), timeout=left(), check=False)
     if r.returncode != 0:
         raise RestoreError(f"pgbackrest restore failed ({r.returncode}): "
                            f"{_plain(scrub(_last_error(r.stderr + r.stdout)))}")
@@ -252,8 +253,8 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     ctl.write_file(auto, auto.read_text() + f"restore_command = {_guc_string(restore_command)}\n" + pin)
     beat({"phase": "starting, replaying the archive", "backup": m.group(1) if m else None})
     t1 = time.monotonic()
-    ctl.start(timeout=int(min(timeout, 600)))
-    wait_streaming(ctl, node, primary, time.monotonic() + timeout, timeout, "restored standby",
+    ctl.start(timeout=int(min(left(), 600)))
+    wait_streaming(ctl, node, primary, time.monotonic() + left(), timeout, "restored standby",
                    lambda: beat({"phase": "waiting to stream", "backup": m.group(1) if m else None}))
     shutil.rmtree(aside_dir(data), ignore_errors=True)
     return RebuiltStandby(region=stanza.region.name, repo_region=repo_region, backup_label=m.group(1) if m else None,

@@ -167,7 +167,11 @@ def timeline_to_follow(stanza: Stanza, repo_region: str, primary_timeline: int |
 
 def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: RestoreTarget, repo_region: str,
                        beat=lambda d: None, timeout: float = 3600, timeline: int | None = None) -> Scratch:
-    """Restore, start, replay to the target, promote; returns where it is and what it reached."""
+    """Restore, start, replay to the target, promote; returns where it is and what it reached.
+    ``timeout`` bounds all of it: each part gets what the parts before it left, so the whole
+    ends within the activity's start-to-close (timeout + a margin), which used to allow a
+    restore, a start and a replay of ``timeout`` each."""
+    left = _budget(timeout)
     sc = _prepare(stanza, directory, port)
     opts = [f"--repo={repo_key(stanza.cfg, stanza.region.name, repo_region)}", f"--pg1-path={sc.data_dir}",
             "--archive-mode=off"]
@@ -183,7 +187,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     # beside the restore instead of before it; its answer goes into the copy's settings after.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         follow_f = pool.submit(timeline_to_follow, stanza, repo_region, timeline)
-        r = stanza.run("restore", *opts, "--log-level-console=info", timeout=timeout, check=False)
+        r = stanza.run("restore", *opts, "--log-level-console=info", timeout=left(), check=False)
         follow = follow_f.result()
     if r.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)
@@ -205,7 +209,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     t1 = time.monotonic()
     note = None
     try:
-        _start(ctl, timeout)
+        _start(ctl, left())
     except RestoreError as e:
         if follow or "is not a child of this server's history" not in str(e):
             raise
@@ -218,8 +222,8 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         ctl.write_file(auto, auto.read_text() + "recovery_target_timeline = 'current'\n")
         note = ("the repo's latest timeline is a branch this backup is not on, so recovery followed the backup's own "
                 "timeline; WAL of any later timeline (a failover since the backup) is not in the copy")
-        _start(ctl, timeout)
-    deadline = time.monotonic() + timeout
+        _start(ctl, left())
+    deadline = time.monotonic() + left()
     while True:
         try:
             with connect_scratch(sc) as conn:
@@ -275,6 +279,13 @@ _SCRATCH_SETTINGS = ("-c archive_mode=off -c archive_command='' -c listen_addres
                      "-c synchronous_standby_names='' -c hot_standby=on")
 
 
+def _budget(timeout: float):
+    """What is left of ``timeout`` from now, as a function (at least a second: a part that
+    finds it spent still gets to fail with its own message)."""
+    end = time.monotonic() + timeout
+    return lambda: max(1.0, end - time.monotonic())
+
+
 def _start(ctl: PgCtl, timeout: float, extra: str = "") -> None:
     try:
         ctl.start(timeout=int(min(timeout, 3600)), extra=f"{_SCRATCH_SETTINGS} {extra}".strip())
@@ -318,6 +329,7 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     synchronous standby: commits would then wait on a copy that is about to be dropped."""
     from activities.postgres.status import connect as pg_connect
 
+    left = _budget(timeout)  # one bound for the whole, as restore_to_scratch
     with pg_connect(primary, 10) as conn:
         archived, seg_bytes, sync_names = conn.execute(
             "select last_archived_wal, (select setting::bigint * case unit when '8kB' then 8192 when 'MB' "
@@ -336,7 +348,7 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     follow = timeline_to_follow(stanza, repo_region, timeline)
     r = stanza.run("restore", f"--repo={key}", f"--pg1-path={sc.data_dir}", "--archive-mode=off", "--type=standby",
                    "--log-level-console=info", *([f"--target-timeline={follow}"] if follow else []),
-                   timeout=timeout, check=False)
+                   timeout=left(), check=False)
     if r.returncode != 0:
         raise RestoreError(f"pgbackrest restore failed ({r.returncode}): {_plain(scrub(_last_error(r.stderr + r.stdout)))}")
     restore_s = time.monotonic() - t0
@@ -346,8 +358,8 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     t1 = time.monotonic()
     # The archive alone first: a primary_conninfo the copy's settings carry (a once-standby
     # primary keeps one in its file) is overridden on the command line.
-    _start(ctl, timeout, "-c primary_conninfo=''")
-    deadline = time.monotonic() + timeout
+    _start(ctl, left(), "-c primary_conninfo=''")
+    deadline = time.monotonic() + left()
     while True:
         reached, passed = _replay_archive(sc, ctl, floor, stall_seconds, deadline, beat, label)
         if floor is None or passed:
@@ -374,8 +386,8 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     text = auto.read_text()
     ctl.write_file(auto, text + ("" if text.endswith("\n") or not text else "\n")
                    + f"primary_conninfo = {_guc_string(conninfo)}\nprimary_slot_name = ''\n")
-    _start(ctl, timeout)
-    wait_streaming(ctl, sc.model_copy(update={"host": sc.socket_dir}), primary, deadline, timeout, "restored copy",
+    _start(ctl, left())
+    wait_streaming(ctl, sc.model_copy(update={"host": sc.socket_dir}), primary, time.monotonic() + left(), timeout, "restored copy",
                    lambda: beat({"phase": "waiting to stream", "backup": label}))
     with connect_scratch(sc) as conn:
         tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
