@@ -182,3 +182,46 @@ def test_what_pgbackrest_says_is_scrubbed_in_a_worker_that_never_wrote_its_confi
     said = r.stdout + r.stderr
     assert r.returncode != 0 and "missing-***" in said, said
     assert secret not in said
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_pgbackrest_left_writing_by_an_ended_holder_is_waited_for(lab, client):
+    """The backup-repo lock ends with its holder at once (terminated, timed out); the pgBackRest
+    that holder started does not. The next holder waits until no pgBackRest writes on any node
+    before it touches the buckets: two writers each rewrite backup.info from what they read."""
+    import os
+    import signal
+
+    from temporalio.api.enums.v1 import PendingActivityState
+    from temporalio.client import WorkflowExecutionStatus
+
+    from tests.lab_helpers import _progress, _until
+
+    primary = _primary(lab)
+    st = Stanza(lab.cfg, primary)
+    st.write_configs()
+    leftover = st.popen("expire", "--repo=1", owner="an ended holder")
+    os.kill(leftover.pid, signal.SIGSTOP)  # still running, mid-write as far as anyone can tell
+    try:
+        handle = await client.start_workflow(BackupWorkflow.run, BackupInput(type="incr", trigger="test"),
+                                             id=f"test-backup-{uuid.uuid4()}",
+                                             task_queue=lab.cfg.temporal.control_task_queue)
+
+        async def waiting():
+            d = await handle.describe()
+            return any(p.activity_type.name == "wait_repo_writers_gone" and
+                       p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED and p.attempt == 1
+                       for p in d.raw_description.pending_activities)
+
+        await _until(waiting, 60, "the new holder to wait for the pgBackRest left running")
+        await _until(waiting, 60, "it to still wait a moment later")
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+        assert "take_backup" not in await _activities(handle)
+    finally:
+        os.kill(leftover.pid, signal.SIGCONT)
+    leftover.wait(60)
+    res = await handle.result()
+    await record(handle, "backup-waits-for-a-leftover-writer")
+    assert res.outcome == "succeeded", res
+    lock = next(s for s in (await _progress(handle)).steps if s.name == "Take the service's backup-repo lock")
+    assert f"{primary}: waited" in lock.detail, lock.detail

@@ -67,7 +67,8 @@ def regional_activities(cfg: EagleConfig) -> list:
             *_methods(FailbackActivities(cfg), "measure_divergence", "reconcile_diverged_rows", "rewind_old_primary",
                       "preserve_redis_and_rejoin"),
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
-                      "read_backup_catalog", "expire_backups", "guard_archive"),
+                      "read_backup_catalog", "expire_backups", "guard_archive",
+                      "wait_repo_writers_gone"),
             *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch",
                       "rebuild_standby", "undo_rebuild", "recover_rows", "restore_following_scratch"),
             # Restore mode verify: the scratch copy listens on its host only, so its side of the

@@ -96,7 +96,8 @@ class BackupWorkflow(Runbook):
                                            DR_TRIGGER.value_set(inp.trigger), DR_BACKUP_TYPE.value_set(inp.type)])
         if workflow.patched("backup-repo-lock"):
             # Before the primary is looked for: a run that waited has the topology of now.
-            async with repo_lock(self, topo.service, topo.control_task_queue):
+            async with repo_lock(self, topo.service, topo.control_task_queue,
+                                 nodes={r.name: r.task_queue for r in topo.regions}):
                 return await self._backup(inp, topo, repos)
         return await self._backup(inp, topo, repos)
 

@@ -70,7 +70,8 @@ class ExpireWorkflow(Runbook):
         if workflow.patched("backup-repo-lock"):
             # A backup on the standby's node and this expire on the primary's would each rewrite
             # backup.info, and one would lose the other's entries (workflows/repo_lock.py).
-            async with repo_lock(self, topo.service, topo.control_task_queue):
+            async with repo_lock(self, topo.service, topo.control_task_queue,
+                                 nodes={r.name: r.task_queue for r in topo.regions}):
                 return await self._expire(inp, topo, repos)
         return await self._expire(inp, topo, repos)
 

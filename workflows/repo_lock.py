@@ -23,7 +23,11 @@ from contextlib import asynccontextmanager
 
 from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.backup.activities import BackupActivities, WritersGoneRequest
+    from workflows.runbook import not_picked_up
 
 # The first retry comes soon (a short expire ending), later ones at most five minutes apart:
 # each costs about ten history events, so a waiter behind the longest backup allowed (7 days)
@@ -62,8 +66,14 @@ class RepoLockWorkflow:
 
 
 @asynccontextmanager
-async def repo_lock(runbook, service: str, control_queue: str):
-    """Hold the service's backup-repo lock for the block, as one step of ``runbook``."""
+async def repo_lock(runbook, service: str, control_queue: str, nodes: dict[str, str] | None = None):
+    """Hold the service's backup-repo lock for the block, as one step of ``runbook``.
+
+    ``nodes`` (region -> its worker's task queue): once the lock is taken, wait until no
+    pgBackRest writer runs on any of them. A holder that was terminated, or reached its
+    execution timeout, ended the lock at once (parent close policy), while the pgBackRest it
+    had started kept writing until it ended: a second writer then rewrote backup.info beside
+    it. A node whose worker does not take the check within a minute is said, not waited for."""
     lock_id = repo_lock_id(service)
     holder = workflow.info().workflow_id
     wait, waited = FIRST_RETRY_SECONDS, 0.0
@@ -84,6 +94,8 @@ async def repo_lock(runbook, service: str, control_queue: str):
                 waited += wait
                 wait = min(wait * 2, MAX_RETRY_SECONDS)
         rec.detail = f"held ({lock_id})" + (f" after waiting {waited:.0f} s" if waited else "")
+        if nodes and workflow.patched("repo-lock-waits-for-writers"):
+            rec.detail += "; " + await _writers_gone(runbook, nodes)
     try:
         yield
     finally:
@@ -93,6 +105,21 @@ async def repo_lock(runbook, service: str, control_queue: str):
         except Exception as e:  # noqa: BLE001 - the parent's end releases it anyway (TERMINATE)
             workflow.logger.warning("backup-repo lock not released by signal; it ends with this run",
                                     extra={"error": str(e)})
+
+
+async def _writers_gone(runbook, nodes: dict[str, str]) -> str:
+    async def one(region: str, queue: str) -> str:
+        try:
+            return await runbook.act(BackupActivities.wait_repo_writers_gone, WritersGoneRequest(region=region),
+                                     queue=queue, timeout=4 * 3600 + 60, heartbeat=30, schedule_to_start=60,
+                                     attempts=3)
+        except ActivityError as e:
+            if not_picked_up(e):
+                return f"{region}: NOT checked (its worker did not answer) for a pgBackRest still writing"
+            raise
+
+    said = await asyncio.gather(*(one(r, q) for r, q in nodes.items()))
+    return "; ".join(said)
 
 
 __all__ = ["RepoLockWorkflow", "repo_lock", "repo_lock_id"]

@@ -4,6 +4,7 @@ on: pgBackRest reads that node's data directory and config files.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -62,6 +63,11 @@ class GuardRequest(BaseModel):
     probe_timeout_seconds: float = Field(default=10, gt=0, le=120)
 
 
+class WritersGoneRequest(BaseModel):
+    region: str  # the node whose pgBackRest processes are looked at
+    timeout_seconds: float = Field(default=4 * 3600, gt=0)
+
+
 class StanzaReady(BaseModel):
     region: str
     config_changed: bool
@@ -77,6 +83,27 @@ class BackupActivities:
             return Stanza(self.cfg, region)
         except KeyError as e:
             raise ApplicationError(f"unknown region {region!r}", type="InvalidInput", non_retryable=True) from e
+
+    @activity.defn
+    def wait_repo_writers_gone(self, req: WritersGoneRequest) -> str:
+        """Wait until no pgBackRest command that rewrites the repos (backup, expire,
+        stanza-create) runs on this node. Called by the holder of the backup-repo lock right
+        after it took it (workflows/repo_lock.py): a holder that was terminated (or timed out)
+        gave the lock up at once, while the pgBackRest it started kept writing until it ended.
+        Nothing is stopped here: it is finishing what it was asked to, and two writers at once
+        is what the lock is for."""
+        st = self._stanza(req.region)
+        deadline, waited = time.monotonic() + req.timeout_seconds, None
+        while (running := st.processes("backup", "expire", "stanza-create")):
+            waited = waited or time.monotonic()
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"pgBackRest still runs on {req.region} after {req.timeout_seconds:.0f} s "
+                                       f"(pids {sorted(running)})", type="RepoBusy")
+            activity.heartbeat({"waiting_for": sorted(running)})
+            time.sleep(1)
+        if waited is None:
+            return f"{req.region}: no pgBackRest writing"
+        return f"{req.region}: waited {time.monotonic() - waited:.0f} s for a pgBackRest left running"
 
     @activity.defn
     def ensure_backup_config(self, region: str) -> StanzaReady:
