@@ -65,7 +65,8 @@ async def test_full_backup_from_the_standby_to_both_regions_buckets(lab, client)
     for b in res.backups:
         listed = next(x for x in cat.on(b.repo_region) if x.label == b.label)
         step = listed.annotation.get(STEP_KEY, "")
-        assert step.startswith(f"{handle.id}/"), listed.annotation
+        # The run id too: activity ids repeat from run to run under a reused workflow id.
+        assert step.startswith(f"{handle.id}/{handle.result_run_id}/"), listed.annotation
         source = Stanza(lab.cfg, standby)
         later = datetime.now(timezone.utc).timestamp() + 3600
         assert _finished_since(source, b.repo_region, "full", later, step).label == b.label

@@ -160,7 +160,11 @@ class BackupActivities:
         try:
             return take_backup(st, req.primary, req.repo_region, req.type, req.not_before, req.from_standby,
                                beat, lambda: activity.is_cancelled() or activity.is_worker_shutdown(),
-                               owner=f"{info.workflow_id}/{info.activity_id}", timeout=req.timeout_seconds,
+                               # The run id too: activity ids repeat from run to run, and some
+                               # backups reuse a fixed workflow id (the archive guard's, the
+                               # drill's), so a retry would take an earlier run's backup for its own.
+                               owner=f"{info.workflow_id}/{info.workflow_run_id}/{info.activity_id}",
+                               timeout=req.timeout_seconds,
                                first_attempt=info.attempt == 1)
         except StanzaMissing as e:
             # Not retried here: a retry would fail the same way. The workflow runs stanza-create
