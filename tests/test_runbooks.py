@@ -522,6 +522,45 @@ async def test_unplanned_failover_after_region_loss(lab, client, unlogged):
     lab.wait_replication()
 
 
+async def test_a_failed_epoch_record_after_the_promotion_degrades_the_failover_and_it_rolls_forward(lab, client):
+    """Past the point of no return (the target promoted) a failure rolls forward: the epoch
+    record on the new primary failing (a trigger refuses it here) used to fail the run before
+    Redis and routing moved, leaving a writable primary nobody was routed to. Now the run goes
+    on to Redis and routing and ends degraded, naming what to do."""
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    pa = lab.cfg.region(a).postgres
+    from activities.postgres import epoch as epochs
+
+    with psycopg.connect(pa.dsn(), autocommit=True) as conn:
+        held = epochs.read_epoch_on(conn, lab.cfg.service).epoch
+    epochs.advance_epoch(pa, lab.cfg.service, held + 1, a, "test-epoch-prep", uuid.uuid4().hex)  # tables exist
+    refuse = ("create or replace function eagle_dr_test_refuse() returns trigger language plpgsql as "
+              "$$ begin raise exception 'epoch record refused (test)'; end $$",
+              "create trigger eagle_dr_test_refuse before insert on eagle_dr.dr_epoch_history "
+              "for each row execute function eagle_dr_test_refuse()")
+    with psycopg.connect(pa.dsn(), autocommit=True) as conn:
+        for q in refuse:
+            conn.execute(q)
+    lab.wait_replication()  # the standby, promoted, carries the trigger
+    try:
+        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                                 reason="epoch record refused"))
+        result = await handle.result()
+    finally:
+        with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
+            conn.execute("drop trigger if exists eagle_dr_test_refuse on eagle_dr.dr_epoch_history")
+            conn.execute("drop function if exists eagle_dr_test_refuse()")
+    assert result.outcome == "degraded", result
+    assert any("recording epoch" in d and "epoch record refused" in d for d in result.degraded), result.degraded
+    assert pg_status(lab.cfg.region(b).postgres).role == "primary"
+    # Rolled forward: Redis and routing moved to the new primary all the same.
+    route = next(s for s in result.steps if s.name == "re-route traffic")
+    assert route.status == "done", route
+    lab.rebuild_standby(a)
+    lab.wait_replication()
+
+
 async def test_a_hung_old_primary_with_its_worker_alive_is_killed_by_the_stop_fence(lab, client):
     """A frozen host (every PostgreSQL process SIGSTOPped; its worker alive): the stop fence's
     pg_ctl stop is never acted on. The fence kills it instead of waiting out its 120 s timeout
