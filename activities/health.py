@@ -255,15 +255,20 @@ class HealthActivities:
         if len(primaries) != 1 or sb is None or (sb.reachable and sb.role != "standby"):
             return None  # no primary, or two (a split brain): no "behind" to speak of
         _, primary = primaries[0]
-        got = sb.receive_lsn or sb.lsn if sb.reachable else None
-        if got and primary.lsn:
-            return max(0, _lsn(primary.lsn) - _lsn(got))
-        # The standby did not answer this vantage point: the primary's own view of it, its
-        # replay LSN (more than what was not received, never less: errs on the safe side).
+        # The furthest it has: a restarted WAL receiver reports the start of its segment, and a
+        # standby replaying from the archive may have replayed past what it streamed.
+        got = max((_lsn(x) for x in (sb.receive_lsn, sb.lsn) if x), default=None) if sb.reachable else None
+        if got is not None and primary.lsn:
+            return max(0, _lsn(primary.lsn) - got)
+        # The standby did not answer this vantage point: the primary's own view of it, what it
+        # had sent it (not its replay position: replay held back by queries is not lost, and
+        # promotion replays what was received first). In flight at most is counted as received.
         standby = self.cfg.region(name)
         link = next((x for x in primary.replicas if x.application_name == standby.name or
                      x.slot_name == standby.postgres.slot_name), None)
-        return None if link is None or link.lag_bytes is None else max(0, link.lag_bytes)
+        if link is None or not link.sent_lsn or not primary.lsn:
+            return None
+        return max(0, _lsn(primary.lsn) - _lsn(link.sent_lsn))
 
     def _record(self, sightings: list[RegionSighting], pgs: dict[str, PgStatus], rss: dict[str, RedisStatus]) -> None:
         """This vantage point's view as metrics: availability and probe latency per region, and

@@ -488,19 +488,23 @@ def test_a_lag_measured_long_before_the_outage_is_no_ground_for_an_automatic_fai
 
 def test_the_lag_a_vantage_point_reports_is_what_the_standby_had_not_received(lab_cfg):
     """WAL received but not replayed is not lost (promotion replays it); without the standby's
-    own answer the primary's view (its replay LSN) stands in, erring on the side of more."""
+    own answer the primary's view stands in: what it had sent (its replay position would count
+    replay held back by queries as lost)."""
     from activities.health import HealthActivities
     from activities.postgres.status import PgStatus, ReplicaLink
 
     a, b = lab_cfg.regions[0].name, lab_cfg.regions[1].name
     slot = lab_cfg.region(b).postgres.slot_name
-    link = ReplicaLink(application_name=b, state="streaming", sync_state="async", sent_lsn="0/3000000",
+    link = ReplicaLink(application_name=b, state="streaming", sync_state="async", sent_lsn="0/2E00000",
                        replay_lsn="0/1000000", lag_bytes=0x2000000, replay_lag_seconds=1.0, slot_name=slot)
     primary = PgStatus(reachable=True, role="primary", lsn="0/3000000", replicas=[link])
     standby = PgStatus(reachable=True, role="standby", lsn="0/1000000", receive_lsn="0/2F00000")
     h = HealthActivities(lab_cfg)
     assert h._not_received(b, {a: primary, b: standby}) == 0x100000
-    assert h._not_received(b, {a: primary, b: PgStatus(reachable=False)}) == 0x2000000
+    assert h._not_received(b, {a: primary, b: PgStatus(reachable=False)}) == 0x200000
+    # A restarted receiver reports the start of its segment: what it replayed is further.
+    restarted = PgStatus(reachable=True, role="standby", lsn="0/1000000", receive_lsn="0/800000")
+    assert h._not_received(b, {a: primary, b: restarted}) == 0x2000000
     assert h._not_received(b, {a: PgStatus(reachable=False), b: standby}) is None  # no primary: unknown
     # Two writable primaries: no "behind" to speak of.
     assert h._not_received(b, {a: primary, b: primary}) is None

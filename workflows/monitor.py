@@ -133,6 +133,9 @@ class MonitorInput(BaseModel):
     # (carried across continue-as-new: an outage that spans one must not forget it).
     target_lag_bytes: int | None = Field(default=None, ge=0)
     target_lag_at: datetime | None = None
+    # When the watched primary's current outage began (its first failed round): unlike the
+    # failure count, not reset by a refused or failed automatic attempt, and carried.
+    outage_since: datetime | None = None
 
 
 class Probe(BaseModel):
@@ -215,6 +218,7 @@ class MonitorWorkflow(Runbook):
         self._noted: str | None = None
         # The region whose outage the channels were told of (resolved when it is over).
         self._outage_open: str | None = None
+        self._outage_since = None  # when the watched primary's current outage began (MonitorInput)
         self._readiness_bad: set[str] = set()
         # The readiness checks in flight (they never hold up a probe round), when they are due next,
         # and the verdicts the last report gave.
@@ -425,6 +429,7 @@ class MonitorWorkflow(Runbook):
             # A hold signalled before this first task ran stands beside the carried ones.
             holds=[*inp.holds, *(h for h in self.state.holds if h.holder not in {x.holder for x in inp.holds})])
         self._outage_open = inp.open_outage
+        self._outage_since = inp.outage_since
         self._readiness_bad = set(inp.readiness_degraded)
         # Histories recorded before the readiness checks replay without them.
         readiness = inp.readiness_every_seconds is not None and workflow.patched("monitor-readiness")
@@ -485,13 +490,14 @@ class MonitorWorkflow(Runbook):
                 primary, failures, first_failure = moved, 0, None
                 self.target_region = self.state.watched_region = primary
                 # A new pair: how far the new standby is behind is not known until measured.
-                self.state.target_lag_bytes = self.state.target_lag_at = None
+                self.state.target_lag_bytes = self.state.target_lag_at = self._outage_since = None
             if readiness:
                 self._readiness_tick(inp, topo, primary, reports)
             down, answered = self._tally(primary, reports)
             if answered and down * 2 > answered:
                 failures += 1
                 first_failure = first_failure or started
+                self._outage_since = self._outage_since or started
                 hard = hard + 1 if fast and self._refused(primary, reports, 1 + len(topo.regions)) else 0
                 if watching and hard:
                     hard = inp.confirm_rounds  # the round's own probes confirmed it (_watched_round)
@@ -501,6 +507,7 @@ class MonitorWorkflow(Runbook):
                     hard = inp.confirm_rounds if self._refused(primary, confirm, 1 + len(topo.regions)) else 0
             elif answered:
                 self._note_lag(topo.other(primary).name, reports)
+                self._outage_since = None
                 if failures >= inp.failure_threshold or (fast and hard >= inp.confirm_rounds):
                     self._finding(f"{primary} answers again")
                 self._outage_over(inp.service, f"{primary} answers again")
@@ -513,7 +520,8 @@ class MonitorWorkflow(Runbook):
                                   workers_down=len(self.state.workers_down))
             confirmed = fast and hard >= inp.confirm_rounds
             if failures >= inp.failure_threshold or confirmed:
-                why_not = self._why_not_fail_over(inp, topo, primary, reports, first_failure)
+                since = self._outage_since or first_failure
+                why_not = self._why_not_fail_over(inp, topo, primary, reports, since)
                 self._outage(inp, topo, primary, first_failure, why_not)
                 if why_not is not None:
                     self._note_once(f"**{primary} is DOWN** since {first_failure.isoformat(timespec='seconds')}: "
@@ -562,8 +570,13 @@ class MonitorWorkflow(Runbook):
                                       "running_since": self.state.running_since,
                                       "holds": [h for h in self.state.holds if h.until > workflow.now()],
                                       "readiness_known": self._readiness_known,
-                                      "target_lag_bytes": self.state.target_lag_bytes,
-                                      "target_lag_at": self.state.target_lag_at,
+                                      # Measured against the primary watched now: a run that goes on
+                                      # watching another (after its own failover) starts unmeasured.
+                                      **({"target_lag_bytes": self.state.target_lag_bytes,
+                                          "target_lag_at": self.state.target_lag_at,
+                                          "outage_since": self._outage_since}
+                                         if primary == self.state.watched_region else
+                                         {"target_lag_bytes": None, "target_lag_at": None, "outage_since": None}),
                                       # A refused or failed automatic attempt starts the cooldown too:
                                       # dropped here, the next run would try again at once.
                                       "last_auto_move_at": self._last_attempt or inp.last_auto_move_at, **more})
