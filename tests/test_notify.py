@@ -9,6 +9,7 @@ approval gate and is rejected, and a split-brain check that finds none.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -271,7 +272,18 @@ async def test_channels_down_do_not_fail_the_runbook_and_are_reported(lab, clien
     assert len(slow) == 2 and "started: split-brain" in slow[0] and "finished: split-brain" in slow[1], slow
     pd = [p for p in http_recorder.on("/pd") if wid in p["dedup_key"]]
     assert [p["event_action"] for p in pd] == ["resolve"]
-    _history_has_no_secret(await decrypted_json(handle))
+    history = await decrypted_json(handle)
+    _history_has_no_secret(history)
+    # A channel given up on gets one try per later event, not the full retries again: queued in
+    # order, a hung channel would otherwise hold the run's end for minutes per event.
+    tries = {}
+    for e in json.loads(history)["events"]:
+        a = e.get("activityTaskScheduledEventAttributes")
+        if a and a["activityType"]["name"] == "send_notification":
+            d = json.loads(base64.b64decode(a["input"]["payloads"][0]["data"]))
+            tries[(d["channel"], d["event"]["kind"])] = a["retryPolicy"]["maximumAttempts"]
+    assert tries[("down", "runbook-started")] == 3 and tries[("down", "runbook-finished")] == 1, tries
+    assert tries[("chat", "runbook-finished")] == 3, tries
     await record(handle, "split-brain-notify-in-order")
 
 

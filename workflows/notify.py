@@ -46,6 +46,7 @@ IN_ORDER = "notify-in-order"
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2,
                     maximum_interval=timedelta(seconds=5), maximum_attempts=3,
                     non_retryable_error_types=["UnknownChannel", "SecretUnavailable"])
+ONCE = RetryPolicy(maximum_attempts=1)
 
 
 class Notifier:
@@ -55,6 +56,7 @@ class Notifier:
         self.failures: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self._last: dict[str, asyncio.Task] = {}  # per channel: its latest delivery, to queue behind
+        self._gave_up: set[str] = set()  # channels a delivery was given up on in this run
 
     def configure(self, topo: Topology) -> None:
         self.routes = dict(topo.notify_channels)
@@ -85,9 +87,14 @@ class Notifier:
             await workflow.execute_activity_method(
                 NotifyActivities.send_notification, NotifyRequest(channel=channel, event=event),
                 task_queue=self.queue, start_to_close_timeout=timedelta(seconds=75),
-                schedule_to_close_timeout=timedelta(minutes=3), retry_policy=RETRY,
+                schedule_to_close_timeout=timedelta(minutes=3),
+                # A channel already given up on in this run gets one try per event: queued in
+                # order, each with its full retries, a hung channel held the run's end (and a
+                # monitor's next round) for minutes per event.
+                retry_policy=ONCE if channel in self._gave_up else RETRY,
                 summary=f"notify {channel}: {event.kind}")
         except ActivityError as e:
+            self._gave_up.add(channel)
             why = f"{channel}: {event.kind} not delivered ({e.cause or e})"
             self.failures.append(why)
             workflow.logger.warning("notification failed", extra={"channel": channel, "kind": event.kind,
