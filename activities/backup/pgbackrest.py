@@ -85,6 +85,7 @@ class Stanza:
         self.dropped_file = self.dir / "archive-dropped.json"
         # WAL gaps per repo (archive.py): what a restore from that repo must not cross.
         self.gaps_file = self.dir / "archive-gaps.json"
+        self._secrets_known = False  # know_secrets(): once per object (a secret store is a network call)
 
     @property
     def name(self) -> str:
@@ -227,6 +228,9 @@ class Stanza:
         config this life, and its scrub() had nothing to take out of pgBackRest's text, which
         quotes options back in some errors. Best effort: one that cannot be resolved here is
         not in this process's hands to leak."""
+        if self._secrets_known:
+            return
+        self._secrets_known = True
         try:
             self.render()
         except Exception:  # noqa: BLE001 - SecretUnavailable, a cipher not set: see above
