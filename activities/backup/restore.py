@@ -387,8 +387,8 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     ctl.write_file(auto, text + ("" if text.endswith("\n") or not text else "\n")
                    + f"primary_conninfo = {_guc_string(conninfo)}\nprimary_slot_name = ''\n")
     _start(ctl, left())
-    wait_streaming(ctl, sc.model_copy(update={"host": sc.socket_dir}), primary, time.monotonic() + left(), timeout, "restored copy",
-                   lambda: beat({"phase": "waiting to stream", "backup": label}))
+    wait_streaming(ctl, sc.model_copy(update={"host": sc.socket_dir}), primary, time.monotonic() + left(), timeout,
+                   "restored copy", lambda: beat({"phase": "waiting to stream", "backup": label}))
     with connect_scratch(sc) as conn:
         tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
     scratch = Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
