@@ -129,3 +129,22 @@ def test_the_next_epoch_is_above_what_either_region_records(lab):
             os.kill(postmaster, signal.SIGCONT)
     finally:
         os.kill(receiver, signal.SIGCONT)
+
+
+def test_the_next_epoch_is_above_what_redis_records_when_postgresql_missed_it(lab):
+    """A failover whose PostgreSQL epoch record failed after the promotion degrades and goes on,
+    recording its epoch in Redis only. The next move, reading PostgreSQL alone, took that epoch
+    again and was refused by Redis (seen: its Redis never promoted, no replica link after)."""
+    from activities.postgres.activities import EpochReadRequest
+    from activities.redis import epoch as redis_epochs
+
+    primary = _primary(lab)
+    pg_held = epochs.read_epoch(lab.cfg.region(primary).postgres, lab.cfg.service).epoch
+    master = next(r.redis for r in lab.cfg.regions if r.name == primary)
+    rd = redis_epochs.highest_epoch([r.redis for r in lab.cfg.regions], lab.cfg.service)
+    ahead = max(pg_held, rd.epoch) + 1
+    redis_epochs.record_epoch(master, lab.cfg.service, ahead, primary, "test-redis-only", "run-r")
+    got = PostgresActivities(lab.cfg).read_highest_epoch(EpochReadRequest(region=primary, redis=True))
+    assert (got.epoch, got.workflow_id) == (ahead, "test-redis-only"), got
+    assert got.updated_at is not None
+    assert PostgresActivities(lab.cfg).read_highest_epoch(EpochReadRequest(region=primary)).epoch == pg_held

@@ -436,8 +436,12 @@ class Runbook:
         """The next DR epoch after the highest ``region`` or any of ``others`` (that answers
         within a second) records; returns that record."""
         async with self.step("take DR epoch") as st:
-            # Histories recorded before it read ``region`` alone.
-            if others and workflow.patched("epoch-highest-of-regions"):
+            # Histories recorded before them read PostgreSQL alone: ``region`` only, then the others.
+            if workflow.patched("epoch-highest-with-redis"):
+                current = await self.act(PostgresActivities.read_highest_epoch,
+                                         EpochReadRequest(region=region, others=list(others), redis=True),
+                                         queue=queue, timeout=30)
+            elif others and workflow.patched("epoch-highest-of-regions"):
                 current = await self.act(PostgresActivities.read_highest_epoch,
                                          EpochReadRequest(region=region, others=list(others)), queue=queue, timeout=30)
             else:

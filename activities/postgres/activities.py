@@ -32,6 +32,21 @@ from activities.postgres.wal import WalUnreadable, current_timeline
 from eagle_dr.config import EagleConfig, scrubbed_first_line
 
 
+def _redis_epoch(node, service: str, timeout: float) -> epochs.EpochRecord:
+    from datetime import datetime
+
+    from activities.redis.epoch import key
+    from activities.redis.status import client
+
+    got = client(node, timeout).hgetall(key(service))
+    if not got:
+        return epochs.EpochRecord(service=service, epoch=0)
+    at = got.get("updated_at")
+    return epochs.EpochRecord(service=service, epoch=int(got["epoch"]), region=got.get("region"),
+                              workflow_id=got.get("workflow_id"), run_id=got.get("run_id"),
+                              updated_at=datetime.fromisoformat(at) if at else None)
+
+
 class EpochReadRequest(BaseModel):
     """Read the epoch ``region`` records; raise the figure to what any of ``others`` records,
     from those that answer within ``others_timeout`` seconds (best effort: never a failure)."""
@@ -39,6 +54,10 @@ class EpochReadRequest(BaseModel):
     region: str
     others: list[str] = []
     others_timeout: float = 1.0
+    # The Redis records too (``region``'s and the others'): a move whose PostgreSQL record failed
+    # after its promotion (it degrades and goes on) recorded its epoch in Redis only, and the
+    # next move, reading PostgreSQL alone, took that epoch again and was refused by Redis.
+    redis: bool = False
 
 
 class EpochRequest(BaseModel):
@@ -200,9 +219,12 @@ class PostgresActivities:
         the lower one, taking the same epoch again, and refused (StaleEpoch, with the wrong
         story) when it lifted a fence. The others are read beside it and waited for only
         ``others_timeout``: a hung server must not add a connect timeout to an outage."""
-        pool = ThreadPoolExecutor(max(1, len(req.others)))
+        pool = ThreadPoolExecutor(max(1, 2 * len(req.others) + 1))
         try:
             others = [pool.submit(epochs.read_epoch, self._pg(r), self.cfg.service) for r in req.others]
+            if req.redis:
+                others += [pool.submit(_redis_epoch, self.cfg.region(r).redis, self.cfg.service, req.others_timeout)
+                           for r in [req.region, *req.others]]
             best = epochs.read_epoch(self._pg(req.region), self.cfg.service)
             deadline = time.monotonic() + req.others_timeout
             for f in others:
