@@ -303,8 +303,9 @@ async def test_a_restore_with_no_primary_to_name_the_timeline_says_it_followed_t
     primary = _primary(lab)
     standby = lab.cfg.other(primary).name
     _table(lab)
+    # The backup alone (its WAL archived before it ends): waiting for a later segment as well
+    # timed out in CI after this file's other tests (noted; not what this test is about).
     await _backup(lab, client, type="incr")
-    await _archived_now(lab)
     ctl = PgCtl(lab.cfg.region(primary).postgres)
     ctl.kill()
     try:
