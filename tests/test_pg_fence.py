@@ -149,6 +149,43 @@ def test_a_hold_interrupted_after_its_marker_is_finished_by_the_retry(node):
     assert "eagle-dr fence" not in auto.read_text()
 
 
+def test_a_held_server_starts_though_a_pin_names_a_timeline_before_its_promotion(node):
+    """A standby rebuilt from a backup keeps recovery_target_timeline pinned to the timeline it
+    followed (rebuild.py), and the pin outlives its promotion. Held as a standby of nothing, it
+    must still come up: in recovery towards the pinned (older) timeline it waited for its own
+    last checkpoint's WAL forever, so the fenced node never started and a split brain's read of
+    the loser hung (CI)."""
+    from activities.postgres.status import connect
+
+    # A promotion, as the rebuilt standby had: a standby of nothing, promoted.
+    node.ctl.stop("fast")
+    node.ctl.write_file(node.data_dir / "standby.signal", "")
+    node.ctl.start()
+    pinned = pg_status(node.cfg).timeline
+    with connect(node.cfg) as conn:
+        conn.execute("select pg_promote()")
+    with connect(node.cfg) as conn:
+        conn.execute(f"alter system set recovery_target_timeline = '{pinned}'")
+    assert pg_status(node.cfg).timeline == pinned + 1
+    try:
+        fence_stop(node.cfg)
+        node.ctl.start(timeout=30)  # a hang shows as PgCtlError here, not as a stuck test
+        st = pg_status(node.cfg)
+        assert st.role == "standby" and st.timeline == pinned + 1, st
+        assert lift_stop_fence(node.cfg)
+        unfence(node.cfg)
+        assert pg_status(node.cfg).role == "primary"
+        # The lift puts the operator's (here: the rebuild's) setting back as it was.
+        assert f"recovery_target_timeline = '{pinned}'" in (node.data_dir / "postgresql.auto.conf").read_text()
+    finally:
+        if not node.running():
+            (node.data_dir / "standby.signal").unlink(missing_ok=True)
+            node.ctl.start()
+        unfence(node.cfg)
+        with connect(node.cfg) as conn:
+            conn.execute("alter system reset recovery_target_timeline")
+
+
 def test_stop_fence_waits_for_the_archive_backlog_while_writes_still_flow(node):
     """A segment waiting for the archiver is pushed before the stop (clients still write), not
     inside the fast shutdown, which would hold the write outage until it is archived."""

@@ -139,6 +139,10 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     await _until(_async(lambda: _one(lab, b, "select count(*) from metrics_snapshots where id = %s", m) == 1), 30,
                  "the seed rows to replay")
     tli_before = pg_status(lab.cfg.region(b).postgres).timeline
+    # b pinned to the timeline it follows, as a standby rebuilt from a backup is (rebuild.py):
+    # the pin outlives the promotion, and the loser held as a standby of nothing must still
+    # start (it waited forever for WAL of the pinned timeline, and the preview hung).
+    _sql(lab, b, f"alter system set recovery_target_timeline = '{tli_before}'")
     _sql(lab, b, "select pg_promote()")  # the split: b writable too, a still writable
     # The survivor-to-be writes first, the loser after: the loser's versions are newer.
     _sql(lab, a,

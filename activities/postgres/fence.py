@@ -189,8 +189,14 @@ def lift_self_fence(cfg: PostgresConfig) -> str | None:
 
 # Appended to postgresql.auto.conf (the last setting of a name wins): a standby that
 # follows nothing, whatever postgresql.conf or an earlier rejoin left there.
+# recovery_target_timeline 'current': held, the server replays only its own timeline. A pinned
+# timeline number left in the file outlives a promotion (a standby rebuilt from a backup pins the
+# one it followed, rebuild.py), and a server started in recovery towards a timeline its own last
+# checkpoint is not on waits for that checkpoint's WAL forever: the fenced node never came up,
+# and a split brain's read of the loser hung (CI, stop 30).
 _RECOVERY_NOWHERE = ("# eagle-dr fence: this old primary must not take writes; it starts as a standby of nothing.\n"
-                     "primary_conninfo = ''\nprimary_slot_name = ''\nrestore_command = ''\n")
+                     "primary_conninfo = ''\nprimary_slot_name = ''\nrestore_command = ''\n"
+                     "recovery_target_timeline = 'current'\n")
 
 
 def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
@@ -344,7 +350,7 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
                    exiting=exiting, killed=killed)
 
 
-_RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command")
+_RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline")
 
 
 def _setting_name(line: str) -> str | None:
