@@ -7,15 +7,21 @@ leaves the lab healthy (a streaming standby) for the tests after it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import NamedTuple
 
 import psycopg
 import pytest
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from activities.backup.pgbackrest import Stanza
 from activities.backup.rebuild import aside_dir, rebuild_standby
@@ -23,6 +29,7 @@ from activities.backup.recover import RowSelection
 from activities.backup.restore import RestoreError, RestoreTarget
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError
 from activities.postgres.status import pg_status
+from eagle_dr.config import PostgresConfig
 from tests.histories import record
 from tests.lab_helpers import _primary, _progress, _until
 from tests.test_restore import _archived_now, _async_true, _backup, _commit, _kept, _no_scratch_left, \
@@ -109,50 +116,72 @@ async def test_rebuild_standby_from_backup_after_its_data_dir_is_broken(lab, cli
     await record(handle, "restore-rebuild_standby")
 
 
-async def test_a_rebuild_that_fails_leaves_the_standby_as_it_found_it(lab, client):
-    """Before anything is kept, a failed rebuild is undone: the original directory back in
-    place and the standby running and streaming again, as it was (it used to be left stopped,
-    its directory put back but never started). Every restore attempt's pgbackrest is killed,
-    so all three attempts fail; each puts the original back itself, and the runbook's undo step
-    then says where the node stands."""
-    import asyncio
-    import os
-    import signal
+class _Rebuild(NamedTuple):
+    primary: str
+    standby: str
+    pg: PostgresConfig
+    data: Path
+    stanza: Stanza
+    marker: str
+    handle: WorkflowHandle
 
+
+async def _rebuild_at_its_approval(lab, client, name: str) -> _Rebuild:
+    """A rebuild of the streaming standby from a fresh full backup, started and waiting for its
+    approval. The standby's data directory carries a marker file (ignored by PostgreSQL) that
+    tells the original directory from a restored one."""
     primary = _primary(lab)
     standby = lab.cfg.other(primary).name
     _table(lab)
     await _backup(lab, client, type="full")
     pg = lab.cfg.region(standby).postgres
     data = PgCtl(pg).data_dir
-    stanza = Stanza(lab.cfg, standby)
     st = pg_status(pg)
     assert st.role == "standby" and st.receiver_status == "streaming", st
     marker = uuid.uuid4().hex
-    (data / "eagle-dr-test-original").write_text(marker)  # ignored by PostgreSQL; names this directory
+    (data / "eagle-dr-test-original").write_text(marker)
     handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
-                                         id=f"test-rebuild-fails-{uuid.uuid4()}",
+                                         id=f"test-{name}-{uuid.uuid4()}",
                                          task_queue=lab.cfg.temporal.control_task_queue)
     await _wait_awaiting(handle)
-    killed: list[int] = []
+    return _Rebuild(primary, standby, pg, data, Stanza(lab.cfg, standby), marker, handle)
 
-    async def kill_every_restore() -> None:
+
+@contextlib.asynccontextmanager
+async def _signalling_every_restore(stanza: Stanza, sig: int):
+    """While inside: every pgbackrest restore process of the stanza gets ``sig`` as soon as it
+    appears (the fault). Yields the set of pids signalled."""
+    hit: set[int] = set()
+
+    async def loop() -> None:
         while True:
             for pid in stanza.processes("restore"):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except ProcessLookupError:
-                    pass
+                if pid not in hit:
+                    try:
+                        os.kill(pid, sig)
+                        hit.add(pid)
+                    except ProcessLookupError:
+                        pass
             await asyncio.sleep(0.005)  # the fault's own loop, not a wait for the test
 
-    killer = asyncio.ensure_future(kill_every_restore())
+    task = asyncio.ensure_future(loop())
     try:
+        yield hit
+    finally:
+        task.cancel()
+
+
+async def test_a_rebuild_that_fails_leaves_the_standby_as_it_found_it(lab, client):
+    """Before anything is kept, a failed rebuild is undone: the original directory back in
+    place and the standby running and streaming again, as it was (it used to be left stopped,
+    its directory put back but never started). Every restore attempt's pgbackrest is killed,
+    so all three attempts fail; each puts the original back itself, and the runbook's undo step
+    then says where the node stands."""
+    primary, standby, pg, data, stanza, marker, handle = await _rebuild_at_its_approval(lab, client, "rebuild-fails")
+    async with _signalling_every_restore(stanza, signal.SIGKILL) as killed:
         await handle.execute_update("approve", _decide("approve"))
         with pytest.raises(WorkflowFailureError) as e:
             await asyncio.wait_for(handle.result(), 600)
-    finally:
-        killer.cancel()
     assert killed
     cause = e.value.cause
     assert cause.type == "RebuildFailed" and "undone:" in cause.message, cause
@@ -179,42 +208,10 @@ async def test_a_cancel_reaches_a_stalled_restore_and_the_rebuild_is_undone(lab,
     answering: it writes nothing): every pgBackRest process of the restore is stopped and the
     original standby streams again. Waited on with subprocess.run, the cancel never reached the
     blocked thread, and the run hung until the step's 70-minute timeout."""
-    import asyncio
-    import os
-    import signal
-
-    primary = _primary(lab)
-    standby = lab.cfg.other(primary).name
-    _table(lab)
-    await _backup(lab, client, type="full")
-    pg = lab.cfg.region(standby).postgres
-    data = PgCtl(pg).data_dir
-    stanza = Stanza(lab.cfg, standby)
-    marker = uuid.uuid4().hex
-    (data / "eagle-dr-test-original").write_text(marker)
-    handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
-                                         id=f"test-rebuild-cancel-{uuid.uuid4()}",
-                                         task_queue=lab.cfg.temporal.control_task_queue)
-    await _wait_awaiting(handle)
-    frozen: set[int] = set()
-
-    async def freeze_every_restore() -> None:
-        while True:
-            for pid in stanza.processes("restore"):
-                if pid not in frozen:
-                    try:
-                        os.kill(pid, signal.SIGSTOP)
-                        frozen.add(pid)
-                    except ProcessLookupError:
-                        pass
-            await asyncio.sleep(0.005)  # the fault's own loop, not a wait for the test
-
-    freezer = asyncio.ensure_future(freeze_every_restore())
-    try:
+    primary, standby, pg, data, stanza, marker, handle = await _rebuild_at_its_approval(lab, client, "rebuild-cancel")
+    async with _signalling_every_restore(stanza, signal.SIGSTOP) as frozen:
         await handle.execute_update("approve", _decide("approve"))
         await _until(lambda: _async_true(bool(frozen)), 120, "pgbackrest restore to start (and be frozen)")
-    finally:
-        freezer.cancel()
     await handle.cancel()
     try:
         with pytest.raises(WorkflowFailureError):
@@ -393,9 +390,6 @@ async def test_worker_killed_mid_rebuild_the_retry_finishes_and_the_standby_stre
     """kill -9 of the standby's regional worker while ``pgbackrest restore`` writes the new data
     directory: the retry (another attempt, on the restarted worker) finds the original aside and
     its own half-made restore in place, restores again and streams; nothing is left aside."""
-    import os
-    import signal
-
     from lab.processes import kill_tree, read_pid
 
     primary = _primary(lab)
