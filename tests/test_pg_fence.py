@@ -186,6 +186,34 @@ def test_a_held_server_starts_though_a_pin_names_a_timeline_before_its_promotion
             conn.execute("alter system reset recovery_target_timeline")
 
 
+def test_a_recovery_target_left_in_the_config_does_not_end_the_hold(node):
+    """A recovery target left from a manual PITR, with recovery_target_action 'promote', would
+    end the held server's recovery and promote the fenced node: the hold clears every target,
+    and the lift puts them back as they were."""
+    from activities.postgres.status import connect
+
+    with connect(node.cfg) as conn:
+        conn.execute("alter system set recovery_target = 'immediate'")
+        conn.execute("alter system set recovery_target_action = 'promote'")
+    try:
+        fence_stop(node.cfg)
+        node.ctl.start(timeout=30)
+        with connect(node.cfg) as conn:
+            assert conn.execute("show recovery_target").fetchone()[0] == ""
+            assert conn.execute("select pg_is_in_recovery()").fetchone()[0] is True
+        assert lift_stop_fence(node.cfg)
+        unfence(node.cfg)
+        assert "recovery_target = 'immediate'" in (node.data_dir / "postgresql.auto.conf").read_text()
+    finally:
+        if not node.running():
+            (node.data_dir / "standby.signal").unlink(missing_ok=True)
+            node.ctl.start()
+        unfence(node.cfg)
+        with connect(node.cfg) as conn:
+            conn.execute("alter system reset recovery_target")
+            conn.execute("alter system reset recovery_target_action")
+
+
 def test_stop_fence_waits_for_the_archive_backlog_while_writes_still_flow(node):
     """A segment waiting for the archiver is pushed before the stop (clients still write), not
     inside the fast shutdown, which would hold the write outage until it is archived."""

@@ -194,9 +194,13 @@ def lift_self_fence(cfg: PostgresConfig) -> str | None:
 # one it followed, rebuild.py), and a server started in recovery towards a timeline its own last
 # checkpoint is not on waits for that checkpoint's WAL forever: the fenced node never came up,
 # and a split brain's read of the loser hung (CI, stop 30).
+# No recovery target either: one left from a manual PITR (recovery_target_lsn and the like, with
+# recovery_target_action 'promote') would end the hold's recovery and promote the fenced node.
+_RECOVERY_TARGETS = ("recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
+                     "recovery_target_xid")
 _RECOVERY_NOWHERE = ("# eagle-dr fence: this old primary must not take writes; it starts as a standby of nothing.\n"
                      "primary_conninfo = ''\nprimary_slot_name = ''\nrestore_command = ''\n"
-                     "recovery_target_timeline = 'current'\n")
+                     "recovery_target_timeline = 'current'\n" + "".join(f"{k} = ''\n" for k in _RECOVERY_TARGETS))
 
 
 def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
@@ -350,7 +354,8 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
                    exiting=exiting, killed=killed)
 
 
-_RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline")
+_RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline",
+                  *_RECOVERY_TARGETS)
 
 
 def _setting_name(line: str) -> str | None:
