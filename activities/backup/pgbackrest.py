@@ -22,6 +22,8 @@ command line carries them (``ps`` shows command lines to every user).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import json
 import os
 import re
@@ -49,6 +51,14 @@ class PgBackRestError(RuntimeError):
     def __init__(self, command: str, code: int, message: str):
         self.command, self.code = command, code
         super().__init__(f"pgbackrest {command} failed ({code}): {message}")
+
+
+def submit_in_activity(pool: concurrent.futures.Executor, fn, *args) -> concurrent.futures.Future:
+    """``pool.submit`` carrying this activity's context into the pool's thread. The SDK keeps
+    the context in a contextvar, which a pool thread does not inherit: there ``Stanza.run``
+    never saw a cancel, and a cancelled restore waited out the other thread's pgBackRest call
+    (up to a minute of ``repo-ls``) before its undo could begin."""
+    return pool.submit(contextvars.copy_context().run, fn, *args)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import psycopg
 from pydantic import BaseModel, Field
 
 from activities.backup.catalog import Catalog
-from activities.backup.pgbackrest import PgBackRestError, Stanza, _last_error, repo_key
+from activities.backup.pgbackrest import PgBackRestError, Stanza, _last_error, repo_key, submit_in_activity
 from activities.postgres.ctl import PgCtl, PgCtlError, _guc_string
 from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.postgres.wal import segment_name, segment_start
@@ -186,7 +186,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     # Which timeline to follow asks the repo (a listing: half a second over TLS), so it runs
     # beside the restore instead of before it; its answer goes into the copy's settings after.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        follow_f = pool.submit(timeline_to_follow, stanza, repo_region, timeline)
+        follow_f = submit_in_activity(pool, timeline_to_follow, stanza, repo_region, timeline)
         r = stanza.run("restore", *opts, "--log-level-console=info", timeout=left(), check=False)
         follow = follow_f.result()
     if r.returncode != 0:
