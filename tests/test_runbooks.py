@@ -560,6 +560,22 @@ async def test_a_failed_epoch_record_after_the_promotion_degrades_the_failover_a
     lab.rebuild_standby(a)
     lab.wait_replication()
 
+    # The next move: the failover's epoch is in Redis only. Reading PostgreSQL alone, a
+    # switchover took that epoch again, Redis refused it and both Redis nodes ended as each
+    # other's replica (CI). It reads Redis's record too.
+    from activities.redis import epoch as redis_epochs
+
+    in_redis = redis_epochs.highest_epoch([r.redis for r in lab.cfg.regions], lab.cfg.service).epoch
+    assert read_epoch(lab.cfg.region(b).postgres, lab.cfg.service).epoch < in_redis
+    back = await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service, target_region=a))
+    switched = await back.result()
+    await record(back, "switchover-after-an-epoch-in-redis-only")
+    assert switched.outcome == "succeeded", switched
+    assert read_epoch(lab.cfg.region(a).postgres, lab.cfg.service).epoch > in_redis
+    assert redis_status(lab.cfg.region(a).redis).role == "master"
+    await _until(_async(lambda: redis_status(lab.cfg.region(b).redis).link_status == "up"), 60,
+                 "b's Redis to replicate from a's")
+
 
 async def test_a_hung_old_primary_with_its_worker_alive_is_killed_by_the_stop_fence(lab, client):
     """A frozen host (every PostgreSQL process SIGSTOPped; its worker alive): the stop fence's
