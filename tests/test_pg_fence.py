@@ -175,8 +175,9 @@ def test_a_held_server_starts_though_a_pin_names_a_timeline_before_its_promotion
         assert lift_stop_fence(node.cfg)
         unfence(node.cfg)
         assert pg_status(node.cfg).role == "primary"
-        # The lift puts the operator's (here: the rebuild's) setting back as it was.
-        assert f"recovery_target_timeline = '{pinned}'" in (node.data_dir / "postgresql.auto.conf").read_text()
+        # The lift does not put the pin back: the node has left that timeline, and a later
+        # start in recovery would wait for it again.
+        assert "recovery_target_timeline" not in (node.data_dir / "postgresql.auto.conf").read_text()
     finally:
         if not node.running():
             (node.data_dir / "standby.signal").unlink(missing_ok=True)
@@ -186,32 +187,42 @@ def test_a_held_server_starts_though_a_pin_names_a_timeline_before_its_promotion
             conn.execute("alter system reset recovery_target_timeline")
 
 
-def test_a_recovery_target_left_in_the_config_does_not_end_the_hold(node):
-    """A recovery target left from a manual PITR, with recovery_target_action 'promote', would
-    end the held server's recovery and promote the fenced node: the hold clears every target,
-    and the lift puts them back as they were."""
+def test_a_recovery_target_left_in_the_config_does_not_stop_a_held_server_coming_up(node):
+    """A recovery target left from a manual PITR (here an LSN) in a held server that crashed:
+    its recovery replays the WAL since the last checkpoint, meets the target before the
+    consistent point and PostgreSQL refuses to start ("requested recovery stop point is before
+    consistent recovery point"), so the fenced node never came up. The hold clears every target;
+    the lift leaves them off (the node is a primary again)."""
+    from activities.postgres.fence import hold_as_standby
     from activities.postgres.status import connect
 
     with connect(node.cfg) as conn:
-        conn.execute("alter system set recovery_target = 'immediate'")
+        conn.execute("checkpoint")
+        conn.execute("insert into alerts (id, region, payload) values (7001, 'x', '{}')")
+        target = conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+        conn.execute("insert into alerts (id, region, payload) select g, 'x', '{}' from generate_series(7002, 7100) g")
+        conn.execute(f"alter system set recovery_target_lsn = '{target}'")
         conn.execute("alter system set recovery_target_action = 'promote'")
+    timeline = pg_status(node.cfg).timeline
     try:
-        fence_stop(node.cfg)
-        node.ctl.start(timeout=30)
+        node.ctl.kill()  # a crash: the WAL after the checkpoint is replayed at the next start
+        assert hold_as_standby(node.ctl)
+        node.ctl.start(timeout=30)  # PgCtlError without the fix: the startup process exits FATAL
+        st = pg_status(node.cfg)
+        assert st.role == "standby" and st.timeline == timeline, st
         with connect(node.cfg) as conn:
-            assert conn.execute("show recovery_target").fetchone()[0] == ""
-            assert conn.execute("select pg_is_in_recovery()").fetchone()[0] is True
+            assert conn.execute("select count(*) from alerts where id between 7001 and 7100").fetchone()[0] == 100
         assert lift_stop_fence(node.cfg)
-        unfence(node.cfg)
-        assert "recovery_target = 'immediate'" in (node.data_dir / "postgresql.auto.conf").read_text()
+        assert pg_status(node.cfg).role == "primary"
+        assert "recovery_target_lsn" not in (node.data_dir / "postgresql.auto.conf").read_text()
     finally:
         if not node.running():
             (node.data_dir / "standby.signal").unlink(missing_ok=True)
             node.ctl.start()
-        unfence(node.cfg)
         with connect(node.cfg) as conn:
-            conn.execute("alter system reset recovery_target")
+            conn.execute("alter system reset recovery_target_lsn")
             conn.execute("alter system reset recovery_target_action")
+            conn.execute("delete from alerts where id between 7001 and 7100")
 
 
 def test_stop_fence_waits_for_the_archive_backlog_while_writes_still_flow(node):

@@ -57,7 +57,8 @@ def submit_in_activity(pool: concurrent.futures.Executor, fn, *args) -> concurre
     """``pool.submit`` carrying this activity's context into the pool's thread. The SDK keeps
     the context in a contextvar, which a pool thread does not inherit: there ``Stanza.run``
     never saw a cancel, and a cancelled restore waited out the other thread's pgBackRest call
-    (up to a minute of ``repo-ls``) before its undo could begin."""
+    (up to a minute of ``repo-ls``) before its undo could begin. Only for a pool the activity
+    joins before it returns: the context is the activity's, and means nothing after it."""
     return pool.submit(contextvars.copy_context().run, fn, *args)
 
 

@@ -18,7 +18,7 @@ application out of the *new* primary, and it would count as a lost commit at fai
 ``stop`` (on the region's own worker, which can reach the data directory): read-only
 first (so nothing commits while we stop), ``pg_ctl stop``, then ``standby.signal`` plus
 a recovery configuration that points at nothing (empty ``primary_conninfo`` and
-``restore_command``). A reboot or a manual ``pg_ctl start`` then brings it up as a
+``restore_command``, its own timeline, no recovery target). A reboot or a manual ``pg_ctl start`` then brings it up as a
 read-only hot standby with no upstream, for everyone, superusers included. What it
 changed is recorded in ``eagle_dr_fence.json`` in the data directory so ``unfence`` can
 undo exactly that; pg_rewind and a re-clone remove it with everything else.
@@ -194,8 +194,9 @@ def lift_self_fence(cfg: PostgresConfig) -> str | None:
 # one it followed, rebuild.py), and a server started in recovery towards a timeline its own last
 # checkpoint is not on waits for that checkpoint's WAL forever: the fenced node never came up,
 # and a split brain's read of the loser hung (CI, stop 30).
-# No recovery target either: one left from a manual PITR (recovery_target_lsn and the like, with
-# recovery_target_action 'promote') would end the hold's recovery and promote the fenced node.
+# No recovery target either: one left from a manual PITR (recovery_target_lsn and the like) is met
+# while a crashed server replays its own WAL, before the consistent point, and PostgreSQL then
+# refuses to start ("requested recovery stop point is before consistent recovery point").
 _RECOVERY_TARGETS = ("recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
                      "recovery_target_xid")
 _RECOVERY_NOWHERE = ("# eagle-dr fence: this old primary must not take writes; it starts as a standby of nothing.\n"
@@ -356,6 +357,10 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
 
 _RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline",
                   *_RECOVERY_TARGETS)
+# What the lift puts back as it was. Not the timeline and the targets: the lift makes the node a
+# primary (which reads none of them), and a rebuild's pin or a PITR's target put back would only
+# wait for the next start in recovery (a pinned timeline the node has since left never comes).
+_RESTORED_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command")
 
 
 def _setting_name(line: str) -> str | None:
@@ -366,14 +371,14 @@ def _setting_name(line: str) -> str | None:
 
 def _without_hold(current: str, original: str) -> str:
     """postgresql.auto.conf as it is now, minus what ``hold_as_standby`` added: its recovery
-    settings go back to the original's (or away), its comment goes. Whatever else changed since
+    settings go back to the original's (``_RESTORED_KEYS``) or away, its comment goes. Whatever else changed since
     the hold stays, above all a read-only fence taken after it (the switchover holds first):
     restoring the snapshot would drop that fence, and ``eagle-dr unfence`` relies on the server
     starting read-only so it can check the epoch before anything writes."""
     comment = _RECOVERY_NOWHERE.splitlines()[0]
     kept = [line for line in current.splitlines()
             if line.strip() != comment and _setting_name(line) not in _RECOVERY_KEYS]
-    kept += [line for line in original.splitlines() if _setting_name(line) in _RECOVERY_KEYS]
+    kept += [line for line in original.splitlines() if _setting_name(line) in _RESTORED_KEYS]
     return "\n".join(kept) + "\n" if kept else ""
 
 
