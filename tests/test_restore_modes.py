@@ -477,10 +477,15 @@ async def test_a_rebuilt_standby_promoted_past_a_dead_branch_keeps_its_standby_s
     Stanza(lab.cfg, primary).run("archive-push", "--no-archive-async", args=(str(branch / f"{dead:08X}.history"),),
                                  timeout=120)
 
+    auto = PgCtl(lab.cfg.region(standby).postgres).data_dir / "postgresql.auto.conf"
+    assert "recovery_target_timeline" in auto.read_text()  # the rebuild's pin
     sw = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
                                                                   target_region=standby))).result()
     try:
         assert sw.outcome == "succeeded", sw
+        # Gone once it is the primary: a copy of its settings (pg_basebackup -R, a restore of
+        # its backups) would otherwise start towards the timeline it has left.
+        assert "recovery_target_timeline" not in auto.read_text()
         new_tli = pg_status(lab.cfg.region(standby).postgres).timeline
         assert new_tli > dead, (tli, new_tli)  # past the dead branch: no timeline number reused
         assert (PgCtl(lab.cfg.region(standby).postgres).data_dir / "pg_wal" / f"{dead:08X}.history").exists()

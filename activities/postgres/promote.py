@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 
 import psycopg
+import structlog
 from pydantic import BaseModel
 
 from activities.postgres.ctl import PgCtl, PgCtlError
 from activities.postgres.status import CURRENT_TIMELINE, connect, in_recovery
 from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
+log = structlog.get_logger(__name__)
 
 class Promotion(BaseModel):
     already_primary: bool
@@ -92,6 +95,7 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
                     # from there, what was received but not yet replayed read as lost (and
                     # could turn an RPO met into MISSED).
                     replay = _switchpoint(session, cfg, tli) or replay
+                    _drop_timeline_pin(session, cfg)
                 return Promotion(already_primary=not recovering, replay_lsn=replay, receive_lsn=receive, timeline=tli,
                                  writable_at=at)
         except psycopg.Error as e:
@@ -101,6 +105,30 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
             heartbeat({"waiting": "promotion"})
         time.sleep(0.005 if session is not None else 0.05)
     raise TimeoutError(f"{cfg.host}:{cfg.port} not writable {timeout_s:.0f}s after pg_promote ({last_err})")
+
+
+_PIN = re.compile(r"^\s*recovery_target_timeline\s*=", re.M)
+
+
+def _drop_timeline_pin(conn: psycopg.Connection | None, cfg: PostgresConfig) -> None:
+    """Remove a standby's pinned ``recovery_target_timeline`` (a rebuild from backup writes one,
+    rebuild.py) once the node is a primary. The pin names the timeline it has just left, and
+    every copy of its settings inherits it: a pg_basebackup -R replica of it, or a restore of
+    its backups (which carry postgresql.auto.conf) would start in recovery towards that
+    timeline and wait for it. Read from the file first (this worker has the data directory),
+    so a promotion without a pin pays nothing; best effort: the pin is harmless to the node
+    itself while it is a primary, and the stop fence's hold overrides it."""
+    try:
+        auto = PgCtl(cfg).data_dir / "postgresql.auto.conf"
+        if not _PIN.search(auto.read_text()):
+            return
+        if conn is None or conn.broken or conn.closed:
+            with connect(cfg, 5) as own:
+                own.execute("alter system reset recovery_target_timeline")
+        else:
+            conn.execute("alter system reset recovery_target_timeline")
+    except (OSError, PgCtlError, psycopg.Error) as e:  # no data_dir configured, or no access to it
+        log.warning("timeline pin left in postgresql.auto.conf", error=scrubbed_first_line(e))
 
 
 class PromotionAbort(BaseModel):
