@@ -95,7 +95,8 @@ def _promote(cfg: PostgresConfig, conn: psycopg.Connection, timeout_s: float, he
                     # from there, what was received but not yet replayed read as lost (and
                     # could turn an RPO met into MISSED).
                     replay = _switchpoint(session, cfg, tli) or replay
-                    _drop_timeline_pin(session, cfg)
+                # Also on a retry that finds it promoted: the attempt before may have ended first.
+                _drop_timeline_pin(session, cfg)
                 return Promotion(already_primary=not recovering, replay_lsn=replay, receive_lsn=receive, timeline=tli,
                                  writable_at=at)
         except psycopg.Error as e:
