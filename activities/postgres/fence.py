@@ -18,10 +18,11 @@ application out of the *new* primary, and it would count as a lost commit at fai
 ``stop`` (on the region's own worker, which can reach the data directory): read-only
 first (so nothing commits while we stop), ``pg_ctl stop``, then ``standby.signal`` plus
 a recovery configuration that points at nothing (empty ``primary_conninfo`` and
-``restore_command``, its own timeline, no recovery target). A reboot or a manual ``pg_ctl start`` then brings it up as a
-read-only hot standby with no upstream, for everyone, superusers included. What it
-changed is recorded in ``eagle_dr_fence.json`` in the data directory so ``unfence`` can
-undo exactly that; pg_rewind and a re-clone remove it with everything else.
+``restore_command``, its own timeline, no recovery target). A reboot or a manual
+``pg_ctl start`` then brings it up as a read-only hot standby with no upstream, for
+everyone, superusers included. What it changed is recorded in ``eagle_dr_fence.json`` in
+the data directory so ``unfence`` can undo exactly that; pg_rewind and a re-clone remove
+it with everything else.
 
 The runbook uses the strongest it can reach and records which one held.
 """
@@ -371,10 +372,11 @@ def _setting_name(line: str) -> str | None:
 
 def _without_hold(current: str, original: str) -> str:
     """postgresql.auto.conf as it is now, minus what ``hold_as_standby`` added: its recovery
-    settings go back to the original's (``_RESTORED_KEYS``) or away, its comment goes. Whatever else changed since
-    the hold stays, above all a read-only fence taken after it (the switchover holds first):
-    restoring the snapshot would drop that fence, and ``eagle-dr unfence`` relies on the server
-    starting read-only so it can check the epoch before anything writes."""
+    settings go back to the original's (``_RESTORED_KEYS``) or away, its comment goes. Whatever
+    else changed since the hold stays, above all a read-only fence taken after it (the
+    switchover holds first): restoring the snapshot would drop that fence, and ``eagle-dr
+    unfence`` relies on the server starting read-only so it can check the epoch before
+    anything writes."""
     comment = _RECOVERY_NOWHERE.splitlines()[0]
     kept = [line for line in current.splitlines()
             if line.strip() != comment and _setting_name(line) not in _RECOVERY_KEYS]

@@ -16,6 +16,7 @@ from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
 log = structlog.get_logger(__name__)
 
+
 class Promotion(BaseModel):
     already_primary: bool
     # The standby's last replayed / received WAL before promotion: what the new timeline forks from.
@@ -120,15 +121,18 @@ def _drop_timeline_pin(conn: psycopg.Connection | None, cfg: PostgresConfig) -> 
     so a promotion without a pin pays nothing; best effort: the pin is harmless to the node
     itself while it is a primary, and the stop fence's hold overrides it."""
     try:
-        auto = PgCtl(cfg).data_dir / "postgresql.auto.conf"
-        if not _PIN.search(auto.read_text()):
+        if not _PIN.search((PgCtl(cfg).data_dir / "postgresql.auto.conf").read_text()):
             return
+    except (OSError, PgCtlError) as e:  # no data_dir configured, or no access to it: cannot tell
+        log.debug("timeline pin not checked", error=scrubbed_first_line(e))
+        return
+    try:
         if conn is None or conn.broken or conn.closed:
             with connect(cfg, 5) as own:
                 own.execute("alter system reset recovery_target_timeline")
         else:
             conn.execute("alter system reset recovery_target_timeline")
-    except (OSError, PgCtlError, psycopg.Error) as e:  # no data_dir configured, or no access to it
+    except psycopg.Error as e:  # no ALTER SYSTEM for this role, say
         log.warning("timeline pin left in postgresql.auto.conf", error=scrubbed_first_line(e))
 
 
