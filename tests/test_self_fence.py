@@ -214,6 +214,10 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
             peer.heal()
             await _until(lambda: asyncio.to_thread(lambda: _write(node, 9_000_000 + rounds) is None), 60, what)
             assert holder() is None
+            # Redis in the same round, right after PostgreSQL: a few ms later, so polled (CI once
+            # read it in between).
+            await _until(lambda: asyncio.to_thread(lambda: _redis_write(rnode) is None), 10,
+                         f"{what}: Redis lifted in the same round")
 
         move = None
         start_watch()
