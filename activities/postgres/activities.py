@@ -33,18 +33,10 @@ from eagle_dr.config import EagleConfig, scrubbed_first_line
 
 
 def _redis_epoch(node, service: str, timeout: float) -> epochs.EpochRecord:
-    from datetime import datetime
+    """Redis's record in PostgreSQL's shape, to be compared with it."""
+    from activities.redis.epoch import read_epoch
 
-    from activities.redis.epoch import key
-    from activities.redis.status import client
-
-    got = client(node, timeout).hgetall(key(service))
-    if not got:
-        return epochs.EpochRecord(service=service, epoch=0)
-    at = got.get("updated_at")
-    return epochs.EpochRecord(service=service, epoch=int(got["epoch"]), region=got.get("region"),
-                              workflow_id=got.get("workflow_id"), run_id=got.get("run_id"),
-                              updated_at=datetime.fromisoformat(at) if at else None)
+    return epochs.EpochRecord(**read_epoch(node, service, timeout).model_dump(exclude={"node"}))
 
 
 class EpochReadRequest(BaseModel):

@@ -59,6 +59,7 @@ class RedisEpoch(BaseModel):
     region: str | None = None
     workflow_id: str | None = None
     run_id: str | None = None
+    updated_at: datetime | None = None
     # The node it was read from ("host:port"); None when no node answered or none holds one.
     node: str | None = None
 
@@ -81,8 +82,10 @@ def read_epoch(node: RedisConfig, service: str, timeout: float = 2.0) -> RedisEp
     got = client(node, timeout).hgetall(key(service))
     if not got:
         return RedisEpoch(service=service, epoch=0, node=f"{node.host}:{node.port}")
+    at = got.get("updated_at")
     return RedisEpoch(service=service, epoch=int(got["epoch"]), region=got.get("region"),
-                      workflow_id=got.get("workflow_id"), run_id=got.get("run_id"), node=f"{node.host}:{node.port}")
+                      workflow_id=got.get("workflow_id"), run_id=got.get("run_id"),
+                      updated_at=datetime.fromisoformat(at) if at else None, node=f"{node.host}:{node.port}")
 
 
 def highest_epoch(nodes: Iterable[RedisConfig], service: str, timeout: float = 2.0) -> RedisEpoch:
