@@ -149,6 +149,20 @@ def test_a_hold_interrupted_after_its_marker_is_finished_by_the_retry(node):
     assert "eagle-dr fence" not in auto.read_text()
 
 
+def _up_as_the_primary(node, *reset: str) -> None:
+    """Whatever a test that held the node got to: running, unfenced, the primary again, with the
+    named settings reset (the module's tests share the node)."""
+    from activities.postgres.status import connect
+
+    if not node.running():
+        (node.data_dir / "standby.signal").unlink(missing_ok=True)
+        node.ctl.start()
+    unfence(node.cfg)
+    with connect(node.cfg) as conn:
+        for name in reset:
+            conn.execute(f"alter system reset {name}")
+
+
 def test_a_held_server_starts_though_a_pin_names_a_timeline_before_its_promotion(node):
     """A standby rebuilt from a backup keeps recovery_target_timeline pinned to the timeline it
     followed (rebuild.py), and the pin outlives its promotion. Held as a standby of nothing, it
@@ -179,12 +193,7 @@ def test_a_held_server_starts_though_a_pin_names_a_timeline_before_its_promotion
         # start in recovery would wait for it again.
         assert "recovery_target_timeline" not in (node.data_dir / "postgresql.auto.conf").read_text()
     finally:
-        if not node.running():
-            (node.data_dir / "standby.signal").unlink(missing_ok=True)
-            node.ctl.start()
-        unfence(node.cfg)
-        with connect(node.cfg) as conn:
-            conn.execute("alter system reset recovery_target_timeline")
+        _up_as_the_primary(node, "recovery_target_timeline")
 
 
 def test_a_recovery_target_left_in_the_config_does_not_stop_a_held_server_coming_up(node):
@@ -216,12 +225,8 @@ def test_a_recovery_target_left_in_the_config_does_not_stop_a_held_server_coming
         assert pg_status(node.cfg).role == "primary"
         assert "recovery_target_lsn" not in (node.data_dir / "postgresql.auto.conf").read_text()
     finally:
-        if not node.running():
-            (node.data_dir / "standby.signal").unlink(missing_ok=True)
-            node.ctl.start()
+        _up_as_the_primary(node, "recovery_target_lsn", "recovery_target_action")
         with connect(node.cfg) as conn:
-            conn.execute("alter system reset recovery_target_lsn")
-            conn.execute("alter system reset recovery_target_action")
             conn.execute("delete from alerts where id between 7001 and 7100")
 
 
