@@ -3,6 +3,7 @@ fenced server, on a throwaway real PostgreSQL (lab/scratch_postgres.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psycopg
@@ -228,6 +229,48 @@ def test_a_recovery_target_left_in_the_config_does_not_stop_a_held_server_coming
         _up_as_the_primary(node, "recovery_target_lsn", "recovery_target_action")
         with connect(node.cfg) as conn:
             conn.execute("delete from alerts where id between 7001 and 7100")
+
+
+def test_a_promote_trigger_file_appearing_does_not_promote_a_held_server(node):
+    """PostgreSQL 12-15 promote a standby when the file named by promote_trigger_file appears.
+    An operator's trigger (or an old HA tool's) made a held old primary writable beside the new
+    primary. The hold empties the setting; the lift puts the operator's back."""
+    from activities.postgres.status import connect
+
+    trigger = node.data_dir / "promote.now"  # where the server's user can look
+    with connect(node.cfg) as conn:
+        conn.execute(f"alter system set promote_trigger_file = '{trigger}'")
+        # The startup process looks for the trigger at each retry of its wait for WAL: look often.
+        conn.execute("alter system set wal_retrieve_retry_interval = '50ms'")
+    try:
+        fence_stop(node.cfg)
+        trigger.write_text("")
+        node.ctl.start(timeout=30)
+        # Without the fix the trigger is consumed and the node promoted within one retry (50 ms).
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            assert pg_status(node.cfg).role == "standby" and trigger.exists(), "the held node promoted"
+        trigger.unlink()
+        assert lift_stop_fence(node.cfg)
+        unfence(node.cfg)
+        assert pg_status(node.cfg).role == "primary"
+        assert f"promote_trigger_file = '{trigger}'" in (node.data_dir / "postgresql.auto.conf").read_text()
+    finally:
+        trigger.unlink(missing_ok=True)
+        _up_as_the_primary(node, "promote_trigger_file", "wal_retrieve_retry_interval")
+
+
+@pytest.mark.parametrize(("version", "written"), [("12", True), ("15", True), ("16", False), ("17", False), ("", False)])
+def test_the_hold_names_promote_trigger_file_only_where_the_version_has_it(tmp_path, version, written):
+    """PostgreSQL 16 removed promote_trigger_file, and an unknown name in postgresql.auto.conf
+    keeps the server from starting: a hold that wrote it there would keep a fenced 16 down for
+    good. An unreadable version writes nothing rather than guess."""
+    from types import SimpleNamespace
+
+    from activities.postgres.fence import _hold_settings
+
+    (tmp_path / "PG_VERSION").write_text(f"{version}\n")
+    assert ("promote_trigger_file = ''" in _hold_settings(SimpleNamespace(data_dir=tmp_path))) is written
 
 
 def test_stop_fence_waits_for_the_archive_backlog_while_writes_still_flow(node):

@@ -200,9 +200,27 @@ def lift_self_fence(cfg: PostgresConfig) -> str | None:
 # refuses to start ("requested recovery stop point is before consistent recovery point").
 _RECOVERY_TARGETS = ("recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
                      "recovery_target_xid")
-_RECOVERY_NOWHERE = ("# eagle-dr fence: this old primary must not take writes; it starts as a standby of nothing.\n"
+_HOLD_COMMENT = "# eagle-dr fence: this old primary must not take writes; it starts as a standby of nothing."
+_RECOVERY_NOWHERE = (_HOLD_COMMENT + "\n"
                      "primary_conninfo = ''\nprimary_slot_name = ''\nrestore_command = ''\n"
                      "recovery_target_timeline = 'current'\n" + "".join(f"{k} = ''\n" for k in _RECOVERY_TARGETS))
+# PostgreSQL 12-15 promote a standby when the file named by promote_trigger_file appears: an
+# operator's (or an old HA tool's) trigger would make a held node writable beside the new
+# primary. PostgreSQL 16 removed the setting, and there an unknown name in postgresql.auto.conf
+# stops the server from starting, so it is written only where the data directory's version has it.
+_TRIGGER = "promote_trigger_file"
+
+
+def _has_promote_trigger(ctl: PgCtl) -> bool:
+    try:
+        major = int((ctl.data_dir / "PG_VERSION").read_text().split(".")[0])
+    except (OSError, ValueError):
+        return False  # unknown: writing a name the server may not know would keep it down
+    return 12 <= major <= 15
+
+
+def _hold_settings(ctl: PgCtl) -> str:
+    return _RECOVERY_NOWHERE + (f"{_TRIGGER} = ''\n" if _has_promote_trigger(ctl) else "")
 
 
 def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
@@ -222,9 +240,9 @@ def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
             # A hold interrupted before its signal (the marker is written first), or a marker
             # left behind: finish the hold; the marker keeps the original it saved.
             current = auto.read_text() if auto.exists() else ""
-            if _RECOVERY_NOWHERE.splitlines()[0] not in current:
+            if _HOLD_COMMENT not in current:
                 ctl.write_file(auto, current + ("" if current.endswith("\n") or not current else "\n")
-                               + _RECOVERY_NOWHERE)
+                               + _hold_settings(ctl))
             ctl.write_file(signal, "")
         return True  # fenced already (a retry)
     if signal.exists():
@@ -232,7 +250,7 @@ def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
     original = auto.read_text() if auto.exists() else ""
     # The marker first: whatever happens after it, unfence knows what to restore.
     ctl.write_file(marker, json.dumps({"auto_conf": original, "created_standby_signal": True}))
-    ctl.write_file(auto, original + ("" if original.endswith("\n") or not original else "\n") + _RECOVERY_NOWHERE)
+    ctl.write_file(auto, original + ("" if original.endswith("\n") or not original else "\n") + _hold_settings(ctl))
     ctl.write_file(signal, "")
     return True
 
@@ -361,7 +379,7 @@ _RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", "r
 # What the lift puts back as it was. Not the timeline and the targets: the lift makes the node a
 # primary (which reads none of them), and a rebuild's pin or a PITR's target put back would only
 # wait for the next start in recovery (a pinned timeline the node has since left never comes).
-_RESTORED_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command")
+_RESTORED_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", _TRIGGER)
 
 
 def _setting_name(line: str) -> str | None:
@@ -377,9 +395,8 @@ def _without_hold(current: str, original: str) -> str:
     switchover holds first): restoring the snapshot would drop that fence, and ``eagle-dr
     unfence`` relies on the server starting read-only so it can check the epoch before
     anything writes."""
-    comment = _RECOVERY_NOWHERE.splitlines()[0]
     kept = [line for line in current.splitlines()
-            if line.strip() != comment and _setting_name(line) not in _RECOVERY_KEYS]
+            if line.strip() != _HOLD_COMMENT and _setting_name(line) not in (*_RECOVERY_KEYS, _TRIGGER)]
     kept += [line for line in original.splitlines() if _setting_name(line) in _RESTORED_KEYS]
     return "\n".join(kept) + "\n" if kept else ""
 
@@ -425,7 +442,7 @@ def _lift_hold_live(cfg: PostgresConfig, ctl: PgCtl) -> None:
     writes its own, so the original values are not put back. The marker goes last: until
     then a retry finds the hold and lifts it again."""
     with connect(cfg, 3) as conn:
-        for key in _RECOVERY_KEYS:
+        for key in (*_RECOVERY_KEYS, _TRIGGER) if _has_promote_trigger(ctl) else _RECOVERY_KEYS:
             conn.execute(sql.SQL("alter system reset {}").format(sql.Identifier(key)))
     (ctl.data_dir / "standby.signal").unlink(missing_ok=True)
     (ctl.data_dir / FENCE_MARKER).unlink(missing_ok=True)
