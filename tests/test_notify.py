@@ -9,6 +9,7 @@ approval gate and is rejected, and a split-brain check that finds none.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -29,6 +30,7 @@ import pytest
 import pytest_asyncio
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+from temporalio import workflow
 from temporalio.client import WorkflowFailureError
 from temporalio.worker import Worker
 
@@ -43,6 +45,7 @@ from workers.scrub import ScrubSecrets
 from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
 from workflows.models import ApprovalDecision, ApprovalPolicy, SwitchoverInput
 from workflows.monitor import MonitorInput, MonitorWorkflow
+from workflows.runbook import Runbook
 from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
 from workflows.switchover import SwitchoverWorkflow
 
@@ -285,6 +288,68 @@ async def test_channels_down_do_not_fail_the_runbook_and_are_reported(lab, clien
     assert tries[("down", "runbook-started")] == 3 and tries[("down", "runbook-finished")] == 1, tries
     assert tries[("chat", "runbook-finished")] == 3, tries
     await record(handle, "split-brain-notify-in-order")
+
+
+@workflow.defn(name="NotifyTestBugInAStep")
+class _BugInAStep(Runbook):
+    """A runbook whose step has a bug until the test "deploys the fix" (unsandboxed: the flag is
+    this module's class attribute, read again when the run is replayed)."""
+
+    runbook = "bug-probe"
+    fixed = False
+
+    @workflow.run
+    async def run(self, service: str) -> str:
+        self.service = service
+        await self.topology()
+        async with self.step("a step with a bug"):
+            if not _BugInAStep.fixed:
+                _ = {}["a key nobody set"]  # the bug: a KeyError, not a failure of the runbook
+        return "done"
+
+
+def _sent_kinds(history: dict) -> list[str]:
+    kinds = []
+    for e in history["events"]:
+        a = e.get("activityTaskScheduledEventAttributes")
+        if a and a["activityType"]["name"] == "send_notification":
+            kinds.append(json.loads(base64.b64decode(a["input"]["payloads"][0]["data"]))["event"]["kind"])
+    return kinds
+
+
+async def test_a_bug_in_a_step_pages_nothing_and_the_fixed_code_goes_on(lab, client, worker, ncfg, http_recorder):
+    """A bug in workflow code (a KeyError) fails the workflow *task*: the run stays alive until a
+    fixed worker replays it. No "step failed" or "finished: failed" page may go out then: it
+    would be untrue, and its activities, recorded in the history, made the fixed code's replay
+    nondeterministic, so the run could never go on (a manual reset was the only way out)."""
+    from temporalio.api.enums.v1 import EventType, WorkflowExecutionStatus
+    from temporalio.worker import UnsandboxedWorkflowRunner
+
+    queue = f"notify-bug-{uuid.uuid4().hex[:8]}"
+    wid = f"notify-bug-{uuid.uuid4().hex[:8]}"
+    _BugInAStep.fixed = False
+    with ThreadPoolExecutor(4) as executor:
+        async with Worker(client, task_queue=queue, workflows=[_BugInAStep], activities=control_activities(ncfg),
+                          activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
+            handle = await client.start_workflow(_BugInAStep.run, lab.cfg.service, id=wid, task_queue=queue)
+
+            async def task_failed():
+                async for e in handle.fetch_history_events():
+                    if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+                        return "a key nobody set" in e.workflow_task_failed_event_attributes.failure.message
+                return False
+            await _until(task_failed, 60, "the workflow task failing on the bug")
+            assert (await handle.describe()).status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+            history = json.loads(await decrypted_json(handle))
+            assert "step-failed" not in _sent_kinds(history) and "runbook-finished" not in _sent_kinds(history)
+
+            _BugInAStep.fixed = True  # the fix, deployed: the next attempt replays the run with it
+            assert await asyncio.wait_for(handle.result(), 90) == "done"
+    history = json.loads(await decrypted_json(handle))
+    wanted = sum("runbook-finished" in kinds for kinds in ncfg.notifications.routing().values())
+    assert wanted and _sent_kinds(history).count("runbook-finished") == wanted, _sent_kinds(history)
+    heads = _slack_kinds(http_recorder.on("/slack/"), wid)
+    assert len(heads) == 2 and "started: bug-probe" in heads[0] and "finished: bug-probe" in heads[1], heads
 
 
 async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(lab, client, worker,

@@ -16,8 +16,8 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError as ActivityTimeout, \
-    TimeoutType
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, FailureError, \
+    TimeoutError as ActivityTimeout, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities
@@ -120,12 +120,23 @@ def _notified(run):
             await self._notify_end(None, cancelled=True)
             raise
         except Exception as e:
-            await self._notify_end(None, error=e)
+            if _fails_the_run(e):
+                await self._notify_end(None, error=e)
             raise
         await self._notify_end(result)
         return result
 
     return wrapper
+
+
+def _fails_the_run(e: BaseException) -> bool:
+    """Whether ``e`` fails the workflow, as the SDK decides it (no runbook sets
+    failure_exception_types). Anything else is a bug in the workflow code (a KeyError, a
+    sandbox refusal): the SDK fails the workflow *task*, retries it, and the run waits, alive,
+    for a fixed worker. A page saying "failed" would be untrue then, and its activities,
+    recorded in the history, would make the fixed code's replay nondeterministic: the run
+    could never go on."""
+    return isinstance(e, (FailureError, asyncio.TimeoutError))
 
 
 def _error_text(e: BaseException) -> str:
@@ -204,7 +215,8 @@ class Runbook:
             rec.status = "failed"
             rec.finished_at = workflow.now()
             self._details(f"{name} failed")
-            self._notify_step_failed(name, e)
+            if _fails_the_run(e):
+                self._notify_step_failed(name, e)
             raise
         if rec.status == "running":
             rec.status = "done"
