@@ -714,3 +714,77 @@ def test_the_audit_keeps_both_versions_wherever_one_was_thrown_away(db, table):
             assert a["conflict"] or a["action"] in ("flag", "merge", "delete") or "diverged" in a["reason"], a
             assert (a["survivor_version"] is not None) == (key in before)
             assert (a["loser_version"] is not None) == (key in sent)
+
+
+# -- column types as the loser's row_to_json gives them ----------------------------------------
+
+
+def _loser_json_rows(db, table: str, where: str) -> list[dict[str, Any]]:
+    """The loser's rows as the failback reads them (activities/postgres/divergence.py)."""
+    import json
+    return [json.loads(r["j"], parse_float=Decimal)
+            for r in db.execute(sql.SQL("select row_to_json(x)::text as j from {} x where " + where)
+                                .format(sql.Identifier(table)))]
+
+
+def test_loser_rows_of_every_common_type_are_applied_exactly_as_the_loser_had_them(db):
+    """A uuid key, a bytea, an inet, a 2-D array, an interval, a negative numeric with its
+    scale, a float NaN, nested jsonb numbers, text with tabs and backslashes, and a stored
+    generated column, as row_to_json gives them: strings, lists and dicts. The typed COPY took
+    each string to the column type's Python dumper and a uuid key failed the reconcile
+    ("'str' object has no attribute 'int'"), after the point of no return."""
+    import uuid as uuidlib
+    db.execute("drop table if exists typed, typed_loser")
+    db.execute("create table typed (id uuid primary key, blob bytea, d date, ip inet, arr int[], iv interval,"
+               " n numeric, f float8, j jsonb, txt text, at2 timestamptz,"
+               " doubled numeric generated always as (n * 2) stored, updated_at timestamptz not null)")
+    db.execute("create table typed_loser (like typed including generated)")
+    kept, gone, new = (uuidlib.uuid4() for _ in range(3))
+    for table in ("typed", "typed_loser"):
+        db.execute(sql.SQL("insert into {} (id, n, updated_at) values (%s, 1, %s), (%s, 2, %s)")
+                   .format(sql.Identifier(table)), (kept, T0, gone, T0))
+    # After the fork, on the loser: one row updated, one inserted, one deleted.
+    values = ("\\xdeadbeef00", "2024-05-01", "10.0.0.1/24", "{{1,2},{3,4}}", "1 mon 2 days", "-1.50", "NaN",
+              '{"x": 1.50, "s": "a\\tb", "deep": [{"y": -0.0}]}', "tab\there\nnew\\line", "2024-05-01T10:00:00+02")
+    db.execute("update typed_loser set blob = %s, d = %s, ip = %s, arr = %s, iv = %s, n = %s, f = %s, j = %s,"
+               " txt = %s, at2 = %s, updated_at = %s where id = %s", (*values, at(5), kept))
+    db.execute("insert into typed_loser (id, blob, d, ip, arr, iv, n, f, j, txt, at2, updated_at)"
+               " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", (new, *values, at(6)))
+    db.execute("delete from typed_loser where id = %s", (gone,))
+    rows = _loser_json_rows(db, "typed_loser", "true")
+    assert isinstance(rows[0]["id"], str) and isinstance(rows[0]["arr"], list) and "doubled" in rows[0]
+
+    summary = apply_resolutions(db, "typed", TableConflictConfig(strategy="last-write-wins", key=["id"]), rows,
+                                [(gone,)], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-types", "run-1")
+
+    assert (summary.inserted, summary.updated, summary.deleted) == (1, 1, 1), summary
+    def text_rows(table: str) -> list[str]:
+        return [r["t"] for r in db.execute(sql.SQL("select x::text as t from {} x order by id")
+                                           .format(sql.Identifier(table)))]
+    assert text_rows("typed") == text_rows("typed_loser") and len(text_rows("typed")) == 2
+
+
+def test_the_loser_inserts_move_serial_and_identity_sequences_past_them(db):
+    """Both sides drew keys from the sequence after the fork. The loser's inserts, kept, must not
+    be drawn again by the survivor: its next insert would fail on a duplicate key. A dry run
+    moves nothing."""
+    db.execute("drop table if exists seq_identity, seq_serial")
+    db.execute("create table seq_identity (id bigint generated always as identity primary key, v text,"
+               " updated_at timestamptz not null)")
+    db.execute("create table seq_serial (id serial primary key, v text, updated_at timestamptz not null)")
+    for table in ("seq_identity", "seq_serial"):
+        ident = sql.Identifier(table)
+        db.execute(sql.SQL("insert into {} (v, updated_at) select 'survivor', %s from generate_series(1, 3)")
+                   .format(ident), (at(1),))
+        loser = [{"id": i, "v": "loser", "updated_at": at(2)} for i in (4, 5, 6)]
+        cfg = TableConflictConfig(strategy="last-write-wins", key=["id"])
+        apply_resolutions(db, table, cfg, loser, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-seq", "run-1",
+                          dry_run=True)
+        seq = db.execute("select pg_get_serial_sequence(%s, 'id') as s", (table,)).fetchone()["s"]
+        assert db.execute("select pg_sequence_last_value(%s) as v", (seq,)).fetchone()["v"] == 3
+        summary = apply_resolutions(db, table, cfg, loser, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-seq",
+                                    "run-1")
+        assert summary.inserted == 3, summary
+        nxt = db.execute(sql.SQL("insert into {} (v, updated_at) values ('after', now()) returning id")
+                         .format(ident)).fetchone()["id"]
+        assert nxt == 7, (table, nxt)

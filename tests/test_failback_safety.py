@@ -156,8 +156,11 @@ async def test_an_unlisted_table_is_reconciled_last_write_wins_when_the_config_s
     from activities.failback import FailbackActivities, FailbackRequest, ReconcileRequest
 
     original = _primary(lab)
+    # A uuid and a bytea column: the rows come from row_to_json as strings, which the apply's
+    # typed COPY refused ("'str' object has no attribute 'int'"), failing the reconcile.
     _exec(lab, original, "create table if not exists notes_lww (id int primary key, body text, "
-                         "updated_at timestamptz not null default now())",
+                         "updated_at timestamptz not null default now(), ref uuid not null default gen_random_uuid(), "
+                         "blob bytea default '\\x00ff')",
           "insert into notes_lww (id, body) select g, 'seed' from generate_series(1, 4) g")
     old, new = await _fork(lab, client, [
         "update notes_lww set body = 'old', updated_at = now() where id in (1, 2)",

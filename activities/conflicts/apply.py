@@ -35,8 +35,11 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -185,29 +188,73 @@ def _load_loser(
     if isinstance(loser_rows, LoserCopy):
         with cur.copy(copy_in) as copy:
             loser_rows.stream_into(copy, names)
-    else:
-        with cur.copy(copy_in) as copy:
-            # By type, not by Python class: a dict must go out as the column's jsonb.
-            copy.set_types([c.oid for c in columns] + ["bool"])
-            expected = set(names)
-            for row in loser_rows:
-                if row.keys() != expected:
-                    raise ValueError(
-                        f"loser row {dict(row)!r} does not have exactly the table's columns {sorted(expected)}")
-                copy.write_row([row[n] for n in names] + [False])
-    key_pos = [names.index(k) for k in cfg.key]
-    with cur.copy(copy_in) as copy:
-        copy.set_types([c.oid for c in columns] + ["bool"])
-        for key in deleted_keys:
-            if len(key) != len(cfg.key):
-                raise ValueError(f"deleted key {tuple(key)!r} does not match the key columns {cfg.key}")
-            values: list[Any] = [None] * len(columns)
-            for pos, value in zip(key_pos, key):
-                values[pos] = value
-            copy.write_row(values + [True])
+        loser_rows = ()
+    _load_as_json(conn, target, names, cfg.key, loser_rows, deleted_keys)
     # Temp tables are never auto-analyzed; without statistics the join below can go nested-loop.
     conn.execute(sql.SQL("analyze {}").format(_LOSER_TMP))
     _refuse_repeated_keys(conn, cfg.key)
+
+
+_LOSER_JSON_TMP = sql.Identifier("_eagle_dr_loser_json")
+# A Decimal goes into the JSON text as the number it is (1.50 stays 1.50): json.dumps has no way to
+# write a raw number for an object, so it writes this marker, replaced after. A NUL can be in no
+# PostgreSQL text or json value, so nothing a row holds can look like it.
+_NUMBER = "\u0000eagle-dr-number:"
+_NUMBER_RE = re.compile(re.escape(json.dumps(_NUMBER)[:-1]) + r'([-+0-9.eE]+)"')
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        if not v.is_finite():
+            return str(v)  # 'NaN', 'Infinity': numeric's input reads them from a string
+        return _NUMBER + str(v)
+    if isinstance(v, (datetime, date, time)):
+        return v.isoformat()
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(v).hex()
+    if isinstance(v, timedelta):
+        return f"{v.total_seconds()} seconds"
+    return str(v)  # UUID, IP addresses and the like: their text is their input form
+
+
+def _row_json(row: Mapping[str, Any]) -> str:
+    return _NUMBER_RE.sub(r"\1", json.dumps(row, default=_json_value, allow_nan=False))
+
+
+def _load_as_json(conn: psycopg.Connection, target: sql.Identifier, names: list[str], key: list[str],
+                  loser_rows: Iterable[Mapping[str, Any]], deleted_keys: Iterable[Sequence[Any]]) -> None:
+    """Rows as the loser's ``row_to_json`` gave them (a uuid, a bytea, a date: a string; an
+    array: a list; a jsonb: a dict) go back through PostgreSQL's own JSON-to-row conversion,
+    ``json_populate_record``, into the columns' types. A typed COPY took each string to the
+    column type's Python dumper, which refused it: a uuid key failed the reconcile, after the
+    point of no return. Errors name columns, never values (they reach the history and the pager)."""
+    expected = set(names)
+    generated = {r[0] for r in conn.cursor(row_factory=tuple_row).execute(
+        "select attname from pg_attribute where attrelid = %s::regclass and attnum > 0 and not attisdropped"
+        " and attgenerated <> ''", (target.as_string(conn),))}
+    conn.execute(sql.SQL("create temp table {} (j json, d bool) on commit drop").format(_LOSER_JSON_TMP))
+    cur = conn.cursor()
+    with cur.copy(sql.SQL("copy {} (j, d) from stdin").format(_LOSER_JSON_TMP)) as copy:
+        copy.set_types(["text", "bool"])
+        for row in loser_rows:
+            if row.keys() != expected:
+                # row_to_json also gives a stored generated column: the survivor computes its own.
+                missing, extra = expected - row.keys(), row.keys() - expected - generated
+                if missing or extra:
+                    raise ValueError(f"a loser row does not have exactly the table's columns: missing "
+                                     f"{sorted(missing)}, not in the table {sorted(extra)}")
+                row = {n: row[n] for n in names}
+            copy.write_row([_row_json(row), False])
+        for k in deleted_keys:
+            if len(k) != len(key):
+                raise ValueError(f"a deleted key has {len(k)} values; the key columns are {key}")
+            copy.write_row([_row_json(dict(zip(key, k))), True])
+    cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    conn.execute(sql.SQL("insert into {tmp} ({cols}, _e_deleted) select {r_cols}, x.d from {js} x,"
+                         " json_populate_record(null::{target}, x.j) r").format(
+        tmp=_LOSER_TMP, cols=cols, r_cols=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names),
+        js=_LOSER_JSON_TMP, target=target))
+    conn.execute(sql.SQL("drop table {}").format(_LOSER_JSON_TMP))
 
 
 def _refuse_repeated_keys(conn: psycopg.Connection, key: list[str]) -> None:
@@ -250,12 +297,33 @@ def _write(cur: psycopg.Cursor, target: sql.Identifier, names: list[str], key: l
         on_conflict = sql.SQL("do update set {}").format(sql.SQL(", ").join(
             sql.SQL("{0} = excluded.{0}").format(sql.Identifier(n)) for n in non_key))
     cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    # OVERRIDING SYSTEM VALUE: a GENERATED ALWAYS identity key (the usual modern key) refuses an
+    # INSERT that names it otherwise, and the loser's row must keep the key it has.
     cur.execute(sql.SQL(
-        "insert into {target} ({cols}) select {cols} from {resolved}"
+        "insert into {target} ({cols}) overriding system value select {cols} from {resolved}"
         " where _e_action in ('insert_loser', 'apply_loser', 'merge')"
         " on conflict ({key}) {on_conflict}"
     ).format(target=target, cols=cols, resolved=_RESOLVED_TMP,
              key=sql.SQL(", ").join(sql.Identifier(k) for k in key), on_conflict=on_conflict))
+
+
+def _advance_sequences(cur: psycopg.Cursor, target: sql.Identifier) -> None:
+    """Each sequence the table's columns own (serial, identity), moved past the highest value
+    now in its column. Both sides drew from the sequence after the fork: the loser's inserts
+    kept beyond the survivor's last value would make the survivor's next inserts fail on a
+    duplicate key. Only forward; setval is not transactional, so a rolled-back apply leaves a
+    gap, which a sequence allows."""
+    owned = cur.execute(
+        "select a.attname, s.seqrelid::regclass::text, s.seqstart from pg_attribute a"
+        " join pg_depend d on d.refobjid = a.attrelid and d.refobjsubid = a.attnum"
+        "  and d.classid = 'pg_class'::regclass and d.deptype in ('a', 'i')"
+        " join pg_sequence s on s.seqrelid = d.objid"
+        " where a.attrelid = %s::regclass and s.seqincrement > 0", (target.as_string(cur),)).fetchall()
+    for column, seq, start in owned:
+        # The value it would give next: after its last one, or its start if it never gave one.
+        cur.execute(sql.SQL("select setval(%s::regclass, m) from (select max({col})::bigint m from {target}) x"
+                            " where m >= coalesce(pg_sequence_last_value(%s::regclass) + 1, %s)").format(
+            col=sql.Identifier(column), target=target), (seq, seq, start))
 
 
 def _audited_before(cur: psycopg.Cursor, table: str, workflow_id: str, run_id: str) -> bool:
@@ -365,6 +433,7 @@ def apply_resolutions(
             summary.sample = _sample(cur, sample)
             return summary
         _write(cur, target, [c.name for c in columns], cfg.key)
+        _advance_sequences(cur, target)
         summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by, decide.result_json())
         for name, value in previous.items():
             cur.execute(sql.SQL("set local {} = {}").format(sql.Identifier(name), sql.Literal(value)))
