@@ -22,14 +22,18 @@ How each column is hashed:
   ``hash_record_extended(row(...), seed)``, the chain's first seed: the record hash handles
   NULL (as 0, so its seed is neither 0 nor 1: see _RECORD_SEED), and the chain's seed is written
   once (a ``coalesce`` around a chained call would repeat it);
-- a value is compared by its type's equality, as the hash function sees it: ``1.5`` and
-  ``1.50`` (numeric), ``'1 day'`` and ``'24 hours'`` (interval) are the same value here, and a
+- a value is compared by its type's equality, as the hash function sees it: ``'1 day'`` and
+  ``'24 hours'`` (interval), float ``-0`` and ``0`` are the same value here, and a
   case-insensitive type such as citext folds case (collations do not: below);
 - timestamptz through ``at time zone 'UTC'`` (its function is declared on timestamp; a fixed
   zone with no DST converts one-to-one, whatever the session's TimeZone);
 - by its text form, under the fixed session settings of ranges.SESSION so both sides print
   values alike (the kind is then "hash+text"): a type with no hash function (json, point, xml,
-  money), OID-valued types (regclass and the other reg* types, aclitem),
+  money), OID-valued types (regclass and the other reg* types, aclitem), the types whose hash
+  function leaves out part of the value: numeric (its sign: ``100`` and ``-100``, and NaN and
+  the infinities, hash alike), jsonb (its shape: ``{}`` and ``[]``, ``"x"`` and ``["x"]``, and
+  its numbers' signs), arrays (their dimensions: ``{1,2,3,4}`` and ``{{1,2},{3,4}}``), so
+  numeric ``1.5`` and ``1.50`` differ here, as they print;
   and enums and anything holding one (arrays of enums, ranges, composite types): an enum's
   hash is its label's OID, which differs between two databases that were not copied from one
   another (hash partitioning on an enum breaks dump and restore for the same reason);
@@ -53,7 +57,8 @@ from activities.consistency.tables import Table
 _COLUMNS = """
 select a.attname, format_type(a.atttypid, null), a.attnotnull, ty.typcollation <> 0, h.fn, h.argtype,
   bt.typtype = 'b' and coalesce(et.typtype, 'b') = 'b',
-  bt.typnamespace = 'pg_catalog'::regnamespace and (bt.typname like 'reg%%' or bt.typname = 'aclitem')
+  bt.typnamespace = 'pg_catalog'::regnamespace and (bt.typname like 'reg%%' or bt.typname in ('aclitem', 'numeric', 'jsonb'))
+  or bt.typcategory = 'A'
 from pg_attribute a join pg_type ty on ty.oid = a.atttypid
 join pg_type bt on bt.oid = coalesce(nullif(ty.typbasetype, 0), a.atttypid)
 left join pg_type et on et.oid = nullif(bt.typelem, 0)
@@ -114,7 +119,9 @@ class _Column:
     # A plain base type (or an array of one): the record hash reads its value, never an OID.
     plain: bool
     # Its value is an OID naming an object (regclass, regtype, ...; aclitem's roles): the same
-    # object has another OID in a database that was not copied from this one.
+    # object has another OID in a database that was not copied from this one. Or its type's hash
+    # leaves part of the value out (numeric's sign, jsonb's and arrays' shape): values that
+    # differ would hash alike.
     by_text: bool
 
 
