@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 
 from eagle_dr.config import AlertRule, EagleConfig, UnknownRegion
+from eagle_dr.monitor import monitor_input
 from alerts.payload import Notification
 from workflows.alert_incident import SIGNAL_CHUNK, ActionSpec, AlertBatch, AlertRecord, IncidentInput
 from workflows.runbook import monitor_id, move_id
@@ -42,10 +43,12 @@ def _action(cfg: EagleConfig, rule: AlertRule | None, labels: dict[str, str]) ->
     queue = cfg.temporal.control_task_queue
     approval = {"required": True, "timeout_seconds": rule.approval_timeout.total_seconds()}
     if rule.action == "monitor":
+        # The config's whole health section, as `eagle-dr monitor start` gives it: a monitor an
+        # alert started holds the fixed id, so a later start finds it running and changes
+        # nothing; started with three fields, it ran without automatic failover, readiness
+        # checks or fast confirmation until someone stopped it.
         return ActionSpec(kind="monitor", workflow="MonitorWorkflow", workflow_id=monitor_id(cfg.service),
-                          task_queue=queue,
-                          input={"service": cfg.service, "interval_seconds": cfg.health.interval.total_seconds(),
-                                 "failure_threshold": cfg.health.failure_threshold})
+                          task_queue=queue, input=monitor_input(cfg).model_dump(mode="json", exclude_none=True))
     if rule.action == "split-brain":
         return ActionSpec(kind="split-brain", workflow="SplitBrainWorkflow", workflow_id=move_id(cfg.service),
                           task_queue=queue, input={"service": cfg.service, "trigger": "alert", "approval": approval})

@@ -9,6 +9,7 @@ touches no server, and each is terminated at the end, so nothing here can move t
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import uuid
@@ -30,12 +31,13 @@ from eagle_dr.codec import decode_in_place
 from eagle_dr.config import AlertsConfig, TemporalConfig
 from eagle_dr.temporal import DR_TARGET_REGION, DR_TRIGGER
 from lab.alertmanager import Alertmanager, Webhook
-from tests.histories import record
+from eagle_dr.monitor import monitor_input
+from tests.histories import decrypted_json, record
 from tests.lab_helpers import _scrape, _value, _until
 from workers.run import sandbox_runner
 from workflows.alert_incident import AlertIncidentWorkflow, IncidentSummary
 from workflows.failover import FailoverWorkflow
-from workflows.monitor import MonitorState, MonitorWorkflow
+from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 from workflows.runbook import monitor_id, move_id
 from workflows.split_brain import SplitBrainWorkflow
 
@@ -206,6 +208,10 @@ async def test_alertmanager_starts_and_signals_the_monitor_then_resolves(client,
             return st if any("alert (health): 1 firing" in f for f in st.findings) else None
 
         await _until(alerted, 20, "the monitor to record the alert")
+        # Started with the config's whole health section, as `eagle-dr monitor start` starts it.
+        started = json.loads(await decrypted_json(mon))["events"][0]["workflowExecutionStartedEventAttributes"]
+        got = MonitorInput.model_validate_json(base64.b64decode(started["input"]["payloads"][0]["data"]))
+        assert got == monitor_input(acfg), got
         desc = await client.get_workflow_handle(wid).describe()
         assert desc.typed_search_attributes.get(DR_TRIGGER) == "alert"
 
