@@ -79,6 +79,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(500)
             self.end_headers()
             return
+        if self.path.startswith("/flaky") and "started: switchover" in body.get("text", ""):
+            # Down for a switchover's first message only, up again for the rest of the run.
+            self.send_response(500)
+            self.end_headers()
+            return
         if self.path.startswith("/slow") and "started:" in body.get("text", ""):
             # A chat service that takes a while over the first message of a run: whatever is
             # sent after it must still arrive after it (workflows/notify.py sends in order).
@@ -151,6 +156,7 @@ def ncfg(lab_cfg, http_recorder, mailbox, secrets_env):
     secrets_env.setenv("EAGLE_DR_TEST_PD_KEY", ROUTING_KEY)
     secrets_env.setenv("EAGLE_DR_TEST_SMTP_PW", SMTP_PASSWORD)
     secrets_env.setenv("EAGLE_DR_TEST_SLOW_URL", f"http://127.0.0.1:{port}/slow/{SLACK_TOKEN}")
+    secrets_env.setenv("EAGLE_DR_TEST_FLAKY_URL", f"http://127.0.0.1:{port}/flaky/{SLACK_TOKEN}")
     secrets_env.setenv("EAGLE_DR_TEST_DOWN_URL", f"http://127.0.0.1:{_free_port()}/hook/{SLACK_TOKEN}")
     notifications = NotificationsConfig.model_validate({"channels": {
         "chat": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_SLACK_URL"}},
@@ -162,6 +168,7 @@ def ncfg(lab_cfg, http_recorder, mailbox, secrets_env):
         # Down: nothing listens there; and a webhook that answers 500 every time.
         "down": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_DOWN_URL"}, "timeout": "2s"},
         "slow": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_SLOW_URL"}},
+        "flaky": {"type": "slack", "webhook_url": {"env": "EAGLE_DR_TEST_FLAKY_URL"}},
         "pager-500": {"type": "pagerduty", "routing_key": {"env": "EAGLE_DR_TEST_PD_KEY"},
                       "url": f"http://127.0.0.1:{port}/broken/v2/enqueue"},
     }})
@@ -185,6 +192,17 @@ async def worker(lab, client, ncfg):
 
 def _slack_kinds(posts: list[dict], wid: str) -> list[str]:
     return [p["text"].splitlines()[0] for p in posts if wid in p["text"]]
+
+
+def _tries(history: str) -> dict[tuple[str, str], int]:
+    """(channel, event kind) -> the attempts its delivery was scheduled with."""
+    tries = {}
+    for e in json.loads(history)["events"]:
+        a = e.get("activityTaskScheduledEventAttributes")
+        if a and a["activityType"]["name"] == "send_notification":
+            d = json.loads(base64.b64decode(a["input"]["payloads"][0]["data"]))
+            tries[(d["channel"], d["event"]["kind"])] = a["retryPolicy"]["maximumAttempts"]
+    return tries
 
 
 def _history_has_no_secret(history: str) -> None:
@@ -246,6 +264,10 @@ async def test_rejected_switchover_notifies_every_channel(lab, client, worker, n
     history = await decrypted_json(handle)
     _history_has_no_secret(history)
     assert "send_notification" in history and "HTTP 500" in history and "pager-500" in history
+    # A channel that failed once and delivered again gets its full retries back: one failure
+    # early in a long run (a monitor's) left every later page, the night's outage too, one try.
+    tries = _tries(history)
+    assert [tries[("flaky", k)] for k in ("runbook-started", "approval-needed", "runbook-finished")] == [3, 1, 3], tries
     await record(handle, "switchover-notify-rejected-in-order")
     assert lab.cfg.primary.name != b
 
@@ -279,12 +301,7 @@ async def test_channels_down_do_not_fail_the_runbook_and_are_reported(lab, clien
     _history_has_no_secret(history)
     # A channel given up on gets one try per later event, not the full retries again: queued in
     # order, a hung channel would otherwise hold the run's end for minutes per event.
-    tries = {}
-    for e in json.loads(history)["events"]:
-        a = e.get("activityTaskScheduledEventAttributes")
-        if a and a["activityType"]["name"] == "send_notification":
-            d = json.loads(base64.b64decode(a["input"]["payloads"][0]["data"]))
-            tries[(d["channel"], d["event"]["kind"])] = a["retryPolicy"]["maximumAttempts"]
+    tries = _tries(history)
     assert tries[("down", "runbook-started")] == 3 and tries[("down", "runbook-finished")] == 1, tries
     assert tries[("chat", "runbook-finished")] == 3, tries
     await record(handle, "split-brain-notify-in-order")

@@ -93,6 +93,9 @@ class Notifier:
                 # monitor's next round) for minutes per event.
                 retry_policy=ONCE if channel in self._gave_up else RETRY,
                 summary=f"notify {channel}: {event.kind}")
+            # Delivered: the channel is up again, and its next event (in a monitor, hours later:
+            # the night's outage page) gets its full retries back.
+            self._gave_up.discard(channel)
         except ActivityError as e:
             self._gave_up.add(channel)
             why = f"{channel}: {event.kind} not delivered ({e.cause or e})"
