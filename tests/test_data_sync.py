@@ -207,6 +207,30 @@ async def test_standby_is_never_written_the_repair_is_a_rebuild(lab, client, cop
     assert not any(e.HasField("start_child_workflow_execution_initiated_event_attributes") for e in history.events)
 
 
+async def test_a_restore_verifys_check_is_refused_not_synced(lab, client, copy):
+    """A restore verify compares the primary with a backup restored on a scratch port. Its
+    differences are the backup's: taken as the standby's region's, the sync re-cloned a healthy
+    standby from that very backup and its follow-up check (standby against primary) was green."""
+    primary = copy
+    standby = lab.cfg.other(primary).name
+    check_id = f"check-restore-verify-{uuid.uuid4()}"
+    found = {"service": lab.cfg.service, "region_a": primary, "region_b": standby, "follower": True,
+             "scratch_b": {"region": standby, "port": 18999, "socket_dir": "/tmp/gone"},
+             "tables": [{"table": "public.ds_items", "key": ["id"], "diff": {"updated": 1, "updated_keys": [["5"]]}}],
+             "differences": 1, "outcome": "degraded"}
+    record_run(lab.cfg.region(primary).postgres.dsn(), workflow_id=check_id, run_id="r",
+               started_at=datetime.now(timezone.utc), region_a=primary, region_b=standby, outcome="degraded",
+               differences=1, result=found)
+    handle = await _start_sync(client, lab, check_id)
+    with pytest.raises(WorkflowFailureError) as e:
+        await handle.result()
+    cause = e.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "InvalidInput" and cause.non_retryable, cause
+    assert cause.message.startswith("invalid input: check_workflow_id: ") and "restored backup" in cause.message
+    history = await handle.fetch_history()
+    assert not any(e.HasField("start_child_workflow_execution_initiated_event_attributes") for e in history.events)
+
+
 async def test_a_standby_corrupted_on_disk_is_found_rebuilt_from_backup_and_checks_clean(lab, client):
     """End to end, for real: a byte flipped in a row on the standby's disk (what a bad disk or
     a bug does; the lab runs without data checksums, so nothing else notices), found by the

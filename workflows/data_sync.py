@@ -137,6 +137,15 @@ class DataSyncWorkflow(Runbook):
                                                        "eagle_dr.consistency_runs (is it finished?)")
                 check = ConsistencyResult.model_validate(found)
                 rec.detail = f"{check_id}: {check.differences} differences, {check.outcome}"
+            if check.scratch_b is not None:
+                # A restore verify's check: its B was a backup restored on a scratch port, gone
+                # since. Its differences are the backup's. Taken as the region's, they sent a
+                # healthy standby to be re-cloned from that very backup, and the follow-up check
+                # (the standby against the primary) came back green.
+                raise invalid("check_workflow_id", f"{check_id} compared the primary with a restored backup (restore "
+                                                   f"verify on {check.scratch_b.region}, port {check.scratch_b.port}): "
+                                                   "its differences are the backup's, not a server's; there is "
+                                                   "nothing to sync. Take a new backup and verify it again")
         else:
             check_id = f"{wid}-check"
             async with self.step("Run a consistency check") as rec:
