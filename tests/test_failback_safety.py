@@ -18,6 +18,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from activities.postgres.ctl import PgCtl
 from activities.postgres.status import pg_status
 from eagle_dr.launch import start_move
+from tests.histories import record
 from tests.lab_helpers import _async, _aux_pid, _exec, _failback, _fork, _lag_bytes, _primary, _startup_pid, _until
 from workflows.models import FailoverInput, SwitchoverInput
 
@@ -201,3 +202,44 @@ async def test_an_unlisted_table_is_reconciled_last_write_wins_when_the_config_s
                                                                     target_region=original))).result()
     assert back.outcome == "succeeded"
     _exec(lab, original, "drop table notes_lww")
+
+
+async def test_failback_does_not_switch_back_to_a_region_whose_data_was_not_verified(lab, client):
+    """The full verify after the rewind did not end green (here it fails: its consistency
+    check's workflow id is taken, so the check cannot start; a refused or timed-out repair ends
+    the same way). The switch back must not happen: made the primary, the region would serve
+    rows nobody compared, or rows known to differ, as the truth. It stays a streaming standby,
+    the survivor the primary, and the run says what to do."""
+    import uuid
+
+    from workflows.failback import FailbackInput, FailbackWorkflow
+
+    original = _primary(lab)
+    old, new = await _fork(lab, client, [
+        ("insert into alerts (id, region, payload) values (%s, %s, '{}')", (9_100_000_777, "old"))])
+    wid = f"failback-{uuid.uuid4()}"
+    blocker = await client.start_workflow("ConsistencyCheckWorkflow", {}, id=f"{wid}-verify-check",
+                                          task_queue=f"nobody-polls-{uuid.uuid4().hex[:8]}")
+    try:
+        res = await client.execute_workflow(
+            FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=old, verify="full"),
+            id=wid, task_queue=lab.cfg.temporal.control_task_queue)
+    finally:
+        await blocker.terminate("test over")
+
+    assert res.outcome == "degraded" and res.switchover is None and res.verify is None, res
+    verify = next(s for s in res.steps if s["name"] == f"verify {old}'s data against {new}")
+    assert verify["status"] == "failed", verify
+    step = next(s for s in res.steps if s["name"] == f"switch over back to {old}")
+    assert step["status"] == "skipped" and "not verified identical" in step["detail"], step
+    assert any(n.startswith(f"switch back to {old} not done") and f"eagle-dr check --regions {new},{old}" in n
+               for n in res.notes), res.notes
+    assert pg_status(lab.cfg.region(new).postgres).role == "primary"
+    assert pg_status(lab.cfg.region(old).postgres).receiver_status == "streaming"
+    await record(client.get_workflow_handle(wid), "failback-unverified-no-switch-back")
+
+    # Put the lab back.
+    _exec(lab, new, "delete from alerts where id = 9100000777")
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
+                                                                    target_region=original))).result()
+    assert back.outcome == "succeeded"

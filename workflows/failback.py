@@ -190,20 +190,34 @@ class FailbackWorkflow(Rejoin):
                 rewound = await self.rewind(req, oq, notes)
             redis = await self.rejoin_redis(req, oq)
             verify = verify_keys = None
+            verified = True  # no full verify ran, or it ended green
             if reconciliation is not None and inp.verify == "divergence" \
                     and workflow.patched("failback-verify-divergence"):
                 verify_keys, full = await self.verify_divergence(primary, inp.region, reconciliation)
                 if full:
                     verify = await self.verify_by_data(primary, inp.region, inp.reconcile_approval,
                                                        f"failback {workflow.info().workflow_id}")
+                    verified = verify is not None and verify.outcome == "succeeded"
             elif workflow.patched("failback-verify-by-data"):
                 # verify: full, or no reconcile to follow (the region already streamed, rebuilt
                 # by someone else: nothing says which of its rows to trust).
                 verify = await self.verify_by_data(primary, inp.region, inp.reconcile_approval,
                                                    f"failback {workflow.info().workflow_id}")
+                verified = verify is not None and verify.outcome == "succeeded"
 
             switchover = None
-            if inp.switch_back:
+            if inp.switch_back and not verified and workflow.patched("failback-no-switch-back-unverified"):
+                # Its data differs from the primary's (or could not be compared), and the repair
+                # was refused, timed out or failed: made the primary, it would serve those rows as
+                # the truth. It stays a standby; the primary stays where the data is known good.
+                why = (f"{inp.region}'s data was not verified identical to {primary}'s (see the verify step): "
+                       f"it stays a standby and {primary} the primary")
+                self.skip(f"switch over back to {inp.region}", why)
+                repair = f"eagle-dr sync --check {verify.check_workflow_id}" if verify else \
+                    f"eagle-dr check --regions {primary},{inp.region}, then eagle-dr sync --check <its id>"
+                self.degraded.append(f"switch back to {inp.region} not done: {why}; once repaired ({repair}): "
+                                     f"eagle-dr switchover --to {inp.region}")
+            elif inp.switch_back:
                 async with self.step(f"switch over back to {inp.region}") as st:
                     try:
                         switchover = await workflow.execute_child_workflow(
