@@ -118,6 +118,30 @@ async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
     assert not detect(lab.cfg).split
 
 
+async def test_a_node_that_does_not_answer_makes_the_outcome_unknown_not_no_split_brain(lab, client):
+    """A node detection cannot reach may be a second writer (a partition hides exactly that):
+    "no split brain" would be a claim nobody checked. The standby's PostgreSQL stopped stands in
+    for it."""
+    from activities.postgres.ctl import PgCtl
+
+    standby = lab.cfg.other(_primary(lab)).name
+    ctl = PgCtl(lab.cfg.region(standby).postgres)
+    ctl.stop("fast")
+    try:
+        handle = await _start_split_brain(client, lab)
+        result = await handle.result()
+    finally:
+        ctl.start()
+    assert result.outcome == "unknown" and result.findings == [], result
+    assert f"{standby}/postgres" in result.detection.unreachable
+    assert any(n.startswith(f"cannot tell: {standby}/postgres did not answer") for n in result.notes), result.notes
+    detect_step = next(s for s in result.steps if s.name == "detect")
+    assert detect_step.detail == f"none seen, but {standby}/postgres did not answer", detect_step
+    await record(handle, "split-brain-unknown-when-a-node-is-silent")
+    await _until(_async(lambda: pg_status(lab.cfg.region(standby).postgres).receiver_status == "streaming"), 60,
+                 f"{standby} to stream again")
+
+
 async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     """A real split brain: the standby promoted while the primary keeps taking writes, with
     divergent rows on both sides for every strategy. The loser's worker is killed while the

@@ -73,7 +73,7 @@ class SplitBrainInput(BaseModel):
 
 class SplitBrainResult(BaseModel):
     service: str
-    outcome: str  # resolved | no-split-brain | degraded | aborted
+    outcome: str  # resolved | no-split-brain | unknown (a node did not answer) | degraded | aborted
     findings: list[str]
     detection: SplitBrainReport
     choice: SurvivorChoice | None = None
@@ -125,7 +125,9 @@ class SplitBrainWorkflow(Rejoin):
                     self.known_region(topo, "survivor", inp.survivor)
                 report: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
                                                           timeout=60)
-                st.detail = "; ".join(report.findings) or "no split brain"
+                st.detail = "; ".join(report.findings) or (
+                    f"none seen, but {', '.join(report.unreachable)} did not answer" if report.unreachable
+                    else "no split brain")
             result = SplitBrainResult(service=inp.service, outcome="no-split-brain", findings=report.findings,
                                       detection=report, detected_at=detected_at, steps=self.steps, notes=notes)
             # Validation copied the lists: later notes go into the result's own, and its steps
@@ -133,6 +135,15 @@ class SplitBrainWorkflow(Rejoin):
             notes = result.notes
             self.steps = result.steps
             if not report.split:
+                if report.unreachable and workflow.patched("split-brain-unknown-when-unseen"):
+                    # A node that did not answer may be a second writer: "no split brain" would
+                    # be a claim nobody checked (a partition hides exactly that).
+                    result.outcome = "unknown"
+                    notes.append(f"cannot tell: {', '.join(report.unreachable)} did not answer. Run split-brain "
+                                 "detection again once it answers; an old primary kept down since a failover "
+                                 "rejoins with eagle-dr failback --region <it>, which keeps its writes")
+                    self.finish("unknown")
+                    return result
                 self.finish("no-split-brain")
                 return result
 
@@ -239,7 +250,9 @@ class SplitBrainWorkflow(Rejoin):
                     raise ApplicationError(
                         f"{loser}'s PostgreSQL could not be fenced (not over the network, and its worker did not stop "
                         f"it): it may still take writes. Traffic is on {survivor}. Fence {loser} by hand (stop it), "
-                        "then run split-brain resolution again.", type="LoserUnfenced", non_retryable=True)
+                        f"then run eagle-dr failback --region {loser}: it keeps the writes {loser} took after the "
+                        "fork and rejoins it (run again, split-brain resolution would no longer see a node that is "
+                        "down).", type="LoserUnfenced", non_retryable=True)
             result.single_writer_at = workflow.now()
 
             req = FailbackRequest(region=loser, primary_region=survivor, epoch=self.epoch)

@@ -573,6 +573,8 @@ def _exit_for(what: str, outcome: str, steps) -> None:
               if st.get("status") == "failed"]
     if outcome == "degraded":
         _fail(f"{what} finished DEGRADED: " + ("; ".join(failed) or "see the notes above"), EXIT_DEGRADED)
+    if outcome == "unknown":
+        _fail(f"{what}: UNKNOWN, a node did not answer (see the notes above)", EXIT_DEGRADED)
     _fail(f"{what} {outcome}" + (": " + "; ".join(failed) if failed else ""), EXIT_FAILED)
 
 
@@ -867,6 +869,10 @@ def _reconciliation_lines(rec) -> None:
 def _split_brain_report(r) -> None:
     if r.outcome == "no-split-brain":
         out.print("[green]no split brain[/]: one writable primary, one Redis master, routing agrees")
+        return
+    if r.outcome == "unknown":
+        out.print(f"[yellow]split brain unknown[/]: none seen, but {', '.join(r.detection.unreachable)} did not "
+                  "answer (see the notes)")
         return
     colour = "green" if r.outcome == "resolved" else "red"
     out.print(f"[bold]split brain[/] [{colour}]{r.outcome}[/]: " + "; ".join(r.findings))
