@@ -154,6 +154,46 @@ async def test_no_false_positives_while_the_primary_keeps_writing(lab, client, t
     assert res.follower and res.differences == 0 and res.outcome == "succeeded", res.tables[0]
 
 
+def test_an_insert_position_past_a_page_header_is_the_end_of_the_record_before_it():
+    from activities.consistency.ranges import record_end
+
+    seg, blk = 16 << 20, 8192
+    assert record_end(3 * seg + 40, seg, blk) == 3 * seg  # a segment's long header
+    assert record_end(3 * seg + 5 * blk + 24, seg, blk) == 3 * seg + 5 * blk  # a page's short header
+    assert record_end(3 * seg + 5 * blk + 32, seg, blk) == 3 * seg + 5 * blk + 32  # mid-page: as it is
+
+
+def test_an_asynchronous_commit_is_waited_for_before_the_standby_is_read(lab):
+    """synchronous_commit = off: the row is visible on the primary before its commit record is
+    written, and the write position (pg_current_wal_lsn) does not include it yet. A standby
+    waited to that position was read without the row: a false difference under a workload that
+    commits asynchronously. The wal writer is slowed so the window stays open."""
+    from activities.consistency.ranges import ReplayWaiter, current_lsn
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    with _pg(lab, primary) as p, _pg(lab, standby) as s:
+        p.execute("alter system set wal_writer_delay = '3s'")
+        p.execute("select pg_reload_conf()")
+        try:
+            p.execute("create table if not exists cc_async (id int primary key, v int not null)")
+            p.execute("insert into cc_async values (1, 0) on conflict (id) do update set v = 0")
+            waiter = ReplayWaiter(max_lag=30, beat=lambda: None)
+            waiter.replayed(s, current_lsn(p))
+            p.execute("set synchronous_commit = off")
+            for i in range(1, 4):
+                p.execute("update cc_async set v = %s where id = 1", (i,))
+                waiter.replayed(s, current_lsn(p))
+                assert s.execute("select v from cc_async where id = 1").fetchone()[0] == i
+            # An idle primary is reached: its insert position, whatever page it ends on.
+            p.execute("set synchronous_commit = on")
+            waiter.replayed(s, current_lsn(p))
+        finally:
+            p.execute("alter system reset wal_writer_delay")
+            p.execute("select pg_reload_conf()")
+            p.execute("drop table if exists cc_async")
+
+
 async def test_replica_lag_throttles_and_says_so(lab, client, tables):
     """Replay paused on the standby (pg_wal_replay_pause: at a record boundary, no lock held)
     while the primary writes: past max_lag_seconds the check pauses, says so in its heartbeat

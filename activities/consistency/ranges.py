@@ -28,6 +28,7 @@ from psycopg import sql
 from pydantic import BaseModel
 
 from activities.consistency.rowhash import RowHash, SchemaDiffers, row_hash
+from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.consistency.tables import Table
 
 # A column hashed by its text form (rowhash.py) prints by these: both sides use the same.
@@ -177,8 +178,30 @@ def split(conns: list[psycopg.Connection], table: Table, r: Range, parts: int, r
 # -- a standby at a consistent point -----------------------------------------------------------------
 
 
+# WAL page headers (on 64-bit builds): the long one opens each segment, the short one each page.
+_LONG_PAGE_HEADER, _SHORT_PAGE_HEADER = 40, 24
+
+
 def current_lsn(conn: psycopg.Connection) -> str:
-    return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+    """Where the primary's WAL ends, everything committed so far included: the *insert*
+    position. ``pg_current_wal_lsn()`` is the *write* position, which an asynchronous commit
+    (synchronous_commit = off) is already visible before: the standby passed it without the row,
+    and the check reported a difference that was only in flight. An insert position just past a
+    page header is the end of the record before the header, which is what the standby's replay
+    position says once it has replayed that record (else an idle primary would never be reached)."""
+    lsn, segment, block = conn.execute(
+        "select pg_current_wal_insert_lsn()::text, (select setting::bigint from pg_settings"
+        " where name = 'wal_segment_size'), current_setting('wal_block_size')::int").fetchone()
+    return int_to_lsn(record_end(lsn_to_int(lsn), segment, block))
+
+
+def record_end(insert: int, segment: int, block: int) -> int:
+    """An insert position as the end of the last record: before the page header it points past."""
+    if insert % segment == _LONG_PAGE_HEADER:
+        return insert - _LONG_PAGE_HEADER
+    if insert % block == _SHORT_PAGE_HEADER:
+        return insert - _SHORT_PAGE_HEADER
+    return insert
 
 
 def lag_seconds(standby: psycopg.Connection) -> float:
