@@ -318,7 +318,10 @@ def _advance_sequences(cur: psycopg.Cursor, target: sql.Identifier) -> None:
         " join pg_depend d on d.refobjid = a.attrelid and d.refobjsubid = a.attnum"
         "  and d.classid = 'pg_class'::regclass and d.deptype in ('a', 'i')"
         " join pg_sequence s on s.seqrelid = d.objid"
-        " where a.attrelid = %s::regclass and s.seqincrement > 0", (target.as_string(cur),)).fetchall()
+        # Integer columns only: a max() of anything else (an owned sequence left on a text
+        # column) would fail the apply here, after its point of no return, over a default.
+        " where a.attrelid = %s::regclass and s.seqincrement > 0 and a.atttypid in ('int2'::regtype,"
+        " 'int4'::regtype, 'int8'::regtype)", (target.as_string(cur),)).fetchall()
     for column, seq, start in owned:
         # The value it would give next: after its last one, or its start if it never gave one.
         cur.execute(sql.SQL("select setval(%s::regclass, m) from (select max({col})::bigint m from {target}) x"

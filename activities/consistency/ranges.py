@@ -28,8 +28,8 @@ from psycopg import sql
 from pydantic import BaseModel
 
 from activities.consistency.rowhash import RowHash, SchemaDiffers, row_hash
-from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.consistency.tables import Table
+from activities.postgres.lsn import int_to_lsn, lsn_to_int
 
 # A column hashed by its text form (rowhash.py) prints by these: both sides use the same.
 SESSION = ("set TimeZone = 'UTC'", "set DateStyle = 'ISO, YMD'", "set IntervalStyle = 'postgres'",
