@@ -470,6 +470,12 @@ def test_message_formats():
     assert "`eagle-dr approve dr-move-svc`" in json.dumps(msg["blocks"])
     resolve = pagerduty.payload("KEY", ev.model_copy(update={"action": "resolve"}), "http://ui:8233")
     assert resolve == {"routing_key": "KEY", "event_action": "resolve", "dedup_key": "eagle-dr/dr-move-svc/r1"}
+    # A step's error of any length: Slack refuses a section past 3,000 characters (HTTP 400), so
+    # the page was never delivered; cut, with the approve command kept whole.
+    long = slack.message(ev.model_copy(update={"lines": ["error: " + "x" * 50_000]}), "http://ui:8233")
+    texts = [b["text"]["text"] for b in long["blocks"] if b["type"] == "section"]
+    assert all(len(t) <= slack.SECTION_MAX for t in texts) and len(long["text"]) <= slack.TEXT_MAX
+    assert "… (cut:" in texts[1] and texts[1].endswith("Approve: `eagle-dr approve dr-move-svc`"), texts[1][-200:]
 
 
 def _cfg_with(channels: dict, lab_config_path) -> None:
