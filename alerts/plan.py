@@ -37,7 +37,8 @@ def incident_id(service: str, rule: str, group_key: str) -> str:
     return f"dr-alert-{service}-{rule}-{digest}"
 
 
-def _action(cfg: EagleConfig, rule: AlertRule | None, labels: dict[str, str]) -> ActionSpec:
+def _action(cfg: EagleConfig, rule: AlertRule | None, labels: list[dict[str, str]]) -> ActionSpec:
+    """``labels``: each firing alert's (with the group's), else the first alert's alone."""
     if rule is None or rule.action == "record":
         return ActionSpec(kind="record")
     queue = cfg.temporal.control_task_queue
@@ -54,7 +55,12 @@ def _action(cfg: EagleConfig, rule: AlertRule | None, labels: dict[str, str]) ->
                           task_queue=queue, input={"service": cfg.service, "trigger": "alert", "approval": approval})
     target = rule.target_region
     if target is None:
-        down = labels.get(rule.region_label)
+        named = sorted({x[rule.region_label] for x in labels if x.get(rule.region_label)})
+        if len(named) > 1:
+            # A group not grouped by region: which one failed is not for the receiver to guess.
+            return ActionSpec(kind="failover", refused=f"failover not started: the firing alerts name more than "
+                                                       f"one region in {rule.region_label!r} ({', '.join(named)})")
+        down = named[0] if named else None
         if not down:
             return ActionSpec(kind="failover", refused=f"failover not started: the alert has no "
                                                        f"{rule.region_label!r} label naming the failed region")
@@ -80,12 +86,16 @@ def plan(cfg: EagleConfig, n: Notification) -> tuple[list[Incident], int]:
         name = rule.name if rule else UNMATCHED
         rec = AlertRecord(fingerprint=a.fingerprint, status=a.status, labels=a.labels, starts_at=a.startsAt,
                           ends_at=a.ends)
-        entry = by_rule.setdefault(name, (rule, [], {**a.labels, **n.groupLabels}))
+        entry = by_rule.setdefault(name, (rule, [], []))
         entry[1].append(rec)
+        entry[2].append((a.status, {**a.labels, **n.groupLabels}))
     out = []
-    for name, (rule, records, labels) in by_rule.items():
+    for name, (rule, records, labelled) in by_rule.items():
         wid = incident_id(cfg.service, name, n.groupKey)
+        # What the action is taken on: the firing alerts. A resolved one (the other region's,
+        # in a group not grouped by region) named the failover's target when it came first.
+        firing = [x for status, x in labelled if status == "firing"] or [labelled[0][1]]
         out.append(Incident(rule=name, workflow_id=wid, alerts=records, input=IncidentInput(
             service=cfg.service, rule=name, group_key=n.groupKey, group_labels=n.groupLabels,
-            action=_action(cfg, rule, labels))))
+            action=_action(cfg, rule, firing))))
     return out, ignored

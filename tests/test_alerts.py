@@ -314,6 +314,29 @@ def _notification(group: dict, alerts: list[dict], group_key: str, status: str =
                        for i, a in enumerate(alerts)]}
 
 
+def test_a_failover_is_taken_on_the_firing_alerts_region_never_a_resolved_ones():
+    """A group not grouped by region: the other region's alert, resolved, came first and named
+    the failover's target (the healthy region failed over away from). Firing alerts that name
+    two regions start nothing: which one failed is not for the receiver to guess."""
+    from alerts.payload import parse
+    from alerts.plan import plan
+    from eagle_dr.config import DEFAULT_CONFIG, load_config
+
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    cfg = cfg.model_copy(update={"alerts": AlertsConfig.model_validate({"rules": RULES})})
+    a, b = cfg.regions[0].name, cfg.regions[1].name
+    now = datetime.now(timezone.utc)
+    group = {"alertname": "PrimaryRegionDown"}
+    doc = _notification(group, [_alert({**group, "region": b}, now), _alert({**group, "region": a}, now)], "{}:x")
+    doc["alerts"][0]["status"] = "resolved"
+    (inc,), _ = plan(cfg, parse(json.dumps(doc).encode()))
+    assert inc.input.action.input["target_region"] == b, inc.input.action  # a is down: fail over to b
+
+    doc["alerts"][0]["status"] = "firing"
+    (inc,), _ = plan(cfg, parse(json.dumps(doc).encode()))
+    assert inc.input.action.workflow is None and "more than one region" in inc.input.action.refused, inc.input.action
+
+
 async def test_bad_or_missing_token_is_401(acfg, receiver):
     doc = _notification({"alertname": "X", "region": "us-east-1"},
                         [_alert({"alertname": "X", "region": "us-east-1"}, datetime.now(timezone.utc))], "{}:{}")
