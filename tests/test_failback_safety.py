@@ -204,6 +204,56 @@ async def test_an_unlisted_table_is_reconciled_last_write_wins_when_the_config_s
     _exec(lab, original, "drop table notes_lww")
 
 
+async def test_a_truncate_on_the_old_primary_is_refused_or_reconciled_never_dropped(lab, client):
+    """Below wal_level logical (the lab runs replica) a TRUNCATE logs no record of its own, only
+    the table's new file. A table truncated after the fork, nothing written since, showed no
+    changed block: read as unchanged, the old primary's TRUNCATE was rewound away without a
+    word. Now its new file marks it changed: refused as an unlisted table, or (last-write-wins)
+    read in full, its rows deleted on the survivor and audited."""
+    import dataclasses
+    import uuid
+
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.failback import FailbackActivities, FailbackRequest, ReconcileRequest
+
+    original = _primary(lab)
+    _exec(lab, original, "create table if not exists notes_trunc (id int primary key, body text, "
+                         "updated_at timestamptz not null default now())",
+          "truncate notes_trunc", "insert into notes_trunc (id, body) select g, 'seed' from generate_series(1, 4) g")
+    old, new = await _fork(lab, client, ["truncate notes_trunc"])
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, workflow_id=f"truncate-{uuid.uuid4()}", workflow_run_id="run-1")
+    req = FailbackRequest(region=old, primary_region=new, approved_by="test")
+
+    refusing = FailbackActivities(lab.cfg)  # unlisted_tables: refuse (the default)
+    divergence = env.run(refusing.measure_divergence, req)
+    with pytest.raises(ApplicationError) as e:
+        env.run(refusing.reconcile_diverged_rows, ReconcileRequest(**req.model_dump(), divergence=divergence))
+    assert e.value.type == "UnlistedTablesChanged" and "public.notes_trunc" in str(e.value), e.value
+
+    acts = FailbackActivities(lab.cfg.model_copy(update={"unlisted_tables": "last-write-wins"}))
+    rec = env.run(acts.reconcile_diverged_rows, ReconcileRequest(**req.model_dump(), divergence=divergence))
+    t = next(x for x in rec.tables if x.table == "public.notes_trunc")
+    assert (t.read_mode, t.deleted, t.inserted, t.updated) == ("full", 4, 0, 0), t
+    assert "created on the loser after the fork" in t.full_read_why, t
+    with psycopg.connect(lab.cfg.region(new).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select count(*) from notes_trunc").fetchone()[0] == 0
+        audit = conn.execute("select count(*) from eagle_dr.conflict_audit where workflow_id = %s and "
+                             "table_name = 'public.notes_trunc' and action = 'delete'",
+                             (env.info.workflow_id,)).fetchone()[0]
+    assert audit == 4
+
+    env.run(acts.rewind_old_primary, req)
+    await _until(_async(lambda: pg_status(lab.cfg.region(old).postgres).receiver_status == "streaming"), 60,
+                 f"{old} to stream from {new}")
+    env.run(acts.preserve_redis_and_rejoin, req)
+    back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
+                                                                    target_region=original))).result()
+    assert back.outcome == "succeeded"
+    _exec(lab, original, "drop table notes_trunc")
+
+
 async def test_failback_does_not_switch_back_to_a_region_whose_data_was_not_verified(lab, client):
     """The full verify after the rewind did not end green (here it fails: its consistency
     check's workflow id is taken, so the check cannot start; a refused or timed-out repair ends

@@ -336,6 +336,10 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
             in_recovery = conn.execute("select pg_is_in_recovery()").fetchone()[0]
             changed = _name_changes(conn, loser, changes, files)
             truncated = {c.oid for c in changed if "truncate" in c.ops}
+            rewritten = _rewritten_on_loser(conn, found.created_files if found is not None else set())
+            for oid_, name in rewritten.items():
+                if not any(c.oid == oid_ for c in changed):
+                    changed.append(ChangedRelation(name=name, oid=oid_, kind="user", ops={"rewrite": 1}))
             for t, key in tables.items():
                 ident = regclass_sql(t)
                 oid = conn.execute(sql.SQL("select to_regclass({})::oid").format(
@@ -344,7 +348,9 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 if oid is None:
                     continue
                 mine = {k: f for k, f in files.items() if f.owner == oid}
-                why = _full_read_reason(found, oid in truncated)
+                why = _full_read_reason(found, oid in truncated) or (
+                    "its file was created on the loser after the fork (TRUNCATE, or a rewrite: VACUUM FULL, CLUSTER, "
+                    "ALTER TABLE): its blocks say nothing of the rows it held" if oid in rewritten else None)
                 if why is None and not mine:
                     rows[t], deleted[t], reads[t] = [], [], TableRead(mode="unchanged")
                     continue
@@ -404,6 +410,30 @@ def _full_read_reason(found: WalScan | None, truncated: bool) -> str | None:
         return (f"{len(found.unplaced_xids)} transactions committed after the fork wrote nothing in the WAL read "
                 "(in flight since before the fork's WAL segment)")
     return None
+
+
+def _rewritten_on_loser(conn: psycopg.Connection, created: set[tuple[int, int, int]]) -> dict[int, str]:
+    """User tables (oid -> name) of this database whose file now is one the loser created after
+    the fork. Below wal_level logical a TRUNCATE logs no record of its own, only the new file:
+    a truncated table with no row written since showed no changed block, read as unchanged,
+    and the loser's TRUNCATE was dropped without a word. A file created and then dropped
+    (an aborted TRUNCATE, a table dropped since) names nothing and is left out."""
+    here = conn.execute("select oid from pg_database where datname = current_database()").fetchone()[0]
+    out: dict[int, str] = {}
+    for spc, db, node in sorted(created):
+        if db != here:
+            continue
+        tbs = 0 if spc == DEFAULT_TABLESPACE else spc
+        found = conn.execute(sql.SQL(_RELATION).format(
+            sql.SQL("pg_filenode_relation({}, {})").format(sql.Literal(tbs), sql.Literal(node)))).fetchone()
+        if found is None or found[3] < FIRST_NORMAL_OID or found[4] == "eagle_dr":
+            continue
+        # A table's heap or its TOAST table (named as the table); not an index, a sequence or a
+        # materialized view, whose files a TRUNCATE, a RESTART or a REFRESH also renews.
+        kind = conn.execute("select relkind::text from pg_class where oid = %s", (found[0],)).fetchone()[0]
+        if kind in ("r", "t"):
+            out[found[3]] = f"{found[4]}.{found[5]}"
+    return out
 
 
 def _rewritten_on_survivor(loser: psycopg.Connection, surv: psycopg.Connection, heaps) -> str | None:
