@@ -207,6 +207,22 @@ async def test_standby_is_never_written_the_repair_is_a_rebuild(lab, client, cop
     assert not any(e.HasField("start_child_workflow_execution_initiated_event_attributes") for e in history.events)
 
 
+async def test_a_keyless_table_is_named_not_compared_in_the_result(lab, client):
+    """A runbook's final verify skips tables without a primary key (nothing to compare them by):
+    its result must name them, not let them pass as identical."""
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _exec(lab, primary, "create table if not exists ds_nokey (v text)", "insert into ds_nokey values ('x')")
+    try:
+        await _until(_async(lambda: _lag_bytes(lab, primary) == 0), 30, "the standby to catch up")
+        res = await client.execute_workflow(
+            DataSyncWorkflow.run, {"regions": [primary, standby], "skip_tables_without_key": True},
+            id=f"sync-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue, result_type=DataSyncResult)
+        assert res.path == "none" and "public.ds_nokey" in res.not_compared, res
+    finally:
+        _exec(lab, primary, "drop table ds_nokey")
+
+
 async def test_a_restore_verifys_check_is_refused_not_synced(lab, client, copy):
     """A restore verify compares the primary with a backup restored on a scratch port. Its
     differences are the backup's: taken as the standby's region's, the sync re-cloned a healthy

@@ -98,6 +98,9 @@ class DataSyncResult(BaseModel):
     verify_workflow_id: str | None = None
     remaining: int | None = None  # differences the follow-up check found
     degraded: list[str] = []
+    # Tables the check listed and did not compare (no primary key, unlogged): a runbook's final
+    # verify must say them, never count them as identical.
+    not_compared: list[str] = []
     outcome: str
 
 
@@ -186,7 +189,8 @@ class DataSyncWorkflow(Runbook):
             rec.detail = f"{path}: {why}"
 
         result = DataSyncResult(service=topo.service, check_workflow_id=check_id, region_a=a, region_b=b,
-                                database_b=check.database_b, path=path, why=why, outcome="succeeded")
+                                database_b=check.database_b, path=path, why=why, outcome="succeeded",
+                                not_compared=check.not_compared)
         if path == "none":
             result.degraded = self.degraded
             result.outcome = "degraded" if self.degraded else "succeeded"

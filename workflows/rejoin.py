@@ -132,10 +132,12 @@ class Rejoin(Runbook):
                 self.degrade(f"verifying {rejoined}'s data against {survivor}", e.cause or e,
                              f"eagle-dr check --regions {survivor},{rejoined}, then eagle-dr sync --check <its id>")
                 return None
+            unread = (f"; not compared: {', '.join(res.not_compared)} (no primary key, or unlogged)"
+                      if res.not_compared else "")
             if res.outcome == "succeeded" and res.path == "none":
-                st.detail = f"identical (check {res.check_workflow_id})"
+                st.detail = f"identical (check {res.check_workflow_id}){unread}"
             elif res.outcome == "succeeded":
-                st.detail = f"differences repaired by {res.path}; the follow-up check is clean"
+                st.detail = f"differences repaired by {res.path}; the follow-up check is clean{unread}"
             else:
                 st.status = "failed"
                 st.detail = f"{res.outcome}: {'; '.join(res.degraded) or res.why}"
