@@ -22,9 +22,12 @@ def heartbeating(every: float = 3.0, details: object = None) -> Iterator[None]:
     ctx = contextvars.copy_context()
     stop = threading.Event()
 
+    # No details given: none sent (a None would replace the ones a resumable activity reads back).
+    args = () if details is None else (details,)
+
     def beat() -> None:
         while not stop.wait(every):
-            ctx.run(activity.heartbeat, details)
+            ctx.run(activity.heartbeat, *args)
 
     t = threading.Thread(target=beat, name="heartbeat", daemon=True)
     t.start()

@@ -154,6 +154,51 @@ async def test_no_false_positives_while_the_primary_keeps_writing(lab, client, t
     assert res.follower and res.differences == 0 and res.outcome == "succeeded", res.tables[0]
 
 
+async def test_a_table_check_heartbeats_while_it_waits_for_the_standby_before_its_first_range(lab):
+    """Before its first range a table's check waits for the standby to replay and plans the
+    ranges (a count, or a row_number() over every key of a non-integer key): minutes on a large
+    table, past the 10 s heartbeat timeout, so every attempt timed out the same way and the check
+    failed. A column added on the primary while the standby's replay is paused holds that first
+    wait here; heartbeats must flow."""
+    import threading
+
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.consistency.activities import CompareTableRequest, ConsistencyActivities
+    from activities.consistency.ranges import connect
+    from activities.consistency.tables import list_tables
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _exec(lab, primary, "create table if not exists cc_beat (id int primary key, v int)",
+          "insert into cc_beat select g, g from generate_series(1, 100) g on conflict do nothing")
+    await _until(_async(lambda: _lag_bytes(lab, primary) == 0), 30, "the standby to catch up")
+    with connect(lab.cfg.region(primary).postgres.dsn()) as c:
+        table = list_tables(c, ["cc_beat"])[0]
+    beats: list = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *d: beats.append(d)
+    req = CompareTableRequest(region_a=primary, region_b=standby, follower=True, table=table)
+    done: list = []
+    with _pg(lab, standby) as s:
+        s.execute("select pg_wal_replay_pause()")
+        try:
+            # A column the standby has not replayed yet: the columns differ, so the check waits
+            # for replay before it plans (a DDL in flight is lag, not a schema difference).
+            _exec(lab, primary, "alter table cc_beat add column w int")
+            worker = threading.Thread(target=lambda: done.append(env.run(ConsistencyActivities(lab.cfg).compare_table,
+                                                                         req)), daemon=True)
+            worker.start()
+            await _until(_async(lambda: len(beats) >= 2 or not worker.is_alive()), 30,
+                         "heartbeats while the first wait holds")
+            assert beats and not done, (beats, done)
+        finally:
+            s.execute("select pg_wal_replay_resume()")
+    await _until(_async(lambda: not worker.is_alive()), 60, "the check to finish once replay resumes")
+    assert done and done[0].differences == 0, done
+    _exec(lab, primary, "drop table cc_beat")
+
+
 def test_an_insert_position_past_a_page_header_is_the_end_of_the_record_before_it():
     from activities.consistency.ranges import record_end
 

@@ -17,6 +17,7 @@ from activities.consistency.bisect import Outcome, RangeChecker
 from activities.consistency.ranges import Range, ReplayWaiter, connect, row_hash_when_replayed, split
 from activities.consistency.results import TableResult
 from activities.consistency.tables import Table
+from activities.heartbeat import heartbeating
 
 # A huge table still has at most this many top-level ranges: the list is in every heartbeat.
 MAX_RANGES = 512
@@ -70,15 +71,21 @@ def compare_table(dsn_a: str, dsn_b: str, table: Table, *, follower: bool, chunk
     side_pool = None if follower else ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="side-b")
     try:
         a, b = pair()
-        # From both catalogs each time, also on a resume: the expression is code, not position.
-        rh = row_hash_when_replayed(a, b, table, waiter)
-        if resume is not None and resume.table == table.qualified:
-            pos = resume
-            pos.partial.resumed_ranges = len(pos.done)
-        else:
-            ranges = plan(a, b, table, chunk_rows)
-            pos = Position(table=table.qualified, ranges=ranges,
-                           partial=TableResult(table=table.qualified, key=table.key, row_hash=rh.kind, ranges=len(ranges)))
+        # Waiting for the standby to replay, and planning the ranges (a count(*), or a
+        # row_number() over every key of a non-integer key), can outlast the heartbeat timeout
+        # on a large table: every attempt then timed out the same way and the check failed.
+        # Beat meanwhile, carrying the position this attempt resumed from (or none).
+        with heartbeating(details=resume.model_dump(mode="json") if resume is not None else None):
+            # From both catalogs each time, also on a resume: the expression is code, not position.
+            rh = row_hash_when_replayed(a, b, table, waiter)
+            if resume is not None and resume.table == table.qualified:
+                pos = resume
+                pos.partial.resumed_ranges = len(pos.done)
+            else:
+                ranges = plan(a, b, table, chunk_rows)
+                pos = Position(table=table.qualified, ranges=ranges,
+                               partial=TableResult(table=table.qualified, key=table.key, row_hash=rh.kind,
+                                                   ranges=len(ranges)))
         result = pos.partial
         base_throttled = result.throttled_seconds
         todo = [i for i in range(len(pos.ranges)) if i not in set(pos.done)]
