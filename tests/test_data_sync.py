@@ -176,19 +176,26 @@ async def test_a_table_the_engine_cannot_decide_leaves_the_run_degraded(lab, cli
     assert any(d.startswith("still different after the sync: public.ds_plain ") for d in res.degraded), res.degraded
 
 
+def _recorded_check(lab, primary: str, standby: str, prefix: str, **more) -> str:
+    """A consistency check that found key 5 of ds_items differing on the standby, recorded in
+    eagle_dr.consistency_runs as a finished check would be (``more``: other result fields)."""
+    check_id = f"{prefix}-{uuid.uuid4()}"
+    found = {"service": lab.cfg.service, "region_a": primary, "region_b": standby, "follower": True, **more,
+             "tables": [{"table": "public.ds_items", "key": ["id"], "diff": {"updated": 1, "updated_keys": [["5"]]}}],
+             "differences": 1, "outcome": "degraded"}
+    record_run(lab.cfg.region(primary).postgres.dsn(), workflow_id=check_id, run_id="r",
+               started_at=datetime.now(timezone.utc), region_a=primary, region_b=standby, outcome="degraded",
+               differences=1, result=found)
+    return check_id
+
+
 async def test_standby_is_never_written_the_repair_is_a_rebuild(lab, client, copy):
     """A physical standby cannot be made to differ by writing it: a recorded check that found a
     difference on the standby stands in for one. The sync must choose the rebuild, say why, and
     write nothing before (here: instead of) the approval."""
     primary = copy
     standby = lab.cfg.other(primary).name
-    check_id = f"check-fake-{uuid.uuid4()}"
-    found = {"service": lab.cfg.service, "region_a": primary, "region_b": standby, "follower": True,
-             "tables": [{"table": "public.ds_items", "key": ["id"], "diff": {"updated": 1, "updated_keys": [["5"]]}}],
-             "differences": 1, "outcome": "degraded"}
-    record_run(lab.cfg.region(primary).postgres.dsn(), workflow_id=check_id, run_id="r",
-               started_at=datetime.now(timezone.utc), region_a=primary, region_b=standby, outcome="degraded",
-               differences=1, result=found)
+    check_id = _recorded_check(lab, primary, standby, "check-fake")
     handle = await _start_sync(client, lab, check_id)
     await _until(lambda: _awaiting(handle), 120, "the approval gate")
     p = await _progress(handle)
@@ -229,14 +236,8 @@ async def test_a_restore_verifys_check_is_refused_not_synced(lab, client, copy):
     standby from that very backup and its follow-up check (standby against primary) was green."""
     primary = copy
     standby = lab.cfg.other(primary).name
-    check_id = f"check-restore-verify-{uuid.uuid4()}"
-    found = {"service": lab.cfg.service, "region_a": primary, "region_b": standby, "follower": True,
-             "scratch_b": {"region": standby, "port": 18999, "socket_dir": "/tmp/gone"},
-             "tables": [{"table": "public.ds_items", "key": ["id"], "diff": {"updated": 1, "updated_keys": [["5"]]}}],
-             "differences": 1, "outcome": "degraded"}
-    record_run(lab.cfg.region(primary).postgres.dsn(), workflow_id=check_id, run_id="r",
-               started_at=datetime.now(timezone.utc), region_a=primary, region_b=standby, outcome="degraded",
-               differences=1, result=found)
+    check_id = _recorded_check(lab, primary, standby, "check-restore-verify",
+                               scratch_b={"region": standby, "port": 18999, "socket_dir": "/tmp/gone"})
     handle = await _start_sync(client, lab, check_id)
     with pytest.raises(WorkflowFailureError) as e:
         await handle.result()

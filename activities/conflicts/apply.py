@@ -120,7 +120,7 @@ def _table_ident(table: str) -> sql.Identifier:
 def _columns(conn: psycopg.Connection, table: str) -> list[Column]:
     cur = conn.cursor(row_factory=tuple_row)
     rows = cur.execute(
-        "select a.attname, a.atttypid::int, format_type(a.atttypid, a.atttypmod) from pg_attribute a"
+        "select a.attname, format_type(a.atttypid, a.atttypmod) from pg_attribute a"
         " where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''"
         " order by a.attnum",
         (_table_ident(table).as_string(conn),),

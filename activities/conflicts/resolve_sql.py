@@ -30,7 +30,6 @@ _JSON_CHUNK = 50
 @dataclass(frozen=True)
 class Column:
     name: str
-    oid: int
     type_name: str
 
 

@@ -209,6 +209,14 @@ class _File(NamedTuple):
     owner: int  # the configured table it counts for (the partition root, the TOAST owner)
 
 
+def _file_relation(conn: psycopg.Connection, spc: int, node: int) -> tuple | None:
+    """``_RELATION``'s row for the relation a file of this database now belongs to, or None."""
+    # Files of the default tablespace are looked up under 0 (pg_filenode_relation's rule).
+    tbs = 0 if spc == DEFAULT_TABLESPACE else spc
+    return conn.execute(sql.SQL(_RELATION).format(
+        sql.SQL("pg_filenode_relation({}, {})").format(sql.Literal(tbs), sql.Literal(node)))).fetchone()
+
+
 def _name_changes(conn: psycopg.Connection, loser: PostgresConfig, changes: dict,
                   files: dict | None = None) -> list[ChangedRelation]:
     """Name each changed relation file on the (isolated, read-only) loser. A TOAST table is
@@ -235,10 +243,7 @@ def _name_changes(conn: psycopg.Connection, loser: PostgresConfig, changes: dict
             if change.truncated_oid is not None:
                 found = c.execute(sql.SQL(_RELATION).format(sql.Literal(change.truncated_oid))).fetchone()
             else:
-                # Files of the default tablespace are looked up under 0 (pg_filenode_relation's rule).
-                tbs = 0 if spc == DEFAULT_TABLESPACE else spc
-                found = c.execute(sql.SQL(_RELATION).format(
-                    sql.SQL("pg_filenode_relation({}, {})").format(sql.Literal(tbs), sql.Literal(node)))).fetchone()
+                found = _file_relation(c, spc, node)
             if found is None:
                 what = f"relation oid {change.truncated_oid}" if change.truncated_oid is not None else \
                     f"relation file {spc}/{db}/{node}"
@@ -423,9 +428,7 @@ def _rewritten_on_loser(conn: psycopg.Connection, created: set[tuple[int, int, i
     for spc, db, node in sorted(created):
         if db != here:
             continue
-        tbs = 0 if spc == DEFAULT_TABLESPACE else spc
-        found = conn.execute(sql.SQL(_RELATION).format(
-            sql.SQL("pg_filenode_relation({}, {})").format(sql.Literal(tbs), sql.Literal(node)))).fetchone()
+        found = _file_relation(conn, spc, node)
         if found is None or found[3] < FIRST_NORMAL_OID or found[4] == "eagle_dr":
             continue
         # A table's heap or its TOAST table (named as the table); not an index, a sequence or a
