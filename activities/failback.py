@@ -81,6 +81,9 @@ class Reconciliation(BaseModel):
     # Where the reconciliation's time went: the old primary's read (wal, start, read, stop,
     # wal_after) and apply (resolve and write, all tables), seconds.
     seconds: dict[str, float] = {}
+    # The survivor's rows with an xmin from this id on counted as changed after the fork whatever
+    # their timestamps (divergence.LoserRows.survivor_xid_from); None: by their timestamps alone.
+    survivor_xid_from: int | None = None
 
     def totals(self) -> tuple[int, int, int]:
         """(rows written to the survivor, conflicts, flagged for a human)."""
@@ -195,7 +198,8 @@ class FailbackActivities:
                     conn, table, tcfg, got.rows[table], deleted, loser_region=req.region,
                     survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
                     now=req.decided_at or datetime.now(timezone.utc), workflow_id=info.workflow_id,
-                    run_id=info.workflow_run_id, approved_by=req.approved_by, dry_run=req.preview)
+                    run_id=info.workflow_run_id, approved_by=req.approved_by, dry_run=req.preview,
+                    survivor_xid_from=got.survivor_xid_from)
                 out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(got.rows[table]),
                                                deleted_keys=len(deleted), read_mode=how.mode,
                                                blocks_read=how.blocks, full_read_why=how.why))
@@ -208,7 +212,8 @@ class FailbackActivities:
         catalog = [c.describe() for c in got.changed if c.kind == "catalog"]
         return Reconciliation(since=since, tables=out, preview=req.preview,
                               unlisted_reconciled=sorted(extra), catalog_changes=catalog,
-                              loser_read_wal_bytes=got.read_wal_bytes, seconds=seconds)
+                              loser_read_wal_bytes=got.read_wal_bytes, seconds=seconds,
+                              survivor_xid_from=got.survivor_xid_from)
 
     def _unlisted(self, unlisted: list[ChangedRelation], primary) -> tuple[dict[str, TableConflictConfig], list[str]]:
         """Strategies for changed tables `conflicts:` does not list, per `unlisted_tables`; and

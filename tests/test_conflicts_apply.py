@@ -788,3 +788,31 @@ def test_the_loser_inserts_move_serial_and_identity_sequences_past_them(db):
         nxt = db.execute(sql.SQL("insert into {} (v, updated_at) values ('after', now()) returning id")
                          .format(ident)).fetchone()["id"]
         assert nxt == 7, (table, nxt)
+
+
+def test_a_survivor_change_that_left_its_timestamp_alone_is_a_conflict_not_overwritten(db):
+    """After the fork the survivor changed key 1 without moving updated_at (its trigger bypassed:
+    a bulk fix, a replica-role session); the loser changed it too, stamped later. Only the
+    survivor row's xmin shows its change is from after the fork. With the survivor's xid horizon
+    key 1 is a conflict and the audit keeps the survivor's version; by timestamp alone it was
+    "only the loser changed it": overwritten, its version kept nowhere. Key 2, which the
+    survivor left alone, must stay a plain loser update."""
+    table = "subscriptions"  # last-write-wins: the later-stamped loser version still wins key 1
+    seed(db, table, [row(table, 1, at(-60), 0), row(table, 2, at(-60), 0)])
+    # Every transaction from here on is "after the fork", as on a node promoted here.
+    horizon = int(db.execute("select pg_current_xact_id()::text as x").fetchone()["x"]) + 1
+    db.execute("set session_replication_role = replica")
+    db.execute("update subscriptions set channel = 'pager' where id = 1")
+    db.execute("reset session_replication_role")
+    assert db.execute("select updated_at from subscriptions where id = 1").fetchone()["updated_at"] == at(-60)
+    loser = [row(table, 1, at(10), 1), row(table, 2, at(10), 1)]
+    before = table_rows(db, table)
+    summary = apply_resolutions(db, table, TABLES[table], loser, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW,
+                                "wf-1", "run-1", survivor_xid_from=horizon)
+    expected = resolve_changes(TABLES[table], before, loser, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW,
+                               survivor_written=[(1,)])
+    assert_agrees(db, table, summary, expected, before)
+    got = audit(db, table)
+    assert (got[(1,)]["conflict"], got[(1,)]["action"]) == (True, "apply_loser")
+    assert got[(1,)]["survivor_version"]["channel"] == "pager"
+    assert (got[(2,)]["conflict"], got[(2,)]["action"]) == (False, "apply_loser")

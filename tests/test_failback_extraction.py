@@ -41,7 +41,13 @@ async def test_failback_reads_only_the_divergence_and_finds_deletions_on_both_si
         ("delete from alerts where id = %s", (gone_on_old,)),
         ("update alerts set payload = '{\"v\": \"old\"}' where id in (%s, %s)", (gone_on_new, edited))])
     # The survivor deletes a row the old primary updated after the fork: deleted and updated.
-    _exec(lab, new, ("delete from alerts where id = %s", (gone_on_new,)))
+    # And changes another without moving its updated_at (its trigger bypassed): only the row's
+    # xmin says the survivor changed it after the fork, so it must be a conflict, not overwritten.
+    _exec(lab, new, ("delete from alerts where id = %s", (gone_on_new,)),
+          "set session_replication_role = replica",
+          ("update alerts set payload = '{\"v\": \"new\"}' where id = %s", (edited,)))
+    pre_fork_xmin = int(_one(lab, new, "select xmin::text from alerts where id = %s", untouched))
+    post_fork_xmin = int(_one(lab, new, "select xmin::text from alerts where id = %s", edited))
 
     wid = f"failback-{uuid.uuid4()}"
     handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=old),
@@ -69,7 +75,11 @@ async def test_failback_reads_only_the_divergence_and_finds_deletions_on_both_si
         audit = dict(q("select (primary_key->>'id')::bigint, reason from eagle_dr.conflict_audit "
                        "where workflow_id = %s and conflict", wid))
         audited = q("select count(*) from eagle_dr.conflict_audit where workflow_id = %s", wid)[0][0]
-    assert set(audit) == {gone_on_new}, audit
+    assert set(audit) == {gone_on_new, edited}, audit
+    # The survivor's xid horizon, from the old primary's WAL before the fork, separates its
+    # pre-fork rows from the ones it wrote after its promotion.
+    assert rec.survivor_xid_from is not None and pre_fork_xmin < rec.survivor_xid_from <= post_fork_xmin, (
+        pre_fork_xmin, rec.survivor_xid_from, post_fork_xmin)
     # The verify followed the divergence (the default): every key the failback audited, compared
     # on the primary and the rebuilt standby, and not one more table read in full.
     vk = report.verify_keys
@@ -79,6 +89,8 @@ async def test_failback_reads_only_the_divergence_and_finds_deletions_on_both_si
     step = next(s for s in report.steps if s["name"].startswith("verify the reconciled keys"))
     assert step["status"] == "done" and "3 reconciled keys (alerts) identical" in step["detail"], step
     assert f"{new} deleted it after the fork" in audit[gone_on_new]
+    # Both changed it; the later stamp (the old primary's) wins, the survivor's version is audited.
+    assert audit[edited] == f"conflict: {old} wrote last", audit[edited]
 
 
 async def test_a_verify_that_reads_back_no_audited_key_checks_every_table_instead(lab, client):

@@ -496,3 +496,36 @@ def test_a_hung_pg_waldump_is_killed_and_the_read_refused(node, monkeypatch):
     with pytest.raises(WalUnreadable) as e:
         scan(PgCtl(node.cfg), _wal(node), 1, start)
     assert "sh killed: no output" in str(e.value), e.value
+
+
+def test_the_xid_horizon_is_one_past_the_newest_id_before_the_start_across_wraparound(node):
+    """The horizon is what tells a survivor's post-fork rows by their xmin: one past the newest
+    transaction id the WAL before the start names, in PostgreSQL's circular order (numerically
+    smaller after the wrap), never a reserved id; ids after the start do not move it."""
+    from psycopg import sql
+
+    from activities.postgres.wal import _Reader, xmin_from
+
+    insert = "INSERT off 3 flags 0x08, blkref #0: rel 1663/5/16384 blk 1"
+    r = _Reader(first=0x2000, lookback=True)
+    for line in [
+        _line("Heap", 4294967290, "0/00001000", insert),
+        _line("Heap", 4294967295, "0/00001100", insert),
+        _line("Heap", 4294967293, "0/00001200", insert),  # older, written later
+        _line("Heap", 9000, "0/00002100", insert),  # after the start
+    ]:
+        r.feed(line)
+    assert r.result("0/2000", "0/2200", reached=True).xid_horizon == 3  # 2^32 - 1 + 1 wraps; 0-2 are reserved
+    r = _Reader(first=0x2000, lookback=True)
+    for line in [_line("Heap", 4294967295, "0/00001000", insert), _line("Heap", 4, "0/00001100", insert)]:
+        r.feed(line)
+    assert r.result("0/2000", "0/2200", reached=True).xid_horizon == 5
+    # Nothing read before the start: unknown, not a guess.
+    assert _Reader(first=0x2000, lookback=True).result("0/2000", "0/2200", reached=True).xid_horizon is None
+    # The SQL twin, on a real server's arithmetic: from the horizon on, modulo 2^32; reserved never.
+    with _conn() as c:
+        for xmin, horizon, after in [(5, 5, True), (4, 5, False), (7, 4294967295, True), (4294967290, 3, False),
+                                     (2, 3, False), (2**31 + 10, 10, False), (2**31 + 9, 10, True)]:
+            got = c.execute(sql.SQL("select {}").format(
+                xmin_from(sql.SQL("{}::text::xid").format(sql.Literal(str(xmin))), horizon))).fetchone()[0]
+            assert got is after, (xmin, horizon)

@@ -96,6 +96,11 @@ class Rejoin(Runbook):
                              f"{', '.join(blind)}: a key both sides inserted after the fork, or a row "
                              f"{req.primary_region} deleted that {req.region} then updated, was decided there "
                              "like an update")
+            if reconciliation.survivor_xid_from is None and any(
+                    t.loser_rows or t.deleted_keys for t in reconciliation.tables):
+                notes.append(f"{req.primary_region}'s changes since the fork were judged by their timestamp columns "
+                             f"alone (the WAL read named no transaction before the fork): a row it changed without "
+                             f"moving the timestamp counted as unchanged, and {req.region}'s version replaced it")
             if reconciliation.unlisted_reconciled:
                 notes.append(f"tables not listed under conflicts: were reconciled last-write-wins "
                              f"(unlisted_tables): {', '.join(reconciliation.unlisted_reconciled)}")

@@ -229,6 +229,7 @@ def _load_as_json(conn: psycopg.Connection, target: sql.Identifier, names: list[
     column type's Python dumper, which refused it: a uuid key failed the reconcile, after the
     point of no return. Errors name columns, never values (they reach the history and the pager)."""
     expected = set(names)
+    # Read before the COPY: the connection can run nothing else until the COPY ends.
     generated = {r[0] for r in conn.cursor(row_factory=tuple_row).execute(
         "select attname from pg_attribute where attrelid = %s::regclass and attnum > 0 and not attisdropped"
         " and attgenerated <> ''", (target.as_string(conn),))}
@@ -391,6 +392,7 @@ def apply_resolutions(
     approved_by: str | None = None,
     dry_run: bool = False,
     sample: int = 5,
+    survivor_xid_from: int | None = None,
 ) -> ApplySummary:
     """Resolve the loser's changed rows and deleted keys against ``table`` on the survivor
     (``conn``) and apply the outcome, all in one transaction (a savepoint if one is open).
@@ -399,7 +401,12 @@ def apply_resolutions(
 
     ``loser_rows`` is either the rows (dicts with exactly the table's columns; any iterable,
     consumed once, so a generator streams) or a ``LoserCopy``: a query on the loser streamed
-    COPY to COPY without the rows ever being held here. ``deleted_keys`` is consumed once too."""
+    COPY to COPY without the rows ever being held here. ``deleted_keys`` is consumed once too.
+
+    ``survivor_xid_from`` (wal.WalScan.xid_horizon): a survivor row whose xmin is from it on
+    was changed after the fork even when its timestamp says otherwise (an UPDATE that left
+    ``updated_at`` alone, a loser clock running ahead). Without it only the timestamp tells,
+    and such a row counts as unchanged: the loser's version replaces it and it is kept nowhere."""
     columns = _columns(conn, table)
     _check_inputs(cfg, columns, loser_region, survivor_region, fork_time, now)
     cfg = with_created_column(cfg, columns)
@@ -421,7 +428,8 @@ def apply_resolutions(
         cur.execute("set local work_mem = '64MB'")
         cur.execute(sql.SQL("lock table {} in share row exclusive mode").format(target))
         _load_loser(conn, target, columns, cfg, loser_rows, deleted_keys)
-        decide = DecideQuery(columns, cfg, survivor_region, loser_region, region_priority, fork_time, now)
+        decide = DecideQuery(columns, cfg, survivor_region, loser_region, region_priority, fork_time, now,
+                             survivor_xid_from)
         query = decide.select(target, _LOSER_TMP)
         cur.execute(sql.SQL("drop table if exists {}").format(_RESOLVED_TMP))
         # Without a hash join the decision comes out in key order (a merge join; index lookups

@@ -41,7 +41,7 @@ functions here so the two cannot drift apart silently (a test compares them key 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -65,6 +65,9 @@ class Version(BaseModel):
     # A deletion the caller knows this region made after the fork. Without it a missing row is
     # only "absent", which is ambiguous (deleted here, or inserted on the other side).
     deleted: bool = False
+    # This region's own transaction wrote this version after the fork (its xmin says so), even
+    # if its timestamp says otherwise: an UPDATE that left the stamp alone, or a clock behind.
+    written_after_fork: bool = False
 
     @field_validator("updated_at", "created_at")
     @classmethod
@@ -100,12 +103,14 @@ def key_of(row: Mapping[str, Any], table: TableConflictConfig) -> Key:
     return tuple(row[k] for k in table.key)
 
 
-def version_of(region: str, row: Mapping[str, Any] | None, table: TableConflictConfig) -> Version:
+def version_of(region: str, row: Mapping[str, Any] | None, table: TableConflictConfig,
+               written_after_fork: bool = False) -> Version:
     """A region's current row for a key (None: it holds none) as a version."""
     if row is None:
         return Version(region=region)
     created = row.get(table.created_column) if table.created_column else None
-    return Version(region=region, row=dict(row), updated_at=row.get(table.timestamp_column), created_at=created)
+    return Version(region=region, row=dict(row), updated_at=row.get(table.timestamp_column), created_at=created,
+                   written_after_fork=written_after_fork)
 
 
 def deletion(region: str, deleted_at: datetime | None = None) -> Version:
@@ -205,7 +210,7 @@ def is_stale(v: Version, ttl: timedelta, now: datetime) -> bool:
 
 
 def _after(v: Version, fork_time: datetime) -> bool:
-    return v.updated_at is not None and v.updated_at > fork_time
+    return v.written_after_fork or (v.updated_at is not None and v.updated_at > fork_time)
 
 
 def _inserted_after(v: Version, fork_time: datetime) -> bool:
@@ -404,17 +409,21 @@ def resolve_changes(
     region_priority: Mapping[str, int],
     fork_time: datetime,
     now: datetime,
+    survivor_written: Collection[Key] = (),
 ) -> list[Resolution]:
     """The loser's changed rows and deleted keys against the survivor's current rows: what
-    ``apply.apply_resolutions`` computes in SQL, here in memory."""
+    ``apply.apply_resolutions`` computes in SQL, here in memory. ``survivor_written``: the keys
+    whose survivor row a post-fork transaction wrote (in SQL: its xmin, ``survivor_xid_from``)."""
     items: list[tuple[Key, Version, Version]] = []
+    written = {tuple(k) for k in survivor_written}
     for row in loser_rows:
         key = key_of(row, table)
-        items.append((key, version_of(survivor_region, survivor_rows.get(key), table),
+        items.append((key, version_of(survivor_region, survivor_rows.get(key), table, key in written),
                       version_of(loser_region, row, table)))
     for key in deleted_keys:
         key = tuple(key)
-        items.append((key, version_of(survivor_region, survivor_rows.get(key), table), deletion(loser_region)))
+        items.append((key, version_of(survivor_region, survivor_rows.get(key), table, key in written),
+                      deletion(loser_region)))
     return resolve_all(table, items, region_priority, fork_time, now)
 
 

@@ -17,6 +17,7 @@ from datetime import datetime
 from psycopg import sql
 
 from activities.conflicts import engine
+from activities.postgres.wal import xmin_from
 from eagle_dr.config import TableConflictConfig
 
 # Names this module gives its own columns; a table using them would be misread.
@@ -38,10 +39,19 @@ class DecideQuery:
     that long or odd column names never collide with each other or with the meta columns."""
 
     def __init__(self, columns: list[Column], cfg: TableConflictConfig, survivor: str, loser: str,
-                 region_priority: Mapping[str, int], fork_time: datetime, now: datetime):
+                 region_priority: Mapping[str, int], fork_time: datetime, now: datetime,
+                 survivor_xid_from: int | None = None):
         self.columns, self.cfg, self.S, self.L = columns, cfg, survivor, loser
         self.names = [c.name for c in columns]
         self.region_priority, self.fork_time, self.now = region_priority, fork_time, now
+        self.survivor_xid_from = survivor_xid_from
+
+    def s_written_after(self) -> sql.Composable:
+        """engine.Version.written_after_fork for the survivor's row: its xmin is a transaction the
+        survivor ran after the fork (wal.WalScan.xid_horizon), whatever its timestamp says."""
+        if self.survivor_xid_from is None:
+            return sql.SQL("false")
+        return sql.SQL("coalesce({}, false)").format(xmin_from(sql.SQL("_e_s_xmin"), self.survivor_xid_from))
 
     def s_col(self, name: str) -> sql.Identifier:
         return sql.Identifier(f"_s_{self.names.index(name)}")
@@ -192,6 +202,7 @@ class DecideQuery:
             with j as (
                 select {pair_cols},
                        s.{k0} is not null as _e_s_present,
+                       s.xmin as _e_s_xmin,
                        not l._e_deleted as _e_l_present,
                        -- The rows themselves (both sides' every column, generated ones too) for the
                        -- versions the audit keeps; only those are turned into jsonb, at the end.
@@ -202,7 +213,7 @@ class DecideQuery:
                 offset 0
             ), f as (
                 select j.*,
-                       case when _e_s_present then coalesce({s_ts} > {fork}, false)
+                       case when _e_s_present then coalesce({s_ts} > {fork}, false) or {s_written}
                             else _e_l_present and (not coalesce({l_ts} > {fork}, false) or {l_existed})
                        end as _e_s_changed,
                        not _e_l_present or coalesce({l_ts} > {fork}, false) as _e_l_changed,
@@ -257,7 +268,7 @@ class DecideQuery:
             pair_cols=pair_cols, k0=k0, pk=pk, loser=loser, target=target, join_on=join_on,
             s_ts=s_ts, l_ts=l_ts, fork=fork, s_row=self.row_of(self.s_col), l_row=self.row_of(self.l_col),
             tie_s=sql.Literal(bool(tie_s)), fresh_after=fresh_after, decision=self.decision(),
-            collision=self.collision(), l_existed=self.existed_at_fork(self.l_col),
+            collision=self.collision(), l_existed=self.existed_at_fork(self.l_col), s_written=self.s_written_after(),
             result_cols=result_cols, S=sql.Literal(self.S), L=sql.Literal(self.L),
             names=sql.SQL(", ").join(sql.Identifier(n) for n in self.names), result_row=result_row,
         )

@@ -177,6 +177,9 @@ class LoserRows(BaseModel):
     # divergence (two reads of one stopped node's WAL must agree, or rows could be missed).
     wal_commits: int | None = None
     wal_end_lsn: str | None = None
+    # The survivor's rows with an xmin from this id on were written after the fork
+    # (WalScan.xid_horizon); None: unknown, its changes are judged by their timestamps alone.
+    survivor_xid_from: int | None = None
 
 
 def regclass_sql(table: str) -> sql.Composable:
@@ -325,6 +328,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
         committed_at = {x: c.at for c in found.commits for x in (c.xid, *c.subxids)}
         changes = found.changes
     xids = sorted(committed_at)
+    horizon = found.xid_horizon if found is not None else None
     took.lap("wal")
     ctl.start_isolated()
     took.lap("start")
@@ -393,7 +397,8 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     return LoserRows(rows=rows, keys=keys, changed=changed, oids=oids, deleted=deleted, reads=reads,
                      read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps,
                      wal_commits=len(found.commits) if found is not None else None,
-                     wal_end_lsn=found.end_lsn if found is not None else None)
+                     wal_end_lsn=found.end_lsn if found is not None else None,
+                     survivor_xid_from=horizon)
 
 
 @contextmanager

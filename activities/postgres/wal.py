@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from psycopg import sql
+
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import int_to_lsn, lsn_to_int
 
@@ -72,6 +74,25 @@ DATA_OPS = {
 DEFAULT_TABLESPACE = 1663
 
 
+# Transaction ids are 32 bits and wrap; 0-2 are reserved (invalid, bootstrap, frozen).
+XID_SPACE = 2 ** 32
+FIRST_NORMAL_XID = 3
+
+
+def xid_follows(a: int, b: int) -> bool:
+    """``a`` was handed out after ``b`` (PostgreSQL's modulo-2^32 order of normal xids)."""
+    return 0 < (a - b) % XID_SPACE < XID_SPACE // 2
+
+
+def xmin_from(xmin: sql.Composable, horizon: int) -> sql.Composable:
+    """SQL: the row version whose ``xmin`` this is was written by a transaction with an id at or
+    after ``horizon`` (xid_follows, in SQL; a reserved xmin is never after anything)."""
+    x = sql.SQL("({}::text::bigint)").format(xmin)
+    return sql.SQL("({x} >= {first} and (({x} - {h}) % {space} + {space}) % {space} < {half})").format(
+        x=x, first=sql.Literal(FIRST_NORMAL_XID), h=sql.Literal(horizon), space=sql.Literal(XID_SPACE),
+        half=sql.Literal(XID_SPACE // 2))
+
+
 @dataclass(frozen=True)
 class Commit:
     xid: int
@@ -117,6 +138,14 @@ class WalScan:
     # Relation files created after the start, as (tablespace, database, relfilenode): another
     # node's catalog may give the same number to a different relation.
     created_files: set[tuple[int, int, int]] = field(default_factory=set)
+    # With ``lookback``: one past the newest transaction id the WAL read before the start names.
+    # A node promoted at the start replayed that WAL, and recovery moves the next xid past every
+    # record's, so each transaction it ran after the promotion has an id from here on: its rows
+    # with such an xmin were written after the fork, whatever their timestamps say. It errs low
+    # only (a newer pre-fork id that wrote solely before the WAL read): such rows then look
+    # changed after the fork too, a conflict kept in the audit, never a change missed. None: no
+    # record before the start was read.
+    xid_horizon: int | None = None
 
     @property
     def xids(self) -> set[int]:
@@ -294,6 +323,7 @@ class _Reader:
         self.created: set[tuple[int, int, int]] = set()
         self.changes: dict[tuple[int, int, int], RelChange] = {}
         self.records = 0  # lines taken for records (see _read)
+        self.newest_xid_before: int | None = None
 
     def feed(self, line: str) -> None:
         m = _RECORD.match(line)
@@ -302,6 +332,9 @@ class _Reader:
         self.records += 1
         rmgr, xid, op, rest = m.group(1), int(m.group(2)), m.group(4), m.group(5)
         before = self.lookback and lsn_to_int(m.group(3)) < self.first
+        if before and xid >= FIRST_NORMAL_XID and (
+                self.newest_xid_before is None or xid_follows(xid, self.newest_xid_before)):
+            self.newest_xid_before = xid
         if rmgr == "Transaction":
             self._end_of(m, xid, op, before)
             return
@@ -370,8 +403,12 @@ class _Reader:
         # A subtransaction's records carry its own xid; the commit names it among subxacts.
         unplaced = {c.xid for c in self.commits if not ({c.xid, *c.subxids} & self.placed)
                     or c.xid in self.running_before or not reached}
+        horizon = None
+        if self.newest_xid_before is not None:
+            horizon = (self.newest_xid_before + 1) % XID_SPACE
+            horizon = max(horizon, FIRST_NORMAL_XID)  # ids below 3 are never handed out
         return WalScan(start_lsn=start, end_lsn=end, commits=self.commits, changes=self.changes,
-                       unplaced_xids=unplaced, created_files=self.created)
+                       unplaced_xids=unplaced, created_files=self.created, xid_horizon=horizon)
 
 
 def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, first: int,
