@@ -520,6 +520,18 @@ def test_the_xid_horizon_is_one_past_the_newest_id_before_the_start_across_wrapa
     for line in [_line("Heap", 4294967295, "0/00001000", insert), _line("Heap", 4, "0/00001100", insert)]:
         r.feed(line)
     assert r.result("0/2000", "0/2200", reached=True).xid_horizon == 5
+    # A snapshot's latestCompletedXid counts (a commit before the WAL read), and a COMMIT
+    # PREPARED's xid (its record's own tx is 0); without a snapshot reached: unknown.
+    for named, want in [
+        (_line("Standby", 0, "0/00001100", "RUNNING_XACTS nextXid 61 latestCompletedXid 57 oldestRunningXid 40; "
+                                           "1 xacts: 40"), 58),
+        (_line("Transaction", 0, "0/00001200", "COMMIT_PREPARED 59: 2026-12-04 10:00:00.000001 UTC"), 60),
+    ]:
+        r = _Reader(first=0x2000, lookback=True)
+        for line in [_line("Heap", 40, "0/00001000", insert), named]:
+            r.feed(line)
+        assert r.result("0/2000", "0/2200", reached=True).xid_horizon == want, named
+        assert r.result("0/2000", "0/2200", reached=False).xid_horizon is None
     # Nothing read before the start: unknown, not a guess.
     assert _Reader(first=0x2000, lookback=True).result("0/2000", "0/2200", reached=True).xid_horizon is None
     # The SQL twin, on a real server's arithmetic: from the horizon on, modulo 2^32; reserved never.
@@ -529,3 +541,20 @@ def test_the_xid_horizon_is_one_past_the_newest_id_before_the_start_across_wrapa
             got = c.execute(sql.SQL("select {}").format(
                 xmin_from(sql.SQL("{}::text::xid").format(sql.Literal(str(xmin))), horizon))).fetchone()[0]
             assert got is after, (xmin, horizon)
+
+
+def test_the_xid_horizon_counts_a_commit_made_before_the_wal_read(node):
+    """Transaction a committed in an earlier segment than the lookback reads; only the snapshot
+    of running transactions (its latestCompletedXid) names it. Its rows must be before the
+    horizon, and the next transaction's at or after it."""
+    with _conn() as c:
+        c.execute("create table h (id int)")
+        c.execute("insert into h values (1)")
+        a = int(c.execute("select xmin::text from h where id = 1").fetchone()[0])
+        c.execute("select pg_switch_wal()")
+        c.execute("checkpoint")  # a snapshot, in the new segment, that names a as completed
+        start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+        c.execute("insert into h values (2)")
+        b = int(c.execute("select xmin::text from h where id = 2").fetchone()[0])
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert found.xid_horizon is not None and a < found.xid_horizon <= b, (a, found.xid_horizon, b)

@@ -51,6 +51,8 @@ _TRUNCATED = re.compile(r"relids((?: \d+)+)")
 # xids. pg_waldump prints the "; N xacts:" part only when N > 0: a quiet moment's snapshot is
 # just "RUNNING_XACTS nextXid ... oldestRunningXid ...", and it is a snapshot all the same.
 _RUNNING = re.compile(r"RUNNING_XACTS nextXid \d+\b(?:.*?; \d+ xacts:((?: \d+)*))?")
+# The newest transaction that had ended when the snapshot was taken (see WalScan.xid_horizon).
+_LATEST_COMPLETED = re.compile(r"\blatestCompletedXid (\d+)")
 # Every block a record references; the main fork's have no "fork" word (PG15+ format).
 _BLKREF = re.compile(r"blkref #\d+: rel (\d+)/(\d+)/(\d+)(?: fork (\w+))? blk (\d+)")
 # The error pg_waldump ends with when it reached the end of the WAL.
@@ -138,13 +140,14 @@ class WalScan:
     # Relation files created after the start, as (tablespace, database, relfilenode): another
     # node's catalog may give the same number to a different relation.
     created_files: set[tuple[int, int, int]] = field(default_factory=set)
-    # With ``lookback``: one past the newest transaction id the WAL read before the start names.
-    # A node promoted at the start replayed that WAL, and recovery moves the next xid past every
-    # record's, so each transaction it ran after the promotion has an id from here on: its rows
-    # with such an xmin were written after the fork, whatever their timestamps say. It errs low
-    # only (a newer pre-fork id that wrote solely before the WAL read): such rows then look
-    # changed after the fork too, a conflict kept in the audit, never a change missed. None: no
-    # record before the start was read.
+    # With ``lookback``: one past the newest transaction id the WAL read before the start names
+    # (a record's, a commit's subtransactions', a snapshot's latestCompletedXid). A node promoted
+    # at the start replayed that WAL, and recovery moves the next xid past every record's, so
+    # each transaction it ran after the promotion has an id from here on: its rows with such an
+    # xmin were written after the fork, whatever their timestamps say. And every row committed
+    # before the start has an older xmin: committed after the snapshot of running transactions
+    # the read reaches back to, its commit record was read; before it, the snapshot's
+    # latestCompletedXid is at least its id. None: no snapshot reached, or nothing named.
     xid_horizon: int | None = None
 
     @property
@@ -332,9 +335,16 @@ class _Reader:
         self.records += 1
         rmgr, xid, op, rest = m.group(1), int(m.group(2)), m.group(4), m.group(5)
         before = self.lookback and lsn_to_int(m.group(3)) < self.first
-        if before and xid >= FIRST_NORMAL_XID and (
-                self.newest_xid_before is None or xid_follows(xid, self.newest_xid_before)):
-            self.newest_xid_before = xid
+        if before:
+            self._saw_before(xid)
+            if rmgr == "Transaction" and op.startswith("COMMIT"):
+                # A COMMIT PREPARED record's own tx is 0: the prepared xid is in its text.
+                if prepared := _PREPARED_XID.match(rest):
+                    self._saw_before(int(prepared.group(1)))
+                for x in (subs.group(1).split() if (subs := _SUBXACTS.search(rest)) else ()):
+                    self._saw_before(int(x))
+            if rmgr == "Standby" and op == "RUNNING_XACTS" and (done := _LATEST_COMPLETED.search(rest)):
+                self._saw_before(int(done.group(1)))
         if rmgr == "Transaction":
             self._end_of(m, xid, op, before)
             return
@@ -371,6 +381,10 @@ class _Reader:
                     rows = int(n.group(1) or n.group(2))
                 rc.ops[kind] = rc.ops.get(kind, 0) + rows
 
+    def _saw_before(self, xid: int) -> None:
+        if xid >= FIRST_NORMAL_XID and (self.newest_xid_before is None or xid_follows(xid, self.newest_xid_before)):
+            self.newest_xid_before = xid
+
     def _end_of(self, m: re.Match, xid: int, op: str, before: bool) -> None:
         commit = _commit(m) if not before else None
         if commit is not None:
@@ -404,7 +418,7 @@ class _Reader:
         unplaced = {c.xid for c in self.commits if not ({c.xid, *c.subxids} & self.placed)
                     or c.xid in self.running_before or not reached}
         horizon = None
-        if self.newest_xid_before is not None:
+        if reached and self.newest_xid_before is not None:
             horizon = (self.newest_xid_before + 1) % XID_SPACE
             horizon = max(horizon, FIRST_NORMAL_XID)  # ids below 3 are never handed out
         return WalScan(start_lsn=start, end_lsn=end, commits=self.commits, changes=self.changes,
