@@ -87,7 +87,8 @@ _RESOLVED_TMP = sql.Identifier("_eagle_dr_resolved")
 
 class ApplySummary(BaseModel):
     """Keys by outcome (inserted + updated + deleted + kept + flagged = keys sent); ``conflicts``
-    counts keys both sides changed, whatever their outcome; ``audit_rows`` the rows this run added."""
+    counts keys both sides changed, whatever their outcome. They are the run's: an attempt after
+    one that committed takes them from the audit. ``audit_rows``: the rows this attempt added."""
 
     table: str
     strategy: str
@@ -272,12 +273,27 @@ def _refuse_repeated_keys(conn: psycopg.Connection, key: list[str]) -> None:
     raise ValueError(f"the {'deleted keys' if all_deleted else 'loser rows'} repeat a key: {shown}")
 
 
+# The summary field each audited action counts under.
+_COUNTED = {"insert_loser": "inserted", "apply_loser": "updated", "merge": "updated", "delete": "deleted",
+            "flag": "flagged", "keep_survivor": "kept"}
+
+
 def _count(cur: psycopg.Cursor, summary: ApplySummary) -> None:
     q = sql.SQL("select _e_action, count(*), count(*) filter (where _e_conflict) from {} group by 1")
-    field = {"insert_loser": "inserted", "apply_loser": "updated", "merge": "updated", "delete": "deleted",
-             "flag": "flagged", "keep_survivor": "kept"}
     for action, n, conflicts in cur.execute(q.format(_RESOLVED_TMP)).fetchall():
-        setattr(summary, field[action], getattr(summary, field[action]) + n)
+        setattr(summary, _COUNTED[action], getattr(summary, _COUNTED[action]) + n)
+        summary.conflicts += conflicts
+
+
+def _count_audited(cur: psycopg.Cursor, summary: ApplySummary, table: str, workflow_id: str, run_id: str) -> None:
+    for name in _COUNTED.values():
+        setattr(summary, name, 0)
+    summary.conflicts = 0
+    for action, n, conflicts in cur.execute(
+            "select action, count(*), count(*) filter (where conflict) from eagle_dr.conflict_audit"
+            " where workflow_id = %s and run_id = %s and table_name = %s group by 1",
+            (workflow_id, run_id, table)).fetchall():
+        setattr(summary, _COUNTED[action], getattr(summary, _COUNTED[action]) + n)
         summary.conflicts += conflicts
 
 
@@ -445,7 +461,14 @@ def apply_resolutions(
             return summary
         _write(cur, target, [c.name for c in columns], cfg.key)
         _advance_sequences(cur, target)
+        retried = _audited_before(cur, table, workflow_id, run_id)
         summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by, decide.result_json())
+        if retried:
+            # An earlier attempt of this run committed (its result was lost: a timeout, a worker
+            # killed). This one decided against rows already holding that result, where every
+            # key looks unchanged: its own counts would report nothing written. The audit has
+            # one row per key as first decided: the run's figures.
+            _count_audited(cur, summary, table, workflow_id, run_id)
         for name, value in previous.items():
             cur.execute(sql.SQL("set local {} = {}").format(sql.Identifier(name), sql.Literal(value)))
     return summary
