@@ -9,13 +9,17 @@ import os
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import pytest
+from psycopg import sql
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
 from activities.consistency.store import record_run
+from activities.postgres.status import pg_status
+from lab.processes import wait_for
 from tests.histories import record
 from tests.lab_helpers import _async, _awaiting, _exec, _lag_bytes, _pg, _primary, _progress, _until
 from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
@@ -183,7 +187,7 @@ def _recorded_check(lab, primary: str, standby: str, prefix: str, **more) -> str
     found = {"service": lab.cfg.service, "region_a": primary, "region_b": standby, "follower": True, **more,
              "tables": [{"table": "public.ds_items", "key": ["id"], "diff": {"updated": 1, "updated_keys": [["5"]]}}],
              "differences": 1, "outcome": "degraded"}
-    record_run(lab.cfg.region(primary).postgres.dsn(), workflow_id=check_id, run_id="r",
+    record_run(lab.cfg.region(_primary(lab)).postgres.dsn(), workflow_id=check_id, run_id="r",
                started_at=datetime.now(timezone.utc), region_a=primary, region_b=standby, outcome="degraded",
                differences=1, result=found)
     return check_id
@@ -246,6 +250,73 @@ async def test_a_restore_verifys_check_is_refused_not_synced(lab, client, copy):
     assert cause.message.startswith("invalid input: check_workflow_id: ") and "restored backup" in cause.message
     history = await handle.fetch_history()
     assert not any(e.HasField("start_child_workflow_execution_initiated_event_attributes") for e in history.events)
+
+
+@contextmanager
+def _streaming_from_nothing(lab, region: str):
+    """The region's standby cut from its primary while it still answers (primary_conninfo
+    emptied and reloaded): what a held or fenced old primary is, a standby of nothing."""
+    with _pg(lab, region) as c:
+        was = c.execute("show primary_conninfo").fetchone()[0]
+        c.execute("alter system set primary_conninfo = ''")
+        c.execute("select pg_reload_conf()")
+    try:
+        wait_for(lambda: pg_status(lab.cfg.region(region).postgres).receiver_status is None, 30,
+                 f"{region}'s WAL receiver to stop", 0.1)
+        yield
+    finally:
+        with _pg(lab, region) as c:
+            c.execute(sql.SQL("alter system set primary_conninfo = {}").format(sql.Literal(was)))
+            c.execute("select pg_reload_conf()")
+        wait_for(lambda: pg_status(lab.cfg.region(region).postgres).receiver_status == "streaming", 30,
+                 f"{region} to stream again", 0.1)
+
+
+async def test_a_check_whose_source_went_stale_is_refused_not_synced(lab, client, copy):
+    """A check recorded during a split brain (both regions writable), synced after it was
+    resolved the other way: its A, the source of every row, is now held (a standby streaming
+    from nothing) and its B the live primary. Re-copying would write the stale side's rows into
+    the primary. Refused before anything starts, naming the field."""
+    primary = copy
+    standby = lab.cfg.other(primary).name
+    check_id = _recorded_check(lab, standby, primary, "check-stale", follower=False)
+    with _streaming_from_nothing(lab, standby):
+        handle = await _start_sync(client, lab, check_id)
+        with pytest.raises(WorkflowFailureError) as e:
+            await handle.result()
+    cause = e.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "InvalidInput" and cause.non_retryable, cause
+    assert cause.message.startswith("invalid input: check_workflow_id: ") and \
+        f"{standby}, the check's A" in cause.message and "streaming from nothing" in cause.message, cause.message
+    history = await handle.fetch_history()
+    assert not any(e.HasField("start_child_workflow_execution_initiated_event_attributes") for e in history.events)
+    assert not [e for e in history.events if e.HasField("activity_task_scheduled_event_attributes")
+                and e.activity_task_scheduled_event_attributes.activity_type.name == "sync_table"]
+
+
+def test_the_sync_activity_refuses_a_source_that_went_stale_after_the_approval(lab, copy):
+    """The approval can wait for hours; a failover or a split brain's resolution meanwhile can
+    leave the approved source held. The write step looks at A again and refuses, writing
+    nothing. A streaming standby stays a valid source (the copy-database checks use one)."""
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.consistency.activities import ConsistencyActivities, SyncTableRequest
+    from activities.consistency.results import KeyDiff
+
+    primary = copy
+    standby = lab.cfg.other(primary).name
+    before = _pg_rows(lab, primary)
+    req = SyncTableRequest(region_a=standby, region_b=primary, table="public.ds_items", max_keys=10,
+                           approved=KeyDiff(updated=1, updated_keys=[["5"]]), decided_at=datetime.now(timezone.utc))
+    with _streaming_from_nothing(lab, standby), pytest.raises(ApplicationError) as e:
+        ActivityEnvironment().run(ConsistencyActivities(lab.cfg).sync_table, req)
+    assert e.value.type == "SourceStale" and e.value.non_retryable and standby in e.value.message, e.value
+    assert _pg_rows(lab, primary) == before
+
+
+def _pg_rows(lab, region: str) -> list:
+    with _pg(lab, region) as c:
+        return c.execute(_ROW + " order by id").fetchall()
 
 
 async def test_a_standby_corrupted_on_disk_is_found_rebuilt_from_backup_and_checks_clean(lab, client):

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         SyncTableRequest,
     )
     from activities.consistency.results import KeyDiff
+    from activities.postgres.status import PgStatus
     from activities.topology import TopologyActivities
     from eagle_dr.config import TableName
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
@@ -169,6 +170,19 @@ class DataSyncWorkflow(Runbook):
             self.degraded.append(f"Redis differences are not synced (a replica resyncs from its master): "
                                  f"{check.redis.missing_count} missing, {check.redis.changed_count} changed")
 
+        if differing and inp.check_workflow_id and not _current(status.get(a), a in primaries):
+            # A recorded check can predate a failover or a split brain resolved the other way:
+            # its A, the source of every row, is then held or fenced (a standby of nothing) or
+            # gone, and its B may be the live primary. A re-copy would write the stale side's
+            # rows into it. (A standby that streams holds the primary's rows: reading it is
+            # reading the primary, a lag behind.)
+            st = status.get(a)
+            now = "unreachable" if st is None or not st.reachable else \
+                f"{st.role}, {'receiving ' + st.receiver_status if st.receiver_status else 'streaming from nothing'}"
+            raise invalid("check_workflow_id", f"{a}, the check's A (the source of every row), is neither a primary "
+                                               f"nor a streaming standby now ({now}; primary: "
+                                               f"{', '.join(primaries) or 'none'}): its rows may be stale. Run a "
+                                               "new check and sync from it")
         async with self.step("Decide the repair") as rec:
             b_standby = b in status and status[b].reachable and status[b].role == "standby"
             if not differing:
@@ -272,6 +286,11 @@ class DataSyncWorkflow(Runbook):
         result.outcome = "degraded" if self.degraded else "succeeded"
         self.finish(result.outcome)
         return result
+
+
+def _current(st: PgStatus | None, primary: bool) -> bool:
+    """A server whose rows are the service's now: the primary, or a standby streaming from it."""
+    return primary or (st is not None and st.reachable and st.role == "standby" and st.receiver_status == "streaming")
 
 
 def _keys(d: KeyDiff) -> list[list[str]]:

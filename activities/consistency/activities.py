@@ -231,6 +231,17 @@ class ConsistencyActivities:
         recollected = False
         dsn_a, dsn_b = self._dsn(req.region_a), self._dsn(req.region_b, req.database_b)
         with psycopg.connect(dsn_a, autocommit=True, connect_timeout=10) as conn:
+            standby, receiving = conn.execute(
+                "select pg_is_in_recovery(), (select status from pg_stat_wal_receiver)").fetchone()
+            if standby and receiving != "streaming":
+                # A failover or split-brain resolution since the check (the approval can wait for
+                # hours) left A held or fenced, a standby of nothing, and B may be the live
+                # primary. A streaming standby holds the primary's rows (the check's own A can
+                # be one, against a copy database on the primary's server).
+                raise ApplicationError(f"{req.region_a}, the source, is a standby streaming from nothing "
+                                       f"({receiving or 'no WAL receiver'}): its rows may be stale. Nothing was "
+                                       "written; run a new check and sync from it",
+                                       type="SourceStale", non_retryable=True)
             try:
                 table = list_tables(conn, [req.table], "table")[0]  # its key's types, as the check read them
             except TableError as e:
