@@ -195,6 +195,15 @@ def _check_ident(name: Any, what: str) -> str:
     return name
 
 
+def _check_relation_name(name: Any, what: str) -> str:
+    """A schema or table name as the catalog holds it: always quoted (sql.Identifier), so a dash
+    or a space is no risk. Only '.' (the separator) and '"' are refused."""
+    if not isinstance(name, str) or not name or len(name.encode()) > 63 or any(c in name for c in '."\0'):
+        raise ValueError(f"{what} {name!r} is not a valid name (at most 63 bytes, no '.' or '\"'; used exactly "
+                         "as written, case included)")
+    return name
+
+
 class TableName(BaseModel):
     """A table named in ``conflicts:``: ``table`` or ``schema.table``, case as written."""
 
@@ -203,12 +212,18 @@ class TableName(BaseModel):
     name: str
 
     @classmethod
-    def parse(cls, text: str) -> "TableName":
+    def parse(cls, text: str, *, catalog: bool = False) -> "TableName":
+        """``catalog``: a name as the catalog holds it (a dash, a space), not only an identifier.
+        The config's ``conflicts:`` keeps to identifiers (a space there is likelier a typo); a
+        consistency check lists every table as the catalog names it, and its sync, its follow-up
+        check and a restore's recover-rows must name the same tables back."""
         parts = text.split(".") if isinstance(text, str) else [text]
         if len(parts) > 2:
-            raise ValueError(f"table {text!r}: expected 'table' or 'schema.table'")
+            raise ValueError(f"table {text!r}: expected 'table' or 'schema.table'"
+                             + (" (a name holding a '.' cannot be named here)" if catalog else ""))
+        check = _check_relation_name if catalog else _check_ident
         for i, part in enumerate(parts):
-            _check_ident(part, "table" if i == len(parts) - 1 else "schema")
+            check(part, "table" if i == len(parts) - 1 else "schema")
         return cls(schema_name=parts[0], name=parts[1]) if len(parts) == 2 else cls(name=parts[0])
 
     @property

@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from activities.postgres.status import pg_status
-from eagle_dr.config import DEFAULT_CONFIG, ConfigError, PostgresConfig, SecretRef, load_config, scrub
+from eagle_dr.config import DEFAULT_CONFIG, ConfigError, PostgresConfig, SecretRef, TableName, load_config, scrub
 
 
 def base() -> dict:
@@ -236,6 +236,20 @@ def test_conflict_table_must_be_an_identifier(tmp_path, table, why):
     doc["conflicts"] = {table: {"strategy": "last-write-wins"}}
     msg = problems(tmp_path, doc)
     assert f"conflicts.{table}:" in msg and why in msg, msg
+
+
+def test_catalog_names_parse_where_config_keys_must_be_identifiers():
+    """A consistency check lists every table as the catalog names it; its sync, its follow-up
+    check and recover-rows name them back, so a dash or a space parses there (always quoted).
+    The config's conflicts: keys stay identifiers; '.' and '"' are refused everywhere."""
+    t = TableName.parse("billing-eu.line items", catalog=True)
+    assert (t.schema_name, t.name) == ("billing-eu", "line items")
+    assert t.identifier == sql.Identifier("billing-eu", "line items")
+    with pytest.raises(ValueError, match="not a valid identifier"):
+        TableName.parse("billing-eu.line items")
+    for bad in ('a.b.c', 'public.x"y', "public.", "a" * 64):
+        with pytest.raises(ValueError):
+            TableName.parse(bad, catalog=True)
 
 
 @pytest.mark.parametrize("field, value", [

@@ -450,22 +450,26 @@ def test_a_dry_run_decides_the_same_and_writes_nothing(db):
     assert [getattr(preview, c) for c in counts] == [getattr(real, c) for c in counts]
 
 
-def test_mixed_case_and_schema_qualified_tables_are_reconciled(db):
-    """Names in conflicts: are used exactly as written and quoted everywhere: a table in a
-    mixed-case schema, with mixed-case and reserved-word columns, is reconciled like any other."""
-    db.execute('drop schema if exists "Billing" cascade')
-    db.execute('create schema "Billing"')
-    db.execute('create table "Billing"."Invoices" ("InvoiceId" bigint primary key, "select" text,'
-               ' "UpdatedAt" timestamptz not null)')
-    doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    doc["conflicts"] = {"Billing.Invoices": {"strategy": "last-write-wins", "key": ["InvoiceId"],
-                                             "timestamp_column": "UpdatedAt"}}
-    cfg = parse_config(doc, env={})
-    name = "Billing.Invoices"
-    assert cfg.conflict_table(name).identifier.as_string(db) == '"Billing"."Invoices"'
-    tcfg = cfg.conflicts[name]
-    db.execute('insert into "Billing"."Invoices" values (1, %s, %s), (2, %s, %s)',
-               ("old-1", at(-60), "survivor-2", at(20)))
+@pytest.mark.parametrize("schema, table", [("Billing", "Invoices"), ("billing-eu", "line items")])
+def test_mixed_case_and_schema_qualified_tables_are_reconciled(db, schema, table):
+    """Names are used exactly as written and quoted everywhere: a table in a mixed-case schema,
+    with mixed-case and reserved-word columns, is reconciled like any other. So is one whose
+    name is no identifier (a dash, a space): a consistency check lists it from the catalog and
+    its data sync re-copies it through this same apply (``conflicts:`` itself keeps to
+    identifiers, so that one comes without a config)."""
+    ident = sql.Identifier(schema, table).as_string(db)
+    db.execute(f"drop schema if exists {sql.Identifier(schema).as_string(db)} cascade")
+    db.execute(f"create schema {sql.Identifier(schema).as_string(db)}")
+    db.execute(f'create table {ident} ("InvoiceId" bigint primary key, "select" text, "UpdatedAt" timestamptz not null)')
+    name = f"{schema}.{table}"
+    tcfg = TableConflictConfig(strategy="last-write-wins", key=["InvoiceId"], timestamp_column="UpdatedAt")
+    if schema == "Billing":
+        doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        doc["conflicts"] = {name: {"strategy": "last-write-wins", "key": ["InvoiceId"], "timestamp_column": "UpdatedAt"}}
+        cfg = parse_config(doc, env={})
+        assert cfg.conflict_table(name).identifier.as_string(db) == '"Billing"."Invoices"'
+        tcfg = cfg.conflicts[name]
+    db.execute(f"insert into {ident} values (1, %s, %s), (2, %s, %s)", ("old-1", at(-60), "survivor-2", at(20)))
 
     summary = apply_resolutions(
         db, name, tcfg,
@@ -474,7 +478,7 @@ def test_mixed_case_and_schema_qualified_tables_are_reconciled(db):
          {"InvoiceId": 3, "select": "loser-3", "UpdatedAt": at(5)}],   # inserted on the loser
         [], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-quoted", "run-1")
 
-    rows = db.execute('select "InvoiceId", "select" from "Billing"."Invoices" order by 1').fetchall()
+    rows = db.execute(f'select "InvoiceId", "select" from {ident} order by 1').fetchall()
     assert [(r["InvoiceId"], r["select"]) for r in rows] == [(1, "loser-1"), (2, "survivor-2"), (3, "loser-3")]
     assert (summary.inserted, summary.updated, summary.kept, summary.conflicts) == (1, 1, 1, 1)
     audited = db.execute("select table_name, primary_key from eagle_dr.conflict_audit where workflow_id = 'wf-quoted'"

@@ -314,6 +314,34 @@ def test_the_sync_activity_refuses_a_source_that_went_stale_after_the_approval(l
     assert _pg_rows(lab, primary) == before
 
 
+def test_a_table_whose_name_is_no_identifier_is_synced(lab, copy):
+    """A check of every table lists them as the catalog names them, a dash or a space
+    included; the sync re-copies such a table by that name (it used to refuse the name as no
+    identifier, after approval)."""
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.consistency.activities import ConsistencyActivities, SyncTableRequest
+    from activities.consistency.results import KeyDiff
+
+    primary = copy
+    ddl = ('create table if not exists "ds-odd items" (id bigint primary key, v text not null, '
+           "updated_at timestamptz not null default clock_timestamp())")
+    _exec(lab, primary, ddl, 'truncate "ds-odd items"', """insert into "ds-odd items" values (1, 'a'), (2, 'b')""")
+    with _pg(lab, primary, COPY_DB) as dst:
+        dst.execute(ddl)
+        dst.execute('truncate "ds-odd items"')
+        dst.execute("""insert into "ds-odd items" values (1, 'a'), (3, 'c')""")
+    req = SyncTableRequest(region_a=primary, region_b=primary, database_b=COPY_DB, table="public.ds-odd items",
+                           max_keys=10, approved=KeyDiff(inserted=1, deleted=1, inserted_keys=[["3"]],
+                                                         deleted_keys=[["2"]]),
+                           decided_at=datetime.now(timezone.utc))
+    synced = ActivityEnvironment().run(ConsistencyActivities(lab.cfg).sync_table, req)
+    assert (synced.inserted, synced.deleted, synced.keys) == (1, 1, 2), synced
+    with _pg(lab, primary, COPY_DB) as dst:
+        assert dst.execute('select id, v from "ds-odd items" order by id').fetchall() == [(1, "a"), (2, "b")]
+    _exec(lab, primary, 'drop table "ds-odd items"')
+
+
 def _pg_rows(lab, region: str) -> list:
     with _pg(lab, region) as c:
         return c.execute(_ROW + " order by id").fetchall()

@@ -78,7 +78,7 @@ class ConsistencyInput(BaseModel):
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
         for t in v:
-            TableName.parse(t)  # the error names the field (validated() reports the first)
+            TableName.parse(t, catalog=True)  # the error names the field (validated() reports the first)
         return v
 
     @field_validator("regions")

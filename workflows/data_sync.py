@@ -73,7 +73,7 @@ class DataSyncInput(BaseModel):
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
         for t in v:
-            TableName.parse(t)
+            TableName.parse(t, catalog=True)
         return v
 
     @field_validator("regions")

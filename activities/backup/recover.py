@@ -77,7 +77,7 @@ def table_config(conn: psycopg.Connection, table: str, conflicts: dict[str, Tabl
                  field: str) -> TableConflictConfig:
     """The table's key and columns for the engine, with the copy as the winning source."""
     try:
-        TableName.parse(table)
+        TableName.parse(table, catalog=True)
     except ValueError as e:
         raise SelectionError(f"{table!r} is not a table name: {e}", field) from None
     oid = conn.execute(sql.SQL("select to_regclass({})::oid").format(

@@ -115,7 +115,7 @@ def ensure_audit_table(conn: psycopg.Connection) -> None:
 
 def _table_ident(table: str) -> sql.Identifier:
     """The ``conflicts:`` name (``table`` or ``schema.table``, case as written), quoted."""
-    return TableName.parse(table).identifier
+    return TableName.parse(table, catalog=True).identifier
 
 
 def _columns(conn: psycopg.Connection, table: str) -> list[Column]:

@@ -52,7 +52,10 @@ class Table(BaseModel):
 
 
 def _resolve(conn: psycopg.Connection, text: str, field: str) -> tuple[str, str, bool]:
-    t = TableName.parse(text)
+    try:
+        t = TableName.parse(text, catalog=True)
+    except ValueError as e:
+        raise TableError(field, str(e)) from None
     row = conn.execute("select n.nspname, c.relname, c.relpersistence = 'u' from pg_class c join pg_namespace n on n.oid = c.relnamespace "
                        "where c.relkind in ('r', 'p') and c.relname = %s and "
                        "(n.nspname = %s or (%s::text is null and n.oid = any(current_schemas(false)::regnamespace[])))",
