@@ -87,6 +87,15 @@ def test_keys_the_primary_lacks_are_copied_only_as_redis_reconcile_says(lab, rul
     assert report.rejoined
     wait_for(lambda: (st := redis_status(l_cfg)).role == "slave" and st.link_status == "up"
              and st.master == f"{s_cfg.host}:{s_cfg.port}", 30, f"{loser} to replicate {survivor} again", 0.05)
+    # A retry of the same run after the demote (its result lost): the keys are gone from the old
+    # master, yet the report is the first attempt's, snapshot and counts, not "nothing kept".
+    again = preserve_and_rejoin(l_cfg, s_cfg, bucket, f"test/{tag}.rdb", rule)
+    fields = {"sentinels_stale", "sentinels_unreachable"}
+    assert again.model_dump(exclude=fields) == report.model_dump(exclude=fields), (again, report)
+    # Found already a replica by a run that never took its keys: said, not reported as "0 keys".
+    other = preserve_and_rejoin(l_cfg, s_cfg, bucket, f"test/{tag}-other.rdb", rule)
+    assert other.already_replica and other.snapshot is None and other.error is None, other
+    assert other.kept(survivor).startswith(f"already a replica of {survivor}"), other.kept(survivor)
     wait_for(lambda: all(n not in l_.keys(f"rf:{tag}:*") for n in (name[k] for k in UNIQUE - copied)), 30,
              "the loser to resync from the survivor", 0.05)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 import redis
+from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
 from activities import s3
@@ -37,6 +38,9 @@ class RedisFailback(BaseModel):
     differing_keys: int = 0
     differing_sample: list[str] = []
     rejoined: bool = False
+    # Already a replica of the primary when reached, with no record of an earlier attempt of
+    # this run: its own keys were gone before this run (a Sentinel or a person re-attached it).
+    already_replica: bool = False
     error: str | None = None
     # After re-pointing every Sentinel at the master: those still naming another, or down.
     sentinels_stale: dict[str, str | None] = {}
@@ -44,6 +48,11 @@ class RedisFailback(BaseModel):
 
     def kept(self, primary: str) -> str:
         """What became of the old master's keys, for the step detail and the CLI."""
+        if self.already_replica and self.error:
+            return f"a replica of {primary} when this attempt reached it; {self.error}"
+        if self.already_replica:
+            return (f"already a replica of {primary} when this run reached it: its own keys had been replaced "
+                    f"by {primary}'s before, so there was nothing to keep and no snapshot was taken")
         text = f"snapshot {self.snapshot}; {self.unique_keys} keys only it had: {self.migrated_keys} copied to {primary}"
         if self.skipped_keys:
             text += (f", {self.skipped_keys} not copied (redis_reconcile: {self.reconcile}; {primary} may have "
@@ -138,20 +147,42 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
     info = redis_client(old, 3).info("replication")
     if info.get("role") == "slave" and f"{info.get('master_host')}:{info.get('master_port')}" == \
             f"{master.host}:{master.port}":
-        return _with_sentinels(RedisFailback(reachable=True, rejoined=True, reconcile=describe(rule)), old, master)
+        # A retry after this run's own demote (its result lost: a timeout, a killed worker): the
+        # keys are gone now, but the attempt that took them recorded what it kept.
+        return _with_sentinels(_recorded(bucket, snapshot_key, rule), old, master)
     # The snapshot first, whatever the rule: it is the only copy of every key not copied.
     snap = snapshot_to_s3(old, bucket, snapshot_key)
     moved = migrate_unique_keys(old, master, rule)
+    done = RedisFailback(
+        reachable=True, snapshot=snap, keys_on_old=moved.total, unique_keys=len(moved.unique),
+        migrated_keys=moved.copied, unique_sample=moved.unique[:20], reconcile=describe(rule),
+        skipped_keys=len(moved.skipped), skipped_sample=moved.skipped[:20],
+        differing_keys=len(moved.differing), differing_sample=moved.differing[:20], rejoined=True)
+    # Before the demote, after which nothing on the server tells what it held.
+    s3.client(bucket).put_object(Bucket=bucket.bucket, Key=snapshot_key + _RECORD,
+                                 Body=done.model_dump_json().encode())
     failover.demote(old, master)
     try:
         redis_client(old, 3).config_rewrite()  # so a restart keeps it a replica
     except redis.RedisError:
         pass
-    return _with_sentinels(RedisFailback(
-        reachable=True, snapshot=snap, keys_on_old=moved.total, unique_keys=len(moved.unique),
-        migrated_keys=moved.copied, unique_sample=moved.unique[:20], reconcile=describe(rule),
-        skipped_keys=len(moved.skipped), skipped_sample=moved.skipped[:20],
-        differing_keys=len(moved.differing), differing_sample=moved.differing[:20], rejoined=True), old, master)
+    return _with_sentinels(done, old, master)
+
+
+# Beside the snapshot: what the attempt that took it kept (key names, counts; never values).
+_RECORD = ".json"
+
+
+def _recorded(bucket: S3Config, snapshot_key: str, rule: RedisReconcileConfig) -> RedisFailback:
+    try:
+        body = s3.client(bucket).get_object(Bucket=bucket.bucket, Key=snapshot_key + _RECORD)["Body"].read()
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return RedisFailback(reachable=True, rejoined=True, already_replica=True, reconcile=describe(rule))
+        return RedisFailback(reachable=True, rejoined=True, already_replica=True, reconcile=describe(rule),
+                             error=scrub(f"an earlier attempt's record could not be read, so whether this run "
+                                         f"took a snapshot is unknown: {e}"))
+    return RedisFailback.model_validate_json(body)
 
 
 def _with_sentinels(result: RedisFailback, old: RedisConfig, master: RedisConfig) -> RedisFailback:
