@@ -38,7 +38,7 @@ from activities.notify import pagerduty, slack
 from activities.notify.event import NotifyEvent, body_lines
 from eagle_dr.config import ConfigError, NotificationsConfig, parse_config
 from tests.histories import decrypted_json, record
-from tests.lab_helpers import _awaiting, _until
+from tests.lab_helpers import _async, _awaiting, _until
 from workers.registry import control_activities
 from workers.run import sandbox_runner
 from workers.scrub import ScrubSecrets
@@ -66,6 +66,7 @@ class _Recorder(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.posts: list[tuple[str, dict]] = []
         self.lock = threading.Lock()
+        self.held, self.release = threading.Event(), threading.Event()
 
     def on(self, prefix: str) -> list[dict]:
         with self.lock:
@@ -84,6 +85,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(500)
             self.end_headers()
             return
+        if "notify-hold-" in body.get("text", "") and "finished:" in body.get("text", ""):
+            # The run's end being announced, held until the test lets it land.
+            self.server.held.set()
+            self.server.release.wait(60)
         if self.path.startswith("/slow") and "started:" in body.get("text", ""):
             # A chat service that takes a while over the first message of a run: whatever is
             # sent after it must still arrive after it (workflows/notify.py sends in order).
@@ -367,6 +372,55 @@ async def test_a_bug_in_a_step_pages_nothing_and_the_fixed_code_goes_on(lab, cli
     assert wanted and _sent_kinds(history).count("runbook-finished") == wanted, _sent_kinds(history)
     heads = _slack_kinds(http_recorder.on("/slack/"), wid)
     assert len(heads) == 2 and "started: bug-probe" in heads[0] and "finished: bug-probe" in heads[1], heads
+
+
+@workflow.defn(name="NotifyTestQuickEnd")
+class _QuickEnd(Runbook):
+    runbook = "end-probe"
+
+    @workflow.run
+    async def run(self, service: str) -> str:
+        self.service = service
+        await self.topology()
+        return "done"
+
+
+async def test_a_cancel_while_the_end_is_announced_does_not_turn_the_outcome_into_cancelled(
+        lab, client, worker, ncfg, http_recorder):
+    """The run is over (a move made, say) and its "finished" message is on its way when a cancel
+    arrives. The run must end as it did: the cancel came too late to change anything, and
+    "cancelled" would report a move that was made as one that was not (nor may it cut the
+    message short)."""
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.worker import UnsandboxedWorkflowRunner
+
+    queue = f"notify-hold-{uuid.uuid4().hex[:8]}"
+    wid = f"notify-hold-{uuid.uuid4().hex[:8]}"
+    http_recorder.held.clear()
+    http_recorder.release.clear()
+    try:
+        with ThreadPoolExecutor(4) as executor:
+            async with Worker(client, task_queue=queue, workflows=[_QuickEnd], activities=control_activities(ncfg),
+                              activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
+                handle = await client.start_workflow(_QuickEnd.run, lab.cfg.service, id=wid, task_queue=queue)
+                await _until(_async(http_recorder.held.is_set), 60, "the finished message to reach the chat")
+                await handle.cancel()
+
+                async def cancel_seen():
+                    asked = False
+                    async for e in handle.fetch_history_events():
+                        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
+                            asked = True
+                        elif asked and e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                            return True
+                    return False
+                await _until(cancel_seen, 60, "the run to have taken the cancel request")
+                http_recorder.release.set()
+                assert await asyncio.wait_for(handle.result(), 60) == "done"
+    finally:
+        http_recorder.release.set()
+    heads = _slack_kinds(http_recorder.on("/slack/"), wid)
+    assert len(heads) == 2 and "finished: end-probe" in heads[1], heads
 
 
 async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(lab, client, worker,

@@ -117,13 +117,17 @@ def _notified(run):
         try:
             result = await run(self, *args)
         except asyncio.CancelledError:
-            await self._notify_end(None, cancelled=True)
+            await self.settled(self._notify_end(None, cancelled=True))
             raise
         except Exception as e:
             if _fails_the_run(e):
-                await self._notify_end(None, error=e)
+                await self.settled(self._notify_end(None, error=e))
             raise
-        await self._notify_end(result)
+        # The run is over: a cancel asked while its end is announced changes nothing (it would
+        # turn a move that was made into "cancelled") and must not cut the messages short.
+        _, asked = await self.settled(self._notify_end(result))
+        if asked:
+            workflow.logger.warning("cancel requested after the run had ended: nothing left to cancel")
         return result
 
     return wrapper
@@ -389,14 +393,15 @@ class Runbook:
         """A part that failed after the point of no return: reported with how to repair it."""
         self.degraded.append(f"{what} failed ({described(error)}); repair: {repair}")
 
-    def cancelled(self, undone: list[str], left: str = "") -> asyncio.CancelledError:
-        """End as cancelled, before the point of no return, saying what was undone, and what
-        danger the run found and leaves as it found it (``left``: a split brain still live)."""
+    def cancelled(self, undone: list[str], left: str = "", kept: list[str] | None = None) -> asyncio.CancelledError:
+        """End as cancelled, before the point of no return, saying what was undone, what it
+        changed and keeps on purpose (``kept``: a DR epoch, which only rises), and what danger
+        the run found and leaves as it found it (``left``: a split brain still live)."""
         self.finish("cancelled")
-        self._details("CANCELLED before the point of no return; " + ("undone: " + "; ".join(undone) if undone
-                                                                      else "nothing had been changed")
+        done = (["undone: " + "; ".join(undone)] if undone else []) + (["kept: " + "; ".join(kept)] if kept else [])
+        self._details("CANCELLED before the point of no return; " + ("; ".join(done) or "nothing had been changed")
                       + (f". LEFT AS FOUND: {left}" if left else ""))
-        workflow.logger.warning("runbook cancelled", extra={"undone": undone, "left": left})
+        workflow.logger.warning("runbook cancelled", extra={"undone": undone, "left": left, "kept": kept or []})
         return asyncio.CancelledError()
 
     # -- steps every move takes ---------------------------------------------------------------------
