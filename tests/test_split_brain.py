@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from activities.postgres.divergence import fork_between
 from activities.postgres.lsn import lsn_to_int
@@ -116,6 +117,45 @@ async def test_redis_split_brain_keeps_the_losers_unique_keys(lab, client):
     await _until(_async(lambda: l_.get(f"sb:{tag}:only-loser") is None and l_.get(f"sb:{tag}:both") == "S"), 30,
                  "the loser to resync from the survivor")
     assert not detect(lab.cfg).split
+
+
+async def test_a_cancel_while_the_epoch_is_recorded_reports_the_epoch_kept(lab, client):
+    """Split brain's one write before its point of no return is the survivor's new DR epoch.
+    Cancelled while that write waits (here on a lock), the run must not report "nothing had
+    been changed": the write lands when the lock goes, and an epoch is never taken back."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import CancelledError
+
+    from activities.postgres.epoch import SCHEMA
+
+    survivor = _primary(lab)
+    loser = lab.cfg.other(survivor).name
+    _rogue_master(lab, loser)
+    try:
+        with psycopg.connect(lab.cfg.region(survivor).postgres.dsn(), autocommit=True) as lock:
+            lock.execute(SCHEMA)
+            lock.execute("begin")
+            lock.execute("lock table eagle_dr.dr_epoch in exclusive mode")
+            handle = await _start_split_brain(client, lab)
+
+            def waits() -> bool:
+                return _one(lab, survivor, "select count(*) from pg_locks where not granted "
+                                           "and relation = 'eagle_dr.dr_epoch'::regclass") > 0
+            await _until(_async(waits), 60, "the epoch's write to wait on the lock")
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError) as e:
+                await handle.result()
+            assert isinstance(e.value.cause, CancelledError), e.value.cause
+            meta = await handle.query("__temporal_workflow_metadata")
+            details = (meta.get("currentDetails") if isinstance(meta, dict) else
+                       getattr(meta, "current_details", "")) or ""
+            assert f"kept: {survivor}'s DR epoch may have been raised to " in details, details
+            assert "nothing had been changed" not in details and "LEFT AS FOUND" in details, details
+            lock.execute("commit")
+    finally:
+        # The Redis split is still there, as the cancel said: resolve it.
+        result = await (await _start_split_brain(client, lab)).result()
+        assert result.outcome == "resolved", result.steps
 
 
 async def test_a_node_that_does_not_answer_makes_the_outcome_unknown_not_no_split_brain(lab, client):

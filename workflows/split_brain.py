@@ -117,6 +117,7 @@ class SplitBrainWorkflow(Rejoin):
         self.service = inp.service
         notes: list[str] = []
         report: SplitBrainReport | None = None
+        epoch_asked = epoch_recorded = False
 
         try:
             async with self.step("detect") as st:
@@ -157,8 +158,10 @@ class SplitBrainWorkflow(Rejoin):
                 self.target_region = survivor
                 self.tag(inp.service, loser, survivor, inp.trigger.value)
                 self.epoch = max(report.epochs.values(), default=0) + 1
+                epoch_asked = True
                 await self.act(PostgresActivities.record_epoch, EpochRequest(region=survivor, epoch=self.epoch),
                                queue=control, timeout=30)
+                epoch_recorded = True
                 workflow.upsert_search_attributes([DR_EPOCH.value_set(self.epoch)])
                 st.detail = f"{survivor} survives ({choice.rule}: {choice.why}); {loser} loses; epoch {self.epoch}"
                 self.plan_text = split_brain_plan(
@@ -175,7 +178,11 @@ class SplitBrainWorkflow(Rejoin):
             left = (f"the split brain is NOT resolved ({'; '.join(report.findings)}): both sides may still take "
                     f"writes; run split-brain resolution again or fence one side") if report is not None and \
                 report.split else "whatever split brain there is, unresolved"
-            raise self.cancelled([], left) from None
+            # The one write before the point of no return, and it is not undone: epochs only
+            # rise. It makes runbooks holding an older epoch stand down; a new run takes the next.
+            kept = [f"{survivor}'s DR epoch {'raised' if epoch_recorded else 'may have been raised'} to "
+                    f"{self.epoch} (epochs only rise; a new run takes the next)"] if epoch_asked else []
+            raise self.cancelled([], left, kept=kept) from None
 
         async def stop_the_bleeding() -> SplitBrainResult:
             result.choice, result.epoch = choice, self.epoch
