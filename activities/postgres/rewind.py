@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import signal
 import time
@@ -80,7 +81,13 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
     ctl = PgCtl(old)
     upstream = f"{primary.host}:{primary.port}"
     _finish_interrupted_swap(ctl.data_dir)
-    if ctl.running() and _streaming_from(old, primary):
+    marker = _rewind_marker(ctl.data_dir)
+    # An earlier attempt's pg_rewind did not finish (its worker killed, its source lost
+    # mid-copy): the directory holds some of the source's files and its own old control file.
+    # pg_rewind run again reads it as the old primary still, and can copy too little: a
+    # standby that starts, streams and differs. Only a re-clone is safe now.
+    interrupted = marker.exists()
+    if not interrupted and ctl.running() and _streaming_from(old, primary):
         return Rewound(method="already-standby", seconds=0.0, upstream=upstream)
     # A worker killed mid-rewind leaves its pg_rewind or pg_basebackup running: two copies
     # writing one directory would corrupt it, so the retry ends the orphan first.
@@ -99,27 +106,14 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
     with connect(primary) as conn:
         conn.execute("checkpoint")
     phase("checkpoint")
-    # No password in it: argv is readable by every user in /proc. pg_rewind gets PGPASSWORD.
-    source = make_conninfo("", host=primary.host, port=primary.port, user=primary.user, dbname="postgres",
-                           connect_timeout=10, **primary.ssl_params)
-    r = ctl.run([ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"], timeout=COPY_TIMEOUT_S,
-                env=tool_env(primary.password))
-    method, reason = "pg_rewind", None
-    if r.returncode != 0:
-        text = redact(r.stderr + r.stdout, primary, old)
-        # "Could not connect" or "authentication failed" says nothing about whether a rewind
-        # is possible, and is no reason to throw the only copy of this node away: stop, and
-        # leave the directory as it is (pg_rewind connects before it writes anything). Only
-        # what pg_rewind itself finds impossible (WAL gone, no common timeline) falls back.
-        refused = source_failure(text, "pg_rewind", primary, primary.user)
-        if refused:
-            raise refused
-        lines = text.strip().splitlines()
-        # The first error line says why; pg_rewind's last lines are only context.
-        reason = next((ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()),
-                      lines[-1] if lines else f"exit {r.returncode}")[:500]
-        method = "pg_basebackup"
+    if interrupted:
+        method, reason = "pg_basebackup", ("an earlier attempt's pg_rewind was interrupted (worker killed, or its "
+                                           "source lost mid-copy): a partly rewound directory cannot be rewound "
+                                           "again safely")
         _reclone(ctl, primary)
+        marker.unlink(missing_ok=True)
+    else:
+        method, reason = _rewind_or_reclone(ctl, primary, old, marker)
     phase(method)
     ctl.write_standby_config(primary, application_name, slot)
     try:
@@ -146,6 +140,52 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
     phase("until streaming")
     return Rewound(method=method, fallback_reason=reason, seconds=time.monotonic() - t0, upstream=upstream,
                    phases={k: round(v, 3) for k, v in phases.items()})
+
+
+# libpq's words for a connection that was never made (refused, unreachable, authentication):
+# pg_rewind connects before it writes anything. A connection lost later reads otherwise
+# ("server closed the connection unexpectedly", "could not fetch remote file").
+_NEVER_CONNECTED = re.compile(r"connection to server (?:at|on socket) .* failed|could not connect to server")
+
+
+def _rewind_marker(data: Path) -> Path:
+    """Present while a pg_rewind may be writing the directory (see _rewind_to_standby)."""
+    return data.with_name(f".{data.name}.eagle-dr-rewinding")
+
+
+def _rewind_or_reclone(ctl: PgCtl, primary: PostgresConfig, old: PostgresConfig,
+                       marker: Path) -> tuple[str, str | None]:
+    """pg_rewind, else (impossible) a re-clone: (method, why not pg_rewind)."""
+    # No password in it: argv is readable by every user in /proc. pg_rewind gets PGPASSWORD.
+    source = make_conninfo("", host=primary.host, port=primary.port, user=primary.user, dbname="postgres",
+                           connect_timeout=10, **primary.ssl_params)
+    marker.write_text(f"pg_rewind started {time.time():.0f} by pid {os.getpid()}\n")
+    _fsync_dir(marker.parent)
+    r = ctl.run([ctl.tool("pg_rewind"), "-D", str(ctl.data_dir), f"--source-server={source}"], timeout=COPY_TIMEOUT_S,
+                env=tool_env(primary.password))
+    if r.returncode == 0:
+        marker.unlink(missing_ok=True)
+        return "pg_rewind", None
+    text = redact(r.stderr + r.stdout, primary, old)
+    # "Could not connect" or "authentication failed" says nothing about whether a rewind
+    # is possible, and is no reason to throw the only copy of this node away: stop, and
+    # leave the directory as it is (pg_rewind connects before it writes anything). Only
+    # what pg_rewind itself finds impossible (WAL gone, no common timeline) falls back.
+    refused = source_failure(text, "pg_rewind", primary, primary.user)
+    if refused:
+        # Never connected: nothing was written. A connection lost mid-copy (the same class of
+        # failure) keeps the marker: the retry re-clones.
+        if _NEVER_CONNECTED.search(text):
+            marker.unlink(missing_ok=True)
+        raise refused
+    lines = text.strip().splitlines()
+    # The first error line says why; pg_rewind's last lines are only context.
+    reason = next((ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()),
+                  lines[-1] if lines else f"exit {r.returncode}")[:500]
+    _reclone(ctl, primary)
+    # The directory was replaced whole: nothing of the partial rewind is left.
+    marker.unlink(missing_ok=True)
+    return "pg_basebackup", reason
 
 
 def _reclone(ctl: PgCtl, primary: PostgresConfig) -> None:
