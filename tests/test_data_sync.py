@@ -43,13 +43,19 @@ def copy(lab):
     with _pg(lab, primary) as c:
         c.execute(f"drop database if exists {COPY_DB}")
         c.execute(f"create database {COPY_DB}")
+    _copy_items(lab, primary)
+    return primary
+
+
+def _copy_items(lab, primary: str) -> None:
+    """The copy's ds_items made the primary's again."""
     with _pg(lab, primary) as src, _pg(lab, primary, COPY_DB) as dst:
         dst.execute(_DDL)
+        dst.execute("truncate ds_items")
         with src.cursor().copy("copy ds_items to stdout (format binary)") as out, \
                 dst.cursor().copy("copy ds_items from stdin (format binary)") as inp:
             for chunk in out:
                 inp.write(chunk)
-    return primary
 
 
 async def _check(client, lab, primary: str) -> str:
@@ -250,6 +256,45 @@ async def test_a_restore_verifys_check_is_refused_not_synced(lab, client, copy):
     assert cause.message.startswith("invalid input: check_workflow_id: ") and "restored backup" in cause.message
     history = await handle.fetch_history()
     assert not any(e.HasField("start_child_workflow_execution_initiated_event_attributes") for e in history.events)
+
+
+async def test_tables_on_one_side_are_named_never_passed_as_consistent(lab, client, copy):
+    """B is no physical standby here (a copy database), so its tables can differ from A's (a
+    table made on one side of a split brain, a copy from before a migration). Checked with no
+    tables named: each table A has and B lacks is named and left out (it used to fail the whole
+    check), the table only B has is named (it was never seen), and the check, and a sync of it
+    (a failback's verify is one), end degraded, never green."""
+    primary = copy
+    standby = lab.cfg.other(primary).name
+    _copy_items(lab, primary)
+    with _pg(lab, primary, COPY_DB) as dst:
+        # The copy holds ds_items (identical) and ds_only_b, whatever other tests left in it.
+        for (name,) in dst.execute("select tablename from pg_tables where schemaname = 'public' "
+                                   "and tablename <> 'ds_items'").fetchall():
+            dst.execute(sql.SQL("drop table {}").format(sql.Identifier(name)))
+        dst.execute("create table ds_only_b (id int primary key)")
+    try:
+        await _until(_async(lambda: _lag_bytes(lab, primary) == 0), 30, "the standby to catch up")
+        wid = f"check-one-sided-{uuid.uuid4()}"
+        check = await client.start_workflow(
+            ConsistencyCheckWorkflow.run, {"regions": [standby, primary], "database_b": COPY_DB, "redis": False},
+            id=wid, task_queue=lab.cfg.temporal.control_task_queue, result_type=ConsistencyResult)
+        res = await check.result()
+        await record(check, "consistency-tables-on-one-side")
+        assert res.only_on_b == ["public.ds_only_b"], res.only_on_b
+        assert "public.alerts" in res.only_on_a and "public.ds_items" not in res.only_on_a, res.only_on_a
+        assert [t.table for t in res.tables] == ["public.ds_items"] and res.differences == 0, res.tables
+        assert set(res.only_on_a + res.only_on_b) <= set(res.not_compared)
+        assert res.outcome == "degraded" and any("only on" in d and "ds_only_b" in d for d in res.degraded), \
+            res.degraded
+        handle = await _start_sync(client, lab, wid)
+        synced = await handle.result()
+        assert synced.path == "none" and synced.outcome == "degraded", synced
+        assert any(d.startswith("tables on one side only") and "ds_only_b" in d for d in synced.degraded), \
+            synced.degraded
+    finally:
+        with _pg(lab, primary, COPY_DB) as dst:
+            dst.execute("drop table if exists ds_only_b")
 
 
 @contextmanager

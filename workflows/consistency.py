@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         CompareTableRequest,
         ConsistencyActivities,
         ListTablesRequest,
+        OneSidedRequest,
         RecordRequest,
         ScratchRef,
     )
@@ -104,9 +105,13 @@ class ConsistencyResult(BaseModel):
     run_row: int | None = None  # eagle_dr.consistency_runs.id
     degraded: list[str] = []
     outcome: str
-    # Tables left out because they have no primary key or are unlogged (none named): said,
-    # never reported as consistent.
+    # Tables left out because they have no primary key or are unlogged (none named), or
+    # because only one side has them: said, never reported as consistent.
     not_compared: list[str] = []
+    # Tables only one side holds (B not A's physical standby): A's listed ones B lacks, and
+    # with no tables named, B's user tables A lacks.
+    only_on_a: list[str] = []
+    only_on_b: list[str] = []
 
 
 @workflow.defn
@@ -185,9 +190,28 @@ class ConsistencyCheckWorkflow(Runbook):
                 self.degraded.append(f"NOT COMPARED (unlogged, never replicated: {b} cannot have their rows, and a "
                                      f"failover empties them): {', '.join(unlogged)}; ALTER TABLE ... SET LOGGED "
                                      "to carry them")
+            only_a: list[str] = []
+            only_b: list[str] = []
+            if not follower and inp.scratch_b is None and workflow.patched("check-one-sided-tables"):
+                # Not A's physical standby: its tables can differ (one made on one side of a
+                # split brain, a copy from before a migration). One B lacks cannot be compared
+                # (it failed the whole check), and one only B has was never named.
+                sided = await self.act(ConsistencyActivities.tables_on_one_side,
+                                       OneSidedRequest(region_a=a, region_b=b, database_b=inp.database_b, listed=tables,
+                                                       every=not inp.tables), queue=control, timeout=60, attempts=3)
+                only_a, only_b = sided.only_a, sided.only_b
+                tables = [t for t in tables if t.qualified not in only_a]
+                b_name = b + (f"/{inp.database_b}" if inp.database_b else "")
+                if only_a:
+                    self.degraded.append(f"NOT COMPARED (only on {a}; {b_name} has no such table): {', '.join(only_a)}")
+                if only_b:
+                    self.degraded.append(f"NOT COMPARED (only on {b_name}; {a} has no such table): {', '.join(only_b)}")
+                skipped = skipped + only_a + only_b
             rec.detail = (", ".join(t.qualified for t in tables) or "no user tables") + \
                 (f"; NOT COMPARED (no primary key): {', '.join(keyless)}" if keyless else "") + \
-                (f"; NOT COMPARED (unlogged): {', '.join(unlogged)}" if unlogged else "")
+                (f"; NOT COMPARED (unlogged): {', '.join(unlogged)}" if unlogged else "") + \
+                (f"; NOT COMPARED (only on {a}): {', '.join(only_a)}" if only_a else "") + \
+                (f"; NOT COMPARED (only on {b}): {', '.join(only_b)}" if only_b else "")
 
         results: list[TableResult] = []
         for t in tables:
@@ -238,7 +262,8 @@ class ConsistencyCheckWorkflow(Runbook):
                                            DR_CHECK_TABLES.value_set([r.table for r in results if r.differences])])
         result = ConsistencyResult(service=topo.service, region_a=a, region_b=b, database_b=inp.database_b,
                                    scratch_b=inp.scratch_b, follower=follower, tables=results, redis=redis, differences=differences,
-                                   degraded=self.degraded, outcome=outcome, not_compared=skipped)
+                                   degraded=self.degraded, outcome=outcome, not_compared=skipped,
+                                   only_on_a=only_a, only_on_b=only_b)
 
         where = primary or a
         async with self.step("Record the run") as rec:

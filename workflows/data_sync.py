@@ -166,6 +166,11 @@ class DataSyncWorkflow(Runbook):
                                            DR_TRIGGER.value_set(inp.trigger), DR_SOURCE_REGION.value_set(a),
                                            DR_TARGET_REGION.value_set(b)])
         differing = [t for t in check.tables if t.differences]
+        if check.only_on_a or check.only_on_b:
+            # Not synced: creating or dropping a table is a schema change, a human's call.
+            self.degraded.append(f"tables on one side only, not compared nor synced: "
+                                 + "; ".join(f"only on {r}: {', '.join(ts)}" for r, ts in
+                                             ((a, check.only_on_a), (b, check.only_on_b)) if ts))
         if check.redis is not None and check.redis.differences:
             self.degraded.append(f"Redis differences are not synced (a replica resyncs from its master): "
                                  f"{check.redis.missing_count} missing, {check.redis.changed_count} changed")

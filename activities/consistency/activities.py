@@ -20,7 +20,7 @@ from activities.conflicts.apply import ApplySummary
 from activities.consistency.results import KeyDiff, RedisResult, TableResult
 from activities.consistency.rowhash import SchemaDiffers
 from activities.consistency.sync import SyncError, recopy_keys
-from activities.consistency.tables import Table, TableError, list_tables
+from activities.consistency.tables import Table, TableError, list_tables, one_sided
 from activities.redis.status import client as redis_client, redis_status
 from eagle_dr.config import EagleConfig
 
@@ -34,6 +34,19 @@ class ListTablesRequest(BaseModel):
     # Kept for histories of workers before every-user-table checks always listed keyless tables
     # (the activity ignores it: with no tables named, a keyless one comes back with no key).
     skip_without_key: bool = False
+
+
+class OneSidedRequest(BaseModel):
+    region_a: str
+    region_b: str
+    database_b: str | None = None
+    listed: list[Table]  # A's tables the check is about to compare
+    every: bool  # no tables named: also name every user table only B holds
+
+
+class OneSided(BaseModel):
+    only_a: list[str] = []
+    only_b: list[str] = []
 
 
 class ScratchRef(BaseModel):
@@ -135,6 +148,16 @@ class ConsistencyActivities:
             except TableError as e:
                 raise ApplicationError(f"invalid input: {e.field}: {e.reason}", {"field": e.field, "reason": e.reason},
                                        type="InvalidInput", non_retryable=True) from None
+
+    @activity.defn
+    def tables_on_one_side(self, req: OneSidedRequest) -> OneSided:
+        """The listed tables B lacks, and (``every``, with no ``consistency.tables`` configured)
+        the user tables only B holds. Reads the catalogs only."""
+        every = req.every and not self.cfg.consistency.tables
+        with psycopg.connect(self._dsn(req.region_a), autocommit=True, connect_timeout=10) as a, \
+                psycopg.connect(self._dsn(req.region_b, req.database_b), autocommit=True, connect_timeout=10) as b:
+            only_a, only_b = one_sided(a, b, req.listed, every)
+        return OneSided(only_a=only_a, only_b=only_b)
 
     @activity.defn
     def compare_table(self, req: CompareTableRequest) -> TableResult:

@@ -93,3 +93,20 @@ def list_tables(conn: psycopg.Connection, asked: list[str], field: str = "tables
                                   "across the sides (add one, or leave it out of consistency.tables)")
         out.append(Table(schema_name=schema, name=name, key=[k[0] for k in key], key_types=[k[1] for k in key]))
     return out
+
+
+def one_sided(a: psycopg.Connection, b: psycopg.Connection, listed: list[Table],
+              every: bool) -> tuple[list[str], list[str]]:
+    """(``listed`` tables B lacks, user tables only B holds when ``every`` table is checked):
+    two databases that are not one's physical standby can differ in their tables (a table
+    created on one side of a split brain, a copy database made before a migration). A table
+    missing on one side cannot be compared, and a check that listed A's tables alone never
+    named B's extra ones."""
+    on_b = {(r[0], r[1]) for r in b.execute(_USER_TABLES).fetchall()}
+    only_a = [t.qualified for t in listed if (t.schema_name, t.name) not in on_b]
+    only_b: list[str] = []
+    if every:
+        on_a = {(r[0], r[1]) for r in a.execute(_USER_TABLES).fetchall()}
+        only_b = [f"{s}.{n}" for s, n in sorted(on_b - on_a)]
+    return only_a, only_b
+
