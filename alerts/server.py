@@ -77,12 +77,15 @@ async def receive(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
     limit = cfg.alerts.max_body
     if request.content_length is not None and request.content_length > limit:
-        log.warning("alert refused: body too big", peer=peer, size=request.content_length, limit=limit)
+        # An error, not a warning: Alertmanager does not retry a 413, so these alerts are lost.
+        log.error("alert refused: body too big (lost: Alertmanager does not retry it; raise alerts.max_body)",
+                  peer=peer, size=request.content_length, limit=limit)
         return _error(413, f"body of {request.content_length} bytes is over the {limit}-byte limit")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        log.warning("alert refused: body too big", peer=peer, limit=limit)
+        log.error("alert refused: body too big (lost: Alertmanager does not retry it; raise alerts.max_body)",
+                  peer=peer, limit=limit)
         return _error(413, f"body is over the {limit}-byte limit")
     try:
         notification = parse(body)

@@ -918,9 +918,12 @@ class AlertsConfig(_Strict):
     # Bearer token Alertmanager sends (http_config.authorization). Required to serve: an
     # unauthenticated endpoint that can start a failover is not offered.
     token: SecretRef | None = None
-    # Larger bodies get 413 before they are parsed. Alertmanager sends every alert of a group in
-    # one body (max_alerts: 0): about 350 bytes each, so 4 MiB holds a storm of ~10,000.
-    max_body: Size = 4 << 20
+    # Larger bodies get 413 before they are parsed, and Alertmanager does not retry a 4xx: that
+    # notification is lost. It sends every alert of a group in one body (max_alerts: 0); a real
+    # alert (ten labels, a summary, a description, a runbook link) is about 1 KB, so 32 MiB
+    # holds a storm of ~35,000 (4 MiB, the old default, held ~4,000). Parsing one costs a few
+    # times its size in memory, for the moment it is parsed.
+    max_body: Size = 32 << 20
     # Inline rules, or a YAML file holding a list of them (or {rules: [...]}); not both.
     rules: list[AlertRule] = Field(default_factory=list)
     rules_file: str | None = None

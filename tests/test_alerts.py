@@ -387,6 +387,36 @@ async def test_too_big_body_is_413(acfg, receiver):
             assert r.status == 413
 
 
+async def test_the_default_body_limit_holds_a_storm_of_real_alerts():  # (async: the module is marked)
+    """Alertmanager sends a group's every alert in one body and does not retry a 413: a storm
+    over the limit is lost. 20,000 alerts as a real rule set labels them (the old 4 MiB default
+    held about 3,800) fit the default, and parse."""
+    from alerts.payload import parse
+
+    def alert(i: int) -> dict:
+        labels = {"alertname": "KubePodCrashLooping", "severity": "critical", "region": "us-east-1",
+                  "cluster": "eagle-prod-use1", "namespace": "eagle-alerts", "pod": f"eagle-notifier-7d9f{i:06d}",
+                  "container": "notifier", "job": "kube-state-metrics", "service": "eagle-alert",
+                  "prometheus": "monitoring/k8s"}
+        return {"status": "firing", "labels": labels,
+                "annotations": {"summary": f"Pod eagle-alerts/eagle-notifier-7d9f{i:06d} is crash looping",
+                                "description": "Pod eagle-alerts/eagle-notifier (notifier) is in waiting state "
+                                               "(reason: CrashLoopBackOff) for longer than 15 minutes.",
+                                "runbook_url": "https://runbooks.example.org/kubernetes/kubepodcrashlooping"},
+                "startsAt": "2026-12-05T03:00:00.000Z", "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus.example.org/graph?g0.expr=max_over_time%28kube_pod_container"
+                                "_status_waiting_reason%7Breason%3D%22CrashLoopBackOff%22%7D%5B5m%5D%29+%3E%3D+1",
+                "fingerprint": f"{i:016x}"}
+    n = 20_000
+    body = json.dumps({"version": "4", "status": "firing", "receiver": "eagle-dr", "groupKey": '{}:{alertname="x"}',
+                       "groupLabels": {"alertname": "KubePodCrashLooping"}, "commonLabels": {},
+                       "commonAnnotations": {}, "externalURL": "http://alertmanager:9093", "truncatedAlerts": 0,
+                       "alerts": [alert(i) for i in range(n)]}).encode()
+    assert len(body) / n > 900  # as big as a real alert, not a toy one
+    assert len(body) < AlertsConfig().max_body, (len(body), AlertsConfig().max_body)
+    assert len(parse(body).alerts) == n
+
+
 async def test_temporal_down_then_back_alertmanager_retry_lands(client, acfg, alertmanager, proxied):
     url, proxy, dispatcher = proxied
     labels = {"alertname": f"Flaky{uuid.uuid4().hex[:6]}", "region": "us-east-1", "via": "proxy"}
