@@ -969,11 +969,13 @@ class AlertsConfig(_Strict):
 # What a notification channel can be sent. A channel that asks for an event that opens an
 # incident also gets the event that closes it (NOTIFY_CLOSERS): a PagerDuty incident opened
 # by "outage" must be resolved by "outage-resolved", even when the filter names only "outage".
-NotifyEventKind = Literal["runbook-started", "approval-needed", "step-failed", "runbook-finished",
+NotifyEventKind = Literal["runbook-started", "approval-needed", "approval-decided", "step-failed", "runbook-finished",
                           "outage", "outage-resolved", "readiness-degraded", "readiness-restored"]
 NOTIFY_EVENTS: tuple[str, ...] = NotifyEventKind.__args__  # type: ignore[attr-defined]
-NOTIFY_CLOSERS = {"approval-needed": "runbook-finished", "step-failed": "runbook-finished",
-                  "outage": "outage-resolved", "readiness-degraded": "readiness-restored"}
+# An approval's incident is its own (a second gate in one run must page again, even while the
+# first's incident is acknowledged), closed by its decision; older runs closed it at their end.
+NOTIFY_CLOSERS = {"approval-needed": ("approval-decided", "runbook-finished"), "step-failed": ("runbook-finished",),
+                  "outage": ("outage-resolved",), "readiness-degraded": ("readiness-restored",)}
 
 
 class _Channel(_Strict):
@@ -985,7 +987,7 @@ class _Channel(_Strict):
     def wanted(self) -> list[str]:
         if self.events == "all":
             return list(NOTIFY_EVENTS)
-        want = set(self.events) | {NOTIFY_CLOSERS[e] for e in self.events if e in NOTIFY_CLOSERS}
+        want = set(self.events) | {c for e in self.events for c in NOTIFY_CLOSERS.get(e, ())}
         return [e for e in NOTIFY_EVENTS if e in want]
 
     @field_validator("timeout")

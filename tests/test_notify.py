@@ -236,20 +236,23 @@ async def test_rejected_switchover_notifies_every_channel(lab, client, worker, n
     assert "approval rejected by bob" in e.value.cause.message
     # The run ended only after "finished" was delivered: everything is here already.
 
-    # Slack: started, approval needed (UI link, approve command), finished (aborted, resolved).
+    # Slack: started, approval needed (UI link, approve command), its decision, finished (aborted).
     chat = [p for p in http_recorder.on("/slack/services/T0/B0/") if wid in p["text"]]
     heads = [p["text"].splitlines()[0] for p in chat]
-    assert len(heads) == 3, heads
+    assert len(heads) == 4, heads
     assert "started: switchover" in heads[0]
     assert "APPROVAL NEEDED: switchover" in heads[1] and f"-> {b}" in heads[1]
     assert f"eagle-dr approve {wid}" in chat[1]["text"] and link in chat[1]["text"]
     assert any(link in json.dumps(block) for block in chat[1]["blocks"])
-    assert "finished: switchover" in heads[2] and "outcome: aborted" in chat[2]["text"]
+    assert "approval decided: switchover" in heads[2] and "rejected by bob: not now" in chat[2]["text"]
+    assert "finished: switchover" in heads[3] and "outcome: aborted" in chat[3]["text"]
 
-    # PagerDuty: trigger at the gate, resolve at the end (a human decided), one dedup key.
+    # PagerDuty: the gate's own incident, triggered and resolved by the decision; the run's
+    # end resolves the run's.
     pd = [p for p in http_recorder.on("/pd") if wid in p["dedup_key"]]
-    assert [p["event_action"] for p in pd] == ["trigger", "resolve"]
-    assert pd[0]["dedup_key"] == pd[1]["dedup_key"] == f"eagle-dr/{wid}/{handle.result_run_id}"
+    run_key = f"eagle-dr/{wid}/{handle.result_run_id}"
+    assert [(p["event_action"], p["dedup_key"]) for p in pd] == [
+        ("trigger", f"{run_key}/approval-1"), ("resolve", f"{run_key}/approval-1"), ("resolve", run_key)], pd
     assert pd[0]["routing_key"] == ROUTING_KEY and pd[0]["payload"]["severity"] == "critical"
     assert pd[0]["payload"]["custom_details"]["approve_command"] == f"eagle-dr approve {wid}"
     assert pd[0]["links"][0]["href"] == link
@@ -257,7 +260,8 @@ async def test_rejected_switchover_notifies_every_channel(lab, client, worker, n
     # Email: one per event, logged in with the referenced password.
     box, _ = mailbox
     mails = [m for rcpt, m in box.messages if wid in m.get_content()]
-    assert [m["Subject"].split(": ")[1] for m in mails] == ["started", "APPROVAL NEEDED", "finished"]
+    assert [m["Subject"].split(": ")[1] for m in mails] == ["started", "APPROVAL NEEDED", "approval decided",
+                                                             "finished"]
     approval_mail = mails[1]
     assert approval_mail["To"] == "oncall@example.org" and approval_mail["From"] == "eagle-dr@example.org"
     assert approval_mail["Subject"].startswith(f"[eagle-dr] {lab.cfg.service}: APPROVAL NEEDED: switchover")
@@ -272,8 +276,10 @@ async def test_rejected_switchover_notifies_every_channel(lab, client, worker, n
     # A channel that failed once and delivered again gets its full retries back: one failure
     # early in a long run (a monitor's) left every later page, the night's outage too, one try.
     tries = _tries(history)
-    assert [tries[("flaky", k)] for k in ("runbook-started", "approval-needed", "runbook-finished")] == [3, 1, 3], tries
-    await record(handle, "switchover-notify-rejected-in-order")
+    assert [tries[("flaky", k)] for k in ("runbook-started", "approval-needed", "approval-decided",
+                                          "runbook-finished")] == [3, 1, 3, 3], tries
+    # (switchover-notify-rejected-in-order: the same run before approvals had incidents of their own)
+    await record(handle, "switchover-notify-approval-own-incident")
     assert lab.cfg.primary.name != b
 
 
@@ -372,6 +378,44 @@ async def test_a_bug_in_a_step_pages_nothing_and_the_fixed_code_goes_on(lab, cli
     assert wanted and _sent_kinds(history).count("runbook-finished") == wanted, _sent_kinds(history)
     heads = _slack_kinds(http_recorder.on("/slack/"), wid)
     assert len(heads) == 2 and "started: bug-probe" in heads[0] and "finished: bug-probe" in heads[1], heads
+
+
+@workflow.defn(name="NotifyTestTwoGates")
+class _TwoGates(Runbook):
+    runbook = "gates-probe"
+
+    @workflow.run
+    async def run(self, service: str) -> list[str]:
+        self.service = service
+        await self.topology()
+        policy = ApprovalPolicy(required=True, timeout_seconds=600)
+        return [(await self.gate(policy, f"take step {i}")).outcome for i in (1, 2)]
+
+
+async def test_a_second_approval_in_one_run_pages_again(lab, client, worker, ncfg, http_recorder):
+    """Failback asks twice (go, then the reconcile's review). Under one incident per run, the
+    second trigger joined the first's incident: acknowledged by the on-call who answered the
+    first, PagerDuty notified nobody, and the run waited out its timeout. Each gate is now an
+    incident of its own, resolved by its decision."""
+    from temporalio.worker import UnsandboxedWorkflowRunner
+
+    queue = f"notify-gates-{uuid.uuid4().hex[:8]}"
+    wid = f"notify-gates-{uuid.uuid4().hex[:8]}"
+    with ThreadPoolExecutor(4) as executor:
+        async with Worker(client, task_queue=queue, workflows=[_TwoGates], activities=control_activities(ncfg),
+                          activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
+            handle = await client.start_workflow(_TwoGates.run, lab.cfg.service, id=wid, task_queue=queue)
+            for i in (1, 2):
+                async def paged(i=i):
+                    return any(p["event_action"] == "trigger" and p["dedup_key"].endswith(f"/approval-{i}")
+                               for p in http_recorder.on("/pd") if wid in p["dedup_key"])
+                await _until(paged, 60, f"the page for approval {i}")
+                await handle.execute_update("approve", ApprovalDecision(approver="dana", decision="approve"))
+            assert await asyncio.wait_for(handle.result(), 60) == ["approved", "approved"]
+    pd = [(p["event_action"], p["dedup_key"].rsplit("/", 1)[-1]) for p in http_recorder.on("/pd")
+          if wid in p["dedup_key"]]
+    assert pd == [("trigger", "approval-1"), ("resolve", "approval-1"), ("trigger", "approval-2"),
+                  ("resolve", "approval-2"), ("resolve", handle.result_run_id)], pd
 
 
 @workflow.defn(name="NotifyTestQuickEnd")
@@ -558,8 +602,8 @@ def test_a_pager_filter_gets_the_events_that_close_its_incidents():
     cfg = NotificationsConfig.model_validate({"channels": {
         "pager": {"type": "pagerduty", "routing_key": {"env": "K"}},
         "chat": {"type": "slack", "webhook_url": {"env": "W"}, "events": ["readiness-degraded"]}}})
-    assert cfg.routing() == {"pager": ["approval-needed", "step-failed", "runbook-finished", "outage",
-                                       "outage-resolved"],
+    assert cfg.routing() == {"pager": ["approval-needed", "approval-decided", "step-failed", "runbook-finished",
+                                       "outage", "outage-resolved"],
                              "chat": ["readiness-degraded", "readiness-restored"]}
 
 

@@ -186,6 +186,7 @@ class Runbook:
         self._trigger: str | None = None
         # A trigger went out (step failed, approval): the end must resolve or re-trigger it.
         self._paged = False
+        self._gates = 0  # approval gates opened so far: each has an incident of its own
 
     # -- what the operator sees ----------------------------------------------------------------
 
@@ -245,11 +246,13 @@ class Runbook:
 
     # -- notifications (workflows/notify.py) ----------------------------------------------------
 
-    def _event(self, kind: str, action: str, severity: str, lines: list[str], **more) -> NotifyEvent:
+    def _event(self, kind: str, action: str, severity: str, lines: list[str], dedup_key: str | None = None,
+               **more) -> NotifyEvent:
         info = workflow.info()
         move = f": {self.source_region or '?'} -> {self.target_region}" if self.target_region else ""
         return NotifyEvent(kind=kind, service=self.service or "?", summary=f"{self.runbook} {self.service}{move}",
-                           action=action, severity=severity, dedup_key=incident_key(info.workflow_id, info.run_id),
+                           action=action, severity=severity,
+                           dedup_key=dedup_key or incident_key(info.workflow_id, info.run_id),
                            at=workflow.now(), runbook=self.runbook, workflow_id=info.workflow_id, run_id=info.run_id,
                            namespace=info.namespace, region=self.target_region or None, lines=lines, **more)
 
@@ -582,14 +585,23 @@ class Runbook:
         # One decision per gate: a runbook with two gates must not pass the second on the first's.
         self.decision = None
         self.awaiting_approval = True
+        paged_as: str | None = None
         if self.notifier.active and self.notifies != "none":
             self._announce()
             self._paged = True
             default = policy.default_action.value
+            if workflow.patched("approval-own-incident"):
+                # Each gate its own incident, closed by its decision. Under the run's one key, a
+                # second gate (failback's reconcile review after its go-ahead) paged nobody while
+                # the first gate's incident was acknowledged: PagerDuty adds a trigger to an
+                # acknowledged incident without notifying again.
+                self._gates += 1
+                info = workflow.info()
+                paged_as = f"{incident_key(info.workflow_id, info.run_id)}/approval-{self._gates}"
             self.notifier.send(self._event(
                 "approval-needed", "trigger", "critical",
                 [f"waiting for approval to {what}",
-                 f"default after {policy.timeout_seconds:.0f} s: {default}"],
+                 f"default after {policy.timeout_seconds:.0f} s: {default}"], dedup_key=paged_as,
                 approve_command=f"eagle-dr approve {workflow.info().workflow_id}"))
         # Whoever reads this in the UI's User Metadata tab can act on it there: the update's
         # name and a Data document to paste (the decision's schema, ApprovalDecision), and the
@@ -609,7 +621,14 @@ class Runbook:
         d = self.decision
         if d is None:
             proceed = policy.default_action == DefaultAction.proceed
-            return ApprovalRecord(required=True, outcome="timed-out-proceed" if proceed else "timed-out-abort",
-                                  at=workflow.now())
-        return ApprovalRecord(required=True, outcome="approved" if d.decision == "approve" else "rejected",
-                              approver=d.approver, comment=d.comment, at=workflow.now())
+            record = ApprovalRecord(required=True, outcome="timed-out-proceed" if proceed else "timed-out-abort",
+                                    at=workflow.now())
+        else:
+            record = ApprovalRecord(required=True, outcome="approved" if d.decision == "approve" else "rejected",
+                                    approver=d.approver, comment=d.comment, at=workflow.now())
+        if paged_as is not None:
+            who = f" by {record.approver}" + (f": {record.comment}" if record.comment else "") if record.approver else ""
+            self.notifier.send(self._event("approval-decided", "resolve", "info",
+                                           [f"{record.outcome}{who}", f"was waiting for approval to {what}"],
+                                           dedup_key=paged_as))
+        return record

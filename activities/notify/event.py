@@ -14,6 +14,7 @@ from pydantic import BaseModel
 TITLES = {
     "runbook-started": "started",
     "approval-needed": "APPROVAL NEEDED",
+    "approval-decided": "approval decided",
     "step-failed": "STEP FAILED",
     "runbook-finished": "finished",
     "outage": "OUTAGE",
