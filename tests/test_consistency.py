@@ -451,14 +451,22 @@ def test_redis_keys_missing_or_changed_on_a_redis_from_an_older_rdb(lab, tmp_pat
                 pass
             assert time.monotonic() < deadline, "the copy did not load its RDB"
             time.sleep(0.05)
-        # After the snapshot: one key changed, one new (missing on the copy), one changed in type.
+        # After the snapshot: one key changed, one new (missing on the copy), one changed in type,
+        # one given an expiry (same value: DUMP alone calls it identical, and on the copy it
+        # would live forever).
         m.set("cc:5", "changed")
         m.set("cc:new", "1")
         m.hset("cc:h", "b", "2")
+        m.expire("cc:7", 3600)
         res = compare_redis(m, copy, name_a=master.name, name_b="older-rdb", follower=False, sample=100000)
-        assert res.missing == ["db5:cc:new"] and sorted(res.changed) == ["db5:cc:5", "db5:cc:h"], res
+        assert res.missing == ["db5:cc:new"] and sorted(res.changed) == ["db5:cc:5", "db5:cc:7", "db5:cc:h"], res
         counts = next(c for c in res.counts if c.db == db)
         assert counts.keys_a == counts.keys_b + 1, res.counts
+        # A sample smaller than the database is drawn at random, so repeated checks see other
+        # keys: SCAN's first 40 of 203 were the same keys every time (cc:5 always in, or never).
+        seen = [("db5:cc:5" in compare_redis(m, copy, name_a=master.name, name_b="older-rdb", follower=False,
+                                             sample=40).changed) for _ in range(60)]
+        assert 0 < sum(seen) < len(seen), sum(seen)
     finally:
         try:
             copy.shutdown(nosave=True)

@@ -1,5 +1,5 @@
 """Redis A (the master) vs B: key counts per database, replication offsets, and a sampled
-compare of values by DUMP digest.
+compare of values and expiry times by digest (DUMP and PEXPIRETIME; a random sample).
 
 When B replicates A (``follower``), a sampled key is compared only once B's offset has reached
 A's offset read *after* A's DUMPs: B has then applied every write A's DUMP saw. A key that still
@@ -47,11 +47,40 @@ def _counts_and_offset(c: redislib.Redis) -> tuple[dict[int, int], int | None]:
 COUNT_TRIES = 20
 
 
-def _digest(c: redislib.Redis, keys: list[bytes]) -> list[str | None]:
+def _digest(c: redislib.Redis, keys: list[bytes], expiry: bool) -> list[str | None]:
+    """Each key's value (DUMP) and, with ``expiry``, its absolute expiry time (PEXPIRETIME):
+    DUMP leaves the TTL out, and a key that lost its expiry (an older RDB, a PERSIST on one
+    side) lives forever there. A replica holds the master's absolute expiry (PEXPIREAT)."""
     p = c.pipeline(transaction=False)
     for k in keys:
         p.dump(k)
-    return [hashlib.sha1(v).hexdigest() if v is not None else None for v in p.execute()]
+        if expiry:
+            p.pexpiretime(k)
+    out = p.execute()
+    step = 2 if expiry else 1
+    return [None if out[i] is None else
+            hashlib.sha1(out[i] + (b"|%d" % out[i + 1] if expiry else b"")).hexdigest()
+            for i in range(0, len(out), step)]
+
+
+def _has_pexpiretime(c: redislib.Redis) -> bool:
+    try:
+        c.execute_command("PEXPIRETIME", "eagle-dr:probe:no-such-key")
+        return True
+    except redislib.ResponseError:
+        return False  # before Redis 7.0
+
+
+def _sample(c: redislib.Redis, n: int) -> list[bytes]:
+    """Up to ``n`` distinct keys: all of them when the database holds no more, else picked at
+    random (RANDOMKEY). A SCAN's first ``n`` are the same keys in every run (hash-table order):
+    an hourly check would never look at the rest."""
+    if c.dbsize() <= n:
+        return list(c.scan_iter(count=1000))
+    p = c.pipeline(transaction=False)
+    for _ in range(2 * n):
+        p.randomkey()
+    return list(dict.fromkeys(k for k in p.execute() if k is not None))[:n]
 
 
 def _wait_offset(b: redislib.Redis, offset: int, bound: float) -> None:
@@ -89,23 +118,22 @@ def compare_redis(a: redislib.Redis, b: redislib.Redis, *, name_a: str, name_b: 
             res.notes.append(f"db{db}: counts differ at one offset")
     if sample <= 0:
         return res
+    expiry = _has_pexpiretime(a) and _has_pexpiretime(b)
+    if not expiry:
+        res.notes.append("expiry times not compared (PEXPIRETIME needs Redis 7): values only")
     for db in sorted(ca):
         sa, sb = _select(a, db), _select(b, db)
-        keys: list[bytes] = []
-        for k in sa.scan_iter(count=1000):
-            keys.append(k)
-            if len(keys) >= sample:
-                break
+        keys = _sample(sa, sample)
         if not keys:
             continue
         res.sampled += len(keys)
-        da = _digest(sa, keys)
+        da = _digest(sa, keys, expiry)
         if follower:
             _wait_offset(b, _offset(a) or 0, bound)
-        db_ = _digest(sb, keys)
+        db_ = _digest(sb, keys, expiry)
         diff = [i for i in range(len(keys)) if da[i] != db_[i]]
         if diff and follower:
-            again = _digest(sa, [keys[i] for i in diff])
+            again = _digest(sa, [keys[i] for i in diff], expiry)
             settled = [i for i, v in zip(diff, again) if v == da[i]]
             res.in_flight += len(diff) - len(settled)
             diff = settled
