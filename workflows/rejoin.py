@@ -49,7 +49,10 @@ class Rejoin(Runbook):
 
     async def measure_divergence(self, req: FailbackRequest, queue: str, who: str) -> Divergence:
         async with self.step(_measure_step(who)) as st:
-            divergence = await self.act(FailbackActivities.measure_divergence, req, queue=queue, timeout=300,
+            # Reads every WAL record the old primary wrote after the fork (pg_waldump, a few tens of
+            # MB/s): 300 s capped a divergence at about 10 GB, and each of the retries read it all
+            # again. The heartbeat finds a dead worker; the hour bounds a hung read.
+            divergence = await self.act(FailbackActivities.measure_divergence, req, queue=queue, timeout=3600,
                                         heartbeat=HEARTBEAT_S)
             lost = divergence.lost
             st.detail = f"fork at {lost.fork_lsn}: {lost.lost_commits} commits, {lost.lost_bytes} bytes after it"
