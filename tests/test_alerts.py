@@ -226,6 +226,38 @@ async def test_alertmanager_starts_and_signals_the_monitor_then_resolves(client,
         await _terminate(client, wid)
 
 
+async def test_an_open_incident_restarts_a_monitor_that_ended(client, acfg, receiver):
+    """The monitor an alert started ends (terminated by hand, failed on a bug) while its alerts
+    still fire: the next notice used to fail and be noted, and nothing watched the service
+    until another incident opened. The incident starts it again and tells it."""
+    now = datetime.now(timezone.utc)
+    group = {"alertname": f"DbSlow{uuid.uuid4().hex[:6]}", "region": "us-east-1", "severity": "critical"}
+    key = _group_key(group)
+    wid = incident_id(acfg.service, "health", key)
+    mon = client.get_workflow_handle(monitor_id(acfg.service))
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+            assert await _post(s, receiver, _notification(group, [_alert(group, now)], key)) == 200
+            await _until(lambda: _acted(client, wid), 20, "the incident to start the monitor")
+            first = (await mon.describe()).run_id
+            await mon.terminate("the monitor ended while its alerts fire")
+            again = [_alert(group, now), _alert({**group, "instance": "db-2"}, now)]
+            assert await _post(s, receiver, _notification(group, again, key)) == 200
+
+        async def restarted():
+            d = await mon.describe()
+            return d if d.status == WorkflowExecutionStatus.RUNNING and d.run_id != first else None
+        await _until(restarted, 30, "the incident to start the monitor again")
+        # (the notice counts the alerts new in it: the second one)
+        await _until(lambda: _finding(mon, "alert (health): 1 firing"), 30, "the restarted monitor to hear it")
+        inc = await _incident(client, wid)
+        assert inc.monitor_restarts == 1 and inc.alerts == 2, inc
+        await record(client.get_workflow_handle(wid), "alert_incident-restarts-monitor")
+    finally:
+        await _terminate(client, mon.id)
+        await _terminate(client, wid)
+
+
 async def _closed_result(client, wid: str) -> IncidentSummary | None:
     h = client.get_workflow_handle(wid, result_type=IncidentSummary)
     if (await h.describe()).status != WorkflowExecutionStatus.COMPLETED:

@@ -90,6 +90,9 @@ class IncidentState(BaseModel):
     action_taken_at: datetime | None = None
     first_firing_at: datetime | None = None
     notices_sent: int = 0
+    # The monitor had ended when a notice was due (terminated, failed): started again, and how.
+    monitor_restarts: int = 0
+    monitor_restarted: str | None = None
 
     @property
     def firing(self) -> int:
@@ -123,6 +126,7 @@ class IncidentSummary(BaseModel):
     notifications: int
     duplicates: int
     outcome: str = "open"  # open | resolved | idle
+    monitor_restarts: int = 0
 
 
 @workflow.defn
@@ -146,7 +150,7 @@ class AlertIncidentWorkflow:
         return IncidentSummary(incident_id=workflow.info().workflow_id, rule=self.inp.rule if self.inp else "",
                                action=st.action, alerts=len(st.alerts), firing=st.firing,
                                resolved=len(st.alerts) - st.firing, notifications=st.notifications,
-                               duplicates=st.duplicates, outcome=outcome)
+                               duplicates=st.duplicates, outcome=outcome, monitor_restarts=st.monitor_restarts)
 
     @workflow.run
     async def run(self, raw: RawInput) -> IncidentSummary:
@@ -212,9 +216,22 @@ class AlertIncidentWorkflow:
                 await workflow.get_external_workflow_handle(spec.workflow_id).signal("alert", notice)
                 self.state.notices_sent += 1
             except FailureError as e:
-                # The monitor ended between two notifications: recorded; the next firing
-                # incident starts it again.
-                self.state.action = f"{self.state.action}; signal to {spec.workflow_id} failed: {e.message}"
+                if not workflow.patched("incident-restarts-monitor"):
+                    # (Runs before the patch: recorded only, the text growing with each notice.)
+                    self.state.action = f"{self.state.action}; signal to {spec.workflow_id} failed: {e.message}"
+                    return
+                # The monitor ended (terminated, failed) while its alerts still fire: nothing
+                # watches the service. Started again, as the first firing alert started it, and
+                # told. (Only the count and the last restart are kept: the state travels in
+                # continue-as-new, and a notice every few minutes for a day would pile up.)
+                self.state.monitor_restarts += 1
+                started = await self._start(inp, spec)
+                self.state.monitor_restarted = f"{workflow.now():%H:%M:%S} UTC after {e.message}: {started}"
+                try:
+                    await workflow.get_external_workflow_handle(spec.workflow_id).signal("alert", notice)
+                    self.state.notices_sent += 1
+                except FailureError:
+                    pass  # ended again at once: the next notice tries again
 
     async def _start(self, inp: IncidentInput, spec: ActionSpec) -> str:
         if spec.kind == "record" or not spec.workflow:
@@ -251,4 +268,6 @@ class AlertIncidentWorkflow:
             f"**alert incident** rule `{inp.rule}` ({inp.action.kind}) of {inp.service}\n\n"
             f"- group: " + ", ".join(f"{k}={v}" for k, v in sorted(inp.group_labels.items())) + "\n"
             f"- alerts: {len(st.alerts)} ({st.firing} firing), {st.notifications} notifications, "
-            f"{st.duplicates} duplicates\n- action: {st.action or 'none yet'}")
+            f"{st.duplicates} duplicates\n- action: {st.action or 'none yet'}"
+            + (f"\n- monitor restarted {st.monitor_restarts} times, last {st.monitor_restarted}"
+               if st.monitor_restarts else ""))
