@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 import aiohttp
 import pytest
 import pytest_asyncio
+from temporalio import workflow
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.worker import Worker
@@ -253,9 +254,40 @@ async def test_an_open_incident_restarts_a_monitor_that_ended(client, acfg, rece
         inc = await _incident(client, wid)
         assert inc.monitor_restarts == 1 and inc.alerts == 2, inc
         await record(client.get_workflow_handle(wid), "alert_incident-restarts-monitor")
+
+        # Stopped on purpose (`eagle-dr monitor stop`: its run completes): a human's decision,
+        # which the next notice must not undo. (This module's worker runs no activities, so the
+        # monitor cannot finish a round to stop: a run under its id that completes stands in.)
+        await mon.terminate("replaced by a run that completes")
+        from temporalio.worker import UnsandboxedWorkflowRunner
+
+        done_queue = f"alerts-done-{uuid.uuid4().hex[:6]}"
+        async with Worker(client, task_queue=done_queue, workflows=[_Completes],
+                          workflow_runner=UnsandboxedWorkflowRunner()):
+            stopped = await client.start_workflow(_Completes.run, id=mon.id, task_queue=done_queue)
+            await stopped.result()
+        third = again + [_alert({**group, "instance": "db-3"}, now)]
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+            assert await _post(s, receiver, _notification(group, third, key)) == 200
+        inc = await _until(lambda: _with_alerts(client, wid, 3), 20, "the incident to take the third alert")
+        assert inc.monitor_restarts == 1, inc
+        d = await client.get_workflow_handle(mon.id).describe()
+        assert d.status == WorkflowExecutionStatus.COMPLETED and d.run_id == stopped.result_run_id, d.status
     finally:
         await _terminate(client, mon.id)
         await _terminate(client, wid)
+
+
+@workflow.defn(name="AlertsTestCompletes")
+class _Completes:
+    @workflow.run
+    async def run(self) -> None:
+        return None
+
+
+async def _with_alerts(client, wid: str, n: int):
+    inc = await _incident(client, wid)
+    return inc if inc and inc.alerts >= n else None
 
 
 async def _closed_result(client, wid: str) -> IncidentSummary | None:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.exceptions import FailureError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
@@ -222,18 +222,20 @@ class AlertIncidentWorkflow:
                     return
                 # The monitor ended (terminated, failed) while its alerts still fire: nothing
                 # watches the service. Started again, as the first firing alert started it, and
-                # told. (Only the count and the last restart are kept: the state travels in
+                # told; not when it completed (`eagle-dr monitor stop`: a human's decision).
+                # (Only the count and the last restart are kept: the state travels in
                 # continue-as-new, and a notice every few minutes for a day would pile up.)
-                self.state.monitor_restarts += 1
-                started = await self._start(inp, spec)
-                self.state.monitor_restarted = f"{workflow.now():%H:%M:%S} UTC after {e.message}: {started}"
+                started = await self._start(inp, spec, restart=True)
+                if started.startswith("started"):
+                    self.state.monitor_restarts += 1
+                    self.state.monitor_restarted = f"{workflow.now():%H:%M:%S} UTC after {e.message}: {started}"
                 try:
                     await workflow.get_external_workflow_handle(spec.workflow_id).signal("alert", notice)
                     self.state.notices_sent += 1
                 except FailureError:
                     pass  # ended again at once: the next notice tries again
 
-    async def _start(self, inp: IncidentInput, spec: ActionSpec) -> str:
+    async def _start(self, inp: IncidentInput, spec: ActionSpec, restart: bool = False) -> str:
         if spec.kind == "record" or not spec.workflow:
             return spec.refused or "recorded"
         args = dict(spec.input)
@@ -255,8 +257,12 @@ class AlertIncidentWorkflow:
                 static_summary=f"{spec.kind} {inp.service} (alert rule {inp.rule})",
                 static_details=f"started by alert incident {workflow.info().workflow_id}; group labels: "
                                + ", ".join(f"{k}={v}" for k, v in sorted(inp.group_labels.items())),
-                search_attributes=TypedSearchAttributes(attrs))
+                search_attributes=TypedSearchAttributes(attrs),
+                # A restart replaces only a run that failed, was terminated or timed out.
+                **({"id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY} if restart else {}))
         except WorkflowAlreadyStartedError:
+            if restart:
+                return f"not restarted: {spec.workflow_id} runs again or was stopped (eagle-dr monitor stop)"
             if spec.kind == "monitor":
                 return f"monitor {spec.workflow_id} already running: signalled"
             return f"not started: {spec.workflow_id} already in progress"
