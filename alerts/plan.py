@@ -28,7 +28,12 @@ class Incident:
     alerts: list[AlertRecord]
 
     def batches(self) -> list[AlertBatch]:
-        return [AlertBatch(alerts=self.alerts[i:i + SIGNAL_CHUNK]) for i in range(0, len(self.alerts), SIGNAL_CHUNK)]
+        """The alerts in signals of SIGNAL_CHUNK, the firing ones first. The incident closes
+        after a signal that leaves none of its alerts firing: a first chunk of resolved alerts
+        closed it before the next chunk's firing ones arrived, and those opened a new incident,
+        which acted again (a second failover request, say)."""
+        ordered = sorted(self.alerts, key=lambda a: a.status != "firing")  # stable: firing, then resolved
+        return [AlertBatch(alerts=ordered[i:i + SIGNAL_CHUNK]) for i in range(0, len(ordered), SIGNAL_CHUNK)]
 
 
 def incident_id(service: str, rule: str, group_key: str) -> str:
