@@ -525,6 +525,9 @@ def test_the_xid_horizon_is_one_past_the_newest_id_before_the_start_across_wrapa
     for named, want in [
         (_line("Standby", 0, "0/00001100", "RUNNING_XACTS nextXid 61 latestCompletedXid 57 oldestRunningXid 40; "
                                            "1 xacts: 40"), 58),
+        # Listed running, yet its commit may be written already (in a segment before the read).
+        (_line("Standby", 0, "0/00001100", "RUNNING_XACTS nextXid 66 latestCompletedXid 57 oldestRunningXid 40; "
+                                           "2 xacts: 40 65"), 66),
         (_line("Transaction", 0, "0/00001200", "COMMIT_PREPARED 59: 2026-12-04 10:00:00.000001 UTC"), 60),
     ]:
         r = _Reader(first=0x2000, lookback=True)
@@ -541,6 +544,16 @@ def test_the_xid_horizon_is_one_past_the_newest_id_before_the_start_across_wrapa
             got = c.execute(sql.SQL("select {}").format(
                 xmin_from(sql.SQL("{}::text::xid").format(sql.Literal(str(xmin))), horizon))).fetchone()[0]
             assert got is after, (xmin, horizon)
+        # Bounded by the next id: a frozen row's original xmin far "after" the horizon in the
+        # circular order (a cluster 2^31 ids old) is not taken for a post-fork write. (An xid8
+        # next id, as pg_current_snapshot gives it, epoch included.)
+        for xmin, horizon, before, after in [(100, 50, 2**32 + 80, False), (60, 50, 2**32 + 80, True),
+                                             (79, 50, 80, True), (80, 50, 80, False), (3, 4294967290, 10, True),
+                                             (4294967291, 4294967290, 10, True), (11, 4294967290, 10, False)]:
+            got = c.execute(sql.SQL("select {}").format(xmin_from(
+                sql.SQL("{}::text::xid").format(sql.Literal(str(xmin))), horizon,
+                sql.SQL("{}::text::xid8").format(sql.Literal(str(before)))))).fetchone()[0]
+            assert got is after, (xmin, horizon, before)
 
 
 def test_the_xid_horizon_counts_a_commit_made_before_the_wal_read(node):

@@ -51,7 +51,8 @@ class DecideQuery:
         survivor ran after the fork (wal.WalScan.xid_horizon), whatever its timestamp says."""
         if self.survivor_xid_from is None:
             return sql.SQL("false")
-        return sql.SQL("coalesce({}, false)").format(xmin_from(sql.SQL("_e_s_xmin"), self.survivor_xid_from))
+        return sql.SQL("coalesce({}, false)").format(xmin_from(sql.SQL("_e_s_xmin"), self.survivor_xid_from,
+                                                                sql.SQL("pg_snapshot_xmax(pg_current_snapshot())")))
 
     def s_col(self, name: str) -> sql.Identifier:
         return sql.Identifier(f"_s_{self.names.index(name)}")

@@ -86,13 +86,22 @@ def xid_follows(a: int, b: int) -> bool:
     return 0 < (a - b) % XID_SPACE < XID_SPACE // 2
 
 
-def xmin_from(xmin: sql.Composable, horizon: int) -> sql.Composable:
+def xmin_from(xmin: sql.Composable, horizon: int, before: sql.Composable | None = None) -> sql.Composable:
     """SQL: the row version whose ``xmin`` this is was written by a transaction with an id at or
-    after ``horizon`` (xid_follows, in SQL; a reserved xmin is never after anything)."""
+    after ``horizon`` and, given ``before`` (an xid8 or xid expression: the server's next id),
+    before that (a reserved xmin is never either).
+
+    ``before`` matters: the ``xmin`` column keeps a row's original id after freezing, so on a
+    cluster more than 2^31 ids old, half of its old frozen rows sit "after" any horizon by the
+    circular order alone. Between the horizon and the next id are only the ids handed out since
+    (a frozen row's raw id lands there only after 2^32 ids, and then only by chance)."""
     x = sql.SQL("({}::text::bigint)").format(xmin)
-    return sql.SQL("({x} >= {first} and (({x} - {h}) % {space} + {space}) % {space} < {half})").format(
-        x=x, first=sql.Literal(FIRST_NORMAL_XID), h=sql.Literal(horizon), space=sql.Literal(XID_SPACE),
-        half=sql.Literal(XID_SPACE // 2))
+    dist = sql.SQL("((({v}) - {h}) % {space} + {space}) % {space}")
+    fields = dict(h=sql.Literal(horizon), space=sql.Literal(XID_SPACE))
+    bound = sql.Literal(XID_SPACE // 2) if before is None else dist.format(
+        v=sql.SQL("({}::text::bigint % {})").format(before, sql.Literal(XID_SPACE)), **fields)
+    return sql.SQL("({x} >= {first} and {d} < {bound})").format(
+        x=x, first=sql.Literal(FIRST_NORMAL_XID), d=dist.format(v=x, **fields), bound=bound)
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,7 @@ class WalScan:
     # node's catalog may give the same number to a different relation.
     created_files: set[tuple[int, int, int]] = field(default_factory=set)
     # With ``lookback``: one past the newest transaction id the WAL read before the start names
-    # (a record's, a commit's subtransactions', a snapshot's latestCompletedXid). A node promoted
+    # (a record's, a commit's subtransactions', a snapshot's running and latestCompletedXid). A node promoted
     # at the start replayed that WAL, and recovery moves the next xid past every record's, so
     # each transaction it ran after the promotion has an id from here on: its rows with such an
     # xmin were written after the fork, whatever their timestamps say. And every row committed
@@ -343,8 +352,16 @@ class _Reader:
                     self._saw_before(int(prepared.group(1)))
                 for x in (subs.group(1).split() if (subs := _SUBXACTS.search(rest)) else ()):
                     self._saw_before(int(x))
-            if rmgr == "Standby" and op == "RUNNING_XACTS" and (done := _LATEST_COMPLETED.search(rest)):
-                self._saw_before(int(done.group(1)))
+            if rmgr == "Standby" and op == "RUNNING_XACTS":
+                if done := _LATEST_COMPLETED.search(rest):
+                    self._saw_before(int(done.group(1)))
+                # Listed as running can be one whose commit record was already written (the
+                # snapshot is taken before it is logged), possibly in a segment not read: its
+                # rows are pre-fork, and left out they would count as the survivor's changes.
+                # (One still running that had written nothing moves the horizon past ids the
+                # survivor may hand out first: its first rows are then judged by timestamp.)
+                for x in ((running.group(1) or "").split() if (running := _RUNNING.search(line)) else ()):
+                    self._saw_before(int(x))
         if rmgr == "Transaction":
             self._end_of(m, xid, op, before)
             return
