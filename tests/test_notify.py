@@ -418,6 +418,30 @@ async def test_a_second_approval_in_one_run_pages_again(lab, client, worker, ncf
                   ("resolve", "approval-2"), ("resolve", handle.result_run_id)], pd
 
 
+async def test_an_approval_cancelled_while_it_waits_resolves_its_page(lab, client, worker, ncfg, http_recorder):
+    """A gate's page is an incident of its own: cancelled while it waits, the run resolves it
+    (its end resolves only the run's incident, so it would stay open for nobody to answer)."""
+    from temporalio.worker import UnsandboxedWorkflowRunner
+
+    queue = f"notify-gates-{uuid.uuid4().hex[:8]}"
+    wid = f"notify-gates-{uuid.uuid4().hex[:8]}"
+    with ThreadPoolExecutor(4) as executor:
+        async with Worker(client, task_queue=queue, workflows=[_TwoGates], activities=control_activities(ncfg),
+                          activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
+            handle = await client.start_workflow(_TwoGates.run, lab.cfg.service, id=wid, task_queue=queue)
+
+            async def paged():
+                return any(p["event_action"] == "trigger" and p["dedup_key"].endswith("/approval-1")
+                           for p in http_recorder.on("/pd") if wid in p["dedup_key"])
+            await _until(paged, 60, "the page for the approval")
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError):
+                await asyncio.wait_for(handle.result(), 60)
+    pd = [(p["event_action"], p["dedup_key"].rsplit("/", 1)[-1]) for p in http_recorder.on("/pd")
+          if wid in p["dedup_key"]]
+    assert ("resolve", "approval-1") in pd, pd
+
+
 @workflow.defn(name="NotifyTestQuickEnd")
 class _QuickEnd(Runbook):
     runbook = "end-probe"

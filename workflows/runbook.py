@@ -616,6 +616,13 @@ class Runbook:
                                           timeout=timedelta(seconds=policy.timeout_seconds))
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            if paged_as is not None:
+                # Its incident is its own: nothing else would resolve it (the end resolves the run's).
+                self.notifier.send(self._event("approval-decided", "resolve", "info",
+                                               [f"cancelled while waiting for approval to {what}"],
+                                               dedup_key=paged_as))
+            raise
         finally:
             self.awaiting_approval = False
         d = self.decision
