@@ -175,7 +175,8 @@ class DataSyncWorkflow(Runbook):
             self.degraded.append(f"Redis differences are not synced (a replica resyncs from its master): "
                                  f"{check.redis.missing_count} missing, {check.redis.changed_count} changed")
 
-        if differing and inp.check_workflow_id and not _current(status.get(a), a in primaries):
+        if differing and inp.check_workflow_id and not _current(status.get(a), a in primaries) and \
+                workflow.patched("sync-refuses-stale-source"):
             # A recorded check can predate a failover or a split brain resolved the other way:
             # its A, the source of every row, is then held or fenced (a standby of nothing) or
             # gone, and its B may be the live primary. A re-copy would write the stale side's
