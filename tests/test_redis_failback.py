@@ -93,11 +93,38 @@ def test_keys_the_primary_lacks_are_copied_only_as_redis_reconcile_says(lab, rul
     fields = {"sentinels_stale", "sentinels_unreachable"}
     assert again.model_dump(exclude=fields) == report.model_dump(exclude=fields), (again, report)
     # Found already a replica by a run that never took its keys: said, not reported as "0 keys".
+    # (And an attempt that recorded, then died before its demote: see the test below.)
     other = preserve_and_rejoin(l_cfg, s_cfg, bucket, f"test/{tag}-other.rdb", rule)
     assert other.already_replica and other.snapshot is None and other.error is None, other
     assert other.kept(survivor).startswith(f"already a replica of {survivor}"), other.kept(survivor)
     wait_for(lambda: all(n not in l_.keys(f"rf:{tag}:*") for n in (name[k] for k in UNIQUE - copied)), 30,
              "the loser to resync from the survivor", 0.05)
+
+
+def test_an_attempt_that_copied_and_died_before_its_demote_is_reported_by_its_record(lab):
+    """The first attempt copied the keys and wrote its record, then its worker died before the
+    demote. The retry finds the old master still a master, but what was unique is on both sides
+    now: its own counts would say nothing was kept. The record's figures stand."""
+    survivor, loser = _master_and_replica(lab)
+    s_cfg, l_cfg = lab.cfg.region(survivor).redis, lab.cfg.region(loser).redis
+    tag = uuid.uuid4().hex[:8]
+    _split(lab, loser)
+    l_ = redis_client(l_cfg)
+    l_.set(f"rf:{tag}:only-loser", "L")
+    bucket, key = lab.cfg.region(loser).s3, f"test/{tag}.rdb"
+    rule = RedisReconcileConfig(strategy="copy-missing")
+    # What the first attempt recorded: it copied the key (done here as it did), then died.
+    redis_client(s_cfg).set(f"rf:{tag}:only-loser", "L")
+    first = RedisFailback(reachable=True, snapshot=f"s3://{bucket.bucket}/{key}", keys_on_old=7, unique_keys=1,
+                          migrated_keys=1, unique_sample=[f"rf:{tag}:only-loser"], reconcile=describe(rule),
+                          rejoined=True)
+    s3_client(bucket).put_object(Bucket=bucket.bucket, Key=key + ".json", Body=first.model_dump_json().encode())
+    report = preserve_and_rejoin(l_cfg, s_cfg, bucket, key, rule)
+    assert (report.unique_keys, report.migrated_keys, report.unique_sample) == (1, 1, [f"rf:{tag}:only-loser"]), \
+        report
+    assert report.rejoined and not report.already_replica
+    wait_for(lambda: (st := redis_status(l_cfg)).role == "slave" and st.link_status == "up", 30,
+             f"{loser} to replicate {survivor} again", 0.05)
 
 
 def test_the_rule_exclude_first_then_copy_missing_or_include():

@@ -149,15 +149,27 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
             f"{master.host}:{master.port}":
         # A retry after this run's own demote (its result lost: a timeout, a killed worker): the
         # keys are gone now, but the attempt that took them recorded what it kept.
-        return _with_sentinels(_recorded(bucket, snapshot_key, rule), old, master)
+        prior, unread = _recorded(bucket, snapshot_key)
+        if prior is not None:
+            return _with_sentinels(prior, old, master)
+        return _with_sentinels(RedisFailback(
+            reachable=True, rejoined=True, already_replica=True, reconcile=describe(rule),
+            error=unread and f"an earlier attempt's record could not be read, so whether this run took a snapshot "
+                             f"is unknown: {unread}"), old, master)
+    prior, _ = _recorded(bucket, snapshot_key)
     # The snapshot first, whatever the rule: it is the only copy of every key not copied.
     snap = snapshot_to_s3(old, bucket, snapshot_key)
     moved = migrate_unique_keys(old, master, rule)
-    done = RedisFailback(
-        reachable=True, snapshot=snap, keys_on_old=moved.total, unique_keys=len(moved.unique),
-        migrated_keys=moved.copied, unique_sample=moved.unique[:20], reconcile=describe(rule),
-        skipped_keys=len(moved.skipped), skipped_sample=moved.skipped[:20],
-        differing_keys=len(moved.differing), differing_sample=moved.differing[:20], rejoined=True)
+    if prior is not None:
+        # An attempt before this one copied and recorded, then died before its demote: what it
+        # copied is on both sides now, so this attempt's own counts would find nothing unique.
+        done = prior.model_copy(update={"snapshot": snap, "migrated_keys": prior.migrated_keys + moved.copied})
+    else:
+        done = RedisFailback(
+            reachable=True, snapshot=snap, keys_on_old=moved.total, unique_keys=len(moved.unique),
+            migrated_keys=moved.copied, unique_sample=moved.unique[:20], reconcile=describe(rule),
+            skipped_keys=len(moved.skipped), skipped_sample=moved.skipped[:20],
+            differing_keys=len(moved.differing), differing_sample=moved.differing[:20], rejoined=True)
     # Before the demote, after which nothing on the server tells what it held.
     s3.client(bucket).put_object(Bucket=bucket.bucket, Key=snapshot_key + _RECORD,
                                  Body=done.model_dump_json().encode())
@@ -173,16 +185,15 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
 _RECORD = ".json"
 
 
-def _recorded(bucket: S3Config, snapshot_key: str, rule: RedisReconcileConfig) -> RedisFailback:
+def _recorded(bucket: S3Config, snapshot_key: str) -> tuple[RedisFailback | None, str | None]:
+    """An earlier attempt's record of this run, if there is one; else why it could not be read."""
     try:
         body = s3.client(bucket).get_object(Bucket=bucket.bucket, Key=snapshot_key + _RECORD)["Body"].read()
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return RedisFailback(reachable=True, rejoined=True, already_replica=True, reconcile=describe(rule))
-        return RedisFailback(reachable=True, rejoined=True, already_replica=True, reconcile=describe(rule),
-                             error=scrub(f"an earlier attempt's record could not be read, so whether this run "
-                                         f"took a snapshot is unknown: {e}"))
-    return RedisFailback.model_validate_json(body)
+            return None, None
+        return None, scrub(str(e))
+    return RedisFailback.model_validate_json(body), None
 
 
 def _with_sentinels(result: RedisFailback, old: RedisConfig, master: RedisConfig) -> RedisFailback:
