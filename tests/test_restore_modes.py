@@ -28,6 +28,7 @@ from activities.backup.rebuild import aside_dir, rebuild_standby
 from activities.backup.recover import RowSelection
 from activities.backup.restore import RestoreError, RestoreTarget
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError
+from activities.postgres.rewind import rewind_marker
 from activities.postgres.status import pg_status
 from eagle_dr.config import PostgresConfig
 from tests.histories import record
@@ -91,6 +92,9 @@ async def test_rebuild_standby_from_backup_after_its_data_dir_is_broken(lab, cli
     with pytest.raises(PgCtlError):
         ctl.start(timeout=10)
     _commit(lab, "insert into restore_probe values (2, %s, 'while it was broken')", tag)
+    # A pg_rewind interrupted on the old directory left its marker: the rebuild replaces the
+    # directory whole, so the marker must go, or the next failback re-clones a healthy standby.
+    rewind_marker(ctl.data_dir).write_text("pg_rewind started (test)\n")
     handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
                                          id=f"test-rebuild-{uuid.uuid4()}",
                                          task_queue=lab.cfg.temporal.control_task_queue)
@@ -103,7 +107,7 @@ async def test_rebuild_standby_from_backup_after_its_data_dir_is_broken(lab, cli
     assert res.approval and res.approval.approver == "alice"
     st = pg_status(pg)
     assert st.role == "standby" and st.receiver_status == "streaming", st
-    assert not aside_dir(ctl.data_dir).exists()
+    assert not aside_dir(ctl.data_dir).exists() and not rewind_marker(ctl.data_dir).exists()
     # It streams: a row written now arrives, with the ones from before and during the break.
     _commit(lab, "insert into restore_probe values (3, %s, 'after the rebuild')", tag)
 

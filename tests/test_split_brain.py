@@ -18,7 +18,7 @@ import pytest
 
 from activities.postgres.divergence import fork_between
 from activities.postgres.lsn import lsn_to_int
-from activities.postgres.rewind import _rewind_marker, copiers
+from activities.postgres.rewind import copiers, rewind_marker
 from activities.postgres.status import pg_status
 from activities.redis.status import client as redis_client
 from activities.redis.status import redis_status
@@ -299,7 +299,7 @@ async def test_split_brain_resolution_keeps_both_sides_writes(lab, client):
     # little), but re-clone it, and say why.
     assert result.rewind.method == "pg_basebackup" and "was interrupted" in result.rewind.fallback_reason, \
         result.rewind
-    assert not _rewind_marker(Path(b_data)).exists()
+    assert not rewind_marker(Path(b_data)).exists()
     assert result.choice.survivor == a and result.choice.loser == b and result.choice.rule == "active-region"
     assert result.approval.outcome == "approved" and result.approval.approver == "dana"
     assert result.divergence.fork.loser_timeline == tli_before + 1 > result.divergence.fork.old_timeline

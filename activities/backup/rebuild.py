@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
 from activities.backup.restore import RestoreError, _budget, _plain, timeline_to_follow, wait_streaming
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
+from activities.postgres.rewind import rewind_marker
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import PostgresConfig, scrub
@@ -257,6 +258,9 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     wait_streaming(ctl, node, primary, time.monotonic() + left(), timeout, "restored standby",
                    lambda: beat({"phase": "waiting to stream", "backup": m.group(1) if m else None}))
     shutil.rmtree(aside_dir(data), ignore_errors=True)
+    # A rewind interrupted on the old directory left its marker: the directory is replaced
+    # whole now, and the marker would make the next failback re-clone a healthy standby.
+    rewind_marker(data).unlink(missing_ok=True)
     return RebuiltStandby(region=stanza.region.name, repo_region=repo_region, backup_label=m.group(1) if m else None,
                           restore_seconds=restore_s, catch_up_seconds=time.monotonic() - t1,
                           upstream=f"{primary.host}:{primary.port}", replay_lsn=pg_status(node, 5).lsn)

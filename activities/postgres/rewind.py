@@ -81,7 +81,7 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
     ctl = PgCtl(old)
     upstream = f"{primary.host}:{primary.port}"
     _finish_interrupted_swap(ctl.data_dir)
-    marker = _rewind_marker(ctl.data_dir)
+    marker = rewind_marker(ctl.data_dir)
     # An earlier attempt's pg_rewind did not finish (its worker killed, its source lost
     # mid-copy): the directory holds some of the source's files and its own old control file.
     # pg_rewind run again reads it as the old primary still, and can copy too little: a
@@ -148,7 +148,7 @@ def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application
 _NEVER_CONNECTED = re.compile(r"connection to server (?:at|on socket) .* failed|could not connect to server")
 
 
-def _rewind_marker(data: Path) -> Path:
+def rewind_marker(data: Path) -> Path:
     """Present while a pg_rewind may be writing the directory (see _rewind_to_standby)."""
     return data.with_name(f".{data.name}.eagle-dr-rewinding")
 
