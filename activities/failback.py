@@ -199,7 +199,8 @@ class FailbackActivities:
                     survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
                     now=req.decided_at or datetime.now(timezone.utc), workflow_id=info.workflow_id,
                     run_id=info.workflow_run_id, approved_by=req.approved_by, dry_run=req.preview,
-                    survivor_xid_from=got.survivor_xid_from)
+                    # A table either side rewrote since the fork: its xmins say nothing (timestamps, as before).
+                    survivor_xid_from=None if table in got.rewritten else got.survivor_xid_from)
                 out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(got.rows[table]),
                                                deleted_keys=len(deleted), read_mode=how.mode,
                                                blocks_read=how.blocks, full_read_why=how.why))
@@ -213,7 +214,8 @@ class FailbackActivities:
         return Reconciliation(since=since, tables=out, preview=req.preview,
                               unlisted_reconciled=sorted(extra), catalog_changes=catalog,
                               loser_read_wal_bytes=got.read_wal_bytes, seconds=seconds,
-                              survivor_xid_from=got.survivor_xid_from)
+                              # A table either side rewrote since the fork: its xmins say nothing (timestamps, as before).
+                    survivor_xid_from=None if table in got.rewritten else got.survivor_xid_from)
 
     def _unlisted(self, unlisted: list[ChangedRelation], primary) -> tuple[dict[str, TableConflictConfig], list[str]]:
         """Strategies for changed tables `conflicts:` does not list, per `unlisted_tables`; and

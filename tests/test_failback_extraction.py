@@ -93,6 +93,28 @@ async def test_failback_reads_only_the_divergence_and_finds_deletions_on_both_si
     assert audit[edited] == f"conflict: {old} wrote last", audit[edited]
 
 
+async def test_a_table_the_survivor_rewrote_is_judged_by_its_timestamps(lab, client):
+    """A migration on the survivor during the outage rewrote a table (ALTER TABLE ... TYPE with
+    USING): every row there has a new xmin, which says nothing about who changed it. A row only
+    the old primary changed must stay a plain update of its, not a conflict the strategy decides
+    (source-priority on the survivor would have kept the survivor's stale row)."""
+    original = _primary(lab)
+    row = 9_270_000_000 + uuid.uuid4().int % 10**6
+    _exec(lab, original, ("insert into subscriptions (id, user_id, channel) values (%s, 'u', 'seed')", (row,)))
+    old, new = await _fork(lab, client, [("update subscriptions set channel = 'old' where id = %s", (row,))])
+    _exec(lab, new, "alter table subscriptions alter column channel type text using channel || ''")
+    handle = await client.start_workflow(FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=old),
+                                         id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    report = await handle.result()
+    assert _primary(lab) == original
+    assert _one(lab, original, "select channel from subscriptions where id = %s", row) == "old"
+    audit = _one(lab, original, "select format('%%s %%s', conflict, action) from eagle_dr.conflict_audit "
+                                "where workflow_id = %s and table_name = 'subscriptions' and primary_key->>'id' = %s",
+                 handle.id, str(row))
+    assert audit == "f apply_loser", audit  # (boolean as text: f)
+    assert report.reconciliation.survivor_xid_from is not None
+
+
 async def test_a_verify_that_reads_back_no_audited_key_checks_every_table_instead(lab, client):
     """The run's audit rows are gone before its verify (deleted while its pg_rewind is held
     stopped): the divergence verify compares nothing, so it must not pass; it says why and

@@ -180,6 +180,10 @@ class LoserRows(BaseModel):
     # The survivor's rows with an xmin from this id on were written after the fork
     # (WalScan.xid_horizon); None: unknown, its changes are judged by their timestamps alone.
     survivor_xid_from: int | None = None
+    # Tables whose file differs between the loser and the survivor (equal up to the fork under
+    # physical replication): one side rewrote it (ALTER TABLE ... TYPE, pg_repack, VACUUM FULL),
+    # which can give every row a new xmin, so xmins say nothing about the survivor's changes.
+    rewritten: list[str] = []
 
 
 def regclass_sql(table: str) -> sql.Composable:
@@ -338,6 +342,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     deleted: dict[str, list[tuple]] = {}
     reads: dict[str, TableRead] = {}
     files: dict = {}
+    refiled: list[str] = []  # LoserRows.rewritten
     try:
         with psycopg.connect(host=loser.socket_dir, port=loser.port, dbname=loser.database, user=loser.user,
                              password=_password(loser), autocommit=True) as conn, \
@@ -356,6 +361,8 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 oids[t] = oid
                 if oid is None:
                     continue
+                if surv is not None and _filenode(conn, ident) != _filenode(surv, ident):
+                    refiled.append(t)
                 mine = {k: f for k, f in files.items() if f.owner == oid}
                 why = _full_read_reason(found, oid in truncated) or (
                     "its file was created on the loser after the fork (TRUNCATE, or a rewrite: VACUUM FULL, CLUSTER, "
@@ -398,7 +405,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                      read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps,
                      wal_commits=len(found.commits) if found is not None else None,
                      wal_end_lsn=found.end_lsn if found is not None else None,
-                     survivor_xid_from=horizon)
+                     survivor_xid_from=horizon, rewritten=refiled)
 
 
 @contextmanager
@@ -442,6 +449,11 @@ def _rewritten_on_loser(conn: psycopg.Connection, created: set[tuple[int, int, i
         if kind in ("r", "t"):
             out[found[3]] = f"{found[4]}.{found[5]}"
     return out
+
+
+def _filenode(conn: psycopg.Connection, ident: sql.Composable) -> int | None:
+    return conn.execute(sql.SQL("select pg_relation_filenode(to_regclass({}))").format(
+        sql.Literal(ident.as_string(conn)))).fetchone()[0]
 
 
 def _rewritten_on_survivor(loser: psycopg.Connection, surv: psycopg.Connection, heaps) -> str | None:
