@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from email import message_from_bytes, policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -345,38 +346,52 @@ def _sent_kinds(history: dict) -> list[str]:
     return kinds
 
 
+@asynccontextmanager
+async def _probe(client, ncfg, probe, prefix: str, service: str):
+    """A probe runbook started on a worker of its own (the control activities with this module's
+    notifications; unsandboxed, so a class attribute it reads is the test's); yields its handle."""
+    from temporalio.worker import UnsandboxedWorkflowRunner
+
+    queue = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    with ThreadPoolExecutor(4) as executor:
+        async with Worker(client, task_queue=queue, workflows=[probe], activities=control_activities(ncfg),
+                          activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
+            yield await client.start_workflow(probe.run, service, id=f"{prefix}-{uuid.uuid4().hex[:8]}",
+                                              task_queue=queue)
+
+
+def _pages(http_recorder, wid: str) -> list[tuple[str, str]]:
+    """PagerDuty's (action, last part of the dedup key) for one run: approval-N or the run id."""
+    return [(p["event_action"], p["dedup_key"].rsplit("/", 1)[-1]) for p in http_recorder.on("/pd")
+            if wid in p["dedup_key"]]
+
+
 async def test_a_bug_in_a_step_pages_nothing_and_the_fixed_code_goes_on(lab, client, worker, ncfg, http_recorder):
     """A bug in workflow code (a KeyError) fails the workflow *task*: the run stays alive until a
     fixed worker replays it. No "step failed" or "finished: failed" page may go out then: it
     would be untrue, and its activities, recorded in the history, made the fixed code's replay
     nondeterministic, so the run could never go on (a manual reset was the only way out)."""
     from temporalio.api.enums.v1 import EventType, WorkflowExecutionStatus
-    from temporalio.worker import UnsandboxedWorkflowRunner
 
-    queue = f"notify-bug-{uuid.uuid4().hex[:8]}"
-    wid = f"notify-bug-{uuid.uuid4().hex[:8]}"
     _BugInAStep.fixed = False
-    with ThreadPoolExecutor(4) as executor:
-        async with Worker(client, task_queue=queue, workflows=[_BugInAStep], activities=control_activities(ncfg),
-                          activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
-            handle = await client.start_workflow(_BugInAStep.run, lab.cfg.service, id=wid, task_queue=queue)
+    async with _probe(client, ncfg, _BugInAStep, "notify-bug", lab.cfg.service) as handle:
 
-            async def task_failed():
-                async for e in handle.fetch_history_events():
-                    if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
-                        return "a key nobody set" in e.workflow_task_failed_event_attributes.failure.message
-                return False
-            await _until(task_failed, 60, "the workflow task failing on the bug")
-            assert (await handle.describe()).status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
-            history = json.loads(await decrypted_json(handle))
-            assert "step-failed" not in _sent_kinds(history) and "runbook-finished" not in _sent_kinds(history)
+        async def task_failed():
+            async for e in handle.fetch_history_events():
+                if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+                    return "a key nobody set" in e.workflow_task_failed_event_attributes.failure.message
+            return False
+        await _until(task_failed, 60, "the workflow task failing on the bug")
+        assert (await handle.describe()).status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+        history = json.loads(await decrypted_json(handle))
+        assert "step-failed" not in _sent_kinds(history) and "runbook-finished" not in _sent_kinds(history)
 
-            _BugInAStep.fixed = True  # the fix, deployed: the next attempt replays the run with it
-            assert await asyncio.wait_for(handle.result(), 90) == "done"
+        _BugInAStep.fixed = True  # the fix, deployed: the next attempt replays the run with it
+        assert await asyncio.wait_for(handle.result(), 90) == "done"
     history = json.loads(await decrypted_json(handle))
     wanted = sum("runbook-finished" in kinds for kinds in ncfg.notifications.routing().values())
     assert wanted and _sent_kinds(history).count("runbook-finished") == wanted, _sent_kinds(history)
-    heads = _slack_kinds(http_recorder.on("/slack/"), wid)
+    heads = _slack_kinds(http_recorder.on("/slack/"), handle.id)
     assert len(heads) == 2 and "started: bug-probe" in heads[0] and "finished: bug-probe" in heads[1], heads
 
 
@@ -397,23 +412,13 @@ async def test_a_second_approval_in_one_run_pages_again(lab, client, worker, ncf
     second trigger joined the first's incident: acknowledged by the on-call who answered the
     first, PagerDuty notified nobody, and the run waited out its timeout. Each gate is now an
     incident of its own, resolved by its decision."""
-    from temporalio.worker import UnsandboxedWorkflowRunner
-
-    queue = f"notify-gates-{uuid.uuid4().hex[:8]}"
-    wid = f"notify-gates-{uuid.uuid4().hex[:8]}"
-    with ThreadPoolExecutor(4) as executor:
-        async with Worker(client, task_queue=queue, workflows=[_TwoGates], activities=control_activities(ncfg),
-                          activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
-            handle = await client.start_workflow(_TwoGates.run, lab.cfg.service, id=wid, task_queue=queue)
-            for i in (1, 2):
-                async def paged(i=i):
-                    return any(p["event_action"] == "trigger" and p["dedup_key"].endswith(f"/approval-{i}")
-                               for p in http_recorder.on("/pd") if wid in p["dedup_key"])
-                await _until(paged, 60, f"the page for approval {i}")
-                await handle.execute_update("approve", ApprovalDecision(approver="dana", decision="approve"))
-            assert await asyncio.wait_for(handle.result(), 60) == ["approved", "approved"]
-    pd = [(p["event_action"], p["dedup_key"].rsplit("/", 1)[-1]) for p in http_recorder.on("/pd")
-          if wid in p["dedup_key"]]
+    async with _probe(client, ncfg, _TwoGates, "notify-gates", lab.cfg.service) as handle:
+        for i in (1, 2):
+            await _until(_async(lambda i=i: ("trigger", f"approval-{i}") in _pages(http_recorder, handle.id)), 60,
+                         f"the page for approval {i}")
+            await handle.execute_update("approve", ApprovalDecision(approver="dana", decision="approve"))
+        assert await asyncio.wait_for(handle.result(), 60) == ["approved", "approved"]
+    pd = _pages(http_recorder, handle.id)
     assert pd == [("trigger", "approval-1"), ("resolve", "approval-1"), ("trigger", "approval-2"),
                   ("resolve", "approval-2"), ("resolve", handle.result_run_id)], pd
 
@@ -421,24 +426,13 @@ async def test_a_second_approval_in_one_run_pages_again(lab, client, worker, ncf
 async def test_an_approval_cancelled_while_it_waits_resolves_its_page(lab, client, worker, ncfg, http_recorder):
     """A gate's page is an incident of its own: cancelled while it waits, the run resolves it
     (its end resolves only the run's incident, so it would stay open for nobody to answer)."""
-    from temporalio.worker import UnsandboxedWorkflowRunner
-
-    queue = f"notify-gates-{uuid.uuid4().hex[:8]}"
-    wid = f"notify-gates-{uuid.uuid4().hex[:8]}"
-    with ThreadPoolExecutor(4) as executor:
-        async with Worker(client, task_queue=queue, workflows=[_TwoGates], activities=control_activities(ncfg),
-                          activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
-            handle = await client.start_workflow(_TwoGates.run, lab.cfg.service, id=wid, task_queue=queue)
-
-            async def paged():
-                return any(p["event_action"] == "trigger" and p["dedup_key"].endswith("/approval-1")
-                           for p in http_recorder.on("/pd") if wid in p["dedup_key"])
-            await _until(paged, 60, "the page for the approval")
-            await handle.cancel()
-            with pytest.raises(WorkflowFailureError):
-                await asyncio.wait_for(handle.result(), 60)
-    pd = [(p["event_action"], p["dedup_key"].rsplit("/", 1)[-1]) for p in http_recorder.on("/pd")
-          if wid in p["dedup_key"]]
+    async with _probe(client, ncfg, _TwoGates, "notify-gates", lab.cfg.service) as handle:
+        await _until(_async(lambda: ("trigger", "approval-1") in _pages(http_recorder, handle.id)), 60,
+                     "the page for the approval")
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 60)
+    pd = _pages(http_recorder, handle.id)
     assert ("resolve", "approval-1") in pd, pd
 
 
@@ -460,34 +454,29 @@ async def test_a_cancel_while_the_end_is_announced_does_not_turn_the_outcome_int
     "cancelled" would report a move that was made as one that was not (nor may it cut the
     message short)."""
     from temporalio.api.enums.v1 import EventType
-    from temporalio.worker import UnsandboxedWorkflowRunner
 
-    queue = f"notify-hold-{uuid.uuid4().hex[:8]}"
-    wid = f"notify-hold-{uuid.uuid4().hex[:8]}"
     http_recorder.held.clear()
     http_recorder.release.clear()
     try:
-        with ThreadPoolExecutor(4) as executor:
-            async with Worker(client, task_queue=queue, workflows=[_QuickEnd], activities=control_activities(ncfg),
-                              activity_executor=executor, workflow_runner=UnsandboxedWorkflowRunner()):
-                handle = await client.start_workflow(_QuickEnd.run, lab.cfg.service, id=wid, task_queue=queue)
-                await _until(_async(http_recorder.held.is_set), 60, "the finished message to reach the chat")
-                await handle.cancel()
+        # (the recorder holds "finished" for runs whose id starts notify-hold-)
+        async with _probe(client, ncfg, _QuickEnd, "notify-hold", lab.cfg.service) as handle:
+            await _until(_async(http_recorder.held.is_set), 60, "the finished message to reach the chat")
+            await handle.cancel()
 
-                async def cancel_seen():
-                    asked = False
-                    async for e in handle.fetch_history_events():
-                        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
-                            asked = True
-                        elif asked and e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
-                            return True
-                    return False
-                await _until(cancel_seen, 60, "the run to have taken the cancel request")
-                http_recorder.release.set()
-                assert await asyncio.wait_for(handle.result(), 60) == "done"
+            async def cancel_seen():
+                asked = False
+                async for e in handle.fetch_history_events():
+                    if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
+                        asked = True
+                    elif asked and e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                        return True
+                return False
+            await _until(cancel_seen, 60, "the run to have taken the cancel request")
+            http_recorder.release.set()
+            assert await asyncio.wait_for(handle.result(), 60) == "done"
     finally:
         http_recorder.release.set()
-    heads = _slack_kinds(http_recorder.on("/slack/"), wid)
+    heads = _slack_kinds(http_recorder.on("/slack/"), handle.id)
     assert len(heads) == 2 and "finished: end-probe" in heads[1], heads
 
 
