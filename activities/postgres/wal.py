@@ -346,22 +346,6 @@ class _Reader:
         before = self.lookback and lsn_to_int(m.group(3)) < self.first
         if before:
             self._saw_before(xid)
-            if rmgr == "Transaction" and op.startswith("COMMIT"):
-                # A COMMIT PREPARED record's own tx is 0: the prepared xid is in its text.
-                if prepared := _PREPARED_XID.match(rest):
-                    self._saw_before(int(prepared.group(1)))
-                for x in (subs.group(1).split() if (subs := _SUBXACTS.search(rest)) else ()):
-                    self._saw_before(int(x))
-            if rmgr == "Standby" and op == "RUNNING_XACTS":
-                if done := _LATEST_COMPLETED.search(rest):
-                    self._saw_before(int(done.group(1)))
-                # Listed as running can be one whose commit record was already written (the
-                # snapshot is taken before it is logged), possibly in a segment not read: its
-                # rows are pre-fork, and left out they would count as the survivor's changes.
-                # (One still running that had written nothing moves the horizon past ids the
-                # survivor may hand out first: its first rows are then judged by timestamp.)
-                for x in ((running.group(1) or "").split() if (running := _RUNNING.search(line)) else ()):
-                    self._saw_before(int(x))
         if rmgr == "Transaction":
             self._end_of(m, xid, op, before)
             return
@@ -370,6 +354,16 @@ class _Reader:
             # read too. The newest snapshot before the start wins.
             self.running_before = {int(x) for x in (running.group(1) or "").split()}
             self.snapshot_before = True
+            # For the horizon: the newest transaction ended by then, and the running ones. One
+            # listed running may have written its commit already (the snapshot is taken before it
+            # is logged), possibly in a segment not read: its rows are pre-fork, and left out they
+            # would count as the survivor's changes. (One still running that had written nothing
+            # moves the horizon past ids the survivor may hand out first: its first rows are then
+            # judged by timestamp.)
+            if done := _LATEST_COMPLETED.search(rest):
+                self._saw_before(int(done.group(1)))
+            for x in self.running_before:
+                self._saw_before(x)
         self.placed.add(xid)
         if rmgr == "Storage" and not before and op == "CREATE" and (made := _CREATED.search(rest)):
             self.created.add((int(made.group(1) or DEFAULT_TABLESPACE), int(made.group(2)), int(made.group(3))))
@@ -424,6 +418,10 @@ class _Reader:
             subs = _SUBXACTS.search(m.group(5))
             for x in (xid, *(int(s) for s in (subs.group(1).split() if subs else ()))):
                 self.pending.pop(x, None)
+                if before and op.startswith("COMMIT"):
+                    # Committed before the start: its rows and its subtransactions' are pre-fork,
+                    # and a COMMIT PREPARED's record carries only the prepared xid (tx 0).
+                    self._saw_before(x)
 
     def result(self, start: str, end: str, reached: bool) -> WalScan:
         # A change only before the start (lookback) names no op: still a relation the
