@@ -361,8 +361,6 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 oids[t] = oid
                 if oid is None:
                     continue
-                if surv is not None and _filenode(conn, ident) != _filenode(surv, ident):
-                    refiled.append(t)
                 mine = {k: f for k, f in files.items() if f.owner == oid}
                 why = _full_read_reason(found, oid in truncated) or (
                     "its file was created on the loser after the fork (TRUNCATE, or a rewrite: VACUUM FULL, CLUSTER, "
@@ -370,9 +368,11 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 if why is None and not mine:
                     rows[t], deleted[t], reads[t] = [], [], TableRead(mode="unchanged")
                     continue
+                if surv is not None and _filenode(conn, ident) != _filenode(surv, ident):
+                    refiled.append(t)
                 heaps = [(f, changes[k]) for k, f in mine.items() if f.relkind == "r"]
                 if why is None and surv is not None:
-                    why = _rewritten_on_survivor(conn, surv, heaps)
+                    why = _rewritten_on_survivor(surv, heaps)
                 if why is not None:
                     rows[t], keys[t] = _read_full(conn, ident, key, ts_column[t], since, xids, committed_at)
                     if surv is not None:
@@ -456,13 +456,12 @@ def _filenode(conn: psycopg.Connection, ident: sql.Composable) -> int | None:
         sql.Literal(ident.as_string(conn)))).fetchone()[0]
 
 
-def _rewritten_on_survivor(loser: psycopg.Connection, surv: psycopg.Connection, heaps) -> str | None:
+def _rewritten_on_survivor(surv: psycopg.Connection, heaps) -> str | None:
     """A heap file the survivor no longer has under the same relfilenode was rewritten there
     (VACUUM FULL, CLUSTER, a table rewrite): its rows moved, the loser's block numbers mean
     nothing on it."""
     for f, rc in heaps:
-        theirs = surv.execute(sql.SQL("select pg_relation_filenode(to_regclass({}))").format(
-            sql.Literal(f.relation.as_string(loser)))).fetchone()[0]
+        theirs = _filenode(surv, f.relation)
         if theirs != rc.relfilenode:
             return f"{f.name} has another file on the survivor ({theirs} != {rc.relfilenode}): rewritten since the fork"
     return None
