@@ -278,23 +278,25 @@ _COUNTED = {"insert_loser": "inserted", "apply_loser": "updated", "merge": "upda
             "flag": "flagged", "keep_survivor": "kept"}
 
 
-def _count(cur: psycopg.Cursor, summary: ApplySummary) -> None:
-    q = sql.SQL("select _e_action, count(*), count(*) filter (where _e_conflict) from {} group by 1")
-    for action, n, conflicts in cur.execute(q.format(_RESOLVED_TMP)).fetchall():
+def _tally(summary: ApplySummary, rows) -> None:
+    """(action, keys, conflicts) rows into the summary's counts, which start from zero."""
+    for name in (*_COUNTED.values(), "conflicts"):
+        setattr(summary, name, 0)
+    for action, n, conflicts in rows:
         setattr(summary, _COUNTED[action], getattr(summary, _COUNTED[action]) + n)
         summary.conflicts += conflicts
+
+
+def _count(cur: psycopg.Cursor, summary: ApplySummary) -> None:
+    q = sql.SQL("select _e_action, count(*), count(*) filter (where _e_conflict) from {} group by 1")
+    _tally(summary, cur.execute(q.format(_RESOLVED_TMP)).fetchall())
 
 
 def _count_audited(cur: psycopg.Cursor, summary: ApplySummary, table: str, workflow_id: str, run_id: str) -> None:
-    for name in _COUNTED.values():
-        setattr(summary, name, 0)
-    summary.conflicts = 0
-    for action, n, conflicts in cur.execute(
-            "select action, count(*), count(*) filter (where conflict) from eagle_dr.conflict_audit"
-            " where workflow_id = %s and run_id = %s and table_name = %s group by 1",
-            (workflow_id, run_id, table)).fetchall():
-        setattr(summary, _COUNTED[action], getattr(summary, _COUNTED[action]) + n)
-        summary.conflicts += conflicts
+    _tally(summary, cur.execute(
+        "select action, count(*), count(*) filter (where conflict) from eagle_dr.conflict_audit"
+        " where workflow_id = %s and run_id = %s and table_name = %s group by 1",
+        (workflow_id, run_id, table)).fetchall())
 
 
 def _sample(cur: psycopg.Cursor, limit: int) -> list[dict]:
