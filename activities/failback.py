@@ -14,6 +14,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
 from activities.conflicts.apply import ApplySummary, apply_resolutions
+from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
 from activities.postgres import epoch as epochs
 from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
@@ -84,6 +85,12 @@ class Reconciliation(BaseModel):
     # The survivor's rows with an xmin from this id on counted as changed after the fork whatever
     # their timestamps (divergence.LoserRows.survivor_xid_from); None: by their timestamps alone.
     survivor_xid_from: int | None = None
+    # Tables either side rewrote since the fork (a migration, pg_repack): their survivor rows
+    # were judged by timestamps alone, survivor_xid_from or not.
+    rewritten: list[str] = []
+    # Writes that still break a foreign key after the holds' last round (conflicts/foreign_keys.py):
+    # committed, and reported; empty but for a pathological schema.
+    foreign_keys_broken: list[str] = []
 
     def totals(self) -> tuple[int, int, int]:
         """(rows written to the survivor, conflicts, flagged for a human)."""
@@ -180,42 +187,54 @@ class FailbackActivities:
             configs.update(extra)
         info = activity.info()
         priority = {r.name: r.priority for r in self.cfg.regions}
-        out = []
         applying = time.monotonic()
+        changed = {t: c for t, c in configs.items() if t in got.rows and got.reads[t].mode != "unchanged"}
+        now = req.decided_at or datetime.now(timezone.utc)  # one for every round of apply_all
+
+        def apply_all(holds: Holds) -> dict[str, ApplySummary]:
+            return {table: apply_resolutions(
+                conn, table, tcfg, got.rows[table], got.deleted.get(table, []), loser_region=req.region,
+                survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
+                now=now, workflow_id=info.workflow_id,
+                run_id=info.workflow_run_id, approved_by=req.approved_by, rehearse=req.preview,
+                # A table either side rewrote since the fork: its xmins say nothing (timestamps, as before).
+                survivor_xid_from=None if table in got.rewritten else got.survivor_xid_from,
+                hold=holds.get(table)) for table, tcfg in changed.items()}
+
         with connect(primary, 10) as conn:
-            for table, tcfg in configs.items():
-                if table not in got.rows:
-                    continue
-                how = got.reads[table]
-                deleted = got.deleted.get(table, [])
-                if how.mode == "unchanged":
-                    # The old primary's WAL shows no change to it after the fork: nothing of its
-                    # to reconcile, and nothing read on either side.
-                    out.append(TableReconciliation(table=table, strategy=tcfg.strategy, loser_rows=0, deleted_keys=0,
-                                                   read_mode=how.mode))
-                    continue
-                summary = apply_resolutions(
-                    conn, table, tcfg, got.rows[table], deleted, loser_region=req.region,
-                    survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
-                    now=req.decided_at or datetime.now(timezone.utc), workflow_id=info.workflow_id,
-                    run_id=info.workflow_run_id, approved_by=req.approved_by, dry_run=req.preview,
-                    # A table either side rewrote since the fork: its xmins say nothing (timestamps, as before).
-                    survivor_xid_from=None if table in got.rewritten else got.survivor_xid_from)
-                out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(got.rows[table]),
-                                               deleted_keys=len(deleted), read_mode=how.mode,
-                                               blocks_read=how.blocks, full_read_why=how.why))
-                if not req.preview and summary.audit_rows:
-                    # Only the attempt that wrote the audit rows counts: a retry that finds them
-                    # already applied (audit_rows 0) must not count the same conflicts twice.
-                    metrics.conflicts_resolved(activity.metric_meter(), self.cfg.service, table, summary.strategy,
-                                               conflicts=summary.conflicts, flagged=summary.flagged)
+            # Every table in one transaction, checked for foreign keys before it commits (see
+            # conflicts/foreign_keys.py); a preview runs the same and rolls it all back.
+            with conn.transaction(force_rollback=req.preview):
+                summaries, broken = apply_keeping_foreign_keys(
+                    conn, {t: c.key for t, c in changed.items()}, apply_all, survivor_region=req.primary_region)
+        out = []
+        for table, tcfg in configs.items():
+            if table not in got.rows:
+                continue
+            how = got.reads[table]
+            deleted = got.deleted.get(table, [])
+            if table not in summaries:
+                # The old primary's WAL shows no change to it after the fork: nothing of its
+                # to reconcile, and nothing read on either side.
+                out.append(TableReconciliation(table=table, strategy=tcfg.strategy, loser_rows=0, deleted_keys=0,
+                                               read_mode=how.mode))
+                continue
+            summary = summaries[table]
+            out.append(TableReconciliation(**summary.model_dump(), loser_rows=len(got.rows[table]),
+                                           deleted_keys=len(deleted), read_mode=how.mode,
+                                           blocks_read=how.blocks, full_read_why=how.why))
+            if not req.preview and summary.audit_rows:
+                # Only the attempt that wrote the audit rows counts: a retry that finds them
+                # already applied (audit_rows 0) must not count the same conflicts twice.
+                metrics.conflicts_resolved(activity.metric_meter(), self.cfg.service, table, summary.strategy,
+                                           conflicts=summary.conflicts, flagged=summary.flagged)
         seconds = {**got.seconds, "apply": round(time.monotonic() - applying, 3)}
         catalog = [c.describe() for c in got.changed if c.kind == "catalog"]
         return Reconciliation(since=since, tables=out, preview=req.preview,
                               unlisted_reconciled=sorted(extra), catalog_changes=catalog,
                               loser_read_wal_bytes=got.read_wal_bytes, seconds=seconds,
-                              # A table either side rewrote since the fork: its xmins say nothing (timestamps, as before).
-                    survivor_xid_from=None if table in got.rewritten else got.survivor_xid_from)
+                              survivor_xid_from=got.survivor_xid_from, rewritten=sorted(set(got.rewritten) & set(changed)),
+                              foreign_keys_broken=broken)
 
     def _unlisted(self, unlisted: list[ChangedRelation], primary) -> tuple[dict[str, TableConflictConfig], list[str]]:
         """Strategies for changed tables `conflicts:` does not list, per `unlisted_tables`; and

@@ -92,8 +92,11 @@ class Rejoin(Runbook):
             st.detail = _counts(reconciliation) + _reads(reconciliation)
             if flagged := reconciliation.totals()[2]:
                 notes.append(f"{flagged} changes were flagged for a human, not applied (immutable-append-only "
-                             "tables, insert-insert key collisions): see eagle_dr.conflict_audit where "
-                             "action = 'flag'")
+                             "tables, insert-insert key collisions, writes that would break a foreign key): see "
+                             "eagle_dr.conflict_audit where action = 'flag'")
+            if reconciliation.foreign_keys_broken:
+                notes.append(f"{len(reconciliation.foreign_keys_broken)} applied changes still break a foreign key "
+                             f"on {req.primary_region}: {'; '.join(reconciliation.foreign_keys_broken[:5])}")
             if blind := [t.table for t in reconciliation.tables if t.loser_rows and t.created_column is None]:
                 notes.append(f"no creation column (created_at, or created_column under conflicts:) on "
                              f"{', '.join(blind)}: a key both sides inserted after the fork, or a row "
@@ -104,6 +107,9 @@ class Rejoin(Runbook):
                 notes.append(f"{req.primary_region}'s changes since the fork were judged by their timestamp columns "
                              f"alone (the WAL read named no transaction before the fork): a row it changed without "
                              f"moving the timestamp counted as unchanged, and {req.region}'s version replaced it")
+            elif reconciliation.rewritten:
+                notes.append(f"{', '.join(reconciliation.rewritten)} rewritten since the fork (a migration, pg_repack): "
+                             f"{req.primary_region}'s changes there were judged by their timestamp columns alone")
             if reconciliation.unlisted_reconciled:
                 notes.append(f"tables not listed under conflicts: were reconciled last-write-wins "
                              f"(unlisted_tables): {', '.join(reconciliation.unlisted_reconciled)}")

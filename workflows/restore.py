@@ -409,7 +409,11 @@ class RestoreWorkflow(Runbook):
             rec.detail = _recovery_counts(recovery) + "; every key in eagle_dr.conflict_audit"
             if flagged := recovery.totals()[3]:
                 self.degraded.append(f"{flagged} keys were flagged for a human, not written (the primary re-used "
-                                     "them for other rows): see eagle_dr.conflict_audit where action = 'flag'")
+                                     "them for other rows, or writing them would break a foreign key): see "
+                                     "eagle_dr.conflict_audit where action = 'flag'")
+            if recovery.foreign_keys_broken:
+                self.degraded.append(f"{len(recovery.foreign_keys_broken)} written rows still break a foreign key: "
+                                     f"{'; '.join(recovery.foreign_keys_broken[:5])}")
         return recovery
 
     async def _drop(self, region: str, queue: str, req: RestoreRequest, scratch: Scratch | None) -> None:

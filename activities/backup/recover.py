@@ -35,6 +35,7 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
+from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
 from activities.postgres.divergence import regclass_sql
 from eagle_dr.config import TableConflictConfig, TableName
 
@@ -60,6 +61,9 @@ class TableRecovery(ApplySummary):
 class RowRecovery(BaseModel):
     preview: bool
     tables: list[TableRecovery]
+    # Recovered rows that still break a foreign key after the holds' last round: committed and
+    # reported (conflicts/foreign_keys.py); empty but for a pathological schema.
+    foreign_keys_broken: list[str] = []
 
     def totals(self) -> tuple[int, int, int, int]:
         """(inserted, updated, deleted, flagged)."""
@@ -127,7 +131,6 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
                  conflicts: dict[str, TableConflictConfig], primary_region: str, restored_to: datetime,
                  workflow_id: str, run_id: str, approved_by: str | None, preview: bool) -> RowRecovery:
     """Decide (``preview``: and roll back) or apply every selected row of the copy to the primary."""
-    out = []
     plans = []
     # Everything is read and checked before the first table is written: a typo in the third
     # table must not leave the first two recovered and the rest not. The primary's keys are
@@ -142,14 +145,23 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
         in_copy = {tuple(r[k] for k in tcfg.key) for r in rows}
         missing = [k for k in (tuple(r[c] for c in tcfg.key) for r in live) if k not in in_copy]
         plans.append((s, tcfg, rows, missing))
-    # One transaction for every table (each table's apply is a savepoint in it): all tables
-    # recovered, or none. A preview rolls all of it back, the audit table's creation included.
-    with primary.transaction(force_rollback=preview):
+    def apply_all(holds: Holds) -> list[TableRecovery]:
+        out = []
         for s, tcfg, rows, missing in plans:
             summary = apply_resolutions(
                 primary, s.table, tcfg, rows, missing if s.delete_missing else [], loser_region=BACKUP_REGION,
                 survivor_region=primary_region, region_priority={BACKUP_REGION: 0, primary_region: 1},
                 fork_time=EPOCH, now=restored_to, workflow_id=workflow_id, run_id=run_id, approved_by=approved_by,
-                dry_run=preview, sample=5)
+                rehearse=preview, sample=5, hold=holds.get(s.table))
             out.append(TableRecovery(**summary.model_dump(), rows_in_copy=len(rows), missing_in_copy=len(missing)))
-    return RowRecovery(preview=preview, tables=out)
+        return out
+
+    # One transaction for every table (each table's apply is a savepoint in it): all tables
+    # recovered, or none, and checked for foreign keys before it commits: a recovered row whose
+    # parent is gone, or a deletion the primary's newer rows still refer to, is flagged instead
+    # (conflicts/foreign_keys.py). A preview runs the same and rolls all of it back, the audit
+    # table's creation included.
+    with primary.transaction(force_rollback=preview):
+        out, broken = apply_keeping_foreign_keys(
+            primary, {s.table: tcfg.key for s, tcfg, _, _ in plans}, apply_all, survivor_region=primary_region)
+    return RowRecovery(preview=preview, tables=out, foreign_keys_broken=broken)

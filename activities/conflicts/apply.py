@@ -326,6 +326,57 @@ def _write(cur: psycopg.Cursor, target: sql.Identifier, names: list[str], key: l
              key=sql.SQL(", ").join(sql.Identifier(k) for k in key), on_conflict=on_conflict))
 
 
+_HOLD_TMP = sql.Identifier("_eagle_dr_hold")
+
+
+def _hold(conn: psycopg.Connection, target: sql.Identifier, columns: list[Column], key: list[str],
+          hold: Mapping[str, str], survivor_region: str) -> None:
+    """The decisions for ``hold``'s keys turned into flags: the survivor's row stays as it is
+    (the result), and the audit keeps both versions, whatever the decision elided."""
+    conn.execute(sql.SQL("drop table if exists {}").format(_HOLD_TMP))
+    conn.execute(sql.SQL("create temp table {} (pk jsonb primary key, reason text not null) on commit drop")
+                 .format(_HOLD_TMP))
+    with conn.cursor().copy(sql.SQL("copy {} (pk, reason) from stdin").format(_HOLD_TMP)) as copy:
+        for pk, reason in hold.items():
+            copy.write_row([pk, reason])
+    k0 = sql.Identifier(key[0])
+
+    def match(alias: str) -> sql.Composable:
+        return sql.SQL(" and ").join(sql.SQL("{0}.{1} = k.{1}").format(sql.Identifier(alias), sql.Identifier(c))
+                                     for c in key)
+
+    names = [c.name for c in columns]
+    conn.execute(sql.SQL("""
+        update {resolved} r set _e_action = 'flag', _e_reason = h._e_h_reason, _e_elided = false, _e_winner = {s_region},
+               _e_r_present = h._e_h_s_present, _e_s_json = h._e_h_s_json,
+               _e_l_json = coalesce(r._e_l_json, h._e_h_l_json), {set_cols}
+        from (select x.pk as _e_h_pk, x.reason as _e_h_reason, s.{k0} is not null as _e_h_s_present,
+                     case when s.{k0} is null then null else to_jsonb(s) end as _e_h_s_json,
+                     case when l.{k0} is null or l._e_deleted then null else to_jsonb(l) - '_e_deleted' end as _e_h_l_json,
+                     {s_cols}
+              from {hold} x cross join lateral jsonb_populate_record(null::{target}, x.pk) k
+              left join {target} s on {s_match}
+              left join {loser} l on {l_match}) h
+        where r._e_pk = h._e_h_pk
+    """).format(resolved=_RESOLVED_TMP, s_region=sql.Literal(survivor_region), k0=k0, hold=_HOLD_TMP,
+                target=target, loser=_LOSER_TMP, s_match=match("s"), l_match=match("l"),
+                set_cols=sql.SQL(", ").join(sql.SQL("{0} = h.{0}").format(sql.Identifier(n)) for n in names),
+                s_cols=sql.SQL(", ").join(sql.SQL("s.{0}").format(sql.Identifier(n)) for n in names)))
+
+
+# Set up by foreign_keys.apply_keeping_foreign_keys (only where a foreign key is at stake): the
+# keys this transaction writes, deletes or flags, for its check. The audit cannot tell them: a
+# retry after an attempt that committed writes no audit row, yet may decide a key again.
+TOUCHED_TMP = "_eagle_dr_touched"
+
+
+def _record_touched(cur: psycopg.Cursor, table: str) -> None:
+    if cur.execute("select to_regclass(%s) is not null", (f"pg_temp.{TOUCHED_TMP}",)).fetchone()[0]:
+        cur.execute(sql.SQL("insert into {} (table_name, pk, action, survivor_version)"
+                            " select {}, _e_pk, _e_action, _e_s_json from {} where _e_action <> 'keep_survivor'")
+                    .format(sql.Identifier(TOUCHED_TMP), sql.Literal(table), _RESOLVED_TMP))
+
+
 def _advance_sequences(cur: psycopg.Cursor, target: sql.Identifier) -> None:
     """Each sequence the table's columns own (serial, identity), moved past the highest value
     now in its column. Both sides drew from the sequence after the fork: the loser's inserts
@@ -411,6 +462,8 @@ def apply_resolutions(
     dry_run: bool = False,
     sample: int = 5,
     survivor_xid_from: int | None = None,
+    hold: Mapping[str, str] | None = None,
+    rehearse: bool = False,
 ) -> ApplySummary:
     """Resolve the loser's changed rows and deleted keys against ``table`` on the survivor
     (``conn``) and apply the outcome, all in one transaction (a savepoint if one is open).
@@ -424,7 +477,13 @@ def apply_resolutions(
     ``survivor_xid_from`` (wal.WalScan.xid_horizon): a survivor row whose xmin is from it on
     was changed after the fork even when its timestamp says otherwise (an UPDATE that left
     ``updated_at`` alone, a loser clock running ahead). Without it only the timestamp tells,
-    and such a row counts as unchanged: the loser's version replaces it and it is kept nowhere."""
+    and such a row counts as unchanged: the loser's version replaces it and it is kept nowhere.
+
+    ``hold``: keys (the audit's ``primary_key`` as jsonb text) flagged whatever they decide,
+    with the reason; ``foreign_keys.apply_keeping_foreign_keys`` holds the ones whose write
+    would break a foreign key. ``rehearse``: write everything, for a caller that rolls it all
+    back (a preview that checks foreign keys across tables): the sample is taken, sequences
+    are left alone (setval is not rolled back) and ``audit_rows`` is 0."""
     columns = _columns(conn, table)
     _check_inputs(cfg, columns, loser_region, survivor_region, fork_time, now)
     cfg = with_created_column(cfg, columns)
@@ -457,14 +516,21 @@ def apply_resolutions(
         cur.execute("set local enable_hashjoin = off")
         cur.execute(sql.SQL("create temp table {} on commit drop as {}").format(_RESOLVED_TMP, query))
         cur.execute(sql.SQL("set local enable_hashjoin = {}").format(sql.Literal(previous["enable_hashjoin"])))
+        if hold:
+            _hold(conn, target, columns, cfg.key, hold, survivor_region)
         _count(cur, summary)
-        if dry_run:
+        if dry_run or rehearse:
             summary.sample = _sample(cur, sample)
+        if dry_run:
             return summary
+        _record_touched(cur, table)
         _write(cur, target, [c.name for c in columns], cfg.key)
-        _advance_sequences(cur, target)
+        if not rehearse:
+            _advance_sequences(cur, target)
         retried = _audited_before(cur, table, workflow_id, run_id)
         summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by, decide.result_json())
+        if rehearse:
+            summary.audit_rows = 0
         if retried:
             # An earlier attempt of this run committed (its result was lost: a timeout, a worker
             # killed). This one decided against rows already holding that result, where every

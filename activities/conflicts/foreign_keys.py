@@ -1,0 +1,215 @@
+"""Foreign keys across a reconcile: the loser's writes must not break them on the survivor.
+
+Rows are applied with ``session_replication_role = replica`` (see ``apply``), which also skips
+PostgreSQL's foreign-key triggers, its checks and its cascades alike. Each side was consistent
+on its own; the two merged need not be:
+
+* the loser inserted (or updated) a child row whose parent the survivor deleted after the fork,
+  or whose parent's loser version was itself not applied (flagged): the child would refer to
+  nothing, or to another row under the same key;
+* the loser deleted a parent (its children went with it, on the loser) while the survivor gave
+  it new children: deleting it orphans them, and a cascade would delete the survivor's own new
+  rows without a word.
+
+So the caller applies every table in one transaction and ``apply_keeping_foreign_keys`` checks
+it before it commits, for the keys the apply touched only (``apply.TOUCHED_TMP``): a referenced
+column always has a unique index and the survivor's child rows are found by one join, so the
+cost follows the divergence, never a validation of a whole table. Each
+key whose write breaks a foreign key is held: decided again as a flag (the survivor's row
+stays, the audit keeps both versions for a human), by rolling the apply back to its savepoint
+and running it again with the holds. Holding a parent insert leaves the loser's children under
+it with nothing to refer to, so the check first runs to a fixed point on what it held;
+another round is rare (a held child whose survivor version refers to a deleted parent), and
+bounded: what the last round still finds is committed and reported, never hidden.
+
+Known limit: a parent's referenced columns that are not its conflict key, changed by a loser
+update whose decision elides the survivor's version (only the loser changed it), are not
+checked for survivor children left referring to the old value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+
+from activities.conflicts.apply import TOUCHED_TMP
+from eagle_dr.config import TableName
+
+# Table (the ``conflicts:`` name the audit uses) -> {primary key as jsonb text: why it is held}.
+Holds = dict[str, dict[str, str]]
+T = TypeVar("T")
+
+ROUNDS = 5
+# Fixed-point passes of the check within a round: one per level of a chain of held rows (a
+# comment thread's replies, say), far more than a schema's depth.
+PASSES = 100
+_WRITTEN = ("insert_loser", "apply_loser", "merge")
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    name: str
+    child_oid: int
+    child: sql.Identifier
+    columns: tuple[str, ...]
+    parent_oid: int
+    parent: sql.Identifier
+    referenced: tuple[str, ...]
+
+    def describe(self, child: str, parent: str) -> str:
+        return f"{self.name} ({child}.{', '.join(self.columns)} -> {parent}.{', '.join(self.referenced)})"
+
+
+def foreign_keys(conn: psycopg.Connection, oids: list[int]) -> list[ForeignKey]:
+    """Every foreign key from or to one of ``oids``, whatever the other table (listed or not)."""
+    rows = conn.cursor(row_factory=tuple_row).execute("""
+        select c.conname, c.conrelid::oid, cn.nspname, cr.relname,
+               array(select a.attname::text from unnest(c.conkey) with ordinality k(n, i)
+                     join pg_attribute a on a.attrelid = c.conrelid and a.attnum = k.n order by k.i),
+               c.confrelid::oid, pn.nspname, pr.relname,
+               array(select a.attname::text from unnest(c.confkey) with ordinality k(n, i)
+                     join pg_attribute a on a.attrelid = c.confrelid and a.attnum = k.n order by k.i)
+        from pg_constraint c
+        join pg_class cr on cr.oid = c.conrelid join pg_namespace cn on cn.oid = cr.relnamespace
+        join pg_class pr on pr.oid = c.confrelid join pg_namespace pn on pn.oid = pr.relnamespace
+        where c.contype = 'f' and (c.conrelid = any(%(oids)s) or c.confrelid = any(%(oids)s))
+        order by c.conname, c.oid""", {"oids": oids}).fetchall()
+    return [ForeignKey(name, c_oid, sql.Identifier(c_ns, c_rel), tuple(cols), p_oid, sql.Identifier(p_ns, p_rel),
+                       tuple(ref)) for name, c_oid, c_ns, c_rel, cols, p_oid, p_ns, p_rel, ref in rows]
+
+
+def _eq(a: str, a_cols: tuple[str, ...], b: str, b_cols: tuple[str, ...]) -> sql.Composable:
+    return sql.SQL(" and ").join(sql.SQL("{}.{} = {}.{}").format(
+        sql.Identifier(a), sql.Identifier(x), sql.Identifier(b), sql.Identifier(y)) for x, y in zip(a_cols, b_cols))
+
+
+def _not_null(alias: str, cols: tuple[str, ...]) -> sql.Composable:
+    # MATCH SIMPLE (the default) checks a row only when none of its columns is null; a MATCH
+    # FULL row is all null or none, which each side's own checks kept so.
+    return sql.SQL(" and ").join(sql.SQL("{}.{} is not null").format(sql.Identifier(alias), sql.Identifier(c))
+                                 for c in cols)
+
+
+_TOUCHED = sql.Identifier(TOUCHED_TMP)
+
+
+class _Check:
+    def __init__(self, conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str):
+        self.conn, self.keys, self.survivor = conn, keys, survivor_region
+        cur = conn.cursor(row_factory=tuple_row)
+        self.oid = {t: cur.execute("select %s::regclass::oid",
+                                   (TableName.parse(t, catalog=True).identifier.as_string(conn),)).fetchone()[0]
+                    for t in keys}
+        self.name = {oid: t for t, oid in self.oid.items()}
+        self.fks = foreign_keys(conn, list(self.oid.values()))
+
+    def _label(self, oid: int, ident: sql.Identifier) -> str:
+        return self.name.get(oid) or ident.as_string(self.conn)
+
+    def _run(self, q: sql.Composable, table: str, **params) -> list[str]:
+        cur = self.conn.cursor(row_factory=tuple_row)
+        return [r[0] for r in cur.execute(q, {"table": table, **params})]
+
+    def _children_broken(self, fk: ForeignKey, held: Holds) -> tuple[str, list[str]]:
+        """Keys of the child table the loser wrote that refer to no parent, or to a parent key
+        whose loser version was not applied."""
+        table, parent = self.name[fk.child_oid], self.name.get(fk.parent_oid)
+        key = [sql.Identifier(k) for k in self.keys[table]]
+        of_held = sql.SQL("")
+        params: dict = {}
+        if parent is not None and set(fk.referenced) == set(self.keys[parent]):
+            by_ref = dict(zip(fk.referenced, fk.columns))
+            parent_pk = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+                sql.SQL("{}, c.{}").format(sql.Literal(k), sql.Identifier(by_ref[k])) for k in self.keys[parent]))
+            of_held = sql.SQL("""
+                or {pk} in (select pa.pk from {touched} pa where pa.table_name = %(parent)s and pa.action = 'flag')
+                or {pk} = any(%(held)s::jsonb[])""").format(pk=parent_pk, touched=_TOUCHED)
+            params = {"parent": parent, "held": list(held.get(parent, {}))}
+        q = sql.SQL("""
+            select distinct a.pk::text from {touched} a
+            cross join lateral jsonb_populate_record(null::{child}, a.pk) k
+            join {child} c on {c_is_k}
+            where a.table_name = %(table)s and a.action = any(%(written)s) and {not_null}
+              and (not exists (select 1 from {parent} p where {p_is_c}) {of_held})
+        """).format(child=fk.child, parent=fk.parent, touched=_TOUCHED,
+                    c_is_k=sql.SQL(" and ").join(sql.SQL("c.{0} = k.{0}").format(k) for k in key),
+                    not_null=_not_null("c", fk.columns), p_is_c=_eq("p", fk.referenced, "c", fk.columns),
+                    of_held=of_held)
+        why = (f"foreign key {fk.describe(table, self._label(fk.parent_oid, fk.parent))}: the row it refers to "
+               f"is not on {self.survivor} as the loser had it (deleted there, or its loser version held); "
+               "not applied, for a human to settle")
+        return why, self._run(q, table, written=list(_WRITTEN), **params)
+
+    def _parents_still_referred(self, fk: ForeignKey) -> tuple[str, list[str]]:
+        """Keys of the parent table the loser deleted (or whose referenced columns it changed)
+        that the survivor's child rows still refer to."""
+        table = self.name[fk.parent_oid]
+        q = sql.SQL("""
+            select distinct a.pk::text from {touched} a
+            cross join lateral jsonb_populate_record(null::{parent}, a.survivor_version) o
+            where a.table_name = %(table)s and a.action in ('delete', 'apply_loser', 'merge')
+              and a.survivor_version is not null and {not_null}
+              and not exists (select 1 from {parent} p where {p_is_o})
+              and exists (select 1 from {child} c where {c_is_o})
+        """).format(parent=fk.parent, child=fk.child, touched=_TOUCHED,
+                    not_null=_not_null("o", fk.referenced), p_is_o=_eq("p", fk.referenced, "o", fk.referenced),
+                    c_is_o=_eq("c", fk.columns, "o", fk.referenced))
+        why = (f"foreign key {fk.describe(self._label(fk.child_oid, fk.child), table)}: rows on {self.survivor} "
+               "still refer to it; not deleted (nor changed), for a human to settle")
+        return why, self._run(q, table)
+
+    def broken(self, holds: Holds) -> Holds:
+        """New holds, run to a fixed point: keys whose write breaks a foreign key as the tables
+        stand in this transaction, or would once ``holds`` and the new ones are held."""
+        new: Holds = {}
+        for _ in range(PASSES):
+            found = False
+            held = {t: {**holds.get(t, {}), **new.get(t, {})} for t in self.keys}
+            for fk in self.fks:
+                checks = []
+                if fk.child_oid in self.name:
+                    checks.append((self.name[fk.child_oid], *self._children_broken(fk, held)))
+                if fk.parent_oid in self.name:
+                    checks.append((self.name[fk.parent_oid], *self._parents_still_referred(fk)))
+                for table, why, pks in checks:
+                    for pk in pks:
+                        if pk not in held[table] and pk not in new.get(table, {}):
+                            new.setdefault(table, {})[pk] = why
+                            found = True
+            if not found:
+                break
+        return new
+
+
+def apply_keeping_foreign_keys(
+    conn: psycopg.Connection, keys: Mapping[str, list[str]], apply: Callable[[Holds], T], *,
+    survivor_region: str, rounds: int = ROUNDS,
+) -> tuple[T, list[str]]:
+    """``apply(holds)`` (every table of ``keys``, name -> key columns, applied with those holds)
+    run in a savepoint of the caller's transaction until no write breaks a foreign key. Returns
+    its result and what the last round still found broken (empty but for a pathological case;
+    it is committed with the rest and must be reported)."""
+    check = _Check(conn, keys, survivor_region)
+    holds: Holds = {}
+    for n in range(1, rounds + 1):
+        with conn.transaction() as tx:
+            if check.fks:
+                conn.execute(sql.SQL("create temp table {} (table_name text not null, pk jsonb not null, action text"
+                                     " not null, survivor_version jsonb) on commit drop").format(_TOUCHED))
+            result = apply(holds)
+            if check.fks:
+                conn.execute(sql.SQL("analyze {}").format(_TOUCHED))  # temp tables are never auto-analyzed
+            new = check.broken(holds) if check.fks else {}
+            if not new:
+                return result, []
+            if n == rounds:
+                return result, [f"{table} {pk}: {why}" for table, pks in new.items() for pk, why in pks.items()]
+            for table, pks in new.items():
+                holds.setdefault(table, {}).update(pks)
+            raise psycopg.Rollback(tx)
+    raise AssertionError("unreachable: the last round returns")

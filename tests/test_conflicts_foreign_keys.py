@@ -1,0 +1,219 @@
+"""Foreign keys across a reconcile, on a real PostgreSQL 15 (port 17851 + the test port shift).
+
+The apply writes with ``session_replication_role = replica``, which skips PostgreSQL's own
+foreign-key checks and cascades: these tests merge two sides that were each consistent into
+one that would not be, and hold the apply to flagging the writes that break a key instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from activities.conflicts.apply import ApplySummary, apply_resolutions
+from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
+from eagle_dr.config import TableConflictConfig
+from lab.postgres import PostgresNode
+from lab.scratch_postgres import scratch_postgres
+
+_SHIFT = int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) - 2000
+PORT = 17851 + _SHIFT
+BASE = Path(tempfile.gettempdir()) / ("eagle-dr-test-foreign-keys" + (f"-{_SHIFT}" if _SHIFT else ""))
+
+SURVIVOR, LOSER = "us-west-2", "us-east-1"
+PRIORITY = {SURVIVOR: 1, LOSER: 2}
+T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
+FORK = T0 + timedelta(hours=2)
+NOW = FORK + timedelta(minutes=30)
+LWW = TableConflictConfig(strategy="last-write-wins")
+
+SCHEMA = """
+drop table if exists fk_note, fk_reply, fk_child, fk_parent cascade;
+create table fk_parent (id bigint primary key, name text not null,
+                        created_at timestamptz not null, updated_at timestamptz not null);
+create table fk_child (id bigint primary key, parent_id bigint references fk_parent (id) on delete cascade,
+                       body text not null, created_at timestamptz not null, updated_at timestamptz not null);
+create table fk_reply (id bigint primary key, child_id bigint not null references fk_child (id),
+                       body text not null, created_at timestamptz not null, updated_at timestamptz not null);
+-- Nobody lists it under conflicts: and the loser never touched it; its rows still count.
+create table fk_note (id bigint primary key, parent_id bigint references fk_parent (id), body text);
+drop table if exists eagle_dr.conflict_audit;
+"""
+
+
+def at(minute: float) -> datetime:
+    return FORK + timedelta(minutes=minute)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresNode]:
+    with scratch_postgres(PORT, "foreign-keys", BASE) as node:
+        yield node
+
+
+@pytest.fixture
+def db(pg: PostgresNode) -> Iterator[psycopg.Connection]:
+    with pg.connect(row_factory=dict_row) as conn:
+        conn.autocommit = True
+        conn.execute(SCHEMA)
+        yield conn
+
+
+def parent(key: int, name: str, created: datetime = T0, updated: datetime | None = None) -> dict[str, Any]:
+    return {"id": key, "name": name, "created_at": created, "updated_at": updated or created}
+
+
+def child(key: int, parent_id: int | None, body: str, created: datetime = T0, table: str = "parent_id") -> dict[str, Any]:
+    return {"id": key, table: parent_id, "body": body, "created_at": created, "updated_at": created}
+
+
+def seed(conn: psycopg.Connection, table: str, *rows: dict[str, Any]) -> None:
+    for r in rows:
+        cols = list(r)
+        conn.execute(f"insert into {table} ({', '.join(cols)}) values ({', '.join(['%s'] * len(cols))})",
+                     [r[c] for c in cols])
+
+
+# The loser's post-fork changes per table: (rows it wrote, keys it deleted).
+Changes = dict[str, tuple[list[dict[str, Any]], list[tuple]]]
+
+
+def reconcile(conn: psycopg.Connection, changes: Changes, preview: bool = False
+              ) -> tuple[dict[str, ApplySummary], list[str]]:
+    """What failback's reconcile does: every table in one transaction, foreign keys kept."""
+    def apply_all(holds: Holds) -> dict[str, ApplySummary]:
+        return {t: apply_resolutions(conn, t, LWW, rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-fk",
+                                     "run-1", rehearse=preview, hold=holds.get(t))
+                for t, (rows, deleted) in changes.items()}
+
+    with conn.transaction(force_rollback=preview):
+        return apply_keeping_foreign_keys(conn, {t: ["id"] for t in changes}, apply_all, survivor_region=SURVIVOR)
+
+
+def ids(conn: psycopg.Connection, table: str) -> list[int]:
+    return [r["id"] for r in conn.execute(f"select id from {table} order by id")]
+
+
+def audited(conn: psycopg.Connection, table: str) -> dict[int, dict[str, Any]]:
+    return {r["primary_key"]["id"]: r for r in conn.execute(
+        "select * from eagle_dr.conflict_audit where table_name = %s", (table,))}
+
+
+def orphans(conn: psycopg.Connection) -> list[tuple[str, int]]:
+    return [(r["t"], r["id"]) for r in conn.execute("""
+        select 'fk_child' t, id from fk_child c where parent_id is not null
+            and not exists (select 1 from fk_parent p where p.id = c.parent_id)
+        union all select 'fk_reply', id from fk_reply r where not exists (select 1 from fk_child c where c.id = r.child_id)
+        union all select 'fk_note', id from fk_note n where parent_id is not null
+            and not exists (select 1 from fk_parent p where p.id = n.parent_id)""")]
+
+
+def test_a_loser_child_under_a_parent_the_survivor_deleted_is_flagged_not_orphaned(db):
+    # Parent 1 existed at the fork; the survivor deleted it since (its children with it).
+    seed(db, "fk_parent", parent(2, "kept"))
+    summaries, broken = reconcile(db, {
+        "fk_child": ([child(10, 1, "under the deleted parent", at(5)), child(11, 2, "under a kept one", at(5))], []),
+    })
+    assert broken == []
+    assert ids(db, "fk_child") == [11]
+    assert orphans(db) == []
+    s = summaries["fk_child"]
+    assert (s.inserted, s.flagged) == (1, 1)
+    row = audited(db, "fk_child")[10]
+    assert row["action"] == "flag" and "foreign key fk_child_parent_id_fkey" in row["reason"]
+    # The loser's row is kept in the audit for the human who settles it; nothing else holds it.
+    assert row["loser_version"]["body"] == "under the deleted parent" and row["survivor_version"] is None
+    assert audited(db, "fk_child")[11]["action"] == "insert_loser"
+
+
+def test_a_loser_delete_of_a_parent_the_survivor_gave_new_children_is_flagged_not_cascaded(db):
+    seed(db, "fk_parent", parent(3, "p3"), parent(4, "p4"), parent(8, "p8"))
+    seed(db, "fk_child", child(30, 3, "old child"), child(31, 3, "survivor's new child", at(4)))
+    db.execute("insert into fk_note values (80, 8, 'a note nobody listed')")
+    # The loser deleted parents 3, 4 and 8, and child 30 with 3 (its cascade).
+    summaries, broken = reconcile(db, {"fk_parent": ([], [(3,), (4,), (8,)]), "fk_child": ([], [(30,)])})
+    assert broken == []
+    assert ids(db, "fk_parent") == [3, 8]
+    assert ids(db, "fk_child") == [31]
+    assert ids(db, "fk_note") == [80]
+    assert orphans(db) == []
+    assert (summaries["fk_parent"].deleted, summaries["fk_parent"].flagged) == (1, 2)
+    kept = audited(db, "fk_parent")
+    assert kept[3]["action"] == kept[8]["action"] == "flag"
+    assert "fk_child" in kept[3]["reason"] and "fk_note" in kept[8]["reason"]
+    assert kept[3]["survivor_version"]["name"] == "p3" and kept[3]["result"]["name"] == "p3"
+    assert kept[4]["action"] == "delete"
+
+
+def test_a_held_parent_holds_the_loser_rows_under_it_however_deep_and_whatever_the_table_order(db):
+    # Both sides inserted a parent 5 after the fork: two rows, one key, the loser's is flagged.
+    seed(db, "fk_parent", parent(5, "survivor's 5", at(3)))
+    changes = {
+        "fk_reply": ([child(500, 50, "reply to the loser's child", at(7), table="child_id"),
+                      child(600, 60, "reply under a new parent", at(7), table="child_id")], []),
+        "fk_child": ([child(50, 5, "under the loser's 5", at(6)), child(60, 6, "under a new parent", at(6))], []),
+        "fk_parent": ([parent(5, "loser's 5", at(2)), parent(6, "new", at(2))], []),
+    }
+    summaries, broken = reconcile(db, changes)
+    assert broken == []
+    assert ids(db, "fk_parent") == [5, 6] and ids(db, "fk_child") == [60] and ids(db, "fk_reply") == [600]
+    assert db.execute("select name from fk_parent where id = 5").fetchone()["name"] == "survivor's 5"
+    assert orphans(db) == []
+    assert [summaries[t].flagged for t in ("fk_parent", "fk_child", "fk_reply")] == [1, 1, 1]
+    assert audited(db, "fk_child")[50]["action"] == audited(db, "fk_reply")[500]["action"] == "flag"
+    assert audited(db, "fk_child")[50]["loser_version"]["body"] == "under the loser's 5"
+
+
+def test_a_preview_shows_the_holds_and_leaves_everything_as_it_was(db):
+    seed(db, "fk_parent", parent(3, "p3"))
+    seed(db, "fk_child", child(31, 3, "survivor's new child", at(4)))
+    summaries, broken = reconcile(db, {"fk_parent": ([], [(3,)]), "fk_child": ([child(10, 1, "orphan", at(5))], [])},
+                                  preview=True)
+    assert broken == []
+    assert (summaries["fk_parent"].flagged, summaries["fk_child"].flagged) == (1, 1)
+    assert {s["action"] for s in summaries["fk_child"].sample} == {"flag"}
+    assert ids(db, "fk_parent") == [3] and ids(db, "fk_child") == [31]
+    assert db.execute("select to_regclass('eagle_dr.conflict_audit') is null as gone").fetchone()["gone"]
+
+
+def test_a_retry_after_the_run_committed_holds_its_writes_again(db):
+    seed(db, "fk_parent", parent(2, "kept"))
+    changes: Changes = {"fk_child": ([child(10, 1, "orphan", at(5)), child(11, 2, "fine", at(5))], [])}
+    reconcile(db, changes)
+    # The first attempt committed (its result was lost); the app has since deleted child 11 and
+    # parent 2. The retry writes no audit row, so only its own decisions can tell the check.
+    db.execute("delete from fk_child where id = 11")
+    db.execute("delete from fk_parent where id = 2")
+    summaries, broken = reconcile(db, changes)
+    assert broken == []
+    # The retry decided child 10 again (an insert, as before its hold): held again, not written.
+    assert ids(db, "fk_child") == [] and orphans(db) == []
+    assert summaries["fk_child"].audit_rows == 0
+    assert (summaries["fk_child"].inserted, summaries["fk_child"].flagged) == (1, 1)  # the run's, from its audit
+    assert len(audited(db, "fk_child")) == 2
+
+
+def test_tables_without_foreign_keys_take_one_round_and_record_nothing_extra(db):
+    db.execute("create table fk_free (id bigint primary key, body text, updated_at timestamptz not null)")
+    calls: list[Holds] = []
+
+    def apply_all(holds: Holds) -> ApplySummary:
+        calls.append(holds)
+        return apply_resolutions(db, "fk_free", LWW, [{"id": 1, "body": "b", "updated_at": at(1)}], [], LOSER,
+                                 SURVIVOR, PRIORITY, FORK, NOW, "wf-fk", "run-1")
+
+    try:
+        with db.transaction():
+            summary, broken = apply_keeping_foreign_keys(db, {"fk_free": ["id"]}, apply_all, survivor_region=SURVIVOR)
+            assert db.execute("select to_regclass('pg_temp._eagle_dr_touched') is null as none").fetchone()["none"]
+        assert (summary.inserted, broken, calls) == (1, [], [{}])
+    finally:
+        db.execute("drop table fk_free")
