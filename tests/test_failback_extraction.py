@@ -112,7 +112,9 @@ async def test_a_table_the_survivor_rewrote_is_judged_by_its_timestamps(lab, cli
                                 "where workflow_id = %s and table_name = 'subscriptions' and primary_key->>'id' = %s",
                  handle.id, str(row))
     assert audit == "f apply_loser", audit  # (boolean as text: f)
+    # The run's horizon stays known for the other tables; the rewritten one is named.
     assert report.reconciliation.survivor_xid_from is not None
+    assert report.reconciliation.rewritten == ["subscriptions"]
 
 
 async def test_a_verify_that_reads_back_no_audited_key_checks_every_table_instead(lab, client):

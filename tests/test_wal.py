@@ -138,6 +138,45 @@ def test_read_loser_names_what_changed_and_finds_rows_by_their_writer(tmp_path):
     assert got.oids["listed"] == names["public.listed"].oid
 
 
+def test_a_partition_rewritten_on_the_survivor_marks_its_table_rewritten():
+    """A partitioned table has no file of its own to compare: a migration on the survivor that
+    rewrote one partition (new xmins on its every row) must still mark the table, or its rows
+    there count as changed after the fork by their xmin alone."""
+    from datetime import datetime, timedelta, timezone
+
+    from activities.postgres.divergence import ForkPoint, read_loser
+    from eagle_dr.config import PostgresConfig
+
+    ddl = ["create table parted (id int primary key, body text, updated_at timestamptz not null default now())"
+           " partition by range (id)",
+           "create table parted_1 partition of parted for values from (0) to (1000)",
+           "create table parted_2 partition of parted for values from (1000) to (2000)",
+           "insert into parted (id, body) values (1, 'before'), (1001, 'before')"]
+    files = "select relid::regclass::text, pg_relation_filenode(relid) from pg_partition_tree('parted')"
+    with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor") as s:
+        cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
+                             bin_dir=n.cfg.bin_dir, os_user=n.user.name)
+        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
+                             autocommit=True) as c, \
+                psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres",
+                                autocommit=True) as d:
+            for q in ddl:
+                c.execute(q)
+                d.execute(q)
+            # Two fresh clusters given the same statements: the same files, as a standby's would be.
+            assert c.execute(files).fetchall() == d.execute(files).fetchall()
+            fork_time = datetime.now(timezone.utc)
+            start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+            c.execute("update parted set body = 'after' where id = 1")
+            d.execute("vacuum full parted_2")
+        n.stop("fast")
+        got = read_loser(cfg, {"parted": ["id"]}, fork_time - timedelta(minutes=1), {"parted": "updated_at"},
+                         fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
+                         survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time)
+    assert [r["body"] for r in got.rows["parted"]] == ["after"]
+    assert got.rewritten == ["parted"]
+
+
 def test_scan_names_the_blocks_and_follows_a_transaction_in_flight_at_the_start(node):
     """The blocks post-start commits wrote and removed rows in; a transaction that wrote before
     the start and committed after it counts, with its blocks, only when asked to look back;

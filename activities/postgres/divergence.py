@@ -180,8 +180,8 @@ class LoserRows(BaseModel):
     # The survivor's rows with an xmin from this id on were written after the fork
     # (WalScan.xid_horizon); None: unknown, its changes are judged by their timestamps alone.
     survivor_xid_from: int | None = None
-    # Tables whose file differs between the loser and the survivor (equal up to the fork under
-    # physical replication): one side rewrote it (ALTER TABLE ... TYPE, pg_repack, VACUUM FULL),
+    # Tables whose file (or a partition's) differs between the loser and the survivor (equal up
+    # to the fork under physical replication): one side rewrote it (ALTER TABLE ... TYPE, pg_repack),
     # which can give every row a new xmin, so xmins say nothing about the survivor's changes.
     rewritten: list[str] = []
 
@@ -368,7 +368,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 if why is None and not mine:
                     rows[t], deleted[t], reads[t] = [], [], TableRead(mode="unchanged")
                     continue
-                if surv is not None and _filenode(conn, ident) != _filenode(surv, ident):
+                if surv is not None and _files_of(conn, ident) != _files_of(surv, ident):
                     refiled.append(t)
                 heaps = [(f, changes[k]) for k, f in mine.items() if f.relkind == "r"]
                 if why is None and surv is not None:
@@ -454,6 +454,14 @@ def _rewritten_on_loser(conn: psycopg.Connection, created: set[tuple[int, int, i
 def _filenode(conn: psycopg.Connection, ident: sql.Composable) -> int | None:
     return conn.execute(sql.SQL("select pg_relation_filenode(to_regclass({}))").format(
         sql.Literal(ident.as_string(conn)))).fetchone()[0]
+
+
+def _files_of(conn: psycopg.Connection, ident: sql.Composable) -> dict[str, int | None]:
+    """The table's file and each of its partitions', by name: a partitioned table has none of
+    its own, and a partition rewritten on one side is as telling as the table."""
+    return dict(conn.execute(sql.SQL("select relid::regclass::text, pg_relation_filenode(relid)"
+                                     " from pg_partition_tree(to_regclass({}))").format(
+        sql.Literal(ident.as_string(conn)))).fetchall())
 
 
 def _rewritten_on_survivor(surv: psycopg.Connection, heaps) -> str | None:
