@@ -217,3 +217,152 @@ def test_tables_without_foreign_keys_take_one_round_and_record_nothing_extra(db)
         assert (summary.inserted, broken, calls) == (1, [], [{}])
     finally:
         db.execute("drop table fk_free")
+
+
+# -- what a review found ---------------------------------------------------------------------
+
+def test_children_under_a_partitioned_parent_are_checked_against_the_whole_parent(db):
+    """A key to a partitioned table has a hidden copy per partition: checked one by one, each
+    child would be missing from every partition but its own."""
+    db.execute("""
+        create table fk_pp (id bigint primary key, created_at timestamptz not null, updated_at timestamptz not null)
+            partition by range (id);
+        create table fk_pp_a partition of fk_pp for values from (0) to (100);
+        create table fk_pp_b partition of fk_pp for values from (100) to (200);
+        create table fk_pc (id bigint primary key, parent_id bigint references fk_pp (id), body text not null,
+                            created_at timestamptz not null, updated_at timestamptz not null)""")
+    try:
+        db.execute("insert into fk_pp values (1, %s, %s), (150, %s, %s)", (T0, T0, T0, T0))
+        summaries, broken = reconcile(db, {"fk_pc": ([child(10, 1, "in a", at(5)), child(11, 150, "in b", at(5)),
+                                                      child(12, 99, "in neither", at(5))], [])})
+        assert broken == []
+        assert (summaries["fk_pc"].inserted, summaries["fk_pc"].flagged) == (2, 1)
+        assert ids(db, "fk_pc") == [10, 11]
+    finally:
+        db.execute("drop table fk_pc, fk_pp")
+
+
+def test_a_chain_of_deletes_down_to_a_survivor_reply_keeps_the_whole_chain_in_one_round(db, monkeypatch):
+    """The loser deleted a thread (its cascade: comments 1 -> 2 -> ... -> 6); the survivor had
+    replied to comment 6. Each delete above a held one is held too, in one round: five rounds
+    were all a chain of six got, and the sixth delete was committed, orphaning the rest."""
+    from activities.conflicts import foreign_keys
+
+    db.execute("""create table fk_thread (id bigint primary key, parent_id bigint references fk_thread (id)
+                  on delete cascade, body text not null, created_at timestamptz not null,
+                  updated_at timestamptz not null)""")
+    try:
+        seed(db, "fk_thread", *[child(i, i - 1 if i > 1 else None, f"comment {i}") for i in range(1, 7)])
+        seed(db, "fk_thread", child(7, 6, "survivor's reply", at(4)))
+        rounds: list[Holds] = []
+        original = foreign_keys._Check.broken
+
+        def counted(self, holds):
+            rounds.append(holds)
+            return original(self, holds)
+
+        monkeypatch.setattr(foreign_keys._Check, "broken", counted)
+        summaries, broken = reconcile(db, {"fk_thread": ([], [(i,) for i in range(1, 7)])})
+        assert broken == [] and len(rounds) == 2  # one that holds, one that finds nothing more
+        assert ids(db, "fk_thread") == [1, 2, 3, 4, 5, 6, 7]
+        assert summaries["fk_thread"].flagged == 6
+    finally:
+        db.execute("drop table fk_thread")
+
+
+def test_a_parent_an_application_deletes_meanwhile_is_waited_for_not_taken_as_there(db, pg):
+    """The parent table is not one the reconcile locks (the loser never touched it). The
+    application deletes the parent and commits while the check runs: the check waits for it,
+    as PostgreSQL's own would, and holds the child."""
+    import threading
+
+    db.execute("""create table fk_att (id bigint primary key, parent_id bigint references fk_parent (id),
+                  body text not null, created_at timestamptz not null, updated_at timestamptz not null)""")
+    seed(db, "fk_parent", parent(1, "p1"))
+    app = pg.connect()
+    app.autocommit = False  # the delete stays uncommitted until the check waits for it
+    app.execute("set lock_timeout = '20s'")  # a failure here must fail, not hang
+    pid = db.execute("select pg_backend_pid() as pid").fetchone()["pid"]
+    done = threading.Event()
+
+    def commit_once_the_check_waits() -> None:
+        with pg.connect() as watcher:
+            watcher.autocommit = True
+            while not done.is_set():  # polled: the check waits on the app's row lock
+                if watcher.execute("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                                   (pid,)).fetchone()[0]:
+                    app.commit()
+                    return
+                watcher.execute("select pg_sleep(0.01)")
+
+    def apply_all(holds: Holds) -> dict[str, ApplySummary]:
+        out = {"fk_att": apply_resolutions(db, "fk_att", LWW, [child(10, 1, "under p1", at(5))], [], LOSER,
+                                           SURVIVOR, PRIORITY, FORK, NOW, "wf-fk", "run-1", hold=holds.get("fk_att"))}
+        if not holds:
+            app.execute("delete from fk_parent where id = 1")  # not committed when the check looks
+        return out
+
+    waiter = threading.Thread(target=commit_once_the_check_waits)
+    waiter.start()
+    try:
+        db.execute("set lock_timeout = '20s'")
+        with db.transaction():
+            summaries, broken = apply_keeping_foreign_keys(db, {"fk_att": ["id"]}, apply_all,
+                                                           survivor_region=SURVIVOR)
+    finally:
+        done.set()
+        waiter.join(timeout=60)
+        app.close()
+        db.execute("reset lock_timeout")
+    try:
+        assert broken == [] and summaries["fk_att"].flagged == 1
+        assert ids(db, "fk_att") == [] and ids(db, "fk_parent") == []
+    finally:
+        db.execute("drop table fk_att")
+
+
+def test_a_flagged_update_of_a_parent_holds_no_child_still_referring_to_it(db):
+    """An append-only parent the loser edited is flagged, yet it is the same row on both
+    sides: a child the loser edited that still refers to it is applied."""
+    append_only = TableConflictConfig(strategy="immutable-append-only")
+    seed(db, "fk_parent", parent(1, "p1"))
+    seed(db, "fk_child", child(10, 1, "old"))
+
+    def apply_all(holds: Holds) -> dict[str, ApplySummary]:
+        return {"fk_parent": apply_resolutions(db, "fk_parent", append_only, [parent(1, "edited", T0, at(5))], [],
+                                               LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-fk", "run-1",
+                                               hold=holds.get("fk_parent")),
+                "fk_child": apply_resolutions(db, "fk_child", LWW, [{**child(10, 1, "edited"), "updated_at": at(6)}],
+                                              [], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-fk", "run-1",
+                                              hold=holds.get("fk_child"))}
+
+    with db.transaction():
+        summaries, broken = apply_keeping_foreign_keys(db, {"fk_parent": ["id"], "fk_child": ["id"]}, apply_all,
+                                                       survivor_region=SURVIVOR)
+    assert broken == []
+    assert (summaries["fk_parent"].flagged, summaries["fk_child"].flagged, summaries["fk_child"].updated) == (1, 0, 1)
+    assert db.execute("select body from fk_child where id = 10").fetchone()["body"] == "edited"
+
+
+def test_a_key_the_run_flagged_stays_flagged_in_its_retry(db):
+    """The first attempt held child 10 (no parent) and committed; the application then created
+    the parent. The retry writes no audit row: writing the child would leave the audit saying
+    "flagged" about a row that was written."""
+    changes: Changes = {"fk_child": ([child(10, 1, "orphan at first", at(5))], [])}
+    reconcile(db, changes)
+    seed(db, "fk_parent", parent(1, "created since"))
+    summaries, broken = reconcile(db, changes)
+    assert ids(db, "fk_child") == []
+    assert audited(db, "fk_child")[10]["action"] == "flag" and summaries["fk_child"].flagged == 1
+
+
+def test_reading_the_audit_never_waits_for_a_reconcile(db, pg):
+    """The audit table's DDL runs only when it is not as it should be: ALTER TABLE ... IF NOT
+    EXISTS still takes an ACCESS EXCLUSIVE lock, held to the end of the reconcile's one
+    transaction, and an operator reading the audit would hang."""
+    reconcile(db, {"fk_child": ([], [])})  # the audit table now exists, committed
+    with db.transaction(), pg.connect() as reader:
+        apply_resolutions(db, "fk_child", LWW, [child(10, None, "x", at(5))], [], LOSER, SURVIVOR, PRIORITY, FORK,
+                          NOW, "wf-fk", "run-2")
+        reader.execute("set lock_timeout = '2s'")
+        assert reader.execute("select count(*) from eagle_dr.conflict_audit").fetchone()[0] == 0

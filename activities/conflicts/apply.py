@@ -47,6 +47,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from pydantic import BaseModel
 
+from activities.conflicts import engine
 from activities.conflicts.loser_copy import LoserCopy
 from activities.conflicts.resolve_sql import RESERVED_PREFIXES, Column, DecideQuery
 from eagle_dr.config import TableConflictConfig, TableName
@@ -106,7 +107,21 @@ class ApplySummary(BaseModel):
     sample: list[dict] = []
 
 
+def _audit_table_current(conn: psycopg.Connection) -> bool:
+    return conn.cursor(row_factory=tuple_row).execute(
+        "select to_regclass('eagle_dr.conflict_audit_run_decision') is not null"
+        " and to_regclass('eagle_dr.conflict_audit_timestamp') is not null"
+        " and to_regclass('eagle_dr.conflict_audit_decision') is null"
+        " and exists (select 1 from pg_attribute where attrelid = to_regclass('eagle_dr.conflict_audit')"
+        "             and attname = 'versions_elided' and not attisdropped)").fetchone()[0]
+
+
 def ensure_audit_table(conn: psycopg.Connection) -> None:
+    # As it should be (every run after the first): no DDL at all. ALTER TABLE ... IF NOT
+    # EXISTS still takes an ACCESS EXCLUSIVE lock, held to the end of the caller's transaction
+    # (every table of a reconcile is applied in one): anyone reading the audit would wait.
+    if _audit_table_current(conn):
+        return
     with conn.transaction():
         # Two first runs at once would race on CREATE ... IF NOT EXISTS (a unique violation in pg_type).
         conn.execute("select pg_advisory_xact_lock(hashtext('eagle_dr.conflict_audit'))")
@@ -370,11 +385,14 @@ def _hold(conn: psycopg.Connection, target: sql.Identifier, columns: list[Column
 TOUCHED_TMP = "_eagle_dr_touched"
 
 
-def _record_touched(cur: psycopg.Cursor, table: str) -> None:
+def _record_touched(cur: psycopg.Cursor, table: str, collision: str) -> None:
+    """``collision``: the reason an insert-insert key collision is flagged with (the loser's row
+    under that key is another row than the survivor's: its children refer to one not there)."""
     if cur.execute("select to_regclass(%s) is not null", (f"pg_temp.{TOUCHED_TMP}",)).fetchone()[0]:
-        cur.execute(sql.SQL("insert into {} (table_name, pk, action, survivor_version)"
-                            " select {}, _e_pk, _e_action, _e_s_json from {} where _e_action <> 'keep_survivor'")
-                    .format(sql.Identifier(TOUCHED_TMP), sql.Literal(table), _RESOLVED_TMP))
+        cur.execute(sql.SQL("insert into {} (table_name, pk, action, survivor_version, collided)"
+                            " select {}, _e_pk, _e_action, _e_s_json, _e_action = 'flag' and _e_reason = {} from {}"
+                            " where _e_action <> 'keep_survivor'")
+                    .format(sql.Identifier(TOUCHED_TMP), sql.Literal(table), sql.Literal(collision), _RESOLVED_TMP))
 
 
 def _advance_sequences(cur: psycopg.Cursor, target: sql.Identifier) -> None:
@@ -516,6 +534,13 @@ def apply_resolutions(
         cur.execute("set local enable_hashjoin = off")
         cur.execute(sql.SQL("create temp table {} on commit drop as {}").format(_RESOLVED_TMP, query))
         cur.execute(sql.SQL("set local enable_hashjoin = {}").format(sql.Literal(previous["enable_hashjoin"])))
+        if _audited_before(cur, table, workflow_id, run_id):
+            # An earlier attempt of this run committed: a key it flagged stays flagged (its audit
+            # row, one per key, says so), though what held it may have changed since (a foreign
+            # key's parent written meanwhile).
+            hold = {**dict(cur.execute(
+                "select primary_key::text, reason from eagle_dr.conflict_audit where workflow_id = %s and run_id = %s"
+                " and table_name = %s and action = 'flag'", (workflow_id, run_id, table)).fetchall()), **(hold or {})}
         if hold:
             _hold(conn, target, columns, cfg.key, hold, survivor_region)
         _count(cur, summary)
@@ -523,7 +548,7 @@ def apply_resolutions(
             summary.sample = _sample(cur, sample)
         if dry_run:
             return summary
-        _record_touched(cur, table)
+        _record_touched(cur, table, engine.collision(survivor_region, loser_region))
         _write(cur, target, [c.name for c in columns], cfg.key)
         if not rehearse:
             _advance_sequences(cur, target)

@@ -78,6 +78,11 @@ def foreign_keys(conn: psycopg.Connection, oids: list[int]) -> list[ForeignKey]:
         join pg_class cr on cr.oid = c.conrelid join pg_namespace cn on cn.oid = cr.relnamespace
         join pg_class pr on pr.oid = c.confrelid join pg_namespace pn on pn.oid = pr.relnamespace
         where c.contype = 'f' and (c.conrelid = any(%(oids)s) or c.confrelid = any(%(oids)s))
+          -- A key to a partitioned table has a hidden copy per partition it refers to: checked
+          -- one by one, a row in one partition would be missing from every other. Copies on
+          -- the referring side (a partition of a partitioned child) are kept: a partition may
+          -- be the table listed.
+          and (c.conparentid = 0 or c.confrelid = (select r.confrelid from pg_constraint r where r.oid = c.conparentid))
         order by c.conname, c.oid""", {"oids": oids}).fetchall()
     return [ForeignKey(name, c_oid, sql.Identifier(c_ns, c_rel), tuple(cols), p_oid, sql.Identifier(p_ns, p_rel),
                        tuple(ref)) for name, c_oid, c_ns, c_rel, cols, p_oid, p_ns, p_rel, ref in rows]
@@ -116,8 +121,10 @@ class _Check:
         return [r[0] for r in cur.execute(q, {"table": table, **params})]
 
     def _children_broken(self, fk: ForeignKey, held: Holds) -> tuple[str, list[str]]:
-        """Keys of the child table the loser wrote that refer to no parent, or to a parent key
-        whose loser version was not applied."""
+        """Keys of the child table the loser wrote that refer to no parent (its row locked as
+        PostgreSQL's own check locks it: an app deleting it now waits for this transaction, or
+        this check waits for its commit), or to a parent the loser inserted that will not be
+        applied (held, or another row under its key: a collision)."""
         table, parent = self.name[fk.child_oid], self.name.get(fk.parent_oid)
         key = [sql.Identifier(k) for k in self.keys[table]]
         of_held = sql.SQL("")
@@ -126,42 +133,58 @@ class _Check:
             by_ref = dict(zip(fk.referenced, fk.columns))
             parent_pk = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
                 sql.SQL("{}, c.{}").format(sql.Literal(k), sql.Identifier(by_ref[k])) for k in self.keys[parent]))
+            # Only a parent the loser inserted: one the survivor holds too (a flagged update, a
+            # held change) is the same row to its children, still there.
             of_held = sql.SQL("""
-                or {pk} in (select pa.pk from {touched} pa where pa.table_name = %(parent)s and pa.action = 'flag')
-                or {pk} = any(%(held)s::jsonb[])""").format(pk=parent_pk, touched=_TOUCHED)
+                or {pk} in (select pa.pk from {touched} pa where pa.table_name = %(parent)s
+                            and (pa.collided or (pa.action = 'insert_loser' and pa.pk = any(%(held)s::jsonb[]))))
+                """).format(pk=parent_pk, touched=_TOUCHED)
             params = {"parent": parent, "held": list(held.get(parent, {}))}
         q = sql.SQL("""
             select distinct a.pk::text from {touched} a
             cross join lateral jsonb_populate_record(null::{child}, a.pk) k
             join {child} c on {c_is_k}
             where a.table_name = %(table)s and a.action = any(%(written)s) and {not_null}
-              and (not exists (select 1 from {parent} p where {p_is_c}) {of_held})
+              and (not exists (select 1 from {parent} p where {p_is_c} for key share of p) {of_held})
         """).format(child=fk.child, parent=fk.parent, touched=_TOUCHED,
                     c_is_k=sql.SQL(" and ").join(sql.SQL("c.{0} = k.{0}").format(k) for k in key),
                     not_null=_not_null("c", fk.columns), p_is_c=_eq("p", fk.referenced, "c", fk.columns),
                     of_held=of_held)
         why = (f"foreign key {fk.describe(table, self._label(fk.parent_oid, fk.parent))}: the row it refers to "
-               f"is not on {self.survivor} as the loser had it (deleted there, or its loser version held); "
-               "not applied, for a human to settle")
+               f"is not on {self.survivor} as the loser had it (deleted there, or the loser's own not applied)")
         return why, self._run(q, table, written=list(_WRITTEN), **params)
 
-    def _parents_still_referred(self, fk: ForeignKey) -> tuple[str, list[str]]:
+    def _parents_still_referred(self, fk: ForeignKey, held: Holds) -> tuple[str, list[str]]:
         """Keys of the parent table the loser deleted (or whose referenced columns it changed)
-        that the survivor's child rows still refer to."""
-        table = self.name[fk.parent_oid]
+        that the survivor's child rows still refer to, or will once the held ones stay as the
+        survivor has them (a child delete held: the child stays)."""
+        table, child = self.name[fk.parent_oid], self.name.get(fk.child_oid)
+        cur = self.conn.cursor(row_factory=tuple_row)
+        if not cur.execute(sql.SQL("select exists (select 1 from {} where table_name = %s and action in"
+                                   " ('delete', 'apply_loser', 'merge') and survivor_version is not null)")
+                           .format(_TOUCHED), (table,)).fetchone()[0]:
+            return "", []  # nothing removed from it: no child scan (its key may have no index)
+        of_held = sql.SQL("")
+        params: dict = {}
+        if child is not None and held.get(child):
+            of_held = sql.SQL("""
+                or exists (select 1 from {touched} h cross join lateral jsonb_populate_record(null::{child}, h.survivor_version) c
+                           where h.table_name = %(child)s and h.pk = any(%(held)s::jsonb[]) and {c_is_o})""").format(
+                touched=_TOUCHED, child=fk.child, c_is_o=_eq("c", fk.columns, "o", fk.referenced))
+            params = {"child": child, "held": list(held[child])}
         q = sql.SQL("""
             select distinct a.pk::text from {touched} a
             cross join lateral jsonb_populate_record(null::{parent}, a.survivor_version) o
             where a.table_name = %(table)s and a.action in ('delete', 'apply_loser', 'merge')
               and a.survivor_version is not null and {not_null}
               and not exists (select 1 from {parent} p where {p_is_o})
-              and exists (select 1 from {child} c where {c_is_o})
+              and (exists (select 1 from {child} c where {c_is_o}) {of_held})
         """).format(parent=fk.parent, child=fk.child, touched=_TOUCHED,
                     not_null=_not_null("o", fk.referenced), p_is_o=_eq("p", fk.referenced, "o", fk.referenced),
-                    c_is_o=_eq("c", fk.columns, "o", fk.referenced))
+                    c_is_o=_eq("c", fk.columns, "o", fk.referenced), of_held=of_held)
         why = (f"foreign key {fk.describe(self._label(fk.child_oid, fk.child), table)}: rows on {self.survivor} "
-               "still refer to it; not deleted (nor changed), for a human to settle")
-        return why, self._run(q, table)
+               "still refer to the row the loser deleted (or changed)")
+        return why, self._run(q, table, **params)
 
     def broken(self, holds: Holds) -> Holds:
         """New holds, run to a fixed point: keys whose write breaks a foreign key as the tables
@@ -175,7 +198,7 @@ class _Check:
                 if fk.child_oid in self.name:
                     checks.append((self.name[fk.child_oid], *self._children_broken(fk, held)))
                 if fk.parent_oid in self.name:
-                    checks.append((self.name[fk.parent_oid], *self._parents_still_referred(fk)))
+                    checks.append((self.name[fk.parent_oid], *self._parents_still_referred(fk, held)))
                 for table, why, pks in checks:
                     for pk in pks:
                         if pk not in held[table] and pk not in new.get(table, {}):
@@ -198,9 +221,16 @@ def apply_keeping_foreign_keys(
     holds: Holds = {}
     for n in range(1, rounds + 1):
         with conn.transaction() as tx:
+            # Every table's lock at once, before any write, in one order: held together to the
+            # commit, a lock taken table by table midway could deadlock with an application
+            # transaction writing two of them; taken here, losing that race costs nothing but a
+            # retry. (The apply's own per-table LOCK then finds it held.)
+            conn.execute(sql.SQL("lock table {} in share row exclusive mode").format(sql.SQL(", ").join(
+                TableName.parse(t, catalog=True).identifier for t in sorted(keys, key=check.oid.__getitem__))))
             if check.fks:
                 conn.execute(sql.SQL("create temp table {} (table_name text not null, pk jsonb not null, action text"
-                                     " not null, survivor_version jsonb) on commit drop").format(_TOUCHED))
+                                     " not null, survivor_version jsonb, collided boolean not null) on commit drop")
+                             .format(_TOUCHED))
             result = apply(holds)
             if check.fks:
                 conn.execute(sql.SQL("analyze {}").format(_TOUCHED))  # temp tables are never auto-analyzed
@@ -208,8 +238,10 @@ def apply_keeping_foreign_keys(
             if not new:
                 return result, []
             if n == rounds:
-                return result, [f"{table} {pk}: {why}" for table, pks in new.items() for pk, why in pks.items()]
+                return result, [f"{table} {pk}: {why}; committed so, still found after {rounds} rounds"
+                                for table, pks in new.items() for pk, why in pks.items()]
             for table, pks in new.items():
-                holds.setdefault(table, {}).update(pks)
+                holds.setdefault(table, {}).update({pk: f"{why}; not applied, for a human to settle"
+                                                    for pk, why in pks.items()})
             raise psycopg.Rollback(tx)
     raise AssertionError("unreachable: the last round returns")
