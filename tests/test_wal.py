@@ -138,7 +138,7 @@ def test_read_loser_names_what_changed_and_finds_rows_by_their_writer(tmp_path):
     assert got.oids["listed"] == names["public.listed"].oid
 
 
-def test_a_partition_rewritten_on_the_survivor_marks_its_table_rewritten():
+def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritten():
     """A partitioned table has no file of its own to compare: a migration on the survivor that
     rewrote one partition (new xmins on its every row) must still mark the table, or its rows
     there count as changed after the fork by their xmin alone."""
@@ -151,7 +151,9 @@ def test_a_partition_rewritten_on_the_survivor_marks_its_table_rewritten():
            " partition by range (id)",
            "create table parted_1 partition of parted for values from (0) to (1000)",
            "create table parted_2 partition of parted for values from (1000) to (2000)",
-           "insert into parted (id, body) values (1, 'before'), (1001, 'before')"]
+           "insert into parted (id, body) values (1, 'before'), (1001, 'before')",
+           "create table plain (id int primary key, body text, updated_at timestamptz not null default now())",
+           "insert into plain (id, body) values (1, 'before')"]
     files = "select relid::regclass::text, pg_relation_filenode(relid) from pg_partition_tree('parted')"
     with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor") as s:
         cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
@@ -168,13 +170,16 @@ def test_a_partition_rewritten_on_the_survivor_marks_its_table_rewritten():
             fork_time = datetime.now(timezone.utc)
             start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
             c.execute("update parted set body = 'after' where id = 1")
+            c.execute("update plain set body = 'after' where id = 1")
             d.execute("vacuum full parted_2")
+            d.execute("vacuum full plain")
         n.stop("fast")
-        got = read_loser(cfg, {"parted": ["id"]}, fork_time - timedelta(minutes=1), {"parted": "updated_at"},
+        got = read_loser(cfg, {"parted": ["id"], "plain": ["id"]}, fork_time - timedelta(minutes=1),
+                         {"parted": "updated_at", "plain": "updated_at"},
                          fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
                          survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time)
     assert [r["body"] for r in got.rows["parted"]] == ["after"]
-    assert got.rewritten == ["parted"]
+    assert sorted(got.rewritten) == ["parted", "plain"]  # a plain table too: pg_partition_tree gives it nothing
 
 
 def test_scan_names_the_blocks_and_follows_a_transaction_in_flight_at_the_start(node):

@@ -459,9 +459,12 @@ def _filenode(conn: psycopg.Connection, ident: sql.Composable) -> int | None:
 def _files_of(conn: psycopg.Connection, ident: sql.Composable) -> dict[str, int | None]:
     """The table's file and each of its partitions', by name: a partitioned table has none of
     its own, and a partition rewritten on one side is as telling as the table."""
-    return dict(conn.execute(sql.SQL("select relid::regclass::text, pg_relation_filenode(relid)"
-                                     " from pg_partition_tree(to_regclass({}))").format(
-        sql.Literal(ident.as_string(conn)))).fetchall())
+    name = sql.Literal(ident.as_string(conn))
+    # pg_partition_tree gives nothing for a table that is not partitioned: the table itself too.
+    return dict(conn.execute(sql.SQL("select relid::regclass::text, pg_relation_filenode(relid) from"
+                                     " (select to_regclass({0}) as relid union select relid"
+                                     "  from pg_partition_tree(to_regclass({0}))) t where relid is not null").format(
+        name)).fetchall())
 
 
 def _rewritten_on_survivor(surv: psycopg.Connection, heaps) -> str | None:
