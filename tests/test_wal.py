@@ -214,19 +214,34 @@ def test_scan_names_the_blocks_and_follows_a_transaction_in_flight_at_the_start(
     assert plain.unplaced_xids  # its commit is all that follows the start
 
 
-def test_a_transaction_running_at_a_snapshot_before_the_start_is_unplaced(node):
-    """Running at the last RUNNING_XACTS before the start: it may have written before the
-    segment the lookback reads, so its changes cannot be trusted to be all there."""
+def test_a_transaction_running_before_the_read_is_followed_back_to_what_it_wrote(node, monkeypatch):
+    """A long transaction (a batch job) wrote a table two segments before the fork's and
+    committed after the fork. The read starts at the fork's segment, where every snapshot of the
+    running transactions lists it: its writes are followed back until a snapshot that does not,
+    so the table is named (a table nobody listed is then refused or reconciled, never lost to
+    pg_rewind) and the transaction is placed. Out of reach, it stays unplaced and unnamed."""
+    from activities.postgres import wal
+
     with _conn() as c:
-        c.execute("create table early (id int primary key)")
+        c.execute("create table batch (id int primary key)")
+        batch = c.execute("select pg_relation_filenode('batch')").fetchone()[0]
+        c.execute("checkpoint")  # a snapshot from before the batch began
         with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as inflight:
-            inflight.execute("insert into early values (1)")
+            inflight.execute("insert into batch values (1)")
             xid = int(inflight.execute("select pg_current_xact_id()::text").fetchone()[0])
-            c.execute("checkpoint")  # logs a snapshot of the running transactions: xid among them
+            for _ in range(2):
+                c.execute("select pg_switch_wal()")
+                c.execute("checkpoint")  # a snapshot in each later segment: xid among the running
             start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
             inflight.commit()
-    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
-    assert xid in found.unplaced_xids
+    ctl = PgCtl(node.cfg)
+    found = scan(ctl, _wal(node), 1, start, lookback=True)
+    assert xid not in found.unplaced_xids
+    assert next(v for k, v in found.changes.items() if k[2] == batch).ops == {"in flight": 1}
+    monkeypatch.setattr(wal, "_FOLLOW_SEGMENTS", 0)
+    short = scan(ctl, _wal(node), 1, start, lookback=True)
+    assert xid in short.unplaced_xids
+    assert batch not in {k[2] for k in short.changes}
 
 
 def test_without_a_snapshot_in_reach_every_commit_after_the_start_is_unplaced(node, monkeypatch):

@@ -141,10 +141,11 @@ class WalScan:
     changes: dict[tuple[int, int, int], RelChange]
     # Committed after the start but with no record of their own in the scanned WAL other than
     # the commit (with ``lookback``: not even before the start, in the start's segment), or
-    # already running at the last snapshot of running transactions (RUNNING_XACTS) before the
-    # start, so possibly writing before it: what they changed may be unknown, and block-driven
-    # extraction cannot be trusted for them. When the lookback found no snapshot at all in the
-    # WAL it could read, every commit is here.
+    # already running at the first snapshot of running transactions (RUNNING_XACTS) the read
+    # met before the start and not followed back to a snapshot that does not list them
+    # (_follow_back: the WAL in reach ends first), so possibly writing before the read: what
+    # they changed may be unknown, and block-driven extraction cannot be trusted for them. When
+    # the lookback found no snapshot at all in the WAL it could read, every commit is here.
     unplaced_xids: set[int] = field(default_factory=set)
     # Relation files created after the start, as (tablespace, database, relfilenode): another
     # node's catalog may give the same number to a different relation.
@@ -269,9 +270,10 @@ def _argv(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, one_seg
 _IDLE_TIMEOUT_S = 300.0
 
 
-def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False):
+def _dump(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, *, one_segment: bool = False,
+          end: str | None = None):
     """pg_waldump as ``waldump``, its output streamed: (lines, stderr filled once they are read)."""
-    return ctl.lines(_argv(ctl, wal_dir, tli, start, seg_size, one_segment), _IDLE_TIMEOUT_S, env=_UTC)
+    return ctl.lines(_argv(ctl, wal_dir, tli, start, seg_size, one_segment, end=end), _IDLE_TIMEOUT_S, env=_UTC)
 
 
 _STATS_TOTAL = re.compile(r"^Total\s+(\d+)", re.MULTILINE)
@@ -331,6 +333,9 @@ class _Reader:
         self.pending: dict[int, dict[tuple[int, int, int], RelChange]] = {}
         self.placed: set[int] = set()
         self.running_before: set[int] = set()
+        # The running transactions at the first snapshot before the start the read met: one
+        # not among them began after it, so the read holds all its records (see result).
+        self.running_at_first: set[int] | None = None
         self.snapshot_before = False
         self.created: set[tuple[int, int, int]] = set()
         self.changes: dict[tuple[int, int, int], RelChange] = {}
@@ -353,6 +358,8 @@ class _Reader:
             # Running at this point before the start: they may have written before the segment
             # read too. The newest snapshot before the start wins.
             self.running_before = {int(x) for x in (running.group(1) or "").split()}
+            if self.running_at_first is None:
+                self.running_at_first = self.running_before
             self.snapshot_before = True
             # For the horizon: the newest transaction ended by then, and the running ones. One
             # listed running may have written its commit already (the snapshot is taken before it
@@ -402,13 +409,7 @@ class _Reader:
             self.commits.append(commit)
             # Only committed work counts: an aborted transaction's changes are invisible anyway.
             for x in (commit.xid, *commit.subxids):
-                for key, rc in self.pending.pop(x, {}).items():
-                    have = self.changes.setdefault(key, RelChange(rc.tablespace, rc.database, rc.relfilenode,
-                                                                  rc.truncated_oid))
-                    have.blocks |= rc.blocks
-                    have.removed_blocks |= rc.removed_blocks
-                    for kind, rows in rc.ops.items():
-                        have.ops[kind] = have.ops.get(kind, 0) + rows
+                self._count(self.pending.pop(x, {}))
         elif op in ("COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED"):
             # Ended without counting: aborted, or committed before the start (a lookback).
             # A subtransaction's records carry its own xid; its parent's end names it. (Not
@@ -423,15 +424,41 @@ class _Reader:
                     # and a COMMIT PREPARED's record carries only the prepared xid (tx 0).
                     self._saw_before(x)
 
-    def result(self, start: str, end: str, reached: bool) -> WalScan:
+    def running_early(self) -> set[int]:
+        """Commits after the start whose transaction was running at the first snapshot the read
+        met before it: they may have written before the read began."""
+        return {c.xid for c in self.commits if c.xid in (self.running_at_first or ())}
+
+    def add_earlier(self, earlier: _Reader, xids: set[int]) -> None:
+        """What ``earlier`` (a read of the WAL before this one's) saw ``xids``' transactions
+        write, and their subtransactions, as changes of theirs."""
+        for c in self.commits:
+            if c.xid in xids:
+                for x in (c.xid, *c.subxids):
+                    self._count(earlier.pending.get(x, {}))
+                    if x in earlier.placed:
+                        self.placed.add(x)
+
+    def _count(self, changes: dict[tuple[int, int, int], RelChange]) -> None:
+        for key, rc in changes.items():
+            have = self.changes.setdefault(key, RelChange(rc.tablespace, rc.database, rc.relfilenode,
+                                                          rc.truncated_oid))
+            have.blocks |= rc.blocks
+            have.removed_blocks |= rc.removed_blocks
+            for kind, rows in rc.ops.items():
+                have.ops[kind] = have.ops.get(kind, 0) + rows
+
+    def result(self, start: str, end: str, reached: bool, placed_earlier: set[int] = frozenset()) -> WalScan:
         # A change only before the start (lookback) names no op: still a relation the
         # transactions committed after the start changed (in flight at the start).
         for rc in self.changes.values():
             if not rc.ops:
                 rc.ops["in flight"] = 1
         # A subtransaction's records carry its own xid; the commit names it among subxacts.
+        # Running at the first snapshot the read met: possibly written before the read began,
+        # unless an earlier read (placed_earlier) reached back past its start.
         unplaced = {c.xid for c in self.commits if not ({c.xid, *c.subxids} & self.placed)
-                    or c.xid in self.running_before or not reached}
+                    or (c.xid in self.running_early() and c.xid not in placed_earlier) or not reached}
         horizon = None
         if reached and self.newest_xid_before is not None:
             horizon = (self.newest_xid_before + 1) % XID_SPACE
@@ -441,15 +468,53 @@ class _Reader:
 
 
 def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, first: int,
-          lookback: bool) -> tuple[_Reader, str | None, str]:
+          lookback: bool, until: str | None = None) -> tuple[_Reader, str | None, str]:
+    """A read from ``dump_from`` to the end of the WAL, or to ``until``."""
     reader = _Reader(first, lookback)
-    with _dump(ctl, wal_dir, tli, dump_from, seg_size) as (lines, stderr):
+    with _dump(ctl, wal_dir, tli, dump_from, seg_size, end=until) as (lines, stderr):
         for line in lines:
             reader.feed(line)
     end = end_of_wal(stderr[0], seg_size)
+    if until is not None and not stderr[0].strip():
+        end = until  # pg_waldump stops at -e without a word; short of it, it says where and why
     if end is not None:
         _check_count(ctl, wal_dir, tli, dump_from, seg_size, end, reader.records)
     return reader, end, stderr[0]
+
+
+# How far back (in segments before the read) to follow transactions in flight at the start
+# that were already running at the first snapshot the read met: 1, 2, 4, ... up to this.
+_FOLLOW_SEGMENTS = 64
+
+
+def _follow_back(ctl: PgCtl, wal_dir: str, tli: int, reader: _Reader, read_from: str, seg_size: int) -> set[int]:
+    """Read the WAL before ``read_from`` for what the transactions committed after the start
+    but already running before the read wrote there, farther back each time (1, 2, 4, ...
+    segments), until a snapshot of the running transactions no longer lists any of them: all
+    their writes are then read. Their changes join ``reader``'s; returns the ones so placed
+    (none when the WAL in reach ends first). Only the WAL before ``read_from`` is read again,
+    never the divergence itself."""
+    early = reader.running_early()
+    base = lsn_to_int(read_from)
+    present = set(_segments(wal_dir, tli))
+    reach = 0  # contiguous segments on disk before the read's
+    while reach < _FOLLOW_SEGMENTS and base - (reach + 1) * seg_size >= 0 and \
+            segment_name(tli, base - (reach + 1) * seg_size, seg_size) in present:
+        reach += 1
+    n = 1
+    while early and reach:
+        n = min(n, reach)
+        earlier, end, _ = _read(ctl, wal_dir, tli, int_to_lsn(base - n * seg_size), seg_size, base, True,
+                                until=read_from)
+        if end != read_from:
+            return set()  # does not chain into the read (another history of the timeline)
+        if earlier.running_at_first is not None and not (early & earlier.running_at_first):
+            reader.add_earlier(earlier, early)
+            return early
+        if n == reach:
+            return set()
+        n *= 2
+    return set()
 
 
 def _check_count(ctl: PgCtl, wal_dir: str, tli: int, start: str, seg_size: int, end: str | None, records: int,
@@ -522,9 +587,10 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
         for seg in reversed(back):
             again, again_end, _ = _read(ctl, wal_dir, tli, int_to_lsn(seg), seg_size, first, lookback)
             if again_end == end:
-                reader, reached = again, again.snapshot_before
+                reader, reached, dump_from = again, again.snapshot_before, int_to_lsn(seg)
                 break
-    return reader.result(start, end, reached)
+    placed = _follow_back(ctl, wal_dir, tli, reader, dump_from, seg_size) if lookback and reached else set()
+    return reader.result(start, end, reached, placed)
 
 
 def commits_in_segment_before(ctl: PgCtl, wal_dir: str, tli: int, seg_start: int, before: int,
