@@ -91,6 +91,8 @@ class Reconciliation(BaseModel):
     # Writes that still break a foreign key after the holds' last round (conflicts/foreign_keys.py):
     # committed, and reported; empty but for a pathological schema.
     foreign_keys_broken: list[str] = []
+    # The old primary's post-fork commits that began before the WAL in reach (divergence.LoserRows).
+    unplaced_commits: int = 0
 
     def totals(self) -> tuple[int, int, int]:
         """(rows written to the survivor, conflicts, flagged for a human)."""
@@ -234,7 +236,7 @@ class FailbackActivities:
                               unlisted_reconciled=sorted(extra), catalog_changes=catalog,
                               loser_read_wal_bytes=got.read_wal_bytes, seconds=seconds,
                               survivor_xid_from=got.survivor_xid_from, rewritten=sorted(set(got.rewritten) & set(changed)),
-                              foreign_keys_broken=broken)
+                              foreign_keys_broken=broken, unplaced_commits=got.unplaced_commits)
 
     def _unlisted(self, unlisted: list[ChangedRelation], primary) -> tuple[dict[str, TableConflictConfig], list[str]]:
         """Strategies for changed tables `conflicts:` does not list, per `unlisted_tables`; and

@@ -184,6 +184,9 @@ class LoserRows(BaseModel):
     # to the fork under physical replication): one side rewrote it (ALTER TABLE ... TYPE, pg_repack),
     # which can give every row a new xmin, so xmins say nothing about the survivor's changes.
     rewritten: list[str] = []
+    # Post-fork commits whose writes before the WAL in reach are unknown (WalScan.unplaced_xids):
+    # listed tables are read in full for them; a table nobody listed cannot be named.
+    unplaced_commits: int = 0
 
 
 def regclass_sql(table: str) -> sql.Composable:
@@ -404,6 +407,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     return LoserRows(rows=rows, keys=keys, changed=changed, oids=oids, deleted=deleted, reads=reads,
                      read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps,
                      wal_commits=len(found.commits) if found is not None else None,
+                     unplaced_commits=len(found.unplaced_xids) if found is not None else 0,
                      wal_end_lsn=found.end_lsn if found is not None else None,
                      survivor_xid_from=horizon, rewritten=refiled)
 
@@ -424,8 +428,8 @@ def _full_read_reason(found: WalScan | None, truncated: bool) -> str | None:
     if truncated:
         return "truncated on the loser after the fork"
     if found.unplaced_xids:
-        return (f"{len(found.unplaced_xids)} transactions committed after the fork wrote nothing in the WAL read "
-                "(in flight since before the fork's WAL segment)")
+        return (f"{len(found.unplaced_xids)} transactions committed after the fork began before the WAL in reach "
+                "(in flight at the fork, running since before it)")
     return None
 
 
