@@ -182,6 +182,108 @@ def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritte
     assert sorted(got.rewritten) == ["parted", "plain"]  # a plain table too: pg_partition_tree gives it nothing
 
 
+def _insert_lsn(c: psycopg.Connection) -> int:
+    return lsn_to_int(c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0])
+
+
+def test_a_write_whose_record_crosses_into_the_reads_segment_is_followed_back(node):
+    """The long transaction's last write before the fork's segment is a record that begins in
+    the segment before and ends in it: the read, from the segment's start, skips its tail, so
+    the earlier read must go on through it (ending at the segment boundary, it stopped before
+    it: the table was in neither, and the transaction counted as placed)."""
+    size = segment_size(PgCtl(node.cfg))
+    with _conn() as c:
+        c.execute("create table other (id int)")
+        c.execute("create table batch (id int, v text)")
+        batch = c.execute("select pg_relation_filenode('batch')").fetchone()[0]
+        c.execute("checkpoint")  # a snapshot from before the batch began
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as t:
+            t.execute("insert into other values (1)")
+            xid = int(t.execute("select pg_current_xact_id()::text").fetchone()[0])
+            # Pad with logical messages to a few hundred bytes before a segment boundary, then
+            # write a ~1.5 KB row: its record must cross the boundary.
+            for _ in range(200):
+                rem = size - _insert_lsn(c) % size
+                if 300 <= rem <= 700:
+                    break
+                n = rem + 4000 if rem < 300 else max(1, min(rem - 500 - (60000 if rem > 200000 else 0), 4_000_000))
+                c.execute("select pg_logical_emit_message(false, 'pad', repeat('x', %s))", (int(n * 0.99),))
+            boundary = _insert_lsn(c) - _insert_lsn(c) % size + size
+            t.execute("insert into batch values (1, (select string_agg(md5(g::text), '') from generate_series(1, 45) g))")
+            crossed = _insert_lsn(c) > boundary
+            c.execute("checkpoint")  # a snapshot in the fork's segment: the batch among the running
+            start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+            t.commit()
+    if not crossed or lsn_to_int(start) // size != boundary // size:
+        pytest.skip("the row's record did not land across the boundary")
+    found = scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True)
+    assert xid in found.unplaced_xids or batch in {k[2] for k in found.changes}
+    assert batch in {k[2] for k in found.changes}
+
+
+def test_a_segment_from_another_history_is_not_followed_back_into(tmp_path):
+    """A segment before the read that is not the one that led to it (another history of the
+    timeline, same name): nothing is taken from it, and the transaction stays unplaced."""
+    import shutil
+
+    from activities.postgres.wal import segment_name
+
+    def seg(c: psycopg.Connection) -> int:
+        return _insert_lsn(c) // (16 << 20)
+
+    with scratch_postgres(PORT + 1, "wal-history-a") as a, scratch_postgres(PORT + 2, "wal-history-b") as b:
+        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
+                             autocommit=True) as c:
+            c.execute("create table batch (id int)")
+            c.execute("create table other (id int)")
+            batch = c.execute("select pg_relation_filenode('batch')").fetchone()[0]
+            c.execute("select pg_switch_wal()")
+            c.execute("checkpoint")
+            with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres") as t:
+                t.execute("insert into batch values (1)")
+                xid = int(t.execute("select pg_current_xact_id()::text").fetchone()[0])
+                before = seg(c)
+                c.execute("select pg_switch_wal()")
+                t.execute("insert into other values (1)")  # it writes in the read too
+                c.execute("checkpoint")  # in the fork's segment, the batch running
+                start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+                t.commit()
+        with psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres",
+                             autocommit=True) as c:
+            while seg(c) < before:
+                c.execute("select pg_switch_wal()")
+                c.execute("create table if not exists x (i int)")
+            c.execute("checkpoint")
+            c.execute("select pg_switch_wal()")
+        wal_a = str(a.data_dir / "pg_wal")
+        assert batch in {k[2] for k in scan(PgCtl(a.cfg), wal_a, 1, start, lookback=True).changes}
+        name = segment_name(1, before * (16 << 20), 16 << 20)
+        shutil.copyfile(b.data_dir / "pg_wal" / name, a.data_dir / "pg_wal" / name)
+        found = scan(PgCtl(a.cfg), wal_a, 1, start, lookback=True)
+    assert xid in found.unplaced_xids and batch not in {k[2] for k in found.changes}
+
+
+def test_a_forged_record_in_the_wal_before_the_read_leaves_the_transaction_unplaced(node):
+    """Old WAL the follow-back cannot trust (a logical message's prefix forging a record) does
+    not fail the scan: the transaction stays unplaced, as without the follow-back."""
+    with _conn() as c:
+        c.execute("create table b (id int)")
+        c.execute("select pg_switch_wal()")
+        c.execute("checkpoint")
+        c.execute("select pg_logical_emit_message(false, %s, 'x')",
+                  ("p\nrmgr: Heap        len (rec/tot):     54/    54, tx:        999, lsn: 0/01000000, "
+                   "prev 0/00000000, desc: INSERT off 1",))
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as t:
+            t.execute("insert into b values (1)")
+            xid = int(t.execute("select pg_current_xact_id()::text").fetchone()[0])
+            for _ in range(2):
+                c.execute("select pg_switch_wal()")
+                c.execute("checkpoint")
+            start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
+            t.commit()
+    assert xid in scan(PgCtl(node.cfg), _wal(node), 1, start, lookback=True).unplaced_xids
+
+
 def test_scan_names_the_blocks_and_follows_a_transaction_in_flight_at_the_start(node):
     """The blocks post-start commits wrote and removed rows in; a transaction that wrote before
     the start and committed after it counts, with its blocks, only when asked to look back;

@@ -112,8 +112,10 @@ class Rejoin(Runbook):
                              f"{req.primary_region}'s changes there were judged by their timestamp columns alone")
             if reconciliation.unplaced_commits:
                 notes.append(f"{reconciliation.unplaced_commits} transactions {req.region} committed after the fork "
-                             "began before the WAL still on disk: listed tables were read in full for them, but what "
-                             "they wrote there to a table nobody listed cannot be named, and the rewind discards it")
+                             "could not be traced in its WAL (running since before the WAL still on disk, or no "
+                             "snapshot of the running transactions in reach): listed tables were read in full for "
+                             "them, but a table nobody listed that they wrote before that WAL cannot be named, and "
+                             "the rewind discards such changes")
             if reconciliation.unlisted_reconciled:
                 notes.append(f"tables not listed under conflicts: were reconciled last-write-wins "
                              f"(unlisted_tables): {', '.join(reconciliation.unlisted_reconciled)}")

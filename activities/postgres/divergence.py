@@ -428,8 +428,8 @@ def _full_read_reason(found: WalScan | None, truncated: bool) -> str | None:
     if truncated:
         return "truncated on the loser after the fork"
     if found.unplaced_xids:
-        return (f"{len(found.unplaced_xids)} transactions committed after the fork began before the WAL in reach "
-                "(in flight at the fork, running since before it)")
+        return (f"{len(found.unplaced_xids)} transactions committed after the fork could not be traced in the WAL "
+                "read (running since before the WAL in reach, or no snapshot of the running transactions in reach)")
     return None
 
 

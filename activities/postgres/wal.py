@@ -326,8 +326,10 @@ class _Reader:
     ``changes``, otherwise it is dropped. What stays is per committed transaction (its commit)
     and per changed relation file (its blocks), not per record."""
 
-    def __init__(self, first: int, lookback: bool):
-        self.first, self.lookback = first, lookback
+    def __init__(self, first: int, lookback: bool, stop_at: int | None = None):
+        # stop_at: records from here on are counted (for the check against pg_waldump's own
+        # count) and their start noted, nothing else: another read's (see _follow_back).
+        self.first, self.lookback, self.stop_at = first, lookback, stop_at
         self.commits: list[Commit] = []
         # xid -> relation key -> (blocks, removed blocks, rows per kind after the start)
         self.pending: dict[int, dict[tuple[int, int, int], RelChange]] = {}
@@ -340,6 +342,11 @@ class _Reader:
         self.created: set[tuple[int, int, int]] = set()
         self.changes: dict[tuple[int, int, int], RelChange] = {}
         self.records = 0  # lines taken for records (see _read)
+        # The first record's start and its back-link, the last record's start: where a read of
+        # the WAL before this one must end, and the link that proves it chains into this one.
+        self.first_lsn: str | None = None
+        self.second_lsn: str | None = None
+        self.last_lsn: str | None = None
         self.newest_xid_before: int | None = None
 
     def feed(self, line: str) -> None:
@@ -347,6 +354,13 @@ class _Reader:
         if not m:
             return
         self.records += 1
+        if self.first_lsn is None:
+            self.first_lsn = m.group(3)
+        elif self.second_lsn is None:
+            self.second_lsn = m.group(3)
+        self.last_lsn = m.group(3)
+        if self.stop_at is not None and lsn_to_int(m.group(3)) >= self.stop_at:
+            return
         rmgr, xid, op, rest = m.group(1), int(m.group(2)), m.group(4), m.group(5)
         before = self.lookback and lsn_to_int(m.group(3)) < self.first
         if before:
@@ -457,8 +471,9 @@ class _Reader:
         # A subtransaction's records carry its own xid; the commit names it among subxacts.
         # Running at the first snapshot the read met: possibly written before the read began,
         # unless an earlier read (placed_earlier) reached back past its start.
+        early = self.running_early() - placed_earlier
         unplaced = {c.xid for c in self.commits if not ({c.xid, *c.subxids} & self.placed)
-                    or (c.xid in self.running_early() and c.xid not in placed_earlier) or not reached}
+                    or c.xid in early or not reached}
         horizon = None
         if reached and self.newest_xid_before is not None:
             horizon = (self.newest_xid_before + 1) % XID_SPACE
@@ -468,9 +483,9 @@ class _Reader:
 
 
 def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, first: int,
-          lookback: bool, until: str | None = None) -> tuple[_Reader, str | None, str]:
+          lookback: bool, until: str | None = None, stop_at: int | None = None) -> tuple[_Reader, str | None, str]:
     """A read from ``dump_from`` to the end of the WAL, or to ``until``."""
-    reader = _Reader(first, lookback)
+    reader = _Reader(first, lookback, stop_at)
     with _dump(ctl, wal_dir, tli, dump_from, seg_size, end=until) as (lines, stderr):
         for line in lines:
             reader.feed(line)
@@ -487,14 +502,26 @@ def _read(ctl: PgCtl, wal_dir: str, tli: int, dump_from: str, seg_size: int, fir
 _FOLLOW_SEGMENTS = 64
 
 
-def _follow_back(ctl: PgCtl, wal_dir: str, tli: int, reader: _Reader, read_from: str, seg_size: int) -> set[int]:
+def _follow_back(ctl: PgCtl, wal_dir: str, tli: int, reader: _Reader, read_from: str, end: str | None,
+                 seg_size: int) -> set[int]:
     """Read the WAL before ``read_from`` for what the transactions committed after the start
     but already running before the read wrote there, farther back each time (1, 2, 4, ...
-    segments), until a snapshot of the running transactions no longer lists any of them: all
-    their writes are then read. Their changes join ``reader``'s; returns the ones so placed
-    (none when the WAL in reach ends first). Only the WAL before ``read_from`` is read again,
-    never the divergence itself."""
+    segments), until a snapshot of the running transactions no longer lists them: all their
+    writes are then read. Their changes join ``reader``'s; returns the ones so placed (those
+    the farthest read in reach still finds running stay unplaced). Only the WAL before the
+    read is read again, never the divergence itself.
+
+    Each earlier read goes on through the read's first record (pg_waldump checks every
+    record's link back to the one before: a segment of another history of the timeline, which
+    does not lead here, stops it with an error, and nothing is taken from it) and stops at the
+    second; what it sees from the first on is the read's own. So a record that begins before
+    ``read_from`` and ends after it (the read, from a segment's start, skips its tail) is in
+    it. (Stopped with -e at the first record itself, pg_waldump 15 reads that record's header
+    from a stale buffer after a segment switch and reports a broken link that is not there.)"""
     early = reader.running_early()
+    if not early or reader.first_lsn is None or end is None:
+        return set()
+    until = reader.second_lsn or end
     base = lsn_to_int(read_from)
     present = set(_segments(wal_dir, tli))
     reach = 0  # contiguous segments on disk before the read's
@@ -502,17 +529,19 @@ def _follow_back(ctl: PgCtl, wal_dir: str, tli: int, reader: _Reader, read_from:
             segment_name(tli, base - (reach + 1) * seg_size, seg_size) in present:
         reach += 1
     n = 1
-    while early and reach:
+    while reach:
         n = min(n, reach)
-        earlier, end, _ = _read(ctl, wal_dir, tli, int_to_lsn(base - n * seg_size), seg_size, base, True,
-                                until=read_from)
-        if end != read_from:
-            return set()  # does not chain into the read (another history of the timeline)
-        if earlier.running_at_first is not None and not (early & earlier.running_at_first):
-            reader.add_earlier(earlier, early)
-            return early
-        if n == reach:
-            return set()
+        try:
+            earlier, _, stderr = _read(ctl, wal_dir, tli, int_to_lsn(base - n * seg_size), seg_size, base, True,
+                                       until=until, stop_at=lsn_to_int(reader.first_lsn))
+        except WalUnreadable:
+            return set()  # old WAL that cannot be trusted: they stay unplaced, as without it
+        if stderr.strip() or earlier.last_lsn != reader.first_lsn:
+            return set()  # stopped short: it does not lead into the read
+        started_after = early - (earlier.running_at_first if earlier.running_at_first is not None else early)
+        if started_after == early or n == reach:
+            reader.add_earlier(earlier, started_after)
+            return started_after
         n *= 2
     return set()
 
@@ -589,7 +618,7 @@ def scan(ctl: PgCtl, wal_dir: str, tli: int, start: str, lookback: bool = False)
             if again_end == end:
                 reader, reached, dump_from = again, again.snapshot_before, int_to_lsn(seg)
                 break
-    placed = _follow_back(ctl, wal_dir, tli, reader, dump_from, seg_size) if lookback and reached else set()
+    placed = _follow_back(ctl, wal_dir, tli, reader, dump_from, end, seg_size) if lookback and reached else set()
     return reader.result(start, end, reached, placed)
 
 
