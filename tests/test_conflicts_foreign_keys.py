@@ -366,3 +366,10 @@ def test_reading_the_audit_never_waits_for_a_reconcile(db, pg):
                           NOW, "wf-fk", "run-2")
         reader.execute("set lock_timeout = '2s'")
         assert reader.execute("select count(*) from eagle_dr.conflict_audit").fetchone()[0] == 0
+
+
+def test_no_table_to_apply_is_one_empty_round(db):
+    """A failback whose old primary changed no listed table after the fork (only catalogs: a
+    temporary table) still passes through: nothing to lock, nothing to check."""
+    with db.transaction():
+        assert apply_keeping_foreign_keys(db, {}, lambda holds: {}, survivor_region=SURVIVOR) == ({}, [])

@@ -225,8 +225,9 @@ def apply_keeping_foreign_keys(
             # commit, a lock taken table by table midway could deadlock with an application
             # transaction writing two of them; taken here, losing that race costs nothing but a
             # retry. (The apply's own per-table LOCK then finds it held.)
-            conn.execute(sql.SQL("lock table {} in share row exclusive mode").format(sql.SQL(", ").join(
-                TableName.parse(t, catalog=True).identifier for t in sorted(keys, key=check.oid.__getitem__))))
+            if keys:  # none: a reconcile whose old primary changed no listed table after the fork
+                conn.execute(sql.SQL("lock table {} in share row exclusive mode").format(sql.SQL(", ").join(
+                    TableName.parse(t, catalog=True).identifier for t in sorted(keys, key=check.oid.__getitem__))))
             if check.fks:
                 conn.execute(sql.SQL("create temp table {} (table_name text not null, pk jsonb not null, action text"
                                      " not null, survivor_version jsonb, collided boolean not null) on commit drop")
