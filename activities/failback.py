@@ -193,12 +193,14 @@ class FailbackActivities:
         changed = {t: c for t, c in configs.items() if t in got.rows and got.reads[t].mode != "unchanged"}
         now = req.decided_at or datetime.now(timezone.utc)  # one for every round of apply_all
 
-        def apply_all(holds: Holds) -> dict[str, ApplySummary]:
+        def apply_all(holds: Holds, checked: frozenset[str]) -> dict[str, ApplySummary]:
             return {table: apply_resolutions(
                 conn, table, tcfg, got.rows[table], got.deleted.get(table, []), loser_region=req.region,
                 survivor_region=req.primary_region, region_priority=priority, fork_time=fork_time,
                 now=now, workflow_id=info.workflow_id,
-                run_id=info.workflow_run_id, approved_by=req.approved_by, rehearse=req.preview,
+                run_id=info.workflow_run_id, approved_by=req.approved_by,
+                # A preview writes (and rolls back) only what the foreign-key check must see.
+                rehearse=req.preview and table in checked, dry_run=req.preview and table not in checked,
                 # A table either side rewrote since the fork: its xmins say nothing (timestamps, as before).
                 survivor_xid_from=None if table in got.rewritten else got.survivor_xid_from,
                 hold=holds.get(table)) for table, tcfg in changed.items()}

@@ -89,9 +89,10 @@ Changes = dict[str, tuple[list[dict[str, Any]], list[tuple]]]
 def reconcile(conn: psycopg.Connection, changes: Changes, preview: bool = False
               ) -> tuple[dict[str, ApplySummary], list[str]]:
     """What failback's reconcile does: every table in one transaction, foreign keys kept."""
-    def apply_all(holds: Holds) -> dict[str, ApplySummary]:
+    def apply_all(holds: Holds, checked: frozenset[str]) -> dict[str, ApplySummary]:
         return {t: apply_resolutions(conn, t, LWW, rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-fk",
-                                     "run-1", rehearse=preview, hold=holds.get(t))
+                                     "run-1", rehearse=preview and t in checked, dry_run=preview and t not in checked,
+                                     hold=holds.get(t))
                 for t, (rows, deleted) in changes.items()}
 
     with conn.transaction(force_rollback=preview):
@@ -205,7 +206,7 @@ def test_tables_without_foreign_keys_take_one_round_and_record_nothing_extra(db)
     db.execute("create table fk_free (id bigint primary key, body text, updated_at timestamptz not null)")
     calls: list[Holds] = []
 
-    def apply_all(holds: Holds) -> ApplySummary:
+    def apply_all(holds: Holds, checked: frozenset[str]) -> ApplySummary:
         calls.append(holds)
         return apply_resolutions(db, "fk_free", LWW, [{"id": 1, "body": "b", "updated_at": at(1)}], [], LOSER,
                                  SURVIVOR, PRIORITY, FORK, NOW, "wf-fk", "run-1")
@@ -295,7 +296,7 @@ def test_a_parent_an_application_deletes_meanwhile_is_waited_for_not_taken_as_th
                     return
                 watcher.execute("select pg_sleep(0.01)")
 
-    def apply_all(holds: Holds) -> dict[str, ApplySummary]:
+    def apply_all(holds: Holds, checked: frozenset[str]) -> dict[str, ApplySummary]:
         out = {"fk_att": apply_resolutions(db, "fk_att", LWW, [child(10, 1, "under p1", at(5))], [], LOSER,
                                            SURVIVOR, PRIORITY, FORK, NOW, "wf-fk", "run-1", hold=holds.get("fk_att"))}
         if not holds:
@@ -328,7 +329,7 @@ def test_a_flagged_update_of_a_parent_holds_no_child_still_referring_to_it(db):
     seed(db, "fk_parent", parent(1, "p1"))
     seed(db, "fk_child", child(10, 1, "old"))
 
-    def apply_all(holds: Holds) -> dict[str, ApplySummary]:
+    def apply_all(holds: Holds, checked: frozenset[str]) -> dict[str, ApplySummary]:
         return {"fk_parent": apply_resolutions(db, "fk_parent", append_only, [parent(1, "edited", T0, at(5))], [],
                                                LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-fk", "run-1",
                                                hold=holds.get("fk_parent")),
@@ -372,4 +373,49 @@ def test_no_table_to_apply_is_one_empty_round(db):
     """A failback whose old primary changed no listed table after the fork (only catalogs: a
     temporary table) still passes through: nothing to lock, nothing to check."""
     with db.transaction():
-        assert apply_keeping_foreign_keys(db, {}, lambda holds: {}, survivor_region=SURVIVOR) == ({}, [])
+        assert apply_keeping_foreign_keys(db, {}, lambda holds, checked: {}, survivor_region=SURVIVOR) == ({}, [])
+
+
+def test_a_preview_writes_only_the_tables_a_foreign_key_involves_and_no_audit(db, monkeypatch):
+    """A preview rehearses writes (rolled back) only where the check must see them: every
+    other table is decided as before, and no audit row is written for nothing (on a live
+    primary, a rehearsal is WAL, dead rows and locks)."""
+    from activities.conflicts import apply
+
+    db.execute("create table fk_free (id bigint primary key, body text, updated_at timestamptz not null)")
+    written, audited_tables = [], []
+    real_write, real_audit = apply._write, apply._audit
+    monkeypatch.setattr(apply, "_write", lambda cur, target, *a: (written.append(target.as_string(cur)),
+                                                                  real_write(cur, target, *a))[1])
+    monkeypatch.setattr(apply, "_audit", lambda cur, table, *a: (audited_tables.append(table),
+                                                                 real_audit(cur, table, *a))[1])
+    try:
+        summaries, broken = reconcile(db, {"fk_free": ([{"id": 1, "body": "b", "updated_at": at(1)}], []),
+                                           "fk_child": ([child(10, 1, "orphan", at(5))], [])}, preview=True)
+        assert broken == [] and summaries["fk_child"].flagged == 1 and summaries["fk_free"].inserted == 1
+        assert set(written) == {'"fk_child"'} and audited_tables == []  # (a round per hold)
+        assert ids(db, "fk_free") == [] and ids(db, "fk_child") == []
+    finally:
+        db.execute("drop table fk_free")
+
+
+def test_a_loser_update_of_a_referenced_column_the_survivor_still_refers_to_is_flagged(db):
+    """The key of the reference is a unique column, not the table's key. Only the old primary
+    changed the row (renamed its code), so its decision keeps no survivor version; the survivor
+    has since given the old code a new child. Applying the rename orphans it."""
+    db.execute("""create table fk_acct (id bigint primary key, code text unique not null,
+                      created_at timestamptz not null, updated_at timestamptz not null);
+                  create table fk_entry (id bigint primary key, acct_code text references fk_acct (code),
+                      created_at timestamptz not null, updated_at timestamptz not null)""")
+    try:
+        db.execute("insert into fk_acct values (1, 'a', %s, %s), (2, 'c', %s, %s)", (T0, T0, T0, T0))
+        db.execute("insert into fk_entry values (50, 'a', %s, %s)", (at(4), at(4)))
+        rename = {"id": 1, "code": "b", "created_at": T0, "updated_at": at(5)}
+        other = {"id": 2, "code": "d", "created_at": T0, "updated_at": at(5)}  # nothing refers to it
+        summaries, broken = reconcile(db, {"fk_acct": ([rename, other], [])})
+        assert broken == []
+        assert (summaries["fk_acct"].updated, summaries["fk_acct"].flagged) == (1, 1)
+        assert [r["code"] for r in db.execute("select code from fk_acct order by id")] == ["a", "d"]
+        assert "fk_entry" in audited(db, "fk_acct")[1]["reason"]
+    finally:
+        db.execute("drop table fk_entry, fk_acct")

@@ -145,14 +145,15 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
         in_copy = {tuple(r[k] for k in tcfg.key) for r in rows}
         missing = [k for k in (tuple(r[c] for c in tcfg.key) for r in live) if k not in in_copy]
         plans.append((s, tcfg, rows, missing))
-    def apply_all(holds: Holds) -> list[TableRecovery]:
+    def apply_all(holds: Holds, checked: frozenset[str]) -> list[TableRecovery]:
         out = []
         for s, tcfg, rows, missing in plans:
             summary = apply_resolutions(
                 primary, s.table, tcfg, rows, missing if s.delete_missing else [], loser_region=BACKUP_REGION,
                 survivor_region=primary_region, region_priority={BACKUP_REGION: 0, primary_region: 1},
                 fork_time=EPOCH, now=restored_to, workflow_id=workflow_id, run_id=run_id, approved_by=approved_by,
-                rehearse=preview, sample=5, hold=holds.get(s.table))
+                rehearse=preview and s.table in checked, dry_run=preview and s.table not in checked, sample=5,
+                hold=holds.get(s.table))
             out.append(TableRecovery(**summary.model_dump(), rows_in_copy=len(rows), missing_in_copy=len(missing)))
         return out
 

@@ -385,14 +385,25 @@ def _hold(conn: psycopg.Connection, target: sql.Identifier, columns: list[Column
 TOUCHED_TMP = "_eagle_dr_touched"
 
 
-def _record_touched(cur: psycopg.Cursor, table: str, collision: str) -> None:
-    """``collision``: the reason an insert-insert key collision is flagged with (the loser's row
-    under that key is another row than the survivor's: its children refer to one not there)."""
+def _record_touched(cur: psycopg.Cursor, table: str, target: sql.Identifier, key: list[str], collision: str) -> None:
+    """Before the write: the survivor's version is still in ``target``, and taken from there
+    where the decision elided it (an update only the loser made, which may change a column a
+    foreign key refers to). ``collision``: the reason an insert-insert key collision is flagged
+    with (the loser's row under that key is another row than the survivor's: its children
+    refer to one not there)."""
     if cur.execute("select to_regclass(%s) is not null", (f"pg_temp.{TOUCHED_TMP}",)).fetchone()[0]:
-        cur.execute(sql.SQL("insert into {} (table_name, pk, action, survivor_version, collided)"
-                            " select {}, _e_pk, _e_action, _e_s_json, _e_action = 'flag' and _e_reason = {} from {}"
-                            " where _e_action <> 'keep_survivor'")
-                    .format(sql.Identifier(TOUCHED_TMP), sql.Literal(table), sql.Literal(collision), _RESOLVED_TMP))
+        k0 = sql.Identifier(key[0])
+        cur.execute(sql.SQL(
+            "insert into {touched} (table_name, pk, action, survivor_version, collided)"
+            " select {table}, r._e_pk, r._e_action,"
+            "  coalesce(r._e_s_json, case when s.{k0} is null then null else to_jsonb(s) end),"
+            "  r._e_action = 'flag' and r._e_reason = {collision}"
+            " from {resolved} r left join {target} s on r._e_action in ('apply_loser', 'merge') and r._e_s_json is null"
+            "  and {match}"
+            " where r._e_action <> 'keep_survivor'").format(
+            touched=sql.Identifier(TOUCHED_TMP), table=sql.Literal(table), k0=k0, collision=sql.Literal(collision),
+            resolved=_RESOLVED_TMP, target=target,
+            match=sql.SQL(" and ").join(sql.SQL("s.{0} = r.{0}").format(sql.Identifier(k)) for k in key)))
 
 
 def _advance_sequences(cur: psycopg.Cursor, target: sql.Identifier) -> None:
@@ -499,9 +510,9 @@ def apply_resolutions(
 
     ``hold``: keys (the audit's ``primary_key`` as jsonb text) flagged whatever they decide,
     with the reason; ``foreign_keys.apply_keeping_foreign_keys`` holds the ones whose write
-    would break a foreign key. ``rehearse``: write everything, for a caller that rolls it all
-    back (a preview that checks foreign keys across tables): the sample is taken, sequences
-    are left alone (setval is not rolled back) and ``audit_rows`` is 0."""
+    would break a foreign key. ``rehearse``: write the rows, for a caller that rolls it all
+    back (a preview of tables a foreign key involves, checked across tables): the sample is
+    taken, and neither the audit nor the sequences are written (setval is not rolled back)."""
     columns = _columns(conn, table)
     _check_inputs(cfg, columns, loser_region, survivor_region, fork_time, now)
     cfg = with_created_column(cfg, columns)
@@ -548,14 +559,16 @@ def apply_resolutions(
             summary.sample = _sample(cur, sample)
         if dry_run:
             return summary
-        _record_touched(cur, table, engine.collision(survivor_region, loser_region))
+        _record_touched(cur, table, target, cfg.key, engine.collision(survivor_region, loser_region))
         _write(cur, target, [c.name for c in columns], cfg.key)
+        # A rehearsal is rolled back by its caller: the audit would be written for nothing (the
+        # check reads the touched keys), and setval is not rolled back.
         if not rehearse:
             _advance_sequences(cur, target)
-        retried = _audited_before(cur, table, workflow_id, run_id)
-        summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by, decide.result_json())
-        if rehearse:
-            summary.audit_rows = 0
+        retried = not rehearse and _audited_before(cur, table, workflow_id, run_id)
+        if not rehearse:
+            summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by,
+                                        decide.result_json())
         if retried:
             # An earlier attempt of this run committed (its result was lost: a timeout, a worker
             # killed). This one decided against rows already holding that result, where every

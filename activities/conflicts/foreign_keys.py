@@ -22,9 +22,9 @@ it with nothing to refer to, so the check first runs to a fixed point on what it
 another round is rare (a held child whose survivor version refers to a deleted parent), and
 bounded: what the last round still finds is committed and reported, never hidden.
 
-Known limit: a parent's referenced columns that are not its conflict key, changed by a loser
-update whose decision elides the survivor's version (only the loser changed it), are not
-checked for survivor children left referring to the old value.
+A parent the loser updated is checked by the survivor's version as it stood before the write
+(``apply._record_touched`` takes it from the table where the decision elided it), so a
+referenced column that is not the key, renamed by the loser, is caught like a delete.
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ class _Check:
                     for t in keys}
         self.name = {oid: t for t, oid in self.oid.items()}
         self.fks = foreign_keys(conn, list(self.oid.values()))
+        self.involved = frozenset(self.name[o] for fk in self.fks for o in (fk.child_oid, fk.parent_oid)
+                                  if o in self.name)
 
     def _label(self, oid: int, ident: sql.Identifier) -> str:
         return self.name.get(oid) or ident.as_string(self.conn)
@@ -210,13 +212,15 @@ class _Check:
 
 
 def apply_keeping_foreign_keys(
-    conn: psycopg.Connection, keys: Mapping[str, list[str]], apply: Callable[[Holds], T], *,
+    conn: psycopg.Connection, keys: Mapping[str, list[str]], apply: Callable[[Holds, frozenset[str]], T], *,
     survivor_region: str, rounds: int = ROUNDS,
 ) -> tuple[T, list[str]]:
-    """``apply(holds)`` (every table of ``keys``, name -> key columns, applied with those holds)
-    run in a savepoint of the caller's transaction until no write breaks a foreign key. Returns
-    its result and what the last round still found broken (empty but for a pathological case;
-    it is committed with the rest and must be reported)."""
+    """``apply(holds, checked)`` (every table of ``keys``, name -> key columns, applied with
+    those holds) run in a savepoint of the caller's transaction until no write breaks a foreign
+    key. ``checked``: the tables a foreign key involves, whose writes the check must see (a
+    preview rehearses those and only decides the rest). Returns its result and what the last
+    round still found broken (empty but for a pathological case; it is committed with the
+    rest and must be reported)."""
     check = _Check(conn, keys, survivor_region)
     holds: Holds = {}
     for n in range(1, rounds + 1):
@@ -232,7 +236,7 @@ def apply_keeping_foreign_keys(
                 conn.execute(sql.SQL("create temp table {} (table_name text not null, pk jsonb not null, action text"
                                      " not null, survivor_version jsonb, collided boolean not null) on commit drop")
                              .format(_TOUCHED))
-            result = apply(holds)
+            result = apply(holds, check.involved)
             if check.fks:
                 conn.execute(sql.SQL("analyze {}").format(_TOUCHED))  # temp tables are never auto-analyzed
             new = check.broken(holds) if check.fks else {}
