@@ -14,7 +14,8 @@ from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.postgres.wal import scan, segment_name, segment_size, waldump
 from lab.scratch_postgres import scratch_postgres
 
-PORT = 17960
+# Moved with EAGLE_DR_TEST_PORT_SHIFT (default 2000: 17960), like the other scratch servers.
+PORT = 17960 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) - 2000
 
 
 @pytest.fixture()
@@ -153,7 +154,11 @@ def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritte
            "create table parted_2 partition of parted for values from (1000) to (2000)",
            "insert into parted (id, body) values (1, 'before'), (1001, 'before')",
            "create table plain (id int primary key, body text, updated_at timestamptz not null default now())",
-           "insert into plain (id, body) values (1, 'before')"]
+           "insert into plain (id, body) values (1, 'before')",
+           "create table grown (id int primary key, body text, updated_at timestamptz not null default now())"
+           " partition by range (id)",
+           "create table grown_1 partition of grown for values from (0) to (1000)",
+           "insert into grown (id, body) values (1, 'before')"]
     files = "select relid::regclass::text, pg_relation_filenode(relid) from pg_partition_tree('parted')"
     with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor") as s:
         cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
@@ -173,13 +178,17 @@ def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritte
             c.execute("update plain set body = 'after' where id = 1")
             d.execute("vacuum full parted_2")
             d.execute("vacuum full plain")
+            c.execute("update grown set body = 'after' where id = 1")
+            # Next month's partition, made on the survivor only: no rewrite of anything.
+            d.execute("create table grown_2 partition of grown for values from (1000) to (2000)")
         n.stop("fast")
-        got = read_loser(cfg, {"parted": ["id"], "plain": ["id"]}, fork_time - timedelta(minutes=1),
-                         {"parted": "updated_at", "plain": "updated_at"},
+        got = read_loser(cfg, {"parted": ["id"], "plain": ["id"], "grown": ["id"]}, fork_time - timedelta(minutes=1),
+                         {"parted": "updated_at", "plain": "updated_at", "grown": "updated_at"},
                          fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
                          survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time)
     assert [r["body"] for r in got.rows["parted"]] == ["after"]
-    assert sorted(got.rewritten) == ["parted", "plain"]  # a plain table too: pg_partition_tree gives it nothing
+    # A plain table too (pg_partition_tree gives it nothing); not one that only gained a partition.
+    assert sorted(got.rewritten) == ["parted", "plain"]
 
 
 def _insert_lsn(c: psycopg.Connection) -> int:

@@ -371,7 +371,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 if why is None and not mine:
                     rows[t], deleted[t], reads[t] = [], [], TableRead(mode="unchanged")
                     continue
-                if surv is not None and _files_of(conn, ident) != _files_of(surv, ident):
+                if surv is not None and _refiled(_files_of(conn, ident), _files_of(surv, ident)):
                     refiled.append(t)
                 heaps = [(f, changes[k]) for k, f in mine.items() if f.relkind == "r"]
                 if why is None and surv is not None:
@@ -469,6 +469,13 @@ def _files_of(conn: psycopg.Connection, ident: sql.Composable) -> dict[str, int 
                                      " (select to_regclass({0}) as relid union select relid"
                                      "  from pg_partition_tree(to_regclass({0}))) t where relid is not null").format(
         name)).fetchall())
+
+
+def _refiled(loser: dict[str, int | None], survivor: dict[str, int | None]) -> bool:
+    """A file both sides have under one name but with another number: rewritten on one side.
+    A partition only one side has (made or dropped since the fork: pg_partman, retention) is
+    no rewrite: its rows' xmins are the side's own, which the xmin rule reads right."""
+    return any(loser[n] != survivor[n] for n in loser.keys() & survivor.keys())
 
 
 def _rewritten_on_survivor(surv: psycopg.Connection, heaps) -> str | None:
