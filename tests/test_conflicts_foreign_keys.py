@@ -419,3 +419,19 @@ def test_a_loser_update_of_a_referenced_column_the_survivor_still_refers_to_is_f
         assert "fk_entry" in audited(db, "fk_acct")[1]["reason"]
     finally:
         db.execute("drop table fk_entry, fk_acct")
+
+
+def test_an_update_of_a_parent_whose_key_is_referenced_searches_no_child(db, monkeypatch):
+    """An update cannot change the conflict key: when the foreign key refers to it, the loser's
+    parent updates take nothing away, and the child table (whose column may have no index) is
+    not searched for them."""
+    from activities.conflicts import foreign_keys
+
+    seed(db, "fk_parent", parent(1, "p1"))
+    seed(db, "fk_child", child(10, 1, "survivor's child", at(4)))
+    searched: list[str] = []
+    real = foreign_keys._Check._run
+    monkeypatch.setattr(foreign_keys._Check, "_run", lambda self, q, table, **p: (searched.append(table),
+                                                                                 real(self, q, table, **p))[1])
+    summaries, broken = reconcile(db, {"fk_parent": ([parent(1, "renamed", T0, at(5))], [])})
+    assert broken == [] and summaries["fk_parent"].updated == 1 and searched == []

@@ -161,11 +161,14 @@ class _Check:
         that the survivor's child rows still refer to, or will once the held ones stay as the
         survivor has them (a child delete held: the child stays)."""
         table, child = self.name[fk.parent_oid], self.name.get(fk.child_oid)
+        # An update cannot change the conflict key: when that is what the key refers to, only
+        # a delete can take the referenced row away.
+        removing = ["delete"] if set(fk.referenced) == set(self.keys[table]) else ["delete", "apply_loser", "merge"]
         cur = self.conn.cursor(row_factory=tuple_row)
-        if not cur.execute(sql.SQL("select exists (select 1 from {} where table_name = %s and action in"
-                                   " ('delete', 'apply_loser', 'merge') and survivor_version is not null)")
-                           .format(_TOUCHED), (table,)).fetchone()[0]:
-            return "", []  # nothing removed from it: no child scan (its key may have no index)
+        if not cur.execute(sql.SQL("select exists (select 1 from {} where table_name = %s and action = any(%s)"
+                                   " and survivor_version is not null)").format(_TOUCHED),
+                           (table, removing)).fetchone()[0]:
+            return "", []  # nothing removed from it: no child scan (its column may have no index)
         of_held = sql.SQL("")
         params: dict = {}
         if child is not None and held.get(child):
@@ -177,7 +180,7 @@ class _Check:
         q = sql.SQL("""
             select distinct a.pk::text from {touched} a
             cross join lateral jsonb_populate_record(null::{parent}, a.survivor_version) o
-            where a.table_name = %(table)s and a.action in ('delete', 'apply_loser', 'merge')
+            where a.table_name = %(table)s and a.action = any(%(removing)s)
               and a.survivor_version is not null and {not_null}
               and not exists (select 1 from {parent} p where {p_is_o})
               and (exists (select 1 from {child} c where {c_is_o}) {of_held})
@@ -186,7 +189,7 @@ class _Check:
                     c_is_o=_eq("c", fk.columns, "o", fk.referenced), of_held=of_held)
         why = (f"foreign key {fk.describe(self._label(fk.child_oid, fk.child), table)}: rows on {self.survivor} "
                "still refer to the row the loser deleted (or changed)")
-        return why, self._run(q, table, **params)
+        return why, self._run(q, table, removing=removing, **params)
 
     def broken(self, holds: Holds) -> Holds:
         """New holds, run to a fixed point: keys whose write breaks a foreign key as the tables
