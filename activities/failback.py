@@ -91,7 +91,7 @@ class Reconciliation(BaseModel):
     # Writes that still break a foreign key after the holds' last round (conflicts/foreign_keys.py):
     # committed, and reported; empty but for a pathological schema.
     foreign_keys_broken: list[str] = []
-    # The old primary's post-fork commits that began before the WAL in reach (divergence.LoserRows).
+    # The old primary's post-fork commits its WAL in reach could not trace (divergence.LoserRows).
     unplaced_commits: int = 0
 
     def totals(self) -> tuple[int, int, int]:
