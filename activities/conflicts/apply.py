@@ -49,7 +49,7 @@ from pydantic import BaseModel
 
 from activities.conflicts import engine
 from activities.conflicts.loser_copy import LoserCopy
-from activities.conflicts.resolve_sql import RESERVED_PREFIXES, Column, DecideQuery
+from activities.conflicts.resolve_sql import RESERVED_PREFIXES, Column, DecideQuery, same_key
 from eagle_dr.config import TableConflictConfig, TableName
 
 AUDIT_DDL = """
@@ -322,9 +322,8 @@ def _sample(cur: psycopg.Cursor, limit: int) -> list[dict]:
 
 
 def _write(cur: psycopg.Cursor, target: sql.Identifier, names: list[str], key: list[str]) -> None:
-    key_match = sql.SQL(" and ").join(sql.SQL("t.{0} = r.{0}").format(sql.Identifier(k)) for k in key)
     cur.execute(sql.SQL("delete from {} t using {} r where r._e_action = 'delete' and {}")
-                .format(target, _RESOLVED_TMP, key_match))
+                .format(target, _RESOLVED_TMP, same_key("t", "r", key)))
     non_key = [n for n in names if n not in key]
     on_conflict = sql.SQL("do nothing")
     if non_key:
@@ -355,11 +354,6 @@ def _hold(conn: psycopg.Connection, target: sql.Identifier, columns: list[Column
         for pk, reason in hold.items():
             copy.write_row([pk, reason])
     k0 = sql.Identifier(key[0])
-
-    def match(alias: str) -> sql.Composable:
-        return sql.SQL(" and ").join(sql.SQL("{0}.{1} = k.{1}").format(sql.Identifier(alias), sql.Identifier(c))
-                                     for c in key)
-
     names = [c.name for c in columns]
     conn.execute(sql.SQL("""
         update {resolved} r set _e_action = 'flag', _e_reason = h._e_h_reason, _e_elided = false, _e_winner = {s_region},
@@ -374,7 +368,7 @@ def _hold(conn: psycopg.Connection, target: sql.Identifier, columns: list[Column
               left join {loser} l on {l_match}) h
         where r._e_pk = h._e_h_pk
     """).format(resolved=_RESOLVED_TMP, s_region=sql.Literal(survivor_region), k0=k0, hold=_HOLD_TMP,
-                target=target, loser=_LOSER_TMP, s_match=match("s"), l_match=match("l"),
+                target=target, loser=_LOSER_TMP, s_match=same_key("s", "k", key), l_match=same_key("l", "k", key),
                 set_cols=sql.SQL(", ").join(sql.SQL("{0} = h.{0}").format(sql.Identifier(n)) for n in names),
                 s_cols=sql.SQL(", ").join(sql.SQL("s.{0}").format(sql.Identifier(n)) for n in names)))
 
@@ -403,7 +397,7 @@ def _record_touched(cur: psycopg.Cursor, table: str, target: sql.Identifier, key
             " where r._e_action <> 'keep_survivor'").format(
             touched=sql.Identifier(TOUCHED_TMP), table=sql.Literal(table), k0=k0, collision=sql.Literal(collision),
             resolved=_RESOLVED_TMP, target=target,
-            match=sql.SQL(" and ").join(sql.SQL("s.{0} = r.{0}").format(sql.Identifier(k)) for k in key)))
+            match=same_key("s", "r", key)))
 
 
 def _advance_sequences(cur: psycopg.Cursor, target: sql.Identifier) -> None:
@@ -434,7 +428,7 @@ def _audited_before(cur: psycopg.Cursor, table: str, workflow_id: str, run_id: s
 
 
 def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run_id: str,
-           approved_by: str | None, result_json: sql.Composable) -> int:
+           approved_by: str | None, result_json: sql.Composable, audited_before: bool) -> int:
     """One row per key, INSERT ... SELECT from the resolved temp table in the apply's transaction.
 
     ``result`` (the row as it now stands, null when absent) is always written. Both versions
@@ -447,10 +441,11 @@ def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run
     leave both version columns null and say so with ``versions_elided``. That is what keeps
     an audit row about a third of its old size at the bulk of the keys.
 
-    A first run for this (workflow, run, table), the usual case, inserts plainly: the anti-join
-    and ON CONFLICT's speculative insertion per row (about half of the audit's time at 200k
-    keys) only matter when some keys are audited already, and none can be audited meanwhile:
-    every audit row of ``table`` is written under its SHARE ROW EXCLUSIVE lock, held here."""
+    A first run for this (workflow, run, table) (not ``audited_before``), the usual case,
+    inserts plainly: the anti-join and ON CONFLICT's speculative insertion per row (about half
+    of the audit's time at 200k keys) only matter when some keys are audited already, and none
+    can be audited meanwhile: every audit row of ``table`` is written under its SHARE ROW
+    EXCLUSIVE lock, held here."""
     insert = """
         insert into eagle_dr.conflict_audit (workflow_id, run_id, table_name, primary_key, strategy, conflict,
             survivor_version, loser_version, result, versions_elided, action, winner_region, approved_by, reason)
@@ -459,7 +454,7 @@ def _audit(cur: psycopg.Cursor, table: str, strategy: str, workflow_id: str, run
                _e_action, _e_winner, {approved_by}, _e_reason
         from {resolved} r
     """
-    if _audited_before(cur, table, workflow_id, run_id):
+    if audited_before:
         insert += """
         -- An anti-join first: a re-run finds every key audited, and a speculative insert
         -- per row is far slower than one hash join. ON CONFLICT still guards concurrent runs.
@@ -545,7 +540,9 @@ def apply_resolutions(
         cur.execute("set local enable_hashjoin = off")
         cur.execute(sql.SQL("create temp table {} on commit drop as {}").format(_RESOLVED_TMP, query))
         cur.execute(sql.SQL("set local enable_hashjoin = {}").format(sql.Literal(previous["enable_hashjoin"])))
-        if _audited_before(cur, table, workflow_id, run_id):
+        # Read once: nothing else writes this table's audit rows while its lock is held here.
+        audited = _audited_before(cur, table, workflow_id, run_id)
+        if audited:
             # An earlier attempt of this run committed: a key it flagged stays flagged (its audit
             # row, one per key, says so), though what held it may have changed since (a foreign
             # key's parent written meanwhile).
@@ -565,10 +562,10 @@ def apply_resolutions(
         # check reads the touched keys), and setval is not rolled back.
         if not rehearse:
             _advance_sequences(cur, target)
-        retried = not rehearse and _audited_before(cur, table, workflow_id, run_id)
+        retried = audited and not rehearse
         if not rehearse:
             summary.audit_rows = _audit(cur, table, cfg.strategy, workflow_id, run_id, approved_by,
-                                        decide.result_json())
+                                        decide.result_json(), audited)
         if retried:
             # An earlier attempt of this run committed (its result was lost: a timeout, a worker
             # killed). This one decided against rows already holding that result, where every

@@ -128,7 +128,6 @@ class _Check:
         this check waits for its commit), or to a parent the loser inserted that will not be
         applied (held, or another row under its key: a collision)."""
         table, parent = self.name[fk.child_oid], self.name.get(fk.parent_oid)
-        key = [sql.Identifier(k) for k in self.keys[table]]
         of_held = sql.SQL("")
         params: dict = {}
         if parent is not None and set(fk.referenced) == set(self.keys[parent]):
@@ -149,7 +148,7 @@ class _Check:
             where a.table_name = %(table)s and a.action = any(%(written)s) and {not_null}
               and (not exists (select 1 from {parent} p where {p_is_c} for key share of p) {of_held})
         """).format(child=fk.child, parent=fk.parent, touched=_TOUCHED,
-                    c_is_k=sql.SQL(" and ").join(sql.SQL("c.{0} = k.{0}").format(k) for k in key),
+                    c_is_k=_eq("c", tuple(self.keys[table]), "k", tuple(self.keys[table])),
                     not_null=_not_null("c", fk.columns), p_is_c=_eq("p", fk.referenced, "c", fk.columns),
                     of_held=of_held)
         why = (f"foreign key {fk.describe(table, self._label(fk.parent_oid, fk.parent))}: the row it refers to "

@@ -34,6 +34,12 @@ class Column:
     type_name: str
 
 
+def same_key(a: str, b: str, key: list[str]) -> sql.Composable:
+    """``a`` and ``b`` (aliases) hold the same key: a join on the key columns."""
+    return sql.SQL(" and ").join(sql.SQL("{}.{} = {}.{}").format(
+        sql.Identifier(a), sql.Identifier(k), sql.Identifier(b), sql.Identifier(k)) for k in key)
+
+
 class DecideQuery:
     """Builds the deciding SELECT. Columns of the joined pair are positional (_s_3, _l_3) so
     that long or odd column names never collide with each other or with the meta columns."""
@@ -191,7 +197,7 @@ class DecideQuery:
         pair_cols = sql.SQL(", ").join(
             [sql.SQL("s.{} as {}").format(i, self.s_col(n)) for i, n in zip(idents, self.names)]
             + [sql.SQL("l.{} as {}").format(i, self.l_col(n)) for i, n in zip(idents, self.names)])
-        join_on = sql.SQL(" and ").join(sql.SQL("s.{0} = l.{0}").format(sql.Identifier(k)) for k in cfg.key)
+        join_on = same_key("s", "l", cfg.key)
         pk = sql.SQL(", ").join(sql.SQL("{}, l.{}").format(sql.Literal(k), sql.Identifier(k)) for k in cfg.key)
         fork, fresh_after = sql.Literal(self.fork_time), sql.Literal(self.now - cfg.ttl if cfg.ttl else self.now)
         s_ts, l_ts = self.s_col(ts), self.l_col(ts)
