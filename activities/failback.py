@@ -4,8 +4,10 @@ its Redis dump) and reach the primary (the survivor) over the network."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from psycopg import sql
 from pydantic import BaseModel
@@ -23,6 +25,7 @@ from activities.postgres.divergence import EXTRACTION_MARGIN, ChangedRelation, F
 from activities.postgres.lsn import lsn_to_int
 from activities.postgres.wal import WalUnreadable
 from activities.postgres.rewind import Rewound, rewind_to_standby
+from activities.postgres.row_spool import SpoolDir
 from activities.postgres.status import connect
 from activities.redis import epoch as redis_epochs
 from activities.redis.failback import RedisFailback, preserve_and_rejoin
@@ -159,10 +162,17 @@ class FailbackActivities:
         since = fork_time - EXTRACTION_MARGIN
         with connect(primary, 10) as conn:
             _check_configured_tables(conn, self.cfg.conflicts, req.primary_region)
+        # The loser's rows wait on the worker's disk, not in its memory (row_spool.py).
+        with SpoolDir(activity.info().workflow_run_id) as spool:
+            return self._read_and_apply(req, old, primary, since, fork_time, spool)
+
+    def _read_and_apply(self, req: ReconcileRequest, old, primary, since: datetime, fork_time: datetime,
+                        spool: Path) -> Reconciliation:
+        lost = req.divergence.lost
         configs = dict(self.cfg.conflicts)
         read = dict(fork=req.divergence.fork, survivor=primary, fork_time=fork_time)
         got = read_loser(old, {t: c.key for t, c in configs.items()}, since,
-                         {t: c.timestamp_column for t, c in configs.items()}, **read)
+                         {t: c.timestamp_column for t, c in configs.items()}, **read, spool_dir=spool / "listed")
         _agrees(req.region, lost, got)
         missing = [t for t, oid in got.oids.items() if oid is None]
         if missing:
@@ -184,7 +194,9 @@ class FailbackActivities:
                 non_retryable=True)
         if extra:
             got = read_loser(old, {t: c.key for t, c in {**configs, **extra}.items()}, since,
-                             {t: c.timestamp_column for t, c in {**configs, **extra}.items()}, **read)
+                             {t: c.timestamp_column for t, c in {**configs, **extra}.items()}, **read,
+                             spool_dir=spool / "all")
+            shutil.rmtree(spool / "listed")  # the first read's rows: read again above
             _agrees(req.region, lost, got)
             configs.update(extra)
         info = activity.info()

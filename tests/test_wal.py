@@ -129,17 +129,17 @@ def test_read_loser_names_what_changed_and_finds_rows_by_their_writer(tmp_path):
         n.stop("fast")
         got = read_loser(cfg, {"listed": ["id"]}, datetime(2999, 1, 1, tzinfo=timezone.utc),
                          {"listed": "updated_at"}, fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start,
-                                                                  loser_timeline=1))
+                                                                  loser_timeline=1), spool_dir=tmp_path / "spool")
     assert [r["v"] for r in got.rows["listed"]] == ["after"]
     # Stamped with its commit, not the stale year-2000 value the row carries.
-    assert got.rows["listed"][0]["updated_at"] > "2026"
+    assert list(got.rows["listed"])[0]["updated_at"] > "2026"
     names = {c.name: c for c in got.changed if c.kind == "user"}
     assert set(names) == {"public.listed", "public.parted", "public.big"}, got.changed
     assert names["public.parted"].ops == {"insert": 1}
     assert got.oids["listed"] == names["public.listed"].oid
 
 
-def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritten():
+def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritten(tmp_path):
     """A partitioned table has no file of its own to compare: a migration on the survivor that
     rewrote one partition (new xmins on its every row) must still mark the table, or its rows
     there count as changed after the fork by their xmin alone."""
@@ -185,10 +185,62 @@ def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritte
         got = read_loser(cfg, {"parted": ["id"], "plain": ["id"], "grown": ["id"]}, fork_time - timedelta(minutes=1),
                          {"parted": "updated_at", "plain": "updated_at", "grown": "updated_at"},
                          fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
-                         survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time)
+                         survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time,
+                         spool_dir=tmp_path / "spool")
     assert [r["body"] for r in got.rows["parted"]] == ["after"]
     # A plain table too (pg_partition_tree gives it nothing); not one that only gained a partition.
     assert sorted(got.rewritten) == ["parted", "plain"]
+
+
+ODD = "tab\there\nnewline \\ back\\"
+
+
+def test_a_table_read_in_full_streams_its_rows_and_finds_deletions_on_the_survivor(tmp_path):
+    """A table whose blocks cannot be trusted (the survivor rewrote it) is read in full: its
+    rows go to the spool with their odd values intact (a tab and a newline in a text, an exact
+    numeric, a composite key with a timestamp, a loser set to write dates day first), and the keys the loser deleted after the fork
+    are found on the survivor by comparing every key there, not in the worker; a row the loser
+    only updated, or the survivor added, is no deletion."""
+    from datetime import datetime, timedelta, timezone
+    from decimal import Decimal
+
+    from activities.postgres.divergence import ForkPoint, read_loser
+    from eagle_dr.config import PostgresConfig
+
+    ddl = ["create table ev (k text, at timestamptz, amount numeric, body text,"
+           " updated_at timestamptz not null default now(), primary key (k, at))",
+           "insert into ev (k, at, amount, body, updated_at) select 'k' || g, '2026-03-04 00:00:00+00'::timestamptz"
+           " + g * interval '1 second', g / 3.0, 'x', '2026-01-01' from generate_series(1, 500) g"]
+    with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor") as s:
+        cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
+                             bin_dir=n.cfg.bin_dir, os_user=n.user.name)
+        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
+                             autocommit=True) as c, \
+                psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres",
+                                autocommit=True) as d:
+            for q in ddl:
+                c.execute(q)
+                d.execute(q)
+            fork_time = datetime.now(timezone.utc)
+            start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+            c.execute("update ev set body = %s, amount = 1.50 where k = 'k7'", (ODD,))
+            c.execute("delete from ev where k in ('k3', 'k400')")
+            d.execute("insert into ev (k, at, amount, body) values ('new', now(), 1, 'survivor only')")
+            d.execute("vacuum full ev")  # the survivor's blocks no longer match: a full read
+            # The loser's own output style (day first) must not reach the survivor's parser.
+            c.execute("alter system set datestyle = 'SQL, DMY'")
+        n.stop("fast")
+        got = read_loser(cfg, {"ev": ["k", "at"]}, fork_time - timedelta(minutes=1), {"ev": "updated_at"},
+                         fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
+                         survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time,
+                         spool_dir=tmp_path / "spool")
+    assert got.reads["ev"].mode == "full", got.reads
+    rows = list(got.rows["ev"])
+    assert len(got.rows["ev"]) == 1 and [r["k"] for r in rows] == ["k7"]
+    assert rows[0]["body"] == ODD and rows[0]["amount"] == Decimal("1.50")
+    day = datetime(2026, 3, 4, tzinfo=timezone.utc)
+    assert sorted(got.deleted["ev"]) == [("k3", day + timedelta(seconds=3)), ("k400", day + timedelta(seconds=400))]
+    assert len(list(tmp_path.joinpath("spool").iterdir())) == 1
 
 
 def _insert_lsn(c: psycopg.Connection) -> int:

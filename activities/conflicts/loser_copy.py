@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 # What pg_dump sets before its COPYs, for the same reason.
-_OUTPUT_SETTINGS = ("set local datestyle = 'ISO, YMD'", "set local intervalstyle = 'postgres'",
+OUTPUT_SETTINGS = ("set local datestyle = 'ISO, YMD'", "set local intervalstyle = 'postgres'",
                     "set local extra_float_digits = 3", "set local bytea_output = 'hex'")
 
 
@@ -44,7 +44,7 @@ class LoserCopy:
         sent = 0
         # One transaction: the settings stay local to it, and one snapshot covers the read.
         with self.conn.transaction(), self.conn.cursor() as cur:
-            for setting in _OUTPUT_SETTINGS:
+            for setting in OUTPUT_SETTINGS:
                 cur.execute(setting)
             with cur.copy(sql.SQL("copy (select {}, false from ({}) q) to stdout").format(cols, self.query)) as src:
                 for block in src:

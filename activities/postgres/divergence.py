@@ -10,20 +10,22 @@ names it. Runs on the loser's worker, with the loser stopped.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple
 
 import psycopg
 import structlog
 from psycopg import sql
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
+from activities.conflicts.loser_copy import OUTPUT_SETTINGS
+from activities.conflicts.resolve_sql import same_key
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_diff, lsn_to_int
+from activities.postgres.row_spool import RowSpool
 from activities.postgres.wal import DEFAULT_TABLESPACE, WalScan, commits_in_segment_before, current_timeline, \
     end_from, scan, segment_size
 from activities.postgres.status import CURRENT_TIMELINE, connect
@@ -157,9 +159,11 @@ class TableRead(BaseModel):
 
 
 class LoserRows(BaseModel):
-    rows: dict[str, list[dict]]
-    # Every key the loser holds, for tables read in full only (blocks mode never collects them).
-    keys: dict[str, set[tuple]]
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    # Per table, its changed rows (dicts as the loser's row_to_json gives them, stamped), on
+    # the worker's disk (row_spool.py); an empty list for a table read as unchanged.
+    rows: dict[str, RowSpool | list]
     changed: list[ChangedRelation]
     # Configured table -> oid on the loser (None: the loser has no such table).
     oids: dict[str, int | None]
@@ -290,7 +294,7 @@ def _merge(named: dict, rel: ChangedRelation) -> None:
 
 def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datetime, ts_column: dict[str, str],
                fork: ForkPoint | None = None, survivor: PostgresConfig | None = None,
-               fork_time: datetime | None = None) -> LoserRows:
+               fork_time: datetime | None = None, *, spool_dir: Path) -> LoserRows:
     """Start the loser read-only on its socket only (no client can reach it) and read, per
     table (name -> key columns), the rows its post-fork transactions wrote (JSON-safe dicts)
     and, given the survivor, the keys it deleted after the fork; name every relation its WAL
@@ -322,7 +326,13 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
 
     The loser is read while it is held as a standby of nothing (fence_stop): in recovery
     PostgreSQL sets hint bits without dirtying the page and writes no WAL, prunes nothing, so
-    these reads add no block to what pg_rewind copies. ``read_wal_bytes`` measures it."""
+    these reads add no block to what pg_rewind copies. ``read_wal_bytes`` measures it.
+
+    The rows stream through COPY into a spool file per table under ``spool_dir`` (the caller
+    keeps it until the rows are applied), and a table read in full has its keys compared
+    with the survivor's there, in a temp table: the worker holds neither, however large the
+    divergence or the table."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
     ctl = PgCtl(loser)
     took = Stopwatch(digits=3)
     wal_dir = str(Path(loser.data_dir) / "pg_wal")
@@ -339,8 +349,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
     took.lap("wal")
     ctl.start_isolated()
     took.lap("start")
-    rows: dict[str, list[dict]] = {}
-    keys: dict[str, set[tuple]] = {}
+    rows: dict[str, RowSpool | list] = {}
     oids: dict[str, int | None] = {}
     deleted: dict[str, list[tuple]] = {}
     reads: dict[str, TableRead] = {}
@@ -376,18 +385,21 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 heaps = [(f, changes[k]) for k, f in mine.items() if f.relkind == "r"]
                 if why is None and surv is not None:
                     why = _rewritten_on_survivor(surv, heaps)
+                ts = ts_column[t]
+                rows[t] = got = RowSpool(spool_dir / f"{len(rows)}.rows", lambda r, at, ts=ts: _stamped(r, ts, at))
                 if why is not None:
-                    rows[t], keys[t] = _read_full(conn, ident, key, ts_column[t], since, xids, committed_at)
+                    spool_rows(conn, got, sql.SQL("select x.xmin::text::bigint, row_to_json(x)::text from {} x "
+                                                   "where {} > %s or x.xmin::text::bigint = any(%s)").format(
+                        ident, sql.Identifier(ts)), [since, xids], committed_at)
                     if surv is not None:
-                        deleted[t] = _deleted_full(surv, ident, key, ts_column[t], fork_time, keys[t])
+                        deleted[t] = _deleted_full(conn, surv, ident, key, ts, fork_time)
                     reads[t] = TableRead(mode="full", why=why)
                     continue
-                got: list[dict] = []
                 for f, rc in heaps:
-                    got += [_stamped(json.loads(r[1], parse_float=Decimal), ts_column[t], committed_at.get(r[0]))
-                            for r in _in_blocks(conn, f.relation, sql.SQL("x.xmin::text::bigint, row_to_json(x)::text"),
-                                                rc.blocks, sql.SQL("x.xmin::text::bigint = any(%s)"), [xids])]
-                rows[t] = got
+                    for query, args in _block_queries(f.relation, sql.SQL("x.xmin::text::bigint, row_to_json(x)::text"),
+                                                      rc.blocks, sql.SQL("x.xmin::text::bigint = any(%s)"), [xids]):
+                        spool_rows(conn, got, query, args, committed_at)
+                got.close()
                 if surv is not None:
                     deleted[t] = _deleted_in_blocks(conn, surv, ident, heaps, key, ts_column[t], fork_time)
                 reads[t] = TableRead(mode="blocks", blocks=sum(len(rc.blocks | rc.removed_blocks) for _, rc in heaps))
@@ -404,7 +416,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
         took.lap("wal_after")
     log.info("divergence read", seconds=took.laps, reads={t: r.mode for t, r in reads.items()},
              read_wal_bytes=read_wal, in_recovery=in_recovery)
-    return LoserRows(rows=rows, keys=keys, changed=changed, oids=oids, deleted=deleted, reads=reads,
+    return LoserRows(rows=rows, changed=changed, oids=oids, deleted=deleted, reads=reads,
                      read_wal_bytes=read_wal, read_in_recovery=in_recovery, seconds=took.laps,
                      wal_commits=len(found.commits) if found is not None else None,
                      unplaced_commits=len(found.unplaced_xids) if found is not None else 0,
@@ -497,36 +509,39 @@ def _in_blocks(conn: psycopg.Connection, relation: sql.Composable, cols: sql.Com
                where: sql.Composable, params: list) -> list[tuple]:
     """``cols`` of the rows of ``relation`` (that file only: ONLY) in ``blocks`` that satisfy
     ``where``: a TID range scan per run of contiguous blocks, so only those blocks are read."""
+    out: list[tuple] = []
+    for query, args in _block_queries(relation, cols, blocks, where, params):
+        out += conn.execute(query, args).fetchall()
+    return out
+
+
+def _block_queries(relation: sql.Composable, cols: sql.Composable, blocks: set[int], where: sql.Composable,
+                   params: list) -> Iterator[tuple[sql.Composable, list]]:
+    """The statements (and their parameters) that read ``blocks`` for ``_in_blocks``."""
     runs: list[tuple[int, int]] = []
     for b in sorted(blocks):
         if runs and runs[-1][1] == b:
             runs[-1] = (runs[-1][0], b + 1)
         else:
             runs.append((b, b + 1))
-    out: list[tuple] = []
     for i in range(0, len(runs), _RANGES_PER_QUERY):
         chunk = runs[i:i + _RANGES_PER_QUERY]
         one = sql.SQL("select {} from only {} x where x.ctid >= %s::tid and x.ctid < %s::tid and {}").format(
             cols, relation, where)
-        query = sql.SQL(" union all ").join([one] * len(chunk))
         args: list = []
         for lo, hi in chunk:
             args += [f"({lo},0)", f"({hi},0)", *params]
-        out += conn.execute(query, args).fetchall()
-    return out
+        yield sql.SQL(" union all ").join([one] * len(chunk)), args
 
 
-def _read_full(conn: psycopg.Connection, ident: sql.Composable, key: list[str], ts_col: str, since: datetime,
-               xids: list[int], committed_at: dict[int, datetime]) -> tuple[list[dict], set[tuple]]:
-    """Every row stamped since ``since`` or written by a post-fork transaction, and every key."""
-    found_rows = conn.execute(sql.SQL(
-        "select x.xmin::text::bigint, row_to_json(x)::text from {} x "
-        "where {} > %s or x.xmin::text::bigint = any(%s)").format(ident, sql.Identifier(ts_col)),
-        (since, xids)).fetchall()
-    # numeric stays Decimal: a float would not COPY back into a numeric column.
-    rows = [_stamped(json.loads(r[1], parse_float=Decimal), ts_col, committed_at.get(r[0])) for r in found_rows]
-    cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
-    return rows, {tuple(r) for r in conn.execute(sql.SQL("select {} from {}").format(cols, ident)).fetchall()}
+def spool_rows(conn: psycopg.Connection, spool: RowSpool, query: sql.Composable, args: list,
+                committed_at: dict[int, datetime]) -> None:
+    """``query``'s (xmin, row JSON) rows into ``spool`` through COPY: one row in memory at a
+    time (a fetchall held them all, and a run of contiguous blocks is one range however long)."""
+    with conn.cursor() as cur, cur.copy(sql.SQL("copy ({}) to stdout").format(query), args) as copy:
+        copy.set_types(["int8", "text"])
+        for xmin, row_json in copy.rows():
+            spool.add(row_json, committed_at.get(xmin))
 
 
 def _pre_fork(surv: psycopg.Connection, ts_col: str, fork_time: datetime) -> tuple[sql.Composable, list]:
@@ -541,13 +556,35 @@ def _pre_fork(surv: psycopg.Connection, ts_col: str, fork_time: datetime) -> tup
     return cond, [fork_time]
 
 
-def _deleted_full(surv: psycopg.Connection, ident: sql.Composable, key: list[str], ts_col: str,
-                  fork_time: datetime, loser_keys: set[tuple]) -> list[tuple]:
-    """Rows the survivor has unchanged since before the fork but the loser lacks: every key."""
-    cols = sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(k)) for k in key)
-    cond, params = _pre_fork(surv, ts_col, fork_time)
-    rows = surv.execute(sql.SQL("select {} from {} x where {}").format(cols, ident, cond), params).fetchall()
-    return [tuple(r) for r in rows if tuple(r) not in loser_keys]
+_LOSER_KEYS = sql.Identifier("_eagle_dr_loser_keys")
+
+
+def _deleted_full(loser: psycopg.Connection, surv: psycopg.Connection, ident: sql.Composable, key: list[str],
+                  ts_col: str, fork_time: datetime) -> list[tuple]:
+    """Rows the survivor has unchanged since before the fork but the loser lacks. Every key of
+    the loser goes COPY to COPY into a temp table on the survivor, and the survivor finds the
+    ones it has and the loser does not: the table's keys never sit in the worker's memory
+    (they did, with the survivor's, as two Python sets)."""
+    bare = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    surv.execute(sql.SQL("drop table if exists {}").format(_LOSER_KEYS))
+    # Temp: never WAL-logged, so the survivor's standbys see nothing of it.
+    surv.execute(sql.SQL("create temp table {} as select {} from {} with no data").format(_LOSER_KEYS, bare, ident))
+    try:
+        with loser.transaction(), loser.cursor() as src_cur:
+            for setting in OUTPUT_SETTINGS:
+                src_cur.execute(setting)
+            with src_cur.copy(sql.SQL("copy (select {} from {}) to stdout").format(bare, ident)) as src, \
+                    surv.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(_LOSER_KEYS, bare)) as dst:
+                for block in src:
+                    dst.write(block)
+        surv.execute(sql.SQL("analyze {}").format(_LOSER_KEYS))
+        cols = sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(k)) for k in key)
+        cond, params = _pre_fork(surv, ts_col, fork_time)
+        return [tuple(r) for r in surv.execute(sql.SQL(
+            "select {} from {} x where {} and not exists (select from {} l where {})").format(
+            cols, ident, cond, _LOSER_KEYS, same_key("x", "l", key)), params)]
+    finally:
+        surv.execute(sql.SQL("drop table if exists {}").format(_LOSER_KEYS))
 
 
 def _deleted_in_blocks(loser: psycopg.Connection, surv: psycopg.Connection, ident: sql.Composable, heaps,
