@@ -4,6 +4,7 @@ its Redis dump) and reach the primary (the survivor) over the network."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from datetime import datetime, timezone
@@ -164,7 +165,16 @@ class FailbackActivities:
             _check_configured_tables(conn, self.cfg.conflicts, req.primary_region)
         # The loser's rows wait on the worker's disk, not in its memory (row_spool.py).
         with SpoolDir(activity.info().workflow_run_id) as spool:
-            return self._read_and_apply(req, old, primary, since, fork_time, spool)
+            try:
+                return self._read_and_apply(req, old, primary, since, fork_time, spool)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                # Retried: the space may be freed, or the next attempt land on another worker.
+                raise ApplicationError(
+                    f"the worker's spool for {req.region}'s rows ({spool.parent}, TMPDIR) ran out of space; nothing "
+                    f"was applied and {req.region} is left stopped with its data intact. Free space there or point "
+                    "TMPDIR at a larger volume; the step is retried.", type="SpoolFull") from None
 
     def _read_and_apply(self, req: ReconcileRequest, old, primary, since: datetime, fork_time: datetime,
                         spool: Path) -> Reconciliation:

@@ -11,8 +11,9 @@ reading the old primary does; the 1% deleted keys travel from Python. The table 
 refilled the same way and the reference (bench/upsert_floor.py) writes the same rows through
 the same stream.
 A failback reads the old primary while it runs isolated and applies after stopping it, so its
-rows wait on the worker's disk in between (activities/postgres/row_spool.py) and come back as
-JSON: that path is timed too, from the loser's COPY into the spool to the end of the apply.
+rows wait on the worker's disk in between (activities/postgres/row_spool.py), as the lines of a
+COPY into a JSON table: that path is timed too, from the loser's COPY into the spool to the end
+of the apply.
 ``alerts`` runs last-write-wins, ``alert_rules`` merge-with-priority (the shipped config).
 
 Peak RSS is this process's high-water mark (VmHWM), reset before each timed call
@@ -86,9 +87,11 @@ def measure(pg: PostgresNode, conn: psycopg.Connection, table: str, cfg: TableCo
         with tempfile.TemporaryDirectory(prefix="bench-spool-") as d:
             reset_peak()
             t = time.perf_counter()
-            spool = RowSpool(Path(d) / "rows", lambda row, at: row)
-            spool_rows(loser, spool, sql.SQL("select 0::bigint, row_to_json(q)::text from ({}) q").format(query),
-                       None, {})
+            spool = RowSpool(Path(d) / "rows", cfg.timestamp_column)
+            # Every row's commit known, as in a failback's block read: its stamp is compared with it
+            # (the loser wrote after the fork, so none is replaced).
+            spool_rows(loser, spool, sql.SQL("select 0::bigint, row_to_json(q) from ({}) q").format(query), None,
+                       {0: FORK})
             spooled_s = time.perf_counter() - t
             via_spool = apply_resolutions(conn, table, cfg, spool, deleted, LOSER, SURVIVOR, priority, FORK, NOW,
                                           workflow_id=f"bench-{uuid.uuid4()}", run_id="run-1", approved_by="bench")
@@ -143,7 +146,7 @@ def report(results: list[dict]) -> None:
                   f"{r['peak_rss_reference_mb']:>11.0f}")
     print()
     print("eagle-dr COPY: apply_resolutions (input checks, COPY relay, decide in SQL, write, one audit row per key).")
-    print("eagle-dr spool: the same from the failback's spool (loser COPY -> worker disk -> JSON -> apply).")
+    print("eagle-dr spool: the same from the failback's spool (loser COPY -> worker disk -> COPY as JSON -> apply).")
     print("reference: COPY relay + DELETE + INSERT ... ON CONFLICT DO UPDATE of the same rows, no decision, no audit.")
     print("eagle-dr/reference < 1 means eagle-dr is that fraction of the floor's throughput.")
 

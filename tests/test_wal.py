@@ -198,9 +198,11 @@ ODD = "tab\there\nnewline \\ back\\"
 def test_a_table_read_in_full_streams_its_rows_and_finds_deletions_on_the_survivor(tmp_path):
     """A table whose blocks cannot be trusted (the survivor rewrote it) is read in full: its
     rows go to the spool with their odd values intact (a tab and a newline in a text, an exact
-    numeric, a composite key with a timestamp, a loser set to write dates day first), and the keys the loser deleted after the fork
-    are found on the survivor by comparing every key there, not in the worker; a row the loser
-    only updated, or the survivor added, is no deletion."""
+    numeric, a composite key with a timestamp, a loser set to write dates day first), and the
+    keys the loser deleted after the fork are found on the survivor by comparing every key
+    there, not in the worker. A row the loser only updated, or the survivor added, is no
+    deletion; nor is a key with a NULL part, or a non-ASCII key when the survivor's sessions
+    use another encoding."""
     from datetime import datetime, timedelta, timezone
     from decimal import Decimal
 
@@ -210,7 +212,12 @@ def test_a_table_read_in_full_streams_its_rows_and_finds_deletions_on_the_surviv
     ddl = ["create table ev (k text, at timestamptz, amount numeric, body text,"
            " updated_at timestamptz not null default now(), primary key (k, at))",
            "insert into ev (k, at, amount, body, updated_at) select 'k' || g, '2026-03-04 00:00:00+00'::timestamptz"
-           " + g * interval '1 second', g / 3.0, 'x', '2026-01-01' from generate_series(1, 500) g"]
+           " + g * interval '1 second', g / 3.0, 'x', '2026-01-01' from generate_series(1, 500) g",
+           "insert into ev (k, at, amount, body, updated_at) values ('café', '2026-03-04', 1, 'x', '2026-01-01')",
+           # A unique key with a NULL part: NULL matches NULL, as the old comparison had it.
+           "create table nk (a int, b int, v text, updated_at timestamptz not null default '2026-01-01',"
+           " unique (a, b))",
+           "insert into nk (a, b, v) values (1, null, 'x'), (1, null, 'y'), (2, 2, 'z')"]
     with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor") as s:
         cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
                              bin_dir=n.cfg.bin_dir, os_user=n.user.name)
@@ -225,12 +232,17 @@ def test_a_table_read_in_full_streams_its_rows_and_finds_deletions_on_the_surviv
             start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
             c.execute("update ev set body = %s, amount = 1.50 where k = 'k7'", (ODD,))
             c.execute("delete from ev where k in ('k3', 'k400')")
+            c.execute("delete from nk where a = 2")
             d.execute("insert into ev (k, at, amount, body) values ('new', now(), 1, 'survivor only')")
             d.execute("vacuum full ev")  # the survivor's blocks no longer match: a full read
+            d.execute("vacuum full nk")
+            # The survivor's sessions speak LATIN1: café's bytes from the loser must still be café.
+            d.execute("alter role postgres set client_encoding = 'LATIN1'")
             # The loser's own output style (day first) must not reach the survivor's parser.
             c.execute("alter system set datestyle = 'SQL, DMY'")
         n.stop("fast")
-        got = read_loser(cfg, {"ev": ["k", "at"]}, fork_time - timedelta(minutes=1), {"ev": "updated_at"},
+        got = read_loser(cfg, {"ev": ["k", "at"], "nk": ["a", "b"]}, fork_time - timedelta(minutes=1),
+                         {"ev": "updated_at", "nk": "updated_at"},
                          fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
                          survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time,
                          spool_dir=tmp_path / "spool")
@@ -240,7 +252,8 @@ def test_a_table_read_in_full_streams_its_rows_and_finds_deletions_on_the_surviv
     assert rows[0]["body"] == ODD and rows[0]["amount"] == Decimal("1.50")
     day = datetime(2026, 3, 4, tzinfo=timezone.utc)
     assert sorted(got.deleted["ev"]) == [("k3", day + timedelta(seconds=3)), ("k400", day + timedelta(seconds=400))]
-    assert len(list(tmp_path.joinpath("spool").iterdir())) == 1
+    assert got.reads["nk"].mode == "full" and got.deleted["nk"] == [(2, 2)]
+    assert len(list(tmp_path.joinpath("spool").iterdir())) == 2
 
 
 def _insert_lsn(c: psycopg.Connection) -> int:

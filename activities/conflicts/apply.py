@@ -49,6 +49,7 @@ from pydantic import BaseModel
 
 from activities.conflicts import engine
 from activities.conflicts.loser_copy import LoserCopy
+from activities.postgres.row_spool import RowSpool
 from activities.conflicts.resolve_sql import RESERVED_PREFIXES, Column, DecideQuery, same_key
 from eagle_dr.config import TableConflictConfig, TableName
 
@@ -249,26 +250,40 @@ def _load_as_json(conn: psycopg.Connection, target: sql.Identifier, names: list[
     generated = {r[0] for r in conn.cursor(row_factory=tuple_row).execute(
         "select attname from pg_attribute where attrelid = %s::regclass and attnum > 0 and not attisdropped"
         " and attgenerated <> ''", (target.as_string(conn),))}
-    conn.execute(sql.SQL("create temp table {} (j json, d bool) on commit drop").format(_LOSER_JSON_TMP))
+    def check(columns: Iterable[str]) -> None:
+        # row_to_json also gives a stored generated column: the survivor computes its own.
+        missing, extra = expected - set(columns), set(columns) - expected - generated
+        if missing or extra:
+            raise ValueError(f"a loser row does not have exactly the table's columns: missing "
+                             f"{sorted(missing)}, not in the table {sorted(extra)}")
+
+    # o: a JSON object set over the row (RowSpool: the commit time over a stale timestamp).
+    conn.execute(sql.SQL("create temp table {} (j json, d bool, o json) on commit drop").format(_LOSER_JSON_TMP))
     cur = conn.cursor()
-    with cur.copy(sql.SQL("copy {} (j, d) from stdin").format(_LOSER_JSON_TMP)) as copy:
-        copy.set_types(["text", "bool"])
+    with cur.copy(sql.SQL("copy {} (j, d, o) from stdin").format(_LOSER_JSON_TMP)) as copy:
+        if isinstance(loser_rows, RowSpool):
+            # Every row of the spool has the same keys (one table's row_to_json): checked once,
+            # and the file goes to the COPY as it is, no row parsed in Python.
+            if loser_rows.columns is not None:
+                check(loser_rows.columns)
+            loser_rows.copy_into(copy)
+            loser_rows = ()
+        copy.set_types(["text", "bool", "text"])
         for row in loser_rows:
             if row.keys() != expected:
-                # row_to_json also gives a stored generated column: the survivor computes its own.
-                missing, extra = expected - row.keys(), row.keys() - expected - generated
-                if missing or extra:
-                    raise ValueError(f"a loser row does not have exactly the table's columns: missing "
-                                     f"{sorted(missing)}, not in the table {sorted(extra)}")
+                check(row.keys())
                 row = {n: row[n] for n in names}
-            copy.write_row([_row_json(row), False])
+            copy.write_row([_row_json(row), False, None])
         for k in deleted_keys:
             if len(k) != len(key):
                 raise ValueError(f"a deleted key has {len(k)} values; the key columns are {key}")
-            copy.write_row([_row_json(dict(zip(key, k))), True])
+            copy.write_row([_row_json(dict(zip(key, k))), True, None])
     cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
     conn.execute(sql.SQL("insert into {tmp} ({cols}, _e_deleted) select {r_cols}, x.d from {js} x,"
-                         " json_populate_record(null::{target}, x.j) r").format(
+                         # The second populate sets o's fields over the first's record, and
+                         # only those: nothing of j is re-encoded (a json column keeps its text).
+                         " json_populate_record(json_populate_record(null::{target}, x.j), coalesce(x.o, '{{}}')) r")
+                 .format(
         tmp=_LOSER_TMP, cols=cols, r_cols=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names),
         js=_LOSER_JSON_TMP, target=target))
     conn.execute(sql.SQL("drop table {}").format(_LOSER_JSON_TMP))

@@ -386,17 +386,18 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 if why is None and surv is not None:
                     why = _rewritten_on_survivor(surv, heaps)
                 ts = ts_column[t]
-                rows[t] = got = RowSpool(spool_dir / f"{len(rows)}.rows", lambda r, at, ts=ts: _stamped(r, ts, at))
+                rows[t] = got = RowSpool(spool_dir / f"{len(rows)}.rows", ts)
                 if why is not None:
-                    spool_rows(conn, got, sql.SQL("select x.xmin::text::bigint, row_to_json(x)::text from {} x "
-                                                   "where {} > %s or x.xmin::text::bigint = any(%s)").format(
+                    spool_rows(conn, got, sql.SQL("select x.xmin::text::bigint, row_to_json(x) from {} x "
+                                                  "where {} > %s or x.xmin::text::bigint = any(%s)").format(
                         ident, sql.Identifier(ts)), [since, xids], committed_at)
+                    got.close()
                     if surv is not None:
                         deleted[t] = _deleted_full(conn, surv, ident, key, ts, fork_time)
                     reads[t] = TableRead(mode="full", why=why)
                     continue
                 for f, rc in heaps:
-                    for query, args in _block_queries(f.relation, sql.SQL("x.xmin::text::bigint, row_to_json(x)::text"),
+                    for query, args in _block_queries(f.relation, sql.SQL("x.xmin::text::bigint, row_to_json(x)"),
                                                       rc.blocks, sql.SQL("x.xmin::text::bigint = any(%s)"), [xids]):
                         spool_rows(conn, got, query, args, committed_at)
                 got.close()
@@ -534,14 +535,18 @@ def _block_queries(relation: sql.Composable, cols: sql.Composable, blocks: set[i
         yield sql.SQL(" union all ").join([one] * len(chunk)), args
 
 
-def spool_rows(conn: psycopg.Connection, spool: RowSpool, query: sql.Composable, args: list,
-                committed_at: dict[int, datetime]) -> None:
-    """``query``'s (xmin, row JSON) rows into ``spool`` through COPY: one row in memory at a
-    time (a fetchall held them all, and a run of contiguous blocks is one range however long)."""
-    with conn.cursor() as cur, cur.copy(sql.SQL("copy ({}) to stdout").format(query), args) as copy:
-        copy.set_types(["int8", "text"])
-        for xmin, row_json in copy.rows():
-            spool.add(row_json, committed_at.get(xmin))
+def spool_rows(conn: psycopg.Connection, spool: RowSpool, query: sql.Composable, args: list | None,
+               committed_at: dict[int, datetime]) -> None:
+    """``query``'s rows (the writer's xid as bigint, the row as json) into ``spool`` through
+    COPY: one row in memory at a time (a fetchall held them all, and a run of contiguous blocks
+    is one range however long). Its timestamp column comes as JSON text too (ISO 8601 whatever
+    the loser's DateStyle), for the spool to compare with the commit time."""
+    wrapped = sql.SQL("copy (select s.xid, s.j::text, s.j ->> {} from ({}) s (xid, j)) to stdout").format(
+        sql.Literal(spool.ts_column), query)
+    with conn.cursor() as cur, cur.copy(wrapped, args) as copy:
+        copy.set_types(["int8", "text", "text"])
+        for xid, row_json, stamp in copy.rows():
+            spool.add(row_json, stamp, committed_at.get(xid))
 
 
 def _pre_fork(surv: psycopg.Connection, ts_col: str, fork_time: datetime) -> tuple[sql.Composable, list]:
@@ -556,7 +561,7 @@ def _pre_fork(surv: psycopg.Connection, ts_col: str, fork_time: datetime) -> tup
     return cond, [fork_time]
 
 
-_LOSER_KEYS = sql.Identifier("_eagle_dr_loser_keys")
+_LOSER_KEYS = sql.SQL("pg_temp._eagle_dr_loser_keys")
 
 
 def _deleted_full(loser: psycopg.Connection, surv: psycopg.Connection, ident: sql.Composable, key: list[str],
@@ -566,12 +571,16 @@ def _deleted_full(loser: psycopg.Connection, surv: psycopg.Connection, ident: sq
     ones it has and the loser does not: the table's keys never sit in the worker's memory
     (they did, with the survivor's, as two Python sets)."""
     bare = sql.SQL(", ").join(sql.Identifier(k) for k in key)
-    surv.execute(sql.SQL("drop table if exists {}").format(_LOSER_KEYS))
-    # Temp: never WAL-logged, so the survivor's standbys see nothing of it.
-    surv.execute(sql.SQL("create temp table {} as select {} from {} with no data").format(_LOSER_KEYS, bare, ident))
-    try:
-        with loser.transaction(), loser.cursor() as src_cur:
-            for setting in OUTPUT_SETTINGS:
+    # The bytes go from one session to the other as they are: both in one encoding, or a key
+    # in another (café under LATIN1) would match nothing and read as deleted.
+    with surv.transaction(), loser.transaction():
+        surv.execute("set local client_encoding = 'UTF8'")
+        # The anti-join hashes every loser key; at the default 4 MB it spills to temp files.
+        surv.execute("set local work_mem = '64MB'")
+        surv.execute(sql.SQL("create temp table {} on commit drop as select {} from {} with no data").format(
+            _LOSER_KEYS, bare, ident))
+        with loser.cursor() as src_cur:
+            for setting in (*OUTPUT_SETTINGS, "set local client_encoding = 'UTF8'"):
                 src_cur.execute(setting)
             with src_cur.copy(sql.SQL("copy (select {} from {}) to stdout").format(bare, ident)) as src, \
                     surv.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(_LOSER_KEYS, bare)) as dst:
@@ -580,11 +589,18 @@ def _deleted_full(loser: psycopg.Connection, surv: psycopg.Connection, ident: sq
         surv.execute(sql.SQL("analyze {}").format(_LOSER_KEYS))
         cols = sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(k)) for k in key)
         cond, params = _pre_fork(surv, ts_col, fork_time)
+        some_null = sql.SQL(" or ").join(sql.SQL("x.{} is null").format(sql.Identifier(k)) for k in key)
+        alike = sql.SQL(" and ").join(sql.SQL("l.{0} is not distinct from x.{0}").format(sql.Identifier(k))
+                                      for k in key)
+        # Keys with a NULL part (a nullable unique key) match as the old comparison matched them,
+        # NULL to NULL; apart, so that the rest keeps a hash anti-join on "=".
         return [tuple(r) for r in surv.execute(sql.SQL(
-            "select {} from {} x where {} and not exists (select from {} l where {})").format(
-            cols, ident, cond, _LOSER_KEYS, same_key("x", "l", key)), params)]
-    finally:
-        surv.execute(sql.SQL("drop table if exists {}").format(_LOSER_KEYS))
+            "select {cols} from {t} x where {cond} and not ({some_null})"
+            " and not exists (select from {keys} l where {same})"
+            " union all select {cols} from {t} x where {cond} and ({some_null})"
+            " and not exists (select from {keys} l where {alike})").format(
+            cols=cols, t=ident, cond=cond, some_null=some_null, keys=_LOSER_KEYS, same=same_key("x", "l", key),
+            alike=alike), params + params)]
 
 
 def _deleted_in_blocks(loser: psycopg.Connection, surv: psycopg.Connection, ident: sql.Composable, heaps,
@@ -608,22 +624,6 @@ def _deleted_in_blocks(loser: psycopg.Connection, surv: psycopg.Connection, iden
         present |= {tuple(r) for r in loser.execute(sql.SQL("select {} from {} where ({}) in ({})").format(
             bare, ident, bare, sql.SQL(", ").join([one] * len(chunk))), [v for k in chunk for v in k]).fetchall()}
     return [k for k in candidates if k not in present]
-
-
-def _stamped(row: dict, ts_col: str, committed: datetime | None) -> dict:
-    """A row written after the fork is at least as new as its commit: a stamp older than that
-    (an UPDATE that bypassed the trigger, a client-supplied time) would make the conflict
-    engine read the change as pre-fork and drop it. The commit time is the truth here."""
-    if committed is None or ts_col not in row:
-        return row
-    raw = row[ts_col]
-    try:
-        stamp = datetime.fromisoformat(raw) if isinstance(raw, str) else None
-    except ValueError:
-        stamp = None
-    if stamp is None or stamp.tzinfo is None or stamp < committed:
-        row[ts_col] = committed.isoformat()
-    return row
 
 
 def _password(cfg: PostgresConfig) -> str | None:
