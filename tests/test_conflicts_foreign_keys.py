@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
+from activities.postgres.table_locks import TablesBusy
 from eagle_dr.config import TableConflictConfig
 from lab.postgres import PostgresNode
 from lab.scratch_postgres import scratch_postgres
@@ -435,3 +436,91 @@ def test_an_update_of_a_parent_whose_key_is_referenced_searches_no_child(db, mon
                                                                                  real(self, q, table, **p))[1])
     summaries, broken = reconcile(db, {"fk_parent": ([parent(1, "renamed", T0, at(5))], [])})
     assert broken == [] and summaries["fk_parent"].updated == 1 and searched == []
+
+
+def _waiting_on_a_lock(watcher: psycopg.Connection, pid: int, deadline_s: float = 30.0) -> None:
+    """Polls until session ``pid`` waits on a heavyweight lock (or fails at the deadline)."""
+    import time
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if watcher.execute("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                           (pid,)).fetchone()[0]:
+            return
+        watcher.execute("select pg_sleep(0.01)")
+    raise AssertionError(f"session {pid} never waited on a lock")
+
+
+def test_a_reconcile_waiting_for_its_table_locks_never_queues_the_applications_writes(db, pg):
+    """The survivor is the live primary. A batch job holds a write on a table the reconcile
+    must lock; a plain LOCK TABLE would wait behind it and every later write of the
+    application would queue behind the LOCK: a write outage as long as the batch. The
+    reconcile asks in short tries instead, so the application's next write goes through while
+    it waits; once the batch commits, the reconcile goes on."""
+    import threading
+
+    seed(db, "fk_parent", parent(1, "p1"))
+    batch, app = pg.connect(), pg.connect()
+    batch.autocommit = False
+    batch.execute("set application_name = 'billing-batch'")
+    batch.execute("insert into fk_parent values (2, 'batch', now(), now())")  # ROW EXCLUSIVE, held
+    pid = db.execute("select pg_backend_pid() as pid").fetchone()["pid"]
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = reconcile_waiting(db, {"fk_parent": ([parent(3, "loser", at(5))], [])})
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        with pg.connect() as watcher:
+            watcher.autocommit = True
+            _waiting_on_a_lock(watcher, pid)
+            app.autocommit = True
+            app.execute("set statement_timeout = '5s'")  # queued behind a LOCK, it would fail here
+            app.execute("insert into fk_parent values (4, 'app', now(), now())")
+        batch.commit()
+    finally:
+        worker.join(timeout=60)
+        batch.close()
+        app.close()
+    assert "error" not in out, out
+    summaries, broken = out["result"]
+    assert broken == [] and summaries["fk_parent"].inserted == 1
+    assert ids(db, "fk_parent") == [1, 2, 3, 4]
+
+
+def reconcile_waiting(conn: psycopg.Connection, changes: Changes, patience: float = 60.0):
+    def apply_all(holds: Holds, checked: frozenset[str]) -> dict[str, ApplySummary]:
+        return {t: apply_resolutions(conn, t, LWW, rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-fk",
+                                     "run-1", hold=holds.get(t)) for t, (rows, deleted) in changes.items()}
+
+    with conn.transaction():
+        return apply_keeping_foreign_keys(conn, {t: ["id"] for t in changes}, apply_all, survivor_region=SURVIVOR,
+                                          lock_try=0.2, lock_patience=patience)
+
+
+def test_a_reconcile_that_cannot_lock_its_tables_gives_up_naming_who_holds_them(db, pg):
+    """Past its patience the reconcile stops (the activity retries later) and says which
+    session holds which table, so the on-call can see it is a batch job, not a hung
+    reconcile. Nothing is written, and the session's own lock_timeout is as it was."""
+    seed(db, "fk_parent", parent(1, "p1"))
+    db.execute("set lock_timeout = '20s'")
+    with pg.connect() as batch:
+        batch.autocommit = False
+        batch.execute("set application_name = 'billing-batch'")
+        batch.execute("insert into fk_child values (9, 1, 'batch', now(), now())")
+        holder = batch.execute("select pg_backend_pid()").fetchone()[0]
+        try:
+            with pytest.raises(TablesBusy) as e:
+                reconcile_waiting(db, {"fk_parent": ([parent(3, "loser", at(5))], []),
+                                       "fk_child": ([child(10, 1, "loser", at(5))], [])}, patience=1.0)
+        finally:
+            batch.rollback()
+    assert f"pid {holder}" in str(e.value) and "billing-batch" in str(e.value) and "fk_child" in str(e.value)
+    assert ids(db, "fk_parent") == [1] and ids(db, "fk_child") == []
+    assert db.execute("show lock_timeout").fetchone()["lock_timeout"] == "20s"
+    db.execute("reset lock_timeout")

@@ -50,6 +50,7 @@ from pydantic import BaseModel
 from activities.conflicts import engine
 from activities.conflicts.loser_copy import LoserCopy
 from activities.postgres.row_spool import RowSpool
+from activities.postgres.table_locks import lock_tables
 from activities.conflicts.resolve_sql import RESERVED_PREFIXES, Column, DecideQuery, same_key
 from eagle_dr.config import TableConflictConfig, TableName
 
@@ -542,7 +543,7 @@ def apply_resolutions(
         # at the default 4 MB those hashes spill to temp files in batches (8 at 200k keys).
         # One session's few hash tables, for the seconds of the run.
         cur.execute("set local work_mem = '64MB'")
-        cur.execute(sql.SQL("lock table {} in share row exclusive mode").format(target))
+        lock_tables(conn, [target])  # held already when foreign_keys took every table's
         _load_loser(conn, target, columns, cfg, loser_rows, deleted_keys)
         decide = DecideQuery(columns, cfg, survivor_region, loser_region, region_priority, fork_time, now,
                              survivor_xid_from)

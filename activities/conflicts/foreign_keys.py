@@ -38,6 +38,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from activities.conflicts.apply import TOUCHED_TMP
+from activities.postgres.table_locks import LOCK_PATIENCE, LOCK_TRY, lock_tables
 from eagle_dr.config import TableName
 
 # Table (the ``conflicts:`` name the audit uses) -> {primary key as jsonb text: why it is held}.
@@ -215,7 +216,7 @@ class _Check:
 
 def apply_keeping_foreign_keys(
     conn: psycopg.Connection, keys: Mapping[str, list[str]], apply: Callable[[Holds, frozenset[str]], T], *,
-    survivor_region: str, rounds: int = ROUNDS,
+    survivor_region: str, rounds: int = ROUNDS, lock_try: float = LOCK_TRY, lock_patience: float = LOCK_PATIENCE,
 ) -> tuple[T, list[str]]:
     """``apply(holds, checked)`` (every table of ``keys``, name -> key columns, applied with
     those holds) run in a savepoint of the caller's transaction until no write breaks a foreign
@@ -225,15 +226,16 @@ def apply_keeping_foreign_keys(
     rest and must be reported)."""
     check = _Check(conn, keys, survivor_region)
     holds: Holds = {}
+    # Every table's lock at once, before any write, in one order, in short tries that never
+    # queue the application's writes (postgres/table_locks.py), and in the caller's transaction:
+    # held to its commit through every round's rollback. A lock taken table by table midway
+    # could deadlock with an application transaction writing two of them. (The apply's own
+    # per-table LOCK then finds it held.) No table: a reconcile whose old primary changed no
+    # listed table after the fork.
+    lock_tables(conn, [TableName.parse(t, catalog=True).identifier for t in sorted(keys, key=check.oid.__getitem__)],
+                lock_try=lock_try, patience=lock_patience)
     for n in range(1, rounds + 1):
         with conn.transaction() as tx:
-            # Every table's lock at once, before any write, in one order: held together to the
-            # commit, a lock taken table by table midway could deadlock with an application
-            # transaction writing two of them; taken here, losing that race costs nothing but a
-            # retry. (The apply's own per-table LOCK then finds it held.)
-            if keys:  # none: a reconcile whose old primary changed no listed table after the fork
-                conn.execute(sql.SQL("lock table {} in share row exclusive mode").format(sql.SQL(", ").join(
-                    TableName.parse(t, catalog=True).identifier for t in sorted(keys, key=check.oid.__getitem__))))
             if check.fks:
                 conn.execute(sql.SQL("create temp table {} (table_name text not null, pk jsonb not null, action text"
                                      " not null, survivor_version jsonb, collided boolean not null) on commit drop")
