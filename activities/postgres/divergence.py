@@ -21,10 +21,9 @@ import structlog
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
-from activities.conflicts.loser_copy import OUTPUT_SETTINGS
-from activities.conflicts.resolve_sql import same_key
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_diff, lsn_to_int
+from activities.postgres.missing_keys import keys_missing_there
 from activities.postgres.row_spool import RowSpool
 from activities.postgres.wal import DEFAULT_TABLESPACE, WalScan, commits_in_segment_before, current_timeline, \
     end_from, scan, segment_size
@@ -561,46 +560,16 @@ def _pre_fork(surv: psycopg.Connection, ts_col: str, fork_time: datetime) -> tup
     return cond, [fork_time]
 
 
-_LOSER_KEYS = sql.SQL("pg_temp._eagle_dr_loser_keys")
-
-
 def _deleted_full(loser: psycopg.Connection, surv: psycopg.Connection, ident: sql.Composable, key: list[str],
                   ts_col: str, fork_time: datetime) -> list[tuple]:
-    """Rows the survivor has unchanged since before the fork but the loser lacks. Every key of
-    the loser goes COPY to COPY into a temp table on the survivor, and the survivor finds the
-    ones it has and the loser does not: the table's keys never sit in the worker's memory
-    (they did, with the survivor's, as two Python sets)."""
+    """Rows the survivor has unchanged since before the fork but the loser lacks, compared on
+    the survivor (missing_keys.py): the table's keys never sit in the worker's memory (they
+    did, with the survivor's, as two Python sets)."""
+    cols = sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(k)) for k in key)
     bare = sql.SQL(", ").join(sql.Identifier(k) for k in key)
-    # The bytes go from one session to the other as they are: both in one encoding, or a key
-    # in another (café under LATIN1) would match nothing and read as deleted.
-    with surv.transaction(), loser.transaction():
-        surv.execute("set local client_encoding = 'UTF8'")
-        # The anti-join hashes every loser key; at the default 4 MB it spills to temp files.
-        surv.execute("set local work_mem = '64MB'")
-        surv.execute(sql.SQL("create temp table {} on commit drop as select {} from {} with no data").format(
-            _LOSER_KEYS, bare, ident))
-        with loser.cursor() as src_cur:
-            for setting in (*OUTPUT_SETTINGS, "set local client_encoding = 'UTF8'"):
-                src_cur.execute(setting)
-            with src_cur.copy(sql.SQL("copy (select {} from {}) to stdout").format(bare, ident)) as src, \
-                    surv.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(_LOSER_KEYS, bare)) as dst:
-                for block in src:
-                    dst.write(block)
-        surv.execute(sql.SQL("analyze {}").format(_LOSER_KEYS))
-        cols = sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(k)) for k in key)
-        cond, params = _pre_fork(surv, ts_col, fork_time)
-        some_null = sql.SQL(" or ").join(sql.SQL("x.{} is null").format(sql.Identifier(k)) for k in key)
-        alike = sql.SQL(" and ").join(sql.SQL("l.{0} is not distinct from x.{0}").format(sql.Identifier(k))
-                                      for k in key)
-        # Keys with a NULL part (a nullable unique key) match as the old comparison matched them,
-        # NULL to NULL; apart, so that the rest keeps a hash anti-join on "=".
-        return [tuple(r) for r in surv.execute(sql.SQL(
-            "select {cols} from {t} x where {cond} and not ({some_null})"
-            " and not exists (select from {keys} l where {same})"
-            " union all select {cols} from {t} x where {cond} and ({some_null})"
-            " and not exists (select from {keys} l where {alike})").format(
-            cols=cols, t=ident, cond=cond, some_null=some_null, keys=_LOSER_KEYS, same=same_key("x", "l", key),
-            alike=alike), params + params)]
+    cond, params = _pre_fork(surv, ts_col, fork_time)
+    return keys_missing_there(surv, sql.SQL("select {} from {} x where {}").format(cols, ident, cond), params,
+                              loser, sql.SQL("select {} from {}").format(bare, ident), ident, key)
 
 
 def _deleted_in_blocks(loser: psycopg.Connection, surv: psycopg.Connection, ident: sql.Composable, heaps,
