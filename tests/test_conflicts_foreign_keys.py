@@ -16,11 +16,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
-from activities.postgres.table_locks import TablesBusy
+from activities.postgres.table_locks import TablesBusy, lock_tables
 from eagle_dr.config import TableConflictConfig
 from lab.postgres import PostgresNode
 from lab.scratch_postgres import scratch_postgres
@@ -487,6 +488,7 @@ def test_a_reconcile_waiting_for_its_table_locks_never_queues_the_applications_w
         worker.join(timeout=60)
         batch.close()
         app.close()
+    assert not worker.is_alive(), "the reconcile did not finish once the batch committed"
     assert "error" not in out, out
     summaries, broken = out["result"]
     assert broken == [] and summaries["fk_parent"].inserted == 1
@@ -506,9 +508,8 @@ def reconcile_waiting(conn: psycopg.Connection, changes: Changes, patience: floa
 def test_a_reconcile_that_cannot_lock_its_tables_gives_up_naming_who_holds_them(db, pg):
     """Past its patience the reconcile stops (the activity retries later) and says which
     session holds which table, so the on-call can see it is a batch job, not a hung
-    reconcile. Nothing is written, and the session's own lock_timeout is as it was."""
+    reconcile."""
     seed(db, "fk_parent", parent(1, "p1"))
-    db.execute("set lock_timeout = '20s'")
     with pg.connect() as batch:
         batch.autocommit = False
         batch.execute("set application_name = 'billing-batch'")
@@ -520,7 +521,54 @@ def test_a_reconcile_that_cannot_lock_its_tables_gives_up_naming_who_holds_them(
                                        "fk_child": ([child(10, 1, "loser", at(5))], [])}, patience=1.0)
         finally:
             batch.rollback()
-    assert f"pid {holder}" in str(e.value) and "billing-batch" in str(e.value) and "fk_child" in str(e.value)
-    assert ids(db, "fk_parent") == [1] and ids(db, "fk_child") == []
-    assert db.execute("show lock_timeout").fetchone()["lock_timeout"] == "20s"
-    db.execute("reset lock_timeout")
+    assert f"fk_child held by pid {holder} (billing-batch," in str(e.value), str(e.value)
+
+
+def test_a_lock_taken_in_tries_is_held_and_leaves_the_sessions_timeouts_as_they_were(db):
+    """The tries set lock_timeout and statement_timeout for the LOCK alone: left at the try's
+    half second, every later statement of the reconcile (a row lock an application holds, a
+    long audit insert) would fail half way."""
+    db.execute("set lock_timeout = '20s'")
+    db.execute("set statement_timeout = '33s'")
+    try:
+        with db.transaction():
+            lock_tables(db, [sql.Identifier("fk_parent"), sql.Identifier("fk_child")], lock_try=0.2)
+            assert [db.execute(f"show {n}").fetchone()[n] for n in ("lock_timeout", "statement_timeout")] == \
+                ["20s", "33s"]
+            held = db.execute("select relation::regclass::text as t from pg_locks where pid = pg_backend_pid()"
+                              " and mode = 'ShareRowExclusiveLock' and granted order by 1").fetchall()
+            assert [r["t"] for r in held] == ["fk_child", "fk_parent"]
+        with pytest.raises(RuntimeError, match="open transaction"):
+            lock_tables(db, [sql.Identifier("fk_parent")])  # nothing would hold it
+    finally:
+        db.execute("reset lock_timeout")
+        db.execute("reset statement_timeout")
+
+
+def test_an_autovacuum_in_the_way_is_cancelled_as_postgresql_would(db, pg):
+    """A long autovacuum of a busy table holds a lock ours conflicts with. PostgreSQL cancels
+    it for a waiting lock request after deadlock_timeout (1 s), which a half-second try never
+    reaches: left alone it would outlast every try and fail the reconcile."""
+    import time
+
+    db.execute("create table fk_vacuumed (id bigint, pad text) with (autovacuum_vacuum_cost_delay = 100,"
+               " autovacuum_vacuum_cost_limit = 1, autovacuum_vacuum_threshold = 0,"
+               " autovacuum_vacuum_scale_factor = 0)")  # a crawling autovacuum, minutes long
+    db.execute("insert into fk_vacuumed select g, repeat('x', 200) from generate_series(1, 100000) g")
+    db.execute("delete from fk_vacuumed")
+    db.execute("alter system set autovacuum_naptime = 1")
+    db.execute("select pg_reload_conf()")
+    try:
+        end = time.monotonic() + 60
+        while not db.execute("select exists (select from pg_stat_activity where backend_type = 'autovacuum worker'"
+                             " and query like '%%fk_vacuumed%%') as on").fetchone()["on"]:
+            assert time.monotonic() < end, "no autovacuum of fk_vacuumed started"
+            db.execute("select pg_sleep(0.05)")
+        with db.transaction():
+            lock_tables(db, [sql.Identifier("fk_vacuumed")], lock_try=0.2, patience=20)
+            assert db.execute("select count(*) as n from pg_locks where relation = 'fk_vacuumed'::regclass"
+                              " and mode = 'ShareUpdateExclusiveLock' and granted").fetchone()["n"] == 0
+    finally:
+        db.execute("alter system reset autovacuum_naptime")
+        db.execute("select pg_reload_conf()")
+        db.execute("drop table if exists fk_vacuumed")

@@ -224,16 +224,17 @@ def apply_keeping_foreign_keys(
     preview rehearses those and only decides the rest). Returns its result and what the last
     round still found broken (empty but for a pathological case; it is committed with the
     rest and must be reported)."""
+    # Every table's lock at once, before any write, in one order (by name: every reconcile
+    # sorts alike), in short tries that never queue the application's writes
+    # (postgres/table_locks.py), and in the caller's transaction: held to its commit through
+    # every round's rollback. A lock taken table by table midway could deadlock with an
+    # application transaction writing two of them. (The apply's own per-table LOCK then finds
+    # it held.) No table: a reconcile whose old primary changed no listed table after the fork.
+    lock_tables(conn, [TableName.parse(t, catalog=True).identifier for t in sorted(keys)],
+                lock_try=lock_try, patience=lock_patience)
+    # Only now the foreign keys: a migration the lock waited behind may have added one.
     check = _Check(conn, keys, survivor_region)
     holds: Holds = {}
-    # Every table's lock at once, before any write, in one order, in short tries that never
-    # queue the application's writes (postgres/table_locks.py), and in the caller's transaction:
-    # held to its commit through every round's rollback. A lock taken table by table midway
-    # could deadlock with an application transaction writing two of them. (The apply's own
-    # per-table LOCK then finds it held.) No table: a reconcile whose old primary changed no
-    # listed table after the fork.
-    lock_tables(conn, [TableName.parse(t, catalog=True).identifier for t in sorted(keys, key=check.oid.__getitem__)],
-                lock_try=lock_try, patience=lock_patience)
     for n in range(1, rounds + 1):
         with conn.transaction() as tx:
             if check.fks:

@@ -5,11 +5,18 @@ SHARE ROW EXCLUSIVE mode: a decision is only right against the survivor row it w
 against. On the survivor, the region's live primary, a plain ``LOCK TABLE`` waits behind any
 transaction writing those tables (a batch job, a long migration), and while it waits every
 later writer queues behind it: the application's writes stop for as long as the batch runs,
-an outage the DR runbook caused. So the lock is asked for in short tries (``lock_timeout``),
-each in a savepoint, with a pause between them in which the queue drains. Past its patience
-the caller gets ``TablesBusy``, naming the sessions in the way (pid, application, user, how
-long their transaction has run; never their query, which can hold data), and its activity
+an outage the DR runbook caused. So the lock is asked for in short tries, each in a
+savepoint and bounded as a whole statement (``statement_timeout``: ``lock_timeout`` bounds
+each table's wait, and the tables already granted would hold the writers while the next one
+is waited for), with a pause between them in which the queue drains. Past its patience the
+caller gets ``TablesBusy``, naming the sessions in the way (pid, application, user, how long
+their transaction has run; never their query, which can hold data), and its activity
 retries later. Deadlocks are avoided the same way: every table at once, in one statement.
+
+An autovacuum in the way is cancelled, as PostgreSQL itself cancels one that blocks a lock
+request (after ``deadlock_timeout``, which a short try never reaches): left alone, a long
+autovacuum of a busy table would outlast every try. One that prevents wraparound is left
+to finish, as PostgreSQL leaves it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections.abc import Sequence
 
 import psycopg
 import structlog
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.rows import tuple_row
 
 log = structlog.get_logger(__name__)
@@ -37,6 +44,11 @@ LOCK_PATIENCE = 300.0
 # The modes that conflict with SHARE ROW EXCLUSIVE (PostgreSQL's lock conflict table).
 _CONFLICTING = ("RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
                 "ExclusiveLock", "AccessExclusiveLock")
+# Sessions named in an error or a log line; a busy primary can have hundreds writing a table.
+_NAMED = 10
+# What a try that did not get every lock in time ends with: its lock wait, the statement's
+# bound, or a deadlock PostgreSQL broke (a DBA's deadlock_timeout below the try): all retried.
+_TRY_FAILED = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled, psycopg.errors.DeadlockDetected)
 
 
 class TablesBusy(RuntimeError):
@@ -46,37 +58,50 @@ class TablesBusy(RuntimeError):
 def lock_tables(conn: psycopg.Connection, tables: Sequence[sql.Composable], *, lock_try: float = LOCK_TRY,
                 patience: float = LOCK_PATIENCE) -> None:
     """SHARE ROW EXCLUSIVE on every table of ``tables`` (identifiers), held by the caller's
-    open transaction to its end. The session's own ``lock_timeout`` is left as it was."""
+    open transaction to its end. The session's own settings are left as they were."""
     if not tables:
         return
+    if conn.info.transaction_status != pq.TransactionStatus.INTRANS:
+        # A savepoint of nothing would be a transaction of its own, committed (and the locks
+        # released) the moment this returned.
+        raise RuntimeError("lock_tables needs the caller's open transaction to hold the locks in")
+    cur = conn.cursor(row_factory=tuple_row)  # whatever rows the caller's connection makes
+    # The pauses leave the caller's transaction idle: a server's idle-in-transaction timeout
+    # must not end the session between two tries.
+    cur.execute("select set_config('idle_in_transaction_session_timeout', '0', true)")
     statement = sql.SQL("lock table {} in share row exclusive mode").format(sql.SQL(", ").join(tables))
+    bound = f"{max(1, int(lock_try * 1000))}ms"
     started = time.monotonic()
     pause = 0.05
     tries = 0
     while True:
         tries += 1
         try:
-            # A savepoint: the try that times out aborts it, not the caller's transaction, and the
-            # setting goes with it. One that succeeds keeps the locks in the enclosing transaction;
-            # its setting is put back right after.
+            # A savepoint: the try that fails aborts it, not the caller's transaction, and the
+            # settings go with it. One that succeeds keeps the locks in the enclosing
+            # transaction; its settings are put back right after.
             with conn.transaction():
-                cur = conn.cursor(row_factory=tuple_row)  # whatever rows the caller's connection makes
-                previous = cur.execute("select current_setting('lock_timeout')").fetchone()[0]
-                conn.execute("select set_config('lock_timeout', %s, true)", (f"{max(1, int(lock_try * 1000))}ms",))
-                conn.execute(statement)
-                conn.execute("select set_config('lock_timeout', %s, true)", (previous,))
+                previous = cur.execute("select current_setting('lock_timeout'),"
+                                       " current_setting('statement_timeout')").fetchone()
+                cur.execute("select set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+                            (bound, bound))
+                cur.execute(statement)
+                cur.execute("select set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+                            previous)
             if tries > 1:
                 log.info("tables locked", tries=tries, waited_s=round(time.monotonic() - started, 3))
             return
-        except psycopg.errors.LockNotAvailable:
-            held = _holders(conn, tables)
+        except _TRY_FAILED:
+            in_the_way = _in_the_way(conn, tables)
+            held = _describe(in_the_way)
+            _cancel_autovacuum(conn, in_the_way)
             waited = time.monotonic() - started
             if waited + pause >= patience:
                 raise TablesBusy(
                     f"could not lock {_names(conn, tables)} in {waited:.0f}s ({tries} tries of {lock_try:g}s, so as "
                     f"never to queue the application's writes behind the lock): "
                     f"{'; '.join(held) or 'the sessions holding them finished between tries'}. "
-                    "Nothing was written; the step is retried.") from None
+                    "Nothing was written; Temporal retries the step as its retry policy allows.") from None
             log.warning("tables busy, waiting", tables=_names(conn, tables), held_by=held, tries=tries,
                         waited_s=round(waited, 3))
             # Jittered: two reconciles (or a reconcile and a migration) must not retry in step.
@@ -88,17 +113,51 @@ def _names(conn: psycopg.Connection, tables: Sequence[sql.Composable]) -> str:
     return ", ".join(t.as_string(conn) for t in tables)
 
 
-def _holders(conn: psycopg.Connection, tables: Sequence[sql.Composable]) -> list[str]:
-    """Who holds a lock on ``tables`` that the reconcile's conflicts with, one line each."""
+def _oids(cur: psycopg.Cursor, conn: psycopg.Connection, tables: Sequence[sql.Composable]) -> list[int]:
+    got = [cur.execute(sql.SQL("select to_regclass({})::oid").format(sql.Literal(t.as_string(conn)))).fetchone()[0]
+           for t in tables]
+    return [o for o in got if o is not None]
+
+
+# Locks on the tables, or on their partitions and inheritance children (LOCK takes those
+# too), in this database, held or queued ahead, in a mode that conflicts with ours.
+_IN_THE_WAY = """
+with recursive t(oid) as (select unnest(%s::oid[]) union select i.inhrelid from pg_inherits i join t on i.inhparent = t.oid)
+select l.relation::regclass::text, l.pid, l.granted, coalesce(nullif(a.application_name, ''), '?'),
+       coalesce(a.usename::text, '?'), coalesce(a.backend_type, '?'),
+       coalesce(extract(epoch from clock_timestamp() - a.xact_start)::int::text, '?'),
+       a.query like 'autovacuum:%%' and a.query not like '%%(to prevent wraparound)%%'
+from pg_locks l left join pg_stat_activity a on a.pid = l.pid
+where l.locktype = 'relation' and l.database = (select oid from pg_database where datname = current_database())
+  and l.relation in (select oid from t) and l.mode = any(%s) and l.pid is distinct from pg_backend_pid()
+order by l.granted desc, 1, 2"""
+
+
+def _in_the_way(conn: psycopg.Connection, tables: Sequence[sql.Composable]) -> list[tuple]:
     cur = conn.cursor(row_factory=tuple_row)
-    oids = [cur.execute(sql.SQL("select to_regclass({})::oid").format(sql.Literal(t.as_string(conn)))).fetchone()[0]
-            for t in tables]
-    rows = cur.execute(
-        "select l.relation::regclass::text, a.pid, coalesce(nullif(a.application_name, ''), '?'), a.usename,"
-        " a.state, extract(epoch from clock_timestamp() - a.xact_start)::int"
-        " from pg_locks l join pg_stat_activity a on a.pid = l.pid"
-        " where l.locktype = 'relation' and l.granted and l.relation = any(%s::oid[]) and l.mode = any(%s)"
-        " and l.pid <> pg_backend_pid() order by 1, 2", ([o for o in oids if o is not None], list(_CONFLICTING))
-    ).fetchall()
-    return [f"{table} held by pid {pid} ({app}, user {user}, {state}, transaction open {age}s)"
-            for table, pid, app, user, state, age in rows]
+    return cur.execute(_IN_THE_WAY, (_oids(cur, conn, tables), list(_CONFLICTING))).fetchall()
+
+
+def _describe(rows: list[tuple]) -> list[str]:
+    """Who holds (or waits ahead for) a lock on the tables that ours conflicts with."""
+    out = []
+    for table, pid, granted, app, user, kind, age, _ in rows[:_NAMED]:
+        who = ("a prepared transaction (pg_prepared_xacts)" if pid is None else
+               f"pid {pid} ({app}, user {user}, {kind}, transaction open {age}s)")
+        out.append(f"{table} {'held' if granted else 'queued ahead'} by {who}")
+    if len(rows) > _NAMED:
+        out.append(f"and {len(rows) - _NAMED} more")
+    return out
+
+
+def _cancel_autovacuum(conn: psycopg.Connection, rows: list[tuple]) -> None:
+    cur = conn.cursor(row_factory=tuple_row)
+    for table, pid, granted, *_, cancellable in rows:
+        if not (granted and cancellable and pid is not None):
+            continue
+        try:
+            with conn.transaction():  # a refusal must not abort the caller's transaction
+                cancelled = cur.execute("select pg_cancel_backend(%s)", (pid,)).fetchone()[0]
+        except psycopg.errors.InsufficientPrivilege:
+            cancelled = False  # not a superuser: it stays named among the holders
+        log.warning("autovacuum in the way of the reconcile's lock", table=table, pid=pid, cancelled=cancelled)
