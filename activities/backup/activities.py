@@ -35,7 +35,6 @@ from activities.backup.restore import (
 )
 from activities.backup.take import PrimaryRemoteUnreachable, StanzaMissing, take_backup
 from activities.heartbeat import heartbeating
-from activities.postgres.row_spool import SpoolDir
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
 
@@ -425,13 +424,12 @@ class RestoreActivities:
         st = Stanza(self.cfg, req.region)
         sc = scratch_config(st, self.scratch_dir(req.region, req.name), req.port)
         info = activity.info()
-        # The copy's rows wait on the worker's disk (TMPDIR), not in its memory (row_spool.py).
-        with heartbeating(), SpoolDir(info.workflow_run_id) as spool, connect_scratch(sc, timeout=10) as copy, \
+        with heartbeating(), connect_scratch(sc, timeout=10) as copy, \
                 connect(self.cfg.region(req.primary_region).postgres, 10) as primary:
             try:
                 return recover_rows(copy, primary, req.tables, dict(self.cfg.conflicts), req.primary_region,
                                     req.restored_to, info.workflow_id, info.workflow_run_id, req.approved_by,
-                                    req.preview, spool)
+                                    req.preview)
             except SelectionError as e:
                 raise ApplicationError(str(e), {"field": e.field, "reason": str(e)}, type="InvalidInput",
                                        non_retryable=True) from None

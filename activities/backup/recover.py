@@ -27,20 +27,16 @@ How the engine is used, and why:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
-from activities.postgres.divergence import regclass_sql, spool_rows
-from activities.postgres.missing_keys import keys_missing_there
-from activities.postgres.row_spool import RowSpool
+from activities.postgres.divergence import regclass_sql
 from eagle_dr.config import TableConflictConfig, TableName
 
 BACKUP_REGION = "backup"
@@ -118,11 +114,11 @@ def _select(table: str, names: list[str], where: str | None) -> sql.Composable:
     return q
 
 
-@contextmanager
-def _selection_errors(field: str, where_field: str) -> Iterator[None]:
-    """What the operator's table name or WHERE clause did wrong, as the field to correct."""
+def _read(conn: psycopg.Connection, query: sql.Composable, field: str, where_field: str) -> list[dict]:
     try:
-        yield
+        with conn.transaction():
+            conn.execute("set transaction read only")
+            return conn.cursor(row_factory=dict_row).execute(query).fetchall()
     except psycopg.errors.UndefinedTable as e:
         raise SelectionError(f"the copy has no such table: {e.diag.message_primary}", field) from None
     except (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
@@ -131,23 +127,10 @@ def _selection_errors(field: str, where_field: str) -> Iterator[None]:
         raise SelectionError(f"the WHERE clause does not work: {e.diag.message_primary}", where_field) from None
 
 
-def _spool(copy: psycopg.Connection, query: sql.Composable, spool: RowSpool) -> RowSpool:
-    """The copy's selected rows into the worker's spool (COPY, one row in memory at a time),
-    read-only: the WHERE clause is the operator's own SQL."""
-    with copy.transaction():
-        copy.execute("set transaction read only")
-        spool_rows(copy, spool, sql.SQL("select 0::bigint, row_to_json(q) from ({}) q").format(query), None, {})
-    return spool
-
-
 def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selections: list[RowSelection],
                  conflicts: dict[str, TableConflictConfig], primary_region: str, restored_to: datetime,
-                 workflow_id: str, run_id: str, approved_by: str | None, preview: bool,
-                 spool_dir: Path) -> RowRecovery:
-    """Decide (``preview``: and roll back) or apply every selected row of the copy to the
-    primary. The copy's rows wait in spool files under ``spool_dir`` (row_spool.py), and the
-    primary's keys the copy lacks are found on the primary (missing_keys.py): a selection of
-    a whole large table never sits in the worker's memory."""
+                 workflow_id: str, run_id: str, approved_by: str | None, preview: bool) -> RowRecovery:
+    """Decide (``preview``: and roll back) or apply every selected row of the copy to the primary."""
     plans = []
     # Everything is read and checked before the first table is written: a typo in the third
     # table must not leave the first two recovered and the rest not. The primary's keys are
@@ -157,11 +140,10 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
         field = f"tables[{i}]"
         tcfg = table_config(primary, s.table, conflicts, f"{field}.table")
         names = [c.name for c in _columns(primary, s.table)]
-        with _selection_errors(f"{field}.table", f"{field}.where"):
-            rows = _spool(copy, _select(s.table, names, s.where), RowSpool(spool_dir / f"{i}.rows",
-                                                                          tcfg.timestamp_column))
-            keys = _select(s.table, tcfg.key, s.where)
-            missing = keys_missing_there(primary, keys, (), copy, keys, regclass_sql(s.table), tcfg.key)
+        rows = _read(copy, _select(s.table, names, s.where), f"{field}.table", f"{field}.where")
+        live = _read(primary, _select(s.table, tcfg.key, s.where), f"{field}.table", f"{field}.where")
+        in_copy = {tuple(r[k] for k in tcfg.key) for r in rows}
+        missing = [k for k in (tuple(r[c] for c in tcfg.key) for r in live) if k not in in_copy]
         plans.append((s, tcfg, rows, missing))
     def apply_all(holds: Holds, checked: frozenset[str]) -> list[TableRecovery]:
         out = []

@@ -1,11 +1,15 @@
 """Keys one server has that another lacks, compared on the server, never in the worker.
 
 A failback that reads a table in full asks which of the survivor's unchanged rows the old
-primary deleted; a row recovery asks which of the primary's rows the restored copy lacks.
-Both once read every key of both sides into Python sets: for a table of hundreds of millions
-of rows, gigabytes of worker memory in the middle of a runbook. Here the other side's keys go
-COPY to COPY into a temp table on this side, and this side's query finds the ones missing
-there with an anti-join; only the answer (the divergence) comes back.
+primary deleted. It once read every key of both sides into Python sets: for a table of
+hundreds of millions of rows, gigabytes of worker memory in the middle of a runbook. Here the
+other side's keys go COPY to COPY into a temp table on this side, and this side's query finds
+the ones missing there with an anti-join; only the answer (the divergence) comes back.
+
+Not for row recovery (backup/recover.py) as it stands: there both queries hold the operator's
+WHERE, and the other side's second read, under the relay's pinned DateStyle, could select
+other rows than the read of the rows did (a date literal read day first). Its keys would have
+to come from the one read of its rows.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def keys_missing_there(here: psycopg.Connection, here_query: sql.Composable, par
                         dst.write(block)
             here.execute(sql.SQL("analyze {}").format(_KEYS))
         some_null = sql.SQL(" or ").join(sql.SQL("h.{} is null").format(sql.Identifier(k)) for k in key)
+        other_null = sql.SQL(" or ").join(sql.SQL("o.{} is null").format(sql.Identifier(k)) for k in key)
         alike = sql.SQL(" and ").join(sql.SQL("o.{0} is not distinct from h.{0}").format(sql.Identifier(k))
                                       for k in key)
         with here.transaction():
@@ -58,10 +63,13 @@ def keys_missing_there(here: psycopg.Connection, here_query: sql.Composable, par
             here.execute("set local work_mem = '64MB'")
             cur = here.cursor(row_factory=tuple_row)
             return [tuple(r) for r in cur.execute(sql.SQL(
-                "with h as ({q}) select * from h where not ({some_null})"
-                " and not exists (select from {keys} o where {same})"
-                " union all select * from h where ({some_null}) and not exists (select from {keys} o where {alike})"
-            ).format(q=here_query, some_null=some_null, keys=_KEYS, same=same_key("h", "o", key), alike=alike),
+                # The NULL branch compares only with the other side's keys that have a NULL
+                # too (no hash on "is not distinct from": each of its rows scans them).
+                "with h as ({q}), n as materialized (select * from {keys} o where {other_null})"
+                " select * from h where not ({some_null}) and not exists (select from {keys} o where {same})"
+                " union all select * from h where ({some_null}) and not exists (select from n o where {alike})"
+            ).format(q=here_query, some_null=some_null, other_null=other_null, keys=_KEYS,
+                     same=same_key("h", "o", key), alike=alike),
                 # None, not (): with parameters psycopg reads every % as a placeholder, and an
                 # operator's WHERE can hold a LIKE pattern.
                 params or None)]
