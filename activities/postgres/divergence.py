@@ -387,16 +387,17 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 ts = ts_column[t]
                 rows[t] = got = RowSpool(spool_dir / f"{len(rows)}.rows", ts)
                 if why is not None:
-                    spool_rows(conn, got, sql.SQL("select x.xmin::text::bigint, row_to_json(x) from {} x "
+                    spool_rows(conn, got, sql.SQL("select x.xmin::text::bigint, {} from {} x "
                                                   "where {} > %s or x.xmin::text::bigint = any(%s)").format(
-                        ident, sql.Identifier(ts)), [since, xids], committed_at)
+                        row_json(conn, ident), ident, sql.Identifier(ts)), [since, xids], committed_at)
                     got.close()
                     if surv is not None:
                         deleted[t] = _deleted_full(conn, surv, ident, key, ts, fork_time)
                     reads[t] = TableRead(mode="full", why=why)
                     continue
                 for f, rc in heaps:
-                    for query, args in _block_queries(f.relation, sql.SQL("x.xmin::text::bigint, row_to_json(x)"),
+                    for query, args in _block_queries(f.relation, sql.SQL("x.xmin::text::bigint, {}").format(
+                                                          row_json(conn, f.relation)),
                                                       rc.blocks, sql.SQL("x.xmin::text::bigint = any(%s)"), [xids]):
                         spool_rows(conn, got, query, args, committed_at)
                 got.close()
@@ -532,6 +533,33 @@ def _block_queries(relation: sql.Composable, cols: sql.Composable, blocks: set[i
         for lo, hi in chunk:
             args += [f"({lo},0)", f"({hi},0)", *params]
         yield sql.SQL(" union all ").join([one] * len(chunk)), args
+
+
+# Columns whose type (or its element, or a domain's base) has a cast of its own to json or
+# jsonb, other than json and jsonb themselves: hstore, and what an extension adds so.
+_OWN_JSON = """
+select a.attname, exists (
+    select from pg_cast c where c.casttarget in ('json'::regtype, 'jsonb'::regtype)
+        and c.castsource in (t.oid, t.typelem, t.typbasetype)
+        and c.castsource not in ('json'::regtype, 'jsonb'::regtype))
+from pg_attribute a join pg_type t on t.oid = a.atttypid
+where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped order by a.attnum"""
+
+
+def row_json(conn: psycopg.Connection, relation: sql.Composable) -> sql.Composable:
+    """The row ``x`` of ``relation`` as json, as the apply's ``json_populate_record`` reads it
+    back: ``row_to_json(x)``, except that a column whose type has its own cast to json goes
+    as its text. row_to_json writes an hstore as an object, which hstore's input (the one
+    json_populate_record calls for a column not of a json type) refuses: a failback of a
+    table with one failed on every retry."""
+    own = [name for name, special in conn.cursor().execute(_OWN_JSON, (relation.as_string(conn),)).fetchall()
+           if special]
+    if not own:
+        return sql.SQL("row_to_json(x)")
+    cols = conn.cursor().execute("select attname from pg_attribute where attrelid = to_regclass(%s) and attnum > 0"
+                                 " and not attisdropped order by attnum", (relation.as_string(conn),)).fetchall()
+    return sql.SQL("(select row_to_json(r) from (select {}) r)").format(sql.SQL(", ").join(
+        sql.SQL("x.{0}::text as {0}" if n in own else "x.{0}").format(sql.Identifier(n)) for (n,) in cols))
 
 
 def spool_rows(conn: psycopg.Connection, spool: RowSpool, query: sql.Composable, args: list | None,
