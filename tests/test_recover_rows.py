@@ -73,3 +73,19 @@ def test_a_where_clause_that_does_not_work_names_the_field_and_writes_nothing(se
                          RESTORED_TO, "wf-recover", "run-1", None, False)
         assert e.value.field == "tables[1].where"
         assert primary.execute("select count(*) from items").fetchone()[0] == 0
+
+
+def test_a_where_clause_that_smuggles_in_statements_runs_none_of_them(servers):
+    """The WHERE is the operator's SQL, run before any approval (the preview reads with it).
+    As a simple query, "true); commit; delete ..." ended the read-only transaction and then
+    deleted every row, on the copy and on the primary. Now it is refused, naming the field,
+    and both sides keep every row."""
+    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+        for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
+            primary.execute(q)
+            copy.execute(q)
+        with pytest.raises(SelectionError) as e:
+            recover_rows(copy, primary, [RowSelection(table="items", where="true); commit; delete from items where (true")],
+                         {}, "us-east-1", RESTORED_TO, "wf-recover", "run-1", None, True)
+        assert e.value.field == "tables[0].where"
+        assert [c.execute("select count(*) from items").fetchone()[0] for c in (primary, copy)] == [301, 301]

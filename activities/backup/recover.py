@@ -118,7 +118,10 @@ def _read(conn: psycopg.Connection, query: sql.Composable, field: str, where_fie
     try:
         with conn.transaction():
             conn.execute("set transaction read only")
-            return conn.cursor(row_factory=dict_row).execute(query).fetchall()
+            # Prepared: the extended protocol takes one statement only. As a simple query, a
+            # WHERE of "true); commit; delete from t where (true" ended the read-only
+            # transaction and deleted, on the copy and on the primary, before any approval.
+            return conn.cursor(row_factory=dict_row).execute(query, prepare=True).fetchall()
     except psycopg.errors.UndefinedTable as e:
         raise SelectionError(f"the copy has no such table: {e.diag.message_primary}", field) from None
     except (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
