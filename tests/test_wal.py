@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.postgres.wal import scan, segment_name, segment_size, waldump
+from eagle_dr.config import PostgresConfig
 from lab.scratch_postgres import scratch_postgres
 
 # Moved with EAGLE_DR_TEST_PORT_SHIFT (default 2000: 17960), like the other scratch servers.
@@ -30,6 +32,46 @@ def _conn():
 
 def _wal(node) -> str:
     return str(node.data_dir / "pg_wal")
+
+
+class _Fork:
+    """A loser and a survivor given the same statements (the same files, as a standby's would
+    be), with a connection to each; the test writes on either, then stops the loser to read it."""
+
+    def __init__(self, node, loser, survivor):
+        self.node, self.loser, self.survivor = node, loser, survivor
+        self.cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(node.data_dir),
+                                  socket_dir=str(node.run_dir), bin_dir=node.cfg.bin_dir, os_user=node.user.name)
+        self.survivor_cfg = PostgresConfig(port=PORT + 2, database="postgres")
+
+    def start(self) -> str:
+        """The fork: the loser's WAL position before its post-fork writes."""
+        return self.loser.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+
+    def stop_loser(self) -> None:
+        self.loser.close()
+        self.survivor.close()
+        self.node.stop("fast")
+
+    def read(self, keys, since, ts, start, fork_time, spool_dir):
+        from activities.postgres.divergence import ForkPoint, read_loser
+
+        return read_loser(self.cfg, keys, since, ts,
+                          fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
+                          survivor=self.survivor_cfg, fork_time=fork_time, spool_dir=spool_dir)
+
+
+@contextmanager
+def _forked_pair(ddl: list[str]):
+    def connect(port):
+        return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
+
+    with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor"):
+        with connect(PORT + 1) as c, connect(PORT + 2) as d:
+            for q in ddl:
+                c.execute(q)
+                d.execute(q)
+            yield _Fork(n, c, d)
 
 
 def test_scan_names_committed_changes_only(node):
@@ -145,9 +187,6 @@ def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritte
     there count as changed after the fork by their xmin alone."""
     from datetime import datetime, timedelta, timezone
 
-    from activities.postgres.divergence import ForkPoint, read_loser
-    from eagle_dr.config import PostgresConfig
-
     ddl = ["create table parted (id int primary key, body text, updated_at timestamptz not null default now())"
            " partition by range (id)",
            "create table parted_1 partition of parted for values from (0) to (1000)",
@@ -160,33 +199,23 @@ def test_a_table_or_partition_rewritten_on_the_survivor_marks_its_table_rewritte
            "create table grown_1 partition of grown for values from (0) to (1000)",
            "insert into grown (id, body) values (1, 'before')"]
     files = "select relid::regclass::text, pg_relation_filenode(relid) from pg_partition_tree('parted')"
-    with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor") as s:
-        cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
-                             bin_dir=n.cfg.bin_dir, os_user=n.user.name)
-        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
-                             autocommit=True) as c, \
-                psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres",
-                                autocommit=True) as d:
-            for q in ddl:
-                c.execute(q)
-                d.execute(q)
-            # Two fresh clusters given the same statements: the same files, as a standby's would be.
-            assert c.execute(files).fetchall() == d.execute(files).fetchall()
-            fork_time = datetime.now(timezone.utc)
-            start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
-            c.execute("update parted set body = 'after' where id = 1")
-            c.execute("update plain set body = 'after' where id = 1")
-            d.execute("vacuum full parted_2")
-            d.execute("vacuum full plain")
-            c.execute("update grown set body = 'after' where id = 1")
-            # Next month's partition, made on the survivor only: no rewrite of anything.
-            d.execute("create table grown_2 partition of grown for values from (1000) to (2000)")
-        n.stop("fast")
-        got = read_loser(cfg, {"parted": ["id"], "plain": ["id"], "grown": ["id"]}, fork_time - timedelta(minutes=1),
-                         {"parted": "updated_at", "plain": "updated_at", "grown": "updated_at"},
-                         fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
-                         survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time,
-                         spool_dir=tmp_path / "spool")
+    with _forked_pair(ddl) as f:
+        c, d = f.loser, f.survivor
+        # Two fresh clusters given the same statements: the same files, as a standby's would be.
+        assert c.execute(files).fetchall() == d.execute(files).fetchall()
+        fork_time = datetime.now(timezone.utc)
+        start = f.start()
+        c.execute("update parted set body = 'after' where id = 1")
+        c.execute("update plain set body = 'after' where id = 1")
+        d.execute("vacuum full parted_2")
+        d.execute("vacuum full plain")
+        c.execute("update grown set body = 'after' where id = 1")
+        # Next month's partition, made on the survivor only: no rewrite of anything.
+        d.execute("create table grown_2 partition of grown for values from (1000) to (2000)")
+        f.stop_loser()
+        got = f.read({"parted": ["id"], "plain": ["id"], "grown": ["id"]}, fork_time - timedelta(minutes=1),
+                     {"parted": "updated_at", "plain": "updated_at", "grown": "updated_at"}, start, fork_time,
+                     tmp_path / "spool")
     assert [r["body"] for r in got.rows["parted"]] == ["after"]
     # A plain table too (pg_partition_tree gives it nothing); not one that only gained a partition.
     assert sorted(got.rewritten) == ["parted", "plain"]
@@ -206,9 +235,6 @@ def test_a_table_read_in_full_streams_its_rows_and_finds_deletions_on_the_surviv
     from datetime import datetime, timedelta, timezone
     from decimal import Decimal
 
-    from activities.postgres.divergence import ForkPoint, read_loser
-    from eagle_dr.config import PostgresConfig
-
     ddl = ["create table ev (k text, at timestamptz, amount numeric, body text,"
            " updated_at timestamptz not null default now(), primary key (k, at))",
            "insert into ev (k, at, amount, body, updated_at) select 'k' || g, '2026-03-04 00:00:00+00'::timestamptz"
@@ -218,34 +244,23 @@ def test_a_table_read_in_full_streams_its_rows_and_finds_deletions_on_the_surviv
            "create table nk (a int, b int, v text, updated_at timestamptz not null default '2026-01-01',"
            " unique (a, b))",
            "insert into nk (a, b, v) values (1, null, 'x'), (1, null, 'y'), (2, 2, 'z')"]
-    with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor") as s:
-        cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
-                             bin_dir=n.cfg.bin_dir, os_user=n.user.name)
-        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
-                             autocommit=True) as c, \
-                psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres",
-                                autocommit=True) as d:
-            for q in ddl:
-                c.execute(q)
-                d.execute(q)
-            fork_time = datetime.now(timezone.utc)
-            start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
-            c.execute("update ev set body = %s, amount = 1.50 where k = 'k7'", (ODD,))
-            c.execute("delete from ev where k in ('k3', 'k400')")
-            c.execute("delete from nk where a = 2")
-            d.execute("insert into ev (k, at, amount, body) values ('new', now(), 1, 'survivor only')")
-            d.execute("vacuum full ev")  # the survivor's blocks no longer match: a full read
-            d.execute("vacuum full nk")
-            # The survivor's sessions speak LATIN1: café's bytes from the loser must still be café.
-            d.execute("alter role postgres set client_encoding = 'LATIN1'")
-            # The loser's own output style (day first) must not reach the survivor's parser.
-            c.execute("alter system set datestyle = 'SQL, DMY'")
-        n.stop("fast")
-        got = read_loser(cfg, {"ev": ["k", "at"], "nk": ["a", "b"]}, fork_time - timedelta(minutes=1),
-                         {"ev": "updated_at", "nk": "updated_at"},
-                         fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
-                         survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time,
-                         spool_dir=tmp_path / "spool")
+    with _forked_pair(ddl) as f:
+        c, d = f.loser, f.survivor
+        fork_time = datetime.now(timezone.utc)
+        start = f.start()
+        c.execute("update ev set body = %s, amount = 1.50 where k = 'k7'", (ODD,))
+        c.execute("delete from ev where k in ('k3', 'k400')")
+        c.execute("delete from nk where a = 2")
+        d.execute("insert into ev (k, at, amount, body) values ('new', now(), 1, 'survivor only')")
+        d.execute("vacuum full ev")  # the survivor's blocks no longer match: a full read
+        d.execute("vacuum full nk")
+        # The survivor's sessions speak LATIN1: café's bytes from the loser must still be café.
+        d.execute("alter role postgres set client_encoding = 'LATIN1'")
+        # The loser's own output style (day first) must not reach the survivor's parser.
+        c.execute("alter system set datestyle = 'SQL, DMY'")
+        f.stop_loser()
+        got = f.read({"ev": ["k", "at"], "nk": ["a", "b"]}, fork_time - timedelta(minutes=1),
+                     {"ev": "updated_at", "nk": "updated_at"}, start, fork_time, tmp_path / "spool")
     assert got.reads["ev"].mode == "full", got.reads
     rows = list(got.rows["ev"])
     assert len(got.rows["ev"]) == 1 and [r["k"] for r in rows] == ["k7"]
@@ -815,33 +830,22 @@ def test_an_hstore_column_goes_through_the_spool_into_the_apply(tmp_path):
     from datetime import datetime, timedelta, timezone
 
     from activities.conflicts.apply import apply_resolutions
-    from activities.postgres.divergence import ForkPoint, read_loser
-    from eagle_dr.config import PostgresConfig, TableConflictConfig
+    from eagle_dr.config import TableConflictConfig
 
     ddl = ["create extension if not exists hstore",
            "create table h (id int primary key, attrs hstore, tags hstore[], doc json,"
            " updated_at timestamptz not null default '2026-01-01')",
            "insert into h (id, attrs, tags, doc) values (1, 'a=>1', array['x=>y']::hstore[], '{\"k\": 1}')"]
-    with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor") as s:
-        cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
-                             bin_dir=n.cfg.bin_dir, os_user=n.user.name)
-        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
-                             autocommit=True) as c, \
-                psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres",
-                                autocommit=True) as d:
-            for q in ddl:
-                c.execute(q)
-                d.execute(q)
-            fork_time = datetime.now(timezone.utc)
-            start = c.execute("select pg_current_wal_lsn()::text").fetchone()[0]
-            c.execute("""update h set attrs = 'a=>2, "b c"=>"d\\\\e"', tags = array['p=>q', 'r=>s']::hstore[],"""
-                      """ doc = '{"k": 2}' where id = 1""")
-            want = c.execute("select attrs::text, tags::text, doc::text from h").fetchone()
-        n.stop("fast")
-        got = read_loser(cfg, {"h": ["id"]}, fork_time - timedelta(minutes=1), {"h": "updated_at"},
-                         fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
-                         survivor=PostgresConfig(port=PORT + 2, database="postgres"), fork_time=fork_time,
-                         spool_dir=tmp_path / "spool")
+    with _forked_pair(ddl) as f:
+        c = f.loser
+        fork_time = datetime.now(timezone.utc)
+        start = f.start()
+        c.execute("""update h set attrs = 'a=>2, "b c"=>"d\\\\e"', tags = array['p=>q', 'r=>s']::hstore[],"""
+                  """ doc = '{"k": 2}' where id = 1""")
+        want = c.execute("select attrs::text, tags::text, doc::text from h").fetchone()
+        f.stop_loser()
+        got = f.read({"h": ["id"]}, fork_time - timedelta(minutes=1), {"h": "updated_at"}, start, fork_time,
+                     tmp_path / "spool")
         assert got.reads["h"].mode == "blocks" and len(got.rows["h"]) == 1
         with psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres") as d:
             summary = apply_resolutions(d, "h", TableConflictConfig(strategy="last-write-wins", key=["id"]),
