@@ -33,7 +33,7 @@ def _connect(port: int) -> psycopg.Connection:
     return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
 
 
-def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(servers):
+def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(servers, tmp_path):
     """A corrupting UPDATE and DELETE on the primary after the restore point, and a row it
     gained since: the copy's versions come back (a json, an hstore and an exact numeric intact), the new
     row is counted as missing in the copy and kept, and a non-ASCII key is matched although
@@ -49,8 +49,10 @@ def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(s
     try:
         with _connect(PORT) as primary, _connect(PORT + 1) as copy:
             got = recover_rows(copy, primary, [RowSelection(table="items")], {}, "us-east-1", RESTORED_TO,
-                               "wf-recover", "run-1", "oncall@example", False)
+                               "wf-recover", "run-1", "oncall@example", False, tmp_path)
             assert [(t.rows_in_copy, t.missing_in_copy) for t in got.tables] == [(301, 1)]
+            # The copy's rows went through a spool file, not the worker's memory.
+            assert [f.name for f in tmp_path.iterdir()] == ["0.rows"]
             assert (got.tables[0].inserted, got.tables[0].updated) == (1, 3)
             rows = {r[0]: r[1:] for r in primary.execute("select id, doc::jsonb::text, qty, attrs::text from items")}
     finally:
@@ -61,7 +63,7 @@ def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(s
     assert rows["new"][1] == 7 and len(rows) == 302
 
 
-def test_a_where_clause_that_does_not_work_names_the_field_and_writes_nothing(servers):
+def test_a_where_clause_that_does_not_work_names_the_field_and_writes_nothing(servers, tmp_path):
     with _connect(PORT) as primary, _connect(PORT + 1) as copy:
         for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
             primary.execute(q)
@@ -70,12 +72,17 @@ def test_a_where_clause_that_does_not_work_names_the_field_and_writes_nothing(se
         with pytest.raises(SelectionError) as e:
             recover_rows(copy, primary, [RowSelection(table="items", where="id like 'i1%'"),
                                          RowSelection(table="items", where="nosuchcolumn = 1")], {}, "us-east-1",
-                         RESTORED_TO, "wf-recover", "run-1", None, False)
+                         RESTORED_TO, "wf-recover", "run-1", None, False, tmp_path)
         assert e.value.field == "tables[1].where"
         assert primary.execute("select count(*) from items").fetchone()[0] == 0
 
 
-def test_a_where_clause_that_smuggles_in_statements_runs_none_of_them(servers):
+@pytest.mark.parametrize("where", [
+    "true); commit; delete from items where (true",
+    # Shaped for the read's query as it is now, a subquery under the row's JSON.
+    "true)) x; commit; delete from items; select '', '' from (select 1 where (true",
+])
+def test_a_where_clause_that_smuggles_in_statements_runs_none_of_them(servers, tmp_path, where):
     """The WHERE is the operator's SQL, run before any approval (the preview reads with it).
     As a simple query, "true); commit; delete ..." ended the read-only transaction and then
     deleted every row, on the copy and on the primary. Now it is refused, naming the field,
@@ -85,7 +92,57 @@ def test_a_where_clause_that_smuggles_in_statements_runs_none_of_them(servers):
             primary.execute(q)
             copy.execute(q)
         with pytest.raises(SelectionError) as e:
-            recover_rows(copy, primary, [RowSelection(table="items", where="true); commit; delete from items where (true")],
-                         {}, "us-east-1", RESTORED_TO, "wf-recover", "run-1", None, True)
+            recover_rows(copy, primary, [RowSelection(table="items", where=where)],
+                         {}, "us-east-1", RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
         assert e.value.field == "tables[0].where"
         assert [c.execute("select count(*) from items").fetchone()[0] for c in (primary, copy)] == [301, 301]
+
+
+def test_a_date_in_the_where_and_in_the_key_means_what_each_session_reads(servers, tmp_path):
+    """The copy's sessions read dates day first, the primary's month first. The WHERE's date
+    literal selects on each side what that side's sessions read it as (as the operator's own
+    psql there would), the copy's rows are read once, and their keys (a date in them) reach the
+    primary as JSON, in ISO 8601: no key is read as another day, so a row the primary also
+    holds is never counted as missing from the copy. A second read of the keys under a pinned
+    style selected other rows than the first."""
+    ddl = ["drop table if exists days", "drop schema if exists eagle_dr cascade",
+           "create table days (k text, day date, v text, updated_at timestamptz not null default '2026-02-01',"
+           " primary key (k, day))",
+           # 1 to 12 March 2026: '03/02/2026' is 3 February day first, 2 March month first.
+           "insert into days (k, day, v) select 'k', date '2026-03-01' + g, 'before' from generate_series(0, 11) g"]
+    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+        for q in ddl:
+            primary.execute(q)
+            copy.execute(q)
+        primary.execute("update days set v = 'corrupt', updated_at = now()")
+        copy.execute("alter role postgres set datestyle = 'SQL, DMY'")
+        primary.execute("alter role postgres set datestyle = 'SQL, MDY'")
+    try:
+        with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+            got = recover_rows(copy, primary, [RowSelection(table="days",
+                                                            where="day >= '01/03/2026' and day <> '05/03/2026'")],
+                               {}, "us-east-1", RESTORED_TO, "wf-recover", "run-1", "oncall@example", False, tmp_path)
+            # Day first on the copy: 1 to 12 March but the 5th, 11 rows. Month first on the
+            # primary: from 3 January but 3 May, all 12, of which only 5 March is not among
+            # the copy's: a key misread would count more.
+            assert [(t.rows_in_copy, t.missing_in_copy, t.updated) for t in got.tables] == [(11, 1, 11)]
+            fixed = primary.execute("select to_char(day, 'DD') from days where v = 'before' order by day").fetchall()
+    finally:
+        for port in (PORT, PORT + 1):
+            with _connect(port) as c:
+                c.execute("alter role postgres reset datestyle")
+    assert [d for (d,) in fixed] == [f"{d:02}" for d in range(1, 13) if d != 5]
+
+
+def test_a_column_the_copy_lacks_is_refused_naming_the_table(servers, tmp_path):
+    """A column added on the primary after the restore point: the copy's rows cannot come back
+    whole. The refusal names the table, not the WHERE (its UndefinedColumn once did)."""
+    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+        for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
+            primary.execute(q)
+            copy.execute(q)
+        primary.execute("alter table items add column added text")
+        with pytest.raises(SelectionError, match="lacks the primary's column") as e:
+            recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
+                         RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
+        assert e.value.field == "tables[0].table"

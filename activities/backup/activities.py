@@ -4,6 +4,7 @@ on: pgBackRest reads that node's data directory and config files.
 
 from __future__ import annotations
 
+import errno
 import time
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from activities.backup.restore import (
 )
 from activities.backup.take import PrimaryRemoteUnreachable, StanzaMissing, take_backup
 from activities.heartbeat import heartbeating
+from activities.postgres.row_spool import SpoolDir
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
 
@@ -424,12 +426,21 @@ class RestoreActivities:
         st = Stanza(self.cfg, req.region)
         sc = scratch_config(st, self.scratch_dir(req.region, req.name), req.port)
         info = activity.info()
-        with heartbeating(), connect_scratch(sc, timeout=10) as copy, \
+        # The copy's rows wait on the worker's disk, not in its memory (postgres/row_spool.py).
+        with heartbeating(), SpoolDir(info.workflow_run_id) as spool, connect_scratch(sc, timeout=10) as copy, \
                 connect(self.cfg.region(req.primary_region).postgres, 10) as primary:
             try:
                 return recover_rows(copy, primary, req.tables, dict(self.cfg.conflicts), req.primary_region,
                                     req.restored_to, info.workflow_id, info.workflow_run_id, req.approved_by,
-                                    req.preview)
+                                    req.preview, spool)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                # Retried: the space may be freed, or the next attempt land on another worker.
+                raise ApplicationError(
+                    f"the worker's spool for the copy's rows ({spool.parent}, TMPDIR) ran out of space; nothing was "
+                    "written to the primary. Free space there, point TMPDIR at a larger volume or select fewer rows; "
+                    "the step is retried.", type="SpoolFull") from None
             except SelectionError as e:
                 raise ApplicationError(str(e), {"field": e.field, "reason": str(e)}, type="InvalidInput",
                                        non_retryable=True) from None

@@ -21,22 +21,28 @@ How the engine is used, and why:
   restore point: kept unless the selection says ``delete_missing`` (then the copy wins and
   they are deleted, audited).
 * The WHERE clause is the operator's own SQL predicate, as trusted as the approval that
-  follows it; it runs in read-only transactions, on the copy and (for ``delete_missing``) on
-  the primary.
+  follows it; it runs in read-only transactions as one prepared statement, once on the copy
+  and once on the primary.
+* The copy's rows stream to a spool file on the worker (postgres/row_spool.py), and their
+  keys to a temp table on the primary, from the one read of them: the worker holds one row
+  at a time however large the selection (it once held every row and both sides' keys).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import tuple_row
 from pydantic import BaseModel, Field
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
-from activities.postgres.divergence import regclass_sql
+from activities.postgres.divergence import regclass_sql, row_json
+from activities.postgres.missing_keys import OtherKeys
+from activities.postgres.row_spool import RowSpool
 from eagle_dr.config import TableConflictConfig, TableName
 
 BACKUP_REGION = "backup"
@@ -114,26 +120,63 @@ def _select(table: str, names: list[str], where: str | None) -> sql.Composable:
     return q
 
 
-def _read(conn: psycopg.Connection, query: sql.Composable, field: str, where_field: str) -> list[dict]:
+_WHERE_ERRORS = (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
+                 psycopg.errors.DatatypeMismatch, psycopg.errors.InvalidTextRepresentation,
+                 psycopg.errors.InvalidDatetimeFormat, psycopg.errors.DatetimeFieldOverflow,
+                 psycopg.errors.AmbiguousColumn, psycopg.errors.ReadOnlySqlTransaction)
+
+
+def _copy_lacks(copy: psycopg.Connection, table: str, names: list[str], field: str) -> None:
+    """The copy has the table and every column the primary has, or the selection is refused
+    naming the table: a column added after the restore point is a schema change, not a
+    mistake in the WHERE (its UndefinedColumn once blamed the WHERE)."""
+    ident = regclass_sql(table).as_string(copy)
+    cur = copy.cursor(row_factory=tuple_row)
+    if cur.execute("select to_regclass(%s)", (ident,)).fetchone()[0] is None:
+        raise SelectionError(f"the copy has no table {table!r} (created after the restore point?)", field)
+    there = {r[0] for r in cur.execute("select attname from pg_attribute where attrelid = to_regclass(%s)"
+                                       " and attnum > 0 and not attisdropped", (ident,))}
+    lacking = [n for n in names if n not in there]
+    if lacking:
+        raise SelectionError(f"the copy's {table!r} lacks the primary's column(s) {lacking} (added after the restore "
+                             "point?): its rows cannot be recovered whole", field)
+
+
+def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, names: list[str], tcfg,
+          where: str | None, spool: RowSpool, field: str, where_field: str) -> list[tuple]:
+    """The copy's selected rows into ``spool`` and the primary's keys under the same WHERE that
+    the copy lacks (rows inserted after the restore point). One read of the copy gives both
+    each row and its key, which go to a temp table on the primary; the anti-join runs there."""
+    relation = regclass_sql(table)
+    # As the primary's table has them (json_populate_record there reads them back).
+    query = sql.SQL("select {}::text, {}::text from ({}) x").format(
+        row_json(primary, relation, names), row_json(primary, relation, tcfg.key), _select(table, names, where))
     try:
-        with conn.transaction():
-            conn.execute("set transaction read only")
-            # Prepared: the extended protocol takes one statement only. As a simple query, a
-            # WHERE of "true); commit; delete from t where (true" ended the read-only
-            # transaction and deleted, on the copy and on the primary, before any approval.
-            return conn.cursor(row_factory=dict_row).execute(query, prepare=True).fetchall()
+        with OtherKeys(primary, relation, tcfg.key) as in_copy:
+            with in_copy.from_json() as add_key, copy.transaction():
+                copy.execute("set transaction read only")
+                # stream(): the extended protocol, so one statement only. As a simple query, a
+                # WHERE of "true); commit; delete from t where (true" ended the read-only
+                # transaction and deleted, on the copy and on the primary, before any approval.
+                # Without parameters, no % in it is read as a placeholder (a LIKE pattern).
+                for row, key in copy.cursor(row_factory=tuple_row).stream(query):
+                    spool.add(row, None, None)
+                    add_key(key)
+            spool.close()
+            return in_copy.missing(_select(table, tcfg.key, where))
     except psycopg.errors.UndefinedTable as e:
-        raise SelectionError(f"the copy has no such table: {e.diag.message_primary}", field) from None
-    except (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
-            psycopg.errors.DatatypeMismatch, psycopg.errors.InvalidTextRepresentation,
-            psycopg.errors.ReadOnlySqlTransaction) as e:
+        raise SelectionError(f"no such table: {e.diag.message_primary}", field) from None
+    except _WHERE_ERRORS as e:
         raise SelectionError(f"the WHERE clause does not work: {e.diag.message_primary}", where_field) from None
 
 
 def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selections: list[RowSelection],
                  conflicts: dict[str, TableConflictConfig], primary_region: str, restored_to: datetime,
-                 workflow_id: str, run_id: str, approved_by: str | None, preview: bool) -> RowRecovery:
-    """Decide (``preview``: and roll back) or apply every selected row of the copy to the primary."""
+                 workflow_id: str, run_id: str, approved_by: str | None, preview: bool,
+                 spool_dir: Path) -> RowRecovery:
+    """Decide (``preview``: and roll back) or apply every selected row of the copy to the
+    primary. The rows wait in ``spool_dir`` (the caller's, removed by it) between the read and
+    the apply."""
     plans = []
     # Everything is read and checked before the first table is written: a typo in the third
     # table must not leave the first two recovered and the rest not. The primary's keys are
@@ -143,10 +186,9 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
         field = f"tables[{i}]"
         tcfg = table_config(primary, s.table, conflicts, f"{field}.table")
         names = [c.name for c in _columns(primary, s.table)]
-        rows = _read(copy, _select(s.table, names, s.where), f"{field}.table", f"{field}.where")
-        live = _read(primary, _select(s.table, tcfg.key, s.where), f"{field}.table", f"{field}.where")
-        in_copy = {tuple(r[k] for k in tcfg.key) for r in rows}
-        missing = [k for k in (tuple(r[c] for c in tcfg.key) for r in live) if k not in in_copy]
+        _copy_lacks(copy, s.table, names, f"{field}.table")
+        rows = RowSpool(spool_dir / f"{i}.rows", tcfg.timestamp_column)
+        missing = _read(copy, primary, s.table, names, tcfg, s.where, rows, f"{field}.table", f"{field}.where")
         plans.append((s, tcfg, rows, missing))
     def apply_all(holds: Holds, checked: frozenset[str]) -> list[TableRecovery]:
         out = []

@@ -546,20 +546,22 @@ from pg_attribute a join pg_type t on t.oid = a.atttypid
 where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped order by a.attnum"""
 
 
-def row_json(conn: psycopg.Connection, relation: sql.Composable) -> sql.Composable:
+def row_json(conn: psycopg.Connection, relation: sql.Composable, columns: list[str] | None = None) -> sql.Composable:
     """The row ``x`` of ``relation`` as json, as the apply's ``json_populate_record`` reads it
     back: ``row_to_json(x)``, except that a column whose type has its own cast to json goes
     as its text. row_to_json writes an hstore as an object, which hstore's input (the one
     json_populate_record calls for a column not of a json type) refuses: a failback of a
-    table with one failed on every retry."""
+    table with one failed on every retry. ``columns``: only those (a key), in that order."""
     own = [name for name, special in conn.cursor().execute(_OWN_JSON, (relation.as_string(conn),)).fetchall()
            if special]
-    if not own:
+    if not own and columns is None:
         return sql.SQL("row_to_json(x)")
-    cols = conn.cursor().execute("select attname from pg_attribute where attrelid = to_regclass(%s) and attnum > 0"
-                                 " and not attisdropped order by attnum", (relation.as_string(conn),)).fetchall()
+    if columns is None:
+        columns = [n for (n,) in conn.cursor().execute(
+            "select attname from pg_attribute where attrelid = to_regclass(%s) and attnum > 0"
+            " and not attisdropped order by attnum", (relation.as_string(conn),)).fetchall()]
     return sql.SQL("(select row_to_json(r) from (select {}) r)").format(sql.SQL(", ").join(
-        sql.SQL("x.{0}::text as {0}" if n in own else "x.{0}").format(sql.Identifier(n)) for (n,) in cols))
+        sql.SQL("x.{0}::text as {0}" if n in own else "x.{0}").format(sql.Identifier(n)) for n in columns))
 
 
 def spool_rows(conn: psycopg.Connection, spool: RowSpool, query: sql.Composable, args: list | None,

@@ -3,18 +3,23 @@
 A failback that reads a table in full asks which of the survivor's unchanged rows the old
 primary deleted. It once read every key of both sides into Python sets: for a table of
 hundreds of millions of rows, gigabytes of worker memory in the middle of a runbook. Here the
-other side's keys go COPY to COPY into a temp table on this side, and this side's query finds
-the ones missing there with an anti-join; only the answer (the divergence) comes back.
+other side's keys go into a temp table on this side, and this side's query finds the ones
+missing there with an anti-join; only the answer (the divergence) comes back.
 
-Not for row recovery (backup/recover.py) as it stands: there both queries hold the operator's
-WHERE, and the other side's second read, under the relay's pinned DateStyle, could select
-other rows than the read of the rows did (a date literal read day first). Its keys would have
-to come from the one read of its rows.
+Two ways in, for two callers:
+- ``relay``: COPY to COPY from the other server (failback), the bytes as they are, both
+  sessions pinned to one encoding and one output style;
+- ``from_json``: one JSON object per key, written by the caller while it streams the other
+  side's rows (row recovery, backup/recover.py). Its keys must come from its one read of the
+  rows: a second read, under pinned output settings, could select other rows than the first
+  (the operator's WHERE with a date literal read day first). JSON writes dates in ISO 8601
+  whatever the session's DateStyle, and the text crosses as Python strings, in no encoding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
@@ -24,39 +29,71 @@ from activities.conflicts.loser_copy import OUTPUT_SETTINGS
 from activities.conflicts.resolve_sql import same_key
 
 _KEYS = sql.SQL("pg_temp._eagle_dr_other_keys")
+_KEYS_JSON = sql.SQL("pg_temp._eagle_dr_other_keys_json")
 
 
-def keys_missing_there(here: psycopg.Connection, here_query: sql.Composable, params: Sequence,
-                       there: psycopg.Connection, there_query: sql.Composable, like: sql.Composable,
-                       key: list[str]) -> list[tuple]:
-    """The keys ``here_query`` gives on ``here`` that ``there_query`` does not give on ``there``.
-    Both queries select exactly the ``key`` columns, named so; ``like`` is the table whose key
-    columns' types the temp table takes. ``here_query`` runs in a read-only transaction (it can
-    hold an operator's predicate), and so does ``there_query``. Both connections are in
-    autocommit mode; the temp table lives on ``here`` for the call only.
+class OtherKeys:
+    """The other side's keys in a temp table on ``here`` (an autocommit connection) for the
+    ``with`` block. ``like`` is the table whose key columns' types the temp table takes."""
 
-    A key with a NULL part (a nullable unique key) matches a NULL there, as a Python tuple
-    comparison did, in a query of its own so that the rest keeps a hash anti-join on "="."""
-    bare = sql.SQL(", ").join(sql.Identifier(k) for k in key)
-    try:
+    def __init__(self, here: psycopg.Connection, like: sql.Composable, key: list[str]):
+        self.here, self.like, self.key = here, like, key
+        self._bare = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+
+    def __enter__(self) -> OtherKeys:
+        self.here.execute(sql.SQL("create temp table {} as select {} from {} with no data").format(
+            _KEYS, self._bare, self.like))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.here.closed:
+            self.here.execute(sql.SQL("drop table if exists {}").format(_KEYS))
+
+    def relay(self, there: psycopg.Connection, there_query: sql.Composable) -> None:
+        """``there_query``'s keys (exactly the key columns, named so), run on ``there`` (an
+        autocommit connection) in a read-only transaction."""
+        here = self.here
         # The bytes go from one session to the other as they are: both in one encoding, or a
         # key in another (café under LATIN1) would match nothing and come out as missing.
         with here.transaction():
             here.execute("set local client_encoding = 'UTF8'")
-            here.execute(sql.SQL("create temp table {} as select {} from {} with no data").format(_KEYS, bare, like))
             with there.transaction(), there.cursor() as src_cur:
                 src_cur.execute("set transaction read only")
                 for setting in (*OUTPUT_SETTINGS, "set local client_encoding = 'UTF8'"):
                     src_cur.execute(setting)
                 with src_cur.copy(sql.SQL("copy ({}) to stdout").format(there_query)) as src, \
-                        here.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(_KEYS, bare)) as dst:
+                        here.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(_KEYS, self._bare)) as dst:
                     for block in src:
                         dst.write(block)
             here.execute(sql.SQL("analyze {}").format(_KEYS))
+
+    @contextmanager
+    def from_json(self) -> Iterator[Callable[[str], None]]:
+        """A writer of keys, one JSON object (column name to value, as ``row_to_json`` gives
+        it) per call; they are in the temp table when the block ends without an error."""
+        here = self.here
+        with here.transaction():
+            here.execute(sql.SQL("create temp table {} (j json) on commit drop").format(_KEYS_JSON))
+            with here.cursor().copy(sql.SQL("copy {} (j) from stdin").format(_KEYS_JSON)) as dst:
+                yield lambda key_json: dst.write_row((key_json,))
+            # PostgreSQL's own JSON-to-row conversion into the key columns' types, as the apply does.
+            here.execute(sql.SQL("insert into {k} select (json_populate_record(null::{k}, j)).* from {j}").format(
+                k=_KEYS, j=_KEYS_JSON))
+            here.execute(sql.SQL("analyze {}").format(_KEYS))
+
+    def missing(self, here_query: sql.Composable, params: Sequence | None = None) -> list[tuple]:
+        """The keys ``here_query`` (exactly the key columns, named so) gives on ``here`` that
+        the temp table lacks. It runs in a read-only transaction, as one prepared statement: it
+        can hold an operator's predicate, which as a simple query could add statements.
+
+        A key with a NULL part (a nullable unique key) matches a NULL there, as a Python tuple
+        comparison did, in a query of its own so that the rest keeps a hash anti-join on "="."""
+        key = self.key
         some_null = sql.SQL(" or ").join(sql.SQL("h.{} is null").format(sql.Identifier(k)) for k in key)
         other_null = sql.SQL(" or ").join(sql.SQL("o.{} is null").format(sql.Identifier(k)) for k in key)
         alike = sql.SQL(" and ").join(sql.SQL("o.{0} is not distinct from h.{0}").format(sql.Identifier(k))
                                       for k in key)
+        here = self.here
         with here.transaction():
             here.execute("set transaction read only")
             # The anti-join hashes every key of the other side; at the default 4 MB it spills.
@@ -72,7 +109,14 @@ def keys_missing_there(here: psycopg.Connection, here_query: sql.Composable, par
                      same=same_key("h", "o", key), alike=alike),
                 # None, not (): with parameters psycopg reads every % as a placeholder, and an
                 # operator's WHERE can hold a LIKE pattern.
-                params or None)]
-    finally:
-        if not here.closed:
-            here.execute(sql.SQL("drop table if exists {}").format(_KEYS))
+                params or None, prepare=True)]
+
+
+def keys_missing_there(here: psycopg.Connection, here_query: sql.Composable, params: Sequence,
+                       there: psycopg.Connection, there_query: sql.Composable, like: sql.Composable,
+                       key: list[str]) -> list[tuple]:
+    """The keys ``here_query`` gives on ``here`` that ``there_query`` does not give on ``there``
+    (both select exactly the ``key`` columns, named so; both connections in autocommit mode)."""
+    with OtherKeys(here, like, key) as other:
+        other.relay(there, there_query)
+        return other.missing(here_query, params)
