@@ -52,7 +52,7 @@ def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(s
                                "wf-recover", "run-1", "oncall@example", False, tmp_path)
             assert [(t.rows_in_copy, t.missing_in_copy) for t in got.tables] == [(301, 1)]
             # The copy's rows went through a spool file, not the worker's memory.
-            assert [f.name for f in tmp_path.iterdir()] == ["0.rows"]
+            assert sorted(f.name for f in tmp_path.iterdir()) == ["0.keys", "0.rows"]
             assert (got.tables[0].inserted, got.tables[0].updated) == (1, 3)
             rows = {r[0]: r[1:] for r in primary.execute("select id, doc::jsonb::text, qty, attrs::text from items")}
     finally:
@@ -104,20 +104,25 @@ def test_a_date_in_the_where_and_in_the_key_means_what_each_session_reads(server
     psql there would), the copy's rows are read once, and their keys (a date in them) reach the
     primary as JSON, in ISO 8601: no key is read as another day, so a row the primary also
     holds is never counted as missing from the copy. A second read of the keys under a pinned
-    style selected other rows than the first."""
+    style selected other rows than the first. A daterange, whose text JSON keeps as the copy
+    wrote it (day first), comes back as the same days; columns named x and r (the read's own
+    aliases) come back too."""
     ddl = ["drop table if exists days", "drop schema if exists eagle_dr cascade",
-           "create table days (k text, day date, v text, updated_at timestamptz not null default '2026-02-01',"
-           " primary key (k, day))",
+           "create table days (k text, day date, v text, span daterange, x int, r int,"
+           " updated_at timestamptz not null default '2026-02-01', primary key (k, day))",
            # 1 to 12 March 2026: '03/02/2026' is 3 February day first, 2 March month first.
-           "insert into days (k, day, v) select 'k', date '2026-03-01' + g, 'before' from generate_series(0, 11) g"]
+           "insert into days (k, day, v, span, x, r) select 'k', date '2026-03-01' + g, 'before',"
+           " daterange(date '2026-03-01' + g, date '2026-03-13'), g, -g from generate_series(0, 11) g"]
     with _connect(PORT) as primary, _connect(PORT + 1) as copy:
         for q in ddl:
             primary.execute(q)
             copy.execute(q)
-        primary.execute("update days set v = 'corrupt', updated_at = now()")
-        copy.execute("alter role postgres set datestyle = 'SQL, DMY'")
-        primary.execute("alter role postgres set datestyle = 'SQL, MDY'")
+        want = primary.execute("select day, span::text, x, r from days order by day").fetchall()
+        primary.execute("update days set v = 'corrupt', span = null, x = null, r = null, updated_at = now()")
     try:
+        with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+            copy.execute("alter role postgres set datestyle = 'SQL, DMY'")
+            primary.execute("alter role postgres set datestyle = 'SQL, MDY'")
         with _connect(PORT) as primary, _connect(PORT + 1) as copy:
             got = recover_rows(copy, primary, [RowSelection(table="days",
                                                             where="day >= '01/03/2026' and day <> '05/03/2026'")],
@@ -126,23 +131,53 @@ def test_a_date_in_the_where_and_in_the_key_means_what_each_session_reads(server
             # primary: from 3 January but 3 May, all 12, of which only 5 March is not among
             # the copy's: a key misread would count more.
             assert [(t.rows_in_copy, t.missing_in_copy, t.updated) for t in got.tables] == [(11, 1, 11)]
-            fixed = primary.execute("select to_char(day, 'DD') from days where v = 'before' order by day").fetchall()
     finally:
         for port in (PORT, PORT + 1):
             with _connect(port) as c:
                 c.execute("alter role postgres reset datestyle")
-    assert [d for (d,) in fixed] == [f"{d:02}" for d in range(1, 13) if d != 5]
+    with _connect(PORT) as primary:
+        fixed = primary.execute("select day, span::text, x, r from days where v = 'before' order by day").fetchall()
+    assert fixed == [w for w in want if w[0].day != 5]
+
+
+def test_a_key_the_primary_reads_otherwise_is_refused_naming_the_table(servers, tmp_path):
+    """An enum label renamed on the primary after the restore point: the copy's keys do not
+    read as the primary's type. The refusal names the table, not the WHERE, and nothing is
+    written."""
+    ddl = ["drop table if exists moods", "drop type if exists mood", "drop schema if exists eagle_dr cascade",
+           "create type mood as enum ('calm', 'angry')",
+           "create table moods (m mood primary key, v text, updated_at timestamptz not null default '2026-02-01')",
+           "insert into moods (m, v) values ('calm', 'a'), ('angry', 'b')"]
+    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+        for q in ddl:
+            primary.execute(q)
+            copy.execute(q)
+        primary.execute("alter type mood rename value 'angry' to 'cross'")
+        primary.execute("update moods set v = 'corrupt'")
+        with pytest.raises(SelectionError, match="do not read as the primary's key types") as e:
+            recover_rows(copy, primary, [RowSelection(table="moods")], {}, "us-east-1", RESTORED_TO, "wf-recover",
+                         "run-1", None, False, tmp_path)
+        assert e.value.field == "tables[0].table"
+        assert primary.execute("select count(*) from moods where v = 'corrupt'").fetchone()[0] == 2
 
 
 def test_a_column_the_copy_lacks_is_refused_naming_the_table(servers, tmp_path):
-    """A column added on the primary after the restore point: the copy's rows cannot come back
-    whole. The refusal names the table, not the WHERE (its UndefinedColumn once did)."""
+    """A column added on the primary after the restore point, or a type changed: the copy's
+    rows cannot come back whole. The refusal names the table, not the WHERE (its
+    UndefinedColumn once did)."""
     with _connect(PORT) as primary, _connect(PORT + 1) as copy:
         for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
             primary.execute(q)
             copy.execute(q)
         primary.execute("alter table items add column added text")
         with pytest.raises(SelectionError, match="lacks the primary's column") as e:
+            recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
+                         RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
+        assert e.value.field == "tables[0].table"
+        # A type changed since: the copy's numbers in a text column are not its rows as they were.
+        primary.execute("alter table items drop column added")
+        primary.execute("alter table items alter column qty type text")
+        with pytest.raises(SelectionError, match="changed type since the restore point") as e:
             recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
                          RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
         assert e.value.field == "tables[0].table"

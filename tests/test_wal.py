@@ -854,3 +854,40 @@ def test_an_hstore_column_goes_through_the_spool_into_the_apply(tmp_path):
             d.commit()
             assert summary.updated == 1
             assert d.execute("select attrs::text, tags::text, doc::text from h").fetchone() == want
+
+
+def test_text_inside_a_rows_json_reads_back_as_the_loser_wrote_it(tmp_path):
+    """JSON writes a date in ISO 8601, but a daterange or an interval inside it as their text,
+    in the session's DateStyle and IntervalStyle. A loser set to write dates day first and a
+    survivor that reads them month first turned 13 March into an error (and 5 March into 3
+    May): the loser's read now writes pg_dump's styles, and the apply reads under the same. A
+    column named x, the read's own alias, comes through too."""
+    from datetime import datetime, timedelta, timezone
+
+    from activities.conflicts.apply import apply_resolutions
+    from eagle_dr.config import TableConflictConfig
+
+    ddl = ["create table s (id int primary key, span daterange, took interval, x int,"
+           " updated_at timestamptz not null default '2026-01-01')",
+           "insert into s (id, span, took, x) values (1, '[2026-03-05,2026-03-13)', '1 day', 1)"]
+    with _forked_pair(ddl) as f:
+        c, d = f.loser, f.survivor
+        fork_time = datetime.now(timezone.utc)
+        start = f.start()
+        c.execute("update s set span = '[2026-03-05,2026-03-13)', took = '-1 day +02:03:04', x = 7 where id = 1")
+        want = c.execute("select span::text, took::text, x from s").fetchone()
+        c.execute("alter system set datestyle = 'SQL, DMY'")
+        c.execute("alter system set intervalstyle = 'sql_standard'")
+        d.execute("alter role postgres set datestyle = 'SQL, MDY'")
+        f.stop_loser()
+        got = f.read({"s": ["id"]}, fork_time - timedelta(minutes=1), {"s": "updated_at"}, start, fork_time,
+                     tmp_path / "spool")
+        assert len(got.rows["s"]) == 1
+        with psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres") as d:
+            summary = apply_resolutions(d, "s", TableConflictConfig(strategy="last-write-wins", key=["id"]),
+                                        got.rows["s"], [], "old", "new", {"new": 1, "old": 2}, fork_time,
+                                        datetime.now(timezone.utc), "wf-s", "run-1")
+            d.commit()
+            assert summary.updated == 1
+            d.execute("set datestyle = 'ISO, YMD'")
+            assert d.execute("select span::text, took::text, x from s").fetchone() == want

@@ -427,24 +427,25 @@ class RestoreActivities:
         sc = scratch_config(st, self.scratch_dir(req.region, req.name), req.port)
         info = activity.info()
         # The copy's rows wait on the worker's disk, not in its memory (postgres/row_spool.py).
-        with heartbeating(), SpoolDir(info.workflow_run_id) as spool, connect_scratch(sc, timeout=10) as copy, \
-                connect(self.cfg.region(req.primary_region).postgres, 10) as primary:
-            try:
+        spool_dir = SpoolDir(info.workflow_run_id)
+        try:
+            with heartbeating(), spool_dir as spool, connect_scratch(sc, timeout=10) as copy, \
+                    connect(self.cfg.region(req.primary_region).postgres, 10) as primary:
                 return recover_rows(copy, primary, req.tables, dict(self.cfg.conflicts), req.primary_region,
                                     req.restored_to, info.workflow_id, info.workflow_run_id, req.approved_by,
                                     req.preview, spool)
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-                # Retried: the space may be freed, or the next attempt land on another worker.
-                raise ApplicationError(
-                    f"the worker's spool for the copy's rows ({spool.parent}, TMPDIR) ran out of space; nothing was "
-                    "written to the primary. Free space there, point TMPDIR at a larger volume or select fewer rows; "
-                    "the step is retried.", type="SpoolFull") from None
-            except SelectionError as e:
-                raise ApplicationError(str(e), {"field": e.field, "reason": str(e)}, type="InvalidInput",
-                                       non_retryable=True) from None
-            except ValueError as e:
-                # The engine's own refusal (columns the config names that the table lacks, ...).
-                raise ApplicationError(f"rows cannot be recovered: {e}", type="RecoverRefused",
-                                       non_retryable=True) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # Retried: the space may be freed, or the next attempt land on another worker.
+            raise ApplicationError(
+                f"the worker's spool for the copy's rows ({spool_dir.root}, TMPDIR) ran out of space; nothing was "
+                "written to the primary. Free space there, point TMPDIR at a larger volume or select fewer rows; "
+                "the step is retried.", type="SpoolFull") from None
+        except SelectionError as e:
+            raise ApplicationError(str(e), {"field": e.field, "reason": str(e)}, type="InvalidInput",
+                                   non_retryable=True) from None
+        except ValueError as e:
+            # The engine's own refusal (columns the config names that the table lacks, ...).
+            raise ApplicationError(f"rows cannot be recovered: {e}", type="RecoverRefused",
+                                   non_retryable=True) from None

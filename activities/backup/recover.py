@@ -42,7 +42,7 @@ from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
 from activities.postgres.divergence import regclass_sql, row_json
 from activities.postgres.missing_keys import OtherKeys
-from activities.postgres.row_spool import RowSpool
+from activities.postgres.row_spool import RowSpool, copy_text
 from eagle_dr.config import TableConflictConfig, TableName
 
 BACKUP_REGION = "backup"
@@ -124,50 +124,86 @@ _WHERE_ERRORS = (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psy
                  psycopg.errors.DatatypeMismatch, psycopg.errors.InvalidTextRepresentation,
                  psycopg.errors.InvalidDatetimeFormat, psycopg.errors.DatetimeFieldOverflow,
                  psycopg.errors.AmbiguousColumn, psycopg.errors.ReadOnlySqlTransaction)
+# The session settings under which the copy writes its values' text (a daterange's days, an
+# interval's signs): the primary reads them back under the same.
+_STYLES = ("DateStyle", "IntervalStyle")
+_COLUMNS = """select a.attname, format_type(a.atttypid, a.atttypmod) from pg_attribute a
+              where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped"""
 
 
-def _copy_lacks(copy: psycopg.Connection, table: str, names: list[str], field: str) -> None:
-    """The copy has the table and every column the primary has, or the selection is refused
-    naming the table: a column added after the restore point is a schema change, not a
+def _copy_lacks(copy: psycopg.Connection, primary: psycopg.Connection, table: str, names: list[str],
+                field: str) -> None:
+    """The copy has the table and every column the primary has, of the same type, or the
+    selection is refused naming the table: a schema change after the restore point is not a
     mistake in the WHERE (its UndefinedColumn once blamed the WHERE)."""
     ident = regclass_sql(table).as_string(copy)
-    cur = copy.cursor(row_factory=tuple_row)
-    if cur.execute("select to_regclass(%s)", (ident,)).fetchone()[0] is None:
+    if copy.cursor(row_factory=tuple_row).execute("select to_regclass(%s)", (ident,)).fetchone()[0] is None:
         raise SelectionError(f"the copy has no table {table!r} (created after the restore point?)", field)
-    there = {r[0] for r in cur.execute("select attname from pg_attribute where attrelid = to_regclass(%s)"
-                                       " and attnum > 0 and not attisdropped", (ident,))}
+    there = dict(copy.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,)).fetchall())
+    here = dict(primary.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,)).fetchall())
     lacking = [n for n in names if n not in there]
     if lacking:
         raise SelectionError(f"the copy's {table!r} lacks the primary's column(s) {lacking} (added after the restore "
                              "point?): its rows cannot be recovered whole", field)
+    changed = [f"{n} ({there[n]} on the copy, {here[n]} on the primary)" for n in names if there[n] != here[n]]
+    if changed:
+        raise SelectionError(f"{table!r} changed type since the restore point: {'; '.join(changed)}: its rows cannot "
+                             "be recovered as they are", field)
 
 
 def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, names: list[str], tcfg,
-          where: str | None, spool: RowSpool, field: str, where_field: str) -> list[tuple]:
+          where: str | None, spool: RowSpool, keys_file: Path, field: str, where_field: str) -> list[tuple]:
     """The copy's selected rows into ``spool`` and the primary's keys under the same WHERE that
     the copy lacks (rows inserted after the restore point). One read of the copy gives both
-    each row and its key, which go to a temp table on the primary; the anti-join runs there."""
+    each row and its key; the keys wait in ``keys_file``, then go to a temp table on the
+    primary in one short transaction, and the anti-join runs there."""
     relation = regclass_sql(table)
+    # A stored generated column is no column of the row (the primary computes its own) but
+    # can be part of the key.
+    read = names + [k for k in tcfg.key if k not in names]
     # As the primary's table has them (json_populate_record there reads them back).
     query = sql.SQL("select {}::text, {}::text from ({}) x").format(
-        row_json(primary, relation, names), row_json(primary, relation, tcfg.key), _select(table, names, where))
+        row_json(primary, relation, names), row_json(primary, relation, tcfg.key), _select(table, read, where))
     try:
-        with OtherKeys(primary, relation, tcfg.key) as in_copy:
-            with in_copy.from_json() as add_key, copy.transaction():
-                copy.execute("set transaction read only")
-                # stream(): the extended protocol, so one statement only. As a simple query, a
-                # WHERE of "true); commit; delete from t where (true" ended the read-only
-                # transaction and deleted, on the copy and on the primary, before any approval.
-                # Without parameters, no % in it is read as a placeholder (a LIKE pattern).
-                for row, key in copy.cursor(row_factory=tuple_row).stream(query):
-                    spool.add(row, None, None)
-                    add_key(key)
-            spool.close()
-            return in_copy.missing(_select(table, tcfg.key, where))
+        with copy.transaction(), keys_file.open("w", encoding="utf-8", newline="\n") as keys_out:
+            copy.execute("set transaction read only")
+            # Rows and keys cross as Python strings: a key the copy's client encoding cannot
+            # hold would fail the read. The WHERE's characters stay the same in UTF-8.
+            copy.execute("set local client_encoding = 'UTF8'")
+            styles = copy.cursor(row_factory=tuple_row).execute(
+                "select " + ", ".join(f"current_setting('{n}')" for n in _STYLES)).fetchone()
+            spool.settings = dict(zip(_STYLES, styles))
+            # stream(): the extended protocol, so one statement only. As a simple query, a
+            # WHERE of "true); commit; delete from t where (true" ended the read-only
+            # transaction and deleted, on the copy and on the primary, before any approval.
+            # Without parameters, no % in it is read as a placeholder (a LIKE pattern).
+            for row, key in copy.cursor(row_factory=tuple_row).stream(query):
+                spool.add(row, None, None)
+                keys_out.write(copy_text(key) + "\n")
+        spool.close()
     except psycopg.errors.UndefinedTable as e:
-        raise SelectionError(f"no such table: {e.diag.message_primary}", field) from None
+        raise SelectionError(f"no such table on the copy: {e.diag.message_primary}", field) from None
     except _WHERE_ERRORS as e:
-        raise SelectionError(f"the WHERE clause does not work: {e.diag.message_primary}", where_field) from None
+        raise SelectionError(f"the WHERE clause does not work on the copy: {e.diag.message_primary}",
+                             where_field) from None
+    except psycopg.errors.QueryCanceled as e:
+        raise SelectionError(f"the copy's read was cancelled ({e.diag.message_primary}): select fewer rows",
+                             where_field) from None
+    with OtherKeys(primary, relation, tcfg.key) as in_copy:
+        try:
+            in_copy.load_json(keys_file, spool.settings)
+        except psycopg.DataError as e:
+            # An enum label renamed since, a domain's check tightened: the key, not the WHERE.
+            raise SelectionError(f"the copy's keys of {table!r} do not read as the primary's key types: "
+                                 f"{e.diag.message_primary}", field) from None
+        try:
+            return in_copy.missing(_select(table, tcfg.key, where))
+        except _WHERE_ERRORS as e:
+            raise SelectionError(f"the WHERE clause does not work on the primary: {e.diag.message_primary}",
+                                 where_field) from None
+        except psycopg.errors.QueryCanceled as e:
+            raise SelectionError(f"the primary's read of the keys was cancelled ({e.diag.message_primary}): select "
+                                 "fewer rows", where_field) from None
 
 
 def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selections: list[RowSelection],
@@ -186,9 +222,16 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
         field = f"tables[{i}]"
         tcfg = table_config(primary, s.table, conflicts, f"{field}.table")
         names = [c.name for c in _columns(primary, s.table)]
-        _copy_lacks(copy, s.table, names, f"{field}.table")
+        _copy_lacks(copy, primary, s.table, names, f"{field}.table")
         rows = RowSpool(spool_dir / f"{i}.rows", tcfg.timestamp_column)
-        missing = _read(copy, primary, s.table, names, tcfg, s.where, rows, f"{field}.table", f"{field}.where")
+        try:
+            missing = _read(copy, primary, s.table, names, tcfg, s.where, rows, spool_dir / f"{i}.keys",
+                            f"{field}.table", f"{field}.where")
+        finally:
+            try:
+                rows.close()
+            except OSError:
+                pass  # the read's own error (a full disk) is the one to report
         plans.append((s, tcfg, rows, missing))
     def apply_all(holds: Holds, checked: frozenset[str]) -> list[TableRecovery]:
         out = []

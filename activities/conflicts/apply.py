@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -239,6 +240,18 @@ def _row_json(row: Mapping[str, Any]) -> str:
     return _NUMBER_RE.sub(r"\1", json.dumps(row, default=_json_value, allow_nan=False))
 
 
+@contextmanager
+def _settings(conn: psycopg.Connection, settings: Mapping[str, str]) -> Iterator[None]:
+    """``settings`` for the block, in the caller's transaction, then back as they were."""
+    cur = conn.cursor(row_factory=tuple_row)
+    before = {n: cur.execute("select current_setting(%s)", (n,)).fetchone()[0] for n in settings}
+    for n, v in settings.items():
+        cur.execute("select set_config(%s, %s, true)", (n, v))
+    yield
+    for n, v in before.items():
+        cur.execute("select set_config(%s, %s, true)", (n, v))
+
+
 def _load_as_json(conn: psycopg.Connection, target: sql.Identifier, names: list[str], key: list[str],
                   loser_rows: Iterable[Mapping[str, Any]], deleted_keys: Iterable[Sequence[Any]]) -> None:
     """Rows as the loser's ``row_to_json`` gave them (a uuid, a bytea, a date: a string; an
@@ -261,8 +274,10 @@ def _load_as_json(conn: psycopg.Connection, target: sql.Identifier, names: list[
     # o: a JSON object set over the row (RowSpool: the commit time over a stale timestamp).
     conn.execute(sql.SQL("create temp table {} (j json, d bool, o json) on commit drop").format(_LOSER_JSON_TMP))
     cur = conn.cursor()
+    spool_settings: dict[str, str] = {}
     with cur.copy(sql.SQL("copy {} (j, d, o) from stdin").format(_LOSER_JSON_TMP)) as copy:
         if isinstance(loser_rows, RowSpool):
+            spool_settings = loser_rows.settings
             # Every row of the spool has the same keys (one table's row_to_json): checked once,
             # and the file goes to the COPY as it is, no row parsed in Python.
             if loser_rows.columns is not None:
@@ -280,13 +295,14 @@ def _load_as_json(conn: psycopg.Connection, target: sql.Identifier, names: list[
                 raise ValueError(f"a deleted key has {len(k)} values; the key columns are {key}")
             copy.write_row([_row_json(dict(zip(key, k))), True, None])
     cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
-    conn.execute(sql.SQL("insert into {tmp} ({cols}, _e_deleted) select {r_cols}, x.d from {js} x,"
-                         # The second populate sets o's fields over the first's record, and
-                         # only those: nothing of j is re-encoded (a json column keeps its text).
-                         " json_populate_record(json_populate_record(null::{target}, x.j), coalesce(x.o, '{{}}')) r")
-                 .format(
-        tmp=_LOSER_TMP, cols=cols, r_cols=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names),
-        js=_LOSER_JSON_TMP, target=target))
+    with _settings(conn, spool_settings):
+        conn.execute(sql.SQL("insert into {tmp} ({cols}, _e_deleted) select {r_cols}, x.d from {js} x,"
+                             # The second populate sets o's fields over the first's record, and
+                             # only those: nothing of j is re-encoded (a json column keeps its text).
+                             " json_populate_record(json_populate_record(null::{target}, x.j), coalesce(x.o, '{{}}')) r")
+                     .format(
+            tmp=_LOSER_TMP, cols=cols, r_cols=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names),
+            js=_LOSER_JSON_TMP, target=target))
     conn.execute(sql.SQL("drop table {}").format(_LOSER_JSON_TMP))
 
 

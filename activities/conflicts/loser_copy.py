@@ -24,6 +24,9 @@ from psycopg import sql
 # What pg_dump sets before its COPYs, for the same reason.
 OUTPUT_SETTINGS = ("set local datestyle = 'ISO, YMD'", "set local intervalstyle = 'postgres'",
                     "set local extra_float_digits = 3", "set local bytea_output = 'hex'")
+# The ones of those that also change how text is read back (a date's field order, an
+# interval's signs): what the reading side sets while it parses text written under them.
+OUTPUT_STYLES = {"DateStyle": "ISO, YMD", "IntervalStyle": "postgres"}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import structlog
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
+from activities.conflicts.loser_copy import OUTPUT_SETTINGS, OUTPUT_STYLES
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_diff, lsn_to_int
 from activities.postgres.missing_keys import keys_missing_there
@@ -358,6 +359,11 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
         with psycopg.connect(host=loser.socket_dir, port=loser.port, dbname=loser.database, user=loser.user,
                              password=_password(loser), autocommit=True) as conn, \
                 _maybe_connect(survivor) as surv:
+            # The rows' text forms inside their JSON (a daterange, an interval) as pg_dump
+            # writes them, whatever the loser's own settings; the apply reads them back under
+            # the same (RowSpool.settings). JSON itself writes dates in ISO 8601 regardless.
+            for setting in OUTPUT_SETTINGS:
+                conn.execute(setting.replace("set local", "set", 1))
             in_recovery = conn.execute("select pg_is_in_recovery()").fetchone()[0]
             changed = _name_changes(conn, loser, changes, files)
             truncated = {c.oid for c in changed if "truncate" in c.ops}
@@ -385,7 +391,7 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
                 if why is None and surv is not None:
                     why = _rewritten_on_survivor(surv, heaps)
                 ts = ts_column[t]
-                rows[t] = got = RowSpool(spool_dir / f"{len(rows)}.rows", ts)
+                rows[t] = got = RowSpool(spool_dir / f"{len(rows)}.rows", ts, settings=OUTPUT_STYLES)
                 if why is not None:
                     spool_rows(conn, got, sql.SQL("select x.xmin::text::bigint, {} from {} x "
                                                   "where {} > %s or x.xmin::text::bigint = any(%s)").format(
@@ -548,19 +554,20 @@ where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped order
 
 def row_json(conn: psycopg.Connection, relation: sql.Composable, columns: list[str] | None = None) -> sql.Composable:
     """The row ``x`` of ``relation`` as json, as the apply's ``json_populate_record`` reads it
-    back: ``row_to_json(x)``, except that a column whose type has its own cast to json goes
+    back: ``row_to_json(x.*)``, except that a column whose type has its own cast to json goes
     as its text. row_to_json writes an hstore as an object, which hstore's input (the one
     json_populate_record calls for a column not of a json type) refuses: a failback of a
     table with one failed on every retry. ``columns``: only those (a key), in that order."""
     own = [name for name, special in conn.cursor().execute(_OWN_JSON, (relation.as_string(conn),)).fetchall()
            if special]
+    # x.*, never a bare x: a column named x (or r below) would be read before the row.
     if not own and columns is None:
-        return sql.SQL("row_to_json(x)")
+        return sql.SQL("row_to_json(x.*)")
     if columns is None:
         columns = [n for (n,) in conn.cursor().execute(
             "select attname from pg_attribute where attrelid = to_regclass(%s) and attnum > 0"
             " and not attisdropped order by attnum", (relation.as_string(conn),)).fetchall()]
-    return sql.SQL("(select row_to_json(r) from (select {}) r)").format(sql.SQL(", ").join(
+    return sql.SQL("(select row_to_json(r.*) from (select {}) r)").format(sql.SQL(", ").join(
         sql.SQL("x.{0}::text as {0}" if n in own else "x.{0}").format(sql.Identifier(n)) for n in columns))
 
 

@@ -9,17 +9,18 @@ missing there with an anti-join; only the answer (the divergence) comes back.
 Two ways in, for two callers:
 - ``relay``: COPY to COPY from the other server (failback), the bytes as they are, both
   sessions pinned to one encoding and one output style;
-- ``from_json``: one JSON object per key, written by the caller while it streams the other
-  side's rows (row recovery, backup/recover.py). Its keys must come from its one read of the
-  rows: a second read, under pinned output settings, could select other rows than the first
-  (the operator's WHERE with a date literal read day first). JSON writes dates in ISO 8601
-  whatever the session's DateStyle, and the text crosses as Python strings, in no encoding.
+- ``load_json``: one JSON object per key, written to a file by the caller while it streams
+  the other side's rows (row recovery, backup/recover.py). Its keys must come from its one
+  read of the rows: a second read, under pinned output settings, could select other rows
+  than the first (the operator's WHERE with a date literal read day first). JSON writes dates
+  in ISO 8601 whatever the session's DateStyle; text inside it (a daterange) is read back
+  under the writer's DateStyle; the file is UTF-8, whatever either session's encoding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -67,15 +68,24 @@ class OtherKeys:
                         dst.write(block)
             here.execute(sql.SQL("analyze {}").format(_KEYS))
 
-    @contextmanager
-    def from_json(self) -> Iterator[Callable[[str], None]]:
-        """A writer of keys, one JSON object (column name to value, as ``row_to_json`` gives
-        it) per call; they are in the temp table when the block ends without an error."""
+    def load_json(self, path: Path, settings: Mapping[str, str]) -> None:
+        """Keys from ``path``: one JSON object (column name to value, as ``row_to_json`` gives
+        it) per line, in COPY's text format. The caller writes the file while it streams the
+        other side's rows, so that no transaction stays open here meanwhile (it held back
+        vacuum on a live primary, and a role's statement_timeout cancelled the COPY).
+        ``settings``: the writing session's DateStyle and IntervalStyle, under which the text
+        inside the JSON (a daterange key) was written and is read back here."""
         here = self.here
         with here.transaction():
+            # Our own bulk load, bounded by the file, not by a timeout meant for the application.
+            here.execute("set local statement_timeout = 0")
+            for name, value in settings.items():
+                here.execute("select set_config(%s, %s, true)", (name, value))
             here.execute(sql.SQL("create temp table {} (j json) on commit drop").format(_KEYS_JSON))
-            with here.cursor().copy(sql.SQL("copy {} (j) from stdin").format(_KEYS_JSON)) as dst:
-                yield lambda key_json: dst.write_row((key_json,))
+            with path.open(encoding="utf-8", newline="\n") as f, \
+                    here.cursor().copy(sql.SQL("copy {} (j) from stdin").format(_KEYS_JSON)) as dst:
+                while block := f.read(1 << 20):
+                    dst.write(block)
             # PostgreSQL's own JSON-to-row conversion into the key columns' types, as the apply does.
             here.execute(sql.SQL("insert into {k} select (json_populate_record(null::{k}, j)).* from {j}").format(
                 k=_KEYS, j=_KEYS_JSON))
@@ -83,8 +93,9 @@ class OtherKeys:
 
     def missing(self, here_query: sql.Composable, params: Sequence | None = None) -> list[tuple]:
         """The keys ``here_query`` (exactly the key columns, named so) gives on ``here`` that
-        the temp table lacks. It runs in a read-only transaction, as one prepared statement: it
-        can hold an operator's predicate, which as a simple query could add statements.
+        the temp table lacks. It runs in a read-only transaction, as one statement of the
+        extended protocol (``stream`` forces it, whatever the connection's prepare settings):
+        it can hold an operator's predicate, which as a simple query could add statements.
 
         A key with a NULL part (a nullable unique key) matches a NULL there, as a Python tuple
         comparison did, in a query of its own so that the rest keeps a hash anti-join on "="."""
@@ -99,7 +110,7 @@ class OtherKeys:
             # The anti-join hashes every key of the other side; at the default 4 MB it spills.
             here.execute("set local work_mem = '64MB'")
             cur = here.cursor(row_factory=tuple_row)
-            return [tuple(r) for r in cur.execute(sql.SQL(
+            return [tuple(r) for r in cur.stream(sql.SQL(
                 # The NULL branch compares only with the other side's keys that have a NULL
                 # too (no hash on "is not distinct from": each of its rows scans them).
                 "with h as ({q}), n as materialized (select * from {keys} o where {other_null})"
@@ -109,7 +120,7 @@ class OtherKeys:
                      same=same_key("h", "o", key), alike=alike),
                 # None, not (): with parameters psycopg reads every % as a placeholder, and an
                 # operator's WHERE can hold a LIKE pattern.
-                params or None, prepare=True)]
+                params or None)]
 
 
 def keys_missing_there(here: psycopg.Connection, here_query: sql.Composable, params: Sequence,

@@ -45,7 +45,7 @@ _UNESCAPE = {"t": "\t", "n": "\n", "r": "\r"}
 _ESCAPED = re.compile(r"\\(.)")
 
 
-def _copy_text(s: str) -> str:
+def copy_text(s: str) -> str:
     # Chained replaces: each is one C-level scan, a no-op on the usual row (str.translate
     # with a mapping goes through Python per character).
     return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
@@ -70,8 +70,11 @@ class RowSpool:
     """Rows written once (``add``, then ``close``), read back any number of times: as dicts
     (iteration) or as COPY data (``copy_into``)."""
 
-    def __init__(self, path: Path, ts_column: str):
+    def __init__(self, path: Path, ts_column: str, settings: dict[str, str] | None = None):
         self.path, self.ts_column, self._count = path, ts_column, 0
+        # The writing session's settings that change how its text forms read back (DateStyle:
+        # a daterange's days; IntervalStyle): the apply sets them while it parses the rows.
+        self.settings = dict(settings or {})
         # The keys of the rows' JSON: every row of one table has the same (its columns).
         self.columns: frozenset[str] | None = None
         self._broken = False
@@ -87,8 +90,8 @@ class RowSpool:
             self.columns = frozenset(json.loads(row_json))
         over = _NULL
         if committed_at is not None and stale(stamp_json, committed_at):
-            over = _copy_text(json.dumps({self.ts_column: committed_at.isoformat()}))
-        self._out.write(f"{_copy_text(row_json)}\tf\t{over}\n")
+            over = copy_text(json.dumps({self.ts_column: committed_at.isoformat()}))
+        self._out.write(f"{copy_text(row_json)}\tf\t{over}\n")
         self._count += 1
 
     def close(self) -> None:
