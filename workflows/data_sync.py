@@ -257,7 +257,10 @@ class DataSyncWorkflow(Runbook):
                             ConsistencyActivities.sync_table,
                             SyncTableRequest(region_a=a, region_b=b, database_b=check.database_b,
                                              table=t.table, approved=t.diff, max_keys=inp.max_keys,
-                                             approved_by=approver, decided_at=workflow.now()),
+                                             approved_by=approver, decided_at=workflow.now(),
+                                             # Their own steps bring them to A's state: foreign
+                                             # keys between them and this table hold at the end.
+                                             settled=[o.table for o in differing if o.table != t.table]),
                             queue=control, timeout=3600, heartbeat=30, attempts=3, summary=f"sync {t.table}")
                     except ActivityError as e:
                         cause = e.cause
@@ -272,7 +275,12 @@ class DataSyncWorkflow(Runbook):
                                   + ("; keys bisected again (the check's sample was capped)" if s.recollected else ""))
                     if s.flagged:
                         self.degraded.append(f"{t.table}: {s.flagged} keys flagged for a human (a different row "
-                                             "under the same key): see eagle_dr.conflict_audit where action = 'flag'")
+                                             "under the same key, or a foreign key from a table outside the run "
+                                             "that the write would break): see eagle_dr.conflict_audit where "
+                                             "action = 'flag'")
+                    if s.foreign_keys_broken:
+                        self.degraded.append(f"{t.table}: {len(s.foreign_keys_broken)} keys written that still break "
+                                             f"a foreign key: {'; '.join(s.foreign_keys_broken[:5])}")
 
         verify_id = f"{wid}-verify"
         async with self.step("Check again") as rec:

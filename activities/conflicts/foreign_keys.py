@@ -29,7 +29,7 @@ referenced column that is not the key, renamed by the loser, is caught like a de
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -105,14 +105,20 @@ _TOUCHED = sql.Identifier(TOUCHED_TMP)
 
 
 class _Check:
-    def __init__(self, conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str):
+    def __init__(self, conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str,
+                 settled: Collection[str] = ()):
         self.conn, self.keys, self.survivor = conn, keys, survivor_region
         cur = conn.cursor(row_factory=tuple_row)
-        self.oid = {t: cur.execute("select %s::regclass::oid",
-                                   (TableName.parse(t, catalog=True).identifier.as_string(conn),)).fetchone()[0]
-                    for t in keys}
+
+        def oid(t: str) -> int | None:
+            return cur.execute("select to_regclass(%s)::oid",
+                               (TableName.parse(t, catalog=True).identifier.as_string(conn),)).fetchone()[0]
+
+        self.oid = {t: oid(t) for t in keys}
         self.name = {oid: t for t, oid in self.oid.items()}
-        self.fks = foreign_keys(conn, list(self.oid.values()))
+        later = {o for o in map(oid, settled) if o is not None} - set(self.name)
+        self.fks = [fk for fk in foreign_keys(conn, list(self.oid.values()))
+                    if fk.child_oid not in later and fk.parent_oid not in later]
         self.involved = frozenset(self.name[o] for fk in self.fks for o in (fk.child_oid, fk.parent_oid)
                                   if o in self.name)
 
@@ -217,13 +223,16 @@ class _Check:
 def apply_keeping_foreign_keys(
     conn: psycopg.Connection, keys: Mapping[str, list[str]], apply: Callable[[Holds, frozenset[str]], T], *,
     survivor_region: str, rounds: int = ROUNDS, lock_try: float = LOCK_TRY, lock_patience: float = LOCK_PATIENCE,
+    settled: Collection[str] = (),
 ) -> tuple[T, list[str]]:
     """``apply(holds, checked)`` (every table of ``keys``, name -> key columns, applied with
     those holds) run in a savepoint of the caller's transaction until no write breaks a foreign
     key. ``checked``: the tables a foreign key involves, whose writes the check must see (a
     preview rehearses those and only decides the rest). Returns its result and what the last
     round still found broken (empty but for a pathological case; it is committed with the
-    rest and must be reported)."""
+    rest and must be reported). ``settled``: other tables the caller brings to the source's
+    state in steps of their own (a data sync's other differing tables); a foreign key between
+    one of them and a table of ``keys`` is not checked here (it holds once both steps ran)."""
     # Every table's lock at once, before any write, in one order (by name: every reconcile
     # sorts alike), in short tries that never queue the application's writes
     # (postgres/table_locks.py), and in the caller's transaction: held to its commit through
@@ -233,7 +242,7 @@ def apply_keeping_foreign_keys(
     lock_tables(conn, [TableName.parse(t, catalog=True).identifier for t in sorted(keys)],
                 lock_try=lock_try, patience=lock_patience)
     # Only now the foreign keys: a migration the lock waited behind may have added one.
-    check = _Check(conn, keys, survivor_region)
+    check = _Check(conn, keys, survivor_region, settled)
     holds: Holds = {}
     for n in range(1, rounds + 1):
         with conn.transaction() as tx:

@@ -94,11 +94,16 @@ class SyncTableRequest(BaseModel):
     chunk_rows: int | None = None
     approved_by: str | None = None
     decided_at: datetime  # the engine's "now" (a workflow time: a retry decides the same way)
+    # The run's other tables, synced in steps of their own: foreign keys to or from them are
+    # left to those steps (activities/consistency/sync.py). Every other table's are checked.
+    settled: list[str] = []
 
 
 class SyncedTable(ApplySummary):
     keys: int  # the differing keys re-copied (A's rows + B-only keys)
     recollected: bool = False  # the check's sample was capped: the keys were bisected again
+    # Keys still breaking a foreign key after the holds' last round: committed and reported.
+    foreign_keys_broken: list[str] = []
 
 
 class RecordRequest(BaseModel):
@@ -295,10 +300,12 @@ class ConsistencyActivities:
                 psycopg.connect(dsn_a, autocommit=True, connect_timeout=10) as a, \
                 psycopg.connect(dsn_b, autocommit=True, connect_timeout=10) as b:
             try:
-                summary = recopy_keys(a, b, table, keys, dict(self.cfg.conflicts), req.region_a, target,
-                                      req.decided_at, info.workflow_id, info.workflow_run_id, req.approved_by)
+                summary, broken = recopy_keys(a, b, table, keys, dict(self.cfg.conflicts), req.region_a, target,
+                                              req.decided_at, info.workflow_id, info.workflow_run_id,
+                                              req.approved_by, settled=req.settled)
             except SyncError as e:
                 raise ApplicationError(str(e), type="CannotSync", non_retryable=True) from None
         log.info("table synced", table=req.table, keys=len(keys), inserted=summary.inserted,
                  updated=summary.updated, deleted=summary.deleted, flagged=summary.flagged)
-        return SyncedTable(**summary.model_dump(), keys=len(keys), recollected=recollected)
+        return SyncedTable(**summary.model_dump(), keys=len(keys), recollected=recollected,
+                           foreign_keys_broken=broken)

@@ -20,7 +20,7 @@ How the engine is used, and why (as activities/backup/recover.py does for a rest
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timezone
 
 import psycopg
@@ -28,6 +28,7 @@ from psycopg import sql
 from psycopg.rows import dict_row, tuple_row
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
+from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
 from activities.consistency.tables import Table
 from eagle_dr.config import TableConflictConfig
 
@@ -78,15 +79,33 @@ def read_target_keys(conn: psycopg.Connection, table: Table, keys: Sequence[Sequ
 
 def recopy_keys(source: psycopg.Connection, target: psycopg.Connection, table: Table, keys: list[list[str]],
                 conflicts: dict[str, TableConflictConfig], source_region: str, target_region: str, now: datetime,
-                workflow_id: str, run_id: str, approved_by: str | None, dry_run: bool = False) -> ApplySummary:
+                workflow_id: str, run_id: str, approved_by: str | None, dry_run: bool = False,
+                settled: Collection[str] = ()) -> tuple[ApplySummary, list[str]]:
     """A's version of each of ``keys`` (text, in key-column order) written to B, deletions
-    included, decided and audited by the engine in one transaction on B."""
+    included, decided and audited by the engine in one transaction on B; and what still breaks
+    a foreign key after the holds' last round (conflicts/foreign_keys.py), committed and to be
+    reported.
+
+    The engine writes with the foreign-key triggers off, so the keys are checked against every
+    foreign key from or to the table, tables nobody listed included: a parent only B holds,
+    that B's rows in another table still refer to, is flagged and kept rather than deleted
+    under them; a row of A's whose parent B lacks is flagged rather than written under
+    nothing. ``settled``: the run's other tables, which their own steps bring to A's state
+    (each consistent on A): keys between them and this table are left to those steps."""
     names = [c.name for c in _columns(target, table.qualified)]
     tcfg = sync_config(table, names, conflicts, source_region)
     rows = read_source_rows(source, table, names, keys)
     on_a = {tuple(r[k] for k in table.key) for r in rows}
     deleted = [k for k in read_target_keys(target, table, keys) if k not in on_a]
-    return apply_resolutions(target, table.qualified, tcfg, rows, deleted, loser_region=source_region,
-                             survivor_region=target_region, region_priority={source_region: 0, target_region: 1},
-                             fork_time=EPOCH, now=now, workflow_id=workflow_id, run_id=run_id,
-                             approved_by=approved_by, dry_run=dry_run, sample=5)
+
+    def apply(holds: Holds, checked: frozenset[str]) -> ApplySummary:
+        return apply_resolutions(target, table.qualified, tcfg, rows, deleted, loser_region=source_region,
+                                 survivor_region=target_region, region_priority={source_region: 0, target_region: 1},
+                                 fork_time=EPOCH, now=now, workflow_id=workflow_id, run_id=run_id,
+                                 approved_by=approved_by, sample=5, hold=holds.get(table.qualified),
+                                 rehearse=dry_run and table.qualified in checked,
+                                 dry_run=dry_run and table.qualified not in checked)
+
+    with target.transaction(force_rollback=dry_run):
+        return apply_keeping_foreign_keys(target, {table.qualified: table.key}, apply, survivor_region=target_region,
+                                          settled=settled)

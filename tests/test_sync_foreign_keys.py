@@ -1,0 +1,78 @@
+"""Data sync and foreign keys, on two real PostgreSQL 15 servers (ports 17976-17977 + the test
+port shift): a key re-copied from A must not break a foreign key on B toward a table the run
+does not bring to A's state too (a table nobody listed for the check), while tables the run
+syncs as well may disagree between their steps (each ends as A has it)."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import psycopg
+import pytest
+
+from activities.consistency.sync import recopy_keys
+from activities.consistency.tables import list_tables
+from lab.scratch_postgres import scratch_postgres
+
+PORT = 17976 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) - 2000
+DDL = ["drop table if exists child", "drop table if exists parent", "drop schema if exists eagle_dr cascade",
+       "create table parent (id int primary key, v text, updated_at timestamptz not null default '2026-01-01')",
+       "create table child (id int primary key, parent_id int references parent (id),"
+       " updated_at timestamptz not null default '2026-01-01')",
+       "insert into parent (id, v) values (1, 'a'), (2, 'b')"]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    with scratch_postgres(PORT, "sync-fk-a") as a, scratch_postgres(PORT + 1, "sync-fk-b") as b:
+        yield a, b
+
+
+def _connect(port: int) -> psycopg.Connection:
+    return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
+
+
+def _sync(a, b, table: str, keys: list[list[str]], settled: list[str]):
+    t = list_tables(a, [table], "table")[0]
+    return recopy_keys(a, b, t, keys, {}, "us-east-1", "us-west-2", datetime.now(timezone.utc), "wf-sync", "run-1",
+                       "oncall@example", settled=settled)
+
+
+@pytest.mark.parametrize("settled", [[], ["public.child"]])
+def test_a_parent_b_alone_holds_is_kept_while_a_table_outside_the_run_refers_to_it(servers, settled):
+    """B has parent 3 and a child under it; A has neither. Re-copying the parent table deletes
+    3 on B, which would orphan the child, silently (the engine writes with the foreign-key
+    triggers off). When the child table is not in the run, 3 is held and flagged; when it is,
+    its own step deletes the child and 3 goes."""
+    with _connect(PORT) as a, _connect(PORT + 1) as b:
+        for q in DDL:
+            a.execute(q)
+            b.execute(q)
+        b.execute("insert into parent (id, v) values (3, 'b only')")
+        b.execute("insert into child (id, parent_id) values (10, 3)")
+        summary, broken = _sync(a, b, "parent", [["3"]], settled)
+        assert broken == []
+        left = [r[0] for r in b.execute("select id from parent order by id")]
+        if settled:
+            assert (summary.deleted, summary.flagged, left) == (1, 0, [1, 2])
+        else:
+            assert (summary.deleted, summary.flagged, left) == (0, 1, [1, 2, 3])
+            why = b.execute("select reason from eagle_dr.conflict_audit where action = 'flag'").fetchone()[0]
+            assert "child_parent_id_fkey" in why
+
+
+@pytest.mark.parametrize("settled", [[], ["public.parent"]])
+def test_a_child_whose_parent_b_lacks_waits_for_its_parent_only_if_the_run_brings_it(servers, settled):
+    """A has child 11 under parent 4; B has neither. Re-copying only the child table would
+    leave it under nothing: flagged, unless the parent table is synced in the same run."""
+    with _connect(PORT) as a, _connect(PORT + 1) as b:
+        for q in DDL:
+            a.execute(q)
+            b.execute(q)
+        a.execute("insert into parent (id, v) values (4, 'a only')")
+        a.execute("insert into child (id, parent_id) values (11, 4)")
+        summary, broken = _sync(a, b, "child", [["11"]], settled)
+        assert broken == []
+        there = [r[0] for r in b.execute("select id from child")]
+        assert (summary.inserted, summary.flagged, there) == ((1, 0, [11]) if settled else (0, 1, []))
