@@ -126,6 +126,52 @@ async def test_sync_repairs_exactly_the_differing_keys_behind_approval(lab, clie
     assert by_key[json.dumps({"id": 17})] == ("apply_loser", standby, "tester")
 
 
+async def test_related_tables_are_synced_step_by_step_then_their_foreign_keys_checked(lab, client, copy):
+    """Two tables a foreign key ties, both differing: B alone holds a parent and a child under
+    it. Each table's step leaves the other to its own step (the parent's delete is not held
+    for the child that the child's step deletes), and the run-wide check after the steps finds
+    no written key breaking a foreign key: green, B as A."""
+    primary = copy
+    standby = lab.cfg.other(primary).name
+    ddl = ("create table if not exists ds_parent (id bigint primary key, updated_at timestamptz not null)",
+           "create table if not exists ds_child (id bigint primary key, parent_id bigint references ds_parent (id),"
+           " updated_at timestamptz not null)")
+    rows = ("truncate ds_parent, ds_child", "insert into ds_parent values (1, '2026-01-01'), (2, '2026-01-01')",
+            "insert into ds_child values (10, 1, '2026-01-01')")
+    _exec(lab, primary, *ddl, *rows)
+    try:
+        with _pg(lab, primary, COPY_DB) as dst:
+            for q in (*ddl, *rows, "insert into ds_parent values (3, '2026-01-02')",
+                      "insert into ds_child values (30, 3, '2026-01-02')"):
+                dst.execute(q)
+        await _until(_async(lambda: _lag_bytes(lab, primary) == 0), 30, "the standby to catch up")
+        check_id = f"check-{uuid.uuid4()}"
+        await client.execute_workflow(ConsistencyCheckWorkflow.run,
+                                      {"tables": ["ds_parent", "ds_child"], "regions": [standby, primary],
+                                       "database_b": COPY_DB},
+                                      id=check_id, task_queue=lab.cfg.temporal.control_task_queue,
+                                      result_type=ConsistencyResult)
+        handle = await _start_sync(client, lab, check_id, "datasync-foreign-keys")
+        await _until(lambda: _awaiting(handle), 120, "the approval gate")
+        await handle.execute_update(DataSyncWorkflow.approve, ApprovalDecision(approver="tester", decision="approve"))
+        res = await handle.result()
+        await record(handle, handle.id)
+        assert res.outcome == "succeeded" and res.remaining == 0, res
+        assert sorted((s.table, s.deleted, s.flagged) for s in res.synced) == [
+            ("public.ds_child", 1, 0), ("public.ds_parent", 1, 0)], res.synced
+        step = next(s for s in (await _progress(handle)).steps
+                    if s.name == "Check foreign keys across the synced tables")
+        assert step.detail == "none broken", step
+        with _pg(lab, primary, COPY_DB) as c:
+            assert c.execute("select array_agg(id order by id) from ds_parent").fetchone()[0] == [1, 2]
+            assert c.execute("select array_agg(id order by id) from ds_child").fetchone()[0] == [10]
+    finally:
+        _exec(lab, primary, "drop table if exists ds_child", "drop table if exists ds_parent")
+        with _pg(lab, primary, COPY_DB) as c:
+            c.execute("drop table if exists ds_child")
+            c.execute("drop table if exists ds_parent")
+
+
 async def test_rejected_sync_changes_nothing_then_the_cli_repairs(lab, client, copy, lab_config_path):
     primary = copy
     with _pg(lab, primary, COPY_DB) as dst:

@@ -159,6 +159,18 @@ def test_a_key_the_primary_reads_otherwise_is_refused_naming_the_table(servers, 
                          "run-1", None, False, tmp_path)
         assert e.value.field == "tables[0].table"
         assert primary.execute("select count(*) from moods where v = 'corrupt'").fetchone()[0] == 2
+        # Not in the key: the rows' write refuses it, naming the table, and writes nothing.
+        for q in ["drop table moods", "create table moods (id int primary key, m mood, updated_at timestamptz"
+                  " not null default '2026-02-01')"]:
+            primary.execute(q)
+            copy.execute(q)
+        copy.execute("insert into moods (id, m) values (1, 'calm'), (2, 'angry')")
+        (tmp_path / "not-key").mkdir()
+        with pytest.raises(SelectionError, match="cannot be written to the primary") as e:
+            recover_rows(copy, primary, [RowSelection(table="moods")], {}, "us-east-1", RESTORED_TO, "wf-recover",
+                         "run-1", None, False, tmp_path / "not-key")
+        assert e.value.field == "tables[0].table"
+        assert primary.execute("select count(*) from moods").fetchone()[0] == 0
 
 
 def test_a_column_the_copy_lacks_is_refused_naming_the_table(servers, tmp_path):
@@ -174,8 +186,14 @@ def test_a_column_the_copy_lacks_is_refused_naming_the_table(servers, tmp_path):
             recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
                          RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
         assert e.value.field == "tables[0].table"
-        # A type changed since: the copy's numbers in a text column are not its rows as they were.
+        # A precision given since is no change of type: the preview goes through.
         primary.execute("alter table items drop column added")
+        primary.execute("alter table items alter column qty type numeric(12, 2)")
+        (tmp_path / "widened").mkdir()
+        got = recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
+                           RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path / "widened")
+        assert [t.rows_in_copy for t in got.tables] == [1]
+        # A type changed since: the copy's numbers in a text column are not its rows as they were.
         primary.execute("alter table items alter column qty type text")
         with pytest.raises(SelectionError, match="changed type since the restore point") as e:
             recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",

@@ -874,7 +874,7 @@ def test_text_inside_a_rows_json_reads_back_as_the_loser_wrote_it(tmp_path):
         c, d = f.loser, f.survivor
         fork_time = datetime.now(timezone.utc)
         start = f.start()
-        c.execute("update s set span = '[2026-03-05,2026-03-13)', took = '-1 day +02:03:04', x = 7 where id = 1")
+        c.execute("update s set span = '[2026-03-05,2026-03-13)', took = '-1 day -02:03:04', x = 7 where id = 1")
         want = c.execute("select span::text, took::text, x from s").fetchone()
         c.execute("alter system set datestyle = 'SQL, DMY'")
         c.execute("alter system set intervalstyle = 'sql_standard'")

@@ -98,7 +98,7 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
             # Both sides over the network: each range hashed on the primary and the standby at once.
             *_methods(ConsistencyActivities(cfg), "list_check_tables", "tables_on_one_side", "compare_table",
                       "compare_redis", "record_consistency_run", "read_consistency_run", "sync_table",
-                      "compare_audited_keys"),
+                      "check_synced_foreign_keys", "compare_audited_keys"),
             # Notifications go out from the control worker, beside the workflows that send them.
             NotifyActivities(cfg).send_notification,
             # --plan: where each routing mechanism points now (APIs only).

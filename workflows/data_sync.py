@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.consistency.activities import (
         ConsistencyActivities,
         ReadRunRequest,
+        SyncedKeysRequest,
         SyncedTable,
         SyncTableRequest,
     )
@@ -250,6 +251,7 @@ class DataSyncWorkflow(Runbook):
                     id=f"{wid}-rebuild", result_type=RestoreResult)
                 rec.detail = result.rebuilt.outcome
         else:
+            synced: list[str] = []
             for t in differing:
                 async with self.step(f"Re-copy {t.table}") as rec:
                     try:
@@ -270,17 +272,31 @@ class DataSyncWorkflow(Runbook):
                             continue
                         raise
                     result.synced.append(s)
+                    synced.append(t.table)
                     rec.detail = (f"{s.keys} keys: {s.inserted} inserted, {s.updated} updated, {s.deleted} deleted, "
                                   f"{s.kept} kept, {s.flagged} flagged; {s.audit_rows} audit rows"
                                   + ("; keys bisected again (the check's sample was capped)" if s.recollected else ""))
                     if s.flagged:
                         self.degraded.append(f"{t.table}: {s.flagged} keys flagged for a human (a different row "
-                                             "under the same key, or a foreign key from a table outside the run "
+                                             "under the same key, or a foreign key to or from a table outside the run "
                                              "that the write would break): see eagle_dr.conflict_audit where "
                                              "action = 'flag'")
                     if s.foreign_keys_broken:
                         self.degraded.append(f"{t.table}: {len(s.foreign_keys_broken)} keys written that still break "
                                              f"a foreign key: {'; '.join(s.foreign_keys_broken[:5])}")
+            # Each step left the run's other tables to their own steps; a failed one, or a write
+            # on either side between the steps, can leave a written key breaking a foreign key.
+            if len(differing) > 1 and synced and workflow.patched("datasync-foreign-keys-after-steps"):
+                async with self.step("Check foreign keys across the synced tables") as rec:
+                    broken = await self.act(
+                        ConsistencyActivities.check_synced_foreign_keys,
+                        SyncedKeysRequest(region_b=b, database_b=check.database_b, tables=synced),
+                        queue=control, timeout=1800, heartbeat=30, attempts=3, summary="foreign keys")
+                    rec.detail = f"{len(broken)} written keys break a foreign key" if broken else "none broken"
+                    if broken:
+                        rec.status = "failed"
+                        self.degraded.append(f"{len(broken)} keys this run wrote break a foreign key on "
+                                             f"{self.target_region}: {'; '.join(broken[:5])}")
 
         verify_id = f"{wid}-verify"
         async with self.step("Check again") as rec:

@@ -120,14 +120,13 @@ def _select(table: str, names: list[str], where: str | None) -> sql.Composable:
     return q
 
 
+# What the operator's WHERE can raise (the table is known to exist on both sides by then, so
+# an undefined table is one its subquery names); DataError: a bad literal, a division by zero.
 _WHERE_ERRORS = (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
-                 psycopg.errors.DatatypeMismatch, psycopg.errors.InvalidTextRepresentation,
-                 psycopg.errors.InvalidDatetimeFormat, psycopg.errors.DatetimeFieldOverflow,
-                 psycopg.errors.AmbiguousColumn, psycopg.errors.ReadOnlySqlTransaction)
-# The session settings under which the copy writes its values' text (a daterange's days, an
-# interval's signs): the primary reads them back under the same.
-_STYLES = ("DateStyle", "IntervalStyle")
-_COLUMNS = """select a.attname, format_type(a.atttypid, a.atttypmod) from pg_attribute a
+                 psycopg.errors.UndefinedTable, psycopg.errors.UndefinedObject, psycopg.errors.DatatypeMismatch,
+                 psycopg.errors.AmbiguousColumn, psycopg.errors.ReadOnlySqlTransaction, psycopg.DataError)
+_COLUMNS = """select a.attname, n.nspname || '.' || t.typname, format_type(a.atttypid, a.atttypmod)
+              from pg_attribute a join pg_type t on t.oid = a.atttypid join pg_namespace n on n.oid = t.typnamespace
               where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped"""
 
 
@@ -139,16 +138,41 @@ def _copy_lacks(copy: psycopg.Connection, primary: psycopg.Connection, table: st
     ident = regclass_sql(table).as_string(copy)
     if copy.cursor(row_factory=tuple_row).execute("select to_regclass(%s)", (ident,)).fetchone()[0] is None:
         raise SelectionError(f"the copy has no table {table!r} (created after the restore point?)", field)
-    there = dict(copy.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,)).fetchall())
-    here = dict(primary.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,)).fetchall())
+    there = {n: (ty, shown) for n, ty, shown in copy.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,))}
+    here = {n: (ty, shown) for n, ty, shown in primary.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,))}
     lacking = [n for n in names if n not in there]
     if lacking:
         raise SelectionError(f"the copy's {table!r} lacks the primary's column(s) {lacking} (added after the restore "
                              "point?): its rows cannot be recovered whole", field)
-    changed = [f"{n} ({there[n]} on the copy, {here[n]} on the primary)" for n in names if there[n] != here[n]]
+    # By the type's schema and name, not as format_type shows it (qualified or not by each
+    # session's search_path); a length or precision widened since is no change (a narrowed
+    # one fails the write, naming the table).
+    changed = [f"{n} ({there[n][1]} on the copy, {here[n][1]} on the primary)" for n in names
+               if there[n][0] != here[n][0]]
     if changed:
         raise SelectionError(f"{table!r} changed type since the restore point: {'; '.join(changed)}: its rows cannot "
                              "be recovered as they are", field)
+
+
+def _output_styles(copy: psycopg.Connection) -> dict[str, str]:
+    """In the copy's read transaction: values written in forms any session reads back alike
+    (ISO dates with numeric offsets inside a range, where SQL style wrote a zone abbreviation
+    that another session's timezone_abbreviations can read as another zone), without changing
+    how the WHERE's literals read there. DateStyle's field order (DMY) and an sql_standard
+    IntervalStyle decide how input is read, so they stay; the rest is output only. Returns
+    the settings the primary reads the text back under."""
+    cur = copy.cursor(row_factory=tuple_row)
+    order, interval, digits = cur.execute(
+        "select split_part(current_setting('DateStyle'), ', ', 2), current_setting('IntervalStyle'),"
+        " current_setting('extra_float_digits')::int").fetchone()
+    styles = {"DateStyle": f"ISO, {order or 'MDY'}",
+              # postgres, postgres_verbose and iso_8601 read input alike.
+              "IntervalStyle": interval if interval == "sql_standard" else "postgres"}
+    for name, value in styles.items():
+        cur.execute("select set_config(%s, %s, true)", (name, value))
+    if digits < 1:
+        cur.execute("set local extra_float_digits = 1")  # below 1, a float8 is written rounded
+    return styles
 
 
 def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, names: list[str], tcfg,
@@ -170,9 +194,7 @@ def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, nam
             # Rows and keys cross as Python strings: a key the copy's client encoding cannot
             # hold would fail the read. The WHERE's characters stay the same in UTF-8.
             copy.execute("set local client_encoding = 'UTF8'")
-            styles = copy.cursor(row_factory=tuple_row).execute(
-                "select " + ", ".join(f"current_setting('{n}')" for n in _STYLES)).fetchone()
-            spool.settings = dict(zip(_STYLES, styles))
+            spool.settings = _output_styles(copy)
             # stream(): the extended protocol, so one statement only. As a simple query, a
             # WHERE of "true); commit; delete from t where (true" ended the read-only
             # transaction and deleted, on the copy and on the primary, before any approval.
@@ -181,8 +203,6 @@ def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, nam
                 spool.add(row, None, None)
                 keys_out.write(copy_text(key) + "\n")
         spool.close()
-    except psycopg.errors.UndefinedTable as e:
-        raise SelectionError(f"no such table on the copy: {e.diag.message_primary}", field) from None
     except _WHERE_ERRORS as e:
         raise SelectionError(f"the WHERE clause does not work on the copy: {e.diag.message_primary}",
                              where_field) from None
@@ -192,7 +212,7 @@ def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, nam
     with OtherKeys(primary, relation, tcfg.key) as in_copy:
         try:
             in_copy.load_json(keys_file, spool.settings)
-        except psycopg.DataError as e:
+        except (psycopg.DataError, psycopg.IntegrityError) as e:
             # An enum label renamed since, a domain's check tightened: the key, not the WHERE.
             raise SelectionError(f"the copy's keys of {table!r} do not read as the primary's key types: "
                                  f"{e.diag.message_primary}", field) from None
@@ -235,15 +255,24 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
         plans.append((s, tcfg, rows, missing))
     def apply_all(holds: Holds, checked: frozenset[str]) -> list[TableRecovery]:
         out = []
-        for s, tcfg, rows, missing in plans:
-            summary = apply_resolutions(
-                primary, s.table, tcfg, rows, missing if s.delete_missing else [], loser_region=BACKUP_REGION,
-                survivor_region=primary_region, region_priority={BACKUP_REGION: 0, primary_region: 1},
-                fork_time=EPOCH, now=restored_to, workflow_id=workflow_id, run_id=run_id, approved_by=approved_by,
-                rehearse=preview and s.table in checked, dry_run=preview and s.table not in checked, sample=5,
-                hold=holds.get(s.table))
+        for i, (s, tcfg, rows, missing) in enumerate(plans):
+            try:
+                summary = _apply(s, tcfg, rows, missing, holds, checked)
+            except (psycopg.DataError, psycopg.IntegrityError) as e:
+                # A value the primary's table no longer takes (an enum label renamed, a length
+                # narrowed, a check added since): the whole transaction rolls back.
+                raise SelectionError(f"the copy's rows of {s.table!r} cannot be written to the primary: "
+                                     f"{e.diag.message_primary}", f"tables[{i}].table") from None
             out.append(TableRecovery(**summary.model_dump(), rows_in_copy=len(rows), missing_in_copy=len(missing)))
         return out
+
+    def _apply(s, tcfg, rows, missing, holds: Holds, checked: frozenset[str]):
+        return apply_resolutions(
+            primary, s.table, tcfg, rows, missing if s.delete_missing else [], loser_region=BACKUP_REGION,
+            survivor_region=primary_region, region_priority={BACKUP_REGION: 0, primary_region: 1},
+            fork_time=EPOCH, now=restored_to, workflow_id=workflow_id, run_id=run_id, approved_by=approved_by,
+            rehearse=preview and s.table in checked, dry_run=preview and s.table not in checked, sample=5,
+            hold=holds.get(s.table))
 
     # One transaction for every table (each table's apply is a savepoint in it): all tables
     # recovered, or none, and checked for foreign keys before it commits: a recovered row whose

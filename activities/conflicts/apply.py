@@ -295,14 +295,18 @@ def _load_as_json(conn: psycopg.Connection, target: sql.Identifier, names: list[
                 raise ValueError(f"a deleted key has {len(k)} values; the key columns are {key}")
             copy.write_row([_row_json(dict(zip(key, k))), True, None])
     cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    insert = sql.SQL("insert into {tmp} ({cols}, _e_deleted) select {r_cols}, x.d from {js} x,"
+                     # The second populate sets o's fields over the first's record, and only
+                     # those: nothing of j is re-encoded (a json column keeps its text).
+                     " json_populate_record(json_populate_record(null::{target}, x.j), coalesce(x.o, '{{}}')) r"
+                     " where x.d = {deleted}")
+    parts = dict(tmp=_LOSER_TMP, cols=cols, js=_LOSER_JSON_TMP, target=target,
+                 r_cols=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names))
+    # The rows under the settings their text was written in; the deleted keys, written here
+    # from this side's own values, under this side's.
     with _settings(conn, spool_settings):
-        conn.execute(sql.SQL("insert into {tmp} ({cols}, _e_deleted) select {r_cols}, x.d from {js} x,"
-                             # The second populate sets o's fields over the first's record, and
-                             # only those: nothing of j is re-encoded (a json column keeps its text).
-                             " json_populate_record(json_populate_record(null::{target}, x.j), coalesce(x.o, '{{}}')) r")
-                     .format(
-            tmp=_LOSER_TMP, cols=cols, r_cols=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names),
-            js=_LOSER_JSON_TMP, target=target))
+        conn.execute(insert.format(deleted=sql.Literal(False), **parts))
+    conn.execute(insert.format(deleted=sql.Literal(True), **parts))
     conn.execute(sql.SQL("drop table {}").format(_LOSER_JSON_TMP))
 
 

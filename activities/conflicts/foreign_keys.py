@@ -104,6 +104,26 @@ def _not_null(alias: str, cols: tuple[str, ...]) -> sql.Composable:
 _TOUCHED = sql.Identifier(TOUCHED_TMP)
 
 
+def _settled_oids(cur: psycopg.Cursor, settled: Collection[str], oid: Callable[[str], int | None]) -> set[int]:
+    """The tables of ``settled`` (names the catalog gives, as a check lists them), and each
+    partitioned table all of whose partitions are among them: a foreign key is declared on the
+    partitioned table, while a check lists its partitions."""
+    found = set()
+    for t in settled:
+        try:
+            o = oid(t)
+        except ValueError:
+            continue  # a name no identifier can spell (a dot, a quote): checked, never skipped
+        if o is not None:
+            found.add(o)
+    if found:
+        found |= {r[0] for r in cur.execute(
+            "select distinct a.relid::oid from unnest(%s::oid[]) s (o), pg_partition_ancestors(s.o) a"
+            " where a.relid <> s.o and not exists (select from pg_partition_tree(a.relid) p"
+            "  where p.isleaf and p.relid::oid <> all(%s::oid[]))", (list(found), list(found)))}
+    return found
+
+
 class _Check:
     def __init__(self, conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str,
                  settled: Collection[str] = ()):
@@ -116,7 +136,7 @@ class _Check:
 
         self.oid = {t: oid(t) for t in keys}
         self.name = {oid: t for t, oid in self.oid.items()}
-        later = {o for o in map(oid, settled) if o is not None} - set(self.name)
+        later = _settled_oids(cur, settled, oid) - set(self.name)
         self.fks = [fk for fk in foreign_keys(conn, list(self.oid.values()))
                     if fk.child_oid not in later and fk.parent_oid not in later]
         self.involved = frozenset(self.name[o] for fk in self.fks for o in (fk.child_oid, fk.parent_oid)
@@ -197,11 +217,12 @@ class _Check:
                "still refer to the row the loser deleted (or changed)")
         return why, self._run(q, table, removing=removing, **params)
 
-    def broken(self, holds: Holds) -> Holds:
+    def broken(self, holds: Holds, passes: int = PASSES) -> Holds:
         """New holds, run to a fixed point: keys whose write breaks a foreign key as the tables
-        stand in this transaction, or would once ``holds`` and the new ones are held."""
+        stand in this transaction, or would once ``holds`` and the new ones are held (``passes``
+        1: only what breaks one as they stand)."""
         new: Holds = {}
-        for _ in range(PASSES):
+        for _ in range(passes):
             found = False
             held = {t: {**holds.get(t, {}), **new.get(t, {})} for t in self.keys}
             for fk in self.fks:
@@ -264,3 +285,28 @@ def apply_keeping_foreign_keys(
                                                     for pk, why in pks.items()})
             raise psycopg.Rollback(tx)
     raise AssertionError("unreachable: the last round returns")
+
+
+def broken_after_run(conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str,
+                     workflow_id: str, run_id: str) -> list[str]:
+    """Keys a run wrote in steps of their own (a data sync, table by table: its audit rows on
+    ``conn``) that break a foreign key as the tables stand now: a step that skipped the run's
+    other tables (``settled``) trusted them to reach the source's state, which a failed step,
+    or a write on either side between the steps, can deny. Only reported: the run's writes are
+    committed. Checked in a transaction rolled back at the end (the parents' row locks)."""
+    found: list[str] = []
+    with conn.transaction(force_rollback=True):
+        conn.execute(sql.SQL("create temp table {} (table_name text not null, pk jsonb not null, action text"
+                             " not null, survivor_version jsonb, collided boolean not null) on commit drop")
+                     .format(_TOUCHED))
+        if not conn.execute("select to_regclass('eagle_dr.conflict_audit') is not null").fetchone()[0]:
+            return []
+        conn.execute(sql.SQL("insert into {} select table_name, primary_key, action, survivor_version, false"
+                             " from eagle_dr.conflict_audit where workflow_id = %s and run_id = %s"
+                             " and table_name = any(%s)").format(_TOUCHED), (workflow_id, run_id, list(keys)))
+        conn.execute(sql.SQL("analyze {}").format(_TOUCHED))
+        check = _Check(conn, keys, survivor_region)
+        if check.fks:
+            found = [f"{table} {pk}: {why}" for table, pks in check.broken({}, passes=1).items()
+                     for pk, why in pks.items()]
+    return found

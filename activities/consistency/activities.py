@@ -17,12 +17,13 @@ from activities.consistency.check import Position, compare_table
 from activities.consistency.keys import AuditedKeysResult, compare_audited_keys
 from activities.consistency.redis import compare_redis
 from activities.conflicts.apply import ApplySummary
+from activities.conflicts.foreign_keys import broken_after_run
 from activities.consistency.results import KeyDiff, RedisResult, TableResult
 from activities.consistency.rowhash import SchemaDiffers
 from activities.consistency.sync import SyncError, recopy_keys
 from activities.consistency.tables import Table, TableError, list_tables, one_sided
 from activities.redis.status import client as redis_client, redis_status
-from eagle_dr.config import EagleConfig
+from eagle_dr.config import EagleConfig, TableName
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +98,12 @@ class SyncTableRequest(BaseModel):
     # The run's other tables, synced in steps of their own: foreign keys to or from them are
     # left to those steps (activities/consistency/sync.py). Every other table's are checked.
     settled: list[str] = []
+
+
+class SyncedKeysRequest(BaseModel):
+    region_b: str
+    database_b: str | None = None
+    tables: list[str]  # the tables the run's steps synced, as the check named them
 
 
 class SyncedTable(ApplySummary):
@@ -250,6 +257,24 @@ class ConsistencyActivities:
             if found is not None:
                 return found
         return None
+
+    @activity.defn
+    def check_synced_foreign_keys(self, req: SyncedKeysRequest) -> list[str]:
+        """After every table's step: the keys this run wrote on B that break a foreign key as B
+        stands now (each step left the run's other tables to their own steps). Read-only in
+        effect (rolled back); idempotent."""
+        info = activity.info()
+        with heartbeating(), psycopg.connect(self._dsn(req.region_b, req.database_b), autocommit=True,
+                                             connect_timeout=10) as b:
+            tables = {}
+            for name in req.tables:
+                try:
+                    t = list_tables(b, [name], "table")[0]
+                    TableName.parse(t.qualified, catalog=True)
+                except (TableError, ValueError):
+                    continue  # gone since, or a name no identifier spells: its own step checked it
+                tables[t.qualified] = t.key
+            return broken_after_run(b, tables, req.region_b, info.workflow_id, info.workflow_run_id)
 
     @activity.defn
     def sync_table(self, req: SyncTableRequest) -> SyncedTable:

@@ -364,6 +364,10 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
             # the same (RowSpool.settings). JSON itself writes dates in ISO 8601 regardless.
             for setting in OUTPUT_SETTINGS:
                 conn.execute(setting.replace("set local", "set", 1))
+                # The survivor's key values go to the loser as parameters (deletions in
+                # blocks): a type psycopg hands over as text must be written alike on both.
+                if surv is not None:
+                    surv.execute(setting.replace("set local", "set", 1))
             in_recovery = conn.execute("select pg_is_in_recovery()").fetchone()[0]
             changed = _name_changes(conn, loser, changes, files)
             truncated = {c.oid for c in changed if "truncate" in c.ops}

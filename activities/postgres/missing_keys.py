@@ -79,6 +79,8 @@ class OtherKeys:
         with here.transaction():
             # Our own bulk load, bounded by the file, not by a timeout meant for the application.
             here.execute("set local statement_timeout = 0")
+            # The file is UTF-8: a key a LATIN1 session cannot hold would fail the COPY.
+            here.execute("set local client_encoding = 'UTF8'")
             for name, value in settings.items():
                 here.execute("select set_config(%s, %s, true)", (name, value))
             here.execute(sql.SQL("create temp table {} (j json) on commit drop").format(_KEYS_JSON))
