@@ -524,6 +524,50 @@ def test_a_reconcile_that_cannot_lock_its_tables_gives_up_naming_who_holds_them(
     assert f"fk_child held by pid {holder} (billing-batch," in str(e.value), str(e.value)
 
 
+def test_the_applications_writes_go_on_while_a_reconcile_waits_behind_a_batch(db, pg):
+    """A batch holds one table of the reconcile's; the reconcile keeps asking for both. A plain
+    LOCK TABLE would wait behind the batch and every application write to either table would
+    queue behind it for as long as the batch runs; in short tries, bounded as a whole
+    statement, the application's writes get through while the batch still runs, and the
+    reconcile gives up past its patience naming the batch."""
+    import threading
+    import time
+
+    seed(db, "fk_parent", parent(1, "p1"))
+    got: dict = {}
+
+    def reconcile() -> None:
+        try:
+            with db.transaction():
+                lock_tables(db, [sql.Identifier("fk_parent"), sql.Identifier("fk_child")], lock_try=0.2,
+                            patience=8)
+        except TablesBusy as e:
+            got["busy"] = str(e)
+
+    with pg.connect() as batch, pg.connect() as app:
+        batch.autocommit, app.autocommit = False, True
+        batch.execute("set application_name = 'billing-batch'")
+        batch.execute("insert into fk_child values (9, 1, 'batch', now(), now())")
+        waiter = threading.Thread(target=reconcile)
+        waiter.start()
+        try:
+            pid = db.pgconn.backend_pid
+            end = time.monotonic() + 10
+            while not app.execute("select exists (select from pg_locks where pid = %s and not granted)",
+                                  (pid,)).fetchone()[0]:
+                assert time.monotonic() < end, "the reconcile never asked for the locks"
+            # Behind a plain LOCK these would wait for the batch (held until the finally).
+            app.execute("set statement_timeout = '5s'")
+            for n in range(3):
+                app.execute("insert into fk_parent values (%s, 'app', now(), now())", (100 + n,))
+                app.execute("insert into fk_child values (%s, 1, 'app', now(), now())", (100 + n,))
+            assert waiter.is_alive(), "the reconcile gave up before the application wrote"
+        finally:
+            waiter.join(30)
+            batch.rollback()
+    assert "fk_child held by pid" in got.get("busy", "") and "billing-batch" in got["busy"], got
+
+
 def test_a_lock_taken_in_tries_is_held_and_leaves_the_sessions_timeouts_as_they_were(db):
     """The tries set lock_timeout and statement_timeout for the LOCK alone: left at the try's
     half second, every later statement of the reconcile (a row lock an application holds, a

@@ -199,3 +199,23 @@ def test_a_column_the_copy_lacks_is_refused_naming_the_table(servers, tmp_path):
             recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
                          RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
         assert e.value.field == "tables[0].table"
+
+
+def test_a_full_disk_under_the_spool_fails_the_read_and_writes_nothing(servers, tmp_path):
+    """The copy's rows go to the worker's disk before anything is written to the primary: a
+    full disk there (the kernel's own ENOSPC, /dev/full) fails the read, which the activity
+    reports as SpoolFull and retries, with the primary untouched."""
+    import errno
+
+    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+        for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
+            primary.execute(q)
+            copy.execute(q)
+        primary.execute("update items set qty = -1, updated_at = now()")
+        (tmp_path / "0.rows").symlink_to("/dev/full")
+        with pytest.raises(OSError) as e:
+            recover_rows(copy, primary, [RowSelection(table="items")], {}, "us-east-1", RESTORED_TO, "wf-recover",
+                         "run-1", None, False, tmp_path)
+        assert e.value.errno == errno.ENOSPC
+        assert primary.execute("select count(*) from items where qty = -1").fetchone()[0] == 301
+        assert primary.execute("select to_regclass('eagle_dr.conflict_audit')").fetchone()[0] is None

@@ -31,3 +31,20 @@ def test_a_spool_dir_removes_its_runs_leftovers_and_old_ones_and_itself(tmp_path
             (spool / "0.rows").write_text("rows")
             raise RuntimeError("apply failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, unrelated.name])
+
+
+def test_a_spool_on_a_full_disk_fails_and_is_never_read_as_whole(tmp_path):
+    """The kernel's own "no space left" (/dev/full): the spool's close says so, and a read of
+    what it holds is refused rather than applied short of its last rows."""
+    import errno
+
+    from activities.postgres.row_spool import RowSpool
+
+    (tmp_path / "0.rows").symlink_to("/dev/full")
+    spool = RowSpool(tmp_path / "0.rows", "updated_at")
+    spool.add('{"id": 1, "updated_at": "2026-01-01T00:00:00+00:00"}', None, None)
+    with pytest.raises(OSError) as e:
+        spool.close()
+    assert e.value.errno == errno.ENOSPC
+    with pytest.raises(RuntimeError, match="not written in full"):
+        list(spool)

@@ -891,3 +891,25 @@ def test_text_inside_a_rows_json_reads_back_as_the_loser_wrote_it(tmp_path):
             assert summary.updated == 1
             d.execute("set datestyle = 'ISO, YMD'")
             assert d.execute("select span::text, took::text, x from s").fetchone() == want
+
+
+def test_a_full_disk_under_the_spool_fails_the_read_and_stops_the_loser(tmp_path):
+    """The old primary's rows go to the worker's disk before anything is applied: a full disk
+    there (the kernel's own ENOSPC, /dev/full) fails the read, which the activity reports as
+    SpoolFull and retries, and the isolated loser is stopped again, its data as it was."""
+    import errno
+    from datetime import datetime, timedelta, timezone
+
+    with _forked_pair(["create table f (id int primary key, v text, updated_at timestamptz not null"
+                       " default '2026-01-01')", "insert into f (id, v) values (1, 'a')"]) as f:
+        fork_time = datetime.now(timezone.utc)
+        start = f.start()
+        f.loser.execute("update f set v = 'b' where id = 1")
+        f.stop_loser()
+        (tmp_path / "spool").mkdir()
+        (tmp_path / "spool" / "0.rows").symlink_to("/dev/full")
+        with pytest.raises(OSError) as e:
+            f.read({"f": ["id"]}, fork_time - timedelta(minutes=1), {"f": "updated_at"}, start, fork_time,
+                   tmp_path / "spool")
+        assert e.value.errno == errno.ENOSPC
+        assert not f.node.running()
