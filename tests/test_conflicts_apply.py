@@ -452,6 +452,28 @@ def test_a_dry_run_decides_the_same_and_writes_nothing(db):
     assert [getattr(preview, c) for c in counts] == [getattr(real, c) for c in counts]
 
 
+def test_columns_named_like_the_engines_aliases_are_reconciled(db):
+    """The engine's queries name the survivor's row s and the loser's l. A bare s there meant
+    the row; in a table with a column named s it meant that column, and every reconcile of the
+    table failed ("column reference s is ambiguous"), a failback's after its point of no
+    return. Decided, held and audited with both versions, the columns named s, l and x too."""
+    db.execute("drop table if exists aliased")
+    db.execute("create table aliased (id int primary key, s text, l text, x text, updated_at timestamptz not null)")
+    db.execute("insert into aliased values (1, 'S1', 'L1', 'X1', %s), (2, 'S2', 'L2', 'X2', %s)", (T0, T0))
+    db.execute("update aliased set s = 'survivor', updated_at = %s where id = 1", (at(5),))
+    cfg = TableConflictConfig(strategy="last-write-wins", key=["id"])
+    loser = [{"id": 1, "s": "loser", "l": "L1", "x": "X1", "updated_at": at(9)},
+             {"id": 2, "s": "S2", "l": "loser", "x": "X2", "updated_at": at(3)}]
+    got = apply_resolutions(db, "aliased", cfg, loser, [], LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-a", "run-1",
+                            hold={'{"id": 2}': "held for a test"})
+    assert (got.updated, got.flagged, got.conflicts) == (1, 1, 1), got
+    assert db.execute("select s, l from aliased order by id").fetchall() == [
+        {"s": "loser", "l": "L1"}, {"s": "S2", "l": "L2"}]
+    versions = db.execute("select primary_key->>'id' as id, survivor_version->>'s' as s, loser_version->>'l' as l"
+                          " from eagle_dr.conflict_audit where workflow_id = 'wf-a' order by 1").fetchall()
+    assert versions == [{"id": "1", "s": "survivor", "l": "L1"}, {"id": "2", "s": "S2", "l": "loser"}]
+
+
 @pytest.mark.parametrize("schema, table", [("Billing", "Invoices"), ("billing-eu", "line items")])
 def test_mixed_case_and_schema_qualified_tables_are_reconciled(db, schema, table):
     """Names are used exactly as written and quoted everywhere: a table in a mixed-case schema,

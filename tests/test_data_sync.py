@@ -165,6 +165,21 @@ async def test_related_tables_are_synced_step_by_step_then_their_foreign_keys_ch
         with _pg(lab, primary, COPY_DB) as c:
             assert c.execute("select array_agg(id order by id) from ds_parent").fetchone()[0] == [1, 2]
             assert c.execute("select array_agg(id order by id) from ds_child").fetchone()[0] == [10]
+            # A write on B after the parent's step (triggers off, as a bulk load runs): a child
+            # under the parent the run deleted. The run-wide check, from this run's audit, names it.
+            c.execute("set session_replication_role = replica")
+            c.execute("insert into ds_child values (31, 3, '2026-01-03')")
+        from dataclasses import replace
+
+        from temporalio.testing import ActivityEnvironment
+
+        from activities.consistency.activities import ConsistencyActivities, SyncedKeysRequest
+        env = ActivityEnvironment()
+        env.info = replace(env.info, workflow_id=handle.id, workflow_run_id=(await handle.describe()).run_id)
+        found = env.run(ConsistencyActivities(lab.cfg).check_synced_foreign_keys,
+                        SyncedKeysRequest(region_a=standby, region_b=primary, database_b=COPY_DB,
+                                          tables=["public.ds_parent", "public.ds_child"]))
+        assert len(found) == 1 and found[0].startswith('public.ds_parent {"id": 3}'), found
     finally:
         _exec(lab, primary, "drop table if exists ds_child", "drop table if exists ds_parent")
         with _pg(lab, primary, COPY_DB) as c:

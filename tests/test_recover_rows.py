@@ -186,13 +186,24 @@ def test_a_column_the_copy_lacks_is_refused_naming_the_table(servers, tmp_path):
             recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
                          RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
         assert e.value.field == "tables[0].table"
-        # A precision given since is no change of type: the preview goes through.
+        # A length given or widened since is no change of type: the preview goes through. A
+        # scale given since would round the copy's numbers: refused.
         primary.execute("alter table items drop column added")
-        primary.execute("alter table items alter column qty type numeric(12, 2)")
+        for q in ["drop table if exists sized", "create table sized (id int primary key, s varchar(5), n numeric,"
+                  " updated_at timestamptz not null default '2026-02-01')",
+                  "insert into sized (id, s, n) values (1, 'abcde', 0.125)"]:
+            primary.execute(q)
+            copy.execute(q)
+        primary.execute("alter table sized alter column s type varchar(50)")
         (tmp_path / "widened").mkdir()
-        got = recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
+        got = recover_rows(copy, primary, [RowSelection(table="sized")], {}, "us-east-1",
                            RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path / "widened")
         assert [t.rows_in_copy for t in got.tables] == [1]
+        primary.execute("alter table sized alter column n type numeric(12, 2)")
+        with pytest.raises(SelectionError, match=r"n \(numeric on the copy, numeric\(12,2\) on the primary\)") as e:
+            recover_rows(copy, primary, [RowSelection(table="sized")], {}, "us-east-1",
+                         RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
+        assert e.value.field == "tables[0].table"
         # A type changed since: the copy's numbers in a text column are not its rows as they were.
         primary.execute("alter table items alter column qty type text")
         with pytest.raises(SelectionError, match="changed type since the restore point") as e:

@@ -94,31 +94,34 @@ def test_a_step_that_trusted_another_table_is_named_when_that_table_was_not_sync
         summary, _ = _sync(a, b, "parent", [["3"]], ["public.child"])
         assert summary.deleted == 1
         keys = {"public.parent": ["id"], "public.child": ["id"]}
-        found = broken_after_run(b, keys, "us-west-2", "wf-sync", "run-1")
+        found = broken_after_run(b, keys, "us-west-2", "wf-sync", "run-1", "collision")
         assert len(found) == 1 and found[0].startswith('public.parent {"id": 3}: foreign key child_parent_id_fkey'), found
         _sync(a, b, "child", [["10"]], ["public.parent"])
-        assert broken_after_run(b, keys, "us-west-2", "wf-sync", "run-1") == []
+        assert broken_after_run(b, keys, "us-west-2", "wf-sync", "run-1", "collision") == []
 
 
 def test_settled_partitions_settle_their_table_and_odd_names_are_checked_not_skipped(servers):
     """A check lists a partitioned table's partitions, while the foreign key is declared on the
     partitioned table: with every partition in the run it is left to their steps, with one
-    missing it is checked. A name no identifier spells (a dot in it) is checked, and breaks
-    nothing else."""
-    ddl = ["drop table if exists ev", *DDL[:3],
+    missing it is checked. A table whose name no identifier spells (a dot in it) cannot be
+    left to a step of its own: its foreign key is checked, and breaks nothing else."""
+    ddl = ['drop table if exists ev, "odd.name"', *DDL[:3],
            "create table parent (id int primary key, v text, updated_at timestamptz not null default '2026-01-01')",
            "create table ev (id int, parent_id int references parent (id), updated_at timestamptz not null"
            " default '2026-01-01', primary key (id)) partition by range (id)",
            "create table ev_1 partition of ev for values from (0) to (100)",
            "create table ev_2 partition of ev for values from (100) to (200)",
+           'create table "odd.name" (id int primary key, parent_id int references parent (id))',
            "insert into parent (id, v) values (1, 'a'), (2, 'b')"]
-    for settled, held in ((["public.ev_1", "public.ev_2", 'public."odd.name"'], False),
-                          (["public.ev_1", "public.odd.name"], True)):
+    for settled, odd_child, held in ((["public.ev_1", "public.ev_2"], False, False),
+                                     (["public.ev_1"], False, True),
+                                     (["public.ev_1", "public.ev_2", "public.odd.name"], True, True)):
         with _connect(PORT) as a, _connect(PORT + 1) as b:
             for q in ddl:
                 a.execute(q)
                 b.execute(q)
             b.execute("insert into parent (id, v) values (3, 'b only')")
-            b.execute("insert into ev (id, parent_id) values (150, 3)")
+            b.execute("insert into ev (id, parent_id) values (150, 3)" if not odd_child else
+                      'insert into "odd.name" (id, parent_id) values (1, 3)')
             summary, broken = _sync(a, b, "parent", [["3"]], settled)
             assert broken == [] and (summary.flagged, summary.deleted) == ((1, 0) if held else (0, 1)), settled

@@ -47,7 +47,9 @@ _SESSION = ("set TimeZone = 'UTC'", "set DateStyle = 'ISO, YMD'", "set IntervalS
             "set extra_float_digits = 1", "set bytea_output = 'hex'")
 
 # Order-independent (no sort, one pass): the sum of each row's md5 cut to 64 bits, as numeric.
-_CHECKSUM = ("select count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 16))::bit(64)::bigint::numeric), 0)::text "
+# (t.*)::text, never t::text: in a table with a column named t that was the column alone, and
+# two copies differing anywhere else summed alike.
+_CHECKSUM = ("select count(*), coalesce(sum(('x' || substr(md5((t.*)::text), 1, 16))::bit(64)::bigint::numeric), 0)::text "
              "from {} as t")
 
 # Every permanent user table: regular tables and partitions (leaves), never a partitioned parent

@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
+from activities.conflicts.loser_copy import pin_output_keeping_input
 from activities.postgres.divergence import regclass_sql, row_json
 from activities.postgres.missing_keys import OtherKeys
 from activities.postgres.row_spool import RowSpool, copy_text
@@ -125,7 +126,9 @@ def _select(table: str, names: list[str], where: str | None) -> sql.Composable:
 _WHERE_ERRORS = (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
                  psycopg.errors.UndefinedTable, psycopg.errors.UndefinedObject, psycopg.errors.DatatypeMismatch,
                  psycopg.errors.AmbiguousColumn, psycopg.errors.ReadOnlySqlTransaction, psycopg.DataError)
-_COLUMNS = """select a.attname, n.nspname || '.' || t.typname, format_type(a.atttypid, a.atttypmod)
+# Types whose modifier rounds a value written into them rather than refusing it.
+_ROUNDING = frozenset(f"pg_catalog.{t}" for t in ("numeric", "timestamp", "timestamptz", "time", "timetz", "interval"))
+_COLUMNS = """select a.attname, n.nspname || '.' || t.typname, a.atttypmod, format_type(a.atttypid, a.atttypmod)
               from pg_attribute a join pg_type t on t.oid = a.atttypid join pg_namespace n on n.oid = t.typnamespace
               where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped"""
 
@@ -138,41 +141,21 @@ def _copy_lacks(copy: psycopg.Connection, primary: psycopg.Connection, table: st
     ident = regclass_sql(table).as_string(copy)
     if copy.cursor(row_factory=tuple_row).execute("select to_regclass(%s)", (ident,)).fetchone()[0] is None:
         raise SelectionError(f"the copy has no table {table!r} (created after the restore point?)", field)
-    there = {n: (ty, shown) for n, ty, shown in copy.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,))}
-    here = {n: (ty, shown) for n, ty, shown in primary.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,))}
+    there = {n: (ty, mod, shown) for n, ty, mod, shown in copy.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,))}
+    here = {n: (ty, mod, shown) for n, ty, mod, shown in primary.cursor(row_factory=tuple_row).execute(_COLUMNS, (ident,))}
     lacking = [n for n in names if n not in there]
     if lacking:
         raise SelectionError(f"the copy's {table!r} lacks the primary's column(s) {lacking} (added after the restore "
                              "point?): its rows cannot be recovered whole", field)
     # By the type's schema and name, not as format_type shows it (qualified or not by each
-    # session's search_path); a length or precision widened since is no change (a narrowed
-    # one fails the write, naming the table).
-    changed = [f"{n} ({there[n][1]} on the copy, {here[n][1]} on the primary)" for n in names
-               if there[n][0] != here[n][0]]
+    # session's search_path). A length changed since is no change (a value too long fails the
+    # write, naming the table); a scale or precision a value would be rounded to is.
+    changed = [f"{n} ({there[n][2]} on the copy, {here[n][2]} on the primary)" for n in names
+               if there[n][0] != here[n][0]
+               or (here[n][0] in _ROUNDING and here[n][1] != -1 and here[n][1] != there[n][1])]
     if changed:
         raise SelectionError(f"{table!r} changed type since the restore point: {'; '.join(changed)}: its rows cannot "
                              "be recovered as they are", field)
-
-
-def _output_styles(copy: psycopg.Connection) -> dict[str, str]:
-    """In the copy's read transaction: values written in forms any session reads back alike
-    (ISO dates with numeric offsets inside a range, where SQL style wrote a zone abbreviation
-    that another session's timezone_abbreviations can read as another zone), without changing
-    how the WHERE's literals read there. DateStyle's field order (DMY) and an sql_standard
-    IntervalStyle decide how input is read, so they stay; the rest is output only. Returns
-    the settings the primary reads the text back under."""
-    cur = copy.cursor(row_factory=tuple_row)
-    order, interval, digits = cur.execute(
-        "select split_part(current_setting('DateStyle'), ', ', 2), current_setting('IntervalStyle'),"
-        " current_setting('extra_float_digits')::int").fetchone()
-    styles = {"DateStyle": f"ISO, {order or 'MDY'}",
-              # postgres, postgres_verbose and iso_8601 read input alike.
-              "IntervalStyle": interval if interval == "sql_standard" else "postgres"}
-    for name, value in styles.items():
-        cur.execute("select set_config(%s, %s, true)", (name, value))
-    if digits < 1:
-        cur.execute("set local extra_float_digits = 1")  # below 1, a float8 is written rounded
-    return styles
 
 
 def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, names: list[str], tcfg,
@@ -194,7 +177,7 @@ def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, nam
             # Rows and keys cross as Python strings: a key the copy's client encoding cannot
             # hold would fail the read. The WHERE's characters stay the same in UTF-8.
             copy.execute("set local client_encoding = 'UTF8'")
-            spool.settings = _output_styles(copy)
+            spool.settings = pin_output_keeping_input(copy)
             # stream(): the extended protocol, so one statement only. As a simple query, a
             # WHERE of "true); commit; delete from t where (true" ended the read-only
             # transaction and deleted, on the copy and on the primary, before any approval.
@@ -217,7 +200,8 @@ def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, nam
             raise SelectionError(f"the copy's keys of {table!r} do not read as the primary's key types: "
                                  f"{e.diag.message_primary}", field) from None
         try:
-            return in_copy.missing(_select(table, tcfg.key, where))
+            # The same output forms as on the copy: a WHERE on a value's text selects alike.
+            return in_copy.missing(_select(table, tcfg.key, where), pin_output=True)
         except _WHERE_ERRORS as e:
             raise SelectionError(f"the WHERE clause does not work on the primary: {e.diag.message_primary}",
                                  where_field) from None

@@ -396,8 +396,8 @@ def _hold(conn: psycopg.Connection, target: sql.Identifier, columns: list[Column
                _e_r_present = h._e_h_s_present, _e_s_json = h._e_h_s_json,
                _e_l_json = coalesce(r._e_l_json, h._e_h_l_json), {set_cols}
         from (select x.pk as _e_h_pk, x.reason as _e_h_reason, s.{k0} is not null as _e_h_s_present,
-                     case when s.{k0} is null then null else to_jsonb(s) end as _e_h_s_json,
-                     case when l.{k0} is null or l._e_deleted then null else to_jsonb(l) - '_e_deleted' end as _e_h_l_json,
+                     case when s.{k0} is null then null else to_jsonb(s.*) end as _e_h_s_json,
+                     case when l.{k0} is null or l._e_deleted then null else to_jsonb(l.*) - '_e_deleted' end as _e_h_l_json,
                      {s_cols}
               from {hold} x cross join lateral jsonb_populate_record(null::{target}, x.pk) k
               left join {target} s on {s_match}
@@ -426,7 +426,7 @@ def _record_touched(cur: psycopg.Cursor, table: str, target: sql.Identifier, key
         cur.execute(sql.SQL(
             "insert into {touched} (table_name, pk, action, survivor_version, collided)"
             " select {table}, r._e_pk, r._e_action,"
-            "  coalesce(r._e_s_json, case when s.{k0} is null then null else to_jsonb(s) end),"
+            "  coalesce(r._e_s_json, case when s.{k0} is null then null else to_jsonb(s.*) end),"
             "  r._e_action = 'flag' and r._e_reason = {collision}"
             " from {resolved} r left join {target} s on r._e_action in ('apply_loser', 'merge') and r._e_s_json is null"
             "  and {match}"

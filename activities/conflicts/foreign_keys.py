@@ -126,8 +126,10 @@ def _settled_oids(cur: psycopg.Cursor, settled: Collection[str], oid: Callable[[
 
 class _Check:
     def __init__(self, conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str,
-                 settled: Collection[str] = ()):
-        self.conn, self.keys, self.survivor = conn, keys, survivor_region
+                 settled: Collection[str] = (), lock: bool = True):
+        # lock: the parents found are locked as PostgreSQL's own check locks them (a check
+        # before a commit); a check that only reports takes no row lock on a live primary.
+        self.conn, self.keys, self.survivor, self.lock = conn, keys, survivor_region, lock
         cur = conn.cursor(row_factory=tuple_row)
 
         def oid(t: str) -> int | None:
@@ -173,11 +175,11 @@ class _Check:
             cross join lateral jsonb_populate_record(null::{child}, a.pk) k
             join {child} c on {c_is_k}
             where a.table_name = %(table)s and a.action = any(%(written)s) and {not_null}
-              and (not exists (select 1 from {parent} p where {p_is_c} for key share of p) {of_held})
+              and (not exists (select 1 from {parent} p where {p_is_c} {lock}) {of_held})
         """).format(child=fk.child, parent=fk.parent, touched=_TOUCHED,
                     c_is_k=_eq("c", tuple(self.keys[table]), "k", tuple(self.keys[table])),
                     not_null=_not_null("c", fk.columns), p_is_c=_eq("p", fk.referenced, "c", fk.columns),
-                    of_held=of_held)
+                    of_held=of_held, lock=sql.SQL("for key share of p" if self.lock else ""))
         why = (f"foreign key {fk.describe(table, self._label(fk.parent_oid, fk.parent))}: the row it refers to "
                f"is not on {self.survivor} as the loser had it (deleted there, or the loser's own not applied)")
         return why, self._run(q, table, written=list(_WRITTEN), **params)
@@ -288,12 +290,14 @@ def apply_keeping_foreign_keys(
 
 
 def broken_after_run(conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str,
-                     workflow_id: str, run_id: str) -> list[str]:
+                     workflow_id: str, run_id: str, collision: str) -> list[str]:
     """Keys a run wrote in steps of their own (a data sync, table by table: its audit rows on
     ``conn``) that break a foreign key as the tables stand now: a step that skipped the run's
     other tables (``settled``) trusted them to reach the source's state, which a failed step,
     or a write on either side between the steps, can deny. Only reported: the run's writes are
-    committed. Checked in a transaction rolled back at the end (the parents' row locks)."""
+    committed; read in a transaction rolled back at the end, taking no row lock. ``collision``:
+    the reason a key collision was flagged with (the source's row under that key is another
+    row than the survivor's: what the run wrote under it refers to one not there)."""
     found: list[str] = []
     with conn.transaction(force_rollback=True):
         conn.execute(sql.SQL("create temp table {} (table_name text not null, pk jsonb not null, action text"
@@ -301,11 +305,13 @@ def broken_after_run(conn: psycopg.Connection, keys: Mapping[str, list[str]], su
                      .format(_TOUCHED))
         if not conn.execute("select to_regclass('eagle_dr.conflict_audit') is not null").fetchone()[0]:
             return []
-        conn.execute(sql.SQL("insert into {} select table_name, primary_key, action, survivor_version, false"
+        conn.execute(sql.SQL("insert into {} select table_name, primary_key, action, survivor_version,"
+                             " action = 'flag' and reason = %s"
                              " from eagle_dr.conflict_audit where workflow_id = %s and run_id = %s"
-                             " and table_name = any(%s)").format(_TOUCHED), (workflow_id, run_id, list(keys)))
+                             " and table_name = any(%s)").format(_TOUCHED),
+                     (collision, workflow_id, run_id, list(keys)))
         conn.execute(sql.SQL("analyze {}").format(_TOUCHED))
-        check = _Check(conn, keys, survivor_region)
+        check = _Check(conn, keys, survivor_region, lock=False)
         if check.fks:
             found = [f"{table} {pk}: {why}" for table, pks in check.broken({}, passes=1).items()
                      for pk, why in pks.items()]

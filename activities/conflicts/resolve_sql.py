@@ -213,8 +213,9 @@ class DecideQuery:
                        not l._e_deleted as _e_l_present,
                        -- The rows themselves (both sides' every column, generated ones too) for the
                        -- versions the audit keeps; only those are turned into jsonb, at the end.
-                       case when s.{k0} is null then null else s end as _e_s_rec,
-                       case when l._e_deleted then null else l end as _e_l_rec,
+                       -- s.*, never a bare s: a column named s (or l) would be read before the row.
+                       case when s.{k0} is null then null else s.* end as _e_s_rec,
+                       case when l._e_deleted then null else l.* end as _e_l_rec,
                        jsonb_build_object({pk}) as _e_pk
                 from {loser} l left join {target} s on {join_on}
                 offset 0

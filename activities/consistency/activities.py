@@ -17,6 +17,7 @@ from activities.consistency.check import Position, compare_table
 from activities.consistency.keys import AuditedKeysResult, compare_audited_keys
 from activities.consistency.redis import compare_redis
 from activities.conflicts.apply import ApplySummary
+from activities.conflicts.engine import collision
 from activities.conflicts.foreign_keys import broken_after_run
 from activities.consistency.results import KeyDiff, RedisResult, TableResult
 from activities.consistency.rowhash import SchemaDiffers
@@ -101,6 +102,7 @@ class SyncTableRequest(BaseModel):
 
 
 class SyncedKeysRequest(BaseModel):
+    region_a: str  # the source
     region_b: str
     database_b: str | None = None
     tables: list[str]  # the tables the run's steps synced, as the check named them
@@ -274,7 +276,9 @@ class ConsistencyActivities:
                 except (TableError, ValueError):
                     continue  # gone since, or a name no identifier spells: its own step checked it
                 tables[t.qualified] = t.key
-            return broken_after_run(b, tables, req.region_b, info.workflow_id, info.workflow_run_id)
+            target = req.region_b + (f"/{req.database_b}" if req.database_b else "")
+            return broken_after_run(b, tables, target, info.workflow_id, info.workflow_run_id,
+                                    collision(target, req.region_a))
 
     @activity.defn
     def sync_table(self, req: SyncTableRequest) -> SyncedTable:

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from activities.conflicts.loser_copy import OUTPUT_SETTINGS
+from activities.conflicts.loser_copy import OUTPUT_SETTINGS, pin_output_keeping_input
 from activities.conflicts.resolve_sql import same_key
 
 _KEYS = sql.SQL("pg_temp._eagle_dr_other_keys")
@@ -93,14 +93,17 @@ class OtherKeys:
                 k=_KEYS, j=_KEYS_JSON))
             here.execute(sql.SQL("analyze {}").format(_KEYS))
 
-    def missing(self, here_query: sql.Composable, params: Sequence | None = None) -> list[tuple]:
+    def missing(self, here_query: sql.Composable, params: Sequence | None = None,
+                pin_output: bool = False) -> list[tuple]:
         """The keys ``here_query`` (exactly the key columns, named so) gives on ``here`` that
         the temp table lacks. It runs in a read-only transaction, as one statement of the
         extended protocol (``stream`` forces it, whatever the connection's prepare settings):
         it can hold an operator's predicate, which as a simple query could add statements.
 
         A key with a NULL part (a nullable unique key) matches a NULL there, as a Python tuple
-        comparison did, in a query of its own so that the rest keeps a hash anti-join on "="."""
+        comparison did, in a query of its own so that the rest keeps a hash anti-join on "=".
+        ``pin_output``: the values' text in the forms pin_output_keeping_input gives (the other
+        side's read of an operator's WHERE had them)."""
         key = self.key
         some_null = sql.SQL(" or ").join(sql.SQL("h.{} is null").format(sql.Identifier(k)) for k in key)
         other_null = sql.SQL(" or ").join(sql.SQL("o.{} is null").format(sql.Identifier(k)) for k in key)
@@ -111,6 +114,8 @@ class OtherKeys:
             here.execute("set transaction read only")
             # The anti-join hashes every key of the other side; at the default 4 MB it spills.
             here.execute("set local work_mem = '64MB'")
+            if pin_output:
+                pin_output_keeping_input(here)
             cur = here.cursor(row_factory=tuple_row)
             return [tuple(r) for r in cur.stream(sql.SQL(
                 # The NULL branch compares only with the other side's keys that have a NULL
