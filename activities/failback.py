@@ -23,6 +23,7 @@ from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
 from activities.postgres.divergence import EXTRACTION_MARGIN, ChangedRelation, ForkPoint, LostWal, LoserRows, \
     NoFork, fork_between, lost_wal, read_loser, regclass_sql
+from activities.conflicts.resolve_sql import RESERVED_PREFIXES
 from activities.postgres.lsn import lsn_to_int
 from activities.postgres.wal import WalUnreadable
 from activities.postgres.rewind import Rewound, rewind_to_standby
@@ -328,6 +329,11 @@ def _check_configured_tables(conn, conflicts: dict[str, TableConflictConfig], re
             if col not in cols:
                 raise ApplicationError(f"conflicts: table {table!r} on {region} has no column {col!r}. Nothing was "
                                        "applied.", type="ConfigError", non_retryable=True)
+        # Checked by the apply too, but only after the old primary was read; here, before.
+        if reserved := sorted(c for c in cols if c.startswith(RESERVED_PREFIXES)):
+            raise ApplicationError(f"conflicts: table {table!r} on {region} has columns {reserved} whose prefix the "
+                                   "conflict engine reserves for its own. Nothing was applied.", type="ConfigError",
+                                   non_retryable=True)
 
 
 def _key_and_timestamp(conn, table: str) -> tuple[list[str], bool]:

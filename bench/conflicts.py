@@ -90,7 +90,7 @@ def measure(pg: PostgresNode, conn: psycopg.Connection, table: str, cfg: TableCo
             spool = RowSpool(Path(d) / "rows", cfg.timestamp_column)
             # Every row's commit known, as in a failback's block read: its stamp is compared with it
             # (the loser wrote after the fork, so none is replaced).
-            spool_rows(loser, spool, sql.SQL("select 0::bigint, row_to_json(q) from ({}) q").format(query), None,
+            spool_rows(loser, spool, sql.SQL("select 0::bigint, row_to_json(q.*) from ({}) q").format(query), None,
                        {0: FORK})
             spooled_s = time.perf_counter() - t
             via_spool = apply_resolutions(conn, table, cfg, spool, deleted, LOSER, SURVIVOR, priority, FORK, NOW,

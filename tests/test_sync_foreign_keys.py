@@ -125,3 +125,33 @@ def test_settled_partitions_settle_their_table_and_odd_names_are_checked_not_ski
                       'insert into "odd.name" (id, parent_id) values (1, 3)')
             summary, broken = _sync(a, b, "parent", [["3"]], settled)
             assert broken == [] and (summary.flagged, summary.deleted) == ((1, 0) if held else (0, 1)), settled
+
+
+def test_a_table_the_engine_refuses_fails_its_step_for_good_naming_it(servers):
+    """A column with the engine's reserved prefix: the refusal is the same on every retry, so
+    the step fails at once as CannotSync (it was retried three times as a plain error)."""
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.consistency.activities import ConsistencyActivities, SyncTableRequest
+    from activities.consistency.results import KeyDiff
+    from eagle_dr.config import DEFAULT_CONFIG, load_config
+
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    regions = [r.model_copy(update={"postgres": r.postgres.model_copy(update={"host": "127.0.0.1", "port": port,
+                                                                              "user": "postgres", "password": None,
+                                                                              "sslmode": "disable",
+                                                                              "database": "postgres"})})
+               for r, port in zip(cfg.regions, (PORT, PORT + 1))]
+    cfg = cfg.model_copy(update={"regions": regions})
+    with _connect(PORT) as a, _connect(PORT + 1) as b:
+        for c in (a, b):
+            c.execute("drop table if exists refused")
+            c.execute("create table refused (id int primary key, _e_x text, updated_at timestamptz not null)")
+        a.execute("insert into refused values (1, 'a', now())")
+    req = SyncTableRequest(region_a=regions[0].name, region_b=regions[1].name, table="public.refused", max_keys=10,
+                           approved=KeyDiff(inserted=1, inserted_keys=[["1"]]), decided_at=datetime.now(timezone.utc))
+    with pytest.raises(ApplicationError) as e:
+        ActivityEnvironment().run(ConsistencyActivities(cfg).sync_table, req)
+    assert e.value.type == "CannotSync" and e.value.non_retryable, e.value
+    assert "public.refused" in e.value.message and "reserved" in e.value.message, e.value.message
