@@ -155,3 +155,26 @@ def test_a_table_the_engine_refuses_fails_its_step_for_good_naming_it(servers):
         ActivityEnvironment().run(ConsistencyActivities(cfg).sync_table, req)
     assert e.value.type == "CannotSync" and e.value.non_retryable, e.value
     assert "public.refused" in e.value.message and "reserved" in e.value.message, e.value.message
+
+
+def test_a_partition_that_foreign_keys_refer_to_through_its_table_is_checked(servers):
+    """A check lists a partitioned table's partitions; a foreign key refers to the partitioned
+    table, and PostgreSQL's per-partition copies of it were left out: deleting B's parent 3
+    from its partition orphaned B's child under it, unchecked. Checked against the partitioned
+    table, the delete is held; a parent B and A both have stays matched."""
+    ddl = ["drop table if exists pchild, pparent", "drop schema if exists eagle_dr cascade",
+           "create table pparent (id int primary key, updated_at timestamptz not null default '2026-01-01')"
+           " partition by range (id)",
+           "create table pparent_1 partition of pparent for values from (0) to (100)",
+           "create table pparent_2 partition of pparent for values from (100) to (200)",
+           "create table pchild (id int primary key, parent_id int references pparent (id))",
+           "insert into pparent (id) values (1), (150)"]
+    with _connect(PORT) as a, _connect(PORT + 1) as b:
+        for q in ddl:
+            a.execute(q)
+            b.execute(q)
+        b.execute("insert into pparent (id) values (3)")
+        b.execute("insert into pchild values (30, 3), (31, 1)")
+        summary, broken = _sync(a, b, "pparent_1", [["3"]], [])
+        assert broken == [] and (summary.flagged, summary.deleted) == (1, 0), summary
+        assert [r[0] for r in b.execute("select id from pparent order by id")] == [1, 3, 150]

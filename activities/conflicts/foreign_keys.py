@@ -85,6 +85,28 @@ def foreign_keys(conn: psycopg.Connection, oids: list[int]) -> list[ForeignKey]:
           -- be the table listed.
           and (c.conparentid = 0 or c.confrelid = (select r.confrelid from pg_constraint r where r.oid = c.conparentid))
         order by c.conname, c.oid""", {"oids": oids}).fetchall()
+    # A partition of a partitioned table that foreign keys refer to (a check lists partitions):
+    # the key names the partitioned table, whose per-partition copies are left out above. Each
+    # is checked from the partition listed, against the partitioned table it belongs to (a row
+    # moved to another partition is still there).
+    rows += conn.cursor(row_factory=tuple_row).execute("""
+        with recursive up (oid, parent, listed) as (
+            select c.oid, c.conparentid, c.confrelid from pg_constraint c
+            where c.contype = 'f' and c.confrelid = any(%(oids)s) and c.conparentid <> 0
+          union all
+            select p.oid, p.conparentid, up.listed from up join pg_constraint p on p.oid = up.parent
+        )
+        select distinct c.conname, c.conrelid::oid, cn.nspname, cr.relname,
+               array(select a.attname::text from unnest(c.conkey) with ordinality k(n, i)
+                     join pg_attribute a on a.attrelid = c.conrelid and a.attnum = k.n order by k.i),
+               up.listed::oid, pn.nspname, pr.relname,
+               array(select a.attname::text from unnest(c.confkey) with ordinality k(n, i)
+                     join pg_attribute a on a.attrelid = c.confrelid and a.attnum = k.n order by k.i)
+        from up join pg_constraint c on c.oid = up.oid and c.conparentid = 0
+        join pg_class cr on cr.oid = c.conrelid join pg_namespace cn on cn.oid = cr.relnamespace
+        join pg_class pr on pr.oid = c.confrelid join pg_namespace pn on pn.oid = pr.relnamespace
+        where c.confrelid <> up.listed
+        order by 1, 2, 6""", {"oids": oids}).fetchall()
     return [ForeignKey(name, c_oid, sql.Identifier(c_ns, c_rel), tuple(cols), p_oid, sql.Identifier(p_ns, p_rel),
                        tuple(ref)) for name, c_oid, c_ns, c_rel, cols, p_oid, p_ns, p_rel, ref in rows]
 
