@@ -21,8 +21,9 @@ How the engine is used, and why:
   restore point: kept unless the selection says ``delete_missing`` (then the copy wins and
   they are deleted, audited).
 * The WHERE clause is the operator's own SQL predicate, as trusted as the approval that
-  follows it; it runs in read-only transactions as one prepared statement, once on the copy
-  and once on the primary.
+  follows it; it runs in read-only transactions as one statement of the extended protocol
+  (never a simple query, which would run a second statement in it), once on the copy and once
+  on the primary, both writing values in ISO forms (loser_copy.pin_output_keeping_input).
 * The copy's rows stream to a spool file on the worker (postgres/row_spool.py), and their
   keys to a temp table on the primary, from the one read of them: the worker holds one row
   at a time however large the selection (it once held every row and both sides' keys).
