@@ -323,14 +323,16 @@ def _check_configured_tables(conn, conflicts: dict[str, TableConflictConfig], re
             raise ApplicationError(f"conflicts: table {table!r} does not exist on {region} (names are case-sensitive; "
                                    "use schema.table outside the search path). Nothing was applied.",
                                    type="ConfigError", non_retryable=True)
-        cols = {r[0] for r in conn.execute("select attname from pg_attribute where attrelid = %s and attnum > 0 "
-                                           "and not attisdropped", (oid,)).fetchall()}
+        found = conn.execute("select attname, attgenerated <> '' from pg_attribute where attrelid = %s and attnum > 0 "
+                             "and not attisdropped", (oid,)).fetchall()
+        cols = {r[0] for r in found}
         for col in [*tcfg.key, tcfg.timestamp_column]:
             if col not in cols:
                 raise ApplicationError(f"conflicts: table {table!r} on {region} has no column {col!r}. Nothing was "
                                        "applied.", type="ConfigError", non_retryable=True)
         # Checked by the apply too, but only after the old primary was read; here, before.
-        if reserved := sorted(c for c in cols if c.startswith(RESERVED_PREFIXES)):
+        # (A generated column is never written, and the apply does not check it.)
+        if reserved := sorted(c for c, generated in found if not generated and c.startswith(RESERVED_PREFIXES)):
             raise ApplicationError(f"conflicts: table {table!r} on {region} has columns {reserved} whose prefix the "
                                    "conflict engine reserves for its own. Nothing was applied.", type="ConfigError",
                                    non_retryable=True)

@@ -154,7 +154,7 @@ def test_a_table_the_engine_refuses_fails_its_step_for_good_naming_it(servers):
     with pytest.raises(ApplicationError) as e:
         ActivityEnvironment().run(ConsistencyActivities(cfg).sync_table, req)
     assert e.value.type == "CannotSync" and e.value.non_retryable, e.value
-    assert "public.refused" in e.value.message and "reserved" in e.value.message, e.value.message
+    assert "public.refused" in e.value.message and "reserves" in e.value.message, e.value.message
 
 
 def test_a_partition_that_foreign_keys_refer_to_through_its_table_is_checked(servers):

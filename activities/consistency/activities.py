@@ -332,11 +332,8 @@ class ConsistencyActivities:
                 summary, broken = recopy_keys(a, b, table, keys, dict(self.cfg.conflicts), req.region_a, target,
                                               req.decided_at, info.workflow_id, info.workflow_run_id,
                                               req.approved_by, settled=req.settled)
-            except (SyncError, ValueError) as e:
-                # ValueError: the engine's refusal of the table (a column with its reserved
-                # prefix, a configured column missing): the same on every retry.
-                message = str(e) if isinstance(e, SyncError) else f"{req.table}: {e}"
-                raise ApplicationError(message, type="CannotSync", non_retryable=True) from None
+            except SyncError as e:
+                raise ApplicationError(str(e), type="CannotSync", non_retryable=True) from None
         log.info("table synced", table=req.table, keys=len(keys), inserted=summary.inserted,
                  updated=summary.updated, deleted=summary.deleted, flagged=summary.flagged)
         return SyncedTable(**summary.model_dump(), keys=len(keys), recollected=recollected,

@@ -169,7 +169,7 @@ def split(conns: list[psycopg.Connection], table: Table, r: Range, parts: int, r
     # The subquery's columns renamed by position: a key column named rn was two columns rn.
     own = [sql.Identifier(f"k{i}") for i in range(len(table.key))]
     q = sql.SQL("select {kt} from (select {k}, row_number() over (order by {k}) from {t} where {c}) "
-                "as s ({own}, rn) where rn > 1 and (rn - 1) %% %s = 0").format(
+                "as s ({own}, rn) where rn > 1 and (rn - 1) %% %s = 0 order by rn").format(
         kt=sql.SQL(", ").join(sql.SQL("{}::text").format(o) for o in own), k=cols, t=table.ident, c=cond,
         own=sql.SQL(", ").join(own))
     cuts = [list(row) for row in conns[0].execute(q, [*params, step]).fetchall()]

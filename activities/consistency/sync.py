@@ -29,6 +29,7 @@ from psycopg.rows import dict_row, tuple_row
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
+from activities.conflicts.resolve_sql import RESERVED_PREFIXES
 from activities.consistency.tables import Table
 from eagle_dr.config import TableConflictConfig
 
@@ -44,6 +45,10 @@ def sync_config(table: Table, columns: Sequence[str], conflicts: dict[str, Table
                 source_region: str) -> TableConflictConfig:
     base = conflicts.get(table.qualified) or conflicts.get(table.name)
     ts = base.timestamp_column if base is not None else "updated_at"
+    # The engine refuses these too, but as a plain error a retry would repeat three times.
+    if reserved := [c for c in columns if c.startswith(RESERVED_PREFIXES)]:
+        raise SyncError(f"{table.qualified} has columns {reserved} whose prefix the conflict engine reserves for "
+                        "its own: it cannot re-copy the table; repair it by a restore")
     if ts not in columns:
         raise SyncError(f"{table.qualified} has no {ts} column (and is not under conflicts: with another "
                         "timestamp_column): the conflict engine needs one to decide rows; repair it by a restore")
