@@ -18,12 +18,12 @@ from temporalio.exceptions import ApplicationError
 from activities.heartbeat import heartbeating
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
+from activities.conflicts.resolve_sql import RESERVED_PREFIXES
 from activities.postgres import epoch as epochs
 from activities.postgres.ctl import PgCtl
 from activities.postgres.fence import fence_stop
 from activities.postgres.divergence import EXTRACTION_MARGIN, ChangedRelation, ForkPoint, LostWal, LoserRows, \
     NoFork, fork_between, lost_wal, read_loser, regclass_sql
-from activities.conflicts.resolve_sql import RESERVED_PREFIXES
 from activities.postgres.lsn import lsn_to_int
 from activities.postgres.wal import WalUnreadable
 from activities.postgres.rewind import Rewound, rewind_to_standby

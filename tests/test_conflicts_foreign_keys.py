@@ -556,6 +556,7 @@ def test_the_applications_writes_go_on_while_a_reconcile_waits_behind_a_batch(db
             while not app.execute("select exists (select from pg_locks where pid = %s and not granted)",
                                   (pid,)).fetchone()[0]:
                 assert time.monotonic() < end, "the reconcile never asked for the locks"
+                time.sleep(0.01)
             # Behind a plain LOCK these would wait for the batch (held until the finally).
             app.execute("set statement_timeout = '5s'")
             for n in range(3):

@@ -186,21 +186,22 @@ def test_a_column_the_copy_lacks_is_refused_naming_the_table(servers, tmp_path):
             recover_rows(copy, primary, [RowSelection(table="items", where="id = 'i1'")], {}, "us-east-1",
                          RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
         assert e.value.field == "tables[0].table"
-        # A length given or widened since is no change of type: the preview goes through. A
-        # scale given since would round the copy's numbers: refused.
+        # A length or a precision widened since is no change of type: the preview goes
+        # through. A scale narrowed since would round the copy's numbers: refused.
         primary.execute("alter table items drop column added")
-        for q in ["drop table if exists sized", "create table sized (id int primary key, s varchar(5), n numeric,"
+        for q in ["drop table if exists sized", "create table sized (id int primary key, s varchar(5), n numeric(10, 2),"
                   " updated_at timestamptz not null default '2026-02-01')",
                   "insert into sized (id, s, n) values (1, 'abcde', 0.125)"]:
             primary.execute(q)
             copy.execute(q)
         primary.execute("alter table sized alter column s type varchar(50)")
+        primary.execute("alter table sized alter column n type numeric(12, 2)")
         (tmp_path / "widened").mkdir()
         got = recover_rows(copy, primary, [RowSelection(table="sized")], {}, "us-east-1",
                            RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path / "widened")
         assert [t.rows_in_copy for t in got.tables] == [1]
-        primary.execute("alter table sized alter column n type numeric(12, 2)")
-        with pytest.raises(SelectionError, match=r"n \(numeric on the copy, numeric\(12,2\) on the primary\)") as e:
+        primary.execute("alter table sized alter column n type numeric(12, 1)")
+        with pytest.raises(SelectionError, match=r"n \(numeric\(10,2\) on the copy, numeric\(12,1\) on the primary\)") as e:
             recover_rows(copy, primary, [RowSelection(table="sized")], {}, "us-east-1",
                          RESTORED_TO, "wf-recover", "run-1", None, True, tmp_path)
         assert e.value.field == "tables[0].table"

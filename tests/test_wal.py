@@ -49,6 +49,8 @@ class _Fork:
         return self.loser.execute("select pg_current_wal_lsn()::text").fetchone()[0]
 
     def stop_loser(self) -> None:
+        """Both connections closed (the survivor's too: the test reconnects if it needs it),
+        then the loser stopped, as a failback finds it."""
         self.loser.close()
         self.survivor.close()
         self.node.stop("fast")
@@ -896,7 +898,7 @@ def test_text_inside_a_rows_json_reads_back_as_the_loser_wrote_it(tmp_path):
 def test_a_full_disk_under_the_spool_fails_the_read_and_stops_the_loser(tmp_path):
     """The old primary's rows go to the worker's disk before anything is applied: a full disk
     there (the kernel's own ENOSPC, /dev/full) fails the read, which the activity reports as
-    SpoolFull and retries, and the isolated loser is stopped again, its data as it was."""
+    SpoolFull and retries, and the isolated loser is stopped again."""
     import errno
     from datetime import datetime, timedelta, timezone
 

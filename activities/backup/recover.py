@@ -23,7 +23,7 @@ How the engine is used, and why:
 * The WHERE clause is the operator's own SQL predicate, as trusted as the approval that
   follows it; it runs in read-only transactions as one statement of the extended protocol
   (never a simple query, which would run a second statement in it), once on the copy and once
-  on the primary, both writing values in ISO forms (loser_copy.pin_output_keeping_input).
+  on the primary, both writing values in ISO forms (postgres/output_styles.py).
 * The copy's rows stream to a spool file on the worker (postgres/row_spool.py), and their
   keys to a temp table on the primary, from the one read of them: the worker holds one row
   at a time however large the selection (it once held every row and both sides' keys).
@@ -41,10 +41,10 @@ from pydantic import BaseModel, Field
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
-from activities.conflicts.loser_copy import pin_output_keeping_input
 from activities.postgres.divergence import regclass_sql, row_json
 from activities.postgres.missing_keys import OtherKeys
-from activities.postgres.row_spool import RowSpool, copy_text
+from activities.postgres.output_styles import pin_output_keeping_input
+from activities.postgres.row_spool import RowSpool
 from eagle_dr.config import TableConflictConfig, TableName
 
 BACKUP_REGION = "backup"
@@ -127,8 +127,23 @@ def _select(table: str, names: list[str], where: str | None) -> sql.Composable:
 _WHERE_ERRORS = (psycopg.errors.SyntaxError, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
                  psycopg.errors.UndefinedTable, psycopg.errors.UndefinedObject, psycopg.errors.DatatypeMismatch,
                  psycopg.errors.AmbiguousColumn, psycopg.errors.ReadOnlySqlTransaction, psycopg.DataError)
-# Types whose modifier rounds a value written into them rather than refusing it.
-_ROUNDING = frozenset(f"pg_catalog.{t}" for t in ("numeric", "timestamp", "timestamptz", "time", "timetz", "interval"))
+# Types whose modifier rounds a value written into them rather than refusing it (and their
+# arrays, whose modifier is their elements'): numeric's scale, the fractional seconds' digits.
+_SECONDS = ("timestamp", "timestamptz", "time", "timetz")
+_ROUNDING = frozenset(f"pg_catalog.{a}{t}" for t in ("numeric", "interval", *_SECONDS) for a in ("", "_"))
+
+
+def _rounds(type_name: str, copy_mod: int, primary_mod: int) -> bool:
+    """Whether a value of the copy's column would be rounded in the primary's: a scale or a
+    seconds precision smaller than the copy's (an unconstrained copy column has any)."""
+    if type_name not in _ROUNDING or primary_mod == -1 or primary_mod == copy_mod:
+        return False
+    base = type_name.removeprefix("pg_catalog.").removeprefix("_")
+    if base == "numeric":  # typmod: (precision << 16 | scale) + 4
+        return copy_mod == -1 or (primary_mod - 4) & 0xFFFF < (copy_mod - 4) & 0xFFFF
+    if base in _SECONDS:  # typmod: the digits; unconstrained keeps 6
+        return primary_mod < (6 if copy_mod == -1 else copy_mod)
+    return True  # interval: its fields and precision share the modifier; any change may cut
 _COLUMNS = """select a.attname, n.nspname || '.' || t.typname, a.atttypmod, format_type(a.atttypid, a.atttypmod)
               from pg_attribute a join pg_type t on t.oid = a.atttypid join pg_namespace n on n.oid = t.typnamespace
               where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped"""
@@ -149,31 +164,27 @@ def _copy_lacks(copy: psycopg.Connection, primary: psycopg.Connection, table: st
         raise SelectionError(f"the copy's {table!r} lacks the primary's column(s) {lacking} (added after the restore "
                              "point?): its rows cannot be recovered whole", field)
     # By the type's schema and name, not as format_type shows it (qualified or not by each
-    # session's search_path). A length changed since is no change (a value too long fails the
-    # write, naming the table); a scale or precision a value would be rounded to is.
+    # session's search_path). A length or precision changed since is no change (a value too
+    # long fails the write, naming the table); a scale a value would be rounded to is.
     changed = [f"{n} ({there[n][2]} on the copy, {here[n][2]} on the primary)" for n in names
-               if there[n][0] != here[n][0]
-               or (here[n][0] in _ROUNDING and here[n][1] != -1 and here[n][1] != there[n][1])]
+               if there[n][0] != here[n][0] or _rounds(here[n][0], there[n][1], here[n][1])]
     if changed:
         raise SelectionError(f"{table!r} changed type since the restore point: {'; '.join(changed)}: its rows cannot "
                              "be recovered as they are", field)
 
 
-def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, names: list[str], tcfg,
-          where: str | None, spool: RowSpool, keys_file: Path, field: str, where_field: str) -> list[tuple]:
+def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, names: list[str], read: list[str],
+          tcfg, where: str | None, spool: RowSpool, keys_file: Path, field: str, where_field: str) -> list[tuple]:
     """The copy's selected rows into ``spool`` and the primary's keys under the same WHERE that
     the copy lacks (rows inserted after the restore point). One read of the copy gives both
     each row and its key; the keys wait in ``keys_file``, then go to a temp table on the
     primary in one short transaction, and the anti-join runs there."""
     relation = regclass_sql(table)
-    # A stored generated column is no column of the row (the primary computes its own) but
-    # can be part of the key.
-    read = names + [k for k in tcfg.key if k not in names]
     # As the primary's table has them (json_populate_record there reads them back).
     query = sql.SQL("select {}::text, {}::text from ({}) x").format(
         row_json(primary, relation, names), row_json(primary, relation, tcfg.key), _select(table, read, where))
     try:
-        with copy.transaction(), keys_file.open("w", encoding="utf-8", newline="\n") as keys_out:
+        with copy.transaction(), OtherKeys.writer(keys_file) as add_key:
             copy.execute("set transaction read only")
             # Rows and keys cross as Python strings: a key the copy's client encoding cannot
             # hold would fail the read. The WHERE's characters stay the same in UTF-8.
@@ -185,7 +196,7 @@ def _read(copy: psycopg.Connection, primary: psycopg.Connection, table: str, nam
             # Without parameters, no % in it is read as a placeholder (a LIKE pattern).
             for row, key in copy.cursor(row_factory=tuple_row).stream(query):
                 spool.add(row, None, None)
-                keys_out.write(copy_text(key) + "\n")
+                add_key(key)
         spool.close()
     except _WHERE_ERRORS as e:
         raise SelectionError(f"the WHERE clause does not work on the copy: {e.diag.message_primary}",
@@ -227,10 +238,13 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
         field = f"tables[{i}]"
         tcfg = table_config(primary, s.table, conflicts, f"{field}.table")
         names = [c.name for c in _columns(primary, s.table)]
-        _copy_lacks(copy, primary, s.table, names, f"{field}.table")
+        # A stored generated column is no column of the row (the primary computes its own)
+        # but can be part of the key, which the read takes from the copy too.
+        read = names + [k for k in tcfg.key if k not in names]
+        _copy_lacks(copy, primary, s.table, read, f"{field}.table")
         rows = RowSpool(spool_dir / f"{i}.rows", tcfg.timestamp_column)
         try:
-            missing = _read(copy, primary, s.table, names, tcfg, s.where, rows, spool_dir / f"{i}.keys",
+            missing = _read(copy, primary, s.table, names, read, tcfg, s.where, rows, spool_dir / f"{i}.keys",
                             f"{field}.table", f"{field}.where")
         finally:
             try:
@@ -242,7 +256,12 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
         out = []
         for i, (s, tcfg, rows, missing) in enumerate(plans):
             try:
-                summary = _apply(s, tcfg, rows, missing, holds, checked)
+                summary = apply_resolutions(
+                    primary, s.table, tcfg, rows, missing if s.delete_missing else [], loser_region=BACKUP_REGION,
+                    survivor_region=primary_region, region_priority={BACKUP_REGION: 0, primary_region: 1},
+                    fork_time=EPOCH, now=restored_to, workflow_id=workflow_id, run_id=run_id,
+                    approved_by=approved_by, rehearse=preview and s.table in checked,
+                    dry_run=preview and s.table not in checked, sample=5, hold=holds.get(s.table))
             except (psycopg.DataError, psycopg.IntegrityError) as e:
                 # A value the primary's table no longer takes (an enum label renamed, a length
                 # narrowed, a check added since): the whole transaction rolls back.
@@ -250,14 +269,6 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
                                      f"{e.diag.message_primary}", f"tables[{i}].table") from None
             out.append(TableRecovery(**summary.model_dump(), rows_in_copy=len(rows), missing_in_copy=len(missing)))
         return out
-
-    def _apply(s, tcfg, rows, missing, holds: Holds, checked: frozenset[str]):
-        return apply_resolutions(
-            primary, s.table, tcfg, rows, missing if s.delete_missing else [], loser_region=BACKUP_REGION,
-            survivor_region=primary_region, region_priority={BACKUP_REGION: 0, primary_region: 1},
-            fork_time=EPOCH, now=restored_to, workflow_id=workflow_id, run_id=run_id, approved_by=approved_by,
-            rehearse=preview and s.table in checked, dry_run=preview and s.table not in checked, sample=5,
-            hold=holds.get(s.table))
 
     # One transaction for every table (each table's apply is a savepoint in it): all tables
     # recovered, or none, and checked for foreign keys before it commits: a recovered row whose

@@ -20,38 +20,8 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import tuple_row
 
-# What pg_dump sets before its COPYs, for the same reason.
-OUTPUT_SETTINGS = ("set local datestyle = 'ISO, YMD'", "set local intervalstyle = 'postgres'",
-                    "set local extra_float_digits = 3", "set local bytea_output = 'hex'")
-# The ones of those that also change how text is read back (a date's field order, an
-# interval's signs): what the reading side sets while it parses text written under them.
-OUTPUT_STYLES = {"DateStyle": "ISO, YMD", "IntervalStyle": "postgres"}
-
-
-def pin_output_keeping_input(conn: psycopg.Connection) -> dict[str, str]:
-    """In ``conn``'s open transaction: values written in forms any session reads back alike
-    (ISO dates with numeric offsets inside a range, where SQL style wrote a zone abbreviation
-    that another session's timezone_abbreviations can read as another zone), without changing
-    how an operator's literals read there (row recovery's WHERE). DateStyle's field order
-    (DMY) and an sql_standard IntervalStyle decide how input is read, so they stay; the rest
-    is output only (PostgreSQL's datetime input reads DateOrder alone). Returns the settings
-    another session reads the text back under."""
-    cur = conn.cursor(row_factory=tuple_row)
-    order, interval, digits = cur.execute(
-        "select split_part(current_setting('DateStyle'), ', ', 2), current_setting('IntervalStyle'),"
-        " current_setting('extra_float_digits')::int").fetchone()
-    styles = {"DateStyle": f"ISO, {order or 'MDY'}",
-              # postgres, postgres_verbose and iso_8601 read input alike.
-              "IntervalStyle": interval if interval == "sql_standard" else "postgres"}
-    for name, value in styles.items():
-        cur.execute("select set_config(%s, %s, true)", (name, value))
-    if digits < 1:
-        cur.execute("set local extra_float_digits = 1")  # below 1, a float8 is written rounded
-    return styles
-
-
+from activities.postgres.output_styles import pin_output
 
 @dataclass(frozen=True)
 class LoserCopy:
@@ -71,8 +41,7 @@ class LoserCopy:
         sent = 0
         # One transaction: the settings stay local to it, and one snapshot covers the read.
         with self.conn.transaction(), self.conn.cursor() as cur:
-            for setting in OUTPUT_SETTINGS:
-                cur.execute(setting)
+            pin_output(self.conn)
             with cur.copy(sql.SQL("copy (select {}, false from ({}) q) to stdout").format(cols, self.query)) as src:
                 for block in src:
                     dest.write(block)

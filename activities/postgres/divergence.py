@@ -21,10 +21,10 @@ import structlog
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
-from activities.conflicts.loser_copy import OUTPUT_SETTINGS, OUTPUT_STYLES
 from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import lsn_diff, lsn_to_int
 from activities.postgres.missing_keys import keys_missing_there
+from activities.postgres.output_styles import OUTPUT_STYLES, pin_output
 from activities.postgres.row_spool import RowSpool
 from activities.postgres.wal import DEFAULT_TABLESPACE, WalScan, commits_in_segment_before, current_timeline, \
     end_from, scan, segment_size
@@ -362,12 +362,11 @@ def read_loser(loser: PostgresConfig, tables: dict[str, list[str]], since: datet
             # The rows' text forms inside their JSON (a daterange, an interval) as pg_dump
             # writes them, whatever the loser's own settings; the apply reads them back under
             # the same (RowSpool.settings). JSON itself writes dates in ISO 8601 regardless.
-            for setting in OUTPUT_SETTINGS:
-                conn.execute(setting.replace("set local", "set", 1))
-                # The survivor's key values go to the loser as parameters (deletions in
-                # blocks): a type psycopg hands over as text must be written alike on both.
-                if surv is not None:
-                    surv.execute(setting.replace("set local", "set", 1))
+            pin_output(conn, local=False)
+            # The survivor's key values go to the loser as parameters (deletions in blocks): a
+            # type psycopg hands over as text must be written alike on both.
+            if surv is not None:
+                pin_output(surv, local=False)
             in_recovery = conn.execute("select pg_is_in_recovery()").fetchone()[0]
             changed = _name_changes(conn, loser, changes, files)
             truncated = {c.oid for c in changed if "truncate" in c.ops}

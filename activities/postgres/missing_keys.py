@@ -19,14 +19,16 @@ Two ways in, for two callers:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from activities.conflicts.loser_copy import OUTPUT_SETTINGS, pin_output_keeping_input
+from activities.postgres.output_styles import pin_output, pin_output_keeping_input
+from activities.postgres.row_spool import copy_text
 from activities.conflicts.resolve_sql import same_key
 
 _KEYS = sql.SQL("pg_temp._eagle_dr_other_keys")
@@ -60,13 +62,20 @@ class OtherKeys:
             here.execute("set local client_encoding = 'UTF8'")
             with there.transaction(), there.cursor() as src_cur:
                 src_cur.execute("set transaction read only")
-                for setting in (*OUTPUT_SETTINGS, "set local client_encoding = 'UTF8'"):
-                    src_cur.execute(setting)
+                pin_output(there)
+                src_cur.execute("set local client_encoding = 'UTF8'")
                 with src_cur.copy(sql.SQL("copy ({}) to stdout").format(there_query)) as src, \
                         here.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(_KEYS, self._bare)) as dst:
                     for block in src:
                         dst.write(block)
             here.execute(sql.SQL("analyze {}").format(_KEYS))
+
+    @staticmethod
+    @contextmanager
+    def writer(path: Path) -> Iterator[Callable[[str], None]]:
+        """A writer of the file ``load_json`` reads: one key per call, as a JSON object."""
+        with path.open("w", encoding="utf-8", newline="\n") as out:
+            yield lambda key_json: out.write(copy_text(key_json) + "\n")
 
     def load_json(self, path: Path, settings: Mapping[str, str]) -> None:
         """Keys from ``path``: one JSON object (column name to value, as ``row_to_json`` gives

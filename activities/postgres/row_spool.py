@@ -1,4 +1,6 @@
-"""The loser's changed rows on the worker's disk between reading them and applying them.
+"""Rows on the worker's disk between reading them and applying them: a failback's (the old
+primary's changed rows) and a row recovery's (the restored copy's selected rows, and their
+keys beside them, backup/recover.py).
 
 A failback reads the old primary's post-fork rows while that node runs isolated, then stops
 it and applies the rows to the survivor, in rounds when a foreign key needs another pass
@@ -137,7 +139,7 @@ LEFT_BEHIND_S = 24 * 3600
 
 
 class SpoolDir:
-    """Where one reconcile's spools live, under ``TMPDIR`` (give the worker a disk-backed one
+    """Where one reconcile's (or row recovery's) spools live, under ``TMPDIR`` (give the worker a disk-backed one
     with room for the divergence: a tmpfs /tmp puts the rows back in memory). Named for the
     workflow run, so that an attempt retried on the same worker after a crash removes its
     predecessor's files before writing its own; removed when the reconcile ends either way,
