@@ -6,6 +6,7 @@ syncs as well may disagree between their steps (each ends as A has it)."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import psycopg
@@ -33,6 +34,16 @@ def _connect(port: int) -> psycopg.Connection:
     return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
 
 
+@contextmanager
+def _both(ddl: list[str]):
+    """A (the source) and B (written), each given ``ddl``."""
+    with _connect(PORT) as a, _connect(PORT + 1) as b:
+        for q in ddl:
+            a.execute(q)
+            b.execute(q)
+        yield a, b
+
+
 def _sync(a, b, table: str, keys: list[list[str]], settled: list[str]):
     t = list_tables(a, [table], "table")[0]
     return recopy_keys(a, b, t, keys, {}, "us-east-1", "us-west-2", datetime.now(timezone.utc), "wf-sync", "run-1",
@@ -45,10 +56,7 @@ def test_a_parent_b_alone_holds_is_kept_while_a_table_outside_the_run_refers_to_
     3 on B, which would orphan the child, silently (the engine writes with the foreign-key
     triggers off). When the child table is not in the run, 3 is held and flagged; when it is,
     its own step deletes the child and 3 goes."""
-    with _connect(PORT) as a, _connect(PORT + 1) as b:
-        for q in DDL:
-            a.execute(q)
-            b.execute(q)
+    with _both(DDL) as (a, b):
         b.execute("insert into parent (id, v) values (3, 'b only')")
         b.execute("insert into child (id, parent_id) values (10, 3)")
         summary, broken = _sync(a, b, "parent", [["3"]], settled)
@@ -66,10 +74,7 @@ def test_a_parent_b_alone_holds_is_kept_while_a_table_outside_the_run_refers_to_
 def test_a_child_whose_parent_b_lacks_waits_for_its_parent_only_if_the_run_brings_it(servers, settled):
     """A has child 11 under parent 4; B has neither. Re-copying only the child table would
     leave it under nothing: flagged, unless the parent table is synced in the same run."""
-    with _connect(PORT) as a, _connect(PORT + 1) as b:
-        for q in DDL:
-            a.execute(q)
-            b.execute(q)
+    with _both(DDL) as (a, b):
         a.execute("insert into parent (id, v) values (4, 'a only')")
         a.execute("insert into child (id, parent_id) values (11, 4)")
         summary, broken = _sync(a, b, "child", [["11"]], settled)
@@ -85,10 +90,7 @@ def test_a_step_that_trusted_another_table_is_named_when_that_table_was_not_sync
     nothing."""
     from activities.conflicts.foreign_keys import broken_after_run
 
-    with _connect(PORT) as a, _connect(PORT + 1) as b:
-        for q in DDL:
-            a.execute(q)
-            b.execute(q)
+    with _both(DDL) as (a, b):
         b.execute("insert into parent (id, v) values (3, 'b only')")
         b.execute("insert into child (id, parent_id) values (10, 3)")
         summary, _ = _sync(a, b, "parent", [["3"]], ["public.child"])
@@ -116,10 +118,7 @@ def test_settled_partitions_settle_their_table_and_odd_names_are_checked_not_ski
     for settled, odd_child, held in ((["public.ev_1", "public.ev_2"], False, False),
                                      (["public.ev_1"], False, True),
                                      (["public.ev_1", "public.ev_2", "public.odd.name"], True, True)):
-        with _connect(PORT) as a, _connect(PORT + 1) as b:
-            for q in ddl:
-                a.execute(q)
-                b.execute(q)
+        with _both(ddl) as (a, b):
             b.execute("insert into parent (id, v) values (3, 'b only')")
             b.execute("insert into ev (id, parent_id) values (150, 3)" if not odd_child else
                       'insert into "odd.name" (id, parent_id) values (1, 3)')
@@ -169,10 +168,7 @@ def test_a_partition_that_foreign_keys_refer_to_through_its_table_is_checked(ser
            "create table pparent_2 partition of pparent for values from (100) to (200)",
            "create table pchild (id int primary key, parent_id int references pparent (id))",
            "insert into pparent (id) values (1), (150)"]
-    with _connect(PORT) as a, _connect(PORT + 1) as b:
-        for q in ddl:
-            a.execute(q)
-            b.execute(q)
+    with _both(ddl) as (a, b):
         b.execute("insert into pparent (id) values (3)")
         b.execute("insert into pchild values (30, 3), (31, 1)")
         summary, broken = _sync(a, b, "pparent_1", [["3"]], [])
