@@ -17,7 +17,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
 from activities.conflicts.apply import ApplySummary, apply_resolutions
-from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
+from activities.conflicts.foreign_keys import Holds, apply_in_bounded_waits
 from activities.conflicts.resolve_sql import RESERVED_PREFIXES
 from activities.postgres import epoch as epochs
 from activities.postgres.ctl import PgCtl
@@ -231,9 +231,9 @@ class FailbackActivities:
         with connect(primary, 10) as conn:
             # Every table in one transaction, checked for foreign keys before it commits (see
             # conflicts/foreign_keys.py); a preview runs the same and rolls it all back.
-            with conn.transaction(force_rollback=req.preview):
-                summaries, broken = apply_keeping_foreign_keys(
-                    conn, {t: c.key for t, c in changed.items()}, apply_all, survivor_region=req.primary_region)
+            summaries, broken = apply_in_bounded_waits(
+                conn, {t: c.key for t, c in changed.items()}, apply_all, survivor_region=req.primary_region,
+                force_rollback=req.preview)
         out = []
         for table, tcfg in configs.items():
             if table not in got.rows:

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 from activities.conflicts.apply import ApplySummary, apply_resolutions
 from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
-from activities.postgres.table_locks import TablesBusy, lock_tables
+from activities.postgres.table_locks import TablesBusy, in_bounded_waits, lock_tables
 from eagle_dr.config import TableConflictConfig
 from lab.postgres import PostgresNode
 from lab.scratch_postgres import scratch_postgres
@@ -617,3 +617,80 @@ def test_an_autovacuum_in_the_way_is_cancelled_as_postgresql_would(db, pg):
         db.execute("alter system reset autovacuum_naptime")
         db.execute("select pg_reload_conf()")
         db.execute("drop table if exists fk_vacuumed")
+
+
+def reconcile_bounded(conn: psycopg.Connection, changes: Changes, patience: float = 60.0):
+    """reconcile_waiting's apply in ``in_bounded_waits``, as failback, row recovery and data
+    sync run it (``apply_in_bounded_waits``), with a test's patience."""
+    def apply_all(holds: Holds, checked: frozenset[str]) -> dict[str, ApplySummary]:
+        return {t: apply_resolutions(conn, t, LWW, rows, deleted, LOSER, SURVIVOR, PRIORITY, FORK, NOW, "wf-fk",
+                                     "run-1", hold=holds.get(t)) for t, (rows, deleted) in changes.items()}
+
+    return in_bounded_waits(conn, lambda: apply_keeping_foreign_keys(conn, {t: ["id"] for t in changes}, apply_all,
+                                                                     survivor_region=SURVIVOR, lock_try=0.2),
+                            [sql.Identifier(t) for t in sorted(changes)], patience=patience)
+
+
+def test_a_write_waiting_for_an_applications_row_lock_never_queues_its_other_writes(db, pg):
+    """Once the tables are locked, the apply's update of a row waits for an application
+    holding that row (SELECT ... FOR UPDATE: compatible with the table lock). While it waited,
+    every other write of the application to the table queued behind our lock, for as long as
+    the row was held. Now the wait is bounded: the whole transaction rolls back, the queue
+    drains, and it runs again; once the row is free the loser's version is applied."""
+    import threading
+
+    seed(db, "fk_parent", parent(1, "p1"), parent(2, "p2"))
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = reconcile_bounded(db, {"fk_parent": ([parent(1, "loser", T0, at(5))], [])})
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    with pg.connect() as holder, pg.connect() as app, pg.connect() as watcher:
+        holder.autocommit = False
+        holder.execute("set application_name = 'report-job'")
+        holder.execute("select * from fk_parent where id = 1 for update")  # held to its commit
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            _waiting_on_a_lock(watcher, db.pgconn.backend_pid)
+            # Behind a write that waits for the row to its end, these would wait for the holder.
+            app.execute("set statement_timeout = '5s'")
+            for n in range(3):
+                app.execute("insert into fk_parent values (%s, 'app', now(), now())", (100 + n,))
+            assert worker.is_alive(), out
+        finally:
+            holder.commit()
+            worker.join(timeout=60)
+    assert not worker.is_alive(), "the reconcile did not finish once the row was free"
+    assert "error" not in out, out
+    summaries, broken = out["result"]
+    assert broken == [] and summaries["fk_parent"].updated == 1, summaries
+    assert db.execute("select name from fk_parent where id = 1").fetchone()["name"] == "loser"
+    assert ids(db, "fk_parent") == [1, 2, 100, 101, 102]
+    assert list(audited(db, "fk_parent")) == [1]  # one audit row: the rolled-back tries left none
+
+
+def test_a_row_held_past_the_patience_gives_up_naming_who_holds_it_and_writes_nothing(db, pg):
+    seed(db, "fk_parent", parent(1, "p1"))
+    seed(db, "fk_child", child(5, 1, "c5"))
+    with pg.connect() as holder:
+        holder.autocommit = False
+        holder.execute("set application_name = 'report-job'")
+        holder.execute("select * from fk_parent where id = 1 for update")
+        pid = holder.pgconn.backend_pid
+        try:
+            with pytest.raises(TablesBusy) as e:
+                reconcile_bounded(db, {"fk_parent": ([parent(1, "loser", T0, at(5))], []),
+                                       "fk_child": ([child(6, 1, "loser", at(5))], [])}, patience=2.0)
+        finally:
+            holder.rollback()
+    assert f"fk_parent held by pid {pid} (report-job," in str(e.value) and "row lock held past 1s" in str(e.value), \
+        str(e.value)
+    assert db.execute("select name from fk_parent where id = 1").fetchone()["name"] == "p1"
+    assert ids(db, "fk_child") == [5]
+    # Not even the audit table the first try created (the schema dropped it): all rolled back.
+    assert db.execute("select to_regclass('eagle_dr.conflict_audit') is null t").fetchone()["t"]
+    assert db.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE

@@ -40,7 +40,7 @@ from psycopg.rows import tuple_row
 from pydantic import BaseModel, Field
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
-from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
+from activities.conflicts.foreign_keys import Holds, apply_in_bounded_waits
 from activities.postgres.divergence import regclass_sql, row_json
 from activities.postgres.missing_keys import OtherKeys
 from activities.postgres.output_styles import pin_output_keeping_input
@@ -275,7 +275,6 @@ def recover_rows(copy: psycopg.Connection, primary: psycopg.Connection, selectio
     # parent is gone, or a deletion the primary's newer rows still refer to, is flagged instead
     # (conflicts/foreign_keys.py). A preview runs the same and rolls all of it back, the audit
     # table's creation included.
-    with primary.transaction(force_rollback=preview):
-        out, broken = apply_keeping_foreign_keys(
-            primary, {s.table: tcfg.key for s, tcfg, _, _ in plans}, apply_all, survivor_region=primary_region)
+    out, broken = apply_in_bounded_waits(primary, {s.table: tcfg.key for s, tcfg, _, _ in plans}, apply_all,
+                                         survivor_region=primary_region, force_rollback=preview)
     return RowRecovery(preview=preview, tables=out, foreign_keys_broken=broken)

@@ -38,7 +38,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from activities.conflicts.apply import TOUCHED_TMP
-from activities.postgres.table_locks import LOCK_PATIENCE, LOCK_TRY, lock_tables
+from activities.postgres.table_locks import LOCK_PATIENCE, LOCK_TRY, in_bounded_waits, lock_tables
 from eagle_dr.config import TableName
 
 # Table (the ``conflicts:`` name the audit uses) -> {primary key as jsonb text: why it is held}.
@@ -309,6 +309,20 @@ def apply_keeping_foreign_keys(
                                                     for pk, why in pks.items()})
             raise psycopg.Rollback(tx)
     raise AssertionError("unreachable: the last round returns")
+
+
+def apply_in_bounded_waits(
+    conn: psycopg.Connection, keys: Mapping[str, list[str]], apply: Callable[[Holds, frozenset[str]], T], *,
+    survivor_region: str, force_rollback: bool = False, settled: Collection[str] = (),
+) -> tuple[T, list[str]]:
+    """``apply_keeping_foreign_keys`` in a transaction of its own, committed unless
+    ``force_rollback`` (a preview), and run again from the start when a write waits for an
+    application's row lock past a second (``table_locks.in_bounded_waits``): our table locks
+    would queue the application's writers for as long as the row is held."""
+    tables = [TableName.parse(t, catalog=True).identifier for t in sorted(keys)]
+    return in_bounded_waits(conn, lambda: apply_keeping_foreign_keys(conn, keys, apply, survivor_region=survivor_region,
+                                                                     settled=settled),
+                            tables, force_rollback=force_rollback)
 
 
 def broken_after_run(conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str,

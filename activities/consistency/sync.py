@@ -28,7 +28,7 @@ from psycopg import sql
 from psycopg.rows import dict_row, tuple_row
 
 from activities.conflicts.apply import ApplySummary, _columns, apply_resolutions
-from activities.conflicts.foreign_keys import Holds, apply_keeping_foreign_keys
+from activities.conflicts.foreign_keys import Holds, apply_in_bounded_waits
 from activities.conflicts.resolve_sql import RESERVED_PREFIXES
 from activities.consistency.tables import Table
 from eagle_dr.config import TableConflictConfig
@@ -111,6 +111,5 @@ def recopy_keys(source: psycopg.Connection, target: psycopg.Connection, table: T
                                  rehearse=dry_run and table.qualified in checked,
                                  dry_run=dry_run and table.qualified not in checked)
 
-    with target.transaction(force_rollback=dry_run):
-        return apply_keeping_foreign_keys(target, {table.qualified: table.key}, apply, survivor_region=target_region,
-                                          settled=settled)
+    return apply_in_bounded_waits(target, {table.qualified: table.key}, apply, survivor_region=target_region,
+                                  force_rollback=dry_run, settled=settled)

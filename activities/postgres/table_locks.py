@@ -17,13 +17,22 @@ An autovacuum in the way is cancelled, as PostgreSQL itself cancels one that blo
 request (after ``deadlock_timeout``, which a short try never reaches): left alone, a long
 autovacuum of a busy table would outlast every try. One that prevents wraparound is left
 to finish, as PostgreSQL leaves it.
+
+Once the tables are locked, a write can still wait for a row lock: SELECT ... FOR UPDATE (or
+FOR KEY SHARE, which a write to a table referencing the row takes) is compatible with our
+table lock, and an application can hold one for as long as its transaction runs. Every
+writer of the locked tables queues behind our lock meanwhile. ``in_bounded_waits`` runs the
+whole locked transaction with every lock wait bounded (``lock_timeout``): a wait past the
+bound rolls it all back, the table locks included, so the queue drains, and it runs again
+after a pause, until the same patience.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import psycopg
 import structlog
@@ -41,6 +50,9 @@ LOCK_TRY = 0.5
 PAUSE_MAX = 4.5
 # Then the activity fails and Temporal retries it (its retry policy spaces the attempts).
 LOCK_PATIENCE = 300.0
+# The longest one statement of a locked transaction may wait for a lock (a row lock an
+# application holds): the application's writers of the locked tables wait that long more.
+ROW_WAIT = 1.0
 # The modes that conflict with SHARE ROW EXCLUSIVE (PostgreSQL's lock conflict table).
 _CONFLICTING = ("RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
                 "ExclusiveLock", "AccessExclusiveLock")
@@ -49,6 +61,10 @@ _NAMED = 10
 # What a try that did not get every lock in time ends with: its lock wait, the statement's
 # bound, or a deadlock PostgreSQL broke (a DBA's deadlock_timeout below the try): all retried.
 _TRY_FAILED = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled, psycopg.errors.DeadlockDetected)
+# What a locked transaction that waited too long for a row ends with: its lock_timeout, or a
+# deadlock with the application (which waits for our table lock while holding the row).
+_WAIT_FAILED = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
+T = TypeVar("T")
 
 
 class TablesBusy(RuntimeError):
@@ -105,6 +121,50 @@ def lock_tables(conn: psycopg.Connection, tables: Sequence[sql.Composable], *, l
             log.warning("tables busy, waiting", tables=_names(conn, tables), held_by=held, tries=tries,
                         waited_s=round(waited, 3))
             # Jittered: two reconciles (or a reconcile and a migration) must not retry in step.
+            time.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, PAUSE_MAX)
+
+
+def in_bounded_waits(conn: psycopg.Connection, body: Callable[[], T], tables: Sequence[sql.Composable], *,
+                     force_rollback: bool = False, row_wait: float = ROW_WAIT,
+                     patience: float = LOCK_PATIENCE) -> T:
+    """``body()`` (which locks ``tables`` with ``lock_tables`` and writes them) in a
+    transaction of its own on ``conn``, committed unless ``force_rollback``. A lock wait past
+    ``row_wait`` rolls the whole transaction back and runs ``body`` again after a pause; past
+    ``patience``, ``TablesBusy`` names the sessions holding row locks on the tables. ``body``
+    must be safe to run again: nothing of a rolled-back attempt stays."""
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        # A savepoint's rollback would keep the table locks: the queue would not drain.
+        raise RuntimeError("in_bounded_waits needs a connection outside any transaction")
+    cur = conn.cursor(row_factory=tuple_row)
+    bound = f"{max(1, int(row_wait * 1000))}ms"
+    started = time.monotonic()
+    pause = 0.05
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            with conn.transaction(force_rollback=force_rollback):
+                # Local: lock_tables' tries set their own bound and put this one back.
+                cur.execute("select set_config('lock_timeout', %s, true)", (bound,))
+                result = body()
+            if tries > 1:
+                log.info("locked transaction done", tries=tries, waited_s=round(time.monotonic() - started, 3))
+            return result
+        except _WAIT_FAILED as e:
+            # Rolled back: our table locks are gone and the application's writers go on.
+            held = _describe(cur.execute(_IN_THE_WAY, (_oids(cur, conn, tables), ["RowShareLock"])).fetchall())
+            waited = time.monotonic() - started
+            why = "a deadlock with another session" if isinstance(e, psycopg.errors.DeadlockDetected) else \
+                f"a row lock held past {row_wait:g}s"
+            if waited + pause >= patience:
+                raise TablesBusy(
+                    f"could not write {_names(conn, tables)} in {waited:.0f}s ({tries} tries, each ended by {why}, "
+                    "rolled back so as never to queue the application's writes behind the table locks): "
+                    f"row locks on them: {'; '.join(held) or 'none held now (or on a table a foreign key refers to)'}."
+                    " Nothing was written; Temporal retries the step as its retry policy allows.") from None
+            log.warning("rows busy, rolled back to wait", tables=_names(conn, tables), why=why, row_locks_by=held,
+                        tries=tries, waited_s=round(waited, 3))
             time.sleep(pause * random.uniform(0.5, 1.5))
             pause = min(pause * 2, PAUSE_MAX)
 
