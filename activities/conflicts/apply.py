@@ -119,16 +119,24 @@ def _audit_table_current(conn: psycopg.Connection) -> bool:
         "             and attname = 'versions_elided' and not attisdropped)").fetchone()[0]
 
 
-def ensure_audit_table(conn: psycopg.Connection) -> None:
+def ensure_audit_table(conn: psycopg.Connection, *, wait: bool = False) -> None:
+    """``wait``: its locks are waited for unbounded (a caller that locked nothing yet, in a
+    transaction whose other waits are bounded); the session's lock_timeout is put back."""
     # As it should be (every run after the first): no DDL at all. ALTER TABLE ... IF NOT
     # EXISTS still takes an ACCESS EXCLUSIVE lock, held to the end of the caller's transaction
     # (every table of a reconcile is applied in one): anyone reading the audit would wait.
     if _audit_table_current(conn):
         return
+    cur = conn.cursor(row_factory=tuple_row)
     with conn.transaction():
+        previous = cur.execute("select current_setting('lock_timeout')").fetchone()[0]
+        if wait:
+            cur.execute("select set_config('lock_timeout', '0', true)")
         # Two first runs at once would race on CREATE ... IF NOT EXISTS (a unique violation in pg_type).
-        conn.execute("select pg_advisory_xact_lock(hashtext('eagle_dr.conflict_audit'))")
-        conn.execute(AUDIT_DDL)
+        cur.execute("select pg_advisory_xact_lock(hashtext('eagle_dr.conflict_audit'))")
+        cur.execute(AUDIT_DDL)
+        # SET LOCAL outlives the savepoint in the caller's transaction.
+        cur.execute("select set_config('lock_timeout', %s, true)", (previous,))
 
 
 def _table_ident(table: str) -> sql.Identifier:

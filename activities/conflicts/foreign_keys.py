@@ -37,7 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from activities.conflicts.apply import TOUCHED_TMP
+from activities.conflicts.apply import TOUCHED_TMP, ensure_audit_table
 from activities.postgres.table_locks import LOCK_PATIENCE, LOCK_TRY, in_bounded_waits, lock_tables
 from eagle_dr.config import TableName
 
@@ -284,6 +284,10 @@ def apply_keeping_foreign_keys(
     # every round's rollback. A lock taken table by table midway could deadlock with an
     # application transaction writing two of them. (The apply's own per-table LOCK then finds
     # it held.) No table: a reconcile whose old primary changed no listed table after the fork.
+    # First the audit table (a first run, or an upgrade of its columns): its DDL waits for
+    # whoever reads the audit, for as long as it takes, before any table of the application is
+    # locked; past the locks every wait is bounded (table_locks.in_bounded_waits).
+    ensure_audit_table(conn, wait=True)
     lock_tables(conn, [TableName.parse(t, catalog=True).identifier for t in sorted(keys)],
                 lock_try=lock_try, patience=lock_patience)
     # Only now the foreign keys: a migration the lock waited behind may have added one.
@@ -314,15 +318,16 @@ def apply_keeping_foreign_keys(
 def apply_in_bounded_waits(
     conn: psycopg.Connection, keys: Mapping[str, list[str]], apply: Callable[[Holds, frozenset[str]], T], *,
     survivor_region: str, force_rollback: bool = False, settled: Collection[str] = (),
+    patience: float = LOCK_PATIENCE,
 ) -> tuple[T, list[str]]:
     """``apply_keeping_foreign_keys`` in a transaction of its own, committed unless
-    ``force_rollback`` (a preview), and run again from the start when a write waits for an
-    application's row lock past a second (``table_locks.in_bounded_waits``): our table locks
-    would queue the application's writers for as long as the row is held."""
+    ``force_rollback`` (a preview), and run again from the start when a write waits for a
+    lock (an application's row lock) past its bound (``table_locks.in_bounded_waits``): our
+    table locks would queue the application's writers for as long as the row is held."""
     tables = [TableName.parse(t, catalog=True).identifier for t in sorted(keys)]
-    return in_bounded_waits(conn, lambda: apply_keeping_foreign_keys(conn, keys, apply, survivor_region=survivor_region,
-                                                                     settled=settled),
-                            tables, force_rollback=force_rollback)
+    return in_bounded_waits(conn, lambda left: apply_keeping_foreign_keys(
+        conn, keys, apply, survivor_region=survivor_region, settled=settled, lock_patience=left),
+        tables, force_rollback=force_rollback, patience=patience)
 
 
 def broken_after_run(conn: psycopg.Connection, keys: Mapping[str, list[str]], survivor_region: str,

@@ -24,7 +24,7 @@ table lock, and an application can hold one for as long as its transaction runs.
 writer of the locked tables queues behind our lock meanwhile. ``in_bounded_waits`` runs the
 whole locked transaction with every lock wait bounded (``lock_timeout``): a wait past the
 bound rolls it all back, the table locks included, so the queue drains, and it runs again
-after a pause, until the same patience.
+after a pause, with a longer bound, until its patience.
 """
 
 from __future__ import annotations
@@ -50,9 +50,12 @@ LOCK_TRY = 0.5
 PAUSE_MAX = 4.5
 # Then the activity fails and Temporal retries it (its retry policy spaces the attempts).
 LOCK_PATIENCE = 300.0
-# The longest one statement of a locked transaction may wait for a lock (a row lock an
+# The longest one statement of a locked transaction first waits for a lock (a row lock an
 # application holds): the application's writers of the locked tables wait that long more.
-ROW_WAIT = 1.0
+# Below PostgreSQL's default deadlock_timeout (1 s): in a deadlock with an application that
+# holds a row and queued behind our table lock, our try is the one to end, not its transaction.
+ROW_WAIT = 0.5
+ROW_WAIT_MAX = 4.0
 # The modes that conflict with SHARE ROW EXCLUSIVE (PostgreSQL's lock conflict table).
 _CONFLICTING = ("RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
                 "ExclusiveLock", "AccessExclusiveLock")
@@ -125,48 +128,56 @@ def lock_tables(conn: psycopg.Connection, tables: Sequence[sql.Composable], *, l
             pause = min(pause * 2, PAUSE_MAX)
 
 
-def in_bounded_waits(conn: psycopg.Connection, body: Callable[[], T], tables: Sequence[sql.Composable], *,
+def in_bounded_waits(conn: psycopg.Connection, body: Callable[[float], T], tables: Sequence[sql.Composable], *,
                      force_rollback: bool = False, row_wait: float = ROW_WAIT,
                      patience: float = LOCK_PATIENCE) -> T:
-    """``body()`` (which locks ``tables`` with ``lock_tables`` and writes them) in a
-    transaction of its own on ``conn``, committed unless ``force_rollback``. A lock wait past
-    ``row_wait`` rolls the whole transaction back and runs ``body`` again after a pause; past
-    ``patience``, ``TablesBusy`` names the sessions holding row locks on the tables. ``body``
-    must be safe to run again: nothing of a rolled-back attempt stays."""
+    """``body(lock_patience)`` (which locks ``tables`` with ``lock_tables``, given the
+    patience left, and writes them) in a transaction of its own on ``conn``, committed unless
+    ``force_rollback``. A lock wait past ``row_wait`` (doubled at each try, up to
+    ``ROW_WAIT_MAX``), or a deadlock, rolls the whole transaction back and runs ``body`` again
+    after a pause. The patience counts what the tries lost (their bounds, the pauses) and
+    what their table locks waited; past it, ``TablesBusy``. ``body`` must be safe to run
+    again: nothing of a rolled-back attempt stays but the sequences it advanced."""
     if conn.info.transaction_status != pq.TransactionStatus.IDLE:
         # A savepoint's rollback would keep the table locks: the queue would not drain.
         raise RuntimeError("in_bounded_waits needs a connection outside any transaction")
     cur = conn.cursor(row_factory=tuple_row)
-    bound = f"{max(1, int(row_wait * 1000))}ms"
-    started = time.monotonic()
+    lost = 0.0
     pause = 0.05
-    tries = 0
+    ended: dict[str, int] = {}
     while True:
-        tries += 1
         try:
             with conn.transaction(force_rollback=force_rollback):
                 # Local: lock_tables' tries set their own bound and put this one back.
-                cur.execute("select set_config('lock_timeout', %s, true)", (bound,))
-                result = body()
-            if tries > 1:
-                log.info("locked transaction done", tries=tries, waited_s=round(time.monotonic() - started, 3))
+                cur.execute("select set_config('lock_timeout', %s, true)", (f"{max(1, int(row_wait * 1000))}ms",))
+                result = body(patience - lost)
+            if ended:
+                log.info("locked transaction done", tries=sum(ended.values()) + 1, lost_s=round(lost, 3))
             return result
         except _WAIT_FAILED as e:
-            # Rolled back: our table locks are gone and the application's writers go on.
-            held = _describe(cur.execute(_IN_THE_WAY, (_oids(cur, conn, tables), ["RowShareLock"])).fetchall())
-            waited = time.monotonic() - started
-            why = "a deadlock with another session" if isinstance(e, psycopg.errors.DeadlockDetected) else \
-                f"a row lock held past {row_wait:g}s"
-            if waited + pause >= patience:
+            # Rolled back: our table locks are gone and the application's writers go on. Who
+            # held rows is looked up now, best effort: the holder may have finished since.
+            held = _describe([r for r in cur.execute(_IN_THE_WAY, (_oids(cur, conn, tables), ["RowShareLock"]))
+                              if r[2]])
+            why = "a deadlock" if isinstance(e, psycopg.errors.DeadlockDetected) else f"a lock wait past {row_wait:g}s"
+            ended[why] = ended.get(why, 0) + 1
+            lost += row_wait + pause
+            tries = ", ".join(f"{n} by {w}" for w, n in ended.items())
+            if lost >= patience:
                 raise TablesBusy(
-                    f"could not write {_names(conn, tables)} in {waited:.0f}s ({tries} tries, each ended by {why}, "
-                    "rolled back so as never to queue the application's writes behind the table locks): "
-                    f"row locks on them: {'; '.join(held) or 'none held now (or on a table a foreign key refers to)'}."
-                    " Nothing was written; Temporal retries the step as its retry policy allows.") from None
-            log.warning("rows busy, rolled back to wait", tables=_names(conn, tables), why=why, row_locks_by=held,
-                        tries=tries, waited_s=round(waited, 3))
+                    f"could not write {_names(conn, tables)}: {sum(ended.values())} tries ended ({tries}) and were "
+                    "rolled back, so as never to queue the application's writes behind the table locks while a "
+                    "write waited; sessions holding row locks on them just after the last: "
+                    f"{'; '.join(held) or 'none (or the wait was on a table a foreign key refers to)'}. "
+                    "Nothing was written (sequences may have advanced); Temporal retries the step as its retry "
+                    "policy allows.") from None
+            log.warning("rows busy, rolled back to wait", tables=_names(conn, tables), tries=tries,
+                        row_locks_by=held, lost_s=round(lost, 3))
             time.sleep(pause * random.uniform(0.5, 1.5))
             pause = min(pause * 2, PAUSE_MAX)
+            # A holder that keeps its rows a little longer than the bound, every time, would
+            # otherwise end every try: give it longer, up to a few seconds.
+            row_wait = min(row_wait * 2, ROW_WAIT_MAX)
 
 
 def _names(conn: psycopg.Connection, tables: Sequence[sql.Composable]) -> str:
