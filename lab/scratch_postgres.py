@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
+
 from eagle_dr.config import DEFAULT_CONFIG, PostgresConfig, load_config
 from lab.osuser import ensure_lab_user
 from lab.postgres import PostgresNode
@@ -54,3 +56,16 @@ def scratch_postgres(port: int, name: str, base: Path | None = None) -> Iterator
         except Exception:  # noqa: BLE001 - whatever failed, the server must not outlive the bench
             node.kill()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def scratch_pair(port: int, name_a: str, name_b: str) -> Iterator[tuple[PostgresNode, PostgresNode]]:
+    """Two throwaway servers, on ``port`` and ``port + 1``: a primary and its restored copy,
+    the two sides of a sync."""
+    with scratch_postgres(port, name_a) as a, scratch_postgres(port + 1, name_b) as b:
+        yield a, b
+
+
+def scratch_connect(port: int, *, autocommit: bool = True, dbname: str = "postgres") -> psycopg.Connection:
+    """The superuser over TCP: a scratch server trusts it."""
+    return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname=dbname, autocommit=autocommit)

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 
-import psycopg
-
 from activities.backup.drill import checksums
-from lab.scratch_postgres import scratch_postgres
+from lab.scratch_postgres import scratch_connect, scratch_postgres
 
 PORT = 17978 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) - 2000
 
@@ -18,7 +16,7 @@ def test_a_checksum_covers_the_whole_row_even_with_a_column_named_like_its_alias
     """The query aliases the table t. With a column named t, md5(t::text) summed that column
     alone: a restored copy differing in any other column passed the drill as identical."""
     with scratch_postgres(PORT, "drill-checksums"), \
-            psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres", autocommit=True) as c:
+            scratch_connect(PORT) as c:
         c.execute("create table tt (id int primary key, t text, v text)")
         c.execute("insert into tt select g, 'same', 'v' || g from generate_series(1, 100) g")
         before = checksums(c, ["public.tt"])
@@ -36,7 +34,7 @@ def test_a_consistency_range_splits_a_key_named_like_its_row_counter():
     from activities.consistency.tables import list_tables
 
     with scratch_postgres(PORT, "range-split"), \
-            psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres", autocommit=True) as c:
+            scratch_connect(PORT) as c:
         c.execute("create table codes (rn text, region text, v text, primary key (rn, region))")
         c.execute("insert into codes select 'c' || lpad(g::text, 4, '0'), 'eu', 'v' from generate_series(1, 400) g")
         table = list_tables(c, ["codes"], "table")[0]

@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 
-import psycopg
 import pytest
 
 from activities.backup.recover import RowSelection, SelectionError, recover_rows
-from lab.scratch_postgres import scratch_postgres
+from lab.scratch_postgres import scratch_connect, scratch_pair
 
 PORT = 17970 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) - 2000
 RESTORED_TO = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -25,12 +24,8 @@ DDL = ["create extension if not exists hstore",
 
 @pytest.fixture(scope="module")
 def servers():
-    with scratch_postgres(PORT, "recover-primary") as p, scratch_postgres(PORT + 1, "recover-copy") as c:
-        yield p, c
-
-
-def _connect(port: int) -> psycopg.Connection:
-    return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
+    with scratch_pair(PORT, "recover-primary", "recover-copy") as pair:
+        yield pair
 
 
 def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(servers, tmp_path):
@@ -38,7 +33,7 @@ def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(s
     gained since: the copy's versions come back (a json, an hstore and an exact numeric intact), the new
     row is counted as missing in the copy and kept, and a non-ASCII key is matched although
     the primary's sessions speak LATIN1."""
-    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+    with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
         for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
             primary.execute(q)
             copy.execute(q)
@@ -47,7 +42,7 @@ def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(s
         primary.execute("insert into items values ('new', '{}', 7, null, now())")
         primary.execute("alter role postgres set client_encoding = 'LATIN1'")
     try:
-        with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+        with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
             got = recover_rows(copy, primary, [RowSelection(table="items")], {}, "us-east-1", RESTORED_TO,
                                "wf-recover", "run-1", "oncall@example", False, tmp_path)
             assert [(t.rows_in_copy, t.missing_in_copy) for t in got.tables] == [(301, 1)]
@@ -56,7 +51,7 @@ def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(s
             assert (got.tables[0].inserted, got.tables[0].updated) == (1, 3)
             rows = {r[0]: r[1:] for r in primary.execute("select id, doc::jsonb::text, qty, attrs::text from items")}
     finally:
-        with _connect(PORT) as primary:
+        with scratch_connect(PORT) as primary:
             primary.execute("alter role postgres reset client_encoding")
     assert rows["café"] == ('{"pretty": true}', 1.50, '"b c"=>"d"') and rows["i1"][1:] == (0.25, '"a"=>"1"')
     assert rows["i3"][1] == 0.75
@@ -64,7 +59,7 @@ def test_recovered_rows_come_back_and_rows_the_copy_lacks_are_counted_and_kept(s
 
 
 def test_a_where_clause_that_does_not_work_names_the_field_and_writes_nothing(servers, tmp_path):
-    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+    with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
         for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
             primary.execute(q)
             copy.execute(q)
@@ -87,7 +82,7 @@ def test_a_where_clause_that_smuggles_in_statements_runs_none_of_them(servers, t
     As a simple query, "true); commit; delete ..." ended the read-only transaction and then
     deleted every row, on the copy and on the primary. Now it is refused, naming the field,
     and both sides keep every row."""
-    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+    with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
         for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
             primary.execute(q)
             copy.execute(q)
@@ -113,17 +108,17 @@ def test_a_date_in_the_where_and_in_the_key_means_what_each_session_reads(server
            # 1 to 12 March 2026: '03/02/2026' is 3 February day first, 2 March month first.
            "insert into days (k, day, v, span, x, r) select 'k', date '2026-03-01' + g, 'before',"
            " daterange(date '2026-03-01' + g, date '2026-03-13'), g, -g from generate_series(0, 11) g"]
-    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+    with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
         for q in ddl:
             primary.execute(q)
             copy.execute(q)
         want = primary.execute("select day, span::text, x, r from days order by day").fetchall()
         primary.execute("update days set v = 'corrupt', span = null, x = null, r = null, updated_at = now()")
     try:
-        with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+        with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
             copy.execute("alter role postgres set datestyle = 'SQL, DMY'")
             primary.execute("alter role postgres set datestyle = 'SQL, MDY'")
-        with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+        with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
             got = recover_rows(copy, primary, [RowSelection(table="days",
                                                             where="day >= '01/03/2026' and day <> '05/03/2026'")],
                                {}, "us-east-1", RESTORED_TO, "wf-recover", "run-1", "oncall@example", False, tmp_path)
@@ -133,9 +128,9 @@ def test_a_date_in_the_where_and_in_the_key_means_what_each_session_reads(server
             assert [(t.rows_in_copy, t.missing_in_copy, t.updated) for t in got.tables] == [(11, 1, 11)]
     finally:
         for port in (PORT, PORT + 1):
-            with _connect(port) as c:
+            with scratch_connect(port) as c:
                 c.execute("alter role postgres reset datestyle")
-    with _connect(PORT) as primary:
+    with scratch_connect(PORT) as primary:
         fixed = primary.execute("select day, span::text, x, r from days where v = 'before' order by day").fetchall()
     assert fixed == [w for w in want if w[0].day != 5]
 
@@ -148,7 +143,7 @@ def test_a_key_the_primary_reads_otherwise_is_refused_naming_the_table(servers, 
            "create type mood as enum ('calm', 'angry')",
            "create table moods (m mood primary key, v text, updated_at timestamptz not null default '2026-02-01')",
            "insert into moods (m, v) values ('calm', 'a'), ('angry', 'b')"]
-    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+    with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
         for q in ddl:
             primary.execute(q)
             copy.execute(q)
@@ -177,7 +172,7 @@ def test_a_column_the_copy_lacks_is_refused_naming_the_table(servers, tmp_path):
     """A column added on the primary after the restore point, or a type changed: the copy's
     rows cannot come back whole. The refusal names the table, not the WHERE (its
     UndefinedColumn once did)."""
-    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+    with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
         for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
             primary.execute(q)
             copy.execute(q)
@@ -219,7 +214,7 @@ def test_a_full_disk_under_the_spool_fails_the_read_and_writes_nothing(servers, 
     reports as SpoolFull and retries, with the primary untouched."""
     import errno
 
-    with _connect(PORT) as primary, _connect(PORT + 1) as copy:
+    with scratch_connect(PORT) as primary, scratch_connect(PORT + 1) as copy:
         for q in ["drop table if exists items", "drop schema if exists eagle_dr cascade", *DDL]:
             primary.execute(q)
             copy.execute(q)

@@ -9,12 +9,11 @@ import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-import psycopg
 import pytest
 
 from activities.consistency.sync import recopy_keys
 from activities.consistency.tables import list_tables
-from lab.scratch_postgres import scratch_postgres
+from lab.scratch_postgres import scratch_connect, scratch_pair
 
 PORT = 17976 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) - 2000
 DDL = ["drop table if exists child", "drop table if exists parent", "drop schema if exists eagle_dr cascade",
@@ -26,18 +25,14 @@ DDL = ["drop table if exists child", "drop table if exists parent", "drop schema
 
 @pytest.fixture(scope="module")
 def servers():
-    with scratch_postgres(PORT, "sync-fk-a") as a, scratch_postgres(PORT + 1, "sync-fk-b") as b:
-        yield a, b
-
-
-def _connect(port: int) -> psycopg.Connection:
-    return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
+    with scratch_pair(PORT, "sync-fk-a", "sync-fk-b") as pair:
+        yield pair
 
 
 @contextmanager
 def _both(ddl: list[str]):
     """A (the source) and B (written), each given ``ddl``."""
-    with _connect(PORT) as a, _connect(PORT + 1) as b:
+    with scratch_connect(PORT) as a, scratch_connect(PORT + 1) as b:
         for q in ddl:
             a.execute(q)
             b.execute(q)
@@ -143,7 +138,7 @@ def test_a_table_the_engine_refuses_fails_its_step_for_good_naming_it(servers):
                                                                               "database": "postgres"})})
                for r, port in zip(cfg.regions, (PORT, PORT + 1))]
     cfg = cfg.model_copy(update={"regions": regions})
-    with _connect(PORT) as a, _connect(PORT + 1) as b:
+    with scratch_connect(PORT) as a, scratch_connect(PORT + 1) as b:
         for c in (a, b):
             c.execute("drop table if exists refused")
             c.execute("create table refused (id int primary key, _e_x text, updated_at timestamptz not null)")

@@ -14,7 +14,7 @@ from activities.postgres.ctl import PgCtl
 from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.postgres.wal import scan, segment_name, segment_size, waldump
 from eagle_dr.config import PostgresConfig
-from lab.scratch_postgres import scratch_postgres
+from lab.scratch_postgres import scratch_connect, scratch_postgres
 
 # Moved with EAGLE_DR_TEST_PORT_SHIFT (default 2000: 17960), like the other scratch servers.
 PORT = 17960 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) - 2000
@@ -27,7 +27,7 @@ def node():
 
 
 def _conn():
-    return psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres", autocommit=True)
+    return scratch_connect(PORT)
 
 
 def _wal(node) -> str:
@@ -62,14 +62,29 @@ class _Fork:
                           fork=ForkPoint(new_timeline=2, old_timeline=1, fork_lsn=start, loser_timeline=1),
                           survivor=self.survivor_cfg, fork_time=fork_time, spool_dir=spool_dir)
 
+    def read_and_apply(self, table: str, start: str, fork_time, spool_dir):
+        """``table`` (key ``id``, stamped ``updated_at``) read from the stopped loser and its
+        rows applied to the survivor, last write wins, in a session of the survivor's own
+        settings: the read and the apply's summary."""
+        from datetime import datetime, timedelta, timezone
+
+        from activities.conflicts.apply import apply_resolutions
+        from eagle_dr.config import TableConflictConfig
+
+        got = self.read({table: ["id"]}, fork_time - timedelta(minutes=1), {table: "updated_at"}, start, fork_time,
+                        spool_dir)
+        with scratch_connect(PORT + 2, autocommit=False) as d:
+            summary = apply_resolutions(d, table, TableConflictConfig(strategy="last-write-wins", key=["id"]),
+                                        got.rows[table], [], "old", "new", {"new": 1, "old": 2}, fork_time,
+                                        datetime.now(timezone.utc), f"wf-{table}", "run-1")
+            d.commit()
+        return got, summary
+
 
 @contextmanager
 def _forked_pair(ddl: list[str]):
-    def connect(port):
-        return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
-
     with scratch_postgres(PORT + 1, "wal-loser") as n, scratch_postgres(PORT + 2, "wal-survivor"):
-        with connect(PORT + 1) as c, connect(PORT + 2) as d:
+        with scratch_connect(PORT + 1) as c, scratch_connect(PORT + 2) as d:
             for q in ddl:
                 c.execute(q)
                 d.execute(q)
@@ -158,8 +173,7 @@ def test_read_loser_names_what_changed_and_finds_rows_by_their_writer(tmp_path):
     with scratch_postgres(PORT + 1, "wal-loser") as n:
         cfg = PostgresConfig(port=PORT + 1, database="postgres", data_dir=str(n.data_dir), socket_dir=str(n.run_dir),
                              bin_dir=n.cfg.bin_dir, os_user=n.user.name)
-        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
-                             autocommit=True) as c:
+        with scratch_connect(PORT + 1) as c:
             c.execute("create table listed (id int primary key, v text, updated_at timestamptz not null "
                       "default '2000-01-01')")
             c.execute("create table parted (id int primary key, body text) partition by range (id)")
@@ -288,7 +302,7 @@ def test_a_write_whose_record_crosses_into_the_reads_segment_is_followed_back(no
         c.execute("create table batch (id int, v text)")
         batch = c.execute("select pg_relation_filenode('batch')").fetchone()[0]
         c.execute("checkpoint")  # a snapshot from before the batch began
-        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as t:
+        with scratch_connect(PORT, autocommit=False) as t:
             t.execute("insert into other values (1)")
             xid = int(t.execute("select pg_current_xact_id()::text").fetchone()[0])
             # Pad with logical messages to a few hundred bytes before a segment boundary, then
@@ -323,14 +337,13 @@ def test_a_segment_from_another_history_is_not_followed_back_into(tmp_path):
         return _insert_lsn(c) // (16 << 20)
 
     with scratch_postgres(PORT + 1, "wal-history-a") as a, scratch_postgres(PORT + 2, "wal-history-b") as b:
-        with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres",
-                             autocommit=True) as c:
+        with scratch_connect(PORT + 1) as c:
             c.execute("create table batch (id int)")
             c.execute("create table other (id int)")
             batch = c.execute("select pg_relation_filenode('batch')").fetchone()[0]
             c.execute("select pg_switch_wal()")
             c.execute("checkpoint")
-            with psycopg.connect(host="127.0.0.1", port=PORT + 1, user="postgres", dbname="postgres") as t:
+            with scratch_connect(PORT + 1, autocommit=False) as t:
                 t.execute("insert into batch values (1)")
                 xid = int(t.execute("select pg_current_xact_id()::text").fetchone()[0])
                 before = seg(c)
@@ -339,8 +352,7 @@ def test_a_segment_from_another_history_is_not_followed_back_into(tmp_path):
                 c.execute("checkpoint")  # in the fork's segment, the batch running
                 start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
                 t.commit()
-        with psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres",
-                             autocommit=True) as c:
+        with scratch_connect(PORT + 2) as c:
             while seg(c) < before:
                 c.execute("select pg_switch_wal()")
                 c.execute("create table if not exists x (i int)")
@@ -364,7 +376,7 @@ def test_a_forged_record_in_the_wal_before_the_read_leaves_the_transaction_unpla
         c.execute("select pg_logical_emit_message(false, %s, 'x')",
                   ("p\nrmgr: Heap        len (rec/tot):     54/    54, tx:        999, lsn: 0/01000000, "
                    "prev 0/00000000, desc: INSERT off 1",))
-        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as t:
+        with scratch_connect(PORT, autocommit=False) as t:
             t.execute("insert into b values (1)")
             xid = int(t.execute("select pg_current_xact_id()::text").fetchone()[0])
             for _ in range(2):
@@ -387,7 +399,7 @@ def test_scan_names_the_blocks_and_follows_a_transaction_in_flight_at_the_start(
         blk = c.execute("select (ctid::text::point)[0]::int from t where id = 1500").fetchone()[0]
         node_file = c.execute("select pg_relation_filenode('t')").fetchone()[0]
         early_file = c.execute("select pg_relation_filenode('early')").fetchone()[0]
-        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as inflight:
+        with scratch_connect(PORT, autocommit=False) as inflight:
             inflight.execute("insert into early values (1)")  # written before the start...
             # The insert position: an uncommitted record may not be written out yet.
             start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
@@ -419,7 +431,7 @@ def test_a_transaction_running_before_the_read_is_followed_back_to_what_it_wrote
         c.execute("create table batch (id int primary key)")
         batch = c.execute("select pg_relation_filenode('batch')").fetchone()[0]
         c.execute("checkpoint")  # a snapshot from before the batch began
-        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as inflight:
+        with scratch_connect(PORT, autocommit=False) as inflight:
             inflight.execute("insert into batch values (1)")
             xid = int(inflight.execute("select pg_current_xact_id()::text").fetchone()[0])
             for _ in range(2):
@@ -569,7 +581,7 @@ def test_a_record_forged_by_a_string_with_a_line_break_fails_the_read(node):
         c.execute("create table if not exists forged (id int primary key)")
         c.execute("checkpoint")
         start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
-        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as victim:
+        with scratch_connect(PORT, autocommit=False) as victim:
             victim.execute("insert into forged values (1)")
             x = _xid(victim)
             fake = (f"x\nrmgr: Transaction len (rec/tot):     34/    34, tx: {x:>10}, lsn: 0/00000000, "
@@ -629,7 +641,7 @@ def test_a_string_in_another_encoding_does_not_break_the_read(node):
         c.execute("create database ascii_db encoding 'SQL_ASCII' lc_collate 'C' lc_ctype 'C' template template0")
         c.execute("checkpoint")
         start = c.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
-    with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="ascii_db", autocommit=True) as a:
+    with scratch_connect(PORT, dbname="ascii_db") as a:
         a.execute("create table t (id int primary key)")
         a.execute("select pg_logical_emit_message(true, convert_from('\\xe9e9'::bytea, 'SQL_ASCII'), 'x')")
         a.execute("insert into t values (1)")
@@ -678,7 +690,7 @@ def test_without_a_snapshot_in_reach_the_lookback_still_names_what_an_in_flight_
         c.execute("checkpoint")  # a snapshot: in the segment before the in-flight writes
         nodes = {t: c.execute("select pg_relation_filenode(%s::regclass)", (t,)).fetchone()[0]
                  for t in ("early", "mid", "late")}
-        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres") as inflight:
+        with scratch_connect(PORT, autocommit=False) as inflight:
             c.execute("select pg_switch_wal()")
             inflight.execute("insert into early values (1)")
             c.execute("select pg_switch_wal()")
@@ -829,10 +841,7 @@ def test_an_hstore_column_goes_through_the_spool_into_the_apply(tmp_path):
     """row_to_json writes an hstore (and an array of them) as JSON objects, which hstore's own
     input refuses when the apply reads the row back: the failback failed on every retry for a
     table with one. They travel as their text; a json column next to them stays JSON."""
-    from datetime import datetime, timedelta, timezone
-
-    from activities.conflicts.apply import apply_resolutions
-    from eagle_dr.config import TableConflictConfig
+    from datetime import datetime, timezone
 
     ddl = ["create extension if not exists hstore",
            "create table h (id int primary key, attrs hstore, tags hstore[], doc json,"
@@ -846,15 +855,10 @@ def test_an_hstore_column_goes_through_the_spool_into_the_apply(tmp_path):
                   """ doc = '{"k": 2}' where id = 1""")
         want = c.execute("select attrs::text, tags::text, doc::text from h").fetchone()
         f.stop_loser()
-        got = f.read({"h": ["id"]}, fork_time - timedelta(minutes=1), {"h": "updated_at"}, start, fork_time,
-                     tmp_path / "spool")
+        got, summary = f.read_and_apply("h", start, fork_time, tmp_path / "spool")
         assert got.reads["h"].mode == "blocks" and len(got.rows["h"]) == 1
-        with psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres") as d:
-            summary = apply_resolutions(d, "h", TableConflictConfig(strategy="last-write-wins", key=["id"]),
-                                        got.rows["h"], [], "old", "new", {"new": 1, "old": 2}, fork_time,
-                                        datetime.now(timezone.utc), "wf-h", "run-1")
-            d.commit()
-            assert summary.updated == 1
+        assert summary.updated == 1
+        with scratch_connect(PORT + 2) as d:
             assert d.execute("select attrs::text, tags::text, doc::text from h").fetchone() == want
 
 
@@ -864,10 +868,7 @@ def test_text_inside_a_rows_json_reads_back_as_the_loser_wrote_it(tmp_path):
     survivor that reads them month first turned 13 March into an error (and 5 March into 3
     May): the loser's read now writes pg_dump's styles, and the apply reads under the same. A
     column named x, the read's own alias, comes through too."""
-    from datetime import datetime, timedelta, timezone
-
-    from activities.conflicts.apply import apply_resolutions
-    from eagle_dr.config import TableConflictConfig
+    from datetime import datetime, timezone
 
     ddl = ["create table s (id int primary key, span daterange, took interval, x int,"
            " updated_at timestamptz not null default '2026-01-01')",
@@ -882,15 +883,10 @@ def test_text_inside_a_rows_json_reads_back_as_the_loser_wrote_it(tmp_path):
         c.execute("alter system set intervalstyle = 'sql_standard'")
         d.execute("alter role postgres set datestyle = 'SQL, MDY'")
         f.stop_loser()
-        got = f.read({"s": ["id"]}, fork_time - timedelta(minutes=1), {"s": "updated_at"}, start, fork_time,
-                     tmp_path / "spool")
+        got, summary = f.read_and_apply("s", start, fork_time, tmp_path / "spool")
         assert len(got.rows["s"]) == 1
-        with psycopg.connect(host="127.0.0.1", port=PORT + 2, user="postgres", dbname="postgres") as d:
-            summary = apply_resolutions(d, "s", TableConflictConfig(strategy="last-write-wins", key=["id"]),
-                                        got.rows["s"], [], "old", "new", {"new": 1, "old": 2}, fork_time,
-                                        datetime.now(timezone.utc), "wf-s", "run-1")
-            d.commit()
-            assert summary.updated == 1
+        assert summary.updated == 1
+        with scratch_connect(PORT + 2) as d:
             d.execute("set datestyle = 'ISO, YMD'")
             assert d.execute("select span::text, took::text, x from s").fetchone() == want
 
