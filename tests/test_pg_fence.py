@@ -462,3 +462,41 @@ def test_the_stop_signal_goes_only_to_this_data_directorys_postmaster(node, tmp_
     with psycopg.connect(node.cfg.dsn(), autocommit=True) as conn:
         backend = conn.execute("select pg_backend_pid()").fetchone()[0]
         assert not _is_postmaster(backend, node.data_dir)
+
+
+def test_a_fenced_old_primary_made_a_standby_keeps_its_operators_settings_and_loses_the_fence(node):
+    """write_standby_config (switchover's rejoin, failback's rewind, a rebuild) rewrote
+    postgresql.auto.conf with only the recovery settings: every ALTER SYSTEM tuning of the
+    node was lost, and a standby whose max_connections fell below its primary's stops
+    replaying. Now it keeps them, and drops only the fence and the earlier recovery settings."""
+    from activities.postgres.ctl import PgCtl
+    from activities.postgres.fence import fence_read_only
+    from eagle_dr.config import PostgresConfig
+
+    auto = node.data_dir / "postgresql.auto.conf"
+    before = auto.read_text()
+    with psycopg.connect(node.cfg.dsn(), autocommit=True) as conn:
+        conn.execute("alter system set work_mem = '77MB'")
+        conn.execute("alter system set session_preload_libraries = 'auto_explain'")
+    assert fence_read_only(node.cfg).method == "read_only"  # its library joins auto_explain
+    fence_stop(node.cfg)  # and the hold: a standby of nothing
+    # Nothing listens there: the node starts as a standby and waits for its primary.
+    PgCtl(node.cfg).write_standby_config(PostgresConfig(port=PORT + 9), "old-primary", "old_primary_slot")
+    node.ctl.start()
+    try:
+        with psycopg.connect(node.cfg.dsn(), autocommit=True) as conn:  # no fence: any session starts
+            got = {n: conn.execute(f"show {n}").fetchone()[0] for n in
+                   ("work_mem", "session_preload_libraries", "default_transaction_read_only", "primary_slot_name")}
+            assert conn.execute("select pg_is_in_recovery()").fetchone()[0]
+        assert got == {"work_mem": "77MB", "session_preload_libraries": "auto_explain",
+                       "default_transaction_read_only": "off", "primary_slot_name": "old_primary_slot"}, got
+        text = auto.read_text()
+        assert "eagle-dr fence" not in text and "primary_conninfo = ''" not in text, text
+        assert text.count("primary_conninfo") == 1 and text.count("work_mem") == 1, text
+    finally:
+        # Back to the primary the other tests of the module share.
+        node.ctl.stop("fast")
+        (node.data_dir / "standby.signal").unlink(missing_ok=True)
+        (node.data_dir / "eagle_dr_fence.json").unlink(missing_ok=True)
+        auto.write_text(before)
+        node.ctl.start()

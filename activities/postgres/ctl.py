@@ -67,6 +67,17 @@ def alive(pid: int | None) -> bool:
 
 # In the data directory of an old primary held as a standby by a stop fence (fence.py).
 FENCE_MARKER = "eagle_dr_fence.json"
+# A read-only fence (activities/postgres/fence.py) names this non-existent library in
+# session_preload_libraries: every new session fails at start, except a superuser's that
+# overrides the setting in its startup packet, as eagle-dr's own connections do.
+FENCE_LIBRARY = "eagle_dr_fenced_old_primary"
+# What write_standby_config writes itself, or takes out of postgresql.auto.conf: the recovery
+# settings (a stop fence's "standby of nothing", an earlier upstream, a PITR's targets), and
+# the read-only fence (its library is taken out of session_preload_libraries, the rest kept).
+_STANDBY_REWRITES = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline",
+                     "recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
+                     "recovery_target_xid", "promote_trigger_file", "default_transaction_read_only")
+_STANDBY_COMMENT = "# Written by eagle-dr when this node became a standby."
 
 
 def _reap(proc: subprocess.Popen, gave_up: list[str], tool: str) -> None:
@@ -397,10 +408,13 @@ class PgCtl:
         return self.data_dir.parent / f"{self.data_dir.name}.replication.pgpass"
 
     def write_standby_config(self, primary: PostgresConfig, application_name: str, slot: str) -> None:
-        """standby.signal plus a postgresql.auto.conf that holds only what a standby needs.
+        """standby.signal, and postgresql.auto.conf with the recovery settings for ``primary``.
 
-        The file is rewritten, not appended to: after a switchover it still carries the
-        ALTER SYSTEM read-only fence, and after pg_rewind it is a copy of the source's."""
+        The file keeps every other ALTER SYSTEM setting (an operator's tuning; after
+        pg_rewind, the source's, which is the primary this node now follows), without the
+        read-only fence a switchover left in it and without any earlier recovery settings: a
+        standby whose max_connections or max_worker_processes fell below its primary's stops
+        replaying, and the tuning would be gone when it is promoted back."""
         # The replication password goes in a passfile beside the data directory, not into
         # postgresql.auto.conf: pg_basebackup and pg_rewind copy that file from node to node,
         # and every base backup (those in S3 too) would carry the password; a standby's own
@@ -408,9 +422,11 @@ class PgCtl:
         # at the walreceiver's next connect), with no config change on the server.
         conninfo = self.standby_conninfo(primary, application_name)
         auto = self.data_dir / "postgresql.auto.conf"
-        text = ("# Written by eagle-dr when this node became a standby.\n"
-                f"primary_conninfo = {_guc_string(conninfo)}\n"
-                f"primary_slot_name = '{slot}'\n")
+        kept = _without_standby_settings(auto.read_text() if auto.exists() else "")
+        text = "".join(line + "\n" for line in kept) + (
+            f"{_STANDBY_COMMENT}\n"
+            f"primary_conninfo = {_guc_string(conninfo)}\n"
+            f"primary_slot_name = '{slot}'\n")
         signal = self.data_dir / "standby.signal"
         # Owned by the data directory's owner, so the server can read (and ALTER SYSTEM rewrite) them.
         self.write_file(auto, text)
@@ -456,6 +472,38 @@ def _fields(controldata: str) -> dict[str, str]:
         k, _, v = line.partition(":")
         out[k.strip()] = v.strip()
     return out
+
+
+def setting_name(line: str) -> str | None:
+    """The setting a line of postgresql.auto.conf sets (None: a comment, a blank)."""
+    head, eq, _ = line.partition("=")
+    name = head.strip()
+    return name if eq and name and not name.startswith("#") else None
+
+
+def libraries(value: str | None) -> list[str]:
+    """A session_preload_libraries value as its list of names."""
+    return [x.strip().strip('"') for x in (value or "").split(",") if x.strip()]
+
+
+def _without_standby_settings(text: str) -> list[str]:
+    """The lines of a postgresql.auto.conf that write_standby_config keeps: all but the
+    recovery settings, the read-only fence and its own comment lines (eagle-dr's)."""
+    kept = []
+    for line in text.splitlines():
+        name = setting_name(line)
+        if line.strip() == _STANDBY_COMMENT or line.strip().startswith("# eagle-dr fence:") \
+                or name in _STANDBY_REWRITES:
+            continue
+        if name == "session_preload_libraries":
+            libs = libraries(line.partition("=")[2].strip().strip("'"))
+            if FENCE_LIBRARY in libs:
+                libs = [x for x in libs if x != FENCE_LIBRARY]
+                if not libs:
+                    continue
+                line = f"session_preload_libraries = {_guc_string(', '.join(libs))}"
+        kept.append(line)
+    return kept
 
 
 def _guc_string(value: str) -> str:

@@ -37,7 +37,7 @@ import structlog
 from psycopg import sql
 from pydantic import BaseModel
 
-from activities.postgres.ctl import FENCE_MARKER, PgCtl
+from activities.postgres.ctl import FENCE_MARKER, PgCtl, libraries, setting_name
 from activities.postgres.status import FENCE_LIBRARY, connect, in_recovery
 from activities.postgres.stopwatch import Stopwatch
 from eagle_dr.config import PostgresConfig, scrubbed_first_line
@@ -70,15 +70,12 @@ class PgFence(BaseModel):
     killed: bool = False
 
 
-def _libraries(value: str | None) -> list[str]:
-    return [x.strip().strip('"') for x in (value or "").split(",") if x.strip()]
-
 
 def _file_libraries(conn: psycopg.Connection) -> list[str]:
     """session_preload_libraries as the configuration files set it (this session overrides it)."""
     row = conn.execute("select setting from pg_file_settings where name = 'session_preload_libraries' "
                        "and applied").fetchone()
-    return _libraries(row[0] if row else None)
+    return libraries(row[0] if row else None)
 
 
 def _set_libraries(conn: psycopg.Connection, libs: list[str]) -> None:
@@ -382,12 +379,6 @@ _RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", "r
 _RESTORED_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", _TRIGGER)
 
 
-def _setting_name(line: str) -> str | None:
-    head, eq, _ = line.partition("=")
-    name = head.strip()
-    return name if eq and name and not name.startswith("#") else None
-
-
 def _without_hold(current: str, original: str) -> str:
     """postgresql.auto.conf as it is now, minus what ``hold_as_standby`` added: its recovery
     settings go back to the original's (``_RESTORED_KEYS``) or away, its comment goes. Whatever
@@ -396,8 +387,8 @@ def _without_hold(current: str, original: str) -> str:
     unfence`` relies on the server starting read-only so it can check the epoch before
     anything writes."""
     kept = [line for line in current.splitlines()
-            if line.strip() != _HOLD_COMMENT and _setting_name(line) not in (*_RECOVERY_KEYS, _TRIGGER)]
-    kept += [line for line in original.splitlines() if _setting_name(line) in _RESTORED_KEYS]
+            if line.strip() != _HOLD_COMMENT and setting_name(line) not in (*_RECOVERY_KEYS, _TRIGGER)]
+    kept += [line for line in original.splitlines() if setting_name(line) in _RESTORED_KEYS]
     return "\n".join(kept) + "\n" if kept else ""
 
 

@@ -11,7 +11,7 @@ from datetime import datetime
 import psycopg
 from pydantic import BaseModel
 
-from activities.postgres.ctl import FENCE_MARKER
+from activities.postgres.ctl import FENCE_LIBRARY, FENCE_MARKER
 from activities.postgres.unlogged import Unlogged, unlogged_relations
 from eagle_dr.config import PostgresConfig, scrubbed_first_line
 
@@ -61,10 +61,6 @@ class PgStatus(BaseModel):
     hold_age_seconds: float | None = None  # since its file was written (a switchover's own is seconds old)
 
 
-# A read-only fence (activities/postgres/fence.py) names this non-existent library in
-# session_preload_libraries: every new session fails at start, except a superuser's that
-# overrides the setting in its startup packet, as eagle-dr's own connections do.
-FENCE_LIBRARY = "eagle_dr_fenced_old_primary"
 _FENCE_OVERRIDE = "-c session_preload_libraries="
 
 
