@@ -139,7 +139,9 @@ def runbook_finished(meter: MetricMeter, service: str, runbook: str, outcome: st
 def move_measured(meter: MetricMeter, service: str, runbook: str, rto, rpo) -> None:
     """The last move's RTO and RPO beside their targets; unknown values are not exported."""
     where = dict(service=service, runbook=runbook)
-    for name, value, what in (("last_rto_seconds", rto.total_s, "Detection to serving in the last move"),
+    # A move whose routing failed never reached "serving": its steps' time is no RTO.
+    serving = rto.total_s if rto.serving_basis is None else None
+    for name, value, what in (("last_rto_seconds", serving, "Detection to serving in the last move"),
                               ("rto_target_seconds", rto.target_s, "The RTO objective"),
                               ("last_rpo_wal_bytes", rpo.lost_wal_bytes, "WAL lost in the last move"),
                               ("last_rpo_seconds", rpo.loss_window_s, "How far back the last move's lost writes "

@@ -46,3 +46,40 @@ def test_a_worker_clock_out_of_step_never_makes_an_rto_phase_negative():
               writable_at=t + timedelta(seconds=2.5), serving_at=t + timedelta(seconds=4))
     finish_measurement(rto, Rpo())
     assert rto.decision_to_writable_s == 1.5 and rto.writable_to_serving_s == 1.5  # in step: as measured
+
+
+def test_a_move_whose_routing_failed_has_an_unknown_rto_never_met():
+    """The verify writes to the databases directly, so it passed while no client was routed
+    to the new primary: the RTO was reported met, and exported as the last RTO. A failed
+    "re-route traffic" step (the last one: a retried routing counts by its retry) makes the
+    RTO unknown, with why, and the step timing is not exported as an RTO."""
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from workflows.failover import finish_measurement, rto_text
+    from workflows.models import Rpo, Rto, StepRecord
+    from workflows.notify import measurement_lines
+    from workflows.runbook import Runbook
+
+    def steps(*statuses: str) -> SimpleNamespace:
+        return SimpleNamespace(steps=[StepRecord(name="promote", status="done")]
+                               + [StepRecord(name="re-route traffic", status=s) for s in statuses])
+
+    assert Runbook.routed(steps()) and Runbook.routed(steps("done")) and Runbook.routed(steps("failed", "done"))
+    assert not Runbook.routed(steps("failed")) and not Runbook.routed(steps("done", "failed"))
+
+    t = datetime(2026, 12, 6, tzinfo=timezone.utc)
+
+    def rto() -> Rto:
+        return Rto(detected_at=t, decided_at=t + timedelta(seconds=1), writable_at=t + timedelta(seconds=2),
+                   serving_at=t + timedelta(seconds=4), target_s=60)
+
+    served = rto()
+    finish_measurement(served, Rpo(), verified=True, routed=True)
+    assert served.met is True and served.serving_basis is None and rto_text(served) == "RTO 4.0s"
+    stranded = rto()
+    finish_measurement(stranded, Rpo(), verified=True, routed=False)
+    assert stranded.met is None and "routing failed" in stranded.serving_basis, stranded
+    assert rto_text(stranded).startswith("RTO unknown (routing failed") and "4.0 s after detection" in \
+        rto_text(stranded)
+    assert measurement_lines(stranded, None)[0].startswith("RTO unknown (routing failed"), measurement_lines(stranded, None)

@@ -241,9 +241,9 @@ class FailoverWorkflow(Runbook):
                 not_carried(rpo, notes, target, source_pg, t_health.postgres)
                 if inp.measure_client_impact:
                     await self.measure_clients(rto, rpo, target, previous, outage_since=detected_at)
-                finish_measurement(rto, rpo, verified=verification.ok)
+                finish_measurement(rto, rpo, verified=verification.ok, routed=self.routed())
                 self.measured(rto, rpo)
-                st.detail = f"RTO {rto.total_s:.1f}s (target {rto.target_s}s, {verdict(rto.met)}); RPO " \
+                st.detail = f"{rto_text(rto)} (target {rto.target_s}s, {verdict(rto.met)}); RPO " \
                             f"{rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else 'unknown'} WAL bytes " \
                             f"({verdict(rpo.met)})"
 
@@ -644,7 +644,15 @@ def verdict(met: bool | None) -> str:
     return "unknown" if met is None else "met" if met else "MISSED"
 
 
-def finish_measurement(rto: Rto, rpo: Rpo, verified: bool = True) -> None:
+def rto_text(rto: Rto) -> str:
+    return f"RTO {rto.total_s:.1f}s" if rto.met is not None or rto.serving_basis is None else \
+        f"RTO unknown ({rto.serving_basis})"
+
+
+def finish_measurement(rto: Rto, rpo: Rpo, verified: bool = True, routed: bool = True) -> None:
+    """``routed``: the move's routing step did not fail. When it did, the clients were not
+    served by the end of the run, whatever the verify (which writes to the databases
+    directly) saw: the RTO is unknown, never met."""
     def secs(a, b):
         return (b - a).total_seconds() if a and b else None
 
@@ -661,7 +669,11 @@ def finish_measurement(rto: Rto, rpo: Rpo, verified: bool = True) -> None:
     rto.decision_to_writable_s = secs(rto.decided_at, rto.writable_at)
     rto.writable_to_serving_s = secs(rto.writable_at, rto.serving_at)
     rto.total_s = secs(rto.detected_at, rto.serving_at)
-    if rto.target_s is not None and rto.total_s is not None:
+    if not routed:
+        rto.serving_basis = (f"routing failed: clients were not sent to the new primary by the end of the run, "
+                             f"{rto.total_s:.1f} s after detection" if rto.total_s is not None else "routing failed")
+        rto.met = None
+    elif rto.target_s is not None and rto.total_s is not None:
         # A service that failed verification was not restored, however fast the steps ran.
         rto.met = verified and rto.total_s <= rto.target_s
     rpo.met = rpo_met(rpo)

@@ -129,6 +129,9 @@ class Rto(BaseModel):
     client_outage_s: float | None = None
     target_s: float | None = None
     met: bool | None = None
+    # Set when the run's end is no time the service was restored (its routing failed): the
+    # figures above time the steps, and ``met`` is unknown.
+    serving_basis: str | None = None
 
 
 class Rpo(BaseModel):

@@ -140,7 +140,8 @@ def measurement_lines(rto, rpo) -> list[str]:
     """RTO and RPO against their targets, "unknown" where a run did not measure them."""
     out = []
     if rto is not None:
-        out.append(f"RTO {_seconds(rto.total_s)} ({_against(rto.target_s, rto.met)})"
+        out.append((f"RTO unknown ({rto.serving_basis})" if rto.serving_basis else
+                    f"RTO {_seconds(rto.total_s)} ({_against(rto.target_s, rto.met)})")
                    + (f"; clients saw {_seconds(rto.client_outage_s)}" if rto.client_outage_s is not None else ""))
     if rpo is not None:
         unk = lambda v, unit="": "unknown" if v is None else f"{v}{unit}"  # noqa: E731

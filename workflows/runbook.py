@@ -240,6 +240,13 @@ class Runbook:
         # The worker's meter (eagle_dr/metrics.py): no I/O, no command, nothing during replay.
         metrics.runbook_finished(workflow.metric_meter(), self.service, self.runbook, outcome)
 
+    def routed(self) -> bool:
+        """Whether the last "re-route traffic" step ended done (none ran: nothing says it
+        failed). A move whose routing failed did not serve its clients by its end: its RTO's
+        "serving" is not a time the service was restored."""
+        last = next((s for s in reversed(self.steps) if s.name == "re-route traffic"), None)
+        return last is None or last.status != "failed"
+
     def measured(self, rto, rpo) -> None:
         """Export a move's RTO and RPO (against their targets) on the worker's metrics endpoint."""
         metrics.move_measured(workflow.metric_meter(), self.service, self.runbook, rto, rpo)

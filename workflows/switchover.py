@@ -50,7 +50,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.promote import Promotion
     from activities.redis.activities import RedisActivities, RedisMoveRequest, RedisRegionRequest
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
-    from workflows.failover import finish_measurement, not_carried
+    from workflows.failover import finish_measurement, not_carried, rto_text
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.plan import switchover_plan
     from workflows.runbook import RETRY, Runbook, described
@@ -400,9 +400,9 @@ class SwitchoverWorkflow(Runbook):
             not_carried(rpo, notes, target, *self._unlogged_seen)
             if inp.measure_client_impact:
                 notes += await self.measure_clients(rto, rpo, target, previous, outage_since=decided_at)
-            finish_measurement(rto, rpo, verified=verification.ok)
+            finish_measurement(rto, rpo, verified=verification.ok, routed=self.routed())
             self.measured(rto, rpo)
-            st.detail = f"RTO {rto.total_s:.1f}s; WAL lost {rpo.lost_wal_bytes if proven else 'unknown'} bytes" + (
+            st.detail = f"{rto_text(rto)}; WAL lost {rpo.lost_wal_bytes if proven else 'unknown'} bytes" + (
                 f"; clients saw {_secs(rto.client_outage_s)} without writes, acked writes lost "
                 f"{_or_unknown(rpo.acknowledged_writes_lost)}" if inp.measure_client_impact else "")
 

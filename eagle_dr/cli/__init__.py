@@ -548,6 +548,8 @@ def _report(r) -> None:
               f"{s(rto.detection_to_decision_s)} + decision->writable {s(rto.decision_to_writable_s)} + "
               f"writable->serving {s(rto.writable_to_serving_s)}"
               + (f"; clients saw {rto.client_outage_s:.2f}s" if rto.client_outage_s is not None else ""))
+    if rto.serving_basis:
+        out.print(f"  [red]RTO unknown[/]: {rto.serving_basis}")
     out.print(f"  RPO: WAL lost {rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else '[red]unknown[/]'} bytes"
               + (f", {rpo.lost_commits} commits" if rpo.lost_commits is not None else "")
               + (f" over {rpo.loss_window_s:.2f}s" if rpo.loss_window_s else "")
