@@ -15,13 +15,14 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import pytest
 import yaml
 from temporalio.client import WorkflowExecutionStatus
 
 from eagle_dr.monitor import MonitorView, monitor_id
 from lab.processes import children, kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _aux_pid, _exec, _names, _primary, _scrape, _until, _value
+from tests.lab_helpers import _aux_pid, _awaiting, _exec, _names, _primary, _scrape, _until, _value
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 from workflows.runbook import move_id
 
@@ -160,6 +161,106 @@ async def test_pause_and_cooldown_survive_continue_as_new(lab, client):
             pass
 
 
+async def test_rounds_counted_while_paused_are_not_spent_at_resume(lab, client):
+    """Paused for a planned restart, the primary silent for more rounds than the threshold:
+    on resume the monitor failed over at its first round, counting the paused ones. It now
+    counts afresh: the first round after resume is the first of a new run of failures."""
+    a, _ = _names(lab)
+    assert _primary(lab) == a
+    inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=4, auto_failover=True)
+    handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-resume-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    postmaster = lab.postgres(a).pid
+    t0 = time.time()
+    try:
+        async def measured():
+            st = await _state(handle)
+            return st if st and st.rounds >= 2 and st.target_lag_bytes is not None else None
+
+        await _until(measured, 60, "rounds that see the primary up and measure the standby's lag")
+        await handle.signal(MonitorWorkflow.pause, "planned restart")
+        os.kill(postmaster, signal.SIGSTOP)  # no query gets an answer: down from every vantage point
+        try:
+            async def counted():
+                st = await _state(handle)
+                return st if st and st.status == "paused" and st.failures > inp.failure_threshold else None
+
+            paused = await _until(counted, 60, "the paused monitor to count past the threshold")
+            await handle.signal(MonitorWorkflow.resume)
+
+            async def resumed_round():
+                st = await _state(handle)
+                return st if st and st.status == "running" and (st.failures < paused.failures
+                                                                 or st.failovers_started) else None
+
+            after = await _until(resumed_round, 30, "a round after resume")
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+        assert after.failovers_started == 0 and after.failures < inp.failure_threshold, after
+        assert not await _moves_since(client, lab, t0)
+
+        async def answers():
+            st = await _state(handle)
+            return st if st and st.failures == 0 and st.rounds > after.rounds else None
+
+        await _until(answers, 60, "the primary to answer again")
+        await handle.signal(MonitorWorkflow.stop, "test over")
+        assert (await handle.result()).failover is None
+        await record(handle, "monitor-resume-counts-afresh")
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        try:
+            await handle.terminate("test over")
+        except Exception:  # noqa: BLE001 - already stopped
+            pass
+    assert _primary(lab) == a
+
+
+async def test_a_move_the_monitor_started_outlives_the_monitor(lab, client):
+    """An operator terminates (or resets) the monitor while its automatic failover waits for
+    approval. With the default parent-close policy the failover was terminated with it: past
+    its point of no return, a move stopped half-way (old primary fenced, target promoted,
+    nothing routed). It runs on, and ends by its own approval: rejected here, undone."""
+    from temporalio.client import WorkflowFailureError
+
+    from workflows.failover import FailoverWorkflow
+    from workflows.models import ApprovalDecision
+
+    a, _ = _names(lab)
+    assert _primary(lab) == a
+    inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2, auto_failover=True,
+                       require_approval=True)
+    handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-abandon-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    postmaster = lab.postgres(a).pid
+    try:
+        async def measured():
+            st = await _state(handle)
+            return st if st and st.rounds >= 2 and st.target_lag_bytes is not None else None
+
+        await _until(measured, 60, "rounds that see the primary up and measure the standby's lag")
+        os.kill(postmaster, signal.SIGSTOP)
+        try:
+            move = client.get_workflow_handle_for(FailoverWorkflow.run, move_id(lab.cfg.service))
+            await _until(lambda: _awaiting(move), 60, "the automatic failover's approval gate")
+            await handle.terminate("an operator's reset")
+            assert (await move.describe()).status == WorkflowExecutionStatus.RUNNING
+            await move.execute_update(FailoverWorkflow.approve, ApprovalDecision(
+                approver="bob", decision="reject", comment="the primary is only frozen"))
+            with pytest.raises(WorkflowFailureError) as e:
+                await move.result()
+            assert "approval rejected by bob" in e.value.cause.message
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        try:
+            await handle.terminate("test over")
+        except Exception:  # noqa: BLE001 - already ended
+            pass
+    assert _primary(lab) == a
+
+
 async def test_workers_serve_sdk_and_dr_metrics_that_follow_the_lab(lab, client):
     a = _primary(lab)  # wherever the primary is now; b: its standby
     b = lab.cfg.other(a).name
@@ -227,6 +328,12 @@ def test_a_metric_the_sdk_rejects_never_fails_what_it_measures():
     assert _value(text, "eagle_dr_last_rpo_unknown", runbook="failover") == 1  # unknown is said, never "met"
     assert _value(text, "eagle_dr_last_rpo_met", runbook="failover") is None
     assert _value(text, "eagle_dr_redis_offset_lag_bytes", region="r1") is None
+    # A move whose routing failed: its steps' time is no RTO (workflows/failover.py finish_measurement).
+    metrics.move_measured(meter, "svc", "switchover", Rto(detected_at=datetime.now(timezone.utc), total_s=2.0,
+                                                          target_s=300, serving_basis="routing failed"), Rpo())
+    text = _scrape(port)
+    assert _value(text, "eagle_dr_last_rto_seconds", runbook="switchover") is None
+    assert _value(text, "eagle_dr_last_rto_unknown", runbook="switchover") == 1
 
 
 async def test_a_failed_automatic_attempt_keeps_its_cooldown_across_continue_as_new(lab, client):

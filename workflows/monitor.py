@@ -219,6 +219,7 @@ class MonitorWorkflow(Runbook):
         # The region whose outage the channels were told of (resolved when it is over).
         self._outage_open: str | None = None
         self._outage_since = None  # when the watched primary's current outage began (MonitorInput)
+        self._fresh_count = False  # resumed: the failed rounds start again from none
         self._readiness_bad: set[str] = set()
         # The readiness checks in flight (they never hold up a probe round), when they are due next,
         # and the verdicts the last report gave.
@@ -282,6 +283,9 @@ class MonitorWorkflow(Runbook):
             self.paused = False
             self.state.paused_since, self.state.pause_reason, self.state.status = None, "", "running"
             self._noted = None  # an outage still under way is reported (and acted on) afresh
+            # The rounds counted while paused (a planned restart of the primary, say) must not
+            # fail over at the first round after resume: a fresh run of failed rounds does.
+            self._fresh_count = True
             self._finding("resumed")
 
     @workflow.signal
@@ -494,6 +498,10 @@ class MonitorWorkflow(Runbook):
             if readiness:
                 self._readiness_tick(inp, topo, primary, reports)
             down, answered = self._tally(primary, reports)
+            if self._fresh_count:
+                self._fresh_count = False
+                if workflow.patched("monitor-resume-counts-afresh"):
+                    failures, first_failure, hard = 0, None, 0
             if answered and down * 2 > answered:
                 failures += 1
                 first_failure = first_failure or started
@@ -522,15 +530,18 @@ class MonitorWorkflow(Runbook):
             if failures >= inp.failure_threshold or confirmed:
                 since = self._outage_since or first_failure
                 why_not = self._why_not_fail_over(inp, topo, primary, reports, since)
-                self._outage(inp, topo, primary, first_failure, why_not)
+                self._outage(inp, topo, primary, since, why_not)
                 if why_not is not None:
-                    self._note_once(f"**{primary} is DOWN** since {first_failure.isoformat(timespec='seconds')}: "
+                    self._note_once(f"**{primary} is DOWN** since {since.isoformat(timespec='seconds')}: "
                                     f"{why_not}")
                     workflow.upsert_search_attributes([DR_OUTCOME.value_set("primary-down")])
                 else:
                     why = (f"{primary}'s PostgreSQL and Redis refused connections in {hard} rounds in a row"
                            if confirmed and failures < inp.failure_threshold else None)
-                    if (done := await self._auto_failover(inp, topo, primary, first_failure, why)):
+                    # The outage began at its first failed round, before a continue-as-new or a
+                    # refused attempt restarted the count: the failover's RTO counts from there.
+                    began = since if workflow.patched("monitor-rto-from-outage-start") else first_failure
+                    if (done := await self._auto_failover(inp, topo, primary, began, why)):
                         return done
                     # Refused, failed, or another move holds the id: recorded; the cooldown
                     # holds the next attempt back, and the next rounds say where the primary is.
@@ -673,7 +684,8 @@ class MonitorWorkflow(Runbook):
                     max_lag_bytes=inp.max_lag_bytes, source_known_down=True,
                     approval=ApprovalPolicy(required=inp.require_approval)),
                 id=move_id(inp.service), task_queue=workflow.info().task_queue,
-                static_summary=f"automatic failover {inp.service} {primary} -> {target}")
+                static_summary=f"automatic failover {inp.service} {primary} -> {target}",
+                **_outlives_the_monitor())
         except WorkflowAlreadyStartedError:
             self._finding(f"{primary} down, but a move already holds {move_id(inp.service)}: not started")
             return None
@@ -1011,7 +1023,8 @@ class MonitorWorkflow(Runbook):
                 SplitBrainWorkflow.run, SplitBrainInput(service=inp.service, trigger=Trigger.automatic, reason=what,
                                                         detected_at=since),
                 id=move_id(inp.service), task_queue=workflow.info().task_queue,
-                static_summary=f"automatic split-brain resolution {inp.service}")
+                static_summary=f"automatic split-brain resolution {inp.service}",
+                **_outlives_the_monitor())
         except ChildWorkflowError as e:
             # The runbook says why in its own history; the monitor ends visibly, not by crashing.
             workflow.upsert_search_attributes([DR_OUTCOME.value_set("split-brain-unresolved")])
@@ -1058,7 +1071,8 @@ class MonitorWorkflow(Runbook):
                                                     detected_at=first_failure, max_lag_bytes=inp.max_lag_bytes,
                                                     source_known_down=True),
                 id=move_id(inp.service), task_queue=workflow.info().task_queue,
-                static_summary=f"automatic failover {inp.service} {primary} -> {target}")
+                static_summary=f"automatic failover {inp.service} {primary} -> {target}",
+                **_outlives_the_monitor())
         except WorkflowAlreadyStartedError:
             if not keep_watching:
                 raise
@@ -1076,3 +1090,14 @@ class MonitorWorkflow(Runbook):
         if inp.stop_after_failover:
             return report
         workflow.continue_as_new(inp.model_copy(update={"primary_region": target}))
+
+
+def _outlives_the_monitor() -> dict:
+    """A move the monitor started runs to its end whatever happens to the monitor: terminated
+    or reset by an operator (a stop is not honoured while it waits for the move), the default
+    policy would terminate the move too, past its point of no return (no_return guards against
+    a cancel, not a termination): the old primary fenced, the target promoted, nothing routed.
+    (Older histories started theirs with the default.)"""
+    if not workflow.patched("monitor-moves-outlive-it"):
+        return {}
+    return {"parent_close_policy": workflow.ParentClosePolicy.ABANDON}
