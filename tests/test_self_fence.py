@@ -18,6 +18,9 @@ service name of its own) and Temporal are the lab's real ones.
 - Cut again, and a move is running when contact returns: the fence stays until it ends.
 - A runbook's Redis fence over the self-fence is the runbook's: the lift leaves it.
 - PostgreSQL down inside the partition: its Redis master is fenced all the same.
+- Never cut off, and the other region's writable primary records a newer epoch (a failover
+  while this region was powered off): this primary is fenced as superseded, its Redis master
+  too, and never lifted by the worker.
 """
 
 from __future__ import annotations
@@ -300,6 +303,22 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
             node.ctl.start()
             await _until(lambda: asyncio.to_thread(lambda: _redis_write(rnode) is None), 60,
                          "the Redis self-fence lifted once all answers again")
+
+            # Never cut off, never fenced, and the other region's writable primary records a
+            # newer epoch: a failover promoted it while this region was gone (powered off: its
+            # worker fenced nothing, and the supervisor started PostgreSQL again, writable).
+            # Two primaries took writes until a human noticed; the worker fences this one, and
+            # its Redis master (the other region's is a master too), for the runbooks to settle.
+            await _until(lambda: asyncio.to_thread(lambda: _write(node, 7_000_000 + rounds) is None), 30,
+                         "the guarded primary writable before the epoch moves")
+            epochs.advance_epoch(peer_cfg, service, 9, primary, "test-failover-while-gone", "run-2")
+            await _until(refused, 60, f"the superseded primary to refuse writes (last: {seen[-1:]})")
+            assert holder() == "superseded"
+            await _until(lambda: asyncio.to_thread(lambda: "NOREPLICAS" in (_redis_write(rnode) or "")), 30,
+                         "the superseded Redis master to refuse writes")
+            assert redis_holder(guarded_redis) == ("master", "runbook")
+            await after_rounds(3)
+            assert holder() == "superseded", "the worker lifted a superseded primary's fence"
         finally:
             watch.cancel()
             temporal.close()

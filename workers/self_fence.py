@@ -26,6 +26,12 @@ read-only). With no contact for ``health.self_fence_after``:
 A failover that could not fence an old primary it found unreachable by timeout, with that
 primary's worker silent, waits the same bound (workflows/failover.py).
 
+With contact everywhere, an unfenced primary here that another region's unfenced primary
+has superseded (a newer DR epoch there: a failover promoted it while this region was gone,
+powered off, say, and the supervisor started PostgreSQL again writable) is fenced read-only,
+and its Redis master with it when the other region's Redis is a master: two primaries are
+never left taking writes for a human to notice. That fence is never lifted here.
+
 When Temporal and every other region answer again, it lifts each fence only if it is still
 its own, no move (``dr-move-<service>``) is running, and no region records a DR epoch newer
 than this node's (a failover that promoted the other region recorded one there). For
@@ -145,6 +151,7 @@ class SelfFence:
             self.contact_seen = True
             if c.all:
                 await self._maybe_lift(pg)
+                await self._fence_if_superseded(pg)
             return
         alone = now - self.last_contact
         primary, held = await asyncio.to_thread(_local_state, pg)
@@ -210,6 +217,78 @@ class SelfFence:
         elif why != self.kept_why:
             self.log.warning("self_fence.kept", why=f"{why}: the runbooks decide this node's fate")
             self.kept_why = why
+
+    async def _fence_if_superseded(self, pg) -> None:
+        """An unfenced primary here while another region's unfenced primary records a newer DR
+        epoch (a failover promoted it) is an old primary back from an outage the failover could
+        not fence it in: a region that lost power, its PostgreSQL started again by its
+        supervisor, writable, its services never scaled down (their cluster was unreachable).
+        Its worker, back with it, fences it read-only (marked "superseded": never lifted here,
+        failback rewinds it), and its Redis master too when the other region's Redis is a
+        master, before the two take more writes than they have. Nothing while a move runs:
+        that runbook decides."""
+        primary, held = await asyncio.to_thread(_local_state, pg)
+        if not primary or held:
+            return
+        why = await self._superseded_by()
+        if why is None:
+            return
+        fence = await asyncio.to_thread(fence_read_only, pg, 3, "superseded")
+        if fence.method == "read_only" and not fence.error:
+            self.log.error("self_fence.superseded_fenced", why=why, last_lsn=fence.last_lsn)
+        else:
+            self.log.error("self_fence.superseded_fence_failed", why=why, error=fence.error or fence.method)
+        await asyncio.to_thread(self._fence_redis_superseded, why)
+
+    def _fence_redis_superseded(self, why: str) -> None:
+        here = self.cfg.region(self.region).redis
+        if redis_holder(here) != ("master", None):
+            return  # a replica takes no writes; a fenced master is fenced
+        if not any(redis_holder(r.redis) == ("master", None) for r in self.cfg.regions if r.name != self.region):
+            return  # the other side's Redis is no master: fencing this one would leave none
+        f = redis_fence(here)  # a runbook's fence: the worker never lifts it
+        self.log.error("self_fence.superseded_redis_fenced" if f.paused else "self_fence.superseded_redis_failed",
+                       why=why, error=f.error)
+
+    async def _superseded_by(self) -> str | None:
+        from temporalio.client import WorkflowExecutionStatus
+        from temporalio.service import RPCError, RPCStatusCode
+
+        from workflows.runbook import move_id
+
+        own = self.cfg.region(self.region).postgres
+
+        def newer() -> str | None:
+            mine = epochs.read_epoch(own, self.cfg.service).epoch
+            for r in self.cfg.regions:
+                if r.name == self.region:
+                    continue
+                try:
+                    theirs = epochs.read_epoch(r.postgres, self.cfg.service)
+                except psycopg.Error:
+                    continue
+                if theirs.epoch <= mine:
+                    continue  # the common case, each round on a healthy primary: one read
+                writable, held = _local_state(r.postgres)
+                if writable and not held:
+                    return (f"{r.name} is a writable primary recording epoch {theirs.epoch} ({theirs.workflow_id}), "
+                            f"newer than this node's {mine}")
+            return None
+
+        try:
+            why = await asyncio.to_thread(newer)
+        except psycopg.Error:
+            return None
+        if why is None:
+            return None
+        try:
+            d = await self.client.get_workflow_handle(move_id(self.cfg.service)).describe()
+            if d.status == WorkflowExecutionStatus.RUNNING:
+                return None
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                return None  # unknown: a fence needs evidence
+        return why
 
     async def _keep_why(self) -> str | None:
         from temporalio.client import WorkflowExecutionStatus
