@@ -190,8 +190,11 @@ class FailoverWorkflow(Runbook):
                                                             sq, e)
                     notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
                 try:
+                    # Bounded in the queue: a target worker that died right after the promotion
+                    # never picks it up, and past the point of no return the move must go on to
+                    # Redis and routing (control steps) and say what is missing, not wait.
                     await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
-                                   queue=tq)
+                                   queue=tq, schedule_to_start=30)
                 except ActivityError as e:
                     if not workflow.patched("failover-epoch-record-degrades"):
                         raise

@@ -273,7 +273,9 @@ class SwitchoverWorkflow(Runbook):
         if aborted.promotion is None:
             return None, f"{failure}; {target} {aborted.detail}"
         try:
-            await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq)
+            # Bounded in the queue: past the point of no return a dead target worker degrades it.
+            await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch), queue=tq,
+                           schedule_to_start=30)
         except ActivityError as e:
             # Promoted: past the point of no return, so reported, not raised.
             self.degrade(f"recording epoch {self.epoch} on {target}", e.cause or e,
@@ -378,8 +380,11 @@ class SwitchoverWorkflow(Runbook):
 
         async with self.step("old primary becomes standby") as st:
             try:
+                # Bounded in the queue: a source worker that died after the promotion would hold
+                # the run (and the move's id) forever; the rejoin is then degraded, for failback.
                 rejoined = await self.act(PostgresActivities.rejoin_as_standby, RejoinRequest(
-                    region=source, primary_region=target, epoch=self.epoch), queue=sq, timeout=330, heartbeat=30)
+                    region=source, primary_region=target, epoch=self.epoch), queue=sq, timeout=330, heartbeat=30,
+                    schedule_to_start=60)
                 st.detail = f"{source} streams from {rejoined.upstream} via slot {rejoined.slot}"
             except ActivityError as e:
                 st.status = "failed"
