@@ -19,8 +19,8 @@ service name of its own) and Temporal are the lab's real ones.
 - A runbook's Redis fence over the self-fence is the runbook's: the lift leaves it.
 - PostgreSQL down inside the partition: its Redis master is fenced all the same.
 - Never cut off, and the other region's writable primary records a newer epoch (a failover
-  while this region was powered off): this primary is fenced as superseded, its Redis master
-  too, and never lifted by the worker.
+  while this region was powered off), which the split-brain survivor rule keeps: this primary
+  is fenced as superseded, its Redis master too, and never lifted by the worker.
 """
 
 from __future__ import annotations
@@ -159,6 +159,11 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
                    for r in lab.cfg.regions]
         cfg = lab.cfg.model_copy(update={
             "service": service, "regions": regions,
+            # The guarded node and the lab's primary are two writable primaries from the start:
+            # with routing to read, the lab's (naming the lab's primary active) would have the
+            # superseded-primary check fence the guarded node at once. Without it, only a newer
+            # epoch there decides (the split-brain rule's fallback), which the last case records.
+            "routing": lab.cfg.routing.model_copy(update={"lab_file": False, "kubernetes": False, "dns": False}),
             "health": lab.cfg.health.model_copy(update={"self_fence_after": timedelta(seconds=AFTER),
                                                         "interval": timedelta(seconds=1)})})
         proxied = await connect(target_host=f"127.0.0.1:{t_port}", config=lab.cfg)
@@ -307,8 +312,9 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
             # Never cut off, never fenced, and the other region's writable primary records a
             # newer epoch: a failover promoted it while this region was gone (powered off: its
             # worker fenced nothing, and the supervisor started PostgreSQL again, writable).
-            # Two primaries took writes until a human noticed; the worker fences this one, and
-            # its Redis master (the other region's is a master too), for the runbooks to settle.
+            # Two primaries took writes until a human noticed; the split-brain rule keeps the
+            # other (routing names no region here, so the higher epoch decides), and the worker
+            # fences this one, and its Redis master (the other region's is a master too).
             await _until(lambda: asyncio.to_thread(lambda: _write(node, 7_000_000 + rounds) is None), 30,
                          "the guarded primary writable before the epoch moves")
             epochs.advance_epoch(peer_cfg, service, 9, primary, "test-failover-while-gone", "run-2")

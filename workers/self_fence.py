@@ -26,11 +26,12 @@ read-only). With no contact for ``health.self_fence_after``:
 A failover that could not fence an old primary it found unreachable by timeout, with that
 primary's worker silent, waits the same bound (workflows/failover.py).
 
-With contact everywhere, an unfenced primary here that another region's unfenced primary
-has superseded (a newer DR epoch there: a failover promoted it while this region was gone,
-powered off, say, and the supervisor started PostgreSQL again writable) is fenced read-only,
-and its Redis master with it when the other region's Redis is a master: two primaries are
-never left taking writes for a human to notice. That fence is never lifted here.
+With contact everywhere, an unfenced primary here beside another region's unfenced primary
+that the split-brain survivor rule keeps, on evidence (routing names that region active, or
+it holds the higher DR epoch: a failover promoted it while this region was gone, powered off,
+say, and the supervisor started PostgreSQL again writable), is fenced read-only, and its Redis
+master with it when another Redis master takes writes: two primaries are never left taking
+writes for a human to notice. That fence is never lifted here.
 
 When Temporal and every other region answer again, it lifts each fence only if it is still
 its own, no move (``dr-move-<service>``) is running, and no region records a DR epoch newer
@@ -111,6 +112,7 @@ class SelfFence:
         self.kept_why: str | None = None
         self.redis_silent = False
         self.contact_seen = False
+        self._superseded_task: asyncio.Task | None = None
 
     async def _temporal_answers(self) -> bool:
         from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
@@ -151,7 +153,7 @@ class SelfFence:
             self.contact_seen = True
             if c.all:
                 await self._maybe_lift(pg)
-                await self._fence_if_superseded(pg)
+                self._check_superseded(pg)
             return
         alone = now - self.last_contact
         primary, held = await asyncio.to_thread(_local_state, pg)
@@ -218,26 +220,37 @@ class SelfFence:
             self.log.warning("self_fence.kept", why=f"{why}: the runbooks decide this node's fate")
             self.kept_why = why
 
+    def _check_superseded(self, pg) -> None:
+        """Started each round with contact everywhere, one at a time, never awaited by the
+        round: a peer that stops answering in the middle of its reads (a partition starting)
+        holds this check for as long as TCP takes to give up, never the partition's fence."""
+        if self._superseded_task is None or self._superseded_task.done():
+            self._superseded_task = asyncio.create_task(self._fence_if_superseded(pg))
+
     async def _fence_if_superseded(self, pg) -> None:
-        """An unfenced primary here while another region's unfenced primary records a newer DR
-        epoch (a failover promoted it) is an old primary back from an outage the failover could
-        not fence it in: a region that lost power, its PostgreSQL started again by its
-        supervisor, writable, its services never scaled down (their cluster was unreachable).
-        Its worker, back with it, fences it read-only (marked "superseded": never lifted here,
-        failback rewinds it), and its Redis master too when the other region's Redis is a
-        master, before the two take more writes than they have. Nothing while a move runs:
-        that runbook decides."""
-        primary, held = await asyncio.to_thread(_local_state, pg)
-        if not primary or held:
+        """Two writable primaries, this one unfenced, and the split-brain survivor rule, decided
+        on evidence (routing names the other region the active one, or the other holds the
+        higher DR epoch; not region priority alone), keeps the other: this is an old primary
+        back from an outage a failover could not fence it in (a region that lost power, its
+        PostgreSQL started again by its supervisor, writable, its services never scaled down).
+        Its worker fences it read-only (marked "superseded": never lifted here; failback
+        rewinds it, split brain resolves it), and its Redis master too when another region's
+        Redis is an unfenced master, so the two stop taking writes apart. Nothing while a move
+        runs: that runbook decides."""
+        try:
+            choice = await self._superseded_by(pg)
+        except Exception as e:  # noqa: BLE001 - a check that fails fences nothing, and says so
+            self.log.warning("self_fence.superseded_check_failed", error=str(e))
             return
-        why = await self._superseded_by()
-        if why is None:
+        if choice is None:
             return
+        why = f"{choice.survivor} keeps the writes ({choice.why})"
         fence = await asyncio.to_thread(fence_read_only, pg, 3, "superseded")
         if fence.method == "read_only" and not fence.error:
             self.log.error("self_fence.superseded_fenced", why=why, last_lsn=fence.last_lsn)
         else:
             self.log.error("self_fence.superseded_fence_failed", why=why, error=fence.error or fence.method)
+            return
         await asyncio.to_thread(self._fence_redis_superseded, why)
 
     def _fence_redis_superseded(self, why: str) -> None:
@@ -245,41 +258,35 @@ class SelfFence:
         if redis_holder(here) != ("master", None):
             return  # a replica takes no writes; a fenced master is fenced
         if not any(redis_holder(r.redis) == ("master", None) for r in self.cfg.regions if r.name != self.region):
-            return  # the other side's Redis is no master: fencing this one would leave none
+            return  # no other writable master: fencing this one would leave none
         f = redis_fence(here)  # a runbook's fence: the worker never lifts it
         self.log.error("self_fence.superseded_redis_fenced" if f.paused else "self_fence.superseded_redis_failed",
                        why=why, error=f.error)
 
-    async def _superseded_by(self) -> str | None:
+    async def _superseded_by(self, pg):
         from temporalio.client import WorkflowExecutionStatus
         from temporalio.service import RPCError, RPCStatusCode
 
+        from activities.split_brain import choose_survivor, detect
         from workflows.runbook import move_id
 
-        own = self.cfg.region(self.region).postgres
+        def decide():
+            primary, held = _local_state(pg)
+            if not primary or held:
+                return None
+            # The common case, each round on a healthy primary: the other side is a standby.
+            if not any(_local_state(r.postgres) == (True, None) for r in self.cfg.regions if r.name != self.region):
+                return None
+            report = detect(self.cfg)
+            if self.region not in report.postgres_primaries or len(report.postgres_primaries) < 2:
+                return None
+            choice = choose_survivor(self.cfg.split_brain.survivor_rule, report,
+                                     {r.name: r.priority for r in self.cfg.regions})
+            return choice if choice.loser == self.region and choice.rule in ("active-region", "highest-epoch") \
+                else None
 
-        def newer() -> str | None:
-            mine = epochs.read_epoch(own, self.cfg.service).epoch
-            for r in self.cfg.regions:
-                if r.name == self.region:
-                    continue
-                try:
-                    theirs = epochs.read_epoch(r.postgres, self.cfg.service)
-                except psycopg.Error:
-                    continue
-                if theirs.epoch <= mine:
-                    continue  # the common case, each round on a healthy primary: one read
-                writable, held = _local_state(r.postgres)
-                if writable and not held:
-                    return (f"{r.name} is a writable primary recording epoch {theirs.epoch} ({theirs.workflow_id}), "
-                            f"newer than this node's {mine}")
-            return None
-
-        try:
-            why = await asyncio.to_thread(newer)
-        except psycopg.Error:
-            return None
-        if why is None:
+        choice = await asyncio.to_thread(decide)
+        if choice is None:
             return None
         try:
             d = await self.client.get_workflow_handle(move_id(self.cfg.service)).describe()
@@ -288,7 +295,7 @@ class SelfFence:
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 return None  # unknown: a fence needs evidence
-        return why
+        return choice
 
     async def _keep_why(self) -> str | None:
         from temporalio.client import WorkflowExecutionStatus
