@@ -501,7 +501,10 @@ class MonitorWorkflow(Runbook):
             if self._fresh_count:
                 self._fresh_count = False
                 if workflow.patched("monitor-resume-counts-afresh"):
-                    failures, first_failure, hard = 0, None, 0
+                    # The outage (and a split seen) while paused is the maintenance's: the one
+                    # acted on, and its RTO, start now.
+                    failures, first_failure, hard, splits, first_split = 0, None, 0, 0, None
+                    self._outage_since = None
             if answered and down * 2 > answered:
                 failures += 1
                 first_failure = first_failure or started
@@ -670,6 +673,7 @@ class MonitorWorkflow(Runbook):
     async def _auto_failover(self, inp: MonitorInput, topo, primary: str, first_failure,
                              why: str | None = None) -> MonitorReport | None:
         target = topo.other(primary).name
+        before = self._last_attempt, self.state.cooldown_until
         attempt = self._last_attempt = workflow.now()
         self.state.cooldown_until = attempt + timedelta(seconds=inp.auto_failover_cooldown_seconds)
         workflow.set_current_details(f"**{primary} is DOWN**: failing over to {target}")
@@ -688,6 +692,11 @@ class MonitorWorkflow(Runbook):
                 **_outlives_the_monitor())
         except WorkflowAlreadyStartedError:
             self._finding(f"{primary} down, but a move already holds {move_id(inp.service)}: not started")
+            if workflow.patched("monitor-collision-no-cooldown"):
+                # Nothing was attempted: the move holding the id (one an alert started, waiting for
+                # an approval nobody gives) may end without moving anything, and a cooldown
+                # started here would hold the monitor's own failover back for its whole length.
+                self._last_attempt, self.state.cooldown_until = before
             return None
         self.state.failovers_started += 1
         self._finding(f"automatic failover {primary} -> {target} started")
