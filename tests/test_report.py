@@ -312,3 +312,21 @@ async def _closed(handle):
     if (await handle.describe()).status != WorkflowExecutionStatus.COMPLETED:
         return None
     return await handle.result()
+
+
+def test_a_move_whose_routing_failed_reports_its_rto_unknown_with_why():
+    """The run's result says why its RTO is unknown (workflows/failover.py finish_measurement):
+    the report shows that, never the steps' time as an RTO."""
+    import json
+
+    from eagle_dr.report import text
+    from eagle_dr.report.extract import _rto
+    from eagle_dr.report.html import _rto_table
+
+    r = _report("failover-unplanned")
+    d = json.loads(r.rtos[0].model_dump_json())
+    d.update(met=None, serving_basis="routing failed: clients were not sent to the new primary by the end of the run")
+    (rto,) = r.rtos[:] = [_rto("failover", d, None)]
+    assert rto.serving_basis.startswith("routing failed")
+    assert "unknown: routing failed" in _rto_table([rto])
+    assert "RTO failover: unknown (routing failed" in text.render(r) and "5.39" not in text.render(r).split("RTO ")[1]

@@ -178,7 +178,8 @@ def _rto_table(rtos: list[RtoView]) -> str:
                                        if v.client_gap_start and v.client_gap_end else "")
         rows.append(f"<tr><td>{e(v.title)}</td><td>{e(_t(v.detected_at))}</td>"
                     f'<td class="num">{_s(v.detection_to_decision_s)}</td><td class="num">{_s(v.decision_to_writable_s)}</td>'
-                    f'<td class="num">{_s(v.writable_to_serving_s)}</td><td class="num">{_s(v.total_s)}</td>'
+                    f'<td class="num">{_s(v.writable_to_serving_s)}</td>'
+                    f'<td class="num">{"unknown: " + e(v.serving_basis) if v.serving_basis else _s(v.total_s)}</td>'
                     f'<td class="num">{_s(v.target_s)}</td><td>{_verdict(v.met)}</td><td>{gap}</td></tr>')
     return ("<table class=\"rto\"><tr><th>move</th><th>detected</th><th>detection → decision</th>"
             "<th>decision → writable</th><th>writable → serving</th><th>RTO</th><th>target</th><th>verdict</th>"

@@ -36,6 +36,8 @@ class RtoView(BaseModel):
     total_s: float | None = None
     target_s: float | None = None
     met: bool | None = None
+    # Set when the run ended without serving (its routing failed): the RTO is unknown.
+    serving_basis: str | None = None
     # The write gap as the clients saw it: duration always when measured, times when the
     # run's own history holds the measurement (the client_outage activity's result).
     client_outage_s: float | None = None

@@ -29,6 +29,9 @@ def render(r: RunReport) -> str:
         lines.append(f"  {'  ' * b.depth}{b.label:<{48 - 2 * b.depth}} {b.status:<9} {secs:8.2f}s"
                      + (f"  {b.detail}" if b.detail else ""))
     for v in r.rtos:
+        if v.serving_basis:
+            lines.append(f"  RTO {v.title}: unknown ({v.serving_basis})")
+            continue
         lines.append(f"  RTO {v.title}: {_s(v.total_s)} (target {_s(v.target_s)}: {_verdict(v.met)}) = detection->"
                      f"decision {_s(v.detection_to_decision_s)} + decision->writable {_s(v.decision_to_writable_s)} + "
                      f"writable->serving {_s(v.writable_to_serving_s)}; client write gap {_s(v.client_outage_s)}")
