@@ -10,6 +10,7 @@ import codecs
 import glob
 import os
 import pwd
+import re
 import select
 import signal
 import shutil
@@ -72,11 +73,14 @@ FENCE_MARKER = "eagle_dr_fence.json"
 # overrides the setting in its startup packet, as eagle-dr's own connections do.
 FENCE_LIBRARY = "eagle_dr_fenced_old_primary"
 # What write_standby_config writes itself, or takes out of postgresql.auto.conf: the recovery
-# settings (a stop fence's "standby of nothing", an earlier upstream, a PITR's targets), and
-# the read-only fence (its library is taken out of session_preload_libraries, the rest kept).
+# settings (a stop fence's "standby of nothing", an earlier upstream, a PITR's targets and
+# what they do at the end), the read-only fence and its mark (its library is taken out of
+# session_preload_libraries, the rest kept), and hot_standby (off, the standby would never
+# take the reads that tell eagle-dr it streams: a rejoin would wait out its deadline).
 _STANDBY_REWRITES = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline",
                      "recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
-                     "recovery_target_xid", "promote_trigger_file", "default_transaction_read_only")
+                     "recovery_target_xid", "recovery_target_action", "recovery_target_inclusive",
+                     "promote_trigger_file", "default_transaction_read_only", "eagle_dr.fenced_by", "hot_standby")
 _STANDBY_COMMENT = "# Written by eagle-dr when this node became a standby."
 
 
@@ -475,10 +479,13 @@ def _fields(controldata: str) -> dict[str, str]:
 
 
 def setting_name(line: str) -> str | None:
-    """The setting a line of postgresql.auto.conf sets (None: a comment, a blank)."""
-    head, eq, _ = line.partition("=")
-    name = head.strip()
-    return name if eq and name and not name.startswith("#") else None
+    """The setting a line of postgresql.auto.conf sets, lower case as PostgreSQL reads names
+    (None: a comment, a blank). The "=" is optional there: ``name 'value'`` sets it too."""
+    m = _SETTING.match(line)
+    return m.group(1).lower() if m else None
+
+
+_SETTING = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.$]*)\s*(?:=|\s)")
 
 
 def libraries(value: str | None) -> list[str]:
