@@ -85,7 +85,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.failover import FailoverWorkflow
     from eagle_dr import metrics
     from workflows.models import AlertNotice, ApprovalPolicy, MonitorHold, FailoverInput, RunbookResult, Trigger
-    from workflows.runbook import Runbook, move_id
+    from workflows.runbook import Runbook, move_id, outlives_parent
     from workflows.split_brain import SplitBrainInput, SplitBrainResult, SplitBrainWorkflow
     from workflows.validation import RawInput, validated
     from activities.notify.event import NotifyEvent
@@ -673,7 +673,6 @@ class MonitorWorkflow(Runbook):
     async def _auto_failover(self, inp: MonitorInput, topo, primary: str, first_failure,
                              why: str | None = None) -> MonitorReport | None:
         target = topo.other(primary).name
-        before = self._last_attempt, self.state.cooldown_until
         attempt = self._last_attempt = workflow.now()
         self.state.cooldown_until = attempt + timedelta(seconds=inp.auto_failover_cooldown_seconds)
         workflow.set_current_details(f"**{primary} is DOWN**: failing over to {target}")
@@ -689,14 +688,9 @@ class MonitorWorkflow(Runbook):
                     approval=ApprovalPolicy(required=inp.require_approval)),
                 id=move_id(inp.service), task_queue=workflow.info().task_queue,
                 static_summary=f"automatic failover {inp.service} {primary} -> {target}",
-                **_outlives_the_monitor())
+                **outlives_parent("monitor-moves-outlive-it"))
         except WorkflowAlreadyStartedError:
             self._finding(f"{primary} down, but a move already holds {move_id(inp.service)}: not started")
-            if workflow.patched("monitor-collision-no-cooldown"):
-                # Nothing was attempted: the move holding the id (one an alert started, waiting for
-                # an approval nobody gives) may end without moving anything, and a cooldown
-                # started here would hold the monitor's own failover back for its whole length.
-                self._last_attempt, self.state.cooldown_until = before
             return None
         self.state.failovers_started += 1
         self._finding(f"automatic failover {primary} -> {target} started")
@@ -1033,7 +1027,7 @@ class MonitorWorkflow(Runbook):
                                                         detected_at=since),
                 id=move_id(inp.service), task_queue=workflow.info().task_queue,
                 static_summary=f"automatic split-brain resolution {inp.service}",
-                **_outlives_the_monitor())
+                **outlives_parent("monitor-moves-outlive-it"))
         except ChildWorkflowError as e:
             # The runbook says why in its own history; the monitor ends visibly, not by crashing.
             workflow.upsert_search_attributes([DR_OUTCOME.value_set("split-brain-unresolved")])
@@ -1081,7 +1075,7 @@ class MonitorWorkflow(Runbook):
                                                     source_known_down=True),
                 id=move_id(inp.service), task_queue=workflow.info().task_queue,
                 static_summary=f"automatic failover {inp.service} {primary} -> {target}",
-                **_outlives_the_monitor())
+                **outlives_parent("monitor-moves-outlive-it"))
         except WorkflowAlreadyStartedError:
             if not keep_watching:
                 raise
@@ -1100,13 +1094,3 @@ class MonitorWorkflow(Runbook):
             return report
         workflow.continue_as_new(inp.model_copy(update={"primary_region": target}))
 
-
-def _outlives_the_monitor() -> dict:
-    """A move the monitor started runs to its end whatever happens to the monitor: terminated
-    or reset by an operator (a stop is not honoured while it waits for the move), the default
-    policy would terminate the move too, past its point of no return (no_return guards against
-    a cancel, not a termination): the old primary fenced, the target promoted, nothing routed.
-    (Older histories started theirs with the default.)"""
-    if not workflow.patched("monitor-moves-outlive-it"):
-        return {}
-    return {"parent_close_policy": workflow.ParentClosePolicy.ABANDON}
