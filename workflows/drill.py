@@ -35,7 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.models import (ApprovalPolicy, FailoverInput, MonitorHold, RunbookResult, StepRecord,
                                   SwitchoverInput, Trigger)
     from workflows.restore_drill import RestoreDrillInput, RestoreDrillResult, RestoreDrillWorkflow
-    from workflows.runbook import Runbook, monitor_id, move_id
+    from workflows.runbook import Runbook, monitor_id, move_id, outlives_parent
     from workflows.switchover import SwitchoverWorkflow
     from workflows.validation import RawInput, invalid, validated
 
@@ -128,7 +128,8 @@ class DrillWorkflow(Runbook):
                                                         reason="DR drill: planned switchover", approval=auto,
                                                         measure_client_impact=True),
                 id=move_id(inp.service), task_queue=control,
-                static_summary=f"Drill: switchover {inp.service} {a} -> {b}")
+                static_summary=f"Drill: switchover {inp.service} {a} -> {b}",
+                **outlives_parent("drill-moves-outlive-it"))
             st.detail = f"{switchover.outcome}; acked writes lost {switchover.rpo.acknowledged_writes_lost}"
 
         async with self.step(f"outage: kill region {b}") as st:
@@ -167,7 +168,8 @@ class DrillWorkflow(Runbook):
                                                     detected_at=outage_at, measure_client_impact=True,
                                                     source_known_down=True),
                 id=move_id(inp.service), task_queue=control,
-                static_summary=f"Drill: failover {inp.service} {b} -> {a}")
+                static_summary=f"Drill: failover {inp.service} {b} -> {a}",
+                **outlives_parent("drill-moves-outlive-it"))
             st.detail = f"{failover.outcome}; RTO {failover.rto.total_s:.1f}s"
 
         alert_latency = await alert_task if alert_task else None
@@ -181,7 +183,8 @@ class DrillWorkflow(Runbook):
                                                         reason="DR drill: failback", switch_back=False),
                     id=move_id(inp.service) if workflow.patched("failback-holds-move-id") else
                     f"dr-failback-{inp.service}", task_queue=control,
-                    static_summary=f"Drill: failback {inp.service} region {b}")
+                    static_summary=f"Drill: failback {inp.service} region {b}",
+                    **outlives_parent("drill-moves-outlive-it"))
                 st.detail = f"{failback.rewind.method}; {failback.divergence.lost.lost_commits} commits after the fork" \
                     if failback.rewind else "it already streamed: nothing to rewind"
 

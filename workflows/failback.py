@@ -45,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.models import ApprovalPolicy, RunbookResult, SwitchoverInput, Trigger
     from workflows.plan import failback_plan
     from workflows.rejoin import Rejoin
-    from workflows.runbook import move_id
+    from workflows.runbook import move_id, outlives_parent
     from workflows.switchover import SwitchoverWorkflow
     from workflows.validation import RawInput, invalid, validated
 
@@ -233,7 +233,8 @@ class FailbackWorkflow(Rejoin):
                             if workflow.info().workflow_id == move_id(inp.service) else move_id(inp.service),
                             task_queue=workflow.info().task_queue,
                             static_summary=f"failback switchover {inp.service} {primary} -> {inp.region}",
-                            execution_timeout=timedelta(hours=2))
+                            execution_timeout=timedelta(hours=2),
+                            **outlives_parent("failback-switch-back-outlives-it"))
                         st.detail = f"{switchover.outcome}; acked writes lost {switchover.rpo.acknowledged_writes_lost}"
                     except ChildWorkflowError as e:
                         # The region is back as a streaming standby and its writes are kept: the switch

@@ -90,6 +90,19 @@ def move_id(service: str) -> str:
     return f"dr-move-{service}"
 
 
+def outlives_parent(patch_id: str) -> dict:
+    """Options for a move a workflow starts as its child (the monitor's automatic failover, a
+    drill's moves, failback's switch back): it runs to its end whatever happens to the parent.
+    Terminated or reset by an operator, or timed out, the parent would otherwise terminate the
+    move too, past its point of no return (no_return guards against a cancel, not a
+    termination): the old primary fenced, the target promoted, nothing routed. A cancel still
+    reaches the child as a cancel. ``patch_id``: histories recorded before started it with the
+    default policy."""
+    if not workflow.patched(patch_id):
+        return {}
+    return {"parent_close_policy": workflow.ParentClosePolicy.ABANDON}
+
+
 def monitor_id(service: str) -> str:
     """The one MonitorWorkflow of a service: whoever starts it (an alert, the CLI, the lab) uses
     this id, so a second start finds the running monitor instead of adding a second one."""
