@@ -83,7 +83,8 @@ def test_a_hold_left_on_a_running_primary_is_named_and_lifted_in_place(lab, lab_
     `eagle-dr unfence --local` lifts it in place: the same postmaster keeps serving (no
     restart), and a restart afterwards comes up as the writable primary."""
     from activities.postgres.ctl import FENCE_MARKER, PgCtl
-    from activities.postgres.fence import _RECOVERY_KEYS, hold_as_standby
+    from activities.postgres.ctl import RECOVERY_KEYS
+    from activities.postgres.fence import hold_as_standby
     from activities.postgres.status import pg_status
 
     a, _ = _names(lab)
@@ -112,7 +113,7 @@ def test_a_hold_left_on_a_running_primary_is_named_and_lifted_in_place(lab, lab_
     assert "eagle-dr fence" not in after, after
     # The recovery settings are reset, not restored: the node is a primary (a rebuilt standby's
     # timeline pin, say, would only be waited for at its next start in recovery).
-    assert _settings(after) == {k: v for k, v in _settings(auto_before).items() if k not in _RECOVERY_KEYS}, after
+    assert _settings(after) == {k: v for k, v in _settings(auto_before).items() if k not in RECOVERY_KEYS}, after
     assert collect(lab.cfg).leftovers == []
     ctl.stop("fast")
     ctl.start()

@@ -72,15 +72,25 @@ FENCE_MARKER = "eagle_dr_fence.json"
 # session_preload_libraries: every new session fails at start, except a superuser's that
 # overrides the setting in its startup packet, as eagle-dr's own connections do.
 FENCE_LIBRARY = "eagle_dr_fenced_old_primary"
+# Who put the read-only fence on, in postgresql.auto.conf beside it: "runbook", or "self" for
+# a regional worker's self-fence (workers/self_fence.py), which only a fence of its own may lift.
+FENCED_BY = "eagle_dr.fenced_by"
+# The recovery settings a node's postgresql.auto.conf can carry: the stop fence's hold writes
+# them all (fence.py, "a standby of nothing"), write_standby_config its own.
+RECOVERY_TARGETS = ("recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
+                    "recovery_target_xid")
+RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline",
+                 *RECOVERY_TARGETS)
+PROMOTE_TRIGGER = "promote_trigger_file"  # PostgreSQL 12-15 only (fence.py)
+# The line the stop fence's hold puts above its recovery settings (fence.py).
+HOLD_COMMENT = "# eagle-dr fence: this old primary must not take writes; it starts as a standby of nothing."
 # What write_standby_config writes itself, or takes out of postgresql.auto.conf: the recovery
 # settings (a stop fence's "standby of nothing", an earlier upstream, a PITR's targets and
 # what they do at the end), the read-only fence and its mark (its library is taken out of
 # session_preload_libraries, the rest kept), and hot_standby (off, the standby would never
 # take the reads that tell eagle-dr it streams: a rejoin would wait out its deadline).
-_STANDBY_REWRITES = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline",
-                     "recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
-                     "recovery_target_xid", "recovery_target_action", "recovery_target_inclusive",
-                     "promote_trigger_file", "default_transaction_read_only", "eagle_dr.fenced_by", "hot_standby")
+_STANDBY_REWRITES = (*RECOVERY_KEYS, "recovery_target_action", "recovery_target_inclusive", PROMOTE_TRIGGER,
+                     "default_transaction_read_only", FENCED_BY, "hot_standby")
 _STANDBY_COMMENT = "# Written by eagle-dr when this node became a standby."
 
 
@@ -499,8 +509,7 @@ def _without_standby_settings(text: str) -> list[str]:
     kept = []
     for line in text.splitlines():
         name = setting_name(line)
-        if line.strip() == _STANDBY_COMMENT or line.strip().startswith("# eagle-dr fence:") \
-                or name in _STANDBY_REWRITES:
+        if line.strip() in (_STANDBY_COMMENT, HOLD_COMMENT) or name in _STANDBY_REWRITES:
             continue
         if name == "session_preload_libraries":
             libs = libraries(line.partition("=")[2].strip().strip("'"))

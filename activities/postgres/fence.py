@@ -37,7 +37,8 @@ import structlog
 from psycopg import sql
 from pydantic import BaseModel
 
-from activities.postgres.ctl import FENCE_MARKER, PgCtl, libraries, setting_name
+from activities.postgres.ctl import (FENCE_MARKER, FENCED_BY, HOLD_COMMENT, PROMOTE_TRIGGER, RECOVERY_KEYS,
+                                     RECOVERY_TARGETS, PgCtl, libraries, setting_name)
 from activities.postgres.status import FENCE_LIBRARY, connect, in_recovery
 from activities.postgres.stopwatch import Stopwatch
 from eagle_dr.config import PostgresConfig, scrubbed_first_line
@@ -118,9 +119,6 @@ def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float, li
     return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
 
 
-# Who put the read-only fence on, in postgresql.auto.conf beside it: "runbook", or "self" for
-# a regional worker's self-fence (workers/self_fence.py), which only a fence of its own may lift.
-FENCED_BY = "eagle_dr.fenced_by"
 # Fencing and a self-fence's lift take this advisory lock on the node, so a runbook's fence
 # never lands between the lift's check of who fenced and its removal of the fence.
 FENCE_LOCK = 0x45444652  # "EDFR"
@@ -195,19 +193,15 @@ def lift_self_fence(cfg: PostgresConfig) -> str | None:
 # No recovery target either: one left from a manual PITR (recovery_target_lsn and the like) is met
 # while a crashed server replays its own WAL, before the consistent point, and PostgreSQL then
 # refuses to start ("requested recovery stop point is before consistent recovery point").
-_RECOVERY_TARGETS = ("recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
-                     "recovery_target_xid")
-_HOLD_COMMENT = "# eagle-dr fence: this old primary must not take writes; it starts as a standby of nothing."
-_RECOVERY_NOWHERE = (_HOLD_COMMENT + "\n"
+_RECOVERY_NOWHERE = (HOLD_COMMENT + "\n"
                      "primary_conninfo = ''\nprimary_slot_name = ''\nrestore_command = ''\n"
-                     "recovery_target_timeline = 'current'\n" + "".join(f"{k} = ''\n" for k in _RECOVERY_TARGETS))
+                     "recovery_target_timeline = 'current'\n" + "".join(f"{k} = ''\n" for k in RECOVERY_TARGETS))
+
+
 # PostgreSQL 12-15 promote a standby when the file named by promote_trigger_file appears: an
 # operator's (or an old HA tool's) trigger would make a held node writable beside the new
 # primary. PostgreSQL 16 removed the setting, and there an unknown name in postgresql.auto.conf
 # stops the server from starting, so it is written only where the data directory's version has it.
-_TRIGGER = "promote_trigger_file"
-
-
 def _has_promote_trigger(ctl: PgCtl) -> bool:
     try:
         major = int((ctl.data_dir / "PG_VERSION").read_text().split(".")[0])
@@ -217,7 +211,7 @@ def _has_promote_trigger(ctl: PgCtl) -> bool:
 
 
 def _hold_settings(ctl: PgCtl) -> str:
-    return _RECOVERY_NOWHERE + (f"{_TRIGGER} = ''\n" if _has_promote_trigger(ctl) else "")
+    return _RECOVERY_NOWHERE + (f"{PROMOTE_TRIGGER} = ''\n" if _has_promote_trigger(ctl) else "")
 
 
 def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
@@ -237,7 +231,7 @@ def hold_as_standby(ctl: PgCtl, before_stop: bool = False) -> bool:
             # A hold interrupted before its signal (the marker is written first), or a marker
             # left behind: finish the hold; the marker keeps the original it saved.
             current = auto.read_text() if auto.exists() else ""
-            if _HOLD_COMMENT not in current:
+            if HOLD_COMMENT not in current:
                 ctl.write_file(auto, current + ("" if current.endswith("\n") or not current else "\n")
                                + _hold_settings(ctl))
             ctl.write_file(signal, "")
@@ -371,12 +365,10 @@ def fence_stop(cfg: PostgresConfig, timeout: float = 3, drain_archive_s: float =
                    exiting=exiting, killed=killed)
 
 
-_RECOVERY_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", "recovery_target_timeline",
-                  *_RECOVERY_TARGETS)
 # What the lift puts back as it was. Not the timeline and the targets: the lift makes the node a
 # primary (which reads none of them), and a rebuild's pin or a PITR's target put back would only
 # wait for the next start in recovery (a pinned timeline the node has since left never comes).
-_RESTORED_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", _TRIGGER)
+_RESTORED_KEYS = ("primary_conninfo", "primary_slot_name", "restore_command", PROMOTE_TRIGGER)
 
 
 def _without_hold(current: str, original: str) -> str:
@@ -387,7 +379,7 @@ def _without_hold(current: str, original: str) -> str:
     unfence`` relies on the server starting read-only so it can check the epoch before
     anything writes."""
     kept = [line for line in current.splitlines()
-            if line.strip() != _HOLD_COMMENT and setting_name(line) not in (*_RECOVERY_KEYS, _TRIGGER)]
+            if line.strip() != HOLD_COMMENT and setting_name(line) not in (*RECOVERY_KEYS, PROMOTE_TRIGGER)]
     kept += [line for line in original.splitlines() if setting_name(line) in _RESTORED_KEYS]
     return "\n".join(kept) + "\n" if kept else ""
 
@@ -433,7 +425,7 @@ def _lift_hold_live(cfg: PostgresConfig, ctl: PgCtl) -> None:
     writes its own, so the original values are not put back. The marker goes last: until
     then a retry finds the hold and lifts it again."""
     with connect(cfg, 3) as conn:
-        for key in (*_RECOVERY_KEYS, _TRIGGER) if _has_promote_trigger(ctl) else _RECOVERY_KEYS:
+        for key in (*RECOVERY_KEYS, PROMOTE_TRIGGER) if _has_promote_trigger(ctl) else RECOVERY_KEYS:
             conn.execute(sql.SQL("alter system reset {}").format(sql.Identifier(key)))
     (ctl.data_dir / "standby.signal").unlink(missing_ok=True)
     (ctl.data_dir / FENCE_MARKER).unlink(missing_ok=True)
