@@ -152,8 +152,11 @@ class SelfFence:
             self.last_contact = now
             self.contact_seen = True
             if c.all:
-                await self._maybe_lift(pg)
-                self._check_superseded(pg)
+                # Read once for both: the lift of a fence of its own, the check of an unfenced primary.
+                primary, held = await asyncio.to_thread(_local_state, pg)
+                await self._maybe_lift(pg, primary, held)
+                if primary and not held:
+                    self._check_superseded(pg)
             return
         alone = now - self.last_contact
         primary, held = await asyncio.to_thread(_local_state, pg)
@@ -196,8 +199,7 @@ class SelfFence:
     def _redis_self_fenced(self) -> bool:
         return redis_holder(self.cfg.region(self.region).redis) == ("master", "self")
 
-    async def _maybe_lift(self, pg) -> None:
-        primary, held = await asyncio.to_thread(_local_state, pg)
+    async def _maybe_lift(self, pg, primary: bool | None, held: str | None) -> None:
         pg_own = bool(primary) and held == "self"
         redis_own = await asyncio.to_thread(self._redis_self_fenced)
         if not pg_own and not redis_own:
@@ -221,9 +223,10 @@ class SelfFence:
             self.kept_why = why
 
     def _check_superseded(self, pg) -> None:
-        """Started each round with contact everywhere, one at a time, never awaited by the
-        round: a peer that stops answering in the middle of its reads (a partition starting)
-        holds this check for as long as TCP takes to give up, never the partition's fence."""
+        """Started in a round with contact everywhere, on an unfenced primary, one at a time,
+        never awaited by the round: a peer that stops answering in the middle of its reads (a
+        partition starting) holds this check for as long as TCP takes to give up, never the
+        partition's fence."""
         if self._superseded_task is None or self._superseded_task.done():
             self._superseded_task = asyncio.create_task(self._fence_if_superseded(pg))
 
@@ -271,9 +274,6 @@ class SelfFence:
         from workflows.runbook import move_id
 
         def decide():
-            primary, held = _local_state(pg)
-            if not primary or held:
-                return None
             # The common case, each round on a healthy primary: the other side is a standby.
             if not any(_local_state(r.postgres) == (True, None) for r in self.cfg.regions if r.name != self.region):
                 return None
