@@ -82,4 +82,5 @@ def test_a_move_whose_routing_failed_has_an_unknown_rto_never_met():
     assert stranded.met is None and "routing failed" in stranded.serving_basis, stranded
     assert rto_text(stranded).startswith("RTO unknown (routing failed") and "4.0 s after detection" in \
         rto_text(stranded)
-    assert measurement_lines(stranded, None)[0].startswith("RTO unknown (routing failed"), measurement_lines(stranded, None)
+    line = measurement_lines(stranded, None)[0]
+    assert line.startswith("RTO unknown (routing failed"), line

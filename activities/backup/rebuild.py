@@ -241,8 +241,8 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     m = re.search(r"restore backup set (\d{8}-\d{6}F(?:_\d{8}-\d{6}[DI])?)", r.stdout + r.stderr)
     # The backup's postgresql.auto.conf is the primary's (a standby backup takes config files
     # from the primary): its recovery settings and any fence are replaced by a standby's, the
-    # way failback writes them (passfile, the region's slot; its other settings kept), plus the archive as a WAL source for what the primary has recycled
-    # since the backup. The restore_command names this node's own config, not the restore's
+    # way failback writes them (passfile, the region's slot; its other settings kept), plus
+    # the archive as a WAL source for what the primary has recycled since the backup. The restore_command names this node's own config, not the restore's
     # --pg1-path, so it stays right whatever directory the data lives in.
     ctl.write_standby_config(primary, application_name, slot)
     restore_command = (f"pgbackrest --config={stanza.conf} --stanza={stanza.name} --repo={key} "

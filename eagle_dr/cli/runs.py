@@ -68,7 +68,8 @@ def _measured(result) -> dict:
     if move is not None:
         rto, rpo = move["rto"], move.get("rpo") or {}
         # A move whose routing failed never served: its steps' time is no RTO (unknown).
-        row.update(rto_s=None if rto.get("serving_basis") else rto.get("total_s"), rto_target_s=rto.get("target_s"), rto_met=rto.get("met"),
+        row.update(rto_s=None if rto.get("serving_basis") else rto.get("total_s"), rto_target_s=rto.get("target_s"),
+                   rto_met=rto.get("met"),
                    rpo_wal_bytes=rpo.get("lost_wal_bytes"), rpo_s=rpo.get("loss_window_s"),
                    rpo_target_s=rpo.get("target_s"), rpo_met=rpo.get("met"),
                    acknowledged_writes_lost=rpo.get("acknowledged_writes_lost"))

@@ -322,8 +322,8 @@ def _nest(bars: list[Bar], child: list[Bar]) -> None:
 def _rto(title: str, d: dict, ev: RunEvents | None) -> RtoView:
     v = RtoView(title=title, **{k: d.get(k) for k in (
         "detection_to_decision_s", "decision_to_writable_s", "writable_to_serving_s", "total_s", "target_s", "met",
-        "client_outage_s", "serving_basis")}, **{k: _parse(d.get(k)) for k in ("detected_at", "decided_at", "writable_at",
-                                                                "serving_at")})
+        "client_outage_s", "serving_basis")},
+        **{k: _parse(d.get(k)) for k in ("detected_at", "decided_at", "writable_at", "serving_at")})
     gap = ev.activity_result("client_outage") if ev else None
     if isinstance(gap, dict):
         v.client_gap_start, v.client_gap_end = _parse(gap.get("last_ok_before")), _parse(gap.get("first_ok_after"))
