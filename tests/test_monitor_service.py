@@ -22,7 +22,8 @@ from temporalio.client import WorkflowExecutionStatus
 from eagle_dr.monitor import MonitorView, monitor_id
 from lab.processes import children, kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _aux_pid, _awaiting, _exec, _names, _primary, _scrape, _until, _value
+from tests.lab_helpers import (_aux_pid, _awaiting, _exec, _left_as_found, _names, _primary, _scrape, _until,
+                               _value)
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 from workflows.runbook import move_id
 
@@ -69,7 +70,7 @@ async def test_cli_start_is_idempotent_pause_holds_a_failover_and_survives_a_wor
     assert f"monitor started: {wid}" in _cli(config, "monitor", "start").stdout
     assert f"monitor already running: {wid}" in _cli(config, "monitor", "start").stdout
     postmaster = lab.postgres(a).pid
-    try:
+    async with _left_as_found(handle, postmaster):
         async def healthy():
             st = await _state(handle)
             return st if st and st.rounds >= 1 and set(st.votes.values()) == {"up"} else None
@@ -109,13 +110,14 @@ async def test_cli_start_is_idempotent_pause_holds_a_failover_and_survives_a_wor
         result = await handle.result()
         assert result.stopped == "test over" and result.failover is None
         assert "NOT RUNNING" in _cli(config, "monitor", "status", ok=False).stdout
-    finally:
-        os.kill(postmaster, signal.SIGCONT)
-        try:
-            await handle.terminate("test over")
-        except Exception:  # noqa: BLE001 - already stopped
-            pass
     assert _primary(lab) == a
+
+
+async def _lag_measured(handle) -> MonitorState | None:
+    """Rounds that saw the primary up and measured the standby's lag: without one, the monitor
+    refuses any automatic failover (the loss would be unknown)."""
+    st = await _state(handle)
+    return st if st and st.rounds >= 2 and st.target_lag_bytes is not None else None
 
 
 async def _rounds_after(handle, rounds: int) -> MonitorState | None:
@@ -172,12 +174,8 @@ async def test_rounds_counted_while_paused_are_not_spent_at_resume(lab, client):
                                          task_queue=lab.cfg.temporal.control_task_queue)
     postmaster = lab.postgres(a).pid
     t0 = time.time()
-    try:
-        async def measured():
-            st = await _state(handle)
-            return st if st and st.rounds >= 2 and st.target_lag_bytes is not None else None
-
-        await _until(measured, 60, "rounds that see the primary up and measure the standby's lag")
+    async with _left_as_found(handle, postmaster):
+        await _until(lambda: _lag_measured(handle), 60, "rounds that measure the standby's lag")
         await handle.signal(MonitorWorkflow.pause, "planned restart")
         os.kill(postmaster, signal.SIGSTOP)  # no query gets an answer: down from every vantage point
         try:
@@ -207,12 +205,6 @@ async def test_rounds_counted_while_paused_are_not_spent_at_resume(lab, client):
         await handle.signal(MonitorWorkflow.stop, "test over")
         assert (await handle.result()).failover is None
         await record(handle, "monitor-resume-counts-afresh")
-    finally:
-        os.kill(postmaster, signal.SIGCONT)
-        try:
-            await handle.terminate("test over")
-        except Exception:  # noqa: BLE001 - already stopped
-            pass
     assert _primary(lab) == a
 
 
@@ -233,31 +225,18 @@ async def test_a_move_the_monitor_started_outlives_the_monitor(lab, client):
     handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-abandon-{uuid.uuid4()}",
                                          task_queue=lab.cfg.temporal.control_task_queue)
     postmaster = lab.postgres(a).pid
-    try:
-        async def measured():
-            st = await _state(handle)
-            return st if st and st.rounds >= 2 and st.target_lag_bytes is not None else None
-
-        await _until(measured, 60, "rounds that see the primary up and measure the standby's lag")
-        os.kill(postmaster, signal.SIGSTOP)
-        try:
-            move = client.get_workflow_handle_for(FailoverWorkflow.run, move_id(lab.cfg.service))
-            await _until(lambda: _awaiting(move), 60, "the automatic failover's approval gate")
-            await handle.terminate("an operator's reset")
-            assert (await move.describe()).status == WorkflowExecutionStatus.RUNNING
-            await move.execute_update(FailoverWorkflow.approve, ApprovalDecision(
-                approver="bob", decision="reject", comment="the primary is only frozen"))
-            with pytest.raises(WorkflowFailureError) as e:
-                await move.result()
-            assert "approval rejected by bob" in e.value.cause.message
-        finally:
-            os.kill(postmaster, signal.SIGCONT)
-    finally:
-        os.kill(postmaster, signal.SIGCONT)
-        try:
-            await handle.terminate("test over")
-        except Exception:  # noqa: BLE001 - already ended
-            pass
+    async with _left_as_found(handle, postmaster):
+        await _until(lambda: _lag_measured(handle), 60, "rounds that measure the standby's lag")
+        os.kill(postmaster, signal.SIGSTOP)  # continued by _left_as_found
+        move = client.get_workflow_handle_for(FailoverWorkflow.run, move_id(lab.cfg.service))
+        await _until(lambda: _awaiting(move), 60, "the automatic failover's approval gate")
+        await handle.terminate("an operator's reset")
+        assert (await move.describe()).status == WorkflowExecutionStatus.RUNNING
+        await move.execute_update(FailoverWorkflow.approve, ApprovalDecision(
+            approver="bob", decision="reject", comment="the primary is only frozen"))
+        with pytest.raises(WorkflowFailureError) as e:
+            await move.result()
+        assert "approval rejected by bob" in e.value.cause.message
     assert _primary(lab) == a
 
 

@@ -39,7 +39,7 @@ from activities.notify import pagerduty, slack
 from activities.notify.event import NotifyEvent, body_lines
 from eagle_dr.config import ConfigError, NotificationsConfig, parse_config
 from tests.histories import decrypted_json, record
-from tests.lab_helpers import _async, _awaiting, _until
+from tests.lab_helpers import _async, _awaiting, _left_as_found, _until
 from workers.registry import control_activities
 from workers.run import sandbox_runner
 from workers.scrub import ScrubSecrets
@@ -500,7 +500,7 @@ async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(
         st = await handle.query(MonitorWorkflow.monitor_state)
         return st if st.rounds >= n else None
 
-    try:
+    async with _left_as_found(handle, postmaster):
         st = await _until(lambda: rounds(1), 60, "a first round")
         os.kill(postmaster, signal.SIGSTOP)
         try:
@@ -512,12 +512,6 @@ async def test_monitor_pages_an_outage_and_resolves_it_when_the_primary_answers(
         await _until(_async_of(lambda: len(pages()) >= 2), 60, "the outage to be resolved")
         await handle.signal(MonitorWorkflow.stop, "test over")
         await handle.result()
-    finally:
-        os.kill(postmaster, signal.SIGCONT)
-        try:
-            await handle.terminate("test over")
-        except Exception:  # noqa: BLE001 - already ended
-            pass
     trigger, resolve = pages()
     assert trigger["event_action"] == "trigger" and resolve["event_action"] == "resolve"
     assert trigger["payload"]["severity"] == "critical" and f"{a} is DOWN" in trigger["payload"]["summary"]
