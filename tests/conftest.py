@@ -236,12 +236,50 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        _bound_coroutine(item)
     if os.environ.get("EAGLE_DR_LONG") == "all":
         return
     long = [i for i in items if i.get_closest_marker("long")]
     if long:
         config.hook.pytest_deselected(items=long)
         items[:] = [i for i in items if not i.get_closest_marker("long")]
+
+
+# -- a hung test fails where it waits, and the run goes on -----------------------------------
+
+# The slowest test takes under 2 minutes here (`--durations`). A test still running after
+# TEST_BOUND is cancelled where it awaits (a workflow's result, a poll): its traceback names
+# that line, its `finally` blocks run (a SIGSTOPped server gets its SIGCONT) and the next test
+# starts. Without it one stuck workflow held CI until its time ran out, naming nothing.
+TEST_BOUND = float(os.environ.get("EAGLE_DR_TEST_BOUND", "420"))
+
+
+class TestHung(AssertionError):
+    """The test was still running past TEST_BOUND."""
+
+
+def _bound_coroutine(item: pytest.Item) -> None:
+    import asyncio
+    import functools
+    import inspect
+
+    func = getattr(item, "obj", None)
+    # pytest-asyncio runs `item.obj` when the test runs (its runtest), so a wrapper set here is
+    # what it runs. A hypothesis test is run through another attribute: left alone.
+    if not inspect.iscoroutinefunction(func) or getattr(func, "hypothesis", None) is not None:
+        return
+
+    @functools.wraps(func)
+    async def bounded(*args, **kwargs):
+        try:
+            async with asyncio.timeout(TEST_BOUND):
+                return await func(*args, **kwargs)
+        except TimeoutError as e:
+            raise TestHung(f"{item.nodeid} was still running after {TEST_BOUND:.0f} s "
+                           f"(EAGLE_DR_TEST_BOUND); the traceback above shows where it waited") from e
+
+    item.obj = bounded
 
 
 # -- the SDK's crash at interpreter exit (sdk-python#300): leave with pytest's own status ----
