@@ -749,3 +749,34 @@ def test_the_audit_tables_creation_waits_for_another_first_run_however_long_befo
     assert "error" not in out, out
     assert out["result"][0]["fk_parent"].updated == 1
     assert ids(db, "fk_parent") == [1, 7]
+
+
+def test_the_patience_counts_what_each_try_waited_for_the_table_locks(db, pg):
+    """Each try waits for the table locks afresh. A try that waited most of the patience for
+    them, then ended on a row held past its bound, lost that wait too: counted only by its
+    bound and pause, tries that each waited long for the tables ran for the patience many
+    times over. A batch holds the table for about 1.5 s, a report job a row for good, with a
+    patience of 2.5 s: the first try's wait for the table (1.5 s) and its row bound (0.5 s)
+    leave too little for a second try's bound (1 s), so it gives up after two tries. Counting
+    bounds alone, it made a third (0.5 + 1 s lost, then a 2 s bound)."""
+    import threading
+
+    seed(db, "fk_parent", parent(1, "p1"))
+    with pg.connect() as holder, pg.connect() as batch:
+        holder.autocommit = False
+        holder.execute("set application_name = 'report-job'")
+        holder.execute("select * from fk_parent where id = 1 for update")
+        batch.autocommit = False
+        batch.execute("insert into fk_parent values (50, 'batch', now(), now())")  # the table's lock, held
+        ended = threading.Timer(1.5, batch.rollback)  # the fault's length, not a synchronisation
+        ended.start()
+        try:
+            with pytest.raises(TablesBusy) as e:
+                reconcile_bounded(db, {"fk_parent": ([parent(1, "loser", T0, at(5))], [])}, patience=2.5)
+        finally:
+            ended.cancel()
+            ended.join()
+            holder.rollback()
+    assert ": 2 tries ended (" in str(e.value), str(e.value)
+    assert db.execute("select name from fk_parent where id = 1").fetchone()["name"] == "p1"
+    assert ids(db, "fk_parent") == [1]

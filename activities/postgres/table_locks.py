@@ -30,6 +30,7 @@ after a pause, with a longer bound, until its patience.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -70,6 +71,11 @@ _WAIT_FAILED = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected
 T = TypeVar("T")
 
 
+# What lock_tables waited in the current try of in_bounded_waits (this thread's): a try that
+# ends later loses that wait too. Set to 0 at each try; outside one, what is left is read by no one.
+_table_waits = threading.local()
+
+
 class TablesBusy(RuntimeError):
     """The tables could not be locked within the patience: other sessions hold them."""
 
@@ -107,8 +113,11 @@ def lock_tables(conn: psycopg.Connection, tables: Sequence[sql.Composable], *, l
                 cur.execute(statement)
                 cur.execute("select set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
                             previous)
+            waited = time.monotonic() - started
+            if (spent := getattr(_table_waits, "seconds", None)) is not None:
+                _table_waits.seconds = spent + waited
             if tries > 1:
-                log.info("tables locked", tries=tries, waited_s=round(time.monotonic() - started, 3))
+                log.info("tables locked", tries=tries, waited_s=round(waited, 3))
             return
         except _TRY_FAILED:
             in_the_way = _in_the_way(conn, tables)
@@ -146,6 +155,7 @@ def in_bounded_waits(conn: psycopg.Connection, body: Callable[[float], T], table
     pause = 0.05
     ended: dict[str, int] = {}
     while True:
+        _table_waits.seconds = 0.0
         try:
             with conn.transaction(force_rollback=force_rollback):
                 # Local: lock_tables' tries set their own bound and put this one back.
@@ -161,7 +171,10 @@ def in_bounded_waits(conn: psycopg.Connection, body: Callable[[float], T], table
                               if r[2]])
             why = "a deadlock" if isinstance(e, psycopg.errors.DeadlockDetected) else f"a lock wait past {row_wait:g}s"
             ended[why] = ended.get(why, 0) + 1
-            lost += row_wait + pause
+            # The try's bound, the pause to come, and what its table locks waited (each try
+            # waits for them again: without it, tries that each waited most of the patience
+            # for the tables, then ended on a row, ran for the patience many times over).
+            lost += row_wait + pause + _table_waits.seconds
             tries = ", ".join(f"{n} by {w}" for w, n in ended.items())
             if lost >= patience:
                 raise TablesBusy(
