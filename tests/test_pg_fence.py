@@ -500,3 +500,29 @@ def test_a_fenced_old_primary_made_a_standby_keeps_its_operators_settings_and_lo
         (node.data_dir / "eagle_dr_fence.json").unlink(missing_ok=True)
         auto.write_text(before)
         node.ctl.start()
+
+
+def test_a_workers_fence_never_takes_over_another_mark(node):
+    """A runbook fenced the node between the worker's check and its fence: the runbook keeps
+    its mark (and with it the undo that lifts it), and a worker's self-fence never turns a
+    "superseded" fence into one the worker would lift."""
+    from activities.postgres.fence import fenced_by
+    from activities.postgres.status import connect
+
+    def mark() -> str | None:
+        with connect(node.cfg) as conn:
+            return fenced_by(conn)
+
+    try:
+        assert fence_read_only(node.cfg, by="runbook").error is None
+        for worker in ("superseded", "self"):
+            f = fence_read_only(node.cfg, by=worker)
+            assert f.method == "read_only" and f.error == "already fenced by runbook", f
+            assert mark() == "runbook"
+        unfence(node.cfg)
+        assert fence_read_only(node.cfg, by="superseded").error is None
+        assert fence_read_only(node.cfg, by="self").error == "already fenced by superseded"
+        assert mark() == "superseded"
+    finally:
+        unfence(node.cfg)
+    assert _try_write(node, "app", BYPASSES[0], 9000) is None

@@ -7,6 +7,7 @@ a streaming standby. Each test leaves the same shape behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import uuid
@@ -373,7 +374,13 @@ async def test_monitor_sees_a_split_brain_and_resolves_it(lab, client):
     await _until(_async(lambda: not pg_status(lab.cfg.region(b).postgres).read_only and
                         pg_status(lab.cfg.region(b).postgres).role == "primary"), 30, "the promotion")
     _sql(lab, b, ("insert into alerts (id, region, payload) values (%s, %s, '{}')", (row, b)))
-    report = await handle.result()
+    try:
+        # b's worker must leave b to the monitor: its superseded-primary check once fenced it
+        # (routing names a active), the split vanished from detection and this waited forever.
+        report = await asyncio.wait_for(handle.result(), 240)
+    finally:
+        with contextlib.suppress(Exception):  # ended already, as it should have
+            await handle.terminate("test over: a monitor left running would resolve later tests' splits")
     await record(handle, "monitor-split-brain")
     sb = report.split_brain
     assert sb is not None and sb.outcome == "resolved", sb

@@ -231,10 +231,11 @@ class SelfFence:
             self._superseded_task = asyncio.create_task(self._fence_if_superseded(pg))
 
     async def _fence_if_superseded(self, pg) -> None:
-        """Two writable primaries, this one unfenced, and the split-brain survivor rule, decided
-        on evidence (routing names the other region the active one, or the other holds the
-        higher DR epoch; not region priority alone), keeps the other: this is an old primary
-        back from an outage a failover could not fence it in (a region that lost power, its
+        """Two writable primaries, this one unfenced, the other holding a higher DR epoch (a move
+        recorded there since this node's last), and the split-brain survivor rule, decided on
+        evidence (routing names the other region the active one, or the higher epoch; not
+        region priority alone), keeps the other: this is an old primary back from an outage a
+        failover could not fence it in (a region that lost power, its
         PostgreSQL started again by its supervisor, writable, its services never scaled down).
         Its worker fences it read-only (marked "superseded": never lifted here; failback
         rewinds it, split brain resolves it), and its Redis master too when another region's
@@ -282,8 +283,18 @@ class SelfFence:
                 return None
             choice = choose_survivor(self.cfg.split_brain.survivor_rule, report,
                                      {r.name: r.priority for r in self.cfg.regions})
-            return choice if choice.loser == self.region and choice.rule in ("active-region", "highest-epoch") \
-                else None
+            if choice.loser != self.region or choice.rule not in ("active-region", "highest-epoch"):
+                return None
+            # And a move recorded on the survivor since this node's last one (a failover made while
+            # this region was gone), whichever rule decided. Without it this is a split nothing
+            # has settled yet (a standby promoted by hand, outside any runbook): the split-brain
+            # runbook keeps both sides' writes, and a fence here would hide the split from its
+            # detection (a fenced primary is no second writer), leaving this node's writes
+            # unreconciled and unreported (and a monitor waiting for that split waits forever:
+            # the likely cause of a CI run that hung). Equal epochs, routing alone: left to the runbook.
+            if report.epochs.get(choice.survivor, -1) <= report.epochs.get(self.region, -1):
+                return None
+            return choice
 
         choice = await asyncio.to_thread(decide)
         if choice is None:

@@ -119,6 +119,9 @@ def _read_only(conn: psycopg.Connection, cfg: PostgresConfig, timeout: float, li
     return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
 
 
+# The fences a regional worker puts on its own node (workers/self_fence.py), as marked.
+WORKER_FENCES = ("self", "superseded")
+
 # Fencing and a self-fence's lift take this advisory lock on the node, so a runbook's fence
 # never lands between the lift's check of who fenced and its removal of the fence.
 FENCE_LOCK = 0x45444652  # "EDFR"
@@ -132,8 +135,11 @@ def fence_read_only(cfg: PostgresConfig, timeout: float = 3, by: str = "runbook"
             if conn.execute("select pg_is_in_recovery()").fetchone()[0]:
                 return PgFence(reachable=True, method="standby")
             conn.execute("select pg_advisory_lock(%s)", (FENCE_LOCK,))
-            if by == "self" and (held := fence_holder(conn)):
-                # Already fenced (by a runbook): not ours, so never ours to lift.
+            if by in WORKER_FENCES and (held := fence_holder(conn)):
+                # Already fenced (by a runbook, or the worker's other fence): the worker's own
+                # fences never take over a mark. A runbook that fenced this node between the
+                # worker's check and this lock keeps its mark (and so its undo), and a self-fence
+                # never turns "superseded" into a fence the worker would lift.
                 return PgFence(reachable=True, method="read_only", error=f"already fenced by {held}")
             _mark(conn, by)
             lsn = _read_only(conn, cfg, timeout, live)
