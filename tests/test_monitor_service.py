@@ -22,8 +22,9 @@ from temporalio.client import WorkflowExecutionStatus
 from eagle_dr.monitor import MonitorView, monitor_id
 from lab.processes import children, kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import (_aux_pid, _awaiting, _exec, _left_as_found, _names, _primary, _scrape, _until,
-                               _value)
+from activities.postgres.status import pg_status
+from tests.lab_helpers import (_async, _aux_pid, _awaiting, _exec, _left_as_found, _names, _primary, _scrape,
+                               _until, _value)
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 from workflows.runbook import move_id
 
@@ -238,6 +239,41 @@ async def test_a_move_the_monitor_started_outlives_the_monitor(lab, client):
             await move.result()
         assert "approval rejected by bob" in e.value.cause.message
     assert _primary(lab) == a
+
+
+async def test_an_approved_automatic_failover_is_not_carried_out_once_the_primary_is_back(lab, client):
+    """The monitor's automatic failover waits for a human. By the time the approval comes the
+    primary answers again (it was only frozen): failing over now would fence a primary that
+    takes writes and lose what the standby has not. The failover ends before its fences, saying
+    why, and the primary is left writable."""
+    from temporalio.client import WorkflowFailureError
+
+    from workflows.failover import FailoverWorkflow
+    from workflows.models import ApprovalDecision
+
+    a, _ = _names(lab)
+    assert _primary(lab) == a
+    inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2, auto_failover=True,
+                       require_approval=True)
+    handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-back-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    postmaster = lab.postgres(a).pid
+    async with _left_as_found(handle, postmaster):
+        await _until(lambda: _lag_measured(handle), 60, "rounds that measure the standby's lag")
+        os.kill(postmaster, signal.SIGSTOP)
+        move = client.get_workflow_handle_for(FailoverWorkflow.run, move_id(lab.cfg.service))
+        await _until(lambda: _awaiting(move), 60, "the automatic failover's approval gate")
+        os.kill(postmaster, signal.SIGCONT)
+        await _until(_async(lambda: pg_status(lab.cfg.region(a).postgres).role == "primary"), 30,
+                     "the primary to answer again")
+        await move.execute_update(FailoverWorkflow.approve, ApprovalDecision(approver="bob", decision="approve"))
+        with pytest.raises(WorkflowFailureError) as e:
+            await move.result()
+        assert e.value.cause.type == "SourceRecovered" and f"{a} answers again" in e.value.cause.message, e.value
+    assert _primary(lab) == a
+    st = pg_status(lab.cfg.region(a).postgres)
+    assert st.role == "primary" and not st.read_only, st  # never fenced
+    lab.wait_replication()
 
 
 async def test_workers_serve_sdk_and_dr_metrics_that_follow_the_lab(lab, client):

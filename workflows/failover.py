@@ -113,6 +113,8 @@ class FailoverWorkflow(Runbook):
                     lag, lag_basis = standby_lag(s_health.postgres if s_health else None, t_health.postgres)
                     st.detail = f"lag {lag if lag is not None else 'unknown'} bytes ({lag_basis})"
                     self._lag_guard(inp, lag, lag_basis, notes)
+            if inp.approval.required and inp.source_known_down and workflow.patched("source-down-after-approval"):
+                await self._source_still_down(source, control)
             decided_at = workflow.now()
 
             fencing = True
@@ -259,6 +261,29 @@ class FailoverWorkflow(Runbook):
                                  degraded=self.degraded, cancel_refused=self.cancel_refused)
 
         return await self.no_return(promote_and_route(), f"the promotion of {target}")
+
+    async def _source_still_down(self, source: str, control: str) -> None:
+        """The monitor started this failover because ``source`` was down, and asked a human:
+        the approval may come many minutes later, at 3 a.m., after the source came back (a
+        frozen host, a restarted PostgreSQL). Failing over a primary that takes writes again
+        fences it and loses what it wrote that the standby has not: what was approved was a
+        failover away from a dead primary. Looked at from here (the control plane, as the
+        monitor's own vantage point does); no answer or a fenced node is still down."""
+        async with self.step(f"re-check {source} is still down") as st:
+            try:
+                pg: PgStatus = await self.act(PostgresActivities.postgres_status, source, queue=control, timeout=30,
+                                              attempts=2)
+            except ActivityError as e:
+                st.detail = f"not read ({described(e)}): taken as still down"
+                return
+            if pg.reachable and pg.role == "primary" and not pg.read_only:
+                st.status, st.detail = "failed", "answers again, as a writable primary"
+                raise ApplicationError(
+                    f"{source} answers again as a writable primary since the approval was asked: the automatic "
+                    f"failover for its outage is not carried out (nothing was fenced or promoted). If {source} "
+                    "should still be left, start a failover by hand", type="SourceRecovered", non_retryable=True)
+            st.detail = "no answer" if not pg.reachable else f"answers as a {'fenced ' if pg.read_only else ''}" \
+                                                             f"{pg.role or 'server of unknown role'}"
 
     async def _hold_old_primary(self, source: str, sq: str, target: str, notes: list[str]) -> str | None:
         """The stop fence on the old primary's own worker, after the promotion: on a server that
