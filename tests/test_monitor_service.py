@@ -270,6 +270,7 @@ async def test_an_approved_automatic_failover_is_not_carried_out_once_the_primar
         with pytest.raises(WorkflowFailureError) as e:
             await move.result()
         assert e.value.cause.type == "SourceRecovered" and f"{a} answers again" in e.value.cause.message, e.value
+        await record(move, "failover-source-back-after-approval")
     assert _primary(lab) == a
     st = pg_status(lab.cfg.region(a).postgres)
     assert st.role == "primary" and not st.read_only, st  # never fenced

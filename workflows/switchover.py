@@ -553,12 +553,17 @@ class SwitchoverWorkflow(Runbook):
             first = e.cause or e
         if not workflow.patched("switchover-redis-roll-forward"):
             raise ApplicationError(f"switchover_redis failed: {first}", non_retryable=True)
+        fenced = ""
+        if workflow.patched("switchover-redis-fallback-fences-old"):
+            # A switch that failed before its promotion unpaused the old master: it takes writes
+            # again. Promoted beside it, the target would be a second writable master.
+            fenced = await self._fence_old_redis(source, target, control)
         try:
             await self.act(RedisActivities.promote_redis, RedisRegionRequest(region=target, epoch=self.epoch),
                            queue=control, timeout=60)
             self.degraded.append(f"Redis zero-loss switch failed ({first}); {target}'s Redis was promoted instead, "
-                                 f"what it had not received from {source} is lost (see the Redis offset gap); "
-                                 f"repair: none needed, re-attach {source}'s Redis with eagle-dr failback --region "
+                                 f"what it had not received from {source} is lost (see the Redis offset gap)"
+                                 f"{fenced}; repair: re-attach {source}'s Redis with eagle-dr failback --region "
                                  f"{source} --standby-only")
             return None
         except ActivityError as e:
@@ -566,6 +571,22 @@ class SwitchoverWorkflow(Runbook):
                          f"make {target}'s Redis the master (REPLICAOF NO ONE) and re-point the Sentinels to it")
             return None
 
+
+    async def _fence_old_redis(self, source: str, target: str, control: str) -> str:
+        """The old Redis master's write fence, before the target's promotion; what to report."""
+        try:
+            f = await self.act(RedisActivities.fence_redis, RedisRegionRequest(region=source, epoch=self.epoch),
+                               queue=control, timeout=30, attempts=2)
+        except ActivityError as e:
+            f = None
+            why = described(e)
+        else:
+            why = f.error or "unreachable"
+        if f is not None and f.reachable and (f.paused or f.role != "master"):
+            return f"; {source}'s Redis was fenced first (writes refused until failback re-attaches it)" \
+                if f.paused else f"; {source}'s Redis is a {f.role}, no second master"
+        return f"; {source}'s Redis could NOT be fenced ({why}): if it is a master, its clients write beside " \
+               f"{target}'s, a Redis split brain: resolve it with eagle-dr split-brain"
 
 def check_preflight(inp: SwitchoverInput, topo, source: str, target: str, s_health, t_health) -> int | None:
     """Both regions ready for a zero-loss switch; returns the lag (``--plan`` asks the same)."""
