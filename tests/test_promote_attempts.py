@@ -59,7 +59,12 @@ def _activities(node) -> PostgresActivities:
             for k in ("password", "replication_password", "sslmode", "sslrootcert"):
                 r["postgres"].pop(k, None)
             r["postgres"].update(host=node.cfg.host, port=node.cfg.port, user=node.cfg.user,
-                                 database=node.cfg.database, data_dir=str(node.data_dir))
+                                 database=node.cfg.database, data_dir=str(node.data_dir),
+                                 socket_dir=node.cfg.socket_dir)
+        else:
+            # Nothing answers there (a developer's `make lab` on the default ports must not), and
+            # its password reference stays unresolvable: another region's secret on this worker.
+            r["postgres"].update(port=1)
     return PostgresActivities(parse_config(doc, env={}))
 
 
@@ -176,5 +181,35 @@ def test_an_attempt_that_stalled_past_its_bound_does_not_promote():
         promotion = _env(attempt=2, scheduled_ago_s=1000).run(acts.promote_when_replayed, PromoteWhenReplayedRequest(
             region=REGION, epoch=1, record_epoch=True, lsn="0/0", catch_up_timeout_seconds=600, timeout_seconds=120))
         assert promotion.timeline and not _in_recovery(node)
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def test_an_abort_proves_from_the_data_directory_without_sql_and_heartbeats_through_a_slow_start():
+    """abort_promotion after a promote step that timed out, on a standby that takes no
+    connections (hot_standby off, as some run their standbys) and starts slowly (each WAL
+    segment is asked of a restore_command that takes seconds, as an archive in another region
+    does). Its proof is the stopped data directory: it needs no SQL, not even the epoch check
+    (the target's record could not be read: the step failed every attempt, leaving the old
+    primary fenced and the standby stopped, no writer at all). And the start heartbeats: a
+    start longer than the step's heartbeat timeout was retried beside itself, the retry
+    stopping the starting server again."""
+    from activities.postgres.activities import EpochRequest
+    from activities.postgres.status import in_recovery
+
+    cm, node = _standby("promote-abort", PORT + 2)
+    try:
+        node.stop("fast")
+        with open(Path(node.data_dir) / "postgresql.auto.conf", "a") as f:
+            f.write("hot_standby = off\nrestore_command = 'sleep 3; false'\n")
+        node.start()
+        assert in_recovery(node.cfg) is None  # answers nothing: no SQL to be had
+        acts = _activities(node)
+        env, beats = _env(heartbeat_s=30), []
+        env.on_heartbeat = lambda *details: beats.append(details)
+        aborted = env.run(acts.abort_promotion, EpochRequest(region=REGION, epoch=1))
+        assert aborted.state == "standby", aborted
+        assert (Path(node.data_dir) / "standby.signal").exists() and node.ctl.running()
+        assert any("starting" in str(d) for d in beats), beats
     finally:
         cm.__exit__(None, None, None)

@@ -323,8 +323,18 @@ class PostgresActivities:
     @activity.defn
     def abort_promotion(self, req: EpochRequest) -> PromotionAbort:
         """After a failed promote step: stop the region's standby until it provably cannot
-        promote any more, or report that it did (region-bound: pg_ctl on its data directory)."""
-        self._check_epoch(req)
+        promote any more, or report that it did (region-bound: pg_ctl on its data directory).
+        A late attempt of a superseded run is refused on any node's record, not only the
+        target's: the target is often what does not answer here (down, starting after a slow
+        promotion, a standby taking no connections), and the proof this step exists for is its
+        data directory, which needs no SQL. No node answering at all is no evidence of a newer move."""
+        held = epochs.highest_epoch([self._pg(req.region), *(r.postgres for r in self.cfg.regions
+                                                             if r.name != req.region)], self.cfg.service)
+        try:
+            epochs.refuse_stale(held, req.epoch, activity.info().workflow_run_id,
+                                what=f"stop {req.region}'s promotion")
+        except epochs.StaleEpoch as e:
+            raise ApplicationError(str(e), type="StaleEpoch", non_retryable=True) from e
         return abort_promotion(self._pg(req.region), heartbeat=_heartbeat)
 
     @activity.defn

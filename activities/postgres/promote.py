@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -175,6 +176,32 @@ def _promotion_of_primary(cfg: PostgresConfig) -> Promotion | None:
                      writable_at=datetime.now(timezone.utc))
 
 
+def _start(ctl: PgCtl, timeout: int, heartbeat) -> None:
+    """``pg_ctl start -w``, heartbeating meanwhile: a start after an immediate stop or a kill
+    replays WAL from the last checkpoint (each segment asked of restore_command first), which
+    can outlast the step's heartbeat timeout. Timed out, the server retried the step while
+    this start still ran, and the retry stopped the starting server again: every attempt
+    ended the same way, and the runbook was left with no writer at all."""
+    if heartbeat is None:
+        ctl.start(timeout=timeout)
+        return
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ctl.start(timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 - raised in the activity's thread below
+            failed.append(e)
+
+    starting = threading.Thread(target=run, name="abort-promotion-start", daemon=True)
+    starting.start()
+    while starting.is_alive():
+        heartbeat({"starting": str(ctl.data_dir)})
+        starting.join(1.0)
+    if failed:
+        raise failed[0]
+
+
 def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout_s: int = 120,
                     heartbeat=None) -> PromotionAbort:
     """Make sure a standby whose promotion timed out can no longer become writable.
@@ -215,7 +242,7 @@ def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout
     (ctl.data_dir / "promote").unlink(missing_ok=True)
     if not (ctl.data_dir / "standby.signal").exists():
         # Out of recovery already: the promotion won. Start it and let the runbook roll forward.
-        ctl.start(timeout=start_timeout_s)
+        _start(ctl, start_timeout_s, heartbeat)
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:
             try:
@@ -229,11 +256,14 @@ def abort_promotion(cfg: PostgresConfig, stop_timeout_s: int = 10, start_timeout
             time.sleep(0.1)
         raise TimeoutError(f"{cfg.host}:{cfg.port} left recovery but is not writable {start_timeout_s}s after start")
     try:
-        ctl.start(timeout=start_timeout_s)
+        _start(ctl, start_timeout_s, heartbeat)
     except PgCtlError as e:
         return PromotionAbort(state="stopped", detail=f"stopped in recovery ({how}); it did not start again: "
                                                       f"{scrubbed_first_line(e)}")
-    if in_recovery(cfg) is not True:
+    # The stopped data directory is the proof; SQL only double-checks it. A standby that takes
+    # no connections (hot_standby off, a full max_connections) answers nothing: that is no
+    # reason to call the proof unproven and leave both nodes without a writer.
+    if in_recovery(cfg) is False:
         # Cannot happen with standby.signal in place; never report "cannot promote" unproven.
         raise RuntimeError(f"{cfg.host}:{cfg.port} restarted with standby.signal but is not in recovery")
     return PromotionAbort(state="standby", detail=f"stopped in recovery ({how}) and restarted as a standby")
