@@ -432,6 +432,32 @@ def test_fence_refuses_writes_across_a_restart_and_unfence_releases_them(rlab: R
     assert not unfence(b, timeout=0.5).reachable
 
 
+def test_a_fence_redis_conf_cannot_keep_is_reported_as_lifted_by_a_restart(rlab: RedisLab):
+    """redis.conf not writable by the server (a read-only config mount, a package's root-owned
+    file): the fence holds in memory only. The step said "paused" all the same, and nobody
+    knew a restart of that Redis would make it a second writable master."""
+    from workflows.runbook import redis_fence_state
+
+    a, node = rlab.a, rlab.node_a
+    conf_mode, dir_mode = node.conf.stat().st_mode & 0o777, node.dir.stat().st_mode & 0o777
+    os.chmod(node.conf, 0o400)
+    os.chmod(node.dir, 0o500)  # CONFIG REWRITE writes a temporary file beside it
+    try:
+        f = fence(a)
+        assert f.reachable and f.paused and not f.durable and f.error, f
+        with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+            rlab.client(a, timeout=2).set("k", "fenced in memory")
+        state = redis_fence_state(f)
+        assert state.startswith("paused, NOT persisted") and "a restart lifts the fence" in state, state
+    finally:
+        os.chmod(node.dir, dir_mode)
+        os.chmod(node.conf, conf_mode)
+        unfence(a)
+    assert rlab.client(a, timeout=2).set("k", "free")
+    assert redis_fence_state(fence(a)) == "paused"  # kept in redis.conf: the plain word
+    unfence(a)
+
+
 def test_promotion_lifts_a_fence_the_node_kept(rlab: RedisLab):
     """Fenced, then demoted and later promoted again (a failback): it must take writes."""
     a, b = rlab.a, rlab.b

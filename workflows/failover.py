@@ -40,7 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
     from workflows.models import FailoverInput, Rpo, Rto, RunbookResult
     from workflows.plan import failover_plan
-    from workflows.runbook import Runbook, described, not_picked_up, went_silent
+    from workflows.runbook import Runbook, described, not_picked_up, redis_fence_state, went_silent
     from workflows.validation import RawInput, invalid, validated
 
 # The old primary's stop fence kills a server still up this long after the stop request: one
@@ -143,8 +143,12 @@ class FailoverWorkflow(Runbook):
                 pg_fence, r_fence, scaled = fences
                 self._scaled_down = scaled.reachable
                 fenced = (pg_fence.method or "unfenced") + _killed(pg_fence)
-                st.detail = f"postgres: {fenced}; redis: {'paused' if r_fence.reachable else 'unreachable'}; " \
+                st.detail = f"postgres: {fenced}; redis: {redis_fence_state(r_fence)}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
+                if r_fence.paused and not r_fence.durable:
+                    notes.append(f"{source}'s Redis fence is NOT persisted ({r_fence.error or 'CONFIG REWRITE failed'}): "
+                                 f"a restart of that Redis lifts it, and its clients would write beside {target}'s "
+                                 "master; make its redis.conf writable and run failback (or split-brain) soon")
             wait_for = topo.self_fence_wait_seconds
             waited = not pg_fence.method and not pg_fence.refused and bool(wait_for) and \
                 not getattr(self, "source_worker_answered", False) and workflow.patched("failover-wait-self-fence")

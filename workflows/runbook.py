@@ -85,6 +85,18 @@ def described(error) -> str:
     return str(error.cause or error if isinstance(error, ActivityError) else error)
 
 
+def redis_fence_state(fence) -> str:
+    """A Redis fence's result as a step reports it: "paused" only for a master whose writes are
+    refused, and said when redis.conf could not keep it (a restart would lift it)."""
+    if not fence.reachable:
+        return "unreachable"
+    if not fence.paused:
+        return f"a {fence.role or 'node of unknown role'}, takes no writes: nothing to fence"
+    if not fence.durable:
+        return f"paused, NOT persisted ({fence.error or 'CONFIG REWRITE failed'}): a restart lifts the fence"
+    return "paused"
+
+
 def move_id(service: str) -> str:
     """One failover/switchover per service at a time: they share this workflow id."""
     return f"dr-move-{service}"

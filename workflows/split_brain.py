@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.models import ApprovalPolicy, ApprovalRecord, AwareTime, StepRecord, Trigger
     from workflows.plan import split_brain_plan
     from workflows.rejoin import Rejoin
+    from workflows.runbook import redis_fence_state
     from workflows.validation import RawInput, invalid, validated
 
 
@@ -242,7 +243,7 @@ class SplitBrainWorkflow(Rejoin):
                                        queue=control, timeout=120)
                 pg_state = (pg_fence.method if pg_fence and pg_fence.method else "NOT FENCED") if pg_split else \
                     "was not a primary"
-                redis_state = ("paused" if r_fence.reachable else "UNREACHABLE, not paused") if redis_split else \
+                redis_state = (redis_fence_state(r_fence) if r_fence.reachable else "UNREACHABLE, not paused") if redis_split else \
                     "not a second master"
                 st.detail = (f"{loser}: postgres {pg_state}, redis {redis_state}, services "
                              f"{'scaled to 0' if scaled.reachable else 'UNREACHABLE, not scaled down'}; traffic on "
