@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         EpochRequest,
         FenceRequest,
         FlushInitForksRequest,
+        LostWalRequest,
         PostgresActivities,
         PromoteRequest,
         PromoteWhenReplayedRequest,
@@ -50,7 +51,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.promote import Promotion
     from activities.redis.activities import RedisActivities, RedisMoveRequest, RedisRegionRequest
     from activities.traffic import RouteRequest, ScaleDownRequest, TrafficActivities
-    from workflows.failover import finish_measurement, not_carried, rto_text
+    from workflows.failover import finish_measurement, not_carried, rto_text, wal_rpo
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.plan import switchover_plan
     from workflows.runbook import RETRY, Runbook, described
@@ -378,18 +379,21 @@ class SwitchoverWorkflow(Runbook):
         verification = await self.verify(target, control)
         serving_at = workflow.now()
 
+        lost = None
+        if stopped.clean_shutdown is False and promotion.replay_lsn and \
+                workflow.patched("switchover-measures-a-crashed-stop"):
+            lost = await self._measure_crashed_stop(source, target, sq, promotion.replay_lsn, notes)
         async with self.step("old primary becomes standby") as st:
-            try:
-                # Bounded in the queue: a source worker that died after the promotion would hold
-                # the run (and the move's id) forever; the rejoin is then degraded, for failback.
-                rejoined = await self.act(PostgresActivities.rejoin_as_standby, RejoinRequest(
-                    region=source, primary_region=target, epoch=self.epoch), queue=sq, timeout=330, heartbeat=30,
-                    schedule_to_start=60)
-                st.detail = f"{source} streams from {rejoined.upstream} via slot {rejoined.slot}"
-            except ActivityError as e:
-                st.status = "failed"
-                self.degrade(f"{source} rejoining as a standby", e.cause or e,
-                             f"eagle-dr failback --region {source} --standby-only")
+            if lost is not None and lost.lost_bytes:
+                # Its WAL runs past the fork: it cannot follow the new timeline without a rewind,
+                # which would discard what it alone holds. Failback reads those rows first.
+                st.status, st.detail = "failed", f"not tried: {source} holds WAL {target} never received"
+                self.degrade(f"{source} rejoining as a standby", f"it crashed while being stopped and holds "
+                             f"{lost.lost_commits} commits ({lost.lost_bytes} WAL bytes) {target} never received",
+                             f"eagle-dr failback --region {source} --standby-only (it keeps those rows by the "
+                             "conflict rules, then rewinds the node to follow)")
+            else:
+                await self._rejoin(source, target, sq, st)
 
         async with self.step("measure RTO/RPO") as st:
             rto = Rto(detected_at=started, decided_at=decided_at, promotion_started_at=promotion_started,
@@ -402,12 +406,15 @@ class SwitchoverWorkflow(Runbook):
                       "unknown: the old primary did not shut down cleanly (a crash while it was being stopped); "
                       "its WAL after the last checkpoint was not compared",
                       redis_offset_gap=redis_lost, target_s=topo.rpo_target_seconds)
+            if lost is not None:
+                wal_rpo(rpo, lost, stopped, promotion.replay_lsn)
             not_carried(rpo, notes, target, *self._unlogged_seen)
             if inp.measure_client_impact:
                 notes += await self.measure_clients(rto, rpo, target, previous, outage_since=decided_at)
             finish_measurement(rto, rpo, verified=verification.ok, routed=self.routed())
             self.measured(rto, rpo)
-            st.detail = f"{rto_text(rto)}; WAL lost {rpo.lost_wal_bytes if proven else 'unknown'} bytes" + (
+            st.detail = f"{rto_text(rto)}; WAL lost " \
+                        f"{rpo.lost_wal_bytes if rpo.lost_wal_bytes is not None else 'unknown'} bytes" + (
                 f"; clients saw {_secs(rto.client_outage_s)} without writes, acked writes lost "
                 f"{_or_unknown(rpo.acknowledged_writes_lost)}" if inp.measure_client_impact else "")
 
@@ -419,6 +426,37 @@ class SwitchoverWorkflow(Runbook):
                              outcome=outcome, trigger=inp.trigger, reason=inp.reason, approval=approval,
                              steps=self.steps, rto=rto, rpo=rpo, source_fenced="stop", notes=notes,
                              degraded=self.degraded, cancel_refused=self.cancel_refused)
+
+    async def _rejoin(self, source: str, target: str, sq: str, st) -> None:
+        try:
+            # Bounded in the queue: a source worker that died after the promotion would hold
+            # the run (and the move's id) forever; the rejoin is then degraded, for failback.
+            rejoined = await self.act(PostgresActivities.rejoin_as_standby, RejoinRequest(
+                region=source, primary_region=target, epoch=self.epoch), queue=sq, timeout=330, heartbeat=30,
+                schedule_to_start=60)
+            st.detail = f"{source} streams from {rejoined.upstream} via slot {rejoined.slot}"
+        except ActivityError as e:
+            st.status = "failed"
+            self.degrade(f"{source} rejoining as a standby", e.cause or e,
+                         f"eagle-dr failback --region {source} --standby-only")
+
+    async def _measure_crashed_stop(self, source: str, target: str, sq: str, replay_lsn: str, notes: list[str]):
+        """The old primary did not shut down cleanly (a crash, or killed when it did not stop):
+        its last checkpoint, which the standby replayed past, is not the end of its WAL. What it
+        wrote after the promoted standby's replay position is read from its own WAL, before
+        anything (a rejoin) touches it: the RPO measured, never assumed 0 nor left unknown."""
+        async with self.step(f"measure what {source} wrote past the promotion") as st:
+            try:
+                lost = await self.act(PostgresActivities.measure_lost_wal, LostWalRequest(
+                    region=source, from_lsn=replay_lsn), queue=sq, timeout=300, schedule_to_start=30, attempts=2)
+            except ActivityError as e:
+                st.status, st.detail = "failed", f"not read: {described(e)}"
+                notes.append(f"{source} crashed while being stopped and its WAL could not be read ({described(e)}): "
+                             "the RPO is unknown; failback measures it")
+                return None
+            st.detail = f"{lost.lost_commits} commits, {lost.lost_bytes if lost.lost_bytes is not None else 'unknown'} " \
+                        f"WAL bytes {target} never received"
+            return lost
 
     async def _promote_step(self, source: str, target: str, tq: str, control: str, routing_box: list) -> tuple:
         """Before switchover-promote-when-replayed: the promotion as its own step after the replay
