@@ -226,3 +226,29 @@ async def test_a_pgbackrest_left_writing_by_an_ended_holder_is_waited_for(lab, c
     assert res.outcome == "succeeded", res
     lock = next(s for s in (await _progress(handle)).steps if s.name == "Take the service's backup-repo lock")
     assert f"{primary}: waited" in lock.detail, lock.detail
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_backup_after_a_failover_that_left_the_old_primary_fenced_and_running_takes_the_new_one(lab, client):
+    """What a failover leaves when the old primary's worker could not stop it: the old primary
+    fenced read-only, still running until failback, beside the promoted standby. It counted as
+    a second primary: every backup failed "no single primary" for as long as failback waited."""
+    from activities.postgres.fence import fence_read_only
+    from activities.postgres.status import pg_status
+    from tests.lab_helpers import _async, _exec, _failback, _until
+
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    assert fence_read_only(lab.cfg.region(a).postgres).method == "read_only"
+    _exec(lab, b, "select pg_promote()")
+    try:
+        await _until(_async(lambda: (s := pg_status(lab.cfg.region(b).postgres)).role == "primary" and
+                            not s.read_only), 60, f"{b} promoted")
+        res = await _backup(lab, client, "backup-beside-a-fenced-old-primary", trigger="test", repos=[b])
+        assert res.outcome == "succeeded", res
+        assert res.primary_region == b and res.source_region == b and not res.from_standby, res
+    finally:
+        # The failback that failover would have named puts the lab back in shape.
+        back = await _failback(lab, client, a, switch_back=False)
+        assert back.outcome in ("succeeded", "degraded"), back
+        lab.wait_replication()

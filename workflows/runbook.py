@@ -552,9 +552,13 @@ class Runbook:
                                             attempts=2)
         return status
 
-    @staticmethod
-    def primaries(status: dict[str, PgStatus]) -> list[str]:
-        return [n for n, s in status.items() if s.reachable and s.role == "primary"]
+    def primaries(self, status: dict[str, PgStatus]) -> list[str]:
+        """The writable primaries. A primary fenced read-only (a failover's old primary, left
+        running until failback when its worker could not stop it) is none: counted, every
+        backup, drill and check after such a failover failed "no single primary" for as long
+        as failback waited, and a restore could name it the primary."""
+        writable = workflow.patched("primaries-exclude-fenced")
+        return [n for n, s in status.items() if s.reachable and s.role == "primary" and not (writable and s.read_only)]
 
     async def scratch_region(self, topo: Topology) -> str:
         """Whose host takes a scratch restore when none is named: a reachable region that is not
@@ -577,7 +581,8 @@ class Runbook:
                                         schedule_to_start=30, attempts=2)
             except ActivityError:
                 continue
-            if health.postgres.role == "primary":
+            if health.postgres.role == "primary" and not (health.postgres.read_only and
+                                                          workflow.patched("primaries-exclude-fenced")):
                 return r.name
         return None
 
