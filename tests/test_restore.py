@@ -99,10 +99,15 @@ async def test_pitr_to_a_time_brings_back_exactly_the_rows_committed_before_it(l
     await _archived_now(lab)
     target = commits[1] + (commits[2] - commits[1]) / 2  # after row 2's commit, before row 3's
     region = lab.cfg.secondary.name
+    # A big database's restore needs more than the default hour: the input's timeout is the step's.
     handle = await _start_restore(lab, client, region=region, target=RestoreTarget(kind="time", time=target),
-                                  keep_minutes=30)
+                                  keep_minutes=30, timeout_seconds=3 * 3600)
     scratch = await _kept(handle)
     assert _rows(lab, region, scratch, "restore_probe", tag) == [1, 2]
+    restore_step = [e.activity_task_scheduled_event_attributes async for e in handle.fetch_history_events()
+                    if e.HasField("activity_task_scheduled_event_attributes") and
+                    e.activity_task_scheduled_event_attributes.activity_type.name == "restore_scratch"]
+    assert [s.start_to_close_timeout.ToSeconds() for s in restore_step] == [3 * 3600 + 300], restore_step
     assert scratch.recovered_to is not None and commits[1] <= scratch.recovered_to < commits[2]
     assert scratch.backup_label and scratch.restore_seconds > 0
     await handle.signal(RestoreWorkflow.release)

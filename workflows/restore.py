@@ -85,6 +85,10 @@ class RestoreInput(BaseModel):
     port: int | None = Field(default=None, ge=1024, le=65535)
     # How long the copy stays up for inspection; 0 deletes it as soon as it is reported.
     keep_minutes: float = Field(default=60, ge=0, le=7 * 24 * 60)
+    # How long pgBackRest's restore plus the replay may take before the step gives up (the
+    # rebuild of a standby: the restore and the catch-up). An hour fits tens of GB; a database
+    # of hundreds needs more, or the step fails and is retried from scratch.
+    timeout_seconds: float = Field(default=3600, ge=60, le=7 * 86400)
     trigger: str = Field(default="manual", max_length=100)
     mode: Literal["pitr", "rebuild-standby", "recover-rows", "verify"] = "pitr"
     # recover-rows: which tables, and rows, to copy back into the primary.
@@ -161,7 +165,7 @@ class RestoreWorkflow(Runbook):
                                            DR_TARGET_REGION.value_set(region)])
         queue = topo.region(region).task_queue
         req = RestoreRequest(region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()),
-                             port=inp.port, fallback=inp.repo is None)
+                             port=inp.port, fallback=inp.repo is None, timeout_seconds=inp.timeout_seconds)
         if inp.mode == "rebuild-standby":
             return await self._rebuild(inp, topo, req, queue)
         if inp.mode == "recover-rows":
@@ -258,11 +262,13 @@ class RestoreWorkflow(Runbook):
             inp.approval, f"replace {region}'s PostgreSQL data directory with backup {chk.newest_backup} from "
                           f"{req.repo_region}'s bucket and stream from {primary} (the old directory is kept aside "
                           "until the new one streams)")
-        rreq = RebuildRequest(region=region, primary_region=primary, repo_region=req.repo_region)
+        rreq = RebuildRequest(region=region, primary_region=primary, repo_region=req.repo_region,
+                              timeout_seconds=inp.timeout_seconds)
         failed: BaseException | None = None
         async with self.step(f"Rebuild {region}'s standby from {req.repo_region}'s bucket") as rec:
             try:
-                rebuilt = await self.act(RestoreActivities.rebuild_standby, rreq, queue=queue, timeout=3600 + 600,
+                rebuilt = await self.act(RestoreActivities.rebuild_standby, rreq, queue=queue,
+                                         timeout=rreq.timeout_seconds + 600,
                                          heartbeat=60, schedule_to_start=60, attempts=3)
             except (ActivityError, asyncio.CancelledError) as e:
                 refused = _as_input_error(e) if isinstance(e, ActivityError) else e

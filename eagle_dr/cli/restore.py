@@ -159,6 +159,8 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
          keep: str = typer.Option("60m", "--keep", help="How long the copy stays up (90s, 60m, 2h; 0: report and "
                                                         "drop)."),
          port: Optional[int] = typer.Option(None, "--port", help="Port for the copy (default: the first free)."),
+         timeout: str = typer.Option("60m", "--timeout", help="How long the restore and its replay may take "
+                                                             "(90m, 6h): a big database needs more than an hour."),
          plan: bool = _plan_option()):
     """A point-in-time copy in a scratch instance: prints where it is and how to connect."""
     from workflows.restore import RestoreWorkflow
@@ -166,7 +168,8 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
     c = cfg()
     target = _target(time, lsn, name, latest)
     inp = _input(mode="pitr", target=target, repo=_region(c, repo) if repo else None,
-                 region=_region(c, region) if region else None, keep_minutes=_minutes("--keep", keep), port=port)
+                 region=_region(c, region) if region else None, keep_minutes=_minutes("--keep", keep), port=port,
+                 timeout_seconds=_minutes("--timeout", timeout) * 60)
     if plan:
         return show_plan(c, "restore", inp)
 
@@ -236,6 +239,8 @@ def rebuild_standby(region: Optional[str] = typer.Option(None, "--region",
                     repo: Optional[str] = typer.Option(None, "--repo",
                                                        help="Whose bucket (default: the region's own)."),
                     approval_timeout: float = typer.Option(900, "--approval-timeout", help="Seconds; then abort."),
+                    timeout: str = typer.Option("60m", "--timeout", help="How long the restore and the catch-up "
+                                                                         "may take (90m, 6h)."),
                     plan: bool = _plan_option()):
     """Replace REGION's standby with the newest backup and stream from the primary (asks for approval)."""
     from workflows.models import ApprovalPolicy
@@ -245,7 +250,8 @@ def rebuild_standby(region: Optional[str] = typer.Option(None, "--region",
         # Checked here, not by typer: a missing option must exit 2 with one line, like the rest.
         _fail("--region: name the region whose standby to rebuild")
     inp = _input(mode="rebuild-standby", region=_region(c, region), repo=_region(c, repo) if repo else None,
-                 approval=ApprovalPolicy(required=True, timeout_seconds=approval_timeout))
+                 approval=ApprovalPolicy(required=True, timeout_seconds=approval_timeout),
+                 timeout_seconds=_minutes("--timeout", timeout) * 60)
     if plan:
         return show_plan(c, "restore", inp)
 
