@@ -4,12 +4,12 @@
   replayed past, is not the end of its WAL. What it wrote after that never reached the
   target: measured from its own WAL (the RPO was reported unknown), and the node is left for
   failback instead of a rejoin that cannot follow the new timeline.
-- The zero-loss Redis switch fails after PostgreSQL has moved. The switch refuses a replica whose link to the master is down (pausing writes for a replica
-that cannot catch up would only cost availability): its writes are unpaused and the old
-master takes them again. The runbook, past its point of no return, promotes the target's
-Redis anyway: that made two writable Redis masters, clients of either writing apart. The old
-master is fenced first now, and the repair the report names (failback --standby-only)
-re-attaches it.
+- The zero-loss Redis switch fails after PostgreSQL has moved. The switch refuses a replica
+  whose link to the master is down (pausing writes for a replica that cannot catch up would
+  only cost availability): its writes are unpaused and the old master takes them again. The
+  runbook, past its point of no return, promotes the target's Redis anyway: that made two
+  writable Redis masters, clients of either writing apart. The old master is fenced first
+  now, and the repair the report names (failback --standby-only) re-attaches it.
 """
 
 from __future__ import annotations

@@ -146,9 +146,10 @@ class FailoverWorkflow(Runbook):
                 st.detail = f"postgres: {fenced}; redis: {redis_fence_state(r_fence)}; " \
                             f"services: {'scaled to 0' if scaled.reachable else 'unreachable'}"
                 if r_fence.paused and not r_fence.durable:
-                    notes.append(f"{source}'s Redis fence is NOT persisted ({r_fence.error or 'CONFIG REWRITE failed'}): "
-                                 f"a restart of that Redis lifts it, and its clients would write beside {target}'s "
-                                 "master; make its redis.conf writable and run failback (or split-brain) soon")
+                    rewrite = r_fence.error or "CONFIG REWRITE failed"
+                    notes.append(f"{source}'s Redis fence is NOT persisted ({rewrite}): a restart of that Redis lifts "
+                                 f"it, and its clients would write beside {target}'s master; make its redis.conf "
+                                 "writable and run failback (or split-brain) soon")
             wait_for = topo.self_fence_wait_seconds
             waited = not pg_fence.method and not pg_fence.refused and bool(wait_for) and \
                 not getattr(self, "source_worker_answered", False) and workflow.patched("failover-wait-self-fence")

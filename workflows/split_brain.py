@@ -243,7 +243,8 @@ class SplitBrainWorkflow(Rejoin):
                                        queue=control, timeout=120)
                 pg_state = (pg_fence.method if pg_fence and pg_fence.method else "NOT FENCED") if pg_split else \
                     "was not a primary"
-                redis_state = (redis_fence_state(r_fence) if r_fence.reachable else "UNREACHABLE, not paused") if redis_split else \
+                redis_state = (redis_fence_state(r_fence) if r_fence.reachable else "UNREACHABLE, not paused") \
+                    if redis_split else \
                     "not a second master"
                 st.detail = (f"{loser}: postgres {pg_state}, redis {redis_state}, services "
                              f"{'scaled to 0' if scaled.reachable else 'UNREACHABLE, not scaled down'}; traffic on "

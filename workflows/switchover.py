@@ -454,8 +454,8 @@ class SwitchoverWorkflow(Runbook):
                 notes.append(f"{source} crashed while being stopped and its WAL could not be read ({described(e)}): "
                              "the RPO is unknown; failback measures it")
                 return None
-            st.detail = f"{lost.lost_commits} commits, {lost.lost_bytes if lost.lost_bytes is not None else 'unknown'} " \
-                        f"WAL bytes {target} never received"
+            size = lost.lost_bytes if lost.lost_bytes is not None else "unknown"
+            st.detail = f"{lost.lost_commits} commits, {size} WAL bytes {target} never received"
             return lost
 
     async def _promote_step(self, source: str, target: str, tq: str, control: str, routing_box: list) -> tuple:
