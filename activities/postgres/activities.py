@@ -327,9 +327,23 @@ class PostgresActivities:
         A late attempt of a superseded run is refused on any node's record, not only the
         target's: the target is often what does not answer here (down, starting after a slow
         promotion, a standby taking no connections), and the proof this step exists for is its
-        data directory, which needs no SQL. No node answering at all is no evidence of a newer move."""
-        held = epochs.highest_epoch([self._pg(req.region), *(r.postgres for r in self.cfg.regions
-                                                             if r.name != req.region)], self.cfg.service)
+        data directory, which needs no SQL. No node answering at all is no evidence of a newer move.
+        Read at once and bounded: one hung node (the old primary mid-partition) must not spend
+        the step's heartbeat timeout before its first beat, on every attempt."""
+        nodes = [self._pg(req.region), *(r.postgres for r in self.cfg.regions if r.name != req.region)]
+        pool = ThreadPoolExecutor(len(nodes))
+        try:
+            reads = [pool.submit(epochs.read_epoch, n, self.cfg.service) for n in nodes]
+            deadline, held = time.monotonic() + 10, epochs.EpochRecord(service=self.cfg.service, epoch=0)
+            for f in reads:
+                try:
+                    got = f.result(timeout=max(0.0, deadline - time.monotonic()))
+                except Exception:  # noqa: BLE001 - no answer in time, psycopg.Error, a secret unresolvable here
+                    continue  # no evidence either way: the data directory decides
+                if got.epoch > held.epoch:
+                    held = got
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         try:
             epochs.refuse_stale(held, req.epoch, activity.info().workflow_run_id,
                                 what=f"stop {req.region}'s promotion")

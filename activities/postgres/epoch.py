@@ -73,7 +73,7 @@ def highest_epoch(nodes: list[PostgresConfig], service: str) -> EpochRecord:
     for cfg in nodes:
         try:
             got = read_epoch(cfg, service)
-        except Exception:  # noqa: BLE001 - no answer, or another region's secret not resolvable on this worker
+        except psycopg.Error:
             continue
         if got.epoch > best.epoch:
             best = got
