@@ -54,7 +54,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.failover import finish_measurement, not_carried, rto_text, wal_rpo
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.plan import switchover_plan
-    from workflows.runbook import RETRY, Runbook, described
+    from workflows.runbook import RETRY, Runbook, described, redis_fence_state
     from workflows.validation import RawInput, invalid, validated
 
 
@@ -591,11 +591,11 @@ class SwitchoverWorkflow(Runbook):
             first = e.cause or e
         if not workflow.patched("switchover-redis-roll-forward"):
             raise ApplicationError(f"switchover_redis failed: {first}", non_retryable=True)
-        fenced = ""
+        fenced, paused = "", False
         if workflow.patched("switchover-redis-fallback-fences-old"):
             # A switch that failed before its promotion unpaused the old master: it takes writes
             # again. Promoted beside it, the target would be a second writable master.
-            fenced = await self._fence_old_redis(source, target, control)
+            fenced, paused = await self._fence_old_redis(source, target, control)
         try:
             await self.act(RedisActivities.promote_redis, RedisRegionRequest(region=target, epoch=self.epoch),
                            queue=control, timeout=60)
@@ -605,13 +605,14 @@ class SwitchoverWorkflow(Runbook):
                                  f"{source} --standby-only")
             return None
         except ActivityError as e:
-            self.degrade("Redis move", f"{first}; then promote: {e.cause or e}",
-                         f"make {target}'s Redis the master (REPLICAOF NO ONE) and re-point the Sentinels to it")
+            self.degrade("Redis move", f"{first}; then promote: {e.cause or e}" + (
+                f"; {source}'s Redis was fenced first: NO Redis master takes writes" if paused else ""),
+                f"make {target}'s Redis the master (REPLICAOF NO ONE) and re-point the Sentinels to it")
             return None
 
-
-    async def _fence_old_redis(self, source: str, target: str, control: str) -> str:
-        """The old Redis master's write fence, before the target's promotion; what to report."""
+    async def _fence_old_redis(self, source: str, target: str, control: str) -> tuple[str, bool]:
+        """The old Redis master's write fence, before the target's promotion: what to report,
+        and whether it refuses writes now."""
         try:
             f = await self.act(RedisActivities.fence_redis, RedisRegionRequest(region=source, epoch=self.epoch),
                                queue=control, timeout=30, attempts=2)
@@ -620,11 +621,14 @@ class SwitchoverWorkflow(Runbook):
             why = described(e)
         else:
             why = f.error or "unreachable"
-        if f is not None and f.reachable and (f.paused or f.role != "master"):
-            return f"; {source}'s Redis was fenced first (writes refused until failback re-attaches it)" \
-                if f.paused else f"; {source}'s Redis is a {f.role}, no second master"
+        if f is not None and f.reachable and f.paused:
+            return f"; {source}'s Redis was fenced first ({redis_fence_state(f)}; writes refused until failback " \
+                   "re-attaches it)", True
+        if f is not None and f.reachable and f.role != "master":
+            return f"; {source}'s Redis is a {f.role}, no second master", False
         return f"; {source}'s Redis could NOT be fenced ({why}): if it is a master, its clients write beside " \
-               f"{target}'s, a Redis split brain: resolve it with eagle-dr split-brain"
+               f"{target}'s, a Redis split brain: resolve it with eagle-dr split-brain", False
+
 
 def check_preflight(inp: SwitchoverInput, topo, source: str, target: str, s_health, t_health) -> int | None:
     """Both regions ready for a zero-loss switch; returns the lag (``--plan`` asks the same)."""
