@@ -273,9 +273,11 @@ def _bound_coroutine(item: pytest.Item) -> None:
     @functools.wraps(func)
     async def bounded(*args, **kwargs):
         try:
-            async with asyncio.timeout(TEST_BOUND):
+            async with asyncio.timeout(TEST_BOUND) as bound:
                 return await func(*args, **kwargs)
         except TimeoutError as e:
+            if not bound.expired():
+                raise  # the test's own (a wait_for of its own): its failure, not a hang
             raise TestHung(f"{item.nodeid} was still running after {TEST_BOUND:.0f} s "
                            f"(EAGLE_DR_TEST_BOUND); the traceback above shows where it waited") from e
 
