@@ -117,7 +117,7 @@ class BackupWorkflow(Runbook):
                 status = await self.postgres_statuses(topo, control)
             primaries = self.primaries(status)
             if len(primaries) != 1:
-                raise ApplicationError(f"no single primary to back up ({', '.join(primaries) or 'none reachable'})",
+                raise ApplicationError(f"no single primary to back up ({self.no_single_primary(status, primaries)})",
                                        type="NoPrimary", non_retryable=True)
             primary = primaries[0]
             standby = next((n for n, s in status.items() if n != primary and s.reachable and s.role == "standby"

@@ -141,7 +141,7 @@ class ConsistencyCheckWorkflow(Runbook):
                     raise invalid("scratch_b", "a restored copy is compared with the primary: leave regions and "
                                                "database_b unset")
                 if primary is None:
-                    raise ApplicationError(f"no single primary ({', '.join(primaries) or 'none reachable'}) for the "
+                    raise ApplicationError(f"no single primary ({self.no_single_primary(status, primaries)}) for the "
                                            "restored copy to follow", type="NoPrimary", non_retryable=True)
                 a, b = primary, inp.scratch_b.region
             elif inp.regions:
@@ -150,7 +150,7 @@ class ConsistencyCheckWorkflow(Runbook):
                     a, b = b, a  # the primary's LSN is the consistent point: it must be A
             else:
                 if primary is None:
-                    raise ApplicationError(f"no single primary ({', '.join(primaries) or 'none reachable'}); name "
+                    raise ApplicationError(f"no single primary ({self.no_single_primary(status, primaries)}); name "
                                            "the regions to compare", type="NoPrimary", non_retryable=True)
                 a, b = primary, topo.other(primary).name
             follower = inp.database_b is None and a == primary and status[b].reachable and status[b].role == "standby"

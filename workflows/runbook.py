@@ -560,6 +560,13 @@ class Runbook:
         writable = workflow.patched("primaries-exclude-fenced")
         return [n for n, s in status.items() if s.reachable and s.role == "primary" and not (writable and s.read_only)]
 
+    @staticmethod
+    def no_single_primary(status: dict[str, PgStatus], primaries: list[str]) -> str:
+        """Why ``primaries`` is not one region, for an error: the fenced ones named too."""
+        fenced = [n for n, s in status.items() if s.reachable and s.role == "primary" and s.read_only]
+        return ", ".join(primaries) or ("none writable: " + ", ".join(fenced) + " fenced read-only" if fenced
+                                        else "none reachable")
+
     async def scratch_region(self, topo: Topology) -> str:
         """Whose host takes a scratch restore when none is named: a reachable region that is not
         the primary now, sparing the primary's disk and CPU. After a failover that is the

@@ -43,6 +43,14 @@ def _minutes(option: str, value: str) -> float:
     return n * {"s": 1 / 60, "m": 1, "h": 60, "d": 24 * 60}[unit]
 
 
+def _budget(value: str) -> float:
+    """--timeout in seconds: the restore's whole budget, so at least a minute."""
+    seconds = _minutes("--timeout", value) * 60
+    if seconds < 60:
+        _fail(f"--timeout: at least 60s (the restore and its replay), got {value!r}")
+    return seconds
+
+
 def _target(time: Optional[str], lsn: Optional[str], name: Optional[str], latest: bool, inclusive: bool = True):
     from activities.backup.restore import RestoreTarget
 
@@ -169,7 +177,7 @@ def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to thi
     target = _target(time, lsn, name, latest)
     inp = _input(mode="pitr", target=target, repo=_region(c, repo) if repo else None,
                  region=_region(c, region) if region else None, keep_minutes=_minutes("--keep", keep), port=port,
-                 timeout_seconds=_minutes("--timeout", timeout) * 60)
+                 timeout_seconds=_budget(timeout))
     if plan:
         return show_plan(c, "restore", inp)
 
@@ -251,7 +259,7 @@ def rebuild_standby(region: Optional[str] = typer.Option(None, "--region",
         _fail("--region: name the region whose standby to rebuild")
     inp = _input(mode="rebuild-standby", region=_region(c, region), repo=_region(c, repo) if repo else None,
                  approval=ApprovalPolicy(required=True, timeout_seconds=approval_timeout),
-                 timeout_seconds=_minutes("--timeout", timeout) * 60)
+                 timeout_seconds=_budget(timeout))
     if plan:
         return show_plan(c, "restore", inp)
 
