@@ -150,8 +150,8 @@ class RestoreDrillWorkflow(Runbook):
             status = await self.postgres_statuses(topo, control)
             primaries = self.primaries(status)
             if len(primaries) != 1:
-                raise self._fail(None, f"no single primary to compare with ({self.no_single_primary(status, primaries)})",
-                                 "NoPrimary")
+                raise self._fail(None, "no single primary to compare with "
+                                       f"({self.no_single_primary(status, primaries)})", "NoPrimary")
             primary = primaries[0]
             region = inp.region or next((n for n, s in status.items() if n != primary and s.reachable), primary)
             repo = inp.repo or region
