@@ -15,6 +15,7 @@ from temporalio.client import WorkflowFailureError
 from activities.backup.catalog import read_catalog
 from activities.backup.pgbackrest import Stanza
 from activities.readiness import check_backup_path
+from activities.redis.status import redis_status
 from tests.histories import record
 from tests.lab_helpers import _primary
 from workflows.backup import BackupInput, BackupResult, BackupWorkflow
@@ -235,11 +236,17 @@ async def test_a_backup_after_a_failover_that_left_the_old_primary_fenced_and_ru
     a second primary: every backup failed "no single primary" for as long as failback waited."""
     from activities.postgres.fence import fence_read_only
     from activities.postgres.status import pg_status
+    from activities.redis import failover as redis_failover
     from tests.lab_helpers import _async, _exec, _failback, _until
 
     a = _primary(lab)
     b = lab.cfg.other(a).name
+    # Both halves of that failover, Redis's too (failback re-attaches a's Redis to b's master:
+    # with b's still a replica of a's, the two would follow each other, no master at all).
     assert fence_read_only(lab.cfg.region(a).postgres).method == "read_only"
+    assert redis_failover.fence(lab.cfg.region(a).redis).paused
+    redis_failover.promote(lab.cfg.region(b).redis)
+    redis_failover.repoint_sentinels(lab.cfg.region(b).redis, lab.cfg.region(b).redis)
     _exec(lab, b, "select pg_promote()")
     try:
         await _until(_async(lambda: (s := pg_status(lab.cfg.region(b).postgres)).role == "primary" and
@@ -252,3 +259,5 @@ async def test_a_backup_after_a_failover_that_left_the_old_primary_fenced_and_ru
         back = await _failback(lab, client, a, switch_back=False)
         assert back.outcome in ("succeeded", "degraded"), back
         lab.wait_replication()
+    roles = {r.name: redis_status(r.redis).role for r in lab.cfg.regions}
+    assert roles == {b: "master", a: "slave"}, roles
