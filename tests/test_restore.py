@@ -335,3 +335,34 @@ def _async_true_of(fn):
     async def run():
         return fn()
     return run
+
+
+async def test_a_restore_its_scratch_volume_cannot_hold_is_refused_before_anything_is_written(lab, client, tmp_path):
+    """By default the scratch copy is made on a standby's host, beside its data directory: a
+    restore that fills that volume stops the standby's replication, every day a drill runs.
+    The volume here is a real 64 MiB tmpfs, smaller than the backup plus the replay's WAL."""
+    import asyncio
+    import subprocess
+
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.backup.activities import RestoreRequest
+
+    _table(lab)
+    await _backup(lab, client, type="full")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        cfg = lab.cfg.model_copy(update={"backup": lab.cfg.backup.model_copy(update={"scratch_dir": str(small)})})
+        region = lab.cfg.secondary.name
+        req = RestoreRequest(region=region, repo_region=region, target=RestoreTarget(kind="latest"),
+                             name=f"nospace-{uuid.uuid4().hex[:8]}")
+        with pytest.raises(ApplicationError) as e:
+            await asyncio.to_thread(ActivityEnvironment().run, RestoreActivities(cfg).restore_scratch, req)
+        assert e.value.type == "NoSpace" and e.value.non_retryable, e.value
+        assert f"{small} on {region}'s host has" in str(e.value) and "backup.scratch_dir" in str(e.value), e.value
+        assert list(small.iterdir()) == []  # refused before anything was written
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

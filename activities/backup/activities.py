@@ -5,6 +5,7 @@ on: pgBackRest reads that node's data directory and config files.
 from __future__ import annotations
 
 import errno
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -272,7 +273,18 @@ class TargetCheck(BaseModel):
 def _restore_error(e: RestoreError) -> ApplicationError:
     return ApplicationError(str(e), {"field": e.field, "reason": str(e)} if e.field else None, type=e.kind,
                             non_retryable=e.kind in ("InvalidInput", "PortInUse", "NoBackup", "ScratchExists",
-                                                        "ArchiveGap"))
+                                                        "ArchiveGap", "NoSpace"))
+
+
+# What a restore needs beyond the backup's database size: the WAL it replays into the copy
+# (recycled as it goes, but a segment set at a time) and a margin the volume's other users
+# (the standby sharing it) keep.
+RESTORE_SLACK = 0.1
+RESTORE_SLACK_BYTES = 64 * 2**20
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 class RestoreActivities:
@@ -352,6 +364,7 @@ class RestoreActivities:
             what = f"port {req.port} is already taken on this host" if req.port else \
                 f"no free port in {ports.start}..{ports.stop - 1}"
             raise _restore_error(RestoreError(what, "port", "PortInUse"))
+        self._room_for(st, req, directory)
         try:
             # A side thread beats through pgbackrest restore too (one blocking call, minutes on
             # a big database), not only through the replay loop.
@@ -361,6 +374,35 @@ class RestoreActivities:
         except RestoreError as e:
             drop_scratch(st, directory, port)
             raise _restore_error(e) from None
+
+    def _room_for(self, st: Stanza, req: RestoreRequest, directory: Path) -> None:
+        """Refuse, before anything is written, a restore the scratch volume cannot hold. By
+        default the scratch copy is made on a standby's host, beside its data directory: a
+        restore that fills that volume stops the standby's replication (its WAL receiver cannot
+        write), every day a drill runs. Sized from the backup the restore starts from (its
+        database bytes) plus the replay's WAL and a margin; unknown sizes are not guessed at."""
+        try:
+            with heartbeating():
+                backups = read_catalog(st).on(req.repo_region)
+        except Exception as e:  # noqa: BLE001 - the check before read it; the restore says why if it cannot
+            activity.logger.warning("restore space check skipped: catalog unreadable: %s", e)
+            return
+        target = req.target.time if req.target.kind == "time" and req.target.time else utcnow()
+        start = [b for b in backups if b.stopped <= target] or backups[:1]
+        if not start or not start[-1].size:
+            return
+        probe = directory
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        need = int(start[-1].size * (1 + RESTORE_SLACK)) + RESTORE_SLACK_BYTES
+        if free < need:
+            raise _restore_error(RestoreError(
+                f"backup {start[-1].label} restores {_gib(start[-1].size)} of database; {probe} on {req.region}'s "
+                f"host has {_gib(free)} free, about {_gib(need)} needed with the replay's WAL: the restore would fill "
+                "that volume (a standby's data directory on it would stop replicating). Free space there, set "
+                "backup.scratch_dir to a larger volume, or run the copy on another region's host (region)",
+                "region", "NoSpace"))
 
     @activity.defn
     def restore_following_scratch(self, req: FollowRestoreRequest) -> FollowingScratch:
@@ -375,6 +417,7 @@ class RestoreActivities:
         if port is None:
             raise _restore_error(RestoreError(f"no free port for the scratch copy (from {ports[0]})", "port",
                                               "PortInUse"))
+        self._room_for(st, req, directory)
         primary = self.cfg.region(req.primary_region).postgres
         try:
             with heartbeating(every=10):
