@@ -5,6 +5,7 @@ Each test leaves the configured primary primary, every worker running, and no mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -209,6 +210,28 @@ async def test_rounds_counted_while_paused_are_not_spent_at_resume(lab, client):
     assert _primary(lab) == a
 
 
+@contextlib.asynccontextmanager
+async def _automatic_failover_at_its_gate(lab, client, name: str):
+    """A monitor with automatic failover and approval required; the primary frozen; yields
+    (primary, monitor, its failover waiting at the approval gate, the primary's postmaster).
+    Afterwards the primary is continued and the monitor ended (_left_as_found)."""
+    from workflows.failover import FailoverWorkflow
+
+    a, _ = _names(lab)
+    assert _primary(lab) == a
+    inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2, auto_failover=True,
+                       require_approval=True)
+    handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-{name}-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+    postmaster = lab.postgres(a).pid
+    async with _left_as_found(handle, postmaster):
+        await _until(lambda: _lag_measured(handle), 60, "rounds that measure the standby's lag")
+        os.kill(postmaster, signal.SIGSTOP)  # continued by _left_as_found
+        move = client.get_workflow_handle_for(FailoverWorkflow.run, move_id(lab.cfg.service))
+        await _until(lambda: _awaiting(move), 60, "the automatic failover's approval gate")
+        yield a, handle, move, postmaster
+
+
 async def test_a_move_the_monitor_started_outlives_the_monitor(lab, client):
     """An operator terminates (or resets) the monitor while its automatic failover waits for
     approval. With the default parent-close policy the failover was terminated with it: past
@@ -219,18 +242,7 @@ async def test_a_move_the_monitor_started_outlives_the_monitor(lab, client):
     from workflows.failover import FailoverWorkflow
     from workflows.models import ApprovalDecision
 
-    a, _ = _names(lab)
-    assert _primary(lab) == a
-    inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2, auto_failover=True,
-                       require_approval=True)
-    handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-abandon-{uuid.uuid4()}",
-                                         task_queue=lab.cfg.temporal.control_task_queue)
-    postmaster = lab.postgres(a).pid
-    async with _left_as_found(handle, postmaster):
-        await _until(lambda: _lag_measured(handle), 60, "rounds that measure the standby's lag")
-        os.kill(postmaster, signal.SIGSTOP)  # continued by _left_as_found
-        move = client.get_workflow_handle_for(FailoverWorkflow.run, move_id(lab.cfg.service))
-        await _until(lambda: _awaiting(move), 60, "the automatic failover's approval gate")
+    async with _automatic_failover_at_its_gate(lab, client, "abandon") as (a, handle, move, _):
         await handle.terminate("an operator's reset")
         assert (await move.describe()).status == WorkflowExecutionStatus.RUNNING
         await move.execute_update(FailoverWorkflow.approve, ApprovalDecision(
@@ -251,18 +263,7 @@ async def test_an_approved_automatic_failover_is_not_carried_out_once_the_primar
     from workflows.failover import FailoverWorkflow
     from workflows.models import ApprovalDecision
 
-    a, _ = _names(lab)
-    assert _primary(lab) == a
-    inp = MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2, auto_failover=True,
-                       require_approval=True)
-    handle = await client.start_workflow(MonitorWorkflow.run, inp, id=f"monitor-back-{uuid.uuid4()}",
-                                         task_queue=lab.cfg.temporal.control_task_queue)
-    postmaster = lab.postgres(a).pid
-    async with _left_as_found(handle, postmaster):
-        await _until(lambda: _lag_measured(handle), 60, "rounds that measure the standby's lag")
-        os.kill(postmaster, signal.SIGSTOP)
-        move = client.get_workflow_handle_for(FailoverWorkflow.run, move_id(lab.cfg.service))
-        await _until(lambda: _awaiting(move), 60, "the automatic failover's approval gate")
+    async with _automatic_failover_at_its_gate(lab, client, "back") as (a, _, move, postmaster):
         os.kill(postmaster, signal.SIGCONT)
         await _until(_async(lambda: pg_status(lab.cfg.region(a).postgres).role == "primary"), 30,
                      "the primary to answer again")
