@@ -283,6 +283,16 @@ RESTORE_SLACK = 0.1
 RESTORE_SLACK_BYTES = 64 * 2**20
 
 
+def _target_time(req: RestoreRequest) -> datetime:
+    """Where a restore stops, as a time: its target time, else now (latest, an LSN, a name)."""
+    return req.target.time if req.target.kind == "time" and req.target.time else utcnow()
+
+
+def _start_backup(backups: list[BackupRecord], target: datetime) -> BackupRecord:
+    """The backup a restore to ``target`` starts from: the newest that ended by then, else the oldest."""
+    return ([b for b in backups if b.stopped <= target] or backups[:1])[-1]
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -346,9 +356,8 @@ class RestoreActivities:
                 continue
         if not gaps or not backups:
             return None
-        target = req.target.time if req.target.kind == "time" and req.target.time else utcnow()
-        start = [b for b in backups if b.stopped <= target] or backups[:1]
-        return pitr_blocked(gaps, repo, start[-1].stopped, target)
+        target = _target_time(req)
+        return pitr_blocked(gaps, repo, _start_backup(backups, target).stopped, target)
 
     @activity.defn
     def restore_scratch(self, req: RestoreRequest) -> Scratch:
@@ -387,18 +396,17 @@ class RestoreActivities:
         except Exception as e:  # noqa: BLE001 - the check before read it; the restore says why if it cannot
             activity.logger.warning("restore space check skipped: catalog unreadable: %s", e)
             return
-        target = req.target.time if req.target.kind == "time" and req.target.time else utcnow()
-        start = [b for b in backups if b.stopped <= target] or backups[:1]
-        if not start or not start[-1].size:
+        start = _start_backup(backups, _target_time(req)) if backups else None
+        if start is None or not start.size:
             return
         probe = directory
         while not probe.exists():
             probe = probe.parent
         free = shutil.disk_usage(probe).free
-        need = int(start[-1].size * (1 + RESTORE_SLACK)) + RESTORE_SLACK_BYTES
+        need = int(start.size * (1 + RESTORE_SLACK)) + RESTORE_SLACK_BYTES
         if free < need:
             raise _restore_error(RestoreError(
-                f"backup {start[-1].label} restores {_gib(start[-1].size)} of database; {probe} on {req.region}'s "
+                f"backup {start.label} restores {_gib(start.size)} of database; {probe} on {req.region}'s "
                 f"host has {_gib(free)} free, about {_gib(need)} needed with the replay's WAL: the restore would fill "
                 "that volume (a standby's data directory on it would stop replicating). Free space there, set "
                 "backup.scratch_dir to a larger volume, or run the copy on another region's host (region)",
