@@ -31,6 +31,7 @@ from activities.postgres.row_spool import SpoolDir
 from activities.postgres.status import connect
 from activities.redis import epoch as redis_epochs
 from activities.redis.failback import RedisFailback, preserve_and_rejoin
+from activities.redis.failover import NotAMaster
 from eagle_dr import metrics
 from eagle_dr.config import EagleConfig, TableConflictConfig
 
@@ -309,8 +310,13 @@ class FailbackActivities:
         # Per run: runbooks reuse their workflow id (dr-move-<service>) from one incident to the next.
         key = f"failback/{info.workflow_id}/{info.workflow_run_id}/redis-{old.name}.rdb"
         with heartbeating():
-            return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key,
-                                       self.cfg.redis_reconcile)
+            try:
+                return preserve_and_rejoin(old.redis, self.cfg.region(req.primary_region).redis, old.s3, key,
+                                           self.cfg.redis_reconcile)
+            except NotAMaster as e:
+                # Retried: a Sentinel failover under way in the primary region ends in seconds.
+                raise ApplicationError(f"{req.primary_region}'s Redis: {e}; {req.region}'s Redis was not made its "
+                                       "replica and keeps its keys", type="RedisPrimaryNotMaster") from e
 
 
 def _check_configured_tables(conn, conflicts: dict[str, TableConflictConfig], region: str) -> None:

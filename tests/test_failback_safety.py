@@ -19,7 +19,8 @@ from activities.postgres.ctl import PgCtl
 from activities.postgres.status import pg_status
 from eagle_dr.launch import start_move
 from tests.histories import record
-from tests.lab_helpers import _async, _aux_pid, _exec, _failback, _fork, _lag_bytes, _primary, _startup_pid, _until
+from tests.lab_helpers import _async, _aux_pid, _exec, _failback, _fork, _lag_bytes, _pg, _primary, _startup_pid, \
+    _until
 from workflows.models import FailoverInput, SwitchoverInput
 
 
@@ -293,3 +294,72 @@ async def test_failback_does_not_switch_back_to_a_region_whose_data_was_not_veri
     back = await (await start_move(client, lab.cfg, SwitchoverInput(service=lab.cfg.service,
                                                                     target_region=original))).result()
     assert back.outcome == "succeeded"
+
+
+async def test_a_redis_that_cannot_rejoin_degrades_the_failback_and_a_second_run_repairs_it(lab, client):
+    """Past the point of no return PostgreSQL is rewound; then the primary region's Redis turns
+    out not to be a master (here it follows an address nobody answers on; a Sentinel or a
+    person can leave it so). Re-attaching the old Redis to it would chain or loop them with no
+    master. The run must not fail as if nothing was done, nor re-point Redis: it reports the
+    Redis part degraded with its repair, keeps PostgreSQL's part, and does not switch back.
+    The repair it names (failback again, once the Redis is a master) finishes the job."""
+    import socket
+    import uuid
+
+    from activities.redis.status import client as redis_client
+    from activities.redis.status import redis_status, sentinel_client
+    from workflows.failback import FailbackInput, FailbackWorkflow
+
+    original = _primary(lab)
+    old, new = await _fork(lab, client, [
+        ("insert into alerts (id, region, payload) values (%s, %s, '{}')", (9_100_000_778, "old"))])
+    n_cfg = lab.cfg.region(new).redis
+    sentinels = {(ep.host, ep.port): (r.redis, ep) for r in lab.cfg.regions for ep in r.redis.sentinels}
+
+    def down_after(ms: int) -> None:
+        # Sentinels count a master that reports itself a replica as down after down-after + 20 s,
+        # and would fail it over: not the race this test is about.
+        for cfg, ep in sentinels.values():
+            sentinel_client(cfg, ep).execute_command("SENTINEL", "SET", cfg.master_name,
+                                                     "down-after-milliseconds", str(ms))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = s.getsockname()[1]
+    down_after(600_000)
+    try:
+        redis_client(n_cfg).replicaof("127.0.0.1", nobody)
+        wid = f"failback-{uuid.uuid4()}"
+        res = await client.execute_workflow(
+            FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=old), id=wid,
+            task_queue=lab.cfg.temporal.control_task_queue)
+        assert res.outcome == "degraded", res
+        step = next(s for s in res.steps if s["name"] == "preserve and re-attach Redis")
+        assert step["status"] == "failed" and f"{n_cfg.host}:{n_cfg.port} is not a master" in step["detail"], step
+        assert res.redis is not None and res.redis.failed and not res.redis.rejoined, res.redis
+        assert any(n.startswith(f"re-attaching {old}'s Redis to {new}'s failed") and
+                   f"eagle-dr failback --region {old}" in n for n in res.notes), res.notes
+        switch = next(s for s in res.steps if s["name"] == f"switch over back to {old}")
+        assert switch["status"] == "skipped" and res.switchover is None, switch
+        # PostgreSQL's part stands: rewound and streaming, its row kept; the primary unchanged.
+        assert res.reconciliation is not None and res.rewind is not None
+        assert pg_status(lab.cfg.region(new).postgres).role == "primary"
+        assert pg_status(lab.cfg.region(old).postgres).receiver_status == "streaming"
+        with _pg(lab, new) as conn:
+            assert conn.execute("select count(*) from alerts where id = 9100000778").fetchone()[0] == 1
+        # As the test left it: the runbook re-pointed nothing.
+        assert (st := redis_status(n_cfg)).role == "slave" and st.master == f"127.0.0.1:{nobody}", st
+        await record(client.get_workflow_handle(wid), "failback-redis-not-rejoined-degrades")
+
+        # The repair the run named.
+        redis_client(n_cfg).replicaof("NO", "ONE")
+        again = await _failback(lab, client, old)
+        assert again.outcome == "succeeded" and again.divergence is None, again
+        assert again.redis is not None and again.redis.rejoined and not again.redis.failed, again.redis
+        assert again.switchover is not None and again.switchover.outcome == "succeeded"
+    finally:
+        if redis_status(n_cfg).master == f"127.0.0.1:{nobody}":
+            redis_client(n_cfg).replicaof("NO", "ONE")
+        down_after(5_000)
+    assert _primary(lab) == original == old
+    _exec(lab, old, "delete from alerts where id = 9100000778")

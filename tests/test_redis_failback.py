@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from activities.redis.failback import RedisFailback, describe, preserve_and_rejoin, should_copy
+from activities.redis.failover import NotAMaster, demote
 from activities.redis.status import client as redis_client
 from activities.redis.status import redis_status, sentinel_client
 from activities.s3 import client as s3_client
@@ -125,6 +126,36 @@ def test_an_attempt_that_copied_and_died_before_its_demote_is_reported_by_its_re
     assert report.rejoined and not report.already_replica
     wait_for(lambda: (st := redis_status(l_cfg)).role == "slave" and st.link_status == "up", 30,
              f"{loser} to replicate {survivor} again", 0.05)
+
+
+def test_an_old_master_is_never_made_to_follow_a_replica(lab):
+    """Failback names the primary region's Redis as the master to rejoin, but that one is a
+    replica (here: of the very node being re-attached, as when a Sentinel or a person turned
+    it back). Following it would loop the two with no master, every write refused and each
+    resyncing from the other. Refused before anything is copied, snapshotted or re-pointed;
+    demote() itself refuses the same."""
+    master, replica = _master_and_replica(lab)
+    m_cfg, r_cfg = lab.cfg.region(master).redis, lab.cfg.region(replica).redis
+    m = redis_client(m_cfg)
+    tag = uuid.uuid4().hex[:8]
+    m.set(f"rf:{tag}:kept", "M")
+    bucket, key = lab.cfg.region(master).s3, f"test/{tag}.rdb"
+    try:
+        with pytest.raises(NotAMaster, match=f"{r_cfg.host}:{r_cfg.port} is not a master"):
+            preserve_and_rejoin(m_cfg, r_cfg, bucket, key, RedisReconcileConfig(strategy="copy-missing"))
+        with pytest.raises(NotAMaster):
+            demote(m_cfg, r_cfg)
+        assert redis_status(m_cfg).role == "master" and m.get(f"rf:{tag}:kept") == "M"
+        wait_for(lambda: redis_client(r_cfg).get(f"rf:{tag}:kept") == "M", 20, f"{replica} to still follow {master}",
+                 0.02)
+        names = [o["Key"] for o in s3_client(bucket).list_objects_v2(Bucket=bucket.bucket,
+                                                                     Prefix=f"test/{tag}").get("Contents", [])]
+        assert names == [], names  # no snapshot, no record: nothing was started
+    finally:
+        # Had it followed: the loop broken, the lab's master a master again.
+        if redis_status(m_cfg).role != "master":
+            m.replicaof("NO", "ONE")
+            wait_for(lambda: redis_status(r_cfg).link_status == "up", 30, f"{replica} to follow {master} again", 0.05)
 
 
 def test_the_rule_exclude_first_then_copy_missing_or_include():

@@ -206,7 +206,15 @@ class FailbackWorkflow(Rejoin):
                 verified = verify is not None and verify.outcome == "succeeded"
 
             switchover = None
-            if inp.switch_back and not verified and workflow.patched("failback-no-switch-back-unverified"):
+            if inp.switch_back and redis.failed:
+                # (Only a run that took the patch "redis-rejoin-failure-degrades" gets here.) The
+                # region's Redis is still a master beside the primary's, or the primary's is no
+                # master: a switchover between them has no replica to promote, or two masters.
+                why = f"{inp.region}'s Redis was not re-attached to {primary}'s (see the Redis step)"
+                self.skip(f"switch over back to {inp.region}", why)
+                self.degraded.append(f"switch back to {inp.region} not done: {why}; once it is (eagle-dr failback "
+                                     f"--region {inp.region}): eagle-dr switchover --to {inp.region}")
+            elif inp.switch_back and not verified and workflow.patched("failback-no-switch-back-unverified"):
                 # Its data differs from the primary's (or could not be compared), and the repair
                 # was refused, timed out or failed: made the primary, it would serve those rows as
                 # the truth. It stays a standby; the primary stays where the data is known good.

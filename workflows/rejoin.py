@@ -14,7 +14,7 @@ survivor as a standby.
 from __future__ import annotations
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.consistency.activities import AuditedKeysRequest, ConsistencyActivities
@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.redis.failback import RedisFailback
     from workflows.data_sync import DataSyncInput, DataSyncResult, DataSyncWorkflow
     from workflows.models import ApprovalPolicy, ApprovalRecord
-    from workflows.runbook import Runbook
+    from workflows.runbook import Runbook, described
 
 # Heartbeats come every few seconds (activities/heartbeat.py): a dead worker's step is
 # retried elsewhere, or on its restart, after this long.
@@ -211,8 +211,21 @@ class Rejoin(Runbook):
 
     async def rejoin_redis(self, req: FailbackRequest, queue: str) -> RedisFailback:
         async with self.step("preserve and re-attach Redis") as st:
-            redis = await self.act(FailbackActivities.preserve_redis_and_rejoin, req, queue=queue, timeout=600,
-                                   heartbeat=HEARTBEAT_S)
+            try:
+                redis = await self.act(FailbackActivities.preserve_redis_and_rejoin, req, queue=queue, timeout=600,
+                                       heartbeat=HEARTBEAT_S)
+            except ActivityError as e:
+                # Past the point of no return (PostgreSQL is being, or has been, rejoined): a
+                # Redis that cannot be re-attached now (the primary region's is not a master, or
+                # is down) is reported, and PostgreSQL's part goes on. Runs before the patch failed.
+                if isinstance(e.cause, CancelledError) or not workflow.patched("redis-rejoin-failure-degrades"):
+                    raise
+                why = described(e)
+                st.status, st.detail = "failed", f"FAILED: {why}"
+                self.degrade(f"re-attaching {req.region}'s Redis to {req.primary_region}'s", why,
+                             f"once {req.primary_region}'s Redis is a writable master, eagle-dr failback --region "
+                             f"{req.region} (it re-attaches Redis; a PostgreSQL already streaming is left as it is)")
+                return RedisFailback(reachable=None, failed=why)
             st.detail = redis.kept(req.primary_region) if redis.reachable else \
                 "its Redis is unreachable: nothing to keep (no persistence)"
         return redis

@@ -23,7 +23,9 @@ from eagle_dr.config import RedisConfig, RedisReconcileConfig, S3Config, scrub
 
 
 class RedisFailback(BaseModel):
-    reachable: bool
+    reachable: bool | None  # None: not known, the step failed (``failed`` says why)
+    # The step failed after its retries: the old master was not re-attached (it keeps its keys).
+    failed: str | None = None
     snapshot: str | None = None  # s3://bucket/key
     keys_on_old: int = 0
     unique_keys: int = 0  # keys the primary lacked: copied + skipped (+ any that expired meanwhile)
@@ -48,6 +50,8 @@ class RedisFailback(BaseModel):
 
     def kept(self, primary: str) -> str:
         """What became of the old master's keys, for the step detail and the CLI."""
+        if self.failed:
+            return f"NOT re-attached to {primary} (it keeps its keys): {self.failed}"
         if self.already_replica and self.error:
             return f"a replica of {primary} when this attempt reached it; {self.error}"
         if self.already_replica:
@@ -144,6 +148,9 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
     except (redis.RedisError, OSError) as e:
         # Nothing to keep: a restarted cache without persistence comes back empty.
         return RedisFailback(reachable=False, error=scrub(str(e)), reconcile=describe(rule))
+    # Before anything is copied to it or made to follow it: a primary region whose Redis is a
+    # replica (a Sentinel turned it back, a person re-pointed it) has no master to rejoin.
+    failover.require_master(master)
     info = redis_client(old, 3).info("replication")
     if info.get("role") == "slave" and f"{info.get('master_host')}:{info.get('master_port')}" == \
             f"{master.host}:{master.port}":

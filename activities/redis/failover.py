@@ -35,6 +35,21 @@ class RedisSplitBrain(SwitchoverError):
     """Both nodes are masters and the old one took writes after the fork: demoting it would lose them."""
 
 
+class NotAMaster(RuntimeError):
+    """The node a replica is to follow is itself a replica: following it would chain the two
+    behind it, or, when it follows the node being demoted, loop them with no master at all."""
+
+
+def require_master(master: RedisConfig, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``master``'s replication info, if it is a master; NotAMaster otherwise."""
+    info = _repl(_node(master)) if info is None else info
+    if info.get("role") != "master":
+        raise NotAMaster(f"{_addr(master)} is not a master (role {info.get('role')}, following {_upstream(info)}): "
+                         "making another node its replica would chain it behind a replica, or loop the two with no "
+                         "master")
+    return info
+
+
 class SentinelQuorum(BaseModel):
     total: int
     reachable: int
@@ -424,7 +439,7 @@ def demote(node: RedisConfig, master: RedisConfig) -> dict:
     already = _upstream(info) == _addr(master)
     discarded: int | None = 0
     if not already:
-        discarded = _discarded_bytes(info, _repl(_node(master)))
+        discarded = _discarded_bytes(info, require_master(master))
         _replicate_from(c, master)
     else:
         c.config_set("replica-priority", 0)

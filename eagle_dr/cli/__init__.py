@@ -781,6 +781,8 @@ def _restore_drill_report(r, error: str | None) -> None:
 
 
 def _redis_kept(r) -> str:
+    if r.failed:
+        return escape(r.kept("the primary"))
     if not r.reachable:
         return "unreachable, nothing to keep (no persistence)"
     if r.snapshot is None:
