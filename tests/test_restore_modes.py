@@ -389,6 +389,63 @@ async def test_rebuild_refuses_a_fenced_old_primary_and_leaves_it_alone(lab_cfg,
     assert (data / FENCE_MARKER).exists() and not aside_dir(data).exists()
 
 
+async def test_a_restore_left_writing_by_a_dead_attempt_is_stopped_before_the_retry_restores(lab, client,
+                                                                                           lab_config_path):
+    """The process running a rebuild dies alone (an OOM kill, a kill -9 of the worker), and its
+    pgbackrest restore, in a session of its own, goes on writing the data directory. The retry
+    must stop it before touching the directory: restored beside it, the directory has two
+    writers, and the orphan's last files land in a standby already running. Here the orphan is
+    frozen, so it cannot end by itself before the retry looks."""
+    from activities.postgres.ctl import alive
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _table(lab)
+    await _backup(lab, client, type="incr")
+    pg = lab.cfg.region(standby).postgres
+    data = PgCtl(pg).data_dir
+    stanza = Stanza(lab.cfg, standby)
+    # The first attempt, in a process of its own that can be killed alone.
+    first = subprocess.Popen([sys.executable, "-c", (
+        "from activities.backup.pgbackrest import Stanza\n"
+        "from activities.backup.rebuild import rebuild_standby\n"
+        "from eagle_dr.config import load_config\n"
+        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
+        f"st = Stanza(cfg, {standby!r})\n"
+        "st.write_configs()\n"
+        f"rebuild_standby(st, cfg.region({primary!r}).postgres, {standby!r}, application_name={standby!r}, "
+        f"slot={pg.slot_name!r})\n")], cwd=Path(__file__).parent.parent)
+
+    async def restoring() -> int | None:
+        if first.poll() is not None:
+            raise AssertionError(f"the first attempt ended ({first.returncode}) before its restore was seen")
+        pids = stanza.processes("restore")
+        return next(iter(pids), None)
+
+    orphan = None
+    try:
+        orphan = await _until(restoring, 120, "the first attempt's pgbackrest restore to run", 0.01)
+        os.kill(orphan, signal.SIGSTOP)
+        first.kill()
+        first.wait()
+        assert alive(orphan) and aside_dir(data).exists()  # an orphan, the original aside
+
+        rebuilt = await asyncio.to_thread(rebuild_standby, stanza, lab.cfg.region(primary).postgres, standby,
+                                          application_name=standby, slot=pg.slot_name)
+        assert rebuilt.stopped_restores == [orphan], rebuilt
+        assert not alive(orphan)
+        assert stanza.processes("restore") == {} and not aside_dir(data).exists()
+        st = pg_status(pg)
+        assert st.role == "standby" and st.receiver_status == "streaming", st
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if orphan is not None and alive(orphan):
+            # Never continued: it would write into whatever directory is there now.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(orphan), signal.SIGKILL)
+
+
 @pytest.mark.long  # ~90 s: the retry waits out the activity's 60 s heartbeat timeout
 async def test_worker_killed_mid_rebuild_the_retry_finishes_and_the_standby_streams(lab, client):
     """kill -9 of the standby's regional worker while ``pgbackrest restore`` writes the new data

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
 from activities.backup.restore import RestoreError, _budget, _plain, timeline_to_follow, wait_streaming
-from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
+from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string, alive
 from activities.postgres.rewind import rewind_marker
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect, pg_status
@@ -45,6 +46,9 @@ class RebuiltStandby(BaseModel):
     catch_up_seconds: float = 0.0  # start, archive replay, first streamed record
     upstream: str
     replay_lsn: str | None = None
+    # pgbackrest restores an earlier attempt left writing into the data directory (its worker
+    # died, they did not), stopped before this attempt touched it.
+    stopped_restores: list[int] = []
 
 
 def aside_dir(data: Path) -> Path:
@@ -110,6 +114,58 @@ def _stop_for_good(ctl: PgCtl) -> None:
         ctl.kill()
 
 
+def _restores_into(stanza: Stanza, data: Path) -> list[int]:
+    """The pgbackrest restores from this node's config that write ``data``: those naming no
+    --pg1-path (the config's is this node's own directory) or naming it. A point-in-time copy
+    into a scratch directory names its own, and is not one of them."""
+    found = []
+    for pid in stanza.processes("restore"):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        paths = [a.split(b"=", 1)[1].decode(errors="replace") for a in argv if a.startswith(b"--pg1-path=")]
+        if not paths or Path(paths[-1]).absolute() == data.absolute():
+            found.append(pid)
+    return found
+
+
+def stop_orphan_restores(stanza: Stanza, data: Path, grace: float = 30) -> list[int]:
+    """Stop every pgbackrest restore still writing ``data``. Called holding ``_exclusive``, so
+    none is a live attempt's: each is one a dead worker left behind (pgBackRest runs in a
+    session of its own, and outlives a worker killed alone). Restored beside it, the directory
+    would get two writers, the orphan's last files landing in a standby already running.
+    SIGTERM and SIGCONT to its process group (pgBackRest stops its workers), SIGKILL after
+    ``grace`` seconds."""
+    pids = _restores_into(stanza, data)
+    for pid in pids:
+        for sig in (signal.SIGTERM, signal.SIGCONT):  # a frozen one acts on SIGTERM only once continued
+            try:
+                os.killpg(os.getpgid(pid), sig)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                os.kill(pid, sig)
+    deadline = time.monotonic() + grace
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if still := [p for p in pids if alive(p)]:
+        raise RestoreError(f"pgbackrest restore {still} left by an earlier attempt still writes {data} and did not "
+                           "stop: nothing is done to the directory beside it", kind="OrphanRestore")
+    return pids
+
+
 @contextmanager
 def _exclusive(data: Path):
     """One rebuild per data directory: a retry started while a slow first attempt still runs
@@ -133,6 +189,9 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
     data = ctl.data_dir
     upstream = f"{primary.host}:{primary.port}"
     with _exclusive(data):
+        stopped = stop_orphan_restores(stanza, data)
+        if stopped:
+            beat({"phase": "stopped a restore left by an earlier attempt", "pids": stopped})
         aside = aside_dir(data)
         if ctl.running():
             st = pg_status(node, 5)
@@ -176,6 +235,7 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
                 log.warning("putting the original data directory back failed", error=str(undo)[:200])
             raise
         _found_file(data).unlink(missing_ok=True)
+        rebuilt.stopped_restores = stopped
         return rebuilt
 
 
@@ -185,7 +245,11 @@ def undo_rebuild(stanza: Stanza, primary: PostgresConfig, slot: str) -> str:
     node = stanza.region.postgres
     ctl = PgCtl(node)
     with _exclusive(ctl.data_dir):
+        # The original goes back where an orphan of the dead attempt would go on writing.
+        stopped = stop_orphan_restores(stanza, ctl.data_dir)
         done = put_back_original(ctl, primary, slot)
+    if stopped:
+        done = f"stopped pgbackrest restore {stopped} left by the failed attempt; {done}"
     st = pg_status(node, 5)
     if not st.reachable:
         now = "its PostgreSQL is not running" if not ctl.running() else f"its PostgreSQL does not answer ({st.error})"
