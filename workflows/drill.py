@@ -188,7 +188,11 @@ class DrillWorkflow(Runbook):
                 st.detail = f"{failback.rewind.method}; {failback.divergence.lost.lost_commits} commits after the fork" \
                     if failback.rewind else "it already streamed: nothing to rewind"
 
-        outcomes = {switchover.outcome, failover.outcome} | ({"succeeded"} if failback else set())
+        # The failback's own outcome (runs before the patch counted it succeeded whatever it said:
+        # a Redis it could not re-attach now degrades it instead of failing it).
+        outcomes = {switchover.outcome, failover.outcome} | (
+            ({failback.outcome} if workflow.patched("drill-counts-failback-outcome") else {"succeeded"})
+            if failback else set())
         consistency, consistency_error = None, None
         # Guarded: drills recorded before it replay without the check.
         if failback and inp.consistency_check and workflow.patched("drill-consistency-check"):

@@ -14,7 +14,7 @@ survivor as a standby.
 from __future__ import annotations
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.consistency.activities import AuditedKeysRequest, ConsistencyActivities
@@ -218,7 +218,10 @@ class Rejoin(Runbook):
                 # Past the point of no return (PostgreSQL is being, or has been, rejoined): a
                 # Redis that cannot be re-attached now (the primary region's is not a master, or
                 # is down) is reported, and PostgreSQL's part goes on. Runs before the patch failed.
-                if isinstance(e.cause, CancelledError) or not workflow.patched("redis-rejoin-failure-degrades"):
+                # A newer move acts now (StaleEpoch): this run stops acting, as everywhere else.
+                if isinstance(e.cause, CancelledError) or (isinstance(e.cause, ApplicationError)
+                                                           and e.cause.type == "StaleEpoch") \
+                        or not workflow.patched("redis-rejoin-failure-degrades"):
                     raise
                 why = described(e)
                 st.status, st.detail = "failed", f"FAILED: {why}"

@@ -307,6 +307,8 @@ class SplitBrainWorkflow(Rejoin):
             result.seconds_to_resolved = (result.resolved_at - detected_at).total_seconds()
             result.outcome = "resolved" if ok else "degraded"
             result.cancel_refused = self.cancel_refused
+            # What failed past the point of no return, with its repair (rejoin.py's degrades).
+            result.notes += [n for n in self.degraded if n not in result.notes]
             self.finish(result.outcome)
             return result
 

@@ -51,7 +51,8 @@ class RedisFailback(BaseModel):
     def kept(self, primary: str) -> str:
         """What became of the old master's keys, for the step detail and the CLI."""
         if self.failed:
-            return f"NOT re-attached to {primary} (it keeps its keys): {self.failed}"
+            # The last attempt's error; an attempt before it may have got further.
+            return f"re-attaching to {primary} FAILED: {self.failed} (eagle-dr status shows where it stands)"
         if self.already_replica and self.error:
             return f"a replica of {primary} when this attempt reached it; {self.error}"
         if self.already_replica:
@@ -148,9 +149,6 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
     except (redis.RedisError, OSError) as e:
         # Nothing to keep: a restarted cache without persistence comes back empty.
         return RedisFailback(reachable=False, error=scrub(str(e)), reconcile=describe(rule))
-    # Before anything is copied to it or made to follow it: a primary region whose Redis is a
-    # replica (a Sentinel turned it back, a person re-pointed it) has no master to rejoin.
-    failover.require_master(master)
     info = redis_client(old, 3).info("replication")
     if info.get("role") == "slave" and f"{info.get('master_host')}:{info.get('master_port')}" == \
             f"{master.host}:{master.port}":
@@ -163,6 +161,9 @@ def preserve_and_rejoin(old: RedisConfig, master: RedisConfig, bucket: S3Config,
             reachable=True, rejoined=True, already_replica=True, reconcile=describe(rule),
             error=unread and f"an earlier attempt's record could not be read, so whether this run took a snapshot "
                              f"is unknown: {unread}"), old, master)
+    # Before anything is copied to it or made to follow it: a primary region whose Redis is a
+    # replica (a Sentinel turned it back, a person re-pointed it) has no master to rejoin.
+    failover.require_master(master)
     prior, _ = _recorded(bucket, snapshot_key)
     # The snapshot first, whatever the rule: it is the only copy of every key not copied.
     snap = snapshot_to_s3(old, bucket, snapshot_key)
