@@ -248,7 +248,7 @@ class Stanza:
             pass
 
     def run(self, command: str, *options: str, timeout: float = 600, check: bool = True,
-            archive: bool = False, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+            archive: bool = False, args: tuple[str, ...] = (), owner: str = "") -> subprocess.CompletedProcess:
         """Run a command to its end, in a session of its own, waited on in half-second slices.
 
         Not subprocess.run: it blocks on the pipes, where an activity's cancel (the SDK raises
@@ -257,11 +257,12 @@ class Stanza:
         main process only, leaving its local workers writing into the directory the undo is
         about to put the original back into. Here a cancel or the timeout stops the whole
         process group (SIGTERM, which pgBackRest handles by stopping its workers; SIGKILL
-        after a grace period) before the exception goes on."""
+        after a grace period) before the exception goes on. ``owner``: as popen's."""
         argv = self.argv(command, *options, archive=archive, args=args)
         # errors="replace": with a wrong passphrase pgBackRest quotes the garbage it decrypted.
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                                start_new_session=True, **_as_owner(self.region.postgres))
+                                start_new_session=True, env={**os.environ, OWNER_ENV: owner} if owner else None,
+                                **_as_owner(self.region.postgres))
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
 from activities.backup.restore import RestoreError, _budget, _plain, timeline_to_follow, wait_streaming
-from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string, alive
+from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
 from activities.postgres.rewind import rewind_marker
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect, pg_status
@@ -114,56 +114,73 @@ def _stop_for_good(ctl: PgCtl) -> None:
         ctl.kill()
 
 
-def _restores_into(stanza: Stanza, data: Path) -> list[int]:
-    """The pgbackrest restores from this node's config that write ``data``: those naming no
-    --pg1-path (the config's is this node's own directory) or naming it. A point-in-time copy
-    into a scratch directory names its own, and is not one of them."""
+def _owner_tag(data: Path) -> str:
+    """The tag (pgbackrest.OWNER_ENV) a rebuild's restore into ``data`` carries: how a later
+    attempt tells its dead predecessor's restore from any other (a restore started by hand,
+    a point-in-time copy into a scratch directory), which it must never stop."""
+    return f"rebuild:{data.absolute()}"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
     found = []
-    for pid in stanza.processes("restore"):
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue  # gone meanwhile
-        paths = [a.split(b"=", 1)[1].decode(errors="replace") for a in argv if a.startswith(b"--pg1-path=")]
-        if not paths or Path(paths[-1]).absolute() == data.absolute():
-            found.append(pid)
+            stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat[0] not in ("Z", "X") and int(stat[2]) == pgid:
+            found.append(int(d))
     return found
 
 
 def stop_orphan_restores(stanza: Stanza, data: Path, grace: float = 30) -> list[int]:
-    """Stop every pgbackrest restore still writing ``data``. Called holding ``_exclusive``, so
-    none is a live attempt's: each is one a dead worker left behind (pgBackRest runs in a
-    session of its own, and outlives a worker killed alone). Restored beside it, the directory
-    would get two writers, the orphan's last files landing in a standby already running.
-    SIGTERM and SIGCONT to its process group (pgBackRest stops its workers), SIGKILL after
-    ``grace`` seconds."""
-    pids = _restores_into(stanza, data)
-    for pid in pids:
-        for sig in (signal.SIGTERM, signal.SIGCONT):  # a frozen one acts on SIGTERM only once continued
-            try:
-                os.killpg(os.getpgid(pid), sig)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                os.kill(pid, sig)
-    deadline = time.monotonic() + grace
-    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in left:
+    """Stop the restores an earlier rebuild attempt of ``data`` left running. Called holding
+    ``_exclusive``, so none is a live attempt's: each is one a dead worker left behind
+    (pgBackRest runs in a session of its own and outlives a worker killed alone). Restored
+    beside it, the directory would get two writers, the orphan's last files landing in a
+    standby already running. Each is its session's leader (the worker starts it so), and its
+    whole group (its local workers) is stopped: SIGTERM and SIGCONT (pgBackRest stops its
+    workers), SIGKILL after ``grace`` seconds, until no process of the group is left."""
+    tag = _owner_tag(data)
+    mine = os.getpgrp()
+    groups = []
+    for pid, owner in stanza.processes("restore").items():
         try:
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            pgid = os.getpgid(pid)
+        except ProcessLookupError:
+            continue
+        # Only a group it leads (never the worker's own, whatever a reused pid says).
+        if owner == tag and pgid == pid != mine:
+            groups.append(pgid)
+
+    def signal_all(sig: int) -> None:
+        for g in groups:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(g, sig)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if still := [p for p in pids if alive(p)]:
+            except PermissionError as e:
+                raise RestoreError(f"pgbackrest restore {g} left by an earlier attempt writes {data}, and this worker "
+                                   f"may not stop it ({e}): nothing is done to the directory beside it",
+                                   kind="OrphanRestore") from None
+
+    signal_all(signal.SIGTERM)
+    signal_all(signal.SIGCONT)  # a frozen one acts on SIGTERM only once continued
+    deadline = time.monotonic() + grace
+    while any(_group_members(g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if any(_group_members(g) for g in groups):
+        signal_all(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_group_members(g) for g in groups) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if still := [g for g in groups if _group_members(g)]:
         raise RestoreError(f"pgbackrest restore {still} left by an earlier attempt still writes {data} and did not "
                            "stop: nothing is done to the directory beside it", kind="OrphanRestore")
-    return pids
+    return groups
 
 
 @contextmanager
@@ -297,7 +314,8 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     # file of a dead branch in the shared stanza, and "latest" would follow it (restore.py).
     follow = timeline_to_follow(stanza, repo_region, pg_status(primary, 5).timeline)
     r = stanza.run("restore", f"--repo={key}", "--type=standby", "--log-level-console=info",
-                   *([f"--target-timeline={follow}"] if follow else []), timeout=left(), check=False)
+                   *([f"--target-timeline={follow}"] if follow else []), timeout=left(), check=False,
+                   owner=_owner_tag(data))
     if r.returncode != 0:
         raise RestoreError(f"pgbackrest restore failed ({r.returncode}): "
                            f"{_plain(scrub(_last_error(r.stderr + r.stdout)))}")
