@@ -366,3 +366,49 @@ async def test_a_restore_its_scratch_volume_cannot_hold_is_refused_before_anythi
         assert list(small.iterdir()) == []  # refused before anything was written
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+async def test_a_gap_recorded_on_the_primarys_host_stops_a_restore_on_another(lab, client, lab_config_path, tmp_path):
+    """The archive guard records a WAL gap in a bucket beside the pgBackRest files of the node
+    it runs on, the primary's. A restore runs on the standby's node, which on separate hosts
+    has none of those files: here its worker is given that view (its config puts the primary's
+    pgBackRest files where its host has nothing). It used to read only its own host's files,
+    restore across the gap, stop there and promote the copy as if that were the target. The
+    primary's worker reads the primary's records now, and the restore is refused."""
+    import yaml
+
+    from activities.backup.archive import WalGap, _write_gaps, read_gaps
+    from lab.processes import kill_tree, read_pid
+
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    done = await _backup(lab, client, type="incr")
+    stopped = max(b.stopped for b in done.backups if b.repo_region == standby)
+    st = Stanza(lab.cfg, primary)
+    found = st.gaps_file.read_text() if st.gaps_file.exists() else None
+    gap = WalGap(repo_region=standby, since=stopped, until=datetime.now(timezone.utc), cause="dropped")
+    doc = yaml.safe_load(Path(lab_config_path).read_text())
+    for r in doc["regions"]:
+        if r["name"] == primary:
+            r["postgres"]["pgbackrest_config"] = str(tmp_path / "not-on-this-host" / "pgbackrest.conf")
+    other_host = tmp_path / "standby-host.yaml"
+    other_host.write_text(yaml.safe_dump(doc, sort_keys=False))
+    kill_tree(read_pid(lab.worker_pidfile(standby)))
+    lab.config_path, path = str(other_host), lab.config_path
+    try:
+        lab.start_worker(standby)
+        _write_gaps(st, read_gaps(st) + [gap])
+        handle = await _start_restore(lab, client, region=standby, repo=standby, keep_minutes=0)
+        with pytest.raises(WorkflowFailureError) as e:
+            await handle.result()
+        cause = e.value.cause
+        assert cause.type == "InvalidInput" and f"{standby}'s bucket lacks the WAL" in cause.message, cause
+        await record(handle, "restore-gap-read-on-each-host")
+    finally:
+        if found is None:
+            st.gaps_file.unlink(missing_ok=True)
+        else:
+            _write_owned(st.gaps_file, found, st.region.postgres)
+        kill_tree(read_pid(lab.worker_pidfile(standby)))
+        lab.config_path = path
+        lab.start_worker(standby)

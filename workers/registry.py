@@ -69,7 +69,7 @@ def regional_activities(cfg: EagleConfig) -> list:
             *_methods(BackupActivities(cfg), "ensure_backup_config", "ensure_stanza", "take_backup",
                       "read_backup_catalog", "expire_backups", "guard_archive",
                       "wait_repo_writers_gone"),
-            *_methods(RestoreActivities(cfg), "check_restore_target", "restore_scratch", "drop_scratch",
+            *_methods(RestoreActivities(cfg), "read_wal_gaps", "check_restore_target", "restore_scratch", "drop_scratch",
                       "rebuild_standby", "undo_rebuild", "recover_rows", "restore_following_scratch"),
             # Restore mode verify: the scratch copy listens on its host only, so its side of the
             # comparison is read there, the primary's over the network.

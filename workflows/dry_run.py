@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.runbook import Runbook
     from workflows.split_brain import RULES, SplitBrainInput
     from workflows.validation import RawInput, invalid, validated
+    from workflows.wal_gaps import wal_gaps
 
 
 class PlanInput(BaseModel):
@@ -235,11 +236,15 @@ class PlanWorkflow(Runbook):
                     blocked = f"{primary} is the primary: only a standby is rebuilt from backup"
                 elif inp.mode == "verify" and inp.target.kind != "latest":
                     blocked = "verify restores the newest backup to the end of the archive: leave the target at latest"
+            gaps = None
+            if workflow.patched("restore-gaps-from-each-region"):
+                # (Records a region could not give are the real run's to report.)
+                gaps, _ = await wal_gaps(self, topo)
             try:
                 chk = await self.act(RestoreActivities.check_restore_target, RestoreRequest(
                     region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()),
-                    port=inp.port, fallback=inp.repo is None), queue=topo.region(region).task_queue, timeout=180,
-                    heartbeat=30, schedule_to_start=60, attempts=2)
+                    port=inp.port, fallback=inp.repo is None, gaps=gaps), queue=topo.region(region).task_queue,
+                    timeout=180, heartbeat=30, schedule_to_start=60, attempts=2)
             except ActivityError as e:
                 blocked = blocked or _refusal(e)
             st.detail = blocked or f"{chk.repo_region}'s bucket: {chk.oldest_backup} .. {chk.newest_backup}"

@@ -72,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
     from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
+    from workflows.wal_gaps import unread_note, wal_gaps
 
 
 class RestoreInput(BaseModel):
@@ -173,7 +174,7 @@ class RestoreWorkflow(Runbook):
         if inp.mode == "verify":
             return await self._verify(inp, topo, req, queue)
 
-        req, chk = await self._check(inp, req, queue)
+        req, chk = await self._check(inp, topo, req, queue)
         scratch: Scratch | None = None
         try:
             scratch = await self._restore(region, req, queue)
@@ -193,8 +194,13 @@ class RestoreWorkflow(Runbook):
         return RestoreResult(service=topo.service, scratch=scratch, dropped=True, degraded=self.degraded,
                              outcome=outcome)
 
-    async def _check(self, inp: RestoreInput, req: RestoreRequest, queue: str):
+    async def _check(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str):
         async with self.step(f"Check {inp.target.describe()} against {req.repo_region}'s backups") as rec:
+            if workflow.patched("restore-gaps-from-each-region"):
+                gaps, unread = await wal_gaps(self, topo)
+                req = req.model_copy(update={"gaps": gaps})
+                if unread:
+                    self.degraded.append(unread_note(unread))
             try:
                 chk = await self.act(RestoreActivities.check_restore_target, req, queue=queue, timeout=180,
                                      heartbeat=30, schedule_to_start=60, attempts=3)
@@ -257,7 +263,7 @@ class RestoreWorkflow(Runbook):
         if primary == region:
             raise invalid("region", f"{region} is the primary: only a standby is rebuilt from backup (a primary "
                                     "that must go back in time is a PITR plus a failover)")
-        req, chk = await self._check(inp, req, queue)
+        req, chk = await self._check(inp, topo, req, queue)
         approval = await self.approval(
             inp.approval, f"replace {region}'s PostgreSQL data directory with backup {chk.newest_backup} from "
                           f"{req.repo_region}'s bucket and stream from {primary} (the old directory is kept aside "
@@ -324,7 +330,7 @@ class RestoreWorkflow(Runbook):
         region = req.region
         primary = await self._primary(topo)
         self.target_region = f"{primary} (rows from a copy on {region})"
-        req, chk = await self._check(inp, req, queue)
+        req, chk = await self._check(inp, topo, req, queue)
         scratch: Scratch | None = None
         try:
             scratch = await self._restore(region, req, queue)
@@ -362,7 +368,7 @@ class RestoreWorkflow(Runbook):
         region = req.region
         primary = await self._primary(topo)
         self.target_region = f"a copy on {region}, following {primary}"
-        req, chk = await self._check(inp, req, queue)
+        req, chk = await self._check(inp, topo, req, queue)
         following: FollowingScratch | None = None
         check: ConsistencyResult | None = None
         try:

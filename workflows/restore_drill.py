@@ -61,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
+    from workflows.wal_gaps import unread_note, wal_gaps
 
 SCHEDULED_BY = SearchAttributeKey.for_keyword("TemporalScheduledById")
 
@@ -221,6 +222,11 @@ class RestoreDrillWorkflow(Runbook):
         scratch: Scratch | None = None
         try:
             async with self.step(f"Check {repo}'s bucket") as rec:
+                if workflow.patched("restore-gaps-from-each-region"):
+                    gaps, unread = await wal_gaps(self, topo)
+                    req = req.model_copy(update={"gaps": gaps})
+                    if unread:
+                        self.degraded.append(unread_note(unread))
                 try:
                     chk = await self.act(RestoreActivities.check_restore_target, req, queue=queue, timeout=180,
                                          heartbeat=30, schedule_to_start=60, attempts=3)

@@ -231,6 +231,9 @@ class RestoreRequest(BaseModel):
     # When repo_region's bucket is unreadable or holds no backup, use the other region's
     # (the own bucket lost with its region); the check says so.
     fallback: bool = False
+    # Every region's WAL-gap records, each read by its own worker (workflows/wal_gaps.py).
+    # None: a run before they were, which reads this host's files only.
+    gaps: list[WalGap] | None = None
 
 
 class FollowRestoreRequest(RestoreRequest):
@@ -313,6 +316,11 @@ class RestoreActivities:
         return base / name
 
     @activity.defn
+    def read_wal_gaps(self, region: str) -> list[WalGap]:
+        """The WAL-gap records this node's archive guard wrote (region-bound: its own files)."""
+        return read_gaps(Stanza(self.cfg, region))
+
+    @activity.defn
     def check_restore_target(self, req: RestoreRequest) -> TargetCheck:
         """Refuse a target no backup in the repo reaches, before anything is written."""
         st = Stanza(self.cfg, req.region)
@@ -346,8 +354,13 @@ class RestoreActivities:
         the restore would start from and the target. Restoring across it would stop at the gap and
         promote a copy missing everything after it, as if that were the target.
 
-        The gap records live beside each node's pgBackRest files; this reads those on this host
-        (all of them in the lab). Across hosts only this node's are seen: a known limit."""
+        The gap records live beside each node's pgBackRest files: the workflow has each region's
+        worker read its own and passes them in. Without them (a run from before), this reads
+        the files on this host, which on separate hosts are this node's only."""
+        if req.gaps is not None:
+            if not req.gaps or not backups:
+                return None
+            return pitr_blocked(req.gaps, repo, _start_backup(backups, _target_time(req)).stopped, _target_time(req))
         gaps = []
         for r in self.cfg.regions:
             try:
