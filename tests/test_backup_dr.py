@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -423,3 +423,31 @@ async def test_worker_killed_mid_backup_retries_to_one_valid_backup_per_repo(lab
     assert cat.ok and not cat.backup_running
     assert running_backups(stanza) == {}
     _exec(lab, primary, "drop table backup_bulk")
+
+
+def test_an_open_gap_ends_at_the_first_backup_to_its_bucket_after_it():
+    """A gap recorded open on a node that is no longer the primary stays open for good: only
+    the guard beside the primary closes a record, and only its own node's. Read as still open,
+    it refused every later restore from that bucket, however many backups were taken since. A
+    backup that succeeded shows the archive reached the bucket again by its start."""
+    from activities.backup.activities import closed_by_later_backups
+    from activities.backup.archive import WalGap
+    from activities.backup.catalog import BackupRecord
+
+    t = datetime(2026, 12, 1, tzinfo=timezone.utc)
+
+    def backup(label: str, start: int) -> BackupRecord:
+        return BackupRecord(label=label, type="incr", repo_key=1, repo_region="us-west-2",
+                            started=t + timedelta(minutes=start), stopped=t + timedelta(minutes=start + 1))
+
+    before, after = backup("A", 0), backup("B", 30)
+    gap = WalGap(repo_region="us-west-2", since=t + timedelta(minutes=10))
+    closed = closed_by_later_backups([gap], "us-west-2", [before, after])
+    assert closed[0].until == after.started
+    assert pitr_blocked(closed, "us-west-2", after.stopped, t + timedelta(minutes=40)) is None
+    # Across the gap, from the backup before it: still refused.
+    assert pitr_blocked(closed, "us-west-2", before.stopped, t + timedelta(minutes=20)) is not None
+    # No backup since: as open as it was. Another bucket's gap: untouched.
+    assert closed_by_later_backups([gap], "us-west-2", [before])[0].until is None
+    other = gap.model_copy(update={"repo_region": "us-east-1"})
+    assert closed_by_later_backups([other], "us-west-2", [before, after])[0].until is None

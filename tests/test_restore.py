@@ -374,7 +374,9 @@ async def test_a_gap_recorded_on_the_primarys_host_stops_a_restore_on_another(la
     has none of those files: here its worker is given that view (its config puts the primary's
     pgBackRest files where its host has nothing). It used to read only its own host's files,
     restore across the gap, stop there and promote the copy as if that were the target. The
-    primary's worker reads the primary's records now, and the restore is refused."""
+    primary's worker reads the primary's records now, and the restore is refused. And when that
+    worker is down with its region (the usual reason to restore), the files the restoring host
+    has of it are still read: on one host, or a shared volume, the gap still refuses."""
     import yaml
 
     from activities.backup.archive import WalGap, _write_gaps, read_gaps
@@ -404,7 +406,18 @@ async def test_a_gap_recorded_on_the_primarys_host_stops_a_restore_on_another(la
         cause = e.value.cause
         assert cause.type == "InvalidInput" and f"{standby}'s bucket lacks the WAL" in cause.message, cause
         await record(handle, "restore-gap-read-on-each-host")
+
+        # The primary's worker gone; the restoring host sees every file (the lab's one host).
+        kill_tree(read_pid(lab.worker_pidfile(standby)))
+        lab.config_path = path
+        lab.start_worker(standby)
+        kill_tree(read_pid(lab.worker_pidfile(primary)))
+        handle = await _start_restore(lab, client, region=standby, repo=standby, keep_minutes=0)
+        with pytest.raises(WorkflowFailureError) as e:
+            await handle.result()
+        assert f"{standby}'s bucket lacks the WAL" in e.value.cause.message, e.value.cause
     finally:
+        lab.start_worker(primary)
         if found is None:
             st.gaps_file.unlink(missing_ok=True)
         else:

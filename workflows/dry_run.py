@@ -31,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.runbook import Runbook
     from workflows.split_brain import RULES, SplitBrainInput
     from workflows.validation import RawInput, invalid, validated
-    from workflows.wal_gaps import wal_gaps
+    from workflows.wal_gaps import unread_note, wal_gaps
 
 
 class PlanInput(BaseModel):
@@ -236,18 +236,20 @@ class PlanWorkflow(Runbook):
                     blocked = f"{primary} is the primary: only a standby is rebuilt from backup"
                 elif inp.mode == "verify" and inp.target.kind != "latest":
                     blocked = "verify restores the newest backup to the end of the archive: leave the target at latest"
-            gaps = None
+            gaps, unread = None, {}
             if workflow.patched("restore-gaps-from-each-region"):
-                # (Records a region could not give are the real run's to report.)
-                gaps, _ = await wal_gaps(self, topo)
+                gaps, unread = await wal_gaps(self, topo)
             try:
                 chk = await self.act(RestoreActivities.check_restore_target, RestoreRequest(
                     region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()),
-                    port=inp.port, fallback=inp.repo is None, gaps=gaps), queue=topo.region(region).task_queue,
+                    port=inp.port, fallback=inp.repo is None, gaps=gaps, gaps_unread=list(unread)),
+                    queue=topo.region(region).task_queue,
                     timeout=180, heartbeat=30, schedule_to_start=60, attempts=2)
             except ActivityError as e:
                 blocked = blocked or _refusal(e)
             st.detail = blocked or f"{chk.repo_region}'s bucket: {chk.oldest_backup} .. {chk.newest_backup}"
+            if not blocked and chk and (note := unread_note(unread, chk.gaps_read_here)):
+                st.detail += f"; {note}"
         return restore_plan(topo.service, inp.mode, region, chk.repo_region if chk else repo,
                             target=inp.target.describe(), backup=chk.newest_backup if chk else None,
                             oldest=chk.oldest_backup if chk else None, fell_back=chk.fell_back if chk else None,

@@ -196,16 +196,17 @@ class RestoreWorkflow(Runbook):
 
     async def _check(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str):
         async with self.step(f"Check {inp.target.describe()} against {req.repo_region}'s backups") as rec:
+            unread: dict[str, str] = {}
             if workflow.patched("restore-gaps-from-each-region"):
                 gaps, unread = await wal_gaps(self, topo)
-                req = req.model_copy(update={"gaps": gaps})
-                if unread:
-                    self.degraded.append(unread_note(unread))
+                req = req.model_copy(update={"gaps": gaps, "gaps_unread": list(unread)})
             try:
                 chk = await self.act(RestoreActivities.check_restore_target, req, queue=queue, timeout=180,
                                      heartbeat=30, schedule_to_start=60, attempts=3)
             except ActivityError as e:
                 raise _as_input_error(e) from None
+            if note := unread_note(unread, chk.gaps_read_here):
+                self.degraded.append(note)
             rec.detail = f"{chk.repo_region}'s bucket: backups {chk.oldest_backup} .. {chk.newest_backup}"
             if chk.fell_back:
                 # The region's own bucket is lost or unreadable: restore from the other region's.

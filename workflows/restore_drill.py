@@ -222,17 +222,18 @@ class RestoreDrillWorkflow(Runbook):
         scratch: Scratch | None = None
         try:
             async with self.step(f"Check {repo}'s bucket") as rec:
+                unread: dict[str, str] = {}
                 if workflow.patched("restore-gaps-from-each-region"):
                     gaps, unread = await wal_gaps(self, topo)
-                    req = req.model_copy(update={"gaps": gaps})
-                    if unread:
-                        self.degraded.append(unread_note(unread))
+                    req = req.model_copy(update={"gaps": gaps, "gaps_unread": list(unread)})
                 try:
                     chk = await self.act(RestoreActivities.check_restore_target, req, queue=queue, timeout=180,
                                          heartbeat=30, schedule_to_start=60, attempts=3)
                 except ActivityError as e:
                     raise self._fail(res, _why(e), "RestoreFailed") from None
                 rec.detail = f"backups {chk.oldest_backup} .. {chk.newest_backup}"
+                if note := unread_note(unread, chk.gaps_read_here):
+                    self.degraded.append(note)
                 if chk.fell_back:
                     self.degraded.append(f"restored from {chk.repo_region}'s bucket: {chk.fell_back}")
                     req = req.model_copy(update={"repo_region": chk.repo_region})

@@ -20,23 +20,29 @@ with workflow.unsafe.imports_passed_through():
     from workflows.runbook import described
 
 
-async def wal_gaps(runbook, topo) -> tuple[list[WalGap], list[str]]:
-    """(every record read, the regions whose records could not be read and why). A region down
-    is no reason to refuse a restore, which may be the way out of its loss: the run says what
-    it could not check instead."""
+async def wal_gaps(runbook, topo) -> tuple[list[WalGap], dict[str, str]]:
+    """(every record read, {region: why} for those whose worker could not give them). The
+    check reads those on its own host when it has them (TargetCheck.gaps_read_here). A region
+    down is no reason to refuse a restore, which may be the way out of its loss: the run says
+    what it could not check instead (``unread_note``)."""
 
     async def one(region) -> tuple[list[WalGap], str | None]:
         try:
             return await runbook.act(RestoreActivities.read_wal_gaps, region.name, queue=region.task_queue,
                                      timeout=30, schedule_to_start=30, attempts=2), None
         except ActivityError as e:
-            return [], f"{region.name} ({described(e)})"
+            return [], described(e)
 
     read = await asyncio.gather(*(one(r) for r in topo.regions))
-    return [g for gaps, _ in read for g in gaps], [why for _, why in read if why]
+    return ([g for gaps, _ in read for g in gaps],
+            {r.name: why for r, (_, why) in zip(topo.regions, read) if why})
 
 
-def unread_note(unread: list[str]) -> str:
-    return (f"the WAL-gap records of {', '.join(unread)} could not be read: a gap in the archive that its archive "
-            "guard recorded would not have stopped this restore, which then ends at the gap as if that were "
-            "the target")
+def unread_note(unread: dict[str, str], read_here: list[str]) -> str | None:
+    """What the run must say about the regions whose gap records nobody could read."""
+    missing = {r: why for r, why in unread.items() if r not in read_here}
+    if not missing:
+        return None
+    return (f"the WAL-gap records of {', '.join(f'{r} ({why})' for r, why in missing.items())} could not be read: a "
+            "gap in the archive that its guard recorded was not checked, and a restore across one stops at it "
+            "(replay cannot go past missing WAL)")

@@ -234,6 +234,8 @@ class RestoreRequest(BaseModel):
     # Every region's WAL-gap records, each read by its own worker (workflows/wal_gaps.py).
     # None: a run before they were, which reads this host's files only.
     gaps: list[WalGap] | None = None
+    # Regions whose worker could not give its records: read here too, when this host has them.
+    gaps_unread: list[str] = []
 
 
 class FollowRestoreRequest(RestoreRequest):
@@ -271,6 +273,8 @@ class TargetCheck(BaseModel):
     oldest_backup: str | None = None
     newest_backup: str | None = None
     fell_back: str | None = None  # why the asked repo was not used
+    # Of RestoreRequest.gaps_unread: the regions whose gap records this host had after all.
+    gaps_read_here: list[str] = []
 
 
 def _restore_error(e: RestoreError) -> ApplicationError:
@@ -289,6 +293,22 @@ RESTORE_SLACK_BYTES = 64 * 2**20
 def _target_time(req: RestoreRequest) -> datetime:
     """Where a restore stops, as a time: its target time, else now (latest, an LSN, a name)."""
     return req.target.time if req.target.kind == "time" and req.target.time else utcnow()
+
+
+def closed_by_later_backups(gaps: list[WalGap], repo: str, backups: list[BackupRecord]) -> list[WalGap]:
+    """An open gap (no ``until``) in ``repo`` ends where the first backup to that repo that
+    started after it began: the backup succeeded, so the archive reached the repo again by
+    then. Only the guard on the node that recorded it closes it otherwise, and a node that is no
+    longer the primary runs no guard: its open record would refuse every later restore from
+    that bucket for good."""
+    out = []
+    for g in gaps:
+        if g.until is None and g.repo_region == repo:
+            first = min((b.started for b in backups if b.started > g.since), default=None)
+            if first is not None:
+                g = g.model_copy(update={"until": first})
+        out.append(g)
+    return out
 
 
 def _start_backup(backups: list[BackupRecord], target: datetime) -> BackupRecord:
@@ -317,8 +337,14 @@ class RestoreActivities:
 
     @activity.defn
     def read_wal_gaps(self, region: str) -> list[WalGap]:
-        """The WAL-gap records this node's archive guard wrote (region-bound: its own files)."""
-        return read_gaps(Stanza(self.cfg, region))
+        """The WAL-gap records this node's archive guard wrote (region-bound: its own files),
+        each once (the guard can record the same one again)."""
+        seen, out = set(), []
+        for g in read_gaps(Stanza(self.cfg, region)):
+            if (k := g.model_dump_json()) not in seen:
+                seen.add(k)
+                out.append(g)
+        return out
 
     @activity.defn
     def check_restore_target(self, req: RestoreRequest) -> TargetCheck:
@@ -339,7 +365,7 @@ class RestoreActivities:
             except RestoreError as e2:
                 raise _restore_error(RestoreError(f"{why}; and {e2}", e2.field, e2.kind)) from None
         on = cat.on(repo)
-        gap = self._gap_in_the_way(req, repo, on)
+        gap, read_here = self._gap_in_the_way(req, repo, on)
         if gap is not None:
             raise _restore_error(RestoreError(
                 f"{repo}'s bucket lacks the WAL written from {gap.since.isoformat(timespec='seconds')} to "
@@ -347,30 +373,34 @@ class RestoreActivities:
                 f"would stop there; choose a target before it, the other bucket, or wait for the full backup "
                 f"that heals it", "target", "InvalidInput"))
         return TargetCheck(repo_region=repo, oldest_backup=on[0].label if on else None,
-                           newest_backup=on[-1].label if on else None, fell_back=why)
+                           newest_backup=on[-1].label if on else None, fell_back=why, gaps_read_here=read_here)
 
-    def _gap_in_the_way(self, req: RestoreRequest, repo: str, backups) -> "WalGap | None":
+    def _gap_in_the_way(self, req: RestoreRequest, repo: str, backups) -> tuple["WalGap | None", list[str]]:
         """A WAL gap the archive guard recorded (activities/backup/archive.py) between the backup
-        the restore would start from and the target. Restoring across it would stop at the gap and
-        promote a copy missing everything after it, as if that were the target.
+        the restore would start from and the target, and the regions of ``req.gaps_unread``
+        whose records this host had. Restoring across a gap would stop at it and promote a copy
+        missing everything after it, as if that were the target.
 
         The gap records live beside each node's pgBackRest files: the workflow has each region's
-        worker read its own and passes them in. Without them (a run from before), this reads
-        the files on this host, which on separate hosts are this node's only."""
-        if req.gaps is not None:
-            if not req.gaps or not backups:
-                return None
-            return pitr_blocked(req.gaps, repo, _start_backup(backups, _target_time(req)).stopped, _target_time(req))
-        gaps = []
+        worker read its own and passes them in; a region whose worker did not answer (its region
+        lost, the usual reason to restore) is read here when this host has its files (one host,
+        or a shared volume). Without them (a run from before), this reads this host's files."""
+        gaps, read_here = list(req.gaps or []), []
         for r in self.cfg.regions:
+            if req.gaps is not None and r.name not in req.gaps_unread:
+                continue
             try:
-                gaps += read_gaps(Stanza(self.cfg, r.name))
+                st = Stanza(self.cfg, r.name)
+                if st.gaps_file.exists():
+                    gaps += read_gaps(st)
+                    read_here.append(r.name)
             except Exception:  # noqa: BLE001 - another node's files, unreadable from here
                 continue
         if not gaps or not backups:
-            return None
+            return None, read_here
         target = _target_time(req)
-        return pitr_blocked(gaps, repo, _start_backup(backups, target).stopped, target)
+        return pitr_blocked(closed_by_later_backups(gaps, repo, backups), repo, _start_backup(backups, target).stopped,
+                            target), read_here
 
     @activity.defn
     def restore_scratch(self, req: RestoreRequest) -> Scratch:
