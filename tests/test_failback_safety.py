@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import uuid
 
 import psycopg
 import pytest
@@ -363,3 +364,41 @@ async def test_a_redis_that_cannot_rejoin_degrades_the_failback_and_a_second_run
         down_after(5_000)
     assert _primary(lab) == original == old
     _exec(lab, old, "delete from alerts where id = 9100000778")
+
+
+async def test_a_newer_move_seen_at_the_redis_step_stops_the_failback(lab, client):
+    """A failback past its point of no return finds, at its Redis step, that a newer move has
+    recorded a higher DR epoch (here in the primary region's Redis only, so the rewind before
+    it still goes ahead). That move owns the service now: the failback must stop acting
+    (StaleEpoch), not report a degraded Redis and carry on to its switch back."""
+    from activities.redis import epoch as redis_epochs
+    from activities.redis.status import client as redis_client
+    from workflows.failback import FailbackInput, FailbackWorkflow
+
+    original = _primary(lab)
+    old, new = await _fork(lab, client, [
+        ("insert into alerts (id, region, payload) values (%s, %s, '{}')", (9_100_000_780, "old"))])
+    n = redis_client(lab.cfg.region(new).redis)
+    key = redis_epochs.key(lab.cfg.service)
+    held = n.hgetall(key)
+    n.hset(key, mapping={"epoch": int(held.get("epoch", 0)) + 5, "workflow_id": "test-a-newer-move",
+                         "run_id": "test-run"})
+    try:
+        with pytest.raises(WorkflowFailureError) as e:
+            await client.execute_workflow(
+                FailbackWorkflow.run, FailbackInput(service=lab.cfg.service, region=old),
+                id=f"failback-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+        cause = e.value.cause
+        while cause is not None and not (isinstance(cause, ApplicationError) and cause.type == "StaleEpoch"):
+            cause = cause.cause
+        assert cause is not None and "test-a-newer-move" in cause.message, e.value
+        assert pg_status(lab.cfg.region(new).postgres).role == "primary"
+    finally:
+        n.delete(key)
+        if held:
+            n.hset(key, mapping=held)
+    # The repair: failback again (PostgreSQL already streams; Redis re-attached), and back.
+    again = await _failback(lab, client, old)
+    assert again.outcome == "succeeded" and again.redis is not None and again.redis.rejoined, again
+    assert _primary(lab) == original == old
+    _exec(lab, old, "delete from alerts where id = 9100000780")
