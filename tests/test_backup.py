@@ -241,13 +241,16 @@ async def test_a_backup_after_a_failover_that_left_the_old_primary_fenced_and_ru
 
     a = _primary(lab)
     b = lab.cfg.other(a).name
-    # Both halves of that failover, Redis's too (failback re-attaches a's Redis to b's master:
-    # with b's still a replica of a's, the two would follow each other, no master at all).
+    # Every part of that failover, Redis's too (failback re-attaches a's Redis to b's master:
+    # with b's still a replica of a's, the two would follow each other, no master at all), and
+    # routing (the failback below does not switch back: routing left on a, with b the primary,
+    # failed the next file's routing checks on the same xdist worker).
     assert fence_read_only(lab.cfg.region(a).postgres).method == "read_only"
     assert redis_failover.fence(lab.cfg.region(a).redis).paused
     redis_failover.promote(lab.cfg.region(b).redis)
     redis_failover.repoint_sentinels(lab.cfg.region(b).redis, lab.cfg.region(b).redis)
     _exec(lab, b, "select pg_promote()")
+    lab.router.set_active_region(b)
     try:
         await _until(_async(lambda: (s := pg_status(lab.cfg.region(b).postgres)).role == "primary" and
                             not s.read_only), 60, f"{b} promoted")
@@ -261,3 +264,4 @@ async def test_a_backup_after_a_failover_that_left_the_old_primary_fenced_and_ru
         lab.wait_replication()
     roles = {r.name: redis_status(r.redis).role for r in lab.cfg.regions}
     assert roles == {b: "master", a: "slave"}, roles
+    assert lab.router.active_region() == b
