@@ -130,16 +130,22 @@ class _Rebuild(NamedTuple):
     handle: WorkflowHandle
 
 
+async def _standby_with_a_backup(lab, client, type_: str) -> tuple[str, str, PostgresConfig, Path]:
+    """(primary, standby, the standby's PostgreSQL, its data directory), after a fresh backup
+    of ``type_`` with the probe table in it: what a rebuild of the standby starts from."""
+    primary = _primary(lab)
+    standby = lab.cfg.other(primary).name
+    _table(lab)
+    await _backup(lab, client, type=type_)
+    pg = lab.cfg.region(standby).postgres
+    return primary, standby, pg, PgCtl(pg).data_dir
+
+
 async def _rebuild_at_its_approval(lab, client, name: str) -> _Rebuild:
     """A rebuild of the streaming standby from a fresh full backup, started and waiting for its
     approval. The standby's data directory carries a marker file (ignored by PostgreSQL) that
     tells the original directory from a restored one."""
-    primary = _primary(lab)
-    standby = lab.cfg.other(primary).name
-    _table(lab)
-    await _backup(lab, client, type="full")
-    pg = lab.cfg.region(standby).postgres
-    data = PgCtl(pg).data_dir
+    primary, standby, pg, data = await _standby_with_a_backup(lab, client, "full")
     st = pg_status(pg)
     assert st.role == "standby" and st.receiver_status == "streaming", st
     marker = uuid.uuid4().hex
@@ -398,12 +404,7 @@ async def test_a_restore_left_writing_by_a_dead_attempt_is_stopped_before_the_re
     frozen, so it cannot end by itself before the retry looks."""
     from activities.postgres.ctl import alive
 
-    primary = _primary(lab)
-    standby = lab.cfg.other(primary).name
-    _table(lab)
-    await _backup(lab, client, type="incr")
-    pg = lab.cfg.region(standby).postgres
-    data = PgCtl(pg).data_dir
+    primary, standby, pg, data = await _standby_with_a_backup(lab, client, "incr")
     stanza = Stanza(lab.cfg, standby)
     # The first attempt, in a process of its own that can be killed alone.
     first = subprocess.Popen([sys.executable, "-c", (
@@ -453,14 +454,9 @@ async def test_worker_killed_mid_rebuild_the_retry_finishes_and_the_standby_stre
     its own half-made restore in place, restores again and streams; nothing is left aside."""
     from lab.processes import kill_tree, read_pid
 
-    primary = _primary(lab)
-    standby = lab.cfg.other(primary).name
-    _table(lab)
-    await _backup(lab, client, type="full")
+    primary, standby, pg, data = await _standby_with_a_backup(lab, client, "full")
     tag = uuid.uuid4().hex
     _commit(lab, "insert into restore_probe values (1, %s, 'before the rebuild')", tag)
-    pg = lab.cfg.region(standby).postgres
-    data = PgCtl(pg).data_dir
     stanza = Stanza(lab.cfg, standby)
     handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
                                          id=f"test-rebuild-crash-{uuid.uuid4()}",

@@ -31,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.runbook import Runbook
     from workflows.split_brain import RULES, SplitBrainInput
     from workflows.validation import RawInput, invalid, validated
-    from workflows.wal_gaps import unread_note, wal_gaps
+    from workflows.wal_gaps import unread_note, with_gaps
 
 
 class PlanInput(BaseModel):
@@ -236,15 +236,12 @@ class PlanWorkflow(Runbook):
                     blocked = f"{primary} is the primary: only a standby is rebuilt from backup"
                 elif inp.mode == "verify" and inp.target.kind != "latest":
                     blocked = "verify restores the newest backup to the end of the archive: leave the target at latest"
-            gaps, unread = None, {}
-            if workflow.patched("restore-gaps-from-each-region"):
-                gaps, unread = await wal_gaps(self, topo)
+            req, unread = await with_gaps(self, topo, RestoreRequest(
+                region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()), port=inp.port,
+                fallback=inp.repo is None))
             try:
-                chk = await self.act(RestoreActivities.check_restore_target, RestoreRequest(
-                    region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()),
-                    port=inp.port, fallback=inp.repo is None, gaps=gaps, gaps_unread=list(unread)),
-                    queue=topo.region(region).task_queue,
-                    timeout=180, heartbeat=30, schedule_to_start=60, attempts=2)
+                chk = await self.act(RestoreActivities.check_restore_target, req, queue=topo.region(region).task_queue,
+                                     timeout=180, heartbeat=30, schedule_to_start=60, attempts=2)
             except ActivityError as e:
                 blocked = blocked or _refusal(e)
             st.detail = blocked or f"{chk.repo_region}'s bucket: {chk.oldest_backup} .. {chk.newest_backup}"

@@ -72,7 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
     from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
-    from workflows.wal_gaps import unread_note, wal_gaps
+    from workflows.wal_gaps import unread_note, with_gaps
 
 
 class RestoreInput(BaseModel):
@@ -196,10 +196,7 @@ class RestoreWorkflow(Runbook):
 
     async def _check(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str):
         async with self.step(f"Check {inp.target.describe()} against {req.repo_region}'s backups") as rec:
-            unread: dict[str, str] = {}
-            if workflow.patched("restore-gaps-from-each-region"):
-                gaps, unread = await wal_gaps(self, topo)
-                req = req.model_copy(update={"gaps": gaps, "gaps_unread": list(unread)})
+            req, unread = await with_gaps(self, topo, req)
             try:
                 chk = await self.act(RestoreActivities.check_restore_target, req, queue=queue, timeout=180,
                                      heartbeat=30, schedule_to_start=60, attempts=3)

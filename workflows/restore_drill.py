@@ -61,7 +61,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
-    from workflows.wal_gaps import unread_note, wal_gaps
+    from workflows.wal_gaps import unread_note, with_gaps
 
 SCHEDULED_BY = SearchAttributeKey.for_keyword("TemporalScheduledById")
 
@@ -222,10 +222,7 @@ class RestoreDrillWorkflow(Runbook):
         scratch: Scratch | None = None
         try:
             async with self.step(f"Check {repo}'s bucket") as rec:
-                unread: dict[str, str] = {}
-                if workflow.patched("restore-gaps-from-each-region"):
-                    gaps, unread = await wal_gaps(self, topo)
-                    req = req.model_copy(update={"gaps": gaps, "gaps_unread": list(unread)})
+                req, unread = await with_gaps(self, topo, req)
                 try:
                     chk = await self.act(RestoreActivities.check_restore_target, req, queue=queue, timeout=180,
                                          heartbeat=30, schedule_to_start=60, attempts=3)

@@ -15,9 +15,18 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.backup.activities import RestoreActivities
+    from activities.backup.activities import RestoreActivities, RestoreRequest
     from activities.backup.archive import WalGap
     from workflows.runbook import described
+
+
+async def with_gaps(runbook, topo, req: RestoreRequest) -> tuple[RestoreRequest, dict[str, str]]:
+    """``req`` carrying every region's records for check_restore_target, and {region: why} for
+    the regions whose worker could not give them. Runs from before the patch: as they were."""
+    if not workflow.patched("restore-gaps-from-each-region"):
+        return req, {}
+    gaps, unread = await wal_gaps(runbook, topo)
+    return req.model_copy(update={"gaps": gaps, "gaps_unread": list(unread)}), unread
 
 
 async def wal_gaps(runbook, topo) -> tuple[list[WalGap], dict[str, str]]:

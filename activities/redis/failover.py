@@ -40,9 +40,9 @@ class NotAMaster(RuntimeError):
     behind it, or, when it follows the node being demoted, loop them with no master at all."""
 
 
-def require_master(master: RedisConfig, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def require_master(master: RedisConfig) -> dict[str, Any]:
     """``master``'s replication info, if it is a master; NotAMaster otherwise."""
-    info = _repl(_node(master)) if info is None else info
+    info = _repl(_node(master))
     if info.get("role") != "master":
         raise NotAMaster(f"{_addr(master)} is not a master (role {info.get('role')}, following {_upstream(info)}): "
                          "making another node its replica would chain it behind a replica, or loop the two with no "
