@@ -1143,7 +1143,8 @@ class LabConfig(_Strict):
 
 
 class EagleConfig(_Strict):
-    service: str = "eagle-alert"
+    # Workflow ids (locks, the move, the monitor) and visibility queries are built from it.
+    service: str = Field(default="eagle-alert", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     regions: list[RegionConfig] = Field(min_length=2)
     health: HealthConfig = HealthConfig()
     readiness: ReadinessConfig = ReadinessConfig()

@@ -275,3 +275,89 @@ async def test_backup_and_expire_hold_the_service_repo_lock_one_at_a_time(lab, c
             (h.id, held.start_time, held.close_time, [(s.name, s.started_at, s.finished_at) for s in inside])
     listed = {x.label for x in read_catalog(Stanza(lab.cfg, primary)).backups}
     assert {x.label for x in b.backups} <= listed, (b.backups, listed)
+
+
+async def test_an_expiry_deletes_nothing_while_a_restore_reads_the_buckets(lab, client):
+    """An expire deletes backup sets and the WAL between them; pgBackRest has no read lock, so
+    a restore beside it lost the set or the WAL it was reading. Expirers (ExpireWorkflow, a
+    backup's own expire step) now look for running restores under the expiry lock and defer.
+    Here a restore keeps its copy (it runs) while an expire is asked to keep one full only and
+    a backup runs: neither may remove anything. Once it ends, the same expire removes them."""
+    from tests.lab_helpers import _progress
+    from tests.test_restore import _kept
+    from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
+
+    primary = _primary(lab)
+    stanza = Stanza(lab.cfg, primary)
+    fulls = []
+    for _ in range(2):
+        r = await _run(lab, client, BackupWorkflow.run, BackupInput(type="full", trigger="test"))
+        assert r.outcome == "succeeded" and not r.expiry_deferred_for, r
+        # pgBackRest's own expire is off: the backup's expire ran as a step of the run, per bucket.
+        assert sorted(e.repo_region for e in r.expired) == sorted(lab.cfg.region_names), r.expired
+        # (What it removes depends on the tests before: one of them ages the backups.)
+        assert all(e.policy == "time 30 days" for e in r.expired), r.expired
+        fulls.append(r.backups[0].label)
+    listed = {b.label for b in read_catalog(stanza).backups}
+    assert set(fulls) <= listed
+
+    restore = await client.start_workflow(RestoreWorkflow.run, RestoreInput(keep_minutes=30, trigger="test"),
+                                          id=f"test-restore-{uuid.uuid4()}",
+                                          task_queue=lab.cfg.temporal.control_task_queue)
+    try:
+        await _kept(restore)
+        e: ExpireResult = await _run(lab, client, ExpireWorkflow.run, ExpireInput(keep_fulls=1, trigger="test"),
+                                     "expire-deferred-for-restore")
+        assert e.outcome == "degraded" and e.deferred_for == [restore.id] and not e.repos, e
+        b = await _run(lab, client, BackupWorkflow.run, BackupInput(type="incr", trigger="test"),
+                       "backup-expiry-deferred")
+        assert b.outcome == "succeeded" and b.expiry_deferred_for == [restore.id] and not b.expired, b
+        assert listed <= {x.label for x in read_catalog(stanza).backups}
+    finally:
+        await restore.signal(RestoreWorkflow.release)
+    res: RestoreResult = await restore.result()
+    await record(restore, "restore-visible-to-expiries")
+    assert res.outcome == "succeeded", res
+    step = next(s for s in (await _progress(restore)).steps if s.name == "Wait until no expiry deletes backups")
+    assert step.detail.startswith("listed after") and "no expire running" in step.detail, step
+
+    e = await _run(lab, client, ExpireWorkflow.run, ExpireInput(keep_fulls=1, trigger="test"))
+    assert e.outcome == "succeeded" and not e.deferred_for, e
+    removed = {x for r in e.repos for x in r.removed_backups}
+    assert fulls[0] in removed and fulls[0] not in {x.label for x in read_catalog(stanza).backups}, e
+
+
+async def test_a_restore_waits_while_an_expire_holds_the_expiry_lock(lab, client):
+    """The other half of the lock: an expirer that took the expiry lock before a restore was
+    listed did not see it, so the restore must not read the buckets until that expirer is done.
+    A stand-in expirer holds the lock; a restore drill must stop at its wait step, before any
+    check or restore, and go on when the lock is released."""
+    from tests.lab_helpers import _progress, _until
+    from tests.test_restore import _backup
+    from workflows.repo_lock import RepoLockWorkflow, expiry_lock_id
+    from workflows.restore_drill import RestoreDrillResult
+
+    await _backup(lab, client, type="full")
+    control = lab.cfg.temporal.control_task_queue
+    lock_id = expiry_lock_id(lab.cfg.service)
+    lock = await client.start_workflow(RepoLockWorkflow.run, "test-expirer", id=lock_id, task_queue=control)
+    drill = await client.start_workflow("RestoreDrillWorkflow", {"trigger": "test"},
+                                        id=f"test-restore-drill-{uuid.uuid4()}", task_queue=control,
+                                        result_type=RestoreDrillResult)
+    try:
+        async def waiting():
+            p = await _progress(drill)
+            s = p and p.steps and p.steps[-1]
+            return p if s and s.name == "Wait until no expiry deletes backups" and "waiting" in (s.detail or "") \
+                else None
+
+        p = await _until(waiting, 120, "the drill waiting on the expiry lock", 0.2)
+        # The last step: no check of the bucket and no restore has begun.
+        assert lock_id in p.steps[-1].detail and p.steps[-1].status == "running", p.steps[-1]
+    finally:
+        await lock.signal(RepoLockWorkflow.release)
+    res = await drill.result()
+    await record(drill, "restore_drill-waits-for-expiry-lock")
+    assert res.outcome == "succeeded", res
+    step = next(s for s in (await _progress(drill)).steps if s.name == "Wait until no expiry deletes backups")
+    assert "waited" in step.detail, step

@@ -11,6 +11,7 @@ from __future__ import annotations
 from activities.alert_probe import AlertProbeActivities
 from activities.backup.activities import BackupActivities, RestoreActivities
 from activities.backup.drill import RestoreDrillActivities
+from activities.backup.readers import RepoReaderActivities
 from activities.backup.redis import RedisBackupActivities
 from activities.consistency.activities import ConsistencyActivities
 from activities.failback import FailbackActivities
@@ -90,6 +91,8 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
             *_methods(RedisActivities(cfg), "fence_redis", "unfence_redis", "promote_redis", "switchover_redis",
                       "demote_redis"),
             *_methods(RedisBackupActivities(cfg), "find_redis_master", "prune_redis_snapshots"),
+            # Temporal's visibility: which restores read the buckets (the expiry lock's check).
+            *_methods(RepoReaderActivities(), "list_repo_readers", "wait_listed_as_reader"),
             *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",
                       "verify_service"),
             # SQL on the primary over the network, as postgres_status.

@@ -12,7 +12,11 @@ The runbook, as an operator would do it:
    other backup or expire writes the buckets meanwhile, from any node.
 4. Take the backup on the standby's node where one streams (``backup-standby``: the
    primary only starts and stops it), else on the primary's; once per repo, own bucket first.
-5. Report each backup's label, size, WAL range, duration and repo, in the result and in
+5. Expire by the retention in each bucket that got a backup, under the expiry lock and only
+   while no restore reads the buckets (workflows/repo_lock.py). pgBackRest's own expire at the
+   end of a backup (``expire-auto``) is turned off for it: it deleted the set, or the WAL, a
+   restore beside it was reading. With a restore running, the expiry waits for the next run.
+6. Report each backup's label, size, WAL range, duration and repo, in the result and in
    search attributes.
 
 Nothing here is destructive: a failure leaves at worst a partial backup that pgBackRest never
@@ -31,8 +35,9 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.backup.activities import BackupActivities, TakeBackupRequest
+    from activities.backup.activities import BackupActivities, ExpireRequest, TakeBackupRequest
     from activities.backup.catalog import BackupRecord
+    from activities.backup.expire import RepoExpiry
     from activities.postgres.activities import PostgresActivities
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import (
@@ -47,7 +52,7 @@ with workflow.unsafe.imports_passed_through():
         DR_SOURCE_REGION,
         DR_TRIGGER,
     )
-    from workflows.repo_lock import repo_lock
+    from workflows.repo_lock import expiry_lock, repo_lock
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
 
@@ -74,6 +79,10 @@ class BackupResult(BaseModel):
     # repo region -> why its backup failed
     failed: dict[str, str] = {}
     degraded: list[str] = []
+    # The expire after the backups (empty for runs recorded before it was a step of its own).
+    expired: list[RepoExpiry] = []
+    # Restores (workflow ids) reading the buckets: the expiry was left to the next run.
+    expiry_deferred_for: list[str] = []
     outcome: str
 
 
@@ -152,6 +161,7 @@ class BackupWorkflow(Runbook):
                 await self.ensure_stanza(topo, primary)
 
         not_before = workflow.now().timestamp()
+        own_expiry = workflow.patched("backup-expires-under-expiry-lock")
         backups: list[BackupRecord] = []
         failed: dict[str, str] = {}
         # The source's own bucket first: the backup a restore in that region reaches soonest.
@@ -160,7 +170,7 @@ class BackupWorkflow(Runbook):
             async with self.step(f"{inp.type} backup to {repo}'s bucket") as rec:
                 take = TakeBackupRequest(region=source, primary=primary, repo_region=repo, type=inp.type,
                                          not_before=not_before, from_standby=from_standby,
-                                         timeout_seconds=inp.timeout_seconds)
+                                         timeout_seconds=inp.timeout_seconds, expire_auto=not own_expiry)
                 try:
                     # Each recovery at most once, in whichever order pgBackRest reports them (a
                     # recreated bucket first says "no stanza", then, made, the primary's server
@@ -214,6 +224,9 @@ class BackupWorkflow(Runbook):
                         "damaged there, and a restore from it brings the damage back")
         if failed:
             self.degraded += [f"no backup in {r}'s bucket: {why}" for r, why in failed.items()]
+        expired, deferred_for = [], []
+        if own_expiry and backups:
+            expired, deferred_for = await self._expire(topo, source, [b.repo_region for b in backups])
         workflow.upsert_search_attributes([
             DR_BACKUP_LABEL.value_set([b.label for b in backups]), DR_BACKUP_REPO.value_set([b.repo_region for b in backups]),
             DR_BACKUP_BYTES.value_set(sum(b.repo_size or 0 for b in backups)),
@@ -228,7 +241,32 @@ class BackupWorkflow(Runbook):
         self.finish(outcome)
         return BackupResult(service=topo.service, type=inp.type, primary_region=primary, source_region=source,
                             from_standby=from_standby, backups=backups, failed=failed, degraded=self.degraded,
-                            outcome=outcome)
+                            expired=expired, expiry_deferred_for=deferred_for, outcome=outcome)
+
+    async def _expire(self, topo, node: str, repos: list[str]) -> tuple[list[RepoExpiry], list[str]]:
+        """What ``expire-auto`` did, as steps of their own. A failure here is degraded, never
+        failed: the backups are taken and listed."""
+        done: list[RepoExpiry] = []
+        try:
+            async with expiry_lock(self, topo.service, topo.control_task_queue) as readers:
+                if readers:
+                    return [], readers
+                for repo in repos:
+                    async with self.step(f"Expire by the retention in {repo}'s bucket") as rec:
+                        try:
+                            e = await self.act(BackupActivities.expire_backups,
+                                               ExpireRequest(region=node, repo_region=repo),
+                                               queue=topo.region(node).task_queue, timeout=1800, heartbeat=30,
+                                               schedule_to_start=300, attempts=5)
+                        except ActivityError as err:
+                            rec.status, rec.detail = "failed", str(err.cause or err)[:300]
+                            self.degraded.append(f"backed up, but not expired in {repo}'s bucket: {rec.detail}")
+                            continue
+                        done.append(e)
+                        rec.detail = f"{e.policy}: {len(e.removed_backups)} backups removed"
+        except ActivityError as err:
+            self.degraded.append(f"backed up, but nothing expired: {err.cause or err}")
+        return done, []
 
 
     async def ensure_stanza(self, topo, primary: str) -> None:

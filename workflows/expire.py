@@ -1,17 +1,19 @@
 """Expire: ``pgbackrest expire`` per repo by the configured retention, and what it removed.
 
 A workflow of its own rather than an option of BackupWorkflow: every backup already ends with
-pgBackRest's automatic expire, so this one matters exactly when backups do not run (failing
-for days: no backup, no expiry) or when an operator must free a bucket now (``keep_fulls``);
-it has its own schedule, its own outcome, and BackupWorkflow's command sequence (and its
-recorded histories) stays as it is.
+an expire of its own, so this one matters exactly when backups do not run (failing for days:
+no backup, no expiry) or when an operator must free a bucket now (``keep_fulls``); it has its
+own schedule and its own outcome.
 
 0. Hold the service's backup-repo lock (workflows/repo_lock.py) throughout: never beside a
    backup or another expire, whichever node those run on.
 1. Find the primary (the node whose worker runs it; when none is reachable, any reachable
    node: expire reads and writes only the repos, never the database).
 2. Its pgBackRest files up to date.
-3. One expire per repo, each its own step: one bucket down does not stop the other's expiry.
+3. Hold the expiry lock and look for running restores (workflows/repo_lock.py): while one
+   reads the buckets, nothing is deleted (the set it restores, or the WAL it replays, would go
+   from under it); the expiry is deferred to the next run and the run says so.
+4. One expire per repo, each its own step: one bucket down does not stop the other's expiry.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres.activities import PostgresActivities
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TRIGGER
-    from workflows.repo_lock import repo_lock
+    from workflows.repo_lock import expiry_lock, repo_lock
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
 
@@ -47,6 +49,8 @@ class ExpireResult(BaseModel):
     ran_on: str
     repos: list[RepoExpiry] = []
     failed: dict[str, str] = {}
+    # Restores (workflow ids) that were reading the buckets: nothing was expired because of them.
+    deferred_for: list[str] = []
     outcome: str
 
 
@@ -99,6 +103,18 @@ class ExpireWorkflow(Runbook):
             await self.act(BackupActivities.ensure_backup_config, node, queue=queue, timeout=60,
                            schedule_to_start=60, attempts=3)
 
+        if not workflow.patched("expire-defers-to-restores"):
+            return self._result(topo, node, *await self._each(inp, repos, node, queue))
+        async with expiry_lock(self, topo.service, topo.control_task_queue) as readers:
+            if readers and not inp.dry_run:
+                self.degraded.append(f"nothing expired: restores read the buckets ({', '.join(readers)}); "
+                                     "the next expire or backup expires once they end")
+                self.finish("degraded")
+                return ExpireResult(service=topo.service, ran_on=node, deferred_for=readers, outcome="degraded")
+            done, failed = await self._each(inp, repos, node, queue)
+        return self._result(topo, node, done, failed)
+
+    async def _each(self, inp: ExpireInput, repos: list[str], node: str, queue: str):
         done: list[RepoExpiry] = []
         failed: dict[str, str] = {}
         for repo in repos:
@@ -115,6 +131,9 @@ class ExpireWorkflow(Runbook):
                 done.append(e)
                 rec.detail = (f"{e.policy}: {len(e.removed_backups)} backups, "
                               f"{len(e.archive_removed)} WAL ranges removed" + (f"; {'; '.join(e.notes)}" if e.notes else ""))
+        return done, failed
+
+    def _result(self, topo, node: str, done: list[RepoExpiry], failed: dict[str, str]) -> ExpireResult:
         if failed:
             self.degraded += [f"no expiry in {r}'s bucket: {why}" for r, why in failed.items()]
         if not done:

@@ -14,6 +14,14 @@ or, if the holder ends any other way (failed, cancelled, terminated), the parent
 policy TERMINATE. Nothing outlives its holder, and no lease has to be guessed. The waiter
 retries with a capped backoff and says what it waits for in its step; in the UI, the lock's
 parent is the holder.
+
+The expiry lock is a second run of the same workflow under its own id. Expirers (an expire,
+a backup's expire step) hold it, inside the repo lock, for the seconds an expire takes, and
+under it list the service's running restores (activities/backup/readers.py): any found, the
+expiry is deferred. A restore waits until visibility lists it, then until no expirer holds
+the expiry lock, and only then reads the buckets. An expirer that took the lock before that
+deletes before the restore reads; one that takes it after lists the restore and defers. The
+repo lock could not serve here: a restore at 3 a.m. would wait behind a backup's hours.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.backup.activities import BackupActivities, WritersGoneRequest
+    from activities.backup.readers import ListedRequest, ReadersRequest, RepoReaderActivities
     from workflows.runbook import not_picked_up
 
 # The first retry comes soon (a short expire ending), later ones at most five minutes apart:
@@ -34,10 +43,19 @@ with workflow.unsafe.imports_passed_through():
 # stays near 20,000 events, within Temporal's 50,000.
 FIRST_RETRY_SECONDS = 5.0
 MAX_RETRY_SECONDS = 300.0
+# An expire takes seconds to minutes: a restore waiting on one looks again at least this often,
+# and goes on after RESTORE_GIVES_UP_SECONDS, saying so: an expire hung on a bucket that is down
+# (when restores are most needed) must not hold a restore for the hours its retries may take.
+EXPIRY_MAX_RETRY_SECONDS = 30.0
+RESTORE_GIVES_UP_SECONDS = 600.0
 
 
 def repo_lock_id(service: str) -> str:
     return f"dr-backup-repos-{service}"
+
+
+def expiry_lock_id(service: str) -> str:
+    return f"dr-backup-expiry-{service}"
 
 
 @workflow.defn
@@ -75,36 +93,113 @@ async def repo_lock(runbook, service: str, control_queue: str, nodes: dict[str, 
     had started kept writing until it ended: a second writer then rewrote backup.info beside
     it. A node whose worker does not take the check within a minute is said, not waited for."""
     lock_id = repo_lock_id(service)
-    holder = workflow.info().workflow_id
-    wait, waited = FIRST_RETRY_SECONDS, 0.0
-    async with runbook.step("Take the service's backup-repo lock") as rec:
-        while True:
-            try:
-                handle = await workflow.start_child_workflow(
-                    RepoLockWorkflow.run, holder, id=lock_id, task_queue=control_queue,
-                    parent_close_policy=workflow.ParentClosePolicy.TERMINATE,
-                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                    static_summary=f"backup-repo lock of {service}, held by {holder}")
-                break
-            except WorkflowAlreadyStartedError:
-                rec.detail = (f"waiting {waited:.0f} s: another backup or expire holds {lock_id} "
-                              "(its parent in the UI), and pgBackRest must not write the buckets from two nodes")
-                runbook._details("Take the service's backup-repo lock")
-                await workflow.sleep(wait)
-                waited += wait
-                wait = min(wait * 2, MAX_RETRY_SECONDS)
+    name = "Take the service's backup-repo lock"
+    async with runbook.step(name) as rec:
+        handle, waited = await _acquire(runbook, name, rec, lock_id, control_queue, f"backup-repo lock of {service}",
+                                        "another backup or expire holds {lock} (its parent in the UI), and "
+                                        "pgBackRest must not write the buckets from two nodes")
         rec.detail = f"held ({lock_id})" + (f" after waiting {waited:.0f} s" if waited else "")
         if nodes and workflow.patched("repo-lock-waits-for-writers"):
             rec.detail += "; " + await _writers_gone(runbook, nodes)
     try:
         yield
     finally:
+        await _release(handle, "backup-repo lock")
+
+
+@asynccontextmanager
+async def expiry_lock(runbook, service: str, control_queue: str):
+    """Hold the service's expiry lock for the block and yield the running restores (ids),
+    listed under it: an expirer deletes nothing while that list is not empty."""
+    lock_id = expiry_lock_id(service)
+    name = "Take the expiry lock and look for restores"
+    async with runbook.step(name) as rec:
+        handle, waited = await _acquire(runbook, name, rec, lock_id, control_queue, f"expiry lock of {service}",
+                                        "a restore is checking {lock} (its parent in the UI)",
+                                        EXPIRY_MAX_RETRY_SECONDS)
         try:
-            await handle.signal(RepoLockWorkflow.release)
-            await handle
-        except Exception as e:  # noqa: BLE001 - the parent's end releases it anyway (TERMINATE)
-            workflow.logger.warning("backup-repo lock not released by signal; it ends with this run",
-                                    extra={"error": str(e)})
+            readers = await runbook.act(RepoReaderActivities.list_repo_readers,
+                                        ReadersRequest(service=service, exclude=workflow.info().workflow_id),
+                                        queue=control_queue, timeout=60, attempts=5)
+        except BaseException:
+            await _release(handle, "expiry lock")
+            raise
+        rec.detail = (f"held ({lock_id})" + (f" after waiting {waited:.0f} s" if waited else "") + "; " +
+                      (f"restores reading the buckets: {', '.join(readers)}" if readers else "no restore running"))
+    try:
+        yield readers
+    finally:
+        await _release(handle, "expiry lock")
+
+
+async def visible_to_expiries(runbook, service: str, control_queue: str) -> str | None:
+    """Before a restore reads the buckets: be listed as a restore, then wait while an expirer
+    holds the expiry lock (taking it for an instant proves nobody holds it). Returns a note for
+    the run's degraded list when visibility did not list it in time, or an expire held the lock
+    too long: the restore goes on, and says what an expire may have removed under it."""
+    lock_id = expiry_lock_id(service)
+    info = workflow.info()
+    name = "Wait until no expiry deletes backups"
+    async with runbook.step(name) as rec:
+        try:
+            listed = await runbook.act(RepoReaderActivities.wait_listed_as_reader,
+                                       ListedRequest(service=service, workflow_id=info.workflow_id,
+                                                     run_id=info.run_id),
+                                       queue=control_queue, timeout=180, heartbeat=30, attempts=3)
+            unlisted = "was not listed by Temporal's visibility within 120 s"
+        except ActivityError as e:
+            # Visibility refusing the query (a search attribute not registered, say) must not
+            # stop a restore at 3 a.m.: it goes on, and says what an expire could not see.
+            listed, unlisted = None, f"could not be looked up in Temporal's visibility ({e.cause or e})"
+        handle, waited = await _acquire(runbook, name, rec, lock_id, control_queue,
+                                        f"expiry lock of {service}, checked by a restore",
+                                        "an expire holds {lock} (its parent in the UI) and may delete the "
+                                        "backup this restore needs", EXPIRY_MAX_RETRY_SECONDS,
+                                        give_up_after=RESTORE_GIVES_UP_SECONDS)
+        notes = []
+        if listed is None:
+            notes.append(f"this restore {unlisted}: an expire that ran during it could not see it, and may "
+                         "have removed backups it read")
+        if handle is None:
+            notes.append(f"an expire still held {lock_id} after {waited:.0f} s: this restore went on beside it, "
+                         "and a backup or WAL it reads may be removed under it")
+        else:
+            await _release(handle, "expiry lock")
+        rec.detail = (f"listed after {listed:.1f} s" if listed is not None else "NOT listed") + (
+            f"; an expire still holds the lock after {waited:.0f} s: going on beside it" if handle is None else
+            f"; waited {waited:.0f} s for an expire to end" if waited else "; no expire running")
+        return "; ".join(notes) or None
+
+
+async def _acquire(runbook, step_name: str, rec, lock_id: str, control_queue: str, what: str, waiting: str,
+                   max_wait: float = MAX_RETRY_SECONDS, give_up_after: float | None = None):
+    """The lock's handle, and the seconds waited for it; no handle once ``give_up_after`` passed."""
+    holder = workflow.info().workflow_id
+    wait, waited = FIRST_RETRY_SECONDS, 0.0
+    while True:
+        try:
+            handle = await workflow.start_child_workflow(
+                RepoLockWorkflow.run, holder, id=lock_id, task_queue=control_queue,
+                parent_close_policy=workflow.ParentClosePolicy.TERMINATE,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                static_summary=f"{what}, held by {holder}")
+            return handle, waited
+        except WorkflowAlreadyStartedError:
+            if give_up_after is not None and waited >= give_up_after:
+                return None, waited
+            rec.detail = f"waiting {waited:.0f} s: " + waiting.format(lock=lock_id)
+            runbook._details(step_name)
+            await workflow.sleep(wait)
+            waited += wait
+            wait = min(wait * 2, max_wait)
+
+
+async def _release(handle, what: str) -> None:
+    try:
+        await handle.signal(RepoLockWorkflow.release)
+        await handle
+    except Exception as e:  # noqa: BLE001 - the parent's end releases it anyway (TERMINATE)
+        workflow.logger.warning(f"{what} not released by signal; it ends with this run", extra={"error": str(e)})
 
 
 async def _writers_gone(runbook, nodes: dict[str, str]) -> str:
@@ -122,4 +217,4 @@ async def _writers_gone(runbook, nodes: dict[str, str]) -> str:
     return "; ".join(said)
 
 
-__all__ = ["RepoLockWorkflow", "repo_lock", "repo_lock_id"]
+__all__ = ["RepoLockWorkflow", "expiry_lock", "expiry_lock_id", "repo_lock", "repo_lock_id", "visible_to_expiries"]

@@ -72,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
     from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
+    from workflows.repo_lock import visible_to_expiries
     from workflows.wal_gaps import unread_note, with_gaps
 
 
@@ -167,6 +168,11 @@ class RestoreWorkflow(Runbook):
         queue = topo.region(region).task_queue
         req = RestoreRequest(region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()),
                              port=inp.port, fallback=inp.repo is None, timeout_seconds=inp.timeout_seconds)
+        if workflow.patched("restore-visible-to-expiries"):
+            # Before the backups are read in any mode: an expire must not delete the set or the
+            # WAL this run restores (workflows/repo_lock.py).
+            if note := await visible_to_expiries(self, topo.service, topo.control_task_queue):
+                self.degraded.append(note)
         if inp.mode == "rebuild-standby":
             return await self._rebuild(inp, topo, req, queue)
         if inp.mode == "recover-rows":

@@ -61,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
+    from workflows.repo_lock import visible_to_expiries
     from workflows.wal_gaps import unread_note, with_gaps
 
 SCHEDULED_BY = SearchAttributeKey.for_keyword("TemporalScheduledById")
@@ -220,6 +221,10 @@ class RestoreDrillWorkflow(Runbook):
         req = RestoreRequest(region=region, repo_region=repo, target=RestoreTarget(kind="name", name=mark.name),
                              name=_dir_name(info), timeout_seconds=inp.timeout_seconds, fallback=inp.repo is None)
         scratch: Scratch | None = None
+        if workflow.patched("restore-visible-to-expiries"):
+            # An expire must not delete the set or the WAL this drill restores (workflows/repo_lock.py).
+            if note := await visible_to_expiries(self, topo.service, topo.control_task_queue):
+                self.degraded.append(note)
         try:
             async with self.step(f"Check {repo}'s bucket") as rec:
                 req, unread = await with_gaps(self, topo, req)

@@ -52,6 +52,9 @@ class TakeBackupRequest(BaseModel):
     not_before: float
     from_standby: bool = False
     timeout_seconds: float = Field(default=6 * 3600, gt=0)
+    # False: no pgBackRest expire after the backup; the workflow runs one of its own, under the
+    # expiry lock (workflows/repo_lock.py), once it has looked for restores reading the buckets.
+    expire_auto: bool = True
 
 
 class ExpireRequest(BaseModel):
@@ -59,6 +62,8 @@ class ExpireRequest(BaseModel):
     repo_region: str  # whose bucket
     dry_run: bool = False
     keep_fulls: int | None = Field(default=None, ge=1)
+
+
 class GuardRequest(BaseModel):
     region: str  # the primary's: the node whose WAL waits and whose archive-push.conf is rewritten
     # Overrides backup.archive_backlog_max (a test, or an operator tightening it in an incident).
@@ -168,7 +173,7 @@ class BackupActivities:
                                # drill's), so a retry would take an earlier run's backup for its own.
                                owner=f"{info.workflow_id}/{info.workflow_run_id}/{info.activity_id}",
                                timeout=req.timeout_seconds,
-                               first_attempt=info.attempt == 1)
+                               first_attempt=info.attempt == 1, expire_auto=req.expire_auto)
         except StanzaMissing as e:
             # Not retried here: a retry would fail the same way. The workflow runs stanza-create
             # on the primary's node and asks again.

@@ -154,7 +154,8 @@ def standby_options(stanza: Stanza, primary_region: str) -> list[str]:
 
 def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: str, not_before: float,
                 from_standby: bool, beat: Callable[[dict], None], cancelled: Callable[[], bool],
-                owner: str, timeout: float = 6 * 3600, first_attempt: bool = False) -> BackupRecord:
+                owner: str, timeout: float = 6 * 3600, first_attempt: bool = False,
+                expire_auto: bool = True) -> BackupRecord:
     # Only a retry can find a backup its own earlier attempt finished: the first attempt skips
     # the look (an ``info`` of the repo, about half a second of S3 round trips and decryption).
     # The blocking steps around the backup (an ``info`` of up to 120 s, stopping an orphan for
@@ -185,6 +186,8 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
     opts = [f"--repo={key}", f"--type={type_}"] + ([f"--annotation={STEP_KEY}={owner}"] if owner else [])
     if from_standby:
         opts += standby_options(stanza, primary_region)
+    if not expire_auto:
+        opts.append("--no-expire-auto")
     log = stanza.log_dir / f"{stanza.name}-backup.log"
     offset = log.stat().st_size if log.exists() else 0
     run_offset = offset

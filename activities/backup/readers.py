@@ -1,0 +1,79 @@
+"""Which runs read the backup repos now, as Temporal's visibility lists them.
+
+An expire deletes backup sets and the WAL between them. A restore reading one of them then
+fails half-way, or replays less than it was asked and stops short of its target. pgBackRest
+has no read lock, so the runbooks make one out of visibility: every restore is a running
+RestoreWorkflow or RestoreDrillWorkflow of the service, and an expirer lists them, under the
+expiry lock (workflows/repo_lock.py), before it deletes anything. A restore first waits until
+it is itself listed, so that an expirer that takes the lock after it cannot miss it.
+
+Both activities run on the control worker: they only talk to the Temporal service, through the
+worker's own client (which is why they are ``async``: only those get one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pydantic import BaseModel, Field
+from temporalio import activity
+
+from eagle_dr.temporal import DR_SERVICE
+
+# Every workflow type that runs `pgbackrest restore` (RestoreWorkflow's modes, the restore
+# drill). A rename here without the old name breaks the lock for runs started before it.
+READER_TYPES = ("RestoreWorkflow", "RestoreDrillWorkflow")
+
+
+class ReadersRequest(BaseModel):
+    service: str
+    # The caller itself, when it is one of the types (it never defers to itself).
+    exclude: str | None = None
+
+
+class ListedRequest(BaseModel):
+    service: str
+    workflow_id: str
+    run_id: str
+    timeout_seconds: float = Field(default=120, gt=0, le=3600)
+
+
+def readers_query(service: str) -> str:
+    if "'" in service or "\\" in service:
+        # Config validation forbids these; a query built from one would match something else.
+        raise ValueError(f"service name {service!r} cannot be quoted in a visibility query")
+    types = ", ".join(f"'{t}'" for t in READER_TYPES)
+    return f"WorkflowType IN ({types}) AND ExecutionStatus = 'Running' AND {DR_SERVICE.name} = '{service}'"
+
+
+class RepoReaderActivities:
+    @activity.defn
+    async def list_repo_readers(self, req: ReadersRequest) -> list[str]:
+        """The ids of the service's restores running now (at most 20 named: one is enough to
+        defer an expiry)."""
+        client = activity.client()
+        found = []
+        async for wf in client.list_workflows(readers_query(req.service), limit=21):
+            if wf.id != req.exclude:
+                found.append(wf.id)
+        return found[:20]
+
+    @activity.defn
+    async def wait_listed_as_reader(self, req: ListedRequest) -> float | None:
+        """Seconds until this run was listed by the query expirers use; None when it still was
+        not after ``timeout_seconds`` (visibility lagging far behind: the caller says so)."""
+        client = activity.client()
+        query = f"{readers_query(req.service)} AND RunId = '{req.run_id}'"
+        started = time.monotonic()
+        while True:
+            async for wf in client.list_workflows(query, limit=1):
+                if wf.id == req.workflow_id:
+                    return round(time.monotonic() - started, 3)
+            if time.monotonic() - started > req.timeout_seconds:
+                return None
+            activity.heartbeat({"waiting": "to be listed as a restore"})
+            await asyncio.sleep(0.2)
+
+
+__all__ = ["READER_TYPES", "ListedRequest", "ReadersRequest", "RepoReaderActivities", "readers_query"]
