@@ -55,6 +55,11 @@ with workflow.unsafe.imports_passed_through():
 
 # Retries for steps that talk to a live system: quick at first, capped, then give up and
 # let the runbook decide (compensate, or report) instead of hammering a dead region.
+# A step on a region's queue that no worker takes says so after this long, then at most this
+# often (Runbook.act).
+NO_WORKER_FIRST_S = 60.0
+NO_WORKER_MAX_S = 300.0
+
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2,
                     maximum_interval=timedelta(seconds=10), maximum_attempts=5,
                     non_retryable_error_types=["StaleEpoch", "InvalidInput"])
@@ -344,6 +349,34 @@ class Runbook:
             initial_interval=RETRY.initial_interval, backoff_coefficient=2, maximum_interval=RETRY.maximum_interval,
             maximum_attempts=attempts, non_retryable_error_types=RETRY.non_retryable_error_types)
         args = [] if arg is None else [arg]
+        if local or schedule_to_start is not None or queue == workflow.info().task_queue:
+            return await self._act_once(fn, args, queue, timeout, schedule_to_start, heartbeat, retry, summary, local)
+        # A step on a region's queue that no worker takes (the region's host is down, its worker
+        # crashed and nobody restarted it) waited with no word in the UI but "pending". It still
+        # waits (it can only run there, and runs the moment a worker polls), but the step says
+        # so, and for how long, every few minutes.
+        waited, wait = 0.0, NO_WORKER_FIRST_S
+        while True:
+            try:
+                return await self._act_once(fn, args, queue, timeout, wait, heartbeat, retry, summary, local)
+            except ActivityError as e:
+                if not not_picked_up(e):
+                    raise
+            waited += wait
+            wait = min(wait * 2, NO_WORKER_MAX_S)
+            self._no_worker(queue, waited)
+
+    def _no_worker(self, queue: str, waited: float) -> None:
+        rec = next((s for s in reversed(self.steps) if s.status == "running"), None)
+        said = (f"no worker has taken this step from task queue {queue} for {waited:.0f} s: that region's "
+                "worker is down, or busy in every slot. The step runs as soon as one takes it")
+        workflow.logger.warning("step not picked up", extra={"queue": queue, "waited_s": waited})
+        if rec is not None:
+            rec.detail = said
+            self._details(rec.name)
+
+    async def _act_once(self, fn, args: list, queue: str, timeout: float, schedule_to_start: float | None,
+                        heartbeat: float | None, retry: RetryPolicy, summary: str | None, local: bool):
         # A cancel request waits for the step in flight to finish (or to see the cancel, when it
         # heartbeats) before the runbook goes on to undo it: undoing a fence while the fence
         # still runs would leave it in place.
