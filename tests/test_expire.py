@@ -280,11 +280,16 @@ async def test_backup_and_expire_hold_the_service_repo_lock_one_at_a_time(lab, c
 async def test_an_expiry_deletes_nothing_while_a_restore_reads_the_buckets(lab, client):
     """An expire deletes backup sets and the WAL between them; pgBackRest has no read lock, so
     a restore beside it lost the set or the WAL it was reading. Expirers (ExpireWorkflow, a
-    backup's own expire step) now look for running restores under the expiry lock and defer.
-    Here a restore keeps its copy (it runs) while an expire is asked to keep one full only and
-    a backup runs: neither may remove anything. Once it ends, the same expire removes them."""
-    from tests.lab_helpers import _progress
-    from tests.test_restore import _kept
+    backup's own expire steps) now ask the running restores under the expiry lock and defer.
+    Here a restore's pgbackrest restore is frozen mid-read while an expire is asked to keep one
+    full only and a backup runs: neither may remove anything. Once the copy is restored, the
+    restore only keeps it (for 30 minutes): the same expire must then go ahead, not wait on it."""
+    import os
+    import signal
+
+    from tests.lab_helpers import _progress, _until
+    from tests.test_restore import _async_true, _kept
+    from tests.test_restore_modes import _signalling_every_restore
     from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
 
     primary = _primary(lab)
@@ -294,6 +299,7 @@ async def test_an_expiry_deletes_nothing_while_a_restore_reads_the_buckets(lab, 
         r = await _run(lab, client, BackupWorkflow.run, BackupInput(type="full", trigger="test"))
         assert r.outcome == "succeeded" and not r.expiry_deferred_for, r
         # pgBackRest's own expire is off: the backup's expire ran as a step of the run, per bucket.
+        assert all(b.expire_auto is False for b in r.backups), r.backups
         assert sorted(e.repo_region for e in r.expired) == sorted(lab.cfg.region_names), r.expired
         # (What it removes depends on the tests before: one of them ages the backups.)
         assert all(e.policy == "time 30 days" for e in r.expired), r.expired
@@ -301,11 +307,16 @@ async def test_an_expiry_deletes_nothing_while_a_restore_reads_the_buckets(lab, 
     listed = {b.label for b in read_catalog(stanza).backups}
     assert set(fulls) <= listed
 
-    restore = await client.start_workflow(RestoreWorkflow.run, RestoreInput(keep_minutes=30, trigger="test"),
-                                          id=f"test-restore-{uuid.uuid4()}",
-                                          task_queue=lab.cfg.temporal.control_task_queue)
+    scratch_host = lab.cfg.other(primary).name
+    frozen: set[int] = set()
     try:
-        await _kept(restore)
+        async with _signalling_every_restore(Stanza(lab.cfg, scratch_host), signal.SIGSTOP) as hit:
+            restore = await client.start_workflow(RestoreWorkflow.run,
+                                                  RestoreInput(region=scratch_host, keep_minutes=30, trigger="test"),
+                                                  id=f"test-restore-{uuid.uuid4()}",
+                                                  task_queue=lab.cfg.temporal.control_task_queue)
+            await _until(lambda: _async_true(bool(hit)), 120, "pgbackrest restore to start (and be frozen)")
+            frozen = hit
         e: ExpireResult = await _run(lab, client, ExpireWorkflow.run, ExpireInput(keep_fulls=1, trigger="test"),
                                      "expire-deferred-for-restore")
         assert e.outcome == "degraded" and e.deferred_for == [restore.id] and not e.repos, e
@@ -314,50 +325,77 @@ async def test_an_expiry_deletes_nothing_while_a_restore_reads_the_buckets(lab, 
         assert b.outcome == "succeeded" and b.expiry_deferred_for == [restore.id] and not b.expired, b
         assert listed <= {x.label for x in read_catalog(stanza).backups}
     finally:
-        await restore.signal(RestoreWorkflow.release)
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    await _kept(restore)
+    # The copy is up and only kept: the restore no longer reads, and the expire goes ahead.
+    e = await _run(lab, client, ExpireWorkflow.run, ExpireInput(keep_fulls=1, trigger="test"))
+    assert e.outcome == "succeeded" and not e.deferred_for, e
+    removed = {x for r in e.repos for x in r.removed_backups}
+    assert fulls[0] in removed and fulls[0] not in {x.label for x in read_catalog(stanza).backups}, e
+    await restore.signal(RestoreWorkflow.release)
     res: RestoreResult = await restore.result()
     await record(restore, "restore-visible-to-expiries")
     assert res.outcome == "succeeded", res
     step = next(s for s in (await _progress(restore)).steps if s.name == "Wait until no expiry deletes backups")
     assert step.detail.startswith("listed after") and "no expire running" in step.detail, step
 
-    e = await _run(lab, client, ExpireWorkflow.run, ExpireInput(keep_fulls=1, trigger="test"))
-    assert e.outcome == "succeeded" and not e.deferred_for, e
-    removed = {x for r in e.repos for x in r.removed_backups}
-    assert fulls[0] in removed and fulls[0] not in {x.label for x in read_catalog(stanza).backups}, e
 
-
-async def test_a_restore_waits_while_an_expire_holds_the_expiry_lock(lab, client):
+async def test_a_restore_waits_for_an_expirer_and_for_an_expire_left_running(lab, client):
     """The other half of the lock: an expirer that took the expiry lock before a restore was
-    listed did not see it, so the restore must not read the buckets until that expirer is done.
-    A stand-in expirer holds the lock; a restore drill must stop at its wait step, before any
-    check or restore, and go on when the lock is released."""
+    listed did not see it, so the restore must not read the buckets until that expirer is done,
+    nor while a `pgbackrest expire` its crashed worker left still runs. A stand-in expirer holds
+    the lock and a real expire (a dry run) is frozen on the primary's node: a restore drill must
+    stay at its wait step, before any check or restore, until both are gone."""
+    import os
+    import signal
+
     from tests.lab_helpers import _progress, _until
     from tests.test_restore import _backup
     from workflows.repo_lock import RepoLockWorkflow, expiry_lock_id
     from workflows.restore_drill import RestoreDrillResult
 
     await _backup(lab, client, type="full")
+    primary = _primary(lab)
     control = lab.cfg.temporal.control_task_queue
     lock_id = expiry_lock_id(lab.cfg.service)
-    lock = await client.start_workflow(RepoLockWorkflow.run, "test-expirer", id=lock_id, task_queue=control)
-    drill = await client.start_workflow("RestoreDrillWorkflow", {"trigger": "test"},
-                                        id=f"test-restore-drill-{uuid.uuid4()}", task_queue=control,
-                                        result_type=RestoreDrillResult)
+    stanza = Stanza(lab.cfg, primary)
+    left = stanza.popen("expire", "--repo=1", "--dry-run")
+    os.kill(left.pid, signal.SIGSTOP)
     try:
-        async def waiting():
-            p = await _progress(drill)
-            s = p and p.steps and p.steps[-1]
-            return p if s and s.name == "Wait until no expiry deletes backups" and "waiting" in (s.detail or "") \
-                else None
+        lock = await client.start_workflow(RepoLockWorkflow.run, "test-expirer", id=lock_id, task_queue=control)
+        drill = await client.start_workflow("RestoreDrillWorkflow", {"trigger": "test"},
+                                            id=f"test-restore-drill-{uuid.uuid4()}", task_queue=control,
+                                            result_type=RestoreDrillResult)
+        try:
+            async def waiting():
+                p = await _progress(drill)
+                s = p and p.steps and p.steps[-1]
+                return p if s and s.name == "Wait until no expiry deletes backups" and "waiting" in (s.detail or "") \
+                    else None
 
-        p = await _until(waiting, 120, "the drill waiting on the expiry lock", 0.2)
-        # The last step: no check of the bucket and no restore has begun.
-        assert lock_id in p.steps[-1].detail and p.steps[-1].status == "running", p.steps[-1]
+            p = await _until(waiting, 120, "the drill waiting on the expiry lock", 0.2)
+            # The last step: no check of the bucket and no restore has begun.
+            assert lock_id in p.steps[-1].detail and p.steps[-1].status == "running", p.steps[-1]
+        finally:
+            await lock.signal(RepoLockWorkflow.release)
+
+        async def waiting_for_the_expire():
+            d = await drill.describe()
+            pending = [a.activity_type.name for a in d.raw_description.pending_activities]
+            return pending if "wait_repo_writers_gone" in pending else None
+
+        await _until(waiting_for_the_expire, 120, "the drill waiting for the expire left running", 0.2)
+        p = await _progress(drill)
+        assert p.steps[-1].name == "Wait until no expiry deletes backups" and p.steps[-1].status == "running", p.steps
     finally:
-        await lock.signal(RepoLockWorkflow.release)
+        os.kill(left.pid, signal.SIGCONT)
+    assert left.wait(120) == 0, left.stderr.read() if left.stderr else None
     res = await drill.result()
     await record(drill, "restore_drill-waits-for-expiry-lock")
     assert res.outcome == "succeeded", res
     step = next(s for s in (await _progress(drill)).steps if s.name == "Wait until no expiry deletes backups")
-    assert "waited" in step.detail, step
+    assert "waited" in step.detail and "left running" in step.detail, step

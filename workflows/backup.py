@@ -226,7 +226,15 @@ class BackupWorkflow(Runbook):
             self.degraded += [f"no backup in {r}'s bucket: {why}" for r, why in failed.items()]
         expired, deferred_for = [], []
         if own_expiry and backups:
-            expired, deferred_for = await self._expire(topo, source, [b.repo_region for b in backups])
+            for b in backups:
+                if b.expire_auto is not False:
+                    # The worker that took it is older than this workflow: it dropped the option
+                    # it did not know, and pgBackRest expired with no look for restores.
+                    self.degraded.append(f"{source}'s worker let pgBackRest expire after backup {b.label} without "
+                                         "looking for restores: upgrade the regional workers before the control "
+                                         "worker")
+            # On the primary's node, as ExpireWorkflow: the standby's worker may be the one lost.
+            expired, deferred_for = await self._expire(topo, primary, [b.repo_region for b in backups])
         workflow.upsert_search_attributes([
             DR_BACKUP_LABEL.value_set([b.label for b in backups]), DR_BACKUP_REPO.value_set([b.repo_region for b in backups]),
             DR_BACKUP_BYTES.value_set(sum(b.repo_size or 0 for b in backups)),

@@ -16,12 +16,14 @@ retries with a capped backoff and says what it waits for in its step; in the UI,
 parent is the holder.
 
 The expiry lock is a second run of the same workflow under its own id. Expirers (an expire,
-a backup's expire step) hold it, inside the repo lock, for the seconds an expire takes, and
-under it list the service's running restores (activities/backup/readers.py): any found, the
-expiry is deferred. A restore waits until visibility lists it, then until no expirer holds
-the expiry lock, and only then reads the buckets. An expirer that took the lock before that
-deletes before the restore reads; one that takes it after lists the restore and defers. The
-repo lock could not serve here: a restore at 3 a.m. would wait behind a backup's hours.
+a backup's expire steps) hold it, inside the repo lock, while they expire, and under it list
+the service's running restores that say they read the buckets (activities/backup/readers.py):
+any found, the expiry is deferred. A restore (ReadsBackups) says so from its wait on, waits
+until visibility lists it, then until no expirer holds the expiry lock and no expire runs on
+any node (one left by a crashed or terminated expirer), and only then reads the buckets. An
+expirer that took the lock before that deletes before the restore reads; one that takes it
+after lists the restore and defers. The repo lock could not serve here: a restore at 3 a.m.
+would wait behind a backup's hours.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.backup.activities import BackupActivities, WritersGoneRequest
-    from activities.backup.readers import ListedRequest, ReadersRequest, RepoReaderActivities
+    from activities.backup.readers import READING_QUERY, ListedRequest, ReadersRequest, RepoReaderActivities
     from workflows.runbook import not_picked_up
 
 # The first retry comes soon (a short expire ending), later ones at most five minutes apart:
@@ -132,11 +134,29 @@ async def expiry_lock(runbook, service: str, control_queue: str):
         await _release(handle, "expiry lock")
 
 
-async def visible_to_expiries(runbook, service: str, control_queue: str) -> str | None:
-    """Before a restore reads the buckets: be listed as a restore, then wait while an expirer
-    holds the expiry lock (taking it for an instant proves nobody holds it). Returns a note for
-    the run's degraded list when visibility did not list it in time, or an expire held the lock
-    too long: the restore goes on, and says what an expire may have removed under it."""
+class ReadsBackups:
+    """Mixed into the runbooks that run ``pgbackrest restore``: whether this run reads the
+    buckets now, as expirers ask it (activities/backup/readers.py)."""
+
+    reading_backups = False
+
+    @workflow.query(name=READING_QUERY)
+    def reads_backups(self) -> bool:
+        return self.reading_backups
+
+    def done_reading(self) -> None:
+        """The copy is restored and replayed: an expire may go on."""
+        self.reading_backups = False
+
+
+async def visible_to_expiries(runbook, topo) -> str | None:
+    """Before a restore reads the buckets: say so, be listed as a restore, then wait while an
+    expirer holds the expiry lock (taking it proves nobody holds it) and, under it, while an
+    expire still runs on a node. Returns a note for the run's degraded list when visibility did
+    not list it in time, or an expire went on too long: the restore then goes on, and says
+    what an expire may have removed under it."""
+    service, control_queue = topo.service, topo.control_task_queue
+    runbook.reading_backups = True
     lock_id = expiry_lock_id(service)
     info = workflow.info()
     name = "Wait until no expiry deletes backups"
@@ -163,11 +183,24 @@ async def visible_to_expiries(runbook, service: str, control_queue: str) -> str 
         if handle is None:
             notes.append(f"an expire still held {lock_id} after {waited:.0f} s: this restore went on beside it, "
                          "and a backup or WAL it reads may be removed under it")
-        else:
-            await _release(handle, "expiry lock")
         rec.detail = (f"listed after {listed:.1f} s" if listed is not None else "NOT listed") + (
             f"; an expire still holds the lock after {waited:.0f} s: going on beside it" if handle is None else
             f"; waited {waited:.0f} s for an expire to end" if waited else "; no expire running")
+        if handle is not None:
+            # The lock ends with its holder, but the pgBackRest expire a crashed worker or a
+            # terminated expirer started goes on deleting until it ends.
+            try:
+                said = await _writers_gone(runbook, {r.name: r.task_queue for r in topo.regions},
+                                           commands=["expire"], timeout=RESTORE_GIVES_UP_SECONDS,
+                                           # A lost region's worker (why restores run) costs this
+                                           # much of the restore's RTO: its node is said unchecked.
+                                           pick_up=10)
+            except ActivityError as e:
+                said = f"an expire still runs: {e.cause or e}"
+                notes.append(f"{said}; this restore went on beside it")
+            finally:
+                await _release(handle, "expiry lock")
+            rec.detail += "; " + said
         return "; ".join(notes) or None
 
 
@@ -202,19 +235,23 @@ async def _release(handle, what: str) -> None:
         workflow.logger.warning(f"{what} not released by signal; it ends with this run", extra={"error": str(e)})
 
 
-async def _writers_gone(runbook, nodes: dict[str, str]) -> str:
+async def _writers_gone(runbook, nodes: dict[str, str], commands: list[str] | None = None,
+                        timeout: float = 4 * 3600, pick_up: float = 60) -> str:
+    req = {"commands": commands} if commands else {}
+
     async def one(region: str, queue: str) -> str:
         try:
-            return await runbook.act(BackupActivities.wait_repo_writers_gone, WritersGoneRequest(region=region),
-                                     queue=queue, timeout=4 * 3600 + 60, heartbeat=30, schedule_to_start=60,
-                                     attempts=3)
+            return await runbook.act(BackupActivities.wait_repo_writers_gone,
+                                     WritersGoneRequest(region=region, timeout_seconds=timeout, **req),
+                                     queue=queue, timeout=timeout + 60, heartbeat=30, schedule_to_start=pick_up,
+                                     attempts=3 if not commands else 1)
         except ActivityError as e:
             if not_picked_up(e):
-                return f"{region}: NOT checked (its worker did not answer) for a pgBackRest still writing"
+                return f"{region}: NOT checked (its worker did not answer) for a pgBackRest still running"
             raise
 
     said = await asyncio.gather(*(one(r, q) for r, q in nodes.items()))
     return "; ".join(said)
 
 
-__all__ = ["RepoLockWorkflow", "expiry_lock", "expiry_lock_id", "repo_lock", "repo_lock_id", "visible_to_expiries"]
+__all__ = ["ReadsBackups", "RepoLockWorkflow", "expiry_lock", "expiry_lock_id", "repo_lock", "repo_lock_id", "visible_to_expiries"]

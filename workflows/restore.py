@@ -72,7 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
     from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
-    from workflows.repo_lock import visible_to_expiries
+    from workflows.repo_lock import ReadsBackups, visible_to_expiries
     from workflows.wal_gaps import unread_note, with_gaps
 
 
@@ -116,7 +116,7 @@ class RestoreResult(BaseModel):
 
 
 @workflow.defn
-class RestoreWorkflow(Runbook):
+class RestoreWorkflow(ReadsBackups, Runbook):
     runbook = "restore"
 
     def __init__(self) -> None:
@@ -168,11 +168,6 @@ class RestoreWorkflow(Runbook):
         queue = topo.region(region).task_queue
         req = RestoreRequest(region=region, repo_region=repo, target=inp.target, name=_dir_name(workflow.info()),
                              port=inp.port, fallback=inp.repo is None, timeout_seconds=inp.timeout_seconds)
-        if workflow.patched("restore-visible-to-expiries"):
-            # Before the backups are read in any mode: an expire must not delete the set or the
-            # WAL this run restores (workflows/repo_lock.py).
-            if note := await visible_to_expiries(self, topo.service, topo.control_task_queue):
-                self.degraded.append(note)
         if inp.mode == "rebuild-standby":
             return await self._rebuild(inp, topo, req, queue)
         if inp.mode == "recover-rows":
@@ -201,6 +196,7 @@ class RestoreWorkflow(Runbook):
                              outcome=outcome)
 
     async def _check(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str):
+        await self._no_expiry(topo)
         async with self.step(f"Check {inp.target.describe()} against {req.repo_region}'s backups") as rec:
             req, unread = await with_gaps(self, topo, req)
             try:
@@ -219,6 +215,13 @@ class RestoreWorkflow(Runbook):
                 self.source_region = chk.repo_region
         return req, chk
 
+    async def _no_expiry(self, topo) -> None:
+        # Before the backups are read, in every mode: an expire must not delete the set or the
+        # WAL this run restores (workflows/repo_lock.py).
+        if workflow.patched("restore-visible-to-expiries"):
+            if note := await visible_to_expiries(self, topo):
+                self.degraded.append(note)
+
     async def _restore(self, region: str, req: RestoreRequest, queue: str) -> Scratch:
         async with self.step(f"Restore into a scratch instance on {region}") as rec:
             try:
@@ -227,6 +230,7 @@ class RestoreWorkflow(Runbook):
                                          attempts=2)
             except ActivityError as e:
                 raise _as_input_error(e) from None
+            self.done_reading()
             self.scratch_copy = scratch
             rec.detail = (f"backup {scratch.backup_label}, reached {_t(scratch.recovered_to)} on timeline "
                           f"{scratch.timeline}; restore {scratch.restore_seconds:.1f} s, replay "
@@ -268,10 +272,13 @@ class RestoreWorkflow(Runbook):
             raise invalid("region", f"{region} is the primary: only a standby is rebuilt from backup (a primary "
                                     "that must go back in time is a PITR plus a failover)")
         req, chk = await self._check(inp, topo, req, queue)
+        # Expiry goes on while the approval waits (up to days); the wait comes again after it.
+        self.done_reading()
         approval = await self.approval(
             inp.approval, f"replace {region}'s PostgreSQL data directory with backup {chk.newest_backup} from "
                           f"{req.repo_region}'s bucket and stream from {primary} (the old directory is kept aside "
                           "until the new one streams)")
+        await self._no_expiry(topo)
         rreq = RebuildRequest(region=region, primary_region=primary, repo_region=req.repo_region,
                               timeout_seconds=inp.timeout_seconds)
         failed: BaseException | None = None
@@ -289,6 +296,7 @@ class RestoreWorkflow(Runbook):
                 rec.status = "failed"
                 rec.detail = "cancelled" if isinstance(e, asyncio.CancelledError) else f"FAILED: {described(e)}"
             else:
+                self.done_reading()
                 rec.detail = (f"backup {rebuilt.backup_label}: restore {rebuilt.restore_seconds:.1f} s, catch-up "
                               f"{rebuilt.catch_up_seconds:.1f} s; streaming from {rebuilt.upstream}")
         if failed is not None:
@@ -388,6 +396,7 @@ class RestoreWorkflow(Runbook):
                     if isinstance(cause, ApplicationError) and cause.type == "ArchiveGap":
                         raise ApplicationError(cause.message, type="ArchiveGap", non_retryable=True) from None
                     raise _as_input_error(e) from None
+                self.done_reading()  # replayed from the archive; it streams from the primary now
                 self.scratch_copy = sc = following.scratch
                 if not following.archive_checked:
                     self.degraded.append(f"the archive's continuity was NOT verified: the primary's newest archived "

@@ -61,7 +61,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
-    from workflows.repo_lock import visible_to_expiries
+    from workflows.repo_lock import ReadsBackups, visible_to_expiries
     from workflows.wal_gaps import unread_note, with_gaps
 
 SCHEDULED_BY = SearchAttributeKey.for_keyword("TemporalScheduledById")
@@ -121,7 +121,7 @@ class RestoreDrillResult(BaseModel):
 
 
 @workflow.defn(name="RestoreDrillWorkflow")
-class RestoreDrillWorkflow(Runbook):
+class RestoreDrillWorkflow(ReadsBackups, Runbook):
     runbook = "restore-drill"
     notifies = "failures"  # scheduled: news only when it fails (runbook.py)
 
@@ -221,11 +221,11 @@ class RestoreDrillWorkflow(Runbook):
         req = RestoreRequest(region=region, repo_region=repo, target=RestoreTarget(kind="name", name=mark.name),
                              name=_dir_name(info), timeout_seconds=inp.timeout_seconds, fallback=inp.repo is None)
         scratch: Scratch | None = None
-        if workflow.patched("restore-visible-to-expiries"):
-            # An expire must not delete the set or the WAL this drill restores (workflows/repo_lock.py).
-            if note := await visible_to_expiries(self, topo.service, topo.control_task_queue):
-                self.degraded.append(note)
         try:
+            if workflow.patched("restore-visible-to-expiries"):
+                # An expire must not delete the set or the WAL this drill restores (workflows/repo_lock.py).
+                if note := await visible_to_expiries(self, topo):
+                    self.degraded.append(note)
             async with self.step(f"Check {repo}'s bucket") as rec:
                 req, unread = await with_gaps(self, topo, req)
                 try:
@@ -248,6 +248,7 @@ class RestoreDrillWorkflow(Runbook):
                                              attempts=2)
                 except ActivityError as e:
                     raise self._fail(res, f"the restore failed: {_why(e)}", "RestoreFailed") from None
+                self.done_reading()
                 res.backup_label, res.recovered_to = scratch.backup_label, scratch.recovered_to
                 res.restore_seconds, res.replay_seconds = scratch.restore_seconds, scratch.recovery_seconds
                 res.rto_seconds = scratch.restore_seconds + scratch.recovery_seconds

@@ -74,6 +74,8 @@ class GuardRequest(BaseModel):
 class WritersGoneRequest(BaseModel):
     region: str  # the node whose pgBackRest processes are looked at
     timeout_seconds: float = Field(default=4 * 3600, gt=0)
+    # The commands waited for (a restore waits for an expire alone).
+    commands: list[Literal["backup", "expire", "stanza-create"]] = ["backup", "expire", "stanza-create"]
 
 
 class StanzaReady(BaseModel):
@@ -102,7 +104,7 @@ class BackupActivities:
         is what the lock is for."""
         st = self._stanza(req.region)
         deadline, waited = time.monotonic() + req.timeout_seconds, None
-        while (running := st.processes("backup", "expire", "stanza-create")):
+        while (running := st.processes(*req.commands)):
             waited = waited or time.monotonic()
             if time.monotonic() > deadline:
                 raise ApplicationError(f"pgBackRest still runs on {req.region} after {req.timeout_seconds:.0f} s "
@@ -173,7 +175,8 @@ class BackupActivities:
                                # drill's), so a retry would take an earlier run's backup for its own.
                                owner=f"{info.workflow_id}/{info.workflow_run_id}/{info.activity_id}",
                                timeout=req.timeout_seconds,
-                               first_attempt=info.attempt == 1, expire_auto=req.expire_auto)
+                               first_attempt=info.attempt == 1, expire_auto=req.expire_auto
+                               ).model_copy(update={"expire_auto": req.expire_auto})
         except StanzaMissing as e:
             # Not retried here: a retry would fail the same way. The workflow runs stanza-create
             # on the primary's node and asks again.

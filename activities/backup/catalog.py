@@ -33,6 +33,9 @@ class BackupRecord(BaseModel):
     error: bool = False  # pgBackRest found a page checksum error while copying
     # --annotation key/values (take.py tags each backup with the step that took it).
     annotation: dict[str, str] = {}
+    # Whether pgBackRest expired after it (``expire-auto``), as the take step ran it; None: not
+    # said (a record read from the catalog, or a worker older than the option).
+    expire_auto: bool | None = None
 
     @property
     def duration_seconds(self) -> float:

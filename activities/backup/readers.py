@@ -7,6 +7,11 @@ RestoreWorkflow or RestoreDrillWorkflow of the service, and an expirer lists the
 expiry lock (workflows/repo_lock.py), before it deletes anything. A restore first waits until
 it is itself listed, so that an expirer that takes the lock after it cannot miss it.
 
+A listed restore is asked (query ``reads_backups``) whether it reads the buckets now: most of
+a restore's life is an idle copy kept for hours, or an approval that may wait days, and
+expiry must not stop for that. A restore that does not answer (no worker, a run from before
+the query existed) counts as reading.
+
 Both activities run on the control worker: they only talk to the Temporal service, through the
 worker's own client (which is why they are ``async``: only those get one).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 from pydantic import BaseModel, Field
 from temporalio import activity
@@ -24,6 +30,11 @@ from eagle_dr.temporal import DR_SERVICE
 # Every workflow type that runs `pgbackrest restore` (RestoreWorkflow's modes, the restore
 # drill). A rename here without the old name breaks the lock for runs started before it.
 READER_TYPES = ("RestoreWorkflow", "RestoreDrillWorkflow")
+READING_QUERY = "reads_backups"
+# Once listed, a restore must stay listed this long before it goes on: with Elasticsearch each
+# shard copy refreshes on its own (about every second), and a query served by a copy that has
+# not refreshed yet would miss a run an earlier query found.
+LISTED_SETTLE_SECONDS = 2.0
 
 
 class ReadersRequest(BaseModel):
@@ -54,26 +65,44 @@ class RepoReaderActivities:
         defer an expiry)."""
         client = activity.client()
         found = []
-        async for wf in client.list_workflows(readers_query(req.service), limit=21):
-            if wf.id != req.exclude:
+        async for wf in client.list_workflows(readers_query(req.service), limit=100):
+            if wf.id == req.exclude:
+                continue
+            try:
+                reading = await client.get_workflow_handle(wf.id, run_id=wf.run_id).query(
+                    READING_QUERY, rpc_timeout=timedelta(seconds=10))
+            except Exception as e:  # noqa: BLE001 - no answer: it may be reading, and that is what counts
+                activity.logger.info("restore did not say whether it reads the buckets", extra={
+                    "restore": wf.id, "error": type(e).__name__})
+                reading = True
+            if reading is not False:
                 found.append(wf.id)
-        return found[:20]
+            if len(found) >= 20:
+                break
+        return found
 
     @activity.defn
     async def wait_listed_as_reader(self, req: ListedRequest) -> float | None:
-        """Seconds until this run was listed by the query expirers use; None when it still was
-        not after ``timeout_seconds`` (visibility lagging far behind: the caller says so)."""
+        """Seconds until this run was listed by the query expirers use (and stayed listed for
+        LISTED_SETTLE_SECONDS); None when it was not by ``timeout_seconds`` (visibility lagging
+        far behind: the caller says so)."""
         client = activity.client()
         query = f"{readers_query(req.service)} AND RunId = '{req.run_id}'"
-        started = time.monotonic()
+        started, seen = time.monotonic(), None
         while True:
+            listed = False
             async for wf in client.list_workflows(query, limit=1):
-                if wf.id == req.workflow_id:
-                    return round(time.monotonic() - started, 3)
+                listed = wf.id == req.workflow_id
+            if not listed:
+                seen = None
+            elif seen is None:
+                seen = time.monotonic()
+            elif time.monotonic() - seen >= LISTED_SETTLE_SECONDS:
+                return round(seen - started, 3)
             if time.monotonic() - started > req.timeout_seconds:
                 return None
             activity.heartbeat({"waiting": "to be listed as a restore"})
             await asyncio.sleep(0.2)
 
 
-__all__ = ["READER_TYPES", "ListedRequest", "ReadersRequest", "RepoReaderActivities", "readers_query"]
+__all__ = ["READER_TYPES", "READING_QUERY", "ListedRequest", "ReadersRequest", "RepoReaderActivities", "readers_query"]
