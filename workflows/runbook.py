@@ -355,25 +355,50 @@ class Runbook:
         # crashed and nobody restarted it) waited with no word in the UI but "pending". It still
         # waits (it can only run there, and runs the moment a worker polls), but the step says
         # so, and for how long, every few minutes.
-        waited, wait = 0.0, NO_WORKER_FIRST_S
+        waited, wait, said = 0.0, NO_WORKER_FIRST_S, None
+        budget = retry.maximum_attempts  # 0: unlimited
         while True:
             try:
-                return await self._act_once(fn, args, queue, timeout, wait, heartbeat, retry, summary, local)
+                result = await self._act_once(fn, args, queue, timeout, wait, heartbeat, retry, summary, local)
+                if said is not None and said[0].detail == said[1]:
+                    said[0].detail = said[2]  # the wait is over: the step's own word again
+                return result
             except ActivityError as e:
                 if not not_picked_up(e):
                     raise
+                if e.cause is not None and e.cause.cause is not None:
+                    # A retry nobody took: an attempt before it ran (part of) the step. Scheduled
+                    # anew, the attempts would start again at one, and a step whose worker keeps
+                    # dying would never run out of them: each such round spends one.
+                    if budget == 1:
+                        raise
+                    if budget:
+                        budget -= 1
+                        retry = RetryPolicy(initial_interval=retry.initial_interval,
+                                            backoff_coefficient=retry.backoff_coefficient,
+                                            maximum_interval=retry.maximum_interval, maximum_attempts=budget,
+                                            non_retryable_error_types=retry.non_retryable_error_types)
             waited += wait
-            wait = min(wait * 2, NO_WORKER_MAX_S)
-            self._no_worker(queue, waited)
+            # Each round is a few history events: after an hour, one round an hour.
+            wait = min(wait * 2, NO_WORKER_MAX_S) if waited < 3600 else 3600.0
+            new = self._no_worker(queue, waited)
+            if new is not None:
+                # What the step said before the first round is what comes back.
+                said = (*new[:2], said[2] if said is not None and said[0] is new[0] else new[2])
 
-    def _no_worker(self, queue: str, waited: float) -> None:
+    def _no_worker(self, queue: str, waited: float):
+        """Say it on the step that waits (the newest running one); returns (step, what was said,
+        what it said before) so the step's own detail comes back once the wait is over."""
         rec = next((s for s in reversed(self.steps) if s.status == "running"), None)
-        said = (f"no worker has taken this step from task queue {queue} for {waited:.0f} s: that region's "
+        text = (f"no worker has taken this step from task queue {queue} for {waited:.0f} s: that region's "
                 "worker is down, or busy in every slot. The step runs as soon as one takes it")
         workflow.logger.warning("step not picked up", extra={"queue": queue, "waited_s": waited})
-        if rec is not None:
-            rec.detail = said
-            self._details(rec.name)
+        if rec is None:
+            return None
+        before = rec.detail
+        rec.detail = text
+        self._details(rec.name)
+        return rec, text, before
 
     async def _act_once(self, fn, args: list, queue: str, timeout: float, schedule_to_start: float | None,
                         heartbeat: float | None, retry: RetryPolicy, summary: str | None, local: bool):
