@@ -50,6 +50,7 @@ MAX_RETRY_SECONDS = 300.0
 # (when restores are most needed) must not hold a restore for the hours its retries may take.
 EXPIRY_MAX_RETRY_SECONDS = 30.0
 RESTORE_GIVES_UP_SECONDS = 600.0
+UNCHECKED = "NOT checked"
 
 
 def repo_lock_id(service: str) -> str:
@@ -138,11 +139,13 @@ class ReadsBackups:
     """Mixed into the runbooks that run ``pgbackrest restore``: whether this run reads the
     buckets now, as expirers ask it (activities/backup/readers.py)."""
 
-    reading_backups = False
+    # None until the run's first wait: a run started before the wait existed never sets it,
+    # and may be restoring right now, so None answers "reading".
+    reading_backups: bool | None = None
 
     @workflow.query(name=READING_QUERY)
     def reads_backups(self) -> bool:
-        return self.reading_backups
+        return self.reading_backups is not False
 
     def done_reading(self) -> None:
         """The copy is restored and replayed: an expire may go on."""
@@ -195,6 +198,9 @@ async def visible_to_expiries(runbook, topo) -> str | None:
                                            # A lost region's worker (why restores run) costs this
                                            # much of the restore's RTO: its node is said unchecked.
                                            pick_up=10)
+                if UNCHECKED in said:
+                    notes.append(f"a pgbackrest expire left running could not be looked for ({said}): if one "
+                                 "runs there, it may remove a backup or WAL this restore reads")
             except ActivityError as e:
                 said = f"an expire still runs: {e.cause or e}"
                 notes.append(f"{said}; this restore went on beside it")
@@ -247,7 +253,7 @@ async def _writers_gone(runbook, nodes: dict[str, str], commands: list[str] | No
                                      attempts=3 if not commands else 1)
         except ActivityError as e:
             if not_picked_up(e):
-                return f"{region}: NOT checked (its worker did not answer) for a pgBackRest still running"
+                return f"{region}: {UNCHECKED} (its worker did not answer) for a pgBackRest still running"
             raise
 
     said = await asyncio.gather(*(one(r, q) for r, q in nodes.items()))

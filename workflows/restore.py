@@ -272,13 +272,16 @@ class RestoreWorkflow(ReadsBackups, Runbook):
             raise invalid("region", f"{region} is the primary: only a standby is rebuilt from backup (a primary "
                                     "that must go back in time is a PITR plus a failover)")
         req, chk = await self._check(inp, topo, req, queue)
-        # Expiry goes on while the approval waits (up to days); the wait comes again after it.
-        self.done_reading()
+        # Expiry goes on while a person's approval waits (up to days); the wait comes again after it.
+        waits = inp.approval.required and not inp.approval.auto_approve_as
+        if waits:
+            self.done_reading()
         approval = await self.approval(
             inp.approval, f"replace {region}'s PostgreSQL data directory with backup {chk.newest_backup} from "
                           f"{req.repo_region}'s bucket and stream from {primary} (the old directory is kept aside "
                           "until the new one streams)")
-        await self._no_expiry(topo)
+        if waits:
+            await self._no_expiry(topo)
         rreq = RebuildRequest(region=region, primary_region=primary, repo_region=req.repo_region,
                               timeout_seconds=inp.timeout_seconds)
         failed: BaseException | None = None
