@@ -399,3 +399,43 @@ async def test_a_restore_waits_for_an_expirer_and_for_an_expire_left_running(lab
     assert res.outcome == "succeeded", res
     step = next(s for s in (await _progress(drill)).steps if s.name == "Wait until no expiry deletes backups")
     assert "waited" in step.detail and "left running" in step.detail, step
+
+
+async def test_an_expire_drops_the_gap_records_no_backup_can_meet_any_more(lab, client):
+    """The archive guard's WAL-gap records grew for good, and every restore carries all of them
+    in its request. Once an expire leaves a bucket no backup that ended before a gap closed,
+    no restore from that bucket can cross it, and its record goes. Every other record stays:
+    one a listed backup still ends before, one still open, and another bucket's."""
+    from datetime import timedelta
+
+    from activities.backup.archive import WalGap, _write_gaps, gaps_locked, read_gaps
+
+    primary = _primary(lab)
+    other = lab.cfg.other(primary).name
+    r = await _run(lab, client, BackupWorkflow.run, BackupInput(type="full", trigger="test"))
+    assert r.outcome == "succeeded", r
+    stanza = Stanza(lab.cfg, primary)
+    first_end = min(b.stopped for b in read_catalog(stanza).on(primary))
+    hour = timedelta(hours=1)
+    outlived = WalGap(repo_region=primary, since=first_end - 2 * hour, until=first_end - hour, healed_by="x")
+    crossed = WalGap(repo_region=primary, since=first_end - hour, until=first_end + timedelta(seconds=1))
+    still_open = WalGap(repo_region=primary, since=first_end + hour)
+    elsewhere = WalGap(repo_region=other, since=first_end - 2 * hour, until=first_end - hour)
+    saved = stanza.gaps_file.read_text() if stanza.gaps_file.exists() else None
+    try:
+        with gaps_locked(stanza):
+            _write_gaps(stanza, [outlived, crossed, still_open, elsewhere])
+        e = await _run(lab, client, ExpireWorkflow.run, ExpireInput(repos=[primary], trigger="test"))
+        assert e.outcome == "succeeded", e
+        assert any("1 WAL-gap record(s) dropped" in n for n in e.repos[0].notes), e.repos[0].notes
+        assert read_gaps(stanza) == [crossed, still_open, elsewhere]
+        # Once more: nothing left to drop, and nothing said.
+        e = await _run(lab, client, ExpireWorkflow.run, ExpireInput(repos=[primary], trigger="test"))
+        assert not any("WAL-gap" in n for n in e.repos[0].notes), e.repos[0].notes
+        assert read_gaps(stanza) == [crossed, still_open, elsewhere]
+    finally:
+        with gaps_locked(stanza):
+            if saved is None:
+                stanza.gaps_file.unlink(missing_ok=True)
+            else:
+                stanza.gaps_file.write_text(saved)

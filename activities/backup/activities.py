@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, read_gaps
+from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, prune_gaps, read_gaps
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.expire import RepoExpiry, expire
 from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza
@@ -115,6 +115,18 @@ class BackupActivities:
             return f"{req.region}: no pgBackRest writing"
         return f"{req.region}: waited {time.monotonic() - waited:.0f} s for a pgBackRest left running"
 
+    @staticmethod
+    def _prune_gaps(st: Stanza, repo_region: str) -> list[str]:
+        """The WAL-gap records of this bucket that the expire left no backup to meet, dropped."""
+        if not any(g.repo_region == repo_region and g.until is not None for g in read_gaps(st)):
+            return []  # nothing that could be dropped: no `info` round trip
+        try:
+            gone = prune_gaps(st, read_catalog(st), repo_region)
+        except PgBackRestError as e:
+            return [f"WAL-gap records not pruned: {scrub(str(e))[:200]}"]
+        return [f"{len(gone)} WAL-gap record(s) dropped: every backup left in the bucket ended after them"] \
+            if gone else []
+
     @activity.defn
     def ensure_backup_config(self, region: str) -> StanzaReady:
         """Write this node's pgBackRest files from the config (idempotent). The node's role
@@ -205,7 +217,10 @@ class BackupActivities:
         st.write_configs()
         try:
             with heartbeating():
-                return expire(st, req.repo_region, req.dry_run, req.keep_fulls)
+                done = expire(st, req.repo_region, req.dry_run, req.keep_fulls)
+                if not req.dry_run:
+                    done.notes += self._prune_gaps(st, req.repo_region)
+                return done
         except KeyError:
             raise ApplicationError(f"unknown repo region {req.repo_region!r}", type="InvalidInput",
                                    non_retryable=True) from None

@@ -40,18 +40,20 @@ select on it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import structlog
 from pydantic import BaseModel
 
-from activities.backup.catalog import read_catalog
+from activities.backup.catalog import Catalog, read_catalog
 from activities.backup.pgbackrest import PgBackRestError, Stanza, _as_owner, _last_error, _write_owned, repos_for
 from activities.postgres.status import connect
 from eagle_dr.config import PostgresConfig, scrub
@@ -141,6 +143,41 @@ def read_gaps(stanza: Stanza) -> list[WalGap]:
 def _write_gaps(stanza: Stanza, gaps: list[WalGap]) -> None:
     _write_owned(stanza.gaps_file, json.dumps([g.model_dump(mode="json") for g in gaps], indent=1),
                  stanza.region.postgres)
+
+
+@contextmanager
+def gaps_locked(stanza: Stanza):
+    """One writer of this node's gap records at a time: the guard (every minute) and the prune
+    after an expire each read, change and write the whole file, and the later write would
+    drop what the other added, a gap record among it."""
+    with open(stanza.dir / ".archive-gaps.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def outlived(gap: WalGap, cat: Catalog) -> bool:
+    """No restore can meet ``gap`` any more: it is closed, its bucket still lists backups, and
+    every one of them ended after it closed (``pitr_blocked`` only stops a restore from a
+    backup that ended before ``until``, and no new backup can)."""
+    if gap.until is None:
+        return False
+    backups = cat.on(gap.repo_region)
+    return bool(backups) and min(b.stopped for b in backups) >= gap.until
+
+
+def prune_gaps(stanza: Stanza, cat: Catalog, repo_region: str) -> list[WalGap]:
+    """Drop this node's gap records of ``repo_region``'s bucket that no restore can meet (after
+    an expire removed the backups they concerned); returns those dropped. The records
+    otherwise grew for good, and every restore carries all of them in its request."""
+    with gaps_locked(stanza):
+        gaps = read_gaps(stanza)
+        gone = [g for g in gaps if g.repo_region == repo_region and outlived(g, cat)]
+        if gone:
+            _write_gaps(stanza, [g for g in gaps if g not in gone])
+    return gone
 
 
 def pitr_blocked(gaps: list[WalGap], repo_region: str, backup_stopped: datetime, target: datetime) -> WalGap | None:
@@ -272,6 +309,11 @@ def _restart_pushers(stanza: Stanza) -> None:
 def guard(stanza: Stanza, backlog_max: int, probe_timeout: float = 10) -> GuardReport:
     """One round of the guard on the primary's node (see the module's docstring)."""
     stanza.write_configs()
+    with gaps_locked(stanza):
+        return _guard(stanza, backlog_max, probe_timeout)
+
+
+def _guard(stanza: Stanza, backlog_max: int, probe_timeout: float) -> GuardReport:
     b = stanza.cfg.backup
     arch = read_archiver(stanza.region.postgres)
     rep = GuardReport(region=stanza.region.name, backlog_max_bytes=backlog_max, queue_max_bytes=b.archive_queue_limit,
@@ -378,4 +420,5 @@ def _mb(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
-__all__ = ["ArchiverState", "GuardReport", "WalGap", "guard", "pitr_blocked", "read_archiver", "read_gaps"]
+__all__ = ["ArchiverState", "GuardReport", "WalGap", "gaps_locked", "guard", "outlived", "pitr_blocked", "prune_gaps",
+           "read_archiver", "read_gaps"]
