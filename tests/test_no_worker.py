@@ -90,9 +90,15 @@ async def test_a_retry_nobody_takes_still_spends_the_steps_attempts(client, monk
     would run forever instead of failing so the runbook can undo or degrade. Here the first of
     two attempts fails and its worker goes: once a worker is back, the step gets one more
     attempt, not two."""
+    from datetime import timedelta
+
     from temporalio.client import WorkflowFailureError
+    from temporalio.common import RetryPolicy
 
     monkeypatch.setattr(runbook, "NO_WORKER_FIRST_S", 1.0)
+    # The retry waits 5 s: time enough for its worker to be gone before it is due.
+    monkeypatch.setattr(runbook, "RETRY", RetryPolicy(initial_interval=timedelta(seconds=5),
+                                                      maximum_interval=timedelta(seconds=5), maximum_attempts=5))
     monkeypatch.setattr(runbook, "NO_WORKER_MAX_S", 2.0)
     _Failing.calls = 0
     control, region = f"no-worker-control-{uuid.uuid4().hex[:8]}", f"no-worker-region-{uuid.uuid4().hex[:8]}"
@@ -103,7 +109,7 @@ async def test_a_retry_nobody_takes_still_spends_the_steps_attempts(client, monk
                 handle = await client.start_workflow(_RetryProbe.run, region, id=f"no-worker-{uuid.uuid4().hex[:8]}",
                                                      task_queue=control)
                 await _until(lambda: _done(_Failing.calls >= 1), 30, "the first attempt")
-        # Its worker is gone before the retry's backoff (1 s) ends: nobody takes the retry.
+        # Its worker is gone before the retry's backoff ends: nobody takes the retry.
         assert _Failing.calls == 1
 
         async def said():

@@ -84,7 +84,10 @@ def described(error) -> str:
     """A step's failure as the person on call reads it. The SDK's words for a timeout ("activity
     ScheduleToStart timeout") do not say that the region's worker is what is missing."""
     if not_picked_up(error):
-        return "no worker took the step within its schedule-to-start bound: is that region's worker running?"
+        said = "no worker took the step within its schedule-to-start bound: is that region's worker running?"
+        # A retry nobody took: the attempt before it failed, and how is worth saying.
+        before = getattr(getattr(error, "cause", None), "cause", None)
+        return f"{said} (its earlier attempt failed: {before})" if before is not None else said
     if went_silent(error):
         return "the worker running the step stopped heartbeating (crashed, frozen or cut off)"
     return str(error.cause or error if isinstance(error, ActivityError) else error)
@@ -357,34 +360,36 @@ class Runbook:
         # so, and for how long, every few minutes.
         waited, wait, said = 0.0, NO_WORKER_FIRST_S, None
         budget = retry.maximum_attempts  # 0: unlimited
-        while True:
-            try:
-                result = await self._act_once(fn, args, queue, timeout, wait, heartbeat, retry, summary, local)
-                if said is not None and said[0].detail == said[1]:
-                    said[0].detail = said[2]  # the wait is over: the step's own word again
-                return result
-            except ActivityError as e:
-                if not not_picked_up(e):
-                    raise
-                if e.cause is not None and e.cause.cause is not None:
-                    # A retry nobody took: an attempt before it ran (part of) the step. Scheduled
-                    # anew, the attempts would start again at one, and a step whose worker keeps
-                    # dying would never run out of them: each such round spends one.
-                    if budget == 1:
+        try:
+            while True:
+                try:
+                    return await self._act_once(fn, args, queue, timeout, wait, heartbeat, retry, summary, local)
+                except ActivityError as e:
+                    if not not_picked_up(e):
                         raise
-                    if budget:
+                    if budget > 1 and e.cause is not None and e.cause.cause is not None:
+                        # A retry nobody took: an attempt before it ran (part of) the step.
+                        # Scheduled anew, the attempts would start again at one, and a step whose
+                        # worker keeps dying would never run out of them: each such round spends
+                        # one (so N attempts allow at most N+(N-1)+...+1 runs in all). A round of
+                        # one attempt never retries, so its timeout always means nobody ran it.
                         budget -= 1
                         retry = RetryPolicy(initial_interval=retry.initial_interval,
                                             backoff_coefficient=retry.backoff_coefficient,
                                             maximum_interval=retry.maximum_interval, maximum_attempts=budget,
                                             non_retryable_error_types=retry.non_retryable_error_types)
-            waited += wait
-            # Each round is a few history events: after an hour, one round an hour.
-            wait = min(wait * 2, NO_WORKER_MAX_S) if waited < 3600 else 3600.0
-            new = self._no_worker(queue, waited)
-            if new is not None:
-                # What the step said before the first round is what comes back.
-                said = (*new[:2], said[2] if said is not None and said[0] is new[0] else new[2])
+                waited += wait
+                # Each round is a few history events: after an hour, one round an hour.
+                wait = min(wait * 2, NO_WORKER_MAX_S) if waited < 3600 else 3600.0
+                new = self._no_worker(queue, waited)
+                if new is not None:
+                    # What the step said before the first round is what comes back.
+                    said = (*new[:2], said[2] if said is not None and said[0] is new[0] else new[2])
+        finally:
+            if said is not None and said[0].detail == said[1]:
+                # The wait is over, however the step ends: its own word again, not "waiting".
+                said[0].detail = said[2]
+                self._details(said[0].name)
 
     def _no_worker(self, queue: str, waited: float):
         """Say it on the step that waits (the newest running one); returns (step, what was said,
