@@ -139,13 +139,18 @@ class ReadsBackups:
     """Mixed into the runbooks that run ``pgbackrest restore``: whether this run reads the
     buckets now, as expirers ask it (activities/backup/readers.py)."""
 
-    # None until the run's first wait: a run started before the wait existed never sets it,
-    # and may be restoring right now, so None answers "reading".
+    # None in a run started before the wait existed: it never sets the flag, and may be
+    # restoring right now, so None answers "reading".
     reading_backups: bool | None = None
 
     @workflow.query(name=READING_QUERY)
     def reads_backups(self) -> bool:
         return self.reading_backups is not False
+
+    def not_reading_yet(self) -> None:
+        """At a run's start (a run recorded before replays without the marker, and stays None)."""
+        if workflow.patched("restore-not-reading-yet"):
+            self.reading_backups = False
 
     def done_reading(self) -> None:
         """The copy is restored and replayed: an expire may go on."""

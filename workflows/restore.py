@@ -144,6 +144,7 @@ class RestoreWorkflow(ReadsBackups, Runbook):
     @workflow.run
     async def run(self, raw: RawInput) -> RestoreResult:
         inp = validated(RestoreInput, raw)
+        self.not_reading_yet()
         async with self.step("Read the topology"):
             topo = await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
         self.service = topo.service

@@ -136,6 +136,7 @@ class RestoreDrillWorkflow(ReadsBackups, Runbook):
     @workflow.run
     async def run(self, raw: RawInput) -> RestoreDrillResult:
         inp = validated(RestoreDrillInput, raw)
+        self.not_reading_yet()
         info = workflow.info()
         trigger = inp.trigger or ("schedule" if info.typed_search_attributes.get(SCHEDULED_BY) else "manual")
         async with self.step("Read the topology"):
