@@ -145,13 +145,30 @@ def _write_gaps(stanza: Stanza, gaps: list[WalGap]) -> None:
                  stanza.region.postgres)
 
 
+class GapsBusy(RuntimeError):
+    """The gap records stayed locked (a guard round) past the caller's bound."""
+
+
 @contextmanager
-def gaps_locked(stanza: Stanza):
+def gaps_locked(stanza: Stanza, wait: float | None = None):
     """One writer of this node's gap records at a time: the guard (every minute) and the prune
     after an expire each read, change and write the whole file, and the later write would
-    drop what the other added, a gap record among it."""
+    drop what the other added, a gap record among it. ``wait``: give up (GapsBusy) after that
+    many seconds instead of waiting for the guard's round, which may take minutes."""
     with open(stanza.dir / ".archive-gaps.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        if wait is None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise GapsBusy(f"the WAL-gap records stayed locked for {wait:.0f} s (an archive guard "
+                                       "round)") from None
+                    time.sleep(0.2)
         try:
             yield
         finally:
@@ -168,11 +185,12 @@ def outlived(gap: WalGap, cat: Catalog) -> bool:
     return bool(backups) and min(b.stopped for b in backups) >= gap.until
 
 
-def prune_gaps(stanza: Stanza, cat: Catalog, repo_region: str) -> list[WalGap]:
+def prune_gaps(stanza: Stanza, cat: Catalog, repo_region: str, wait: float = 30) -> list[WalGap]:
     """Drop this node's gap records of ``repo_region``'s bucket that no restore can meet (after
     an expire removed the backups they concerned); returns those dropped. The records
-    otherwise grew for good, and every restore carries all of them in its request."""
-    with gaps_locked(stanza):
+    otherwise grew for good, and every restore carries all of them in its request. GapsBusy
+    after ``wait`` seconds of a guard round holding them: the next expire prunes."""
+    with gaps_locked(stanza, wait):
         gaps = read_gaps(stanza)
         gone = [g for g in gaps if g.repo_region == repo_region and outlived(g, cat)]
         if gone:
@@ -420,5 +438,5 @@ def _mb(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
-__all__ = ["ArchiverState", "GuardReport", "WalGap", "gaps_locked", "guard", "outlived", "pitr_blocked", "prune_gaps",
+__all__ = ["ArchiverState", "GapsBusy", "GuardReport", "WalGap", "gaps_locked", "guard", "outlived", "pitr_blocked", "prune_gaps",
            "read_archiver", "read_gaps"]
