@@ -35,7 +35,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.backup.activities import BackupActivities, ExpireRequest, TakeBackupRequest
+    from activities.backup.activities import BackupActivities, TakeBackupRequest
     from activities.backup.catalog import BackupRecord
     from activities.backup.expire import RepoExpiry
     from activities.postgres.activities import PostgresActivities
@@ -52,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         DR_SOURCE_REGION,
         DR_TRIGGER,
     )
+    from workflows.expire import expire_each
     from workflows.repo_lock import expiry_lock, repo_lock
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
@@ -254,26 +255,15 @@ class BackupWorkflow(Runbook):
     async def _expire(self, topo, node: str, repos: list[str]) -> tuple[list[RepoExpiry], list[str]]:
         """What ``expire-auto`` did, as steps of their own. A failure here is degraded, never
         failed: the backups are taken and listed."""
-        done: list[RepoExpiry] = []
         try:
             async with expiry_lock(self, topo.service, topo.control_task_queue) as readers:
                 if readers:
                     return [], readers
-                for repo in repos:
-                    async with self.step(f"Expire by the retention in {repo}'s bucket") as rec:
-                        try:
-                            e = await self.act(BackupActivities.expire_backups,
-                                               ExpireRequest(region=node, repo_region=repo),
-                                               queue=topo.region(node).task_queue, timeout=1800, heartbeat=30,
-                                               schedule_to_start=300, attempts=5)
-                        except ActivityError as err:
-                            rec.status, rec.detail = "failed", str(err.cause or err)[:300]
-                            self.degraded.append(f"backed up, but not expired in {repo}'s bucket: {rec.detail}")
-                            continue
-                        done.append(e)
-                        rec.detail = f"{e.policy}: {len(e.removed_backups)} backups removed"
+                done, failed = await expire_each(self, repos, node, topo.region(node).task_queue)
         except ActivityError as err:
             self.degraded.append(f"backed up, but nothing expired: {err.cause or err}")
+            return [], []
+        self.degraded += [f"backed up, but not expired in {r}'s bucket: {why[:300]}" for r, why in failed.items()]
         return done, []
 
 

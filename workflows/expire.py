@@ -104,34 +104,15 @@ class ExpireWorkflow(Runbook):
                            schedule_to_start=60, attempts=3)
 
         if not workflow.patched("expire-defers-to-restores"):
-            return self._result(topo, node, *await self._each(inp, repos, node, queue))
+            return self._result(topo, node, *await expire_each(self, repos, node, queue, inp.dry_run, inp.keep_fulls))
         async with expiry_lock(self, topo.service, topo.control_task_queue) as readers:
             if readers and not inp.dry_run:
                 self.degraded.append(f"nothing expired: restores read the buckets ({', '.join(readers)}); "
                                      "the next expire or backup expires once they end")
                 self.finish("degraded")
                 return ExpireResult(service=topo.service, ran_on=node, deferred_for=readers, outcome="degraded")
-            done, failed = await self._each(inp, repos, node, queue)
+            done, failed = await expire_each(self, repos, node, queue, inp.dry_run, inp.keep_fulls)
         return self._result(topo, node, done, failed)
-
-    async def _each(self, inp: ExpireInput, repos: list[str], node: str, queue: str):
-        done: list[RepoExpiry] = []
-        failed: dict[str, str] = {}
-        for repo in repos:
-            async with self.step(f"expire in {repo}'s bucket" + (" (dry run)" if inp.dry_run else "")) as rec:
-                try:
-                    e = await self.act(BackupActivities.expire_backups,
-                                       ExpireRequest(region=node, repo_region=repo, dry_run=inp.dry_run,
-                                                     keep_fulls=inp.keep_fulls),
-                                       queue=queue, timeout=1800, heartbeat=30, schedule_to_start=300, attempts=5)
-                except ActivityError as err:
-                    failed[repo] = str(err.cause or err)
-                    rec.status, rec.detail = "failed", failed[repo][:300]
-                    continue
-                done.append(e)
-                rec.detail = (f"{e.policy}: {len(e.removed_backups)} backups, "
-                              f"{len(e.archive_removed)} WAL ranges removed" + (f"; {'; '.join(e.notes)}" if e.notes else ""))
-        return done, failed
 
     def _result(self, topo, node: str, done: list[RepoExpiry], failed: dict[str, str]) -> ExpireResult:
         if failed:
@@ -143,3 +124,27 @@ class ExpireWorkflow(Runbook):
         outcome = "degraded" if failed else "succeeded"
         self.finish(outcome)
         return ExpireResult(service=topo.service, ran_on=node, repos=done, failed=failed, outcome=outcome)
+
+
+async def expire_each(runbook, repos: list[str], node: str, queue: str, dry_run: bool = False,
+                      keep_fulls: int | None = None) -> tuple[list[RepoExpiry], dict[str, str]]:
+    """``pgbackrest expire`` in each repo from ``node``, each its own step of ``runbook``: one
+    bucket down does not stop the other's expiry. Returns what each did, and why each failed
+    (ExpireWorkflow and a backup's own expire steps)."""
+    done: list[RepoExpiry] = []
+    failed: dict[str, str] = {}
+    for repo in repos:
+        async with runbook.step(f"expire in {repo}'s bucket" + (" (dry run)" if dry_run else "")) as rec:
+            try:
+                e = await runbook.act(BackupActivities.expire_backups,
+                                      ExpireRequest(region=node, repo_region=repo, dry_run=dry_run,
+                                                    keep_fulls=keep_fulls),
+                                      queue=queue, timeout=1800, heartbeat=30, schedule_to_start=300, attempts=5)
+            except ActivityError as err:
+                failed[repo] = str(err.cause or err)
+                rec.status, rec.detail = "failed", failed[repo][:300]
+                continue
+            done.append(e)
+            rec.detail = (f"{e.policy}: {len(e.removed_backups)} backups, "
+                          f"{len(e.archive_removed)} WAL ranges removed" + (f"; {'; '.join(e.notes)}" if e.notes else ""))
+    return done, failed
