@@ -29,6 +29,17 @@ def _primary(lab) -> str:
     return next(r.name for r in lab.cfg.regions if pg_status(r.postgres).role == "primary")
 
 
+
+def _resume(pids) -> None:
+    """SIGCONT every process a test froze, whichever of them has ended meanwhile: nothing stays
+    stopped for the tests after."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 async def _until(pred, timeout: float, what: str, interval: float = 0.05):
     import asyncio
 

@@ -24,7 +24,7 @@ import pytest
 from activities.backup.catalog import read_catalog
 from activities.backup.pgbackrest import Stanza
 from tests.histories import record
-from tests.lab_helpers import _primary
+from tests.lab_helpers import _primary, _resume
 from workflows.backup import BackupInput, BackupWorkflow
 from workflows.expire import ExpireInput, ExpireResult, ExpireWorkflow
 
@@ -325,11 +325,7 @@ async def test_an_expiry_deletes_nothing_while_a_restore_reads_the_buckets(lab, 
         assert b.outcome == "succeeded" and b.expiry_deferred_for == [restore.id] and not b.expired, b
         assert listed <= {x.label for x in read_catalog(stanza).backups}
     finally:
-        for pid in frozen:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        _resume(frozen)
     await _kept(restore)
     # The copy is up and only kept: the restore no longer reads, and the expire goes ahead.
     e = await _run(lab, client, ExpireWorkflow.run, ExpireInput(keep_fulls=1, trigger="test"))

@@ -32,7 +32,7 @@ from activities.postgres.rewind import rewind_marker
 from activities.postgres.status import pg_status
 from eagle_dr.config import PostgresConfig
 from tests.histories import record
-from tests.lab_helpers import _primary, _progress, _until
+from tests.lab_helpers import _primary, _progress, _resume, _until
 from tests.test_restore import _archived_now, _async_true, _backup, _commit, _kept, _no_scratch_left, \
     _start_restore, _table
 from workflows.models import ApprovalDecision
@@ -227,11 +227,7 @@ async def test_a_cancel_reaches_a_stalled_restore_and_the_rebuild_is_undone(lab,
         with pytest.raises(WorkflowFailureError):
             await asyncio.wait_for(handle.result(), 180)
     finally:
-        for pid in frozen:  # whatever the outcome, nothing stays frozen for the tests after
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        _resume(frozen)  # whatever the outcome
     assert not stanza.processes("restore"), "a pgbackrest restore outlived the cancel"
     assert not aside_dir(data).exists()
     assert (data / "eagle-dr-test-original").read_text() == marker  # the original, not a restore

@@ -33,7 +33,7 @@ from eagle_dr.launch import AlreadyInProgress, start_drill, start_move
 from lab.app import write_log
 from lab.processes import kill_tree, read_pid
 from tests.histories import record
-from tests.lab_helpers import _async, _aux_pid, _awaiting, _fork, _lag_bytes, _names, _primary, _progress, _scrape, _startup_pid, _until, _value
+from tests.lab_helpers import _async, _aux_pid, _awaiting, _fork, _lag_bytes, _names, _primary, _progress, _resume, _scrape, _startup_pid, _until, _value
 from workflows.drill import DrillInput
 from workflows.runbook import monitor_id, move_id
 from workflows.monitor import MonitorInput, MonitorWorkflow
@@ -600,11 +600,7 @@ async def test_a_hung_old_primary_with_its_worker_alive_is_killed_by_the_stop_fe
         # Well inside the stop fence's 120 s timeout: only the kill can have ended the fence.
         result = await asyncio.wait_for(handle.result(), 100)
     finally:
-        for pid in frozen:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        _resume(frozen)
     try:
         assert result.outcome in ("succeeded", "degraded"), result
         assert result.source_fenced == "stop"
