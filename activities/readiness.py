@@ -448,19 +448,12 @@ def check_backup_path(cfg: EagleConfig, primary: RegionConfig, timeout: float) -
     if cfg.backup.read_from != "standby" or not p.pgbackrest_host or client is None:
         c.state, c.reason = "n/a", "backups read the primary (backup.read_from)"
         return c
-    import socket
-    import ssl
+    from activities.backup.take import primary_server_unreachable
 
     where = f"{p.pgbackrest_host}:{p.pgbackrest_port}"
-    try:
-        ctx = ssl.create_default_context(cafile=client.ca_file)
-        ctx.load_cert_chain(client.cert_file, client.key_file)
-        with socket.create_connection((p.pgbackrest_host, p.pgbackrest_port), timeout=timeout) as raw, \
-                ctx.wrap_socket(raw, server_hostname=p.pgbackrest_host):
-            pass
-    except (OSError, ssl.SSLError) as e:
+    if (why := primary_server_unreachable(cfg, primary.name, timeout)):
         c.state, c.reason = "warn", (f"{primary.name}'s pgBackRest server {where} not reachable with the backup "
-                                     f"client's certificate ({scrubbed_first_line(e)}): backups read the primary instead")
+                                     f"client's certificate ({why}): backups read the primary instead")
         return c
     c.reason = f"{primary.name}'s pgBackRest server {where} answers mutual TLS"
     return c

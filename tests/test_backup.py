@@ -139,13 +139,17 @@ async def test_a_backup_from_the_standby_reaches_the_primary_only_through_its_tl
     pgBackRest TLS server (the lab's nodes share a disk, so this proves the disk is not used):
     with that server down, a backup asked from the standby fails naming it, and leaves no
     backup behind; a scheduled (auto) one reads the primary instead and says why; with the
-    server back, backups read the standby again."""
+    server back, backups read the standby again. The server's absence is found by a handshake
+    before pgBackRest starts: pgBackRest alone retries the connection for 30 s per bucket."""
     primary = _primary(lab)
     standby = lab.cfg.other(primary).name
     server = lab.pgbackrest_server(primary)
     assert server is not None and server.running()
     before = {x.label for x in read_catalog(Stanza(lab.cfg, primary)).backups}
     assert check_backup_path(lab.cfg, lab.cfg.region(primary), 3).state == "ok"
+    st = Stanza(lab.cfg, standby)
+    log = st.log_dir / f"{st.name}-backup.log"
+    logged = log.stat().st_size if log.exists() else 0
     server.stop()
     try:
         seen = check_backup_path(lab.cfg, lab.cfg.region(primary), 3)
@@ -155,6 +159,11 @@ async def test_a_backup_from_the_standby_reaches_the_primary_only_through_its_tl
         why = str(e.value.cause)
         host = lab.cfg.region(primary).postgres
         assert f"{host.pgbackrest_host}:{host.pgbackrest_port}" in why and "pgBackRest server" in why, why
+        assert "not started" in why, why
+        if log.exists():
+            with log.open("rb") as f:
+                f.seek(logged)
+                assert b"backup command begin" not in f.read(), "pgBackRest was started against a server known down"
         after = read_catalog(Stanza(lab.cfg, primary))
         assert {x.label for x in after.backups} == before, "a failed backup left one behind"
 

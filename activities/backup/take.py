@@ -29,7 +29,7 @@ from activities.backup.catalog import BackupRecord, read_catalog
 from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, _last_error, repo_key
 from activities.heartbeat import heartbeating
 from activities.postgres.status import connect
-from eagle_dr.config import scrub
+from eagle_dr.config import scrub, scrubbed_first_line
 
 _PROGRESS = re.compile(r"\((?:[0-9.]+[KMGT]?B|bundle[^,]*)?,?\s*([0-9.]+)%\)")
 
@@ -85,7 +85,15 @@ class StanzaMissing(PgBackRestError):
 class PrimaryRemoteUnreachable(PgBackRestError):
     """A backup from the standby could not reach the primary node's pgBackRest TLS server (down,
     refused, or a certificate it or we reject). pgBackRest itself then says only "unable to find
-    primary cluster"; the reason is a warning in its log."""
+    primary cluster"; the reason is a warning in its log. ``code`` None: the handshake before
+    it failed, and pgBackRest was not started."""
+
+    def __init__(self, message: str, code: int | None = None):
+        if code is None:
+            self.command, self.code = "backup", None
+            RuntimeError.__init__(self, f"pgbackrest backup not started: {message}")
+        else:
+            super().__init__("backup", code, message)
 
 
 # pgBackRest's warning, in its log, when a pg it was given cannot be checked (src/command/
@@ -152,6 +160,33 @@ def standby_options(stanza: Stanza, primary_region: str) -> list[str]:
     return opts
 
 
+def primary_server_unreachable(cfg, primary_region: str, timeout: float, settle: float = 0.0) -> str | None:
+    """Why a backup from the standby cannot reach the primary node's pgBackRest TLS server (a
+    mutual-TLS handshake as the backup client: our certificate, its own checked against the CA
+    and its name), or None when it answers or none is configured. A refused connection is tried
+    again for ``settle`` seconds: a server being restarted is back within one."""
+    import socket
+    import ssl
+
+    p, client = cfg.region(primary_region).postgres, cfg.backup.tls_client
+    if not p.pgbackrest_host or client is None:
+        return None
+    give_up = time.monotonic() + settle
+    while True:
+        try:
+            ctx = ssl.create_default_context(cafile=client.ca_file)
+            ctx.load_cert_chain(client.cert_file, client.key_file)
+            with socket.create_connection((p.pgbackrest_host, p.pgbackrest_port), timeout=timeout) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=p.pgbackrest_host):
+                return None
+        except ConnectionRefusedError as e:
+            if time.monotonic() >= give_up:
+                return scrubbed_first_line(e)
+            time.sleep(0.5)
+        except (OSError, ssl.SSLError) as e:
+            return scrubbed_first_line(e)
+
+
 def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: str, not_before: float,
                 from_standby: bool, beat: Callable[[dict], None], cancelled: Callable[[], bool],
                 owner: str, timeout: float = 6 * 3600, first_attempt: bool = False,
@@ -182,6 +217,11 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
         time.sleep(2)
     with heartbeating(10.0, {"phase": "checkpoint after a promotion"}):
         checkpoint_if_timeline_changed(stanza, primary_region)
+    if from_standby and (why := primary_server_unreachable(stanza.cfg, primary_region, 5.0, settle=5.0)):
+        # pgBackRest itself retries the connection for its io-timeout, once per pg it checks:
+        # 30 s lost before it fails, per bucket, at 3 a.m. A handshake says it in a second, and
+        # a scheduled backup reads the primary instead at once.
+        raise _unreachable(stanza, primary_region, why)
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
     opts = [f"--repo={key}", f"--type={type_}"] + ([f"--annotation={STEP_KEY}={owner}"] if owner else [])
     if from_standby:
@@ -226,17 +266,20 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
         if _NO_STANZA in err:
             raise StanzaMissing("backup", proc.returncode, scrub(_last_error(err)))
         if from_standby and (why := _pg1_unchecked(log, run_offset)):
-            p = stanza.cfg.region(primary_region).postgres
-            where = f"{p.pgbackrest_host}:{p.pgbackrest_port}" if p.pgbackrest_host else p.data_dir
-            raise PrimaryRemoteUnreachable("backup", proc.returncode, scrub(
-                f"the primary's ({primary_region}) pgBackRest server {where} could not be reached from "
-                f"{stanza.region.name}: {why}"))
+            raise _unreachable(stanza, primary_region, why, proc.returncode)
         raise PgBackRestError("backup", proc.returncode, scrub(_last_error(err)))
     with heartbeating(10.0, {"phase": "reading the backup's record"}):
         done = _finished_since(stanza, repo_region, type_, not_before, owner)
     if done is None:
         raise PgBackRestError("backup", 0, "finished, but info lists no backup from this run")
     return done
+
+
+def _unreachable(stanza: Stanza, primary_region: str, why: str, code: int | None = None) -> PrimaryRemoteUnreachable:
+    p = stanza.cfg.region(primary_region).postgres
+    where = f"{p.pgbackrest_host}:{p.pgbackrest_port}" if p.pgbackrest_host else p.data_dir
+    return PrimaryRemoteUnreachable(scrub(f"the primary's ({primary_region}) pgBackRest server {where} could not "
+                                          f"be reached from {stanza.region.name}: {why}"), code)
 
 
 def _progress(log: Path, offset: int, percent: float) -> tuple[float, int]:
