@@ -31,17 +31,24 @@ def sandbox_runner() -> SandboxedWorkflowRunner:
     return SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
 
 
+# A cancel reaches an activity only in the answer to one of its heartbeats, and the SDK sends
+# them at most every 0.8 x the heartbeat timeout (48 s for a backup's 60 s): a cancelled backup
+# ran on and finished for that long, and a cancelled move waited as long for its step in flight
+# before it could undo it. One heartbeat request every few seconds per running step is cheap.
+HEARTBEAT_THROTTLE = timedelta(seconds=3)
+
+
 def build_worker(client, cfg: EagleConfig, region: str | None, executor: ThreadPoolExecutor) -> Worker:
     shield_thread_starts()  # a cancel must not land in a thread being started (workers/thread_start.py)
     if region:
         queue = cfg.region(region).temporal.task_queue
         return Worker(client, task_queue=queue, activities=regional_activities(cfg), activity_executor=executor,
                       graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@{region}/{os.getpid()}",
-                      interceptors=[ScrubSecrets()])
+                      interceptors=[ScrubSecrets()], max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
     return Worker(client, task_queue=cfg.temporal.control_task_queue, workflows=WORKFLOWS,
                   activities=control_activities(cfg), activity_executor=executor, workflow_runner=sandbox_runner(),
                   graceful_shutdown_timeout=timedelta(seconds=15), identity=f"eagle-dr@control/{os.getpid()}",
-                  interceptors=[ScrubSecrets()], **versioning(cfg))
+                  interceptors=[ScrubSecrets()], max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, **versioning(cfg))
 
 
 def versioning(cfg: EagleConfig) -> dict:
