@@ -152,7 +152,8 @@ async def test_a_standby_that_does_not_catch_up_in_time_is_never_promoted_and_th
     assert any(s.name == f"undo: {a} takes writes again" and s.status == "done" for s in p.steps), p.steps
     assert not any(s.name.startswith("stop ") and "promotion" in s.name for s in p.steps), p.steps
     route = next(s for s in p.steps if s.name == "re-route traffic")
-    assert route.status == "failed" and "not changed" in route.detail, route
+    # Called off by the runbook when the promotion failed: cancelled, not a failure of its own.
+    assert route.status == "cancelled" and "not changed" in route.detail, route
     assert _slots(lab, b) == []
     assert lab.router.active_region() == a
     assert _primary(lab) == a and _writable(lab, a)

@@ -103,7 +103,7 @@ class SwitchoverInput(MoveInput):
 
 class StepRecord(BaseModel):
     name: str
-    status: str = "pending"  # pending | running | done | skipped | failed
+    status: str = "pending"  # pending | running | done | skipped | failed | cancelled
     started_at: datetime | None = None
     finished_at: datetime | None = None
     detail: str = ""

@@ -211,6 +211,8 @@ class Runbook:
         # Past it, a failure or a cancel request no longer undoes: the runbook rolls forward.
         self.past_no_return = False
         self.cancel_refused: str | None = None
+        # The result of a step that completed after a cancel was asked (_act_once).
+        self.finished_despite_cancel: object = None
         self.degraded: list[str] = []
         self.notifier = Notifier()
         # What the runbook would do, from its preflight (workflows/plan.py): shown at the approval gate.
@@ -230,7 +232,7 @@ class Runbook:
                         awaiting_approval=self.awaiting_approval, outcome=self.outcome)
 
     def _details(self, current: str) -> None:
-        marks = {"done": "✅", "running": "⏳", "failed": "❌", "skipped": "⏭️", "pending": "▫️"}
+        marks = {"done": "✅", "running": "⏳", "failed": "❌", "cancelled": "⏹️", "skipped": "⏭️", "pending": "▫️"}
         # While an approval waits, what the approver is asked to allow comes first: the plan
         # the runbook built from its own preflight (workflows/plan.py; query state, no command).
         lines = ["**Plan** (from this run's preflight):", "```", self.plan_text, "```", ""] \
@@ -250,9 +252,10 @@ class Runbook:
         try:
             yield rec
         except BaseException as e:
-            rec.status = "failed"
+            # A step a cancel ended did not fail: "failed" sent the reader looking for a fault.
+            rec.status = "cancelled" if isinstance(e, (asyncio.CancelledError, CancelledError)) else "failed"
             rec.finished_at = workflow.now()
-            self._details(f"{name} failed")
+            self._details(f"{name} {rec.status}")
             if _fails_the_run(e):
                 self._notify_step_failed(name, e)
             raise
@@ -278,7 +281,7 @@ class Runbook:
         failed). A move whose routing failed did not serve its clients by its end: its RTO's
         "serving" is not a time the service was restored."""
         last = next((s for s in reversed(self.steps) if s.name == "re-route traffic"), None)
-        return last is None or last.status != "failed"
+        return last is None or last.status not in ("failed", "cancelled")
 
     def measured(self, rto, rpo) -> None:
         """Export a move's RTO and RPO (against their targets) on the worker's metrics endpoint."""
@@ -433,8 +436,10 @@ class Runbook:
             # returns its result and the cancel request is dropped (the move carries on).
             step.cancel()
             try:
-                await step
-            except BaseException:  # noqa: BLE001 - its outcome no longer matters: the run is cancelled
+                # A step that finished before the cancel reached it did its work: kept for the
+                # runbook's report of what the cancel leaves (a backup taken all the same).
+                self.finished_despite_cancel = await step
+            except BaseException:  # noqa: BLE001 - it did not finish: the run is cancelled
                 pass
             raise
         except ActivityError as e:

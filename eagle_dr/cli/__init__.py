@@ -572,7 +572,7 @@ def _exit_for(what: str, outcome: str, steps) -> None:
         return
     steps = [st if isinstance(st, dict) else st.model_dump() for st in steps]
     failed = [st["name"] + (f" ({st['detail']})" if st.get("detail") else "") for st in steps
-              if st.get("status") == "failed"]
+              if st.get("status") in ("failed", "cancelled")]
     if outcome == "degraded":
         _fail(f"{what} finished DEGRADED: " + ("; ".join(failed) or "see the notes above"), EXIT_DEGRADED)
     if outcome == "unknown":

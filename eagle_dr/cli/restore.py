@@ -113,7 +113,8 @@ async def _follow(handle, stop=None):
         for i, s in enumerate(p.steps):
             if seen.get(i) != s.status:
                 seen[i] = s.status
-                mark = {"done": "[green]done[/]", "failed": "[red]FAILED[/]", "skipped": "skipped"}.get(s.status, "...")
+                mark = {"done": "[green]done[/]", "failed": "[red]FAILED[/]", "cancelled": "[yellow]cancelled[/]",
+                        "skipped": "skipped"}.get(s.status, "...")
                 out.print(f"  {mark} {s.name}" + (f": {s.detail}" if s.detail and s.status != "running" else ""),
                           highlight=False)
         if p.awaiting_approval and not gate_shown:

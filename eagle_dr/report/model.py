@@ -15,7 +15,7 @@ class Bar(BaseModel):
     start: datetime
     # None while the step still runs: drawn up to the report's "now".
     end: datetime | None = None
-    status: str = "done"  # done | running | failed | skipped | pending | timed-out
+    status: str = "done"  # done | running | failed | cancelled | skipped | pending | timed-out
     detail: str = ""
     depth: int = 0
     # Which run the step belongs to (the child runbook's title for depth 1).
