@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowFailureError
@@ -274,3 +275,108 @@ async def test_a_backup_after_a_failover_that_left_the_old_primary_fenced_and_ru
     roles = {r.name: redis_status(r.redis).role for r in lab.cfg.regions}
     assert roles == {b: "master", a: "slave"}, roles
     assert lab.router.active_region() == b
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("frozen", ["pgbackrest", "worker"])
+async def test_a_cancelled_backup_stops_its_pgbackrest_starts_nothing_more_and_names_what_it_kept(lab, client, frozen):
+    """A cancel (the UI's button: a backup hogging I/O at peak) during the second bucket's
+    backup stops that pgBackRest and starts no expire. The first bucket's backup is complete
+    and stays; a cancelled run has no result, so its details and search attributes name it.
+    The lock is released: the next backup runs.
+
+    ``worker``: the cancel cannot reach the standby's worker (frozen) before its pgBackRest
+    ends: that backup is complete too, and is named as kept, not as cancelled."""
+    import os
+    import signal
+
+    from temporalio.exceptions import CancelledError
+
+    from activities.backup.take import running_backups
+    from eagle_dr.temporal import DR_BACKUP_LABEL
+    from lab.processes import read_pid
+    from tests.lab_helpers import _async, _exec, _resume, _until
+
+    primary = _primary(lab)
+    source = lab.cfg.other(primary).name  # the standby's node takes the backup
+    other = primary
+    stanza = Stanza(lab.cfg, source)
+    # Enough data that a full copy takes more than the blink a poll needs to see it.
+    _exec(lab, primary, "create table if not exists backup_bulk as select g, md5(g::text) || repeat('x', 200) as pad"
+                        " from generate_series(1, 100000) g")
+    before = {x.label for x in read_catalog(stanza).backups}
+    handle = await client.start_workflow(BackupWorkflow.run, BackupInput(type="full", trigger="test"),
+                                         id=f"test-backup-cancel-{uuid.uuid4()}",
+                                         task_queue=lab.cfg.temporal.control_task_queue)
+
+    def ours() -> list[int]:
+        return [pid for pid, owner in running_backups(stanza).items() if owner.startswith(handle.id)]
+
+    async def second_running() -> int | None:
+        if "take_backup" not in [n async for n, _ in _completed(handle)]:
+            return None
+        return (ours() or [None])[0]
+
+    pid = await _until(second_running, 120, f"the backup to {other}'s bucket running", interval=0.01)
+    # Frozen, so that it still runs when the cancel arrives, whatever the machine's speed.
+    if frozen == "pgbackrest":
+        os.killpg(pid, signal.SIGSTOP)
+        try:
+            await handle.cancel()
+            # Until its worker, told of the cancel, has sent it SIGTERM (pending while stopped).
+            await _until(_async(lambda: _pending(pid, signal.SIGTERM)), 60, "the worker's SIGTERM to pgBackRest")
+        finally:
+            _resume([pid])
+    else:
+        worker = read_pid(lab.worker_pidfile(source))
+        os.kill(worker, signal.SIGSTOP)  # pgBackRest runs in a process group of its own, and goes on
+        try:
+            await handle.cancel()
+            await _until(_async(lambda: not ours()), 120, "pgBackRest to finish while its worker is frozen")
+        finally:
+            _resume([worker])
+    with pytest.raises(WorkflowFailureError) as e:
+        await handle.result()
+    assert isinstance(e.value.cause, CancelledError), e.value.cause
+    meta = await handle.query("__temporal_workflow_metadata")
+    details = (meta.get("currentDetails") if isinstance(meta, dict) else getattr(meta, "current_details", "")) or ""
+    await _until(_async(lambda: not ours()), 90, "the cancelled pgBackRest to end")
+    taken = [x for x in read_catalog(stanza).backups if x.label not in before]
+    mine = [x for x in taken if x.repo_region == source]
+    assert len(mine) == 1 and mine[0].type == "full", [x.label for x in taken]
+    assert f"kept: backup {mine[0].label} in {source}'s bucket (complete)" in details, details
+    names = [n async for n, _ in _completed(handle)]
+    assert "expire_backups" not in names, names  # nothing started after the cancel
+    labels = (await handle.describe()).typed_search_attributes.get(DR_BACKUP_LABEL)
+    if frozen == "pgbackrest":
+        assert f"the backup to {other}'s bucket was cancelled" in details, details
+        assert f"⏹️ full backup to {other}'s bucket" in details, details  # cancelled, not failed
+        assert labels == [mine[0].label], labels
+        assert not [x for x in taken if x.repo_region == other], "a cancelled backup was listed"
+        await record(handle, "backup-cancel-names-what-it-kept")
+    else:
+        done = [x for x in taken if x.repo_region == other]
+        assert len(done) == 1, [x.label for x in taken]
+        assert f"backup {done[0].label} in {other}'s bucket (complete)" in details, details
+        assert "was cancelled" not in details and f"✅ full backup to {other}'s bucket" in details, details
+        assert sorted(labels) == sorted([mine[0].label, done[0].label]), labels
+    res = await _backup(lab, client, type="incr", trigger="test")
+    assert res.outcome == "succeeded" and {b.repo_region for b in res.backups} == {source, other}, res
+
+
+def _pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` waits to be delivered to the (stopped) process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
+async def _completed(handle):
+    """(activity type, event) of each activity the run completed so far."""
+    sched = {}
+    async for e in handle.fetch_history_events():
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            sched[e.event_id] = e.activity_task_scheduled_event_attributes.activity_type.name
+        elif e.HasField("activity_task_completed_event_attributes"):
+            yield sched[e.activity_task_completed_event_attributes.scheduled_event_id], e

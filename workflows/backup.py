@@ -22,6 +22,10 @@ The runbook, as an operator would do it:
 Nothing here is destructive: a failure leaves at worst a partial backup that pgBackRest never
 lists as valid and the next backup resumes. A repo that fails while the other succeeds is
 "degraded" (the other region's bucket is down, say); none succeeding fails the run.
+
+A cancel stops the step in flight (its worker stops pgBackRest; the next backup resumes the
+partial copy) and starts nothing more. The run ends cancelled, and its details and search
+attributes name the backups it completed, which stay: a cancelled run has no result.
 """
 
 from __future__ import annotations
@@ -108,8 +112,34 @@ class BackupWorkflow(Runbook):
             # Before the primary is looked for: a run that waited has the topology of now.
             async with repo_lock(self, topo.service, topo.control_task_queue,
                                  nodes={r.name: r.task_queue for r in topo.regions}):
-                return await self._backup(inp, topo, repos)
+                try:
+                    return await self._backup(inp, topo, repos)
+                except asyncio.CancelledError:
+                    if not workflow.patched("backup-cancel-says-what-it-kept"):
+                        raise
+                    raise self._cancelled() from None
         return await self._backup(inp, topo, repos)
+
+    def _cancelled(self) -> asyncio.CancelledError:
+        """A cancel stops the step in flight (a pgBackRest backup, whose partial copy the next
+        backup resumes, or an expire) and starts nothing more. The backups already taken are
+        complete and stay; a cancelled run has no result, so its details and search attributes
+        name them."""
+        taken: list[BackupRecord] = list(getattr(self, "_taken", []))
+        doing = getattr(self, "_doing", None)
+        late = self.finished_despite_cancel
+        if isinstance(late, BackupRecord) and late.label not in {b.label for b in taken}:
+            # pgBackRest ended before the cancel reached its worker: that backup is complete.
+            taken.append(late)
+            doing = None
+            rec = getattr(self, "_taking", None)
+            if rec is not None and rec.status == "cancelled":
+                rec.status, rec.detail = "done", f"{late.label}: finished before the cancel reached its worker"
+        if taken:
+            workflow.upsert_search_attributes([DR_BACKUP_LABEL.value_set([b.label for b in taken]),
+                                               DR_BACKUP_REPO.value_set([b.repo_region for b in taken])])
+        return self.cancelled([doing] if doing else [],
+                              kept=[f"backup {b.label} in {b.repo_region}'s bucket (complete)" for b in taken])
 
     async def _backup(self, inp: BackupInput, topo, repos: list[str]) -> BackupResult:
         control = topo.control_task_queue
@@ -164,6 +194,7 @@ class BackupWorkflow(Runbook):
         not_before = workflow.now().timestamp()
         own_expiry = workflow.patched("backup-expires-under-expiry-lock")
         backups: list[BackupRecord] = []
+        self._taken = backups
         failed: dict[str, str] = {}
         # The source's own bucket first: the backup a restore in that region reaches soonest.
         stanza_made = not optimistic
@@ -179,9 +210,14 @@ class BackupWorkflow(Runbook):
                     fell_back = False
                     while True:
                         try:
+                            self._doing = (f"the backup to {repo}'s bucket was cancelled (its worker stops "
+                                           "pgBackRest; the next backup resumes the partial copy)")
+                            self._taking = rec
                             b = await self._take(topo, source, take)
+                            self._doing = None
                             break
                         except ActivityError as e:
+                            self._doing = None
                             kind = getattr(e.cause, "type", None)
                             if not fell_back and from_standby and inp.source == "auto" and \
                                     kind == "PrimaryRemoteUnreachable" and \
@@ -235,7 +271,9 @@ class BackupWorkflow(Runbook):
                                          "looking for restores: upgrade the regional workers before the control "
                                          "worker")
             # On the primary's node, as ExpireWorkflow: the standby's worker may be the one lost.
+            self._doing = "the expiry was cancelled where it was (the next backup or expire goes on from there)"
             expired, deferred_for = await self._expire(topo, primary, [b.repo_region for b in backups])
+            self._doing = None
         workflow.upsert_search_attributes([
             DR_BACKUP_LABEL.value_set([b.label for b in backups]), DR_BACKUP_REPO.value_set([b.repo_region for b in backups]),
             DR_BACKUP_BYTES.value_set(sum(b.repo_size or 0 for b in backups)),
