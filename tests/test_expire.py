@@ -435,3 +435,48 @@ async def test_an_expire_drops_the_gap_records_no_backup_can_meet_any_more(lab, 
                 stanza.gaps_file.unlink(missing_ok=True)
             else:
                 stanza.gaps_file.write_text(saved)
+
+
+async def test_a_restore_goes_on_beside_an_expire_that_outlasts_its_wait_and_says_so(lab, client):
+    """An expire hung on a bucket that is down (when restores are most needed) must not hold a
+    restore at 3 a.m.: past ``expiry_wait_seconds`` the restore goes on, and its degraded notes
+    say that a backup or WAL it reads may be removed under it. Twice: a stand-in expirer holding
+    the expiry lock, then a real ``pgbackrest expire`` (a dry run) frozen on the primary's node."""
+    import asyncio
+    import os
+    import signal
+
+    from tests.test_restore import _backup
+    from workflows.repo_lock import RepoLockWorkflow, expiry_lock_id
+    from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
+
+    await _backup(lab, client, type="incr")
+    control = lab.cfg.temporal.control_task_queue
+    lock_id = expiry_lock_id(lab.cfg.service)
+
+    async def restore() -> RestoreResult:
+        handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(keep_minutes=0, expiry_wait_seconds=10,
+                                                                               trigger="test"),
+                                             id=f"test-restore-{uuid.uuid4()}", task_queue=control)
+        # Bounded: without the give-up it would wait as long as the expire runs.
+        return await asyncio.wait_for(handle.result(), 300)
+
+    lock = await client.start_workflow(RepoLockWorkflow.run, "test-expirer", id=lock_id, task_queue=control)
+    try:
+        res = await restore()
+    finally:
+        await lock.signal(RepoLockWorkflow.release)
+    assert res.outcome == "degraded" and res.scratch is not None and res.dropped, res
+    assert any(f"an expire still held {lock_id} after" in d and "went on beside it" in d for d in res.degraded), \
+        res.degraded
+
+    stanza = Stanza(lab.cfg, _primary(lab))
+    left = stanza.popen("expire", "--repo=1", "--dry-run")
+    os.kill(left.pid, signal.SIGSTOP)
+    try:
+        res = await restore()
+    finally:
+        _resume([left.pid])
+    assert left.wait(120) == 0, left.stderr.read() if left.stderr else None
+    assert res.outcome == "degraded" and res.scratch is not None, res
+    assert any("an expire still runs" in d and "went on beside it" in d for d in res.degraded), res.degraded

@@ -157,7 +157,7 @@ class ReadsBackups:
         self.reading_backups = False
 
 
-async def visible_to_expiries(runbook, topo) -> str | None:
+async def visible_to_expiries(runbook, topo, give_up: float = RESTORE_GIVES_UP_SECONDS) -> str | None:
     """Before a restore reads the buckets: say so, be listed as a restore, then wait while an
     expirer holds the expiry lock (taking it proves nobody holds it) and, under it, while an
     expire still runs on a node. Returns a note for the run's degraded list when visibility did
@@ -183,7 +183,7 @@ async def visible_to_expiries(runbook, topo) -> str | None:
                                         f"expiry lock of {service}, checked by a restore",
                                         "an expire holds {lock} (its parent in the UI) and may delete the "
                                         "backup this restore needs", EXPIRY_MAX_RETRY_SECONDS,
-                                        give_up_after=RESTORE_GIVES_UP_SECONDS)
+                                        give_up_after=give_up)
         notes = []
         if listed is None:
             notes.append(f"this restore {unlisted}: an expire that ran during it could not see it, and may "
@@ -199,7 +199,7 @@ async def visible_to_expiries(runbook, topo) -> str | None:
             # terminated expirer started goes on deleting until it ends.
             try:
                 said = await _writers_gone(runbook, {r.name: r.task_queue for r in topo.regions},
-                                           commands=["expire"], timeout=RESTORE_GIVES_UP_SECONDS,
+                                           commands=["expire"], timeout=give_up,
                                            # A lost region's worker (why restores run) costs this
                                            # much of the restore's RTO: its node is said unchecked.
                                            pick_up=10)
@@ -265,4 +265,4 @@ async def _writers_gone(runbook, nodes: dict[str, str], commands: list[str] | No
     return "; ".join(said)
 
 
-__all__ = ["ReadsBackups", "RepoLockWorkflow", "expiry_lock", "expiry_lock_id", "repo_lock", "repo_lock_id", "visible_to_expiries"]
+__all__ = ["RESTORE_GIVES_UP_SECONDS", "ReadsBackups", "RepoLockWorkflow", "expiry_lock", "expiry_lock_id", "repo_lock", "repo_lock_id", "visible_to_expiries"]

@@ -72,7 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
     from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
-    from workflows.repo_lock import ReadsBackups, visible_to_expiries
+    from workflows.repo_lock import RESTORE_GIVES_UP_SECONDS, ReadsBackups, visible_to_expiries
     from workflows.wal_gaps import unread_note, with_gaps
 
 
@@ -97,6 +97,10 @@ class RestoreInput(BaseModel):
     tables: list[RowSelection] = Field(default=[], max_length=100)
     # The gate before anything is written to a live server (rebuild-standby, recover-rows).
     approval: ApprovalPolicy = ApprovalPolicy(required=True)
+    # How long the restore waits for an expire (one holding the expiry lock, or a pgbackrest
+    # expire still running on a node) before it goes on beside it and says so: an expire hung
+    # on a bucket that is down must not hold a restore at 3 a.m.
+    expiry_wait_seconds: float = Field(default=RESTORE_GIVES_UP_SECONDS, ge=1, le=86400)
 
 
 class RestoreResult(BaseModel):
@@ -122,6 +126,7 @@ class RestoreWorkflow(ReadsBackups, Runbook):
     def __init__(self) -> None:
         super().__init__()
         self.released = False
+        self.expiry_wait = RESTORE_GIVES_UP_SECONDS
         self.scratch_copy: Scratch | None = None
         self.pending_review: RowRecovery | None = None
 
@@ -144,6 +149,7 @@ class RestoreWorkflow(ReadsBackups, Runbook):
     @workflow.run
     async def run(self, raw: RawInput) -> RestoreResult:
         inp = validated(RestoreInput, raw)
+        self.expiry_wait = inp.expiry_wait_seconds
         self.not_reading_yet()
         async with self.step("Read the topology"):
             topo = await self.act(TopologyActivities.describe_topology, queue=workflow.info().task_queue, timeout=30)
@@ -220,7 +226,7 @@ class RestoreWorkflow(ReadsBackups, Runbook):
         # Before the backups are read, in every mode: an expire must not delete the set or the
         # WAL this run restores (workflows/repo_lock.py).
         if workflow.patched("restore-visible-to-expiries"):
-            if note := await visible_to_expiries(self, topo):
+            if note := await visible_to_expiries(self, topo, self.expiry_wait):
                 self.degraded.append(note)
 
     async def _restore(self, region: str, req: RestoreRequest, queue: str) -> Scratch:
