@@ -23,9 +23,10 @@ Nothing here is destructive: a failure leaves at worst a partial backup that pgB
 lists as valid and the next backup resumes. A repo that fails while the other succeeds is
 "degraded" (the other region's bucket is down, say); none succeeding fails the run.
 
-A cancel stops the step in flight (its worker stops pgBackRest; the next backup resumes the
-partial copy) and starts nothing more. The run ends cancelled, and its details and search
-attributes name the backups it completed, which stay: a cancelled run has no result.
+A cancel stops the step in flight (its worker stops pgBackRest, whose partial copy the next
+backup resumes or removes) and starts nothing more. The run ends cancelled, and its details
+and search attributes name the backups it completed, which stay (a cancelled run has no
+result): the catalog tells whether the backup in flight finished all the same.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.backup.activities import BackupActivities, TakeBackupRequest
     from activities.backup.catalog import BackupRecord
+    from activities.backup.take import STEP_KEY
     from activities.backup.expire import RepoExpiry
     from activities.postgres.activities import PostgresActivities
     from activities.topology import TopologyActivities
@@ -117,29 +119,60 @@ class BackupWorkflow(Runbook):
                 except asyncio.CancelledError:
                     if not workflow.patched("backup-cancel-says-what-it-kept"):
                         raise
-                    raise self._cancelled() from None
+                    raise await self._cancelled(topo) from None
         return await self._backup(inp, topo, repos)
 
-    def _cancelled(self) -> asyncio.CancelledError:
-        """A cancel stops the step in flight (a pgBackRest backup, whose partial copy the next
-        backup resumes, or an expire) and starts nothing more. The backups already taken are
-        complete and stay; a cancelled run has no result, so its details and search attributes
-        name them."""
+    async def _cancelled(self, topo) -> asyncio.CancelledError:
+        """A cancel stops the step in flight (a pgBackRest backup, or an expire) and starts
+        nothing more. The backups already taken are complete and stay; a cancelled run has no
+        result, so its details and search attributes name them. The backup in flight may have
+        finished all the same (before the cancel reached its worker, or with that worker gone):
+        the catalog says, by this run's annotation, and when it cannot be read, the run says
+        that whether it finished is unknown."""
         taken: list[BackupRecord] = list(getattr(self, "_taken", []))
+        stopped: list[str] = []
         doing = getattr(self, "_doing", None)
-        late = self.finished_despite_cancel
-        if isinstance(late, BackupRecord) and late.label not in {b.label for b in taken}:
-            # pgBackRest ended before the cancel reached its worker: that backup is complete.
-            taken.append(late)
-            doing = None
-            rec = getattr(self, "_taking", None)
-            if rec is not None and rec.status == "cancelled":
-                rec.status, rec.detail = "done", f"{late.label}: finished before the cancel reached its worker"
+        if doing is not None and doing[0] == "backup":
+            _, repo, rec, nodes = doing
+            if workflow.patched("backup-cancel-reads-catalog"):
+                found, why = await self._ours_in_catalog(topo, nodes)
+                late = [b for b in found if b.repo_region == repo and b.label not in {t.label for t in taken}]
+                if late:
+                    taken += late
+                    rec.status = "done"
+                    rec.detail = f"{late[-1].label}: finished before the cancel could stop it"
+                elif why:
+                    stopped.append(f"the backup to {repo}'s bucket, which may have finished all the same: the catalog "
+                                   f"could not be read to tell ({why})")
+                else:
+                    stopped.append(f"the backup to {repo}'s bucket, unfinished (pgBackRest resumes or removes its "
+                                   "partial copy at the next backup)")
+            else:
+                stopped.append(f"the backup to {repo}'s bucket")
+        elif doing is not None:
+            stopped.append("the expiry, where it was (the next backup or expire goes on from there)")
         if taken:
             workflow.upsert_search_attributes([DR_BACKUP_LABEL.value_set([b.label for b in taken]),
                                                DR_BACKUP_REPO.value_set([b.repo_region for b in taken])])
-        return self.cancelled([doing] if doing else [],
-                              kept=[f"backup {b.label} in {b.repo_region}'s bucket (complete)" for b in taken])
+        return self.cancelled([], stopped=stopped, kept=[
+            f"backup {b.label} in {b.repo_region}'s bucket (complete" + (", with PAGE CHECKSUM ERRORS" if b.error else "")
+            + ")" for b in taken])
+
+    async def _ours_in_catalog(self, topo, nodes: list[str]) -> tuple[list[BackupRecord], str | None]:
+        """This run's backups in the catalog (by the step annotation take.py writes), read from
+        the first of ``nodes`` whose worker answers; and why none could, if none did."""
+        info = workflow.info()
+        prefix = f"{info.workflow_id}/{info.run_id}/"
+        why = None
+        for node in nodes:
+            try:
+                cat = await self.act(BackupActivities.read_backup_catalog, node, queue=topo.region(node).task_queue,
+                                     timeout=120, schedule_to_start=20, attempts=2)
+            except ActivityError as e:
+                why = f"{node}: {e.cause or e}"
+                continue
+            return [b for b in cat.backups if b.annotation.get(STEP_KEY, "").startswith(prefix)], None
+        return [], why
 
     async def _backup(self, inp: BackupInput, topo, repos: list[str]) -> BackupResult:
         control = topo.control_task_queue
@@ -210,9 +243,7 @@ class BackupWorkflow(Runbook):
                     fell_back = False
                     while True:
                         try:
-                            self._doing = (f"the backup to {repo}'s bucket was cancelled (its worker stops "
-                                           "pgBackRest; the next backup resumes the partial copy)")
-                            self._taking = rec
+                            self._doing = ("backup", repo, rec, [source] + ([primary] if primary != source else []))
                             b = await self._take(topo, source, take)
                             self._doing = None
                             break
@@ -271,7 +302,7 @@ class BackupWorkflow(Runbook):
                                          "looking for restores: upgrade the regional workers before the control "
                                          "worker")
             # On the primary's node, as ExpireWorkflow: the standby's worker may be the one lost.
-            self._doing = "the expiry was cancelled where it was (the next backup or expire goes on from there)"
+            self._doing = ("expiry",)
             expired, deferred_for = await self._expire(topo, primary, [b.repo_region for b in backups])
             self._doing = None
         workflow.upsert_search_attributes([

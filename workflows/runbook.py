@@ -211,8 +211,6 @@ class Runbook:
         # Past it, a failure or a cancel request no longer undoes: the runbook rolls forward.
         self.past_no_return = False
         self.cancel_refused: str | None = None
-        # The result of a step that completed after a cancel was asked (_act_once).
-        self.finished_despite_cancel: object = None
         self.degraded: list[str] = []
         self.notifier = Notifier()
         # What the runbook would do, from its preflight (workflows/plan.py): shown at the approval gate.
@@ -436,10 +434,8 @@ class Runbook:
             # returns its result and the cancel request is dropped (the move carries on).
             step.cancel()
             try:
-                # A step that finished before the cancel reached it did its work: kept for the
-                # runbook's report of what the cancel leaves (a backup taken all the same).
-                self.finished_despite_cancel = await step
-            except BaseException:  # noqa: BLE001 - it did not finish: the run is cancelled
+                await step
+            except BaseException:  # noqa: BLE001 - its outcome no longer matters: the run is cancelled
                 pass
             raise
         except ActivityError as e:
@@ -496,12 +492,15 @@ class Runbook:
         """A part that failed after the point of no return: reported with how to repair it."""
         self.degraded.append(f"{what} failed ({described(error)}); repair: {repair}")
 
-    def cancelled(self, undone: list[str], left: str = "", kept: list[str] | None = None) -> asyncio.CancelledError:
-        """End as cancelled, before the point of no return, saying what was undone, what it
+    def cancelled(self, undone: list[str], left: str = "", kept: list[str] | None = None,
+                  stopped: list[str] | None = None) -> asyncio.CancelledError:
+        """End as cancelled, before the point of no return, saying what was undone, what the
+        cancel stopped half-way that needs no undoing (``stopped``: a backup's copy), what it
         changed and keeps on purpose (``kept``: a DR epoch, which only rises), and what danger
         the run found and leaves as it found it (``left``: a split brain still live)."""
         self.finish("cancelled")
-        done = (["undone: " + "; ".join(undone)] if undone else []) + (["kept: " + "; ".join(kept)] if kept else [])
+        done = (["undone: " + "; ".join(undone)] if undone else []) + \
+            (["stopped: " + "; ".join(stopped)] if stopped else []) + (["kept: " + "; ".join(kept)] if kept else [])
         self._details("CANCELLED before the point of no return; " + ("; ".join(done) or "nothing had been changed")
                       + (f". LEFT AS FOUND: {left}" if left else ""))
         workflow.logger.warning("runbook cancelled", extra={"undone": undone, "left": left, "kept": kept or []})
