@@ -178,6 +178,25 @@ async def test_a_backup_from_the_standby_reaches_the_primary_only_through_its_tl
     assert res.outcome == "succeeded" and res.from_standby and res.source_region == standby, res
 
 
+def test_a_client_certificate_the_primarys_server_refuses_is_seen_before_a_backup(lab, tmp_path):
+    """A client certificate no CA the server trusts signed (a rotated CA on one side only):
+    under TLS 1.3 our side of the handshake ends before the server has looked at it, so the
+    handshake alone said the server answers. Its refusal comes on the first read, which the
+    readiness check and a backup's look before pgBackRest starts (one function) now make."""
+    import subprocess
+
+    primary = _primary(lab)
+    crt, key = tmp_path / "rogue.crt", tmp_path / "rogue.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=pgbackrest-client", "-addext", "extendedKeyUsage=clientAuth", "-keyout", str(key),
+                    "-out", str(crt)], check=True, capture_output=True)
+    client = lab.cfg.backup.tls_client.model_copy(update={"cert_file": str(crt), "key_file": str(key)})
+    cfg = lab.cfg.model_copy(update={"backup": lab.cfg.backup.model_copy(update={"tls_client": client})})
+    seen = check_backup_path(cfg, cfg.region(primary), 3)
+    assert seen.state == "warn" and "backups read the primary instead" in seen.reason, seen
+    assert check_backup_path(lab.cfg, lab.cfg.region(primary), 3).state == "ok"  # the authorized one
+
+
 def test_what_pgbackrest_says_is_scrubbed_in_a_worker_that_never_wrote_its_config(lab, monkeypatch):
     """A worker that only reads (``pgbackrest info``, a restore's checks) never resolved the
     repos' secrets in its life, so scrub() had nothing to take out of pgBackRest's text, and
