@@ -303,7 +303,7 @@ class RestoreWorkflow(ReadsBackups, Runbook):
                     # A refusal of the input changed nothing (the node is checked before it is touched).
                     raise refused from None
                 failed = e
-                rec.status = "failed"
+                rec.status = "cancelled" if isinstance(e, asyncio.CancelledError) else "failed"
                 rec.detail = "cancelled" if isinstance(e, asyncio.CancelledError) else f"FAILED: {described(e)}"
             else:
                 self.done_reading()

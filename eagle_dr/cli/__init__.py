@@ -488,7 +488,7 @@ async def _follow(handle, c: EagleConfig) -> object:
         for col in ("step", "status", "s", "detail"):
             t.add_column(col)
         for s in p.steps:
-            colour = {"done": "green", "failed": "red", "running": "yellow"}.get(s.status, "white")
+            colour = {"done": "green", "failed": "red", "running": "yellow", "cancelled": "magenta"}.get(s.status, "white")
             t.add_row(s.name, f"[{colour}]{s.status}[/]", f"{s.seconds:.2f}" if s.seconds is not None else "",
                       s.detail)
         return t

@@ -28,7 +28,7 @@ vertical-align:top} th{background:#f2f4f7} .num{text-align:right;font-variant-nu
 .met{color:#2e7d32;font-weight:600} .missed{color:#c62828;font-weight:600}
 pre{background:#f6f8fa;border:1px solid #d8dce3;padding:8px;white-space:pre-wrap}
 svg text{font:11px system-ui,sans-serif;fill:#1d2330} .meta td:first-child{font-weight:600}
-.bar.done{fill:#4a7fc1} .bar.running{fill:#e0a100} .bar.failed,.bar.timed-out{fill:#c62828} .bar.cancelled{fill:#9e9e9e}
+.bar.done{fill:#4a7fc1} .bar.running{fill:#e0a100} .bar.failed,.bar.timed-out{fill:#c62828}
 .bar.skipped,.bar.pending,.bar.cancelled{fill:#9aa3ad} .bar.sub{opacity:.8}
 .phase-detection{fill:#8e44ad} .phase-decision{fill:#d35400} .phase-writable{fill:#16a085}
 .client-gap{fill:#c62828;fill-opacity:.35;stroke:#c62828} .rto-mark{stroke:#555;stroke-dasharray:4 3}
@@ -219,7 +219,8 @@ def render(r: RunReport) -> str:
         out.append(f'<p class="missed">failure: {e(r.failure)}</p>')
     if r.bars:
         out.append("<h2>Timeline</h2>" + gantt(r))
-        legend = [("#4a7fc1", "step"), ("#e0a100", "running"), ("#c62828", "failed")]
+        legend = [("#4a7fc1", "step"), ("#e0a100", "running"), ("#c62828", "failed"),
+                  ("#9aa3ad", "skipped or cancelled")]
         if r.rtos:
             legend += [("#8e44ad", "detection → decision"), ("#d35400", "decision → writable"),
                        ("#16a085", "writable → serving"), ("rgba(198,40,40,.35)", "client write gap")]
