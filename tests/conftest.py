@@ -25,7 +25,7 @@ from lab.ports import write_shifted_config
 
 # Below the ephemeral range (32768+), where outgoing connections could take a listen port.
 # EAGLE_DR_TEST_PORT_SHIFT lets a second checkout run its tests beside this one (2000-3500).
-# Under pytest-xdist (`make test` runs two processes) each process gets a lab of its own,
+# Under pytest-xdist (`make test` runs three processes) each process gets a lab of its own,
 # 350 ports above the previous one: a step at which no port of one lab is a
 # port of the other (100 puts one lab's S3 TLS port on the other's SeaweedFS volume gRPC port;
 # 900 and 1000 collide too). The environment is rewritten, not only PORT_SHIFT, because test
