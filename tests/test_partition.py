@@ -44,9 +44,12 @@ from tests.lab_helpers import _until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-# A lab of its own beside the session's (ports 700 above it: no port of one is a port of the
-# other, see conftest), with namespaces and link addresses of its own per xdist process.
-SHIFT = PORT_SHIFT + 700
+# A lab of its own beside the session's, with namespaces and link addresses of its own per
+# xdist process: in the 350-port slots above every process's own lab (conftest), so no port of
+# one is a port of another. (PORT_SHIFT + 700 put gw0's on gw2's lab once `make test` ran three.)
+_PROCS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) if _PROCS else 0
+SHIFT = int(os.environ.get("EAGLE_DR_TEST_BASE_SHIFT", PORT_SHIFT)) + 350 * (max(_PROCS, 2) + _INDEX)
 INDEX = (SHIFT // 350) % 60
 SELF_FENCE_AFTER = 5
 WRITER = Path(__file__).with_name("partition_writer.py")
