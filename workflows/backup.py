@@ -135,20 +135,27 @@ class BackupWorkflow(Runbook):
         if doing is not None and doing[0] == "backup":
             _, repo, rec, nodes = doing
             if workflow.patched("backup-cancel-reads-catalog"):
-                found, why = await self._ours_in_catalog(topo, nodes)
+                found, why, running = await self._ours_in_catalog(topo, nodes, repo)
                 late = [b for b in found if b.repo_region == repo and b.label not in {t.label for t in taken}]
                 if late:
                     taken += late
-                    rec.status = "done"
-                    rec.detail = f"{late[-1].label}: finished before the cancel could stop it"
+                    rec.status = "failed" if late[-1].error else "done"
+                    rec.detail = f"{late[-1].label}: finished before the cancel could stop it" + (
+                        "; PAGE CHECKSUM ERRORS" if late[-1].error else "")
                 elif why:
                     stopped.append(f"the backup to {repo}'s bucket, which may have finished all the same: the catalog "
                                    f"could not be read to tell ({why})")
+                elif running:
+                    stopped.append(f"the backup to {repo}'s bucket, whose pgBackRest still ran on {nodes[0]}'s node "
+                                   "(its worker did not stop it): it may yet finish, `pgbackrest info` will tell")
                 else:
                     stopped.append(f"the backup to {repo}'s bucket, unfinished (pgBackRest resumes or removes its "
                                    "partial copy at the next backup)")
             else:
                 stopped.append(f"the backup to {repo}'s bucket")
+        elif doing is not None and doing[0] == "stanza":
+            stopped.append(f"the stanza-create for {doing[1]}'s bucket (the next backup makes it if it is still "
+                           "missing)")
         elif doing is not None:
             stopped.append("the expiry, where it was (the next backup or expire goes on from there)")
         if taken:
@@ -158,21 +165,30 @@ class BackupWorkflow(Runbook):
             f"backup {b.label} in {b.repo_region}'s bucket (complete" + (", with PAGE CHECKSUM ERRORS" if b.error else "")
             + ")" for b in taken])
 
-    async def _ours_in_catalog(self, topo, nodes: list[str]) -> tuple[list[BackupRecord], str | None]:
+    async def _ours_in_catalog(self, topo, nodes: list[str], repo: str) -> tuple[list[BackupRecord], str | None, bool]:
         """This run's backups in the catalog (by the step annotation take.py writes), read from
-        the first of ``nodes`` whose worker answers; and why none could, if none did."""
+        the first of ``nodes`` whose worker answers and reads ``repo``'s bucket; why none could,
+        if none did; and whether a pgBackRest backup still runs on the first node (the source:
+        pgBackRest's lock there). Bounded: the repo lock is held meanwhile."""
         info = workflow.info()
         prefix = f"{info.workflow_id}/{info.run_id}/"
-        why = None
+        why: list[str] = []
         for node in nodes:
             try:
                 cat = await self.act(BackupActivities.read_backup_catalog, node, queue=topo.region(node).task_queue,
-                                     timeout=120, schedule_to_start=20, attempts=2)
+                                     timeout=60, schedule_to_start=20, attempts=1)
             except ActivityError as e:
-                why = f"{node}: {e.cause or e}"
+                why.append(f"{node}: {e.cause or e}")
                 continue
-            return [b for b in cat.backups if b.annotation.get(STEP_KEY, "").startswith(prefix)], None
-        return [], why
+            # `info` exits 0 with a bucket it cannot read: its status says so, and "nothing
+            # there" would then be a guess.
+            st = cat.repo(repo)
+            if st is None or st.code not in (0, 2):
+                why.append(f"{node}: {repo}'s bucket: {st.message if st else 'not in its config'}")
+                continue
+            return ([b for b in cat.backups if b.annotation.get(STEP_KEY, "").startswith(prefix)], None,
+                    node == nodes[0] and cat.backup_running)
+        return [], "; ".join(why), False
 
     async def _backup(self, inp: BackupInput, topo, repos: list[str]) -> BackupResult:
         control = topo.control_task_queue
@@ -271,7 +287,13 @@ class BackupWorkflow(Runbook):
                                 raise
                             stanza_made = True
                             rec.detail = "no stanza in that bucket: stanza-create, then the backup"
-                            await self.ensure_stanza(topo, primary)
+                            self._doing = ("stanza", repo)
+                            try:
+                                await self.ensure_stanza(topo, primary)
+                            except ActivityError:
+                                self._doing = None  # failed, not cancelled: _cancelled must not name it
+                                raise
+                            self._doing = None
                 except ActivityError as e:
                     why = str(e.cause or e)
                     failed[repo] = why
@@ -302,9 +324,7 @@ class BackupWorkflow(Runbook):
                                          "looking for restores: upgrade the regional workers before the control "
                                          "worker")
             # On the primary's node, as ExpireWorkflow: the standby's worker may be the one lost.
-            self._doing = ("expiry",)
             expired, deferred_for = await self._expire(topo, primary, [b.repo_region for b in backups])
-            self._doing = None
         workflow.upsert_search_attributes([
             DR_BACKUP_LABEL.value_set([b.label for b in backups]), DR_BACKUP_REPO.value_set([b.repo_region for b in backups]),
             DR_BACKUP_BYTES.value_set(sum(b.repo_size or 0 for b in backups)),
@@ -328,7 +348,9 @@ class BackupWorkflow(Runbook):
             async with expiry_lock(self, topo.service, topo.control_task_queue) as readers:
                 if readers:
                     return [], readers
+                self._doing = ("expiry",)  # only now does a cancel stop an expire
                 done, failed = await expire_each(self, repos, node, topo.region(node).task_queue)
+                self._doing = None
         except ActivityError as err:
             self.degraded.append(f"backed up, but nothing expired: {err.cause or err}")
             return [], []

@@ -503,7 +503,8 @@ class Runbook:
             (["stopped: " + "; ".join(stopped)] if stopped else []) + (["kept: " + "; ".join(kept)] if kept else [])
         self._details("CANCELLED before the point of no return; " + ("; ".join(done) or "nothing had been changed")
                       + (f". LEFT AS FOUND: {left}" if left else ""))
-        workflow.logger.warning("runbook cancelled", extra={"undone": undone, "left": left, "kept": kept or []})
+        workflow.logger.warning("runbook cancelled", extra={"undone": undone, "left": left, "kept": kept or [],
+                                                            "stopped": stopped or []})
         return asyncio.CancelledError()
 
     # -- steps every move takes ---------------------------------------------------------------------
