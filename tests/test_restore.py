@@ -150,6 +150,19 @@ async def test_latest_restore_from_the_other_bucket_when_the_regions_own_is_lost
         res = await handle.result()
         await record(handle, "restore-own-bucket-lost")
         assert res.outcome == "degraded" and any("restored from" in d for d in res.degraded)
+
+        # The region's S3 endpoint down too (a lost region): seen in a connect, at once. pgBackRest
+        # retried it for a minute in the check and a minute in the restore's space check.
+        server = lab.s3(lost.name)
+        server.stop()
+        try:
+            res = await client.execute_workflow(RestoreWorkflow.run, RestoreInput(region=lost.name, keep_minutes=0),
+                                                id=f"test-restore-{uuid.uuid4()}",
+                                                task_queue=lab.cfg.temporal.control_task_queue)
+        finally:
+            server.start()
+        assert res.outcome == "degraded" and res.scratch.repo_region == lab.cfg.other(lost.name).name, res
+        assert any("restored from" in d and "its endpoint" in d for d in res.degraded), res.degraded
     finally:
         # The bucket back, its stanza re-made and a full backup in it (later tests need both repos).
         s3.create_bucket(Bucket=lost.s3.bucket)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,10 +16,10 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, prune_gaps, read_gaps
+from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, probe_repo, prune_gaps, read_gaps
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.expire import RepoExpiry, expire
-from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza
+from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, repo_key
 from activities.backup.rebuild import RebuiltStandby, rebuild_standby, undo_rebuild
 from activities.backup.recover import RowRecovery, RowSelection, SelectionError, recover_rows
 from activities.backup.restore import (
@@ -39,7 +40,7 @@ from activities.backup.take import PrimaryRemoteUnreachable, StanzaMissing, take
 from activities.heartbeat import heartbeating
 from activities.postgres.row_spool import SpoolDir
 from activities.postgres.status import connect, pg_status
-from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
+from eagle_dr.config import EagleConfig, SecretUnavailable, scrub, scrubbed_first_line
 
 
 class TakeBackupRequest(BaseModel):
@@ -374,16 +375,16 @@ class RestoreActivities:
         """Refuse a target no backup in the repo reaches, before anything is written."""
         st = Stanza(self.cfg, req.region)
         st.write_configs()
-        with heartbeating():
-            cat = read_catalog(st)
         repo, why = req.repo_region, None
         try:
+            cat = self._catalog_of(st, repo)
             check_target(req.target, cat, repo, utcnow())
         except RestoreError as e:
             if not (req.fallback and e.kind in ("RepoUnavailable", "NoBackup")):
                 raise _restore_error(e) from None
             repo, why = self.cfg.other(req.repo_region).name, str(e)
             try:
+                cat = self._catalog_of(st, repo)
                 check_target(req.target, cat, repo, utcnow())
             except RestoreError as e2:
                 raise _restore_error(RestoreError(f"{why}; and {e2}", e2.field, e2.kind)) from None
@@ -397,6 +398,26 @@ class RestoreActivities:
                 f"that heals it", "target", "InvalidInput"))
         return TargetCheck(repo_region=repo, oldest_backup=on[0].label if on else None,
                            newest_backup=on[-1].label if on else None, fell_back=why, gaps_read_here=read_here)
+
+    def _catalog_of(self, st: Stanza, repo: str) -> Catalog:
+        """That bucket's part of the catalog, or RepoUnavailable at once when its endpoint does
+        not answer. ``info`` of both buckets waited a minute on a lost region's dead endpoint
+        (pgBackRest retries the connection per request), the region a restore is run for."""
+        with heartbeating():
+            why = None
+            if (where := self.cfg.region(repo).s3.endpoint_host_port) is not None:
+                # A refused or silent endpoint is said in at most 3 s; pgBackRest's own look
+                # (repo-ls, below) retries a refused connection for about 12.
+                try:
+                    socket.create_connection(where, timeout=3).close()
+                except OSError as e:
+                    why = f"its endpoint {where[0]}:{where[1]}: {scrubbed_first_line(e)}"
+            if why is None and not (probe := probe_repo(st, repo, timeout=6)).reachable:
+                why = probe.error
+            if why is not None:
+                raise RestoreError(f"the repo in {repo}'s bucket is unreadable ({why}): the bucket is gone or "
+                                   "unreachable, or the cipher passphrase is wrong", "repo", "RepoUnavailable")
+            return read_catalog(st, f"--repo={repo_key(self.cfg, st.region.name, repo)}")
 
     def _gap_in_the_way(self, req: RestoreRequest, repo: str, backups) -> tuple["WalGap | None", list[str]]:
         """A WAL gap the archive guard recorded (activities/backup/archive.py) between the backup
@@ -458,7 +479,10 @@ class RestoreActivities:
         database bytes) plus the replay's WAL and a margin; unknown sizes are not guessed at."""
         try:
             with heartbeating():
-                backups = read_catalog(st).on(req.repo_region)
+                # That bucket alone: the other may be a lost region's, whose dead endpoint costs
+                # pgBackRest a minute of retries.
+                backups = read_catalog(st, f"--repo={repo_key(self.cfg, st.region.name, req.repo_region)}"
+                                       ).on(req.repo_region)
         except Exception as e:  # noqa: BLE001 - the check before read it; the restore says why if it cannot
             activity.logger.warning("restore space check skipped: catalog unreadable: %s", e)
             return
