@@ -146,8 +146,8 @@ class BackupWorkflow(Runbook):
                     stopped.append(f"the backup to {repo}'s bucket, which may have finished all the same: the catalog "
                                    f"could not be read to tell ({why})")
                 elif running:
-                    stopped.append(f"the backup to {repo}'s bucket, whose pgBackRest still ran on {nodes[0]}'s node "
-                                   "(its worker did not stop it): it may yet finish, `pgbackrest info` will tell")
+                    stopped.append(f"the backup to {repo}'s bucket, whose pgBackRest still held the stanza's lock on "
+                                   f"{nodes[0]}'s node: it may yet finish, `pgbackrest info` will tell")
                 else:
                     stopped.append(f"the backup to {repo}'s bucket, unfinished (pgBackRest resumes or removes its "
                                    "partial copy at the next backup)")

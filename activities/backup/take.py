@@ -182,7 +182,7 @@ def primary_server_unreachable(cfg, primary_region: str, timeout: float, settle:
                 # certificate: its refusal arrives as an alert, or a close, on the first read.
                 # Silence for a second is taken as accepted. (Its tls-server-auth list, CN to
                 # stanza, is checked per command, which this look does not send: a CN it does not
-                # list is seen by pgBackRest itself, which fails at once there.)
+                # list is seen by pgBackRest itself only.)
                 tls.settimeout(1.0)
                 try:
                     if not tls.recv(1):
@@ -249,12 +249,10 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
         try:
             while proc.poll() is None:
                 if cancelled():
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(60)
+                    _stop(proc)
                     raise PgBackRestError("backup", -15, "cancelled; the partial backup is resumed by the next one")
                 if time.monotonic() - started > timeout:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(60)
+                    _stop(proc)
                     raise PgBackRestError("backup", -15, f"did not finish in {timeout:.0f}s")
                 percent, offset = _progress(log, offset, percent)
                 beat({"phase": "copying", "percent": percent, "repo": repo_region, "type": type_,
@@ -284,6 +282,22 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
     if done is None:
         raise PgBackRestError("backup", 0, "finished, but info lists no backup from this run")
     return done
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to the backup's process group, then wait until the whole group is gone: its local
+    processes (the copy's workers) outlive the main one for a moment, holding the stanza's lock,
+    and whoever looks next (a cancelled run's catalog read, the next backup) took the backup for
+    one still running."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def _unreachable(stanza: Stanza, primary_region: str, why: str, code: int | None = None) -> PrimaryRemoteUnreachable:
