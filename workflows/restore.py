@@ -303,8 +303,8 @@ class RestoreWorkflow(ReadsBackups, Runbook):
                     # A refusal of the input changed nothing (the node is checked before it is touched).
                     raise refused from None
                 failed = e
-                rec.status = "cancelled" if isinstance(e, asyncio.CancelledError) else "failed"
-                rec.detail = "cancelled" if isinstance(e, asyncio.CancelledError) else f"FAILED: {described(e)}"
+                rec.status, rec.detail = ("cancelled", "cancelled") if isinstance(e, asyncio.CancelledError) else \
+                    ("failed", f"FAILED: {described(e)}")
             else:
                 self.done_reading()
                 rec.detail = (f"backup {rebuilt.backup_label}: restore {rebuilt.restore_seconds:.1f} s, catch-up "
