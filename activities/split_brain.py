@@ -50,6 +50,21 @@ class SplitBrainReport(BaseModel):
     def split(self) -> bool:
         return bool(self.findings)
 
+    @property
+    def fenced_notes(self) -> list[str]:
+        """What "no split brain" must not hide: a primary fenced read-only is no second writer,
+        but it is not a standby either. Beside a writable one it is an old primary back from an
+        outage (fenced by the failover or, when that could not reach it, by its own worker as
+        superseded): whatever it committed after the fork is in neither region's live data
+        until failback keeps it. Alone, no region takes writes."""
+        if not self.postgres_primaries:
+            return [f"no writable PostgreSQL primary: {r}'s is a primary fenced read-only (eagle-dr unfence "
+                    f"--region {r} lifts a fence a runbook left)" for r in self.fenced_primaries]
+        writers = ", ".join(self.postgres_primaries)
+        return [f"{r}'s PostgreSQL is an old primary, fenced read-only beside {writers}: not a second writer, "
+                f"but what it committed after the fork is not in {writers}; eagle-dr failback --region {r} "
+                "keeps it and makes it a standby" for r in self.fenced_primaries]
+
 
 def detect(cfg: EagleConfig) -> SplitBrainReport:
     primaries, fenced, masters, fenced_masters, unreachable, epochs = [], [], [], [], [], {}

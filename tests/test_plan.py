@@ -19,16 +19,18 @@ from temporalio.service import RPCError
 
 from activities.postgres.ctl import FENCE_MARKER
 from activities.postgres.epoch import read_epoch
+from activities.postgres.status import connect, pg_status
 from activities.redis.status import fenced, redis_status
 from activities.routing import LabRouter
 from eagle_dr.launch import start_move
 from tests.histories import record
 from tests.test_traffic_activities import aws_env, clusters  # noqa: F401 - fixtures
-from tests.lab_helpers import _awaiting, _failback, _fork, _names, _primary, _until
+from tests.lab_helpers import _async, _awaiting, _failback, _fork, _names, _primary, _until
 from workflows.dry_run import PlanInput, PlanWorkflow
 from workflows.models import ApprovalDecision, ApprovalPolicy, SwitchoverInput
 from workflows.plan import Plan
 from workflows.runbook import move_id
+from workflows.split_brain import SplitBrainInput, SplitBrainWorkflow
 
 
 def _pg_state(lab, region: str) -> dict:
@@ -37,7 +39,7 @@ def _pg_state(lab, region: str) -> dict:
     state = {"fence_marker": (data / FENCE_MARKER).exists(), "standby_signal": (data / "standby.signal").exists(),
              "auto_conf": (data / "postgresql.auto.conf").read_text()}
     try:
-        with psycopg.connect(r.dsn(), autocommit=True, connect_timeout=3) as conn:
+        with connect(r, 3) as conn:  # as eagle-dr connects: through a read-only fence
             state["in_recovery"], state["read_only"] = conn.execute(
                 "select pg_is_in_recovery(), current_setting('default_transaction_read_only')").fetchone()
         state["epoch"] = read_epoch(r, lab.cfg.service).epoch
@@ -160,8 +162,13 @@ async def test_failback_and_split_brain_plans_after_a_fork_change_nothing(lab, c
         ("update alerts set payload = '{\"u\": 1}' where id = %s", (key,)),
         ("delete from alerts where id = %s", (key + 3,))])
     try:
+        # Back, writable and diverged, after a failover recorded a newer DR epoch on the new
+        # primary: its own worker fences it read-only as superseded (workers/self_fence.py).
+        # Wait for that, or the snapshot below races it.
+        await _until(_async(lambda: pg_status(lab.cfg.region(old).postgres).read_only), 60,
+                     f"{old}'s worker to fence it as superseded")
         before = _snapshot(lab)
-        assert before[old]["pg"].get("in_recovery") is False  # back writable: diverged
+        assert before[old]["pg"].get("in_recovery") is False  # a primary still: diverged
 
         p = await _plan(lab, client, "failback", "plan-failback", service=lab.cfg.service, region=old)
         assert p.blocked is None, p.blocked
@@ -177,16 +184,26 @@ async def test_failback_and_split_brain_plans_after_a_fork_change_nothing(lab, c
         r = _cli(lab, "failback", "--region", old)
         assert r.returncode == 0 and f"rewind {old} into a standby of {new}" in r.stdout, r.stdout + r.stderr
 
-        p = await _plan(lab, client, "split-brain", "plan-split_brain", service=lab.cfg.service)
-        # Routing names the new region: it survives (active-region), the old one is fenced and rewound.
-        assert p.target_region == new and p.source_region == old
-        assert f"{old}'s PostgreSQL read-only" in p.fence and p.rewind.startswith(f"pg_rewind {old} onto {new}")
+        # A fenced old primary is no second writer: nothing for the split-brain runbook, but the
+        # plan must not hide it (its writes after the fork are in neither region's live data).
+        p = await _plan(lab, client, "split-brain", "plan-split_brain-fenced-old-primary", service=lab.cfg.service)
+        assert p.fence is None and p.steps[0].action.startswith("nothing: no split brain"), p
+        assert any(n.startswith(f"{old}'s PostgreSQL is an old primary, fenced read-only beside {new}")
+                   and f"failback --region {old}" in n for n in p.notes), p.notes
         r = _cli(lab, "split-brain")
-        assert r.returncode == 0 and f"{new} survives" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and f"failback --region {old}" in " ".join(r.stdout.split()), r.stdout + r.stderr
+        # The runbook itself: the same finding, in its result's notes, and nothing changed.
+        handle = await client.start_workflow(SplitBrainWorkflow.run, SplitBrainInput(service=lab.cfg.service),
+                                             id=move_id(lab.cfg.service),
+                                             task_queue=lab.cfg.temporal.control_task_queue)
+        sb = await handle.result()
+        await record(handle, "split_brain-fenced-old-primary")
+        assert sb.outcome == "no-split-brain" and sb.detection.fenced_primaries == [old], sb
+        assert any(n.startswith(f"{old}'s PostgreSQL is an old primary") for n in sb.notes), sb.notes
 
         assert _snapshot(lab) == before
         await _no_move(client, lab.cfg.service)
-        with psycopg.connect(lab.cfg.region(old).postgres.dsn(), autocommit=True) as conn:
+        with connect(lab.cfg.region(old).postgres) as conn:
             assert conn.execute("select count(*) from alerts where id = %s", (key,)).fetchone()[0] == 1
     finally:
         # Leave the lab as the other tests expect it: the old region primary again, its row kept.

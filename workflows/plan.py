@@ -193,11 +193,11 @@ def failback_plan(service: str, region: str, primary: str, *, role: str | None, 
 def split_brain_plan(service: str, *, findings: list[str], survivor: str | None, loser: str | None, why: str,
                      epoch: int | None, pg_split: bool, redis_split: bool, view: RejoinView | None = None,
                      routing: RoutingView | None = None, blocked: str | None = None,
-                     verify: str = "divergence") -> Plan:
+                     verify: str = "divergence", fenced_notes: list[str] | None = None) -> Plan:
     if not findings:
         return Plan(runbook="split-brain", service=service, blocked=blocked,
-                    steps=[PlanStep(action="nothing: no split brain (one writable primary, one Redis master, "
-                                           "routing agrees)")])
+                    steps=[PlanStep(action="nothing: no split brain (no second writable primary or Redis "
+                                           "master, routing agrees)")], notes=list(fenced_notes or []))
     fence = ", ".join(
         ([f"{loser}'s PostgreSQL read-only over the network (stopped on its worker if that fails)"] if pg_split else [])
         + ([f"{loser}'s Redis writes paused"] if redis_split else []) + [f"{loser}'s services scaled to 0"])

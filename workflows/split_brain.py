@@ -129,7 +129,8 @@ class SplitBrainWorkflow(Rejoin):
                                                           timeout=60)
                 st.detail = "; ".join(report.findings) or (
                     f"none seen, but {', '.join(report.unreachable)} did not answer" if report.unreachable
-                    else "no split brain")
+                    else "; ".join(["no split brain", *(f"{r}'s primary is fenced read-only"
+                                                        for r in report.fenced_primaries)]))
             result = SplitBrainResult(service=inp.service, outcome="no-split-brain", findings=report.findings,
                                       detection=report, detected_at=detected_at, steps=self.steps, notes=notes)
             # Validation copied the lists: later notes go into the result's own, and its steps
@@ -146,6 +147,7 @@ class SplitBrainWorkflow(Rejoin):
                                  "rejoins with eagle-dr failback --region <it>, which keeps its writes")
                     self.finish("unknown")
                     return result
+                notes += report.fenced_notes
                 self.finish("no-split-brain")
                 return result
 

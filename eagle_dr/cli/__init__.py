@@ -872,7 +872,9 @@ def _reconciliation_lines(rec) -> None:
 
 def _split_brain_report(r) -> None:
     if r.outcome == "no-split-brain":
-        out.print("[green]no split brain[/]: one writable primary, one Redis master, routing agrees")
+        out.print("[green]no split brain[/]: no second writable primary or Redis master, routing agrees")
+        for n in r.notes:  # a fenced old primary beside the writer: failback keeps its writes
+            out.print(f"  [yellow]note:[/] {n}")
         return
     if r.outcome == "unknown":
         out.print(f"[yellow]split brain unknown[/]: none seen, but {', '.join(r.detection.unreachable)} did not "
