@@ -45,13 +45,25 @@ def _commit(lab, sql: str, *args) -> datetime:
 async def _archived_now(lab) -> None:
     """Switch WAL (a statement of its own: see notes 3) and wait until that segment is archived."""
     with psycopg.connect(lab.cfg.region(_primary(lab)).postgres.dsn(), autocommit=True) as conn:
+        # A WAL record first: with nothing written since the last switch, pg_switch_wal does not
+        # switch and names the segment before, which may be archived already yet never show in
+        # last_archived_wal (a backup's .backup file, of an older segment, archived after it:
+        # seen as a 90 s timeout).
+        conn.execute("select pg_logical_emit_message(false, 'eagle-dr-test', 'switch')")
         seg = conn.execute("select pg_walfile_name(pg_switch_wal())").fetchone()[0]
 
         async def archived():
             row = conn.execute("select last_archived_wal from pg_stat_archiver").fetchone()
             return row[0] is not None and row[0][:24] >= seg
 
-        await _until(archived, 90, f"WAL segment {seg} archived", 0.3)
+        try:
+            await _until(archived, 90, f"WAL segment {seg} archived", 0.3)
+        except AssertionError as e:
+            row = conn.execute("select last_archived_wal, last_archived_time, failed_count, last_failed_wal, "
+                               "last_failed_time, pg_walfile_name(pg_current_wal_lsn()) from pg_stat_archiver"
+                               ).fetchone()
+            raise AssertionError(f"{e}; pg_stat_archiver (last archived, at, failed count, last failed, at, "
+                                 f"current): {row}") from None
 
 
 async def _start_restore(lab, client, **kw):
