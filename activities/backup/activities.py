@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import shutil
-import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from temporalio.exceptions import ApplicationError
 from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, probe_repo, prune_gaps, read_gaps
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.expire import RepoExpiry, expire
-from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, repo_key
+from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, endpoint_unreachable, repo_key
 from activities.backup.rebuild import RebuiltStandby, rebuild_standby, undo_rebuild
 from activities.backup.recover import RowRecovery, RowSelection, SelectionError, recover_rows
 from activities.backup.restore import (
@@ -40,7 +39,7 @@ from activities.backup.take import PrimaryRemoteUnreachable, StanzaMissing, take
 from activities.heartbeat import heartbeating
 from activities.postgres.row_spool import SpoolDir
 from activities.postgres.status import connect, pg_status
-from eagle_dr.config import EagleConfig, SecretUnavailable, scrub, scrubbed_first_line
+from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
 
 
 class TakeBackupRequest(BaseModel):
@@ -404,14 +403,9 @@ class RestoreActivities:
         not answer. ``info`` of both buckets waited a minute on a lost region's dead endpoint
         (pgBackRest retries the connection per request), the region a restore is run for."""
         with heartbeating():
-            why = None
-            if (where := self.cfg.region(repo).s3.endpoint_host_port) is not None:
-                # A refused or silent endpoint is said in at most 3 s; pgBackRest's own look
-                # (repo-ls, below) retries a refused connection for about 12.
-                try:
-                    socket.create_connection(where, timeout=3).close()
-                except OSError as e:
-                    why = f"its endpoint {where[0]}:{where[1]}: {scrubbed_first_line(e)}"
+            # A refused or silent endpoint is said in at most 3 s; pgBackRest's own look
+            # (repo-ls, below) retries a refused connection for about 12.
+            why = endpoint_unreachable(self.cfg, repo)
             if why is None and not (probe := probe_repo(st, repo, timeout=6)).reachable:
                 why = probe.error
             if why is not None:

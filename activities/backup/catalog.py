@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel
 
-from activities.backup.pgbackrest import Stanza, repos_for
+from activities.backup.pgbackrest import Stanza, endpoint_unreachable, repos_for
 
 
 class BackupRecord(BaseModel):
@@ -119,5 +119,26 @@ def parse_info(doc: dict, stanza: Stanza) -> Catalog:
 
 
 def read_catalog(stanza: Stanza, *options: str) -> Catalog:
-    """``options``: e.g. ``--repo=N`` for one repo's part only."""
-    return parse_info(stanza.info(*options), stanza)
+    """``options``: e.g. ``--repo=N`` for one repo's part only.
+
+    Every repo (no ``--repo``): a bucket whose S3 endpoint does not accept a connection is
+    not handed to pgBackRest, which retries it for about a minute, but listed as unreadable
+    with why. A lost region's bucket cost every check that reads both (freshness, readiness,
+    status) that minute, in the very outage they are read in."""
+    if any(o.startswith("--repo=") for o in options):
+        return parse_info(stanza.info(*options), stanza)
+    repos = repos_for(stanza.cfg, stanza.region.name)
+    down = {r.key: why for r in repos if (why := endpoint_unreachable(stanza.cfg, r.region)) is not None}
+    up = [r for r in repos if r.key not in down]
+    if not down or len(up) > 1:  # pgBackRest takes one --repo or all of them
+        return parse_info(stanza.info(*options), stanza)
+    if up:
+        cat = parse_info(stanza.info(*options, f"--repo={up[0].key}"), stanza)
+    else:
+        cat = Catalog(stanza=stanza.name, read_from=stanza.region.name, ok=False,
+                      message="no bucket's endpoint accepts a connection")
+    cat.repos = sorted([*cat.repos, *(RepoState(key=r.key, region=r.region, ok=False, message=down[r.key],
+                                                  cipher=stanza.cfg.backup.cipher)
+                                      for r in repos if r.key in down)], key=lambda s: s.key)
+    cat.ok = False
+    return cat

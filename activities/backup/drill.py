@@ -280,7 +280,8 @@ def freshness(catalog: Catalog, now: datetime, every: timedelta, full_every: tim
                   full_every_seconds=full_every.total_seconds())
     for repo in catalog.repos:
         if not repo.ok and repo.code != 2:
-            f.problems.append(f"{repo.region}'s bucket is unreadable: {repo.message} (code {repo.code})")
+            f.problems.append(f"{repo.region}'s bucket is unreadable: {repo.message}"
+                              + (f" (code {repo.code})" if repo.code is not None else ""))
             continue
         backups = catalog.on(repo.region)
         if not backups:

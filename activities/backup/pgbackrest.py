@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from pathlib import Path
 from temporalio import activity
 from temporalio.exceptions import CancelledError
 
-from eagle_dr.config import EagleConfig, RegionConfig, scrub
+from eagle_dr.config import EagleConfig, RegionConfig, scrub, scrubbed_first_line
 
 # pgBackRest's exit codes worth naming (src/common/error.auto.h).
 LOCK_ACQUIRE = 50
@@ -71,6 +72,28 @@ class Repo:
 def repos_for(cfg: EagleConfig, region: str) -> list[Repo]:
     """repo1 the node's own region's bucket, repo2 the other's."""
     return [Repo(1, region), Repo(2, cfg.other(region).name)]
+
+
+# How long a bucket's S3 endpoint gets to accept a TCP connection before it is called
+# unreachable: pgBackRest itself retries a refused or silent one for about a minute per
+# request, per bucket, and the bucket of a lost region is the one a DR run finds dead.
+ENDPOINT_CONNECT_SECONDS = 3
+
+
+def endpoint_unreachable(cfg: EagleConfig, bucket_region: str,
+                         timeout: float = ENDPOINT_CONNECT_SECONDS) -> str | None:
+    """Why ``bucket_region``'s bucket cannot be reached (its S3 endpoint refuses, or does not
+    answer, a TCP connection), or None: it accepts one, or no endpoint is configured (the AWS
+    default, not probed). Accepting a connection is not answering S3: a silent server still
+    costs pgBackRest its own timeout."""
+    where = cfg.region(bucket_region).s3.endpoint_host_port
+    if where is None:
+        return None
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError as e:
+        return f"its endpoint {where[0]}:{where[1]}: {scrubbed_first_line(e)}"
+    return None
 
 
 def repo_key(cfg: EagleConfig, node_region: str, bucket_region: str) -> int:

@@ -170,9 +170,10 @@ def backup_list(region: Optional[str] = typer.Option(None, "--region", help="Who
         out.print(f"stanza [bold]{view['stanza']}[/], read on {view['read_from']}'s node"
                   + (" (a backup is running)" if view["backup_running"] else ""), soft_wrap=True, highlight=False)
         for r in view["repos"]:
+            # No status code: pgBackRest was not asked (its endpoint refused a connection).
+            why = r["status"] if r["status_code"] is None else f"status code {r['status_code']}: {r['status']}"
             state = "[green]ok[/]" if r["ok"] else (
-                "[yellow]no valid backups[/]" if r["status_code"] == 2 else
-                f"[bold red]BROKEN[/] (status code {r['status_code']}: {r['status']})")
+                "[yellow]no valid backups[/]" if r["status_code"] == 2 else f"[bold red]BROKEN[/] ({why})")
             out.print(f"\n[bold]{r['region']}[/]'s bucket (repo{r['repo_key']}): {state}; "
                       f"{'encrypted ' + r['cipher'] if r['encrypted'] else '[red]NOT encrypted[/]'}; "
                       f"archived WAL {r['archive_min'] or '-'} .. {r['archive_max'] or '-'}", soft_wrap=True,
