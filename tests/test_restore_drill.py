@@ -5,6 +5,7 @@ PostgreSQL. Each test makes the backups it needs, so it runs alone or in any ord
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -14,7 +15,9 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.testing import ActivityEnvironment
 
+from activities.backup.catalog import read_catalog
 from activities.backup.drill import ArchiverState, FreshnessRequest, RestoreDrillActivities, archiving_problems
+from activities.backup.pgbackrest import Stanza, endpoint_unreachable
 from tests.histories import record
 from tests.lab_helpers import _primary, _until
 from tests.test_restore import _archived_now, _backup, _no_scratch_left
@@ -210,3 +213,34 @@ async def test_backup_list_shows_each_repo_and_exits_1_on_a_broken_one(lab, clie
     finally:
         lab.s3(lost).start()
         await _archived_now(lab)  # archive-push to that bucket failed meanwhile: caught up again
+
+
+def _with_endpoint(cfg, region: str, url: str):
+    """``cfg`` with ``region``'s S3 endpoint replaced (the node's pgBackRest files unchanged)."""
+    regions = [r.model_copy(update={"s3": r.s3.model_copy(update={"endpoint_url": url})}) if r.name == region else r
+               for r in cfg.regions]
+    return cfg.model_copy(update={"regions": regions})
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_silent_s3_endpoint_is_listed_unreadable_and_not_handed_to_pgbackrest(lab, scheme):
+    """Production, not the lab's dead process: a region's S3 endpoint that accepts connections
+    and never answers (a hung server, a load balancer holding connections with nothing behind
+    it). The catalog lists that bucket unreadable, saying so, and reads the other; a look that
+    only connected called it reachable and handed it to pgBackRest, which waits out its own
+    timeout. The files pgBackRest reads still name the real, answering server: had it been
+    asked, that bucket would read fine."""
+    primary = _primary(lab)
+    other = lab.cfg.other(primary).name
+    with socket.socket() as silent:  # listens, never accepts: the kernel completes connections
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        cfg = _with_endpoint(lab.cfg, other, f"{scheme}://127.0.0.1:{silent.getsockname()[1]}")
+        cat = read_catalog(Stanza(cfg, primary))
+    state = cat.repo(other)
+    assert state is not None and not state.ok and state.code is None, cat.repos
+    assert "accepted a connection but answered nothing within 3 s" in state.message, state.message
+    assert cat.repo(primary).code in (0, 2) and not cat.ok
+    # A server that answers passes the look, over TLS (the lab's endpoint) and plain HTTP.
+    assert endpoint_unreachable(lab.cfg, other) is None
+    assert endpoint_unreachable(_with_endpoint(lab.cfg, other, f"http://127.0.0.1:{lab.s3(other).port}"), other) is None

@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -74,25 +75,48 @@ def repos_for(cfg: EagleConfig, region: str) -> list[Repo]:
     return [Repo(1, region), Repo(2, cfg.other(region).name)]
 
 
-# How long a bucket's S3 endpoint gets to accept a TCP connection before it is called
-# unreachable: pgBackRest itself retries a refused or silent one for about a minute per
-# request, per bucket, and the bucket of a lost region is the one a DR run finds dead.
-ENDPOINT_CONNECT_SECONDS = 3
+# How long a bucket's S3 endpoint gets to answer before it is called unreachable: pgBackRest
+# itself retries a refused or silent one for about a minute per request, per bucket, and the
+# bucket of a lost region is the one a DR run finds dead.
+ENDPOINT_ANSWER_SECONDS = 3
 
 
 def endpoint_unreachable(cfg: EagleConfig, bucket_region: str,
-                         timeout: float = ENDPOINT_CONNECT_SECONDS) -> str | None:
-    """Why ``bucket_region``'s bucket cannot be reached (its S3 endpoint refuses, or does not
-    answer, a TCP connection), or None: it accepts one, or no endpoint is configured (the AWS
-    default, not probed). Accepting a connection is not answering S3: a silent server still
-    costs pgBackRest its own timeout."""
-    where = cfg.region(bucket_region).s3.endpoint_host_port
+                         timeout: float = ENDPOINT_ANSWER_SECONDS) -> str | None:
+    """Why ``bucket_region``'s bucket cannot be reached, or None: its S3 endpoint answers an
+    HTTP request (any answer: an unsigned HEAD gets a 403), or none is configured (the AWS
+    default, not probed). Unreachable: it refuses a connection, or accepts one and sends
+    nothing within ``timeout`` seconds (a host whose S3 server hangs, a load balancer with no
+    backend behind it that holds connections open). A connection alone proved nothing: the
+    kernel accepts one for a process that never reads it."""
+    s3 = cfg.region(bucket_region).s3
+    where = s3.endpoint_host_port
     if where is None:
         return None
+    name = f"its endpoint {where[0]}:{where[1]}"
+    deadline = time.monotonic() + timeout
     try:
-        socket.create_connection(where, timeout=timeout).close()
+        sock = socket.create_connection(where, timeout=timeout)
     except OSError as e:
-        return f"its endpoint {where[0]}:{where[1]}: {scrubbed_first_line(e)}"
+        return f"{name}: {scrubbed_first_line(e)}"
+    try:
+        if s3.endpoint_url.startswith("https:"):
+            # Whether it answers, not whom: pgBackRest checks the certificate itself and says
+            # precisely what is wrong with it. Nothing secret is sent.
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock = ctx.wrap_socket(sock, server_hostname=where[0])
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {where[0]}\r\nConnection: close\r\n\r\n".encode())
+        if not sock.recv(1):
+            return f"{name} closed the connection without an HTTP answer"
+    except TimeoutError:
+        return f"{name} accepted a connection but answered nothing within {timeout:g} s"
+    except OSError as e:  # ssl.SSLError is one
+        return f"{name}: {scrubbed_first_line(e)}"
+    finally:
+        sock.close()
     return None
 
 
