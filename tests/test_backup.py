@@ -6,6 +6,7 @@ these tests take backups through BackupWorkflow and read them back with ``pgback
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,6 +198,47 @@ def test_a_client_certificate_the_primarys_server_refuses_is_seen_before_a_backu
     assert seen.state == "warn" and "backups read the primary instead" in seen.reason, seen
     # Refused for the certificate, not unreachable.
     assert "Connection refused" not in seen.reason and "timed out" not in seen.reason, seen
+
+
+@pytest.mark.parametrize("fault", ["silent", "blackholed"])
+def test_a_primary_server_that_never_answers_is_said_within_the_look_s_bound(lab, fault):
+    """Production, not a stopped process: the primary's pgBackRest server host either accepts
+    TCP and never speaks TLS (a hung server), or drops the connection attempt (a partition
+    dropping packets: a listener whose accept queue is full drops SYNs here, as a blackholed
+    host would). Neither refuses, so neither is retried as a restarting server; each is said
+    as timed out within the bound, not waited on as pgBackRest would."""
+    import socket
+
+    from activities.backup.take import primary_server_unreachable
+
+    primary = _primary(lab)
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0 if fault == "blackholed" else 8)
+        port = listener.getsockname()[1]
+        if fault == "blackholed":  # fill the accept queue: the next SYN goes unanswered
+            for _ in range(2):
+                filler = stack.enter_context(socket.socket())
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            probe = stack.enter_context(socket.socket())
+            probe.settimeout(1)
+            with pytest.raises(TimeoutError):
+                probe.connect(("127.0.0.1", port))
+        pg = lab.cfg.region(primary).postgres.model_copy(update={"pgbackrest_host": "127.0.0.1",
+                                                                 "pgbackrest_port": port})
+        regions = [r.model_copy(update={"postgres": pg}) if r.name == primary else r for r in lab.cfg.regions]
+        cfg = lab.cfg.model_copy(update={"regions": regions})
+        why = primary_server_unreachable(cfg, primary, 2.0, settle=5.0)
+        seen = check_backup_path(cfg, cfg.region(primary), 2)
+    # Which of the two, in our bound's words: not the kernel's after its two minutes of SYN
+    # retries ("[Errno 110] Connection timed out"), nor a verdict on the certificate.
+    said = {"silent": "it accepted a connection but did not complete a TLS handshake within 2 s",
+            "blackholed": "no answer to a connection within 2 s (the host down, or a network dropping packets)"}
+    assert why == said[fault], why
+    assert seen.state == "warn" and f"({said[fault]})" in seen.reason, seen
+    assert "backups read the primary instead" in seen.reason, seen
 
 
 def test_what_pgbackrest_says_is_scrubbed_in_a_worker_that_never_wrote_its_config(lab, monkeypatch):

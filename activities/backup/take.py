@@ -173,23 +173,32 @@ def primary_server_unreachable(cfg, primary_region: str, timeout: float, settle:
         return None
     give_up = time.monotonic() + settle
     while True:
+        phase = "connect"
         try:
             ctx = ssl.create_default_context(cafile=client.ca_file)
             ctx.load_cert_chain(client.cert_file, client.key_file)
-            with socket.create_connection((p.pgbackrest_host, p.pgbackrest_port), timeout=timeout) as raw, \
-                    ctx.wrap_socket(raw, server_hostname=p.pgbackrest_host) as tls:
+            with socket.create_connection((p.pgbackrest_host, p.pgbackrest_port), timeout=timeout) as raw:
+                phase = "handshake"
+                tls = ctx.wrap_socket(raw, server_hostname=p.pgbackrest_host)
                 # Under TLS 1.3 our side of the handshake ends before the server has checked our
                 # certificate: its refusal arrives as an alert, or a close, on the first read.
                 # Silence for a second is taken as accepted. (Its tls-server-auth list, CN to
                 # stanza, is checked per command, which this look does not send: a CN it does not
                 # list is seen by pgBackRest itself only.)
-                tls.settimeout(1.0)
-                try:
-                    if not tls.recv(1):
-                        return "it closed the connection after the TLS handshake: our certificate refused"
-                except TimeoutError:
-                    pass
+                with tls:
+                    tls.settimeout(1.0)
+                    try:
+                        if not tls.recv(1):
+                            return "it closed the connection after the TLS handshake: our certificate refused"
+                    except TimeoutError:
+                        pass
                 return None
+        except TimeoutError:
+            # Said in words a reader at 3 a.m. can act on: nothing answering at all (a host
+            # down, a network dropping packets) is not a server that hangs after accepting.
+            return (f"no answer to a connection within {timeout:g} s (the host down, or a network dropping "
+                    "packets)" if phase == "connect" else
+                    f"it accepted a connection but did not complete a TLS handshake within {timeout:g} s")
         except ConnectionRefusedError as e:
             if time.monotonic() >= give_up:
                 return scrubbed_first_line(e)
