@@ -4,7 +4,9 @@ PostgreSQL. Each test makes the backups it needs, so it runs alone or in any ord
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -204,7 +206,12 @@ async def test_backup_list_shows_each_repo_and_exits_1_on_a_broken_one(lab, clie
         # retries (activities/backup/catalog.py): and the live bucket is still read in full.
         shown = " ".join(r.stdout.split())
         assert f"{lost}'s bucket (repo" in shown and "BROKEN (its endpoint " in shown, r.stdout
-        assert "NOT encrypted" not in shown, r.stdout
+        assert "NOT encrypted" not in shown and "PITR window: unknown (bucket unreadable)" in shown, r.stdout
+        j = subprocess.run(argv + ["--json"], capture_output=True, text=True, timeout=300)
+        view = json.loads(j.stdout)
+        # Never the live repo's "ok" as the stanza's status: pgBackRest was not asked about one.
+        assert not view["ok"] and view["status_code"] is None and view["broken"] == [lost], view
+        assert re.match(rf"repo\d \({lost}'s bucket\) not read", view["status"]), view["status"]
         live = lab.cfg.other(lost).name
         fresh = ActivityEnvironment().run(RestoreDrillActivities(lab.cfg).check_backup_freshness,
                                           FreshnessRequest(region=_primary(lab)))
@@ -222,24 +229,33 @@ def _with_endpoint(cfg, region: str, url: str):
     return cfg.model_copy(update={"regions": regions})
 
 
-@pytest.mark.parametrize("scheme", ["http", "https"])
-def test_a_silent_s3_endpoint_is_listed_unreadable_and_not_handed_to_pgbackrest(lab, scheme):
+@pytest.mark.parametrize("scheme,fault", [("http", "silent"), ("https", "silent"), ("https", "blackholed")])
+def test_a_silent_s3_endpoint_is_listed_unreadable_and_not_handed_to_pgbackrest(lab, scheme, fault):
     """Production, not the lab's dead process: a region's S3 endpoint that accepts connections
     and never answers (a hung server, a load balancer holding connections with nothing behind
     it). The catalog lists that bucket unreadable, saying so, and reads the other; a look that
     only connected called it reachable and handed it to pgBackRest, which waits out its own
-    timeout. The files pgBackRest reads still name the real, answering server: had it been
-    asked, that bucket would read fine."""
+    timeout. Or one that answers no connection at all (a region's network dropping packets: a
+    listener whose accept queue is full drops SYNs here). The files pgBackRest reads still
+    name the real, answering server: had it been asked, that bucket would read fine."""
     primary = _primary(lab)
     other = lab.cfg.other(primary).name
-    with socket.socket() as silent:  # listens, never accepts: the kernel completes connections
+    with contextlib.ExitStack() as stack:
+        silent = stack.enter_context(socket.socket())  # listens, never accepts
         silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        cfg = _with_endpoint(lab.cfg, other, f"{scheme}://127.0.0.1:{silent.getsockname()[1]}")
+        silent.listen(0 if fault == "blackholed" else 8)
+        port = silent.getsockname()[1]
+        for _ in range(2 if fault == "blackholed" else 0):  # fill the accept queue
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        cfg = _with_endpoint(lab.cfg, other, f"{scheme}://127.0.0.1:{port}")
         cat = read_catalog(Stanza(cfg, primary))
     state = cat.repo(other)
     assert state is not None and not state.ok and state.code is None, cat.repos
-    assert "accepted a connection but answered nothing within 3 s" in state.message, state.message
+    said = {"silent": "accepted a connection but answered nothing within 3 s",
+            "blackholed": "answered no connection within 3 s (the host down, or a network dropping packets)"}
+    assert state.message == f"its endpoint 127.0.0.1:{port} {said[fault]}", state.message
     assert cat.repo(primary).code in (0, 2) and not cat.ok
     # A server that answers passes the look, over TLS (the lab's endpoint) and plain HTTP.
     assert endpoint_unreachable(lab.cfg, other) is None

@@ -121,10 +121,12 @@ def parse_info(doc: dict, stanza: Stanza) -> Catalog:
 def read_catalog(stanza: Stanza, *options: str) -> Catalog:
     """``options``: e.g. ``--repo=N`` for one repo's part only.
 
-    Every repo (no ``--repo``): a bucket whose S3 endpoint does not accept a connection is
-    not handed to pgBackRest, which retries it for about a minute, but listed as unreadable
-    with why. A lost region's bucket cost every check that reads both (freshness, readiness,
-    status) that minute, in the very outage they are read in."""
+    Every repo (no ``--repo``): a bucket whose S3 endpoint does not answer (refuses, drops or
+    holds a connection: pgbackrest.endpoint_unreachable) is not handed to pgBackRest, which
+    retries it for about a minute, but listed as unreadable with why. A lost region's bucket
+    cost every check that reads both (freshness, readiness, status) that minute, in the very
+    outage they are read in. The stanza's status then has no code (pgBackRest's own would be
+    4, "different across repos") and names the repos not read."""
     if any(o.startswith("--repo=") for o in options):
         return parse_info(stanza.info(*options), stanza)
     repos = repos_for(stanza.cfg, stanza.region.name)
@@ -135,8 +137,10 @@ def read_catalog(stanza: Stanza, *options: str) -> Catalog:
     if up:
         cat = parse_info(stanza.info(*options, f"--repo={up[0].key}"), stanza)
     else:
-        cat = Catalog(stanza=stanza.name, read_from=stanza.region.name, ok=False,
-                      message="no bucket's endpoint accepts a connection")
+        cat = Catalog(stanza=stanza.name, read_from=stanza.region.name, ok=False)
+    unread = ", ".join(f"repo{r.key} ({r.region}'s bucket)" for r in repos if r.key in down)
+    cat.code, cat.message = None, f"{unread} not read (no answer from the S3 endpoint)" + (
+        f"; the rest: {cat.message}" if cat.message else "")
     cat.repos = sorted([*cat.repos, *(RepoState(key=r.key, region=r.region, ok=False, message=down[r.key],
                                                   cipher=stanza.cfg.backup.cipher)
                                       for r in repos if r.key in down)], key=lambda s: s.key)

@@ -34,6 +34,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from temporalio import activity
 from temporalio.exceptions import CancelledError
@@ -94,26 +95,31 @@ def endpoint_unreachable(cfg: EagleConfig, bucket_region: str,
     if where is None:
         return None
     name = f"its endpoint {where[0]}:{where[1]}"
-    deadline = time.monotonic() + timeout
     try:
+        # ``timeout`` per address tried: a dead first address (an AAAA record routed nowhere)
+        # costs its own bound, never the answer's below.
         sock = socket.create_connection(where, timeout=timeout)
-    except OSError as e:
+    except TimeoutError:
+        return f"{name} answered no connection within {timeout:g} s (the host down, or a network dropping packets)"
+    except (OSError, ValueError) as e:  # ValueError: a name IDNA cannot encode
         return f"{name}: {scrubbed_first_line(e)}"
     try:
-        if s3.endpoint_url.startswith("https:"):
+        # The answer gets its own ``timeout``, from the connection on.
+        deadline = time.monotonic() + timeout
+        sock.settimeout(timeout)
+        if urlsplit(s3.endpoint_url).scheme == "https":
             # Whether it answers, not whom: pgBackRest checks the certificate itself and says
             # precisely what is wrong with it. Nothing secret is sent.
             ctx = ssl.create_default_context()
             ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
             sock = ctx.wrap_socket(sock, server_hostname=where[0])
-        sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock.settimeout(max(0.001, deadline - time.monotonic()))  # 0 would mean non-blocking
         sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {where[0]}\r\nConnection: close\r\n\r\n".encode())
         if not sock.recv(1):
             return f"{name} closed the connection without an HTTP answer"
     except TimeoutError:
         return f"{name} accepted a connection but answered nothing within {timeout:g} s"
-    except OSError as e:  # ssl.SSLError is one
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
         return f"{name}: {scrubbed_first_line(e)}"
     finally:
         sock.close()

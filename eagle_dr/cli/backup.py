@@ -170,7 +170,7 @@ def backup_list(region: Optional[str] = typer.Option(None, "--region", help="Who
         out.print(f"stanza [bold]{view['stanza']}[/], read on {view['read_from']}'s node"
                   + (" (a backup is running)" if view["backup_running"] else ""), soft_wrap=True, highlight=False)
         for r in view["repos"]:
-            # No status code: pgBackRest was not asked (its endpoint refused a connection).
+            # No status code: pgBackRest was not asked (its S3 endpoint did not answer).
             why = r["status"] if r["status_code"] is None else f"status code {r['status_code']}: {r['status']}"
             state = "[green]ok[/]" if r["ok"] else (
                 "[yellow]no valid backups[/]" if r["status_code"] == 2 else f"[bold red]BROKEN[/] ({why})")
@@ -178,7 +178,9 @@ def backup_list(region: Optional[str] = typer.Option(None, "--region", help="Who
                       f"{'encrypted ' + r['cipher'] if r['encrypted'] else '[red]NOT encrypted[/]'}; "
                       f"archived WAL {r['archive_min'] or '-'} .. {r['archive_max'] or '-'}", soft_wrap=True,
                       highlight=False)
-            out.print(f"  PITR window: {r['pitr_from'] or 'none (no backup)'} .. {r['pitr_to'] or '-'}", soft_wrap=True,
+            # A bucket that could not be read has an unknown window, not an empty one.
+            empty = "none (no backup)" if r["ok"] or r["status_code"] == 2 else "unknown (bucket unreadable)"
+            out.print(f"  PITR window: {r['pitr_from'] or empty} .. {r['pitr_to'] or '-'}", soft_wrap=True,
                       highlight=False)
             if r["backups"]:
                 # Plain lines, never a table squeezed to the terminal: labels and WAL names must
