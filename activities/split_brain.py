@@ -51,18 +51,31 @@ class SplitBrainReport(BaseModel):
         return bool(self.findings)
 
     @property
+    def unseen_note(self) -> str | None:
+        """Why "no split brain" cannot be claimed: a node that did not answer may be a second
+        writer (a partition hides exactly that)."""
+        if not self.unreachable:
+            return None
+        return (f"cannot tell: {', '.join(self.unreachable)} did not answer. Run split-brain detection again once "
+                "it answers; an old primary kept down since a failover rejoins with eagle-dr failback --region "
+                "<it>, which keeps its writes")
+
+    @property
     def fenced_notes(self) -> list[str]:
         """What "no split brain" must not hide: a primary fenced read-only is no second writer,
         but it is not a standby either. Beside a writable one it is an old primary back from an
         outage (fenced by the failover or, when that could not reach it, by its own worker as
         superseded): whatever it committed after the fork is in neither region's live data
-        until failback keeps it. Alone, no region takes writes."""
+        until failback keeps it. Alone, no region takes writes. Nothing while a node did not
+        answer: the writer may be the one unseen, and lifting a fence then makes two."""
+        if self.unreachable:
+            return []
         if not self.postgres_primaries:
             return [f"no writable PostgreSQL primary: {r}'s is a primary fenced read-only (eagle-dr unfence "
                     f"--region {r} lifts a fence a runbook left)" for r in self.fenced_primaries]
         writers = ", ".join(self.postgres_primaries)
         return [f"{r}'s PostgreSQL is an old primary, fenced read-only beside {writers}: not a second writer, "
-                f"but what it committed after the fork is not in {writers}; eagle-dr failback --region {r} "
+                f"but whatever it committed after the fork is not in {writers}; eagle-dr failback --region {r} "
                 "keeps it and makes it a standby" for r in self.fenced_primaries]
 
 

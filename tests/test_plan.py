@@ -165,8 +165,9 @@ async def test_failback_and_split_brain_plans_after_a_fork_change_nothing(lab, c
         # Back, writable and diverged, after a failover recorded a newer DR epoch on the new
         # primary: its own worker fences it read-only as superseded (workers/self_fence.py).
         # Wait for that, or the snapshot below races it.
-        await _until(_async(lambda: pg_status(lab.cfg.region(old).postgres).read_only), 60,
-                     f"{old}'s worker to fence it as superseded")
+        await _until(_async(lambda: pg_status(lab.cfg.region(old).postgres).read_only and
+                            fenced(lab.cfg.region(old).redis)), 60,
+                     f"{old}'s worker to fence it (PostgreSQL, then Redis) as superseded")
         before = _snapshot(lab)
         assert before[old]["pg"].get("in_recovery") is False  # a primary still: diverged
 

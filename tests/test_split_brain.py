@@ -171,8 +171,17 @@ async def test_a_node_that_does_not_answer_makes_the_outcome_unknown_not_no_spli
     try:
         handle = await _start_split_brain(client, lab)
         result = await handle.result()
+        # Its plan says the same, never "no split brain" (nor, with the writer unseen, any
+        # advice about a fence: lifting one then would make two writers).
+        from workflows.dry_run import PlanInput, PlanWorkflow
+
+        plan = await client.execute_workflow(
+            PlanWorkflow.run, PlanInput(runbook="split-brain", input={"service": lab.cfg.service}),
+            id=f"dr-plan-test-{uuid.uuid4().hex[:8]}", task_queue=lab.cfg.temporal.control_task_queue)
     finally:
         ctl.start()
+    assert plan.steps[0].action.startswith("nothing: split brain unknown"), plan.steps
+    assert plan.notes == [n for n in result.notes if n.startswith("cannot tell")] and plan.notes, plan.notes
     assert result.outcome == "unknown" and result.findings == [], result
     assert f"{standby}/postgres" in result.detection.unreachable
     assert any(n.startswith(f"cannot tell: {standby}/postgres did not answer") for n in result.notes), result.notes

@@ -185,7 +185,8 @@ class PlanWorkflow(Runbook):
             st.detail = "; ".join(report.findings) or "no split brain"
             if not report.split:
                 return split_brain_plan(inp.service, findings=[], survivor=None, loser=None, why="", epoch=None,
-                                        pg_split=False, redis_split=False, fenced_notes=report.fenced_notes)
+                                        pg_split=False, redis_split=False, unseen=report.unseen_note,
+                                        fenced_notes=report.fenced_notes)
             blocked = None
             try:
                 choice = choose_survivor(inp.survivor_rule or topo.survivor_rule, report,

@@ -193,11 +193,14 @@ def failback_plan(service: str, region: str, primary: str, *, role: str | None, 
 def split_brain_plan(service: str, *, findings: list[str], survivor: str | None, loser: str | None, why: str,
                      epoch: int | None, pg_split: bool, redis_split: bool, view: RejoinView | None = None,
                      routing: RoutingView | None = None, blocked: str | None = None,
-                     verify: str = "divergence", fenced_notes: list[str] | None = None) -> Plan:
+                     verify: str = "divergence", unseen: str | None = None,
+                     fenced_notes: list[str] | None = None) -> Plan:
     if not findings:
-        return Plan(runbook="split-brain", service=service, blocked=blocked,
-                    steps=[PlanStep(action="nothing: no split brain (no second writable primary or Redis "
-                                           "master, routing agrees)")], notes=list(fenced_notes or []))
+        # As the runbook ends: "unknown" while a node did not answer, never "no split brain".
+        action = "nothing: split brain unknown (a node did not answer; see the notes)" if unseen else \
+            "nothing: no split brain (no second writable primary or Redis master, routing agrees)"
+        return Plan(runbook="split-brain", service=service, blocked=blocked, steps=[PlanStep(action=action)],
+                    notes=[unseen] if unseen else list(fenced_notes or []))
     fence = ", ".join(
         ([f"{loser}'s PostgreSQL read-only over the network (stopped on its worker if that fails)"] if pg_split else [])
         + ([f"{loser}'s Redis writes paused"] if redis_split else []) + [f"{loser}'s services scaled to 0"])

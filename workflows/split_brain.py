@@ -142,9 +142,7 @@ class SplitBrainWorkflow(Rejoin):
                     # A node that did not answer may be a second writer: "no split brain" would
                     # be a claim nobody checked (a partition hides exactly that).
                     result.outcome = "unknown"
-                    notes.append(f"cannot tell: {', '.join(report.unreachable)} did not answer. Run split-brain "
-                                 "detection again once it answers; an old primary kept down since a failover "
-                                 "rejoins with eagle-dr failback --region <it>, which keeps its writes")
+                    notes.append(report.unseen_note)
                     self.finish("unknown")
                     return result
                 notes += report.fenced_notes
