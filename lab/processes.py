@@ -29,9 +29,14 @@ def read_pid(pidfile: Path) -> int | None:
     unrelated process (seen in CI: a stale lab state named the other test process's Redis,
     which a teardown then killed). ``spawn`` records the process's start time in clock ticks
     since boot beside the pid, which identifies it exactly. A file a server wrote itself (Redis,
-    Sentinel) has only the pid: a process that started well after the file was last written
-    cannot be the one that wrote it. "Well after": a minute, so that a wall-clock step (NTP on
-    a fresh VM) does not disown a live server."""
+    Sentinel, PostgreSQL's postmaster.pid) has only the pid; each of those servers works in
+    the directory that holds its pid file (Redis's ``dir``, the data directory), so a process
+    working anywhere else is not the one that wrote it. The start time alone did not do: with
+    pid_max at 32768 (these VMs) a pid can come back within the minute it allowed, and a lab
+    stopping its leftovers then kills another lab's Redis (the likely cause of 49 failures in
+    a CI run with a second test session beside it: that Redis died as the session started). Where the working directory cannot be read, a process that
+    started well after the file was last written cannot be the one that wrote it ("well
+    after": a minute, so that a wall-clock step on a fresh VM does not disown a live server)."""
     try:
         lines = pidfile.read_text().split("\n")
         pid = int(lines[0].strip()) if lines[0].strip() else None
@@ -44,6 +49,12 @@ def read_pid(pidfile: Path) -> int | None:
     recorded = next((x[len("start="):] for x in lines[1:] if x.startswith("start=")), None)
     if recorded is not None:
         return pid if ticks is not None and str(ticks) == recorded.strip() else None
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = None  # gone, or not ours to read: the start time decides
+    if cwd is not None:
+        return pid if os.path.realpath(cwd) == os.path.realpath(pidfile.parent) else None
     if ticks is not None and _boot_time() + ticks / os.sysconf("SC_CLK_TCK") > written + 60:
         return None
     return pid

@@ -28,23 +28,31 @@ def test_spawn_records_the_start_and_a_reused_pid_is_not_trusted(tmp_path):
         os.kill(pid, 9)
 
 
-def test_a_server_written_pid_file_older_than_its_process_is_stale(tmp_path):
-    proc = subprocess.Popen(["sleep", "60"])
+def test_a_server_written_pid_file_names_only_a_process_working_in_its_directory(tmp_path):
+    """Redis, Sentinel and PostgreSQL write their pid files themselves (the pid alone) and work
+    in the directory that holds it. Another lab's Redis that got a dead server's pid (pid_max
+    is 32768 here: it happens within a minute) works in its own directory: its pid in our
+    stale file must not be ours to kill, however fresh the file."""
+    ours_dir, theirs_dir = tmp_path / "ours", tmp_path / "theirs"
+    ours_dir.mkdir()
+    theirs_dir.mkdir()
+    ours = subprocess.Popen(["sleep", "60"], cwd=ours_dir)
+    theirs = subprocess.Popen(["sleep", "60"], cwd=theirs_dir)
     try:
-        pidfile = tmp_path / "redis.pid"  # as Redis writes it: the pid alone
-        pidfile.write_text(f"{proc.pid}\n")
-        assert read_pid(pidfile) == proc.pid
-        # Last written long before the process that now has its pid started: someone else's.
+        pidfile = ours_dir / "redis.pid"  # as Redis writes it: the pid alone
+        pidfile.write_text(f"{ours.pid}\n")
+        assert read_pid(pidfile) == ours.pid
+        # Its own, whatever the file's time says (a clock step on a fresh VM).
         old = time.time() - 600
         os.utime(pidfile, (old, old))
+        assert read_pid(pidfile) == ours.pid
+        # A stale file, just written, naming a process that works elsewhere: not ours.
+        pidfile.write_text(f"{theirs.pid}\n")
         assert read_pid(pidfile) is None
         assert kill_tree(read_pid(pidfile)) == []
-        assert proc.poll() is None
-        # Rewritten while the server runs (postmaster.pid is): still its own.
-        later = time.time() + 30
-        os.utime(pidfile, (later, later))
-        assert read_pid(pidfile) == proc.pid
+        assert theirs.poll() is None
         assert read_pid(tmp_path / "missing.pid") is None
     finally:
-        proc.kill()
-        proc.wait()
+        for p in (ours, theirs):
+            p.kill()
+            p.wait()
