@@ -66,9 +66,9 @@ class SplitBrainReport(BaseModel):
         but it is not a standby either. Beside a writable one it is an old primary back from an
         outage (fenced by the failover or, when that could not reach it, by its own worker as
         superseded): whatever it committed after the fork is in neither region's live data
-        until failback keeps it. Alone, no region takes writes. Nothing while a node did not
-        answer: the writer may be the one unseen, and lifting a fence then makes two."""
-        if self.unreachable:
+        until failback keeps it. Alone, no region takes writes. Nothing while a PostgreSQL node
+        did not answer: the writer may be the one unseen, and lifting a fence then makes two."""
+        if any(u.endswith("/postgres") for u in self.unreachable):
             return []
         if not self.postgres_primaries:
             return [f"no writable PostgreSQL primary: {r}'s is a primary fenced read-only (eagle-dr unfence "

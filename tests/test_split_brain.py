@@ -159,7 +159,7 @@ async def test_a_cancel_while_the_epoch_is_recorded_reports_the_epoch_kept(lab, 
         assert result.outcome == "resolved", result.steps
 
 
-async def test_a_node_that_does_not_answer_makes_the_outcome_unknown_not_no_split_brain(lab, client):
+async def test_a_node_that_does_not_answer_makes_the_outcome_unknown_not_no_split_brain(lab, client, capsys):
     """A node detection cannot reach may be a second writer (a partition hides exactly that):
     "no split brain" would be a claim nobody checked. The standby's PostgreSQL stopped stands in
     for it."""
@@ -187,6 +187,13 @@ async def test_a_node_that_does_not_answer_makes_the_outcome_unknown_not_no_spli
     assert any(n.startswith(f"cannot tell: {standby}/postgres did not answer") for n in result.notes), result.notes
     detect_step = next(s for s in result.steps if s.name == "detect")
     assert detect_step.detail == f"none seen, but {standby}/postgres did not answer", detect_step
+    # What `eagle-dr split-brain` prints of it: the note saying what to do, not a pointer to it.
+    from eagle_dr.cli import _split_brain_report
+
+    capsys.readouterr()
+    _split_brain_report(result)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "split brain unknown" in shown and f"note: cannot tell: {standby}/postgres did not answer" in shown, shown
     await record(handle, "split-brain-unknown-when-a-node-is-silent")
     await _until(_async(lambda: pg_status(lab.cfg.region(standby).postgres).receiver_status == "streaming"), 60,
                  f"{standby} to stream again")

@@ -200,7 +200,7 @@ def split_brain_plan(service: str, *, findings: list[str], survivor: str | None,
         action = "nothing: split brain unknown (a node did not answer; see the notes)" if unseen else \
             "nothing: no split brain (no second writable primary or Redis master, routing agrees)"
         return Plan(runbook="split-brain", service=service, blocked=blocked, steps=[PlanStep(action=action)],
-                    notes=[unseen] if unseen else list(fenced_notes or []))
+                    notes=([unseen] if unseen else []) + list(fenced_notes or []))
     fence = ", ".join(
         ([f"{loser}'s PostgreSQL read-only over the network (stopped on its worker if that fails)"] if pg_split else [])
         + ([f"{loser}'s Redis writes paused"] if redis_split else []) + [f"{loser}'s services scaled to 0"])

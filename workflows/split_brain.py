@@ -143,6 +143,7 @@ class SplitBrainWorkflow(Rejoin):
                     # be a claim nobody checked (a partition hides exactly that).
                     result.outcome = "unknown"
                     notes.append(report.unseen_note)
+                    notes += report.fenced_notes  # a Redis or routing source unseen: still said
                     self.finish("unknown")
                     return result
                 notes += report.fenced_notes

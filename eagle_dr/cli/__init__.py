@@ -878,7 +878,9 @@ def _split_brain_report(r) -> None:
         return
     if r.outcome == "unknown":
         out.print(f"[yellow]split brain unknown[/]: none seen, but {', '.join(r.detection.unreachable)} did not "
-                  "answer (see the notes)")
+                  "answer")
+        for n in r.notes:  # what to do about it: run again once it answers
+            out.print(f"  [yellow]note:[/] {n}")
         return
     colour = "green" if r.outcome == "resolved" else "red"
     out.print(f"[bold]split brain[/] [{colour}]{r.outcome}[/]: " + "; ".join(r.findings))
