@@ -206,7 +206,7 @@ async def test_backup_list_shows_each_repo_and_exits_1_on_a_broken_one(lab, clie
         # retries (activities/backup/catalog.py): and the live bucket is still read in full.
         shown = " ".join(r.stdout.split())
         assert f"{lost}'s bucket (repo" in shown and "BROKEN (its endpoint " in shown, r.stdout
-        assert "NOT encrypted" not in shown and "PITR window: unknown (bucket unreadable)" in shown, r.stdout
+        assert "NOT encrypted" not in shown and "PITR window: unknown (bucket not read)" in shown, r.stdout
         j = subprocess.run(argv + ["--json"], capture_output=True, text=True, timeout=300)
         view = json.loads(j.stdout)
         # Never the live repo's "ok" as the stanza's status: pgBackRest was not asked about one.
@@ -254,7 +254,8 @@ def test_a_silent_s3_endpoint_is_listed_unreadable_and_not_handed_to_pgbackrest(
     state = cat.repo(other)
     assert state is not None and not state.ok and state.code is None, cat.repos
     said = {"silent": "accepted a connection but answered nothing within 3 s",
-            "blackholed": "answered no connection within 3 s (the host down, or a network dropping packets)"}
+            "blackholed": "answered no connection within 3 s per address (packets dropped: a firewall, a partition; "
+                          "or the host down)"}
     assert state.message == f"its endpoint 127.0.0.1:{port} {said[fault]}", state.message
     assert cat.repo(primary).code in (0, 2) and not cat.ok
     # A server that answers passes the look, over TLS (the lab's endpoint) and plain HTTP.

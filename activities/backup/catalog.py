@@ -139,7 +139,7 @@ def read_catalog(stanza: Stanza, *options: str) -> Catalog:
     else:
         cat = Catalog(stanza=stanza.name, read_from=stanza.region.name, ok=False)
     unread = ", ".join(f"repo{r.key} ({r.region}'s bucket)" for r in repos if r.key in down)
-    cat.code, cat.message = None, f"{unread} not read (no answer from the S3 endpoint)" + (
+    cat.code, cat.message = None, f"{unread} not read: S3 endpoint unreachable (see the repo)" + (
         f"; the rest: {cat.message}" if cat.message else "")
     cat.repos = sorted([*cat.repos, *(RepoState(key=r.key, region=r.region, ok=False, message=down[r.key],
                                                   cipher=stanza.cfg.backup.cipher)

@@ -100,7 +100,8 @@ def endpoint_unreachable(cfg: EagleConfig, bucket_region: str,
         # costs its own bound, never the answer's below.
         sock = socket.create_connection(where, timeout=timeout)
     except TimeoutError:
-        return f"{name} answered no connection within {timeout:g} s (the host down, or a network dropping packets)"
+        return (f"{name} answered no connection within {timeout:g} s per address (packets dropped: a firewall, a "
+                "partition; or the host down)")
     except (OSError, ValueError) as e:  # ValueError: a name IDNA cannot encode
         return f"{name}: {scrubbed_first_line(e)}"
     try:

@@ -196,8 +196,8 @@ def primary_server_unreachable(cfg, primary_region: str, timeout: float, settle:
         except TimeoutError:
             # Said in words a reader at 3 a.m. can act on: nothing answering at all (a host
             # down, a network dropping packets) is not a server that hangs after accepting.
-            return (f"no answer to a connection within {timeout:g} s (the host down, or a network dropping "
-                    "packets)" if phase == "connect" else
+            return (f"no answer to a connection within {timeout:g} s per address (packets dropped: a firewall, "
+                    "a partition; or the host down)" if phase == "connect" else
                     f"it accepted a connection but did not complete a TLS handshake within {timeout:g} s")
         except ConnectionRefusedError as e:
             if time.monotonic() >= give_up:

@@ -179,7 +179,7 @@ def backup_list(region: Optional[str] = typer.Option(None, "--region", help="Who
                       f"archived WAL {r['archive_min'] or '-'} .. {r['archive_max'] or '-'}", soft_wrap=True,
                       highlight=False)
             # A bucket that could not be read has an unknown window, not an empty one.
-            empty = "none (no backup)" if r["ok"] or r["status_code"] == 2 else "unknown (bucket unreadable)"
+            empty = "unknown (bucket not read)" if not r["ok"] and r["status_code"] is None else "none (no backup)"
             out.print(f"  PITR window: {r['pitr_from'] or empty} .. {r['pitr_to'] or '-'}", soft_wrap=True,
                       highlight=False)
             if r["backups"]:
