@@ -22,6 +22,11 @@ class LabProcessError(RuntimeError):
     pass
 
 
+# Pid files their servers write themselves, each working in the file's directory (Redis's and
+# Sentinel's ``dir``, PostgreSQL's data directory).
+SELF_WRITTEN = frozenset({"redis.pid", "sentinel.pid", "postmaster.pid"})
+
+
 def read_pid(pidfile: Path) -> int | None:
     """The pid a pid file names, or None when that pid is now some other process.
 
@@ -49,10 +54,12 @@ def read_pid(pidfile: Path) -> int | None:
     recorded = next((x[len("start="):] for x in lines[1:] if x.startswith("start=")), None)
     if recorded is not None:
         return pid if ticks is not None and str(ticks) == recorded.strip() else None
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        cwd = None  # gone, or not ours to read: the start time decides
+    cwd = None
+    if pidfile.name in SELF_WRITTEN:  # not a spawn file of an older checkout (no start=): their cwd is ours
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            pass  # gone, or not ours to read: the start time decides
     if cwd is not None:
         return pid if os.path.realpath(cwd) == os.path.realpath(pidfile.parent) else None
     if ticks is not None and _boot_time() + ticks / os.sysconf("SC_CLK_TCK") > written + 60:
