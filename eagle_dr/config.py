@@ -398,6 +398,12 @@ class S3Config(_Strict):
         u = urlsplit(self.endpoint_url)
         return u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
 
+    @property
+    def service_host_port(self) -> tuple[str, int]:
+        """Where this bucket's S3 requests go: the configured endpoint, or AWS's regional one
+        (HTTPS), the one pgBackRest's config names when none is configured."""
+        return self.endpoint_host_port or (f"s3.{self.region_name}.amazonaws.com", 443)
+
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:

@@ -261,3 +261,23 @@ def test_a_silent_s3_endpoint_is_listed_unreadable_and_not_handed_to_pgbackrest(
     # A server that answers passes the look, over TLS (the lab's endpoint) and plain HTTP.
     assert endpoint_unreachable(lab.cfg, other) is None
     assert endpoint_unreachable(_with_endpoint(lab.cfg, other, f"http://127.0.0.1:{lab.s3(other).port}"), other) is None
+
+
+def test_without_an_endpoint_url_the_look_goes_where_pgbackrest_goes(lab):
+    """Real AWS S3 (no ``endpoint_url``): pgBackRest's config names the region's endpoint, and
+    the look before a catalog read goes to that same host over HTTPS (it looked at nothing,
+    so an AWS deployment kept pgBackRest's minute per dead bucket). Whether AWS answers from
+    here depends on the machine's network: either outcome names that host."""
+    primary = _primary(lab)
+    other = lab.cfg.other(primary).name
+    cfg = _with_endpoint(lab.cfg, other, None)
+    host = f"s3.{cfg.region(other).s3.region_name}.amazonaws.com"
+    lines = Stanza(cfg, primary)._repo_lines(2, cfg.region(other))
+    assert f"repo2-s3-endpoint={host}" in lines and not any(x.startswith("repo2-storage-port=") for x in lines)
+    why = endpoint_unreachable(cfg, other)
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:  # no route to AWS from here (CI, this sandbox): the look must say so, by name
+        assert why is not None and why.startswith(f"its endpoint {host}:443: "), why
+    else:
+        assert why is None or why.startswith(f"its endpoint {host}:443"), why

@@ -84,16 +84,14 @@ ENDPOINT_ANSWER_SECONDS = 3
 
 def endpoint_unreachable(cfg: EagleConfig, bucket_region: str,
                          timeout: float = ENDPOINT_ANSWER_SECONDS) -> str | None:
-    """Why ``bucket_region``'s bucket cannot be reached, or None: its S3 endpoint answers an
-    HTTP request (any answer: an unsigned HEAD gets a 403), or none is configured (the AWS
-    default, not probed). Unreachable: it refuses a connection, or accepts one and sends
+    """Why ``bucket_region``'s bucket cannot be reached, or None: its S3 endpoint (the
+    configured one, or AWS's regional one as pgBackRest's config names it) answers an HTTP
+    request (any answer: an unsigned HEAD gets a 403 or a 400). Unreachable: it refuses a connection, or accepts one and sends
     nothing within ``timeout`` seconds (a host whose S3 server hangs, a load balancer with no
     backend behind it that holds connections open). A connection alone proved nothing: the
     kernel accepts one for a process that never reads it."""
     s3 = cfg.region(bucket_region).s3
-    where = s3.endpoint_host_port
-    if where is None:
-        return None
+    where = s3.service_host_port
     name = f"its endpoint {where[0]}:{where[1]}"
     try:
         # ``timeout`` per address tried: a dead first address (an AAAA record routed nowhere)
@@ -108,7 +106,7 @@ def endpoint_unreachable(cfg: EagleConfig, bucket_region: str,
         # The answer gets its own ``timeout``, from the connection on.
         deadline = time.monotonic() + timeout
         sock.settimeout(timeout)
-        if urlsplit(s3.endpoint_url).scheme == "https":
+        if s3.endpoint_url is None or urlsplit(s3.endpoint_url).scheme == "https":
             # Whether it answers, not whom: pgBackRest checks the certificate itself and says
             # precisely what is wrong with it. Nothing secret is sent.
             ctx = ssl.create_default_context()
@@ -178,7 +176,7 @@ class Stanza:
         if hp:
             lines += [f"{p}s3-endpoint={hp[0]}", f"{p}storage-port={hp[1]}", f"{p}s3-uri-style=path"]
         else:
-            lines += [f"{p}s3-endpoint=s3.{s3.region_name}.amazonaws.com"]
+            lines += [f"{p}s3-endpoint={s3.service_host_port[0]}"]
         if s3.ca_file:
             lines.append(f"{p}storage-ca-file={s3.ca_file}")
         if s3.access_key and s3.secret_key:
