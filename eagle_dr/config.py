@@ -400,9 +400,20 @@ class S3Config(_Strict):
 
     @property
     def service_host_port(self) -> tuple[str, int]:
-        """Where this bucket's S3 requests go: the configured endpoint, or AWS's regional one
-        (HTTPS), the one pgBackRest's config names when none is configured."""
-        return self.endpoint_host_port or (f"s3.{self.region_name}.amazonaws.com", 443)
+        """The S3 endpoint pgBackRest's config names: the configured one, or AWS's regional one
+        (HTTPS; the China partition's domain for cn- regions)."""
+        domain = "amazonaws.com.cn" if self.region_name.startswith("cn-") else "amazonaws.com"
+        return self.endpoint_host_port or (f"s3.{self.region_name}.{domain}", 443)
+
+    @property
+    def request_host_port(self) -> tuple[str, int]:
+        """Where pgBackRest's requests for this bucket connect: the configured endpoint (path
+        style), or on AWS the bucket's own name under the regional endpoint (host style, its
+        default), which an egress allow-list may name alone."""
+        if self.endpoint_host_port:
+            return self.endpoint_host_port
+        host, port = self.service_host_port
+        return f"{self.bucket}.{host}", port
 
     @field_validator("endpoint_url")
     @classmethod
