@@ -410,7 +410,11 @@ def _last_error(text: str) -> str:
 
 def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
     """Stop a command started in a session of its own, and every process it started: SIGTERM
-    (and SIGCONT, so a stopped one acts on it), SIGKILL after ``grace`` seconds."""
+    (and SIGCONT, so a stopped one acts on it), SIGKILL after ``grace`` seconds. Returns once
+    the whole group is gone (or ``grace`` more seconds passed): pgBackRest's local processes
+    (a backup's copy workers) outlive the main one for a moment, holding the stanza's lock,
+    and whoever looked next (a cancelled run's catalog read, the next backup) took the stopped
+    command for one still running."""
     for sig in (signal.SIGTERM, signal.SIGCONT):
         try:
             os.killpg(proc.pid, sig)
@@ -425,6 +429,13 @@ def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def _as_owner(pg) -> dict:

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from activities.backup.catalog import BackupRecord, read_catalog
-from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, _last_error, repo_key
+from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, _last_error, repo_key, stop_group
 from activities.heartbeat import heartbeating
 from activities.postgres.status import connect
 from eagle_dr.config import scrub, scrubbed_first_line
@@ -258,10 +258,10 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
         try:
             while proc.poll() is None:
                 if cancelled():
-                    _stop(proc)
+                    stop_group(proc, 60)
                     raise PgBackRestError("backup", -15, "cancelled; the partial backup is resumed by the next one")
                 if time.monotonic() - started > timeout:
-                    _stop(proc)
+                    stop_group(proc, 60)
                     raise PgBackRestError("backup", -15, f"did not finish in {timeout:.0f}s")
                 percent, offset = _progress(log, offset, percent)
                 beat({"phase": "copying", "percent": percent, "repo": repo_region, "type": type_,
@@ -291,22 +291,6 @@ def take_backup(stanza: Stanza, primary_region: str, repo_region: str, type_: st
     if done is None:
         raise PgBackRestError("backup", 0, "finished, but info lists no backup from this run")
     return done
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 60) -> None:
-    """SIGTERM to the backup's process group, then wait until the whole group is gone: its local
-    processes (the copy's workers) outlive the main one for a moment, holding the stanza's lock,
-    and whoever looks next (a cancelled run's catalog read, the next backup) took the backup for
-    one still running."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
 
 
 def _unreachable(stanza: Stanza, primary_region: str, why: str, code: int | None = None) -> PrimaryRemoteUnreachable:
