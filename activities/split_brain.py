@@ -51,6 +51,15 @@ class SplitBrainReport(BaseModel):
         return bool(self.findings)
 
     @property
+    def detail(self) -> str:
+        """The detect step's line, in the runbook and in its plan alike."""
+        if self.findings:
+            return "; ".join(self.findings)
+        if self.unreachable:
+            return f"none seen, but {', '.join(self.unreachable)} did not answer"
+        return "; ".join(["no split brain", *(f"{r}'s primary is fenced read-only" for r in self.fenced_primaries)])
+
+    @property
     def unseen_note(self) -> str | None:
         """Why "no split brain" cannot be claimed: a node that did not answer may be a second
         writer (a partition hides exactly that)."""

@@ -182,11 +182,7 @@ class PlanWorkflow(Runbook):
                 self.known_region(topo, "survivor", inp.survivor)
             report: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain,
                                                       queue=workflow.info().task_queue, timeout=60)
-            # As the runbook's detect step says it (workflows/split_brain.py).
-            st.detail = "; ".join(report.findings) or (
-                f"none seen, but {', '.join(report.unreachable)} did not answer" if report.unreachable
-                else "; ".join(["no split brain", *(f"{r}'s primary is fenced read-only"
-                                                    for r in report.fenced_primaries)]))
+            st.detail = report.detail  # as the runbook's detect step says it
             if not report.split:
                 return split_brain_plan(inp.service, findings=[], survivor=None, loser=None, why="", epoch=None,
                                         pg_split=False, redis_split=False, unseen=report.unseen_note,

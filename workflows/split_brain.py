@@ -127,10 +127,7 @@ class SplitBrainWorkflow(Rejoin):
                     self.known_region(topo, "survivor", inp.survivor)
                 report: SplitBrainReport = await self.act(SplitBrainActivities.detect_split_brain, queue=control,
                                                           timeout=60)
-                st.detail = "; ".join(report.findings) or (
-                    f"none seen, but {', '.join(report.unreachable)} did not answer" if report.unreachable
-                    else "; ".join(["no split brain", *(f"{r}'s primary is fenced read-only"
-                                                        for r in report.fenced_primaries)]))
+                st.detail = report.detail
             result = SplitBrainResult(service=inp.service, outcome="no-split-brain", findings=report.findings,
                                       detection=report, detected_at=detected_at, steps=self.steps, notes=notes)
             # Validation copied the lists: later notes go into the result's own, and its steps
