@@ -453,7 +453,8 @@ def check_backup_path(cfg: EagleConfig, primary: RegionConfig, timeout: float) -
     where = f"{p.pgbackrest_host}:{p.pgbackrest_port}"
     if (why := primary_server_unreachable(cfg, primary.name, timeout)):
         # Why, as the look found it: a certificate is named only when it was the reason.
-        c.state, c.reason = "warn", f"{primary.name}'s pgBackRest server {where}: {why}; backups read the primary instead"
+        c.state, c.reason = "warn", (f"{primary.name}'s pgBackRest server {where}: {why}; backups read the primary "
+                                     "instead")
         return c
     c.reason = f"{primary.name}'s pgBackRest server {where} answers mutual TLS"
     return c

@@ -39,9 +39,10 @@ def read_pid(pidfile: Path) -> int | None:
     working anywhere else is not the one that wrote it. The start time alone did not do: with
     pid_max at 32768 (these VMs) a pid can come back within the minute it allowed, and a lab
     stopping its leftovers then kills another lab's Redis (the likely cause of 49 failures in
-    a CI run with a second test session beside it: that Redis died as the session started). Where the working directory cannot be read, a process that
-    started well after the file was last written cannot be the one that wrote it ("well
-    after": a minute, so that a wall-clock step on a fresh VM does not disown a live server)."""
+    a CI run with a second test session beside it: that Redis died as the session started).
+    Where the working directory cannot be read, a process that started well after the file was
+    last written cannot be the one that wrote it ("well after": a minute, so that a wall-clock
+    step on a fresh VM does not disown a live server)."""
     try:
         lines = pidfile.read_text().split("\n")
         pid = int(lines[0].strip()) if lines[0].strip() else None

@@ -403,8 +403,9 @@ class RestoreActivities:
         not answer. ``info`` of both buckets waited a minute on a lost region's dead endpoint
         (pgBackRest retries the connection per request), the region a restore is run for."""
         with heartbeating():
-            # A refused or silent endpoint is said in at most 3 s; pgBackRest's own look
-            # (repo-ls, below) retries a refused connection for about 12.
+            # A refused, silent or blackholed endpoint is said within endpoint_unreachable's
+            # bounds (seconds); pgBackRest's own look (repo-ls, below) retries a refused
+            # connection for about 12.
             why = endpoint_unreachable(self.cfg, repo)
             if why is None and not (probe := probe_repo(st, repo, timeout=6)).reachable:
                 why = probe.error

@@ -86,10 +86,10 @@ def endpoint_unreachable(cfg: EagleConfig, bucket_region: str,
                          timeout: float = ENDPOINT_ANSWER_SECONDS) -> str | None:
     """Why ``bucket_region``'s bucket cannot be reached, or None: where pgBackRest connects for
     it (the configured endpoint, or on AWS the bucket's host-style name) answers an HTTP
-    request (any answer: an unsigned HEAD gets a 403 or a 400). Unreachable: it refuses a connection, or accepts one and sends
-    nothing within ``timeout`` seconds (a host whose S3 server hangs, a load balancer with no
-    backend behind it that holds connections open). A connection alone proved nothing: the
-    kernel accepts one for a process that never reads it."""
+    request (any answer: an unsigned HEAD gets a 403 or a 400). Unreachable: it refuses a
+    connection, or accepts one and sends nothing within ``timeout`` seconds (a host whose S3
+    server hangs, a load balancer with no backend behind it that holds connections open). A
+    connection alone proved nothing: the kernel accepts one for a process that never reads it."""
     s3 = cfg.region(bucket_region).s3
     where = s3.request_host_port
     name = f"its endpoint {where[0]}:{where[1]}"
