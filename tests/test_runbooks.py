@@ -642,7 +642,14 @@ async def test_control_worker_killed_during_promotion(lab, client):
     await record(handle, "switchover-control-crash-promote-when-replayed")
     assert result.outcome == "succeeded"
     st = pg_status(lab.cfg.region(a).postgres)
-    assert st.role == "primary" and st.timeline == timeline_before + 1  # promoted exactly once
+    # Promoted exactly once: its timeline's parent is the one it followed. (Not timeline_before
+    # + 1: a promotion goes one past the newest history file in the archive, which an earlier
+    # test's abandoned promotion may have left.)
+    assert st.role == "primary" and st.timeline > timeline_before, (st, timeline_before)
+    with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True) as conn:
+        tl_history = conn.execute("select pg_read_file(%s)", (f"pg_wal/{st.timeline:08X}.history",)).fetchone()[0]
+    parents = [int(line.split()[0]) for line in tl_history.splitlines() if line.strip() and not line.startswith("#")]
+    assert parents[-1] == timeline_before, (tl_history, timeline_before)
     history = [e for e in epoch_history(lab.cfg.region(a).postgres, lab.cfg.service) if e.epoch > epoch_before]
     assert [(e.epoch, e.workflow_id) for e in history] == [(epoch_before + 1, handle.id)]
     # Promoting a node that is already primary is a no-op success.
