@@ -418,8 +418,15 @@ class S3Config(_Strict):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and urlsplit(v).scheme not in ("http", "https"):
-            raise ValueError(f"{v!r} is not an http(s) URL")
+        # Every region's bucket holds a pgBackRest repo, and pgBackRest before 2.58 speaks only
+        # HTTPS to S3 (Debian's is older): against a plain-HTTP endpoint each backup and WAL
+        # push fails its TLS handshake after minutes of retries. SSE-C keys need TLS too.
+        scheme = urlsplit(v).scheme if v is not None else "https"
+        if scheme == "http":
+            raise ValueError(f"{v!r} is plain HTTP: pgBackRest, which keeps a repo in every region's bucket, speaks "
+                             "only HTTPS to S3; give the endpoint TLS (a private CA goes in s3.ca_file)")
+        if scheme != "https":
+            raise ValueError(f"{v!r} is not an https URL")
         return v
 
 

@@ -156,6 +156,20 @@ def test_bad_port(tmp_path):
     assert "regions[1].postgres.port" in problems(tmp_path, doc)
 
 
+@pytest.mark.parametrize("url,why", [
+    ("http://s3.internal:9000", "is plain HTTP: pgBackRest, which keeps a repo in every region's bucket, speaks only "
+                                "HTTPS to S3"),
+    ("s3.internal:9000", "is not an https URL"),
+])
+def test_s3_endpoint_must_be_https(tmp_path, url, why):
+    """pgBackRest (Debian's 2.45) speaks only HTTPS to S3: an http endpoint was accepted, and
+    every backup and WAL push to it failed its TLS handshake after minutes of retries."""
+    doc = base()
+    doc["regions"][1]["s3"]["endpoint_url"] = url
+    msg = problems(tmp_path, doc)
+    assert "regions[1].s3.endpoint_url" in msg and why in msg, msg
+
+
 def test_malformed_yaml(tmp_path):
     msg = problems(tmp_path, "regions: [\n  - name: a\n    role: primary\n  bad")
     assert "malformed YAML" in msg and "line" in msg

@@ -34,7 +34,6 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from temporalio import activity
 from temporalio.exceptions import CancelledError
@@ -106,13 +105,13 @@ def endpoint_unreachable(cfg: EagleConfig, bucket_region: str,
         # The answer gets its own ``timeout``, from the connection on.
         deadline = time.monotonic() + timeout
         sock.settimeout(timeout)
-        if s3.endpoint_url is None or urlsplit(s3.endpoint_url).scheme == "https":
-            # Whether it answers, not whom: pgBackRest checks the certificate itself and says
-            # precisely what is wrong with it. Nothing secret is sent.
-            ctx = ssl.create_default_context()
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            sock = ctx.wrap_socket(sock, server_hostname=where[0])
-            sock.settimeout(max(0.001, deadline - time.monotonic()))  # 0 would mean non-blocking
+        # TLS, as pgBackRest speaks (config.py allows no http endpoint). Whether it answers,
+        # not whom: pgBackRest checks the certificate itself and says precisely what is wrong
+        # with it. Nothing secret is sent.
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        sock = ctx.wrap_socket(sock, server_hostname=where[0])
+        sock.settimeout(max(0.001, deadline - time.monotonic()))  # 0 would mean non-blocking
         sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {where[0]}\r\nConnection: close\r\n\r\n".encode())
         if not sock.recv(1):
             return f"{name} closed the connection without an HTTP answer"
