@@ -16,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 from pydantic import BaseModel, Field
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.postgres.status import PgStatus, connect, pg_status
 from activities.redis.status import RedisStatus, redis_status
 from eagle_dr import metrics
-from eagle_dr.config import EagleConfig
+from eagle_dr.config import EagleConfig, SecretUnavailable
 
 
 WATCH_APPLICATION = "eagle-dr monitor watch"
@@ -129,6 +130,7 @@ class HealthActivities:
     def probe_regions_from_here(self, req: ProbeRequest) -> VantageReport:
         """From this worker, over the network: each named region's PostgreSQL with a real
         query (role, read-only) and its Redis with PING. Unreachable is a sighting, not an error."""
+        self._credentials(req.regions)
         watched = self._watch(req) if req.watch_region and req.watch_seconds > 0 else None
         woke = watched is not None and watched < req.watch_seconds - 0.05  # the session closed
         out, pgs, rss = [], {}, {}
@@ -201,6 +203,25 @@ class HealthActivities:
                          max(ends.get((k, name), time.monotonic()) for k in ("postgres", "redis")) - started)
         return out
 
+    def _credentials(self, regions: list[str]) -> None:
+        """Each probed region's passwords, read before any probe's clock starts (a store is
+        asked at most once a minute per secret, config.NETWORK_SECRET_TTL_S). Read inside a
+        probe, a secret store slower than the probe's bound made every server look down from
+        every vantage point at once: an outage the monitor would count, and fail over on. One
+        that cannot be read at all is no verdict on any server: this vantage point answers
+        nothing (an error, not a sighting of a server down)."""
+        for name in regions:
+            r = self.cfg.region(name)
+            for what, ref in (("postgres", r.postgres.password), ("redis", r.redis.password)):
+                if ref is None:
+                    continue
+                try:
+                    ref.resolve()
+                except SecretUnavailable as e:
+                    raise ApplicationError(f"{name}'s {what} password cannot be read here ({e}): this vantage point "
+                                           "has no verdict on any region", type="SecretUnavailable",
+                                           non_retryable=True) from None
+
     def _watch(self, req: ProbeRequest) -> float:
         """Wait up to ``watch_seconds`` on an idle session to the watched region's PostgreSQL;
         return early when the server closes it (a crash, a kill, a shutdown). Event-driven: no
@@ -272,34 +293,43 @@ class HealthActivities:
 
     def _record(self, sightings: list[RegionSighting], pgs: dict[str, PgStatus], rss: dict[str, RedisStatus]) -> None:
         """This vantage point's view as metrics: availability and probe latency per region, and
-        the lag of each standby behind the primary it saw (PostgreSQL and Redis)."""
+        the lag of each standby behind the primary it saw (PostgreSQL and Redis). Every region's
+        lag is set in each round that looked at every region, unknown (NaN) where it cannot be
+        measured (no one primary seen, the standby not seen, the region the primary itself): a
+        gauge keeps its last value, and a standby that went away showed the lag it had while it
+        still streamed. A partial look (a liveness check asks for no region) sets only what it
+        measured."""
+        full = set(pgs) == {r.name for r in self.cfg.regions}
         meter, svc = activity.metric_meter(), self.cfg.service
         queue = activity.info().task_queue
         vantage = next((r.name for r in self.cfg.regions if r.temporal.task_queue == queue), "control")
         for s in sightings:
             metrics.probe(meter, svc, vantage, s.region, postgres_up=s.postgres_up, redis_up=s.redis_up,
                           seconds=s.probe_seconds or 0.0)
-        for name, pg in pgs.items():
-            if pg.role != "primary":
-                continue
-            for standby in self.cfg.regions:
-                if standby.name == name:
-                    continue
+        primaries = [(n, pg) for n, pg in pgs.items() if pg.role == "primary"]
+        for standby in self.cfg.regions:
+            lag_bytes, lag_seconds = None, None
+            if len(primaries) == 1 and primaries[0][0] != standby.name:
+                pg = primaries[0][1]
                 link = next((x for x in pg.replicas if x.application_name == standby.name or
                              x.slot_name == standby.postgres.slot_name), None)
                 if link is not None:
-                    metrics.replication_lag(meter, svc, vantage, standby.name, lag_bytes=link.lag_bytes,
-                                            lag_seconds=link.replay_lag_seconds or 0.0)
+                    lag_bytes, lag_seconds = link.lag_bytes, link.replay_lag_seconds or 0.0
                 elif (sb := pgs.get(standby.name)) is not None and sb.role == "standby" and sb.lsn and pg.lsn:
                     # Not streaming (no pg_stat_replication row): what it has replayed against
                     # the primary's end of WAL is the lag that matters for a failover now.
-                    metrics.replication_lag(meter, svc, vantage, standby.name,
-                                            lag_bytes=max(0, _lsn(pg.lsn) - _lsn(sb.lsn)), lag_seconds=None)
-        masters = {n: rs for n, rs in rss.items() if rs.role == "master" and rs.offset is not None}
-        for name, rs in rss.items():
-            if rs.role == "slave" and rs.offset is not None and len(masters) == 1:
-                (master,) = masters.values()
-                metrics.redis_offset_lag(meter, svc, vantage, name, max(0, master.offset - rs.offset))
+                    lag_bytes = max(0, _lsn(pg.lsn) - _lsn(sb.lsn))
+            if full or lag_bytes is not None or lag_seconds is not None:
+                metrics.replication_lag(meter, svc, vantage, standby.name, lag_bytes=lag_bytes,
+                                        lag_seconds=lag_seconds)
+        masters = [rs for rs in rss.values() if rs.role == "master" and rs.offset is not None]
+        for region in self.cfg.regions:
+            rs = rss.get(region.name)
+            lag = None
+            if rs is not None and rs.role == "slave" and rs.offset is not None and len(masters) == 1:
+                lag = max(0, masters[0].offset - rs.offset)
+            if full or lag is not None:
+                metrics.redis_offset_lag(meter, svc, vantage, region.name, lag)
 
 
 def _refuses(host: str, port: int, timeout: float) -> bool:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
+import structlog
 import yaml
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
@@ -126,16 +129,48 @@ class SecretRef(_Strict):
         if self.k8s or self.vault:
             from eagle_dr.secret_sources import SecretSourceError, read_k8s, read_vault
 
+            # The store behind it (Vault's address, the kubeconfig) is part of the reference.
+            key = (self.k8s, self.context, self.api_url, self.vault, self.vault and os.environ.get("VAULT_ADDR"))
+            now = time.monotonic()
+            with _NETWORK_LOCK:
+                hit = _NETWORK_READS.get(key)
+            if hit is not None and now - hit[1] < NETWORK_SECRET_TTL_S:
+                return hit[0]
             try:
                 value = read_k8s(self.k8s, self.context, self.api_url) if self.k8s else read_vault(self.vault)
             except SecretSourceError as e:
+                if hit is not None:
+                    # A rotated secret then fails the login with the old value, which says so.
+                    _log.warning("secret store unreachable: using the value last read", reference=str(self),
+                                 read_seconds_ago=round(now - hit[1]), error=str(e))
+                    return hit[0]
                 raise SecretUnavailable(str(e)) from None
-            return _remember(value.strip())
+            value = _remember(value.strip())
+            with _NETWORK_LOCK:
+                _NETWORK_READS[key] = (value, now)
+            return value
         raise SecretUnavailable(f"environment variable {self.env} is not set")
 
 
 class SecretUnavailable(RuntimeError):
     pass
+
+
+# A secret read from a store over the network (Kubernetes, Vault) is read again at most this
+# often per reference. Workers probe every region every second or so: each probe asked the
+# store, and a store slower than the probe's bound made every server look down from every
+# vantage point at once. A failed re-read uses the value last read; only a reference never
+# read fails (SecretUnavailable).
+NETWORK_SECRET_TTL_S = 60.0
+_NETWORK_READS: dict[tuple, tuple[str, float]] = {}
+_NETWORK_LOCK = threading.Lock()
+_log = structlog.get_logger(__name__)
+
+
+def forget_network_secrets() -> None:
+    """Read every store again at the next use (tests; a process told a secret rotated)."""
+    with _NETWORK_LOCK:
+        _NETWORK_READS.clear()
 
 
 # Every secret this process has resolved, so that scrub() can take it out of error text.

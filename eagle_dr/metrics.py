@@ -53,6 +53,10 @@ def worker_runtime(bind_address: str):
     return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address)))
 
 
+# Prometheus's "no value": what a gauge shows for a figure that could not be measured.
+_UNKNOWN = float("nan")
+
+
 def _gauge(meter: MetricMeter, name: str, description: str, unit: str | None, value: float, **attrs) -> None:
     if value < 0:
         return  # Temporal's gauges take no negative values; none of ours has a meaning below 0
@@ -83,19 +87,19 @@ def probe(meter: MetricMeter, service: str, vantage: str, region: str, *, postgr
 @_never_fails
 def replication_lag(meter: MetricMeter, service: str, vantage: str, standby: str, *, lag_bytes: int | None,
                     lag_seconds: float | None) -> None:
+    """None: not measured this round (NaN, see activities/health.py _record)."""
     where = dict(service=service, vantage=vantage, region=standby)
-    if lag_bytes is not None:
-        _gauge(meter, "replication_lag_bytes", "WAL the primary wrote that this standby has not replayed", "By",
-               lag_bytes, **where)
-    if lag_seconds is not None:
-        _gauge(meter, "replication_lag_seconds", "The primary's replay_lag for this standby (0 when idle and "
-                                                 "caught up)", "s", lag_seconds, **where)
+    _gauge(meter, "replication_lag_bytes", "WAL the primary wrote that this standby has not replayed (NaN: "
+                                           "unknown)", "By", _UNKNOWN if lag_bytes is None else lag_bytes, **where)
+    _gauge(meter, "replication_lag_seconds", "The primary's replay_lag for this standby (0 when idle and caught up; "
+                                             "NaN: unknown)", "s", _UNKNOWN if lag_seconds is None else lag_seconds,
+           **where)
 
 
 @_never_fails
-def redis_offset_lag(meter: MetricMeter, service: str, vantage: str, replica: str, lag: int) -> None:
-    _gauge(meter, "redis_offset_lag_bytes", "Master replication offset minus this replica's", "By", lag,
-           service=service, vantage=vantage, region=replica)
+def redis_offset_lag(meter: MetricMeter, service: str, vantage: str, replica: str, lag: int | None) -> None:
+    _gauge(meter, "redis_offset_lag_bytes", "Master replication offset minus this replica's (NaN: unknown)", "By",
+           _UNKNOWN if lag is None else lag, service=service, vantage=vantage, region=replica)
 
 
 @_never_fails
@@ -137,7 +141,9 @@ def runbook_finished(meter: MetricMeter, service: str, runbook: str, outcome: st
 
 @_never_fails
 def move_measured(meter: MetricMeter, service: str, runbook: str, rto, rpo) -> None:
-    """The last move's RTO and RPO beside their targets; unknown values are not exported."""
+    """The last move's RTO and RPO beside their targets. A figure this move could not measure
+    is set to NaN, never left out: a gauge keeps its last value, and the previous move's RTO or
+    "met" then read as this move's."""
     where = dict(service=service, runbook=runbook)
     # A move whose routing failed never reached "serving": its steps' time is no RTO.
     serving = rto.total_s if rto.serving_basis is None else None
@@ -148,14 +154,13 @@ def move_measured(meter: MetricMeter, service: str, runbook: str, rto, rpo) -> N
                                                                       "reach"),
                               ("rpo_target_seconds", rpo.target_s, "The RPO objective"),
                               ("last_redis_offset_gap", rpo.redis_offset_gap, "Redis offset gap in the last move")):
-        if value is not None:
-            _gauge(meter, name, what, None, value, **where)
+        _gauge(meter, name, what, None, _UNKNOWN if value is None else value, **where)
     for what, met in (("rto", rto.met), ("rpo", rpo.met)):
         # Unknown is never "met" and never silently absent: a gauge of its own says it.
         _gauge(meter, f"last_{what}_unknown", f"1 when the last move's {what.upper()} could not be proven", None,
                int(met is None), **where)
-        if met is not None:
-            _gauge(meter, f"last_{what}_met", f"1 met, 0 missed (see last_{what}_unknown)", None, int(met), **where)
+        _gauge(meter, f"last_{what}_met", f"1 met, 0 missed, NaN unknown (see last_{what}_unknown)", None,
+               _UNKNOWN if met is None else int(met), **where)
 
 
 @_never_fails

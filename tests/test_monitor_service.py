@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -305,6 +306,10 @@ async def test_workers_serve_sdk_and_dr_metrics_that_follow_the_lab(lab, client)
         assert _value(text, "eagle_dr_probe_latency_seconds", region=a, vantage="control") is not None
         assert _value(text, "eagle_dr_replication_lag_bytes", region=b, vantage="control") is not None
         assert _value(text, "eagle_dr_redis_offset_lag_bytes", region=b, vantage="control") is not None
+        # The primary is no standby: its own lag series is unknown, never a figure left from when
+        # it was one (the lab moves the primary from test to test; these workers outlive that).
+        for name in ("replication_lag_bytes", "replication_lag_seconds", "redis_offset_lag_bytes"):
+            assert _nan(_value(text, f"eagle_dr_{name}", region=a, vantage="control")), name
 
         async def not_paused():
             # One gauge per service: a paused monitor of an earlier test wrote 1 until this one's round.
@@ -343,14 +348,123 @@ def test_a_metric_the_sdk_rejects_never_fails_what_it_measures():
     assert _value(text, "eagle_dr_last_rto_seconds", runbook="failover") == 3.5
     assert _value(text, "eagle_dr_last_rto_met", runbook="failover") == 1
     assert _value(text, "eagle_dr_last_rpo_unknown", runbook="failover") == 1  # unknown is said, never "met"
-    assert _value(text, "eagle_dr_last_rpo_met", runbook="failover") is None
+    assert _nan(_value(text, "eagle_dr_last_rpo_met", runbook="failover"))
     assert _value(text, "eagle_dr_redis_offset_lag_bytes", region="r1") is None
     # A move whose routing failed: its steps' time is no RTO (workflows/failover.py finish_measurement).
     metrics.move_measured(meter, "svc", "switchover", Rto(detected_at=datetime.now(timezone.utc), total_s=2.0,
                                                           target_s=300, serving_basis="routing failed"), Rpo())
     text = _scrape(port)
-    assert _value(text, "eagle_dr_last_rto_seconds", runbook="switchover") is None
+    assert _nan(_value(text, "eagle_dr_last_rto_seconds", runbook="switchover"))
     assert _value(text, "eagle_dr_last_rto_unknown", runbook="switchover") == 1
+    # The next failover's RTO unknown: the first one's 3.5 s and "met" are no longer shown as
+    # the last move's (a gauge keeps its last value; they were left out, so they stayed).
+    metrics.move_measured(meter, "svc", "failover", Rto(detected_at=datetime.now(timezone.utc), total_s=None,
+                                                        target_s=300, met=None), Rpo())
+    text = _scrape(port)
+    assert _nan(_value(text, "eagle_dr_last_rto_seconds", runbook="failover"))
+    assert _nan(_value(text, "eagle_dr_last_rto_met", runbook="failover"))
+    assert _value(text, "eagle_dr_last_rto_unknown", runbook="failover") == 1
+    # A standby's lag measured, then not (it went away): unknown, not the last figure.
+    metrics.replication_lag(meter, "svc", "control", "r2", lag_bytes=0, lag_seconds=0.0)
+    metrics.redis_offset_lag(meter, "svc", "control", "r2", 0)
+    assert _value(_scrape(port), "eagle_dr_replication_lag_bytes", region="r2") == 0
+    metrics.replication_lag(meter, "svc", "control", "r2", lag_bytes=None, lag_seconds=None)
+    metrics.redis_offset_lag(meter, "svc", "control", "r2", None)
+    text = _scrape(port)
+    for name in ("replication_lag_bytes", "replication_lag_seconds", "redis_offset_lag_bytes"):
+        assert _nan(_value(text, f"eagle_dr_{name}", region="r2")), name
+
+
+def test_a_full_probe_round_says_unknown_lag_and_a_partial_look_leaves_it(lab):
+    """A vantage point's round over every region sets every region's lag: the primary's own
+    series is unknown (NaN), never a figure left from when it was a standby. A look at no region
+    (what eagle-dr status's liveness check asks every worker for) leaves the figures alone."""
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.health import HealthActivities, ProbeRequest
+    from eagle_dr import metrics
+
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    port = 29100 + int(os.environ.get("EAGLE_DR_TEST_PORT_SHIFT", "2000")) % 1000
+    runtime = metrics.worker_runtime(f"127.0.0.1:{port}")  # kept: its exporter lives as long as it does
+    env = ActivityEnvironment()
+    env.metric_meter = runtime.metric_meter
+    probe = HealthActivities(lab.cfg).probe_regions_from_here
+    lab.wait_replication()
+    env.run(probe, ProbeRequest(regions=[r.name for r in lab.cfg.regions]))
+    text = _scrape(port)
+    # The activity's own series (the SDK labels them with its task queue).
+    for name in ("replication_lag_bytes", "replication_lag_seconds", "redis_offset_lag_bytes"):
+        assert _nan(_value(text, f"eagle_dr_{name}", region=a, vantage="control", task_queue="test")), name
+        v = _value(text, f"eagle_dr_{name}", region=b, vantage="control", task_queue="test")
+        assert v is not None and not math.isnan(v), (name, v)  # its standby, measured
+    env.run(probe, ProbeRequest())  # the liveness check's look: no region
+    after = _scrape(port)
+    for name in ("replication_lag_bytes", "replication_lag_seconds", "redis_offset_lag_bytes"):
+        assert _value(after, f"eagle_dr_{name}", region=b, vantage="control", task_queue="test") == \
+            _value(text, f"eagle_dr_{name}", region=b, vantage="control", task_queue="test"), name
+
+
+def test_a_slow_or_lost_secret_store_is_no_region_down(lab, monkeypatch):
+    """Production passwords come from a store over the network (Kubernetes, Vault). Each probe
+    read them inside its bounded probe: a store slower than the bound made every region look
+    down from every vantage point at once, an outage the monitor counts and fails over on.
+    Now a secret once read serves the probes (read again once a minute, the last value kept
+    when the store does not answer), and a secret never read fails the vantage point's probe
+    as no verdict, never as a region down."""
+    import base64
+    import socket as socket_module
+
+    from kubernetes import client as k8s_client
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.health import HealthActivities, ProbeRequest
+    from eagle_dr import config as config_module
+    from eagle_dr.config import SecretRef, forget_network_secrets
+    from tests.kmock_cluster import kmock_cluster
+
+    a = _primary(lab)
+    password = lab.cfg.region(a).postgres.password.resolve()
+
+    def with_password(ref: SecretRef):
+        regions = [r.model_copy(update={"postgres": r.postgres.model_copy(update={"password": ref})})
+                   if r.name == a else r for r in lab.cfg.regions]
+        return lab.cfg.model_copy(update={"regions": regions})
+
+    def probe(cfg):
+        report = ActivityEnvironment().run(HealthActivities(cfg).probe_regions_from_here,
+                                           ProbeRequest(regions=[a], timeout_seconds=2))
+        return report.of(a)
+
+    forget_network_secrets()
+    with kmock_cluster(controller=False) as k8s:
+        k8s.core.create_namespaced_secret(k8s.namespace, k8s_client.V1Secret(
+            metadata=k8s_client.V1ObjectMeta(name="pg"), data={"password": base64.b64encode(password.encode()).decode()}))
+        cfg = with_password(SecretRef(k8s=f"{k8s.namespace}/pg/password", api_url=k8s.api_url))
+        assert probe(cfg).postgres_up
+    # The store gone, and every use reading it again: the value last read still serves.
+    monkeypatch.setattr(config_module, "NETWORK_SECRET_TTL_S", 0.0)
+    assert probe(cfg).postgres_up
+    # A store that accepts and never answers, for a secret never read: no verdict (an error),
+    # not a region down by timeout.
+    with socket_module.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        slow = with_password(SecretRef(k8s="eagle-alert/pg/password",
+                                       api_url=f"http://127.0.0.1:{silent.getsockname()[1]}"))
+        with pytest.raises(ApplicationError) as e:
+            probe(slow)
+    assert e.value.type == "SecretUnavailable" and f"{a}'s postgres password cannot be read here" in str(e.value), \
+        e.value
+    assert password not in str(e.value)
+    forget_network_secrets()
+
+
+def _nan(v: float | None) -> bool:
+    """Exported, as unknown (NaN); None would mean not exported at all."""
+    return v is not None and math.isnan(v)
 
 
 async def test_a_failed_automatic_attempt_keeps_its_cooldown_across_continue_as_new(lab, client):

@@ -17,7 +17,9 @@ import pytest
 from kubernetes import client
 from pydantic import ValidationError
 
-from eagle_dr.config import ConfigError, SecretRef, SecretUnavailable, parse_config, scrub
+from eagle_dr import config as config_module
+from eagle_dr.config import (ConfigError, SecretRef, SecretUnavailable, forget_network_secrets, parse_config,
+                             scrub)
 from tests.kmock_cluster import kmock_cluster
 
 
@@ -30,7 +32,8 @@ def _add_secret(k8s, name: str, data: dict[str, str]) -> None:
         data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()}))
 
 
-def test_k8s_reference_reads_the_secret_and_names_only_the_reference_on_errors():
+def test_k8s_reference_reads_the_secret_and_names_only_the_reference_on_errors(monkeypatch):
+    forget_network_secrets()
     value = secrets.token_urlsafe(24)
     other = secrets.token_urlsafe(24)
     with kmock_cluster(controller=False) as k8s:
@@ -51,9 +54,17 @@ def test_k8s_reference_reads_the_secret_and_names_only_the_reference_on_errors()
         with pytest.raises(SecretUnavailable, match=r"k8s secret .*/nope key 'k': Kubernetes API answered 404"):
             SecretRef(k8s=f"{k8s.namespace}/nope/k", api_url=k8s.api_url).resolve()
         url = k8s.api_url
-    # The API server gone: unreachable, said in one line.
+        namespace = k8s.namespace
+    # The API server gone: what was read is used (within the re-read interval, and after it
+    # when the store does not answer: a probe must not find every server "down" because the
+    # store is), and a reference never read is unreachable, said in one line.
+    ref = SecretRef(k8s=f"{namespace}/eagle-dr-codec/key-1", api_url=url)
+    assert ref.resolve() == value
+    monkeypatch.setattr(config_module, "NETWORK_SECRET_TTL_S", 0.0)  # every use reads the store again
+    assert ref.resolve() == value
+    forget_network_secrets()
     with pytest.raises(SecretUnavailable, match="Kubernetes API unreachable"):
-        SecretRef(k8s="eagle-alert/eagle-dr-codec/key-1", api_url=url).resolve()
+        ref.resolve()
 
 
 def test_env_still_wins_over_a_k8s_reference(monkeypatch):
@@ -147,6 +158,7 @@ class _VaultFake:
 
 
 def test_vault_reference_reads_kv2_and_kv1_and_names_only_the_reference(monkeypatch):
+    forget_network_secrets()
     value, v1_value = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     with _VaultFake({"secret/data/eagle-dr": _kv2({"codec-key": value, "other": "x"}),
                      "kv/eagle-dr": _kv1({"token": v1_value})}) as vault:
@@ -155,6 +167,9 @@ def test_vault_reference_reads_kv2_and_kv1_and_names_only_the_reference(monkeypa
         assert SecretRef(vault="secret/data/eagle-dr#codec-key").resolve() == value
         assert SecretRef(vault="/kv/eagle-dr#token").resolve() == v1_value
         assert vault.seen[0] == ("/v1/secret/data/eagle-dr", _TOKEN)
+        # Read once per interval, not at every use (a probe a second per region asked each time).
+        asked = len(vault.seen)
+        assert SecretRef(vault="secret/data/eagle-dr#codec-key").resolve() == value and len(vault.seen) == asked
 
         with pytest.raises(SecretUnavailable) as e:
             SecretRef(vault="secret/data/eagle-dr#nope").resolve()
@@ -165,10 +180,12 @@ def test_vault_reference_reads_kv2_and_kv1_and_names_only_the_reference(monkeypa
             SecretRef(vault="secret/data/missing#k").resolve()
 
         monkeypatch.setenv("VAULT_TOKEN", "hvs.wrong")
+        forget_network_secrets()
         with pytest.raises(SecretUnavailable, match="vault secret/data/eagle-dr#codec-key: Vault answered "
                                                     "Forbidden: permission denied"):
             SecretRef(vault="secret/data/eagle-dr#codec-key").resolve()
         url = vault.url
+    forget_network_secrets()
     with pytest.raises(SecretUnavailable, match=f"Vault unreachable at {url}"):
         SecretRef(vault="secret/data/eagle-dr#codec-key").resolve()
     monkeypatch.delenv("VAULT_ADDR")
