@@ -95,8 +95,11 @@ async def test_rebuild_standby_from_backup_after_its_data_dir_is_broken(lab, cli
     # A pg_rewind interrupted on the old directory left its marker: the rebuild replaces the
     # directory whole, so the marker must go, or the next failback re-clones a healthy standby.
     rewind_marker(ctl.data_dir).write_text("pg_rewind started (test)\n")
-    handle = await client.start_workflow(RestoreWorkflow.run, RestoreInput(mode="rebuild-standby", region=standby),
-                                         id=f"test-rebuild-{uuid.uuid4()}",
+    # Started as from the UI, with only the approval's timeout given: still an approval (the
+    # policy's own default, not required, turned the gate off).
+    handle = await client.start_workflow("RestoreWorkflow", {"mode": "rebuild-standby", "region": standby,
+                                                             "approval": {"timeout_seconds": 1800}},
+                                         id=f"test-rebuild-{uuid.uuid4()}", result_type=RestoreResult,
                                          task_queue=lab.cfg.temporal.control_task_queue)
     await _wait_awaiting(handle)
     # Nothing was replaced before the approval: the broken directory is still there, as it was.
@@ -441,6 +444,35 @@ async def test_a_restore_left_writing_by_a_dead_attempt_is_stopped_before_the_re
             # Never continued: it would write into whatever directory is there now.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(orphan), signal.SIGKILL)
+
+
+async def test_a_retry_of_a_rebuild_that_finished_reports_it_and_restores_nothing(lab, client):
+    """An attempt that finished (the new standby streams, the original gone) and died before
+    saying so (its completion lost: a heartbeat timeout in a network blip): the retry found
+    nothing aside, set the healthy new standby aside and restored again (hours at scale,
+    without a standby), then reported 0 s. It now finds this run's record and reports the
+    rebuild as the attempt that made it measured it."""
+    primary, standby, pg, data = await _standby_with_a_backup(lab, client, "incr")
+    stanza = Stanza(lab.cfg, standby)
+    run = f"test-rebuild/{uuid.uuid4()}"
+
+    def rebuild():
+        return rebuild_standby(stanza, lab.cfg.region(primary).postgres, standby, application_name=standby,
+                               slot=pg.slot_name, attempt_of=run)
+
+    def started_at():
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            return conn.execute("select pg_postmaster_start_time()").fetchone()[0]
+
+    first = await asyncio.to_thread(rebuild)
+    assert first.restore_seconds and first.restore_seconds > 0 and first.backup_label, first
+    (data / "eagle-dr-test-rebuilt").write_text("a restore would replace the directory, and this with it")
+    was = started_at()
+    again = await asyncio.to_thread(rebuild)
+    assert again == first, (again, first)
+    assert (data / "eagle-dr-test-rebuilt").exists() and started_at() == was  # untouched, never restarted
+    st = pg_status(pg)
+    assert st.role == "standby" and st.receiver_status == "streaming", st
 
 
 @pytest.mark.long  # ~90 s: the retry waits out the activity's 60 s heartbeat timeout

@@ -42,7 +42,7 @@ with workflow.unsafe.imports_passed_through():
     from eagle_dr.config import TableName
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyResult
-    from workflows.models import ApprovalPolicy, ApprovalRecord
+    from workflows.models import ApprovalPolicy, ApprovalRecord, RequiredApproval
     from workflows.restore import RestoreResult, RestoreWorkflow
     from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
@@ -64,7 +64,7 @@ class DataSyncInput(BaseModel):
     regions: list[str] = Field(default_factory=list)
     database_b: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
     # A sync writes to a database (or replaces a standby): approval is asked unless turned off.
-    approval: ApprovalPolicy = ApprovalPolicy(required=True)
+    approval: RequiredApproval = ApprovalPolicy(required=True)
     max_keys: int = Field(default=MAX_KEYS, ge=1, le=MAX_KEYS)
     trigger: str = Field(default="manual", max_length=100)
     # For a runbook's final verify: tables without a primary key are listed, not compared.

@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 
 def _aware(v: datetime) -> datetime:
@@ -46,6 +46,19 @@ class ApprovalPolicy(BaseModel):
     default_action: DefaultAction = DefaultAction.abort
     # Drills approve themselves and say so in the report.
     auto_approve_as: str | None = None
+
+
+def _required_unless_said(v):
+    """A policy given without ``required`` where approval is the default: still required. A
+    partial one from the UI or the API ({"timeout_seconds": 3600}) was built with the model's
+    own default, False, and turned the gate off."""
+    if isinstance(v, dict) and "required" not in v:
+        return {**v, "required": True}
+    return v
+
+
+# The approval of an input whose default asks for one (a restore or a sync writing to a live server).
+RequiredApproval = Annotated[ApprovalPolicy, BeforeValidator(_required_unless_said)]
 
 
 class ApprovalDecision(BaseModel):

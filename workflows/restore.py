@@ -66,7 +66,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.backup.rebuild import RebuiltStandby
     from activities.backup.recover import RowRecovery, RowSelection
     from activities.backup.restore import FollowingScratch, RestoreTarget, Scratch
-    from workflows.models import ApprovalPolicy, ApprovalRecord
+    from workflows.models import ApprovalPolicy, ApprovalRecord, RequiredApproval
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import DR_RUNBOOK, DR_SERVICE, DR_SOURCE_REGION, DR_TARGET_REGION, DR_TRIGGER
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
@@ -96,7 +96,7 @@ class RestoreInput(BaseModel):
     # recover-rows: which tables, and rows, to copy back into the primary.
     tables: list[RowSelection] = Field(default=[], max_length=100)
     # The gate before anything is written to a live server (rebuild-standby, recover-rows).
-    approval: ApprovalPolicy = ApprovalPolicy(required=True)
+    approval: RequiredApproval = ApprovalPolicy(required=True)
     # How long the restore waits for an expire (one holding the expiry lock, or a pgbackrest
     # expire still running on a node) before it goes on beside it and says so: an expire hung
     # on a bucket that is down must not hold a restore at 3 a.m.
@@ -194,9 +194,9 @@ class RestoreWorkflow(ReadsBackups, Runbook):
                     except asyncio.TimeoutError:
                         pass
         finally:
-            # Always, also on failure or cancel (shielded from it): a scratch instance holds a
+            # Always, also on failure or cancel (_drop_whatever_happens): a scratch instance holds a
             # port and a copy of the database's disk.
-            await asyncio.shield(asyncio.ensure_future(self._drop(region, queue, req, scratch)))
+            await self._drop_whatever_happens(region, queue, req, scratch)
         outcome = "degraded" if self.degraded else "succeeded"
         self.finish(outcome)
         return RestoreResult(service=topo.service, scratch=scratch, dropped=True, degraded=self.degraded,
@@ -307,8 +307,8 @@ class RestoreWorkflow(ReadsBackups, Runbook):
                     ("failed", f"FAILED: {described(e)}")
             else:
                 self.done_reading()
-                rec.detail = (f"backup {rebuilt.backup_label}: restore {rebuilt.restore_seconds:.1f} s, catch-up "
-                              f"{rebuilt.catch_up_seconds:.1f} s; streaming from {rebuilt.upstream}")
+                rec.detail = (f"backup {rebuilt.backup_label}: restore {_seconds(rebuilt.restore_seconds)}, catch-up "
+                              f"{_seconds(rebuilt.catch_up_seconds)}; streaming from {rebuilt.upstream}")
         if failed is not None:
             # Before anything is kept, so undone: the original directory back and the node as it
             # was (the activity does this itself unless its worker died). Run to its end even if
@@ -374,7 +374,7 @@ class RestoreWorkflow(ReadsBackups, Runbook):
             rreq = rreq.model_copy(update={"preview": False, "approved_by": approval.approver or approval.outcome})
             recovery = await self.no_return(self._apply_rows(rreq, primary, queue), f"rows written to {primary}")
         finally:
-            await asyncio.shield(asyncio.ensure_future(self._drop(region, queue, req, scratch)))
+            await self._drop_whatever_happens(region, queue, req, scratch)
         outcome = "degraded" if self.degraded else "succeeded"
         self.finish(outcome)
         return RestoreResult(service=topo.service, mode=inp.mode, scratch=scratch, dropped=True,
@@ -430,7 +430,7 @@ class RestoreWorkflow(ReadsBackups, Runbook):
                 elif check.degraded:
                     self.degraded.extend(check.degraded)
         finally:
-            await asyncio.shield(asyncio.ensure_future(self._drop(region, queue, req, self.scratch_copy)))
+            await self._drop_whatever_happens(region, queue, req, self.scratch_copy)
         outcome = "degraded" if self.degraded else "succeeded"
         self.finish(outcome)
         return RestoreResult(service=topo.service, mode=inp.mode, scratch=self.scratch_copy, dropped=True,
@@ -451,12 +451,27 @@ class RestoreWorkflow(ReadsBackups, Runbook):
                                      f"{'; '.join(recovery.foreign_keys_broken[:5])}")
         return recovery
 
+    async def _drop_whatever_happens(self, region: str, queue: str, req: RestoreRequest,
+                                     scratch: Scratch | None) -> None:
+        """The drop to its end, also on a failure or a cancel, including one asked while it
+        runs: a shield only kept the drop's task going while the run ended cancelled around it,
+        its activity's retries never scheduled, and the copy (a writable database of production
+        data, a port, disk beside a standby) stayed."""
+        if workflow.patched("restore-drop-settles"):
+            await self.settled(self._drop(region, queue, req, scratch))
+        else:
+            await asyncio.shield(asyncio.ensure_future(self._drop(region, queue, req, scratch)))
+
     async def _drop(self, region: str, queue: str, req: RestoreRequest, scratch: Scratch | None) -> None:
         async with self.step("Stop and delete the scratch instance"):
             await self.act(RestoreActivities.drop_scratch,
                            DropScratchRequest(region=region, name=req.name,
                                               port=scratch.port if scratch else (req.port or 1024)),
                            queue=queue, timeout=180, heartbeat=30, attempts=10)
+
+
+def _seconds(s: float | None) -> str:
+    return "unknown" if s is None else f"{s:.1f} s"
 
 
 def _dir_name(info) -> str:

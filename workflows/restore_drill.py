@@ -219,7 +219,9 @@ class RestoreDrillWorkflow(ReadsBackups, Runbook):
                                  "ArchivingFailing") from None
             rec.detail = f"archived {arch.last_archived_wal} at {_t(arch.last_archived_time)}"
 
-        req = RestoreRequest(region=region, repo_region=repo, target=RestoreTarget(kind="name", name=mark.name),
+        # The mark's position too: a backup that ended after it must not be the one restored.
+        target = RestoreTarget(kind="name", name=mark.name, lsn=mark.lsn)
+        req = RestoreRequest(region=region, repo_region=repo, target=target,
                              name=_dir_name(info), timeout_seconds=inp.timeout_seconds, fallback=inp.repo is None)
         scratch: Scratch | None = None
         try:
@@ -284,9 +286,13 @@ class RestoreDrillWorkflow(ReadsBackups, Runbook):
                 res.outcome = "failed"
             raise
         finally:
-            # Always, also on failure or cancel (shielded from it): a scratch instance holds a
-            # port and a copy of the database's disk.
-            await asyncio.shield(asyncio.ensure_future(self._drop(region, queue, req, scratch)))
+            # Always, also on failure or cancel, including one asked while it runs (a shield
+            # let the run end cancelled around it): a scratch instance holds a port and a copy
+            # of the database's disk.
+            if workflow.patched("restore-drop-settles"):
+                await self.settled(self._drop(region, queue, req, scratch))
+            else:
+                await asyncio.shield(asyncio.ensure_future(self._drop(region, queue, req, scratch)))
 
         async with self.step("Measure the newest recoverable point") as rec:
             arch = await self.act(RestoreDrillActivities.read_archiver_state, primary, queue=control, timeout=30,

@@ -26,6 +26,7 @@ from activities.backup.restore import (
     RestoreError,
     RestoreTarget,
     Scratch,
+    backup_set,
     check_target,
     connect_scratch,
     drop_scratch,
@@ -33,6 +34,7 @@ from activities.backup.restore import (
     restore_following,
     restore_to_scratch,
     scratch_config,
+    start_backup,
     utcnow,
 )
 from activities.backup.take import PrimaryRemoteUnreachable, StanzaMissing, take_backup
@@ -334,11 +336,6 @@ def closed_by_later_backups(gaps: list[WalGap], repo: str, backups: list[BackupR
     return out
 
 
-def _start_backup(backups: list[BackupRecord], target: datetime) -> BackupRecord:
-    """The backup a restore to ``target`` starts from: the newest that ended by then, else the oldest."""
-    return ([b for b in backups if b.stopped <= target] or backups[:1])[-1]
-
-
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -348,9 +345,11 @@ class RestoreActivities:
         self.cfg = cfg
 
     def _primary_timeline(self) -> int | None:
-        """The one reachable primary's timeline (None when there is not exactly one)."""
+        """The one reachable writable primary's timeline (None when there is not exactly one).
+        A fenced old primary (read-only, beside the live one after a failover) is not the live
+        branch: counted, it made two and the restore followed "latest", maybe a dead branch."""
         tlis = [s.timeline for s in (pg_status(r.postgres, 5) for r in self.cfg.regions)
-                if s.reachable and s.role == "primary"]
+                if s.reachable and s.role == "primary" and not s.read_only]
         return tlis[0] if len(tlis) == 1 else None
 
     def scratch_dir(self, region: str, name: str) -> Path:
@@ -438,8 +437,8 @@ class RestoreActivities:
         if not gaps or not backups:
             return None, read_here
         target = _target_time(req)
-        return pitr_blocked(closed_by_later_backups(gaps, repo, backups), repo, _start_backup(backups, target).stopped,
-                            target), read_here
+        start = start_backup(backups, req.target, target) or backups[0]
+        return pitr_blocked(closed_by_later_backups(gaps, repo, backups), repo, start.stopped, target), read_here
 
     @activity.defn
     def restore_scratch(self, req: RestoreRequest) -> Scratch:
@@ -455,23 +454,25 @@ class RestoreActivities:
             what = f"port {req.port} is already taken on this host" if req.port else \
                 f"no free port in {ports.start}..{ports.stop - 1}"
             raise _restore_error(RestoreError(what, "port", "PortInUse"))
-        self._room_for(st, req, directory)
+        backups = self._room_for(st, req, directory)
         try:
             # A side thread beats through pgbackrest restore too (one blocking call, minutes on
             # a big database), not only through the replay loop.
             with heartbeating(every=10):
                 return restore_to_scratch(st, directory, port, req.target, req.repo_region, activity.heartbeat,
-                                          timeout=req.timeout_seconds, timeline=self._primary_timeline())
+                                          timeout=req.timeout_seconds, timeline=self._primary_timeline(),
+                                          backup=backup_set(backups or [], req.target, utcnow()))
         except RestoreError as e:
             drop_scratch(st, directory, port)
             raise _restore_error(e) from None
 
-    def _room_for(self, st: Stanza, req: RestoreRequest, directory: Path) -> None:
+    def _room_for(self, st: Stanza, req: RestoreRequest, directory: Path) -> list[BackupRecord] | None:
         """Refuse, before anything is written, a restore the scratch volume cannot hold. By
         default the scratch copy is made on a standby's host, beside its data directory: a
         restore that fills that volume stops the standby's replication (its WAL receiver cannot
         write), every day a drill runs. Sized from the backup the restore starts from (its
-        database bytes) plus the replay's WAL and a margin; unknown sizes are not guessed at."""
+        database bytes) plus the replay's WAL and a margin; unknown sizes are not guessed at.
+        Returns that bucket's backups (None: unread), from which the restore picks its set."""
         try:
             with heartbeating():
                 # That bucket alone: the other may be a lost region's, whose dead endpoint costs
@@ -480,10 +481,10 @@ class RestoreActivities:
                                        ).on(req.repo_region)
         except Exception as e:  # noqa: BLE001 - the check before read it; the restore says why if it cannot
             activity.logger.warning("restore space check skipped: catalog unreadable: %s", e)
-            return
-        start = _start_backup(backups, _target_time(req)) if backups else None
+            return None
+        start = start_backup(backups, req.target, utcnow())
         if start is None or not start.size:
-            return
+            return backups
         probe = directory
         while not probe.exists():
             probe = probe.parent
@@ -496,6 +497,7 @@ class RestoreActivities:
                 "that volume (a standby's data directory on it would stop replicating). Free space there, set "
                 "backup.scratch_dir to a larger volume, or run the copy on another region's host (region)",
                 "region", "NoSpace"))
+        return backups
 
     @activity.defn
     def restore_following_scratch(self, req: FollowRestoreRequest) -> FollowingScratch:
@@ -539,9 +541,11 @@ class RestoreActivities:
             # A side thread beats through the long blocking calls (pgbackrest restore, waiting
             # for another attempt's lock): the steps' own beats come only between them.
             with heartbeating():
+                info = activity.info()
                 return rebuild_standby(st, self.cfg.region(req.primary_region).postgres, req.repo_region,
                                        application_name=node.name, slot=node.postgres.slot_name,
-                                       beat=activity.heartbeat, timeout=req.timeout_seconds)
+                                       beat=activity.heartbeat, timeout=req.timeout_seconds,
+                                       attempt_of=f"{info.workflow_id}/{info.workflow_run_id}")
         except RestoreError as e:
             raise _restore_error(e) from None
 

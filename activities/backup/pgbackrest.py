@@ -346,18 +346,24 @@ class Stanza:
         # beside one directory per 4 GiB of WAL: two one-level listings, never a recursive
         # one, which lists every archived segment (30 days of WAL: tens of thousands, pages
         # of S3 listings) and ran beside the restore it serves.
-        top = self.run("repo-ls", f"--repo={repo}", args=(f"archive/{self.name}",), timeout=timeout, check=False)
-        if top.returncode != 0:
-            return None
-        for archive_id in (x.strip() for x in top.stdout.splitlines()):
-            if not re.fullmatch(r"\d+-\d+", archive_id):
-                continue  # archive.info and its copy
-            r = self.run("repo-ls", f"--repo={repo}", f"--filter=^{re.escape(name)}$",
-                         args=(f"archive/{self.name}/{archive_id}",), timeout=timeout, check=False)
-            if r.returncode != 0:
+        deadline = time.monotonic() + timeout
+        try:
+            top = self.run("repo-ls", f"--repo={repo}", args=(f"archive/{self.name}",), timeout=timeout,
+                           check=False)
+            if top.returncode != 0:
                 return None
-            if any(line.strip() == name for line in r.stdout.splitlines()):
-                return True
+            for archive_id in (x.strip() for x in top.stdout.splitlines()):
+                if not re.fullmatch(r"\d+-\d+", archive_id):
+                    continue  # archive.info and its copy
+                r = self.run("repo-ls", f"--repo={repo}", f"--filter=^{re.escape(name)}$",
+                             args=(f"archive/{self.name}/{archive_id}",),
+                             timeout=max(1.0, deadline - time.monotonic()), check=False)
+                if r.returncode != 0:
+                    return None
+                if any(line.strip() == name for line in r.stdout.splitlines()):
+                    return True
+        except subprocess.TimeoutExpired:
+            return None  # pgBackRest still retrying an endpoint: could not tell (it failed the restore)
         return False
 
     def processes(self, *commands: str, archive: bool = False) -> dict[int, str]:

@@ -42,8 +42,9 @@ class RebuiltStandby(BaseModel):
     repo_region: str
     backup_label: str | None = None
     already_streaming: bool = False
-    restore_seconds: float = 0.0
-    catch_up_seconds: float = 0.0  # start, archive replay, first streamed record
+    # None: not measured (a node found streaming already, by an attempt of before this record).
+    restore_seconds: float | None = None
+    catch_up_seconds: float | None = None  # start, archive replay, first streamed record
     upstream: str
     replay_lsn: str | None = None
     # pgbackrest restores an earlier attempt left writing into the data directory (its worker
@@ -53,6 +54,13 @@ class RebuiltStandby(BaseModel):
 
 def aside_dir(data: Path) -> Path:
     return data.with_name(f".{data.name}.eagle-dr-before-restore")
+
+
+def _done_file(data: Path) -> Path:
+    """The finished rebuild's result and whose (``attempt_of``: the run): an attempt of the same
+    run whose predecessor finished and died before saying so finds it, instead of setting the
+    healthy new standby aside and restoring again (hours, at scale, without a standby)."""
+    return data.with_name(f".{data.name}.eagle-dr-rebuilt.json")
 
 
 def _found_file(data: Path) -> Path:
@@ -197,10 +205,11 @@ def _exclusive(data: Path):
 
 
 def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, application_name: str, slot: str,
-                    beat=lambda d: None, timeout: float = 3600) -> RebuiltStandby:
+                    beat=lambda d: None, timeout: float = 3600, attempt_of: str | None = None) -> RebuiltStandby:
     """Replace the node's data directory with a restore of the newest backup in
     ``repo_region``'s bucket, started as a standby of ``primary``. Idempotent: a retry finds
-    the old directory already aside and restores again; a node already streaming is left as is."""
+    the old directory already aside and restores again; a node already streaming is left as is,
+    and one this run (``attempt_of``) already rebuilt is reported as that attempt found it."""
     node = stanza.region.postgres
     ctl = PgCtl(node)
     data = ctl.data_dir
@@ -210,6 +219,11 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
         if stopped:
             beat({"phase": "stopped a restore left by an earlier attempt", "pids": stopped})
         aside = aside_dir(data)
+        done = _read_done(data)
+        if attempt_of is not None and done is not None and done[0] == attempt_of and ctl.running() \
+                and _streaming_from(node, primary):
+            return done[1].model_copy(update={"stopped_restores": stopped})
+        _done_file(data).unlink(missing_ok=True)  # another run's: this one's result replaces it
         if ctl.running():
             st = pg_status(node, 5)
             if st.role == "primary":
@@ -241,7 +255,8 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
             os.rename(data, aside)
             _fsync_dir(data.parent)
         try:
-            rebuilt = _restore_and_start(stanza, ctl, primary, repo_region, application_name, slot, beat, timeout)
+            rebuilt = _restore_and_start(stanza, ctl, primary, repo_region, application_name, slot, beat, timeout,
+                                         attempt_of)
         except BaseException:
             # A failed or cancelled rebuild leaves the node as it found it: running if it ran.
             # An undo that fails here is left to the runbook's undo step (undo_rebuild), and
@@ -299,8 +314,16 @@ def _refuse_old_primary(region: str, ctl: PgCtl) -> None:
                            "InvalidInput")
 
 
+def _read_done(data: Path) -> tuple[str | None, RebuiltStandby] | None:
+    try:
+        doc = json.loads(_done_file(data).read_text())
+        return doc.get("attempt_of"), RebuiltStandby.model_validate(doc["result"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo_region: str, application_name: str,
-                       slot: str, beat, timeout: float) -> RebuiltStandby:
+                       slot: str, beat, timeout: float, attempt_of: str | None = None) -> RebuiltStandby:
     left = _budget(timeout)  # one bound for restore, start and catch-up together (restore.py)
     node = stanza.region.postgres
     data = ctl.data_dir
@@ -339,13 +362,17 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     ctl.start(timeout=int(min(left(), 600)))
     wait_streaming(ctl, node, primary, time.monotonic() + left(), timeout, "restored standby",
                    lambda: beat({"phase": "waiting to stream", "backup": m.group(1) if m else None}))
+    rebuilt = RebuiltStandby(region=stanza.region.name, repo_region=repo_region,
+                             backup_label=m.group(1) if m else None, restore_seconds=restore_s,
+                             catch_up_seconds=time.monotonic() - t1, upstream=f"{primary.host}:{primary.port}",
+                             replay_lsn=pg_status(node, 5).lsn)
+    # Before the original goes: from here on a retry of this run finds the rebuild done.
+    _done_file(data).write_text(json.dumps({"attempt_of": attempt_of, "result": rebuilt.model_dump(mode="json")}))
     shutil.rmtree(aside_dir(data), ignore_errors=True)
     # A rewind interrupted on the old directory left its marker: the directory is replaced
     # whole now, and the marker would make the next failback re-clone a healthy standby.
     rewind_marker(data).unlink(missing_ok=True)
-    return RebuiltStandby(region=stanza.region.name, repo_region=repo_region, backup_label=m.group(1) if m else None,
-                          restore_seconds=restore_s, catch_up_seconds=time.monotonic() - t1,
-                          upstream=f"{primary.host}:{primary.port}", replay_lsn=pg_status(node, 5).lsn)
+    return rebuilt
 
 
 def _fsync_dir(path: Path) -> None:

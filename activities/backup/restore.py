@@ -29,7 +29,7 @@ from typing import Literal
 import psycopg
 from pydantic import BaseModel, Field
 
-from activities.backup.catalog import Catalog
+from activities.backup.catalog import BackupRecord, Catalog
 from activities.backup.pgbackrest import PgBackRestError, Stanza, _last_error, repo_key, submit_in_activity
 from activities.postgres.ctl import PgCtl, PgCtlError, _guc_string
 from activities.postgres.lsn import int_to_lsn, lsn_to_int
@@ -42,6 +42,10 @@ class RestoreTarget(BaseModel):
 
     kind: Literal["latest", "time", "lsn", "name"] = "latest"
     time: datetime | None = None
+    # An lsn target's position; with a name target, where that restore point is (what
+    # pg_create_restore_point returned), so that the restore starts from a backup that ended
+    # before it. Without it a name target starts from the newest backup, as pgBackRest does, and
+    # fails when that backup ended after the restore point.
     lsn: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
     name: str | None = Field(default=None, min_length=1, max_length=63)
     # Stop just before the target (a corrupting transaction's own commit time) or just after.
@@ -130,6 +134,41 @@ def check_target(target: RestoreTarget, catalog: Catalog, repo_region: str, now:
     if target.kind == "name" and not target.name:
         raise RestoreError("a name target needs 'name' (a restore point from pg_create_restore_point)",
                            "target.name", "InvalidInput")
+    if start_backup(backups, target, now) is None:
+        ended = [b for b in backups if b.lsn_stop]
+        first = min(ended, key=lambda b: lsn_to_int(b.lsn_stop))
+        raise RestoreError(f"{target.lsn} is before the end of the oldest backup in {repo_region}'s bucket "
+                           f"({first.label}, consistent from {first.lsn_stop}): nothing can restore to it",
+                           "target.lsn", "InvalidInput")
+
+
+def start_backup(backups: list[BackupRecord], target: RestoreTarget, now: datetime) -> BackupRecord | None:
+    """The backup a restore to ``target`` starts from (``backups`` of one repo, oldest first).
+
+    A time: the newest that ended by then, else the oldest (pgBackRest's own choice, made
+    again by it). A position (an lsn target, or a name target with its restore point's LSN):
+    the newest that ended at or before it, passed to pgBackRest as ``--set``: 2.45 takes the
+    newest backup for both, and PostgreSQL then refuses a stop point before the end of the
+    backup ("before consistent recovery point"), so a drill whose restore point had a backup
+    finish after it failed; None when every backup ended after it. Otherwise the newest."""
+    if not backups:
+        return None
+    if target.kind in ("lsn", "name") and target.lsn:
+        ended = [b for b in backups if b.lsn_stop]
+        if ended:  # records without positions (none from a current pgBackRest): as before
+            at = lsn_to_int(target.lsn)
+            fit = [b for b in ended if lsn_to_int(b.lsn_stop) <= at]
+            return max(fit, key=lambda b: lsn_to_int(b.lsn_stop)) if fit else None
+    when = target.time if target.kind == "time" and target.time else now
+    return ([b for b in backups if b.stopped <= when] or backups[:1])[-1]
+
+
+def backup_set(backups: list[BackupRecord], target: RestoreTarget, now: datetime) -> str | None:
+    """The ``--set`` a restore to ``target`` must name; None where pgBackRest's own choice is
+    right (a time, latest, a name without its position)."""
+    if target.kind in ("lsn", "name") and target.lsn and (b := start_backup(backups, target, now)) is not None:
+        return b.label
+    return None
 
 
 def socket_dir(directory: Path) -> Path:
@@ -147,7 +186,8 @@ def scratch_config(stanza: Stanza, directory: Path, port: int) -> PostgresConfig
                           bin_dir=pg.bin_dir, os_user=pg.os_user)
 
 
-def timeline_to_follow(stanza: Stanza, repo_region: str, primary_timeline: int | None) -> str | None:
+def timeline_to_follow(stanza: Stanza, repo_region: str, primary_timeline: int | None,
+                       timeout: float = 60) -> str | None:
     """Which timeline recovery follows: the live primary's, never PostgreSQL's default "latest".
 
     A fenced old primary or a split brain's loser that was promoted archives a history file of
@@ -162,11 +202,18 @@ def timeline_to_follow(stanza: Stanza, repo_region: str, primary_timeline: int |
     if primary_timeline == 1:
         return "current"
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
-    return str(primary_timeline) if stanza.has_history(key, primary_timeline) else "current"
+    known = stanza.has_history(key, primary_timeline, timeout)
+    if known is None:
+        # The listing failed (throttled, timed out): the primary's timeline all the same. If its
+        # history file is really missing PostgreSQL refuses to start, loudly; "current" would
+        # replay silently to the fork and promote a copy missing everything written since.
+        return str(primary_timeline)
+    return str(primary_timeline) if known else "current"
 
 
 def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: RestoreTarget, repo_region: str,
-                       beat=lambda d: None, timeout: float = 3600, timeline: int | None = None) -> Scratch:
+                       beat=lambda d: None, timeout: float = 3600, timeline: int | None = None,
+                       backup: str | None = None) -> Scratch:
     """Restore, start, replay to the target, promote; returns where it is and what it reached.
     ``timeout`` bounds all of it: each part gets what the parts before it left, so the whole
     ends within the activity's start-to-close (timeout + a margin), which used to allow a
@@ -174,7 +221,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     left = _budget(timeout)
     sc = _prepare(stanza, directory, port)
     opts = [f"--repo={repo_key(stanza.cfg, stanza.region.name, repo_region)}", f"--pg1-path={sc.data_dir}",
-            "--archive-mode=off"]
+            "--archive-mode=off", *([f"--set={backup}"] if backup else [])]
     if target.kind != "latest":
         value = {"time": target.time.isoformat(sep=" ") if target.time else "", "lsn": target.lsn,
                  "name": target.name}[target.kind]
@@ -201,6 +248,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     m = re.search(r"restore backup set (\d{8}-\d{6}F(?:_\d{8}-\d{6}[DI])?)", r.stdout + r.stderr)
     label = m.group(1) if m else None
     beat({"phase": "replaying WAL", "backup": label})
+    start_tli = _backup_timeline(Path(sc.data_dir))
     ctl = PgCtl(sc)
     if follow:
         # What --target-timeline would have written; the last setting in the file wins.
@@ -234,6 +282,14 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         if not ctl.running():
             log = ctl.log.read_text()[-1500:] if ctl.log.exists() else ""
             if "recovery ended before configured recovery target was reached" in log:
+                if target.kind == "name" and not target.lsn:
+                    # Replay starts at the end of the backup: a restore point written before it
+                    # is never met (pgBackRest takes the newest backup for a name).
+                    raise RestoreError(
+                        f"recovery never met restore point {target.name!r}: it is after the newest archived WAL, "
+                        f"or before the end of backup {label}, where replay started; give target.lsn (the "
+                        f"restore point's position, pg_create_restore_point's answer) to start from a backup "
+                        f"that ended before it", "target.lsn", "InvalidInput")
                 # The archive ends before the target (its newest WAL is older): say so plainly.
                 raise RestoreError(f"the archived WAL ends before {target.describe()}: nothing newer than the "
                                    f"newest archived segment can be restored; choose an earlier target, or "
@@ -248,13 +304,32 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         row = conn.execute("select (pg_last_committed_xact()).timestamp").fetchone() if _tracks_commit_ts(conn) else None
         tli = conn.execute("select timeline_id from pg_control_checkpoint()").fetchone()[0]
     how = note or "recovery followed the repo's latest timeline"
+    if timeline is None:
+        timeline_note = (f"no single reachable primary named the live timeline: {how} (ended on timeline {tli}); if a "
+                         f"fenced old primary or a split brain's loser was ever promoted, check the copy holds the "
+                         f"branch you want")
+    elif follow == "current" and start_tli is not None and start_tli < timeline:
+        # The repo lacks the live timeline's history file (a bucket wiped or lost after that
+        # promotion): the backup's own timeline ends where the live one forked from it.
+        timeline_note = (f"the repo holds no history of the live primary's timeline {timeline}: recovery stayed on "
+                         f"backup {label}'s timeline {start_tli}, which the live timeline left at its promotion; "
+                         f"nothing written since that promotion is in the copy")
+    else:
+        timeline_note = None
     return Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
                    repo_region=repo_region, backup_label=label, target=target, restore_seconds=restore_s,
                    recovery_seconds=recovery_s, recovered_to=row[0] if row else None, timeline=tli,
-                   followed=follow or "latest", timeline_note=None if timeline is not None else (
-                       f"no single reachable primary named the live timeline: {how} (ended on timeline {tli}); if a "
-                       f"fenced old primary or a split brain's loser was ever promoted, check the copy holds the "
-                       f"branch you want"))
+                   followed=follow or "latest", timeline_note=timeline_note)
+
+
+def _backup_timeline(data_dir: Path) -> int | None:
+    """The timeline the restored backup was taken on (its backup_label, before recovery
+    removes it); None when it cannot be read."""
+    try:
+        m = re.search(r"^START TIMELINE: (\d+)$", (data_dir / "backup_label").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
 
 
 def _prepare(stanza: Stanza, directory: Path, port: int) -> PostgresConfig:

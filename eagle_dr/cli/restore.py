@@ -55,6 +55,8 @@ def _target(time: Optional[str], lsn: Optional[str], name: Optional[str], latest
     from activities.backup.restore import RestoreTarget
 
     given = [o for o, v in (("--time", time), ("--lsn", lsn), ("--name", name), ("--latest", latest)) if v]
+    if name and lsn:
+        given.remove("--lsn")  # with --name, where that restore point is: not a target of its own
     if len(given) != 1:
         _fail("give exactly one of --time, --lsn, --name or --latest" + (f" (got {', '.join(given)})" if given else ""))
     try:
@@ -63,7 +65,7 @@ def _target(time: Optional[str], lsn: Optional[str], name: Optional[str], latest
         if lsn:
             return RestoreTarget(kind="lsn", lsn=lsn, inclusive=inclusive)
         if name:
-            return RestoreTarget(kind="name", name=name, inclusive=inclusive)
+            return RestoreTarget(kind="name", name=name, lsn=lsn, inclusive=inclusive)
     except ValidationError as e:
         _fail(f"{given[0]}: " + "; ".join(x["msg"] for x in e.errors()))
     return RestoreTarget()
@@ -159,7 +161,10 @@ def _outcome(res) -> None:
 
 @restore_app.command("pitr")
 def pitr(time: Optional[str] = typer.Option(None, "--time", help="Recover to this time (ISO 8601 with a zone)."),
-         lsn: Optional[str] = typer.Option(None, "--lsn", help="Recover to this LSN (e.g. 0/1A2B3C4)."),
+         lsn: Optional[str] = typer.Option(
+             None, "--lsn", help="Recover to this LSN (e.g. 0/1A2B3C4). With --name: where that restore point is "
+                                 "(pg_create_restore_point's answer), so that the restore starts from a backup that "
+                                 "ended before it."),
          name: Optional[str] = typer.Option(None, "--name", help="Recover to this restore point."),
          latest: bool = typer.Option(False, "--latest", help="Recover to the end of the archive."),
          repo: Optional[str] = typer.Option(None, "--repo", help="Whose bucket (default: the region's own)."),
