@@ -112,7 +112,8 @@ async def monitor_view(client: Client, service: str) -> MonitorView:
     try:
         state = await handle.query(MonitorWorkflow.monitor_state)
     except Exception as e:  # noqa: BLE001 - running, but its worker cannot answer now
-        return MonitorView(workflow_id=wid, running=True, status="running", run_id=desc.run_id,
-                           error=f"its state cannot be read now (control worker down?): {e}")
+        # Not "running": it may be paused, and `monitor resume` took "running" as its proof.
+        return MonitorView(workflow_id=wid, running=True, status="unknown", run_id=desc.run_id,
+                           error=f"running, but its state cannot be read now (control worker down?): {e}")
     return MonitorView(workflow_id=wid, running=True, status="paused" if state.status == "paused" else "running",
                        run_id=desc.run_id, since=state.running_since, state=state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets
 import uuid
@@ -64,7 +65,10 @@ def acfg(lab_cfg, queue):
     listen = {"host": "127.0.0.1", "port": lab_cfg.alerts.listen.port + 10}
     alerts = AlertsConfig.model_validate({"listen": listen, "max_body": MAX_BODY,
                                           "rules": RULES, "temporal_timeout": "2s"})
-    return lab_cfg.model_copy(update={"alerts": alerts, "temporal": TemporalConfig(control_task_queue=queue)})
+    # A service of its own: its monitor's and incidents' ids are this module's alone (a monitor
+    # stopped by another test in the session stays stopped, and no alert here would start it).
+    return lab_cfg.model_copy(update={"alerts": alerts, "temporal": TemporalConfig(control_task_queue=queue),
+                                      "service": f"eagle-alert-{queue[-8:]}"})
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +239,8 @@ async def test_an_open_incident_restarts_a_monitor_that_ended(client, acfg, rece
     group = {"alertname": f"DbSlow{uuid.uuid4().hex[:6]}", "region": "us-east-1", "severity": "critical"}
     key = _group_key(group)
     wid = incident_id(acfg.service, "health", key)
+    other = {**group, "alertname": f"DbDown{uuid.uuid4().hex[:6]}"}  # a later incident's group
+    wid2 = incident_id(acfg.service, "health", _group_key(other))
     mon = client.get_workflow_handle(monitor_id(acfg.service))
     try:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
@@ -273,9 +279,24 @@ async def test_an_open_incident_restarts_a_monitor_that_ended(client, acfg, rece
         assert inc.monitor_restarts == 1, inc
         d = await client.get_workflow_handle(mon.id).describe()
         assert d.status == WorkflowExecutionStatus.COMPLETED and d.run_id == stopped.result_run_id, d.status
+        # Nor does the next incident's first alert (a stop before maintenance, whose own alerts
+        # open a new group): its first start used to take the id of a completed run.
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
+            assert await _post(s, receiver, _notification(other, [_alert(other, now)], _group_key(other))) == 200
+        inc = await _until(lambda: _acted(client, wid2), 20, "the second incident to act")
+        assert "not started" in inc.action and inc.monitor_restarts == 0, inc
+        d = await client.get_workflow_handle(mon.id).describe()
+        assert d.status == WorkflowExecutionStatus.COMPLETED and d.run_id == stopped.result_run_id, d.status
+        await record(client.get_workflow_handle(wid2), "alert_incident-monitor-stays-stopped")
     finally:
         await _terminate(client, mon.id)
         await _terminate(client, wid)
+        await _terminate(client, wid2)
+        # Its last run completed ("stopped"): no alert would start it again for this module's
+        # later tests. A run that ends terminated instead (none polls its queue).
+        with contextlib.suppress(Exception):
+            await client.start_workflow(_Completes.run, id=mon.id, task_queue=f"nobody-{uuid.uuid4().hex[:6]}")
+        await _terminate(client, mon.id)
 
 
 @workflow.defn(name="AlertsTestCompletes")

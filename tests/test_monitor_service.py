@@ -99,6 +99,10 @@ async def test_cli_start_is_idempotent_pause_holds_a_failover_and_survives_a_wor
 
         # kill -9 of the control worker (it runs the monitor): the workflow survives on the server.
         assert kill_tree(read_pid(lab.worker_pidfile(None)))
+        # Its state unreadable meanwhile: "unknown", never "running" (it is paused, and
+        # `monitor resume` took "running" as its confirmation).
+        st = json.loads(_cli(config, "monitor", "status", "--json", ok=False).stdout)
+        assert st["status"] == "unknown" and st["running"] and "cannot be read now" in st["error"], st
         lab.start_worker(None)
         after = await _until(lambda: _rounds_after(handle, more.rounds), 90, "rounds after the worker restart")
         assert after.status == "paused" and after.pause_reason == "maintenance", after
@@ -187,6 +191,7 @@ async def test_rounds_counted_while_paused_are_not_spent_at_resume(lab, client):
                 return st if st and st.status == "paused" and st.failures > inp.failure_threshold else None
 
             paused = await _until(counted, 60, "the paused monitor to count past the threshold")
+            await _until(lambda: _outcome_is(handle, "primary-down"), 30, "DrOutcome primary-down")
             await handle.signal(MonitorWorkflow.resume)
 
             async def resumed_round():
@@ -205,10 +210,19 @@ async def test_rounds_counted_while_paused_are_not_spent_at_resume(lab, client):
             return st if st and st.failures == 0 and st.rounds > after.rounds else None
 
         await _until(answers, 60, "the primary to answer again")
+        # Set for alerting, cleared when it is over: it stood for good (continue-as-new carries it).
+        await _until(lambda: _outcome_is(handle, None), 30, "DrOutcome cleared once the primary answers")
         await handle.signal(MonitorWorkflow.stop, "test over")
         assert (await handle.result()).failover is None
         await record(handle, "monitor-resume-counts-afresh")
+        await record(handle, "monitor-outcome-cleared")
     assert _primary(lab) == a
+
+
+async def _outcome_is(handle, value: str | None) -> bool:
+    from eagle_dr.temporal import DR_OUTCOME
+
+    return (await handle.describe()).typed_search_attributes.get(DR_OUTCOME) == value
 
 
 @contextlib.asynccontextmanager
@@ -330,6 +344,41 @@ async def test_workers_serve_sdk_and_dr_metrics_that_follow_the_lab(lab, client)
         os.kill(standby, signal.SIGCONT)
         await handle.terminate("test over")
     lab.wait_replication()
+
+
+async def test_a_resume_or_release_signalled_before_a_runs_first_task_stands(lab, client):
+    """Signals are handled before a run's first task: a resume or a release that reached a run
+    just continued as new (the control worker restarting in between, say) found nothing paused
+    or held yet, and the pause or hold the run carried came back after it. The monitor stayed
+    paused while saying "resumed", or held automatic moves for up to an hour more. Signal-with-
+    start delivers a signal exactly there."""
+    from workflows.models import MonitorHold
+
+    until = datetime.now(timezone.utc) + timedelta(hours=1)
+    carried = MonitorInput(service=lab.cfg.service, interval_seconds=60, paused=True, pause_reason="maintenance",
+                           holds=[MonitorHold(holder="drill-early", until=until, reason="a drill")])
+    handles = []
+    try:
+        for signal_name, args in (("resume", []), ("release", ["drill-early"])):
+            handles.append(await client.start_workflow(
+                MonitorWorkflow.run, carried, id=f"monitor-early-{signal_name}-{uuid.uuid4()}",
+                task_queue=lab.cfg.temporal.control_task_queue, start_signal=signal_name, start_signal_args=args))
+
+        async def loaded(handle):
+            st = await handle.query(MonitorWorkflow.monitor_state)
+            return st if st.service else None
+
+        resumed = await _until(lambda: loaded(handles[0]), 30, "the resumed monitor to load its input")
+        assert resumed.status == "running" and resumed.paused_since is None, resumed
+        assert [h.holder for h in resumed.holds] == ["drill-early"]  # a resume releases nothing
+        released = await _until(lambda: loaded(handles[1]), 30, "the released monitor to load its input")
+        assert released.holds == [] and released.status == "paused", released
+        assert any(f.endswith("released by drill-early") for f in released.findings), released.findings
+        await record(handles[0], "monitor-early-resume")
+        await record(handles[1], "monitor-early-release")
+    finally:
+        for h in handles:
+            await h.terminate("test over")
 
 
 def test_a_metric_the_sdk_rejects_never_fails_what_it_measures():

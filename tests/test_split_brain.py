@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import uuid
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -412,6 +413,49 @@ async def test_monitor_sees_a_split_brain_and_resolves_it(lab, client):
                                                                                [(x.name, x.detail) for x in sb.steps])
     await _streams_from(lab, b, a)
     assert not detect(lab.cfg).split
+
+
+async def test_the_monitor_leaves_a_split_brain_alone_within_the_cooldown_of_its_last_attempt(lab, client):
+    """The cooldown after an automatic attempt holds a split-brain resolution as it holds a
+    failover: the monitor reported a failed resolution (a node left for a human to fence) and
+    started another one the next round, while that human worked. Within the cooldown it says
+    so and starts nothing; past it, it resolves."""
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    move = client.get_workflow_handle(move_id(lab.cfg.service))
+    before = await _run_of(move)
+    handle = await client.start_workflow(MonitorWorkflow.run, MonitorInput(
+        service=lab.cfg.service, interval_seconds=0.5, auto_resolve_split_brain=True, stop_after_failover=True,
+        last_auto_move_at=datetime.now(timezone.utc), auto_failover_cooldown_seconds=30),
+        id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    try:
+        await _until(_async(lambda: _lag_bytes(lab, a) == 0), 30, "the standby to catch up")
+        _sql(lab, b, "select pg_promote()")
+
+        async def refused():
+            st = await handle.query(MonitorWorkflow.monitor_state)
+            return [f for f in st.findings if "SPLIT BRAIN" in f and "automatic split-brain resolution refused: "
+                    "within the cooldown" in f and "eagle-dr split-brain" in f]
+
+        assert await _until(refused, 60, "the monitor to report the split brain and leave it")
+        assert await _run_of(move) == before  # no resolution started
+        report = await asyncio.wait_for(handle.result(), 240)  # past the cooldown: resolved
+    finally:
+        with contextlib.suppress(Exception):
+            await handle.terminate("test over: a monitor left running would resolve later tests' splits")
+    await record(handle, "monitor-split-brain-after-cooldown")
+    sb = report.split_brain
+    assert sb is not None and sb.outcome == "resolved" and sb.choice.survivor == a, sb
+    await _streams_from(lab, b, a)
+    assert not detect(lab.cfg).split
+
+
+async def _run_of(handle) -> str | None:
+    """The id of the newest run under ``handle``'s workflow id (None: none yet)."""
+    try:
+        return (await handle.describe()).run_id
+    except Exception:  # noqa: BLE001 - no run under that id yet
+        return None
 
 
 async def test_failback_falls_back_to_pg_basebackup_when_rewind_is_impossible(lab, client):

@@ -249,6 +249,11 @@ class AlertIncidentWorkflow:
             attrs.append(SearchAttributePair(DR_RUNBOOK, spec.kind))
         if args.get("target_region"):
             attrs.append(SearchAttributePair(DR_TARGET_REGION, args["target_region"]))
+        # A restart replaces only a run that failed, was terminated or timed out; so does a
+        # monitor's first start: a monitor stopped with `eagle-dr monitor stop` (its run
+        # completed) stays stopped, whichever incident an alert opens next (a stop before
+        # maintenance, whose own alerts then started it again, with automatic failover).
+        failed_only = restart or (spec.kind == "monitor" and workflow.patched("incident-monitor-stays-stopped"))
         try:
             await workflow.start_child_workflow(
                 spec.workflow, args, id=spec.workflow_id, task_queue=spec.task_queue or workflow.info().task_queue,
@@ -258,12 +263,14 @@ class AlertIncidentWorkflow:
                 static_details=f"started by alert incident {workflow.info().workflow_id}; group labels: "
                                + ", ".join(f"{k}={v}" for k, v in sorted(inp.group_labels.items())),
                 search_attributes=TypedSearchAttributes(attrs),
-                # A restart replaces only a run that failed, was terminated or timed out.
-                **({"id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY} if restart else {}))
+                **({"id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY} if failed_only else {}))
         except WorkflowAlreadyStartedError:
             if restart:
                 return f"not restarted: {spec.workflow_id} runs again or was stopped (eagle-dr monitor stop)"
             if spec.kind == "monitor":
+                if failed_only:
+                    return (f"monitor {spec.workflow_id} not started: already running (signalled), or stopped "
+                            "with eagle-dr monitor stop")
                 return f"monitor {spec.workflow_id} already running: signalled"
             return f"not started: {spec.workflow_id} already in progress"
         return f"started {spec.workflow} {spec.workflow_id}"

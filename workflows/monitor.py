@@ -45,7 +45,9 @@ that a majority of vantage points does not see as a live standby is a finding, n
 of the watch. ``pause`` keeps it probing and reporting but it starts no runbook; ``resume``
 lets it act again (on the next round, if the primary is still down); ``stop`` ends it after
 the current round. Paused state, the start time and the last automatic attempt survive
-continue-as-new.
+continue-as-new. An automatic split-brain resolution (``auto_resolve_split_brain``) is held
+and cooled down the same way (patch ``monitor-split-brain-held-and-cooled``): a drill's hold
+stops it, and any automatic attempt of either kind starts the cooldown of both.
 
 Fast confirmation (patch ``monitor-fast-confirm``, ``confirm_interval_seconds`` set): a
 round in which a majority of ALL vantage points see the watched region's PostgreSQL and
@@ -106,7 +108,8 @@ class MonitorInput(BaseModel):
     # Bounded: each round adds a few activities to the history, and Temporal caps its length.
     iterations_per_run: int = Field(default=500, ge=1, le=10000)
     primary_region: str | None = None
-    # No automatic failover within this long of the last automatic attempt (see config.health).
+    # No automatic failover or split-brain resolution within this long of the last automatic
+    # attempt of either (see config.health).
     auto_failover_cooldown_seconds: float = Field(default=1800, ge=0)
     require_approval: bool = False
     # Carried across continue-as-new by the service monitor.
@@ -226,6 +229,12 @@ class MonitorWorkflow(Runbook):
         self._readiness_task: asyncio.Task | None = None
         self._readiness_due: datetime | None = None
         self._readiness_known: dict[str, str] = {}
+        # Until the service loop has taken this run's input (paused state and holds carried by
+        # continue-as-new), a resume or a release has nothing to act on: signals are handled
+        # before the run's first task, and the carried pause or hold came back after them.
+        self._loaded = False
+        self._resume_early = False
+        self._released_early: set[str] = set()
 
     @workflow.query
     def monitor_state(self) -> MonitorState:
@@ -270,6 +279,7 @@ class MonitorWorkflow(Runbook):
     # or activity result that wakes the loop).
     @workflow.signal
     def pause(self, reason: str = "") -> None:
+        self._resume_early = False  # the later of the two stands
         if not self.paused:
             self.paused = True
             self.state.paused_since = workflow.now()
@@ -279,6 +289,8 @@ class MonitorWorkflow(Runbook):
 
     @workflow.signal
     def resume(self) -> None:
+        if not self._loaded:
+            self._resume_early = True
         if self.paused:
             self.paused = False
             self.state.paused_since, self.state.pause_reason, self.state.status = None, "", "running"
@@ -290,12 +302,15 @@ class MonitorWorkflow(Runbook):
 
     @workflow.signal
     def hold(self, hold: MonitorHold) -> None:
+        self._released_early.discard(hold.holder)
         self.state.holds = [*(h for h in self.state.holds if h.holder != hold.holder), hold]
         self._finding(f"automatic moves held by {hold.holder} until {hold.until.isoformat(timespec='seconds')}"
                       + (f": {hold.reason}" if hold.reason else ""))
 
     @workflow.signal
     def release(self, holder: str) -> None:
+        if not self._loaded:
+            self._released_early.add(holder)
         if any(h.holder == holder for h in self.state.holds):
             self.state.holds = [h for h in self.state.holds if h.holder != holder]
             self._finding(f"released by {holder}")
@@ -419,8 +434,12 @@ class MonitorWorkflow(Runbook):
         topo = await self.topology()
         primary = inp.primary_region or next(r.name for r in topo.regions if r.configured_role == "primary")
         self.target_region = primary
-        # A pause signalled before this first task ran (handlers run first) stands.
+        # A pause signalled before this first task ran (handlers run first) stands; so do a
+        # resume and a release (of a carried pause or hold).
         early = self.state if self.paused else None
+        resume_early = self._resume_early and inp.paused and workflow.patched("monitor-early-resume-release")
+        released = self._released_early if self._released_early and \
+            workflow.patched("monitor-early-resume-release") else set()
         self.paused = self.paused or inp.paused
         self.state = MonitorState(
             service=inp.service, watched_region=primary, failure_threshold=inp.failure_threshold,
@@ -431,7 +450,13 @@ class MonitorWorkflow(Runbook):
             findings=self.state.findings, cooldown_until=self._cooldown_until(inp),
             target_lag_bytes=inp.target_lag_bytes, target_lag_at=inp.target_lag_at,
             # A hold signalled before this first task ran stands beside the carried ones.
-            holds=[*inp.holds, *(h for h in self.state.holds if h.holder not in {x.holder for x in inp.holds})])
+            holds=[*(h for h in inp.holds if h.holder not in released),
+                   *(h for h in self.state.holds if h.holder not in {x.holder for x in inp.holds})])
+        self._loaded = True
+        for holder in sorted(released & {h.holder for h in inp.holds}):
+            self._finding(f"released by {holder}")
+        if resume_early and self.paused:
+            self.resume()
         self._outage_open = inp.open_outage
         self._outage_since = inp.outage_since
         self._readiness_bad = set(inp.readiness_degraded)
@@ -480,10 +505,19 @@ class MonitorWorkflow(Runbook):
             if split_check is not None:
                 findings = await split_check
                 splits, first_split = (splits + 1, first_split or started) if findings else (0, None)
+                if not findings:
+                    self._clear_outcome("split-brain", "split-brain-unresolved")
                 if splits >= 2:
-                    if self.paused or not inp.auto_resolve_split_brain:
+                    # A drill's hold and the cooldown after an automatic attempt stop this as
+                    # they stop a failover: a failed resolution (a node left for a human to
+                    # fence) was started again every round while that human worked.
+                    blocked = self._auto_move_blocked("split-brain resolution", "eagle-dr split-brain") \
+                        if not self.paused and inp.auto_resolve_split_brain \
+                        and workflow.patched("monitor-split-brain-held-and-cooled") else None
+                    if self.paused or not inp.auto_resolve_split_brain or blocked:
                         self._note_once(f"**SPLIT BRAIN**: {'; '.join(findings)}; "
-                                        + ("paused: not resolving" if self.paused else "automatic resolution is off"))
+                                        + ("paused: not resolving" if self.paused else
+                                           blocked or "automatic resolution is off"))
                         workflow.upsert_search_attributes([DR_OUTCOME.value_set("split-brain")])
                     elif done := await self._split_brain(inp, primary, findings, first_split, keep_watching=True):
                         return done
@@ -491,6 +525,7 @@ class MonitorWorkflow(Runbook):
             if (moved := self._follow(primary, reports)) is not None:
                 self._finding(f"primary moved: {primary} -> {moved}; now watching {moved}")
                 self._outage_over(inp.service, f"the primary moved to {moved}")
+                self._clear_outcome("primary-down")
                 primary, failures, first_failure = moved, 0, None
                 self.target_region = self.state.watched_region = primary
                 # A new pair: how far the new standby is behind is not known until measured.
@@ -522,6 +557,7 @@ class MonitorWorkflow(Runbook):
                 if failures >= inp.failure_threshold or (fast and hard >= inp.confirm_rounds):
                     self._finding(f"{primary} answers again")
                 self._outage_over(inp.service, f"{primary} answers again")
+                self._clear_outcome("primary-down")
                 failures, first_failure, hard = 0, None, 0
                 self._noted = None
             self.state.failures = failures
@@ -595,6 +631,19 @@ class MonitorWorkflow(Runbook):
                                       # dropped here, the next run would try again at once.
                                       "last_auto_move_at": self._last_attempt or inp.last_auto_move_at, **more})
 
+    def _auto_move_blocked(self, what: str, command: str) -> str | None:
+        """Why no automatic move of any kind starts now: a hold (a drill's), or the cooldown
+        after the last automatic attempt, whatever its kind (one runbook moves the service at a
+        time, and a human acts after a failed one)."""
+        if (held := self._held()) is not None:
+            return (f"automatic {what} held by {held.holder} until {held.until.isoformat(timespec='seconds')}"
+                    + (f" ({held.reason})" if held.reason else ""))
+        until = self.state.cooldown_until
+        if until is not None and workflow.now() < until:
+            return (f"automatic {what} refused: within the cooldown until {until.isoformat(timespec='seconds')} "
+                    f"after the last automatic attempt; a human decides ({command})")
+        return None
+
     def _cooldown_until(self, inp: MonitorInput):
         if inp.last_auto_move_at is None:
             return None
@@ -607,13 +656,8 @@ class MonitorWorkflow(Runbook):
             return "automatic failover is off"
         if self.paused:
             return "the monitor is paused: no automatic failover (eagle-dr monitor resume)"
-        if (held := self._held()) is not None:
-            return (f"automatic failover held by {held.holder} until {held.until.isoformat(timespec='seconds')}"
-                    + (f" ({held.reason})" if held.reason else ""))
-        until = self.state.cooldown_until
-        if until is not None and workflow.now() < until:
-            return (f"automatic failover refused: within the cooldown until {until.isoformat(timespec='seconds')} "
-                    "after the last automatic attempt; a human decides (eagle-dr failover)")
+        if (blocked := self._auto_move_blocked("failover", "eagle-dr failover")) is not None:
+            return blocked
         target = topo.other(primary).name
         answered = [r for r in reports.values() if r is not None]
         stale = sum(bool((s := r.of(target)) is not None and s.stale) for r in answered)
@@ -728,6 +772,14 @@ class MonitorWorkflow(Runbook):
         self.notifier.send(self._outage_event(inp.service, primary, True, [
             f"down since {first_failure.isoformat(timespec='seconds')} ({inp.failure_threshold} failed rounds)",
             f"vantage points: {votes}", action]))
+
+    def _clear_outcome(self, *values: str) -> None:
+        """Unset DrOutcome when it says one of ``values`` (the state is over): set for alerting,
+        it stood after the primary answered again, and continue-as-new carried it on, so a
+        query or an alert on DrOutcome="primary-down" found the monitor down for good."""
+        if workflow.info().typed_search_attributes.get(DR_OUTCOME) in values \
+                and workflow.patched("monitor-outcome-cleared"):
+            workflow.upsert_search_attributes([DR_OUTCOME.value_unset()])
 
     def _outage_over(self, service: str, why: str) -> None:
         if self._outage_open is None:
@@ -1021,6 +1073,10 @@ class MonitorWorkflow(Runbook):
             workflow.set_current_details(f"**SPLIT BRAIN** since {since}: {what}; automatic resolution is off")
             return report
         workflow.set_current_details(f"**SPLIT BRAIN**: {what}; resolving")
+        if keep_watching and workflow.patched("monitor-split-brain-held-and-cooled"):
+            # An attempt, whatever comes of it, starts the cooldown (carried by _carry).
+            self._last_attempt = workflow.now()
+            self.state.cooldown_until = self._last_attempt + timedelta(seconds=inp.auto_failover_cooldown_seconds)
         try:
             report.split_brain = await workflow.execute_child_workflow(
                 SplitBrainWorkflow.run, SplitBrainInput(service=inp.service, trigger=Trigger.automatic, reason=what,
