@@ -381,6 +381,37 @@ async def test_a_resume_or_release_signalled_before_a_runs_first_task_stands(lab
             await h.terminate("test over")
 
 
+async def test_a_probe_that_fails_is_no_worker_down_and_no_failed_round(lab, client):
+    """A vantage point whose probe runs and fails (here every region's password file gone, as
+    a Secret mount mid-rotation) has no vote. It was reported "worker down", which sent the
+    reader to a worker that is up. It is said as its probe's failure now, and no round counts
+    as failed: no verdict is no outage."""
+    from pathlib import Path
+
+    a = _primary(lab)
+    path = Path(lab.cfg.region(a).postgres.password.file)
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=2),
+        id=f"monitor-probe-fails-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+    away = path.with_name(path.name + f".away-{uuid.uuid4().hex[:6]}")
+    try:
+        await _until(lambda: _rounds_after(handle, 0), 60, "a first round")
+        os.rename(path, away)  # back within seconds: the workers' self-fence waits 20 s
+        try:
+            async def said():
+                st = await _state(handle)
+                return st if st and any("no vote from control: its probe failed" in f
+                                        and "password cannot be read here" in f for f in st.findings) else None
+
+            st = await _until(said, 30, "the monitor to say the control vantage point's probe failed")
+        finally:
+            os.rename(away, path)
+        assert not any("worker down: control" in f for f in st.findings), st.findings
+        assert st.failures == 0 and not any("is DOWN" in f for f in st.findings), st
+    finally:
+        await handle.terminate("test over")
+
+
 def test_a_metric_the_sdk_rejects_never_fails_what_it_measures():
     """Temporal's gauges refuse negative values by raising: inside a runbook that failed its
     workflow task over and over. Such values are dropped and the rest is still exported."""

@@ -76,7 +76,8 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError, \
+    WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, ProbeRequest, VantageReport
@@ -232,6 +233,8 @@ class MonitorWorkflow(Runbook):
         # Until the service loop has taken this run's input (paused state and holds carried by
         # continue-as-new), a resume or a release has nothing to act on: signals are handled
         # before the run's first task, and the carried pause or hold came back after them.
+        # Vantage points whose probe ran and failed this round (why): alive, but no verdict.
+        self._probe_failed: dict[str, str] = {}
         self._loaded = False
         self._resume_early = False
         self._released_early: set[str] = set()
@@ -505,7 +508,7 @@ class MonitorWorkflow(Runbook):
             if split_check is not None:
                 findings = await split_check
                 splits, first_split = (splits + 1, first_split or started) if findings else (0, None)
-                if not findings:
+                if findings is not None and not findings:  # a verdict of no split, not a detection that failed
                     self._clear_outcome("split-brain", "split-brain-unresolved")
                 if splits >= 2:
                     # A drill's hold and the cooldown after an automatic attempt stop this as
@@ -928,7 +931,9 @@ class MonitorWorkflow(Runbook):
             req = req.model_copy(update={"watch_region": watch[0], "watch_seconds": watch[1]})
         vantages = {"control": topo.control_task_queue, **{r.name: r.task_queue for r in topo.regions}}
 
-        async def ask(queue: str) -> VantageReport | None:
+        self._probe_failed = {}
+
+        async def ask(vantage: str, queue: str) -> VantageReport | None:
             try:
                 if watch is not None:
                     # Not through ``act``: a firing alert or a stop cancels the watch, and
@@ -950,13 +955,17 @@ class MonitorWorkflow(Runbook):
                                       schedule_to_start=budget, timeout=req.timeout_seconds * 4 * len(req.regions) + 5
                                       + req.confirm_probes * (req.confirm_interval_seconds + 2 * req.timeout_seconds),
                                       attempts=1)
-            except ActivityError:
+            except ActivityError as e:
+                if isinstance(e.cause, ApplicationError):
+                    # It ran and failed (a password it cannot read, say): no vote, but its
+                    # worker is up, and "worker down" sent the reader to the wrong place.
+                    self._probe_failed[vantage] = e.cause.message[:300]
                 return None
 
         if decide_for is None:
-            answers = await asyncio.gather(*(ask(q) for q in vantages.values()))
+            answers = await asyncio.gather(*(ask(v, q) for v, q in vantages.items()))
             return dict(zip(vantages, answers))
-        tasks = {v: asyncio.ensure_future(ask(q)) for v, q in vantages.items()}
+        tasks = {v: asyncio.ensure_future(ask(v, q)) for v, q in vantages.items()}
 
         def decided() -> bool:
             done = {v: t.result() for v, t in tasks.items() if t.done()}
@@ -1025,7 +1034,9 @@ class MonitorWorkflow(Runbook):
                       | {v for v in self.state.workers_down if v not in reports})
         for v in gone:
             if v not in self.state.workers_down:
-                self._finding(f"worker down: {v} did not pick up its probe (no vote; not a region failure)")
+                why = self._probe_failed.get(v)
+                self._finding(f"no vote from {v}: its probe failed ({why}); not a region failure" if why else
+                              f"worker down: {v} did not pick up its probe (no vote; not a region failure)")
         for v in self.state.workers_down:
             if v not in gone:
                 self._finding(f"worker back: {v}")
@@ -1056,11 +1067,11 @@ class MonitorWorkflow(Runbook):
             return False, health.postgres.error or f"postgres is {health.postgres.role}"
         return True, ""
 
-    async def _split_findings(self, control: str) -> list[str]:
+    async def _split_findings(self, control: str) -> list[str] | None:
         try:
             report = await self.act(SplitBrainActivities.detect_split_brain, queue=control, timeout=30, attempts=1)
         except ActivityError:
-            return []  # no verdict: the next round asks again
+            return None  # no verdict (falsy, as no split): the next round asks again
         return report.findings
 
     async def _split_brain(self, inp: MonitorInput, primary: str, findings: list[str], since,
