@@ -217,6 +217,7 @@ class HealthActivities:
                     continue
                 try:
                     ref.resolve()
+                    activity.heartbeat()  # a store that hangs costs its client's timeout per secret
                 except SecretUnavailable as e:
                     raise ApplicationError(f"{name}'s {what} password cannot be read here ({e}): this vantage point "
                                            "has no verdict on any region", type="SecretUnavailable",

@@ -129,8 +129,7 @@ class SecretRef(_Strict):
         if self.k8s or self.vault:
             from eagle_dr.secret_sources import SecretSourceError, read_k8s, read_vault
 
-            # The store behind it (Vault's address, the kubeconfig) is part of the reference.
-            key = (self.k8s, self.context, self.api_url, self.vault, self.vault and os.environ.get("VAULT_ADDR"))
+            key = self._network_key()
             now = time.monotonic()
             with _NETWORK_LOCK:
                 hit = _NETWORK_READS.get(key)
@@ -140,9 +139,13 @@ class SecretRef(_Strict):
                 value = read_k8s(self.k8s, self.context, self.api_url) if self.k8s else read_vault(self.vault)
             except SecretSourceError as e:
                 if hit is not None:
-                    # A rotated secret then fails the login with the old value, which says so.
+                    # Used for another interval, not asked again at every use: each ask of a
+                    # store that hangs waits out its client's timeout (10 s). A rotated secret
+                    # fails its login with the old value, and the caller refreshes (below).
+                    with _NETWORK_LOCK:
+                        _NETWORK_READS[key] = (hit[0], now)
                     _log.warning("secret store unreachable: using the value last read", reference=str(self),
-                                 read_seconds_ago=round(now - hit[1]), error=str(e))
+                                 error=str(e))
                     return hit[0]
                 raise SecretUnavailable(str(e)) from None
             value = _remember(value.strip())
@@ -150,6 +153,19 @@ class SecretRef(_Strict):
                 _NETWORK_READS[key] = (value, now)
             return value
         raise SecretUnavailable(f"environment variable {self.env} is not set")
+
+    def _network_key(self) -> tuple:
+        # The store behind it (Vault's address, the kubeconfig) is part of the reference.
+        return self.k8s, self.context, self.api_url, self.vault, self.vault and os.environ.get("VAULT_ADDR")
+
+    def refresh(self) -> bool:
+        """Read a network secret again at its next use (a login refused with the value held:
+        a rotation). True when a held value was dropped; files and variables are read at every
+        use anyway."""
+        if not (self.k8s or self.vault):
+            return False
+        with _NETWORK_LOCK:
+            return _NETWORK_READS.pop(self._network_key(), None) is not None
 
 
 class SecretUnavailable(RuntimeError):

@@ -29,16 +29,18 @@ def read_k8s(ref: str, context: str | None = None, api_url: str | None = None) -
     try:
         # A private ApiClient: the library's global default configuration stays untouched (one
         # process may talk to both regions' clusters).
+        cfg = client.Configuration()
         if api_url:
-            cfg = client.Configuration()
             cfg.host = api_url
-            api = client.ApiClient(cfg)
         elif context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            cfg = client.Configuration()
             config.load_incluster_config(client_configuration=cfg)
-            api = client.ApiClient(cfg)
         else:
-            api = config.new_client_from_config(context=context, persist_config=False)
+            config.load_kube_config(context=context, client_configuration=cfg, persist_config=False)
+        # One try of _request_timeout: urllib3's three retries made an API server that accepts
+        # and never answers cost 40 s, inside a monitor's probe round (the caller keeps the
+        # value last read, and asks again later).
+        cfg.retries = 0
+        api = client.ApiClient(cfg)
     except Exception as e:  # noqa: BLE001 - no kubeconfig, unknown context: said without detail
         raise SecretSourceError(f"{where}: no Kubernetes client configuration ({type(e).__name__})") from None
     try:

@@ -542,6 +542,50 @@ def test_a_slow_or_lost_secret_store_is_no_region_down(lab, monkeypatch):
     forget_network_secrets()
 
 
+def test_a_password_rotated_in_the_store_is_read_again_when_the_login_is_refused(lab):
+    """A password held from a secret store (read at most once a minute) and rotated meanwhile,
+    in the store and on the server: the login with the held value is refused, and the probe
+    called the server down for up to a minute, every vantage point at once (an outage the
+    monitor counts). A refused login now reads the store again and tries once more."""
+    import base64
+    import secrets as secrets_module
+
+    import psycopg
+    from kubernetes import client as k8s_client
+
+    from eagle_dr.config import SecretRef, forget_network_secrets
+    from tests.kmock_cluster import kmock_cluster
+
+    a = _primary(lab)
+    role = f"rotation_{uuid.uuid4().hex[:8]}"
+    old, new = secrets_module.token_hex(12), secrets_module.token_hex(12)
+    admin = lab.cfg.region(a).postgres.dsn()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"create role {role} login password '{old}'")
+    forget_network_secrets()
+    try:
+        with kmock_cluster(controller=False) as k8s:
+            def put(value: str) -> None:
+                body = k8s_client.V1Secret(metadata=k8s_client.V1ObjectMeta(name="rot"),
+                                           data={"password": base64.b64encode(value.encode()).decode()})
+                k8s.core.create_namespaced_secret(k8s.namespace, body)
+
+            put(old)
+            pg = lab.cfg.region(a).postgres.model_copy(update={
+                "user": role, "password": SecretRef(k8s=f"{k8s.namespace}/rot/password", api_url=k8s.api_url)})
+            assert pg_status(pg).reachable  # the old password read and held
+            with psycopg.connect(admin, autocommit=True) as conn:  # the rotation: server and store
+                conn.execute(f"alter role {role} password '{new}'")
+            k8s.core.delete_namespaced_secret("rot", k8s.namespace)
+            put(new)
+            st = pg_status(pg)
+            assert st.reachable and st.role == "primary", st
+    finally:
+        forget_network_secrets()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"drop role if exists {role}")
+
+
 def _nan(v: float | None) -> bool:
     """Exported, as unknown (NaN); None would mean not exported at all."""
     return v is not None and math.isnan(v)

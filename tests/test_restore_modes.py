@@ -329,6 +329,16 @@ def _cli(lab, lab_config_path, *args, timeout: float = 600) -> subprocess.Comple
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def test_cli_name_with_lsn_is_a_named_target_at_that_position():
+    """--name N --lsn L: the restore point N, whose position L picks the backup to start from;
+    the LSN was tested first and the name dropped (an LSN target, stopping elsewhere)."""
+    from eagle_dr.cli.restore import _target
+
+    t = _target(None, "0/3000060", "before-migration", False)
+    assert (t.kind, t.name, t.lsn) == ("name", "before-migration", "0/3000060"), t
+    assert _target(None, "0/3000060", None, False).kind == "lsn"
+
+
 @pytest.mark.parametrize("args, says", [
     (["pitr", "--time", "yesterday"], "--time: not a time"),
     (["pitr", "--time", "2026-12-01T10:00:00"], "no time zone"),
@@ -467,10 +477,18 @@ async def test_a_retry_of_a_rebuild_that_finished_reports_it_and_restores_nothin
     first = await asyncio.to_thread(rebuild)
     assert first.restore_seconds and first.restore_seconds > 0 and first.backup_label, first
     (data / "eagle-dr-test-rebuilt").write_text("a restore would replace the directory, and this with it")
+    # And the first attempt died in its last steps: the original half removed, its record of
+    # how it found the node still there (a later rebuild would take them for its original).
+    from activities.backup.rebuild import _found_file
+
+    aside_dir(data).mkdir()
+    (aside_dir(data) / "PG_VERSION").write_text("15\n")
+    _found_file(data).write_text('{"was_running": true, "slot_created": false}')
     was = started_at()
     again = await asyncio.to_thread(rebuild)
     assert again == first, (again, first)
     assert (data / "eagle-dr-test-rebuilt").exists() and started_at() == was  # untouched, never restarted
+    assert not aside_dir(data).exists() and not _found_file(data).exists()
     st = pg_status(pg)
     assert st.role == "standby" and st.receiver_status == "streaming", st
 

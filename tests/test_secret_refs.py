@@ -170,6 +170,18 @@ def test_vault_reference_reads_kv2_and_kv1_and_names_only_the_reference(monkeypa
         # Read once per interval, not at every use (a probe a second per region asked each time).
         asked = len(vault.seen)
         assert SecretRef(vault="secret/data/eagle-dr#codec-key").resolve() == value and len(vault.seen) == asked
+        # Its interval over and the store refusing: the value held serves, and the store is
+        # not asked again at the next use (each ask of a store that hangs costs 10 s).
+        ref = SecretRef(vault="secret/data/eagle-dr#codec-key")
+        key = ref._network_key()
+        config_module._NETWORK_READS[key] = (value, config_module._NETWORK_READS[key][1] - 3600)
+        monkeypatch.setenv("VAULT_TOKEN", "hvs.refused")
+        assert ref.resolve() == value and len(vault.seen) == asked + 1
+        assert ref.resolve() == value and len(vault.seen) == asked + 1
+        # A login refused with it (a rotation) drops it: the next use asks the store.
+        monkeypatch.setenv("VAULT_TOKEN", _TOKEN)
+        assert ref.refresh() and ref.resolve() == value and len(vault.seen) == asked + 2
+        assert not SecretRef(env="X", file="/nonexistent").refresh()  # nothing held for a file
 
         with pytest.raises(SecretUnavailable) as e:
             SecretRef(vault="secret/data/eagle-dr#nope").resolve()

@@ -375,8 +375,11 @@ async def test_monitor_sees_a_split_brain_and_resolves_it(lab, client):
     write; the monitor notices within two rounds and the runbook keeps that write."""
     a = _primary(lab)
     b = lab.cfg.other(a).name
+    # An automatic failover a moment ago (its cooldown running): an old primary back writable
+    # after one is the likeliest split brain, and a failover's cooldown must not hold it.
     handle = await client.start_workflow(MonitorWorkflow.run, MonitorInput(
-        service=lab.cfg.service, interval_seconds=0.5, auto_resolve_split_brain=True, stop_after_failover=True),
+        service=lab.cfg.service, interval_seconds=0.5, auto_resolve_split_brain=True, stop_after_failover=True,
+        last_auto_move_at=datetime.now(timezone.utc)),
         id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
 
     async def watching():
@@ -416,28 +419,28 @@ async def test_monitor_sees_a_split_brain_and_resolves_it(lab, client):
 
 
 async def test_the_monitor_leaves_a_split_brain_alone_within_the_cooldown_of_its_last_attempt(lab, client):
-    """The cooldown after an automatic attempt holds a split-brain resolution as it holds a
-    failover: the monitor reported a failed resolution (a node left for a human to fence) and
-    started another one the next round, while that human worked. Within the cooldown it says
-    so and starts nothing; past it, it resolves."""
+    """The cooldown after an automatic resolution holds the next, as a failover's holds the
+    next failover: the monitor reported a failed resolution (a node left for a human to fence)
+    and started another one the next round, while that human worked. Within the cooldown it
+    says so and starts nothing; past it, it resolves."""
     a = _primary(lab)
     b = lab.cfg.other(a).name
     move = client.get_workflow_handle(move_id(lab.cfg.service))
     before = await _run_of(move)
+    await _until(_async(lambda: _lag_bytes(lab, a) == 0), 30, "the standby to catch up")
+    _sql(lab, b, "select pg_promote()")
+    # Started after the split, its cooldown from now: the split is seen within seconds of it.
     handle = await client.start_workflow(MonitorWorkflow.run, MonitorInput(
         service=lab.cfg.service, interval_seconds=0.5, auto_resolve_split_brain=True, stop_after_failover=True,
-        last_auto_move_at=datetime.now(timezone.utc), auto_failover_cooldown_seconds=30),
+        last_split_attempt_at=datetime.now(timezone.utc), auto_failover_cooldown_seconds=40),
         id=f"monitor-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
     try:
-        await _until(_async(lambda: _lag_bytes(lab, a) == 0), 30, "the standby to catch up")
-        _sql(lab, b, "select pg_promote()")
-
         async def refused():
             st = await handle.query(MonitorWorkflow.monitor_state)
             return [f for f in st.findings if "SPLIT BRAIN" in f and "automatic split-brain resolution refused: "
                     "within the cooldown" in f and "eagle-dr split-brain" in f]
 
-        assert await _until(refused, 60, "the monitor to report the split brain and leave it")
+        assert await _until(refused, 35, "the monitor to report the split brain and leave it")
         assert await _run_of(move) == before  # no resolution started
         report = await asyncio.wait_for(handle.result(), 240)  # past the cooldown: resolved
     finally:

@@ -47,7 +47,8 @@ lets it act again (on the next round, if the primary is still down); ``stop`` en
 the current round. Paused state, the start time and the last automatic attempt survive
 continue-as-new. An automatic split-brain resolution (``auto_resolve_split_brain``) is held
 and cooled down the same way (patch ``monitor-split-brain-held-and-cooled``): a drill's hold
-stops it, and any automatic attempt of either kind starts the cooldown of both.
+stops it, and an attempt starts its own cooldown (and a failover's); a failover's does not
+hold one back (an old primary back writable after it is the likeliest split brain).
 
 Fast confirmation (patch ``monitor-fast-confirm``, ``confirm_interval_seconds`` set): a
 round in which a majority of ALL vantage points see the watched region's PostgreSQL and
@@ -109,8 +110,8 @@ class MonitorInput(BaseModel):
     # Bounded: each round adds a few activities to the history, and Temporal caps its length.
     iterations_per_run: int = Field(default=500, ge=1, le=10000)
     primary_region: str | None = None
-    # No automatic failover or split-brain resolution within this long of the last automatic
-    # attempt of either (see config.health).
+    # No automatic failover within this long of the last automatic move of any kind, and no
+    # automatic split-brain resolution within this long of the last one (see config.health).
     auto_failover_cooldown_seconds: float = Field(default=1800, ge=0)
     require_approval: bool = False
     # Carried across continue-as-new by the service monitor.
@@ -119,6 +120,9 @@ class MonitorInput(BaseModel):
     paused_since: datetime | None = None
     running_since: datetime | None = None
     last_auto_move_at: datetime | None = None
+    # The last automatic split-brain resolution attempt: its own cooldown (a failover's does not
+    # hold one back: an old primary back writable after it is the likeliest split brain).
+    last_split_attempt_at: datetime | None = None
     # Fast confirmation of a region whose ports refuse connections (module docstring). None: off.
     confirm_interval_seconds: float | None = Field(default=None, gt=0, le=60)
     confirm_rounds: int = Field(default=3, ge=1, le=100)
@@ -179,6 +183,8 @@ class MonitorState(BaseModel):
     probes: dict[str, dict[str, Probe]] = {}
     # No automatic failover before this (the cooldown after the last automatic attempt).
     cooldown_until: datetime | None = None
+    # No automatic split-brain resolution before this (the cooldown after the last one).
+    split_cooldown_until: datetime | None = None
     # Runbooks holding automatic moves back now (a drill), with until when.
     holds: list[MonitorHold] = []
     # The last readiness report (activities/readiness.py), when the monitor runs the checks.
@@ -217,6 +223,7 @@ class MonitorWorkflow(Runbook):
         self._end_on_down = False  # set per run (the monitor-round-ends-on-majority-down patch)
         self.stop_reason: str | None = None
         self._last_attempt = None  # this run's last automatic failover attempt (kept across continue-as-new)
+        self._last_split_attempt = None  # and its last automatic split-brain resolution
         self.paused = False
         # What the current outage has already been reported as (one finding per outage, not per round).
         self._noted: str | None = None
@@ -451,6 +458,8 @@ class MonitorWorkflow(Runbook):
             paused_since=early.paused_since if early else inp.paused_since if inp.paused else None,
             pause_reason=early.pause_reason if early else inp.pause_reason if inp.paused else "",
             findings=self.state.findings, cooldown_until=self._cooldown_until(inp),
+            split_cooldown_until=inp.last_split_attempt_at + timedelta(seconds=inp.auto_failover_cooldown_seconds)
+            if inp.last_split_attempt_at else None,
             target_lag_bytes=inp.target_lag_bytes, target_lag_at=inp.target_lag_at,
             # A hold signalled before this first task ran stands beside the carried ones.
             holds=[*(h for h in inp.holds if h.holder not in released),
@@ -507,21 +516,29 @@ class MonitorWorkflow(Runbook):
             self._note_probes(reports)
             if split_check is not None:
                 findings = await split_check
-                splits, first_split = (splits + 1, first_split or started) if findings else (0, None)
+                if findings is None and workflow.patched("monitor-split-brain-held-and-cooled"):
+                    pass  # no verdict (the detection failed): the count of rounds in a row stands
+                else:
+                    splits, first_split = (splits + 1, first_split or started) if findings else (0, None)
                 if findings is not None and not findings:  # a verdict of no split, not a detection that failed
                     self._clear_outcome("split-brain", "split-brain-unresolved")
                 if splits >= 2:
                     # A drill's hold and the cooldown after an automatic attempt stop this as
                     # they stop a failover: a failed resolution (a node left for a human to
                     # fence) was started again every round while that human worked.
-                    blocked = self._auto_move_blocked("split-brain resolution", "eagle-dr split-brain") \
+                    blocked = self._auto_move_blocked("split-brain resolution", "eagle-dr split-brain",
+                                                      self.state.split_cooldown_until) \
                         if not self.paused and inp.auto_resolve_split_brain \
                         and workflow.patched("monitor-split-brain-held-and-cooled") else None
                     if self.paused or not inp.auto_resolve_split_brain or blocked:
                         self._note_once(f"**SPLIT BRAIN**: {'; '.join(findings)}; "
                                         + ("paused: not resolving" if self.paused else
                                            blocked or "automatic resolution is off"))
-                        workflow.upsert_search_attributes([DR_OUTCOME.value_set("split-brain")])
+                        # A failed resolution's outcome stands while its cooldown holds the next.
+                        unresolved = workflow.info().typed_search_attributes.get(DR_OUTCOME) == \
+                            "split-brain-unresolved"
+                        workflow.upsert_search_attributes([DR_OUTCOME.value_set(
+                            "split-brain-unresolved" if unresolved else "split-brain")])
                     elif done := await self._split_brain(inp, primary, findings, first_split, keep_watching=True):
                         return done
             self._note_workers(reports)
@@ -632,16 +649,16 @@ class MonitorWorkflow(Runbook):
                                          {"target_lag_bytes": None, "target_lag_at": None, "outage_since": None}),
                                       # A refused or failed automatic attempt starts the cooldown too:
                                       # dropped here, the next run would try again at once.
-                                      "last_auto_move_at": self._last_attempt or inp.last_auto_move_at, **more})
+                                      "last_auto_move_at": self._last_attempt or inp.last_auto_move_at,
+                                      "last_split_attempt_at": self._last_split_attempt or inp.last_split_attempt_at,
+                                      **more})
 
-    def _auto_move_blocked(self, what: str, command: str) -> str | None:
-        """Why no automatic move of any kind starts now: a hold (a drill's), or the cooldown
-        after the last automatic attempt, whatever its kind (one runbook moves the service at a
-        time, and a human acts after a failed one)."""
+    def _auto_move_blocked(self, what: str, command: str, until) -> str | None:
+        """Why no automatic move starts now: a hold (a drill's), or ``until``, the end of its
+        cooldown (a human acts after an automatic attempt)."""
         if (held := self._held()) is not None:
             return (f"automatic {what} held by {held.holder} until {held.until.isoformat(timespec='seconds')}"
                     + (f" ({held.reason})" if held.reason else ""))
-        until = self.state.cooldown_until
         if until is not None and workflow.now() < until:
             return (f"automatic {what} refused: within the cooldown until {until.isoformat(timespec='seconds')} "
                     f"after the last automatic attempt; a human decides ({command})")
@@ -659,7 +676,7 @@ class MonitorWorkflow(Runbook):
             return "automatic failover is off"
         if self.paused:
             return "the monitor is paused: no automatic failover (eagle-dr monitor resume)"
-        if (blocked := self._auto_move_blocked("failover", "eagle-dr failover")) is not None:
+        if (blocked := self._auto_move_blocked("failover", "eagle-dr failover", self.state.cooldown_until)) is not None:
             return blocked
         target = topo.other(primary).name
         answered = [r for r in reports.values() if r is not None]
@@ -1085,9 +1102,11 @@ class MonitorWorkflow(Runbook):
             return report
         workflow.set_current_details(f"**SPLIT BRAIN**: {what}; resolving")
         if keep_watching and workflow.patched("monitor-split-brain-held-and-cooled"):
-            # An attempt, whatever comes of it, starts the cooldown (carried by _carry).
-            self._last_attempt = workflow.now()
-            self.state.cooldown_until = self._last_attempt + timedelta(seconds=inp.auto_failover_cooldown_seconds)
+            # An attempt, whatever comes of it, starts its own cooldown and a failover's (both
+            # carried by _carry): it is a move of the service.
+            self._last_attempt = self._last_split_attempt = workflow.now()
+            self.state.cooldown_until = self.state.split_cooldown_until = \
+                self._last_attempt + timedelta(seconds=inp.auto_failover_cooldown_seconds)
         try:
             report.split_brain = await workflow.execute_child_workflow(
                 SplitBrainWorkflow.run, SplitBrainInput(service=inp.service, trigger=Trigger.automatic, reason=what,

@@ -222,6 +222,12 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
         done = _read_done(data)
         if attempt_of is not None and done is not None and done[0] == attempt_of and ctl.running() \
                 and _streaming_from(node, primary):
+            # What that attempt had left to do when it died (the original's removal, the
+            # longest step, is the likeliest place): a later rebuild would take a half-deleted
+            # directory left aside for the original, and put it back.
+            shutil.rmtree(aside, ignore_errors=True)
+            _found_file(data).unlink(missing_ok=True)
+            rewind_marker(data).unlink(missing_ok=True)
             return done[1].model_copy(update={"stopped_restores": stopped})
         _done_file(data).unlink(missing_ok=True)  # another run's: this one's result replaces it
         if ctl.running():

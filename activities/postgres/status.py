@@ -64,10 +64,16 @@ class PgStatus(BaseModel):
 _FENCE_OVERRIDE = "-c session_preload_libraries="
 
 
-def connect(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None) -> psycopg.Connection:
+def connect(cfg: PostgresConfig, timeout: float = 3.0, dbname: str | None = None,
+            _refreshed: bool = False) -> psycopg.Connection:
     try:
         return psycopg.connect(cfg.dsn(dbname), connect_timeout=max(1, int(timeout)), autocommit=True)
     except psycopg.OperationalError as e:
+        if not _refreshed and "password authentication failed" in str(e) and cfg.password is not None \
+                and cfg.password.refresh():
+            # The password held from a secret store (read once a minute) was refused: a
+            # rotation. Read it again and try once more, rather than call the server down.
+            return connect(cfg, timeout, dbname, _refreshed=True)
         # Only on a fenced node: a non-superuser may not override the setting at all, so
         # the override is not sent to servers that do not need it.
         if FENCE_LIBRARY not in str(e):

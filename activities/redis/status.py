@@ -52,7 +52,14 @@ def sentinel_client(cfg: RedisConfig, sentinel: Endpoint, timeout: float = 3.0) 
 
 def redis_status(cfg: RedisConfig, timeout: float = 3.0) -> RedisStatus:
     try:
-        info = client(cfg, timeout).info("replication")
+        try:
+            info = client(cfg, timeout).info("replication")
+        except redis.AuthenticationError:
+            # The password held from a secret store (read once a minute) was refused: a
+            # rotation. Read it again and ask once more, rather than call the server down.
+            if cfg.password is None or not cfg.password.refresh():
+                raise
+            info = client(cfg, timeout).info("replication")
     except (redis.RedisError, OSError) as e:
         return RedisStatus(reachable=False, error=scrub(str(e)) or type(e).__name__)
     role = info.get("role")

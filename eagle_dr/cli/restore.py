@@ -62,10 +62,10 @@ def _target(time: Optional[str], lsn: Optional[str], name: Optional[str], latest
     try:
         if time:
             return RestoreTarget(kind="time", time=_time("--time", time), inclusive=inclusive)
+        if name:  # before --lsn: with --name, --lsn is where that restore point is
+            return RestoreTarget(kind="name", name=name, lsn=lsn, inclusive=inclusive)
         if lsn:
             return RestoreTarget(kind="lsn", lsn=lsn, inclusive=inclusive)
-        if name:
-            return RestoreTarget(kind="name", name=name, lsn=lsn, inclusive=inclusive)
     except ValidationError as e:
         _fail(f"{given[0]}: " + "; ".join(x["msg"] for x in e.errors()))
     return RestoreTarget()
