@@ -53,11 +53,12 @@ def worker_runtime(bind_address: str):
     return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address)))
 
 
-# Prometheus's "no value": what a gauge shows for a figure that could not be measured.
-_UNKNOWN = float("nan")
-
-
-def _gauge(meter: MetricMeter, name: str, description: str, unit: str | None, value: float, **attrs) -> None:
+def _gauge(meter: MetricMeter, name: str, description: str, unit: str | None, value: float | None,
+           **attrs) -> None:
+    """``value`` None: not measured, set as NaN (Prometheus's "no value"), never left out: a
+    gauge keeps its last value, which would then read as this one."""
+    if value is None:
+        value = float("nan")
     if value < 0:
         return  # Temporal's gauges take no negative values; none of ours has a meaning below 0
     meter.create_gauge_float(PREFIX + name, description, unit).with_additional_attributes(
@@ -90,16 +91,15 @@ def replication_lag(meter: MetricMeter, service: str, vantage: str, standby: str
     """None: not measured this round (NaN, see activities/health.py _record)."""
     where = dict(service=service, vantage=vantage, region=standby)
     _gauge(meter, "replication_lag_bytes", "WAL the primary wrote that this standby has not replayed (NaN: "
-                                           "unknown)", "By", _UNKNOWN if lag_bytes is None else lag_bytes, **where)
+                                           "unknown)", "By", lag_bytes, **where)
     _gauge(meter, "replication_lag_seconds", "The primary's replay_lag for this standby (0 when idle and caught up; "
-                                             "NaN: unknown)", "s", _UNKNOWN if lag_seconds is None else lag_seconds,
-           **where)
+                                             "NaN: unknown)", "s", lag_seconds, **where)
 
 
 @_never_fails
 def redis_offset_lag(meter: MetricMeter, service: str, vantage: str, replica: str, lag: int | None) -> None:
     _gauge(meter, "redis_offset_lag_bytes", "Master replication offset minus this replica's (NaN: unknown)", "By",
-           _UNKNOWN if lag is None else lag, service=service, vantage=vantage, region=replica)
+           lag, service=service, vantage=vantage, region=replica)
 
 
 @_never_fails
@@ -154,13 +154,13 @@ def move_measured(meter: MetricMeter, service: str, runbook: str, rto, rpo) -> N
                                                                       "reach"),
                               ("rpo_target_seconds", rpo.target_s, "The RPO objective"),
                               ("last_redis_offset_gap", rpo.redis_offset_gap, "Redis offset gap in the last move")):
-        _gauge(meter, name, what, None, _UNKNOWN if value is None else value, **where)
+        _gauge(meter, name, what, None, value, **where)
     for what, met in (("rto", rto.met), ("rpo", rpo.met)):
         # Unknown is never "met" and never silently absent: a gauge of its own says it.
         _gauge(meter, f"last_{what}_unknown", f"1 when the last move's {what.upper()} could not be proven", None,
                int(met is None), **where)
         _gauge(meter, f"last_{what}_met", f"1 met, 0 missed, NaN unknown (see last_{what}_unknown)", None,
-               _UNKNOWN if met is None else int(met), **where)
+               None if met is None else int(met), **where)
 
 
 @_never_fails
