@@ -107,6 +107,14 @@ def known_states(report: ReadinessReport | None) -> dict[str, str]:
     return {c.key: c.state for c in report.checks} if report else {}
 
 
+def through_unknown(before: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """``new``'s verdicts, with an "unknown" check keeping what ``before`` knew of it. Unknown
+    is "could not look", not a state of its own: compared against it, a check that went warn
+    -> unknown -> ok was never "recovered" (its pager incident stayed open for good), and one
+    that went warn -> unknown -> warn was "degraded" a second time."""
+    return {k: before[k] if s == "unknown" and k in before else s for k, s in new.items()}
+
+
 def worse(before: dict[str, str], new: ReadinessReport) -> list[ReadinessCheck]:
     """Checks of ``new`` that are warn or fail and worse than ``before`` had them (ok, n/a,
     unknown or absent before; or warn before and fail now): "readiness degraded"."""

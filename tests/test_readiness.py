@@ -28,6 +28,7 @@ from activities.readiness import assess, check_dns, check_lag, check_next_start,
 from activities.postgres.status import pg_status
 from eagle_dr.config import load_config
 from eagle_dr.status import WorkerView, _alive
+from lab.processes import read_pid
 from tests.lab_helpers import _async, _aux_pid, _primary, _scrape, _until, _value
 from workflows.monitor import MonitorInput, MonitorState, MonitorWorkflow
 
@@ -201,6 +202,72 @@ async def test_monitor_runs_readiness_reports_degraded_and_recovered_and_exports
         await record(handle, "monitor-service-readiness")
     finally:
         sentinel.start()
+        try:
+            await handle.terminate("test over")
+        except Exception:  # noqa: BLE001 - already ended
+            pass
+
+
+
+async def test_a_check_degraded_then_not_looked_at_recovers_when_it_is_ok_again(lab, client):
+    """warn -> unknown -> ok is a recovery. The standby stopped makes its slot inactive (warn);
+    the primary stopped too makes the slot unreadable (unknown); both back, it is ok. Compared
+    against "unknown", the recovery was never said, and a pager incident opened by the warning
+    stayed open for good. The primary's worker is frozen while both servers come back, so no
+    readiness round sees the slot inactive again in between (which would hide the fault)."""
+    a = _primary(lab)
+    b = lab.cfg.other(a).name
+    slot = f"replication_slot@{b}"
+    handle = await client.start_workflow(
+        MonitorWorkflow.run, MonitorInput(service=lab.cfg.service, interval_seconds=1, failure_threshold=100,
+                                          auto_failover=False, watch_split_brain=False, readiness_every_seconds=1),
+        id=f"monitor-readiness-unknown-{uuid.uuid4()}", task_queue=lab.cfg.temporal.control_task_queue)
+
+    def slot_is(want: str):
+        async def pred():
+            try:
+                st = await handle.query(MonitorWorkflow.monitor_state)
+            except Exception:  # noqa: BLE001 - not started yet
+                return None
+            ok = st.readiness and st.readiness.checks and _states(st.readiness).get(slot) == want
+            return st if ok else None
+        return pred
+
+    def streaming() -> bool:
+        try:
+            with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True, connect_timeout=3) as c:
+                return c.execute("select 1 from pg_replication_slots where slot_name = %s and active",
+                                 (lab.cfg.region(b).postgres.slot_name,)).fetchone() is not None
+        except psycopg.Error:
+            return False
+
+    worker = read_pid(lab.worker_pidfile(a))
+    assert worker, f"{a}'s worker is not running"
+    try:
+        await _until(slot_is("ok"), 90, f"{slot} ok")
+        lab.postgres(b).stop()
+        st = await _until(slot_is("warn"), 60, f"{slot} to warn with its standby stopped")
+        assert any(f"readiness degraded: {slot} warn" in f for f in st.findings), st.findings
+        lab.postgres(a).stop()
+        await _until(slot_is("unknown"), 60, f"{slot} unknown with the primary stopped too")
+        os.kill(worker, signal.SIGSTOP)
+        lab.postgres(a).start()
+        lab.postgres(b).start()
+        await _until(_async(streaming), 90, f"{b} streaming from {a} again")
+        os.kill(worker, signal.SIGCONT)
+        st = await _until(slot_is("ok"), 120, f"{slot} ok again")
+        assert any(f"readiness recovered: {slot} ok" in f for f in st.findings), st.findings
+        assert sum(f"readiness degraded: {slot}" in f for f in st.findings) == 1, st.findings
+        await handle.signal(MonitorWorkflow.stop, "test over")
+        assert (await handle.result()).stopped == "test over"
+        from tests.histories import record
+
+        await record(handle, "monitor-readiness-through-unknown")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        for r in (a, b):
+            if not lab.postgres(r).running():
+                lab.postgres(r).start()
         try:
             await handle.terminate("test over")
         except Exception:  # noqa: BLE001 - already ended

@@ -83,7 +83,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from activities.health import HealthActivities, ProbeRequest, VantageReport
     from activities.readiness import ReadinessActivities, ReadinessReport, ReadinessRequest, better, \
-        known_states, worse
+        known_states, through_unknown, worse
     from activities.split_brain import SplitBrainActivities
     from eagle_dr.temporal import DR_OUTCOME, DR_RUNBOOK, DR_SERVICE, DR_TRIGGER
     from workflows.failover import FailoverWorkflow
@@ -857,7 +857,10 @@ class MonitorWorkflow(Runbook):
         metrics.readiness_assessed(workflow.metric_meter(), inp.service, bool(report.checks))
         old = self._readiness_known
         if report.checks:
-            self._readiness_known = known_states(report)
+            known = known_states(report)
+            # A check that could not be looked at keeps its last verdict as the comparison base.
+            self._readiness_known = through_unknown(old, known) \
+                if workflow.patched("monitor-readiness-through-unknown") else known
         self.state.readiness = report
         self._readiness_changed(old, report)
 
