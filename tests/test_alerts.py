@@ -276,6 +276,10 @@ async def test_an_open_incident_restarts_a_monitor_that_ended(client, acfg, rece
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_token(acfg)}"}) as s:
             assert await _post(s, receiver, _notification(group, third, key)) == 200
         inc = await _until(lambda: _with_alerts(client, wid, 3), 20, "the incident to take the third alert")
+        # Its signal fails (the run completed), then its restart is refused: only after that
+        # refusal does the monitor's state below prove anything.
+        await _until(lambda: _child_start_refused(client, wid), 20, "the incident's restart of the monitor refused")
+        inc = await _incident(client, wid)
         assert inc.monitor_restarts == 1, inc
         d = await client.get_workflow_handle(mon.id).describe()
         assert d.status == WorkflowExecutionStatus.COMPLETED and d.run_id == stopped.result_run_id, d.status
@@ -304,6 +308,13 @@ class _Completes:
     @workflow.run
     async def run(self) -> None:
         return None
+
+
+async def _child_start_refused(client, wid: str) -> bool:
+    async for e in client.get_workflow_handle(wid).fetch_history_events():
+        if e.HasField("start_child_workflow_execution_failed_event_attributes"):
+            return True
+    return False
 
 
 async def _with_alerts(client, wid: str, n: int):
