@@ -24,7 +24,7 @@ import pytest
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from activities.backup.pgbackrest import Stanza
-from activities.backup.rebuild import aside_dir, rebuild_standby
+from activities.backup.rebuild import aside_dir, rebuild_standby, undo_rebuild
 from activities.backup.recover import RowSelection
 from activities.backup.restore import RestoreError, RestoreTarget
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError
@@ -491,6 +491,73 @@ async def test_a_retry_of_a_rebuild_that_finished_reports_it_and_restores_nothin
     assert not aside_dir(data).exists() and not _found_file(data).exists()
     st = pg_status(pg)
     assert st.role == "standby" and st.receiver_status == "streaming", st
+    # A cancel that crossed the finished rebuild: its undo says the rebuild stands, and
+    # touches nothing (another run's undo finds only "nothing set aside").
+    said = await asyncio.to_thread(undo_rebuild, stanza, lab.cfg.region(primary).postgres, pg.slot_name, run)
+    assert said.startswith("NOT undone: the rebuild had finished") and first.backup_label in said, said
+    other = await asyncio.to_thread(undo_rebuild, stanza, lab.cfg.region(primary).postgres, pg.slot_name, "x/y")
+    assert "nothing to put back" in other, other
+    assert (data / "eagle-dr-test-rebuilt").exists() and started_at() == was
+
+
+
+async def test_a_scratch_restore_left_writing_by_a_dead_attempt_is_stopped_before_its_directory_goes(
+        lab, client, lab_config_path):
+    """As for a rebuild (above), for a copy into a scratch directory: the attempt's process dies
+    alone and its pgbackrest restore goes on writing the copy. The retry's drop (and the run's
+    cleanup, the same drop) deleted the directory under it and left it writing: a copy of
+    production data refilling a directory nobody would drop again, or a second writer beside
+    the retry's restore. The drop now stops it first."""
+    from activities.backup.activities import RestoreActivities
+    from activities.backup.orphans import owner_tag
+    from activities.backup.restore import drop_scratch, port_free, scratch_attempt
+    from activities.postgres.ctl import alive
+
+    primary, standby, pg, data = await _standby_with_a_backup(lab, client, "incr")
+    stanza = Stanza(lab.cfg, standby)
+    directory = RestoreActivities(lab.cfg).scratch_dir(standby, f"test-orphan-{uuid.uuid4().hex[:8]}")
+    port = next(p for p in range(lab.cfg.backup.scratch_port, lab.cfg.backup.scratch_port + 50) if port_free(p))
+    # The first attempt, as the activity runs it, in a process of its own that can be killed alone.
+    first = subprocess.Popen([sys.executable, "-c", (
+        "from pathlib import Path\n"
+        "from activities.backup.pgbackrest import Stanza\n"
+        "from activities.backup.restore import RestoreTarget, restore_to_scratch, scratch_attempt\n"
+        "from eagle_dr.config import load_config\n"
+        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
+        f"st = Stanza(cfg, {standby!r})\n"
+        "st.write_configs()\n"
+        f"with scratch_attempt(st, Path({str(directory)!r})):\n"
+        f"    restore_to_scratch(st, Path({str(directory)!r}), {port}, RestoreTarget(), {standby!r})\n")],
+        cwd=Path(__file__).parent.parent)
+
+    async def restoring() -> int | None:
+        if first.poll() is not None:
+            raise AssertionError(f"the first attempt ended ({first.returncode}) before its restore was seen")
+        return next((pid for pid, owner in stanza.processes("restore").items()
+                     if owner == owner_tag("scratch", directory)), None)
+
+    orphan = None
+    try:
+        orphan = await _until(restoring, 120, "the first attempt's pgbackrest restore to run", 0.01)
+        os.kill(orphan, signal.SIGSTOP)
+        first.kill()
+        first.wait()
+        assert alive(orphan) and directory.exists()
+
+        def retry() -> bool:
+            with scratch_attempt(stanza, directory):  # the dead attempt's lock died with it
+                return drop_scratch(stanza, directory, port)
+
+        assert await asyncio.to_thread(retry)
+        assert not alive(orphan)
+        assert stanza.processes("restore") == {} and not directory.exists()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if orphan is not None and alive(orphan):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(orphan), signal.SIGKILL)
+        drop_scratch(stanza, directory, port, last=True)  # the run's own drop: its lock file too
 
 
 @pytest.mark.long  # ~90 s: the retry waits out the activity's 60 s heartbeat timeout

@@ -33,6 +33,7 @@ from activities.backup.restore import (
     port_free,
     restore_following,
     restore_to_scratch,
+    scratch_attempt,
     scratch_config,
     start_backup,
     utcnow,
@@ -446,25 +447,30 @@ class RestoreActivities:
         st.write_configs()
         directory = self.scratch_dir(req.region, req.name)
         ports = [req.port] if req.port else range(self.cfg.backup.scratch_port, self.cfg.backup.scratch_port + 50)
-        # A retry starts over: what an earlier attempt left in this request's own directory goes
-        # (pg_ctl finds its server by the data directory, whatever port it took).
-        drop_scratch(st, directory, ports[0])
-        port = next((p for p in ports if port_free(p)), None)
-        if port is None:
-            what = f"port {req.port} is already taken on this host" if req.port else \
-                f"no free port in {ports.start}..{ports.stop - 1}"
-            raise _restore_error(RestoreError(what, "port", "PortInUse"))
-        backups = self._room_for(st, req, directory)
-        try:
-            # A side thread beats through pgbackrest restore too (one blocking call, minutes on
-            # a big database), not only through the replay loop.
-            with heartbeating(every=10):
+        # A side thread beats through pgbackrest restore too (one blocking call, minutes on a
+        # big database), not only through the replay loop; and while a live earlier attempt
+        # holds the directory.
+        with heartbeating(every=10), scratch_attempt(st, directory):
+            try:
+                # A retry starts over: what an earlier attempt left in this request's own
+                # directory goes, its restore if its worker died (pg_ctl finds its server by the
+                # data directory, whatever port it took).
+                drop_scratch(st, directory, ports[0])
+            except RestoreError as e:
+                raise _restore_error(e) from None
+            port = next((p for p in ports if port_free(p)), None)
+            if port is None:
+                what = f"port {req.port} is already taken on this host" if req.port else \
+                    f"no free port in {ports.start}..{ports.stop - 1}"
+                raise _restore_error(RestoreError(what, "port", "PortInUse"))
+            backups = self._room_for(st, req, directory)
+            try:
                 return restore_to_scratch(st, directory, port, req.target, req.repo_region, activity.heartbeat,
                                           timeout=req.timeout_seconds, timeline=self._primary_timeline(),
                                           backup=backup_set(backups or [], req.target, utcnow()))
-        except RestoreError as e:
-            drop_scratch(st, directory, port)
-            raise _restore_error(e) from None
+            except RestoreError as e:
+                drop_scratch(st, directory, port)
+                raise _restore_error(e) from None
 
     def _room_for(self, st: Stanza, req: RestoreRequest, directory: Path) -> list[BackupRecord] | None:
         """Refuse, before anything is written, a restore the scratch volume cannot hold. By
@@ -507,25 +513,32 @@ class RestoreActivities:
         st.write_configs()
         directory = self.scratch_dir(req.region, req.name)
         ports = [req.port] if req.port else range(self.cfg.backup.scratch_port, self.cfg.backup.scratch_port + 50)
-        drop_scratch(st, directory, ports[0])  # a retry starts over, as restore_scratch does
-        port = next((p for p in ports if port_free(p)), None)
-        if port is None:
-            raise _restore_error(RestoreError(f"no free port for the scratch copy (from {ports[0]})", "port",
-                                              "PortInUse"))
-        self._room_for(st, req, directory)
-        primary = self.cfg.region(req.primary_region).postgres
-        try:
-            with heartbeating(every=10):
+        with heartbeating(every=10), scratch_attempt(st, directory):
+            try:
+                drop_scratch(st, directory, ports[0])  # a retry starts over, as restore_scratch does
+            except RestoreError as e:
+                raise _restore_error(e) from None
+            port = next((p for p in ports if port_free(p)), None)
+            if port is None:
+                raise _restore_error(RestoreError(f"no free port for the scratch copy (from {ports[0]})", "port",
+                                                  "PortInUse"))
+            self._room_for(st, req, directory)
+            primary = self.cfg.region(req.primary_region).postgres
+            try:
                 return restore_following(st, directory, port, req.repo_region, primary, activity.heartbeat,
                                          timeout=req.timeout_seconds, timeline=pg_status(primary, 5).timeline)
-        except RestoreError as e:
-            drop_scratch(st, directory, port)
-            raise _restore_error(e) from None
+            except RestoreError as e:
+                drop_scratch(st, directory, port)
+                raise _restore_error(e) from None
 
     @activity.defn
     def drop_scratch(self, req: DropScratchRequest) -> bool:
         with heartbeating():
-            return drop_scratch(Stanza(self.cfg, req.region), self.scratch_dir(req.region, req.name), req.port)
+            try:
+                return drop_scratch(Stanza(self.cfg, req.region), self.scratch_dir(req.region, req.name), req.port,
+                                    last=True)
+            except RestoreError as e:
+                raise _restore_error(e) from None
 
     @activity.defn
     def rebuild_standby(self, req: RebuildRequest) -> RebuiltStandby:
@@ -556,8 +569,10 @@ class RestoreActivities:
         rebuild's own cleanup did not get to it; returns what it did and where the node stands."""
         st = Stanza(self.cfg, req.region)
         node = self.cfg.region(req.region)
+        info = activity.info()
         with heartbeating():
-            return undo_rebuild(st, self.cfg.region(req.primary_region).postgres, slot=node.postgres.slot_name)
+            return undo_rebuild(st, self.cfg.region(req.primary_region).postgres, slot=node.postgres.slot_name,
+                                attempt_of=f"{info.workflow_id}/{info.workflow_run_id}")
 
     @activity.defn
     def recover_rows(self, req: RecoverRowsRequest) -> RowRecovery:

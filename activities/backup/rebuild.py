@@ -13,19 +13,17 @@ failed restore (a bucket gone, a full disk) must leave it where it was.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import shutil
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
 from pydantic import BaseModel
 
+from activities.backup.orphans import OrphanRestore, exclusive, owner_tag, stop_orphan_restores
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
 from activities.backup.restore import RestoreError, _budget, _plain, timeline_to_follow, wait_streaming
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
@@ -123,85 +121,19 @@ def _stop_for_good(ctl: PgCtl) -> None:
 
 
 def _owner_tag(data: Path) -> str:
-    """The tag (pgbackrest.OWNER_ENV) a rebuild's restore into ``data`` carries: how a later
-    attempt tells its dead predecessor's restore from any other (a restore started by hand,
-    a point-in-time copy into a scratch directory), which it must never stop."""
-    return f"rebuild:{data.absolute()}"
+    return owner_tag("rebuild", data)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """The live (not zombie) processes of process group ``pgid``."""
-    found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if stat[0] not in ("Z", "X") and int(stat[2]) == pgid:
-            found.append(int(d))
-    return found
+def _lock(data: Path) -> Path:
+    return data.parent / f".{data.name}.eagle-dr-rebuild.lock"
 
 
-def stop_orphan_restores(stanza: Stanza, data: Path, grace: float = 30) -> list[int]:
-    """Stop the restores an earlier rebuild attempt of ``data`` left running. Called holding
-    ``_exclusive``, so none is a live attempt's: each is one a dead worker left behind
-    (pgBackRest runs in a session of its own and outlives a worker killed alone). Restored
-    beside it, the directory would get two writers, the orphan's last files landing in a
-    standby already running. Each is its session's leader (the worker starts it so), and its
-    whole group (its local workers) is stopped: SIGTERM and SIGCONT (pgBackRest stops its
-    workers), SIGKILL after ``grace`` seconds, until no process of the group is left."""
-    tag = _owner_tag(data)
-    mine = os.getpgrp()
-    groups = []
-    for pid, owner in stanza.processes("restore").items():
-        try:
-            pgid = os.getpgid(pid)
-        except ProcessLookupError:
-            continue
-        # Only a group it leads (never the worker's own, whatever a reused pid says).
-        if owner == tag and pgid == pid != mine:
-            groups.append(pgid)
-
-    def signal_all(sig: int) -> None:
-        for g in groups:
-            try:
-                os.killpg(g, sig)
-            except ProcessLookupError:
-                pass
-            except PermissionError as e:
-                raise RestoreError(f"pgbackrest restore {g} left by an earlier attempt writes {data}, and this worker "
-                                   f"may not stop it ({e}): nothing is done to the directory beside it",
-                                   kind="OrphanRestore") from None
-
-    signal_all(signal.SIGTERM)
-    signal_all(signal.SIGCONT)  # a frozen one acts on SIGTERM only once continued
-    deadline = time.monotonic() + grace
-    while any(_group_members(g) for g in groups) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if any(_group_members(g) for g in groups):
-        signal_all(signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(_group_members(g) for g in groups) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    if still := [g for g in groups if _group_members(g)]:
-        raise RestoreError(f"pgbackrest restore {still} left by an earlier attempt still writes {data} and did not "
-                           "stop: nothing is done to the directory beside it", kind="OrphanRestore")
-    return groups
-
-
-@contextmanager
-def _exclusive(data: Path):
-    """One rebuild per data directory: a retry started while a slow first attempt still runs
-    waits for it instead of restoring under it."""
-    lock = data.parent / f".{data.name}.eagle-dr-rebuild.lock"
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _stop_orphans(stanza: Stanza, data: Path) -> list[int]:
+    """The restores a dead attempt at rebuilding ``data`` left running, stopped (orphans.py)."""
+    try:
+        return stop_orphan_restores(stanza, data, _owner_tag(data))
+    except OrphanRestore as e:
+        raise RestoreError(str(e), kind="OrphanRestore") from None
 
 
 def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, application_name: str, slot: str,
@@ -214,8 +146,8 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
     ctl = PgCtl(node)
     data = ctl.data_dir
     upstream = f"{primary.host}:{primary.port}"
-    with _exclusive(data):
-        stopped = stop_orphan_restores(stanza, data)
+    with exclusive(_lock(data)):
+        stopped = _stop_orphans(stanza, data)
         if stopped:
             beat({"phase": "stopped a restore left by an earlier attempt", "pids": stopped})
         aside = aside_dir(data)
@@ -277,15 +209,21 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
         return rebuilt
 
 
-def undo_rebuild(stanza: Stanza, primary: PostgresConfig, slot: str) -> str:
+def undo_rebuild(stanza: Stanza, primary: PostgresConfig, slot: str, attempt_of: str | None = None) -> str:
     """The runbook's undo of a rebuild that failed or was cancelled: what ``put_back_original``
-    does, if the rebuild's own cleanup did not (its worker died), then where the node stands."""
+    does, if the rebuild's own cleanup did not (its worker died), then where the node stands.
+    A rebuild of this run (``attempt_of``) that had finished when the cancel came (the two
+    crossed) is said so: its original directory is gone, and the new standby stays."""
     node = stanza.region.postgres
     ctl = PgCtl(node)
-    with _exclusive(ctl.data_dir):
+    with exclusive(_lock(ctl.data_dir)):
         # The original goes back where an orphan of the dead attempt would go on writing.
-        stopped = stop_orphan_restores(stanza, ctl.data_dir)
+        stopped = _stop_orphans(stanza, ctl.data_dir)
+        finished = _read_done(ctl.data_dir) if not aside_dir(ctl.data_dir).exists() else None
         done = put_back_original(ctl, primary, slot)
+    if attempt_of is not None and finished is not None and finished[0] == attempt_of:
+        done = (f"NOT undone: the rebuild had finished (backup {finished[1].backup_label}, streaming from "
+                f"{finished[1].upstream}) and dropped the original directory; the rebuilt standby stays")
     if stopped:
         done = f"stopped pgbackrest restore {stopped} left by the failed attempt; {done}"
     st = pg_status(node, 5)

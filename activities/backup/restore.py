@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Literal
 
 import psycopg
+import structlog
 from pydantic import BaseModel, Field
 
 from activities.backup.catalog import BackupRecord, Catalog
+from activities.backup.orphans import OrphanRestore, exclusive, owner_tag, stop_orphan_restores
 from activities.backup.pgbackrest import PgBackRestError, Stanza, _last_error, repo_key, submit_in_activity
 from activities.postgres.ctl import PgCtl, PgCtlError, _guc_string
 from activities.postgres.lsn import int_to_lsn, lsn_to_int
@@ -57,6 +59,8 @@ class RestoreTarget(BaseModel):
         value = {"time": self.time.isoformat() if self.time else None, "lsn": self.lsn, "name": self.name}[self.kind]
         return f"{self.kind} {value}" + ("" if self.inclusive else " (exclusive)")
 
+
+log = structlog.get_logger(__name__)
 
 class RestoreError(RuntimeError):
     """A restore refused or failed; ``field`` names the input at fault when it is the input."""
@@ -234,7 +238,8 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     # beside the restore instead of before it; its answer goes into the copy's settings after.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         follow_f = submit_in_activity(pool, timeline_to_follow, stanza, repo_region, timeline)
-        r = stanza.run("restore", *opts, "--log-level-console=info", timeout=left(), check=False)
+        r = stanza.run("restore", *opts, "--log-level-console=info", timeout=left(), check=False,
+                       owner=owner_tag("scratch", directory))
         follow = follow_f.result()
     if r.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)
@@ -423,7 +428,7 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     follow = timeline_to_follow(stanza, repo_region, timeline)
     r = stanza.run("restore", f"--repo={key}", f"--pg1-path={sc.data_dir}", "--archive-mode=off", "--type=standby",
                    "--log-level-console=info", *([f"--target-timeline={follow}"] if follow else []),
-                   timeout=left(), check=False)
+                   timeout=left(), check=False, owner=owner_tag("scratch", directory))
     if r.returncode != 0:
         raise RestoreError(f"pgbackrest restore failed ({r.returncode}): {_plain(scrub(_last_error(r.stderr + r.stdout)))}")
     restore_s = time.monotonic() - t0
@@ -591,10 +596,35 @@ def connect_scratch(sc: PostgresConfig, dbname: str | None = None, timeout: int 
                            connect_timeout=timeout, autocommit=True, **kw)
 
 
-def drop_scratch(stanza: Stanza, directory: Path, port: int) -> bool:
-    """Stop and delete a scratch instance; idempotent (True when something was there)."""
+def _scratch_lock(stanza: Stanza, directory: Path) -> Path:
+    # Beside the node's pgBackRest files, not on the scratch volume: nothing of an attempt
+    # refused for want of room is left there.
+    return stanza.dir / "scratch-locks" / f"{directory.name}.lock"
+
+
+def scratch_attempt(stanza: Stanza, directory: Path):
+    """Hold ``directory`` for one attempt at restoring into it (orphans.py): a retry waits for
+    a slow attempt still alive; a dead one's restore is stopped by the drop that follows."""
+    return exclusive(_scratch_lock(stanza, directory))
+
+
+def drop_scratch(stanza: Stanza, directory: Path, port: int, last: bool = False) -> bool:
+    """Stop and delete a scratch instance; idempotent (True when something was there). A
+    restore into it that a dead worker left running is stopped first: deleted under it, the
+    directory filled again with production data nobody would drop, and a retry restoring
+    into it had a second writer beside it. ``last``: the run's own drop, after which no
+    attempt comes, so the directory's lock file goes too (earlier, a waiter on the removed
+    file and a newcomer on a new one would both hold "the" lock)."""
+    try:
+        stopped = stop_orphan_restores(stanza, directory, owner_tag("scratch", directory))
+    except OrphanRestore as e:
+        raise RestoreError(str(e), kind="OrphanRestore") from None
+    if stopped:
+        log.warning("stopped a restore a dead attempt left running", directory=str(directory), pgids=stopped)
+    if last:
+        _scratch_lock(stanza, directory).unlink(missing_ok=True)
     if not directory.exists():
-        return False
+        return bool(stopped)
     sc = scratch_config(stanza, directory, port)
     ctl = PgCtl(sc)
     if ctl.running():
