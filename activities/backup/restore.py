@@ -62,6 +62,7 @@ class RestoreTarget(BaseModel):
 
 log = structlog.get_logger(__name__)
 
+
 class RestoreError(RuntimeError):
     """A restore refused or failed; ``field`` names the input at fault when it is the input."""
 
