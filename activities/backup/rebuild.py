@@ -136,6 +136,19 @@ def _stop_orphans(stanza: Stanza, data: Path) -> list[int]:
         raise RestoreError(str(e), kind="OrphanRestore") from None
 
 
+def _finished_by(data: Path, attempt_of: str | None) -> RebuiltStandby | None:
+    """This run's finished rebuild, when its record is there. The record is written once the
+    new standby streams, before the original is removed: from there on nothing puts the
+    original back (half removed, it is no copy of anything), its removal is finished instead."""
+    done = _read_done(data) if attempt_of is not None else None
+    return done[1] if done is not None and done[0] == attempt_of else None
+
+
+def _drop_original(data: Path) -> None:
+    shutil.rmtree(aside_dir(data), ignore_errors=True)
+    _found_file(data).unlink(missing_ok=True)
+
+
 def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, application_name: str, slot: str,
                     beat=lambda d: None, timeout: float = 3600, attempt_of: str | None = None) -> RebuiltStandby:
     """Replace the node's data directory with a restore of the newest backup in
@@ -161,6 +174,10 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
             _found_file(data).unlink(missing_ok=True)
             rewind_marker(data).unlink(missing_ok=True)
             return done[1].model_copy(update={"stopped_restores": stopped})
+        if _finished_by(data, attempt_of) is not None:
+            # This run's rebuild finished, and its standby no longer streams: rebuilt again
+            # below, with the half-removed original dropped first (it would be "put back").
+            _drop_original(data)
         _done_file(data).unlink(missing_ok=True)  # another run's: this one's result replaces it
         if ctl.running():
             st = pg_status(node, 5)
@@ -196,6 +213,11 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
             rebuilt = _restore_and_start(stanza, ctl, primary, repo_region, application_name, slot, beat, timeout,
                                          attempt_of)
         except BaseException:
+            if _finished_by(data, attempt_of) is not None:
+                # Cancelled (or failed) while removing the original, after the new standby
+                # streamed: putting the half-removed original back destroyed a healthy standby.
+                _drop_original(data)
+                raise
             # A failed or cancelled rebuild leaves the node as it found it: running if it ran.
             # An undo that fails here is left to the runbook's undo step (undo_rebuild), and
             # the restore's own error is the one raised.
@@ -219,11 +241,14 @@ def undo_rebuild(stanza: Stanza, primary: PostgresConfig, slot: str, attempt_of:
     with exclusive(_lock(ctl.data_dir)):
         # The original goes back where an orphan of the dead attempt would go on writing.
         stopped = _stop_orphans(stanza, ctl.data_dir)
-        finished = _read_done(ctl.data_dir) if not aside_dir(ctl.data_dir).exists() else None
-        done = put_back_original(ctl, primary, slot)
-    if attempt_of is not None and finished is not None and finished[0] == attempt_of:
-        done = (f"NOT undone: the rebuild had finished (backup {finished[1].backup_label}, streaming from "
-                f"{finished[1].upstream}) and dropped the original directory; the rebuilt standby stays")
+        if (finished := _finished_by(ctl.data_dir, attempt_of)) is not None:
+            # Past the point of no return: the original (maybe half removed) goes, whatever is
+            # left of it, and the rebuilt standby stays.
+            _drop_original(ctl.data_dir)
+            done = (f"NOT undone: the rebuild had finished (backup {finished.backup_label}, streaming from "
+                    f"{finished.upstream}) and was dropping the original directory; the rebuilt standby stays")
+        else:
+            done = put_back_original(ctl, primary, slot)
     if stopped:
         done = f"stopped pgbackrest restore {stopped} left by the failed attempt; {done}"
     st = pg_status(node, 5)
