@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+import structlog
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -43,6 +44,8 @@ from activities.heartbeat import heartbeating
 from activities.postgres.row_spool import SpoolDir
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import EagleConfig, SecretUnavailable, scrub
+
+log = structlog.get_logger(__name__)
 
 
 class TakeBackupRequest(BaseModel):
@@ -303,6 +306,14 @@ class TargetCheck(BaseModel):
     gaps_read_here: list[str] = []
 
 
+def _drop_after_failure(st: Stanza, directory: Path, port: int) -> None:
+    """The failed attempt's copy dropped; the restore's own error is the one reported."""
+    try:
+        drop_scratch(st, directory, port)
+    except Exception as e:  # noqa: BLE001 - the run's final drop tries again
+        log.warning("dropping a failed restore's copy failed", directory=str(directory), error=scrub(str(e))[:200])
+
+
 def _restore_error(e: RestoreError) -> ApplicationError:
     return ApplicationError(str(e), {"field": e.field, "reason": str(e)} if e.field else None, type=e.kind,
                             non_retryable=e.kind in ("InvalidInput", "PortInUse", "NoBackup", "ScratchExists",
@@ -469,7 +480,7 @@ class RestoreActivities:
                                           timeout=req.timeout_seconds, timeline=self._primary_timeline(),
                                           backup=backup_set(backups or [], req.target, utcnow()))
             except RestoreError as e:
-                drop_scratch(st, directory, port)
+                _drop_after_failure(st, directory, port)
                 raise _restore_error(e) from None
 
     def _room_for(self, st: Stanza, req: RestoreRequest, directory: Path) -> list[BackupRecord] | None:
@@ -528,7 +539,7 @@ class RestoreActivities:
                 return restore_following(st, directory, port, req.repo_region, primary, activity.heartbeat,
                                          timeout=req.timeout_seconds, timeline=pg_status(primary, 5).timeline)
             except RestoreError as e:
-                drop_scratch(st, directory, port)
+                _drop_after_failure(st, directory, port)
                 raise _restore_error(e) from None
 
     @activity.defn
@@ -571,8 +582,11 @@ class RestoreActivities:
         node = self.cfg.region(req.region)
         info = activity.info()
         with heartbeating():
-            return undo_rebuild(st, self.cfg.region(req.primary_region).postgres, slot=node.postgres.slot_name,
-                                attempt_of=f"{info.workflow_id}/{info.workflow_run_id}")
+            try:
+                return undo_rebuild(st, self.cfg.region(req.primary_region).postgres, slot=node.postgres.slot_name,
+                                    attempt_of=f"{info.workflow_id}/{info.workflow_run_id}")
+            except RestoreError as e:
+                raise _restore_error(e) from None
 
     @activity.defn
     def recover_rows(self, req: RecoverRowsRequest) -> RowRecovery:
