@@ -257,7 +257,8 @@ async def test_a_check_degraded_then_not_looked_at_recovers_when_it_is_ok_again(
         os.kill(worker, signal.SIGCONT)
         st = await _until(slot_is("ok"), 120, f"{slot} ok again")
         assert any(f"readiness recovered: {slot} ok" in f for f in st.findings), st.findings
-        assert sum(f"readiness degraded: {slot}" in f for f in st.findings) == 1, st.findings
+        # Not degraded again (the findings keep the last 20: the first may have scrolled out).
+        assert sum(f"readiness degraded: {slot}" in f for f in st.findings) <= 1, st.findings
         await handle.signal(MonitorWorkflow.stop, "test over")
         assert (await handle.result()).stopped == "test over"
         from tests.histories import record

@@ -491,10 +491,18 @@ async def test_a_retry_of_a_rebuild_that_finished_reports_it_and_restores_nothin
     assert not aside_dir(data).exists() and not _found_file(data).exists()
     st = pg_status(pg)
     assert st.role == "standby" and st.receiver_status == "streaming", st
-    # A cancel that crossed the finished rebuild: its undo says the rebuild stands, and
-    # touches nothing (another run's undo finds only "nothing set aside").
-    said = await asyncio.to_thread(undo_rebuild, stanza, lab.cfg.region(primary).postgres, pg.slot_name, run)
-    assert said.startswith("NOT undone: the rebuild had finished") and first.backup_label in said, said
+    # A cancel that crossed the finished rebuild, while the original was being removed: its
+    # undo says the rebuild stands, and finishes the removal instead of putting the half-removed
+    # original back over the new standby. Then once it is gone (the same); another run's undo
+    # finds only "nothing set aside".
+    aside_dir(data).mkdir()
+    (aside_dir(data) / "PG_VERSION").write_text("15\n")
+    _found_file(data).write_text('{"was_running": true, "slot_created": false}')
+    for _ in range(2):
+        said = await asyncio.to_thread(undo_rebuild, stanza, lab.cfg.region(primary).postgres, pg.slot_name, run)
+        assert said.startswith("NOT undone: the rebuild had finished") and first.backup_label in said, said
+        assert not aside_dir(data).exists() and not _found_file(data).exists()
+        assert (data / "eagle-dr-test-rebuilt").exists() and started_at() == was
     other = await asyncio.to_thread(undo_rebuild, stanza, lab.cfg.region(primary).postgres, pg.slot_name, "x/y")
     assert "nothing to put back" in other, other
     assert (data / "eagle-dr-test-rebuilt").exists() and started_at() == was
