@@ -7,18 +7,16 @@ same directory beside it would get two writers there, the orphan's last files la
 copy already running; a cleanup that deleted the directory would see it filled again.
 
 Each restore carries an owner tag naming its directory (pgbackrest.OWNER_ENV), and every
-attempt for a directory holds that directory's lock (``exclusive``): holding it, any restore
+attempt for a directory holds that directory's lock (eagle_dr/locks.py): holding it, any restore
 still tagged for the directory is a dead attempt's, and is stopped first. Used by the standby
 rebuild (rebuild.py) and the scratch copies (restore.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from activities.backup.pgbackrest import Stanza
@@ -33,20 +31,6 @@ def owner_tag(kind: str, data: Path) -> str:
     attempt tells its dead predecessor's restore from any other (a restore started by hand, a
     copy into another directory), which it must never stop."""
     return f"{kind}:{data.absolute()}"
-
-
-@contextmanager
-def exclusive(lock: Path):
-    """One attempt per directory (``lock`` is its lock file): a retry started while a slow
-    first attempt still runs (its heartbeat lost, its worker alive) waits for it instead of
-    restoring under it. The lock dies with its process, so a dead attempt's never holds."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -66,7 +50,7 @@ def _group_members(pgid: int) -> list[int]:
 
 def stop_orphan_restores(stanza: Stanza, data: Path, tag: str, grace: float = 30) -> list[int]:
     """Stop the restores tagged ``tag`` that an earlier attempt on ``data`` left running.
-    Called holding ``exclusive``, so none is a live attempt's (or from a cleanup, when no
+    Called holding the lock (eagle_dr/locks.py), so none is a live attempt's (or from a cleanup, when no
     attempt may go on). Each is its session's leader (the worker starts it so), and its whole
     group (its local workers) is stopped: SIGTERM and SIGCONT (pgBackRest stops its workers),
     SIGKILL after ``grace`` seconds, until no process of the group is left."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 from pydantic import BaseModel
 
-from activities.backup.orphans import OrphanRestore, exclusive, owner_tag, stop_orphan_restores
+from activities.backup.orphans import OrphanRestore, owner_tag, stop_orphan_restores
 from activities.backup.pgbackrest import Stanza, _last_error, _make_dir, repo_key
 from activities.backup.restore import RestoreError, _budget, _plain, timeline_to_follow, wait_streaming
 from activities.postgres.ctl import FENCE_MARKER, PgCtl, PgCtlError, _guc_string
@@ -31,6 +31,7 @@ from activities.postgres.rewind import rewind_marker
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import PostgresConfig, scrub
+from eagle_dr.locks import exclusive
 
 log = structlog.get_logger(__name__)
 

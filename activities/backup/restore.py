@@ -31,12 +31,13 @@ import structlog
 from pydantic import BaseModel, Field
 
 from activities.backup.catalog import BackupRecord, Catalog
-from activities.backup.orphans import OrphanRestore, exclusive, owner_tag, stop_orphan_restores
+from activities.backup.orphans import OrphanRestore, owner_tag, stop_orphan_restores
 from activities.backup.pgbackrest import PgBackRestError, Stanza, _last_error, repo_key, submit_in_activity
 from activities.postgres.ctl import PgCtl, PgCtlError, _guc_string
 from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.postgres.wal import segment_name, segment_start
 from eagle_dr.config import PostgresConfig, scrub
+from eagle_dr.locks import exclusive
 
 
 class RestoreTarget(BaseModel):

@@ -7,13 +7,11 @@ rewinding destroys it. This acts on the node's data directory: it runs on that r
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -25,6 +23,7 @@ from activities.postgres.ctl import PgCtl, PgCtlError, alive
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect
 from eagle_dr.config import PostgresConfig, scrub
+from eagle_dr.locks import exclusive
 
 
 class Rewound(BaseModel):
@@ -51,21 +50,14 @@ COPY_TIMEOUT_S = 3600
 
 def rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str) -> Rewound:
     """pg_rewind the old primary onto the new primary's timeline, else pg_basebackup it."""
-    with _exclusive(Path(old.data_dir)):
+    with exclusive(_lock(Path(old.data_dir))):
         return _rewind_to_standby(old, primary, application_name, slot)
 
 
-@contextmanager
-def _exclusive(data_dir: Path):
-    """One rewind per data directory: a retry started while a slow first attempt still runs
-    (a missed heartbeat, not a dead worker) waits for it instead of re-cloning under it."""
-    lock = data_dir.parent / f".{data_dir.name}.eagle-dr-rewind.lock"
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _lock(data_dir: Path) -> Path:
+    # One rewind per data directory (eagle_dr/locks.py): a retry waits for a slow first
+    # attempt instead of re-cloning under it.
+    return data_dir.parent / f".{data_dir.name}.eagle-dr-rewind.lock"
 
 
 def _rewind_to_standby(old: PostgresConfig, primary: PostgresConfig, application_name: str, slot: str) -> Rewound:
