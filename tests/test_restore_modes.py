@@ -404,6 +404,45 @@ async def test_rebuild_refuses_a_fenced_old_primary_and_leaves_it_alone(lab_cfg,
     assert (data / FENCE_MARKER).exists() and not aside_dir(data).exists()
 
 
+@contextlib.asynccontextmanager
+async def _orphaned_restore(stanza: Stanza, lab_config_path, attempt: str, owner: str | None = None):
+    """A first attempt (``attempt``: Python run with ``cfg`` and ``st``, the node's stanza) in a
+    process of its own, killed alone (an OOM kill, a kill -9 of the worker) while its pgbackrest
+    restore (tagged ``owner`` if given) runs: yields that restore's pid, an orphan left frozen
+    so that it cannot end by itself before the retry looks. Never continued afterwards: it would
+    write into whatever directory is there now."""
+    from activities.postgres.ctl import alive
+
+    first = subprocess.Popen([sys.executable, "-c", (
+        "from pathlib import Path\n"
+        "from activities.backup.pgbackrest import Stanza\n"
+        "from eagle_dr.config import load_config\n"
+        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
+        f"st = Stanza(cfg, {stanza.region.name!r})\n"
+        "st.write_configs()\n" + attempt)], cwd=Path(__file__).parent.parent)
+
+    async def restoring() -> int | None:
+        if first.poll() is not None:
+            raise AssertionError(f"the first attempt ended ({first.returncode}) before its restore was seen")
+        return next((pid for pid, tag in stanza.processes("restore").items() if owner is None or tag == owner),
+                    None)
+
+    orphan = None
+    try:
+        orphan = await _until(restoring, 120, "the first attempt's pgbackrest restore to run", 0.01)
+        os.kill(orphan, signal.SIGSTOP)
+        first.kill()
+        first.wait()
+        assert alive(orphan)
+        yield orphan
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if orphan is not None and alive(orphan):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(orphan), signal.SIGKILL)
+
+
 async def test_a_restore_left_writing_by_a_dead_attempt_is_stopped_before_the_retry_restores(lab, client,
                                                                                            lab_config_path):
     """The process running a rebuild dies alone (an OOM kill, a kill -9 of the worker), and its
@@ -415,30 +454,11 @@ async def test_a_restore_left_writing_by_a_dead_attempt_is_stopped_before_the_re
 
     primary, standby, pg, data = await _standby_with_a_backup(lab, client, "incr")
     stanza = Stanza(lab.cfg, standby)
-    # The first attempt, in a process of its own that can be killed alone.
-    first = subprocess.Popen([sys.executable, "-c", (
-        "from activities.backup.pgbackrest import Stanza\n"
-        "from activities.backup.rebuild import rebuild_standby\n"
-        "from eagle_dr.config import load_config\n"
-        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
-        f"st = Stanza(cfg, {standby!r})\n"
-        "st.write_configs()\n"
-        f"rebuild_standby(st, cfg.region({primary!r}).postgres, {standby!r}, application_name={standby!r}, "
-        f"slot={pg.slot_name!r})\n")], cwd=Path(__file__).parent.parent)
-
-    async def restoring() -> int | None:
-        if first.poll() is not None:
-            raise AssertionError(f"the first attempt ended ({first.returncode}) before its restore was seen")
-        pids = stanza.processes("restore")
-        return next(iter(pids), None)
-
-    orphan = None
-    try:
-        orphan = await _until(restoring, 120, "the first attempt's pgbackrest restore to run", 0.01)
-        os.kill(orphan, signal.SIGSTOP)
-        first.kill()
-        first.wait()
-        assert alive(orphan) and aside_dir(data).exists()  # an orphan, the original aside
+    async with _orphaned_restore(stanza, lab_config_path, (
+            "from activities.backup.rebuild import rebuild_standby\n"
+            f"rebuild_standby(st, cfg.region({primary!r}).postgres, {standby!r}, application_name={standby!r}, "
+            f"slot={pg.slot_name!r})\n")) as orphan:
+        assert aside_dir(data).exists()  # the original aside
 
         rebuilt = await asyncio.to_thread(rebuild_standby, stanza, lab.cfg.region(primary).postgres, standby,
                                           application_name=standby, slot=pg.slot_name)
@@ -447,13 +467,6 @@ async def test_a_restore_left_writing_by_a_dead_attempt_is_stopped_before_the_re
         assert stanza.processes("restore") == {} and not aside_dir(data).exists()
         st = pg_status(pg)
         assert st.role == "standby" and st.receiver_status == "streaming", st
-    finally:
-        if first.poll() is None:
-            first.kill()
-        if orphan is not None and alive(orphan):
-            # Never continued: it would write into whatever directory is there now.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(orphan), signal.SIGKILL)
 
 
 async def test_a_retry_of_a_rebuild_that_finished_reports_it_and_restores_nothing(lab, client):
@@ -525,46 +538,23 @@ async def test_a_scratch_restore_left_writing_by_a_dead_attempt_is_stopped_befor
     stanza = Stanza(lab.cfg, standby)
     directory = RestoreActivities(lab.cfg).scratch_dir(standby, f"test-orphan-{uuid.uuid4().hex[:8]}")
     port = next(p for p in range(lab.cfg.backup.scratch_port, lab.cfg.backup.scratch_port + 50) if port_free(p))
-    # The first attempt, as the activity runs it, in a process of its own that can be killed alone.
-    first = subprocess.Popen([sys.executable, "-c", (
-        "from pathlib import Path\n"
-        "from activities.backup.pgbackrest import Stanza\n"
-        "from activities.backup.restore import RestoreTarget, restore_to_scratch, scratch_attempt\n"
-        "from eagle_dr.config import load_config\n"
-        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
-        f"st = Stanza(cfg, {standby!r})\n"
-        "st.write_configs()\n"
-        f"with scratch_attempt(st, Path({str(directory)!r})):\n"
-        f"    restore_to_scratch(st, Path({str(directory)!r}), {port}, RestoreTarget(), {standby!r})\n")],
-        cwd=Path(__file__).parent.parent)
-
-    async def restoring() -> int | None:
-        if first.poll() is not None:
-            raise AssertionError(f"the first attempt ended ({first.returncode}) before its restore was seen")
-        return next((pid for pid, owner in stanza.processes("restore").items()
-                     if owner == owner_tag("scratch", directory)), None)
-
-    orphan = None
     try:
-        orphan = await _until(restoring, 120, "the first attempt's pgbackrest restore to run", 0.01)
-        os.kill(orphan, signal.SIGSTOP)
-        first.kill()
-        first.wait()
-        assert alive(orphan) and directory.exists()
+        # The first attempt as the activity runs it.
+        async with _orphaned_restore(stanza, lab_config_path, (
+                "from activities.backup.restore import RestoreTarget, restore_to_scratch, scratch_attempt\n"
+                f"with scratch_attempt(st, Path({str(directory)!r})):\n"
+                f"    restore_to_scratch(st, Path({str(directory)!r}), {port}, RestoreTarget(), {standby!r})\n"),
+                owner=owner_tag("scratch", directory)) as orphan:
+            assert directory.exists()
 
-        def retry() -> bool:
-            with scratch_attempt(stanza, directory):  # the dead attempt's lock died with it
-                return drop_scratch(stanza, directory, port)
+            def retry() -> bool:
+                with scratch_attempt(stanza, directory):  # the dead attempt's lock died with it
+                    return drop_scratch(stanza, directory, port)
 
-        assert await asyncio.to_thread(retry)
-        assert not alive(orphan)
-        assert stanza.processes("restore") == {} and not directory.exists()
+            assert await asyncio.to_thread(retry)
+            assert not alive(orphan)
+            assert stanza.processes("restore") == {} and not directory.exists()
     finally:
-        if first.poll() is None:
-            first.kill()
-        if orphan is not None and alive(orphan):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(orphan), signal.SIGKILL)
         drop_scratch(stanza, directory, port, last=True)  # the run's own drop: its lock file too
 
 
