@@ -33,7 +33,7 @@ from activities.postgres.status import pg_status
 from eagle_dr.config import PostgresConfig
 from tests.histories import record
 from tests.lab_helpers import _primary, _progress, _resume, _until
-from tests.test_restore import _archived_now, _async_true, _backup, _commit, _kept, _no_scratch_left, \
+from tests.test_restore import _archived_now, _async_true, _async_true_of, _backup, _commit, _kept, _no_scratch_left, \
     _start_restore, _table
 from workflows.models import ApprovalDecision
 from workflows.restore import RestoreInput, RestoreResult, RestoreWorkflow
@@ -329,7 +329,7 @@ def _cli(lab, lab_config_path, *args, timeout: float = 600) -> subprocess.Comple
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_cli_name_with_lsn_is_a_named_target_at_that_position():
+async def test_cli_name_with_lsn_is_a_named_target_at_that_position():
     """--name N --lsn L: the restore point N, whose position L picks the backup to start from;
     the LSN was tested first and the name dropped (an LSN target, stopping elsewhere)."""
     from eagle_dr.cli.restore import _target
@@ -556,6 +556,83 @@ async def test_a_scratch_restore_left_writing_by_a_dead_attempt_is_stopped_befor
             assert stanza.processes("restore") == {} and not directory.exists()
     finally:
         drop_scratch(stanza, directory, port, last=True)  # the run's own drop: its lock file too
+
+
+async def test_a_lock_folder_the_worker_cannot_write_refuses_the_copy_but_never_keeps_one(lab_cfg, tmp_path):
+    """The attempts' lock files live in the node's pgBackRest folder. A worker that cannot
+    write there (here the folder's name taken by a file; in production an unprivileged worker
+    user) got a raw OSError. It now gets a refusal that says where; and the run's final drop
+    removes the copy all the same: production data never stays for want of a lock file."""
+    from activities.backup.restore import drop_scratch, scratch_attempt
+
+    region = lab_cfg.secondary
+    pg = region.postgres.model_copy(update={"pgbackrest_config": str(tmp_path / "pgbackrest" / "pgbackrest.conf")})
+    cfg = lab_cfg.model_copy(update={"regions": [r.model_copy(update={"postgres": pg}) if r.name == region.name else r
+                                                 for r in lab_cfg.regions]})
+    stanza = Stanza(cfg, region.name)
+    stanza.dir.mkdir(parents=True)
+    (stanza.dir / "scratch-locks").write_text("not a folder")
+    copy = tmp_path / "scratch" / "r-0123456789ab"
+    copy.mkdir(parents=True)
+    (copy / "PG_VERSION").write_text("15\n")
+    with pytest.raises(RestoreError) as e:
+        with scratch_attempt(stanza, copy):
+            pass
+    assert e.value.kind == "LockUnavailable" and str(stanza.dir) in str(e.value), e.value
+    assert drop_scratch(stanza, copy, 1024, last=True) and not copy.exists()
+
+
+async def test_an_attempt_that_outlives_its_run_restores_nothing_after_the_runs_final_drop(
+        lab, client, lab_config_path, tmp_path):
+    """An attempt cut off from Temporal (its worker partitioned: it never hears that its run
+    gave up on it) still holds the copy's directory when the run's final drop comes, and
+    restores after that drop: a writable copy of production data that nobody drops again. The
+    final drop now waits for the attempt to let go, stopping what it runs meanwhile; an
+    attempt that comes after the drop finds the copy dropped and restores nothing."""
+    from activities.backup.activities import RestoreActivities
+    from activities.backup.restore import _dropped_mark, drop_scratch, port_free, scratch_attempt
+
+    primary, standby, pg, data = await _standby_with_a_backup(lab, client, "incr")
+    stanza = Stanza(lab.cfg, standby)
+    directory = RestoreActivities(lab.cfg).scratch_dir(standby, f"test-late-{uuid.uuid4().hex[:8]}")
+    port = next(p for p in range(lab.cfg.backup.scratch_port, lab.cfg.backup.scratch_port + 50) if port_free(p))
+    held, go = tmp_path / "held", tmp_path / "go"
+    # The cut-off attempt: it holds the directory, and restores once the run has begun its drop.
+    late = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from pathlib import Path\n"
+        "from activities.backup.pgbackrest import Stanza\n"
+        "from activities.backup.restore import RestoreTarget, restore_to_scratch, scratch_attempt\n"
+        "from eagle_dr.config import load_config\n"
+        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
+        f"st = Stanza(cfg, {standby!r})\n"
+        "st.write_configs()\n"
+        f"with scratch_attempt(st, Path({str(directory)!r})):\n"
+        f"    Path({str(held)!r}).touch()\n"
+        "    deadline = time.monotonic() + 300\n"
+        f"    while not Path({str(go)!r}).exists() and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        f"    restore_to_scratch(st, Path({str(directory)!r}), {port}, RestoreTarget(), {standby!r})\n")],
+        cwd=Path(__file__).parent.parent)
+    try:
+        await _until(_async_true_of(held.exists), 120, "the late attempt to hold the directory", 0.01)
+        drop = asyncio.ensure_future(asyncio.to_thread(drop_scratch, stanza, directory, port, True))
+        await _until(_async_true_of(_dropped_mark(stanza, directory).exists), 60, "the final drop to begin", 0.01)
+        go.touch()
+        await asyncio.wait_for(drop, 300)
+        assert await asyncio.to_thread(late.wait, 120) is not None
+        assert not directory.exists(), "a copy restored after the run's final drop was left"
+        assert stanza.processes("restore") == {} and port_free(port)
+        # Its retry (or any attempt after the drop) refuses, before it writes anything.
+        with pytest.raises(RestoreError) as e:
+            with scratch_attempt(stanza, directory):
+                pass
+        assert e.value.kind == "ScratchDropped" and not directory.exists()
+    finally:
+        if late.poll() is None:
+            late.kill()
+            late.wait()
+        drop_scratch(stanza, directory, port, last=True)
 
 
 @pytest.mark.long  # ~90 s: the retry waits out the activity's 60 s heartbeat timeout

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import shutil
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -317,7 +318,18 @@ def _drop_after_failure(st: Stanza, directory: Path, port: int) -> None:
 def _restore_error(e: RestoreError) -> ApplicationError:
     return ApplicationError(str(e), {"field": e.field, "reason": str(e)} if e.field else None, type=e.kind,
                             non_retryable=e.kind in ("InvalidInput", "PortInUse", "NoBackup", "ScratchExists",
-                                                        "ArchiveGap", "NoSpace"))
+                                                        "ArchiveGap", "NoSpace", "ScratchDropped",
+                                                        "LockUnavailable"))
+
+
+@contextmanager
+def _attempt(st: Stanza, directory: Path):
+    """scratch_attempt, its refusals (the copy already dropped, no lock) as the activity's errors."""
+    try:
+        with scratch_attempt(st, directory):
+            yield
+    except RestoreError as e:
+        raise _restore_error(e) from None
 
 
 # What a restore needs beyond the backup's database size: the WAL it replays into the copy
@@ -461,7 +473,7 @@ class RestoreActivities:
         # A side thread beats through pgbackrest restore too (one blocking call, minutes on a
         # big database), not only through the replay loop; and while a live earlier attempt
         # holds the directory.
-        with heartbeating(every=10), scratch_attempt(st, directory):
+        with heartbeating(every=10), _attempt(st, directory):
             try:
                 # A retry starts over: what an earlier attempt left in this request's own
                 # directory goes, its restore if its worker died (pg_ctl finds its server by the
@@ -524,7 +536,7 @@ class RestoreActivities:
         st.write_configs()
         directory = self.scratch_dir(req.region, req.name)
         ports = [req.port] if req.port else range(self.cfg.backup.scratch_port, self.cfg.backup.scratch_port + 50)
-        with heartbeating(every=10), scratch_attempt(st, directory):
+        with heartbeating(every=10), _attempt(st, directory):
             try:
                 drop_scratch(st, directory, ports[0])  # a retry starts over, as restore_scratch does
             except RestoreError as e:

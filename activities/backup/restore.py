@@ -15,6 +15,7 @@ that repo alone.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import re
@@ -37,7 +38,7 @@ from activities.postgres.ctl import PgCtl, PgCtlError, _guc_string
 from activities.postgres.lsn import int_to_lsn, lsn_to_int
 from activities.postgres.wal import segment_name, segment_start
 from eagle_dr.config import PostgresConfig, scrub
-from eagle_dr.locks import exclusive
+from eagle_dr.locks import LockBusy, exclusive
 
 
 class RestoreTarget(BaseModel):
@@ -604,10 +605,35 @@ def _scratch_lock(stanza: Stanza, directory: Path) -> Path:
     return stanza.dir / "scratch-locks" / f"{directory.name}.lock"
 
 
+def _dropped_mark(stanza: Stanza, directory: Path) -> Path:
+    return stanza.dir / "scratch-locks" / f"{directory.name}.dropped"
+
+
+# The run's final drop waits this long for a live attempt to let go of the directory (it stops
+# what the attempt runs meanwhile), within the drop activity's 180 s; then its retry goes on.
+LAST_DROP_WAIT_S = 120
+# A run's "dropped" mark is kept far longer than any attempt can outlive its run (an activity's
+# start-to-close is hours): scratch names are one per run, so none is ever needed again.
+DROPPED_MARK_DAYS = 30
+
+
+@contextlib.contextmanager
 def scratch_attempt(stanza: Stanza, directory: Path):
     """Hold ``directory`` for one attempt at restoring into it (orphans.py): a retry waits for
-    a slow attempt still alive; a dead one's restore is stopped by the drop that follows."""
-    return exclusive(_scratch_lock(stanza, directory))
+    a slow attempt still alive; a dead one's restore is stopped by the drop that follows. An
+    attempt that outlived its run (its worker cut off from Temporal, it never heard of the
+    timeout) finds the run's final drop's mark, and restores nothing: a copy of production
+    data made after that drop would be left, writable, for nobody to drop."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive(_scratch_lock(stanza, directory)))
+        except OSError as e:
+            raise RestoreError(f"cannot take the scratch copy's lock on this host ({e}): the worker's user "
+                               f"must be able to write {stanza.dir}", None, "LockUnavailable") from None
+        if _dropped_mark(stanza, directory).exists():
+            raise RestoreError(f"the run's scratch copy {directory.name} was already dropped: this attempt "
+                               "outlived its run and restores nothing", None, "ScratchDropped")
+        yield
 
 
 def drop_scratch(stanza: Stanza, directory: Path, port: int, last: bool = False) -> bool:
@@ -615,16 +641,54 @@ def drop_scratch(stanza: Stanza, directory: Path, port: int, last: bool = False)
     restore into it that a dead worker left running is stopped first: deleted under it, the
     directory filled again with production data nobody would drop, and a retry restoring
     into it had a second writer beside it. ``last``: the run's own drop, after which no
-    attempt comes, so the directory's lock file goes too (earlier, a waiter on the removed
-    file and a newcomer on a new one would both hold "the" lock)."""
+    attempt may restore (scratch_attempt): it marks the copy dropped, then takes the
+    directory's lock, stopping what a live attempt runs until it lets go (else that attempt
+    could restore after the drop), and removes the lock file."""
+    if not last:
+        return _drop(stanza, directory, port)
+    lock = _scratch_lock(stanza, directory)
+    try:
+        mark = _dropped_mark(stanza, directory)
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    except OSError as e:
+        # The copy goes all the same: production data must not stay for want of a lock file.
+        log.warning("scratch drop without its lock", directory=str(directory), error=str(e))
+        return _drop(stanza, directory, port)
+    _prune_dropped_marks(mark.parent)
+    dropped = False
+
+    def drop() -> None:
+        nonlocal dropped
+        dropped = _drop(stanza, directory, port) or dropped
+
+    try:
+        with exclusive(lock, meanwhile=drop, timeout=LAST_DROP_WAIT_S):
+            drop()
+            # Removed while held: a waiter on this file and a newcomer on a new one both find
+            # the mark and refuse.
+            lock.unlink(missing_ok=True)
+    except LockBusy as e:
+        raise RestoreError(f"an attempt at the copy is still alive: {e}; the drop is retried", None,
+                           "AttemptAlive") from None
+    return dropped
+
+
+def _prune_dropped_marks(folder: Path) -> None:
+    cutoff = time.time() - DROPPED_MARK_DAYS * 86400
+    for m in folder.glob("*.dropped"):
+        with contextlib.suppress(OSError):
+            if m.stat().st_mtime < cutoff:
+                m.unlink()
+
+
+def _drop(stanza: Stanza, directory: Path, port: int) -> bool:
     try:
         stopped = stop_orphan_restores(stanza, directory, owner_tag("scratch", directory))
     except OrphanRestore as e:
         raise RestoreError(str(e), kind="OrphanRestore") from None
     if stopped:
         log.warning("stopped a restore a dead attempt left running", directory=str(directory), pgids=stopped)
-    if last:
-        _scratch_lock(stanza, directory).unlink(missing_ok=True)
     if not directory.exists():
         return bool(stopped)
     sc = scratch_config(stanza, directory, port)
