@@ -5,7 +5,7 @@ first attempt may still be running (a long pause, a partitioned worker). Both wo
 on one data directory. The retry waits for the lock instead; the kernel releases a dead
 attempt's lock with its process, so a dead attempt never holds it. Used by the rewind
 (activities/postgres/rewind.py), the standby rebuild and the scratch restores
-(activities/backup/orphans.py).
+(activities/backup/rebuild.py, restore.py; orphans.py says why they need it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-class LockBusy(TimeoutError):
+class LockBusy(Exception):
     """Another process still held the lock when the wait ran out."""
 
 

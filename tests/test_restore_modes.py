@@ -589,15 +589,67 @@ async def test_an_attempt_that_outlives_its_run_restores_nothing_after_the_runs_
     restores after that drop: a writable copy of production data that nobody drops again. The
     final drop now waits for the attempt to let go, stopping what it runs meanwhile; an
     attempt that comes after the drop finds the copy dropped and restores nothing."""
-    from activities.backup.activities import RestoreActivities
     from activities.backup.restore import _dropped_mark, drop_scratch, port_free, scratch_attempt
+
+    stanza, directory, port, late, go = await _late_attempt(lab, client, lab_config_path, tmp_path)
+    try:
+        drop = asyncio.ensure_future(asyncio.to_thread(drop_scratch, stanza, directory, port, True))
+        await _until(_async_true_of(_dropped_mark(stanza, directory).exists), 60, "the final drop to begin", 0.01)
+        go.touch()
+        await asyncio.wait_for(drop, 300)
+        assert await asyncio.to_thread(late.wait, 120) is not None
+        assert not directory.exists(), "a copy restored after the run's final drop was left"
+        assert stanza.processes("restore") == {} and port_free(port)
+        # Its retry (or any attempt after the drop) refuses, before it writes anything.
+        with pytest.raises(RestoreError) as e:
+            with scratch_attempt(stanza, directory):
+                pass
+        assert e.value.kind == "ScratchDropped" and not directory.exists()
+    finally:
+        if late.poll() is None:
+            late.kill()
+            late.wait()
+        drop_scratch(stanza, directory, port, last=True)
+
+
+async def test_an_attempt_that_outlasts_the_final_drops_wait_makes_no_copy_after_it(
+        lab, client, lab_config_path, tmp_path, monkeypatch):
+    """The attempt holding the copy's directory is frozen (a paused VM) where the final drop
+    cannot stop it: the drop gives up waiting and its retries run out. When the attempt wakes,
+    it used to restore, start and hand over a copy nobody drops. It now looks for the drop's
+    mark at each step, and drops what it made instead."""
+    from activities.backup import restore
+    from activities.backup.restore import drop_scratch, port_free
+
+    monkeypatch.setattr(restore, "LAST_DROP_WAIT_S", 1)  # the production wait is 90 s
+    stanza, directory, port, late, go = await _late_attempt(lab, client, lab_config_path, tmp_path)
+    try:
+        with pytest.raises(RestoreError) as e:
+            await asyncio.to_thread(drop_scratch, stanza, directory, port, True)
+        assert e.value.kind == "AttemptAlive", e.value
+        go.touch()
+        assert await asyncio.to_thread(late.wait, 120) != 0
+        assert not directory.exists(), "the attempt made its copy after the run's final drop"
+        assert stanza.processes("restore") == {} and port_free(port)
+    finally:
+        if late.poll() is None:
+            late.kill()
+            late.wait()
+        drop_scratch(stanza, directory, port, last=True)
+
+
+async def _late_attempt(lab, client, lab_config_path, tmp_path):
+    """A scratch restore attempt cut off from its run (its worker partitioned, it never hears
+    that the run gave up on it), in a process of its own: it holds the copy's directory and
+    restores into it once the test touches ``go``. Returns (stanza, directory, port, process, go)."""
+    from activities.backup.activities import RestoreActivities
+    from activities.backup.restore import port_free
 
     primary, standby, pg, data = await _standby_with_a_backup(lab, client, "incr")
     stanza = Stanza(lab.cfg, standby)
     directory = RestoreActivities(lab.cfg).scratch_dir(standby, f"test-late-{uuid.uuid4().hex[:8]}")
     port = next(p for p in range(lab.cfg.backup.scratch_port, lab.cfg.backup.scratch_port + 50) if port_free(p))
     held, go = tmp_path / "held", tmp_path / "go"
-    # The cut-off attempt: it holds the directory, and restores once the run has begun its drop.
     late = subprocess.Popen([sys.executable, "-c", (
         "import time\n"
         "from pathlib import Path\n"
@@ -616,23 +668,11 @@ async def test_an_attempt_that_outlives_its_run_restores_nothing_after_the_runs_
         cwd=Path(__file__).parent.parent)
     try:
         await _until(_async_true_of(held.exists), 120, "the late attempt to hold the directory", 0.01)
-        drop = asyncio.ensure_future(asyncio.to_thread(drop_scratch, stanza, directory, port, True))
-        await _until(_async_true_of(_dropped_mark(stanza, directory).exists), 60, "the final drop to begin", 0.01)
-        go.touch()
-        await asyncio.wait_for(drop, 300)
-        assert await asyncio.to_thread(late.wait, 120) is not None
-        assert not directory.exists(), "a copy restored after the run's final drop was left"
-        assert stanza.processes("restore") == {} and port_free(port)
-        # Its retry (or any attempt after the drop) refuses, before it writes anything.
-        with pytest.raises(RestoreError) as e:
-            with scratch_attempt(stanza, directory):
-                pass
-        assert e.value.kind == "ScratchDropped" and not directory.exists()
-    finally:
-        if late.poll() is None:
-            late.kill()
-            late.wait()
-        drop_scratch(stanza, directory, port, last=True)
+    except BaseException:
+        late.kill()
+        late.wait()
+        raise
+    return stanza, directory, port, late, go
 
 
 @pytest.mark.long  # ~90 s: the retry waits out the activity's 60 s heartbeat timeout

@@ -227,6 +227,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
     restore, a start and a replay of ``timeout`` each."""
     left = _budget(timeout)
     sc = _prepare(stanza, directory, port)
+    _refuse_if_dropped(stanza, directory, port)
     opts = [f"--repo={repo_key(stanza.cfg, stanza.region.name, repo_region)}", f"--pg1-path={sc.data_dir}",
             "--archive-mode=off", *([f"--set={backup}"] if backup else [])]
     if target.kind != "latest":
@@ -264,6 +265,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
         ctl.write_file(auto, auto.read_text() + f"recovery_target_timeline = '{follow}'\n")
     t1 = time.monotonic()
     note = None
+    _refuse_if_dropped(stanza, directory, port)
     try:
         _start(ctl, left())
     except RestoreError as e:
@@ -305,6 +307,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
             raise RestoreError(f"the restored copy stopped during recovery: {scrub(log)[-900:]}")
         if time.monotonic() > deadline:
             raise RestoreError(f"recovery did not reach {target.describe()} in {timeout:.0f}s")
+        _refuse_if_dropped(stanza, directory, port)
         beat({"phase": "replaying WAL", "backup": label})
         time.sleep(0.1)  # what an operator waits for: promptly seen (heartbeats are throttled by the SDK)
     recovery_s = time.monotonic() - t1
@@ -324,6 +327,7 @@ def restore_to_scratch(stanza: Stanza, directory: Path, port: int, target: Resto
                          f"nothing written since that promotion is in the copy")
     else:
         timeline_note = None
+    _refuse_if_dropped(stanza, directory, port)
     return Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
                    repo_region=repo_region, backup_label=label, target=target, restore_seconds=restore_s,
                    recovery_seconds=recovery_s, recovered_to=row[0] if row else None, timeline=tli,
@@ -425,6 +429,7 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
                            "Name the real standbys there instead of '*'", "mode", "InvalidInput")
     floor = _floor(archived, seg_bytes)
     sc = _prepare(stanza, directory, port)
+    _refuse_if_dropped(stanza, directory, port)
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
     beat({"phase": "pgbackrest restore", "as": "standby"})
     t0 = time.monotonic()
@@ -441,6 +446,7 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     t1 = time.monotonic()
     # The archive alone first: a primary_conninfo the copy's settings carry (a once-standby
     # primary keeps one in its file) is overridden on the command line.
+    _refuse_if_dropped(stanza, directory, port)
     _start(ctl, left(), "-c primary_conninfo=''")
     deadline = time.monotonic() + left()
     while True:
@@ -469,6 +475,7 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     text = auto.read_text()
     ctl.write_file(auto, text + ("" if text.endswith("\n") or not text else "\n")
                    + f"primary_conninfo = {_guc_string(conninfo)}\nprimary_slot_name = ''\n")
+    _refuse_if_dropped(stanza, directory, port)
     _start(ctl, left())
     wait_streaming(ctl, sc.model_copy(update={"host": sc.socket_dir}), primary, time.monotonic() + left(), timeout,
                    "restored copy", lambda: beat({"phase": "waiting to stream", "backup": label}))
@@ -477,6 +484,7 @@ def restore_following(stanza: Stanza, directory: Path, port: int, repo_region: s
     scratch = Scratch(region=stanza.region.name, directory=str(directory), port=port, socket_dir=sc.socket_dir,
                       repo_region=repo_region, backup_label=label, target=RestoreTarget(), restore_seconds=restore_s,
                       recovery_seconds=time.monotonic() - t1, timeline=tli)
+    _refuse_if_dropped(stanza, directory, port)
     return FollowingScratch(scratch=scratch, archived_segment=archived, archive_replayed_to=reached,
                             archive_checked=floor is not None, upstream=f"{primary.host}:{primary.port}")
 
@@ -609,9 +617,24 @@ def _dropped_mark(stanza: Stanza, directory: Path) -> Path:
     return stanza.dir / "scratch-locks" / f"{directory.name}.dropped"
 
 
+def _refuse_if_dropped(stanza: Stanza, directory: Path, port: int) -> None:
+    """Looked at again at each step of an attempt, not only when it takes the lock: one frozen
+    while it held the lock (a paused VM) outlasts the final drop's wait, and would go on after
+    it. What it made so far goes; nothing more is made."""
+    if _dropped_mark(stanza, directory).exists():
+        _drop(stanza, directory, port)
+        raise _dropped(directory)
+
+
+def _dropped(directory: Path) -> RestoreError:
+    return RestoreError(f"the run's scratch copy {directory.name} was already dropped: this attempt outlived its "
+                        "run and restores nothing", None, "ScratchDropped")
+
+
 # The run's final drop waits this long for a live attempt to let go of the directory (it stops
-# what the attempt runs meanwhile), within the drop activity's 180 s; then its retry goes on.
-LAST_DROP_WAIT_S = 120
+# what the attempt runs meanwhile, its restores given a short grace), within the drop activity's
+# 180 s, which also holds the drop itself (a server stop of up to 60 s); then its retry goes on.
+LAST_DROP_WAIT_S = 90
 # A run's "dropped" mark is kept far longer than any attempt can outlive its run (an activity's
 # start-to-close is hours): scratch names are one per run, so none is ever needed again.
 DROPPED_MARK_DAYS = 30
@@ -631,8 +654,7 @@ def scratch_attempt(stanza: Stanza, directory: Path):
             raise RestoreError(f"cannot take the scratch copy's lock on this host ({e}): the worker's user "
                                f"must be able to write {stanza.dir}", None, "LockUnavailable") from None
         if _dropped_mark(stanza, directory).exists():
-            raise RestoreError(f"the run's scratch copy {directory.name} was already dropped: this attempt "
-                               "outlived its run and restores nothing", None, "ScratchDropped")
+            raise _dropped(directory)
         yield
 
 
@@ -646,31 +668,37 @@ def drop_scratch(stanza: Stanza, directory: Path, port: int, last: bool = False)
     could restore after the drop), and removes the lock file."""
     if not last:
         return _drop(stanza, directory, port)
-    lock = _scratch_lock(stanza, directory)
+    lock, mark = _scratch_lock(stanza, directory), _dropped_mark(stanza, directory)
+    marked = False
     try:
-        mark = _dropped_mark(stanza, directory)
         mark.parent.mkdir(parents=True, exist_ok=True)
         mark.touch()
+        marked = True
+        _prune_dropped_marks(mark.parent)
     except OSError as e:
-        # The copy goes all the same: production data must not stay for want of a lock file.
-        log.warning("scratch drop without its lock", directory=str(directory), error=str(e))
-        return _drop(stanza, directory, port)
-    _prune_dropped_marks(mark.parent)
+        # Without the mark a later attempt is not refused; the lock still holds off a live one.
+        log.warning("scratch drop without its dropped mark", directory=str(directory), error=str(e))
     dropped = False
 
-    def drop() -> None:
+    def drop(grace: float = 30) -> None:
         nonlocal dropped
-        dropped = _drop(stanza, directory, port) or dropped
+        dropped = _drop(stanza, directory, port, grace) or dropped
 
     try:
-        with exclusive(lock, meanwhile=drop, timeout=LAST_DROP_WAIT_S):
+        with exclusive(lock, meanwhile=lambda: drop(grace=5), timeout=LAST_DROP_WAIT_S):
             drop()
-            # Removed while held: a waiter on this file and a newcomer on a new one both find
-            # the mark and refuse.
-            lock.unlink(missing_ok=True)
+            if marked:
+                # Removed while held: a waiter on this file and a newcomer on a new one both
+                # find the mark and refuse.
+                lock.unlink(missing_ok=True)
     except LockBusy as e:
         raise RestoreError(f"an attempt at the copy is still alive: {e}; the drop is retried", None,
                            "AttemptAlive") from None
+    except OSError as e:
+        # The lock cannot be opened here: the copy goes all the same, production data must not
+        # stay for want of a lock file.
+        log.warning("scratch drop without its lock", directory=str(directory), error=str(e))
+        drop()
     return dropped
 
 
@@ -682,9 +710,9 @@ def _prune_dropped_marks(folder: Path) -> None:
                 m.unlink()
 
 
-def _drop(stanza: Stanza, directory: Path, port: int) -> bool:
+def _drop(stanza: Stanza, directory: Path, port: int, grace: float = 30) -> bool:
     try:
-        stopped = stop_orphan_restores(stanza, directory, owner_tag("scratch", directory))
+        stopped = stop_orphan_restores(stanza, directory, owner_tag("scratch", directory), grace)
     except OrphanRestore as e:
         raise RestoreError(str(e), kind="OrphanRestore") from None
     if stopped:
