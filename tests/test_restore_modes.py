@@ -522,6 +522,64 @@ async def test_a_retry_of_a_rebuild_that_finished_reports_it_and_restores_nothin
 
 
 
+async def test_a_rebuild_attempt_that_outlasts_the_undos_wait_rebuilds_nothing_after_it(
+        lab, client, lab_config_path, tmp_path, monkeypatch):
+    """A rebuild attempt cut off from its run, or frozen while it holds the data directory,
+    where the runbook's undo step cannot stop it: the undo gave up waiting, said "NOT undone:
+    move it back and start it", and the attempt, once awake, restored over the directory (or
+    over the original an operator had moved back). The undo now marks the run undone first,
+    and the attempt looks for the mark before each step: it puts its original back instead."""
+    from activities.backup import rebuild
+
+    primary, standby, pg, data = await _standby_with_a_backup(lab, client, "incr")
+    stanza = Stanza(lab.cfg, standby)
+    (data / "eagle-dr-test-original").write_text("a restore would replace the directory, and this with it")
+    run = f"test-rebuild/{uuid.uuid4()}"
+    held, go = tmp_path / "held", tmp_path / "go"
+    # Paused where it has set the original aside and is about to restore.
+    late = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from pathlib import Path\n"
+        "from activities.backup.pgbackrest import Stanza\n"
+        "from activities.backup.rebuild import rebuild_standby\n"
+        "from eagle_dr.config import load_config\n"
+        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
+        f"st = Stanza(cfg, {standby!r})\n"
+        "st.write_configs()\n"
+        "def beat(d):\n"
+        "    if d.get('phase') == 'pgbackrest restore':\n"
+        f"        Path({str(held)!r}).touch()\n"
+        "        deadline = time.monotonic() + 300\n"
+        f"        while not Path({str(go)!r}).exists() and time.monotonic() < deadline:\n"
+        "            time.sleep(0.01)\n"
+        f"rebuild_standby(st, cfg.region({primary!r}).postgres, {standby!r}, application_name={standby!r}, "
+        f"slot={pg.slot_name!r}, beat=beat, attempt_of={run!r})\n")], cwd=Path(__file__).parent.parent)
+    try:
+        await _until(_async_true_of(held.exists), 120, "the attempt to set the original aside", 0.01)
+        assert aside_dir(data).exists()
+        monkeypatch.setattr(rebuild, "UNDO_WAIT_S", 1)  # the production wait is 300 s
+        with pytest.raises(RestoreError) as e:
+            await asyncio.to_thread(undo_rebuild, stanza, lab.cfg.region(primary).postgres, pg.slot_name, run)
+        assert e.value.kind == "AttemptAlive", e.value
+        go.touch()
+        assert await asyncio.to_thread(late.wait, 120) != 0, "the attempt rebuilt after the undo"
+        # Its own undo on failure put the original back, running as it was found.
+        assert (data / "eagle-dr-test-original").exists() and not aside_dir(data).exists()
+        said = await asyncio.to_thread(undo_rebuild, stanza, lab.cfg.region(primary).postgres, pg.slot_name, run)
+        assert "NOT undone" not in said, said
+
+        async def streaming():
+            st = pg_status(pg)
+            return st.role == "standby" and st.receiver_status == "streaming"
+
+        await _until(streaming, 60, "the original standby to stream again")
+        assert (data / "eagle-dr-test-original").exists()
+    finally:
+        if late.poll() is None:
+            late.kill()
+            late.wait()
+
+
 async def test_a_scratch_restore_left_writing_by_a_dead_attempt_is_stopped_before_its_directory_goes(
         lab, client, lab_config_path):
     """As for a rebuild (above), for a copy into a scratch directory: the attempt's process dies

@@ -319,7 +319,7 @@ def _restore_error(e: RestoreError) -> ApplicationError:
     return ApplicationError(str(e), {"field": e.field, "reason": str(e)} if e.field else None, type=e.kind,
                             non_retryable=e.kind in ("InvalidInput", "PortInUse", "NoBackup", "ScratchExists",
                                                         "ArchiveGap", "NoSpace", "ScratchDropped",
-                                                        "LockUnavailable"))
+                                                        "LockUnavailable", "RebuildUndone"))
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from activities.postgres.rewind import rewind_marker
 from activities.postgres.standby import _streaming_from, ensure_slot
 from activities.postgres.status import connect, pg_status
 from eagle_dr.config import PostgresConfig, scrub
-from eagle_dr.locks import exclusive
+from eagle_dr.locks import LockBusy, exclusive
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +60,45 @@ def _done_file(data: Path) -> Path:
     run whose predecessor finished and died before saying so finds it, instead of setting the
     healthy new standby aside and restoring again (hours, at scale, without a standby)."""
     return data.with_name(f".{data.name}.eagle-dr-rebuilt.json")
+
+
+def _undone_file(data: Path) -> Path:
+    """The runs whose rebuild the runbook's undo step has undone (or given up undoing): an
+    attempt of such a run that outlived it (its worker cut off from Temporal, or frozen while
+    it held the directory) rebuilds nothing afterwards (_refuse_if_undone)."""
+    return data.with_name(f".{data.name}.eagle-dr-rebuild-undone.json")
+
+
+# The last runs an undone list keeps: far more than can have an attempt still alive.
+UNDONE_KEPT = 50
+# The undo waits this long for a live attempt to let go of the directory (it stops that
+# attempt's restore meanwhile), inside its activity's 600 s, which also holds the put-back
+# (a server start); then it says the attempt is alive, and its retry waits again.
+UNDO_WAIT_S = 300
+
+
+def _undone_runs(data: Path) -> list[str]:
+    try:
+        runs = json.loads(_undone_file(data).read_text())
+        return [r for r in runs if isinstance(r, str)] if isinstance(runs, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def _mark_undone(data: Path, attempt_of: str) -> None:
+    runs = [r for r in _undone_runs(data) if r != attempt_of][-(UNDONE_KEPT - 1):] + [attempt_of]
+    f = _undone_file(data)
+    tmp = f.with_name(f.name + ".tmp")
+    tmp.write_text(json.dumps(runs))
+    os.replace(tmp, f)
+
+
+def _refuse_if_undone(data: Path, attempt_of: str | None) -> None:
+    """Looked at when an attempt takes the directory and again before each step that changes
+    it: an attempt frozen while it held the lock outlasts the undo's wait."""
+    if attempt_of is not None and attempt_of in _undone_runs(data):
+        raise RestoreError(f"this run's rebuild of {data} was undone: this attempt outlived its run and rebuilds "
+                           "nothing", None, "RebuildUndone")
 
 
 def _found_file(data: Path) -> Path:
@@ -129,10 +168,10 @@ def _lock(data: Path) -> Path:
     return data.parent / f".{data.name}.eagle-dr-rebuild.lock"
 
 
-def _stop_orphans(stanza: Stanza, data: Path) -> list[int]:
+def _stop_orphans(stanza: Stanza, data: Path, grace: float = 30) -> list[int]:
     """The restores a dead attempt at rebuilding ``data`` left running, stopped (orphans.py)."""
     try:
-        return stop_orphan_restores(stanza, data, _owner_tag(data))
+        return stop_orphan_restores(stanza, data, _owner_tag(data), grace)
     except OrphanRestore as e:
         raise RestoreError(str(e), kind="OrphanRestore") from None
 
@@ -164,6 +203,7 @@ def rebuild_standby(stanza: Stanza, primary: PostgresConfig, repo_region: str, a
         stopped = _stop_orphans(stanza, data)
         if stopped:
             beat({"phase": "stopped a restore left by an earlier attempt", "pids": stopped})
+        _refuse_if_undone(data, attempt_of)
         aside = aside_dir(data)
         done = _read_done(data)
         if attempt_of is not None and done is not None and done[0] == attempt_of and ctl.running() \
@@ -239,17 +279,29 @@ def undo_rebuild(stanza: Stanza, primary: PostgresConfig, slot: str, attempt_of:
     crossed) is said so: its original directory is gone, and the new standby stays."""
     node = stanza.region.postgres
     ctl = PgCtl(node)
-    with exclusive(_lock(ctl.data_dir)):
-        # The original goes back where an orphan of the dead attempt would go on writing.
-        stopped = _stop_orphans(stanza, ctl.data_dir)
-        if (finished := _finished_by(ctl.data_dir, attempt_of)) is not None:
-            # Past the point of no return: the original (maybe half removed) goes, whatever is
-            # left of it, and the rebuilt standby stays.
-            _drop_original(ctl.data_dir)
-            done = (f"NOT undone: the rebuild had finished (backup {finished.backup_label}, streaming from "
-                    f"{finished.upstream}) and was dropping the original directory; the rebuilt standby stays")
-        else:
-            done = put_back_original(ctl, primary, slot)
+    stopped: list[int] = []
+    if attempt_of is not None:
+        # First: an attempt of this run still alive (its worker cut off, or frozen) would
+        # otherwise rebuild after the undo, or over the original it puts back.
+        _mark_undone(ctl.data_dir, attempt_of)
+    try:
+        # Waiting, its restore is stopped: the attempt's undo on failure then runs, and it lets go.
+        with exclusive(_lock(ctl.data_dir), meanwhile=lambda: stopped.extend(_stop_orphans(stanza, ctl.data_dir, 5)),
+                       timeout=UNDO_WAIT_S):
+            # The original goes back where an orphan of the dead attempt would go on writing.
+            stopped += _stop_orphans(stanza, ctl.data_dir)
+            if (finished := _finished_by(ctl.data_dir, attempt_of)) is not None:
+                # Past the point of no return: the original (maybe half removed) goes, whatever
+                # is left of it, and the rebuilt standby stays.
+                _drop_original(ctl.data_dir)
+                done = (f"NOT undone: the rebuild had finished (backup {finished.backup_label}, streaming from "
+                        f"{finished.upstream}) and was dropping the original directory; the rebuilt standby stays")
+            else:
+                done = put_back_original(ctl, primary, slot)
+    except LockBusy as e:
+        raise RestoreError(f"an attempt of this rebuild is still alive and holds {ctl.data_dir} ({e}): it may be "
+                           "writing there, so nothing was moved; it rebuilds nothing more (this run is marked "
+                           "undone), and the undo is tried again", None, "AttemptAlive") from None
     if stopped:
         done = f"stopped pgbackrest restore {stopped} left by the failed attempt; {done}"
     st = pg_status(node, 5)
@@ -300,6 +352,7 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     _make_dir(data, node)
     key = repo_key(stanza.cfg, stanza.region.name, repo_region)
     beat({"phase": "pgbackrest restore", "repo": repo_region})
+    _refuse_if_undone(data, attempt_of)
     t0 = time.monotonic()
     # --type=standby: restore_command and standby.signal, recovery to the end of the archive
     # on the latest timeline. The repo is named (restore.py: the fallback race in 2.45).
@@ -329,6 +382,7 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
     ctl.write_file(auto, auto.read_text() + f"restore_command = {_guc_string(restore_command)}\n" + pin)
     beat({"phase": "starting, replaying the archive", "backup": m.group(1) if m else None})
     t1 = time.monotonic()
+    _refuse_if_undone(data, attempt_of)
     ctl.start(timeout=int(min(left(), 600)))
     wait_streaming(ctl, node, primary, time.monotonic() + left(), timeout, "restored standby",
                    lambda: beat({"phase": "waiting to stream", "backup": m.group(1) if m else None}))
@@ -336,7 +390,9 @@ def _restore_and_start(stanza: Stanza, ctl: PgCtl, primary: PostgresConfig, repo
                              backup_label=m.group(1) if m else None, restore_seconds=restore_s,
                              catch_up_seconds=time.monotonic() - t1, upstream=f"{primary.host}:{primary.port}",
                              replay_lsn=pg_status(node, 5).lsn)
-    # Before the original goes: from here on a retry of this run finds the rebuild done.
+    # Before the original goes: from here on a retry of this run finds the rebuild done, and an
+    # undo asked meanwhile says so (both look under the lock, the undo after this attempt).
+    _refuse_if_undone(data, attempt_of)
     _done_file(data).write_text(json.dumps({"attempt_of": attempt_of, "result": rebuilt.model_dump(mode="json")}))
     shutil.rmtree(aside_dir(data), ignore_errors=True)
     # A rewind interrupted on the old directory left its marker: the directory is replaced
