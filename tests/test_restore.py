@@ -179,6 +179,47 @@ async def test_a_cancel_while_the_copy_is_dropped_still_drops_it(lab, client):
     _no_scratch_left(lab)
 
 
+async def test_a_copy_left_by_a_terminated_restore_is_dropped_by_the_next_restore_on_its_host(lab, client):
+    """A restore terminated from the UI (a terminate runs no cleanup) left its copy for good: a
+    writable PostgreSQL of production data on a port, its disk beside the standby. The next
+    restore on that host drops every copy no running restore owns, and says so; a copy of a
+    restore still running (kept for an operator) stays, and so does one younger than the
+    margin the sweep allows for a restore listed just after it looked."""
+    import os
+
+    from activities.backup.restore import drop_scratch, port_free
+    from tests.lab_helpers import _progress
+
+    await _backup(lab, client, type="incr")
+    region = lab.cfg.secondary.name
+    ended, young_ended, kept_by = [await _start_restore(lab, client, region=region, keep_minutes=30)
+                                   for _ in range(3)]
+    left, young, kept = [await _kept(h) for h in (ended, young_ended, kept_by)]
+    try:
+        for h in (ended, young_ended):
+            await h.terminate("ended from the UI")
+        assert Path(left.directory).exists() and not port_free(left.port)  # nothing dropped it
+        # Made an hour ago; ``young`` keeps its real age of seconds.
+        for c in (left, kept):
+            old = datetime.now().timestamp() - 3600
+            os.utime(c.directory, (old, old))
+        handle = await _start_restore(lab, client, region=region, keep_minutes=0)
+        res: RestoreResult = await handle.result()
+        assert res.dropped, res
+        assert not Path(left.directory).exists() and port_free(left.port)
+        assert Path(kept.directory).exists() and not port_free(kept.port)  # its restore still runs
+        assert Path(young.directory).exists() and not port_free(young.port)
+        step = next(s for s in (await _progress(handle)).steps if s.name.startswith("Drop copies on"))
+        assert Path(left.directory).name in step.detail, step
+        assert not any(Path(c.directory).name in step.detail for c in (kept, young)), step
+        await record(handle, "restore-drops-left-copies")
+    finally:
+        await kept_by.signal(RestoreWorkflow.release)
+        await kept_by.result()
+        drop_scratch(Stanza(lab.cfg, region), Path(young.directory), young.port, last=True)
+    _no_scratch_left(lab)
+
+
 async def test_a_restore_point_a_backup_ended_after_restores_from_the_backup_before_it(lab, client):
     """A backup that ends between a restore point and the restore (a scheduled one, during a
     drill): pgBackRest 2.45 takes the newest backup for a name or an LSN target, replay starts

@@ -50,7 +50,6 @@ against the repo's backups, the fallback to the other bucket, the scratch handli
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from datetime import timedelta
 
 from typing import Literal
@@ -65,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.consistency.activities import ScratchRef
     from activities.backup.rebuild import RebuiltStandby
     from activities.backup.recover import RowRecovery, RowSelection
+    from activities.backup.left_copies import copy_name
     from activities.backup.restore import FollowingScratch, RestoreTarget, Scratch
     from workflows.models import ApprovalPolicy, ApprovalRecord, RequiredApproval
     from activities.topology import TopologyActivities
@@ -72,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.consistency import ConsistencyCheckWorkflow, ConsistencyInput, ConsistencyResult
     from workflows.runbook import Runbook, described
     from workflows.validation import RawInput, invalid, validated
+    from workflows.left_copies import drop_left_copies
     from workflows.repo_lock import RESTORE_GIVES_UP_SECONDS, ReadsBackups, visible_to_expiries
     from workflows.wal_gaps import unread_note, with_gaps
 
@@ -204,6 +205,9 @@ class RestoreWorkflow(ReadsBackups, Runbook):
 
     async def _check(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str):
         await self._no_expiry(topo)
+        if workflow.patched("restore-drops-left-copies"):
+            # Once this run is listed as running: its own copy is never taken for a left one.
+            await drop_left_copies(self, topo, req.region, queue)
         async with self.step(f"Check {inp.target.describe()} against {req.repo_region}'s backups") as rec:
             req, unread = await with_gaps(self, topo, req)
             try:
@@ -475,8 +479,7 @@ def _seconds(s: float | None) -> str:
 
 
 def _dir_name(info) -> str:
-    """Short, one per run: a Unix socket path inside it must stay under 108 bytes."""
-    return "r-" + hashlib.sha1(f"{info.workflow_id}/{info.run_id}".encode()).hexdigest()[:12]
+    return copy_name("RestoreWorkflow", info.workflow_id, info.run_id)
 
 
 def _recovery_counts(r: RowRecovery) -> str:

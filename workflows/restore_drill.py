@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         TableSum,
         WaitArchivedRequest,
     )
+    from activities.backup.left_copies import copy_name
     from activities.backup.restore import RestoreTarget, Scratch
     from activities.topology import TopologyActivities
     from eagle_dr.temporal import (
@@ -61,6 +62,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.runbook import Runbook
     from workflows.validation import RawInput, validated
+    from workflows.left_copies import drop_left_copies
     from workflows.repo_lock import ReadsBackups, visible_to_expiries
     from workflows.wal_gaps import unread_note, with_gaps
 
@@ -229,6 +231,8 @@ class RestoreDrillWorkflow(ReadsBackups, Runbook):
                 # An expire must not delete the set or the WAL this drill restores (workflows/repo_lock.py).
                 if note := await visible_to_expiries(self, topo):
                     self.degraded.append(note)
+            if workflow.patched("restore-drops-left-copies"):
+                await drop_left_copies(self, topo, region, queue)
             async with self.step(f"Check {repo}'s bucket") as rec:
                 req, unread = await with_gaps(self, topo, req)
                 try:
@@ -346,8 +350,7 @@ def _point_name(info) -> str:
 
 
 def _dir_name(info) -> str:
-    """Short, one per run: a Unix socket path inside it must stay under 108 bytes."""
-    return "d-" + hashlib.sha1(f"{info.workflow_id}/{info.run_id}".encode()).hexdigest()[:12]
+    return copy_name("RestoreDrillWorkflow", info.workflow_id, info.run_id)
 
 
 def _t(v) -> str:

@@ -20,6 +20,7 @@ from temporalio.exceptions import ApplicationError
 from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, probe_repo, prune_gaps, read_gaps
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.expire import RepoExpiry, expire
+from activities.backup.left_copies import LeftCopiesRequest, LeftCopy, drop_left_copies
 from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, endpoint_unreachable, repo_key
 from activities.backup.rebuild import RebuiltStandby, rebuild_standby, undo_rebuild
 from activities.backup.recover import RowRecovery, RowSelection, SelectionError, recover_rows
@@ -552,6 +553,16 @@ class RestoreActivities:
                                          timeout=req.timeout_seconds, timeline=pg_status(primary, 5).timeline)
             except RestoreError as e:
                 _drop_after_failure(st, directory, port)
+                raise _restore_error(e) from None
+
+    @activity.defn
+    def drop_left_copies(self, req: LeftCopiesRequest) -> list[LeftCopy]:
+        """The copies on this host that no running restore owns, dropped (left_copies.py)."""
+        with heartbeating():
+            try:
+                return drop_left_copies(Stanza(self.cfg, req.region), self.scratch_dir(req.region, "x").parent,
+                                        set(req.keep), req.listed_at)
+            except RestoreError as e:
                 raise _restore_error(e) from None
 
     @activity.defn

@@ -46,6 +46,12 @@ class ReadersRequest(BaseModel):
     exclude: str | None = None
 
 
+class RunningRestore(BaseModel):
+    workflow_type: str
+    workflow_id: str
+    run_id: str
+
+
 class ListedRequest(BaseModel):
     service: str
     workflow_id: str
@@ -83,6 +89,14 @@ class RepoReaderActivities:
         # All at once: one bound for all, however many do not answer.
         answers = await asyncio.gather(*(reading(wf) for wf in listed))
         return [wf.id for wf, yes in zip(listed, answers) if yes][:20]
+
+    @activity.defn
+    async def list_running_restores(self, req: ReadersRequest) -> list[RunningRestore]:
+        """Every restore of the service running now: whose scratch copies are in use
+        (left_copies.py drops the others)."""
+        client = activity.client()
+        return [RunningRestore(workflow_type=wf.workflow_type, workflow_id=wf.id, run_id=wf.run_id)
+                async for wf in client.list_workflows(readers_query(req.service))]
 
     @activity.defn
     async def wait_listed_as_reader(self, req: ListedRequest) -> float | None:
