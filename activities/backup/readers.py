@@ -92,11 +92,14 @@ class RepoReaderActivities:
 
     @activity.defn
     async def list_running_restores(self, req: ReadersRequest) -> list[RunningRestore]:
-        """Every restore of the service running now: whose scratch copies are in use
-        (left_copies.py drops the others)."""
+        """Every restore running now: whose scratch copies are in use (left_copies.py drops the
+        others). Of every service in the namespace, not only ``req.service``'s: two services'
+        workers may share a host's scratch folder (backup.scratch_dir), and one's sweep must
+        never take the other's running copy for a left one."""
         client = activity.client()
+        types = ", ".join(f"'{t}'" for t in READER_TYPES)
         return [RunningRestore(workflow_type=wf.workflow_type, workflow_id=wf.id, run_id=wf.run_id)
-                async for wf in client.list_workflows(readers_query(req.service))]
+                async for wf in client.list_workflows(f"WorkflowType IN ({types}) AND ExecutionStatus = 'Running'")]
 
     @activity.defn
     async def wait_listed_as_reader(self, req: ListedRequest) -> float | None:
