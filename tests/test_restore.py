@@ -182,9 +182,9 @@ async def test_a_cancel_while_the_copy_is_dropped_still_drops_it(lab, client):
 async def test_a_copy_left_by_a_terminated_restore_is_dropped_by_the_next_restore_on_its_host(lab, client):
     """A restore terminated from the UI (a terminate runs no cleanup) left its copy for good: a
     writable PostgreSQL of production data on a port, its disk beside the standby. The next
-    restore on that host drops every copy no running restore owns, and says so; a copy of a
-    restore still running (kept for an operator) stays, and so does one younger than the
-    margin the sweep allows for a restore listed just after it looked."""
+    restore on that host drops the copies whose runs have ended, and says so. A copy of a
+    restore still running (kept for an operator) stays; so do one younger than 10 minutes and
+    one with no owner record (another service's sharing the folder)."""
     import os
 
     from activities.backup.restore import drop_scratch, port_free
@@ -199,24 +199,28 @@ async def test_a_copy_left_by_a_terminated_restore_is_dropped_by_the_next_restor
         for h in (ended, young_ended):
             await h.terminate("ended from the UI")
         assert Path(left.directory).exists() and not port_free(left.port)  # nothing dropped it
+        unowned = Path(left.directory).with_name("r-0123456789ab")
+        unowned.mkdir()
         # Made an hour ago; ``young`` keeps its real age of seconds.
-        for c in (left, kept):
+        for d in (left.directory, kept.directory, unowned):
             old = datetime.now().timestamp() - 3600
-            os.utime(c.directory, (old, old))
+            os.utime(d, (old, old))
         handle = await _start_restore(lab, client, region=region, keep_minutes=0)
         res: RestoreResult = await handle.result()
         assert res.dropped, res
         assert not Path(left.directory).exists() and port_free(left.port)
         assert Path(kept.directory).exists() and not port_free(kept.port)  # its restore still runs
         assert Path(young.directory).exists() and not port_free(young.port)
+        assert unowned.exists()
         step = next(s for s in (await _progress(handle)).steps if s.name.startswith("Drop copies on"))
         assert Path(left.directory).name in step.detail, step
         assert not any(Path(c.directory).name in step.detail for c in (kept, young)), step
-        await record(handle, "restore-drops-left-copies")
+        await record(handle, "restore-drops-ended-runs-copies")
     finally:
         await kept_by.signal(RestoreWorkflow.release)
         await kept_by.result()
         drop_scratch(Stanza(lab.cfg, region), Path(young.directory), young.port, last=True)
+        shutil.rmtree(Path(left.directory).with_name("r-0123456789ab"), ignore_errors=True)
     _no_scratch_left(lab)
 
 

@@ -53,7 +53,7 @@ async def _drill(lab, client, raw: dict, name: str):
 async def test_restore_drill_passes_on_a_healthy_lab_and_reports_rto_rpo(lab, client):
     _probe_rows(lab, uuid.uuid4().hex, 500)
     await _backup(lab, client, type="full")
-    res = await _drill(lab, client, {}, "restore_drill-healthy-drops-left-copies")
+    res = await _drill(lab, client, {}, "restore_drill-healthy-drops-ended-copies")
     assert res.outcome == "succeeded", res
     assert not res.problems
     tables = {t.table: t for t in res.tables}

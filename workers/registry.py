@@ -71,7 +71,7 @@ def regional_activities(cfg: EagleConfig) -> list:
                       "read_backup_catalog", "expire_backups", "guard_archive",
                       "wait_repo_writers_gone"),
             *_methods(RestoreActivities(cfg), "read_wal_gaps", "check_restore_target", "restore_scratch", "drop_scratch",
-                      "drop_left_copies", "rebuild_standby", "undo_rebuild", "recover_rows", "restore_following_scratch"),
+                      "find_left_copies", "drop_left_copies", "rebuild_standby", "undo_rebuild", "recover_rows", "restore_following_scratch"),
             # Restore mode verify: the scratch copy listens on its host only, so its side of the
             # comparison is read there, the primary's over the network.
             *_methods(ConsistencyActivities(cfg), "compare_table"),
@@ -93,7 +93,7 @@ def control_activities(cfg: EagleConfig, config_path: str | None = None) -> list
             *_methods(RedisBackupActivities(cfg), "find_redis_master", "prune_redis_snapshots"),
             # Temporal's visibility: which restores read the buckets (the expiry lock's check).
             *_methods(RepoReaderActivities(), "list_repo_readers", "wait_listed_as_reader",
-                     "list_running_restores"),
+                     "copies_in_use"),
             *_methods(TrafficActivities(cfg), "scale_down_region", "route_traffic", "wait_region_ready",
                       "verify_service"),
             # SQL on the primary over the network, as postgres_status.

@@ -1,5 +1,5 @@
-"""Before a restore makes its scratch copy on a host: drop the copies there that no running
-restore owns (activities/backup/left_copies.py: terminated or reset runs leave them)."""
+"""Before a restore makes its scratch copy on a host: drop the copies there whose run has ended
+without dropping them (activities/backup/left_copies.py: terminated or reset runs)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,39 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.backup.activities import RestoreActivities
-    from activities.backup.left_copies import LeftCopiesRequest, copy_name
-    from activities.backup.readers import ReadersRequest, RepoReaderActivities
+    from activities.backup.left_copies import DropLeftRequest, FindLeftRequest
+    from activities.backup.readers import CopiesInUseRequest, RepoReaderActivities
     from workflows.runbook import described
 
 
 async def drop_left_copies(runbook, topo, region: str, queue: str) -> None:
     """Never stops the restore: a copy not looked at now is looked at by the next one."""
-    async with runbook.step(f"Drop copies on {region} that no running restore owns") as rec:
-        listed_at = workflow.now()
+    async with runbook.step(f"Drop copies on {region} whose runs ended without dropping them") as rec:
+        looked_at = workflow.now()
         try:
-            running = await runbook.act(RepoReaderActivities.list_running_restores,
-                                        ReadersRequest(service=topo.service), queue=topo.control_task_queue,
-                                        timeout=60, attempts=3)
-            dropped = await runbook.act(RestoreActivities.drop_left_copies, LeftCopiesRequest(
-                region=region, keep=[copy_name(r.workflow_type, r.workflow_id, r.run_id) for r in running],
-                listed_at=listed_at), queue=queue, timeout=900, heartbeat=60, schedule_to_start=60, attempts=3)
+            found = await runbook.act(RestoreActivities.find_left_copies,
+                                      FindLeftRequest(region=region, looked_at=looked_at), queue=queue, timeout=60,
+                                      schedule_to_start=60, attempts=3)
+            in_use = set(await runbook.act(RepoReaderActivities.copies_in_use, CopiesInUseRequest(copies=found),
+                                           queue=topo.control_task_queue, timeout=120, attempts=3)) if found else set()
+            ended = [c.name for c in found if c.name not in in_use]
+            res = await runbook.act(RestoreActivities.drop_left_copies,
+                                    DropLeftRequest(region=region, names=ended, looked_at=looked_at), queue=queue,
+                                    timeout=900, heartbeat=60, schedule_to_start=60, attempts=2) if ended else None
         except ActivityError as e:
             rec.detail = f"not looked at ({described(e)}): the next restore on {region} looks again"
             return
-        if dropped:
-            rec.detail = (f"dropped {len(dropped)} left by restores that ended without dropping them (terminated "
-                          f"or reset): {', '.join(f'{c.name} (made {c.made_at:%Y-%m-%d %H:%M} UTC)' for c in dropped)}")
-            workflow.logger.warning("dropped scratch copies no running restore owned",
-                                    extra={"region": region, "copies": [c.name for c in dropped]})
-        else:
+        if res is None:
             rec.detail = "none"
+            return
+        parts = []
+        if res.dropped:
+            parts.append(f"dropped {len(res.dropped)}: " + ", ".join(
+                f"{c.name} ({c.owner.workflow_id}, made {c.made_at:%Y-%m-%d %H:%M} UTC)" for c in res.dropped))
+            workflow.logger.warning("dropped scratch copies whose runs had ended",
+                                    extra={"region": region, "copies": [c.name for c in res.dropped]})
+        if res.failed:
+            parts.append(f"could not drop {'; '.join(res.failed)}")
+        if res.not_reached:
+            parts.append(f"left for the next restore (out of time): {', '.join(res.not_reached)}")
+        rec.detail = "; ".join(parts) or "none (gone meanwhile)"

@@ -205,8 +205,9 @@ class RestoreWorkflow(ReadsBackups, Runbook):
 
     async def _check(self, inp: RestoreInput, topo, req: RestoreRequest, queue: str):
         await self._no_expiry(topo)
-        if workflow.patched("restore-drops-left-copies"):
-            # Once this run is listed as running: its own copy is never taken for a left one.
+        if inp.mode != "rebuild-standby" and workflow.patched("restore-drops-ended-runs-copies"):
+            # Before this run's own copy (the rebuild makes none): a host's disk and ports are
+            # not held by copies nobody will drop.
             await drop_left_copies(self, topo, req.region, queue)
         async with self.step(f"Check {inp.target.describe()} against {req.repo_region}'s backups") as rec:
             req, unread = await with_gaps(self, topo, req)

@@ -231,7 +231,7 @@ class RestoreDrillWorkflow(ReadsBackups, Runbook):
                 # An expire must not delete the set or the WAL this drill restores (workflows/repo_lock.py).
                 if note := await visible_to_expiries(self, topo):
                     self.degraded.append(note)
-            if workflow.patched("restore-drops-left-copies"):
+            if workflow.patched("restore-drops-ended-runs-copies"):
                 await drop_left_copies(self, topo, region, queue)
             async with self.step(f"Check {repo}'s bucket") as rec:
                 req, unread = await with_gaps(self, topo, req)

@@ -20,7 +20,8 @@ from temporalio.exceptions import ApplicationError
 from activities.backup.archive import GuardReport, WalGap, guard, pitr_blocked, probe_repo, prune_gaps, read_gaps
 from activities.backup.catalog import BackupRecord, Catalog, read_catalog
 from activities.backup.expire import RepoExpiry, expire
-from activities.backup.left_copies import LeftCopiesRequest, LeftCopy, drop_left_copies
+from activities.backup.left_copies import (CopyOwner, DropLeftRequest, DropLeftResult, FindLeftRequest, LeftCopy,
+                                           drop_copies, find_copies, record_owner)
 from activities.backup.pgbackrest import LOCK_ACQUIRE, PgBackRestError, Stanza, endpoint_unreachable, repo_key
 from activities.backup.rebuild import RebuiltStandby, rebuild_standby, undo_rebuild
 from activities.backup.recover import RowRecovery, RowSelection, SelectionError, recover_rows
@@ -323,6 +324,14 @@ def _restore_error(e: RestoreError) -> ApplicationError:
                                                         "LockUnavailable", "RebuildUndone"))
 
 
+def _record_owner(st: Stanza, directory: Path) -> None:
+    """Before the copy exists: a run that ends without dropping it (terminated, reset) leaves
+    it to the next restore on this host (left_copies.py), which asks Temporal about its owner."""
+    info = activity.info()
+    record_owner(st, directory, CopyOwner(namespace=info.workflow_namespace, workflow_id=info.workflow_id,
+                                          run_id=info.workflow_run_id))
+
+
 @contextmanager
 def _attempt(st: Stanza, directory: Path):
     """scratch_attempt, its refusals (the copy already dropped, no lock) as the activity's errors."""
@@ -482,6 +491,7 @@ class RestoreActivities:
                 drop_scratch(st, directory, ports[0])
             except RestoreError as e:
                 raise _restore_error(e) from None
+            _record_owner(st, directory)
             port = next((p for p in ports if port_free(p)), None)
             if port is None:
                 what = f"port {req.port} is already taken on this host" if req.port else \
@@ -542,6 +552,7 @@ class RestoreActivities:
                 drop_scratch(st, directory, ports[0])  # a retry starts over, as restore_scratch does
             except RestoreError as e:
                 raise _restore_error(e) from None
+            _record_owner(st, directory)
             port = next((p for p in ports if port_free(p)), None)
             if port is None:
                 raise _restore_error(RestoreError(f"no free port for the scratch copy (from {ports[0]})", "port",
@@ -556,14 +567,18 @@ class RestoreActivities:
                 raise _restore_error(e) from None
 
     @activity.defn
-    def drop_left_copies(self, req: LeftCopiesRequest) -> list[LeftCopy]:
-        """The copies on this host that no running restore owns, dropped (left_copies.py)."""
+    def find_left_copies(self, req: FindLeftRequest) -> list[LeftCopy]:
+        """The scratch copies on this host old enough to judge, with their owners (left_copies.py)."""
+        return find_copies(Stanza(self.cfg, req.region), self._scratch_base(req.region), req.looked_at)
+
+    @activity.defn
+    def drop_left_copies(self, req: DropLeftRequest) -> DropLeftResult:
+        """The named copies on this host dropped: their runs have ended (left_copies.py)."""
         with heartbeating():
-            try:
-                return drop_left_copies(Stanza(self.cfg, req.region), self.scratch_dir(req.region, "x").parent,
-                                        set(req.keep), req.listed_at)
-            except RestoreError as e:
-                raise _restore_error(e) from None
+            return drop_copies(Stanza(self.cfg, req.region), self._scratch_base(req.region), req.names, req.looked_at)
+
+    def _scratch_base(self, region: str) -> Path:
+        return self.scratch_dir(region, "x").parent
 
     @activity.defn
     def drop_scratch(self, req: DropScratchRequest) -> bool:

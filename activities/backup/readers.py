@@ -25,7 +25,10 @@ from datetime import timedelta
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.api.workflowservice.v1 import GetClusterInfoRequest
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 
+from activities.backup.left_copies import LeftCopy
 from eagle_dr.temporal import DR_SERVICE
 
 # Every workflow type that runs `pgbackrest restore` (RestoreWorkflow's modes, the restore
@@ -46,10 +49,8 @@ class ReadersRequest(BaseModel):
     exclude: str | None = None
 
 
-class RunningRestore(BaseModel):
-    workflow_type: str
-    workflow_id: str
-    run_id: str
+class CopiesInUseRequest(BaseModel):
+    copies: list[LeftCopy]
 
 
 class ListedRequest(BaseModel):
@@ -91,15 +92,28 @@ class RepoReaderActivities:
         return [wf.id for wf, yes in zip(listed, answers) if yes][:20]
 
     @activity.defn
-    async def list_running_restores(self, req: ReadersRequest) -> list[RunningRestore]:
-        """Every restore running now: whose scratch copies are in use (left_copies.py drops the
-        others). Of every service in the namespace, not only ``req.service``'s: two services'
-        workers may share a host's scratch folder (backup.scratch_dir), and one's sweep must
-        never take the other's running copy for a left one."""
+    async def copies_in_use(self, req: CopiesInUseRequest) -> list[str]:
+        """Of these scratch copies, the names of those still in use: another namespace's (not
+        this worker's to judge), or owned by a workflow with a running execution, as Temporal
+        says when asked for it (not visibility: a listing may lag minutes behind a run). Any
+        doubt (an error, no answer) keeps the copy."""
         client = activity.client()
-        types = ", ".join(f"'{t}'" for t in READER_TYPES)
-        return [RunningRestore(workflow_type=wf.workflow_type, workflow_id=wf.id, run_id=wf.run_id)
-                async for wf in client.list_workflows(f"WorkflowType IN ({types}) AND ExecutionStatus = 'Running'")]
+        here = activity.info().workflow_namespace
+
+        async def in_use(c: LeftCopy) -> bool:
+            if c.owner.namespace != here:
+                return True
+            try:
+                desc = await client.get_workflow_handle(c.owner.workflow_id).describe(
+                    rpc_timeout=timedelta(seconds=10))
+            except RPCError as e:
+                return e.status != RPCStatusCode.NOT_FOUND  # never started here, or its history is gone
+            except Exception:  # noqa: BLE001 - no answer: kept
+                return True
+            return desc.status == WorkflowExecutionStatus.RUNNING
+
+        answers = await asyncio.gather(*(in_use(c) for c in req.copies))
+        return [c.name for c, yes in zip(req.copies, answers) if yes]
 
     @activity.defn
     async def wait_listed_as_reader(self, req: ListedRequest) -> float | None:

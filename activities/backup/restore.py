@@ -613,6 +613,11 @@ def _scratch_lock(stanza: Stanza, directory: Path) -> Path:
     return stanza.dir / "scratch-locks" / f"{directory.name}.lock"
 
 
+def scratch_owner_file(stanza: Stanza, directory: Path) -> Path:
+    """Whose copy this is (left_copies.py): the run that made it, until its final drop."""
+    return stanza.dir / "scratch-locks" / f"{directory.name}.owner.json"
+
+
 def _dropped_mark(stanza: Stanza, directory: Path) -> Path:
     return stanza.dir / "scratch-locks" / f"{directory.name}.dropped"
 
@@ -687,6 +692,7 @@ def drop_scratch(stanza: Stanza, directory: Path, port: int, last: bool = False)
     try:
         with exclusive(lock, meanwhile=lambda: drop(grace=5), timeout=LAST_DROP_WAIT_S):
             drop()
+            scratch_owner_file(stanza, directory).unlink(missing_ok=True)
             if marked:
                 # Removed while held: a waiter on this file and a newcomer on a new one both
                 # find the mark and refuse.
