@@ -328,8 +328,12 @@ def _record_owner(st: Stanza, directory: Path) -> None:
     """Before the copy exists: a run that ends without dropping it (terminated, reset) leaves
     it to the next restore on this host (left_copies.py), which asks Temporal about its owner."""
     info = activity.info()
-    record_owner(st, directory, CopyOwner(namespace=info.workflow_namespace, workflow_id=info.workflow_id,
-                                          run_id=info.workflow_run_id))
+    try:
+        record_owner(st, directory, CopyOwner(namespace=info.workflow_namespace, workflow_id=info.workflow_id,
+                                              run_id=info.workflow_run_id))
+    except OSError as e:
+        # The restore goes on: a copy with no owner record is only never swept (left alone).
+        log.warning("scratch copy owner not recorded", directory=str(directory), error=str(e)[:200])
 
 
 @contextmanager

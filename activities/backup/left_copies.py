@@ -27,6 +27,7 @@ from pathlib import Path
 
 import structlog
 from pydantic import BaseModel
+from temporalio.exceptions import CancelledError
 
 from activities.backup.pgbackrest import Stanza
 from activities.backup.restore import drop_scratch, scratch_owner_file
@@ -39,9 +40,13 @@ _NAME = re.compile(r"^[rd]-[0-9a-f]{12}$")
 # Younger copies are not judged: their owner record may be in the making, and the workflow's
 # clock (when it looked) and the host's (the directory's time) may differ.
 MIN_AGE = timedelta(minutes=10)
-# A sweep stops starting drops after this long (the rest wait for the next restore): it runs
-# before the restore's own copy is made, and must not hold a 3 a.m. restore for long.
+# A sweep starts no drop after this long (the rest wait for the next restore): it runs before
+# the restore's own copy is made, and must not hold a 3 a.m. restore for long. A drop already
+# started is bounded by the activity's timeout only.
 DROP_BUDGET_S = 300
+# Owner records and lock files of copies that were never made (a run terminated before its
+# restore began) go after this long; nothing reads them.
+STALE_RECORD_DAYS = 30
 
 
 def copy_name(workflow_type: str, workflow_id: str, run_id: str) -> str:
@@ -120,8 +125,30 @@ def drop_copies(stanza: Stanza, base: Path, names: list[str], looked_at: datetim
             continue
         try:
             drop_scratch(stanza, base / c.name, 1024, last=True)  # any port: pg_ctl finds it by its directory
-            out.dropped.append(c)
+        except CancelledError:
+            raise  # the restore was cancelled: the sweep stops with it
         except Exception as e:  # noqa: BLE001 - the next restore tries again
             log.warning("dropping a left scratch copy failed", copy=c.name, error=str(e)[:200])
             out.failed.append(f"{c.name}: {str(e)[:200]}")
+            continue
+        if (base / c.name).exists():
+            # Files the worker's user cannot delete (an operator's, say): the owner record is
+            # gone with the drop, so no later sweep looks at it again.
+            out.failed.append(f"{c.name}: stopped, but its folder could not be removed whole: remove "
+                              f"{base / c.name} by hand")
+        else:
+            out.dropped.append(c)
+    _prune_stale_records(stanza, base)
     return out
+
+
+def _prune_stale_records(stanza: Stanza, base: Path) -> None:
+    folder = scratch_owner_file(stanza, base / "x").parent
+    cutoff = time.time() - STALE_RECORD_DAYS * 86400
+    for f in [*folder.glob("*.owner.json"), *folder.glob("*.lock")] if folder.is_dir() else []:
+        name = f.name.split(".", 1)[0]
+        try:
+            if not (base / name).exists() and f.stat().st_mtime < cutoff:
+                f.unlink()
+        except OSError:
+            pass

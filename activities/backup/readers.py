@@ -49,6 +49,11 @@ class ReadersRequest(BaseModel):
     exclude: str | None = None
 
 
+_CLOSED = {WorkflowExecutionStatus.COMPLETED, WorkflowExecutionStatus.FAILED, WorkflowExecutionStatus.CANCELED,
+           WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.CONTINUED_AS_NEW,
+           WorkflowExecutionStatus.TIMED_OUT}
+
+
 class CopiesInUseRequest(BaseModel):
     copies: list[LeftCopy]
 
@@ -110,7 +115,9 @@ class RepoReaderActivities:
                 return e.status != RPCStatusCode.NOT_FOUND  # never started here, or its history is gone
             except Exception:  # noqa: BLE001 - no answer: kept
                 return True
-            return desc.status == WorkflowExecutionStatus.RUNNING
+            # Closed, by name: any other status (running, or one a newer server adds, such as
+            # paused) keeps the copy.
+            return desc.status not in _CLOSED
 
         answers = await asyncio.gather(*(in_use(c) for c in req.copies))
         return [c.name for c, yes in zip(req.copies, answers) if yes]
