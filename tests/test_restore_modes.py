@@ -404,6 +404,25 @@ async def test_rebuild_refuses_a_fenced_old_primary_and_leaves_it_alone(lab_cfg,
     assert (data / FENCE_MARKER).exists() and not aside_dir(data).exists()
 
 
+def _attempt_process(lab_config_path, region: str, body: str) -> subprocess.Popen:
+    """An attempt in a process of its own (one that can be killed or cut off alone): Python
+    ``body`` run with ``cfg``, ``st`` (``region``'s stanza, its configs written), ``Path`` and
+    ``pause(held, go)``, which touches ``held`` and waits (at most 300 s) until ``go`` exists."""
+    return subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from pathlib import Path\n"
+        "from activities.backup.pgbackrest import Stanza\n"
+        "from eagle_dr.config import load_config\n"
+        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
+        f"st = Stanza(cfg, {region!r})\n"
+        "st.write_configs()\n"
+        "def pause(held, go):\n"
+        "    Path(held).touch()\n"
+        "    deadline = time.monotonic() + 300\n"
+        "    while not Path(go).exists() and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n" + body)], cwd=Path(__file__).parent.parent)
+
+
 @contextlib.asynccontextmanager
 async def _orphaned_restore(stanza: Stanza, lab_config_path, attempt: str, owner: str | None = None):
     """A first attempt (``attempt``: Python run with ``cfg`` and ``st``, the node's stanza) in a
@@ -413,13 +432,7 @@ async def _orphaned_restore(stanza: Stanza, lab_config_path, attempt: str, owner
     write into whatever directory is there now."""
     from activities.postgres.ctl import alive
 
-    first = subprocess.Popen([sys.executable, "-c", (
-        "from pathlib import Path\n"
-        "from activities.backup.pgbackrest import Stanza\n"
-        "from eagle_dr.config import load_config\n"
-        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
-        f"st = Stanza(cfg, {stanza.region.name!r})\n"
-        "st.write_configs()\n" + attempt)], cwd=Path(__file__).parent.parent)
+    first = _attempt_process(lab_config_path, stanza.region.name, attempt)
 
     async def restoring() -> int | None:
         if first.poll() is not None:
@@ -537,23 +550,13 @@ async def test_a_rebuild_attempt_that_outlasts_the_undos_wait_rebuilds_nothing_a
     run = f"test-rebuild/{uuid.uuid4()}"
     held, go = tmp_path / "held", tmp_path / "go"
     # Paused where it has set the original aside and is about to restore.
-    late = subprocess.Popen([sys.executable, "-c", (
-        "import time\n"
-        "from pathlib import Path\n"
-        "from activities.backup.pgbackrest import Stanza\n"
+    late = _attempt_process(lab_config_path, standby, (
         "from activities.backup.rebuild import rebuild_standby\n"
-        "from eagle_dr.config import load_config\n"
-        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
-        f"st = Stanza(cfg, {standby!r})\n"
-        "st.write_configs()\n"
         "def beat(d):\n"
         "    if d.get('phase') == 'pgbackrest restore':\n"
-        f"        Path({str(held)!r}).touch()\n"
-        "        deadline = time.monotonic() + 300\n"
-        f"        while not Path({str(go)!r}).exists() and time.monotonic() < deadline:\n"
-        "            time.sleep(0.01)\n"
+        f"        pause({str(held)!r}, {str(go)!r})\n"
         f"rebuild_standby(st, cfg.region({primary!r}).postgres, {standby!r}, application_name={standby!r}, "
-        f"slot={pg.slot_name!r}, beat=beat, attempt_of={run!r})\n")], cwd=Path(__file__).parent.parent)
+        f"slot={pg.slot_name!r}, beat=beat, attempt_of={run!r})\n"))
     try:
         await _until(_async_true_of(held.exists), 120, "the attempt to set the original aside", 0.01)
         assert aside_dir(data).exists()
@@ -708,22 +711,11 @@ async def _late_attempt(lab, client, lab_config_path, tmp_path):
     directory = RestoreActivities(lab.cfg).scratch_dir(standby, f"test-late-{uuid.uuid4().hex[:8]}")
     port = next(p for p in range(lab.cfg.backup.scratch_port, lab.cfg.backup.scratch_port + 50) if port_free(p))
     held, go = tmp_path / "held", tmp_path / "go"
-    late = subprocess.Popen([sys.executable, "-c", (
-        "import time\n"
-        "from pathlib import Path\n"
-        "from activities.backup.pgbackrest import Stanza\n"
+    late = _attempt_process(lab_config_path, standby, (
         "from activities.backup.restore import RestoreTarget, restore_to_scratch, scratch_attempt\n"
-        "from eagle_dr.config import load_config\n"
-        f"cfg = load_config({str(lab_config_path)!r}, env={{}})\n"
-        f"st = Stanza(cfg, {standby!r})\n"
-        "st.write_configs()\n"
         f"with scratch_attempt(st, Path({str(directory)!r})):\n"
-        f"    Path({str(held)!r}).touch()\n"
-        "    deadline = time.monotonic() + 300\n"
-        f"    while not Path({str(go)!r}).exists() and time.monotonic() < deadline:\n"
-        "        time.sleep(0.01)\n"
-        f"    restore_to_scratch(st, Path({str(directory)!r}), {port}, RestoreTarget(), {standby!r})\n")],
-        cwd=Path(__file__).parent.parent)
+        f"    pause({str(held)!r}, {str(go)!r})\n"
+        f"    restore_to_scratch(st, Path({str(directory)!r}), {port}, RestoreTarget(), {standby!r})\n"))
     try:
         await _until(_async_true_of(held.exists), 120, "the late attempt to hold the directory", 0.01)
     except BaseException:
