@@ -643,6 +643,36 @@ async def test_a_lock_folder_the_worker_cannot_write_refuses_the_copy_but_never_
     assert drop_scratch(stanza, copy, 1024, last=True) and not copy.exists()
 
 
+async def test_a_final_drop_prunes_old_records_of_copies_gone_and_keeps_the_rest(lab_cfg, tmp_path):
+    """Each copy leaves small records beside the node's pgBackRest files (its dropped mark, its
+    owner record, its lock file). A final drop removes those older than 30 days whose copy's
+    folder is gone; a copy still there keeps its records, and so do recent ones."""
+    import os
+    import time as _time
+
+    from activities.backup.restore import drop_scratch
+
+    region = lab_cfg.secondary
+    pg = region.postgres.model_copy(update={"pgbackrest_config": str(tmp_path / "pgbackrest" / "pgbackrest.conf")})
+    cfg = lab_cfg.model_copy(update={"regions": [r.model_copy(update={"postgres": pg}) if r.name == region.name else r
+                                                 for r in lab_cfg.regions]})
+    stanza = Stanza(cfg, region.name)
+    records, base = stanza.dir / "scratch-locks", tmp_path / "scratch"
+    records.mkdir(parents=True)
+    (base / "r-00000000000a").mkdir(parents=True)  # a copy still there
+    old = _time.time() - 31 * 86400
+    made = {}
+    for name, age in (("r-00000000000a", old), ("r-00000000000b", old), ("r-00000000000c", _time.time())):
+        for kind in ("dropped", "owner.json", "lock"):
+            made[name, kind] = f = records / f"{name}.{kind}"
+            f.write_text("{}")
+            os.utime(f, (age, age))
+    drop_scratch(stanza, base / "r-00000000000d", 1024, last=True)
+    assert not any(made["r-00000000000b", k].exists() for k in ("dropped", "owner.json", "lock"))
+    assert all(made[n, k].exists() for n in ("r-00000000000a", "r-00000000000c")
+               for k in ("dropped", "owner.json", "lock"))
+
+
 async def test_an_attempt_that_outlives_its_run_restores_nothing_after_the_runs_final_drop(
         lab, client, lab_config_path, tmp_path):
     """An attempt cut off from Temporal (its worker partitioned: it never hears that its run

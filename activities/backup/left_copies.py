@@ -44,9 +44,6 @@ MIN_AGE = timedelta(minutes=10)
 # the restore's own copy is made, and must not hold a 3 a.m. restore for long. A drop already
 # started is bounded by the activity's timeout only.
 DROP_BUDGET_S = 300
-# Owner records and lock files of copies that were never made (a run terminated before its
-# restore began) go after this long; nothing reads them.
-STALE_RECORD_DAYS = 30
 
 
 def copy_name(workflow_type: str, workflow_id: str, run_id: str) -> str:
@@ -138,17 +135,4 @@ def drop_copies(stanza: Stanza, base: Path, names: list[str], looked_at: datetim
                               f"{base / c.name} by hand")
         else:
             out.dropped.append(c)
-    _prune_stale_records(stanza, base)
     return out
-
-
-def _prune_stale_records(stanza: Stanza, base: Path) -> None:
-    folder = scratch_owner_file(stanza, base / "x").parent
-    cutoff = time.time() - STALE_RECORD_DAYS * 86400
-    for f in [*folder.glob("*.owner.json"), *folder.glob("*.lock")] if folder.is_dir() else []:
-        name = f.name.split(".", 1)[0]
-        try:
-            if not (base / name).exists() and f.stat().st_mtime < cutoff:
-                f.unlink()
-        except OSError:
-            pass

@@ -640,9 +640,10 @@ def _dropped(directory: Path) -> RestoreError:
 # what the attempt runs meanwhile, its restores given a short grace), within the drop activity's
 # 180 s, which also holds the drop itself (a server stop of up to 60 s); then its retry goes on.
 LAST_DROP_WAIT_S = 90
-# A run's "dropped" mark is kept far longer than any attempt can outlive its run (an activity's
-# start-to-close is hours): scratch names are one per run, so none is ever needed again.
-DROPPED_MARK_DAYS = 30
+# A copy's records (its "dropped" mark, its owner record, its lock file) are kept far longer than
+# any attempt can outlive its run (an activity's start-to-close is hours), while its folder
+# exists: scratch names are one per run, so none is ever needed again.
+RECORD_DAYS = 30
 
 
 @contextlib.contextmanager
@@ -679,7 +680,7 @@ def drop_scratch(stanza: Stanza, directory: Path, port: int, last: bool = False)
         mark.parent.mkdir(parents=True, exist_ok=True)
         mark.touch()
         marked = True
-        _prune_dropped_marks(mark.parent)
+        _prune_records(mark.parent, directory.parent)
     except OSError as e:
         # Without the mark a later attempt is not refused; the lock still holds off a live one.
         log.warning("scratch drop without its dropped mark", directory=str(directory), error=str(e))
@@ -708,12 +709,14 @@ def drop_scratch(stanza: Stanza, directory: Path, port: int, last: bool = False)
     return dropped
 
 
-def _prune_dropped_marks(folder: Path) -> None:
-    cutoff = time.time() - DROPPED_MARK_DAYS * 86400
-    for m in folder.glob("*.dropped"):
+def _prune_records(folder: Path, base: Path) -> None:
+    """The records in ``folder`` older than RECORD_DAYS of copies with no folder in ``base``:
+    those of copies dropped, and of copies never made (a run terminated before its restore)."""
+    cutoff = time.time() - RECORD_DAYS * 86400
+    for f in [*folder.glob("*.dropped"), *folder.glob("*.owner.json"), *folder.glob("*.lock")]:
         with contextlib.suppress(OSError):
-            if m.stat().st_mtime < cutoff:
-                m.unlink()
+            if not (base / f.name.split(".", 1)[0]).exists() and f.stat().st_mtime < cutoff:
+                f.unlink()
 
 
 def _drop(stanza: Stanza, directory: Path, port: int, grace: float = 30) -> bool:
