@@ -115,9 +115,10 @@ def test_a_frozen_server_is_not_waited_for_past_the_ping(node):
         t.join(30)
         assert not t.is_alive(), "a kept session to a frozen server hung its caller"
     finally:
-        for p in frozen:
-            # A frozen process can still die (SIGKILL): thaw the others, and let the
-            # assertion above, not the clean-up, say what went wrong.
+        # Children first: a child that was already exiting when listed is a zombie, which
+        # SIGSTOP "stops" without error; a thawed postmaster reaps it at once, and a SIGCONT
+        # after that finds no process. That is the ProcessLookupError a clean-clone run saw.
+        for p in reversed(frozen):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGCONT)
     assert len(outcome) == 1 and isinstance(outcome[0], psycopg.OperationalError), outcome
