@@ -183,11 +183,14 @@ async def test_a_copy_left_by_a_terminated_restore_is_dropped_by_the_next_restor
     """A restore terminated from the UI (a terminate runs no cleanup) left its copy for good: a
     writable PostgreSQL of production data on a port, its disk beside the standby. The next
     restore on that host drops the copies whose runs have ended, and says so. A copy of a
-    restore still running (kept for an operator) stays; so do one younger than 10 minutes and
-    one with no owner record (another service's sharing the folder)."""
+    restore still running (kept for an operator) stays; so do one younger than 10 minutes, one
+    with no owner record (another service's sharing the folder) and one another namespace owns
+    (not this worker's to judge, even when its workflow is unknown here). One whose workflow this
+    namespace has never heard of is left over, and dropped."""
     import os
 
-    from activities.backup.restore import drop_scratch, port_free
+    from activities.backup.left_copies import CopyOwner, record_owner
+    from activities.backup.restore import drop_scratch, port_free, scratch_owner_file
     from tests.lab_helpers import _progress
 
     await _backup(lab, client, type="incr")
@@ -199,10 +202,17 @@ async def test_a_copy_left_by_a_terminated_restore_is_dropped_by_the_next_restor
         for h in (ended, young_ended):
             await h.terminate("ended from the UI")
         assert Path(left.directory).exists() and not port_free(left.port)  # nothing dropped it
-        unowned = Path(left.directory).with_name("r-0123456789ab")
-        unowned.mkdir()
+        stanza = Stanza(lab.cfg, region)
+        unowned, elsewhere, unknown = (Path(left.directory).with_name(n)
+                                       for n in ("r-0123456789ab", "r-0123456789ac", "r-0123456789ad"))
+        for d in (unowned, elsewhere, unknown):
+            d.mkdir()
+        # The same workflow id in both: only the namespace decides.
+        record_owner(stanza, elsewhere, CopyOwner(namespace="another", workflow_id="restore-never-run", run_id="x"))
+        record_owner(stanza, unknown, CopyOwner(namespace=client.namespace, workflow_id="restore-never-run",
+                                                run_id="x"))
         # Made an hour ago; ``young`` keeps its real age of seconds.
-        for d in (left.directory, kept.directory, unowned):
+        for d in (left.directory, kept.directory, unowned, elsewhere, unknown):
             old = datetime.now().timestamp() - 3600
             os.utime(d, (old, old))
         handle = await _start_restore(lab, client, region=region, keep_minutes=0)
@@ -211,7 +221,7 @@ async def test_a_copy_left_by_a_terminated_restore_is_dropped_by_the_next_restor
         assert not Path(left.directory).exists() and port_free(left.port)
         assert Path(kept.directory).exists() and not port_free(kept.port)  # its restore still runs
         assert Path(young.directory).exists() and not port_free(young.port)
-        assert unowned.exists()
+        assert unowned.exists() and elsewhere.exists() and not unknown.exists()
         step = next(s for s in (await _progress(handle)).steps if s.name.startswith("Drop copies on"))
         assert Path(left.directory).name in step.detail, step
         assert not any(Path(c.directory).name in step.detail for c in (kept, young)), step
@@ -220,7 +230,10 @@ async def test_a_copy_left_by_a_terminated_restore_is_dropped_by_the_next_restor
         await kept_by.signal(RestoreWorkflow.release)
         await kept_by.result()
         drop_scratch(Stanza(lab.cfg, region), Path(young.directory), young.port, last=True)
-        shutil.rmtree(Path(left.directory).with_name("r-0123456789ab"), ignore_errors=True)
+        for n in ("r-0123456789ab", "r-0123456789ac", "r-0123456789ad"):
+            d = Path(left.directory).with_name(n)
+            shutil.rmtree(d, ignore_errors=True)
+            scratch_owner_file(Stanza(lab.cfg, region), d).unlink(missing_ok=True)
     _no_scratch_left(lab)
 
 
