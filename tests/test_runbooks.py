@@ -312,8 +312,9 @@ async def test_forced_failover_past_the_lag_guard(lab, client):
     await record(handle, "failover-forced-epoch-of-both-regions")
     assert result.outcome == "succeeded"
     # Routing does not wait for Redis's promotion (against a frozen old master its epoch check
-    # waits out a read timeout): both are scheduled by the task that saw the epoch recorded.
-    assert sorted(_scheduled_by_the_task_after(await handle.fetch_history(), "record_epoch")) == \
+    # waits out a read timeout): both are scheduled by the task that saw the epoch recorded (by
+    # the promote step).
+    assert sorted(_scheduled_by_the_task_after(await handle.fetch_history(), "promote_postgres")) == \
         ["promote_redis", "route_traffic"]
     assert any("forced past lag guard" in n for n in result.notes)
     assert result.source_fenced == "stop"
@@ -437,8 +438,16 @@ async def test_a_down_old_primary_is_held_so_a_restart_cannot_make_it_writable(l
     finally:
         os.kill(startup, signal.SIGCONT)
     result = await handle.result()
-    await record(handle, "failover-holds-a-down-old-primary")
+    await record(handle, "failover-holds-a-down-old-primary-epoch-in-promote")
     assert result.outcome in ("succeeded", "degraded"), result
+    # The epoch recorded by the promotion itself, never a step after it that a target worker
+    # dying in between would leave undone (the old primary's worker then saw no newer epoch).
+    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name
+                 async for e in handle.fetch_history_events()
+                 if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+    assert "promote_postgres" in scheduled and "record_epoch" not in scheduled, scheduled
+    held = read_epoch(pb, lab.cfg.service)
+    assert (held.epoch, held.run_id) == (result.epoch, handle.result_run_id), held
     assert result.rpo.lost_commits == 0 and result.rpo.lost_wal_bytes is not None, result.rpo
     assert result.rpo.lost_wal_bytes < 64 * 1024, result.rpo  # the bulk write was megabytes
     assert result.source_fenced == "stop", result

@@ -176,15 +176,24 @@ class FailoverWorkflow(Runbook):
         async def promote_and_route() -> RunbookResult:
             promotion_started = workflow.now()
             async with self.step("promote") as st:
+                # The epoch recorded by the promotion itself: as a step of its own, a target
+                # worker that died right after the promotion left the new primary with the old
+                # epoch, and once the partition healed the old primary's worker, seeing no newer
+                # epoch anywhere, lifted its self-fence: two writable primaries.
+                records = workflow.patched("failover-promote-records-epoch")
                 try:
                     promotion = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
-                        region=target, epoch=self.epoch, timeout_seconds=inp.promote_timeout_seconds), queue=tq,
+                        region=target, epoch=self.epoch, timeout_seconds=inp.promote_timeout_seconds,
+                        record_epoch=records), queue=tq,
                         # schedule_to_start: past the point of no return a cancel is refused, so a
                         # dead target worker would hold the outage (and a monitor awaiting this
                         # run) forever; long enough for a restarted pod, then the abort path.
                         timeout=inp.promote_timeout_seconds + 60, heartbeat=30, schedule_to_start=120)
                 except ActivityError as e:
-                    stale = isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"
+                    # After the promotion too (the epoch recorded in the step, refused for a newer
+                    # one): a newer move owns the fences, which the compensation then leaves.
+                    stale = isinstance(e.cause, ApplicationError) and e.cause.type in ("StaleEpoch",
+                                                                                      "StaleEpochAfterPromotion")
                     if stale or not workflow.patched("failover-abort-promotion-before-unfence"):
                         lifted = await self._compensate_fence(source, pg_fence, r_fence.reachable, control, sq)
                         self.finish("failed")
@@ -195,13 +204,15 @@ class FailoverWorkflow(Runbook):
                     # promote, the move rolls forward from here instead.
                     promotion = await self._abort_promotion(target, tq, source, pg_fence, r_fence.reachable, control,
                                                             sq, e)
+                    records = False  # promoted behind the step's back: nothing recorded it
                     notes.append(f"{target} finished promoting after the promote step gave up; the move went on")
                 try:
                     # Bounded in the queue: a target worker that died right after the promotion
                     # never picks it up, and past the point of no return the move must go on to
                     # Redis and routing (control steps) and say what is missing, not wait.
-                    await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
-                                   queue=tq, schedule_to_start=30)
+                    if not records:
+                        await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
+                                       queue=tq, schedule_to_start=30)
                 except ActivityError as e:
                     if not workflow.patched("failover-epoch-record-degrades"):
                         raise
