@@ -185,6 +185,37 @@ async def test_cli_switchover_waits_for_approval_and_cli_rejects(lab, client, la
 # -- moves ---------------------------------------------------------------------------------------------
 
 
+async def test_a_switchover_whose_source_worker_died_at_the_approval_fails_at_the_stop_stopping_nothing(lab, client):
+    """The source's worker dies while the switchover waits for its approval. The stop waited for
+    a worker forever, holding the move's id (the monitor's failover, when the primary died next,
+    found it taken) and any cancel's undo with it. Now it fails before the point of no return:
+    nothing stopped, nothing to undo on the silent worker, the primary still takes writes."""
+    a, b = _names(lab)
+    assert _primary(lab) == a
+    handle = await start_move(client, lab.cfg, SwitchoverInput(
+        service=lab.cfg.service, target_region=b, stop_pickup_seconds=3,
+        approval=ApprovalPolicy(required=True, timeout_seconds=600)))
+    try:
+        await _until(lambda: _awaiting(handle), 30, "the approval gate")
+        assert kill_tree(read_pid(lab.worker_pidfile(a)))
+        await handle.execute_update(SwitchoverWorkflow.approve, ApprovalDecision(approver="alice", decision="approve",
+                                                                                 comment="window"))
+        with pytest.raises(WorkflowFailureError) as e:
+            await asyncio.wait_for(handle.result(), 120)
+    finally:
+        lab.start_worker(a)
+    await record(handle, "switchover-stop-not-taken")
+    assert e.value.cause.type == "SwitchoverFailed", e.value.cause
+    steps = {s.name: s for s in (await _progress(handle)).steps}
+    stop = steps["stop writes on old primary"]
+    assert stop.status == "failed" and "nothing was stopped" in stop.detail, stop
+    assert not any(n.startswith(f"undo: {a}") for n in steps), list(steps)
+    with psycopg.connect(lab.cfg.region(a).postgres.dsn(), autocommit=True) as conn:
+        assert conn.execute("select not pg_is_in_recovery() and not current_setting('transaction_read_only')::bool"
+                            ).fetchone()[0]
+    assert _primary(lab) == a
+
+
 async def test_switchover_under_load_loses_nothing(lab, client, unlogged):
     a, b = _names(lab)
     lab.start_app()

@@ -112,6 +112,10 @@ class FailoverInput(MoveInput):
 class SwitchoverInput(MoveInput):
     max_lag_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     catch_up_timeout_seconds: float = Field(default=300, gt=0)
+    # How long the stop of the old primary, and its undo, wait for the source region's worker
+    # to take them. Past it the switchover fails before its point of no return, nothing
+    # stopped, and the move's id is free for a failover.
+    stop_pickup_seconds: float = Field(default=60, gt=0)
 
 
 class StepRecord(BaseModel):

@@ -54,7 +54,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.failover import finish_measurement, not_carried, rto_text, wal_rpo
     from workflows.models import Rpo, Rto, RunbookResult, SwitchoverInput
     from workflows.plan import switchover_plan
-    from workflows.runbook import RETRY, Runbook, described, redis_fence_state
+    from workflows.runbook import RETRY, Runbook, described, not_picked_up, redis_fence_state
     from workflows.validation import RawInput, invalid, validated
 
 
@@ -115,6 +115,10 @@ class SwitchoverWorkflow(Runbook):
                         f"none on {target}: its max_slot_wal_keep_size is unset (failback re-clones)"
             async with self.step("stop writes on old primary") as st:
                 fence_asked = workflow.patched("switchover-undo-fence-in-flight")
+                # Bounded in the queue: a source worker that died (during the approval wait, say)
+                # left the stop pending forever, holding the move's id, so the monitor could not
+                # fail over when the primary died next; and a cancel's undo waited on it too.
+                bounded = workflow.patched("switchover-stop-bounded")
                 # drain_archive_seconds: a fast shutdown waits for every segment the archiver has
                 # not pushed yet; pushing them first, while clients still write, keeps that out
                 # of the write outage (fence.drain_archive). at_checkpoint: the segment the
@@ -122,9 +126,17 @@ class SwitchoverWorkflow(Runbook):
                 # old primary's rejoin needs it gone, so the fence returns at the checkpoint and
                 # that push overlaps the promotion (the rejoin waits for the exit). The
                 # activity's input only: the command sequence is unchanged.
-                stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
-                    region=source, epoch=self.epoch, method="stop", drain_archive_seconds=10, at_checkpoint=True),
-                    queue=sq, timeout=180, heartbeat=10)
+                try:
+                    stopped = await self.act(PostgresActivities.fence_postgres, FenceRequest(
+                        region=source, epoch=self.epoch, method="stop", drain_archive_seconds=10, at_checkpoint=True),
+                        queue=sq, timeout=180, heartbeat=10, schedule_to_start=inp.stop_pickup_seconds if bounded else None)
+                except ActivityError as e:
+                    if bounded and not_picked_up(e) and (e.cause is None or e.cause.cause is None):
+                        # No attempt ran (none failed before this one): nothing was stopped.
+                        fence_asked = False
+                        st.detail = (f"{source}'s worker did not take the stop within {inp.stop_pickup_seconds:.0f} "
+                                     "s: nothing was stopped")
+                    raise
                 st.detail = f"stopped cleanly; shutdown checkpoint at {stopped.last_lsn}" + (
                     "; still exiting (archiving the segment the shutdown closed)" if stopped.exiting else "") + (
                     " (" + ", ".join(f"{k} {v:.3f} s" for k, v in stopped.phases.items()) + ")" if stopped.phases else "")
@@ -134,10 +146,11 @@ class SwitchoverWorkflow(Runbook):
             if not merged:
                 await self._wait_replayed(inp, target, tq, stopped)
         except asyncio.CancelledError:
-            raise self.cancelled(await self._undo_stop(source, sq, stopped is not None or fence_asked)
+            raise self.cancelled(await self._undo_stop(source, sq, stopped is not None or fence_asked,
+                                                 inp.stop_pickup_seconds)
                                  + await self._undo_slots(target, tq, slots_asked)) from None
         except ActivityError as e:
-            undone = await self._undo_stop(source, sq, stopped is not None or fence_asked) \
+            undone = await self._undo_stop(source, sq, stopped is not None or fence_asked, inp.stop_pickup_seconds) \
                 + await self._undo_slots(target, tq, slots_asked)
             if isinstance(e.cause, CancelledError):  # the step in flight saw the cancel request
                 raise self.cancelled(undone) from None
@@ -323,14 +336,26 @@ class SwitchoverWorkflow(Runbook):
                 notes.append(f"{target}'s unlogged sequences were not flushed before promotion ({e.cause or e}): "
                              "the verify step says if any came up unreadable")
 
-    async def _undo_stop(self, source: str, sq: str, stopped: bool) -> list[str]:
+    async def _undo_stop(self, source: str, sq: str, stopped: bool, pickup: float = 60.0) -> list[str]:
         """Before the point of no return only the old primary was touched: start it again as the
         primary it still is (its fence lifted). Nothing else had changed."""
         if not stopped:
             return []
         async with self.step(f"undo: {source} takes writes again") as st:
-            await self.act(PostgresActivities.lift_postgres_fence, UnfenceRequest(region=source, epoch=self.epoch),
-                           queue=sq, timeout=180)
+            bounded = workflow.patched("switchover-stop-bounded")
+            try:
+                await self.act(PostgresActivities.lift_postgres_fence, UnfenceRequest(region=source, epoch=self.epoch),
+                               queue=sq, timeout=180, schedule_to_start=pickup if bounded else None)
+            except ActivityError as e:
+                if not (bounded and not_picked_up(e)):
+                    raise
+                # The source's worker is silent: waiting on it would hold the move's id (and a
+                # cancel) for as long as it stays down. Said, with the repair.
+                st.status = "failed"
+                st.detail = (f"NOT undone: {source}'s worker did not take the undo within {pickup:.0f} s. "
+                             f"{source}'s PostgreSQL may be stopped: once its worker runs, eagle-dr unfence "
+                             f"--region {source} starts it as the primary")
+                return [st.detail]
             st.detail = f"{source} restarted as the primary, its fence lifted"
         return [st.detail]
 
