@@ -205,11 +205,34 @@ def scrub(text: str) -> str:
     Error text from libpq, redis-py or boto may quote a connection string or a rejected
     argument; anything that goes into an activity result or exception message lands in
     workflow history, which the UI shows to everyone. Secrets are matched by value, longest
-    first, so a password that contains another secret is not half-replaced."""
+    first, so a password that contains another secret is not half-replaced. Row values that
+    PostgreSQL quotes in an error (a key that collides, a failing row, a COPY line) are
+    withheld too: production data belongs in history no more than a password does."""
     for secret in sorted(_RESOLVED, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "***")
-    return text
+    return _without_row_values(text) if any(w in text for w in _ROW_WORDS) else text
+
+
+_WITHHELD = "(row values withheld)"
+# PostgreSQL's words around row values in its errors' DETAIL and CONTEXT lines:
+# "Key (email)=(a@b) already exists.", "Failing row contains (1, x, ...).", and a COPY's
+# "COPY alerts, line 5, column payload: ..." or "COPY alerts, line 5: ...". Greedy to the
+# line's last parenthesis: a value may hold one.
+_KEY = re.compile(r"(Key \([^)\n]*\)=)\(.*\)")
+_ROW = re.compile(r"(row contains )\(.*\)")
+_COPY = re.compile(r"(COPY [^,\n]+, line \d+)(, column [^:\n]+)?: .*")
+# A value its type refuses: 'invalid input syntax for type integer: "zz"', 'malformed array
+# literal: "..."', 'invalid input value for enum level: "..."'.
+_INPUT = re.compile(r"((?:invalid input (?:syntax|value) for|malformed) [^:\n]+: )\".*\"")
+_ROW_WORDS = (")=(", "row contains (", "COPY ", "invalid input ", "malformed ")
+
+
+def _without_row_values(text: str) -> str:
+    text = _KEY.sub(lambda m: m.group(1) + _WITHHELD, text)
+    text = _ROW.sub(lambda m: m.group(1) + _WITHHELD, text)
+    text = _INPUT.sub(lambda m: m.group(1) + _WITHHELD, text)
+    return _COPY.sub(lambda m: m.group(1) + (m.group(2) or "") + ": " + _WITHHELD, text)
 
 
 def scrubbed_first_line(e: BaseException, limit: int = 200) -> str:
