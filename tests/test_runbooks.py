@@ -593,6 +593,9 @@ async def test_a_failed_epoch_record_after_the_promotion_degrades_the_failover_a
             conn.execute("drop function if exists eagle_dr_test_refuse()")
     assert result.outcome == "degraded", result
     assert any("recording epoch" in d and "epoch record refused" in d for d in result.degraded), result.degraded
+    # The record, asked of the promote step, failed there without failing the step: no retries
+    # and no abort of a promotion that had happened.
+    assert not any(s.name == f"stop {b}'s promotion" for s in result.steps), [s.name for s in result.steps]
     assert pg_status(lab.cfg.region(b).postgres).role == "primary"
     # Rolled forward: Redis and routing moved to the new primary all the same.
     route = next(s for s in result.steps if s.name == "re-route traffic")

@@ -184,7 +184,7 @@ class FailoverWorkflow(Runbook):
                 try:
                     promotion = await self.act(PostgresActivities.promote_postgres, PromoteRequest(
                         region=target, epoch=self.epoch, timeout_seconds=inp.promote_timeout_seconds,
-                        record_epoch=records), queue=tq,
+                        record_epoch=records, epoch_failure_returned=records), queue=tq,
                         # schedule_to_start: past the point of no return a cancel is refused, so a
                         # dead target worker would hold the outage (and a monitor awaiting this
                         # run) forever; long enough for a restarted pod, then the abort path.
@@ -210,7 +210,7 @@ class FailoverWorkflow(Runbook):
                     # Bounded in the queue: a target worker that died right after the promotion
                     # never picks it up, and past the point of no return the move must go on to
                     # Redis and routing (control steps) and say what is missing, not wait.
-                    if not records:
+                    if not records or promotion.epoch_error:
                         await self.act(PostgresActivities.record_epoch, EpochRequest(region=target, epoch=self.epoch),
                                        queue=tq, schedule_to_start=30)
                 except ActivityError as e:

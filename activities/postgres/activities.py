@@ -70,6 +70,9 @@ class PromoteRequest(EpochRequest):
     # Also record the epoch in the new primary once it is writable (what record_epoch does),
     # saving the runbook a round trip while writes are stopped. False in older histories.
     record_epoch: bool = False
+    # That record failing (a full disk, a trigger) is returned in Promotion.epoch_error, not
+    # raised: raised, the step was retried and then aborted, about a node that had promoted.
+    epoch_failure_returned: bool = False
 
 
 class PromoteWhenReplayedRequest(PromoteRequest):
@@ -483,10 +486,15 @@ class PostgresActivities:
             # runbook called record_epoch next; a retry of this activity records it again
             # (idempotent). On a session of its own if the wait had to leave this one.
             try:
-                self._advance_epoch(req, conn, after_promotion=True)
-            except psycopg.Error:  # a closed or broken session raises too
-                with connect(pg) as fresh:
-                    self._advance_epoch(req, fresh, after_promotion=True)
+                try:
+                    self._advance_epoch(req, conn, after_promotion=True)
+                except psycopg.Error:  # a closed or broken session raises too
+                    with connect(pg) as fresh:
+                        self._advance_epoch(req, fresh, after_promotion=True)
+            except psycopg.Error as e:
+                if not req.epoch_failure_returned:
+                    raise
+                promotion.epoch_error = scrubbed_first_line(e)
             phase("epoch recorded")
         promotion.phases = watch.laps
         return promotion

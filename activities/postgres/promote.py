@@ -27,6 +27,9 @@ class Promotion(BaseModel):
     writable_at: datetime
     # Seconds per part of the promote step, all inside the write outage (shown in its detail).
     phases: dict[str, float] = {}
+    # The DR epoch's record, asked of the step, failed after the promotion (epoch_failure_returned):
+    # the node is promoted all the same, and the runbook records it in a step of its own.
+    epoch_error: str | None = None
 
 
 def _writable_in(conn: psycopg.Connection) -> tuple[bool, int | None]:
