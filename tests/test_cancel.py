@@ -252,6 +252,38 @@ async def test_failover_cancelled_while_fencing_lifts_every_fence(lab, client):
     await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
 
 
+async def test_a_failover_cancel_whose_undo_cannot_reach_redis_marks_the_undo_failed(lab, client):
+    """The same cancel, with the old primary's Redis still frozen when the undo runs: its fence
+    cannot be lifted. The undo step said so in its text only and showed as done, and the run
+    ended a clean-looking "cancelled" (its end resolved the incident) while that Redis refused
+    writes. The step now fails, naming what is left (and the end pages: test_notify)."""
+    from activities.redis.failover import unfence as redis_unfence
+    from workflows.models import FailoverInput
+
+    a, b = _names(lab)
+    rd = lab.redis(a)
+    os.kill(rd.pid, signal.SIGSTOP)
+    try:
+        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
+                                                                 reason="cancel test, Redis frozen throughout"))
+        async with _owned(handle):
+            await _until(lambda: _step_running(handle, "fence old primary"), 60, "the fence step")
+        await handle.cancel()
+        await _cancelled(handle)
+    finally:
+        os.kill(rd.pid, signal.SIGCONT)
+    p = await _progress(handle)
+    undo = next(s for s in p.steps if s.name == f"undo: lift the fence on {a}")
+    assert undo.status == "failed" and f"{a}'s Redis could NOT be unfenced" in undo.detail, undo
+    assert f"{a}'s PostgreSQL takes writes again" in undo.detail, undo
+    assert not any(s.name == "promote" for s in p.steps)
+    assert _primary(lab) == a and _writable(lab, a)
+    # What the undo could not do, by hand (a fence that landed once Redis thawed, if any).
+    assert redis_unfence(lab.cfg.region(a).redis).reachable
+    rd.client().set("eagle-dr:cancel-test", "writable")
+    await _until(lambda: _async_streaming(lab, b), 60, f"{b} to stream again")
+
+
 async def test_failback_cancelled_at_review_keeps_the_old_primary_fenced_then_a_rerun_keeps_its_rows(lab, client):
     """Before anything is applied a cancel leaves the old primary stopped and fenced with its
     data intact (never writable again: that would be a split brain); the next run keeps its rows."""

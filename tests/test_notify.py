@@ -39,7 +39,7 @@ from activities.notify import pagerduty, slack
 from activities.notify.event import NotifyEvent, body_lines
 from eagle_dr.config import ConfigError, NotificationsConfig, parse_config
 from tests.histories import decrypted_json, record
-from tests.lab_helpers import _async, _awaiting, _left_as_found, _until
+from tests.lab_helpers import _async, _awaiting, _left_as_found, _progress, _until
 from workers.registry import control_activities
 from workers.run import sandbox_runner
 from workers.scrub import ScrubSecrets
@@ -434,6 +434,52 @@ async def test_an_approval_cancelled_while_it_waits_resolves_its_page(lab, clien
             await asyncio.wait_for(handle.result(), 60)
     pd = _pages(http_recorder, handle.id)
     assert ("resolve", "approval-1") in pd, pd
+
+
+@workflow.defn(name="NotifyTestUndoIncomplete")
+class _UndoIncomplete(Runbook):
+    """Cancelled, it undoes; ``leave`` (this module's, read when the cancel lands) is what its
+    undo could not put back."""
+
+    runbook = "undo-probe"
+    leave: list[str] = []
+
+    @workflow.run
+    async def run(self, service: str) -> str:
+        self.service = service
+        await self.topology()
+        try:
+            async with self.step("hold a fence"):
+                await workflow.wait_condition(lambda: False)
+        except asyncio.CancelledError:
+            raise self.cancelled([self.undo_failed(u) for u in _UndoIncomplete.leave] or ["all put back"]) from None
+        return "done"
+
+
+async def test_a_cancel_whose_undo_left_a_fence_on_pages_instead_of_resolving(lab, client, worker, ncfg,
+                                                                             http_recorder):
+    """A cancel is a decision, and its end resolves the run's incident; but one whose undo could
+    not lift a fence leaves the service down (fenced, scaled to 0): that end pages, with what is
+    left, instead of ending quietly as "cancelled"."""
+    runs = {}
+    for leave in ([], ["us-east-1's Redis could NOT be unfenced (no answer)"]):
+        _UndoIncomplete.leave = leave
+        async with _probe(client, ncfg, _UndoIncomplete, "notify-undo", lab.cfg.service) as handle:
+
+            async def holding():
+                p = await _progress(handle)
+                return p is not None and any(s.name == "hold a fence" for s in p.steps)
+
+            await _until(holding, 60, "the probe's step")
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError):
+                await asyncio.wait_for(handle.result(), 60)
+        runs[bool(leave)] = handle
+    clean, left = runs[False], runs[True]
+    assert not any(a == "trigger" for a, _ in _pages(http_recorder, clean.id)), _pages(http_recorder, clean.id)
+    assert ("trigger", left.result_run_id) in _pages(http_recorder, left.id), _pages(http_recorder, left.id)
+    said = [p["text"] for p in http_recorder.on("/slack/") if left.id in p["text"]]
+    assert any("NOT undone: us-east-1's Redis could NOT be unfenced" in t for t in said), said
 
 
 @workflow.defn(name="NotifyTestQuickEnd")

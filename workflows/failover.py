@@ -457,19 +457,22 @@ class FailoverWorkflow(Runbook):
                                    timeout=30, attempts=2)
                     undone.append(f"{source}'s PostgreSQL read-only fence lifted over the network")
                 except ActivityError as e2:
-                    undone.append(f"{source}'s PostgreSQL could NOT be unfenced ({e.cause or e}; {e2.cause or e2})")
+                    undone.append(self.undo_failed(f"{source}'s PostgreSQL could NOT be unfenced ({e.cause or e}; "
+                                                   f"{e2.cause or e2})"))
             try:
                 await self.act(RedisActivities.unfence_redis, self._redis_unfence(source), queue=control,
                                timeout=30, attempts=2)
                 undone.append(f"{source}'s Redis takes writes again")
             except ActivityError as e:
-                undone.append(f"{source}'s Redis could NOT be unfenced ({e.cause or e})")
+                undone.append(self.undo_failed(f"{source}'s Redis could NOT be unfenced ({e.cause or e})"))
             try:
                 await self._route_back(source, control)
                 undone.append(f"{source}'s services scaled back up, routing on {source}")
             except ActivityError as e:
-                undone.append(f"{source}'s services could NOT be scaled back up ({e.cause or e})")
+                undone.append(self.undo_failed(f"{source}'s services could NOT be scaled back up ({e.cause or e})"))
             st.detail = "; ".join(undone)
+            if any("could NOT" in u for u in undone):
+                st.status = "failed"  # shown as done, a cancel that left a fence on looked clean
         return undone
 
     async def _route_back(self, source: str, control: str) -> None:
@@ -561,7 +564,12 @@ class FailoverWorkflow(Runbook):
                 st.detail = "old primary was stopped; restart it by hand after checking why promotion failed"
                 done = "the old primary was left stopped"
         if redis_paused:
-            await self.act(RedisActivities.unfence_redis, self._redis_unfence(source), queue=control, timeout=30)
+            try:
+                await self.act(RedisActivities.unfence_redis, self._redis_unfence(source), queue=control, timeout=30)
+            except ActivityError as e:
+                if isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch":
+                    raise
+                done += f"; {source}'s Redis could NOT be unfenced ({described(e)}): lift its fence by hand"
         return done
 
 

@@ -212,6 +212,9 @@ class Runbook:
         self.past_no_return = False
         self.cancel_refused: str | None = None
         self.degraded: list[str] = []
+        # What an undo before the point of no return could not put back (undo_failed): a
+        # cancel that leaves these is no clean cancel.
+        self.undo_failures: list[str] = []
         self.notifier = Notifier()
         # What the runbook would do, from its preflight (workflows/plan.py): shown at the approval gate.
         self.plan_text: str | None = None
@@ -322,7 +325,8 @@ class Runbook:
             ("cancelled" if cancelled else "failed" if error is not None else "succeeded")
         # A run that failed or left things degraded keeps its incident open (a human must act);
         # any other end (done, nothing to do, rejected or cancelled by a human) resolves it.
-        bad = outcome in ("failed", "degraded")
+        bad = outcome in ("failed", "degraded") or \
+            (bool(self.undo_failures) and workflow.patched("undo-incomplete-pages"))
         if bad or self.notifies == "all" or self._paged:
             self._announce()
             lines = [f"outcome: {outcome}"]
@@ -330,6 +334,7 @@ class Runbook:
                 lines.append(f"error: {_error_text(error)}")
             lines += measurement_lines(getattr(result, "rto", None), getattr(result, "rpo", None))
             lines += [f"degraded: {d}" for d in getattr(result, "degraded", None) or []]
+            lines += [f"NOT undone: {u}" for u in self.undo_failures]
             self.notifier.send(self._event("runbook-finished", "trigger" if bad else "resolve",
                                            "error" if bad else "info", lines, outcome=outcome))
         await self.notifier.flush()
@@ -499,13 +504,23 @@ class Runbook:
         changed and keeps on purpose (``kept``: a DR epoch, which only rises), and what danger
         the run found and leaves as it found it (``left``: a split brain still live)."""
         self.finish("cancelled")
+        incomplete = "UNDO INCOMPLETE, a human must act: " + "; ".join(self.undo_failures) + ". " \
+            if self.undo_failures else ""
         done = (["undone: " + "; ".join(undone)] if undone else []) + \
             (["stopped: " + "; ".join(stopped)] if stopped else []) + (["kept: " + "; ".join(kept)] if kept else [])
-        self._details("CANCELLED before the point of no return; " + ("; ".join(done) or "nothing had been changed")
+        self._details("CANCELLED before the point of no return; " + incomplete
+                      + ("; ".join(done) or "nothing had been changed")
                       + (f". LEFT AS FOUND: {left}" if left else ""))
         workflow.logger.warning("runbook cancelled", extra={"undone": undone, "left": left, "kept": kept or [],
                                                             "stopped": stopped or []})
         return asyncio.CancelledError()
+
+    def undo_failed(self, what: str) -> str:
+        """Record what an undo could not put back (a fence still on, services still at 0); returns
+        ``what``. The run's end then keeps the incident open: a cancel ends "cancelled", and
+        with its undo incomplete the service may still be down."""
+        self.undo_failures.append(what)
+        return what
 
     # -- steps every move takes ---------------------------------------------------------------------
 

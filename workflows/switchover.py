@@ -352,9 +352,10 @@ class SwitchoverWorkflow(Runbook):
                 # The source's worker is silent: waiting on it would hold the move's id (and a
                 # cancel) for as long as it stays down. Said, with the repair.
                 st.status = "failed"
-                st.detail = (f"NOT undone: {source}'s worker did not take the undo within {pickup:.0f} s. "
-                             f"{source}'s PostgreSQL may be stopped: once its worker runs, eagle-dr unfence "
-                             f"--region {source} starts it as the primary")
+                st.detail = self.undo_failed(
+                    f"NOT undone: {source}'s worker did not take the undo within {pickup:.0f} s. {source}'s "
+                    f"PostgreSQL may be stopped: once its worker runs, eagle-dr unfence --region {source} starts "
+                    "it as the primary")
                 return [st.detail]
             st.detail = f"{source} restarted as the primary, its fence lifted"
         return [st.detail]

@@ -95,7 +95,12 @@ class RedisActivities:
         req = RedisRegionRequest(region=req) if isinstance(req, str) else req
         # A late compensation must not lift a fence a newer move put there: two masters.
         self._refuse_stale(req.epoch, with_run=False)
-        failover.unfence(self._redis(req.region))
+        lifted = failover.unfence(self._redis(req.region))
+        if not lifted.reachable:
+            # Returned quietly, it read as lifted: a cancel's undo said "takes writes again" of a
+            # Redis that did not answer, whose fence then stayed (or landed late) on a master.
+            raise ApplicationError(f"{req.region}'s Redis did not answer ({lifted.error}): any fence on it is still "
+                                   "on", type="RedisUnreachable")
 
     @activity.defn
     def promote_redis(self, req: str | RedisRegionRequest) -> RedisPromoted:
