@@ -16,8 +16,6 @@ service name of its own) and Temporal are the lab's real ones.
   the fence stays; it is lifted only once that evidence is gone.
 - Cut again, and a runbook fences the node over the self-fence: back, the fence stays.
 - Cut again, and a move is running when contact returns: the fence stays until it ends.
-- The survivor of a failover whose other region stays dead: Temporal's return alone lifts the
-  fence, unless a move (as Temporal tagged its run) took an epoch above this node's.
 - A runbook's Redis fence over the self-fence is the runbook's: the lift leaves it.
 - PostgreSQL down inside the partition: its Redis master is fenced all the same.
 - Never cut off, and the other region's writable primary records a newer epoch (a failover
@@ -35,7 +33,6 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from temporalio.common import WorkflowIDReusePolicy
 
 from eagle_dr.temporal import connect
 from lab.scratch_postgres import scratch_postgres
@@ -120,21 +117,6 @@ def _write(node, key: int) -> str | None:
         return None
     except psycopg.Error as e:
         return str(e).strip().splitlines()[0]
-
-
-async def _ended_move(client, service: str, epoch: int | None) -> None:
-    """A run of the service's move that ended, tagged with the DR epoch it took (None: it
-    stopped before taking one), as the runbooks tag theirs."""
-    from temporalio.common import SearchAttributePair, TypedSearchAttributes
-
-    from eagle_dr.temporal import DR_EPOCH
-    from workflows.runbook import move_id
-
-    attrs = TypedSearchAttributes([SearchAttributePair(DR_EPOCH, epoch)] if epoch is not None else [])
-    h = await client.start_workflow("SwitchoverWorkflow", {"service": service}, id=move_id(service),
-                                    task_queue=f"nobody-{service}", search_attributes=attrs,
-                                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
-    await h.terminate("test: the move ended")
 
 
 async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_when_nothing_moved(
@@ -309,32 +291,6 @@ async def test_a_cut_off_worker_fences_its_primary_and_lifts_only_its_own_fence_
             assert holder() == "self" and _write(node, 6) is not None, "lifted while a move runs"
             await move.terminate("test: the move ends")
             await heal_until_lifted("the fence lifted once the move ended")
-
-            # This node is the survivor of a failover (its epoch 3, the move's tag) and the other
-            # region stays dead: a Temporal outage past the bound fences it, and Temporal's
-            # return alone lifts it (waiting for the dead peer kept the service read-only until
-            # a human came), unless a move took an epoch above this node's (its run read from
-            # Temporal, the newest run or an older one): that move may have promoted the silent
-            # region.
-            epochs.advance_epoch(node.cfg, service, 3, a, "test-failover-here", "run-3")
-            await _ended_move(client, service, 3)
-            await cut_until_fenced()
-            temporal.heal()
-            await _until(lambda: asyncio.to_thread(lambda: _write(node, 9_100_000 + rounds) is None), 60,
-                         "the fence lifted with Temporal back and the other region still silent")
-            assert holder() is None
-            await _until(lambda: asyncio.to_thread(lambda: _redis_write(rnode) is None), 10, "Redis lifted too")
-            temporal.cut()
-            await _until(refused, 60, f"fenced again by the next outage (last: {seen[-1:]})")
-            await _ended_move(client, service, 5)  # a move promoted the silent region meanwhile
-            await _ended_move(client, service, None)  # and a later one stopped before taking an epoch
-            temporal.heal()
-            await after_rounds(4)
-            assert holder() == "self" and _write(node, 8) is not None, \
-                "lifted with Temporal alone after a move took a newer epoch"
-            assert "NOREPLICAS" in (_redis_write(rnode) or ""), "Redis lifted after a move took a newer epoch"
-            peer.heal()  # the peer answers and records no newer epoch: the rule with every region
-            await heal_until_lifted("the fence lifted once every region answers")
 
             # PostgreSQL down inside the partition, Redis up: Redis is fenced all the same (the
             # failover promotes the other region's Redis whatever this PostgreSQL does), and

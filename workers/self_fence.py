@@ -42,15 +42,6 @@ the round trip between them would be undone. Otherwise the fences stay for the r
 (failback rewinds this node; split brain resolves it), and the worker says why at every
 round. The marks are on the nodes, so a restarted worker lifts fences its predecessor put on.
 
-When Temporal answers but another region stays silent (the survivor of a failover while the
-old region is dead, for hours or days: a Temporal outage past the bound fences the only
-primary), waiting for every region would keep the service read-only until a human came. Then
-Temporal stands in for the silent region's records: the fence is lifted as above if, besides,
-no move ever took a DR epoch above this node's (each tags its run with the epoch it takes,
-before it promotes anything; the newest run read from its execution, older ones from the
-visibility listing). A failover that promoted the silent region took one. Patroni's leader,
-likewise, takes its key back once the DCS answers.
-
 What this does not cover: a worker that is down during the partition fences nothing (the
 failover still waits the bound and says it could not verify the fence); with three regions,
 hearing from a region that is not the failover's target keeps the node unfenced.
@@ -166,13 +157,6 @@ class SelfFence:
                 await self._maybe_lift(pg, primary, held)
                 if primary and not held:
                     self._check_superseded(pg)
-            elif c.temporal:
-                # The other region still silent: after a failover, while the old region is dead
-                # (hours, days), a Temporal outage past the bound fenced the only primary, and
-                # waiting for every peer kept the service read-only until a human came. Temporal
-                # itself says whether a move took an epoch this node lacks (_keep_why).
-                primary, held = await asyncio.to_thread(_local_state, pg)
-                await self._maybe_lift(pg, primary, held, [n for n, ok in c.peers.items() if not ok])
             return
         alone = now - self.last_contact
         primary, held = await asyncio.to_thread(_local_state, pg)
@@ -215,12 +199,12 @@ class SelfFence:
     def _redis_self_fenced(self) -> bool:
         return redis_holder(self.cfg.region(self.region).redis) == ("master", "self")
 
-    async def _maybe_lift(self, pg, primary: bool | None, held: str | None, silent: list[str] = ()) -> None:
+    async def _maybe_lift(self, pg, primary: bool | None, held: str | None) -> None:
         pg_own = bool(primary) and held == "self"
         redis_own = await asyncio.to_thread(self._redis_self_fenced)
         if not pg_own and not redis_own:
             return
-        why = await self._keep_why(silent)
+        why = await self._keep_why()
         if why is None and pg_own:
             why = await asyncio.to_thread(lift_self_fence, pg)
             if why is None:
@@ -324,11 +308,7 @@ class SelfFence:
                 return None  # unknown: a fence needs evidence
         return choice
 
-    async def _keep_why(self, silent: list[str] = ()) -> str | None:
-        """Why this node's own fence stays (None: it may go): a move running, or a newer DR
-        epoch recorded on another region. With regions ``silent`` (no answer), whose records
-        cannot be read, the epochs the moves took, as Temporal keeps them, stand in for them: a
-        failover that promoted a silent region took an epoch above this node's."""
+    async def _keep_why(self) -> str | None:
         from temporalio.client import WorkflowExecutionStatus
         from temporalio.service import RPCError, RPCStatusCode
 
@@ -342,18 +322,11 @@ class SelfFence:
             if e.status != RPCStatusCode.NOT_FOUND:
                 return f"could not read the move's state: {e}"
         own = self.cfg.region(self.region).postgres
-        try:
-            mine = (await asyncio.to_thread(epochs.read_epoch, own, self.cfg.service)).epoch
-        except psycopg.Error as e:
-            return f"could not read this node's epoch ({type(e).__name__})"
-        if silent:
-            why = await self._moved_past(mine)
-            if why is not None:
-                return f"{', '.join(silent)} silent, and {why}"
 
         def newer() -> str | None:
+            mine = epochs.read_epoch(own, self.cfg.service).epoch
             for r in self.cfg.regions:
-                if r.name == self.region or r.name in silent:
+                if r.name == self.region:
                     continue
                 try:
                     theirs = epochs.read_epoch(r.postgres, self.cfg.service)
@@ -363,39 +336,10 @@ class SelfFence:
                     return f"{r.name} records epoch {theirs.epoch} ({theirs.workflow_id}), newer than this node's {mine}"
             return None
 
-        return await asyncio.to_thread(newer)
-
-    async def _moved_past(self, mine: int) -> str | None:
-        """Whether a move took a DR epoch above ``mine`` (each move tags its run with the epoch it
-        takes, before it promotes anything), or whether that cannot be told. The newest run of
-        each move id is read from its execution (strongly consistent: a failover that just ended
-        is seen); older runs, indexed long since, from the visibility listing."""
-        from temporalio.service import RPCError, RPCStatusCode
-
-        from eagle_dr.temporal import DR_EPOCH
-        from workflows.runbook import move_id
-
-        # Failback's switch back runs under an id of its own while the failback holds the move's.
-        ids = [move_id(self.cfg.service), f"{move_id(self.cfg.service)}-switch-back"]
         try:
-            for wid in ids:
-                try:
-                    d = await self.client.get_workflow_handle(wid).describe(rpc_timeout=timedelta(seconds=5))
-                except RPCError as e:
-                    if e.status == RPCStatusCode.NOT_FOUND:
-                        continue
-                    raise
-                took = d.typed_search_attributes.get(DR_EPOCH)
-                if took is not None and took > mine:
-                    return f"move {wid} took epoch {took}, above this node's {mine}"
-            query = " OR ".join(f"WorkflowId = '{w}'" for w in ids)
-            async for wf in self.client.list_workflows(f"({query}) AND DrEpoch > {mine}", limit=1,
-                                                       rpc_timeout=timedelta(seconds=5)):
-                return f"move {wf.id} (run {wf.run_id}) took epoch {wf.typed_search_attributes.get(DR_EPOCH)}, " \
-                       f"above this node's {mine}"
-        except Exception as e:  # noqa: BLE001 - not told: the fence stays
-            return f"the moves' epochs could not be read from Temporal ({type(e).__name__}: {str(e)[:120]})"
-        return None
+            return await asyncio.to_thread(newer)
+        except psycopg.Error as e:
+            return f"could not read this node's epoch ({type(e).__name__})"
 
     async def run(self) -> None:
         self.log.info("self_fence.watching", after_seconds=self.after, every_seconds=self.every)
