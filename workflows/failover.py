@@ -190,10 +190,7 @@ class FailoverWorkflow(Runbook):
                         # run) forever; long enough for a restarted pod, then the abort path.
                         timeout=inp.promote_timeout_seconds + 60, heartbeat=30, schedule_to_start=120)
                 except ActivityError as e:
-                    # After the promotion too (the epoch recorded in the step, refused for a newer
-                    # one): a newer move owns the fences, which the compensation then leaves.
-                    stale = isinstance(e.cause, ApplicationError) and e.cause.type in ("StaleEpoch",
-                                                                                      "StaleEpochAfterPromotion")
+                    stale = isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch"
                     if stale or not workflow.patched("failover-abort-promotion-before-unfence"):
                         lifted = await self._compensate_fence(source, pg_fence, r_fence.reachable, control, sq)
                         self.finish("failed")
@@ -567,7 +564,8 @@ class FailoverWorkflow(Runbook):
             try:
                 await self.act(RedisActivities.unfence_redis, self._redis_unfence(source), queue=control, timeout=30)
             except ActivityError as e:
-                if isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch":
+                if (isinstance(e.cause, ApplicationError) and e.cause.type == "StaleEpoch") or \
+                        not workflow.patched("failover-compensation-reports-redis-unfence"):
                     raise
                 done += f"; {source}'s Redis could NOT be unfenced ({described(e)}): lift its fence by hand"
         return done

@@ -354,8 +354,8 @@ class SwitchoverWorkflow(Runbook):
                 st.status = "failed"
                 st.detail = self.undo_failed(
                     f"NOT undone: {source}'s worker did not take the undo within {pickup:.0f} s. {source}'s "
-                    f"PostgreSQL may be stopped: once its worker runs, eagle-dr unfence --region {source} starts "
-                    "it as the primary")
+                    f"PostgreSQL may be stopped: once its worker runs, re-run this undo by hand on {source}'s "
+                    f"database host: eagle-dr unfence --region {source} --local")
                 return [st.detail]
             st.detail = f"{source} restarted as the primary, its fence lifted"
         return [st.detail]

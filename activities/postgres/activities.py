@@ -491,7 +491,9 @@ class PostgresActivities:
                 except psycopg.Error:  # a closed or broken session raises too
                     with connect(pg) as fresh:
                         self._advance_epoch(req, fresh, after_promotion=True)
-            except psycopg.Error as e:
+            except (psycopg.Error, ApplicationError) as e:
+                # A newer epoch found there (StaleEpochAfterPromotion) too: the runbook's own
+                # record step meets it again and rolls forward degraded, as before.
                 if not req.epoch_failure_returned:
                     raise
                 promotion.epoch_error = scrubbed_first_line(e)
