@@ -222,23 +222,36 @@ async def test_cancel_after_the_point_of_no_return_is_refused(lab, client):
     assert back.outcome == "succeeded" and _primary(lab) == a
 
 
-async def test_failover_cancelled_while_fencing_lifts_every_fence(lab, client):
-    """A cancel that lands while the old primary is being fenced: whatever the fence step did
-    is undone (PostgreSQL takes writes again, Redis too) and the standby is never promoted."""
+async def _failover_cancelled_while_fencing(lab, client, reason: str, frozen_through_undo: bool):
+    """A failover cancelled while it fences the old primary, whose Redis is frozen so the fence
+    step stays in flight (its fence hangs on a socket timeout); thawed as soon as the cancel is
+    asked, or only once the run has ended (so the undo cannot reach it either)."""
     from workflows.models import FailoverInput
 
     a, b = _names(lab)
     rd = lab.redis(a)
-    os.kill(rd.pid, signal.SIGSTOP)  # its fence hangs on a socket timeout: the step stays in flight
+    os.kill(rd.pid, signal.SIGSTOP)
     try:
         handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
-                                                                 reason="cancel test"))
+                                                                 reason=reason))
         async with _owned(handle):
             await _until(lambda: _step_running(handle, "fence old primary"), 60, "the fence step")
         await handle.cancel()
+        if frozen_through_undo:
+            await _cancelled(handle)
     finally:
         os.kill(rd.pid, signal.SIGCONT)
-    await _cancelled(handle)
+    if not frozen_through_undo:
+        await _cancelled(handle)
+    return handle
+
+
+async def test_failover_cancelled_while_fencing_lifts_every_fence(lab, client):
+    """A cancel that lands while the old primary is being fenced: whatever the fence step did
+    is undone (PostgreSQL takes writes again, Redis too) and the standby is never promoted."""
+    a, b = _names(lab)
+    rd = lab.redis(a)
+    handle = await _failover_cancelled_while_fencing(lab, client, "cancel test", frozen_through_undo=False)
     # The fences all end before the undo starts (workflow.patched "failover-fences-settle-before-undo").
     await record(handle, "failover-cancel-fences-settle")
     p = await _progress(handle)
@@ -258,20 +271,11 @@ async def test_a_failover_cancel_whose_undo_cannot_reach_redis_marks_the_undo_fa
     ended a clean-looking "cancelled" (its end resolved the incident) while that Redis refused
     writes. The step now fails, naming what is left (and the end pages: test_notify)."""
     from activities.redis.failover import unfence as redis_unfence
-    from workflows.models import FailoverInput
 
     a, b = _names(lab)
     rd = lab.redis(a)
-    os.kill(rd.pid, signal.SIGSTOP)
-    try:
-        handle = await start_move(client, lab.cfg, FailoverInput(service=lab.cfg.service, target_region=b,
-                                                                 reason="cancel test, Redis frozen throughout"))
-        async with _owned(handle):
-            await _until(lambda: _step_running(handle, "fence old primary"), 60, "the fence step")
-        await handle.cancel()
-        await _cancelled(handle)
-    finally:
-        os.kill(rd.pid, signal.SIGCONT)
+    handle = await _failover_cancelled_while_fencing(lab, client, "cancel test, Redis frozen throughout",
+                                                     frozen_through_undo=True)
     p = await _progress(handle)
     undo = next(s for s in p.steps if s.name == f"undo: lift the fence on {a}")
     assert undo.status == "failed" and f"{a}'s Redis could NOT be unfenced" in undo.detail, undo
