@@ -443,6 +443,7 @@ class FailoverWorkflow(Runbook):
         """A cancel before the promotion: lift what the fence step may have done (it may have been
         cancelled half-way, so all of it, each step idempotent): PostgreSQL, Redis, the services."""
         undone: list[str] = []
+        failures = len(self.undo_failures)
         async with self.step(f"undo: lift the fence on {source}") as st:
             try:
                 await self.act(PostgresActivities.lift_postgres_fence, self._unfence(source), queue=sq,
@@ -468,7 +469,7 @@ class FailoverWorkflow(Runbook):
             except ActivityError as e:
                 undone.append(self.undo_failed(f"{source}'s services could NOT be scaled back up ({e.cause or e})"))
             st.detail = "; ".join(undone)
-            if any("could NOT" in u for u in undone):
+            if len(self.undo_failures) > failures:
                 st.status = "failed"  # shown as done, a cancel that left a fence on looked clean
         return undone
 
